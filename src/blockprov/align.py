@@ -1,0 +1,41 @@
+"""The one alignment helper: split a byte range into chunk-sized pieces.
+
+Pure arithmetic; every layer that works in chunks (cache, overlay, import) uses it so a request
+is cut the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+
+class Piece(NamedTuple):
+    chunk: int  # chunk index
+    start: int  # offset inside the chunk
+    length: int  # bytes in this chunk
+    whole: bool  # the piece covers the whole chunk
+
+    def offset(self, chunk_size: int) -> int:
+        return self.chunk * chunk_size + self.start
+
+
+def split(offset: int, length: int, chunk_size: int) -> Iterator[Piece]:
+    """Cut [offset, offset+length) at chunk boundaries: unaligned head, aligned body, unaligned tail."""
+    end = offset + length
+    while offset < end:
+        index, start = divmod(offset, chunk_size)
+        n = min(chunk_size - start, end - offset)
+        yield Piece(index, start, n, start == 0 and n == chunk_size)
+        offset += n
+
+
+def chunk_range(offset: int, length: int, chunk_size: int) -> range:
+    """Indices of the chunks that [offset, offset+length) touches."""
+    if length <= 0:
+        return range(0)
+    return range(offset // chunk_size, (offset + length - 1) // chunk_size + 1)
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -1,0 +1,96 @@
+"""The one interface every layer of the device stack implements (like nbdkit's plugin table).
+
+An agent's export is a stack: repository → cache (present / modified maps) → overlay (clones) →
+NBD server. Each layer is a ``BlockDevice`` and calls the one below. The NBD server validates
+range and flags before any layer sees a request, so layers may assume
+``0 <= offset``, ``offset + length <= size`` and ``length > 0``.
+
+Errors are raised as ``blockprov.errors.DeviceError`` subclasses (each names its errno);
+the NBD server maps them to NBD errors at the edge.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, runtime_checkable
+
+# Flags of a block-status extent (identical to NBD's base:allocation flags).
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+
+class Extent(NamedTuple):
+    length: int
+    flags: int  # STATE_HOLE | STATE_ZERO
+
+
+class FileSegment(NamedTuple):
+    """Part of a read reply that lives in a file: the server may send it with ``os.sendfile``."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+# A read result: pieces in order, together exactly ``length`` bytes.
+ReadResult = list[bytes | memoryview | FileSegment]
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    @property
+    def min_block(self) -> int:
+        """Smallest I/O granularity (advertised as NBD minimum block size)."""
+        ...
+
+    @property
+    def preferred_block(self) -> int:
+        """Advertised preferred block size: writes smaller than this cost a read-modify-write."""
+        ...
+
+    @property
+    def can_multi_conn(self) -> bool:
+        """True when a flush on any connection covers the writes of all connections."""
+        ...
+
+    async def read(self, offset: int, length: int) -> ReadResult: ...
+
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
+                           fua: bool = False, fast_only: bool = False) -> None:
+        """Make the range read as zeros. With ``fast_only`` raise ``NotSupported`` unless it is
+        cheaper than writing zeros (NBD_CMD_FLAG_FAST_ZERO)."""
+        ...
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Advisory discard. blockprov's layers make trimmed ranges read as zeros."""
+        ...
+
+    async def flush(self) -> None:
+        """Every write completed before this call is on stable storage when it returns."""
+        ...
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation of [offset, offset+length): at least one extent, covering a prefix."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def result_bytes(result: ReadResult) -> bytes:
+    """Join a read result into bytes (tests and callers that do not sendfile)."""
+    import os
+
+    out = bytearray()
+    for part in result:
+        if isinstance(part, FileSegment):
+            out += os.pread(part.fd, part.length, part.offset)
+        else:
+            out += part
+    return bytes(out)

@@ -1,0 +1,160 @@
+"""The one error tree of blockprov.
+
+Each class's docstring is its message template; ``exit_code`` is what the CLI exits with and
+``http_status`` what the HTTP service answers. Errors are raised deep inside and mapped to an
+exit code, an HTTP status or an NBD errno only at the edges (cli.py, service/, nbd/server.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BlockprovError(Exception):
+    """{msg}"""
+
+    exit_code = 1
+    http_status = 500
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        if args and not kwargs:
+            kwargs = {"msg": " ".join(str(a) for a in args)}
+        try:
+            message = (self.__doc__ or "{msg}").strip().format(**kwargs)
+        except (KeyError, IndexError):
+            message = " ".join(str(a) for a in args) or type(self).__name__
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class UsageError(BlockprovError):
+    """{msg}"""
+
+    exit_code = 2
+    http_status = 400
+
+
+class InvalidName(UsageError):
+    """invalid {kind} {name!r}: {why}"""
+
+
+class NotFound(BlockprovError):
+    """{msg}"""
+
+    exit_code = 3
+    http_status = 404
+
+
+class ImageNotFound(NotFound):
+    """no such image or version: {ref}"""
+
+
+class ChunkMissing(NotFound):
+    """chunk {digest} is not in the repository"""
+
+
+class IntegrityError(BlockprovError):
+    """{msg}"""
+
+    exit_code = 4
+    http_status = 422
+
+
+class ChunkCorrupt(IntegrityError):
+    """chunk {digest} is corrupt: {why}"""
+
+
+class ManifestError(IntegrityError):
+    """bad manifest: {why}"""
+
+
+class MissingChunks(BlockprovError):
+    """commit refused: {count} chunk(s) referenced by the manifest are not in the repository"""
+
+    exit_code = 4
+    http_status = 409
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        super().__init__(count=len(missing))
+
+
+class Conflict(BlockprovError):
+    """{msg}"""
+
+    exit_code = 5
+    http_status = 409
+
+
+class SourceError(BlockprovError):
+    """cannot read {path}: {why}"""
+
+    exit_code = 6
+    http_status = 400
+
+
+class RepositoryUnavailable(BlockprovError):
+    """repository {url} is unreachable: {why}"""
+
+    exit_code = 7
+    http_status = 503
+
+
+class TooLarge(BlockprovError):
+    """{msg}"""
+
+    exit_code = 2
+    http_status = 413
+
+
+class CacheError(BlockprovError):
+    """{msg}"""
+
+    exit_code = 8
+    http_status = 409
+
+
+class CacheLocked(CacheError):
+    """cache {path} is in use by another agent (pid {pid})"""
+
+
+class CacheMismatch(CacheError):
+    """cache {path} holds {held}, not {wanted}; use another --cache directory"""
+
+
+class DeviceError(BlockprovError):
+    """{msg}"""
+
+    errno_name = "EIO"
+
+
+class DeviceIOError(DeviceError):
+    """I/O error: {msg}"""
+
+
+class NoSpace(DeviceError):
+    """no space left: {msg}"""
+
+    errno_name = "ENOSPC"
+
+
+class ReadOnlyDevice(DeviceError):
+    """the export is read-only"""
+
+    errno_name = "EPERM"
+
+
+class NotSupported(DeviceError):
+    """{msg}"""
+
+    errno_name = "ENOTSUP"
+
+
+class InvalidRequest(DeviceError):
+    """{msg}"""
+
+    errno_name = "EINVAL"

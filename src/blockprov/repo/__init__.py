@@ -1,0 +1,1 @@
+"""Repositories: the local embedded one and the HTTP client share one interface."""
