@@ -20,7 +20,8 @@ DEFAULT_TAG = "latest"
 def image_name(s: str) -> str:
     if not _NAME.match(s) or ".." in s:
         raise InvalidName(kind="image name", name=s,
-                          why="use lower-case letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
+                          why="use lower-case letters, digits, '.', '_' and '-' (at most 128), "
+                              "starting with a letter or digit")
     return s
 
 
