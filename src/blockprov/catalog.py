@@ -1,0 +1,162 @@
+"""The catalog: images, versions (their manifests) and tags, in SQLite.
+
+Crash rules: SQLite in WAL mode with ``synchronous=FULL`` is our journal with checksummed
+records: a commit that returned is durable, one that did not is absent. Writers from several
+processes (CLI and server at once) serialize on SQLite's lock with a busy timeout; every
+multi-statement change runs in one ``BEGIN IMMEDIATE`` transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import Conflict, ImageNotFound
+from .manifest import Manifest
+from .names import Ref, image_name, tag_name, version_id
+from .repo.base import ImageInfo, VersionInfo
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    image    TEXT NOT NULL,
+    id       TEXT NOT NULL,
+    size     INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    created  REAL NOT NULL,
+    parent   TEXT,
+    labels   TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    PRIMARY KEY (image, id)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    image   TEXT NOT NULL,
+    tag     TEXT NOT NULL,
+    version TEXT NOT NULL,
+    PRIMARY KEY (image, tag),
+    FOREIGN KEY (image, version) REFERENCES versions(image, id)
+);
+"""
+
+
+class Catalog:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- writes ---------------------------------------------------------------------------------
+    def add_version(self, m: Manifest, tag: str | None = None) -> str:
+        raw = m.to_json()
+        vid = m.id
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO versions VALUES (?,?,?,?,?,?,?,?)",
+                (m.image, vid, m.size, m.chunk_size, m.created, m.parent,
+                 json.dumps(m.labels, sort_keys=True), raw))
+            if tag is not None:
+                db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (m.image, tag_name(tag), vid))
+        return vid
+
+    def set_tag(self, name: str, tag: str, vid: str) -> None:
+        with self._tx() as db:
+            if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?",
+                              (image_name(name), version_id(vid))).fetchone():
+                raise ImageNotFound(ref=f"{name}@{vid}")
+            db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (name, tag_name(tag), vid))
+
+    def remove(self, ref: Ref) -> list[str]:
+        with self._tx() as db:
+            if ref.version is None:
+                cur = db.execute("DELETE FROM tags WHERE image=? AND tag=?", (ref.name, ref.tag))
+                if cur.rowcount == 0:
+                    raise ImageNotFound(ref=str(ref))
+                return [str(ref)]
+            tags = [r[0] for r in db.execute("SELECT tag FROM tags WHERE image=? AND version=?",
+                                             (ref.name, ref.version))]
+            db.execute("DELETE FROM tags WHERE image=? AND version=?", (ref.name, ref.version))
+            cur = db.execute("DELETE FROM versions WHERE image=? AND id=?", (ref.name, ref.version))
+            if cur.rowcount == 0:
+                raise ImageNotFound(ref=str(ref))
+            return [f"{ref.name}:{t}" for t in tags] + [str(ref)]
+
+    # -- reads ----------------------------------------------------------------------------------
+    def resolve_id(self, ref: Ref) -> str:
+        db = self._db()
+        if ref.version is not None:
+            row = db.execute("SELECT id FROM versions WHERE image=? AND id=?", (ref.name, ref.version)).fetchone()
+        else:
+            row = db.execute("SELECT version FROM tags WHERE image=? AND tag=?", (ref.name, ref.tag)).fetchone()
+        if not row:
+            raise ImageNotFound(ref=str(ref))
+        return str(row[0])
+
+    def manifest(self, name: str, vid: str) -> Manifest:
+        row = self._db().execute("SELECT manifest FROM versions WHERE image=? AND id=?", (name, vid)).fetchone()
+        if not row:
+            raise ImageNotFound(ref=f"{name}@{vid}")
+        return Manifest.from_json(bytes(row[0]))
+
+    def images(self) -> list[ImageInfo]:
+        db = self._db()
+        out = []
+        for (name,) in db.execute("SELECT DISTINCT image FROM versions ORDER BY image").fetchall():
+            n, latest = db.execute(
+                "SELECT COUNT(*), (SELECT id FROM versions WHERE image=? ORDER BY created DESC LIMIT 1) "
+                "FROM versions WHERE image=?", (name, name)).fetchone()
+            tags = dict(db.execute("SELECT tag, version FROM tags WHERE image=? ORDER BY tag", (name,)).fetchall())
+            out.append(ImageInfo(name=name, versions=n, tags=tags, latest=latest))
+        return out
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        db = self._db()
+        rows = db.execute("SELECT id, size, chunk_size, created, parent, labels FROM versions "
+                          "WHERE image=? ORDER BY created", (image_name(name),)).fetchall()
+        if not rows:
+            raise ImageNotFound(ref=name)
+        tags: dict[str, list[str]] = {}
+        for tag, vid in db.execute("SELECT tag, version FROM tags WHERE image=?", (name,)):
+            tags.setdefault(vid, []).append(tag)
+        return [VersionInfo(image=name, id=r[0], size=r[1], chunk_size=r[2], created=r[3], parent=r[4],
+                            labels=json.loads(r[5]), tags=sorted(tags.get(r[0], []))) for r in rows]
+
+    def all_manifests(self) -> Iterator[Manifest]:
+        for (raw,) in self._db().execute("SELECT manifest FROM versions").fetchall():
+            yield Manifest.from_json(bytes(raw))
+
+    def version_exists(self, name: str, vid: str) -> bool:
+        return self._db().execute("SELECT 1 FROM versions WHERE image=? AND id=?", (name, vid)).fetchone() is not None
+
+    def check_parent(self, m: Manifest) -> None:
+        if m.parent is not None and not self.version_exists(m.image, m.parent):
+            raise Conflict(f"parent version {m.image}@{m.parent} does not exist")
