@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The main job, on the embedded repository (no server to configure): build a small golden disk
+# with a real ext4 file system, import it, change a few files and import the new version (only the
+# changed chunks are stored), show the difference, and export it again byte for byte.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh >/dev/null
+BP=.venv/bin/blockprov
+work=$(mktemp -d /tmp/blockprov-demo.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+
+echo "== building a golden disk: 512 MiB ext4 holding real files from /usr"
+mkdir -p "$work/root"
+cp -r /usr/share/doc "$work/root/doc" 2>/dev/null || true
+cp -r /usr/lib/python3 "$work/root/python3" 2>/dev/null || true
+truncate -s 512M "$work/golden.img"
+mkfs.ext4 -q -F -d "$work/root" -L golden "$work/golden.img"
+du -sh --apparent-size "$work/root" | awk '{print "   files: " $1}'
+
+step $BP import "$work/golden.img" demo-lab:v1
+step $BP show demo-lab:v1
+
+echo; echo "== an administrator adds a file and changes one: a new version"
+cp "$work/golden.img" "$work/golden2.img"
+printf 'welcome to the lab, %s\n' "$(date +%F)" > "$work/motd"
+debugfs -w -R "write $work/motd motd" "$work/golden2.img" >/dev/null 2>&1
+debugfs -w -R "rm doc/README" "$work/golden2.img" >/dev/null 2>&1 || true
+step $BP import "$work/golden2.img" demo-lab:v2
+step $BP diff demo-lab:v1 demo-lab:v2
+
+echo; echo "== export round trip (raw and qcow2), checked by qemu-img"
+step $BP export demo-lab:v2 "$work/out.qcow2" --format qcow2
+step qemu-img compare "$work/golden2.img" "$work/out.qcow2"
+step $BP images
+echo; echo "demo done: repository at ${BLOCKPROV_DATA:-$(.venv/bin/python -c 'import blockprov.cli as c; print(c.default_data_dir())')}"

@@ -1,0 +1,825 @@
+"""The NBD server protocol as a pure state machine: bytes in, events and bytes out.
+
+No asyncio, no socket, no os (the h11 / wsproto shape). The caller
+
+1. sends :meth:`ServerConnection.data_to_send` (the greeting, right after construction),
+2. feeds what the peer sent with :meth:`receive_data` (``b""`` means end of stream), or
+   zero-copy with :meth:`get_buffer` + :meth:`buffer_updated` (``asyncio.BufferedProtocol``),
+3. pulls events with :meth:`next_event` until it returns :data:`NEED_DATA`, sending
+   :meth:`data_to_send` after handshake events, and answering each transmission request with
+   the ``reply_*`` methods (in any order, each reply being one unbroken frame).
+
+Handshake (fixed newstyle, option haggling) is answered here, from an :class:`ExportInfo`
+table, because every answer is a function of that table and of what was negotiated. The caller
+only learns which export was chosen (:class:`TransmissionStarted`).
+
+Transmission requests are validated here, before any device sees them (like nbdkit's
+``validate_request``): a request that parses but is invalid becomes :class:`BadRequest` (the
+caller replies with its error and the connection lives); a frame that cannot be parsed raises
+:class:`RemoteProtocolError` and the connection must end.
+
+WRITE payloads. The payload of a valid WRITE is received into one ``bytearray`` of exactly its
+size, allocated when the header is parsed: whatever already sits in the receive buffer is copied
+once, and the rest is handed out by :meth:`get_buffer` so the transport ``recv_into``s it in
+place (no growing buffer, no second copy). The :class:`Write` event carries a ``memoryview`` of
+that array, which then belongs to the caller. The payload of an *invalid* WRITE (out of range,
+read-only, larger than :data:`~blockprov.nbd.constants.MAX_BLOCK`) is skipped as it streams in,
+never buffered, and answered with an error once its header is parsed: the framing stays intact
+(the length field is trusted, at most 4 GiB is discarded), so the connection lives. Oversized
+option payloads are likewise skipped and answered ``NBD_REP_ERR_TOO_BIG``.
+
+Two error kinds: :class:`RemoteProtocolError` (the peer broke the protocol; close the
+connection) and :class:`LocalProtocolError` (the caller asked for something the protocol does
+not allow, e.g. a block-status reply with no extents; a bug on our side).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from blockprov.nbd.constants import (
+    BASE_ALLOCATION,
+    BASE_ALLOCATION_ID,
+    IHAVEOPT,
+    MAX_BLOCK,
+    MAX_OPTION_LENGTH,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REPLY_FLAG_DONE,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ZERO_PADDING,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    HandshakeFlag,
+    Info,
+    NbdError,
+    Option,
+    Reply,
+    ReplyType,
+    TransmissionFlag,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "Aborted",
+    "BadRequest",
+    "BlockStatus",
+    "Cache",
+    "ConnectionClosed",
+    "Disconnect",
+    "Event",
+    "ExportInfo",
+    "Flush",
+    "LocalProtocolError",
+    "NeedData",
+    "OptionHandled",
+    "ProtocolError",
+    "Read",
+    "RemoteProtocolError",
+    "ServerConnection",
+    "State",
+    "TransmissionStarted",
+    "Trim",
+    "Write",
+    "WriteZeroes",
+]
+
+
+class ProtocolError(Exception):
+    """Base of the two protocol error kinds."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We (the caller of this module) tried to break the protocol."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol; the connection must be closed."""
+
+
+class State(Enum):
+    CLIENT_FLAGS = "client-flags"  # greeting sent, waiting for the client's 32-bit flags
+    OPTIONS = "options"  # option haggling
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"  # after NBD_OPT_ABORT, NBD_CMD_DISC or end of stream
+    ERROR = "error"  # after a RemoteProtocolError
+
+
+class NeedData(Enum):
+    NEED_DATA = "need-data"
+
+
+NEED_DATA = NeedData.NEED_DATA
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What the handshake says about one export (the server builds it from a BlockDevice)."""
+
+    size: int
+    read_only: bool = False
+    min_block: int = 1
+    preferred_block: int = 4096
+    can_multi_conn: bool = False
+    description: str = ""
+
+
+# --- events ---------------------------------------------------------------------------------
+# Plain (non-frozen) slotted dataclasses: one is built per request, so construction must be cheap.
+
+
+@dataclass(slots=True)
+class OptionHandled:
+    """An option was answered; its reply bytes are waiting in ``data_to_send()``."""
+
+    option: int
+    reply: int
+
+
+@dataclass(slots=True)
+class TransmissionStarted:
+    """NBD_OPT_GO or NBD_OPT_EXPORT_NAME succeeded; requests follow."""
+
+    name: str  # the export's key in the table ("" resolved to the default export's name)
+    export: ExportInfo
+    flags: int  # transmission flags sent to the client
+    structured: bool
+    block_status: bool  # base:allocation was selected
+
+
+@dataclass(slots=True)
+class Aborted:
+    """NBD_OPT_ABORT: the ACK is in ``data_to_send()``; close after sending it."""
+
+
+@dataclass(slots=True)
+class ConnectionClosed:
+    """The peer ended the stream between two frames."""
+
+
+@dataclass(slots=True)
+class Read:
+    handle: int
+    offset: int
+    length: int
+    fua: bool
+
+
+@dataclass(slots=True)
+class Write:
+    handle: int
+    offset: int
+    data: memoryview  # exactly the payload; owned by the caller
+    fua: bool
+
+
+@dataclass(slots=True)
+class Flush:
+    handle: int
+
+
+@dataclass(slots=True)
+class Trim:
+    handle: int
+    offset: int
+    length: int
+    fua: bool
+
+
+@dataclass(slots=True)
+class WriteZeroes:
+    handle: int
+    offset: int
+    length: int
+    fua: bool
+    may_trim: bool  # NBD_CMD_FLAG_NO_HOLE was not set
+    fast_only: bool  # NBD_CMD_FLAG_FAST_ZERO
+
+
+@dataclass(slots=True)
+class BlockStatus:
+    handle: int
+    offset: int
+    length: int
+    req_one: bool
+
+
+@dataclass(slots=True)
+class Cache:
+    handle: int
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class Disconnect:
+    """NBD_CMD_DISC: answer what is in flight, then close. It has no reply."""
+
+
+@dataclass(slots=True)
+class BadRequest:
+    """A request that parsed but is invalid: reply ``reply_error(handle, error, message)``."""
+
+    handle: int
+    command: int
+    error: NbdError
+    message: str
+
+
+Event = (
+    OptionHandled | TransmissionStarted | Aborted | ConnectionClosed | Read | Write | Flush | Trim
+    | WriteZeroes | BlockStatus | Cache | Disconnect | BadRequest
+)
+
+# --- wire formats ---------------------------------------------------------------------------
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
+_OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+_REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
+_SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
+_CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + 64-bit offset (OFFSET_DATA)
+_EXPORT_INFO = struct.Struct(">HQH")  # NBD_INFO_EXPORT: type, size, transmission flags
+_BLOCK_INFO = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE: type, min, preferred, max
+_EXTENT = struct.Struct(">II")
+
+_GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+_KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+
+_FUA = CommandFlag.FUA
+_NO_HOLE = CommandFlag.NO_HOLE
+_DF = CommandFlag.DF
+_REQ_ONE = CommandFlag.REQ_ONE
+_FAST_ZERO = CommandFlag.FAST_ZERO
+
+# The command flags each command accepts (FUA is valid on every command once SEND_FUA is set).
+_ALLOWED_FLAGS: dict[int, int] = {
+    Command.READ: _FUA | _DF,
+    Command.WRITE: _FUA,
+    Command.DISC: _FUA,
+    Command.FLUSH: _FUA,
+    Command.TRIM: _FUA,
+    Command.CACHE: _FUA,
+    Command.WRITE_ZEROES: _FUA | _NO_HOLE | _FAST_ZERO,
+    Command.BLOCK_STATUS: _FUA | _REQ_ONE,
+}
+_WRITES = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+_RECV_BUFFER = 256 * 1024
+
+
+def transmission_flags(export: ExportInfo, *, structured: bool) -> int:
+    flags = (
+        TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
+        | TransmissionFlag.SEND_CACHE
+    )
+    if export.read_only:
+        flags |= TransmissionFlag.READ_ONLY
+    else:
+        flags |= TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
+    if structured:
+        flags |= TransmissionFlag.SEND_DF
+    if export.can_multi_conn:
+        flags |= TransmissionFlag.CAN_MULTI_CONN
+    return int(flags)
+
+
+def _encode_message(message: str, limit: int = MAX_STRING) -> bytes:
+    raw = message.encode("utf-8", "replace")
+    if len(raw) > limit:
+        raw = raw[:limit].decode("utf-8", "ignore").encode()
+    return raw
+
+
+class _OptionError(Exception):
+    def __init__(self, reply: Reply, message: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.message = message
+
+
+class ServerConnection:
+    """One NBD connection, server side: handshake, then transmission."""
+
+    def __init__(self, exports: Mapping[str, ExportInfo], *, default: str | None = None) -> None:
+        """``exports`` maps names to exports; the empty name means ``exports[""]`` if present,
+        else ``exports[default]`` if ``default`` is given."""
+        self._exports = exports
+        self._default = default
+        self.state = State.CLIENT_FLAGS
+        self._out = bytearray(_GREETING)
+        self._buf = bytearray(_RECV_BUFFER)
+        self._rpos = 0
+        self._wpos = 0
+        self._eof = False
+        self._skip = 0  # bytes of an invalid payload still to discard
+        # WRITE payload being received in place.
+        self._payload: bytearray | None = None
+        self._filled = 0
+        self._write_handle = 0
+        self._write_offset = 0
+        self._write_fua = False
+        # Negotiated.
+        self.no_zeroes = False
+        self.structured = False
+        self._meta_export: str | None = None  # export named by the last SET_META_CONTEXT
+        self._meta_selected = False
+        self.export_name: str | None = None
+        self.export: ExportInfo | None = None
+        self._size = 0
+        self._read_only = False
+        self._align = 1  # enforced only when the client agreed to our minimum block size
+        self._block_status = False
+        self._replies_allowed = False
+
+    # --- input --------------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Handshake bytes queued for the peer (greeting, option replies); empties the queue."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+            return
+        view = memoryview(data).cast("B")
+        while view:
+            target = self.get_buffer(len(view))
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    def receive_eof(self) -> None:
+        self._eof = True
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (for ``asyncio.BufferedProtocol.get_buffer``).
+
+        While a WRITE payload is pending this is the rest of that payload's own buffer.
+        The returned view must be filled before the next call and reported with
+        :meth:`buffer_updated`.
+        """
+        if self._payload is not None:
+            return memoryview(self._payload)[self._filled:]
+        want = max(sizehint, 1)
+        if len(self._buf) - self._wpos < want:
+            self._make_room(want)
+        return memoryview(self._buf)[self._wpos:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._payload is not None:
+            self._filled += nbytes
+        else:
+            self._wpos += nbytes
+
+    def _make_room(self, want: int) -> None:
+        pending = self._wpos - self._rpos
+        if pending + want <= len(self._buf):
+            # Same-length slice assignment: never resizes (the buffer may be exported).
+            self._buf[:pending] = self._buf[self._rpos:self._wpos]
+        else:
+            new = bytearray(max(2 * len(self._buf), pending + want))
+            new[:pending] = self._buf[self._rpos:self._wpos]
+            self._buf = new
+        self._rpos, self._wpos = 0, pending
+
+    # --- events -------------------------------------------------------------------------------
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or :data:`NEED_DATA` when more bytes are needed."""
+        try:
+            state = self.state
+            if self._skip and not self._consume_skip():
+                return self._need_data()
+            if state is State.TRANSMISSION:
+                if self._payload is not None:
+                    return self._finish_write()
+                return self._next_request()
+            if state is State.OPTIONS:
+                return self._next_option()
+            if state is State.CLIENT_FLAGS:
+                return self._client_flags()
+            if state is State.ERROR:
+                raise RemoteProtocolError("connection already failed")
+            return NEED_DATA
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def _need_data(self) -> NeedData | ConnectionClosed:
+        if self._eof:
+            if self._rpos == self._wpos and self._payload is None and not self._skip:
+                self.state = State.CLOSED
+                return ConnectionClosed()
+            raise RemoteProtocolError("peer closed the connection in the middle of a frame")
+        return NEED_DATA
+
+    def _consume_skip(self) -> bool:
+        n = min(self._skip, self._wpos - self._rpos)
+        self._rpos += n
+        self._skip -= n
+        if self._rpos == self._wpos:
+            self._rpos = self._wpos = 0
+        return self._skip == 0
+
+    # --- handshake ----------------------------------------------------------------------------
+
+    def _client_flags(self) -> Event | NeedData:
+        if self._wpos - self._rpos < 4:
+            return self._need_data()
+        (flags,) = _U32.unpack_from(self._buf, self._rpos)
+        self._rpos += 4
+        if flags & ~_KNOWN_CLIENT_FLAGS:
+            raise RemoteProtocolError(f"unknown client flags {flags:#x}")
+        # Fixed newstyle is honoured even if the client did not set C_FIXED_NEWSTYLE (allowed).
+        self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+        self.state = State.OPTIONS
+        return self._next_option()
+
+    def _next_option(self) -> Event | NeedData:
+        avail = self._wpos - self._rpos
+        if avail < _OPTION_HEADER.size:
+            return self._need_data()
+        magic, option, length = _OPTION_HEADER.unpack_from(self._buf, self._rpos)
+        if magic != IHAVEOPT:
+            raise RemoteProtocolError(f"bad option magic {magic:#x}")
+        if length > MAX_OPTION_LENGTH:
+            if option == Option.EXPORT_NAME:
+                raise RemoteProtocolError("NBD_OPT_EXPORT_NAME too long (it cannot be refused)")
+            self._rpos += _OPTION_HEADER.size
+            self._skip = length
+            self._consume_skip()
+            return self._option_error(option, Reply.ERR_TOO_BIG, f"option payload of {length} bytes is too large")
+        if avail < _OPTION_HEADER.size + length:
+            return self._need_data()
+        start = self._rpos + _OPTION_HEADER.size
+        data = bytes(self._buf[start:start + length])
+        self._rpos = start + length
+        if self._rpos == self._wpos:
+            self._rpos = self._wpos = 0
+        try:
+            return self._handle_option(option, data)
+        except _OptionError as e:
+            return self._option_error(option, e.reply, e.message)
+
+    def _option_reply(self, option: int, reply: int, payload: bytes = b"") -> None:
+        self._out += _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
+        self._out += payload
+
+    def _option_error(self, option: int, reply: Reply, message: str) -> OptionHandled:
+        self._option_reply(option, reply, _encode_message(message))
+        return OptionHandled(option, reply)
+
+    def _lookup(self, name: str) -> tuple[str, ExportInfo] | None:
+        export = self._exports.get(name)
+        if export is not None:
+            return name, export
+        if name == "" and self._default is not None and self._default in self._exports:
+            return self._default, self._exports[self._default]
+        return None
+
+    def _handle_option(self, option: int, data: bytes) -> Event | NeedData:
+        if option == Option.GO or option == Option.INFO:
+            return self._opt_info(option, data)
+        if option == Option.EXPORT_NAME:
+            return self._opt_export_name(data)
+        if option == Option.STRUCTURED_REPLY:
+            if data:
+                raise _OptionError(Reply.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            self.structured = True
+            self._option_reply(option, Reply.ACK)
+            return OptionHandled(option, Reply.ACK)
+        if option == Option.LIST_META_CONTEXT or option == Option.SET_META_CONTEXT:
+            return self._opt_meta_context(option, data)
+        if option == Option.ABORT:
+            self._option_reply(option, Reply.ACK)
+            self.state = State.CLOSED
+            return Aborted()
+        if option == Option.LIST:
+            if data:
+                raise _OptionError(Reply.ERR_INVALID, "NBD_OPT_LIST takes no data")
+            for name in self._exports:
+                raw = name.encode()
+                self._option_reply(option, Reply.SERVER, _U32.pack(len(raw)) + raw)
+            self._option_reply(option, Reply.ACK)
+            return OptionHandled(option, Reply.ACK)
+        if option == Option.STARTTLS:
+            if data:
+                raise _OptionError(Reply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            raise _OptionError(Reply.ERR_POLICY, "TLS is not offered by this server")
+        raise _OptionError(Reply.ERR_UNSUP, f"option {option} is not supported")
+
+    @staticmethod
+    def _string(data: bytes, pos: int, length: int, what: str) -> str:
+        if length > MAX_STRING:
+            raise _OptionError(Reply.ERR_INVALID, f"{what} longer than {MAX_STRING} bytes")
+        try:
+            text = data[pos:pos + length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _OptionError(Reply.ERR_INVALID, f"{what} is not UTF-8") from None
+        if "\0" in text:
+            raise _OptionError(Reply.ERR_INVALID, f"{what} contains NUL")
+        return text
+
+    def _opt_export_name(self, data: bytes) -> Event:
+        try:
+            name = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError("export name is not UTF-8") from None
+        found = self._lookup(name)
+        if found is None:
+            # NBD_OPT_EXPORT_NAME cannot be refused with a reply: the session must end.
+            raise RemoteProtocolError(f"unknown export {name!r}")
+        key, export = found
+        self._meta_selected = False  # there was no way to say which export contexts were for
+        event = self._enter_transmission(key, export, align=1)
+        self._out += _U64.pack(export.size) + _U16.pack(event.flags)
+        if not self.no_zeroes:
+            self._out += ZERO_PADDING
+        return event
+
+    def _opt_info(self, option: int, data: bytes) -> Event:
+        if len(data) < 6:
+            raise _OptionError(Reply.ERR_INVALID, "option data too short")
+        (namelen,) = _U32.unpack_from(data, 0)
+        if 4 + namelen + 2 > len(data):
+            raise _OptionError(Reply.ERR_INVALID, "export name length exceeds option data")
+        name = self._string(data, 4, namelen, "export name")
+        (count,) = _U16.unpack_from(data, 4 + namelen)
+        if 4 + namelen + 2 + 2 * count != len(data):
+            raise _OptionError(Reply.ERR_INVALID, "number of information requests does not match the length")
+        requests = {_U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(count)}
+        found = self._lookup(name)
+        if found is None:
+            raise _OptionError(Reply.ERR_UNKNOWN, f"unknown export {name!r}")
+        key, export = found
+        # Like qemu: always send NBD_INFO_BLOCK_SIZE; the real minimum (and its enforcement)
+        # only if the client promised to honour it, else 1 (so unaligned requests must work).
+        honours = option == Option.INFO or Info.BLOCK_SIZE in requests
+        minimum = export.min_block if honours else 1
+        flags = transmission_flags(export, structured=self.structured)
+        self._option_reply(option, Reply.INFO, _EXPORT_INFO.pack(Info.EXPORT, export.size, flags))
+        if Info.NAME in requests:
+            self._option_reply(option, Reply.INFO, _U16.pack(Info.NAME) + key.encode())
+        if Info.DESCRIPTION in requests and export.description:
+            self._option_reply(
+                option, Reply.INFO, _U16.pack(Info.DESCRIPTION) + _encode_message(export.description)
+            )
+        preferred = max(export.preferred_block, export.min_block)
+        maximum = max(MAX_BLOCK, preferred)
+        self._option_reply(option, Reply.INFO, _BLOCK_INFO.pack(Info.BLOCK_SIZE, minimum, preferred, maximum))
+        self._option_reply(option, Reply.ACK)
+        if option == Option.INFO:
+            return OptionHandled(option, Reply.ACK)
+        if self._meta_export is not None and self._lookup(self._meta_export) != found:
+            self._meta_selected = False  # contexts were negotiated for another export
+        return self._enter_transmission(key, export, align=minimum)
+
+    def _enter_transmission(self, key: str, export: ExportInfo, *, align: int) -> TransmissionStarted:
+        self.state = State.TRANSMISSION
+        self.export_name = key
+        self.export = export
+        self._size = export.size
+        self._read_only = export.read_only
+        self._align = max(align, 1)
+        self._block_status = self.structured and self._meta_selected
+        self._replies_allowed = True
+        flags = transmission_flags(export, structured=self.structured)
+        return TransmissionStarted(key, export, flags, self.structured, self._block_status)
+
+    def _opt_meta_context(self, option: int, data: bytes) -> Event:
+        if option == Option.SET_META_CONTEXT and not self.structured:
+            raise _OptionError(Reply.ERR_INVALID, "structured replies must be negotiated first")
+        if len(data) < 8:
+            raise _OptionError(Reply.ERR_INVALID, "option data too short")
+        (namelen,) = _U32.unpack_from(data, 0)
+        if 4 + namelen + 4 > len(data):
+            raise _OptionError(Reply.ERR_INVALID, "export name length exceeds option data")
+        name = self._string(data, 4, namelen, "export name")
+        pos = 4 + namelen
+        (count,) = _U32.unpack_from(data, pos)
+        pos += 4
+        queries: list[str] = []
+        for _ in range(count):
+            if pos + 4 > len(data):
+                raise _OptionError(Reply.ERR_INVALID, "query count exceeds option data")
+            (qlen,) = _U32.unpack_from(data, pos)
+            if pos + 4 + qlen > len(data):
+                raise _OptionError(Reply.ERR_INVALID, "query length exceeds option data")
+            queries.append(self._string(data, pos + 4, qlen, "query"))
+            pos += 4 + qlen
+        if pos != len(data):
+            raise _OptionError(Reply.ERR_INVALID, "trailing bytes after the queries")
+        if self._lookup(name) is None:
+            raise _OptionError(Reply.ERR_UNKNOWN, f"unknown export {name!r}")
+        listing = option == Option.LIST_META_CONTEXT
+        if listing and not queries:
+            matched = True
+        else:
+            matched = any(q == BASE_ALLOCATION or (listing and q == "base:") for q in queries)
+        if matched:
+            context_id = 0 if listing else BASE_ALLOCATION_ID
+            self._option_reply(option, Reply.META_CONTEXT, _U32.pack(context_id) + BASE_ALLOCATION.encode())
+        if not listing:
+            self._meta_export = name
+            self._meta_selected = matched
+        self._option_reply(option, Reply.ACK)
+        return OptionHandled(option, Reply.ACK)
+
+    # --- transmission -------------------------------------------------------------------------
+
+    def _next_request(self) -> Event | NeedData:
+        rpos = self._rpos
+        if self._wpos - rpos < 28:
+            return self._need_data()
+        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(self._buf, rpos)
+        rpos += 28
+        if magic != REQUEST_MAGIC:
+            raise RemoteProtocolError(f"bad request magic {magic:#x}")
+        self._rpos = rpos
+        error = self._validate(cmd, flags, offset, length)
+        if cmd == Command.WRITE:
+            if error is not None:
+                self._skip = length
+                self._consume_skip()
+                return BadRequest(handle, cmd, error[0], error[1])
+            return self._start_write(handle, offset, length, bool(flags & _FUA))
+        if rpos == self._wpos:
+            self._rpos = self._wpos = 0
+        if error is not None:
+            if cmd == Command.DISC:
+                self.state = State.CLOSED
+                return Disconnect()
+            return BadRequest(handle, cmd, error[0], error[1])
+        if cmd == Command.READ:
+            return Read(handle, offset, length, bool(flags & _FUA))
+        if cmd == Command.FLUSH:
+            return Flush(handle)
+        if cmd == Command.TRIM:
+            return Trim(handle, offset, length, bool(flags & _FUA))
+        if cmd == Command.WRITE_ZEROES:
+            return WriteZeroes(
+                handle, offset, length, bool(flags & _FUA), not flags & _NO_HOLE, bool(flags & _FAST_ZERO)
+            )
+        if cmd == Command.BLOCK_STATUS:
+            return BlockStatus(handle, offset, length, bool(flags & _REQ_ONE))
+        if cmd == Command.CACHE:
+            return Cache(handle, offset, length)
+        self.state = State.CLOSED  # Command.DISC
+        return Disconnect()
+
+    def _validate(self, cmd: int, flags: int, offset: int, length: int) -> tuple[NbdError, str] | None:
+        allowed = _ALLOWED_FLAGS.get(cmd)
+        if allowed is None:
+            return NbdError.EINVAL, f"unknown command {cmd}"
+        if flags & ~allowed:
+            return NbdError.EINVAL, f"flags {flags:#x} are not valid for command {cmd}"
+        if cmd == Command.DISC:
+            return None
+        if flags & _DF and not self.structured:
+            return NbdError.EINVAL, "NBD_CMD_FLAG_DF without structured replies"
+        if self._read_only and cmd in _WRITES:
+            return NbdError.EPERM, "the export is read-only"
+        if cmd == Command.FLUSH:
+            if offset or length:
+                return NbdError.EINVAL, "flush with nonzero offset or length"
+            return None
+        if cmd == Command.BLOCK_STATUS and not self._block_status:
+            return NbdError.EINVAL, "block status without a negotiated metadata context"
+        if length == 0:
+            return NbdError.EINVAL, "zero length"
+        if offset + length > self._size:
+            if cmd == Command.WRITE or cmd == Command.WRITE_ZEROES:
+                return NbdError.ENOSPC, f"request [{offset}, +{length}) beyond the end of the export ({self._size})"
+            return NbdError.EINVAL, f"request [{offset}, +{length}) beyond the end of the export ({self._size})"
+        if (offset | length) % self._align:
+            return NbdError.EINVAL, f"request not aligned to the minimum block size {self._align}"
+        if length > MAX_BLOCK and (cmd == Command.READ or cmd == Command.WRITE):
+            return NbdError.EOVERFLOW, f"request of {length} bytes exceeds the maximum block size {MAX_BLOCK}"
+        return None
+
+    def _start_write(self, handle: int, offset: int, length: int, fua: bool) -> Event | NeedData:
+        rpos = self._rpos
+        avail = self._wpos - rpos
+        if avail >= length:
+            data = memoryview(self._buf[rpos:rpos + length])  # one copy out of the ring
+            self._rpos = rpos + length
+            if self._rpos == self._wpos:
+                self._rpos = self._wpos = 0
+            return Write(handle, offset, data, fua)
+        payload = bytearray(length)
+        payload[:avail] = memoryview(self._buf)[rpos:self._wpos]
+        self._rpos = self._wpos = 0
+        self._payload = payload
+        self._filled = avail
+        self._write_handle, self._write_offset, self._write_fua = handle, offset, fua
+        return self._need_data()
+
+    def _finish_write(self) -> Event | NeedData:
+        payload = self._payload
+        assert payload is not None
+        if self._filled < len(payload):
+            return self._need_data()
+        self._payload = None
+        return Write(self._write_handle, self._write_offset, memoryview(payload), self._write_fua)
+
+    # --- replies ------------------------------------------------------------------------------
+
+    def _check_replies(self) -> None:
+        if not self._replies_allowed:
+            raise LocalProtocolError("replies can only be sent in the transmission phase")
+
+    def reply_ok(self, handle: int) -> bytes:
+        """Success without payload (a simple reply: valid in both reply modes)."""
+        if not self._replies_allowed:
+            self._check_replies()
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+
+    def reply_error(self, handle: int, error: NbdError | int, message: str = "") -> bytes:
+        """An error reply: a structured NBD_REPLY_TYPE_ERROR chunk (with the message) when
+        structured replies were negotiated, else a simple reply with no payload."""
+        self._check_replies()
+        if not error:
+            raise LocalProtocolError("an error reply needs a nonzero error")
+        if not self.structured:
+            return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+        msg = _encode_message(message)
+        return (
+            _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR, handle, 6 + len(msg))
+            + struct.pack(">IH", error, len(msg)) + msg
+        )
+
+    def reply_error_offset(self, handle: int, error: NbdError | int, offset: int, message: str = "",
+                           *, done: bool = True) -> bytes:
+        """An NBD_REPLY_TYPE_ERROR_OFFSET chunk (structured replies only)."""
+        self._check_replies()
+        if not self.structured:
+            raise LocalProtocolError("error offsets need structured replies")
+        if not error:
+            raise LocalProtocolError("an error reply needs a nonzero error")
+        msg = _encode_message(message)
+        return (
+            _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, ReplyType.ERROR_OFFSET, handle,
+                        14 + len(msg))
+            + struct.pack(">IH", error, len(msg)) + msg + _U64.pack(offset)
+        )
+
+    def reply_read_header(self, handle: int, offset: int, length: int) -> bytes:
+        """The bytes that precede exactly ``length`` bytes of data in a successful READ reply:
+        a simple reply header, or one final NBD_REPLY_TYPE_OFFSET_DATA chunk header."""
+        if not self._replies_allowed:
+            self._check_replies()
+        if self.structured:
+            if not 0 < length <= 0xFFFFFFFF - 8:
+                raise LocalProtocolError(f"cannot send {length} bytes in one chunk")
+            return _CHUNK_OFFSET.pack(
+                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, handle, 8 + length, offset
+            )
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+
+    def reply_block_status(self, handle: int, length: int, extents: Iterable[tuple[int, int]],
+                           *, req_one: bool = False) -> bytes:
+        """An NBD_REPLY_TYPE_BLOCK_STATUS chunk for base:allocation.
+
+        ``extents`` are (length, flags) pairs from the request's offset on; they are cut at the
+        request's ``length``, zero-length ones dropped and neighbours with equal flags merged.
+        """
+        self._check_replies()
+        if not self._block_status:
+            raise LocalProtocolError("block status was not negotiated")
+        merged: list[list[int]] = []
+        left = length
+        for ext_len, ext_flags in extents:
+            if left <= 0:
+                break
+            if ext_len <= 0:
+                continue
+            n = min(ext_len, left)
+            left -= n
+            ext_flags &= 0xFFFFFFFF
+            if merged and merged[-1][1] == ext_flags:
+                merged[-1][0] += n
+            else:
+                merged.append([n, ext_flags])
+        if not merged:
+            raise LocalProtocolError("block status needs at least one extent")
+        if req_one:
+            del merged[1:]
+        body = b"".join(_EXTENT.pack(n, f) for n, f in merged)
+        return (
+            _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS, handle, 4 + len(body))
+            + _U32.pack(BASE_ALLOCATION_ID) + body
+        )

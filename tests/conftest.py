@@ -1,0 +1,63 @@
+"""Shared fixtures: a fresh embedded repository, image makers, and the CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockprov.repo.local import LocalRepository
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[LocalRepository]:
+    r = LocalRepository(tmp_path / "repo")
+    yield r
+    r.close()
+
+
+def make_image(path: Path, size: int, *, seed: int = 1, data_fraction: float = 0.5,
+               pattern_every: int = 1 << 20) -> Path:
+    """A sparse raw image: random blocks, repeated blocks, text-like blocks and holes."""
+    import random
+
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        repeated = rnd.randbytes(65536)
+        for off in range(0, size, pattern_every):
+            r = rnd.random()
+            if r > data_fraction:
+                continue  # hole
+            n = min(pattern_every, size - off)
+            kind = rnd.randrange(3)
+            if kind == 0:
+                block = rnd.randbytes(n)
+            elif kind == 1:
+                block = (repeated * (n // 65536 + 1))[:n]
+            else:
+                words = b"lorem ipsum dolor sit amet block provisioning golden image "
+                block = (words * (n // len(words) + 1))[:n]
+            f.seek(off)
+            f.write(block)
+    return path
+
+
+def run_cli(*args: str, data: Path | None = None, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ)
+    e.pop("BLOCKPROV_REPO", None)
+    if data is not None:
+        e["BLOCKPROV_DATA"] = str(data)
+    if env:
+        e.update(env)
+    p = subprocess.run([str(VENV_BIN / "blockprov"), *args], capture_output=True, text=True, env=e, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"blockprov {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
