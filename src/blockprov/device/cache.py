@@ -1,0 +1,785 @@
+"""The agent's lazy, crash-safe cache of one image version: a BlockDevice over a local data file.
+
+A cache directory holds::
+
+    lock           fcntl.flock'ed by the agent using it (holds its pid, for the error message)
+    meta, journal  chunk state (agent/journal.py: format and crash rules)
+    manifest.json  the version's manifest, so a cache re-attaches without the repository
+    data           the data file: sparse, the image's size, chunk i at byte i × chunk_size
+                   (absent when the user named another file or a block device: meta.data_path)
+
+Chunk states are in agent/maps.py. The orders of operations below are what keep DESIGN.md's
+invariants (1: a present chunk holds the manifest's data or is marked modified; 2: the modified
+mark is durable before the data changes; 3: a write acknowledged before a completed FLUSH
+survives a crash):
+
+- Fill after a miss: write data → fdatasync data file → journal ``present`` (not synced: losing
+  the record costs a refetch). Cold readers get the verified bytes as soon as they are decoded.
+- First write to a clean present chunk: journal ``modified`` → fsync journal (group commit) →
+  write data. Writers of a chunk whose ``modified`` record is not yet durable wait for it.
+- Whole-chunk write to a missing chunk: no fetch; ``modified`` → fsync → write → fdatasync →
+  ``present``. Until ``present`` the chunk reads the base from the repository, so a crash shows
+  each sector old or new, never a hole.
+- Partial write to a missing chunk: fetch and fill it first (sharing any fetch in flight), then
+  as for a present chunk. A chunk is never left half old, half zero.
+- Write into a zero chunk (trimmed, or all-zero in the base): ``modified`` (if needed) → fsync →
+  write the whole chunk (zeros + the new bytes) → fdatasync → ``unzero``. The chunk reads as
+  zeros until then, so the data file's old bytes (a punch may not have reached the disk) are
+  never exposed.
+- TRIM / WRITE_ZEROES of whole chunks: journal ``zero`` → fsync → punch a hole (only to free
+  space: zero chunks are never read from the data file, so a device that cannot punch is left
+  as it is rather than written with zeros). Partial chunks get zeros written through the write
+  path.
+- FLUSH: fdatasync data file, then fsync journal (each shared by concurrent callers).
+
+Concurrency: state transitions of one chunk (fill, write into a missing or zero chunk, zeroing)
+hold a per-chunk claim (``_busy``), taken in ascending chunk order, so two of them never
+interleave; fills never wait for a claim, they skip claimed chunks. Reads take no claim and never
+await on the hot path: a present chunk is one flags lookup and one ``FileSegment`` (the NBD server
+sendfiles it), a zero chunk is a slice of a shared zero buffer. Reads that race with an
+overlapping write may see either version, as with any disk.
+
+Recovery needs no manual step: ``open`` replays the journal; after an unclean stop it re-reads
+and re-hashes the chunks that replay marked present-but-not-modified (at most what was filled
+since the last checkpoint) and forgets any that do not match (invariant 1), then checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import blake3
+
+from ..agent.fetcher import DEFAULT_BATCH_BYTES, DEFAULT_MAX_INFLIGHT, DEFAULT_READAHEAD, DEFAULT_TIMEOUT, Fetcher
+from ..agent.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded
+from ..agent.maps import MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
+from ..align import split
+from ..codec import ZERO_DIGEST, digest, is_zero
+from ..durable import atomic_write
+from ..errors import (
+    BlockprovError,
+    CacheError,
+    CacheLocked,
+    CacheMismatch,
+    DeviceError,
+    DeviceIOError,
+    NoSpace,
+    NotSupported,
+    ReadOnlyDevice,
+)
+from ..manifest import Manifest
+from ..repo.base import Repository
+from .base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "lock"
+MANIFEST_NAME = "manifest.json"
+DATA_NAME = "data"
+INLINE_WRITE = 64 << 10  # pwrites up to this size run on the event loop (page cache copy, ~µs)
+CHECKPOINT_RECORDS = 65536  # ~2.5 MB of journal
+CHECKPOINT_FILL_BYTES = 1 << 30  # bounds the re-verification after an unclean stop
+_IOV_MAX = 512
+T = TypeVar("T")
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _fallocate: Any = _libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+except (OSError, AttributeError):  # not Linux: no hole punching, zero chunks keep their old blocks
+    _fallocate = None
+
+
+def _punch(fd: int, offset: int, length: int) -> bool:
+    """Free the blocks of a range; False when the file system or device cannot."""
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _io_error(e: OSError, what: str) -> DeviceError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(msg=f"{what}: {e.strerror}")
+    return DeviceIOError(msg=f"{what}: {e}")
+
+
+def _runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted distinct indices → maximal runs (start, end)."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
+    while bufs:
+        n = os.pwritev(fd, bufs[:_IOV_MAX], offset)
+        offset += n
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if n:
+            bufs = [bufs[0][n:], *bufs[1:]]
+
+
+def manifest_digest(m: Manifest) -> str:
+    return blake3.blake3(m.to_json()).hexdigest()
+
+
+def _take_lock(d: Path) -> int:
+    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise CacheLocked(path=str(d), pid=holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class _Opened:
+    def __init__(self, state: CacheState, loaded: Loaded | None, manifest: Manifest, fd: int,
+                 data_path: Path) -> None:
+        self.state, self.loaded, self.manifest, self.fd, self.data_path = state, loaded, manifest, fd, data_path
+
+
+def _open_data(path: Path, size: int, *, fresh: bool, internal: bool) -> int:
+    """Open (or, for a new cache, create) the data file. An existing cache's data file is never
+    created or grown here: a missing or short one would serve zeros for present chunks."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if fresh else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise CacheError(f"cannot open cache data {path}: {e.strerror}"
+                         + ("" if fresh else "; remove the cache directory to start over")) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            have = os.lseek(fd, 0, os.SEEK_END)
+            if have < size:
+                raise CacheError(f"block device {path} has {have} bytes; the image needs {size}")
+        elif stat.S_ISREG(st.st_mode):
+            if fresh and internal:
+                os.ftruncate(fd, 0)  # leftovers of an interrupted creation: give the space back
+            if fresh and (internal or st.st_size < size):
+                os.ftruncate(fd, size)
+            elif st.st_size < size:
+                raise CacheError(f"cache data {path} has {st.st_size} bytes, expected {size}: it was "
+                                 "truncated; remove the cache directory to start over")
+        else:
+            raise CacheError(f"cache data {path} is neither a regular file nor a block device")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_sync(d: Path, repo: Repository, manifest: Manifest | None, data_path: str | None,
+               create: bool, pool: ThreadPoolExecutor) -> _Opened:
+    """Blocking part of ``CacheDevice.open`` (runs in a worker thread)."""
+    want_data = str(Path(data_path).resolve()) if data_path is not None else None
+    for stale in d.glob(".*.tmp"):  # left by atomic_write when an agent died mid-checkpoint
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    if (d / META_NAME).exists():
+        state, loaded = CacheState.recover(d, pool)
+        meta = loaded.meta
+        if manifest is not None and (manifest.image != meta.image or manifest.id != meta.version):
+            raise CacheMismatch(path=str(d), held=meta.describe(), wanted=f"{manifest.image}@{manifest.id}")
+        if want_data is not None and want_data != meta.data_path and not (
+                meta.data_path is None and want_data == str((d / DATA_NAME).resolve())):
+            raise CacheError(f"cache {d} keeps its data in {meta.data_path or d / DATA_NAME}, not {want_data}")
+        if manifest is None:
+            manifest = _load_manifest(d, meta, repo)
+        if manifest_digest(manifest) != meta.manifest_digest or manifest.size != meta.size \
+                or manifest.chunk_size != meta.chunk_size or manifest.count != meta.count:
+            raise CacheMismatch(path=str(d), held=f"{meta.describe()} (digest {meta.manifest_digest[:16]})",
+                                wanted=f"{manifest.image}@{manifest.id} (digest {manifest_digest(manifest)[:16]})")
+        if loaded.tail_problem:
+            log.warning("cache %s: journal replay stopped early (%s); %d byte(s) ignored",
+                        d, loaded.tail_problem, loaded.dropped_bytes)
+        path = Path(meta.data_path) if meta.data_path else d / DATA_NAME
+        fd = _open_data(path, meta.size, fresh=False, internal=meta.data_path is None)
+        return _Opened(state, loaded, manifest, fd, path)
+    if manifest is None:
+        raise CacheError(f"{d} holds no cache yet: name the image version to create one")
+    if not create:
+        raise CacheError(f"{d} holds no cache and creating one was not asked for")
+    path = Path(want_data) if want_data else d / DATA_NAME
+    fd = _open_data(path, manifest.size, fresh=True, internal=want_data is None)
+    try:
+        atomic_write(d / MANIFEST_NAME, manifest.to_json())
+        meta = CacheMeta(image=manifest.image, version=manifest.id, manifest_digest=manifest_digest(manifest),
+                         chunk_size=manifest.chunk_size, size=manifest.size, count=manifest.count,
+                         data_path=want_data)
+        cmap = ChunkMap(manifest.count, base_zero_flags(manifest.chunks))
+        state = CacheState.create(d, meta, cmap, pool)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Opened(state, None, manifest, fd, path)
+
+
+def _load_manifest(d: Path, meta: CacheMeta, repo: Repository) -> Manifest:
+    try:
+        m = Manifest.from_json((d / MANIFEST_NAME).read_bytes())
+        if m.id == meta.version and m.image == meta.image:
+            return m
+        log.warning("cache %s: stored manifest is %s@%s, expected %s; asking the repository",
+                    d, m.image, m.id, meta.describe())
+    except (OSError, BlockprovError) as e:
+        log.warning("cache %s: stored manifest unusable (%s); asking the repository", d, e)
+    m = repo.resolve(meta.describe())
+    atomic_write(d / MANIFEST_NAME, m.to_json())
+    return m
+
+
+class CacheDevice:
+    """BlockDevice of one image version, backed by a cache directory (see module docstring)."""
+
+    def __init__(self, cache_dir: Path, repo: Repository, opened: _Opened, lock_fd: int,
+                 pool: ThreadPoolExecutor, *, readahead: int, fetch_timeout: float, read_only: bool,
+                 batch_bytes: int, max_inflight: int, checkpoint_records: int,
+                 checkpoint_fill_bytes: int) -> None:
+        self.cache_dir = cache_dir
+        self.repo = repo
+        self.manifest = opened.manifest
+        self.data_path = opened.data_path
+        self._state = opened.state
+        self._map = opened.state.map
+        self._flags = self._map.flags
+        self._fd = opened.fd
+        self._lock_fd = lock_fd
+        self._pool = pool
+        self._read_only = read_only
+        self._size = self.manifest.size
+        self._cs = self.manifest.chunk_size
+        self._shift = self._cs.bit_length() - 1
+        self._zeros = memoryview(bytes(self._cs))
+        self._busy: dict[int, asyncio.Future[None]] = {}
+        self._pending_mod: dict[int, int] = {}  # chunk → seq of its not-yet-durable modified record
+        self._data_sync = GroupSync(self._fdatasync)
+        self._data_failed: BaseException | None = None
+        self._can_punch = True
+        self._closed = False
+        self._checkpoint_task: asyncio.Future[None] | None = None
+        self._checkpoint_records = checkpoint_records
+        self._checkpoint_fill_bytes = checkpoint_fill_bytes
+        self._filled_since_checkpoint = 0
+        self.verified_chunks = 0
+        self.dropped_chunks = 0
+        self._fetcher = Fetcher(self.manifest, repo, self._store_fetched, self._needs_fetch,
+                                readahead=readahead, batch_bytes=batch_bytes, max_inflight=max_inflight,
+                                timeout=fetch_timeout)
+
+    # -- opening and closing -----------------------------------------------------------------
+    @classmethod
+    async def open(cls, cache_dir: str | os.PathLike[str], repo: Repository, manifest: Manifest | None = None,
+                   *, data_path: str | os.PathLike[str] | None = None, readahead: int = DEFAULT_READAHEAD,
+                   fetch_timeout: float = DEFAULT_TIMEOUT, create: bool = True, read_only: bool = False,
+                   batch_bytes: int = DEFAULT_BATCH_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                   verify_unclean: bool = True, checkpoint_records: int = CHECKPOINT_RECORDS,
+                   checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES) -> CacheDevice:
+        """Open (or create) the cache in ``cache_dir`` for ``manifest``.
+
+        ``manifest=None`` re-opens whatever the cache holds (its stored manifest, else the
+        repository's). Raises CacheMismatch for a cache of another version, CacheLocked when
+        another agent holds it.
+        """
+        d = Path(cache_dir)
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        elif not d.is_dir():
+            raise CacheError(f"no cache directory {d}")
+        lock_fd = _take_lock(d)
+        pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blockprov-cache")
+        opened: _Opened | None = None
+        dev: CacheDevice | None = None
+        try:
+            loop = asyncio.get_running_loop()
+            opened = await loop.run_in_executor(
+                pool, _open_sync, d, repo, manifest, None if data_path is None else os.fspath(data_path),
+                create, pool)
+            dev = cls(d, repo, opened, lock_fd, pool, readahead=readahead, fetch_timeout=fetch_timeout,
+                      read_only=read_only, batch_bytes=batch_bytes, max_inflight=max_inflight,
+                      checkpoint_records=checkpoint_records, checkpoint_fill_bytes=checkpoint_fill_bytes)
+            loaded = opened.loaded
+            if loaded is not None and not loaded.meta.clean and verify_unclean and loaded.present_runs:
+                await dev._verify(loaded.present_runs)
+            # Fold the replayed records and mark the cache in use (clean=False) before serving.
+            await opened.state.checkpoint(clean=False)
+        except BaseException:
+            if dev is not None:
+                await dev._fetcher.close()
+            if opened is not None:
+                opened.state.close()
+                os.close(opened.fd)
+            os.close(lock_fd)
+            pool.shutdown(wait=False)
+            raise
+        return dev
+
+    async def close(self) -> None:
+        """Flush, checkpoint (marking a clean stop) and release the lock."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._fetcher.close()
+            if self._checkpoint_task is not None:
+                with contextlib.suppress(Exception):
+                    await self._checkpoint_task
+            await self._flush()
+            await self._state.checkpoint(clean=True)
+        finally:
+            self._state.close()
+            os.close(self._fd)
+            self._fd = -1
+            os.close(self._lock_fd)  # releases the flock
+            self._pool.shutdown(wait=True)
+
+    # -- BlockDevice properties ------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def min_block(self) -> int:
+        return 512
+
+    @property
+    def preferred_block(self) -> int:
+        return self._cs
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return True  # one CacheDevice per export: a flush covers every connection's writes
+
+    @property
+    def chunk_map(self) -> ChunkMap:
+        return self._map
+
+    # -- reads -------------------------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> ReadResult:
+        a = offset >> self._shift
+        b = (offset + length - 1) >> self._shift
+        if a == b:
+            f = self._flags[a]
+            if f & PRESENT and self._fd >= 0:
+                return [FileSegment(self._fd, offset, length)]
+            if f & ZERO:
+                return [self._zeros[:length]]
+        elif self._map.all_match(PRESENT, PRESENT, a, b + 1) and self._fd >= 0:
+            return [FileSegment(self._fd, offset, length)]
+        return await self._read_slow(offset, length)
+
+    async def _read_slow(self, offset: int, length: int) -> ReadResult:
+        self._check_open()
+        fl = self._flags
+        cs = self._cs
+        pieces = list(split(offset, length, cs))
+        need = sorted({p.chunk for p in pieces if not fl[p.chunk] & (PRESENT | ZERO)})
+        got = await self._fetcher.get_many(need) if need else {}
+        out: ReadResult = []
+        for p in pieces:
+            data = got.get(p.chunk)
+            if data is None:
+                f = fl[p.chunk]
+                if f & ZERO:
+                    out.append(self._zeros[:p.length])
+                    continue
+                if f & PRESENT:
+                    off = p.offset(cs)
+                    last = out[-1] if out else None
+                    if isinstance(last, FileSegment) and last.offset + last.length == off:
+                        out[-1] = FileSegment(last.fd, last.offset, last.length + p.length)
+                    else:
+                        out.append(FileSegment(self._fd, off, p.length))
+                    continue
+                data = await self._fetcher.get(p.chunk)  # dropped meanwhile: fetch it again
+            out.append(memoryview(data)[p.start:p.start + p.length])
+        return out
+
+    # -- writes ------------------------------------------------------------------------------
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        self._check_writable()
+        n = len(data)
+        if n:
+            a = offset >> self._shift
+            b = ((offset + n - 1) >> self._shift) + 1
+            cmap = self._map
+            if not self._pending_mod and cmap.all_match(PRESENT | MODIFIED | ZERO, PRESENT | MODIFIED, a, b):
+                if cmap.unsynced:
+                    cmap.touch(a, b)
+                await self._pwrite_many([(offset, memoryview(data))])
+            else:
+                await self._write_slow(offset, memoryview(data).cast("B"))
+        if fua:
+            await self._flush()
+
+    async def _write_slow(self, offset: int, mv: memoryview) -> None:
+        fl = self._flags
+        cs = self._cs
+        state = self._state
+        pieces = list(split(offset, len(mv), cs))
+        chunks = sorted({p.chunk for p in pieces})
+        while True:
+            need = [p.chunk for p in pieces if not p.whole and not fl[p.chunk] & (PRESENT | ZERO)]
+            if need:
+                await self._wait_unclaimed(need)
+                await self._fetcher.materialize(need)
+                continue
+            claimed = [c for c in chunks if not fl[c] & PRESENT]
+            if claimed:
+                await self._claim(claimed)
+                if any(not p.whole and not fl[p.chunk] & (PRESENT | ZERO) for p in pieces):
+                    self._release(claimed)
+                    continue
+            break
+        try:
+            # The journal: modified marks (durable before any data changes), then present marks
+            # for whole chunks written into missing ones.
+            seq = 0
+            for x, y in _runs(c for c in chunks if not fl[c] & MODIFIED):
+                seq = state.apply(Kind.MODIFIED, x, y)
+                for c in range(x, y):
+                    self._pending_mod[c] = seq
+            missing = [c for c in claimed if not fl[c] & (PRESENT | ZERO)]
+            if self._pending_mod:
+                seq = max(seq, max((self._pending_mod.get(c, 0) for c in chunks), default=0))
+            if seq > state.durable_seq:
+                await state.sync(seq)
+            for c in chunks:
+                s = self._pending_mod.get(c)
+                if s is not None and s <= state.durable_seq:
+                    del self._pending_mod[c]
+            if self._map.unsynced:
+                self._map.touch(chunks[0], chunks[-1] + 1)
+            # The data. A claimed zero chunk is rewritten whole (zeros around the new bytes);
+            # anything else gets just its piece.
+            zero_claimed = {c for c in claimed if fl[c] & ZERO}
+            writes: list[tuple[int, bytes | bytearray | memoryview]] = []
+            for p in pieces:
+                pos = p.offset(cs)
+                src = mv[pos - offset:pos - offset + p.length]
+                if p.chunk in zero_claimed and not p.whole:
+                    buf = bytearray(self.manifest.chunk_length(p.chunk))
+                    buf[p.start:p.start + p.length] = src
+                    writes.append((p.chunk * cs, buf))
+                else:
+                    writes.append((pos, src))
+            await self._pwrite_many(writes)
+            if claimed:
+                # The chunk's new content must be on disk before the journal may say it is
+                # there: otherwise a crash could show a hole instead of old or new data.
+                await self._data_sync.sync()
+                for x, y in _runs(missing):
+                    state.apply(Kind.PRESENT, x, y)
+                for x, y in _runs(sorted(zero_claimed)):
+                    state.apply(Kind.UNZERO, x, y)
+        finally:
+            if claimed:
+                self._release(claimed)
+        self._maybe_checkpoint()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
+                           fua: bool = False, fast_only: bool = False) -> None:
+        self._check_writable()
+        await self._zero(offset, length, fast_only=fast_only)
+        if fua:
+            await self._flush()
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self._check_writable()
+        await self._zero(offset, length, fast_only=False)
+        if fua:
+            await self._flush()
+
+    async def _zero(self, offset: int, length: int, *, fast_only: bool) -> None:
+        fl = self._flags
+        pieces = list(split(offset, length, self._cs))
+        partial = [p for p in pieces if not p.whole and not fl[p.chunk] & ZERO]
+        if fast_only and partial:
+            raise NotSupported(msg="zeroing part of a chunk means writing zeros; not fast")
+        whole = [p.chunk for p in pieces if p.whole and not fl[p.chunk] & ZERO]
+        if whole:
+            await self._zero_chunks(whole)
+        for p in partial:
+            await self._write_slow(p.offset(self._cs), self._zeros[:p.length])
+
+    async def _zero_chunks(self, chunks: list[int]) -> None:
+        fl = self._flags
+        await self._claim(chunks)
+        try:
+            todo = [c for c in chunks if not fl[c] & ZERO]
+            seq = 0
+            runs = _runs(todo)
+            for x, y in runs:
+                seq = self._state.apply(Kind.ZERO, x, y)
+            if seq:
+                await self._state.sync(seq)
+            if runs and self._can_punch:
+                await self._run(self._punch_runs, runs)
+        finally:
+            self._release(chunks)
+        self._maybe_checkpoint()
+
+    def _punch_runs(self, runs: list[tuple[int, int]]) -> None:
+        cs = self._cs
+        for x, y in runs:
+            start = x * cs
+            try:
+                ok = _punch(self._fd, start, min(y * cs, self._size) - start)
+            except OSError as e:
+                log.warning("cache %s: punching a hole failed: %s", self.cache_dir, e)
+                ok = True  # the chunks are zero in the map either way; try again next time
+            if not ok:
+                self._can_punch = False
+                log.info("cache data %s cannot punch holes: trimmed chunks keep their blocks", self.data_path)
+                return
+
+    async def settle(self) -> None:
+        """Wait until fetches and fills in flight are done (read-ahead included)."""
+        await self._fetcher.idle()
+
+    # -- flush ------------------------------------------------------------------------------
+    async def flush(self) -> None:
+        self._check_open()
+        await self._flush()
+
+    async def _flush(self) -> None:
+        await self._data_sync.sync()
+        await self._state.sync()
+
+    async def _fdatasync(self) -> None:
+        if self._data_failed is not None:
+            raise DeviceIOError(msg=f"cache data file is unusable after an earlier error: {self._data_failed}")
+        try:
+            await self._run(os.fdatasync, self._fd)
+        except OSError as e:
+            self._data_failed = e  # dirty pages may be gone: later syncs must not pretend success
+            raise _io_error(e, f"fdatasync {self.data_path}") from e
+
+    # -- block status ----------------------------------------------------------------------
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        cs = self._cs
+        end = offset + length
+        a = offset // cs
+        b = (end - 1) // cs + 1
+        out: list[Extent] = []
+
+        def add(start: int, stop: int, flags: int) -> None:
+            start, stop = max(start, offset), min(stop, end)
+            if stop <= start:
+                return
+            if out and out[-1].flags == flags:
+                out[-1] = Extent(out[-1].length + stop - start, flags)
+            else:
+                out.append(Extent(stop - start, flags))
+
+        pos = a
+        for x, y in self._map.runs_where(ZERO, ZERO, a, b):
+            add(pos * cs, x * cs, 0)
+            add(x * cs, y * cs, STATE_HOLE | STATE_ZERO)
+            pos = y
+        add(pos * cs, b * cs, 0)
+        return out
+
+    # -- status -----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        counts = self._map.counts()
+        return {
+            "image": self.manifest.image,
+            "version": self.manifest.id,
+            "size": self._size,
+            "chunk_size": self._cs,
+            "cache_dir": str(self.cache_dir),
+            "data_path": str(self.data_path),
+            "chunks_total": counts["total"],
+            "chunks_present": counts["present"],
+            "chunks_modified": counts["modified"],
+            "chunks_zero": counts["zero"],
+            "chunks_missing": counts["missing"],
+            "journal_seq": self._state.last_seq,
+            "verified_chunks": self.verified_chunks,
+            "dropped_chunks": self.dropped_chunks,
+            **self._fetcher.stats.to_dict(),
+        }
+
+    # -- fills (called by the fetcher) --------------------------------------------------------
+    def _needs_fetch(self, i: int) -> bool:
+        return not self._flags[i] & (PRESENT | ZERO) and i not in self._busy
+
+    async def _store_fetched(self, items: list[tuple[int, bytes]]) -> None:
+        """Write verified chunks into the data file, then mark them present (see module doc)."""
+        fl = self._flags
+        take = [(i, d) for i, d in items if not fl[i] & (PRESENT | ZERO) and i not in self._busy]
+        if not take or self._fd < 0:
+            return
+        loop = asyncio.get_running_loop()
+        idx = [i for i, _ in take]
+        for i in idx:
+            self._busy[i] = loop.create_future()
+        try:
+            cs = self._cs
+            await self._pwrite_many([(i * cs, d) for i, d in take], inline=False)
+            await self._data_sync.sync()
+            for x, y in _runs(idx):
+                self._state.apply(Kind.PRESENT, x, y)
+            self._filled_since_checkpoint += sum(len(d) for _, d in take)
+        finally:
+            self._release(idx)
+        self._maybe_checkpoint()
+
+    async def _verify(self, runs: list[tuple[int, int]]) -> None:
+        """After an unclean stop: re-hash chunks that replay marked present and not modified."""
+        fl = self._flags
+        todo = sorted({i for a, b in runs for i in range(a, b) if fl[i] & (PRESENT | MODIFIED | ZERO) == PRESENT})
+        if not todo:
+            return
+        step = max(1, len(todo) // 8 + 1)
+        groups = [todo[k:k + step] for k in range(0, len(todo), step)]
+        results = await asyncio.gather(*(self._run(self._verify_group, g) for g in groups))
+        bad = sorted(i for r in results for i in r)
+        self.verified_chunks = len(todo)
+        self.dropped_chunks = len(bad)
+        for x, y in _runs(bad):
+            self._state.apply(Kind.DROP, x, y)
+        if bad:
+            log.warning("cache %s: %d of %d recently filled chunk(s) did not match the manifest after an "
+                        "unclean stop; they will be fetched again", self.cache_dir, len(bad), len(todo))
+
+    def _verify_group(self, chunks: Sequence[int]) -> list[int]:
+        m = self.manifest
+        bad = []
+        for i in chunks:
+            data = os.pread(self._fd, m.chunk_length(i), i * self._cs)
+            want = m.digest_at(i)
+            ok = is_zero(data) if want == ZERO_DIGEST else digest(data) == want
+            if not ok:
+                bad.append(i)
+        return bad
+
+    # -- helpers ----------------------------------------------------------------------------
+    async def _claim(self, chunks: list[int]) -> None:
+        """Take the per-chunk transition claims, in ascending order (no deadlock)."""
+        loop = asyncio.get_running_loop()
+        taken: list[int] = []
+        try:
+            for c in chunks:
+                while (f := self._busy.get(c)) is not None:
+                    await asyncio.shield(f)
+                self._busy[c] = loop.create_future()
+                taken.append(c)
+        except BaseException:
+            self._release(taken)
+            raise
+
+    def _release(self, chunks: Iterable[int]) -> None:
+        for c in chunks:
+            f = self._busy.pop(c, None)
+            if f is not None and not f.done():
+                f.set_result(None)
+
+    async def _wait_unclaimed(self, chunks: Iterable[int]) -> None:
+        for c in chunks:
+            while (f := self._busy.get(c)) is not None:
+                await asyncio.shield(f)
+
+    async def _pwrite_many(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]], *,
+                           inline: bool = True) -> None:
+        """Write pieces at their offsets; contiguous pieces go out as one pwritev."""
+        if self._fd < 0:
+            raise DeviceIOError(msg="cache is closed")
+        total = sum(len(d) for _, d in writes)
+        try:
+            if inline and total <= INLINE_WRITE:
+                self._write_groups(writes)
+            else:
+                await self._run(self._write_groups, writes)
+        except OSError as e:
+            raise _io_error(e, f"writing {self.data_path}") from e
+
+    def _write_groups(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        if len(writes) == 1:
+            off, data = writes[0]
+            _pwrite_all(self._fd, data, off)
+            return
+        ordered = sorted(writes, key=lambda w: w[0])
+        start = ordered[0][0]
+        bufs: list[memoryview] = []
+        end = start
+        for off, data in ordered:
+            if off != end and bufs:
+                _pwritev_all(self._fd, bufs, start)
+                bufs, start = [], off
+            bufs.append(memoryview(data).cast("B"))
+            end = off + len(data)
+        if bufs:
+            _pwritev_all(self._fd, bufs, start)
+
+    def _maybe_checkpoint(self) -> None:
+        if self._closed or self._checkpoint_task is not None:
+            return
+        if self._state.records_since_checkpoint < self._checkpoint_records \
+                and self._filled_since_checkpoint < self._checkpoint_fill_bytes:
+            return
+        self._filled_since_checkpoint = 0
+        task = asyncio.ensure_future(self._state.checkpoint(clean=False))
+        self._checkpoint_task = task
+
+        def done(t: asyncio.Future[None]) -> None:
+            self._checkpoint_task = None
+            if not t.cancelled() and t.exception() is not None:
+                log.error("cache %s: checkpoint failed: %s", self.cache_dir, t.exception())
+
+        task.add_done_callback(done)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DeviceIOError(msg="cache is closed")
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise ReadOnlyDevice()
+        self._check_open()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
