@@ -21,8 +21,11 @@ stored nor sent. The list is zstd-compressed and base64-encoded because a 100 Gi
 has 1.6 M chunks (51 MB of ids, mostly repeated zero markers in sparse images) — JSON text would
 be twice that and slow to parse.
 
-The version id is the first 16 hex digits of the BLAKE3 digest of the canonical JSON encoding
-(sorted keys, no whitespace), so a manifest cannot be altered without changing its id.
+The version id is the first 16 hex digits of the BLAKE3 digest of the canonical identity document:
+the JSON above (sorted keys, no whitespace) with ``chunks`` replaced by the BLAKE3 hex digest of
+the raw id list. It covers every field, so a manifest cannot be altered without changing its id,
+and it does not depend on the bytes zstd happens to produce (another zstd version compresses
+differently; the id stays the same).
 """
 
 from __future__ import annotations
@@ -125,8 +128,15 @@ class Manifest:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
 
     @property
+    def identity(self) -> str:
+        """Full BLAKE3 hex digest of the identity document (see the module docstring)."""
+        d = self.to_dict()
+        d["chunks"] = blake3.blake3(self.chunks).hexdigest()
+        return blake3.blake3(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    @property
     def id(self) -> str:
-        return version_id_of(self.to_json())
+        return self.identity[:16]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -179,9 +189,6 @@ class Manifest:
             "labels": self.labels,
         }
 
-
-def version_id_of(canonical_json: bytes) -> str:
-    return blake3.blake3(canonical_json).hexdigest()[:16]
 
 
 def build(image: str, size: int, chunk_size: int, ids: Sequence[bytes], **kw: Any) -> Manifest:

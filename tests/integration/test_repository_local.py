@@ -18,7 +18,7 @@ from tests.conftest import make_image
 
 def test_second_version_stores_only_changed_chunks(tmp_path: Path, repo: LocalRepository) -> None:
     src = make_image(tmp_path / "a.img", 32 << 20, seed=3, data_fraction=0.9)
-    _, s1 = import_image(repo, src, "lab:v1")
+    _, _s1 = import_image(repo, src, "lab:v1")
     with open(src, "r+b") as f:  # change 5 scattered 64 KiB chunks with fresh random data
         for k in range(5):
             f.seek(k * (5 << 20) + 12345)

@@ -36,7 +36,7 @@ def test_import_matches_model(size_sectors: int, ops: list[tuple[int, bytes]], c
                 f.write(data)
                 model[off:off + len(data)] = data
         repo = LocalRepository(Path(d) / "repo")
-        _, stats = import_image(repo, src, "t:v", chunk_size=cs)
+        _, _stats = import_image(repo, src, "t:v", chunk_size=cs)
         m = repo.resolve("t:v")
         assert m.size == size
         for i in range(m.count):

@@ -60,8 +60,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import blake3
-
 from ..agent.fetcher import DEFAULT_BATCH_BYTES, DEFAULT_MAX_INFLIGHT, DEFAULT_READAHEAD, DEFAULT_TIMEOUT, Fetcher
 from ..agent.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded
 from ..agent.maps import MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
@@ -154,7 +152,7 @@ def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
 
 
 def manifest_digest(m: Manifest) -> str:
-    return blake3.blake3(m.to_json()).hexdigest()
+    return m.identity
 
 
 def _take_lock(d: Path) -> int:

@@ -1,0 +1,227 @@
+"""A repository reached over HTTP (``blockprov serve``): the same interface, the same errors.
+
+Why it is shaped like this:
+
+* **Same errors as LocalRepository.** The service answers ``{"error": ClassName, "details": …}``;
+  we rebuild that very class from ``blockprov.errors`` (MissingChunks keeps its list), so callers
+  never care which repository they hold. Anything the server could not answer — refused
+  connection, timeout, a torn response, any 5xx — is ``RepositoryUnavailable``, the one error the
+  retry helper treats as temporary.
+* **Nothing is trusted.** A manifest asked for by id must hash to that id (invariant 6 for
+  manifests); one asked for by tag must hash to the id the server says it resolved to. Blobs are
+  returned unverified, as the protocol says, and every consumer verifies them with
+  ``codec.decode``.
+* **Few round trips.** ``get_blobs`` sends ids in batches sized to about 16 MiB of answer (it
+  learns the average blob size as it goes), ``missing`` sends up to 64 Ki ids per question and
+  ``put_blobs`` frames uploads into ≤ 16 MiB POSTs. Repeated ids are asked for once.
+* **Thread-safe.** One ``httpx.Client`` (a keep-alive connection pool with its own locking) is
+  shared by the importer's and exporter's worker threads; the object holds no other mutable state
+  but a size estimate.
+* Tests pass a ``starlette.testclient.TestClient`` as ``client`` to run against the app in-process.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from .. import __version__, codec, errors
+from ..errors import BlockprovError, ManifestError, RepositoryUnavailable
+from ..manifest import Manifest
+from ..names import Ref, image_name, parse_ref, tag_name, version_id
+from .base import GcStats, ImageInfo, VersionInfo
+
+BATCH_BYTES = 16 << 20  # target size of one fetch answer or one upload
+MISSING_BATCH = 65536  # ids per /v1/chunks/missing question (2 MiB)
+MAX_FETCH_IDS = 4096
+LEN = struct.Struct("<I")
+ID = codec.DIGEST_SIZE
+OCTETS = {"content-type": "application/octet-stream"}
+
+_BY_STATUS: dict[int, type[BlockprovError]] = {
+    400: errors.UsageError, 404: errors.NotFound, 409: errors.Conflict, 413: errors.TooLarge,
+    422: errors.IntegrityError,
+}
+
+
+def _as_ref(ref: Ref | str) -> Ref:
+    return ref if isinstance(ref, Ref) else parse_ref(ref)
+
+
+def _rel(r: Ref) -> str:
+    """How the API names a version of an image in a path or query: ``TAG`` or ``@ID``."""
+    return f"@{r.version}" if r.version else str(r.tag)
+
+
+class RemoteRepository:
+    def __init__(self, url: str, *, timeout: float = 30.0, client: httpx.Client | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._own_client = client is None
+        self.client = client if client is not None else httpx.Client(
+            timeout=timeout, headers={"user-agent": f"blockprov/{__version__}"},
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+        self._avg_blob = 64 << 10  # learned from answers; sizes the next fetch batch
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, *, slow: bool = False, **kw: Any) -> httpx.Response:
+        if slow and self._own_client:  # a caller-supplied client keeps its own timeouts
+            kw["timeout"] = httpx.Timeout(self.timeout, read=None)
+        try:
+            r = self.client.request(method, self.url + path, **kw)
+        except httpx.TransportError as e:
+            raise RepositoryUnavailable(url=self.url, why=f"{type(e).__name__}: {e}" if str(e)
+                                        else type(e).__name__) from None
+        if r.status_code >= 400:
+            raise self._error(r)
+        return r
+
+    def _error(self, r: httpx.Response) -> BlockprovError:
+        """The error the server reported, rebuilt as the class it raised where we know it."""
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            body = {}
+        message = str(body.get("message") or r.text[:200] or r.reason_phrase)
+        if r.status_code >= 500:
+            return RepositoryUnavailable(url=self.url, why=f"HTTP {r.status_code}: {message}")
+        name = body.get("error")
+        cls = getattr(errors, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and issubclass(cls, BlockprovError):
+            if cls is errors.MissingChunks:
+                return errors.MissingChunks([str(m) for m in body.get("missing") or []])
+            details = body.get("details")
+            try:
+                return cls(**details) if isinstance(details, dict) and details else cls(message)
+            except TypeError:
+                pass
+        return _BY_STATUS.get(r.status_code, BlockprovError)(message)
+
+    def __enter__(self) -> RemoteRepository:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_client:
+            self.client.close()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def resolve(self, ref: Ref | str) -> Manifest:
+        r = _as_ref(ref)
+        resp = self._request("GET", f"/v1/images/{r.name}/manifest", params={"ref": _rel(r)})
+        m = Manifest.from_json(resp.content)
+        got = m.id
+        claimed = r.version or resp.headers.get("x-blockprov-version")
+        if claimed is not None and got != claimed:
+            raise ManifestError(why=f"manifest served for {r} hashes to {got}, not {claimed}")
+        if m.image != r.name:
+            raise ManifestError(why=f"manifest served for {r} describes image {m.image!r}")
+        return m
+
+    def images(self) -> list[ImageInfo]:
+        return [ImageInfo(**d) for d in self._request("GET", "/v1/images").json()["images"]]
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        d = self._request("GET", f"/v1/images/{image_name(name)}/versions").json()
+        return [VersionInfo(**v) for v in d["versions"]]
+
+    def get_blobs(self, ids: Sequence[bytes]) -> list[bytes]:
+        out: list[bytes] = []
+        i = 0
+        while i < len(ids):
+            n = max(16, min(MAX_FETCH_IDS, BATCH_BYTES // max(1, self._avg_blob)))
+            out.extend(self._fetch(ids[i:i + n]))
+            i += n
+        return out
+
+    def _fetch(self, batch: Sequence[bytes]) -> list[bytes]:
+        uniq = list(dict.fromkeys(batch))
+        data = self._request("POST", "/v1/chunks/fetch", content=b"".join(uniq), headers=OCTETS).content
+        got: dict[bytes, bytes] = {}
+        pos, end = 0, len(data)
+        for cid in uniq:
+            if end - pos < LEN.size:
+                raise RepositoryUnavailable(url=self.url, why="truncated chunk batch")
+            (n,) = LEN.unpack_from(data, pos)
+            pos += LEN.size
+            if end - pos < n:
+                raise RepositoryUnavailable(url=self.url, why="truncated chunk batch")
+            got[cid] = data[pos:pos + n]
+            pos += n
+        if pos != end:
+            raise RepositoryUnavailable(url=self.url, why=f"{end - pos} unexpected bytes after a chunk batch")
+        if uniq:
+            self._avg_blob = max(1, end // len(uniq))
+        return [got[c] for c in batch]
+
+    def missing(self, ids: Sequence[bytes]) -> list[bytes]:
+        uniq = [c for c in dict.fromkeys(ids) if c != codec.ZERO_DIGEST]
+        out: list[bytes] = []
+        for i in range(0, len(uniq), MISSING_BATCH):
+            data = self._request("POST", "/v1/chunks/missing", content=b"".join(uniq[i:i + MISSING_BATCH]),
+                                 headers=OCTETS).content
+            if len(data) % ID:
+                raise RepositoryUnavailable(url=self.url, why="torn answer to a missing-chunks question")
+            out.extend(data[j:j + ID] for j in range(0, len(data), ID))
+        return out
+
+    def diff(self, a: Ref | str, b: Ref | str) -> list[int]:
+        ra, rb = _as_ref(a), _as_ref(b)
+        d = self._request("GET", f"/v1/images/{ra.name}/diff", params={"a": _rel(ra), "b": str(rb)}).json()
+        return [int(i) for i in d["changed"]]
+
+    def raw_url(self, ref: Ref | str) -> str | None:
+        r = _as_ref(ref)
+        return f"{self.url}/v1/images/{r.name}/raw/{_rel(r)}"
+
+    # -- writing ----------------------------------------------------------------------------------
+    def put_blobs(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+        new = 0
+        frames: list[bytes] = []
+        size = 0
+        for cid, blob in items:
+            if len(cid) != ID:
+                raise errors.InvalidName(kind="chunk id", name=cid.hex(), why=f"must be {ID} bytes")
+            if frames and size + len(blob) + ID + LEN.size > BATCH_BYTES:
+                new += self._upload(frames)
+                frames, size = [], 0
+            frames += (cid, LEN.pack(len(blob)), blob)
+            size += len(blob) + ID + LEN.size
+        if frames:
+            new += self._upload(frames)
+        return new
+
+    def _upload(self, frames: list[bytes]) -> int:
+        return int(self._request("POST", "/v1/chunks", content=b"".join(frames), headers=OCTETS).json()["new"])
+
+    def commit(self, manifest: Manifest, tag: str | None = None) -> str:
+        raw = manifest.to_json()
+        params = {"tag": tag_name(tag)} if tag is not None else {}
+        d = self._request("POST", f"/v1/images/{manifest.image}/versions", content=raw, params=params,
+                          headers={"content-type": "application/json"}).json()
+        vid, expected = str(d["id"]), manifest.id
+        if vid != expected:
+            raise ManifestError(why=f"repository recorded version {vid}, but the manifest sent hashes to {expected}")
+        return vid
+
+    def set_tag(self, name: str, tag: str, version: str) -> None:
+        self._request("PUT", f"/v1/images/{image_name(name)}/tags/{tag_name(tag)}",
+                      json={"version": version_id(version)})
+
+    def remove(self, ref: Ref | str) -> list[str]:
+        r = _as_ref(ref)
+        path = f"/versions/{r.version}" if r.version else f"/tags/{r.tag}"
+        return [str(x) for x in self._request("DELETE", f"/v1/images/{r.name}{path}").json()["removed"]]
+
+    def gc(self, grace: float | None = None) -> GcStats:
+        """Server-side gc; ``grace`` (seconds) overrides the server's default protection of young chunks."""
+        params = {"grace": grace} if grace is not None else {}
+        return GcStats(**self._request("POST", "/v1/gc", params=params, slow=True).json())

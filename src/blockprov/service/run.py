@@ -1,0 +1,92 @@
+"""Run the HTTP service: uvicorn on a socket we bind ourselves.
+
+Binding first (instead of letting uvicorn bind) is what makes ``--listen 127.0.0.1:0`` useful: the
+kernel picks a free port, we read it back and report the real URL through ``on_ready`` once the
+server accepts connections — tests and ``blockprov serve`` rely on that line. SIGINT and SIGTERM
+make uvicorn finish in-flight requests and return normally (exit status 0), instead of re-raising
+the signal after shutdown as uvicorn does by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Generator
+
+import uvicorn
+
+from ..repo.local import LocalRepository
+from .app import MAX_BODY, create_app
+
+OnReady = Callable[[str], None]
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv4 or IPv6 literal or name); port 0 picks a free one."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _canon, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn with a readiness callback and signal handling that ends in a normal return."""
+
+    def __init__(self, config: uvicorn.Config, url: str, on_ready: OnReady | None) -> None:
+        super().__init__(config)
+        self.url = url
+        self.on_ready = on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_ready is not None:
+            self.on_ready(self.url)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(sig: int, _frame: object) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for slow clients
+            self.should_exit = True
+
+        old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8420, *,
+               on_ready: OnReady | None = None, max_body: int = MAX_BODY, access_log: bool = False,
+               log_level: str = "info") -> None:
+    """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening."""
+    repo = LocalRepository(data_dir)
+    sock = bind(host, port)
+    try:
+        config = uvicorn.Config(create_app(repo, max_body=max_body), access_log=access_log, log_level=log_level,
+                                timeout_keep_alive=75, lifespan="on")
+        _Server(config, url_of(sock), on_ready).run(sockets=[sock])
+    finally:
+        sock.close()
+        repo.close()

@@ -1,0 +1,93 @@
+"""RemoteRepository over a real socket: the importer's worker threads, the exporter, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockprov import codec
+from blockprov.errors import ChunkCorrupt, ImageNotFound, MissingChunks, RepositoryUnavailable, TooLarge
+from blockprov.exporter import export_image
+from blockprov.importer import import_image
+from blockprov.manifest import Manifest
+from blockprov.repo.remote import RemoteRepository
+from tests.conftest import make_image
+from tests.interop.test_http_raw import Server, start_server
+
+pytestmark = pytest.mark.interop
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = start_server(tmp_path / "repo")
+    yield s
+    assert s.stop() == 0
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_import_export_over_http(server: Server, tmp_path: Path) -> None:
+    src = make_image(tmp_path / "src.img", 40 << 20, seed=5, data_fraction=0.7)
+    with RemoteRepository(server.url) as repo:
+        vid, stats = import_image(repo, src, "net:v1")
+        assert stats.new_chunks > 0
+        m = repo.resolve(f"net@{vid}")
+        assert m.id == vid
+        out = tmp_path / "out.img"
+        export_image(repo, "net:v1", out)
+        assert sha(out) == sha(src)
+        _, again = import_image(repo, src, "net:v1")
+        assert again.new_chunks == 0
+        # error classes survive the trip
+        with pytest.raises(ImageNotFound):
+            repo.resolve("net:nope")
+        with pytest.raises(MissingChunks) as ei:
+            repo.commit(Manifest(image="net", size=65536, chunk_size=65536, chunks=codec.digest(b"x")))
+        assert ei.value.missing == [codec.digest(b"x").hex()]
+        with pytest.raises(ChunkCorrupt):
+            repo.put_blobs([(codec.digest(b"y"), codec.encode(b"z"))])
+        assert repo.raw_url("net:v1") == f"{server.url}/v1/images/net/raw/v1"
+
+
+def test_body_limit_maps_to_too_large(tmp_path: Path) -> None:
+    s = start_server(tmp_path / "repo", "--max-body", "100000")
+    try:
+        with RemoteRepository(s.url) as repo:
+            data = os.urandom(200_000)  # incompressible: the blob stays over the limit
+            with pytest.raises(TooLarge):
+                repo.put_blobs([(codec.digest(data), codec.encode(data))])
+            small = b"fits" * 1000
+            assert repo.put_blobs([(codec.digest(small), codec.encode(small))]) == 1  # still serving
+    finally:
+        assert s.stop() == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
+
+
+def test_unreachable_repository(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with RemoteRepository(url, timeout=2.0) as repo:
+        with pytest.raises(RepositoryUnavailable) as ei:
+            repo.images()
+        assert url in str(ei.value)
+
+
+def test_server_killed_midway(tmp_path: Path) -> None:
+    s = start_server(tmp_path / "repo")
+    with RemoteRepository(s.url, timeout=2.0) as repo:
+        assert repo.images() == []
+        s.stop(signal.SIGKILL)
+        with pytest.raises(RepositoryUnavailable):
+            repo.missing([codec.digest(b"a")])
