@@ -6,8 +6,9 @@ zeros (``STATE_ZERO``), any other page holds data (flags 0). Trim and write_zero
 as zeros; whole pages are dropped (or marked allocated-zero), partial pages are zeroed in place.
 
 Every operation runs without awaiting, so each one is atomic with respect to the others. Reads
-return snapshots (``bytes``, or slices of one shared immutable zero page), never views of live
-pages, so a caller holding a read result does not see later writes.
+return snapshots without copying: views of pages that are copied on the next write to them
+(copy-on-write, tracked per page), or of one shared immutable zero page. So a caller holding a
+read result never sees later writes, and a READ reply costs no copy in Python.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class MemoryDevice:
         self._can_multi_conn = can_multi_conn
         self._fast_zero = fast_zero
         self._pages: dict[int, bytearray | None] = {}
+        self._shared: set[int] = set()  # pages a read result may still view: copy before writing
         self.closed = False
         self.flushes = 0
 
@@ -86,8 +88,17 @@ class MemoryDevice:
             if page is None:
                 out.append(_ZERO_VIEW[:piece.length])
             else:
-                out.append(bytes(page[piece.start:piece.start + piece.length]))
+                out.append(memoryview(page)[piece.start:piece.start + piece.length])
+                self._shared.add(piece.chunk)
         return out
+
+    def _writable(self, chunk: int) -> bytearray | None:
+        """The page to modify in place (copied first if a read result may view it)."""
+        page = self._pages.get(chunk)
+        if page is not None and chunk in self._shared:
+            self._shared.discard(chunk)
+            page = self._pages[chunk] = bytearray(page)
+        return page
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
@@ -95,12 +106,13 @@ class MemoryDevice:
         pages = self._pages
         pos = 0
         for piece in split(offset, len(view), PAGE):
-            page = pages.get(piece.chunk)
+            if piece.whole:
+                pages[piece.chunk] = bytearray(view[pos:pos + PAGE])
+                self._shared.discard(piece.chunk)
+                pos += PAGE
+                continue
+            page = self._writable(piece.chunk)
             if page is None:
-                if piece.whole:
-                    pages[piece.chunk] = bytearray(view[pos:pos + PAGE])
-                    pos += PAGE
-                    continue
                 page = pages[piece.chunk] = bytearray(PAGE)
             page[piece.start:piece.start + piece.length] = view[pos:pos + piece.length]
             pos += piece.length
@@ -124,12 +136,11 @@ class MemoryDevice:
                     pages.pop(piece.chunk, None)
                 else:
                     pages[piece.chunk] = _ALLOCATED_ZERO
+                self._shared.discard(piece.chunk)
                 continue
-            if piece.chunk not in pages:
-                continue  # a hole already reads as zeros
-            page = pages[piece.chunk]
+            page = self._writable(piece.chunk)
             if page is None:
-                continue
+                continue  # a hole or an allocated zero page already reads as zeros
             page[piece.start:piece.start + piece.length] = _ZERO_VIEW[:piece.length]
             if page == _ZERO_PAGE:
                 if punch:

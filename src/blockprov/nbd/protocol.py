@@ -254,26 +254,35 @@ _BLOCK_INFO = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE: type, min, preferre
 _EXTENT = struct.Struct(">II")
 
 _GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
-_KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 
-_FUA = CommandFlag.FUA
-_NO_HOLE = CommandFlag.NO_HOLE
-_DF = CommandFlag.DF
-_REQ_ONE = CommandFlag.REQ_ONE
-_FAST_ZERO = CommandFlag.FAST_ZERO
+# Plain ints on the per-request path (IntFlag arithmetic runs Python code).
+_FUA = int(CommandFlag.FUA)
+_NO_HOLE = int(CommandFlag.NO_HOLE)
+_DF = int(CommandFlag.DF)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
+_READ = int(Command.READ)
+_WRITE = int(Command.WRITE)
+_DISC = int(Command.DISC)
+_FLUSH = int(Command.FLUSH)
+_TRIM = int(Command.TRIM)
+_CACHE = int(Command.CACHE)
+_WRITE_ZEROES = int(Command.WRITE_ZEROES)
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
 
 # The command flags each command accepts (FUA is valid on every command once SEND_FUA is set).
 _ALLOWED_FLAGS: dict[int, int] = {
-    Command.READ: _FUA | _DF,
-    Command.WRITE: _FUA,
-    Command.DISC: _FUA,
-    Command.FLUSH: _FUA,
-    Command.TRIM: _FUA,
-    Command.CACHE: _FUA,
-    Command.WRITE_ZEROES: _FUA | _NO_HOLE | _FAST_ZERO,
-    Command.BLOCK_STATUS: _FUA | _REQ_ONE,
+    _READ: _FUA | _DF,
+    _WRITE: _FUA,
+    _DISC: _FUA,
+    _FLUSH: _FUA,
+    _TRIM: _FUA,
+    _CACHE: _FUA,
+    _WRITE_ZEROES: _FUA | _NO_HOLE | _FAST_ZERO,
+    _BLOCK_STATUS: _FUA | _REQ_ONE,
 }
-_WRITES = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+_WRITES = frozenset({_WRITE, _TRIM, _WRITE_ZEROES})
 _RECV_BUFFER = 256 * 1024
 
 
@@ -368,19 +377,21 @@ class ServerConnection:
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes go (for ``asyncio.BufferedProtocol.get_buffer``).
 
-        While a WRITE payload is pending this is the rest of that payload's own buffer.
+        While a WRITE payload is incomplete this is the rest of that payload's own buffer.
         The returned view must be filled before the next call and reported with
         :meth:`buffer_updated`.
         """
-        if self._payload is not None:
-            return memoryview(self._payload)[self._filled:]
+        payload = self._payload
+        if payload is not None and self._filled < len(payload):
+            return memoryview(payload)[self._filled:]
         want = max(sizehint, 1)
         if len(self._buf) - self._wpos < want:
             self._make_room(want)
         return memoryview(self._buf)[self._wpos:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._payload is not None:
+        payload = self._payload
+        if payload is not None and self._filled < len(payload):
             self._filled += nbytes
         else:
             self._wpos += nbytes
@@ -651,7 +662,7 @@ class ServerConnection:
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
         self._rpos = rpos
         error = self._validate(cmd, flags, offset, length)
-        if cmd == Command.WRITE:
+        if cmd == _WRITE:
             if error is not None:
                 self._skip = length
                 self._consume_skip()
@@ -660,25 +671,25 @@ class ServerConnection:
         if rpos == self._wpos:
             self._rpos = self._wpos = 0
         if error is not None:
-            if cmd == Command.DISC:
+            if cmd == _DISC:
                 self.state = State.CLOSED
                 return Disconnect()
             return BadRequest(handle, cmd, error[0], error[1])
-        if cmd == Command.READ:
+        if cmd == _READ:
             return Read(handle, offset, length, bool(flags & _FUA))
-        if cmd == Command.FLUSH:
+        if cmd == _FLUSH:
             return Flush(handle)
-        if cmd == Command.TRIM:
+        if cmd == _TRIM:
             return Trim(handle, offset, length, bool(flags & _FUA))
-        if cmd == Command.WRITE_ZEROES:
+        if cmd == _WRITE_ZEROES:
             return WriteZeroes(
                 handle, offset, length, bool(flags & _FUA), not flags & _NO_HOLE, bool(flags & _FAST_ZERO)
             )
-        if cmd == Command.BLOCK_STATUS:
+        if cmd == _BLOCK_STATUS:
             return BlockStatus(handle, offset, length, bool(flags & _REQ_ONE))
-        if cmd == Command.CACHE:
+        if cmd == _CACHE:
             return Cache(handle, offset, length)
-        self.state = State.CLOSED  # Command.DISC
+        self.state = State.CLOSED  # _DISC
         return Disconnect()
 
     def _validate(self, cmd: int, flags: int, offset: int, length: int) -> tuple[NbdError, str] | None:
@@ -687,27 +698,27 @@ class ServerConnection:
             return NbdError.EINVAL, f"unknown command {cmd}"
         if flags & ~allowed:
             return NbdError.EINVAL, f"flags {flags:#x} are not valid for command {cmd}"
-        if cmd == Command.DISC:
+        if cmd == _DISC:
             return None
         if flags & _DF and not self.structured:
             return NbdError.EINVAL, "NBD_CMD_FLAG_DF without structured replies"
         if self._read_only and cmd in _WRITES:
             return NbdError.EPERM, "the export is read-only"
-        if cmd == Command.FLUSH:
+        if cmd == _FLUSH:
             if offset or length:
                 return NbdError.EINVAL, "flush with nonzero offset or length"
             return None
-        if cmd == Command.BLOCK_STATUS and not self._block_status:
+        if cmd == _BLOCK_STATUS and not self._block_status:
             return NbdError.EINVAL, "block status without a negotiated metadata context"
         if length == 0:
             return NbdError.EINVAL, "zero length"
         if offset + length > self._size:
-            if cmd == Command.WRITE or cmd == Command.WRITE_ZEROES:
+            if cmd in (_WRITE, _WRITE_ZEROES):
                 return NbdError.ENOSPC, f"request [{offset}, +{length}) beyond the end of the export ({self._size})"
             return NbdError.EINVAL, f"request [{offset}, +{length}) beyond the end of the export ({self._size})"
         if (offset | length) % self._align:
             return NbdError.EINVAL, f"request not aligned to the minimum block size {self._align}"
-        if length > MAX_BLOCK and (cmd == Command.READ or cmd == Command.WRITE):
+        if length > MAX_BLOCK and cmd in (_READ, _WRITE):
             return NbdError.EOVERFLOW, f"request of {length} bytes exceeds the maximum block size {MAX_BLOCK}"
         return None
 

@@ -1,0 +1,626 @@
+"""The asyncio NBD server: a thin transport around :mod:`blockprov.nbd.protocol`.
+
+One ``asyncio.BufferedProtocol`` per connection feeds the pure protocol without copies (WRITE
+payloads are received straight into their own buffer) and one supervisor task per connection owns
+its lifetime: it ends when the peer disconnects, waits for the requests in flight, and closes the
+transport in ``finally``.
+
+Each request runs in its own task, so several are in flight per connection; at most
+``max_in_flight`` requests and ``max_buffered`` bytes of payload (WRITE data received plus READ
+data requested) are admitted at once, beyond that the server stops reading from the socket.
+Replies never interleave: each is written with one synchronous ``transport.writelines`` call,
+and while a READ reply is being sent with ``loop.sendfile`` the other replies of the connection
+wait in a queue.
+
+READ data: memory parts (``bytes``/``memoryview``) go out with ``writelines`` (scatter/gather, no
+join under uvloop). ``FileSegment`` parts of at least ``SENDFILE_MIN`` bytes go out with
+``loop.sendfile`` (zero copy) when the loop supports it natively (the default asyncio loop on
+Linux; uvloop does not), else they are ``pread`` (in the default executor when large) and written.
+Measured with nbdcopy, 1 GiB from a tmpfs file served as FileSegments over a unix socket
+(2 vCPU VM): asyncio+sendfile 0.30 s at 1 MiB requests (1.28 s at 256 KiB), asyncio+pread 1.6 s,
+uvloop+pread 0.65 s (0.87 s at 256 KiB); from a MemoryDevice with uvloop 0.28 s. So small
+segments are never sent with sendfile, and the choice of loop belongs to the entry point.
+
+Errors are mapped to NBD errors here and only here: ``DeviceError.errno_name`` → its NBD errno,
+any other ``BlockprovError`` → EIO, anything unexpected → EIO with a logged traceback. The
+connection lives in every case; only a frame that cannot be parsed ends it.
+
+Run ``python -m blockprov.nbd.server --memory 64M --socket /tmp/s`` for a development server
+serving a :class:`~blockprov.device.memory.MemoryDevice`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from blockprov.device.base import BlockDevice, FileSegment
+from blockprov.errors import BlockprovError, DeviceError
+from blockprov.nbd.constants import NbdError, error_from_name
+from blockprov.nbd.protocol import (
+    NEED_DATA,
+    Aborted,
+    BadRequest,
+    BlockStatus,
+    Cache,
+    ConnectionClosed,
+    Disconnect,
+    ExportInfo,
+    Flush,
+    OptionHandled,
+    Read,
+    RemoteProtocolError,
+    ServerConnection,
+    TransmissionStarted,
+    Trim,
+    Write,
+    WriteZeroes,
+)
+
+log = logging.getLogger("blockprov.nbd")
+
+SENDFILE_MIN = 128 * 1024  # smaller file segments are pread and written (a syscall pair is cheaper)
+_Buffer = bytes | bytearray | memoryview
+
+
+@dataclass
+class ServerStats:
+    """Counters for status pages and tests."""
+
+    connections_total: int = 0
+    connections_active: int = 0
+    requests: int = 0
+    errors: int = 0  # error replies sent
+    protocol_errors: int = 0  # connections ended because a frame could not be parsed
+    bytes_read: int = 0
+    bytes_written: int = 0
+    sendfile_bytes: int = 0
+
+
+def errno_for(exc: BaseException) -> NbdError:
+    """The NBD error for an exception raised by a device (the one mapping table of the server)."""
+    if isinstance(exc, DeviceError):
+        return error_from_name(exc.errno_name)
+    return NbdError.EIO
+
+
+class NbdServer:
+    def __init__(self, exports: dict[str, BlockDevice], *, description: str = "",
+                 default_export: str | None = None, max_in_flight: int = 64,
+                 max_buffered: int = 128 * 1024 * 1024) -> None:
+        """``exports`` maps export names to devices. The empty name is ``exports[""]`` if present,
+        else ``exports[default_export]``, else the first export."""
+        if not exports:
+            raise ValueError("at least one export is needed")
+        self.exports = exports
+        self.description = description
+        if default_export is None and "" not in exports:
+            default_export = next(iter(exports))
+        self.default_export = default_export
+        self.max_in_flight = max_in_flight
+        self.max_buffered = max_buffered
+        self.stats = ServerStats()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unix_paths: list[str] = []
+        self._closed: asyncio.Future[None] | None = None
+        self.addresses: list[str | tuple[str, int]] = []
+
+    def export_infos(self) -> dict[str, ExportInfo]:
+        return {
+            name: ExportInfo(
+                size=dev.size, read_only=dev.read_only, min_block=dev.min_block,
+                preferred_block=dev.preferred_block, can_multi_conn=dev.can_multi_conn,
+                description=self.description,
+            )
+            for name, dev in self.exports.items()
+        }
+
+    async def start_unix(self, path: str | os.PathLike[str]) -> str:
+        path = os.fspath(path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: _Connection(self), path)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+        self.addresses.append(path)
+        return path
+
+    async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Connection(self), host, port)
+        self._servers.append(server)
+        sockname = server.sockets[0].getsockname()
+        address = (str(sockname[0]), int(sockname[1]))
+        self.addresses.append(address)
+        return address
+
+    async def serve_forever(self) -> None:
+        """Wait until :meth:`close` (the listeners already accept connections)."""
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._closed)
+
+    async def close(self) -> None:
+        """Stop listening, let every connection finish its requests in flight, then close them."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections):
+            conn.shutdown()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unix_paths.clear()
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    async def __aenter__(self) -> NbdServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _track(self, conn: _Connection, coro: Any) -> None:
+        self._connections.add(conn)
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._connections.discard(conn)
+
+        task.add_done_callback(done)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.stats = server.stats
+        self.proto = ServerConnection(server.export_infos(), default=server.default_export)
+        self.transport: asyncio.Transport | None = None
+        self.device: BlockDevice | None = None
+        self.loop = asyncio.get_running_loop()
+        self.peer: object = None
+        self.in_flight = 0
+        self.buffered = 0
+        self.requests: set[asyncio.Task[None]] = set()
+        self.reading_paused = False
+        self.writing_paused = False
+        self.stopped = False  # no more requests are read
+        self.finished: asyncio.Future[bool] = self.loop.create_future()  # result: abort?
+        self.idle: asyncio.Future[None] | None = None
+        self.file_busy = False
+        self.queued: deque[Sequence[_Buffer]] = deque()
+        self.outq: list[_Buffer] = []
+        self.flush_scheduled = False
+        self.sendfile_ok = True
+
+    # --- asyncio.BufferedProtocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
+        self.peer = transport.get_extra_info("peername") or "unix socket"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stats.connections_total += 1
+        self.stats.connections_active += 1
+        self.server._track(self, self._supervise())
+        transport.write(self.proto.data_to_send())  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.proto.get_buffer(max(sizehint, 64 * 1024))
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.proto.buffer_updated(nbytes)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.proto.receive_eof()
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stopped = True
+        if not self.finished.done():
+            self.finished.set_result(False)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._process()
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        abort = False
+        try:
+            abort = await self.finished
+            while self.in_flight:
+                self.idle = self.loop.create_future()
+                await self.idle
+        finally:
+            transport = self.transport
+            if transport is not None:
+                self._flush()
+                if abort:
+                    transport.abort()
+                else:
+                    transport.close()
+            self.stats.connections_active -= 1
+            if self.device is not None:
+                log.debug("nbd: connection from %s to %r closed", self.peer, self.proto.export_name)
+
+    def shutdown(self) -> None:
+        """Read no more requests; the connection closes once those in flight are answered."""
+        self._finish(abort=False)
+
+    def _finish(self, *, abort: bool) -> None:
+        self.stopped = True
+        self._pause_reading()
+        if not self.finished.done():
+            self.finished.set_result(abort)
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        proto = self.proto
+        server = self.server
+        while not self.stopped:
+            if self.in_flight >= server.max_in_flight or self.buffered >= server.max_buffered or self.writing_paused:
+                self._pause_reading()
+                return
+            try:
+                event = proto.next_event()
+            except RemoteProtocolError as e:
+                self.stats.protocol_errors += 1
+                log.warning("nbd: closing connection from %s: %s", self.peer, e)
+                self._finish(abort=True)
+                return
+            if event is NEED_DATA:
+                if self.reading_paused and self.transport is not None:
+                    self.reading_paused = False
+                    self.transport.resume_reading()
+                return
+            kind = type(event)
+            if kind is Read:
+                assert isinstance(event, Read)
+                self._spawn(self._read(event), event.length)
+            elif kind is Write:
+                assert isinstance(event, Write)
+                self._spawn(self._write(event), len(event.data))
+            elif kind in (Flush, Trim, WriteZeroes, BlockStatus, Cache):
+                self._spawn(self._other(event), 0)  # type: ignore[arg-type]
+            elif kind is BadRequest:
+                assert isinstance(event, BadRequest)
+                self.stats.requests += 1
+                self.stats.errors += 1
+                log.info("nbd: bad request from %s: %s", self.peer, event.message)
+                self._send((proto.reply_error(event.handle, event.error, event.message),))
+            elif kind is OptionHandled:
+                self._send((proto.data_to_send(),))
+            elif kind is TransmissionStarted:
+                assert isinstance(event, TransmissionStarted)
+                self._send((proto.data_to_send(),))
+                self.device = server.exports[event.name]
+                log.debug("nbd: %s uses export %r (flags %#x)", self.peer, event.name, event.flags)
+            elif kind is Aborted:
+                self._send((proto.data_to_send(),))
+                self._finish(abort=False)
+            else:  # Disconnect, ConnectionClosed
+                assert isinstance(event, Disconnect | ConnectionClosed)
+                self._finish(abort=False)
+
+    def _spawn(self, coro: Any, cost: int) -> None:
+        self.in_flight += 1
+        self.buffered += cost
+        task: asyncio.Task[None] = self.loop.create_task(coro)
+        self.requests.add(task)
+        task.add_done_callback(self._request_done(cost))
+
+    def _request_done(self, cost: int) -> Any:
+        def done(task: asyncio.Task[None]) -> None:
+            self.requests.discard(task)
+            self.in_flight -= 1
+            self.buffered -= cost
+            if self.in_flight == 0 and self.idle is not None and not self.idle.done():
+                self.idle.set_result(None)
+            if self.reading_paused and not self.stopped:
+                self._process()
+
+        return done
+
+    def _send(self, parts: Sequence[_Buffer]) -> None:
+        """Queue one complete reply. Replies produced in the same loop iteration leave in one
+        ``writelines`` (one syscall for many small replies at high queue depth)."""
+        if self.file_busy:
+            self.queued.append(parts)
+            return
+        self.outq.extend(parts)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if not self.outq:
+            return
+        out, self.outq = self.outq, []
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(out)
+
+    def _fail(self, handle: int, exc: BaseException, what: str) -> None:
+        error = errno_for(exc)
+        self.stats.errors += 1
+        if isinstance(exc, BlockprovError):
+            log.info("nbd: %s failed: %s", what, exc)
+        else:
+            log.error("nbd: %s failed with an unexpected error", what, exc_info=exc)
+        self._send((self.proto.reply_error(handle, error, str(exc) or type(exc).__name__),))
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def _read(self, ev: Read) -> None:
+        self.stats.requests += 1
+        device = self.device
+        assert device is not None
+        try:
+            parts = await device.read(ev.offset, ev.length)
+            total = 0
+            has_files = False
+            for part in parts:
+                if type(part) is FileSegment:
+                    has_files = True
+                    total += part.length
+                else:
+                    total += len(part)
+            if total != ev.length:
+                raise BlockprovError(f"device returned {total} bytes for a read of {ev.length}")
+        except Exception as exc:
+            self._fail(ev.handle, exc, f"read of {ev.length} bytes at {ev.offset}")
+            return
+        header = self.proto.reply_read_header(ev.handle, ev.offset, ev.length)
+        self.stats.bytes_read += ev.length
+        if not has_files:
+            self._send((header, *parts))  # type: ignore[arg-type]
+            return
+        await self._send_with_files(header, parts)
+
+    async def _send_with_files(self, header: bytes, parts: Sequence[Any]) -> None:
+        # Resolve small segments (and, without native sendfile, all of them) to bytes first: once
+        # the header is out, a failure can no longer be reported, only the connection dropped.
+        # Large segments are only sent with sendfile when the file really holds them (a short
+        # file would make sendfile stop early and break the framing).
+        out: list[Any] = [header]
+        for part in parts:
+            if type(part) is FileSegment:
+                if self.sendfile_ok and part.length >= SENDFILE_MIN and _file_covers(part):
+                    out.append(part)
+                else:
+                    out.append(await self._pread(part))
+            else:
+                out.append(part)
+        if not any(type(p) is FileSegment for p in out):
+            self._send(out)
+            return
+        while self.file_busy:  # one sendfile reply at a time per connection
+            await asyncio.sleep(0)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._flush()
+        self.file_busy = True
+        try:
+            pending: list[Any] = []
+            for part in out:
+                if type(part) is not FileSegment:
+                    pending.append(part)
+                    continue
+                if pending:
+                    transport.writelines(pending)
+                    pending = []
+                await self._sendfile(transport, part)
+            if pending:
+                transport.writelines(pending)
+        except Exception:
+            log.exception("nbd: sending a read reply to %s failed; closing the connection", self.peer)
+            self._finish(abort=True)
+        finally:
+            self.file_busy = False
+            while self.queued:
+                self._send(self.queued.popleft())
+
+    async def _sendfile(self, transport: asyncio.Transport, seg: FileSegment) -> None:
+        if self.sendfile_ok:
+            with os.fdopen(seg.fd, "rb", closefd=False) as f:
+                try:
+                    sent = await self.loop.sendfile(transport, f, seg.offset, seg.length, fallback=False)
+                except (asyncio.SendfileNotAvailableError, NotImplementedError):
+                    self.sendfile_ok = False
+                    sent = 0
+            self.stats.sendfile_bytes += sent
+            if sent == seg.length:
+                return
+            seg = FileSegment(seg.fd, seg.offset + sent, seg.length - sent)
+        transport.write(await self._pread(seg))
+
+    async def _pread(self, seg: FileSegment) -> bytes:
+        if seg.length <= SENDFILE_MIN:
+            data = os.pread(seg.fd, seg.length, seg.offset)
+        else:
+            data = await self.loop.run_in_executor(None, os.pread, seg.fd, seg.length, seg.offset)
+        if len(data) < seg.length:  # past the end of the file: reads as zeros
+            data += bytes(seg.length - len(data))
+        return data
+
+    async def _write(self, ev: Write) -> None:
+        self.stats.requests += 1
+        device = self.device
+        assert device is not None
+        try:
+            await device.write(ev.offset, ev.data, fua=ev.fua)
+        except Exception as exc:
+            self._fail(ev.handle, exc, f"write of {len(ev.data)} bytes at {ev.offset}")
+            return
+        self.stats.bytes_written += len(ev.data)
+        self._send((self.proto.reply_ok(ev.handle),))
+
+    async def _other(self, ev: Flush | Trim | WriteZeroes | BlockStatus | Cache) -> None:
+        self.stats.requests += 1
+        device = self.device
+        assert device is not None
+        proto = self.proto
+        try:
+            if type(ev) is Flush:
+                await device.flush()
+            elif type(ev) is Trim:
+                assert isinstance(ev, Trim)
+                await device.trim(ev.offset, ev.length, fua=ev.fua)
+            elif type(ev) is WriteZeroes:
+                assert isinstance(ev, WriteZeroes)
+                await device.write_zeroes(ev.offset, ev.length, may_trim=ev.may_trim, fua=ev.fua,
+                                          fast_only=ev.fast_only)
+            elif type(ev) is BlockStatus:
+                assert isinstance(ev, BlockStatus)
+                extents = await device.extents(ev.offset, ev.length)
+                try:
+                    reply = proto.reply_block_status(ev.handle, ev.length, extents, req_one=ev.req_one)
+                except Exception as exc:
+                    raise BlockprovError(f"device returned unusable extents: {exc}") from exc
+                self._send((reply,))
+                return
+            # Cache: a hint; succeed without doing anything.
+        except Exception as exc:
+            self._fail(ev.handle, exc, f"{type(ev).__name__}")
+            return
+        self._send((proto.reply_ok(ev.handle),))
+
+
+def _file_covers(seg: FileSegment) -> bool:
+    try:
+        return os.fstat(seg.fd).st_size >= seg.offset + seg.length
+    except OSError:
+        return False
+
+
+# --- development entry point -----------------------------------------------------------------
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"64M"`` → 67108864 (binary units K, M, G, T; an optional trailing ``iB``/``B``)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS and not t[-1:].isdigit() else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        value = int(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return value
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m blockprov.nbd.server",
+                                description="Serve in-memory block devices over NBD (development server).")
+    p.add_argument("--memory", type=parse_size, metavar="SIZE", help="size of the export named by --name")
+    p.add_argument("--name", default="", help="name of the --memory export (default: the empty name)")
+    p.add_argument("--read-only", action="store_true", help="make the --memory export read-only")
+    p.add_argument("--export", action="append", default=[], metavar="NAME=SIZE[:ro]",
+                   help="one more in-memory export (repeatable)")
+    p.add_argument("--min-block", type=parse_size, default=512)
+    p.add_argument("--no-fast-zero", action="store_true", help="refuse NBD_CMD_FLAG_FAST_ZERO with ENOTSUP")
+    p.add_argument("--description", default="")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="listen on a unix socket")
+    where.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP (port 0: any free port)")
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.memory is None and not args.export:
+        p.error("give --memory SIZE and/or --export NAME=SIZE")
+    return args
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from blockprov.device.memory import MemoryDevice
+
+    def device(size: int, ro: bool) -> BlockDevice:
+        return MemoryDevice(size, min_block=args.min_block, read_only=ro, fast_zero=not args.no_fast_zero)
+
+    exports: dict[str, BlockDevice] = {}
+    if args.memory is not None:
+        exports[args.name] = device(args.memory, args.read_only)
+    for spec in args.export:
+        name, _, rest = spec.partition("=")
+        size, _, mode = rest.partition(":")
+        exports[name] = device(parse_size(size), mode == "ro")
+    server = NbdServer(exports, description=args.description)
+    if args.socket:
+        address = "unix:" + await server.start_unix(args.socket)
+    else:
+        host, _, port = args.listen.rpartition(":")
+        h, p = await server.start_tcp(host.strip("[]") or "127.0.0.1", int(port))
+        address = f"tcp:{h}:{p}"
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    def on_signal() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    print(f"nbd: listening on {address}", flush=True)
+    await stop
+    await server.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.no_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(_serve(args))
+            return 0
+    asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The asyncio NBD server in-process, with a minimal client: error mapping, pipelining, sendfile, close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockprov.device.base import FileSegment, ReadResult
+from blockprov.device.memory import MemoryDevice
+from blockprov.errors import IntegrityError, InvalidRequest, NoSpace
+from blockprov.nbd import constants as c
+from blockprov.nbd.constants import Command, CommandFlag, Info, NbdError, Option
+from blockprov.nbd.server import NbdServer, errno_for, parse_size
+from tests.unit.test_nbd_protocol import client_flags, go_data, meta_data, option, request
+
+MiB = 1 << 20
+
+
+class Client:
+    """Just enough of an NBD client to drive the server from a test."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.structured = False
+        self.size = 0
+        self.flags = 0
+
+    @classmethod
+    async def connect(cls, address: str | tuple[str, int], export: str = "", *, structured: bool = True) -> Client:
+        if isinstance(address, str):
+            reader, writer = await asyncio.open_unix_connection(address)
+        else:
+            reader, writer = await asyncio.open_connection(*address)
+        self = cls(reader, writer)
+        greeting = await reader.readexactly(18)
+        assert greeting[:16] == b"NBDMAGICIHAVEOPT"
+        wire = client_flags()
+        if structured:
+            wire += option(Option.STRUCTURED_REPLY) + option(Option.SET_META_CONTEXT,
+                                                             meta_data(export, "base:allocation"))
+        wire += option(Option.GO, go_data(export, Info.BLOCK_SIZE))
+        writer.write(wire)
+        while True:
+            _, opt, rtype, length = struct.unpack(">QIII", await reader.readexactly(20))
+            payload = await reader.readexactly(length)
+            if rtype >= 1 << 31:
+                raise ConnectionError(f"option {opt} failed: {rtype:#x} {payload!r}")
+            if opt == Option.STRUCTURED_REPLY:
+                self.structured = True
+            if opt == Option.GO and rtype == c.Reply.INFO and payload[:2] == b"\x00\x00":
+                self.size, self.flags = struct.unpack(">QH", payload[2:])
+            if opt == Option.GO and rtype == c.Reply.ACK:
+                return self
+
+    def send(self, cmd: int, offset: int = 0, length: int = 0, *, handle: int = 1, flags: int = 0,
+             data: bytes = b"") -> None:
+        self.writer.write(request(cmd, offset, length, handle=handle, flags=flags, data=data))
+
+    async def reply(self, read_length: int = 0) -> tuple[int, int, bytes]:
+        """(handle, error, data) of the next complete reply."""
+        magic = struct.unpack(">I", await self.reader.readexactly(4))[0]
+        if magic == c.SIMPLE_REPLY_MAGIC:
+            error, handle = struct.unpack(">IQ", await self.reader.readexactly(12))
+            data = await self.reader.readexactly(read_length) if read_length and not error else b""
+            return handle, error, data
+        assert magic == c.STRUCTURED_REPLY_MAGIC
+        data = b""
+        error = 0
+        while True:
+            flags, rtype, handle, length = struct.unpack(">HHQI", await self.reader.readexactly(16))
+            payload = await self.reader.readexactly(length)
+            if rtype == c.ReplyType.OFFSET_DATA:
+                data += payload[8:]
+            elif rtype == c.ReplyType.BLOCK_STATUS:
+                data += payload
+            elif rtype & 0x8000:
+                error = struct.unpack_from(">I", payload)[0]
+            if flags & c.REPLY_FLAG_DONE:
+                return handle, error, data
+            magic = struct.unpack(">I", await self.reader.readexactly(4))[0]
+
+    async def call(self, cmd: int, offset: int = 0, length: int = 0, **kw: Any) -> tuple[int, bytes]:
+        self.send(cmd, offset, length, **kw)
+        _, error, data = await self.reply(length if cmd == Command.READ else 0)
+        return error, data
+
+    async def close(self) -> None:
+        self.send(Command.DISC)
+        await self.writer.drain()
+        assert await self.reader.read() == b""
+        self.writer.close()
+
+
+def serve(exports: dict[str, Any], test: Callable[[NbdServer, str], Awaitable[None]], tmp_path: Path,
+          *, use_uvloop: bool = False, **kw: Any) -> NbdServer:
+    server = NbdServer(exports, **kw)
+
+    async def main() -> None:
+        path = await server.start_unix(tmp_path / "nbd.sock")
+        try:
+            await asyncio.wait_for(test(server, path), 30)
+        finally:
+            await server.close()
+
+    if use_uvloop:
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+    return server
+
+
+class FaultyDevice(MemoryDevice):
+    """Raises what a test asks for at chosen offsets."""
+
+    faults: dict[int, BaseException]
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.faults = {}
+
+    async def read(self, offset: int, length: int) -> ReadResult:
+        if offset in self.faults:
+            raise self.faults[offset]
+        return await super().read(offset, length)
+
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        if offset in self.faults:
+            raise self.faults[offset]
+        await super().write(offset, data, fua=fua)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_device_errors_are_mapped_and_the_connection_lives(tmp_path: Path, structured: bool,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    dev = FaultyDevice(4 * MiB)
+    dev.faults = {
+        4096: NoSpace("full"),
+        8192: InvalidRequest("nope"),
+        12288: IntegrityError("bad chunk"),
+        16384: RuntimeError("bug"),
+    }
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path, structured=structured)
+        for offset, error in [(4096, NbdError.ENOSPC), (8192, NbdError.EINVAL), (12288, NbdError.EIO),
+                              (16384, NbdError.EIO)]:
+            assert await client.call(Command.READ, offset, 4096) == (error, b"")
+            assert await client.call(Command.WRITE, offset, 512, data=b"x" * 512) == (error, b"")
+        assert await client.call(Command.WRITE, 0, 512, data=b"y" * 512) == (0, b"")
+        assert await client.call(Command.READ, 0, 512) == (0, b"y" * 512)
+        await client.close()
+
+    with caplog.at_level(logging.INFO, logger="blockprov.nbd"):
+        server = serve({"": dev}, test, tmp_path)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 2 and all("bug" in str(r.exc_info[1]) for r in tracebacks if r.exc_info)
+    assert server.stats.errors == 8
+    assert server.stats.connections_total == 1 and server.stats.connections_active == 0
+
+
+def test_errno_table() -> None:
+    assert errno_for(NoSpace("x")) == NbdError.ENOSPC
+    assert errno_for(ValueError()) == NbdError.EIO
+    assert c.error_from_name("EDQUOT") == NbdError.ENOSPC
+    assert c.error_from_name("EWHATEVER") == NbdError.EIO
+    assert parse_size("64M") == 64 * MiB and parse_size("1GiB") == 1 << 30 and parse_size("4096") == 4096
+
+
+def test_pipelined_requests_with_backpressure(tmp_path: Path) -> None:
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path)
+        payloads = {h: bytes([h]) * 65536 for h in range(1, 201)}
+        for h, data in payloads.items():
+            client.send(Command.WRITE, h * 65536, 65536, handle=h, data=data)
+        for _ in payloads:
+            _, error, _ = await client.reply()
+            assert error == 0
+        for h in payloads:
+            client.send(Command.READ, h * 65536, 65536, handle=h)
+        for _ in payloads:
+            h, error, data = await client.reply(65536)
+            assert error == 0 and data == payloads[h]
+        client.send(Command.BLOCK_STATUS, 0, 2 * 65536, handle=7)
+        _, error, data = await client.reply()
+        assert error == 0
+        assert struct.unpack(">IIIII", data) == (c.BASE_ALLOCATION_ID, 65536, 3, 65536, 0)
+        await client.close()
+
+    server = serve({"": MemoryDevice(64 * MiB)}, test, tmp_path, max_in_flight=4, max_buffered=256 * 1024)
+    assert server.stats.requests == 401
+    assert server.stats.bytes_written == server.stats.bytes_read == 200 * 65536
+
+
+def test_write_zeroes_fast_zero_and_flush(tmp_path: Path) -> None:
+    dev = MemoryDevice(4 * MiB, fast_zero=False)
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path)
+        assert client.flags & c.TransmissionFlag.SEND_FAST_ZERO
+        assert await client.call(Command.WRITE, 0, 4096, data=b"q" * 4096) == (0, b"")
+        fast = CommandFlag.FAST_ZERO
+        assert await client.call(Command.WRITE_ZEROES, 0, 4096, flags=fast) == (NbdError.ENOTSUP, b"")
+        assert await client.call(Command.READ, 0, 4096) == (0, b"q" * 4096)
+        assert await client.call(Command.WRITE_ZEROES, 0, 4096, flags=CommandFlag.NO_HOLE) == (0, b"")
+        assert await client.call(Command.READ, 0, 4096) == (0, bytes(4096))
+        assert await client.call(Command.FLUSH) == (0, b"")
+        assert await client.call(Command.CACHE, 0, 4096) == (0, b"")
+        assert await client.call(Command.TRIM, 0, 4096, flags=CommandFlag.FUA) == (0, b"")
+        await client.close()
+
+    serve({"": dev}, test, tmp_path)
+    assert dev.flushes == 1
+
+
+class FileDevice(MemoryDevice):
+    """Reads come back as FileSegments of a data file (as the cache will return them)."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        super().__init__(size)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self.fd, size // 2)  # the second half is past the end of the file: zeros
+
+    async def read(self, offset: int, length: int) -> ReadResult:
+        half = length // 2
+        return [FileSegment(self.fd, offset, half), b"-" * 0, FileSegment(self.fd, offset + half, length - half)]
+
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        os.pwrite(self.fd, data, offset)
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_file_segments_are_sent(tmp_path: Path, use_uvloop: bool) -> None:
+    dev = FileDevice(tmp_path / "data", 8 * MiB)
+    blob = os.urandom(2 * MiB)
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path)
+        assert await client.call(Command.WRITE, 0, len(blob), data=blob) == (0, b"")
+        for _ in range(3):  # several in flight: replies must not interleave
+            client.send(Command.READ, 0, 2 * MiB, handle=1)
+            client.send(Command.READ, 4096, 4096, handle=2)
+            client.send(Command.READ, 3 * MiB, 2 * MiB, handle=3)  # straddles the end of the file
+        for _ in range(9):
+            handle, error, data = await client.reply()
+            assert error == 0
+            expected = {1: blob, 2: blob[4096:8192], 3: bytes(2 * MiB)}[handle]
+            assert data == expected
+        await client.close()
+
+    server = serve({"": dev}, test, tmp_path, use_uvloop=use_uvloop)
+    os.close(dev.fd)
+    if not use_uvloop:
+        assert server.stats.sendfile_bytes >= 3 * 2 * MiB
+
+
+def test_bad_frame_closes_only_that_connection(tmp_path: Path) -> None:
+    async def test(server: NbdServer, path: str) -> None:
+        good = await Client.connect(path)
+        bad = await Client.connect(path)
+        bad.writer.write(b"\xde\xad\xbe\xef" + bytes(24))
+        assert await bad.reader.read() == b""
+        assert await good.call(Command.READ, 0, 512) == (0, bytes(512))
+        await good.close()
+
+    server = serve({"": MemoryDevice(MiB)}, test, tmp_path)
+    assert server.stats.protocol_errors == 1
+
+
+def test_close_waits_for_requests_in_flight(tmp_path: Path) -> None:
+    class SlowDevice(MemoryDevice):
+        async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+            await asyncio.sleep(0.3)
+            await super().write(offset, data, fua=fua)
+
+    dev = SlowDevice(MiB)
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path)
+        client.send(Command.WRITE, 0, 512, handle=5, data=b"w" * 512)
+        await client.writer.drain()
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(server.close())
+        assert await client.reply() == (5, 0, b"")
+        assert await client.reader.read() == b""
+        await closing
+
+    serve({"": dev}, test, tmp_path)
+    assert asyncio.run(dev.read(0, 512)) == [b"w" * 512]
+
+
+def test_tcp_port_zero_and_named_exports(tmp_path: Path) -> None:
+    exports = {"a": MemoryDevice(MiB), "b": MemoryDevice(2 * MiB, read_only=True)}
+
+    async def main() -> None:
+        server = NbdServer(exports, description="test server")
+        host, port = await server.start_tcp("127.0.0.1", 0)
+        assert port > 0 and server.addresses == [(host, port)]
+        try:
+            a = await Client.connect((host, port), "a")
+            b = await Client.connect((host, port), "b")
+            default = await Client.connect((host, port), "")
+            assert (a.size, b.size, default.size) == (MiB, 2 * MiB, MiB)
+            assert b.flags & c.TransmissionFlag.READ_ONLY
+            assert await b.call(Command.WRITE, 0, 512, data=bytes(512)) == (NbdError.EPERM, b"")
+            assert await b.call(Command.READ, 0, 512) == (0, bytes(512))
+            with pytest.raises(ConnectionError, match="0x80000006"):
+                await Client.connect((host, port), "missing")
+            for client in (a, b, default):
+                await client.close()
+            assert server.stats.connections_total == 4
+        finally:
+            await server.close()
+
+    asyncio.run(main())
