@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,7 +122,7 @@ def cli(ctx: click.Context, repo: str | None, data: str | None) -> None:
     ctx.call_on_close(ctx.obj.close)
 
 
-def _chunk_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
     try:
         return hz.parse_size(value)
     except ValueError:
@@ -141,7 +142,7 @@ def _labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 @cli.command("import")
 @click.argument("source", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("ref", metavar="NAME:TAG")
-@click.option("--chunk-size", default=str(DEFAULT_CHUNK), callback=_chunk_size, show_default=True,
+@click.option("--chunk-size", default=str(DEFAULT_CHUNK), callback=_size_option, show_default=True,
               help="Chunk size, a power of two from 4K to 4M.")
 @click.option("--format", "fmt", default=None, help="Source format (default: detected by qemu-img).")
 @click.option("--label", "labels", multiple=True, callback=_labels, metavar="KEY=VALUE")
@@ -316,16 +317,128 @@ def gc_cmd(obj: Ctx, as_json: bool) -> None:
 @cli.command("serve")
 @click.option("--listen", default="127.0.0.1:8420", show_default=True, metavar="HOST:PORT",
               help="Address to listen on; port 0 picks a free port.")
+@click.option("--max-body", default="256M", callback=_size_option, show_default=True,
+              help="Largest request body accepted (larger ones get 413).")
+@click.option("--access-log", is_flag=True, help="Log every request to stderr.")
 @click.pass_obj
-def serve_cmd(obj: Ctx, listen: str) -> None:
-    """Serve the embedded repository over HTTP to remote agents and tools."""
+def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool) -> None:
+    """Serve the embedded repository over HTTP to remote agents and tools.
+
+    The first line printed is "serving URL" (with the real port when --listen asks for port 0).
+    """
+    import logging
+
     from .service.run import run_server
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen must be HOST:PORT, not {listen!r}")
-    run_server(obj.data_dir or default_data_dir(), host, int(port),
-               on_ready=lambda url: click.echo(f"serving {url}", nl=True))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_server(obj.data_dir or default_data_dir(), host.strip("[]"), int(port), max_body=max_body,
+                   access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"))
+    except OSError as e:  # bind failures: port in use, bad address
+        raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
+
+
+def run_async(coro: Any) -> Any:
+    """Run the agent's event loop: uvloop when installed (faster transports), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+@cli.command("attach")
+@click.argument("ref", required=False, metavar="[NAME:TAG|NAME@ID]")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache directory (created if needed).")
+@click.option("--socket", "sock", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve NBD on this unix socket.")
+@click.option("--listen", metavar="HOST:PORT", help="Serve NBD on TCP (port 0 picks one).")
+@click.option("--data-file", type=click.Path(dir_okay=False, path_type=str),
+              help="Keep the image data in this existing file or block device instead of DIR/data.")
+@click.option("--readahead", default="1M", callback=_size_option, show_default=True,
+              help="Largest read-ahead window on sequential reads (0 disables).")
+@click.option("--fetch-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a read of a missing chunk retries an unreachable repository before EIO.")
+@click.option("--read-only", is_flag=True, help="Refuse writes.")
+@json_option
+@click.pass_obj
+def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, listen: str | None,
+               data_file: str | None, readahead: int, fetch_timeout: float, read_only: bool, as_json: bool) -> None:
+    """Serve a version as an NBD export backed by a lazy local cache, until SIGINT/SIGTERM.
+
+    Without NAME:TAG the version the cache already holds is re-attached (no repository round trip).
+    """
+    from .agent.agent import Agent, AgentConfig, parse_listen
+
+    cache_dir = cache_dir.resolve()
+    if sock is None and listen is None:
+        raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
+    manifest = obj.repo.resolve(parse_ref(ref)) if ref else None
+    if manifest is None and not (cache_dir / "meta").exists():
+        raise UsageError(f"{cache_dir} holds no cache yet: name the version to attach (NAME:TAG)")
+    cfg = AgentConfig(cache_dir=cache_dir, socket=sock, listen=parse_listen(listen) if listen else None,
+                      data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only)
+
+    async def main() -> None:
+        agent = Agent(cfg, obj.repo, manifest)
+        addresses = await agent.start()
+        assert agent.device is not None
+        m = agent.device.manifest
+        if as_json:
+            click.echo(json.dumps({"image": m.image, "version": m.id, "addresses": addresses, "pid": os.getpid()}))
+        else:
+            st = agent.device.status()
+            click.echo(f"serving {m.image}@{m.id} ({hz.size(m.size)}, {st['chunks_present']}/{st['chunks_total']} "
+                       f"chunks local) from cache {cache_dir}")
+            for a in addresses:
+                click.echo(f"  {a}")
+            click.echo("stop with Ctrl-C or SIGTERM")
+        sys.stdout.flush()
+        await agent.run()
+        if not as_json:
+            click.echo("stopped cleanly")
+
+    run_async(main())
+
+
+@cli.command("status")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@json_option
+def status_cmd(cache_dir: Path, as_json: bool) -> None:
+    """Show a cache: version, chunks present / modified, fetch figures, whether an agent serves it."""
+    from .agent.agent import status
+
+    cache_dir = cache_dir.resolve()
+    st = status(cache_dir)
+    if as_json:
+        emit(st)
+        return
+    total = st["chunks_total"] or 1
+    local = st["chunks_present"] + st["chunks_zero"]
+    click.echo(f"{st['image']}@{st['version']}  {hz.size(st['size'])} in chunks of {hz.size(st['chunk_size'])}")
+    click.echo(f"  local     {local}/{st['chunks_total']} chunks ({100.0 * local / total:.1f}%): "
+               f"{st['chunks_present']} with data, {st['chunks_zero']} zero; {st['chunks_missing']} to fetch")
+    click.echo(f"  modified  {st['chunks_modified']} chunks since the base version")
+    agent = st.get("agent", {})
+    if agent.get("running"):
+        lat = st.get("fetch_latency_ms", {})
+        click.echo(f"  fetched   {hz.size(st.get('bytes_fetched', 0))} in {st.get('chunks_fetched', 0)} chunks "
+                   f"({hz.size(st.get('wire_bytes', 0))} on the wire) since the agent started")
+        if lat.get("p50") is not None:
+            click.echo(f"  latency   fetch p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+        click.echo(f"  agent     running, pid {agent['pid']}, up {agent.get('uptime', 0):.0f} s")
+        for a in agent.get("addresses", []):
+            click.echo(f"            {a}")
+    else:
+        click.echo("  agent     not running" + ("" if st.get("clean_shutdown", True) else
+                                               " (last stop was unclean: the next attach recovers it)"))
 
 
 def main() -> None:

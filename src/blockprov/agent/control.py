@@ -1,0 +1,114 @@
+"""The agent's local control socket: how CLI commands talk to a running agent.
+
+One request per connection, JSON in one line, JSON back in one line: ``{"op": "status"}`` →
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "...", "kind": "ClassName",
+"exit_code": N}``. Later commands (reset, snapshot, hydrate) register more ops. The socket lives
+in the cache directory (``DIR/control.sock``) and is only reachable by local users allowed into
+that directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import BlockprovError, CacheError
+
+log = logging.getLogger("blockprov.agent.control")
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST = 1 << 20
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def socket_path(cache_dir: str | os.PathLike[str]) -> Path:
+    return Path(cache_dir) / SOCKET_NAME
+
+
+class ControlServer:
+    def __init__(self, handlers: dict[str, Handler]) -> None:
+        self.handlers = handlers
+        self._server: asyncio.AbstractServer | None = None
+        self._path: Path | None = None
+
+    async def start(self, path: Path) -> None:
+        path.unlink(missing_ok=True)  # a stale socket from a killed agent (the cache lock is held: it is ours)
+        self._server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_REQUEST)
+        os.chmod(path, 0o600)
+        self._path = path
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                req = json.loads(line)
+                op = req["op"]
+                handler = self.handlers[op]
+            except (ValueError, KeyError, TypeError):
+                reply: dict[str, Any] = {"ok": False, "error": f"bad control request {line[:100]!r}",
+                                         "kind": "UsageError", "exit_code": 2}
+            else:
+                try:
+                    reply = {"ok": True, "result": await handler(req)}
+                except BlockprovError as e:
+                    reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "exit_code": e.exit_code}
+                except Exception as e:  # the agent keeps serving whatever a command does
+                    log.exception("control op %s failed", op)
+                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": "InternalError",
+                             "exit_code": 70}
+            writer.write(json.dumps(reply, default=str).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+class AgentNotRunning(CacheError):
+    """no agent is running on {path}"""
+
+
+class ControlFailed(BlockprovError):
+    """{msg}"""
+
+    def __init__(self, msg: str, exit_code: int) -> None:
+        super().__init__(msg=msg)
+        self.exit_code = exit_code
+
+
+def call(cache_dir: str | os.PathLike[str], op: str, timeout: float = 30.0, **args: Any) -> Any:
+    """Ask the agent running on ``cache_dir``; raises AgentNotRunning if there is none."""
+    path = socket_path(cache_dir)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise AgentNotRunning(path=str(cache_dir)) from None
+        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            part = s.recv(65536)
+            if not part:
+                break
+            buf += part
+    finally:
+        s.close()
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise ControlFailed(reply.get("error", "control request failed"), int(reply.get("exit_code", 1)))
+    return reply["result"]
