@@ -49,6 +49,23 @@ def make_image(path: Path, size: int, *, seed: int = 1, data_fraction: float = 0
     return path
 
 
+def corrupt_chunk(repo: LocalRepository, cid: bytes) -> None:
+    """Flip the last byte of a stored chunk where the store keeps it (bit rot, a bad disk)."""
+    from blockprov.store.pack import PackChunkStore
+
+    store = repo.store
+    assert isinstance(store, PackChunkStore)
+    store.sync()
+    loc = store._locate(cid)
+    assert loc is not None, "chunk not stored"
+    pack, offset, length = loc
+    with open(store._pack_path(pack), "r+b") as f:
+        f.seek(offset + length - 1)
+        last = f.read(1)
+        f.seek(offset + length - 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
 def run_cli(*args: str, data: Path | None = None, env: dict[str, str] | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)

@@ -129,7 +129,7 @@ def _process_segment(repo: Repository, fd: int, seg_start: int, seg_end: int, si
         missing = repo.missing(list(fresh))
         items = [(cid, codec.encode(fresh[cid])) for cid in missing]
         if items:
-            repo.put_blobs(items)
+            repo.put_blobs(items, trusted=True)
             new_bytes = sum(len(b) for _, b in items)
     with stats._lock:
         stats.new_chunks += len(items)

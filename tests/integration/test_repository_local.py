@@ -13,7 +13,7 @@ from blockprov.exporter import export_image
 from blockprov.importer import import_image
 from blockprov.manifest import Manifest
 from blockprov.repo.local import LocalRepository
-from tests.conftest import make_image
+from tests.conftest import corrupt_chunk, make_image
 
 
 def test_second_version_stores_only_changed_chunks(tmp_path: Path, repo: LocalRepository) -> None:
@@ -37,10 +37,7 @@ def test_corrupt_chunk_on_disk_is_reported_never_served(tmp_path: Path, repo: Lo
     import_image(repo, src, "c:v")
     m = repo.resolve("c:v")
     cid = next(iter(m.unique_digests()))
-    path = repo.store._path(cid)  # type: ignore[attr-defined]
-    blob = bytearray(path.read_bytes())
-    blob[-1] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    corrupt_chunk(repo, cid)
     with pytest.raises(ChunkCorrupt):
         repo.store.get(cid)
     with pytest.raises(ChunkCorrupt):

@@ -18,7 +18,7 @@ import pytest
 from blockprov.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests import procs
-from tests.conftest import make_image, run_cli
+from tests.conftest import corrupt_chunk, make_image, run_cli
 from tests.procs import Proc as Server
 
 pytestmark = pytest.mark.interop
@@ -132,10 +132,7 @@ def test_corrupt_chunk_cuts_the_stream_never_sends_it(tmp_path: Path) -> None:
     import_image(repo, src, "c:v1")
     m = repo.resolve("c:v1")
     bad = (9 << 20) // m.chunk_size  # past the first 4 MiB batch: headers are already out
-    path = repo.store._path(m.digest_at(bad))  # type: ignore[attr-defined]
-    blob = bytearray(path.read_bytes())
-    blob[-1] ^= 1
-    path.write_bytes(bytes(blob))
+    corrupt_chunk(repo, m.digest_at(bad))
     repo.close()
     s = start_server(tmp_path / "repo")
     try:

@@ -18,7 +18,7 @@ from blockprov.manifest import Manifest
 from blockprov.repo.local import LocalRepository
 from blockprov.service.app import create_app
 from blockprov.service.rawview import RangeNotSatisfiable, parse_range
-from tests.conftest import make_image
+from tests.conftest import corrupt_chunk, make_image
 
 with warnings.catch_warnings():  # starlette 1.x nudges towards httpx2; httpx is what we ship with
     warnings.simplefilter("ignore")
@@ -43,10 +43,7 @@ class Env:
         return self.m.digest_at(i)
 
     def corrupt(self, i: int) -> None:
-        p = self.repo.store._path(self.cid(i))  # type: ignore[attr-defined]
-        blob = bytearray(p.read_bytes())
-        blob[-1] ^= 0xFF
-        p.write_bytes(bytes(blob))
+        corrupt_chunk(self.repo, self.cid(i))
 
 
 @pytest.fixture

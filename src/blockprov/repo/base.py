@@ -71,8 +71,12 @@ class Repository(Protocol):
         """The ids among ``ids`` the repository does not hold (zero marker never counts)."""
         ...
 
-    def put_blobs(self, items: Sequence[tuple[bytes, bytes]]) -> int:
-        """Store (id, blob) pairs, each verified on arrival; returns how many were new."""
+    def put_blobs(self, items: Sequence[tuple[bytes, bytes]], *, trusted: bool = False) -> int:
+        """Store (id, blob) pairs, each verified on arrival; returns how many were new.
+
+        ``trusted=True`` says the caller encoded the blobs from bytes it hashed itself: the embedded
+        repository then skips re-verifying them; a remote one verifies anyway (it cannot trust the
+        network)."""
         ...
 
     def commit(self, manifest: Manifest, tag: str | None = None) -> str:

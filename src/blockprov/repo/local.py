@@ -3,7 +3,7 @@
 Layout of the data directory::
 
     DATA/catalog.sqlite   images, versions (manifests), tags
-    DATA/chunks/          the local chunk store (store/local.py)
+    DATA/chunks/          the pack-file chunk store (store/pack.py)
     DATA/tmp/             scratch space for imports of non-raw formats
 
 Crash rules: ``commit`` first makes every chunk durable (``store.sync``), then records the version
@@ -27,7 +27,7 @@ from ..errors import MissingChunks
 from ..manifest import Manifest
 from ..names import Ref, parse_ref
 from ..store.base import ChunkStore
-from ..store.local import LocalChunkStore
+from ..store.pack import PackChunkStore
 from .base import GcStats, ImageInfo, VersionInfo
 
 GC_GRACE_SECONDS = 3600.0
@@ -41,7 +41,7 @@ class LocalRepository:
     def __init__(self, data_dir: str | os.PathLike[str], store: ChunkStore | None = None) -> None:
         self.data_dir = ensure_dir(data_dir)
         self.url = f"file://{Path(self.data_dir).resolve()}"
-        self.store = store if store is not None else LocalChunkStore(self.data_dir / "chunks")
+        self.store = store if store is not None else PackChunkStore(self.data_dir / "chunks")
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
         self.tmp_dir = ensure_dir(self.data_dir / "tmp")
 
@@ -69,8 +69,8 @@ class LocalRepository:
         return None
 
     # -- writing --------------------------------------------------------------------------------
-    def put_blobs(self, items: Sequence[tuple[bytes, bytes]]) -> int:
-        return sum(1 for cid, blob in items if self.store.put_blob(cid, blob))
+    def put_blobs(self, items: Sequence[tuple[bytes, bytes]], *, trusted: bool = False) -> int:
+        return self.store.put_blobs(items, trusted=trusted)
 
     def commit(self, manifest: Manifest, tag: str | None = None) -> str:
         missing = self.store.missing(manifest.unique_digests())
@@ -99,7 +99,10 @@ class LocalRepository:
                 continue
             freed += self.store.delete(cid)
             removed += 1
+        if removed:
+            self.store.compact()
         return GcStats(chunks_removed=removed, bytes_removed=freed, chunks_kept=kept)
 
     def close(self) -> None:
+        self.store.close()
         self.catalog.close()

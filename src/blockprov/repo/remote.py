@@ -183,7 +183,7 @@ class RemoteRepository:
         return f"{self.url}/v1/images/{r.name}/raw/{_rel(r)}"
 
     # -- writing ----------------------------------------------------------------------------------
-    def put_blobs(self, items: Sequence[tuple[bytes, bytes]]) -> int:
+    def put_blobs(self, items: Sequence[tuple[bytes, bytes]], *, trusted: bool = False) -> int:
         new = 0
         frames: list[bytes] = []
         size = 0
