@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import Conflict, ImageNotFound
+from .errors import Conflict, ImageNotFound, ManifestError
 from .manifest import Manifest
 from .names import Ref, image_name, tag_name, version_id
 from .repo.base import ImageInfo, VersionInfo
@@ -125,7 +125,10 @@ class Catalog:
         row = self._db().execute("SELECT manifest FROM versions WHERE image=? AND id=?", (name, vid)).fetchone()
         if not row:
             raise ImageNotFound(ref=f"{name}@{vid}")
-        return Manifest.from_json(bytes(row[0]))
+        m = Manifest.from_json(bytes(row[0]))
+        if m.id != vid:  # the catalog itself is damaged (or from an incompatible version): never guess
+            raise ManifestError(why=f"the catalog's manifest of {name}@{vid} hashes to {m.id}")
+        return m
 
     def images(self) -> list[ImageInfo]:
         db = self._db()
