@@ -167,6 +167,20 @@ def import_image(repo: Repository, source: str | os.PathLike[str], ref: Ref | st
     return _import_raw(repo, src, target, chunk_size, labels, progress, on_size, str(src))
 
 
+def _parent_of(repo: Repository, target: Ref) -> str | None:
+    """The version a new import descends from: the one its tag points at now, else the image's
+    newest version, else none (a new image)."""
+    try:
+        return repo.resolve(target).id
+    except ImageNotFound:
+        pass
+    try:
+        versions = repo.versions(target.name)
+    except ImageNotFound:
+        return None
+    return versions[-1].id if versions else None
+
+
 def _detect_format(src: Path) -> str:
     try:
         fmt = str(qemu.info(src).get("format", "raw"))
@@ -194,10 +208,7 @@ def _import_raw(repo: Repository, path: Path, target: Ref, chunk_size: int, labe
         stats = ImportStats(source_bytes=size)
         extents = list(data_extents(fd, real_size))
         seg = max(chunk_size, SEGMENT_BYTES // chunk_size * chunk_size)
-        try:
-            parent: str | None = repo.resolve(target).id
-        except ImageNotFound:
-            parent = None
+        parent = _parent_of(repo, target)
         ids: list[bytes] = []
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="import") as pool:
             pending: list[Future[list[bytes]]] = []

@@ -27,9 +27,11 @@ def test_second_version_stores_only_changed_chunks(tmp_path: Path, repo: LocalRe
     assert s2.new_chunks == 5
     assert s2.new_bytes_stored < 6 * 65536 + 1000
     assert len(repo.diff("lab:v1", "lab:v2")) == 5
-    assert repo.resolve("lab:v2").parent is None  # a different tag: no parent
+    v1 = repo.resolve("lab:v1").id
+    assert repo.resolve("lab:v2").parent == v1  # a new tag descends from the image's newest version
     _, s3 = import_image(repo, src, "lab:v2")
-    assert s3.new_chunks == 0 and repo.resolve("lab:v2").parent is not None
+    v2 = repo.resolve("lab:v2")
+    assert s3.new_chunks == 0 and v2.parent is not None and v2.parent != v1  # the tag's previous version
 
 
 def test_corrupt_chunk_on_disk_is_reported_never_served(tmp_path: Path, repo: LocalRepository) -> None:
