@@ -9,16 +9,14 @@ multi-statement change runs in one ``BEGIN IMMEDIATE`` transaction.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import Conflict, ImageNotFound, ManifestError
 from .manifest import Manifest
 from .names import Ref, image_name, tag_name, version_id
 from .repo.base import ImageInfo, VersionInfo
+from .sqlite import Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -44,42 +42,17 @@ CREATE TABLE IF NOT EXISTS tags (
 
 class Catalog:
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._local = threading.local()
-        self._db().executescript(SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        self.db = Database(path, SCHEMA, timeout=30.0)
+        self.path = self.db.path
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self.db.close()
 
     # -- writes ---------------------------------------------------------------------------------
     def add_version(self, m: Manifest, tag: str | None = None) -> str:
         raw = m.to_json()
         vid = m.id
-        with self._tx() as db:
+        with self.db.tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO versions VALUES (?,?,?,?,?,?,?,?)",
                 (m.image, vid, m.size, m.chunk_size, m.created, m.parent,
@@ -89,14 +62,14 @@ class Catalog:
         return vid
 
     def set_tag(self, name: str, tag: str, vid: str) -> None:
-        with self._tx() as db:
+        with self.db.tx() as db:
             if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?",
                               (image_name(name), version_id(vid))).fetchone():
                 raise ImageNotFound(ref=f"{name}@{vid}")
             db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (name, tag_name(tag), vid))
 
     def remove(self, ref: Ref) -> list[str]:
-        with self._tx() as db:
+        with self.db.tx() as db:
             if ref.version is None:
                 cur = db.execute("DELETE FROM tags WHERE image=? AND tag=?", (ref.name, ref.tag))
                 if cur.rowcount == 0:
@@ -112,7 +85,7 @@ class Catalog:
 
     # -- reads ----------------------------------------------------------------------------------
     def resolve_id(self, ref: Ref) -> str:
-        db = self._db()
+        db = self.db.conn()
         if ref.version is not None:
             row = db.execute("SELECT id FROM versions WHERE image=? AND id=?", (ref.name, ref.version)).fetchone()
         else:
@@ -122,7 +95,7 @@ class Catalog:
         return str(row[0])
 
     def manifest(self, name: str, vid: str) -> Manifest:
-        row = self._db().execute("SELECT manifest FROM versions WHERE image=? AND id=?", (name, vid)).fetchone()
+        row = self.db.conn().execute("SELECT manifest FROM versions WHERE image=? AND id=?", (name, vid)).fetchone()
         if not row:
             raise ImageNotFound(ref=f"{name}@{vid}")
         m = Manifest.from_json(bytes(row[0]))
@@ -131,7 +104,7 @@ class Catalog:
         return m
 
     def images(self) -> list[ImageInfo]:
-        db = self._db()
+        db = self.db.conn()
         out = []
         for (name,) in db.execute("SELECT DISTINCT image FROM versions ORDER BY image").fetchall():
             n, latest = db.execute(
@@ -142,7 +115,7 @@ class Catalog:
         return out
 
     def versions(self, name: str) -> list[VersionInfo]:
-        db = self._db()
+        db = self.db.conn()
         rows = db.execute("SELECT id, size, chunk_size, created, parent, labels FROM versions "
                           "WHERE image=? ORDER BY created", (image_name(name),)).fetchall()
         if not rows:
@@ -154,11 +127,12 @@ class Catalog:
                             labels=json.loads(r[5]), tags=sorted(tags.get(r[0], []))) for r in rows]
 
     def all_manifests(self) -> Iterator[Manifest]:
-        for (raw,) in self._db().execute("SELECT manifest FROM versions").fetchall():
+        for (raw,) in self.db.conn().execute("SELECT manifest FROM versions").fetchall():
             yield Manifest.from_json(bytes(raw))
 
     def version_exists(self, name: str, vid: str) -> bool:
-        return self._db().execute("SELECT 1 FROM versions WHERE image=? AND id=?", (name, vid)).fetchone() is not None
+        row = self.db.conn().execute("SELECT 1 FROM versions WHERE image=? AND id=?", (name, vid)).fetchone()
+        return row is not None
 
     def check_parent(self, m: Manifest) -> None:
         if m.parent is not None and not self.version_exists(m.image, m.parent):

@@ -31,17 +31,16 @@ Crash rules:
 from __future__ import annotations
 
 import os
-import sqlite3
 import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 from .. import codec
 from ..durable import ensure_dir, fsync_dir
 from ..errors import ChunkCorrupt, ChunkMissing, NoSpace
+from ..sqlite import Database
 from .base import ChunkStore
 
 RECORD_HEAD = struct.Struct("<32sI")
@@ -81,7 +80,6 @@ class PackChunkStore(ChunkStore):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = ensure_dir(root)
         self.packs_dir = ensure_dir(self.root / "packs")
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._writer: _Writer | None = None
         self._full: list[_Writer] = []  # filled packs not yet synced
@@ -89,30 +87,9 @@ class PackChunkStore(ChunkStore):
         self._pending_bytes = 0
         self._touched: set[bytes] = set()
         self._fds: dict[int, int] = {}
-        self._db().executescript(SCHEMA)
+        self.index = Database(self.root / "index.sqlite", SCHEMA)
 
     # -- plumbing -----------------------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.root / "index.sqlite", timeout=60.0, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
     def _pack_path(self, pack: int) -> Path:
         return self.packs_dir / f"{pack:08d}.pack"
 
@@ -130,7 +107,7 @@ class PackChunkStore(ChunkStore):
         loc = self._pending.get(cid)
         if loc is not None:
             return loc
-        row = self._db().execute("SELECT pack, offset, length FROM chunks WHERE id=?", (cid,)).fetchone()
+        row = self.index.conn().execute("SELECT pack, offset, length FROM chunks WHERE id=?", (cid,)).fetchone()
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
     # -- ChunkStore -----------------------------------------------------------------------------------
@@ -140,7 +117,7 @@ class PackChunkStore(ChunkStore):
     def missing(self, cids: Iterable[bytes]) -> list[bytes]:
         want = [c for c in dict.fromkeys(cids) if c != codec.ZERO_DIGEST and c not in self._pending]
         out: list[bytes] = []
-        db = self._db()
+        db = self.index.conn()
         for i in range(0, len(want), 500):  # one query per 500 ids, not one per id
             part = want[i:i + 500]
             q = f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})"
@@ -178,7 +155,7 @@ class PackChunkStore(ChunkStore):
                 want.append(c)
             else:
                 locs[c] = loc
-        db = self._db()
+        db = self.index.conn()
         for i in range(0, len(want), 500):
             part = want[i:i + 500]
             q = f"SELECT id, pack, offset, length FROM chunks WHERE id IN ({','.join('?' * len(part))})"
@@ -261,7 +238,7 @@ class PackChunkStore(ChunkStore):
             self.sync()
 
     def _new_writer(self) -> _Writer:
-        with self._tx() as db:
+        with self.index.tx() as db:
             pack = int(db.execute("INSERT INTO packs(created) VALUES (?)", (time.time(),)).lastrowid or 0)
         w = _Writer(pack, self._pack_path(pack))
         fsync_dir(self.packs_dir)
@@ -305,7 +282,7 @@ class PackChunkStore(ChunkStore):
                     w.dirty = False
                     os.fdatasync(w.fd)
             now = time.time()
-            with self._tx() as db:
+            with self.index.tx() as db:
                 db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?)",
                                [(c, p, o, n, now) for c, (p, o, n) in pending.items()])
                 db.executemany("UPDATE chunks SET stamp=? WHERE id=?", [(now, c) for c in touched])
@@ -319,7 +296,7 @@ class PackChunkStore(ChunkStore):
                 os.close(w.fd)
 
     def delete(self, cid: bytes) -> int:
-        with self._tx() as db:
+        with self.index.tx() as db:
             row = db.execute("SELECT length FROM chunks WHERE id=?", (cid,)).fetchone()
             if row is None:
                 return 0
@@ -327,7 +304,7 @@ class PackChunkStore(ChunkStore):
         return int(row[0])
 
     def iter_ids(self) -> Iterator[tuple[bytes, int, float]]:
-        for cid, length, stamp in self._db().execute("SELECT id, length, stamp FROM chunks").fetchall():
+        for cid, length, stamp in self.index.conn().execute("SELECT id, length, stamp FROM chunks").fetchall():
             yield bytes(cid), int(length), float(stamp)
 
     # -- maintenance --------------------------------------------------------------------------------
@@ -336,7 +313,7 @@ class PackChunkStore(ChunkStore):
         self.sync()
         with self._lock:
             current = self._writer.pack if self._writer else None
-        db = self._db()
+        db = self.index.conn()
         live = dict(db.execute("SELECT pack, SUM(length + ?) FROM chunks GROUP BY pack", (RECORD_HEAD.size,)))
         freed = 0
         for path in sorted(self.packs_dir.glob("*.pack")):
@@ -376,7 +353,7 @@ class PackChunkStore(ChunkStore):
                     break  # a torn tail: the rest of this pack was never indexed
                 rows.append((cid, pack, pos + RECORD_HEAD.size, n, time.time()))
                 pos += RECORD_HEAD.size + n
-            with self._tx() as db:
+            with self.index.tx() as db:
                 db.execute("INSERT OR IGNORE INTO packs(id, created) VALUES (?, ?)", (pack, time.time()))
                 db.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?,?)", rows)
             found += len(rows)
@@ -391,7 +368,4 @@ class PackChunkStore(ChunkStore):
             if self._writer is not None:
                 os.close(self._writer.fd)
                 self._writer = None
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self.index.close()
