@@ -362,7 +362,7 @@ def run_async(coro: Any) -> Any:
 @click.option("--listen", metavar="HOST:PORT", help="Serve NBD on TCP (port 0 picks one).")
 @click.option("--data-file", type=click.Path(dir_okay=False, path_type=str),
               help="Keep the image data in this existing file or block device instead of DIR/data.")
-@click.option("--readahead", default="1M", callback=_size_option, show_default=True,
+@click.option("--readahead", default="32M", callback=_size_option, show_default=True,
               help="Largest read-ahead window on sequential reads (0 disables).")
 @click.option("--fetch-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help="Seconds a read of a missing chunk retries an unreachable repository before EIO.")

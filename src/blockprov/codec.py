@@ -94,28 +94,36 @@ def encode(data: bytes | memoryview) -> bytes:
 
 def decode(blob: bytes | memoryview, expected: bytes) -> bytes:
     """Stored blob → plain bytes, verified against ``expected`` (the 32-byte id)."""
-    name = expected.hex()
+    data = decode_view(blob, expected)
+    return data if type(data) is bytes else bytes(data)
+
+
+def decode_view(blob: bytes | memoryview, expected: bytes) -> bytes | memoryview:
+    """Like :func:`decode`, without copying an uncompressed payload: that is returned as a
+    read-only memoryview of ``blob`` (which the caller must not change afterwards: it was
+    verified as it is now)."""
     if len(blob) < HEADER_SIZE:
-        raise ChunkCorrupt(digest=name, why="truncated header")
+        raise ChunkCorrupt(digest=expected.hex(), why="truncated header")
     magic, version, comp, _reserved, n = HEADER.unpack_from(blob)
     if magic != MAGIC:
-        raise ChunkCorrupt(digest=name, why="bad magic")
+        raise ChunkCorrupt(digest=expected.hex(), why="bad magic")
     if version != FORMAT_VERSION:
-        raise ChunkCorrupt(digest=name, why=f"unknown format version {version}")
+        raise ChunkCorrupt(digest=expected.hex(), why=f"unknown format version {version}")
     payload = memoryview(blob)[HEADER_SIZE:]
+    data: bytes | memoryview
     if comp == COMP_NONE:
-        data = bytes(payload)
+        data = payload.toreadonly()
     elif comp == COMP_ZSTD:
         try:
             data = _decompressor().decompress(payload, max_output_size=n)
         except zstandard.ZstdError as e:
-            raise ChunkCorrupt(digest=name, why=f"zstd: {e}") from None
+            raise ChunkCorrupt(digest=expected.hex(), why=f"zstd: {e}") from None
     else:
-        raise ChunkCorrupt(digest=name, why=f"unknown compression {comp}")
+        raise ChunkCorrupt(digest=expected.hex(), why=f"unknown compression {comp}")
     if len(data) != n:
-        raise ChunkCorrupt(digest=name, why=f"length {len(data)} != {n}")
+        raise ChunkCorrupt(digest=expected.hex(), why=f"length {len(data)} != {n}")
     if digest(data) != expected:
-        raise ChunkCorrupt(digest=name, why="content does not match its id")
+        raise ChunkCorrupt(digest=expected.hex(), why="content does not match its id")
     return data
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from blockprov import codec
-from blockprov.errors import ChunkCorrupt, ImageNotFound, MissingChunks, RepositoryUnavailable, TooLarge
+from blockprov.errors import ChunkCorrupt, ChunkMissing, ImageNotFound, MissingChunks, RepositoryUnavailable, TooLarge
 from blockprov.exporter import export_image
 from blockprov.importer import import_image
 from blockprov.manifest import Manifest
 from blockprov.repo.remote import RemoteRepository
+from tests import procs
 from tests.conftest import make_image
 from tests.interop.test_http_raw import Server, start_server
 
@@ -91,3 +92,32 @@ def test_server_killed_midway(tmp_path: Path) -> None:
         s.stop(signal.SIGKILL)
         with pytest.raises(RepositoryUnavailable):
             repo.missing([codec.digest(b"a")])
+
+
+def test_fetch_path_keeps_errors_and_survives_a_restart(tmp_path: Path) -> None:
+    """get_blobs / get_blob_views use raw keep-alive connections: same errors as httpx, and a
+    connection the server closed meanwhile (restart on the same port) is replaced transparently."""
+    port = free_port()
+    data = tmp_path / "repo"
+    s, _ = procs.start_server(data, port=port)
+    a, b = os.urandom(70000), b"compressible " * 5000
+    ids = [codec.digest(a), codec.digest(b)]
+    try:
+        with RemoteRepository(s.url, timeout=5.0) as repo:
+            assert repo._raw is not None  # the fast path is in use for a plain http:// URL
+            repo.put_blobs([(ids[0], codec.encode(a)), (ids[1], codec.encode(b))])
+            views = repo.get_blob_views([ids[1], ids[0], ids[1]])
+            assert [codec.decode(v, c) for v, c in zip(views, [ids[1], ids[0], ids[1]], strict=True)] == [b, a, b]
+            blobs = repo.get_blobs(ids)
+            assert all(type(x) is bytes for x in blobs)
+            assert codec.decode(blobs[0], ids[0]) == a
+            with pytest.raises(ChunkMissing):
+                repo.get_blobs([ids[0], codec.digest(b"absent")])
+            assert s.stop() == 0
+            s, _ = procs.start_server(data, port=port)
+            assert codec.decode(repo.get_blobs([ids[0]])[0], ids[0]) == a  # stale connection replaced
+            assert s.stop(signal.SIGKILL) != 0
+            with pytest.raises(RepositoryUnavailable):
+                repo.get_blobs([ids[0]])
+    finally:
+        s.stop()

@@ -54,3 +54,17 @@ def test_is_zero() -> None:
     assert codec.is_zero(bytes(65536))
     assert not codec.is_zero(bytes(65535) + b"\x01")
     assert codec.is_zero(b"")
+
+
+def test_decode_view_does_not_copy_uncompressed_payloads() -> None:
+    rnd = os.urandom(65536)
+    blob = codec.encode(rnd)
+    view = codec.decode_view(blob, codec.digest(rnd))
+    assert isinstance(view, memoryview) and view.readonly and view == rnd
+    text = b"abc" * 20000
+    plain = codec.decode_view(codec.encode(text), codec.digest(text))
+    assert isinstance(plain, bytes) and plain == text
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1
+    with pytest.raises(ChunkCorrupt):  # verified before anything is returned (invariant 6)
+        codec.decode_view(memoryview(damaged), codec.digest(rnd))

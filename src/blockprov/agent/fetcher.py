@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codec import ZERO_DIGEST, decode
+from ..codec import ZERO_DIGEST, decode_view
 from ..errors import BlockprovError, ChunkCorrupt, DeviceIOError, RepositoryUnavailable
 from ..manifest import Manifest
 from ..repo.base import Repository
@@ -50,12 +50,13 @@ DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_TIMEOUT = 30.0
 LATENCY_SAMPLES = 4096
 
-StoreFn = Callable[[list[tuple[int, bytes]]], Awaitable[None]]
+Data = bytes | memoryview  # verified chunk content (read-only)
+StoreFn = Callable[[list[tuple[int, Data]]], Awaitable[None]]
 
 
 @dataclass
 class _Entry:
-    data: asyncio.Future[bytes]
+    data: asyncio.Future[Data]
     stored: asyncio.Future[None]
 
 
@@ -130,17 +131,17 @@ class Fetcher:
         self.stats = FetchStats()
 
     # -- public ---------------------------------------------------------------------------------
-    async def get_many(self, indices: Sequence[int]) -> dict[int, bytes]:
+    async def get_many(self, indices: Sequence[int]) -> dict[int, Data]:
         """Verified content of these chunks (fetched, or shared with a fetch in flight)."""
         if not indices:
             return {}
         entries = self._ensure(indices, demand=True)
-        out: dict[int, bytes] = {}
+        out: dict[int, Data] = {}
         for i, e in zip(indices, entries, strict=True):
             out[i] = await asyncio.shield(e.data)
         return out
 
-    async def get(self, index: int) -> bytes:
+    async def get(self, index: int) -> Data:
         return (await self.get_many([index]))[index]
 
     async def materialize(self, indices: Sequence[int]) -> None:
@@ -256,7 +257,7 @@ class Fetcher:
                 log.exception("fetching chunks %d..%d failed", batch[0], batch[-1])
                 self._fail(entries, DeviceIOError(msg=f"fetch failed: {type(e).__name__}: {e}"))
                 return
-            good: list[tuple[int, bytes]] = []
+            good: list[tuple[int, Data]] = []
             for i, en in zip(batch, entries, strict=True):
                 value = result[i]
                 if isinstance(value, BaseException):
@@ -294,17 +295,21 @@ class Fetcher:
                 if not f.done():
                     f.set_exception(err)
 
-    async def _fetch(self, batch: list[int]) -> dict[int, bytes | BaseException]:
+    async def _fetch(self, batch: list[int]) -> dict[int, Data | BaseException]:
         async with self._sem:
             loop = asyncio.get_running_loop()
             t0 = time.monotonic()
             m = self.manifest
             digests = [m.digest_at(i) for i in batch]
             ids = list(dict.fromkeys(d for d in digests if d != ZERO_DIGEST))
-            blobs: list[bytes] = []
+            blobs: Sequence[Data] = []
             if ids:
-                def call() -> Awaitable[list[bytes]]:
-                    return loop.run_in_executor(self._pool, self.repo.get_blobs, ids)
+                # A repository that can hand out views of its answer saves a copy per blob.
+                get: Callable[[Sequence[bytes]], Sequence[Data]] = getattr(
+                    self.repo, "get_blob_views", self.repo.get_blobs)
+
+                def call() -> Awaitable[Sequence[Data]]:
+                    return loop.run_in_executor(self._pool, get, ids)
 
                 blobs = await retry_async(call, self._policy)
                 if len(blobs) != len(ids):
@@ -313,7 +318,7 @@ class Fetcher:
             self.stats.latencies.append(time.monotonic() - t0)
             self.stats.batches += 1
             self.stats.wire_bytes += sum(len(b) for b in blobs)
-            out: dict[int, bytes | BaseException] = {}
+            out: dict[int, Data | BaseException] = {}
             for i, d in zip(batch, digests, strict=True):
                 if d == ZERO_DIGEST:
                     out[i] = bytes(m.chunk_length(i))
@@ -331,12 +336,13 @@ class Fetcher:
             return out
 
 
-def _decode_all(ids: list[bytes], blobs: list[bytes]) -> dict[bytes, bytes | ChunkCorrupt]:
-    """Decode and verify (runs in a worker thread; zstd and BLAKE3 release the GIL)."""
-    out: dict[bytes, bytes | ChunkCorrupt] = {}
+def _decode_all(ids: list[bytes], blobs: Sequence[Data]) -> dict[bytes, Data | ChunkCorrupt]:
+    """Decode and verify (runs in a worker thread; zstd and BLAKE3 release the GIL). Uncompressed
+    blobs are not copied: their content is a read-only view of the blob, verified as it is."""
+    out: dict[bytes, Data | ChunkCorrupt] = {}
     for cid, blob in zip(ids, blobs, strict=True):
         try:
-            out[cid] = decode(blob, cid)
+            out[cid] = decode_view(blob, cid)
         except ChunkCorrupt as e:
             out[cid] = e
     return out

@@ -645,7 +645,7 @@ class CacheDevice:
     def _needs_fetch(self, i: int) -> bool:
         return not self._flags[i] & (PRESENT | ZERO) and i not in self._busy
 
-    async def _store_fetched(self, items: list[tuple[int, bytes]]) -> None:
+    async def _store_fetched(self, items: list[tuple[int, bytes | memoryview]]) -> None:
         """Write verified chunks into the data file, then mark them present (see module doc)."""
         fl = self._flags
         take = [(i, d) for i, d in items if not fl[i] & (PRESENT | ZERO) and i not in self._busy]

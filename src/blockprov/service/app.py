@@ -324,19 +324,17 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
             raise TooLarge(f"{len(ids)} ids in one fetch; at most {MAX_FETCH_IDS}")
 
         def read_slice(part: list[bytes]) -> tuple[bytes, list[bytes]]:
+            try:  # one batched read: a store may coalesce adjacent chunks into one pread
+                blobs = store.get_blobs(part)
+            except ChunkMissing:
+                return b"", store.missing(part)
             out: list[bytes] = []
-            missing: list[bytes] = []
-            for cid in part:
-                try:
-                    blob = store.get_blob(cid)
-                except ChunkMissing:
-                    missing.append(cid)
-                    continue
+            for blob in blobs:
                 out.append(LEN.pack(len(blob)))
                 out.append(blob)
-            return b"".join(out), missing
+            return b"".join(out), []
 
-        done = await asyncio.gather(*(run(read_slice, s) for s in _slices(ids, workers)))
+        done = await asyncio.gather(*(run(read_slice, s) for s in _slices(ids, 2, least=256)))
         missing = [c.hex() for _, ms in done for c in ms]
         if missing:
             exc = ChunkMissing(digest=missing[0])

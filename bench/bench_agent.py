@@ -1,0 +1,277 @@
+"""Agent benchmarks (issue 3), each against its peer in the same run, medians of repeats:
+
+- hot sequential read, 1 MiB requests, fully cached: ``nbdcopy`` to null from blockprov vs
+  ``qemu-nbd`` exporting the same raw file (goal ≥ 1.0×);
+- hot 4 KiB random reads at queue depth 16: ``fio --ioengine=nbd`` vs ``qemu-nbd --shared=16``
+  (goal ≥ 0.6×);
+- cold sequential read through lazy fetch from a repository on 127.0.0.1 vs qemu's http driver
+  reading the raw view (``qemu-img convert -m 1``), from our server and from nginx serving the
+  raw file (goal ≥ 0.7×), with bytes on the wire;
+- chunk-size sweep (16 KiB – 1 MiB) of the cold case;
+- agent RSS with a 100 GiB sparse image attached (goal ≤ 150 MB).
+
+Run: ``.venv/bin/python bench/bench_agent.py [--size 1G] [--repeat 3] [--skip sweep,rss]``.
+Results: bench/out/agent*.{json,md}, bench/out/agent-chunk-sweep.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import VENV_BIN, WORK, median_of, realistic_image, write_results
+from tests.procs import free_port, start_agent, start_server
+
+from blockprov.humanize import parse_size
+
+BP = str(VENV_BIN / "blockprov")
+
+
+def uri(sock: Path) -> str:
+    return f"nbd+unix:///?socket={sock}"
+
+
+@contextmanager
+def qemu_nbd(image: Path, sock: Path, shared: int = 16) -> Iterator[None]:
+    sock.unlink(missing_ok=True)
+    p = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), f"--shared={shared}", "-t", "--cache=writeback",
+                          str(image)])
+    for _ in range(200):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(10)
+
+
+def nbdcopy_seconds(u: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(["nbdcopy", "--request-size=1048576", u, "null:"], check=True)
+    return time.perf_counter() - t
+
+
+def fio_iops(u: str, size: int, runtime: int = 8) -> float:
+    # fio's nbd engine prints "fio: connected to NBD server" on stdout before the JSON: read the
+    # report from its own file instead.
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run(["fio", "--name=rr", "--ioengine=nbd", f"--uri={u}", "--rw=randread", "--bs=4k",
+                        "--iodepth=16", f"--size={size}", f"--runtime={runtime}", "--time_based",
+                        "--output-format=json", f"--output={out.name}"], check=True, capture_output=True)
+        return float(json.loads(Path(out.name).read_text())["jobs"][0]["read"]["iops"])
+
+
+@contextmanager
+def nginx_serving(root: Path) -> Iterator[str]:
+    port = free_port()
+    conf = root / "nginx.conf"
+    # As root, nginx's workers would run as "nobody" and could not read our 0700 temp directory.
+    user = "user root root;" if os.geteuid() == 0 else ""
+    conf.write_text(f"""
+daemon off; {user} worker_processes 1; error_log {root}/error.log; pid {root}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{ access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
+  server {{ listen 127.0.0.1:{port}; root {root}; }} }}
+""")
+    (root / "tmp").mkdir(exist_ok=True)
+    p = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(root)])
+    time.sleep(0.5)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        p.send_signal(signal.SIGQUIT)
+        p.wait(10)
+
+
+def convert_seconds(src: str, out: Path) -> float:
+    out.unlink(missing_ok=True)
+    t = time.perf_counter()
+    subprocess.run(["qemu-img", "convert", "-m", "1", "-f", "raw", "-O", "raw", src, str(out)], check=True)
+    d = time.perf_counter() - t
+    out.unlink()
+    return d
+
+
+def import_into(data: Path, image: Path, ref: str, chunk: str = "64K") -> None:
+    subprocess.run([BP, "--data", str(data), "import", str(image), ref, "--chunk-size", chunk], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def cold_read(data: Path, url: str, ref: str, tmp: Path, repeat: int, *agent_args: str) -> tuple[float, int]:
+    """Median seconds of a cold full read through a fresh cache, and the wire bytes of the last run."""
+    wire = 0
+
+    def once() -> float:
+        nonlocal wire
+        cache = tmp / "cold-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        sock = tmp / "cold.sock"
+        agent, _ = start_agent(cache, ref, sock, *agent_args, repo_url=url)
+        try:
+            d = convert_seconds(uri(sock), tmp / "cold-out.raw")
+            st = json.loads(subprocess.run([BP, "status", "--cache", str(cache), "--json"], check=True,
+                                           capture_output=True, text=True).stdout)
+            wire = int(st.get("wire_bytes", 0))
+        finally:
+            agent.stop()
+        return d
+
+    med, _ = median_of(repeat, once)
+    return med, wire
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of: hot,iops,cold,sweep,rss")
+    ap.add_argument("--sweep-readahead", default="32M",
+                    help="attach --readahead for the chunk-size sweep (default: the CLI's default)")
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    size = parse_size(a.size)
+    gib = size / (1 << 30)
+    WORK.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="agent-"))
+    image = realistic_image(WORK / f"agent-{a.size}.img", size, ["/usr/lib", "/usr/share"], int(size * 0.6))
+    data = tmp / "repo"
+    import_into(data, image, "bench:v1")
+    rows = []
+    meta: dict[str, object] = {"image": f"{a.size} ext4, ~60% full of files from /usr", "repeats": a.repeat,
+                               "cpus": os.cpu_count(),
+                               "command": f"python bench/bench_agent.py --size {a.size} --repeat {a.repeat}"}
+    try:
+        # -- hot: fully cached agent vs qemu-nbd over the same raw data -----------------------------------
+        if not {"hot", "iops"} <= skip:
+            sock = tmp / "hot.sock"
+            agent, _ = start_agent(tmp / "hot-cache", "bench:v1", sock, data=data)
+            try:
+                subprocess.run(["nbdcopy", uri(sock), "null:"], check=True)  # hydrate
+                if "hot" not in skip:
+                    ours, _ = median_of(a.repeat, lambda: nbdcopy_seconds(uri(sock)))
+                if "iops" not in skip:
+                    ours_iops, _ = median_of(a.repeat, lambda: fio_iops(uri(sock), size))
+            finally:
+                agent.stop()
+            qsock = tmp / "qemu.sock"
+            with qemu_nbd(image, qsock):
+                if "hot" not in skip:
+                    peer, _ = median_of(a.repeat, lambda: nbdcopy_seconds(uri(qsock)))
+                    rows.append({"benchmark": "hot sequential read, 1 MiB, nbdcopy (GiB/s)", "blockprov": gib / ours,
+                                 "peer": gib / peer, "peer name": "qemu-nbd", "ratio": peer / ours, "goal": "≥ 1.0"})
+                if "iops" not in skip:
+                    peer_iops, _ = median_of(a.repeat, lambda: fio_iops(uri(qsock), size))
+                    rows.append({"benchmark": "hot 4 KiB random read QD16, fio (IOPS)", "blockprov": ours_iops,
+                                 "peer": peer_iops, "peer name": "qemu-nbd --shared=16",
+                                 "ratio": ours_iops / peer_iops, "goal": "≥ 0.6"})
+        # -- cold: lazy fetch from a repository on loopback vs qemu's http driver ---------------------
+        if "cold" not in skip:
+            server, url = start_server(data)
+            try:
+                cold, wire = cold_read(data, url, "bench:v1", tmp, a.repeat)
+                cold_ra, _ = cold_read(data, url, "bench:v1", tmp, a.repeat, "--readahead", "1M")
+                raw_url = f"{url}/v1/images/bench/raw/v1"
+                peer_ours, _ = median_of(a.repeat, lambda: convert_seconds(raw_url, tmp / "peer.raw"))
+            finally:
+                server.stop()
+            www = tmp / "www"
+            www.mkdir()
+            shutil.copyfile(image, www / "image.raw")
+            with nginx_serving(www) as nurl:
+                peer_nginx, _ = median_of(a.repeat, lambda: convert_seconds(f"{nurl}/image.raw", tmp / "n.raw"))
+            rows.append({"benchmark": "cold sequential read, qemu-img convert -m 1 (GiB/s)", "blockprov": gib / cold,
+                         "peer": gib / peer_nginx, "peer name": "qemu http driver ← nginx raw file",
+                         "ratio": peer_nginx / cold, "goal": "≥ 0.7"})
+            rows.append({"benchmark": "cold sequential read, qemu-img convert -m 1 (GiB/s)", "blockprov": gib / cold,
+                         "peer": gib / peer_ours, "peer name": "qemu http driver ← blockprov raw view",
+                         "ratio": peer_ours / cold, "goal": "≥ 0.7"})
+            rows.append({"benchmark": "cold sequential read, attach --readahead 1M (GiB/s)",
+                         "blockprov": gib / cold_ra, "peer": gib / peer_nginx,
+                         "peer name": "qemu http driver ← nginx raw file", "ratio": peer_nginx / cold_ra,
+                         "goal": "≥ 0.7"})
+            rows.append({"benchmark": "cold read: bytes on the wire (MiB)", "blockprov": wire / (1 << 20),
+                         "peer": size / (1 << 20), "peer name": "qemu http driver",
+                         "ratio": wire / size, "goal": "< 1"})
+        if rows:
+            write_results("agent", rows, meta)
+        # -- chunk size sweep ------------------------------------------------------------------------
+        if "sweep" not in skip:
+            sweep = []
+            for chunk in ("16K", "32K", "64K", "128K", "256K", "512K", "1M"):
+                d = tmp / f"repo-{chunk}"
+                import_into(d, image, "sweep:v1", chunk)
+                server, url = start_server(d)
+                try:
+                    secs, wire = cold_read(d, url, "sweep:v1", tmp, a.repeat, "--readahead", a.sweep_readahead)
+                finally:
+                    server.stop()
+                sweep.append({"chunk size": chunk, "cold GiB/s": gib / secs, "wire MiB": wire / (1 << 20)})
+                shutil.rmtree(d)
+            write_results("agent-chunk-sweep", sweep, meta | {"attach --readahead": a.sweep_readahead})
+            plot_sweep(sweep)
+        # -- memory with a 100 GiB sparse image ------------------------------------------------------
+        if "rss" not in skip:
+            big = tmp / "big.img"
+            with open(big, "wb") as f:
+                f.truncate(100 << 30)
+                for k in range(64):
+                    f.seek(k * (1600 << 20))
+                    f.write(os.urandom(1 << 20))
+            d = tmp / "repo-big"
+            import_into(d, big, "big:v1")
+            big.unlink()
+            sock = tmp / "big.sock"
+            agent, _banner = start_agent(tmp / "big-cache", "big:v1", sock, data=d)
+            try:
+                # Read the whole disk (nbdcopy skips what block status reports as zero, as a real
+                # copy would) and walk its map, then look at the agent's memory.
+                subprocess.run(["nbdcopy", uri(sock), "null:"], check=True, capture_output=True)
+                subprocess.run(["nbdinfo", "--map", uri(sock)], check=True, capture_output=True)
+                status = Path(f"/proc/{agent.proc.pid}/status").read_text()
+                rss, peak = (int(status.split(f"{k}:")[1].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
+            finally:
+                agent.stop()
+            write_results("agent-rss", [
+                {"benchmark": "agent RSS after reading a 100 GiB sparse image (MB)", "blockprov": rss / 1e6,
+                 "goal": "≤ 150"},
+                {"benchmark": "agent peak RSS (VmHWM) over the same run (MB)", "blockprov": peak / 1e6,
+                 "goal": "≤ 150"}], meta | {"image": "100 GiB sparse, 64 × 1 MiB of random data, 64 KiB chunks",
+                                            "repeats": 1})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plot_sweep(rows: list[dict[str, object]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [str(r["chunk size"]) for r in rows]
+    ax.bar(xs, [float(r["cold GiB/s"]) for r in rows])  # type: ignore[arg-type]
+    ax.set_xlabel("chunk size")
+    ax.set_ylabel("cold sequential read, GiB/s")
+    ax.set_title("blockprov cold read vs chunk size (repository on 127.0.0.1)")
+    fig.tight_layout()
+    fig.savefig(Path(__file__).resolve().parent / "out" / "agent-chunk-sweep.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
