@@ -113,3 +113,34 @@ def test_get_blobs_batched_matches_single_reads(tmp_path: Path) -> None:
     assert s.get_blobs(ids) == [s.get_blob(c) for c in ids]
     with pytest.raises(ChunkMissing):
         s.get_blobs([items[0][0], codec.digest(b"absent")])
+
+
+def test_concurrent_writers_rotate_and_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many threads appending while packs rotate and syncs run (small limits make both frequent)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blockprov.store import pack
+
+    monkeypatch.setattr(pack, "PACK_TARGET_BYTES", 64 << 10)
+    monkeypatch.setattr(pack, "FLUSH_BYTES", 200 << 10)
+    import random
+
+    s = PackChunkStore(tmp_path)
+    datas = [random.Random(i).randbytes(7000) for i in range(600)]  # incompressible: packs fill up
+    items = [(codec.digest(d), codec.encode(d), d) for d in datas]
+
+    def work(k: int) -> None:
+        part = items[k::6]
+        for j in range(0, len(part), 5):
+            s.put_blobs([(c, b) for c, b, _ in part[j:j + 5]], trusted=True)
+            if j % 20 == 0:
+                s.sync()
+
+    with ThreadPoolExecutor(6) as ex:
+        list(ex.map(work, range(6)))
+    s.close()
+    fresh = PackChunkStore(tmp_path)
+    assert fresh.missing([c for c, _, _ in items]) == []
+    for c, _, data in items:
+        assert fresh.get(c) == data
+    assert len(list((tmp_path / "packs").glob("*.pack"))) > 5

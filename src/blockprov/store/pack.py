@@ -72,8 +72,9 @@ class _Writer:
         self.pack = pack
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self.end = 0
-        self.dirty = False
+        self.end = 0  # next free offset (reserved space included)
+        self.inflight = 0  # writes reserved but not yet finished
+        self.dirty = False  # finished writes not yet fdatasynced
 
 
 class PackChunkStore(ChunkStore):
@@ -82,7 +83,8 @@ class PackChunkStore(ChunkStore):
         self.packs_dir = ensure_dir(self.root / "packs")
         self._lock = threading.Lock()
         self._writer: _Writer | None = None
-        self._full: list[_Writer] = []  # filled packs not yet synced
+        self._writers: list[_Writer] = []  # open packs of this process: the current one and full ones
+        self._sync_lock = threading.Lock()  # one sync at a time: it may close full packs
         self._pending: dict[bytes, tuple[int, int, int]] = {}  # id → (pack, offset, length)
         self._pending_bytes = 0
         self._touched: set[bytes] = set()
@@ -217,18 +219,21 @@ class PackChunkStore(ChunkStore):
         with self._lock:
             w = self._writer
             if w is None or w.end >= PACK_TARGET_BYTES:
-                if w is not None:
-                    self._full.append(w)
                 w = self._writer = self._new_writer()
+                self._writers.append(w)
             start = w.end
             w.end += total
-            w.dirty = True
+            w.inflight += 1
         try:
             os.pwritev(w.fd, frames, start)
         except OSError as e:
+            with self._lock:
+                w.inflight -= 1
             raise _nospace(e, self.root) from None
         pos = start
-        with self._lock:
+        with self._lock:  # written: now visible, and owed an fdatasync by the next sync
+            w.inflight -= 1
+            w.dirty = True
             for cid, blob in items:
                 self._pending[cid] = (w.pack, pos + RECORD_HEAD.size, len(blob))
                 pos += RECORD_HEAD.size + len(blob)
@@ -269,31 +274,37 @@ class PackChunkStore(ChunkStore):
         return True
 
     def sync(self) -> None:
-        """Make pending blobs durable, then index them (see the crash rules)."""
-        with self._lock:
-            writers = [*self._full, *([self._writer] if self._writer else [])]
-            self._full = []
-            pending, self._pending = self._pending, {}
-            touched, self._touched = self._touched, set()
-            self._pending_bytes = 0
-        try:
-            for w in writers:
-                if w.dirty:
+        """Make pending blobs durable, then index them (see the crash rules).
+
+        A pending entry is added in the same locked step that marks its pack dirty, after its bytes
+        are written, so every entry taken here belongs to a pack this sync fdatasyncs."""
+        with self._sync_lock:
+            with self._lock:
+                dirty = [w for w in self._writers if w.dirty]
+                for w in dirty:
                     w.dirty = False
+                pending, self._pending = self._pending, {}
+                touched, self._touched = self._touched, set()
+                self._pending_bytes = 0
+            try:
+                for w in dirty:
                     os.fdatasync(w.fd)
-            now = time.time()
-            with self.index.tx() as db:
-                db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?)",
-                               [(c, p, o, n, now) for c, (p, o, n) in pending.items()])
-                db.executemany("UPDATE chunks SET stamp=? WHERE id=?", [(now, c) for c in touched])
-        except BaseException:
-            with self._lock:  # keep them pending: the next sync tries again
-                self._pending = pending | self._pending
-                self._touched |= touched
-            raise
-        for w in writers:
-            if w is not self._writer:
-                os.close(w.fd)
+                now = time.time()
+                with self.index.tx() as db:
+                    db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?)",
+                                   [(c, p, o, n, now) for c, (p, o, n) in pending.items()])
+                    db.executemany("UPDATE chunks SET stamp=? WHERE id=?", [(now, c) for c in touched])
+            except BaseException:
+                with self._lock:  # keep them pending: the next sync tries again
+                    for w in dirty:
+                        w.dirty = True
+                    self._pending = pending | self._pending
+                    self._touched |= touched
+                raise
+            with self._lock:  # full packs with nothing in flight and nothing owed are done
+                for w in [w for w in self._writers if w is not self._writer and not w.inflight and not w.dirty]:
+                    os.close(w.fd)
+                    self._writers.remove(w)
 
     def delete(self, cid: bytes) -> int:
         with self.index.tx() as db:
@@ -365,7 +376,8 @@ class PackChunkStore(ChunkStore):
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-            if self._writer is not None:
-                os.close(self._writer.fd)
-                self._writer = None
+            for w in self._writers:
+                os.close(w.fd)
+            self._writers.clear()
+            self._writer = None
         self.index.close()
