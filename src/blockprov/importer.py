@@ -29,7 +29,7 @@ from .names import Ref, parse_ref
 from .repo.base import Repository
 
 SEGMENT_BYTES = 8 << 20
-WORKERS = 3
+WORKERS = 4  # more than the cores: file reads and pack writes overlap the hashing and zstd
 
 Progress = Callable[[int], None]
 
