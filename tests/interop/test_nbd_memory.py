@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -292,7 +291,6 @@ print("ok")
     assert out.strip() == "ok"
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 def test_fio_verify_at_queue_depth(nbd_server: Start, tmp_path: Path) -> None:
     srv = nbd_server("--memory", "64M")
     nbd_run(
