@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import NoSpace
+
 
 class Database:
     def __init__(self, path: str | Path, schema: str, *, timeout: float = 60.0) -> None:
@@ -32,13 +34,21 @@ class Database:
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         db = self.conn()
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if "full" in str(e):  # SQLITE_FULL: the disk is full; the transaction did not happen
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise NoSpace(msg=str(self.path)) from None
             raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

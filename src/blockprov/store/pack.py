@@ -30,6 +30,7 @@ Crash rules:
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -42,6 +43,8 @@ from ..durable import ensure_dir, fsync_dir
 from ..errors import ChunkCorrupt, ChunkMissing, NoSpace
 from ..sqlite import Database
 from .base import ChunkStore
+
+log = logging.getLogger("blockprov.store")
 
 RECORD_HEAD = struct.Struct("<32sI")
 PACK_TARGET_BYTES = 512 << 20  # start a new pack past this size
@@ -371,7 +374,10 @@ class PackChunkStore(ChunkStore):
         return found
 
     def close(self) -> None:
-        self.sync()
+        try:
+            self.sync()  # index what was uploaded but not committed yet (a later commit may want it)
+        except Exception as e:  # e.g. a full disk: those blobs stay unindexed, which loses nothing committed
+            log.warning("chunk store %s: pending chunks not indexed at close: %s", self.root, e)
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
