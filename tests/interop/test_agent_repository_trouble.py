@@ -65,3 +65,30 @@ def test_attach_with_unreachable_repository_is_a_clear_error(tmp_path: Path) -> 
     p = run_cli("--repo", f"http://127.0.0.1:{free_port()}", "attach", "t:v1", "--cache", str(tmp_path / "c"),
                 "--socket", str(tmp_path / "s"), check=False)
     assert p.returncode == 7 and "unreachable" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_corrupt_chunk_in_repository_is_never_served(tmp_path: Path) -> None:
+    from tests.conftest import corrupt_chunk
+
+    data = tmp_path / "repo"
+    src = make_image(tmp_path / "g.img", 8 << 20, seed=33, data_fraction=1.0)
+    r = LocalRepository(data)
+    import_image(r, src, "c:v1")
+    m = r.resolve("c:v1")
+    bad = 40  # the chunk at 2.5 MiB
+    corrupt_chunk(r, m.digest_at(bad))
+    r.close()
+    sock = tmp_path / "s"
+    agent, _ = start_agent(tmp_path / "cache", "c:v1", sock, "--readahead", "0", "--fetch-timeout", "2", data=data)
+    try:
+        p = qemu_io(sock, f"read {bad * m.chunk_size} 4096", check=False)
+        assert "Input/output error" in p.stdout + p.stderr
+        good = qemu_io(sock, "read -v 0 512").stdout  # other chunks are fine
+        assert "read 512/512" in good
+        assert agent.proc.poll() is None
+    finally:
+        agent.stop()
+    from blockprov.agent.journal import load
+    from blockprov.agent.maps import PRESENT
+
+    assert not load(tmp_path / "cache").map.flags[bad] & PRESENT  # never stored either
