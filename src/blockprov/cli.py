@@ -426,13 +426,15 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
     click.echo(f"  local     {local}/{st['chunks_total']} chunks ({100.0 * local / total:.1f}%): "
                f"{st['chunks_present']} with data, {st['chunks_zero']} zero; {st['chunks_missing']} to fetch")
     click.echo(f"  modified  {st['chunks_modified']} chunks since the base version")
+    tot = st.get("totals", {})
+    click.echo(f"  fetched   {hz.size(tot.get('bytes_fetched', 0))} in {tot.get('chunks_fetched', 0)} chunks "
+               f"({hz.size(tot.get('wire_bytes', 0))} on the wire) over all agent runs")
     agent = st.get("agent", {})
     if agent.get("running"):
         lat = st.get("fetch_latency_ms", {})
-        click.echo(f"  fetched   {hz.size(st.get('bytes_fetched', 0))} in {st.get('chunks_fetched', 0)} chunks "
-                   f"({hz.size(st.get('wire_bytes', 0))} on the wire) since the agent started")
         if lat.get("p50") is not None:
-            click.echo(f"  latency   fetch p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
+            click.echo(f"  latency   fetch p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms "
+                       f"(since the agent started)")
         click.echo(f"  agent     running, pid {agent['pid']}, up {agent.get('uptime', 0):.0f} s")
         for a in agent.get("addresses", []):
             click.echo(f"            {a}")

@@ -141,6 +141,7 @@ def test_written_data_survives_restart_without_refetch(golden: tuple[Path, Path]
         assert proc.stop() == 0
     st = json.loads(run_cli("status", "--cache", str(cache), "--json").stdout)
     assert st["agent"]["running"] is False and st["chunks_missing"] == 0 and st["chunks_modified"] >= 5
+    assert 0 < st["totals"]["wire_bytes"] <= st["totals"]["bytes_fetched"]
     proc, _ = start_agent(cache, None, sock, data=data)  # re-attach what the cache holds
     try:
         run("qemu-io", "-f", "raw", "-c", "read -P 0xcd 5M 300k", nbd_uri(sock))
@@ -151,6 +152,7 @@ def test_written_data_survives_restart_without_refetch(golden: tuple[Path, Path]
         assert out.read_bytes() == bytes(expected)
         st = json.loads(run_cli("status", "--cache", str(cache), "--json").stdout)
         assert st["agent"]["running"] is True and st["chunks_fetched"] == 0  # nothing refetched
+        assert st["totals"]["bytes_fetched"] > 0  # what the first run fetched is remembered
     finally:
         assert proc.stop() == 0
 

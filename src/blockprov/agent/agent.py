@@ -157,6 +157,7 @@ def offline_status(cache_dir: Path) -> dict[str, Any]:
         "chunks_total": counts["total"], "chunks_present": counts["present"],
         "chunks_modified": counts["modified"], "chunks_zero": counts["zero"], "chunks_missing": counts["missing"],
         "journal_seq": loaded.seq, "clean_shutdown": meta.clean,
+        "totals": {k: int(meta.totals.get(k, 0)) for k in ("bytes_fetched", "wire_bytes", "chunks_fetched")},
         "agent": {"running": False},
     }
 

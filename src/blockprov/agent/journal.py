@@ -99,6 +99,9 @@ class CacheMeta:
     data_path: str | None = None  # None: "data" inside the cache directory
     created: float = field(default_factory=time.time)
     targets: list[str] = field(default_factory=list)
+    # Counters kept across agent runs (bytes_fetched, wire_bytes, chunks_fetched), as of this
+    # checkpoint: figures for ``status``, never used for correctness.
+    totals: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"{self.image}@{self.version}"

@@ -57,6 +57,7 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -299,6 +300,7 @@ class CacheDevice:
         self._filled_since_checkpoint = 0
         self.verified_chunks = 0
         self.dropped_chunks = 0
+        self._folded: dict[str, int] = {}  # this run's fetch counters already added to meta.totals
         self._fetcher = Fetcher(self.manifest, repo, self._store_fetched, self._needs_fetch,
                                 readahead=readahead, batch_bytes=batch_bytes, max_inflight=max_inflight,
                                 timeout=fetch_timeout)
@@ -338,7 +340,7 @@ class CacheDevice:
             if loaded is not None and not loaded.meta.clean and verify_unclean and loaded.present_runs:
                 await dev._verify(loaded.present_runs)
             # Fold the replayed records and mark the cache in use (clean=False) before serving.
-            await opened.state.checkpoint(clean=False)
+            await dev._checkpoint(clean=False)
         except BaseException:
             if dev is not None:
                 await dev._fetcher.close()
@@ -361,7 +363,7 @@ class CacheDevice:
                 with contextlib.suppress(Exception):
                     await self._checkpoint_task
             await self._flush()
-            await self._state.checkpoint(clean=True)
+            await self._checkpoint(clean=True)
         finally:
             self._state.close()
             os.close(self._fd)
@@ -639,6 +641,7 @@ class CacheDevice:
             "verified_chunks": self.verified_chunks,
             "dropped_chunks": self.dropped_chunks,
             **self._fetcher.stats.to_dict(),
+            "totals": self.totals(),
         }
 
     # -- fills (called by the fetcher) --------------------------------------------------------
@@ -753,6 +756,20 @@ class CacheDevice:
         if bufs:
             _pwritev_all(self._fd, bufs, start)
 
+    TOTALS = ("bytes_fetched", "wire_bytes", "chunks_fetched")
+
+    def totals(self) -> dict[str, int]:
+        """Fetch counters over every agent run on this cache (this run's added to the stored ones)."""
+        st, base = self._fetcher.stats, self._state.meta.totals
+        return {k: int(base.get(k, 0)) + int(getattr(st, k)) - int(self._folded.get(k, 0))
+                for k in self.TOTALS}
+
+    async def _checkpoint(self, *, clean: bool) -> None:
+        totals = self.totals()
+        self._state.meta = replace(self._state.meta, totals=totals)
+        self._folded = {k: int(getattr(self._fetcher.stats, k)) for k in self.TOTALS}
+        await self._state.checkpoint(clean=clean)
+
     def _maybe_checkpoint(self) -> None:
         if self._closed or self._checkpoint_task is not None:
             return
@@ -760,7 +777,7 @@ class CacheDevice:
                 and self._filled_since_checkpoint < self._checkpoint_fill_bytes:
             return
         self._filled_since_checkpoint = 0
-        task = asyncio.ensure_future(self._state.checkpoint(clean=False))
+        task = asyncio.ensure_future(self._checkpoint(clean=False))
         self._checkpoint_task = task
 
         def done(t: asyncio.Future[None]) -> None:
