@@ -12,7 +12,7 @@ Files in the cache directory::
     8   4  format version (1), little endian
     12  4  length J of the JSON header
     16  J  JSON: image, version, manifest_digest, chunk_size, size, count, seq, uuid, clean,
-           data_path, created, targets, sections = [[name, offset, length], ...]
+           data_path, created, targets, totals (fetch counters), sections = [[name, offset, length], ...]
     ..     sections, offsets relative to the end of the JSON: "flags" (count bytes),
            "gens" (count × u32, when snapshot generations are on), "unsynced:<target>"
            ((count + 7) // 8 bytes each)
