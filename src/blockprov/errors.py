@@ -57,6 +57,22 @@ class ChunkMissing(NotFound):
     """chunk {digest} is not in the repository"""
 
 
+class HostNotFound(NotFound):
+    """no boot assignment for host {host} (assign one with: blockprov host assign {host} NAME:TAG)"""
+
+
+class AgentNotFound(NotFound):
+    """no agent instance {instance} is registered with this repository"""
+
+
+class RequestNotFound(NotFound):
+    """no request {rid} for agent instance {instance}"""
+
+
+class ProfileNotFound(NotFound):
+    """no boot profile is recorded for {ref}"""
+
+
 class IntegrityError(BlockprovError):
     """{msg}"""
 
@@ -90,6 +106,10 @@ class Conflict(BlockprovError):
     http_status = 409
 
 
+class BootFilesMissing(Conflict):
+    """{ref} has no boot files (set them with: blockprov boot-files set {ref} --kernel FILE --initrd FILE)"""
+
+
 class SourceError(BlockprovError):
     """cannot read {path}: {why}"""
 
@@ -100,6 +120,15 @@ class SourceError(BlockprovError):
 class RepositoryUnavailable(BlockprovError):
     """repository {url} is unreachable: {why}"""
 
+    exit_code = 7
+    http_status = 503
+
+
+class StoreMisconfigured(BlockprovError):
+    """object store {url} cannot be used: {why}"""
+
+    # Not temporary (retrying cannot help: a missing bucket, refused credentials), but to a client of
+    # the server it is the server that is unusable: 503, and the same exit code as an unreachable one.
     exit_code = 7
     http_status = 503
 

@@ -60,3 +60,74 @@ def parse_ref(s: str, *, allow_version: bool = True) -> Ref:
         name, tag = s.split(":", 1)
         return Ref(image_name(name), tag=tag_name(tag))
     return Ref(image_name(s), tag=DEFAULT_TAG)
+
+
+# -- machines: hosts, kernel arguments, agent instances, requests ----------------------------------
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
+_HOST = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_OP = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+_RID = re.compile(r"^[0-9a-f]{16}$")
+_ARGS = re.compile(r"^[A-Za-z0-9 ._,:=/+@%~-]*$")
+_BASE_URL = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$|"
+                       r"^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+MAX_ARGS = 2048
+
+
+def host_id(s: str) -> str:
+    """A host as the repository keys it: a MAC address in lower-case colon form, or a host id.
+
+    iPXE sends ``${net0/mac}`` as ``52:54:00:12:34:56``; operators paste ``52-54-00-12-34-56``
+    from Windows tools. Both (any case) are the same MAC, so both become the colon form. Anything
+    else must be a host id: lower-case letters, digits and '-', like a DNS label (at most 63).
+    A dash-separated MAC is read as a MAC, never as a host id."""
+    if _MAC.match(s):
+        return s.lower().replace("-", ":")
+    if not _HOST.match(s):
+        raise InvalidName(kind="host", name=s[:80],
+                          why="give a MAC address (aa:bb:cc:dd:ee:ff or aa-bb-cc-dd-ee-ff) or a host id "
+                              "of lower-case letters, digits and '-' (at most 63), starting with a letter or digit")
+    return s
+
+
+def kernel_args(s: str) -> str:
+    """Kernel command-line text that goes into a boot script verbatim.
+
+    It becomes part of an iPXE script line, so anything iPXE would interpret (newlines, ``$``
+    expansions, ``||``/``&&``, quotes, ``#``) is refused rather than escaped: letters, digits, space
+    and ``._,:=/+@%~-`` cover real kernel arguments (``console=ttyS0,115200n8 root=/dev/vda1 rw``)."""
+    if len(s) > MAX_ARGS or not _ARGS.match(s):
+        raise InvalidName(kind="kernel arguments", name=s[:80],
+                          why=f"use letters, digits, spaces and ._,:=/+@%~- only (at most {MAX_ARGS} characters)")
+    return " ".join(s.split())
+
+
+def base_url(s: str) -> str:
+    """An http(s) URL without query, credentials or odd characters: it is written into boot scripts."""
+    s = s.rstrip("/")
+    if not _BASE_URL.match(s):
+        raise InvalidName(kind="base URL", name=s[:80],
+                          why="expected http://HOST[:PORT][/PATH] with plain characters only")
+    return s
+
+
+def instance_id(s: str) -> str:
+    """An agent instance id: letters, digits, '.', '_' and '-' (at most 128), as agents choose them."""
+    if not _INSTANCE.match(s) or ".." in s:
+        raise InvalidName(kind="agent instance", name=s[:80],
+                          why="use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
+    return s
+
+
+def op_name(s: str) -> str:
+    """The operation of a repository-initiated request (``snapshot``, ``status`` …)."""
+    if not _OP.match(s):
+        raise InvalidName(kind="request operation", name=s[:80],
+                          why="use lower-case letters, digits, '.', '_' and '-' (at most 64), starting with a letter")
+    return s
+
+
+def request_id(s: str) -> str:
+    if not _RID.match(s):
+        raise InvalidName(kind="request id", name=s[:80], why="must be 16 lower-case hex digits")
+    return s

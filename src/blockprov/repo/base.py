@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from ..boot import BootFile, Source
 from ..manifest import Manifest
 from ..names import Ref
 
@@ -49,6 +50,43 @@ class GcStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class HostInfo:
+    """A host's boot assignment. ``ref`` is what was assigned (``NAME:TAG`` follows the tag);
+    ``version`` is the id it names now, None when that tag or version no longer exists."""
+
+    host: str
+    ref: str
+    args: str
+    version: str | None
+    updated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BootFilesInfo:
+    """The boot files of one version (see boot.py for how they are stored)."""
+
+    image: str
+    version: str
+    kernel: BootFile
+    initrd: BootFile
+    cmdline: str
+    updated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "version": self.version, "cmdline": self.cmdline, "updated": self.updated,
+                "kernel": self.kernel.to_dict(), "initrd": self.initrd.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BootFilesInfo:
+        return cls(image=str(d["image"]), version=str(d["version"]), cmdline=str(d["cmdline"]),
+                   updated=float(d["updated"]), kernel=BootFile.from_dict(d["kernel"]),
+                   initrd=BootFile.from_dict(d["initrd"]))
 
 
 class Repository(Protocol):
@@ -96,6 +134,76 @@ class Repository(Protocol):
 
     def raw_url(self, ref: Ref | str) -> str | None:
         """HTTP URL of the raw view of a version, when the repository is remote."""
+        ...
+
+    # -- remote boot (boot.py) ------------------------------------------------------------------
+    def set_boot_files(self, ref: Ref | str, kernel: Source, initrd: Source, cmdline: str = "") -> BootFilesInfo:
+        """Store a kernel and an initrd (bytes or file paths) for the version ``ref`` names now,
+        replacing any it had. InvalidName for a bad ``cmdline``; ImageNotFound for the version."""
+        ...
+
+    def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:
+        """The version's boot files, or None when it has none."""
+        ...
+
+    def boot_file(self, ref: Ref | str, which: str) -> bytes:
+        """The content of ``"kernel"`` or ``"initrd"``, verified; BootFilesMissing when none."""
+        ...
+
+    def assign_host(self, host: str, ref: Ref | str, args: str = "") -> HostInfo:
+        """Boot ``host`` (a MAC or host id) from ``ref``: ``NAME:TAG`` follows the tag, ``NAME@ID``
+        stays. ``args`` are extra kernel arguments for that host. Replaces an earlier assignment."""
+        ...
+
+    def hosts(self) -> list[HostInfo]: ...
+
+    def remove_host(self, host: str) -> None:
+        """Forget a host's assignment; HostNotFound if it had none."""
+        ...
+
+    def boot_script(self, host: str, base_url: str | None = None) -> str:
+        """The iPXE script for ``host``. ``base_url``: the repository's URL as the host reaches it
+        (a remote repository defaults to the URL the server was reached at). HostNotFound,
+        BootFilesMissing, or Conflict when the assigned tag or version is gone."""
+        ...
+
+    # -- boot profiles ----------------------------------------------------------------------------
+    def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
+        """Record the order in which a boot first read chunk indices (distinct, < chunk count)."""
+        ...
+
+    def get_profile(self, image: str, version: str) -> list[int] | None:
+        """The recorded boot order of a version, or None; ImageNotFound for an unknown version."""
+        ...
+
+    # -- agents and repository-initiated requests -------------------------------------------------
+    def register_agent(self, instance: str, info: dict[str, Any]) -> None:
+        """Register (or refresh: also the heartbeat) an agent instance attached to this repository."""
+        ...
+
+    def agents(self) -> list[dict[str, Any]]:
+        """Registered agents: instance, info, registered, last_seen, seen_ago, pending, running."""
+        ...
+
+    def unregister_agent(self, instance: str) -> None:
+        """Forget an agent; its unfinished requests fail. AgentNotFound if unknown."""
+        ...
+
+    def post_request(self, instance: str, op: str, args: dict[str, Any] | None = None) -> str:
+        """Queue a request for a registered agent; returns its id. AgentNotFound if unknown."""
+        ...
+
+    def next_request(self, instance: str, wait: float = 0.0) -> dict[str, Any] | None:
+        """The agent's oldest pending request, now ``running`` under a lease, or None after ``wait`` s."""
+        ...
+
+    def complete_request(self, instance: str, rid: str, ok: bool, result: dict[str, Any] | None = None,
+                         error: str | None = None) -> dict[str, Any]:
+        """Record a request's outcome (``done`` or ``failed``); Conflict if it was already completed."""
+        ...
+
+    def get_request(self, instance: str, rid: str, wait: float = 0.0) -> dict[str, Any]:
+        """A request's state, waiting up to ``wait`` s for it to finish. RequestNotFound if unknown."""
         ...
 
     def close(self) -> None: ...

@@ -2,7 +2,7 @@
 
 Layout of the data directory::
 
-    DATA/catalog.sqlite   images, versions (manifests), tags
+    DATA/catalog.sqlite   images, versions (manifests), tags; boot files, hosts, profiles, agents (registry.py)
     DATA/chunks/          the pack-file chunk store (store/pack.py)
     DATA/tmp/             scratch space for imports of non-raw formats
 
@@ -18,17 +18,20 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from .. import boot, codec, names
 from .. import manifest as mf
 from ..catalog import Catalog
 from ..codec import ZERO_DIGEST
 from ..durable import ensure_dir
-from ..errors import MissingChunks
+from ..errors import BootFilesMissing, Conflict, MissingChunks, UsageError
 from ..manifest import Manifest
-from ..names import Ref, parse_ref
+from ..names import Ref, image_name, kernel_args, parse_ref, version_id
+from ..registry import Registry
 from ..store.base import ChunkStore
 from ..store.pack import PackChunkStore
-from .base import GcStats, ImageInfo, VersionInfo
+from .base import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
 
 GC_GRACE_SECONDS = 3600.0
 
@@ -43,6 +46,7 @@ class LocalRepository:
         self.url = f"file://{Path(self.data_dir).resolve()}"
         self.store = store if store is not None else PackChunkStore(self.data_dir / "chunks")
         self.catalog = Catalog(self.data_dir / "catalog.sqlite")
+        self.registry = Registry(self.catalog)  # boot files, hosts, profiles, agents (registry.py)
         self.tmp_dir = ensure_dir(self.data_dir / "tmp")
 
     # -- reading --------------------------------------------------------------------------------
@@ -90,6 +94,7 @@ class LocalRepository:
         referenced: set[bytes] = set()
         for m in self.catalog.all_manifests():
             referenced |= m.unique_digests()
+        referenced |= self.registry.boot_piece_ids()
         referenced.discard(ZERO_DIGEST)
         cutoff = time.time() - grace
         removed = freed = kept = 0
@@ -106,3 +111,125 @@ class LocalRepository:
     def close(self) -> None:
         self.store.close()
         self.catalog.close()
+
+    # -- remote boot, profiles, agents (registry.py; the HTTP service calls these too) -----------
+    def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source,
+                       cmdline: str = "") -> BootFilesInfo:
+        r = as_ref(ref)
+        cmdline = kernel_args(cmdline)
+        vid = self.catalog.resolve_id(r)
+
+        def sink(items: list[tuple[bytes, bytes]]) -> None:
+            self.store.put_blobs(items, trusted=True)
+
+        k = boot.split(kernel, "kernel", sink)
+        i = boot.split(initrd, "initrd", sink)
+        return self.record_boot_files(r.name, vid, k, i, cmdline)
+
+    def record_boot_files(self, image: str, vid: str, kernel: boot.BootFile, initrd: boot.BootFile,
+                          cmdline: str) -> BootFilesInfo:
+        """Record descriptors whose pieces were uploaded already: every piece must be present and
+        decode to the length the descriptor implies; pieces are made durable before the row."""
+        missing = self.store.missing(kernel.piece_ids() + initrd.piece_ids())
+        if missing:
+            raise MissingChunks([c.hex() for c in missing])
+        for f in (kernel, initrd):
+            for n in range(f.count):  # header only: the length a piece decodes to
+                blob = self.store.get_blob(f.piece_id(n))
+                if len(blob) < codec.HEADER_SIZE or codec.HEADER.unpack_from(blob)[4] != f.piece_length(n):
+                    raise UsageError(f"boot file piece {n} ({f.piece_id(n).hex()}) does not have the length "
+                                     f"{f.piece_length(n)} its descriptor implies")
+        self.store.sync()
+        return self.registry.set_boot_files(image_name(image), version_id(vid), kernel, initrd, cmdline)
+
+    def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:
+        r = as_ref(ref)
+        return self.registry.boot_files(r.name, self.catalog.resolve_id(r))
+
+    def _boot_files(self, ref: Ref) -> BootFilesInfo:
+        info = self.get_boot_files(ref)
+        if info is None:
+            raise BootFilesMissing(ref=str(ref))
+        return info
+
+    def boot_file(self, ref: Ref | str, which: str) -> bytes:
+        f = self.boot_file_info(as_ref(ref), which)
+        return b"".join(boot.assemble(f, self.store.get_blobs(f.piece_ids())))
+
+    def boot_file_info(self, ref: Ref, which: str) -> boot.BootFile:
+        if which not in ("kernel", "initrd"):
+            raise UsageError(f"a boot file is 'kernel' or 'initrd', not {which!r}")
+        info = self._boot_files(ref)
+        return info.kernel if which == "kernel" else info.initrd
+
+    def assign_host(self, host: str, ref: Ref | str, args: str = "") -> HostInfo:
+        return self.registry.assign_host(host, as_ref(ref), args)
+
+    def hosts(self) -> list[HostInfo]:
+        return self.registry.hosts()
+
+    def remove_host(self, host: str) -> None:
+        self.registry.remove_host(host)
+
+    def boot_script(self, host: str, base_url: str | None = None) -> str:
+        if base_url is None:
+            raise UsageError("a boot script needs the repository's HTTP URL as hosts reach it (--base-url): "
+                             "the embedded repository has none until `blockprov serve` exposes it")
+        base = names.base_url(base_url)
+        h = self.registry.host(host)
+        ref = parse_ref(h.ref)
+        if h.version is None:
+            raise Conflict(f"host {h.host} is assigned {h.ref}, which no longer exists: re-assign it")
+        info = self._boot_files(Ref(ref.name, version=h.version))
+        return boot.script(host=h.host, assigned=h.ref, image=ref.name, version=h.version, base=base,
+                           cmdline=info.cmdline, args=h.args)
+
+    def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
+        self.registry.put_profile(image, version, list(order))
+
+    def get_profile(self, image: str, version: str) -> list[int] | None:
+        return self.registry.get_profile(image, version)
+
+    def register_agent(self, instance: str, info: dict[str, Any]) -> None:
+        self.registry.register_agent(instance, info)
+
+    def agents(self) -> list[dict[str, Any]]:
+        return self.registry.agents()
+
+    def unregister_agent(self, instance: str) -> None:
+        self.registry.unregister_agent(instance)
+
+    def post_request(self, instance: str, op: str, args: dict[str, Any] | None = None) -> str:
+        return self.registry.post_request(instance, op, args)
+
+    def next_request(self, instance: str, wait: float = 0.0) -> dict[str, Any] | None:
+        deadline = time.monotonic() + _wait(wait)
+        while True:  # bounded by the deadline
+            req = self.registry.try_next_request(instance)
+            left = deadline - time.monotonic()
+            if req is not None or left <= 0:
+                return req
+            time.sleep(min(POLL_SECONDS, left))
+
+    def complete_request(self, instance: str, rid: str, ok: bool, result: dict[str, Any] | None = None,
+                         error: str | None = None) -> dict[str, Any]:
+        return self.registry.complete_request(instance, rid, ok, result, error)
+
+    def get_request(self, instance: str, rid: str, wait: float = 0.0) -> dict[str, Any]:
+        deadline = time.monotonic() + _wait(wait)
+        while True:  # bounded by the deadline
+            req = self.registry.get_request(instance, rid)
+            left = deadline - time.monotonic()
+            if req["state"] in ("done", "failed") or left <= 0:
+                return req
+            time.sleep(min(POLL_SECONDS, left))
+
+
+POLL_SECONDS = 0.15  # how often a waiting caller re-reads the shared catalog
+MAX_WAIT = 3600.0
+
+
+def _wait(wait: float) -> float:
+    if not 0 <= wait <= MAX_WAIT:  # also refuses NaN
+        raise UsageError(f"wait must be 0 to {MAX_WAIT:g} seconds, not {wait}")
+    return float(wait)

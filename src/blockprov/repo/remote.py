@@ -26,32 +26,52 @@ Why it is shaped like this:
 * **Thread-safe.** One ``httpx.Client`` (a keep-alive connection pool with its own locking) is
   shared by the importer's and exporter's worker threads; the object holds no other mutable state
   but a size estimate.
+* **Cacheable mode** (``cacheable=True``, ``attach --cacheable-fetch``): a POST is never cached by
+  an HTTP cache, so with a cache (nginx, a CDN) between agents and the repository, ``get_blob_views``
+  asks ``GET /v1/chunks/{id}`` for each chunk instead, ``GET_WORKERS`` at a time. Those answers are
+  immutable with strong ETags: the cache serves every agent after the first. Costs a request per
+  chunk, so it is off by default.
 * Tests pass a ``starlette.testclient.TestClient`` as ``client`` to run against the app in-process.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from .. import __version__, codec, errors
+from .. import __version__, boot, codec, errors, names
 from ..errors import BlockprovError, ManifestError, RepositoryUnavailable
 from ..manifest import Manifest
-from ..names import Ref, image_name, parse_ref, tag_name, version_id
-from .base import GcStats, ImageInfo, VersionInfo
+from ..names import (
+    Ref,
+    host_id,
+    image_name,
+    instance_id,
+    kernel_args,
+    op_name,
+    parse_ref,
+    request_id,
+    tag_name,
+    version_id,
+)
+from .base import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
 
 BATCH_BYTES = 16 << 20  # target size of one fetch answer or one upload
 MISSING_BATCH = 65536  # ids per /v1/chunks/missing question (2 MiB)
 MAX_FETCH_IDS = 4096
+GET_WORKERS = 16  # parallel per-chunk GETs in cacheable mode
 LEN = struct.Struct("<I")
 ID = codec.DIGEST_SIZE
 OCTETS = {"content-type": "application/octet-stream"}
@@ -166,7 +186,8 @@ def _read_body(resp: http.client.HTTPResponse) -> memoryview:
 
 
 class RemoteRepository:
-    def __init__(self, url: str, *, timeout: float = 30.0, client: httpx.Client | None = None) -> None:
+    def __init__(self, url: str, *, timeout: float = 30.0, client: httpx.Client | None = None,
+                 cacheable: bool = False) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._own_client = client is None
@@ -175,6 +196,8 @@ class RemoteRepository:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
         self._avg_blob = 64 << 10  # learned from answers; sizes the next fetch batch
         self._raw = _RawPost(self.url, timeout) if client is None and _RawPost.usable(self.url) else None
+        self.cacheable = cacheable
+        self._get_pool = ThreadPoolExecutor(GET_WORKERS, thread_name_prefix="bp-get") if cacheable else None
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _request(self, method: str, path: str, *, slow: bool = False, **kw: Any) -> httpx.Response:
@@ -219,6 +242,8 @@ class RemoteRepository:
         self.close()
 
     def close(self) -> None:
+        if self._get_pool is not None:
+            self._get_pool.shutdown(wait=False, cancel_futures=True)
         if self._raw is not None:
             self._raw.close()
         if self._own_client:
@@ -249,6 +274,8 @@ class RemoteRepository:
 
     def get_blob_views(self, ids: Sequence[bytes]) -> list[_Blob]:
         """Like ``get_blobs``, but blobs may be read-only memoryviews of the answer (no copies)."""
+        if self._get_pool is not None:
+            return self._get_each(ids)
         out: list[_Blob] = []
         i = 0
         while i < len(ids):
@@ -256,6 +283,14 @@ class RemoteRepository:
             out.extend(self._fetch(ids[i:i + n]))
             i += n
         return out
+
+    def _get_each(self, ids: Sequence[bytes]) -> list[_Blob]:
+        """Cacheable mode: one ``GET /v1/chunks/{id}`` per distinct id, in parallel, answers in order."""
+        assert self._get_pool is not None
+        uniq = list(dict.fromkeys(ids))
+        blobs = self._get_pool.map(lambda c: self._request("GET", f"/v1/chunks/{c.hex()}").content, uniq)
+        got: dict[bytes, _Blob] = dict(zip(uniq, blobs, strict=True))
+        return [got[c] for c in ids]
 
     def _post_fetch(self, body: bytes) -> bytes | memoryview:
         if self._raw is None:
@@ -353,3 +388,149 @@ class RemoteRepository:
         """Server-side gc; ``grace`` (seconds) overrides the server's default protection of young chunks."""
         params = {"grace": grace} if grace is not None else {}
         return GcStats(**self._request("POST", "/v1/gc", params=params, slow=True).json())
+
+    # -- remote boot, profiles, agents ------------------------------------------------------------
+    def _version_of(self, r: Ref) -> str:
+        """The id a reference names now, without fetching a manifest (they can be tens of MB)."""
+        if r.version is not None:
+            return r.version
+        for v in self.versions(r.name):
+            if r.tag in v.tags:
+                return v.id
+        raise errors.ImageNotFound(ref=str(r))
+
+    def _waiting(self, wait: float) -> dict[str, Any]:
+        """Request options for a long poll of ``wait`` seconds: a read timeout that outlasts it."""
+        return {"timeout": httpx.Timeout(self.timeout + wait)} if self._own_client else {}
+
+    def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source,
+                       cmdline: str = "") -> BootFilesInfo:
+        """Upload the pieces the repository lacks (chunk protocol), then record the descriptors."""
+        r = _as_ref(ref)
+        cmdline = kernel_args(cmdline)
+        vid = self._version_of(r)
+
+        def sink(items: list[tuple[bytes, bytes]]) -> None:
+            absent = set(self.missing([cid for cid, _ in items]))
+            self.put_blobs([(cid, blob) for cid, blob in items if cid in absent])
+
+        k = boot.split(kernel, "kernel", sink)
+        i = boot.split(initrd, "initrd", sink)
+        d = self._request("PUT", f"/v1/images/{r.name}/versions/{vid}/boot",
+                          json={"kernel": k.to_dict(), "initrd": i.to_dict(), "cmdline": cmdline}).json()
+        return BootFilesInfo.from_dict(d)
+
+    def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:
+        r = _as_ref(ref)
+        d = self._request("GET", f"/v1/images/{r.name}/versions/{self._version_of(r)}/boot").json()["boot"]
+        return None if d is None else BootFilesInfo.from_dict(d)
+
+    def boot_file(self, ref: Ref | str, which: str) -> bytes:
+        """Downloaded, then checked piece by piece against the descriptor (invariant 6)."""
+        if which not in ("kernel", "initrd"):
+            raise errors.UsageError(f"a boot file is 'kernel' or 'initrd', not {which!r}")
+        r = _as_ref(ref)
+        info = self.get_boot_files(r)
+        if info is None:
+            raise errors.BootFilesMissing(ref=str(r))
+        f = info.kernel if which == "kernel" else info.initrd
+        data = self._request("GET", f"/v1/images/{r.name}/versions/{info.version}/boot/{which}", slow=True).content
+        got = boot.split(data, which, lambda _items: None)
+        if got != f:
+            raise errors.IntegrityError(f"the {which} of {r} served does not match its descriptor "
+                                        f"({got.size} bytes, id {got.id}; expected {f.size} bytes, id {f.id})")
+        return data
+
+    def assign_host(self, host: str, ref: Ref | str, args: str = "") -> HostInfo:
+        d = self._request("PUT", f"/v1/hosts/{host_id(host)}",
+                          json={"ref": str(_as_ref(ref)), "args": kernel_args(args)}).json()
+        return HostInfo(**d)
+
+    def hosts(self) -> list[HostInfo]:
+        return [HostInfo(**h) for h in self._request("GET", "/v1/hosts").json()["hosts"]]
+
+    def remove_host(self, host: str) -> None:
+        self._request("DELETE", f"/v1/hosts/{host_id(host)}")
+
+    def boot_script(self, host: str, base_url: str | None = None) -> str:
+        params = {"base": names.base_url(base_url)} if base_url is not None else {}
+        return self._request("GET", f"/v1/boot/{host_id(host)}", params=params,
+                             headers={"accept": "application/json, text/plain"}).text
+
+    def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
+        body = b"".join(struct.pack("<I", i) if type(i) is int and 0 <= i < 1 << 32 else b"" for i in order)
+        if len(body) != 4 * len(order):
+            raise errors.UsageError("a profile holds chunk indices (non-negative integers)")
+        self._request("PUT", f"/v1/images/{image_name(image)}/versions/{version_id(version)}/profile",
+                      content=body, headers=OCTETS)
+
+    def get_profile(self, image: str, version: str) -> list[int] | None:
+        try:
+            data = self._request("GET", f"/v1/images/{image_name(image)}/versions/{version_id(version)}/profile",
+                                 headers={"accept": OCTETS["content-type"]}).content
+        except errors.ProfileNotFound:
+            return None
+        if len(data) % 4:
+            raise RepositoryUnavailable(url=self.url, why="torn boot profile")
+        return [v for (v,) in struct.iter_unpack("<I", data)]
+
+    def register_agent(self, instance: str, info: dict[str, Any]) -> None:
+        self._request("PUT", f"/v1/agents/{instance_id(instance)}", **_json(info, "agent info"))
+
+    def agents(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/agents").json()["agents"])
+
+    def unregister_agent(self, instance: str) -> None:
+        self._request("DELETE", f"/v1/agents/{instance_id(instance)}")
+
+    def post_request(self, instance: str, op: str, args: dict[str, Any] | None = None) -> str:
+        d = self._request("POST", f"/v1/agents/{instance_id(instance)}/requests",
+                          **_json({"op": op_name(op), "args": args if args is not None else {}}, "request")).json()
+        return str(d["id"])
+
+    def next_request(self, instance: str, wait: float = 0.0) -> dict[str, Any] | None:
+        """Long polls of at most ``POLL_MAX`` s each until a request arrives or ``wait`` is over."""
+        instance_id(instance)
+        deadline = time.monotonic() + _wait(wait)
+        while True:  # bounded by the deadline
+            w = round(max(0.0, min(POLL_MAX, deadline - time.monotonic())), 3)
+            r = self._request("GET", f"/v1/agents/{instance}/requests/next", params={"wait": w}, **self._waiting(w))
+            if r.status_code == 200:
+                return dict(r.json())
+            if time.monotonic() >= deadline:
+                return None
+
+    def complete_request(self, instance: str, rid: str, ok: bool, result: dict[str, Any] | None = None,
+                         error: str | None = None) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/agents/{instance_id(instance)}/requests/{request_id(rid)}/result",
+                                  **_json({"ok": ok, "result": result, "error": error}, "result")).json())
+
+    def get_request(self, instance: str, rid: str, wait: float = 0.0) -> dict[str, Any]:
+        path = f"/v1/agents/{instance_id(instance)}/requests/{request_id(rid)}"
+        deadline = time.monotonic() + _wait(wait)
+        while True:  # bounded by the deadline
+            w = round(max(0.0, min(POLL_MAX, deadline - time.monotonic())), 3)
+            d = dict(self._request("GET", path, params={"wait": w}, **self._waiting(w)).json())
+            if d["state"] in ("done", "failed") or time.monotonic() >= deadline:
+                return d
+
+
+POLL_MAX = 25.0  # seconds per long-poll request (the server allows 30)
+
+
+def _json(d: object, what: str) -> dict[str, Any]:
+    """A JSON request body; what cannot be JSON is the caller's mistake (UsageError), as locally."""
+    if not isinstance(d, dict):
+        raise errors.UsageError(f"{what} must be a JSON object")
+    try:
+        body = json.dumps(d, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise errors.UsageError(f"{what} is not JSON: {e}") from None
+    return {"content": body, "headers": {"content-type": "application/json"}}
+MAX_WAIT = 3600.0
+
+
+def _wait(wait: float) -> float:
+    if not 0 <= wait <= MAX_WAIT:  # also refuses NaN
+        raise errors.UsageError(f"wait must be 0 to {MAX_WAIT:g} seconds, not {wait}")
+    return float(wait)

@@ -47,6 +47,7 @@ from ..errors import BlockprovError, ChunkMissing, MissingChunks, TooLarge, Usag
 from ..manifest import Manifest
 from ..names import Ref, image_name, parse_ref, tag_name, version_id
 from ..repo.local import LocalRepository
+from .machines import add_routes
 from .rawview import IMMUTABLE, ManifestCache, RawView, etag_matches
 
 log = logging.getLogger("blockprov.service")
@@ -392,4 +393,5 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
         counts = await asyncio.gather(*(run(repo.put_blobs, s) for s in _slices(items, workers, least=4)))
         return {"received": len(items), "new": sum(counts)}
 
+    add_routes(app, repo, run)  # boot files, host boot scripts, profiles, agents (machines.py)
     return app

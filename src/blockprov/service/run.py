@@ -10,6 +10,7 @@ the signal after shutdown as uvicorn does by default.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from collections.abc import Callable, Generator
 import uvicorn
 
 from ..repo.local import LocalRepository
+from ..store.base import ChunkStore
 from .app import MAX_BODY, create_app
 
 OnReady = Callable[[str], None]
@@ -58,6 +60,12 @@ class _Server(uvicorn.Server):
         if self.started and self.on_ready is not None:
             self.on_ready(self.url)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = getattr(self.config.app, "state", None)
+        if state is not None:
+            state.draining = True  # long polls (service/machines.py) answer now instead of at their end
+        await super().shutdown(sockets)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         if threading.current_thread() is not threading.main_thread():
@@ -79,13 +87,19 @@ class _Server(uvicorn.Server):
 
 def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8420, *,
                on_ready: OnReady | None = None, max_body: int = MAX_BODY, access_log: bool = False,
-               log_level: str = "info") -> None:
-    """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening."""
-    repo = LocalRepository(data_dir)
+               log_level: str = "info", store: ChunkStore | None = None) -> None:
+    """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening.
+    ``store``: the chunk store to use instead of ``data_dir``'s pack store (e.g. S3); the catalog stays
+    in ``data_dir``. The server closes it."""
+    repo = LocalRepository(data_dir, store=store)
     sock = bind(host, port)
     try:
+        # uvicorn writes access lines to stdout by default; stdout is for the "serving URL" line
+        # (scripts read it and may not drain the rest), so logs of every kind go to stderr.
+        log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+        log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
         config = uvicorn.Config(create_app(repo, max_body=max_body), access_log=access_log, log_level=log_level,
-                                timeout_keep_alive=75, lifespan="on")
+                                timeout_keep_alive=75, lifespan="on", log_config=log_config)
         _Server(config, url_of(sock), on_ready).run(sockets=[sock])
     finally:
         sock.close()

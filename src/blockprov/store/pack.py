@@ -128,6 +128,9 @@ class PackChunkStore(ChunkStore):
             q = f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})"
             have = {bytes(r[0]) for r in db.execute(q, part)}
             out.extend(c for c in part if c not in have)
+            if have:  # about to be re-used by a commit: gc's grace period must count from now
+                with self._lock:
+                    self._touched |= have
         return out
 
     def get_blob(self, cid: bytes) -> bytes:

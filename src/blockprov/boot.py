@@ -1,0 +1,178 @@
+"""Boot files (kernel, initrd) and iPXE boot scripts. Pure apart from reading the caller's file.
+
+Why boot files are stored as chunks of the chunk store, not as files next to the catalog:
+
+* **One storage path.** A kernel (~8 MB) and an initrd (~30 MB) are cut into 1 MiB pieces,
+  each stored like any disk chunk: named by its BLAKE3 digest, zstd-compressed, verified on every
+  read (invariant 6 holds for what a booting host downloads, too), deduplicated (the same kernel
+  under fifty versions is stored once), reclaimed by ``gc`` when no version needs it, and carried
+  by whatever backend holds chunks — including the S3 store several stateless servers share,
+  where files on one server's disk would be missing on the others.
+* **Uploads reuse the chunk protocol.** A remote client asks which pieces are missing, uploads only
+  those, then records the descriptor; the server refuses a descriptor naming an absent piece
+  (``MissingChunks``), exactly as a commit does.
+* The catalog keeps, per version, a ``BootFile`` descriptor for each: size and ordered piece ids.
+  Its ``id`` (a BLAKE3 over the size and the piece ids) changes whenever the content does: it is
+  the HTTP ETag.
+
+Crash rule: pieces are made durable (``store.sync``) before the catalog row naming them is
+written, in one transaction; a crash leaves either the old row or the new one, and orphaned pieces
+are reclaimed by ``gc`` after its grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from . import codec
+from .errors import IntegrityError, SourceError, UsageError
+from .names import kernel_args
+
+PIECE = 1 << 20  # bytes per stored piece of a boot file
+MAX_BOOT_FILE = 1 << 30  # a kernel or initrd larger than this is a mistake, not a boot file
+BATCH = 16  # pieces handed to the sink at once (16 MiB)
+ID = codec.DIGEST_SIZE
+
+Source = bytes | bytearray | memoryview | str | os.PathLike[str]
+Sink = Callable[[list[tuple[bytes, bytes]]], None]
+
+
+@dataclass(frozen=True)
+class BootFile:
+    """One stored boot file: its size and the ids of its ``PIECE``-sized pieces, in order."""
+
+    size: int
+    pieces: bytes  # n × 32 bytes
+
+    def __post_init__(self) -> None:
+        if not 0 < self.size <= MAX_BOOT_FILE:
+            raise UsageError(f"a boot file must hold 1 byte to {MAX_BOOT_FILE} bytes, not {self.size}")
+        if len(self.pieces) != ID * ((self.size + PIECE - 1) // PIECE):
+            raise UsageError(f"a boot file of {self.size} bytes has {(self.size + PIECE - 1) // PIECE} pieces, "
+                             f"not {len(self.pieces) / ID:g}")
+
+    @property
+    def id(self) -> str:
+        """Content identity (ETag): BLAKE3 of the size and the piece ids, 32 hex digits."""
+        return blake3.blake3(b"blockprov-bootfile/1" + struct.pack("<Q", self.size) + self.pieces).hexdigest()[:32]
+
+    @property
+    def count(self) -> int:
+        return len(self.pieces) // ID
+
+    def piece_id(self, i: int) -> bytes:
+        return self.pieces[i * ID:(i + 1) * ID]
+
+    def piece_ids(self) -> list[bytes]:
+        return [self.piece_id(i) for i in range(self.count)]
+
+    def piece_length(self, i: int) -> int:
+        return min(PIECE, self.size - i * PIECE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "id": self.id, "pieces": [p.hex() for p in self.piece_ids()]}
+
+    @classmethod
+    def from_dict(cls, d: object) -> BootFile:
+        """Parse a descriptor received over HTTP; every field is checked."""
+        if not isinstance(d, dict) or not isinstance(d.get("size"), int) or not isinstance(d.get("pieces"), list):
+            raise UsageError('a boot file is {"size": N, "pieces": [hex id, …]}')
+        if len(d["pieces"]) > MAX_BOOT_FILE // PIECE + 1:
+            raise UsageError("too many pieces for a boot file")
+        f = cls(size=d["size"], pieces=b"".join(codec.parse_hexid(str(p)) for p in d["pieces"]))
+        if "id" in d and d["id"] != f.id:
+            raise UsageError(f"boot file id {d['id']!r} does not match its pieces ({f.id})")
+        return f
+
+
+def split(source: Source, what: str, sink: Sink) -> BootFile:
+    """Cut ``source`` (bytes or a file path) into pieces; hand ``(id, blob)`` batches to ``sink``.
+
+    Reads a file piece by piece, so memory stays at one batch whatever the size."""
+    pieces: list[bytes] = []
+    size = 0
+    batch: list[tuple[bytes, bytes]] = []
+    for data in _read_pieces(source, what):
+        size += len(data)
+        if size > MAX_BOOT_FILE:
+            raise UsageError(f"the {what} is larger than {MAX_BOOT_FILE} bytes")
+        cid = codec.digest(data)
+        pieces.append(cid)
+        batch.append((cid, codec.encode(data)))
+        if len(batch) >= BATCH:
+            sink(batch)
+            batch = []
+    if batch:
+        sink(batch)
+    if size == 0:
+        raise UsageError(f"the {what} is empty")
+    return BootFile(size=size, pieces=b"".join(pieces))
+
+
+def _read_pieces(source: Source, what: str) -> Iterator[bytes]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        view = memoryview(source)
+        for off in range(0, len(view), PIECE):
+            yield bytes(view[off:off + PIECE])
+        return
+    path = Path(source)
+    try:
+        with open(path, "rb") as f:
+            while data := f.read(PIECE):
+                yield data
+    except OSError as e:
+        raise SourceError(path=str(path), why=f"{e.strerror or e} (the {what})") from None
+
+
+def assemble(f: BootFile, blobs: Sequence[bytes], first: int = 0) -> list[bytes]:
+    """Decode pieces ``first …`` of ``f`` from their blobs, each verified and length-checked."""
+    out = []
+    for k, blob in enumerate(blobs):
+        i = first + k
+        data = codec.decode(blob, f.piece_id(i))
+        if len(data) != f.piece_length(i):
+            raise IntegrityError(f"boot file piece {i} holds {len(data)} bytes, not {f.piece_length(i)}")
+        out.append(data)
+    return out
+
+
+def script(*, host: str, assigned: str, image: str, version: str, base: str, cmdline: str, args: str) -> str:
+    """The iPXE script that boots ``image@version`` on ``host``.
+
+    The kernel gets the version's command line, the host's extra arguments, and what an in-guest
+    agent needs to attach: ``blockprov.repo`` (where the repository is, as the host reaches it),
+    ``blockprov.image`` (the immutable ``NAME@ID``: a tag moved during the boot must not change
+    what the kernel and the agent see) and ``blockprov.host``. URLs name the version by id for the
+    same reason. ``initrd=initrd.img`` plus ``--name`` lets an EFI-stub kernel find the initrd."""
+    files = f"{base}/v1/images/{image}/versions/{version}/boot"
+    words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w]
+    words += [f"blockprov.repo={base}", f"blockprov.image={image}@{version}", f"blockprov.host={host}",
+              "initrd=initrd.img"]
+    return (
+        "#!ipxe\n"
+        f"# blockprov: host {host} is assigned {assigned} = {image}@{version}\n"
+        f"kernel {files}/kernel {' '.join(words)}\n"
+        f"initrd --name initrd.img {files}/initrd\n"
+        "boot\n"
+    )
+
+
+def parse_script(text: str) -> dict[str, Any]:
+    """What a boot script asks for: kernel URL, kernel arguments (as a list and as key=value),
+    initrd URL. For tests and ``blockprov host script --json``; raises UsageError if malformed."""
+    lines = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if not text.startswith("#!ipxe\n"):
+        raise UsageError("not an iPXE script")
+    kernel = next((ln for ln in lines if ln[0] == "kernel"), None)
+    initrd = next((ln for ln in lines if ln[0] == "initrd"), None)
+    if kernel is None or initrd is None or len(kernel) < 2 or lines[-1] != ["boot"]:
+        raise UsageError("a boot script needs kernel, initrd and boot lines")
+    params = dict(w.split("=", 1) for w in kernel[2:] if "=" in w)
+    return {"kernel": kernel[1], "args": kernel[2:], "params": params, "initrd": initrd[-1]}

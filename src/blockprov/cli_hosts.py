@@ -1,0 +1,190 @@
+"""CLI commands for machines: ``boot-files``, ``host``, ``profile show`` and ``agents``.
+
+Kept out of cli.py so the agent-side commands and these grow without stepping on each other;
+``register(cli)`` (called at the end of cli.py) attaches them. Errors are mapped to messages and
+exit codes by cli.py's group, like every other command's.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import click
+
+from . import humanize as hz
+from .boot import parse_script
+from .cli import Ctx, emit
+from .errors import UsageError
+from .names import parse_ref
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _when(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+
+
+def _ago(s: float) -> str:
+    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
+
+
+# -- boot files -------------------------------------------------------------------------------------
+@click.group("boot-files")
+def boot_files() -> None:
+    """Kernel and initrd a host boots a version with (served to iPXE by `blockprov serve`)."""
+
+
+@boot_files.command("set")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.option("--kernel", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--initrd", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--cmdline", default="", help="Kernel command line for every host booting this version.")
+@json_option
+@click.pass_obj
+def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str, as_json: bool) -> None:
+    """Store a kernel and an initrd for the version REF names (replacing any it had)."""
+    info = obj.repo.set_boot_files(parse_ref(ref), kernel, initrd, cmdline)
+    if as_json:
+        emit(info.to_dict())
+        return
+    click.echo(f"{info.image}@{info.version}: kernel {hz.size(info.kernel.size)}, initrd {hz.size(info.initrd.size)}"
+               f", cmdline {info.cmdline or '-'}")
+
+
+@boot_files.command("show")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@json_option
+@click.pass_obj
+def boot_files_show(obj: Ctx, ref: str, as_json: bool) -> None:
+    """Show a version's boot files."""
+    info = obj.repo.get_boot_files(parse_ref(ref))
+    if as_json:
+        emit(None if info is None else info.to_dict())
+        return
+    if info is None:
+        click.echo(f"{ref} has no boot files (set them with: blockprov boot-files set {ref} --kernel F --initrd F)")
+        return
+    click.echo(f"{info.image}@{info.version}  (set {_when(info.updated)})")
+    for name, f in (("kernel", info.kernel), ("initrd", info.initrd)):
+        click.echo(f"  {name:8} {hz.size(f.size):>10}  {f.size} bytes, id {f.id}")
+    click.echo(f"  cmdline  {info.cmdline or '-'}")
+
+
+# -- hosts ------------------------------------------------------------------------------------------
+@click.group("host")
+def host() -> None:
+    """Which version each host (MAC address or host id) boots over the network."""
+
+
+@host.command("assign")
+@click.argument("host_name", metavar="HOST")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.option("--args", "args", default="", help="Extra kernel arguments for this host.")
+@json_option
+@click.pass_obj
+def host_assign(obj: Ctx, host_name: str, ref: str, args: str, as_json: bool) -> None:
+    """Boot HOST from REF: NAME:TAG follows the tag when it moves, NAME@ID stays."""
+    h = obj.repo.assign_host(host_name, parse_ref(ref), args)
+    if as_json:
+        emit(h.to_dict())
+    else:
+        click.echo(f"{h.host} → {h.ref} (now {parse_ref(h.ref).name}@{h.version})" + (f", args {h.args}" if h.args
+                                                                                       else ""))
+
+
+@host.command("list")
+@json_option
+@click.pass_obj
+def host_list(obj: Ctx, as_json: bool) -> None:
+    """List host assignments."""
+    hs = obj.repo.hosts()
+    if as_json:
+        emit([h.to_dict() for h in hs])
+        return
+    if not hs:
+        click.echo("no hosts (assign one with: blockprov host assign MAC NAME:TAG)")
+    for h in hs:
+        now = h.version or "GONE: re-assign"
+        click.echo(f"{h.host:20} {h.ref:32} {now:18} {h.args}".rstrip())
+
+
+@host.command("rm")
+@click.argument("host_name", metavar="HOST")
+@click.pass_obj
+def host_rm(obj: Ctx, host_name: str) -> None:
+    """Forget a host's assignment."""
+    obj.repo.remove_host(host_name)
+    click.echo(f"removed {host_name}")
+
+
+@host.command("script")
+@click.argument("host_name", metavar="HOST")
+@click.option("--base-url", metavar="URL",
+              help="The repository's URL as the host reaches it (default: the --repo URL).")
+@json_option
+@click.pass_obj
+def host_script(obj: Ctx, host_name: str, base_url: str | None, as_json: bool) -> None:
+    """Print the iPXE script HOST gets from GET /v1/boot/HOST."""
+    if base_url is None and not obj.repo.url.startswith(("http://", "https://")):
+        raise UsageError("the embedded repository has no HTTP address: give --base-url URL (where "
+                         "`blockprov serve` is reachable from the host) or --repo URL")
+    text = obj.repo.boot_script(host_name, base_url)
+    if as_json:
+        emit({"script": text} | parse_script(text))
+    else:
+        click.echo(text, nl=False)
+
+
+# -- profiles ---------------------------------------------------------------------------------------
+@click.command("show")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@json_option
+@click.pass_obj
+def profile_show(obj: Ctx, ref: str, as_json: bool) -> None:
+    """Show the boot profile recorded for a version (the order its chunks were first read)."""
+    r = parse_ref(ref)
+    vid = r.version or obj.repo.resolve(r).id
+    order = obj.repo.get_profile(r.name, vid)
+    if as_json:
+        emit({"image": r.name, "version": vid, "chunks": order})
+        return
+    if order is None:
+        click.echo(f"no boot profile recorded for {r.name}@{vid}")
+        return
+    head = ", ".join(map(str, order[:20]))
+    click.echo(f"{r.name}@{vid}: {len(order)} chunks in first-read order: {head}{' …' if len(order) > 20 else ''}")
+
+
+# -- agents -----------------------------------------------------------------------------------------
+@click.command("agents")
+@json_option
+@click.pass_obj
+def agents(obj: Ctx, as_json: bool) -> None:
+    """Agents registered with the repository, and their queued requests."""
+    rows = obj.repo.agents()
+    if as_json:
+        emit(rows)
+        return
+    if not rows:
+        click.echo("no agents registered")
+    for a in rows:
+        info = a.get("info", {})
+        what = f"{info.get('image', '?')}@{info.get('version', '?')}"
+        where = info.get("host") or "-"
+        click.echo(f"{a['instance']:24} {what:34} host {where:16} pid {info.get('pid', '-'):>7}  "
+                   f"seen {_ago(float(a['seen_ago']))}  requests {a['pending']} pending, {a['running']} running")
+
+
+def register(cli: click.Group) -> None:
+    """Attach these commands to the ``blockprov`` group. ``profile show`` joins a ``profile`` group
+    cli.py may already define (``profile save`` lives there) and never replaces a command of it."""
+    cli.add_command(boot_files)
+    cli.add_command(host)
+    cli.add_command(agents)
+    group = cli.commands.get("profile")
+    if not isinstance(group, click.Group):
+        group = click.Group("profile", help="Boot profiles: the order in which a boot first reads chunks.")
+        cli.add_command(group)
+    if "show" not in group.commands:
+        group.add_command(profile_show)

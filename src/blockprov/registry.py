@@ -1,0 +1,355 @@
+"""The catalog's second half: what the repository knows about machines.
+
+Tables (in ``catalog.sqlite``, next to images, versions and tags):
+
+* ``boot_files``: per version, the kernel and initrd descriptors (boot.py) and the command line.
+* ``hosts``: host (MAC or host id) → ``NAME:TAG`` (follows the tag) or ``NAME@ID``, plus extra
+  kernel arguments.
+* ``profiles``: per version, the order in which a boot first read chunks, as zstd(u32 LE array).
+* ``agents``: agent instances attached to this repository, with what they reported and when.
+* ``agent_requests``: repository-initiated requests to agents (claims 10, 34) and their outcome.
+
+Why requests live in SQLite: agents sit behind NAT, so they poll; the poll may reach any worker
+or any server process over the same catalog, so the queue must be shared state, not memory.
+Long polls re-read it every ``POLL`` seconds (bounded by the wait).
+
+Migration: every table is ``CREATE TABLE IF NOT EXISTS``, run on open, so a ``catalog.sqlite``
+made before these tables existed simply gains them. ``boot_files`` and ``profiles`` rows go with
+their version (``ON DELETE CASCADE``); a host whose tag or version was removed keeps its row and
+its boot script says so (Conflict) until it is re-assigned.
+
+Crash rules: each change is one ``BEGIN IMMEDIATE`` transaction (WAL, synchronous=FULL), so it
+happened entirely or not at all. A request handed to an agent is ``running`` under a lease of
+``lease`` seconds; an agent that crashes never completes it, and once the lease ends the request
+is handed out again (at-least-once: operations must be safe to repeat, as a snapshot is).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zstandard
+
+from .boot import BootFile
+from .catalog import Catalog
+from .errors import AgentNotFound, Conflict, HostNotFound, ImageNotFound, RequestNotFound, TooLarge, UsageError
+from .names import Ref, host_id, image_name, instance_id, kernel_args, op_name, request_id, version_id
+from .repo.base import BootFilesInfo, HostInfo
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS boot_files (
+    image   TEXT NOT NULL,
+    version TEXT NOT NULL,
+    kernel_size   INTEGER NOT NULL,
+    kernel_pieces BLOB NOT NULL,
+    initrd_size   INTEGER NOT NULL,
+    initrd_pieces BLOB NOT NULL,
+    cmdline TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (image, version),
+    FOREIGN KEY (image, version) REFERENCES versions(image, id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS hosts (
+    host    TEXT PRIMARY KEY,
+    image   TEXT NOT NULL,
+    tag     TEXT,
+    version TEXT,
+    args    TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS profiles (
+    image   TEXT NOT NULL,
+    version TEXT NOT NULL,
+    count   INTEGER NOT NULL,
+    chunks  BLOB NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (image, version),
+    FOREIGN KEY (image, version) REFERENCES versions(image, id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS agents (
+    instance   TEXT PRIMARY KEY,
+    info       TEXT NOT NULL,
+    registered REAL NOT NULL,
+    last_seen  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent_requests (
+    id       TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    op       TEXT NOT NULL,
+    args     TEXT NOT NULL,
+    state    TEXT NOT NULL,
+    created  REAL NOT NULL,
+    started  REAL,
+    finished REAL,
+    lease_until REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result   TEXT,
+    error    TEXT
+);
+CREATE INDEX IF NOT EXISTS agent_requests_queue ON agent_requests (instance, state, created);
+"""
+
+LEASE_SECONDS = 600.0  # a running request not completed within this goes back to pending
+SEEN_EVERY = 5.0  # seconds: how often an idle poll records the agent's last_seen
+KEEP_FINISHED = 7 * 86400.0  # finished requests are kept this long for get_request
+MAX_PENDING = 1000  # per instance: a queue that long means the agent is not polling
+MAX_INFO = 64 << 10  # bytes of JSON in an agent's info, a request's args
+MAX_RESULT = 1 << 20  # bytes of JSON in a request's result
+MAX_ERROR = 4096
+MAX_PROFILE = 1 << 24  # chunk indices in one profile (a 1 TiB image at 64 KiB chunks)
+U32 = struct.Struct("<I")
+STATES = ("pending", "running", "done", "failed")
+
+
+def _json_object(d: object, what: str, limit: int) -> str:
+    if not isinstance(d, dict):
+        raise UsageError(f"{what} must be a JSON object")
+    try:
+        text = json.dumps(d, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{what} is not JSON: {e}") from None
+    if len(text) > limit:
+        raise TooLarge(f"{what} is {len(text)} bytes of JSON; at most {limit}")
+    return text
+
+
+def pack_profile(order: Sequence[int]) -> bytes:
+    return zstandard.ZstdCompressor(level=3).compress(b"".join(U32.pack(i) for i in order))
+
+
+def unpack_profile(blob: bytes, count: int) -> list[int]:
+    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=4 * count)
+    return [v for (v,) in U32.iter_unpack(raw)]
+
+
+class Registry:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.db = catalog.db
+        self.db.conn().executescript(SCHEMA)
+        self.lease = LEASE_SECONDS
+
+    def _version_of(self, ref: Ref) -> str:
+        return self.catalog.resolve_id(ref)
+
+    # -- boot files -----------------------------------------------------------------------------
+    def set_boot_files(self, image: str, vid: str, kernel: BootFile, initrd: BootFile, cmdline: str) -> BootFilesInfo:
+        """Record (replace) a version's boot files; the caller made their pieces durable first."""
+        cmdline = kernel_args(cmdline)
+        now = time.time()
+        with self.db.tx() as db:
+            if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?", (image, vid)).fetchone():
+                raise ImageNotFound(ref=f"{image}@{vid}")
+            db.execute("INSERT OR REPLACE INTO boot_files VALUES (?,?,?,?,?,?,?,?)",
+                       (image, vid, kernel.size, kernel.pieces, initrd.size, initrd.pieces, cmdline, now))
+        return BootFilesInfo(image=image, version=vid, kernel=kernel, initrd=initrd, cmdline=cmdline, updated=now)
+
+    def boot_files(self, image: str, vid: str) -> BootFilesInfo | None:
+        row = self.db.conn().execute(
+            "SELECT kernel_size, kernel_pieces, initrd_size, initrd_pieces, cmdline, updated FROM boot_files "
+            "WHERE image=? AND version=?", (image, vid)).fetchone()
+        if row is None:
+            if not self.catalog.version_exists(image, vid):
+                raise ImageNotFound(ref=f"{image}@{vid}")
+            return None
+        return BootFilesInfo(image=image, version=vid, kernel=BootFile(row[0], bytes(row[1])),
+                             initrd=BootFile(row[2], bytes(row[3])), cmdline=row[4], updated=row[5])
+
+    def boot_piece_ids(self) -> set[bytes]:
+        """Every chunk id a boot file names (gc keeps them)."""
+        out: set[bytes] = set()
+        for kp, ip in self.db.conn().execute("SELECT kernel_pieces, initrd_pieces FROM boot_files").fetchall():
+            for blob in (bytes(kp), bytes(ip)):
+                out.update(blob[i:i + 32] for i in range(0, len(blob), 32))
+        return out
+
+    # -- hosts ----------------------------------------------------------------------------------
+    def assign_host(self, host: str, ref: Ref, args: str) -> HostInfo:
+        host, args = host_id(host), kernel_args(args)
+        now = time.time()
+        with self.db.tx():
+            vid = self._version_of(ref)  # the reference must name something now
+            self.db.conn().execute("INSERT OR REPLACE INTO hosts VALUES (?,?,?,?,?,?)",
+                                   (host, ref.name, ref.tag, ref.version, args, now))
+        return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=now)
+
+    def _host_info(self, row: tuple[Any, ...]) -> HostInfo:
+        host, image, tag, version, args, updated = row
+        ref = Ref(image, tag=tag, version=version)
+        try:
+            vid: str | None = self._version_of(ref)
+        except ImageNotFound:
+            vid = None
+        return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=updated)
+
+    def host(self, host: str) -> HostInfo:
+        host = host_id(host)
+        row = self.db.conn().execute("SELECT * FROM hosts WHERE host=?", (host,)).fetchone()
+        if row is None:
+            raise HostNotFound(host=host)
+        return self._host_info(tuple(row))
+
+    def hosts(self) -> list[HostInfo]:
+        return [self._host_info(tuple(r)) for r in self.db.conn().execute("SELECT * FROM hosts ORDER BY host")]
+
+    def remove_host(self, host: str) -> None:
+        host = host_id(host)
+        with self.db.tx() as db:
+            if db.execute("DELETE FROM hosts WHERE host=?", (host,)).rowcount == 0:
+                raise HostNotFound(host=host)
+
+    # -- profiles -------------------------------------------------------------------------------
+    def put_profile(self, image: str, vid: str, order: Sequence[int]) -> None:
+        image, vid = image_name(image), version_id(vid)
+        m = self.catalog.manifest(image, vid)  # ImageNotFound
+        if len(order) > min(m.count, MAX_PROFILE):
+            raise UsageError(f"a profile of {len(order)} chunks for a version of {m.count} chunks")
+        seen: set[int] = set()
+        for i in order:
+            if type(i) is not int or not 0 <= i < m.count:
+                raise UsageError(f"chunk index {i!r} is out of range (the version has {m.count} chunks)")
+            if i in seen:
+                raise UsageError(f"chunk index {i} appears twice in the profile")
+            seen.add(i)
+        blob = pack_profile(order)
+        with self.db.tx() as db:
+            if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?", (image, vid)).fetchone():
+                raise ImageNotFound(ref=f"{image}@{vid}")
+            db.execute("INSERT OR REPLACE INTO profiles VALUES (?,?,?,?,?)",
+                       (image, vid, len(order), blob, time.time()))
+
+    def get_profile(self, image: str, vid: str) -> list[int] | None:
+        image, vid = image_name(image), version_id(vid)
+        row = self.db.conn().execute("SELECT count, chunks FROM profiles WHERE image=? AND version=?",
+                                     (image, vid)).fetchone()
+        if row is None:
+            if not self.catalog.version_exists(image, vid):
+                raise ImageNotFound(ref=f"{image}@{vid}")
+            return None
+        return unpack_profile(bytes(row[1]), int(row[0]))
+
+    # -- agents ---------------------------------------------------------------------------------
+    def register_agent(self, instance: str, info: dict[str, Any]) -> bool:
+        """Insert or refresh an agent; True when it was new."""
+        instance = instance_id(instance)
+        text = _json_object(info, "agent info", MAX_INFO)
+        now = time.time()
+        with self.db.tx() as db:
+            cur = db.execute("UPDATE agents SET info=?, last_seen=? WHERE instance=?", (text, now, instance))
+            if cur.rowcount:
+                return False
+            db.execute("INSERT INTO agents VALUES (?,?,?,?)", (instance, text, now, now))
+            return True
+
+    def agents(self) -> list[dict[str, Any]]:
+        now = time.time()
+        db = self.db.conn()
+        counts: dict[tuple[str, str], int] = {}
+        for inst, state, n in db.execute("SELECT instance, state, COUNT(*) FROM agent_requests "
+                                         "WHERE state IN ('pending','running') GROUP BY instance, state"):
+            counts[(inst, state)] = n
+        out = []
+        for inst, info, registered, last_seen in db.execute("SELECT * FROM agents ORDER BY instance"):
+            out.append({"instance": inst, "info": json.loads(info), "registered": registered, "last_seen": last_seen,
+                        "seen_ago": round(max(0.0, now - last_seen), 3),
+                        "pending": counts.get((inst, "pending"), 0), "running": counts.get((inst, "running"), 0)})
+        return out
+
+    def unregister_agent(self, instance: str) -> None:
+        instance = instance_id(instance)
+        now = time.time()
+        with self.db.tx() as db:
+            if db.execute("DELETE FROM agents WHERE instance=?", (instance,)).rowcount == 0:
+                raise AgentNotFound(instance=instance)
+            db.execute("UPDATE agent_requests SET state='failed', finished=?, lease_until=NULL, error=? "
+                       "WHERE instance=? AND state IN ('pending','running')",
+                       (now, f"agent instance {instance} unregistered before completing the request", instance))
+
+    def post_request(self, instance: str, op: str, args: dict[str, Any] | None) -> str:
+        instance, op = instance_id(instance), op_name(op)
+        text = _json_object({} if args is None else args, "request args", MAX_INFO)
+        rid = secrets.token_hex(8)
+        now = time.time()
+        with self.db.tx() as db:
+            if not db.execute("SELECT 1 FROM agents WHERE instance=?", (instance,)).fetchone():
+                raise AgentNotFound(instance=instance)
+            (pending,) = db.execute("SELECT COUNT(*) FROM agent_requests WHERE instance=? AND state='pending'",
+                                    (instance,)).fetchone()
+            if pending >= MAX_PENDING:
+                raise Conflict(f"agent instance {instance} already has {pending} pending requests; is it polling?")
+            db.execute("DELETE FROM agent_requests WHERE state IN ('done','failed') AND finished < ?",
+                       (now - KEEP_FINISHED,))
+            db.execute("INSERT INTO agent_requests (id, instance, op, args, state, created) VALUES (?,?,?,?,?,?)",
+                       (rid, instance, op, text, "pending", now))
+        return rid
+
+    def try_next_request(self, instance: str) -> dict[str, Any] | None:
+        """Hand out the oldest pending request (or one whose lease ran out) without waiting.
+
+        A poll is a sign of life, so it also refreshes the agent's ``last_seen`` (at most every
+        ``SEEN_EVERY`` s: a long poll re-reads every 0.15 s, and a write is an fsync)."""
+        instance = instance_id(instance)
+        now = time.time()
+        conn = self.db.conn()
+        seen = conn.execute("SELECT last_seen FROM agents WHERE instance=?", (instance,)).fetchone()
+        if seen is None:
+            raise AgentNotFound(instance=instance)
+        ready = conn.execute("SELECT 1 FROM agent_requests WHERE instance=? AND "
+                             "(state='pending' OR (state='running' AND lease_until < ?)) LIMIT 1",
+                             (instance, now)).fetchone()
+        if ready is None:  # the common case: read-only
+            if now - seen[0] >= SEEN_EVERY:
+                with self.db.tx() as db:
+                    db.execute("UPDATE agents SET last_seen=? WHERE instance=?", (now, instance))
+            return None
+        with self.db.tx() as db:
+            if db.execute("UPDATE agents SET last_seen=? WHERE instance=?", (now, instance)).rowcount == 0:
+                raise AgentNotFound(instance=instance)
+            row = db.execute(
+                "SELECT id FROM agent_requests WHERE instance=? AND "
+                "(state='pending' OR (state='running' AND lease_until < ?)) ORDER BY created LIMIT 1",
+                (instance, now)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE agent_requests SET state='running', started=?, lease_until=?, attempts=attempts+1 "
+                       "WHERE id=?", (now, now + self.lease, row[0]))
+        return self.get_request(instance, row[0])
+
+    def complete_request(self, instance: str, rid: str, ok: bool, result: dict[str, Any] | None,
+                         error: str | None) -> dict[str, Any]:
+        instance, rid = instance_id(instance), request_id(rid)
+        res = None if result is None else _json_object(result, "request result", MAX_RESULT)
+        if error is not None and not isinstance(error, str):
+            raise UsageError("a request's error must be a string")
+        err = None if error is None else error[:MAX_ERROR]
+        if not ok and not err:
+            err = "the agent reported a failure without a message"
+        with self.db.tx() as db:
+            row = db.execute("SELECT state FROM agent_requests WHERE id=? AND instance=?", (rid, instance)).fetchone()
+            if row is None:
+                raise RequestNotFound(instance=instance, rid=rid)
+            if row[0] in ("done", "failed"):
+                raise Conflict(f"request {rid} of agent instance {instance} is already {row[0]}")
+            db.execute("UPDATE agent_requests SET state=?, finished=?, lease_until=NULL, result=?, error=? WHERE id=?",
+                       ("done" if ok else "failed", time.time(), res, None if ok else err, rid))
+        return self.get_request(instance, rid)
+
+    def get_request(self, instance: str, rid: str) -> dict[str, Any]:
+        """A request as the API shows it; a ``running`` one whose lease ran out reads ``pending``."""
+        instance, rid = instance_id(instance), request_id(rid)
+        row = self.db.conn().execute(
+            "SELECT id, instance, op, args, state, created, started, finished, lease_until, attempts, result, error "
+            "FROM agent_requests WHERE id=? AND instance=?", (rid, instance)).fetchone()
+        if row is None:
+            raise RequestNotFound(instance=instance, rid=rid)
+        rid, inst, op, args, state, created, started, finished, lease_until, attempts, result, error = row
+        if state == "running" and lease_until is not None and lease_until < time.time():
+            state = "pending"
+        return {"id": rid, "instance": inst, "op": op, "args": json.loads(args), "state": state, "created": created,
+                "started": started, "finished": finished, "lease_until": lease_until, "attempts": attempts,
+                "result": None if result is None else json.loads(result), "error": error}
