@@ -25,34 +25,52 @@ from .errors import BlockprovError, UsageError
 from .manifest import DEFAULT_CHUNK
 from .names import parse_ref
 from .repo.base import Repository
+from .store.factory import StoreOptions
 
 
 def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("blockprov"))
 
 
-def open_repository(repo_url: str | None, data_dir: str | None) -> Repository:
+def open_repository(repo_url: str | None, data_dir: str | None, store: str | None = None,
+                    store_options: StoreOptions | None = None, *, cacheable: bool = False) -> Repository:
+    """``--repo URL[,URL…]`` (several: a FailoverRepository), else the embedded repository in the data
+    directory, with its chunks in ``store`` (``--store``: local packs or ``s3://BUCKET/PREFIX``).
+    ``cacheable``: fetch chunks with per-chunk GETs an HTTP cache can keep (``attach --cacheable-fetch``)."""
     if repo_url:
-        if not repo_url.startswith(("http://", "https://")):
-            raise UsageError(f"--repo must be an http:// or https:// URL, not {repo_url!r}")
+        urls = [u.strip() for u in repo_url.split(",") if u.strip()]
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise UsageError(f"--repo must be http:// or https:// URLs (comma-separated), not {u!r}")
         from .repo.remote import RemoteRepository
 
-        return RemoteRepository(repo_url)
-    from .repo.local import LocalRepository
+        if len(urls) == 1:
+            return RemoteRepository(urls[0], cacheable=cacheable)
+        from .repo.multi import FailoverRepository
 
-    return LocalRepository(data_dir or default_data_dir())
+        return FailoverRepository([RemoteRepository(u, cacheable=cacheable) for u in urls])
+    from .repo.local import LocalRepository
+    from .store.factory import open_store
+
+    data = data_dir or default_data_dir()
+    return LocalRepository(data, store=open_store(store, data, store_options) if store else None)
 
 
 class Ctx:
-    def __init__(self, repo_url: str | None, data_dir: str | None) -> None:
+    def __init__(self, repo_url: str | None, data_dir: str | None, store: str | None = None,
+                 store_options: StoreOptions | None = None) -> None:
         self.repo_url = repo_url
         self.data_dir = data_dir
+        self.store = store
+        self.store_options = store_options
+        self.cacheable = False  # set by attach --cacheable-fetch before the repository is opened
         self._repo: Repository | None = None
 
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = open_repository(self.repo_url, self.data_dir)
+            self._repo = open_repository(self.repo_url, self.data_dir, self.store, self.store_options,
+                                         cacheable=self.cacheable)
         return self._repo
 
     def close(self) -> None:
@@ -106,7 +124,8 @@ class Group(click.Group):
             sys.exit(70)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+json_option: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,11 +133,23 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
               help="Repository server URL (env BLOCKPROV_REPO); default: the embedded local repository.")
 @click.option("--data", envvar="BLOCKPROV_DATA", metavar="DIR",
               help="Data directory of the embedded repository (env BLOCKPROV_DATA).")
+@click.option("--store", envvar="BLOCKPROV_STORE", metavar="local|s3://BUCKET/PREFIX",
+              help="Where the embedded repository (and serve) keeps chunks (env BLOCKPROV_STORE); "
+                   "default: packs in the data directory. The catalog stays in the data directory.")
+@click.option("--s3-endpoint", envvar="BLOCKPROV_S3_ENDPOINT", metavar="URL",
+              help="S3 endpoint (default: AWS_ENDPOINT_URL, ~/.aws/config, else AWS).")
+@click.option("--s3-region", envvar="BLOCKPROV_S3_REGION", metavar="REGION",
+              help="S3 region (default: AWS_REGION, ~/.aws/config, else us-east-1).")
+@click.option("--s3-create-bucket", is_flag=True, help="Create the --store bucket if it does not exist.")
+@click.option("--s3-timeout", envvar="BLOCKPROV_S3_TIMEOUT", default=30.0, show_default=True,
+              type=click.FloatRange(0.1, 3600), help="Seconds temporary S3 failures are retried.")
 @click.version_option(__version__, prog_name="blockprov")
 @click.pass_context
-def cli(ctx: click.Context, repo: str | None, data: str | None) -> None:
+def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | None, s3_endpoint: str | None,
+        s3_region: str | None, s3_create_bucket: bool, s3_timeout: float) -> None:
     """Provision machines and VMs from golden disk images at block level."""
-    ctx.obj = Ctx(repo, data)
+    ctx.obj = Ctx(repo, data, store, StoreOptions(endpoint=s3_endpoint, region=s3_region,
+                                                  create_bucket=s3_create_bucket, timeout=s3_timeout))
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -335,8 +366,14 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool) -> None:
         raise UsageError(f"--listen must be HOST:PORT, not {listen!r}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = obj.data_dir or default_data_dir()
+    store = None
+    if obj.store:
+        from .store.factory import open_store
+
+        store = open_store(obj.store, data, obj.store_options)
     try:
-        run_server(obj.data_dir or default_data_dir(), host.strip("[]"), int(port), max_body=max_body,
+        run_server(data, host.strip("[]"), int(port), max_body=max_body, store=store,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"))
     except OSError as e:  # bind failures: port in use, bad address
         raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
@@ -367,10 +404,24 @@ def run_async(coro: Any) -> Any:
 @click.option("--fetch-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help="Seconds a read of a missing chunk retries an unreachable repository before EIO.")
 @click.option("--read-only", is_flag=True, help="Refuse writes.")
+@click.option("--cacheable-fetch", is_flag=True, envvar="BLOCKPROV_CACHEABLE_FETCH",
+              help="Fetch chunks with one GET each (cacheable by an HTTP cache in front of the repository) "
+                   "instead of batched POSTs.")
+@click.option("--reset-on-start", is_flag=True,
+              help="Reboot-to-restore: reset the instance to its base version before serving.")
+@click.option("--hydrate", is_flag=True, help="Copy every missing chunk in the background while serving.")
+@click.option("--hydrate-rate", default=None, metavar="BYTES/S",
+              callback=lambda c, p, v: None if v is None else _size_option(c, p, v),
+              help="Limit hydration's transfer rate, e.g. 50M.")
+@click.option("--no-profile", is_flag=True, help="Do not prefetch in the version's recorded boot order.")
+@click.option("--instance", metavar="ID", help="Name to register with the repository (default: from the cache).")
+@click.option("--no-register", is_flag=True, help="Do not register with the repository nor take its requests.")
 @json_option
 @click.pass_obj
 def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, listen: str | None,
-               data_file: str | None, readahead: int, fetch_timeout: float, read_only: bool, as_json: bool) -> None:
+               data_file: str | None, readahead: int, fetch_timeout: float, read_only: bool,
+               cacheable_fetch: bool, reset_on_start: bool, hydrate: bool, hydrate_rate: int | None,
+               no_profile: bool, instance: str | None, no_register: bool, as_json: bool) -> None:
     """Serve a version as an NBD export backed by a lazy local cache, until SIGINT/SIGTERM.
 
     Without NAME:TAG the version the cache already holds is re-attached (no repository round trip).
@@ -380,11 +431,15 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     cache_dir = cache_dir.resolve()
     if sock is None and listen is None:
         raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
+    obj.cacheable = cacheable_fetch
     manifest = obj.repo.resolve(parse_ref(ref)) if ref else None
     if manifest is None and not (cache_dir / "meta").exists():
         raise UsageError(f"{cache_dir} holds no cache yet: name the version to attach (NAME:TAG)")
     cfg = AgentConfig(cache_dir=cache_dir, socket=sock, listen=parse_listen(listen) if listen else None,
-                      data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only)
+                      data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only,
+                      reset_on_start=reset_on_start, hydrate=hydrate,
+                      hydrate_rate=float(hydrate_rate) if hydrate_rate else None, use_profile=not no_profile,
+                      instance=instance, register=not no_register)
 
     async def main() -> None:
         agent = Agent(cfg, obj.repo, manifest)
@@ -392,7 +447,8 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
         assert agent.device is not None
         m = agent.device.manifest
         if as_json:
-            click.echo(json.dumps({"image": m.image, "version": m.id, "addresses": addresses, "pid": os.getpid()}))
+            click.echo(json.dumps({"image": m.image, "version": m.id, "addresses": addresses, "pid": os.getpid(),
+                                   "instance": agent.instance}))
         else:
             st = agent.device.status()
             click.echo(f"serving {m.image}@{m.id} ({hz.size(m.size)}, {st['chunks_present']}/{st['chunks_total']} "
@@ -441,6 +497,15 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
     else:
         click.echo("  agent     not running" + ("" if st.get("clean_shutdown", True) else
                                                " (last stop was unclean: the next attach recovers it)"))
+
+
+from .cli_clones import register as _register_clones  # noqa: E402  clone, clones, pool
+from .cli_hosts import register as _register_hosts  # noqa: E402  boot-files, host, agents, profile show
+from .cli_instance import register as _register_instance  # noqa: E402  reset, snapshot, update, hydrate
+
+_register_instance(cli)
+_register_clones(cli)
+_register_hosts(cli)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,22 @@ def nbd_run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.C
 def nbd_python(script: str, *args: str) -> str:
     """Run ``script`` with the system Python that has libnbd's ``nbd`` module; its stdout."""
     return nbd_run(NBD_SYSTEM_PYTHON, "-c", script, *args).stdout
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """A small tmpfs (a real full disk); mounting needs root, which CI has."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        d = tmp_path / f"fs{len(mounted)}"
+        d.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
+        mounted.append(d)
+        return d
+
+    try:
+        yield make
+    finally:
+        for d in mounted:
+            subprocess.run(["umount", "-l", str(d)], check=False)

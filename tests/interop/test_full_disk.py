@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,24 +19,6 @@ from tests.conftest import make_image, run_cli
 from tests.procs import nbd_uri, start_agent
 
 pytestmark = pytest.mark.interop
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    mounted: list[Path] = []
-
-    def make(size: str) -> Path:
-        d = tmp_path / f"fs{len(mounted)}"
-        d.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
-        mounted.append(d)
-        return d
-
-    try:
-        yield make
-    finally:
-        for d in mounted:
-            subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def test_import_into_a_full_repository(tmp_path: Path, small_fs: Callable[[str], Path]) -> None:

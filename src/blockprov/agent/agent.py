@@ -6,6 +6,12 @@ listeners (a unix socket and/or TCP), the control socket, ``DIR/agent.json`` (wh
 and where, written atomically and removed on a clean stop) and a clean shutdown on SIGINT/SIGTERM
 (listeners close, in-flight requests finish, the cache is flushed and checkpointed).
 
+Lifecycle operations (agent/lifecycle.py, agent/hydrate.py) are control ops, so ``blockprov
+reset/snapshot/update/hydrate`` reach a running agent; an agent also registers with its repository
+as an *instance* and long-polls it for requests, so the repository can ask it for a snapshot
+(seed 000 claims 10, 34) although agents usually sit behind NAT. Only ``snapshot`` and ``status``
+are accepted from the repository.
+
 Crash rules: everything durable belongs to the cache (device/cache.py). ``agent.json`` is only a
 hint for humans and ``status``; a stale one left by a killed agent is recognised because the
 cache lock is free (``running`` is decided by the control socket answering, never by the file).
@@ -19,24 +25,59 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..device.cache import CacheDevice
 from ..durable import atomic_write
-from ..errors import CacheError, UsageError
+from ..errors import BlockprovError, CacheError, UsageError
 from ..manifest import Manifest
 from ..nbd.server import NbdServer
 from ..repo.base import Repository
-from . import control
+from . import control, lifecycle
 from .fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
-from .journal import load
+from .instance import InstanceOps
+from .journal import instance_status, load
 
 log = logging.getLogger("blockprov.agent")
 
 AGENT_FILE = "agent.json"
+POLL_WAIT = 20.0  # seconds a request poll waits at the repository
+REMOTE_OPS = ("snapshot", "status")
+T = TypeVar("T")
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call (a long poll) in a daemon thread: unlike an executor's worker, it
+    never holds up the process's exit while it waits at the repository."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, err: BaseException | None) -> None:
+        if fut.done():
+            return
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(value)
+
+    def work() -> None:
+        err: BaseException | None
+        try:
+            value = fn(*args)
+        except BaseException as e:
+            value, err = None, e
+        else:
+            err = None
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, value, err)
+
+    threading.Thread(target=work, daemon=True, name="blockprov-poll").start()
+    return await fut
 
 
 @dataclass
@@ -48,6 +89,12 @@ class AgentConfig:
     readahead: int = DEFAULT_READAHEAD
     fetch_timeout: float = DEFAULT_TIMEOUT
     read_only: bool = False
+    reset_on_start: bool = False
+    hydrate: bool = False
+    hydrate_rate: float | None = None
+    use_profile: bool = True
+    instance: str | None = None  # name registered with the repository (default: from the cache's uuid)
+    register: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,8 +115,11 @@ class Agent:
         self.device: CacheDevice | None = None
         self.server: NbdServer | None = None
         self.control = control.ControlServer({"status": self._op_status, "stop": self._op_stop})
+        self.ops: InstanceOps | None = None
         self.addresses: list[str] = []
         self.started = time.time()
+        self.instance = config.instance
+        self._poll_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -79,9 +129,20 @@ class Agent:
                                              readahead=cfg.readahead, fetch_timeout=cfg.fetch_timeout,
                                              read_only=cfg.read_only)
         try:
+            dev = self.device
+            dev.state.meta = replace(dev.state.meta, repository=self.repo.url)
+            if self.instance is None:
+                self.instance = f"i-{dev.state.meta.uuid[:12]}"
+            if cfg.reset_on_start:
+                done = await lifecycle.reset(dev, eager=False, punch=True)
+                log.info("reset on start: %d chunk(s) back to the base", done["chunks_reset"])
+            await dev.checkpoint()
             m = self.device.manifest
-            self.server = NbdServer({"": self.device, m.image: self.device, f"{m.image}@{m.id}": self.device},
-                                    description=f"blockprov {m.image}@{m.id}")
+            server = self.server = NbdServer({"": dev, m.image: dev, f"{m.image}@{m.id}": dev},
+                                             description=f"blockprov {m.image}@{m.id}")
+            self.ops = InstanceOps(dev, self.repo, connections=lambda: server.stats.connections_active,
+                                   hydrate=cfg.hydrate, hydrate_rate=cfg.hydrate_rate, use_profile=cfg.use_profile)
+            self.control.handlers.update(self.ops.handlers())
             if cfg.socket is not None:
                 cfg.socket.parent.mkdir(parents=True, exist_ok=True)
                 if cfg.socket.exists():
@@ -97,6 +158,9 @@ class Agent:
                 self.addresses.append(f"nbd://{shown}:{port}/{m.image}")
             await self.control.start(control.socket_path(cfg.cache_dir))
             atomic_write(cfg.cache_dir / AGENT_FILE, json.dumps(self._describe(), indent=2).encode())
+            await self.ops.start()
+            if cfg.register:
+                self._poll_task = asyncio.ensure_future(self._poll_requests())
         except BaseException:
             await self._shutdown()
             raise
@@ -120,6 +184,11 @@ class Agent:
         self._stop.set()
 
     async def _shutdown(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            await asyncio.gather(self._poll_task, return_exceptions=True)
+        if self.ops is not None:
+            await self.ops.stop()
         with contextlib.suppress(Exception):
             await self.control.close()
         if self.server is not None:
@@ -131,11 +200,15 @@ class Agent:
     # -- control ops ----------------------------------------------------------------------------
     def _describe(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "started": self.started, "addresses": self.addresses,
-                "repository": self.repo.url}
+                "repository": self.repo.url, "instance": self.instance}
 
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # -- control ops ------------------------------------------------------------------------------
     async def _op_status(self, req: dict[str, Any]) -> dict[str, Any]:
-        assert self.device is not None and self.server is not None
-        st = self.device.status()
+        assert self.ops is not None and self.server is not None
+        st = self.ops.status()
         st["agent"] = self._describe() | {"running": True, "uptime": time.time() - self.started}
         st["nbd"] = vars(self.server.stats).copy()
         return st
@@ -143,6 +216,47 @@ class Agent:
     async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         self._stop.set()
         return {"stopping": True}
+
+    # -- repository-initiated requests -------------------------------------------------------
+    async def _poll_requests(self) -> None:
+        """Register with the repository and carry out what it asks, until the agent stops.
+        Failures (repository down, an older server without the API) are logged and retried."""
+        assert self.device is not None and self.instance is not None
+        delay = 1.0
+        while True:
+            try:
+                m = self.device.manifest
+                info = {"image": m.image, "version": m.id, "pid": os.getpid(), "addresses": self.addresses,
+                        "cache": str(self.config.cache_dir)}
+                await _in_daemon_thread(self.repo.register_agent, self.instance, info)
+                req = await _in_daemon_thread(self.repo.next_request, self.instance, POLL_WAIT)
+                delay = 1.0
+                if req is None:
+                    continue
+                await self._serve_request(req)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("repository requests from %s: %s (retrying in %.0f s)", self.repo.url, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(60.0, delay * 2)
+
+    async def _serve_request(self, req: dict[str, Any]) -> None:
+        assert self.instance is not None
+        op, args, rid = req.get("op"), req.get("args") or {}, str(req.get("id"))
+        ok, result, error = False, None, None
+        try:
+            if op not in REMOTE_OPS:
+                raise UsageError(f"the repository may ask for {', '.join(REMOTE_OPS)}, not {op!r}")
+            handler = self.control.handlers[str(op)]
+            result = await handler({"op": op, **args})
+            ok = True
+        except BlockprovError as e:
+            error = str(e)
+        except Exception as e:  # the agent keeps serving whatever a request does
+            log.exception("repository request %s failed", op)
+            error = f"{type(e).__name__}: {e}"
+        await _in_daemon_thread(self.repo.complete_request, self.instance, rid, ok, result, error)
 
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:
@@ -159,6 +273,7 @@ def offline_status(cache_dir: Path) -> dict[str, Any]:
         "journal_seq": loaded.seq, "clean_shutdown": meta.clean,
         "totals": {k: int(meta.totals.get(k, 0)) for k in ("bytes_fetched", "wire_bytes", "chunks_fetched")},
         "agent": {"running": False},
+        **instance_status(meta, loaded.map),
     }
 
 

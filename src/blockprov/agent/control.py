@@ -9,16 +9,19 @@ that directory.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BlockprovError, CacheError
+
+if TYPE_CHECKING:  # the client side (``call``) must stay cheap to import: CLI start-up time
+    import asyncio
 
 log = logging.getLogger("blockprov.agent.control")
 
@@ -31,6 +34,24 @@ def socket_path(cache_dir: str | os.PathLike[str]) -> Path:
     return Path(cache_dir) / SOCKET_NAME
 
 
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+@contextlib.contextmanager
+def reachable(path: Path) -> Iterator[str]:
+    """A name for ``path`` that fits in a unix socket address: itself, or, when the directory is
+    deep, the same file through ``/proc/self/fd/N`` of an open handle on its directory (Linux
+    resolves it like the real path, for bind and connect alike)."""
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 class ControlServer:
     def __init__(self, handlers: dict[str, Handler]) -> None:
         self.handlers = handlers
@@ -38,8 +59,11 @@ class ControlServer:
         self._path: Path | None = None
 
     async def start(self, path: Path) -> None:
+        import asyncio
+
         path.unlink(missing_ok=True)  # a stale socket from a killed agent (the cache lock is held: it is ours)
-        self._server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_REQUEST)
+        with reachable(path) as name:
+            self._server = await asyncio.start_unix_server(self._serve, path=name, limit=MAX_REQUEST)
         os.chmod(path, 0o600)
         self._path = path
 
@@ -51,6 +75,8 @@ class ControlServer:
             self._path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
         try:
             line = await reader.readline()
             try:
@@ -96,7 +122,8 @@ def call(cache_dir: str | os.PathLike[str], op: str, timeout: float = 30.0, **ar
     s.settimeout(timeout)
     try:
         try:
-            s.connect(str(path))
+            with reachable(path) as name:
+                s.connect(name)
         except (FileNotFoundError, ConnectionRefusedError):
             raise AgentNotRunning(path=str(cache_dir)) from None
         s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")

@@ -12,7 +12,8 @@ Files in the cache directory::
     8   4  format version (1), little endian
     12  4  length J of the JSON header
     16  J  JSON: image, version, manifest_digest, chunk_size, size, count, seq, uuid, clean,
-           data_path, created, targets, totals (fetch counters), sections = [[name, offset, length], ...]
+           data_path, created, targets, totals (fetch counters), snapshots (target → version id),
+           hydrated, repository, base_cache, sections = [[name, offset, length], ...]
     ..     sections, offsets relative to the end of the JSON: "flags" (count bytes),
            "gens" (count × u32, when snapshot generations are on), "unsynced:<target>"
            ((count + 7) // 8 bytes each)
@@ -63,7 +64,7 @@ import blake3
 
 from ..durable import atomic_write
 from ..errors import CacheError, DeviceIOError
-from .maps import ChunkMap, Kind
+from .maps import MODIFIED, ChunkMap, Kind
 
 META_NAME = "meta"
 JOURNAL_NAME = "journal"
@@ -102,6 +103,11 @@ class CacheMeta:
     # Counters kept across agent runs (bytes_fetched, wire_bytes, chunks_fetched), as of this
     # checkpoint: figures for ``status``, never used for correctness.
     totals: dict[str, int] = field(default_factory=dict)
+    # Per snapshot target, the version its last acknowledged snapshot made.
+    snapshots: dict[str, str] = field(default_factory=dict)
+    hydrated: float | None = None  # when every chunk last became local (hydration's record)
+    repository: str | None = None  # URL of the repository the cache was last attached with
+    base_cache: str | None = None  # an overlay's shared base cache directory (device/overlay.py)
 
     def describe(self) -> str:
         return f"{self.image}@{self.version}"
@@ -128,6 +134,17 @@ class Loaded:
     dropped_bytes: int  # journal bytes ignored at the tail
     tail_problem: str | None  # why replay stopped early, if it did
     present_runs: list[tuple[int, int]]  # ranges made present by replayed records
+
+
+def instance_status(meta: CacheMeta, cmap: ChunkMap) -> dict[str, Any]:
+    """The lifecycle part of ``status``: per-target unsynced chunks (modified ones only: a chunk
+    reset or updated away has nothing left to send), last snapshots, hydration."""
+    modified = list(cmap.runs_where(MODIFIED))
+    targets = {}
+    for t, name in enumerate(cmap.targets):
+        n = sum(1 for a, b in modified for i in range(a, b) if cmap.is_unsynced(t, i))
+        targets[name] = {"unsynced_chunks": n, "last_snapshot": meta.snapshots.get(name)}
+    return {"targets": targets, "hydrated": meta.hydrated, "repository": meta.repository}
 
 
 # -- metadata file -------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ One byte of flags per chunk (a 100 GiB image at 64 KiB chunks is 1.6 M chunks: 1
                       zeros, or an all-zero chunk of the base)
     bit 3  BASE_ZERO  the base version's chunk is all zeros (the manifest's zero marker); lets a
                       ``reset`` be replayed without the manifest
-    bits 4..7         reserved (0)
+    bit 4  HELD       a snapshot target may hold this chunk's current content (set by ``synced``
+                      records and by a snapshot in progress): the next write must journal ``dirty``
+                      durably before the data changes, so that a crash cannot make the target look
+                      up to date (DESIGN.md invariant 4). Cleared by every record that journals a write.
+    bits 5..7         reserved (0)
 
 Why a byte and not nbdkit's 2 bits: a byte is one index away on the hot read path
 (``flags[i] & PRESENT``), and every change of a range is a single ``bytes.translate`` with a
@@ -41,7 +45,8 @@ PRESENT = 0x01
 MODIFIED = 0x02
 ZERO = 0x04
 BASE_ZERO = 0x08
-KNOWN_BITS = PRESENT | MODIFIED | ZERO | BASE_ZERO
+HELD = 0x10
+KNOWN_BITS = PRESENT | MODIFIED | ZERO | BASE_ZERO | HELD
 MAX_TARGETS = 255
 GEN_MASK = 0xFFFFFFFF
 
@@ -66,13 +71,14 @@ def _table(fn: Callable[[int], int]) -> bytes:
 
 TABLES: dict[Kind, bytes] = {
     Kind.PRESENT: _table(lambda x: (x | PRESENT) & ~ZERO),
-    Kind.MODIFIED: _table(lambda x: x | MODIFIED),
-    Kind.ZERO: _table(lambda x: (x & ~PRESENT) | ZERO | MODIFIED),
+    Kind.MODIFIED: _table(lambda x: (x | MODIFIED) & ~HELD),
+    Kind.ZERO: _table(lambda x: (x & ~(PRESENT | HELD)) | ZERO | MODIFIED),
     Kind.UNZERO: _table(lambda x: (x | PRESENT) & ~ZERO),
     Kind.DROP: _table(lambda x: x & ~PRESENT),
     Kind.RESET: _table(lambda x: (ZERO | BASE_ZERO) if x & BASE_ZERO else 0),
+    Kind.DIRTY: _table(lambda x: x & ~HELD),
 }
-RANGE_KINDS = frozenset(TABLES) | {Kind.DIRTY}
+RANGE_KINDS = frozenset(TABLES)
 # Record kinds that mean "this chunk was written": they bump write generations.
 WRITE_KINDS = frozenset({Kind.MODIFIED, Kind.ZERO, Kind.UNZERO, Kind.DIRTY})
 
@@ -139,9 +145,7 @@ class ChunkMap:
             raise ValueError(f"chunk range {a}..{b} outside 0..{self.count}")
         if kind in WRITE_KINDS:
             self.touch(a, b)
-        table = TABLES.get(kind)
-        if table is None:  # DIRTY changes no flags
-            return
+        table = TABLES[kind]
         fl = self.flags
         if b == a + 1:
             fl[a] = table[fl[a]]
@@ -245,6 +249,7 @@ class ChunkMap:
             raise ValueError(f"synced record for unknown target {target} or chunk {i}")
         if self.gens is None or self.gens[i] == gen & GEN_MASK:
             _set_bits(self.unsynced[target], i, i + 1, False)
+            self.flags[i] |= HELD
 
     # -- bulk copies ----------------------------------------------------------------------------
     def copy(self) -> ChunkMap:

@@ -52,21 +52,23 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ..agent.fetcher import DEFAULT_BATCH_BYTES, DEFAULT_MAX_INFLIGHT, DEFAULT_READAHEAD, DEFAULT_TIMEOUT, Fetcher
-from ..agent.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded
-from ..agent.maps import MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
-from ..align import split
+from ..agent.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded, instance_status
+from ..agent.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
+from ..align import Piece, split
 from ..codec import ZERO_DIGEST, digest, is_zero
-from ..durable import atomic_write
+from ..durable import atomic_write, fsync_dir
 from ..errors import (
     BlockprovError,
     CacheError,
@@ -81,17 +83,20 @@ from ..errors import (
 from ..manifest import Manifest
 from ..repo.base import Repository
 from .base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
+from .overlay import BaseSource
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "lock"
 MANIFEST_NAME = "manifest.json"
 DATA_NAME = "data"
+PROFILE_NAME = "profile"  # first-read order of chunks (u32 little endian), see ``profile``
 INLINE_WRITE = 64 << 10  # pwrites up to this size run on the event loop (page cache copy, ~µs)
 CHECKPOINT_RECORDS = 65536  # ~2.5 MB of journal
 CHECKPOINT_FILL_BYTES = 1 << 30  # bounds the re-verification after an unclean stop
 _IOV_MAX = 512
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
@@ -131,6 +136,28 @@ def _runs(indices: Iterable[int]) -> list[tuple[int, int]]:
         else:
             out.append((i, i + 1))
     return out
+
+
+def _gated(fn: Callable[Concatenate[CacheDevice, P], Coroutine[Any, Any, T]]
+           ) -> Callable[Concatenate[CacheDevice, P], Coroutine[Any, Any, T]]:
+    """Requests that may fetch or change chunks pass the gate ``quiesced`` closes, and are counted
+    so that it can wait for the ones already inside. Only entry points are gated: an inner call
+    waiting at a closed gate would deadlock the quiesce waiting for its caller."""
+
+    async def wrapper(self: CacheDevice, /, *args: P.args, **kw: P.kwargs) -> T:
+        while (gate := self._gate) is not None:
+            await asyncio.shield(gate)
+        self._active_ops += 1
+        try:
+            return await fn(self, *args, **kw)
+        finally:
+            self._active_ops -= 1
+            drain = self._drain
+            if not self._active_ops and drain is not None and not drain.done():
+                drain.set_result(None)
+
+    functools.update_wrapper(wrapper, fn)
+    return wrapper
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -207,7 +234,7 @@ def _open_data(path: Path, size: int, *, fresh: bool, internal: bool) -> int:
 
 
 def _open_sync(d: Path, repo: Repository, manifest: Manifest | None, data_path: str | None,
-               create: bool, pool: ThreadPoolExecutor) -> _Opened:
+               create: bool, pool: ThreadPoolExecutor, base_cache: str | None = None) -> _Opened:
     """Blocking part of ``CacheDevice.open`` (runs in a worker thread)."""
     want_data = str(Path(data_path).resolve()) if data_path is not None else None
     for stale in d.glob(".*.tmp"):  # left by atomic_write when an agent died mid-checkpoint
@@ -240,10 +267,10 @@ def _open_sync(d: Path, repo: Repository, manifest: Manifest | None, data_path: 
     path = Path(want_data) if want_data else d / DATA_NAME
     fd = _open_data(path, manifest.size, fresh=True, internal=want_data is None)
     try:
-        atomic_write(d / MANIFEST_NAME, manifest.to_json())
+        _store_manifest(d, manifest, base_cache)
         meta = CacheMeta(image=manifest.image, version=manifest.id, manifest_digest=manifest_digest(manifest),
                          chunk_size=manifest.chunk_size, size=manifest.size, count=manifest.count,
-                         data_path=want_data)
+                         data_path=want_data, base_cache=base_cache)
         cmap = ChunkMap(manifest.count, base_zero_flags(manifest.chunks))
         state = CacheState.create(d, meta, cmap, pool)
     except BaseException:
@@ -252,18 +279,54 @@ def _open_sync(d: Path, repo: Repository, manifest: Manifest | None, data_path: 
     return _Opened(state, None, manifest, fd, path)
 
 
+def _store_manifest(d: Path, manifest: Manifest, base_cache: str | None) -> None:
+    """An overlay shares its base's manifest file (a hard link: a manifest can be hundreds of KiB,
+    and an instance should cost only what it writes); anything else gets its own copy."""
+    if base_cache is not None:
+        src = Path(base_cache) / MANIFEST_NAME
+        try:
+            if Manifest.from_json(src.read_bytes()).id == manifest.id:
+                (d / MANIFEST_NAME).unlink(missing_ok=True)
+                os.link(src, d / MANIFEST_NAME)
+                fsync_dir(d)
+                return
+        except (OSError, BlockprovError):
+            pass
+    atomic_write(d / MANIFEST_NAME, manifest.to_json())
+
+
+def _next_manifest_name(version: str) -> str:
+    return f"manifest-{version}.json"
+
+
 def _load_manifest(d: Path, meta: CacheMeta, repo: Repository) -> Manifest:
-    try:
-        m = Manifest.from_json((d / MANIFEST_NAME).read_bytes())
-        if m.id == meta.version and m.image == meta.image:
-            return m
-        log.warning("cache %s: stored manifest is %s@%s, expected %s; asking the repository",
-                    d, m.image, m.id, meta.describe())
-    except (OSError, BlockprovError) as e:
-        log.warning("cache %s: stored manifest unusable (%s); asking the repository", d, e)
+    # manifest-<id>.json: a base switch (update, rebase) that crashed after its checkpoint and
+    # before renaming the new manifest into place.
+    for name in (MANIFEST_NAME, _next_manifest_name(meta.version)):
+        try:
+            m = Manifest.from_json((d / name).read_bytes())
+            if m.id == meta.version and m.image == meta.image:
+                return m
+            log.info("cache %s: %s is %s@%s, expected %s", d, name, m.image, m.id, meta.describe())
+        except FileNotFoundError:
+            continue
+        except (OSError, BlockprovError) as e:
+            log.warning("cache %s: stored manifest %s unusable (%s)", d, name, e)
+    log.warning("cache %s: no stored manifest of %s; asking the repository", d, meta.describe())
     m = repo.resolve(meta.describe())
     atomic_write(d / MANIFEST_NAME, m.to_json())
     return m
+
+
+class Capture:
+    """What a snapshot still has to read (``pending``) and old content saved for it by writes.
+
+    Everything touching it runs on the event loop thread, so a chunk is either read by the snapshot
+    before any write changes it, or saved by the first write before its data changes."""
+
+    def __init__(self, pending: Iterable[int]) -> None:
+        self.pending = set(pending)
+        self.captured: dict[int, bytes] = {}
 
 
 class CacheDevice:
@@ -272,7 +335,7 @@ class CacheDevice:
     def __init__(self, cache_dir: Path, repo: Repository, opened: _Opened, lock_fd: int,
                  pool: ThreadPoolExecutor, *, readahead: int, fetch_timeout: float, read_only: bool,
                  batch_bytes: int, max_inflight: int, checkpoint_records: int,
-                 checkpoint_fill_bytes: int) -> None:
+                 checkpoint_fill_bytes: int, base: CacheDevice | None = None) -> None:
         self.cache_dir = cache_dir
         self.repo = repo
         self.manifest = opened.manifest
@@ -301,9 +364,27 @@ class CacheDevice:
         self.verified_chunks = 0
         self.dropped_chunks = 0
         self._folded: dict[str, int] = {}  # this run's fetch counters already added to meta.totals
-        self._fetcher = Fetcher(self.manifest, repo, self._store_fetched, self._needs_fetch,
-                                readahead=readahead, batch_bytes=batch_bytes, max_inflight=max_inflight,
-                                timeout=fetch_timeout)
+        # The gate (see ``quiesced``): while ``_gate`` is set, gated requests wait for it.
+        self._gate: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._active_ops = 0
+        # A snapshot reading its chunks: old content of chunks written meanwhile (``_capture_old``).
+        self._capture: Capture | None = None
+        # First-read order of chunks over this cache's life (boot profiles).
+        self._seen = bytearray(self.manifest.count)
+        self._order = array("I")
+        self._order_saved = 0
+        self.lifecycle_lock = asyncio.Lock()  # reset, snapshot and update run one at a time
+        self.last_miss = -1  # chunk after the last demand miss (hydration follows it)
+        self.overlay = opened.state.meta.base_cache is not None
+        self._base = base
+        self._fetcher: Fetcher | BaseSource
+        if self.overlay:
+            self._fetcher = BaseSource(self.manifest, base, self._store_fetched, str(cache_dir))
+        else:
+            self._fetcher = Fetcher(self.manifest, repo, self._store_fetched, self._needs_fetch,
+                                    readahead=readahead, batch_bytes=batch_bytes, max_inflight=max_inflight,
+                                    timeout=fetch_timeout)
 
     # -- opening and closing -----------------------------------------------------------------
     @classmethod
@@ -312,12 +393,14 @@ class CacheDevice:
                    fetch_timeout: float = DEFAULT_TIMEOUT, create: bool = True, read_only: bool = False,
                    batch_bytes: int = DEFAULT_BATCH_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                    verify_unclean: bool = True, checkpoint_records: int = CHECKPOINT_RECORDS,
-                   checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES) -> CacheDevice:
+                   checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES, base: CacheDevice | None = None,
+                   base_cache: str | os.PathLike[str] | None = None) -> CacheDevice:
         """Open (or create) the cache in ``cache_dir`` for ``manifest``.
 
         ``manifest=None`` re-opens whatever the cache holds (its stored manifest, else the
         repository's). Raises CacheMismatch for a cache of another version, CacheLocked when
-        another agent holds it.
+        another agent holds it. ``base_cache`` creates an overlay of that shared base cache
+        (device/overlay.py); ``base`` is the opened base device an overlay reads through.
         """
         d = Path(cache_dir)
         if create:
@@ -332,10 +415,16 @@ class CacheDevice:
             loop = asyncio.get_running_loop()
             opened = await loop.run_in_executor(
                 pool, _open_sync, d, repo, manifest, None if data_path is None else os.fspath(data_path),
-                create, pool)
-            dev = cls(d, repo, opened, lock_fd, pool, readahead=readahead, fetch_timeout=fetch_timeout,
+                create, pool, None if base_cache is None else str(Path(base_cache).resolve()))
+            held_base = opened.state.meta.base_cache
+            if held_base is not None and base is not None and (
+                    base.manifest.id != opened.manifest.id or str(base.cache_dir.resolve()) != held_base):
+                raise CacheMismatch(path=str(d), held=f"an overlay of {held_base}",
+                                    wanted=f"an overlay of {base.cache_dir} ({base.manifest.id})")
+            dev = cls(d, repo, opened, lock_fd, pool, readahead=readahead, fetch_timeout=fetch_timeout, base=base,
                       read_only=read_only, batch_bytes=batch_bytes, max_inflight=max_inflight,
                       checkpoint_records=checkpoint_records, checkpoint_fill_bytes=checkpoint_fill_bytes)
+            dev._load_profile()
             loaded = opened.loaded
             if loaded is not None and not loaded.meta.clean and verify_unclean and loaded.present_runs:
                 await dev._verify(loaded.present_runs)
@@ -396,10 +485,16 @@ class CacheDevice:
     def chunk_map(self) -> ChunkMap:
         return self._map
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # -- reads -------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> ReadResult:
         a = offset >> self._shift
         b = (offset + length - 1) >> self._shift
+        if not self._seen[a] or not self._seen[b]:
+            self._record_order(a, b + 1)
         if a == b:
             f = self._flags[a]
             if f & PRESENT and self._fd >= 0:
@@ -408,14 +503,21 @@ class CacheDevice:
                 return [self._zeros[:length]]
         elif self._map.all_match(PRESENT, PRESENT, a, b + 1) and self._fd >= 0:
             return [FileSegment(self._fd, offset, length)]
+        if self._base is not None and self._map.all_match(PRESENT | ZERO, 0, a, b + 1):
+            return await self._base.read(offset, length)  # an overlay's unmodified data: the shared base's
         return await self._read_slow(offset, length)
 
+    @_gated
     async def _read_slow(self, offset: int, length: int) -> ReadResult:
         self._check_open()
         fl = self._flags
         cs = self._cs
         pieces = list(split(offset, length, cs))
+        if self.overlay:
+            return await self._read_through(offset, pieces)
         need = sorted({p.chunk for p in pieces if not fl[p.chunk] & (PRESENT | ZERO)})
+        if need:
+            self.last_miss = need[-1] + 1  # hydration moves to where clients read
         got = await self._fetcher.get_many(need) if need else {}
         out: ReadResult = []
         for p in pieces:
@@ -437,7 +539,37 @@ class CacheDevice:
             out.append(memoryview(data)[p.start:p.start + p.length])
         return out
 
+    async def _read_through(self, offset: int, pieces: list[Piece]) -> ReadResult:
+        """An overlay's read: its own chunks from its data file, the others from the base (not copied)."""
+        fl = self._flags
+        cs = self._cs
+        out: ReadResult = []
+        base_from = base_to = -1
+        for p in pieces:
+            pos = p.offset(cs)
+            f = fl[p.chunk]
+            if not f & (PRESENT | ZERO):
+                if base_to != pos:
+                    if base_to > base_from >= 0:
+                        out += await self._base_read(base_from, base_to - base_from)
+                    base_from = pos
+                base_to = pos + p.length
+                continue
+            if base_to > base_from >= 0:
+                out += await self._base_read(base_from, base_to - base_from)
+                base_from = base_to = -1
+            out.append(self._zeros[:p.length] if f & ZERO else FileSegment(self._fd, pos, p.length))
+        if base_to > base_from >= 0:
+            out += await self._base_read(base_from, base_to - base_from)
+        return out
+
+    async def _base_read(self, offset: int, length: int) -> ReadResult:
+        if self._base is None:
+            raise DeviceIOError(msg=f"overlay {self.cache_dir} is open without its base cache")
+        return await self._base.read(offset, length)
+
     # -- writes ------------------------------------------------------------------------------
+    @_gated
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         self._check_writable()
         n = len(data)
@@ -445,7 +577,7 @@ class CacheDevice:
             a = offset >> self._shift
             b = ((offset + n - 1) >> self._shift) + 1
             cmap = self._map
-            if not self._pending_mod and cmap.all_match(PRESENT | MODIFIED | ZERO, PRESENT | MODIFIED, a, b):
+            if not self._pending_mod and cmap.all_match(PRESENT | MODIFIED | ZERO | HELD, PRESENT | MODIFIED, a, b):
                 if cmap.unsynced:
                     cmap.touch(a, b)
                 await self._pwrite_many([(offset, memoryview(data))])
@@ -476,11 +608,14 @@ class CacheDevice:
         try:
             # The journal: modified marks (durable before any data changes), then present marks
             # for whole chunks written into missing ones.
+            # A chunk a snapshot target may hold gets ``dirty`` first (maps.HELD).
+            # ``modified`` records clear HELD, so the second pass sees only the remaining ones.
             seq = 0
-            for x, y in _runs(c for c in chunks if not fl[c] & MODIFIED):
-                seq = state.apply(Kind.MODIFIED, x, y)
-                for c in range(x, y):
-                    self._pending_mod[c] = seq
+            for kind, pick in ((Kind.MODIFIED, lambda f: not f & MODIFIED), (Kind.DIRTY, lambda f: f & HELD)):
+                for x, y in _runs(c for c in chunks if pick(fl[c])):
+                    seq = state.apply(kind, x, y)
+                    for c in range(x, y):
+                        self._pending_mod[c] = seq
             missing = [c for c in claimed if not fl[c] & (PRESENT | ZERO)]
             if self._pending_mod:
                 seq = max(seq, max((self._pending_mod.get(c, 0) for c in chunks), default=0))
@@ -505,6 +640,8 @@ class CacheDevice:
                     writes.append((p.chunk * cs, buf))
                 else:
                     writes.append((pos, src))
+            if self._capture is not None:
+                self._capture_old(chunks)
             await self._pwrite_many(writes)
             if claimed:
                 # The chunk's new content must be on disk before the journal may say it is
@@ -519,6 +656,7 @@ class CacheDevice:
                 self._release(claimed)
         self._maybe_checkpoint()
 
+    @_gated
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
                            fua: bool = False, fast_only: bool = False) -> None:
         self._check_writable()
@@ -526,6 +664,7 @@ class CacheDevice:
         if fua:
             await self._flush()
 
+    @_gated
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_writable()
         await self._zero(offset, length, fast_only=False)
@@ -549,6 +688,8 @@ class CacheDevice:
         await self._claim(chunks)
         try:
             todo = [c for c in chunks if not fl[c] & ZERO]
+            if self._capture is not None:
+                self._capture_old(todo)
             seq = 0
             runs = _runs(todo)
             for x, y in runs:
@@ -578,6 +719,177 @@ class CacheDevice:
     async def settle(self) -> None:
         """Wait until fetches and fills in flight are done (read-ahead included)."""
         await self._fetcher.idle()
+
+    # -- lifecycle primitives (agent/lifecycle.py and agent/hydrate.py compose them) -----------
+    @contextlib.asynccontextmanager
+    async def quiesced(self) -> AsyncIterator[None]:
+        """Hold new reads that would fetch and every change back, wait for those in flight and for
+        the fetcher to go idle: inside, the map changes only by the caller's hand.
+
+        Reads of local chunks go on (they only look at the map); a read that was handed a piece of
+        the data file just before may still be sending it (see ``reset`` on hole punching).
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        while (other := self._gate) is not None:
+            await asyncio.shield(other)
+        gate = self._gate = loop.create_future()
+        try:
+            while self._active_ops:
+                self._drain = loop.create_future()
+                await self._drain
+            await self._fetcher.idle()
+            yield
+        finally:
+            self._drain = None
+            self._gate = None
+            gate.set_result(None)
+
+    @property
+    def state(self) -> CacheState:
+        return self._state
+
+    @_gated
+    async def fetch_chunks(self, indices: Sequence[int]) -> int:
+        """Make these chunks local (missing ones fetched and stored); returns how many were missing."""
+        fl = self._flags
+        need = [i for i in indices if not fl[i] & (PRESENT | ZERO)]
+        if need:
+            await self._fetcher.materialize(need)
+        return len(need)
+
+    async def reset(self, *, eager: bool = False, punch: bool = True) -> dict[str, int]:
+        """Every modified chunk back to the base (DESIGN.md invariant 5); cost ∝ modified chunks.
+
+        Order: journal ``reset`` of the modified runs → fsync → punch holes (space only: a reset
+        chunk is missing or zero, so its old bytes are never read again). ``punch=False`` when a
+        client may still be sending a piece of the data file it was handed before the reset.
+        Eager: fetch the reset chunks now (outside the quiesce: clients are served meanwhile).
+        """
+        fl = self._flags
+        async with self.quiesced():
+            runs = list(self._map.runs_where(MODIFIED))
+            for x, y in runs:
+                self._state.apply(Kind.RESET, x, y)
+            if runs:
+                await self._state.sync()
+            self._pending_mod.clear()
+            if runs and punch and self._can_punch:
+                await self._run(self._punch_runs, runs)
+        n = sum(y - x for x, y in runs)
+        # An overlay's reset chunks read through the shared base again: nothing to fetch.
+        refetch = [i for x, y in runs for i in range(x, y)
+                   if not fl[i] & (PRESENT | ZERO)] if eager and not self.overlay else []
+        if refetch:
+            await self.fetch_chunks(refetch)
+        self._maybe_checkpoint()
+        return {"chunks_reset": n, "chunks_refetched": len(refetch)}
+
+    def begin_capture(self, chunks: Iterable[int]) -> Capture:
+        """Start saving the old content of these chunks for a snapshot reading them (call quiesced)."""
+        cap = self._capture = Capture(chunks)
+        fl = self._flags
+        for i in cap.pending:  # later writes journal ``dirty`` first (maps.HELD)
+            fl[i] |= HELD
+        return cap
+
+    def end_capture(self) -> None:
+        self._capture = None
+
+    def read_captured(self, cap: Capture, indices: Sequence[int]) -> list[bytes]:
+        """Content of chunks as they were when the capture began (on the event loop; see Capture)."""
+        if self._fd < 0:
+            raise DeviceIOError(msg="cache is closed")
+        out = []
+        m = self.manifest
+        for i in indices:
+            data = cap.captured.pop(i, None)
+            if data is None:
+                cap.pending.discard(i)
+                try:
+                    data = os.pread(self._fd, m.chunk_length(i), i * self._cs)
+                except OSError as e:
+                    raise _io_error(e, f"reading {self.data_path}") from e
+            out.append(data)
+        return out
+
+    def _capture_old(self, chunks: Iterable[int]) -> None:
+        cap = self._capture
+        if cap is None:
+            return
+        for c in chunks:
+            if c in cap.pending:
+                cap.pending.discard(c)
+                cap.captured[c] = os.pread(self._fd, self.manifest.chunk_length(c), c * self._cs)
+
+    async def switch_base(self, new: Manifest, flags: bytearray) -> None:
+        """Make ``new`` the base version with these chunk flags, in one atomic checkpoint (call
+        quiesced; the caller computed ``flags`` so that every present chunk holds ``new``'s data
+        or is modified).
+
+        Crash rules: the new manifest is written as manifest-<id>.json first, then the checkpoint
+        switches meta (version, digest, flags) atomically, then the file is renamed to
+        manifest.json; ``open`` finds either name. A crash before the checkpoint leaves the old base.
+        """
+        if (new.size, new.chunk_size) != (self._size, self._cs):
+            raise CacheError(f"{new.image}@{new.id} has another size or chunk size than the cache")
+        nxt = self.cache_dir / _next_manifest_name(new.id)
+        await self._run(atomic_write, nxt, new.to_json())
+        fl = self._flags
+        fl[:] = flags
+        self._pending_mod.clear()
+        self._state.meta = replace(self._state.meta, version=new.id, manifest_digest=manifest_digest(new))
+        self.manifest = new
+        self._fetcher.manifest = new
+        await self._checkpoint(clean=False)
+
+        def install() -> None:
+            os.replace(nxt, self.cache_dir / MANIFEST_NAME)
+            fsync_dir(self.cache_dir)
+
+        await self._run(install)
+
+    def base_flags(self, new: Manifest, i: int) -> int:
+        """Flags of a chunk that holds no data and equals ``new``'s chunk i."""
+        return ZERO | BASE_ZERO if new.is_zero(i) else 0
+
+    async def checkpoint(self) -> None:
+        await self._checkpoint(clean=False)
+
+    # -- boot profile ---------------------------------------------------------------------------
+    def _record_order(self, a: int, b: int) -> None:
+        seen = self._seen
+        for i in range(a, b):
+            if not seen[i]:
+                seen[i] = 1
+                self._order.append(i)
+
+    def profile(self) -> list[int]:
+        """Chunks in the order they were first read over this cache's life (the first boot's order)."""
+        return self._order.tolist()
+
+    def _load_profile(self) -> None:
+        try:
+            raw = (self.cache_dir / PROFILE_NAME).read_bytes()
+        except FileNotFoundError:
+            return
+        order = array("I")
+        order.frombytes(raw[:len(raw) // 4 * 4])
+        if order.itemsize != 4 or any(i >= self.manifest.count for i in order):
+            log.warning("cache %s: ignoring a read-order profile that does not fit the image", self.cache_dir)
+            return
+        for i in order:
+            if not self._seen[i]:
+                self._seen[i] = 1
+                self._order.append(i)
+        self._order_saved = len(self._order)
+
+    def _save_profile(self) -> None:
+        """Written at checkpoints (only a hint: a crash loses at most the reads since the last one)."""
+        n = len(self._order)
+        if n != self._order_saved:
+            atomic_write(self.cache_dir / PROFILE_NAME, self._order[:n].tobytes())
+            self._order_saved = n
 
     # -- flush ------------------------------------------------------------------------------
     async def flush(self) -> None:
@@ -639,9 +951,11 @@ class CacheDevice:
             "chunks_missing": counts["missing"],
             "journal_seq": self._state.last_seq,
             "verified_chunks": self.verified_chunks,
+            "base_cache": self._state.meta.base_cache,
             "dropped_chunks": self.dropped_chunks,
             **self._fetcher.stats.to_dict(),
             "totals": self.totals(),
+            **instance_status(self._state.meta, self._map),
         }
 
     # -- fills (called by the fetcher) --------------------------------------------------------
@@ -765,6 +1079,8 @@ class CacheDevice:
                 for k in self.TOTALS}
 
     async def _checkpoint(self, *, clean: bool) -> None:
+        if len(self._order) != self._order_saved:
+            await self._run(self._save_profile)
         totals = self.totals()
         self._state.meta = replace(self._state.meta, totals=totals)
         self._folded = {k: int(getattr(self._fetcher.stats, k)) for k in self.TOTALS}

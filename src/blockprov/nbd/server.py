@@ -107,12 +107,11 @@ class NbdServer:
                  default_export: str | None = None, max_in_flight: int = 64,
                  max_buffered: int = 128 * 1024 * 1024) -> None:
         """``exports`` maps export names to devices. The empty name is ``exports[""]`` if present,
-        else ``exports[default_export]``, else the first export."""
-        if not exports:
-            raise ValueError("at least one export is needed")
+        else ``exports[default_export]``, else the first export. Exports added to the dict later
+        are offered to connections made after that (a host's clones come and go)."""
         self.exports = exports
         self.description = description
-        if default_export is None and "" not in exports:
+        if default_export is None and "" not in exports and exports:
             default_export = next(iter(exports))
         self.default_export = default_export
         self.max_in_flight = max_in_flight

@@ -1,0 +1,175 @@
+"""Background hydration: copy every missing chunk into the cache while clients are served.
+
+Seed 000 claims 13–15: the instance keeps working from the repository and becomes fully local
+by itself, then stops needing the repository at all. Rules, and why:
+
+- Client reads go first: hydration asks for one batch at a time, so it holds at most one of the
+  fetcher's repository slots and a client miss never queues behind more than one batch.
+- A client miss moves hydration to where the client reads (``CacheDevice.last_miss``): what a
+  client reads next is most likely near what it just read.
+- A boot profile (the order a first boot read its chunks) is followed first, then the rest in
+  disk order; with ``profile_only`` only the profile is fetched (prefetch for a boot).
+- Optional rate limit in bytes per second, so a lab of 30 machines does not saturate its uplink.
+- Faults pause it instead of ending it: a full cache disk (``NoSpace``) or an unreachable
+  repository are retried after a pause, with the reason in ``status``; serving is unaffected.
+- Completion is recorded in the cache's metadata (``hydrated``) by a checkpoint. A crash loses
+  nothing: fills are journaled as they land, so a new run continues with what is still missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from ..device.cache import CacheDevice
+from ..errors import DeviceError, NoSpace, UsageError
+from .maps import PRESENT, ZERO
+
+log = logging.getLogger("blockprov.hydrate")
+
+BATCH_BYTES = 8 << 20
+PAUSE_SECONDS = 5.0
+
+
+class Hydrator:
+    def __init__(self, dev: CacheDevice, *, order: Sequence[int] = (), rate: float | None = None,
+                 profile_only: bool = False, batch_bytes: int = BATCH_BYTES,
+                 pause_seconds: float = PAUSE_SECONDS) -> None:
+        if dev.overlay:
+            raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
+        self.dev = dev
+        self.rate = rate if rate and rate > 0 else None
+        self.profile_only = profile_only
+        self.pause_seconds = pause_seconds
+        cs = dev.manifest.chunk_size
+        self._per = max(1, batch_bytes // cs)
+        self._order = deque(i for i in order if 0 <= i < dev.manifest.count)
+        self._cursor = 0
+        self._seen_miss = dev.last_miss
+        self.state = "starting"
+        self.message = ""
+        self.bytes = 0
+        self.chunks = 0
+        self.started = time.time()
+        self.finished: float | None = None
+        self._window: deque[tuple[float, int]] = deque(maxlen=64)
+        self._task: asyncio.Task[None] | None = None
+
+    # -- control --------------------------------------------------------------------------------
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self.run())
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self.state = "stopped"
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.state = "running"
+        pause = self.pause_seconds
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                break
+            t0 = time.monotonic()
+            try:
+                n = await self.dev.fetch_chunks(batch)
+                if n:
+                    # Journal the fills now (they are only buffered otherwise): a crash then
+                    # costs no refetch of what hydration already copied.
+                    await self.dev.state.sync()
+            except NoSpace as e:
+                self._pause(f"cache disk full ({e}); hydration paused, retrying in {pause:g} s")
+                await asyncio.sleep(pause)
+                continue
+            except DeviceError as e:
+                if self.dev.closed:
+                    self.state = "stopped"
+                    return
+                self._pause(f"{e}; hydration paused, retrying in {pause:g} s")
+                await asyncio.sleep(pause)
+                continue
+            if self.state != "running":
+                log.info("hydration of %s resumed", self.dev.cache_dir)
+                self.state, self.message = "running", ""
+            got = sum(self.dev.manifest.chunk_length(i) for i in batch) if n else 0
+            self.bytes += got
+            self.chunks += n
+            now = time.monotonic()
+            self._window.append((now, self.bytes))
+            if self.rate and got:
+                await asyncio.sleep(max(0.0, got / self.rate - (now - t0)))
+        if self.profile_only:
+            self.state = "done"
+            self.message = "profile prefetched"
+        else:
+            meta = self.dev.state.meta
+            self.dev.state.meta = replace(meta, hydrated=time.time())
+            await self.dev.checkpoint()
+            self.state = "done"
+            self.message = "every chunk is local"
+        self.finished = time.time()
+        log.info("hydration of %s done: %d chunks, %d bytes", self.dev.cache_dir, self.chunks, self.bytes)
+
+    def _pause(self, why: str) -> None:
+        if self.message != why:
+            log.warning("cache %s: %s", self.dev.cache_dir, why)
+        self.state, self.message = "paused", why
+
+    def _next_batch(self) -> list[int]:
+        """Up to one batch of missing chunks: profile order first, then from the cursor on."""
+        fl = self.dev.chunk_map.flags
+        out: list[int] = []
+        while self._order and len(out) < self._per:
+            i = self._order.popleft()
+            if not fl[i] & (PRESENT | ZERO):
+                out.append(i)
+        if out or self.profile_only:
+            return out
+        cmap = self.dev.chunk_map
+        if self.dev.last_miss != self._seen_miss:
+            self._seen_miss = self.dev.last_miss
+            if 0 <= self._seen_miss < cmap.count:
+                self._cursor = self._seen_miss
+        start = cmap.first_missing(self._cursor)
+        if start < 0:
+            start = cmap.first_missing(0)
+            if start < 0:
+                return []
+        for a, b in cmap.runs_where(PRESENT | ZERO, 0, start, min(cmap.count, start + 4 * self._per)):
+            out.extend(range(a, min(b, a + self._per - len(out))))
+            if len(out) >= self._per:
+                break
+        self._cursor = out[-1] + 1
+        return out
+
+    # -- status ---------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        counts = self.dev.chunk_map.counts()
+        total = counts["total"] or 1
+        local = counts["total"] - counts["missing"]
+        rate = 0.0
+        if len(self._window) >= 2:
+            (t0, b0), (t1, b1) = self._window[0], self._window[-1]
+            if t1 > t0:
+                rate = (b1 - b0) / (t1 - t0)
+        missing_bytes = counts["missing"] * self.dev.manifest.chunk_size
+        eta = missing_bytes / rate if rate > 0 and self.state == "running" else None
+        return {"state": self.state, "message": self.message, "profile_only": self.profile_only,
+                "percent": round(100.0 * local / total, 2), "chunks_fetched": self.chunks,
+                "bytes_fetched": self.bytes, "rate_bytes_per_s": round(rate, 1),
+                "eta_seconds": None if eta is None else round(eta, 1), "rate_limit": self.rate,
+                "started": self.started, "finished": self.finished}

@@ -1,0 +1,106 @@
+"""The control operations of one instance (a cache device and its repository): reset, snapshot,
+update, hydrate, profile and status. The single-instance agent (agent.py) and the clones agent
+(clones.py) both expose them on each instance's control socket, so ``blockprov reset --cache DIR``
+and friends work the same whoever serves the instance."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..device.cache import CacheDevice
+from ..errors import BlockprovError, UsageError
+from ..repo.base import Repository
+from . import control, lifecycle
+from .hydrate import Hydrator
+
+log = logging.getLogger("blockprov.agent")
+T = TypeVar("T")
+
+
+class InstanceOps:
+    def __init__(self, device: CacheDevice, repo: Repository, *, connections: Callable[[], int],
+                 hydrate: bool = False, hydrate_rate: float | None = None, use_profile: bool = True) -> None:
+        self.device = device
+        self.repo = repo
+        self._connections = connections
+        self._hydrate = hydrate
+        self._hydrate_rate = hydrate_rate
+        self._use_profile = use_profile
+        self.hydrator: Hydrator | None = None
+
+    def handlers(self) -> dict[str, control.Handler]:
+        return {"reset": self._op_reset, "snapshot": self._op_snapshot, "update": self._op_update,
+                "hydrate": self._op_hydrate, "profile": self._op_profile}
+
+    async def start(self) -> None:
+        """Prefetch in the version's boot profile order (and hydrate everything when asked)."""
+        if self.device.overlay:
+            return  # an overlay reads through its shared base: there is nothing to copy into it
+        await self._start_hydration(self._hydrate_rate, full=self._hydrate)
+
+    async def stop(self) -> None:
+        if self.hydrator is not None:
+            await self.hydrator.stop()
+
+    def status(self) -> dict[str, Any]:
+        st = self.device.status()
+        if self.hydrator is not None:
+            st["hydration"] = self.hydrator.status()
+        return st
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # -- hydration and boot profiles ----------------------------------------------------------
+    async def _repo_profile(self) -> list[int]:
+        """The repository's boot profile of this version, if any (a missing one is no error)."""
+        m = self.device.manifest
+        if not self._use_profile:
+            return []
+        try:
+            order = await self._run(self.repo.get_profile, m.image, m.id)
+        except BlockprovError as e:
+            log.warning("no boot profile from %s: %s", self.repo.url, e)
+            return []
+        return order or []
+
+    async def _start_hydration(self, rate: float | None, *, full: bool) -> None:
+        order = await self._repo_profile()
+        if not full and not order:
+            return
+        if self.hydrator is not None:
+            await self.hydrator.stop()
+        self.hydrator = Hydrator(self.device, order=order, rate=rate, profile_only=not full)
+        self.hydrator.start()
+
+    # -- ops ----------------------------------------------------------------------------------
+    async def _op_reset(self, req: dict[str, Any]) -> dict[str, Any]:
+        # A client may still be sending data-file pieces it was handed: punch holes only when
+        # nobody is connected (the space of reset chunks is reused when they are fetched again).
+        return await lifecycle.reset(self.device, eager=bool(req.get("eager")), punch=self._connections() == 0)
+
+    async def _op_snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await lifecycle.snapshot(self.device, self.repo, str(req.get("to", "")),
+                                        target=str(req.get("target") or "default"), rebase=bool(req.get("rebase")))
+
+    async def _op_update(self, req: dict[str, Any]) -> dict[str, Any]:
+        new = await self._run(self.repo.resolve, str(req.get("to", "")))
+        return await lifecycle.update(self.device, new, keep_modified=bool(req.get("keep_modified")),
+                                      eager=not req.get("lazy"))
+
+    async def _op_hydrate(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.device.overlay:
+            raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
+        h = self.hydrator
+        if h is None or h.profile_only or (not h.running and self.device.chunk_map.first_missing() >= 0):
+            rate = req.get("rate")
+            await self._start_hydration(float(rate) if rate else self._hydrate_rate, full=True)
+        assert self.hydrator is not None
+        return self.hydrator.status()
+
+    async def _op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
+        m = self.device.manifest
+        return {"image": m.image, "version": m.id, "order": self.device.profile()}

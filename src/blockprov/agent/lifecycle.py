@@ -1,0 +1,214 @@
+"""An instance's lifecycle on top of its cache: reset to the base, snapshots, updates.
+
+Each operation is a short quiesced step that changes the chunk map (device/cache.py's
+``quiesced``: requests that would fetch or change chunks wait, the ones in flight finish) plus
+work done while clients are served. They run one at a time per cache (``lifecycle_lock``) and
+work the same in a running agent (asked through the control socket) and on a stopped cache
+(the CLI opens it in-process).
+
+Snapshot (DESIGN.md invariant 4, seed 000 claims 10–12, 19–22):
+
+1. Quiesced: the modified chunks S and their write generations are taken; S's chunks get HELD, so
+   any write to one of them journals ``dirty`` durably before its data changes and first saves
+   the old content for the snapshot (``Capture``); a checkpoint makes generations, HELD and the
+   target durable. The new version is S's content at this instant (a crash-consistent image).
+2. Served meanwhile: S is read, hashed and compressed; only chunks the repository lacks are
+   uploaded (usually exactly the chunks this target has not received).
+3. The repository commits the version and answers with its id: the acknowledgement.
+4. Only then ``synced`` records clear the target's unsynced bit of each chunk whose generation is
+   unchanged; a chunk written after step 1 keeps it. A checkpoint records the version per target.
+
+A crash anywhere leaves chunks unsynced that may already be in the repository: running the
+snapshot again uploads nothing twice (the repository's missing-chunk answer) and commits.
+
+Update moves the base to another version of the image: chunks that differ and were not modified
+are dropped and (eagerly) fetched again, unchanged chunks stay; modified chunks are discarded
+(back to the new base) or kept over it, and the ones that collide with a change are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from .. import codec
+from ..codec import DIGEST_SIZE, ZERO_DIGEST
+from ..device.cache import CacheDevice
+from ..errors import CacheMismatch, UsageError
+from ..manifest import Manifest
+from ..manifest import diff as manifest_diff
+from ..names import parse_ref
+from ..repo.base import Repository
+from .maps import BASE_ZERO, MODIFIED, PRESENT, ZERO, Kind
+
+SNAPSHOT_GROUP_BYTES = 16 << 20  # read, hash and upload in groups of this size
+Progress = Callable[[int], None]
+
+
+async def reset(dev: CacheDevice, *, eager: bool = False, punch: bool = True) -> dict[str, Any]:
+    async with dev.lifecycle_lock:
+        t0 = time.monotonic()
+        out: dict[str, Any] = await dev.reset(eager=eager, punch=punch)
+        out["seconds"] = round(time.monotonic() - t0, 6)
+        out["version"] = dev.manifest.id
+        return out
+
+
+def _encode_group(datas: list[bytes]) -> list[tuple[bytes, bytes | None]]:
+    """(id, blob) per chunk; all-zero chunks get the zero marker and no blob (worker thread)."""
+    out: list[tuple[bytes, bytes | None]] = []
+    for data in datas:
+        if codec.is_zero(data):
+            out.append((ZERO_DIGEST, None))
+        else:
+            out.append((codec.digest(data), codec.encode(data)))
+    return out
+
+
+async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str = "default",
+                   rebase: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Send the instance's modified chunks and commit them as version ``to`` (``NAME:TAG``)."""
+    ref = parse_ref(to)
+    if ref.tag is None:
+        raise UsageError(f"snapshot needs NAME:TAG to name the new version, not {to!r}")
+    if rebase and dev.overlay:
+        raise UsageError("an overlay instance keeps its shared base: snapshot it without --rebase and clone the "
+                         "new version")
+    if not target or len(target) > 64 or not target.replace("-", "").replace("_", "").isalnum():
+        raise UsageError(f"a snapshot target is 1-64 letters, digits, '-' or '_', not {target!r}")
+    loop = asyncio.get_running_loop()
+    async with dev.lifecycle_lock:
+        t0 = time.monotonic()
+        base = dev.manifest
+        cmap = dev.chunk_map
+        async with dev.quiesced():
+            t = cmap.add_target(target)
+            fl = cmap.flags
+            modified = [i for a, b in cmap.runs_where(MODIFIED) for i in range(a, b)]
+            assert cmap.gens is not None
+            gens = {i: cmap.gens[i] for i in modified}
+            unsynced = sum(1 for i in modified if cmap.is_unsynced(t, i))
+            data_chunks = [i for i in modified if fl[i] & (PRESENT | ZERO) == PRESENT]
+            zeroed = [i for i in modified if fl[i] & ZERO]
+            cap = dev.begin_capture(data_chunks)
+            await dev.checkpoint()
+        try:
+            ids = bytearray(base.chunks)
+            for i in zeroed:
+                ids[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = ZERO_DIGEST
+            per = max(1, SNAPSHOT_GROUP_BYTES // base.chunk_size)
+            sent_bytes = sent_chunks = 0
+            for k in range(0, len(data_chunks), per):
+                group = data_chunks[k:k + per]
+                datas: list[bytes] = []
+                for j in range(0, len(group), 16):  # 1 MiB at a time on the event loop, then let others run
+                    datas += dev.read_captured(cap, group[j:j + 16])
+                    await asyncio.sleep(0)
+                coded = await loop.run_in_executor(None, _encode_group, datas)
+                blobs: dict[bytes, bytes] = {}
+                for i, (cid, blob) in zip(group, coded, strict=True):
+                    ids[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = cid
+                    if blob is not None:
+                        blobs[cid] = blob
+                if blobs:
+                    lacking = await loop.run_in_executor(None, repo.missing, list(blobs))
+                    items = [(cid, blobs[cid]) for cid in lacking]
+                    if items:
+                        await loop.run_in_executor(None, functools.partial(repo.put_blobs, items, trusted=True))
+                    sent_chunks += len(items)
+                    sent_bytes += sum(len(b) for _, b in items)
+                if progress is not None:
+                    progress(sum(len(d) for d in datas))
+            same_image = ref.name == base.image
+            new = Manifest(image=ref.name, size=base.size, chunk_size=base.chunk_size, chunks=bytes(ids),
+                           parent=base.id if same_image else None,
+                           labels={"snapshot-of": f"{base.image}@{base.id}", "snapshot-target": target})
+            vid = await loop.run_in_executor(None, repo.commit, new, ref.tag)  # the acknowledgement
+        finally:
+            dev.end_capture()
+        # Acknowledged: clear what the target now holds (a generation that moved stays unsynced).
+        for i in modified:
+            dev.state.apply(Kind.SYNCED, i, 0, gens[i], target=t)
+        still = sum(1 for i in modified if cmap.is_unsynced(t, i))
+        meta = dev.state.meta
+        dev.state.meta = replace(meta, snapshots={**meta.snapshots, target: vid})
+        if rebase:
+            await _rebase(dev, new, modified, gens)
+        else:
+            await dev.checkpoint()
+        return {"version": vid, "image": ref.name, "tag": ref.tag, "target": target,
+                "chunks_modified": len(modified), "chunks_unsynced_before": unsynced,
+                "chunks_sent": sent_chunks, "bytes_sent": sent_bytes,
+                "bytes_modified": sum(base.chunk_length(i) for i in data_chunks),
+                "chunks_written_during": still, "rebased": rebase,
+                "seconds": round(time.monotonic() - t0, 6)}
+
+
+async def _rebase(dev: CacheDevice, new: Manifest, modified: Sequence[int], gens: dict[int, int]) -> None:
+    """The snapshot's version becomes the base: its chunks are no longer modified, except those
+    written after the snapshot began (they differ from it)."""
+    if new.image != dev.manifest.image:
+        raise UsageError("--rebase needs a snapshot into the instance's own image")
+    cmap = dev.chunk_map
+    async with dev.quiesced():
+        assert cmap.gens is not None
+        flags = bytearray(cmap.flags)
+        for i in modified:
+            f = flags[i]
+            if cmap.gens[i] != gens[i]:
+                flags[i] = (f & ~BASE_ZERO) | (BASE_ZERO if new.is_zero(i) else 0)
+            elif f & ZERO:
+                flags[i] = ZERO | BASE_ZERO
+            else:
+                flags[i] = f & PRESENT
+        await dev.switch_base(new, flags)
+
+
+async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False,
+                 eager: bool = True) -> dict[str, Any]:
+    """Move the instance to ``new`` (another version of its image), fetching only what differs."""
+    async with dev.lifecycle_lock:
+        t0 = time.monotonic()
+        old = dev.manifest
+        if dev.overlay:
+            raise UsageError("an overlay instance follows its shared base: make a clone of the new version instead")
+        if new.image != old.image:
+            raise CacheMismatch(path=str(dev.cache_dir), held=f"{old.image}@{old.id}",
+                                wanted=f"a version of {new.image}")
+        if new.id == old.id:
+            return {"version": new.id, "from": old.id, "chunks_changed": 0, "chunks_refetched": 0,
+                    "bytes_fetched": 0, "modified_kept": 0, "modified_discarded": 0, "conflicts": 0,
+                    "seconds": 0.0}
+        changed = manifest_diff(old, new)
+        cmap = dev.chunk_map
+        async with dev.quiesced():
+            flags = bytearray(cmap.flags)
+            # The instance stays as local as it was: changed chunks it held (data or zeros) come again.
+            refetch = [i for i in changed if flags[i] & (PRESENT | ZERO) and not flags[i] & MODIFIED
+                       and not new.is_zero(i)]
+            modified = [i for a, b in cmap.runs_where(MODIFIED) for i in range(a, b)]
+            changed_set = set(changed)
+            conflicts = sum(1 for i in modified if i in changed_set)
+            for i in changed:
+                if not flags[i] & MODIFIED:
+                    flags[i] = dev.base_flags(new, i)
+            for i in modified:
+                if keep_modified:
+                    flags[i] = (flags[i] & ~BASE_ZERO) | (BASE_ZERO if new.is_zero(i) else 0)
+                else:
+                    flags[i] = dev.base_flags(new, i)
+            await dev.switch_base(new, flags)
+        before = dev.totals()["bytes_fetched"]
+        if eager and refetch:
+            await dev.fetch_chunks(refetch)
+        return {"version": new.id, "from": old.id, "chunks_changed": len(changed),
+                "chunks_refetched": len(refetch) if eager else 0,
+                "bytes_fetched": dev.totals()["bytes_fetched"] - before,
+                "modified_kept": len(modified) if keep_modified else 0,
+                "modified_discarded": 0 if keep_modified else len(modified),
+                "conflicts": conflicts if keep_modified else 0,
+                "seconds": round(time.monotonic() - t0, 6)}

@@ -1,0 +1,372 @@
+"""``blockprov clone``, ``clones serve|list|rm`` and ``pool create|serve|acquire|release|status``.
+
+Clones (seed 004) and pools (seed 003) live in a directory of overlays over shared base caches
+(agent/clones.py, agent/pool.py). One process serves a directory: ``clones serve`` or
+``pool serve``. Commands that change a directory ask that process when it runs (through the
+directory's control socket), and work on the files themselves when it does not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from . import humanize as hz
+from .agent import control
+from .cli import Ctx, default_data_dir, emit, json_option, run_async
+from .customize import BUILTIN_IDENTITY
+from .errors import BlockprovError, UsageError
+from .names import parse_ref
+
+if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
+    from .agent.clones import ClonesAgent
+
+DIR_OPTION = click.option("--dir", "root", required=True, type=click.Path(file_okay=False, path_type=Path),
+                          help="The clones directory.")
+CUSTOMIZE_HELP = (f"Run this shell command on each new instance's export before it is handed out (env "
+                  f"BLOCKPROV_INSTANCE, BLOCKPROV_INDEX, BLOCKPROV_NBD); '{BUILTIN_IDENTITY}' gives each its own "
+                  "hostname and /etc/machine-id in its ext4 root.")
+
+
+def _rescan(root: Path) -> dict[str, Any] | None:
+    """Ask the process serving ``root`` to pick up changes; None when nothing serves it."""
+    try:
+        out: dict[str, Any] = control.call(root, "rescan", timeout=60.0)
+        return out
+    except control.AgentNotRunning:
+        return None
+
+
+@click.command("clone")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.option("--count", default=1, show_default=True, type=click.IntRange(1, 10000))
+@DIR_OPTION
+@click.option("--prefix", help="Instance names are PREFIX1, PREFIX2, … (default: the image name and '-').")
+@click.option("--customize", "customize_cmd", metavar="CMD", help=CUSTOMIZE_HELP)
+@json_option
+@click.pass_obj
+def clone_cmd(obj: Ctx, ref: str, count: int, root: Path, prefix: str | None, customize_cmd: str | None,
+              as_json: bool) -> None:
+    """Make COUNT instances of a version: copy-on-write overlays over one shared base cache."""
+    from .agent.clones import create_instances, next_names, remove_instance
+
+    root = root.resolve()
+    m = obj.repo.resolve(parse_ref(ref))
+    names = next_names(root, prefix or f"{m.image}-", count)
+    t0 = time.monotonic()
+    run_async(create_instances(root, obj.repo, m, names))
+    made = time.monotonic() - t0
+    served = _rescan(root)
+    failed: dict[str, str] = {}
+    if customize_cmd:
+        failed = run_async(_customize_all(obj, root, names, customize_cmd, served is not None))
+        for name in failed:
+            if served is not None:
+                control.call(root, "remove", timeout=60.0, name=name)
+            else:
+                remove_instance(root, name)
+    ok = [n for n in names if n not in failed]
+    out = {"instances": ok, "failed": failed, "seconds": round(time.monotonic() - t0, 4),
+           "seconds_per_instance": round(made / count, 4), "base": f"{m.image}@{m.id}", "dir": str(root)}
+    if as_json:
+        emit(out)
+    else:
+        click.echo(f"made {len(ok)} instance(s) of {m.image}@{m.id} in {root} "
+                   f"({made / count * 1000:.1f} ms each{', then customized' if customize_cmd and ok else ''})")
+        for n in ok:
+            click.echo(f"  {n}")
+        if served is None:
+            click.echo(f"serve them with: blockprov clones serve --dir {root} --socket SOCKET")
+        for n, why in failed.items():
+            click.echo(f"blockprov: error: {why} (instance {n} was not kept)", err=True)
+    if failed:
+        sys.exit(9)
+
+
+async def _customize_all(obj: Ctx, root: Path, names: list[str], cmd: str, served: bool) -> dict[str, str]:
+    """Customize each new instance through the running server, or a short-lived in-process one."""
+    import asyncio
+
+    from .agent.clones import ClonesAgent
+    from .customize import customize
+
+    loop = asyncio.get_running_loop()
+    failed: dict[str, str] = {}
+    temp: ClonesAgent | None = None
+    uris: dict[str, str] = {}
+    try:
+        if served:
+            st = control.call(root, "status", timeout=30.0)
+            uris = {n: st["instances"][n]["uri"] for n in names if n in st["instances"]}
+        else:
+            import tempfile
+
+            tmp = tempfile.mkdtemp(prefix="blockprov-clone-")
+            temp = ClonesAgent(root, obj.repo, socket=Path(tmp) / "nbd.sock", control_socket=False)
+            await temp.start()
+            uris = {n: temp.uri(n) for n in names}
+        for k, name in enumerate(names):
+            try:
+                if name not in uris:
+                    raise BlockprovError(msg=f"instance {name} is not served")
+                await loop.run_in_executor(None, customize, cmd, uris[name], name, k)
+            except BlockprovError as e:
+                failed[name] = str(e)
+    finally:
+        if temp is not None:
+            await temp.close()
+    return failed
+
+
+@click.group("clones")
+def clones_group() -> None:
+    """Serve, list and remove the instances of a clones directory."""
+
+
+@clones_group.command("serve")
+@DIR_OPTION
+@click.option("--socket", "sock", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve NBD on this unix socket (exports are the instance names).")
+@click.option("--listen", metavar="HOST:PORT", help="Serve NBD on TCP.")
+@json_option
+@click.pass_obj
+def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None, as_json: bool) -> None:
+    """Serve every instance of the directory as an NBD export named after it, until SIGTERM."""
+    from .agent.agent import parse_listen
+    from .agent.clones import ClonesAgent
+
+    root = root.resolve()
+
+    async def main() -> None:
+        agent = ClonesAgent(root, obj.repo, socket=sock, listen=parse_listen(listen) if listen else None)
+        await agent.start()
+        _banner(agent, as_json)
+        await agent.run()
+
+    run_async(main())
+
+
+def _banner(agent: ClonesAgent, as_json: bool) -> None:
+    uris = {n: agent.uri(n) for n in agent.instances}
+    if as_json:
+        click.echo(json.dumps({"dir": str(agent.root), "instances": uris, "addresses": agent.addresses}))
+    else:
+        click.echo(f"serving {len(uris)} instance(s) of {agent.root}")
+        for n, u in uris.items():
+            click.echo(f"  {n}  {u}")
+    sys.stdout.flush()
+
+
+@clones_group.command("list")
+@DIR_OPTION
+@json_option
+def clones_list_cmd(root: Path, as_json: bool) -> None:
+    """Instances, their base version and how much each changed."""
+    from .agent.clones import list_instances
+    from .agent.journal import load
+
+    root = root.resolve()
+    rows: list[dict[str, Any]] = []
+    for name in list_instances(root):
+        loaded = load(root / "instances" / name)
+        counts = loaded.map.counts()
+        rows.append({"instance": name, "image": loaded.meta.image, "version": loaded.meta.version,
+                     "chunks_modified": counts["modified"], "bytes_held": counts["present"] * loaded.meta.chunk_size})
+    if as_json:
+        emit(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['instance']:24} {r['image']}@{r['version']}  {r['chunks_modified']} chunk(s) modified, "
+                   f"{hz.size(r['bytes_held'])} held")
+
+
+@clones_group.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@DIR_OPTION
+def clones_rm_cmd(names: tuple[str, ...], root: Path) -> None:
+    """Remove instances (their overlays; the shared base stays)."""
+    from .agent.clones import remove_instance
+
+    root = root.resolve()
+    for n in names:
+        try:
+            control.call(root, "remove", timeout=60.0, name=n)  # the server stops serving it first
+        except control.AgentNotRunning:
+            remove_instance(root, n)
+    click.echo(f"removed {', '.join(names)}")
+
+
+# -- pools -------------------------------------------------------------------------------------
+def pool_dir(name: str, root: Path | None) -> Path:
+    if root is not None:
+        return root.resolve()
+    if not name.replace("-", "").isalnum():
+        raise UsageError(f"a pool name is letters, digits and '-', not {name!r}")
+    return default_data_dir() / "pools" / name
+
+
+POOL_DIR_OPTION = click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),
+                               help="The pool's directory (default: the data directory's pools/NAME).")
+
+
+@click.group("pool")
+def pool_group() -> None:
+    """Pools: ready-made instances handed out at once (golden → configured → per-instance)."""
+
+
+@pool_group.command("create")
+@click.argument("name")
+@click.option("--from", "source", required=True, metavar="NAME:TAG", help="The golden version.")
+@click.option("--size", default=2, show_default=True, type=click.IntRange(1, 10000),
+              help="How many ready instances to keep.")
+@click.option("--configure", metavar="CMD",
+              help="Run once on a scratch clone of the golden; the result is committed as IMAGE:pool-NAME.")
+@click.option("--customize", "customize_cmd", metavar="CMD", help=CUSTOMIZE_HELP)
+@POOL_DIR_OPTION
+@json_option
+@click.pass_obj
+def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str | None, customize_cmd: str | None,
+                    root: Path | None, as_json: bool) -> None:
+    """Make the configured version and SIZE ready instances of it."""
+    from .agent import pool
+
+    d = pool_dir(name, root)
+    m = obj.repo.resolve(parse_ref(source))
+    st = run_async(pool.create(d, obj.repo, name, m, size, configure=configure, customize_cmd=customize_cmd))
+    if as_json:
+        emit(st)
+        return
+    click.echo(f"pool {name}: {len(st['instances'])} ready instance(s) of {st['configured']} in {d}")
+    click.echo(f"serve it with: blockprov pool serve {name}" + (f" --dir {d}" if root else ""))
+
+
+@pool_group.command("serve")
+@click.argument("name")
+@POOL_DIR_OPTION
+@click.option("--socket", "sock", type=click.Path(dir_okay=False, path_type=Path),
+              help="NBD unix socket (default: DIR/nbd.sock).")
+@click.option("--listen", metavar="HOST:PORT", help="Serve NBD on TCP too.")
+@json_option
+@click.pass_obj
+def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, listen: str | None,
+                   as_json: bool) -> None:
+    """Serve the pool's instances, hand them out, refill in the background, until SIGTERM."""
+    from .agent import pool
+    from .agent.agent import parse_listen
+    from .agent.clones import ClonesAgent
+
+    d = pool_dir(name, root)
+    pool.read_state(d)
+
+    async def main() -> None:
+        agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET,
+                            listen=parse_listen(listen) if listen else None)
+        await agent.start()
+        server = pool.PoolServer(d, obj.repo, agent)
+        server.start()
+        _banner(agent, as_json)
+        try:
+            await agent.run()
+        finally:
+            await server.stop()
+
+    run_async(main())
+
+
+@pool_group.command("acquire")
+@click.argument("name")
+@click.option("--host", required=True, help="The host the instance is handed to.")
+@click.option("--wait", "wait_s", default=0.0, type=click.FloatRange(0, 3600),
+              help="Seconds to wait for a ready instance when the pool is exhausted.")
+@POOL_DIR_OPTION
+@json_option
+def pool_acquire_cmd(name: str, host: str, wait_s: float, root: Path | None, as_json: bool) -> None:
+    """Hand a ready instance to a host at once and print how to connect to it."""
+    from .agent import pool
+
+    d = pool_dir(name, root)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            try:
+                out = pool.server_call(d, "pool-acquire", host=host)
+            except control.AgentNotRunning:
+                inst = pool.acquire(d, host)
+                out = {"instance": inst, "uri": f"nbd+unix:///{inst}?socket={d / pool.SOCKET}",
+                       "note": f"start `blockprov pool serve {name}` to serve it"}
+            break
+        except (pool.PoolExhausted, control.ControlFailed) as e:
+            if time.monotonic() >= deadline or "exhausted" not in str(e):
+                raise
+            time.sleep(0.2)
+    if as_json:
+        emit(out)
+        return
+    click.echo(f"{out['instance']} → {host}: {out['uri']}")
+    if out.get("note"):
+        click.echo(f"  ({out['note']})")
+
+
+@pool_group.command("release")
+@click.argument("name")
+@click.option("--instance", help="The instance to release.")
+@click.option("--host", help="Release the instance handed to this host.")
+@click.option("--destroy", is_flag=True, help="Remove the instance instead of resetting it.")
+@POOL_DIR_OPTION
+@json_option
+@click.pass_obj
+def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None, destroy: bool,
+                     root: Path | None, as_json: bool) -> None:
+    """Reset an instance and return it to the pool (or destroy it; the pool refills)."""
+    from .agent import pool
+
+    if (instance is None) == (host is None):
+        raise UsageError("give --instance NAME or --host ID")
+    d = pool_dir(name, root)
+    inst = pool.find(d, instance, host)
+    try:
+        out = pool.server_call(d, "pool-release", instance=inst, destroy=destroy)
+    except control.AgentNotRunning:
+        out = {"instance": inst, "state": run_async(pool.release(d, obj.repo, inst, destroy=destroy, agent=None))}
+    if as_json:
+        emit(out)
+        return
+    click.echo(f"{out['instance']}: {out['state']}")
+
+
+@pool_group.command("status")
+@click.argument("name")
+@POOL_DIR_OPTION
+@json_option
+def pool_status_cmd(name: str, root: Path | None, as_json: bool) -> None:
+    """Ready and in-use instances, and whether the pool server runs."""
+    from .agent import pool
+
+    d = pool_dir(name, root)
+    try:
+        st = pool.server_call(d, "pool-status")
+    except control.AgentNotRunning:
+        st = pool.read_state(d)
+        st["server"] = {"running": False}
+    if as_json:
+        emit(st)
+        return
+    inst = st["instances"]
+    ready = [n for n, v in inst.items() if v["state"] == "ready"]
+    used = {n: v["host"] for n, v in inst.items() if v["state"] == "in-use"}
+    click.echo(f"pool {st['name']}: {st['configured']} (from {st['source']}), size {st['size']}: "
+               f"{len(ready)} ready, {len(used)} in use; server {'running' if st['server']['running'] else 'stopped'}")
+    for n, h in used.items():
+        click.echo(f"  {n} → {h}")
+    if st["server"].get("last_error"):
+        click.echo(f"  last refill error: {st['server']['last_error']}")
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (clone_cmd, clones_group, pool_group):
+        cli.add_command(cmd)

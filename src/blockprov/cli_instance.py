@@ -1,0 +1,288 @@
+"""``blockprov reset / snapshot / update / hydrate / profile save``: an instance's lifecycle.
+
+Each command works on a cache directory. When an agent serves it, the command asks the agent
+through its control socket (the agent quiesces, changes the cache and goes on serving); when
+none does, the command opens the cache in-process. A cache held by an agent that does not answer
+is refused with a clear message and left untouched. The repository of a stopped cache is
+``--repo`` if given, else the one the cache was last attached with, else the embedded default.
+
+``snapshot --instance ID`` is the repository side of claims 10 and 34: it queues a request for a
+registered agent (which long-polls its repository) and waits for the agent's answer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from . import humanize as hz
+from .agent import control
+from .cli import Ctx, _size_option, emit, json_option, open_repository, run_async
+from .errors import BlockprovError, CacheError, UsageError
+
+if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
+    from .device.cache import CacheDevice
+    from .repo.base import Repository
+
+CACHE_OPTION = click.option("--cache", "cache_dir", required=True,
+                            type=click.Path(file_okay=False, path_type=Path), help="The instance's cache directory.")
+OP_TIMEOUT = 24 * 3600.0  # a snapshot of a big disk over a slow link may take long; the agent answers at the end
+
+
+def cache_repository(obj: Ctx, cache_dir: Path) -> Repository:
+    """--repo / BLOCKPROV_REPO, else the repository recorded in the cache, else the embedded one."""
+    if obj.repo_url:
+        return obj.repo
+    from .agent.journal import load
+
+    try:
+        recorded = load(cache_dir).meta.repository
+    except CacheError:
+        recorded = None
+    if recorded and recorded.startswith(("http://", "https://")):
+        return open_repository(recorded, None)
+    if recorded and recorded.startswith("file://") and obj.data_dir is None:
+        return open_repository(None, recorded[len("file://"):])
+    return obj.repo
+
+
+def on_cache(obj: Ctx, cache_dir: Path, op: str, args: dict[str, Any],
+             offline: Callable[[CacheDevice, Repository], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """Run ``op`` in the agent serving ``cache_dir``, or ``offline`` on the cache opened here."""
+    cache_dir = cache_dir.resolve()
+    try:
+        control.call(cache_dir, "status", timeout=10.0)  # answers quickly, or the agent is stuck
+    except control.AgentNotRunning:
+        pass
+    except (TimeoutError, OSError, ValueError) as e:
+        raise CacheError(f"an agent holds {cache_dir} but does not answer ({e or type(e).__name__}); "
+                         "nothing was changed — stop it (kill its pid, see the cache's lock file) and retry") from None
+    else:
+        result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
+        return result
+    if not (cache_dir / "meta").exists():
+        raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
+    repo = cache_repository(obj, cache_dir)
+
+    from .device.cache import CacheDevice
+
+    async def main() -> dict[str, Any]:
+        dev = await CacheDevice.open(cache_dir, repo, create=False)
+        try:
+            return await offline(dev, repo)
+        finally:
+            await dev.close()
+
+    out: dict[str, Any] = run_async(main())
+    return out
+
+
+@click.command("reset")
+@CACHE_OPTION
+@click.option("--eager", is_flag=True, help="Fetch the reset chunks now, so the next session starts fully local.")
+@json_option
+@click.pass_obj
+def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, as_json: bool) -> None:
+    """Bring the instance back to its base version: only the chunks modified since are touched.
+
+    Lazily (default) the modified chunks are forgotten and fetched again on first read; --eager
+    fetches them now. On a running agent, requests in flight finish first; clients then read the
+    base (a guest's own page cache is not the agent's to clear: reset between sessions).
+    """
+    from .agent import lifecycle
+
+    async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+        return await lifecycle.reset(dev, eager=eager)
+
+    out = on_cache(obj, cache_dir, "reset", {"eager": eager}, offline)
+    if as_json:
+        emit(out)
+        return
+    click.echo(f"reset {out['chunks_reset']} modified chunk(s) to the base version {out['version']} "
+               f"in {out['seconds'] * 1000:.1f} ms" + (f"; fetched {out['chunks_refetched']} again"
+                                                       if eager else ""))
+
+
+@click.command("snapshot")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The instance's cache directory (on this machine).")
+@click.option("--instance", help="A registered agent instance to ask (repository side; see `blockprov agents`).")
+@click.option("--to", "to", required=True, metavar="NAME:TAG", help="The new version's name.")
+@click.option("--target", default="default", show_default=True,
+              help="Snapshot target: each keeps its own record of what it has received.")
+@click.option("--rebase", is_flag=True, help="Make the new version the instance's reset base.")
+@click.option("--wait", "wait_s", default=3600.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="With --instance: seconds to wait for the agent's answer.")
+@json_option
+@click.pass_obj
+def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str, target: str, rebase: bool,
+                 wait_s: float, as_json: bool) -> None:
+    """Send the chunks modified since the base (only those the repository lacks) and commit them
+    as a new version; the repository's answer is the acknowledgement."""
+    if (cache_dir is None) == (instance is None):
+        raise UsageError("give --cache DIR (a local instance) or --instance ID (a registered agent)")
+    args = {"to": to, "target": target, "rebase": rebase}
+    if instance is not None:
+        out = _remote_snapshot(obj.repo, instance, args, wait_s)
+    else:
+        from .agent import lifecycle
+
+        assert cache_dir is not None
+
+        async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+            return await lifecycle.snapshot(dev, repo, to, target=target, rebase=rebase)
+
+        out = on_cache(obj, cache_dir, "snapshot", args, offline)
+    if as_json:
+        emit(out)
+        return
+    click.echo(f"snapshot {out['image']}@{out['version']} ({out['image']}:{out['tag']}): "
+               f"{out['chunks_modified']} modified chunk(s), sent {out['chunks_sent']} "
+               f"({hz.size(out['bytes_sent'])}) to target {out['target']} in {out['seconds']:.2f} s"
+               + ("; it is now the reset base" if out.get("rebased") else ""))
+    if out.get("chunks_written_during"):
+        click.echo(f"  {out['chunks_written_during']} chunk(s) were written during the snapshot: "
+                   "they stay unsynced for the next one")
+
+
+def _remote_snapshot(repo: Repository, instance: str, args: dict[str, Any], wait_s: float) -> dict[str, Any]:
+    rid = repo.post_request(instance, "snapshot", args)
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = deadline - time.monotonic()
+        st = repo.get_request(instance, rid, wait=max(0.0, min(25.0, left)))
+        if st["state"] == "done":
+            result: dict[str, Any] = st["result"]
+            return result
+        if st["state"] == "failed":
+            raise BlockprovError(msg=f"agent {instance} could not snapshot: {st.get('error')}")
+        if left <= 0:
+            raise BlockprovError(msg=f"agent {instance} has not answered request {rid} within {wait_s:g} s "
+                                     f"(state {st['state']}); it stays queued")
+
+
+@click.command("update")
+@CACHE_OPTION
+@click.option("--to", "to", required=True, metavar="NAME:TAG|NAME@ID", help="The version to move to.")
+@click.option("--keep-modified", is_flag=True,
+              help="Keep the user's modified chunks over the new version (default: discard them).")
+@click.option("--lazy", is_flag=True, help="Do not fetch the changed chunks now; fetch them on first read.")
+@json_option
+@click.pass_obj
+def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bool, as_json: bool) -> None:
+    """Move the instance to another version of its image, transferring only the chunks that differ."""
+    from .agent import lifecycle
+
+    args = {"to": to, "keep_modified": keep_modified, "lazy": lazy}
+
+    async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+        import asyncio
+
+        new = await asyncio.get_running_loop().run_in_executor(None, repo.resolve, to)
+        return await lifecycle.update(dev, new, keep_modified=keep_modified, eager=not lazy)
+
+    out = on_cache(obj, cache_dir, "update", args, offline)
+    if as_json:
+        emit(out)
+        return
+    click.echo(f"updated {out['from']} → {out['version']}: {out['chunks_changed']} chunk(s) differ, "
+               f"fetched {out['chunks_refetched']} ({hz.size(out['bytes_fetched'])}) in {out['seconds']:.2f} s")
+    if keep_modified:
+        click.echo(f"  kept {out['modified_kept']} modified chunk(s); {out['conflicts']} of them "
+                   "overlap chunks the new version changed")
+    elif out["modified_discarded"]:
+        click.echo(f"  discarded {out['modified_discarded']} modified chunk(s)")
+
+
+@click.command("hydrate")
+@CACHE_OPTION
+@click.option("--rate", default=None, callback=lambda c, p, v: None if v is None else _size_option(c, p, v),
+              metavar="BYTES/S", help="Limit the transfer rate, e.g. 50M.")
+@click.option("--background", is_flag=True, help="With a running agent: start and return at once.")
+@json_option
+@click.pass_obj
+def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, as_json: bool) -> None:
+    """Copy every missing chunk into the cache (client reads keep priority); stops by itself."""
+    from .agent.hydrate import Hydrator
+
+    cache_dir = cache_dir.resolve()
+    args = {"rate": rate}
+    show = not as_json and sys.stderr.isatty()
+
+    async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+        import asyncio
+
+        h = Hydrator(dev, rate=rate)
+        task = h.start()
+        while not task.done():
+            _progress(h.status(), show)
+            await asyncio.wait([task], timeout=0.5)
+        task.result()
+        return h.status()
+
+    out = on_cache(obj, cache_dir, "hydrate", args, offline)
+    if out.get("state") != "done" and not background:
+        while out.get("state") not in ("done", "stopped"):
+            _progress(out, show)
+            time.sleep(0.5)
+            st = control.call(cache_dir, "status", timeout=10.0)
+            out = st.get("hydration") or {}
+    if show:
+        click.echo("", err=True)
+    if as_json:
+        emit(out)
+        return
+    click.echo(f"hydration {out.get('state')}: {out.get('percent')}% local, fetched "
+               f"{hz.size(out.get('bytes_fetched', 0))}" + (f" — {out['message']}" if out.get("message") else ""))
+
+
+def _progress(st: dict[str, Any], show: bool) -> None:
+    if not show:
+        return
+    eta = st.get("eta_seconds")
+    line = (f"\rhydrating: {st.get('percent', 0):5.1f}%  {hz.size(st.get('rate_bytes_per_s', 0))}/s"
+            + (f"  ETA {eta:.0f} s" if eta is not None else "") + (f"  {st['message']}" if st.get("message") else ""))
+    click.echo(line.ljust(80), err=True, nl=False)
+
+
+@click.group("profile")
+def profile_group() -> None:
+    """Boot profiles: the order in which a boot first reads chunks, kept with the version."""
+
+
+@profile_group.command("save")
+@CACHE_OPTION
+@json_option
+@click.pass_obj
+def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
+    """Store this cache's first-read order with its version in the repository; later attaches of
+    the version prefetch (and hydrate) in that order first."""
+    cache_dir = cache_dir.resolve()
+
+    async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+        m = dev.manifest
+        return {"image": m.image, "version": m.id, "order": dev.profile()}
+
+    got = on_cache(obj, cache_dir, "profile", {}, offline)
+    order = [int(i) for i in got["order"]]
+    if not order:
+        raise UsageError(f"{cache_dir} has recorded no reads yet: boot from it first")
+    repo = cache_repository(obj, cache_dir)
+    repo.put_profile(got["image"], got["version"], order)
+    out = {"image": got["image"], "version": got["version"], "chunks": len(order), "repository": repo.url}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"saved a boot profile of {len(order)} chunk(s) for {got['image']}@{got['version']} in {repo.url}")
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (reset_cmd, snapshot_cmd, update_cmd, hydrate_cmd, profile_group):
+        cli.add_command(cmd)
+

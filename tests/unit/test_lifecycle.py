@@ -1,0 +1,342 @@
+"""agent/lifecycle.py and agent/hydrate.py on an in-process cache over an embedded repository:
+reset, snapshot (per target, acknowledged, writes during the upload), update, hydration, profiles."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockprov.agent import lifecycle
+from blockprov.agent.hydrate import Hydrator
+from blockprov.agent.journal import load
+from blockprov.agent.maps import HELD, MODIFIED, PRESENT
+from blockprov.device.base import result_bytes
+from blockprov.device.cache import CacheDevice
+from blockprov.errors import CacheMismatch, RepositoryUnavailable, UsageError
+from blockprov.importer import import_image
+from blockprov.repo.local import LocalRepository
+from tests.conftest import make_image
+
+CS = 64 << 10
+SIZE = 4 << 20  # 64 chunks
+
+
+@pytest.fixture
+def golden(tmp_path: Path) -> tuple[LocalRepository, Path]:
+    repo = LocalRepository(tmp_path / "repo")
+    src = make_image(tmp_path / "g.img", SIZE, seed=5, data_fraction=0.8, pattern_every=CS)
+    import_image(repo, src, "lab:v1")
+    yield repo, src
+    repo.close()
+
+
+async def read_all(dev: CacheDevice) -> bytes:
+    return result_bytes(await dev.read(0, dev.size))
+
+
+def chunk_pattern(i: int, byte: int) -> bytes:
+    return bytes([byte, i & 0xFF]) * (CS // 2)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_reset_lazy_and_eager_restore_the_base(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
+    repo, src = golden
+    base = src.read_bytes()
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        await dev.write(3 * CS + 100, b"user data")
+        await dev.write(10 * CS, chunk_pattern(10, 0xAA))
+        await dev.write_zeroes(20 * CS, 2 * CS)
+        await dev.trim(30 * CS, CS)
+        await dev.flush()
+        modified = dev.status()["chunks_modified"]  # zeroing a chunk that is zero changes nothing
+        assert modified >= 2
+        out = await lifecycle.reset(dev)
+        assert out["chunks_reset"] == modified and out["chunks_refetched"] == 0
+        assert dev.status()["chunks_modified"] == 0
+        assert await read_all(dev) == base
+        await dev.write(5 * CS, chunk_pattern(5, 0xBB))
+        out = await lifecycle.reset(dev, eager=True)
+        assert out["chunks_reset"] == 1 and out["chunks_refetched"] == 1
+        assert dev.chunk_map.flags[5] & PRESENT
+        await dev.close()
+        # The reset survives a restart (journal + checkpoint), and nothing is left modified.
+        dev = await CacheDevice.open(tmp_path / "c", repo)
+        assert dev.status()["chunks_modified"] == 0
+        assert await read_all(dev) == base
+        await dev.close()
+
+    run(main())
+
+
+def test_reset_waits_for_writes_in_flight(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
+    repo, src = golden
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        # Many concurrent whole-chunk and partial writes racing with a reset: afterwards the disk is
+        # the base plus only writes that completed after the reset (none were issued after it).
+        writes = [asyncio.ensure_future(dev.write(i * CS + (i % 3) * 512, chunk_pattern(i, 0xC0)[:CS - 1024]))
+                  for i in range(0, 64, 2)]
+        await asyncio.sleep(0)
+        reset = asyncio.ensure_future(lifecycle.reset(dev))
+        await asyncio.gather(*writes)
+        await reset
+        # Every write finished before the reset took the map: nothing is modified any more.
+        assert dev.status()["chunks_modified"] == 0
+        assert await read_all(dev) == src.read_bytes()
+        await dev.close()
+
+    run(main())
+
+
+def test_snapshot_sends_modified_chunks_once_and_tracks_targets(golden: tuple[LocalRepository, Path],
+                                                                tmp_path: Path) -> None:
+    repo, _ = golden
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        for i in (1, 2, 7):
+            await dev.write(i * CS, chunk_pattern(i, 0x11))
+        await dev.write_zeroes(9 * CS, CS)
+        before = sum(1 for _ in repo.store.iter_ids())
+        out = await lifecycle.snapshot(dev, repo, "lab:s1")
+        assert out["chunks_modified"] == 4 and out["chunks_sent"] == 3
+        assert out["bytes_modified"] == 3 * CS
+        assert sum(1 for _ in repo.store.iter_ids()) == before + 3  # the repository's own count
+        disk = await read_all(dev)
+        new = repo.resolve("lab:s1")
+        assert new.id == out["version"] and new.parent == repo.resolve("lab:v1").id
+        assert b"".join(repo.store.get(d) if d != bytes(32) else bytes(CS) for d in new.digests()) == disk
+        again = await lifecycle.snapshot(dev, repo, "lab:s2")
+        assert again["chunks_sent"] == 0 and again["chunks_unsynced_before"] == 0
+        # A second target has its own record: everything modified is new to it.
+        await dev.write(4 * CS, chunk_pattern(4, 0x22))
+        st = dev.status()["targets"]
+        assert st["default"]["unsynced_chunks"] == 1
+        other = await lifecycle.snapshot(dev, repo, "lab:o1", target="offsite")
+        assert other["chunks_unsynced_before"] == 5 and other["chunks_sent"] == 1
+        st = dev.status()["targets"]
+        assert st["default"]["unsynced_chunks"] == 1 and st["offsite"]["unsynced_chunks"] == 0
+        assert st["offsite"]["last_snapshot"] == other["version"]
+        await dev.close()
+        # Targets and their state survive a restart.
+        dev = await CacheDevice.open(tmp_path / "c", repo)
+        st = dev.status()["targets"]
+        assert st["default"]["unsynced_chunks"] == 1 and st["offsite"]["unsynced_chunks"] == 0
+        await dev.close()
+
+    run(main())
+
+
+class GatedRepo:
+    """The embedded repository, but ``put_blobs`` waits for the test (an upload in progress)."""
+
+    def __init__(self, inner: LocalRepository) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.uploading = threading.Event()
+        self.release = threading.Event()
+        self.fail_commit = False
+
+    def put_blobs(self, items: Sequence[tuple[bytes, bytes]], *, trusted: bool = False) -> int:
+        self.uploading.set()
+        assert self.release.wait(30)
+        return self.inner.put_blobs(items, trusted=trusted)
+
+    def commit(self, manifest: Any, tag: str | None = None) -> str:
+        if self.fail_commit:
+            raise RepositoryUnavailable(url=self.url, why="switched off by the test")
+        return self.inner.commit(manifest, tag)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_write_during_upload_stays_unsynced_and_the_version_is_point_in_time(
+        golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
+    repo, _ = golden
+    gated = GatedRepo(repo)
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", gated, repo.resolve("lab:v1"))  # type: ignore[arg-type]
+        for i in range(6):
+            await dev.write(i * CS, chunk_pattern(i, 0x33))
+        at_start = await read_all(dev)
+        snap = asyncio.ensure_future(lifecycle.snapshot(dev, gated, "lab:s1"))  # type: ignore[arg-type]
+        while not gated.uploading.is_set():
+            await asyncio.sleep(0.005)
+        # The upload is in progress: overwrite two chunks of the snapshot and one outside it.
+        await dev.write(2 * CS, chunk_pattern(2, 0x44))
+        await dev.write(5 * CS + 10, b"late")
+        await dev.write(40 * CS, chunk_pattern(40, 0x44))
+        await dev.flush()
+        gated.release.set()
+        out = await snap
+        assert out["chunks_written_during"] == 2
+        # The version is the disk as it was when the snapshot began (the writes were captured).
+        new = repo.resolve("lab:s1")
+        content = b"".join(repo.store.get(d) if d != bytes(32) else bytes(CS) for d in new.digests())
+        assert content == at_start
+        # The written chunks stay unsynced (invariant 4); the others are synced.
+        t = dev.chunk_map.targets.index("default")
+        assert {i for i in range(64) if dev.chunk_map.is_unsynced(t, i)} == {2, 5, 40}
+        nxt = await lifecycle.snapshot(dev, gated, "lab:s2")  # type: ignore[arg-type]
+        assert nxt["chunks_unsynced_before"] == 3
+        await dev.close()
+
+    run(main())
+
+
+def test_a_write_after_a_snapshot_is_journaled_dirty_before_its_data(golden: tuple[LocalRepository, Path],
+                                                                     tmp_path: Path) -> None:
+    """A crash right after a write to a synced chunk must not make the target look up to date."""
+    repo, _ = golden
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        await dev.write(3 * CS, chunk_pattern(3, 0x55))
+        await lifecycle.snapshot(dev, repo, "lab:s1")
+        assert dev.chunk_map.flags[3] & (HELD | MODIFIED) == HELD | MODIFIED
+        await dev.write(3 * CS + 7, b"again")  # not flushed: the dirty record alone must be durable
+        crashed = load(tmp_path / "c")  # what a crash now would find
+        t = crashed.map.targets.index("default")
+        assert crashed.map.is_unsynced(t, 3)
+        await dev.close()
+
+    run(main())
+
+
+def test_failed_commit_changes_nothing_and_can_be_retried(golden: tuple[LocalRepository, Path],
+                                                          tmp_path: Path) -> None:
+    repo, _ = golden
+    gated = GatedRepo(repo)
+    gated.release.set()
+    gated.fail_commit = True
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", gated, repo.resolve("lab:v1"))  # type: ignore[arg-type]
+        await dev.write(3 * CS, chunk_pattern(3, 0x66))
+        with pytest.raises(RepositoryUnavailable):
+            await lifecycle.snapshot(dev, gated, "lab:s1")  # type: ignore[arg-type]
+        assert dev.status()["targets"]["default"]["unsynced_chunks"] == 1
+        gated.fail_commit = False
+        out = await lifecycle.snapshot(dev, gated, "lab:s1")  # type: ignore[arg-type]
+        assert out["chunks_sent"] == 0  # uploaded by the failed attempt already
+        assert dev.status()["targets"]["default"]["unsynced_chunks"] == 0
+        with pytest.raises(UsageError):
+            await lifecycle.snapshot(dev, gated, "lab:s2", target="../x")  # type: ignore[arg-type]
+        await dev.close()
+
+    run(main())
+
+
+def test_snapshot_rebase_makes_the_new_version_the_reset_base(golden: tuple[LocalRepository, Path],
+                                                              tmp_path: Path) -> None:
+    repo, _ = golden
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        await dev.write(3 * CS, chunk_pattern(3, 0x77))
+        admin = await read_all(dev)
+        out = await lifecycle.snapshot(dev, repo, "lab:admin", rebase=True)
+        assert dev.manifest.id == out["version"] and dev.status()["chunks_modified"] == 0
+        await dev.write(8 * CS, chunk_pattern(8, 0x78))
+        await lifecycle.reset(dev)
+        assert await read_all(dev) == admin
+        await dev.close()
+        dev = await CacheDevice.open(tmp_path / "c", repo)
+        assert dev.manifest.id == out["version"] and await read_all(dev) == admin
+        await dev.close()
+
+    run(main())
+
+
+def test_update_fetches_only_changed_chunks_and_applies_the_policy(golden: tuple[LocalRepository, Path],
+                                                                   tmp_path: Path) -> None:
+    repo, src = golden
+    v2 = bytearray(src.read_bytes())
+    for i in (4, 11, 12):
+        v2[i * CS:(i + 1) * CS] = chunk_pattern(i, 0x99)
+    (tmp_path / "v2.img").write_bytes(v2)
+    import_image(repo, tmp_path / "v2.img", "lab:v2")
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        await read_all(dev)
+        await dev.settle()
+        await dev.write(12 * CS, b"mine")  # collides with a change
+        await dev.write(30 * CS, b"mine")
+        fetched = dev.totals()["chunks_fetched"]
+        out = await lifecycle.update(dev, repo.resolve("lab:v2"), keep_modified=True)
+        assert out["chunks_changed"] == 3 and out["chunks_refetched"] == 2
+        assert out["modified_kept"] == 2 and out["conflicts"] == 1
+        assert dev.totals()["chunks_fetched"] == fetched + 2
+        disk = await read_all(dev)
+        assert disk[30 * CS:30 * CS + 4] == b"mine" and disk[:12 * CS] == bytes(v2[:12 * CS])
+        out = await lifecycle.update(dev, repo.resolve("lab:v1"))  # back, discarding the user's chunks
+        assert out["modified_discarded"] == 2
+        assert await read_all(dev) == src.read_bytes()
+        with pytest.raises(CacheMismatch):
+            other = await asyncio.get_running_loop().run_in_executor(None, lambda: _other_image(repo, tmp_path))
+            await lifecycle.update(dev, other)
+        await dev.close()
+
+    run(main())
+
+
+def _other_image(repo: LocalRepository, tmp_path: Path) -> Any:
+    import_image(repo, make_image(tmp_path / "o.img", SIZE, seed=9), "other:v1")
+    return repo.resolve("other:v1")
+
+
+def test_hydration_follows_the_profile_then_the_disk_and_records_completion(
+        golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
+    repo, src = golden
+
+    async def main() -> None:
+        m = repo.resolve("lab:v1")
+        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        # Profile-only prefetch: exactly the profile's chunks become local.
+        profile = [40, 41, 7, 3]
+        h = Hydrator(dev, order=profile, profile_only=True)
+        await h.start()
+        local = {i for i in range(m.count) if dev.chunk_map.flags[i] & PRESENT}
+        assert local == {i for i in profile if not m.is_zero(i)}
+        assert h.status()["state"] == "done"
+        h = Hydrator(dev, batch_bytes=4 * CS)
+        await h.start()
+        st = dev.status()
+        assert st["chunks_missing"] == 0 and h.status()["percent"] == 100.0
+        assert st["hydrated"] is not None
+        assert await read_all(dev) == src.read_bytes()
+        await dev.close()
+        assert load(tmp_path / "c").meta.hydrated is not None
+
+    run(main())
+
+
+def test_first_read_order_is_recorded_and_kept(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
+    repo, _ = golden
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        for i in (9, 2, 9, 30, 2, 31):
+            await dev.read(i * CS, 512)
+        await dev.read(5 * CS, 2 * CS)
+        assert dev.profile() == [9, 2, 30, 31, 5, 6]
+        await dev.close()
+        dev = await CacheDevice.open(tmp_path / "c", repo)
+        assert dev.profile() == [9, 2, 30, 31, 5, 6]
+        await dev.close()
+
+    run(main())
