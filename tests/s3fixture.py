@@ -76,6 +76,7 @@ class SeaweedFS:
             "name": "blockprov", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
         self.proc: subprocess.Popen[bytes] | None = None
+        self._probe: str | None = None  # a bucket for the readiness probe
         self.master, self.volume, self.filer, self.s3, self.admin = _ports(5)
 
     @property
@@ -109,8 +110,14 @@ class SeaweedFS:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited with {self.proc.returncode}; see {self.logs}/stdout.txt")
             try:
+                # ListBuckets answers before the volume server is back after a restart: ready means
+                # an object can be written and read again.
                 client.list_buckets()
-                return
+                if self._probe is None:
+                    self._probe = self.new_bucket()
+                client.put_object(Bucket=self._probe, Key="probe", Body=b"ready")
+                if client.get_object(Bucket=self._probe, Key="probe")["Body"].read() == b"ready":
+                    return
             except Exception as e:  # not up yet
                 last = e
                 time.sleep(0.2)
