@@ -99,9 +99,12 @@ def test_readahead_grows_on_sequential_misses_only() -> None:
         await f.get(40)  # random: no read-ahead
         await asyncio.sleep(0.05)
         assert set(sink.stored) == {10, 40}
-        await f.get(41)  # sequential after 40: reads ahead
+        await f.get(41)  # continues 40: one step of a stream is not a stream yet
         await asyncio.sleep(0.05)
-        first_window = {i for i in sink.stored if i > 41}
+        assert set(sink.stored) == {10, 40, 41}
+        await f.get(42)  # the second step: reads ahead
+        await asyncio.sleep(0.05)
+        first_window = {i for i in sink.stored if i > 42}
         assert first_window
         nxt = max(sink.stored) + 1
         await f.get(nxt)  # lands right after the window: the window doubles

@@ -7,10 +7,14 @@ Why each rule:
   ten concurrent misses on one chunk cost one ``get_blobs``.
 - Batching: the misses of one request (and its read-ahead) go to the repository in batches of at
   most ``batch_bytes``; duplicate ids in a batch are asked for once.
-- Read-ahead: a miss that continues the previous one (or lands inside the read-ahead window)
-  doubles the window, up to ``readahead`` bytes; a random miss resets it to nothing, so random
-  4 KiB reads never pay for neighbours. Present and zero chunks are skipped (``needed``).
-  Read-ahead only uses free batch slots, so it never queues in front of a demand miss.
+- Read-ahead: only a stream earns it. A miss that continues the previous demand miss exactly, or
+  starts where the read-ahead ended (the reader consumed it), extends a streak; from the second
+  such miss on, each doubles the window, up to ``readahead`` bytes. Any other miss resets streak
+  and window, so random reads never pay for neighbours — a boot's scattered reads, which a looser
+  rule ("anywhere inside the window") turned into a near-full copy of the image. A read waiting on
+  chunks already in flight neither grows nor resets the window, but keeps the read-ahead ahead of
+  it. Present and zero chunks are skipped (``needed``). Read-ahead only uses free batch slots, so
+  it never queues in front of a demand miss.
 - Up to ``max_inflight`` batches talk to the repository at once.
 - ``get_blobs`` (blocking, may hit the network) and ``codec.decode`` (zstd + BLAKE3, both release
   the GIL) run in a thread pool, never on the event loop.
@@ -28,6 +32,7 @@ that need the chunk in the data file wait for the stored future (``materialize``
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import deque
@@ -49,6 +54,8 @@ DEFAULT_READAHEAD = 32 << 20
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_TIMEOUT = 30.0
 LATENCY_SAMPLES = 4096
+# Upper bounds (seconds) of the fetch latency histogram exported as Prometheus metrics (agent/metrics.py).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 Data = bytes | memoryview  # verified chunk content (read-only)
 StoreFn = Callable[[list[tuple[int, Data]]], Awaitable[None]]
@@ -70,6 +77,15 @@ class FetchStats:
     corrupt_chunks: int = 0
     readahead_chunks: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    # every batch since start, for a Prometheus histogram (the deque above keeps only recent ones)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """One batch's latency: per batch, not per NBD request, so a bisect here costs nothing."""
+        self.latencies.append(seconds)
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
 
     def percentiles(self) -> dict[str, float | None]:
         """Batch latency (repository round trip + decode) in milliseconds."""
@@ -127,6 +143,7 @@ class Fetcher:
         self._last_end = -1  # end (exclusive) of the last demand miss
         self._ra_end = 0  # end (exclusive) of the read-ahead issued so far
         self._window = 0  # read-ahead window in chunks
+        self._streak = 0  # consecutive misses that continued a stream
         self._closed = False
         self.stats = FetchStats()
 
@@ -182,7 +199,7 @@ class Fetcher:
         if new:
             self._start(sorted(new))
         if readahead and demand and self._ra_max:
-            self._readahead(min(indices), max(indices))
+            self._readahead(min(indices), max(indices), missed=bool(new))
         return entries
 
     def _new_entry(self, i: int) -> _Entry:
@@ -203,14 +220,22 @@ class Fetcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _readahead(self, first: int, last: int) -> None:
-        sequential = self._last_end <= first <= max(self._last_end, self._ra_end)
-        if sequential:
-            self._window = min(self._ra_max, max(self._ra_min, self._window * 2))
-        elif not (self._last_end - 1 <= first < self._last_end):  # not a re-read of the last chunk
-            self._window = 0
-            self._ra_end = 0
-        self._last_end = max(last + 1, self._last_end) if sequential else last + 1
+    def _readahead(self, first: int, last: int, *, missed: bool) -> None:
+        if missed:
+            if first == self._last_end or (self._ra_end and first == self._ra_end):
+                self._streak += 1
+                if self._streak >= 2:
+                    self._window = min(self._ra_max, max(self._ra_min, self._window * 2))
+                self._last_end = max(last + 1, self._last_end)
+            elif not (self._last_end - 1 <= first < self._last_end):  # not a re-read of the last chunk
+                self._streak = 0
+                self._window = 0
+                self._ra_end = 0
+                self._last_end = last + 1
+        elif self._window and self._last_end <= first < self._ra_end:
+            self._last_end = max(last + 1, self._last_end)  # consuming the read-ahead
+        else:
+            return
         if not self._window:
             return
         if self._ra_end - (last + 1) > self._window // 2:
@@ -315,7 +340,7 @@ class Fetcher:
                 if len(blobs) != len(ids):
                     raise DeviceIOError(msg=f"repository returned {len(blobs)} blobs for {len(ids)} ids")
             plain = await loop.run_in_executor(self._pool, _decode_all, ids, blobs)
-            self.stats.latencies.append(time.monotonic() - t0)
+            self.stats.observe(time.monotonic() - t0)
             self.stats.batches += 1
             self.stats.wire_bytes += sum(len(b) for b in blobs)
             out: dict[int, Data | BaseException] = {}
