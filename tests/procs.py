@@ -71,7 +71,7 @@ def start_server(data: Path, *extra: str, port: int = 0) -> tuple[Proc, str]:
                              "--listen", f"127.0.0.1:{port}", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(None))
     line = _first_line(proc, 30)
-    m = re.match(r"serving (http://\S+)", line)
+    m = re.match(r"serving (https?://\S+)", line)
     if m is None:
         proc.kill()
         _o, err = proc.communicate()
@@ -80,7 +80,7 @@ def start_server(data: Path, *extra: str, port: int = 0) -> tuple[Proc, str]:
 
 
 def start_agent(cache: Path, ref: str | None, sock: Path, *extra: str, data: Path | None = None,
-                repo_url: str | None = None) -> tuple[Proc, dict[str, object]]:
+                repo_url: str | None = None, env: dict[str, str] | None = None) -> tuple[Proc, dict[str, object]]:
     """``blockprov attach`` serving on a unix socket; returns the process and its JSON banner."""
     args = [str(VENV_BIN / "blockprov")]
     if repo_url:
@@ -88,7 +88,7 @@ def start_agent(cache: Path, ref: str | None, sock: Path, *extra: str, data: Pat
     if data:
         args += ["--data", str(data)]
     args += ["attach", *([ref] if ref else []), "--cache", str(cache), "--socket", str(sock), "--json", *extra]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(None))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
     line = _first_line(proc, 60)
     try:
         banner = json.loads(line)

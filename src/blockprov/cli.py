@@ -33,10 +33,12 @@ def default_data_dir() -> Path:
 
 
 def open_repository(repo_url: str | None, data_dir: str | None, store: str | None = None,
-                    store_options: StoreOptions | None = None, *, cacheable: bool = False) -> Repository:
+                    store_options: StoreOptions | None = None, *, cacheable: bool = False,
+                    token: str | None = None, ca: str | None = None) -> Repository:
     """``--repo URL[,URL…]`` (several: a FailoverRepository), else the embedded repository in the data
     directory, with its chunks in ``store`` (``--store``: local packs or ``s3://BUCKET/PREFIX``).
-    ``cacheable``: fetch chunks with per-chunk GETs an HTTP cache can keep (``attach --cacheable-fetch``)."""
+    ``cacheable``: fetch chunks with per-chunk GETs an HTTP cache can keep (``attach --cacheable-fetch``).
+    ``token``/``ca``: the access token sent to servers and the CA their certificates must chain to."""
     if repo_url:
         urls = [u.strip() for u in repo_url.split(",") if u.strip()]
         for u in urls:
@@ -45,10 +47,10 @@ def open_repository(repo_url: str | None, data_dir: str | None, store: str | Non
         from .repo.remote import RemoteRepository
 
         if len(urls) == 1:
-            return RemoteRepository(urls[0], cacheable=cacheable)
+            return RemoteRepository(urls[0], cacheable=cacheable, token=token, ca=ca)
         from .repo.multi import FailoverRepository
 
-        return FailoverRepository([RemoteRepository(u, cacheable=cacheable) for u in urls])
+        return FailoverRepository([RemoteRepository(u, cacheable=cacheable, token=token, ca=ca) for u in urls])
     from .repo.local import LocalRepository
     from .store.factory import open_store
 
@@ -64,13 +66,15 @@ class Ctx:
         self.store = store
         self.store_options = store_options
         self.cacheable = False  # set by attach --cacheable-fetch before the repository is opened
+        self.token: str | None = None  # --token / BLOCKPROV_TOKEN
+        self.ca: str | None = None  # --ca / BLOCKPROV_CA
         self._repo: Repository | None = None
 
     @property
     def repo(self) -> Repository:
         if self._repo is None:
             self._repo = open_repository(self.repo_url, self.data_dir, self.store, self.store_options,
-                                         cacheable=self.cacheable)
+                                         cacheable=self.cacheable, token=self.token, ca=self.ca)
         return self._repo
 
     def close(self) -> None:
@@ -143,13 +147,19 @@ json_option: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
 @click.option("--s3-create-bucket", is_flag=True, help="Create the --store bucket if it does not exist.")
 @click.option("--s3-timeout", envvar="BLOCKPROV_S3_TIMEOUT", default=30.0, show_default=True,
               type=click.FloatRange(0.1, 3600), help="Seconds temporary S3 failures are retried.")
+@click.option("--token", envvar="BLOCKPROV_TOKEN", metavar="TOKEN",
+              help="Access token sent to the repository server (env BLOCKPROV_TOKEN).")
+@click.option("--ca", envvar="BLOCKPROV_CA", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
+              help="Trust only this CA (PEM) for https:// repositories (env BLOCKPROV_CA); default: the system's.")
 @click.version_option(__version__, prog_name="blockprov")
 @click.pass_context
 def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | None, s3_endpoint: str | None,
-        s3_region: str | None, s3_create_bucket: bool, s3_timeout: float) -> None:
+        s3_region: str | None, s3_create_bucket: bool, s3_timeout: float, token: str | None,
+        ca: str | None) -> None:
     """Provision machines and VMs from golden disk images at block level."""
     ctx.obj = Ctx(repo, data, store, StoreOptions(endpoint=s3_endpoint, region=s3_region,
                                                   create_bucket=s3_create_bucket, timeout=s3_timeout))
+    ctx.obj.token, ctx.obj.ca = token or None, ca or None
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -351,14 +361,27 @@ def gc_cmd(obj: Ctx, as_json: bool) -> None:
 @click.option("--max-body", default="256M", callback=_size_option, show_default=True,
               help="Largest request body accepted (larger ones get 413).")
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
+@click.option("--auth", "auth_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              envvar="BLOCKPROV_AUTH",
+              help="Require tokens: auto = once any token was created (blockprov token create), on = always, "
+                   "off = never.")
+@click.option("--anonymous-read", is_flag=True, help="Let requests without a token read (not change) the repository.")
+@click.option("--anonymous-boot", is_flag=True,
+              help="Let requests without a token fetch boot scripts and boot files (for iPXE).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="Serve HTTPS with this PEM certificate (chain).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="The certificate's PEM private key (default: in the --tls-cert file).")
 @click.pass_obj
-def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool) -> None:
+def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, auth_mode: str, anonymous_read: bool,
+              anonymous_boot: bool, tls_cert: str | None, tls_key: str | None) -> None:
     """Serve the embedded repository over HTTP to remote agents and tools.
 
     The first line printed is "serving URL" (with the real port when --listen asks for port 0).
     """
     import logging
 
+    from .service.access import AccessPolicy
     from .service.run import run_server
 
     host, _, port = listen.rpartition(":")
@@ -374,7 +397,9 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool) -> None:
         store = open_store(obj.store, data, obj.store_options)
     try:
         run_server(data, host.strip("[]"), int(port), max_body=max_body, store=store,
-                   access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"))
+                   access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
+                   access=AccessPolicy(auth_mode, anonymous_read, anonymous_boot), tls_cert=tls_cert,
+                   tls_key=tls_key)
     except OSError as e:  # bind failures: port in use, bad address
         raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
 
@@ -416,12 +441,15 @@ def run_async(coro: Any) -> Any:
 @click.option("--no-profile", is_flag=True, help="Do not prefetch in the version's recorded boot order.")
 @click.option("--instance", metavar="ID", help="Name to register with the repository (default: from the cache).")
 @click.option("--no-register", is_flag=True, help="Do not register with the repository nor take its requests.")
+@click.option("--metrics", "metrics_at", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9420; port 0 picks one).")
 @json_option
 @click.pass_obj
 def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, listen: str | None,
                data_file: str | None, readahead: int, fetch_timeout: float, read_only: bool,
                cacheable_fetch: bool, reset_on_start: bool, hydrate: bool, hydrate_rate: int | None,
-               no_profile: bool, instance: str | None, no_register: bool, as_json: bool) -> None:
+               no_profile: bool, instance: str | None, no_register: bool, metrics_at: str | None,
+               as_json: bool) -> None:
     """Serve a version as an NBD export backed by a lazy local cache, until SIGINT/SIGTERM.
 
     Without NAME:TAG the version the cache already holds is re-attached (no repository round trip).
@@ -439,7 +467,8 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
                       data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only,
                       reset_on_start=reset_on_start, hydrate=hydrate,
                       hydrate_rate=float(hydrate_rate) if hydrate_rate else None, use_profile=not no_profile,
-                      instance=instance, register=not no_register)
+                      instance=instance, register=not no_register,
+                      metrics=parse_listen(metrics_at) if metrics_at else None)
 
     async def main() -> None:
         agent = Agent(cfg, obj.repo, manifest)
@@ -448,13 +477,15 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
         m = agent.device.manifest
         if as_json:
             click.echo(json.dumps({"image": m.image, "version": m.id, "addresses": addresses, "pid": os.getpid(),
-                                   "instance": agent.instance}))
+                                   "instance": agent.instance, "metrics": agent.metrics_url}))
         else:
             st = agent.device.status()
             click.echo(f"serving {m.image}@{m.id} ({hz.size(m.size)}, {st['chunks_present']}/{st['chunks_total']} "
                        f"chunks local) from cache {cache_dir}")
             for a in addresses:
                 click.echo(f"  {a}")
+            if agent.metrics_url:
+                click.echo(f"  metrics {agent.metrics_url}")
             click.echo("stop with Ctrl-C or SIGTERM")
         sys.stdout.flush()
         await agent.run()
@@ -502,10 +533,12 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
 from .cli_clones import register as _register_clones  # noqa: E402  clone, clones, pool
 from .cli_hosts import register as _register_hosts  # noqa: E402  boot-files, host, agents, profile show
 from .cli_instance import register as _register_instance  # noqa: E402  reset, snapshot, update, hydrate
+from .cli_tokens import register as _register_tokens  # noqa: E402  token create, list, revoke
 
 _register_instance(cli)
 _register_clones(cli)
 _register_hosts(cli)
+_register_tokens(cli)
 
 
 def main() -> None:

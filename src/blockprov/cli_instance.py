@@ -46,7 +46,7 @@ def cache_repository(obj: Ctx, cache_dir: Path) -> Repository:
     except CacheError:
         recorded = None
     if recorded and recorded.startswith(("http://", "https://")):
-        return open_repository(recorded, None)
+        return open_repository(recorded, None, token=obj.token, ca=obj.ca)
     if recorded and recorded.startswith("file://") and obj.data_dir is None:
         return open_repository(None, recorded[len("file://"):])
     return obj.repo

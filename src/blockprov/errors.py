@@ -140,6 +140,35 @@ class TooLarge(BlockprovError):
     http_status = 413
 
 
+class AccessDenied(BlockprovError):
+    """{msg}"""
+
+    exit_code = 10
+    http_status = 403
+
+
+class Unauthorized(AccessDenied):
+    """access denied: {why} (pass a token with --token or BLOCKPROV_TOKEN)"""
+
+    exit_code = 10
+    http_status = 401
+
+
+class Forbidden(AccessDenied):
+    """access denied: a {scope} token cannot {action} (that needs a {needed} token)"""
+
+    exit_code = 11
+    http_status = 403
+
+
+class UntrustedServer(BlockprovError):
+    """repository {url} presented an untrusted TLS certificate: {why} (give its CA with --ca FILE)"""
+
+    # Not temporary: retrying or failing over cannot help, so it is not a RepositoryUnavailable.
+    exit_code = 7
+    http_status = 502
+
+
 class CacheError(BlockprovError):
     """{msg}"""
 

@@ -131,3 +131,14 @@ def request_id(s: str) -> str:
     if not _RID.match(s):
         raise InvalidName(kind="request id", name=s[:80], why="must be 16 lower-case hex digits")
     return s
+
+
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+def token_name(s: str) -> str:
+    """An access token's name (who or what holds it): it is shown in lists and logs, never a secret."""
+    if not _TOKEN_NAME.match(s):
+        raise InvalidName(kind="token name", name=s[:80],
+                          why="use letters, digits and '._@-' (at most 64), starting with a letter or digit")
+    return s

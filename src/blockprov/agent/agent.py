@@ -10,7 +10,7 @@ Lifecycle operations (agent/lifecycle.py, agent/hydrate.py) are control ops, so 
 reset/snapshot/update/hydrate`` reach a running agent; an agent also registers with its repository
 as an *instance* and long-polls it for requests, so the repository can ask it for a snapshot
 (seed 000 claims 10, 34) although agents usually sit behind NAT. Only ``snapshot`` and ``status``
-are accepted from the repository.
+are accepted from the repository. ``--metrics HOST:PORT`` adds a Prometheus listener (agent/metrics.py).
 
 Crash rules: everything durable belongs to the cache (device/cache.py). ``agent.json`` is only a
 hint for humans and ``status``; a stale one left by a killed agent is recognised because the
@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from ..device.cache import CacheDevice
 from ..durable import atomic_write
-from ..errors import BlockprovError, CacheError, UsageError
+from ..errors import AccessDenied, BlockprovError, CacheError, UsageError
 from ..manifest import Manifest
 from ..nbd.server import NbdServer
 from ..repo.base import Repository
@@ -42,6 +42,7 @@ from . import control, lifecycle
 from .fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from .instance import InstanceOps
 from .journal import instance_status, load
+from .metrics import AgentCollector, MetricsListener, registry_for
 
 log = logging.getLogger("blockprov.agent")
 
@@ -95,6 +96,7 @@ class AgentConfig:
     use_profile: bool = True
     instance: str | None = None  # name registered with the repository (default: from the cache's uuid)
     register: bool = True
+    metrics: tuple[str, int] | None = None  # Prometheus listener (attach --metrics HOST:PORT)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,6 +123,8 @@ class Agent:
         self.instance = config.instance
         self._poll_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self.metrics: MetricsListener | None = None
+        self.metrics_url: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> list[str]:
@@ -157,6 +161,8 @@ class Agent:
                 shown = f"[{host}]" if ":" in host else host
                 self.addresses.append(f"nbd://{shown}:{port}/{m.image}")
             await self.control.start(control.socket_path(cfg.cache_dir))
+            if cfg.metrics is not None:
+                await self._start_metrics(*cfg.metrics)
             atomic_write(cfg.cache_dir / AGENT_FILE, json.dumps(self._describe(), indent=2).encode())
             await self.ops.start()
             if cfg.register:
@@ -183,6 +189,23 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
+    async def _start_metrics(self, host: str, port: int) -> None:
+        def hydration() -> dict[str, Any] | None:
+            h = self.ops.hydrator if self.ops is not None else None
+            return h.status() if h is not None else None
+
+        def labels() -> dict[str, str]:
+            m = self.device.manifest if self.device is not None else None
+            return {"image": m.image, "version": m.id, "instance": str(self.instance)} if m is not None else {}
+
+        collector = AgentCollector(lambda: self.device, lambda: self.server.stats if self.server else None,
+                                   hydration, labels)
+        self.metrics = MetricsListener(registry_for(collector))
+        try:
+            self.metrics_url = await self.metrics.start(host, port)
+        except OSError as e:
+            raise UsageError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
+
     async def _shutdown(self) -> None:
         if self._poll_task is not None:
             self._poll_task.cancel()
@@ -191,6 +214,8 @@ class Agent:
             await self.ops.stop()
         with contextlib.suppress(Exception):
             await self.control.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.server is not None:
             await self.server.close()
         if self.device is not None:
@@ -200,7 +225,7 @@ class Agent:
     # -- control ops ----------------------------------------------------------------------------
     def _describe(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "started": self.started, "addresses": self.addresses,
-                "repository": self.repo.url, "instance": self.instance}
+                "repository": self.repo.url, "instance": self.instance, "metrics": self.metrics_url}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -236,6 +261,9 @@ class Agent:
                 await self._serve_request(req)
             except asyncio.CancelledError:
                 raise
+            except AccessDenied as e:  # no retry can fix the token: say it once, keep serving
+                log.warning("not registered with %s, no repository requests will be taken: %s", self.repo.url, e)
+                return
             except Exception as e:
                 log.warning("repository requests from %s: %s (retrying in %.0f s)", self.repo.url, e, delay)
                 await asyncio.sleep(delay)

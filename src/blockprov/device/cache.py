@@ -63,7 +63,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from ..agent.fetcher import DEFAULT_BATCH_BYTES, DEFAULT_MAX_INFLIGHT, DEFAULT_READAHEAD, DEFAULT_TIMEOUT, Fetcher
+from ..agent.fetcher import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_MAX_INFLIGHT,
+    DEFAULT_READAHEAD,
+    DEFAULT_TIMEOUT,
+    Fetcher,
+    FetchStats,
+)
 from ..agent.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded, instance_status
 from ..agent.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
 from ..align import Piece, split
@@ -488,6 +495,12 @@ class CacheDevice:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def fetch_stats(self) -> FetchStats | None:
+        """The fetcher's live counters (None for an overlay, which fetches nothing); read by metrics."""
+        st = self._fetcher.stats
+        return st if isinstance(st, FetchStats) else None
 
     # -- reads -------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> ReadResult:

@@ -31,6 +31,12 @@ Why it is shaped like this:
   asks ``GET /v1/chunks/{id}`` for each chunk instead, ``GET_WORKERS`` at a time. Those answers are
   immutable with strong ETags: the cache serves every agent after the first. Costs a request per
   chunk, so it is off by default.
+* **Tokens and TLS** (``token=``, ``ca=``; ``--token``/``--ca``): the token goes as
+  ``Authorization: Bearer …`` on every request, the fast fetch path and cacheable GETs included;
+  one ``ssl.SSLContext`` (the system's trust store, or only ``ca`` when given) serves both httpx and
+  ``http.client``, so both paths trust exactly the same servers. A certificate that fails
+  verification is ``UntrustedServer``, not ``RepositoryUnavailable``: retrying or failing over cannot
+  fix a configuration problem, and the message names ``--ca``.
 * Tests pass a ``starlette.testclient.TestClient`` as ``client`` to run against the app in-process.
 """
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -52,7 +59,7 @@ from typing import Any
 import httpx
 
 from .. import __version__, boot, codec, errors, names
-from ..errors import BlockprovError, ManifestError, RepositoryUnavailable
+from ..errors import BlockprovError, ManifestError, RepositoryUnavailable, UntrustedServer, UsageError
 from ..manifest import Manifest
 from ..names import (
     Ref,
@@ -77,9 +84,40 @@ ID = codec.DIGEST_SIZE
 OCTETS = {"content-type": "application/octet-stream"}
 
 _BY_STATUS: dict[int, type[BlockprovError]] = {
-    400: errors.UsageError, 404: errors.NotFound, 409: errors.Conflict, 413: errors.TooLarge,
-    422: errors.IntegrityError,
+    400: errors.UsageError, 401: errors.Unauthorized, 403: errors.AccessDenied, 404: errors.NotFound,
+    409: errors.Conflict, 413: errors.TooLarge, 422: errors.IntegrityError,
 }
+
+
+def tls_context(ca: str | None = None) -> ssl.SSLContext:
+    """The client's TLS trust: the system's CAs (and SSL_CERT_FILE / SSL_CERT_DIR), or only ``ca``."""
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except FileNotFoundError:
+        raise UsageError(f"--ca {ca}: no such file") from None
+    except (ssl.SSLError, OSError) as e:
+        raise UsageError(f"--ca {ca}: not a PEM certificate file ({e})") from None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """``Authorization: Bearer TOKEN`` (nothing without a token); a token must be printable ASCII."""
+    if not token:
+        return {}
+    if not all(0x21 <= ord(c) <= 0x7E for c in token) or len(token) > 1024:
+        raise UsageError("--token must be printable ASCII without spaces (as `blockprov token create` prints it)")
+    return {"authorization": f"Bearer {token}"}
+
+
+def _cert_failure(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a transport error, if that is what it was."""
+    seen: BaseException | None = e
+    for _ in range(8):  # bounded walk down the cause chain
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _as_ref(ref: Ref | str) -> Ref:
@@ -99,7 +137,8 @@ class _RawPost:
 
     KEEP = 16  # idle connections kept
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, headers: dict[str, str] | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
         u = urllib.parse.urlsplit(url)
         self.host = u.hostname or "localhost"
         self.port = u.port
@@ -107,7 +146,8 @@ class _RawPost:
         self.prefix = u.path.rstrip("/")
         self.timeout = timeout
         self.headers = {"user-agent": f"blockprov/{__version__}", "content-type": OCTETS["content-type"],
-                        "accept-encoding": "identity"}
+                        "accept-encoding": "identity", **(headers or {})}
+        self.context = context
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
@@ -124,7 +164,7 @@ class _RawPost:
     def _connect(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
         if self.https:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         conn.connect()
@@ -187,15 +227,19 @@ def _read_body(resp: http.client.HTTPResponse) -> memoryview:
 
 class RemoteRepository:
     def __init__(self, url: str, *, timeout: float = 30.0, client: httpx.Client | None = None,
-                 cacheable: bool = False) -> None:
+                 cacheable: bool = False, token: str | None = None, ca: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._own_client = client is None
+        self._auth = auth_headers(token)
+        ctx = tls_context(ca) if self.url.startswith("https://") or ca else None
         self.client = client if client is not None else httpx.Client(
-            timeout=timeout, headers={"user-agent": f"blockprov/{__version__}"},
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+            timeout=timeout, headers={"user-agent": f"blockprov/{__version__}", **self._auth},
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            verify=ctx if ctx is not None else True)
         self._avg_blob = 64 << 10  # learned from answers; sizes the next fetch batch
-        self._raw = _RawPost(self.url, timeout) if client is None and _RawPost.usable(self.url) else None
+        self._raw = (_RawPost(self.url, timeout, self._auth, ctx)
+                     if client is None and _RawPost.usable(self.url) else None)
         self.cacheable = cacheable
         self._get_pool = ThreadPoolExecutor(GET_WORKERS, thread_name_prefix="bp-get") if cacheable else None
 
@@ -203,9 +247,14 @@ class RemoteRepository:
     def _request(self, method: str, path: str, *, slow: bool = False, **kw: Any) -> httpx.Response:
         if slow and self._own_client:  # a caller-supplied client keeps its own timeouts
             kw["timeout"] = httpx.Timeout(self.timeout, read=None)
+        if self._auth and not self._own_client:  # our own client sends it by default
+            kw["headers"] = {**self._auth, **(kw.get("headers") or {})}
         try:
             r = self.client.request(method, self.url + path, **kw)
         except httpx.TransportError as e:
+            bad = _cert_failure(e)
+            if bad is not None:
+                raise UntrustedServer(url=self.url, why=bad.verify_message or str(bad)) from None
             raise RepositoryUnavailable(url=self.url, why=f"{type(e).__name__}: {e}" if str(e)
                                         else type(e).__name__) from None
         if r.status_code >= 400:
@@ -297,6 +346,8 @@ class RemoteRepository:
             return self._request("POST", "/v1/chunks/fetch", content=body, headers=OCTETS).content
         try:
             status, headers, data = self._raw.post("/v1/chunks/fetch", body)
+        except ssl.SSLCertVerificationError as e:
+            raise UntrustedServer(url=self.url, why=e.verify_message or str(e)) from None
         except (OSError, http.client.HTTPException) as e:
             raise RepositoryUnavailable(url=self.url, why=f"{type(e).__name__}: {e}" if str(e)
                                         else type(e).__name__) from None

@@ -20,6 +20,9 @@ Why it looks the way it does:
 * **Bodies are bounded**: a declared ``Content-Length`` over ``max_body`` is refused before a byte
   is read, and a streamed body is cut off as soon as it passes the limit (413 either way).
 * Blocking work (SQLite, file reads, hashing, zstd) runs on one thread pool, never on the loop.
+* **Access control and metrics are middlewares** (access.py, metrics.py), outside the routes:
+  outermost ``Measure`` counts every answer (a 401, a 413 and a 500 too), then ``Guard``, then
+  ``Access`` refuses a request before its body is read.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -43,11 +47,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, codec
 from .. import manifest as mf
+from ..auth import TokenStore
 from ..errors import BlockprovError, ChunkMissing, MissingChunks, TooLarge, UsageError
 from ..manifest import Manifest
 from ..names import Ref, image_name, parse_ref, tag_name, version_id
 from ..repo.local import LocalRepository
+from .access import Access, AccessPolicy, annotate_openapi
 from .machines import add_routes
+from .metrics import Measure, ServiceMetrics
 from .rawview import IMMUTABLE, ManifestCache, RawView, etag_matches
 
 log = logging.getLogger("blockprov.service")
@@ -93,10 +100,12 @@ class Guard:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 if not v.isdigit():
+                    scope["blockprov.error"] = "UsageError"
                     await error_response(UsageError("Content-Length is not a number"))(scope, receive, send)
                     return
                 if int(v) > limit:
                     exc = TooLarge(f"request body of {int(v)} bytes exceeds the limit of {limit} bytes")
+                    scope["blockprov.error"] = "TooLarge"
                     await error_response(exc)(scope, receive, send)
                     return
         seen = 0
@@ -124,6 +133,7 @@ class Guard:
             if started:
                 raise  # mid-body: the server must cut the connection; nothing else is honest
             log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            scope["blockprov.error"] = "InternalError"
             body = {"error": "InternalError", "message": f"internal error: {type(e).__name__}: {e}", "details": {}}
             await JSONResponse(body, status_code=500)(scope, receive, send)
 
@@ -189,8 +199,10 @@ def _slices(items: list[T], workers: int, least: int = 16) -> list[list[T]]:
 
 
 # -- the app ---------------------------------------------------------------------------------------
-def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int = POOL_WORKERS) -> FastAPI:
-    """The ASGI app serving ``repo``; run it with ``service.run.run_server`` or any ASGI server."""
+def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int = POOL_WORKERS,
+               access: AccessPolicy | None = None) -> FastAPI:
+    """The ASGI app serving ``repo``; run it with ``service.run.run_server`` or any ASGI server.
+    ``access``: who may call what (access.py); default ``auto``, enforced once a token exists."""
     pool = ThreadPoolExecutor(workers, thread_name_prefix="bp-http")
     manifests = ManifestCache(repo)
     raw = RawView(repo, manifests, pool)
@@ -206,10 +218,18 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
 
     app = FastAPI(title="blockprov repository", version=__version__, lifespan=lifespan,
                   description="Images, versions, tags and content-addressed chunks of a blockprov repository.")
+    metrics = ServiceMetrics()
+    metrics.manifest_cache = lambda: (manifests.hits, manifests.misses)
+    registry = metrics.registry()
+    app.state.metrics = metrics
+    app.add_middleware(Access, routes=app.router.routes, tokens=TokenStore(repo.catalog.db),
+                       policy=access or AccessPolicy())
     app.add_middleware(Guard, max_body=max_body)
+    app.add_middleware(Measure, metrics=metrics)
 
     @app.exception_handler(BlockprovError)
     async def on_blockprov_error(request: Request, exc: BlockprovError) -> Response:
+        request.scope["blockprov.error"] = type(exc).__name__
         if exc.http_status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc)
         elif exc.http_status == 422:  # integrity problems are worth an operator's attention
@@ -219,11 +239,13 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         why = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        request.scope["blockprov.error"] = "UsageError"
         return error_response(UsageError(f"bad request: {why}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
         name = "NotFound" if exc.status_code == 404 else "HTTPError"
+        request.scope["blockprov.error"] = name
         return JSONResponse({"error": name, "message": str(exc.detail), "details": {}},
                             status_code=exc.status_code, headers=exc.headers)
 
@@ -241,6 +263,12 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
     async def health() -> dict[str, str]:
         """Liveness for load balancers and for ``blockprov serve`` readiness checks."""
         return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: requests by route and status, bytes in and out, chunk traffic,
+        errors by class, the process's CPU and memory."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/gc", tags=["service"])
     async def gc(grace: float | None = None) -> dict[str, Any]:
@@ -339,7 +367,10 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
         missing = [c.hex() for _, ms in done for c in ms]
         if missing:
             exc = ChunkMissing(digest=missing[0])
+            request.scope["blockprov.error"] = "ChunkMissing"
             return JSONResponse(error_body(exc) | {"missing": missing}, status_code=404)
+        metrics.chunk_fetches += 1
+        metrics.chunks_served += len(ids)
         return PartsResponse([p for p, _ in done])
 
     @app.post("/v1/chunks/missing", tags=["chunks"], response_class=Response, openapi_extra=octets_body)
@@ -355,8 +386,11 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
             except (ValueError, KeyError, TypeError) as e:
                 raise UsageError(f"expected {{\"ids\": [hex, …]}}: {e}") from None
             ids = [codec.parse_hexid(str(h)) for h in hexes]
+            metrics.missing_asked += len(ids)
             return JSONResponse({"missing": [c.hex() for c in await run(repo.missing, ids)]})
-        return Response(b"".join(await run(repo.missing, split_ids(body))), media_type=OCTETS)
+        ids = split_ids(body)
+        metrics.missing_asked += len(ids)
+        return Response(b"".join(await run(repo.missing, ids)), media_type=OCTETS)
 
     @app.get("/v1/chunks/{cid}", tags=["chunks"], response_class=Response)
     @app.head("/v1/chunks/{cid}", tags=["chunks"], response_class=Response)
@@ -367,6 +401,7 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
         headers = {"etag": etag, "cache-control": IMMUTABLE}
         inm = request.headers.get("if-none-match")
         if inm is not None and etag_matches(inm, etag) and await run(store.has, digest):
+            metrics.chunks_not_modified += 1
             return Response(status_code=304, headers=headers)
 
         def read_verified() -> bytes:
@@ -375,6 +410,7 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
             return blob
 
         blob = await run(read_verified)
+        metrics.chunks_served += request.method == "GET"
         if request.method == "HEAD":
             return Response(headers=headers | {"content-length": str(len(blob))}, media_type=OCTETS)
         return Response(blob, headers=headers, media_type=OCTETS)
@@ -384,6 +420,8 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
         """Upload one blob; 422 if it does not decode to its id (nothing is stored then)."""
         digest = codec.parse_hexid(cid)
         new = await run(repo.put_blobs, [(digest, await body_of(request))])
+        metrics.chunks_received += 1
+        metrics.chunks_new += new
         return JSONResponse({"new": bool(new)}, status_code=201 if new else 200)
 
     @app.post("/v1/chunks", tags=["chunks"], openapi_extra=octets_body)
@@ -391,7 +429,10 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
         """Batch upload, framed ``[32-byte id][4-byte LE length][blob]…``; every blob is verified."""
         items = parse_frames(await body_of(request))
         counts = await asyncio.gather(*(run(repo.put_blobs, s) for s in _slices(items, workers, least=4)))
+        metrics.chunks_received += len(items)
+        metrics.chunks_new += sum(counts)
         return {"received": len(items), "new": sum(counts)}
 
     add_routes(app, repo, run)  # boot files, host boot scripts, profiles, agents (machines.py)
+    annotate_openapi(app)  # each operation's scope as x-blockprov-scope
     return app

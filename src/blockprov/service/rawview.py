@@ -105,6 +105,7 @@ class ManifestCache:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._items: OrderedDict[tuple[str, str], tuple[Manifest, bytes]] = OrderedDict()
+        self.hits = self.misses = 0  # for /metrics
 
     def get(self, ref: Ref) -> tuple[str, Manifest, bytes]:
         """(version id, manifest, canonical JSON) of a reference; blocking, run it in a thread."""
@@ -114,7 +115,9 @@ class ManifestCache:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
+                self.hits += 1
                 return vid, hit[0], hit[1]
+            self.misses += 1
         m = self.repo.catalog.manifest(ref.name, vid)
         raw = m.to_json()
         with self._lock:

@@ -5,25 +5,36 @@ kernel picks a free port, we read it back and report the real URL through ``on_r
 server accepts connections — tests and ``blockprov serve`` rely on that line. SIGINT and SIGTERM
 make uvicorn finish in-flight requests and return normally (exit status 0), instead of re-raising
 the signal after shutdown as uvicorn does by default.
+
+TLS (``--tls-cert``/``--tls-key``) is uvicorn's own: it wraps the socket we bound. The certificate
+and key are loaded once before the socket is bound, so a wrong path, a key that does not match
+or a passphrase-protected key is one clear error at start, not a failure at the first connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import ipaddress
+import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Generator
 
 import uvicorn
 
+from ..auth import TokenStore
+from ..errors import UsageError
 from ..repo.local import LocalRepository
 from ..store.base import ChunkStore
+from .access import AccessPolicy
 from .app import MAX_BODY, create_app
 
 OnReady = Callable[[str], None]
+log = logging.getLogger("blockprov.service")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -42,9 +53,38 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def check_tls(cert: str, key: str | None) -> None:
+    """Load the certificate and key as the server will, and say plainly what is wrong with them."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key, password=lambda: b"")  # a passphrase-protected key fails here
+    except FileNotFoundError as e:
+        raise UsageError(f"cannot use the TLS certificate: {e.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as e:
+        raise UsageError(f"cannot use the TLS certificate {cert} and key {key or cert}: {e}") from None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def warn_open(repo: LocalRepository, policy: AccessPolicy, host: str, *, tls: bool) -> None:
+    """Say at start what an operator might not expect: an open repository, or tokens sent in clear."""
+    tokens = policy.mode == "on" or (policy.mode == "auto" and TokenStore(repo.catalog.db).any_created())
+    if not tokens:
+        why = "--auth off" if policy.mode == "off" else "no access token exists yet"
+        log.warning("access control is off (%s): anyone who can reach this server may read and change the "
+                    "repository; create a token with: blockprov token create --scope write", why)
+    elif not tls and not _loopback(host):
+        log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
 
 
 class _Server(uvicorn.Server):
@@ -87,20 +127,28 @@ class _Server(uvicorn.Server):
 
 def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8420, *,
                on_ready: OnReady | None = None, max_body: int = MAX_BODY, access_log: bool = False,
-               log_level: str = "info", store: ChunkStore | None = None) -> None:
+               log_level: str = "info", store: ChunkStore | None = None, access: AccessPolicy | None = None,
+               tls_cert: str | None = None, tls_key: str | None = None) -> None:
     """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening.
     ``store``: the chunk store to use instead of ``data_dir``'s pack store (e.g. S3); the catalog stays
-    in ``data_dir``. The server closes it."""
+    in ``data_dir``. The server closes it. ``access``: who may call what (service/access.py);
+    ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file)."""
+    if tls_cert is not None:
+        check_tls(tls_cert, tls_key)
+    elif tls_key is not None:
+        raise UsageError("--tls-key needs --tls-cert")
     repo = LocalRepository(data_dir, store=store)
+    warn_open(repo, access or AccessPolicy(), host, tls=tls_cert is not None)
     sock = bind(host, port)
     try:
         # uvicorn writes access lines to stdout by default; stdout is for the "serving URL" line
         # (scripts read it and may not drain the rest), so logs of every kind go to stderr.
         log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-        config = uvicorn.Config(create_app(repo, max_body=max_body), access_log=access_log, log_level=log_level,
-                                timeout_keep_alive=75, lifespan="on", log_config=log_config)
-        _Server(config, url_of(sock), on_ready).run(sockets=[sock])
+        config = uvicorn.Config(create_app(repo, max_body=max_body, access=access), access_log=access_log,
+                                log_level=log_level, timeout_keep_alive=75, lifespan="on", log_config=log_config,
+                                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+        _Server(config, url_of(sock, "https" if tls_cert else "http"), on_ready).run(sockets=[sock])
     finally:
         sock.close()
         repo.close()

@@ -1,0 +1,104 @@
+"""CLI commands for access tokens: ``token create``, ``token list``, ``token revoke``.
+
+Tokens are managed where the catalog is, like database users on a database host: these commands
+work on the embedded repository's catalog (``--data DIR``) and refuse ``--repo``. Managing tokens
+over HTTP would need a scope above ``write`` and would let a stolen write token mint more; running
+them on the repository's host needs nothing but access to its data directory, which is the
+repository anyway. ``auth.py`` says why tokens look the way they do.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import click
+
+from .auth import SCOPES, TokenStore
+from .catalog import Catalog
+from .cli import Ctx, default_data_dir, emit
+from .errors import UsageError
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _store(obj: Ctx) -> tuple[Catalog, TokenStore]:
+    if obj.repo_url:
+        raise UsageError("tokens are managed on the repository's host, on its data directory: "
+                         "run this without --repo / BLOCKPROV_REPO (with --data DIR)")
+    data = Path(obj.data_dir or default_data_dir())
+    data.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog(data / "catalog.sqlite")
+    return catalog, TokenStore(catalog.db)
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+
+
+@click.group("token")
+def token() -> None:
+    """Access tokens for `blockprov serve` (scopes: read < agent < write)."""
+
+
+@token.command("create")
+@click.option("--scope", required=True, type=click.Choice(SCOPES),
+              help="read: read everything; agent: read, register, take and answer requests; write: everything.")
+@click.option("--name", default=None, help="Who or what holds it (shown by `token list`, usable by `token revoke`).")
+@json_option
+@click.pass_obj
+def token_create(obj: Ctx, scope: str, name: str | None, as_json: bool) -> None:
+    """Create a token and print it. Only its hash is kept: store it now."""
+    catalog, store = _store(obj)
+    try:
+        value, info = store.create(scope, name)
+    finally:
+        catalog.close()
+    if as_json:
+        emit(info.to_dict() | {"token": value})
+        return
+    click.echo(value)
+    click.echo(f"token {info.id}{f' ({name})' if name else ''} with {scope} scope: shown only now; "
+               f"clients pass it with --token or BLOCKPROV_TOKEN", err=True)
+
+
+@token.command("list")
+@json_option
+@click.pass_obj
+def token_list(obj: Ctx, as_json: bool) -> None:
+    """List tokens (never their values): id, name, scope, created, revoked."""
+    catalog, store = _store(obj)
+    try:
+        infos = store.tokens()
+    finally:
+        catalog.close()
+    if as_json:
+        emit([i.to_dict() for i in infos])
+        return
+    if not infos:
+        click.echo("no tokens (the server runs open until one exists; create one with: "
+                   "blockprov token create --scope write)")
+    for i in infos:
+        state = f"revoked {_when(i.revoked)}" if i.revoked is not None else "active"
+        click.echo(f"{i.id}  {i.scope:5}  {i.name or '-':24}  created {_when(i.created)}  {state}")
+
+
+@token.command("revoke")
+@click.argument("key", metavar="ID|NAME")
+@json_option
+@click.pass_obj
+def token_revoke(obj: Ctx, key: str, as_json: bool) -> None:
+    """Revoke a token; servers refuse it within a few seconds."""
+    catalog, store = _store(obj)
+    try:
+        info = store.revoke(key)
+    finally:
+        catalog.close()
+    if as_json:
+        emit(info.to_dict())
+    else:
+        click.echo(f"revoked {info.id}{f' ({info.name})' if info.name else ''}")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(token)
