@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .auth import SCOPES, TokenStore
-from .catalog import Catalog
+from .auth import SCOPES
 from .cli import Ctx, default_data_dir, emit
+
+if TYPE_CHECKING:  # SQLite and the catalog load only when a token command runs (CLI start-up time)
+    from .auth import TokenStore
+    from .catalog import Catalog
 from .errors import UsageError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -28,6 +32,9 @@ def _store(obj: Ctx) -> tuple[Catalog, TokenStore]:
                          "run this without --repo / BLOCKPROV_REPO (with --data DIR)")
     data = Path(obj.data_dir or default_data_dir())
     data.mkdir(parents=True, exist_ok=True)
+    from .auth import TokenStore
+    from .catalog import Catalog
+
     catalog = Catalog(data / "catalog.sqlite")
     return catalog, TokenStore(catalog.db)
 
