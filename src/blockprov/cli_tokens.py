@@ -17,11 +17,11 @@ import click
 
 from .auth import SCOPES
 from .cli import Ctx, default_data_dir, emit
+from .errors import UsageError
 
 if TYPE_CHECKING:  # SQLite and the catalog load only when a token command runs (CLI start-up time)
     from .auth import TokenStore
     from .catalog import Catalog
-from .errors import UsageError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
