@@ -4,6 +4,7 @@ reset, snapshot (per target, acknowledged, writes during the upload), update, hy
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,8 @@ def test_reset_lazy_and_eager_restore_the_base(golden: tuple[LocalRepository, Pa
         out = await lifecycle.reset(dev)
         assert out["chunks_reset"] == modified and out["chunks_refetched"] == 0
         assert dev.status()["chunks_modified"] == 0
+        await dev.settle()  # the reset chunks' blocks are freed in the background
+        assert os.stat(dev.data_path).st_blocks == 0
         assert await read_all(dev) == base
         await dev.write(5 * CS, chunk_pattern(5, 0xBB))
         out = await lifecycle.reset(dev, eager=True)

@@ -4,7 +4,9 @@ Seed 000 claims 13–15: the instance keeps working from the repository and beco
 by itself, then stops needing the repository at all. Rules, and why:
 
 - Client reads go first: hydration asks for one batch at a time, so it holds at most one of the
-  fetcher's repository slots and a client miss never queues behind more than one batch.
+  fetcher's repository slots and a client miss never queues behind more than one batch; while
+  clients are missing chunks (the last miss less than a second ago) that batch is 1 MiB, not 8,
+  so the one a client may wait behind is short.
 - A client miss moves hydration to where the client reads (``CacheDevice.last_miss``): what a
   client reads next is most likely near what it just read.
 - A boot profile (the order a first boot read its chunks) is followed first, then the rest in
@@ -33,6 +35,8 @@ from .maps import PRESENT, ZERO
 log = logging.getLogger("blockprov.hydrate")
 
 BATCH_BYTES = 8 << 20
+BUSY_BATCH_BYTES = 1 << 20
+BUSY_SECONDS = 1.0
 PAUSE_SECONDS = 5.0
 
 
@@ -47,7 +51,8 @@ class Hydrator:
         self.profile_only = profile_only
         self.pause_seconds = pause_seconds
         cs = dev.manifest.chunk_size
-        self._per = max(1, batch_bytes // cs)
+        self._per_idle = max(1, batch_bytes // cs)
+        self._per_busy = max(1, min(batch_bytes, BUSY_BATCH_BYTES) // cs)
         self._order = deque(i for i in order if 0 <= i < dev.manifest.count)
         self._cursor = 0
         self._seen_miss = dev.last_miss
@@ -132,8 +137,10 @@ class Hydrator:
     def _next_batch(self) -> list[int]:
         """Up to one batch of missing chunks: profile order first, then from the cursor on."""
         fl = self.dev.chunk_map.flags
+        busy = time.monotonic() - self.dev.last_miss_at < BUSY_SECONDS
+        per = self._per_busy if busy else self._per_idle
         out: list[int] = []
-        while self._order and len(out) < self._per:
+        while self._order and len(out) < per:
             i = self._order.popleft()
             if not fl[i] & (PRESENT | ZERO):
                 out.append(i)
@@ -149,9 +156,9 @@ class Hydrator:
             start = cmap.first_missing(0)
             if start < 0:
                 return []
-        for a, b in cmap.runs_where(PRESENT | ZERO, 0, start, min(cmap.count, start + 4 * self._per)):
-            out.extend(range(a, min(b, a + self._per - len(out))))
-            if len(out) >= self._per:
+        for a, b in cmap.runs_where(PRESENT | ZERO, 0, start, min(cmap.count, start + 4 * per)):
+            out.extend(range(a, min(b, a + per - len(out))))
+            if len(out) >= per:
                 break
         self._cursor = out[-1] + 1
         return out
