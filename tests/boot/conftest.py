@@ -1,0 +1,46 @@
+"""Fixtures for real boots: the test image (built once per session, cached across runs) and an
+embedded repository holding it.
+
+Why session scope and a cache outside tmp: building the image takes seconds (copying /usr, mkfs),
+and the build is deterministic and keyed by its parameters (tools/bootimage.py reuses a complete
+build), so every boot test of every run shares one image under ``.cache/bootimage`` (gitignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests import bootvm
+from tests.conftest import run_cli
+from tests.procs import Proc, start_agent
+
+IMAGE_REF = "bootlab:v1"
+
+
+@pytest.fixture(scope="session")
+def boot_image() -> bootvm.bootimage.Built:
+    """The 1 GiB test image: disk.raw, vmlinuz, initrd.img, info."""
+    return bootvm.build_image(size="1G", fill_mb=300)
+
+
+@pytest.fixture(scope="session")
+def boot_repo(tmp_path_factory: pytest.TempPathFactory, boot_image: bootvm.bootimage.Built) -> Path:
+    """An embedded repository holding the test image as ``bootlab:v1``."""
+    data = tmp_path_factory.mktemp("bootrepo") / "repo"
+    run_cli("--data", str(data), "import", str(boot_image.disk), IMAGE_REF)
+    return data
+
+
+@contextmanager
+def attached(cache: Path, sock: Path, data: Path, ref: str | None = IMAGE_REF) -> Iterator[tuple[Proc, str]]:
+    """``blockprov attach`` of the image on a unix socket; yields the agent and the export's NBD URI."""
+    proc, banner = start_agent(cache, ref, sock, data=data)
+    try:
+        addresses = [str(a) for a in banner["addresses"]]  # type: ignore[attr-defined]
+        yield proc, next(a for a in addresses if a.startswith("nbd+unix://"))
+    finally:
+        proc.stop()
