@@ -122,7 +122,7 @@ def cold_read(data: Path, url: str, ref: str, tmp: Path, repeat: int, *agent_arg
         cache = tmp / "cold-cache"
         shutil.rmtree(cache, ignore_errors=True)
         sock = tmp / "cold.sock"
-        agent, _ = start_agent(cache, ref, sock, *agent_args, repo_url=url)
+        agent, _ = start_agent(cache, ref, sock, "--no-profile", *agent_args, repo_url=url)  # truly cold
         try:
             d = convert_seconds(uri(sock), tmp / "cold-out.raw")
             st = json.loads(subprocess.run([BP, "status", "--cache", str(cache), "--json"], check=True,

@@ -149,11 +149,13 @@ def s_nbdkit_curl(ctx: Ctx) -> Sample:
         _stop(p)
 
 
-def s_bp_cold(ctx: Ctx) -> Sample:
-    """(d) blockprov: a fresh cache attached to the repository, the guest boots at once."""
+def s_bp_cold(ctx: Ctx, *, profile: bool = False) -> Sample:
+    """(d) blockprov: a fresh cache attached to the repository, the guest boots at once. Truly cold:
+    ``--no-profile`` (no prefetch of a saved profile, and this boot does not save one either)."""
     cache = ctx.tmp / "cache-cold"
     shutil.rmtree(cache, ignore_errors=True)
-    agent, banner = start_agent(cache, REF, ctx.tmp / "bp.sock", repo_url=ctx.repo_url)
+    agent, banner = start_agent(cache, REF, ctx.tmp / "bp.sock", *([] if profile else ["--no-profile"]),
+                                repo_url=ctx.repo_url)
     try:
         r = ctx.boot(_unix_uri(banner))
         st = _status(cache)
@@ -167,10 +169,10 @@ def s_bp_hydrated(ctx: Ctx) -> Sample:
     """(e) blockprov after ``blockprov hydrate``: the boot reads only local data; hydration bytes apart."""
     cache = ctx.tmp / "cache-hyd"
     shutil.rmtree(cache, ignore_errors=True)
-    agent, banner = start_agent(cache, REF, ctx.tmp / "bp.sock", repo_url=ctx.repo_url)
+    agent, banner = start_agent(cache, REF, ctx.tmp / "bp.sock", "--no-profile", repo_url=ctx.repo_url)
     try:
         t = time.perf_counter()
-        # Assumed: `blockprov hydrate --cache DIR` returns once the cache is complete.
+        # `blockprov hydrate --cache DIR` returns once the cache is complete.
         subprocess.run([BP, "hydrate", "--cache", str(cache)], check=True, timeout=ctx.timeout,
                        stdout=subprocess.DEVNULL)
         prep = time.perf_counter() - t
@@ -194,7 +196,8 @@ def s_bp_profile(ctx: Ctx) -> Sample:
     agent, banner = start_agent(rec, REF, ctx.tmp / "bp.sock", repo_url=ctx.repo_url)
     try:
         ctx.boot(_unix_uri(banner))
-        # Assumed: saves the recorded access order as the version's boot profile in the repository.
+        # Saves the recorded access order as the version's boot profile (the agent would also save it
+        # by itself when it stops, since the version had none: this makes it explicit).
         subprocess.run([BP, "--repo", ctx.repo_url, "profile", "save", "--cache", str(rec)], check=True,
                        timeout=120, stdout=subprocess.DEVNULL)
     finally:
@@ -202,8 +205,8 @@ def s_bp_profile(ctx: Ctx) -> Sample:
     shutil.rmtree(rec, ignore_errors=True)
     ctx.proxy.reset()
     drop_caches()
-    # Assumed: a fresh attach of a version that has a profile prefetches in profile order by itself.
-    return s_bp_cold(ctx)
+    # A fresh attach of a version that has a profile prefetches in profile order by itself.
+    return s_bp_cold(ctx, profile=True)
 
 
 @dataclass

@@ -247,7 +247,8 @@ class Instance:
 
     def start(self, *extra: str, fresh: bool = False) -> None:
         ref = self.ref if fresh or not self.cache.exists() else None
-        self.proc, _ = start_agent(self.cache, ref, self.sock, "--no-register", *extra, repo_url=self.url)
+        self.proc, _ = start_agent(self.cache, ref, self.sock, "--no-register", "--no-profile", *extra,
+                                   repo_url=self.url)
 
     def stop(self) -> None:
         if self.proc is not None:

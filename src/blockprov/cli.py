@@ -438,7 +438,8 @@ def run_async(coro: Any) -> Any:
 @click.option("--hydrate-rate", default=None, metavar="BYTES/S",
               callback=lambda c, p, v: None if v is None else _size_option(c, p, v),
               help="Limit hydration's transfer rate, e.g. 50M.")
-@click.option("--no-profile", is_flag=True, help="Do not prefetch in the version's recorded boot order.")
+@click.option("--no-profile", is_flag=True,
+              help="Do not prefetch in the version's recorded boot order, nor record one for it.")
 @click.option("--instance", metavar="ID", help="Name to register with the repository (default: from the cache).")
 @click.option("--no-register", is_flag=True, help="Do not register with the repository nor take its requests.")
 @click.option("--metrics", "metrics_at", metavar="HOST:PORT",

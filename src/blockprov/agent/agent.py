@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,7 +39,7 @@ from ..nbd.server import NbdServer
 from ..repo.base import Repository
 from . import control, lifecycle
 from .fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
-from .instance import InstanceOps
+from .instance import InstanceOps, in_daemon_thread
 from .journal import instance_status, load
 from .metrics import AgentCollector, MetricsListener, registry_for
 
@@ -50,35 +49,6 @@ AGENT_FILE = "agent.json"
 POLL_WAIT = 20.0  # seconds a request poll waits at the repository
 REMOTE_OPS = ("snapshot", "status")
 T = TypeVar("T")
-
-
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking call (a long poll) in a daemon thread: unlike an executor's worker, it
-    never holds up the process's exit while it waits at the repository."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: Any, err: BaseException | None) -> None:
-        if fut.done():
-            return
-        if err is not None:
-            fut.set_exception(err)
-        else:
-            fut.set_result(value)
-
-    def work() -> None:
-        err: BaseException | None
-        try:
-            value = fn(*args)
-        except BaseException as e:
-            value, err = None, e
-        else:
-            err = None
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
-            loop.call_soon_threadsafe(settle, value, err)
-
-    threading.Thread(target=work, daemon=True, name="blockprov-poll").start()
-    return await fut
 
 
 @dataclass
@@ -94,6 +64,7 @@ class AgentConfig:
     hydrate: bool = False
     hydrate_rate: float | None = None
     use_profile: bool = True
+    auto_profile: bool = True  # a cold first session saves its read order as the version's profile
     instance: str | None = None  # name registered with the repository (default: from the cache's uuid)
     register: bool = True
     metrics: tuple[str, int] | None = None  # Prometheus listener (attach --metrics HOST:PORT)
@@ -145,7 +116,8 @@ class Agent:
             server = self.server = NbdServer({"": dev, m.image: dev, f"{m.image}@{m.id}": dev},
                                              description=f"blockprov {m.image}@{m.id}")
             self.ops = InstanceOps(dev, self.repo, connections=lambda: server.stats.connections_active,
-                                   hydrate=cfg.hydrate, hydrate_rate=cfg.hydrate_rate, use_profile=cfg.use_profile)
+                                   hydrate=cfg.hydrate, hydrate_rate=cfg.hydrate_rate, use_profile=cfg.use_profile,
+                                   auto_profile=cfg.use_profile and cfg.auto_profile)
             self.control.handlers.update(self.ops.handlers())
             if cfg.socket is not None:
                 cfg.socket.parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +225,8 @@ class Agent:
                 m = self.device.manifest
                 info = {"image": m.image, "version": m.id, "pid": os.getpid(), "addresses": self.addresses,
                         "cache": str(self.config.cache_dir)}
-                await _in_daemon_thread(self.repo.register_agent, self.instance, info)
-                req = await _in_daemon_thread(self.repo.next_request, self.instance, POLL_WAIT)
+                await in_daemon_thread(self.repo.register_agent, self.instance, info)
+                req = await in_daemon_thread(self.repo.next_request, self.instance, POLL_WAIT)
                 delay = 1.0
                 if req is None:
                     continue
@@ -284,7 +256,7 @@ class Agent:
         except Exception as e:  # the agent keeps serving whatever a request does
             log.exception("repository request %s failed", op)
             error = f"{type(e).__name__}: {e}"
-        await _in_daemon_thread(self.repo.complete_request, self.instance, rid, ok, result, error)
+        await in_daemon_thread(self.repo.complete_request, self.instance, rid, ok, result, error)
 
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:

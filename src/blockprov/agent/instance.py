@@ -6,7 +6,9 @@ and friends work the same whoever serves the instance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,17 +20,52 @@ from .hydrate import Hydrator
 
 log = logging.getLogger("blockprov.agent")
 T = TypeVar("T")
+AUTO_PROFILE_AFTER = 120.0  # seconds of a first session whose reads become the version's boot profile
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call (a long poll) in a daemon thread: unlike an executor's worker, it
+    never holds up the process's exit while it waits at the repository."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, err: BaseException | None) -> None:
+        if fut.done():
+            return
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(value)
+
+    def work() -> None:
+        err: BaseException | None
+        try:
+            value = fn(*args)
+        except BaseException as e:
+            value, err = None, e
+        else:
+            err = None
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, value, err)
+
+    threading.Thread(target=work, daemon=True, name="blockprov-poll").start()
+    return await fut
 
 
 class InstanceOps:
     def __init__(self, device: CacheDevice, repo: Repository, *, connections: Callable[[], int],
-                 hydrate: bool = False, hydrate_rate: float | None = None, use_profile: bool = True) -> None:
+                 hydrate: bool = False, hydrate_rate: float | None = None, use_profile: bool = True,
+                 auto_profile: bool = False, profile_after: float = AUTO_PROFILE_AFTER) -> None:
         self.device = device
         self.repo = repo
         self._connections = connections
         self._hydrate = hydrate
         self._hydrate_rate = hydrate_rate
         self._use_profile = use_profile
+        self._auto_profile = auto_profile
+        self._profile_after = profile_after
+        self._profile_task: asyncio.Task[None] | None = None
+        self.profile_saved = False
         self.hydrator: Hydrator | None = None
 
     def handlers(self) -> dict[str, control.Handler]:
@@ -36,14 +73,46 @@ class InstanceOps:
                 "hydrate": self._op_hydrate, "profile": self._op_profile}
 
     async def start(self) -> None:
-        """Prefetch in the version's boot profile order (and hydrate everything when asked)."""
+        """Prefetch in the version's boot profile order (and hydrate everything when asked). A
+        cold cache of a version that has no profile yet records one for everybody else."""
         if self.device.overlay:
             return  # an overlay reads through its shared base: there is nothing to copy into it
-        await self._start_hydration(self._hydrate_rate, full=self._hydrate)
+        cold = self.device.chunk_map.counts()["present"] == 0 and not self.device.profile()
+        order = await self._start_hydration(self._hydrate_rate, full=self._hydrate)
+        if self._auto_profile and cold and not order:
+            self._profile_task = asyncio.ensure_future(self._save_profile_later())
 
     async def stop(self) -> None:
+        if self._profile_task is not None:
+            self._profile_task.cancel()
+            await asyncio.gather(self._profile_task, return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):  # a repository that is down must not hold the stop up
+                await asyncio.wait_for(self._save_profile(), 10.0)  # the session ended first: its reads are the profile
         if self.hydrator is not None:
             await self.hydrator.stop()
+
+    async def _save_profile_later(self) -> None:
+        await asyncio.sleep(self._profile_after)
+        await self._save_profile()
+        self._profile_task = None
+
+    async def _save_profile(self) -> None:
+        """Give the repository this first session's read order, unless someone did meanwhile
+        (the first machine to boot a version pays the cold boot; the others prefetch)."""
+        if self.profile_saved:
+            return
+        m = self.device.manifest
+        order = self.device.profile()
+        if not order:
+            return
+        try:
+            if await in_daemon_thread(self.repo.get_profile, m.image, m.id):
+                return
+            await in_daemon_thread(self.repo.put_profile, m.image, m.id, order)
+            self.profile_saved = True
+            log.info("saved a boot profile of %d chunk(s) for %s@%s", len(order), m.image, m.id)
+        except BlockprovError as e:  # e.g. a read-only token: the agent serves on regardless
+            log.warning("could not save the boot profile of %s@%s: %s", m.image, m.id, e)
 
     def status(self) -> dict[str, Any]:
         st = self.device.status()
@@ -67,14 +136,16 @@ class InstanceOps:
             return []
         return order or []
 
-    async def _start_hydration(self, rate: float | None, *, full: bool) -> None:
+    async def _start_hydration(self, rate: float | None, *, full: bool) -> list[int]:
+        """Start hydration (or only the profile's prefetch); returns the repository's profile."""
         order = await self._repo_profile()
         if not full and not order:
-            return
+            return order
         if self.hydrator is not None:
             await self.hydrator.stop()
         self.hydrator = Hydrator(self.device, order=order, rate=rate, profile_only=not full)
         self.hydrator.start()
+        return order
 
     # -- ops ----------------------------------------------------------------------------------
     async def _op_reset(self, req: dict[str, Any]) -> dict[str, Any]:
