@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import OUT, ROOT, VENV_BIN, WORK, write_results
+from common import OUT, ROOT, VENV_BIN, WORK, realistic_image, write_results
 from tests.procs import Proc
 from wanproxy import ProxyThread
 
@@ -125,41 +125,8 @@ def uri(sock: Path, name: str) -> str:
 # -- the golden image and the working set ---------------------------------------------------------------------------
 def golden_image(size: int, fill: int, label: str) -> Path:
     """An ext4 root (``mkfs.ext4 -d``) with /etc/hostname, /etc/machine-id and ``fill`` bytes of files from /usr."""
-    path = WORK / f"clones-{label}.img"
-    if path.exists() and path.stat().st_size == size:
-        return path
-    root = path.with_suffix(".root")
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "etc").mkdir(parents=True)
-    (root / "etc" / "hostname").write_text("golden\n")
-    (root / "etc" / "machine-id").write_text("0" * 32 + "\n")
-    copied = 0
-    for src in ("/usr/lib", "/usr/share", "/usr/bin"):
-        for dirpath, dirs, files in os.walk(src):
-            dirs.sort()
-            for f in sorted(files):
-                p = os.path.join(dirpath, f)
-                try:
-                    if os.path.islink(p) or not os.path.isfile(p):
-                        continue
-                    n = os.path.getsize(p)
-                    if copied + n > fill:
-                        continue
-                    dst = root / os.path.relpath(p, "/")
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(p, dst)
-                    copied += n
-                except OSError:
-                    continue
-            if copied >= fill * 0.98:
-                break
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    subprocess.run(["truncate", "-s", str(size), str(tmp)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(tmp)], check=True)
-    os.replace(tmp, path)
-    shutil.rmtree(root, ignore_errors=True)
-    return path
+    return realistic_image(WORK / f"clones-{label}.img", size, ["/usr/lib", "/usr/share", "/usr/bin"], fill,
+                           files={"etc/hostname": "golden\n", "etc/machine-id": "0" * 32 + "\n"})
 
 
 def data_extents(path: Path) -> list[tuple[int, int]]:

@@ -42,18 +42,25 @@ def drop_caches() -> None:
         pass
 
 
-def realistic_image(path: Path, size: int, fill_from: list[str], fill_bytes: int) -> Path:
+def realistic_image(path: Path, size: int, fill_from: list[str], fill_bytes: int,
+                    files: dict[str, str] | None = None) -> Path:
     """An ext4 disk of ``size`` bytes holding up to ``fill_bytes`` of real files copied from the
-    machine (binaries, libraries, text): compressible in parts, partly empty — like a golden image."""
+    machine (binaries, libraries, text): compressible in parts, partly empty — like a golden image.
+    ``files``: extra small files (path → text), e.g. /etc/hostname. Walked in sorted order, so the
+    same machine makes the same image."""
     if path.exists() and path.stat().st_size == size:
         return path
     root = path.with_suffix(".root")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    for rel, text in (files or {}).items():
+        (root / rel.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel.lstrip("/")).write_text(text)
     copied = 0
     for src in fill_from:
-        for dirpath, _dirs, files in os.walk(src):
-            for f in files:
+        for dirpath, dirs, names in os.walk(src):
+            dirs.sort()
+            for f in sorted(names):
                 p = os.path.join(dirpath, f)
                 try:
                     if os.path.islink(p) or not os.path.isfile(p):
@@ -69,9 +76,11 @@ def realistic_image(path: Path, size: int, fill_from: list[str], fill_bytes: int
                     continue
             if copied >= fill_bytes * 0.98:
                 break
-    path.unlink(missing_ok=True)
-    subprocess.run(["truncate", "-s", str(size), str(path)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(path)], check=True)
+    tmp = path.with_suffix(".tmp")  # an interrupted build never leaves a full-size but empty image
+    tmp.unlink(missing_ok=True)
+    subprocess.run(["truncate", "-s", str(size), str(tmp)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(tmp)], check=True)
+    os.replace(tmp, path)
     shutil.rmtree(root, ignore_errors=True)
     return path
 

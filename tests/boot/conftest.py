@@ -8,6 +8,8 @@ build), so every boot test of every run shares one image under ``.cache/bootimag
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,3 +46,11 @@ def attached(cache: Path, sock: Path, data: Path, ref: str | None = IMAGE_REF) -
         yield proc, next(a for a in addresses if a.startswith("nbd+unix://"))
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for unix sockets (paths are limited to 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="bpboot", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -10,10 +10,7 @@ boots on different workers, and never assert wall time.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +21,6 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.interop
 Built = bootvm.bootimage.Built
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory for unix sockets (paths are limited to 107 bytes)."""
-    d = Path(tempfile.mkdtemp(prefix="bpboot", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _status(cache: Path) -> dict[str, object]:

@@ -10,10 +10,7 @@ files that should not be there (tools/bootimage.py, ``bp.mode=check``).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +23,6 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.interop
 Built = bootvm.bootimage.Built
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="bpcafe", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def status(cache: Path) -> dict[str, Any]:

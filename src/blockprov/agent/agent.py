@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -39,7 +38,7 @@ from ..nbd.server import NbdServer
 from ..repo.base import Repository
 from . import control, lifecycle
 from .fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
-from .instance import InstanceOps, in_daemon_thread
+from .instance import InstanceOps, in_daemon_thread, wait_for_stop
 from .journal import instance_status, load
 from .metrics import AgentCollector, MetricsListener, registry_for
 
@@ -146,16 +145,9 @@ class Agent:
 
     async def run(self) -> None:
         """Serve until SIGINT/SIGTERM or a ``stop`` control request, then stop cleanly."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._stop.set)
         try:
-            await self._stop.wait()
+            await wait_for_stop(self._stop)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(sig)
             await self._shutdown()
 
     def stop(self) -> None:

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -41,7 +40,7 @@ from ..manifest import Manifest
 from ..nbd.server import NbdServer
 from ..repo.base import Repository
 from . import control
-from .instance import InstanceOps
+from .instance import InstanceOps, wait_for_stop
 from .journal import load
 
 log = logging.getLogger("blockprov.clones")
@@ -178,12 +177,8 @@ class ClonesAgent:
         return self.addresses[0].replace("/NAME", f"/{name}")
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._stop.set)
         try:
-            await self._stop.wait()
+            await wait_for_stop(self._stop)
         finally:
             await self._shutdown()
 

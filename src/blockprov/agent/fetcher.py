@@ -53,6 +53,8 @@ DEFAULT_BATCH_BYTES = 8 << 20
 DEFAULT_READAHEAD = 32 << 20
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_TIMEOUT = 30.0
+NEIGHBOURHOOD_LATENCY = 0.005  # above this round-trip time a random miss also fetches its region
+NEIGHBOURHOOD_MAX = 2 << 20  # the largest such region
 LATENCY_SAMPLES = 4096
 # Upper bounds (seconds) of the fetch latency histogram exported as Prometheus metrics (agent/metrics.py).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -144,6 +146,7 @@ class Fetcher:
         self._ra_end = 0  # end (exclusive) of the read-ahead issued so far
         self._window = 0  # read-ahead window in chunks
         self._streak = 0  # consecutive misses that continued a stream
+        self._latency_ewma = 0.0  # seconds per repository round trip, recent batches weighted most
         self._closed = False
         self.stats = FetchStats()
 
@@ -232,6 +235,7 @@ class Fetcher:
                 self._window = 0
                 self._ra_end = 0
                 self._last_end = last + 1
+                self._neighbourhood(first)
         elif self._window and self._last_end <= first < self._ra_end:
             self._last_end = max(last + 1, self._last_end)  # consuming the read-ahead
         else:
@@ -252,6 +256,30 @@ class Fetcher:
                 self._new_entry(k)
             self.stats.readahead_chunks += len(ahead)
             self._start(ahead)
+
+    def _neighbourhood(self, first: int) -> None:
+        """Far from the repository, a random miss also fetches the aligned region around it.
+
+        On a link where a round trip costs 10-20 ms and a MiB a few ms, a boot that waits on one
+        round trip per scattered miss spends its time waiting; the data a guest reads next is often
+        near what it just read (file systems allocate a directory's files together). So when the
+        recent fetch latency is high, the other missing chunks of the miss's region (growing with
+        the latency, up to ``NEIGHBOURHOOD_MAX``) go out as one speculative batch, in a free slot
+        only. Near the repository (loopback, LAN) nothing changes: bytes stay as few as possible.
+        """
+        lat = self._latency_ewma
+        if lat < NEIGHBOURHOOD_LATENCY or self._max_inflight - self._active <= 1:
+            return  # near, or no slot to spare beside the demand fetches
+        span = min(NEIGHBOURHOOD_MAX // self._cs, max(2, int(lat / NEIGHBOURHOOD_LATENCY) * 4))
+        span = 1 << (span.bit_length() - 1)  # a power of two: regions align to it
+        a = first - first % span
+        near = [k for k in range(a, min(self.manifest.count, a + span))
+                if k != first and k not in self._inflight and self._needed(k)]
+        if near:
+            for k in near:
+                self._new_entry(k)
+            self.stats.readahead_chunks += len(near)
+            self._start(near)
 
     # -- one batch ------------------------------------------------------------------------------
     async def _run_batch(self, batch: list[int]) -> None:
@@ -340,7 +368,10 @@ class Fetcher:
                 if len(blobs) != len(ids):
                     raise DeviceIOError(msg=f"repository returned {len(blobs)} blobs for {len(ids)} ids")
             plain = await loop.run_in_executor(self._pool, _decode_all, ids, blobs)
-            self.stats.observe(time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self.stats.observe(took)
+            if len(batch) <= 4:  # a small batch's time is mostly the round trip: what the link costs
+                self._latency_ewma = took if not self._latency_ewma else 0.8 * self._latency_ewma + 0.2 * took
             self.stats.batches += 1
             self.stats.wire_bytes += sum(len(b) for b in blobs)
             out: dict[int, Data | BaseException] = {}

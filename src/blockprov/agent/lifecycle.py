@@ -75,6 +75,9 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
     ref = parse_ref(to)
     if ref.tag is None:
         raise UsageError(f"snapshot needs NAME:TAG to name the new version, not {to!r}")
+    if rebase and ref.name != dev.manifest.image:
+        raise UsageError(f"--rebase needs a snapshot into the instance's own image ({dev.manifest.image}), "
+                         f"not {ref.name}")
     if rebase and dev.overlay:
         raise UsageError("an overlay instance keeps its shared base: snapshot it without --rebase and clone the "
                          "new version")
@@ -151,8 +154,6 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
 async def _rebase(dev: CacheDevice, new: Manifest, modified: Sequence[int], gens: dict[int, int]) -> None:
     """The snapshot's version becomes the base: its chunks are no longer modified, except those
     written after the snapshot began (they differ from it)."""
-    if new.image != dev.manifest.image:
-        raise UsageError("--rebase needs a snapshot into the instance's own image")
     cmap = dev.chunk_map
     async with dev.quiesced():
         assert cmap.gens is not None
