@@ -238,18 +238,17 @@ def test_several_batches_in_flight_and_stats() -> None:
 def test_far_repository_random_miss_fetches_its_region_near_one_does_not() -> None:
     """Over a slow link (round trips ≥ 5 ms) a random miss brings its aligned neighbourhood along;
     on a fast one only what was asked for moves."""
+    async def run(repo: DictRepo, m: Manifest, sink: Sink) -> None:
+        f = fetcher(repo, m, sink, readahead=16 * CS)
+        await f.get(3)  # the first miss measures the link
+        await f.get(37)  # random: with a slow link, its region comes along
+        await f.idle()
+        await f.close()
+
     for delay, expect_more in ((0.0, False), (0.02, True)):
         repo, m, _content, sink = setup()
         repo.delay = delay
-
-        async def main() -> None:
-            f = fetcher(repo, m, sink, readahead=16 * CS)
-            await f.get(3)  # the first miss measures the link
-            await f.get(37)  # random: with a slow link, its region comes along
-            await f.idle()
-            await f.close()
-
-        asyncio.run(main())
+        asyncio.run(run(repo, m, sink))
         region = {i for i in sink.stored if i not in (3, 37)}
         if expect_more:
             assert region and all(32 <= i < 48 for i in region), sorted(sink.stored)
