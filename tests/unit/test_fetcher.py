@@ -251,6 +251,6 @@ def test_far_repository_random_miss_fetches_its_region_near_one_does_not() -> No
         asyncio.run(run(repo, m, sink))
         region = {i for i in sink.stored if i not in (3, 37)}
         if expect_more:
-            assert region and all(32 <= i < 48 for i in region), sorted(sink.stored)
+            assert region and all(32 <= i < 64 for i in region), sorted(sink.stored)
         else:
             assert not region, sorted(sink.stored)

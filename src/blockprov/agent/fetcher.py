@@ -54,7 +54,7 @@ DEFAULT_READAHEAD = 32 << 20
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_TIMEOUT = 30.0
 NEIGHBOURHOOD_LATENCY = 0.005  # above this round-trip time a random miss also fetches its region
-NEIGHBOURHOOD_MAX = 2 << 20  # the largest such region
+NEIGHBOURHOOD_MAX = 4 << 20  # the largest such region
 LATENCY_SAMPLES = 4096
 # Upper bounds (seconds) of the fetch latency histogram exported as Prometheus metrics (agent/metrics.py).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -270,7 +270,7 @@ class Fetcher:
         lat = self._latency_ewma
         if lat < NEIGHBOURHOOD_LATENCY or self._max_inflight - self._active <= 1:
             return  # near, or no slot to spare beside the demand fetches
-        span = min(NEIGHBOURHOOD_MAX // self._cs, max(2, int(lat / NEIGHBOURHOOD_LATENCY) * 4))
+        span = min(NEIGHBOURHOOD_MAX // self._cs, max(2, int(lat / NEIGHBOURHOOD_LATENCY) * 8))
         span = 1 << (span.bit_length() - 1)  # a power of two: regions align to it
         a = first - first % span
         near = [k for k in range(a, min(self.manifest.count, a + span))
