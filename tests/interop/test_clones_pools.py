@@ -223,8 +223,14 @@ def test_an_exhausted_pool_says_so(golden: tuple[Path, Path], tmp_path: Path) ->
         proc.stop()
 
 
+def _fuse_mounts() -> set[str]:
+    return {ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines() if "blockprov-fuse-" in ln}
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_fuse() -> Iterator[None]:
+    """Mounts made by this test are gone after it (another worker's, made meanwhile, are its own)."""
+    before = _fuse_mounts()
     yield
-    mounts = Path("/proc/mounts").read_text()
-    assert "blockprov-fuse-" not in mounts, "an nbdfuse mount was left behind"
+    left = {m for m in _fuse_mounts() - before if not wait_for(lambda m=m: m not in _fuse_mounts(), 10)}
+    assert not left, f"nbdfuse mounts left behind: {left}"
