@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,18 +19,36 @@ class Database:
         self.path = Path(path)
         self.timeout = timeout
         self._local = threading.local()
-        self.conn().executescript(schema)
+        db = self.conn()
+        self._retry_locked(lambda: db.executescript(schema))
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections must not be shared between threads)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            conn = db
+            self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             self._local.db = db
         return db
+
+    def _retry_locked(self, fn: Callable[[], object]) -> None:
+        """Switching a new database to WAL (and creating its tables) while other processes do the
+        same can fail with "database is locked" at once: SQLite does not call the busy handler
+        for that. Retry, bounded by ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            try:
+                fn()
+                return
+            except sqlite3.OperationalError as e:
+                if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(0.2, delay * 2)
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
