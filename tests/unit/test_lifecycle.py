@@ -174,6 +174,8 @@ def test_write_during_upload_stays_unsynced_and_the_version_is_point_in_time(
         dev = await CacheDevice.open(tmp_path / "c", gated, repo.resolve("lab:v1"))  # type: ignore[arg-type]
         for i in range(6):
             await dev.write(i * CS, chunk_pattern(i, 0x33))
+        await dev.write(50 * CS, chunk_pattern(50, 0x33))
+        await dev.trim(50 * CS, CS)  # a zeroed chunk of the snapshot: its content needs no read
         at_start = await read_all(dev)
         snap = asyncio.ensure_future(lifecycle.snapshot(dev, gated, "lab:s1"))  # type: ignore[arg-type]
         while not gated.uploading.is_set():
@@ -182,19 +184,22 @@ def test_write_during_upload_stays_unsynced_and_the_version_is_point_in_time(
         await dev.write(2 * CS, chunk_pattern(2, 0x44))
         await dev.write(5 * CS + 10, b"late")
         await dev.write(40 * CS, chunk_pattern(40, 0x44))
+        await dev.write(50 * CS + 100, b"into the zeroed chunk")
         await dev.flush()
         gated.release.set()
         out = await snap
-        assert out["chunks_written_during"] == 2
+        assert out["chunks_written_during"] == 3
         # The version is the disk as it was when the snapshot began (the writes were captured).
         new = repo.resolve("lab:s1")
         content = b"".join(repo.store.get(d) if d != bytes(32) else bytes(CS) for d in new.digests())
         assert content == at_start
         # The written chunks stay unsynced (invariant 4); the others are synced.
         t = dev.chunk_map.targets.index("default")
-        assert {i for i in range(64) if dev.chunk_map.is_unsynced(t, i)} == {2, 5, 40}
+        assert {i for i in range(64) if dev.chunk_map.is_unsynced(t, i)} == {2, 5, 40, 50}
+        crashed = load(tmp_path / "c")  # and so after a crash right now (the writes were flushed)
+        assert {i for i in range(64) if crashed.map.is_unsynced(t, i)} == {2, 5, 40, 50}
         nxt = await lifecycle.snapshot(dev, gated, "lab:s2")  # type: ignore[arg-type]
-        assert nxt["chunks_unsynced_before"] == 3
+        assert nxt["chunks_unsynced_before"] == 4
         await dev.close()
 
     run(main())

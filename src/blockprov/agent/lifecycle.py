@@ -97,7 +97,7 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
             unsynced = sum(1 for i in modified if cmap.is_unsynced(t, i))
             data_chunks = [i for i in modified if fl[i] & (PRESENT | ZERO) == PRESENT]
             zeroed = [i for i in modified if fl[i] & ZERO]
-            cap = dev.begin_capture(data_chunks)
+            cap = dev.begin_capture(data_chunks, hold=modified)
             await dev.checkpoint()
         try:
             ids = bytearray(base.chunks)

@@ -825,11 +825,13 @@ class CacheDevice:
                 finally:
                     self._release(group)
 
-    def begin_capture(self, chunks: Iterable[int]) -> Capture:
-        """Start saving the old content of these chunks for a snapshot reading them (call quiesced)."""
+    def begin_capture(self, chunks: Iterable[int], hold: Iterable[int] = ()) -> Capture:
+        """Start saving the old content of ``chunks`` for a snapshot reading them (call quiesced).
+        They and ``hold`` (the snapshot's other chunks) get HELD: a later write journals ``dirty``
+        first, so its generation bump survives a crash (invariant 4)."""
         cap = self._capture = Capture(chunks)
         fl = self._flags
-        for i in cap.pending:  # later writes journal ``dirty`` first (maps.HELD)
+        for i in (*cap.pending, *hold):
             fl[i] |= HELD
         return cap
 
