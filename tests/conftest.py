@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from blockprov.repo.local import LocalRepository
+from tests.pgfixture import pg_url, postgres  # noqa: F401  (fixtures: a real PostgreSQL server)
 from tests.s3fixture import s3_env, seaweed  # noqa: F401  (fixtures: a real S3 server)
 
 VENV_BIN = Path(sys.executable).parent

@@ -3,7 +3,7 @@
 Why it looks like this:
 
 * **A token is shown once and never stored.** ``token create`` prints ``bpt_`` + 43 url-safe
-  characters (32 random bytes); ``catalog.sqlite`` keeps only its SHA-256. A token carries 256 bits
+  characters (32 random bytes); the catalog keeps only its SHA-256. A token carries 256 bits
   of entropy, so a fast hash is enough — nobody can search for a preimage — and slow password hashes
   (scrypt, argon2) exist for low-entropy secrets: here they would cost tens of milliseconds per
   request for nothing. A copy of the catalog therefore gives no one access.
@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .db import SQLDatabase
 from .errors import NotFound, UsageError
 from .names import token_name
-from .sqlite import Database
 
 SCOPES = ("read", "agent", "write")
 LEVEL = {s: i for i, s in enumerate(SCOPES)}
@@ -82,9 +81,9 @@ class TokenInfo:
 class TokenStore:
     """The ``tokens`` table of a catalog (created on open, like every catalog table)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SQLDatabase) -> None:
         self.db = db
-        self.db.conn().executescript(SCHEMA)
+        self.db.script(SCHEMA)
         self._cache: dict[str, tuple[float, TokenInfo | None]] = {}
         self._any: tuple[float, bool] = (0.0, False)
 
@@ -95,16 +94,15 @@ class TokenStore:
             token_name(name)
         token = PREFIX + secrets.token_urlsafe(32)
         info = TokenInfo(secrets.token_hex(6), name, scope, time.time())
-        try:
-            with self.db.tx() as db:
-                db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,NULL)",
-                           (info.id, token_hash(token), name, scope, info.created))
-        except sqlite3.IntegrityError:
-            raise UsageError(f"a token named {name!r} exists already (revoked tokens keep their names)") from None
+        with self.db.tx() as db:  # writers are serialized: checking first is enough
+            if name is not None and db.execute("SELECT 1 FROM tokens WHERE name=?", (name,)).fetchone():
+                raise UsageError(f"a token named {name!r} exists already (revoked tokens keep their names)")
+            db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,NULL)",
+                       (info.id, token_hash(token), name, scope, info.created))
         return token, info
 
     def tokens(self) -> list[TokenInfo]:
-        rows = self.db.conn().execute("SELECT id, name, scope, created, revoked FROM tokens ORDER BY created")
+        rows = self.db.all("SELECT id, name, scope, created, revoked FROM tokens ORDER BY created")
         return [TokenInfo(*r) for r in rows]
 
     def revoke(self, key: str) -> TokenInfo:
@@ -129,8 +127,7 @@ class TokenStore:
         hit = self._cache.get(h)
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]
-        row = self.db.conn().execute("SELECT id, name, scope, created, revoked FROM tokens "
-                                     "WHERE hash=? AND revoked IS NULL", (h,)).fetchone()
+        row = self.db.one("SELECT id, name, scope, created, revoked FROM tokens WHERE hash=? AND revoked IS NULL", (h,))
         info = TokenInfo(*row) if row is not None else None
         if len(self._cache) > 10000:  # bounded: random bad tokens must not grow it without end
             self._cache.clear()
@@ -149,7 +146,7 @@ class TokenStore:
         now = time.monotonic()
         if now - self._any[0] < CACHE_SECONDS:
             return self._any[1]
-        got = self.db.conn().execute("SELECT 1 FROM tokens LIMIT 1").fetchone() is not None
+        got = self.db.one("SELECT 1 FROM tokens LIMIT 1") is not None
         self._any = (float("inf") if got else now, got)  # rows are never deleted: once true, always true
         return got
 

@@ -1,9 +1,12 @@
-"""The catalog: images, versions (their manifests) and tags, in SQLite.
+"""The catalog: images, versions (their manifests) and tags, in an SQL database (db.py).
 
-Crash rules: SQLite in WAL mode with ``synchronous=FULL`` is our journal with checksummed
-records: a commit that returned is durable, one that did not is absent. Writers from several
-processes (CLI and server at once) serialize on SQLite's lock with a busy timeout; every
-multi-statement change runs in one ``BEGIN IMMEDIATE`` transaction.
+The database is SQLite in the data directory by default, or PostgreSQL shared by several servers
+(``--catalog postgresql://…``); this code is the same for both.
+
+Crash rules: SQLite in WAL mode with ``synchronous=FULL`` (or PostgreSQL's own log) is our
+journal with checksummed records: a commit that returned is durable, one that did not is absent.
+Writers from several processes (CLI and servers at once) serialize (db.py); every multi-statement
+change runs in one transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from .db import SQLDatabase, Tx
 from .errors import Conflict, ImageNotFound, ManifestError
 from .manifest import Manifest
 from .names import Ref, image_name, tag_name, version_id
@@ -39,11 +43,14 @@ CREATE TABLE IF NOT EXISTS tags (
 );
 """
 
+SET_TAG = "INSERT INTO tags VALUES (?,?,?) ON CONFLICT (image, tag) DO UPDATE SET version=excluded.version"
+
 
 class Catalog:
-    def __init__(self, path: str | Path) -> None:
-        self.db = Database(path, SCHEMA, timeout=30.0)
-        self.path = self.db.path
+    def __init__(self, db: SQLDatabase | str | Path) -> None:
+        """``db``: an open database (db.open_database), or the path of an SQLite file."""
+        self.db: SQLDatabase = Database(db, timeout=30.0) if isinstance(db, (str, Path)) else db
+        self.db.script(SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -54,11 +61,11 @@ class Catalog:
         vid = m.id
         with self.db.tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO versions VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (m.image, vid, m.size, m.chunk_size, m.created, m.parent,
                  json.dumps(m.labels, sort_keys=True), raw))
             if tag is not None:
-                db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (m.image, tag_name(tag), vid))
+                db.execute(SET_TAG, (m.image, tag_name(tag), vid))
         return vid
 
     def set_tag(self, name: str, tag: str, vid: str) -> None:
@@ -66,7 +73,7 @@ class Catalog:
             if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?",
                               (image_name(name), version_id(vid))).fetchone():
                 raise ImageNotFound(ref=f"{name}@{vid}")
-            db.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (name, tag_name(tag), vid))
+            db.execute(SET_TAG, (name, tag_name(tag), vid))
 
     def remove(self, ref: Ref) -> list[str]:
         with self.db.tx() as db:
@@ -84,18 +91,20 @@ class Catalog:
             return [f"{ref.name}:{t}" for t in tags] + [str(ref)]
 
     # -- reads ----------------------------------------------------------------------------------
-    def resolve_id(self, ref: Ref) -> str:
-        db = self.db.conn()
+    def resolve_id(self, ref: Ref, tx: Tx | None = None) -> str:
+        """The version ``ref`` names now (inside ``tx`` when given: a writer checking what it changes)."""
+        args: tuple[str, str | None]
         if ref.version is not None:
-            row = db.execute("SELECT id FROM versions WHERE image=? AND id=?", (ref.name, ref.version)).fetchone()
+            sql, args = "SELECT id FROM versions WHERE image=? AND id=?", (ref.name, ref.version)
         else:
-            row = db.execute("SELECT version FROM tags WHERE image=? AND tag=?", (ref.name, ref.tag)).fetchone()
+            sql, args = "SELECT version FROM tags WHERE image=? AND tag=?", (ref.name, ref.tag)
+        row = tx.execute(sql, args).fetchone() if tx is not None else self.db.one(sql, args)
         if not row:
             raise ImageNotFound(ref=str(ref))
         return str(row[0])
 
     def manifest(self, name: str, vid: str) -> Manifest:
-        row = self.db.conn().execute("SELECT manifest FROM versions WHERE image=? AND id=?", (name, vid)).fetchone()
+        row = self.db.one("SELECT manifest FROM versions WHERE image=? AND id=?", (name, vid))
         if not row:
             raise ImageNotFound(ref=f"{name}@{vid}")
         m = Manifest.from_json(bytes(row[0]))
@@ -104,35 +113,33 @@ class Catalog:
         return m
 
     def images(self) -> list[ImageInfo]:
-        db = self.db.conn()
+        db = self.db
         out = []
-        for (name,) in db.execute("SELECT DISTINCT image FROM versions ORDER BY image").fetchall():
-            n, latest = db.execute(
+        for (name,) in db.all("SELECT DISTINCT image FROM versions ORDER BY image"):
+            n, latest = db.one(
                 "SELECT COUNT(*), (SELECT id FROM versions WHERE image=? ORDER BY created DESC LIMIT 1) "
-                "FROM versions WHERE image=?", (name, name)).fetchone()
-            tags = dict(db.execute("SELECT tag, version FROM tags WHERE image=? ORDER BY tag", (name,)).fetchall())
+                "FROM versions WHERE image=?", (name, name))
+            tags = dict(db.all("SELECT tag, version FROM tags WHERE image=? ORDER BY tag", (name,)))
             out.append(ImageInfo(name=name, versions=n, tags=tags, latest=latest))
         return out
 
     def versions(self, name: str) -> list[VersionInfo]:
-        db = self.db.conn()
-        rows = db.execute("SELECT id, size, chunk_size, created, parent, labels FROM versions "
-                          "WHERE image=? ORDER BY created", (image_name(name),)).fetchall()
+        rows = self.db.all("SELECT id, size, chunk_size, created, parent, labels FROM versions "
+                           "WHERE image=? ORDER BY created", (image_name(name),))
         if not rows:
             raise ImageNotFound(ref=name)
         tags: dict[str, list[str]] = {}
-        for tag, vid in db.execute("SELECT tag, version FROM tags WHERE image=?", (name,)):
+        for tag, vid in self.db.all("SELECT tag, version FROM tags WHERE image=?", (name,)):
             tags.setdefault(vid, []).append(tag)
         return [VersionInfo(image=name, id=r[0], size=r[1], chunk_size=r[2], created=r[3], parent=r[4],
                             labels=json.loads(r[5]), tags=sorted(tags.get(r[0], []))) for r in rows]
 
     def all_manifests(self) -> Iterator[Manifest]:
-        for (raw,) in self.db.conn().execute("SELECT manifest FROM versions").fetchall():
+        for (raw,) in self.db.all("SELECT manifest FROM versions"):
             yield Manifest.from_json(bytes(raw))
 
     def version_exists(self, name: str, vid: str) -> bool:
-        row = self.db.conn().execute("SELECT 1 FROM versions WHERE image=? AND id=?", (name, vid)).fetchone()
-        return row is not None
+        return self.db.one("SELECT 1 FROM versions WHERE image=? AND id=?", (name, vid)) is not None
 
     def check_parent(self, m: Manifest) -> None:
         if m.parent is not None and not self.version_exists(m.image, m.parent):

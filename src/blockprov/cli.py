@@ -34,9 +34,10 @@ def default_data_dir() -> Path:
 
 def open_repository(repo_url: str | None, data_dir: str | None, store: str | None = None,
                     store_options: StoreOptions | None = None, *, cacheable: bool = False,
-                    token: str | None = None, ca: str | None = None) -> Repository:
+                    token: str | None = None, ca: str | None = None, catalog: str | None = None) -> Repository:
     """``--repo URL[,URL…]`` (several: a FailoverRepository), else the embedded repository in the data
-    directory, with its chunks in ``store`` (``--store``: local packs or ``s3://BUCKET/PREFIX``).
+    directory, with its chunks in ``store`` (``--store``: local packs or ``s3://BUCKET/PREFIX``) and its
+    catalog in ``catalog`` (``--catalog``: SQLite in the data directory, or ``postgresql://…``).
     ``cacheable``: fetch chunks with per-chunk GETs an HTTP cache can keep (``attach --cacheable-fetch``).
     ``token``/``ca``: the access token sent to servers and the CA their certificates must chain to."""
     if repo_url:
@@ -55,7 +56,10 @@ def open_repository(repo_url: str | None, data_dir: str | None, store: str | Non
     from .store.factory import open_store
 
     data = data_dir or default_data_dir()
-    return LocalRepository(data, store=open_store(store, data, store_options) if store else None)
+    from .db import open_database
+
+    db = open_database(catalog, data)  # first: a bad --catalog must not leave an S3 client behind
+    return LocalRepository(data, store=open_store(store, data, store_options) if store else None, catalog=db)
 
 
 class Ctx:
@@ -68,13 +72,15 @@ class Ctx:
         self.cacheable = False  # set by attach --cacheable-fetch before the repository is opened
         self.token: str | None = None  # --token / BLOCKPROV_TOKEN
         self.ca: str | None = None  # --ca / BLOCKPROV_CA
+        self.catalog: str | None = None  # --catalog / BLOCKPROV_CATALOG
         self._repo: Repository | None = None
 
     @property
     def repo(self) -> Repository:
         if self._repo is None:
             self._repo = open_repository(self.repo_url, self.data_dir, self.store, self.store_options,
-                                         cacheable=self.cacheable, token=self.token, ca=self.ca)
+                                         cacheable=self.cacheable, token=self.token, ca=self.ca,
+                                         catalog=self.catalog)
         return self._repo
 
     def close(self) -> None:
@@ -139,7 +145,11 @@ json_option: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
               help="Data directory of the embedded repository (env BLOCKPROV_DATA).")
 @click.option("--store", envvar="BLOCKPROV_STORE", metavar="local|s3://BUCKET/PREFIX",
               help="Where the embedded repository (and serve) keeps chunks (env BLOCKPROV_STORE); "
-                   "default: packs in the data directory. The catalog stays in the data directory.")
+                   "default: packs in the data directory.")
+@click.option("--catalog", envvar="BLOCKPROV_CATALOG", metavar="sqlite|postgresql://…",
+              help="Where the embedded repository keeps its catalog (env BLOCKPROV_CATALOG); default: SQLite in "
+                   "the data directory. A PostgreSQL URL lets several servers on several hosts share one catalog "
+                   "(with one --store bucket).")
 @click.option("--s3-endpoint", envvar="BLOCKPROV_S3_ENDPOINT", metavar="URL",
               help="S3 endpoint (default: AWS_ENDPOINT_URL, ~/.aws/config, else AWS).")
 @click.option("--s3-region", envvar="BLOCKPROV_S3_REGION", metavar="REGION",
@@ -153,13 +163,14 @@ json_option: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
               help="Trust only this CA (PEM) for https:// repositories (env BLOCKPROV_CA); default: the system's.")
 @click.version_option(__version__, prog_name="blockprov")
 @click.pass_context
-def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | None, s3_endpoint: str | None,
+def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | None, catalog: str | None,
+        s3_endpoint: str | None,
         s3_region: str | None, s3_create_bucket: bool, s3_timeout: float, token: str | None,
         ca: str | None) -> None:
     """Provision machines and VMs from golden disk images at block level."""
     ctx.obj = Ctx(repo, data, store, StoreOptions(endpoint=s3_endpoint, region=s3_region,
                                                   create_bucket=s3_create_bucket, timeout=s3_timeout))
-    ctx.obj.token, ctx.obj.ca = token or None, ca or None
+    ctx.obj.token, ctx.obj.ca, ctx.obj.catalog = token or None, ca or None, catalog or None
     ctx.call_on_close(ctx.obj.close)
 
 
@@ -390,13 +401,16 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, auth_mode:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = obj.data_dir or default_data_dir()
+    from .db import open_database
+
+    catalog = open_database(obj.catalog, data)
     store = None
     if obj.store:
         from .store.factory import open_store
 
         store = open_store(obj.store, data, obj.store_options)
     try:
-        run_server(data, host.strip("[]"), int(port), max_body=max_body, store=store,
+        run_server(data, host.strip("[]"), int(port), max_body=max_body, store=store, catalog=catalog,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
                    access=AccessPolicy(auth_mode, anonymous_read, anonymous_boot), tls_cert=tls_cert,
                    tls_key=tls_key)

@@ -1,7 +1,8 @@
 """CLI commands for access tokens: ``token create``, ``token list``, ``token revoke``.
 
 Tokens are managed where the catalog is, like database users on a database host: these commands
-work on the embedded repository's catalog (``--data DIR``) and refuse ``--repo``. Managing tokens
+work on the embedded repository's catalog (``--data DIR``, or ``--catalog postgresql://…`` from any
+host that reaches that database) and refuse ``--repo``. Managing tokens
 over HTTP would need a scope above ``write`` and would let a stolen write token mint more; running
 them on the repository's host needs nothing but access to its data directory, which is the
 repository anyway. ``auth.py`` says why tokens look the way they do.
@@ -29,13 +30,14 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 def _store(obj: Ctx) -> tuple[Catalog, TokenStore]:
     if obj.repo_url:
         raise UsageError("tokens are managed on the repository's host, on its data directory: "
-                         "run this without --repo / BLOCKPROV_REPO (with --data DIR)")
+                         "run this without --repo / BLOCKPROV_REPO (with --data DIR or --catalog URL)")
     data = Path(obj.data_dir or default_data_dir())
     data.mkdir(parents=True, exist_ok=True)
     from .auth import TokenStore
     from .catalog import Catalog
+    from .db import open_database
 
-    catalog = Catalog(data / "catalog.sqlite")
+    catalog = Catalog(open_database(obj.catalog, data))
     return catalog, TokenStore(catalog.db)
 
 

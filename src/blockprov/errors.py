@@ -124,6 +124,13 @@ class RepositoryUnavailable(BlockprovError):
     http_status = 503
 
 
+class CatalogUnavailable(BlockprovError):
+    """catalog {url} is unreachable: {why}"""
+
+    exit_code = 7
+    http_status = 503
+
+
 class StoreMisconfigured(BlockprovError):
     """object store {url} cannot be used: {why}"""
 

@@ -131,7 +131,7 @@ class Registry:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.db = catalog.db
-        self.db.conn().executescript(SCHEMA)
+        self.db.script(SCHEMA)
         self.lease = LEASE_SECONDS
 
     def _version_of(self, ref: Ref) -> str:
@@ -145,14 +145,17 @@ class Registry:
         with self.db.tx() as db:
             if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?", (image, vid)).fetchone():
                 raise ImageNotFound(ref=f"{image}@{vid}")
-            db.execute("INSERT OR REPLACE INTO boot_files VALUES (?,?,?,?,?,?,?,?)",
+            db.execute("INSERT INTO boot_files VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (image, version) DO UPDATE SET "
+                       "kernel_size=excluded.kernel_size, kernel_pieces=excluded.kernel_pieces, "
+                       "initrd_size=excluded.initrd_size, initrd_pieces=excluded.initrd_pieces, "
+                       "cmdline=excluded.cmdline, updated=excluded.updated",
                        (image, vid, kernel.size, kernel.pieces, initrd.size, initrd.pieces, cmdline, now))
         return BootFilesInfo(image=image, version=vid, kernel=kernel, initrd=initrd, cmdline=cmdline, updated=now)
 
     def boot_files(self, image: str, vid: str) -> BootFilesInfo | None:
-        row = self.db.conn().execute(
+        row = self.db.one(
             "SELECT kernel_size, kernel_pieces, initrd_size, initrd_pieces, cmdline, updated FROM boot_files "
-            "WHERE image=? AND version=?", (image, vid)).fetchone()
+            "WHERE image=? AND version=?", (image, vid))
         if row is None:
             if not self.catalog.version_exists(image, vid):
                 raise ImageNotFound(ref=f"{image}@{vid}")
@@ -163,7 +166,7 @@ class Registry:
     def boot_piece_ids(self) -> set[bytes]:
         """Every chunk id a boot file names (gc keeps them)."""
         out: set[bytes] = set()
-        for kp, ip in self.db.conn().execute("SELECT kernel_pieces, initrd_pieces FROM boot_files").fetchall():
+        for kp, ip in self.db.all("SELECT kernel_pieces, initrd_pieces FROM boot_files"):
             for blob in (bytes(kp), bytes(ip)):
                 out.update(blob[i:i + 32] for i in range(0, len(blob), 32))
         return out
@@ -172,10 +175,11 @@ class Registry:
     def assign_host(self, host: str, ref: Ref, args: str) -> HostInfo:
         host, args = host_id(host), kernel_args(args)
         now = time.time()
-        with self.db.tx():
-            vid = self._version_of(ref)  # the reference must name something now
-            self.db.conn().execute("INSERT OR REPLACE INTO hosts VALUES (?,?,?,?,?,?)",
-                                   (host, ref.name, ref.tag, ref.version, args, now))
+        with self.db.tx() as db:
+            vid = self.catalog.resolve_id(ref, db)  # the reference must name something now
+            db.execute("INSERT INTO hosts VALUES (?,?,?,?,?,?) ON CONFLICT (host) DO UPDATE SET image=excluded.image, "
+                       "tag=excluded.tag, version=excluded.version, args=excluded.args, updated=excluded.updated",
+                       (host, ref.name, ref.tag, ref.version, args, now))
         return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=now)
 
     def _host_info(self, row: tuple[Any, ...]) -> HostInfo:
@@ -189,13 +193,13 @@ class Registry:
 
     def host(self, host: str) -> HostInfo:
         host = host_id(host)
-        row = self.db.conn().execute("SELECT * FROM hosts WHERE host=?", (host,)).fetchone()
+        row = self.db.one("SELECT * FROM hosts WHERE host=?", (host,))
         if row is None:
             raise HostNotFound(host=host)
         return self._host_info(tuple(row))
 
     def hosts(self) -> list[HostInfo]:
-        return [self._host_info(tuple(r)) for r in self.db.conn().execute("SELECT * FROM hosts ORDER BY host")]
+        return [self._host_info(tuple(r)) for r in self.db.all("SELECT * FROM hosts ORDER BY host")]
 
     def remove_host(self, host: str) -> None:
         host = host_id(host)
@@ -220,13 +224,13 @@ class Registry:
         with self.db.tx() as db:
             if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?", (image, vid)).fetchone():
                 raise ImageNotFound(ref=f"{image}@{vid}")
-            db.execute("INSERT OR REPLACE INTO profiles VALUES (?,?,?,?,?)",
+            db.execute("INSERT INTO profiles VALUES (?,?,?,?,?) ON CONFLICT (image, version) DO UPDATE SET "
+                       "count=excluded.count, chunks=excluded.chunks, updated=excluded.updated",
                        (image, vid, len(order), blob, time.time()))
 
     def get_profile(self, image: str, vid: str) -> list[int] | None:
         image, vid = image_name(image), version_id(vid)
-        row = self.db.conn().execute("SELECT count, chunks FROM profiles WHERE image=? AND version=?",
-                                     (image, vid)).fetchone()
+        row = self.db.one("SELECT count, chunks FROM profiles WHERE image=? AND version=?", (image, vid))
         if row is None:
             if not self.catalog.version_exists(image, vid):
                 raise ImageNotFound(ref=f"{image}@{vid}")
@@ -248,13 +252,12 @@ class Registry:
 
     def agents(self) -> list[dict[str, Any]]:
         now = time.time()
-        db = self.db.conn()
         counts: dict[tuple[str, str], int] = {}
-        for inst, state, n in db.execute("SELECT instance, state, COUNT(*) FROM agent_requests "
-                                         "WHERE state IN ('pending','running') GROUP BY instance, state"):
+        for inst, state, n in self.db.all("SELECT instance, state, COUNT(*) FROM agent_requests "
+                                          "WHERE state IN ('pending','running') GROUP BY instance, state"):
             counts[(inst, state)] = n
         out = []
-        for inst, info, registered, last_seen in db.execute("SELECT * FROM agents ORDER BY instance"):
+        for inst, info, registered, last_seen in self.db.all("SELECT * FROM agents ORDER BY instance"):
             out.append({"instance": inst, "info": json.loads(info), "registered": registered, "last_seen": last_seen,
                         "seen_ago": round(max(0.0, now - last_seen), 3),
                         "pending": counts.get((inst, "pending"), 0), "running": counts.get((inst, "running"), 0)})
@@ -295,13 +298,11 @@ class Registry:
         ``SEEN_EVERY`` s: a long poll re-reads every 0.15 s, and a write is an fsync)."""
         instance = instance_id(instance)
         now = time.time()
-        conn = self.db.conn()
-        seen = conn.execute("SELECT last_seen FROM agents WHERE instance=?", (instance,)).fetchone()
+        seen = self.db.one("SELECT last_seen FROM agents WHERE instance=?", (instance,))
         if seen is None:
             raise AgentNotFound(instance=instance)
-        ready = conn.execute("SELECT 1 FROM agent_requests WHERE instance=? AND "
-                             "(state='pending' OR (state='running' AND lease_until < ?)) LIMIT 1",
-                             (instance, now)).fetchone()
+        ready = self.db.one("SELECT 1 FROM agent_requests WHERE instance=? AND "
+                            "(state='pending' OR (state='running' AND lease_until < ?)) LIMIT 1", (instance, now))
         if ready is None:  # the common case: read-only
             if now - seen[0] >= SEEN_EVERY:
                 with self.db.tx() as db:
@@ -342,9 +343,9 @@ class Registry:
     def get_request(self, instance: str, rid: str) -> dict[str, Any]:
         """A request as the API shows it; a ``running`` one whose lease ran out reads ``pending``."""
         instance, rid = instance_id(instance), request_id(rid)
-        row = self.db.conn().execute(
+        row = self.db.one(
             "SELECT id, instance, op, args, state, created, started, finished, lease_until, attempts, result, error "
-            "FROM agent_requests WHERE id=? AND instance=?", (rid, instance)).fetchone()
+            "FROM agent_requests WHERE id=? AND instance=?", (rid, instance))
         if row is None:
             raise RequestNotFound(instance=instance, rid=rid)
         rid, inst, op, args, state, created, started, finished, lease_until, attempts, result, error = row

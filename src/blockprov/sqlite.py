@@ -1,26 +1,44 @@
 """The one way blockprov opens SQLite: WAL, synchronous=FULL, a connection per thread, and
 ``BEGIN IMMEDIATE`` transactions (writers from several processes serialize on SQLite's lock,
-waiting up to ``timeout`` seconds, instead of failing on an upgrade from a read lock)."""
+waiting up to ``timeout`` seconds, instead of failing on an upgrade from a read lock).
+
+It is the embedded catalog's database (db.py: the interface it shares with postgres.py) and the
+pack store's index."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import NoSpace
 
 
 class Database:
-    def __init__(self, path: str | Path, schema: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, path: str | Path, schema: str = "", *, timeout: float = 60.0) -> None:
         self.path = Path(path)
         self.timeout = timeout
         self._local = threading.local()
+        if schema:
+            self.script(schema)
+
+    @property
+    def url(self) -> str:
+        return str(self.path)
+
+    def script(self, schema: str) -> None:
         db = self.conn()
         self._retry_locked(lambda: db.executescript(schema))
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn().execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self.conn().execute(sql, params).fetchall()
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections must not be shared between threads)."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from blockprov import codec
+from blockprov.db import open_database
 from blockprov.errors import ChunkCorrupt, ChunkMissing, ImageNotFound, InvalidName, MissingChunks
 from blockprov.exporter import export_image
 from blockprov.importer import import_image
@@ -34,9 +35,9 @@ SIZE = 4 << 20
 class Backend:
     """A repository under test plus the LocalRepository behind it (for gc with grace 0 and tampering)."""
 
-    def __init__(self, kind: str, tmp: Path) -> None:
+    def __init__(self, kind: str, tmp: Path, catalog: str | None = None) -> None:
         self.kind = kind
-        self.local = LocalRepository(tmp / "repo")
+        self.local = LocalRepository(tmp / "repo", catalog=open_database(catalog, tmp / "repo"))
         self.client: TestClient | None = None
         self.repo: Any
         if kind == "local":

@@ -173,7 +173,7 @@ def test_token_store(env: Env) -> None:
     assert [(i.name, i.scope) for i in infos] == [("admin", "write"), ("kiosk-agent", "agent"), ("viewer", "read")]
     assert env.write.startswith("bpt_") and len(env.write) > 40
     # only hashes are kept
-    db = sqlite3.connect(env.repo.catalog.path)
+    db = sqlite3.connect(env.repo.data_dir / "catalog.sqlite")
     try:
         dump = "\n".join(db.iterdump())
     finally:

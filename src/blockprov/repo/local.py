@@ -2,7 +2,8 @@
 
 Layout of the data directory::
 
-    DATA/catalog.sqlite   images, versions (manifests), tags; boot files, hosts, profiles, agents (registry.py)
+    DATA/catalog.sqlite   images, versions (manifests), tags; boot files, hosts, profiles, agents (registry.py),
+                          tokens (auth.py) — unless the catalog is in PostgreSQL (``--catalog``, db.py)
     DATA/chunks/          the pack-file chunk store (store/pack.py)
     DATA/tmp/             scratch space for imports of non-raw formats
 
@@ -24,6 +25,7 @@ from .. import boot, codec, names
 from .. import manifest as mf
 from ..catalog import Catalog
 from ..codec import ZERO_DIGEST
+from ..db import SQLDatabase
 from ..durable import ensure_dir
 from ..errors import BootFilesMissing, Conflict, MissingChunks, UsageError
 from ..manifest import Manifest
@@ -41,11 +43,12 @@ def as_ref(ref: Ref | str) -> Ref:
 
 
 class LocalRepository:
-    def __init__(self, data_dir: str | os.PathLike[str], store: ChunkStore | None = None) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], store: ChunkStore | None = None,
+                 catalog: SQLDatabase | None = None) -> None:
         self.data_dir = ensure_dir(data_dir)
         self.url = f"file://{Path(self.data_dir).resolve()}"
         self.store = store if store is not None else PackChunkStore(self.data_dir / "chunks")
-        self.catalog = Catalog(self.data_dir / "catalog.sqlite")
+        self.catalog = Catalog(catalog if catalog is not None else self.data_dir / "catalog.sqlite")
         self.registry = Registry(self.catalog)  # boot files, hosts, profiles, agents (registry.py)
         self.tmp_dir = ensure_dir(self.data_dir / "tmp")
 

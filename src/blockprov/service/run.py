@@ -27,6 +27,7 @@ from collections.abc import Callable, Generator
 import uvicorn
 
 from ..auth import TokenStore
+from ..db import SQLDatabase
 from ..errors import UsageError
 from ..repo.local import LocalRepository
 from ..store.base import ChunkStore
@@ -128,16 +129,17 @@ class _Server(uvicorn.Server):
 def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8420, *,
                on_ready: OnReady | None = None, max_body: int = MAX_BODY, access_log: bool = False,
                log_level: str = "info", store: ChunkStore | None = None, access: AccessPolicy | None = None,
-               tls_cert: str | None = None, tls_key: str | None = None) -> None:
+               tls_cert: str | None = None, tls_key: str | None = None, catalog: SQLDatabase | None = None) -> None:
     """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening.
-    ``store``: the chunk store to use instead of ``data_dir``'s pack store (e.g. S3); the catalog stays
-    in ``data_dir``. The server closes it. ``access``: who may call what (service/access.py);
+    ``store``: the chunk store to use instead of ``data_dir``'s pack store (e.g. S3); ``catalog``: the
+    catalog's database instead of ``data_dir``'s SQLite (e.g. PostgreSQL). The server closes both.
+    ``access``: who may call what (service/access.py);
     ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file)."""
     if tls_cert is not None:
         check_tls(tls_cert, tls_key)
     elif tls_key is not None:
         raise UsageError("--tls-key needs --tls-cert")
-    repo = LocalRepository(data_dir, store=store)
+    repo = LocalRepository(data_dir, store=store, catalog=catalog)
     warn_open(repo, access or AccessPolicy(), host, tls=tls_cert is not None)
     sock = bind(host, port)
     try:

@@ -1,0 +1,63 @@
+"""The repository and machines contract suites again, with the catalog in PostgreSQL.
+
+``pg-local`` is ``LocalRepository(..., catalog=PostgreSQL)`` in-process; ``pg-remote`` puts the real
+app in front of it (RemoteRepository over Starlette's TestClient). Every test of both base modules
+that takes ``be`` is taken over as it is, so a catalog behaviour added there is checked here too.
+Token storage (auth.py) gets its own checks below: it shares the catalog's database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockprov import auth, errors
+from blockprov.catalog import Catalog
+from blockprov.db import open_database
+from tests.contract import test_machines_contract as machines
+from tests.contract import test_repository_contract as base
+from tests.contract.test_repository_contract import Backend
+
+for _module in (base, machines):
+    globals().update({k: v for k, v in vars(_module).items()
+                      if k not in ("be", "test_schema_migrates_an_existing_catalog")
+                      and (k.startswith("test_") or type(v).__name__ == "FixtureFunctionDefinition")})
+
+
+@pytest.fixture(params=["pg-local", "pg-remote"])
+def be(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Backend]:
+    b = Backend("local" if request.param == "pg-local" else "remote", tmp_path, catalog=pg_url)
+    yield b
+    b.close()
+
+
+def test_tokens_in_postgres(pg_url: str, tmp_path: Path) -> None:
+    cat = Catalog(open_database(pg_url, tmp_path))
+    other = Catalog(open_database(pg_url, tmp_path))  # a second server over the same catalog
+    try:
+        a, b = auth.TokenStore(cat.db), auth.TokenStore(other.db)
+        assert not b.any_created()
+        token, info = a.create("read", "viewer")
+        assert b.lookup(token) == info and b.lookup(token + "x") is None
+        with pytest.raises(errors.UsageError, match="exists already"):
+            b.create("write", "viewer")
+        b.revoke("viewer")
+        assert a.lookup(token) is None  # a's cache was cleared by nobody: the lookup above was b's
+        assert [i.name for i in a.tokens()] == ["viewer"] and a.tokens()[0].revoked is not None
+    finally:
+        cat.close()
+        other.close()
+
+
+def test_schema_and_timestamps(pg_url: str, tmp_path: Path) -> None:
+    """Opening twice creates nothing twice; REAL columns keep sub-second precision (DOUBLE PRECISION)."""
+    cat = Catalog(open_database(pg_url, tmp_path))
+    try:
+        Catalog(cat.db)  # the schema again, over the same database
+        _, info = auth.TokenStore(cat.db).create("read")
+        stored = cat.db.one("SELECT created FROM tokens WHERE id=?", (info.id,))[0]
+        assert stored == info.created
+    finally:
+        cat.close()
