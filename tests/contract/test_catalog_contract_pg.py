@@ -16,6 +16,7 @@ import pytest
 from blockprov import auth, errors
 from blockprov.catalog import Catalog
 from blockprov.db import open_database
+from blockprov.postgres import redact
 from tests.contract import test_machines_contract as machines
 from tests.contract import test_repository_contract as base
 from tests.contract.test_repository_contract import Backend
@@ -44,7 +45,7 @@ def test_tokens_in_postgres(pg_url: str, tmp_path: Path) -> None:
         with pytest.raises(errors.UsageError, match="exists already"):
             b.create("write", "viewer")
         b.revoke("viewer")
-        assert a.lookup(token) is None  # a's cache was cleared by nobody: the lookup above was b's
+        assert a.lookup(token) is None  # a never cached it: the lookup above was b's
         assert [i.name for i in a.tokens()] == ["viewer"] and a.tokens()[0].revoked is not None
     finally:
         cat.close()
@@ -61,3 +62,8 @@ def test_schema_and_timestamps(pg_url: str, tmp_path: Path) -> None:
         assert stored == info.created
     finally:
         cat.close()
+
+
+def test_messages_never_show_the_password() -> None:
+    assert redact("postgresql://bp:s3cret@db:5432/bp?sslmode=require") == "postgresql://bp:***@db:5432/bp?sslmode=require"
+    assert redact("postgresql://bp@db/bp") == "postgresql://bp@db/bp"
