@@ -1,0 +1,113 @@
+"""CLI commands that move a repository's data: ``catalog copy`` (between SQLite and PostgreSQL,
+catalog_copy.py) and ``store copy`` (its chunks into another store, store/copy.py), which together
+take a repository from one host to several. Like the token commands they run where the data is
+(``--data DIR``, ``--store``, ``--catalog``), never through ``--repo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .cli import Ctx, default_data_dir, emit, progress_bar
+from .errors import ChunkCorrupt, UsageError
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _here(obj: Ctx) -> None:
+    if obj.repo_url:
+        raise UsageError("a repository's data is copied where it is: run this without --repo / BLOCKPROV_REPO "
+                         "(with --data DIR, --store, --catalog)")
+
+
+@click.group("catalog")
+def catalog() -> None:
+    """The repository's catalog database (SQLite by default, or PostgreSQL with --catalog)."""
+
+
+@catalog.command("copy")
+@click.option("--to", "target", required=True, metavar="postgresql://…|FILE",
+              help="An empty PostgreSQL database, or a new SQLite file (e.g. /backup/catalog.sqlite).")
+@json_option
+@click.pass_obj
+def catalog_copy(obj: Ctx, target: str, as_json: bool) -> None:
+    """Copy this repository's whole catalog (the one --data/--catalog name) into an empty one.
+
+    Stop the servers that write the catalog first. Then point them at the copy with --catalog
+    (the chunks do not move: they stay in --store)."""
+    _here(obj)
+    from .catalog_copy import copy_catalog
+    from .db import is_shared, open_database
+    from .sqlite import Database
+
+    data = Path(obj.data_dir or default_data_dir())
+    if not is_shared(target) and Path(target).exists():
+        raise UsageError(f"{target} exists already: copy into a new SQLite file")
+    src = open_database(obj.catalog, data)
+    try:
+        dst = open_database(target, data) if is_shared(target) else Database(target, timeout=30.0)
+        try:
+            stats = copy_catalog(src, dst)
+        except BaseException:
+            if not is_shared(target):  # leave no half-made file behind to refuse the next try
+                dst.close()
+                for suffix in ("", "-wal", "-shm"):
+                    Path(target + suffix).unlink(missing_ok=True)
+            raise
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    if as_json:
+        emit({"source": src.url, "target": dst.url, "rows": stats.rows})
+        return
+    click.echo(f"copied {src.url} to {dst.url}: "
+               + ", ".join(f"{n} {t}" for t, n in stats.rows.items()))
+
+
+@click.group("store")
+def store() -> None:
+    """The repository's chunk store (packs in the data directory by default, or S3 with --store)."""
+
+
+@store.command("copy")
+@click.option("--to", "target", required=True, metavar="s3://BUCKET/PREFIX|local",
+              help="The store to copy into (the --s3-* options and AWS_* variables apply to it).")
+@json_option
+@click.pass_obj
+def store_copy(obj: Ctx, target: str, as_json: bool) -> None:
+    """Copy every chunk of this repository's store (the one --data/--store name) into another.
+
+    Only chunks the target lacks are sent, each verified on arrival; running it again copies
+    nothing new. Then serve with --store TARGET (the catalog does not change: it names chunks by
+    content). A damaged source chunk is listed and not copied (exit 4)."""
+    _here(obj)
+    from .store.copy import copy_store
+    from .store.factory import open_store
+
+    data = Path(obj.data_dir or default_data_dir())
+    src = open_store(obj.store, data, obj.store_options)
+    try:
+        dst = open_store(target, data, obj.store_options)
+        try:
+            with progress_bar(None, f"copy chunks to {target}", not as_json) as bar:
+                st = copy_store(src, dst, bar)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    if as_json:
+        emit(st.__dict__)
+    else:
+        click.echo(f"{st.chunks} chunks: {st.copied} copied ({st.bytes_copied} bytes stored), "
+                   f"{st.present} already there, {len(st.damaged)} damaged")
+    if st.damaged:
+        raise ChunkCorrupt(digest=", ".join(st.damaged[:10]) + (" …" if len(st.damaged) > 10 else ""),
+                           why=f"{len(st.damaged)} source chunks failed verification and were not copied "
+                               "(a verified upload of a chunk, e.g. an import through a server, repairs it)")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(catalog)
+    cli.add_command(store)
