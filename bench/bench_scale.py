@@ -2,7 +2,9 @@
 
 (a) one ``blockprov serve`` over the local pack store, and
 (b) two ``blockprov serve`` over SeaweedFS (S3, ``weed mini`` started as tests/s3fixture.py does),
-    with every agent given ``--repo URL1,URL2`` (reads spread round-robin).
+    each with a data directory of its own and the catalog in PostgreSQL (``--catalog``, started as
+    tests/pgfixture.py does), as two hosts would run them; every agent is given ``--repo URL1,URL2``
+    (reads spread round-robin).
 
 Each agent is a real ``blockprov attach`` process on its own empty cache; each is read whole by its
 own ``nbdcopy … null:``, all 16 started together. Figures:
@@ -45,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import VENV_BIN, WORK, drop_caches, write_results
 from prometheus_client.parser import text_string_to_metric_families
+from tests.pgfixture import running_postgres
 from tests.s3fixture import SeaweedFS
 
 from blockprov.humanize import parse_size
@@ -91,9 +94,10 @@ def stop(proc: subprocess.Popen[str], timeout: float = 20) -> None:
 
 
 @contextmanager
-def server(data: Path, env: dict[str, str], store: str | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    args = [BP, "--data", str(data), *(["--store", store] if store else []), "serve", "--listen", "127.0.0.1:0",
-            "--auth", "off"]
+def server(data: Path, env: dict[str, str], store: str | None = None,
+           catalog: str | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    args = [BP, "--data", str(data), *(["--store", store] if store else []),
+            *(["--catalog", catalog] if catalog else []), "serve", "--listen", "127.0.0.1:0", "--auth", "off"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     m = re.match(r"serving (http://\S+)", first_line(p, 60))
     if m is None:
@@ -206,13 +210,14 @@ def main() -> None:
                 bucket = sw.new_bucket()
                 store = f"s3://{bucket}/bench"
                 senv = env_with(sw.env())
-                data = tmp / "s3cat"
-                subprocess.run([BP, "--data", str(data), "--store", store, "import", str(img), "bench:v1", "--json"],
-                               check=True, stdout=subprocess.DEVNULL, env=senv)
-                assert sw.proc is not None
                 with ExitStack() as stack:
-                    srv = [stack.enter_context(server(data, senv, store)) for _ in range(2)]
-                    rows.append(run_case("b: 2 servers, SeaweedFS", [u for _p, u in srv], [p.pid for p, _u in srv],
+                    catalog = stack.enter_context(running_postgres()).create_database()
+                    subprocess.run([BP, "--data", str(tmp / "host-1"), "--store", store, "--catalog", catalog,
+                                    "import", str(img), "bench:v1", "--json"],
+                                   check=True, stdout=subprocess.DEVNULL, env=senv)
+                    assert sw.proc is not None
+                    srv = [stack.enter_context(server(tmp / f"host-{i}", senv, store, catalog)) for i in (1, 2)]
+                    rows.append(run_case("b: 2 servers, SeaweedFS, PostgreSQL catalog", [u for _p, u in srv], [p.pid for p, _u in srv],
                                          {"seaweedfs": sw.proc.pid}, n, size, "bench:v1", tmp / "agents-b",
                                          a.fetch_timeout))
             finally:

@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -122,9 +123,9 @@ class Postgres:
         self._signal(signal.SIGKILL, 10.0)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    """A PostgreSQL server shared by this worker's tests (each takes its own database: ``pg_url``)."""
+@contextmanager
+def running_postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server in a directory of its own, removed with it (tests and benchmarks)."""
     root = Path(tempfile.mkdtemp(prefix="bp-pg-"))
     pg = Postgres(root)
     try:
@@ -133,6 +134,13 @@ def postgres() -> Iterator[Postgres]:
     finally:
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server shared by this worker's tests (each takes its own database: ``pg_url``)."""
+    with running_postgres() as pg:
+        yield pg
 
 
 @pytest.fixture
