@@ -157,6 +157,14 @@ def test_delete_and_iter_ids(under: Under) -> None:
     with pytest.raises(ChunkMissing):
         s.get(items[0][0])
     assert {c for c, _, _ in s.iter_ids()} == {c for c, _ in items[1:]}
+    # many at once (gc): sizes whether or not a listing came first, absent ones free nothing
+    gone = [items[1][0], items[2][0], items[0][0], items[1][0]]
+    assert s.delete_many(gone) == len(items[1][1]) + len(items[2][1])
+    list(s.iter_ids())
+    assert s.delete_many([items[3][0], items[4][0]]) == len(items[3][1]) + len(items[4][1])
+    assert s.delete_many([]) == 0
+    assert {c for c, _, _ in s.iter_ids()} == {items[5][0]}
+    assert s.missing([c for c, _ in items]) == [c for c, _ in items[:5]]
 
 
 # -- S3 only ------------------------------------------------------------------------------------------

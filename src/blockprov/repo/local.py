@@ -100,13 +100,15 @@ class LocalRepository:
         referenced |= self.registry.boot_piece_ids()
         referenced.discard(ZERO_DIGEST)
         cutoff = time.time() - grace
-        removed = freed = kept = 0
+        kept = 0
+        doomed: list[bytes] = []
         for cid, _size, mtime in list(self.store.iter_ids()):
             if cid in referenced or mtime > cutoff:
                 kept += 1
-                continue
-            freed += self.store.delete(cid)
-            removed += 1
+            else:
+                doomed.append(cid)
+        freed = self.store.delete_many(doomed)
+        removed = len(doomed)
         if removed:
             self.store.compact()
         return GcStats(chunks_removed=removed, bytes_removed=freed, chunks_kept=kept)

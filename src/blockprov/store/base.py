@@ -88,6 +88,10 @@ class ChunkStore(ABC):
                 new += self.put_blob(cid, blob)
         return new
 
+    def delete_many(self, cids: Sequence[bytes]) -> int:
+        """Remove many chunks (gc); returns the bytes freed. Backends with a batch request override it."""
+        return sum(self.delete(c) for c in cids)
+
     def compact(self) -> int:
         """Reclaim the space of deleted chunks where the backend needs a pass for it; bytes freed."""
         return 0

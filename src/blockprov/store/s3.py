@@ -9,8 +9,10 @@ request, not an inode and a rename, and whole immutable objects are what S3 repl
 expires and what HTTP caches and CDNs in front of it keep. Why the ``<hex[:2]>/`` level: S3
 partitions its index by key prefix (AWS scales request rates per prefix), and stores backed by a
 filesystem or a filer (SeaweedFS, MinIO) keep a directory per "folder"; 256 fan-out folders keep
-each one small and let a listing be split. The catalog does not live here: it stays in SQLite in the
-data directory (``LocalRepository(data_dir, store=S3ChunkStore(...))``).
+each one small and let a listing be split. The catalog does not live here: it is SQLite in the data
+directory or PostgreSQL shared by several servers (db.py; ``LocalRepository(data_dir, store=…,
+catalog=…)``). Exactly one catalog may name the chunks under a prefix: gc deletes what its catalog
+does not name.
 
 Configuration comes from where every AWS tool looks: credentials from ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``), ``AWS_PROFILE``, ``~/.aws/credentials`` or an
@@ -52,7 +54,8 @@ Crash rules:
   least grace − 10 min after the re-use; younger objects need no request at all, so a re-import
   soon after an import costs HEADs only. gc relies on the bucket's clock and the gc host's clock
   agreeing to well within the grace period.
-- ``delete`` is a DELETE; nothing needs compaction.
+- ``delete`` is a DELETE, ``delete_many`` one DeleteObjects request per 1000 chunks; nothing needs
+  compaction.
 """
 
 from __future__ import annotations
@@ -386,6 +389,28 @@ class S3ChunkStore(ChunkStore):
         key = self.key(cid)
         self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key), cid)
         return size
+
+    def delete_many(self, cids: Sequence[bytes]) -> int:
+        """DeleteObjects, 1000 keys a request (S3's limit); sizes as ``delete`` finds them."""
+        uniq = list(dict.fromkeys(cids))
+        with self._lock:
+            sizes = {c: self._sizes.pop(c, None) for c in uniq}
+        unknown = [c for c, s in sizes.items() if s is None]
+        for c, h in zip(unknown, self._map(self._head, unknown), strict=True):
+            sizes[c] = None if h is None else h.size
+        gone = [c for c in uniq if sizes[c] is not None]
+        for i in range(0, len(gone), 1000):
+            objects = [{"Key": self.key(c)} for c in gone[i:i + 1000]]
+
+            def op(objects: list[dict[str, str]] = objects) -> Any:
+                return self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+
+            errors = self._call(op).get("Errors") or []
+            if errors:  # per-key failures (access denied, ...): the rest were deleted
+                e = errors[0]
+                raise StoreMisconfigured(url=self.url, why=f"{len(errors)} chunks were not deleted, the first "
+                                         f"{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".strip())
+        return sum(s for s in sizes.values() if s is not None)
 
     def iter_ids(self) -> Iterator[tuple[bytes, int, float]]:
         token: str | None = None
