@@ -47,6 +47,12 @@ class SQLDatabase(Protocol):
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
 
+    def write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement that needs no check before it (a heartbeat): atomic, durable, but not
+        serialized with ``tx()`` writers, so frequent small writes never queue behind them. Returns
+        the rows changed."""
+        ...
+
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
 
     def script(self, schema: str) -> None:

@@ -118,6 +118,10 @@ class PostgresDatabase:
         with self._conn() as conn:
             return conn.execute(pg_sql(sql), params).fetchall()
 
+    def write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._conn() as conn:  # autocommit: one statement, its own transaction, no writers' lock
+            return conn.execute(pg_sql(sql), params).rowcount
+
     def script(self, schema: str) -> None:
         # Under the writers' lock: concurrent CREATE TABLE IF NOT EXISTS can fail in PostgreSQL.
         with self._conn() as conn, conn.transaction():

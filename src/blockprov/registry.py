@@ -9,9 +9,10 @@ Tables (in ``catalog.sqlite``, next to images, versions and tags):
 * ``agents``: agent instances attached to this repository, with what they reported and when.
 * ``agent_requests``: repository-initiated requests to agents (claims 10, 34) and their outcome.
 
-Why requests live in SQLite: agents sit behind NAT, so they poll; the poll may reach any worker
-or any server process over the same catalog, so the queue must be shared state, not memory.
-Long polls re-read it every ``POLL`` seconds (bounded by the wait).
+Why requests live in the catalog: agents sit behind NAT, so they poll; the poll may reach any
+worker or any server process over the same catalog (on any host, with PostgreSQL), so the queue
+must be shared state, not memory. A server's long polls share one ``ready_instances`` query per
+``POLL`` seconds (service/machines.py), so a thousand waiting agents cost what one does.
 
 Migration: every table is ``CREATE TABLE IF NOT EXISTS``, run on open, so a ``catalog.sqlite``
 made before these tables existed simply gains them. ``boot_files`` and ``profiles`` rows go with
@@ -92,6 +93,7 @@ CREATE TABLE IF NOT EXISTS agent_requests (
     error    TEXT
 );
 CREATE INDEX IF NOT EXISTS agent_requests_queue ON agent_requests (instance, state, created);
+CREATE INDEX IF NOT EXISTS agent_requests_state ON agent_requests (state, lease_until);
 """
 
 LEASE_SECONDS = 600.0  # a running request not completed within this goes back to pending
@@ -304,9 +306,8 @@ class Registry:
         ready = self.db.one("SELECT 1 FROM agent_requests WHERE instance=? AND "
                             "(state='pending' OR (state='running' AND lease_until < ?)) LIMIT 1", (instance, now))
         if ready is None:  # the common case: read-only
-            if now - seen[0] >= SEEN_EVERY:
-                with self.db.tx() as db:
-                    db.execute("UPDATE agents SET last_seen=? WHERE instance=?", (now, instance))
+            if now - seen[0] >= SEEN_EVERY:  # a heartbeat checks nothing first: no writers' lock
+                self.db.write("UPDATE agents SET last_seen=? WHERE instance=?", (now, instance))
             return None
         with self.db.tx() as db:
             if db.execute("UPDATE agents SET last_seen=? WHERE instance=?", (now, instance)).rowcount == 0:
@@ -320,6 +321,12 @@ class Registry:
             db.execute("UPDATE agent_requests SET state='running', started=?, lease_until=?, attempts=attempts+1 "
                        "WHERE id=?", (now, now + self.lease, row[0]))
         return self.get_request(instance, row[0])
+
+    def ready_instances(self) -> set[str]:
+        """Instances with a request to hand out now (one query for all of a server's long polls)."""
+        rows = self.db.all("SELECT DISTINCT instance FROM agent_requests WHERE "
+                           "state='pending' OR (state='running' AND lease_until < ?)", (time.time(),))
+        return {r[0] for r in rows}
 
     def complete_request(self, instance: str, rid: str, ok: bool, result: dict[str, Any] | None,
                          error: str | None) -> dict[str, Any]:

@@ -40,6 +40,10 @@ class Database:
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self.conn().execute(sql, params).fetchall()
 
+    def write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self.tx() as db:  # SQLite has one writer at a time anyway
+            return db.execute(sql, params).rowcount
+
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections must not be shared between threads)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

@@ -211,3 +211,49 @@ def test_long_poll_ends_when_the_server_drains(env: Env) -> None:
     t0 = time.monotonic()
     assert env.c.get("/v1/agents/a1/requests/next", params={"wait": 20}).status_code == 204
     assert time.monotonic() - t0 < 5
+
+
+def test_waiting_agents_share_one_catalog_query_per_poll(env: Env, tmp_path: Path, monkeypatch: Any) -> None:
+    """30 agents long-polling at once cost one ``ready_instances`` query per POLL, not 30 reads per
+    POLL; a request posted by another server (no local wake-up) still reaches its agent in time."""
+    import asyncio
+
+    import httpx
+
+    from blockprov.service import machines
+
+    reg = env.repo.registry
+    calls = {"try": 0, "ready": 0}
+    for name, key in (("try_next_request", "try"), ("ready_instances", "ready")):
+        real = getattr(reg, name)
+
+        def counted(*a: Any, _real: Any = real, _key: str = key) -> Any:
+            calls[_key] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(reg, name, counted)
+    agents = [f"pc-{i}" for i in range(30)]
+    for a in agents:
+        reg.register_agent(a, {})
+    other = LocalRepository(tmp_path / "repo")  # another server's handle on the same catalog
+    wait = 1.5
+
+    async def main() -> list[int]:
+        transport = httpx.ASGITransport(app=env.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            polls = [asyncio.create_task(c.get(f"/v1/agents/{a}/requests/next", params={"wait": wait}, timeout=30))
+                     for a in agents]
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(other.post_request, "pc-7", "snapshot", {"to": "lab:pc7"})
+            return [r.status_code for r in await asyncio.gather(*polls)]
+
+    t0 = time.monotonic()
+    try:
+        codes = asyncio.run(main())
+    finally:
+        other.close()
+    elapsed = time.monotonic() - t0
+    assert codes[7] == 200 and codes.count(204) == 29
+    assert calls["ready"] <= elapsed / machines.POLL + 2
+    # each agent: its first check, at most one after the catalog named it (pc-7), none in between
+    assert calls["try"] <= len(agents) + 2, calls

@@ -12,9 +12,12 @@ raises ``blockprov.errors`` classes like the rest of the API. Why the shapes:
   and HEAD: iPXE, curl and resumable downloads all work. Every piece is verified before a byte of
   it is sent; the first is rendered before the status line, so a bad piece is a clean 422.
 * Long polls (``…/requests/next?wait=``, ``…/requests/{id}?wait=``) wait on the event loop, never
-  on a pool thread: they re-read the shared catalog every ``POLL`` s (other workers or servers may
-  change it) and wake at once for a change made through this process. They end early when the
-  server is shutting down, so a stop never waits out an agent's poll.
+  on a pool thread, and wake at once for a change made through this process. Changes made by other
+  servers are seen through the catalog: every ``POLL`` s one query (``ReadySet``) tells all of this
+  process's waiting agents whether a request is ready for them; only those agents then take it.
+  A thousand agents waiting therefore cost one query per ``POLL``, not a thousand. A waiting agent
+  re-checks by itself every ``SEEN_EVERY`` s, and that check refreshes its ``last_seen``. Long polls
+  end early when the server is shutting down, so a stop never waits out an agent's poll.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from .. import boot, names
 from ..errors import BlockprovError, ProfileNotFound, UsageError
 from ..names import Ref, host_id, image_name, instance_id, parse_ref, request_id, version_id
+from ..registry import SEEN_EVERY, Registry
 from ..repo.local import LocalRepository
 from .rawview import RangeNotSatisfiable, etag_matches, parse_range
 
@@ -66,14 +70,45 @@ class Wakeup:
                 with contextlib.suppress(RuntimeError):  # closed meanwhile: nobody is waiting there
                     loop.call_soon_threadsafe(ev.set)
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> bool:
+        """True when woken by ``notify``, False when the timeout ran out."""
         loop = asyncio.get_running_loop()
         with self._lock:
             ev = self._events.get(loop)
             if ev is None:
                 ev = self._events[loop] = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(ev.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class ReadySet:
+    """Which instances have a request ready, read from the catalog at most once per ``POLL`` for all
+    of this process's long polls (the first waiter to find it stale refreshes it; the others use it)."""
+
+    def __init__(self, registry: Registry, run: Run) -> None:
+        self.registry = registry
+        self.run = run
+        self._ready: set[str] = set()
+        self._at = -float("inf")
+        self._refreshing = False
+        self._lock = threading.Lock()
+
+    async def has(self, instance: str) -> bool:
+        with self._lock:
+            refresh = time.monotonic() - self._at >= POLL and not self._refreshing
+            self._refreshing |= refresh
+        if refresh:
+            try:
+                ready = await self.run(self.registry.ready_instances)
+            finally:
+                with self._lock:
+                    self._refreshing = False
+            with self._lock:
+                self._ready, self._at = ready, time.monotonic()
+        return instance in self._ready
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -99,6 +134,7 @@ async def json_of(request: Request) -> Any:
 
 def add_routes(app: FastAPI, repo: LocalRepository, run: Run) -> None:
     wakeup = Wakeup()
+    ready = ReadySet(repo.registry, run)
     json_body: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"type": "object"}}}}}
 
@@ -273,14 +309,18 @@ def add_routes(app: FastAPI, repo: LocalRepository, run: Run) -> None:
         """The oldest pending request, now running under a lease; 204 after ``wait`` s (≤ 30) if none."""
         instance_id(instance)
         deadline = time.monotonic() + wait_param(wait)
+        check = True  # the first time, after a local change, when the catalog says so, or every SEEN_EVERY s
         while True:  # bounded by the deadline
-            req = await run(repo.registry.try_next_request, instance)
+            if check:
+                checked = time.monotonic()
+                req = await run(repo.registry.try_next_request, instance)
+                if req is not None:
+                    return JSONResponse(req)
             left = deadline - time.monotonic()
-            if req is not None:
-                return JSONResponse(req)
             if left <= 0 or draining(request):
                 return Response(status_code=204)
-            await wakeup.wait(min(POLL, left))
+            woken = await wakeup.wait(min(POLL, left))
+            check = woken or time.monotonic() - checked >= SEEN_EVERY or await ready.has(instance)
 
     @app.get("/v1/agents/{instance}/requests/{rid}", tags=["agents"])
     async def get_request(instance: str, rid: str, request: Request, wait: float = 0.0) -> dict[str, Any]:
