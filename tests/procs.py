@@ -65,11 +65,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(data: Path, *extra: str, port: int = 0) -> tuple[Proc, str]:
-    """``blockprov serve`` on 127.0.0.1; returns the process (with ``.url``) and its URL."""
+def start_server(data: Path, *extra: str, port: int = 0, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """``blockprov serve`` on 127.0.0.1; returns the process (with ``.url``) and its URL. ``env``: more
+    environment for the server only (e.g. ``BLOCKPROV_STORE``, ``BLOCKPROV_CATALOG``)."""
     proc = subprocess.Popen([str(VENV_BIN / "blockprov"), "--data", str(data), "serve",
                              "--listen", f"127.0.0.1:{port}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(None))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
     line = _first_line(proc, 30)
     m = re.match(r"serving (https?://\S+)", line)
     if m is None:

@@ -18,6 +18,10 @@ Why it looks like this:
 * **Tokens live in the catalog** (table ``tokens``), so every server over one catalog agrees.
   Servers keep a lookup for ``CACHE_SECONDS`` (a request costs a dict lookup, not a query), so a
   revocation takes effect on every server within that time.
+* **An unreachable catalog does not stop reads** (PostgreSQL restarting, a partition): a server goes
+  on using the answers it last had, for at most ``STALE_SECONDS``, for tokens and for "is any token
+  set"; only a token it has never seen gets 503. A revocation cannot reach a server that cannot read
+  the catalog anyway, and chunks are what keeps machines running.
 * **Revoked tokens keep their row** (with the time of revocation): the server's ``--auth auto`` turns
   enforcement on once any token was ever created, and revoking the last one must not reopen it.
 """
@@ -31,13 +35,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .db import SQLDatabase
-from .errors import NotFound, UsageError
+from .errors import CatalogUnavailable, NotFound, UsageError
 from .names import token_name
 
 SCOPES = ("read", "agent", "write")
 LEVEL = {s: i for i, s in enumerate(SCOPES)}
 PREFIX = "bpt_"
 CACHE_SECONDS = 5.0
+STALE_SECONDS = 600.0  # how long a cached answer serves while the catalog is unreachable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -85,7 +90,7 @@ class TokenStore:
         self.db = db
         self.db.script(SCHEMA)
         self._cache: dict[str, tuple[float, TokenInfo | None]] = {}
-        self._any: tuple[float, bool] = (0.0, False)
+        self._any: tuple[float, bool] = (-float("inf"), False)  # (when learned, any token exists)
 
     def create(self, scope: str, name: str | None = None) -> tuple[str, TokenInfo]:
         """A new token (returned once, in clear) and what the catalog records about it."""
@@ -127,7 +132,13 @@ class TokenStore:
         hit = self._cache.get(h)
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]
-        row = self.db.one("SELECT id, name, scope, created, revoked FROM tokens WHERE hash=? AND revoked IS NULL", (h,))
+        try:
+            row = self.db.one("SELECT id, name, scope, created, revoked FROM tokens WHERE hash=? AND revoked IS NULL",
+                              (h,))
+        except CatalogUnavailable:
+            if hit is not None and now - hit[0] < STALE_SECONDS:
+                return hit[1]
+            raise
         info = TokenInfo(*row) if row is not None else None
         if len(self._cache) > 10000:  # bounded: random bad tokens must not grow it without end
             self._cache.clear()
@@ -146,7 +157,12 @@ class TokenStore:
         now = time.monotonic()
         if now - self._any[0] < CACHE_SECONDS:
             return self._any[1]
-        got = self.db.one("SELECT 1 FROM tokens LIMIT 1") is not None
+        try:
+            got = self.db.one("SELECT 1 FROM tokens LIMIT 1") is not None
+        except CatalogUnavailable:
+            if now - self._any[0] < STALE_SECONDS:
+                return self._any[1]
+            raise
         self._any = (float("inf") if got else now, got)  # rows are never deleted: once true, always true
         return got
 

@@ -216,3 +216,40 @@ def test_remote_client_errors(env: Env) -> None:
             assert f.value.exit_code == 11 and "write" in str(f.value)
     with pytest.raises(errors.UsageError):
         RemoteRepository("http://testserver", client=c, token="two words")
+
+
+def test_catalog_outage_keeps_known_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the catalog cannot be read, known tokens (and "tokens exist") keep their last answer for
+    STALE_SECONDS; a token never seen is a 503 from the middleware, not a 500."""
+    from blockprov.sqlite import Database
+
+    class Flaky(Database):
+        down = False
+
+        def one(self, sql: str, params: Any = ()) -> Any:
+            if self.down:
+                raise errors.CatalogUnavailable(url="test", why="down for the test")
+            return super().one(sql, params)
+
+    db = Flaky(tmp_path / "catalog.sqlite")
+    repo = LocalRepository(tmp_path / "repo", catalog=db)
+    store = TokenStore(db)
+    read, _ = store.create("read", "viewer")
+    client = TestClient(create_app(repo, access=AccessPolicy("auto")))
+    try:
+        h = {"authorization": f"Bearer {read}"}
+        assert client.get("/v1/chunks/" + "00" * 32, headers=h).status_code == 404  # learned: tokens on, valid
+        monkeypatch.setattr(auth, "CACHE_SECONDS", 0.0)
+        Flaky.down = True
+        assert client.get("/v1/chunks/" + "00" * 32, headers=h).status_code == 404  # still let through
+        assert client.get("/v1/chunks/" + "00" * 32).status_code == 401  # still enforced
+        r = client.get("/v1/chunks/" + "00" * 32, headers={"authorization": "Bearer bpt_never-seen"})
+        assert r.status_code == 503 and r.json()["error"] == "CatalogUnavailable"
+        monkeypatch.setattr(auth, "STALE_SECONDS", 0.0)
+        assert client.get("/v1/chunks/" + "00" * 32, headers=h).status_code == 503  # too old to trust
+        Flaky.down = False
+        assert client.get("/v1/chunks/" + "00" * 32, headers=h).status_code == 404
+    finally:
+        Flaky.down = False
+        client.close()
+        repo.close()

@@ -156,19 +156,22 @@ class Access:
         need = required_scope(method, route) if route != UNKNOWN else "read"
         token = bearer(scope)
         err: BlockprovError | None = None
-        if need is not None and await self._enforced():
-            anonymous = ((need == "read" and self.policy.anonymous_read)
-                         or ((method, route) in BOOT_ROUTES and self.policy.anonymous_boot))
-            if token is None and not anonymous:
-                err = Unauthorized(why="this repository needs a token")
-            elif token is not None:
-                info = await self._lookup(token) if token else None
-                if info is None:
-                    err = Unauthorized(why="the token given is not valid (unknown, revoked or malformed)")
-                elif not allows(info.scope, need):
-                    err = Forbidden(scope=info.scope, action=action(method, route), needed=need)
-                else:
-                    scope["blockprov.token"] = info.id
+        try:
+            if need is not None and await self._enforced():
+                anonymous = ((need == "read" and self.policy.anonymous_read)
+                             or ((method, route) in BOOT_ROUTES and self.policy.anonymous_boot))
+                if token is None and not anonymous:
+                    err = Unauthorized(why="this repository needs a token")
+                elif token is not None:
+                    info = await self._lookup(token) if token else None
+                    if info is None:
+                        err = Unauthorized(why="the token given is not valid (unknown, revoked or malformed)")
+                    elif not allows(info.scope, need):
+                        err = Forbidden(scope=info.scope, action=action(method, route), needed=need)
+                    else:
+                        scope["blockprov.token"] = info.id
+        except BlockprovError as e:  # the catalog is unreachable (and nothing cached answers): 503
+            err = e
         if err is not None:
             scope["blockprov.error"] = type(err).__name__
             body = {"error": type(err).__name__, "message": err.message,
