@@ -217,9 +217,9 @@ def main() -> None:
                                    check=True, stdout=subprocess.DEVNULL, env=senv)
                     assert sw.proc is not None
                     srv = [stack.enter_context(server(tmp / f"host-{i}", senv, store, catalog)) for i in (1, 2)]
-                    rows.append(run_case("b: 2 servers, SeaweedFS, PostgreSQL catalog", [u for _p, u in srv], [p.pid for p, _u in srv],
-                                         {"seaweedfs": sw.proc.pid}, n, size, "bench:v1", tmp / "agents-b",
-                                         a.fetch_timeout))
+                    rows.append(run_case("b: 2 servers, SeaweedFS, PostgreSQL catalog", [u for _p, u in srv],
+                                         [p.pid for p, _u in srv], {"seaweedfs": sw.proc.pid}, n, size,
+                                         "bench:v1", tmp / "agents-b", a.fetch_timeout))
             finally:
                 sw.stop()
     meta = {"command": " ".join([".venv/bin/python", "bench/bench_scale.py", *sys.argv[1:]]),
