@@ -42,6 +42,9 @@ def catalog_copy(obj: Ctx, target: str, as_json: bool) -> None:
     from .sqlite import Database
 
     data = Path(obj.data_dir or default_data_dir())
+    if not is_shared(obj.catalog) and not (data / "catalog.sqlite").exists():
+        raise UsageError(f"there is no catalog to copy: {data / 'catalog.sqlite'} does not exist "
+                         "(give --data DIR, or --catalog URL)")
     if not is_shared(target) and Path(target).exists():
         raise UsageError(f"{target} exists already: copy into a new SQLite file")
     src = open_database(obj.catalog, data)

@@ -1,6 +1,6 @@
 """The catalog's second half: what the repository knows about machines.
 
-Tables (in ``catalog.sqlite``, next to images, versions and tags):
+Tables (in the catalog's database, next to images, versions and tags):
 
 * ``boot_files``: per version, the kernel and initrd descriptors (boot.py) and the command line.
 * ``hosts``: host (MAC or host id) → ``NAME:TAG`` (follows the tag) or ``NAME@ID``, plus extra
@@ -297,7 +297,7 @@ class Registry:
         """Hand out the oldest pending request (or one whose lease ran out) without waiting.
 
         A poll is a sign of life, so it also refreshes the agent's ``last_seen`` (at most every
-        ``SEEN_EVERY`` s: a long poll re-reads every 0.15 s, and a write is an fsync)."""
+        ``SEEN_EVERY`` s: a waiting long poll checks that often, and a write is an fsync)."""
         instance = instance_id(instance)
         now = time.time()
         seen = self.db.one("SELECT last_seen FROM agents WHERE instance=?", (instance,))

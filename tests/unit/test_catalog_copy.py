@@ -80,5 +80,8 @@ def test_copy_into_postgres_and_back(tmp_path: Path, pg_url: str) -> None:
 def test_copy_refuses_remote_and_bad_targets(tmp_path: Path) -> None:
     p = run_cli("--repo", "http://127.0.0.1:9", "catalog", "copy", "--to", "x.sqlite", check=False)
     assert p.returncode == 2 and "where it is" in p.stderr
+    LocalRepository(tmp_path / "d").close()
     p = run_cli("catalog", "copy", "--to", "postgresql://postgres@127.0.0.1:1/x", data=tmp_path / "d", check=False)
     assert p.returncode == 7 and "unreachable" in p.stderr
+    p = run_cli("catalog", "copy", "--to", str(tmp_path / "x.sqlite"), data=tmp_path / "nowhere", check=False)
+    assert p.returncode == 2 and "no catalog to copy" in p.stderr and not (tmp_path / "x.sqlite").exists()
