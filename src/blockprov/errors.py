@@ -131,6 +131,15 @@ class CatalogUnavailable(BlockprovError):
     http_status = 503
 
 
+class CatalogMisconfigured(BlockprovError):
+    """catalog {url} cannot be used: {why}"""
+
+    # A role without the rights it needs, a read-only standby: retrying cannot help, but to a client
+    # of the server it is the server that is unusable (503), as with StoreMisconfigured.
+    exit_code = 7
+    http_status = 503
+
+
 class StoreMisconfigured(BlockprovError):
     """object store {url} cannot be used: {why}"""
 

@@ -14,7 +14,9 @@ Why it behaves like this:
   reconnects by itself. A process that cannot connect at all when it opens the catalog says so at
   once, with PostgreSQL's own reason.
 * **Errors**: a lost or refused connection (or no free connection within ``WAIT_SECONDS``) is
-  ``CatalogUnavailable`` (HTTP 503, exit 7); a full disk on the database host is ``NoSpace``.
+  ``CatalogUnavailable`` (HTTP 503, exit 7); a full disk on the database host is ``NoSpace``; a
+  role that may not create or change the tables, or a read-only standby given as the catalog, is
+  ``CatalogMisconfigured`` (503, exit 7), with what to grant.
 * **Dialect**: catalog code writes SQLite's (``?`` placeholders, SQLite type names in schemas);
   ``pg_sql`` and ``pg_schema`` translate. Text columns use the "C" collation, so names sort as they do
   in SQLite whatever the database's locale; ``REAL`` becomes ``DOUBLE PRECISION`` (timestamps must
@@ -37,7 +39,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from .errors import CatalogUnavailable, NoSpace
+from .errors import CatalogMisconfigured, CatalogUnavailable, NoSpace
 
 MAX_CONNECTIONS = 16
 WAIT_SECONDS = 5.0  # for a free (or new) connection before a request fails with 503
@@ -61,6 +63,10 @@ def pg_schema(schema: str) -> str:
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     return re.sub(r"^([a-z]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 class _Tx:
@@ -88,8 +94,7 @@ class PostgresDatabase:
         return redact(self._url)
 
     def _unavailable(self, e: Exception) -> CatalogUnavailable:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return CatalogUnavailable(url=self.url, why=why)
+        return CatalogUnavailable(url=self.url, why=_first_line(e))
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
@@ -101,6 +106,12 @@ class PostgresDatabase:
                                      ) from None
         except psycopg.errors.DiskFull as e:
             raise NoSpace(msg=f"the catalog database {self.url}: {e}") from None
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise CatalogMisconfigured(url=self.url, why=f"{_first_line(e)} (the role needs to own the database, "
+                                       "or CREATE on its schema and all rights on blockprov's tables)") from None
+        except psycopg.errors.ReadOnlySqlTransaction as e:
+            raise CatalogMisconfigured(url=self.url, why=f"{_first_line(e)} (is this a standby? give the primary)"
+                                       ) from None
         except psycopg.OperationalError as e:
             raise self._unavailable(e) from None
 

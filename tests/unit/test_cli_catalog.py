@@ -54,3 +54,28 @@ def test_missing_database_is_a_clear_error(tmp_path: Path, postgres: Postgres) -
     assert p.returncode != 0, (p.stdout, p.stderr)
     line = one_error_line(p.stderr)
     assert "catalog" in line and "bp_no_such_database" in line and "does not exist" in line, line
+
+
+def test_role_without_rights_and_standby_are_clear_errors(tmp_path: Path, postgres: Postgres) -> None:
+    """The two set-up mistakes PostgreSQL 15 makes easy: a role that may not create tables in the
+    database's schema (PUBLIC lost CREATE on ``public`` in 15), and a read-only database (a standby)."""
+    import uuid
+
+    import psycopg
+
+    role, db = f"bp_role_{uuid.uuid4().hex[:8]}", f"bp_db_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres.url(), autocommit=True) as c:
+        c.execute(f"CREATE ROLE {role} LOGIN")
+        c.execute(f"CREATE DATABASE {db}")
+    p = run_cli("--catalog", f"postgresql://{role}@127.0.0.1:{postgres.port}/{db}", "images", data=tmp_path / "a",
+                check=False)
+    assert p.returncode == 7, (p.stdout, p.stderr)
+    line = one_error_line(p.stderr)
+    assert "cannot be used" in line and "permission denied" in line and "CREATE" in line, line
+
+    with psycopg.connect(postgres.url(), autocommit=True) as c:
+        c.execute(f"ALTER DATABASE {db} SET default_transaction_read_only = on")
+    p = run_cli("--catalog", postgres.url(db), "images", data=tmp_path / "b", check=False)
+    assert p.returncode == 7, (p.stdout, p.stderr)
+    line = one_error_line(p.stderr)
+    assert "read-only" in line and "standby" in line, line
