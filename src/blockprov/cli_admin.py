@@ -1,7 +1,8 @@
-"""CLI commands that move a repository's data: ``catalog copy`` (between SQLite and PostgreSQL,
-catalog_copy.py) and ``store copy`` (its chunks into another store, store/copy.py), which together
-take a repository from one host to several. Like the token commands they run where the data is
-(``--data DIR``, ``--store``, ``--catalog``), never through ``--repo``."""
+"""CLI commands that work on a repository's data where it is: ``catalog copy`` (between SQLite
+and PostgreSQL, catalog_copy.py) and ``store copy`` (its chunks into another store, store/copy.py),
+which together take a repository from one host to several, and ``check`` (every chunk read and
+verified, check.py). Like the token commands they run with ``--data DIR``, ``--store`` and
+``--catalog``, never through ``--repo``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import click
 
 from .cli import Ctx, default_data_dir, emit, progress_bar
-from .errors import ChunkCorrupt, UsageError
+from .errors import ChunkCorrupt, IntegrityError, UsageError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -111,6 +112,39 @@ def store_copy(obj: Ctx, target: str, as_json: bool) -> None:
                                "(a verified upload of a chunk, e.g. an import through a server, repairs it)")
 
 
+@click.command("check")
+@click.option("--drop-damaged", is_flag=True,
+              help="Remove damaged chunks from the store, so that importing an image that holds them repairs them.")
+@json_option
+@click.pass_obj
+def check(obj: Ctx, drop_damaged: bool, as_json: bool) -> None:
+    """Read and verify every chunk the repository's versions and boot files name.
+
+    Names the versions a missing or damaged chunk spoils (exit 4); run it on a schedule, as one
+    scrubs a RAID, so damage is found before a machine reads it."""
+    _here(obj)
+    from .check import check_repository
+    from .repo.local import LocalRepository
+
+    repo = obj.repo
+    assert isinstance(repo, LocalRepository)  # _here refused --repo
+    with progress_bar(None, "check", not as_json) as bar:
+        rep = check_repository(repo, drop_damaged=drop_damaged, progress=bar)
+    if as_json:
+        emit(rep.__dict__ | {"ok": rep.ok})
+    else:
+        click.echo(f"{rep.versions} versions, {rep.chunks} chunks, {rep.bytes_read} stored bytes read: "
+                   + ("all intact" if rep.ok else f"{len(rep.missing)} missing, {len(rep.damaged)} damaged"))
+        for v in rep.affected:
+            click.echo(f"  damaged: {v}")
+    if not rep.ok:
+        what = ("dropped from the store: import an image that holds them, or a verified upload, repairs them"
+                if rep.dropped else "check --drop-damaged, then an import of an image that holds them, repairs them")
+        raise IntegrityError(f"{len(rep.affected)} versions or boot files name {len(rep.missing)} missing and "
+                             f"{len(rep.damaged)} damaged chunks ({what})")
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(catalog)
     cli.add_command(store)
+    cli.add_command(check)
