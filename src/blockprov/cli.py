@@ -372,6 +372,9 @@ def gc_cmd(obj: Ctx, as_json: bool) -> None:
 @click.option("--max-body", default="256M", callback=_size_option, show_default=True,
               help="Largest request body accepted (larger ones get 413).")
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
+@click.option("--chunk-cache", default="256M", callback=_size_option, show_default=True, metavar="SIZE",
+              help="Memory for chunks read from an object store (--store s3://…), so that many agents reading "
+                   "the same version cost one read per chunk; 0 turns it off. The local pack store needs none.")
 @click.option("--auth", "auth_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               envvar="BLOCKPROV_AUTH",
               help="Require tokens: auto = once any token was created (blockprov token create), on = always, "
@@ -384,8 +387,8 @@ def gc_cmd(obj: Ctx, as_json: bool) -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
               help="The certificate's PEM private key (default: in the --tls-cert file).")
 @click.pass_obj
-def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, auth_mode: str, anonymous_read: bool,
-              anonymous_boot: bool, tls_cert: str | None, tls_key: str | None) -> None:
+def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cache: int, auth_mode: str,
+              anonymous_read: bool, anonymous_boot: bool, tls_cert: str | None, tls_key: str | None) -> None:
     """Serve the embedded repository over HTTP to remote agents and tools.
 
     The first line printed is "serving URL" (with the real port when --listen asks for port 0).
@@ -411,6 +414,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, auth_mode:
         store = open_store(obj.store, data, obj.store_options)
     try:
         run_server(data, host.strip("[]"), int(port), max_body=max_body, store=store, catalog=catalog,
+                   chunk_cache=chunk_cache,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
                    access=AccessPolicy(auth_mode, anonymous_read, anonymous_boot), tls_cert=tls_cert,
                    tls_key=tls_key)

@@ -52,6 +52,7 @@ from ..errors import BlockprovError, ChunkMissing, MissingChunks, TooLarge, Usag
 from ..manifest import Manifest
 from ..names import Ref, image_name, parse_ref, tag_name, version_id
 from ..repo.local import LocalRepository
+from ..store.cached import CachedChunkStore
 from .access import Access, AccessPolicy, annotate_openapi
 from .machines import add_routes
 from .metrics import Measure, ServiceMetrics
@@ -220,6 +221,9 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
                   description="Images, versions, tags and content-addressed chunks of a blockprov repository.")
     metrics = ServiceMetrics()
     metrics.manifest_cache = lambda: (manifests.hits, manifests.misses)
+    if isinstance(store, CachedChunkStore):
+        cache = store
+        metrics.chunk_cache = lambda: (cache.hits, cache.misses, cache.joined, cache.cached_bytes())
     registry = metrics.registry()
     app.state.metrics = metrics
     app.add_middleware(Access, routes=app.router.routes, tokens=TokenStore(repo.catalog.db),

@@ -49,6 +49,8 @@ class ServiceMetrics(Collector):
         self.chunks_new = 0  # of which the store did not have yet
         self.missing_asked = 0  # ids asked about by POST /v1/chunks/missing
         self.manifest_cache: Callable[[], tuple[int, int]] | None = None  # (hits, misses), set by the app
+        # (hits, misses, joined, bytes) of the chunk cache in front of an object store, set by the app
+        self.chunk_cache: Callable[[], tuple[int, int, int, int]] | None = None
         self.started = time.time()
 
     def registry(self) -> CollectorRegistry:
@@ -100,6 +102,15 @@ class ServiceMetrics(Collector):
             yield CounterMetricFamily("blockprov_manifest_cache_hits", "Manifests served from memory", value=hits)
             yield CounterMetricFamily("blockprov_manifest_cache_misses", "Manifests read from the catalog",
                                       value=misses)
+        if self.chunk_cache is not None:
+            hits, misses, joined, size = self.chunk_cache()
+            yield CounterMetricFamily("blockprov_chunk_cache_hits", "Chunks served from the server's memory",
+                                      value=hits)
+            yield CounterMetricFamily("blockprov_chunk_cache_misses", "Chunks read from the object store",
+                                      value=misses)
+            yield CounterMetricFamily("blockprov_chunk_cache_joined",
+                                      "Chunks another request was already reading from the object store", value=joined)
+            yield GaugeMetricFamily("blockprov_chunk_cache_bytes", "Bytes of chunks held in memory", value=size)
         yield GaugeMetricFamily("blockprov_start_time_seconds", "When the server started (Unix time)",
                                 value=self.started)
 

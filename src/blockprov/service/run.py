@@ -31,6 +31,7 @@ from ..db import SQLDatabase
 from ..errors import UsageError
 from ..repo.local import LocalRepository
 from ..store.base import ChunkStore
+from ..store.cached import CachedChunkStore
 from .access import AccessPolicy
 from .app import MAX_BODY, create_app
 
@@ -129,16 +130,20 @@ class _Server(uvicorn.Server):
 def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8420, *,
                on_ready: OnReady | None = None, max_body: int = MAX_BODY, access_log: bool = False,
                log_level: str = "info", store: ChunkStore | None = None, access: AccessPolicy | None = None,
-               tls_cert: str | None = None, tls_key: str | None = None, catalog: SQLDatabase | None = None) -> None:
+               tls_cert: str | None = None, tls_key: str | None = None, catalog: SQLDatabase | None = None,
+               chunk_cache: int = 0) -> None:
     """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening.
     ``store``: the chunk store to use instead of ``data_dir``'s pack store (e.g. S3); ``catalog``: the
     catalog's database instead of ``data_dir``'s SQLite (e.g. PostgreSQL). The server closes both.
+    ``chunk_cache``: bytes of memory for blobs read from ``store`` (store/cached.py; 0: none).
     ``access``: who may call what (service/access.py);
     ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file)."""
     if tls_cert is not None:
         check_tls(tls_cert, tls_key)
     elif tls_key is not None:
         raise UsageError("--tls-key needs --tls-cert")
+    if store is not None and chunk_cache > 0:
+        store = CachedChunkStore(store, chunk_cache)
     repo = LocalRepository(data_dir, store=store, catalog=catalog)
     warn_open(repo, access or AccessPolicy(), host, tls=tls_cert is not None)
     sock = bind(host, port)
