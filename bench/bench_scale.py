@@ -19,7 +19,10 @@ own ``nbdcopy … null:``, all 16 started together. Figures:
 Everything runs on this one machine (2 cores): agents, nbdcopy, servers and SeaweedFS share them,
 so these are figures of contention on one host, not of a fleet.
 
-Run: ``.venv/bin/python bench/bench_scale.py [--size 256M] [--agents 16] [--skip a|b]``.
+(c) is (b) with the servers' chunk cache off (``serve --chunk-cache 0``): every agent's read of a
+chunk is then a GET to the bucket.
+
+Run: ``.venv/bin/python bench/bench_scale.py [--size 256M] [--agents 16] [--skip a,b,c]``.
 Results: bench/out/scale.json and bench/out/scale.md.
 """
 
@@ -94,10 +97,10 @@ def stop(proc: subprocess.Popen[str], timeout: float = 20) -> None:
 
 
 @contextmanager
-def server(data: Path, env: dict[str, str], store: str | None = None,
-           catalog: str | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def server(data: Path, env: dict[str, str], store: str | None = None, catalog: str | None = None,
+           *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     args = [BP, "--data", str(data), *(["--store", store] if store else []),
-            *(["--catalog", catalog] if catalog else []), "serve", "--listen", "127.0.0.1:0", "--auth", "off"]
+            *(["--catalog", catalog] if catalog else []), "serve", "--listen", "127.0.0.1:0", "--auth", "off", *extra]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     m = re.match(r"serving (http://\S+)", first_line(p, 60))
     if m is None:
@@ -203,7 +206,7 @@ def main() -> None:
             with server(data, env_with({})) as (p, url):
                 rows.append(run_case("a: 1 server, local packs", [url], [p.pid], {}, n, size, "bench:v1",
                                      tmp / "agents-a", a.fetch_timeout))
-        if "b" not in skip:
+        if not {"b", "c"} <= skip:
             sw = SeaweedFS(tmp / "seaweed")
             sw.start()
             try:
@@ -216,10 +219,17 @@ def main() -> None:
                                     "import", str(img), "bench:v1", "--json"],
                                    check=True, stdout=subprocess.DEVNULL, env=senv)
                     assert sw.proc is not None
-                    srv = [stack.enter_context(server(tmp / f"host-{i}", senv, store, catalog)) for i in (1, 2)]
-                    rows.append(run_case("b: 2 servers, SeaweedFS, PostgreSQL catalog", [u for _p, u in srv],
-                                         [p.pid for p, _u in srv], {"seaweedfs": sw.proc.pid}, n, size,
-                                         "bench:v1", tmp / "agents-b", a.fetch_timeout))
+                    for case, extra in (("b", ()), ("c", ("--chunk-cache", "0"))):
+                        if case in skip:
+                            continue
+                        with ExitStack() as servers:
+                            srv = [servers.enter_context(server(tmp / f"host-{i}", senv, store, catalog, *extra))
+                                   for i in (1, 2)]
+                            name = ("b: 2 servers, SeaweedFS, PostgreSQL catalog" if not extra
+                                    else "c: as b, without the servers' chunk cache")
+                            rows.append(run_case(name, [u for _p, u in srv], [p.pid for p, _u in srv],
+                                                 {"seaweedfs": sw.proc.pid}, n, size, "bench:v1",
+                                                 tmp / f"agents-{case}", a.fetch_timeout))
             finally:
                 sw.stop()
     meta = {"command": " ".join([".venv/bin/python", "bench/bench_scale.py", *sys.argv[1:]]),

@@ -38,20 +38,20 @@ class SlowPacks(PackChunkStore):
         return super().get_blobs(cids)
 
 
-def chunks(n: int, size: int = 4096) -> list[tuple[bytes, bytes]]:
-    out = []
+def filled(tmp: Path, n: int) -> tuple[SlowPacks, list[tuple[bytes, bytes]], list[bytes]]:
+    """A store holding ``n`` small chunks: the store, its (id, blob) pairs, their ids."""
+    inner = SlowPacks(tmp / "chunks")
+    items = []
     for i in range(n):
-        data = bytes([i % 251]) * size + i.to_bytes(4, "little")
-        out.append((codec.digest(data), codec.encode(data)))
-    return out
+        data = bytes([i % 251]) * 4096 + i.to_bytes(4, "little")
+        items.append((codec.digest(data), codec.encode(data)))
+    inner.put_blobs(items)
+    inner.sync()
+    return inner, items, [c for c, _ in items]
 
 
 def test_hits_single_flight_budget_and_eviction(tmp_path: Path) -> None:
-    inner = SlowPacks(tmp_path / "chunks")
-    items = chunks(8)
-    inner.put_blobs(items)
-    inner.sync()
-    ids = [c for c, _ in items]
+    inner, items, ids = filled(tmp_path, 8)
     store = CachedChunkStore(inner, capacity=1 << 20)
     assert store.get_blobs(ids[:4] + ids[:2]) == [b for _, b in items[:4]] + [b for _, b in items[:2]]
     assert inner.asked == 4
@@ -80,11 +80,7 @@ def test_hits_single_flight_budget_and_eviction(tmp_path: Path) -> None:
 
 
 def test_byte_budget_keeps_the_most_recent(tmp_path: Path) -> None:
-    inner = SlowPacks(tmp_path / "chunks")
-    items = chunks(12)
-    inner.put_blobs(items)
-    inner.sync()
-    ids = [c for c, _ in items]
+    inner, items, ids = filled(tmp_path, 12)
     small = CachedChunkStore(inner, capacity=8 * max(len(b) for _, b in items))  # 8 blobs
     small.get_blobs(ids)
     assert small.cached_bytes() <= small.capacity
@@ -101,10 +97,7 @@ def test_byte_budget_keeps_the_most_recent(tmp_path: Path) -> None:
 def test_an_error_stays_with_its_request(tmp_path: Path) -> None:
     """A batch that fails (a missing chunk) must not fail another request that was only waiting for
     one of its other chunks."""
-    inner = SlowPacks(tmp_path / "chunks")
-    items = chunks(2)
-    inner.put_blobs(items)
-    inner.sync()
+    inner, items, _ids = filled(tmp_path, 2)
     store = CachedChunkStore(inner, capacity=1 << 20)
     absent = codec.digest(b"never stored")
     inner.delay = 0.3
@@ -125,10 +118,7 @@ def test_an_error_stays_with_its_request(tmp_path: Path) -> None:
 
 
 def test_service_counts_cache_hits(tmp_path: Path) -> None:
-    inner = PackChunkStore(tmp_path / "repo" / "chunks")
-    items = chunks(3)
-    inner.put_blobs(items)
-    inner.sync()
+    inner, items, _ids = filled(tmp_path / "repo", 3)
     repo = LocalRepository(tmp_path / "repo", store=CachedChunkStore(inner, capacity=1 << 20))
     client = TestClient(create_app(repo))
     try:
