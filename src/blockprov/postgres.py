@@ -16,7 +16,9 @@ Why it behaves like this:
 * **Errors**: a lost or refused connection (or no free connection within ``WAIT_SECONDS``) is
   ``CatalogUnavailable`` (HTTP 503, exit 7); a full disk on the database host is ``NoSpace``; a
   role that may not create or change the tables, or a read-only standby given as the catalog, is
-  ``CatalogMisconfigured`` (503, exit 7), with what to grant.
+  ``CatalogMisconfigured`` (503, exit 7), with what to grant; a value PostgreSQL refuses as data
+  (a NUL character SQLite would have kept) is a ``UsageError`` (400), so that input the checks in
+  names.py and registry.py let through is never a 500.
 * **Dialect**: catalog code writes SQLite's (``?`` placeholders, SQLite type names in schemas);
   ``pg_sql`` and ``pg_schema`` translate. Text columns use the "C" collation, so names sort as they do
   in SQLite whatever the database's locale; ``REAL`` becomes ``DOUBLE PRECISION`` (timestamps must
@@ -39,7 +41,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from .errors import CatalogMisconfigured, CatalogUnavailable, NoSpace
+from .errors import CatalogMisconfigured, CatalogUnavailable, NoSpace, UsageError
 
 MAX_CONNECTIONS = 16
 WAIT_SECONDS = 5.0  # for a free (or new) connection before a request fails with 503
@@ -106,6 +108,8 @@ class PostgresDatabase:
                                      ) from None
         except psycopg.errors.DiskFull as e:
             raise NoSpace(msg=f"the catalog database {self.url}: {e}") from None
+        except psycopg.DataError as e:  # a value PostgreSQL refuses as data (a NUL in text, a number too big)
+            raise UsageError(f"the catalog refused a value: {_first_line(e)}") from None
         except psycopg.errors.InsufficientPrivilege as e:
             raise CatalogMisconfigured(url=self.url, why=f"{_first_line(e)} (the role needs to own the database, "
                                        "or CREATE on its schema and all rights on blockprov's tables)") from None

@@ -332,8 +332,8 @@ class Registry:
                          error: str | None) -> dict[str, Any]:
         instance, rid = instance_id(instance), request_id(rid)
         res = None if result is None else _json_object(result, "request result", MAX_RESULT)
-        if error is not None and not isinstance(error, str):
-            raise UsageError("a request's error must be a string")
+        if error is not None and (not isinstance(error, str) or "\x00" in error):
+            raise UsageError("a request's error must be a string without NUL characters")
         err = None if error is None else error[:MAX_ERROR]
         if not ok and not err:
             err = "the agent reported a failure without a message"

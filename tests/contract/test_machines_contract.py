@@ -239,6 +239,11 @@ def test_bad_bodies_are_usage_errors(be: Backend) -> None:
         be.repo.post_request("pc1", "x", {"bad": float("nan")})
     with pytest.raises(UsageError):
         be.repo.next_request("pc1", -1)
+    rid = be.repo.post_request("pc1", "snapshot", {"to": "lab:x\u0000"})  # JSON text keeps it escaped
+    be.repo.next_request("pc1")
+    with pytest.raises(UsageError):  # PostgreSQL refuses NUL in text: the same answer on every catalog
+        be.repo.complete_request("pc1", rid, False, None, "bad\x00thing")
+    assert be.repo.complete_request("pc1", rid, False, None, "bad thing")["state"] == "failed"
 
 
 def test_lease_expiry_unregister_and_long_poll(be: Backend) -> None:

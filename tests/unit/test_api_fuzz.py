@@ -12,11 +12,13 @@ import contextlib
 import warnings
 from pathlib import Path
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from blockprov.db import open_database
 from blockprov.importer import import_image
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
@@ -53,8 +55,11 @@ def fuzz(op: schemathesis.APIOperation, mode: GenerationMode) -> list[str]:
     return seen
 
 
-def test_no_server_errors(tmp_path: Path) -> None:
-    repo = LocalRepository(tmp_path / "repo")
+@pytest.mark.parametrize("catalog", ["sqlite", "postgresql"])
+def test_no_server_errors(catalog: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Over both catalogs: PostgreSQL refuses some text SQLite keeps (a NUL byte), so each must be fuzzed."""
+    spec = request.getfixturevalue("pg_url") if catalog == "postgresql" else None
+    repo = LocalRepository(tmp_path / "repo", catalog=open_database(spec, tmp_path / "repo"))
     import_image(repo, make_image(tmp_path / "a.raw", 1 << 20, seed=2), "lab:v1")
     failures: list[str] = []
     try:
