@@ -6,6 +6,7 @@ verified, check.py). Like the token commands they run with ``--data DIR``, ``--s
 
 from __future__ import annotations
 
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import click
@@ -48,21 +49,18 @@ def catalog_copy(obj: Ctx, target: str, as_json: bool) -> None:
                          "(give --data DIR, or --catalog URL)")
     if not is_shared(target) and Path(target).exists():
         raise UsageError(f"{target} exists already: copy into a new SQLite file")
-    src = open_database(obj.catalog, data)
-    try:
-        dst = open_database(target, data) if is_shared(target) else Database(target, timeout=30.0)
+    with ExitStack() as stack:
+        src = stack.enter_context(closing(open_database(obj.catalog, data)))
+        dst = stack.enter_context(closing(open_database(target, data) if is_shared(target)
+                                          else Database(target, timeout=30.0)))
         try:
             stats = copy_catalog(src, dst)
         except BaseException:
             if not is_shared(target):  # leave no half-made file behind to refuse the next try
-                dst.close()
+                stack.close()
                 for suffix in ("", "-wal", "-shm"):
                     Path(target + suffix).unlink(missing_ok=True)
             raise
-        finally:
-            dst.close()
-    finally:
-        src.close()
     if as_json:
         emit({"source": src.url, "target": dst.url, "rows": stats.rows})
         return
@@ -91,16 +89,11 @@ def store_copy(obj: Ctx, target: str, as_json: bool) -> None:
     from .store.factory import open_store
 
     data = Path(obj.data_dir or default_data_dir())
-    src = open_store(obj.store, data, obj.store_options)
-    try:
-        dst = open_store(target, data, obj.store_options)
-        try:
-            with progress_bar(None, f"copy chunks to {target}", not as_json) as bar:
-                st = copy_store(src, dst, bar)
-        finally:
-            dst.close()
-    finally:
-        src.close()
+    with ExitStack() as stack:
+        src = stack.enter_context(closing(open_store(obj.store, data, obj.store_options)))
+        dst = stack.enter_context(closing(open_store(target, data, obj.store_options)))
+        with progress_bar(None, f"copy chunks to {target}", not as_json) as bar:
+            st = copy_store(src, dst, bar)
     if as_json:
         emit(st.__dict__)
     else:
@@ -109,7 +102,8 @@ def store_copy(obj: Ctx, target: str, as_json: bool) -> None:
     if st.damaged:
         raise ChunkCorrupt(digest=", ".join(st.damaged[:10]) + (" …" if len(st.damaged) > 10 else ""),
                            why=f"{len(st.damaged)} source chunks failed verification and were not copied "
-                               "(a verified upload of a chunk, e.g. an import through a server, repairs it)")
+                               "(blockprov check --drop-damaged, then an import of an image that holds them, "
+                               "repairs the source)")
 
 
 @click.command("check")
