@@ -1,7 +1,8 @@
 """Agent failover: ``attach --repo URL1,URL2`` keeps serving when one repository server dies mid-run.
 
-Two ``blockprov serve`` over one data directory (the embedded store supports several processes);
-an agent attached with both reads the image cold through NBD (``qemu-img convert``, rate-limited so
+Two ``blockprov serve`` over one data directory (the embedded store supports several processes), or
+as on two hosts: each with a data directory of its own over one S3 bucket (SeaweedFS) and one
+PostgreSQL catalog. An agent attached with both reads the image cold through NBD (``qemu-img convert``, rate-limited so
 the copy is still running when) one server is killed with SIGKILL. The copy must complete without an
 error and equal the image (``qemu-img compare``), and both servers must have answered chunk fetches
 (reads are spread), so the killed one really was in use.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import make_image, run_cli
 from tests.procs import nbd_uri, start_agent, start_server, wait_for
@@ -24,12 +27,19 @@ def _present(cache: Path) -> tuple[int, int]:
     return int(st["chunks_present"]), int(st["chunks_total"])
 
 
-def test_agent_survives_a_server_killed_mid_copy(tmp_path: Path) -> None:
-    data = tmp_path / "repo"
+@pytest.mark.parametrize("layout", ["one-directory", "two-hosts"])
+def test_agent_survives_a_server_killed_mid_copy(layout: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    data_a = data_b = tmp_path / "repo"
+    env: dict[str, str] = {}
+    if layout == "two-hosts":
+        data_a, data_b = tmp_path / "host-a", tmp_path / "host-b"
+        seaweed = request.getfixturevalue("seaweed")
+        env = {**request.getfixturevalue("s3_env"), "BLOCKPROV_STORE": f"s3://{seaweed.new_bucket()}/repo",
+               "BLOCKPROV_CATALOG": request.getfixturevalue("pg_url")}
     img = make_image(tmp_path / "img", SIZE, seed=5, data_fraction=1.0, pattern_every=1 << 20)
-    run_cli("import", str(img), "lab:v1", data=data)
-    a, url_a = start_server(data, "--access-log")
-    b, url_b = start_server(data, "--access-log")
+    run_cli("import", str(img), "lab:v1", data=data_a, env=env)
+    a, url_a = start_server(data_a, "--access-log", env=env)
+    b, url_b = start_server(data_b, "--access-log", env=env)
     agent = None
     copy = None
     try:
