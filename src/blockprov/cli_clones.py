@@ -98,6 +98,7 @@ async def _customize_all(obj: Ctx, root: Path, names: list[str], cmd: str, serve
     loop = asyncio.get_running_loop()
     failed: dict[str, str] = {}
     temp: ClonesAgent | None = None
+    tmp: str | None = None  # the temporary agent's socket directory
     uris: dict[str, str] = {}
     try:
         if served:
@@ -120,6 +121,10 @@ async def _customize_all(obj: Ctx, root: Path, names: list[str], cmd: str, serve
     finally:
         if temp is not None:
             await temp.close()
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return failed
 
 

@@ -137,8 +137,11 @@ def test_snapshot_of_one_clone_sends_its_overlay(golden: tuple[Path, Path], tmp_
 def test_identity_customizer_gives_each_clone_its_own_machine_id(ext4_golden: tuple[Path, Path],
                                                                   tmp_path: Path) -> None:
     data, _ = ext4_golden
-    root, sock = tmp_path / "clones", tmp_path / "c.sock"
-    run_cli("clone", "os:v1", "--count", "3", "--dir", str(root), "--customize", "builtin:identity", data=data)
+    root, sock, scratch = tmp_path / "clones", tmp_path / "c.sock", tmp_path / "tmp"
+    scratch.mkdir()
+    run_cli("clone", "os:v1", "--count", "3", "--dir", str(root), "--customize", "builtin:identity", data=data,
+            env={"TMPDIR": str(scratch)})
+    assert not list(scratch.iterdir())  # the temporary agent's socket directory, mounts: all gone
     proc, _ = start("clones", "serve", "--dir", str(root), "--socket", str(sock), data=data)
     ids = set()
     try:
