@@ -107,7 +107,10 @@ async def _customize_all(obj: Ctx, root: Path, names: list[str], cmd: str, serve
         else:
             import tempfile
 
-            tmp = tempfile.mkdtemp(prefix="blockprov-clone-")
+            base = tempfile.gettempdir()
+            if len(base) > 64:  # the socket's path must fit a unix address (108 bytes)
+                base = "/tmp"
+            tmp = tempfile.mkdtemp(prefix="blockprov-clone-", dir=base)
             temp = ClonesAgent(root, obj.repo, socket=Path(tmp) / "nbd.sock", control_socket=False)
             await temp.start()
             uris = {n: temp.uri(n) for n in names}

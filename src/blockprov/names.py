@@ -6,6 +6,7 @@ passes through here first, so traversal (``..``, ``/``) and surprises never reac
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -142,3 +143,17 @@ def token_name(s: str) -> str:
         raise InvalidName(kind="token name", name=s[:80],
                           why="use letters, digits and '._@-' (at most 64), starting with a letter or digit")
     return s
+
+
+UNIX_PATH_MAX = 107  # bytes: sun_path holds 108 with the terminating NUL
+
+
+def unix_socket_path(path: str) -> str:
+    """A path a unix socket can be bound to and reached at by any client (qemu, nbdinfo): the
+    kernel's address holds at most ``UNIX_PATH_MAX`` bytes."""
+    n = len(os.fsencode(path))
+    if n > UNIX_PATH_MAX:
+        raise InvalidName(kind="unix socket path", name=path,
+                          why=f"it is {n} bytes and a unix socket's path holds at most {UNIX_PATH_MAX}: "
+                              "choose a shorter one")
+    return path

@@ -4,7 +4,8 @@ restart it, and check DESIGN.md's invariants:
 1. every present chunk that is not modified holds exactly the manifest's data;
 3. every write acknowledged before a completed flush is there after the crash.
 
-Bounded: a fixed number of iterations, each killing the agent after at most ~1.5 s.
+Bounded: a fixed number of iterations, each killing the agent after at most ~1.5 s (or, for the
+half that kill just after a given flush, 30 s if the workload stalls).
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def check_present_chunks(cache: Path, repo: LocalRepository) -> int:
     return checked
 
 
+MID_FLUSHES = (3, 7, 11, 15, 19, 23, 27)  # flush points with at least 12 writes still to come
+
+
+def _after_flush(log: Path, seed: int, n: int, client: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Return once the workload of ``seed`` logged its flush after write ``n`` (or ended, or timed out)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and client.poll() is None:
+        text = log.read_text() if log.exists() else ""
+        if any(line.split() and int(line.split()[0]) == seed and int(line.split()[1]) >= n
+               for line in text.splitlines()):
+            return
+        time.sleep(0.002)
+
+
 def test_kill9_during_workload(tmp_path: Path) -> None:
     data = tmp_path / "repo"
     golden = make_image(tmp_path / "g.img", SIZE, seed=41, data_fraction=0.8)
@@ -59,7 +74,11 @@ def test_kill9_during_workload(tmp_path: Path) -> None:
         agent, _ = start_agent(cache, "crash:v1" if it == 0 else None, sock, data=data)
         client = subprocess.Popen([NBDSH_PY, str(client_script), str(sock), str(100 + it), str(it * OPS_PER_RUN),
                                    str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rnd.uniform(0.02, 0.6))
+        if it % 2:  # anywhere: before the client connects, mid-workload, or after it finished
+            time.sleep(rnd.uniform(0.02, 0.6))
+        else:  # surely mid-workload, whatever this machine's speed: just after a given flush
+            _after_flush(log, 100 + it, rnd.choice(MID_FLUSHES), client)
+            time.sleep(rnd.uniform(0, 0.005))
         agent.kill9()
         client.kill()
         client.wait()

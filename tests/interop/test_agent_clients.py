@@ -179,3 +179,21 @@ def test_tcp_listener_and_cache_refusals(golden: tuple[Path, Path], tmp_path: Pa
     assert p.returncode == 8 and "holds lab@" in p.stderr and "another --cache" in p.stderr
     p = run_cli("--data", str(data), "attach", "lab:v1", "--cache", str(cache), check=False)
     assert p.returncode == 2 and "--socket" in p.stderr
+
+
+def test_a_socket_path_too_long_is_a_usage_error(golden: tuple[Path, Path], tmp_path: Path) -> None:
+    """A unix address holds 107 bytes: a longer --socket is refused in one line (no client could
+    reach it), and the cache it was about to serve stays usable."""
+    data, src = golden
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    cache = tmp_path / "cache"
+    for args in (["attach", "lab:v1", "--cache", str(cache)], ["clones", "serve", "--dir", str(tmp_path / "cl")]):
+        p = run_cli("--data", str(data), *args, "--socket", str(deep / "nbd.sock"), check=False)
+        assert p.returncode == 2 and "unix socket path" in p.stderr and "at most 107" in p.stderr, p.stderr
+        assert "internal error" not in p.stderr
+    proc, _ = start_agent(cache, None, tmp_path / "s", data=data)
+    try:
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), nbd_uri(tmp_path / "s"))
+    finally:
+        assert proc.stop() == 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,11 +139,18 @@ def test_snapshot_of_one_clone_sends_its_overlay(golden: tuple[Path, Path], tmp_
 def test_identity_customizer_gives_each_clone_its_own_machine_id(ext4_golden: tuple[Path, Path],
                                                                   tmp_path: Path) -> None:
     data, _ = ext4_golden
-    root, sock, scratch = tmp_path / "clones", tmp_path / "c.sock", tmp_path / "tmp"
-    scratch.mkdir()
-    run_cli("clone", "os:v1", "--count", "3", "--dir", str(root), "--customize", "builtin:identity", data=data,
-            env={"TMPDIR": str(scratch)})
-    assert not list(scratch.iterdir())  # the temporary agent's socket directory, mounts: all gone
+    root, sock = tmp_path / "clones", tmp_path / "c.sock"
+    scratch = Path(tempfile.mkdtemp(prefix="bpt", dir="/tmp"))  # short: a unix socket goes in it
+    try:
+        run_cli("clone", "os:v1", "--count", "3", "--dir", str(root), "--customize", "builtin:identity", data=data,
+                env={"TMPDIR": str(scratch)})
+        assert not list(scratch.iterdir())  # the temporary agent's socket directory, mounts: all gone
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    deep = tmp_path / ("d" * 60)  # a TMPDIR too long for a unix socket's path: the socket goes to /tmp
+    deep.mkdir()
+    run_cli("clone", "os:v1", "--count", "1", "--dir", str(tmp_path / "more"), "--customize", "builtin:identity",
+            data=data, env={"TMPDIR": str(deep)})
     proc, _ = start("clones", "serve", "--dir", str(root), "--socket", str(sock), data=data)
     ids = set()
     try:

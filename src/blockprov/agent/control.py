@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BlockprovError, CacheError
+from ..names import UNIX_PATH_MAX
 
 if TYPE_CHECKING:  # the client side (``call``) must stay cheap to import: CLI start-up time
     import asyncio
@@ -34,7 +35,6 @@ def socket_path(cache_dir: str | os.PathLike[str]) -> Path:
     return Path(cache_dir) / SOCKET_NAME
 
 
-UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 @contextlib.contextmanager

@@ -52,6 +52,7 @@ from typing import Any
 
 from blockprov.device.base import BlockDevice, FileSegment
 from blockprov.errors import BlockprovError, DeviceError
+from blockprov.names import unix_socket_path
 from blockprov.nbd.constants import NbdError, error_from_name
 from blockprov.nbd.protocol import (
     NEED_DATA,
@@ -135,7 +136,7 @@ class NbdServer:
         }
 
     async def start_unix(self, path: str | os.PathLike[str]) -> str:
-        path = os.fspath(path)
+        path = unix_socket_path(os.fspath(path))  # clients reach it by this path: no /proc/self/fd detour
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(lambda: _Connection(self), path)
         self._servers.append(server)
