@@ -549,7 +549,7 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
                                                " (last stop was unclean: the next attach recovers it)"))
 
 
-from .cli_admin import register as _register_admin  # noqa: E402  catalog copy, store copy, check
+from .cli_admin import register as _register_admin  # noqa: E402  catalog copy, store copy/reindex, check
 from .cli_clones import register as _register_clones  # noqa: E402  clone, clones, pool
 from .cli_hosts import register as _register_hosts  # noqa: E402  boot-files, host, agents, profile show
 from .cli_instance import register as _register_instance  # noqa: E402  reset, snapshot, update, hydrate

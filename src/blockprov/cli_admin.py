@@ -1,8 +1,9 @@
 """CLI commands that work on a repository's data where it is: ``catalog copy`` (between SQLite
 and PostgreSQL, catalog_copy.py) and ``store copy`` (its chunks into another store, store/copy.py),
-which together take a repository from one host to several, and ``check`` (every chunk read and
-verified, check.py). Like the token commands they run with ``--data DIR``, ``--store`` and
-``--catalog``, never through ``--repo``."""
+which together take a repository from one host to several, ``store reindex`` (the pack store's
+index rebuilt from its packs) and ``check`` (every chunk read and verified, check.py). Like the
+token commands they run with ``--data DIR``, ``--store`` and ``--catalog``, never through
+``--repo``."""
 
 from __future__ import annotations
 
@@ -104,6 +105,30 @@ def store_copy(obj: Ctx, target: str, as_json: bool) -> None:
                            why=f"{len(st.damaged)} source chunks failed verification and were not copied "
                                "(blockprov check --drop-damaged, then an import of an image that holds them, "
                                "repairs the source)")
+
+
+@store.command("reindex")
+@json_option
+@click.pass_obj
+def store_reindex(obj: Ctx, as_json: bool) -> None:
+    """Rebuild the pack store's index (DATA/chunks/index.sqlite) from the packs themselves.
+
+    For an index that was lost or damaged: every record of every pack is read and verified, and
+    what is not indexed yet is indexed again. Safe while a server runs. Then run `blockprov check`."""
+    _here(obj)
+    from .store.factory import open_store
+    from .store.pack import PackChunkStore
+
+    data = Path(obj.data_dir or default_data_dir())
+    if obj.store and obj.store != "local":
+        raise UsageError(f"only the pack store has an index to rebuild; {obj.store} keeps one object per chunk")
+    with closing(open_store(None, data)) as st:
+        assert isinstance(st, PackChunkStore)
+        found, damaged = st.rebuild_index()
+    if as_json:
+        emit({"indexed": found, "damaged": damaged})
+    else:
+        click.echo(f"{found} records indexed, {damaged} damaged records skipped")
 
 
 @click.command("check")

@@ -89,3 +89,17 @@ def test_check_finds_names_and_repairs(backend: str, tmp_path: Path, request: py
 def test_check_refuses_a_remote_repository() -> None:
     p = run_cli("--repo", "http://127.0.0.1:9", "check", check=False)
     assert p.returncode == 2 and "where it is" in p.stderr
+
+
+def test_lost_pack_index_is_rebuilt(tmp_path: Path) -> None:
+    data = tmp_path / "repo"
+    src = make_image(tmp_path / "v1.img", 1 << 20, seed=4, data_fraction=1.0)
+    run_cli("import", str(src), "lab:v1", data=data)
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (data / "chunks" / name).unlink(missing_ok=True)
+    assert run_cli("check", data=data, check=False).returncode == 4  # every chunk "missing"
+    out = json.loads(run_cli("store", "reindex", "--json", data=data).stdout)
+    assert out["indexed"] > 0 and out["damaged"] == 0
+    assert json.loads(run_cli("check", "--json", data=data).stdout)["ok"]
+    p = run_cli("--store", "s3://b/p", "store", "reindex", data=data, check=False)
+    assert p.returncode == 2 and "only the pack store" in p.stderr

@@ -2,8 +2,8 @@
 
 ``spec`` is what ``--store`` / ``BLOCKPROV_STORE`` say: nothing (or ``local``) for the pack store in
 ``DATA/chunks``, ``s3://BUCKET[/PREFIX]`` for an S3-compatible bucket. The catalog is not a store
-matter: it stays in SQLite in the data directory whatever the store (see docs/operations.md for
-what several servers over one bucket need).
+matter: it is chosen by ``--catalog`` (db.py), whatever the store; docs/operations.md says what
+several servers over one bucket need (one shared catalog).
 """
 
 from __future__ import annotations

@@ -353,10 +353,16 @@ class PackChunkStore(ChunkStore):
         fsync_dir(self.packs_dir)
         return freed
 
-    def rebuild_index(self) -> int:
-        """Re-index every verified record of every pack (recovery after losing index.sqlite)."""
+    def rebuild_index(self) -> tuple[int, int]:
+        """Re-index every verified record of every pack (recovery after losing or damaging
+        index.sqlite); returns (records indexed, damaged records skipped).
+
+        A damaged record whose length is still whole is skipped and the scan goes on; a record
+        running past the end of its pack is a torn tail, and the scan of that pack ends there.
+        Records gc had dropped come back (they are still in their pack until compaction): the next
+        gc drops them again. Rows already in the index are kept as they are."""
         self.sync()
-        found = 0
+        found = damaged = 0
         for path in sorted(self.packs_dir.glob("*.pack")):
             pack = int(path.stem)
             data = path.read_bytes()
@@ -364,17 +370,19 @@ class PackChunkStore(ChunkStore):
             while pos + RECORD_HEAD.size <= len(data):
                 cid, n = RECORD_HEAD.unpack_from(data, pos)
                 blob = data[pos + RECORD_HEAD.size:pos + RECORD_HEAD.size + n]
+                if pos + RECORD_HEAD.size + n > len(data):
+                    break  # a torn tail: the rest of this pack was never indexed
                 try:
                     codec.decode(blob, cid)
+                    rows.append((cid, pack, pos + RECORD_HEAD.size, n, time.time()))
                 except ChunkCorrupt:
-                    break  # a torn tail: the rest of this pack was never indexed
-                rows.append((cid, pack, pos + RECORD_HEAD.size, n, time.time()))
+                    damaged += 1  # bit rot inside a whole record: skip it, the next one starts after it
                 pos += RECORD_HEAD.size + n
             with self.index.tx() as db:
                 db.execute("INSERT OR IGNORE INTO packs(id, created) VALUES (?, ?)", (pack, time.time()))
                 db.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?,?)", rows)
             found += len(rows)
-        return found
+        return found, damaged
 
     def close(self) -> None:
         try:
