@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -51,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import VENV_BIN, WORK, drop_caches, write_results
 from prometheus_client.parser import text_string_to_metric_families
 from tests.pgfixture import running_postgres
+from tests.procs import first_line
 from tests.s3fixture import SeaweedFS
 
 from blockprov.humanize import parse_size
@@ -72,18 +72,10 @@ def make_image(path: Path, size: int) -> Path:
 
 def env_with(extra: dict[str, str]) -> dict[str, str]:
     e = dict(os.environ)
-    for k in ("BLOCKPROV_REPO", "BLOCKPROV_TOKEN", "BLOCKPROV_STORE"):
+    for k in ("BLOCKPROV_REPO", "BLOCKPROV_TOKEN", "BLOCKPROV_STORE", "BLOCKPROV_CATALOG"):
         e.pop(k, None)
     e.update(extra)
     return e
-
-
-def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    got: list[str] = []
-    t = threading.Thread(target=lambda: got.append(proc.stdout.readline() if proc.stdout else ""), daemon=True)
-    t.start()
-    t.join(timeout)
-    return got[0] if got else ""
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 20) -> None:

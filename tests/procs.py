@@ -44,7 +44,7 @@ class Proc:
         self.proc.wait()
 
 
-def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
     line: list[str] = []
     t = threading.Thread(target=lambda: line.append(proc.stdout.readline() if proc.stdout else ""), daemon=True)
     t.start()
@@ -71,7 +71,7 @@ def start_server(data: Path, *extra: str, port: int = 0, env: dict[str, str] | N
     proc = subprocess.Popen([str(VENV_BIN / "blockprov"), "--data", str(data), "serve",
                              "--listen", f"127.0.0.1:{port}", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
-    line = _first_line(proc, 30)
+    line = first_line(proc, 30)
     m = re.match(r"serving (https?://\S+)", line)
     if m is None:
         proc.kill()
@@ -90,7 +90,7 @@ def start_agent(cache: Path, ref: str | None, sock: Path, *extra: str, data: Pat
         args += ["--data", str(data)]
     args += ["attach", *([ref] if ref else []), "--cache", str(cache), "--socket", str(sock), "--json", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
-    line = _first_line(proc, 60)
+    line = first_line(proc, 60)
     try:
         banner = json.loads(line)
     except ValueError:

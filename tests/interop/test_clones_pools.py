@@ -18,7 +18,7 @@ import pytest
 from blockprov.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image, run_cli
-from tests.procs import VENV_BIN, Proc, _first_line, start_server, wait_for
+from tests.procs import VENV_BIN, Proc, first_line, start_server, wait_for
 
 pytestmark = pytest.mark.interop
 SIZE = 16 << 20
@@ -38,7 +38,7 @@ def start(*args: str, data: Path | None = None, repo_url: str | None = None) -> 
     cmd += ["--repo", repo_url] if repo_url else ["--data", str(data)]
     proc = subprocess.Popen([*cmd, *args, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={k: v for k, v in os.environ.items() if k != "BLOCKPROV_REPO"})
-    line = _first_line(proc, 60)
+    line = first_line(proc, 60)
     try:
         return Proc(proc, line), json.loads(line)
     except ValueError:
