@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(qemu-utils qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio curl nginx-light e2fsprogs linux-image-amd64 busybox-static postgresql)
+APT_PKGS=(qemu-utils qemu-block-extra qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio curl nginx-light e2fsprogs linux-image-amd64 busybox-static postgresql)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -31,9 +31,9 @@ from typing import Any
 
 import blake3
 
-from . import codec
-from .errors import IntegrityError, SourceError, UsageError
-from .names import kernel_args
+from blockprov import codec
+from blockprov.errors import IntegrityError, SourceError, UsageError
+from blockprov.names import kernel_args
 
 PIECE = 1 << 20  # bytes per stored piece of a boot file
 MAX_BOOT_FILE = 1 << 30  # a kernel or initrd larger than this is a mistake, not a boot file

@@ -24,7 +24,7 @@ import threading
 import blake3
 import zstandard
 
-from .errors import ChunkCorrupt
+from blockprov.errors import ChunkCorrupt
 
 MAGIC = b"BPCK"
 FORMAT_VERSION = 1
@@ -129,7 +129,7 @@ def decode_view(blob: bytes | memoryview, expected: bytes) -> bytes | memoryview
 
 def parse_hexid(s: str) -> bytes:
     """Validate a chunk id given as text (names are checked in one place: here for chunk ids)."""
-    from .errors import InvalidName
+    from blockprov.errors import InvalidName
 
     if len(s) != 2 * DIGEST_SIZE:
         raise InvalidName(kind="chunk id", name=s[:80], why="must be 64 hex digits")

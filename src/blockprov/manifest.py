@@ -40,10 +40,10 @@ from typing import Any
 import blake3
 import zstandard
 
-from .align import is_power_of_two
-from .codec import DIGEST_SIZE, ZERO_DIGEST
-from .errors import ManifestError, UsageError
-from .names import image_name
+from blockprov.align import is_power_of_two
+from blockprov.codec import DIGEST_SIZE, ZERO_DIGEST
+from blockprov.errors import ManifestError, UsageError
+from blockprov.names import image_name
 
 FORMAT = "blockprov-manifest/1"
 MIN_CHUNK = 4096

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidName
+from blockprov.errors import InvalidName
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

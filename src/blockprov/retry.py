@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import RepositoryUnavailable
+from blockprov.errors import RepositoryUnavailable
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import NoSpace
+from blockprov.errors import NoSpace
 
 
 class Database:

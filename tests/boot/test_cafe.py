@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from blockprov.customize import export_as_file
+from blockprov.clones.customize import export_as_file
 from tests import bootvm
 from tests.boot.conftest import IMAGE_REF, attached
 from tests.conftest import run_cli

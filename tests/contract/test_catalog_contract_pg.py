@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from blockprov import auth, errors
-from blockprov.catalog import Catalog
-from blockprov.db import open_database
-from blockprov.postgres import redact
+from blockprov import errors
+from blockprov.catalog import tokens as auth
+from blockprov.catalog.db import open_database
+from blockprov.catalog.images import Catalog
+from blockprov.catalog.postgres import redact
 from tests.contract import test_machines_contract as machines
 from tests.contract import test_repository_contract as base
 from tests.contract.test_repository_contract import Backend

@@ -23,7 +23,7 @@ from blockprov.errors import (
     SourceError,
     UsageError,
 )
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from tests.conftest import make_image
 from tests.contract.test_repository_contract import Backend
 
@@ -292,7 +292,7 @@ def test_schema_migrates_an_existing_catalog(tmp_path: Path) -> None:
     """A catalog.sqlite made before these tables existed gains them on open, keeping its data."""
     import sqlite3
 
-    from blockprov.catalog import SCHEMA
+    from blockprov.catalog.images import SCHEMA
     from blockprov.repo.local import LocalRepository
 
     data = tmp_path / "old"

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from blockprov import codec
-from blockprov.db import open_database
+from blockprov.catalog.db import open_database
 from blockprov.errors import ChunkCorrupt, ChunkMissing, ImageNotFound, InvalidName, MissingChunks
-from blockprov.exporter import export_image
-from blockprov.importer import import_image
+from blockprov.imaging.exporter import export_image
+from blockprov.imaging.importer import import_image
 from blockprov.manifest import Manifest
 from blockprov.repo.local import LocalRepository
 from blockprov.repo.remote import RemoteRepository

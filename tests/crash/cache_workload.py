@@ -29,8 +29,8 @@ import struct
 import sys
 from pathlib import Path
 
+from blockprov.cache.device import CacheDevice
 from blockprov.device.base import result_bytes
-from blockprov.device.cache import CacheDevice
 from blockprov.repo.local import LocalRepository
 
 SECTOR = 512

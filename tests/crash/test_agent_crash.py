@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from blockprov import codec
-from blockprov.agent.journal import load
-from blockprov.agent.maps import MODIFIED, PRESENT, ZERO
-from blockprov.importer import import_image
+from blockprov.cache.journal import load
+from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image
 from tests.crash.nbd_workload import OPS_PER_RUN, SLOT, plan

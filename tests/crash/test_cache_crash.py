@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from blockprov import codec
-from blockprov.agent.journal import load
-from blockprov.agent.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.journal import load
+from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
 from blockprov.device.base import result_bytes
-from blockprov.device.cache import CacheDevice
 from blockprov.manifest import Manifest, build
 from blockprov.repo.local import LocalRepository
 from tests.crash.cache_workload import SECTOR, decode_sector, sector_bytes

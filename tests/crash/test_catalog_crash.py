@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from blockprov import codec
-from blockprov.exporter import export_image
+from blockprov.imaging.exporter import export_image
 from blockprov.repo.remote import RemoteRepository
 from tests.conftest import VENV_BIN, make_image, run_cli
 from tests.pgfixture import Postgres

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blockprov import codec
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from blockprov.store.factory import open_store
 from blockprov.store.s3 import S3ChunkStore

@@ -9,8 +9,8 @@ import pytest
 
 from blockprov import codec
 from blockprov.errors import ChunkCorrupt, ImageNotFound, MissingChunks
-from blockprov.exporter import export_image
-from blockprov.importer import import_image
+from blockprov.imaging.exporter import export_image
+from blockprov.imaging.importer import import_image
 from blockprov.manifest import Manifest
 from blockprov.repo.local import LocalRepository
 from tests.conftest import corrupt_chunk, make_image

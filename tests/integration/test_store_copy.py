@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from blockprov import codec
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import corrupt_chunk, make_image, run_cli
 from tests.s3fixture import SeaweedFS

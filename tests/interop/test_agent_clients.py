@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image, run_cli
 from tests.procs import Proc, nbd_uri, nbdsh, start_agent

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image
 from tests.procs import free_port, nbd_uri, start_agent, start_server
@@ -88,7 +88,7 @@ def test_corrupt_chunk_in_repository_is_never_served(tmp_path: Path) -> None:
         assert agent.proc.poll() is None
     finally:
         agent.stop()
-    from blockprov.agent.journal import load
-    from blockprov.agent.maps import PRESENT
+    from blockprov.cache.journal import load
+    from blockprov.cache.maps import PRESENT
 
     assert not load(tmp_path / "cache").map.flags[bad] & PRESENT  # never stored either

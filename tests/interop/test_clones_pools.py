@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image, run_cli
 from tests.procs import VENV_BIN, Proc, first_line, start_server, wait_for

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image, run_cli
 from tests.procs import nbd_uri, start_agent

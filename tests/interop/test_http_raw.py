@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests import procs
 from tests.conftest import corrupt_chunk, make_image, run_cli

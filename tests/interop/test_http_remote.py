@@ -13,8 +13,8 @@ import pytest
 
 from blockprov import codec
 from blockprov.errors import ChunkCorrupt, ChunkMissing, ImageNotFound, MissingChunks, RepositoryUnavailable, TooLarge
-from blockprov.exporter import export_image
-from blockprov.importer import import_image
+from blockprov.imaging.exporter import export_image
+from blockprov.imaging.importer import import_image
 from blockprov.manifest import Manifest
 from blockprov.repo.remote import RemoteRepository
 from tests import procs

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image, run_cli
 from tests.procs import Proc, nbd_uri, start_agent, start_server, wait_for

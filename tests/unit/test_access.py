@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from blockprov import auth, errors
-from blockprov.auth import TokenStore
-from blockprov.importer import import_image
+from blockprov import errors
+from blockprov.catalog import tokens as auth
+from blockprov.catalog.tokens import TokenStore
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from blockprov.repo.remote import RemoteRepository
 from blockprov.service.access import AccessPolicy, required_scope

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from blockprov.db import open_database
-from blockprov.importer import import_image
+from blockprov.catalog.db import open_database
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
 from blockprov.service.app import create_app

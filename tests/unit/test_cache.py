@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from blockprov import codec
-from blockprov.agent.journal import load
-from blockprov.agent.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.journal import load
+from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, BlockDevice, FileSegment, result_bytes
-from blockprov.device.cache import CacheDevice
 from blockprov.errors import CacheError, CacheLocked, CacheMismatch, DeviceIOError, NotSupported, ReadOnlyDevice
 from blockprov.manifest import build
 from blockprov.repo.local import LocalRepository

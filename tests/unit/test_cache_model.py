@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from blockprov import codec
-from blockprov.agent.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
 from blockprov.device.base import result_bytes
-from blockprov.device.cache import CacheDevice
 from tests.unit.test_cache_support import DictRepo, make_image
 
 CS = 4096

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from blockprov import auth
-from blockprov.db import open_database
-from blockprov.exporter import export_image
-from blockprov.importer import import_image
+from blockprov.catalog import tokens as auth
+from blockprov.catalog.db import open_database
+from blockprov.imaging.exporter import export_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from blockprov.sqlite import Database
 from tests.conftest import make_image, run_cli

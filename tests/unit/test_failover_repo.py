@@ -10,7 +10,7 @@ import pytest
 
 from blockprov import codec
 from blockprov.errors import ImageNotFound, RepositoryUnavailable
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from blockprov.repo.multi import FailoverRepository
 from blockprov.repo.remote import RemoteRepository

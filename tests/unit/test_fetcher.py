@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from blockprov.agent.fetcher import Fetcher
+from blockprov.cache.fetcher import Fetcher
 from blockprov.errors import DeviceIOError
 from blockprov.manifest import Manifest
 from tests.unit.test_cache_support import DictRepo, make_image

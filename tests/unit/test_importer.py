@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockprov import codec
-from blockprov.exporter import export_image
-from blockprov.importer import data_extents, import_image
+from blockprov.imaging.exporter import export_image
+from blockprov.imaging.importer import data_extents, import_image
 from blockprov.repo.local import LocalRepository
 
 writes = st.lists(st.tuples(st.integers(0, 300_000), st.binary(min_size=1, max_size=20_000)), max_size=8)

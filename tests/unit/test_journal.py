@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.agent import journal as jn
-from blockprov.agent.journal import (
+from blockprov.cache import journal as jn
+from blockprov.cache.journal import (
     JOURNAL_HEADER_SIZE,
     JOURNAL_NAME,
     META_NAME,
@@ -22,7 +22,7 @@ from blockprov.agent.journal import (
     encode_meta,
     load,
 )
-from blockprov.agent.maps import MODIFIED, PRESENT, ZERO, ChunkMap, Kind
+from blockprov.cache.maps import MODIFIED, PRESENT, ZERO, ChunkMap, Kind
 from blockprov.durable import atomic_write
 from blockprov.errors import CacheError, DeviceIOError
 

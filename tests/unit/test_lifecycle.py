@@ -14,12 +14,12 @@ import pytest
 
 from blockprov.agent import lifecycle
 from blockprov.agent.hydrate import Hydrator
-from blockprov.agent.journal import load
-from blockprov.agent.maps import HELD, MODIFIED, PRESENT
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.journal import load
+from blockprov.cache.maps import HELD, MODIFIED, PRESENT
 from blockprov.device.base import result_bytes
-from blockprov.device.cache import CacheDevice
 from blockprov.errors import CacheMismatch, RepositoryUnavailable, UsageError
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from blockprov.agent.maps import (
+from blockprov.cache.maps import (
     BASE_ZERO,
     MODIFIED,
     PRESENT,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from blockprov import codec
-from blockprov.importer import import_image
+from blockprov.imaging.importer import import_image
 from blockprov.manifest import Manifest
 from blockprov.repo.local import LocalRepository
 from blockprov.service.app import create_app

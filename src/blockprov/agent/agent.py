@@ -30,17 +30,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..device.cache import CacheDevice
-from ..durable import atomic_write
-from ..errors import AccessDenied, BlockprovError, CacheError, UsageError
-from ..manifest import Manifest
-from ..nbd.server import NbdServer
-from ..repo.base import Repository
-from . import control, lifecycle
-from .fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
-from .instance import InstanceOps, in_daemon_thread, wait_for_stop
-from .journal import instance_status, load
-from .metrics import AgentCollector, MetricsListener, registry_for
+from blockprov.agent import control, lifecycle
+from blockprov.agent.instance import InstanceOps, in_daemon_thread, wait_for_stop
+from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
+from blockprov.cache.journal import instance_status, load
+from blockprov.durable import atomic_write
+from blockprov.errors import AccessDenied, BlockprovError, CacheError, UsageError
+from blockprov.manifest import Manifest
+from blockprov.nbd.server import NbdServer
+from blockprov.repo.base import Repository
 
 log = logging.getLogger("blockprov.agent")
 

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BlockprovError, CacheError
-from ..names import UNIX_PATH_MAX
+from blockprov.errors import BlockprovError, CacheError
+from blockprov.names import UNIX_PATH_MAX
 
 if TYPE_CHECKING:  # the client side (``call``) must stay cheap to import: CLI start-up time
     import asyncio

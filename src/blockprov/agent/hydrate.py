@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..device.cache import CacheDevice
-from ..errors import DeviceError, NoSpace, UsageError
-from .maps import PRESENT, ZERO
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.maps import PRESENT, ZERO
+from blockprov.errors import DeviceError, NoSpace, UsageError
 
 log = logging.getLogger("blockprov.hydrate")
 

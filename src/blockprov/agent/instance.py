@@ -13,11 +13,11 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..device.cache import CacheDevice
-from ..errors import BlockprovError, UsageError
-from ..repo.base import Repository
-from . import control, lifecycle
-from .hydrate import Hydrator
+from blockprov.agent import control, lifecycle
+from blockprov.agent.hydrate import Hydrator
+from blockprov.cache.device import CacheDevice
+from blockprov.errors import BlockprovError, UsageError
+from blockprov.repo.base import Repository
 
 log = logging.getLogger("blockprov.agent")
 T = TypeVar("T")

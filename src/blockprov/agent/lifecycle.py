@@ -35,15 +35,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .. import codec
-from ..codec import DIGEST_SIZE, ZERO_DIGEST
-from ..device.cache import CacheDevice
-from ..errors import CacheMismatch, UsageError
-from ..manifest import Manifest
-from ..manifest import diff as manifest_diff
-from ..names import parse_ref
-from ..repo.base import Repository
-from .maps import BASE_ZERO, MODIFIED, PRESENT, ZERO, Kind
+from blockprov import codec
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.maps import BASE_ZERO, MODIFIED, PRESENT, ZERO, Kind
+from blockprov.codec import DIGEST_SIZE, ZERO_DIGEST
+from blockprov.errors import CacheMismatch, UsageError
+from blockprov.manifest import Manifest
+from blockprov.manifest import diff as manifest_diff
+from blockprov.names import parse_ref
+from blockprov.repo.base import Repository
 
 SNAPSHOT_GROUP_BYTES = 16 << 20  # read, hash and upload in groups of this size
 Progress = Callable[[int], None]

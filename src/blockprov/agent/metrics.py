@@ -29,9 +29,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ..device.cache import CacheDevice
-from ..nbd.server import ServerStats
-from .fetcher import LATENCY_BUCKETS
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.fetcher import LATENCY_BUCKETS
+from blockprov.nbd.server import ServerStats
 
 log = logging.getLogger("blockprov.agent")
 

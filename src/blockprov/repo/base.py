@@ -8,85 +8,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from ..boot import BootFile, Source
-from ..manifest import Manifest
-from ..names import Ref
-
-
-@dataclass
-class VersionInfo:
-    image: str
-    id: str
-    size: int
-    chunk_size: int
-    created: float
-    parent: str | None
-    labels: dict[str, str] = field(default_factory=dict)
-    tags: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class ImageInfo:
-    name: str
-    versions: int
-    tags: dict[str, str]  # tag -> version id
-    latest: str | None  # newest version id
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class GcStats:
-    chunks_removed: int
-    bytes_removed: int
-    chunks_kept: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class HostInfo:
-    """A host's boot assignment. ``ref`` is what was assigned (``NAME:TAG`` follows the tag);
-    ``version`` is the id it names now, None when that tag or version no longer exists."""
-
-    host: str
-    ref: str
-    args: str
-    version: str | None
-    updated: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class BootFilesInfo:
-    """The boot files of one version (see boot.py for how they are stored)."""
-
-    image: str
-    version: str
-    kernel: BootFile
-    initrd: BootFile
-    cmdline: str
-    updated: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"image": self.image, "version": self.version, "cmdline": self.cmdline, "updated": self.updated,
-                "kernel": self.kernel.to_dict(), "initrd": self.initrd.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BootFilesInfo:
-        return cls(image=str(d["image"]), version=str(d["version"]), cmdline=str(d["cmdline"]),
-                   updated=float(d["updated"]), kernel=BootFile.from_dict(d["kernel"]),
-                   initrd=BootFile.from_dict(d["initrd"]))
+from blockprov.boot import Source
+from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
+from blockprov.manifest import Manifest
+from blockprov.names import Ref
 
 
 class Repository(Protocol):

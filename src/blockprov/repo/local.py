@@ -21,19 +21,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import boot, codec, names
-from .. import manifest as mf
-from ..catalog import Catalog
-from ..codec import ZERO_DIGEST
-from ..db import SQLDatabase
-from ..durable import ensure_dir
-from ..errors import BootFilesMissing, Conflict, MissingChunks, UsageError
-from ..manifest import Manifest
-from ..names import Ref, image_name, kernel_args, parse_ref, version_id
-from ..registry import Registry
-from ..store.base import ChunkStore
-from ..store.pack import PackChunkStore
-from .base import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
+from blockprov import boot, codec, names
+from blockprov import manifest as mf
+from blockprov.catalog.db import SQLDatabase
+from blockprov.catalog.images import Catalog
+from blockprov.catalog.machines import Registry
+from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
+from blockprov.codec import ZERO_DIGEST
+from blockprov.durable import ensure_dir
+from blockprov.errors import BootFilesMissing, Conflict, MissingChunks, UsageError
+from blockprov.manifest import Manifest
+from blockprov.names import Ref, image_name, kernel_args, parse_ref, version_id
+from blockprov.store.base import ChunkStore
+from blockprov.store.pack import PackChunkStore
 
 GC_GRACE_SECONDS = 3600.0
 

@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import RepositoryUnavailable
-from ..manifest import Manifest
-from ..names import Ref
-from .base import GcStats, ImageInfo, VersionInfo
-from .remote import RemoteRepository
+from blockprov.catalog.records import GcStats, ImageInfo, VersionInfo
+from blockprov.errors import RepositoryUnavailable
+from blockprov.manifest import Manifest
+from blockprov.names import Ref
+from blockprov.repo.remote import RemoteRepository
 
 T = TypeVar("T")
 BACKOFF_FIRST = 1.0

@@ -58,10 +58,11 @@ from typing import Any
 
 import httpx
 
-from .. import __version__, boot, codec, errors, names
-from ..errors import BlockprovError, ManifestError, RepositoryUnavailable, UntrustedServer, UsageError
-from ..manifest import Manifest
-from ..names import (
+from blockprov import __version__, boot, codec, errors, names
+from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
+from blockprov.errors import BlockprovError, ManifestError, RepositoryUnavailable, UntrustedServer, UsageError
+from blockprov.manifest import Manifest
+from blockprov.names import (
     Ref,
     host_id,
     image_name,
@@ -73,7 +74,6 @@ from ..names import (
     tag_name,
     version_id,
 )
-from .base import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
 
 BATCH_BYTES = 16 << 20  # target size of one fetch answer or one upload
 MISSING_BATCH = 65536  # ids per /v1/chunks/missing question (2 MiB)

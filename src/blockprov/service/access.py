@@ -36,8 +36,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..auth import TokenInfo, TokenStore, allows
-from ..errors import BlockprovError, Forbidden, Unauthorized
+from blockprov.catalog.tokens import TokenInfo, TokenStore, allows
+from blockprov.errors import BlockprovError, Forbidden, Unauthorized
 
 log = logging.getLogger("blockprov.service")
 

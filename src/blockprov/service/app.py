@@ -45,18 +45,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__, codec
-from .. import manifest as mf
-from ..auth import TokenStore
-from ..errors import BlockprovError, ChunkMissing, MissingChunks, TooLarge, UsageError
-from ..manifest import Manifest
-from ..names import Ref, image_name, parse_ref, tag_name, version_id
-from ..repo.local import LocalRepository
-from ..store.cached import CachedChunkStore
-from .access import Access, AccessPolicy, annotate_openapi
-from .machines import add_routes
-from .metrics import Measure, ServiceMetrics
-from .rawview import IMMUTABLE, ManifestCache, RawView, etag_matches
+from blockprov import __version__, codec
+from blockprov import manifest as mf
+from blockprov.catalog.tokens import TokenStore
+from blockprov.errors import BlockprovError, ChunkMissing, MissingChunks, TooLarge, UsageError
+from blockprov.manifest import Manifest
+from blockprov.names import Ref, image_name, parse_ref, tag_name, version_id
+from blockprov.repo.local import LocalRepository
+from blockprov.service.access import Access, AccessPolicy, annotate_openapi
+from blockprov.service.machines import add_routes
+from blockprov.service.metrics import Measure, ServiceMetrics
+from blockprov.service.rawview import IMMUTABLE, ManifestCache, RawView, etag_matches
+from blockprov.store.cached import CachedChunkStore
 
 log = logging.getLogger("blockprov.service")
 

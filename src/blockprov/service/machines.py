@@ -34,12 +34,12 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from .. import boot, names
-from ..errors import BlockprovError, ProfileNotFound, UsageError
-from ..names import Ref, host_id, image_name, instance_id, parse_ref, request_id, version_id
-from ..registry import SEEN_EVERY, Registry
-from ..repo.local import LocalRepository
-from .rawview import RangeNotSatisfiable, etag_matches, parse_range
+from blockprov import boot, names
+from blockprov.catalog.machines import SEEN_EVERY, Registry
+from blockprov.errors import BlockprovError, ProfileNotFound, UsageError
+from blockprov.names import Ref, host_id, image_name, instance_id, parse_ref, request_id, version_id
+from blockprov.repo.local import LocalRepository
+from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
 
 T = TypeVar("T")
 Run = Callable[..., Awaitable[Any]]

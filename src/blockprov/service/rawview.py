@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 from starlette.responses import Response, StreamingResponse
 
-from .. import codec
-from ..errors import BlockprovError
-from ..manifest import Manifest
-from ..names import Ref
-from ..repo.local import LocalRepository
+from blockprov import codec
+from blockprov.errors import BlockprovError
+from blockprov.manifest import Manifest
+from blockprov.names import Ref
+from blockprov.repo.local import LocalRepository
 
 log = logging.getLogger("blockprov.service")
 

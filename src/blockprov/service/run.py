@@ -26,14 +26,14 @@ from collections.abc import Callable, Generator
 
 import uvicorn
 
-from ..auth import TokenStore
-from ..db import SQLDatabase
-from ..errors import UsageError
-from ..repo.local import LocalRepository
-from ..store.base import ChunkStore
-from ..store.cached import CachedChunkStore
-from .access import AccessPolicy
-from .app import MAX_BODY, create_app
+from blockprov.catalog.db import SQLDatabase
+from blockprov.catalog.tokens import TokenStore
+from blockprov.errors import UsageError
+from blockprov.repo.local import LocalRepository
+from blockprov.service.access import AccessPolicy
+from blockprov.service.app import MAX_BODY, create_app
+from blockprov.store.base import ChunkStore
+from blockprov.store.cached import CachedChunkStore
 
 OnReady = Callable[[str], None]
 log = logging.getLogger("blockprov.service")

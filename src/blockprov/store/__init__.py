@@ -1,5 +1,5 @@
 """Chunk stores: where chunk blobs live. One interface, one module per backend."""
 
-from .base import ChunkStore
+from blockprov.store.base import ChunkStore
 
 __all__ = ["ChunkStore"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 
-from .. import codec
+from blockprov import codec
 
 
 class ChunkStore(ABC):

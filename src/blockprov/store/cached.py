@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 
-from .base import ChunkStore
+from blockprov.store.base import ChunkStore
 
 
 class CachedChunkStore(ChunkStore):

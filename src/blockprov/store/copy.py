@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import ChunkCorrupt, ChunkMissing
-from .base import ChunkStore
+from blockprov.errors import ChunkCorrupt, ChunkMissing
+from blockprov.store.base import ChunkStore
 
 BATCH = 256
 

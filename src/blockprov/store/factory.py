@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
-from .base import ChunkStore
+from blockprov.errors import UsageError
+from blockprov.store.base import ChunkStore
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,11 @@ class StoreOptions:
 def open_store(spec: str | None, data_dir: str | os.PathLike[str], options: StoreOptions | None = None) -> ChunkStore:
     o = options or StoreOptions()
     if not spec or spec == "local":
-        from .pack import PackChunkStore
+        from blockprov.store.pack import PackChunkStore
 
         return PackChunkStore(Path(data_dir) / "chunks")
     if spec.startswith("s3://"):
-        from .s3 import S3ChunkStore
+        from blockprov.store.s3 import S3ChunkStore
 
         return S3ChunkStore(spec, endpoint=o.endpoint, region=o.region, create_bucket=o.create_bucket,
                             timeout=o.timeout)

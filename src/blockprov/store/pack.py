@@ -38,11 +38,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .. import codec
-from ..durable import ensure_dir, fsync_dir
-from ..errors import ChunkCorrupt, ChunkMissing, NoSpace
-from ..sqlite import Database
-from .base import ChunkStore
+from blockprov import codec
+from blockprov.durable import ensure_dir, fsync_dir
+from blockprov.errors import ChunkCorrupt, ChunkMissing, NoSpace
+from blockprov.sqlite import Database
+from blockprov.store.base import ChunkStore
 
 log = logging.getLogger("blockprov.store")
 

@@ -72,10 +72,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .. import codec
-from ..errors import BlockprovError, ChunkCorrupt, ChunkMissing, RepositoryUnavailable, StoreMisconfigured
-from ..retry import RetryPolicy, retry_sync
-from .base import ChunkStore
+from blockprov import codec
+from blockprov.errors import BlockprovError, ChunkCorrupt, ChunkMissing, RepositoryUnavailable, StoreMisconfigured
+from blockprov.retry import RetryPolicy, retry_sync
+from blockprov.store.base import ChunkStore
 
 log = logging.getLogger("blockprov.store.s3")
 

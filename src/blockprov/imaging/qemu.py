@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError, UsageError
+from blockprov.errors import SourceError, UsageError
 
 
 def _qemu_img() -> str:

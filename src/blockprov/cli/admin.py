@@ -12,10 +12,8 @@ from pathlib import Path
 
 import click
 
-from .cli import Ctx, default_data_dir, emit, progress_bar
-from .errors import ChunkCorrupt, IntegrityError, UsageError
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, progress_bar
+from blockprov.errors import ChunkCorrupt, IntegrityError, UsageError
 
 
 def _here(obj: Ctx) -> None:
@@ -40,9 +38,9 @@ def catalog_copy(obj: Ctx, target: str, as_json: bool) -> None:
     Stop the servers that write the catalog first. Then point them at the copy with --catalog
     (the chunks do not move: they stay in --store)."""
     _here(obj)
-    from .catalog_copy import copy_catalog
-    from .db import is_shared, open_database
-    from .sqlite import Database
+    from blockprov.catalog.copy import copy_catalog
+    from blockprov.catalog.db import is_shared, open_database
+    from blockprov.sqlite import Database
 
     data = Path(obj.data_dir or default_data_dir())
     if not is_shared(obj.catalog) and not (data / "catalog.sqlite").exists():
@@ -86,8 +84,8 @@ def store_copy(obj: Ctx, target: str, as_json: bool) -> None:
     nothing new. Then serve with --store TARGET (the catalog does not change: it names chunks by
     content). A damaged source chunk is listed and not copied (exit 4)."""
     _here(obj)
-    from .store.copy import copy_store
-    from .store.factory import open_store
+    from blockprov.store.copy import copy_store
+    from blockprov.store.factory import open_store
 
     data = Path(obj.data_dir or default_data_dir())
     with ExitStack() as stack:
@@ -116,8 +114,8 @@ def store_reindex(obj: Ctx, as_json: bool) -> None:
     For an index that was lost or damaged: every record of every pack is read and verified, and
     what is not indexed yet is indexed again. Safe while a server runs. Then run `blockprov check`."""
     _here(obj)
-    from .store.factory import open_store
-    from .store.pack import PackChunkStore
+    from blockprov.store.factory import open_store
+    from blockprov.store.pack import PackChunkStore
 
     data = Path(obj.data_dir or default_data_dir())
     if obj.store and obj.store != "local":
@@ -142,8 +140,8 @@ def check(obj: Ctx, drop_damaged: bool, as_json: bool) -> None:
     Names the versions a missing or damaged chunk spoils (exit 4); run it on a schedule, as one
     scrubs a RAID, so damage is found before a machine reads it."""
     _here(obj)
-    from .check import check_repository
-    from .repo.local import LocalRepository
+    from blockprov.repo.check import check_repository
+    from blockprov.repo.local import LocalRepository
 
     repo = obj.repo
     assert isinstance(repo, LocalRepository)  # _here refused --repo

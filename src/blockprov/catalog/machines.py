@@ -36,11 +36,11 @@ from typing import Any
 
 import zstandard
 
-from .boot import BootFile
-from .catalog import Catalog
-from .errors import AgentNotFound, Conflict, HostNotFound, ImageNotFound, RequestNotFound, TooLarge, UsageError
-from .names import Ref, host_id, image_name, instance_id, kernel_args, op_name, request_id, version_id
-from .repo.base import BootFilesInfo, HostInfo
+from blockprov.boot import BootFile
+from blockprov.catalog.images import Catalog
+from blockprov.catalog.records import BootFilesInfo, HostInfo
+from blockprov.errors import AgentNotFound, Conflict, HostNotFound, ImageNotFound, RequestNotFound, TooLarge, UsageError
+from blockprov.names import Ref, host_id, image_name, instance_id, kernel_args, op_name, request_id, version_id
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS boot_files (

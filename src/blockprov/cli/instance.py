@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import humanize as hz
-from .agent import control
-from .cli import Ctx, _size_option, emit, json_option, open_repository, run_async
-from .errors import BlockprovError, CacheError, UsageError
+from blockprov import humanize as hz
+from blockprov.agent import control
+from blockprov.cli._common import Ctx, emit, json_option, open_repository, run_async, size_option
+from blockprov.errors import BlockprovError, CacheError, UsageError
+from blockprov.names import parse_ref
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
-    from .device.cache import CacheDevice
-    from .repo.base import Repository
+    from blockprov.cache.device import CacheDevice
+    from blockprov.repo.base import Repository
 
 CACHE_OPTION = click.option("--cache", "cache_dir", required=True,
                             type=click.Path(file_okay=False, path_type=Path), help="The instance's cache directory.")
@@ -39,7 +40,7 @@ def cache_repository(obj: Ctx, cache_dir: Path) -> Repository:
     """--repo / BLOCKPROV_REPO, else the repository recorded in the cache, else the embedded one."""
     if obj.repo_url:
         return obj.repo
-    from .agent.journal import load
+    from blockprov.cache.journal import load
 
     try:
         recorded = load(cache_dir).meta.repository
@@ -70,7 +71,7 @@ def on_cache(obj: Ctx, cache_dir: Path, op: str, args: dict[str, Any],
         raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
     repo = cache_repository(obj, cache_dir)
 
-    from .device.cache import CacheDevice
+    from blockprov.cache.device import CacheDevice
 
     async def main() -> dict[str, Any]:
         dev = await CacheDevice.open(cache_dir, repo, create=False)
@@ -95,7 +96,7 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, as_json: bool) -> None:
     fetches them now. On a running agent, requests in flight finish first; clients then read the
     base (a guest's own page cache is not the agent's to clear: reset between sessions).
     """
-    from .agent import lifecycle
+    from blockprov.agent import lifecycle
 
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         return await lifecycle.reset(dev, eager=eager)
@@ -131,7 +132,7 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
     if instance is not None:
         out = _remote_snapshot(obj.repo, instance, args, wait_s)
     else:
-        from .agent import lifecycle
+        from blockprov.agent import lifecycle
 
         assert cache_dir is not None
 
@@ -177,7 +178,7 @@ def _remote_snapshot(repo: Repository, instance: str, args: dict[str, Any], wait
 @click.pass_obj
 def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bool, as_json: bool) -> None:
     """Move the instance to another version of its image, transferring only the chunks that differ."""
-    from .agent import lifecycle
+    from blockprov.agent import lifecycle
 
     args = {"to": to, "keep_modified": keep_modified, "lazy": lazy}
 
@@ -202,14 +203,14 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bo
 
 @click.command("hydrate")
 @CACHE_OPTION
-@click.option("--rate", default=None, callback=lambda c, p, v: None if v is None else _size_option(c, p, v),
+@click.option("--rate", default=None, callback=lambda c, p, v: None if v is None else size_option(c, p, v),
               metavar="BYTES/S", help="Limit the transfer rate, e.g. 50M.")
 @click.option("--background", is_flag=True, help="With a running agent: start and return at once.")
 @json_option
 @click.pass_obj
 def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, as_json: bool) -> None:
     """Copy every missing chunk into the cache (client reads keep priority); stops by itself."""
-    from .agent.hydrate import Hydrator
+    from blockprov.agent.hydrate import Hydrator
 
     cache_dir = cache_dir.resolve()
     args = {"rate": rate}
@@ -280,6 +281,25 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(out))
         return
     click.echo(f"saved a boot profile of {len(order)} chunk(s) for {got['image']}@{got['version']} in {repo.url}")
+
+
+@profile_group.command("show")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@json_option
+@click.pass_obj
+def profile_show(obj: Ctx, ref: str, as_json: bool) -> None:
+    """Show the boot profile recorded for a version (the order its chunks were first read)."""
+    r = parse_ref(ref)
+    vid = r.version or obj.repo.resolve(r).id
+    order = obj.repo.get_profile(r.name, vid)
+    if as_json:
+        emit({"image": r.name, "version": vid, "chunks": order})
+        return
+    if order is None:
+        click.echo(f"no boot profile recorded for {r.name}@{vid}")
+        return
+    head = ", ".join(map(str, order[:20]))
+    click.echo(f"{r.name}@{vid}: {len(order)} chunks in first-read order: {head}{' …' if len(order) > 20 else ''}")
 
 
 def register(cli: click.Group) -> None:

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import click
 
-from . import humanize as hz
-from .boot import parse_script
-from .cli import Ctx, emit
-from .errors import UsageError
-from .names import parse_ref
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+from blockprov import humanize as hz
+from blockprov.boot import parse_script
+from blockprov.cli._common import Ctx, emit, json_option
+from blockprov.errors import UsageError
+from blockprov.names import parse_ref
 
 
 def _when(t: float) -> str:
@@ -136,26 +134,6 @@ def host_script(obj: Ctx, host_name: str, base_url: str | None, as_json: bool) -
         click.echo(text, nl=False)
 
 
-# -- profiles ---------------------------------------------------------------------------------------
-@click.command("show")
-@click.argument("ref", metavar="NAME:TAG|NAME@ID")
-@json_option
-@click.pass_obj
-def profile_show(obj: Ctx, ref: str, as_json: bool) -> None:
-    """Show the boot profile recorded for a version (the order its chunks were first read)."""
-    r = parse_ref(ref)
-    vid = r.version or obj.repo.resolve(r).id
-    order = obj.repo.get_profile(r.name, vid)
-    if as_json:
-        emit({"image": r.name, "version": vid, "chunks": order})
-        return
-    if order is None:
-        click.echo(f"no boot profile recorded for {r.name}@{vid}")
-        return
-    head = ", ".join(map(str, order[:20]))
-    click.echo(f"{r.name}@{vid}: {len(order)} chunks in first-read order: {head}{' …' if len(order) > 20 else ''}")
-
-
 # -- agents -----------------------------------------------------------------------------------------
 @click.command("agents")
 @json_option
@@ -177,14 +155,5 @@ def agents(obj: Ctx, as_json: bool) -> None:
 
 
 def register(cli: click.Group) -> None:
-    """Attach these commands to the ``blockprov`` group. ``profile show`` joins a ``profile`` group
-    cli.py may already define (``profile save`` lives there) and never replaces a command of it."""
-    cli.add_command(boot_files)
-    cli.add_command(host)
-    cli.add_command(agents)
-    group = cli.commands.get("profile")
-    if not isinstance(group, click.Group):
-        group = click.Group("profile", help="Boot profiles: the order in which a boot first reads chunks.")
-        cli.add_command(group)
-    if "show" not in group.commands:
-        group.add_command(profile_show)
+    for cmd in (boot_files, host, agents):
+        cli.add_command(cmd)

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import BlockprovError
+from blockprov.errors import BlockprovError
 
 BUILTIN_IDENTITY = "builtin:identity"
 TIMEOUT = 300.0

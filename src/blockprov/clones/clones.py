@@ -33,15 +33,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..device.cache import CacheDevice
-from ..durable import ensure_dir, fsync_dir
-from ..errors import CacheError, NotFound, UsageError
-from ..manifest import Manifest
-from ..nbd.server import NbdServer
-from ..repo.base import Repository
-from . import control
-from .instance import InstanceOps, wait_for_stop
-from .journal import load
+from blockprov.agent import control
+from blockprov.agent.instance import InstanceOps, wait_for_stop
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.journal import load
+from blockprov.durable import ensure_dir, fsync_dir
+from blockprov.errors import CacheError, NotFound, UsageError
+from blockprov.manifest import Manifest
+from blockprov.nbd.server import NbdServer
+from blockprov.repo.base import Repository
 
 log = logging.getLogger("blockprov.clones")
 

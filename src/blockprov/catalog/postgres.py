@@ -41,7 +41,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from .errors import CatalogMisconfigured, CatalogUnavailable, NoSpace, UsageError
+from blockprov.errors import CatalogMisconfigured, CatalogUnavailable, NoSpace, UsageError
 
 MAX_CONNECTIONS = 16
 WAIT_SECONDS = 5.0  # for a free (or new) connection before a request fails with 503

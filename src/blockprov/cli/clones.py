@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import humanize as hz
-from .agent import control
-from .cli import Ctx, default_data_dir, emit, json_option, run_async
-from .customize import BUILTIN_IDENTITY
-from .errors import BlockprovError, UsageError
-from .names import parse_ref
+from blockprov import humanize as hz
+from blockprov.agent import control
+from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, run_async
+from blockprov.clones.customize import BUILTIN_IDENTITY
+from blockprov.errors import BlockprovError, UsageError
+from blockprov.names import parse_ref
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
-    from .agent.clones import ClonesAgent
+    from blockprov.clones.clones import ClonesAgent
 
 DIR_OPTION = click.option("--dir", "root", required=True, type=click.Path(file_okay=False, path_type=Path),
                           help="The clones directory.")
@@ -53,7 +53,7 @@ def _rescan(root: Path) -> dict[str, Any] | None:
 def clone_cmd(obj: Ctx, ref: str, count: int, root: Path, prefix: str | None, customize_cmd: str | None,
               as_json: bool) -> None:
     """Make COUNT instances of a version: copy-on-write overlays over one shared base cache."""
-    from .agent.clones import create_instances, next_names, remove_instance
+    from blockprov.clones.clones import create_instances, next_names, remove_instance
 
     root = root.resolve()
     m = obj.repo.resolve(parse_ref(ref))
@@ -92,8 +92,8 @@ async def _customize_all(obj: Ctx, root: Path, names: list[str], cmd: str, serve
     """Customize each new instance through the running server, or a short-lived in-process one."""
     import asyncio
 
-    from .agent.clones import ClonesAgent
-    from .customize import customize
+    from blockprov.clones.clones import ClonesAgent
+    from blockprov.clones.customize import customize
 
     loop = asyncio.get_running_loop()
     failed: dict[str, str] = {}
@@ -145,8 +145,8 @@ def clones_group() -> None:
 @click.pass_obj
 def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None, as_json: bool) -> None:
     """Serve every instance of the directory as an NBD export named after it, until SIGTERM."""
-    from .agent.agent import parse_listen
-    from .agent.clones import ClonesAgent
+    from blockprov.agent.agent import parse_listen
+    from blockprov.clones.clones import ClonesAgent
 
     root = root.resolve()
 
@@ -175,8 +175,8 @@ def _banner(agent: ClonesAgent, as_json: bool) -> None:
 @json_option
 def clones_list_cmd(root: Path, as_json: bool) -> None:
     """Instances, their base version and how much each changed."""
-    from .agent.clones import list_instances
-    from .agent.journal import load
+    from blockprov.cache.journal import load
+    from blockprov.clones.clones import list_instances
 
     root = root.resolve()
     rows: list[dict[str, Any]] = []
@@ -198,7 +198,7 @@ def clones_list_cmd(root: Path, as_json: bool) -> None:
 @DIR_OPTION
 def clones_rm_cmd(names: tuple[str, ...], root: Path) -> None:
     """Remove instances (their overlays; the shared base stays)."""
-    from .agent.clones import remove_instance
+    from blockprov.clones.clones import remove_instance
 
     root = root.resolve()
     for n in names:
@@ -241,7 +241,7 @@ def pool_group() -> None:
 def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str | None, customize_cmd: str | None,
                     root: Path | None, as_json: bool) -> None:
     """Make the configured version and SIZE ready instances of it."""
-    from .agent import pool
+    from blockprov.clones import pool
 
     d = pool_dir(name, root)
     m = obj.repo.resolve(parse_ref(source))
@@ -264,9 +264,9 @@ def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str 
 def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, listen: str | None,
                    as_json: bool) -> None:
     """Serve the pool's instances, hand them out, refill in the background, until SIGTERM."""
-    from .agent import pool
-    from .agent.agent import parse_listen
-    from .agent.clones import ClonesAgent
+    from blockprov.agent.agent import parse_listen
+    from blockprov.clones import pool
+    from blockprov.clones.clones import ClonesAgent
 
     d = pool_dir(name, root)
     pool.read_state(d)
@@ -295,7 +295,7 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
 @json_option
 def pool_acquire_cmd(name: str, host: str, wait_s: float, root: Path | None, as_json: bool) -> None:
     """Hand a ready instance to a host at once and print how to connect to it."""
-    from .agent import pool
+    from blockprov.clones import pool
 
     d = pool_dir(name, root)
     deadline = time.monotonic() + wait_s
@@ -331,7 +331,7 @@ def pool_acquire_cmd(name: str, host: str, wait_s: float, root: Path | None, as_
 def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None, destroy: bool,
                      root: Path | None, as_json: bool) -> None:
     """Reset an instance and return it to the pool (or destroy it; the pool refills)."""
-    from .agent import pool
+    from blockprov.clones import pool
 
     if (instance is None) == (host is None):
         raise UsageError("give --instance NAME or --host ID")
@@ -353,7 +353,7 @@ def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None
 @json_option
 def pool_status_cmd(name: str, root: Path | None, as_json: bool) -> None:
     """Ready and in-use instances, and whether the pool server runs."""
-    from .agent import pool
+    from blockprov.clones import pool
 
     d = pool_dir(name, root)
     try:

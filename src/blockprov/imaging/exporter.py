@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import codec, qemu
-from .errors import NoSpace, SourceError, UsageError
-from .manifest import Manifest
-from .names import Ref
-from .repo.base import Repository
+from blockprov import codec
+from blockprov.errors import NoSpace, SourceError, UsageError
+from blockprov.imaging import qemu
+from blockprov.manifest import Manifest
+from blockprov.names import Ref
+from blockprov.repo.base import Repository
 
 BATCH_BYTES = 8 << 20
 

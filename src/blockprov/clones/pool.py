@@ -33,15 +33,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..customize import customize
-from ..durable import atomic_write, ensure_dir
-from ..errors import BlockprovError, Conflict, NotFound, UsageError
-from . import control
+from blockprov.agent import control
+from blockprov.clones.customize import customize
+from blockprov.durable import atomic_write, ensure_dir
+from blockprov.errors import BlockprovError, Conflict, NotFound, UsageError
 
 if TYPE_CHECKING:  # acquire / status / release through the server stay cheap to import (CLI start-up)
-    from ..manifest import Manifest
-    from ..repo.base import Repository
-    from .clones import ClonesAgent
+    from blockprov.clones.clones import ClonesAgent
+    from blockprov.manifest import Manifest
+    from blockprov.repo.base import Repository
 
 log = logging.getLogger("blockprov.pool")
 
@@ -89,7 +89,7 @@ async def serving(root: Path, repo: Repository, agent: ClonesAgent | None) -> As
     if agent is not None:
         yield agent
         return
-    from .clones import ClonesAgent
+    from blockprov.clones.clones import ClonesAgent
 
     with tempfile.TemporaryDirectory(prefix="blockprov-pool-") as tmp:
         temp = ClonesAgent(root, repo, socket=Path(tmp) / "nbd.sock", control_socket=False)
@@ -103,7 +103,7 @@ async def serving(root: Path, repo: Repository, agent: ClonesAgent | None) -> As
 async def _make_ready(root: Path, repo: Repository, m: Manifest, count: int, cmd: str | None,
                       agent: ClonesAgent | None) -> list[str]:
     """Create and customize ``count`` instances; only those that succeed become ready."""
-    from .clones import create_instances, next_names, remove_instance
+    from blockprov.clones.clones import create_instances, next_names, remove_instance
 
     prefix = f"{read_state(root)['name']}-"
     names = next_names(root, prefix, count)
@@ -153,8 +153,8 @@ async def create(root: Path, repo: Repository, name: str, source: Manifest, size
 
 async def _configure(root: Path, repo: Repository, name: str, source: Manifest, cmd: str) -> Manifest:
     """Golden → configured: run ``cmd`` on a scratch clone, commit the result as IMAGE:pool-NAME."""
-    from . import lifecycle
-    from .clones import create_instances, remove_instance
+    from blockprov.agent import lifecycle
+    from blockprov.clones.clones import create_instances, remove_instance
 
     scratch = f"configure-{os.getpid()}"
     await create_instances(root, repo, source, [scratch])
@@ -171,7 +171,7 @@ async def _configure(root: Path, repo: Repository, name: str, source: Manifest, 
 
 async def refill(root: Path, repo: Repository, agent: ClonesAgent | None) -> list[str]:
     """Back to ``size`` ready instances; removes instance directories the state does not know."""
-    from .clones import list_instances, remove_instance
+    from blockprov.clones.clones import list_instances, remove_instance
 
     st = read_state(root)
     known = set(st["instances"])
@@ -215,8 +215,8 @@ def find(root: Path, instance: str | None, host: str | None) -> str:
 
 async def release(root: Path, repo: Repository, name: str, *, destroy: bool, agent: ClonesAgent | None) -> str:
     """Reset (drop its overlay's chunks) and return the instance, or destroy it."""
-    from . import lifecycle
-    from .clones import remove_instance
+    from blockprov.agent import lifecycle
+    from blockprov.clones.clones import remove_instance
 
     if destroy:
         with locked(root) as st:
@@ -229,8 +229,8 @@ async def release(root: Path, repo: Repository, name: str, *, destroy: bool, age
     if agent is not None and name in agent.instances:
         await lifecycle.reset(agent.instances[name].device, punch=agent.server.stats.connections_active == 0)
     else:
-        from ..device.cache import CacheDevice
-        from .clones import instance_dir
+        from blockprov.cache.device import CacheDevice
+        from blockprov.clones.clones import instance_dir
 
         dev = await CacheDevice.open(instance_dir(root, name), repo, create=False)
         try:

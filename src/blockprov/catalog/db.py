@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import UsageError
+from blockprov.errors import UsageError
 
 
 class Cursor(Protocol):
@@ -68,11 +68,11 @@ def is_shared(spec: str | None) -> bool:
 
 def open_database(spec: str | None, data_dir: str | os.PathLike[str]) -> SQLDatabase:
     if spec in (None, "", "sqlite"):
-        from .sqlite import Database
+        from blockprov.sqlite import Database
 
         return Database(Path(data_dir) / "catalog.sqlite", timeout=30.0)
     if is_shared(spec):
-        from .postgres import PostgresDatabase
+        from blockprov.catalog.postgres import PostgresDatabase
 
         return PostgresDatabase(str(spec))
     raise UsageError(f"--catalog must be 'sqlite' (the default: in the data directory) or "

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import codec, qemu
-from .errors import ImageNotFound, SourceError, UsageError
-from .manifest import DEFAULT_CHUNK, Manifest, check_geometry, chunk_count
-from .names import Ref, parse_ref
-from .repo.base import Repository
+from blockprov import codec
+from blockprov.errors import ImageNotFound, SourceError, UsageError
+from blockprov.imaging import qemu
+from blockprov.manifest import DEFAULT_CHUNK, Manifest, check_geometry, chunk_count
+from blockprov.names import Ref, parse_ref
+from blockprov.repo.base import Repository
 
 SEGMENT_BYTES = 8 << 20
 WORKERS = 4  # more than the cores: file reads and pack writes overlap the hashing and zstd

@@ -15,12 +15,12 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .db import SQLDatabase, Tx
-from .errors import Conflict, ImageNotFound, ManifestError
-from .manifest import Manifest
-from .names import Ref, image_name, tag_name, version_id
-from .repo.base import ImageInfo, VersionInfo
-from .sqlite import Database
+from blockprov.catalog.db import SQLDatabase, Tx
+from blockprov.catalog.records import ImageInfo, VersionInfo
+from blockprov.errors import Conflict, ImageNotFound, ManifestError
+from blockprov.manifest import Manifest
+from blockprov.names import Ref, image_name, tag_name, version_id
+from blockprov.sqlite import Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (

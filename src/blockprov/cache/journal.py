@@ -62,9 +62,9 @@ from typing import Any, TypeVar
 
 import blake3
 
-from ..durable import atomic_write
-from ..errors import CacheError, DeviceIOError
-from .maps import MODIFIED, ChunkMap, Kind
+from blockprov.cache.maps import MODIFIED, ChunkMap, Kind
+from blockprov.durable import atomic_write
+from blockprov.errors import CacheError, DeviceIOError
 
 META_NAME = "meta"
 JOURNAL_NAME = "journal"

@@ -41,11 +41,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codec import ZERO_DIGEST, decode_view
-from ..errors import BlockprovError, ChunkCorrupt, DeviceIOError, RepositoryUnavailable
-from ..manifest import Manifest
-from ..repo.base import Repository
-from ..retry import RetryPolicy, retry_async
+from blockprov.codec import ZERO_DIGEST, decode_view
+from blockprov.errors import BlockprovError, ChunkCorrupt, DeviceIOError, RepositoryUnavailable
+from blockprov.manifest import Manifest
+from blockprov.repo.base import Repository
+from blockprov.retry import RetryPolicy, retry_async
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from ..errors import DeviceIOError
-from ..manifest import Manifest
-from .base import ReadResult, result_bytes
+from blockprov.device.base import ReadResult, result_bytes
+from blockprov.errors import DeviceIOError
+from blockprov.manifest import Manifest
 
 Data = bytes | memoryview
 StoreFn = Callable[[list[tuple[int, Data]]], Awaitable[None]]

@@ -64,7 +64,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from ..agent.fetcher import (
+from blockprov.align import Piece, split
+from blockprov.cache.fetcher import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_MAX_INFLIGHT,
     DEFAULT_READAHEAD,
@@ -72,12 +73,13 @@ from ..agent.fetcher import (
     Fetcher,
     FetchStats,
 )
-from ..agent.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded, instance_status
-from ..agent.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
-from ..align import Piece, split
-from ..codec import ZERO_DIGEST, digest, is_zero
-from ..durable import atomic_write, fsync_dir
-from ..errors import (
+from blockprov.cache.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded, instance_status
+from blockprov.cache.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
+from blockprov.cache.overlay import BaseSource
+from blockprov.codec import ZERO_DIGEST, digest, is_zero
+from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
+from blockprov.durable import atomic_write, fsync_dir
+from blockprov.errors import (
     BlockprovError,
     CacheError,
     CacheLocked,
@@ -88,10 +90,8 @@ from ..errors import (
     NotSupported,
     ReadOnlyDevice,
 )
-from ..manifest import Manifest
-from ..repo.base import Repository
-from .base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
-from .overlay import BaseSource
+from blockprov.manifest import Manifest
+from blockprov.repo.base import Repository
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import codec
-from .errors import ChunkCorrupt, ChunkMissing
-from .repo.local import LocalRepository
+from blockprov import codec
+from blockprov.errors import ChunkCorrupt, ChunkMissing
+from blockprov.repo.local import LocalRepository
 
 BATCH = 256
 

@@ -34,9 +34,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .db import SQLDatabase
-from .errors import CatalogUnavailable, NotFound, UsageError
-from .names import token_name
+from blockprov.catalog.db import SQLDatabase
+from blockprov.errors import CatalogUnavailable, NotFound, UsageError
+from blockprov.names import token_name
 
 SCOPES = ("read", "agent", "write")
 LEVEL = {s: i for i, s in enumerate(SCOPES)}

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .auth import TokenStore
-from .catalog import Catalog
-from .db import SQLDatabase
-from .errors import UsageError
-from .registry import Registry
+from blockprov.catalog.db import SQLDatabase
+from blockprov.catalog.images import Catalog
+from blockprov.catalog.machines import Registry
+from blockprov.catalog.tokens import TokenStore
+from blockprov.errors import UsageError
 
 # Parents before children (foreign keys are checked row by row).
 TABLES = ("versions", "tags", "boot_files", "profiles", "hosts", "agents", "agent_requests", "tokens")

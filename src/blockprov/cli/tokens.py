@@ -16,15 +16,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .auth import SCOPES
-from .cli import Ctx, default_data_dir, emit
-from .errors import UsageError
+from blockprov.catalog.tokens import SCOPES
+from blockprov.cli._common import Ctx, default_data_dir, emit, json_option
+from blockprov.errors import UsageError
 
 if TYPE_CHECKING:  # SQLite and the catalog load only when a token command runs (CLI start-up time)
-    from .auth import TokenStore
-    from .catalog import Catalog
+    from blockprov.catalog.images import Catalog
+    from blockprov.catalog.tokens import TokenStore
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def _store(obj: Ctx) -> tuple[Catalog, TokenStore]:
@@ -33,9 +32,9 @@ def _store(obj: Ctx) -> tuple[Catalog, TokenStore]:
                          "run this without --repo / BLOCKPROV_REPO (with --data DIR or --catalog URL)")
     data = Path(obj.data_dir or default_data_dir())
     data.mkdir(parents=True, exist_ok=True)
-    from .auth import TokenStore
-    from .catalog import Catalog
-    from .db import open_database
+    from blockprov.catalog.db import open_database
+    from blockprov.catalog.images import Catalog
+    from blockprov.catalog.tokens import TokenStore
 
     catalog = Catalog(open_database(obj.catalog, data))
     return catalog, TokenStore(catalog.db)

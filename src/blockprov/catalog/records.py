@@ -1,0 +1,85 @@
+"""The catalog's value types: what a query about images, versions, hosts and boot files returns.
+
+They live with the catalog (which makes them) and are re-exported by nothing: the repository
+interfaces (repo/base.py), the service and the CLI import them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from blockprov.boot import BootFile
+
+
+@dataclass
+class VersionInfo:
+    image: str
+    id: str
+    size: int
+    chunk_size: int
+    created: float
+    parent: str | None
+    labels: dict[str, str] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ImageInfo:
+    name: str
+    versions: int
+    tags: dict[str, str]  # tag -> version id
+    latest: str | None  # newest version id
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GcStats:
+    chunks_removed: int
+    bytes_removed: int
+    chunks_kept: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class HostInfo:
+    """A host's boot assignment. ``ref`` is what was assigned (``NAME:TAG`` follows the tag);
+    ``version`` is the id it names now, None when that tag or version no longer exists."""
+
+    host: str
+    ref: str
+    args: str
+    version: str | None
+    updated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BootFilesInfo:
+    """The boot files of one version (see boot.py for how they are stored)."""
+
+    image: str
+    version: str
+    kernel: BootFile
+    initrd: BootFile
+    cmdline: str
+    updated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "version": self.version, "cmdline": self.cmdline, "updated": self.updated,
+                "kernel": self.kernel.to_dict(), "initrd": self.initrd.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BootFilesInfo:
+        return cls(image=str(d["image"]), version=str(d["version"]), cmdline=str(d["cmdline"]),
+                   updated=float(d["updated"]), kernel=BootFile.from_dict(d["kernel"]),
+                   initrd=BootFile.from_dict(d["initrd"]))

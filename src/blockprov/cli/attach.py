@@ -1,0 +1,143 @@
+"""The agent on this host: ``attach`` serves a version from a cache over NBD, ``status`` shows a cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from blockprov import humanize as hz
+from blockprov.cli._common import (
+    Ctx,
+    emit,
+    json_option,
+    run_async,
+    size_option,
+)
+from blockprov.errors import UsageError
+from blockprov.names import parse_ref
+
+
+@click.command("attach")
+@click.argument("ref", required=False, metavar="[NAME:TAG|NAME@ID]")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache directory (created if needed).")
+@click.option("--socket", "sock", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve NBD on this unix socket.")
+@click.option("--listen", metavar="HOST:PORT", help="Serve NBD on TCP (port 0 picks one).")
+@click.option("--data-file", type=click.Path(dir_okay=False, path_type=str),
+              help="Keep the image data in this existing file or block device instead of DIR/data.")
+@click.option("--readahead", default="32M", callback=size_option, show_default=True,
+              help="Largest read-ahead window on sequential reads (0 disables).")
+@click.option("--fetch-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a read of a missing chunk retries an unreachable repository before EIO.")
+@click.option("--read-only", is_flag=True, help="Refuse writes.")
+@click.option("--cacheable-fetch", is_flag=True, envvar="BLOCKPROV_CACHEABLE_FETCH",
+              help="Fetch chunks with one GET each (cacheable by an HTTP cache in front of the repository) "
+                   "instead of batched POSTs.")
+@click.option("--reset-on-start", is_flag=True,
+              help="Reboot-to-restore: reset the instance to its base version before serving.")
+@click.option("--hydrate", is_flag=True, help="Copy every missing chunk in the background while serving.")
+@click.option("--hydrate-rate", default=None, metavar="BYTES/S",
+              callback=lambda c, p, v: None if v is None else size_option(c, p, v),
+              help="Limit hydration's transfer rate, e.g. 50M.")
+@click.option("--no-profile", is_flag=True,
+              help="Do not prefetch in the version's recorded boot order, nor record one for it.")
+@click.option("--instance", metavar="ID", help="Name to register with the repository (default: from the cache).")
+@click.option("--no-register", is_flag=True, help="Do not register with the repository nor take its requests.")
+@click.option("--metrics", "metrics_at", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9420; port 0 picks one).")
+@json_option
+@click.pass_obj
+def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, listen: str | None,
+               data_file: str | None, readahead: int, fetch_timeout: float, read_only: bool,
+               cacheable_fetch: bool, reset_on_start: bool, hydrate: bool, hydrate_rate: int | None,
+               no_profile: bool, instance: str | None, no_register: bool, metrics_at: str | None,
+               as_json: bool) -> None:
+    """Serve a version as an NBD export backed by a lazy local cache, until SIGINT/SIGTERM.
+
+    Without NAME:TAG the version the cache already holds is re-attached (no repository round trip).
+    """
+    from blockprov.agent.agent import Agent, AgentConfig, parse_listen
+
+    cache_dir = cache_dir.resolve()
+    if sock is None and listen is None:
+        raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
+    obj.cacheable = cacheable_fetch
+    manifest = obj.repo.resolve(parse_ref(ref)) if ref else None
+    if manifest is None and not (cache_dir / "meta").exists():
+        raise UsageError(f"{cache_dir} holds no cache yet: name the version to attach (NAME:TAG)")
+    cfg = AgentConfig(cache_dir=cache_dir, socket=sock, listen=parse_listen(listen) if listen else None,
+                      data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only,
+                      reset_on_start=reset_on_start, hydrate=hydrate,
+                      hydrate_rate=float(hydrate_rate) if hydrate_rate else None, use_profile=not no_profile,
+                      instance=instance, register=not no_register,
+                      metrics=parse_listen(metrics_at) if metrics_at else None)
+
+    async def main() -> None:
+        agent = Agent(cfg, obj.repo, manifest)
+        addresses = await agent.start()
+        assert agent.device is not None
+        m = agent.device.manifest
+        if as_json:
+            click.echo(json.dumps({"image": m.image, "version": m.id, "addresses": addresses, "pid": os.getpid(),
+                                   "instance": agent.instance, "metrics": agent.metrics_url}))
+        else:
+            st = agent.device.status()
+            click.echo(f"serving {m.image}@{m.id} ({hz.size(m.size)}, {st['chunks_present']}/{st['chunks_total']} "
+                       f"chunks local) from cache {cache_dir}")
+            for a in addresses:
+                click.echo(f"  {a}")
+            if agent.metrics_url:
+                click.echo(f"  metrics {agent.metrics_url}")
+            click.echo("stop with Ctrl-C or SIGTERM")
+        sys.stdout.flush()
+        await agent.run()
+        if not as_json:
+            click.echo("stopped cleanly")
+
+    run_async(main())
+
+
+@click.command("status")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@json_option
+def status_cmd(cache_dir: Path, as_json: bool) -> None:
+    """Show a cache: version, chunks present / modified, fetch figures, whether an agent serves it."""
+    from blockprov.agent.agent import status
+
+    cache_dir = cache_dir.resolve()
+    st = status(cache_dir)
+    if as_json:
+        emit(st)
+        return
+    total = st["chunks_total"] or 1
+    local = st["chunks_present"] + st["chunks_zero"]
+    click.echo(f"{st['image']}@{st['version']}  {hz.size(st['size'])} in chunks of {hz.size(st['chunk_size'])}")
+    click.echo(f"  local     {local}/{st['chunks_total']} chunks ({100.0 * local / total:.1f}%): "
+               f"{st['chunks_present']} with data, {st['chunks_zero']} zero; {st['chunks_missing']} to fetch")
+    click.echo(f"  modified  {st['chunks_modified']} chunks since the base version")
+    tot = st.get("totals", {})
+    click.echo(f"  fetched   {hz.size(tot.get('bytes_fetched', 0))} in {tot.get('chunks_fetched', 0)} chunks "
+               f"({hz.size(tot.get('wire_bytes', 0))} on the wire) over all agent runs")
+    agent = st.get("agent", {})
+    if agent.get("running"):
+        lat = st.get("fetch_latency_ms", {})
+        if lat.get("p50") is not None:
+            click.echo(f"  latency   fetch p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms "
+                       f"(since the agent started)")
+        click.echo(f"  agent     running, pid {agent['pid']}, up {agent.get('uptime', 0):.0f} s")
+        for a in agent.get("addresses", []):
+            click.echo(f"            {a}")
+    else:
+        click.echo("  agent     not running" + ("" if st.get("clean_shutdown", True) else
+                                               " (last stop was unclean: the next attach recovers it)"))
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (attach_cmd, status_cmd):
+        cli.add_command(cmd)

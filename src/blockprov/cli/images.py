@@ -1,0 +1,201 @@
+"""Image and version commands: import, export, images, versions, show, diff, tag, rm, gc.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import click
+
+from blockprov import humanize as hz
+from blockprov.cli._common import (
+    Ctx,
+    emit,
+    json_option,
+    labels_option,
+    progress_bar,
+    size_option,
+)
+from blockprov.errors import UsageError
+from blockprov.manifest import DEFAULT_CHUNK
+from blockprov.names import parse_ref
+
+
+@click.command("import")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("ref", metavar="NAME:TAG")
+@click.option("--chunk-size", default=str(DEFAULT_CHUNK), callback=size_option, show_default=True,
+              help="Chunk size, a power of two from 4K to 4M.")
+@click.option("--format", "fmt", default=None, help="Source format (default: detected by qemu-img).")
+@click.option("--label", "labels", multiple=True, callback=labels_option, metavar="KEY=VALUE")
+@json_option
+@click.pass_obj
+def import_cmd(obj: Ctx, source: str, ref: str, chunk_size: int, fmt: str | None, labels: dict[str, str],
+               as_json: bool) -> None:
+    """Import a disk image (raw, qcow2, vmdk, vhdx, …) as a new version of NAME:TAG."""
+    from blockprov.imaging.importer import import_image
+
+    target = parse_ref(ref, allow_version=False)
+    total: list[int] = []
+    with progress_bar(None, f"import {target}", not as_json) as bar:
+        vid, stats = import_image(obj.repo, source, target, chunk_size=chunk_size, fmt=fmt, labels=labels,
+                                  progress=bar, on_size=total.append)
+    d = stats.to_dict() | {"image": target.name, "tag": target.tag, "id": vid}
+    if as_json:
+        emit(d)
+        return
+    click.echo(f"imported {source} as {target.name}:{target.tag} = {target.name}@{vid}")
+    click.echo(f"  virtual size   {hz.size(stats.source_bytes)} in {stats.chunks} chunks of {hz.size(chunk_size)}")
+    click.echo(f"  read           {hz.size(stats.bytes_read)} (holes skipped)")
+    click.echo(f"  zero chunks    {stats.zero_chunks} (never stored)")
+    click.echo(f"  unique chunks  {stats.unique_chunks}, new to the repository {stats.new_chunks}")
+    share = 100.0 * stats.new_bytes_stored / stats.bytes_read if stats.bytes_read else 0.0
+    click.echo(f"  new bytes      {hz.size(stats.new_bytes_stored)} stored after dedup and compression "
+               f"({share:.1f}% of the data read)")
+    if stats.seconds:
+        click.echo(f"  time           {stats.seconds:.2f} s "
+                   f"({hz.size(stats.source_bytes / stats.seconds)}/s of virtual disk)")
+
+
+@click.command("export")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.argument("dest", type=click.Path(path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
+@json_option
+@click.pass_obj
+def export_cmd(obj: Ctx, ref: str, dest: str, fmt: str, as_json: bool) -> None:
+    """Write a version to a file or block device."""
+    from blockprov.imaging.exporter import export_image
+
+    m = obj.repo.resolve(ref)
+    with progress_bar(m.stored_bytes_logical(), f"export {ref}", not as_json) as bar:
+        export_image(obj.repo, parse_ref(ref), dest, fmt=fmt, progress=bar)
+    if as_json:
+        emit({"ref": ref, "id": m.id, "dest": dest, "format": fmt, "size": m.size})
+    else:
+        click.echo(f"exported {m.image}@{m.id} ({hz.size(m.size)}) to {dest} as {fmt}")
+
+
+@click.command("images")
+@json_option
+@click.pass_obj
+def images_cmd(obj: Ctx, as_json: bool) -> None:
+    """List images, their tags and number of versions."""
+    imgs = obj.repo.images()
+    if as_json:
+        emit([i.to_dict() for i in imgs])
+        return
+    if not imgs:
+        click.echo("no images (import one with: blockprov import DISK NAME:TAG)")
+    for i in imgs:
+        tags = ", ".join(f"{t}→{v}" for t, v in sorted(i.tags.items())) or "-"
+        click.echo(f"{i.name:24} {i.versions:3} version(s)  tags: {tags}")
+
+
+@click.command("versions")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def versions_cmd(obj: Ctx, name: str, as_json: bool) -> None:
+    """List the versions of an image, oldest first."""
+    vs = obj.repo.versions(name)
+    if as_json:
+        emit([v.to_dict() for v in vs])
+        return
+    for v in vs:
+        when = datetime.datetime.fromtimestamp(v.created).isoformat(timespec="seconds")
+        click.echo(f"{v.image}@{v.id}  {when}  {hz.size(v.size):>10}  parent={v.parent or '-'}  "
+                   f"tags={','.join(v.tags) or '-'}")
+
+
+@click.command("show")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@json_option
+@click.pass_obj
+def show_cmd(obj: Ctx, ref: str, as_json: bool) -> None:
+    """Show one version: size, chunks, zero chunks, parent, labels."""
+    m = obj.repo.resolve(ref)
+    d = m.summary() | {"raw_url": obj.repo.raw_url(parse_ref(ref)), "repository": obj.repo.url}
+    if as_json:
+        emit(d)
+        return
+    click.echo(f"{m.image}@{m.id}")
+    click.echo(f"  size        {hz.size(m.size)} ({m.size} bytes)")
+    click.echo(f"  chunks      {d['chunks']} × {hz.size(m.chunk_size)}: {d['zero_chunks']} zero, "
+               f"{d['unique_chunks']} unique stored")
+    click.echo(f"  parent      {m.parent or '-'}")
+    click.echo(f"  created     {datetime.datetime.fromtimestamp(m.created).isoformat(timespec='seconds')}")
+    if m.labels:
+        click.echo("  labels      " + ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items())))
+    if d["raw_url"]:
+        click.echo(f"  raw view    {d['raw_url']}")
+
+
+@click.command("diff")
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
+@json_option
+@click.pass_obj
+def diff_cmd(obj: Ctx, a: str, b: str, as_json: bool) -> None:
+    """Chunks that differ from version A to version B."""
+    changed = obj.repo.diff(parse_ref(a), parse_ref(b))
+    mb = obj.repo.resolve(b)
+    if as_json:
+        emit({"a": a, "b": b, "chunk_size": mb.chunk_size, "changed": changed})
+        return
+    click.echo(f"{len(changed)} of {mb.count} chunks differ ({hz.size(len(changed) * mb.chunk_size)})")
+    if changed:
+        runs = _runs(changed)
+        shown = ", ".join(f"{s}" if s == e else f"{s}-{e}" for s, e in runs[:20])
+        click.echo(f"  chunks {shown}{' …' if len(runs) > 20 else ''}")
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+@click.command("tag")
+@click.argument("src", metavar="NAME:TAG|NAME@ID")
+@click.argument("dst", metavar="NAME:TAG")
+@click.pass_obj
+def tag_cmd(obj: Ctx, src: str, dst: str) -> None:
+    """Point tag DST at the version SRC names."""
+    s, d = parse_ref(src), parse_ref(dst, allow_version=False)
+    if s.name != d.name:
+        raise UsageError(f"tags name versions of the same image ({s.name} ≠ {d.name})")
+    m = obj.repo.resolve(s)
+    assert d.tag is not None
+    obj.repo.set_tag(d.name, d.tag, m.id)
+    click.echo(f"{d} → {m.image}@{m.id}")
+
+
+@click.command("rm")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.pass_obj
+def rm_cmd(obj: Ctx, ref: str) -> None:
+    """Remove a tag, or a version with its tags. Chunks go at the next gc."""
+    for gone in obj.repo.remove(parse_ref(ref)):
+        click.echo(f"removed {gone}")
+
+
+@click.command("gc")
+@json_option
+@click.pass_obj
+def gc_cmd(obj: Ctx, as_json: bool) -> None:
+    """Delete chunks no version references (chunks younger than an hour are kept for uploads in progress)."""
+    st = obj.repo.gc()
+    if as_json:
+        emit(st.to_dict())
+    else:
+        click.echo(f"removed {st.chunks_removed} chunks ({hz.size(st.bytes_removed)}), kept {st.chunks_kept}")
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (import_cmd, export_cmd, images_cmd, versions_cmd, show_cmd, diff_cmd, tag_cmd, rm_cmd, gc_cmd):
+        cli.add_command(cmd)

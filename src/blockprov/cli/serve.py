@@ -1,0 +1,75 @@
+"""``blockprov serve``: the repository over HTTP.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from blockprov.cli._common import (
+    Ctx,
+    default_data_dir,
+    size_option,
+)
+from blockprov.errors import UsageError
+
+
+@click.command("serve")
+@click.option("--listen", default="127.0.0.1:8420", show_default=True, metavar="HOST:PORT",
+              help="Address to listen on; port 0 picks a free port.")
+@click.option("--max-body", default="256M", callback=size_option, show_default=True,
+              help="Largest request body accepted (larger ones get 413).")
+@click.option("--access-log", is_flag=True, help="Log every request to stderr.")
+@click.option("--chunk-cache", default="256M", callback=size_option, show_default=True, metavar="SIZE",
+              help="Memory for chunks read from an object store (--store s3://…), so that many agents reading "
+                   "the same version cost one read per chunk; 0 turns it off. The local pack store needs none.")
+@click.option("--auth", "auth_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              envvar="BLOCKPROV_AUTH",
+              help="Require tokens: auto = once any token was created (blockprov token create), on = always, "
+                   "off = never.")
+@click.option("--anonymous-read", is_flag=True, help="Let requests without a token read (not change) the repository.")
+@click.option("--anonymous-boot", is_flag=True,
+              help="Let requests without a token fetch boot scripts and boot files (for iPXE).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="Serve HTTPS with this PEM certificate (chain).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="The certificate's PEM private key (default: in the --tls-cert file).")
+@click.pass_obj
+def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cache: int, auth_mode: str,
+              anonymous_read: bool, anonymous_boot: bool, tls_cert: str | None, tls_key: str | None) -> None:
+    """Serve the embedded repository over HTTP to remote agents and tools.
+
+    The first line printed is "serving URL" (with the real port when --listen asks for port 0).
+    """
+    import logging
+
+    from blockprov.service.access import AccessPolicy
+    from blockprov.service.run import run_server
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen must be HOST:PORT, not {listen!r}")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = obj.data_dir or default_data_dir()
+    from blockprov.catalog.db import open_database
+
+    catalog = open_database(obj.catalog, data)
+    store = None
+    if obj.store:
+        from blockprov.store.factory import open_store
+
+        store = open_store(obj.store, data, obj.store_options)
+    try:
+        run_server(data, host.strip("[]"), int(port), max_body=max_body, store=store, catalog=catalog,
+                   chunk_cache=chunk_cache,
+                   access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
+                   access=AccessPolicy(auth_mode, anonymous_read, anonymous_boot), tls_cert=tls_cert,
+                   tls_key=tls_key)
+    except OSError as e:  # bind failures: port in use, bad address
+        raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(serve_cmd)
