@@ -93,7 +93,10 @@ def test_qemu_img_info_and_convert(served: Served, ref: str) -> None:
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["virtual-size"] == SIZE
     out = served.tmp / f"out-{ref.strip('@')}.raw"
-    p = qemu_img("convert", "-O", "raw", url, str(out))
+    # qemu's curl driver gives each request 5 s by default and can hang for good after a timeout
+    # (seen under a loaded CI machine): give it the time a slow machine needs, as an operator would.
+    opts = json.dumps({"driver": "raw", "file": {"driver": "http", "url": url, "timeout": 120}})
+    p = qemu_img("convert", "-O", "raw", f"json:{opts}", str(out))
     assert p.returncode == 0, p.stderr
     p = qemu_img("compare", "-f", "raw", "-F", "raw", str(out), str(served.src))
     assert p.returncode == 0, p.stdout + p.stderr
@@ -104,7 +107,7 @@ def test_qemu_io_reads_through_http_driver(served: Served) -> None:
     """qemu's ``http`` driver with explicit options (as a -drive would use it), read-only."""
     data = served.src.read_bytes()
     url = f"{served.server.url}/v1/images/disk/raw/v1"
-    opts = json.dumps({"driver": "raw", "file": {"driver": "http", "url": url, "readahead": 65536}})
+    opts = json.dumps({"driver": "raw", "file": {"driver": "http", "url": url, "readahead": 65536, "timeout": 120}})
     out = served.tmp / "qio.raw"
     p = qemu_img("convert", "-O", "raw", f"json:{opts}", str(out))
     assert p.returncode == 0, p.stderr
