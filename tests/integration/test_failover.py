@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import make_image, run_cli
 from tests.procs import nbd_uri, start_agent, start_server, wait_for
 
-SIZE = 48 << 20
+SIZE = 48 << 20  # at -r 8M the copy takes ~6 s: time to see it running (each status check is a process) and kill a server
 
 
 def _present(cache: Path) -> tuple[int, int]:
@@ -47,7 +47,7 @@ def test_agent_survives_a_server_killed_mid_copy(layout: str, tmp_path: Path, re
         agent, _banner = start_agent(tmp_path / "cache", "lab:v1", sock, "--readahead", "1M",
                                      "--fetch-timeout", "20", repo_url=f"{url_a},{url_b}")
         out = tmp_path / "out.raw"
-        copy = subprocess.Popen(["qemu-img", "convert", "-r", "16M", "-f", "raw", "-O", "raw",
+        copy = subprocess.Popen(["qemu-img", "convert", "-r", "8M", "-f", "raw", "-O", "raw",
                                  nbd_uri(sock), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         cache = tmp_path / "cache"
         assert wait_for(lambda: _present(cache)[0] >= 64, timeout=30), "the copy fetched nothing"
