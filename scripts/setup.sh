@@ -1,11 +1,27 @@
 #!/usr/bin/env bash
 # Install everything blockprov and its tests need on a fresh Debian machine with Python 3.11:
-# the real peers we test against (qemu, libnbd tools, nbdkit, fio, curl, nginx) from Debian,
+# the real peers we test against (qemu, libnbd tools, nbdkit, fio, curl, nginx, PostgreSQL) from Debian,
 # and blockprov itself into .venv. Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(qemu-utils qemu-block-extra qemu-system-x86 libnbd-bin python3-libnbd nbdkit fio curl nginx-light e2fsprogs linux-image-amd64 busybox-static postgresql)
+# What each package is for (Debian 12). tests/conftest.py maps every program the tests run to its
+# package (TOOL_PACKAGES) and a test checks that each of those packages is listed here.
+APT_PKGS=(
+    python3-venv                       # `python3 -m venv` below, with Debian's python3
+    qemu-utils                         # qemu-img, qemu-io, qemu-nbd
+    qemu-block-extra                   # qemu's curl driver (http:// drives: the raw view, remote boot)
+    qemu-system-x86                    # qemu-system-x86_64 (and its ipxe-qemu ROMs): tests/boot, remote boot
+    libnbd-bin                         # nbdinfo, nbdcopy, nbdfuse (clone --customize builtin:identity)
+    python3-libnbd                     # nbdsh and `import nbd` for /usr/bin/python3 (NBD clients in tests)
+    nbdkit                             # a second NBD server to compare with
+    fio                                # NBD load in interop tests and benchmarks
+    curl                               # Range requests against the raw view
+    nginx-light                        # a caching HTTP proxy in front of the service
+    e2fsprogs                          # mkfs.ext4, debugfs, e2fsck: file systems in test images
+    linux-image-amd64 busybox-static   # the bootable test image (tools/bootimage.py)
+    postgresql                         # initdb, postgres: the shared catalog's tests
+)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,11 +1,12 @@
-"""Shared fixtures: a fresh embedded repository, image makers, and the CLI runner."""
+"""Shared fixtures: a fresh embedded repository, image makers, the CLI runner, and the external tools."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,56 @@ from tests.pgfixture import pg_url, postgres  # noqa: F401  (fixtures: a real Po
 from tests.s3fixture import s3_env, seaweed  # noqa: F401  (fixtures: a real S3 server)
 
 VENV_BIN = Path(sys.executable).parent
+
+# The programs the tests run, and the Debian package (Debian 12) that installs each; scripts/setup.sh
+# installs them all (tests/unit/test_setup.py checks that it names every package here).
+TOOL_PACKAGES = {
+    "qemu-img": "qemu-utils", "qemu-io": "qemu-utils", "qemu-nbd": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "nbdfuse": "libnbd-bin", "nbdsh": "python3-libnbd",
+    "python3": "python3-libnbd",  # /usr/bin/python3, Debian's, which has the libnbd bindings (tests/procs.py)
+    "nbdkit": "nbdkit", "fio": "fio", "curl": "curl", "nginx": "nginx-light",
+    "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs", "e2fsck": "e2fsprogs",
+    "busybox": "busybox-static", "initdb": "postgresql", "postgres": "postgresql",
+}
+
+
+def missing_tool(tool: str) -> str:
+    return f"{tool} is not installed: install the Debian package {TOOL_PACKAGES[tool]} (scripts/setup.sh does)"
+
+
+def require_tool(tool: str) -> str:
+    """The path of ``tool``. When it is missing the test fails (it never skips) naming the package."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(missing_tool(tool), pytrace=False)
+    return path
+
+
+def _named_package(e: FileNotFoundError) -> str | None:
+    """The message for a tool that subprocess could not find, if it is one of ours."""
+    tool = Path(str(e.filename or "")).name
+    return missing_tool(tool) if tool in TOOL_PACKAGES else None
+
+
+def _naming_the_package() -> Generator[None, None, None]:
+    """A fixture or test that runs a missing tool fails with the package to install, not a bare ENOENT."""
+    try:
+        return (yield)
+    except FileNotFoundError as e:
+        if (why := _named_package(e)) is None:
+            raise
+        pytest.fail(f"{why}\n({e})", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    return (yield from _naming_the_package())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    return (yield from _naming_the_package())
 
 
 @pytest.fixture

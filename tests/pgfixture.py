@@ -42,7 +42,9 @@ def pg_bin() -> Path:
     initdb = shutil.which("initdb")
     if initdb:
         return Path(initdb).parent
-    raise RuntimeError("PostgreSQL is not installed (Debian: apt-get install postgresql); scripts/setup.sh does it")
+    from tests.conftest import missing_tool  # not at the top: conftest imports this module
+
+    pytest.fail(missing_tool("initdb"), pytrace=False)
 
 
 def _free_port() -> int:
