@@ -70,13 +70,6 @@ class AgentConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"--listen must be HOST:PORT, not {text!r}")
-    return host.strip("[]"), int(port)
-
-
 class Agent:
     def __init__(self, config: AgentConfig, repo: Repository, manifest: Manifest | None) -> None:
         if config.socket is None and config.listen is None:

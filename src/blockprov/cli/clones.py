@@ -21,7 +21,7 @@ from blockprov.agent import control
 from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, run_async
 from blockprov.clones.customize import BUILTIN_IDENTITY
 from blockprov.errors import BlockprovError, UsageError
-from blockprov.names import parse_ref
+from blockprov.names import host_port, parse_ref
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
     from blockprov.clones.clones import ClonesAgent
@@ -145,13 +145,13 @@ def clones_group() -> None:
 @click.pass_obj
 def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None, as_json: bool) -> None:
     """Serve every instance of the directory as an NBD export named after it, until SIGTERM."""
-    from blockprov.agent.agent import parse_listen
     from blockprov.clones.clones import ClonesAgent
 
     root = root.resolve()
+    address = host_port(listen) if listen else None
 
     async def main() -> None:
-        agent = ClonesAgent(root, obj.repo, socket=sock, listen=parse_listen(listen) if listen else None)
+        agent = ClonesAgent(root, obj.repo, socket=sock, listen=address)
         await agent.start()
         _banner(agent, as_json)
         await agent.run()
@@ -264,16 +264,15 @@ def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str 
 def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, listen: str | None,
                    as_json: bool) -> None:
     """Serve the pool's instances, hand them out, refill in the background, until SIGTERM."""
-    from blockprov.agent.agent import parse_listen
     from blockprov.clones import pool
     from blockprov.clones.clones import ClonesAgent
 
     d = pool_dir(name, root)
+    address = host_port(listen) if listen else None
     pool.read_state(d)
 
     async def main() -> None:
-        agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET,
-                            listen=parse_listen(listen) if listen else None)
+        agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET, listen=address)
         await agent.start()
         server = pool.PoolServer(d, obj.repo, agent)
         server.start()
