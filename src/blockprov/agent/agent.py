@@ -37,7 +37,7 @@ from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from blockprov.cache.journal import instance_status, load
 from blockprov.durable import atomic_write
-from blockprov.errors import AccessDenied, BlockprovError, CacheError, UsageError
+from blockprov.errors import AccessDenied, AgentNotRunning, BlockprovError, CacheError, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
@@ -267,5 +267,5 @@ def status(cache_dir: Path) -> dict[str, Any]:
     try:
         result: dict[str, Any] = control.call(cache_dir, "status", timeout=10.0)
         return result
-    except control.AgentNotRunning:
+    except AgentNotRunning:
         return offline_status(cache_dir)

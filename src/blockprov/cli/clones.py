@@ -20,7 +20,7 @@ from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, run_async
 from blockprov.clones.customize import BUILTIN_IDENTITY
-from blockprov.errors import BlockprovError, UsageError
+from blockprov.errors import AgentNotRunning, BlockprovError, CustomizeFailed, PoolExhausted, UsageError
 from blockprov.names import host_port, parse_ref
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
@@ -38,7 +38,7 @@ def _rescan(root: Path) -> dict[str, Any] | None:
     try:
         out: dict[str, Any] = control.call(root, "rescan", timeout=60.0)
         return out
-    except control.AgentNotRunning:
+    except AgentNotRunning:
         return None
 
 
@@ -85,7 +85,7 @@ def clone_cmd(obj: Ctx, ref: str, count: int, root: Path, prefix: str | None, cu
         for n, why in failed.items():
             click.echo(f"blockprov: error: {why} (instance {n} was not kept)", err=True)
     if failed:
-        sys.exit(9)
+        raise CustomizeFailed(name=f"{len(failed)} of {count} new instance(s)", why="they were not kept")
 
 
 async def _customize_all(obj: Ctx, root: Path, names: list[str], cmd: str, served: bool) -> dict[str, str]:
@@ -204,7 +204,7 @@ def clones_rm_cmd(names: tuple[str, ...], root: Path) -> None:
     for n in names:
         try:
             control.call(root, "remove", timeout=60.0, name=n)  # the server stops serving it first
-        except control.AgentNotRunning:
+        except AgentNotRunning:
             remove_instance(root, n)
     click.echo(f"removed {', '.join(names)}")
 
@@ -302,13 +302,13 @@ def pool_acquire_cmd(name: str, host: str, wait_s: float, root: Path | None, as_
         try:
             try:
                 out = pool.server_call(d, "pool-acquire", host=host)
-            except control.AgentNotRunning:
+            except AgentNotRunning:
                 inst = pool.acquire(d, host)
                 out = {"instance": inst, "uri": f"nbd+unix:///{inst}?socket={d / pool.SOCKET}",
                        "note": f"start `blockprov pool serve {name}` to serve it"}
             break
-        except (pool.PoolExhausted, control.ControlFailed) as e:
-            if time.monotonic() >= deadline or "exhausted" not in str(e):
+        except PoolExhausted:  # from the server too: its control socket sends the error's class
+            if time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
     if as_json:
@@ -338,7 +338,7 @@ def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None
     inst = pool.find(d, instance, host)
     try:
         out = pool.server_call(d, "pool-release", instance=inst, destroy=destroy)
-    except control.AgentNotRunning:
+    except AgentNotRunning:
         out = {"instance": inst, "state": run_async(pool.release(d, obj.repo, inst, destroy=destroy, agent=None))}
     if as_json:
         emit(out)
@@ -357,7 +357,7 @@ def pool_status_cmd(name: str, root: Path | None, as_json: bool) -> None:
     d = pool_dir(name, root)
     try:
         st = pool.server_call(d, "pool-status")
-    except control.AgentNotRunning:
+    except AgentNotRunning:
         st = pool.read_state(d)
         st["server"] = {"running": False}
     if as_json:

@@ -24,7 +24,7 @@ import click
 from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.cli._common import Ctx, emit, json_option, open_repository, run_async, size_option
-from blockprov.errors import BlockprovError, CacheError, UsageError
+from blockprov.errors import AgentNotRunning, BlockprovError, CacheError, UsageError
 from blockprov.names import parse_ref
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
@@ -59,7 +59,7 @@ def on_cache(obj: Ctx, cache_dir: Path, op: str, args: dict[str, Any],
     cache_dir = cache_dir.resolve()
     try:
         control.call(cache_dir, "status", timeout=10.0)  # answers quickly, or the agent is stuck
-    except control.AgentNotRunning:
+    except AgentNotRunning:
         pass
     except (TimeoutError, OSError, ValueError) as e:
         raise CacheError(f"an agent holds {cache_dir} but does not answer ({e or type(e).__name__}); "

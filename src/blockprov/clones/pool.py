@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from blockprov.agent import control
 from blockprov.clones.customize import customize
 from blockprov.durable import atomic_write, ensure_dir
-from blockprov.errors import BlockprovError, Conflict, NotFound, UsageError
+from blockprov.errors import BlockprovError, NotFound, PoolExhausted, UsageError
 
 if TYPE_CHECKING:  # acquire / status / release through the server stay cheap to import (CLI start-up)
     from blockprov.clones.clones import ClonesAgent
@@ -48,10 +48,6 @@ log = logging.getLogger("blockprov.pool")
 STATE = "pool.json"
 LOCK = "pool.lock"
 SOCKET = "nbd.sock"
-
-
-class PoolExhausted(Conflict):
-    """{msg}"""
 
 
 @contextlib.contextmanager
@@ -308,5 +304,5 @@ class PoolServer:
 
 
 def server_call(root: Path, op: str, **args: Any) -> Any:
-    """Ask a running pool server; raises control.AgentNotRunning when there is none."""
+    """Ask a running pool server; raises AgentNotRunning when there is none, else the error the server raised."""
     return control.call(root, op, timeout=600.0, **args)
