@@ -38,7 +38,7 @@ from blockprov.agent.instance import InstanceOps, wait_for_stop
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.journal import load
 from blockprov.durable import ensure_dir, fsync_dir
-from blockprov.errors import CacheError, NotFound, UsageError
+from blockprov.errors import AgentNotRunning, CacheError, NotFound, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
@@ -120,6 +120,25 @@ def remove_instance(root: Path, name: str) -> None:
     os.rename(d, gone)
     fsync_dir(root / INSTANCES)
     shutil.rmtree(gone, ignore_errors=True)
+
+
+def rescan_served(root: Path) -> bool:
+    """Tell the process serving ``root`` (``clones serve``, ``pool serve``) to pick up instances made
+    or removed since; False when none serves it (the next one to start finds them itself)."""
+    try:
+        control.call(root, "rescan", timeout=60.0)
+    except AgentNotRunning:
+        return False
+    return True
+
+
+def remove(root: Path, name: str) -> None:
+    """Remove an instance: through the process serving ``root`` when one does (it must stop serving
+    the instance before its files go), else the files themselves."""
+    try:
+        control.call(root, "remove", timeout=60.0, name=name)
+    except AgentNotRunning:
+        remove_instance(root, name)
 
 
 class _Served:

@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -85,15 +84,10 @@ async def serving(root: Path, repo: Repository, agent: ClonesAgent | None) -> As
     if agent is not None:
         yield agent
         return
-    from blockprov.clones.clones import ClonesAgent
+    from blockprov.clones.temporary import temporary_agent
 
-    with tempfile.TemporaryDirectory(prefix="blockprov-pool-") as tmp:
-        temp = ClonesAgent(root, repo, socket=Path(tmp) / "nbd.sock", control_socket=False)
-        await temp.start()
-        try:
-            yield temp
-        finally:
-            await temp.close()
+    async with temporary_agent(root, repo, prefix="blockprov-pool-") as temp:
+        yield temp
 
 
 async def _make_ready(root: Path, repo: Repository, m: Manifest, count: int, cmd: str | None,
