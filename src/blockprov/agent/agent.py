@@ -12,7 +12,7 @@ as an *instance* and long-polls it for requests, so the repository can ask it fo
 (seed 000 claims 10, 34) although agents usually sit behind NAT. Only ``snapshot`` and ``status``
 are accepted from the repository. ``--metrics HOST:PORT`` adds a Prometheus listener (agent/metrics.py).
 
-Crash rules: everything durable belongs to the cache (device/cache.py). ``agent.json`` is only a
+Crash rules: everything durable belongs to the cache (cache/device.py). ``agent.json`` is only a
 hint for humans and ``status``; a stale one left by a killed agent is recognised because the
 cache lock is free (``running`` is decided by the control socket answering, never by the file).
 """

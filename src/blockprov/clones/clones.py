@@ -3,9 +3,9 @@ instance, all served as separate NBD exports by one agent process.
 
 Layout of a clones directory ``ROOT``::
 
-    ROOT/bases/<image>@<version>/    a base cache (device/cache.py) shared by the version's
+    ROOT/bases/<image>@<version>/    a base cache (cache/device.py) shared by the version's
                                      instances; filled lazily (or hydrated), never written
-    ROOT/instances/<name>/           an overlay cache (device/overlay.py): the chunks this
+    ROOT/instances/<name>/           an overlay cache (cache/overlay.py): the chunks this
                                      instance wrote, its journal, its control socket
     ROOT/control.sock                the clones agent's control socket (status, rescan, stop)
 

@@ -7,7 +7,7 @@ then held untouched until ``acquire`` maps one to a host. Acquiring is a state c
 name lookup: no data moves. ``release`` resets the instance (drops its overlay's chunks) and
 returns it, or destroys it; the pool server refills to the configured size in the background.
 
-A pool is a clones directory (agent/clones.py) plus ``pool.json``::
+A pool is a clones directory (clones/clones.py) plus ``pool.json``::
 
     {"name", "source": "IMG@ID", "configured": "IMG@ID", "size": K, "customize": CMD | null,
      "instances": {NAME: {"state": "ready" | "in-use", "host": ID | null, "since": T}}}
