@@ -2,11 +2,16 @@
 
 Each class's docstring is its message template; ``exit_code`` is what the CLI exits with and
 ``http_status`` what the HTTP service answers. Errors are raised deep inside and mapped to an
-exit code, an HTTP status or an NBD errno only at the edges (cli.py, service/, nbd/server.py).
+exit code, an HTTP status or an NBD errno only at the edges (cli/__init__.py, service/, nbd/server.py).
+
+An error that crosses a process boundary (the HTTP service, an agent's control socket) travels as
+``error_to_dict`` and is raised again on the other side by ``error_from_dict``: the same class, so
+the caller's ``except`` clauses and the CLI's exit code do not depend on where it was raised.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -40,6 +45,13 @@ class UsageError(BlockprovError):
 
 class InvalidName(UsageError):
     """invalid {kind} {name!r}: {why}"""
+
+
+class InvalidSize(InvalidName, ValueError):
+    """invalid size {name!r}: {why}"""
+
+    # Also a ValueError: argparse (the NBD development server, the benchmarks) reports a bad size as
+    # a bad argument, and callers that validate with ``except ValueError`` keep working.
 
 
 class NotFound(BlockprovError):
@@ -104,6 +116,10 @@ class Conflict(BlockprovError):
 
     exit_code = 5
     http_status = 409
+
+
+class PoolExhausted(Conflict):
+    """{msg}"""
 
 
 class BootFilesMissing(Conflict):
@@ -200,6 +216,36 @@ class CacheMismatch(CacheError):
     """cache {path} holds {held}, not {wanted}; use another --cache directory"""
 
 
+class AgentNotRunning(CacheError):
+    """no agent is running on {path}"""
+
+
+class ControlFailed(BlockprovError):
+    """{msg}"""
+
+    # An error from an agent's control socket whose class this side does not know (an agent of
+    # another version): its message and exit code as the agent sent them.
+    def __init__(self, msg: str, exit_code: int) -> None:
+        super().__init__(msg=msg)
+        self.exit_code = exit_code
+
+
+class CustomizeFailed(BlockprovError):
+    """customizing {name} failed: {why}"""
+
+    # Its own code: the instances were made, but some could not be customized and were not kept.
+    exit_code = 9
+
+
+class InternalError(BlockprovError):
+    """internal error: {msg}"""
+
+    # A bug, not a condition the caller can act on: what the edges answer for any exception outside
+    # this tree (the CLI's exit code, the service's 500, an agent's control reply).
+    exit_code = 70
+    http_status = 500
+
+
 class DeviceError(BlockprovError):
     """{msg}"""
 
@@ -232,3 +278,36 @@ class InvalidRequest(DeviceError):
     """{msg}"""
 
     errno_name = "EINVAL"
+
+
+# -- errors across processes ----------------------------------------------------------------------
+def error_to_dict(exc: BaseException) -> dict[str, Any]:
+    """The JSON an error travels as: ``{"error": ClassName, "message", "details", "exit_code"}``.
+
+    ``details`` holds the template fields (plain values only), so ``error_from_dict`` rebuilds the
+    very error; an exception outside this tree travels as an ``InternalError`` naming it."""
+    if not isinstance(exc, BlockprovError):
+        exc = InternalError(msg=f"{type(exc).__name__}: {exc}")
+    details = {k: v for k, v in exc.kwargs.items() if isinstance(v, str | int | float | bool) or v is None}
+    body: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message, "details": details,
+                            "exit_code": exc.exit_code}
+    if isinstance(exc, MissingChunks):
+        body["missing"] = exc.missing
+    return body
+
+
+def error_from_dict(body: Mapping[str, Any], default: Callable[[str], BlockprovError]) -> BlockprovError:
+    """The error ``error_to_dict`` made, rebuilt as its class; ``default(message)`` when this side
+    does not know the class or cannot rebuild it (a peer of another version)."""
+    name = body.get("error")
+    message = str(body.get("message") or name or "")
+    cls = globals().get(name) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, BlockprovError):
+        if cls is MissingChunks:
+            return MissingChunks([str(m) for m in body.get("missing") or []])
+        details = body.get("details")
+        try:
+            return cls(**details) if isinstance(details, dict) and details else cls(message)
+        except TypeError:
+            pass
+    return default(message)

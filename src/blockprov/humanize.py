@@ -1,6 +1,11 @@
-"""Human-readable figures for CLI output."""
+"""Human-readable figures: sizes shown to operators, and sizes read from them."""
 
 from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from blockprov.errors import InvalidSize
 
 
 def size(n: float) -> str:
@@ -11,10 +16,17 @@ def size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def parse_size(s: str) -> int:
-    """'64K', '1M', '65536', '2GiB' → bytes."""
-    t = s.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if t and t[-1] in mult:
-        return int(float(t[:-1]) * mult[t[-1]])
-    return int(t)
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``'64K'``, ``'1.5M'``, ``'65536'``, ``'2GiB'`` → bytes (binary units; a fraction rounds down to a byte).
+
+    The one parser of sizes, so every option and tool reads ``1.5M`` alike and names a bad value
+    the same way (InvalidSize: a usage error, and a ValueError for argparse)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise InvalidSize(name=text, why="expected a number of bytes, optionally with a binary unit K, M, G or T "
+                                         "(64K, 1.5M, 2GiB)")
+    return int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])

@@ -1,4 +1,5 @@
-"""Names are validated in one place: image names, tags, version ids, references, host ids.
+"""Names are validated in one place: image names, tags, version ids, references, host ids, and
+the addresses operators type (``HOST:PORT`` listeners, unix socket paths).
 
 "No crap in, no crap out": anything that becomes a path component, a URL segment or an SQL value
 passes through here first, so traversal (``..``, ``/``) and surprises never reach storage.
@@ -10,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from blockprov.errors import InvalidName
+from blockprov.errors import InvalidName, UsageError
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -157,3 +158,34 @@ def unix_socket_path(path: str) -> str:
                           why=f"it is {n} bytes and a unix socket's path holds at most {UNIX_PATH_MAX}: "
                               "choose a shorter one")
     return path
+
+
+# -- listeners: HOST:PORT ------------------------------------------------------------------------
+# One parser for every listener option (serve --listen, attach --listen / --metrics, clones serve and
+# pool serve --listen), so each accepts the same forms and refuses the same mistakes with the same
+# message: a name or IPv4 address (127.0.0.1:8420), an IPv6 address in brackets ([::1]:8420, as URLs
+# write it: without brackets the port cannot be told from the address), a port from 0 (any free
+# one, reported once bound) to 65535. Parsing only: nothing here resolves or binds.
+MAX_PORT = 65535
+
+
+def host_port(text: str, option: str = "--listen") -> tuple[str, int]:
+    """``"HOST:PORT"`` → ``(host, port)``, an IPv6 host without its brackets (as ``bind`` wants it).
+
+    ``option`` names the option in the message, so the operator knows which value to fix."""
+    usage = f"{option} must be HOST:PORT (an IPv6 address in brackets, [::1]:8420), not {text!r}"
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port:
+        raise UsageError(usage)
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]")) or len(host) < 3 or ":" not in host:
+            raise UsageError(usage)
+        host = host[1:-1]
+    elif ":" in host:
+        raise UsageError(f"{option}: put an IPv6 address in brackets, [{host}]:{port}, not {text!r}")
+    if any(c.isspace() or c in "[]/" for c in host):
+        raise UsageError(usage)
+    if not (port.isascii() and port.isdigit()) or int(port) > MAX_PORT:
+        raise UsageError(f"{option}: the port must be a number from 0 to {MAX_PORT} (0 picks a free one), "
+                         f"not {port!r}")
+    return host, int(port)

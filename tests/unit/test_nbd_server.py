@@ -15,9 +15,10 @@ import pytest
 from blockprov.device.base import FileSegment, ReadResult
 from blockprov.device.memory import MemoryDevice
 from blockprov.errors import IntegrityError, InvalidRequest, NoSpace
+from blockprov.humanize import parse_size
 from blockprov.nbd import constants as c
 from blockprov.nbd.constants import Command, CommandFlag, Info, NbdError, Option
-from blockprov.nbd.server import NbdServer, errno_for, parse_size
+from blockprov.nbd.server import NbdServer, errno_for
 from tests.unit.test_nbd_protocol import client_flags, go_data, meta_data, option, request
 
 MiB = 1 << 20

@@ -1,6 +1,21 @@
-"""The agent: what runs where a disk is used.
+"""The agent: what runs where a disk is used — an NBD export over a lazy, crash-safe cache
+(cache/device.py), its control socket, its lifecycle operations and its metrics.
 
-``maps`` (per-chunk state, pure), ``journal`` (that state on disk: checkpointed metadata plus an
-append-only journal), ``fetcher`` (missing chunks from a repository) and, in device/cache.py,
-the ``CacheDevice`` that combines them into the lazy, crash-safe cache an NBD export serves.
+``run_async`` is here because every process that serves or opens a cache runs the same event loop;
+the module imports nothing at load, so importing the package stays free for the CLI's start-up.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def run_async(coro: Any) -> Any:
+    """Run the agent's event loop: uvloop when installed (faster transports), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.run(coro)
+    return uvloop.run(coro)

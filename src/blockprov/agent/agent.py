@@ -12,7 +12,7 @@ as an *instance* and long-polls it for requests, so the repository can ask it fo
 (seed 000 claims 10, 34) although agents usually sit behind NAT. Only ``snapshot`` and ``status``
 are accepted from the repository. ``--metrics HOST:PORT`` adds a Prometheus listener (agent/metrics.py).
 
-Crash rules: everything durable belongs to the cache (device/cache.py). ``agent.json`` is only a
+Crash rules: everything durable belongs to the cache (cache/device.py). ``agent.json`` is only a
 hint for humans and ``status``; a stale one left by a killed agent is recognised because the
 cache lock is free (``running`` is decided by the control socket answering, never by the file).
 """
@@ -37,7 +37,7 @@ from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from blockprov.cache.journal import instance_status, load
 from blockprov.durable import atomic_write
-from blockprov.errors import AccessDenied, BlockprovError, CacheError, UsageError
+from blockprov.errors import AccessDenied, AgentNotRunning, BlockprovError, CacheError, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
@@ -68,13 +68,6 @@ class AgentConfig:
     register: bool = True
     metrics: tuple[str, int] | None = None  # Prometheus listener (attach --metrics HOST:PORT)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"--listen must be HOST:PORT, not {text!r}")
-    return host.strip("[]"), int(port)
 
 
 class Agent:
@@ -274,5 +267,5 @@ def status(cache_dir: Path) -> dict[str, Any]:
     try:
         result: dict[str, Any] = control.call(cache_dir, "status", timeout=10.0)
         return result
-    except control.AgentNotRunning:
+    except AgentNotRunning:
         return offline_status(cache_dir)

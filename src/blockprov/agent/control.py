@@ -1,10 +1,11 @@
 """The agent's local control socket: how CLI commands talk to a running agent.
 
 One request per connection, JSON in one line, JSON back in one line: ``{"op": "status"}`` →
-``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "...", "kind": "ClassName",
-"exit_code": N}``. Later commands (reset, snapshot, hydrate) register more ops. The socket lives
-in the cache directory (``DIR/control.sock``) and is only reachable by local users allowed into
-that directory.
+``{"ok": true, "result": {...}}`` or ``{"ok": false, **errors.error_to_dict(e)}`` — the same error
+body the HTTP service answers, so ``call`` raises the very class the agent raised (a PoolExhausted
+stays a PoolExhausted) and the CLI exits with its code. Later commands (reset, snapshot, hydrate)
+register more ops. The socket lives in the cache directory (``DIR/control.sock``) and is only
+reachable by local users allowed into that directory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blockprov.errors import BlockprovError, CacheError
+from blockprov.errors import (
+    AgentNotRunning,
+    BlockprovError,
+    ControlFailed,
+    UsageError,
+    error_from_dict,
+    error_to_dict,
+)
 from blockprov.names import UNIX_PATH_MAX
 
 if TYPE_CHECKING:  # the client side (``call``) must stay cheap to import: CLI start-up time
@@ -33,8 +41,6 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 def socket_path(cache_dir: str | os.PathLike[str]) -> Path:
     return Path(cache_dir) / SOCKET_NAME
-
-
 
 
 @contextlib.contextmanager
@@ -84,17 +90,15 @@ class ControlServer:
                 op = req["op"]
                 handler = self.handlers[op]
             except (ValueError, KeyError, TypeError):
-                reply: dict[str, Any] = {"ok": False, "error": f"bad control request {line[:100]!r}",
-                                         "kind": "UsageError", "exit_code": 2}
+                reply: dict[str, Any] = {"ok": False,
+                                         **error_to_dict(UsageError(f"bad control request {line[:100]!r}"))}
             else:
                 try:
                     reply = {"ok": True, "result": await handler(req)}
-                except BlockprovError as e:
-                    reply = {"ok": False, "error": str(e), "kind": type(e).__name__, "exit_code": e.exit_code}
                 except Exception as e:  # the agent keeps serving whatever a command does
-                    log.exception("control op %s failed", op)
-                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "kind": "InternalError",
-                             "exit_code": 70}
+                    if not isinstance(e, BlockprovError):
+                        log.exception("control op %s failed", op)
+                    reply = {"ok": False, **error_to_dict(e)}
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
@@ -103,20 +107,9 @@ class ControlServer:
             writer.close()
 
 
-class AgentNotRunning(CacheError):
-    """no agent is running on {path}"""
-
-
-class ControlFailed(BlockprovError):
-    """{msg}"""
-
-    def __init__(self, msg: str, exit_code: int) -> None:
-        super().__init__(msg=msg)
-        self.exit_code = exit_code
-
-
 def call(cache_dir: str | os.PathLike[str], op: str, timeout: float = 30.0, **args: Any) -> Any:
-    """Ask the agent running on ``cache_dir``; raises AgentNotRunning if there is none."""
+    """Ask the agent running on ``cache_dir``: its result, or the error it raised, rebuilt here;
+    AgentNotRunning if there is none."""
     path = socket_path(cache_dir)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -137,5 +130,6 @@ def call(cache_dir: str | os.PathLike[str], op: str, timeout: float = 30.0, **ar
         s.close()
     reply = json.loads(buf)
     if not reply.get("ok"):
-        raise ControlFailed(reply.get("error", "control request failed"), int(reply.get("exit_code", 1)))
+        raise error_from_dict(reply, lambda message: ControlFailed(message or "control request failed",
+                                                                   int(reply.get("exit_code", 1))))
     return reply["result"]

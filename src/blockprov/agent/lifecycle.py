@@ -1,12 +1,12 @@
 """An instance's lifecycle on top of its cache: reset to the base, snapshots, updates.
 
-Each operation is a short quiesced step that changes the chunk map (device/cache.py's
+Each operation is a short quiesced step that changes the chunk map (cache/device.py's
 ``quiesced``: requests that would fetch or change chunks wait, the ones in flight finish) plus
 work done while clients are served. They run one at a time per cache (``lifecycle_lock``) and
 work the same in a running agent (asked through the control socket) and on a stopped cache
-(the CLI opens it in-process).
+(agent/offline.py opens it in-process).
 
-Snapshot (DESIGN.md invariant 4, seed 000 claims 10–12, 19–22):
+Snapshot (docs/architecture.md, invariant 4; seed 000 claims 10–12, 19–22):
 
 1. Quiesced: the modified chunks S and their write generations are taken; S's chunks get HELD, so
    any write to one of them journals ``dirty`` durably before its data changes and first saves

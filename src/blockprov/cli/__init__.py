@@ -16,8 +16,12 @@ import click
 from blockprov import __version__
 from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, tokens
 from blockprov.cli._common import Ctx
-from blockprov.errors import BlockprovError
+from blockprov.errors import BlockprovError, InternalError
 from blockprov.store.factory import StoreOptions
+
+# The exit codes of this edge itself; every other one is an ``exit_code`` in errors.py (README's
+# table lists them all: tests/unit/test_exit_codes.py). 2 is also click's, for a bad command line.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def fail(err: BlockprovError) -> NoReturn:
@@ -39,7 +43,7 @@ class Group(click.Group):
             fail(e)
         except KeyboardInterrupt:
             click.echo("blockprov: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except Exception as e:  # a bug: say so plainly; the traceback only on request
@@ -47,7 +51,7 @@ class Group(click.Group):
                 raise
             click.echo(f"blockprov: internal error: {type(e).__name__}: {e} "
                        "(set BLOCKPROV_DEBUG=1 for a traceback)", err=True)
-            sys.exit(70)
+            sys.exit(InternalError.exit_code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,5 +1,6 @@
 """Shared plumbing of the command groups: the context object (which repository), output
-(``emit``, ``json_option``, progress bars), option callbacks and the event-loop runner.
+(``emit``, ``json_option``, progress bars), option callbacks and the event-loop runner (the agent's,
+re-exported).
 
 Every ``cli/*`` module imports from here and never from ``blockprov.cli`` itself, so any of them
 imports on its own; the group and the exit-code edge live in ``cli/__init__.py``.
@@ -18,6 +19,7 @@ import click
 import platformdirs
 
 from blockprov import humanize as hz
+from blockprov.agent import run_async as run_async  # the commands' event loop is the agent's
 from blockprov.errors import UsageError
 from blockprov.repo.base import Repository
 from blockprov.store.factory import StoreOptions
@@ -78,6 +80,15 @@ class Ctx:
                                          catalog=self.catalog)
         return self._repo
 
+    def repository_for(self, cache_dir: Path) -> Repository:
+        """The repository of an offline operation on ``cache_dir`` (agent/offline.py chooses it)."""
+        from blockprov.agent.offline import repository_of
+
+        url, data = repository_of(cache_dir, self.repo_url, self.data_dir)
+        if (url, data) == (self.repo_url, self.data_dir):
+            return self.repo
+        return open_repository(url, data, token=self.token, ca=self.ca)
+
     def close(self) -> None:
         if self._repo is not None:
             self._repo.close()
@@ -119,15 +130,3 @@ def labels_option(ctx: click.Context, param: click.Parameter, value: tuple[str, 
         k, v = item.split("=", 1)
         out[k] = v
     return out
-
-
-
-def run_async(coro: Any) -> Any:
-    """Run the agent's event loop: uvloop when installed (faster transports), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        import asyncio
-
-        return asyncio.run(coro)
-    return uvloop.run(coro)

@@ -1,7 +1,7 @@
 """CLI commands that work on a repository's data where it is: ``catalog copy`` (between SQLite
-and PostgreSQL, catalog_copy.py) and ``store copy`` (its chunks into another store, store/copy.py),
+and PostgreSQL, catalog/copy.py) and ``store copy`` (its chunks into another store, store/copy.py),
 which together take a repository from one host to several, ``store reindex`` (the pack store's
-index rebuilt from its packs) and ``check`` (every chunk read and verified, check.py). Like the
+index rebuilt from its packs) and ``check`` (every chunk read and verified, repo/check.py). Like the
 token commands they run with ``--data DIR``, ``--store`` and ``--catalog``, never through
 ``--repo``."""
 

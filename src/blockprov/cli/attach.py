@@ -19,7 +19,7 @@ from blockprov.cli._common import (
     size_option,
 )
 from blockprov.errors import UsageError
-from blockprov.names import parse_ref
+from blockprov.names import host_port, parse_ref
 
 
 @click.command("attach")
@@ -62,7 +62,7 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
 
     Without NAME:TAG the version the cache already holds is re-attached (no repository round trip).
     """
-    from blockprov.agent.agent import Agent, AgentConfig, parse_listen
+    from blockprov.agent.agent import Agent, AgentConfig
 
     cache_dir = cache_dir.resolve()
     if sock is None and listen is None:
@@ -71,12 +71,12 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     manifest = obj.repo.resolve(parse_ref(ref)) if ref else None
     if manifest is None and not (cache_dir / "meta").exists():
         raise UsageError(f"{cache_dir} holds no cache yet: name the version to attach (NAME:TAG)")
-    cfg = AgentConfig(cache_dir=cache_dir, socket=sock, listen=parse_listen(listen) if listen else None,
+    cfg = AgentConfig(cache_dir=cache_dir, socket=sock, listen=host_port(listen) if listen else None,
                       data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only,
                       reset_on_start=reset_on_start, hydrate=hydrate,
                       hydrate_rate=float(hydrate_rate) if hydrate_rate else None, use_profile=not no_profile,
                       instance=instance, register=not no_register,
-                      metrics=parse_listen(metrics_at) if metrics_at else None)
+                      metrics=host_port(metrics_at, "--metrics") if metrics_at else None)
 
     async def main() -> None:
         agent = Agent(cfg, obj.repo, manifest)

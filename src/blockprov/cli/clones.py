@@ -1,9 +1,9 @@
 """``blockprov clone``, ``clones serve|list|rm`` and ``pool create|serve|acquire|release|status``.
 
-Clones (seed 004) and pools (seed 003) live in a directory of overlays over shared base caches
-(agent/clones.py, agent/pool.py). One process serves a directory: ``clones serve`` or
-``pool serve``. Commands that change a directory ask that process when it runs (through the
-directory's control socket), and work on the files themselves when it does not.
+Clones and pools live in a directory of overlays over shared base caches (clones/clones.py,
+clones/pool.py). One process serves a directory: ``clones serve`` or ``pool serve``. Commands that
+change a directory ask that process when it runs (through the directory's control socket), and
+work on the files themselves when it does not; the domain functions they call decide which.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from blockprov import humanize as hz
-from blockprov.agent import control
 from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, run_async
 from blockprov.clones.customize import BUILTIN_IDENTITY
-from blockprov.errors import BlockprovError, UsageError
-from blockprov.names import parse_ref
+from blockprov.errors import AgentNotRunning, CustomizeFailed, PoolExhausted, UsageError
+from blockprov.names import host_port, parse_ref
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
     from blockprov.clones.clones import ClonesAgent
@@ -31,15 +30,6 @@ DIR_OPTION = click.option("--dir", "root", required=True, type=click.Path(file_o
 CUSTOMIZE_HELP = (f"Run this shell command on each new instance's export before it is handed out (env "
                   f"BLOCKPROV_INSTANCE, BLOCKPROV_INDEX, BLOCKPROV_NBD); '{BUILTIN_IDENTITY}' gives each its own "
                   "hostname and /etc/machine-id in its ext4 root.")
-
-
-def _rescan(root: Path) -> dict[str, Any] | None:
-    """Ask the process serving ``root`` to pick up changes; None when nothing serves it."""
-    try:
-        out: dict[str, Any] = control.call(root, "rescan", timeout=60.0)
-        return out
-    except control.AgentNotRunning:
-        return None
 
 
 @click.command("clone")
@@ -53,7 +43,8 @@ def _rescan(root: Path) -> dict[str, Any] | None:
 def clone_cmd(obj: Ctx, ref: str, count: int, root: Path, prefix: str | None, customize_cmd: str | None,
               as_json: bool) -> None:
     """Make COUNT instances of a version: copy-on-write overlays over one shared base cache."""
-    from blockprov.clones.clones import create_instances, next_names, remove_instance
+    from blockprov.clones.clones import create_instances, next_names, rescan_served
+    from blockprov.clones.temporary import customize_new
 
     root = root.resolve()
     m = obj.repo.resolve(parse_ref(ref))
@@ -61,17 +52,11 @@ def clone_cmd(obj: Ctx, ref: str, count: int, root: Path, prefix: str | None, cu
     t0 = time.monotonic()
     run_async(create_instances(root, obj.repo, m, names))
     made = time.monotonic() - t0
-    served = _rescan(root)
-    failed: dict[str, str] = {}
-    if customize_cmd:
-        failed = run_async(_customize_all(obj, root, names, customize_cmd, served is not None))
-        for name in failed:
-            if served is not None:
-                control.call(root, "remove", timeout=60.0, name=name)
-            else:
-                remove_instance(root, name)
+    served = rescan_served(root)
+    failed = run_async(customize_new(root, obj.repo, names, customize_cmd, served)) if customize_cmd else {}
     ok = [n for n in names if n not in failed]
-    out = {"instances": ok, "failed": failed, "seconds": round(time.monotonic() - t0, 4),
+    out = {"instances": ok, "failed": {n: str(e) for n, e in failed.items()},
+           "seconds": round(time.monotonic() - t0, 4),
            "seconds_per_instance": round(made / count, 4), "base": f"{m.image}@{m.id}", "dir": str(root)}
     if as_json:
         emit(out)
@@ -80,55 +65,12 @@ def clone_cmd(obj: Ctx, ref: str, count: int, root: Path, prefix: str | None, cu
                    f"({made / count * 1000:.1f} ms each{', then customized' if customize_cmd and ok else ''})")
         for n in ok:
             click.echo(f"  {n}")
-        if served is None:
+        if not served:
             click.echo(f"serve them with: blockprov clones serve --dir {root} --socket SOCKET")
-        for n, why in failed.items():
-            click.echo(f"blockprov: error: {why} (instance {n} was not kept)", err=True)
+        for n, e in failed.items():
+            click.echo(f"blockprov: error: {e} (instance {n} was not kept)", err=True)
     if failed:
-        sys.exit(9)
-
-
-async def _customize_all(obj: Ctx, root: Path, names: list[str], cmd: str, served: bool) -> dict[str, str]:
-    """Customize each new instance through the running server, or a short-lived in-process one."""
-    import asyncio
-
-    from blockprov.clones.clones import ClonesAgent
-    from blockprov.clones.customize import customize
-
-    loop = asyncio.get_running_loop()
-    failed: dict[str, str] = {}
-    temp: ClonesAgent | None = None
-    tmp: str | None = None  # the temporary agent's socket directory
-    uris: dict[str, str] = {}
-    try:
-        if served:
-            st = control.call(root, "status", timeout=30.0)
-            uris = {n: st["instances"][n]["uri"] for n in names if n in st["instances"]}
-        else:
-            import tempfile
-
-            base = tempfile.gettempdir()
-            if len(base) > 64:  # the socket's path must fit a unix address (108 bytes)
-                base = "/tmp"
-            tmp = tempfile.mkdtemp(prefix="blockprov-clone-", dir=base)
-            temp = ClonesAgent(root, obj.repo, socket=Path(tmp) / "nbd.sock", control_socket=False)
-            await temp.start()
-            uris = {n: temp.uri(n) for n in names}
-        for k, name in enumerate(names):
-            try:
-                if name not in uris:
-                    raise BlockprovError(msg=f"instance {name} is not served")
-                await loop.run_in_executor(None, customize, cmd, uris[name], name, k)
-            except BlockprovError as e:
-                failed[name] = str(e)
-    finally:
-        if temp is not None:
-            await temp.close()
-        if tmp is not None:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return failed
+        raise CustomizeFailed(name=f"{len(failed)} of {count} new instance(s)", why="they were not kept")
 
 
 @click.group("clones")
@@ -145,13 +87,13 @@ def clones_group() -> None:
 @click.pass_obj
 def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None, as_json: bool) -> None:
     """Serve every instance of the directory as an NBD export named after it, until SIGTERM."""
-    from blockprov.agent.agent import parse_listen
     from blockprov.clones.clones import ClonesAgent
 
     root = root.resolve()
+    address = host_port(listen) if listen else None
 
     async def main() -> None:
-        agent = ClonesAgent(root, obj.repo, socket=sock, listen=parse_listen(listen) if listen else None)
+        agent = ClonesAgent(root, obj.repo, socket=sock, listen=address)
         await agent.start()
         _banner(agent, as_json)
         await agent.run()
@@ -198,14 +140,11 @@ def clones_list_cmd(root: Path, as_json: bool) -> None:
 @DIR_OPTION
 def clones_rm_cmd(names: tuple[str, ...], root: Path) -> None:
     """Remove instances (their overlays; the shared base stays)."""
-    from blockprov.clones.clones import remove_instance
+    from blockprov.clones.clones import remove
 
     root = root.resolve()
     for n in names:
-        try:
-            control.call(root, "remove", timeout=60.0, name=n)  # the server stops serving it first
-        except control.AgentNotRunning:
-            remove_instance(root, n)
+        remove(root, n)
     click.echo(f"removed {', '.join(names)}")
 
 
@@ -264,16 +203,15 @@ def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str 
 def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, listen: str | None,
                    as_json: bool) -> None:
     """Serve the pool's instances, hand them out, refill in the background, until SIGTERM."""
-    from blockprov.agent.agent import parse_listen
     from blockprov.clones import pool
     from blockprov.clones.clones import ClonesAgent
 
     d = pool_dir(name, root)
+    address = host_port(listen) if listen else None
     pool.read_state(d)
 
     async def main() -> None:
-        agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET,
-                            listen=parse_listen(listen) if listen else None)
+        agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET, listen=address)
         await agent.start()
         server = pool.PoolServer(d, obj.repo, agent)
         server.start()
@@ -303,13 +241,13 @@ def pool_acquire_cmd(name: str, host: str, wait_s: float, root: Path | None, as_
         try:
             try:
                 out = pool.server_call(d, "pool-acquire", host=host)
-            except control.AgentNotRunning:
+            except AgentNotRunning:
                 inst = pool.acquire(d, host)
                 out = {"instance": inst, "uri": f"nbd+unix:///{inst}?socket={d / pool.SOCKET}",
                        "note": f"start `blockprov pool serve {name}` to serve it"}
             break
-        except (pool.PoolExhausted, control.ControlFailed) as e:
-            if time.monotonic() >= deadline or "exhausted" not in str(e):
+        except PoolExhausted:  # from the server too: its control socket sends the error's class
+            if time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
     if as_json:
@@ -339,7 +277,7 @@ def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None
     inst = pool.find(d, instance, host)
     try:
         out = pool.server_call(d, "pool-release", instance=inst, destroy=destroy)
-    except control.AgentNotRunning:
+    except AgentNotRunning:
         out = {"instance": inst, "state": run_async(pool.release(d, obj.repo, inst, destroy=destroy, agent=None))}
     if as_json:
         emit(out)
@@ -358,7 +296,7 @@ def pool_status_cmd(name: str, root: Path | None, as_json: bool) -> None:
     d = pool_dir(name, root)
     try:
         st = pool.server_call(d, "pool-status")
-    except control.AgentNotRunning:
+    except AgentNotRunning:
         st = pool.read_state(d)
         st["server"] = {"running": False}
     if as_json:

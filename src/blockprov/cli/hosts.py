@@ -1,8 +1,7 @@
-"""CLI commands for machines: ``boot-files``, ``host``, ``profile show`` and ``agents``.
+"""CLI commands for machines: ``boot-files``, ``host`` and ``agents``.
 
-Kept out of cli.py so the agent-side commands and these grow without stepping on each other;
-``register(cli)`` (called at the end of cli.py) attaches them. Errors are mapped to messages and
-exit codes by cli.py's group, like every other command's.
+``register(cli)`` (called by cli/__init__.py) attaches them. Errors are mapped to messages and
+exit codes by the group's edge in cli/__init__.py, like every other command's.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """``blockprov reset / snapshot / update / hydrate / profile save``: an instance's lifecycle.
 
-Each command works on a cache directory. When an agent serves it, the command asks the agent
-through its control socket (the agent quiesces, changes the cache and goes on serving); when
-none does, the command opens the cache in-process. A cache held by an agent that does not answer
-is refused with a clear message and left untouched. The repository of a stopped cache is
-``--repo`` if given, else the one the cache was last attached with, else the embedded default.
+Each command works on a cache directory, through the agent serving it or on the cache opened
+here (agent/offline.py: ``on_cache``); each passes the operation it would run on an opened cache.
 
 ``snapshot --instance ID`` is the repository side of claims 10 and 34: it queues a request for a
 registered agent (which long-polls its repository) and waits for the agent's answer.
@@ -15,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +19,9 @@ import click
 
 from blockprov import humanize as hz
 from blockprov.agent import control
-from blockprov.cli._common import Ctx, emit, json_option, open_repository, run_async, size_option
-from blockprov.errors import BlockprovError, CacheError, UsageError
+from blockprov.agent.offline import on_cache
+from blockprov.cli._common import Ctx, emit, json_option, size_option
+from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import parse_ref
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
@@ -33,55 +30,6 @@ if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that
 
 CACHE_OPTION = click.option("--cache", "cache_dir", required=True,
                             type=click.Path(file_okay=False, path_type=Path), help="The instance's cache directory.")
-OP_TIMEOUT = 24 * 3600.0  # a snapshot of a big disk over a slow link may take long; the agent answers at the end
-
-
-def cache_repository(obj: Ctx, cache_dir: Path) -> Repository:
-    """--repo / BLOCKPROV_REPO, else the repository recorded in the cache, else the embedded one."""
-    if obj.repo_url:
-        return obj.repo
-    from blockprov.cache.journal import load
-
-    try:
-        recorded = load(cache_dir).meta.repository
-    except CacheError:
-        recorded = None
-    if recorded and recorded.startswith(("http://", "https://")):
-        return open_repository(recorded, None, token=obj.token, ca=obj.ca)
-    if recorded and recorded.startswith("file://") and obj.data_dir is None:
-        return open_repository(None, recorded[len("file://"):])
-    return obj.repo
-
-
-def on_cache(obj: Ctx, cache_dir: Path, op: str, args: dict[str, Any],
-             offline: Callable[[CacheDevice, Repository], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    """Run ``op`` in the agent serving ``cache_dir``, or ``offline`` on the cache opened here."""
-    cache_dir = cache_dir.resolve()
-    try:
-        control.call(cache_dir, "status", timeout=10.0)  # answers quickly, or the agent is stuck
-    except control.AgentNotRunning:
-        pass
-    except (TimeoutError, OSError, ValueError) as e:
-        raise CacheError(f"an agent holds {cache_dir} but does not answer ({e or type(e).__name__}); "
-                         "nothing was changed — stop it (kill its pid, see the cache's lock file) and retry") from None
-    else:
-        result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
-        return result
-    if not (cache_dir / "meta").exists():
-        raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
-    repo = cache_repository(obj, cache_dir)
-
-    from blockprov.cache.device import CacheDevice
-
-    async def main() -> dict[str, Any]:
-        dev = await CacheDevice.open(cache_dir, repo, create=False)
-        try:
-            return await offline(dev, repo)
-        finally:
-            await dev.close()
-
-    out: dict[str, Any] = run_async(main())
-    return out
 
 
 @click.command("reset")
@@ -101,7 +49,7 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, as_json: bool) -> None:
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         return await lifecycle.reset(dev, eager=eager)
 
-    out = on_cache(obj, cache_dir, "reset", {"eager": eager}, offline)
+    out = on_cache(cache_dir, "reset", {"eager": eager}, offline, obj.repository_for)
     if as_json:
         emit(out)
         return
@@ -139,7 +87,7 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
         async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
             return await lifecycle.snapshot(dev, repo, to, target=target, rebase=rebase)
 
-        out = on_cache(obj, cache_dir, "snapshot", args, offline)
+        out = on_cache(cache_dir, "snapshot", args, offline, obj.repository_for)
     if as_json:
         emit(out)
         return
@@ -188,7 +136,7 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bo
         new = await asyncio.get_running_loop().run_in_executor(None, repo.resolve, to)
         return await lifecycle.update(dev, new, keep_modified=keep_modified, eager=not lazy)
 
-    out = on_cache(obj, cache_dir, "update", args, offline)
+    out = on_cache(cache_dir, "update", args, offline, obj.repository_for)
     if as_json:
         emit(out)
         return
@@ -227,7 +175,7 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, a
         task.result()
         return h.status()
 
-    out = on_cache(obj, cache_dir, "hydrate", args, offline)
+    out = on_cache(cache_dir, "hydrate", args, offline, obj.repository_for)
     if out.get("state") != "done" and not background:
         while out.get("state") not in ("done", "stopped"):
             _progress(out, show)
@@ -270,11 +218,11 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
         m = dev.manifest
         return {"image": m.image, "version": m.id, "order": dev.profile()}
 
-    got = on_cache(obj, cache_dir, "profile", {}, offline)
+    got = on_cache(cache_dir, "profile", {}, offline, obj.repository_for)
     order = [int(i) for i in got["order"]]
     if not order:
         raise UsageError(f"{cache_dir} has recorded no reads yet: boot from it first")
-    repo = cache_repository(obj, cache_dir)
+    repo = obj.repository_for(cache_dir)
     repo.put_profile(got["image"], got["version"], order)
     out = {"image": got["image"], "version": got["version"], "chunks": len(order), "repository": repo.url}
     if as_json:

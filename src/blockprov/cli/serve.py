@@ -13,6 +13,7 @@ from blockprov.cli._common import (
     size_option,
 )
 from blockprov.errors import UsageError
+from blockprov.names import host_port
 
 
 @click.command("serve")
@@ -47,9 +48,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
     from blockprov.service.access import AccessPolicy
     from blockprov.service.run import run_server
 
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--listen must be HOST:PORT, not {listen!r}")
+    host, port = host_port(listen)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = obj.data_dir or default_data_dir()
@@ -62,7 +61,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
 
         store = open_store(obj.store, data, obj.store_options)
     try:
-        run_server(data, host.strip("[]"), int(port), max_body=max_body, store=store, catalog=catalog,
+        run_server(data, host, port, max_body=max_body, store=store, catalog=catalog,
                    chunk_cache=chunk_cache,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
                    access=AccessPolicy(auth_mode, anonymous_read, anonymous_boot), tls_cert=tls_cert,

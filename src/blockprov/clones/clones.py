@@ -3,9 +3,9 @@ instance, all served as separate NBD exports by one agent process.
 
 Layout of a clones directory ``ROOT``::
 
-    ROOT/bases/<image>@<version>/    a base cache (device/cache.py) shared by the version's
+    ROOT/bases/<image>@<version>/    a base cache (cache/device.py) shared by the version's
                                      instances; filled lazily (or hydrated), never written
-    ROOT/instances/<name>/           an overlay cache (device/overlay.py): the chunks this
+    ROOT/instances/<name>/           an overlay cache (cache/overlay.py): the chunks this
                                      instance wrote, its journal, its control socket
     ROOT/control.sock                the clones agent's control socket (status, rescan, stop)
 
@@ -38,7 +38,7 @@ from blockprov.agent.instance import InstanceOps, wait_for_stop
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.journal import load
 from blockprov.durable import ensure_dir, fsync_dir
-from blockprov.errors import CacheError, NotFound, UsageError
+from blockprov.errors import AgentNotRunning, CacheError, NotFound, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
@@ -120,6 +120,25 @@ def remove_instance(root: Path, name: str) -> None:
     os.rename(d, gone)
     fsync_dir(root / INSTANCES)
     shutil.rmtree(gone, ignore_errors=True)
+
+
+def rescan_served(root: Path) -> bool:
+    """Tell the process serving ``root`` (``clones serve``, ``pool serve``) to pick up instances made
+    or removed since; False when none serves it (the next one to start finds them itself)."""
+    try:
+        control.call(root, "rescan", timeout=60.0)
+    except AgentNotRunning:
+        return False
+    return True
+
+
+def remove(root: Path, name: str) -> None:
+    """Remove an instance: through the process serving ``root`` when one does (it must stop serving
+    the instance before its files go), else the files themselves."""
+    try:
+        control.call(root, "remove", timeout=60.0, name=name)
+    except AgentNotRunning:
+        remove_instance(root, name)
 
 
 class _Served:

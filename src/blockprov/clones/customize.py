@@ -25,17 +25,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from blockprov.errors import BlockprovError
+from blockprov.errors import BlockprovError, CustomizeFailed
 
 BUILTIN_IDENTITY = "builtin:identity"
 TIMEOUT = 300.0
 _EXT_MAGIC = 0xEF53
-
-
-class CustomizeFailed(BlockprovError):
-    """customizing {name} failed: {why}"""
-
-    exit_code = 9
 
 
 def run_command(cmd: str, uri: str, name: str, index: int, timeout: float = TIMEOUT) -> None:

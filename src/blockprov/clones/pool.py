@@ -7,7 +7,7 @@ then held untouched until ``acquire`` maps one to a host. Acquiring is a state c
 name lookup: no data moves. ``release`` resets the instance (drops its overlay's chunks) and
 returns it, or destroys it; the pool server refills to the configured size in the background.
 
-A pool is a clones directory (agent/clones.py) plus ``pool.json``::
+A pool is a clones directory (clones/clones.py) plus ``pool.json``::
 
     {"name", "source": "IMG@ID", "configured": "IMG@ID", "size": K, "customize": CMD | null,
      "instances": {NAME: {"state": "ready" | "in-use", "host": ID | null, "since": T}}}
@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from blockprov.agent import control
 from blockprov.clones.customize import customize
 from blockprov.durable import atomic_write, ensure_dir
-from blockprov.errors import BlockprovError, Conflict, NotFound, UsageError
+from blockprov.errors import BlockprovError, NotFound, PoolExhausted, UsageError
 
 if TYPE_CHECKING:  # acquire / status / release through the server stay cheap to import (CLI start-up)
     from blockprov.clones.clones import ClonesAgent
@@ -48,10 +47,6 @@ log = logging.getLogger("blockprov.pool")
 STATE = "pool.json"
 LOCK = "pool.lock"
 SOCKET = "nbd.sock"
-
-
-class PoolExhausted(Conflict):
-    """{msg}"""
 
 
 @contextlib.contextmanager
@@ -89,15 +84,10 @@ async def serving(root: Path, repo: Repository, agent: ClonesAgent | None) -> As
     if agent is not None:
         yield agent
         return
-    from blockprov.clones.clones import ClonesAgent
+    from blockprov.clones.temporary import temporary_agent
 
-    with tempfile.TemporaryDirectory(prefix="blockprov-pool-") as tmp:
-        temp = ClonesAgent(root, repo, socket=Path(tmp) / "nbd.sock", control_socket=False)
-        await temp.start()
-        try:
-            yield temp
-        finally:
-            await temp.close()
+    async with temporary_agent(root, repo, prefix="blockprov-pool-") as temp:
+        yield temp
 
 
 async def _make_ready(root: Path, repo: Repository, m: Manifest, count: int, cmd: str | None,
@@ -308,5 +298,5 @@ class PoolServer:
 
 
 def server_call(root: Path, op: str, **args: Any) -> Any:
-    """Ask a running pool server; raises control.AgentNotRunning when there is none."""
+    """Ask a running pool server; raises AgentNotRunning when there is none, else the error the server raised."""
     return control.call(root, op, timeout=600.0, **args)

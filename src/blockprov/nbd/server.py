@@ -52,6 +52,7 @@ from typing import Any
 
 from blockprov.device.base import BlockDevice, FileSegment
 from blockprov.errors import BlockprovError, DeviceError
+from blockprov.humanize import parse_size
 from blockprov.names import unix_socket_path
 from blockprov.nbd.constants import NbdError, error_from_name
 from blockprov.nbd.protocol import (
@@ -664,22 +665,6 @@ def _file_covers(seg: FileSegment) -> bool:
 
 
 # --- development entry point -----------------------------------------------------------------
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``"64M"`` → 67108864 (binary units K, M, G, T; an optional trailing ``iB``/``B``)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _UNITS and not t[-1:].isdigit() else ""
-    number = t[: len(t) - len(unit)]
-    try:
-        value = int(number) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    return value
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -1,0 +1,79 @@
+"""A lifecycle operation on a cache, whether or not an agent serves it.
+
+``reset``, ``snapshot``, ``update``, ``hydrate`` and ``profile save`` work on a cache directory.
+When an agent serves it, the operation is asked of that agent through its control socket (the
+agent quiesces, changes the cache and goes on serving: only the process holding the cache's lock
+may change it). When none does, the cache is opened here and the operation runs in this process.
+A cache held by an agent that does not answer is refused, untouched: the operation cannot be run
+by the agent, and opening the cache beside it would break the lock.
+
+The repository of a stopped cache is the one the caller names explicitly (``--repo``), else the
+one the cache was last attached with (recorded in its metadata), else the caller's default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blockprov.agent import control, run_async
+from blockprov.errors import AgentNotRunning, CacheError
+
+if TYPE_CHECKING:  # the device stack loads asyncio and more: only an offline operation imports it
+    from blockprov.cache.device import CacheDevice
+    from blockprov.repo.base import Repository
+
+OP_TIMEOUT = 24 * 3600.0  # a snapshot of a big disk over a slow link may take long; the agent answers at the end
+Offline = Callable[["CacheDevice", "Repository"], Awaitable[dict[str, Any]]]
+
+
+def repository_of(cache_dir: Path, repo_url: str | None, data_dir: str | None) -> tuple[str | None, str | None]:
+    """The repository to open for ``cache_dir``, as the ``(--repo URL, --data DIR)`` pair of the
+    caller's options: theirs when they name a repository server, else the one the cache was last
+    attached with (an embedded repository only when they name no data directory), else theirs."""
+    if repo_url:
+        return repo_url, data_dir
+    from blockprov.cache.journal import load
+
+    try:
+        recorded = load(cache_dir).meta.repository
+    except CacheError:
+        recorded = None
+    if recorded and recorded.startswith(("http://", "https://")):
+        return recorded, None
+    if recorded and recorded.startswith("file://") and data_dir is None:
+        return None, recorded[len("file://"):]
+    return repo_url, data_dir
+
+
+def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
+             repository: Callable[[Path], Repository]) -> dict[str, Any]:
+    """``op`` run by the agent serving ``cache_dir``, else ``offline`` on the cache opened here with
+    ``repository(cache_dir)`` (opened only then: see ``repository_of``)."""
+    cache_dir = cache_dir.resolve()
+    try:
+        control.call(cache_dir, "status", timeout=10.0)  # answers quickly, or the agent is stuck
+    except AgentNotRunning:
+        pass
+    except (TimeoutError, OSError, ValueError) as e:
+        raise CacheError(f"an agent holds {cache_dir} but does not answer ({e or type(e).__name__}); "
+                         "nothing was changed — stop it (kill its pid, see the cache's lock file) and retry") from None
+    else:
+        result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
+        return result
+    if not (cache_dir / "meta").exists():
+        raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
+    repo = repository(cache_dir)
+
+    from blockprov.cache.device import CacheDevice
+
+    async def main() -> dict[str, Any]:
+        dev = await CacheDevice.open(cache_dir, repo, create=False)
+        try:
+            return await offline(dev, repo)
+        finally:
+            await dev.close()
+
+    out: dict[str, Any] = run_async(main())
+    return out
