@@ -7,8 +7,8 @@ passes through here first, so traversal (``..``, ``/``) and surprises never reac
 
 from __future__ import annotations
 
-import os
 import re
+import sys
 from dataclasses import dataclass
 
 from blockprov.errors import InvalidName, UsageError
@@ -152,7 +152,7 @@ UNIX_PATH_MAX = 107  # bytes: sun_path holds 108 with the terminating NUL
 def unix_socket_path(path: str) -> str:
     """A path a unix socket can be bound to and reached at by any client (qemu, nbdinfo): the
     kernel's address holds at most ``UNIX_PATH_MAX`` bytes."""
-    n = len(os.fsencode(path))
+    n = len(path.encode(sys.getfilesystemencoding(), "surrogateescape"))  # os.fsencode, without os
     if n > UNIX_PATH_MAX:
         raise InvalidName(kind="unix socket path", name=path,
                           why=f"it is {n} bytes and a unix socket's path holds at most {UNIX_PATH_MAX}: "

@@ -19,7 +19,8 @@ import pytest
 from tests.conftest import make_image, run_cli
 from tests.procs import nbd_uri, start_agent, start_server, wait_for
 
-SIZE = 48 << 20  # at -r 8M the copy takes ~6 s: time to see it running (each status check is a process) and kill a server
+# at -r 8M the copy takes ~6 s: time to see it running (each status check is a process) and kill a server
+SIZE = 48 << 20
 
 
 def _present(cache: Path) -> tuple[int, int]:

@@ -24,10 +24,7 @@ PURE = ["blockprov.nbd.protocol", "blockprov.cache.maps", "blockprov.align", "bl
 IMPURE = ("asyncio", "socket", "os")
 
 # The pure modules that do not yet keep the rule, and the line that breaks it (reported, not fixed here).
-KNOWN_IMPURE = {
-    "blockprov.manifest": "manifest.py imports blockprov.names (image_name), and names.py imports os at "
-                          "the top (for os.fsencode in unix_socket_path)",
-}
+KNOWN_IMPURE: dict[str, str] = {}  # module -> why it may not be pure yet (xfail, strict)
 
 SRC = Path(blockprov.__file__).resolve().parents[1]  # the src/ these tests run against
 
