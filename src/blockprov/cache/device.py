@@ -1,12 +1,8 @@
 """The agent's lazy, crash-safe cache of one image version: a BlockDevice over a local data file.
 
-A cache directory holds::
-
-    lock           fcntl.flock'ed by the agent using it (holds its pid, for the error message)
-    meta, journal  chunk state (agent/journal.py: format and crash rules)
-    manifest.json  the version's manifest, so a cache re-attaches without the repository
-    data           the data file: sparse, the image's size, chunk i at byte i × chunk_size
-                   (absent when the user named another file or a block device: meta.data_path)
+What a cache directory holds and how it is opened is in cache/opening.py; the file-level helpers
+(lock, data file, hole punching, positioned writes) are in cache/files.py; the boot profile is
+in cache/profile.py; where missing chunks come from is a ``ChunkSource`` (cache/source.py).
 
 Chunk states are in agent/maps.py. The orders of operations below are what keep DESIGN.md's
 invariants (1: a present chunk holds the manifest's data or is marked modified; 2: the modified
@@ -48,16 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import fcntl
 import functools
 import logging
 import os
-import stat
 import time
-from array import array
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -65,6 +55,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from blockprov.align import Piece, split
+from blockprov.cache.capture import Capture
 from blockprov.cache.fetcher import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_MAX_INFLIGHT,
@@ -73,66 +64,26 @@ from blockprov.cache.fetcher import (
     Fetcher,
     FetchStats,
 )
-from blockprov.cache.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded, instance_status
-from blockprov.cache.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
+from blockprov.cache.files import io_error, punch, take_lock, write_groups
+from blockprov.cache.journal import CacheState, GroupSync, instance_status
+from blockprov.cache.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind
+from blockprov.cache.opening import MANIFEST_NAME, Opened, manifest_digest, next_manifest_name, open_sync
 from blockprov.cache.overlay import BaseSource
+from blockprov.cache.profile import ReadOrder
 from blockprov.codec import ZERO_DIGEST, digest, is_zero
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
 from blockprov.durable import atomic_write, fsync_dir
-from blockprov.errors import (
-    BlockprovError,
-    CacheError,
-    CacheLocked,
-    CacheMismatch,
-    DeviceError,
-    DeviceIOError,
-    NoSpace,
-    NotSupported,
-    ReadOnlyDevice,
-)
+from blockprov.errors import CacheError, CacheMismatch, DeviceIOError, NotSupported, ReadOnlyDevice
 from blockprov.manifest import Manifest
 from blockprov.repo.base import Repository
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "lock"
-MANIFEST_NAME = "manifest.json"
-DATA_NAME = "data"
-PROFILE_NAME = "profile"  # first-read order of chunks (u32 little endian), see ``profile``
 INLINE_WRITE = 64 << 10  # pwrites up to this size run on the event loop (page cache copy, ~µs)
 CHECKPOINT_RECORDS = 65536  # ~2.5 MB of journal
 CHECKPOINT_FILL_BYTES = 1 << 30  # bounds the re-verification after an unclean stop
-_IOV_MAX = 512
 T = TypeVar("T")
 P = ParamSpec("P")
-
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    _fallocate: Any = _libc.fallocate
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate.restype = ctypes.c_int
-except (OSError, AttributeError):  # not Linux: no hole punching, zero chunks keep their old blocks
-    _fallocate = None
-
-
-def _punch(fd: int, offset: int, length: int) -> bool:
-    """Free the blocks of a range; False when the file system or device cannot."""
-    if _fallocate is None:
-        return False
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
-        return False
-    raise OSError(err, os.strerror(err))
-
-
-def _io_error(e: OSError, what: str) -> DeviceError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(msg=f"{what}: {e.strerror}")
-    return DeviceIOError(msg=f"{what}: {e}")
 
 
 def _runs(indices: Iterable[int]) -> list[tuple[int, int]]:
@@ -168,179 +119,10 @@ def _gated(fn: Callable[Concatenate[CacheDevice, P], Coroutine[Any, Any, T]]
     return wrapper
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
-    while bufs:
-        n = os.pwritev(fd, bufs[:_IOV_MAX], offset)
-        offset += n
-        while bufs and n >= len(bufs[0]):
-            n -= len(bufs[0])
-            bufs = bufs[1:]
-        if n:
-            bufs = [bufs[0][n:], *bufs[1:]]
-
-
-def manifest_digest(m: Manifest) -> str:
-    return m.identity
-
-
-def _take_lock(d: Path) -> int:
-    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise CacheLocked(path=str(d), pid=holder) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-class _Opened:
-    def __init__(self, state: CacheState, loaded: Loaded | None, manifest: Manifest, fd: int,
-                 data_path: Path) -> None:
-        self.state, self.loaded, self.manifest, self.fd, self.data_path = state, loaded, manifest, fd, data_path
-
-
-def _open_data(path: Path, size: int, *, fresh: bool, internal: bool) -> int:
-    """Open (or, for a new cache, create) the data file. An existing cache's data file is never
-    created or grown here: a missing or short one would serve zeros for present chunks."""
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if fresh else 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        raise CacheError(f"cannot open cache data {path}: {e.strerror}"
-                         + ("" if fresh else "; remove the cache directory to start over")) from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISBLK(st.st_mode):
-            have = os.lseek(fd, 0, os.SEEK_END)
-            if have < size:
-                raise CacheError(f"block device {path} has {have} bytes; the image needs {size}")
-        elif stat.S_ISREG(st.st_mode):
-            if fresh and internal:
-                os.ftruncate(fd, 0)  # leftovers of an interrupted creation: give the space back
-            if fresh and (internal or st.st_size < size):
-                os.ftruncate(fd, size)
-            elif st.st_size < size:
-                raise CacheError(f"cache data {path} has {st.st_size} bytes, expected {size}: it was "
-                                 "truncated; remove the cache directory to start over")
-        else:
-            raise CacheError(f"cache data {path} is neither a regular file nor a block device")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _open_sync(d: Path, repo: Repository, manifest: Manifest | None, data_path: str | None,
-               create: bool, pool: ThreadPoolExecutor, base_cache: str | None = None) -> _Opened:
-    """Blocking part of ``CacheDevice.open`` (runs in a worker thread)."""
-    want_data = str(Path(data_path).resolve()) if data_path is not None else None
-    for stale in d.glob(".*.tmp"):  # left by atomic_write when an agent died mid-checkpoint
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    if (d / META_NAME).exists():
-        state, loaded = CacheState.recover(d, pool)
-        meta = loaded.meta
-        if manifest is not None and (manifest.image != meta.image or manifest.id != meta.version):
-            raise CacheMismatch(path=str(d), held=meta.describe(), wanted=f"{manifest.image}@{manifest.id}")
-        if want_data is not None and want_data != meta.data_path and not (
-                meta.data_path is None and want_data == str((d / DATA_NAME).resolve())):
-            raise CacheError(f"cache {d} keeps its data in {meta.data_path or d / DATA_NAME}, not {want_data}")
-        if manifest is None:
-            manifest = _load_manifest(d, meta, repo)
-        if manifest_digest(manifest) != meta.manifest_digest or manifest.size != meta.size \
-                or manifest.chunk_size != meta.chunk_size or manifest.count != meta.count:
-            raise CacheMismatch(path=str(d), held=f"{meta.describe()} (digest {meta.manifest_digest[:16]})",
-                                wanted=f"{manifest.image}@{manifest.id} (digest {manifest_digest(manifest)[:16]})")
-        if loaded.tail_problem:
-            log.warning("cache %s: journal replay stopped early (%s); %d byte(s) ignored",
-                        d, loaded.tail_problem, loaded.dropped_bytes)
-        path = Path(meta.data_path) if meta.data_path else d / DATA_NAME
-        fd = _open_data(path, meta.size, fresh=False, internal=meta.data_path is None)
-        return _Opened(state, loaded, manifest, fd, path)
-    if manifest is None:
-        raise CacheError(f"{d} holds no cache yet: name the image version to create one")
-    if not create:
-        raise CacheError(f"{d} holds no cache and creating one was not asked for")
-    path = Path(want_data) if want_data else d / DATA_NAME
-    fd = _open_data(path, manifest.size, fresh=True, internal=want_data is None)
-    try:
-        _store_manifest(d, manifest, base_cache)
-        meta = CacheMeta(image=manifest.image, version=manifest.id, manifest_digest=manifest_digest(manifest),
-                         chunk_size=manifest.chunk_size, size=manifest.size, count=manifest.count,
-                         data_path=want_data, base_cache=base_cache)
-        cmap = ChunkMap(manifest.count, base_zero_flags(manifest.chunks))
-        state = CacheState.create(d, meta, cmap, pool)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _Opened(state, None, manifest, fd, path)
-
-
-def _store_manifest(d: Path, manifest: Manifest, base_cache: str | None) -> None:
-    """An overlay shares its base's manifest file (a hard link: a manifest can be hundreds of KiB,
-    and an instance should cost only what it writes); anything else gets its own copy."""
-    if base_cache is not None:
-        src = Path(base_cache) / MANIFEST_NAME
-        try:
-            if Manifest.from_json(src.read_bytes()).id == manifest.id:
-                (d / MANIFEST_NAME).unlink(missing_ok=True)
-                os.link(src, d / MANIFEST_NAME)
-                fsync_dir(d)
-                return
-        except (OSError, BlockprovError):
-            pass
-    atomic_write(d / MANIFEST_NAME, manifest.to_json())
-
-
-def _next_manifest_name(version: str) -> str:
-    return f"manifest-{version}.json"
-
-
-def _load_manifest(d: Path, meta: CacheMeta, repo: Repository) -> Manifest:
-    # manifest-<id>.json: a base switch (update, rebase) that crashed after its checkpoint and
-    # before renaming the new manifest into place.
-    for name in (MANIFEST_NAME, _next_manifest_name(meta.version)):
-        try:
-            m = Manifest.from_json((d / name).read_bytes())
-            if m.id == meta.version and m.image == meta.image:
-                return m
-            log.info("cache %s: %s is %s@%s, expected %s", d, name, m.image, m.id, meta.describe())
-        except FileNotFoundError:
-            continue
-        except (OSError, BlockprovError) as e:
-            log.warning("cache %s: stored manifest %s unusable (%s)", d, name, e)
-    log.warning("cache %s: no stored manifest of %s; asking the repository", d, meta.describe())
-    m = repo.resolve(meta.describe())
-    atomic_write(d / MANIFEST_NAME, m.to_json())
-    return m
-
-
-class Capture:
-    """What a snapshot still has to read (``pending``) and old content saved for it by writes.
-
-    Everything touching it runs on the event loop thread, so a chunk is either read by the snapshot
-    before any write changes it, or saved by the first write before its data changes."""
-
-    def __init__(self, pending: Iterable[int]) -> None:
-        self.pending = set(pending)
-        self.captured: dict[int, bytes] = {}
-
-
 class CacheDevice:
     """BlockDevice of one image version, backed by a cache directory (see module docstring)."""
 
-    def __init__(self, cache_dir: Path, repo: Repository, opened: _Opened, lock_fd: int,
+    def __init__(self, cache_dir: Path, repo: Repository, opened: Opened, lock_fd: int,
                  pool: ThreadPoolExecutor, *, readahead: int, fetch_timeout: float, read_only: bool,
                  batch_bytes: int, max_inflight: int, checkpoint_records: int,
                  checkpoint_fill_bytes: int, base: CacheDevice | None = None) -> None:
@@ -376,12 +158,11 @@ class CacheDevice:
         self._gate: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._active_ops = 0
-        # A snapshot reading its chunks: old content of chunks written meanwhile (``_capture_old``).
+        # A snapshot reading its chunks: old content of chunks written meanwhile (cache/capture.py).
         self._capture: Capture | None = None
         # First-read order of chunks over this cache's life (boot profiles).
-        self._seen = bytearray(self.manifest.count)
-        self._order = array("I")
-        self._order_saved = 0
+        self._read_order = ReadOrder(self.manifest.count)
+        self._seen = self._read_order.seen
         self.lifecycle_lock = asyncio.Lock()  # reset, snapshot and update run one at a time
         self.last_miss = -1  # chunk after the last demand miss (hydration follows it)
         self.last_miss_at = 0.0  # when (monotonic) clients last waited for the repository
@@ -417,14 +198,14 @@ class CacheDevice:
             d.mkdir(parents=True, exist_ok=True)
         elif not d.is_dir():
             raise CacheError(f"no cache directory {d}")
-        lock_fd = _take_lock(d)
+        lock_fd = take_lock(d)
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blockprov-cache")
-        opened: _Opened | None = None
+        opened: Opened | None = None
         dev: CacheDevice | None = None
         try:
             loop = asyncio.get_running_loop()
             opened = await loop.run_in_executor(
-                pool, _open_sync, d, repo, manifest, None if data_path is None else os.fspath(data_path),
+                pool, open_sync, d, repo, manifest, None if data_path is None else os.fspath(data_path),
                 create, pool, None if base_cache is None else str(Path(base_cache).resolve()))
             held_base = opened.state.meta.base_cache
             if held_base is not None and base is not None and (
@@ -434,7 +215,7 @@ class CacheDevice:
             dev = cls(d, repo, opened, lock_fd, pool, readahead=readahead, fetch_timeout=fetch_timeout, base=base,
                       read_only=read_only, batch_bytes=batch_bytes, max_inflight=max_inflight,
                       checkpoint_records=checkpoint_records, checkpoint_fill_bytes=checkpoint_fill_bytes)
-            dev._load_profile()
+            dev._read_order.load(d)
             loaded = opened.loaded
             if loaded is not None and not loaded.meta.clean and verify_unclean and loaded.present_runs:
                 await dev._verify(loaded.present_runs)
@@ -512,7 +293,7 @@ class CacheDevice:
         a = offset >> self._shift
         b = (offset + length - 1) >> self._shift
         if not self._seen[a] or not self._seen[b]:
-            self._record_order(a, b + 1)
+            self._read_order.record(a, b + 1)
         if a == b:
             f = self._flags[a]
             if f & PRESENT and self._fd >= 0:
@@ -660,7 +441,7 @@ class CacheDevice:
                 else:
                     writes.append((pos, src))
             if self._capture is not None:
-                self._capture_old(chunks)
+                self._capture.save_old(chunks)
             await self._pwrite_many(writes)
             if claimed:
                 # The chunk's new content must be on disk before the journal may say it is
@@ -708,7 +489,7 @@ class CacheDevice:
         try:
             todo = [c for c in chunks if not fl[c] & ZERO]
             if self._capture is not None:
-                self._capture_old(todo)
+                self._capture.save_old(todo)
             seq = 0
             runs = _runs(todo)
             for x, y in runs:
@@ -726,7 +507,7 @@ class CacheDevice:
         for x, y in runs:
             start = x * cs
             try:
-                ok = _punch(self._fd, start, min(y * cs, self._size) - start)
+                ok = punch(self._fd, start, min(y * cs, self._size) - start)
             except OSError as e:
                 log.warning("cache %s: punching a hole failed: %s", self.cache_dir, e)
                 ok = True  # the chunks are zero in the map either way; try again next time
@@ -829,7 +610,7 @@ class CacheDevice:
         """Start saving the old content of ``chunks`` for a snapshot reading them (call quiesced).
         They and ``hold`` (the snapshot's other chunks) get HELD: a later write journals ``dirty``
         first, so its generation bump survives a crash (invariant 4)."""
-        cap = self._capture = Capture(chunks)
+        cap = self._capture = Capture(chunks, self._read_chunk)
         fl = self._flags
         for i in (*cap.pending, *hold):
             fl[i] |= HELD
@@ -842,27 +623,14 @@ class CacheDevice:
         """Content of chunks as they were when the capture began (on the event loop; see Capture)."""
         if self._fd < 0:
             raise DeviceIOError(msg="cache is closed")
-        out = []
-        m = self.manifest
-        for i in indices:
-            data = cap.captured.pop(i, None)
-            if data is None:
-                cap.pending.discard(i)
-                try:
-                    data = os.pread(self._fd, m.chunk_length(i), i * self._cs)
-                except OSError as e:
-                    raise _io_error(e, f"reading {self.data_path}") from e
-            out.append(data)
-        return out
+        try:
+            return cap.read(indices)
+        except OSError as e:
+            raise io_error(e, f"reading {self.data_path}") from e
 
-    def _capture_old(self, chunks: Iterable[int]) -> None:
-        cap = self._capture
-        if cap is None:
-            return
-        for c in chunks:
-            if c in cap.pending:
-                cap.pending.discard(c)
-                cap.captured[c] = os.pread(self._fd, self.manifest.chunk_length(c), c * self._cs)
+    def _read_chunk(self, i: int) -> bytes:
+        """Chunk i as the data file holds it (blocking; a snapshot's reads and the recovery's)."""
+        return os.pread(self._fd, self.manifest.chunk_length(i), i * self._cs)
 
     async def switch_base(self, new: Manifest, flags: bytearray) -> None:
         """Make ``new`` the base version with these chunk flags, in one atomic checkpoint (call
@@ -875,7 +643,7 @@ class CacheDevice:
         """
         if (new.size, new.chunk_size) != (self._size, self._cs):
             raise CacheError(f"{new.image}@{new.id} has another size or chunk size than the cache")
-        nxt = self.cache_dir / _next_manifest_name(new.id)
+        nxt = self.cache_dir / next_manifest_name(new.id)
         await self._run(atomic_write, nxt, new.to_json())
         fl = self._flags
         fl[:] = flags
@@ -898,41 +666,6 @@ class CacheDevice:
     async def checkpoint(self) -> None:
         await self._checkpoint(clean=False)
 
-    # -- boot profile ---------------------------------------------------------------------------
-    def _record_order(self, a: int, b: int) -> None:
-        seen = self._seen
-        for i in range(a, b):
-            if not seen[i]:
-                seen[i] = 1
-                self._order.append(i)
-
-    def profile(self) -> list[int]:
-        """Chunks in the order they were first read over this cache's life (the first boot's order)."""
-        return self._order.tolist()
-
-    def _load_profile(self) -> None:
-        try:
-            raw = (self.cache_dir / PROFILE_NAME).read_bytes()
-        except FileNotFoundError:
-            return
-        order = array("I")
-        order.frombytes(raw[:len(raw) // 4 * 4])
-        if order.itemsize != 4 or any(i >= self.manifest.count for i in order):
-            log.warning("cache %s: ignoring a read-order profile that does not fit the image", self.cache_dir)
-            return
-        for i in order:
-            if not self._seen[i]:
-                self._seen[i] = 1
-                self._order.append(i)
-        self._order_saved = len(self._order)
-
-    def _save_profile(self) -> None:
-        """Written at checkpoints (only a hint: a crash loses at most the reads since the last one)."""
-        n = len(self._order)
-        if n != self._order_saved:
-            atomic_write(self.cache_dir / PROFILE_NAME, self._order[:n].tobytes())
-            self._order_saved = n
-
     # -- flush ------------------------------------------------------------------------------
     async def flush(self) -> None:
         self._check_open()
@@ -949,7 +682,7 @@ class CacheDevice:
             await self._run(os.fdatasync, self._fd)
         except OSError as e:
             self._data_failed = e  # dirty pages may be gone: later syncs must not pretend success
-            raise _io_error(e, f"fdatasync {self.data_path}") from e
+            raise io_error(e, f"fdatasync {self.data_path}") from e
 
     # -- block status ----------------------------------------------------------------------
     async def extents(self, offset: int, length: int) -> list[Extent]:
@@ -1047,7 +780,7 @@ class CacheDevice:
         m = self.manifest
         bad = []
         for i in chunks:
-            data = os.pread(self._fd, m.chunk_length(i), i * self._cs)
+            data = self._read_chunk(i)
             want = m.digest_at(i)
             ok = is_zero(data) if want == ZERO_DIGEST else digest(data) == want
             if not ok:
@@ -1088,29 +821,15 @@ class CacheDevice:
         total = sum(len(d) for _, d in writes)
         try:
             if inline and total <= INLINE_WRITE:
-                self._write_groups(writes)
+                write_groups(self._fd, writes)
             else:
-                await self._run(self._write_groups, writes)
+                await self._run(write_groups, self._fd, writes)
         except OSError as e:
-            raise _io_error(e, f"writing {self.data_path}") from e
+            raise io_error(e, f"writing {self.data_path}") from e
 
-    def _write_groups(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
-        if len(writes) == 1:
-            off, data = writes[0]
-            _pwrite_all(self._fd, data, off)
-            return
-        ordered = sorted(writes, key=lambda w: w[0])
-        start = ordered[0][0]
-        bufs: list[memoryview] = []
-        end = start
-        for off, data in ordered:
-            if off != end and bufs:
-                _pwritev_all(self._fd, bufs, start)
-                bufs, start = [], off
-            bufs.append(memoryview(data).cast("B"))
-            end = off + len(data)
-        if bufs:
-            _pwritev_all(self._fd, bufs, start)
+    def profile(self) -> list[int]:
+        """Chunks in the order they were first read over this cache's life (the first boot's order)."""
+        return self._read_order.order()
 
     TOTALS = ("bytes_fetched", "wire_bytes", "chunks_fetched")
 
@@ -1121,8 +840,8 @@ class CacheDevice:
                 for k in self.TOTALS}
 
     async def _checkpoint(self, *, clean: bool) -> None:
-        if len(self._order) != self._order_saved:
-            await self._run(self._save_profile)
+        if self._read_order.unsaved:
+            await self._run(self._read_order.save, self.cache_dir)
         totals = self.totals()
         self._state.meta = replace(self._state.meta, totals=totals)
         self._folded = {k: int(getattr(self._fetcher.stats, k)) for k in self.TOTALS}
