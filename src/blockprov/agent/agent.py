@@ -35,7 +35,7 @@ from blockprov.agent.instance import InstanceOps, in_daemon_thread, wait_for_sto
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
-from blockprov.cache.journal import instance_status, load
+from blockprov.cache.journal import META_NAME, instance_status, load
 from blockprov.durable import atomic_write
 from blockprov.errors import AccessDenied, BlockprovError, CacheError, UsageError
 from blockprov.manifest import Manifest
@@ -253,7 +253,7 @@ class Agent:
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:
     """Status of a cache no agent is serving, from its metadata and journal (nothing written)."""
-    if not (cache_dir / "meta").exists():
+    if not (cache_dir / META_NAME).exists():
         raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
     loaded = load(cache_dir)
     meta, counts = loaded.meta, loaded.map.counts()

@@ -174,7 +174,7 @@ def encode_meta(meta: CacheMeta, cmap: ChunkMap) -> list[bytes]:
     return parts
 
 
-def decode_meta(raw: bytes, where: str = "meta") -> tuple[CacheMeta, ChunkMap]:
+def decode_meta(raw: bytes, where: str = META_NAME) -> tuple[CacheMeta, ChunkMap]:
     def bad(why: str) -> CacheError:
         return CacheError(f"cache metadata {where} is unusable: {why}")
 

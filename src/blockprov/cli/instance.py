@@ -67,11 +67,12 @@ def on_cache(obj: Ctx, cache_dir: Path, op: str, args: dict[str, Any],
     else:
         result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
         return result
-    if not (cache_dir / "meta").exists():
+    from blockprov.cache.device import CacheDevice
+    from blockprov.cache.journal import META_NAME
+
+    if not (cache_dir / META_NAME).exists():
         raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
     repo = cache_repository(obj, cache_dir)
-
-    from blockprov.cache.device import CacheDevice
 
     async def main() -> dict[str, Any]:
         dev = await CacheDevice.open(cache_dir, repo, create=False)
