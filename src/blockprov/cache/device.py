@@ -54,7 +54,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from blockprov.align import Piece, split
+from blockprov.align import Piece, runs, split
 from blockprov.cache.capture import Capture
 from blockprov.cache.fetcher import (
     DEFAULT_BATCH_BYTES,
@@ -84,17 +84,6 @@ CHECKPOINT_RECORDS = 65536  # ~2.5 MB of journal
 CHECKPOINT_FILL_BYTES = 1 << 30  # bounds the re-verification after an unclean stop
 T = TypeVar("T")
 P = ParamSpec("P")
-
-
-def _runs(indices: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted distinct indices → maximal runs (start, end)."""
-    out: list[tuple[int, int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1] = (out[-1][0], i + 1)
-        else:
-            out.append((i, i + 1))
-    return out
 
 
 def _gated(fn: Callable[Concatenate[CacheDevice, P], Coroutine[Any, Any, T]]
@@ -412,7 +401,7 @@ class CacheDevice:
             # ``modified`` records clear HELD, so the second pass sees only the remaining ones.
             seq = 0
             for kind, pick in ((Kind.MODIFIED, lambda f: not f & MODIFIED), (Kind.DIRTY, lambda f: f & HELD)):
-                for x, y in _runs(c for c in chunks if pick(fl[c])):
+                for x, y in runs(c for c in chunks if pick(fl[c])):
                     seq = state.apply(kind, x, y)
                     for c in range(x, y):
                         self._pending_mod[c] = seq
@@ -447,9 +436,9 @@ class CacheDevice:
                 # The chunk's new content must be on disk before the journal may say it is
                 # there: otherwise a crash could show a hole instead of old or new data.
                 await self._data_sync.sync()
-                for x, y in _runs(missing):
+                for x, y in runs(missing):
                     state.apply(Kind.PRESENT, x, y)
-                for x, y in _runs(sorted(zero_claimed)):
+                for x, y in runs(sorted(zero_claimed)):
                     state.apply(Kind.UNZERO, x, y)
         finally:
             if claimed:
@@ -491,20 +480,20 @@ class CacheDevice:
             if self._capture is not None:
                 self._capture.save_old(todo)
             seq = 0
-            runs = _runs(todo)
-            for x, y in runs:
+            spans = runs(todo)
+            for x, y in spans:
                 seq = self._state.apply(Kind.ZERO, x, y)
             if seq:
                 await self._state.sync(seq)
-            if runs and self._can_punch:
-                await self._run(self._punch_runs, runs)
+            if spans and self._can_punch:
+                await self._run(self._punch_runs, spans)
         finally:
             self._release(chunks)
         self._maybe_checkpoint()
 
-    def _punch_runs(self, runs: list[tuple[int, int]]) -> None:
+    def _punch_runs(self, spans: list[tuple[int, int]]) -> None:
         cs = self._cs
-        for x, y in runs:
+        for x, y in spans:
             start = x * cs
             try:
                 ok = punch(self._fd, start, min(y * cs, self._size) - start)
@@ -572,35 +561,35 @@ class CacheDevice:
         """
         fl = self._flags
         async with self.quiesced():
-            runs = list(self._map.runs_where(MODIFIED))
-            for x, y in runs:
+            spans = list(self._map.runs_where(MODIFIED))
+            for x, y in spans:
                 self._state.apply(Kind.RESET, x, y)
-            if runs:
+            if spans:
                 await self._state.sync()
             self._pending_mod.clear()
-        if runs and punch and not eager and self._can_punch:
-            task = asyncio.ensure_future(self._punch_reset(runs))
+        if spans and punch and not eager and self._can_punch:
+            task = asyncio.ensure_future(self._punch_reset(spans))
             self._punches.add(task)
             task.add_done_callback(self._punches.discard)
-        n = sum(y - x for x, y in runs)
+        n = sum(y - x for x, y in spans)
         # An overlay's reset chunks read through the shared base again: nothing to fetch.
-        refetch = [i for x, y in runs for i in range(x, y)
+        refetch = [i for x, y in spans for i in range(x, y)
                    if not fl[i] & (PRESENT | ZERO)] if eager and not self.overlay else []
         if refetch:
             await self.fetch_chunks(refetch)
         self._maybe_checkpoint()
         return {"chunks_reset": n, "chunks_refetched": len(refetch)}
 
-    async def _punch_reset(self, runs: list[tuple[int, int]]) -> None:
+    async def _punch_reset(self, spans: list[tuple[int, int]]) -> None:
         """Free the blocks of reset chunks, a group at a time under the chunks' claims, so a fill
         or a write of one of them (it is missing now) cannot land between the check and the punch."""
         fl = self._flags
-        for x, y in runs:
+        for x, y in spans:
             for a in range(x, y, 64):
                 group = list(range(a, min(y, a + 64)))
                 await self._claim(group)
                 try:
-                    free = _runs(c for c in group if not fl[c] & PRESENT)
+                    free = runs(c for c in group if not fl[c] & PRESENT)
                     if free and self._can_punch and self._fd >= 0:
                         await self._run(self._punch_runs, free)
                 finally:
@@ -751,17 +740,17 @@ class CacheDevice:
             cs = self._cs
             await self._pwrite_many([(i * cs, d) for i, d in take], inline=False)
             await self._data_sync.sync()
-            for x, y in _runs(idx):
+            for x, y in runs(idx):
                 self._state.apply(Kind.PRESENT, x, y)
             self._filled_since_checkpoint += sum(len(d) for _, d in take)
         finally:
             self._release(idx)
         self._maybe_checkpoint()
 
-    async def _verify(self, runs: list[tuple[int, int]]) -> None:
+    async def _verify(self, present: list[tuple[int, int]]) -> None:
         """After an unclean stop: re-hash chunks that replay marked present and not modified."""
         fl = self._flags
-        todo = sorted({i for a, b in runs for i in range(a, b) if fl[i] & (PRESENT | MODIFIED | ZERO) == PRESENT})
+        todo = sorted({i for a, b in present for i in range(a, b) if fl[i] & (PRESENT | MODIFIED | ZERO) == PRESENT})
         if not todo:
             return
         step = max(1, len(todo) // 8 + 1)
@@ -770,7 +759,7 @@ class CacheDevice:
         bad = sorted(i for r in results for i in r)
         self.verified_chunks = len(todo)
         self.dropped_chunks = len(bad)
-        for x, y in _runs(bad):
+        for x, y in runs(bad):
             self._state.apply(Kind.DROP, x, y)
         if bad:
             log.warning("cache %s: %d of %d recently filled chunk(s) did not match the manifest after an "
