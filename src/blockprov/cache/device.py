@@ -61,15 +61,16 @@ from blockprov.cache.fetcher import (
     DEFAULT_MAX_INFLIGHT,
     DEFAULT_READAHEAD,
     DEFAULT_TIMEOUT,
-    Fetcher,
     FetchStats,
+    repository_source,
 )
 from blockprov.cache.files import io_error, punch, take_lock, write_groups
 from blockprov.cache.journal import CacheState, GroupSync, instance_status
 from blockprov.cache.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind
 from blockprov.cache.opening import MANIFEST_NAME, Opened, manifest_digest, next_manifest_name, open_sync
-from blockprov.cache.overlay import BaseSource
+from blockprov.cache.overlay import base_source
 from blockprov.cache.profile import ReadOrder
+from blockprov.cache.source import ChunkSource, SourceFactory
 from blockprov.codec import ZERO_DIGEST, digest, is_zero
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
 from blockprov.durable import atomic_write, fsync_dir
@@ -112,8 +113,7 @@ class CacheDevice:
     """BlockDevice of one image version, backed by a cache directory (see module docstring)."""
 
     def __init__(self, cache_dir: Path, repo: Repository, opened: Opened, lock_fd: int,
-                 pool: ThreadPoolExecutor, *, readahead: int, fetch_timeout: float, read_only: bool,
-                 batch_bytes: int, max_inflight: int, checkpoint_records: int,
+                 pool: ThreadPoolExecutor, *, source: SourceFactory, read_only: bool, checkpoint_records: int,
                  checkpoint_fill_bytes: int, base: CacheDevice | None = None) -> None:
         self.cache_dir = cache_dir
         self.repo = repo
@@ -156,15 +156,12 @@ class CacheDevice:
         self.last_miss = -1  # chunk after the last demand miss (hydration follows it)
         self.last_miss_at = 0.0  # when (monotonic) clients last waited for the repository
         self._punches: set[asyncio.Task[None]] = set()  # background hole punching after resets
+        # An overlay (this class over a shared base cache, cache/overlay.py) reads the chunks it
+        # does not hold through its base instead of filling them: ``overlay`` is that mode.
         self.overlay = opened.state.meta.base_cache is not None
         self._base = base
-        self._fetcher: Fetcher | BaseSource
-        if self.overlay:
-            self._fetcher = BaseSource(self.manifest, base, self._store_fetched, str(cache_dir))
-        else:
-            self._fetcher = Fetcher(self.manifest, repo, self._store_fetched, self._needs_fetch,
-                                    readahead=readahead, batch_bytes=batch_bytes, max_inflight=max_inflight,
-                                    timeout=fetch_timeout)
+        self._source: ChunkSource = source(self.manifest, self._store_fetched, self._needs_fetch)
+        self._no_fetches = FetchStats()
 
     # -- opening and closing -----------------------------------------------------------------
     @classmethod
@@ -174,13 +171,18 @@ class CacheDevice:
                    batch_bytes: int = DEFAULT_BATCH_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                    verify_unclean: bool = True, checkpoint_records: int = CHECKPOINT_RECORDS,
                    checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES, base: CacheDevice | None = None,
-                   base_cache: str | os.PathLike[str] | None = None) -> CacheDevice:
+                   base_cache: str | os.PathLike[str] | None = None,
+                   source: SourceFactory | None = None) -> CacheDevice:
         """Open (or create) the cache in ``cache_dir`` for ``manifest``.
 
         ``manifest=None`` re-opens whatever the cache holds (its stored manifest, else the
         repository's). Raises CacheMismatch for a cache of another version, CacheLocked when
         another agent holds it. ``base_cache`` creates an overlay of that shared base cache
-        (device/overlay.py); ``base`` is the opened base device an overlay reads through.
+        (cache/overlay.py); ``base`` is the opened base device an overlay reads through.
+
+        The layer below, where missing chunks come from (cache/source.py), is ``source`` when
+        given; else, for an overlay, its ``base``, and for any other cache the repository, fetched
+        from with ``readahead``, ``fetch_timeout``, ``batch_bytes`` and ``max_inflight``.
         """
         d = Path(cache_dir)
         if create:
@@ -201,8 +203,11 @@ class CacheDevice:
                     base.manifest.id != opened.manifest.id or str(base.cache_dir.resolve()) != held_base):
                 raise CacheMismatch(path=str(d), held=f"an overlay of {held_base}",
                                     wanted=f"an overlay of {base.cache_dir} ({base.manifest.id})")
-            dev = cls(d, repo, opened, lock_fd, pool, readahead=readahead, fetch_timeout=fetch_timeout, base=base,
-                      read_only=read_only, batch_bytes=batch_bytes, max_inflight=max_inflight,
+            if source is None:
+                source = base_source(base, str(d)) if held_base is not None else repository_source(
+                    repo, readahead=readahead, timeout=fetch_timeout, batch_bytes=batch_bytes,
+                    max_inflight=max_inflight)
+            dev = cls(d, repo, opened, lock_fd, pool, source=source, base=base, read_only=read_only,
                       checkpoint_records=checkpoint_records, checkpoint_fill_bytes=checkpoint_fill_bytes)
             dev._read_order.load(d)
             loaded = opened.loaded
@@ -212,7 +217,7 @@ class CacheDevice:
             await dev._checkpoint(clean=False)
         except BaseException:
             if dev is not None:
-                await dev._fetcher.close()
+                await dev._source.close()
             if opened is not None:
                 opened.state.close()
                 os.close(opened.fd)
@@ -227,7 +232,7 @@ class CacheDevice:
             return
         self._closed = True
         try:
-            await self._fetcher.close()
+            await self._source.close()
             if self._punches:
                 await asyncio.gather(*self._punches, return_exceptions=True)
             if self._checkpoint_task is not None:
@@ -273,9 +278,8 @@ class CacheDevice:
 
     @property
     def fetch_stats(self) -> FetchStats | None:
-        """The fetcher's live counters (None for an overlay, which fetches nothing); read by metrics."""
-        st = self._fetcher.stats
-        return st if isinstance(st, FetchStats) else None
+        """The source's live repository counters (None for an overlay, which fetches nothing); read by metrics."""
+        return self._source.stats
 
     # -- reads -------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> ReadResult:
@@ -307,7 +311,7 @@ class CacheDevice:
         if need:
             self.last_miss = need[-1] + 1  # hydration moves to where clients read
             self.last_miss_at = time.monotonic()
-        got = await self._fetcher.get_many(need) if need else {}
+        got = await self._source.get_many(need) if need else {}
         out: ReadResult = []
         for p in pieces:
             data = got.get(p.chunk)
@@ -324,7 +328,7 @@ class CacheDevice:
                     else:
                         out.append(FileSegment(self._fd, off, p.length))
                     continue
-                data = await self._fetcher.get(p.chunk)  # dropped meanwhile: fetch it again
+                data = await self._source.get(p.chunk)  # dropped meanwhile: fetch it again
             out.append(memoryview(data)[p.start:p.start + p.length])
         return out
 
@@ -385,7 +389,7 @@ class CacheDevice:
             need = [p.chunk for p in pieces if not p.whole and not fl[p.chunk] & (PRESENT | ZERO)]
             if need:
                 await self._wait_unclaimed(need)
-                await self._fetcher.materialize(need)
+                await self._source.materialize(need)
                 continue
             claimed = [c for c in chunks if not fl[c] & PRESENT]
             if claimed:
@@ -507,7 +511,7 @@ class CacheDevice:
 
     async def settle(self) -> None:
         """Wait until fetches and fills in flight (read-ahead included) and hole punching are done."""
-        await self._fetcher.idle()
+        await self._source.idle()
         while self._punches:
             await asyncio.gather(*self._punches, return_exceptions=True)
 
@@ -529,7 +533,7 @@ class CacheDevice:
             while self._active_ops:
                 self._drain = loop.create_future()
                 await self._drain
-            await self._fetcher.idle()
+            await self._source.idle()
             yield
         finally:
             self._drain = None
@@ -546,7 +550,7 @@ class CacheDevice:
         fl = self._flags
         need = [i for i in indices if not fl[i] & (PRESENT | ZERO)]
         if need:
-            await self._fetcher.materialize(need)
+            await self._source.materialize(need)
         return len(need)
 
     async def reset(self, *, eager: bool = False, punch: bool = True) -> dict[str, int]:
@@ -639,7 +643,7 @@ class CacheDevice:
         self._pending_mod.clear()
         self._state.meta = replace(self._state.meta, version=new.id, manifest_digest=manifest_digest(new))
         self.manifest = new
-        self._fetcher.manifest = new
+        self._source.manifest = new
         await self._checkpoint(clean=False)
 
         def install() -> None:
@@ -717,7 +721,7 @@ class CacheDevice:
             "verified_chunks": self.verified_chunks,
             "base_cache": self._state.meta.base_cache,
             "dropped_chunks": self.dropped_chunks,
-            **self._fetcher.stats.to_dict(),
+            **self._counters().to_dict(),
             "totals": self.totals(),
             **instance_status(self._state.meta, self._map),
         }
@@ -822,9 +826,13 @@ class CacheDevice:
 
     TOTALS = ("bytes_fetched", "wire_bytes", "chunks_fetched")
 
+    def _counters(self) -> FetchStats:
+        """This run's repository counters; all zero for a source that fetches nothing."""
+        return self._source.stats or self._no_fetches
+
     def totals(self) -> dict[str, int]:
         """Fetch counters over every agent run on this cache (this run's added to the stored ones)."""
-        st, base = self._fetcher.stats, self._state.meta.totals
+        st, base = self._counters(), self._state.meta.totals
         return {k: int(base.get(k, 0)) + int(getattr(st, k)) - int(self._folded.get(k, 0))
                 for k in self.TOTALS}
 
@@ -833,7 +841,7 @@ class CacheDevice:
             await self._run(self._read_order.save, self.cache_dir)
         totals = self.totals()
         self._state.meta = replace(self._state.meta, totals=totals)
-        self._folded = {k: int(getattr(self._fetcher.stats, k)) for k in self.TOTALS}
+        self._folded = {k: int(getattr(self._counters(), k)) for k in self.TOTALS}
         await self._state.checkpoint(clean=clean)
 
     def _maybe_checkpoint(self) -> None:
