@@ -513,3 +513,27 @@ def test_the_layer_below_is_passed_in(tmp_path: Path) -> None:
 
     run(main())
     assert repo.call_count == 0 and 1 in sources[0].asked
+
+
+def test_offline_status_is_the_live_status_of_a_stopped_cache(tmp_path: Path) -> None:
+    """``blockprov status`` of a cache no agent serves shows what a serving agent shows (one builder)."""
+    from blockprov.agent.agent import offline_status
+
+    repo = DictRepo()
+    m, _content = make_image(repo, chunks=16)
+
+    async def main() -> dict[str, object]:
+        dev = await CacheDevice.open(tmp_path, repo, m)
+        await dev.read(0, 6 * CS)
+        await dev.write(9 * CS + 1, b"w" * 100)
+        await dev.trim(12 * CS, CS)
+        await dev.settle()
+        live = dev.status()
+        await dev.close()
+        return live
+
+    live = asyncio.run(main())
+    offline = offline_status(tmp_path)
+    assert offline.pop("agent") == {"running": False} and offline.pop("clean_shutdown") is True
+    assert offline == {k: live[k] for k in offline}
+    assert offline["chunks_modified"] == 2 and offline["totals"]["chunks_fetched"] > 0  # type: ignore[index]

@@ -65,12 +65,13 @@ from blockprov.cache.fetcher import (
     repository_source,
 )
 from blockprov.cache.files import io_error, punch, take_lock, write_groups
-from blockprov.cache.journal import CacheState, GroupSync, instance_status
+from blockprov.cache.journal import CacheState, GroupSync
 from blockprov.cache.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind
 from blockprov.cache.opening import MANIFEST_NAME, Opened, manifest_digest, next_manifest_name, open_sync
 from blockprov.cache.overlay import base_source
 from blockprov.cache.profile import ReadOrder
 from blockprov.cache.source import ChunkSource, SourceFactory
+from blockprov.cache.status import TOTALS, cache_status
 from blockprov.codec import ZERO_DIGEST, digest, is_zero
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
 from blockprov.durable import atomic_write, fsync_dir
@@ -704,26 +705,12 @@ class CacheDevice:
 
     # -- status -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        counts = self._map.counts()
+        """What the cache holds (cache/status.py) and this run's figures."""
         return {
-            "image": self.manifest.image,
-            "version": self.manifest.id,
-            "size": self._size,
-            "chunk_size": self._cs,
-            "cache_dir": str(self.cache_dir),
-            "data_path": str(self.data_path),
-            "chunks_total": counts["total"],
-            "chunks_present": counts["present"],
-            "chunks_modified": counts["modified"],
-            "chunks_zero": counts["zero"],
-            "chunks_missing": counts["missing"],
-            "journal_seq": self._state.last_seq,
+            **cache_status(self.cache_dir, self._state.meta, self._map, self._state.last_seq, self.totals()),
             "verified_chunks": self.verified_chunks,
-            "base_cache": self._state.meta.base_cache,
             "dropped_chunks": self.dropped_chunks,
             **self._counters().to_dict(),
-            "totals": self.totals(),
-            **instance_status(self._state.meta, self._map),
         }
 
     # -- fills (called by the fetcher) --------------------------------------------------------
@@ -824,8 +811,6 @@ class CacheDevice:
         """Chunks in the order they were first read over this cache's life (the first boot's order)."""
         return self._read_order.order()
 
-    TOTALS = ("bytes_fetched", "wire_bytes", "chunks_fetched")
-
     def _counters(self) -> FetchStats:
         """This run's repository counters; all zero for a source that fetches nothing."""
         return self._source.stats or self._no_fetches
@@ -834,14 +819,14 @@ class CacheDevice:
         """Fetch counters over every agent run on this cache (this run's added to the stored ones)."""
         st, base = self._counters(), self._state.meta.totals
         return {k: int(base.get(k, 0)) + int(getattr(st, k)) - int(self._folded.get(k, 0))
-                for k in self.TOTALS}
+                for k in TOTALS}
 
     async def _checkpoint(self, *, clean: bool) -> None:
         if self._read_order.unsaved:
             await self._run(self._read_order.save, self.cache_dir)
         totals = self.totals()
         self._state.meta = replace(self._state.meta, totals=totals)
-        self._folded = {k: int(getattr(self._counters(), k)) for k in self.TOTALS}
+        self._folded = {k: int(getattr(self._counters(), k)) for k in TOTALS}
         await self._state.checkpoint(clean=clean)
 
     def _maybe_checkpoint(self) -> None:

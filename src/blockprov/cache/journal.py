@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 
 import blake3
 
-from blockprov.cache.maps import MODIFIED, ChunkMap, Kind
+from blockprov.cache.maps import ChunkMap, Kind
 from blockprov.durable import atomic_write
 from blockprov.errors import CacheError, DeviceIOError
 
@@ -134,17 +134,6 @@ class Loaded:
     dropped_bytes: int  # journal bytes ignored at the tail
     tail_problem: str | None  # why replay stopped early, if it did
     present_runs: list[tuple[int, int]]  # ranges made present by replayed records
-
-
-def instance_status(meta: CacheMeta, cmap: ChunkMap) -> dict[str, Any]:
-    """The lifecycle part of ``status``: per-target unsynced chunks (modified ones only: a chunk
-    reset or updated away has nothing left to send), last snapshots, hydration."""
-    modified = list(cmap.runs_where(MODIFIED))
-    targets = {}
-    for t, name in enumerate(cmap.targets):
-        n = sum(1 for a, b in modified for i in range(a, b) if cmap.is_unsynced(t, i))
-        targets[name] = {"unsynced_chunks": n, "last_snapshot": meta.snapshots.get(name)}
-    return {"targets": targets, "hydrated": meta.hydrated, "repository": meta.repository}
 
 
 # -- metadata file -------------------------------------------------------------------------------
