@@ -1,9 +1,9 @@
 """kill -9 the agent's cache at random moments; the next open must recover with no manual step.
 
 Checked after every kill, before and after recovery:
-- invariant 1 on the raw on-disk state (meta + journal replay, nothing repaired yet): every
+- (docs/architecture.md, invariant 1) on the raw on-disk state (meta + journal replay, nothing repaired yet): every
   chunk marked present and not modified holds exactly the manifest's data;
-- invariant 3: every write or zeroing acknowledged before a completed FLUSH reads back; a sector
+- (docs/architecture.md, invariant 3) every write or zeroing acknowledged before a completed FLUSH reads back; a sector
   touched after that flush holds its flushed value or the value of one of the later operations,
   never anything else (no torn chunk, no resurrected base data, no garbage).
 The image has a written part and a larger read-only part whose fills are in flight at the kill; a

@@ -4,10 +4,15 @@ What a cache directory holds and how it is opened is in cache/opening.py; the fi
 (lock, data file, hole punching, positioned writes) are in cache/files.py; the boot profile is
 in cache/profile.py; where missing chunks come from is a ``ChunkSource`` (cache/source.py).
 
-Chunk states are in agent/maps.py. The orders of operations below are what keep DESIGN.md's
-invariants (1: a present chunk holds the manifest's data or is marked modified; 2: the modified
-mark is durable before the data changes; 3: a write acknowledged before a completed FLUSH
-survives a crash):
+An *overlay* (a clone's disk) is this same class over a shared, read-only base cache instead of
+the repository: its ``ChunkSource`` is the base (cache/overlay.py), and where a cache fills a
+missing chunk on a read, an overlay reads it through from the base without keeping it (the
+``overlay`` branches below). Writes, the journal, crash rules and lifecycle are the same for both.
+
+Chunk states are in cache/maps.py. The orders of operations below are what keep the invariants
+of docs/architecture.md (1: a present chunk holds the manifest's data or is marked modified;
+2: the modified mark is durable before the data changes; 3: a write acknowledged before a
+completed FLUSH survives a crash):
 
 - Fill after a miss: write data → fdatasync data file → journal ``present`` (not synced: losing
   the record costs a refetch). Cold readers get the verified bytes as soon as they are decoded.
@@ -37,7 +42,7 @@ overlapping write may see either version, as with any disk.
 
 Recovery needs no manual step: ``open`` replays the journal; after an unclean stop it re-reads
 and re-hashes the chunks that replay marked present-but-not-modified (at most what was filled
-since the last checkpoint) and forgets any that do not match (invariant 1), then checkpoints.
+since the last checkpoint) and forgets any that do not match (docs/architecture.md, invariant 1), then checkpoints.
 """
 
 from __future__ import annotations
@@ -555,7 +560,7 @@ class CacheDevice:
         return len(need)
 
     async def reset(self, *, eager: bool = False, punch: bool = True) -> dict[str, int]:
-        """Every modified chunk back to the base (DESIGN.md invariant 5); cost ∝ modified chunks.
+        """Every modified chunk back to the base (docs/architecture.md, invariant 5); cost ∝ modified chunks.
 
         Order: journal ``reset`` of the modified runs → fsync; that is the reset. Holes are
         punched afterwards in the background (space only: a reset chunk is missing or zero, so its
@@ -603,7 +608,7 @@ class CacheDevice:
     def begin_capture(self, chunks: Iterable[int], hold: Iterable[int] = ()) -> Capture:
         """Start saving the old content of ``chunks`` for a snapshot reading them (call quiesced).
         They and ``hold`` (the snapshot's other chunks) get HELD: a later write journals ``dirty``
-        first, so its generation bump survives a crash (invariant 4)."""
+        first, so its generation bump survives a crash (docs/architecture.md, invariant 4)."""
         cap = self._capture = Capture(chunks, self._read_chunk)
         fl = self._flags
         for i in (*cap.pending, *hold):

@@ -21,8 +21,8 @@ Why each rule:
 - ``RepositoryUnavailable`` is retried with backoff (retry.py) until ``timeout`` seconds have
   passed, and the whole batch (queueing included) is bounded by ``timeout``: the read then fails
   with ``DeviceIOError`` (EIO) instead of hanging.
-- Invariant 6: a blob that fails ``codec.decode`` fails only its chunks, is logged, and its bytes
-  are neither stored nor served.
+- (docs/architecture.md, invariant 6) A blob that fails ``codec.decode`` fails only its chunks,
+  is logged, and its bytes are neither stored nor served.
 
 Verified data is handed to ``store`` (the cache writes it to its data file) and the data futures
 resolve before the store finishes, so a cold read does not wait for the fill's fdatasync; writers

@@ -107,7 +107,7 @@ class CacheMeta:
     snapshots: dict[str, str] = field(default_factory=dict)
     hydrated: float | None = None  # when every chunk last became local (hydration's record)
     repository: str | None = None  # URL of the repository the cache was last attached with
-    base_cache: str | None = None  # an overlay's shared base cache directory (device/overlay.py)
+    base_cache: str | None = None  # an overlay's shared base cache directory (cache/overlay.py)
 
     def describe(self) -> str:
         return f"{self.image}@{self.version}"

@@ -1,8 +1,8 @@
 """Where an overlay's missing chunks come from: its shared base cache, not the repository.
 
 An *overlay* is a ``CacheDevice`` (cache/device.py) whose metadata names a *base*: a read-only
-cache of the same version on the same host, shared by any number of overlays (seed 004:
-shareable data is shared, non-shareable data is copied on write per instance). It is the same
+cache of the same version on the same host, shared by any number of overlays (shareable data
+is shared, non-shareable data is copied on write per instance). It is the same
 device class as any cache, with the same journal, crash rules and lifecycle; what differs is the
 layer below it, passed in as its ``ChunkSource`` (cache/source.py): this ``BaseSource`` instead
 of a ``Fetcher``. So a clones agent's stack is repository → base cache → overlay → NBD server,
