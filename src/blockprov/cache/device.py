@@ -33,34 +33,30 @@ completed FLUSH survives a crash):
   path.
 - FLUSH: fdatasync data file, then fsync journal (each shared by concurrent callers).
 
-Concurrency: state transitions of one chunk (fill, write into a missing or zero chunk, zeroing)
-hold a per-chunk claim (``_busy``), taken in ascending chunk order, so two of them never
-interleave; fills never wait for a claim, they skip claimed chunks. Reads take no claim and never
-await on the hot path: a present chunk is one flags lookup and one ``FileSegment`` (the NBD server
-sendfiles it), a zero chunk is a slice of a shared zero buffer. Reads that race with an
-overlapping write may see either version, as with any disk.
+Concurrency (per-chunk claims, the quiesce gate) is in cache/concurrency.py.
 
 Recovery needs no manual step: ``open`` replays the journal; after an unclean stop it re-reads
 and re-hashes the chunks that replay marked present-but-not-modified (at most what was filled
-since the last checkpoint) and forgets any that do not match (docs/architecture.md, invariant 1), then checkpoints.
+since the last checkpoint) and forgets any that do not match (docs/architecture.md, invariant 1),
+then checkpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 from blockprov.align import Piece, runs, split
 from blockprov.cache.capture import Capture
+from blockprov.cache.concurrency import Claims, Gate, gated
 from blockprov.cache.fetcher import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_MAX_INFLIGHT,
@@ -89,30 +85,6 @@ log = logging.getLogger(__name__)
 INLINE_WRITE = 64 << 10  # pwrites up to this size run on the event loop (page cache copy, ~µs)
 CHECKPOINT_RECORDS = 65536  # ~2.5 MB of journal
 CHECKPOINT_FILL_BYTES = 1 << 30  # bounds the re-verification after an unclean stop
-T = TypeVar("T")
-P = ParamSpec("P")
-
-
-def _gated(fn: Callable[Concatenate[CacheDevice, P], Coroutine[Any, Any, T]]
-           ) -> Callable[Concatenate[CacheDevice, P], Coroutine[Any, Any, T]]:
-    """Requests that may fetch or change chunks pass the gate ``quiesced`` closes, and are counted
-    so that it can wait for the ones already inside. Only entry points are gated: an inner call
-    waiting at a closed gate would deadlock the quiesce waiting for its caller."""
-
-    async def wrapper(self: CacheDevice, /, *args: P.args, **kw: P.kwargs) -> T:
-        while (gate := self._gate) is not None:
-            await asyncio.shield(gate)
-        self._active_ops += 1
-        try:
-            return await fn(self, *args, **kw)
-        finally:
-            self._active_ops -= 1
-            drain = self._drain
-            if not self._active_ops and drain is not None and not drain.done():
-                drain.set_result(None)
-
-    functools.update_wrapper(wrapper, fn)
-    return wrapper
 
 
 class CacheDevice:
@@ -136,7 +108,7 @@ class CacheDevice:
         self._cs = self.manifest.chunk_size
         self._shift = self._cs.bit_length() - 1
         self._zeros = memoryview(bytes(self._cs))
-        self._busy: dict[int, asyncio.Future[None]] = {}
+        self._claims = Claims()  # per-chunk transition claims (cache/concurrency.py)
         self._pending_mod: dict[int, int] = {}  # chunk → seq of its not-yet-durable modified record
         self._data_sync = GroupSync(self._fdatasync)
         self._data_failed: BaseException | None = None
@@ -149,10 +121,7 @@ class CacheDevice:
         self.verified_chunks = 0
         self.dropped_chunks = 0
         self._folded: dict[str, int] = {}  # this run's fetch counters already added to meta.totals
-        # The gate (see ``quiesced``): while ``_gate`` is set, gated requests wait for it.
-        self._gate: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
-        self._active_ops = 0
+        self._gate = Gate()  # closed by ``quiesced``; entry points that fetch or change chunks pass it
         # A snapshot reading its chunks: old content of chunks written meanwhile (cache/capture.py).
         self._capture: Capture | None = None
         # First-read order of chunks over this cache's life (boot profiles).
@@ -305,7 +274,7 @@ class CacheDevice:
             return await self._base.read(offset, length)  # an overlay's unmodified data: the shared base's
         return await self._read_slow(offset, length)
 
-    @_gated
+    @gated
     async def _read_slow(self, offset: int, length: int) -> ReadResult:
         self._check_open()
         fl = self._flags
@@ -368,7 +337,7 @@ class CacheDevice:
         return await self._base.read(offset, length)
 
     # -- writes ------------------------------------------------------------------------------
-    @_gated
+    @gated
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         self._check_writable()
         n = len(data)
@@ -394,14 +363,14 @@ class CacheDevice:
         while True:
             need = [p.chunk for p in pieces if not p.whole and not fl[p.chunk] & (PRESENT | ZERO)]
             if need:
-                await self._wait_unclaimed(need)
+                await self._claims.wait_unclaimed(need)
                 await self._source.materialize(need)
                 continue
             claimed = [c for c in chunks if not fl[c] & PRESENT]
             if claimed:
-                await self._claim(claimed)
+                await self._claims.claim(claimed)
                 if any(not p.whole and not fl[p.chunk] & (PRESENT | ZERO) for p in pieces):
-                    self._release(claimed)
+                    self._claims.release(claimed)
                     continue
             break
         try:
@@ -452,10 +421,10 @@ class CacheDevice:
                     state.apply(Kind.UNZERO, x, y)
         finally:
             if claimed:
-                self._release(claimed)
+                self._claims.release(claimed)
         self._maybe_checkpoint()
 
-    @_gated
+    @gated
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
                            fua: bool = False, fast_only: bool = False) -> None:
         self._check_writable()
@@ -463,7 +432,7 @@ class CacheDevice:
         if fua:
             await self._flush()
 
-    @_gated
+    @gated
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_writable()
         await self._zero(offset, length, fast_only=False)
@@ -484,7 +453,7 @@ class CacheDevice:
 
     async def _zero_chunks(self, chunks: list[int]) -> None:
         fl = self._flags
-        await self._claim(chunks)
+        await self._claims.claim(chunks)
         try:
             todo = [c for c in chunks if not fl[c] & ZERO]
             if self._capture is not None:
@@ -498,7 +467,7 @@ class CacheDevice:
             if spans and self._can_punch:
                 await self._run(self._punch_runs, spans)
         finally:
-            self._release(chunks)
+            self._claims.release(chunks)
         self._maybe_checkpoint()
 
     def _punch_runs(self, spans: list[tuple[int, int]]) -> None:
@@ -531,26 +500,15 @@ class CacheDevice:
         the data file just before may still be sending it (see ``reset`` on hole punching).
         """
         self._check_open()
-        loop = asyncio.get_running_loop()
-        while (other := self._gate) is not None:
-            await asyncio.shield(other)
-        gate = self._gate = loop.create_future()
-        try:
-            while self._active_ops:
-                self._drain = loop.create_future()
-                await self._drain
+        async with self._gate.closed():
             await self._source.idle()
             yield
-        finally:
-            self._drain = None
-            self._gate = None
-            gate.set_result(None)
 
     @property
     def state(self) -> CacheState:
         return self._state
 
-    @_gated
+    @gated
     async def fetch_chunks(self, indices: Sequence[int]) -> int:
         """Make these chunks local (missing ones fetched and stored); returns how many were missing."""
         fl = self._flags
@@ -597,13 +555,13 @@ class CacheDevice:
         for x, y in spans:
             for a in range(x, y, 64):
                 group = list(range(a, min(y, a + 64)))
-                await self._claim(group)
+                await self._claims.claim(group)
                 try:
                     free = runs(c for c in group if not fl[c] & PRESENT)
                     if free and self._can_punch and self._fd >= 0:
                         await self._run(self._punch_runs, free)
                 finally:
-                    self._release(group)
+                    self._claims.release(group)
 
     def begin_capture(self, chunks: Iterable[int], hold: Iterable[int] = ()) -> Capture:
         """Start saving the old content of ``chunks`` for a snapshot reading them (call quiesced).
@@ -720,18 +678,16 @@ class CacheDevice:
 
     # -- fills (called by the fetcher) --------------------------------------------------------
     def _needs_fetch(self, i: int) -> bool:
-        return not self._flags[i] & (PRESENT | ZERO) and i not in self._busy
+        return not self._flags[i] & (PRESENT | ZERO) and i not in self._claims
 
     async def _store_fetched(self, items: list[tuple[int, bytes | memoryview]]) -> None:
         """Write verified chunks into the data file, then mark them present (see module doc)."""
         fl = self._flags
-        take = [(i, d) for i, d in items if not fl[i] & (PRESENT | ZERO) and i not in self._busy]
+        take = [(i, d) for i, d in items if not fl[i] & (PRESENT | ZERO) and i not in self._claims]
         if not take or self._fd < 0:
             return
-        loop = asyncio.get_running_loop()
         idx = [i for i, _ in take]
-        for i in idx:
-            self._busy[i] = loop.create_future()
+        self._claims.take(idx)
         try:
             cs = self._cs
             await self._pwrite_many([(i * cs, d) for i, d in take], inline=False)
@@ -740,7 +696,7 @@ class CacheDevice:
                 self._state.apply(Kind.PRESENT, x, y)
             self._filled_since_checkpoint += sum(len(d) for _, d in take)
         finally:
-            self._release(idx)
+            self._claims.release(idx)
         self._maybe_checkpoint()
 
     async def _verify(self, present: list[tuple[int, int]]) -> None:
@@ -773,31 +729,6 @@ class CacheDevice:
         return bad
 
     # -- helpers ----------------------------------------------------------------------------
-    async def _claim(self, chunks: list[int]) -> None:
-        """Take the per-chunk transition claims, in ascending order (no deadlock)."""
-        loop = asyncio.get_running_loop()
-        taken: list[int] = []
-        try:
-            for c in chunks:
-                while (f := self._busy.get(c)) is not None:
-                    await asyncio.shield(f)
-                self._busy[c] = loop.create_future()
-                taken.append(c)
-        except BaseException:
-            self._release(taken)
-            raise
-
-    def _release(self, chunks: Iterable[int]) -> None:
-        for c in chunks:
-            f = self._busy.pop(c, None)
-            if f is not None and not f.done():
-                f.set_result(None)
-
-    async def _wait_unclaimed(self, chunks: Iterable[int]) -> None:
-        for c in chunks:
-            while (f := self._busy.get(c)) is not None:
-                await asyncio.shield(f)
-
     async def _pwrite_many(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]], *,
                            inline: bool = True) -> None:
         """Write pieces at their offsets; contiguous pieces go out as one pwritev."""
