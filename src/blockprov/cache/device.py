@@ -494,7 +494,7 @@ class CacheDevice:
     @contextlib.asynccontextmanager
     async def quiesced(self) -> AsyncIterator[None]:
         """Hold new reads that would fetch and every change back, wait for those in flight and for
-        the fetcher to go idle: inside, the map changes only by the caller's hand.
+        the chunk source to go idle: inside, the map changes only by the caller's hand.
 
         Reads of local chunks go on (they only look at the map); a read that was handed a piece of
         the data file just before may still be sending it (see ``reset`` on hole punching).
@@ -676,7 +676,7 @@ class CacheDevice:
             **self._counters().to_dict(),
         }
 
-    # -- fills (called by the fetcher) --------------------------------------------------------
+    # -- fills (called by the chunk source) ---------------------------------------------------
     def _needs_fetch(self, i: int) -> bool:
         return not self._flags[i] & (PRESENT | ZERO) and i not in self._claims
 
