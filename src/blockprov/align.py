@@ -1,12 +1,12 @@
-"""The one alignment helper: split a byte range into chunk-sized pieces.
+"""The one alignment helper: split a byte range into chunk-sized pieces, and chunk indices into runs.
 
 Pure arithmetic; every layer that works in chunks (cache, overlay, import) uses it so a request
-is cut the same way everywhere.
+is cut the same way everywhere. Ranges are half-open ([start, end)) throughout, as in Python.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 
@@ -39,3 +39,19 @@ def chunk_range(offset: int, length: int, chunk_size: int) -> range:
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted distinct indices → maximal runs of consecutive ones, as half-open (start, end).
+
+    The journal records ranges, so the cache turns the chunks a request touched into as few
+    records as it can; ``[3, 4, 5, 9]`` → ``[(3, 6), (9, 10)]``. Unsorted input gives a run per
+    break, still covering every index exactly once.
+    """
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out

@@ -1,9 +1,9 @@
 """kill -9 the agent's cache at random moments; the next open must recover with no manual step.
 
 Checked after every kill, before and after recovery:
-- invariant 1 on the raw on-disk state (meta + journal replay, nothing repaired yet): every
+- (docs/architecture.md, invariant 1) on the raw on-disk state (meta + journal replay, nothing repaired yet): every
   chunk marked present and not modified holds exactly the manifest's data;
-- invariant 3: every write or zeroing acknowledged before a completed FLUSH reads back; a sector
+- (docs/architecture.md, invariant 3) every write or zeroing acknowledged before a completed FLUSH reads back; a sector
   touched after that flush holds its flushed value or the value of one of the later operations,
   never anything else (no torn chunk, no resurrected base data, no garbage).
 The image has a written part and a larger read-only part whose fills are in flight at the kill; a
@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,40 @@ def check_invariant_1(cache: Path, m: Manifest) -> int:
     return checked
 
 
+def run_and_kill(args: list[str], wait: Callable[[subprocess.Popen[bytes]], None]) -> None:
+    """Run a workload script (``args``: script and its arguments) until it says ready, let ``wait``
+    pick the moment, and kill -9 it there."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    child = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout is not None
+        ready = child.stdout.readline()
+        if ready != b"ready\n":
+            err = child.stderr.read().decode() if child.stderr else ""
+            raise AssertionError(f"workload did not start: {ready!r} {err}")
+        wait(child)
+        if child.poll() is not None:
+            err = child.stderr.read().decode() if child.stderr else ""
+            raise AssertionError(f"workload exited by itself ({child.returncode}): {err}")
+        child.send_signal(signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(10)
+
+
+def sector_values(data: bytes, allowed: list[set[int]], what: str) -> list[int]:
+    """The value of each sector of ``data``, each checked against the values it may hold."""
+    observed = []
+    for s in range(len(allowed)):
+        v = decode_sector(s, data[s * SECTOR:(s + 1) * SECTOR])
+        assert v is not None, f"{what}: sector {s} holds garbage"
+        assert v in allowed[s], f"{what}: sector {s} holds {v}, allowed {sorted(allowed[s])}"
+        observed.append(v)
+    return observed
+
+
 async def recover_and_read(cache: Path, repo: LocalRepository) -> bytes:
     """Reopen (recovery), read the written part, check invariant 1 again, close."""
     dev = await CacheDevice.open(cache, repo, readahead=0)
@@ -149,8 +184,6 @@ def test_kill9_during_mixed_workload(tmp_path: Path) -> None:
         await dev.close()
 
     rnd = random.Random(20240607)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
     total_flushes = total_durable = total_checked = 0
     started = time.monotonic()
     cache = tmp_path
@@ -163,37 +196,17 @@ def test_kill9_during_mixed_workload(tmp_path: Path) -> None:
         log_path = tmp_path / f"log{it}"
         base_path = tmp_path / f"baseline{it}.json"
         base_path.write_text(json.dumps(baseline))
-        child = subprocess.Popen(
-            [sys.executable, str(WORKLOAD), str(cache), str(tmp_path / "repo"), str(log_path), str(base_path),
-             str((it + 1) * 10_000_000), str(rnd.randrange(1 << 30)), str(RW_SECTORS)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        try:
-            assert child.stdout is not None
-            ready = child.stdout.readline()
-            if ready != b"ready\n":
-                err = child.stderr.read().decode() if child.stderr else ""
-                raise AssertionError(f"workload did not start: {ready!r} {err}")
-            time.sleep(rnd.uniform(0.05, 1.5))
-            if child.poll() is not None:
-                err = child.stderr.read().decode() if child.stderr else ""
-                raise AssertionError(f"workload exited by itself ({child.returncode}): {err}")
-            child.send_signal(signal.SIGKILL)
-        finally:
-            if child.poll() is None:
-                child.kill()
-            child.wait(10)
+        pause = rnd.uniform(0.05, 1.5)  # the kill's moment
+        run_and_kill([str(WORKLOAD), str(cache), str(tmp_path / "repo"), str(log_path), str(base_path),
+                      str((it + 1) * 10_000_000), str(rnd.randrange(1 << 30)), str(RW_SECTORS)],
+                     lambda _child, pause=pause: time.sleep(pause))
         ops, durable, flushes = parse_log(log_path)
         total_flushes += flushes
         total_durable += len(durable)
         total_checked += check_invariant_1(cache, m)
         allowed = candidates(baseline, ops, durable)
         data = asyncio.run(recover_and_read(cache, repo))
-        observed = []
-        for s in range(RW_SECTORS):
-            v = decode_sector(s, data[s * SECTOR:(s + 1) * SECTOR])
-            assert v is not None, f"iteration {it}: sector {s} holds garbage"
-            assert v in allowed[s], f"iteration {it}: sector {s} holds {v}, allowed {sorted(allowed[s])}"
-            observed.append(v)
+        observed = sector_values(data, allowed[:RW_SECTORS], f"iteration {it}")
         baseline = observed + base[RW_SECTORS:]  # close() flushed: this is durable now
     repo.close()
     assert total_flushes > 0 and total_durable > 0 and total_checked > 0

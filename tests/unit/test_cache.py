@@ -1,10 +1,11 @@
-"""device/cache.py: the lazy, crash-safe cache as a BlockDevice."""
+"""cache/device.py: the lazy, crash-safe cache as a BlockDevice."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from blockprov import codec
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.journal import load
 from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache.source import Data, NeededFn, StoreFn
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, BlockDevice, FileSegment, result_bytes
 from blockprov.errors import CacheError, CacheLocked, CacheMismatch, DeviceIOError, NotSupported, ReadOnlyDevice
-from blockprov.manifest import build
+from blockprov.manifest import Manifest, build
 from blockprov.repo.local import LocalRepository
 from tests.unit.test_cache_support import DictRepo, make_image
 
@@ -341,7 +343,7 @@ def test_unclean_stop_reverifies_recent_fills(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         await dev.flush()  # the present records are durable in the journal
         # Simulate a crash: drop the device without close (lock released by closing its fd).
-        await dev._fetcher.close()
+        await dev._source.close()
         dev._state.close()
         os.close(dev._fd)
         os.close(dev._lock_fd)
@@ -458,3 +460,80 @@ def test_missing_data_file_is_refused_not_recreated(tmp_path: Path) -> None:
             await CacheDevice.open(tmp_path, repo)
 
     run(main())
+
+
+class ContentSource:
+    """The smallest ChunkSource (cache/source.py): chunks from a bytes object, no repository."""
+
+    stats = None
+
+    def __init__(self, content: bytes, m: Manifest, store: StoreFn) -> None:
+        self.content, self.manifest, self._store = content, m, store
+        self.asked: list[int] = []
+
+    async def get_many(self, indices: Sequence[int]) -> dict[int, Data]:
+        self.asked += indices
+        cs = self.manifest.chunk_size
+        return {i: self.content[i * cs:i * cs + self.manifest.chunk_length(i)] for i in indices}
+
+    async def get(self, index: int) -> Data:
+        return (await self.get_many([index]))[index]
+
+    async def materialize(self, indices: Sequence[int]) -> None:
+        await self._store(sorted((await self.get_many(indices)).items()))
+
+    async def idle(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def test_the_layer_below_is_passed_in(tmp_path: Path) -> None:
+    """A cache reads missing chunks from whatever source it is given; the repository is not asked."""
+    repo = DictRepo()
+    m, content = make_image(repo, chunks=8)
+    repo.unreachable = True
+    sources: list[ContentSource] = []
+
+    def source(manifest: Manifest, store: StoreFn, needed: NeededFn) -> ContentSource:
+        sources.append(ContentSource(content, manifest, store))
+        return sources[-1]
+
+    async def main() -> None:
+        dev = await CacheDevice.open(tmp_path, repo, m, source=source)
+        assert await read_all(dev) == content
+        await dev.write(CS + 10, b"x" * 10)  # partial: the chunk is materialized from the source first
+        want = bytearray(content)
+        want[CS + 10:CS + 20] = b"x" * 10
+        assert await read_all(dev) == want
+        st = dev.status()
+        assert st["chunks_modified"] == 1 and st["bytes_fetched"] == 0 and dev.fetch_stats is None
+        await dev.close()
+
+    run(main())
+    assert repo.call_count == 0 and 1 in sources[0].asked
+
+
+def test_offline_status_is_the_live_status_of_a_stopped_cache(tmp_path: Path) -> None:
+    """``blockprov status`` of a cache no agent serves shows what a serving agent shows (one builder)."""
+    from blockprov.agent.agent import offline_status
+
+    repo = DictRepo()
+    m, _content = make_image(repo, chunks=16)
+
+    async def main() -> dict[str, object]:
+        dev = await CacheDevice.open(tmp_path, repo, m)
+        await dev.read(0, 6 * CS)
+        await dev.write(9 * CS + 1, b"w" * 100)
+        await dev.trim(12 * CS, CS)
+        await dev.settle()
+        live = dev.status()
+        await dev.close()
+        return live
+
+    live = asyncio.run(main())
+    offline = offline_status(tmp_path)
+    assert offline.pop("agent") == {"running": False} and offline.pop("clean_shutdown") is True
+    assert offline == {k: live[k] for k in offline}
+    assert offline["chunks_modified"] == 2 and offline["totals"]["chunks_fetched"] > 0  # type: ignore[index]

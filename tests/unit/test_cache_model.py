@@ -114,7 +114,7 @@ class CacheMachine(RuleBasedStateMachine):
         """Flush, then stop without close (no checkpoint, no clean mark): replay must restore."""
         self.run(self.dev.flush())
         dev = self.dev
-        self.run(dev._fetcher.close())
+        self.run(dev._source.close())
         dev._state.close()
         os.close(dev._fd)
         os.close(dev._lock_fd)

@@ -1,4 +1,4 @@
-"""agent/fetcher.py: coalescing, batching, read-ahead, timeouts, verification, stats."""
+"""cache/fetcher.py: coalescing, batching, read-ahead, timeouts, verification, stats."""
 
 from __future__ import annotations
 

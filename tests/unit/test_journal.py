@@ -1,4 +1,4 @@
-"""agent/journal.py: records, replay (torn tail, corrupt record, gaps), metadata, group commit,
+"""cache/journal.py: records, replay (torn tail, corrupt record, gaps), metadata, group commit,
 checkpoint crash windows."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""agent/maps.py: flag semantics of every record kind, range queries, snapshot bookkeeping, size."""
+"""cache/maps.py: flag semantics of every record kind, range queries, snapshot bookkeeping, size."""
 
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ from blockprov.agent.instance import InstanceOps, in_daemon_thread, wait_for_sto
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
-from blockprov.cache.journal import instance_status, load
+from blockprov.cache.journal import META_NAME, load
+from blockprov.cache.status import cache_status
 from blockprov.durable import atomic_write
 from blockprov.errors import AccessDenied, AgentNotRunning, BlockprovError, CacheError, UsageError
 from blockprov.manifest import Manifest
@@ -246,20 +247,11 @@ class Agent:
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:
     """Status of a cache no agent is serving, from its metadata and journal (nothing written)."""
-    if not (cache_dir / "meta").exists():
+    if not (cache_dir / META_NAME).exists():
         raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
     loaded = load(cache_dir)
-    meta, counts = loaded.meta, loaded.map.counts()
-    return {
-        "image": meta.image, "version": meta.version, "size": meta.size, "chunk_size": meta.chunk_size,
-        "cache_dir": str(cache_dir), "data_path": meta.data_path or str(cache_dir / "data"),
-        "chunks_total": counts["total"], "chunks_present": counts["present"],
-        "chunks_modified": counts["modified"], "chunks_zero": counts["zero"], "chunks_missing": counts["missing"],
-        "journal_seq": loaded.seq, "clean_shutdown": meta.clean,
-        "totals": {k: int(meta.totals.get(k, 0)) for k in ("bytes_fetched", "wire_bytes", "chunks_fetched")},
-        "agent": {"running": False},
-        **instance_status(meta, loaded.map),
-    }
+    return {**cache_status(cache_dir, loaded.meta, loaded.map, loaded.seq, loaded.meta.totals),
+            "clean_shutdown": loaded.meta.clean, "agent": {"running": False}}
 
 
 def status(cache_dir: Path) -> dict[str, Any]:

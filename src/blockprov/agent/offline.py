@@ -62,7 +62,9 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
     else:
         result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
         return result
-    if not (cache_dir / "meta").exists():
+    from blockprov.cache.journal import META_NAME
+
+    if not (cache_dir / META_NAME).exists():
         raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
     repo = repository(cache_dir)
 

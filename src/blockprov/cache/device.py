@@ -1,17 +1,18 @@
 """The agent's lazy, crash-safe cache of one image version: a BlockDevice over a local data file.
 
-A cache directory holds::
+What a cache directory holds and how it is opened is in cache/opening.py; the file-level helpers
+(lock, data file, hole punching, positioned writes) are in cache/files.py; the boot profile is
+in cache/profile.py; where missing chunks come from is a ``ChunkSource`` (cache/source.py).
 
-    lock           fcntl.flock'ed by the agent using it (holds its pid, for the error message)
-    meta, journal  chunk state (agent/journal.py: format and crash rules)
-    manifest.json  the version's manifest, so a cache re-attaches without the repository
-    data           the data file: sparse, the image's size, chunk i at byte i × chunk_size
-                   (absent when the user named another file or a block device: meta.data_path)
+An *overlay* (a clone's disk) is this same class over a shared, read-only base cache instead of
+the repository: its ``ChunkSource`` is the base (cache/overlay.py), and where a cache fills a
+missing chunk on a read, an overlay reads it through from the base without keeping it (the
+``overlay`` branches below). Writes, the journal, crash rules and lifecycle are the same for both.
 
-Chunk states are in agent/maps.py. The orders of operations below are what keep DESIGN.md's
-invariants (1: a present chunk holds the manifest's data or is marked modified; 2: the modified
-mark is durable before the data changes; 3: a write acknowledged before a completed FLUSH
-survives a crash):
+Chunk states are in cache/maps.py. The orders of operations below are what keep the invariants
+of docs/architecture.md (1: a present chunk holds the manifest's data or is marked modified;
+2: the modified mark is durable before the data changes; 3: a write acknowledged before a
+completed FLUSH survives a crash):
 
 - Fill after a miss: write data → fdatasync data file → journal ``present`` (not synced: losing
   the record costs a refetch). Cold readers get the verified bytes as soon as they are decoded.
@@ -32,317 +33,65 @@ survives a crash):
   path.
 - FLUSH: fdatasync data file, then fsync journal (each shared by concurrent callers).
 
-Concurrency: state transitions of one chunk (fill, write into a missing or zero chunk, zeroing)
-hold a per-chunk claim (``_busy``), taken in ascending chunk order, so two of them never
-interleave; fills never wait for a claim, they skip claimed chunks. Reads take no claim and never
-await on the hot path: a present chunk is one flags lookup and one ``FileSegment`` (the NBD server
-sendfiles it), a zero chunk is a slice of a shared zero buffer. Reads that race with an
-overlapping write may see either version, as with any disk.
+Concurrency (per-chunk claims, the quiesce gate) is in cache/concurrency.py.
 
 Recovery needs no manual step: ``open`` replays the journal; after an unclean stop it re-reads
 and re-hashes the chunks that replay marked present-but-not-modified (at most what was filled
-since the last checkpoint) and forgets any that do not match (invariant 1), then checkpoints.
+since the last checkpoint) and forgets any that do not match (docs/architecture.md, invariant 1),
+then checkpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import fcntl
-import functools
 import logging
 import os
-import stat
 import time
-from array import array
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
-from blockprov.align import Piece, split
+from blockprov.align import Piece, runs, split
+from blockprov.cache.capture import Capture
+from blockprov.cache.concurrency import Claims, Gate, gated
 from blockprov.cache.fetcher import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_MAX_INFLIGHT,
     DEFAULT_READAHEAD,
     DEFAULT_TIMEOUT,
-    Fetcher,
     FetchStats,
+    repository_source,
 )
-from blockprov.cache.journal import META_NAME, CacheMeta, CacheState, GroupSync, Loaded, instance_status
-from blockprov.cache.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind, base_zero_flags
-from blockprov.cache.overlay import BaseSource
+from blockprov.cache.files import io_error, punch, take_lock, write_groups
+from blockprov.cache.journal import CacheState, GroupSync
+from blockprov.cache.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, ChunkMap, Kind
+from blockprov.cache.opening import MANIFEST_NAME, Opened, manifest_digest, next_manifest_name, open_sync
+from blockprov.cache.overlay import base_source
+from blockprov.cache.profile import ReadOrder
+from blockprov.cache.source import ChunkSource, SourceFactory
+from blockprov.cache.status import TOTALS, cache_status
 from blockprov.codec import ZERO_DIGEST, digest, is_zero
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
 from blockprov.durable import atomic_write, fsync_dir
-from blockprov.errors import (
-    BlockprovError,
-    CacheError,
-    CacheLocked,
-    CacheMismatch,
-    DeviceError,
-    DeviceIOError,
-    NoSpace,
-    NotSupported,
-    ReadOnlyDevice,
-)
+from blockprov.errors import CacheError, CacheMismatch, DeviceIOError, NotSupported, ReadOnlyDevice
 from blockprov.manifest import Manifest
 from blockprov.repo.base import Repository
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "lock"
-MANIFEST_NAME = "manifest.json"
-DATA_NAME = "data"
-PROFILE_NAME = "profile"  # first-read order of chunks (u32 little endian), see ``profile``
 INLINE_WRITE = 64 << 10  # pwrites up to this size run on the event loop (page cache copy, ~µs)
 CHECKPOINT_RECORDS = 65536  # ~2.5 MB of journal
 CHECKPOINT_FILL_BYTES = 1 << 30  # bounds the re-verification after an unclean stop
-_IOV_MAX = 512
-T = TypeVar("T")
-P = ParamSpec("P")
-
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    _fallocate: Any = _libc.fallocate
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate.restype = ctypes.c_int
-except (OSError, AttributeError):  # not Linux: no hole punching, zero chunks keep their old blocks
-    _fallocate = None
-
-
-def _punch(fd: int, offset: int, length: int) -> bool:
-    """Free the blocks of a range; False when the file system or device cannot."""
-    if _fallocate is None:
-        return False
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
-        return False
-    raise OSError(err, os.strerror(err))
-
-
-def _io_error(e: OSError, what: str) -> DeviceError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(msg=f"{what}: {e.strerror}")
-    return DeviceIOError(msg=f"{what}: {e}")
-
-
-def _runs(indices: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted distinct indices → maximal runs (start, end)."""
-    out: list[tuple[int, int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1] = (out[-1][0], i + 1)
-        else:
-            out.append((i, i + 1))
-    return out
-
-
-def _gated(fn: Callable[Concatenate[CacheDevice, P], Coroutine[Any, Any, T]]
-           ) -> Callable[Concatenate[CacheDevice, P], Coroutine[Any, Any, T]]:
-    """Requests that may fetch or change chunks pass the gate ``quiesced`` closes, and are counted
-    so that it can wait for the ones already inside. Only entry points are gated: an inner call
-    waiting at a closed gate would deadlock the quiesce waiting for its caller."""
-
-    async def wrapper(self: CacheDevice, /, *args: P.args, **kw: P.kwargs) -> T:
-        while (gate := self._gate) is not None:
-            await asyncio.shield(gate)
-        self._active_ops += 1
-        try:
-            return await fn(self, *args, **kw)
-        finally:
-            self._active_ops -= 1
-            drain = self._drain
-            if not self._active_ops and drain is not None and not drain.done():
-                drain.set_result(None)
-
-    functools.update_wrapper(wrapper, fn)
-    return wrapper
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
-    while bufs:
-        n = os.pwritev(fd, bufs[:_IOV_MAX], offset)
-        offset += n
-        while bufs and n >= len(bufs[0]):
-            n -= len(bufs[0])
-            bufs = bufs[1:]
-        if n:
-            bufs = [bufs[0][n:], *bufs[1:]]
-
-
-def manifest_digest(m: Manifest) -> str:
-    return m.identity
-
-
-def _take_lock(d: Path) -> int:
-    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise CacheLocked(path=str(d), pid=holder) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-class _Opened:
-    def __init__(self, state: CacheState, loaded: Loaded | None, manifest: Manifest, fd: int,
-                 data_path: Path) -> None:
-        self.state, self.loaded, self.manifest, self.fd, self.data_path = state, loaded, manifest, fd, data_path
-
-
-def _open_data(path: Path, size: int, *, fresh: bool, internal: bool) -> int:
-    """Open (or, for a new cache, create) the data file. An existing cache's data file is never
-    created or grown here: a missing or short one would serve zeros for present chunks."""
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if fresh else 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        raise CacheError(f"cannot open cache data {path}: {e.strerror}"
-                         + ("" if fresh else "; remove the cache directory to start over")) from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISBLK(st.st_mode):
-            have = os.lseek(fd, 0, os.SEEK_END)
-            if have < size:
-                raise CacheError(f"block device {path} has {have} bytes; the image needs {size}")
-        elif stat.S_ISREG(st.st_mode):
-            if fresh and internal:
-                os.ftruncate(fd, 0)  # leftovers of an interrupted creation: give the space back
-            if fresh and (internal or st.st_size < size):
-                os.ftruncate(fd, size)
-            elif st.st_size < size:
-                raise CacheError(f"cache data {path} has {st.st_size} bytes, expected {size}: it was "
-                                 "truncated; remove the cache directory to start over")
-        else:
-            raise CacheError(f"cache data {path} is neither a regular file nor a block device")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _open_sync(d: Path, repo: Repository, manifest: Manifest | None, data_path: str | None,
-               create: bool, pool: ThreadPoolExecutor, base_cache: str | None = None) -> _Opened:
-    """Blocking part of ``CacheDevice.open`` (runs in a worker thread)."""
-    want_data = str(Path(data_path).resolve()) if data_path is not None else None
-    for stale in d.glob(".*.tmp"):  # left by atomic_write when an agent died mid-checkpoint
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    if (d / META_NAME).exists():
-        state, loaded = CacheState.recover(d, pool)
-        meta = loaded.meta
-        if manifest is not None and (manifest.image != meta.image or manifest.id != meta.version):
-            raise CacheMismatch(path=str(d), held=meta.describe(), wanted=f"{manifest.image}@{manifest.id}")
-        if want_data is not None and want_data != meta.data_path and not (
-                meta.data_path is None and want_data == str((d / DATA_NAME).resolve())):
-            raise CacheError(f"cache {d} keeps its data in {meta.data_path or d / DATA_NAME}, not {want_data}")
-        if manifest is None:
-            manifest = _load_manifest(d, meta, repo)
-        if manifest_digest(manifest) != meta.manifest_digest or manifest.size != meta.size \
-                or manifest.chunk_size != meta.chunk_size or manifest.count != meta.count:
-            raise CacheMismatch(path=str(d), held=f"{meta.describe()} (digest {meta.manifest_digest[:16]})",
-                                wanted=f"{manifest.image}@{manifest.id} (digest {manifest_digest(manifest)[:16]})")
-        if loaded.tail_problem:
-            log.warning("cache %s: journal replay stopped early (%s); %d byte(s) ignored",
-                        d, loaded.tail_problem, loaded.dropped_bytes)
-        path = Path(meta.data_path) if meta.data_path else d / DATA_NAME
-        fd = _open_data(path, meta.size, fresh=False, internal=meta.data_path is None)
-        return _Opened(state, loaded, manifest, fd, path)
-    if manifest is None:
-        raise CacheError(f"{d} holds no cache yet: name the image version to create one")
-    if not create:
-        raise CacheError(f"{d} holds no cache and creating one was not asked for")
-    path = Path(want_data) if want_data else d / DATA_NAME
-    fd = _open_data(path, manifest.size, fresh=True, internal=want_data is None)
-    try:
-        _store_manifest(d, manifest, base_cache)
-        meta = CacheMeta(image=manifest.image, version=manifest.id, manifest_digest=manifest_digest(manifest),
-                         chunk_size=manifest.chunk_size, size=manifest.size, count=manifest.count,
-                         data_path=want_data, base_cache=base_cache)
-        cmap = ChunkMap(manifest.count, base_zero_flags(manifest.chunks))
-        state = CacheState.create(d, meta, cmap, pool)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _Opened(state, None, manifest, fd, path)
-
-
-def _store_manifest(d: Path, manifest: Manifest, base_cache: str | None) -> None:
-    """An overlay shares its base's manifest file (a hard link: a manifest can be hundreds of KiB,
-    and an instance should cost only what it writes); anything else gets its own copy."""
-    if base_cache is not None:
-        src = Path(base_cache) / MANIFEST_NAME
-        try:
-            if Manifest.from_json(src.read_bytes()).id == manifest.id:
-                (d / MANIFEST_NAME).unlink(missing_ok=True)
-                os.link(src, d / MANIFEST_NAME)
-                fsync_dir(d)
-                return
-        except (OSError, BlockprovError):
-            pass
-    atomic_write(d / MANIFEST_NAME, manifest.to_json())
-
-
-def _next_manifest_name(version: str) -> str:
-    return f"manifest-{version}.json"
-
-
-def _load_manifest(d: Path, meta: CacheMeta, repo: Repository) -> Manifest:
-    # manifest-<id>.json: a base switch (update, rebase) that crashed after its checkpoint and
-    # before renaming the new manifest into place.
-    for name in (MANIFEST_NAME, _next_manifest_name(meta.version)):
-        try:
-            m = Manifest.from_json((d / name).read_bytes())
-            if m.id == meta.version and m.image == meta.image:
-                return m
-            log.info("cache %s: %s is %s@%s, expected %s", d, name, m.image, m.id, meta.describe())
-        except FileNotFoundError:
-            continue
-        except (OSError, BlockprovError) as e:
-            log.warning("cache %s: stored manifest %s unusable (%s)", d, name, e)
-    log.warning("cache %s: no stored manifest of %s; asking the repository", d, meta.describe())
-    m = repo.resolve(meta.describe())
-    atomic_write(d / MANIFEST_NAME, m.to_json())
-    return m
-
-
-class Capture:
-    """What a snapshot still has to read (``pending``) and old content saved for it by writes.
-
-    Everything touching it runs on the event loop thread, so a chunk is either read by the snapshot
-    before any write changes it, or saved by the first write before its data changes."""
-
-    def __init__(self, pending: Iterable[int]) -> None:
-        self.pending = set(pending)
-        self.captured: dict[int, bytes] = {}
 
 
 class CacheDevice:
     """BlockDevice of one image version, backed by a cache directory (see module docstring)."""
 
-    def __init__(self, cache_dir: Path, repo: Repository, opened: _Opened, lock_fd: int,
-                 pool: ThreadPoolExecutor, *, readahead: int, fetch_timeout: float, read_only: bool,
-                 batch_bytes: int, max_inflight: int, checkpoint_records: int,
+    def __init__(self, cache_dir: Path, repo: Repository, opened: Opened, lock_fd: int,
+                 pool: ThreadPoolExecutor, *, source: SourceFactory, read_only: bool, checkpoint_records: int,
                  checkpoint_fill_bytes: int, base: CacheDevice | None = None) -> None:
         self.cache_dir = cache_dir
         self.repo = repo
@@ -359,7 +108,7 @@ class CacheDevice:
         self._cs = self.manifest.chunk_size
         self._shift = self._cs.bit_length() - 1
         self._zeros = memoryview(bytes(self._cs))
-        self._busy: dict[int, asyncio.Future[None]] = {}
+        self._claims = Claims()  # per-chunk transition claims (cache/concurrency.py)
         self._pending_mod: dict[int, int] = {}  # chunk → seq of its not-yet-durable modified record
         self._data_sync = GroupSync(self._fdatasync)
         self._data_failed: BaseException | None = None
@@ -372,29 +121,22 @@ class CacheDevice:
         self.verified_chunks = 0
         self.dropped_chunks = 0
         self._folded: dict[str, int] = {}  # this run's fetch counters already added to meta.totals
-        # The gate (see ``quiesced``): while ``_gate`` is set, gated requests wait for it.
-        self._gate: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
-        self._active_ops = 0
-        # A snapshot reading its chunks: old content of chunks written meanwhile (``_capture_old``).
+        self._gate = Gate()  # closed by ``quiesced``; entry points that fetch or change chunks pass it
+        # A snapshot reading its chunks: old content of chunks written meanwhile (cache/capture.py).
         self._capture: Capture | None = None
         # First-read order of chunks over this cache's life (boot profiles).
-        self._seen = bytearray(self.manifest.count)
-        self._order = array("I")
-        self._order_saved = 0
+        self._read_order = ReadOrder(self.manifest.count)
+        self._seen = self._read_order.seen
         self.lifecycle_lock = asyncio.Lock()  # reset, snapshot and update run one at a time
         self.last_miss = -1  # chunk after the last demand miss (hydration follows it)
         self.last_miss_at = 0.0  # when (monotonic) clients last waited for the repository
         self._punches: set[asyncio.Task[None]] = set()  # background hole punching after resets
+        # An overlay (this class over a shared base cache, cache/overlay.py) reads the chunks it
+        # does not hold through its base instead of filling them: ``overlay`` is that mode.
         self.overlay = opened.state.meta.base_cache is not None
         self._base = base
-        self._fetcher: Fetcher | BaseSource
-        if self.overlay:
-            self._fetcher = BaseSource(self.manifest, base, self._store_fetched, str(cache_dir))
-        else:
-            self._fetcher = Fetcher(self.manifest, repo, self._store_fetched, self._needs_fetch,
-                                    readahead=readahead, batch_bytes=batch_bytes, max_inflight=max_inflight,
-                                    timeout=fetch_timeout)
+        self._source: ChunkSource = source(self.manifest, self._store_fetched, self._needs_fetch)
+        self._no_fetches = FetchStats()
 
     # -- opening and closing -----------------------------------------------------------------
     @classmethod
@@ -404,37 +146,45 @@ class CacheDevice:
                    batch_bytes: int = DEFAULT_BATCH_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                    verify_unclean: bool = True, checkpoint_records: int = CHECKPOINT_RECORDS,
                    checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES, base: CacheDevice | None = None,
-                   base_cache: str | os.PathLike[str] | None = None) -> CacheDevice:
+                   base_cache: str | os.PathLike[str] | None = None,
+                   source: SourceFactory | None = None) -> CacheDevice:
         """Open (or create) the cache in ``cache_dir`` for ``manifest``.
 
         ``manifest=None`` re-opens whatever the cache holds (its stored manifest, else the
         repository's). Raises CacheMismatch for a cache of another version, CacheLocked when
         another agent holds it. ``base_cache`` creates an overlay of that shared base cache
-        (device/overlay.py); ``base`` is the opened base device an overlay reads through.
+        (cache/overlay.py); ``base`` is the opened base device an overlay reads through.
+
+        The layer below, where missing chunks come from (cache/source.py), is ``source`` when
+        given; else, for an overlay, its ``base``, and for any other cache the repository, fetched
+        from with ``readahead``, ``fetch_timeout``, ``batch_bytes`` and ``max_inflight``.
         """
         d = Path(cache_dir)
         if create:
             d.mkdir(parents=True, exist_ok=True)
         elif not d.is_dir():
             raise CacheError(f"no cache directory {d}")
-        lock_fd = _take_lock(d)
+        lock_fd = take_lock(d)
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="blockprov-cache")
-        opened: _Opened | None = None
+        opened: Opened | None = None
         dev: CacheDevice | None = None
         try:
             loop = asyncio.get_running_loop()
             opened = await loop.run_in_executor(
-                pool, _open_sync, d, repo, manifest, None if data_path is None else os.fspath(data_path),
+                pool, open_sync, d, repo, manifest, None if data_path is None else os.fspath(data_path),
                 create, pool, None if base_cache is None else str(Path(base_cache).resolve()))
             held_base = opened.state.meta.base_cache
             if held_base is not None and base is not None and (
                     base.manifest.id != opened.manifest.id or str(base.cache_dir.resolve()) != held_base):
                 raise CacheMismatch(path=str(d), held=f"an overlay of {held_base}",
                                     wanted=f"an overlay of {base.cache_dir} ({base.manifest.id})")
-            dev = cls(d, repo, opened, lock_fd, pool, readahead=readahead, fetch_timeout=fetch_timeout, base=base,
-                      read_only=read_only, batch_bytes=batch_bytes, max_inflight=max_inflight,
+            if source is None:
+                source = base_source(base, str(d)) if held_base is not None else repository_source(
+                    repo, readahead=readahead, timeout=fetch_timeout, batch_bytes=batch_bytes,
+                    max_inflight=max_inflight)
+            dev = cls(d, repo, opened, lock_fd, pool, source=source, base=base, read_only=read_only,
                       checkpoint_records=checkpoint_records, checkpoint_fill_bytes=checkpoint_fill_bytes)
-            dev._load_profile()
+            dev._read_order.load(d)
             loaded = opened.loaded
             if loaded is not None and not loaded.meta.clean and verify_unclean and loaded.present_runs:
                 await dev._verify(loaded.present_runs)
@@ -442,7 +192,7 @@ class CacheDevice:
             await dev._checkpoint(clean=False)
         except BaseException:
             if dev is not None:
-                await dev._fetcher.close()
+                await dev._source.close()
             if opened is not None:
                 opened.state.close()
                 os.close(opened.fd)
@@ -457,7 +207,7 @@ class CacheDevice:
             return
         self._closed = True
         try:
-            await self._fetcher.close()
+            await self._source.close()
             if self._punches:
                 await asyncio.gather(*self._punches, return_exceptions=True)
             if self._checkpoint_task is not None:
@@ -503,16 +253,15 @@ class CacheDevice:
 
     @property
     def fetch_stats(self) -> FetchStats | None:
-        """The fetcher's live counters (None for an overlay, which fetches nothing); read by metrics."""
-        st = self._fetcher.stats
-        return st if isinstance(st, FetchStats) else None
+        """The source's live repository counters (None for an overlay, which fetches nothing); read by metrics."""
+        return self._source.stats
 
     # -- reads -------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> ReadResult:
         a = offset >> self._shift
         b = (offset + length - 1) >> self._shift
         if not self._seen[a] or not self._seen[b]:
-            self._record_order(a, b + 1)
+            self._read_order.record(a, b + 1)
         if a == b:
             f = self._flags[a]
             if f & PRESENT and self._fd >= 0:
@@ -525,7 +274,7 @@ class CacheDevice:
             return await self._base.read(offset, length)  # an overlay's unmodified data: the shared base's
         return await self._read_slow(offset, length)
 
-    @_gated
+    @gated
     async def _read_slow(self, offset: int, length: int) -> ReadResult:
         self._check_open()
         fl = self._flags
@@ -537,7 +286,7 @@ class CacheDevice:
         if need:
             self.last_miss = need[-1] + 1  # hydration moves to where clients read
             self.last_miss_at = time.monotonic()
-        got = await self._fetcher.get_many(need) if need else {}
+        got = await self._source.get_many(need) if need else {}
         out: ReadResult = []
         for p in pieces:
             data = got.get(p.chunk)
@@ -554,7 +303,7 @@ class CacheDevice:
                     else:
                         out.append(FileSegment(self._fd, off, p.length))
                     continue
-                data = await self._fetcher.get(p.chunk)  # dropped meanwhile: fetch it again
+                data = await self._source.get(p.chunk)  # dropped meanwhile: fetch it again
             out.append(memoryview(data)[p.start:p.start + p.length])
         return out
 
@@ -588,7 +337,7 @@ class CacheDevice:
         return await self._base.read(offset, length)
 
     # -- writes ------------------------------------------------------------------------------
-    @_gated
+    @gated
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         self._check_writable()
         n = len(data)
@@ -614,14 +363,14 @@ class CacheDevice:
         while True:
             need = [p.chunk for p in pieces if not p.whole and not fl[p.chunk] & (PRESENT | ZERO)]
             if need:
-                await self._wait_unclaimed(need)
-                await self._fetcher.materialize(need)
+                await self._claims.wait_unclaimed(need)
+                await self._source.materialize(need)
                 continue
             claimed = [c for c in chunks if not fl[c] & PRESENT]
             if claimed:
-                await self._claim(claimed)
+                await self._claims.claim(claimed)
                 if any(not p.whole and not fl[p.chunk] & (PRESENT | ZERO) for p in pieces):
-                    self._release(claimed)
+                    self._claims.release(claimed)
                     continue
             break
         try:
@@ -631,7 +380,7 @@ class CacheDevice:
             # ``modified`` records clear HELD, so the second pass sees only the remaining ones.
             seq = 0
             for kind, pick in ((Kind.MODIFIED, lambda f: not f & MODIFIED), (Kind.DIRTY, lambda f: f & HELD)):
-                for x, y in _runs(c for c in chunks if pick(fl[c])):
+                for x, y in runs(c for c in chunks if pick(fl[c])):
                     seq = state.apply(kind, x, y)
                     for c in range(x, y):
                         self._pending_mod[c] = seq
@@ -660,22 +409,22 @@ class CacheDevice:
                 else:
                     writes.append((pos, src))
             if self._capture is not None:
-                self._capture_old(chunks)
+                self._capture.save_old(chunks)
             await self._pwrite_many(writes)
             if claimed:
                 # The chunk's new content must be on disk before the journal may say it is
                 # there: otherwise a crash could show a hole instead of old or new data.
                 await self._data_sync.sync()
-                for x, y in _runs(missing):
+                for x, y in runs(missing):
                     state.apply(Kind.PRESENT, x, y)
-                for x, y in _runs(sorted(zero_claimed)):
+                for x, y in runs(sorted(zero_claimed)):
                     state.apply(Kind.UNZERO, x, y)
         finally:
             if claimed:
-                self._release(claimed)
+                self._claims.release(claimed)
         self._maybe_checkpoint()
 
-    @_gated
+    @gated
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
                            fua: bool = False, fast_only: bool = False) -> None:
         self._check_writable()
@@ -683,7 +432,7 @@ class CacheDevice:
         if fua:
             await self._flush()
 
-    @_gated
+    @gated
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_writable()
         await self._zero(offset, length, fast_only=False)
@@ -704,29 +453,29 @@ class CacheDevice:
 
     async def _zero_chunks(self, chunks: list[int]) -> None:
         fl = self._flags
-        await self._claim(chunks)
+        await self._claims.claim(chunks)
         try:
             todo = [c for c in chunks if not fl[c] & ZERO]
             if self._capture is not None:
-                self._capture_old(todo)
+                self._capture.save_old(todo)
             seq = 0
-            runs = _runs(todo)
-            for x, y in runs:
+            spans = runs(todo)
+            for x, y in spans:
                 seq = self._state.apply(Kind.ZERO, x, y)
             if seq:
                 await self._state.sync(seq)
-            if runs and self._can_punch:
-                await self._run(self._punch_runs, runs)
+            if spans and self._can_punch:
+                await self._run(self._punch_runs, spans)
         finally:
-            self._release(chunks)
+            self._claims.release(chunks)
         self._maybe_checkpoint()
 
-    def _punch_runs(self, runs: list[tuple[int, int]]) -> None:
+    def _punch_runs(self, spans: list[tuple[int, int]]) -> None:
         cs = self._cs
-        for x, y in runs:
+        for x, y in spans:
             start = x * cs
             try:
-                ok = _punch(self._fd, start, min(y * cs, self._size) - start)
+                ok = punch(self._fd, start, min(y * cs, self._size) - start)
             except OSError as e:
                 log.warning("cache %s: punching a hole failed: %s", self.cache_dir, e)
                 ok = True  # the chunks are zero in the map either way; try again next time
@@ -737,7 +486,7 @@ class CacheDevice:
 
     async def settle(self) -> None:
         """Wait until fetches and fills in flight (read-ahead included) and hole punching are done."""
-        await self._fetcher.idle()
+        await self._source.idle()
         while self._punches:
             await asyncio.gather(*self._punches, return_exceptions=True)
 
@@ -745,42 +494,31 @@ class CacheDevice:
     @contextlib.asynccontextmanager
     async def quiesced(self) -> AsyncIterator[None]:
         """Hold new reads that would fetch and every change back, wait for those in flight and for
-        the fetcher to go idle: inside, the map changes only by the caller's hand.
+        the chunk source to go idle: inside, the map changes only by the caller's hand.
 
         Reads of local chunks go on (they only look at the map); a read that was handed a piece of
         the data file just before may still be sending it (see ``reset`` on hole punching).
         """
         self._check_open()
-        loop = asyncio.get_running_loop()
-        while (other := self._gate) is not None:
-            await asyncio.shield(other)
-        gate = self._gate = loop.create_future()
-        try:
-            while self._active_ops:
-                self._drain = loop.create_future()
-                await self._drain
-            await self._fetcher.idle()
+        async with self._gate.closed():
+            await self._source.idle()
             yield
-        finally:
-            self._drain = None
-            self._gate = None
-            gate.set_result(None)
 
     @property
     def state(self) -> CacheState:
         return self._state
 
-    @_gated
+    @gated
     async def fetch_chunks(self, indices: Sequence[int]) -> int:
         """Make these chunks local (missing ones fetched and stored); returns how many were missing."""
         fl = self._flags
         need = [i for i in indices if not fl[i] & (PRESENT | ZERO)]
         if need:
-            await self._fetcher.materialize(need)
+            await self._source.materialize(need)
         return len(need)
 
     async def reset(self, *, eager: bool = False, punch: bool = True) -> dict[str, int]:
-        """Every modified chunk back to the base (DESIGN.md invariant 5); cost ∝ modified chunks.
+        """Every modified chunk back to the base (docs/architecture.md, invariant 5); cost ∝ modified chunks.
 
         Order: journal ``reset`` of the modified runs → fsync; that is the reset. Holes are
         punched afterwards in the background (space only: a reset chunk is missing or zero, so its
@@ -791,45 +529,45 @@ class CacheDevice:
         """
         fl = self._flags
         async with self.quiesced():
-            runs = list(self._map.runs_where(MODIFIED))
-            for x, y in runs:
+            spans = list(self._map.runs_where(MODIFIED))
+            for x, y in spans:
                 self._state.apply(Kind.RESET, x, y)
-            if runs:
+            if spans:
                 await self._state.sync()
             self._pending_mod.clear()
-        if runs and punch and not eager and self._can_punch:
-            task = asyncio.ensure_future(self._punch_reset(runs))
+        if spans and punch and not eager and self._can_punch:
+            task = asyncio.ensure_future(self._punch_reset(spans))
             self._punches.add(task)
             task.add_done_callback(self._punches.discard)
-        n = sum(y - x for x, y in runs)
+        n = sum(y - x for x, y in spans)
         # An overlay's reset chunks read through the shared base again: nothing to fetch.
-        refetch = [i for x, y in runs for i in range(x, y)
+        refetch = [i for x, y in spans for i in range(x, y)
                    if not fl[i] & (PRESENT | ZERO)] if eager and not self.overlay else []
         if refetch:
             await self.fetch_chunks(refetch)
         self._maybe_checkpoint()
         return {"chunks_reset": n, "chunks_refetched": len(refetch)}
 
-    async def _punch_reset(self, runs: list[tuple[int, int]]) -> None:
+    async def _punch_reset(self, spans: list[tuple[int, int]]) -> None:
         """Free the blocks of reset chunks, a group at a time under the chunks' claims, so a fill
         or a write of one of them (it is missing now) cannot land between the check and the punch."""
         fl = self._flags
-        for x, y in runs:
+        for x, y in spans:
             for a in range(x, y, 64):
                 group = list(range(a, min(y, a + 64)))
-                await self._claim(group)
+                await self._claims.claim(group)
                 try:
-                    free = _runs(c for c in group if not fl[c] & PRESENT)
+                    free = runs(c for c in group if not fl[c] & PRESENT)
                     if free and self._can_punch and self._fd >= 0:
                         await self._run(self._punch_runs, free)
                 finally:
-                    self._release(group)
+                    self._claims.release(group)
 
     def begin_capture(self, chunks: Iterable[int], hold: Iterable[int] = ()) -> Capture:
         """Start saving the old content of ``chunks`` for a snapshot reading them (call quiesced).
         They and ``hold`` (the snapshot's other chunks) get HELD: a later write journals ``dirty``
-        first, so its generation bump survives a crash (invariant 4)."""
-        cap = self._capture = Capture(chunks)
+        first, so its generation bump survives a crash (docs/architecture.md, invariant 4)."""
+        cap = self._capture = Capture(chunks, self._read_chunk)
         fl = self._flags
         for i in (*cap.pending, *hold):
             fl[i] |= HELD
@@ -842,27 +580,14 @@ class CacheDevice:
         """Content of chunks as they were when the capture began (on the event loop; see Capture)."""
         if self._fd < 0:
             raise DeviceIOError(msg="cache is closed")
-        out = []
-        m = self.manifest
-        for i in indices:
-            data = cap.captured.pop(i, None)
-            if data is None:
-                cap.pending.discard(i)
-                try:
-                    data = os.pread(self._fd, m.chunk_length(i), i * self._cs)
-                except OSError as e:
-                    raise _io_error(e, f"reading {self.data_path}") from e
-            out.append(data)
-        return out
+        try:
+            return cap.read(indices)
+        except OSError as e:
+            raise io_error(e, f"reading {self.data_path}") from e
 
-    def _capture_old(self, chunks: Iterable[int]) -> None:
-        cap = self._capture
-        if cap is None:
-            return
-        for c in chunks:
-            if c in cap.pending:
-                cap.pending.discard(c)
-                cap.captured[c] = os.pread(self._fd, self.manifest.chunk_length(c), c * self._cs)
+    def _read_chunk(self, i: int) -> bytes:
+        """Chunk i as the data file holds it (blocking; a snapshot's reads and the recovery's)."""
+        return os.pread(self._fd, self.manifest.chunk_length(i), i * self._cs)
 
     async def switch_base(self, new: Manifest, flags: bytearray) -> None:
         """Make ``new`` the base version with these chunk flags, in one atomic checkpoint (call
@@ -875,14 +600,14 @@ class CacheDevice:
         """
         if (new.size, new.chunk_size) != (self._size, self._cs):
             raise CacheError(f"{new.image}@{new.id} has another size or chunk size than the cache")
-        nxt = self.cache_dir / _next_manifest_name(new.id)
+        nxt = self.cache_dir / next_manifest_name(new.id)
         await self._run(atomic_write, nxt, new.to_json())
         fl = self._flags
         fl[:] = flags
         self._pending_mod.clear()
         self._state.meta = replace(self._state.meta, version=new.id, manifest_digest=manifest_digest(new))
         self.manifest = new
-        self._fetcher.manifest = new
+        self._source.manifest = new
         await self._checkpoint(clean=False)
 
         def install() -> None:
@@ -897,41 +622,6 @@ class CacheDevice:
 
     async def checkpoint(self) -> None:
         await self._checkpoint(clean=False)
-
-    # -- boot profile ---------------------------------------------------------------------------
-    def _record_order(self, a: int, b: int) -> None:
-        seen = self._seen
-        for i in range(a, b):
-            if not seen[i]:
-                seen[i] = 1
-                self._order.append(i)
-
-    def profile(self) -> list[int]:
-        """Chunks in the order they were first read over this cache's life (the first boot's order)."""
-        return self._order.tolist()
-
-    def _load_profile(self) -> None:
-        try:
-            raw = (self.cache_dir / PROFILE_NAME).read_bytes()
-        except FileNotFoundError:
-            return
-        order = array("I")
-        order.frombytes(raw[:len(raw) // 4 * 4])
-        if order.itemsize != 4 or any(i >= self.manifest.count for i in order):
-            log.warning("cache %s: ignoring a read-order profile that does not fit the image", self.cache_dir)
-            return
-        for i in order:
-            if not self._seen[i]:
-                self._seen[i] = 1
-                self._order.append(i)
-        self._order_saved = len(self._order)
-
-    def _save_profile(self) -> None:
-        """Written at checkpoints (only a hint: a crash loses at most the reads since the last one)."""
-        n = len(self._order)
-        if n != self._order_saved:
-            atomic_write(self.cache_dir / PROFILE_NAME, self._order[:n].tobytes())
-            self._order_saved = n
 
     # -- flush ------------------------------------------------------------------------------
     async def flush(self) -> None:
@@ -949,7 +639,7 @@ class CacheDevice:
             await self._run(os.fdatasync, self._fd)
         except OSError as e:
             self._data_failed = e  # dirty pages may be gone: later syncs must not pretend success
-            raise _io_error(e, f"fdatasync {self.data_path}") from e
+            raise io_error(e, f"fdatasync {self.data_path}") from e
 
     # -- block status ----------------------------------------------------------------------
     async def extents(self, offset: int, length: int) -> list[Extent]:
@@ -978,57 +668,41 @@ class CacheDevice:
 
     # -- status -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        counts = self._map.counts()
+        """What the cache holds (cache/status.py) and this run's figures."""
         return {
-            "image": self.manifest.image,
-            "version": self.manifest.id,
-            "size": self._size,
-            "chunk_size": self._cs,
-            "cache_dir": str(self.cache_dir),
-            "data_path": str(self.data_path),
-            "chunks_total": counts["total"],
-            "chunks_present": counts["present"],
-            "chunks_modified": counts["modified"],
-            "chunks_zero": counts["zero"],
-            "chunks_missing": counts["missing"],
-            "journal_seq": self._state.last_seq,
+            **cache_status(self.cache_dir, self._state.meta, self._map, self._state.last_seq, self.totals()),
             "verified_chunks": self.verified_chunks,
-            "base_cache": self._state.meta.base_cache,
             "dropped_chunks": self.dropped_chunks,
-            **self._fetcher.stats.to_dict(),
-            "totals": self.totals(),
-            **instance_status(self._state.meta, self._map),
+            **self._counters().to_dict(),
         }
 
-    # -- fills (called by the fetcher) --------------------------------------------------------
+    # -- fills (called by the chunk source) ---------------------------------------------------
     def _needs_fetch(self, i: int) -> bool:
-        return not self._flags[i] & (PRESENT | ZERO) and i not in self._busy
+        return not self._flags[i] & (PRESENT | ZERO) and i not in self._claims
 
     async def _store_fetched(self, items: list[tuple[int, bytes | memoryview]]) -> None:
         """Write verified chunks into the data file, then mark them present (see module doc)."""
         fl = self._flags
-        take = [(i, d) for i, d in items if not fl[i] & (PRESENT | ZERO) and i not in self._busy]
+        take = [(i, d) for i, d in items if not fl[i] & (PRESENT | ZERO) and i not in self._claims]
         if not take or self._fd < 0:
             return
-        loop = asyncio.get_running_loop()
         idx = [i for i, _ in take]
-        for i in idx:
-            self._busy[i] = loop.create_future()
+        self._claims.take(idx)
         try:
             cs = self._cs
             await self._pwrite_many([(i * cs, d) for i, d in take], inline=False)
             await self._data_sync.sync()
-            for x, y in _runs(idx):
+            for x, y in runs(idx):
                 self._state.apply(Kind.PRESENT, x, y)
             self._filled_since_checkpoint += sum(len(d) for _, d in take)
         finally:
-            self._release(idx)
+            self._claims.release(idx)
         self._maybe_checkpoint()
 
-    async def _verify(self, runs: list[tuple[int, int]]) -> None:
+    async def _verify(self, present: list[tuple[int, int]]) -> None:
         """After an unclean stop: re-hash chunks that replay marked present and not modified."""
         fl = self._flags
-        todo = sorted({i for a, b in runs for i in range(a, b) if fl[i] & (PRESENT | MODIFIED | ZERO) == PRESENT})
+        todo = sorted({i for a, b in present for i in range(a, b) if fl[i] & (PRESENT | MODIFIED | ZERO) == PRESENT})
         if not todo:
             return
         step = max(1, len(todo) // 8 + 1)
@@ -1037,7 +711,7 @@ class CacheDevice:
         bad = sorted(i for r in results for i in r)
         self.verified_chunks = len(todo)
         self.dropped_chunks = len(bad)
-        for x, y in _runs(bad):
+        for x, y in runs(bad):
             self._state.apply(Kind.DROP, x, y)
         if bad:
             log.warning("cache %s: %d of %d recently filled chunk(s) did not match the manifest after an "
@@ -1047,7 +721,7 @@ class CacheDevice:
         m = self.manifest
         bad = []
         for i in chunks:
-            data = os.pread(self._fd, m.chunk_length(i), i * self._cs)
+            data = self._read_chunk(i)
             want = m.digest_at(i)
             ok = is_zero(data) if want == ZERO_DIGEST else digest(data) == want
             if not ok:
@@ -1055,31 +729,6 @@ class CacheDevice:
         return bad
 
     # -- helpers ----------------------------------------------------------------------------
-    async def _claim(self, chunks: list[int]) -> None:
-        """Take the per-chunk transition claims, in ascending order (no deadlock)."""
-        loop = asyncio.get_running_loop()
-        taken: list[int] = []
-        try:
-            for c in chunks:
-                while (f := self._busy.get(c)) is not None:
-                    await asyncio.shield(f)
-                self._busy[c] = loop.create_future()
-                taken.append(c)
-        except BaseException:
-            self._release(taken)
-            raise
-
-    def _release(self, chunks: Iterable[int]) -> None:
-        for c in chunks:
-            f = self._busy.pop(c, None)
-            if f is not None and not f.done():
-                f.set_result(None)
-
-    async def _wait_unclaimed(self, chunks: Iterable[int]) -> None:
-        for c in chunks:
-            while (f := self._busy.get(c)) is not None:
-                await asyncio.shield(f)
-
     async def _pwrite_many(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]], *,
                            inline: bool = True) -> None:
         """Write pieces at their offsets; contiguous pieces go out as one pwritev."""
@@ -1088,44 +737,32 @@ class CacheDevice:
         total = sum(len(d) for _, d in writes)
         try:
             if inline and total <= INLINE_WRITE:
-                self._write_groups(writes)
+                write_groups(self._fd, writes)
             else:
-                await self._run(self._write_groups, writes)
+                await self._run(write_groups, self._fd, writes)
         except OSError as e:
-            raise _io_error(e, f"writing {self.data_path}") from e
+            raise io_error(e, f"writing {self.data_path}") from e
 
-    def _write_groups(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
-        if len(writes) == 1:
-            off, data = writes[0]
-            _pwrite_all(self._fd, data, off)
-            return
-        ordered = sorted(writes, key=lambda w: w[0])
-        start = ordered[0][0]
-        bufs: list[memoryview] = []
-        end = start
-        for off, data in ordered:
-            if off != end and bufs:
-                _pwritev_all(self._fd, bufs, start)
-                bufs, start = [], off
-            bufs.append(memoryview(data).cast("B"))
-            end = off + len(data)
-        if bufs:
-            _pwritev_all(self._fd, bufs, start)
+    def profile(self) -> list[int]:
+        """Chunks in the order they were first read over this cache's life (the first boot's order)."""
+        return self._read_order.order()
 
-    TOTALS = ("bytes_fetched", "wire_bytes", "chunks_fetched")
+    def _counters(self) -> FetchStats:
+        """This run's repository counters; all zero for a source that fetches nothing."""
+        return self._source.stats or self._no_fetches
 
     def totals(self) -> dict[str, int]:
         """Fetch counters over every agent run on this cache (this run's added to the stored ones)."""
-        st, base = self._fetcher.stats, self._state.meta.totals
+        st, base = self._counters(), self._state.meta.totals
         return {k: int(base.get(k, 0)) + int(getattr(st, k)) - int(self._folded.get(k, 0))
-                for k in self.TOTALS}
+                for k in TOTALS}
 
     async def _checkpoint(self, *, clean: bool) -> None:
-        if len(self._order) != self._order_saved:
-            await self._run(self._save_profile)
+        if self._read_order.unsaved:
+            await self._run(self._read_order.save, self.cache_dir)
         totals = self.totals()
         self._state.meta = replace(self._state.meta, totals=totals)
-        self._folded = {k: int(getattr(self._fetcher.stats, k)) for k in self.TOTALS}
+        self._folded = {k: int(getattr(self._counters(), k)) for k in TOTALS}
         await self._state.checkpoint(clean=clean)
 
     def _maybe_checkpoint(self) -> None:

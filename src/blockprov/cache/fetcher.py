@@ -21,8 +21,8 @@ Why each rule:
 - ``RepositoryUnavailable`` is retried with backoff (retry.py) until ``timeout`` seconds have
   passed, and the whole batch (queueing included) is bounded by ``timeout``: the read then fails
   with ``DeviceIOError`` (EIO) instead of hanging.
-- Invariant 6: a blob that fails ``codec.decode`` fails only its chunks, is logged, and its bytes
-  are neither stored nor served.
+- (docs/architecture.md, invariant 6) A blob that fails ``codec.decode`` fails only its chunks,
+  is logged, and its bytes are neither stored nor served.
 
 Verified data is handed to ``store`` (the cache writes it to its data file) and the data futures
 resolve before the store finishes, so a cold read does not wait for the fill's fdatasync; writers
@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockprov.cache.source import Data, NeededFn, SourceFactory, StoreFn
 from blockprov.codec import ZERO_DIGEST, decode_view
 from blockprov.errors import BlockprovError, ChunkCorrupt, DeviceIOError, RepositoryUnavailable
 from blockprov.manifest import Manifest
@@ -59,8 +60,6 @@ LATENCY_SAMPLES = 4096
 # Upper bounds (seconds) of the fetch latency histogram exported as Prometheus metrics (agent/metrics.py).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-Data = bytes | memoryview  # verified chunk content (read-only)
-StoreFn = Callable[[list[tuple[int, Data]]], Awaitable[None]]
 
 
 @dataclass
@@ -120,8 +119,10 @@ def _swallow(f: asyncio.Future[Any]) -> None:
 
 
 class Fetcher:
+    """The ``ChunkSource`` of a cache of a version: the repository (see the module docstring)."""
+
     def __init__(self, manifest: Manifest, repo: Repository, store: StoreFn,
-                 needed: Callable[[int], bool], *, readahead: int = DEFAULT_READAHEAD,
+                 needed: NeededFn, *, readahead: int = DEFAULT_READAHEAD,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                  timeout: float = DEFAULT_TIMEOUT, retry_first_delay: float = 0.05,
                  retry_max_delay: float = 1.0) -> None:
@@ -391,6 +392,18 @@ class Fetcher:
                     out[i] = value
             return out
 
+
+
+def repository_source(repo: Repository, *, readahead: int = DEFAULT_READAHEAD, timeout: float = DEFAULT_TIMEOUT,
+                      batch_bytes: int = DEFAULT_BATCH_BYTES,
+                      max_inflight: int = DEFAULT_MAX_INFLIGHT) -> SourceFactory:
+    """The layer below a cache of a version: ``Fetcher``s over ``repo`` with these settings."""
+
+    def make(manifest: Manifest, store: StoreFn, needed: NeededFn) -> Fetcher:
+        return Fetcher(manifest, repo, store, needed, readahead=readahead, batch_bytes=batch_bytes,
+                       max_inflight=max_inflight, timeout=timeout)
+
+    return make
 
 def _decode_all(ids: list[bytes], blobs: Sequence[Data]) -> dict[bytes, Data | ChunkCorrupt]:
     """Decode and verify (runs in a worker thread; zstd and BLAKE3 release the GIL). Uncompressed

@@ -62,7 +62,7 @@ from typing import Any, TypeVar
 
 import blake3
 
-from blockprov.cache.maps import MODIFIED, ChunkMap, Kind
+from blockprov.cache.maps import ChunkMap, Kind
 from blockprov.durable import atomic_write
 from blockprov.errors import CacheError, DeviceIOError
 
@@ -107,7 +107,7 @@ class CacheMeta:
     snapshots: dict[str, str] = field(default_factory=dict)
     hydrated: float | None = None  # when every chunk last became local (hydration's record)
     repository: str | None = None  # URL of the repository the cache was last attached with
-    base_cache: str | None = None  # an overlay's shared base cache directory (device/overlay.py)
+    base_cache: str | None = None  # an overlay's shared base cache directory (cache/overlay.py)
 
     def describe(self) -> str:
         return f"{self.image}@{self.version}"
@@ -134,17 +134,6 @@ class Loaded:
     dropped_bytes: int  # journal bytes ignored at the tail
     tail_problem: str | None  # why replay stopped early, if it did
     present_runs: list[tuple[int, int]]  # ranges made present by replayed records
-
-
-def instance_status(meta: CacheMeta, cmap: ChunkMap) -> dict[str, Any]:
-    """The lifecycle part of ``status``: per-target unsynced chunks (modified ones only: a chunk
-    reset or updated away has nothing left to send), last snapshots, hydration."""
-    modified = list(cmap.runs_where(MODIFIED))
-    targets = {}
-    for t, name in enumerate(cmap.targets):
-        n = sum(1 for a, b in modified for i in range(a, b) if cmap.is_unsynced(t, i))
-        targets[name] = {"unsynced_chunks": n, "last_snapshot": meta.snapshots.get(name)}
-    return {"targets": targets, "hydrated": meta.hydrated, "repository": meta.repository}
 
 
 # -- metadata file -------------------------------------------------------------------------------
@@ -174,7 +163,7 @@ def encode_meta(meta: CacheMeta, cmap: ChunkMap) -> list[bytes]:
     return parts
 
 
-def decode_meta(raw: bytes, where: str = "meta") -> tuple[CacheMeta, ChunkMap]:
+def decode_meta(raw: bytes, where: str = META_NAME) -> tuple[CacheMeta, ChunkMap]:
     def bad(why: str) -> CacheError:
         return CacheError(f"cache metadata {where} is unusable: {why}")
 

@@ -11,7 +11,7 @@ One byte of flags per chunk (a 100 GiB image at 64 KiB chunks is 1.6 M chunks: 1
     bit 4  HELD       a snapshot target may hold this chunk's current content (set by ``synced``
                       records and by a snapshot in progress): the next write must journal ``dirty``
                       durably before the data changes, so that a crash cannot make the target look
-                      up to date (DESIGN.md invariant 4). Cleared by every record that journals a write.
+                      up to date (docs/architecture.md, invariant 4). Cleared by every record that journals a write.
     bits 5..7         reserved (0)
 
 Why a byte and not nbdkit's 2 bits: a byte is one index away on the hot read path
@@ -55,7 +55,7 @@ class Kind(IntEnum):
     """Journal record kinds. Range kinds act on chunks ``a .. b-1``."""
 
     PRESENT = 1  # a..b: the data file now holds the base content (fill), or a whole written chunk
-    MODIFIED = 2  # a..b: about to be written; durable before the data changes (invariant 2)
+    MODIFIED = 2  # a..b: about to be written; durable before the data changes (docs/architecture.md, invariant 2)
     ZERO = 3  # a..b: reads as zeros from now on (trim / write-zeroes of whole chunks)
     UNZERO = 4  # a..b: a zero chunk was rewritten whole (zeros + new data) in the data file
     DROP = 5  # a..b: forget the data (failed verification): fetch again on next use

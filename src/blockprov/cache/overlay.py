@@ -1,58 +1,57 @@
 """Where an overlay's missing chunks come from: its shared base cache, not the repository.
 
-An *overlay* is a cache (device/cache.py) whose metadata names a *base*: a read-only cache of the
-same version on the same host, shared by any number of overlays (seed 004: shareable data is
-shared, non-shareable data is copied on write per instance). The overlay holds only chunks an
-instance wrote (and the chunks a partial write had to copy first); everything else is read from
-the base, which fetches each chunk from the repository once per host however many instances
-read it. Reads of the base are not copied into the overlay: its data file stays as small as
-what the instance changed, and a reset (dropping the modified chunks) is instant.
+An *overlay* is a ``CacheDevice`` (cache/device.py) whose metadata names a *base*: a read-only
+cache of the same version on the same host, shared by any number of overlays (shareable data
+is shared, non-shareable data is copied on write per instance). It is the same
+device class as any cache, with the same journal, crash rules and lifecycle; what differs is the
+layer below it, passed in as its ``ChunkSource`` (cache/source.py): this ``BaseSource`` instead
+of a ``Fetcher``. So a clones agent's stack is repository → base cache → overlay → NBD server,
+and the base fetches each chunk from the repository once per host however many instances read it.
 
-``BaseSource`` stands in for the cache's ``Fetcher``: ``get_many`` reads chunks through the base
-device (verified there when it fetched them, invariant 6), ``materialize`` copies them into the
-overlay for a partial write (copy on write). An overlay opened without its base (a ``reset`` or
-``snapshot`` of a stopped instance, which never read the base) fails such reads with EIO.
+The overlay holds only chunks an instance wrote (and the chunks a partial write had to copy
+first); everything else is read from the base. Reads of the base are not copied into the overlay
+(the device reads them through, see ``CacheDevice._read_through``): its data file stays as small
+as what the instance changed, and a reset (dropping the modified chunks) is instant.
+
+``get_many`` reads chunks through the base device (verified there when it fetched them,
+docs/architecture.md, invariant 6); ``materialize`` copies them into the overlay for a partial
+write (copy on write). An overlay opened without its base (a ``reset`` or ``snapshot`` of a
+stopped instance, which never read the base) fails such reads with EIO.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
+from blockprov.cache.source import Data, NeededFn, SourceFactory, StoreFn
 from blockprov.device.base import ReadResult, result_bytes
 from blockprov.errors import DeviceIOError
 from blockprov.manifest import Manifest
 
-Data = bytes | memoryview
-StoreFn = Callable[[list[tuple[int, Data]]], Awaitable[None]]
+if TYPE_CHECKING:
+    from blockprov.cache.fetcher import FetchStats
 
 
 class BaseDevice(Protocol):
     async def read(self, offset: int, length: int) -> ReadResult: ...
 
 
-class SourceStats:
-    """An overlay fetches nothing from the repository: its counters stay at zero."""
-
-    bytes_fetched = 0
-    wire_bytes = 0
-    chunks_fetched = 0
-
-    def to_dict(self) -> dict[str, object]:
-        return {"bytes_fetched": 0, "wire_bytes": 0, "chunks_fetched": 0, "batches": 0, "failed_batches": 0,
-                "corrupt_chunks": 0, "readahead_chunks": 0,
-                "fetch_latency_ms": {"p50": None, "p90": None, "p99": None}}
-
-
 class BaseSource:
+    """The ``ChunkSource`` of an overlay: its base cache."""
+
     def __init__(self, manifest: Manifest, base: BaseDevice | None, store: StoreFn, where: str) -> None:
         self.manifest = manifest
         self.base = base
         self._store = store
         self._where = where
         self._busy: set[asyncio.Future[None]] = set()
-        self.stats = SourceStats()
+
+    @property
+    def stats(self) -> FetchStats | None:
+        """None: an overlay fetches nothing from the repository (its base does)."""
+        return None
 
     async def get_many(self, indices: Sequence[int]) -> dict[int, Data]:
         if self.base is None:
@@ -81,3 +80,12 @@ class BaseSource:
 
     async def close(self) -> None:
         await self.idle()
+
+
+def base_source(base: BaseDevice | None, where: str) -> SourceFactory:
+    """The layer below an overlay: its opened base cache (None: opened without it, see above)."""
+
+    def make(manifest: Manifest, store: StoreFn, needed: NeededFn) -> BaseSource:
+        return BaseSource(manifest, base, store, where)
+
+    return make

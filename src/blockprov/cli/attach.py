@@ -63,13 +63,14 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     Without NAME:TAG the version the cache already holds is re-attached (no repository round trip).
     """
     from blockprov.agent.agent import Agent, AgentConfig
+    from blockprov.cache.journal import META_NAME
 
     cache_dir = cache_dir.resolve()
     if sock is None and listen is None:
         raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
     obj.cacheable = cacheable_fetch
     manifest = obj.repo.resolve(parse_ref(ref)) if ref else None
-    if manifest is None and not (cache_dir / "meta").exists():
+    if manifest is None and not (cache_dir / META_NAME).exists():
         raise UsageError(f"{cache_dir} holds no cache yet: name the version to attach (NAME:TAG)")
     cfg = AgentConfig(cache_dir=cache_dir, socket=sock, listen=host_port(listen) if listen else None,
                       data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only,

@@ -8,6 +8,7 @@ import datetime
 import click
 
 from blockprov import humanize as hz
+from blockprov.align import runs
 from blockprov.cli._common import (
     Ctx,
     emit,
@@ -145,19 +146,9 @@ def diff_cmd(obj: Ctx, a: str, b: str, as_json: bool) -> None:
         return
     click.echo(f"{len(changed)} of {mb.count} chunks differ ({hz.size(len(changed) * mb.chunk_size)})")
     if changed:
-        runs = _runs(changed)
-        shown = ", ".join(f"{s}" if s == e else f"{s}-{e}" for s, e in runs[:20])
-        click.echo(f"  chunks {shown}{' …' if len(runs) > 20 else ''}")
-
-
-def _runs(idx: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for i in idx:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
+        spans = runs(changed)
+        shown = ", ".join(f"{s}" if e - s == 1 else f"{s}-{e - 1}" for s, e in spans[:20])  # inclusive for people
+        click.echo(f"  chunks {shown}{' …' if len(spans) > 20 else ''}")
 
 
 @click.command("tag")

@@ -36,7 +36,7 @@ from typing import Any
 from blockprov.agent import control
 from blockprov.agent.instance import InstanceOps, wait_for_stop
 from blockprov.cache.device import CacheDevice
-from blockprov.cache.journal import load
+from blockprov.cache.journal import META_NAME, load
 from blockprov.durable import ensure_dir, fsync_dir
 from blockprov.errors import AgentNotRunning, CacheError, NotFound, UsageError
 from blockprov.manifest import Manifest
@@ -71,7 +71,7 @@ def list_instances(root: Path) -> list[str]:
     d = root / INSTANCES
     if not d.is_dir():
         return []
-    return sorted(p.name for p in d.iterdir() if (p / "meta").exists())
+    return sorted(p.name for p in d.iterdir() if (p / META_NAME).exists())
 
 
 def next_names(root: Path, prefix: str, count: int) -> list[str]:
@@ -91,7 +91,7 @@ def next_names(root: Path, prefix: str, count: int) -> list[str]:
 async def ensure_base(root: Path, repo: Repository, m: Manifest) -> Path:
     """The base cache of ``m`` under ``root`` (created empty when missing: it fills lazily)."""
     b = base_dir(root, m)
-    if not (b / "meta").exists():
+    if not (b / META_NAME).exists():
         dev = await CacheDevice.open(b, repo, m, read_only=True)
         await dev.close()
     return b
@@ -104,7 +104,7 @@ async def create_instances(root: Path, repo: Repository, m: Manifest, names: lis
     made: list[Path] = []
     for name in names:
         d = instance_dir(root, instance_name(name))
-        if (d / "meta").exists():
+        if (d / META_NAME).exists():
             raise UsageError(f"instance {name} already exists in {root}")
         dev = await CacheDevice.open(d, repo, m, base_cache=base)
         await dev.close()
@@ -242,7 +242,7 @@ class ClonesAgent:
         key = str(path)
         served = self.bases.get(key)
         if served is None:
-            if not (path / "meta").exists():
+            if not (path / META_NAME).exists():
                 raise CacheError(f"the base cache {path} is gone")
             dev = await CacheDevice.open(path, self.repo, create=False, read_only=True)
             ops = InstanceOps(dev, self.repo, connections=lambda: 0)

@@ -1,8 +1,18 @@
-"""The one interface every layer of the device stack implements (like nbdkit's plugin table).
+"""The one interface every block device of an export implements (like nbdkit's plugin table).
 
-An agent's export is a stack: repository → cache (present / modified maps) → overlay (clones) →
-NBD server. Each layer is a ``BlockDevice`` and calls the one below. The NBD server validates
-range and flags before any layer sees a request, so layers may assume
+The NBD server serves one ``BlockDevice`` per export. What stands behind it:
+
+- an agent: a ``CacheDevice`` (cache/device.py), a lazy local cache of one image version whose
+  missing chunks come from the repository through a ``Fetcher`` (cache/fetcher.py), its
+  ``ChunkSource`` (cache/source.py): repository → cache → NBD server;
+- a clones agent: per instance an *overlay*, which is a ``CacheDevice`` too, over a read-only base
+  ``CacheDevice`` shared by the version's instances: repository → base cache → overlay → NBD
+  server. The overlay is not a separate layer class: it is a cache whose chunk source is the
+  base (cache/overlay.py) and that reads untouched chunks through from it instead of filling;
+- tests: a ``MemoryDevice`` (device/memory.py), the reference device.
+
+The repository and the fetcher below the caches are not BlockDevices: they speak in chunks. The
+NBD server validates range and flags before any device sees a request, so devices may assume
 ``0 <= offset``, ``offset + length <= size`` and ``length > 0``.
 
 Errors are raised as ``blockprov.errors.DeviceError`` subclasses (each names its errno);
@@ -69,7 +79,7 @@ class BlockDevice(Protocol):
         ...
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        """Advisory discard. blockprov's layers make trimmed ranges read as zeros."""
+        """Advisory discard. blockprov's devices make trimmed ranges read as zeros."""
         ...
 
     async def flush(self) -> None:
