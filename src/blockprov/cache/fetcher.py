@@ -44,7 +44,7 @@ from typing import Any
 from blockprov.codec import ZERO_DIGEST, decode_view
 from blockprov.errors import BlockprovError, ChunkCorrupt, DeviceIOError, RepositoryUnavailable
 from blockprov.manifest import Manifest
-from blockprov.repo.base import Repository
+from blockprov.repo.base import BlobSource, BlobViews
 from blockprov.retry import RetryPolicy, retry_async
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _swallow(f: asyncio.Future[Any]) -> None:
 
 
 class Fetcher:
-    def __init__(self, manifest: Manifest, repo: Repository, store: StoreFn,
+    def __init__(self, manifest: Manifest, repo: BlobSource, store: StoreFn,
                  needed: Callable[[int], bool], *, readahead: int = DEFAULT_READAHEAD,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                  timeout: float = DEFAULT_TIMEOUT, retry_first_delay: float = 0.05,
@@ -358,8 +358,8 @@ class Fetcher:
             blobs: Sequence[Data] = []
             if ids:
                 # A repository that can hand out views of its answer saves a copy per blob.
-                get: Callable[[Sequence[bytes]], Sequence[Data]] = getattr(
-                    self.repo, "get_blob_views", self.repo.get_blobs)
+                get: Callable[[Sequence[bytes]], Sequence[Data]] = (
+                    self.repo.get_blob_views if isinstance(self.repo, BlobViews) else self.repo.get_blobs)
 
                 def call() -> Awaitable[Sequence[Data]]:
                     return loop.run_in_executor(self._pool, get, ids)
