@@ -2,8 +2,8 @@
 
 Why one object and not closures: each router module (routes/) defines its handlers at import time,
 so they reach the repository, the thread pool and the counters through the request
-(``Service.of(request)``: two attribute reads, no dependency resolution, which matters on the chunk
-path). Tests build many apps in one process; each has its own ``Service``.
+(``Service.of(request)``: a few attribute reads and no dependency to resolve, which matters on the
+chunk path). Tests build many apps in one process; each has its own ``Service``.
 """
 
 from __future__ import annotations
