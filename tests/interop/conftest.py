@@ -1,4 +1,4 @@
-"""Interop fixtures: a development NBD server (``python -m blockprov.nbd.server``) in a subprocess."""
+"""Interop fixtures: a development NBD server (``python -m blockprov.nbd``) in a subprocess."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def nbd_server() -> Iterator[Callable[..., NbdServerProcess]]:
     tmpdir = tempfile.mkdtemp(prefix="nbd")  # short: unix socket paths are limited to 108 bytes
 
     def start(*args: str) -> NbdServerProcess:
-        argv = [sys.executable, "-m", "blockprov.nbd.server", *args]
+        argv = [sys.executable, "-m", "blockprov.nbd", *args]
         if "--listen" not in args:
             argv += ["--socket", f"{tmpdir}/s{len(started)}"]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

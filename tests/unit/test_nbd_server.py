@@ -15,7 +15,6 @@ import pytest
 from blockprov.device.base import FileSegment, ReadResult
 from blockprov.device.memory import MemoryDevice
 from blockprov.errors import IntegrityError, InvalidRequest, NoSpace
-from blockprov.humanize import parse_size
 from blockprov.nbd import constants as c
 from blockprov.nbd.constants import Command, CommandFlag, Info, NbdError, Option
 from blockprov.nbd.server import NbdServer, errno_for
@@ -173,7 +172,16 @@ def test_errno_table() -> None:
     assert errno_for(ValueError()) == NbdError.EIO
     assert c.error_from_name("EDQUOT") == NbdError.ENOSPC
     assert c.error_from_name("EWHATEVER") == NbdError.EIO
-    assert parse_size("64M") == 64 * MiB and parse_size("1GiB") == 1 << 30 and parse_size("4096") == 4096
+
+
+def test_development_server_arguments() -> None:
+    from blockprov.nbd.__main__ import _parse_args
+
+    a = _parse_args(["--memory", "64M", "--export", "b=1GiB:ro", "--export", "c=4096", "--socket", "/tmp/s"])
+    assert a.memory == 64 * MiB and a.export == [("b", 1 << 30, True), ("c", 4096, False)]
+    for bad in (["--memory", "lots"], ["--memory", "-1"], ["--export", "b"], ["--export", "b=1M:rw"]):
+        with pytest.raises(SystemExit):
+            _parse_args([*bad, "--socket", "/tmp/s"])
 
 
 def test_pipelined_requests_with_backpressure(tmp_path: Path) -> None:

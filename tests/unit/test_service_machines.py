@@ -220,7 +220,7 @@ def test_waiting_agents_share_one_catalog_query_per_poll(env: Env, tmp_path: Pat
 
     import httpx
 
-    from blockprov.service import machines
+    from blockprov.service import longpoll
 
     reg = env.repo.registry
     calls = {"try": 0, "ready": 0}
@@ -254,6 +254,6 @@ def test_waiting_agents_share_one_catalog_query_per_poll(env: Env, tmp_path: Pat
         other.close()
     elapsed = time.monotonic() - t0
     assert codes[7] == 200 and codes.count(204) == 29
-    assert calls["ready"] <= elapsed / machines.POLL + 2
+    assert calls["ready"] <= elapsed / longpoll.POLL + 2
     # each agent: its first check, at most one after the catalog named it (pc-7), none in between
     assert calls["try"] <= len(agents) + 2, calls

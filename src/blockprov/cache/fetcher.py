@@ -45,7 +45,7 @@ from blockprov.cache.source import Data, NeededFn, SourceFactory, StoreFn
 from blockprov.codec import ZERO_DIGEST, decode_view
 from blockprov.errors import BlockprovError, ChunkCorrupt, DeviceIOError, RepositoryUnavailable
 from blockprov.manifest import Manifest
-from blockprov.repo.base import Repository
+from blockprov.repo.base import BlobSource, BlobViews
 from blockprov.retry import RetryPolicy, retry_async
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _swallow(f: asyncio.Future[Any]) -> None:
 class Fetcher:
     """The ``ChunkSource`` of a cache of a version: the repository (see the module docstring)."""
 
-    def __init__(self, manifest: Manifest, repo: Repository, store: StoreFn,
+    def __init__(self, manifest: Manifest, repo: BlobSource, store: StoreFn,
                  needed: NeededFn, *, readahead: int = DEFAULT_READAHEAD,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                  timeout: float = DEFAULT_TIMEOUT, retry_first_delay: float = 0.05,
@@ -359,8 +359,8 @@ class Fetcher:
             blobs: Sequence[Data] = []
             if ids:
                 # A repository that can hand out views of its answer saves a copy per blob.
-                get: Callable[[Sequence[bytes]], Sequence[Data]] = getattr(
-                    self.repo, "get_blob_views", self.repo.get_blobs)
+                get: Callable[[Sequence[bytes]], Sequence[Data]] = (
+                    self.repo.get_blob_views if isinstance(self.repo, BlobViews) else self.repo.get_blobs)
 
                 def call() -> Awaitable[Sequence[Data]]:
                     return loop.run_in_executor(self._pool, get, ids)
@@ -394,7 +394,7 @@ class Fetcher:
 
 
 
-def repository_source(repo: Repository, *, readahead: int = DEFAULT_READAHEAD, timeout: float = DEFAULT_TIMEOUT,
+def repository_source(repo: BlobSource, *, readahead: int = DEFAULT_READAHEAD, timeout: float = DEFAULT_TIMEOUT,
                       batch_bytes: int = DEFAULT_BATCH_BYTES,
                       max_inflight: int = DEFAULT_MAX_INFLIGHT) -> SourceFactory:
     """The layer below a cache of a version: ``Fetcher``s over ``repo`` with these settings."""
@@ -404,6 +404,7 @@ def repository_source(repo: Repository, *, readahead: int = DEFAULT_READAHEAD, t
                        max_inflight=max_inflight, timeout=timeout)
 
     return make
+
 
 def _decode_all(ids: list[bytes], blobs: Sequence[Data]) -> dict[bytes, Data | ChunkCorrupt]:
     """Decode and verify (runs in a worker thread; zstd and BLAKE3 release the GIL). Uncompressed

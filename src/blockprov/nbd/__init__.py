@@ -1,7 +1,8 @@
 """NBD: a pure protocol state machine (:mod:`.protocol`) and a thin asyncio server (:mod:`.server`).
 
-``NbdServer`` and ``ServerStats`` are loaded lazily so that ``python -m blockprov.nbd.server``
-does not import the server module twice.
+``NbdServer`` and ``ServerStats`` are loaded lazily so that importing the pure protocol (which goes
+through this package) does not load the asyncio server. ``python -m blockprov.nbd`` runs a
+development server (``__main__.py``).
 """
 
 from __future__ import annotations

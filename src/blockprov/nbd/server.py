@@ -31,20 +31,17 @@ Errors are mapped to NBD errors here and only here: ``DeviceError.errno_name`` �
 any other ``BlockprovError`` → EIO, anything unexpected → EIO with a logged traceback. The
 connection lives in every case; only a frame that cannot be parsed ends it.
 
-Run ``python -m blockprov.nbd.server --memory 64M --socket /tmp/s`` for a development server
-serving a :class:`~blockprov.device.memory.MemoryDevice`.
+Run ``python -m blockprov.nbd --memory 64M --socket /tmp/s`` (nbd/__main__.py) for a development
+server serving a :class:`~blockprov.device.memory.MemoryDevice`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import sys
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +49,6 @@ from typing import Any
 
 from blockprov.device.base import BlockDevice, FileSegment
 from blockprov.errors import BlockprovError, DeviceError
-from blockprov.humanize import parse_size
 from blockprov.names import unix_socket_path
 from blockprov.nbd.constants import NbdError, error_from_name
 from blockprov.nbd.protocol import (
@@ -662,81 +658,3 @@ def _file_covers(seg: FileSegment) -> bool:
         return os.fstat(seg.fd).st_size >= seg.offset + seg.length
     except OSError:
         return False
-
-
-# --- development entry point -----------------------------------------------------------------
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m blockprov.nbd.server",
-                                description="Serve in-memory block devices over NBD (development server).")
-    p.add_argument("--memory", type=parse_size, metavar="SIZE", help="size of the export named by --name")
-    p.add_argument("--name", default="", help="name of the --memory export (default: the empty name)")
-    p.add_argument("--read-only", action="store_true", help="make the --memory export read-only")
-    p.add_argument("--export", action="append", default=[], metavar="NAME=SIZE[:ro]",
-                   help="one more in-memory export (repeatable)")
-    p.add_argument("--min-block", type=parse_size, default=512)
-    p.add_argument("--no-fast-zero", action="store_true", help="refuse NBD_CMD_FLAG_FAST_ZERO with ENOTSUP")
-    p.add_argument("--description", default="")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", metavar="PATH", help="listen on a unix socket")
-    where.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP (port 0: any free port)")
-    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    if args.memory is None and not args.export:
-        p.error("give --memory SIZE and/or --export NAME=SIZE")
-    return args
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    from blockprov.device.memory import MemoryDevice
-
-    def device(size: int, ro: bool) -> BlockDevice:
-        return MemoryDevice(size, min_block=args.min_block, read_only=ro, fast_zero=not args.no_fast_zero)
-
-    exports: dict[str, BlockDevice] = {}
-    if args.memory is not None:
-        exports[args.name] = device(args.memory, args.read_only)
-    for spec in args.export:
-        name, _, rest = spec.partition("=")
-        size, _, mode = rest.partition(":")
-        exports[name] = device(parse_size(size), mode == "ro")
-    server = NbdServer(exports, description=args.description)
-    if args.socket:
-        address = "unix:" + await server.start_unix(args.socket)
-    else:
-        host, _, port = args.listen.rpartition(":")
-        h, p = await server.start_tcp(host.strip("[]") or "127.0.0.1", int(port))
-        address = f"tcp:{h}:{p}"
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    def on_signal() -> None:
-        if not stop.done():
-            stop.set_result(None)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    print(f"nbd: listening on {address}", flush=True)
-    await stop
-    await server.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(_serve(args))
-            return 0
-    asyncio.run(_serve(args))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

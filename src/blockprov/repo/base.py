@@ -1,14 +1,21 @@
-"""The interface the CLI and the agent use for any repository, local or remote.
+"""The interface the CLI and the agent use for any repository, local or remote, split by role.
 
 ``LocalRepository`` (repo/local.py) works in-process on a data directory; ``RemoteRepository``
-(repo/remote.py) speaks the HTTP API of ``blockprov serve``. Both raise the same
-``blockprov.errors`` classes, so callers never care which one they hold.
+(repo/remote.py) speaks the HTTP API of ``blockprov serve``; ``FailoverRepository`` (repo/multi.py)
+spreads over several servers. All raise the same ``blockprov.errors`` classes, so callers never care
+which one they hold.
+
+Why roles: most code needs a small part of a repository, and a parameter typed with that part says
+what the code touches and lets a test hand it a small fake. ``BlobSource`` is what a chunk reader
+needs (cache/fetcher.py), ``BlobSink`` what an upload needs, ``Images`` the catalog of images,
+versions and tags, ``Machines`` boot files, hosts and boot profiles, ``AgentQueue`` agents and the
+requests queued for them. ``Repository`` is all of them, so a hint of ``Repository`` keeps working.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from blockprov.boot import Source
 from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
@@ -16,21 +23,30 @@ from blockprov.manifest import Manifest
 from blockprov.names import Ref
 
 
-class Repository(Protocol):
-    url: str
+class BlobSource(Protocol):
+    """Where chunks are read from."""
 
-    def resolve(self, ref: Ref | str) -> Manifest:
-        """The manifest a reference names (``NAME:TAG`` or ``NAME@ID``); ImageNotFound if none."""
-        ...
-
-    def images(self) -> list[ImageInfo]: ...
-
-    def versions(self, name: str) -> list[VersionInfo]: ...
+    url: str  # for messages: which repository failed or sent a bad blob
 
     def get_blobs(self, ids: Sequence[bytes]) -> list[bytes]:
         """Stored (encoded, unverified) blobs of these chunk ids, in order; the caller verifies
         with ``codec.decode``. Raises ChunkMissing naming the first absent id."""
         ...
+
+
+@runtime_checkable
+class BlobViews(Protocol):
+    """An optional capability of a ``BlobSource``: ``get_blobs`` answered with read-only views into
+    one buffer, saving a copy per blob (RemoteRepository reads a whole fetch answer into one).
+    Check with ``isinstance(source, BlobViews)``; a source without it is read with ``get_blobs``."""
+
+    def get_blob_views(self, ids: Sequence[bytes]) -> Sequence[bytes | memoryview]:
+        """Like ``get_blobs``; a view stays valid as long as the caller holds it."""
+        ...
+
+
+class BlobSink(Protocol):
+    """Where chunks are uploaded to (imports, snapshots, boot files)."""
 
     def missing(self, ids: Sequence[bytes]) -> list[bytes]:
         """The ids among ``ids`` the repository does not hold (zero marker never counts)."""
@@ -43,6 +59,18 @@ class Repository(Protocol):
         repository then skips re-verifying them; a remote one verifies anyway (it cannot trust the
         network)."""
         ...
+
+
+class Images(Protocol):
+    """The catalog: images, their versions (manifests) and tags."""
+
+    def resolve(self, ref: Ref | str) -> Manifest:
+        """The manifest a reference names (``NAME:TAG`` or ``NAME@ID``); ImageNotFound if none."""
+        ...
+
+    def images(self) -> list[ImageInfo]: ...
+
+    def versions(self, name: str) -> list[VersionInfo]: ...
 
     def commit(self, manifest: Manifest, tag: str | None = None) -> str:
         """Record a version whose chunks are all present; its id is the acknowledgement.
@@ -57,13 +85,15 @@ class Repository(Protocol):
 
     def diff(self, a: Ref | str, b: Ref | str) -> list[int]: ...
 
-    def gc(self) -> GcStats: ...
-
     def raw_url(self, ref: Ref | str) -> str | None:
         """HTTP URL of the raw view of a version, when the repository is remote."""
         ...
 
-    # -- remote boot (boot.py) ------------------------------------------------------------------
+
+class Machines(Protocol):
+    """What machines boot from: a version's boot files (boot.py), hosts assigned to versions, and
+    the boot profiles (read orders) agents record and prefetch by."""
+
     def set_boot_files(self, ref: Ref | str, kernel: Source, initrd: Source, cmdline: str = "") -> BootFilesInfo:
         """Store a kernel and an initrd (bytes or file paths) for the version ``ref`` names now,
         replacing any it had. InvalidName for a bad ``cmdline``; ImageNotFound for the version."""
@@ -94,7 +124,6 @@ class Repository(Protocol):
         BootFilesMissing, or Conflict when the assigned tag or version is gone."""
         ...
 
-    # -- boot profiles ----------------------------------------------------------------------------
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
         """Record the order in which a boot first read chunk indices (distinct, < chunk count)."""
         ...
@@ -103,7 +132,10 @@ class Repository(Protocol):
         """The recorded boot order of a version, or None; ImageNotFound for an unknown version."""
         ...
 
-    # -- agents and repository-initiated requests -------------------------------------------------
+
+class AgentQueue(Protocol):
+    """Agents attached to the repository, and the requests (snapshot, status …) queued for them."""
+
     def register_agent(self, instance: str, info: dict[str, Any]) -> None:
         """Register (or refresh: also the heartbeat) an agent instance attached to this repository."""
         ...
@@ -131,6 +163,14 @@ class Repository(Protocol):
 
     def get_request(self, instance: str, rid: str, wait: float = 0.0) -> dict[str, Any]:
         """A request's state, waiting up to ``wait`` s for it to finish. RequestNotFound if unknown."""
+        ...
+
+
+class Repository(BlobSource, BlobSink, Images, Machines, AgentQueue, Protocol):
+    """A whole repository: every role, and what spans them."""
+
+    def gc(self) -> GcStats:
+        """Delete chunks no version references (after a grace period that protects uploads in progress)."""
         ...
 
     def close(self) -> None: ...

@@ -7,9 +7,9 @@ Why it is shaped like this:
   never care which repository they hold. Anything the server could not answer — refused
   connection, timeout, a torn response, any 5xx — is ``RepositoryUnavailable``, the one error the
   retry helper treats as temporary.
-* **Nothing is trusted.** A manifest asked for by id must hash to that id (invariant 6 for
-  manifests); one asked for by tag must hash to the id the server says it resolved to. Blobs are
-  returned unverified, as the protocol says, and every consumer verifies them with
+* **Nothing is trusted.** A manifest asked for by id must hash to that id (docs/architecture.md,
+  invariant 6, for manifests); one asked for by tag must hash to the id the server says it resolved
+  to. Blobs are returned unverified, as the protocol says, and every consumer verifies them with
   ``codec.decode``.
 * **Few round trips.** ``get_blobs`` sends ids in batches sized to about 16 MiB of answer (it
   learns the average blob size as it goes), ``missing`` sends up to 64 Ki ids per question and
@@ -477,7 +477,7 @@ class RemoteRepository:
         return None if d is None else BootFilesInfo.from_dict(d)
 
     def boot_file(self, ref: Ref | str, which: str) -> bytes:
-        """Downloaded, then checked piece by piece against the descriptor (invariant 6)."""
+        """Downloaded, then checked piece by piece against the descriptor (docs/architecture.md, invariant 6)."""
         if which not in ("kernel", "initrd"):
             raise errors.UsageError(f"a boot file is 'kernel' or 'initrd', not {which!r}")
         r = _as_ref(ref)

@@ -98,6 +98,9 @@ class RouteFinder:
     MAX_CACHED = 4096
 
     def __init__(self, routes: list[Any]) -> None:
+        opaque = [r for r in routes if getattr(r, "path_regex", None) is None]
+        if opaque:  # e.g. app.include_router's lazy router: its routes would all look unknown ("read")
+            raise TypeError(f"access control cannot see the routes inside {opaque[0]!r}; add routes flat")
         self.routes = routes  # the app's live list: routes added after the middleware are seen
         self._cache: dict[tuple[str, str], str] = {}
 

@@ -12,10 +12,11 @@ How it stays cheap:
   of the socket (zstd and BLAKE3 release the GIL, so batches decode in parallel while the event
   loop only sends).
 * All-zero chunks are the manifest's zero marker: they are generated, never read.
-* Every stored chunk is verified (``codec.decode``) before one byte of it is sent (invariant 6).
-  The first batch is rendered *before* the status line goes out, so a small range request — what
-  qemu and iPXE send — on a corrupt or missing chunk gets a clean 422/404. A later batch that fails
-  can only abort the connection; the client then sees a short body, never wrong bytes.
+* Every stored chunk is verified (``codec.decode``) before one byte of it is sent
+  (docs/architecture.md, invariant 6). The first batch is rendered *before* the status line goes
+  out, so a small range request — what qemu and iPXE send — on a corrupt or missing chunk gets a
+  clean 422/404. A later batch that fails can only abort the connection; the client then sees a
+  short body, never wrong bytes.
 * Manifests are immutable per version id, so parsed manifests are kept in a small LRU: a tag is
   resolved to an id on every request (one indexed SQLite lookup, tags move), the manifest is not
   re-parsed (qemu issues thousands of range requests for one conversion).

@@ -105,7 +105,7 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = getattr(self.config.app, "state", None)
         if state is not None:
-            state.draining = True  # long polls (service/machines.py) answer now instead of at their end
+            state.draining = True  # long polls (service/routes/agents.py) answer now instead of at their end
         await super().shutdown(sockets)
 
     @contextlib.contextmanager

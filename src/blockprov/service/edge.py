@@ -1,0 +1,126 @@
+"""The edge of the HTTP API: how errors become answers, and the bound on request bodies.
+
+Why here and only here: every route raises ``blockprov.errors`` classes and never builds an error
+answer itself, so a ``BlockprovError`` becomes its ``http_status`` with
+``{"error": ClassName, "message": …, "details": {…}}`` in one place, and ``repo/remote.py`` can
+raise the very same class on the other side. Anything unexpected is logged and answered 500; the
+server keeps serving everyone else (docs/architecture.md, invariant 7).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from blockprov.errors import BlockprovError, MissingChunks, TooLarge, UsageError
+
+log = logging.getLogger("blockprov.service")
+
+
+def error_body(exc: BlockprovError) -> dict[str, Any]:
+    """The JSON an error becomes; ``details`` carries the template fields so the client can rebuild it."""
+    details = {k: v for k, v in exc.kwargs.items() if isinstance(v, str | int | float | bool) or v is None}
+    body: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message, "details": details}
+    if isinstance(exc, MissingChunks):
+        body["missing"] = exc.missing
+    return body
+
+
+def error_response(exc: BlockprovError) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.http_status)
+
+
+async def on_blockprov_error(request: Request, exc: BlockprovError) -> Response:
+    request.scope["blockprov.error"] = type(exc).__name__
+    if exc.http_status >= 500:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+    elif exc.http_status == 422:  # integrity problems are worth an operator's attention
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(exc)
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI's own 422 for a malformed parameter becomes our ``UsageError`` (400), like any other
+    bad request, so clients see one error shape."""
+    why = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+    request.scope["blockprov.error"] = "UsageError"
+    return error_response(UsageError(f"bad request: {why}"))
+
+
+async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """The router's own 404/405 in the same shape as ours."""
+    name = "NotFound" if exc.status_code == 404 else "HTTPError"
+    request.scope["blockprov.error"] = name
+    return JSONResponse({"error": name, "message": str(exc.detail), "details": {}},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    # the decorator form: it takes each handler with the exception type it is registered for
+    app.exception_handler(BlockprovError)(on_blockprov_error)
+    app.exception_handler(RequestValidationError)(on_validation_error)
+    app.exception_handler(StarletteHTTPException)(on_http_error)
+
+
+class Guard:
+    """Outermost layer: bounds request bodies and turns unexpected exceptions into a logged 500.
+
+    A pure ASGI middleware (not ``BaseHTTPMiddleware``) so streamed bodies pass through untouched.
+    A declared ``Content-Length`` over the limit is refused before a byte is read; a streamed body
+    is cut off as soon as it passes it (413 either way).
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                if not v.isdigit():
+                    scope["blockprov.error"] = "UsageError"
+                    await error_response(UsageError("Content-Length is not a number"))(scope, receive, send)
+                    return
+                if int(v) > limit:
+                    exc = TooLarge(f"request body of {int(v)} bytes exceeds the limit of {limit} bytes")
+                    scope["blockprov.error"] = "TooLarge"
+                    await error_response(exc)(scope, receive, send)
+                    return
+        seen = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise TooLarge(f"request body exceeds the limit of {limit} bytes")
+            return msg
+
+        started = False
+
+        async def tracking_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, bounded_receive, tracking_send)
+        except Exception as e:
+            if started:
+                raise  # mid-body: the server must cut the connection; nothing else is honest
+            log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            scope["blockprov.error"] = "InternalError"
+            body = {"error": "InternalError", "message": f"internal error: {type(e).__name__}: {e}", "details": {}}
+            await JSONResponse(body, status_code=500)(scope, receive, send)

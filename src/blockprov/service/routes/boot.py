@@ -1,0 +1,149 @@
+"""Routes for network boot: a version's boot files (kernel, initrd) and the hosts booting from them.
+
+* ``GET /v1/boot/{host}`` is what iPXE fetches (``chain http://repo/v1/boot/${net0/mac}``): a
+  ``text/plain`` ``#!ipxe`` script. URLs in it are built from the address the host used to reach
+  us (the request's Host), unless ``?base=`` says otherwise, so NAT or a proxy in between is
+  handled by the client's own view. Errors there are one ``text/plain`` line (curl and iPXE
+  consoles show it) unless the client asks for JSON (``RemoteRepository`` does).
+* Boot files are served with ``Content-Length``, a strong ETag (the content id), single ranges
+  and HEAD: iPXE, curl and resumable downloads all work. Every piece is verified before a byte of
+  it is sent; the first is rendered before the status line, so a bad piece is a clean 422.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+
+from blockprov import boot, names
+from blockprov.errors import BlockprovError, UsageError
+from blockprov.names import host_id, parse_ref
+from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
+from blockprov.service.routes.common import JSON_BODY, OCTETS, json_of, version_ref
+from blockprov.service.state import Service
+
+PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
+
+router = APIRouter()
+
+
+# -- boot files -----------------------------------------------------------------------------------
+@router.get("/v1/images/{name}/versions/{vid}/boot", tags=["boot"])
+async def get_boot_files(name: str, vid: str, request: Request) -> dict[str, Any]:
+    """The version's boot file descriptors and command line; ``{"boot": null}`` when it has none."""
+    svc = Service.of(request)
+    info = await svc.run(svc.repo.get_boot_files, version_ref(name, vid))
+    return {"boot": None if info is None else info.to_dict()}
+
+
+@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=JSON_BODY)
+async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any]:
+    """Record ``{"kernel": {size, pieces}, "initrd": {…}, "cmdline": "…"}`` whose pieces were
+    uploaded as chunks first (409 ``MissingChunks`` lists those still absent)."""
+    svc = Service.of(request)
+    r = version_ref(name, vid)
+    d = await json_of(request)
+    if not isinstance(d, dict):
+        raise UsageError('expected {"kernel": …, "initrd": …, "cmdline": "…"}')
+    kernel, initrd = boot.BootFile.from_dict(d.get("kernel")), boot.BootFile.from_dict(d.get("initrd"))
+    cmdline = d.get("cmdline", "")
+    if not isinstance(cmdline, str):
+        raise UsageError("cmdline must be a string")
+    info = await svc.run(svc.repo.record_boot_files, r.name, str(r.version), kernel, initrd, cmdline)
+    return dict(info.to_dict())
+
+
+@router.get("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
+@router.head("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
+async def get_boot_file(name: str, vid: str, which: str, request: Request) -> Response:
+    """The kernel or initrd: Content-Length, ETag, single ``Range``, HEAD; verified as it is sent."""
+    svc = Service.of(request)
+    f: boot.BootFile = await svc.run(svc.repo.boot_file_info, version_ref(name, vid), which)
+    etag = f'"{f.id}"'
+    headers = {"etag": etag, "accept-ranges": "bytes", "cache-control": "no-cache"}
+    h = request.headers
+    inm = h.get("if-none-match")
+    if inm is not None and etag_matches(inm, etag):
+        return Response(status_code=304, headers=headers)
+    try:
+        if_range = h.get("if-range")
+        rng = parse_range(h.get("range"), f.size) if if_range is None or if_range.strip() == etag else None
+    except RangeNotSatisfiable:
+        return Response(status_code=416, headers=headers | {"content-range": f"bytes */{f.size}"})
+    lo, hi = rng if rng is not None else (0, f.size)
+    if rng is not None:
+        headers["content-range"] = f"bytes {lo}-{hi - 1}/{f.size}"
+    headers["content-length"] = str(hi - lo)
+    status = 206 if rng is not None else 200
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=OCTETS)
+    store = svc.store
+
+    def render(first: int, stop: int) -> bytes:
+        blobs = store.get_blobs([f.piece_id(i) for i in range(first, stop)])
+        data = b"".join(boot.assemble(f, blobs, first))
+        base = first * boot.PIECE
+        return data[max(lo, base) - base:min(hi, stop * boot.PIECE) - base]
+
+    jobs = []
+    p = lo // boot.PIECE
+    last = (hi - 1) // boot.PIECE
+    while p <= last:
+        jobs.append((p, min(p + PIECES_PER_JOB, last + 1)))
+        p = jobs[-1][1]
+    head = await svc.run(render, *jobs[0])
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        for job in jobs[1:]:
+            yield await svc.run(render, *job)
+
+    return StreamingResponse(body(), status_code=status, headers=headers, media_type=OCTETS)
+
+
+# -- hosts ----------------------------------------------------------------------------------------
+@router.get("/v1/boot/{host}", tags=["boot"], response_class=PlainTextResponse)
+async def boot_script(host: str, request: Request, base: str | None = None) -> Response:
+    """The iPXE script of a host (MAC with ':' or '-', or host id). 404: unknown host;
+    409: its version has no boot files or its tag is gone; 400: a malformed host."""
+    svc = Service.of(request)
+    try:
+        url = names.base_url(base if base is not None else str(request.base_url))
+        text = await svc.run(svc.repo.boot_script, host, url)
+    except BlockprovError as e:
+        if "application/json" in request.headers.get("accept", ""):
+            raise
+        return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
+    return PlainTextResponse(text, headers={"cache-control": "no-store"})
+
+
+@router.get("/v1/hosts", tags=["hosts"])
+async def list_hosts(request: Request) -> dict[str, Any]:
+    svc = Service.of(request)
+    return {"hosts": [h.to_dict() for h in await svc.run(svc.repo.hosts)]}
+
+
+@router.get("/v1/hosts/{host}", tags=["hosts"])
+async def get_host(host: str, request: Request) -> dict[str, Any]:
+    svc = Service.of(request)
+    return dict((await svc.run(svc.repo.registry.host, host)).to_dict())
+
+
+@router.put("/v1/hosts/{host}", tags=["hosts"], openapi_extra=JSON_BODY)
+async def assign_host(host: str, request: Request) -> dict[str, Any]:
+    """Body ``{"ref": "NAME:TAG" | "NAME@ID", "args": "extra kernel arguments"}``."""
+    svc = Service.of(request)
+    d = await json_of(request)
+    if not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not isinstance(d.get("args", ""), str):
+        raise UsageError('expected {"ref": "NAME:TAG", "args": "…"}')
+    return dict((await svc.run(svc.repo.assign_host, host_id(host), parse_ref(d["ref"]), d.get("args", ""))).to_dict())
+
+
+@router.delete("/v1/hosts/{host}", tags=["hosts"])
+async def remove_host(host: str, request: Request) -> dict[str, Any]:
+    svc = Service.of(request)
+    await svc.run(svc.repo.remove_host, host_id(host))
+    return {"removed": host_id(host)}
