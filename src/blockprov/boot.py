@@ -4,10 +4,10 @@ Why boot files are stored as chunks of the chunk store, not as files next to the
 
 * **One storage path.** A kernel (~8 MB) and an initrd (~30 MB) are cut into 1 MiB pieces,
   each stored like any disk chunk: named by its BLAKE3 digest, zstd-compressed, verified on every
-  read (invariant 6 holds for what a booting host downloads, too), deduplicated (the same kernel
-  under fifty versions is stored once), reclaimed by ``gc`` when no version needs it, and carried
-  by whatever backend holds chunks — including the S3 store several stateless servers share,
-  where files on one server's disk would be missing on the others.
+  read (invariant 6 of docs/architecture.md holds for what a booting host downloads, too),
+  deduplicated (the same kernel under fifty versions is stored once), reclaimed by ``gc`` when no
+  version needs it, and carried by whatever backend holds chunks — including the S3 store several
+  stateless servers share, where files on one server's disk would be missing on the others.
 * **Uploads reuse the chunk protocol.** A remote client asks which pieces are missing, uploads only
   those, then records the descriptor; the server refuses a descriptor naming an absent piece
   (``MissingChunks``), exactly as a commit does.

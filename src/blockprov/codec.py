@@ -12,7 +12,7 @@ A stored chunk ("blob") is a small versioned header followed by the payload::
     12     ...   payload
 
 Compression is skipped when it would not save at least 1/16 of the chunk, so incompressible data
-costs no decompression on read. Every decode verifies the digest (invariant 6): a blob that does
+costs no decompression on read. Every decode verifies the digest (docs/architecture.md, invariant 6): a blob that does
 not hash to the id it is stored under raises ``ChunkCorrupt`` and its bytes are never returned.
 """
 

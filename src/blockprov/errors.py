@@ -4,9 +4,12 @@ Each class's docstring is its message template; ``exit_code`` is what the CLI ex
 ``http_status`` what the HTTP service answers. Errors are raised deep inside and mapped to an
 exit code, an HTTP status or an NBD errno only at the edges (cli/__init__.py, service/, nbd/server.py).
 
-An error that crosses a process boundary (the HTTP service, an agent's control socket) travels as
-``error_to_dict`` and is raised again on the other side by ``error_from_dict``: the same class, so
-the caller's ``except`` clauses and the CLI's exit code do not depend on where it was raised.
+An error that crosses a process boundary travels as JSON naming its class, message and template
+fields, and is raised again on the other side as the same class, so the caller's ``except`` clauses
+and the CLI's exit code do not depend on where it was raised. An agent's control socket
+(agent/control.py) uses ``error_to_dict`` and ``error_from_dict`` below. The HTTP service builds the
+same body (without ``exit_code``) in service/edge.py's ``error_body``, and repo/remote.py rebuilds it
+in ``RemoteRepository._error``, which also turns any 5xx into ``RepositoryUnavailable``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 ``BEGIN IMMEDIATE`` transactions (writers from several processes serialize on SQLite's lock,
 waiting up to ``timeout`` seconds, instead of failing on an upgrade from a read lock).
 
-It is the embedded catalog's database (db.py: the interface it shares with postgres.py) and the
+It is the embedded catalog's database (catalog/db.py: the interface it shares with catalog/postgres.py) and the
 pack store's index."""
 
 from __future__ import annotations

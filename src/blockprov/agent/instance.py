@@ -1,6 +1,6 @@
 """The control operations of one instance (a cache device and its repository): reset, snapshot,
 update, hydrate, profile and status. The single-instance agent (agent.py) and the clones agent
-(clones.py) both expose them on each instance's control socket, so ``blockprov reset --cache DIR``
+(clones/clones.py) both expose them on each instance's control socket, so ``blockprov reset --cache DIR``
 and friends work the same whoever serves the instance."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ completed FLUSH survives a crash):
 - First write to a clean present chunk: journal ``modified`` → fsync journal (group commit) →
   write data. Writers of a chunk whose ``modified`` record is not yet durable wait for it.
 - Whole-chunk write to a missing chunk: no fetch; ``modified`` → fsync → write → fdatasync →
-  ``present``. Until ``present`` the chunk reads the base from the repository, so a crash shows
+  ``present``. Until ``present`` the chunk reads the base (from its chunk source), so a crash shows
   each sector old or new, never a hole.
 - Partial write to a missing chunk: fetch and fill it first (sharing any fetch in flight), then
   as for a present chunk. A chunk is never left half old, half zero.

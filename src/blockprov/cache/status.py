@@ -2,7 +2,7 @@
 
 ``blockprov status`` shows a cache whether an agent serves it or not: the agent answers with
 ``CacheDevice.status`` (this plus its run's figures), a stopped cache is read from meta and
-journal (``agent.offline_status``). Both start from ``cache_status`` so their keys and meanings
+journal (``offline_status`` in agent/agent.py). Both start from ``cache_status`` so their keys and meanings
 cannot drift apart.
 """
 

@@ -1,7 +1,7 @@
 """Copy a whole catalog into an empty one: SQLite → PostgreSQL when a repository outgrows one
 host, or PostgreSQL → an SQLite file (a portable copy, or the way back).
 
-Why it works on rows, not on objects: the catalog's tables (catalog.py, registry.py, auth.py) are
+Why it works on rows, not on objects: the catalog's tables (images.py, machines.py, tokens.py) are
 created from the same schema text in both databases, so a row read from one is a row of the other,
 column for column, and a copy is exact: version ids, token hashes, leases, timestamps and all.
 

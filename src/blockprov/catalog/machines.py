@@ -12,7 +12,7 @@ Tables (in the catalog's database, next to images, versions and tags):
 Why requests live in the catalog: agents sit behind NAT, so they poll; the poll may reach any
 worker or any server process over the same catalog (on any host, with PostgreSQL), so the queue
 must be shared state, not memory. A server's long polls share one ``ready_instances`` query per
-``POLL`` seconds (service/machines.py), so a thousand waiting agents cost what one does.
+``POLL`` seconds (service/longpoll.py), so a thousand waiting agents cost what one does.
 
 Migration: every table is ``CREATE TABLE IF NOT EXISTS``, run on open, so a ``catalog.sqlite``
 made before these tables existed simply gains them. ``boot_files`` and ``profiles`` rows go with

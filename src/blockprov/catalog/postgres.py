@@ -7,7 +7,7 @@ Why it behaves like this:
   request's state, a pending-queue bound, a version that must exist); under PostgreSQL's default
   READ COMMITTED two servers could otherwise interleave those. Catalog writes are small and rare
   next to chunk traffic (a commit, a tag, an agent's heartbeat every few seconds), so one lock costs
-  nothing measurable and keeps a single meaning for the code in catalog.py, registry.py and auth.py.
+  nothing measurable and keeps a single meaning for the code in images.py, machines.py and tokens.py.
 * **Reads** run outside transactions (autocommit) and see what is committed, from any server.
 * **Connections** come from a bounded pool (``MAX_CONNECTIONS`` per process), each checked before
   use, so a PostgreSQL restart or failover costs the requests in flight, not the server: the pool
@@ -18,7 +18,7 @@ Why it behaves like this:
   role that may not create or change the tables, or a read-only standby given as the catalog, is
   ``CatalogMisconfigured`` (503, exit 7), with what to grant; a value PostgreSQL refuses as data
   (a NUL character SQLite would have kept) is a ``UsageError`` (400), so that input the checks in
-  names.py and registry.py let through is never a 500.
+  names.py and machines.py let through is never a 500.
 * **Dialect**: catalog code writes SQLite's (``?`` placeholders, SQLite type names in schemas);
   ``pg_sql`` and ``pg_schema`` translate. Text columns use the "C" collation, so names sort as they do
   in SQLite whatever the database's locale; ``REAL`` becomes ``DOUBLE PRECISION`` (timestamps must

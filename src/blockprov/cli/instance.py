@@ -1,6 +1,7 @@
-"""``blockprov reset / snapshot / update / hydrate / profile save``: an instance's lifecycle.
+"""``blockprov reset / snapshot / update / hydrate / profile save``: an instance's lifecycle
+(and ``profile show``, which reads a version's boot profile from the repository).
 
-Each command works on a cache directory, through the agent serving it or on the cache opened
+Each lifecycle command works on a cache directory, through the agent serving it or on the cache opened
 here (agent/offline.py: ``on_cache``); each passes the operation it would run on an opened cache.
 
 ``snapshot --instance ID`` is the repository side of claims 10 and 34: it queues a request for a

@@ -5,7 +5,7 @@ work on the embedded repository's catalog (``--data DIR``, or ``--catalog postgr
 host that reaches that database) and refuse ``--repo``. Managing tokens
 over HTTP would need a scope above ``write`` and would let a stolen write token mint more; running
 them on the repository's host needs nothing but access to its data directory, which is the
-repository anyway. ``auth.py`` says why tokens look the way they do.
+repository anyway. ``catalog/tokens.py`` says why tokens look the way they do.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ The NBD server serves one ``BlockDevice`` per export. What stands behind it:
   ``CacheDevice`` shared by the version's instances: repository → base cache → overlay → NBD
   server. The overlay is not a separate layer class: it is a cache whose chunk source is the
   base (cache/overlay.py) and that reads untouched chunks through from it instead of filling;
-- tests: a ``MemoryDevice`` (device/memory.py), the reference device.
+- tests and the development NBD server (nbd/__main__.py): a ``MemoryDevice`` (device/memory.py), the
+  reference device.
 
-The repository and the fetcher below the caches are not BlockDevices: they speak in chunks. The
+The repository and the chunk sources below the caches are not BlockDevices: they speak in chunks. The
 NBD server validates range and flags before any device sees a request, so devices may assume
 ``0 <= offset``, ``offset + length <= size`` and ``length > 0``.
 

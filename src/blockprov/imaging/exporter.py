@@ -2,7 +2,7 @@
 
 Only non-zero chunks are fetched; a regular-file destination stays sparse where the image is
 zero, a block device gets explicit zeros there. Chunks arrive in batches and are verified
-(``codec.decode``) before they are written (invariant 6). qcow2 goes through a raw scratch file
+(``codec.decode``) before they are written (docs/architecture.md, invariant 6). qcow2 goes through a raw scratch file
 and ``qemu-img convert``.
 """
 

@@ -1,1 +1,2 @@
-"""Repositories: the local embedded one and the HTTP client share one interface."""
+"""Repositories: the local embedded one, the HTTP client and the failover over several servers share
+one interface (base.py, split by role)."""

@@ -7,9 +7,11 @@ which one they hold.
 
 Why roles: most code needs a small part of a repository, and a parameter typed with that part says
 what the code touches and lets a test hand it a small fake. ``BlobSource`` is what a chunk reader
-needs (cache/fetcher.py), ``BlobSink`` what an upload needs, ``Images`` the catalog of images,
-versions and tags, ``Machines`` boot files, hosts and boot profiles, ``AgentQueue`` agents and the
-requests queued for them. ``Repository`` is all of them, so a hint of ``Repository`` keeps working.
+needs (cache/fetcher.py), ``BlobViews`` an optional capability of a source that the fetcher checks
+for, ``BlobSink`` what an upload needs, ``Images`` the catalog of images, versions and tags,
+``Machines`` boot files, hosts and boot profiles, ``AgentQueue`` agents and the requests queued for
+them. ``Repository`` composes every role but the optional ``BlobViews``, so a hint of ``Repository``
+keeps working.
 """
 
 from __future__ import annotations

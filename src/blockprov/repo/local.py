@@ -2,8 +2,9 @@
 
 Layout of the data directory::
 
-    DATA/catalog.sqlite   images, versions (manifests), tags; boot files, hosts, profiles, agents (registry.py),
-                          tokens (auth.py) — unless the catalog is in PostgreSQL (``--catalog``, db.py)
+    DATA/catalog.sqlite   images, versions (manifests), tags (catalog/images.py); boot files, hosts,
+                          profiles, agents (catalog/machines.py); tokens (catalog/tokens.py) — unless
+                          the catalog is in PostgreSQL (``--catalog``, catalog/db.py)
     DATA/chunks/          the pack-file chunk store (store/pack.py)
     DATA/tmp/             scratch space for imports of non-raw formats
 
@@ -49,7 +50,7 @@ class LocalRepository:
         self.url = f"file://{Path(self.data_dir).resolve()}"
         self.store = store if store is not None else PackChunkStore(self.data_dir / "chunks")
         self.catalog = Catalog(catalog if catalog is not None else self.data_dir / "catalog.sqlite")
-        self.registry = Registry(self.catalog)  # boot files, hosts, profiles, agents (registry.py)
+        self.registry = Registry(self.catalog)  # boot files, hosts, profiles, agents (catalog/machines.py)
         self.tmp_dir = ensure_dir(self.data_dir / "tmp")
 
     # -- reading --------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ class LocalRepository:
         self.store.close()
         self.catalog.close()
 
-    # -- remote boot, profiles, agents (registry.py; the HTTP service calls these too) -----------
+    # -- remote boot, profiles, agents (catalog/machines.py; the HTTP service calls these too) -
     def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source,
                        cmdline: str = "") -> BootFilesInfo:
         r = as_ref(ref)

@@ -1,4 +1,4 @@
-"""Who may call what: each route's scope (auth.py), checked before a byte of the body is read.
+"""Who may call what: each route's scope (catalog/tokens.py), checked before a byte of the body is read.
 
 Why it is shaped like this:
 

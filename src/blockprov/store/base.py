@@ -1,4 +1,4 @@
-"""The narrow chunk-store interface every backend implements (local directory now, S3 later).
+"""The narrow chunk-store interface every backend implements (the pack store, S3).
 
 A store keeps *blobs* (``codec`` format) under their 32-byte chunk id. It never trusts itself:
 ``get`` decodes and verifies, ``put_blob`` verifies before storing, so a corrupt object is
@@ -41,7 +41,7 @@ class ChunkStore(ABC):
         """Mark an existing chunk as recently wanted, so gc's grace period protects a re-use of it."""
 
     def get(self, cid: bytes) -> bytes:
-        """Plain chunk bytes, verified against the id (invariant 6)."""
+        """Plain chunk bytes, verified against the id (docs/architecture.md, invariant 6)."""
         return codec.decode(self.get_blob(cid), cid)
 
     def put(self, cid: bytes, data: bytes | memoryview) -> tuple[bool, int]:

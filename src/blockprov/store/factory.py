@@ -2,7 +2,7 @@
 
 ``spec`` is what ``--store`` / ``BLOCKPROV_STORE`` say: nothing (or ``local``) for the pack store in
 ``DATA/chunks``, ``s3://BUCKET[/PREFIX]`` for an S3-compatible bucket. The catalog is not a store
-matter: it is chosen by ``--catalog`` (db.py), whatever the store; docs/operations.md says what
+matter: it is chosen by ``--catalog`` (catalog/db.py), whatever the store; docs/operations.md says what
 several servers over one bucket need (one shared catalog).
 """
 

@@ -10,7 +10,7 @@ expires and what HTTP caches and CDNs in front of it keep. Why the ``<hex[:2]>/`
 partitions its index by key prefix (AWS scales request rates per prefix), and stores backed by a
 filesystem or a filer (SeaweedFS, MinIO) keep a directory per "folder"; 256 fan-out folders keep
 each one small and let a listing be split. The catalog does not live here: it is SQLite in the data
-directory or PostgreSQL shared by several servers (db.py; ``LocalRepository(data_dir, store=…,
+directory or PostgreSQL shared by several servers (catalog/db.py; ``LocalRepository(data_dir, store=…,
 catalog=…)``). Exactly one catalog may name the chunks under a prefix: gc deletes what its catalog
 does not name.
 

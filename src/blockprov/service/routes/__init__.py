@@ -2,8 +2,8 @@
 routes in the order of ``ROUTERS``, which is also the order of the OpenAPI document and of matching.
 
 A new route module: an ``APIRouter`` named ``router`` whose handlers take ``request: Request`` and
-reach the repository through ``Service.of(request)`` (state.py), listed in ``ROUTERS``. A route whose
-scope is not the default (GET: ``read``, anything else: ``write``) is listed in access.py."""
+reach the repository through ``Service.of(request)`` (service/state.py), listed in ``ROUTERS``. A route whose
+scope is not the default (GET: ``read``, anything else: ``write``) is listed in service/access.py."""
 
 from __future__ import annotations
 

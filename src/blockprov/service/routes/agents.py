@@ -2,9 +2,9 @@
 
 Long polls (``…/requests/next?wait=``, ``…/requests/{id}?wait=``) wait on the event loop and are
 woken by ``Wakeup`` for a change made through this process, or by ``ReadySet`` for one made through
-another server (longpoll.py). A waiting agent re-checks by itself every ``SEEN_EVERY`` s, and that
+another server (service/longpoll.py). A waiting agent re-checks by itself every ``SEEN_EVERY`` s, and that
 check refreshes its ``last_seen``. Long polls end early when the server is shutting down
-(``app.state.draining``, set by run.py), so a stop never waits out an agent's poll.
+(``app.state.draining``, set by service/run.py), so a stop never waits out an agent's poll.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Routes for images, versions and tags (the catalog), and the raw view of a version (rawview.py).
+"""Routes for images, versions and tags (the catalog), and the raw view of a version (service/rawview.py).
 
 A commit's ``201`` is the acknowledgement snapshots rely on: it is given only once every chunk the
 manifest references is present (409 ``MissingChunks`` lists the others). Manifests by version id

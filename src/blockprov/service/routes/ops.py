@@ -1,7 +1,8 @@
-"""Routes for operating the service itself: liveness, Prometheus metrics (metrics.py), garbage collection.
+"""Routes for operating the service itself: liveness, Prometheus metrics (service/metrics.py),
+garbage collection.
 
-Health is open to anyone (access.py) because load balancers carry no token; ``/metrics`` is not:
-it needs ``read`` like any GET (Prometheus can send a token).
+Health is open to anyone (service/access.py) because load balancers carry no token; ``/metrics``
+is not: it needs ``read`` like any GET (Prometheus can send a token).
 """
 
 from __future__ import annotations
