@@ -1,7 +1,7 @@
 """The raw view against real clients over a real socket: curl ranges, qemu's http block driver.
 
-The server is ``python -m blockprov.service`` on 127.0.0.1 port 0, exactly as operators and
-``blockprov serve`` run it; its first stdout line tells us the port.
+The server is ``blockprov serve`` on 127.0.0.1 port 0, exactly as operators run it; its first
+stdout line tells us the port.
 """
 
 from __future__ import annotations
