@@ -1,0 +1,131 @@
+"""Hostile peers against a real NBD server process (issue 17): many half-sent WRITEs held open must
+not pin memory, and peers silent in the middle of a frame are dropped after the frame timeout
+while real clients keep being served.
+
+Raw sockets speak just enough NBD to reach transmission, then stop at a random point of a request
+(seeded: a failure replays). Bounded: ``PEERS`` connections, one round, every wait has a deadline.
+The server is ``python -m blockprov.nbd`` (the ``NbdServer`` the agent runs) with a short
+``--frame-timeout`` so the test takes seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import psutil
+import pytest
+
+from blockprov.nbd import constants as c
+from tests.interop.conftest import NbdServerProcess, nbd_run
+from tests.unit.test_nbd_protocol import client_flags, go_data, option, request
+
+pytestmark = pytest.mark.interop
+
+Start = Callable[..., NbdServerProcess]
+MiB = 1 << 20
+PEERS = 48
+TIMEOUT = 2.0  # the server's --frame-timeout
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = sock.recv(n - len(data))
+        if not part:
+            raise ConnectionError("closed during the handshake")
+        data += part
+    return data
+
+
+def _handshake(path: str) -> socket.socket:
+    """A connection in the transmission phase (NBD_OPT_GO on the default export)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    assert _recv_exactly(sock, 18)[:16] == b"NBDMAGICIHAVEOPT"
+    sock.sendall(client_flags() + option(c.Option.GO, go_data("")))
+    while True:
+        _, _, rtype, length = struct.unpack(">QIII", _recv_exactly(sock, 20))
+        _recv_exactly(sock, length)
+        assert rtype < 1 << 31, hex(rtype)
+        if rtype == c.Reply.ACK:
+            return sock
+
+
+def _half_frames(path: str, rng: random.Random) -> list[socket.socket]:
+    """PEERS connections, each stopped in the middle of something it owes."""
+    socks = []
+    for i in range(PEERS):
+        kind = i % 4
+        if kind == 0:  # the handshake: the greeting read, then silence
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            sock.sendall(client_flags()[: rng.randrange(0, 4)])
+        else:
+            sock = _handshake(path)
+            if kind == 1:  # half a request header
+                sock.sendall(request(c.Command.WRITE, 0, 4096, handle=i)[: rng.randrange(1, 28)])
+            else:  # a WRITE announcing up to 32 MiB, a little of it sent
+                length = c.MAX_BLOCK if kind == 2 else rng.randrange(1, c.MAX_BLOCK // 512) * 512
+                sent = rng.randrange(0, min(length, 64 * 1024))
+                sock.sendall(request(c.Command.WRITE, rng.randrange(0, 32) * MiB, length, handle=i) + bytes(sent))
+        socks.append(sock)
+    return socks
+
+
+def _wait_closed(socks: list[socket.socket], deadline: float) -> list[socket.socket]:
+    """The sockets the server has not closed by ``deadline`` (each read to its end)."""
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    open_ = set(socks)
+    while open_ and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=0.2):
+            s = key.fileobj
+            assert isinstance(s, socket.socket)
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                sel.unregister(s)
+                open_.discard(s)
+    sel.close()
+    return list(open_)
+
+
+def test_half_sent_writes_pin_no_memory_and_silent_peers_are_dropped(nbd_server: Start) -> None:
+    srv = nbd_server("--memory", "64M", "--frame-timeout", str(TIMEOUT))
+    proc = psutil.Process(srv.proc.pid)
+    # Warm up the server's own buffers first, so the baseline is the steady state.
+    nbd_run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", "-c", "read -P 0x11 0 4M", srv.uri())
+    before = proc.memory_info().rss
+    socks = _half_frames(srv.socket, random.Random(17))
+    try:
+        time.sleep(0.3)  # the server has read what they sent
+        grown = proc.memory_info().rss - before
+        # Before issue 17 each WRITE header committed its whole payload (up to 32 MiB, here ~600 MiB
+        # in all); now a connection holds its receive buffer and at most one 256 KiB piece.
+        assert grown < PEERS * 1 * MiB, f"RSS grew by {grown / MiB:.0f} MiB for {PEERS} half-sent frames"
+        # Real clients are served meanwhile, with all their data.
+        out = nbd_run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 2M", "-c", "read -P 0x5a 1M 2M",
+                      "-c", "read -P 0x11 0 1M", srv.uri()).stdout
+        assert "verification failed" not in out, out
+        keeper = _handshake(srv.socket)  # idle between requests: a quiet disk, never dropped
+        still_open = _wait_closed(socks, time.monotonic() + TIMEOUT + 10)
+        assert still_open == [], f"{len(still_open)} of {PEERS} silent peers were not dropped"
+        keeper.sendall(request(c.Command.READ, 1 * MiB, 4096, handle=99))
+        magic, error, handle = struct.unpack(">IIQ", _recv_exactly(keeper, 16))
+        assert (magic, error, handle) == (c.SIMPLE_REPLY_MAGIC, 0, 99)
+        assert _recv_exactly(keeper, 4096) == b"\x5a" * 4096
+        keeper.close()
+    finally:
+        for s in socks:
+            s.close()
+    nbd_run("nbdinfo", "--size", srv.uri())  # and it still accepts new clients
