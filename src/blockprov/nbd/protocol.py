@@ -294,7 +294,9 @@ _ALLOWED_FLAGS: dict[int, int] = {
     _BLOCK_STATUS: _FUA | _REQ_ONE,
 }
 _WRITES = frozenset({_WRITE, _TRIM, _WRITE_ZEROES})
-_RECV_BUFFER = 256 * 1024
+# The receive buffer starts this small and doubles when a frame needs more (_make_room): a connection
+# that never gets far (issue 17: many of them, held open) costs 64 KiB, a busy one settles at 128-256.
+_RECV_BUFFER = 64 * 1024
 # WRITE payloads up to this size that did not arrive with their header get one buffer of their size
 # at once; larger ones start with this much and grow as bytes arrive (module docstring).
 PAYLOAD_PIECE = 256 * 1024
