@@ -4,8 +4,9 @@ while real clients keep being served.
 
 Raw sockets speak just enough NBD to reach transmission, then stop at a random point of a request
 (seeded: a failure replays). Bounded: ``PEERS`` connections, one round, every wait has a deadline.
-The server is ``python -m blockprov.nbd`` (the ``NbdServer`` the agent runs) with a short
-``--frame-timeout`` so the test takes seconds.
+The servers: ``python -m blockprov.nbd`` (the ``NbdServer`` the agent runs) with a short
+``--frame-timeout`` so the test takes seconds, and the agent itself (``blockprov attach``, where the
+issue measured 73 → 335 MB for 8 such connections) for the memory bound.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
 
+from blockprov.imaging.importer import import_image
 from blockprov.nbd import constants as c
+from blockprov.repo.local import LocalRepository
+from tests.conftest import make_image
 from tests.interop.conftest import NbdServerProcess, nbd_run
+from tests.procs import nbd_uri, start_agent
 from tests.unit.test_nbd_protocol import client_flags, go_data, option, request
 
 pytestmark = pytest.mark.interop
@@ -130,3 +136,29 @@ def test_half_sent_writes_pin_no_memory_and_silent_peers_are_dropped(nbd_server:
         for s in socks:
             s.close()
     nbd_run("nbdinfo", "--size", srv.uri())  # and it still accepts new clients
+
+
+def test_agent_holds_little_for_half_sent_writes(tmp_path: Path) -> None:
+    """The agent (a cache over a repository, not a memory device) under the same peers: its RSS
+    stays bounded and a real client is served meanwhile; it stops cleanly with them still open."""
+    repo = LocalRepository(tmp_path / "repo")
+    import_image(repo, make_image(tmp_path / "g.img", 40 * MiB, seed=5, data_fraction=0.5), "lab:v1")
+    repo.close()
+    sock = tmp_path / "nbd.sock"
+    agent, _ = start_agent(tmp_path / "cache", "lab:v1", sock, data=tmp_path / "repo")
+    socks: list[socket.socket] = []
+    try:
+        nbd_run("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 4M", "-c", "read -P 0x22 0 4M", nbd_uri(sock))
+        proc = psutil.Process(agent.proc.pid)
+        before = proc.memory_info().rss
+        socks = _half_frames(str(sock), random.Random(8))
+        time.sleep(0.3)
+        grown = proc.memory_info().rss - before
+        assert grown < PEERS * MiB // 2, f"agent RSS grew by {grown / MiB:.0f} MiB for {PEERS} half-sent frames"
+        out = nbd_run("qemu-io", "-f", "raw", "-c", "read -P 0x22 0 4M", "-c", "write -P 0x33 8M 1M",
+                      "-c", "read -P 0x33 8M 1M", nbd_uri(sock)).stdout
+        assert "verification failed" not in out, out
+    finally:
+        assert agent.stop() == 0
+        for s in socks:
+            s.close()
