@@ -711,3 +711,30 @@ def test_data_after_a_completed_payload_before_next_event() -> None:
     conn.receive_data(b"a" * 1014 + request(Command.FLUSH, handle=2) + request(Command.READ, 0, 512, handle=3))
     evs = events(conn)
     assert [describe(e) for e in evs] == [("write", 1, 0, b"a" * 1024), Flush(2), Read(3, 0, 512, False)]
+
+
+@given(st.integers(1, 6 * 1024).map(lambda k: 512 * k), st.lists(st.integers(4096, 1 << 20), min_size=1, max_size=40),
+       st.integers(0, 28 + 4096))
+@settings(max_examples=60, deadline=None)
+def test_fuzz_payload_cut_anywhere_arrives_whole_and_bounded(length: int, cuts: list[int], first: int) -> None:
+    """A WRITE payload fed in arbitrary pieces (as recv_into fills them) arrives whole, followed
+    by the next request, and the memory it holds never passes ``4 × received + 256 KiB``."""
+    conn = negotiated(export="disk")
+    payload = bytes((i * 7) & 0xFF for i in range(min(length, 4096))) * (length // 4096 + 1)
+    payload = payload[:length]
+    wire = request(Command.WRITE, 0, length, handle=5) + payload + request(Command.FLUSH, handle=6)
+    got: list[object] = []
+    pos, i = 0, 0
+    while pos < len(wire):
+        n = first if i == 0 and first else cuts[i % len(cuts)]
+        i += 1
+        view = conn.get_buffer(n)
+        n = min(n, len(view), len(wire) - pos)
+        view[:n] = wire[pos:pos + n]
+        conn.buffer_updated(n)
+        pos += n
+        received = min(max(pos - 28, 0), length)
+        assert conn.payload_memory <= max(length if length <= PAYLOAD_PIECE else 0,
+                                          PAYLOAD_GROWTH * received + PAYLOAD_PIECE)
+        got += events(conn)
+    assert [describe(e) for e in got] == [("write", 5, 0, payload), Flush(6)]
