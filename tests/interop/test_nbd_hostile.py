@@ -93,15 +93,15 @@ def _wait_closed(socks: list[socket.socket], deadline: float) -> list[socket.soc
     open_ = set(socks)
     while open_ and time.monotonic() < deadline:
         for key, _ in sel.select(timeout=0.2):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
+            sk = key.fileobj
+            assert isinstance(sk, socket.socket)
             try:
-                data = s.recv(65536)
+                data = sk.recv(65536)
             except ConnectionResetError:
                 data = b""
             if not data:
-                sel.unregister(s)
-                open_.discard(s)
+                sel.unregister(sk)
+                open_.discard(sk)
     sel.close()
     return list(open_)
 

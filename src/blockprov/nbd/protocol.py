@@ -34,8 +34,8 @@ event carries a ``memoryview`` of the payload, which then belongs to the caller.
 *invalid* WRITE (out of range, read-only, larger than :data:`~blockprov.nbd.constants.MAX_BLOCK`)
 is skipped as it streams in, never buffered, and answered with an error once its header is parsed:
 the framing stays intact (the length field is trusted, at most 4 GiB is discarded), so the
-connection lives. Oversized
-option payloads are likewise skipped and answered ``NBD_REP_ERR_TOO_BIG``.
+connection lives. Oversized option payloads are likewise skipped and answered
+``NBD_REP_ERR_TOO_BIG``.
 
 Two error kinds: :class:`RemoteProtocolError` (the peer broke the protocol; close the
 connection) and :class:`LocalProtocolError` (the caller asked for something the protocol does
