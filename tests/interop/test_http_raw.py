@@ -7,7 +7,9 @@ stdout line tells us the port.
 from __future__ import annotations
 
 import json
+import select
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,5 +150,71 @@ def test_corrupt_chunk_cuts_the_stream_never_sends_it(tmp_path: Path) -> None:
         p = curl("-o", "/dev/null", "-w", "%{http_code}", "-r", f"{bad * m.chunk_size}-{bad * m.chunk_size + 9}", url)
         assert p.stdout == b"422"
         assert curl("-f", "-r", "0-99", url).stdout == data[:100]  # the server still serves
+    finally:
+        assert s.stop() == 0
+
+
+# -- hostile input over a real socket (issue 17) ----------------------------------------------------
+def _raw_http(url: str, head: bytes, *, timeout: float = 30) -> tuple[int, bytes]:
+    """Send ``head`` (a request without a body) as is; the status and the headers of the answer."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sk:
+        sk.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            part = sk.recv(65536)
+            if not part:
+                break
+            answer += part
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[0]
+
+
+@pytest.mark.parametrize(("rng", "status"), [
+    (b"bytes=\xb2-", 200),  # "²" in Latin-1, as the server decodes headers: not a number, ignored
+    (b"bytes=0-\xb2", 200),
+    (b"bytes=-\xb3", 200),
+    (b"bytes=" + b"9" * 5000 + b"-", 416),  # past Python's 4,300-digit int limit: past the end
+    (b"bytes=0-" + b"9" * 5000, 206),
+    (b"bytes=-" + b"9" * 5000, 206),
+])
+def test_malformed_range_is_never_a_server_error(served: Served, rng: bytes, status: int) -> None:
+    head = b"HEAD /v1/images/disk/raw/v1 HTTP/1.1\r\nHost: x\r\nRange: " + rng + b"\r\nConnection: close\r\n\r\n"
+    assert _raw_http(served.server.url, head)[0] == status
+
+
+def test_endless_chunked_body_gets_413_and_the_connection_closed(tmp_path: Path) -> None:
+    """A chunked body that never ends: 413 once past --max-body, then the server closes the
+    connection (it used to keep reading, and discarding, forever). Bounded: 64 MiB sent at most."""
+    s = start_server(tmp_path / "repo", "--max-body", "100000")
+    try:
+        host, port = s.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as sk:
+            sk.sendall(b"POST /v1/chunks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                       b"Content-Type: application/octet-stream\r\n\r\n")
+            chunk = memoryview(b"%x\r\n" % 65536 + bytes(65536) + b"\r\n")
+            sk.setblocking(False)
+            answer, closed, sent, pos = b"", False, 0, 0
+            while not closed and sent < 64 << 20:
+                try:
+                    n = sk.send(chunk[pos:])  # well framed: each chunk whole, however it is cut
+                    sent, pos = sent + n, (pos + n) % len(chunk)
+                except BlockingIOError:
+                    select.select([sk], [sk], [], 1)
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                try:
+                    part = sk.recv(65536)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    closed = True
+                    continue
+                answer += part
+                closed = closed or not part
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"connection: close" in answer.lower()
+        assert closed, f"the server still read after {sent} bytes"
+        assert curl("-f", f"{s.url}/v1/images").returncode == 0  # and it still serves
     finally:
         assert s.stop() == 0

@@ -4,13 +4,21 @@ gets a clear 4xx, never a crash). Bounded: ``EXAMPLES`` cases per operation and 
 (~40 operations), in process (no sockets), well under a minute.
 
 The operations are walked by hand with hypothesis instead of schemathesis's pytest plugin, whose
-lazy-fixture support does not work with the pytest this project uses."""
+lazy-fixture support does not work with the pytest this project uses.
+
+Shapes a generator from the schema does not reach (issue 17) are sent to every operation of the
+same document by ``test_hostile_shapes``, through the raw ASGI interface so header bytes arrive
+exactly as a socket would deliver them: JSON nested deeper than Python's recursion limit, Range
+headers with non-ASCII digits or numbers past ``int``'s 4,300-digit limit, a Content-Length of
+5,000 digits."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -72,5 +80,78 @@ def test_no_server_errors(catalog: str, tmp_path: Path, request: pytest.FixtureR
                 for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                     failures.extend(fuzz(op, mode))
     finally:
+        repo.close()
+    assert not failures, "server errors:\n" + "\n".join(failures)
+
+
+DEEP = 1000  # JSON nesting past Python's recursion limit: the decoder raises RecursionError
+HOSTILE_BODIES = [b"[" * DEEP + b"]" * DEEP, b'{"a":' * DEEP + b"1" + b"}" * DEEP,
+                  b'{"ids": ' + b"[" * DEEP + b"]" * DEEP + b"}", b'{"chunks": ' + b"[" * DEEP + b"]" * DEEP + b"}"]
+HOSTILE_RANGES = [b"bytes=\xb2-", b"bytes=0-\xb2", b"bytes=-\xb9", b"bytes=\xb9\xb2-\xb3",
+                  b"bytes=" + b"9" * 5000 + b"-", b"bytes=0-" + b"9" * 5000, b"bytes=-" + b"9" * 5000]
+
+
+async def asgi_status(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
+    """The status of one request sent straight to the ASGI app: the header bytes reach it as they are
+    (the test client re-encodes them as UTF-8, so "\xb2" would arrive as "Â²")."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"wait=0",
+             "root_path": "", "headers": [(b"host", b"testserver"), *headers],
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    given_body = False
+    status: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal given_body
+        if not given_body:
+            given_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the answer runs to its end
+        raise AssertionError("unreachable")
+
+    async def send(msg: dict[str, Any]) -> None:
+        if msg["type"] == "http.response.start":
+            status.append(msg["status"])
+
+    try:
+        await app(scope, receive, send)
+    except Exception:  # what escapes the app, the server answers 500 (if it still can)
+        return 500
+    return status[0]
+
+
+def test_hostile_shapes(tmp_path: Path) -> None:
+    """Every operation of the OpenAPI document, with its path filled with names that exist, gets the
+    shapes of issue 17; none may answer 5xx."""
+    repo = LocalRepository(tmp_path / "repo")
+    vid, _ = import_image(repo, make_image(tmp_path / "a.raw", 1 << 20, seed=2, data_fraction=1.0), "lab:v1")
+    m = repo.resolve("lab:v1")
+    stored = next(m.digest_at(i) for i in range(m.count) if not m.is_zero(i))
+    names = {"name": "lab", "ref": "v1", "vid": vid, "tag": "v1", "cid": stored.hex(), "instance": "i-fuzz",
+             "rid": "1", "host": "h1", "which": "kernel"}
+    app = create_app(repo, access=AccessPolicy(mode="off"))
+    failures: list[str] = []
+
+    async def walk() -> None:
+        for template, ops in app.openapi()["paths"].items():
+            path = template.format(**names)
+            for method, op in ops.items():
+                shapes: list[tuple[str, list[tuple[bytes, bytes]], bytes]] = []
+                if method in ("get", "head"):
+                    shapes += [(f"Range {r[:20]!r}", [(b"range", r)], b"") for r in HOSTILE_RANGES]
+                if "requestBody" in op:
+                    shapes += [(f"JSON {b[:12]!r}…", [(b"content-type", b"application/json"),
+                                                     (b"content-length", str(len(b)).encode())], b)
+                               for b in HOSTILE_BODIES]
+                    shapes.append(("Content-Length of 5000 digits", [(b"content-length", b"9" * 5000)], b""))
+                for what, headers, body in shapes:
+                    status = await asgi_status(app, method.upper(), path, headers, body)
+                    if status >= 500:
+                        failures.append(f"{method.upper()} {path} with {what} → {status}")
+
+    try:
+        asyncio.run(walk())
+    finally:
+        app.state.service.close()
         repo.close()
     assert not failures, "server errors:\n" + "\n".join(failures)

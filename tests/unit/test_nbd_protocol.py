@@ -13,6 +13,8 @@ from blockprov.nbd import constants as c
 from blockprov.nbd.constants import Command, CommandFlag, Info, NbdError, Option, Reply
 from blockprov.nbd.protocol import (
     NEED_DATA,
+    PAYLOAD_GROWTH,
+    PAYLOAD_PIECE,
     Aborted,
     BadRequest,
     BlockStatus,
@@ -360,23 +362,64 @@ def test_requests_become_events() -> None:
     assert conn.state is State.CLOSED
 
 
-def test_write_payload_received_in_place() -> None:
+@pytest.mark.parametrize("size", [4096, PAYLOAD_PIECE, PAYLOAD_PIECE + 512, MiB, 32 * MiB])
+def test_write_payload_received_in_place(size: int) -> None:
     conn = negotiated()
-    payload = bytes(range(256)) * 4096  # 1 MiB
+    payload = bytes(range(256)) * (size // 256)
     conn.receive_data(request(Command.WRITE, 0, len(payload), handle=9) + payload[:1000])
     assert conn.next_event() is NEED_DATA
     pos = 1000
     while pos < len(payload):
         buf = conn.get_buffer(65536)
-        assert len(buf) == len(payload) - pos  # exactly the rest of the payload, never more
+        assert 0 < len(buf) <= len(payload) - pos  # never past the payload's end
+        if size <= PAYLOAD_PIECE:
+            assert len(buf) == len(payload) - pos  # one buffer of the payload's size
         n = min(65536, len(buf))
         buf[:n] = payload[pos:pos + n]
         conn.buffer_updated(n)
         pos += n
+        # Held memory follows what arrived, not what the header announced (issue 17).
+        bound = size if size <= PAYLOAD_PIECE else PAYLOAD_GROWTH * pos + PAYLOAD_PIECE
+        assert conn.payload_memory <= bound
+        assert conn.in_frame
     [ev] = events(conn)
     assert isinstance(ev, Write) and ev.handle == 9 and ev.data == payload
+    assert conn.payload_memory == 0 and not conn.in_frame
     conn.receive_data(request(Command.FLUSH, handle=10))
     assert events(conn) == [Flush(10)]
+
+
+def test_announced_payload_that_never_comes_holds_little() -> None:
+    """A header claiming the largest payload, then a trickle: a piece, not 32 MiB (issue 17)."""
+    conn = negotiated()
+    conn.receive_data(request(Command.WRITE, 0, c.MAX_BLOCK, handle=1) + b"x" * 4096)
+    assert conn.next_event() is NEED_DATA
+    assert conn.payload_memory == PAYLOAD_PIECE and conn.in_frame
+    for _ in range(100):
+        conn.receive_data(b"y")
+        assert conn.next_event() is NEED_DATA
+    assert conn.payload_memory == PAYLOAD_PIECE
+
+
+def test_in_frame_follows_what_the_peer_owes() -> None:
+    conn = new_conn()
+    assert conn.in_frame  # the greeting is out: the handshake is owed
+    conn.receive_data(client_flags() + option(Option.STRUCTURED_REPLY))
+    events(conn)
+    assert conn.in_frame
+    conn.receive_data(option(Option.GO, go_data("disk")))
+    events(conn)
+    assert conn.state is State.TRANSMISSION and not conn.in_frame  # between requests: an idle disk
+    wire = request(Command.READ, 0, 512, handle=1)
+    conn.receive_data(wire[:10])
+    assert conn.next_event() is NEED_DATA and conn.in_frame  # half a header
+    conn.receive_data(wire[10:])
+    assert events(conn) == [Read(1, 0, 512, False)] and not conn.in_frame
+    bad_write = request(Command.WRITE, 128 * MiB, 4096, handle=2)  # beyond the end: skipped
+    conn.receive_data(bad_write + b"z" * 100)
+    assert isinstance(conn.next_event(), BadRequest) and conn.in_frame
+    conn.receive_data(b"z" * 3996)
+    assert conn.next_event() is NEED_DATA and not conn.in_frame
 
 
 def bad(conn: ServerConnection, wire: bytes) -> BadRequest:
@@ -668,3 +711,30 @@ def test_data_after_a_completed_payload_before_next_event() -> None:
     conn.receive_data(b"a" * 1014 + request(Command.FLUSH, handle=2) + request(Command.READ, 0, 512, handle=3))
     evs = events(conn)
     assert [describe(e) for e in evs] == [("write", 1, 0, b"a" * 1024), Flush(2), Read(3, 0, 512, False)]
+
+
+@given(st.integers(1, 6 * 1024).map(lambda k: 512 * k), st.lists(st.integers(4096, 1 << 20), min_size=1, max_size=40),
+       st.integers(0, 28 + 4096))
+@settings(max_examples=60, deadline=None)
+def test_fuzz_payload_cut_anywhere_arrives_whole_and_bounded(length: int, cuts: list[int], first: int) -> None:
+    """A WRITE payload fed in arbitrary pieces (as recv_into fills them) arrives whole, followed
+    by the next request, and the memory it holds never passes ``4 × received + 256 KiB``."""
+    conn = negotiated(export="disk")
+    payload = bytes((i * 7) & 0xFF for i in range(min(length, 4096))) * (length // 4096 + 1)
+    payload = payload[:length]
+    wire = request(Command.WRITE, 0, length, handle=5) + payload + request(Command.FLUSH, handle=6)
+    got: list[object] = []
+    pos, i = 0, 0
+    while pos < len(wire):
+        n = first if i == 0 and first else cuts[i % len(cuts)]
+        i += 1
+        view = conn.get_buffer(n)
+        n = min(n, len(view), len(wire) - pos)
+        view[:n] = wire[pos:pos + n]
+        conn.buffer_updated(n)
+        pos += n
+        received = min(max(pos - 28, 0), length)
+        assert conn.payload_memory <= max(length if length <= PAYLOAD_PIECE else 0,
+                                          PAYLOAD_GROWTH * received + PAYLOAD_PIECE)
+        got += events(conn)
+    assert [describe(e) for e in got] == [("write", 5, 0, payload), Flush(6)]

@@ -363,3 +363,57 @@ def test_tcp_port_zero_and_named_exports(tmp_path: Path) -> None:
             await server.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_peer_silent_in_the_middle_of_a_frame_is_dropped(tmp_path: Path, use_uvloop: bool) -> None:
+    """Issue 17: a half-sent WRITE, a half-sent header and an unfinished handshake are dropped
+    after the frame timeout; a client idle between requests, and one busy meanwhile, are not."""
+
+    async def test(server: NbdServer, path: str) -> None:
+        idle = await Client.connect(path)  # between requests: a quiet disk, kept
+        half_write = await Client.connect(path)
+        half_write.writer.write(request(Command.WRITE, 0, 32 * MiB, handle=1) + b"w" * 4096)
+        half_header = await Client.connect(path)
+        half_header.writer.write(request(Command.READ, 0, 4096, handle=2)[:13])
+        no_handshake, nh_writer = await asyncio.open_unix_connection(path)  # greeting sent, never answered
+        busy = await Client.connect(path)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.2  # a few timeouts: the silent ones must be gone by then
+        n = 0
+        while loop.time() < until:
+            n += 1
+            assert await busy.call(Command.WRITE, 0, 4096, data=bytes([n % 256]) * 4096, handle=n) == (0, b"")
+            await asyncio.sleep(0.01)
+        for silent in (half_write, half_header):
+            assert await asyncio.wait_for(silent.reader.read(), 5) == b""  # closed by the server
+        assert len(await asyncio.wait_for(no_handshake.read(), 5)) == 18  # the greeting, then closed
+        assert server.stats.timeouts == 3 and server.stats.connections_active == 2
+        assert await idle.call(Command.READ, 0, 4096) == (0, bytes([n % 256]) * 4096)
+        await idle.close()
+        await busy.close()
+        nh_writer.close()
+
+    serve({"": MemoryDevice(64 * MiB)}, test, tmp_path, use_uvloop=use_uvloop, frame_timeout=0.3)
+
+
+def test_time_the_server_spends_not_reading_is_not_the_peers_silence(tmp_path: Path) -> None:
+    """A client whose requests wait on a slow device (reading paused by max_in_flight) while the
+    rest of its pipeline sits half-read is not timed out for our own pause."""
+
+    class SlowDevice(MemoryDevice):
+        async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+            await asyncio.sleep(0.5)
+            await super().write(offset, data, fua=fua)
+
+    async def test(server: NbdServer, path: str) -> None:
+        cl = await Client.connect(path)
+        for h in range(4):  # 2 admitted at once; the rest waits in the socket, unread
+            cl.send(Command.WRITE, h * 4096, 4096, handle=h, data=b"s" * 4096)
+        await cl.writer.drain()
+        replies = [await asyncio.wait_for(cl.reply(), 5) for _ in range(4)]
+        assert sorted(h for h, _, _ in replies) == [0, 1, 2, 3] and all(e == 0 for _, e, _ in replies)
+        assert server.stats.timeouts == 0
+        await cl.close()
+
+    serve({"": SlowDevice(1 * MiB)}, test, tmp_path, frame_timeout=0.3, max_in_flight=2)

@@ -187,6 +187,40 @@ def test_body_limit_413(tmp_path: Path) -> None:
         e.repo.close()
 
 
+def test_answer_before_the_body_is_read_closes_the_connection(tmp_path: Path) -> None:
+    """Issue 17: an answer that leaves before its request's body was read says ``Connection:
+    close`` (the server then closes instead of reading the rest: forever, for an endless chunked
+    body); answers to requests whose body was read, or that had none, keep the connection."""
+    e = Env(tmp_path, max_body=1000)
+    try:
+        cid = codec.digest(b"x").hex()
+        r = e.c.put(f"/v1/chunks/{cid}", content=b"y" * 1001)  # declared too large: refused unread
+        assert r.status_code == 413 and r.headers.get("connection") == "close"
+        # (An endless chunked body over a real socket: tests/interop/test_http_raw.py; the test
+        # client hands the app a streamed body in one piece, so here it is never left unread.)
+        r = e.c.put(f"/v1/chunks/{cid}", content=b"1", headers={"content-length": "1" + "0" * 5000})
+        assert r.status_code == 413 and r.headers.get("connection") == "close"
+        r = e.c.put(f"/v1/chunks/{cid}", content=codec.encode(b"x"))  # read whole: keep-alive
+        assert r.status_code == 201 and "connection" not in r.headers
+        assert "connection" not in e.c.get("/v1/images").headers
+    finally:
+        e.c.close()
+        e.repo.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/chunks/missing", "/v1/images/lab/versions", "/v1/agents/i-abc",
+                                  "/v1/agents/i-abc/requests", "/v1/agents/i-abc/requests/1/result",
+                                  "/v1/hosts/h1", "/v1/images/lab/versions/VID/boot",
+                                  "/v1/images/lab/versions/VID/profile"])
+def test_json_nested_too_deeply_is_400(env: Env, path: str) -> None:
+    """Issue 17: RecursionError is no ValueError; it escaped every "not JSON" handler as a 500."""
+    method = "PUT" if path.endswith(("boot", "profile", "h1", "i-abc")) else "POST"
+    for body in (b"[" * 1000 + b"]" * 1000, b'{"a":' * 1000 + b"1" + b"}" * 1000):
+        r = env.c.request(method, path.replace("VID", env.vid), content=body,
+                          headers={"content-type": "application/json"})
+        assert r.status_code == 400 and err(r) == "UsageError" and "nested too deeply" in r.json()["message"]
+
+
 # -- catalog ---------------------------------------------------------------------------------------
 def test_manifest_bytes_hash_to_id(env: Env) -> None:
     r = env.c.get("/v1/images/lab/manifest", params={"ref": "v1"})
@@ -329,3 +363,22 @@ def test_parse_range_pure() -> None:
             parse_range(bad, 100)
     with pytest.raises(RangeNotSatisfiable):
         parse_range("bytes=0-", 0)
+
+
+@pytest.mark.parametrize("spec", ["²-", "0-²", "-²", "¹²-³", "٣-", "0-٣", "-٣", "+5-", "0x10-", "1_0-", "-",
+                                  " - ", "1e3-"])
+def test_parse_range_ignores_what_is_not_ascii_digits(spec: str) -> None:
+    """Issue 17: "²" passed ``isdigit`` and broke ``int`` (500); "٣" was read as 3."""
+    assert parse_range(f"bytes={spec}", 100) is None
+
+
+def test_parse_range_numbers_longer_than_any_disk() -> None:
+    """Issue 17: more than 4,300 digits broke ``int`` (500). They mean "past the end"."""
+    huge = "9" * 5000
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(f"bytes={huge}-", 100)
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(f"bytes={huge}-{huge}", 100)
+    assert parse_range(f"bytes=10-{huge}", 100) == (10, 100)
+    assert parse_range(f"bytes=-{huge}", 100) == (0, 100)
+    assert parse_range(f"bytes={'0' * 5000}5-{'0' * 5000}9", 100) == (5, 10)

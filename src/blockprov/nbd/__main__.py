@@ -20,7 +20,7 @@ from blockprov.device.base import BlockDevice
 from blockprov.errors import UsageError
 from blockprov.humanize import parse_size
 from blockprov.names import host_port
-from blockprov.nbd.server import NbdServer
+from blockprov.nbd.server import FRAME_TIMEOUT, NbdServer
 
 
 def _size(text: str) -> int:
@@ -54,6 +54,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--min-block", type=_size, default=512)
     p.add_argument("--no-fast-zero", action="store_true", help="refuse NBD_CMD_FLAG_FAST_ZERO with ENOTSUP")
     p.add_argument("--description", default="")
+    p.add_argument("--frame-timeout", type=float, default=FRAME_TIMEOUT, metavar="SECONDS",
+                   help="drop a client silent this long in the middle of the handshake or a request "
+                        f"(default {FRAME_TIMEOUT:g}; 0: never)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", metavar="PATH", help="listen on a unix socket")
     where.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP (port 0: any free port)")
@@ -81,7 +84,7 @@ async def _serve(args: argparse.Namespace) -> None:
         exports[args.name] = device(args.memory, args.read_only)
     for name, size, ro in args.export:
         exports[name] = device(size, ro)
-    server = NbdServer(exports, description=args.description)
+    server = NbdServer(exports, description=args.description, frame_timeout=args.frame_timeout or None)
     if args.socket:
         address = "unix:" + await server.start_unix(args.socket)
     else:

@@ -18,15 +18,24 @@ Transmission requests are validated here, before any device sees them (like nbdk
 caller replies with its error and the connection lives); a frame that cannot be parsed raises
 :class:`RemoteProtocolError` and the connection must end.
 
-WRITE payloads. The payload of a valid WRITE is received into one ``bytearray`` of exactly its
-size, allocated when the header is parsed: whatever already sits in the receive buffer is copied
-once, and the rest is handed out by :meth:`get_buffer` so the transport ``recv_into``s it in
-place (no growing buffer, no second copy). The :class:`Write` event carries a ``memoryview`` of
-that array, which then belongs to the caller. The payload of an *invalid* WRITE (out of range,
-read-only, larger than :data:`~blockprov.nbd.constants.MAX_BLOCK`) is skipped as it streams in,
-never buffered, and answered with an error once its header is parsed: the framing stays intact
-(the length field is trusted, at most 4 GiB is discarded), so the connection lives. Oversized
-option payloads are likewise skipped and answered ``NBD_REP_ERR_TOO_BIG``.
+WRITE payloads. A payload already in the receive buffer is copied out once. One still arriving
+is received in place (:meth:`get_buffer` hands out the rest of its buffer, the transport
+``recv_into``s it): into one ``bytearray`` of exactly its size when it is at most
+:data:`PAYLOAD_PIECE` (the usual case), else into a buffer that grows as bytes arrive, to at most
+:data:`PAYLOAD_GROWTH` times what was received (copying what it holds when it grows). So the memory a
+payload holds follows what the peer really sent (at most ``4 × received + PAYLOAD_PIECE``), never
+what its header claims: a header announcing 32 MiB followed by silence costs 256 KiB, not 32 MiB
+(issue 17; the transport drops such a peer after its frame timeout, see
+:attr:`ServerConnection.in_frame`). The price, paid only by payloads over 256 KiB that did not
+arrive with their header, is copying what the buffer held each time it grew: a quarter of a 1 MiB
+payload, under a third of a 4 MiB one (joining pieces would copy all of it; a lazily committed
+``mmap`` costs a page fault per 4 KiB, slower still below 4 MiB; measured). The :class:`Write`
+event carries a ``memoryview`` of the payload, which then belongs to the caller. The payload of an
+*invalid* WRITE (out of range, read-only, larger than :data:`~blockprov.nbd.constants.MAX_BLOCK`)
+is skipped as it streams in, never buffered, and answered with an error once its header is parsed:
+the framing stays intact (the length field is trusted, at most 4 GiB is discarded), so the
+connection lives. Oversized option payloads are likewise skipped and answered
+``NBD_REP_ERR_TOO_BIG``.
 
 Two error kinds: :class:`RemoteProtocolError` (the peer broke the protocol; close the
 connection) and :class:`LocalProtocolError` (the caller asked for something the protocol does
@@ -68,6 +77,8 @@ from blockprov.nbd.constants import (
 
 __all__ = [
     "NEED_DATA",
+    "PAYLOAD_GROWTH",
+    "PAYLOAD_PIECE",
     "Aborted",
     "BadRequest",
     "BlockStatus",
@@ -283,7 +294,13 @@ _ALLOWED_FLAGS: dict[int, int] = {
     _BLOCK_STATUS: _FUA | _REQ_ONE,
 }
 _WRITES = frozenset({_WRITE, _TRIM, _WRITE_ZEROES})
-_RECV_BUFFER = 256 * 1024
+# The receive buffer starts this small and doubles when a frame needs more (_make_room): a connection
+# that never gets far (issue 17: many of them, held open) costs 64 KiB, a busy one settles at 128-256.
+_RECV_BUFFER = 64 * 1024
+# WRITE payloads up to this size that did not arrive with their header get one buffer of their size
+# at once; larger ones start with this much and grow as bytes arrive (module docstring).
+PAYLOAD_PIECE = 256 * 1024
+PAYLOAD_GROWTH = 4  # a growing payload buffer holds at most this many times what was received
 
 
 def transmission_flags(export: ExportInfo, *, structured: bool) -> int:
@@ -331,9 +348,10 @@ class ServerConnection:
         self._wpos = 0
         self._eof = False
         self._skip = 0  # bytes of an invalid payload still to discard
-        # WRITE payload being received in place.
+        # WRITE payload being received in place (it may be shorter than the payload: it grows).
         self._payload: bytearray | None = None
-        self._filled = 0
+        self._received = 0  # bytes of the payload received so far
+        self._write_length = 0
         self._write_handle = 0
         self._write_offset = 0
         self._write_fua = False
@@ -382,17 +400,21 @@ class ServerConnection:
         :meth:`buffer_updated`.
         """
         payload = self._payload
-        if payload is not None and self._filled < len(payload):
-            return memoryview(payload)[self._filled:]
+        received = self._received
+        if payload is not None and received < self._write_length:
+            if received == len(payload):  # full, more to come: grow (a new array; the old may be exported)
+                grown = bytearray(min(self._write_length, PAYLOAD_GROWTH * received))
+                grown[:received] = payload
+                self._payload = payload = grown
+            return memoryview(payload)[received:]
         want = max(sizehint, 1)
         if len(self._buf) - self._wpos < want:
             self._make_room(want)
         return memoryview(self._buf)[self._wpos:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        payload = self._payload
-        if payload is not None and self._filled < len(payload):
-            self._filled += nbytes
+        if self._payload is not None and self._received < self._write_length:
+            self._received += nbytes
         else:
             self._wpos += nbytes
 
@@ -731,21 +753,38 @@ class ServerConnection:
             if self._rpos == self._wpos:
                 self._rpos = self._wpos = 0
             return Write(handle, offset, data, fua)
-        payload = bytearray(length)
+        payload = bytearray(length if length <= PAYLOAD_PIECE else max(PAYLOAD_PIECE, avail))
         payload[:avail] = memoryview(self._buf)[rpos:self._wpos]
         self._rpos = self._wpos = 0
         self._payload = payload
-        self._filled = avail
+        self._received = avail
+        self._write_length = length
         self._write_handle, self._write_offset, self._write_fua = handle, offset, fua
         return self._need_data()
 
     def _finish_write(self) -> Event | NeedData:
         payload = self._payload
         assert payload is not None
-        if self._filled < len(payload):
+        if self._received < self._write_length:
             return self._need_data()
         self._payload = None
         return Write(self._write_handle, self._write_offset, memoryview(payload), self._write_fua)
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether the peer owes us the rest of something: the handshake (until transmission
+        starts, every moment is inside it), a request header or payload, or bytes being
+        skipped. The transport times such a connection out (a peer idle *between* requests is a
+        quiet disk, and may stay)."""
+        if self.state is not State.TRANSMISSION:
+            return self.state is State.CLIENT_FLAGS or self.state is State.OPTIONS
+        return self._payload is not None or self._skip > 0 or self._wpos != self._rpos
+
+    @property
+    def payload_memory(self) -> int:
+        """Bytes held by the WRITE payload being received (0 between payloads): for tests and
+        for a transport that budgets memory across connections."""
+        return len(self._payload) if self._payload is not None else 0
 
     # --- replies ------------------------------------------------------------------------------
 

@@ -27,6 +27,13 @@ Measured with nbdcopy, 1 GiB from a tmpfs file served as FileSegments over a uni
 uvloop+pread 0.65 s (0.87 s at 256 KiB); from a MemoryDevice with uvloop 0.28 s. uvloop is ~2×
 faster for small requests, so with the direct sendfile path uvloop is the better loop for both.
 
+Hostile peers (issue 17). What a connection holds follows what its peer really sent (the protocol
+grows a WRITE payload's buffer as bytes arrive), and a peer that stops in the middle of something
+it owes — the handshake, a request header, a WRITE payload — is dropped once it has sent nothing
+for ``frame_timeout`` seconds while we were reading (time we spend not reading, because requests
+are in flight or the peer does not read its replies, does not count). A peer quiet *between*
+requests is an idle disk and stays connected.
+
 Errors are mapped to NBD errors here and only here: ``DeviceError.errno_name`` → its NBD errno,
 any other ``BlockprovError`` → EIO, anything unexpected → EIO with a logged traceback. The
 connection lives in every case; only a frame that cannot be parsed ends it.
@@ -77,6 +84,9 @@ _IOV_MAX = 512
 SENDFILE_MIN = 128 * 1024  # smaller file segments are pread and written (a syscall pair is cheaper)
 SNDBUF = 4 << 20  # asked for (the kernel caps it) so one sendfile mostly sends a whole reply
 _Buffer = bytes | bytearray | memoryview
+# Generous: real clients send a request in one go; a peer silent this long in the middle of one is
+# gone or hostile. qemu-nbd allows 10 s for the whole handshake.
+FRAME_TIMEOUT = 60.0
 
 
 @dataclass
@@ -88,6 +98,7 @@ class ServerStats:
     requests: int = 0
     errors: int = 0  # error replies sent
     protocol_errors: int = 0  # connections ended because a frame could not be parsed
+    timeouts: int = 0  # connections dropped for staying silent in the middle of a frame
     bytes_read: int = 0
     bytes_written: int = 0
     sendfile_bytes: int = 0
@@ -103,10 +114,12 @@ def errno_for(exc: BaseException) -> NbdError:
 class NbdServer:
     def __init__(self, exports: dict[str, BlockDevice], *, description: str = "",
                  default_export: str | None = None, max_in_flight: int = 64,
-                 max_buffered: int = 128 * 1024 * 1024) -> None:
+                 max_buffered: int = 128 * 1024 * 1024, frame_timeout: float | None = FRAME_TIMEOUT) -> None:
         """``exports`` maps export names to devices. The empty name is ``exports[""]`` if present,
         else ``exports[default_export]``, else the first export. Exports added to the dict later
-        are offered to connections made after that (a host's clones come and go)."""
+        are offered to connections made after that (a host's clones come and go).
+        ``frame_timeout``: seconds a peer may stay silent in the middle of the handshake or of a
+        request before it is dropped (None: never)."""
         self.exports = exports
         self.description = description
         if default_export is None and "" not in exports and exports:
@@ -114,6 +127,7 @@ class NbdServer:
         self.default_export = default_export
         self.max_in_flight = max_in_flight
         self.max_buffered = max_buffered
+        self.frame_timeout = frame_timeout
         self.stats = ServerStats()
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_Connection] = set()
@@ -223,6 +237,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.direct_active = False
         self.direct_waiter: asyncio.Future[None] | None = None
         self.lost = False
+        self.last_heard = self.loop.time()  # when bytes last arrived (or reading last resumed)
+        self.frame_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.BufferedProtocol ---------------------------------------------------------
 
@@ -237,12 +253,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.stats.connections_active += 1
         self.server._track(self, self._supervise())
         transport.write(self.proto.data_to_send())  # type: ignore[attr-defined]
+        self._arm_frame_timer()  # the handshake is owed from now on
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.proto.get_buffer(max(sizehint, 64 * 1024))
 
     def buffer_updated(self, nbytes: int) -> None:
         self.proto.buffer_updated(nbytes)
+        self.last_heard = self.loop.time()
         self._process()
 
     def eof_received(self) -> bool:
@@ -253,6 +271,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.stopped = True
         self.lost = True
+        self._disarm_frame_timer()
         waiter = self.direct_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)  # a direct sendfile waiting for writability learns it now
@@ -296,6 +315,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _finish(self, *, abort: bool) -> None:
         self.stopped = True
+        self._disarm_frame_timer()
         self._pause_reading()
         if not self.finished.done():
             self.finished.set_result(abort)
@@ -304,6 +324,35 @@ class _Connection(asyncio.BufferedProtocol):
         if not self.reading_paused and self.transport is not None and not self.transport.is_closing():
             self.reading_paused = True
             self.transport.pause_reading()
+
+    def _arm_frame_timer(self) -> None:
+        timeout = self.server.frame_timeout
+        if timeout is not None and self.frame_timer is None and not self.stopped:
+            self.frame_timer = self.loop.call_at(self.last_heard + timeout, self._frame_timer_fired)
+
+    def _disarm_frame_timer(self) -> None:
+        if self.frame_timer is not None:
+            self.frame_timer.cancel()
+            self.frame_timer = None
+
+    def _frame_timer_fired(self) -> None:
+        """Drop the peer if it owes us the rest of a frame and has sent nothing for the timeout
+        while we were reading; else look again when it could next have timed out. One timer per
+        connection, re-armed here instead of on every receive (the hot path only stores a time)."""
+        self.frame_timer = None
+        timeout = self.server.frame_timeout
+        if self.stopped or timeout is None or not self.proto.in_frame:
+            return  # re-armed by _process when a frame is started again
+        now = self.loop.time()
+        if self.reading_paused:
+            self.last_heard = now  # our own pause is not the peer's silence
+        elif now - self.last_heard >= timeout:
+            self.stats.timeouts += 1
+            log.warning("nbd: dropping %s: silent for %.0f s in the middle of a frame (%s)", self.peer, timeout,
+                        "handshake" if self.device is None else "request")
+            self._finish(abort=True)
+            return
+        self._arm_frame_timer()
 
     # --- events -----------------------------------------------------------------------------
 
@@ -324,7 +373,10 @@ class _Connection(asyncio.BufferedProtocol):
             if event is NEED_DATA:
                 if self.reading_paused and self.transport is not None:
                     self.reading_paused = False
+                    self.last_heard = self.loop.time()
                     self.transport.resume_reading()
+                if self.frame_timer is None and proto.in_frame:
+                    self._arm_frame_timer()
                 return
             kind = type(event)
             if kind is Read:

@@ -68,12 +68,20 @@ def add_error_handlers(app: FastAPI) -> None:
     app.exception_handler(StarletteHTTPException)(on_http_error)
 
 
+_CLOSE = (b"connection", b"close")
+
+
 class Guard:
     """Outermost layer: bounds request bodies and turns unexpected exceptions into a logged 500.
 
     A pure ASGI middleware (not ``BaseHTTPMiddleware``) so streamed bodies pass through untouched.
     A declared ``Content-Length`` over the limit is refused before a byte is read; a streamed body
     is cut off as soon as it passes it (413 either way).
+
+    An answer that starts before the request's body was read to its end (a 413, a 401 from
+    ``Access``, any early error) carries ``Connection: close``, so the server closes the connection
+    after it instead of reading the rest of the body to reach a next request: a chunked body that
+    never ends would otherwise be read forever (issue 17), and a declared one up to its length.
     """
 
     def __init__(self, app: ASGIApp, max_body: int) -> None:
@@ -85,24 +93,33 @@ class Guard:
             await self.app(scope, receive, send)
             return
         limit = self.max_body
+        body_pending = False  # a body was announced and not yet read to its end
         for k, v in scope["headers"]:
             if k == b"content-length":
-                if not v.isdigit():
+                if not v.isdigit():  # bytes.isdigit: ASCII digits only
                     scope["blockprov.error"] = "UsageError"
-                    await error_response(UsageError("Content-Length is not a number"))(scope, receive, send)
+                    await error_response(UsageError("Content-Length is not a number"))(scope, receive,
+                                                                                      _closing(send))
                     return
-                if int(v) > limit:
-                    exc = TooLarge(f"request body of {int(v)} bytes exceeds the limit of {limit} bytes")
+                digits = v.lstrip(b"0")
+                if len(digits) > 18 or int(digits or b"0") > limit:  # 18 digits: no int() of 5,000
+                    what = f"{int(digits)} bytes" if len(digits) <= 18 else f"{len(digits)} digits"
+                    exc = TooLarge(f"request body of {what} exceeds the limit of {limit} bytes")
                     scope["blockprov.error"] = "TooLarge"
-                    await error_response(exc)(scope, receive, send)
+                    await error_response(exc)(scope, receive, _closing(send))
                     return
+                body_pending = body_pending or bool(digits)
+            elif k == b"transfer-encoding":
+                body_pending = True
         seen = 0
 
         async def bounded_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, body_pending
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    body_pending = False
                 if seen > limit:
                     raise TooLarge(f"request body exceeds the limit of {limit} bytes")
             return msg
@@ -113,6 +130,8 @@ class Guard:
             nonlocal started
             if msg["type"] == "http.response.start":
                 started = True
+                if body_pending:
+                    msg = _with_close(msg)
             await send(msg)
 
         try:
@@ -123,4 +142,19 @@ class Guard:
             log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
             scope["blockprov.error"] = "InternalError"
             body = {"error": "InternalError", "message": f"internal error: {type(e).__name__}: {e}", "details": {}}
-            await JSONResponse(body, status_code=500)(scope, receive, send)
+            await JSONResponse(body, status_code=500)(scope, receive, tracking_send)
+
+
+def _with_close(msg: Message) -> Message:
+    """A ``http.response.start`` message that tells the server to close the connection after it."""
+    headers = [(k, v) for k, v in msg.get("headers", ()) if k.lower() != b"connection"]
+    return {**msg, "headers": [*headers, _CLOSE]}
+
+
+def _closing(send: Send) -> Send:
+    """``send``, with ``Connection: close`` on the answer (its request's body is left unread)."""
+
+    async def closing_send(msg: Message) -> None:
+        await send(_with_close(msg) if msg["type"] == "http.response.start" else msg)
+
+    return closing_send

@@ -82,20 +82,38 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, last = first.strip(), last.strip()
     if not first:  # suffix range: the last N bytes
-        if not last.isdigit():
+        n = _position(last)
+        if n is None:
             return None
-        n = int(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable
         return max(0, size - n), size
-    if not first.isdigit() or (last and not last.isdigit()):
+    start, end = _position(first), _position(last) if last else size
+    if start is None or end is None:
         return None
-    start = int(first)
-    if last and int(last) < start:
+    if last and end < start:
         return None  # "bytes=5-3" is invalid, not unsatisfiable: ignore it
     if start >= size:
         raise RangeNotSatisfiable
-    return start, min(int(last) + 1 if last else size, size)
+    return start, min(end + 1 if last else size, size)
+
+
+_HUGE = 1 << 80  # stands for any position longer than this many digits: past the end of every disk
+_MAX_DIGITS = 24
+
+
+def _position(text: str) -> int | None:
+    """A byte position of a Range header (RFC 9110 ``1*DIGIT``), or None if it is not one.
+
+    Why not ``text.isdigit()`` + ``int()``: ``isdigit`` also says yes to "²" and other non-ASCII
+    digits that ``int`` refuses or reads, and ``int`` refuses more than 4,300 digits; either way a
+    header became a 500 (issue 17). Only ASCII digits count, and a longer number than any disk
+    is read as "past the end", which is what it means: a start there is unsatisfiable, an end there
+    is the end of the disk."""
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    digits = text.lstrip("0")
+    return _HUGE if len(digits) > _MAX_DIGITS else int(digits or "0")
 
 
 class ManifestCache:

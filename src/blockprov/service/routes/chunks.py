@@ -30,7 +30,7 @@ from blockprov import codec
 from blockprov.errors import ChunkMissing, TooLarge, UsageError
 from blockprov.service.edge import error_body
 from blockprov.service.rawview import IMMUTABLE, etag_matches
-from blockprov.service.routes.common import OCTETS, OCTETS_BODY, body_of
+from blockprov.service.routes.common import OCTETS, OCTETS_BODY, body_of, decoded
 from blockprov.service.state import Service
 
 MAX_FETCH_IDS = 16384  # per POST /v1/chunks/fetch; the client sends far fewer (≈16 MiB of blobs)
@@ -125,7 +125,7 @@ async def missing_chunks(request: Request) -> Response:
     body = await body_of(request)
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
-            hexes = json.loads(body)["ids"]
+            hexes = decoded(body, json.loads)["ids"]
             if not isinstance(hexes, list):
                 raise TypeError("ids must be a list")
         except (ValueError, KeyError, TypeError) as e:

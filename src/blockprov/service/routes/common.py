@@ -8,7 +8,8 @@ body in the OpenAPI document.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -18,6 +19,8 @@ from blockprov.names import Ref, image_name, parse_ref, tag_name, version_id
 OCTETS = "application/octet-stream"
 OCTETS_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     OCTETS: {"schema": {"type": "string", "format": "binary"}}}}}
+T = TypeVar("T")
+
 JSON_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object"}}}}}
 
@@ -28,9 +31,21 @@ async def body_of(request: Request) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def decoded(raw: bytes, decode: Callable[[bytes], T]) -> T:
+    """``decode(raw)``, with a body nested too deeply refused as a ``UsageError`` (400).
+
+    Why: Python's JSON decoder recurses, so ``[[[[…`` a thousand deep raises ``RecursionError``,
+    which is no ``ValueError`` and would escape every route's "not JSON" handler as a 500 (issue 17).
+    Every JSON body the service decodes goes through here."""
+    try:
+        return decode(raw)
+    except RecursionError:
+        raise UsageError("the body is nested too deeply") from None
+
+
 async def json_of(request: Request) -> Any:
     try:
-        return json.loads(await body_of(request))
+        return decoded(await body_of(request), json.loads)
     except ValueError as e:
         raise UsageError(f"the body is not JSON: {e}") from None
 

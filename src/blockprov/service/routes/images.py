@@ -18,7 +18,7 @@ from blockprov.errors import UsageError
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, tag_name, version_id
 from blockprov.service.rawview import IMMUTABLE, etag_matches
-from blockprov.service.routes.common import JSON_BODY, body_of, ref_in
+from blockprov.service.routes.common import JSON_BODY, body_of, decoded, ref_in
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -63,7 +63,7 @@ async def commit(name: str, request: Request, tag: str | None = None) -> JSONRes
     image_name(name)
     if tag is not None:
         tag_name(tag)
-    m = await svc.run(Manifest.from_json, await body_of(request))
+    m = await svc.run(decoded, await body_of(request), Manifest.from_json)
     if m.image != name:
         raise UsageError(f"manifest is for image {m.image!r}, posted to {name!r}")
     vid = await svc.run(svc.repo.commit, m, tag)
