@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from enum import Enum
 
 from blockprov.nbd.constants import (
     BASE_ALLOCATION,
@@ -73,6 +71,29 @@ from blockprov.nbd.constants import (
     Reply,
     ReplyType,
     TransmissionFlag,
+)
+from blockprov.nbd.events import (
+    NEED_DATA,
+    Aborted,
+    BadRequest,
+    BlockStatus,
+    Cache,
+    ConnectionClosed,
+    Disconnect,
+    Event,
+    ExportInfo,
+    Flush,
+    LocalProtocolError,
+    NeedData,
+    OptionHandled,
+    ProtocolError,
+    Read,
+    RemoteProtocolError,
+    State,
+    TransmissionStarted,
+    Trim,
+    Write,
+    WriteZeroes,
 )
 
 __all__ = [
@@ -102,152 +123,6 @@ __all__ = [
     "WriteZeroes",
 ]
 
-
-class ProtocolError(Exception):
-    """Base of the two protocol error kinds."""
-
-
-class LocalProtocolError(ProtocolError):
-    """We (the caller of this module) tried to break the protocol."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer broke the protocol; the connection must be closed."""
-
-
-class State(Enum):
-    CLIENT_FLAGS = "client-flags"  # greeting sent, waiting for the client's 32-bit flags
-    OPTIONS = "options"  # option haggling
-    TRANSMISSION = "transmission"
-    CLOSED = "closed"  # after NBD_OPT_ABORT, NBD_CMD_DISC or end of stream
-    ERROR = "error"  # after a RemoteProtocolError
-
-
-class NeedData(Enum):
-    NEED_DATA = "need-data"
-
-
-NEED_DATA = NeedData.NEED_DATA
-
-
-@dataclass(frozen=True)
-class ExportInfo:
-    """What the handshake says about one export (the server builds it from a BlockDevice)."""
-
-    size: int
-    read_only: bool = False
-    min_block: int = 1
-    preferred_block: int = 4096
-    can_multi_conn: bool = False
-    description: str = ""
-
-
-# --- events ---------------------------------------------------------------------------------
-# Plain (non-frozen) slotted dataclasses: one is built per request, so construction must be cheap.
-
-
-@dataclass(slots=True)
-class OptionHandled:
-    """An option was answered; its reply bytes are waiting in ``data_to_send()``."""
-
-    option: int
-    reply: int
-
-
-@dataclass(slots=True)
-class TransmissionStarted:
-    """NBD_OPT_GO or NBD_OPT_EXPORT_NAME succeeded; requests follow."""
-
-    name: str  # the export's key in the table ("" resolved to the default export's name)
-    export: ExportInfo
-    flags: int  # transmission flags sent to the client
-    structured: bool
-    block_status: bool  # base:allocation was selected
-
-
-@dataclass(slots=True)
-class Aborted:
-    """NBD_OPT_ABORT: the ACK is in ``data_to_send()``; close after sending it."""
-
-
-@dataclass(slots=True)
-class ConnectionClosed:
-    """The peer ended the stream between two frames."""
-
-
-@dataclass(slots=True)
-class Read:
-    handle: int
-    offset: int
-    length: int
-    fua: bool
-
-
-@dataclass(slots=True)
-class Write:
-    handle: int
-    offset: int
-    data: memoryview  # exactly the payload; owned by the caller
-    fua: bool
-
-
-@dataclass(slots=True)
-class Flush:
-    handle: int
-
-
-@dataclass(slots=True)
-class Trim:
-    handle: int
-    offset: int
-    length: int
-    fua: bool
-
-
-@dataclass(slots=True)
-class WriteZeroes:
-    handle: int
-    offset: int
-    length: int
-    fua: bool
-    may_trim: bool  # NBD_CMD_FLAG_NO_HOLE was not set
-    fast_only: bool  # NBD_CMD_FLAG_FAST_ZERO
-
-
-@dataclass(slots=True)
-class BlockStatus:
-    handle: int
-    offset: int
-    length: int
-    req_one: bool
-
-
-@dataclass(slots=True)
-class Cache:
-    handle: int
-    offset: int
-    length: int
-
-
-@dataclass(slots=True)
-class Disconnect:
-    """NBD_CMD_DISC: answer what is in flight, then close. It has no reply."""
-
-
-@dataclass(slots=True)
-class BadRequest:
-    """A request that parsed but is invalid: reply ``reply_error(handle, error, message)``."""
-
-    handle: int
-    command: int
-    error: NbdError
-    message: str
-
-
-Event = (
-    OptionHandled | TransmissionStarted | Aborted | ConnectionClosed | Read | Write | Flush | Trim
-    | WriteZeroes | BlockStatus | Cache | Disconnect | BadRequest
-)
 
 # --- wire formats ---------------------------------------------------------------------------
 
