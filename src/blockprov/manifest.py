@@ -172,6 +172,8 @@ class Manifest:
             d = json.loads(raw)
         except ValueError as e:
             raise ManifestError(why=f"not JSON: {e}") from None
+        except RecursionError:  # a hostile server's deeply nested JSON
+            raise ManifestError(why="JSON nested too deep") from None
         return cls.from_dict(d)
 
     def summary(self) -> dict[str, Any]:

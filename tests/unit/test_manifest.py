@@ -46,7 +46,7 @@ def test_bad_geometry(size: int, cs: int) -> None:
 
 @pytest.mark.parametrize("raw", [b"not json", b"{}", b'{"format":"blockprov-manifest/1"}',
                                  b'{"format":"blockprov-manifest/1","image":"a","size":4096,"chunk_size":4096,'
-                                 b'"chunks":"!!"}'])
+                                 b'"chunks":"!!"}', b"[" * 100_000 + b"]" * 100_000])
 def test_bad_manifest(raw: bytes) -> None:
     with pytest.raises(ManifestError):
         mf.Manifest.from_json(raw)
