@@ -7,9 +7,9 @@ exit code, an HTTP status or an NBD errno only at the edges (cli/__init__.py, se
 An error that crosses a process boundary travels as JSON naming its class, message and template
 fields, and is raised again on the other side as the same class, so the caller's ``except`` clauses
 and the CLI's exit code do not depend on where it was raised. An agent's control socket
-(agent/control.py) uses ``error_to_dict`` and ``error_from_dict`` below. The HTTP service builds the
-same body (without ``exit_code``) in service/edge.py's ``error_body``, and repo/remote.py rebuilds it
-in ``RemoteRepository._error``, which also turns any 5xx into ``RepositoryUnavailable``.
+(agent/control.py) and the HTTP service (service/edge.py's ``error_body``, rebuilt by
+``RemoteRepository._error`` in repo/remote.py, which also turns any 5xx into ``RepositoryUnavailable``)
+both use ``error_to_dict`` and ``error_from_dict`` below.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ class Manifest:
         except ValueError as e:
             raise ManifestError(why=f"not JSON: {e}") from None
         except RecursionError:  # a hostile server's deeply nested JSON
-            raise ManifestError(why="JSON nested too deep") from None
+            raise ManifestError(why="JSON nested too deeply") from None
         return cls.from_dict(d)
 
     def summary(self) -> dict[str, Any]:

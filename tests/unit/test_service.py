@@ -212,13 +212,15 @@ def test_answer_before_the_body_is_read_closes_the_connection(tmp_path: Path) ->
                                   "/v1/agents/i-abc/requests", "/v1/agents/i-abc/requests/1/result",
                                   "/v1/hosts/h1", "/v1/images/lab/versions/VID/boot",
                                   "/v1/images/lab/versions/VID/profile"])
-def test_json_nested_too_deeply_is_400(env: Env, path: str) -> None:
+def test_json_nested_too_deeply_is_4xx(env: Env, path: str) -> None:
     """Issue 17: RecursionError is no ValueError; it escaped every "not JSON" handler as a 500."""
     method = "PUT" if path.endswith(("boot", "profile", "h1", "i-abc")) else "POST"
     for body in (b"[" * 1000 + b"]" * 1000, b'{"a":' * 1000 + b"1" + b"}" * 1000):
         r = env.c.request(method, path.replace("VID", env.vid), content=body,
                           headers={"content-type": "application/json"})
-        assert r.status_code == 400 and err(r) == "UsageError" and "nested too deeply" in r.json()["message"]
+        # a version commit's body is a manifest: refused by the manifest parser (422) before the route
+        expected = (422, "ManifestError") if path.endswith("versions") else (400, "UsageError")
+        assert (r.status_code, err(r)) == expected and "nested too deeply" in r.json()["message"]
 
 
 # -- catalog ---------------------------------------------------------------------------------------

@@ -272,17 +272,7 @@ class RemoteRepository:
         message = str(body.get("message") or r.text[:200] or r.reason_phrase)
         if r.status_code >= 500:
             return RepositoryUnavailable(url=self.url, why=f"HTTP {r.status_code}: {message}")
-        name = body.get("error")
-        cls = getattr(errors, name, None) if isinstance(name, str) else None
-        if isinstance(cls, type) and issubclass(cls, BlockprovError):
-            if cls is errors.MissingChunks:
-                return errors.MissingChunks([str(m) for m in body.get("missing") or []])
-            details = body.get("details")
-            try:
-                return cls(**details) if isinstance(details, dict) and details else cls(message)
-            except TypeError:
-                pass
-        return _BY_STATUS.get(r.status_code, BlockprovError)(message)
+        return errors.error_from_dict(body | {"message": message}, _BY_STATUS.get(r.status_code, BlockprovError))
 
     def __enter__(self) -> RemoteRepository:
         return self

@@ -2,7 +2,7 @@
 
 Why here and only here: every route raises ``blockprov.errors`` classes and never builds an error
 answer itself, so a ``BlockprovError`` becomes its ``http_status`` with
-``{"error": ClassName, "message": …, "details": {…}}`` in one place, and ``repo/remote.py`` can
+``{"error": ClassName, "message": …, "details": {…}, "exit_code": …}`` in one place, and ``repo/remote.py`` can
 raise the very same class on the other side. Anything unexpected is logged and answered 500; the
 server keeps serving everyone else (docs/architecture.md, invariant 7).
 """
@@ -18,18 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blockprov.errors import BlockprovError, MissingChunks, TooLarge, UsageError
+from blockprov.errors import BlockprovError, TooLarge, UsageError, error_to_dict
 
 log = logging.getLogger("blockprov.service")
 
 
 def error_body(exc: BlockprovError) -> dict[str, Any]:
-    """The JSON an error becomes; ``details`` carries the template fields so the client can rebuild it."""
-    details = {k: v for k, v in exc.kwargs.items() if isinstance(v, str | int | float | bool) or v is None}
-    body: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message, "details": details}
-    if isinstance(exc, MissingChunks):
-        body["missing"] = exc.missing
-    return body
+    """The JSON an error becomes: ``errors.error_to_dict``, the form the agent's control socket uses
+    too, so ``repo/remote.py`` rebuilds it with ``errors.error_from_dict``."""
+    return error_to_dict(exc)
 
 
 def error_response(exc: BlockprovError) -> JSONResponse:
