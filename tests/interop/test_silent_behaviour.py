@@ -44,6 +44,45 @@ def status(cache: Path) -> dict[str, object]:
     return out
 
 
+def test_a_reattached_cache_keeps_its_repository_and_refuses_one_without_its_version(
+        lab: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
+    data, src, _ = lab
+    cache, sock = tmp_path / "cache", tmp_path / "a.sock"
+    elsewhere = tmp_path / "elsewhere"  # the embedded repository $BLOCKPROV_DATA names: without lab:v1
+    server, url = start_server(data)
+    try:
+        endpoints = f"{url},http://127.0.0.1:{free_port()}"  # a failover list: every endpoint is kept
+        agent, _ = start_agent(cache, "lab:v1", sock, repo_url=endpoints)
+        assert agent.stop() == 0
+        # Re-attached as the README shows: no --repo, and $BLOCKPROV_DATA set to another repository.
+        agent, _ = start_agent(cache, None, sock, env={"BLOCKPROV_DATA": str(elsewhere)})
+        try:
+            sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), nbd_uri(sock))  # every miss fetched
+            assert status(cache)["repository"] == endpoints
+        finally:
+            assert agent.stop() == 0
+        # Told to use a repository that lacks the version: refused in one line, nothing recorded.
+        empty, empty_url = start_server(tmp_path / "empty")
+        try:
+            p = run_cli("--repo", empty_url, "attach", "--cache", str(cache), "--socket", str(sock), check=False)
+        finally:
+            empty.stop()
+        assert p.returncode == 8, p.stderr
+        assert "does not hold lab@" in p.stderr and endpoints in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+        assert status(cache)["repository"] == endpoints
+        # Another repository that holds the version is adopted when named (the repository moved).
+        moved, moved_url = start_server(data)
+        try:
+            agent, _ = start_agent(cache, None, sock, repo_url=moved_url)
+            assert agent.stop() == 0
+        finally:
+            moved.stop()
+        assert status(cache)["repository"] == moved_url
+    finally:
+        server.stop()
+
+
 def test_a_second_agent_is_refused_a_socket_that_answers_and_a_stale_one_is_replaced(
         lab: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
     data, src, _ = lab
