@@ -106,3 +106,37 @@ def test_a_second_agent_is_refused_a_socket_that_answers_and_a_stale_one_is_repl
     finally:
         assert again.stop() == 0
     assert not sock.exists()
+
+
+def test_reset_and_status_say_how_many_chunks_depend_on_the_repository(
+        lab: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
+    data, _, m = lab
+    cache, sock = tmp_path / "cache", tmp_path / "a.sock"
+    dirty = 4
+    first = next(i for i in range(m.count) if not m.is_zero(i))
+    expected = sum(1 for i in range(first, first + dirty) if not m.is_zero(i))  # a reset zero chunk stays local
+    at, length = first * m.chunk_size, dirty * m.chunk_size
+    server, url = start_server(data)
+    try:
+        agent, _ = start_agent(cache, "lab:v1", sock, "--fetch-timeout", "1", repo_url=url)
+        try:
+            sh("nbdcopy", nbd_uri(sock), "null:")  # everything local: nothing depends on the repository
+            assert status(cache)["chunks_from_repository"] == 0
+            sh("qemu-io", "-f", "raw", "-c", f"write -P 0x33 {at} {length}", nbd_uri(sock))
+            out = json.loads(run_cli("reset", "--cache", str(cache), "--json").stdout)
+            assert (out["chunks_reset"], out["reset_from_repository"], out["chunks_from_repository"]) == (
+                dirty, expected, expected)
+            assert status(cache)["chunks_from_repository"] == expected
+            human = run_cli("status", "--cache", str(cache)).stdout
+            assert f"depends   {expected} chunks can only be read from the repository {url}" in human
+            sh("qemu-io", "-f", "raw", "-c", f"write -P 0x34 {at} {length}", nbd_uri(sock))
+            said = run_cli("reset", "--cache", str(cache)).stdout
+            assert f"{expected} of them and {expected} chunk(s) in all now depend on the repository" in said
+            server.stop()
+            # What reset said: with the repository down those reads fail.
+            p = sh("qemu-io", "-f", "raw", "-c", f"read {at} {length}", nbd_uri(sock), check=False)
+            assert p.returncode != 0 or "error" in (p.stdout + p.stderr).lower()
+        finally:
+            agent.stop()
+    finally:
+        server.stop()

@@ -72,7 +72,7 @@ from blockprov.cache.opening import MANIFEST_NAME, Opened, manifest_digest, next
 from blockprov.cache.overlay import base_source
 from blockprov.cache.profile import ReadOrder
 from blockprov.cache.source import ChunkSource, SourceFactory
-from blockprov.cache.status import TOTALS, cache_status
+from blockprov.cache.status import TOTALS, cache_status, layers_below, needs_repository
 from blockprov.codec import ZERO_DIGEST, digest, is_zero
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
 from blockprov.durable import atomic_write, fsync_dir
@@ -546,7 +546,26 @@ class CacheDevice:
         if refetch:
             await self.fetch_chunks(refetch)
         self._maybe_checkpoint()
-        return {"chunks_reset": n, "chunks_refetched": len(refetch)}
+        # Until the reset chunks are local again their reads need the repository: say how many
+        # (and how many chunks in all), so a reset before going offline is not a silent trap.
+        below = self.layers_below()
+        again = sum(needs_repository(self._map, below, x, y) for x, y in spans)
+        return {"chunks_reset": n, "chunks_refetched": len(refetch), "reset_from_repository": again,
+                "chunks_from_repository": needs_repository(self._map, below)}
+
+    def layers_below(self) -> list[ChunkMap]:
+        """The chunk maps of the base caches under this one (none for a cache over the repository):
+        the open ones, or their files' when this overlay was opened without its base."""
+        if not self.overlay:
+            return []
+        if self._base is None:
+            return layers_below(self._state.meta)
+        out: list[ChunkMap] = []
+        base: CacheDevice | None = self._base
+        while base is not None:
+            out.append(base.chunk_map)
+            base = base._base
+        return out
 
     async def _punch_reset(self, spans: list[tuple[int, int]]) -> None:
         """Free the blocks of reset chunks, a group at a time under the chunks' claims, so a fill
@@ -670,7 +689,8 @@ class CacheDevice:
     def status(self) -> dict[str, Any]:
         """What the cache holds (cache/status.py) and this run's figures."""
         return {
-            **cache_status(self.cache_dir, self._state.meta, self._map, self._state.last_seq, self.totals()),
+            **cache_status(self.cache_dir, self._state.meta, self._map, self._state.last_seq, self.totals(),
+                           self.layers_below()),
             "verified_chunks": self.verified_chunks,
             "dropped_chunks": self.dropped_chunks,
             **self._counters().to_dict(),

@@ -126,6 +126,9 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
     click.echo(f"  local     {local}/{st['chunks_total']} chunks ({100.0 * local / total:.1f}%): "
                f"{st['chunks_present']} with data, {st['chunks_zero']} zero; {st['chunks_missing']} to fetch")
     click.echo(f"  modified  {st['chunks_modified']} chunks since the base version")
+    if "chunks_from_repository" in st:  # an agent of an older version does not say
+        click.echo(f"  depends   {st['chunks_from_repository']} chunks can only be read from the repository "
+                   f"{st.get('repository') or '(none recorded)'}")
     tot = st.get("totals", {})
     click.echo(f"  fetched   {hz.size(tot.get('bytes_fetched', 0))} in {tot.get('chunks_fetched', 0)} chunks "
                f"({hz.size(tot.get('wire_bytes', 0))} on the wire) over all agent runs")

@@ -56,6 +56,13 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, as_json: bool) -> None:
     click.echo(f"reset {out['chunks_reset']} modified chunk(s) to the base version {out['version']} "
                f"in {out['seconds'] * 1000:.1f} ms" + (f"; fetched {out['chunks_refetched']} again"
                                                        if eager else ""))
+    if "chunks_from_repository" not in out:  # an agent of an older version does not say
+        return
+    if not out["chunks_from_repository"]:
+        click.echo("  every chunk is local: none depends on the repository")
+    else:
+        click.echo(f"  {out['reset_from_repository']} of them and {out['chunks_from_repository']} chunk(s) in all "
+                   "now depend on the repository: reads of them fail while it is unreachable")
 
 
 @click.command("snapshot")
