@@ -140,3 +140,35 @@ def test_reset_and_status_say_how_many_chunks_depend_on_the_repository(
             agent.stop()
     finally:
         server.stop()
+
+
+def test_a_snapshot_of_an_unchanged_instance_answers_with_the_version_it_equals(
+        lab: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
+    data, _, m = lab
+    cache, sock = tmp_path / "cache", tmp_path / "a.sock"
+
+    def versions() -> list[str]:
+        return [v["id"] for v in json.loads(run_cli("versions", "lab", "--json", data=data).stdout)]
+
+    def snapshot(tag: str) -> dict[str, object]:
+        out: dict[str, object] = json.loads(run_cli("snapshot", "--cache", str(cache), "--to", f"lab:{tag}",
+                                                    "--json", data=data).stdout)
+        return out
+
+    agent, _ = start_agent(cache, "lab:v1", sock, data=data)
+    try:
+        out = snapshot("s0")  # nothing written: it is the base version
+        assert out["unchanged"] and out["version"] == m.id and versions() == [m.id]
+        assert json.loads(run_cli("show", "lab:s0", "--json", data=data).stdout)["id"] == m.id
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x41 64k 64k", nbd_uri(sock))
+        first = snapshot("s1")
+        assert not first["unchanged"] and first["version"] != m.id and len(versions()) == 2
+        said = run_cli("snapshot", "--cache", str(cache), "--to", "lab:s2", data=data).stdout
+        assert said.startswith(f"unchanged: the instance equals lab@{first['version']}")
+        assert len(versions()) == 2
+        assert json.loads(run_cli("show", "lab:s2", "--json", data=data).stdout)["id"] == first["version"]
+        run_cli("reset", "--cache", str(cache), data=data)
+        out = snapshot("s3")  # reset: the base version again
+        assert out["unchanged"] and out["version"] == m.id and len(versions()) == 2
+    finally:
+        assert agent.stop() == 0

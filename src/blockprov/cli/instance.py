@@ -98,10 +98,15 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
     if as_json:
         emit(out)
         return
-    click.echo(f"snapshot {out['image']}@{out['version']} ({out['image']}:{out['tag']}): "
-               f"{out['chunks_modified']} modified chunk(s), sent {out['chunks_sent']} "
-               f"({hz.size(out['bytes_sent'])}) to target {out['target']} in {out['seconds']:.2f} s"
-               + ("; it is now the reset base" if out.get("rebased") else ""))
+    if out.get("unchanged"):
+        click.echo(f"unchanged: the instance equals {out['image']}@{out['version']}, which {out['image']}:{out['tag']} "
+                   f"now names; no new version was committed"
+                   + ("; it is now the reset base" if out.get("rebased") else ""))
+    else:
+        click.echo(f"snapshot {out['image']}@{out['version']} ({out['image']}:{out['tag']}): "
+                   f"{out['chunks_modified']} modified chunk(s), sent {out['chunks_sent']} "
+                   f"({hz.size(out['bytes_sent'])}) to target {out['target']} in {out['seconds']:.2f} s"
+                   + ("; it is now the reset base" if out.get("rebased") else ""))
     if out.get("chunks_written_during"):
         click.echo(f"  {out['chunks_written_during']} chunk(s) were written during the snapshot: "
                    "they stay unsynced for the next one")
