@@ -9,6 +9,8 @@ by the agent, and opening the cache beside it would break the lock.
 
 The repository of a stopped cache is the one the caller names explicitly (``--repo``), else the
 one the cache was last attached with (recorded in its metadata), else the caller's default.
+``attach`` of an existing cache chooses the same way (a re-attach must not switch to whatever
+``$BLOCKPROV_DATA`` names), and the agent then refuses a named one that lacks the cache's version.
 """
 
 from __future__ import annotations
