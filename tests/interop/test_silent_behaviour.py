@@ -108,6 +108,52 @@ def test_a_second_agent_is_refused_a_socket_that_answers_and_a_stale_one_is_repl
     assert not sock.exists()
 
 
+def test_reset_of_a_customized_clone_keeps_its_customization(ext4_golden: tuple[Path, Path],  # noqa: F811
+                                                             tmp_path: Path) -> None:
+    data, _ = ext4_golden
+    root, sock = tmp_path / "clones", tmp_path / "c.sock"
+    run_cli("clone", "os:v1", "--count", "2", "--dir", str(root), "--customize", "builtin:identity", data=data)
+
+    def identity(name: str) -> tuple[str, str]:
+        out = tmp_path / f"{name}.raw"
+        sh("nbdcopy", uri(sock, name), str(out))
+        sh("e2fsck", "-fn", str(out))
+        return debugfs_cat(out, "/etc/hostname"), debugfs_cat(out, "/etc/machine-id")
+
+    proc, _ = start("clones", "serve", "--dir", str(root), "--socket", str(sock), data=data)
+    try:
+        # One more made while the directory is served: sealed by the serving process.
+        run_cli("clone", "os:v1", "--dir", str(root), "--customize", "builtin:identity", data=data)
+        made = {name: identity(name) for name in ("os-2", "os-3")}
+        assert [h for h, _ in made.values()] == ["os-2", "os-3"]
+        for name in made:
+            sh("qemu-io", "-f", "raw", "-c", "write -P 0x55 0 32M", uri(sock, name))  # the user wrecks it all
+            out = json.loads(run_cli("reset", "--cache", str(root / "instances" / name), "--json").stdout)
+            assert out["chunks_reset"] > 0
+            assert identity(name) == made[name]  # its own hostname and machine-id, not the golden ones
+        # Unchanged since it was made, the instance snapshots as its base version (nothing committed).
+        snap = json.loads(run_cli("snapshot", "--cache", str(root / "instances" / "os-2"), "--to", "os:s2",
+                                  "--json", data=data).stdout)
+        assert snap["unchanged"] and snap["chunks_sent"] == 0
+    finally:
+        assert proc.stop() == 0
+    listing = json.loads(run_cli("clones", "list", "--dir", str(root), "--json").stdout)
+    assert all(x["chunks_modified"] == 0 for x in listing)  # the customization is pristine, not a change
+    # Written while stopped and reset offline: served again, the customization is still there.
+    proc, _ = start("clones", "serve", "--dir", str(root), "--socket", str(sock), data=data)
+    try:
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x66 0 32M", uri(sock, "os-2"))
+    finally:
+        assert proc.stop() == 0
+    run_cli("reset", "--cache", str(root / "instances" / "os-2"), data=data)
+    proc, _ = start("clones", "serve", "--dir", str(root), "--socket", str(sock), data=data)
+    try:
+        assert identity("os-2") == made["os-2"]
+        assert identity("os-1")[0] == "os-1"
+    finally:
+        assert proc.stop() == 0
+
+
 def test_reset_and_status_say_how_many_chunks_depend_on_the_repository(
         lab: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
     data, _, m = lab

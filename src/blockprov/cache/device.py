@@ -635,6 +635,20 @@ class CacheDevice:
 
         await self._run(install)
 
+    async def switch_overlay_base(self, base_cache: str | os.PathLike[str], flags: bytearray) -> None:
+        """Put this overlay over another base cache of the same version, with these chunk flags,
+        in one atomic checkpoint (call quiesced; the caller computed ``flags`` so that every chunk
+        reads the same before and after). A crash before the checkpoint leaves the old base and
+        flags. The open base device is not swapped: close the overlay and open it over the new one.
+
+        Used to seal a clone's customization into its pristine state (clones/clones.py)."""
+        if not self.overlay:
+            raise CacheError(f"{self.cache_dir} is not an overlay: it has no base cache to switch")
+        self._flags[:] = flags
+        self._pending_mod.clear()
+        self._state.meta = replace(self._state.meta, base_cache=str(Path(base_cache).resolve()))
+        await self._checkpoint(clean=False)
+
     def base_flags(self, new: Manifest, i: int) -> int:
         """Flags of a chunk that holds no data and equals ``new``'s chunk i."""
         return ZERO | BASE_ZERO if new.is_zero(i) else 0
