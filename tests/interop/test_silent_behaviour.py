@@ -44,6 +44,12 @@ def status(cache: Path) -> dict[str, object]:
     return out
 
 
+def served(sock: Path) -> None:
+    """An NBD client got an answer: the agent is past its banner and takes SIGTERM as a clean stop
+    (one stopped in the instant between its banner and its signal handlers dies of the signal)."""
+    sh("qemu-img", "info", "-f", "raw", nbd_uri(sock))
+
+
 def test_a_reattached_cache_keeps_its_repository_and_refuses_one_without_its_version(
         lab: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
     data, src, _ = lab
@@ -53,6 +59,7 @@ def test_a_reattached_cache_keeps_its_repository_and_refuses_one_without_its_ver
     try:
         endpoints = f"{url},http://127.0.0.1:{free_port()}"  # a failover list: every endpoint is kept
         agent, _ = start_agent(cache, "lab:v1", sock, repo_url=endpoints)
+        served(sock)
         assert agent.stop() == 0
         # Re-attached as the README shows: no --repo, and $BLOCKPROV_DATA set to another repository.
         agent, _ = start_agent(cache, None, sock, env={"BLOCKPROV_DATA": str(elsewhere)})
@@ -75,6 +82,7 @@ def test_a_reattached_cache_keeps_its_repository_and_refuses_one_without_its_ver
         moved, moved_url = start_server(data)
         try:
             agent, _ = start_agent(cache, None, sock, repo_url=moved_url)
+            served(sock)
             assert agent.stop() == 0
         finally:
             moved.stop()
