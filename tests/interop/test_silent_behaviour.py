@@ -91,6 +91,33 @@ def test_a_reattached_cache_keeps_its_repository_and_refuses_one_without_its_ver
         server.stop()
 
 
+def test_clones_serve_uses_the_repository_the_clones_were_made_from(lab: tuple[Path, Path, Manifest],
+                                                                     tmp_path: Path) -> None:
+    data, src, _ = lab
+    root, sock = tmp_path / "clones", tmp_path / "c.sock"
+    server, url = start_server(data)
+    try:
+        run_cli("--repo", url, "clone", "lab:v1", "--dir", str(root))
+        proc, banner = start("clones", "serve", "--dir", str(root), "--socket", str(sock), data=tmp_path / "elsewhere")
+        try:
+            assert list(banner["instances"]) == ["lab-1"]
+            sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri(sock, "lab-1"))
+        finally:
+            assert proc.stop() == 0
+        empty, empty_url = start_server(tmp_path / "empty")
+        try:  # a repository without the version is not adopted: nothing is served from it
+            proc, banner = start("clones", "serve", "--dir", str(root), "--socket", str(sock), repo_url=empty_url)
+            assert proc.stop() == 0
+        finally:
+            empty.stop()
+        assert banner["instances"] == {}
+        assert "does not hold lab@" in proc.proc.stderr.read()  # type: ignore[union-attr]
+        base = next((root / "bases").iterdir())
+        assert status(base)["repository"] == url
+    finally:
+        server.stop()
+
+
 def test_a_second_agent_is_refused_a_socket_that_answers_and_a_stale_one_is_replaced(
         lab: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
     data, src, _ = lab

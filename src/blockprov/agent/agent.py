@@ -33,12 +33,13 @@ from typing import Any, TypeVar
 from blockprov.agent import control, lifecycle
 from blockprov.agent.instance import InstanceOps, in_daemon_thread, wait_for_stop
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
+from blockprov.agent.offline import adopt_repository
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from blockprov.cache.journal import META_NAME, load
 from blockprov.cache.status import cache_status
 from blockprov.durable import atomic_write
-from blockprov.errors import AccessDenied, AgentNotRunning, BlockprovError, CacheError, NotFound, UsageError
+from blockprov.errors import AccessDenied, AgentNotRunning, BlockprovError, CacheError, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
@@ -98,7 +99,8 @@ class Agent:
                                              read_only=cfg.read_only)
         try:
             dev = self.device
-            await self._check_repository(dev)
+            if self.manifest is None:  # re-attach: refuse a repository without the cache's version
+                await adopt_repository(dev, self.repo)
             dev.state.meta = replace(dev.state.meta, repository=self.repo.url)
             if self.instance is None:
                 self.instance = f"i-{dev.state.meta.uuid[:12]}"
@@ -132,26 +134,6 @@ class Agent:
             await self._shutdown()
             raise
         return self.addresses
-
-    async def _check_repository(self, dev: CacheDevice) -> None:
-        """Refuse to re-attach a cache to a repository that lacks its version.
-
-        The cache records the repository it was attached with (all endpoints); the CLI uses that
-        one unless told otherwise (agent/offline.py, ``repository_of``). Another one is adopted
-        only when it holds the cache's version: adopting one that does not would make every read
-        of a missing chunk fail with EIO, and record the wrong repository for the next attach.
-        A version named on the command line was resolved by this repository: nothing to check."""
-        recorded = dev.state.meta.repository
-        if self.manifest is not None or recorded == self.repo.url:
-            return
-        m = dev.manifest
-        try:
-            await in_daemon_thread(self.repo.resolve, f"{m.image}@{m.id}")
-        except NotFound:
-            was = f"it was attached with {recorded}" if recorded else "it records no repository"
-            raise CacheError(f"{self.repo.url} does not hold {m.image}@{m.id}, the version cache "
-                             f"{self.config.cache_dir} holds; {was} — attach without --repo/--data to use "
-                             "that one, or name a repository that holds the version") from None
 
     async def run(self) -> None:
         """Serve until SIGINT/SIGTERM or a ``stop`` control request, then stop cleanly."""

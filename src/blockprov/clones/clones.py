@@ -48,11 +48,13 @@ import re
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from blockprov.agent import control
 from blockprov.agent.instance import InstanceOps, wait_for_stop
+from blockprov.agent.offline import adopt_repository
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.journal import META_NAME, load
 from blockprov.cache.maps import BASE_ZERO, MODIFIED, ZERO
@@ -114,8 +116,17 @@ async def ensure_base(root: Path, repo: Repository, m: Manifest) -> Path:
     b = base_dir(root, m)
     if not (b / META_NAME).exists():
         dev = await CacheDevice.open(b, repo, m, read_only=True)
+        dev.state.meta = replace(dev.state.meta, repository=repo.url)  # where its version lives
         await dev.close()
     return b
+
+
+def recorded_repository(root: Path) -> Path | None:
+    """A base cache of ``root`` whose record says which repository the directory's versions come
+    from (``clones serve`` uses it when no repository is named, as ``attach`` does), or None."""
+    bases = root / BASES
+    found = sorted(p for p in bases.iterdir() if (p / META_NAME).exists()) if bases.is_dir() else []
+    return found[0] if found else None
 
 
 async def create_instances(root: Path, repo: Repository, m: Manifest, names: list[str]) -> list[Path]:
@@ -308,6 +319,12 @@ class ClonesAgent:
             below = load(path).meta.base_cache
             under = (await self._base(Path(below))).device if below is not None else None
             dev = await CacheDevice.open(path, self.repo, create=False, read_only=True, base=under)
+            if under is None:  # a shared base fetches from the repository: one without its version is refused
+                try:
+                    await adopt_repository(dev, self.repo)
+                except BaseException:
+                    await dev.close()
+                    raise
             ops = InstanceOps(dev, self.repo, connections=lambda: 0)
             ctl = control.ControlServer({"status": self._status_of(ops), "hydrate": ops.handlers()["hydrate"]})
             if self._control_socket:
