@@ -12,6 +12,7 @@ NBD clients, as a user would meet it.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,12 @@ def status(cache: Path) -> dict[str, object]:
 
 
 def served(sock: Path) -> None:
-    """An NBD client got an answer: the agent is past its banner and takes SIGTERM as a clean stop
-    (one stopped in the instant between its banner and its signal handlers dies of the signal)."""
-    sh("qemu-img", "info", "-f", "raw", nbd_uri(sock))
+    """The NBD server greeted a client: the process is past its banner and takes SIGTERM as a clean
+    stop (one stopped in the instant between its banner and its signal handlers dies of the signal)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(str(sock))
+        assert s.recv(8) == b"NBDMAGIC"
 
 
 def test_a_reattached_cache_keeps_its_repository_and_refuses_one_without_its_version(
@@ -101,12 +105,14 @@ def test_clones_serve_uses_the_repository_the_clones_were_made_from(lab: tuple[P
         proc, banner = start("clones", "serve", "--dir", str(root), "--socket", str(sock), data=tmp_path / "elsewhere")
         try:
             assert list(banner["instances"]) == ["lab-1"]
+            served(sock)
             sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri(sock, "lab-1"))
         finally:
             assert proc.stop() == 0
         empty, empty_url = start_server(tmp_path / "empty")
         try:  # a repository without the version is not adopted: nothing is served from it
             proc, banner = start("clones", "serve", "--dir", str(root), "--socket", str(sock), repo_url=empty_url)
+            served(sock)
             assert proc.stop() == 0
         finally:
             empty.stop()
