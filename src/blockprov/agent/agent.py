@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from blockprov.agent import control, lifecycle
 from blockprov.agent.instance import InstanceOps, in_daemon_thread, wait_for_stop
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
+from blockprov.agent.offline import adopt_repository
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from blockprov.cache.journal import META_NAME, load
@@ -98,6 +99,8 @@ class Agent:
                                              read_only=cfg.read_only)
         try:
             dev = self.device
+            if self.manifest is None:  # re-attach: refuse a repository without the cache's version
+                await adopt_repository(dev, self.repo)
             dev.state.meta = replace(dev.state.meta, repository=self.repo.url)
             if self.instance is None:
                 self.instance = f"i-{dev.state.meta.uuid[:12]}"
@@ -114,12 +117,7 @@ class Agent:
             self.control.handlers.update(self.ops.handlers())
             if cfg.socket is not None:
                 cfg.socket.parent.mkdir(parents=True, exist_ok=True)
-                if cfg.socket.exists():
-                    if cfg.socket.is_socket():
-                        cfg.socket.unlink()
-                    else:
-                        raise UsageError(f"{cfg.socket} exists and is not a socket")
-                await self.server.start_unix(cfg.socket)
+                await self.server.start_unix(cfg.socket)  # refuses a socket another agent serves
                 self.addresses.append(f"nbd+unix:///{m.image}?socket={cfg.socket}")
             if cfg.listen is not None:
                 host, port = await self.server.start_tcp(*cfg.listen)

@@ -39,7 +39,7 @@ from blockprov import codec
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.maps import BASE_ZERO, MODIFIED, PRESENT, ZERO, Kind
 from blockprov.codec import DIGEST_SIZE, ZERO_DIGEST
-from blockprov.errors import CacheMismatch, UsageError
+from blockprov.errors import CacheMismatch, NotFound, UsageError
 from blockprov.manifest import Manifest
 from blockprov.manifest import diff as manifest_diff
 from blockprov.names import parse_ref
@@ -130,7 +130,12 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
             new = Manifest(image=ref.name, size=base.size, chunk_size=base.chunk_size, chunks=bytes(ids),
                            parent=base.id if same_image else None,
                            labels={"snapshot-of": f"{base.image}@{base.id}", "snapshot-target": target})
-            vid = await loop.run_in_executor(None, repo.commit, new, ref.tag)  # the acknowledgement
+            equal = await _equal_version(repo, base, new, dev.state.meta.snapshots.get(target))
+            if equal is None:
+                vid = await loop.run_in_executor(None, repo.commit, new, ref.tag)  # the acknowledgement
+            else:  # the repository holds this content already: name it, commit nothing
+                new, vid = equal, equal.id
+                await loop.run_in_executor(None, repo.set_tag, ref.name, ref.tag, vid)
         finally:
             dev.end_capture()
         # Acknowledged: clear what the target now holds (a generation that moved stays unsynced).
@@ -143,12 +148,29 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
             await _rebase(dev, new, modified, gens)
         else:
             await dev.checkpoint()
-        return {"version": vid, "image": ref.name, "tag": ref.tag, "target": target,
+        return {"version": vid, "image": ref.name, "tag": ref.tag, "target": target, "unchanged": equal is not None,
                 "chunks_modified": len(modified), "chunks_unsynced_before": unsynced,
                 "chunks_sent": sent_chunks, "bytes_sent": sent_bytes,
                 "bytes_modified": sum(base.chunk_length(i) for i in data_chunks),
                 "chunks_written_during": still, "rebased": rebase,
                 "seconds": round(time.monotonic() - t0, 6)}
+
+
+async def _equal_version(repo: Repository, base: Manifest, new: Manifest, last: str | None) -> Manifest | None:
+    """The version ``new``'s content already is, if the repository has one: the instance's base
+    version (nothing modified, or written back as it was) or the target's last snapshot (nothing
+    written since). A snapshot of an unchanged instance then answers with that version instead of
+    committing one more identical version each time it runs."""
+    if new.image == base.image and new.chunks == base.chunks:
+        return base
+    if last is None or last == base.id:
+        return None
+    try:
+        prev = await asyncio.get_running_loop().run_in_executor(None, repo.resolve, f"{new.image}@{last}")
+    except NotFound:  # removed since, or the last snapshot went into another image
+        return None
+    same = (prev.image, prev.size, prev.chunk_size, prev.chunks) == (new.image, new.size, new.chunk_size, new.chunks)
+    return prev if same else None
 
 
 async def _rebase(dev: CacheDevice, new: Manifest, modified: Sequence[int], gens: dict[int, int]) -> None:

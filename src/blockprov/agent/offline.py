@@ -9,6 +9,8 @@ by the agent, and opening the cache beside it would break the lock.
 
 The repository of a stopped cache is the one the caller names explicitly (``--repo``), else the
 one the cache was last attached with (recorded in its metadata), else the caller's default.
+``attach`` of an existing cache chooses the same way (a re-attach must not switch to whatever
+``$BLOCKPROV_DATA`` names), and the agent then refuses a named one that lacks the cache's version.
 """
 
 from __future__ import annotations
@@ -45,6 +47,30 @@ def repository_of(cache_dir: Path, repo_url: str | None, data_dir: str | None) -
     if recorded and recorded.startswith("file://") and data_dir is None:
         return None, recorded[len("file://"):]
     return repo_url, data_dir
+
+
+async def adopt_repository(dev: CacheDevice, repo: Repository) -> None:
+    """Make ``repo`` the repository ``dev`` records (its next attach or serve uses it), refusing one
+    that lacks the cache's version: adopting it would make every read of a missing chunk fail with
+    EIO, and record the wrong repository for the next time. (``repository_of`` chooses the one to
+    use; this is the check for when the caller named another.) A cache that records none (a clones
+    base made before bases recorded theirs) adopts ``repo`` unchecked: there is nothing it would
+    replace, and a repository that is down must not keep its local chunks from being served."""
+    import asyncio
+    from dataclasses import replace
+
+    from blockprov.errors import NotFound
+
+    recorded = dev.state.meta.repository
+    if recorded is not None and recorded != repo.url:
+        m = dev.manifest
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, repo.resolve, f"{m.image}@{m.id}")
+        except NotFound:
+            raise CacheError(f"{repo.url} does not hold {m.image}@{m.id}, the version cache {dev.cache_dir} "
+                             f"holds; it was attached with {recorded} — name no --repo/--data to use that one, "
+                             "or name a repository that holds the version") from None
+    dev.state.meta = replace(dev.state.meta, repository=repo.url)
 
 
 def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,

@@ -72,7 +72,7 @@ from blockprov.cache.opening import MANIFEST_NAME, Opened, manifest_digest, next
 from blockprov.cache.overlay import base_source
 from blockprov.cache.profile import ReadOrder
 from blockprov.cache.source import ChunkSource, SourceFactory
-from blockprov.cache.status import TOTALS, cache_status
+from blockprov.cache.status import TOTALS, cache_status, layers_below, needs_repository
 from blockprov.codec import ZERO_DIGEST, digest, is_zero
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
 from blockprov.durable import atomic_write, fsync_dir
@@ -546,7 +546,26 @@ class CacheDevice:
         if refetch:
             await self.fetch_chunks(refetch)
         self._maybe_checkpoint()
-        return {"chunks_reset": n, "chunks_refetched": len(refetch)}
+        # Until the reset chunks are local again their reads need the repository: say how many
+        # (and how many chunks in all), so a reset before going offline is not a silent trap.
+        below = self.layers_below()
+        again = sum(needs_repository(self._map, below, x, y) for x, y in spans)
+        return {"chunks_reset": n, "chunks_refetched": len(refetch), "reset_from_repository": again,
+                "chunks_from_repository": needs_repository(self._map, below)}
+
+    def layers_below(self) -> list[ChunkMap]:
+        """The chunk maps of the base caches under this one (none for a cache over the repository):
+        the open ones, or their files' when this overlay was opened without its base."""
+        if not self.overlay:
+            return []
+        if self._base is None:
+            return layers_below(self._state.meta)
+        out: list[ChunkMap] = []
+        base: CacheDevice | None = self._base
+        while base is not None:
+            out.append(base.chunk_map)
+            base = base._base
+        return out
 
     async def _punch_reset(self, spans: list[tuple[int, int]]) -> None:
         """Free the blocks of reset chunks, a group at a time under the chunks' claims, so a fill
@@ -616,6 +635,20 @@ class CacheDevice:
 
         await self._run(install)
 
+    async def switch_overlay_base(self, base_cache: str | os.PathLike[str], flags: bytearray) -> None:
+        """Put this overlay over another base cache of the same version, with these chunk flags,
+        in one atomic checkpoint (call quiesced; the caller computed ``flags`` so that every chunk
+        reads the same before and after). A crash before the checkpoint leaves the old base and
+        flags. The open base device is not swapped: close the overlay and open it over the new one.
+
+        Used to seal a clone's customization into its pristine state (clones/clones.py)."""
+        if not self.overlay:
+            raise CacheError(f"{self.cache_dir} is not an overlay: it has no base cache to switch")
+        self._flags[:] = flags
+        self._pending_mod.clear()
+        self._state.meta = replace(self._state.meta, base_cache=str(Path(base_cache).resolve()))
+        await self._checkpoint(clean=False)
+
     def base_flags(self, new: Manifest, i: int) -> int:
         """Flags of a chunk that holds no data and equals ``new``'s chunk i."""
         return ZERO | BASE_ZERO if new.is_zero(i) else 0
@@ -670,7 +703,8 @@ class CacheDevice:
     def status(self) -> dict[str, Any]:
         """What the cache holds (cache/status.py) and this run's figures."""
         return {
-            **cache_status(self.cache_dir, self._state.meta, self._map, self._state.last_seq, self.totals()),
+            **cache_status(self.cache_dir, self._state.meta, self._map, self._state.last_seq, self.totals(),
+                           self.layers_below()),
             "verified_chunks": self.verified_chunks,
             "dropped_chunks": self.dropped_chunks,
             **self._counters().to_dict(),

@@ -189,6 +189,12 @@ class ChunkMap:
             yield a + pos, a + stop
             pos = bits.find(1, stop)
 
+    def missing_bits(self, a: int = 0, b: int | None = None) -> int:
+        """Chunks a..b-1 that hold no data here (neither present nor zero), as an integer with bit
+        ``8 * (i - a)`` set for each: layers of overlays AND theirs to find what none holds."""
+        end = self.count if b is None else b
+        return int.from_bytes(self.flags[a:end].translate(_match_table(PRESENT | ZERO, 0)), "little")
+
     def first_where(self, mask: int, value: int | None = None, start: int = 0, end: int | None = None) -> int:
         """First chunk >= start matching, or -1 (windowed, so early hits cost little)."""
         v = mask if value is None else value

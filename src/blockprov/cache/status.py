@@ -8,13 +8,14 @@ cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from blockprov.cache.journal import CacheMeta
+from blockprov.cache.journal import CacheMeta, load
 from blockprov.cache.maps import MODIFIED, ChunkMap
 from blockprov.cache.opening import DATA_NAME
+from blockprov.errors import CacheError
 
 TOTALS = ("bytes_fetched", "wire_bytes", "chunks_fetched")  # fetch counters kept over every agent run
 
@@ -30,11 +31,42 @@ def instance_status(meta: CacheMeta, cmap: ChunkMap) -> dict[str, Any]:
     return {"targets": targets, "hydrated": meta.hydrated, "repository": meta.repository}
 
 
+def layers_below(meta: CacheMeta) -> list[ChunkMap]:
+    """The chunk maps of an overlay's base caches as their files hold them (its base, that one's
+    base, …; nothing written), for a cache opened without them. A base that is gone or unreadable
+    ends the list: what it held is then counted as needing the repository."""
+    out: list[ChunkMap] = []
+    seen: set[str] = set()
+    below = meta.base_cache
+    while below is not None and below not in seen:
+        seen.add(below)
+        try:
+            loaded = load(below)
+        except CacheError:
+            break
+        out.append(loaded.map)
+        below = loaded.meta.base_cache
+    return out
+
+
+def needs_repository(cmap: ChunkMap, below: Sequence[ChunkMap] = (), a: int = 0, b: int | None = None) -> int:
+    """How many chunks in a..b-1 neither this cache nor any base below it holds: reading one needs
+    the repository, so it fails with EIO while the repository is unreachable."""
+    bits = cmap.missing_bits(a, b)
+    for m in below:
+        if not bits:
+            break
+        bits &= m.missing_bits(a, b)
+    return bits.bit_count()
+
+
 def cache_status(cache_dir: Path, meta: CacheMeta, cmap: ChunkMap, seq: int,
-                 totals: Mapping[str, int]) -> dict[str, Any]:
+                 totals: Mapping[str, int], below: Sequence[ChunkMap] | None = None) -> dict[str, Any]:
     """What the cache in ``cache_dir`` holds: version, chunk counts by state, journal position,
-    fetch totals over every agent run, lifecycle state."""
+    fetch totals over every agent run, lifecycle state, and how many chunks still need the
+    repository (``below``: the maps of the base caches under an overlay; None reads them from disk)."""
     counts = cmap.counts()
+    layers = layers_below(meta) if below is None else below
     return {
         "image": meta.image,
         "version": meta.version,
@@ -47,6 +79,7 @@ def cache_status(cache_dir: Path, meta: CacheMeta, cmap: ChunkMap, seq: int,
         "chunks_modified": counts["modified"],
         "chunks_zero": counts["zero"],
         "chunks_missing": counts["missing"],
+        "chunks_from_repository": needs_repository(cmap, layers),
         "journal_seq": seq,
         "base_cache": meta.base_cache,
         "totals": {k: int(totals.get(k, 0)) for k in TOTALS},

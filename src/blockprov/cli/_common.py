@@ -87,7 +87,7 @@ class Ctx:
         url, data = repository_of(cache_dir, self.repo_url, self.data_dir)
         if (url, data) == (self.repo_url, self.data_dir):
             return self.repo
-        return open_repository(url, data, token=self.token, ca=self.ca)
+        return open_repository(url, data, cacheable=self.cacheable, token=self.token, ca=self.ca)
 
     def close(self) -> None:
         if self._repo is not None:

@@ -69,8 +69,12 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     if sock is None and listen is None:
         raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
     obj.cacheable = cacheable_fetch
-    manifest = obj.repo.resolve(parse_ref(ref)) if ref else None
-    if manifest is None and not (cache_dir / META_NAME).exists():
+    exists = (cache_dir / META_NAME).exists()
+    # A cache keeps using the repository it was attached with (every endpoint of a failover list)
+    # unless --repo / --data name another; the agent refuses one that lacks the cache's version.
+    repo = obj.repository_for(cache_dir) if exists else obj.repo
+    manifest = repo.resolve(parse_ref(ref)) if ref else None
+    if manifest is None and not exists:
         raise UsageError(f"{cache_dir} holds no cache yet: name the version to attach (NAME:TAG)")
     cfg = AgentConfig(cache_dir=cache_dir, socket=sock, listen=host_port(listen) if listen else None,
                       data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only,
@@ -80,7 +84,7 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
                       metrics=host_port(metrics_at, "--metrics") if metrics_at else None)
 
     async def main() -> None:
-        agent = Agent(cfg, obj.repo, manifest)
+        agent = Agent(cfg, repo, manifest)
         addresses = await agent.start()
         assert agent.device is not None
         m = agent.device.manifest
@@ -122,6 +126,9 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
     click.echo(f"  local     {local}/{st['chunks_total']} chunks ({100.0 * local / total:.1f}%): "
                f"{st['chunks_present']} with data, {st['chunks_zero']} zero; {st['chunks_missing']} to fetch")
     click.echo(f"  modified  {st['chunks_modified']} chunks since the base version")
+    if "chunks_from_repository" in st:  # an agent of an older version does not say
+        click.echo(f"  depends   {st['chunks_from_repository']} chunks can only be read from the repository "
+                   f"{st.get('repository') or '(none recorded)'}")
     tot = st.get("totals", {})
     click.echo(f"  fetched   {hz.size(tot.get('bytes_fetched', 0))} in {tot.get('chunks_fetched', 0)} chunks "
                f"({hz.size(tot.get('wire_bytes', 0))} on the wire) over all agent runs")

@@ -87,13 +87,15 @@ def clones_group() -> None:
 @click.pass_obj
 def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None, as_json: bool) -> None:
     """Serve every instance of the directory as an NBD export named after it, until SIGTERM."""
-    from blockprov.clones.clones import ClonesAgent
+    from blockprov.clones.clones import ClonesAgent, recorded_repository
 
     root = root.resolve()
     address = host_port(listen) if listen else None
+    base = recorded_repository(root)  # the repository the clones were made from, unless one is named
+    repo = obj.repository_for(base) if base is not None else obj.repo
 
     async def main() -> None:
-        agent = ClonesAgent(root, obj.repo, socket=sock, listen=address)
+        agent = ClonesAgent(root, repo, socket=sock, listen=address)
         await agent.start()
         _banner(agent, as_json)
         await agent.run()

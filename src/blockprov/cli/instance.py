@@ -57,6 +57,13 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, as_json: bool) -> None:
     click.echo(f"reset {out['chunks_reset']} modified chunk(s) to the base version {out['version']} "
                f"in {out['seconds'] * 1000:.1f} ms" + (f"; fetched {out['chunks_refetched']} again"
                                                        if eager else ""))
+    if "chunks_from_repository" not in out:  # an agent of an older version does not say
+        return
+    if not out["chunks_from_repository"]:
+        click.echo("  every chunk is local: none depends on the repository")
+    else:
+        click.echo(f"  {out['reset_from_repository']} of them and {out['chunks_from_repository']} chunk(s) in all "
+                   "now depend on the repository: reads of them fail while it is unreachable")
 
 
 @click.command("snapshot")
@@ -92,10 +99,15 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
     if as_json:
         emit(out)
         return
-    click.echo(f"snapshot {out['image']}@{out['version']} ({out['image']}:{out['tag']}): "
-               f"{out['chunks_modified']} modified chunk(s), sent {out['chunks_sent']} "
-               f"({hz.size(out['bytes_sent'])}) to target {out['target']} in {out['seconds']:.2f} s"
-               + ("; it is now the reset base" if out.get("rebased") else ""))
+    if out.get("unchanged"):
+        click.echo(f"unchanged: the instance equals {out['image']}@{out['version']}, which {out['image']}:{out['tag']} "
+                   f"now names; no new version was committed"
+                   + ("; it is now the reset base" if out.get("rebased") else ""))
+    else:
+        click.echo(f"snapshot {out['image']}@{out['version']} ({out['image']}:{out['tag']}): "
+                   f"{out['chunks_modified']} modified chunk(s), sent {out['chunks_sent']} "
+                   f"({hz.size(out['bytes_sent'])}) to target {out['target']} in {out['seconds']:.2f} s"
+                   + ("; it is now the reset base" if out.get("rebased") else ""))
     if out.get("chunks_written_during"):
         click.echo(f"  {out['chunks_written_during']} chunk(s) were written during the snapshot: "
                    "they stay unsynced for the next one")

@@ -7,12 +7,30 @@ Layout of a clones directory ``ROOT``::
                                      instances; filled lazily (or hydrated), never written
     ROOT/instances/<name>/           an overlay cache (cache/overlay.py): the chunks this
                                      instance wrote, its journal, its control socket
+    ROOT/instances/<name>/pristine/  a customized instance's pristine layer: an overlay of the
+                                     base holding what its customization wrote, never written
+                                     afterwards; the instance's overlay lies over it
     ROOT/control.sock                the clones agent's control socket (status, rescan, stop)
 
 Why one process: a cache is locked by the process using it, and the base is shared, so the
 process that holds the base serves every instance over it. A chunk is then fetched from the
 repository once per host, however many instances read it; an instance costs a few KiB of
 metadata until it writes; a reset of one instance drops only its overlay's chunks.
+
+An instance's pristine state includes its customization (seed 004 claim 6: what cannot be
+shared, its hostname and machine-id, is kept per instance in its own form), so ``reset`` must
+return to it, not to the golden version. Customizing writes through the instance's export like any
+client; *sealing* (``seal_instance``, right after customizing) then moves those writes into the
+instance's pristine layer: the chunks the customization modified are written into a new overlay
+of the base (``pristine/``), then one checkpoint of the instance's metadata puts its overlay over
+that layer instead of the base and clears the chunks' modified marks. Each chunk reads the same
+before and after; a reset now drops only what was written since, and reads fall through to the
+layer (customization) and below it to the shared base (golden). A snapshot sends what was written
+since the pristine state over the base version: the per-instance identity stays out of the shared
+versions it makes, and an instance unchanged since it was made snapshots as its base version.
+Crash rules of sealing: until the checkpoint the instance is over the base with its customization
+as modified chunks, and a half-built layer is deleted by the next seal; after it, the layer is
+complete (it was flushed and closed before).
 
 Crash rules: an instance is created by creating its overlay cache, whose meta file is written
 last, so a directory without ``meta`` is an unfinished clone (``list_instances`` ignores it and
@@ -30,13 +48,17 @@ import re
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from blockprov.agent import control
 from blockprov.agent.instance import InstanceOps, wait_for_stop
+from blockprov.agent.offline import adopt_repository
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.journal import META_NAME, load
+from blockprov.cache.maps import BASE_ZERO, MODIFIED, ZERO
+from blockprov.device.base import result_bytes
 from blockprov.durable import ensure_dir, fsync_dir
 from blockprov.errors import AgentNotRunning, CacheError, NotFound, UsageError
 from blockprov.manifest import Manifest
@@ -47,6 +69,7 @@ log = logging.getLogger("blockprov.clones")
 
 BASES = "bases"
 INSTANCES = "instances"
+PRISTINE = "pristine"  # a customized instance's pristine layer, inside its directory
 
 
 def base_dir(root: Path, m: Manifest) -> Path:
@@ -93,8 +116,17 @@ async def ensure_base(root: Path, repo: Repository, m: Manifest) -> Path:
     b = base_dir(root, m)
     if not (b / META_NAME).exists():
         dev = await CacheDevice.open(b, repo, m, read_only=True)
+        dev.state.meta = replace(dev.state.meta, repository=repo.url)  # where its version lives
         await dev.close()
     return b
+
+
+def recorded_repository(root: Path) -> Path | None:
+    """A base cache of ``root`` whose record says which repository the directory's versions come
+    from (``clones serve`` uses it when no repository is named, as ``attach`` does), or None."""
+    bases = root / BASES
+    found = sorted(p for p in bases.iterdir() if (p / META_NAME).exists()) if bases.is_dir() else []
+    return found[0] if found else None
 
 
 async def create_instances(root: Path, repo: Repository, m: Manifest, names: list[str]) -> list[Path]:
@@ -110,6 +142,44 @@ async def create_instances(root: Path, repo: Repository, m: Manifest, names: lis
         await dev.close()
         made.append(d)
     return made
+
+
+async def seal_instance(d: Path, repo: Repository, base: CacheDevice) -> int:
+    """Make what the instance in ``d`` (an overlay of ``base``, closed) has written so far part of its
+    pristine state, in a layer between it and ``base`` (see the module doc); returns how many chunks
+    the layer holds. Called right after customizing, while nobody else uses the instance."""
+    layer = d / PRISTINE
+    dev = await CacheDevice.open(d, repo, create=False, base=base)
+    try:
+        if dev.state.meta.base_cache == str(layer.resolve()):  # its layer is in use: never rebuild it
+            raise CacheError(f"instance {d} is sealed already: its customization is its pristine state")
+        cmap, m = dev.chunk_map, dev.manifest
+        modified = [i for a, b in cmap.runs_where(MODIFIED) for i in range(a, b)]
+        if not modified:
+            return 0
+        if layer.exists():  # a seal that crashed before its checkpoint: start that layer over
+            shutil.rmtree(layer)
+        top = await CacheDevice.open(layer, repo, m, base_cache=base.cache_dir, base=base)
+        zeroed: set[int] = set()
+        try:
+            for i in modified:
+                off, n = i * m.chunk_size, m.chunk_length(i)
+                if cmap.flags[i] & ZERO:
+                    zeroed.add(i)
+                    await top.write_zeroes(off, n)
+                else:
+                    await top.write(off, result_bytes(await dev.read(off, n)))
+            await top.flush()
+        finally:
+            await top.close()
+        async with dev.quiesced():
+            flags = bytearray(cmap.flags)
+            for i in modified:  # as a fresh overlay of the layer: zeros are local, data reads through
+                flags[i] = ZERO | BASE_ZERO if i in zeroed else 0
+            await dev.switch_overlay_base(layer, flags)
+        return len(modified)
+    finally:
+        await dev.close()
 
 
 def remove_instance(root: Path, name: str) -> None:
@@ -161,7 +231,8 @@ class ClonesAgent:
         self.listen = listen
         self.server = NbdServer({}, description=f"blockprov clones in {root}")
         self.control = control.ControlServer({"status": self._op_status, "rescan": self._op_rescan,
-                                              "remove": self._op_remove, "stop": self._op_stop})
+                                              "remove": self._op_remove, "seal": self._op_seal,
+                                              "stop": self._op_stop})
         self.bases: dict[str, _Served] = {}
         self.instances: dict[str, _Served] = {}
         self.addresses: list[str] = []
@@ -175,9 +246,7 @@ class ClonesAgent:
         try:
             await self.rescan()
             if self.socket is not None:
-                if self.socket.exists():
-                    self.socket.unlink()
-                await self.server.start_unix(self.socket)
+                await self.server.start_unix(self.socket)  # refuses a socket another process serves
                 self.addresses.append(f"nbd+unix:///NAME?socket={self.socket}")
             if self.listen is not None:
                 host, port = await self.server.start_tcp(*self.listen)
@@ -215,6 +284,7 @@ class ClonesAgent:
                 self.server.exports.pop(name, None)
                 with contextlib.suppress(Exception):  # its files are gone: nothing to save
                     await self._close(self.instances.pop(name))
+                await self._close_layers(name)
                 removed.append(name)
             for name in sorted(on_disk - set(self.instances)):
                 try:
@@ -239,12 +309,22 @@ class ClonesAgent:
         self.server.exports[name] = dev
 
     async def _base(self, path: Path) -> _Served:
+        """The opened base cache at ``path``: a shared base, or an instance's pristine layer (itself
+        an overlay, opened over its own base first)."""
         key = str(path)
         served = self.bases.get(key)
         if served is None:
             if not (path / META_NAME).exists():
                 raise CacheError(f"the base cache {path} is gone")
-            dev = await CacheDevice.open(path, self.repo, create=False, read_only=True)
+            below = load(path).meta.base_cache
+            under = (await self._base(Path(below))).device if below is not None else None
+            dev = await CacheDevice.open(path, self.repo, create=False, read_only=True, base=under)
+            if under is None:  # a shared base fetches from the repository: one without its version is refused
+                try:
+                    await adopt_repository(dev, self.repo)
+                except BaseException:
+                    await dev.close()
+                    raise
             ops = InstanceOps(dev, self.repo, connections=lambda: 0)
             ctl = control.ControlServer({"status": self._status_of(ops), "hydrate": ops.handlers()["hydrate"]})
             if self._control_socket:
@@ -270,13 +350,20 @@ class ClonesAgent:
     async def close(self) -> None:
         await self._shutdown()
 
+    async def _close_layers(self, name: str) -> None:
+        """Close the pristine layer of an instance that is no longer served (its files go with it)."""
+        inside = str(instance_dir(self.root, name).resolve()) + os.sep
+        for key in [k for k in self.bases if k.startswith(inside)]:
+            with contextlib.suppress(Exception):
+                await self._close(self.bases.pop(key))
+
     async def _shutdown(self) -> None:
         with contextlib.suppress(Exception):
             await self.control.close()
         await self.server.close()
         for s in list(self.instances.values()):
             await self._close(s)
-        for s in list(self.bases.values()):
+        for s in reversed(list(self.bases.values())):  # layers were opened after the bases below them
             await self._close(s)
         self.instances.clear()
         self.bases.clear()
@@ -299,7 +386,30 @@ class ClonesAgent:
             self.server.exports.pop(name, None)
             if served is not None:
                 await self._close(served)
+            await self._close_layers(name)
             remove_instance(self.root, name)
+
+    async def seal(self, name: str) -> int:
+        """Seal a served instance's writes into its pristine state (``seal_instance``): it is closed,
+        sealed, and served again over its new layer. Returns how many chunks were sealed."""
+        async with self._lock:
+            served = self.instances.pop(name, None)
+            if served is None:
+                raise NotFound(msg=f"instance {name} is not served from {self.root}")
+            self.server.exports.pop(name, None)
+            await self._close(served)
+            try:
+                d = instance_dir(self.root, name)
+                below = load(d).meta.base_cache
+                if below is None:
+                    raise CacheError(f"{d} is not an overlay (no base cache)")
+                return await seal_instance(d, self.repo, (await self._base(Path(below))).device)
+            finally:
+                await self._open_instance(name)
+
+    async def _op_seal(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = instance_name(str(req.get("name", "")))
+        return {"instance": name, "sealed": await self.seal(name)}
 
     async def _op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
         await self.remove(instance_name(str(req.get("name", ""))))

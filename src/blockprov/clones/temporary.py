@@ -6,6 +6,9 @@ does; when none does, ``temporary_agent`` serves the directory from this process
 the customizing lasts, without taking the directory's control socket or the instances' ones (a
 server started meanwhile must still get them).
 
+After customizing, each instance is sealed (clones/clones.py, ``seal_instance``): what the
+customizer wrote becomes part of the instance's pristine state, so a later ``reset`` keeps it.
+
 Two rules of the temporary agent came from bugs: its socket directory lies under /tmp when TMPDIR
 is too deep for a unix socket's address (``names.UNIX_PATH_MAX``: a deep TMPDIR made ``clone
 --customize`` fail), and the directory is removed afterwards (every run used to leave one behind).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -62,6 +66,7 @@ async def customize_new(root: Path, repo: Repository, names: list[str], cmd: str
     temporary agent). An instance whose customizing fails is removed, never handed out half made;
     returns those, each with its error."""
     failed: dict[str, BlockprovError] = {}
+    agent: ClonesAgent | None = None
     async with contextlib.AsyncExitStack() as stack:
         if served:
             st = control.call(root, "status", timeout=30.0)
@@ -75,6 +80,13 @@ async def customize_new(root: Path, repo: Repository, names: list[str], cmd: str
                 if name not in uris:
                     raise BlockprovError(msg=f"instance {name} is not served")
                 await loop.run_in_executor(None, customize, cmd, uris[name], name, k)
+                # What the customizer wrote is part of the instance's pristine state: a reset keeps it.
+                if served:
+                    await loop.run_in_executor(None, functools.partial(control.call, root, "seal", timeout=600.0,
+                                                                       name=name))
+                else:
+                    assert agent is not None
+                    await agent.seal(name)
             except BlockprovError as e:
                 failed[name] = e
     for name in failed:

@@ -46,16 +46,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
+import stat
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from blockprov.device.base import BlockDevice, FileSegment
-from blockprov.errors import BlockprovError, DeviceError
+from blockprov.errors import BlockprovError, DeviceError, UsageError
 from blockprov.names import unix_socket_path
 from blockprov.nbd.constants import NbdError, error_from_name
 from blockprov.nbd.protocol import (
@@ -78,6 +80,7 @@ from blockprov.nbd.protocol import (
     WriteZeroes,
 )
 
+CLAIM_PROBE_TIMEOUT = 2.0  # seconds a connect to an existing socket may take before it counts as in use
 log = logging.getLogger("blockprov.nbd")
 
 _IOV_MAX = 512
@@ -109,6 +112,32 @@ def errno_for(exc: BaseException) -> NbdError:
     if isinstance(exc, DeviceError):
         return error_from_name(exc.errno_name)
     return NbdError.EIO
+
+
+def claim_unix_path(path: str) -> None:
+    """Make ``path`` free for a new listening socket, or refuse. A socket file there that answers a
+    connect belongs to a running server (another agent): binding over it would cut that server off
+    from every new client and delete its socket when we stop, so it is refused. One that refuses
+    the connect is stale (its server died without removing it) and is removed. Anything else
+    (a regular file, a directory) is the user's and is refused untouched."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} exists and is not a socket; choose another socket path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(CLAIM_PROBE_TIMEOUT)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except OSError as e:  # a full backlog, a timeout, no permission: someone may still serve it
+            raise UsageError(f"{path} may be in use (connecting to it: {e.strerror or e}); stop the process "
+                             "serving it or remove it, or choose another socket path") from None
+    raise UsageError(f"{path} is in use: another process serves it; stop it first or choose another socket path")
 
 
 class NbdServer:
@@ -147,9 +176,18 @@ class NbdServer:
         }
 
     async def start_unix(self, path: str | os.PathLike[str]) -> str:
+        """Listen on a unix socket at ``path``: a stale socket left there is replaced, one that
+        answers is refused (``claim_unix_path``), and the socket is removed again by ``close``."""
         path = unix_socket_path(os.fspath(path))  # clients reach it by this path: no /proc/self/fd detour
+        await asyncio.get_running_loop().run_in_executor(None, claim_unix_path, path)
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: _Connection(self), path)
+        try:
+            server = await loop.create_unix_server(lambda: _Connection(self), path)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:  # another process bound it between our check and our bind
+                raise UsageError(f"{path} is in use: another process serves it; stop it first or choose "
+                                 "another socket path") from None
+            raise
         self._servers.append(server)
         self._unix_paths.append(path)
         self.addresses.append(path)
