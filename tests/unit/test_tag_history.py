@@ -55,6 +55,7 @@ def test_an_older_catalog_gains_tag_history(kind: str, tmp_path: Path, request: 
                        ("prod", m1.id, m2.id, "ops"), ("prod", m2.id, m1.id, "admin")]
         assert all(h.at > 0 for h in cat.tag_history())
         cat.remove(Ref("lab", version=m1.id))  # removing a version records its tags' removal
-        assert [(h.tag, h.version, h.previous) for h in cat.tag_history("lab")][0] == ("prod", None, m1.id)
+        last = cat.tag_history("lab")[0]
+        assert (last.tag, last.version, last.previous) == ("prod", None, m1.id)
     finally:
         cat.close()
