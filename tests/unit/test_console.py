@@ -203,6 +203,8 @@ def test_open_console_without_tokens(tmp_path: Path) -> None:
         for p in ("/ui/machines", "/ui/pools", "/ui/health", "/ui/static/console.css", "/ui/static/console.js"):
             assert c.get(p).status_code == 200, p
         assert "No agent reports pools" in c.get("/ui/pools").text
+        r = c.post("/ui/login", data={"token": "bpt_anything"}, headers={"origin": ORIGIN})
+        assert r.status_code == 303 and "no tokens yet" in c.get(r.headers["location"]).text
         assert c.get("/ui/static/../app.py").status_code == 404
     finally:
         repo.close()

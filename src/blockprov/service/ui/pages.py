@@ -133,6 +133,9 @@ async def login(request: Request) -> Response:
         store = request.app.state.console_tokens = await svc.run(TokenStore, svc.repo.catalog.db)
     try:
         info = await svc.run(store.lookup, token) if token else None
+        if info is None and not await svc.run(store.any_created):
+            return back("/ui/images", "ok", "This repository has no tokens yet: the console is open to anyone "
+                        "who reaches it, like the API (`blockprov token create` closes both).")
     except BlockprovError as e:
         return login_page(f"Cannot check the token: {e.message}", e.http_status)
     if info is None:
@@ -258,8 +261,6 @@ async def ask_agents(request: Request) -> Response:
             if to.tag is None:
                 raise UsageError(f"a snapshot is named NAME:TAG, not {one(f, 'to')!r}")
             args["to"] = str(Ref(to.name, tag=to.tag))
-        elif one(f, "eager"):
-            args["eager"] = True
     except BlockprovError as e:
         return back("/ui/machines", "error", f"Nothing asked: {e.message}")
     asked, failed = [], []

@@ -25,7 +25,7 @@ from blockprov.names import Ref, image_name
 from blockprov.service.state import Service
 
 ONLINE_SECONDS = 6 * SEEN_EVERY  # an agent's long poll refreshes last_seen every SEEN_EVERY s
-STORE_STATS_SECONDS = 30.0  # bytes stored: a walk of the store's index, not redone on every refresh
+STORE_STATS_SECONDS = 300.0  # bytes stored: a walk of the store's index (a listing, on S3), so counted rarely
 RECENT_REQUESTS = 15
 DIFF_RANGES_SHOWN = 50
 
@@ -191,6 +191,7 @@ def health(svc: Service, state: ConsoleState) -> dict[str, Any]:
         with state.lock:
             state.store_stats = stats
     out["chunks"], out["stored"], out["logical"] = (stats[1], stats[2], stats[3]) if stats else (None, None, None)
+    out["counted_ago"] = now - stats[0] if stats else None
     out["dedup"] = out["logical"] / out["stored"] if out["logical"] and out["stored"] else None
     m = svc.metrics
     total = sum(m.requests.values())
