@@ -208,3 +208,27 @@ def test_open_console_without_tokens(tmp_path: Path) -> None:
         assert c.get("/ui/static/../app.py").status_code == 404
     finally:
         repo.close()
+
+
+def test_every_page_over_a_postgresql_catalog(tmp_path: Path, pg_url: str) -> None:
+    """The console's queries (tag history, latest requests, failures) in PostgreSQL's dialect too."""
+    from blockprov.catalog.db import open_database
+
+    repo = LocalRepository(tmp_path / "pg", catalog=open_database(pg_url, tmp_path / "pg"))
+    try:
+        vid, _ = import_image(repo, make_image(tmp_path / "p.raw", 1 << 20, seed=3), "pg:v1")
+        repo.assign_host("pc-01", "pg:v1")
+        repo.register_agent("pc-01", {"image": "pg", "version": vid})
+        rid = repo.post_request("pc-01", "reset", {})
+        repo.registry.try_next_request("pc-01")
+        repo.complete_request("pc-01", rid, False, None, "the repository may ask for snapshot, status, not 'reset'")
+        c = TestClient(create_app(repo), follow_redirects=False)
+        r = post(c, "/ui/images/pg/tags", {"tag": "prod", "version": vid})
+        assert "Moved pg:prod" in c.get(r.headers["location"]).text
+        assert "open console" in c.get("/ui/images").text
+        machines = c.get("/ui/machines").text
+        assert 'data-state="failed"' in machines and "not &#39;reset&#39;" in machines
+        for p in ("/ui/pools", "/ui/health", f"/ui/images/pg?a={vid}&b={vid}"):
+            assert c.get(p).status_code == 200, p
+    finally:
+        repo.close()

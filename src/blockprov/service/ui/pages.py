@@ -78,6 +78,7 @@ async def show(request: Request, template: str, nav: str, gather: Any, *args: An
     ctx: dict[str, Any] = {"viewer": viewer(request), "nav": nav, "flash": flash, "query": request.query_params}
     try:
         ctx |= await svc.run(gather, *args)
+        resp = page(template, ctx, fragment=fragment)
     except BlockprovError as e:
         if fragment:
             return PlainTextResponse(e.message, status_code=e.http_status)
@@ -89,7 +90,6 @@ async def show(request: Request, template: str, nav: str, gather: Any, *args: An
             return PlainTextResponse("internal error (see the server's log)", status_code=500)
         return page("error.html", ctx | {"error": "internal error: the server's log has the details",
                                          "unreachable": False}, status=500)
-    resp = page(template, ctx, fragment=fragment)
     if flash is not None:
         resp.delete_cookie(FLASH, path=PREFIX)
     return resp

@@ -28,8 +28,9 @@ def when(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def short(vid: str | None) -> str:
-    return "—" if not vid else vid[:12]
+def short(vid: object) -> str:
+    """A version id as people read it (its first 12 hex digits); anything else as text."""
+    return "—" if not vid else str(vid)[:12]
 
 
 def size(n: int | float | None) -> str:
