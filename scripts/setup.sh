@@ -21,6 +21,7 @@ APT_PKGS=(
     e2fsprogs                          # mkfs.ext4, debugfs, e2fsck: file systems in test images
     linux-image-amd64 busybox-static   # the bootable test image (tools/bootimage.py)
     postgresql                         # initdb, postgres: the shared catalog's tests
+    chromium chromium-driver           # a real browser for the console's test (selenium uses this chromedriver)
 )
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -27,6 +27,7 @@ TOOL_PACKAGES = {
     "nbdkit": "nbdkit", "fio": "fio", "curl": "curl", "nginx": "nginx-light",
     "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs", "e2fsck": "e2fsprogs",
     "busybox": "busybox-static", "initdb": "postgresql", "postgres": "postgresql",
+    "chromium": "chromium", "chromedriver": "chromium-driver",  # the console's browser test (selenium)
 }
 
 

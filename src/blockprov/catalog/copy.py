@@ -21,7 +21,8 @@ from blockprov.catalog.tokens import TokenStore
 from blockprov.errors import UsageError
 
 # Parents before children (foreign keys are checked row by row).
-TABLES = ("versions", "tags", "boot_files", "profiles", "hosts", "agents", "agent_requests", "tokens")
+TABLES = ("versions", "tags", "boot_files", "profiles", "hosts", "agents", "agent_requests", "tokens",
+          "tag_history")
 
 
 @dataclass

@@ -7,13 +7,24 @@ Crash rules: SQLite in WAL mode with ``synchronous=FULL`` (or PostgreSQL's own l
 journal with checksummed records: a commit that returned is durable, one that did not is absent.
 Writers from several processes (CLI and servers at once) serialize (db.py); every multi-statement
 change runs in one transaction.
+
+Tag history (``tag_history``): promotion and rollback are tag moves, and an operator asks "who
+moved prod, and when?", so every change of a tag (set, moved, removed) is recorded in the same
+transaction as the change itself, with who did it when the caller knows (the console passes its
+token's name). It is a table of its own, not columns of ``tags``: ``CREATE TABLE IF NOT EXISTS``
+on open is the catalog's migration (SQLite and PostgreSQL alike), so a catalog made before it
+simply gains it, empty, and older servers over the same catalog keep working (their tag moves
+are not recorded). Rows have no foreign key: the history outlives a removed version.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from blockprov.catalog.db import SQLDatabase, Tx
 from blockprov.catalog.records import ImageInfo, VersionInfo
@@ -41,9 +52,47 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (image, tag),
     FOREIGN KEY (image, version) REFERENCES versions(image, id)
 );
+CREATE TABLE IF NOT EXISTS tag_history (
+    image    TEXT NOT NULL,
+    tag      TEXT NOT NULL,
+    version  TEXT,
+    previous TEXT,
+    who      TEXT,
+    at       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tag_history_image ON tag_history (image, at);
 """
 
 SET_TAG = "INSERT INTO tags VALUES (?,?,?) ON CONFLICT (image, tag) DO UPDATE SET version=excluded.version"
+HISTORY_SHOWN = 200  # most recent tag changes ``tag_history`` returns
+
+
+@dataclass(frozen=True)
+class TagChange:
+    """One change of a tag: ``version`` None when it was removed, ``previous`` None when it was new."""
+
+    image: str
+    tag: str
+    version: str | None
+    previous: str | None
+    who: str | None
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _record_tag(db: Tx, image: str, tag: str, vid: str | None, who: str | None) -> None:
+    """Set (``vid``) or remove (None) a tag, and record the change if there is one."""
+    row = db.execute("SELECT version FROM tags WHERE image=? AND tag=?", (image, tag)).fetchone()
+    previous = None if row is None else str(row[0])
+    if previous == vid:
+        return
+    if vid is None:
+        db.execute("DELETE FROM tags WHERE image=? AND tag=?", (image, tag))
+    else:
+        db.execute(SET_TAG, (image, tag, vid))
+    db.execute("INSERT INTO tag_history VALUES (?,?,?,?,?,?)", (image, tag, vid, previous, who, time.time()))
 
 
 class Catalog:
@@ -56,7 +105,7 @@ class Catalog:
         self.db.close()
 
     # -- writes ---------------------------------------------------------------------------------
-    def add_version(self, m: Manifest, tag: str | None = None) -> str:
+    def add_version(self, m: Manifest, tag: str | None = None, who: str | None = None) -> str:
         raw = m.to_json()
         vid = m.id
         with self.db.tx() as db:
@@ -65,26 +114,28 @@ class Catalog:
                 (m.image, vid, m.size, m.chunk_size, m.created, m.parent,
                  json.dumps(m.labels, sort_keys=True), raw))
             if tag is not None:
-                db.execute(SET_TAG, (m.image, tag_name(tag), vid))
+                _record_tag(db, m.image, tag_name(tag), vid, who)
         return vid
 
-    def set_tag(self, name: str, tag: str, vid: str) -> None:
+    def set_tag(self, name: str, tag: str, vid: str, who: str | None = None) -> None:
+        """Point ``tag`` at ``vid`` (a promotion or a rollback), recording who did it when known."""
         with self.db.tx() as db:
             if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?",
                               (image_name(name), version_id(vid))).fetchone():
                 raise ImageNotFound(ref=f"{name}@{vid}")
-            db.execute(SET_TAG, (name, tag_name(tag), vid))
+            _record_tag(db, name, tag_name(tag), vid, who)
 
-    def remove(self, ref: Ref) -> list[str]:
+    def remove(self, ref: Ref, who: str | None = None) -> list[str]:
         with self.db.tx() as db:
             if ref.version is None:
-                cur = db.execute("DELETE FROM tags WHERE image=? AND tag=?", (ref.name, ref.tag))
-                if cur.rowcount == 0:
+                if not db.execute("SELECT 1 FROM tags WHERE image=? AND tag=?", (ref.name, ref.tag)).fetchone():
                     raise ImageNotFound(ref=str(ref))
+                _record_tag(db, ref.name, str(ref.tag), None, who)
                 return [str(ref)]
             tags = [r[0] for r in db.execute("SELECT tag FROM tags WHERE image=? AND version=?",
                                              (ref.name, ref.version))]
-            db.execute("DELETE FROM tags WHERE image=? AND version=?", (ref.name, ref.version))
+            for t in tags:
+                _record_tag(db, ref.name, t, None, who)
             cur = db.execute("DELETE FROM versions WHERE image=? AND id=?", (ref.name, ref.version))
             if cur.rowcount == 0:
                 raise ImageNotFound(ref=str(ref))
@@ -133,6 +184,13 @@ class Catalog:
             tags.setdefault(vid, []).append(tag)
         return [VersionInfo(image=name, id=r[0], size=r[1], chunk_size=r[2], created=r[3], parent=r[4],
                             labels=json.loads(r[5]), tags=sorted(tags.get(r[0], []))) for r in rows]
+
+    def tag_history(self, name: str | None = None, limit: int = HISTORY_SHOWN) -> list[TagChange]:
+        """The most recent tag changes (of one image, or of all), newest first."""
+        where, args = ("WHERE image=? ", (image_name(name),)) if name is not None else ("", ())
+        rows = self.db.all(f"SELECT image, tag, version, previous, who, at FROM tag_history {where}"
+                           f"ORDER BY at DESC LIMIT {int(limit)}", args)
+        return [TagChange(*r) for r in rows]
 
     def all_manifests(self) -> Iterator[Manifest]:
         for (raw,) in self.db.all("SELECT manifest FROM versions"):

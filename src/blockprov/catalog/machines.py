@@ -347,6 +347,23 @@ class Registry:
                        ("done" if ok else "failed", time.time(), res, None if ok else err, rid))
         return self.get_request(instance, rid)
 
+    def recent_requests(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest requests to any agent, newest first (the console follows them to completion)."""
+        rows = self.db.all(f"SELECT id, instance FROM agent_requests ORDER BY created DESC LIMIT {int(limit)}")
+        out = []
+        for rid, inst in rows:
+            try:
+                out.append(self.get_request(inst, rid))
+            except RequestNotFound:  # pruned meanwhile
+                continue
+        return out
+
+    def last_failures(self) -> dict[str, tuple[str, float]]:
+        """Per agent instance, the error of its most recent failed request and when it failed."""
+        rows = self.db.all("SELECT instance, error, finished FROM agent_requests WHERE state='failed' "
+                           "ORDER BY finished")
+        return {inst: (str(err or ""), float(fin or 0.0)) for inst, err, fin in rows}
+
     def get_request(self, instance: str, rid: str) -> dict[str, Any]:
         """A request as the API shows it; a ``running`` one whose lease ran out reads ``pending``."""
         instance, rid = instance_id(instance), request_id(rid)

@@ -24,6 +24,10 @@ Why it is shaped like this:
   (loopback, tests, a trusted lab network, with a warning at start) and closes it the moment the
   operator creates a first token, even while it runs: creating a token is the operator saying who may
   come in, and a server that kept ignoring tokens until a restart would be a trap.
+* **The console** (``/ui/``, service/ui/) follows the same rules: its pages are GETs (``read``), its
+  forms POSTs (``write``); its login page, login and logout forms and static files are open. On
+  console routes only, the token may also come from the console's cookie, every POST must come from
+  the console's own origin (service/ui/auth.py says why), and a refusal is a page, not JSON.
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from blockprov.catalog.tokens import TokenInfo, TokenStore, allows
 from blockprov.errors import BlockprovError, Forbidden, Unauthorized
+from blockprov.service.ui.auth import cookie_token, cross_site, denied, is_console, same_origin
 
 log = logging.getLogger("blockprov.service")
 
 MODES = ("auto", "on", "off")
 OPEN_ROUTES = {("GET", "/v1/health"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"),
-               ("GET", "/docs/oauth2-redirect")}
+               ("GET", "/docs/oauth2-redirect"),
+               ("GET", "/ui/login"), ("POST", "/ui/login"), ("POST", "/ui/logout"), ("GET", "/ui/static/{name}")}
 READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing")}
 AGENT_ROUTES = {("PUT", "/v1/agents/{instance}"), ("DELETE", "/v1/agents/{instance}"),
                 ("GET", "/v1/agents/{instance}/requests/next"),
@@ -52,6 +58,7 @@ BOOT_ROUTES = {("GET", "/v1/boot/{host}"), ("HEAD", "/v1/boot/{host}"),
                ("GET", "/v1/images/{name}/versions/{vid}/boot/{which}"),
                ("HEAD", "/v1/images/{name}/versions/{vid}/boot/{which}")}
 UNKNOWN = "(unmatched)"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def required_scope(method: str, route: str) -> str | None:
@@ -150,17 +157,27 @@ class Access:
         return await asyncio.to_thread(self.tokens.lookup, token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.policy.mode == "off":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         method = scope["method"]
+        console = is_console(scope["path"])
+        if self.policy.mode == "off" and not (console and method not in SAFE_METHODS):
+            await self.app(scope, receive, send)
+            return
         route = self.find(method, scope["path"])
         scope["blockprov.route"] = route
         need = required_scope(method, route) if route != UNKNOWN else "read"
         token = bearer(scope)
+        if token is None and console:
+            token = cookie_token(scope)
         err: BlockprovError | None = None
+        if console and method not in SAFE_METHODS and not same_origin(scope):
+            err = cross_site(scope)
         try:
-            if need is not None and await self._enforced():
+            enforced = err is None and self.policy.mode != "off" and await self._enforced()
+            scope["blockprov.enforced"] = enforced
+            if need is not None and enforced:
                 anonymous = ((need == "read" and self.policy.anonymous_read)
                              or ((method, route) in BOOT_ROUTES and self.policy.anonymous_boot))
                 if token is None and not anonymous:
@@ -173,10 +190,14 @@ class Access:
                         err = Forbidden(scope=info.scope, action=action(method, route), needed=need)
                     else:
                         scope["blockprov.token"] = info.id
+                        scope["blockprov.token_info"] = info
         except BlockprovError as e:  # the catalog is unreachable (and nothing cached answers): 503
             err = e
         if err is not None:
             scope["blockprov.error"] = type(err).__name__
+            if console:
+                await denied(scope, err)(scope, receive, send)
+                return
             body = {"error": type(err).__name__, "message": err.message,
                     "details": {k: v for k, v in err.kwargs.items() if isinstance(v, str)}}
             headers = {"www-authenticate": 'Bearer realm="blockprov"'} if err.http_status == 401 else None

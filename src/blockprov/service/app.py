@@ -32,6 +32,7 @@ from blockprov.service.edge import Guard, add_error_handlers
 from blockprov.service.metrics import Measure
 from blockprov.service.routes import ROUTERS
 from blockprov.service.state import Service
+from blockprov.service.ui.pages import router as console_router
 
 MAX_BODY = 256 << 20
 POOL_WORKERS = 16
@@ -55,7 +56,7 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
     app.add_middleware(Guard, max_body=max_body)
     app.add_middleware(Measure, metrics=svc.metrics)
     add_error_handlers(app)
-    for router in ROUTERS:
+    for router in (*ROUTERS, console_router):  # the console (service/ui/): /ui/, same access rules
         # Not app.include_router: FastAPI 0.16x includes a router as one opaque route that matches
         # the path again inside it (≈30 µs more per request, measured on the chunk routes) and hides
         # the routes from app.router.routes, which access.py matches against. The routes are
