@@ -16,6 +16,7 @@ import pytest
 
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
+from blockprov.repo.remote import RemoteRepository
 from tests.conftest import make_image, run_cli
 from tests.procs import Proc, nbd_uri, start_agent, start_server, wait_for
 
@@ -187,6 +188,23 @@ def test_repository_asks_a_registered_agent_for_a_snapshot(tmp_path: Path, golde
             sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(tmp_path / "r.raw"), nbd_uri(sock))
             bad = run_cli("--repo", url, "snapshot", "--instance", "nobody", "--to", "lab:x", check=False)
             assert bad.returncode == 3 and "nobody" in bad.stderr
+
+            # The registration carries the instance's live state (what the console and `agents` show).
+            def info() -> dict[str, Any]:
+                agents = json.loads(run_cli("--repo", url, "agents", "--json").stdout)
+                return dict(next(a["info"] for a in agents if a["instance"] == "pc-07"))
+
+            assert wait_for(lambda: info().get("modified_chunks", 0) > 0, 30)
+            live = info()
+            assert 0 < live["hydration"]["percent"] <= 100 and live["host"] and live["last_error"] is None
+            # The repository may ask for a reset too (the café's restore, from the console).
+            with RemoteRepository(url) as repo:
+                rid = repo.post_request("pc-07", "reset")
+                done = repo.get_request("pc-07", rid, wait=60)
+            assert done["state"] == "done", done
+            assert status(cache)["chunks_modified"] == 0
+            sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(golden[1]), nbd_uri(sock))
+            assert wait_for(lambda: info().get("modified_chunks") == 0, 30)
         finally:
             proc.stop()
     finally:

@@ -9,8 +9,11 @@ and where, written atomically and removed on a clean stop) and a clean shutdown 
 Lifecycle operations (agent/lifecycle.py, agent/hydrate.py) are control ops, so ``blockprov
 reset/snapshot/update/hydrate`` reach a running agent; an agent also registers with its repository
 as an *instance* and long-polls it for requests, so the repository can ask it for a snapshot
-(seed 000 claims 10, 34) although agents usually sit behind NAT. Only ``snapshot`` and ``status``
-are accepted from the repository. ``--metrics HOST:PORT`` adds a Prometheus listener (agent/metrics.py).
+(seed 000 claims 10, 34) although agents usually sit behind NAT. Only ``snapshot``, ``reset`` and
+``status`` are accepted from the repository. The registration carries the instance's live state
+(hydration %, modified chunks, fetch latency, last error, host), refreshed with every poll and,
+when it changed, every ``REPORT_EVERY`` seconds, so the operator's console shows it live.
+``--metrics HOST:PORT`` adds a Prometheus listener (agent/metrics.py).
 
 Crash rules: everything durable belongs to the cache (cache/device.py). ``agent.json`` is only a
 hint for humans and ``status``; a stale one left by a killed agent is recognised because the
@@ -24,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -48,7 +52,8 @@ log = logging.getLogger("blockprov.agent")
 
 AGENT_FILE = "agent.json"
 POLL_WAIT = 20.0  # seconds a request poll waits at the repository
-REMOTE_OPS = ("snapshot", "status")
+REMOTE_OPS = ("snapshot", "reset", "status")
+REPORT_EVERY = 5.0  # seconds between checks whether the agent's reported state changed (console, `agents`)
 T = TypeVar("T")
 
 
@@ -87,6 +92,9 @@ class Agent:
         self.started = time.time()
         self.instance = config.instance
         self._poll_task: asyncio.Task[None] | None = None
+        self._report_task: asyncio.Task[None] | None = None
+        self._reported: dict[str, Any] | None = None  # the registration last sent
+        self._last_error: str | None = None  # the last failed repository request or poll, for the console
         self._stop = asyncio.Event()
         self.metrics: MetricsListener | None = None
         self.metrics_url: str | None = None
@@ -130,6 +138,7 @@ class Agent:
             await self.ops.start()
             if cfg.register:
                 self._poll_task = asyncio.ensure_future(self._poll_requests())
+                self._report_task = asyncio.ensure_future(self._report_changes())
         except BaseException:
             await self._shutdown()
             raise
@@ -163,9 +172,10 @@ class Agent:
             raise UsageError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
 
     async def _shutdown(self) -> None:
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            await asyncio.gather(self._poll_task, return_exceptions=True)
+        tasks = [x for x in (self._poll_task, self._report_task) if x is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.ops is not None:
             await self.ops.stop()
         with contextlib.suppress(Exception):
@@ -199,6 +209,36 @@ class Agent:
         return {"stopping": True}
 
     # -- repository-initiated requests -------------------------------------------------------
+    def _registration(self) -> dict[str, Any]:
+        """What the repository shows of this agent: where it serves, and its live state."""
+        assert self.device is not None and self.ops is not None
+        m = self.device.manifest
+        st = self.ops.status()
+        total = st["chunks_total"] or 1
+        hydration = st.get("hydration") or {}
+        latency = (st.get("fetch_latency_ms") or {}).get("p50")
+        return {"image": m.image, "version": m.id, "pid": os.getpid(), "addresses": self.addresses,
+                "cache": str(self.config.cache_dir), "host": socket.gethostname(),
+                "hydration": {"percent": round(100.0 * (st["chunks_present"] + st["chunks_zero"]) / total, 1),
+                              "running": bool(hydration.get("running"))},
+                "modified_chunks": st["chunks_modified"], "fetch_latency_ms": latency,
+                "last_error": self._last_error}
+
+    async def _register(self) -> None:
+        assert self.instance is not None
+        info = self._registration()
+        await in_daemon_thread(self.repo.register_agent, self.instance, info)
+        self._reported = info
+
+    async def _report_changes(self) -> None:
+        """Between polls, send the registration again when the agent's state changed (a hydration
+        moving on, a write), at most every ``REPORT_EVERY`` s; failures are the poll loop's to report."""
+        while True:
+            await asyncio.sleep(REPORT_EVERY)
+            if self._reported is not None and self._registration() != self._reported:
+                with contextlib.suppress(BlockprovError, OSError):
+                    await self._register()
+
     async def _poll_requests(self) -> None:
         """Register with the repository and carry out what it asks, until the agent stops.
         Failures (repository down, an older server without the API) are logged and retried."""
@@ -206,10 +246,7 @@ class Agent:
         delay = 1.0
         while True:
             try:
-                m = self.device.manifest
-                info = {"image": m.image, "version": m.id, "pid": os.getpid(), "addresses": self.addresses,
-                        "cache": str(self.config.cache_dir)}
-                await in_daemon_thread(self.repo.register_agent, self.instance, info)
+                await self._register()
                 req = await in_daemon_thread(self.repo.next_request, self.instance, POLL_WAIT)
                 delay = 1.0
                 if req is None:
@@ -221,6 +258,7 @@ class Agent:
                 log.warning("not registered with %s, no repository requests will be taken: %s", self.repo.url, e)
                 return
             except Exception as e:
+                self._last_error = f"repository requests: {e}"
                 log.warning("repository requests from %s: %s (retrying in %.0f s)", self.repo.url, e, delay)
                 await asyncio.sleep(delay)
                 delay = min(60.0, delay * 2)
@@ -240,6 +278,8 @@ class Agent:
         except Exception as e:  # the agent keeps serving whatever a request does
             log.exception("repository request %s failed", op)
             error = f"{type(e).__name__}: {e}"
+        if error is not None:
+            self._last_error = f"{op}: {error}"
         await in_daemon_thread(self.repo.complete_request, self.instance, rid, ok, result, error)
 
 
