@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from blockprov import humanize as hz
-from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, run_async
+from blockprov.cli._common import Ctx, check_creatable, emit, json_option, listening, run_async
 from blockprov.clones.customize import BUILTIN_IDENTITY
 from blockprov.errors import AgentNotRunning, CustomizeFailed, PoolExhausted, UsageError
 from blockprov.names import host_port, parse_ref
@@ -91,10 +91,13 @@ def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None
 
     root = root.resolve()
     address = host_port(listen) if listen else None
+    if sock is not None:
+        check_creatable(sock, "socket")
 
     async def main() -> None:
         agent = ClonesAgent(root, obj.repo, socket=sock, listen=address)
-        await agent.start()
+        with listening(listen):
+            await agent.start()
         _banner(agent, as_json)
         await agent.run()
 
@@ -149,12 +152,14 @@ def clones_rm_cmd(names: tuple[str, ...], root: Path) -> None:
 
 
 # -- pools -------------------------------------------------------------------------------------
-def pool_dir(name: str, root: Path | None) -> Path:
+def pool_dir(obj: Ctx, name: str, root: Path | None) -> Path:
+    """``--dir``, else DATA/pools/NAME where DATA is --data / BLOCKPROV_DATA like every other
+    command's (issue 17: pools looked in the default data directory whatever was given)."""
     if root is not None:
         return root.resolve()
     if not name.replace("-", "").isalnum():
         raise UsageError(f"a pool name is letters, digits and '-', not {name!r}")
-    return default_data_dir() / "pools" / name
+    return obj.data_path / "pools" / name
 
 
 POOL_DIR_OPTION = click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),
@@ -182,7 +187,7 @@ def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str 
     """Make the configured version and SIZE ready instances of it."""
     from blockprov.clones import pool
 
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     m = obj.repo.resolve(parse_ref(source))
     st = run_async(pool.create(d, obj.repo, name, m, size, configure=configure, customize_cmd=customize_cmd))
     if as_json:
@@ -206,13 +211,17 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
     from blockprov.clones import pool
     from blockprov.clones.clones import ClonesAgent
 
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     address = host_port(listen) if listen else None
     pool.read_state(d)
 
+    if sock is not None:
+        check_creatable(sock, "socket")
+
     async def main() -> None:
         agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET, listen=address)
-        await agent.start()
+        with listening(listen):
+            await agent.start()
         server = pool.PoolServer(d, obj.repo, agent)
         server.start()
         _banner(agent, as_json)
@@ -231,11 +240,12 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
               help="Seconds to wait for a ready instance when the pool is exhausted.")
 @POOL_DIR_OPTION
 @json_option
-def pool_acquire_cmd(name: str, host: str, wait_s: float, root: Path | None, as_json: bool) -> None:
+@click.pass_obj
+def pool_acquire_cmd(obj: Ctx, name: str, host: str, wait_s: float, root: Path | None, as_json: bool) -> None:
     """Hand a ready instance to a host at once and print how to connect to it."""
     from blockprov.clones import pool
 
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -273,7 +283,7 @@ def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None
 
     if (instance is None) == (host is None):
         raise UsageError("give --instance NAME or --host ID")
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     inst = pool.find(d, instance, host)
     try:
         out = pool.server_call(d, "pool-release", instance=inst, destroy=destroy)
@@ -289,11 +299,12 @@ def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None
 @click.argument("name")
 @POOL_DIR_OPTION
 @json_option
-def pool_status_cmd(name: str, root: Path | None, as_json: bool) -> None:
+@click.pass_obj
+def pool_status_cmd(obj: Ctx, name: str, root: Path | None, as_json: bool) -> None:
     """Ready and in-use instances, and whether the pool server runs."""
     from blockprov.clones import pool
 
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     try:
         st = pool.server_call(d, "pool-status")
     except AgentNotRunning:

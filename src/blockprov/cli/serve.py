@@ -9,7 +9,7 @@ import click
 
 from blockprov.cli._common import (
     Ctx,
-    default_data_dir,
+    check_data_dir,
     size_option,
 )
 from blockprov.errors import UsageError
@@ -51,7 +51,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
     host, port = host_port(listen)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data = obj.data_dir or default_data_dir()
+    data = check_data_dir(obj.data_dir, create=True)  # serve may start an empty repository
     from blockprov.catalog.db import open_database
 
     catalog = open_database(obj.catalog, data)
