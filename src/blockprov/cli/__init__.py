@@ -33,6 +33,10 @@ PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EACCES
                          errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
 
 
+NO_ARGS_IS_HELP: tuple[type[click.ClickException], ...] = tuple(
+    c for c in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if isinstance(c, type))
+
+
 def as_error(e: OSError) -> BlockprovError | None:
     """The error an OSError from the environment is (a full disk, a busy port, an unusable path);
     None for one that is a bug (it stays "internal error", exit 70)."""
@@ -80,6 +84,14 @@ def _output_closed() -> NoReturn:
 
 
 class Group(click.Group):
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        """The top-level command line's errors (``blockprov --bogus``) are parsed here, before invoke."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as e:
+            _bad_command_line(e)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -91,12 +103,7 @@ class Group(click.Group):
         except BrokenPipeError:
             _output_closed()
         except click.ClickException as e:
-            if _json_wanted():  # a bad command line under --json is JSON too
-                body = {"error": "UsageError", "message": e.format_message(), "details": {},
-                        "exit_code": e.exit_code}
-                click.echo(json.dumps(body, sort_keys=True), err=True)
-                sys.exit(e.exit_code)
-            raise
+            _bad_command_line(e)
         except (click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except OSError as e:
@@ -106,6 +113,23 @@ class Group(click.Group):
             fail(known)
         except Exception as e:
             _internal(e)
+
+
+def _bad_command_line(e: click.ClickException) -> NoReturn:
+    """click's own errors (a missing argument, a bad value) as one line too, naming the help to read;
+    under --json a JSON object like every other error. A group run without its command shows its
+    help, as click does."""
+    if isinstance(e, NO_ARGS_IS_HELP):
+        e.show()
+        sys.exit(e.exit_code)
+    if _json_wanted():
+        body = {"error": "UsageError", "message": e.format_message(), "details": {}, "exit_code": e.exit_code}
+        click.echo(json.dumps(body, sort_keys=True), err=True)
+        sys.exit(e.exit_code)
+    where = getattr(e, "ctx", None)
+    hint = f" (see: {where.command_path} --help)" if isinstance(where, click.Context) else ""
+    click.echo(f"blockprov: error: {e.format_message()}{hint}", err=True)
+    sys.exit(e.exit_code)
 
 
 def _internal(e: Exception) -> NoReturn:

@@ -65,8 +65,19 @@ def check_creatable(path: Path, what: str) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise CannotWrite(path=str(path), why=f"{parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise CannotWrite(path=str(path), why=f"{parent} is not writable (read-only file system?)")
             break
     return path
+
+
+def quiet_library_logs() -> None:
+    """A command that opens a cache here reports its own outcome: the cache's and fetcher's log
+    lines (meant for an agent's log: "fetching chunks … failed", "hydration paused") would repeat
+    its one error line. Servers (serve, attach, clones/pool serve) keep their logs."""
+    import logging
+
+    logging.getLogger("blockprov").setLevel(logging.CRITICAL)
 
 
 @contextmanager

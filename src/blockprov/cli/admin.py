@@ -90,7 +90,8 @@ def store_copy(obj: Ctx, target: str, as_json: bool) -> None:
     # The local source is the data directory's packs: refuse one that is not there (a typo would copy
     # nothing, successfully). An S3 source needs none; a bad --to is named by open_store below.
     local_source = not obj.store or obj.store == "local"
-    data = (check_data_dir(obj.data_dir, create=False) if local_source and target.startswith("s3://")
+    data = (check_data_dir(obj.data_dir, create=False) if local_source and (target == "local" or
+                                                                            target.startswith("s3://"))
             else Path(obj.data_dir or default_data_dir()))
     with ExitStack() as stack:
         src = stack.enter_context(closing(open_store(obj.store, data, obj.store_options)))

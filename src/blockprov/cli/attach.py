@@ -21,7 +21,7 @@ from blockprov.cli._common import (
     run_async,
     size_option,
 )
-from blockprov.errors import NoSpace, UsageError
+from blockprov.errors import BlockprovError, NoSpace, UsageError
 from blockprov.names import host_port, parse_ref
 
 
@@ -105,8 +105,8 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
         sys.stdout.flush()
         try:
             await agent.run()
-        except (NoSpace, OSError) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (BlockprovError, OSError) as e:
+            if not _disk_full(e):
                 raise
             raise NoSpace(msg=f"cache {cache_dir}: the agent stopped, but could not write its clean-shutdown "
                               "state (the next attach recovers from the journal)") from None
@@ -165,6 +165,15 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
     else:
         click.echo("  agent     not running" + ("" if st.get("clean_shutdown", True) else
                                                " (last stop was unclean: the next attach recovers it)"))
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk, however it was wrapped (the cache reports a failed checkpoint as an I/O error
+    whose cause is the OSError)."""
+    if isinstance(e, NoSpace):
+        return True
+    cause = e if isinstance(e, OSError) else e.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _when(t: float) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from blockprov import humanize as hz
-from blockprov.cli._common import Ctx, check_creatable, emit, json_option, listening, run_async
+from blockprov.cli._common import Ctx, check_creatable, check_data_dir, emit, json_option, listening, run_async
 from blockprov.clones.customize import BUILTIN_IDENTITY
 from blockprov.errors import AgentNotRunning, CustomizeFailed, PoolExhausted, UsageError
 from blockprov.names import host_port, parse_ref
@@ -92,7 +92,7 @@ def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None
     root = root.resolve()
     address = host_port(listen) if listen else None
     if sock is not None:
-        check_creatable(sock, "socket")
+        check_creatable(sock, "socket").parent.mkdir(parents=True, exist_ok=True)  # as attach does
 
     async def main() -> None:
         agent = ClonesAgent(root, obj.repo, socket=sock, listen=address)
@@ -159,7 +159,7 @@ def pool_dir(obj: Ctx, name: str, root: Path | None) -> Path:
         return root.resolve()
     if not name.replace("-", "").isalnum():
         raise UsageError(f"a pool name is letters, digits and '-', not {name!r}")
-    return obj.data_path / "pools" / name
+    return check_data_dir(obj.data_dir, create=False) / "pools" / name
 
 
 POOL_DIR_OPTION = click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),
@@ -216,7 +216,7 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
     pool.read_state(d)
 
     if sock is not None:
-        check_creatable(sock, "socket")
+        check_creatable(sock, "socket").parent.mkdir(parents=True, exist_ok=True)  # as attach does
 
     async def main() -> None:
         agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET, listen=address)

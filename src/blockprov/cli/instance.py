@@ -21,7 +21,7 @@ import click
 from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.agent.offline import on_cache
-from blockprov.cli._common import Ctx, emit, json_option, progress_bar, size_option
+from blockprov.cli._common import Ctx, emit, json_option, progress_bar, quiet_library_logs, size_option
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import parse_ref
 
@@ -75,6 +75,8 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, fetch_timeout: float, as_j
         total = dev.chunk_map.counts()["modified"] * dev.manifest.chunk_size
         return await _watching(dev, lifecycle.reset(dev, eager=True), total, "reset: fetch", not as_json)
 
+    quiet_library_logs()
+
     out = on_cache(cache_dir, "reset", {"eager": eager}, offline, obj.repository_for, fetch_timeout=fetch_timeout)
     if as_json:
         emit(out)
@@ -114,6 +116,8 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
             total = dev.chunk_map.counts()["modified"] * dev.manifest.chunk_size
             with progress_bar(total, f"snapshot {to}", not as_json) as bar:
                 return await lifecycle.snapshot(dev, repo, to, target=target, rebase=rebase, progress=bar)
+
+        quiet_library_logs()
 
         out = on_cache(cache_dir, "snapshot", args, offline, obj.repository_for)
     if as_json:
@@ -167,6 +171,8 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bo
         work = lifecycle.update(dev, new, keep_modified=keep_modified, eager=not lazy)
         return await _watching(dev, work, None, f"update to {to}", not as_json and not lazy)
 
+    quiet_library_logs()
+
     out = on_cache(cache_dir, "update", args, offline, obj.repository_for, fetch_timeout=fetch_timeout)
     if as_json:
         emit(out)
@@ -201,11 +207,6 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
 
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         import asyncio
-        import logging
-
-        # Offline, a pause ends the command and its cause is the command's one error line: the
-        # hydrator's "paused, retrying" warning (meant for an agent's log) would be a second one.
-        logging.getLogger("blockprov.hydrate").setLevel(logging.ERROR)
         h = Hydrator(dev, rate=rate)
         task = h.start()
         while not task.done():
@@ -220,6 +221,8 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
                 raise h.fault
         task.result()
         return h.status()
+
+    quiet_library_logs()
 
     out = on_cache(cache_dir, "hydrate", args, offline, obj.repository_for, fetch_timeout=fetch_timeout)
     if out.get("state") != "done" and not background:
@@ -263,6 +266,8 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         m = dev.manifest
         return {"image": m.image, "version": m.id, "order": dev.profile()}
+
+    quiet_library_logs()
 
     got = on_cache(cache_dir, "profile", {}, offline, obj.repository_for)
     order = [int(i) for i in got["order"]]

@@ -61,6 +61,10 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
 
         store = open_store(obj.store, data, obj.store_options)
     try:
+        if port:  # a busy port is the one error line, not after the start-up warnings (bound again below)
+            from blockprov.service.run import bind
+
+            bind(host, port).close()
         run_server(data, host, port, max_body=max_body, store=store, catalog=catalog,
                    chunk_cache=chunk_cache,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
