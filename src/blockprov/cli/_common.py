@@ -177,8 +177,8 @@ class Bar:
     once the total is known; a counter and a rate before. Thread-safe (the importer's workers
     report from their threads); redrawn at most ten times a second."""
 
-    def __init__(self, total: int | None, desc: str) -> None:
-        self.total, self.desc, self.done = total, desc, 0
+    def __init__(self, total: int | None, desc: str, unit: str = "B") -> None:
+        self.total, self.desc, self.done, self.unit = total, desc, 0, unit
         self._t0 = self._drawn = time.monotonic()
         self._lock = threading.Lock()
 
@@ -193,6 +193,9 @@ class Bar:
                 self._drawn = now
                 self._draw(now)
 
+    def _fmt(self, n: float) -> str:
+        return hz.size(n) if self.unit == "B" else f"{n:.0f} {self.unit}" if n == int(n) else f"{n:.1f} {self.unit}"
+
     def line(self, now: float) -> str:
         elapsed = max(now - self._t0, 1e-6)
         rate = self.done / elapsed
@@ -200,9 +203,9 @@ class Bar:
             frac = min(1.0, self.done / self.total)
             bar = "#" * int(frac * 20)
             eta = (self.total - self.done) / rate if rate > 0 else None
-            return (f"{self.desc}: {100 * frac:5.1f}% [{bar:20}] {hz.size(self.done)} / {hz.size(self.total)}  "
-                    f"{hz.size(rate)}/s  ETA {_clock(eta)}")
-        return f"{self.desc}: {hz.size(self.done)}  {hz.size(rate)}/s"
+            return (f"{self.desc}: {100 * frac:5.1f}% [{bar:20}] {self._fmt(self.done)} / {self._fmt(self.total)}  "
+                    f"{self._fmt(rate)}/s  ETA {_clock(eta)}")
+        return f"{self.desc}: {self._fmt(self.done)}  {self._fmt(rate)}/s"
 
     def _draw(self, now: float) -> None:
         sys.stderr.write("\r" + self.line(now)[:119].ljust(119))
@@ -231,14 +234,15 @@ class _Quiet:
 
 
 @contextmanager
-def progress_bar(total: int | None, desc: str, enabled: bool) -> Iterator[Bar | _Quiet]:
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "B") -> Iterator[Bar | _Quiet]:
     """A byte progress bar on stderr when it is a terminal (and not --json); quiet otherwise, so
     piped output and --json stay clean. Call it with bytes done; ``set_total`` when the size is
-    learned late (import learns it from the source)."""
+    learned late (import learns it from the source). ``unit``: bytes (binary units), else a count
+    of things (``"instances"``)."""
     if not enabled or not sys.stderr.isatty():
         yield _Quiet()
         return
-    bar = Bar(total, desc)
+    bar = Bar(total, desc, unit)
     try:
         yield bar
     finally:

@@ -17,13 +17,24 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from blockprov import humanize as hz
-from blockprov.cli._common import Ctx, check_creatable, check_data_dir, emit, json_option, listening, run_async
+from blockprov.cli._common import (
+    Ctx,
+    check_creatable,
+    check_data_dir,
+    emit,
+    json_option,
+    listening,
+    progress_bar,
+    run_async,
+)
 from blockprov.clones.customize import BUILTIN_IDENTITY
 from blockprov.errors import AgentNotRunning, CustomizeFailed, PoolExhausted, UsageError
 from blockprov.names import host_port, parse_ref
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
     from blockprov.clones.clones import ClonesAgent
+
+CLONE_GROUP = 16  # instances made between two updates of clone's progress bar
 
 DIR_OPTION = click.option("--dir", "root", required=True, type=click.Path(file_okay=False, path_type=Path),
                           help="The clones directory.")
@@ -50,7 +61,15 @@ def clone_cmd(obj: Ctx, ref: str, count: int, root: Path, prefix: str | None, cu
     m = obj.repo.resolve(parse_ref(ref))
     names = next_names(root, prefix or f"{m.image}-", count)
     t0 = time.monotonic()
-    run_async(create_instances(root, obj.repo, m, names))
+
+    async def make() -> None:
+        with progress_bar(count, f"clone {m.image}@{m.id}", not as_json, unit="instances") as bar:
+            for k in range(0, count, CLONE_GROUP):
+                group = names[k:k + CLONE_GROUP]
+                await create_instances(root, obj.repo, m, group)
+                bar(len(group))
+
+    run_async(make())
     made = time.monotonic() - t0
     served = rescan_served(root)
     failed = run_async(customize_new(root, obj.repo, names, customize_cmd, served)) if customize_cmd else {}
