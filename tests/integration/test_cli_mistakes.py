@@ -419,6 +419,10 @@ def test_repository_unreachable_or_wrong(world: Callable[[str], World], kind: st
 
 
 PATH_KINDS = ("missing", "wrong-type", "unwritable")
+# Path parameters a command creates when they are missing (outputs); every other one is an input,
+# and a missing input must be an error, not a silent success (`clones list --dir TYPO` listed nothing).
+MAKES_PATH = {("attach", "cache_dir"), ("attach", "sock"), ("clone", "root"), ("export", "dest"),
+              ("clones", "serve", "sock"), ("pool", "serve", "sock"), ("pool", "create", "root")}
 
 
 @pytest.mark.parametrize("kind", PATH_KINDS)
@@ -434,7 +438,10 @@ def test_paths(world: Callable[[str], World], kind: str) -> None:
                 value = w.ro / "x"
             else:  # a file where a directory is wanted, a directory where a file is
                 value = w.w / ("emptydir" if not p.type.dir_okay else "text.txt")
-            return run(w, argv(w, path, {p.name: str(value)}))
+            r = run(w, argv(w, path, {p.name: str(value)}))
+            if kind == "missing" and r.code == 0 and (*path, p.name) not in MAKES_PATH:
+                r.problems.append(f"a missing {p.name} was accepted without a word")
+            return r
         return go
     jobs = [job(path, p) for path in ALL for p in command(path).params if is_path(p)]
     assert len(jobs) >= 15

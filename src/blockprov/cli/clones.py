@@ -28,7 +28,7 @@ from blockprov.cli._common import (
     run_async,
 )
 from blockprov.clones.customize import BUILTIN_IDENTITY
-from blockprov.errors import AgentNotRunning, CustomizeFailed, PoolExhausted, UsageError
+from blockprov.errors import AgentNotRunning, CustomizeFailed, NotFound, PoolExhausted, UsageError
 from blockprov.names import host_port, parse_ref
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
@@ -134,6 +134,14 @@ def _banner(agent: ClonesAgent, as_json: bool) -> None:
     sys.stdout.flush()
 
 
+def _existing(root: Path) -> Path:
+    """A clones directory to read: one that is not there is a mistake (a typo listed nothing, exit 0)."""
+    root = root.resolve()
+    if not root.is_dir():
+        raise NotFound(msg=f"no clones directory at {root} (make one with: blockprov clone NAME:TAG --dir {root})")
+    return root
+
+
 @clones_group.command("list")
 @DIR_OPTION
 @json_option
@@ -142,7 +150,7 @@ def clones_list_cmd(root: Path, as_json: bool) -> None:
     from blockprov.cache.journal import load
     from blockprov.clones.clones import list_instances
 
-    root = root.resolve()
+    root = _existing(root)
     rows: list[dict[str, Any]] = []
     for name in list_instances(root):
         loaded = load(root / "instances" / name)
@@ -164,7 +172,7 @@ def clones_rm_cmd(names: tuple[str, ...], root: Path) -> None:
     """Remove instances (their overlays; the shared base stays)."""
     from blockprov.clones.clones import remove
 
-    root = root.resolve()
+    root = _existing(root)
     for n in names:
         remove(root, n)
     click.echo(f"removed {', '.join(names)}")
