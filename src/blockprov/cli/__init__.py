@@ -40,7 +40,7 @@ NO_ARGS_IS_HELP: tuple[type[click.ClickException], ...] = tuple(
 def as_error(e: OSError) -> BlockprovError | None:
     """The error an OSError from the environment is (a full disk, a busy port, an unusable path);
     None for one that is a bug (it stays "internal error", exit 70)."""
-    where = e.filename if e.filename is not None else None
+    where = e.filename
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(msg=str(where) if where is not None else (e.strerror or str(e)))
     if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):

@@ -149,11 +149,6 @@ class Ctx:
                                          catalog=self.catalog, create=self.create)
         return self._repo
 
-    @property
-    def data_path(self) -> Path:
-        """The data directory (pools live under it): --data / BLOCKPROV_DATA, else the default."""
-        return Path(self.data_dir) if self.data_dir else default_data_dir()
-
     def repository_for(self, cache_dir: Path) -> Repository:
         """The repository of an offline operation on ``cache_dir`` (agent/offline.py chooses it)."""
         from blockprov.agent.offline import repository_of
