@@ -64,6 +64,13 @@ class NotFound(BlockprovError):
     http_status = 404
 
 
+class RepositoryNotFound(NotFound):
+    """no repository at {path}: {why}"""
+
+    # An explicit --data / BLOCKPROV_DATA that does not exist: a read command that created an empty
+    # repository there would answer "no images" for a typo (issue 17); only import and serve create one.
+
+
 class ImageNotFound(NotFound):
     """no such image or version: {ref}"""
 
@@ -133,6 +140,15 @@ class SourceError(BlockprovError):
     """cannot read {path}: {why}"""
 
     exit_code = 6
+    http_status = 400
+
+
+class CannotWrite(BlockprovError):
+    """cannot write {path}: {why}"""
+
+    # The write side of SourceError: a missing or read-only directory, a file where a directory is
+    # needed, no permission. The user's environment, not a bug: its own code, not 70 (issue 17).
+    exit_code = 13
     http_status = 400
 
 
@@ -259,10 +275,21 @@ class DeviceIOError(DeviceError):
     """I/O error: {msg}"""
 
 
+class FetchFailed(DeviceIOError):
+    """I/O error: {msg}"""
+
+    # A read of a missing chunk gave up on an unreachable repository: EIO to an NBD client, and to
+    # a command (reset --eager, hydrate, update) the unreachable repository's exit code, 7 (issue 17).
+    exit_code = 7
+
+
 class NoSpace(DeviceError):
     """no space left: {msg}"""
 
+    # Its own exit code: a full disk (the repository's, a cache's, an export's destination) is the
+    # one failure an operator fixes by freeing space, and scripts tell it from the rest.
     errno_name = "ENOSPC"
+    exit_code = 12
 
 
 class ReadOnlyDevice(DeviceError):

@@ -7,6 +7,7 @@ pack store's index."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from blockprov.errors import NoSpace
+from blockprov.errors import CannotWrite, NoSpace
 
 
 class Database:
@@ -32,13 +33,40 @@ class Database:
 
     def script(self, schema: str) -> None:
         db = self.conn()
-        self._retry_locked(lambda: db.executescript(schema))
+        try:
+            self._retry_locked(lambda: db.executescript(schema))
+        except sqlite3.OperationalError as e:
+            raise self._environment(e) from None
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.conn().execute(sql, params).fetchone()
+        try:
+            return self.conn().execute(sql, params).fetchone()
+        except sqlite3.OperationalError as e:
+            raise self._environment(e) from None
 
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return self.conn().execute(sql, params).fetchall()
+        try:
+            return self.conn().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            raise self._environment(e) from None
+
+    def _environment(self, e: sqlite3.OperationalError) -> Exception:
+        """What SQLite's vague "unable to open database file" / "disk I/O error" is, when the
+        directory is to blame: a full disk (NoSpace) or one that cannot be written (CannotWrite);
+        otherwise the error itself. Even a read needs the WAL's -shm file (issue 17)."""
+        where = self.path.parent
+        try:
+            full = os.statvfs(where).f_bavail == 0
+        except OSError:
+            full = False
+        if full or "full" in str(e):
+            return NoSpace(msg=str(self.path))
+        if "unable to open" in str(e) or "readonly" in str(e) or "read-only" in str(e):
+            if not where.is_dir():
+                return CannotWrite(path=str(self.path), why=f"{where} is not a directory")
+            if not os.access(where, os.W_OK):
+                return CannotWrite(path=str(self.path), why=f"{where} is not writable (read-only file system?)")
+        return e
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self.tx() as db:  # SQLite has one writer at a time anyway
@@ -48,11 +76,14 @@ class Database:
         """This thread's connection (sqlite3 connections must not be shared between threads)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-            conn = db
-            self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
+            try:
+                db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+                conn = db
+                self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.OperationalError as e:
+                raise self._environment(e) from None
             self._local.db = db
         return db
 
@@ -85,10 +116,11 @@ class Database:
                 raise
             db.execute("COMMIT")
         except sqlite3.OperationalError as e:
-            if "full" in str(e):  # SQLITE_FULL: the disk is full; the transaction did not happen
+            mapped = self._environment(e)
+            if mapped is not e:  # a full disk, a read-only directory: the transaction did not happen
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                raise NoSpace(msg=str(self.path)) from None
+                raise mapped from None
             raise
 
     def close(self) -> None:

@@ -86,6 +86,7 @@ def test_bad_input_clear_errors(tmp_path: Path, args: list[str], code: int, need
     notimage = tmp_path / "text.txt"
     notimage.write_text("hello")
     args = [a.format(src=src, notimage=notimage, tmp=tmp_path) for a in args]
+    (tmp_path / "data").mkdir()  # an empty repository (a --data that does not exist is its own error: exit 3)
     p = run_cli(*args, data=tmp_path / "data", check=False)
     assert p.returncode == code, p.stderr
     assert needle in p.stderr

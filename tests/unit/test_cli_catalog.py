@@ -33,6 +33,7 @@ def test_unknown_scheme_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_sqlite_spelled_out_is_the_default(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    data.mkdir()  # read commands refuse a --data directory that does not exist (issue 17)
     assert run_cli("--catalog", "sqlite", "images", "--json", data=data).stdout.strip() == "[]"
     assert (data / "catalog.sqlite").exists()
 

@@ -1,7 +1,7 @@
 """README's exit-code table and the code agree, both ways.
 
 Every exit code the CLI can end with is either an ``exit_code`` of a class in errors.py or one of
-the CLI edge's own (cli/__init__.py: 130 interrupted; click's 2 for a bad command line and 1 for an
+the CLI edge's own (cli/__init__.py: 130 interrupted, 141 output closed; click's 2 for a bad command line and 1 for an
 abort). The README lists each of them once, and nothing else: a code added to errors.py without a
 README row, or a row left behind by a removed code, fails here. The table is the one whose header
 starts with ``exit code``.
@@ -45,7 +45,8 @@ def code_codes() -> dict[int, list[str]]:
     for name, cls in vars(errors).items():
         if inspect.isclass(cls) and issubclass(cls, errors.BlockprovError):
             out.setdefault(cls.exit_code, []).append(name)
-    edge = {cli.EXIT_INTERRUPTED: "cli: interrupted", click.UsageError.exit_code: "click: bad command line",
+    edge = {cli.EXIT_INTERRUPTED: "cli: interrupted", cli.EXIT_BROKEN_PIPE: "cli: output closed",
+            click.UsageError.exit_code: "click: bad command line",
             click.ClickException.exit_code: "click: aborted"}
     for code, who in edge.items():
         out.setdefault(code, []).append(who)

@@ -6,10 +6,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockprov import codec
+from blockprov.errors import SourceError
 from blockprov.imaging.exporter import export_image
 from blockprov.imaging.importer import data_extents, import_image
 from blockprov.repo.local import LocalRepository
@@ -68,7 +70,9 @@ def test_data_extents_skip_holes(tmp_path: Path) -> None:
 def test_unaligned_size_is_rounded_to_sectors(tmp_path: Path, repo: LocalRepository) -> None:
     p = tmp_path / "odd"
     p.write_bytes(b"a" * 1000)
-    import_image(repo, p, "odd:v")
+    with pytest.raises(SourceError, match="512-byte sectors"):  # not a disk image: refused (issue 17) …
+        import_image(repo, p, "odd:v")
+    import_image(repo, p, "odd:v", fmt="raw")  # … unless the caller insists it is raw
     m = repo.resolve("odd:v")
     assert m.size == 1024
     export_image(repo, "odd:v", tmp_path / "o")

@@ -62,6 +62,7 @@ class Hydrator:
         self.chunks = 0
         self.started = time.time()
         self.finished: float | None = None
+        self.fault: DeviceError | None = None  # what paused it last (a one-shot run gives up on it: cli hydrate)
         self._window: deque[tuple[float, int]] = deque(maxlen=64)
         self._task: asyncio.Task[None] | None = None
 
@@ -97,6 +98,7 @@ class Hydrator:
                     # costs no refetch of what hydration already copied.
                     await self.dev.state.sync()
             except NoSpace as e:
+                self.fault = e
                 self._pause(f"cache disk full ({e}); hydration paused, retrying in {pause:g} s")
                 await asyncio.sleep(pause)
                 continue
@@ -104,6 +106,7 @@ class Hydrator:
                 if self.dev.closed:
                     self.state = "stopped"
                     return
+                self.fault = e
                 self._pause(f"{e}; hydration paused, retrying in {pause:g} s")
                 await asyncio.sleep(pause)
                 continue

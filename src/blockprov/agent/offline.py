@@ -74,9 +74,10 @@ async def adopt_repository(dev: CacheDevice, repo: Repository) -> None:
 
 
 def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
-             repository: Callable[[Path], Repository]) -> dict[str, Any]:
+             repository: Callable[[Path], Repository], *, fetch_timeout: float | None = None) -> dict[str, Any]:
     """``op`` run by the agent serving ``cache_dir``, else ``offline`` on the cache opened here with
-    ``repository(cache_dir)`` (opened only then: see ``repository_of``)."""
+    ``repository(cache_dir)`` (opened only then: see ``repository_of``). ``fetch_timeout``: how long
+    the offline cache's reads retry an unreachable repository before they fail (the agent has its own)."""
     cache_dir = cache_dir.resolve()
     try:
         control.call(cache_dir, "status", timeout=10.0)  # answers quickly, or the agent is stuck
@@ -97,7 +98,8 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
     from blockprov.cache.device import CacheDevice
 
     async def main() -> dict[str, Any]:
-        dev = await CacheDevice.open(cache_dir, repo, create=False)
+        dev = await (CacheDevice.open(cache_dir, repo, create=False) if fetch_timeout is None else
+                     CacheDevice.open(cache_dir, repo, create=False, fetch_timeout=fetch_timeout))
         try:
             return await offline(dev, repo)
         finally:

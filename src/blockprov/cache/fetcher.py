@@ -43,7 +43,7 @@ from typing import Any
 
 from blockprov.cache.source import Data, NeededFn, SourceFactory, StoreFn
 from blockprov.codec import ZERO_DIGEST, decode_view
-from blockprov.errors import BlockprovError, ChunkCorrupt, DeviceIOError, RepositoryUnavailable
+from blockprov.errors import BlockprovError, ChunkCorrupt, DeviceIOError, FetchFailed, RepositoryUnavailable
 from blockprov.manifest import Manifest
 from blockprov.repo.base import BlobSource, BlobViews
 from blockprov.retry import RetryPolicy, retry_async
@@ -292,13 +292,13 @@ class Fetcher:
                 self._active -= 1  # the repository slot is free; storing does not hold it
                 active = False
             except TimeoutError:
-                err: BaseException = DeviceIOError(
+                err: BaseException = FetchFailed(
                     msg=f"repository {self.repo.url} gave no chunks within {self.timeout:g} s "
                         f"(chunks {batch[0]}..{batch[-1]})")
                 self._fail(entries, err)
                 return
             except RepositoryUnavailable as e:
-                self._fail(entries, DeviceIOError(msg=f"{e} (gave up after {self.timeout:g} s)"))
+                self._fail(entries, FetchFailed(msg=f"{e} (gave up after {self.timeout:g} s)"))
                 return
             except BlockprovError as e:
                 log.error("fetching chunks %d..%d failed: %s", batch[0], batch[-1], e)

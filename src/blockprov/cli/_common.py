@@ -8,8 +8,12 @@ imports on its own; the group and the exit-code edge live in ``cli/__init__.py``
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +24,7 @@ import platformdirs
 
 from blockprov import humanize as hz
 from blockprov.agent import run_async as run_async  # the commands' event loop is the agent's
-from blockprov.errors import UsageError
+from blockprov.errors import CannotWrite, RepositoryNotFound, UsageError
 from blockprov.repo.base import Repository
 from blockprov.store.factory import StoreOptions
 
@@ -29,14 +33,75 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("blockprov"))
 
 
+def check_data_dir(data_dir: str | Path | None, *, create: bool) -> Path:
+    """The data directory a command uses, refused when it cannot be one.
+
+    A file is never a data directory; one named with ``--data``/``BLOCKPROV_DATA`` that does not exist
+    is refused unless the command makes repositories (``create``: import, serve, token create): a
+    read command that created it would answer "no images" for a typo (issue 17). The default
+    directory is created as before: nobody typed it."""
+    if data_dir is None:
+        return default_data_dir()
+    path = Path(data_dir)
+    if path.exists() and not path.is_dir():
+        raise RepositoryNotFound(path=str(path), why="it is a file, not a data directory (--data / BLOCKPROV_DATA)")
+    if not path.exists() and not create:
+        raise RepositoryNotFound(path=str(path), why="the directory does not exist (--data / BLOCKPROV_DATA; "
+                                                     "`blockprov import` creates a repository)")
+    for parent in path.parents:  # the first existing ancestor must be a directory we can create in
+        if parent.exists():
+            if not parent.is_dir():
+                raise RepositoryNotFound(path=str(path), why=f"{parent} is a file, not a directory")
+            break
+    return path
+
+
+def check_creatable(path: Path, what: str) -> Path:
+    """``path`` (a socket, an output file) can be created: its nearest existing ancestor is a
+    directory. Checked before a server starts, so the mistake is one line, not a half-started agent."""
+    if path.is_dir():
+        raise CannotWrite(path=str(path), why=f"it is a directory, not a {what}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CannotWrite(path=str(path), why=f"{parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise CannotWrite(path=str(path), why=f"{parent} is not writable (read-only file system?)")
+            break
+    return path
+
+
+def quiet_library_logs() -> None:
+    """A command that opens a cache here reports its own outcome: the cache's and fetcher's log
+    lines (meant for an agent's log: "fetching chunks … failed", "hydration paused") would repeat
+    its one error line. Servers (serve, attach, clones/pool serve) keep their logs."""
+    import logging
+
+    logging.getLogger("blockprov").setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def listening(*addresses: str | None) -> Iterator[None]:
+    """Turn a failed bind (address in use, not this host's) into one line naming the address."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        shown = " or ".join(dict.fromkeys(a for a in addresses if a)) or "the address"
+        raise UsageError(f"cannot listen on {shown}: {os.strerror(e.errno).lower()}") from None
+
+
 def open_repository(repo_url: str | None, data_dir: str | None, store: str | None = None,
                     store_options: StoreOptions | None = None, *, cacheable: bool = False,
-                    token: str | None = None, ca: str | None = None, catalog: str | None = None) -> Repository:
+                    token: str | None = None, ca: str | None = None, catalog: str | None = None,
+                    create: bool = False) -> Repository:
     """``--repo URL[,URL…]`` (several: a FailoverRepository), else the embedded repository in the data
     directory, with its chunks in ``store`` (``--store``: local packs or ``s3://BUCKET/PREFIX``) and its
     catalog in ``catalog`` (``--catalog``: SQLite in the data directory, or ``postgresql://…``).
     ``cacheable``: fetch chunks with per-chunk GETs an HTTP cache can keep (``attach --cacheable-fetch``).
-    ``token``/``ca``: the access token sent to servers and the CA their certificates must chain to."""
+    ``token``/``ca``: the access token sent to servers and the CA their certificates must chain to.
+    ``create``: the command may make a new embedded repository (import); others refuse a missing one."""
     if repo_url:
         urls = [u.strip() for u in repo_url.split(",") if u.strip()]
         for u in urls:
@@ -49,11 +114,14 @@ def open_repository(repo_url: str | None, data_dir: str | None, store: str | Non
         from blockprov.repo.multi import FailoverRepository
 
         return FailoverRepository([RemoteRepository(u, cacheable=cacheable, token=token, ca=ca) for u in urls])
+    from blockprov.catalog.db import is_shared, open_database
     from blockprov.repo.local import LocalRepository
     from blockprov.store.factory import open_store
 
-    data = data_dir or default_data_dir()
-    from blockprov.catalog.db import open_database
+    if catalog not in (None, "", "sqlite") and not is_shared(catalog):
+        open_database(catalog, ".")  # a bad --catalog is named first: it is the mistake on the command line
+    # With a shared catalog the data directory holds nothing of the repository's: no reason to refuse it.
+    data = check_data_dir(data_dir, create=create or is_shared(catalog))
 
     db = open_database(catalog, data)  # first: a bad --catalog must not leave an S3 client behind
     return LocalRepository(data, store=open_store(store, data, store_options) if store else None, catalog=db)
@@ -70,6 +138,7 @@ class Ctx:
         self.token: str | None = None  # --token / BLOCKPROV_TOKEN
         self.ca: str | None = None  # --ca / BLOCKPROV_CA
         self.catalog: str | None = None  # --catalog / BLOCKPROV_CATALOG
+        self.create = False  # set by commands that may make the embedded repository (import)
         self._repo: Repository | None = None
 
     @property
@@ -77,7 +146,7 @@ class Ctx:
         if self._repo is None:
             self._repo = open_repository(self.repo_url, self.data_dir, self.store, self.store_options,
                                          cacheable=self.cacheable, token=self.token, ca=self.ca,
-                                         catalog=self.catalog)
+                                         catalog=self.catalog, create=self.create)
         return self._repo
 
     def repository_for(self, cache_dir: Path) -> Repository:
@@ -98,20 +167,95 @@ def emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-@contextmanager
-def progress_bar(total: int | None, desc: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A byte progress bar on stderr when it is a terminal; a no-op otherwise."""
-    if not enabled or not sys.stderr.isatty():
-        yield lambda n: None
-        return
-    from tqdm import tqdm
+class Bar:
+    """A byte progress bar on stderr: percentage, binary units (MiB, as the summaries say) and ETA
+    once the total is known; a counter and a rate before. Thread-safe (the importer's workers
+    report from their threads); redrawn at most ten times a second."""
 
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
-        yield bar.update
+    def __init__(self, total: int | None, desc: str, unit: str = "B") -> None:
+        self.total, self.desc, self.done, self.unit = total, desc, 0, unit
+        self._t0 = self._drawn = time.monotonic()
+        self._lock = threading.Lock()
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if now - self._drawn >= 0.1:
+                self._drawn = now
+                self._draw(now)
+
+    def _fmt(self, n: float) -> str:
+        return hz.size(n) if self.unit == "B" else f"{n:.0f} {self.unit}" if n == int(n) else f"{n:.1f} {self.unit}"
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self._t0, 1e-6)
+        rate = self.done / elapsed
+        if self.total:
+            frac = min(1.0, self.done / self.total)
+            bar = "#" * int(frac * 20)
+            eta = (self.total - self.done) / rate if rate > 0 else None
+            return (f"{self.desc}: {100 * frac:5.1f}% [{bar:20}] {self._fmt(self.done)} / {self._fmt(self.total)}  "
+                    f"{self._fmt(rate)}/s  ETA {_clock(eta)}")
+        return f"{self.desc}: {self._fmt(self.done)}  {self._fmt(rate)}/s"
+
+    def _draw(self, now: float) -> None:
+        sys.stderr.write("\r" + self.line(now)[:119].ljust(119))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\r" + " " * 119 + "\r")
+        sys.stderr.flush()
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+class _Quiet:
+    """What a bar is when nobody watches (piped, --json): it counts nothing and draws nothing."""
+
+    def set_total(self, total: int) -> None:
+        pass
+
+    def __call__(self, n: int) -> None:
+        pass
+
+
+@contextmanager
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "B") -> Iterator[Bar | _Quiet]:
+    """A byte progress bar on stderr when it is a terminal (and not --json); quiet otherwise, so
+    piped output and --json stay clean. Call it with bytes done; ``set_total`` when the size is
+    learned late (import learns it from the source). ``unit``: bytes (binary units), else a count
+    of things (``"instances"``)."""
+    if not enabled or not sys.stderr.isatty():
+        yield _Quiet()
+        return
+    bar = Bar(total, desc, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+JSON_META = "blockprov.json"  # ctx.meta flag: --json was given, so errors are JSON too (cli/__init__.py)
+
+
+def _json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[JSON_META] = True
+    return value
 
 
 json_option: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output.")
+    "--json", "as_json", is_flag=True, is_eager=True, callback=_json_flag,
+    help="Machine-readable output (errors too: one JSON object on stderr).")
 
 
 

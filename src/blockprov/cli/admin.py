@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, progress_bar
+from blockprov.cli._common import Ctx, check_data_dir, default_data_dir, emit, json_option, progress_bar
 from blockprov.errors import ChunkCorrupt, IntegrityError, UsageError
 
 
@@ -42,7 +42,7 @@ def catalog_copy(obj: Ctx, target: str, as_json: bool) -> None:
     from blockprov.catalog.db import is_shared, open_database
     from blockprov.sqlite import Database
 
-    data = Path(obj.data_dir or default_data_dir())
+    data = Path(obj.data_dir or default_data_dir())  # no catalog there is refused below, with its own line
     if not is_shared(obj.catalog) and not (data / "catalog.sqlite").exists():
         raise UsageError(f"there is no catalog to copy: {data / 'catalog.sqlite'} does not exist "
                          "(give --data DIR, or --catalog URL)")
@@ -87,7 +87,12 @@ def store_copy(obj: Ctx, target: str, as_json: bool) -> None:
     from blockprov.store.copy import copy_store
     from blockprov.store.factory import open_store
 
-    data = Path(obj.data_dir or default_data_dir())
+    # The local source is the data directory's packs: refuse one that is not there (a typo would copy
+    # nothing, successfully). An S3 source needs none; a bad --to is named by open_store below.
+    local_source = not obj.store or obj.store == "local"
+    data = (check_data_dir(obj.data_dir, create=False) if local_source and (target == "local" or
+                                                                            target.startswith("s3://"))
+            else Path(obj.data_dir or default_data_dir()))
     with ExitStack() as stack:
         src = stack.enter_context(closing(open_store(obj.store, data, obj.store_options)))
         dst = stack.enter_context(closing(open_store(target, data, obj.store_options)))
@@ -117,7 +122,7 @@ def store_reindex(obj: Ctx, as_json: bool) -> None:
     from blockprov.store.factory import open_store
     from blockprov.store.pack import PackChunkStore
 
-    data = Path(obj.data_dir or default_data_dir())
+    data = check_data_dir(obj.data_dir, create=False)
     if obj.store and obj.store != "local":
         raise UsageError(f"only the pack store has an index to rebuild; {obj.store} keeps one object per chunk")
     with closing(open_store(None, data)) as st:

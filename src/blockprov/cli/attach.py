@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -13,12 +14,14 @@ import click
 from blockprov import humanize as hz
 from blockprov.cli._common import (
     Ctx,
+    check_creatable,
     emit,
     json_option,
+    listening,
     run_async,
     size_option,
 )
-from blockprov.errors import UsageError
+from blockprov.errors import BlockprovError, NoSpace, UsageError
 from blockprov.names import host_port, parse_ref
 
 
@@ -68,6 +71,9 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     cache_dir = cache_dir.resolve()
     if sock is None and listen is None:
         raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
+    if sock is not None:
+        check_creatable(sock, "socket")
+    check_creatable(cache_dir / META_NAME, "cache")
     obj.cacheable = cacheable_fetch
     exists = (cache_dir / META_NAME).exists()
     # A cache keeps using the repository it was attached with (every endpoint of a failover list)
@@ -85,7 +91,8 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
 
     async def main() -> None:
         agent = Agent(cfg, repo, manifest)
-        addresses = await agent.start()
+        with listening(listen, metrics_at):
+            addresses = await agent.start()
         assert agent.device is not None
         m = agent.device.manifest
         if as_json:
@@ -101,7 +108,13 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
                 click.echo(f"  metrics {agent.metrics_url}")
             click.echo("stop with Ctrl-C or SIGTERM")
         sys.stdout.flush()
-        await agent.run()
+        try:
+            await agent.run()
+        except (BlockprovError, OSError) as e:
+            if not _disk_full(e):
+                raise
+            raise NoSpace(msg=f"cache {cache_dir}: the agent stopped, but could not write its clean-shutdown "
+                              "state (the next attach recovers from the journal)") from None
         if not as_json:
             click.echo("stopped cleanly")
 
@@ -127,8 +140,23 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
                f"{st['chunks_present']} with data, {st['chunks_zero']} zero; {st['chunks_missing']} to fetch")
     click.echo(f"  modified  {st['chunks_modified']} chunks since the base version")
     if "chunks_from_repository" in st:  # an agent of an older version does not say
-        click.echo(f"  depends   {st['chunks_from_repository']} chunks can only be read from the repository "
-                   f"{st.get('repository') or '(none recorded)'}")
+        click.echo(f"  depends   {st['chunks_from_repository']} chunks can only be read from the repository")
+    click.echo(f"  repo      {st.get('repository') or '-'}"
+               + (f" (agent: {agent_repo})" if (agent_repo := st.get("agent", {}).get("repository"))
+                  and agent_repo != st.get("repository") else ""))
+    hyd = st.get("hydration")
+    if hyd:
+        eta = hyd.get("eta_seconds")
+        click.echo(f"  hydrate   {hyd.get('state')}: {hyd.get('percent')}% local, fetched "
+                   f"{hz.size(hyd.get('bytes_fetched', 0))} at {hz.size(hyd.get('rate_bytes_per_s', 0))}/s"
+                   + (f", ETA {eta:.0f} s" if eta is not None else "")
+                   + (f" — {hyd['message']}" if hyd.get("message") else ""))
+    elif st.get("hydrated"):
+        click.echo(f"  hydrated  every chunk local since {_when(st['hydrated'])}")
+    for name, t in sorted((st.get("targets") or {}).items()):
+        last = t.get("last_snapshot")
+        shown = f"last snapshot {last}" if last else "never snapshotted"
+        click.echo(f"  target    {name}: {t.get('unsynced_chunks', 0)} chunk(s) not sent yet; {shown}")
     tot = st.get("totals", {})
     click.echo(f"  fetched   {hz.size(tot.get('bytes_fetched', 0))} in {tot.get('chunks_fetched', 0)} chunks "
                f"({hz.size(tot.get('wire_bytes', 0))} on the wire) over all agent runs")
@@ -144,6 +172,21 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
     else:
         click.echo("  agent     not running" + ("" if st.get("clean_shutdown", True) else
                                                " (last stop was unclean: the next attach recovers it)"))
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk, however it was wrapped (the cache reports a failed checkpoint as an I/O error
+    whose cause is the OSError)."""
+    if isinstance(e, NoSpace):
+        return True
+    cause = e if isinstance(e, OSError) else e.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _when(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds")
 
 
 def register(cli: click.Group) -> None:

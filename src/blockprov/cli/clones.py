@@ -17,13 +17,24 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from blockprov import humanize as hz
-from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, run_async
+from blockprov.cli._common import (
+    Ctx,
+    check_creatable,
+    check_data_dir,
+    emit,
+    json_option,
+    listening,
+    progress_bar,
+    run_async,
+)
 from blockprov.clones.customize import BUILTIN_IDENTITY
-from blockprov.errors import AgentNotRunning, CustomizeFailed, PoolExhausted, UsageError
+from blockprov.errors import AgentNotRunning, CustomizeFailed, NotFound, PoolExhausted, UsageError
 from blockprov.names import host_port, parse_ref
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
     from blockprov.clones.clones import ClonesAgent
+
+CLONE_GROUP = 16  # instances made between two updates of clone's progress bar
 
 DIR_OPTION = click.option("--dir", "root", required=True, type=click.Path(file_okay=False, path_type=Path),
                           help="The clones directory.")
@@ -50,7 +61,15 @@ def clone_cmd(obj: Ctx, ref: str, count: int, root: Path, prefix: str | None, cu
     m = obj.repo.resolve(parse_ref(ref))
     names = next_names(root, prefix or f"{m.image}-", count)
     t0 = time.monotonic()
-    run_async(create_instances(root, obj.repo, m, names))
+
+    async def make() -> None:
+        with progress_bar(count, f"clone {m.image}@{m.id}", not as_json, unit="instances") as bar:
+            for k in range(0, count, CLONE_GROUP):
+                group = names[k:k + CLONE_GROUP]
+                await create_instances(root, obj.repo, m, group)
+                bar(len(group))
+
+    run_async(make())
     made = time.monotonic() - t0
     served = rescan_served(root)
     failed = run_async(customize_new(root, obj.repo, names, customize_cmd, served)) if customize_cmd else {}
@@ -93,10 +112,13 @@ def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None
     address = host_port(listen) if listen else None
     base = recorded_repository(root)  # the repository the clones were made from, unless one is named
     repo = obj.repository_for(base) if base is not None else obj.repo
+    if sock is not None:
+        check_creatable(sock, "socket").parent.mkdir(parents=True, exist_ok=True)  # as attach does
 
     async def main() -> None:
         agent = ClonesAgent(root, repo, socket=sock, listen=address)
-        await agent.start()
+        with listening(listen):
+            await agent.start()
         _banner(agent, as_json)
         await agent.run()
 
@@ -114,6 +136,14 @@ def _banner(agent: ClonesAgent, as_json: bool) -> None:
     sys.stdout.flush()
 
 
+def _existing(root: Path) -> Path:
+    """A clones directory to read: one that is not there is a mistake (a typo listed nothing, exit 0)."""
+    root = root.resolve()
+    if not root.is_dir():
+        raise NotFound(msg=f"no clones directory at {root} (make one with: blockprov clone NAME:TAG --dir {root})")
+    return root
+
+
 @clones_group.command("list")
 @DIR_OPTION
 @json_option
@@ -122,7 +152,7 @@ def clones_list_cmd(root: Path, as_json: bool) -> None:
     from blockprov.cache.journal import load
     from blockprov.clones.clones import list_instances
 
-    root = root.resolve()
+    root = _existing(root)
     rows: list[dict[str, Any]] = []
     for name in list_instances(root):
         loaded = load(root / "instances" / name)
@@ -144,19 +174,21 @@ def clones_rm_cmd(names: tuple[str, ...], root: Path) -> None:
     """Remove instances (their overlays; the shared base stays)."""
     from blockprov.clones.clones import remove
 
-    root = root.resolve()
+    root = _existing(root)
     for n in names:
         remove(root, n)
     click.echo(f"removed {', '.join(names)}")
 
 
 # -- pools -------------------------------------------------------------------------------------
-def pool_dir(name: str, root: Path | None) -> Path:
+def pool_dir(obj: Ctx, name: str, root: Path | None) -> Path:
+    """``--dir``, else DATA/pools/NAME where DATA is --data / BLOCKPROV_DATA like every other
+    command's (issue 17: pools looked in the default data directory whatever was given)."""
     if root is not None:
         return root.resolve()
     if not name.replace("-", "").isalnum():
         raise UsageError(f"a pool name is letters, digits and '-', not {name!r}")
-    return default_data_dir() / "pools" / name
+    return check_data_dir(obj.data_dir, create=False) / "pools" / name
 
 
 POOL_DIR_OPTION = click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),
@@ -184,7 +216,7 @@ def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str 
     """Make the configured version and SIZE ready instances of it."""
     from blockprov.clones import pool
 
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     m = obj.repo.resolve(parse_ref(source))
     st = run_async(pool.create(d, obj.repo, name, m, size, configure=configure, customize_cmd=customize_cmd))
     if as_json:
@@ -208,13 +240,17 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
     from blockprov.clones import pool
     from blockprov.clones.clones import ClonesAgent
 
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     address = host_port(listen) if listen else None
     pool.read_state(d)
 
+    if sock is not None:
+        check_creatable(sock, "socket").parent.mkdir(parents=True, exist_ok=True)  # as attach does
+
     async def main() -> None:
         agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET, listen=address)
-        await agent.start()
+        with listening(listen):
+            await agent.start()
         server = pool.PoolServer(d, obj.repo, agent)
         server.start()
         _banner(agent, as_json)
@@ -233,11 +269,12 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
               help="Seconds to wait for a ready instance when the pool is exhausted.")
 @POOL_DIR_OPTION
 @json_option
-def pool_acquire_cmd(name: str, host: str, wait_s: float, root: Path | None, as_json: bool) -> None:
+@click.pass_obj
+def pool_acquire_cmd(obj: Ctx, name: str, host: str, wait_s: float, root: Path | None, as_json: bool) -> None:
     """Hand a ready instance to a host at once and print how to connect to it."""
     from blockprov.clones import pool
 
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -275,7 +312,7 @@ def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None
 
     if (instance is None) == (host is None):
         raise UsageError("give --instance NAME or --host ID")
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     inst = pool.find(d, instance, host)
     try:
         out = pool.server_call(d, "pool-release", instance=inst, destroy=destroy)
@@ -291,11 +328,12 @@ def pool_release_cmd(obj: Ctx, name: str, instance: str | None, host: str | None
 @click.argument("name")
 @POOL_DIR_OPTION
 @json_option
-def pool_status_cmd(name: str, root: Path | None, as_json: bool) -> None:
+@click.pass_obj
+def pool_status_cmd(obj: Ctx, name: str, root: Path | None, as_json: bool) -> None:
     """Ready and in-use instances, and whether the pool server runs."""
     from blockprov.clones import pool
 
-    d = pool_dir(name, root)
+    d = pool_dir(obj, name, root)
     try:
         st = pool.server_call(d, "pool-status")
     except AgentNotRunning:

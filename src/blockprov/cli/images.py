@@ -37,10 +37,10 @@ def import_cmd(obj: Ctx, source: str, ref: str, chunk_size: int, fmt: str | None
     from blockprov.imaging.importer import import_image
 
     target = parse_ref(ref, allow_version=False)
-    total: list[int] = []
+    obj.create = True  # import is the command that makes a new embedded repository
     with progress_bar(None, f"import {target}", not as_json) as bar:
         vid, stats = import_image(obj.repo, source, target, chunk_size=chunk_size, fmt=fmt, labels=labels,
-                                  progress=bar, on_size=total.append)
+                                  progress=bar, on_size=bar.set_total)
     d = stats.to_dict() | {"image": target.name, "tag": target.tag, "id": vid}
     if as_json:
         emit(d)

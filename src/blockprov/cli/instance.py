@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ import click
 from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.agent.offline import on_cache
-from blockprov.cli._common import Ctx, emit, json_option, size_option
+from blockprov.cli._common import Ctx, emit, json_option, progress_bar, quiet_library_logs, size_option
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import parse_ref
 
@@ -31,14 +32,36 @@ if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that
 
 CACHE_OPTION = click.option("--cache", "cache_dir", required=True,
                             type=click.Path(file_okay=False, path_type=Path), help="The instance's cache directory.")
+FETCH_TIMEOUT_OPTION = click.option(
+    "--fetch-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+    help="Without a running agent: seconds a fetch retries an unreachable repository before the command "
+         "fails (exit 7).")
+
+
+async def _watching(dev: CacheDevice, work: Awaitable[dict[str, Any]], total: int | None, desc: str,
+                    enabled: bool) -> dict[str, Any]:
+    """Run ``work`` on an offline cache with a bar of the bytes it fetches (the device's own
+    counter, polled: the lifecycle steps need no progress hook for it)."""
+    import asyncio
+
+    with progress_bar(total, desc, enabled) as bar:
+        seen = dev.totals()["bytes_fetched"]
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            await asyncio.wait([task], timeout=0.2)
+            now = dev.totals()["bytes_fetched"]
+            bar(now - seen)
+            seen = now
+        return task.result()
 
 
 @click.command("reset")
 @CACHE_OPTION
 @click.option("--eager", is_flag=True, help="Fetch the reset chunks now, so the next session starts fully local.")
+@FETCH_TIMEOUT_OPTION
 @json_option
 @click.pass_obj
-def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, as_json: bool) -> None:
+def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, fetch_timeout: float, as_json: bool) -> None:
     """Bring the instance back to its base version: only the chunks modified since are touched.
 
     Lazily (default) the modified chunks are forgotten and fetched again on first read; --eager
@@ -48,9 +71,14 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, as_json: bool) -> None:
     from blockprov.agent import lifecycle
 
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
-        return await lifecycle.reset(dev, eager=eager)
+        if not eager:
+            return await lifecycle.reset(dev, eager=False)
+        total = dev.chunk_map.counts()["modified"] * dev.manifest.chunk_size
+        return await _watching(dev, lifecycle.reset(dev, eager=True), total, "reset: fetch", not as_json)
 
-    out = on_cache(cache_dir, "reset", {"eager": eager}, offline, obj.repository_for)
+    quiet_library_logs()
+
+    out = on_cache(cache_dir, "reset", {"eager": eager}, offline, obj.repository_for, fetch_timeout=fetch_timeout)
     if as_json:
         emit(out)
         return
@@ -93,7 +121,11 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
         assert cache_dir is not None
 
         async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
-            return await lifecycle.snapshot(dev, repo, to, target=target, rebase=rebase)
+            total = dev.chunk_map.counts()["modified"] * dev.manifest.chunk_size
+            with progress_bar(total, f"snapshot {to}", not as_json) as bar:
+                return await lifecycle.snapshot(dev, repo, to, target=target, rebase=rebase, progress=bar)
+
+        quiet_library_logs()
 
         out = on_cache(cache_dir, "snapshot", args, offline, obj.repository_for)
     if as_json:
@@ -135,9 +167,11 @@ def _remote_snapshot(repo: Repository, instance: str, args: dict[str, Any], wait
 @click.option("--keep-modified", is_flag=True,
               help="Keep the user's modified chunks over the new version (default: discard them).")
 @click.option("--lazy", is_flag=True, help="Do not fetch the changed chunks now; fetch them on first read.")
+@FETCH_TIMEOUT_OPTION
 @json_option
 @click.pass_obj
-def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bool, as_json: bool) -> None:
+def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bool, fetch_timeout: float,
+               as_json: bool) -> None:
     """Move the instance to another version of its image, transferring only the chunks that differ."""
     from blockprov.agent import lifecycle
 
@@ -147,9 +181,12 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bo
         import asyncio
 
         new = await asyncio.get_running_loop().run_in_executor(None, repo.resolve, to)
-        return await lifecycle.update(dev, new, keep_modified=keep_modified, eager=not lazy)
+        work = lifecycle.update(dev, new, keep_modified=keep_modified, eager=not lazy)
+        return await _watching(dev, work, None, f"update to {to}", not as_json and not lazy)
 
-    out = on_cache(cache_dir, "update", args, offline, obj.repository_for)
+    quiet_library_logs()
+
+    out = on_cache(cache_dir, "update", args, offline, obj.repository_for, fetch_timeout=fetch_timeout)
     if as_json:
         emit(out)
         return
@@ -167,10 +204,14 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bo
 @click.option("--rate", default=None, callback=lambda c, p, v: None if v is None else size_option(c, p, v),
               metavar="BYTES/S", help="Limit the transfer rate, e.g. 50M.")
 @click.option("--background", is_flag=True, help="With a running agent: start and return at once.")
+@FETCH_TIMEOUT_OPTION
 @json_option
 @click.pass_obj
-def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, as_json: bool) -> None:
-    """Copy every missing chunk into the cache (client reads keep priority); stops by itself."""
+def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, fetch_timeout: float,
+                as_json: bool) -> None:
+    """Copy every missing chunk into the cache (client reads keep priority); stops by itself: when
+    every chunk is local, or (without a running agent) when the repository stays unreachable for
+    --fetch-timeout (exit 7) or the cache disk is full (exit 12)."""
     from blockprov.agent.hydrate import Hydrator
 
     cache_dir = cache_dir.resolve()
@@ -179,16 +220,24 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, a
 
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         import asyncio
-
         h = Hydrator(dev, rate=rate)
         task = h.start()
         while not task.done():
             _progress(h.status(), show)
             await asyncio.wait([task], timeout=0.5)
+            if h.state == "paused" and h.fault is not None:
+                # Offline nobody waits for the repository to come back: the fetcher already retried
+                # for the fetch timeout, so stop, as other commands do (exit 7, or 12 for a full disk).
+                await h.stop()
+                if show:
+                    click.echo("", err=True)
+                raise h.fault
         task.result()
         return h.status()
 
-    out = on_cache(cache_dir, "hydrate", args, offline, obj.repository_for)
+    quiet_library_logs()
+
+    out = on_cache(cache_dir, "hydrate", args, offline, obj.repository_for, fetch_timeout=fetch_timeout)
     if out.get("state") != "done" and not background:
         while out.get("state") not in ("done", "stopped"):
             _progress(out, show)
@@ -230,6 +279,8 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         m = dev.manifest
         return {"image": m.image, "version": m.id, "order": dev.profile()}
+
+    quiet_library_logs()
 
     got = on_cache(cache_dir, "profile", {}, offline, obj.repository_for)
     order = [int(i) for i in got["order"]]

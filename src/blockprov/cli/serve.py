@@ -9,7 +9,7 @@ import click
 
 from blockprov.cli._common import (
     Ctx,
-    default_data_dir,
+    check_data_dir,
     size_option,
 )
 from blockprov.errors import UsageError
@@ -51,7 +51,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
     host, port = host_port(listen)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data = obj.data_dir or default_data_dir()
+    data = check_data_dir(obj.data_dir, create=True)  # serve may start an empty repository
     from blockprov.catalog.db import open_database
 
     catalog = open_database(obj.catalog, data)
@@ -61,6 +61,10 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
 
         store = open_store(obj.store, data, obj.store_options)
     try:
+        if port:  # a busy port is the one error line, not after the start-up warnings (bound again below)
+            from blockprov.service.run import bind
+
+            bind(host, port).close()
         run_server(data, host, port, max_body=max_body, store=store, catalog=catalog,
                    chunk_cache=chunk_cache,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),

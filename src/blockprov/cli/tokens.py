@@ -11,13 +11,12 @@ repository anyway. ``catalog/tokens.py`` says why tokens look the way they do.
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from blockprov.catalog.tokens import SCOPES
-from blockprov.cli._common import Ctx, default_data_dir, emit, json_option
+from blockprov.cli._common import Ctx, check_data_dir, emit, json_option
 from blockprov.errors import UsageError
 
 if TYPE_CHECKING:  # SQLite and the catalog load only when a token command runs (CLI start-up time)
@@ -26,11 +25,11 @@ if TYPE_CHECKING:  # SQLite and the catalog load only when a token command runs 
 
 
 
-def _store(obj: Ctx) -> tuple[Catalog, TokenStore]:
+def _store(obj: Ctx, *, create: bool = False) -> tuple[Catalog, TokenStore]:
     if obj.repo_url:
         raise UsageError("tokens are managed on the repository's host, on its data directory: "
                          "run this without --repo / BLOCKPROV_REPO (with --data DIR or --catalog URL)")
-    data = Path(obj.data_dir or default_data_dir())
+    data = check_data_dir(obj.data_dir, create=create)  # only token create makes a new data directory
     data.mkdir(parents=True, exist_ok=True)
     from blockprov.catalog.db import open_database
     from blockprov.catalog.images import Catalog
@@ -57,7 +56,7 @@ def token() -> None:
 @click.pass_obj
 def token_create(obj: Ctx, scope: str, name: str | None, as_json: bool) -> None:
     """Create a token and print it. Only its hash is kept: store it now."""
-    catalog, store = _store(obj)
+    catalog, store = _store(obj, create=True)
     try:
         value, info = store.create(scope, name)
     finally:

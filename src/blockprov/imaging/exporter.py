@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from blockprov import codec
-from blockprov.errors import NoSpace, SourceError, UsageError
+from blockprov.errors import CannotWrite, NoSpace, UsageError
 from blockprov.imaging import qemu
 from blockprov.manifest import Manifest
 from blockprov.names import Ref
@@ -60,8 +60,11 @@ def _export_raw(repo: Repository, m: Manifest, dest: Path, progress: Callable[[i
     is_block = dest.exists() and stat.S_ISBLK(dest.stat().st_mode)
     try:
         fd = os.open(dest, os.O_WRONLY | (0 if is_block else os.O_CREAT | os.O_TRUNC), 0o644)
-    except OSError as e:
-        raise SourceError(path=str(dest), why=e.strerror or str(e)) from None
+    except OSError as e:  # the write side failed: not a SourceError ("cannot read"), issue 17
+        if e.errno in (28, 122):
+            raise NoSpace(msg=str(dest)) from None
+        raise CannotWrite(path=str(dest), why=e.strerror or str(e)) from None
+    ok = False
     try:
         if is_block:
             if os.lseek(fd, 0, os.SEEK_END) < m.size:
@@ -85,9 +88,12 @@ def _export_raw(repo: Repository, m: Manifest, dest: Path, progress: Callable[[i
                 if progress:
                     progress(sum(len(d) for _, d in done))
         os.fsync(fd)
+        ok = True
     except OSError as e:
-        if e.errno == 28:
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT
             raise NoSpace(msg=str(dest)) from None
         raise
     finally:
         os.close(fd)
+        if not ok and not is_block:  # no partial file left behind, as the qcow2 path does (issue 17)
+            dest.unlink(missing_ok=True)

@@ -157,6 +157,12 @@ def import_image(repo: Repository, source: str | os.PathLike[str], ref: Ref | st
     if src.is_dir():
         raise SourceError(path=str(src), why="is a directory")
     detected = fmt or _detect_format(src)
+    if fmt is None and detected == "raw" and src.is_file() and src.stat().st_size % 512:
+        # A disk is whole 512-byte sectors; anything else (a text file, a truncated download) would
+        # be stored zero-padded as a tiny disk without a word (issue 17). --format raw insists.
+        n = src.stat().st_size
+        raise SourceError(path=str(src), why=f"{n} bytes is not a whole number of 512-byte sectors, so not a disk "
+                                             "image (give --format raw to import it zero-padded anyway)")
     if detected != "raw":
         scratch = Path(scratch_dir or src.parent)
         tmp = scratch / f".blockprov-import-{os.getpid()}-{src.name}.raw"

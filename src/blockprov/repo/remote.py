@@ -257,12 +257,15 @@ class RemoteRepository:
                 raise UntrustedServer(url=self.url, why=bad.verify_message or str(bad)) from None
             raise RepositoryUnavailable(url=self.url, why=f"{type(e).__name__}: {e}" if str(e)
                                         else type(e).__name__) from None
-        if r.status_code >= 400:
+        if r.status_code >= 400 or r.headers.get("content-type", "").startswith("text/html"):
             raise self._error(r)
         return r
 
     def _error(self, r: httpx.Response) -> BlockprovError:
         """The error the server reported, rebuilt as the class it raised where we know it."""
+        if r.headers.get("content-type", "").startswith("text/html"):  # blockprov never answers HTML (issue 17)
+            return RepositoryUnavailable(url=self.url, why=f"HTTP {r.status_code} with a web page: it is not a "
+                                                           "blockprov repository (check the URL)")
         try:
             body = r.json()
         except ValueError:

@@ -64,6 +64,27 @@ CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack);
 """
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one pwritev takes (1024 on Linux)
+
+
+def _pwritev_all(fd: int, frames: Sequence[bytes], offset: int) -> None:
+    """All of ``frames`` at ``offset``: in groups of at most IOV_MAX buffers (one call given more
+    fails with EINVAL: 4K chunks make two frames each, issue 17), and again after a short write."""
+    for g in range(0, len(frames), IOV_MAX):
+        group = [memoryview(f) for f in frames[g:g + IOV_MAX]]
+        k = 0
+        while k < len(group):
+            n = os.pwritev(fd, group[k:], offset)
+            if n <= 0:
+                raise OSError(28, "No space left on device")
+            offset += n
+            while k < len(group) and n >= len(group[k]):
+                n -= len(group[k])
+                k += 1
+            if n:
+                group[k] = group[k][n:]
+
+
 def _nospace(e: OSError, where: Path) -> Exception:
     return NoSpace(msg=str(where)) if e.errno == 28 else e
 
@@ -231,7 +252,7 @@ class PackChunkStore(ChunkStore):
             w.end += total
             w.inflight += 1
         try:
-            os.pwritev(w.fd, frames, start)
+            _pwritev_all(w.fd, frames, start)
         except OSError as e:
             with self._lock:
                 w.inflight -= 1

@@ -1,0 +1,644 @@
+"""Every command through the mistakes a user makes (issue 17): one line, a documented code, no harm.
+
+The commands are enumerated from the click group (what ``blockprov --help`` and each group's
+``--help`` list), so a new command is covered by default: its required parameters get values by
+name (``VALUES``; an unknown one gets a plain word) and its path parameters are found by type.
+Each kind of mistake — a missing, wrong-type or unwritable path, a missing or file ``--data``, an
+unreachable or wrong repository, a busy port, a full disk (a real tmpfs), a closed pipe, a bad
+size — is one test that runs every command it applies to, in threads, each in its own copy of a
+small world (a repository with two versions, a cache, a clones directory) and each bounded by a
+timeout. Every run must end with
+
+- no ``Traceback`` and no ``internal error``;
+- an exit code from README's exit-code table (or 0);
+- on failure, exactly one line on stderr (a JSON object under ``--json``);
+- on failure, the world's files as they were (SQLite's -wal/-shm and lock files aside), and no
+  ``--data`` directory created by a command that does not make repositories.
+
+The regression tests for issue 17's silent behaviours 6 and 7 and its named cases follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import pytest
+
+from blockprov.cli import cli
+from tests.conftest import make_image, run_cli
+from tests.procs import free_port, start_agent
+from tests.unit.test_exit_codes import ROOT, readme_codes
+
+BLOCKPROV = str(Path(sys.executable).parent / "blockprov")
+DOCUMENTED = set(readme_codes((ROOT / "README.md").read_text()))
+RUN_TIMEOUT = 30.0  # seconds one command may take before it counts as hung
+THREADS = 4
+
+# Commands that may make a new data directory (the others must refuse one that does not exist).
+CREATES_DATA = {("import",), ("serve",), ("token", "create")}
+# Commands that serve until stopped: always given a busy --listen, so every run of them ends.
+SERVERS = {("serve",), ("attach",), ("clones", "serve"), ("pool", "serve")}
+
+
+def commands() -> list[tuple[str, ...]]:
+    """Every leaf command, as the words that name it (``("pool", "create")``)."""
+    out: list[tuple[str, ...]] = []
+
+    def walk(group: click.Group, prefix: tuple[str, ...]) -> None:
+        for name, cmd in sorted(group.commands.items()):
+            if isinstance(cmd, click.Group):
+                walk(cmd, (*prefix, name))
+            else:
+                out.append((*prefix, name))
+    walk(cli, ())
+    return out
+
+
+def command(path: tuple[str, ...]) -> click.Command:
+    cmd: click.Command = cli
+    for word in path:
+        assert isinstance(cmd, click.Group)
+        cmd = cmd.commands[word]
+    return cmd
+
+
+# -- the world each run gets a copy of ---------------------------------------------------------
+@dataclass
+class World:
+    root: Path  # this run's own directory
+    busy: int  # a port something listens on
+    closed: int  # a port nothing listens on
+    wrong: str  # a URL that answers HTTP, but is no blockprov repository
+    ro: Path  # a read-only file system
+
+    @property
+    def w(self) -> Path:
+        return self.root / "w"
+
+    @property
+    def data(self) -> Path:
+        return self.w / "data"
+
+
+def values(w: World, path: tuple[str, ...]) -> dict[str, str]:
+    """A plausible value for each parameter, by name (command-specific ones first)."""
+    base = {
+        "ref": "img:v1", "a": "img:v1", "b": "img:v2", "src": "img:v1", "dst": "img:t2",
+        "host_name": "52:54:00:12:34:56", "host": "h1", "key": "nobody", "names": "img-1", "scope": "read",
+        "cache_dir": str(w.w / "cache"), "root": str(w.w / "clones"), "name": "img", "source": "img:v1",
+        "kernel": str(w.w / "kernel"), "initrd": str(w.w / "kernel"), "dest": str(w.w / "out.img"),
+        "to": "img:v2", "target": "local", "instance": "img-1",
+    }
+    specific: dict[tuple[str, ...], dict[str, str]] = {
+        ("import",): {"source": str(w.w / "disk.img"), "ref": "img:new"},
+        ("snapshot",): {"to": "img:snap"},
+        ("catalog", "copy"): {"target": str(w.w / "copy.sqlite")},
+        ("pool", "create"): {"name": "p1"}, ("pool", "serve"): {"name": "p1"},
+        ("pool", "acquire"): {"name": "p1"}, ("pool", "status"): {"name": "p1"},
+        ("pool", "release"): {"name": "p1"},
+        ("attach",): {"cache_dir": str(w.w / "newcache")},
+    }
+    return base | specific.get(path, {})
+
+
+def is_path(p: click.Parameter) -> bool:
+    return isinstance(p.type, click.Path)
+
+
+def argv(w: World, path: tuple[str, ...], override: dict[str, str] | None = None) -> list[str]:
+    """The command line: required parameters (and overridden ones) with values; servers get a busy
+    --listen; commands with --fetch-timeout get a short one (an unreachable repository ends them)."""
+    cmd = command(path)
+    vals = values(w, path) | (override or {})
+    args: list[str] = [*path]
+    for p in cmd.params:
+        if not isinstance(p.name, str):
+            continue
+        given = override is not None and p.name in override
+        if isinstance(p, click.Argument):
+            args.append(vals.get(p.name, "x"))
+        elif isinstance(p, click.Option) and (p.required or given):
+            args += [p.opts[0], vals.get(p.name, "x")]
+    names = {p.name for p in cmd.params}
+    if path == ("snapshot",) and not (override and "instance" in override):
+        args += ["--cache", vals["cache_dir"]]
+    if path == ("pool", "release"):
+        args += ["--host", "h1"]
+    if path in SERVERS and not (override and "listen" in override):
+        args += ["--listen", f"127.0.0.1:{w.busy}"]
+    if "fetch_timeout" in names:
+        args += ["--fetch-timeout", "1"]
+    if path == ("host", "script"):
+        args += ["--base-url", "http://127.0.0.1:1"]
+    return args
+
+
+# -- running and judging ---------------------------------------------------------------------------
+@dataclass
+class Run:
+    args: list[str]
+    code: int
+    stderr: str
+    json: bool = False
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fingerprint(w: World) -> dict[str, tuple[int, int]]:
+    """Size and modification time of the world's files, SQLite's side files and lock files aside
+    (opening a database or a cache may touch those without changing anything)."""
+    out = {}
+    for f in sorted(w.w.rglob("*")):
+        if f.is_file() and not f.name.endswith(("-wal", "-shm", ".lock", "lock")):
+            st = f.stat()
+            out[str(f.relative_to(w.w))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def run(w: World, args: list[str], *, data: Path | None = None, stdout_closed: bool = False,
+        must_not_create: Path | None = None) -> Run:
+    env = dict(os.environ)
+    env.pop("BLOCKPROV_REPO", None)
+    env.update({"BLOCKPROV_DATA": str(data or w.data), "XDG_DATA_HOME": str(w.root / "xdg"),
+                "HOME": str(w.root / "home"), "BLOCKPROV_S3_TIMEOUT": "1"})
+    before = fingerprint(w)
+    r, wfd = os.pipe()
+    if stdout_closed:
+        os.close(r)
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run([BLOCKPROV, *args], stdin=subprocess.DEVNULL,
+                           stdout=wfd if stdout_closed else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=env, timeout=RUN_TIMEOUT, cwd=w.root)
+        code, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired as e:
+        code, err = -1, f"hung for {RUN_TIMEOUT:g} s: {e.stderr!r}"
+    finally:
+        os.close(wfd)
+        if not stdout_closed:
+            os.close(r)
+    out = Run(args, code, err, json="--json" in args, seconds=time.monotonic() - t0)
+    judge(out, before if code not in (0, 141) else None, w, must_not_create)
+    return out
+
+
+# Commands that open caches here (lifecycle commands when no agent serves the cache; clones and
+# pool serve before they bind): opening replays and checkpoints a cache's journal, and snapshot
+# records its target before it reaches the repository. Those two files are the cache's
+# bookkeeping, not its content (the data file is still checked).
+OPENS_CACHE = {"reset", "snapshot", "update", "hydrate", "save", "serve"}
+
+
+def bookkeeping(args: list[str], name: str) -> bool:
+    return bool(OPENS_CACHE & set(args)) and Path(name).name in ("meta", "journal")
+
+
+def judge(r: Run, before: dict[str, tuple[int, int]] | None, w: World, must_not_create: Path | None) -> None:
+    if r.code == -1:
+        r.problems.append(r.stderr)
+        return
+    if "Traceback" in r.stderr or "internal error" in r.stderr:
+        r.problems.append(f"bug: {r.stderr.strip()[-600:]}")
+    if r.code not in DOCUMENTED | {0}:
+        r.problems.append(f"exit code {r.code} is not in README's table")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    if r.code == 141 and lines:
+        r.problems.append(f"a closed pipe should end quietly: {lines}")
+    if r.code not in (0, 141):
+        if len(lines) != 1:
+            r.problems.append(f"{len(lines)} lines on stderr: {lines[:6]}")
+        elif r.json:
+            try:
+                body = json.loads(lines[0])
+                if body.get("exit_code") != r.code or "message" not in body:
+                    r.problems.append(f"JSON error does not match the exit code: {body}")
+            except ValueError:
+                r.problems.append(f"--json but the error is not JSON: {lines[0]}")
+    if before is not None:
+        after = fingerprint(w)
+        changed = sorted(k for k in before if after.get(k) != before[k] and not bookkeeping(r.args, k))
+        if changed:
+            r.problems.append(f"failed, yet changed or removed {changed[:5]}")
+    if must_not_create is not None and must_not_create.exists():
+        r.problems.append(f"created {must_not_create}")
+
+
+def report(runs: list[Run]) -> None:
+    if os.environ.get("MISTAKES_TIMES"):  # which runs cost the time (to keep the file bounded)
+        for r in sorted(runs, key=lambda r: -r.seconds)[:6]:
+            print(f"{r.seconds:6.2f} s  {' '.join(r.args)[:160]}", file=sys.stderr)
+    bad = [f"blockprov {' '.join(r.args)} → {r.code}: " + "; ".join(r.problems) for r in runs if r.problems]
+    assert not bad, f"{len(bad)} of {len(runs)} runs went wrong:\n" + "\n".join(bad)
+
+
+def parallel(jobs: list[Callable[[], Run]]) -> list[Run]:
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+def no_sockets(directory: str, names: list[str]) -> list[str]:
+    """copytree cannot copy a unix socket an agent left behind, nor a temporary file that vanishes
+    while it copies: skip them. (An overlay names its shared base cache by absolute path, so the
+    copies of the clones directory and the pool share the template's bases: runs may open them.)"""
+    return [n for n in names if n.endswith((".sock", ".tmp"))]
+
+
+class _NotARepository(http.server.BaseHTTPRequestHandler):
+    def _answer(self) -> None:
+        body = b"<html>hello, this is some other web server</html>"
+        self.send_response(404 if self.command != "GET" else 200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int, int, str, Path]]:
+    """The world every run copies: a repository (img:v1, img:v2), a cache of img:v1, a clones
+    directory with img-1, a disk image, a kernel; plus a busy port, a closed one, a web server
+    that is no repository and a read-only file system."""
+    t = tmp_path_factory.mktemp("mistakes")
+    w = t / "w"
+    w.mkdir()
+    env = {"XDG_DATA_HOME": str(t / "xdg")}
+    make_image(w / "disk.img", 1 << 20, seed=71, data_fraction=0.5, pattern_every=64 << 10)
+    v2 = make_image(t / "v2.img", 1 << 20, seed=72, data_fraction=0.5, pattern_every=64 << 10)
+    run_cli("import", str(w / "disk.img"), "img:v1", data=w / "data", env=env)
+    run_cli("import", str(v2), "img:v2", data=w / "data", env=env)
+    run_cli("clone", "img:v1", "--dir", str(w / "clones"), data=w / "data", env=env)
+    run_cli("token", "list", data=w / "data", env=env)  # the first token command makes the tokens table
+    run_cli("pool", "create", "p1", "--from", "img:v1", "--size", "1", data=w / "data", env=env)
+    agent, _ = start_agent(w / "cache", "img:v1", t / "a.sock", "--no-register", data=w / "data", env=env)
+    agent.stop()
+    for db in w.rglob("*.sqlite"):  # fold each WAL into its database: a copy's first close changes nothing
+        with contextlib.closing(sqlite3.connect(db)) as c:
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    (w / "kernel").write_bytes(b"\x7fELF" + bytes(4092))
+    (w / "text.txt").write_text("a text file, not a disk\n")
+    (w / "emptydir").mkdir()
+    ro = t / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotARepository)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield w, busy.getsockname()[1], free_port(), f"http://127.0.0.1:{httpd.server_address[1]}", ro
+    finally:
+        httpd.shutdown()
+        busy.close()
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+@pytest.fixture
+def world(template: tuple[Path, int, int, str, Path], tmp_path: Path) -> Callable[[str], World]:
+    """A fresh copy of the world for each run (runs that succeed may change it freely)."""
+    src, busy, closed, wrong, ro = template
+    counter = iter(range(1 << 30))
+    lock = threading.Lock()
+
+    def make(tag: str) -> World:
+        with lock:
+            n = next(counter)
+        root = tmp_path / f"{n}-{re.sub(r'[^a-z0-9]+', '-', tag)[:40]}"
+        root.mkdir()
+        # cp keeps the caches' data files sparse (copytree would write every hole)
+        subprocess.run(["cp", "-a", "--sparse=always", str(src), str(root / "w")], capture_output=True, check=False)
+        return World(root, busy, closed, wrong, ro)
+    return make
+
+
+@contextlib.contextmanager
+def full_disk(where: Path, fill_from: Path | None) -> Iterator[Path]:
+    """A real 2 MiB tmpfs with ``fill_from`` (a data directory) copied in, the rest filled."""
+    where.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], check=True)
+    try:
+        if fill_from is not None:
+            shutil.copytree(fill_from, where / "data", ignore=no_sockets)
+        with contextlib.suppress(OSError), open(where / "filler", "wb") as f:
+            while True:
+                f.write(bytes(64 << 10))
+                f.flush()
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+ALL = commands()
+
+
+def test_every_command_is_known() -> None:
+    """The enumeration finds what `blockprov --help` lists (a new command is then in every table)."""
+    p = subprocess.run([BLOCKPROV, "--help"], capture_output=True, text=True, check=True)
+    listed = set(re.findall(r"^  ([a-z][a-z-]*)\s", p.stdout.split("Commands:")[1], re.MULTILINE))
+    assert listed == {c[0] for c in ALL}
+    assert len(ALL) >= 40
+
+
+# -- the kinds of mistake ----------------------------------------------------------------------------
+def test_data_directory_missing(world: Callable[[str], World]) -> None:
+    """--data names a directory that is not there: read commands refuse it (exit 3) and create nothing."""
+    def job(path: tuple[str, ...], as_json: bool) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(" ".join(path))
+            missing = w.root / "nowhere" / "deep" / "dir"
+            args = argv(w, path) + (["--json"] if as_json else [])
+            r = run(w, ["--data", str(missing), *args], data=missing,
+                    must_not_create=None if path in CREATES_DATA else missing)
+            uses_data = path not in {("status",), ("clones", "list"), ("clones", "rm"), ("token", "create"),
+                                     ("import",), ("serve",), ("reset",), ("hydrate",), ("update",),
+                                     ("snapshot",), ("profile", "save"), ("catalog", "copy"), ("store", "copy")}
+            if uses_data and r.code != 3 and not r.problems:
+                r.problems.append("expected exit 3 (no repository there)")
+            return r
+        return go
+    report(parallel([job(p, False) for p in ALL]))
+
+
+def has_json(path: tuple[str, ...]) -> bool:
+    return any(q.name == "as_json" for q in command(path).params)
+
+
+def test_data_is_a_file(world: Callable[[str], World]) -> None:
+    def job(path: tuple[str, ...]) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(" ".join(path))
+            return run(w, ["--data", str(w.w / "text.txt"), *argv(w, path)], data=w.w / "text.txt")
+        return go
+    report(parallel([job(p) for p in ALL]))
+
+
+def test_data_unwritable(world: Callable[[str], World]) -> None:
+    """--data on a read-only file system (an empty one: no repository there)."""
+    def job(path: tuple[str, ...]) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(" ".join(path))
+            return run(w, ["--data", str(w.ro), *argv(w, path)], data=w.ro)
+        return go
+    report(parallel([job(p) for p in ALL]))
+
+
+@pytest.mark.parametrize("kind", ["closed", "wrong"])
+def test_repository_unreachable_or_wrong(world: Callable[[str], World], kind: str) -> None:
+    """--repo at a closed port, or at a web server that is no repository."""
+    def job(path: tuple[str, ...], as_json: bool) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(" ".join(path))
+            url = f"http://127.0.0.1:{w.closed}" if kind == "closed" else w.wrong
+            return run(w, ["--repo", url, *argv(w, path), *(["--json"] if as_json else [])])
+        return go
+    # --json wherever a command has it when the repository is closed: its error must be JSON too
+    report(parallel([job(p, kind == "closed" and has_json(p)) for p in ALL]))
+
+
+PATH_KINDS = ("missing", "wrong-type", "unwritable")
+# Path parameters a command creates when they are missing (outputs); every other one is an input,
+# and a missing input must be an error, not a silent success (`clones list --dir TYPO` listed nothing).
+MAKES_PATH = {("attach", "cache_dir"), ("attach", "sock"), ("clone", "root"), ("export", "dest"),
+              ("clones", "serve", "sock"), ("pool", "serve", "sock"), ("pool", "create", "root")}
+
+
+@pytest.mark.parametrize("kind", PATH_KINDS)
+def test_paths(world: Callable[[str], World], kind: str) -> None:
+    """Each path parameter of each command, one at a time: missing, of the wrong type, unwritable."""
+    def job(path: tuple[str, ...], p: click.Parameter) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(f"{' '.join(path)} {p.name}")
+            assert isinstance(p.type, click.Path) and isinstance(p.name, str)
+            if kind == "missing":
+                value = w.root / "nowhere" / "deep" / "x"
+            elif kind == "unwritable":
+                value = w.ro / "x"
+            else:  # a file where a directory is wanted, a directory where a file is
+                value = w.w / ("emptydir" if not p.type.dir_okay else "text.txt")
+            r = run(w, argv(w, path, {p.name: str(value)}))
+            if kind == "missing" and r.code == 0 and (*path, p.name) not in MAKES_PATH:
+                r.problems.append(f"a missing {p.name} was accepted without a word")
+            return r
+        return go
+    jobs = [job(path, p) for path in ALL for p in command(path).params if is_path(p)]
+    assert len(jobs) >= 15
+    report(parallel(jobs))
+
+
+def test_busy_ports(world: Callable[[str], World]) -> None:
+    """Every --listen and --metrics at a port in use: one line saying so (exit 2)."""
+    def job(path: tuple[str, ...], opt: str) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(f"{' '.join(path)} {opt}")
+            args = argv(w, path)
+            if opt == "--metrics":
+                args += ["--metrics", f"127.0.0.1:{w.busy}"]
+                i = args.index("--listen")
+                args[i + 1] = "127.0.0.1:0"
+            r = run(w, args)
+            if r.code != 2 or "in use" not in r.stderr:
+                r.problems.append(f"expected exit 2, address in use: {r.stderr.strip()}")
+            return r
+        return go
+    jobs = [job(path, opt) for path in ALL for opt in ("--listen", "--metrics")
+            if any(opt in q.opts for q in command(path).params if isinstance(q, click.Option))]
+    assert len(jobs) >= 4
+    report(parallel(jobs))
+
+
+def test_closed_pipe(world: Callable[[str], World]) -> None:
+    """stdout's reader is gone (`| head` that stopped reading): the command ends quietly (141, nothing
+    on stderr, as `ls` does) or as it would have, never a BrokenPipeError."""
+    def job(path: tuple[str, ...], as_json: bool) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(" ".join(path))
+            return run(w, argv(w, path) + (["--json"] if as_json else []), stdout_closed=True)
+        return go
+    runs = parallel([job(p, has_json(p)) for p in ALL])  # --json output is what `| head` cuts most
+    report(runs)
+    # the issue's two: `status --cache C | head -1` and `clones list --json | head` end quietly
+    ended = {r.args[0] if r.args[0] != "clones" else " ".join(r.args[:2]): r.code for r in runs}
+    assert ended["status"] == 141 and ended["clones list"] == 141, ended
+
+
+SIZE_PARAMS = {"chunk_size", "readahead", "rate", "hydrate_rate", "max_body", "chunk_cache"}
+
+
+def test_bad_sizes(world: Callable[[str], World]) -> None:
+    """Every size option given something that is not a size, or not a possible one: exit 2."""
+    def job(path: tuple[str, ...], p: click.Parameter, value: str) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(f"{' '.join(path)} {p.name}")
+            assert isinstance(p.name, str)
+            r = run(w, argv(w, path, {p.name: value}))
+            if r.code != 2:
+                r.problems.append("expected exit 2")
+            return r
+        return go
+    jobs = [job(path, p, v) for path in ALL for p in command(path).params if p.name in SIZE_PARAMS
+            for v in ("12Q", "-1")]
+    jobs += [job(("import",), next(q for q in command(("import",)).params if q.name == "chunk_size"), v)
+             for v in ("3K", "8M", "1")]
+    assert len(jobs) >= 10
+    report(parallel(jobs))
+
+
+def test_full_disk(world: Callable[[str], World], tmp_path: Path) -> None:
+    """The repository on a full disk (a real tmpfs): commands that write fail with exit 12 and one line."""
+    counter = iter(range(1000))
+
+    def job(path: tuple[str, ...]) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(" ".join(path))
+            with full_disk(tmp_path / f"full{next(counter)}", w.data) as full:
+                over = {}
+                if path == ("export",):
+                    over["dest"] = str(full / "out.img")
+                return run(w, ["--data", str(full / "data"), *argv(w, path, over)], data=full / "data")
+        return go
+    writers = [("import",), ("tag",), ("export",), ("rm",), ("host", "assign"), ("boot-files", "set"),
+               ("token", "create"), ("gc",), ("images",), ("show",)]
+    report(parallel([job(p) for p in writers]))
+
+
+# -- issue 17's named cases ------------------------------------------------------------------------
+def one_line(p: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in p.stderr and "internal error" not in p.stderr, p.stderr
+    return lines[0]
+
+
+def test_read_commands_refuse_a_missing_data_directory(tmp_path: Path) -> None:
+    """Silent behaviour 7: --data /nonexistent/deep/dir used to create an empty repository."""
+    missing = tmp_path / "nonexistent" / "deep" / "dir"
+    p = run_cli("--data", str(missing), "images", check=False)
+    assert p.returncode == 3 and "does not exist" in one_line(p) and not (tmp_path / "nonexistent").exists()
+    p = run_cli("images", env={"BLOCKPROV_DATA": str(missing)}, check=False)
+    assert p.returncode == 3 and not (tmp_path / "nonexistent").exists()
+    (tmp_path / "f").write_text("x")
+    p = run_cli("--data", str(tmp_path / "f"), "images", check=False)
+    assert p.returncode == 3 and "is a file" in one_line(p)
+    # import makes a repository, as before
+    img = make_image(tmp_path / "d.img", 256 << 10, seed=73)
+    run_cli("--data", str(missing), "import", str(img), "d:v1")
+    assert json.loads(run_cli("--data", str(missing), "images", "--json").stdout)[0]["name"] == "d"
+
+
+def test_a_text_file_is_not_imported_as_a_disk(tmp_path: Path) -> None:
+    """Silent behaviour 7: a text file became a 512-byte disk. Refused (exit 6) unless --format raw."""
+    data = tmp_path / "data"
+    (tmp_path / "notes.txt").write_text("hello\n")
+    p = run_cli("--data", str(data), "import", str(tmp_path / "notes.txt"), "t:v1", check=False)
+    assert p.returncode == 6 and "512-byte sectors" in one_line(p)
+    assert not data.exists() or json.loads(run_cli("--data", str(data), "images", "--json").stdout) == []
+    out = json.loads(run_cli("--data", str(data), "import", str(tmp_path / "notes.txt"), "t:v1", "--format", "raw",
+                             "--json").stdout)
+    assert out["source_bytes"] == 512
+
+
+def test_pool_commands_follow_the_data_directory(tmp_path: Path) -> None:
+    """Silent behaviour 6: pools lived in the default data directory whatever --data said."""
+    data, xdg = tmp_path / "data", tmp_path / "xdg"
+    env = {"XDG_DATA_HOME": str(xdg), "HOME": str(tmp_path / "home")}
+    run_cli("import", str(make_image(tmp_path / "g.img", 256 << 10, seed=74)), "g:v1", data=data, env=env)
+    made = json.loads(run_cli("--data", str(data), "pool", "create", "p1", "--from", "g:v1", "--size", "1", "--json",
+                              env=env).stdout)
+    assert (data / "pools" / "p1" / "pool.json").exists(), made
+    assert not list(xdg.rglob("pools"))
+    st = json.loads(run_cli("pool", "status", "p1", "--json", data=data, env=env).stdout)  # BLOCKPROV_DATA too
+    assert st["size"] == 1 and st["server"]["running"] is False
+    got = json.loads(run_cli("--data", str(data), "pool", "acquire", "p1", "--host", "h1", "--json", env=env).stdout)
+    assert got["instance"] in st["instances"]
+    run_cli("--data", str(data), "pool", "release", "p1", "--host", "h1", env=env)
+    p = run_cli("pool", "status", "p1", env=env, check=False)  # the default data directory has no pool p1
+    assert p.returncode != 0 and str(data) not in p.stderr
+
+
+def test_small_chunks_import(tmp_path: Path) -> None:
+    """--chunk-size 4K/8K: more than IOV_MAX buffers in one pack write (os.pwritev's EINVAL, exit 70)."""
+    img = make_image(tmp_path / "d.img", 12 << 20, seed=75, data_fraction=1.0)
+    for cs in ("4K", "8K"):
+        data = tmp_path / f"data{cs}"
+        run_cli("import", str(img), "d:v1", "--chunk-size", cs, data=data)
+        run_cli("export", "d:v1", str(tmp_path / "o.img"), data=data)
+        assert (tmp_path / "o.img").read_bytes() == img.read_bytes()
+
+
+def test_export_failures_leave_no_file(tmp_path: Path) -> None:
+    """Export to a missing directory is a write failure (13, not 6 "cannot read"); onto a full disk
+    it is 12 and the partial output is removed, as qcow2 export does."""
+    data = tmp_path / "data"
+    img = make_image(tmp_path / "d.img", 4 << 20, seed=76, data_fraction=1.0)
+    run_cli("import", str(img), "d:v1", data=data)
+    p = run_cli("export", "d:v1", str(tmp_path / "nodir" / "o.img"), data=data, check=False)
+    assert p.returncode == 13 and "cannot write" in one_line(p)
+    with full_disk(tmp_path / "full", None) as full:
+        (full / "filler").unlink()
+        (full / "ballast").write_bytes(bytes(1 << 20))  # 2 MiB left for a 4 MiB image
+        p = run_cli("export", "d:v1", str(full / "o.img"), data=data, check=False)
+        assert p.returncode == 12 and "no space left" in one_line(p)
+        assert not (full / "o.img").exists()
+        p = run_cli("import", str(img), "e:v1", data=full / "repo", check=False)
+        assert p.returncode == 12 and "no space left" in one_line(p)
+
+
+def test_lifecycle_with_the_repository_down(tmp_path: Path) -> None:
+    """reset --eager exits 7 (not 1) and offline hydrate exits 7 after --fetch-timeout (it never ended)."""
+    data = tmp_path / "data"
+    run_cli("import", str(make_image(tmp_path / "d.img", 1 << 20, seed=78, data_fraction=1.0)), "d:v1", data=data)
+    cache = tmp_path / "cache"
+    agent, _ = start_agent(cache, "d:v1", tmp_path / "s", "--no-register", data=data)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 0 256k", f"nbd+unix:///?socket={tmp_path / 's'}"],
+                   check=True, capture_output=True, timeout=60)
+    assert agent.stop() == 0
+    down = f"http://127.0.0.1:{free_port()}"
+    p = run_cli("--repo", down, "reset", "--eager", "--cache", str(cache), "--fetch-timeout", "1", check=False)
+    assert p.returncode == 7 and "unreachable" in one_line(p)
+    p = run_cli("--repo", down, "hydrate", "--cache", str(cache), "--fetch-timeout", "1", "--json", check=False)
+    assert p.returncode == 7 and json.loads(one_line(p))["exit_code"] == 7
+    st = run_cli("status", "--cache", str(cache)).stdout
+    assert "repo " in st and str(data) in st  # the human status names the repository in use
+
+
+def test_agent_stopped_on_a_full_cache_disk(tmp_path: Path) -> None:
+    """SIGTERM to an agent whose cache disk is full: one line and exit 12, not an OSError (70)."""
+    data = tmp_path / "data"
+    run_cli("import", str(make_image(tmp_path / "d.img", 8 << 20, seed=79, data_fraction=1.0)), "d:v1", data=data)
+    with full_disk(tmp_path / "full", None) as full:
+        (full / "filler").unlink()
+        agent, _ = start_agent(full / "cache", "d:v1", tmp_path / "s", "--no-register", "--readahead", "0", data=data)
+        try:
+            uri = f"nbd+unix:///?socket={tmp_path / 's'}"
+            subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x44 0 6M", uri], capture_output=True, timeout=60)
+            with contextlib.suppress(OSError), open(full / "filler", "wb") as f:
+                while True:
+                    f.write(bytes(4096))
+                    f.flush()
+        finally:
+            code = agent.stop(signal.SIGTERM)
+        err = agent.proc.stderr.read() if agent.proc.stderr else ""
+        assert "Traceback" not in err and "internal error" not in err, err
+        assert code in (0, 12), (code, err)
