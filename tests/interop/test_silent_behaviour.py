@@ -215,7 +215,7 @@ def test_reset_and_status_say_how_many_chunks_depend_on_the_repository(
                 dirty, expected, expected)
             assert status(cache)["chunks_from_repository"] == expected
             human = run_cli("status", "--cache", str(cache)).stdout
-            assert f"depends   {expected} chunks can only be read from the repository {url}" in human
+            assert f"depends   {expected} chunks can only be read from the repository" in human and url in human
             sh("qemu-io", "-f", "raw", "-c", f"write -P 0x34 {at} {length}", nbd_uri(sock))
             said = run_cli("reset", "--cache", str(cache)).stdout
             assert f"{expected} of them and {expected} chunk(s) in all now depend on the repository" in said
