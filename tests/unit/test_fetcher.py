@@ -239,9 +239,11 @@ def test_several_batches_in_flight_and_stats() -> None:
     asyncio.run(main())
 
 
-def test_far_repository_random_miss_fetches_its_region_near_one_does_not() -> None:
-    """Over a slow link (round trips ≥ 5 ms) a random miss brings its aligned neighbourhood along;
-    on a fast one only what was asked for moves."""
+def test_far_repository_random_miss_fetches_its_region_near_one_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a slow link (round trips above the threshold) a random miss brings its aligned
+    neighbourhood along; on a fast one only what was asked for moves. The threshold is raised to
+    50 ms here so that a loaded test machine cannot make the in-memory repository look far."""
+    monkeypatch.setattr(fetcher_module, "NEIGHBOURHOOD_LATENCY", 0.05)
     async def run(repo: DictRepo, m: Manifest, sink: Sink) -> None:
         f = fetcher(repo, m, sink, readahead=16 * CS)
         await f.get(3)  # the first miss measures the link
@@ -249,7 +251,7 @@ def test_far_repository_random_miss_fetches_its_region_near_one_does_not() -> No
         await f.idle()
         await f.close()
 
-    for delay, expect_more in ((0.0, False), (0.02, True)):
+    for delay, expect_more in ((0.0, False), (0.2, True)):
         repo, m, _content, sink = setup()
         repo.delay = delay
         asyncio.run(run(repo, m, sink))
