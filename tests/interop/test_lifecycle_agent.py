@@ -300,3 +300,14 @@ def test_a_cold_first_session_gives_the_version_its_boot_profile(tmp_path: Path,
         assert st["hydration"]["profile_only"] and st["chunks_present"] >= 3
     finally:
         proc.stop()
+
+
+def test_sigterm_right_after_the_banner_is_a_clean_stop(tmp_path: Path, golden: tuple[Path, Path]) -> None:
+    """A supervisor may stop an agent the moment it reports ready: the signal must not kill it
+    before its handlers are in place (that left the cache unclean, exit 143)."""
+    data, _ = golden
+    for n in range(3):
+        cache = tmp_path / f"cache{n}"
+        proc, _banner = start_agent(cache, "lab:v1", tmp_path / f"s{n}.sock", "--no-register", data=data)
+        assert proc.stop(signal.SIGTERM) == 0
+        assert status(cache)["clean_shutdown"] is True

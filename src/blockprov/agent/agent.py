@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from blockprov.agent import control, lifecycle
-from blockprov.agent.instance import InstanceOps, in_daemon_thread, wait_for_stop
+from blockprov.agent.instance import InstanceOps, catch_stop_signals, in_daemon_thread, wait_for_stop
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
 from blockprov.agent.offline import adopt_repository
 from blockprov.cache.device import CacheDevice
@@ -102,6 +102,7 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> list[str]:
         cfg = self.config
+        catch_stop_signals(self._stop)  # a SIGTERM from now on is a clean stop (run() sees it at once)
         self.device = await CacheDevice.open(cfg.cache_dir, self.repo, self.manifest, data_path=cfg.data_path,
                                              readahead=cfg.readahead, fetch_timeout=cfg.fetch_timeout,
                                              read_only=cfg.read_only)

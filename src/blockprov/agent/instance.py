@@ -53,12 +53,20 @@ async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     return await fut
 
 
-async def wait_for_stop(stop: asyncio.Event) -> None:
-    """Wait for ``stop``, or SIGINT/SIGTERM (which set it): an agent process's life."""
+def catch_stop_signals(stop: asyncio.Event) -> None:
+    """From now on SIGINT/SIGTERM set ``stop`` instead of killing the process. An agent process calls
+    this before it starts serving, so a signal that arrives between its banner and ``wait_for_stop``
+    (a supervisor stopping it at once) still ends in a clean shutdown, not an unclean cache."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+
+async def wait_for_stop(stop: asyncio.Event) -> None:
+    """Wait for ``stop``, or SIGINT/SIGTERM (which set it): an agent process's life."""
+    loop = asyncio.get_running_loop()
+    catch_stop_signals(stop)
     try:
         await stop.wait()
     finally:

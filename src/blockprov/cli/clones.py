@@ -117,6 +117,7 @@ def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None
 
     async def main() -> None:
         agent = ClonesAgent(root, repo, socket=sock, listen=address)
+        agent.catch_signals()
         with listening(listen):
             await agent.start()
         _banner(agent, as_json)
@@ -249,6 +250,7 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
 
     async def main() -> None:
         agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET, listen=address)
+        agent.catch_signals()
         with listening(listen):
             await agent.start()
         server = pool.PoolServer(d, obj.repo, agent)

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from blockprov.agent import control
-from blockprov.agent.instance import InstanceOps, wait_for_stop
+from blockprov.agent.instance import InstanceOps, catch_stop_signals, wait_for_stop
 from blockprov.agent.offline import adopt_repository
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.journal import META_NAME, load
@@ -272,6 +272,11 @@ class ClonesAgent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def catch_signals(self) -> None:
+        """SIGINT/SIGTERM stop this process cleanly from now on (``clones serve``, ``pool serve``;
+        not a temporary agent inside a command, which Ctrl-C must still interrupt)."""
+        catch_stop_signals(self._stop)
 
     async def rescan(self) -> dict[str, list[str]]:
         """Serve instances created since, stop serving removed ones."""
