@@ -64,6 +64,12 @@ def until(driver: WebDriver, what: str, pred: Callable[[WebDriver], Any], timeou
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(check, f"waited {timeout:g} s for {what}")
 
 
+def texts(driver: WebDriver, css: str) -> list[str]:
+    """The text of every element matching ``css``, read inside the wait: an element the live update
+    replaces between the wait and a later ``.text`` would be stale."""
+    return [str(e.text) for e in driver.find_elements(By.CSS_SELECTOR, css)]
+
+
 def text_of(driver: WebDriver, css: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, css).text)
 
@@ -165,18 +171,18 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     Select(d.find_element(By.ID, "diff-a")).select_by_value(v1)
     Select(d.find_element(By.ID, "diff-b")).select_by_value(v2)
     d.find_element(By.ID, "diff-go").click()
-    diff = until(d, "the diff", lambda d: d.find_elements(By.ID, "diff"))[0].text
+    diff = until(d, "the diff", lambda d: texts(d, "#diff"))[0]
     assert "16 chunks (1.0 MiB)" in diff and "1048576–2097152" in diff, diff
     tag = d.find_element(By.ID, "tag-name")
     tag.send_keys("prod")
     Select(d.find_element(By.ID, "tag-version")).select_by_value(v2)
     d.find_element(By.ID, "tag-move").click()
-    assert "Moved lab:prod → " + v2[:12] in until(d, "the tag move", lambda d: d.find_elements(By.ID, "flash"))[0].text
+    assert "Moved lab:prod → " + v2[:12] in until(d, "the tag move", lambda d: texts(d, "#flash"))[0]
     first = text_of(d, "#history tbody tr:first-child")
     assert "lab:prod" in first and v2[:12] in first and v1[:12] in first and "admin" in first
     assert "prod" in text_of(d, f"#versions tr[data-version='{v2}']")
     d.find_element(By.ID, "diff-go").click()  # the defaults: the newest version against the one before
-    assert "16 chunks" in until(d, "the diff again", lambda d: d.find_elements(By.ID, "diff"))[0].text
+    assert "16 chunks" in until(d, "the diff again", lambda d: texts(d, "#diff"))[0]
     shot(d, "image")
 
     # -- machines: assign a version to a host; pc-08's hydration changes without a reload
@@ -186,7 +192,7 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     Select(d.find_element(By.ID, "assign-ref")).select_by_value("lab:v1")
     d.find_element(By.ID, "assign-go").click()
     assert "Assigned lab:v1 to 52:54:00:12:34:56" in until(
-        d, "the assignment", lambda d: d.find_elements(By.ID, "flash"))[0].text
+        d, "the assignment", lambda d: texts(d, "#flash"))[0]
     assert "lab:v1" in text_of(d, "#hosts tr[data-host='52:54:00:12:34:56']")
     assert EVIL_HOST in text_of(d, "#agents tr[data-agent='pc-08']")  # a host name as text
     assert "12.5 %" in text_of(d, "#agents tr[data-agent='pc-08'] .hyd")
@@ -200,11 +206,11 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     Select(d.find_element(By.ID, "ask-op")).select_by_value("snapshot")
     d.find_element(By.ID, "ask-to").send_keys("lab:snap1")
     d.find_element(By.ID, "ask-go").click()
-    assert "Asked for a snapshot: pc-07" in until(d, "the request", lambda d: d.find_elements(By.ID, "flash"))[0].text
+    assert "Asked for a snapshot: pc-07" in until(d, "the request", lambda d: texts(d, "#flash"))[0]
     d.execute_script("window.notReloaded = true")  # the completion too must arrive by the live update
     done = until(d, "the snapshot to complete", lambda d: [
-        r for r in d.find_elements(By.CSS_SELECTOR, "#requests tr[data-state=done]") if "lab:snap1" in r.text])
-    assert "new version" in done[0].text
+        r for r in texts(d, "#requests tr[data-state=done]") if "lab:snap1" in r])
+    assert "new version" in done[0]
     assert d.execute_script("return window.notReloaded === true")
     shot(d, "machines")
     d.find_element(By.LINK_TEXT, "Images").click()
@@ -229,7 +235,7 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     d.find_element(By.ID, "tag-name").send_keys("prod")
     Select(d.find_element(By.ID, "tag-version")).select_by_value(v1)
     d.find_element(By.ID, "tag-move").click()
-    refusal = until(d, "the refusal", lambda d: d.find_elements(By.ID, "denied"))[0].text
+    refusal = until(d, "the refusal", lambda d: texts(d, "#denied"))[0]
     assert "needs a token with the write scope" in refusal and "yours has the read scope" in refusal
     shot(d, "denied")
     tags = {i["name"]: i["tags"] for i in lab["api"].get("/v1/images").json()["images"]}
