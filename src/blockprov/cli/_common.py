@@ -8,6 +8,7 @@ imports on its own; the group and the exit-code edge live in ``cli/__init__.py``
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -140,6 +141,20 @@ class Ctx:
         self.catalog: str | None = None  # --catalog / BLOCKPROV_CATALOG
         self.create = False  # set by commands that may make the embedded repository (import)
         self._repo: Repository | None = None
+
+    def set_global(self, name: str, value: Any) -> None:
+        """A global option typed after the command (cli/_globals.py): it replaces the group's value.
+        Applied while the command line is parsed, before the repository is opened."""
+        assert self._repo is None, "a global option after the repository was opened"
+        if name.startswith("s3_"):
+            field = {"s3_endpoint": "endpoint", "s3_region": "region", "s3_create_bucket": "create_bucket",
+                     "s3_timeout": "timeout"}[name]
+            self.store_options = dataclasses.replace(self.store_options or StoreOptions(), **{field: value})
+            return
+        attr = {"repo": "repo_url", "data": "data_dir"}.get(name, name)
+        if not hasattr(self, attr):
+            raise AttributeError(f"no global option {name!r}")
+        setattr(self, attr, value or None)
 
     @property
     def repo(self) -> Repository:
