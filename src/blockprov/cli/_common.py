@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -91,6 +92,22 @@ def listening(*addresses: str | None) -> Iterator[None]:
             raise
         shown = " or ".join(dict.fromkeys(a for a in addresses if a)) or "the address"
         raise UsageError(f"cannot listen on {shown}: {os.strerror(e.errno).lower()}") from None
+
+
+def activated_sockets(*given: object) -> list[socket.socket]:
+    """The listening sockets of systemd socket activation (LISTEN_FDS, nbd/activation.py) for an NBD
+    server command, checked against its own listeners ``given`` (--socket, --listen): one of the two.
+    As qemu-nbd does, a listener on the command line of an activated server is refused: the unit
+    that passes sockets and the option that names another are two ideas of where it serves."""
+    from blockprov.nbd.activation import listen_sockets
+
+    activated = listen_sockets()
+    if activated and any(g is not None for g in given):
+        raise UsageError("started by socket activation (LISTEN_FDS): it serves the sockets it was given; "
+                         "drop --socket and --listen")
+    if not activated and all(g is None for g in given):
+        raise UsageError("give --socket PATH or --listen HOST:PORT (or both), or start it by socket activation")
+    return activated
 
 
 def open_repository(repo_url: str | None, data_dir: str | None, store: str | None = None,

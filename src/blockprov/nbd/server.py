@@ -237,6 +237,23 @@ class NbdServer:
         self.addresses.append(path)
         return path
 
+    async def start_socket(self, sock: socket.socket) -> str | tuple[str, int]:
+        """Serve on a socket that already listens (systemd socket activation, nbd/activation.py):
+        a unix one or a TCP one. Its path, if any, is not ours: ``close`` leaves it (the service
+        manager made it and keeps it for the next start)."""
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        else:
+            server = await loop.create_server(lambda: _Connection(self), sock=sock)
+        self._servers.append(server)
+        name = sock.getsockname()
+        address: str | tuple[str, int] = (os.fsdecode(name) if isinstance(name, bytes) else name) \
+            if sock.family == socket.AF_UNIX else (str(name[0]), int(name[1]))
+        self.addresses.append(address)
+        return address
+
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: _Connection(self), host, port)
