@@ -149,3 +149,21 @@ def test_systemd_socket_activate_starts_attach(golden: tuple[Path, Path], tmp_pa
         proc.terminate()
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "stopped cleanly" in err, err
+
+
+def test_a_polling_client_connects_to_the_agent_the_first_time_it_sees_its_socket(golden: tuple[Path, Path],
+                                                                                  tmp_path: Path) -> None:
+    """``attach --socket``: a script waiting for the path connects when it appears, first try."""
+    data, _ = golden
+    sock = tmp_path / "run" / "agent.sock"
+    proc = subprocess.Popen([BLOCKPROV, "--data", str(data), "attach", "lab:v1", "--cache", str(tmp_path / "cache"),
+                             "--socket", str(sock), "--no-register"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: os.path.exists(sock), 60), "the socket never appeared"
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(sock))  # no ConnectionRefusedError: it listened before it had this name
+            assert c.recv(8) == b"NBDMAGIC"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -113,3 +114,20 @@ def test_shell_completion() -> None:
     env |= {"COMP_WORDS": "blockprov attach --da"}
     p = subprocess.run([blockprov], env=env, capture_output=True, text=True, timeout=60)
     assert {"plain,--data", "plain,--data-file"} <= set(p.stdout.split()), p.stdout
+
+
+# Commands whose --json reports what they did or where they serve (docs/operations.md says so in one
+# sentence); every other command with --json is a read command and has a row in the table there.
+NOT_READS = {"attach", "boot-files set", "catalog copy", "clone", "clones serve", "export", "gc", "host assign",
+             "hydrate", "import", "pool acquire", "pool create", "pool release", "pool serve", "profile save",
+             "reset", "snapshot", "store copy", "store reindex", "token create", "token revoke", "update"}
+
+
+def test_every_read_commands_json_is_documented() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    table = text.split("| command | `--json` prints |")[1].split("\n\n")[0]
+    documented = {re.sub(r" [A-Z].*| --.*", "", row.split("`")[1]) for row in table.splitlines()[2:]}
+    with_json = {" ".join(path) for path, cmd in every_command()
+                 if not isinstance(cmd, click.Group) and any(p.name == "as_json" for p in cmd.params)}
+    assert documented <= with_json  # no row for a command without --json
+    assert with_json - NOT_READS == documented, "a read command's --json is missing from docs/operations.md"
