@@ -61,7 +61,7 @@ def address_of(sock: socket.socket) -> str | tuple[str, int]:
     """Where clients reach a listening socket: its unix path, or (host, port) for TCP."""
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
-        return name.decode(errors="surrogateescape") if isinstance(name, bytes) else str(name)
+        return os.fsdecode(name) if isinstance(name, bytes) else str(name)
     return str(name[0]), int(name[1])
 
 

@@ -59,6 +59,7 @@ from typing import Any
 from blockprov.device.base import BlockDevice, FileSegment
 from blockprov.errors import BlockprovError, DeviceError, UsageError
 from blockprov.names import UNIX_PATH_MAX, unix_socket_path
+from blockprov.nbd.activation import address_of
 from blockprov.nbd.constants import NbdError, error_from_name
 from blockprov.nbd.protocol import (
     NEED_DATA,
@@ -248,9 +249,7 @@ class NbdServer:
         else:
             server = await loop.create_server(lambda: _Connection(self), sock=sock)
         self._servers.append(server)
-        name = sock.getsockname()
-        address: str | tuple[str, int] = (os.fsdecode(name) if isinstance(name, bytes) else name) \
-            if sock.family == socket.AF_UNIX else (str(name[0]), int(name[1]))
+        address = address_of(sock)
         self.addresses.append(address)
         return address
 
