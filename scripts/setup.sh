@@ -22,6 +22,7 @@ APT_PKGS=(
     linux-image-amd64 busybox-static   # the bootable test image (tools/bootimage.py)
     postgresql                         # initdb, postgres: the shared catalog's tests
     chromium chromium-driver           # a real browser for the console's test (selenium uses this chromedriver)
+    systemd                            # systemd-analyze verify (contrib/systemd's units), systemd-socket-activate
 )
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -28,6 +28,7 @@ TOOL_PACKAGES = {
     "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs", "e2fsck": "e2fsprogs",
     "busybox": "busybox-static", "initdb": "postgresql", "postgres": "postgresql",
     "chromium": "chromium", "chromedriver": "chromium-driver",  # the console's browser test (selenium)
+    "systemd-analyze": "systemd", "systemd-socket-activate": "systemd",  # contrib/systemd, socket activation
 }
 
 

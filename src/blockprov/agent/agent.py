@@ -2,9 +2,10 @@
 
 It composes the device stack (repository → CacheDevice → NBD server) and owns the process-level
 concerns: the exports' names (the image name, ``NAME@ID``, and the default empty name), the
-listeners (a unix socket and/or TCP), the control socket, ``DIR/agent.json`` (who serves this cache
-and where, written atomically and removed on a clean stop) and a clean shutdown on SIGINT/SIGTERM
-(listeners close, in-flight requests finish, the cache is flushed and checkpointed).
+listeners (a unix socket and/or TCP, or the sockets of systemd socket activation), the control
+socket, ``DIR/agent.json`` (who serves this cache and where, written atomically and removed on a
+clean stop) and a clean shutdown on SIGINT/SIGTERM (listeners close, in-flight requests finish, the
+cache is flushed and checkpointed).
 
 Lifecycle operations (agent/lifecycle.py, agent/hydrate.py) are control ops, so ``blockprov
 reset/snapshot/update/hydrate`` reach a running agent; an agent also registers with its repository
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from socket import socket as Socket
 from typing import Any, TypeVar
 
 from blockprov.agent import control, lifecycle
@@ -45,6 +47,7 @@ from blockprov.cache.status import cache_status
 from blockprov.durable import atomic_write
 from blockprov.errors import AccessDenied, AgentNotRunning, BlockprovError, CacheError, UsageError
 from blockprov.manifest import Manifest
+from blockprov.nbd.activation import uri_template
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
 
@@ -74,13 +77,14 @@ class AgentConfig:
     instance: str | None = None  # name registered with the repository (default: from the cache's uuid)
     register: bool = True
     metrics: tuple[str, int] | None = None  # Prometheus listener (attach --metrics HOST:PORT)
+    activated: list[Socket] = field(default_factory=list)  # listening sockets passed by socket activation
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Agent:
     def __init__(self, config: AgentConfig, repo: Repository, manifest: Manifest | None) -> None:
-        if config.socket is None and config.listen is None:
-            raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
+        if config.socket is None and config.listen is None and not config.activated:
+            raise UsageError("give --socket PATH or --listen HOST:PORT (or both), or start it by socket activation")
         self.config = config
         self.repo = repo
         self.manifest = manifest
@@ -132,6 +136,9 @@ class Agent:
                 host, port = await self.server.start_tcp(*cfg.listen)
                 shown = f"[{host}]" if ":" in host else host
                 self.addresses.append(f"nbd://{shown}:{port}/{m.image}")
+            for sock in cfg.activated:
+                await self.server.start_socket(sock)
+                self.addresses.append(uri_template(sock).replace("NAME", m.image))
             await self.control.start(control.socket_path(cfg.cache_dir))
             if cfg.metrics is not None:
                 await self._start_metrics(*cfg.metrics)

@@ -18,6 +18,7 @@ import click
 from blockprov import __version__
 from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, tokens
 from blockprov.cli._common import JSON_META, Ctx
+from blockprov.cli._globals import GLOBAL_NAMES, adopt, format_sections, global_options
 from blockprov.errors import BlockprovError, CannotWrite, InternalError, NoSpace, UsageError, error_to_dict
 from blockprov.store.factory import StoreOptions
 
@@ -84,6 +85,19 @@ def _output_closed() -> NoReturn:
 
 
 class Group(click.Group):
+    """The top-level group: every command added to it takes the global options after its name too
+    (cli/_globals.py), and its help says which options are global."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        adopt(cmd)
+        super().add_command(cmd, name)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = self.get_params(ctx)
+        format_sections(ctx, formatter, [p for p in params if p.name not in GLOBAL_NAMES],
+                        [p for p in params if p.name in GLOBAL_NAMES])
+        self.format_commands(ctx, formatter)
+
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
         """The top-level command line's errors (``blockprov --bogus``) are parsed here, before invoke."""
@@ -140,35 +154,18 @@ def _internal(e: Exception) -> NoReturn:
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--repo", envvar="BLOCKPROV_REPO", metavar="URL",
-              help="Repository server URL (env BLOCKPROV_REPO); default: the embedded local repository.")
-@click.option("--data", envvar="BLOCKPROV_DATA", metavar="DIR",
-              help="Data directory of the embedded repository (env BLOCKPROV_DATA).")
-@click.option("--store", envvar="BLOCKPROV_STORE", metavar="local|s3://BUCKET/PREFIX",
-              help="Where the embedded repository (and serve) keeps chunks (env BLOCKPROV_STORE); "
-                   "default: packs in the data directory.")
-@click.option("--catalog", envvar="BLOCKPROV_CATALOG", metavar="sqlite|postgresql://…",
-              help="Where the embedded repository keeps its catalog (env BLOCKPROV_CATALOG); default: SQLite in "
-                   "the data directory. A PostgreSQL URL lets several servers on several hosts share one catalog "
-                   "(with one --store bucket).")
-@click.option("--s3-endpoint", envvar="BLOCKPROV_S3_ENDPOINT", metavar="URL",
-              help="S3 endpoint (default: AWS_ENDPOINT_URL, ~/.aws/config, else AWS).")
-@click.option("--s3-region", envvar="BLOCKPROV_S3_REGION", metavar="REGION",
-              help="S3 region (default: AWS_REGION, ~/.aws/config, else us-east-1).")
-@click.option("--s3-create-bucket", is_flag=True, help="Create the --store bucket if it does not exist.")
-@click.option("--s3-timeout", envvar="BLOCKPROV_S3_TIMEOUT", default=30.0, show_default=True,
-              type=click.FloatRange(0.1, 3600), help="Seconds temporary S3 failures are retried.")
-@click.option("--token", envvar="BLOCKPROV_TOKEN", metavar="TOKEN",
-              help="Access token sent to the repository server (env BLOCKPROV_TOKEN).")
-@click.option("--ca", envvar="BLOCKPROV_CA", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
-              help="Trust only this CA (PEM) for https:// repositories (env BLOCKPROV_CA); default: the system's.")
+@global_options
 @click.version_option(__version__, prog_name="blockprov")
 @click.pass_context
 def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | None, catalog: str | None,
         s3_endpoint: str | None,
         s3_region: str | None, s3_create_bucket: bool, s3_timeout: float, token: str | None,
         ca: str | None) -> None:
-    """Provision machines and VMs from golden disk images at block level."""
+    """Provision machines and VMs from golden disk images at block level.
+
+    The global options may also follow the command (blockprov serve --data DIR); one given in both
+    places takes the value given after the command (the later one on the line).
+    """
     ctx.obj = Ctx(repo, data, store, StoreOptions(endpoint=s3_endpoint, region=s3_region,
                                                   create_bucket=s3_create_bucket, timeout=s3_timeout))
     ctx.obj.token, ctx.obj.ca, ctx.obj.catalog = token or None, ca or None, catalog or None

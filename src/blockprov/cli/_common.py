@@ -8,9 +8,11 @@ imports on its own; the group and the exit-code edge live in ``cli/__init__.py``
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -92,6 +94,22 @@ def listening(*addresses: str | None) -> Iterator[None]:
         raise UsageError(f"cannot listen on {shown}: {os.strerror(e.errno).lower()}") from None
 
 
+def activated_sockets(*given: object) -> list[socket.socket]:
+    """The listening sockets of systemd socket activation (LISTEN_FDS, nbd/activation.py) for an NBD
+    server command, checked against its own listeners ``given`` (--socket, --listen): one of the two.
+    As qemu-nbd does, a listener on the command line of an activated server is refused: the unit
+    that passes sockets and the option that names another are two ideas of where it serves."""
+    from blockprov.nbd.activation import listen_sockets
+
+    activated = listen_sockets()
+    if activated and any(g is not None for g in given):
+        raise UsageError("started by socket activation (LISTEN_FDS): it serves the sockets it was given; "
+                         "drop --socket and --listen")
+    if not activated and all(g is None for g in given):
+        raise UsageError("give --socket PATH or --listen HOST:PORT (or both), or start it by socket activation")
+    return activated
+
+
 def open_repository(repo_url: str | None, data_dir: str | None, store: str | None = None,
                     store_options: StoreOptions | None = None, *, cacheable: bool = False,
                     token: str | None = None, ca: str | None = None, catalog: str | None = None,
@@ -140,6 +158,20 @@ class Ctx:
         self.catalog: str | None = None  # --catalog / BLOCKPROV_CATALOG
         self.create = False  # set by commands that may make the embedded repository (import)
         self._repo: Repository | None = None
+
+    def set_global(self, name: str, value: Any) -> None:
+        """A global option typed after the command (cli/_globals.py): it replaces the group's value.
+        Applied while the command line is parsed, before the repository is opened."""
+        assert self._repo is None, "a global option after the repository was opened"
+        if name.startswith("s3_"):
+            field = {"s3_endpoint": "endpoint", "s3_region": "region", "s3_create_bucket": "create_bucket",
+                     "s3_timeout": "timeout"}[name]
+            self.store_options = dataclasses.replace(self.store_options or StoreOptions(), **{field: value})
+            return
+        attr = {"repo": "repo_url", "data": "data_dir"}.get(name, name)
+        if not hasattr(self, attr):
+            raise AttributeError(f"no global option {name!r}")
+        setattr(self, attr, value or None)
 
     @property
     def repo(self) -> Repository:

@@ -14,6 +14,7 @@ import click
 from blockprov import humanize as hz
 from blockprov.cli._common import (
     Ctx,
+    activated_sockets,
     check_creatable,
     emit,
     json_option,
@@ -64,13 +65,17 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     """Serve a version as an NBD export backed by a lazy local cache, until SIGINT/SIGTERM.
 
     Without NAME:TAG the version the cache already holds is re-attached (no repository round trip).
+
+    Started by systemd socket activation (LISTEN_FDS, as nbdkit and qemu-nbd are; also
+    nbdinfo -- [ blockprov attach ... ]) it serves the sockets it was given, without --socket or
+    --listen, and prints its banner on stderr.
     """
     from blockprov.agent.agent import Agent, AgentConfig
     from blockprov.cache.journal import META_NAME
 
     cache_dir = cache_dir.resolve()
-    if sock is None and listen is None:
-        raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
+    activated = activated_sockets(sock, listen)
+    err = bool(activated)  # an activated server's stdout is its starter's (nbdinfo prints there)
     if sock is not None:
         check_creatable(sock, "socket")
     check_creatable(cache_dir / META_NAME, "cache")
@@ -87,7 +92,7 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
                       reset_on_start=reset_on_start, hydrate=hydrate,
                       hydrate_rate=float(hydrate_rate) if hydrate_rate else None, use_profile=not no_profile,
                       instance=instance, register=not no_register,
-                      metrics=host_port(metrics_at, "--metrics") if metrics_at else None)
+                      metrics=host_port(metrics_at, "--metrics") if metrics_at else None, activated=activated)
 
     async def main() -> None:
         agent = Agent(cfg, repo, manifest)
@@ -97,16 +102,16 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
         m = agent.device.manifest
         if as_json:
             click.echo(json.dumps({"image": m.image, "version": m.id, "addresses": addresses, "pid": os.getpid(),
-                                   "instance": agent.instance, "metrics": agent.metrics_url}))
+                                   "instance": agent.instance, "metrics": agent.metrics_url}), err=err)
         else:
             st = agent.device.status()
             click.echo(f"serving {m.image}@{m.id} ({hz.size(m.size)}, {st['chunks_present']}/{st['chunks_total']} "
-                       f"chunks local) from cache {cache_dir}")
+                       f"chunks local) from cache {cache_dir}", err=err)
             for a in addresses:
-                click.echo(f"  {a}")
+                click.echo(f"  {a}", err=err)
             if agent.metrics_url:
-                click.echo(f"  metrics {agent.metrics_url}")
-            click.echo("stop with Ctrl-C or SIGTERM")
+                click.echo(f"  metrics {agent.metrics_url}", err=err)
+            click.echo("stop with Ctrl-C or SIGTERM", err=err)
         sys.stdout.flush()
         try:
             await agent.run()
@@ -116,7 +121,7 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
             raise NoSpace(msg=f"cache {cache_dir}: the agent stopped, but could not write its clean-shutdown "
                               "state (the next attach recovers from the journal)") from None
         if not as_json:
-            click.echo("stopped cleanly")
+            click.echo("stopped cleanly", err=err)
 
     run_async(main())
 

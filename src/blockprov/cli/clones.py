@@ -19,6 +19,7 @@ import click
 from blockprov import humanize as hz
 from blockprov.cli._common import (
     Ctx,
+    activated_sockets,
     check_creatable,
     check_data_dir,
     emit,
@@ -105,10 +106,14 @@ def clones_group() -> None:
 @json_option
 @click.pass_obj
 def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None, as_json: bool) -> None:
-    """Serve every instance of the directory as an NBD export named after it, until SIGTERM."""
+    """Serve every instance of the directory as an NBD export named after it, until SIGTERM.
+
+    Started by systemd socket activation (LISTEN_FDS) it serves the sockets it was given instead
+    of --socket/--listen, and prints its banner on stderr."""
     from blockprov.clones.clones import ClonesAgent, recorded_repository
 
     root = root.resolve()
+    activated = activated_sockets(sock, listen)
     address = host_port(listen) if listen else None
     base = recorded_repository(root)  # the repository the clones were made from, unless one is named
     repo = obj.repository_for(base) if base is not None else obj.repo
@@ -116,24 +121,25 @@ def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None
         check_creatable(sock, "socket").parent.mkdir(parents=True, exist_ok=True)  # as attach does
 
     async def main() -> None:
-        agent = ClonesAgent(root, repo, socket=sock, listen=address)
+        agent = ClonesAgent(root, repo, socket=sock, listen=address, activated=activated)
         agent.catch_signals()
         with listening(listen):
             await agent.start()
-        _banner(agent, as_json)
+        _banner(agent, as_json, err=bool(activated))
         await agent.run()
 
     run_async(main())
 
 
-def _banner(agent: ClonesAgent, as_json: bool) -> None:
+def _banner(agent: ClonesAgent, as_json: bool, *, err: bool = False) -> None:
+    """What the server serves, on stdout (stderr when socket-activated: stdout is its starter's)."""
     uris = {n: agent.uri(n) for n in agent.instances}
     if as_json:
-        click.echo(json.dumps({"dir": str(agent.root), "instances": uris, "addresses": agent.addresses}))
+        click.echo(json.dumps({"dir": str(agent.root), "instances": uris, "addresses": agent.addresses}), err=err)
     else:
-        click.echo(f"serving {len(uris)} instance(s) of {agent.root}")
+        click.echo(f"serving {len(uris)} instance(s) of {agent.root}", err=err)
         for n, u in uris.items():
-            click.echo(f"  {n}  {u}")
+            click.echo(f"  {n}  {u}", err=err)
     sys.stdout.flush()
 
 
@@ -237,11 +243,19 @@ def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str 
 @click.pass_obj
 def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, listen: str | None,
                    as_json: bool) -> None:
-    """Serve the pool's instances, hand them out, refill in the background, until SIGTERM."""
+    """Serve the pool's instances, hand them out, refill in the background, until SIGTERM.
+
+    Started by systemd socket activation (LISTEN_FDS) it serves the sockets it was given instead
+    of DIR/nbd.sock or --socket/--listen, and prints its banner on stderr."""
     from blockprov.clones import pool
     from blockprov.clones.clones import ClonesAgent
+    from blockprov.nbd.activation import listen_sockets
 
     d = pool_dir(obj, name, root)
+    activated = listen_sockets()  # without: DIR/nbd.sock, so neither --socket nor --listen is required
+    if activated and (sock is not None or listen is not None):
+        raise UsageError("started by socket activation (LISTEN_FDS): it serves the sockets it was given; "
+                         "drop --socket and --listen")
     address = host_port(listen) if listen else None
     pool.read_state(d)
 
@@ -249,13 +263,14 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
         check_creatable(sock, "socket").parent.mkdir(parents=True, exist_ok=True)  # as attach does
 
     async def main() -> None:
-        agent = ClonesAgent(d, obj.repo, socket=sock or d / pool.SOCKET, listen=address)
+        agent = ClonesAgent(d, obj.repo, socket=None if activated else sock or d / pool.SOCKET, listen=address,
+                            activated=activated)
         agent.catch_signals()
         with listening(listen):
             await agent.start()
         server = pool.PoolServer(d, obj.repo, agent)
         server.start()
-        _banner(agent, as_json)
+        _banner(agent, as_json, err=bool(activated))
         try:
             await agent.run()
         finally:

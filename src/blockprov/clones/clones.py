@@ -50,6 +50,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from socket import socket as Socket
 from typing import Any
 
 from blockprov.agent import control
@@ -62,6 +63,7 @@ from blockprov.device.base import result_bytes
 from blockprov.durable import ensure_dir, fsync_dir
 from blockprov.errors import AgentNotRunning, CacheError, NotFound, UsageError
 from blockprov.manifest import Manifest
+from blockprov.nbd.activation import uri_template
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
 
@@ -220,11 +222,14 @@ class ClonesAgent:
     """Serves every instance of a clones directory as an export named after the instance."""
 
     def __init__(self, root: Path, repo: Repository, *, socket: Path | None = None,
-                 listen: tuple[str, int] | None = None, control_socket: bool = True) -> None:
+                 listen: tuple[str, int] | None = None, control_socket: bool = True,
+                 activated: list[Socket] | None = None) -> None:
         """``control_socket=False``: a short-lived in-process server (customizing new instances)
-        that must not take the directory's control socket or the instances' ones."""
-        if socket is None and listen is None:
-            raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
+        that must not take the directory's control socket or the instances' ones. ``activated``:
+        listening sockets passed by systemd socket activation (nbd/activation.py), served as well."""
+        if socket is None and listen is None and not activated:
+            raise UsageError("give --socket PATH or --listen HOST:PORT (or both), or start it by socket activation")
+        self.activated = list(activated or [])
         self.root = root
         self.repo = repo
         self.socket = socket
@@ -251,6 +256,9 @@ class ClonesAgent:
             if self.listen is not None:
                 host, port = await self.server.start_tcp(*self.listen)
                 self.addresses.append(f"nbd://{host}:{port}/NAME")
+            for sock in self.activated:
+                await self.server.start_socket(sock)
+                self.addresses.append(uri_template(sock))
             if self._control_socket:
                 await self.control.start(control.socket_path(self.root))
         except BaseException:
@@ -261,7 +269,7 @@ class ClonesAgent:
     def uri(self, name: str) -> str:
         if self.socket is not None:
             return f"nbd+unix:///{name}?socket={self.socket}"
-        assert self.listen is not None
+        assert self.addresses, "uri() of an agent that does not listen"
         return self.addresses[0].replace("/NAME", f"/{name}")
 
     async def run(self) -> None:

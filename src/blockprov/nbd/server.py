@@ -58,7 +58,8 @@ from typing import Any
 
 from blockprov.device.base import BlockDevice, FileSegment
 from blockprov.errors import BlockprovError, DeviceError, UsageError
-from blockprov.names import unix_socket_path
+from blockprov.names import UNIX_PATH_MAX, unix_socket_path
+from blockprov.nbd.activation import address_of
 from blockprov.nbd.constants import NbdError, error_from_name
 from blockprov.nbd.protocol import (
     NEED_DATA,
@@ -140,6 +141,49 @@ def claim_unix_path(path: str) -> None:
     raise UsageError(f"{path} is in use: another process serves it; stop it first or choose another socket path")
 
 
+LISTEN_BACKLOG = 128
+
+
+def bind_listening_unix(path: str) -> socket.socket:
+    """A unix socket listening at ``path``, which appears there only once it accepts connections.
+
+    A socket bound at its final name is visible between ``bind`` and ``listen``, and a client that
+    connects in that moment (one polling for the path to appear) gets "connection refused". So the
+    socket is bound at a temporary name in the same directory, listens, and is then hard-linked
+    into place, which fails if the name was taken meanwhile (``claim_unix_path`` checked it: the
+    race is with another server starting now, refused as in use, never replaced). A file system
+    without hard links gets a rename (which replaces). The temporary name is then removed; the
+    socket is reached by its inode, under whichever name."""
+    claim_unix_path(path)
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base[:40]}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dir_fd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        # bind by /proc/self/fd/N/NAME when DIR/NAME would be longer than a unix address holds
+        sock.bind(tmp if len(os.fsencode(tmp)) <= UNIX_PATH_MAX else f"/proc/self/fd/{dir_fd}/{os.path.basename(tmp)}")
+        sock.listen(LISTEN_BACKLOG)
+        try:
+            os.link(os.path.basename(tmp), base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileExistsError:
+            raise UsageError(f"{path} is in use: another process serves it; stop it first or choose "
+                             "another socket path") from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            os.rename(os.path.basename(tmp), base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.basename(tmp), dir_fd=dir_fd)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.basename(tmp), dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(dir_fd)
+    return sock
+
+
 class NbdServer:
     def __init__(self, exports: dict[str, BlockDevice], *, description: str = "",
                  default_export: str | None = None, max_in_flight: int = 64,
@@ -177,21 +221,37 @@ class NbdServer:
 
     async def start_unix(self, path: str | os.PathLike[str]) -> str:
         """Listen on a unix socket at ``path``: a stale socket left there is replaced, one that
-        answers is refused (``claim_unix_path``), and the socket is removed again by ``close``."""
+        answers is refused (``claim_unix_path``), and the socket is removed again by ``close``.
+        ``path`` appears only once it accepts connections (``bind_listening_unix``)."""
         path = unix_socket_path(os.fspath(path))  # clients reach it by this path: no /proc/self/fd detour
-        await asyncio.get_running_loop().run_in_executor(None, claim_unix_path, path)
         loop = asyncio.get_running_loop()
+        sock = await loop.run_in_executor(None, bind_listening_unix, path)
         try:
-            server = await loop.create_unix_server(lambda: _Connection(self), path)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:  # another process bound it between our check and our bind
-                raise UsageError(f"{path} is in use: another process serves it; stop it first or choose "
-                                 "another socket path") from None
+            server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             raise
         self._servers.append(server)
         self._unix_paths.append(path)
         self.addresses.append(path)
         return path
+
+    async def start_socket(self, sock: socket.socket) -> str | tuple[str, int]:
+        """Serve on a socket that already listens (systemd socket activation, nbd/activation.py):
+        a unix one or a TCP one. Its path, if any, is not ours: ``close`` leaves it (the service
+        manager made it and keeps it for the next start)."""
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        else:
+            server = await loop.create_server(lambda: _Connection(self), sock=sock)
+        self._servers.append(server)
+        address = address_of(sock)
+        self.addresses.append(address)
+        return address
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
