@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from blockprov import __version__
-from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, tokens
+from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, tokens, vm
 from blockprov.cli._common import Ctx
 from blockprov.errors import BlockprovError, InternalError
 from blockprov.store.factory import StoreOptions
@@ -90,7 +90,7 @@ def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | Non
     ctx.call_on_close(ctx.obj.close)
 
 
-for _module in (images, serve, attach, instance, clones, hosts, tokens, admin):
+for _module in (images, serve, attach, instance, clones, hosts, tokens, admin, vm):
     _module.register(cli)
 
 
