@@ -145,6 +145,25 @@ def test_clones_share_the_template_memory(lab: dict[str, Any]) -> None:
     assert whole_pss < 0.9 * sum(r["memory"]["rss"] for r in rows)  # qemu's own heap is private
 
 
+def test_a_vm_directory_with_only_the_repository_clones_too(lab: dict[str, Any]) -> None:
+    lb: Lab = lab["lab"]
+    pushed = lb.json("vm", "push", "tpl")
+    assert pushed["memory"].startswith("vmtpl-tpl@") and pushed["state"].startswith("vmtpl-tpl@")
+    other = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm2", dir="/tmp")))  # no local template
+    try:
+        made = other.json("vm", "clone", "tpl", "--count", "1")
+        assert made["pulled"] and len(made["clones"]) == 1, made
+        console = other.root / "vms" / made["clones"][0] / "console.log"
+        wait_until("the pulled clone counting", lambda: len(counts(console)) >= 2, 60)
+        text = console.read_text(errors="replace")
+        assert "BLOCKPROV-INIT" not in text and lab["last"] <= counts(console)[0] <= lab["last"] + 2
+        assert json.loads((other.root / "templates" / "tpl" / "template.json").read_text())["name"] == "tpl"
+    finally:
+        for n in other.rows():
+            other.cli("vm", "rm", n, check=False)
+        shutil.rmtree(other.root, ignore_errors=True)
+
+
 def test_bad_input_is_refused_before_anything_starts(lab: dict[str, Any]) -> None:
     lb: Lab = lab["lab"]
     before = set(lb.rows())

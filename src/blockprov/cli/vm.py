@@ -153,20 +153,40 @@ def vm_rm_cmd(obj: Ctx, names: tuple[str, ...], root: Path | None, as_json: bool
 @vm_group.command("template")
 @click.argument("name")
 @click.option("--from", "source", required=True, metavar="VM", help="The running VM to freeze.")
+@click.option("--push", is_flag=True, help="Also store it in the repository (as `vm push` does).")
 @DIR_OPTION
 @json_option
 @click.pass_obj
-def vm_template_cmd(obj: Ctx, name: str, source: str, root: Path | None, as_json: bool) -> None:
+def vm_template_cmd(obj: Ctx, name: str, source: str, push: bool, root: Path | None, as_json: bool) -> None:
     """Pause a running VM and keep its RAM, device state and disk (a committed version) as a template;
     the VM is stopped."""
     from blockprov.vm import vms
 
     out = vms.make_template(_root(obj, root), obj.repo, name, source)
+    if push:
+        out["pushed"] = vms.push(_root(obj, root), obj.repo, name)
     if as_json:
         emit(out)
         return
     click.echo(f"template {name} from {source}: disk {out['disk']}, memory {hz.size(out['memory'])}, "
                f"device state {hz.size(out['state_bytes'])} in {out['dir']}")
+
+
+@vm_group.command("push")
+@click.argument("name")
+@DIR_OPTION
+@json_option
+@click.pass_obj
+def vm_push_cmd(obj: Ctx, name: str, root: Path | None, as_json: bool) -> None:
+    """Store a template in the repository (image vmtpl-NAME): `vm clone NAME` then works in any VM
+    directory that reaches the repository (it copies the template first)."""
+    from blockprov.vm import vms
+
+    out = vms.push(_root(obj, root), obj.repo, name)
+    if as_json:
+        emit(out)
+        return
+    click.echo(f"template {name} stored: memory {out['memory']}, device state {out['state']}")
 
 
 @vm_group.command("templates")

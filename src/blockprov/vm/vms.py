@@ -51,7 +51,7 @@ from blockprov.errors import AgentNotRunning, BlockprovError, NotFound, UsageErr
 from blockprov.manifest import Manifest
 from blockprov.names import UNIX_PATH_MAX, parse_ref
 from blockprov.repo.base import Repository
-from blockprov.vm import qemu
+from blockprov.vm import qemu, stored
 from blockprov.vm import template as tpl
 
 DISKS = "disks"
@@ -317,6 +317,11 @@ def make_template(root: Path, repo: Repository, name: str, source: str, timeout:
             "memory": made.memory_file.size, "state_bytes": made.state_file.size, "dir": str(t)}
 
 
+def push(root: Path, repo: Repository, name: str) -> dict[str, Any]:
+    """Store a template of this directory in the repository (vm/stored.py)."""
+    return stored.push(template_dir(root, instance_name(name)), repo, name)
+
+
 def list_templates(root: Path) -> list[dict[str, Any]]:
     d = root / TEMPLATES
     out = []
@@ -337,7 +342,10 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     shared until written) and device state, on its own overlay of the template's disk, with its own
     MAC and a fresh vmgenid. Every check is made before the first clone starts; a clone that fails
     to start or resume is reported and the others go on."""
-    t_dir = template_dir(root, name)
+    t_dir = template_dir(root, instance_name(name))
+    pulled = not (t_dir / tpl.MANIFEST).exists()
+    if pulled:  # not made here: from the repository (vm push), copied whole and verified
+        stored.pull(t_dir, repo, name)
     t = tpl.load(t_dir)
     tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(), memory=memory,
                       cpus=cpus, extra_args=extra_args)
@@ -359,7 +367,7 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
             failed[vm] = str(e)
             with contextlib.suppress(BlockprovError, OSError):  # never kept half made
                 rm(root, vm) if (vm_dir(root, vm) / RECORD).exists() else remove(root / DISKS, vm)
-    return {"template": name, "clones": [r["name"] for r in started], "failed": failed,
+    return {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
             "customized": {r["name"]: r.get("customized") for r in started if customize}}
 
 
