@@ -164,6 +164,33 @@ def test_a_vm_directory_with_only_the_repository_clones_too(lab: dict[str, Any])
         shutil.rmtree(other.root, ignore_errors=True)
 
 
+def test_a_lazy_clone_maps_the_memory_before_it_is_copied(lab: dict[str, Any]) -> None:
+    lb: Lab = lab["lab"]
+    lb.cli("vm", "push", "tpl")  # again: the same chunks, nothing new stored
+    other = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm3", dir="/tmp")))
+    tdir = other.root / "templates" / "tpl"
+    try:
+        made = other.json("vm", "clone", "tpl", "--count", "2", "--lazy")
+        assert made["pulled"] and len(made["clones"]) == 2, made
+        assert not (tdir / "memory").exists() and (tdir / "mnt" / "memory").stat().st_size == 256 << 20
+        assert json.loads((tdir / "template.json").read_text())["extra"]["lazy"] is True
+        for n in made["clones"]:
+            console = other.root / "vms" / n / "console.log"
+            wait_until(f"lazy clone {n} counting", lambda c=console: len(counts(c)) >= 2, 60)
+            text = console.read_text(errors="replace")
+            assert "BLOCKPROV-INIT" not in text and lab["last"] <= counts(console)[0] <= lab["last"] + 2
+        rows = [other.rows()[n] for n in made["clones"]]
+        assert all(r["state"] == "running" for r in rows)
+        # Both map the one FUSE file privately: the pages they read are the page cache's, shared.
+        assert sum(r["guest_ram"]["pss"] for r in rows) < 0.75 * sum(r["guest_ram"]["rss"] for r in rows), rows
+    finally:
+        for n in other.rows():
+            other.cli("vm", "rm", n, check=False)
+        subprocess.run(["umount", str(tdir / "mnt")], capture_output=True, check=False)
+        shutil.rmtree(other.root, ignore_errors=True)
+    assert not (tdir / "mnt").is_mount()
+
+
 def test_bad_input_is_refused_before_anything_starts(lab: dict[str, Any]) -> None:
     lb: Lab = lab["lab"]
     before = set(lb.rows())

@@ -216,18 +216,21 @@ def vm_templates_cmd(obj: Ctx, root: Path | None, as_json: bool) -> None:
               help="Run after each clone resumes (env BLOCKPROV_VM, BLOCKPROV_INDEX, BLOCKPROV_QMP, "
                    "BLOCKPROV_IDENTITY_SOCKET); 'builtin:identity' sends each clone its name as hostname on "
                    "the virtio-serial port org.blockprov.identity and waits for the guest's acknowledgement.")
+@click.option("--lazy", is_flag=True,
+              help="A template only in the repository: map its memory before it is copied, each page fetched on "
+                   "first touch (through nbdfuse), the rest hydrated in the background.")
 @click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- QEMU-ARGS…]")
 @DIR_OPTION
 @json_option
 @click.pass_obj
 def vm_clone_cmd(obj: Ctx, name: str, count: int, memory: int | None, cpus: int | None, customize_cmd: str | None,
-                 qemu_args: tuple[str, ...], root: Path | None, as_json: bool) -> None:
+                 lazy: bool, qemu_args: tuple[str, ...], root: Path | None, as_json: bool) -> None:
     """Start COUNT clones of a template: each resumes where the template was, its RAM shared with the
     template's memory file until it writes, its own disk overlay, MAC and vmgenid."""
     from blockprov.vm import vms
 
     out = vms.clone(_root(obj, root), obj.repo, _repo_args(obj), name, count, memory=memory, cpus=cpus,
-                    extra_args=tuple(qemu_args) if qemu_args else None, customize=customize_cmd)
+                    extra_args=tuple(qemu_args) if qemu_args else None, customize=customize_cmd, lazy=lazy)
     if as_json:
         emit(out)
     else:

@@ -20,6 +20,7 @@ directory without ``template.json`` that the next pull starts over.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,10 @@ def push(d: Path, repo: Repository, name: str) -> dict[str, Any]:
             "stats": {k: v for k, v in vars(mem_stats).items() if isinstance(v, int | float)}}
 
 
-def pull(d: Path, repo: Repository, name: str) -> tpl.Template:
-    """Fetch template ``name`` from the repository into ``d`` (which has no manifest)."""
+def pull(d: Path, repo: Repository, name: str, *, lazy: bool = False) -> tpl.Template:
+    """Fetch template ``name`` from the repository into ``d`` (which has no manifest). ``lazy``: all
+    but the memory, which the caller shows as a file whose pages are fetched on first touch (the
+    manifest then says ``lazy`` and names the memory version)."""
     img = image_of(name)
     try:
         mem = repo.resolve(f"{img}:{tpl.MEMORY}")
@@ -64,17 +67,20 @@ def pull(d: Path, repo: Repository, name: str) -> tpl.Template:
     if label is None or state.labels.get(LABEL) != label:
         raise TemplateDamaged(name=name, why=f"{img}'s versions do not carry one template manifest ({LABEL})")
     t = tpl.Template.from_json(name, label.encode())
+    if lazy:
+        t = replace(t, extra={**t.extra, "lazy": True, "memory_version": f"{img}@{mem.id}"})
     if d.exists():
         shutil.rmtree(d)
     ensure_dir(d)
-    export_image(repo, f"{img}@{mem.id}", d / tpl.MEMORY)
+    if not lazy:
+        export_image(repo, f"{img}@{mem.id}", d / tpl.MEMORY)
     export_image(repo, f"{img}@{state.id}", d / tpl.STATE)
     if t.machine.kernel:
         atomic_write(d / "vmlinuz", repo.boot_file(f"{img}@{mem.id}", "kernel"))
         atomic_write(d / "initrd", repo.boot_file(f"{img}@{mem.id}", "initrd"))
         for f in ("vmlinuz", "initrd"):
             tpl.seal(d / f)
-    for f, want in ((tpl.MEMORY, t.memory_file), (tpl.STATE, t.state_file)):
+    for f, want in ((tpl.STATE, t.state_file),) if lazy else ((tpl.MEMORY, t.memory_file), (tpl.STATE, t.state_file)):
         if (d / f).stat().st_size > want.size:  # an import rounds a file up to whole sectors (zeros)
             with open(d / f, "r+b") as fh:
                 fh.truncate(want.size)

@@ -84,6 +84,15 @@ class Template:
             raise TemplateDamaged(name=name, why=f"{MANIFEST} is unreadable: {e}") from None
 
 
+LAZY_MOUNT = "mnt"  # a lazy template's memory: the repository's version shown as a file (vm/lazy.py)
+
+
+def memory_path(t: Template, d: Path) -> Path:
+    """Where a template's RAM is: its own file, or, for a lazy template, the FUSE file whose pages
+    are fetched from the repository on first touch."""
+    return d / LAZY_MOUNT / MEMORY if t.extra.get("lazy") else d / MEMORY
+
+
 def file_sum(path: Path) -> FileSum:
     """Size and BLAKE3 of a file (multithreaded, memory-mapped: cheap next to resuming a VM)."""
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -103,8 +112,10 @@ def load(d: Path) -> Template:
 
 def verify_files(t: Template, d: Path) -> None:
     """The memory and state files are those the template recorded; else TemplateDamaged (no clone
-    may start from them)."""
-    for fname, want in ((MEMORY, t.memory_file), (STATE, t.state_file)):
+    may start from them). A lazy template's memory is not read here (that would fetch all of it):
+    each of its chunks is verified by its id when it is fetched."""
+    files = [(STATE, t.state_file)] if t.extra.get("lazy") else [(MEMORY, t.memory_file), (STATE, t.state_file)]
+    for fname, want in files:
         p = d / fname
         if not p.is_file():
             raise TemplateDamaged(name=t.name, why=f"its {fname} file {p} is missing")

@@ -45,13 +45,21 @@ from pathlib import Path
 from typing import Any
 
 from blockprov.agent import control
-from blockprov.clones.clones import create_instances, instance_dir, instance_name, list_instances, next_names, remove
+from blockprov.clones.clones import (
+    base_dir,
+    create_instances,
+    instance_dir,
+    instance_name,
+    list_instances,
+    next_names,
+    remove,
+)
 from blockprov.durable import atomic_write, ensure_dir
 from blockprov.errors import AgentNotRunning, BlockprovError, NotFound, UsageError, VmFailed, VmNotRunning
 from blockprov.manifest import Manifest
 from blockprov.names import UNIX_PATH_MAX, parse_ref
 from blockprov.repo.base import Repository
-from blockprov.vm import qemu, stored
+from blockprov.vm import lazy, qemu, stored
 from blockprov.vm import template as tpl
 
 DISKS = "disks"
@@ -60,6 +68,7 @@ TEMPLATES = "templates"
 RECORD = "vm.json"
 NBD_SOCKET = "nbd.sock"
 BUILTIN_IDENTITY = "builtin:identity"
+LAZY_PREFIX = "tplmem-"  # the disk instance that serves a lazy template's memory (vm/lazy.py)
 
 
 def vm_dir(root: Path, name: str) -> Path:
@@ -130,6 +139,8 @@ def stop_disks_agent_if_idle(root: Path) -> bool:
     """Stop the disks agent when no VM runs any more (True if it was asked to)."""
     if any(is_alive(root, read_record(root, n)) for n in names(root)):
         return False
+    for t in (root / TEMPLATES).glob(f"*/{tpl.LAZY_MOUNT}"):  # their export is about to go
+        lazy.unmount(t)
     try:
         control.call(root / DISKS, "stop", timeout=30.0)
     except AgentNotRunning:
@@ -200,7 +211,10 @@ def status(root: Path, name: str) -> dict[str, Any]:
     if is_alive(root, rec):
         row["state"] = _qemu_state(d)
         row["memory"] = qemu.smaps_rollup(int(rec["pid"]))
-        ram = template_dir(root, rec["template"]) / tpl.MEMORY if rec.get("template") else d / tpl.MEMORY
+        ram = d / tpl.MEMORY
+        if rec.get("template"):
+            td = template_dir(root, rec["template"])
+            ram = tpl.memory_path(tpl.load(td), td)
         row["guest_ram"] = qemu.mapping_figures(int(rec["pid"]), ram)
     else:
         row["state"] = rec.get("end") or ("stopped" if rec.get("stopped") else "dead")
@@ -337,15 +351,15 @@ def list_templates(root: Path) -> list[dict[str, Any]]:
 # -- clone ----------------------------------------------------------------------------------------------
 def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: int, *,
           memory: int | None = None, cpus: int | None = None, extra_args: tuple[str, ...] | None = None,
-          customize: str | None = None, timeout: float = 120.0) -> dict[str, Any]:
+          customize: str | None = None, lazy: bool = False, timeout: float = 120.0) -> dict[str, Any]:
     """Start ``count`` clones of template ``name``, each resumed from its memory (mapped privately:
     shared until written) and device state, on its own overlay of the template's disk, with its own
     MAC and a fresh vmgenid. Every check is made before the first clone starts; a clone that fails
     to start or resume is reported and the others go on."""
     t_dir = template_dir(root, instance_name(name))
     pulled = not (t_dir / tpl.MANIFEST).exists()
-    if pulled:  # not made here: from the repository (vm push), copied whole and verified
-        stored.pull(t_dir, repo, name)
+    if pulled:  # not made here: from the repository (vm push), copied whole and verified, or lazily
+        stored.pull(t_dir, repo, name, lazy=lazy)
     t = tpl.load(t_dir)
     tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(), memory=memory,
                       cpus=cpus, extra_args=extra_args)
@@ -355,6 +369,8 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
     asyncio.run(create_instances(root / DISKS, repo, m, new))
     sock = ensure_disks_served(root, repo_args)
+    if t.extra.get("lazy"):
+        _mount_lazy(root, repo, repo_args, t, t_dir)
     started: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for index, vm in enumerate(new):
@@ -371,6 +387,20 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
             "customized": {r["name"]: r.get("customized") for r in started if customize}}
 
 
+def _mount_lazy(root: Path, repo: Repository, repo_args: list[str], t: tpl.Template, t_dir: Path) -> None:
+    """Show a lazy template's memory version as its memory file (vm/lazy.py), served by the disks
+    agent as the instance ``tplmem-NAME``, and start hydrating the rest of it in the background."""
+    disks = root / DISKS
+    inst = f"{LAZY_PREFIX}{t.name}"
+    mm = repo.resolve(parse_ref(str(t.extra["memory_version"])))
+    if inst not in list_instances(disks):
+        asyncio.run(create_instances(disks, repo, mm, [inst]))
+    sock = ensure_disks_served(root, repo_args)
+    lazy.mount(t_dir / tpl.LAZY_MOUNT, _disk_uri(sock, inst), t.memory_file.size)
+    with contextlib.suppress(BlockprovError, OSError):  # only a head start: first touches fetch anyway
+        control.call(base_dir(disks, mm), "hydrate", timeout=30.0)
+
+
 def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, timeout: float) -> dict[str, Any]:
     d = _new_vm_dir(root, vm, disk_made=True)
     rec: dict[str, Any] = {"name": vm, "image": t.image, "version": t.version, "disk": vm,
@@ -379,7 +409,7 @@ def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, 
                            "console": str(d / "console.log")}
     rec["machine"]["extra_args"] = list(t.machine.extra_args)
     write_record(root, rec)
-    wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, vm), mac=rec["mac"], memory_path=t_dir / tpl.MEMORY,
+    wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, vm), mac=rec["mac"], memory_path=tpl.memory_path(t, t_dir),
                          share=False, incoming=True, kernel=t_dir / "vmlinuz" if t.machine.kernel else None,
                          initrd=t_dir / "initrd" if t.machine.kernel else None)
     rec["pid"] = qemu.start(qemu.command(t.machine, wiring), d)
