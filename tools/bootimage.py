@@ -22,7 +22,7 @@ system), then acts on ``bp.mode=`` of the kernel command line:
   ``/usr/bin/bp-virus``; sync;
 * ``check``: verifies every file of the golden list and reports files of the watched directories the
   list does not have: ``BP-CHECK OK files=N`` or ``BP-CHECK FAIL changed=… extra=…``;
-* ``counter``: never ends: counts in memory, printing ``BP-COUNT n=…`` every second, and takes a
+* ``counter``: never ends: counts in memory, printing ``BP-COUNT n=…`` ten times a second, and takes a
   hostname from the host on the virtio-serial port ``org.blockprov.identity`` (``BP-IDENTITY
   name=…``, also written to ``/bp-identity``): the running application ``blockprov vm`` clones;
 * ``admin``: a sanctioned change: writes ``/etc/bp-admin-change`` (``ADMIN_CHANGE_CONTENT``) and
@@ -175,7 +175,7 @@ counter)
             echo "BP-IDENTITY name=$ident n=$n"
         fi
         echo "BP-COUNT n=$n host=$(hostname)"
-        sleep 1
+        usleep 100000
     done
     ;;
 esac

@@ -143,7 +143,7 @@ def stop_disks_agent_if_idle(root: Path) -> bool:
         lazy.unmount(t)
     try:
         control.call(root / DISKS, "stop", timeout=30.0)
-    except AgentNotRunning:
+    except (AgentNotRunning, OSError):  # gone, or going already
         return False
     return True
 
@@ -262,25 +262,29 @@ def _quit(root: Path, rec: dict[str, Any], timeout: float = 10.0) -> None:
         qemu.kill(int(rec["pid"]), d)
 
 
-def stop(root: Path, name: str) -> dict[str, Any]:
-    """Quit a VM's qemu (its disk overlay stays; ``vm rm`` removes it)."""
+def stop(root: Path, name: str, *, stop_agent: bool = True) -> dict[str, Any]:
+    """Quit a VM's qemu (its disk overlay stays; ``vm rm`` removes it), and the disks agent when no
+    VM runs any more (``stop_agent``)."""
     rec = read_record(root, name)
     was = is_alive(root, rec)
     if was:
         _quit(root, rec)
     rec["stopped"] = True
     write_record(root, rec)
-    stop_disks_agent_if_idle(root)
+    if stop_agent:
+        stop_disks_agent_if_idle(root)
     return {"name": name, "stopped": True, "was_running": was}
 
 
 def rm(root: Path, name: str) -> dict[str, Any]:
-    """Stop a VM if it runs, remove its disk overlay and its directory."""
-    out = stop(root, name)
+    """Stop a VM if it runs, remove its disk overlay (through the disks agent, which must stop
+    serving it first) and its directory; then the disks agent if no VM runs any more."""
+    out = stop(root, name, stop_agent=False)
     disks = root / DISKS
     if name in list_instances(disks):
         remove(disks, name)
     shutil.rmtree(vm_dir(root, name), ignore_errors=True)
+    stop_disks_agent_if_idle(root)
     return {**out, "removed": True}
 
 
