@@ -22,6 +22,9 @@ system), then acts on ``bp.mode=`` of the kernel command line:
   ``/usr/bin/bp-virus``; sync;
 * ``check``: verifies every file of the golden list and reports files of the watched directories the
   list does not have: ``BP-CHECK OK files=N`` or ``BP-CHECK FAIL changed=… extra=…``;
+* ``counter``: never ends: counts in memory, printing ``BP-COUNT n=…`` ten times a second, and takes a
+  hostname from the host on the virtio-serial port ``org.blockprov.identity`` (``BP-IDENTITY
+  name=…``, also written to ``/bp-identity``): the running application ``blockprov vm`` clones;
 * ``admin``: a sanctioned change: writes ``/etc/bp-admin-change`` (``ADMIN_CHANGE_CONTENT``) and
   updates the golden list so a later check passes;
 
@@ -54,7 +57,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 3  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 4  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -66,7 +69,7 @@ WATCHED = ("etc", "usr/bin", "usr/sbin", "home")  # the check covers every file 
 GOLDEN = "etc/bp-golden.sha256"
 FIXED_TIME = 1_700_000_000  # every timestamp in the image (deterministic builds)
 FS_UUID = "b10c0b0c-0000-4000-8000-00000000b007"
-MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")  # plus their dependencies
+MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "virtio_console")  # plus their dependencies
 MAX_FILE = 4 << 20  # larger files are skipped: a boot reads many small files, not a few huge ones
 HEAD_BYTES = 16384  # how much of a large file the boot reads (ELF headers, first pages)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._+@/-]+$")  # paths the guest's shell handles without quoting
@@ -95,7 +98,7 @@ while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do usleep 50000; i=$((i + 1)); done
 [ -b /dev/vda ] || fail no-/dev/vda
 case "$MODE" in
     plain|check) OPTS=ro ;;
-    dirty|admin) OPTS=rw ;;
+    dirty|admin|counter) OPTS=rw ;;
     *) fail "unknown-mode" ;;
 esac
 mount -t ext4 -o "$OPTS" /dev/vda /root || fail mount-failed
@@ -143,6 +146,37 @@ check)
         echo "BP-CHECK OK files=$NKNOWN"
         EXTRA="check=OK"
     fi
+    ;;
+counter)
+    # A running application for VM clones (blockprov vm): its state (n) lives only in memory, it
+    # never powers off, and it takes an identity from the host on the virtio-serial port
+    # org.blockprov.identity, writing it to its disk (/bp-identity) so each clone's disk differs.
+    PORT=""
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = org.blockprov.identity ] && PORT="/dev/${p##*/}"
+    done
+    if [ -n "$PORT" ]; then
+        # read gets EOF at once while no host is connected: poll, never spin
+        (while true; do
+            if read -r line <"$PORT" && [ -n "$line" ]; then echo "$line" >/tmp/ident.new; mv /tmp/ident.new /tmp/ident
+            else sleep 1; fi
+        done) &
+    fi
+    echo "BP-COUNTER-START port=$PORT"
+    n=0
+    ident=""
+    while true; do
+        n=$((n + 1))
+        if [ -f /tmp/ident ] && [ "$(cat /tmp/ident)" != "$ident" ]; then
+            ident=$(cat /tmp/ident)
+            hostname "$ident"
+            echo "$ident" >bp-identity
+            sync
+            echo "BP-IDENTITY name=$ident n=$n"
+        fi
+        echo "BP-COUNT n=$n host=$(hostname)"
+        usleep 100000
+    done
     ;;
 esac
 cd /

@@ -136,6 +136,29 @@ class BootFilesMissing(Conflict):
     """{ref} has no boot files (set them with: blockprov boot-files set {ref} --kernel FILE --initrd FILE)"""
 
 
+class VmNotRunning(Conflict):
+    """VM {name} is not running ({state})"""
+
+
+class TemplateMismatch(Conflict):
+    """template {name} cannot be cloned this way: {why}"""
+
+    # The clone's machine must be the template's exactly (qemu version, machine type, memory,
+    # CPUs, devices): device state migrated into another machine is undefined behaviour.
+
+
+class NotEnoughMemory(Conflict):
+    """not enough host memory for {what}: {needed} needed, {available} available (MemAvailable)"""
+
+
+class TemplateDamaged(IntegrityError):
+    """template {name} is damaged: {why}"""
+
+
+class VmFailed(BlockprovError):
+    """qemu of {name} failed: {why}"""
+
+
 class SourceError(BlockprovError):
     """cannot read {path}: {why}"""
 

@@ -48,6 +48,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from socket import socket as Socket
@@ -99,9 +100,10 @@ def list_instances(root: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if (p / META_NAME).exists())
 
 
-def next_names(root: Path, prefix: str, count: int) -> list[str]:
-    """``count`` unused names ``<prefix><n>``, continuing after the highest number in use."""
-    taken = set(list_instances(root))
+def next_names(root: Path, prefix: str, count: int, also_taken: Iterable[str] = ()) -> list[str]:
+    """``count`` unused names ``<prefix><n>``, continuing after the highest number in use (by an
+    instance, or in ``also_taken``: names reserved elsewhere, such as VMs')."""
+    taken = set(list_instances(root)) | set(also_taken)
     n = 1 + max((int(x[len(prefix):]) for x in taken if x.startswith(prefix) and x[len(prefix):].isdigit()),
                 default=0)
     out: list[str] = []

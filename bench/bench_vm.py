@@ -1,0 +1,162 @@
+"""Running-VM clones benchmarks (issue 14), each against its peer in the same run:
+
+1. time to the application answering: ``blockprov vm clone TPL --count 1`` (from the command's start
+   to the clone's first new ``BP-COUNT`` line on its serial console) vs a cold boot of the same
+   version to the same point (``vm run``, to its first ``BP-COUNT`` line). Goal ≤ 0.1×.
+2. host memory of N idle clones vs N booted VMs of the same version (each left to settle for
+   ``--settle`` seconds): the sum of the qemu processes' PSS (``/proc/PID/smaps_rollup``). Goal ≤ 0.3×.
+3. the first clone on a VM directory without the template, over a 20 ms RTT link (bench/wanproxy.py
+   in front of ``blockprov serve``): ``vm clone --lazy`` (memory mapped before it is copied, pages
+   fetched on first touch) vs copying the template first (``vm clone`` without ``--lazy``), both to
+   the clone's first ``BP-COUNT`` line. Goal ≤ 0.3×.
+
+The guest: tools/bootimage.py's test image (256 MiB disk) in ``bp.mode=counter``, direct kernel
+boot, TCG, ``--memory`` of RAM. Run: ``.venv/bin/python bench/bench_vm.py [--count 10] [--repeat 3]``.
+Results: bench/out/vm.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import VENV_BIN, write_results
+from tests import bootvm
+from tests.procs import start_server
+from wanproxy import ProxyThread
+
+BP = str(VENV_BIN / "blockprov")
+COUNT = re.compile(r"BP-COUNT n=(\d+) host=")  # whole lines only: a paused guest may stop mid-line
+
+
+def bp(*args: str, repo: list[str]) -> Any:
+    env = {k: v for k, v in os.environ.items() if k not in ("BLOCKPROV_REPO", "BLOCKPROV_DATA")}
+    p = subprocess.run([BP, *repo, *args], capture_output=True, text=True, timeout=900, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"blockprov {' '.join(args)} failed: {p.stderr}")
+    return json.loads(p.stdout) if "--json" in args else p.stdout
+
+
+def first_count(console: Path, t0: float, timeout: float = 300) -> float:
+    """Seconds from ``t0`` until ``console`` shows a BP-COUNT line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if COUNT.search(console.read_text(errors="replace")):
+                return time.monotonic() - t0
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise SystemExit(f"no BP-COUNT in {console} after {timeout:g} s")
+
+
+def pss(root: Path, repo: list[str], names: list[str]) -> int:
+    rows = {r["name"]: r for r in bp("vm", "list", "--dir", str(root), "--json", repo=repo)}
+    return sum(int(rows[n]["memory"].get("pss", 0)) for n in names)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--memory", default="256M")
+    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--rtt", default="20ms")
+    a = ap.parse_args()
+    img = bootvm.build_image(size="256M", fill_mb=40)
+    work = Path(tempfile.mkdtemp(prefix="bpvb", dir="/tmp"))  # short: unix sockets live inside
+    data = work / "repo"
+    local = ["--data", str(data)]
+    rows: list[dict[str, Any]] = []
+    try:
+        bp("import", str(img.disk), "lab:v1", repo=local)
+        bp("boot-files", "set", "lab:v1", "--kernel", str(img.kernel), "--initrd", str(img.initrd), "--cmdline",
+           "console=ttyS0 quiet panic=-1 bp.mode=counter", repo=local)
+        root = work / "v"
+        d = ["--dir", str(root)]
+        t0 = time.monotonic()
+        bp("vm", "run", "lab:v1", "--name", "app", "--memory", a.memory, *d, repo=local)
+        first_count(root / "vms" / "app" / "console.log", t0)
+        time.sleep(2)
+        bp("vm", "template", "tpl", "--from", "app", "--push", *d, repo=local)
+
+        # 1. clone vs cold boot, to the first counter line
+        clone_s, boot_s = [], []
+        for k in range(a.repeat):
+            t0 = time.monotonic()
+            made = bp("vm", "clone", "tpl", "--count", "1", *d, "--json", repo=local)
+            clone_s.append(first_count(root / "vms" / made["clones"][0] / "console.log", t0))
+            t0 = time.monotonic()
+            bp("vm", "run", "lab:v1", "--name", f"cold{k}", "--memory", a.memory, *d, repo=local)
+            boot_s.append(first_count(root / "vms" / f"cold{k}" / "console.log", t0))
+            bp("vm", "rm", made["clones"][0], f"cold{k}", *d, repo=local)
+        c, b = statistics.median(clone_s), statistics.median(boot_s)
+        rows.append({"what": "seconds to the application answering", "blockprov": c, "peer": b,
+                     "peer is": "cold boot (vm run)", "ratio": c / b, "goal": "≤ 0.1×"})
+
+        # 2. memory of N idle clones vs N booted VMs
+        made = bp("vm", "clone", "tpl", "--count", str(a.count), *d, "--json", repo=local)
+        time.sleep(a.settle)
+        clones_pss = pss(root, local, made["clones"])
+        bp("vm", "rm", *made["clones"], *d, repo=local)
+        booted = [f"boot{k}" for k in range(a.count)]
+        t0 = time.monotonic()
+        for n in booted:
+            bp("vm", "run", "lab:v1", "--name", n, "--memory", a.memory, *d, repo=local)
+        for n in booted:
+            first_count(root / "vms" / n / "console.log", t0, timeout=600)
+        time.sleep(a.settle)
+        booted_pss = pss(root, local, booted)
+        bp("vm", "rm", *booted, *d, repo=local)
+        rows.append({"what": f"host memory of {a.count} idle VMs (MiB, sum of PSS)", "blockprov": clones_pss / 2**20,
+                     "peer": booted_pss / 2**20, "peer is": "booted VMs", "ratio": clones_pss / booted_pss,
+                     "goal": "≤ 0.3×"})
+
+        # 3. first clone without the template over the link: lazy vs copy first
+        server, url = start_server(data)
+        try:
+            host, port = url.split("//")[1].rsplit(":", 1)
+            with ProxyThread((host, int(port)), rtt=float(a.rtt.rstrip("ms")) / 1000) as proxy:
+                remote = ["--repo", proxy.url]
+                lazy_s, copy_s = [], []
+                for k in range(a.repeat):
+                    for mode, out in (("lazy", lazy_s), ("copy", copy_s)):
+                        r2 = work / f"{mode}{k}"
+                        t0 = time.monotonic()
+                        made = bp("vm", "clone", "tpl", "--count", "1", "--dir", str(r2), "--json",
+                                  *(["--lazy"] if mode == "lazy" else []), repo=remote)
+                        out.append(first_count(r2 / "vms" / made["clones"][0] / "console.log", t0))
+                        bp("vm", "rm", made["clones"][0], "--dir", str(r2), repo=remote)
+                lz, cp = statistics.median(lazy_s), statistics.median(copy_s)
+                rows.append({"what": f"seconds to the first clone answering, no local template, {a.rtt} RTT",
+                             "blockprov": lz, "peer": cp, "peer is": "copy the template first", "ratio": lz / cp,
+                             "goal": "≤ 0.3×"})
+        finally:
+            server.stop()
+        write_results("vm", rows, {"memory": a.memory, "count": a.count, "repeat": a.repeat,
+                                   "clone seconds": clone_s, "boot seconds": boot_s,
+                                   "lazy seconds": lazy_s, "copy-first seconds": copy_s,
+                                   "command": "python bench/bench_vm.py " + " ".join(sys.argv[1:])})
+    finally:
+        for r in [work / "v", *work.glob("lazy*"), *work.glob("copy*")]:
+            if (r / "vms").is_dir():
+                for n in os.listdir(r / "vms"):
+                    subprocess.run([BP, *local, "vm", "rm", n, "--dir", str(r)], capture_output=True, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

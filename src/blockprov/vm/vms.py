@@ -1,0 +1,465 @@
+"""Managed VMs on one host: run, list, stop, make a template of a running VM, clone it N times.
+
+Layout of a VM directory ``ROOT`` (default: the data directory's ``vms/``)::
+
+    ROOT/disks/                  a clones directory (clones/clones.py): one overlay instance per
+                                 VM, named after it, over the shared base cache of its version
+    ROOT/disks/nbd.sock          where the disks agent (``blockprov clones serve``) serves them
+    ROOT/vms/<name>/vm.json      the VM's record: machine, wiring, pid, template (a clone's)
+    ROOT/vms/<name>/memory       a VM's RAM (``share=on``: it becomes a template's memory file)
+    ROOT/vms/<name>/console.log  the serial console; qemu.log, qemu's own messages
+    ROOT/templates/<name>/       a template (template.py)
+
+Why the disks are served by one ``clones serve`` process started on demand: the VMs outlive the
+command that starts them, and a version's base cache is shared by every VM of it (fetched once per
+host), which only one process may hold. The process is started by the first ``vm run``/``vm clone``
+that finds none, and stopped by the ``vm stop`` that leaves no VM running.
+
+Why a template's disk is an ordinary committed version: the VM's overlay, flushed by the pause,
+is snapshotted into the repository (agent/lifecycle.py) and the clones' overlays lie over it, like
+any ``clone`` of a version; the repository keeps it, ``gc`` respects it, ``diff`` shows it.
+
+Crash rules: vm.json is written with ``durable.atomic_write`` before qemu starts (pid null) and
+again with its pid once it runs, so a crash in between leaves a record whose VM ``vm list`` shows
+as ``dead`` and ``vm rm`` removes. A VM's state is never inferred from the record alone: a pid is
+alive only if /proc shows a live qemu of that directory (pids are reused). A template is written
+as template.py says (its manifest last). A disk instance is made before its VM's record (an
+orphan overlay is harmless and ``clones rm`` removes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from blockprov.agent import control
+from blockprov.clones.clones import (
+    base_dir,
+    create_instances,
+    instance_dir,
+    instance_name,
+    list_instances,
+    next_names,
+    remove,
+)
+from blockprov.durable import atomic_write, ensure_dir
+from blockprov.errors import AgentNotRunning, BlockprovError, NotFound, UsageError, VmFailed, VmNotRunning
+from blockprov.manifest import Manifest
+from blockprov.names import UNIX_PATH_MAX, parse_ref
+from blockprov.repo.base import Repository
+from blockprov.vm import lazy, qemu, stored
+from blockprov.vm import template as tpl
+
+DISKS = "disks"
+VMS = "vms"
+TEMPLATES = "templates"
+RECORD = "vm.json"
+NBD_SOCKET = "nbd.sock"
+BUILTIN_IDENTITY = "builtin:identity"
+LAZY_PREFIX = "tplmem-"  # the disk instance that serves a lazy template's memory (vm/lazy.py)
+
+
+def vm_dir(root: Path, name: str) -> Path:
+    return root / VMS / name
+
+
+def template_dir(root: Path, name: str) -> Path:
+    return root / TEMPLATES / name
+
+
+def read_record(root: Path, name: str) -> dict[str, Any]:
+    try:
+        rec: dict[str, Any] = json.loads((vm_dir(root, name) / RECORD).read_text())
+    except FileNotFoundError:
+        raise NotFound(msg=f"no VM {name} in {root}") from None
+    except ValueError as e:
+        raise VmFailed(name=name, why=f"its record is unreadable: {e}") from None
+    return rec
+
+
+def write_record(root: Path, rec: dict[str, Any]) -> None:
+    atomic_write(vm_dir(root, rec["name"]) / RECORD, json.dumps(rec, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def names(root: Path) -> list[str]:
+    d = root / VMS
+    return sorted(p.name for p in d.iterdir() if (p / RECORD).exists()) if d.is_dir() else []
+
+
+def machine_of(rec: dict[str, Any]) -> qemu.Machine:
+    m = rec["machine"]
+    return qemu.Machine(qemu_version=m["qemu_version"], machine=m["machine"], memory=int(m["memory"]),
+                        cpus=int(m["cpus"]), extra_args=tuple(m["extra_args"]), kernel=bool(m["kernel"]),
+                        append=str(m["append"]))
+
+
+def is_alive(root: Path, rec: dict[str, Any]) -> bool:
+    return qemu.alive(rec.get("pid"), vm_dir(root, rec["name"]))
+
+
+# -- the disks agent --------------------------------------------------------------------------------
+def ensure_disks_served(root: Path, repo_args: list[str], timeout: float = 60.0) -> Path:
+    """The disks agent serving ``ROOT/disks`` (told to pick up new instances, or started); returns
+    its NBD socket."""
+    disks = ensure_dir(root / DISKS)
+    sock = disks / NBD_SOCKET
+    if len(str(sock).encode()) > UNIX_PATH_MAX:
+        raise UsageError(f"{sock} is too long for a unix socket ({UNIX_PATH_MAX} bytes): use a shorter --dir")
+    try:
+        control.call(disks, "rescan", timeout=60.0)
+        return sock
+    except AgentNotRunning:
+        pass
+    cmd = [sys.executable, "-c", "import sys; from blockprov.cli import main; sys.exit(main())", *repo_args,
+           "clones", "serve", "--dir", str(disks), "--socket", str(sock)]
+
+    def ready() -> bool:
+        try:
+            control.call(disks, "status", timeout=5.0)
+        except (AgentNotRunning, OSError):
+            return False
+        return True
+    qemu.spawn(cmd, disks / "agent.log", ready, "the disks agent (clones serve)", timeout)
+    return sock
+
+
+def stop_disks_agent_if_idle(root: Path) -> bool:
+    """Stop the disks agent when no VM runs any more (True if it was asked to)."""
+    if any(is_alive(root, read_record(root, n)) for n in names(root)):
+        return False
+    for t in (root / TEMPLATES).glob(f"*/{tpl.LAZY_MOUNT}"):  # their export is about to go
+        lazy.unmount(t)
+    try:
+        control.call(root / DISKS, "stop", timeout=30.0)
+    except (AgentNotRunning, OSError):  # gone, or going already
+        return False
+    return True
+
+
+def _disk_uri(sock: Path, name: str) -> str:
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+# -- run ----------------------------------------------------------------------------------------------
+def _new_vm_dir(root: Path, name: str, *, disk_made: bool = False) -> Path:
+    d = vm_dir(root, instance_name(name))
+    if (d / RECORD).exists():
+        raise UsageError(f"VM {name} already exists in {root} (vm rm {name} first)")
+    if not disk_made and name in list_instances(root / DISKS):
+        raise UsageError(f"a disk named {name} already exists in {root / DISKS} (clones rm it first)")
+    if d.exists():  # a run that crashed before its record: nothing in it is worth keeping
+        shutil.rmtree(d)
+    ensure_dir(d)
+    qemu.sockets(d)  # refuse paths too long before anything is made
+    return d
+
+
+def _taken_macs(root: Path) -> set[str]:
+    return {str(read_record(root, n).get("mac")) for n in names(root)}
+
+
+def run(root: Path, repo: Repository, repo_args: list[str], m: Manifest, name: str, *, memory: int, cpus: int,
+        extra_args: tuple[str, ...], machine: str = "pc") -> dict[str, Any]:
+    """Start a VM on a new overlay of version ``m``: direct kernel boot with the version's boot files
+    when it has them, else from the disk's own boot loader."""
+    d = _new_vm_dir(root, name)
+    boot = repo.get_boot_files(f"{m.image}@{m.id}")
+    kernel = initrd = None
+    if boot is not None:
+        kernel, initrd = d / "vmlinuz", d / "initrd"
+        atomic_write(kernel, repo.boot_file(f"{m.image}@{m.id}", "kernel"))
+        atomic_write(initrd, repo.boot_file(f"{m.image}@{m.id}", "initrd"))
+    mach = qemu.Machine(qemu_version=qemu.qemu_version(), machine=qemu.resolve_machine(machine), memory=memory,
+                        cpus=cpus, extra_args=extra_args, kernel=boot is not None,
+                        append=boot.cmdline if boot is not None else "")
+    asyncio.run(create_instances(root / DISKS, repo, m, [name]))
+    sock = ensure_disks_served(root, repo_args)
+    rec: dict[str, Any] = {"name": name, "image": m.image, "version": m.id, "disk": name, "machine": asdict(mach),
+           "mac": qemu.new_mac(_taken_macs(root)), "pid": None, "template": None, "created": time.time(),
+           "stopped": False, "console": str(d / "console.log")}
+    rec["machine"]["extra_args"] = list(extra_args)
+    write_record(root, rec)
+    wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, name), mac=rec["mac"], memory_path=d / tpl.MEMORY,
+                         share=True, incoming=False, kernel=kernel, initrd=initrd)
+    rec["pid"] = qemu.start(qemu.command(mach, wiring), d)
+    write_record(root, rec)
+    return rec
+
+
+# -- list / stop / rm ---------------------------------------------------------------------------------
+def status(root: Path, name: str) -> dict[str, Any]:
+    """One VM as ``vm list`` shows it: state (running, paused, …, stopped, dead), pid, console log,
+    template, and its memory on the host (shared and private, from smaps_rollup)."""
+    rec = read_record(root, name)
+    d = vm_dir(root, name)
+    row: dict[str, Any] = {"name": name, "pid": rec.get("pid"), "console": rec.get("console"),
+                           "template": rec.get("template"), "image": rec.get("image"), "version": rec.get("version"),
+                           "mac": rec.get("mac"), "memory_size": rec["machine"]["memory"], "memory": {},
+                           "guest_ram": {}}
+    if is_alive(root, rec):
+        row["state"] = _qemu_state(d)
+        row["memory"] = qemu.smaps_rollup(int(rec["pid"]))
+        ram = d / tpl.MEMORY
+        if rec.get("template"):
+            td = template_dir(root, rec["template"])
+            ram = tpl.memory_path(tpl.load(td), td)
+        row["guest_ram"] = qemu.mapping_figures(int(rec["pid"]), ram)
+    else:
+        row["state"] = rec.get("end") or ("stopped" if rec.get("stopped") else "dead")
+        row["pid"] = None if rec.get("stopped") else rec.get("pid")
+        if row["state"] == "dead":
+            row["why"] = "qemu exited without `vm stop`: " + (_last_log_line(d) or "no message")
+    return row
+
+
+def _last_log_line(d: Path) -> str:
+    try:
+        lines = (d / "qemu.log").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _qemu_state(d: Path) -> str:
+    async def ask() -> str:
+        async with qemu.qmp(d, timeout=3.0) as c:
+            st = await qemu.execute(c, "query-status", timeout=3.0)
+            return str(st.get("status", "unknown"))
+    try:
+        return asyncio.run(ask())
+    except VmFailed:
+        return "unresponsive"
+
+
+def list_all(root: Path) -> list[dict[str, Any]]:
+    return [status(root, n) for n in names(root)]
+
+
+def _quit(root: Path, rec: dict[str, Any], timeout: float = 10.0) -> None:
+    d = vm_dir(root, rec["name"])
+
+    async def ask() -> None:
+        async with qemu.qmp(d, timeout=3.0) as c:
+            await qemu.execute(c, "quit", timeout=5.0)
+    with contextlib.suppress(VmFailed):
+        asyncio.run(ask())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and is_alive(root, rec):
+        time.sleep(0.05)
+    if rec.get("pid"):
+        qemu.kill(int(rec["pid"]), d)
+
+
+def stop(root: Path, name: str, *, stop_agent: bool = True) -> dict[str, Any]:
+    """Quit a VM's qemu (its disk overlay stays; ``vm rm`` removes it), and the disks agent when no
+    VM runs any more (``stop_agent``)."""
+    rec = read_record(root, name)
+    was = is_alive(root, rec)
+    if was:
+        _quit(root, rec)
+    rec["stopped"] = True
+    write_record(root, rec)
+    if stop_agent:
+        stop_disks_agent_if_idle(root)
+    return {"name": name, "stopped": True, "was_running": was}
+
+
+def rm(root: Path, name: str) -> dict[str, Any]:
+    """Stop a VM if it runs, remove its disk overlay (through the disks agent, which must stop
+    serving it first) and its directory; then the disks agent if no VM runs any more."""
+    out = stop(root, name, stop_agent=False)
+    disks = root / DISKS
+    if name in list_instances(disks):
+        remove(disks, name)
+    shutil.rmtree(vm_dir(root, name), ignore_errors=True)
+    stop_disks_agent_if_idle(root)
+    return {**out, "removed": True}
+
+
+# -- template -------------------------------------------------------------------------------------------
+def make_template(root: Path, repo: Repository, name: str, source: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Pause VM ``source`` and keep, at that instant, its RAM (the memory file), its device state
+    and its disk (committed as ``IMAGE:vmtpl-NAME``); then stop the VM. See template.py."""
+    instance_name(name)
+    rec = read_record(root, source)
+    if rec.get("template"):
+        raise UsageError(f"VM {source} is a clone (of {rec['template']}): its RAM is a private mapping, not a file")
+    d = vm_dir(root, source)
+    if not is_alive(root, rec):
+        raise VmNotRunning(name=source, state=status(root, source)["state"])
+    t = template_dir(root, name)
+    if (t / tpl.MANIFEST).exists():
+        raise UsageError(f"template {name} already exists in {root}")
+    if t.exists():  # an unfinished template (no manifest): start it over
+        shutil.rmtree(t)
+    ensure_dir(t)
+    state_tmp = t / (tpl.STATE + ".part")
+
+    async def freeze() -> None:
+        async with qemu.qmp(d) as c:
+            await qemu.execute(c, "stop")  # drains and flushes the disks: the overlay holds every write
+            await qemu.set_ignore_shared(c)
+            await qemu.execute(c, "migrate", {"uri": f"exec:cat > {shlex.quote(str(state_tmp))}"})
+            await qemu.wait_migration(c, timeout)
+    asyncio.run(freeze())
+    snap = control.call(instance_dir(root / DISKS, source), "snapshot", timeout=timeout,
+                        to=f"{rec['image']}:vmtpl-{name}")
+    _quit(root, rec)
+    rec["stopped"], rec["end"] = True, f"templated as {name}"
+    write_record(root, rec)
+    os.replace(d / tpl.MEMORY, t / tpl.MEMORY)
+    os.replace(state_tmp, t / tpl.STATE)
+    mach = machine_of(rec)
+    if mach.kernel:
+        for f in ("vmlinuz", "initrd"):
+            shutil.copyfile(d / f, t / f)
+            tpl.seal(t / f)
+    made = tpl.Template(name=name, machine=mach, image=str(snap["image"]), version=str(snap["version"]),
+                        memory_file=tpl.seal(t / tpl.MEMORY), state_file=tpl.seal(t / tpl.STATE), from_vm=source,
+                        created=time.time())
+    atomic_write(t / tpl.MANIFEST, made.to_json())
+    stop_disks_agent_if_idle(root)
+    return {"template": name, "from": source, "disk": f"{made.image}@{made.version}",
+            "memory": made.memory_file.size, "state_bytes": made.state_file.size, "dir": str(t)}
+
+
+def push(root: Path, repo: Repository, name: str) -> dict[str, Any]:
+    """Store a template of this directory in the repository (vm/stored.py)."""
+    return stored.push(template_dir(root, instance_name(name)), repo, name)
+
+
+def list_templates(root: Path) -> list[dict[str, Any]]:
+    d = root / TEMPLATES
+    out = []
+    for p in sorted(d.iterdir()) if d.is_dir() else []:
+        if (p / tpl.MANIFEST).exists():
+            t = tpl.load(p)
+            out.append({"template": t.name, "from": t.from_vm, "disk": f"{t.image}@{t.version}",
+                        "memory_size": t.machine.memory, "machine": t.machine.machine,
+                        "clones": [n for n in names(root) if read_record(root, n).get("template") == t.name]})
+    return out
+
+
+# -- clone ----------------------------------------------------------------------------------------------
+def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: int, *,
+          memory: int | None = None, cpus: int | None = None, extra_args: tuple[str, ...] | None = None,
+          customize: str | None = None, lazy: bool = False, timeout: float = 120.0) -> dict[str, Any]:
+    """Start ``count`` clones of template ``name``, each resumed from its memory (mapped privately:
+    shared until written) and device state, on its own overlay of the template's disk, with its own
+    MAC and a fresh vmgenid. Every check is made before the first clone starts; a clone that fails
+    to start or resume is reported and the others go on."""
+    t_dir = template_dir(root, instance_name(name))
+    pulled = not (t_dir / tpl.MANIFEST).exists()
+    if pulled:  # not made here: from the repository (vm push), copied whole and verified, or lazily
+        stored.pull(t_dir, repo, name, lazy=lazy)
+    t = tpl.load(t_dir)
+    tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(), memory=memory,
+                      cpus=cpus, extra_args=extra_args)
+    tpl.verify_files(t, t_dir)
+    tpl.check_host_memory(t, count, qemu.mem_available())
+    m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
+    new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
+    asyncio.run(create_instances(root / DISKS, repo, m, new))
+    sock = ensure_disks_served(root, repo_args)
+    if t.extra.get("lazy"):
+        _mount_lazy(root, repo, repo_args, t, t_dir)
+    started: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    for index, vm in enumerate(new):
+        try:
+            rec = _start_clone(root, t, t_dir, vm, sock, timeout)
+            if customize:
+                rec["customized"] = _customize(root, customize, vm, index, timeout)
+            started.append(rec)
+        except BlockprovError as e:
+            failed[vm] = str(e)
+            with contextlib.suppress(BlockprovError, OSError):  # never kept half made
+                rm(root, vm) if (vm_dir(root, vm) / RECORD).exists() else remove(root / DISKS, vm)
+    return {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
+            "customized": {r["name"]: r.get("customized") for r in started if customize}}
+
+
+def _mount_lazy(root: Path, repo: Repository, repo_args: list[str], t: tpl.Template, t_dir: Path) -> None:
+    """Show a lazy template's memory version as its memory file (vm/lazy.py), served by the disks
+    agent as the instance ``tplmem-NAME``, and start hydrating the rest of it in the background."""
+    disks = root / DISKS
+    inst = f"{LAZY_PREFIX}{t.name}"
+    mm = repo.resolve(parse_ref(str(t.extra["memory_version"])))
+    if inst not in list_instances(disks):
+        asyncio.run(create_instances(disks, repo, mm, [inst]))
+    sock = ensure_disks_served(root, repo_args)
+    lazy.mount(t_dir / tpl.LAZY_MOUNT, _disk_uri(sock, inst), t.memory_file.size)
+    with contextlib.suppress(BlockprovError, OSError):  # only a head start: first touches fetch anyway
+        control.call(base_dir(disks, mm), "hydrate", timeout=30.0)
+
+
+def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, timeout: float) -> dict[str, Any]:
+    d = _new_vm_dir(root, vm, disk_made=True)
+    rec: dict[str, Any] = {"name": vm, "image": t.image, "version": t.version, "disk": vm,
+                           "machine": asdict(t.machine), "mac": qemu.new_mac(_taken_macs(root)), "pid": None,
+                           "template": t.name, "created": time.time(), "stopped": False,
+                           "console": str(d / "console.log")}
+    rec["machine"]["extra_args"] = list(t.machine.extra_args)
+    write_record(root, rec)
+    wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, vm), mac=rec["mac"], memory_path=tpl.memory_path(t, t_dir),
+                         share=False, incoming=True, kernel=t_dir / "vmlinuz" if t.machine.kernel else None,
+                         initrd=t_dir / "initrd" if t.machine.kernel else None)
+    rec["pid"] = qemu.start(qemu.command(t.machine, wiring), d)
+    write_record(root, rec)
+
+    async def resume() -> None:
+        async with qemu.qmp(d) as c:
+            await qemu.set_ignore_shared(c)
+            await qemu.execute(c, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(t_dir / tpl.STATE))}"})
+            await qemu.wait_migration(c, timeout)
+            await qemu.execute(c, "cont")
+    asyncio.run(resume())
+    return rec
+
+
+# -- customizing --------------------------------------------------------------------------------------------
+def _customize(root: Path, cmd: str, vm: str, index: int, timeout: float) -> dict[str, Any]:
+    d = vm_dir(root, vm)
+    if cmd == BUILTIN_IDENTITY:
+        return {"identity": vm, "acknowledged": send_identity(d, vm, timeout=min(timeout, 60.0))}
+    env = {**os.environ, "BLOCKPROV_VM": vm, "BLOCKPROV_INDEX": str(index),
+           "BLOCKPROV_QMP": str(qemu.sockets(d)["qmp"]), "BLOCKPROV_IDENTITY_SOCKET": str(qemu.sockets(d)["identity"])}
+    try:
+        r = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise VmFailed(name=vm, why=f"--customize did not finish in {timeout:g} s") from None
+    if r.returncode != 0:
+        raise VmFailed(name=vm, why=f"--customize exited with {r.returncode}: {r.stderr.strip()[-200:]}")
+    return {"command": cmd, "returncode": 0}
+
+
+def send_identity(d: Path, ident: str, timeout: float) -> bool:
+    """Send ``ident`` (a hostname) on the VM's identity channel and hold the connection until the
+    guest's console acknowledges it (``BP-IDENTITY name=…``): qemu reads the socket only while the
+    guest has the port open, so closing at once could lose the line. False: no acknowledgement."""
+    ack = re.compile(rf"BP-IDENTITY name={re.escape(ident)}\b")
+    console = d / "console.log"
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10.0)
+        s.connect(str(qemu.sockets(d)["identity"]))
+        s.sendall(ident.encode() + b"\n")
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if ack.search(console.read_text(errors="replace")):
+                    return True
+            time.sleep(0.2)
+    return False

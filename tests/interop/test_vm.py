@@ -1,0 +1,237 @@
+"""Running-VM clones (issue 14) with real qemu (TCG): a guest application keeps a counter in memory;
+``vm template`` freezes it, ``vm clone --count 3`` resumes three copies that go on counting where the
+template was (no reboot), each with its own disk, MAC and identity, sharing the template's RAM.
+
+One module-scoped setup does the expensive part once (one boot, one template, three clones); every
+wait is bounded and nothing asserts on wall time. The test image is the small one of
+tools/bootimage.py in ``bp.mode=counter``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import bootvm
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.interop,
+              pytest.mark.skipif(shutil.which(bootvm.QEMU) is None, reason="needs qemu-system-x86_64")]
+COUNT = re.compile(r"BP-COUNT n=(\d+) host=")  # whole lines only: a paused guest may stop mid-line
+CLONES = 3
+
+
+def counts(console: Path) -> list[int]:
+    try:
+        return [int(x) for x in COUNT.findall(console.read_text(errors="replace"))]
+    except FileNotFoundError:
+        return []
+
+
+def wait_until(what: str, cond: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class Lab:
+    def __init__(self, data: Path, root: Path) -> None:
+        self.data, self.root = data, root
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args[:2], "--dir", str(self.root), *args[2:], data=self.data, check=check)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args[:2], "--json", *args[2:]).stdout)
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return {r["name"]: r for r in self.json("vm", "list")}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    img = bootvm.build_image(size="256M", fill_mb=40)
+    data = tmp_path_factory.mktemp("vmrepo") / "repo"
+    root = Path(tempfile.mkdtemp(prefix="bpvm", dir="/tmp"))  # short: unix socket paths ≤ 107 bytes
+    run_cli("import", str(img.disk), "lab:v1", data=data)
+    run_cli("boot-files", "set", "lab:v1", "--kernel", str(img.kernel), "--initrd", str(img.initrd),
+            "--cmdline", "console=ttyS0 quiet panic=-1 bp.mode=counter", data=data)
+    lab = Lab(data, root)
+    try:
+        lab.cli("vm", "run", "lab:v1", "--name", "app", "--memory", "256M")
+        app_console = root / "vms" / "app" / "console.log"
+        wait_until("the template VM's counter", lambda: len(counts(app_console)) >= 3, 90)
+        before = lab.rows()["app"]
+        tpl = lab.json("vm", "template", "tpl", "--from", "app")
+        last = max(counts(app_console))
+        made = lab.json("vm", "clone", "tpl", "--count", str(CLONES), "--customize", "builtin:identity")
+        consoles = {n: root / "vms" / n / "console.log" for n in made["clones"]}
+        for n, c in consoles.items():  # each has counted on a little since it resumed
+            wait_until(f"{n} counting on", lambda c=c: len([x for x in counts(c) if x > last + 1]) >= 2, 60)
+        yield {"lab": lab, "root": root, "template": tpl, "made": made, "last": last, "before": before,
+               "app_console": app_console, "consoles": consoles, "rows": lab.rows()}
+    finally:
+        for n in lab.rows():
+            lab.cli("vm", "rm", n, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_template_vm_ran_with_its_ram_in_a_file(lab: dict[str, Any]) -> None:
+    before = lab["before"]
+    assert before["state"] == "running" and before["pid"]
+    assert before["guest_ram"]["rss"] > 0  # its RAM is the memory file's mapping
+    assert before["console"] == str(lab["app_console"])
+    assert lab["rows"]["app"]["state"].startswith("templated as tpl") and lab["rows"]["app"]["pid"] is None
+    t = lab["template"]
+    assert t["memory"] == 256 << 20 and t["disk"].startswith("lab@")
+    tdir = Path(t["dir"])
+    assert (tdir / "memory").stat().st_mode & 0o222 == 0  # a template never changes once clones map it
+    manifest = json.loads((tdir / "template.json").read_text())
+    assert manifest["machine"]["machine"].startswith("pc-i440fx-") and manifest["machine"]["memory"] == 256 << 20
+
+
+def test_clones_resume_where_the_template_was(lab: dict[str, Any]) -> None:
+    assert len(lab["made"]["clones"]) == CLONES and not lab["made"]["failed"]
+    for n, c in lab["consoles"].items():
+        text = c.read_text(errors="replace")
+        assert "BLOCKPROV-INIT" not in text and "BP-COUNTER-START" not in text, f"{n} rebooted:\n{text[:500]}"
+        seen = counts(c)
+        assert seen[0] >= lab["last"], (n, seen[:5], lab["last"])  # continues, does not restart at 1
+        assert seen[0] <= lab["last"] + 2  # from the template's instant, not from elsewhere
+        assert seen == sorted(seen)
+        assert lab["rows"][n]["state"] == "running" and lab["rows"][n]["template"] == "tpl"
+
+
+def test_clones_have_their_own_identity_mac_and_disk(lab: dict[str, Any]) -> None:
+    rows, names = lab["rows"], lab["made"]["clones"]
+    assert len({rows[n]["mac"] for n in names} | {rows["app"]["mac"]}) == CLONES + 1
+    for n in names:
+        assert lab["made"]["customized"][n] == {"identity": n, "acknowledged": True}
+        assert "BP-COUNT n=" in lab["consoles"][n].read_text() and f"host={n}" in lab["consoles"][n].read_text()
+    # Each guest wrote its name to /bp-identity on its own disk: read every disk through its export.
+    sock = lab["root"] / "disks" / "nbd.sock"
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        for n in names:
+            raw = Path(tmp) / f"{n}.raw"
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///{n}?socket={sock}",
+                            str(raw)], check=True, capture_output=True, timeout=120)
+            got = subprocess.run(["debugfs", "-R", "cat /bp-identity", str(raw)], capture_output=True, text=True,
+                                 timeout=60).stdout.strip()
+            assert got == n  # its own write, and none of the others'
+            raw.unlink()
+
+
+def test_clones_share_the_template_memory(lab: dict[str, Any]) -> None:
+    rows = [lab["rows"][n] for n in lab["made"]["clones"]]
+    ram_rss = sum(r["guest_ram"]["rss"] for r in rows)
+    ram_pss = sum(r["guest_ram"]["pss"] for r in rows)
+    assert ram_rss > 0
+    assert ram_pss < 0.6 * ram_rss, rows  # the template's pages are mapped by all of them, counted once
+    assert sum(r["guest_ram"]["shared"] for r in rows) > sum(r["guest_ram"]["private"] for r in rows)
+    whole_pss = sum(r["memory"]["pss"] for r in rows)
+    assert whole_pss < 0.9 * sum(r["memory"]["rss"] for r in rows)  # qemu's own heap is private
+
+
+def test_a_vm_directory_with_only_the_repository_clones_too(lab: dict[str, Any]) -> None:
+    lb: Lab = lab["lab"]
+    pushed = lb.json("vm", "push", "tpl")
+    assert pushed["memory"].startswith("vmtpl-tpl@") and pushed["state"].startswith("vmtpl-tpl@")
+    other = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm2", dir="/tmp")))  # no local template
+    try:
+        made = other.json("vm", "clone", "tpl", "--count", "1")
+        assert made["pulled"] and len(made["clones"]) == 1, made
+        console = other.root / "vms" / made["clones"][0] / "console.log"
+        wait_until("the pulled clone counting", lambda: len(counts(console)) >= 2, 60)
+        text = console.read_text(errors="replace")
+        assert "BLOCKPROV-INIT" not in text and lab["last"] <= counts(console)[0] <= lab["last"] + 2
+        assert json.loads((other.root / "templates" / "tpl" / "template.json").read_text())["name"] == "tpl"
+    finally:
+        for n in other.rows():
+            other.cli("vm", "rm", n, check=False)
+        shutil.rmtree(other.root, ignore_errors=True)
+
+
+def test_a_lazy_clone_maps_the_memory_before_it_is_copied(lab: dict[str, Any]) -> None:
+    lb: Lab = lab["lab"]
+    lb.cli("vm", "push", "tpl")  # again: the same chunks, nothing new stored
+    other = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm3", dir="/tmp")))
+    tdir = other.root / "templates" / "tpl"
+    try:
+        made = other.json("vm", "clone", "tpl", "--count", "2", "--lazy")
+        assert made["pulled"] and len(made["clones"]) == 2, made
+        assert not (tdir / "memory").exists() and (tdir / "mnt" / "memory").stat().st_size == 256 << 20
+        assert json.loads((tdir / "template.json").read_text())["extra"]["lazy"] is True
+        for n in made["clones"]:
+            console = other.root / "vms" / n / "console.log"
+            wait_until(f"lazy clone {n} counting", lambda c=console: len(counts(c)) >= 2, 60)
+            text = console.read_text(errors="replace")
+            assert "BLOCKPROV-INIT" not in text and lab["last"] <= counts(console)[0] <= lab["last"] + 2
+        rows = [other.rows()[n] for n in made["clones"]]
+        assert all(r["state"] == "running" for r in rows)
+        # Both map the one FUSE file privately: the pages they read are the page cache's, shared.
+        assert sum(r["guest_ram"]["pss"] for r in rows) < 0.75 * sum(r["guest_ram"]["rss"] for r in rows), rows
+    finally:
+        for n in other.rows():
+            other.cli("vm", "rm", n, check=False)
+        subprocess.run(["umount", str(tdir / "mnt")], capture_output=True, check=False)
+        shutil.rmtree(other.root, ignore_errors=True)
+    assert not (tdir / "mnt").is_mount()
+
+
+def test_bad_input_is_refused_before_anything_starts(lab: dict[str, Any]) -> None:
+    lb: Lab = lab["lab"]
+    before = set(lb.rows())
+    r = lb.cli("vm", "template", "again", "--from", "app", check=False)
+    assert r.returncode == 5 and "not running" in r.stderr
+    r = lb.cli("vm", "clone", "tpl", "--memory", "512M", check=False)
+    assert r.returncode == 5 and "memory is 256.0 MiB" in r.stderr
+    r = lb.cli("vm", "clone", "tpl", "--", "-device", "virtio-rng-pci", check=False)
+    assert r.returncode == 5 and "qemu arguments" in r.stderr
+    r = lb.cli("vm", "clone", "tpl", "--count", "1000", check=False)
+    assert r.returncode == 5 and "not enough host memory" in r.stderr
+    assert set(lb.rows()) == before
+
+
+def test_a_dead_clone_is_reported_and_the_others_go_on(lab: dict[str, Any]) -> None:
+    lb: Lab = lab["lab"]
+    victim, *others = lab["made"]["clones"]
+    os.kill(lab["rows"][victim]["pid"], signal.SIGKILL)
+    wait_until("the killed clone to be reported dead", lambda: lb.rows()[victim]["state"] == "dead", 30)
+    mark = {n: max(counts(lab["consoles"][n])) for n in others}
+    for n in others:
+        wait_until(f"{n} counting on", lambda n=n: max(counts(lab["consoles"][n])) > mark[n] + 1, 30)
+        assert lb.rows()[n]["state"] == "running"
+    assert "qemu exited without" in lb.rows()[victim]["why"]
+
+
+def test_a_damaged_or_missing_memory_file_starts_no_clone(lab: dict[str, Any]) -> None:
+    lb: Lab = lab["lab"]
+    src = Path(lab["template"]["dir"])
+    broken = src.parent / "broken"  # a copy: the real template's file is mapped by running clones
+    shutil.copytree(src, broken)
+    before = set(lb.rows())
+    mem = broken / "memory"
+    mem.chmod(0o644)
+    with open(mem, "r+b") as f:
+        f.seek(100 << 20)
+        f.write(b"\xff" * 16)
+    r = lb.cli("vm", "clone", "broken", check=False)
+    assert r.returncode == 4 and "damaged" in r.stderr and "BLAKE3" in r.stderr, r.stderr
+    mem.unlink()
+    r = lb.cli("vm", "clone", "broken", check=False)
+    assert r.returncode == 4 and "missing" in r.stderr, r.stderr
+    assert set(lb.rows()) == before
+    shutil.rmtree(broken)
