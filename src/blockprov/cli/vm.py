@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from blockprov import humanize as hz
-from blockprov.cli._common import Ctx, default_data_dir, emit, json_option, size_option
-from blockprov.errors import VmFailed
+from blockprov.cli._common import Ctx, check_data_dir, default_data_dir, emit, json_option, size_option
+from blockprov.errors import NotFound, VmFailed
 from blockprov.names import parse_ref
 
 DIR_OPTION = click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),
@@ -26,6 +26,18 @@ def _root(obj: Ctx, root: Path | None) -> Path:
     if root is not None:
         return root.resolve()
     return (Path(obj.data_dir) if obj.data_dir else default_data_dir()).resolve() / "vms"
+
+
+def _existing_root(obj: Ctx, root: Path | None) -> Path:
+    """The VM directory a listing reads: a --dir or --data that is not there is a mistake (a typo
+    listed nothing, exit 0); the default one of an existing data directory may simply be empty."""
+    if root is not None:
+        if not root.resolve().is_dir():
+            raise NotFound(msg=f"no VM directory at {root.resolve()} (make one with: blockprov vm run … --dir {root})")
+        return root.resolve()
+    if obj.data_dir:
+        check_data_dir(obj.data_dir, create=False)
+    return _root(obj, None)
 
 
 def _repo_args(obj: Ctx) -> list[str]:
@@ -85,7 +97,7 @@ def vm_list_cmd(obj: Ctx, root: Path | None, as_json: bool) -> None:
     """Every VM and clone: state, pid, console log, template, host memory shared and private."""
     from blockprov.vm import vms
 
-    rows = vms.list_all(_root(obj, root))
+    rows = vms.list_all(_existing_root(obj, root))
     if as_json:
         emit(rows)
         return
@@ -197,7 +209,7 @@ def vm_templates_cmd(obj: Ctx, root: Path | None, as_json: bool) -> None:
     """Templates of this VM directory and their clones."""
     from blockprov.vm import vms
 
-    rows = vms.list_templates(_root(obj, root))
+    rows = vms.list_templates(_existing_root(obj, root))
     if as_json:
         emit(rows)
         return
