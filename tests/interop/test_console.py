@@ -70,6 +70,12 @@ def texts(driver: WebDriver, css: str) -> list[str]:
     return [str(e.text) for e in driver.find_elements(By.CSS_SELECTOR, css)]
 
 
+def shows(driver: WebDriver, css: str, wanted: str) -> None:
+    """Wait (bounded) until an element matching ``css`` shows ``wanted``: after a form or a link the
+    old page may still be there for a moment."""
+    until(driver, f"{css} to show {wanted!r}", lambda d: wanted in " ".join(texts(d, css)))
+
+
 def text_of(driver: WebDriver, css: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, css).text)
 
@@ -153,11 +159,11 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     d.get(url + "/ui/images")
     until(d, "the login page", lambda d: "/ui/login" in d.current_url)
     login(d, url, "bpt_not-a-real-token")
-    assert "not valid" in text_of(d, "#login-error")
+    until(d, "the login refusal", lambda d: any("not valid" in x for x in texts(d, "#login-error")))
     shot(d, "login")
     login(d, url, lab["write"])
     until(d, "the images page", lambda d: d.current_url.endswith("/ui/images"))
-    assert "admin · write" in text_of(d, "#viewer")
+    shows(d, "#viewer", "admin · write")
     row = text_of(d, "#images tr[data-image=lab]")
     assert "prod" in row and "v1" in row and "v2" in row and v1[:12] in row
     shot(d, "images")
@@ -177,7 +183,7 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     tag.send_keys("prod")
     Select(d.find_element(By.ID, "tag-version")).select_by_value(v2)
     d.find_element(By.ID, "tag-move").click()
-    assert "Moved lab:prod → " + v2[:12] in until(d, "the tag move", lambda d: texts(d, "#flash"))[0]
+    until(d, "the tag move", lambda d: any("Moved lab:prod → " + v2[:12] in x for x in texts(d, "#flash")))
     first = text_of(d, "#history tbody tr:first-child")
     assert "lab:prod" in first and v2[:12] in first and v1[:12] in first and "admin" in first
     assert "prod" in text_of(d, f"#versions tr[data-version='{v2}']")
@@ -191,11 +197,11 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     d.find_element(By.CSS_SELECTOR, "#hosts tr[data-host='52:54:00:12:34:56'] input[type=checkbox]").click()
     Select(d.find_element(By.ID, "assign-ref")).select_by_value("lab:v1")
     d.find_element(By.ID, "assign-go").click()
-    assert "Assigned lab:v1 to 52:54:00:12:34:56" in until(
-        d, "the assignment", lambda d: texts(d, "#flash"))[0]
-    assert "lab:v1" in text_of(d, "#hosts tr[data-host='52:54:00:12:34:56']")
-    assert EVIL_HOST in text_of(d, "#agents tr[data-agent='pc-08']")  # a host name as text
-    assert "12.5 %" in text_of(d, "#agents tr[data-agent='pc-08'] .hyd")
+    until(d, "the assignment",
+          lambda d: any("Assigned lab:v1 to 52:54:00:12:34:56" in x for x in texts(d, "#flash")))
+    shows(d, "#hosts tr[data-host='52:54:00:12:34:56']", "lab:v1")
+    shows(d, "#agents tr[data-agent='pc-08']", EVIL_HOST)  # a host name as text
+    shows(d, "#agents tr[data-agent='pc-08'] .hyd", "12.5 %")
     d.execute_script("window.notReloaded = true")
     report_pc08(lab, 63.0)
     until(d, "pc-08's new hydration", lambda d: "63.0 %" in text_of(d, "#agents tr[data-agent='pc-08'] .hyd"))
@@ -206,7 +212,8 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     Select(d.find_element(By.ID, "ask-op")).select_by_value("snapshot")
     d.find_element(By.ID, "ask-to").send_keys("lab:snap1")
     d.find_element(By.ID, "ask-go").click()
-    assert "Asked for a snapshot: pc-07" in until(d, "the request", lambda d: texts(d, "#flash"))[0]
+    # the previous page's flash stays until the form's answer replaces it: wait for the new one
+    until(d, "the request", lambda d: any("Asked for a snapshot: pc-07" in x for x in texts(d, "#flash")))
     d.execute_script("window.notReloaded = true")  # the completion too must arrive by the live update
     done = until(d, "the snapshot to complete", lambda d: [
         r for r in texts(d, "#requests tr[data-state=done]") if "lab:snap1" in r])
@@ -217,11 +224,11 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     until(d, "the new version's tag", lambda d: "snap1" in text_of(d, "#images tr[data-image=lab]"))
 
     d.find_element(By.LINK_TEXT, "Pools").click()
-    assert "No agent reports pools" in text_of(d, "#no-pools")
+    shows(d, "#no-pools", "No agent reports pools")
     shot(d, "pools")
     d.find_element(By.LINK_TEXT, "Health").click()
     until(d, "the health tiles", lambda d: "reachable" in text_of(d, "#catalog-state"))
-    assert "reachable" in text_of(d, "#store-state")
+    shows(d, "#store-state", "reachable")
     until(d, "a request rate", lambda d: "/s" in text_of(d, "#health-live"))
     shot(d, "health")
 
@@ -230,7 +237,7 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     until(d, "the login page", lambda d: "/ui/login" in d.current_url)
     login(d, url, lab["read"])
     until(d, "the images page", lambda d: d.current_url.endswith("/ui/images"))
-    assert "viewer · read" in text_of(d, "#viewer")
+    shows(d, "#viewer", "viewer · read")
     d.get(url + "/ui/images/lab")
     d.find_element(By.ID, "tag-name").send_keys("prod")
     Select(d.find_element(By.ID, "tag-version")).select_by_value(v1)
