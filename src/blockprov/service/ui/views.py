@@ -160,6 +160,10 @@ def machines(svc: Service) -> dict[str, Any]:
     return {"hosts": svc.repo.hosts(), "agents": agents, "requests": requests}
 
 
+def _list(x: object) -> list[Any]:
+    return x if isinstance(x, list) else []
+
+
 def _clone_row(c: object) -> dict[str, Any] | None:
     if not isinstance(c, dict):
         return None
@@ -177,13 +181,13 @@ def pools(svc: Service) -> dict[str, Any]:
         if not is_clones_agent(a) and not isinstance(info.get("pools"), list):
             continue
         online = a["seen_ago"] < ONLINE_SECONDS
-        for p in info.get("pools") or []:
+        for p in _list(info.get("pools")):
             if isinstance(p, dict):
                 out.append({"instance": a["instance"], "online": online, "name": str(p.get("name", "")),
                             "base": _text(p.get("base")), "ready": _num(p.get("ready")),
                             "in_use": _num(p.get("in_use")), "size": _num(p.get("size")),
                             "error": _text(p.get("error"))})
-        clones = [r for r in map(_clone_row, info.get("clones") or []) if r is not None]
+        clones = [r for r in map(_clone_row, _list(info.get("clones"))) if r is not None]
         total = _num(info.get("clones_total"))
         groups.append({"instance": a["instance"], "kind": _text(info.get("kind")) or "pool", "online": online,
                        "seen_ago": a["seen_ago"], "host": _text(info.get("host")), "dir": _text(info.get("dir")),
