@@ -100,6 +100,21 @@ def start_agent(cache: Path, ref: str | None, sock: Path, *extra: str, data: Pat
     return Proc(proc, line), banner
 
 
+def start_serving(*args: str, data: Path | None = None, repo_url: str | None = None,
+                  env: dict[str, str] | None = None) -> tuple[Proc, dict[str, object]]:
+    """`blockprov clones serve` / `pool serve` with --json: the banner lists the instances."""
+    cmd = [str(VENV_BIN / "blockprov")]
+    cmd += ["--repo", repo_url] if repo_url else ["--data", str(data)]
+    proc = subprocess.Popen([*cmd, *args, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(env))
+    line = first_line(proc, 60)
+    try:
+        return Proc(proc, line), json.loads(line)
+    except ValueError:
+        proc.kill()
+        raise AssertionError(f"did not start: {line!r} {proc.communicate()[1]}") from None
+
+
 def nbd_uri(sock: Path, export: str = "") -> str:
     return f"nbd+unix:///{export}?socket={sock}"
 

@@ -38,6 +38,13 @@ class Database:
         except sqlite3.OperationalError as e:
             raise self._environment(e) from None
 
+    def add_column(self, table: str, column: str, decl: str) -> None:
+        """SQLite has no ``ADD COLUMN IF NOT EXISTS``: look, then add, in one writer's transaction
+        (``BEGIN IMMEDIATE``), so two processes opening an old catalog at once add it once."""
+        with self.tx() as db:
+            if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         try:
             return self.conn().execute(sql, params).fetchone()

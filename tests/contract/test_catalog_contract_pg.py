@@ -17,6 +17,7 @@ from blockprov import errors
 from blockprov.catalog import tokens as auth
 from blockprov.catalog.db import open_database
 from blockprov.catalog.images import Catalog
+from blockprov.catalog.machines import Registry
 from blockprov.catalog.postgres import redact
 from tests.contract import test_machines_contract as machines
 from tests.contract import test_repository_contract as base
@@ -24,7 +25,8 @@ from tests.contract.test_repository_contract import Backend
 
 for _module in (base, machines):
     globals().update({k: v for k, v in vars(_module).items()
-                      if k not in ("be", "test_schema_migrates_an_existing_catalog")
+                      if k not in ("be", "test_schema_migrates_an_existing_catalog",
+                                 "test_old_hosts_table_gains_last_boot")
                       and (k.startswith("test_") or type(v).__name__ == "FixtureFunctionDefinition")})
 
 
@@ -63,6 +65,23 @@ def test_schema_and_timestamps(pg_url: str, tmp_path: Path) -> None:
         assert stored == info.created
     finally:
         cat.close()
+
+
+def test_old_hosts_table_gains_last_boot_in_postgres(pg_url: str, tmp_path: Path) -> None:
+    """A PostgreSQL catalog whose hosts table predates the last boot gains its columns on open
+    (two servers opening it: added once), keeping its hosts."""
+    db = open_database(pg_url, tmp_path)
+    db.script(machines.OLD_HOSTS.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+    db.write("INSERT INTO hosts VALUES ('pc9', 'old', 'v1', NULL, '', 1.0)")
+    regs = [Registry(Catalog(db)), Registry(Catalog(open_database(pg_url, tmp_path)))]
+    try:
+        (h,) = regs[1].hosts()
+        assert (h.host, h.last_boot, h.last_boot_version) == ("pc9", None, None)
+        regs[0].record_boot("pc9", "a" * 16)
+        assert regs[1].hosts()[0].last_boot_version == "a" * 16
+    finally:
+        for r in regs:
+            r.catalog.close()
 
 
 def test_messages_never_show_the_password() -> None:

@@ -288,6 +288,26 @@ def test_lease_expiry_unregister_and_long_poll(be: Backend) -> None:
         be.repo.post_request("pc2", "snapshot")
 
 
+def test_last_boot_recorded(be: Backend, versions: tuple[str, str]) -> None:
+    """A host's last boot (time and version sent) is kept across re-assignment, shown by every
+    backend, and only an answered boot script records one; an operator's look does not."""
+    v1, v2 = versions
+    be.repo.set_boot_files("lab:v1", b"k1", b"i1")
+    h = be.repo.assign_host(MAC, "lab:v1")
+    assert (h.last_boot, h.last_boot_version) == (None, None)
+    be.repo.boot_script(MAC, BASE)  # `host script`: an operator looking, not a boot
+    assert be.repo.hosts()[0].last_boot is None
+    before = time.time()
+    be.local.boot_script(MAC, BASE, record=True)  # what GET /v1/boot/HOST does
+    (h,) = be.repo.hosts()
+    assert h.last_boot is not None and before <= h.last_boot <= time.time() and h.last_boot_version == v1
+    assert h.to_dict()["last_boot_version"] == v1
+    h2 = be.repo.assign_host(MAC, f"lab@{v2}")  # re-assigning keeps the record of the last boot
+    assert (h2.last_boot, h2.last_boot_version) == (h.last_boot, v1) and h2.version == v2
+    be.local.registry.record_boot("pc-unknown", v1)  # a host removed meanwhile: nothing recorded, no error
+    assert [x.host for x in be.repo.hosts()] == [MAC]
+
+
 def test_schema_migrates_an_existing_catalog(tmp_path: Path) -> None:
     """A catalog.sqlite made before these tables existed gains them on open, keeping its data."""
     import sqlite3
@@ -315,3 +335,52 @@ def test_schema_migrates_an_existing_catalog(tmp_path: Path) -> None:
         assert r.hosts()[0].version == vid and r.get_profile("old", vid) == [0] and r.agents()[0]["instance"] == "a"
     finally:
         r.close()
+
+
+OLD_HOSTS = """CREATE TABLE hosts (host TEXT PRIMARY KEY, image TEXT NOT NULL, tag TEXT, version TEXT,
+    args TEXT NOT NULL, updated REAL NOT NULL)"""
+
+
+def test_old_hosts_table_gains_last_boot(tmp_path: Path) -> None:
+    """A catalog.sqlite whose hosts table predates the last boot gains its columns on open, keeping
+    its hosts; two processes opening it at once add them once."""
+    import sqlite3
+
+    from blockprov.catalog.images import SCHEMA
+    from blockprov.repo.local import LocalRepository
+
+    data = tmp_path / "old"
+    data.mkdir()
+    src = make_image(tmp_path / "x.img", SIZE, seed=9)
+    r = LocalRepository(tmp_path / "scratch")
+    vid, _ = import_image(r, src, "old:v1")
+    r.close()
+    db = sqlite3.connect(data / "catalog.sqlite")
+    db.executescript(SCHEMA + ";" + OLD_HOSTS)
+    db.execute("INSERT INTO hosts VALUES ('pc9', 'old', 'v1', NULL, '', 1.0)")
+    db.commit()
+    db.close()
+    opened: list[LocalRepository] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            opened.append(LocalRepository(data))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors and len(opened) == 2
+        r = opened[0]
+        (h,) = r.hosts()
+        assert (h.host, h.ref, h.last_boot, h.last_boot_version) == ("pc9", "old:v1", None, None)
+        r.registry.record_boot("pc9", vid)
+        assert opened[1].hosts()[0].last_boot_version == vid
+    finally:
+        for x in opened:
+            x.close()

@@ -18,7 +18,7 @@ import pytest
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image, run_cli
-from tests.procs import VENV_BIN, Proc, first_line, start_server, wait_for
+from tests.procs import Proc, start_server, start_serving, wait_for
 
 pytestmark = pytest.mark.interop
 SIZE = 16 << 20
@@ -33,17 +33,7 @@ def uri(sock: Path, name: str) -> str:
 
 
 def start(*args: str, data: Path | None = None, repo_url: str | None = None) -> tuple[Proc, dict[str, Any]]:
-    """`blockprov clones serve` / `pool serve` with --json: the banner lists the instances."""
-    cmd = [str(VENV_BIN / "blockprov")]
-    cmd += ["--repo", repo_url] if repo_url else ["--data", str(data)]
-    proc = subprocess.Popen([*cmd, *args, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "BLOCKPROV_REPO"})
-    line = first_line(proc, 60)
-    try:
-        return Proc(proc, line), json.loads(line)
-    except ValueError:
-        proc.kill()
-        raise AssertionError(f"did not start: {line!r} {proc.communicate()[1]}") from None
+    return start_serving(*args, data=data, repo_url=repo_url)
 
 
 @pytest.fixture
@@ -235,6 +225,60 @@ def test_an_exhausted_pool_says_so(golden: tuple[Path, Path], tmp_path: Path) ->
         sh("qemu-img", "info", got["uri"])
     finally:
         proc.stop()
+
+
+def test_pools_and_clones_report_to_the_repository(golden: tuple[Path, Path], tmp_path: Path) -> None:
+    """`pool serve` and `clones serve` register with a real `blockprov serve` (the mechanism
+    `attach` uses) and report the pool (base version, ready, in use, target size, refill error) and
+    their clones with versions; a hand-out shows at once; --no-register reports nothing."""
+    data, _ = golden
+    server, url = start_server(data)
+    pool_root, clones_root = tmp_path / "pool", tmp_path / "clones"
+    procs: list[Proc] = []
+
+    def agents() -> dict[str, dict[str, Any]]:
+        rows = json.loads(run_cli("--repo", url, "agents", "--json").stdout)
+        return {a["instance"]: a["info"] for a in rows}
+
+    try:
+        run_cli("--repo", url, "pool", "create", "p", "--from", "lab:v1", "--size", "2", "--dir", str(pool_root))
+        vid = pool_status(pool_root)["configured"]
+        run_cli("--repo", url, "clone", "lab:v1", "--count", "2", "--dir", str(clones_root))
+        procs.append(start("pool", "serve", "p", "--dir", str(pool_root), "--instance", "pool-p-test",
+                           repo_url=url)[0])
+        procs.append(start("clones", "serve", "--dir", str(clones_root), "--socket", str(tmp_path / "c.sock"),
+                           repo_url=url)[0])
+        assert wait_for(lambda: len(agents()) == 2, 60), agents()
+        got = agents()
+        pool_info = got["pool-p-test"]
+        assert pool_info["kind"] == "pool"
+        assert pool_info["pools"] == [{"name": "p", "source": vid, "base": vid, "size": 2, "ready": 2, "in_use": 0,
+                                       "error": None}]
+        assert sorted((c["name"], c["state"]) for c in pool_info["clones"]) == [("p-1", "ready"), ("p-2", "ready")]
+        (clones_name,) = set(got) - {"pool-p-test"}
+        clones_info = got[clones_name]
+        assert clones_name.startswith("clones-clones-") and clones_info["kind"] == "clones"
+        assert clones_info["dir"] == str(clones_root.resolve()) and clones_info["clones_total"] == 2
+        assert [(c["name"], f"{c['image']}@{c['version']}") for c in clones_info["clones"]] == \
+            [("lab-1", vid), ("lab-2", vid)]
+        # a hand-out is reported at once (the pool refills afterwards: in use 1, ready back to 2)
+        run_cli("pool", "acquire", "p", "--host", "pc1", "--dir", str(pool_root))
+        assert wait_for(lambda: agents()["pool-p-test"]["pools"][0]["in_use"] == 1, 30), agents()
+        text = run_cli("--repo", url, "agents").stdout
+        assert "pool p of " + vid in text and "1 in use, target 2" in text and "clone lab-1: " + vid in text
+        # --no-register: serves, reports nothing
+        for p in procs:
+            assert p.stop() == 0
+        procs.clear()
+        run_cli("--repo", url, "pool", "create", "q", "--from", "lab:v1", "--size", "1", "--dir",
+                str(tmp_path / "q"))
+        procs.append(start("pool", "serve", "q", "--dir", str(tmp_path / "q"), "--no-register", repo_url=url)[0])
+        run_cli("pool", "acquire", "q", "--host", "pc2", "--dir", str(tmp_path / "q"))
+        assert not any(i.startswith("pool-q-") for i in agents())
+    finally:
+        for p in procs:
+            p.stop()
+        server.stop()
 
 
 def _fuse_mounts() -> set[str]:

@@ -6,8 +6,10 @@ attach`` agent (pc-07), and one registered through the API as an agent does (pc-
 the test changes) — and a host assignment. In the browser: log in with a token (a bad one first),
 see the images and a version diff, move a tag and see it with who did it, assign a version to a
 host, ask pc-07 for a snapshot and see the request complete and the new version appear, see pc-08's
-hydration change without reloading, see HTML in a label and a host name shown as text, and be
-refused a tag move with a read token. Screenshots of each page go to docs/console/ (docs/operations.md
+hydration change without reloading, see a host's last boot after it asked for its boot script,
+see a pool (``blockprov pool serve``, reporting to the repository) with its ready and in-use counts
+change live when an instance is handed out, see HTML in a label and a host name shown as text, and
+be refused a tag move with a read token. Screenshots of each page go to docs/console/ (docs/operations.md
 shows them).
 """
 
@@ -31,8 +33,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from blockprov.catalog.tokens import TokenStore
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
-from tests.conftest import make_image, require_tool
-from tests.procs import Proc, start_agent, start_server
+from tests.conftest import make_image, require_tool, run_cli
+from tests.procs import Proc, start_agent, start_server, start_serving
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(150)]
 
@@ -112,6 +114,8 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
         f.write(os.urandom(MIB))
     v2, _ = import_image(repo, disk, "lab:v2", labels={"os": "debian-12", "change": "security updates"})
     repo.set_tag("lab", "prod", v1)
+    repo.set_boot_files("lab:v1", b"kernel", b"initrd", "console=ttyS0")
+    repo.set_boot_files("lab:v2", b"kernel", b"initrd", "console=ttyS0")
     repo.assign_host("52:54:00:12:34:56", "lab:prod")
     repo.assign_host("pc-07", "lab:v2")
     tokens = TokenStore(repo.catalog.db)
@@ -125,8 +129,14 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
         pc07, _banner = start_agent(tmp_path / "cache", "lab:v1", tmp_path / "pc07.sock", "--instance", "pc-07",
                                     repo_url=url, env={"BLOCKPROV_TOKEN": agent})
         procs.append(pc07)
+        pool_dir = tmp_path / "pool"
+        run_cli("--repo", url, "--token", agent, "pool", "create", "kiosks", "--from", "lab:v1", "--size", "2",
+                "--dir", str(pool_dir))
+        pool, _banner = start_serving("pool", "serve", "kiosks", "--dir", str(pool_dir), "--instance", "pool-kiosks",
+                                      repo_url=url, env={"BLOCKPROV_TOKEN": agent})
+        procs.append(pool)
         api = httpx.Client(base_url=url, headers={"authorization": f"Bearer {write}"}, timeout=10)
-        yield {"url": url, "v1": v1, "v2": v2, "write": write, "read": read, "api": api}
+        yield {"url": url, "v1": v1, "v2": v2, "write": write, "read": read, "api": api, "pool": pool_dir}
         api.close()
     finally:
         for p in reversed(procs):
@@ -191,15 +201,21 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     assert "16 chunks" in until(d, "the diff again", lambda d: texts(d, "#diff"))[0]
     shot(d, "image")
 
-    # -- machines: assign a version to a host; pc-08's hydration changes without a reload
+    # -- machines: a host boots (its last boot is recorded), is assigned another version; pc-08's
+    #    hydration changes without a reload
     d.find_element(By.LINK_TEXT, "Machines").click()
     until(d, "the hosts", lambda d: d.find_elements(By.CSS_SELECTOR, "#hosts tr[data-host='52:54:00:12:34:56']"))
+    shows(d, "#hosts tr[data-host='52:54:00:12:34:56'] .last-boot", "never booted")
+    r = lab["api"].get("/v1/boot/52-54-00-12-34-56")  # as iPXE asks: lab:prod names v2 now
+    assert r.status_code == 200 and r.text.startswith("#!ipxe"), r.text
     d.find_element(By.CSS_SELECTOR, "#hosts tr[data-host='52:54:00:12:34:56'] input[type=checkbox]").click()
     Select(d.find_element(By.ID, "assign-ref")).select_by_value("lab:v1")
     d.find_element(By.ID, "assign-go").click()
     until(d, "the assignment",
           lambda d: any("Assigned lab:v1 to 52:54:00:12:34:56" in x for x in texts(d, "#flash")))
     shows(d, "#hosts tr[data-host='52:54:00:12:34:56']", "lab:v1")
+    shows(d, "#hosts tr[data-host='52:54:00:12:34:56'] .last-boot", "sent " + v2[:12])  # what it booted
+    assert "never booted" in text_of(d, "#hosts tr[data-host='pc-07'] .last-boot")
     shows(d, "#agents tr[data-agent='pc-08']", EVIL_HOST)  # a host name as text
     shows(d, "#agents tr[data-agent='pc-08'] .hyd", "12.5 %")
     d.execute_script("window.notReloaded = true")
@@ -223,8 +239,16 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     d.find_element(By.LINK_TEXT, "Images").click()
     until(d, "the new version's tag", lambda d: "snap1" in text_of(d, "#images tr[data-image=lab]"))
 
+    # -- pools: the pool agent's report; a hand-out appears without a reload
     d.find_element(By.LINK_TEXT, "Pools").click()
-    shows(d, "#no-pools", "No agent reports pools")
+    until(d, "the pool's report", lambda d: texts(d, "#pools tr[data-pool=kiosks] .ready") == ["2"])
+    assert texts(d, "#pools tr[data-pool=kiosks] .in-use") == ["0"]
+    assert f"lab@{v1}" in text_of(d, "#pools tr[data-pool=kiosks]")
+    d.execute_script("window.notReloaded = true")
+    run_cli("pool", "acquire", "kiosks", "--host", "front-desk", "--dir", str(lab["pool"]))
+    until(d, "the hand-out", lambda d: texts(d, "#pools tr[data-pool=kiosks] .in-use") == ["1"])
+    shows(d, "[data-clones-agent=pool-kiosks]", "front-desk")
+    assert d.execute_script("return window.notReloaded === true")
     shot(d, "pools")
     d.find_element(By.LINK_TEXT, "Health").click()
     until(d, "the health tiles", lambda d: "reachable" in text_of(d, "#catalog-state"))

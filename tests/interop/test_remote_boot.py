@@ -9,6 +9,7 @@ the command line (with the ``blockprov.*`` parameters) on the serial console.
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
@@ -111,6 +112,15 @@ def test_cli_and_curl_against_server(tmp_path: Path) -> None:
         run_cli("boot-files", "set", "lab:v2", "--kernel", str(kernel), "--initrd", str(initrd), env=env)
         assert boot.parse_script(curl("-f", f"{url}/v1/boot/{MAC}").stdout.decode())["params"][
             "blockprov.image"] == f"lab@{v2}"
+        # that boot is the host's last boot (time, version sent); `host script` above did not count
+        shown = json.loads(run_cli("host", "show", MAC.replace(":", "-"), "--json", env=env).stdout)
+        assert shown["last_boot_version"] == v2 and shown["last_boot"] <= time.time()
+        assert shown == json.loads(run_cli("host", "list", "--json", env=env).stdout)[0]
+        assert f"booted {datetime.datetime.fromtimestamp(shown['last_boot']).isoformat(timespec='seconds')}" \
+            in run_cli("host", "list", env=env).stdout
+        assert f"version {v2}" in run_cli("host", "show", MAC, env=env).stdout
+        p = run_cli("host", "show", "pc-none", env=env, check=False)
+        assert p.returncode == 3 and "no boot assignment for host pc-none" in p.stderr
 
         # profiles and agents through the same server
         with RemoteRepository(url) as repo:

@@ -165,6 +165,32 @@ def test_machines_assign_and_ask_an_agent(env: Env) -> None:
     assert "Not asked: nobody" in c.get(r.headers["location"]).text
 
 
+def test_pools_and_clones_reports(env: Env) -> None:
+    """What pool and clones agents report is on the Pools page (escaped; malformed fields shown as
+    missing, never a 500) and not among the machines; a host's last boot is on Machines."""
+    env.repo.register_agent("pool-p-h1", {
+        "kind": "pool", "host": "h1", "dir": "/srv/pool",
+        "pools": [{"name": EVIL, "base": f"lab@{env.v1}", "size": 3, "ready": 2, "in_use": 1, "error": "disk full"},
+                  "not a pool", {"name": "odd", "ready": "many", "in_use": None}],
+        "clones": [{"name": "p-1", "image": "lab", "version": env.v1, "modified_chunks": 5, "state": "in-use",
+                    "host": EVIL}, 7], "clones_total": 250})
+    env.repo.register_agent("clones-x-h2", {"kind": "clones", "clones": "garbage", "clones_total": "x"})
+    c = env.client(env.read)
+    live = c.get("/ui/pools?fragment=live").text
+    assert "<script>alert" not in live and "<img src=x" not in live and "&lt;script&gt;" in live
+    row = live[live.index('<tr data-pool="&lt;script'):]
+    row = row[:row.index("</tr>")]
+    assert f"lab@{env.v1}" in row and '"num ready">2<' in row and '"num in-use">1<' in row and "disk full" in row
+    assert 'data-pool="odd"' in live and "p-1" in live and "and 249 more" in live
+    assert 'data-clones-agent="clones-x-h2"' in live and "No clone served." in live
+    machines = c.get("/ui/machines").text
+    assert "pool-p-h1" not in machines and "clones-x-h2" not in machines and "pc-01" in machines
+    env.repo.set_boot_files("lab:v1", b"k", b"i")
+    assert "never booted" in machines
+    env.repo.boot_script("52:54:00:00:00:01", "http://10.0.2.2:8420", record=True)
+    assert f"sent <code>{env.v1[:12]}</code>" in c.get("/ui/machines").text
+
+
 def test_a_host_whose_version_was_removed(env: Env) -> None:
     env.repo.assign_host("pc-03", f"lab@{env.v2}")
     env.repo.remove(f"lab@{env.v2}")
@@ -202,7 +228,7 @@ def test_open_console_without_tokens(tmp_path: Path) -> None:
         assert page.status_code == 200 and "open console" in page.text
         for p in ("/ui/machines", "/ui/pools", "/ui/health", "/ui/static/console.css", "/ui/static/console.js"):
             assert c.get(p).status_code == 200, p
-        assert "No agent reports pools" in c.get("/ui/pools").text
+        assert "No agent reports a pool" in c.get("/ui/pools").text
         r = c.post("/ui/login", data={"token": "bpt_anything"}, headers={"origin": ORIGIN})
         assert r.status_code == 303 and "no tokens yet" in c.get(r.headers["location"]).text
         assert c.get("/ui/static/../app.py").status_code == 404

@@ -80,6 +80,22 @@ def test_boot_script_statuses(env: Env) -> None:
     assert env.c.get(f"/v1/boot/{MAC}", params={"base": "http://x/ y"}).status_code == 400
 
 
+def test_boot_script_records_last_boot(env: Env) -> None:
+    """An answered boot script is the host's last boot (time, version sent); a failed one, or one
+    asked with record=false (``host script``), is not."""
+    assert env.c.put(f"/v1/hosts/{MAC}", json={"ref": "lab:v1"}).status_code == 200
+    assert env.c.get(f"/v1/boot/{MAC}").status_code == 409  # no boot files yet: not a boot
+    assert env.c.get(f"/v1/hosts/{MAC}").json()["last_boot"] is None
+    env.repo.set_boot_files("lab:v1", KERNEL, INITRD)
+    assert env.c.get(f"/v1/boot/{MAC}", params={"record": "false"}).status_code == 200
+    assert env.c.get(f"/v1/hosts/{MAC}").json()["last_boot"] is None
+    before = time.time()
+    assert env.c.get(f"/v1/boot/{MAC.replace(':', '-')}").status_code == 200
+    h = env.c.get(f"/v1/hosts/{MAC}").json()
+    assert before <= h["last_boot"] <= time.time() and h["last_boot_version"] == env.vid
+    assert env.c.get("/v1/hosts").json()["hosts"][0]["last_boot_version"] == env.vid
+
+
 def test_hosts_routes(env: Env) -> None:
     r = env.c.put("/v1/hosts/pc1", json={"ref": "lab:v1", "args": "ip=dhcp"})
     assert r.status_code == 200 and r.json()["version"] == env.vid

@@ -9,11 +9,11 @@ cache is flushed and checkpointed).
 
 Lifecycle operations (agent/lifecycle.py, agent/hydrate.py) are control ops, so ``blockprov
 reset/snapshot/update/hydrate`` reach a running agent; an agent also registers with its repository
-as an *instance* and long-polls it for requests, so the repository can ask it for a snapshot
-(seed 000 claims 10, 34) although agents usually sit behind NAT. Only ``snapshot``, ``reset`` and
-``status`` are accepted from the repository. The registration carries the instance's live state
-(hydration %, modified chunks, fetch latency, last error, host), refreshed with every poll and,
-when it changed, every ``REPORT_EVERY`` seconds, so the operator's console shows it live.
+as an *instance* and long-polls it for requests (agent/report.py), so the repository can ask it for
+a snapshot (seed 000 claims 10, 34) although agents usually sit behind NAT. Only ``snapshot``,
+``reset`` and ``status`` are accepted from the repository. The registration carries the instance's
+live state (hydration %, modified chunks, fetch latency, last error, host), so the operator's
+console shows it live.
 ``--metrics HOST:PORT`` adds a Prometheus listener (agent/metrics.py).
 
 Crash rules: everything durable belongs to the cache (cache/device.py). ``agent.json`` is only a
@@ -37,15 +37,16 @@ from socket import socket as Socket
 from typing import Any, TypeVar
 
 from blockprov.agent import control, lifecycle
-from blockprov.agent.instance import InstanceOps, catch_stop_signals, in_daemon_thread, wait_for_stop
+from blockprov.agent.instance import InstanceOps, catch_stop_signals, wait_for_stop
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
 from blockprov.agent.offline import adopt_repository
+from blockprov.agent.report import RepositoryLink
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from blockprov.cache.journal import META_NAME, load
 from blockprov.cache.status import cache_status
 from blockprov.durable import atomic_write
-from blockprov.errors import AccessDenied, AgentNotRunning, BlockprovError, CacheError, UsageError
+from blockprov.errors import AgentNotRunning, CacheError, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.activation import uri_template
 from blockprov.nbd.server import NbdServer
@@ -54,9 +55,7 @@ from blockprov.repo.base import Repository
 log = logging.getLogger("blockprov.agent")
 
 AGENT_FILE = "agent.json"
-POLL_WAIT = 20.0  # seconds a request poll waits at the repository
 REMOTE_OPS = ("snapshot", "reset", "status")
-REPORT_EVERY = 5.0  # seconds between checks whether the agent's reported state changed (console, `agents`)
 T = TypeVar("T")
 
 
@@ -95,10 +94,7 @@ class Agent:
         self.addresses: list[str] = []
         self.started = time.time()
         self.instance = config.instance
-        self._poll_task: asyncio.Task[None] | None = None
-        self._report_task: asyncio.Task[None] | None = None
-        self._reported: dict[str, Any] | None = None  # the registration last sent
-        self._last_error: str | None = None  # the last failed repository request or poll, for the console
+        self.link: RepositoryLink | None = None  # registration, reports, requests (agent/report.py)
         self._stop = asyncio.Event()
         self.metrics: MetricsListener | None = None
         self.metrics_url: str | None = None
@@ -145,8 +141,9 @@ class Agent:
             atomic_write(cfg.cache_dir / AGENT_FILE, json.dumps(self._describe(), indent=2).encode())
             await self.ops.start()
             if cfg.register:
-                self._poll_task = asyncio.ensure_future(self._poll_requests())
-                self._report_task = asyncio.ensure_future(self._report_changes())
+                self.link = RepositoryLink(self.repo, self.instance, self._registration, self.control.handlers,
+                                           REMOTE_OPS)
+                self.link.start()
         except BaseException:
             await self._shutdown()
             raise
@@ -180,10 +177,8 @@ class Agent:
             raise UsageError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
 
     async def _shutdown(self) -> None:
-        tasks = [x for x in (self._poll_task, self._report_task) if x is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.link is not None:
+            await self.link.stop()
         if self.ops is not None:
             await self.ops.stop()
         with contextlib.suppress(Exception):
@@ -230,65 +225,7 @@ class Agent:
                 "hydration": {"percent": round(100.0 * (st["chunks_present"] + st["chunks_zero"]) / total, 1),
                               "running": bool(hydration.get("running"))},
                 "modified_chunks": st["chunks_modified"], "fetch_latency_ms": latency,
-                "last_error": self._last_error}
-
-    async def _register(self) -> None:
-        assert self.instance is not None
-        info = self._registration()
-        await in_daemon_thread(self.repo.register_agent, self.instance, info)
-        self._reported = info
-
-    async def _report_changes(self) -> None:
-        """Between polls, send the registration again when the agent's state changed (a hydration
-        moving on, a write), at most every ``REPORT_EVERY`` s; failures are the poll loop's to report."""
-        while True:
-            await asyncio.sleep(REPORT_EVERY)
-            if self._reported is not None and self._registration() != self._reported:
-                with contextlib.suppress(BlockprovError, OSError):
-                    await self._register()
-
-    async def _poll_requests(self) -> None:
-        """Register with the repository and carry out what it asks, until the agent stops.
-        Failures (repository down, an older server without the API) are logged and retried."""
-        assert self.device is not None and self.instance is not None
-        delay = 1.0
-        while True:
-            try:
-                await self._register()
-                req = await in_daemon_thread(self.repo.next_request, self.instance, POLL_WAIT)
-                delay = 1.0
-                if req is None:
-                    continue
-                await self._serve_request(req)
-            except asyncio.CancelledError:
-                raise
-            except AccessDenied as e:  # no retry can fix the token: say it once, keep serving
-                log.warning("not registered with %s, no repository requests will be taken: %s", self.repo.url, e)
-                return
-            except Exception as e:
-                self._last_error = f"repository requests: {e}"
-                log.warning("repository requests from %s: %s (retrying in %.0f s)", self.repo.url, e, delay)
-                await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
-
-    async def _serve_request(self, req: dict[str, Any]) -> None:
-        assert self.instance is not None
-        op, args, rid = req.get("op"), req.get("args") or {}, str(req.get("id"))
-        ok, result, error = False, None, None
-        try:
-            if op not in REMOTE_OPS:
-                raise UsageError(f"the repository may ask for {', '.join(REMOTE_OPS)}, not {op!r}")
-            handler = self.control.handlers[str(op)]
-            result = await handler({"op": op, **args})
-            ok = True
-        except BlockprovError as e:
-            error = str(e)
-        except Exception as e:  # the agent keeps serving whatever a request does
-            log.exception("repository request %s failed", op)
-            error = f"{type(e).__name__}: {e}"
-        if error is not None:
-            self._last_error = f"{op}: {error}"
-        await in_daemon_thread(self.repo.complete_request, self.instance, rid, ok, result, error)
+                "last_error": self.link.last_error if self.link is not None else None}
 
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:

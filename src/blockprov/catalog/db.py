@@ -59,6 +59,12 @@ class SQLDatabase(Protocol):
         """Run ``CREATE … IF NOT EXISTS`` statements (every process does on open: that is migration)."""
         ...
 
+    def add_column(self, table: str, column: str, decl: str) -> None:
+        """Give an existing ``table`` the column if it lacks it (``decl``: an SQLite type name and
+        constraints, nullable or with a default): the migration of a table made by an older version.
+        Safe when several processes open the catalog at once."""
+        ...
+
     def close(self) -> None: ...
 
 

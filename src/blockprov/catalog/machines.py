@@ -4,7 +4,8 @@ Tables (in the catalog's database, next to images, versions and tags):
 
 * ``boot_files``: per version, the kernel and initrd descriptors (boot.py) and the command line.
 * ``hosts``: host (MAC or host id) → ``NAME:TAG`` (follows the tag) or ``NAME@ID``, plus extra
-  kernel arguments.
+  kernel arguments, and the host's last boot: when the repository last answered its boot script
+  (``GET /v1/boot/HOST``) and the version that script named.
 * ``profiles``: per version, the order in which a boot first read chunks, as zstd(u32 LE array).
 * ``agents``: agent instances attached to this repository, with what they reported and when.
 * ``agent_requests``: repository-initiated requests to agents (claims 10, 34) and their outcome.
@@ -15,9 +16,11 @@ must be shared state, not memory. A server's long polls share one ``ready_instan
 ``POLL`` seconds (service/longpoll.py), so a thousand waiting agents cost what one does.
 
 Migration: every table is ``CREATE TABLE IF NOT EXISTS``, run on open, so a ``catalog.sqlite``
-made before these tables existed simply gains them. ``boot_files`` and ``profiles`` rows go with
-their version (``ON DELETE CASCADE``); a host whose tag or version was removed keeps its row and
-its boot script says so (Conflict) until it is re-assigned.
+made before these tables existed simply gains them; a column added later (``hosts.last_boot``,
+``hosts.last_boot_version``) is added on open to a table that lacks it (``SQLDatabase.add_column``).
+``boot_files`` and ``profiles`` rows go with their version (``ON DELETE CASCADE``); a host whose
+tag or version was removed keeps its row and its boot script says so (Conflict) until it is
+re-assigned.
 
 Crash rules: each change is one ``BEGIN IMMEDIATE`` transaction (WAL, synchronous=FULL), so it
 happened entirely or not at all. A request handed to an agent is ``running`` under a lease of
@@ -61,7 +64,9 @@ CREATE TABLE IF NOT EXISTS hosts (
     tag     TEXT,
     version TEXT,
     args    TEXT NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    last_boot REAL,
+    last_boot_version TEXT
 );
 CREATE TABLE IF NOT EXISTS profiles (
     image   TEXT NOT NULL,
@@ -106,6 +111,8 @@ MAX_ERROR = 4096
 MAX_PROFILE = 1 << 24  # chunk indices in one profile (a 1 TiB image at 64 KiB chunks)
 U32 = struct.Struct("<I")
 STATES = ("pending", "running", "done", "failed")
+HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_version"
+ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"))
 
 
 def _json_object(d: object, what: str, limit: int) -> str:
@@ -134,6 +141,8 @@ class Registry:
         self.catalog = catalog
         self.db = catalog.db
         self.db.script(SCHEMA)
+        for table, column, decl in ADDED_COLUMNS:
+            self.db.add_column(table, column, decl)
         self.lease = LEASE_SECONDS
 
     def _version_of(self, ref: Ref) -> str:
@@ -179,29 +188,39 @@ class Registry:
         now = time.time()
         with self.db.tx() as db:
             vid = self.catalog.resolve_id(ref, db)  # the reference must name something now
-            db.execute("INSERT INTO hosts VALUES (?,?,?,?,?,?) ON CONFLICT (host) DO UPDATE SET image=excluded.image, "
-                       "tag=excluded.tag, version=excluded.version, args=excluded.args, updated=excluded.updated",
+            db.execute("INSERT INTO hosts (host, image, tag, version, args, updated) VALUES (?,?,?,?,?,?) "
+                       "ON CONFLICT (host) DO UPDATE SET image=excluded.image, tag=excluded.tag, "
+                       "version=excluded.version, args=excluded.args, updated=excluded.updated",
                        (host, ref.name, ref.tag, ref.version, args, now))
-        return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=now)
+            last = db.execute("SELECT last_boot, last_boot_version FROM hosts WHERE host=?", (host,)).fetchone()
+        return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=now, last_boot=last[0],
+                        last_boot_version=last[1])
 
     def _host_info(self, row: tuple[Any, ...]) -> HostInfo:
-        host, image, tag, version, args, updated = row
+        host, image, tag, version, args, updated, last_boot, last_boot_version = row
         ref = Ref(image, tag=tag, version=version)
         try:
             vid: str | None = self._version_of(ref)
         except ImageNotFound:
             vid = None
-        return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=updated)
+        return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=updated, last_boot=last_boot,
+                        last_boot_version=last_boot_version)
 
     def host(self, host: str) -> HostInfo:
         host = host_id(host)
-        row = self.db.one("SELECT * FROM hosts WHERE host=?", (host,))
+        row = self.db.one(f"SELECT {HOST_COLUMNS} FROM hosts WHERE host=?", (host,))
         if row is None:
             raise HostNotFound(host=host)
         return self._host_info(tuple(row))
 
     def hosts(self) -> list[HostInfo]:
-        return [self._host_info(tuple(r)) for r in self.db.all("SELECT * FROM hosts ORDER BY host")]
+        return [self._host_info(tuple(r)) for r in self.db.all(f"SELECT {HOST_COLUMNS} FROM hosts ORDER BY host")]
+
+    def record_boot(self, host: str, version: str) -> None:
+        """The repository answered ``host``'s boot script naming ``version`` (one write, no check
+        first: a host whose assignment was removed meanwhile simply records nothing)."""
+        self.db.write("UPDATE hosts SET last_boot=?, last_boot_version=? WHERE host=?",
+                      (time.time(), version_id(version), host_id(host)))
 
     def remove_host(self, host: str) -> None:
         host = host_id(host)

@@ -143,5 +143,10 @@ class PostgresDatabase:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
             conn.execute(pg_schema(schema).encode())  # several statements: allowed without parameters
 
+    def add_column(self, table: str, column: str, decl: str) -> None:
+        with self._conn() as conn, conn.transaction():  # under the writers' lock, as script() is
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))
+            conn.execute(pg_schema(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {decl}").encode())
+
     def close(self) -> None:
         self.pool.close()

@@ -51,13 +51,17 @@ class GcStats:
 @dataclass
 class HostInfo:
     """A host's boot assignment. ``ref`` is what was assigned (``NAME:TAG`` follows the tag);
-    ``version`` is the id it names now, None when that tag or version no longer exists."""
+    ``version`` is the id it names now, None when that tag or version no longer exists.
+    ``last_boot``: when the repository last answered the host's boot script (``GET /v1/boot/HOST``),
+    and ``last_boot_version`` the version that script named; None until it first boots."""
 
     host: str
     ref: str
     args: str
     version: str | None
     updated: float
+    last_boot: float | None = None
+    last_boot_version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -30,12 +31,24 @@ from blockprov.cli._common import (
 )
 from blockprov.clones.customize import BUILTIN_IDENTITY
 from blockprov.errors import AgentNotRunning, CustomizeFailed, NotFound, PoolExhausted, UsageError
-from blockprov.names import host_port, parse_ref
+from blockprov.names import host_port, instance_id, parse_ref
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
     from blockprov.clones.clones import ClonesAgent
 
 CLONE_GROUP = 16  # instances made between two updates of clone's progress bar
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def report_options(default: str) -> Callable[[F], F]:
+    """``--instance`` / ``--no-register`` of the serving commands (as ``attach`` has them)."""
+    def wrap(fn: F) -> F:
+        fn = click.option("--no-register", is_flag=True,
+                          help="Do not register with the repository (no report to its console, `blockprov agents`)."
+                          )(fn)
+        return click.option("--instance", metavar="ID", callback=lambda c, p, v: None if v is None else instance_id(v),
+                            help=f"Name to register with the repository as (default: {default}).")(fn)
+    return wrap
 
 DIR_OPTION = click.option("--dir", "root", required=True, type=click.Path(file_okay=False, path_type=Path),
                           help="The clones directory.")
@@ -103,13 +116,17 @@ def clones_group() -> None:
 @click.option("--socket", "sock", type=click.Path(dir_okay=False, path_type=Path),
               help="Serve NBD on this unix socket (exports are the instance names).")
 @click.option("--listen", metavar="HOST:PORT", help="Serve NBD on TCP.")
+@report_options("clones-DIRNAME-HASH-HOSTNAME")
 @json_option
 @click.pass_obj
-def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None, as_json: bool) -> None:
+def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None, instance: str | None,
+                     no_register: bool, as_json: bool) -> None:
     """Serve every instance of the directory as an NBD export named after it, until SIGTERM.
 
-    Started by systemd socket activation (LISTEN_FDS) it serves the sockets it was given instead
-    of --socket/--listen, and prints its banner on stderr."""
+    It registers with the repository and reports its clones and their versions (the console's
+    Pools page, `blockprov agents`), unless --no-register. Started by systemd socket activation
+    (LISTEN_FDS) it serves the sockets it was given instead of --socket/--listen, and prints its
+    banner on stderr."""
     from blockprov.clones.clones import ClonesAgent, recorded_repository
 
     root = root.resolve()
@@ -121,7 +138,8 @@ def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None
         check_creatable(sock, "socket").parent.mkdir(parents=True, exist_ok=True)  # as attach does
 
     async def main() -> None:
-        agent = ClonesAgent(root, repo, socket=sock, listen=address, activated=activated)
+        agent = ClonesAgent(root, repo, socket=sock, listen=address, activated=activated, register=not no_register,
+                            instance=instance)
         agent.catch_signals()
         with listening(listen):
             await agent.start()
@@ -239,14 +257,19 @@ def pool_create_cmd(obj: Ctx, name: str, source: str, size: int, configure: str 
 @click.option("--socket", "sock", type=click.Path(dir_okay=False, path_type=Path),
               help="NBD unix socket (default: DIR/nbd.sock).")
 @click.option("--listen", metavar="HOST:PORT", help="Serve NBD on TCP too.")
+@report_options("pool-NAME-HOSTNAME")
 @json_option
 @click.pass_obj
 def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, listen: str | None,
-                   as_json: bool) -> None:
+                   instance: str | None, no_register: bool, as_json: bool) -> None:
     """Serve the pool's instances, hand them out, refill in the background, until SIGTERM.
+
+    It registers with the repository and reports the pool (ready, in use, size, last refill
+    error) and its clones (the console's Pools page, `blockprov agents`), unless --no-register.
 
     Started by systemd socket activation (LISTEN_FDS) it serves the sockets it was given instead
     of DIR/nbd.sock or --socket/--listen, and prints its banner on stderr."""
+    from blockprov.agent.report import host_instance
     from blockprov.clones import pool
     from blockprov.clones.clones import ClonesAgent
     from blockprov.nbd.activation import listen_sockets
@@ -264,11 +287,12 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
 
     async def main() -> None:
         agent = ClonesAgent(d, obj.repo, socket=None if activated else sock or d / pool.SOCKET, listen=address,
-                            activated=activated)
+                            activated=activated, register=not no_register,
+                            instance=instance or host_instance("pool", name))
         agent.catch_signals()
+        server = pool.PoolServer(d, obj.repo, agent)  # before start: the first report has the pool
         with listening(listen):
             await agent.start()
-        server = pool.PoolServer(d, obj.repo, agent)
         server.start()
         _banner(agent, as_json, err=bool(activated))
         try:

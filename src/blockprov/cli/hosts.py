@@ -7,15 +7,17 @@ exit codes by the group's edge in cli/__init__.py, like every other command's.
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 import click
 
 from blockprov import humanize as hz
 from blockprov.boot import parse_script
+from blockprov.catalog.records import HostInfo
 from blockprov.cli._common import Ctx, emit, json_option
-from blockprov.errors import UsageError
-from blockprov.names import parse_ref
+from blockprov.errors import HostNotFound, UsageError
+from blockprov.names import host_id, parse_ref
 
 
 def _when(t: float) -> str:
@@ -103,7 +105,36 @@ def host_list(obj: Ctx, as_json: bool) -> None:
         click.echo("no hosts (assign one with: blockprov host assign MAC NAME:TAG)")
     for h in hs:
         now = h.version or "GONE: re-assign"
-        click.echo(f"{h.host:20} {h.ref:32} {now:18} {h.args}".rstrip())
+        click.echo(f"{h.host:20} {h.ref:32} {now:18} {_last_boot(h):34} {h.args}".rstrip())
+
+
+def _last_boot(h: HostInfo) -> str:
+    if h.last_boot is None:
+        return "never booted"
+    return f"booted {_when(h.last_boot)} {str(h.last_boot_version or '?')[:12]}"
+
+
+@host.command("show")
+@click.argument("host_name", metavar="HOST")
+@json_option
+@click.pass_obj
+def host_show(obj: Ctx, host_name: str, as_json: bool) -> None:
+    """Show one host: its assignment, the version it boots now, and its last boot."""
+    wanted = host_id(host_name)
+    h = next((x for x in obj.repo.hosts() if x.host == wanted), None)
+    if h is None:
+        raise HostNotFound(host=wanted)
+    if as_json:
+        emit(h.to_dict())
+        return
+    click.echo(f"host      {h.host}")
+    click.echo(f"assigned  {h.ref}  (at {_when(h.updated)})")
+    click.echo(f"boots     {h.version or 'GONE: ' + h.ref + ' no longer exists, re-assign it'}")
+    click.echo(f"args      {h.args or '-'}")
+    if h.last_boot is None:
+        click.echo("last boot never (the repository has not answered its boot script)")
+    else:
+        click.echo(f"last boot {_when(h.last_boot)} ({_ago(time.time() - h.last_boot)}), version {h.last_boot_version}")
 
 
 @host.command("rm")
@@ -138,7 +169,10 @@ def host_script(obj: Ctx, host_name: str, base_url: str | None, as_json: bool) -
 @json_option
 @click.pass_obj
 def agents(obj: Ctx, as_json: bool) -> None:
-    """Agents registered with the repository, and their queued requests."""
+    """Agents registered with the repository, and their queued requests.
+
+    Host agents (`attach`) show the version they serve; `clones serve` and `pool serve` agents their
+    clones and pools (ready, in use, target size, last refill error)."""
     rows = obj.repo.agents()
     if as_json:
         emit(rows)
@@ -147,10 +181,21 @@ def agents(obj: Ctx, as_json: bool) -> None:
         click.echo("no agents registered")
     for a in rows:
         info = a.get("info", {})
-        what = f"{info.get('image', '?')}@{info.get('version', '?')}"
+        if info.get("kind") in ("clones", "pool"):
+            n = info.get("clones_total", len(info.get("clones") or []))
+            what = f"{info['kind']}: {n} clone(s)"
+        else:
+            what = f"{info.get('image', '?')}@{info.get('version', '?')}"
         where = info.get("host") or "-"
         click.echo(f"{a['instance']:24} {what:34} host {where:16} pid {info.get('pid', '-'):>7}  "
                    f"seen {_ago(float(a['seen_ago']))}  requests {a['pending']} pending, {a['running']} running")
+        for p in info.get("pools") or []:
+            err = f", last refill error: {p['error']}" if p.get("error") else ""
+            click.echo(f"  pool {p.get('name', '?')} of {p.get('base', '?')}: {p.get('ready', '?')} ready, "
+                       f"{p.get('in_use', '?')} in use, target {p.get('size', '?')}{err}")
+        for c in (info.get("clones") or []) if info.get("kind") == "clones" else []:
+            click.echo(f"  clone {c.get('name', '?')}: {c.get('image', '?')}@{c.get('version', '?')}, "
+                       f"{c.get('modified_chunks', '?')} modified chunk(s)")
 
 
 def register(cli: click.Group) -> None:

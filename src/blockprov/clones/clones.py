@@ -32,6 +32,11 @@ Crash rules of sealing: until the checkpoint the instance is over the base with 
 as modified chunks, and a half-built layer is deleted by the next seal; after it, the layer is
 complete (it was flushed and closed before).
 
+Reports: ``blockprov clones serve`` (and ``pool serve``, which is a clones agent too) registers
+with its repository as an agent of kind ``clones`` and reports its clones, each with its version
+and modified chunks (agent/report.py, the mechanism ``attach`` uses; ``register=True``). Only
+``status`` is accepted from the repository. Short-lived in-process agents never register.
+
 Crash rules: an instance is created by creating its overlay cache, whose meta file is written
 last, so a directory without ``meta`` is an unfinished clone (``list_instances`` ignores it and
 ``remove_instance`` cleans it). Removal renames the directory away first (atomic), then deletes.
@@ -42,21 +47,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from socket import gethostname
 from socket import socket as Socket
 from typing import Any
 
 from blockprov.agent import control
 from blockprov.agent.instance import InstanceOps, catch_stop_signals, wait_for_stop
 from blockprov.agent.offline import adopt_repository
+from blockprov.agent.report import RepositoryLink, host_instance
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.journal import META_NAME, load
 from blockprov.cache.maps import BASE_ZERO, MODIFIED, ZERO
@@ -73,6 +81,7 @@ log = logging.getLogger("blockprov.clones")
 BASES = "bases"
 INSTANCES = "instances"
 PRISTINE = "pristine"  # a customized instance's pristine layer, inside its directory
+REPORTED_CLONES = 200  # clones listed in a report (the repository takes 64 KiB of agent info)
 
 
 def base_dir(root: Path, m: Manifest) -> Path:
@@ -225,10 +234,12 @@ class ClonesAgent:
 
     def __init__(self, root: Path, repo: Repository, *, socket: Path | None = None,
                  listen: tuple[str, int] | None = None, control_socket: bool = True,
-                 activated: list[Socket] | None = None) -> None:
+                 activated: list[Socket] | None = None, register: bool = False,
+                 instance: str | None = None) -> None:
         """``control_socket=False``: a short-lived in-process server (customizing new instances)
         that must not take the directory's control socket or the instances' ones. ``activated``:
-        listening sockets passed by systemd socket activation (nbd/activation.py), served as well."""
+        listening sockets passed by systemd socket activation (nbd/activation.py), served as well.
+        ``register``: report to the repository as ``instance`` (default: ``default_instance``)."""
         if socket is None and listen is None and not activated:
             raise UsageError("give --socket PATH or --listen HOST:PORT (or both), or start it by socket activation")
         self.activated = list(activated or [])
@@ -247,6 +258,11 @@ class ClonesAgent:
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
         self._control_socket = control_socket
+        self.register = register
+        self.instance = instance or default_instance(root)
+        self.link: RepositoryLink | None = None
+        # what an owner adds to the report (pool serve: its pool), called with the report to amend
+        self.amend_report: Callable[[dict[str, Any]], None] | None = None
 
     async def start(self) -> list[str]:
         ensure_dir(self.root / INSTANCES)
@@ -263,6 +279,10 @@ class ClonesAgent:
                 self.addresses.append(uri_template(sock))
             if self._control_socket:
                 await self.control.start(control.socket_path(self.root))
+            if self.register:
+                self.link = RepositoryLink(self.repo, self.instance, self.registration, self.control.handlers,
+                                           ("status",))
+                self.link.start()
         except BaseException:
             await self._shutdown()
             raise
@@ -373,6 +393,8 @@ class ClonesAgent:
                 await self._close(self.bases.pop(key))
 
     async def _shutdown(self) -> None:
+        if self.link is not None:
+            await self.link.stop()
         with contextlib.suppress(Exception):
             await self.control.close()
         await self.server.close()
@@ -382,6 +404,22 @@ class ClonesAgent:
             await self._close(s)
         self.instances.clear()
         self.bases.clear()
+
+    def registration(self) -> dict[str, Any]:
+        """What the repository shows of this agent: its clones and their versions (at most
+        ``REPORTED_CLONES`` of them; ``clones_total`` counts all), where it serves, its last error."""
+        clones = []
+        for name, served in sorted(self.instances.items())[:REPORTED_CLONES]:
+            b = _brief(served.device)
+            clones.append({"name": name, "image": b["image"], "version": b["version"],
+                           "modified_chunks": b["chunks_modified"]})
+        info: dict[str, Any] = {
+            "kind": "clones", "host": gethostname(), "pid": os.getpid(), "dir": str(self.root),
+            "addresses": self.addresses, "clones": clones, "clones_total": len(self.instances),
+            "last_error": self.link.last_error if self.link is not None else None}
+        if self.amend_report is not None:
+            self.amend_report(info)
+        return info
 
     # -- control ops ------------------------------------------------------------------------------
     async def _op_status(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -433,6 +471,13 @@ class ClonesAgent:
     async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         self._stop.set()
         return {"stopping": True}
+
+
+def default_instance(root: Path) -> str:
+    """The name a clones directory's agent registers as: stable across restarts, distinct per
+    directory and host."""
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    return host_instance("clones", f"{root.name}-{digest}")
 
 
 def _brief(dev: CacheDevice) -> dict[str, Any]:

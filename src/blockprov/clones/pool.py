@@ -12,6 +12,11 @@ A pool is a clones directory (clones/clones.py) plus ``pool.json``::
     {"name", "source": "IMG@ID", "configured": "IMG@ID", "size": K, "customize": CMD | null,
      "instances": {NAME: {"state": "ready" | "in-use", "host": ID | null, "since": T}}}
 
+Reports: ``blockprov pool serve`` registers with its repository (agent/report.py, as ``attach``
+does) as an agent of kind ``pool`` and reports, besides its clones (each with its state and
+host), its pool: name, source and base (configured) version, ready and in-use counts, target size
+and the last refill error, at once after a hand-out, a release or a refill.
+
 Crash rules: ``pool.json`` is only written by ``atomic_write`` under an flock of ``pool.lock``
 (one writer at a time, across processes). An instance enters the state as ``ready`` only after
 it was created *and* customized, so a crash while making one leaves an instance directory the
@@ -253,6 +258,30 @@ class PoolServer:
         self.last_error = ""
         agent.control.handlers.update({"pool-acquire": self._op_acquire, "pool-release": self._op_release,
                                        "pool-status": self._op_status})
+        agent.amend_report = self._amend_report
+
+    def _amend_report(self, info: dict[str, Any]) -> None:
+        """The pool in the agent's report to the repository (console's Pools page, ``blockprov agents``)."""
+        info["kind"] = "pool"
+        try:
+            st = read_state(self.root)
+        except (BlockprovError, OSError, ValueError) as e:  # pool.json gone or torn: report that
+            info["pools"] = [{"name": self.root.name, "error": f"pool state unreadable: {e}"}]
+            return
+        states = st["instances"]
+        info["pools"] = [{
+            "name": st["name"], "source": st["source"], "base": st["configured"], "size": st["size"],
+            "ready": sum(1 for v in states.values() if v["state"] == "ready"),
+            "in_use": sum(1 for v in states.values() if v["state"] == "in-use"),
+            "error": self.last_error or None}]
+        for c in info["clones"]:
+            v = states.get(c["name"])
+            c["state"], c["host"] = (v["state"], v.get("host")) if v is not None else ("being made", None)
+
+    def _changed(self) -> None:
+        self._wake.set()
+        if self.agent.link is not None:
+            self.agent.link.poke()
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._refill_loop())
@@ -271,6 +300,8 @@ class PoolServer:
             try:
                 made = await refill(self.root, self.repo, self.agent)
                 self.last_error = ""
+                if self.agent.link is not None:
+                    self.agent.link.poke()
                 if made:
                     log.info("pool refilled: %s", ", ".join(made))
             except asyncio.CancelledError:
@@ -278,16 +309,18 @@ class PoolServer:
             except Exception as e:  # disk full, repository down, a failing customizer: retry later
                 self.last_error = str(e)
                 log.error("pool refill failed: %s (retrying in 30 s)", e)
+                if self.agent.link is not None:
+                    self.agent.link.poke()
 
     async def _op_acquire(self, req: dict[str, Any]) -> dict[str, Any]:
         name = acquire(self.root, str(req.get("host") or ""))
-        self._wake.set()
+        self._changed()
         return {"instance": name, "uri": self.agent.uri(name)}
 
     async def _op_release(self, req: dict[str, Any]) -> dict[str, Any]:
         name = str(req["instance"])
         state = await release(self.root, self.repo, name, destroy=bool(req.get("destroy")), agent=self.agent)
-        self._wake.set()
+        self._changed()
         return {"instance": name, "state": state}
 
     async def _op_status(self, req: dict[str, Any]) -> dict[str, Any]:

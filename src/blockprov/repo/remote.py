@@ -497,7 +497,9 @@ class RemoteRepository:
         self._request("DELETE", f"/v1/hosts/{host_id(host)}")
 
     def boot_script(self, host: str, base_url: str | None = None) -> str:
-        params = {"base": names.base_url(base_url)} if base_url is not None else {}
+        params = {"record": "false"}  # an operator looking is not the host booting (its last boot)
+        if base_url is not None:
+            params["base"] = names.base_url(base_url)
         return self._request("GET", f"/v1/boot/{host_id(host)}", params=params,
                              headers={"accept": "application/json, text/plain"}).text
 

@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from blockprov.catalog.tokens import TokenInfo, TokenStore, allows
-from blockprov.errors import BlockprovError, Forbidden, Unauthorized
+from blockprov.errors import BlockprovError, Forbidden, Unauthorized, error_to_dict
 from blockprov.service.ui.auth import cookie_token, cross_site, denied, is_console, same_origin
 
 log = logging.getLogger("blockprov.service")
@@ -198,10 +198,8 @@ class Access:
             if console:
                 await denied(scope, err)(scope, receive, send)
                 return
-            body = {"error": type(err).__name__, "message": err.message,
-                    "details": {k: v for k, v in err.kwargs.items() if isinstance(v, str)}}
             headers = {"www-authenticate": 'Bearer realm="blockprov"'} if err.http_status == 401 else None
-            await JSONResponse(body, status_code=err.http_status, headers=headers)(scope, receive, send)
+            await JSONResponse(error_to_dict(err), status_code=err.http_status, headers=headers)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

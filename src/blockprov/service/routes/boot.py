@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -106,13 +107,15 @@ async def get_boot_file(name: str, vid: str, which: str, request: Request) -> Re
 
 # -- hosts ----------------------------------------------------------------------------------------
 @router.get("/v1/boot/{host}", tags=["boot"], response_class=PlainTextResponse)
-async def boot_script(host: str, request: Request, base: str | None = None) -> Response:
+async def boot_script(host: str, request: Request, base: str | None = None, record: bool = True) -> Response:
     """The iPXE script of a host (MAC with ':' or '-', or host id). 404: unknown host;
-    409: its version has no boot files or its tag is gone; 400: a malformed host."""
+    409: its version has no boot files or its tag is gone; 400: a malformed host.
+    Answering it records the host's last boot (time and version), unless ``record=false``
+    (``blockprov host script`` shows an operator the script without it counting as a boot)."""
     svc = Service.of(request)
     try:
         url = names.base_url(base if base is not None else str(request.base_url))
-        text = await svc.run(svc.repo.boot_script, host, url)
+        text = await svc.run(functools.partial(svc.repo.boot_script, host, url, record=record))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise

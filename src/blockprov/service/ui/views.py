@@ -4,10 +4,13 @@ service's thread pool: they read the catalog and the store, which block).
 Why the agents' columns look the way they do: the console shows what an agent put in its
 registration (``PUT /v1/agents/{instance}``, refreshed as a heartbeat), read with ``.get`` and shown
 as "not reported" when absent, so an older agent, or one that reports less, still appears.
-Fields read from the info: ``image``, ``version``, ``host``, ``hydration`` (``{"percent": …}``, as
-``Hydrator.status()`` makes it), ``modified_chunks``, ``fetch_latency_ms``, ``last_error`` and
-``pools`` (a list of ``{name, ready, in_use, size, error}``). The last error is also taken from the
-agent's most recent failed request, which the repository knows by itself.
+Fields read from the info: ``kind`` (absent for a host's agent, ``clones`` or ``pool`` for
+``clones serve`` / ``pool serve``: those are shown on the Pools page, not with the machines),
+``image``, ``version``, ``host``, ``hydration`` (``{"percent": …}``, as ``Hydrator.status()`` makes
+it), ``modified_chunks``, ``fetch_latency_ms``, ``last_error``, ``pools`` (a list of ``{name, base,
+ready, in_use, size, error}``) and ``clones`` (a list of ``{name, image, version, modified_chunks,
+state, host}``, with ``clones_total``). The last error is also taken from the agent's most recent
+failed request, which the repository knows by itself.
 """
 
 from __future__ import annotations
@@ -140,27 +143,57 @@ def agent_row(a: dict[str, Any], failed: dict[str, tuple[str, float]]) -> dict[s
             "pending": a["pending"], "running": a["running"]}
 
 
+def _info(a: dict[str, Any]) -> dict[str, Any]:
+    return a["info"] if isinstance(a.get("info"), dict) else {}
+
+
+def is_clones_agent(a: dict[str, Any]) -> bool:
+    """An agent of ``clones serve`` or ``pool serve`` (it reports clones, not one machine's disk)."""
+    return _info(a).get("kind") in ("clones", "pool")
+
+
 def machines(svc: Service) -> dict[str, Any]:
     reg = svc.repo.registry
     requests = reg.recent_requests(RECENT_REQUESTS)
     failed = reg.last_failures()
-    return {"hosts": svc.repo.hosts(), "agents": [agent_row(a, failed) for a in svc.repo.agents()],
-            "requests": requests}
+    agents = [agent_row(a, failed) for a in svc.repo.agents() if not is_clones_agent(a)]
+    return {"hosts": svc.repo.hosts(), "agents": agents, "requests": requests}
+
+
+def _list(x: object) -> list[Any]:
+    return x if isinstance(x, list) else []
+
+
+def _clone_row(c: object) -> dict[str, Any] | None:
+    if not isinstance(c, dict):
+        return None
+    return {"name": str(c.get("name", "")), "image": _text(c.get("image")), "version": _text(c.get("version")),
+            "modified": _num(c.get("modified_chunks")), "state": _text(c.get("state")), "host": _text(c.get("host"))}
 
 
 def pools(svc: Service) -> dict[str, Any]:
+    """Pools and clones agents as they reported themselves (agent/report.py), online or not."""
     out = []
-    for a in svc.repo.agents():
-        info = a["info"] if isinstance(a.get("info"), dict) else {}
-        ps = info.get("pools")
-        if isinstance(ps, list):
-            for p in ps:
-                if isinstance(p, dict):
-                    out.append({"instance": a["instance"], "name": str(p.get("name", "")),
-                                "ready": _num(p.get("ready")), "in_use": _num(p.get("in_use")),
-                                "size": _num(p.get("size")), "error": p.get("error")
-                                if isinstance(p.get("error"), str) else None})
-    return {"pools": out, "agents": len(svc.repo.agents())}
+    groups = []
+    every = svc.repo.agents()
+    for a in every:
+        info = _info(a)
+        if not is_clones_agent(a) and not isinstance(info.get("pools"), list):
+            continue
+        online = a["seen_ago"] < ONLINE_SECONDS
+        for p in _list(info.get("pools")):
+            if isinstance(p, dict):
+                out.append({"instance": a["instance"], "online": online, "name": str(p.get("name", "")),
+                            "base": _text(p.get("base")), "ready": _num(p.get("ready")),
+                            "in_use": _num(p.get("in_use")), "size": _num(p.get("size")),
+                            "error": _text(p.get("error"))})
+        clones = [r for r in map(_clone_row, _list(info.get("clones"))) if r is not None]
+        total = _num(info.get("clones_total"))
+        groups.append({"instance": a["instance"], "kind": _text(info.get("kind")) or "pool", "online": online,
+                       "seen_ago": a["seen_ago"], "host": _text(info.get("host")), "dir": _text(info.get("dir")),
+                       "clones": clones, "more": max(0, int(total) - len(clones)) if total is not None else 0,
+                       "last_error": _text(info.get("last_error"))})
+    return {"pools": out, "groups": groups, "agents": len(every)}
 
 
 def health(svc: Service, state: ConsoleState) -> dict[str, Any]:
