@@ -56,6 +56,8 @@ def test_a_snapshot_and_a_sharing_import_start_with_the_parents_profile(tmp_path
     v2 = json.loads(run_cli("show", "lab:v2", "--json", data=data).stdout)
     assert v2["parent"] == json.loads(run_cli("show", "lab:v1", "--json", data=data).stdout)["id"]
     assert profile("lab:v2", data) == v1_order  # inherited, translated (same chunks here)
+    shown = json.loads(run_cli("profile", "show", "lab:v2", "--json", data=data).stdout)
+    assert shown["inherited"] is True and "inherited from" in run_cli("profile", "show", "lab:v2", data=data).stdout
     # v2's first attach prefetches in v1's order: the agent says which order it follows, and
     # exactly those chunks became local before any client read.
     proc, _ = start_agent(tmp_path / "pc3", "lab:v2", sock, "--readahead", "0", data=data)

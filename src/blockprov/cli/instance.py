@@ -332,18 +332,21 @@ def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: 
 @json_option
 @click.pass_obj
 def profile_show(obj: Ctx, ref: str, as_json: bool) -> None:
-    """Show the boot profile recorded for a version (the order its chunks were first read)."""
+    """Show the boot profile recorded for a version (the order its chunks were first read), or
+    the one it inherits from the version it was made from."""
     r = parse_ref(ref)
     vid = r.version or obj.repo.resolve(r).id
     order = obj.repo.get_profile(r.name, vid)
+    inherited = order is not None and obj.repo.get_profile(r.name, vid, inherit=False) is None
     if as_json:
-        emit({"image": r.name, "version": vid, "chunks": order})
+        emit({"image": r.name, "version": vid, "chunks": order, "inherited": inherited})
         return
     if order is None:
         click.echo(f"no boot profile recorded for {r.name}@{vid}")
         return
     head = ", ".join(map(str, order[:20]))
-    click.echo(f"{r.name}@{vid}: {len(order)} chunks in first-read order: {head}{' …' if len(order) > 20 else ''}")
+    click.echo(f"{r.name}@{vid}: {len(order)} chunks in first-read order: {head}{' …' if len(order) > 20 else ''}"
+               + ("\n(inherited from the version it was made from, until it records its own)" if inherited else ""))
 
 
 def register(cli: click.Group) -> None:
