@@ -803,6 +803,15 @@ def test_reads_of_any_length_are_valid(length: int) -> None:
     assert events(conn) == [Read(2, 0, length, False)]
 
 
+def test_df_read_too_large_for_one_chunk_is_refused() -> None:
+    conn = negotiated_big()
+    conn.receive_data(request(Command.READ, 0, 0xFFFFFFFF, handle=2, flags=CommandFlag.DF))  # > one chunk holds
+    [ev] = events(conn)
+    assert isinstance(ev, BadRequest) and ev.error == NbdError.EOVERFLOW
+    conn.receive_data(request(Command.READ, 0, 64 * MiB, handle=3, flags=CommandFlag.DF))
+    assert events(conn) == [Read(3, 0, 64 * MiB, False, True)]
+
+
 def test_read_reply_in_pieces() -> None:
     M = c.STRUCTURED_REPLY_MAGIC
     conn = negotiated_big()

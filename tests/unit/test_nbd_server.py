@@ -504,3 +504,22 @@ def test_streamed_read_failing_half_way(tmp_path: Path) -> None:
         simple.writer.close()
 
     serve({"": dev}, test, tmp_path)
+
+
+def test_large_read_under_df_is_one_chunk(tmp_path: Path) -> None:
+    """NBD_CMD_FLAG_DF (don't fragment): a 40 MiB READ is one OFFSET_DATA chunk, its data streamed."""
+    dev = MemoryDevice(64 * MiB)
+    blob = os.urandom(40 * MiB)
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path, structured=True)
+        assert await client.call(Command.WRITE, 4096, len(blob), data=blob) == (0, b"")
+        client.send(Command.READ, 4096, len(blob), handle=3, flags=CommandFlag.DF)
+        magic, flags, rtype, handle, length, offset = struct.unpack(">IHHQIQ", await client.reader.readexactly(28))
+        assert (magic, flags, rtype, handle, length, offset) == (
+            c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.ReplyType.OFFSET_DATA, 3, len(blob) + 8, 4096)
+        assert await client.reader.readexactly(len(blob)) == blob
+        assert await client.call(Command.READ, 0, 4096, flags=CommandFlag.DF) == (0, bytes(4096))
+        await client.close()
+
+    serve({"": dev}, test, tmp_path)

@@ -91,6 +91,7 @@ class Read:
     offset: int
     length: int
     fua: bool
+    df: bool = False  # NBD_CMD_FLAG_DF: the reply must be one data chunk, however large
 
 
 @dataclass(slots=True)

@@ -586,7 +586,7 @@ class ServerConnection:
                 return Disconnect()
             return BadRequest(handle, cmd, error[0], error[1])
         if cmd == _READ:
-            return Read(handle, offset, length, bool(flags & _FUA))
+            return Read(handle, offset, length, bool(flags & _FUA), bool(flags & _DF))
         if cmd == _FLUSH:
             return Flush(handle)
         if cmd == _TRIM:
@@ -612,6 +612,8 @@ class ServerConnection:
             return None
         if flags & _DF and not self.structured:
             return NbdError.EINVAL, "NBD_CMD_FLAG_DF without structured replies"
+        if flags & _DF and length > 0xFFFFFFFF - 8:
+            return NbdError.EOVERFLOW, f"{length} bytes do not fit one data chunk (NBD_CMD_FLAG_DF)"
         if self._read_only and cmd in _WRITES:
             return NbdError.EPERM, "the export is read-only"
         if cmd == _FLUSH:

@@ -39,8 +39,10 @@ answered piece by piece (``STREAM_PIECE`` bytes, chunk-aligned): each piece is r
 device and sent (sendfile or writev on the duplicate descriptor, else through the transport,
 waiting for it to drain) before the next is read, holding the connection's output meanwhile (other
 replies wait in the queue). An error before anything was sent is an error reply; after a
-structured piece went out it is an ``ERROR_OFFSET`` chunk; after a simple reply's header the
-connection is dropped (the protocol has no other way to say it). A WRITE arrives as pieces
+structured piece went out it is an ``ERROR_OFFSET`` chunk; after a simple reply's header, or the one
+data chunk's header of a structured reply under ``NBD_CMD_FLAG_DF`` (don't fragment: one chunk
+announcing the whole length, its data streamed the same way), the connection is dropped (the
+protocol has no other way to say it). A WRITE arrives as pieces
 (nbd/protocol.py); each is written through to the device in order, and the connection stops
 reading while ``STREAM_WINDOW`` bytes of it wait to be written. If a piece fails, the pieces after
 it are still received (the framing) but not written, and the request gets the error: the device
@@ -688,6 +690,8 @@ class _Connection(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return
         proto = self.proto
+        # Simple replies, and structured ones under NBD_CMD_FLAG_DF, are one header then the data.
+        one_header = not proto.structured or ev.df
         async with self._output(transport) as ok:
             pos, end = ev.offset, ev.offset + ev.length
             while ok and pos < end and not self.lost:
@@ -701,17 +705,20 @@ class _Connection(asyncio.BufferedProtocol):
                     what = f"read of {ev.length} bytes at {ev.offset} (at {pos})"
                     if pos == ev.offset:
                         self._fail(ev.handle, exc, what)  # nothing sent yet: queued, sent after us
-                    elif proto.structured:
+                    elif not one_header:
                         self.stats.errors += 1
                         log.info("nbd: %s failed: %s", what, exc)
                         reply = proto.reply_error_offset(ev.handle, errno_for(exc), pos, str(exc))
                         await self._send_now(transport, [reply])
                     else:
                         log.warning("nbd: %s failed after the reply header went out; closing the "
-                                    "connection (simple replies cannot report it): %s", what, exc)
+                                    "connection (a simple or unfragmented reply cannot report it): %s", what, exc)
                         self._finish(abort=True)
                     return
-                header = proto.reply_read_header(ev.handle, pos, n, first=pos == ev.offset, last=pos + n == end)
+                if one_header:
+                    header = proto.reply_read_header(ev.handle, ev.offset, ev.length) if pos == ev.offset else b""
+                else:
+                    header = proto.reply_read_header(ev.handle, pos, n, first=pos == ev.offset, last=pos + n == end)
                 await self._send_now(transport, [header, *out] if header else out)
                 self.stats.bytes_read += n
                 pos += n
