@@ -38,5 +38,13 @@ def test_profile_record_boots_the_version_once_and_saves_its_profile(tmp_path: P
         assert st["profile"] == {"chunks": len(order), "inherited": False, "first": order[:16]}
     finally:
         assert proc.stop() == 0
+    # A second version gets its boot files and, in the same command, its profile.
+    run_cli("import", str(img.disk), "os:v2", data=data)
+    got = json.loads(run_cli("boot-files", "set", "os:v2", "--kernel", str(img.kernel), "--initrd", str(img.initrd),
+                             "--cmdline", "quiet panic=-1 bp.mode=plain", "--record-profile", "--json",
+                             data=data).stdout)
+    assert got["profile"]["ended"] == "poweroff" and got["profile"]["chunks"] > 50, got
+    shown = json.loads(run_cli("profile", "show", "os:v2", "--json", data=data).stdout)
+    assert shown["inherited"] is False and len(shown["chunks"]) >= got["profile"]["chunks"]
     missing = run_cli("profile", "record", "os:nope", data=data, check=False)
     assert missing.returncode == 3 and "os:nope" in missing.stderr, missing.stderr
