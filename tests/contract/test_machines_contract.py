@@ -168,9 +168,11 @@ def test_profiles(be: Backend, versions: tuple[str, str]) -> None:
     assert be.repo.get_profile("lab", v1) == order
     be.repo.put_profile("lab", v1, list(range(n))[::-1])
     assert be.repo.get_profile("lab", v1) == list(range(n))[::-1]
-    assert be.repo.get_profile("lab", v2) is None
+    m2 = be.repo.resolve(f"lab@{v2}")  # imported over v1 (its parent): inherits v1's profile, translated
+    assert be.repo.get_profile("lab", v2) == [i for i in range(n)[::-1] if not m2.is_zero(i)]
+    assert be.repo.get_profile("lab", v2, inherit=False) is None
     be.repo.put_profile("lab", v2, [])
-    assert be.repo.get_profile("lab", v2) == []
+    assert be.repo.get_profile("lab", v2) == []  # its own, even empty, wins
     for bad in ([n], [1, 1], [-1], [*range(n), 0]):
         with pytest.raises(UsageError):
             be.repo.put_profile("lab", v1, bad)
@@ -384,3 +386,39 @@ def test_old_hosts_table_gains_last_boot(tmp_path: Path) -> None:
     finally:
         for x in opened:
             x.close()
+
+
+def test_profiles_are_inherited_by_versions_made_from_others(be: Backend, tmp_path: Path) -> None:
+    """Issue 15 item 1: a version imported over another, a new image's import that shares most
+    chunks with a profiled version, a chain of them: each starts with its donor's profile
+    (translated: zero chunks dropped) until it records its own, which is merged with it."""
+    src = make_image(tmp_path / "a.img", SIZE, seed=3, data_fraction=0.9)
+    v1, _ = import_image(be.repo, src, "lab:v1")
+    n = be.repo.resolve("lab:v1").count
+    order = [7, 3, 12, 0, 5]
+    be.repo.put_profile("lab", v1, order)
+    with open(src, "r+b") as f:
+        f.seek(3 * 65536)
+        f.write(os.urandom(65536))  # chunk 3 changes: still prefetched, at the same position
+        f.seek(12 * 65536)
+        f.write(bytes(65536))  # chunk 12 becomes zero: nothing to fetch
+    v2, _ = import_image(be.repo, src, "lab:v2")
+    assert be.repo.resolve("lab:v2").parent == v1
+    m2 = be.repo.resolve("lab:v2")
+    assert m2.is_zero(12) and not any(m2.is_zero(i) for i in (7, 3, 0, 5))
+    assert be.repo.get_profile("lab", v2) == [7, 3, 0, 5]
+    v3, _ = import_image(be.repo, src, "lab:v3")  # v3 → v2 (no profile of its own) → v1
+    assert be.repo.get_profile("lab", v3) == [7, 3, 0, 5]
+    other, _ = import_image(be.repo, src, "other:v1")  # a new image with v1's chunks: a donor is found
+    assert be.repo.resolve("other:v1").labels.get("profile-from", "").startswith("lab@")
+    assert be.repo.get_profile("other", other) == [7, 3, 0, 5]
+    unrelated = make_image(tmp_path / "u.img", SIZE, seed=99, data_fraction=0.9)
+    v4, _ = import_image(be.repo, unrelated, "lab:v4")  # unrelated content under the same image
+    assert be.repo.get_profile("lab", v4) is None
+    be.repo.put_profile("lab", v2, [1, 5])  # its own: first, then what it inherited and did not read
+    assert be.repo.get_profile("lab", v2) == [1, 5, 7, 3, 0]
+    assert be.repo.get_profile("lab", v2, inherit=False) == [1, 5, 7, 3, 0]
+    be.repo.put_profile("lab", v2, [2])  # later puts replace (nothing inherited any more)
+    assert be.repo.get_profile("lab", v2) == [2]
+    assert be.repo.get_profile("lab", v3) == [2]  # the nearest donor with a profile of its own
+    assert n == be.repo.resolve("lab:v3").count

@@ -281,18 +281,24 @@ def test_hydration_pauses_on_a_full_disk_and_serving_goes_on(tmp_path: Path,
         proc.stop()
 
 
+def first_session(cache: Path, data: Path, sock: Path, ref: str = "lab:v1") -> list[int]:
+    """A first session of ``ref`` that reads at 5 MiB, 1 MiB and 9 MiB (128 KiB): the profile it
+    leaves the version (chunks 80, 16, 144, 145 at 64 KiB chunks)."""
+    proc, _ = start_agent(cache, ref, sock, "--readahead", "0", data=data)
+    try:
+        sh("qemu-io", "-f", "raw", "-c", "read 5m 64k", "-c", "read 1m 4k", "-c", "read 9m 128k", nbd_uri(sock))
+    finally:
+        assert proc.stop() == 0
+    order: list[int] = json.loads(run_cli("profile", "show", ref, "--json", data=data).stdout)["chunks"]
+    return order
+
+
 def test_a_cold_first_session_gives_the_version_its_boot_profile(tmp_path: Path, golden: tuple[Path, Path]) -> None:
     """The first machine to read a version pays the cold start; it leaves its read order in the
     repository, and the next machine's agent prefetches in that order by itself."""
     data, _ = golden
     sock = tmp_path / "s.sock"
-    proc, _ = start_agent(tmp_path / "pc1", "lab:v1", sock, "--readahead", "0", data=data)
-    try:
-        sh("qemu-io", "-f", "raw", "-c", "read 5m 64k", "-c", "read 1m 4k", "-c", "read 9m 128k", nbd_uri(sock))
-    finally:
-        assert proc.stop() == 0
-    order = json.loads(run_cli("profile", "show", "lab:v1", "--json", data=data).stdout)["chunks"]
-    assert order[:4] == [80, 16, 144, 145]
+    assert first_session(tmp_path / "pc1", data, sock)[:4] == [80, 16, 144, 145]
     proc, _ = start_agent(tmp_path / "pc2", "lab:v1", sock, data=data)
     try:
         assert wait_for(lambda: status(tmp_path / "pc2").get("hydration", {}).get("state") == "done", 30)

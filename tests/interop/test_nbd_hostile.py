@@ -76,8 +76,8 @@ def _half_frames(path: str, rng: random.Random) -> list[socket.socket]:
             sock = _handshake(path)
             if kind == 1:  # half a request header
                 sock.sendall(request(c.Command.WRITE, 0, 4096, handle=i)[: rng.randrange(1, 28)])
-            else:  # a WRITE announcing up to 32 MiB, a little of it sent
-                length = c.MAX_BLOCK if kind == 2 else rng.randrange(1, c.MAX_BLOCK // 512) * 512
+            else:  # a WRITE announcing up to 32 MiB (the largest received whole), a little of it sent
+                length = c.STREAM_ABOVE if kind == 2 else rng.randrange(1, c.STREAM_ABOVE // 512) * 512
                 sent = rng.randrange(0, min(length, 64 * 1024))
                 sock.sendall(request(c.Command.WRITE, rng.randrange(0, 32) * MiB, length, handle=i) + bytes(sent))
         socks.append(sock)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterable
 
@@ -196,7 +197,7 @@ def test_go_replies_info_then_ack() -> None:
     assert flags & c.TransmissionFlag.SEND_DF  # structured replies negotiated
     assert infos[Info.NAME] == b"disk"
     assert infos[Info.DESCRIPTION] == b"a disk"
-    assert struct.unpack(">III", infos[Info.BLOCK_SIZE]) == (512, 4096, 32 * MiB)
+    assert struct.unpack(">III", infos[Info.BLOCK_SIZE]) == (512, 4096, 0xFFFFFFFF)  # no fixed maximum
 
 
 def test_go_without_block_size_request_advertises_minimum_one_and_accepts_unaligned() -> None:
@@ -390,9 +391,9 @@ def test_write_payload_received_in_place(size: int) -> None:
 
 
 def test_announced_payload_that_never_comes_holds_little() -> None:
-    """A header claiming the largest payload, then a trickle: a piece, not 32 MiB (issue 17)."""
+    """A header claiming the largest whole payload, then a trickle: a piece, not 32 MiB (issue 17)."""
     conn = negotiated()
-    conn.receive_data(request(Command.WRITE, 0, c.MAX_BLOCK, handle=1) + b"x" * 4096)
+    conn.receive_data(request(Command.WRITE, 0, c.STREAM_ABOVE, handle=1) + b"x" * 4096)
     assert conn.next_event() is NEED_DATA
     assert conn.payload_memory == PAYLOAD_PIECE and conn.in_frame
     for _ in range(100):
@@ -437,7 +438,6 @@ def bad(conn: ServerConnection, wire: bytes) -> BadRequest:
         (Command.READ, 0, 0, 0, NbdError.EINVAL),  # zero length
         (Command.READ, 1, 512, 0, NbdError.EINVAL),  # unaligned
         (Command.READ, 0, 513, 0, NbdError.EINVAL),
-        (Command.READ, 0, 64 * MiB, 0, NbdError.EOVERFLOW),  # > max block
         (Command.READ, 0, 512, CommandFlag.REQ_ONE, NbdError.EINVAL),  # flag not for READ
         (Command.READ, 0, 512, 1 << 9, NbdError.EINVAL),  # unknown flag
         (Command.TRIM, 64 * MiB, 512, 0, NbdError.EINVAL),
@@ -463,7 +463,6 @@ def test_invalid_requests_get_errors_and_the_connection_lives(cmd: int, offset: 
     ("offset", "length", "export", "error"),
     [
         (64 * MiB - 512, 1024, "disk", NbdError.ENOSPC),
-        (0, 33 * MiB, "disk", NbdError.EOVERFLOW),
         (0, 1000, "disk", NbdError.EINVAL),  # unaligned
         (0, 4096, "ro", NbdError.EPERM),
     ],
@@ -738,3 +737,86 @@ def test_fuzz_payload_cut_anywhere_arrives_whole_and_bounded(length: int, cuts: 
                                           PAYLOAD_GROWTH * received + PAYLOAD_PIECE)
         got += events(conn)
     assert [describe(e) for e in got] == [("write", 5, 0, payload), Flush(6)]
+
+
+# --- requests of any size (issue 15 item 4) ---------------------------------------------------
+
+BIG = {"big": ExportInfo(size=4 << 30, min_block=512, preferred_block=4096)}
+
+
+def negotiated_big(*, structured: bool = True) -> ServerConnection:
+    conn = ServerConnection(BIG)
+    conn.data_to_send()
+    wire = client_flags() + (option(Option.STRUCTURED_REPLY) if structured else b"")
+    conn.receive_data(wire + option(Option.GO, go_data("big", Info.BLOCK_SIZE)))
+    assert isinstance(events(conn)[-1], TransmissionStarted)
+    conn.data_to_send()
+    return conn
+
+
+@pytest.mark.parametrize("split", [1 << 20, 61 * 1024 + 7, 40 * MiB + 28])
+def test_large_write_arrives_in_aligned_pieces_that_never_hold_it_whole(split: int) -> None:
+    """A 40 MiB WRITE at an offset that is not piece-aligned: pieces end on STREAM_PIECE multiples,
+    hold at most one piece each, and together are exactly the payload; the next request follows."""
+    conn = negotiated_big()
+    offset, length = 3 * MiB + 512, 40 * MiB
+    payload = bytes(range(256)) * (length // 256)
+    wire = request(Command.WRITE, offset, length, handle=4, flags=CommandFlag.FUA) + payload
+    wire += request(Command.FLUSH, handle=5)
+    pieces: list[Write] = []
+    tail: list[Event] = []
+    for pos in range(0, len(wire), split):
+        conn.receive_data(wire[pos:pos + split])
+        assert conn.payload_memory <= c.STREAM_PIECE
+        for ev in events(conn):
+            (pieces if isinstance(ev, Write) else tail).append(ev)
+    assert tail == [Flush(5)]
+    assert [p.first for p in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert [p.more for p in pieces] == [True] * (len(pieces) - 1) + [False]
+    assert all(p.handle == 4 and p.fua for p in pieces)
+    assert all((p.offset + len(p.data)) % c.STREAM_PIECE == 0 for p in pieces[:-1])
+    assert pieces[0].offset == offset and len(pieces[0].data) == c.STREAM_PIECE - offset % c.STREAM_PIECE
+    assert all(a.offset + len(a.data) == b.offset for a, b in itertools.pairwise(pieces))
+    assert b"".join(bytes(p.data) for p in pieces) == payload
+    assert not conn.in_frame and conn.payload_memory == 0
+
+
+def test_a_header_announcing_a_gigabyte_holds_a_piece() -> None:
+    """Issue 17 still holds for streamed WRITEs: 1 GiB announced, a trickle sent: 256 KiB held."""
+    conn = negotiated_big()
+    conn.receive_data(request(Command.WRITE, 0, 1 << 30, handle=1) + b"x" * 4096)
+    assert conn.next_event() is NEED_DATA
+    assert conn.payload_memory == PAYLOAD_PIECE and conn.in_frame
+    for _ in range(50):
+        conn.receive_data(b"y" * 100)
+        assert conn.next_event() is NEED_DATA
+    assert conn.payload_memory == PAYLOAD_PIECE
+    conn.receive_eof()  # the peer leaves in the middle of the payload: a broken frame
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+
+
+@pytest.mark.parametrize("length", [32 * MiB + 512, (4 << 30) - 512])
+def test_reads_of_any_length_are_valid(length: int) -> None:
+    conn = negotiated_big()
+    conn.receive_data(request(Command.READ, 0, length, handle=2))
+    assert events(conn) == [Read(2, 0, length, False)]
+
+
+def test_df_read_too_large_for_one_chunk_is_refused() -> None:
+    conn = negotiated_big()
+    conn.receive_data(request(Command.READ, 0, 0xFFFFFFFF, handle=2, flags=CommandFlag.DF))  # > one chunk holds
+    [ev] = events(conn)
+    assert isinstance(ev, BadRequest) and ev.error == NbdError.EOVERFLOW
+    conn.receive_data(request(Command.READ, 0, 64 * MiB, handle=3, flags=CommandFlag.DF))
+    assert events(conn) == [Read(3, 0, 64 * MiB, False, True)]
+
+
+def test_read_reply_in_pieces() -> None:
+    M = c.STRUCTURED_REPLY_MAGIC
+    conn = negotiated_big()
+    assert conn.reply_read_header(8, 0, 4096, last=False) == struct.pack(">IHHQIQ", M, 0, 1, 8, 4104, 0)
+    assert conn.reply_read_header(8, 4096, 512, first=False) == struct.pack(">IHHQIQ", M, 1, 1, 8, 520, 4096)
+    simple = negotiated_big(structured=False)
+    assert simple.reply_read_header(8, 0, 4096, last=False) == struct.pack(">IIQ", c.SIMPLE_REPLY_MAGIC, 0, 8)
+    assert simple.reply_read_header(8, 4096, 512, first=False) == b""

@@ -63,11 +63,14 @@ class Client:
              data: bytes = b"") -> None:
         self.writer.write(request(cmd, offset, length, handle=handle, flags=flags, data=data))
 
-    async def reply(self, read_length: int = 0) -> tuple[int, int, bytes]:
-        """(handle, error, data) of the next complete reply."""
+    async def reply(self, read_length: int | dict[int, int] = 0) -> tuple[int, int, bytes]:
+        """(handle, error, data) of the next complete reply (``read_length``: of a simple READ
+        reply's data, or by handle when replies to several requests may come)."""
         magic = struct.unpack(">I", await self.reader.readexactly(4))[0]
         if magic == c.SIMPLE_REPLY_MAGIC:
             error, handle = struct.unpack(">IQ", await self.reader.readexactly(12))
+            if isinstance(read_length, dict):
+                read_length = read_length.get(handle, 0)
             data = await self.reader.readexactly(read_length) if read_length and not error else b""
             return handle, error, data
         assert magic == c.STRUCTURED_REPLY_MAGIC
@@ -417,3 +420,106 @@ def test_time_the_server_spends_not_reading_is_not_the_peers_silence(tmp_path: P
         await cl.close()
 
     serve({"": SlowDevice(1 * MiB)}, test, tmp_path, frame_timeout=0.3, max_in_flight=2)
+
+
+# --- requests of any size (issue 15 item 4) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("structured", "use_uvloop", "files"),
+                         [(True, False, False), (False, True, False), (True, True, True), (False, False, True)])
+def test_large_requests_are_streamed(tmp_path: Path, structured: bool, use_uvloop: bool, files: bool) -> None:
+    """A 40 MiB WRITE and READ at an unaligned offset, with small requests pipelined around them:
+    the replies do not interleave, the data round-trips, the READ went out in pieces."""
+    size = 64 * MiB
+    dev: MemoryDevice = FileDevice(tmp_path / "data", size) if files else MemoryDevice(size)
+    if files:
+        os.ftruncate(dev.fd, size)  # type: ignore[attr-defined]
+    blob = os.urandom(40 * MiB)
+    offset = 3 * MiB + 4096
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path, structured=structured)
+        client.send(Command.WRITE, 0, 4096, handle=1, data=b"a" * 4096)
+        client.send(Command.WRITE, offset, len(blob), handle=2, data=blob, flags=CommandFlag.FUA)
+        client.send(Command.READ, 0, 4096, handle=3)
+        replies = {}
+        for _ in range(3):
+            handle, error, data = await client.reply({3: 4096})
+            replies[handle] = (error, data)
+        assert replies == {1: (0, b""), 2: (0, b""), 3: (0, b"a" * 4096)}
+        client.send(Command.READ, offset, len(blob), handle=4)
+        client.send(Command.READ, 0, 4096, handle=5)
+        got = {}
+        for _ in range(2):
+            handle, error, data = await client.reply({4: len(blob), 5: 4096})
+            got[handle] = (error, data)
+        assert got[4] == (0, blob) and got[5] == (0, b"a" * 4096)
+        await client.close()
+
+    server = serve({"": dev}, test, tmp_path, use_uvloop=use_uvloop)
+    if files:
+        os.close(dev.fd)  # type: ignore[attr-defined]
+        assert server.stats.sendfile_bytes >= 30 * MiB
+    assert server.stats.requests == 5 and server.stats.errors == 0
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_streamed_write_failing_half_way(tmp_path: Path, structured: bool) -> None:
+    """A piece fails: the pieces before it are written, those after it are received but not
+    written, the request gets the error, and the connection lives."""
+    dev = FaultyDevice(64 * MiB)
+    dev.faults = {16 * MiB: NoSpace("full")}
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path, structured=structured)
+        assert await client.call(Command.WRITE, 0, 48 * MiB, data=b"n" * (48 * MiB)) == (NbdError.ENOSPC, b"")
+        assert await client.call(Command.READ, 0, 4096) == (0, b"n" * 4096)
+        assert await client.call(Command.READ, 16 * MiB - 4096, 4096) == (0, b"n" * 4096)
+        assert await client.call(Command.READ, 20 * MiB, 4096) == (0, bytes(4096))  # after the failure: old
+        await client.close()
+
+    server = serve({"": dev}, test, tmp_path)
+    assert server.stats.errors == 1
+
+
+def test_streamed_read_failing_half_way(tmp_path: Path) -> None:
+    """Structured replies: the pieces sent, then an error chunk at the failing offset; simple
+    replies cannot say it once the header is out, so the connection is dropped."""
+    dev = FaultyDevice(64 * MiB)
+    dev.faults = {12 * MiB: IntegrityError("bad chunk")}
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path, structured=True)
+        client.send(Command.READ, 0, 40 * MiB, handle=7)
+        handle, error, data = await client.reply()
+        assert (handle, error, len(data)) == (7, NbdError.EIO, 12 * MiB)
+        assert await client.call(Command.READ, 0, 4096) == (0, bytes(4096))
+        await client.close()
+        simple = await Client.connect(path, structured=False)
+        simple.send(Command.READ, 0, 40 * MiB, handle=8)
+        header = await simple.reader.readexactly(16)
+        assert struct.unpack(">IIQ", header) == (c.SIMPLE_REPLY_MAGIC, 0, 8)
+        rest = await simple.reader.read(-1)  # dropped after what went out
+        assert len(rest) == 12 * MiB
+        simple.writer.close()
+
+    serve({"": dev}, test, tmp_path)
+
+
+def test_large_read_under_df_is_one_chunk(tmp_path: Path) -> None:
+    """NBD_CMD_FLAG_DF (don't fragment): a 40 MiB READ is one OFFSET_DATA chunk, its data streamed."""
+    dev = MemoryDevice(64 * MiB)
+    blob = os.urandom(40 * MiB)
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path, structured=True)
+        assert await client.call(Command.WRITE, 4096, len(blob), data=blob) == (0, b"")
+        client.send(Command.READ, 4096, len(blob), handle=3, flags=CommandFlag.DF)
+        magic, flags, rtype, handle, length, offset = struct.unpack(">IHHQIQ", await client.reader.readexactly(28))
+        assert (magic, flags, rtype, handle, length, offset) == (
+            c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE, c.ReplyType.OFFSET_DATA, 3, len(blob) + 8, 4096)
+        assert await client.reader.readexactly(len(blob)) == blob
+        assert await client.call(Command.READ, 0, 4096, flags=CommandFlag.DF) == (0, bytes(4096))
+        await client.close()
+
+    serve({"": dev}, test, tmp_path)

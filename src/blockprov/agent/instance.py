@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -22,6 +23,7 @@ from blockprov.repo.base import Repository
 log = logging.getLogger("blockprov.agent")
 T = TypeVar("T")
 AUTO_PROFILE_AFTER = 120.0  # seconds of a first session whose reads become the version's boot profile
+PROFILE_SHOWN = 16  # first indices of the prefetched profile shown in status
 
 
 async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -90,20 +92,34 @@ class InstanceOps:
         self._profile_task: asyncio.Task[None] | None = None
         self.profile_saved = False
         self.hydrator: Hydrator | None = None
+        # The boot profile prefetched at start: its length, whether it was inherited from the
+        # version this one was made from (catalog/inherit.py), its first indices (for status).
+        self.prefetch: dict[str, Any] = {}
 
     def handlers(self) -> dict[str, control.Handler]:
         return {"reset": self._op_reset, "snapshot": self._op_snapshot, "update": self._op_update,
                 "hydrate": self._op_hydrate, "profile": self._op_profile}
 
     async def start(self) -> None:
-        """Prefetch in the version's boot profile order (and hydrate everything when asked). A
-        cold cache of a version that has no profile yet records one for everybody else."""
+        """Prefetch in the version's boot profile order (and hydrate everything when asked): its
+        own, else the one it inherits from the version it was made from (catalog/inherit.py). A
+        cold cache of a version that has no profile of its own yet records one for everybody else
+        (merged with the inherited one by the repository)."""
         if self.device.overlay:
             return  # an overlay reads through its shared base: there is nothing to copy into it
         cold = self.device.chunk_map.counts()["present"] == 0 and not self.device.profile()
         order = await self._start_hydration(self._hydrate_rate, full=self._hydrate)
-        if self._auto_profile and cold and not order:
+        own = bool(order) and await self._has_own_profile()
+        self.prefetch = {"chunks": len(order), "inherited": bool(order) and not own, "first": order[:PROFILE_SHOWN]}
+        if self._auto_profile and cold and not own:
             self._profile_task = asyncio.ensure_future(self._save_profile_later())
+
+    async def _has_own_profile(self) -> bool:
+        m = self.device.manifest
+        try:
+            return bool(await self._run(functools.partial(self.repo.get_profile, m.image, m.id, inherit=False)))
+        except BlockprovError:
+            return True  # cannot tell: record nothing rather than overwrite someone's
 
     async def stop(self) -> None:
         if self._profile_task is not None:
@@ -129,8 +145,8 @@ class InstanceOps:
         if not order:
             return
         try:
-            if await in_daemon_thread(self.repo.get_profile, m.image, m.id):
-                return
+            if await in_daemon_thread(functools.partial(self.repo.get_profile, m.image, m.id, inherit=False)):
+                return  # someone recorded this version's own meanwhile (an inherited one is merged)
             await in_daemon_thread(self.repo.put_profile, m.image, m.id, order)
             self.profile_saved = True
             log.info("saved a boot profile of %d chunk(s) for %s@%s", len(order), m.image, m.id)
@@ -141,6 +157,8 @@ class InstanceOps:
         st = self.device.status()
         if self.hydrator is not None:
             st["hydration"] = self.hydrator.status()
+        if self.prefetch.get("chunks"):
+            st["profile"] = self.prefetch
         return st
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -7,6 +7,8 @@ Tables (in the catalog's database, next to images, versions and tags):
   kernel arguments, and the host's last boot: when the repository last answered its boot script
   (``GET /v1/boot/HOST``) and the version that script named.
 * ``profiles``: per version, the order in which a boot first read chunks, as zstd(u32 LE array).
+  A version without a row inherits its donor's, translated (catalog/inherit.py), computed when
+  asked for; nothing is stored until it records its own (then merged with the inherited one).
 * ``agents``: agent instances attached to this repository, with what they reported and when.
 * ``agent_requests``: repository-initiated requests to agents (claims 10, 34) and their outcome.
 
@@ -40,9 +42,11 @@ from typing import Any
 import zstandard
 
 from blockprov.boot import BootFile
+from blockprov.catalog import inherit
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
 from blockprov.errors import AgentNotFound, Conflict, HostNotFound, ImageNotFound, RequestNotFound, TooLarge, UsageError
+from blockprov.manifest import Manifest
 from blockprov.names import Ref, host_id, image_name, instance_id, kernel_args, op_name, request_id, version_id
 
 SCHEMA = """
@@ -230,8 +234,14 @@ class Registry:
 
     # -- profiles -------------------------------------------------------------------------------
     def put_profile(self, image: str, vid: str, order: Sequence[int]) -> None:
+        """Record a version's boot order. The first one a version records replaces what it
+        inherited, merged with it (its own order first, catalog/inherit.py)."""
         image, vid = image_name(image), version_id(vid)
         m = self.catalog.manifest(image, vid)  # ImageNotFound
+        if order and self._own_profile(image, vid) is None:
+            inherited = self._inherited_profile(m)
+            if inherited:
+                order = inherit.merge(order, inherited)
         if len(order) > min(m.count, MAX_PROFILE):
             raise UsageError(f"a profile of {len(order)} chunks for a version of {m.count} chunks")
         seen: set[int] = set()
@@ -249,14 +259,44 @@ class Registry:
                        "count=excluded.count, chunks=excluded.chunks, updated=excluded.updated",
                        (image, vid, len(order), blob, time.time()))
 
-    def get_profile(self, image: str, vid: str) -> list[int] | None:
+    def get_profile(self, image: str, vid: str, *, inherit: bool = True) -> list[int] | None:
+        """The version's recorded boot order, else (unless ``inherit`` is false) the one it
+        inherits from its donor, translated (catalog/inherit.py); None when it has neither."""
         image, vid = image_name(image), version_id(vid)
-        row = self.db.one("SELECT count, chunks FROM profiles WHERE image=? AND version=?", (image, vid))
-        if row is None:
+        own = self._own_profile(image, vid)
+        if own is not None:
+            return own
+        if not inherit:
             if not self.catalog.version_exists(image, vid):
                 raise ImageNotFound(ref=f"{image}@{vid}")
             return None
-        return unpack_profile(bytes(row[1]), int(row[0]))
+        return self._inherited_profile(self.catalog.manifest(image, vid)) or None  # ImageNotFound
+
+    def _own_profile(self, image: str, vid: str) -> list[int] | None:
+        row = self.db.one("SELECT count, chunks FROM profiles WHERE image=? AND version=?", (image, vid))
+        return None if row is None else unpack_profile(bytes(row[1]), int(row[0]))
+
+    def _inherited_profile(self, child: Manifest) -> list[int]:
+        """Walk donors (most direct first, then their donors) to the first with a profile of its
+        own that the child shares enough of; translate it. Empty when there is none."""
+        queue = [(ref, 1) for ref in inherit.donors(child)]
+        visited: set[tuple[str, str]] = set()
+        while queue:
+            (image, vid), depth = queue.pop(0)
+            if (image, vid) in visited or depth > inherit.MAX_DEPTH:
+                continue
+            visited.add((image, vid))
+            try:
+                donor = self.catalog.manifest(image, vid)
+            except ImageNotFound:  # a donor removed since: look further back no more through it
+                continue
+            order = self._own_profile(image, vid)
+            if order:
+                translated = inherit.translate(order, donor, child)
+                if translated:
+                    return translated
+            queue += [(ref, depth + 1) for ref in inherit.donors(donor)]
+        return []
 
     # -- agents ---------------------------------------------------------------------------------
     def register_agent(self, instance: str, info: dict[str, Any]) -> bool:

@@ -158,6 +158,10 @@ def status_cmd(cache_dir: Path, as_json: bool) -> None:
                    + (f" — {hyd['message']}" if hyd.get("message") else ""))
     elif st.get("hydrated"):
         click.echo(f"  hydrated  every chunk local since {_when(st['hydrated'])}")
+    prof = st.get("profile")
+    if prof:
+        click.echo(f"  profile   {prof['chunks']} chunk(s) prefetched in boot order"
+                   + (" (inherited from the version this one was made from)" if prof.get("inherited") else ""))
     for name, t in sorted((st.get("targets") or {}).items()):
         last = t.get("last_snapshot")
         shown = f"last snapshot {last}" if last else "never snapshotted"

@@ -15,7 +15,7 @@ import click
 from blockprov import humanize as hz
 from blockprov.boot import parse_script
 from blockprov.catalog.records import HostInfo
-from blockprov.cli._common import Ctx, emit, json_option
+from blockprov.cli._common import Ctx, emit, json_option, run_async
 from blockprov.errors import HostNotFound, UsageError
 from blockprov.names import host_id, parse_ref
 
@@ -39,16 +39,28 @@ def boot_files() -> None:
 @click.option("--kernel", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--initrd", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--cmdline", default="", help="Kernel command line for every host booting this version.")
+@click.option("--record-profile", is_flag=True,
+              help="Then boot the version once headless to record its boot profile (as `profile record`).")
 @json_option
 @click.pass_obj
-def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str, as_json: bool) -> None:
+def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str, record_profile: bool,
+                   as_json: bool) -> None:
     """Store a kernel and an initrd for the version REF names (replacing any it had)."""
     info = obj.repo.set_boot_files(parse_ref(ref), kernel, initrd, cmdline)
+    recorded = None
+    if record_profile:
+        from blockprov.vm.record import record  # qemu and the cache load only when asked
+
+        m = obj.repo.resolve(f"{info.image}@{info.version}")
+        recorded = run_async(record(obj.repo, m)).to_dict()
     if as_json:
-        emit(info.to_dict())
+        emit({**info.to_dict(), **({"profile": recorded} if recorded else {})})
         return
     click.echo(f"{info.image}@{info.version}: kernel {hz.size(info.kernel.size)}, initrd {hz.size(info.initrd.size)}"
                f", cmdline {info.cmdline or '-'}")
+    if recorded:
+        click.echo(f"recorded a boot profile of {recorded['chunks']} chunk(s) in {recorded['seconds']:.0f} s "
+                   f"(ended: {recorded['ended']})")
 
 
 @boot_files.command("show")

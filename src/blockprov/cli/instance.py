@@ -22,7 +22,7 @@ import click
 from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.agent.offline import on_cache
-from blockprov.cli._common import Ctx, emit, json_option, progress_bar, quiet_library_logs, size_option
+from blockprov.cli._common import Ctx, emit, json_option, progress_bar, quiet_library_logs, run_async, size_option
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import parse_ref
 
@@ -295,23 +295,58 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
     click.echo(f"saved a boot profile of {len(order)} chunk(s) for {got['image']}@{got['version']} in {repo.url}")
 
 
+@profile_group.command("record")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.option("--timeout", type=click.FloatRange(1, 86400), default=600.0, show_default=True,
+              help="Seconds the recording boot may take at most.")
+@click.option("--idle", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
+              help="Seconds without a new chunk read that end a boot that does not power off.")
+@click.option("--memory", default="512", show_default=True, help="Guest memory (qemu -m).")
+@click.option("--append", default="", help="Extra kernel arguments (with the version's boot files).")
+@json_option
+@click.pass_obj
+def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: str, append: str,
+                       as_json: bool) -> None:
+    """Boot the version once, headless, next to the repository (qemu, TCG) through a throwaway
+    cache that records the order the boot reads chunks, and save that order as its boot profile:
+    its first real machine then boots warm. Direct kernel boot with the version's boot files when
+    it has them, else its own boot loader. Ends when the guest powers off or reads nothing new for
+    --idle seconds."""
+    from blockprov.vm.record import record  # qemu and the cache load only for this command
+
+    quiet_library_logs()
+    r = parse_ref(ref)
+    m = obj.repo.resolve(r)
+    got = run_async(record(obj.repo, m, timeout=timeout, idle=idle, memory=memory, append=append))
+    out = {**got.to_dict(), "repository": obj.repo.url}
+    if as_json:
+        emit(out)
+        return
+    how = "its boot files" if got.direct_kernel else "its own boot loader"
+    click.echo(f"recorded a boot profile of {got.chunks} chunk(s) for {got.image}@{got.version} in "
+               f"{got.seconds:.0f} s (booted with {how}; ended: {got.ended}); saved in {obj.repo.url}")
+
+
 @profile_group.command("show")
 @click.argument("ref", metavar="NAME:TAG|NAME@ID")
 @json_option
 @click.pass_obj
 def profile_show(obj: Ctx, ref: str, as_json: bool) -> None:
-    """Show the boot profile recorded for a version (the order its chunks were first read)."""
+    """Show the boot profile recorded for a version (the order its chunks were first read), or
+    the one it inherits from the version it was made from."""
     r = parse_ref(ref)
     vid = r.version or obj.repo.resolve(r).id
     order = obj.repo.get_profile(r.name, vid)
+    inherited = order is not None and obj.repo.get_profile(r.name, vid, inherit=False) is None
     if as_json:
-        emit({"image": r.name, "version": vid, "chunks": order})
+        emit({"image": r.name, "version": vid, "chunks": order, "inherited": inherited})
         return
     if order is None:
         click.echo(f"no boot profile recorded for {r.name}@{vid}")
         return
     head = ", ".join(map(str, order[:20]))
-    click.echo(f"{r.name}@{vid}: {len(order)} chunks in first-read order: {head}{' …' if len(order) > 20 else ''}")
+    click.echo(f"{r.name}@{vid}: {len(order)} chunks in first-read order: {head}{' …' if len(order) > 20 else ''}"
+               + ("\n(inherited from the version it was made from, until it records its own)" if inherited else ""))
 
 
 def register(cli: click.Group) -> None:

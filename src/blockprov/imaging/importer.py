@@ -8,6 +8,11 @@ Work is pipelined over a small thread pool: each worker takes a multi-megabyte s
 its chunks (BLAKE3 and zstd release the GIL), asks the repository which are missing (one batched
 question per segment, so a remote repository costs one round trip per segment), compresses and
 uploads only those. Segments finish in any order; ids are assembled in order.
+
+Boot profiles (issue 15 item 1): an import under an image that has versions descends from one
+(``parent``) and inherits its boot profile through it; one under a new name that shares most of
+its chunks with an existing version that has a profile is labelled ``profile-from: IMAGE@ID``
+and inherits through that (catalog/inherit.py), so no bootable import starts cold that need not.
 """
 
 from __future__ import annotations
@@ -23,13 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from blockprov import codec
-from blockprov.errors import ImageNotFound, SourceError, UsageError
+from blockprov.catalog.inherit import MIN_SHARED, PROFILE_FROM
+from blockprov.errors import BlockprovError, ImageNotFound, SourceError, UsageError
 from blockprov.imaging import qemu
 from blockprov.manifest import DEFAULT_CHUNK, Manifest, check_geometry, chunk_count
 from blockprov.names import Ref, parse_ref
 from blockprov.repo.base import Repository
 
 SEGMENT_BYTES = 8 << 20
+DONOR_IMAGES = 32  # images looked at for a profile donor of a new image's import
+DONOR_VERSIONS = 4  # newest versions of each image asked whether they have a profile
+DONOR_CHECKS = 8  # versions with a profile whose manifests are compared
 WORKERS = 4  # more than the cores: file reads and pack writes overlap the hashing and zstd
 
 Progress = Callable[[int], None]
@@ -188,6 +197,37 @@ def _parent_of(repo: Repository, target: Ref) -> str | None:
     return versions[-1].id if versions else None
 
 
+def _profile_donor(repo: Repository, ids: list[bytes]) -> str | None:
+    """An existing version with a boot profile of its own that holds most (``MIN_SHARED``) of
+    these chunk ids, the one holding the most, as ``IMAGE@ID``; None when there is none. Bounded:
+    the newest profiled one of the ``DONOR_VERSIONS`` newest versions of at most ``DONOR_IMAGES``
+    images, at most ``DONOR_CHECKS`` manifests compared. Only a hint: any repository error means
+    no donor."""
+    mine = set(ids)
+    mine.discard(codec.ZERO_DIGEST)
+    if not mine:
+        return None
+    best: tuple[float, str | None] = (MIN_SHARED, None)
+    checks = 0
+    try:
+        for image in repo.images()[:DONOR_IMAGES]:
+            for v in repo.versions(image.name)[::-1][:DONOR_VERSIONS]:
+                if repo.get_profile(image.name, v.id, inherit=False):
+                    break
+            else:
+                continue
+            checks += 1
+            donor = repo.resolve(f"{image.name}@{v.id}")
+            shared = len(mine & donor.unique_digests()) / len(mine)
+            if shared >= best[0]:
+                best = (shared, f"{image.name}@{v.id}")
+            if checks >= DONOR_CHECKS:
+                break
+    except BlockprovError:
+        return None
+    return best[1]
+
+
 def _detect_format(src: Path) -> str:
     try:
         fmt = str(qemu.info(src).get("format", "raw"))
@@ -233,8 +273,13 @@ def _import_raw(repo: Repository, path: Path, target: Ref, chunk_size: int, labe
     stats.chunks = chunk_count(size, chunk_size)
     stats.zero_chunks = sum(1 for c in ids if c == codec.ZERO_DIGEST)
     stats.unique_chunks = len(stats._seen)
+    labels = dict(labels or {})
+    if parent is None and PROFILE_FROM not in labels:
+        donor = _profile_donor(repo, ids)
+        if donor is not None:
+            labels[PROFILE_FROM] = donor
     m = Manifest(image=target.name, size=size, chunk_size=chunk_size, chunks=b"".join(ids), parent=parent,
-                 labels=dict(labels or {}))
+                 labels=labels)
     vid = repo.commit(m, target.tag)
     stats.seconds = time.monotonic() - t0
     return vid, stats

@@ -16,7 +16,12 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 # Limits of this server.
-MAX_BLOCK = 32 * 1024 * 1024  # advertised maximum block size: largest READ/WRITE payload
+# READ/WRITE requests up to this size are handled whole (one device call, one buffer); larger ones
+# are streamed in pieces of STREAM_PIECE bytes (issue 15 item 4), so any length the 32-bit field can
+# carry is served and MAX_PAYLOAD advertises no fixed limit (proto.md, "maximum payload size").
+STREAM_ABOVE = 32 * 1024 * 1024
+STREAM_PIECE = 4 * 1024 * 1024  # a power of two: pieces end on multiples of it (chunk-aligned)
+MAX_PAYLOAD = 0xFFFFFFFF  # advertised in NBD_INFO_BLOCK_SIZE: "no fixed limit on request payloads"
 MAX_OPTION_LENGTH = 64 * 1024  # larger option payloads are skipped and answered NBD_REP_ERR_TOO_BIG
 MAX_STRING = 4096  # the specification's limit for names, queries and messages
 ZERO_PADDING = bytes(124)  # end of NBD_OPT_EXPORT_NAME's reply unless NO_ZEROES was negotiated

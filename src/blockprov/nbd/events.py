@@ -91,14 +91,22 @@ class Read:
     offset: int
     length: int
     fua: bool
+    df: bool = False  # NBD_CMD_FLAG_DF: the reply must be one data chunk, however large
 
 
 @dataclass(slots=True)
 class Write:
+    """A WRITE's payload, or one piece of it. A request up to ``STREAM_ABOVE`` bytes is one event
+    (``first`` and not ``more``). A larger one arrives as consecutive pieces of the same handle,
+    each ending on a multiple of ``STREAM_PIECE``: ``first`` on the first, ``more`` on all but the
+    last; the request is answered once, after the last (nbd/protocol.py)."""
+
     handle: int
     offset: int
-    data: memoryview  # exactly the payload; owned by the caller
+    data: memoryview  # exactly the payload (or this piece of it); owned by the caller
     fua: bool
+    first: bool = True
+    more: bool = False
 
 
 @dataclass(slots=True)

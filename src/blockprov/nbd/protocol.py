@@ -31,11 +31,21 @@ arrive with their header, is copying what the buffer held each time it grew: a q
 payload, under a third of a 4 MiB one (joining pieces would copy all of it; a lazily committed
 ``mmap`` costs a page fault per 4 KiB, slower still below 4 MiB; measured). The :class:`Write`
 event carries a ``memoryview`` of the payload, which then belongs to the caller. The payload of an
-*invalid* WRITE (out of range, read-only, larger than :data:`~blockprov.nbd.constants.MAX_BLOCK`)
-is skipped as it streams in, never buffered, and answered with an error once its header is parsed:
-the framing stays intact (the length field is trusted, at most 4 GiB is discarded), so the
-connection lives. Oversized option payloads are likewise skipped and answered
-``NBD_REP_ERR_TOO_BIG``.
+*invalid* WRITE (out of range, read-only, unaligned) is skipped as it streams in, never buffered,
+and answered with an error once its header is parsed: the framing stays intact (the length field
+is trusted, at most 4 GiB is discarded), so the connection lives. Oversized option payloads are
+likewise skipped and answered ``NBD_REP_ERR_TOO_BIG``.
+
+Requests of any size (issue 15 item 4). Every length the request's 32-bit field can carry is
+valid, and ``NBD_INFO_BLOCK_SIZE`` advertises a maximum payload of 0xffffffff ("no fixed limit",
+proto.md). A WRITE larger than :data:`~blockprov.nbd.constants.STREAM_ABOVE` is delivered as
+consecutive :class:`Write` pieces that end on multiples of
+:data:`~blockprov.nbd.constants.STREAM_PIECE` (``first`` / ``more``), each received in its own
+buffer by the same grow-as-it-arrives rule, so such a payload never sits in memory whole: the
+caller writes each piece through and answers after the last. A large READ is answered piece by
+piece by the caller: :meth:`ServerConnection.reply_read_header` with ``first`` / ``last`` gives
+the bytes before each piece (simple replies: the one header, then raw data; structured replies:
+one ``OFFSET_DATA`` chunk per piece, ``DONE`` on the last).
 
 Two error kinds: :class:`RemoteProtocolError` (the peer broke the protocol; close the
 connection) and :class:`LocalProtocolError` (the caller asked for something the protocol does
@@ -51,14 +61,16 @@ from blockprov.nbd.constants import (
     BASE_ALLOCATION,
     BASE_ALLOCATION_ID,
     IHAVEOPT,
-    MAX_BLOCK,
     MAX_OPTION_LENGTH,
+    MAX_PAYLOAD,
     MAX_STRING,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
     REPLY_FLAG_DONE,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
+    STREAM_ABOVE,
+    STREAM_PIECE,
     STRUCTURED_REPLY_MAGIC,
     ZERO_PADDING,
     ClientFlag,
@@ -230,6 +242,8 @@ class ServerConnection:
         self._write_handle = 0
         self._write_offset = 0
         self._write_fua = False
+        self._write_left = 0  # bytes of a streamed WRITE not yet handed out (pieces to come)
+        self._write_first = True
         # Negotiated.
         self.no_zeroes = False
         self.structured = False
@@ -313,7 +327,7 @@ class ServerConnection:
             if self._skip and not self._consume_skip():
                 return self._need_data()
             if state is State.TRANSMISSION:
-                if self._payload is not None:
+                if self._payload is not None or self._write_left:
                     return self._finish_write()
                 return self._next_request()
             if state is State.OPTIONS:
@@ -329,7 +343,7 @@ class ServerConnection:
 
     def _need_data(self) -> NeedData | ConnectionClosed:
         if self._eof:
-            if self._rpos == self._wpos and self._payload is None and not self._skip:
+            if self._rpos == self._wpos and self._payload is None and not self._skip and not self._write_left:
                 self.state = State.CLOSED
                 return ConnectionClosed()
             raise RemoteProtocolError("peer closed the connection in the middle of a frame")
@@ -487,8 +501,7 @@ class ServerConnection:
                 option, Reply.INFO, _U16.pack(Info.DESCRIPTION) + _encode_message(export.description)
             )
         preferred = max(export.preferred_block, export.min_block)
-        maximum = max(MAX_BLOCK, preferred)
-        self._option_reply(option, Reply.INFO, _BLOCK_INFO.pack(Info.BLOCK_SIZE, minimum, preferred, maximum))
+        self._option_reply(option, Reply.INFO, _BLOCK_INFO.pack(Info.BLOCK_SIZE, minimum, preferred, MAX_PAYLOAD))
         self._option_reply(option, Reply.ACK)
         if option == Option.INFO:
             return OptionHandled(option, Reply.ACK)
@@ -573,7 +586,7 @@ class ServerConnection:
                 return Disconnect()
             return BadRequest(handle, cmd, error[0], error[1])
         if cmd == _READ:
-            return Read(handle, offset, length, bool(flags & _FUA))
+            return Read(handle, offset, length, bool(flags & _FUA), bool(flags & _DF))
         if cmd == _FLUSH:
             return Flush(handle)
         if cmd == _TRIM:
@@ -599,6 +612,8 @@ class ServerConnection:
             return None
         if flags & _DF and not self.structured:
             return NbdError.EINVAL, "NBD_CMD_FLAG_DF without structured replies"
+        if flags & _DF and length > 0xFFFFFFFF - 8:
+            return NbdError.EOVERFLOW, f"{length} bytes do not fit one data chunk (NBD_CMD_FLAG_DF)"
         if self._read_only and cmd in _WRITES:
             return NbdError.EPERM, "the export is read-only"
         if cmd == _FLUSH:
@@ -615,34 +630,67 @@ class ServerConnection:
             return NbdError.EINVAL, f"request [{offset}, +{length}) beyond the end of the export ({self._size})"
         if (offset | length) % self._align:
             return NbdError.EINVAL, f"request not aligned to the minimum block size {self._align}"
-        if length > MAX_BLOCK and cmd in (_READ, _WRITE):
-            return NbdError.EOVERFLOW, f"request of {length} bytes exceeds the maximum block size {MAX_BLOCK}"
-        return None
+        return None  # no maximum: large READs and WRITEs are streamed (module docstring)
 
     def _start_write(self, handle: int, offset: int, length: int, fua: bool) -> Event | NeedData:
         rpos = self._rpos
         avail = self._wpos - rpos
+        if length > STREAM_ABOVE:  # streamed in pieces (module docstring)
+            self._write_handle, self._write_offset, self._write_fua = handle, offset, fua
+            self._write_left = length
+            self._write_first = True
+            return self._next_piece()
         if avail >= length:
             data = memoryview(self._buf[rpos:rpos + length])  # one copy out of the ring
             self._rpos = rpos + length
             if self._rpos == self._wpos:
                 self._rpos = self._wpos = 0
             return Write(handle, offset, data, fua)
+        self._receive_payload(length, avail)
+        self._write_handle, self._write_offset, self._write_fua = handle, offset, fua
+        return self._need_data()
+
+    def _receive_payload(self, length: int, avail: int) -> None:
+        """Start receiving ``length`` payload bytes in place, ``avail`` of them already in the ring."""
         payload = bytearray(length if length <= PAYLOAD_PIECE else max(PAYLOAD_PIECE, avail))
-        payload[:avail] = memoryview(self._buf)[rpos:self._wpos]
+        payload[:avail] = memoryview(self._buf)[self._rpos:self._wpos]
         self._rpos = self._wpos = 0
         self._payload = payload
         self._received = avail
         self._write_length = length
-        self._write_handle, self._write_offset, self._write_fua = handle, offset, fua
+
+    def _next_piece(self) -> Event | NeedData:
+        """The next piece of a streamed WRITE: out of the ring if it is all there, else received in
+        place like a whole payload (growing as it arrives)."""
+        offset = self._write_offset
+        length = min(self._write_left, STREAM_PIECE - offset % STREAM_PIECE)
+        rpos = self._rpos
+        avail = self._wpos - rpos
+        if avail >= length:
+            data = memoryview(self._buf[rpos:rpos + length])
+            self._rpos = rpos + length
+            if self._rpos == self._wpos:
+                self._rpos = self._wpos = 0
+            return self._piece(data)
+        self._receive_payload(length, avail)
         return self._need_data()
+
+    def _piece(self, data: memoryview) -> Write:
+        offset = self._write_offset
+        self._write_offset = offset + len(data)
+        self._write_left -= len(data)
+        first, self._write_first = self._write_first, False
+        return Write(self._write_handle, offset, data, self._write_fua, first, self._write_left > 0)
 
     def _finish_write(self) -> Event | NeedData:
         payload = self._payload
-        assert payload is not None
+        if payload is None:  # between two pieces of a streamed WRITE
+            return self._next_piece()
         if self._received < self._write_length:
             return self._need_data()
         self._payload = None
+        if self._write_left:
+            return self._piece(memoryview(payload))
         return Write(self._write_handle, self._write_offset, memoryview(payload), self._write_fua)
 
     @property
@@ -653,7 +701,7 @@ class ServerConnection:
         quiet disk, and may stay)."""
         if self.state is not State.TRANSMISSION:
             return self.state is State.CLIENT_FLAGS or self.state is State.OPTIONS
-        return self._payload is not None or self._skip > 0 or self._wpos != self._rpos
+        return self._payload is not None or self._skip > 0 or self._write_left > 0 or self._wpos != self._rpos
 
     @property
     def payload_memory(self) -> int:
@@ -702,18 +750,25 @@ class ServerConnection:
             + struct.pack(">IH", error, len(msg)) + msg + _U64.pack(offset)
         )
 
-    def reply_read_header(self, handle: int, offset: int, length: int) -> bytes:
+    def reply_read_header(self, handle: int, offset: int, length: int, *, first: bool = True,
+                          last: bool = True) -> bytes:
         """The bytes that precede exactly ``length`` bytes of data in a successful READ reply:
-        a simple reply header, or one final NBD_REPLY_TYPE_OFFSET_DATA chunk header."""
+        a simple reply header, or one NBD_REPLY_TYPE_OFFSET_DATA chunk header (final unless
+        ``last`` is false). A reply sent in pieces calls this once per piece, in order, ``first``
+        on the first, ``last`` on the last: simple replies have one header (b"" for later pieces,
+        whose data just follows); structured replies have one chunk per piece. An error after
+        a structured piece went out is :meth:`reply_error_offset`; after a simple header, none
+        can be sent (the caller must drop the connection, proto.md)."""
         if not self._replies_allowed:
             self._check_replies()
         if self.structured:
             if not 0 < length <= 0xFFFFFFFF - 8:
                 raise LocalProtocolError(f"cannot send {length} bytes in one chunk")
             return _CHUNK_OFFSET.pack(
-                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, handle, 8 + length, offset
+                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if last else 0, ReplyType.OFFSET_DATA, handle, 8 + length,
+                offset,
             )
-        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle) if first else b""
 
     def reply_block_status(self, handle: int, length: int, extents: Iterable[tuple[int, int]],
                            *, req_one: bool = False) -> bytes:

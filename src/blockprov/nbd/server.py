@@ -34,6 +34,21 @@ for ``frame_timeout`` seconds while we were reading (time we spend not reading, 
 are in flight or the peer does not read its replies, does not count). A peer quiet *between*
 requests is an idle disk and stays connected.
 
+Requests larger than ``STREAM_ABOVE`` (issue 15 item 4) are streamed, never held whole. A READ is
+answered piece by piece (``STREAM_PIECE`` bytes, chunk-aligned): each piece is read from the
+device and sent (sendfile or writev on the duplicate descriptor, else through the transport,
+waiting for it to drain) before the next is read, holding the connection's output meanwhile (other
+replies wait in the queue). An error before anything was sent is an error reply; after a
+structured piece went out it is an ``ERROR_OFFSET`` chunk; after a simple reply's header, or the one
+data chunk's header of a structured reply under ``NBD_CMD_FLAG_DF`` (don't fragment: one chunk
+announcing the whole length, its data streamed the same way), the connection is dropped (the
+protocol has no other way to say it). A WRITE arrives as pieces
+(nbd/protocol.py); each is written through to the device in order, and the connection stops
+reading while ``STREAM_WINDOW`` bytes of it wait to be written. If a piece fails, the pieces after
+it are still received (the framing) but not written, and the request gets the error: the device
+then holds the new data before the failed piece, unspecified data in it (it may be partly
+written), and its old data after it — proto.md leaves a failed write's range unspecified.
+
 Errors are mapped to NBD errors here and only here: ``DeviceError.errno_name`` → its NBD errno,
 any other ``BlockprovError`` → EIO, anything unexpected → EIO with a logged traceback. The
 connection lives in every case; only a frame that cannot be parsed ends it.
@@ -52,7 +67,7 @@ import os
 import socket
 import stat
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +75,7 @@ from blockprov.device.base import BlockDevice, FileSegment
 from blockprov.errors import BlockprovError, DeviceError, UsageError
 from blockprov.names import UNIX_PATH_MAX, unix_socket_path
 from blockprov.nbd.activation import address_of
-from blockprov.nbd.constants import NbdError, error_from_name
+from blockprov.nbd.constants import STREAM_ABOVE, STREAM_PIECE, NbdError, error_from_name
 from blockprov.nbd.protocol import (
     NEED_DATA,
     Aborted,
@@ -91,6 +106,10 @@ _Buffer = bytes | bytearray | memoryview
 # Generous: real clients send a request in one go; a peer silent this long in the middle of one is
 # gone or hostile. qemu-nbd allows 10 s for the whole handshake.
 FRAME_TIMEOUT = 60.0
+# Bytes of a streamed WRITE received but not yet written that make the connection stop reading
+# (one piece being written, one waiting): with the piece being received, what a request of any
+# size holds is at most three pieces.
+STREAM_WINDOW = 2 * STREAM_PIECE
 
 
 @dataclass
@@ -337,6 +356,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.lost = False
         self.last_heard = self.loop.time()  # when bytes last arrived (or reading last resumed)
         self.frame_timer: asyncio.TimerHandle | None = None
+        self.stream: _WriteStream | None = None  # the streamed WRITE whose pieces are arriving
+        self.stream_bytes = 0  # bytes of streamed WRITE pieces received and not yet written
+        self.drain_waiter: asyncio.Future[None] | None = None
 
     # --- asyncio.BufferedProtocol ---------------------------------------------------------
 
@@ -373,6 +395,7 @@ class _Connection(asyncio.BufferedProtocol):
         waiter = self.direct_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)  # a direct sendfile waiting for writability learns it now
+        self._wake_drain()
         if not self.finished.done():
             self.finished.set_result(False)
 
@@ -382,7 +405,23 @@ class _Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self._wake_drain()
         self._process()
+
+    def _wake_drain(self) -> None:
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _drain(self) -> None:
+        """Wait until the transport's write buffer is below its low-water mark (a streamed
+        READ reply sends its next piece only then: memory bounded by one piece)."""
+        while self.writing_paused and not self.lost:
+            self.drain_waiter = self.loop.create_future()
+            try:
+                await self.drain_waiter
+            finally:
+                self.drain_waiter = None
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -458,7 +497,8 @@ class _Connection(asyncio.BufferedProtocol):
         proto = self.proto
         server = self.server
         while not self.stopped:
-            if self.in_flight >= server.max_in_flight or self.buffered >= server.max_buffered or self.writing_paused:
+            if (self.in_flight >= server.max_in_flight or self.buffered >= server.max_buffered
+                    or self.writing_paused or self.stream_bytes >= STREAM_WINDOW):
                 self._pause_reading()
                 return
             try:
@@ -479,10 +519,16 @@ class _Connection(asyncio.BufferedProtocol):
             kind = type(event)
             if kind is Read:
                 assert isinstance(event, Read)
-                self._spawn(self._read(event), event.length)
+                if event.length > STREAM_ABOVE:
+                    self._spawn(self._read_streamed(event), STREAM_PIECE)
+                else:
+                    self._spawn(self._read(event), event.length)
             elif kind is Write:
                 assert isinstance(event, Write)
-                self._spawn(self._write(event), len(event.data))
+                if event.first and not event.more:
+                    self._spawn(self._write(event), len(event.data))
+                else:
+                    self._write_piece(event)
             elif kind in (Flush, Trim, WriteZeroes, BlockStatus, Cache):
                 self._spawn(self._other(event), 0)  # type: ignore[arg-type]
             elif kind is BadRequest:
@@ -505,12 +551,13 @@ class _Connection(asyncio.BufferedProtocol):
                 assert isinstance(event, Disconnect | ConnectionClosed)
                 self._finish(abort=False)
 
-    def _spawn(self, coro: Any, cost: int) -> None:
+    def _spawn(self, coro: Any, cost: int) -> asyncio.Task[None]:
         self.in_flight += 1
         self.buffered += cost
         task: asyncio.Task[None] = self.loop.create_task(coro)
         self.requests.add(task)
         task.add_done_callback(self._request_done(cost))
+        return task
 
     def _request_done(self, cost: int) -> Any:
         def done(task: asyncio.Task[None]) -> None:
@@ -589,32 +636,28 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        can_sendfile = self.sendfile_ok or self._direct_fd(transport) >= 0
-        out: list[Any] = [header]
-        for part in parts:
-            if type(part) is FileSegment:
-                if can_sendfile and part.length >= SENDFILE_MIN and _file_covers(part):
-                    out.append(part)
-                else:
-                    out.append(await self._pread(part))
-            else:
-                out.append(part)
+        out: list[Any] = [header, *await self._resolve(transport, parts)]
         if not any(type(p) is FileSegment for p in out):
             self._send(out)
             return
-        async with self.file_lock:  # one sendfile reply at a time per connection, in turn
+        async with self._output(transport) as ok:
+            if ok:
+                await self._send_now(transport, out)
+
+    @contextlib.asynccontextmanager
+    async def _output(self, transport: asyncio.Transport) -> AsyncIterator[bool]:
+        """Hold the connection's output for one reply sent in several writes (sendfile, a
+        streamed READ): one such reply at a time, in turn; other replies wait in ``queued``
+        meanwhile. Yields False when the transport is closing (send nothing). A failure while
+        sending drops the connection: once part of a reply is out, the framing cannot recover."""
+        async with self.file_lock:
             if transport.is_closing():
+                yield False
                 return
             self._flush()
-            self.file_busy = True  # other replies wait in self.queued meanwhile
+            self.file_busy = True
             try:
-                fd = self._direct_fd(transport)
-                if fd >= 0 and transport.get_write_buffer_size():
-                    await asyncio.sleep(0)  # uvloop sends what it holds at the end of an iteration
-                if fd >= 0 and not transport.get_write_buffer_size() and not self.lost:
-                    await self._send_direct(fd, out)
-                else:
-                    await self._send_through(transport, out)
+                yield True
             except ConnectionError as e:
                 log.info("nbd: %s went away while a read reply was sent: %s", self.peer, e)
                 self._finish(abort=True)
@@ -625,6 +668,76 @@ class _Connection(asyncio.BufferedProtocol):
                 self.file_busy = False
                 while self.queued:
                     self._send(self.queued.popleft())
+
+    async def _send_now(self, transport: asyncio.Transport, out: list[Any]) -> None:
+        """Send one reply (or piece of one) while holding the connection's output: directly on
+        the duplicate descriptor when the transport holds nothing, else through the transport."""
+        fd = self._direct_fd(transport)
+        if fd >= 0 and transport.get_write_buffer_size():
+            await asyncio.sleep(0)  # uvloop sends what it holds at the end of an iteration
+        if fd >= 0 and not transport.get_write_buffer_size() and not self.lost:
+            await self._send_direct(fd, out)
+        else:
+            await self._send_through(transport, out)
+
+    async def _read_streamed(self, ev: Read) -> None:
+        """A READ above ``STREAM_ABOVE``: read and sent one chunk-aligned piece at a time (module
+        docstring), holding the connection's output for the whole reply."""
+        self.stats.requests += 1
+        device = self.device
+        transport = self.transport
+        assert device is not None
+        if transport is None or transport.is_closing():
+            return
+        proto = self.proto
+        # Simple replies, and structured ones under NBD_CMD_FLAG_DF, are one header then the data.
+        one_header = not proto.structured or ev.df
+        async with self._output(transport) as ok:
+            pos, end = ev.offset, ev.offset + ev.length
+            while ok and pos < end and not self.lost:
+                n = min(STREAM_PIECE - pos % STREAM_PIECE, end - pos)
+                try:
+                    parts = await device.read(pos, n)
+                    if sum(p.length if type(p) is FileSegment else len(p) for p in parts) != n:
+                        raise BlockprovError(f"device returned the wrong length for a read of {n} bytes")
+                    out = await self._resolve(transport, parts)
+                except Exception as exc:
+                    what = f"read of {ev.length} bytes at {ev.offset} (at {pos})"
+                    if pos == ev.offset:
+                        self._fail(ev.handle, exc, what)  # nothing sent yet: queued, sent after us
+                    elif not one_header:
+                        self.stats.errors += 1
+                        log.info("nbd: %s failed: %s", what, exc)
+                        reply = proto.reply_error_offset(ev.handle, errno_for(exc), pos, str(exc))
+                        await self._send_now(transport, [reply])
+                    else:
+                        log.warning("nbd: %s failed after the reply header went out; closing the "
+                                    "connection (a simple or unfragmented reply cannot report it): %s", what, exc)
+                        self._finish(abort=True)
+                    return
+                if one_header:
+                    header = proto.reply_read_header(ev.handle, ev.offset, ev.length) if pos == ev.offset else b""
+                else:
+                    header = proto.reply_read_header(ev.handle, pos, n, first=pos == ev.offset, last=pos + n == end)
+                await self._send_now(transport, [header, *out] if header else out)
+                self.stats.bytes_read += n
+                pos += n
+                await self._drain()
+
+    async def _resolve(self, transport: asyncio.Transport, parts: Sequence[Any]) -> list[Any]:
+        """The parts of a read reply ready to send: file segments kept for sendfile when it can
+        be used and the file holds them, else read into memory (see _send_with_files)."""
+        can_sendfile = self.sendfile_ok or self._direct_fd(transport) >= 0
+        out: list[Any] = []
+        for part in parts:
+            if type(part) is FileSegment:
+                if can_sendfile and part.length >= SENDFILE_MIN and _file_covers(part):
+                    out.append(part)
+                else:
+                    out.append(await self._pread(part))
+            else:
+                out.append(part)
+        return out
 
     async def _send_through(self, transport: asyncio.Transport, out: list[Any]) -> None:
         """Send a reply through the transport: memory parts written, file parts with the loop's
@@ -772,6 +885,43 @@ class _Connection(asyncio.BufferedProtocol):
         self.stats.bytes_written += len(ev.data)
         self._send((self.proto.reply_ok(ev.handle),))
 
+    def _write_piece(self, ev: Write) -> None:
+        """One piece of a streamed WRITE: written after the piece before it (in order, so a
+        failure leaves a prefix written), answered after the last (module docstring)."""
+        stream = self.stream
+        if ev.first or stream is None:
+            self.stats.requests += 1
+            stream = self.stream = _WriteStream(ev.handle, ev.offset)
+        self.stream_bytes += len(ev.data)
+        stream.last = self._spawn(self._write_streamed(stream, ev, stream.last), len(ev.data))
+        if not ev.more:
+            self.stream = None
+
+    async def _write_streamed(self, stream: _WriteStream, ev: Write, before: asyncio.Task[None] | None) -> None:
+        device = self.device
+        assert device is not None
+        more = ev.more
+        try:
+            if before is not None:
+                await asyncio.wait((before,))
+            if stream.error is None:
+                try:
+                    await device.write(ev.offset, ev.data, fua=ev.fua)
+                except Exception as exc:
+                    stream.error, stream.error_at = exc, ev.offset
+                else:
+                    self.stats.bytes_written += len(ev.data)
+        finally:
+            self.stream_bytes -= len(ev.data)
+            del ev  # the piece's buffer goes now, not when the task object does
+        if more:
+            return  # the last piece answers (it runs after every other)
+        if stream.error is not None:
+            self._fail(stream.handle, stream.error,
+                       f"streamed write at {stream.offset} (failed at {stream.error_at}; written before it)")
+        else:
+            self._send((self.proto.reply_ok(stream.handle),))
+
     async def _other(self, ev: Flush | Trim | WriteZeroes | BlockStatus | Cache) -> None:
         self.stats.requests += 1
         device = self.device
@@ -801,6 +951,17 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(ev.handle, exc, f"{type(ev).__name__}")
             return
         self._send((proto.reply_ok(ev.handle),))
+
+
+@dataclass
+class _WriteStream:
+    """A streamed WRITE in progress on a connection."""
+
+    handle: int
+    offset: int
+    last: asyncio.Task[None] | None = None  # the task of the latest piece
+    error: BaseException | None = None
+    error_at: int = 0
 
 
 def _file_covers(seg: FileSegment) -> bool:

@@ -127,11 +127,14 @@ class Machines(Protocol):
         ...
 
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
-        """Record the order in which a boot first read chunk indices (distinct, < chunk count)."""
+        """Record the order in which a boot first read chunk indices (distinct, < chunk count);
+        the first a version records is merged with the profile it inherited."""
         ...
 
-    def get_profile(self, image: str, version: str) -> list[int] | None:
-        """The recorded boot order of a version, or None; ImageNotFound for an unknown version."""
+    def get_profile(self, image: str, version: str, *, inherit: bool = True) -> list[int] | None:
+        """The recorded boot order of a version, else the one it inherits from the version it was
+        made from, translated (catalog/inherit.py; not with ``inherit=False``), or None;
+        ImageNotFound for an unknown version."""
         ...
 
 

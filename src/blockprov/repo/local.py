@@ -205,8 +205,8 @@ class LocalRepository:
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
         self.registry.put_profile(image, version, list(order))
 
-    def get_profile(self, image: str, version: str) -> list[int] | None:
-        return self.registry.get_profile(image, version)
+    def get_profile(self, image: str, version: str, *, inherit: bool = True) -> list[int] | None:
+        return self.registry.get_profile(image, version, inherit=inherit)
 
     def register_agent(self, instance: str, info: dict[str, Any]) -> None:
         self.registry.register_agent(instance, info)

@@ -510,9 +510,10 @@ class RemoteRepository:
         self._request("PUT", f"/v1/images/{image_name(image)}/versions/{version_id(version)}/profile",
                       content=body, headers=OCTETS)
 
-    def get_profile(self, image: str, version: str) -> list[int] | None:
+    def get_profile(self, image: str, version: str, *, inherit: bool = True) -> list[int] | None:
         try:
             data = self._request("GET", f"/v1/images/{image_name(image)}/versions/{version_id(version)}/profile",
+                                 params={} if inherit else {"own": "1"},
                                  headers={"accept": OCTETS["content-type"]}).content
         except errors.ProfileNotFound:
             return None

@@ -5,6 +5,7 @@ and scripts), as the client says."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -40,12 +41,13 @@ async def put_profile(name: str, vid: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/images/{name}/versions/{vid}/profile", tags=["profiles"], response_class=Response)
-async def get_profile(name: str, vid: str, request: Request) -> Response:
+async def get_profile(name: str, vid: str, request: Request, own: bool = False) -> Response:
     """``{"chunks": […]}``, or u32 LE indices when the client accepts ``application/octet-stream``;
-    404 ``ProfileNotFound`` when none is recorded."""
+    404 ``ProfileNotFound`` when none is recorded. A version without a profile of its own answers
+    with the one it inherits (catalog/inherit.py), unless ``own=1``."""
     svc = Service.of(request)
     r = version_ref(name, vid)
-    order = await svc.run(svc.repo.get_profile, r.name, str(r.version))
+    order = await svc.run(functools.partial(svc.repo.get_profile, r.name, str(r.version), inherit=not own))
     if order is None:
         raise ProfileNotFound(ref=str(r))
     if OCTETS in request.headers.get("accept", ""):
