@@ -3,10 +3,12 @@
 Seed 000 claims 13–15: the instance keeps working from the repository and becomes fully local
 by itself, then stops needing the repository at all. Rules, and why:
 
-- Client reads go first: hydration asks for one batch at a time, so it holds at most one of the
-  fetcher's repository slots and a client miss never queues behind more than one batch; while
-  clients are missing chunks (the last miss less than a second ago) that batch is 1 MiB, not 8,
-  so the one a client may wait behind is short.
+- Client reads go first: hydration asks for one batch at a time, as background work
+  (``fetch_chunks(background=True)``): the fetcher gives its batches a repository slot only while
+  another stays free and only when no client batch waits for one, and a client that needs a chunk
+  of a hydration batch in flight fetches that chunk itself instead of waiting for the batch. While
+  clients are missing chunks (the last miss less than a second ago) the batch is 1 MiB, not 8,
+  so the link and the CPUs a client shares with it are busy for less time.
 - A client miss moves hydration to where the client reads (``CacheDevice.last_miss``): what a
   client reads next is most likely near what it just read.
 - A boot profile (the order a first boot read its chunks) is followed first, then the rest in
@@ -92,7 +94,7 @@ class Hydrator:
                 break
             t0 = time.monotonic()
             try:
-                n = await self.dev.fetch_chunks(batch)
+                n = await self.dev.fetch_chunks(batch, background=True)
                 if n:
                     # Journal the fills now (they are only buffered otherwise): a crash then
                     # costs no refetch of what hydration already copied.
