@@ -206,6 +206,10 @@ class Fetcher:
         self.timeout = timeout
         self._policy = RetryPolicy(timeout=timeout, first_delay=retry_first_delay, max_delay=retry_max_delay)
         self._slots = _Slots(self._max_inflight)
+        # A repository that can hand out views of its answer saves a copy per blob. (Checked once:
+        # a runtime Protocol check costs more than the rest of a miss's planning.)
+        self._get: Callable[[Sequence[bytes]], Sequence[Data]] = (
+            repo.get_blob_views if isinstance(repo, BlobViews) else repo.get_blobs)
         self._pool = ThreadPoolExecutor(max_workers=2 * self._max_inflight, thread_name_prefix="blockprov-fetch")
         self._inflight: dict[int, _Entry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -372,7 +376,8 @@ class Fetcher:
         active = True
         try:
             try:
-                result = await asyncio.wait_for(self._fetch(batch, background), self.timeout)
+                async with asyncio.timeout(self.timeout):  # no extra task per batch, as wait_for makes
+                    result = await self._fetch(batch, background)
                 self._active -= 1  # the repository slot is free; storing does not hold it
                 active = False
             except TimeoutError:
@@ -425,7 +430,8 @@ class Fetcher:
             for i, en in zip(batch, entries, strict=True):
                 if self._inflight.get(i) is en:
                     del self._inflight[i]
-            self._fail(entries, DeviceIOError(msg="cache is closing"))
+            if not all(en.data.done() and en.stored.done() for en in entries):
+                self._fail(entries, DeviceIOError(msg="cache is closing"))
 
     @staticmethod
     def _fail(entries: list[_Entry], err: BaseException) -> None:
@@ -450,9 +456,7 @@ class Fetcher:
         blobs: Sequence[Data] = []
         plain: dict[bytes, Data | ChunkCorrupt] = {}
         if ids:
-            # A repository that can hand out views of its answer saves a copy per blob.
-            get: Callable[[Sequence[bytes]], Sequence[Data]] = (
-                self.repo.get_blob_views if isinstance(self.repo, BlobViews) else self.repo.get_blobs)
+            get = self._get
 
             def get_and_decode() -> tuple[Sequence[Data], dict[bytes, Data | ChunkCorrupt]]:
                 # one trip to the pool per batch, not two: near the repository a thread hand-off
