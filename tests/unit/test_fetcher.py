@@ -395,3 +395,25 @@ def test_slots_wake_client_waiters_before_background_ones() -> None:
         assert slots.free == 0
 
     asyncio.run(main())
+
+
+def test_slow_misses_on_a_busy_machine_do_not_make_a_near_repository_look_far(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link's round trip is the least recent one: once a miss came back fast, later slow ones
+    (a loaded machine, not a far link) fetch no region; the same slow misses from the start do."""
+    monkeypatch.setattr(fetcher_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
+
+    async def run(first_delay: float) -> set[int]:
+        repo, m, _content, sink = setup()
+        f = fetcher(repo, m, sink, readahead=16 * CS)
+        repo.delay = first_delay
+        await f.get(3)
+        repo.delay = 0.4
+        await f.get(37)
+        await f.get(50)
+        await f.idle()
+        await f.close()
+        return {i for i in sink.stored if i not in (3, 37, 50)}
+
+    assert asyncio.run(run(0.0)) == set()
+    assert asyncio.run(run(0.4))

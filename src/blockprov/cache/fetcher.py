@@ -64,6 +64,7 @@ NEIGHBOURHOOD_MAX = 2 << 20
 # faster link (loopback) makes speculation no cheaper. A measured slower link lowers it.
 DEFAULT_BANDWIDTH = 125e6
 BANDWIDTH_SAMPLE_BYTES = 256 << 10  # a batch this large (on the wire) measures the bandwidth
+RTT_WINDOW = 64  # small batches whose least time is the link's round trip
 LATENCY_SAMPLES = 4096
 # Upper bounds (seconds) of the fetch latency histogram exported as Prometheus metrics (agent/metrics.py).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -219,12 +220,21 @@ class Fetcher:
         self._ra_end = 0  # end (exclusive) of the read-ahead issued so far
         self._window = 0  # read-ahead window in chunks
         self._streak = 0  # consecutive misses that continued a stream
-        self._latency_ewma = 0.0  # seconds per repository round trip, recent batches weighted most
+        # Round trips of recent small batches; the link's is their minimum (see ``rtt``).
+        self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
         self._bandwidth = DEFAULT_BANDWIDTH  # bytes/s on the wire, measured by large batches
         self._closed = False
         self.stats = FetchStats()
 
     # -- public ---------------------------------------------------------------------------------
+    @property
+    def rtt(self) -> float:
+        """The link's round trip (seconds; 0 until measured): the least of the recent small
+        batches' times, as TCP's BBR takes its minimum RTT. A mean would count the time a busy
+        machine kept the agent or the server from running, and on a loaded loopback make a random
+        miss look as far as a WAN's and fetch a region; the minimum is the link's own cost."""
+        return min(self._rtts) if self._rtts else 0.0
+
     async def get_many(self, indices: Sequence[int]) -> dict[int, Data]:
         """Verified content of these chunks (fetched, or shared with a fetch in flight)."""
         if not indices:
@@ -353,11 +363,12 @@ class Fetcher:
         (``neighbourhood_span``, from the measured round trip and bandwidth): nothing on a link
         whose round trip is only CPU, a few chunks on a LAN, ``NEIGHBOURHOOD_MAX`` far away.
         """
-        if not self._latency_ewma or self._max_inflight - self._active <= 1:
+        rtt = self.rtt
+        if not rtt or self._max_inflight - self._active <= 1:
             return  # the link is not measured yet, or no slot to spare beside the demand fetches
         st = self.stats
         per_chunk = st.wire_bytes / st.chunks_fetched if st.chunks_fetched and st.wire_bytes else self._cs / 2
-        span = neighbourhood_span(self._latency_ewma, self._bandwidth, per_chunk, NEIGHBOURHOOD_MAX // self._cs,
+        span = neighbourhood_span(rtt, self._bandwidth, per_chunk, NEIGHBOURHOOD_MAX // self._cs,
                                   budget=NEIGHBOURHOOD_BUDGET)
         if span < 2:
             return
@@ -474,10 +485,10 @@ class Fetcher:
         self.stats.observe(took)
         wire = sum(len(b) for b in blobs)
         if len(batch) <= 4:  # a small batch's time is mostly the round trip: what the link costs
-            self._latency_ewma = took if not self._latency_ewma else 0.8 * self._latency_ewma + 0.2 * took
-        elif wire >= BANDWIDTH_SAMPLE_BYTES and self._latency_ewma:
+            self._rtts.append(took)
+        elif wire >= BANDWIDTH_SAMPLE_BYTES and self._rtts:
             # a large batch's time beyond a round trip is its bytes crossing the link
-            bw = wire / max(took - self._latency_ewma, took / 8)
+            bw = wire / max(took - self.rtt, took / 8)
             self._bandwidth = min(DEFAULT_BANDWIDTH, 0.7 * self._bandwidth + 0.3 * bw)
         self.stats.batches += 1
         self.stats.wire_bytes += wire
