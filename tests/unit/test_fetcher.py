@@ -266,14 +266,14 @@ MIB = 1 << 20
 
 
 @pytest.mark.parametrize(("rtt", "bandwidth", "wire", "expect"), [
-    (0.0004, 125e6, 20_000, 1),  # idle loopback: a 0.4 ms miss carries 25 KB in half a round trip
-    (0.0040, 125e6, 27_000, 8),  # loopback on a loaded machine: a 4 ms miss, 250 KB
-    (0.0010, 125e6, 20_000, 2),  # LAN: 0.5 ms + service time, 1 Gbit/s: 62 KB
-    (0.0010, 12.5e6, 20_000, 1),  # a 100 Mbit/s LAN: 6 KB: the miss alone
-    (0.020, 125e6, 20_000, 32),  # 20 ms at 1 Gbit/s: 1.25 MB, more than the cap of 32 chunks
-    (0.020, 1.25e6, 20_000, 1),  # 20 ms at 10 Mbit/s: 12 KB: sends nothing unasked
-    (0.020, 125e6, 65_548, 16),  # incompressible chunks: 19 → 16 (a power of two)
-    (0.005, 125e6, 65_548, 4),
+    (0.0004, 125e6, 20_000, 2),  # loopback: a 0.4 ms miss carries 50 KB at 1 Gbit/s
+    (0.0006, 400e6, 24_000, 8),  # loopback measured: 0.6 ms through a proxy, decoding at 400 MB/s
+    (0.0010, 125e6, 20_000, 4),  # LAN: 0.5 ms + service time, 1 Gbit/s: 125 KB
+    (0.0010, 12.5e6, 20_000, 1),  # a 100 Mbit/s LAN: 12.5 KB: the miss alone
+    (0.020, 125e6, 20_000, 32),  # 20 ms at 1 Gbit/s: 2.5 MB, more than the cap of 32 chunks
+    (0.020, 1.25e6, 20_000, 1),  # 20 ms at 10 Mbit/s: 25 KB, one chunk: sends nothing unasked
+    (0.020, 125e6, 65_548, 32),  # incompressible chunks: still capped
+    (0.005, 125e6, 65_548, 8),  # 625 KB at 65.5 KB a chunk: 9 → 8 (a power of two)
 ])
 def test_neighbourhood_span_is_what_the_link_carries_in_a_round_trip(rtt: float, bandwidth: float, wire: int,
                                                                      expect: int) -> None:
@@ -286,7 +286,7 @@ def test_neighbourhood_span_edges() -> None:
     assert span(0.02, 0.0, 20_000, 32) == 1
     assert span(0.02, 125e6, 20_000, 1) == 1  # a cap of one chunk: never a region
     assert span(0.02, 125e6, 0, 32) == 32  # zero-byte chunks cannot divide by zero
-    assert span(0.0004, 300e6, 20_000, 32, budget=1.0) == 4  # the budget scales it
+    assert span(0.0004, 300e6, 20_000, 32, budget=0.5) == 2  # the budget scales it
     assert span(0.02, 125e6, 20_000, 32, budget=0.0) == 1
     for rtt in (0.0001, 0.001, 0.003, 0.01, 0.1, 1.0):  # a power of two, growing with the round trip
         n = span(rtt, 125e6, 20_000, 64)

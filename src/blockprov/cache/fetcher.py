@@ -57,12 +57,10 @@ DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_TIMEOUT = 30.0
 # A random miss also fetches the missing chunks of its aligned region, as many as the link carries
 # in NEIGHBOURHOOD_BUDGET round trips (see neighbourhood_span), at most NEIGHBOURHOOD_MAX bytes.
-NEIGHBOURHOOD_BUDGET = 0.5
+NEIGHBOURHOOD_BUDGET = 1.0
 NEIGHBOURHOOD_MAX = 2 << 20
-# The bandwidth assumed until a large batch measured the link, and the most ever assumed: above
-# ~1 Gbit/s the agent's own decode and verify (one core, shared with the guest) is the limit, so a
-# faster link (loopback) makes speculation no cheaper. A measured slower link lowers it.
-DEFAULT_BANDWIDTH = 125e6
+DEFAULT_BANDWIDTH = 125e6  # bytes/s assumed until a large batch measured the link (1 Gbit/s)
+MAX_BANDWIDTH = 1.25e9  # the most a measurement is believed (a batch that took about a round trip)
 BANDWIDTH_SAMPLE_BYTES = 256 << 10  # a batch this large (on the wire) measures the bandwidth
 RTT_WINDOW = 64  # small batches whose least time is the link's round trip
 LATENCY_SAMPLES = 4096
@@ -170,9 +168,9 @@ def neighbourhood_span(rtt: float, bandwidth: float, wire_per_chunk: float, max_
     A miss costs one round trip ``rtt`` (seconds, as measured: link, server and decode) whatever
     its size; in that time the link could have carried ``rtt × bandwidth`` bytes. The region is
     what fits in ``budget`` round trips of the link at ``wire_per_chunk`` bytes a chunk (chunks
-    travel compressed), so its cost is bounded by a part of the round trip it may save: on an idle
-    loopback nothing, on a LAN (0.5 ms, 1 Gbit/s) two chunks, over 20 ms the cap. A pure
-    function: unit-tested with the figures of each link.
+    travel compressed), so its cost is bounded by the round trip it may save: on loopback and on
+    a LAN (0.5 ms, 1 Gbit/s) a few chunks, over 20 ms the cap. A pure function: unit-tested with
+    the figures of each link.
     """
     if rtt <= 0 or bandwidth <= 0 or max_chunks < 2:
         return 1
@@ -489,7 +487,7 @@ class Fetcher:
         elif wire >= BANDWIDTH_SAMPLE_BYTES and self._rtts:
             # a large batch's time beyond a round trip is its bytes crossing the link
             bw = wire / max(took - self.rtt, took / 8)
-            self._bandwidth = min(DEFAULT_BANDWIDTH, 0.7 * self._bandwidth + 0.3 * bw)
+            self._bandwidth = min(MAX_BANDWIDTH, 0.7 * self._bandwidth + 0.3 * bw)
         self.stats.batches += 1
         self.stats.wire_bytes += wire
         out: dict[int, Data | BaseException] = {}
