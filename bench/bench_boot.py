@@ -14,7 +14,8 @@ the guest's ``BLOCKPROV-BOOT-DONE`` marker, the bytes the repository sent, and t
 Each scenario runs on three links: the repository on loopback, behind a LAN-like link (default
 0.5 ms round trip, 1 Gbit/s; issue 15) and behind a WAN-like link (default 20 ms round trip,
 1 Gbit/s). Every "link" is bench/wanproxy.py in front of a ``blockprov serve``: the loopback one
-adds no delay and no cap and only counts bytes, so every peer's bytes are counted the same way (the guest's reads come from qemu's ``query-blockstats``). Page caches are dropped before
+adds no delay and no cap and only counts bytes, so every peer's bytes are counted the same way
+(the guest's reads come from qemu's ``query-blockstats``). Page caches are dropped before
 each sample (when root). Medians of ``--repeat`` samples.
 
 Run: ``.venv/bin/python bench/bench_boot.py [--size 4G] [--repeat 3] [--skip c2,lan,wan]``.
