@@ -7,8 +7,10 @@ by itself, then stops needing the repository at all. Rules, and why:
   (``fetch_chunks(background=True)``): the fetcher gives its batches a repository slot only while
   another stays free and only when no client batch waits for one, and a client that needs a chunk
   of a hydration batch in flight fetches that chunk itself instead of waiting for the batch. While
-  clients are missing chunks (the last miss less than a second ago) the batch is 1 MiB, not 8,
-  so the link and the CPUs a client shares with it are busy for less time.
+  clients are missing chunks (the last miss less than a second ago) the batch is 256 KiB, not
+  8 MiB, and after each batch hydration rests as long as the batch took (at most 50 ms), so the
+  link and the CPUs a client shares with it are busy at most half the time: what a cold read still
+  shares with hydration is a small slice (bench/RESULTS.md, issue 15).
 - A client miss moves hydration to where the client reads (``CacheDevice.last_miss``): what a
   client reads next is most likely near what it just read.
 - A boot profile (the order a first boot read its chunks) is followed first, then the rest in
@@ -37,8 +39,9 @@ from blockprov.errors import DeviceError, NoSpace, UsageError
 log = logging.getLogger("blockprov.hydrate")
 
 BATCH_BYTES = 8 << 20
-BUSY_BATCH_BYTES = 1 << 20
+BUSY_BATCH_BYTES = 256 << 10
 BUSY_SECONDS = 1.0
+BUSY_PAUSE_MAX = 0.05  # the longest rest after a batch while clients miss
 PAUSE_SECONDS = 5.0
 
 
@@ -122,6 +125,10 @@ class Hydrator:
             self._window.append((now, self.bytes))
             if self.rate and got:
                 await asyncio.sleep(max(0.0, got / self.rate - (now - t0)))
+            elif n and now - self.dev.last_miss_at < BUSY_SECONDS:
+                # Clients are missing chunks: rest as long as the batch took, so hydration holds the
+                # link and the CPUs (2 here, shared with the guest) at most half the time.
+                await asyncio.sleep(min(BUSY_PAUSE_MAX, now - t0))
         if self.profile_only:
             self.state = "done"
             self.message = "profile prefetched"
