@@ -383,6 +383,34 @@ def test_hydration_takes_small_slices_and_rests_while_clients_miss(
     assert max(sizes) > hydrate.BUSY_BATCH_BYTES // CS and rests == []
 
 
+def test_profile_prefetch_races_ahead_as_client_fetches_do(
+        golden: tuple[LocalRepository, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The boot profile's chunks are what the guest reads next: fetched as client fetches (not
+    background), without rests, while clients miss too."""
+    from blockprov.agent import hydrate
+
+    repo, _ = golden
+
+    async def main() -> list[bool]:
+        m = repo.resolve("lab:v1")
+        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        kinds: list[bool] = []
+        fetch = dev.fetch_chunks
+
+        async def recording(indices: Sequence[int], *, background: bool = False) -> int:
+            kinds.append(background)
+            dev.last_miss_at = hydrate.time.monotonic()
+            return await fetch(indices, background=background)
+
+        monkeypatch.setattr(dev, "fetch_chunks", recording)
+        profile = [i for i in range(m.count) if not m.is_zero(i)][:6]
+        await Hydrator(dev, order=profile, profile_only=True).start()
+        await dev.close()
+        return kinds
+
+    assert run(main()) == [False]  # six chunks, one batch, a client's
+
+
 def test_first_read_order_is_recorded_and_kept(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
     repo, _ = golden
 
