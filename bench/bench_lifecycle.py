@@ -373,7 +373,7 @@ def bench_latency(tmp: Path, url: str, ref: str, data_chunks: list[int], reads: 
 
 
 def run_size(label: str, size: int, tmp: Path, repeat: int, reads: int, fixed: int | None,
-             log: Callable[[str], None]) -> dict[str, Any]:
+             log: Callable[[str], None], only_latency: bool = False) -> dict[str, Any]:
     d = tmp / label
     d.mkdir()
     seed = size // MiB
@@ -395,6 +395,12 @@ def run_size(label: str, size: int, tmp: Path, repeat: int, reads: int, fixed: i
     try:
         show, _ = bp_json("--repo", url, "show", "bench:v1")
         count, raw_url = int(show["chunks"]), str(show["raw_url"])
+        if only_latency:  # --only latency: the hydration-latency runs alone
+            data_chunks = [m * (MiB // CHUNK) + j for m in data_mib for j in range(MiB // CHUNK)]
+            lat = bench_latency(d, url, "bench:v1", data_chunks, reads, repeat, seed, log)
+            return {"size": label, "bytes": size, "chunks": count, "data_fraction": len(data_mib) * MiB / size,
+                    "repository_bytes": repo_bytes, "import_seconds": import_s, "hydrate_seconds": 0.0,
+                    "reimage": [0.0], "resets": [], "snapshots": [], "latency": lat}
         # peer: re-imaging the whole disk from the repository's raw view
         reimage = []
         for _ in range(repeat):
@@ -432,6 +438,8 @@ def fmt(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(not measured in this run)"
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
@@ -525,6 +533,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--reads", type=int, default=1500, help="4 KiB reads per latency run (default 1500)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1G only, repeat 1")
+    ap.add_argument("--only", choices=["latency"], help="run only this part (latency: cold reads with and "
+                    "without background hydration); results go to bench/out/lifecycle-latency.{json,md}")
     ap.add_argument("--tmp", default="/var/tmp", help="where the temporary directory goes (needs ~1.5× the "
                     "largest size free)")
     a = ap.parse_args()
@@ -543,7 +553,8 @@ def main() -> None:
     fixed = round(0.01 * min(parse_size(x) for x in labels) / CHUNK) if len(labels) > 1 else None
     try:
         for label in labels:
-            sizes.append(run_size(label, parse_size(label), tmp, repeat, reads, fixed, log))
+            sizes.append(run_size(label, parse_size(label), tmp, repeat, reads, fixed, log,
+                                  only_latency=a.only == "latency"))
             shutil.rmtree(tmp / label, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -560,6 +571,14 @@ def main() -> None:
             "total seconds": round(time.perf_counter() - t0, 1)}
     md, tables = report(sizes, meta)
     OUT.mkdir(parents=True, exist_ok=True)
+    if a.only == "latency":
+        md = "### lifecycle: read latency during hydration\n\n" + table(tables["latency"]) + "\n\n" + \
+            "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n"
+        (OUT / "lifecycle-latency.json").write_text(json.dumps({"meta": meta, "latency": tables["latency"],
+                                                              "sizes": sizes}, indent=2))
+        (OUT / "lifecycle-latency.md").write_text(md)
+        print(md)
+        return
     (OUT / "lifecycle.json").write_text(json.dumps({"meta": meta, "tables": tables, "sizes": sizes,
                                                   "reimage_hangs": HANGS}, indent=2))
     (OUT / "lifecycle.md").write_text(md)

@@ -479,7 +479,7 @@ class ContentSource:
     async def get(self, index: int) -> Data:
         return (await self.get_many([index]))[index]
 
-    async def materialize(self, indices: Sequence[int]) -> None:
+    async def materialize(self, indices: Sequence[int], *, background: bool = False) -> None:
         await self._store(sorted((await self.get_many(indices)).items()))
 
     async def idle(self) -> None:

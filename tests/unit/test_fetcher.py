@@ -92,9 +92,8 @@ def test_duplicate_ids_in_a_batch_are_asked_once() -> None:
 
 
 def test_readahead_grows_on_sequential_misses_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Read-ahead only: a loaded machine can make the in-memory repository look slower than the
-    # neighbourhood threshold, and a random miss would then fetch its region too.
-    monkeypatch.setattr(fetcher_module, "NEIGHBOURHOOD_LATENCY", float("inf"))
+    # Read-ahead only: a random miss fetches no region when the link is given no budget for one.
+    monkeypatch.setattr(fetcher_module, "NEIGHBOURHOOD_BUDGET", 0.0)
     repo, m, _content, sink = setup()
 
     async def main() -> None:
@@ -240,10 +239,11 @@ def test_several_batches_in_flight_and_stats() -> None:
 
 
 def test_far_repository_random_miss_fetches_its_region_near_one_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Over a slow link (round trips above the threshold) a random miss brings its aligned
-    neighbourhood along; on a fast one only what was asked for moves. The threshold is raised to
-    50 ms here so that a loaded test machine cannot make the in-memory repository look far."""
-    monkeypatch.setattr(fetcher_module, "NEIGHBOURHOOD_LATENCY", 0.05)
+    """Over a slow link a random miss brings its aligned neighbourhood along; on a fast one only
+    what was asked for moves. The link's assumed bandwidth is set to 20 chunks a second here, so a
+    0.4 s round trip carries 8 chunks while the in-memory repository (well under 0.1 s a miss even on
+    a loaded machine) carries less than 2: the region is then the miss alone."""
+    monkeypatch.setattr(fetcher_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
     async def run(repo: DictRepo, m: Manifest, sink: Sink) -> None:
         f = fetcher(repo, m, sink, readahead=16 * CS)
         await f.get(3)  # the first miss measures the link
@@ -251,12 +251,169 @@ def test_far_repository_random_miss_fetches_its_region_near_one_does_not(monkeyp
         await f.idle()
         await f.close()
 
-    for delay, expect_more in ((0.0, False), (0.2, True)):
+    for delay, expect_more in ((0.0, False), (0.4, True)):
         repo, m, _content, sink = setup()
         repo.delay = delay
         asyncio.run(run(repo, m, sink))
         region = {i for i in sink.stored if i not in (3, 37)}
         if expect_more:
-            assert region and all(32 <= i < 64 for i in region), sorted(sink.stored)
+            assert region and all(32 <= i < 40 for i in region), sorted(sink.stored)
         else:
             assert not region, sorted(sink.stored)
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(("rtt", "bandwidth", "wire", "expect"), [
+    (0.0004, 125e6, 20_000, 2),  # loopback: a 0.4 ms miss carries 50 KB at 1 Gbit/s
+    (0.0006, 400e6, 24_000, 8),  # loopback measured: 0.6 ms through a proxy, decoding at 400 MB/s
+    (0.0010, 125e6, 20_000, 4),  # LAN: 0.5 ms + service time, 1 Gbit/s: 125 KB
+    (0.0010, 12.5e6, 20_000, 1),  # a 100 Mbit/s LAN: 12.5 KB: the miss alone
+    (0.020, 125e6, 20_000, 32),  # 20 ms at 1 Gbit/s: 2.5 MB, more than the cap of 32 chunks
+    (0.020, 1.25e6, 20_000, 1),  # 20 ms at 10 Mbit/s: 25 KB, one chunk: sends nothing unasked
+    (0.020, 125e6, 65_548, 32),  # incompressible chunks: still capped
+    (0.005, 125e6, 65_548, 8),  # 625 KB at 65.5 KB a chunk: 9 → 8 (a power of two)
+])
+def test_neighbourhood_span_is_what_the_link_carries_in_a_round_trip(rtt: float, bandwidth: float, wire: int,
+                                                                     expect: int) -> None:
+    assert fetcher_module.neighbourhood_span(rtt, bandwidth, wire, max_chunks=32) == expect
+
+
+def test_neighbourhood_span_edges() -> None:
+    span = fetcher_module.neighbourhood_span
+    assert span(0.0, 125e6, 20_000, 32) == 1  # not measured yet
+    assert span(0.02, 0.0, 20_000, 32) == 1
+    assert span(0.02, 125e6, 20_000, 1) == 1  # a cap of one chunk: never a region
+    assert span(0.02, 125e6, 0, 32) == 32  # zero-byte chunks cannot divide by zero
+    assert span(0.0004, 300e6, 20_000, 32, budget=0.5) == 2  # the budget scales it
+    assert span(0.02, 125e6, 20_000, 32, budget=0.0) == 1
+    for rtt in (0.0001, 0.001, 0.003, 0.01, 0.1, 1.0):  # a power of two, growing with the round trip
+        n = span(rtt, 125e6, 20_000, 64)
+        assert n & (n - 1) == 0 and n <= 64
+        assert n <= span(rtt * 2, 125e6, 20_000, 64)
+
+
+class GatedRepo(DictRepo):
+    """Batches of more than one chunk (hydration's) wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.gate = threading.Event()
+        self.arrived = 0  # batches that reached the repository (stuck at the gate or answered)
+
+    def get_blobs(self, ids: list[bytes]) -> list[bytes]:  # type: ignore[override]
+        self.arrived += 1
+        if len(ids) > 1:
+            assert self.gate.wait(10), "the test never opened the gate"
+        return super().get_blobs(ids)
+
+
+def gated_setup() -> tuple[GatedRepo, Manifest, bytes, Sink]:
+    repo = GatedRepo()
+    m, content = make_image(repo, chunks=64, zero_every=0, dup_every=0)
+    return repo, m, content, Sink()
+
+
+async def settle(cond: object, rounds: int = 200) -> None:
+    """Let the loop and the pool run until ``cond()`` holds (bounded)."""
+    for _ in range(rounds):
+        if cond():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_client_miss_on_a_chunk_hydration_is_fetching_does_not_wait_for_the_batch() -> None:
+    repo, m, content, sink = gated_setup()
+
+    async def main() -> None:
+        f = fetcher(repo, m, sink, batch_bytes=16 * CS)
+        hydrating = asyncio.ensure_future(f.materialize(list(range(16)), background=True))
+        await settle(lambda: repo.arrived == 1)  # the 16-chunk batch is at the repository, stuck
+        got = await asyncio.wait_for(f.get(5), 5)  # a client read of a chunk in that batch
+        assert got == content[5 * CS:6 * CS]
+        assert not hydrating.done()  # answered while the hydration batch still waits
+        repo.gate.set()
+        await hydrating
+        await f.idle()
+        assert set(sink.stored) == set(range(16))
+        await f.close()
+
+    asyncio.run(main())
+
+
+def test_hydration_leaves_a_slot_to_clients_and_waits_behind_them() -> None:
+    repo, m, content, sink = gated_setup()
+
+    async def main() -> None:
+        f = fetcher(repo, m, sink, batch_bytes=4 * CS, max_inflight=2)
+        hydrating = asyncio.ensure_future(f.materialize(list(range(16)), background=True))  # 4 batches
+        await settle(lambda: repo.arrived >= 1)
+        await asyncio.sleep(0.05)
+        assert repo.arrived == 1  # one background batch out; the other slot is kept for clients
+        got = await asyncio.wait_for(f.get(40), 5)  # a client miss takes the kept slot at once
+        assert got == content[40 * CS:41 * CS]
+        assert not hydrating.done()
+        repo.gate.set()
+        await hydrating
+        await f.close()
+
+    asyncio.run(main())
+
+
+def test_slots_wake_client_waiters_before_background_ones() -> None:
+    async def main() -> None:
+        slots = fetcher_module._Slots(2)
+        await slots.acquire(False)
+        await slots.acquire(False)  # both taken
+        order: list[str] = []
+
+        async def take(name: str, background: bool) -> None:
+            await slots.acquire(background)
+            order.append(name)
+
+        bg = asyncio.ensure_future(take("background", True))
+        await asyncio.sleep(0)
+        client = asyncio.ensure_future(take("client", False))
+        await asyncio.sleep(0)
+        slots.release()  # one free: the client, though it came second
+        await asyncio.sleep(0)
+        assert order == ["client"]
+        slots.release()  # one free again, but a background batch never takes the last one
+        await asyncio.sleep(0)
+        assert order == ["client"]
+        slots.release()
+        await asyncio.wait_for(bg, 1)
+        assert order == ["client", "background"]
+        await client
+        cancelled = asyncio.ensure_future(take("never", False))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a waiter cancelled while queued leaves no slot behind
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert slots.free == 0
+
+    asyncio.run(main())
+
+
+def test_slow_misses_on_a_busy_machine_do_not_make_a_near_repository_look_far(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link's round trip is the least recent one: once a miss came back fast, later slow ones
+    (a loaded machine, not a far link) fetch no region; the same slow misses from the start do."""
+    monkeypatch.setattr(fetcher_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
+
+    async def run(first_delay: float) -> set[int]:
+        repo, m, _content, sink = setup()
+        f = fetcher(repo, m, sink, readahead=16 * CS)
+        repo.delay = first_delay
+        await f.get(3)
+        repo.delay = 0.4
+        await f.get(37)
+        await f.get(50)
+        await f.idle()
+        await f.close()
+        return {i for i in sink.stored if i not in (3, 37, 50)}
+
+    assert asyncio.run(run(0.0)) == set()
+    assert asyncio.run(run(0.4))

@@ -333,6 +333,84 @@ def test_hydration_follows_the_profile_then_the_disk_and_records_completion(
     run(main())
 
 
+def test_hydration_takes_small_slices_and_rests_while_clients_miss(
+        golden: tuple[LocalRepository, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While clients miss chunks, a hydration batch is at most 256 KiB and hydration rests after
+    each batch (as long as it took, at most BUSY_PAUSE_MAX); when they do not, it does neither."""
+    from blockprov.agent import hydrate
+
+    repo, src = golden
+    rests: list[float] = []
+    real_sleep = asyncio.sleep
+
+    class Clock:  # hydrate's asyncio, with sleep recorded (and not slept)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(asyncio, name)
+
+        @staticmethod
+        async def sleep(seconds: float) -> None:
+            rests.append(seconds)
+            await real_sleep(0)
+
+    monkeypatch.setattr(hydrate, "asyncio", Clock())
+
+    async def main(busy: bool) -> list[int]:
+        m = repo.resolve("lab:v1")
+        dev = await CacheDevice.open(tmp_path / f"c{busy}", repo, m, readahead=0)
+        sizes: list[int] = []
+        fetch = dev.fetch_chunks
+
+        async def counting(indices: Sequence[int], *, background: bool = False) -> int:
+            assert background
+            sizes.append(len(indices))
+            if busy:
+                dev.last_miss_at = hydrate.time.monotonic()  # a client missed just now
+            return await fetch(indices, background=background)
+
+        monkeypatch.setattr(dev, "fetch_chunks", counting)
+        if busy:
+            dev.last_miss_at = hydrate.time.monotonic()
+        await Hydrator(dev).start()
+        assert await read_all(dev) == src.read_bytes()
+        await dev.close()
+        return sizes
+
+    sizes = run(main(busy=True))
+    assert sizes and max(sizes) <= hydrate.BUSY_BATCH_BYTES // CS
+    assert len(rests) >= len(sizes) - 1 and all(0 <= r <= hydrate.BUSY_PAUSE_MAX for r in rests)
+    rests.clear()
+    sizes = run(main(busy=False))
+    assert max(sizes) > hydrate.BUSY_BATCH_BYTES // CS and rests == []
+
+
+def test_profile_prefetch_races_ahead_as_client_fetches_do(
+        golden: tuple[LocalRepository, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The boot profile's chunks are what the guest reads next: fetched as client fetches (not
+    background), without rests, while clients miss too."""
+    from blockprov.agent import hydrate
+
+    repo, _ = golden
+
+    async def main() -> list[bool]:
+        m = repo.resolve("lab:v1")
+        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        kinds: list[bool] = []
+        fetch = dev.fetch_chunks
+
+        async def recording(indices: Sequence[int], *, background: bool = False) -> int:
+            kinds.append(background)
+            dev.last_miss_at = hydrate.time.monotonic()
+            return await fetch(indices, background=background)
+
+        monkeypatch.setattr(dev, "fetch_chunks", recording)
+        profile = [i for i in range(m.count) if not m.is_zero(i)][:6]
+        await Hydrator(dev, order=profile, profile_only=True).start()
+        await dev.close()
+        return kinds
+
+    assert run(main()) == [False]  # six chunks, one batch, a client's
+
+
 def test_first_read_order_is_recorded_and_kept(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
     repo, _ = golden
 

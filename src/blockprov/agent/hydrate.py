@@ -3,10 +3,15 @@
 Seed 000 claims 13–15: the instance keeps working from the repository and becomes fully local
 by itself, then stops needing the repository at all. Rules, and why:
 
-- Client reads go first: hydration asks for one batch at a time, so it holds at most one of the
-  fetcher's repository slots and a client miss never queues behind more than one batch; while
-  clients are missing chunks (the last miss less than a second ago) that batch is 1 MiB, not 8,
-  so the one a client may wait behind is short.
+- Client reads go first: hydration asks for one batch at a time; past the boot profile (whose
+  chunks the guest reads next, so they are fetched as a client's are) it is background work
+  (``fetch_chunks(background=True)``): the fetcher gives its batches a repository slot only while
+  another stays free and only when no client batch waits for one, and a client that needs a chunk
+  of a hydration batch in flight fetches that chunk itself instead of waiting for the batch. While
+  clients are missing chunks (the last miss less than a second ago) the batch is 256 KiB, not
+  8 MiB, and after each batch hydration rests as long as the batch took (at most 50 ms), so the
+  link and the CPUs a client shares with it are busy at most half the time: what a cold read still
+  shares with hydration is a small slice (bench/RESULTS.md, issue 15).
 - A client miss moves hydration to where the client reads (``CacheDevice.last_miss``): what a
   client reads next is most likely near what it just read.
 - A boot profile (the order a first boot read its chunks) is followed first, then the rest in
@@ -35,8 +40,10 @@ from blockprov.errors import DeviceError, NoSpace, UsageError
 log = logging.getLogger("blockprov.hydrate")
 
 BATCH_BYTES = 8 << 20
-BUSY_BATCH_BYTES = 1 << 20
+BUSY_BATCH_BYTES = 256 << 10
+PROFILE_BUSY_BATCH_BYTES = 1 << 20  # profile prefetch while clients miss: the guest reads these next
 BUSY_SECONDS = 1.0
+BUSY_PAUSE_MAX = 0.05  # the longest rest after a batch while clients miss
 PAUSE_SECONDS = 5.0
 
 
@@ -53,6 +60,8 @@ class Hydrator:
         cs = dev.manifest.chunk_size
         self._per_idle = max(1, batch_bytes // cs)
         self._per_busy = max(1, min(batch_bytes, BUSY_BATCH_BYTES) // cs)
+        self._per_busy_profile = max(1, min(batch_bytes, PROFILE_BUSY_BATCH_BYTES) // cs)
+        self._from_profile = False  # the last batch came from the boot profile
         self._order = deque(i for i in order if 0 <= i < dev.manifest.count)
         self._cursor = 0
         self._seen_miss = dev.last_miss
@@ -92,7 +101,9 @@ class Hydrator:
                 break
             t0 = time.monotonic()
             try:
-                n = await self.dev.fetch_chunks(batch)
+                # The profile's chunks are what the booting guest reads next: they race ahead of it
+                # as client fetches do; the rest is background work that yields to clients.
+                n = await self.dev.fetch_chunks(batch, background=not self._from_profile)
                 if n:
                     # Journal the fills now (they are only buffered otherwise): a crash then
                     # costs no refetch of what hydration already copied.
@@ -120,6 +131,10 @@ class Hydrator:
             self._window.append((now, self.bytes))
             if self.rate and got:
                 await asyncio.sleep(max(0.0, got / self.rate - (now - t0)))
+            elif n and not self._from_profile and now - self.dev.last_miss_at < BUSY_SECONDS:
+                # Clients are missing chunks: rest as long as the batch took, so hydration holds the
+                # link and the CPUs (2 here, shared with the guest) at most half the time.
+                await asyncio.sleep(min(BUSY_PAUSE_MAX, now - t0))
         if self.profile_only:
             self.state = "done"
             self.message = "profile prefetched"
@@ -141,14 +156,16 @@ class Hydrator:
         """Up to one batch of missing chunks: profile order first, then from the cursor on."""
         fl = self.dev.chunk_map.flags
         busy = time.monotonic() - self.dev.last_miss_at < BUSY_SECONDS
-        per = self._per_busy if busy else self._per_idle
+        per = self._per_busy_profile if busy else self._per_idle
         out: list[int] = []
         while self._order and len(out) < per:
             i = self._order.popleft()
             if not fl[i] & (PRESENT | ZERO):
                 out.append(i)
+        self._from_profile = bool(out)
         if out or self.profile_only:
             return out
+        per = self._per_busy if busy else self._per_idle
         cmap = self.dev.chunk_map
         if self.dev.last_miss != self._seen_miss:
             self._seen_miss = self.dev.last_miss

@@ -509,12 +509,13 @@ class CacheDevice:
         return self._state
 
     @gated
-    async def fetch_chunks(self, indices: Sequence[int]) -> int:
-        """Make these chunks local (missing ones fetched and stored); returns how many were missing."""
+    async def fetch_chunks(self, indices: Sequence[int], *, background: bool = False) -> int:
+        """Make these chunks local (missing ones fetched and stored); returns how many were missing.
+        ``background`` (hydration): client reads go first (``ChunkSource.materialize``)."""
         fl = self._flags
         need = [i for i in indices if not fl[i] & (PRESENT | ZERO)]
         if need:
-            await self._source.materialize(need)
+            await self._source.materialize(need, background=background)
         return len(need)
 
     async def reset(self, *, eager: bool = False, punch: bool = True) -> dict[str, int]:

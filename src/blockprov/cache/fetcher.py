@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 from collections import deque
@@ -54,8 +55,14 @@ DEFAULT_BATCH_BYTES = 8 << 20
 DEFAULT_READAHEAD = 32 << 20
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_TIMEOUT = 30.0
-NEIGHBOURHOOD_LATENCY = 0.005  # above this round-trip time a random miss also fetches its region
-NEIGHBOURHOOD_MAX = 4 << 20  # the largest such region
+# A random miss also fetches the missing chunks of its aligned region, as many as the link carries
+# in NEIGHBOURHOOD_BUDGET round trips (see neighbourhood_span), at most NEIGHBOURHOOD_MAX bytes.
+NEIGHBOURHOOD_BUDGET = 1.0
+NEIGHBOURHOOD_MAX = 2 << 20
+DEFAULT_BANDWIDTH = 125e6  # bytes/s assumed until a large batch measured the link (1 Gbit/s)
+MAX_BANDWIDTH = 1.25e9  # the most a measurement is believed (a batch that took about a round trip)
+BANDWIDTH_SAMPLE_BYTES = 256 << 10  # a batch this large (on the wire) measures the bandwidth
+RTT_WINDOW = 64  # small batches whose least time is the link's round trip
 LATENCY_SAMPLES = 4096
 # Upper bounds (seconds) of the fetch latency histogram exported as Prometheus metrics (agent/metrics.py).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -66,6 +73,48 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class _Entry:
     data: asyncio.Future[Data]
     stored: asyncio.Future[None]
+    background: bool = False  # fetched for hydration: a client that needs it fetches it itself
+
+
+class _Slots:
+    """The ``max_inflight`` repository slots, client fetches first.
+
+    A background (hydration) batch takes a slot only while another stays free, and waits behind
+    every waiting client batch; a client batch waits only for a slot, never behind background
+    work that has not started. (asyncio.Semaphore is first come, first served.)"""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (deque(), deque())
+
+    def _can(self, background: bool) -> bool:
+        return self.free > 1 if background else self.free > 0
+
+    async def acquire(self, background: bool) -> None:
+        demand, bg = self._waiting
+        if self._can(background) and not demand and not (background and bg):
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        (bg if background else demand).append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # woken, then cancelled: hand the slot on
+            else:
+                with contextlib.suppress(ValueError):
+                    (bg if background else demand).remove(fut)
+            raise
+
+    def release(self) -> None:
+        self.free += 1
+        for q, background in ((self._waiting[0], False), (self._waiting[1], True)):
+            while q and self._can(background):
+                f = q.popleft()
+                if not f.done():
+                    self.free -= 1
+                    f.set_result(None)
 
 
 @dataclass
@@ -112,6 +161,24 @@ class FetchStats:
         }
 
 
+def neighbourhood_span(rtt: float, bandwidth: float, wire_per_chunk: float, max_chunks: int,
+                       budget: float = NEIGHBOURHOOD_BUDGET) -> int:
+    """How many chunks (a power of two; 1: the miss alone) the aligned region of a random miss has.
+
+    A miss costs one round trip ``rtt`` (seconds, as measured: link, server and decode) whatever
+    its size; in that time the link could have carried ``rtt × bandwidth`` bytes. The region is
+    what fits in ``budget`` round trips of the link at ``wire_per_chunk`` bytes a chunk (chunks
+    travel compressed), so its cost is bounded by the round trip it may save: on loopback and on
+    a LAN (0.5 ms, 1 Gbit/s) a few chunks, over 20 ms the cap. A pure function: unit-tested with
+    the figures of each link.
+    """
+    if rtt <= 0 or bandwidth <= 0 or max_chunks < 2:
+        return 1
+    n = int(budget * rtt * bandwidth / max(1.0, wire_per_chunk))
+    n = min(n, max_chunks)
+    return 1 << (n.bit_length() - 1) if n >= 2 else 1
+
+
 def _swallow(f: asyncio.Future[Any]) -> None:
     """Read-ahead futures may fail with nobody waiting: mark the exception as retrieved."""
     if not f.cancelled():
@@ -137,7 +204,11 @@ class Fetcher:
         self._max_inflight = max(1, max_inflight)
         self.timeout = timeout
         self._policy = RetryPolicy(timeout=timeout, first_delay=retry_first_delay, max_delay=retry_max_delay)
-        self._sem = asyncio.Semaphore(self._max_inflight)
+        self._slots = _Slots(self._max_inflight)
+        # A repository that can hand out views of its answer saves a copy per blob. (Checked once:
+        # a runtime Protocol check costs more than the rest of a miss's planning.)
+        self._get: Callable[[Sequence[bytes]], Sequence[Data]] = (
+            repo.get_blob_views if isinstance(repo, BlobViews) else repo.get_blobs)
         self._pool = ThreadPoolExecutor(max_workers=2 * self._max_inflight, thread_name_prefix="blockprov-fetch")
         self._inflight: dict[int, _Entry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -147,11 +218,21 @@ class Fetcher:
         self._ra_end = 0  # end (exclusive) of the read-ahead issued so far
         self._window = 0  # read-ahead window in chunks
         self._streak = 0  # consecutive misses that continued a stream
-        self._latency_ewma = 0.0  # seconds per repository round trip, recent batches weighted most
+        # Round trips of recent small batches; the link's is their minimum (see ``rtt``).
+        self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
+        self._bandwidth = DEFAULT_BANDWIDTH  # bytes/s on the wire, measured by large batches
         self._closed = False
         self.stats = FetchStats()
 
     # -- public ---------------------------------------------------------------------------------
+    @property
+    def rtt(self) -> float:
+        """The link's round trip (seconds; 0 until measured): the least of the recent small
+        batches' times, as TCP's BBR takes its minimum RTT. A mean would count the time a busy
+        machine kept the agent or the server from running, and on a loaded loopback make a random
+        miss look as far as a WAN's and fetch a region; the minimum is the link's own cost."""
+        return min(self._rtts) if self._rtts else 0.0
+
     async def get_many(self, indices: Sequence[int]) -> dict[int, Data]:
         """Verified content of these chunks (fetched, or shared with a fetch in flight)."""
         if not indices:
@@ -165,10 +246,12 @@ class Fetcher:
     async def get(self, index: int) -> Data:
         return (await self.get_many([index]))[index]
 
-    async def materialize(self, indices: Sequence[int]) -> None:
+    async def materialize(self, indices: Sequence[int], *, background: bool = False) -> None:
         """Return when these chunks were fetched and handed to ``store`` (which may have skipped
-        some that changed meanwhile: the caller re-checks their state)."""
-        entries = self._ensure(indices, demand=True, readahead=False)
+        some that changed meanwhile: the caller re-checks their state). ``background``
+        (hydration): these batches yield slots to client fetches, and a client that needs one of
+        these chunks meanwhile fetches it itself instead of waiting for the whole batch."""
+        entries = self._ensure(indices, demand=not background, readahead=False, background=background)
         for e in entries:
             await asyncio.shield(e.stored)
 
@@ -189,19 +272,29 @@ class Fetcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- planning -------------------------------------------------------------------------------
-    def _ensure(self, indices: Sequence[int], *, demand: bool, readahead: bool = True) -> list[_Entry]:
+    def _ensure(self, indices: Sequence[int], *, demand: bool, readahead: bool = True,
+                background: bool = False) -> list[_Entry]:
         if self._closed:
             raise DeviceIOError(msg="cache is closing")
         entries: list[_Entry] = []
         new: list[int] = []
+        promote: list[int] = []
         for i in indices:
             e = self._inflight.get(i)
             if e is None:
                 e = self._new_entry(i)
+                e.background = background
                 new.append(i)
+            elif demand and e.background:
+                # A client needs a chunk a hydration batch is fetching: it waits for its own
+                # round trip, not for the rest of that batch (the chunk may arrive twice).
+                e.background = False
+                promote.append(i)
             entries.append(e)
         if new:
-            self._start(sorted(new))
+            self._start(sorted(new), background=background)
+        if promote:
+            self._start(promote)
         if readahead and demand and self._ra_max:
             self._readahead(min(indices), max(indices), missed=bool(new))
         return entries
@@ -214,13 +307,13 @@ class Fetcher:
         self._inflight[i] = e
         return e
 
-    def _start(self, indices: list[int]) -> None:
+    def _start(self, indices: list[int], *, background: bool = False) -> None:
         """Cut into batches of at most ``batch_bytes`` and start one task per batch."""
         step = self._batch_chunks
         for k in range(0, len(indices), step):
             batch = indices[k:k + step]
             self._active += 1
-            task = asyncio.ensure_future(self._run_batch(batch))
+            task = asyncio.ensure_future(self._run_batch(batch, background))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -259,20 +352,24 @@ class Fetcher:
             self._start(ahead)
 
     def _neighbourhood(self, first: int) -> None:
-        """Far from the repository, a random miss also fetches the aligned region around it.
+        """A random miss also fetches the aligned region around it, sized by the link.
 
-        On a link where a round trip costs 10-20 ms and a MiB a few ms, a boot that waits on one
-        round trip per scattered miss spends its time waiting; the data a guest reads next is often
-        near what it just read (file systems allocate a directory's files together). So when the
-        recent fetch latency is high, the other missing chunks of the miss's region (growing with
-        the latency, up to ``NEIGHBOURHOOD_MAX``) go out as one speculative batch, in a free slot
-        only. Near the repository (loopback, LAN) nothing changes: bytes stay as few as possible.
+        A boot that waits on one round trip per scattered miss spends its time waiting; the data a
+        guest reads next is often near what it just read (file systems allocate a directory's files
+        together). So the other missing chunks of the miss's region go out as one speculative
+        batch, in a free slot only, the region as large as the link carries in a round trip
+        (``neighbourhood_span``, from the measured round trip and bandwidth): nothing on a link
+        whose round trip is only CPU, a few chunks on a LAN, ``NEIGHBOURHOOD_MAX`` far away.
         """
-        lat = self._latency_ewma
-        if lat < NEIGHBOURHOOD_LATENCY or self._max_inflight - self._active <= 1:
-            return  # near, or no slot to spare beside the demand fetches
-        span = min(NEIGHBOURHOOD_MAX // self._cs, max(2, int(lat / NEIGHBOURHOOD_LATENCY) * 8))
-        span = 1 << (span.bit_length() - 1)  # a power of two: regions align to it
+        rtt = self.rtt
+        if not rtt or self._max_inflight - self._active <= 1:
+            return  # the link is not measured yet, or no slot to spare beside the demand fetches
+        st = self.stats
+        per_chunk = st.wire_bytes / st.chunks_fetched if st.chunks_fetched and st.wire_bytes else self._cs / 2
+        span = neighbourhood_span(rtt, self._bandwidth, per_chunk, NEIGHBOURHOOD_MAX // self._cs,
+                                  budget=NEIGHBOURHOOD_BUDGET)
+        if span < 2:
+            return
         a = first - first % span
         near = [k for k in range(a, min(self.manifest.count, a + span))
                 if k != first and k not in self._inflight and self._needed(k)]
@@ -283,12 +380,13 @@ class Fetcher:
             self._start(near)
 
     # -- one batch ------------------------------------------------------------------------------
-    async def _run_batch(self, batch: list[int]) -> None:
+    async def _run_batch(self, batch: list[int], background: bool = False) -> None:
         entries = [self._inflight[i] for i in batch]
         active = True
         try:
             try:
-                result = await asyncio.wait_for(self._fetch(batch), self.timeout)
+                async with asyncio.timeout(self.timeout):  # no extra task per batch, as wait_for makes
+                    result = await self._fetch(batch, background)
                 self._active -= 1  # the repository slot is free; storing does not hold it
                 active = False
             except TimeoutError:
@@ -317,7 +415,8 @@ class Fetcher:
                 if isinstance(value, BaseException):
                     self._fail([en], value)
                 else:
-                    en.data.set_result(value)
+                    if not en.data.done():  # a promoted chunk may have come with the other batch
+                        en.data.set_result(value)
                     good.append((i, value))
             if good:
                 store = asyncio.ensure_future(self._store(good))
@@ -340,7 +439,8 @@ class Fetcher:
             for i, en in zip(batch, entries, strict=True):
                 if self._inflight.get(i) is en:
                     del self._inflight[i]
-            self._fail(entries, DeviceIOError(msg="cache is closing"))
+            if not all(en.data.done() and en.stored.done() for en in entries):
+                self._fail(entries, DeviceIOError(msg="cache is closing"))
 
     @staticmethod
     def _fail(entries: list[_Entry], err: BaseException) -> None:
@@ -349,48 +449,63 @@ class Fetcher:
                 if not f.done():
                     f.set_exception(err)
 
-    async def _fetch(self, batch: list[int]) -> dict[int, Data | BaseException]:
-        async with self._sem:
-            loop = asyncio.get_running_loop()
-            t0 = time.monotonic()
-            m = self.manifest
-            digests = [m.digest_at(i) for i in batch]
-            ids = list(dict.fromkeys(d for d in digests if d != ZERO_DIGEST))
-            blobs: Sequence[Data] = []
-            if ids:
-                # A repository that can hand out views of its answer saves a copy per blob.
-                get: Callable[[Sequence[bytes]], Sequence[Data]] = (
-                    self.repo.get_blob_views if isinstance(self.repo, BlobViews) else self.repo.get_blobs)
+    async def _fetch(self, batch: list[int], background: bool = False) -> dict[int, Data | BaseException]:
+        await self._slots.acquire(background)
+        try:
+            return await self._fetch_in_slot(batch)
+        finally:
+            self._slots.release()
 
-                def call() -> Awaitable[Sequence[Data]]:
-                    return loop.run_in_executor(self._pool, get, ids)
+    async def _fetch_in_slot(self, batch: list[int]) -> dict[int, Data | BaseException]:
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        m = self.manifest
+        digests = [m.digest_at(i) for i in batch]
+        ids = list(dict.fromkeys(d for d in digests if d != ZERO_DIGEST))
+        blobs: Sequence[Data] = []
+        plain: dict[bytes, Data | ChunkCorrupt] = {}
+        if ids:
+            get = self._get
 
-                blobs = await retry_async(call, self._policy)
-                if len(blobs) != len(ids):
-                    raise DeviceIOError(msg=f"repository returned {len(blobs)} blobs for {len(ids)} ids")
-            plain = await loop.run_in_executor(self._pool, _decode_all, ids, blobs)
-            took = time.monotonic() - t0
-            self.stats.observe(took)
-            if len(batch) <= 4:  # a small batch's time is mostly the round trip: what the link costs
-                self._latency_ewma = took if not self._latency_ewma else 0.8 * self._latency_ewma + 0.2 * took
-            self.stats.batches += 1
-            self.stats.wire_bytes += sum(len(b) for b in blobs)
-            out: dict[int, Data | BaseException] = {}
-            for i, d in zip(batch, digests, strict=True):
-                if d == ZERO_DIGEST:
-                    out[i] = bytes(m.chunk_length(i))
-                    continue
-                value = plain[d]
-                if isinstance(value, ChunkCorrupt):
-                    self.stats.corrupt_chunks += 1
-                    log.error("chunk %d of %s@%s failed verification, not served: %s",
-                              i, m.image, m.id, value)
-                    out[i] = DeviceIOError(msg=f"chunk {i} from {self.repo.url} failed verification: {value}")
-                else:
-                    self.stats.chunks_fetched += 1
-                    self.stats.bytes_fetched += len(value)
-                    out[i] = value
-            return out
+            def get_and_decode() -> tuple[Sequence[Data], dict[bytes, Data | ChunkCorrupt]]:
+                # one trip to the pool per batch, not two: near the repository a thread hand-off
+                # is a visible part of a miss (bench/RESULTS.md, "where a miss goes")
+                got = get(ids)
+                if len(got) != len(ids):
+                    raise DeviceIOError(msg=f"repository returned {len(got)} blobs for {len(ids)} ids")
+                return got, _decode_all(ids, got)
+
+            def call() -> Awaitable[tuple[Sequence[Data], dict[bytes, Data | ChunkCorrupt]]]:
+                return loop.run_in_executor(self._pool, get_and_decode)
+
+            blobs, plain = await retry_async(call, self._policy)
+        took = time.monotonic() - t0
+        self.stats.observe(took)
+        wire = sum(len(b) for b in blobs)
+        if len(batch) <= 4:  # a small batch's time is mostly the round trip: what the link costs
+            self._rtts.append(took)
+        elif wire >= BANDWIDTH_SAMPLE_BYTES and self._rtts:
+            # a large batch's time beyond a round trip is its bytes crossing the link
+            bw = wire / max(took - self.rtt, took / 8)
+            self._bandwidth = min(MAX_BANDWIDTH, 0.7 * self._bandwidth + 0.3 * bw)
+        self.stats.batches += 1
+        self.stats.wire_bytes += wire
+        out: dict[int, Data | BaseException] = {}
+        for i, d in zip(batch, digests, strict=True):
+            if d == ZERO_DIGEST:
+                out[i] = bytes(m.chunk_length(i))
+                continue
+            value = plain[d]
+            if isinstance(value, ChunkCorrupt):
+                self.stats.corrupt_chunks += 1
+                log.error("chunk %d of %s@%s failed verification, not served: %s",
+                          i, m.image, m.id, value)
+                out[i] = DeviceIOError(msg=f"chunk {i} from {self.repo.url} failed verification: {value}")
+            else:
+                self.stats.chunks_fetched += 1
+                self.stats.bytes_fetched += len(value)
+                out[i] = value
+        return out
 
 
 

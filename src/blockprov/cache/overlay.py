@@ -66,7 +66,7 @@ class BaseSource:
     async def get(self, index: int) -> Data:
         return (await self.get_many([index]))[index]
 
-    async def materialize(self, indices: Sequence[int]) -> None:
+    async def materialize(self, indices: Sequence[int], *, background: bool = False) -> None:
         """Copy these chunks from the base into the overlay (before a partial write of them)."""
         got = await self.get_many(indices)
         task = asyncio.ensure_future(self._store(sorted(got.items())))

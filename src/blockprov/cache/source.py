@@ -41,9 +41,10 @@ class ChunkSource(Protocol):
 
     async def get(self, index: int) -> Data: ...
 
-    async def materialize(self, indices: Sequence[int]) -> None:
+    async def materialize(self, indices: Sequence[int], *, background: bool = False) -> None:
         """Return when these chunks were handed to ``store`` (which may have skipped some that
-        changed meanwhile: the caller re-checks their state)."""
+        changed meanwhile: the caller re-checks their state). ``background``: work no client
+        waits for (hydration), which must not make a client's fetch wait."""
         ...
 
     async def idle(self) -> None:

@@ -14,7 +14,8 @@ Where things are, and why they are there:
 * Blocking work (SQLite, file reads, hashing, zstd) runs on one thread pool, never on the loop.
 * **Access control and metrics are middlewares** (access.py, metrics.py), outside the routes:
   outermost ``Measure`` counts every answer (a 401, a 413 and a 500 too), then ``Guard``, then
-  ``Access`` refuses a request before its body is read.
+  ``Access`` refuses a request before its body is read. Innermost, ``LeanChunkPath``
+  (routes/chunks.py) answers the agents' chunk reads without FastAPI's per-request work.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from blockprov.service.access import Access, AccessPolicy, annotate_openapi
 from blockprov.service.edge import Guard, add_error_handlers
 from blockprov.service.metrics import Measure
 from blockprov.service.routes import ROUTERS
+from blockprov.service.routes.chunks import LeanChunkPath
 from blockprov.service.state import Service
 from blockprov.service.ui.pages import router as console_router
 
@@ -51,6 +53,7 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
     app = FastAPI(title="blockprov repository", version=__version__, lifespan=lifespan,
                   description="Images, versions, tags and content-addressed chunks of a blockprov repository.")
     svc = app.state.service = Service(repo, workers)
+    app.add_middleware(LeanChunkPath, service=svc)  # innermost: after Measure, Guard and Access
     app.add_middleware(Access, routes=app.router.routes, tokens=TokenStore(repo.catalog.db),
                        policy=access or AccessPolicy())
     app.add_middleware(Guard, max_body=max_body)

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import struct
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from blockprov import codec
-from blockprov.errors import ChunkMissing, TooLarge, UsageError
+from blockprov.errors import BlockprovError, ChunkMissing, TooLarge, UsageError
 from blockprov.service.edge import error_body
 from blockprov.service.rawview import IMMUTABLE, etag_matches
 from blockprov.service.routes.common import OCTETS, OCTETS_BODY, body_of, decoded
@@ -37,6 +38,7 @@ MAX_FETCH_IDS = 16384  # per POST /v1/chunks/fetch; the client sends far fewer (
 LEN = struct.Struct("<I")
 ID = codec.DIGEST_SIZE
 T = TypeVar("T")
+log = logging.getLogger("blockprov.service")
 
 router = APIRouter()
 
@@ -85,13 +87,12 @@ def _slices(items: list[T], workers: int, least: int = 16) -> list[list[T]]:
     return [items[i:i + step] for i in range(0, len(items), step)]
 
 
-@router.post("/v1/chunks/fetch", tags=["chunks"], response_class=Response, openapi_extra=OCTETS_BODY)
-async def fetch_chunks(request: Request) -> Response:
-    """Body: concatenated 32-byte ids. Answer: for each, ``[4-byte LE length][blob]``.
-    Blobs are not verified here (the caller must verify); 404 lists every missing id."""
-    svc = Service.of(request)
+async def fetch_parts(svc: Service, body: bytes) -> list[bytes]:
+    """The answer to ``POST /v1/chunks/fetch`` as parts to send in order (``ChunkMissing`` with every
+    missing id if any is missing). A small ask (an agent's miss: a few ids) is one pool call; a large
+    one is read in two slices at once."""
     store = svc.store
-    ids = split_ids(await body_of(request))
+    ids = split_ids(body)
     if len(ids) > MAX_FETCH_IDS:
         raise TooLarge(f"{len(ids)} ids in one fetch; at most {MAX_FETCH_IDS}")
 
@@ -106,15 +107,59 @@ async def fetch_chunks(request: Request) -> Response:
             out.append(blob)
         return b"".join(out), []
 
-    done = await asyncio.gather(*(svc.run(read_slice, s) for s in _slices(ids, 2, least=256)))
+    slices = _slices(ids, 2, least=256)
+    if len(slices) == 1:
+        done = [await svc.run(read_slice, ids)]
+    else:
+        done = list(await asyncio.gather(*(svc.run(read_slice, s) for s in slices)))
     missing = [c.hex() for _, ms in done for c in ms]
     if missing:
-        exc = ChunkMissing(digest=missing[0])
-        request.scope["blockprov.error"] = "ChunkMissing"
-        return JSONResponse(error_body(exc) | {"missing": missing}, status_code=404)
+        raise ChunkMissing(digest=missing[0], missing=missing)
     svc.metrics.chunk_fetches += 1
     svc.metrics.chunks_served += len(ids)
-    return PartsResponse([p for p, _ in done])
+    return [p for p, _ in done]
+
+
+async def chunk_blob(svc: Service, cid: str, head: bool,
+                     if_none_match: str | None) -> tuple[int, bytes, dict[str, str]]:
+    """``GET``/``HEAD /v1/chunks/{cid}``: status, body, headers. The blob is verified before it is sent."""
+    store = svc.store
+    digest = codec.parse_hexid(cid)
+    etag = f'"{digest.hex()}"'
+    headers = {"etag": etag, "cache-control": IMMUTABLE}
+    if if_none_match is not None and etag_matches(if_none_match, etag) and await svc.run(store.has, digest):
+        svc.metrics.chunks_not_modified += 1
+        return 304, b"", headers
+
+    def read_verified() -> bytes:
+        blob = store.get_blob(digest)
+        codec.decode(blob, digest)
+        return blob
+
+    blob = await svc.run(read_verified)
+    if head:
+        return 200, b"", headers | {"content-length": str(len(blob))}
+    svc.metrics.chunks_served += 1
+    return 200, blob, headers
+
+
+@router.post("/v1/chunks/fetch", tags=["chunks"], response_class=Response, openapi_extra=OCTETS_BODY)
+async def fetch_chunks(request: Request) -> Response:
+    """Body: concatenated 32-byte ids. Answer: for each, ``[4-byte LE length][blob]``.
+    Blobs are not verified here (the caller must verify); 404 lists every missing id.
+    (Served by ``LeanChunkPath``; this route documents it and answers when the app runs without it.)"""
+    svc = Service.of(request)
+    try:
+        parts = await fetch_parts(svc, await body_of(request))
+    except ChunkMissing as exc:
+        request.scope["blockprov.error"] = "ChunkMissing"
+        return JSONResponse(missing_body(exc), status_code=404)
+    return PartsResponse(parts)
+
+
+def missing_body(exc: ChunkMissing) -> dict[str, object]:
+    """A fetch's 404 lists every missing id (``details.missing`` holds them as one string too)."""
+    return error_body(exc) | {"missing": list(exc.kwargs.get("missing") or [exc.kwargs.get("digest")])}
 
 
 @router.post("/v1/chunks/missing", tags=["chunks"], response_class=Response, openapi_extra=OCTETS_BODY)
@@ -141,27 +186,11 @@ async def missing_chunks(request: Request) -> Response:
 @router.get("/v1/chunks/{cid}", tags=["chunks"], response_class=Response)
 @router.head("/v1/chunks/{cid}", tags=["chunks"], response_class=Response)
 async def get_chunk(cid: str, request: Request) -> Response:
-    """One stored blob, verified before it is sent; immutable, so cacheable forever."""
-    svc = Service.of(request)
-    store = svc.store
-    digest = codec.parse_hexid(cid)
-    etag = f'"{digest.hex()}"'
-    headers = {"etag": etag, "cache-control": IMMUTABLE}
-    inm = request.headers.get("if-none-match")
-    if inm is not None and etag_matches(inm, etag) and await svc.run(store.has, digest):
-        svc.metrics.chunks_not_modified += 1
-        return Response(status_code=304, headers=headers)
-
-    def read_verified() -> bytes:
-        blob = store.get_blob(digest)
-        codec.decode(blob, digest)
-        return blob
-
-    blob = await svc.run(read_verified)
-    svc.metrics.chunks_served += request.method == "GET"
-    if request.method == "HEAD":
-        return Response(headers=headers | {"content-length": str(len(blob))}, media_type=OCTETS)
-    return Response(blob, headers=headers, media_type=OCTETS)
+    """One stored blob, verified before it is sent; immutable, so cacheable forever.
+    (Served by ``LeanChunkPath``; this route documents it and answers when the app runs without it.)"""
+    status, body, headers = await chunk_blob(Service.of(request), cid, request.method == "HEAD",
+                                             request.headers.get("if-none-match"))
+    return Response(body, status_code=status, headers=headers, media_type=None if status == 304 else OCTETS)
 
 
 @router.put("/v1/chunks/{cid}", tags=["chunks"], openapi_extra=OCTETS_BODY)
@@ -184,3 +213,84 @@ async def put_chunks(request: Request) -> dict[str, int]:
     svc.metrics.chunks_received += len(items)
     svc.metrics.chunks_new += sum(counts)
     return {"received": len(items), "new": sum(counts)}
+
+
+class LeanChunkPath:
+    """The agents' hot path without the framework: ``POST /v1/chunks/fetch`` and ``GET``/``HEAD
+    /v1/chunks/{id}`` answered by a plain ASGI callable.
+
+    Why: a cold miss near the repository is one small fetch, and FastAPI's per-request work (its
+    exception and exit-stack middlewares, routing, the request object, dependency solving, the
+    response object and the four wrapped ``send`` layers it runs through) cost as much server time
+    as reading and sending the blob (bench/RESULTS.md, "where a miss goes"). This runs *inside*
+    ``Measure``, ``Guard`` and ``Access`` (app.py adds it as the innermost middleware), so a request
+    is counted, its body bounded and its token checked exactly as before; only the routing and the
+    answer are done here, with the same functions the FastAPI routes above use (which stay, for the
+    OpenAPI document). Errors become the same answers as ``edge.on_blockprov_error`` gives."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.svc = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        rest = path[len(PREFIX):]
+        if method == "POST" and rest == "fetch":
+            handler = self._fetch
+        elif method in ("GET", "HEAD") and len(rest) == 2 * ID:
+            handler = self._get
+        else:
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("blockprov.route", "/v1/chunks/fetch" if method == "POST" else "/v1/chunks/{cid}")
+        try:
+            await handler(scope, receive, send, rest)
+        except BlockprovError as exc:
+            scope["blockprov.error"] = type(exc).__name__
+            if exc.http_status >= 500:
+                log.error("%s %s: %s", method, path, exc)
+            elif exc.http_status == 422:
+                log.warning("%s %s: %s", method, path, exc)
+            body = missing_body(exc) if isinstance(exc, ChunkMissing) and method == "POST" else error_body(exc)
+            await JSONResponse(body, status_code=exc.http_status)(scope, receive, send)
+
+    async def _fetch(self, scope: Scope, receive: Receive, send: Send, cid: str) -> None:
+        parts = await fetch_parts(self.svc, await _body(receive))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(sum(map(len, parts))).encode()), _OCTETS_HEADER]})
+        last = len(parts) - 1
+        for i, p in enumerate(parts):
+            await send({"type": "http.response.body", "body": p, "more_body": i < last})
+        if not parts:
+            await send({"type": "http.response.body", "body": b""})
+
+    async def _get(self, scope: Scope, receive: Receive, send: Send, cid: str) -> None:
+        inm = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"if-none-match"), None)
+        status, body, headers = await chunk_blob(self.svc, cid, scope["method"] == "HEAD", inm)
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        if status == 200:
+            raw.append(_OCTETS_HEADER)
+            if scope["method"] == "GET":
+                raw.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+PREFIX = "/v1/chunks/"
+_OCTETS_HEADER = (b"content-type", OCTETS.encode())
+
+
+async def _body(receive: Receive) -> bytes:
+    """The whole request body from ASGI messages; one message (the usual case) without a copy."""
+    parts: list[bytes] = []
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise UsageError("the client went away before its request body ended")
+        parts.append(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
