@@ -97,7 +97,8 @@ def test_template_vm_ran_with_its_ram_in_a_file(lab: dict[str, Any]) -> None:
     t = lab["template"]
     assert t["memory"] == 256 << 20 and t["disk"].startswith("lab@")
     tdir = Path(t["dir"])
-    assert (tdir / "memory").stat().st_mode & 0o222 == 0  # a template never changes once clones map it
+    assert (tdir / "memory").stat().st_mode & 0o777 == 0o644  # its owner's qemu opens it O_RDWR (never writes)
+    assert (tdir / "state").stat().st_mode & 0o222 == 0  # a template never changes once clones map it
     manifest = json.loads((tdir / "template.json").read_text())
     assert manifest["machine"]["machine"].startswith("pc-i440fx-") and manifest["machine"]["memory"] == 256 << 20
 
@@ -117,9 +118,13 @@ def test_clones_resume_where_the_template_was(lab: dict[str, Any]) -> None:
 def test_clones_have_their_own_identity_mac_and_disk(lab: dict[str, Any]) -> None:
     rows, names = lab["rows"], lab["made"]["clones"]
     assert len({rows[n]["mac"] for n in names} | {rows["app"]["mac"]}) == CLONES + 1
+    ids = {n: lab["made"]["customized"][n]["machine_id"] for n in names}
+    assert len(set(ids.values())) == CLONES and all(re.fullmatch(r"[0-9a-f]{32}", m) for m in ids.values()), ids
     for n in names:
-        assert lab["made"]["customized"][n] == {"identity": n, "acknowledged": True}
-        assert "BP-COUNT n=" in lab["consoles"][n].read_text() and f"host={n}" in lab["consoles"][n].read_text()
+        assert lab["made"]["customized"][n] == {"identity": n, "machine_id": ids[n], "acknowledged": True}
+        text = lab["consoles"][n].read_text()
+        assert f"BP-IDENTITY name={n} machine-id={ids[n]} " in text  # the guest applied both
+        assert "BP-COUNT n=" in text and f"host={n}" in text
     # Each guest wrote its name to /bp-identity on its own disk: read every disk through its export.
     sock = lab["root"] / "disks" / "nbd.sock"
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
@@ -127,9 +132,10 @@ def test_clones_have_their_own_identity_mac_and_disk(lab: dict[str, Any]) -> Non
             raw = Path(tmp) / f"{n}.raw"
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///{n}?socket={sock}",
                             str(raw)], check=True, capture_output=True, timeout=120)
-            got = subprocess.run(["debugfs", "-R", "cat /bp-identity", str(raw)], capture_output=True, text=True,
-                                 timeout=60).stdout.strip()
-            assert got == n  # its own write, and none of the others'
+            for path, want in (("/bp-identity", n), ("/etc/machine-id", ids[n])):
+                got = subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True, text=True,
+                                     timeout=60).stdout.strip()
+                assert got == want, (n, path)  # its own write, and none of the others'
             raw.unlink()
 
 
@@ -234,3 +240,40 @@ def test_a_damaged_or_missing_memory_file_starts_no_clone(lab: dict[str, Any]) -
     assert r.returncode == 4 and "missing" in r.stderr, r.stderr
     assert set(lb.rows()) == before
     shutil.rmtree(broken)
+
+
+def test_an_unprivileged_owner_maps_its_template_memory() -> None:
+    """Why ``vm clone`` once needed root: qemu 7.2 opens a ``share=off`` memory file read-write, so
+    the 0444 the first templates had refused everyone but root. With the owner's write bit
+    (template.MEMORY_MODE) an unprivileged owner's qemu maps it; the 0444 file still fails, as
+    template.memory_refusal says before anything starts. Run as ``nobody`` when the tests run as root."""
+    from blockprov.vm import qemu as vmq
+    from blockprov.vm import template as vmt
+
+    d = Path(tempfile.mkdtemp(prefix="bpvmu", dir="/tmp"))
+    try:
+        d.chmod(0o755)
+        mem = d / "memory"
+        with open(mem, "wb") as f:
+            f.truncate(16 << 20)
+        as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        uid = 65534 if os.geteuid() == 0 else os.geteuid()
+        if as_user:
+            os.chown(mem, uid, uid)
+        outcomes = {}
+        for mode in (vmt.MEMORY_MODE, 0o444):
+            mem.chmod(mode)
+            r = subprocess.run([*as_user, vmq.QEMU, "-machine", "pc,accel=tcg,memory-backend=ram", "-m", "16M",
+                                "-object", f"memory-backend-file,id=ram,size=16M,mem-path={mem},share=off",
+                                "-display", "none", "-nodefaults", "-S", "-qmp", "stdio"],
+                               input='{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
+                               capture_output=True, text=True, timeout=60)
+            outcomes[mode] = r
+            st = mem.stat()
+            refusal = vmt.memory_refusal(mem, st.st_mode, st.st_uid, st.st_gid, uid, {uid})
+            assert (refusal is None) == (mode == vmt.MEMORY_MODE)
+        ok, sealed = outcomes[vmt.MEMORY_MODE], outcomes[0o444]
+        assert ok.returncode == 0 and '"return"' in ok.stdout, ok.stderr
+        assert sealed.returncode != 0 and "Permission denied" in sealed.stderr, sealed.stderr
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -84,7 +84,7 @@ def pull(d: Path, repo: Repository, name: str, *, lazy: bool = False) -> tpl.Tem
         if (d / f).stat().st_size > want.size:  # an import rounds a file up to whole sectors (zeros)
             with open(d / f, "r+b") as fh:
                 fh.truncate(want.size)
-        tpl.seal(d / f)
+        tpl.seal(d / f, tpl.MEMORY_MODE if f == tpl.MEMORY else 0o444)
     tpl.verify_files(t, d)
     atomic_write(d / tpl.MANIFEST, t.to_json())
     return t

@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -327,8 +328,8 @@ def make_template(root: Path, repo: Repository, name: str, source: str, timeout:
             shutil.copyfile(d / f, t / f)
             tpl.seal(t / f)
     made = tpl.Template(name=name, machine=mach, image=str(snap["image"]), version=str(snap["version"]),
-                        memory_file=tpl.seal(t / tpl.MEMORY), state_file=tpl.seal(t / tpl.STATE), from_vm=source,
-                        created=time.time())
+                        memory_file=tpl.seal(t / tpl.MEMORY, tpl.MEMORY_MODE), state_file=tpl.seal(t / tpl.STATE),
+                        from_vm=source, created=time.time())
     atomic_write(t / tpl.MANIFEST, made.to_json())
     stop_disks_agent_if_idle(root)
     return {"template": name, "from": source, "disk": f"{made.image}@{made.version}",
@@ -368,6 +369,8 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(), memory=memory,
                       cpus=cpus, extra_args=extra_args)
     tpl.verify_files(t, t_dir)
+    if not t.extra.get("lazy"):
+        tpl.check_memory_access(t_dir / tpl.MEMORY)
     tpl.check_host_memory(t, count, qemu.mem_available())
     m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
     new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
@@ -433,7 +436,9 @@ def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, 
 def _customize(root: Path, cmd: str, vm: str, index: int, timeout: float) -> dict[str, Any]:
     d = vm_dir(root, vm)
     if cmd == BUILTIN_IDENTITY:
-        return {"identity": vm, "acknowledged": send_identity(d, vm, timeout=min(timeout, 60.0))}
+        machine_id = uuid.uuid4().hex  # systemd's format: 32 lowercase hex digits, random (version 4)
+        return {"identity": vm, "machine_id": machine_id,
+                "acknowledged": send_identity(d, vm, machine_id, timeout=min(timeout, 60.0))}
     env = {**os.environ, "BLOCKPROV_VM": vm, "BLOCKPROV_INDEX": str(index),
            "BLOCKPROV_QMP": str(qemu.sockets(d)["qmp"]), "BLOCKPROV_IDENTITY_SOCKET": str(qemu.sockets(d)["identity"])}
     try:
@@ -446,17 +451,18 @@ def _customize(root: Path, cmd: str, vm: str, index: int, timeout: float) -> dic
     return {"command": cmd, "returncode": 0}
 
 
-def send_identity(d: Path, ident: str, timeout: float) -> bool:
-    """Send ``ident`` (a hostname) on the VM's identity channel and hold the connection until the
-    guest's console acknowledges it (``BP-IDENTITY name=…``): qemu reads the socket only while the
-    guest has the port open, so closing at once could lose the line. False: no acknowledgement."""
-    ack = re.compile(rf"BP-IDENTITY name={re.escape(ident)}\b")
+def send_identity(d: Path, ident: str, machine_id: str, timeout: float) -> bool:
+    """Send ``ident`` (a hostname) and ``machine_id`` on the VM's identity channel as one line
+    ``NAME MACHINE-ID``, and hold the connection until the guest's console acknowledges both
+    (``BP-IDENTITY name=… machine-id=…``): qemu reads the socket only while the guest has the port
+    open, so closing at once could lose the line. False: no acknowledgement."""
+    ack = re.compile(rf"BP-IDENTITY name={re.escape(ident)} machine-id={re.escape(machine_id)}\b")
     console = d / "console.log"
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10.0)
         s.connect(str(qemu.sockets(d)["identity"]))
-        s.sendall(ident.encode() + b"\n")
+        s.sendall(f"{ident} {machine_id}\n".encode())
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
                 if ack.search(console.read_text(errors="replace")):
