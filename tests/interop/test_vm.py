@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests import bootvm
-from tests.conftest import run_cli
+from tests.conftest import require_tool, run_cli
 
 pytestmark = pytest.mark.interop  # a missing qemu-system-x86_64 fails naming its package (tests/conftest.py)
 COUNT = re.compile(r"BP-COUNT n=(\d+) host=")  # whole lines only: a paused guest may stop mid-line
@@ -184,10 +184,24 @@ def test_a_lazy_clone_maps_the_memory_before_it_is_copied(lab: dict[str, Any]) -
             wait_until(f"lazy clone {n} counting", lambda c=console: len(counts(c)) >= 2, 60)
             text = console.read_text(errors="replace")
             assert "BLOCKPROV-INIT" not in text and lab["last"] <= counts(console)[0] <= lab["last"] + 2
+        # The first lazy clone of this memory version anywhere recorded its resume profile: the chunks its
+        # guests read first, in that order, which later lazy clones (any host) prefetch ahead of their faults.
+        assert made["resume_profile"]["recorded"] is True and made["resume_profile"]["chunks"] > 0, made
         rows = [other.rows()[n] for n in made["clones"]]
         assert all(r["state"] == "running" for r in rows)
         # Both map the one FUSE file privately: the pages they read are the page cache's, shared.
         assert sum(r["guest_ram"]["pss"] for r in rows) < 0.75 * sum(r["guest_ram"]["rss"] for r in rows), rows
+        third = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm4", dir="/tmp")))  # another host: uses it
+        try:
+            again = third.json("vm", "clone", "tpl", "--count", "1", "--lazy")
+            assert again["resume_profile"] == {"recorded": False, "reason": "the version has one"}, again
+            console = third.root / "vms" / again["clones"][0] / "console.log"
+            wait_until("the profiled lazy clone counting", lambda: len(counts(console)) >= 2, 60)
+            assert lab["last"] <= counts(console)[0] <= lab["last"] + 2
+        finally:
+            for n in third.rows():
+                third.cli("vm", "rm", n, check=False)
+            shutil.rmtree(third.root, ignore_errors=True)
     finally:
         for n in other.rows():
             other.cli("vm", "rm", n, check=False)
@@ -277,3 +291,33 @@ def test_an_unprivileged_owner_maps_its_template_memory() -> None:
         assert sealed.returncode != 0 and "Permission denied" in sealed.stderr, sealed.stderr
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_version_without_boot_files_boots_from_its_own_boot_loader(lab: dict[str, Any]) -> None:
+    """``vm run`` of a version with no boot files: qemu gets no ``-kernel``; SeaBIOS runs the disk's
+    MBR, which starts syslinux from the disk's boot partition (tools/bootdisk.py), which starts the
+    kernel. The application then counts, and the VM templates and clones like any other."""
+    for tool in ("syslinux", "mcopy", "mkfs.fat"):
+        require_tool(tool)
+    lb: Lab = lab["lab"]
+    img = bootvm.build_image(size="256M", fill_mb=40)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        disk = bootvm.bootable_disk(img, Path(tmp) / "disk.raw", "console=ttyS0 quiet panic=-1 bp.mode=counter")
+        run_cli("import", str(disk), "lab:bootloader", data=lb.data)
+    rec = lb.json("vm", "run", "lab:bootloader", "--name", "bl", "--memory", "256M")
+    try:
+        assert rec["machine"]["kernel"] is False and rec["machine"]["append"] == ""
+        cmdline = Path(f"/proc/{rec['pid']}/cmdline").read_bytes().split(b"\0")
+        assert b"-kernel" not in cmdline and b"-initrd" not in cmdline
+        console = Path(rec["console"])
+        wait_until("the boot-loader VM's counter", lambda: len(counts(console)) >= 3, 120)
+        assert "SYSLINUX" in console.read_text(errors="replace")  # the disk's own boot loader ran
+        lb.json("vm", "template", "bltpl", "--from", "bl")
+        last = max(counts(console))
+        made = lb.json("vm", "clone", "bltpl", "--count", "1")
+        c = lb.root / "vms" / made["clones"][0] / "console.log"
+        wait_until("the boot-loader clone counting on", lambda: len(counts(c)) >= 2, 60)
+        assert last <= counts(c)[0] <= last + 2 and "SYSLINUX" not in c.read_text(errors="replace")
+        lb.cli("vm", "rm", made["clones"][0])
+    finally:
+        lb.cli("vm", "rm", "bl", check=False)

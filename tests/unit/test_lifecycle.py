@@ -333,6 +333,38 @@ def test_hydration_follows_the_profile_then_the_disk_and_records_completion(
     run(main())
 
 
+def test_a_profile_may_be_fetched_several_batches_at_a_time(golden: tuple[LocalRepository, Path],
+                                                            tmp_path: Path) -> None:
+    """``profile_parallel`` (a resumed VM's memory: vm/vms.py): the profile's batches go out together,
+    the profile's chunks and then the rest all become local, each fetched once."""
+    repo, src = golden
+
+    async def main() -> None:
+        m = repo.resolve("lab:v1")
+        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        profile = [40, 41, 7, 3, 12, 13, 14, 50, 51]
+        inflight = peak = 0
+        fetch = dev.fetch_chunks
+
+        async def counting(batch: list[int]) -> int:
+            nonlocal inflight, peak
+            inflight += 1
+            peak = max(peak, inflight)
+            try:
+                return await fetch(batch)
+            finally:
+                inflight -= 1
+        dev.fetch_chunks = counting  # type: ignore[method-assign]
+        h = Hydrator(dev, order=profile, batch_bytes=2 * CS, profile_parallel=3)
+        await h.start()
+        assert peak == 3  # three profile batches at once; the rest one at a time
+        assert dev.status()["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
+        assert h.chunks == sum(1 for i in range(m.count) if not m.is_zero(i))
+        await dev.close()
+
+    run(main())
+
+
 def test_first_read_order_is_recorded_and_kept(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
     repo, _ = golden
 

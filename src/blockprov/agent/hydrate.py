@@ -11,6 +11,10 @@ by itself, then stops needing the repository at all. Rules, and why:
   client reads next is most likely near what it just read.
 - A boot profile (the order a first boot read its chunks) is followed first, then the rest in
   disk order; with ``profile_only`` only the profile is fetched (prefetch for a boot).
+- ``profile_parallel``: the profile's batches may be fetched that many at a time (default one). A
+  resumed VM's memory (vm/vms.py) reads its resume profile's chunks next, in that order, so for it
+  the profile *is* the client's demand, fetched ahead of the page faults; the rest stays one batch
+  at a time.
 - Optional rate limit in bytes per second, so a lab of 30 machines does not saturate its uplink.
 - Faults pause it instead of ending it: a full cache disk (``NoSpace``) or an unreachable
   repository are retried after a pause, with the reason in ``status``; serving is unaffected.
@@ -43,13 +47,14 @@ PAUSE_SECONDS = 5.0
 class Hydrator:
     def __init__(self, dev: CacheDevice, *, order: Sequence[int] = (), rate: float | None = None,
                  profile_only: bool = False, batch_bytes: int = BATCH_BYTES,
-                 pause_seconds: float = PAUSE_SECONDS) -> None:
+                 pause_seconds: float = PAUSE_SECONDS, profile_parallel: int = 1) -> None:
         if dev.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         self.dev = dev
         self.rate = rate if rate and rate > 0 else None
         self.profile_only = profile_only
         self.pause_seconds = pause_seconds
+        self.profile_parallel = max(1, profile_parallel)
         cs = dev.manifest.chunk_size
         self._per_idle = max(1, batch_bytes // cs)
         self._per_busy = max(1, min(batch_bytes, BUSY_BATCH_BYTES) // cs)
@@ -87,12 +92,18 @@ class Hydrator:
         self.state = "running"
         pause = self.pause_seconds
         while True:
-            batch = self._next_batch()
+            batches = [self._next_batch()]
+            while self._order and len(batches) < self.profile_parallel and batches[-1]:
+                batches.append(self._next_batch())
+            batch = [i for b in batches for i in b]
             if not batch:
                 break
             t0 = time.monotonic()
             try:
-                n = await self.dev.fetch_chunks(batch)
+                if len(batches) == 1:
+                    n = await self.dev.fetch_chunks(batch)
+                else:
+                    n = sum(await asyncio.gather(*(self.dev.fetch_chunks(b) for b in batches if b)))
                 if n:
                     # Journal the fills now (they are only buffered otherwise): a crash then
                     # costs no refetch of what hydration already copied.

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ RECORD = "vm.json"
 NBD_SOCKET = "nbd.sock"
 BUILTIN_IDENTITY = "builtin:identity"
 LAZY_PREFIX = "tplmem-"  # the disk instance that serves a lazy template's memory (vm/lazy.py)
+RESUME_SETTLE = 1.0  # seconds without a first read of the lazy memory: the resumed guests settled
+RESUME_PARALLEL = 3  # resume-profile batches fetched at once (the fetcher allows 4: one left for page faults)
+RESUME_LIMIT = 10.0  # at most this long recording a resume profile (a busy guest never settles)
 
 
 def vm_dir(root: Path, name: str) -> Path:
@@ -364,7 +368,17 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     t_dir = template_dir(root, instance_name(name))
     pulled = not (t_dir / tpl.MANIFEST).exists()
     if pulled:  # not made here: from the repository (vm push), copied whole and verified, or lazily
-        stored.pull(t_dir, repo, name, lazy=lazy)
+        # The disks agent starts (a Python process: half a second) while the template is fetched.
+        with ThreadPoolExecutor(1) as pool:
+            agent = pool.submit(ensure_disks_served, root, repo_args)
+            try:
+                stored.pull(t_dir, repo, name, lazy=lazy)
+            except BaseException:
+                with contextlib.suppress(BlockprovError, OSError):
+                    agent.result()
+                    stop_disks_agent_if_idle(root)  # started for nothing
+                raise
+            agent.result()
     t = tpl.load(t_dir)
     tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(), memory=memory,
                       cpus=cpus, extra_args=extra_args)
@@ -375,9 +389,10 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
     new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
     asyncio.run(create_instances(root / DISKS, repo, m, new))
+    mm = _lazy_instance(root, repo, t) if t.extra.get("lazy") else None
     sock = ensure_disks_served(root, repo_args)
-    if t.extra.get("lazy"):
-        _mount_lazy(root, repo, repo_args, t, t_dir)
+    if mm is not None:
+        _mount_lazy(root, sock, t, t_dir, mm)
     started: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for index, vm in enumerate(new):
@@ -390,22 +405,60 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
             failed[vm] = str(e)
             with contextlib.suppress(BlockprovError, OSError):  # never kept half made
                 rm(root, vm) if (vm_dir(root, vm) / RECORD).exists() else remove(root / DISKS, vm)
-    return {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
-            "customized": {r["name"]: r.get("customized") for r in started if customize}}
+    out = {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
+           "customized": {r["name"]: r.get("customized") for r in started if customize}}
+    if mm is not None and started:
+        out["resume_profile"] = _record_resume_profile(root, repo, mm)
+    return out
 
 
-def _mount_lazy(root: Path, repo: Repository, repo_args: list[str], t: tpl.Template, t_dir: Path) -> None:
-    """Show a lazy template's memory version as its memory file (vm/lazy.py), served by the disks
-    agent as the instance ``tplmem-NAME``, and start hydrating the rest of it in the background."""
+def _lazy_instance(root: Path, repo: Repository, t: tpl.Template) -> Manifest:
+    """The disk instance ``tplmem-NAME`` that serves a lazy template's memory version (made if
+    missing; the disks agent picks it up with the clones' disks). Returns the memory version."""
     disks = root / DISKS
-    inst = f"{LAZY_PREFIX}{t.name}"
     mm = repo.resolve(parse_ref(str(t.extra["memory_version"])))
+    inst = f"{LAZY_PREFIX}{t.name}"
     if inst not in list_instances(disks):
         asyncio.run(create_instances(disks, repo, mm, [inst]))
-    sock = ensure_disks_served(root, repo_args)
-    lazy.mount(t_dir / tpl.LAZY_MOUNT, _disk_uri(sock, inst), t.memory_file.size)
+    return mm
+
+
+def _mount_lazy(root: Path, sock: Path, t: tpl.Template, t_dir: Path, mm: Manifest) -> None:
+    """Show a lazy template's memory version as its memory file (vm/lazy.py), and start fetching it
+    in the background first: the version's resume profile (the chunks the first lazy clone's guest
+    touched after it resumed, in that order) while qemu starts, then the rest."""
+    disks = root / DISKS
     with contextlib.suppress(BlockprovError, OSError):  # only a head start: first touches fetch anyway
-        control.call(base_dir(disks, mm), "hydrate", timeout=30.0)
+        control.call(base_dir(disks, mm), "hydrate", timeout=30.0, profile_parallel=RESUME_PARALLEL)
+    lazy.mount(t_dir / tpl.LAZY_MOUNT, _disk_uri(sock, f"{LAZY_PREFIX}{t.name}"), t.memory_file.size)
+
+
+def _record_resume_profile(root: Path, repo: Repository, mm: Manifest, *, settle: float = RESUME_SETTLE,
+                           limit: float = RESUME_LIMIT) -> dict[str, Any]:
+    """The first lazy clone of a memory version anywhere records its resume profile: the memory
+    chunks its guest read first, in that order (the base cache's first-read order), once no new
+    chunk was read for ``settle`` seconds (at most ``limit``), so every later host prefetches them
+    in one stream instead of paying a round trip per page. Kept as the version's boot profile in
+    the repository (the same record disks' boot profiles use); an existing one is left alone.
+    Best effort: a failure only costs later clones their head start."""
+    base = base_dir(root / DISKS, mm)
+    try:
+        if repo.get_profile(mm.image, mm.id):
+            return {"recorded": False, "reason": "the version has one"}
+        order: list[int] = []
+        deadline = time.monotonic() + limit
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < settle:
+            time.sleep(0.1)
+            now = control.call(base, "profile", timeout=10.0)["order"]
+            if len(now) != len(order):
+                order, quiet_since = now, time.monotonic()
+        if not order:
+            return {"recorded": False, "reason": "no chunk was read"}
+        repo.put_profile(mm.image, mm.id, order)
+        return {"recorded": True, "chunks": len(order)}
+    except (BlockprovError, OSError) as e:
+        return {"recorded": False, "reason": str(e)}
 
 
 def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, timeout: float) -> dict[str, Any]:
