@@ -221,6 +221,29 @@ def test_bad_input_is_refused_before_anything_starts(lab: dict[str, Any]) -> Non
     assert r.returncode == 5 and "qemu arguments" in r.stderr
     r = lb.cli("vm", "clone", "tpl", "--count", "1000", check=False)
     assert r.returncode == 5 and "not enough host memory" in r.stderr
+    r = lb.cli("vm", "template", "again", "--from", "nosuch", check=False)
+    assert r.returncode == 3 and "no VM nosuch" in r.stderr
+    assert set(lb.rows()) == before
+
+
+def test_a_clone_that_fails_to_start_is_reported_and_the_others_run(lab: dict[str, Any]) -> None:
+    """The second of two clones fails (its --customize exits 1): it is removed with its disk and
+    reported (exit 1, its name and why), the first runs on."""
+    lb: Lab = lab["lab"]
+    before = set(lb.rows())
+    r = lb.cli("vm", "clone", "tpl", "--count", "2", "--customize", 'test "$BLOCKPROV_INDEX" != 1', "--json",
+               check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    out = json.loads(r.stdout)
+    (ok,), (bad,) = out["clones"], list(out["failed"])
+    assert "--customize exited with 1" in out["failed"][bad]
+    assert "1 of 2 clone(s)" in r.stderr
+    rows = lb.rows()
+    assert bad not in rows and bad not in os.listdir(lb.root / "disks" / "instances")  # not kept half made
+    assert rows[ok]["state"] == "running"
+    c = lb.root / "vms" / ok / "console.log"
+    wait_until(f"{ok} counting", lambda: len(counts(c)) >= 2, 60)
+    lb.cli("vm", "rm", ok)
     assert set(lb.rows()) == before
 
 

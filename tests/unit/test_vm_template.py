@@ -130,3 +130,13 @@ def test_smaps_figures_of_one_mapping(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(Path, "read_text", fake)
     assert qemu.mapping_figures(1, Path("/t/memory")) == {"rss": 100 << 10, "pss": 40 << 10, "shared": 80 << 10,
                                                           "private": 20 << 10}
+
+
+def test_a_lazy_mount_as_a_user_needs_fusermount3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockprov.vm import lazy
+
+    monkeypatch.setattr(lazy.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(lazy.shutil, "which", lambda name: None)
+    with pytest.raises(CannotWrite, match=r"fusermount3.*fuse3") as e:
+        lazy.mount(tmp_path / "mnt", "nbd+unix:///x?socket=/nonexistent", 4096)
+    assert e.value.exit_code == 13 and not (tmp_path / "mnt").exists()  # refused before anything is made
