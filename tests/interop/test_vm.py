@@ -38,6 +38,17 @@ def counts(console: Path) -> list[int]:
         return []
 
 
+def agent_runs(disks: Path) -> bool:
+    from blockprov.agent import control
+    from blockprov.errors import AgentNotRunning
+
+    try:
+        control.call(disks, "status", timeout=5.0)
+    except (AgentNotRunning, OSError):
+        return False
+    return True
+
+
 def wait_until(what: str, cond: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -154,6 +165,13 @@ def test_a_vm_directory_with_only_the_repository_clones_too(lab: dict[str, Any])
     lb: Lab = lab["lab"]
     pushed = lb.json("vm", "push", "tpl")
     assert pushed["memory"].startswith("vmtpl-tpl@") and pushed["state"].startswith("vmtpl-tpl@")
+    refused = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm5", dir="/tmp")))
+    try:  # fetched, then refused: the disks agent started while it was fetched does not stay behind
+        r = refused.cli("vm", "clone", "tpl", "--count", "1000", check=False)
+        assert r.returncode == 5 and "not enough host memory" in r.stderr
+        wait_until("no disks agent left", lambda: not agent_runs(refused.root / "disks"), 30)
+    finally:
+        shutil.rmtree(refused.root, ignore_errors=True)
     other = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm2", dir="/tmp")))  # no local template
     try:
         made = other.json("vm", "clone", "tpl", "--count", "1")

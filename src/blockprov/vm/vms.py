@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -367,25 +367,31 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     to start or resume is reported and the others go on."""
     t_dir = template_dir(root, instance_name(name))
     pulled = not (t_dir / tpl.MANIFEST).exists()
-    if pulled:  # not made here: from the repository (vm push), copied whole and verified, or lazily
-        # The disks agent starts (a Python process: half a second) while the template is fetched.
-        with ThreadPoolExecutor(1) as pool:
-            agent = pool.submit(ensure_disks_served, root, repo_args)
-            try:
-                stored.pull(t_dir, repo, name, lazy=lazy)
-            except BaseException:
-                with contextlib.suppress(BlockprovError, OSError):
-                    agent.result()
+    # A template not made here comes from the repository (vm push), copied whole and verified, or
+    # lazily. The disks agent starts (a Python process: half a second) while it is fetched, once the
+    # repository has shown it has one (a mistyped name starts nothing), and is stopped again if a
+    # check then refuses the clones (no VM would use it).
+    with ThreadPoolExecutor(1) as pool:
+        agent: list[Future[Path]] = []
+        try:
+            if pulled:
+                stored.pull(t_dir, repo, name, lazy=lazy,
+                            found=lambda: agent.append(pool.submit(ensure_disks_served, root, repo_args)))
+                for a in agent:
+                    a.result()
+            t = tpl.load(t_dir)
+            tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(),
+                              memory=memory, cpus=cpus, extra_args=extra_args)
+            tpl.verify_files(t, t_dir)
+            if not t.extra.get("lazy"):
+                tpl.check_memory_access(t_dir / tpl.MEMORY)
+            tpl.check_host_memory(t, count, qemu.mem_available())
+        except BaseException:
+            with contextlib.suppress(BlockprovError, OSError):
+                for a in agent:
+                    a.result()
                     stop_disks_agent_if_idle(root)  # started for nothing
-                raise
-            agent.result()
-    t = tpl.load(t_dir)
-    tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(), memory=memory,
-                      cpus=cpus, extra_args=extra_args)
-    tpl.verify_files(t, t_dir)
-    if not t.extra.get("lazy"):
-        tpl.check_memory_access(t_dir / tpl.MEMORY)
-    tpl.check_host_memory(t, count, qemu.mem_available())
+            raise
     m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
     new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
     asyncio.run(create_instances(root / DISKS, repo, m, new))
