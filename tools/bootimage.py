@@ -25,7 +25,8 @@ system), then acts on ``bp.mode=`` of the kernel command line:
 * ``counter``: never ends: counts in memory, printing ``BP-COUNT n=…`` ten times a second, and takes a
   hostname and a machine-id from the host on the virtio-serial port ``org.blockprov.identity`` (a
   line ``NAME MACHINE-ID``; ``BP-IDENTITY name=… machine-id=…``; the name also written to
-  ``/bp-identity``, the machine-id to ``/etc/machine-id``): the running application ``blockprov vm`` clones;
+  ``/bp-identity``, the machine-id to ``/etc/machine-id``); ``bp.ballast=MB`` first fills that much
+  RAM with random data: the running application ``blockprov vm`` clones;
 * ``admin``: a sanctioned change: writes ``/etc/bp-admin-change`` (``ADMIN_CHANGE_CONTENT``) and
   updates the golden list so a later check passes;
 
@@ -58,7 +59,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 5  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 6  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -164,6 +165,9 @@ counter)
             else sleep 1; fi
         done) &
     fi
+    for a in $(cat /proc/cmdline); do  # bp.ballast=MB: random data held in RAM, as a warm service's caches
+        case "$a" in bp.ballast=*) dd if=/dev/urandom of=/tmp/ballast bs=1M count="${a#bp.ballast=}" 2>/dev/null ;; esac
+    done
     echo "BP-COUNTER-START port=$PORT"
     n=0
     ident=""
