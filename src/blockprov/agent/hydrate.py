@@ -14,7 +14,8 @@ by itself, then stops needing the repository at all. Rules, and why:
 - ``profile_parallel``: the profile's batches may be fetched that many at a time (default one). A
   resumed VM's memory (vm/vms.py) reads its resume profile's chunks next, in that order, so for it
   the profile *is* the client's demand, fetched ahead of the page faults; the rest stays one batch
-  at a time.
+  at a time. With ``hold_rest`` the rest waits, after the profile, until no client missed a chunk
+  for a second (at most ``hold_rest`` seconds): the resumed guests' own faults go first.
 - Optional rate limit in bytes per second, so a lab of 30 machines does not saturate its uplink.
 - Faults pause it instead of ending it: a full cache disk (``NoSpace``) or an unreachable
   repository are retried after a pause, with the reason in ``status``; serving is unaffected.
@@ -47,7 +48,7 @@ PAUSE_SECONDS = 5.0
 class Hydrator:
     def __init__(self, dev: CacheDevice, *, order: Sequence[int] = (), rate: float | None = None,
                  profile_only: bool = False, batch_bytes: int = BATCH_BYTES,
-                 pause_seconds: float = PAUSE_SECONDS, profile_parallel: int = 1) -> None:
+                 pause_seconds: float = PAUSE_SECONDS, profile_parallel: int = 1, hold_rest: float = 0.0) -> None:
         if dev.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         self.dev = dev
@@ -55,6 +56,7 @@ class Hydrator:
         self.profile_only = profile_only
         self.pause_seconds = pause_seconds
         self.profile_parallel = max(1, profile_parallel)
+        self.hold_rest = max(0.0, hold_rest)
         cs = dev.manifest.chunk_size
         self._per_idle = max(1, batch_bytes // cs)
         self._per_busy = max(1, min(batch_bytes, BUSY_BATCH_BYTES) // cs)
@@ -92,6 +94,8 @@ class Hydrator:
         self.state = "running"
         pause = self.pause_seconds
         while True:
+            if self.hold_rest and not self._order and not self.profile_only:
+                await self._hold_rest()
             batches = [self._next_batch()]
             while self._order and len(batches) < self.profile_parallel and batches[-1]:
                 batches.append(self._next_batch())
@@ -142,6 +146,13 @@ class Hydrator:
             self.message = "every chunk is local"
         self.finished = time.time()
         log.info("hydration of %s done: %d chunks, %d bytes", self.dev.cache_dir, self.chunks, self.bytes)
+
+    async def _hold_rest(self) -> None:
+        """After the profile: wait (once, at most ``hold_rest`` s) until no client missed for a second."""
+        deadline = time.monotonic() + self.hold_rest
+        self.hold_rest = 0.0
+        while time.monotonic() < deadline and time.monotonic() - self.dev.last_miss_at < BUSY_SECONDS:
+            await asyncio.sleep(0.1)
 
     def _pause(self, why: str) -> None:
         if self.message != why:

@@ -432,10 +432,12 @@ def _lazy_instance(root: Path, repo: Repository, t: tpl.Template) -> Manifest:
 def _mount_lazy(root: Path, sock: Path, t: tpl.Template, t_dir: Path, mm: Manifest) -> None:
     """Show a lazy template's memory version as its memory file (vm/lazy.py), and start fetching it
     in the background first: the version's resume profile (the chunks the first lazy clone's guest
-    touched after it resumed, in that order) while qemu starts, then the rest."""
+    touched after it resumed, in that order) while qemu starts, then, once the guests' page faults
+    have calmed down (at most RESUME_LIMIT s later), the rest."""
     disks = root / DISKS
     with contextlib.suppress(BlockprovError, OSError):  # only a head start: first touches fetch anyway
-        control.call(base_dir(disks, mm), "hydrate", timeout=30.0, profile_parallel=RESUME_PARALLEL)
+        control.call(base_dir(disks, mm), "hydrate", timeout=30.0, profile_parallel=RESUME_PARALLEL,
+                     hold_rest=RESUME_LIMIT)
     lazy.mount(t_dir / tpl.LAZY_MOUNT, _disk_uri(sock, f"{LAZY_PREFIX}{t.name}"), t.memory_file.size)
 
 
