@@ -27,6 +27,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from blockprov.durable import ensure_dir
@@ -51,10 +52,17 @@ def _fusermount() -> str | None:
     return None if os.geteuid() == 0 else shutil.which("fusermount3")
 
 
-def unmount(mnt: Path) -> None:
+def unmount(mnt: Path, timeout: float = 10.0) -> None:
+    """Unmount, retried while the mount is busy (a clone's qemu that just quit may still be
+    releasing its mapping of the file), for at most ``timeout`` seconds."""
     helper = _fusermount()
     cmd = [helper, "-u", "-q", str(mnt)] if helper else ["umount", str(mnt)]
-    subprocess.run(cmd, capture_output=True, check=False, timeout=30)
+    deadline = time.monotonic() + timeout
+    while True:
+        subprocess.run(cmd, capture_output=True, check=False, timeout=30)
+        if not mnt.is_mount() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     (mnt.parent / PIDFILE).unlink(missing_ok=True)
 
 

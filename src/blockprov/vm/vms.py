@@ -147,9 +147,14 @@ def stop_disks_agent_if_idle(root: Path) -> bool:
     for t in (root / TEMPLATES).glob(f"*/{tpl.LAZY_MOUNT}"):  # their export is about to go
         lazy.unmount(t)
     try:
+        pid = int(control.call(root / DISKS, "status", timeout=10.0)["pid"])
         control.call(root / DISKS, "stop", timeout=30.0)
-    except (AgentNotRunning, OSError):  # gone, or going already
+    except (AgentNotRunning, OSError, KeyError, TypeError, ValueError):  # gone, or going already
         return False
+    # Its caches are written as it exits: a caller that then removes the directory must find it done.
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and qemu.process_lives(pid):
+        time.sleep(0.05)
     return True
 
 
