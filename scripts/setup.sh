@@ -20,6 +20,7 @@ APT_PKGS=(
     nginx-light                        # a caching HTTP proxy in front of the service
     e2fsprogs                          # mkfs.ext4, debugfs, e2fsck: file systems in test images
     linux-image-amd64 busybox-static   # the bootable test image (tools/bootimage.py)
+    syslinux syslinux-common mtools dosfstools  # the test image booting from its own boot loader (tools/bootdisk.py)
     postgresql                         # initdb, postgres: the shared catalog's tests
     chromium chromium-driver           # a real browser for the console's test (selenium uses this chromedriver)
     systemd                            # systemd-analyze verify (contrib/systemd's units), systemd-socket-activate

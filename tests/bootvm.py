@@ -32,6 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+import bootdisk  # noqa: E402
 import bootimage  # noqa: E402  (tools/ is not a package: it must run with nothing installed)
 
 MARKER = bootimage.MARKER
@@ -73,6 +74,11 @@ class BootResult:
 def build_image(out: Path | None = None, *, size: str = "1G", fill_mb: int = 300) -> bootimage.Built:
     """Build (or reuse) the boot image; safe from parallel test workers (the builder locks)."""
     return bootimage.build(out or IMAGE_DIR / f"{size}-{fill_mb}", size=size, fill_mb=fill_mb)
+
+
+def bootable_disk(img: bootimage.Built, out: Path, append: str) -> Path:
+    """The test image's disk with its own boot loader (tools/bootdisk.py) booting ``append``, at ``out``."""
+    return bootdisk.make_bootable(img.disk, img.kernel, img.initrd, out, append)
 
 
 def _drive_value(target: str | Path, cache: str, readonly: bool) -> str:

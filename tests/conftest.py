@@ -29,6 +29,7 @@ TOOL_PACKAGES = {
     "busybox": "busybox-static", "initdb": "postgresql", "postgres": "postgresql",
     "chromium": "chromium", "chromedriver": "chromium-driver",  # the console's browser test (selenium)
     "systemd-analyze": "systemd", "systemd-socket-activate": "systemd",  # contrib/systemd, socket activation
+    "syslinux": "syslinux", "mcopy": "mtools", "mkfs.fat": "dosfstools",  # tools/bootdisk.py (a disk's own boot loader)
 }
 
 

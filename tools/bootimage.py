@@ -23,8 +23,10 @@ system), then acts on ``bp.mode=`` of the kernel command line:
 * ``check``: verifies every file of the golden list and reports files of the watched directories the
   list does not have: ``BP-CHECK OK files=N`` or ``BP-CHECK FAIL changed=… extra=…``;
 * ``counter``: never ends: counts in memory, printing ``BP-COUNT n=…`` ten times a second, and takes a
-  hostname from the host on the virtio-serial port ``org.blockprov.identity`` (``BP-IDENTITY
-  name=…``, also written to ``/bp-identity``): the running application ``blockprov vm`` clones;
+  hostname and a machine-id from the host on the virtio-serial port ``org.blockprov.identity`` (a
+  line ``NAME MACHINE-ID``; ``BP-IDENTITY name=… machine-id=…``; the name also written to
+  ``/bp-identity``, the machine-id to ``/etc/machine-id``); ``bp.ballast=MB`` first fills that much
+  RAM with random data: the running application ``blockprov vm`` clones;
 * ``admin``: a sanctioned change: writes ``/etc/bp-admin-change`` (``ADMIN_CHANGE_CONTENT``) and
   updates the golden list so a later check passes;
 
@@ -57,7 +59,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 4  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 6  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -149,8 +151,9 @@ check)
     ;;
 counter)
     # A running application for VM clones (blockprov vm): its state (n) lives only in memory, it
-    # never powers off, and it takes an identity from the host on the virtio-serial port
-    # org.blockprov.identity, writing it to its disk (/bp-identity) so each clone's disk differs.
+    # never powers off, and it takes an identity (hostname, machine-id) from the host on the
+    # virtio-serial port org.blockprov.identity, writing it to its disk (/bp-identity,
+    # /etc/machine-id) so each clone's disk differs.
     PORT=""
     for p in /sys/class/virtio-ports/*; do
         [ "$(cat "$p/name" 2>/dev/null)" = org.blockprov.identity ] && PORT="/dev/${p##*/}"
@@ -162,6 +165,9 @@ counter)
             else sleep 1; fi
         done) &
     fi
+    for a in $(cat /proc/cmdline); do  # bp.ballast=MB: random data held in RAM, as a warm service's caches
+        case "$a" in bp.ballast=*) dd if=/dev/urandom of=/tmp/ballast bs=1M count="${a#bp.ballast=}" 2>/dev/null ;; esac
+    done
     echo "BP-COUNTER-START port=$PORT"
     n=0
     ident=""
@@ -169,10 +175,12 @@ counter)
         n=$((n + 1))
         if [ -f /tmp/ident ] && [ "$(cat /tmp/ident)" != "$ident" ]; then
             ident=$(cat /tmp/ident)
-            hostname "$ident"
-            echo "$ident" >bp-identity
+            set -- $ident  # "NAME [MACHINE-ID]"
+            hostname "$1"
+            echo "$1" >bp-identity
+            [ -n "$2" ] && echo "$2" >/etc/machine-id && echo "$2" >etc/machine-id  # the running system's, the disk's
             sync
-            echo "BP-IDENTITY name=$ident n=$n"
+            echo "BP-IDENTITY name=$1 machine-id=${2:-none} n=$n"
         fi
         echo "BP-COUNT n=$n host=$(hostname)"
         usleep 100000

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests import bootvm
-from tests.conftest import run_cli
+from tests.conftest import require_tool, run_cli
 
 pytestmark = pytest.mark.interop  # a missing qemu-system-x86_64 fails naming its package (tests/conftest.py)
 COUNT = re.compile(r"BP-COUNT n=(\d+) host=")  # whole lines only: a paused guest may stop mid-line
@@ -36,6 +36,17 @@ def counts(console: Path) -> list[int]:
         return [int(x) for x in COUNT.findall(console.read_text(errors="replace"))]
     except FileNotFoundError:
         return []
+
+
+def agent_runs(disks: Path) -> bool:
+    from blockprov.agent import control
+    from blockprov.errors import AgentNotRunning
+
+    try:
+        control.call(disks, "status", timeout=5.0)
+    except (AgentNotRunning, OSError):
+        return False
+    return True
 
 
 def wait_until(what: str, cond: Any, timeout: float = 60.0) -> None:
@@ -97,7 +108,8 @@ def test_template_vm_ran_with_its_ram_in_a_file(lab: dict[str, Any]) -> None:
     t = lab["template"]
     assert t["memory"] == 256 << 20 and t["disk"].startswith("lab@")
     tdir = Path(t["dir"])
-    assert (tdir / "memory").stat().st_mode & 0o222 == 0  # a template never changes once clones map it
+    assert (tdir / "memory").stat().st_mode & 0o777 == 0o644  # its owner's qemu opens it O_RDWR (never writes)
+    assert (tdir / "state").stat().st_mode & 0o222 == 0  # a template never changes once clones map it
     manifest = json.loads((tdir / "template.json").read_text())
     assert manifest["machine"]["machine"].startswith("pc-i440fx-") and manifest["machine"]["memory"] == 256 << 20
 
@@ -117,9 +129,13 @@ def test_clones_resume_where_the_template_was(lab: dict[str, Any]) -> None:
 def test_clones_have_their_own_identity_mac_and_disk(lab: dict[str, Any]) -> None:
     rows, names = lab["rows"], lab["made"]["clones"]
     assert len({rows[n]["mac"] for n in names} | {rows["app"]["mac"]}) == CLONES + 1
+    ids = {n: lab["made"]["customized"][n]["machine_id"] for n in names}
+    assert len(set(ids.values())) == CLONES and all(re.fullmatch(r"[0-9a-f]{32}", m) for m in ids.values()), ids
     for n in names:
-        assert lab["made"]["customized"][n] == {"identity": n, "acknowledged": True}
-        assert "BP-COUNT n=" in lab["consoles"][n].read_text() and f"host={n}" in lab["consoles"][n].read_text()
+        assert lab["made"]["customized"][n] == {"identity": n, "machine_id": ids[n], "acknowledged": True}
+        text = lab["consoles"][n].read_text()
+        assert f"BP-IDENTITY name={n} machine-id={ids[n]} " in text  # the guest applied both
+        assert "BP-COUNT n=" in text and f"host={n}" in text
     # Each guest wrote its name to /bp-identity on its own disk: read every disk through its export.
     sock = lab["root"] / "disks" / "nbd.sock"
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
@@ -127,9 +143,10 @@ def test_clones_have_their_own_identity_mac_and_disk(lab: dict[str, Any]) -> Non
             raw = Path(tmp) / f"{n}.raw"
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///{n}?socket={sock}",
                             str(raw)], check=True, capture_output=True, timeout=120)
-            got = subprocess.run(["debugfs", "-R", "cat /bp-identity", str(raw)], capture_output=True, text=True,
-                                 timeout=60).stdout.strip()
-            assert got == n  # its own write, and none of the others'
+            for path, want in (("/bp-identity", n), ("/etc/machine-id", ids[n])):
+                got = subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True, text=True,
+                                     timeout=60).stdout.strip()
+                assert got == want, (n, path)  # its own write, and none of the others'
             raw.unlink()
 
 
@@ -148,6 +165,13 @@ def test_a_vm_directory_with_only_the_repository_clones_too(lab: dict[str, Any])
     lb: Lab = lab["lab"]
     pushed = lb.json("vm", "push", "tpl")
     assert pushed["memory"].startswith("vmtpl-tpl@") and pushed["state"].startswith("vmtpl-tpl@")
+    refused = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm5", dir="/tmp")))
+    try:  # fetched, then refused: the disks agent started while it was fetched does not stay behind
+        r = refused.cli("vm", "clone", "tpl", "--count", "1000", check=False)
+        assert r.returncode == 5 and "not enough host memory" in r.stderr
+        wait_until("no disks agent left", lambda: not agent_runs(refused.root / "disks"), 30)
+    finally:
+        shutil.rmtree(refused.root, ignore_errors=True)
     other = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm2", dir="/tmp")))  # no local template
     try:
         made = other.json("vm", "clone", "tpl", "--count", "1")
@@ -178,10 +202,24 @@ def test_a_lazy_clone_maps_the_memory_before_it_is_copied(lab: dict[str, Any]) -
             wait_until(f"lazy clone {n} counting", lambda c=console: len(counts(c)) >= 2, 60)
             text = console.read_text(errors="replace")
             assert "BLOCKPROV-INIT" not in text and lab["last"] <= counts(console)[0] <= lab["last"] + 2
+        # The first lazy clone of this memory version anywhere recorded its resume profile: the chunks its
+        # guests read first, in that order, which later lazy clones (any host) prefetch ahead of their faults.
+        assert made["resume_profile"]["recorded"] is True and made["resume_profile"]["chunks"] > 0, made
         rows = [other.rows()[n] for n in made["clones"]]
         assert all(r["state"] == "running" for r in rows)
         # Both map the one FUSE file privately: the pages they read are the page cache's, shared.
         assert sum(r["guest_ram"]["pss"] for r in rows) < 0.75 * sum(r["guest_ram"]["rss"] for r in rows), rows
+        third = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm4", dir="/tmp")))  # another host: uses it
+        try:
+            again = third.json("vm", "clone", "tpl", "--count", "1", "--lazy")
+            assert again["resume_profile"] == {"recorded": False, "reason": "the version has one"}, again
+            console = third.root / "vms" / again["clones"][0] / "console.log"
+            wait_until("the profiled lazy clone counting", lambda: len(counts(console)) >= 2, 60)
+            assert lab["last"] <= counts(console)[0] <= lab["last"] + 2
+        finally:
+            for n in third.rows():
+                third.cli("vm", "rm", n, check=False)
+            shutil.rmtree(third.root, ignore_errors=True)
     finally:
         for n in other.rows():
             other.cli("vm", "rm", n, check=False)
@@ -201,6 +239,29 @@ def test_bad_input_is_refused_before_anything_starts(lab: dict[str, Any]) -> Non
     assert r.returncode == 5 and "qemu arguments" in r.stderr
     r = lb.cli("vm", "clone", "tpl", "--count", "1000", check=False)
     assert r.returncode == 5 and "not enough host memory" in r.stderr
+    r = lb.cli("vm", "template", "again", "--from", "nosuch", check=False)
+    assert r.returncode == 3 and "no VM nosuch" in r.stderr
+    assert set(lb.rows()) == before
+
+
+def test_a_clone_that_fails_to_start_is_reported_and_the_others_run(lab: dict[str, Any]) -> None:
+    """The second of two clones fails (its --customize exits 1): it is removed with its disk and
+    reported (exit 1, its name and why), the first runs on."""
+    lb: Lab = lab["lab"]
+    before = set(lb.rows())
+    r = lb.cli("vm", "clone", "tpl", "--count", "2", "--customize", 'test "$BLOCKPROV_INDEX" != 1', "--json",
+               check=False)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    out = json.loads(r.stdout)
+    (ok,), (bad,) = out["clones"], list(out["failed"])
+    assert "--customize exited with 1" in out["failed"][bad]
+    assert "1 of 2 clone(s)" in r.stderr
+    rows = lb.rows()
+    assert bad not in rows and bad not in os.listdir(lb.root / "disks" / "instances")  # not kept half made
+    assert rows[ok]["state"] == "running"
+    c = lb.root / "vms" / ok / "console.log"
+    wait_until(f"{ok} counting", lambda: len(counts(c)) >= 2, 60)
+    lb.cli("vm", "rm", ok)
     assert set(lb.rows()) == before
 
 
@@ -234,3 +295,70 @@ def test_a_damaged_or_missing_memory_file_starts_no_clone(lab: dict[str, Any]) -
     assert r.returncode == 4 and "missing" in r.stderr, r.stderr
     assert set(lb.rows()) == before
     shutil.rmtree(broken)
+
+
+def test_an_unprivileged_owner_maps_its_template_memory() -> None:
+    """Why ``vm clone`` once needed root: qemu 7.2 opens a ``share=off`` memory file read-write, so
+    the 0444 the first templates had refused everyone but root. With the owner's write bit
+    (template.MEMORY_MODE) an unprivileged owner's qemu maps it; the 0444 file still fails, as
+    template.memory_refusal says before anything starts. Run as ``nobody`` when the tests run as root."""
+    from blockprov.vm import qemu as vmq
+    from blockprov.vm import template as vmt
+
+    d = Path(tempfile.mkdtemp(prefix="bpvmu", dir="/tmp"))
+    try:
+        d.chmod(0o755)
+        mem = d / "memory"
+        with open(mem, "wb") as f:
+            f.truncate(16 << 20)
+        as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        uid = 65534 if os.geteuid() == 0 else os.geteuid()
+        if as_user:
+            os.chown(mem, uid, uid)
+        outcomes = {}
+        for mode in (vmt.MEMORY_MODE, 0o444):
+            mem.chmod(mode)
+            r = subprocess.run([*as_user, vmq.QEMU, "-machine", "pc,accel=tcg,memory-backend=ram", "-m", "16M",
+                                "-object", f"memory-backend-file,id=ram,size=16M,mem-path={mem},share=off",
+                                "-display", "none", "-nodefaults", "-S", "-qmp", "stdio"],
+                               input='{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
+                               capture_output=True, text=True, timeout=60)
+            outcomes[mode] = r
+            st = mem.stat()
+            refusal = vmt.memory_refusal(mem, st.st_mode, st.st_uid, st.st_gid, uid, {uid})
+            assert (refusal is None) == (mode == vmt.MEMORY_MODE)
+        ok, sealed = outcomes[vmt.MEMORY_MODE], outcomes[0o444]
+        assert ok.returncode == 0 and '"return"' in ok.stdout, ok.stderr
+        assert sealed.returncode != 0 and "Permission denied" in sealed.stderr, sealed.stderr
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_version_without_boot_files_boots_from_its_own_boot_loader(lab: dict[str, Any]) -> None:
+    """``vm run`` of a version with no boot files: qemu gets no ``-kernel``; SeaBIOS runs the disk's
+    MBR, which starts syslinux from the disk's boot partition (tools/bootdisk.py), which starts the
+    kernel. The application then counts, and the VM templates and clones like any other."""
+    for tool in ("syslinux", "mcopy", "mkfs.fat"):
+        require_tool(tool)
+    lb: Lab = lab["lab"]
+    img = bootvm.build_image(size="256M", fill_mb=40)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        disk = bootvm.bootable_disk(img, Path(tmp) / "disk.raw", "console=ttyS0 quiet panic=-1 bp.mode=counter")
+        run_cli("import", str(disk), "lab:bootloader", data=lb.data)
+    rec = lb.json("vm", "run", "lab:bootloader", "--name", "bl", "--memory", "256M")
+    try:
+        assert rec["machine"]["kernel"] is False and rec["machine"]["append"] == ""
+        cmdline = Path(f"/proc/{rec['pid']}/cmdline").read_bytes().split(b"\0")
+        assert b"-kernel" not in cmdline and b"-initrd" not in cmdline
+        console = Path(rec["console"])
+        wait_until("the boot-loader VM's counter", lambda: len(counts(console)) >= 3, 120)
+        assert "SYSLINUX" in console.read_text(errors="replace")  # the disk's own boot loader ran
+        lb.json("vm", "template", "bltpl", "--from", "bl")
+        last = max(counts(console))
+        made = lb.json("vm", "clone", "bltpl", "--count", "1")
+        c = lb.root / "vms" / made["clones"][0] / "console.log"
+        wait_until("the boot-loader clone counting on", lambda: len(counts(c)) >= 2, 60)
+        assert last <= counts(c)[0] <= last + 2 and "SYSLINUX" not in c.read_text(errors="replace")
+        lb.cli("vm", "rm", made["clones"][0])
+    finally:
+        lb.cli("vm", "rm", "bl", check=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -409,6 +410,72 @@ def test_profile_prefetch_races_ahead_as_client_fetches_do(
         return kinds
 
     assert run(main()) == [False]  # six chunks, one batch, a client's
+
+
+def test_a_profile_may_be_fetched_several_batches_at_a_time(golden: tuple[LocalRepository, Path],
+                                                            tmp_path: Path) -> None:
+    """``profile_parallel`` (a resumed VM's memory: vm/vms.py): the profile's batches go out together,
+    the profile's chunks and then the rest all become local, each fetched once."""
+    repo, src = golden
+
+    async def main() -> None:
+        m = repo.resolve("lab:v1")
+        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        profile = [40, 41, 7, 3, 12, 13, 14, 50, 51]
+        inflight = peak = 0
+        fetch = dev.fetch_chunks
+
+        async def counting(batch: list[int], *, background: bool = False) -> int:
+            nonlocal inflight, peak
+            inflight += 1
+            peak = max(peak, inflight)
+            try:
+                return await fetch(batch, background=background)
+            finally:
+                inflight -= 1
+        dev.fetch_chunks = counting  # type: ignore[method-assign]
+        h = Hydrator(dev, order=profile, batch_bytes=2 * CS, profile_parallel=3)
+        await h.start()
+        assert peak == 3  # three profile batches at once; the rest one at a time
+        assert dev.status()["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
+        assert h.chunks == sum(1 for i in range(m.count) if not m.is_zero(i))
+        await dev.close()
+
+    run(main())
+
+
+def test_the_rest_waits_while_clients_miss_after_the_profile(golden: tuple[LocalRepository, Path],
+                                                             tmp_path: Path) -> None:
+    """``hold_rest``: the profile is fetched at once, the rest only once the clients stopped missing."""
+    repo, src = golden
+
+    async def main() -> None:
+        m = repo.resolve("lab:v1")
+        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        profile = [i for i in (40, 41, 7, 3) if not m.is_zero(i)]
+        missing = True
+
+        async def client_misses() -> None:  # a resumed guest still faulting
+            while missing:
+                dev.last_miss_at = time.monotonic()
+                await asyncio.sleep(0.05)
+        bump = asyncio.ensure_future(client_misses())
+        h = Hydrator(dev, order=profile, hold_rest=60.0)
+        task = h.start()
+        for _ in range(400):  # bounded: the profile arrives while the client misses
+            if all(dev.chunk_map.flags[i] & PRESENT for i in profile):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        present = {i for i in range(m.count) if dev.chunk_map.flags[i] & PRESENT}
+        assert present == set(profile)  # and nothing else while the client misses
+        missing = False
+        await bump
+        await asyncio.wait_for(task, 60)
+        assert dev.status()["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
+        await dev.close()
+
+    run(main())
 
 
 def test_first_read_order_is_recorded_and_kept(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.errors import NotEnoughMemory, NotFound, TemplateDamaged, TemplateMismatch
+from blockprov.errors import CannotWrite, NotEnoughMemory, NotFound, TemplateDamaged, TemplateMismatch
 from blockprov.vm import qemu
 from blockprov.vm import template as tpl
 
@@ -33,6 +33,27 @@ def test_manifest_round_trips(tmp_path: Path) -> None:
     t, d = make(tmp_path)
     assert tpl.load(d) == t
     assert (d / tpl.MEMORY).stat().st_mode & 0o222 == 0  # sealed: read-only
+    assert tpl.seal(d / tpl.MEMORY, tpl.MEMORY_MODE) == t.memory_file
+    assert (d / tpl.MEMORY).stat().st_mode & 0o777 == 0o644  # qemu 7.2 opens it O_RDWR: its owner may
+
+
+def test_who_may_map_the_memory_file() -> None:
+    p = Path("/t/memory")
+    assert tpl.memory_refusal(p, 0o100644, 1000, 1000, uid=1000, gids={1000}) is None  # its owner
+    assert tpl.memory_refusal(p, 0o100444, 0, 0, uid=0, gids={0}) is None  # root ignores the mode
+    why = tpl.memory_refusal(p, 0o100444, 1000, 1000, uid=1000, gids={1000})  # sealed 0444 (before)
+    assert why is not None and "read and write" in why and "mode 444" in why
+    assert tpl.memory_refusal(p, 0o100644, 0, 0, uid=1000, gids={1000}) is not None  # root's template
+    assert tpl.memory_refusal(p, 0o100664, 0, 50, uid=1000, gids={50}) is None  # through its group
+    assert tpl.memory_refusal(p, 0o100666, 0, 0, uid=1000, gids=set()) is None
+
+
+def test_clone_refuses_a_memory_file_it_could_not_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _t, d = make(tmp_path)  # memory sealed 0444, as the first templates were
+    monkeypatch.setattr(tpl.os, "geteuid", lambda: 1000)
+    with pytest.raises(CannotWrite, match="qemu opens a template's memory file read and write") as e:
+        tpl.check_memory_access(d / tpl.MEMORY)
+    assert e.value.exit_code == 13
 
 
 def test_unreadable_or_unknown_manifest_is_damaged(tmp_path: Path) -> None:
@@ -109,3 +130,13 @@ def test_smaps_figures_of_one_mapping(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(Path, "read_text", fake)
     assert qemu.mapping_figures(1, Path("/t/memory")) == {"rss": 100 << 10, "pss": 40 << 10, "shared": 80 << 10,
                                                           "private": 20 << 10}
+
+
+def test_a_lazy_mount_as_a_user_needs_fusermount3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockprov.vm import lazy
+
+    monkeypatch.setattr(lazy.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(lazy.shutil, "which", lambda name: None)
+    with pytest.raises(CannotWrite, match=r"fusermount3.*fuse3") as e:
+        lazy.mount(tmp_path / "mnt", "nbd+unix:///x?socket=/nonexistent", 4096)
+    assert e.value.exit_code == 13 and not (tmp_path / "mnt").exists()  # refused before anything is made

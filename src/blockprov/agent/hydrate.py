@@ -16,6 +16,11 @@ by itself, then stops needing the repository at all. Rules, and why:
   client reads next is most likely near what it just read.
 - A boot profile (the order a first boot read its chunks) is followed first, then the rest in
   disk order; with ``profile_only`` only the profile is fetched (prefetch for a boot).
+- ``profile_parallel``: the profile's batches may be fetched that many at a time (default one). A
+  resumed VM's memory (vm/vms.py) reads its resume profile's chunks next, in that order, so for it
+  the profile *is* the client's demand, fetched ahead of the page faults; the rest stays one batch
+  at a time. With ``hold_rest`` the rest waits, after the profile, until no client missed a chunk
+  for a second (at most ``hold_rest`` seconds): the resumed guests' own faults go first.
 - Optional rate limit in bytes per second, so a lab of 30 machines does not saturate its uplink.
 - Faults pause it instead of ending it: a full cache disk (``NoSpace``) or an unreachable
   repository are retried after a pause, with the reason in ``status``; serving is unaffected.
@@ -50,13 +55,15 @@ PAUSE_SECONDS = 5.0
 class Hydrator:
     def __init__(self, dev: CacheDevice, *, order: Sequence[int] = (), rate: float | None = None,
                  profile_only: bool = False, batch_bytes: int = BATCH_BYTES,
-                 pause_seconds: float = PAUSE_SECONDS) -> None:
+                 pause_seconds: float = PAUSE_SECONDS, profile_parallel: int = 1, hold_rest: float = 0.0) -> None:
         if dev.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         self.dev = dev
         self.rate = rate if rate and rate > 0 else None
         self.profile_only = profile_only
         self.pause_seconds = pause_seconds
+        self.profile_parallel = max(1, profile_parallel)
+        self.hold_rest = max(0.0, hold_rest)
         cs = dev.manifest.chunk_size
         self._per_idle = max(1, batch_bytes // cs)
         self._per_busy = max(1, min(batch_bytes, BUSY_BATCH_BYTES) // cs)
@@ -96,14 +103,24 @@ class Hydrator:
         self.state = "running"
         pause = self.pause_seconds
         while True:
-            batch = self._next_batch()
+            if self.hold_rest and not self._order and not self.profile_only:
+                await self._hold_rest()
+            batches = [self._next_batch()]
+            while self._order and len(batches) < self.profile_parallel and batches[-1]:
+                batches.append(self._next_batch())
+            batch = [i for b in batches for i in b]
             if not batch:
                 break
             t0 = time.monotonic()
             try:
                 # The profile's chunks are what the booting guest reads next: they race ahead of it
                 # as client fetches do; the rest is background work that yields to clients.
-                n = await self.dev.fetch_chunks(batch, background=not self._from_profile)
+                bg = not self._from_profile
+                if len(batches) == 1:
+                    n = await self.dev.fetch_chunks(batch, background=bg)
+                else:
+                    n = sum(await asyncio.gather(
+                        *(self.dev.fetch_chunks(b, background=bg) for b in batches if b)))
                 if n:
                     # Journal the fills now (they are only buffered otherwise): a crash then
                     # costs no refetch of what hydration already copied.
@@ -146,6 +163,13 @@ class Hydrator:
             self.message = "every chunk is local"
         self.finished = time.time()
         log.info("hydration of %s done: %d chunks, %d bytes", self.dev.cache_dir, self.chunks, self.bytes)
+
+    async def _hold_rest(self) -> None:
+        """After the profile: wait (once, at most ``hold_rest`` s) until no client missed for a second."""
+        deadline = time.monotonic() + self.hold_rest
+        self.hold_rest = 0.0
+        while time.monotonic() < deadline and time.monotonic() - self.dev.last_miss_at < BUSY_SECONDS:
+            await asyncio.sleep(0.1)
 
     def _pause(self, why: str) -> None:
         if self.message != why:

@@ -177,14 +177,16 @@ class InstanceOps:
             return []
         return order or []
 
-    async def _start_hydration(self, rate: float | None, *, full: bool) -> list[int]:
+    async def _start_hydration(self, rate: float | None, *, full: bool, profile_parallel: int = 1,
+                               hold_rest: float = 0.0) -> list[int]:
         """Start hydration (or only the profile's prefetch); returns the repository's profile."""
         order = await self._repo_profile()
         if not full and not order:
             return order
         if self.hydrator is not None:
             await self.hydrator.stop()
-        self.hydrator = Hydrator(self.device, order=order, rate=rate, profile_only=not full)
+        self.hydrator = Hydrator(self.device, order=order, rate=rate, profile_only=not full,
+                                 profile_parallel=profile_parallel, hold_rest=hold_rest)
         self.hydrator.start()
         return order
 
@@ -209,7 +211,9 @@ class InstanceOps:
         h = self.hydrator
         if h is None or h.profile_only or (not h.running and self.device.chunk_map.first_missing() >= 0):
             rate = req.get("rate")
-            await self._start_hydration(float(rate) if rate else self._hydrate_rate, full=True)
+            await self._start_hydration(float(rate) if rate else self._hydrate_rate, full=True,
+                                        profile_parallel=int(req.get("profile_parallel") or 1),
+                                        hold_rest=float(req.get("hold_rest") or 0.0))
         assert self.hydrator is not None
         return self.hydrator.status()
 

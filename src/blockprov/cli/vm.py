@@ -226,8 +226,9 @@ def vm_templates_cmd(obj: Ctx, root: Path | None, as_json: bool) -> None:
 @click.option("--cpus", default=None, type=click.IntRange(1, 64), help="Must be the template's (checked).")
 @click.option("--customize", "customize_cmd", metavar="CMD",
               help="Run after each clone resumes (env BLOCKPROV_VM, BLOCKPROV_INDEX, BLOCKPROV_QMP, "
-                   "BLOCKPROV_IDENTITY_SOCKET); 'builtin:identity' sends each clone its name as hostname on "
-                   "the virtio-serial port org.blockprov.identity and waits for the guest's acknowledgement.")
+                   "BLOCKPROV_IDENTITY_SOCKET); 'builtin:identity' sends each clone its name as hostname and a new "
+                   "random machine-id on the virtio-serial port org.blockprov.identity and waits for the guest's "
+                   "acknowledgement.")
 @click.option("--lazy", is_flag=True,
               help="A template only in the repository: map its memory before it is copied, each page fetched on "
                    "first touch (through nbdfuse), the rest hydrated in the background.")

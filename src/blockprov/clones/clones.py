@@ -361,7 +361,8 @@ class ClonesAgent:
                     await dev.close()
                     raise
             ops = InstanceOps(dev, self.repo, connections=lambda: 0)
-            ctl = control.ControlServer({"status": self._status_of(ops), "hydrate": ops.handlers()["hydrate"]})
+            ctl = control.ControlServer({"status": self._status_of(ops), "hydrate": ops.handlers()["hydrate"],
+                                         "profile": ops.handlers()["profile"]})  # first-read order: vm/lazy.py
             if self._control_socket:
                 await ctl.start(control.socket_path(path))
             served = self.bases[key] = _Served(dev, ops, ctl)

@@ -16,15 +16,22 @@ instances, not bases. Nothing is ever written to it.
 Crash rules: the mount is ephemeral state: nbdfuse runs detached with a pid file; a mount whose
 process died (or whose disks agent stopped) is unmounted and mounted again by the next ``vm clone``;
 ``unmount`` is called when the disks agent stops.
+
+Privileges: root mounts directly; any other user needs fuse3's ``fusermount3`` (checked before
+anything is mounted) and access to /dev/fuse.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from blockprov.durable import ensure_dir
+from blockprov.errors import CannotWrite
 from blockprov.vm import qemu
 
 PIDFILE = "nbdfuse.pid"
@@ -39,8 +46,23 @@ def mounted(mnt: Path, size: int) -> bool:
         return False
 
 
-def unmount(mnt: Path) -> None:
-    subprocess.run(["umount", str(mnt)], capture_output=True, check=False, timeout=30)
+def _fusermount() -> str | None:
+    """What unmounts (and lets nbdfuse mount) a FUSE file system as a user: fuse3's setuid helper.
+    Root mounts directly and needs none."""
+    return None if os.geteuid() == 0 else shutil.which("fusermount3")
+
+
+def unmount(mnt: Path, timeout: float = 10.0) -> None:
+    """Unmount, retried while the mount is busy (a clone's qemu that just quit may still be
+    releasing its mapping of the file), for at most ``timeout`` seconds."""
+    helper = _fusermount()
+    cmd = [helper, "-u", "-q", str(mnt)] if helper else ["umount", str(mnt)]
+    deadline = time.monotonic() + timeout
+    while True:
+        subprocess.run(cmd, capture_output=True, check=False, timeout=30)
+        if not mnt.is_mount() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     (mnt.parent / PIDFILE).unlink(missing_ok=True)
 
 
@@ -48,6 +70,9 @@ def mount(mnt: Path, uri: str, size: int, timeout: float = 30.0) -> Path:
     """The export at ``uri`` as ``mnt/memory`` (mounted now unless it is already and alive)."""
     if mounted(mnt, size):
         return mnt / "memory"
+    if os.geteuid() != 0 and _fusermount() is None:
+        raise CannotWrite(path=str(mnt), why="a user (not root) mounts FUSE through fusermount3, which is not "
+                                             "installed (Debian package fuse3); or clone without --lazy")
     unmount(mnt)  # a stale mount (its nbdfuse or its export gone): the next one starts clean
     ensure_dir(mnt)
     pidfile = mnt.parent / PIDFILE

@@ -177,17 +177,25 @@ def _tail(p: Path, n: int = 5) -> str:
         return ""
 
 
+def process_lives(pid: int) -> bool:
+    """True while ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
 def alive(pid: int | None, d: Path) -> bool:
     """True when ``pid`` is a live (not zombie) qemu of the VM in ``d``: a pid reused by another
     process must never be taken for the VM, let alone signalled."""
     if not pid:
         return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+    if not process_lives(pid):
         return False
     return str(d / "qmp.sock").encode() in b"".join(cmdline) or any(str(d).encode() in a for a in cmdline)
 

@@ -1,5 +1,5 @@
 """Templates stored in the repository, so ``vm clone`` works from any VM directory (any host) that
-reaches the repository (issue 14 item 4, without its lazy part).
+reaches the repository (issue 14 item 4).
 
 ``vm push NAME`` imports a local template's memory file and device state as two versions of the
 image ``vmtpl-NAME`` (tags ``memory`` and ``state``): chunked, deduplicated, compressed and verified
@@ -11,7 +11,7 @@ memory version's boot files. The template's disk already is a version.
 ``pull`` (what ``vm clone`` does when the VM directory has no such template) exports both versions
 into ``ROOT/templates/NAME/`` (every chunk verified on the way) and checks them against the
 manifest's BLAKE3 sums before writing the manifest. It copies the whole template before the first
-clone starts: the lazy variant (memory pages fetched on first touch) is not built.
+clone starts, or (``lazy``) all but the memory, which vm/lazy.py shows as a file fetched on first touch.
 
 Crash rules: those of template.py: the manifest is written last, so a pull that crashed leaves a
 directory without ``template.json`` that the next pull starts over.
@@ -20,6 +20,7 @@ directory without ``template.json`` that the next pull starts over.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,12 @@ def push(d: Path, repo: Repository, name: str) -> dict[str, Any]:
             "stats": {k: v for k, v in vars(mem_stats).items() if isinstance(v, int | float)}}
 
 
-def pull(d: Path, repo: Repository, name: str, *, lazy: bool = False) -> tpl.Template:
+def pull(d: Path, repo: Repository, name: str, *, lazy: bool = False,
+         found: Callable[[], object] | None = None) -> tpl.Template:
     """Fetch template ``name`` from the repository into ``d`` (which has no manifest). ``lazy``: all
     but the memory, which the caller shows as a file whose pages are fetched on first touch (the
-    manifest then says ``lazy`` and names the memory version)."""
+    manifest then says ``lazy`` and names the memory version). ``found`` is called once the
+    repository has shown the template, before its files are fetched."""
     img = image_of(name)
     try:
         mem = repo.resolve(f"{img}:{tpl.MEMORY}")
@@ -67,6 +70,8 @@ def pull(d: Path, repo: Repository, name: str, *, lazy: bool = False) -> tpl.Tem
     if label is None or state.labels.get(LABEL) != label:
         raise TemplateDamaged(name=name, why=f"{img}'s versions do not carry one template manifest ({LABEL})")
     t = tpl.Template.from_json(name, label.encode())
+    if found is not None:
+        found()
     if lazy:
         t = replace(t, extra={**t.extra, "lazy": True, "memory_version": f"{img}@{mem.id}"})
     if d.exists():
@@ -84,7 +89,7 @@ def pull(d: Path, repo: Repository, name: str, *, lazy: bool = False) -> tpl.Tem
         if (d / f).stat().st_size > want.size:  # an import rounds a file up to whole sectors (zeros)
             with open(d / f, "r+b") as fh:
                 fh.truncate(want.size)
-        tpl.seal(d / f)
+        tpl.seal(d / f, tpl.MEMORY_MODE if f == tpl.MEMORY else 0o444)
     tpl.verify_files(t, d)
     atomic_write(d / tpl.MANIFEST, t.to_json())
     return t

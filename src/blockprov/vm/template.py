@@ -15,8 +15,9 @@ file resumes a corrupt kernel, which fails later and far from the cause. BLAKE3 
 in a fraction of a second, once per ``vm clone`` command however many clones it starts.
 
 Crash rules: template.json is written last, with ``durable.atomic_write``, after ``memory`` and
-``state`` were fsynced and made read-only; a directory without it is an unfinished template, never
-cloned (``vm template`` of the same name clears it). A template never changes once written.
+``state`` were fsynced and made read-only (``memory`` to all but its owner: see MEMORY_MODE); a
+directory without it is an unfinished template, never cloned (``vm template`` of the same name
+clears it). A template never changes once written.
 
 The checks are pure (the manifest and a requested machine in, a refusal with its reason out), so
 they are unit-tested without qemu.
@@ -32,7 +33,7 @@ from typing import Any
 
 import blake3
 
-from blockprov.errors import NotEnoughMemory, TemplateDamaged, TemplateMismatch
+from blockprov.errors import CannotWrite, NotEnoughMemory, TemplateDamaged, TemplateMismatch
 from blockprov.humanize import size as hsize
 from blockprov.vm.qemu import Machine
 
@@ -154,12 +155,47 @@ def check_host_memory(t: Template, count: int, available: int) -> None:
         raise NotEnoughMemory(what=f"{count} clone(s) of {t.name}", needed=hsize(needed), available=hsize(available))
 
 
-def seal(path: Path) -> FileSum:
-    """fsync a template file, make it read-only, and return its sum."""
+def seal(path: Path, mode: int = 0o444) -> FileSum:
+    """fsync a template file, make it read-only (``mode``), and return its sum."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    path.chmod(0o444)
+    path.chmod(mode)
     return file_sum(path)
+
+
+# The memory file keeps its owner's write bit: qemu 7.2 opens a memory-backend-file's mem-path
+# O_RDWR even with share=off (a private mapping it never writes through; qemu 8.2's ``rom=on`` ends
+# that), so a 0444 file cannot be mapped by an unprivileged owner (root ignores the mode, which is
+# why it once seemed to need root). No hugepages, /dev/shm or special location is involved: the file
+# is an ordinary one in the template directory. What keeps it unchanged is that nothing of
+# blockprov opens it for writing and that every ``vm clone`` checks its BLAKE3 first.
+MEMORY_MODE = 0o644
+
+
+def memory_refusal(path: Path, st_mode: int, st_uid: int, st_gid: int, uid: int, gids: set[int]) -> str | None:
+    """Why the user ``uid`` (groups ``gids``) cannot start clones on the memory file ``path`` (None:
+    it can). Pure: the caller passes the file's stat and the process's ids (root may do anything)."""
+    if uid == 0:
+        return None
+    if st_uid == uid:
+        bits = (st_mode >> 6) & 0o7
+    elif st_gid in gids:
+        bits = (st_mode >> 3) & 0o7
+    else:
+        bits = st_mode & 0o7
+    if bits & 0o6 == 0o6:
+        return None
+    return (f"qemu opens a template's memory file read and write even to map it privately (qemu 7.2), and "
+            f"uid {uid} may not (mode {st_mode & 0o777:o}, owner uid {st_uid}): clone as its owner or root, "
+            f"or give the file mode {MEMORY_MODE:o}")
+
+
+def check_memory_access(path: Path) -> None:
+    """Refuse (CannotWrite) before any clone starts when qemu could not open the memory file."""
+    st = path.stat()
+    why = memory_refusal(path, st.st_mode, st.st_uid, st.st_gid, os.geteuid(), {os.getegid(), *os.getgroups()})
+    if why is not None:
+        raise CannotWrite(path=str(path), why=why)

@@ -40,6 +40,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,9 @@ RECORD = "vm.json"
 NBD_SOCKET = "nbd.sock"
 BUILTIN_IDENTITY = "builtin:identity"
 LAZY_PREFIX = "tplmem-"  # the disk instance that serves a lazy template's memory (vm/lazy.py)
+RESUME_SETTLE = 1.0  # seconds without a first read of the lazy memory: the resumed guests settled
+RESUME_PARALLEL = 3  # resume-profile batches fetched at once (the fetcher allows 4: one left for page faults)
+RESUME_LIMIT = 10.0  # at most this long recording a resume profile (a busy guest never settles)
 
 
 def vm_dir(root: Path, name: str) -> Path:
@@ -142,9 +147,14 @@ def stop_disks_agent_if_idle(root: Path) -> bool:
     for t in (root / TEMPLATES).glob(f"*/{tpl.LAZY_MOUNT}"):  # their export is about to go
         lazy.unmount(t)
     try:
+        pid = int(control.call(root / DISKS, "status", timeout=10.0)["pid"])
         control.call(root / DISKS, "stop", timeout=30.0)
-    except (AgentNotRunning, OSError):  # gone, or going already
+    except (AgentNotRunning, OSError, KeyError, TypeError, ValueError):  # gone, or going already
         return False
+    # Its caches are written as it exits: a caller that then removes the directory must find it done.
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and qemu.process_lives(pid):
+        time.sleep(0.05)
     return True
 
 
@@ -327,8 +337,8 @@ def make_template(root: Path, repo: Repository, name: str, source: str, timeout:
             shutil.copyfile(d / f, t / f)
             tpl.seal(t / f)
     made = tpl.Template(name=name, machine=mach, image=str(snap["image"]), version=str(snap["version"]),
-                        memory_file=tpl.seal(t / tpl.MEMORY), state_file=tpl.seal(t / tpl.STATE), from_vm=source,
-                        created=time.time())
+                        memory_file=tpl.seal(t / tpl.MEMORY, tpl.MEMORY_MODE), state_file=tpl.seal(t / tpl.STATE),
+                        from_vm=source, created=time.time())
     atomic_write(t / tpl.MANIFEST, made.to_json())
     stop_disks_agent_if_idle(root)
     return {"template": name, "from": source, "disk": f"{made.image}@{made.version}",
@@ -362,19 +372,38 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     to start or resume is reported and the others go on."""
     t_dir = template_dir(root, instance_name(name))
     pulled = not (t_dir / tpl.MANIFEST).exists()
-    if pulled:  # not made here: from the repository (vm push), copied whole and verified, or lazily
-        stored.pull(t_dir, repo, name, lazy=lazy)
-    t = tpl.load(t_dir)
-    tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(), memory=memory,
-                      cpus=cpus, extra_args=extra_args)
-    tpl.verify_files(t, t_dir)
-    tpl.check_host_memory(t, count, qemu.mem_available())
+    # A template not made here comes from the repository (vm push), copied whole and verified, or
+    # lazily. The disks agent starts (a Python process: half a second) while it is fetched, once the
+    # repository has shown it has one (a mistyped name starts nothing), and is stopped again if a
+    # check then refuses the clones (no VM would use it).
+    with ThreadPoolExecutor(1) as pool:
+        agent: list[Future[Path]] = []
+        try:
+            if pulled:
+                stored.pull(t_dir, repo, name, lazy=lazy,
+                            found=lambda: agent.append(pool.submit(ensure_disks_served, root, repo_args)))
+                for a in agent:
+                    a.result()
+            t = tpl.load(t_dir)
+            tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(),
+                              memory=memory, cpus=cpus, extra_args=extra_args)
+            tpl.verify_files(t, t_dir)
+            if not t.extra.get("lazy"):
+                tpl.check_memory_access(t_dir / tpl.MEMORY)
+            tpl.check_host_memory(t, count, qemu.mem_available())
+        except BaseException:
+            with contextlib.suppress(BlockprovError, OSError):
+                for a in agent:
+                    a.result()
+                    stop_disks_agent_if_idle(root)  # started for nothing
+            raise
     m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
     new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
     asyncio.run(create_instances(root / DISKS, repo, m, new))
+    mm = _lazy_instance(root, repo, t) if t.extra.get("lazy") else None
     sock = ensure_disks_served(root, repo_args)
-    if t.extra.get("lazy"):
-        _mount_lazy(root, repo, repo_args, t, t_dir)
+    if mm is not None:
+        _mount_lazy(root, sock, t, t_dir, mm)
     started: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for index, vm in enumerate(new):
@@ -387,22 +416,62 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
             failed[vm] = str(e)
             with contextlib.suppress(BlockprovError, OSError):  # never kept half made
                 rm(root, vm) if (vm_dir(root, vm) / RECORD).exists() else remove(root / DISKS, vm)
-    return {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
-            "customized": {r["name"]: r.get("customized") for r in started if customize}}
+    out = {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
+           "customized": {r["name"]: r.get("customized") for r in started if customize}}
+    if mm is not None and started:
+        out["resume_profile"] = _record_resume_profile(root, repo, mm)
+    return out
 
 
-def _mount_lazy(root: Path, repo: Repository, repo_args: list[str], t: tpl.Template, t_dir: Path) -> None:
-    """Show a lazy template's memory version as its memory file (vm/lazy.py), served by the disks
-    agent as the instance ``tplmem-NAME``, and start hydrating the rest of it in the background."""
+def _lazy_instance(root: Path, repo: Repository, t: tpl.Template) -> Manifest:
+    """The disk instance ``tplmem-NAME`` that serves a lazy template's memory version (made if
+    missing; the disks agent picks it up with the clones' disks). Returns the memory version."""
     disks = root / DISKS
-    inst = f"{LAZY_PREFIX}{t.name}"
     mm = repo.resolve(parse_ref(str(t.extra["memory_version"])))
+    inst = f"{LAZY_PREFIX}{t.name}"
     if inst not in list_instances(disks):
         asyncio.run(create_instances(disks, repo, mm, [inst]))
-    sock = ensure_disks_served(root, repo_args)
-    lazy.mount(t_dir / tpl.LAZY_MOUNT, _disk_uri(sock, inst), t.memory_file.size)
+    return mm
+
+
+def _mount_lazy(root: Path, sock: Path, t: tpl.Template, t_dir: Path, mm: Manifest) -> None:
+    """Show a lazy template's memory version as its memory file (vm/lazy.py), and start fetching it
+    in the background first: the version's resume profile (the chunks the first lazy clone's guest
+    touched after it resumed, in that order) while qemu starts, then, once the guests' page faults
+    have calmed down (at most RESUME_LIMIT s later), the rest."""
+    disks = root / DISKS
     with contextlib.suppress(BlockprovError, OSError):  # only a head start: first touches fetch anyway
-        control.call(base_dir(disks, mm), "hydrate", timeout=30.0)
+        control.call(base_dir(disks, mm), "hydrate", timeout=30.0, profile_parallel=RESUME_PARALLEL,
+                     hold_rest=RESUME_LIMIT)
+    lazy.mount(t_dir / tpl.LAZY_MOUNT, _disk_uri(sock, f"{LAZY_PREFIX}{t.name}"), t.memory_file.size)
+
+
+def _record_resume_profile(root: Path, repo: Repository, mm: Manifest, *, settle: float = RESUME_SETTLE,
+                           limit: float = RESUME_LIMIT) -> dict[str, Any]:
+    """The first lazy clone of a memory version anywhere records its resume profile: the memory
+    chunks its guest read first, in that order (the base cache's first-read order), once no new
+    chunk was read for ``settle`` seconds (at most ``limit``), so every later host prefetches them
+    in one stream instead of paying a round trip per page. Kept as the version's boot profile in
+    the repository (the same record disks' boot profiles use); an existing one is left alone.
+    Best effort: a failure only costs later clones their head start."""
+    base = base_dir(root / DISKS, mm)
+    try:
+        if repo.get_profile(mm.image, mm.id):
+            return {"recorded": False, "reason": "the version has one"}
+        order: list[int] = []
+        deadline = time.monotonic() + limit
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < settle:
+            time.sleep(0.1)
+            now = control.call(base, "profile", timeout=10.0)["order"]
+            if len(now) != len(order):
+                order, quiet_since = now, time.monotonic()
+        if not order:
+            return {"recorded": False, "reason": "no chunk was read"}
+        repo.put_profile(mm.image, mm.id, order)
+        return {"recorded": True, "chunks": len(order)}
+    except (BlockprovError, OSError) as e:
+        return {"recorded": False, "reason": str(e)}
 
 
 def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, timeout: float) -> dict[str, Any]:
@@ -433,7 +502,9 @@ def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, 
 def _customize(root: Path, cmd: str, vm: str, index: int, timeout: float) -> dict[str, Any]:
     d = vm_dir(root, vm)
     if cmd == BUILTIN_IDENTITY:
-        return {"identity": vm, "acknowledged": send_identity(d, vm, timeout=min(timeout, 60.0))}
+        machine_id = uuid.uuid4().hex  # systemd's format: 32 lowercase hex digits, random (version 4)
+        return {"identity": vm, "machine_id": machine_id,
+                "acknowledged": send_identity(d, vm, machine_id, timeout=min(timeout, 60.0))}
     env = {**os.environ, "BLOCKPROV_VM": vm, "BLOCKPROV_INDEX": str(index),
            "BLOCKPROV_QMP": str(qemu.sockets(d)["qmp"]), "BLOCKPROV_IDENTITY_SOCKET": str(qemu.sockets(d)["identity"])}
     try:
@@ -446,17 +517,18 @@ def _customize(root: Path, cmd: str, vm: str, index: int, timeout: float) -> dic
     return {"command": cmd, "returncode": 0}
 
 
-def send_identity(d: Path, ident: str, timeout: float) -> bool:
-    """Send ``ident`` (a hostname) on the VM's identity channel and hold the connection until the
-    guest's console acknowledges it (``BP-IDENTITY name=…``): qemu reads the socket only while the
-    guest has the port open, so closing at once could lose the line. False: no acknowledgement."""
-    ack = re.compile(rf"BP-IDENTITY name={re.escape(ident)}\b")
+def send_identity(d: Path, ident: str, machine_id: str, timeout: float) -> bool:
+    """Send ``ident`` (a hostname) and ``machine_id`` on the VM's identity channel as one line
+    ``NAME MACHINE-ID``, and hold the connection until the guest's console acknowledges both
+    (``BP-IDENTITY name=… machine-id=…``): qemu reads the socket only while the guest has the port
+    open, so closing at once could lose the line. False: no acknowledgement."""
+    ack = re.compile(rf"BP-IDENTITY name={re.escape(ident)} machine-id={re.escape(machine_id)}\b")
     console = d / "console.log"
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10.0)
         s.connect(str(qemu.sockets(d)["identity"]))
-        s.sendall(ident.encode() + b"\n")
+        s.sendall(f"{ident} {machine_id}\n".encode())
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
                 if ack.search(console.read_text(errors="replace")):
