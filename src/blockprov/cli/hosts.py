@@ -49,6 +49,37 @@ def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str,
                f", cmdline {info.cmdline or '-'}")
 
 
+@boot_files.command("build")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kernel to boot (default: the newest /boot/vmlinuz-* with its modules installed).")
+@click.option("--modules", "modules_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The kernel's module tree, holding modules.dep (default: /lib/modules/RELEASE).")
+@click.option("--cmdline", default=None,
+              help="Kernel command line for every host booting this version (default: consoles tty0 and ttyS0).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the initramfs to this file.")
+@json_option
+@click.pass_obj
+def boot_files_build(obj: Ctx, ref: str, kernel: Path | None, modules_dir: Path | None, cmdline: str | None,
+                     output: Path | None, as_json: bool) -> None:
+    """Build the blockprov initramfs (the in-machine agent: a PC boots REF from the network onto its own
+    disk) for a kernel, and store kernel and initramfs as REF's boot files."""
+    from blockprov.netboot import initramfs
+
+    built = initramfs.build(kernel, modules_dir)
+    if output is not None:
+        output.write_bytes(built.data)
+    cmd = initramfs.DEFAULT_CMDLINE if cmdline is None else cmdline
+    info = obj.repo.set_boot_files(parse_ref(ref), built.kernel, built.data, cmd)
+    if as_json:
+        emit(info.to_dict() | {"build": built.summary()})
+        return
+    click.echo(f"{info.image}@{info.version}: kernel {built.release} {hz.size(info.kernel.size)}, blockprov "
+               f"initramfs {hz.size(len(built.data))} ({hz.size(built.unpacked)} unpacked, {built.files} files, "
+               f"{built.python_modules} python modules, {len(built.modules)} kernel modules), cmdline {cmd or '-'}")
+
+
 @boot_files.command("show")
 @click.argument("ref", metavar="NAME:TAG|NAME@ID")
 @json_option
