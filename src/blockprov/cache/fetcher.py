@@ -267,9 +267,10 @@ class Fetcher:
         recent fetch latency is high, the other missing chunks of the miss's region (growing with
         the latency, up to ``NEIGHBOURHOOD_MAX``) go out as one speculative batch, in a free slot
         only. Near the repository (loopback, LAN) nothing changes: bytes stay as few as possible.
+        A read-ahead of 0 (``attach --readahead 0``) turns this speculation off too.
         """
         lat = self._latency_ewma
-        if lat < NEIGHBOURHOOD_LATENCY or self._max_inflight - self._active <= 1:
+        if not self._ra_max or lat < NEIGHBOURHOOD_LATENCY or self._max_inflight - self._active <= 1:
             return  # near, or no slot to spare beside the demand fetches
         span = min(NEIGHBOURHOOD_MAX // self._cs, max(2, int(lat / NEIGHBOURHOOD_LATENCY) * 8))
         span = 1 << (span.bit_length() - 1)  # a power of two: regions align to it

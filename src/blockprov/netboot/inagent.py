@@ -43,7 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from blockprov.agent.agent import Agent, AgentConfig
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.fetcher import DEFAULT_READAHEAD
 from blockprov.errors import BlockprovError, CacheMismatch, NetbootError
+from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd
 from blockprov.netboot.params import check_params
@@ -59,6 +62,7 @@ MKFS = ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-L", "bp-meta"]
 PR_SET_IO_FLUSHER = 57
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 RETRY_MAX = 30.0
+SYNC_FILLS = 1.0  # seconds between fsyncs of the journal's fill records (sync_fills)
 
 
 def harden() -> list[str]:
@@ -146,6 +150,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
                 ready: int, say: Any) -> None:
     policy, hydrate = params.get("policy", "keep"), params.get("hydrate", "background")
     config = AgentConfig(cache_dir=META_MOUNT / "cache", socket=SOCKET, data_path=d.data,
+                         readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
                          reset_on_start=policy == "restore", hydrate=hydrate != "off",
                          instance=instance_name(params.get("host")),
                          extra={"host": params.get("host"), "netboot": True})
@@ -165,7 +170,24 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         while agent.ops.hydrator.running:
             await asyncio.sleep(0.5)
     threading.Thread(target=connect_kernel, args=(ready, say), daemon=True, name="nbd-kernel").start()
-    await agent.run()
+    syncer = asyncio.ensure_future(sync_fills(dev))
+    try:
+        await agent.run()
+    finally:
+        syncer.cancel()
+
+
+async def sync_fills(dev: CacheDevice) -> None:
+    """Make the journal's ``present`` records durable every ``SYNC_FILLS`` seconds.
+
+    A host agent journals fills without an fsync (losing one costs a refetch) and checkpoints at
+    its clean stop; a PC is powered off with the agent still running (``poweroff -f``, or the
+    power button), so without this every fill since the guest's last FLUSH — all of a read-only
+    session's — would be fetched again at the next boot."""
+    while True:
+        await asyncio.sleep(SYNC_FILLS)
+        with contextlib.suppress(BlockprovError):
+            await dev.state.sync()
 
 
 def main(argv: list[str]) -> int:

@@ -3,12 +3,14 @@
 ``blockprov.repo`` (repository URL, as the machine reaches it), ``blockprov.image`` (``NAME@ID``),
 ``blockprov.host``, ``blockprov.disk`` (a disk name, e.g. ``vda``; it may name a disk holding a
 foreign file system), ``blockprov.policy`` (``restore``: reboot-to-restore, ``keep``: the disk keeps
-its changes) and ``blockprov.hydrate`` (``background``, ``before-boot``, ``off``).
+its changes) and ``blockprov.hydrate`` (``background``, ``before-boot``, ``off``), ``blockprov.readahead`` (the
+agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads).
 """
 
 from __future__ import annotations
 
 from blockprov.errors import NetbootError
+from blockprov.humanize import parse_size
 
 POLICIES = ("restore", "keep")
 HYDRATE = ("background", "before-boot", "off")
@@ -32,3 +34,8 @@ def check_params(params: dict[str, str]) -> None:
         raise NetbootError(f"blockprov.policy={params['policy']}: expected one of {', '.join(POLICIES)}")
     if params.get("hydrate", "background") not in HYDRATE:
         raise NetbootError(f"blockprov.hydrate={params['hydrate']}: expected one of {', '.join(HYDRATE)}")
+    if "readahead" in params:
+        try:
+            parse_size(params["readahead"])
+        except ValueError:
+            raise NetbootError(f"blockprov.readahead={params['readahead']}: expected a size such as 4M or 0") from None
