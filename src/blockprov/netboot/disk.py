@@ -93,10 +93,12 @@ class Disk:
 
 
 def identify(head: bytes) -> str:
-    """'blockprov', 'blank' or the name of the first foreign signature found in ``head`` (the
-    disk's first bytes, at least 68 KiB). Pure."""
+    """'blockprov', 'blank' (also: blockprov's own partition table without its label) or the name
+    of the first foreign signature found in ``head`` (the disk's first bytes, at least 68 KiB). Pure."""
     if head[SECTOR:SECTOR + len(LABEL_MAGIC)] == LABEL_MAGIC:
         return "blockprov"
+    if head[440:444] == DISK_SIGNATURE and head[510:512] == b"\x55\xaa":
+        return "blank"  # our own setup, cut short before its label: nothing anyone relies on
     for name, off, magic in SIGNATURES:
         if head[off:off + len(magic)] == magic:
             return name
