@@ -98,10 +98,10 @@ def netboot(disk: Path, url: str, console: Path, timeout: float = BOOT_TIMEOUT) 
     return NetBoot(console=text, seconds=seconds, done=done, sent_at_init=at_init)
 
 
-def assign(url: str, args: str) -> None:
+def assign(url: str, mode: str, policy: str) -> None:
     # readahead 0: the agent fetches exactly what the guest reads, so the counts below are exact
-    run_cli("--repo", url, "host", "assign", MAC, "bootlab:v1", "--args",
-            f"quiet panic=-1 blockprov.readahead=0 {args}")
+    run_cli("--repo", url, "host", "assign", MAC, "bootlab:v1", "--policy", policy, "--hydrate", "off",
+            "--args", f"quiet panic=-1 blockprov.readahead=0 bp.mode={mode}")
 
 
 def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image: bootvm.bootimage.Built,
@@ -122,7 +122,7 @@ def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image:
 
         # 1. first boot onto the blank disk, nothing copied ahead: the guest's check passes while
         #    the disk holds only what the boot read
-        assign(url, "bp.mode=check blockprov.policy=restore blockprov.hydrate=off")
+        assign(url, "check", "restore")
         first = netboot(disk, url, tmp_path / "console1.log")
         assert first.check == "OK" and first.done.get("check") == "OK", first.tail()
         assert "initializing disk vda" in first.console
@@ -137,14 +137,14 @@ def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image:
         assert 0 < sent1 < nonzero * 3 // 4, "the disk was fetched whole: not a lazy boot"
 
         # 2. a dirty session (the disk keeps it: policy keep)
-        assign(url, "bp.mode=dirty blockprov.policy=keep blockprov.hydrate=off")
+        assign(url, "dirty", "keep")
         dirty = netboot(disk, url, tmp_path / "console2.log")
         assert dirty.done.get("mode") == "dirty", dirty.tail()
         assert "holds blockprov's cache" in dirty.console
         sent2 = chunks_served(url)
 
         # 3. reboot-to-restore: pristine, and only the chunks the session modified came back
-        assign(url, "bp.mode=check blockprov.policy=restore blockprov.hydrate=off")
+        assign(url, "check", "restore")
         restored = netboot(disk, url, tmp_path / "console3.log")
         assert restored.check == "OK", restored.tail()
         reset = restored.number(r"reset on start: (\d+) chunk")

@@ -109,11 +109,23 @@ def host() -> None:
 @click.argument("host_name", metavar="HOST")
 @click.argument("ref", metavar="NAME:TAG|NAME@ID")
 @click.option("--args", "args", default="", help="Extra kernel arguments for this host.")
+@click.option("--policy", type=click.Choice(["restore", "keep"]),
+              help="For a machine booting blockprov's initramfs (boot-files build): restore = reboot-to-restore "
+                   "(the last session's changes are undone at boot), keep = the disk keeps them. Carried in the "
+                   "boot script as the kernel argument blockprov.policy.")
+@click.option("--hydrate", type=click.Choice(["background", "before-boot", "off"]),
+              help="For blockprov's initramfs: copy the rest of the image to the disk in the background "
+                   "(its default), all of it before the boot, or never ahead. Kernel argument blockprov.hydrate.")
 @json_option
 @click.pass_obj
-def host_assign(obj: Ctx, host_name: str, ref: str, args: str, as_json: bool) -> None:
+def host_assign(obj: Ctx, host_name: str, ref: str, args: str, policy: str | None, hydrate: str | None,
+                as_json: bool) -> None:
     """Boot HOST from REF: NAME:TAG follows the tag when it moves, NAME@ID stays."""
-    h = obj.repo.assign_host(host_name, parse_ref(ref), args)
+    words = [w for w in args.split() if not w.startswith(("blockprov.policy=", "blockprov.hydrate="))
+             or (policy is None and w.startswith("blockprov.policy="))
+             or (hydrate is None and w.startswith("blockprov.hydrate="))]
+    words += [f"blockprov.{k}={v}" for k, v in (("policy", policy), ("hydrate", hydrate)) if v is not None]
+    h = obj.repo.assign_host(host_name, parse_ref(ref), " ".join(words))
     if as_json:
         emit(h.to_dict())
     else:
