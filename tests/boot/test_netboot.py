@@ -13,6 +13,7 @@ What the repository sent is read from its own counter ``blockprov_chunks_served_
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import subprocess
@@ -98,9 +99,30 @@ def netboot(disk: Path, url: str, console: Path, timeout: float = BOOT_TIMEOUT) 
     return NetBoot(console=text, seconds=seconds, done=done, sent_at_init=at_init)
 
 
-def assign(url: str, mode: str, policy: str) -> None:
+def admin_version(image: Path, tmp_path: Path) -> Path:
+    """v2 of the test image: the administrator's sanctioned change (bootimage's ``admin`` mode),
+    made offline with debugfs — a new file, and the golden list that knows it."""
+    v2 = tmp_path / "v2.raw"
+    subprocess.run(["cp", "--sparse=always", str(image), str(v2)], check=True, timeout=120)
+    debugfs = require_tool("debugfs")
+    golden = subprocess.run([debugfs, "-R", "cat /etc/bp-golden.sha256", str(v2)], capture_output=True,
+                            check=True, timeout=60).stdout.decode()
+    content = bootvm.bootimage.ADMIN_CHANGE_CONTENT.encode()
+    lines = [ln for ln in golden.splitlines() if ln.strip()]
+    lines.append(f"{hashlib.sha256(content).hexdigest()}  .{bootvm.bootimage.ADMIN_CHANGE_PATH}")
+    (tmp_path / "admin").write_bytes(content)
+    (tmp_path / "golden").write_text("".join(ln + "\n" for ln in sorted(lines, key=lambda ln: ln.split()[1])))
+    (tmp_path / "cmds").write_text(f"write {tmp_path / 'admin'} {bootvm.bootimage.ADMIN_CHANGE_PATH}\n"
+                                   "rm /etc/bp-golden.sha256\n"
+                                   f"write {tmp_path / 'golden'} /etc/bp-golden.sha256\n")
+    subprocess.run([debugfs, "-w", "-f", str(tmp_path / "cmds"), str(v2)], capture_output=True, check=True,
+                   timeout=60)
+    return v2
+
+
+def assign(url: str, mode: str, policy: str, ref: str = "bootlab:v1") -> None:
     # readahead 0: the agent fetches exactly what the guest reads, so the counts below are exact
-    run_cli("--repo", url, "host", "assign", MAC, "bootlab:v1", "--policy", policy, "--hydrate", "off",
+    run_cli("--repo", url, "host", "assign", MAC, ref, "--policy", policy, "--hydrate", "off",
             "--args", f"quiet panic=-1 blockprov.readahead=0 bp.mode={mode}")
 
 
@@ -113,7 +135,9 @@ def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image:
         f.truncate(2 << 30)  # the PC's blank 2 GiB disk
     try:
         run_cli("--repo", url, "import", str(boot_image.disk), "bootlab:v1")
-        built = json.loads(run_cli("--repo", url, "boot-files", "build", "bootlab:v1", "--json").stdout)
+        initrd = tmp_path / "initrd.img"
+        built = json.loads(run_cli("--repo", url, "boot-files", "build", "bootlab:v1", "--output", str(initrd),
+                                   "--json").stdout)
         m = json.loads(run_cli("--repo", url, "show", "bootlab:v1", "--json").stdout)
         nonzero = m["chunks"] - m["zero_chunks"]  # chunks a full copy of the image sends
         print(f"initramfs {built['build']['initrd_bytes']} bytes ({built['build']['unpacked_bytes']} unpacked, "
@@ -154,6 +178,25 @@ def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image:
         # sent); the slack covers fills of the last second before a power-off, whose journal
         # records were not yet synced (netboot/inagent.py, sync_fills): those are fetched again
         assert reset > 0 and sent3 <= reset + 16, restored.tail()
+
+        # 4. the host moves to v2 (the administrator's change, made offline): the next boot updates
+        #    the disk by diff and runs v2, and the repository sends no more than the changed chunks
+        v2 = admin_version(boot_image.disk, tmp_path)
+        run_cli("--repo", url, "import", str(v2), "bootlab:v2")
+        run_cli("--repo", url, "boot-files", "set", "bootlab:v2", "--kernel", built["build"]["kernel"],
+                "--initrd", str(initrd), "--cmdline", built["cmdline"])
+        changed = len(json.loads(run_cli("--repo", url, "diff", "bootlab:v1", "bootlab:v2", "--json").stdout)[
+            "changed"])
+        before = chunks_served(url)
+        assign(url, "check", "restore", "bootlab:v2")
+        moved = netboot(disk, url, tmp_path / "console4.log")
+        golden = int(restored.number(r"BP-CHECK OK files=(\d+)"))
+        assert moved.check == "OK" and moved.number(r"BP-CHECK OK files=(\d+)") == golden + 1, moved.tail()
+        assert "by diff" in moved.console, moved.tail()
+        sent4 = chunks_served(url) - before
+        print(f"update boot: {changed} chunks differ between v1 and v2, {sent4} sent; "
+              f"BOOT-DONE after {moved.seconds:.1f} s")
+        assert 0 < sent4 <= changed + 16, moved.tail()
 
         agents = json.loads(run_cli("--repo", url, "agents", "--json").stdout)
         assert any(a["instance"] == "pc-" + MAC.replace(":", "-") and a["info"].get("host") == MAC

@@ -17,7 +17,11 @@ kills it. It:
 4. runs the ordinary agent (agent/agent.py: cache, NBD server on a unix socket in the initramfs,
    registration with the repository, background hydration) with the disk's data partition as
    the cache's data and ``reset_on_start`` under the ``restore`` policy, so a machine comes up
-   pristine having re-fetched only what the last session changed;
+   pristine having re-fetched only what the last session changed; when the host was assigned
+   another version of the image meanwhile, the disk's version is updated by diff (agent/
+   lifecycle.py ``update``: only the chunks that differ are dropped, and those the disk held are
+   fetched again) before the kernel sees a byte — a tag moved while a machine runs reaches it at
+   its next boot, never under the running system;
 5. connects the kernel's NBD client to that socket (netboot/kernelnbd.py) and reports READY to
    PID 1 on a pipe, which mounts /dev/nbd0 and switches root.
 
@@ -34,6 +38,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,9 +47,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blockprov.agent import lifecycle
 from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD
+from blockprov.cache.journal import META_NAME, load
 from blockprov.errors import BlockprovError, CacheMismatch, NetbootError
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
@@ -139,6 +146,17 @@ def connect_kernel(ready: int, say: Any) -> None:
         say(f"/dev/{NBD_DEVICE} stopped: {e}")
 
 
+def held_version(cache_dir: Path) -> tuple[str, str] | None:
+    """(image, version) of the cache the disk holds, if any."""
+    if not (cache_dir / META_NAME).exists():
+        return None
+    try:
+        meta = load(cache_dir).meta
+    except BlockprovError as e:
+        raise NetbootError(f"the disk's cache metadata is unreadable: {e}") from None
+    return meta.image, meta.version
+
+
 def instance_name(host: str | None) -> str | None:
     """The name the machine registers with: ``pc-`` and its host id (a MAC's ':' are not allowed)."""
     if not host:
@@ -154,14 +172,26 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
                          reset_on_start=policy == "restore", hydrate=hydrate != "off",
                          instance=instance_name(params.get("host")),
                          extra={"host": params.get("host"), "netboot": True})
-    agent = Agent(config, repo, manifest)
+    held = held_version(config.cache_dir)
+    moved = held is not None and held != (manifest.image, manifest.id)
+    if moved and held is not None and held[0] != manifest.image:
+        say(f"the disk held {held[0]}@{held[1][:12]}; starting over for {manifest.image}")
+        shutil.rmtree(config.cache_dir)
+        moved = False
+    # The host moved to another version of the image: re-attach the version the disk holds (reset
+    # first under restore), then update by diff before the kernel sees a byte.
+    agent = Agent(config, repo, None if moved else manifest)
     try:
         await agent.start()
     except CacheMismatch as e:
-        raise NetbootError(f"{e} (an update at boot is not built yet: erase the disk's first MiB to start over)")\
-            from None
+        raise NetbootError(f"{e} (erase the disk's first MiB to start over)") from None
     dev = agent.device
     assert dev is not None and agent.ops is not None
+    if moved:
+        old = dev.manifest.id
+        done = await lifecycle.update(dev, manifest, keep_modified=policy == "keep")
+        say(f"updated {old[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
+            f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept")
     counts = dev.chunk_map.counts()
     say(f"serving {manifest.image}@{manifest.id[:12]} policy={policy} hydrate={hydrate} "
         f"present={counts['total'] - counts['missing']}/{counts['total']} chunks")
