@@ -25,6 +25,9 @@ system), then acts on ``bp.mode=`` of the kernel command line:
 * ``counter``: never ends: counts in memory, printing ``BP-COUNT n=…`` ten times a second, and takes a
   hostname from the host on the virtio-serial port ``org.blockprov.identity`` (``BP-IDENTITY
   name=…``, also written to ``/bp-identity``): the running application ``blockprov vm`` clones;
+* ``hog``: memory pressure while the root is written: a tmpfs takes all but 48 MiB of the available
+  memory, 32 MiB are written to the root, synced and read back (``BP-HOG OK``), for the in-machine
+  agent that serves the root (blockprov's network boot);
 * ``admin``: a sanctioned change: writes ``/etc/bp-admin-change`` (``ADMIN_CHANGE_CONTENT``) and
   updates the golden list so a later check passes;
 
@@ -57,7 +60,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 5  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 6  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -88,7 +91,7 @@ up() { cut -d' ' -f1 /proc/uptime; }
 echo "BLOCKPROV-INIT mode=$MODE uptime=$(up)"
 case "$MODE" in
     plain|check) OPTS=ro ;;
-    dirty|admin|counter) OPTS=rw ;;
+    dirty|admin|counter|hog) OPTS=rw ;;
     *) fail "unknown-mode" ;;
 esac
 @MOUNT@
@@ -135,6 +138,27 @@ check)
         echo "BP-CHECK OK files=$NKNOWN"
         EXTRA="check=OK"
     fi
+    ;;
+hog)
+    # Memory pressure while the root is written: a tmpfs takes all but 48 MiB of the available
+    # memory (no swap: those pages can go nowhere), then 32 MiB go to the root, are synced, dropped
+    # from the page cache and read back through the root device.
+    mkdir -p /tmp/hogfs
+    mount -t tmpfs -o size=100% hog /tmp/hogfs || fail hog-mount
+    N=$(($(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo) - 48))
+    dd if=/dev/zero of=/tmp/hogfs/fill bs=1M count=$N 2>/dev/null
+    LEFT=$(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo)
+    dd if=/dev/urandom of=home/user/hog.bin bs=1M count=32 2>/dev/null || fail hog-write
+    S1=$(md5sum home/user/hog.bin | cut -d' ' -f1)
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    S2=$(md5sum home/user/hog.bin | cut -d' ' -f1)
+    [ "$S1" = "$S2" ] || fail hog-readback-differs
+    rm -f /tmp/hogfs/fill home/user/hog.bin
+    umount /tmp/hogfs
+    sync
+    echo "BP-HOG OK filled_mb=$N available_mb_left=$LEFT"
+    EXTRA="hog=OK"
     ;;
 counter)
     # A running application for VM clones (blockprov vm): its state (n) lives only in memory, it

@@ -19,8 +19,10 @@ import re
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,15 +65,15 @@ def chunks_served(url: str) -> int:
     return int(float(m.group(1))) if m else 0
 
 
-def netboot(disk: Path, url: str, console: Path, timeout: float = BOOT_TIMEOUT) -> NetBoot:
+def netboot(disk: Path, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC) -> NetBoot:
     """One network boot of the PC; bounded (qemu is killed at ``timeout``)."""
     port = url.rsplit(":", 1)[1]
     console.unlink(missing_ok=True)
     cmd = [require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", "-m", "1024", "-display", "none",
            "-monitor", "none", "-serial", f"file:{console}", "-no-reboot",
-           "-netdev", f"user,id=n,bootfile=http://10.0.2.2:{port}/v1/boot/{MAC}",
+           "-netdev", f"user,id=n,bootfile=http://10.0.2.2:{port}/v1/boot/{mac}",
            # bootindex makes SeaBIOS run the NIC's iPXE ROM first (tests/interop/test_remote_boot.py)
-           "-device", f"virtio-net-pci,netdev=n,mac={MAC},bootindex=1",
+           "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex=1",
            "-drive", f"file={disk},format=raw,if=virtio,cache=writeback"]
     t0 = time.monotonic()
     qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -120,86 +122,126 @@ def admin_version(image: Path, tmp_path: Path) -> Path:
     return v2
 
 
-def assign(url: str, mode: str, policy: str, ref: str = "bootlab:v1") -> None:
+def assign(url: str, mode: str, policy: str, ref: str = "bootlab:v1", hydrate: str = "off", mac: str = MAC) -> None:
     # readahead 0: the agent fetches exactly what the guest reads, so the counts below are exact
-    run_cli("--repo", url, "host", "assign", MAC, ref, "--policy", policy, "--hydrate", "off",
+    run_cli("--repo", url, "host", "assign", mac, ref, "--policy", policy, "--hydrate", hydrate,
             "--args", f"quiet panic=-1 blockprov.readahead=0 bp.mode={mode}")
 
 
-def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image: bootvm.bootimage.Built,
-                                                                     tmp_path: Path) -> None:
+@dataclass
+class Repo:
+    url: str
+    initrd: Path
+    built: dict[str, Any]
+    nonzero: int  # non-zero chunks of the image
+    unique: int  # distinct ones: what a full copy of the image sends at least
+
+
+@pytest.fixture(scope="module")
+def netrepo(boot_image: bootvm.bootimage.Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Repo]:
+    """``blockprov serve`` holding the test image as bootlab:v1 with the blockprov initramfs."""
     assert Path(IPXE_ROM).exists(), f"{IPXE_ROM} missing: install ipxe-qemu (scripts/setup.sh)"
-    server, url = start_server(tmp_path / "repo")
-    disk = tmp_path / "pc-disk.raw"
-    with open(disk, "wb") as f:
-        f.truncate(2 << 30)  # the PC's blank 2 GiB disk
+    tmp = tmp_path_factory.mktemp("netboot")
+    server, url = start_server(tmp / "repo")
     try:
         run_cli("--repo", url, "import", str(boot_image.disk), "bootlab:v1")
-        initrd = tmp_path / "initrd.img"
+        initrd = tmp / "initrd.img"
         built = json.loads(run_cli("--repo", url, "boot-files", "build", "bootlab:v1", "--output", str(initrd),
                                    "--json").stdout)
         m = json.loads(run_cli("--repo", url, "show", "bootlab:v1", "--json").stdout)
-        nonzero = m["chunks"] - m["zero_chunks"]  # chunks a full copy of the image sends
+        nonzero = m["chunks"] - m["zero_chunks"]
         print(f"initramfs {built['build']['initrd_bytes']} bytes ({built['build']['unpacked_bytes']} unpacked, "
               f"{built['build']['files']} files); image: {nonzero} non-zero chunks")
         assert built["build"]["initrd_bytes"] < 40 << 20
-
-        # 1. first boot onto the blank disk, nothing copied ahead: the guest's check passes while
-        #    the disk holds only what the boot read
-        assign(url, "check", "restore")
-        first = netboot(disk, url, tmp_path / "console1.log")
-        assert first.check == "OK" and first.done.get("check") == "OK", first.tail()
-        assert "initializing disk vda" in first.console
-        sent1 = chunks_served(url)
-        print(f"first boot: BLOCKPROV-BOOT-DONE after {first.seconds:.1f} s (root mounted at guest uptime "
-              f"{first.done.get('mounted')} s); chunks sent: {first.sent_at_init} when the image's init started, "
-              f"{sent1} by the end of its check (which reads every file it checks, and a boot's worth more); "
-              f"the image has {nonzero} non-zero chunks")
-        # the machine runs its own init having fetched a sliver of the image; its check, which reads
-        # a good part of the image's files, still runs with the disk partly unfetched
-        assert first.sent_at_init is not None and first.sent_at_init < nonzero // 10, first.tail()
-        assert 0 < sent1 < nonzero * 3 // 4, "the disk was fetched whole: not a lazy boot"
-
-        # 2. a dirty session (the disk keeps it: policy keep)
-        assign(url, "dirty", "keep")
-        dirty = netboot(disk, url, tmp_path / "console2.log")
-        assert dirty.done.get("mode") == "dirty", dirty.tail()
-        assert "holds blockprov's cache" in dirty.console
-        sent2 = chunks_served(url)
-
-        # 3. reboot-to-restore: pristine, and only the chunks the session modified came back
-        assign(url, "check", "restore")
-        restored = netboot(disk, url, tmp_path / "console3.log")
-        assert restored.check == "OK", restored.tail()
-        reset = restored.number(r"reset on start: (\d+) chunk")
-        sent3 = chunks_served(url) - sent2
-        print(f"restore boot: {reset} chunks reset, {sent3} chunks sent, BOOT-DONE after {restored.seconds:.1f} s")
-        # only the reset chunks come back (a reset chunk that is all zeros in the image is not even
-        # sent); the slack covers fills of the last second before a power-off, whose journal
-        # records were not yet synced (netboot/inagent.py, sync_fills): those are fetched again
-        assert reset > 0 and sent3 <= reset + 16, restored.tail()
-
-        # 4. the host moves to v2 (the administrator's change, made offline): the next boot updates
-        #    the disk by diff and runs v2, and the repository sends no more than the changed chunks
-        v2 = admin_version(boot_image.disk, tmp_path)
-        run_cli("--repo", url, "import", str(v2), "bootlab:v2")
-        run_cli("--repo", url, "boot-files", "set", "bootlab:v2", "--kernel", built["build"]["kernel"],
-                "--initrd", str(initrd), "--cmdline", built["cmdline"])
-        changed = len(json.loads(run_cli("--repo", url, "diff", "bootlab:v1", "bootlab:v2", "--json").stdout)[
-            "changed"])
-        before = chunks_served(url)
-        assign(url, "check", "restore", "bootlab:v2")
-        moved = netboot(disk, url, tmp_path / "console4.log")
-        golden = int(restored.number(r"BP-CHECK OK files=(\d+)"))
-        assert moved.check == "OK" and moved.number(r"BP-CHECK OK files=(\d+)") == golden + 1, moved.tail()
-        assert "by diff" in moved.console, moved.tail()
-        sent4 = chunks_served(url) - before
-        print(f"update boot: {changed} chunks differ between v1 and v2, {sent4} sent; "
-              f"BOOT-DONE after {moved.seconds:.1f} s")
-        assert 0 < sent4 <= changed + 16, moved.tail()
-
-        agents = json.loads(run_cli("--repo", url, "agents", "--json").stdout)
-        assert any(a["instance"] == "pc-" + MAC.replace(":", "-") and a["info"].get("host") == MAC
-                   for a in agents), agents
+        yield Repo(url, initrd, built, nonzero, m["unique_chunks"])
     finally:
         server.stop()
+
+
+def blank_disk(path: Path) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(2 << 30)  # the PC's blank 2 GiB disk
+    return path
+
+
+def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image: bootvm.bootimage.Built,
+                                                                     netrepo: Repo, tmp_path: Path) -> None:
+    url, initrd, built, nonzero = netrepo.url, netrepo.initrd, netrepo.built, netrepo.nonzero
+    disk = blank_disk(tmp_path / "pc-disk.raw")
+    # 1. first boot onto the blank disk, nothing copied ahead: the guest's check passes while
+    #    the disk holds only what the boot read
+    assign(url, "check", "restore")
+    base = chunks_served(url)  # the repository is shared by this module's tests
+    first = netboot(disk, url, tmp_path / "console1.log")
+    assert first.check == "OK" and first.done.get("check") == "OK", first.tail()
+    assert "initializing disk vda" in first.console
+    sent1 = chunks_served(url) - base
+    at_init = None if first.sent_at_init is None else first.sent_at_init - base
+    print(f"first boot: BLOCKPROV-BOOT-DONE after {first.seconds:.1f} s (root mounted at guest uptime "
+          f"{first.done.get('mounted')} s); chunks sent: {at_init} when the image's init started, "
+          f"{sent1} by the end of its check (which reads every file it checks, and a boot's worth more); "
+          f"the image has {nonzero} non-zero chunks")
+    # the machine runs its own init having fetched a sliver of the image; its check, which reads
+    # a good part of the image's files, still runs with the disk partly unfetched
+    assert at_init is not None and at_init < nonzero // 10, first.tail()
+    assert 0 < sent1 < nonzero * 3 // 4, "the disk was fetched whole: not a lazy boot"
+
+    # 2. a dirty session (the disk keeps it: policy keep)
+    assign(url, "dirty", "keep")
+    dirty = netboot(disk, url, tmp_path / "console2.log")
+    assert dirty.done.get("mode") == "dirty", dirty.tail()
+    assert "holds blockprov's cache" in dirty.console
+    sent2 = chunks_served(url)
+
+    # 3. reboot-to-restore: pristine, and only the chunks the session modified came back
+    assign(url, "check", "restore")
+    restored = netboot(disk, url, tmp_path / "console3.log")
+    assert restored.check == "OK", restored.tail()
+    reset = restored.number(r"reset on start: (\d+) chunk")
+    sent3 = chunks_served(url) - sent2
+    print(f"restore boot: {reset} chunks reset, {sent3} chunks sent, BOOT-DONE after {restored.seconds:.1f} s")
+    # only the reset chunks come back (a reset chunk that is all zeros in the image is not even
+    # sent); the slack covers fills of the last second before a power-off, whose journal
+    # records were not yet synced (netboot/inagent.py, sync_fills): those are fetched again
+    assert reset > 0 and sent3 <= reset + 16, restored.tail()
+
+    # 4. the host moves to v2 (the administrator's change, made offline): the next boot updates
+    #    the disk by diff and runs v2, and the repository sends no more than the changed chunks
+    v2 = admin_version(boot_image.disk, tmp_path)
+    run_cli("--repo", url, "import", str(v2), "bootlab:v2")
+    run_cli("--repo", url, "boot-files", "set", "bootlab:v2", "--kernel", built["build"]["kernel"],
+            "--initrd", str(initrd), "--cmdline", built["cmdline"])
+    changed = len(json.loads(run_cli("--repo", url, "diff", "bootlab:v1", "bootlab:v2", "--json").stdout)[
+        "changed"])
+    before = chunks_served(url)
+    assign(url, "check", "restore", "bootlab:v2")
+    moved = netboot(disk, url, tmp_path / "console4.log")
+    golden = int(restored.number(r"BP-CHECK OK files=(\d+)"))
+    assert moved.check == "OK" and moved.number(r"BP-CHECK OK files=(\d+)") == golden + 1, moved.tail()
+    assert "by diff" in moved.console, moved.tail()
+    sent4 = chunks_served(url) - before
+    print(f"update boot: {changed} chunks differ between v1 and v2, {sent4} sent; "
+          f"BOOT-DONE after {moved.seconds:.1f} s")
+    assert 0 < sent4 <= changed + 16, moved.tail()
+
+    agents = json.loads(run_cli("--repo", url, "agents", "--json").stdout)
+    assert any(a["instance"] == "pc-" + MAC.replace(":", "-") and a["info"].get("host") == MAC
+               for a in agents), agents
+
+
+def test_before_boot_hydration_and_memory_pressure(netrepo: Repo, tmp_path: Path) -> None:
+    """``--hydrate before-boot`` (the FOG model: everything on the disk first), then the guest fills
+    its memory (a tmpfs of all but 48 MiB) while it writes to and reads back from its root: the
+    agent serving that root (memory locked, PR_SET_IO_FLUSHER) keeps it working."""
+    mac = "52:54:00:12:34:5b"
+    disk = blank_disk(tmp_path / "pc2-disk.raw")
+    assign(netrepo.url, "hog", "keep", hydrate="before-boot", mac=mac)
+    before = chunks_served(netrepo.url)
+    hog = netboot(disk, netrepo.url, tmp_path / "console.log", mac=mac)
+    assert hog.done.get("hog") == "OK" and "BP-HOG OK" in hog.console, hog.tail()
+    total = hog.number(r"hydrated before the boot: \d+/(\d+) chunks")
+    assert hog.number(r"hydrated before the boot: (\d+)/\d+ chunks") == total, hog.tail()
+    assert hog.sent_at_init is not None and hog.sent_at_init - before >= netrepo.unique
+    assert "warning:" not in hog.console, hog.tail()  # mlockall, PR_SET_IO_FLUSHER, oom_score_adj all took
+    print(f"before-boot: {hog.sent_at_init - before} chunks before the image's init; "
+          f"{re.search(r'BP-HOG OK.*', hog.console).group(0)}; BOOT-DONE after {hog.seconds:.1f} s")

@@ -199,6 +199,8 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         say("hydrating every chunk before the boot (blockprov.hydrate=before-boot)")
         while agent.ops.hydrator.running:
             await asyncio.sleep(0.5)
+        counts = dev.chunk_map.counts()
+        say(f"hydrated before the boot: {counts['total'] - counts['missing']}/{counts['total']} chunks local")
     threading.Thread(target=connect_kernel, args=(ready, say), daemon=True, name="nbd-kernel").start()
     syncer = asyncio.ensure_future(sync_fills(dev))
     try:
