@@ -222,6 +222,7 @@ def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image:
     sent4 = chunks_served(url) - before
     print(f"update boot: {changed} chunks differ between v1 and v2, {sent4} sent; "
           f"BOOT-DONE after {moved.seconds:.1f} s")
+    # the slack: fills of the previous boot's last moments, lost to its power-off (see step 3)
     assert 0 < sent4 <= changed + 16, moved.tail()
 
     agents = json.loads(run_cli("--repo", url, "agents", "--json").stdout)

@@ -69,7 +69,7 @@ MKFS = ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-L", "bp-meta"]
 PR_SET_IO_FLUSHER = 57
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 RETRY_MAX = 30.0
-SYNC_FILLS = 1.0  # seconds between fsyncs of the journal's fill records (sync_fills)
+SYNC_FILLS = 0.2  # seconds between fsyncs of the journal's fill records (sync_fills)
 
 
 def harden() -> list[str]:
