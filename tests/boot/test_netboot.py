@@ -19,7 +19,7 @@ import re
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +65,10 @@ def chunks_served(url: str) -> int:
     return int(float(m.group(1))) if m else 0
 
 
-def netboot(disk: Path, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC) -> NetBoot:
-    """One network boot of the PC; bounded (qemu is killed at ``timeout``)."""
+def netboot(disk: Path, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC,
+            until: str | None = None, action: Callable[[], object] | None = None) -> NetBoot:
+    """One network boot of the PC; bounded (qemu is killed at ``timeout``). With ``until``: once
+    the console shows that text, ``action()`` runs while the machine is up, then qemu is killed."""
     port = url.rsplit(":", 1)[1]
     console.unlink(missing_ok=True)
     cmd = [require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", "-m", "1024", "-display", "none",
@@ -84,6 +86,10 @@ def netboot(disk: Path, url: str, console: Path, timeout: float = BOOT_TIMEOUT, 
             text = console.read_text(errors="replace") if console.exists() else ""
             if at_init is None and "BLOCKPROV-INIT" in text:
                 at_init = chunks_served(url)
+            if until is not None and until in text:
+                if action is not None:
+                    action()
+                break
             if bootvm.MARKER in text or bootvm.FAIL_MARKER in text or "BLOCKPROV-NETBOOT-FAIL" in text:
                 break
             time.sleep(0.5)
@@ -246,3 +252,33 @@ def test_before_boot_hydration_and_memory_pressure(netrepo: Repo, tmp_path: Path
     assert "warning:" not in hog.console, hog.tail()  # mlockall, PR_SET_IO_FLUSHER, oom_score_adj all took
     print(f"before-boot: {hog.sent_at_init - before} chunks before the image's init; "
           f"{re.search(r'BP-HOG OK.*', hog.console).group(0)}; BOOT-DONE after {hog.seconds:.1f} s")
+
+
+def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(netrepo: Repo, tmp_path: Path) -> None:
+    """``--policy keep``: an administrator's change survives the reboot, and while the PC runs the
+    repository asks its agent for a snapshot (``snapshot --instance``), which becomes a version
+    holding the change."""
+    mac = "52:54:00:12:34:5c"
+    disk = blank_disk(tmp_path / "pc3-disk.raw")
+    assign(netrepo.url, "admin", "keep", mac=mac)
+    admin = netboot(disk, netrepo.url, tmp_path / "console1.log", mac=mac)
+    assert admin.done.get("mode") == "admin", admin.tail()
+    assign(netrepo.url, "counter", "keep", mac=mac)
+    answers: list[dict[str, Any]] = []
+
+    def snapshot() -> None:
+        p = run_cli("--repo", netrepo.url, "snapshot", "--instance", "pc-" + mac.replace(":", "-"),
+                    "--to", "bootlab:pc3", "--wait", "120", "--json")
+        answers.append(json.loads(p.stdout))
+
+    running = netboot(disk, netrepo.url, tmp_path / "console2.log", mac=mac, until="BP-COUNT n=20 ",
+                      action=snapshot)
+    assert answers, running.tail()
+    assert "reset on start" not in running.console
+    out = tmp_path / "pc3.raw"
+    run_cli("--repo", netrepo.url, "export", "bootlab:pc3", str(out))
+    got = subprocess.run([require_tool("debugfs"), "-R", f"cat {bootvm.bootimage.ADMIN_CHANGE_PATH}", str(out)],
+                         capture_output=True, check=True, timeout=60).stdout.decode()
+    assert got == bootvm.bootimage.ADMIN_CHANGE_CONTENT, answers
+    changed = json.loads(run_cli("--repo", netrepo.url, "diff", "bootlab:v1", "bootlab:pc3", "--json").stdout)
+    print(f"keep + snapshot --instance: {len(changed['changed'])} chunks differ from v1; answer {answers[0]}")
