@@ -282,3 +282,63 @@ def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(netrepo
     assert got == bootvm.bootimage.ADMIN_CHANGE_CONTENT, answers
     changed = json.loads(run_cli("--repo", netrepo.url, "diff", "bootlab:v1", "bootlab:pc3", "--json").stdout)
     print(f"keep + snapshot --instance: {len(changed['changed'])} chunks differ from v1; answer {answers[0]}")
+
+
+def cache_of(disk: Path, tmp_path: Path) -> tuple[Any, int]:
+    """The chunk map the PC's disk holds (its metadata partition's cache directory, replayed as an
+    agent would, nothing written) and the byte offset of its data partition."""
+    from blockprov.cache.journal import load
+    from blockprov.netboot import disk as layout
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    meta = tmp_path / "meta.img"
+    with open(disk, "rb") as src, open(meta, "wb") as dst:
+        src.seek(layout.START)
+        dst.write(src.read(layout.META_BYTES))
+    # replay the file system's journal as the kernel's mount would (debugfs reads without it)
+    fsck = subprocess.run([require_tool("e2fsck"), "-fy", str(meta)], capture_output=True, timeout=120)
+    assert fsck.returncode in (0, 1), fsck.stdout
+    out = tmp_path / "meta"
+    out.mkdir()
+    subprocess.run([require_tool("debugfs"), "-R", f"rdump /cache {out}", str(meta)], capture_output=True,
+                   check=True, timeout=60)
+    return load(out / "cache"), layout.START + layout.META_BYTES
+
+
+def test_power_cut_during_hydration_resumes_and_serves_nothing_wrong(boot_image: bootvm.bootimage.Built,
+                                                                     netrepo: Repo, tmp_path: Path) -> None:
+    """kill -9 of the whole VM (a power cut) while the image is copied in the background: the disk
+    holds the image's content wherever its map says present, and the next boot resumes."""
+    from blockprov.cache.maps import MODIFIED, PRESENT
+
+    mac = "52:54:00:12:34:5d"
+    disk = blank_disk(tmp_path / "pc4-disk.raw")
+    assign(netrepo.url, "counter", "keep", hydrate="background", mac=mac)
+    before = chunks_served(netrepo.url)
+
+    def hydrating() -> None:  # let the background copy get well under way, then cut the power
+        end = time.monotonic() + 120
+        while chunks_served(netrepo.url) - before < netrepo.unique // 3 and time.monotonic() < end:
+            time.sleep(0.2)
+
+    cut = netboot(disk, netrepo.url, tmp_path / "console1.log", mac=mac, until="blockprov-agent: serving",
+                  action=hydrating)
+    assert "blockprov-agent: serving" in cut.console, cut.tail()
+    loaded, data_at = cache_of(disk, tmp_path / "cut")
+    flags = loaded.map.flags
+    present = [i for i in range(len(flags)) if flags[i] & PRESENT and not flags[i] & MODIFIED]
+    cs = loaded.meta.chunk_size
+    assert netrepo.unique // 10 < len(present) < netrepo.nonzero - 100, f"{len(present)} present: not mid-copy"
+    with open(disk, "rb") as d, open(boot_image.disk, "rb") as img:
+        for i in present:
+            d.seek(data_at + i * cs)
+            img.seek(i * cs)
+            assert d.read(cs) == img.read(cs), f"chunk {i} is marked present but differs from the image"
+    # the next boot resumes: it starts with what the map held, and the guest's check passes
+    assign(netrepo.url, "check", "keep", hydrate="background", mac=mac)
+    again = netboot(disk, netrepo.url, tmp_path / "console2.log", mac=mac)
+    assert again.check == "OK", again.tail()
+    at_start = again.number(r"present=(\d+)/\d+ chunks")
+    assert at_start >= len(present), again.tail()
+    print(f"power cut: {len(present)} chunks present and equal to the image after kill -9; the next boot "
+          f"started with {at_start} local and passed its check")
