@@ -27,6 +27,9 @@ system), then acts on ``bp.mode=`` of the kernel command line:
   line ``NAME MACHINE-ID``; ``BP-IDENTITY name=… machine-id=…``; the name also written to
   ``/bp-identity``, the machine-id to ``/etc/machine-id``); ``bp.ballast=MB`` first fills that much
   RAM with random data: the running application ``blockprov vm`` clones;
+* ``hog``: memory pressure while the root is written: a tmpfs takes all but 48 MiB of the available
+  memory, 32 MiB are written to the root, synced and read back (``BP-HOG OK``), for the in-machine
+  agent that serves the root (blockprov's network boot);
 * ``admin``: a sanctioned change: writes ``/etc/bp-admin-change`` (``ADMIN_CHANGE_CONTENT``) and
   updates the golden list so a later check passes;
 
@@ -59,7 +62,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = 6  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 7  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -78,14 +81,8 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9._+@/-]+$")  # paths the guest's shell handl
 # Share of --fill-mb taken from each part of /usr, in this order (sorted walks, so a fixed subset).
 USR_PARTS = (("usr/bin", 0.07), ("usr/sbin", 0.01), ("usr/lib", 0.62), ("usr/share", 0.30))
 
-INIT = r"""#!/bin/busybox sh
-# blockprov boot-test init (initramfs). Mounts /dev/vda, reads like a boot, acts on bp.mode=, powers off.
-/bin/busybox mkdir -p /proc /sys /dev /root /tmp /bin
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev 2>/dev/null
+_INIT = r"""@SHEBANG@
+@SETUP@
 MODE=plain
 for a in $(cat /proc/cmdline); do
     case "$a" in bp.mode=*) MODE="${a#bp.mode=}" ;; esac
@@ -94,18 +91,13 @@ off() { sync; poweroff -f; sleep 10; echo "BLOCKPROV-BOOT-FAIL mode=$MODE reason
 fail() { echo "BLOCKPROV-BOOT-FAIL mode=$MODE reason=$*"; cd /; umount /root 2>/dev/null; off; }
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "BLOCKPROV-INIT mode=$MODE uptime=$(up)"
-for m in $(cat /etc/bp-modules); do insmod "/lib/modules/$m" || echo "bp: insmod $m failed"; done
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do usleep 50000; i=$((i + 1)); done
-[ -b /dev/vda ] || fail no-/dev/vda
 case "$MODE" in
     plain|check) OPTS=ro ;;
-    dirty|admin|counter) OPTS=rw ;;
+    dirty|admin|counter|hog) OPTS=rw ;;
     *) fail "unknown-mode" ;;
 esac
-mount -t ext4 -o "$OPTS" /dev/vda /root || fail mount-failed
+@MOUNT@
 MOUNTED=$(up)
-cd /root || fail no-root
 # Boot-like reads: directory walk with stats, many small files read whole, heads of larger ones.
 ls -lR etc usr/bin usr/sbin home >/dev/null 2>&1
 xargs cat <etc/bp-boot-full >/dev/null 2>&1
@@ -149,6 +141,27 @@ check)
         EXTRA="check=OK"
     fi
     ;;
+hog)
+    # Memory pressure while the root is written: a tmpfs takes all but 48 MiB of the available
+    # memory (no swap: those pages can go nowhere), then 32 MiB go to the root, are synced, dropped
+    # from the page cache and read back through the root device.
+    mkdir -p /tmp/hogfs
+    mount -t tmpfs -o size=100% hog /tmp/hogfs || fail hog-mount
+    N=$(($(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo) - 48))
+    dd if=/dev/zero of=/tmp/hogfs/fill bs=1M count=$N 2>/dev/null
+    LEFT=$(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo)
+    dd if=/dev/urandom of=home/user/hog.bin bs=1M count=32 2>/dev/null || fail hog-write
+    S1=$(md5sum home/user/hog.bin | cut -d' ' -f1)
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    S2=$(md5sum home/user/hog.bin | cut -d' ' -f1)
+    [ "$S1" = "$S2" ] || fail hog-readback-differs
+    rm -f /tmp/hogfs/fill home/user/hog.bin
+    umount /tmp/hogfs
+    sync
+    echo "BP-HOG OK filled_mb=$N available_mb_left=$LEFT"
+    EXTRA="hog=OK"
+    ;;
 counter)
     # A running application for VM clones (blockprov vm): its state (n) lives only in memory, it
     # never powers off, and it takes an identity (hostname, machine-id) from the host on the
@@ -187,14 +200,52 @@ counter)
     done
     ;;
 esac
-cd /
-umount /root || fail umount-failed
-STAT=$(cat /sys/block/vda/stat)
+@FINISH@
 set -- $STAT
 IO="rd_kb=$(($3 / 2)) wr_kb=$(($7 / 2))"
 echo "BLOCKPROV-BOOT-DONE mode=$MODE uptime=$(up) mounted=$MOUNTED readdone=$READDONE files=$NFILES $IO $EXTRA"
 off
 """
+
+# The init of the initramfs (direct kernel boot, root disk on /dev/vda) and the init of the root
+# file system itself (/sbin/init, run when an initramfs such as blockprov's network boot switched
+# root to the image: /proc, /sys, /dev are already mounted, the root is read-only).
+_AS_INITRD = {
+    "@SHEBANG@": "#!/bin/busybox sh\n# blockprov boot-test init (initramfs). Mounts /dev/vda, reads like a boot, "
+                 "acts on bp.mode=, powers off.",
+    "@SETUP@": "/bin/busybox mkdir -p /proc /sys /dev /root /tmp /bin\n/bin/busybox --install -s /bin\n"
+               "export PATH=/bin\nmount -t proc proc /proc\nmount -t sysfs sys /sys\n"
+               "mount -t devtmpfs dev /dev 2>/dev/null",
+    "@MOUNT@": 'for m in $(cat /etc/bp-modules); do insmod "/lib/modules/$m" || echo "bp: insmod $m failed"; done\n'
+               "i=0\nwhile [ ! -b /dev/vda ] && [ $i -lt 300 ]; do usleep 50000; i=$((i + 1)); done\n"
+               "[ -b /dev/vda ] || fail no-/dev/vda\n"
+               'mount -t ext4 -o "$OPTS" /dev/vda /root || fail mount-failed\ncd /root || fail no-root',
+    "@FINISH@": "cd /\numount /root || fail umount-failed\nSTAT=$(cat /sys/block/vda/stat)",
+}
+ROOT_BUSYBOX = "usr/lib/bptest/busybox"
+_AS_ROOT = {
+    "@SHEBANG@": f"#!/{ROOT_BUSYBOX} sh\n# blockprov boot-test init (/sbin/init of the root file system): "
+                 "reads like a boot, acts on bp.mode=, powers off.",
+    "@SETUP@": f"/{ROOT_BUSYBOX} mount -t tmpfs tmp /tmp\n/{ROOT_BUSYBOX} mkdir -p /tmp/bin\n"
+               f"/{ROOT_BUSYBOX} --install -s /tmp/bin\nexport PATH=/tmp/bin",
+    "@MOUNT@": 'mount -o "remount,$OPTS" / || fail remount-failed\n'
+               "ROOTDEV=$(awk '$2 == \"/\" && $1 ~ /^\\/dev\\// {d=$1} END {print d}' /proc/mounts)\n"
+               "ROOTDEV=${ROOTDEV#/dev/}\ncd / || fail no-root",
+    "@FINISH@": "cd /\nsync\nmount -o remount,ro / || fail remount-ro-failed\n"
+                'STAT=$(cat "/sys/block/${ROOTDEV:-vda}/stat")',
+}
+
+
+def init_script(as_root: bool = False) -> str:
+    """The test init, for the initramfs (``INIT``) or as the root file system's ``/sbin/init``."""
+    text = _INIT
+    for k, v in (_AS_ROOT if as_root else _AS_INITRD).items():
+        text = text.replace(k, v)
+    return text
+
+
+INIT = init_script(False)
+ROOT_INIT = init_script(True)
 
 
 @dataclass
@@ -413,6 +464,14 @@ def populate(root: Path, fill: int) -> dict[str, object]:
         os.chmod(p, 0o644)
     for rel in EMPTY_DIRS:
         (root / rel).mkdir(parents=True, exist_ok=True)
+    # the root can be switched to (blockprov's network boot): busybox and /sbin/init in the image
+    bb = root / ROOT_BUSYBOX
+    bb.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(find_busybox(), bb)
+    os.chmod(bb, 0o755)
+    (root / "usr/sbin").mkdir(parents=True, exist_ok=True)
+    (root / "usr/sbin/init").write_text(ROOT_INIT)
+    os.chmod(root / "usr/sbin/init", 0o755)
     os.symlink("usr/bin", root / "bin")
     os.symlink("usr/sbin", root / "sbin")
     # What the boot reads: small files whole (~ a third), the first 16 KiB of larger ones (~ half).
@@ -472,7 +531,7 @@ def _params(size: int, fill_mb: int) -> dict[str, object]:
     return {"builder": BUILDER_VERSION, "size": size, "fill_mb": fill_mb, "kernel_release": release,
             "kernel_bytes": kernel.stat().st_size,
             "busybox_sha256": hashlib.sha256(bb.read_bytes()).hexdigest(),
-            "init_sha256": hashlib.sha256(INIT.encode()).hexdigest()}
+            "init_sha256": hashlib.sha256((INIT + ROOT_INIT).encode()).hexdigest()}
 
 
 def _cached(out: Path, params: dict[str, object]) -> Built | None:

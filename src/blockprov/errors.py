@@ -334,6 +334,16 @@ class InvalidRequest(DeviceError):
 
 
 # -- errors across processes ----------------------------------------------------------------------
+class NetbootError(BlockprovError):
+    """{msg}"""
+
+    exit_code = 1
+
+
+class DiskRefused(UsageError):
+    """{msg}"""
+
+
 def error_to_dict(exc: BaseException) -> dict[str, Any]:
     """The JSON an error travels as: ``{"error": ClassName, "message", "details", "exit_code"}``.
 

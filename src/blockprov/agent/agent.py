@@ -221,7 +221,7 @@ class Agent:
         hydration = st.get("hydration") or {}
         latency = (st.get("fetch_latency_ms") or {}).get("p50")
         return {"image": m.image, "version": m.id, "pid": os.getpid(), "addresses": self.addresses,
-                "cache": str(self.config.cache_dir), "host": socket.gethostname(),
+                "cache": str(self.config.cache_dir), "host": self.config.extra.get("host") or socket.gethostname(),
                 "hydration": {"percent": round(100.0 * (st["chunks_present"] + st["chunks_zero"]) / total, 1),
                               "running": bool(hydration.get("running"))},
                 "modified_chunks": st["chunks_modified"], "fetch_latency_ms": latency,

@@ -359,10 +359,11 @@ class Fetcher:
         together). So the other missing chunks of the miss's region go out as one speculative
         batch, in a free slot only, the region as large as the link carries in a round trip
         (``neighbourhood_span``, from the measured round trip and bandwidth): nothing on a link
-        whose round trip is only CPU, a few chunks on a LAN, ``NEIGHBOURHOOD_MAX`` far away.
+        whose round trip is only CPU, a few chunks on a LAN, ``NEIGHBOURHOOD_MAX`` far away. A
+        read-ahead of 0 (``attach --readahead 0``) turns this speculation off too.
         """
         rtt = self.rtt
-        if not rtt or self._max_inflight - self._active <= 1:
+        if not self._ra_max or not rtt or self._max_inflight - self._active <= 1:
             return  # the link is not measured yet, or no slot to spare beside the demand fetches
         st = self.stats
         per_chunk = st.wire_bytes / st.chunks_fetched if st.chunks_fetched and st.wire_bytes else self._cs / 2

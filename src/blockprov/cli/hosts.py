@@ -63,6 +63,37 @@ def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str,
                    f"(ended: {recorded['ended']})")
 
 
+@boot_files.command("build")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kernel to boot (default: the newest /boot/vmlinuz-* with its modules installed).")
+@click.option("--modules", "modules_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The kernel's module tree, holding modules.dep (default: /lib/modules/RELEASE).")
+@click.option("--cmdline", default=None,
+              help="Kernel command line for every host booting this version (default: consoles tty0 and ttyS0).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the initramfs to this file.")
+@json_option
+@click.pass_obj
+def boot_files_build(obj: Ctx, ref: str, kernel: Path | None, modules_dir: Path | None, cmdline: str | None,
+                     output: Path | None, as_json: bool) -> None:
+    """Build the blockprov initramfs (the in-machine agent: a PC boots REF from the network onto its own
+    disk) for a kernel, and store kernel and initramfs as REF's boot files."""
+    from blockprov.netboot import initramfs
+
+    built = initramfs.build(kernel, modules_dir)
+    if output is not None:
+        output.write_bytes(built.data)
+    cmd = initramfs.DEFAULT_CMDLINE if cmdline is None else cmdline
+    info = obj.repo.set_boot_files(parse_ref(ref), built.kernel, built.data, cmd)
+    if as_json:
+        emit(info.to_dict() | {"build": built.summary()})
+        return
+    click.echo(f"{info.image}@{info.version}: kernel {built.release} {hz.size(info.kernel.size)}, blockprov "
+               f"initramfs {hz.size(len(built.data))} ({hz.size(built.unpacked)} unpacked, {built.files} files, "
+               f"{built.python_modules} python modules, {len(built.modules)} kernel modules), cmdline {cmd or '-'}")
+
+
 @boot_files.command("show")
 @click.argument("ref", metavar="NAME:TAG|NAME@ID")
 @json_option
@@ -92,11 +123,23 @@ def host() -> None:
 @click.argument("host_name", metavar="HOST")
 @click.argument("ref", metavar="NAME:TAG|NAME@ID")
 @click.option("--args", "args", default="", help="Extra kernel arguments for this host.")
+@click.option("--policy", type=click.Choice(["restore", "keep"]),
+              help="For a machine booting blockprov's initramfs (boot-files build): restore = reboot-to-restore "
+                   "(the last session's changes are undone at boot), keep = the disk keeps them. Carried in the "
+                   "boot script as the kernel argument blockprov.policy.")
+@click.option("--hydrate", type=click.Choice(["background", "before-boot", "off"]),
+              help="For blockprov's initramfs: copy the rest of the image to the disk in the background "
+                   "(its default), all of it before the boot, or never ahead. Kernel argument blockprov.hydrate.")
 @json_option
 @click.pass_obj
-def host_assign(obj: Ctx, host_name: str, ref: str, args: str, as_json: bool) -> None:
+def host_assign(obj: Ctx, host_name: str, ref: str, args: str, policy: str | None, hydrate: str | None,
+                as_json: bool) -> None:
     """Boot HOST from REF: NAME:TAG follows the tag when it moves, NAME@ID stays."""
-    h = obj.repo.assign_host(host_name, parse_ref(ref), args)
+    words = [w for w in args.split() if not w.startswith(("blockprov.policy=", "blockprov.hydrate="))
+             or (policy is None and w.startswith("blockprov.policy="))
+             or (hydrate is None and w.startswith("blockprov.hydrate="))]
+    words += [f"blockprov.{k}={v}" for k, v in (("policy", policy), ("hydrate", hydrate)) if v is not None]
+    h = obj.repo.assign_host(host_name, parse_ref(ref), " ".join(words))
     if as_json:
         emit(h.to_dict())
     else:

@@ -1,0 +1,254 @@
+"""The in-machine agent: serves the machine's root file system from its own disk, over the kernel's
+NBD client, and keeps serving after the switch to the real root.
+
+Started by PID 1 (netboot/machine.py) as ``@blockprov-agent`` — argv[0] starting with '@' is
+systemd's convention for a root storage daemon, so neither systemd's shutdown nor a switch_root
+kills it. It:
+
+1. hardens itself against the deadlock of a storage daemon under memory pressure (the kernel
+   reclaims memory by writing dirty pages to /dev/nbd0, which needs this very process):
+   ``mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`` (no page of it is ever swapped or dropped;
+   ONFAULT so thread stacks and arenas are not populated up front), ``prctl(PR_SET_IO_FLUSHER)``
+   (its own allocations do not recurse into I/O reclaim, as for loop and nbd-client), an
+   ``oom_score_adj`` of -1000, and small thread stacks;
+2. resolves ``blockprov.image`` at ``blockprov.repo`` (retrying with backoff while the repository
+   is unreachable, saying so on the console);
+3. picks and, when blank, initializes the disk (netboot/disk.py), mounts its metadata file system;
+4. runs the ordinary agent (agent/agent.py: cache, NBD server on a unix socket in the initramfs,
+   registration with the repository, background hydration) with the disk's data partition as
+   the cache's data and ``reset_on_start`` under the ``restore`` policy, so a machine comes up
+   pristine having re-fetched only what the last session changed; when the host was assigned
+   another version of the image meanwhile, the disk's version is updated by diff (agent/
+   lifecycle.py ``update``: only the chunks that differ are dropped, and those the disk held are
+   fetched again) before the kernel sees a byte — a tag moved while a machine runs reaches it at
+   its next boot, never under the running system;
+5. connects the kernel's NBD client to that socket (netboot/kernelnbd.py) and reports READY to
+   PID 1 on a pipe, which mounts /dev/nbd0 and switches root.
+
+Every module it will ever need is imported before it reports READY: the initramfs build ships
+exactly the modules this import graph pulls in (netboot/initramfs.py's probe), and PID 1 keeps
+the initramfs files (it moves the root without deleting them), so the agent's root stays intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from blockprov.agent import lifecycle
+from blockprov.agent.agent import Agent, AgentConfig
+from blockprov.cache.device import CacheDevice
+from blockprov.cache.fetcher import DEFAULT_READAHEAD
+from blockprov.cache.journal import META_NAME, load
+from blockprov.errors import BlockprovError, CacheMismatch, NetbootError
+from blockprov.humanize import parse_size
+from blockprov.manifest import Manifest
+from blockprov.netboot import disk, kernelnbd
+from blockprov.netboot.params import check_params
+from blockprov.repo.remote import RemoteRepository
+
+log = logging.getLogger("blockprov.netboot")
+
+RUN = Path("/run/blockprov")
+META_MOUNT = RUN / "meta"
+SOCKET = RUN / "nbd.sock"
+NBD_DEVICE = "nbd0"
+MKFS = ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-L", "bp-meta"]
+PR_SET_IO_FLUSHER = 57
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+RETRY_MAX = 30.0
+SYNC_FILLS = 0.2  # seconds between fsyncs of the journal's fill records (sync_fills)
+
+
+def harden() -> list[str]:
+    """Lock memory, become an I/O flusher, refuse the OOM killer; returns what failed (logged)."""
+    problems = []
+    threading.stack_size(512 << 10)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        problems.append(f"mlockall: {os.strerror(ctypes.get_errno())}")
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        problems.append(f"PR_SET_IO_FLUSHER: {os.strerror(ctypes.get_errno())}")
+    try:
+        Path("/proc/self/oom_score_adj").write_text("-1000\n")
+    except OSError as e:
+        problems.append(f"oom_score_adj: {e.strerror}")
+    return problems
+
+
+def resolve(repo: RemoteRepository, ref: str, say: Any) -> Manifest:
+    """The manifest of ``ref``; a repository that is down is retried with backoff, forever (a PC
+    that cannot reach its repository has nothing better to do, and says so on its console)."""
+    wait = 1.0
+    while True:
+        try:
+            return repo.resolve(ref)
+        except BlockprovError as e:
+            if getattr(e, "exit_code", 0) != 7:  # only "unavailable" is worth a retry
+                raise
+            say(f"repository {repo.url} unreachable ({e}); retrying in {wait:g} s")
+        time.sleep(wait)
+        wait = min(RETRY_MAX, wait * 2)
+
+
+def prepare_disk(params: dict[str, str], manifest: Manifest, say: Any) -> disk.Disk:
+    found = disk.disks()
+    d, kind = disk.choose(found, manifest.size, params.get("disk"))
+    if kind == "blank":
+        say(f"initializing disk {d.name} ({d.size >> 20} MiB) for {manifest.image}@{manifest.id[:12]}")
+        disk.initialize(d, {"image": manifest.image, "made": int(time.time())}, MKFS)
+    else:
+        say(f"disk {d.name} holds blockprov's cache")
+    META_MOUNT.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "ext4", "-o", "rw,noatime", d.meta, str(META_MOUNT)],
+                       capture_output=True, timeout=60)
+    if p.returncode:
+        raise NetbootError(f"cannot mount the metadata file system {d.meta}: "
+                           f"{p.stderr.decode(errors='replace').strip()}")
+    return d
+
+
+def connect_kernel(ready: int, say: Any) -> None:
+    """Thread: the kernel's NBD client on our socket; tells PID 1 'READY' once /dev/nbd0 runs."""
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(SOCKET))
+        export = kernelnbd.handshake(sock)
+        fd = kernelnbd.attach(f"/dev/{NBD_DEVICE}", sock, export)
+    except (OSError, BlockprovError) as e:
+        os.write(ready, f"ERROR cannot start /dev/{NBD_DEVICE}: {e}\n".encode())
+        return
+
+    def announce() -> None:
+        for _ in range(600):
+            if os.path.exists(f"/sys/block/{NBD_DEVICE}/pid"):
+                os.write(ready, f"READY {export.size}\n".encode())
+                return
+            time.sleep(0.05)
+        os.write(ready, b"ERROR the kernel NBD client did not start\n")
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        kernelnbd.serve(fd)
+    except OSError as e:
+        say(f"/dev/{NBD_DEVICE} stopped: {e}")
+
+
+def held_version(cache_dir: Path) -> tuple[str, str] | None:
+    """(image, version) of the cache the disk holds, if any."""
+    if not (cache_dir / META_NAME).exists():
+        return None
+    try:
+        meta = load(cache_dir).meta
+    except BlockprovError as e:
+        raise NetbootError(f"the disk's cache metadata is unreadable: {e}") from None
+    return meta.image, meta.version
+
+
+def instance_name(host: str | None) -> str | None:
+    """The name the machine registers with: ``pc-`` and its host id (a MAC's ':' are not allowed)."""
+    if not host:
+        return None
+    return "pc-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in host)[:120]
+
+
+async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manifest, d: disk.Disk,
+                ready: int, say: Any) -> None:
+    policy, hydrate = params.get("policy", "keep"), params.get("hydrate", "background")
+    config = AgentConfig(cache_dir=META_MOUNT / "cache", socket=SOCKET, data_path=d.data,
+                         readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
+                         reset_on_start=policy == "restore", hydrate=hydrate != "off",
+                         instance=instance_name(params.get("host")),
+                         extra={"host": params.get("host"), "netboot": True})
+    held = held_version(config.cache_dir)
+    moved = held is not None and held != (manifest.image, manifest.id)
+    if moved and held is not None and held[0] != manifest.image:
+        say(f"the disk held {held[0]}@{held[1][:12]}; starting over for {manifest.image}")
+        shutil.rmtree(config.cache_dir)
+        moved = False
+    # The host moved to another version of the image: re-attach the version the disk holds (reset
+    # first under restore), then update by diff before the kernel sees a byte.
+    agent = Agent(config, repo, None if moved else manifest)
+    try:
+        await agent.start()
+    except CacheMismatch as e:
+        raise NetbootError(f"{e} (erase the disk's first MiB to start over)") from None
+    dev = agent.device
+    assert dev is not None and agent.ops is not None
+    if moved:
+        old = dev.manifest.id
+        done = await lifecycle.update(dev, manifest, keep_modified=policy == "keep")
+        say(f"updated {old[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
+            f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept")
+    counts = dev.chunk_map.counts()
+    say(f"serving {manifest.image}@{manifest.id[:12]} policy={policy} hydrate={hydrate} "
+        f"present={counts['total'] - counts['missing']}/{counts['total']} chunks")
+    if hydrate == "before-boot" and agent.ops.hydrator is not None:
+        say("hydrating every chunk before the boot (blockprov.hydrate=before-boot)")
+        while agent.ops.hydrator.running:
+            await asyncio.sleep(0.5)
+        counts = dev.chunk_map.counts()
+        say(f"hydrated before the boot: {counts['total'] - counts['missing']}/{counts['total']} chunks local")
+    threading.Thread(target=connect_kernel, args=(ready, say), daemon=True, name="nbd-kernel").start()
+    syncer = asyncio.ensure_future(sync_fills(dev))
+    try:
+        await agent.run()
+    finally:
+        syncer.cancel()
+
+
+async def sync_fills(dev: CacheDevice) -> None:
+    """Make the journal's ``present`` records durable every ``SYNC_FILLS`` seconds.
+
+    A host agent journals fills without an fsync (losing one costs a refetch) and checkpoints at
+    its clean stop; a PC is powered off with the agent still running (``poweroff -f``, or the
+    power button), so without this every fill since the guest's last FLUSH — all of a read-only
+    session's — would be fetched again at the next boot."""
+    while True:
+        await asyncio.sleep(SYNC_FILLS)
+        with contextlib.suppress(BlockprovError):
+            await dev.state.sync()
+
+
+def main(argv: list[str]) -> int:
+    """``@blockprov-agent PARAMS_JSON READY_FD``."""
+    params: dict[str, str] = json.loads(argv[0])
+    ready = int(argv[1])
+    logging.basicConfig(level=logging.INFO, format="blockprov-agent: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    def say(msg: str) -> None:
+        print(f"blockprov-agent: {msg}", file=sys.stderr, flush=True)
+
+    for problem in harden():
+        say(f"warning: {problem}")
+    try:
+        check_params(params)
+        RUN.mkdir(parents=True, exist_ok=True)
+        repo = RemoteRepository(params["repo"], timeout=30.0)
+        manifest = resolve(repo, params["image"], say)
+        d = prepare_disk(params, manifest, say)
+        asyncio.run(serve(params, repo, manifest, d, ready, say))
+    except BlockprovError as e:
+        with contextlib.suppress(OSError):
+            os.write(ready, f"ERROR {e}\n".encode())
+        say(f"error: {e}")
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

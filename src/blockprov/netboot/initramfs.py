@@ -1,0 +1,393 @@
+"""Build the blockprov initramfs (``blockprov boot-files build``): the boot program of a PC.
+
+What goes in, and why each piece:
+
+* ``busybox`` (busybox-static: it needs no libc): the shell of ``/init``, ``insmod`` (no
+  modprobe needed: the build resolves ``modules.dep`` and writes the load order), ``udhcpc``,
+  ``ip``, ``mount`` (``--move`` for the switch to the real root), ``reboot``;
+* the kernel modules the agent needs — NICs, disks, ``nbd`` (Debian builds it as a module) and
+  ``ext4`` with their dependencies, flat under ``/usr/lib/blockprov-modules``;
+* Debian's ``/usr/bin/python3`` (its libpython is linked in) and **only the modules the agent
+  imports**: the build runs a probe under that very interpreter which imports the in-machine code
+  (netboot/machine.py, netboot/inagent.py) and exercises what is imported lazily (an HTTP client,
+  an event loop), then lists ``sys.modules``. Those modules go in as ``.pyc`` only (compiled by
+  the probe, so the bytecode matches the interpreter; a TCG guest would spend seconds compiling
+  sources), stdlib ones at their usual place, blockprov and its dependencies (blake3, zstandard,
+  httpx, …) from the build's ``sys.path`` under ``/usr/lib/blockprov``. Extension modules and
+  the executables get the shared libraries ``ldd`` lists, at the paths it lists; extension modules
+  from wheels are stripped (binutils' ``strip``, when installed);
+* ``mke2fs`` (e2fsprogs, with its libraries and ``/etc/mke2fs.conf``): the disk's metadata file
+  system is a journaled ext4 (netboot/disk.py says why);
+* ``/init``: a few lines of busybox sh that mount /proc, /sys, /dev and exec python3 on
+  netboot/machine.py, which does the rest.
+
+The archive is a newc cpio (written here, with fixed owners and times, so the build needs no root
+and is reproducible for the same inputs), gzip'd: the Debian kernel unpacks gzip natively.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blockprov.errors import NetbootError, SourceError
+
+PYTHON = Path("/usr/bin/python3")
+BUSYBOX = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
+MKE2FS = Path("/usr/sbin/mke2fs")
+MKE2FS_CONF = Path("/etc/mke2fs.conf")
+MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "nvme", "e1000", "e1000e",
+           "nbd", "crc32c_generic", "ext4")  # plus their dependencies; missing ones are skipped (built in)
+NEEDED_MODULES = ("nbd", "ext4")  # the build fails without these
+LIB_DIR = "usr/lib/blockprov"  # blockprov and its dependencies
+MOD_DIR = "usr/lib/blockprov-modules"
+FIXED_TIME = 1_700_000_000
+DEFAULT_CMDLINE = "console=tty0 console=ttyS0"
+EXTRA_STDLIB = ("encodings",)  # whole packages shipped besides the probe's modules (codecs are looked up by name)
+
+INIT = """#!/usr/bin/busybox sh
+# blockprov initramfs: mount the API file systems, then python (blockprov.netboot.machine) is PID 1.
+/usr/bin/busybox --install -s
+export PATH=/usr/sbin:/usr/bin LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu PYTHONHOME=/usr
+export PYTHONPATH=/usr/lib/blockprov PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+mkdir -p /proc /sys /dev /run /tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+exec /usr/bin/python3 -S -B -m blockprov.netboot.machine
+echo "blockprov: cannot start python3"; sleep 30; reboot -f
+"""
+
+UDHCPC = """#!/usr/bin/busybox sh
+# udhcpc's hook: configure the address, the default route and DNS it got.
+case "$1" in
+deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+bound|renew)
+    ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up
+    if [ -n "$router" ]; then
+        while route del default gw 0.0.0.0 dev "$interface" 2>/dev/null; do :; done
+        for r in $router; do route add default gw "$r" dev "$interface"; break; done
+    fi
+    : >/etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+    ;;
+esac
+exit 0
+"""
+
+# Run under the target interpreter: import what the machine runs, trigger lazy imports, list
+# sys.modules and compile each source module to a .pyc in OUT. Prints JSON.
+PROBE = r"""
+import importlib.util, json, os, py_compile, sys
+out = sys.argv[1]
+import runpy, asyncio, concurrent.futures.thread, encodings.idna, encodings.ascii, encodings.latin_1
+import importlib.readers, importlib.resources.readers, importlib.metadata, traceback, linecache
+import blockprov.netboot.machine, blockprov.netboot.inagent
+from blockprov.repo.remote import RemoteRepository
+RemoteRepository("http://127.0.0.1:9").close()
+asyncio.new_event_loop().close()
+for pkg in sys.argv[2:]:
+    __import__(pkg)
+    for root in __import__(pkg).__path__:
+        for dp, dns, fns in os.walk(root):
+            for f in fns:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(dp, f), os.path.dirname(root))[:-3].replace(os.sep, ".")
+                    rel = rel.removesuffix(".__init__")
+                    try:
+                        __import__(rel)
+                    except Exception:
+                        pass
+mods = []
+for i, (name, m) in enumerate(sorted(sys.modules.items())):
+    f = getattr(m, "__file__", None)
+    if not f or not os.path.isabs(f):
+        continue
+    pyc = None
+    if f.endswith(".py"):
+        pyc = os.path.join(out, f"{i}.pyc")
+        py_compile.compile(f, cfile=pyc, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    mods.append({"name": name, "file": f, "pyc": pyc})
+print(json.dumps({"modules": mods, "path": [p for p in sys.path if p],
+                  "magic": importlib.util.MAGIC_NUMBER.hex(), "version": sys.version}))
+"""
+
+
+@dataclass
+class Built:
+    """The initramfs and what the build measured."""
+
+    data: bytes
+    kernel: Path
+    release: str
+    files: int = 0
+    unpacked: int = 0
+    modules: list[str] = field(default_factory=list)
+    python_modules: int = 0
+    parts: dict[str, int] = field(default_factory=dict)  # unpacked bytes per part
+
+    def summary(self) -> dict[str, object]:
+        return {"kernel": str(self.kernel), "release": self.release, "initrd_bytes": len(self.data),
+                "unpacked_bytes": self.unpacked, "files": self.files, "kernel_modules": self.modules,
+                "python_modules": self.python_modules, "parts": self.parts}
+
+
+# -- the kernel and its modules ----------------------------------------------------------------------
+def find_kernel(kernel: Path | None = None) -> tuple[Path, str]:
+    """The kernel to boot and its release: ``kernel`` (its release from its name vmlinuz-RELEASE),
+    else the newest /boot/vmlinuz-* whose modules are installed (Debian's linux-image-amd64)."""
+    if kernel is not None:
+        if not kernel.is_file():
+            raise SourceError(path=str(kernel), why="no such kernel file")
+        m = re.match(r"vmlinuz-(.+)$", kernel.name)
+        return kernel, m.group(1) if m else ""
+    found = []
+    for p in Path("/boot").glob("vmlinuz-*"):
+        release = p.name[len("vmlinuz-"):]
+        if (Path("/lib/modules") / release / "modules.dep").exists():
+            found.append((tuple(int(x) for x in re.findall(r"\d+", release)), p, release))
+    if not found:
+        raise NetbootError("no kernel in /boot with modules in /lib/modules: apt-get install linux-image-amd64, "
+                           "or give --kernel FILE --modules DIR")
+    _k, path, release = max(found)
+    return path, release
+
+
+def module_order(modules_dir: Path, names: tuple[str, ...] = MODULES,
+                 needed: tuple[str, ...] = NEEDED_MODULES) -> list[Path]:
+    """The .ko files of ``names`` and their dependencies, in an order insmod can load them.
+    A name the kernel does not have as a module is skipped (built in), unless it is ``needed``
+    and not listed in modules.builtin either."""
+    try:
+        dep_text = (modules_dir / "modules.dep").read_text()
+    except OSError as e:
+        raise SourceError(path=str(modules_dir / "modules.dep"), why=e.strerror or str(e)) from None
+    try:
+        builtin = {_mod_name(ln) for ln in (modules_dir / "modules.builtin").read_text().split()}
+    except OSError:
+        builtin = set()
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in dep_text.splitlines():
+        if ":" in line:
+            mod, rest = line.split(":", 1)
+            deps[mod] = rest.split()
+            by_name[_mod_name(mod)] = mod
+    order: list[str] = []
+
+    def visit(mod: str, depth: int = 0) -> None:
+        if mod in order or depth > 50:
+            return
+        for d in deps.get(mod, []):
+            visit(d, depth + 1)
+        order.append(mod)
+
+    for n in names:
+        found = by_name.get(n.replace("-", "_"))
+        if found is None:
+            if n in needed and n not in builtin:
+                raise NetbootError(f"the kernel's modules in {modules_dir} have no {n}: blockprov needs it")
+            continue
+        visit(found)
+    return [modules_dir / m for m in order]
+
+
+def _mod_name(path: str) -> str:
+    name = os.path.basename(path)
+    for suf in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
+        name = name.removesuffix(suf)
+    return name.replace("-", "_")
+
+
+# -- python and libraries ------------------------------------------------------------------------------
+def probe(python: Path, tmp: Path, whole: tuple[str, ...] = EXTRA_STDLIB) -> dict[str, object]:
+    """Run PROBE under ``python`` with this process's import path (blockprov and its venv)."""
+    import sys
+
+    # this process's import path, less its own interpreter's stdlib (the target brings its own)
+    own = os.path.join(sys.base_prefix, "lib")
+    path = [p for p in sys.path if p and os.path.isdir(p) and not (p.startswith(own) and "-packages" not in p)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
+               PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONHOME", None)
+    try:
+        p = subprocess.run([str(python), "-S", "-c", PROBE, str(tmp), *whole], capture_output=True, env=env,
+                           timeout=300)
+    except OSError as e:
+        raise NetbootError(f"cannot run {python}: {e.strerror} (apt-get install python3)") from None
+    if p.returncode:
+        raise NetbootError(f"the import probe under {python} failed: "
+                           f"{p.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+    result: dict[str, object] = json.loads(p.stdout)
+    return result
+
+
+def shared_libraries(binaries: list[str]) -> list[str]:
+    """Every library ``ldd`` lists for the binaries, as the path it lists (soname links resolved
+    by the loader at those very paths), plus the dynamic loader."""
+    libs: set[str] = set()
+    for i in range(0, len(binaries), 64):
+        p = subprocess.run(["ldd", *binaries[i:i + 64]], capture_output=True, text=True, timeout=120)
+        for line in p.stdout.splitlines():
+            m = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+            if m:
+                libs.add(m.group(1))
+    return sorted(libs)
+
+
+def in_usr(path: str) -> str:
+    """Archive name of a host path on a merged-/usr system (/lib/x → usr/lib/x)."""
+    p = path.lstrip("/")
+    for top in ("lib64", "lib", "bin", "sbin"):
+        if p.startswith(top + "/"):
+            return "usr/" + p
+    return p
+
+
+def archive_name(module_file: str, search: list[str]) -> str:
+    """Where a module's file goes: the target interpreter's stdlib where it is on the host (the
+    interpreter finds it there), blockprov and its dependencies under LIB_DIR (relative to the
+    ``sys.path`` entry they came from)."""
+    if re.match(r"^/usr/lib/python3\.\d+/", module_file) and "-packages/" not in module_file:
+        return in_usr(module_file)
+    roots = [r.rstrip("/") + "/" for r in search if module_file.startswith(r.rstrip("/") + "/")]
+    if not roots:
+        return in_usr(module_file)
+    best = max(roots, key=len)
+    return f"{LIB_DIR}/{module_file[len(best):]}"
+
+
+# -- the archive -------------------------------------------------------------------------------------
+class Archive:
+    """newc cpio entries, parents made as needed, each path once."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
+        self.by_part: dict[str, int] = {}
+
+    def dir(self, name: str) -> None:
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            p = "/".join(parts[:i])
+            if p and p not in self.entries:
+                self.entries[p] = (stat.S_IFDIR | 0o755, b"", (0, 0))
+
+    def file(self, name: str, data: bytes, mode: int = 0o644, part: str = "other") -> None:
+        name = name.strip("/")
+        self.dir(os.path.dirname(name))
+        self.entries[name] = (stat.S_IFREG | mode, data, (0, 0))
+        self.by_part[part] = self.by_part.get(part, 0) + len(data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self.dir(os.path.dirname(name))
+        self.entries.setdefault(name, (stat.S_IFLNK | 0o777, target.encode(), (0, 0)))
+
+    def node(self, name: str, mode: int, rdev: tuple[int, int]) -> None:
+        self.dir(os.path.dirname(name))
+        self.entries[name] = (mode, b"", rdev)
+
+    def cpio(self) -> bytes:
+        out = io.BytesIO()
+
+        def put(name: str, mode: int, data: bytes, rdev: tuple[int, int], ino: int) -> None:
+            nb = name.encode() + b"\0"
+            hdr = "070701" + "".join(f"{v:08x}" for v in (
+                ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, FIXED_TIME, len(data), 0, 0, rdev[0], rdev[1],
+                len(nb), 0))
+            out.write(hdr.encode() + nb + b"\0" * (-(110 + len(nb)) % 4) + data + b"\0" * (-len(data) % 4))
+
+        # directories before what they hold; symlinked tops (lib → usr/lib) before anything under usr
+        for ino, name in enumerate(sorted(self.entries), start=1):
+            mode, data, rdev = self.entries[name]
+            put(name, mode, data, rdev, ino)
+        put("TRAILER!!!", 0, b"", (0, 0), 0)
+        return out.getvalue()
+
+
+def stripped(path: str, tmp: Path) -> bytes:
+    """An extension module without its symbol and debug sections (``strip --strip-unneeded``, when
+    binutils is there): wheels ship them unstripped (zstandard's is 11.6 MB, 1 MB stripped)."""
+    tool = shutil.which("strip")
+    if tool is not None and not path.startswith("/usr/lib/"):  # Debian's are stripped already
+        out = tmp / "stripped.so"
+        if subprocess.run([tool, "--strip-unneeded", "-o", str(out), path], capture_output=True,
+                          timeout=120).returncode == 0:
+            return out.read_bytes()
+    return _read(path, "extension module")
+
+
+def _read(path: Path | str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise SourceError(path=str(path), why=f"{e.strerror or e} ({what})") from None
+
+
+def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python: Path = PYTHON) -> Built:
+    """The initramfs for ``kernel`` (default: the newest installed Debian kernel)."""
+    kpath, release = find_kernel(kernel)
+    if modules_dir is None:
+        if not release:
+            raise NetbootError(f"cannot tell the release of {kpath} from its name: give --modules DIR")
+        modules_dir = Path("/lib/modules") / release
+    busybox = next((b for b in BUSYBOX if b.exists()), None)
+    if busybox is None:
+        raise NetbootError("no busybox: apt-get install busybox-static")
+    if not MKE2FS.exists():
+        raise NetbootError(f"no {MKE2FS}: apt-get install e2fsprogs")
+    a = Archive()
+    for top in ("bin", "sbin", "lib", "lib64"):
+        a.symlink(top, f"usr/{top}")
+    for d in ("dev", "proc", "sys", "run", "tmp", "newroot", "etc/blockprov", "usr/lib64"):
+        a.dir(d)
+    a.node("dev/console", stat.S_IFCHR | 0o600, (5, 1))
+    a.node("dev/null", stat.S_IFCHR | 0o666, (1, 3))
+    a.file("init", INIT.encode(), 0o755, "init")
+    a.file("etc/blockprov/udhcpc.sh", UDHCPC.encode(), 0o755, "init")
+    a.file("usr/bin/busybox", _read(busybox, "busybox"), 0o755, "busybox")
+    a.file("usr/sbin/mke2fs", _read(MKE2FS, "mke2fs"), 0o755, "mke2fs")
+    if MKE2FS_CONF.exists():
+        a.file("etc/mke2fs.conf", MKE2FS_CONF.read_bytes(), 0o644, "mke2fs")
+    mods = module_order(modules_dir)
+    for m in mods:
+        a.file(f"{MOD_DIR}/{m.name}", _read(m, "kernel module"), 0o644, "kernel modules")
+    a.file("etc/blockprov/modules", "".join(f"/{MOD_DIR}/{m.name}\n" for m in mods).encode(), 0o644, "init")
+    a.file("usr/bin/python3", _read(python.resolve(), "the python interpreter"), 0o755, "python")
+    with tempfile.TemporaryDirectory(prefix="bp-initramfs-") as tmp:
+        found = probe(python, Path(tmp))
+        search = [str(p) for p in found["path"]]  # type: ignore[attr-defined]
+        sos = []
+        n_py = 0
+        for mod in found["modules"]:  # type: ignore[attr-defined]
+            f, pyc = str(mod["file"]), mod.get("pyc")
+            name = archive_name(f, search)
+            part = "blockprov+deps" if name.startswith(LIB_DIR) else "python stdlib"
+            if pyc:
+                a.file(name[:-3] + ".pyc", _read(pyc, "compiled module"), 0o644, part)
+            else:
+                a.file(name, stripped(f, Path(tmp)) if f.endswith(".so") else _read(f, "module"), 0o755, part)
+                if f.endswith(".so"):
+                    sos.append(f)
+            n_py += 1
+            if mod["name"] == "certifi.core":  # httpx reads the CA bundle when it makes a client
+                ca = Path(f).parent / "cacert.pem"
+                a.file(os.path.dirname(name) + "/cacert.pem", _read(ca, "CA bundle"), 0o644, part)
+    for lib in shared_libraries([str(python.resolve()), str(MKE2FS), *sos]):
+        a.file(in_usr(lib), _read(os.path.realpath(lib), "shared library"), 0o755, "shared libraries")
+    raw = a.cpio()
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as g:
+        g.write(raw)
+    files = sum(1 for e in a.entries.values() if stat.S_ISREG(e[0]))
+    return Built(data=buf.getvalue(), kernel=kpath, release=release, files=files, unpacked=len(raw),
+                 modules=[m.name for m in mods], python_modules=n_py, parts=dict(sorted(a.by_part.items())))
