@@ -6,7 +6,7 @@ attach`` agent (pc-07), and one registered through the API as an agent does (pc-
 the test changes) — and a host assignment. In the browser: log in with a token (a bad one first),
 see the images and a version diff, move a tag and see it with who did it, assign a version to a
 host, ask pc-07 for a snapshot and see the request complete and the new version appear, see pc-08's
-hydration change without reloading, see a host's last boot after it asked for its boot script,
+hydration change without reloading, see a host's last boot appear (live) after it asked for its boot script,
 see a pool (``blockprov pool serve``, reporting to the repository) with its ready and in-use counts
 change live when an instance is handed out, see HTML in a label and a host name shown as text, and
 be refused a tag move with a read token. Screenshots of each page go to docs/console/ (docs/operations.md
@@ -206,9 +206,14 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     d.find_element(By.LINK_TEXT, "Machines").click()
     until(d, "the hosts", lambda d: d.find_elements(By.CSS_SELECTOR, "#hosts tr[data-host='52:54:00:12:34:56']"))
     shows(d, "#hosts tr[data-host='52:54:00:12:34:56'] .last-boot", "never booted")
+    pick = "#hosts tr[data-host='52:54:00:12:34:56'] input[type=checkbox]"
+    d.find_element(By.CSS_SELECTOR, pick).click()  # ticked before the live update must stay ticked
+    d.execute_script("window.notReloaded = true")
     r = lab["api"].get("/v1/boot/52-54-00-12-34-56")  # as iPXE asks: lab:prod names v2 now
     assert r.status_code == 200 and r.text.startswith("#!ipxe"), r.text
-    d.find_element(By.CSS_SELECTOR, "#hosts tr[data-host='52:54:00:12:34:56'] input[type=checkbox]").click()
+    shows(d, "#hosts tr[data-host='52:54:00:12:34:56'] .last-boot", "sent " + v2[:12])  # live, no reload
+    assert d.execute_script("return window.notReloaded === true")
+    assert d.find_element(By.CSS_SELECTOR, pick).is_selected()
     Select(d.find_element(By.ID, "assign-ref")).select_by_value("lab:v1")
     d.find_element(By.ID, "assign-go").click()
     until(d, "the assignment",

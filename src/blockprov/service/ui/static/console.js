@@ -1,6 +1,7 @@
 // The console's live updates: every few seconds, re-fetch each [data-live] region of the page as the
 // server renders it (?fragment=live) and swap it in. The server escapes everything; this script
-// only moves its HTML. Without it, pages still work (reload).
+// only moves its HTML, keeping the boxes the operator ticked in a region (the host picker is one).
+// Without it, pages still work (reload).
 "use strict";
 (function () {
   const EVERY = 1500;
@@ -23,7 +24,12 @@
     if (!r.ok) throw new Error(text.slice(0, 300) || ("HTTP " + r.status));
     if (last.get(el) !== text) {
       last.set(el, text);
+      const ticked = new Set(Array.from(el.querySelectorAll("input[type=checkbox]:checked"),
+                                        (box) => box.name + "=" + box.value));
       el.innerHTML = text;
+      for (const box of el.querySelectorAll("input[type=checkbox]")) {
+        box.checked = ticked.has(box.name + "=" + box.value);
+      }
     }
   }
   async function tick() {
