@@ -91,6 +91,7 @@ def first_clone_lazy_vs_copy(work: Path, tpl: str, remote: list[str], repeat: in
     bp("vm", "rm", made["clones"][0], "--dir", str(r2), repo=remote)
     lazy_s: list[float] = []
     copy_s: list[float] = []
+    steps: dict[str, list[dict[str, Any]]] = {"lazy": [], "copy": []}
     for k in range(repeat):
         for mode, out in (("lazy", lazy_s), ("copy", copy_s)):
             r2 = work / f"{tpl}-{mode}{k}"
@@ -98,12 +99,22 @@ def first_clone_lazy_vs_copy(work: Path, tpl: str, remote: list[str], repeat: in
             made = bp("vm", "clone", tpl, "--count", "1", "--dir", str(r2), "--json",
                       *(["--lazy"] if mode == "lazy" else []), repo=remote)
             out.append(first_count(r2 / "vms" / made["clones"][0] / "console.log", t0))
+            steps[mode].append({**made.get("steps", {}), "answering (from the command's start)": out[-1]})
             bp("vm", "rm", made["clones"][0], "--dir", str(r2), repo=remote)
     lz, cp = statistics.median(lazy_s), statistics.median(copy_s)
     row = {"what": "", "blockprov": lz, "peer": cp, "peer is": "copy the template first", "ratio": lz / cp,
            "goal": "≤ 0.3×"}
     return row, {"lazy seconds": lazy_s, "copy-first seconds": copy_s,
-                 "first lazy clone seconds (recording the resume profile)": first_lazy_s, "resume profile": profile}
+                 "first lazy clone seconds (recording the resume profile)": first_lazy_s, "resume profile": profile,
+                 "lazy steps (median s from the command's call of vm.clone)": median_steps(steps["lazy"]),
+                 "copy-first steps (median s)": median_steps(steps["copy"]),
+                 "lazy memory fetched": [s.get("memory fetched at resume") for s in steps["lazy"]]}
+
+
+def median_steps(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The median time of each step ``vm clone --json`` reports, over runs (numbers only)."""
+    keys = [k for k in (runs[0] if runs else {}) if all(isinstance(r.get(k), int | float) for r in runs)]
+    return {k: round(statistics.median(float(r[k]) for r in runs), 3) for k in keys}
 
 
 def main() -> int:
@@ -128,6 +139,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     clone_s: list[float] = []
     boot_s: list[float] = []
+    clone_steps: list[dict[str, Any]] = []
     try:
         bp("--version", repo=[])  # untimed: fills the bytecode cache
         bp("import", str(img.disk), "lab:v1", repo=local)
@@ -146,6 +158,7 @@ def main() -> int:
             t0 = time.monotonic()
             made = bp("vm", "clone", "tpl", "--count", "1", *d, "--json", repo=local)
             clone_s.append(first_count(root / "vms" / made["clones"][0] / "console.log", t0))
+            clone_steps.append({**made.get("steps", {}), "answering (from the command's start)": clone_s[-1]})
             t0 = time.monotonic()
             bp("vm", "run", "lab:v1", "--name", f"cold{k}", "--memory", a.memory, *d, repo=local)
             boot_s.append(first_count(root / "vms" / f"cold{k}" / "console.log", t0))
@@ -205,6 +218,8 @@ def main() -> int:
             server.stop()
         write_results("vm", rows, {"memory": a.memory, "count": a.count, "repeat": a.repeat,
                                    "clone seconds": clone_s, "boot seconds": boot_s,
+                                   "clone steps (median s from the command's call of vm.clone)":
+                                       median_steps(clone_steps),
                                    "seconds each booted VM took to answer (part 2)": boot_each,
                                    "load average at start": load_start, "load average at end": os.getloadavg(),
                                    **{f"{k} ({n})": v for n, f in extra.items() for k, v in f.items()},
