@@ -213,6 +213,11 @@ def test_a_lazy_clone_maps_the_memory_before_it_is_copied(lab: dict[str, Any]) -
         try:
             again = third.json("vm", "clone", "tpl", "--count", "1", "--lazy")
             assert again["resume_profile"] == {"recorded": False, "reason": "the version has one"}, again
+            # Where its start went: the profile's prefetch began before qemu did (and still ran, or
+            # had finished, when the clone resumed).
+            st = again["steps"]
+            assert st["template found"] <= st["memory prefetch started"] <= st["qemu started"] <= st["resumed"], st
+            assert st["memory fetched at resume"]["prefetch"] in ("running", "done"), st
             console = third.root / "vms" / again["clones"][0] / "console.log"
             wait_until("the profiled lazy clone counting", lambda: len(counts(console)) >= 2, 60)
             assert lab["last"] <= counts(console)[0] <= lab["last"] + 2

@@ -478,6 +478,32 @@ def test_the_rest_waits_while_clients_miss_after_the_profile(golden: tuple[Local
     run(main())
 
 
+def test_the_rest_waits_for_the_clients_to_begin(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
+    """``hold_rest`` when the profile is in before any client reads (a resumed VM's memory is
+    prefetched before its qemu starts): the rest waits for a first miss and a quiet second after it."""
+    repo, src = golden
+
+    async def main() -> None:
+        m = repo.resolve("lab:v1")
+        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        profile = [i for i in (40, 41, 7, 3) if not m.is_zero(i)]
+        h = Hydrator(dev, order=profile, hold_rest=60.0)
+        task = h.start()
+        for _ in range(400):  # bounded
+            if all(dev.chunk_map.flags[i] & PRESENT for i in profile):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # longer than the quiet second: no client has begun, so the rest waits
+        present = {i for i in range(m.count) if dev.chunk_map.flags[i] & PRESENT}
+        assert present == set(profile)
+        dev.last_miss_at = time.monotonic()  # the guest resumed and missed once, then went quiet
+        await asyncio.wait_for(task, 60)
+        assert dev.status()["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
+        await dev.close()
+
+    run(main())
+
+
 def test_first_read_order_is_recorded_and_kept(golden: tuple[LocalRepository, Path], tmp_path: Path) -> None:
     repo, _ = golden
 

@@ -19,8 +19,9 @@ by itself, then stops needing the repository at all. Rules, and why:
 - ``profile_parallel``: the profile's batches may be fetched that many at a time (default one). A
   resumed VM's memory (vm/vms.py) reads its resume profile's chunks next, in that order, so for it
   the profile *is* the client's demand, fetched ahead of the page faults; the rest stays one batch
-  at a time. With ``hold_rest`` the rest waits, after the profile, until no client missed a chunk
-  for a second (at most ``hold_rest`` seconds): the resumed guests' own faults go first.
+  at a time. With ``hold_rest`` the rest waits, after the profile, until the clients have missed
+  a chunk since hydration began and then not for a second (at most ``hold_rest`` seconds): the
+  resumed guests' own faults go first, even when the profile was in before the guests started.
 - Optional rate limit in bytes per second, so a lab of 30 machines does not saturate its uplink.
 - Faults pause it instead of ending it: a full cache disk (``NoSpace``) or an unreachable
   repository are retried after a pause, with the reason in ``status``; serving is unaffected.
@@ -77,6 +78,7 @@ class Hydrator:
         self.bytes = 0
         self.chunks = 0
         self.started = time.time()
+        self._begun = time.monotonic()  # client misses from then on count for hold_rest
         self.finished: float | None = None
         self.fault: DeviceError | None = None  # what paused it last (a one-shot run gives up on it: cli hydrate)
         self._window: deque[tuple[float, int]] = deque(maxlen=64)
@@ -165,10 +167,16 @@ class Hydrator:
         log.info("hydration of %s done: %d chunks, %d bytes", self.dev.cache_dir, self.chunks, self.bytes)
 
     async def _hold_rest(self) -> None:
-        """After the profile: wait (once, at most ``hold_rest`` s) until no client missed for a second."""
+        """After the profile: wait (once, at most ``hold_rest`` s) until the clients have missed a
+        chunk since this hydration began, and then not for a second. A resumed VM's memory is
+        prefetched from before its qemu starts, when no client has missed yet: the rest must not
+        take the link and the cores the moment the profile is in, just as the guest resumes."""
         deadline = time.monotonic() + self.hold_rest
         self.hold_rest = 0.0
-        while time.monotonic() < deadline and time.monotonic() - self.dev.last_miss_at < BUSY_SECONDS:
+        while time.monotonic() < deadline:
+            last = self.dev.last_miss_at
+            if last >= self._begun and time.monotonic() - last >= BUSY_SECONDS:
+                return
             await asyncio.sleep(0.1)
 
     def _pause(self, why: str) -> None:

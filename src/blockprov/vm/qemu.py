@@ -143,10 +143,12 @@ def command(m: Machine, w: Wiring) -> list[str]:
     return cmd + list(m.extra_args)
 
 
-def spawn(cmd: list[str], log: Path, ready: Callable[[], bool], name: str, timeout: float) -> int:
+def spawn(cmd: list[str], log: Path, ready: Callable[[], bool], name: str, timeout: float,
+          poll: float = 0.05) -> int:
     """Start ``cmd`` detached from us (its own session: it outlives the command that started it),
-    its output appended to ``log``, and wait until ``ready()``; returns its pid. One that exits or
-    is not ready in time is killed and reported with the end of its log."""
+    its output appended to ``log``, and wait until ``ready()`` (asked every ``poll`` seconds);
+    returns its pid. One that exits or is not ready in time is killed and reported with the end of
+    its log."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
@@ -156,7 +158,7 @@ def spawn(cmd: list[str], log: Path, ready: Callable[[], bool], name: str, timeo
             raise VmFailed(name=name, why=f"{cmd[0]} exited with status {proc.returncode}: {_tail(log)}")
         if ready():
             return proc.pid
-        time.sleep(0.05)
+        time.sleep(poll)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -164,10 +166,11 @@ def spawn(cmd: list[str], log: Path, ready: Callable[[], bool], name: str, timeo
 
 
 def start(cmd: list[str], d: Path, timeout: float = 30.0) -> int:
-    """Start qemu and wait until its QMP socket exists; its own messages go to ``d/qemu.log``."""
+    """Start qemu and wait until its QMP socket exists (a stat every 10 ms: a clone's whole start
+    takes a few tenths of a second); its own messages go to ``d/qemu.log``."""
     qmp = sockets(d)["qmp"]
     qmp.unlink(missing_ok=True)
-    return spawn(cmd, d / "qemu.log", qmp.exists, d.name, timeout)
+    return spawn(cmd, d / "qemu.log", qmp.exists, d.name, timeout, poll=0.01)
 
 
 def _tail(p: Path, n: int = 5) -> str:
@@ -215,19 +218,40 @@ def kill(pid: int, d: Path, grace: float = 5.0) -> None:
 # -- QMP --------------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def qmp(d: Path, timeout: float = 10.0) -> AsyncIterator[Any]:
-    """A connected ``qemu.qmp.QMPClient`` of the VM in ``d``."""
+    """A connected ``qemu.qmp.QMPClient`` of the VM in ``d``. A refused connection is tried again
+    until ``timeout``: qemu binds its socket (the file appears, which is what ``start`` waits for)
+    a moment before it listens."""
     from qemu.qmp import QMPClient, QMPError
 
-    client = QMPClient(d.name)
-    try:
-        await asyncio.wait_for(client.connect(str(sockets(d)["qmp"])), timeout)
-    except (TimeoutError, QMPError, OSError) as e:
-        raise VmFailed(name=d.name, why=f"QMP does not answer: {e or type(e).__name__}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        client = QMPClient(d.name)
+        try:
+            await asyncio.wait_for(client.connect(str(sockets(d)["qmp"])), max(0.1, deadline - time.monotonic()))
+            break
+        except (TimeoutError, QMPError, OSError) as e:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+            if time.monotonic() >= deadline or not _refused(e):
+                raise VmFailed(name=d.name, why=f"QMP does not answer: {e or type(e).__name__}") from None
+            await asyncio.sleep(0.01)
     try:
         yield client
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
+
+
+def _refused(e: BaseException) -> bool:
+    """True for a connection refused (qemu.qmp wraps the OSError in its own error)."""
+    seen: BaseException | None = e
+    for _ in range(8):  # a chain is short; never follow a cyclic one for ever
+        if seen is None:
+            break
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def execute(client: Any, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
@@ -240,8 +264,10 @@ async def execute(client: Any, cmd: str, args: dict[str, Any] | None = None, tim
         raise VmFailed(name=client.name, why=f"{cmd}: {e or type(e).__name__}") from None
 
 
-async def wait_migration(client: Any, timeout: float, states: tuple[str, ...] = ("completed",)) -> dict[str, Any]:
-    """Poll ``query-migrate`` until it reaches one of ``states`` (failed or cancelled: an error)."""
+async def wait_migration(client: Any, timeout: float, states: tuple[str, ...] = ("completed",),
+                         poll: float = 0.01) -> dict[str, Any]:
+    """Poll ``query-migrate`` every ``poll`` seconds until it reaches one of ``states`` (failed or
+    cancelled: an error). A clone's device state loads in a few hundredths of a second."""
     deadline = time.monotonic() + timeout
     while True:
         st: dict[str, Any] = await execute(client, "query-migrate")
@@ -252,7 +278,7 @@ async def wait_migration(client: Any, timeout: float, states: tuple[str, ...] = 
             raise VmFailed(name=client.name, why=f"migration {status}: {st.get('error-desc', '')}")
         if time.monotonic() > deadline:
             raise VmFailed(name=client.name, why=f"migration still {status} after {timeout:g} s")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(poll)
 
 
 async def set_ignore_shared(client: Any) -> None:

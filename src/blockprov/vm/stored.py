@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from blockprov.durable import atomic_write, ensure_dir
 from blockprov.errors import NotFound, TemplateDamaged
 from blockprov.imaging.exporter import export_image
 from blockprov.imaging.importer import import_image
+from blockprov.manifest import Manifest
 from blockprov.repo.base import Repository
 from blockprov.vm import template as tpl
 
@@ -54,11 +56,12 @@ def push(d: Path, repo: Repository, name: str) -> dict[str, Any]:
 
 
 def pull(d: Path, repo: Repository, name: str, *, lazy: bool = False,
-         found: Callable[[], object] | None = None) -> tpl.Template:
+         found: Callable[[Manifest], object] | None = None) -> tpl.Template:
     """Fetch template ``name`` from the repository into ``d`` (which has no manifest). ``lazy``: all
     but the memory, which the caller shows as a file whose pages are fetched on first touch (the
-    manifest then says ``lazy`` and names the memory version). ``found`` is called once the
-    repository has shown the template, before its files are fetched."""
+    manifest then says ``lazy`` and names the memory version). ``found`` is called with the memory
+    version once the repository has shown the template, before its files are fetched. The files
+    are fetched at once, each in its own thread: over a distant link each costs round trips."""
     img = image_of(name)
     try:
         mem = repo.resolve(f"{img}:{tpl.MEMORY}")
@@ -71,20 +74,24 @@ def pull(d: Path, repo: Repository, name: str, *, lazy: bool = False,
         raise TemplateDamaged(name=name, why=f"{img}'s versions do not carry one template manifest ({LABEL})")
     t = tpl.Template.from_json(name, label.encode())
     if found is not None:
-        found()
+        found(mem)
     if lazy:
         t = replace(t, extra={**t.extra, "lazy": True, "memory_version": f"{img}@{mem.id}"})
     if d.exists():
         shutil.rmtree(d)
     ensure_dir(d)
-    if not lazy:
-        export_image(repo, f"{img}@{mem.id}", d / tpl.MEMORY)
-    export_image(repo, f"{img}@{state.id}", d / tpl.STATE)
-    if t.machine.kernel:
-        atomic_write(d / "vmlinuz", repo.boot_file(f"{img}@{mem.id}", "kernel"))
-        atomic_write(d / "initrd", repo.boot_file(f"{img}@{mem.id}", "initrd"))
-        for f in ("vmlinuz", "initrd"):
-            tpl.seal(d / f)
+    def boot_file(what: str, dest: Path) -> object:
+        atomic_write(dest, repo.boot_file(f"{img}@{mem.id}", what))
+        return tpl.seal(dest)
+
+    with ThreadPoolExecutor(4) as pool:
+        jobs: list[Future[object]] = [pool.submit(export_image, repo, f"{img}@{state.id}", d / tpl.STATE)]
+        if not lazy:
+            jobs.append(pool.submit(export_image, repo, f"{img}@{mem.id}", d / tpl.MEMORY))
+        if t.machine.kernel:
+            jobs += [pool.submit(boot_file, "kernel", d / "vmlinuz"), pool.submit(boot_file, "initrd", d / "initrd")]
+        for j in jobs:
+            j.result()
     for f, want in ((tpl.STATE, t.state_file),) if lazy else ((tpl.MEMORY, t.memory_file), (tpl.STATE, t.state_file)):
         if (d / f).stat().st_size > want.size:  # an import rounds a file up to whole sectors (zeros)
             with open(d / f, "r+b") as fh:

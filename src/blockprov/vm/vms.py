@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -136,7 +137,7 @@ def ensure_disks_served(root: Path, repo_args: list[str], timeout: float = 60.0)
         except (AgentNotRunning, OSError):
             return False
         return True
-    qemu.spawn(cmd, disks / "agent.log", ready, "the disks agent (clones serve)", timeout)
+    qemu.spawn(cmd, disks / "agent.log", ready, "the disks agent (clones serve)", timeout, poll=0.02)
     return sock
 
 
@@ -369,21 +370,33 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     """Start ``count`` clones of template ``name``, each resumed from its memory (mapped privately:
     shared until written) and device state, on its own overlay of the template's disk, with its own
     MAC and a fresh vmgenid. Every check is made before the first clone starts; a clone that fails
-    to start or resume is reported and the others go on."""
+    to start or resume is reported and the others go on. ``steps`` in the answer: seconds from the
+    call to each step (where a clone's start goes: bench/bench_vm.py reports them)."""
+    t0 = time.monotonic()
+    steps: dict[str, Any] = {}
+
+    def step(what: str) -> None:
+        steps[what] = round(time.monotonic() - t0, 3)
     t_dir = template_dir(root, instance_name(name))
     pulled = not (t_dir / tpl.MANIFEST).exists()
-    # A template not made here comes from the repository (vm push), copied whole and verified, or
-    # lazily. The disks agent starts (a Python process: half a second) while it is fetched, once the
-    # repository has shown it has one (a mistyped name starts nothing), and is stopped again if a
-    # check then refuses the clones (no VM would use it).
+    # The disks agent (a Python process: 0.1-0.2 s) starts at once, while the template is checked
+    # or fetched, and is stopped again if the template is not found or a check refuses the clones
+    # (no VM would use it). A template not made here comes from the repository (vm push), copied
+    # whole and verified, or lazily: then, as soon as the repository has shown the template and the
+    # agent runs, the memory is served and its resume profile prefetched (one worker: in that
+    # order), while the rest of the template is fetched and the clones' qemu start.
     with ThreadPoolExecutor(1) as pool:
-        agent: list[Future[Path]] = []
+        agent: list[Future[Path]] = [pool.submit(ensure_disks_served, root, repo_args)]
+        early: dict[str, Manifest] = {}
         try:
             if pulled:
-                stored.pull(t_dir, repo, name, lazy=lazy,
-                            found=lambda: agent.append(pool.submit(ensure_disks_served, root, repo_args)))
-                for a in agent:
-                    a.result()
+                def found(mem: Manifest) -> None:
+                    step("template found")
+                    early["memory"] = mem
+                    if lazy:
+                        agent.append(pool.submit(_early_lazy, root, repo, repo_args, name, mem, step))
+                stored.pull(t_dir, repo, name, lazy=lazy, found=found)
+                step("template fetched")
             t = tpl.load(t_dir)
             tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(),
                               memory=memory, cpus=cpus, extra_args=extra_args)
@@ -391,24 +404,35 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
             if not t.extra.get("lazy"):
                 tpl.check_memory_access(t_dir / tpl.MEMORY)
             tpl.check_host_memory(t, count, qemu.mem_available())
+            m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
+            step("checked")
+            for a in agent:  # before the clones' disks are made: a starting agent must not see them half made
+                a.result()
+            step("disks agent ready")
         except BaseException:
             with contextlib.suppress(BlockprovError, OSError):
                 for a in agent:
                     a.result()
                     stop_disks_agent_if_idle(root)  # started for nothing
             raise
-    m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
     new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
     asyncio.run(create_instances(root / DISKS, repo, m, new))
-    mm = _lazy_instance(root, repo, t) if t.extra.get("lazy") else None
+    mm = None
+    if t.extra.get("lazy"):
+        mm = early.get("memory") or _lazy_instance(root, repo, t)
     sock = ensure_disks_served(root, repo_args)
+    step("disks made")
     if mm is not None:
         _mount_lazy(root, sock, t, t_dir, mm)
+        step("memory mounted")
+        steps["memory fetched at mount"] = _fetched(root, mm)
     started: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for index, vm in enumerate(new):
         try:
-            rec = _start_clone(root, t, t_dir, vm, sock, timeout)
+            rec = _start_clone(root, t, t_dir, vm, sock, timeout, step if index == 0 else None)
+            if index == 0 and mm is not None:
+                steps["memory fetched at resume"] = _fetched(root, mm)
             if customize:
                 rec["customized"] = _customize(root, customize, vm, index, timeout)
             started.append(rec)
@@ -416,8 +440,9 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
             failed[vm] = str(e)
             with contextlib.suppress(BlockprovError, OSError):  # never kept half made
                 rm(root, vm) if (vm_dir(root, vm) / RECORD).exists() else remove(root / DISKS, vm)
+    step("done")
     out = {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
-           "customized": {r["name"]: r.get("customized") for r in started if customize}}
+           "customized": {r["name"]: r.get("customized") for r in started if customize}, "steps": steps}
     if mm is not None and started:
         out["resume_profile"] = _record_resume_profile(root, repo, mm)
     return out
@@ -426,23 +451,58 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
 def _lazy_instance(root: Path, repo: Repository, t: tpl.Template) -> Manifest:
     """The disk instance ``tplmem-NAME`` that serves a lazy template's memory version (made if
     missing; the disks agent picks it up with the clones' disks). Returns the memory version."""
-    disks = root / DISKS
     mm = repo.resolve(parse_ref(str(t.extra["memory_version"])))
-    inst = f"{LAZY_PREFIX}{t.name}"
-    if inst not in list_instances(disks):
-        asyncio.run(create_instances(disks, repo, mm, [inst]))
+    _make_lazy_instance(root, repo, t.name, mm)
     return mm
 
 
-def _mount_lazy(root: Path, sock: Path, t: tpl.Template, t_dir: Path, mm: Manifest) -> None:
-    """Show a lazy template's memory version as its memory file (vm/lazy.py), and start fetching it
-    in the background first: the version's resume profile (the chunks the first lazy clone's guest
-    touched after it resumed, in that order) while qemu starts, then, once the guests' page faults
-    have calmed down (at most RESUME_LIMIT s later), the rest."""
+def _make_lazy_instance(root: Path, repo: Repository, name: str, mm: Manifest) -> None:
     disks = root / DISKS
+    inst = f"{LAZY_PREFIX}{name}"
+    if inst not in list_instances(disks):
+        asyncio.run(create_instances(disks, repo, mm, [inst]))
+
+
+def _early_lazy(root: Path, repo: Repository, repo_args: list[str], name: str, mm: Manifest,
+                step: Callable[[str], None]) -> Path:
+    """What ``vm clone --lazy`` of a template it is fetching does in the background as soon as the
+    repository has shown the template and the disks agent runs: serve the memory version ``mm``
+    and start prefetching its resume profile, so the profile streams in while the device state and
+    boot files are fetched, the clones' disks made and qemu started."""
+    _make_lazy_instance(root, repo, name, mm)
+    sock = ensure_disks_served(root, repo_args)
+    _prefetch_memory(root, mm)
+    step("memory prefetch started")
+    return sock
+
+
+def _fetched(root: Path, mm: Manifest) -> dict[str, Any]:
+    """What the base cache of a lazy template's memory has fetched so far: chunks, bytes and
+    repository requests in all, and the chunks its prefetch (hydration) fetched, the rest being
+    page faults; {} when the agent does not say."""
+    try:
+        st = control.call(base_dir(root / DISKS, mm), "status", timeout=10.0)
+    except (BlockprovError, OSError):
+        return {}
+    h = st.get("hydration") or {}
+    return {"chunks": st.get("chunks_fetched"), "bytes": st.get("bytes_fetched"), "requests": st.get("batches"),
+            "prefetched_chunks": h.get("chunks_fetched"), "prefetch": h.get("state")}
+
+
+def _prefetch_memory(root: Path, mm: Manifest) -> None:
+    """Start fetching a lazy template's memory version in the base cache, in the background: its
+    resume profile (the chunks the first lazy clone's guest touched after it resumed, in that order)
+    first, RESUME_PARALLEL batches at a time, then, once the guests' page faults have calmed down
+    (at most RESUME_LIMIT s later), the rest. Asking again while it runs changes nothing."""
     with contextlib.suppress(BlockprovError, OSError):  # only a head start: first touches fetch anyway
-        control.call(base_dir(disks, mm), "hydrate", timeout=30.0, profile_parallel=RESUME_PARALLEL,
+        control.call(base_dir(root / DISKS, mm), "hydrate", timeout=30.0, profile_parallel=RESUME_PARALLEL,
                      hold_rest=RESUME_LIMIT)
+
+
+def _mount_lazy(root: Path, sock: Path, t: tpl.Template, t_dir: Path, mm: Manifest) -> None:
+    """Show a lazy template's memory version as its memory file (vm/lazy.py), its prefetch started
+    first (when the template was fetched by this command, it started already: see _early_agent)."""
+    _prefetch_memory(root, mm)
     lazy.mount(t_dir / tpl.LAZY_MOUNT, _disk_uri(sock, f"{LAZY_PREFIX}{t.name}"), t.memory_file.size)
 
 
@@ -474,7 +534,13 @@ def _record_resume_profile(root: Path, repo: Repository, mm: Manifest, *, settle
         return {"recorded": False, "reason": str(e)}
 
 
-def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, timeout: float) -> dict[str, Any]:
+def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, timeout: float,
+                 step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Start one clone: qemu waiting for its device state, the state loaded, ``cont``; ``step``
+    (the first clone's) is told when each of the three is done."""
+    def done(what: str) -> None:
+        if step is not None:
+            step(what)
     d = _new_vm_dir(root, vm, disk_made=True)
     rec: dict[str, Any] = {"name": vm, "image": t.image, "version": t.version, "disk": vm,
                            "machine": asdict(t.machine), "mac": qemu.new_mac(_taken_macs(root)), "pid": None,
@@ -487,13 +553,16 @@ def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, 
                          initrd=t_dir / "initrd" if t.machine.kernel else None)
     rec["pid"] = qemu.start(qemu.command(t.machine, wiring), d)
     write_record(root, rec)
+    done("qemu started")
 
     async def resume() -> None:
         async with qemu.qmp(d) as c:
             await qemu.set_ignore_shared(c)
             await qemu.execute(c, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(t_dir / tpl.STATE))}"})
             await qemu.wait_migration(c, timeout)
+            done("device state loaded")
             await qemu.execute(c, "cont")
+            done("resumed")
     asyncio.run(resume())
     return rec
 
