@@ -420,6 +420,31 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def save(a: argparse.Namespace, image: bootvm.bootimage.Built, rows: list[dict[str, Any]], raw: dict[str, Any],
+         load_start: tuple[float, float, float]) -> list[str]:
+    """Write bench/out/boot.{json,md} with the rows so far (called after every scenario, so a run
+    stopped at a deadline keeps what it measured); returns the goals evaluated on them."""
+    meta: dict[str, Any] = {
+        "image": f"{a.size} ext4, {image.info['files']} files ({int(image.info['file_bytes']) / 1e6:.0f} MB) "
+                 f"from /usr; plain boot reads {image.info['boot_full_files']} files whole and the first 16 KiB "
+                 f"of {image.info['boot_head_files']}",
+        "links": f"loopback (counting proxy, no delay), LAN ({a.lan_rtt} RTT, {a.lan_rate}) and WAN ({a.rtt} RTT, "
+                 f"{a.rate}) via bench/wanproxy.py",
+        "qemu": "qemu-system-x86_64 -machine accel=tcg -m 512 -nographic -no-reboot, direct kernel boot, "
+                "root on virtio-blk",
+        "repeats": a.repeat, "cpus": os.cpu_count(),
+        "load average (1, 5, 15 min) at start / end": f"{load_start} / {os.getloadavg()}",
+        "command": f"python bench/bench_boot.py --size {a.size} --repeat {a.repeat}"
+                   + (f" --skip {a.skip}" if a.skip else "") + (f" --retries {a.retries}" if a.retries != 2 else ""),
+    }
+    g = goals(rows)
+    write_results("boot", rows, meta | {"goals": "; ".join(g)})
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "boot.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": g, "samples": raw}, indent=2,
+                                              default=str))
+    return g
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="4G", help="virtual disk size of the test image (default 4G; 1G for quick runs)")
@@ -478,30 +503,14 @@ def main() -> None:
                         note = f"{len(failures)} failed run(s): {failures[0][:120]}" if failures else ""
                         rows.append(row(link, sc, samples, base, note))
                         raw[f"{link}/{sc.key}"] = [s.__dict__ for s in samples]
+                        save(a, image, rows, raw, load_start)
             finally:
                 server.stop()
                 shutil.rmtree(data, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(short, ignore_errors=True)
-    meta: dict[str, Any] = {
-        "image": f"{a.size} ext4, {image.info['files']} files ({int(image.info['file_bytes']) / 1e6:.0f} MB) "
-                 f"from /usr; plain boot reads {image.info['boot_full_files']} files whole and the first 16 KiB "
-                 f"of {image.info['boot_head_files']}",
-        "links": f"loopback (counting proxy, no delay), LAN ({a.lan_rtt} RTT, {a.lan_rate}) and WAN ({a.rtt} RTT, "
-                 f"{a.rate}) via bench/wanproxy.py",
-        "qemu": "qemu-system-x86_64 -machine accel=tcg -m 512 -nographic -no-reboot, direct kernel boot, "
-                "root on virtio-blk",
-        "repeats": a.repeat, "cpus": os.cpu_count(),
-        "load average (1, 5, 15 min) at start / end": f"{load_start} / {os.getloadavg()}",
-        "command": f"python bench/bench_boot.py --size {a.size} --repeat {a.repeat}"
-                   + (f" --skip {a.skip}" if a.skip else "") + (f" --retries {a.retries}" if a.retries != 2 else ""),
-    }
-    g = goals(rows)
-    write_results("boot", rows, meta | {"goals": "; ".join(g)})
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "boot.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": g, "samples": raw}, indent=2,
-                                              default=str))
+    g = save(a, image, rows, raw, load_start)
     print("\n".join(g))
     plot(rows, RESULTS / "boot.png", f"Linux boot under TCG, {a.size} image: qemu start → boot marker "
                                      f"(median of {a.repeat})")
