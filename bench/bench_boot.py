@@ -307,11 +307,13 @@ def raw_url_via(proxy_url: str) -> str:
     return str(url)
 
 
-def run_scenario(sc: Scenario, ctx: Ctx, repeat: int, retries: int) -> tuple[list[Sample], list[str]]:
-    """``repeat`` good samples if possible; a failed run (a hung peer) is recorded and retried at most
-    ``retries`` times in all, so one flaky peer neither stops the benchmark nor hides its failures."""
-    samples: list[Sample] = []
-    failures: list[str] = []
+def run_scenario(sc: Scenario, ctx: Ctx, repeat: int, retries: int, samples: list[Sample] | None = None,
+                 failures: list[str] | None = None) -> tuple[list[Sample], list[str]]:
+    """``repeat`` good samples in ``samples`` if possible; a failed run (a hung peer) is recorded and
+    retried at most ``retries`` times in all, so one flaky peer neither stops the benchmark nor hides
+    its failures. ``samples``/``failures``: continue these (``--interleave`` takes one at a time)."""
+    samples = [] if samples is None else samples
+    failures = [] if failures is None else failures
     while len(samples) < repeat and len(failures) <= retries:
         ctx.proxy.reset()
         drop_caches()
@@ -327,6 +329,18 @@ def run_scenario(sc: Scenario, ctx: Ctx, repeat: int, retries: int) -> tuple[lis
               f"(boot {s.boot_seconds:.2f}), repo sent {s.down_bytes / MIB:8.1f} MiB, "
               f"guest read {s.guest_read_bytes / MIB:6.1f} MiB", flush=True)
     return samples, failures
+
+
+def link_rows(link: str, todo: list[Scenario], got: dict[str, tuple[list[Sample], list[str]]]) -> list[dict[str, Any]]:
+    """The table rows of one link; ratios against its (a)."""
+    a_samples = got.get("a", ([], []))[0]
+    base = statistics.median(s.seconds for s in a_samples) if a_samples else None
+    out = []
+    for sc in todo:
+        samples, failures = got[sc.key]
+        note = f"{len(failures)} failed run(s): {failures[0][:120]}" if failures else ""
+        out.append(row(link, sc, samples, base, note))
+    return out
 
 
 def row(link: str, sc: Scenario, samples: list[Sample], base: float | None, note: str = "") -> dict[str, Any]:
@@ -435,7 +449,8 @@ def save(a: argparse.Namespace, image: bootvm.bootimage.Built, rows: list[dict[s
         "repeats": a.repeat, "cpus": os.cpu_count(),
         "load average (1, 5, 15 min) at start / end": f"{load_start} / {os.getloadavg()}",
         "command": f"python bench/bench_boot.py --size {a.size} --repeat {a.repeat}"
-                   + (f" --skip {a.skip}" if a.skip else "") + (f" --retries {a.retries}" if a.retries != 2 else ""),
+                   + (f" --skip {a.skip}" if a.skip else "") + (f" --retries {a.retries}" if a.retries != 2 else "")
+                   + (" --interleave" if a.interleave else ""),
     }
     g = goals(rows)
     write_results("boot", rows, meta | {"goals": "; ".join(g)})
@@ -459,6 +474,9 @@ def main() -> None:
     ap.add_argument("--lan-rate", default="1gbit", help="bandwidth of the LAN link (default 1gbit)")
     ap.add_argument("--timeout", type=float, default=900, help="longest a boot or a copy may take (s)")
     ap.add_argument("--retries", type=int, default=2, help="failed runs tolerated per scenario and link")
+    ap.add_argument("--interleave", action="store_true",
+                    help="take one sample of every scenario per round (a, d, f, a, d, f, …) instead of each "
+                         "scenario's samples back to back")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     load_start = os.getloadavg()
@@ -488,7 +506,7 @@ def main() -> None:
             try:
                 with ProxyThread((host, int(port)), rtt=rtt, rate=rate) as proxy:
                     ctx = Ctx(image, link, proxy, raw_url_via(proxy.url), short, a.timeout, data, url, a.changed)
-                    base: float | None = None
+                    todo: list[Scenario] = []
                     for sc in SCENARIOS:
                         if sc.key in skip:
                             continue
@@ -497,13 +515,19 @@ def main() -> None:
                             print(f"  {link:8} {sc.label:36} skipped: {msg}")
                             rows.append(row(link, sc, [], None, msg))
                             continue
-                        samples, failures = run_scenario(sc, ctx, a.repeat, a.retries)
-                        if sc.key == "a" and samples:
-                            base = statistics.median(s.seconds for s in samples)
-                        note = f"{len(failures)} failed run(s): {failures[0][:120]}" if failures else ""
-                        rows.append(row(link, sc, samples, base, note))
-                        raw[f"{link}/{sc.key}"] = [s.__dict__ for s in samples]
-                        save(a, image, rows, raw, load_start)
+                        todo.append(sc)
+                    # One scenario's samples back to back, or (--interleave) one sample of each per
+                    # round: on a shared host a load swing then hits every scenario alike.
+                    got: dict[str, tuple[list[Sample], list[str]]] = {sc.key: ([], []) for sc in todo}
+                    for rnd in range(a.repeat if a.interleave else 1):
+                        for sc in todo:
+                            samples, failures = got[sc.key]
+                            run_scenario(sc, ctx, rnd + 1 if a.interleave else a.repeat, a.retries, samples,
+                                         failures)
+                            raw[f"{link}/{sc.key}"] = [s.__dict__ for s in samples]
+                        done = rows + link_rows(link, todo, got)
+                        save(a, image, done, raw, load_start)
+                    rows += link_rows(link, todo, got)
             finally:
                 server.stop()
                 shutil.rmtree(data, ignore_errors=True)
