@@ -22,7 +22,8 @@ adds no delay and no cap and only counts bytes, so every peer's bytes are counte
 (the guest's reads come from qemu's ``query-blockstats``). Page caches are dropped before
 each sample (when root). Medians of ``--repeat`` samples.
 
-Run: ``.venv/bin/python bench/bench_boot.py [--size 4G] [--repeat 3] [--skip c2,lan,wan]``.
+Run: ``.venv/bin/python bench/bench_boot.py [--size 4G] [--repeat 3] [--skip c2,lan,wan] [--interleave]``
+(``--interleave``: one sample of each scenario per round, for a shared host whose load swings).
 Results: bench/out/boot.{json,md} (the .md is the table for bench/RESULTS.md), bench/results/boot.png.
 """
 
