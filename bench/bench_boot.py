@@ -9,7 +9,11 @@ the guest's ``BLOCKPROV-BOOT-DONE`` marker, the bytes the repository sent, and t
 - (d) ``bp-cold``: ``blockprov attach`` against ``blockprov serve``, a fresh cache;
 - (e) ``bp-hydrated``: blockprov after ``blockprov hydrate`` filled the cache (boot time only; the
   hydration's bytes are reported);
-- (f) ``bp-profile``: blockprov cold, with the boot profile recorded by an earlier boot.
+- (f) ``bp-profile``: blockprov cold, with the boot profile recorded by an earlier boot;
+- (g) ``v2``: the first boot of a v2 made from the version with a profile, about ``--changed`` (1%)
+  of its chunks changed (bench/versions.py, as an administrator makes one): it starts with the
+  profile it inherits (issue 15 item 1); goal ≤ 1.05× (f). Each sample is a fresh v2 (a first boot
+  saves the version's own profile), made next to the repository (not over the link, not timed).
 
 Each scenario runs on three links: the repository on loopback, behind a LAN-like link (default
 0.5 ms round trip, 1 Gbit/s; issue 15) and behind a WAN-like link (default 20 ms round trip,
@@ -18,7 +22,8 @@ adds no delay and no cap and only counts bytes, so every peer's bytes are counte
 (the guest's reads come from qemu's ``query-blockstats``). Page caches are dropped before
 each sample (when root). Medians of ``--repeat`` samples.
 
-Run: ``.venv/bin/python bench/bench_boot.py [--size 4G] [--repeat 3] [--skip c2,lan,wan]``.
+Run: ``.venv/bin/python bench/bench_boot.py [--size 4G] [--repeat 3] [--skip c2,lan,wan] [--interleave]``
+(``--interleave``: one sample of each scenario per round, for a shared host whose load swings).
 Results: bench/out/boot.{json,md} (the .md is the table for bench/RESULTS.md), bench/results/boot.png.
 """
 
@@ -45,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import OUT, ROOT, VENV_BIN, WORK, drop_caches, write_results
 from tests import bootvm
 from tests.procs import start_agent, start_server
+from versions import make_v2
 from wanproxy import ProxyThread, parse_duration, parse_rate
 
 BP = str(VENV_BIN / "blockprov")
@@ -77,6 +83,10 @@ class Ctx:
     raw_url: str  # the raw view, through the proxy
     tmp: Path
     timeout: float
+    data: Path  # the repository's data directory (making a v2 reads it)
+    server_url: str  # the repository without the link (setup that is not measured)
+    changed: float = 0.01  # (g): fraction of the chunks a v2 changes
+    v2s: int = 0  # (g): v2s made so far (each sample boots a fresh one)
 
     @property
     def repo_url(self) -> str:
@@ -150,12 +160,12 @@ def s_nbdkit_curl(ctx: Ctx) -> Sample:
         _stop(p)
 
 
-def s_bp_cold(ctx: Ctx, *, profile: bool = False) -> Sample:
+def s_bp_cold(ctx: Ctx, *, profile: bool = False, ref: str = REF) -> Sample:
     """(d) blockprov: a fresh cache attached to the repository, the guest boots at once. Truly cold:
     ``--no-profile`` (no prefetch of a saved profile, and this boot does not save one either)."""
     cache = ctx.tmp / "cache-cold"
     shutil.rmtree(cache, ignore_errors=True)
-    agent, banner = start_agent(cache, REF, ctx.tmp / "bp.sock", *([] if profile else ["--no-profile"]),
+    agent, banner = start_agent(cache, ref, ctx.tmp / "bp.sock", *([] if profile else ["--no-profile"]),
                                 repo_url=ctx.repo_url)
     try:
         r = ctx.boot(_unix_uri(banner))
@@ -192,6 +202,35 @@ def s_bp_hydrated(ctx: Ctx) -> Sample:
 
 def s_bp_profile(ctx: Ctx) -> Sample:
     """(f) blockprov cold with the boot profile an earlier boot recorded (``blockprov profile save``)."""
+    _record_profile(ctx)
+    ctx.proxy.reset()
+    drop_caches()
+    # A fresh attach of a version that has a profile prefetches in profile order by itself.
+    return s_bp_cold(ctx, profile=True)
+
+
+def s_v2(ctx: Ctx) -> Sample:
+    """(g) The first boot of a fresh v2 (``--changed`` of the chunks differ) of a version with a profile."""
+    if not _has_profile(ctx, REF):
+        _record_profile(ctx)
+    ctx.v2s += 1
+    ref = f"boot:v2-{ctx.v2s}"
+    made = make_v2(ctx.data, REF, ref, ctx.tmp, ctx.image, ctx.changed, repo_url=ctx.server_url, seed=ctx.v2s)
+    ctx.proxy.reset()
+    drop_caches()
+    s = s_bp_cold(ctx, profile=True, ref=ref)
+    s.extra.update(made)
+    return s
+
+
+def _has_profile(ctx: Ctx, ref: str) -> bool:
+    r = subprocess.run([BP, "--repo", ctx.server_url, "profile", "show", ref, "--json"], capture_output=True,
+                       text=True, timeout=60)
+    return r.returncode == 0 and bool(json.loads(r.stdout).get("chunks"))
+
+
+def _record_profile(ctx: Ctx) -> None:
+    """Boot once on a fresh cache and save the read order as the version's boot profile."""
     rec = ctx.tmp / "cache-rec"
     shutil.rmtree(rec, ignore_errors=True)
     agent, banner = start_agent(rec, REF, ctx.tmp / "bp.sock", repo_url=ctx.repo_url)
@@ -204,10 +243,6 @@ def s_bp_profile(ctx: Ctx) -> Sample:
     finally:
         agent.stop()
     shutil.rmtree(rec, ignore_errors=True)
-    ctx.proxy.reset()
-    drop_caches()
-    # A fresh attach of a version that has a profile prefetches in profile order by itself.
-    return s_bp_cold(ctx, profile=True)
 
 
 @dataclass
@@ -226,6 +261,7 @@ SCENARIOS = [
     Scenario("d", "(d) blockprov cold", s_bp_cold),
     Scenario("e", "(e) blockprov hydrated", s_bp_hydrated, needs="hydrate"),
     Scenario("f", "(f) blockprov cold + boot profile", s_bp_profile, needs="profile"),
+    Scenario("g", "(g) v2 (1% changed) first boot, inherited profile", s_v2, needs="profile"),
 ]
 
 
@@ -272,11 +308,13 @@ def raw_url_via(proxy_url: str) -> str:
     return str(url)
 
 
-def run_scenario(sc: Scenario, ctx: Ctx, repeat: int, retries: int) -> tuple[list[Sample], list[str]]:
-    """``repeat`` good samples if possible; a failed run (a hung peer) is recorded and retried at most
-    ``retries`` times in all, so one flaky peer neither stops the benchmark nor hides its failures."""
-    samples: list[Sample] = []
-    failures: list[str] = []
+def run_scenario(sc: Scenario, ctx: Ctx, repeat: int, retries: int, samples: list[Sample] | None = None,
+                 failures: list[str] | None = None) -> tuple[list[Sample], list[str]]:
+    """``repeat`` good samples in ``samples`` if possible; a failed run (a hung peer) is recorded and
+    retried at most ``retries`` times in all, so one flaky peer neither stops the benchmark nor hides
+    its failures. ``samples``/``failures``: continue these (``--interleave`` takes one at a time)."""
+    samples = [] if samples is None else samples
+    failures = [] if failures is None else failures
     while len(samples) < repeat and len(failures) <= retries:
         ctx.proxy.reset()
         drop_caches()
@@ -294,6 +332,18 @@ def run_scenario(sc: Scenario, ctx: Ctx, repeat: int, retries: int) -> tuple[lis
     return samples, failures
 
 
+def link_rows(link: str, todo: list[Scenario], got: dict[str, tuple[list[Sample], list[str]]]) -> list[dict[str, Any]]:
+    """The table rows of one link; ratios against its (a)."""
+    a_samples = got.get("a", ([], []))[0]
+    base = statistics.median(s.seconds for s in a_samples) if a_samples else None
+    out = []
+    for sc in todo:
+        samples, failures = got[sc.key]
+        note = f"{len(failures)} failed run(s): {failures[0][:120]}" if failures else ""
+        out.append(row(link, sc, samples, base, note))
+    return out
+
+
 def row(link: str, sc: Scenario, samples: list[Sample], base: float | None, note: str = "") -> dict[str, Any]:
     """One table row: medians; a scenario that could not run gets its reason in ``note``."""
     if not samples:
@@ -308,6 +358,8 @@ def row(link: str, sc: Scenario, samples: list[Sample], base: float | None, note
         notes.append(f"prep {med(s.prep_seconds for s in samples):.1f} s")
     if any(s.prep_down_bytes for s in samples):
         notes.append(f"hydration sent {med(s.prep_down_bytes for s in samples) / MIB:.0f} MiB")
+    if any("changed_percent" in s.extra for s in samples):
+        notes.append("v2s changed " + "/".join(f"{s.extra['changed_percent']}%" for s in samples) + " of the chunks")
     if len(samples) > 1:
         notes.append("samples " + "/".join(f"{s.seconds:.1f}" for s in samples))
     return {"link": link, "scenario": sc.label, "seconds": secs, "vs (a)": secs / base if base else "-",
@@ -344,6 +396,7 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
         check(f"(d) faster than every (c) peer ({link}), (d)/(c fastest)",
               ratio(get(link, "(d)"), min(c_link, default=None)), 1.0)
         check(f"(f) ≤ 1.05× (a) ({link})", ratio(get(link, "(f)"), get(link, "(a)")), 1.05)
+        check(f"(g) v2 first boot ≤ 1.05× (f) ({link})", ratio(get(link, "(g)"), get(link, "(f)")), 1.05)
     check("(d) bytes sent ≤ 0.6× bytes the guest read (loopback)", get("loopback", "(d)", "sent / read"), 0.6)
     check("(d) bytes sent ≤ 0.8× bytes the guest read (wan)", get("wan", "(d)", "sent / read"), 0.8)
     return out
@@ -382,12 +435,39 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def save(a: argparse.Namespace, image: bootvm.bootimage.Built, rows: list[dict[str, Any]], raw: dict[str, Any],
+         load_start: tuple[float, float, float]) -> list[str]:
+    """Write bench/out/boot.{json,md} with the rows so far (called after every scenario, so a run
+    stopped at a deadline keeps what it measured); returns the goals evaluated on them."""
+    meta: dict[str, Any] = {
+        "image": f"{a.size} ext4, {image.info['files']} files ({int(image.info['file_bytes']) / 1e6:.0f} MB) "
+                 f"from /usr; plain boot reads {image.info['boot_full_files']} files whole and the first 16 KiB "
+                 f"of {image.info['boot_head_files']}",
+        "links": f"loopback (counting proxy, no delay), LAN ({a.lan_rtt} RTT, {a.lan_rate}) and WAN ({a.rtt} RTT, "
+                 f"{a.rate}) via bench/wanproxy.py",
+        "qemu": "qemu-system-x86_64 -machine accel=tcg -m 512 -nographic -no-reboot, direct kernel boot, "
+                "root on virtio-blk",
+        "repeats": a.repeat, "cpus": os.cpu_count(),
+        "load average (1, 5, 15 min) at start / end": f"{load_start} / {os.getloadavg()}",
+        "command": f"python bench/bench_boot.py --size {a.size} --repeat {a.repeat}"
+                   + (f" --skip {a.skip}" if a.skip else "") + (f" --retries {a.retries}" if a.retries != 2 else "")
+                   + (" --interleave" if a.interleave else ""),
+    }
+    g = goals(rows)
+    write_results("boot", rows, meta | {"goals": "; ".join(g)})
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "boot.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": g, "samples": raw}, indent=2,
+                                              default=str))
+    return g
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="4G", help="virtual disk size of the test image (default 4G; 1G for quick runs)")
     ap.add_argument("--fill-mb", type=int, default=300, help="MB of files in the image (default 300)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of scenario keys (a,b,c,c2,d,e,f) and/or links "
+    ap.add_argument("--changed", type=float, default=0.01, help="fraction of the chunks a v2 changes ((g))")
+    ap.add_argument("--skip", default="", help="comma list of scenario keys (a,b,c,c2,d,e,f,g) and/or links "
                                                "(loopback,lan,wan)")
     ap.add_argument("--rtt", default="20ms", help="round-trip time of the WAN link (default 20ms)")
     ap.add_argument("--rate", default="1gbit", help="bandwidth of the WAN link (default 1gbit)")
@@ -395,8 +475,12 @@ def main() -> None:
     ap.add_argument("--lan-rate", default="1gbit", help="bandwidth of the LAN link (default 1gbit)")
     ap.add_argument("--timeout", type=float, default=900, help="longest a boot or a copy may take (s)")
     ap.add_argument("--retries", type=int, default=2, help="failed runs tolerated per scenario and link")
+    ap.add_argument("--interleave", action="store_true",
+                    help="take one sample of every scenario per round (a, d, f, a, d, f, …) instead of each "
+                         "scenario's samples back to back")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+    load_start = os.getloadavg()
     WORK.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     image = bootvm.bootimage.build(WORK / f"bootimage-{a.size}-{a.fill_mb}", size=a.size, fill_mb=a.fill_mb)
@@ -422,8 +506,8 @@ def main() -> None:
             host, port = url.split("//", 1)[1].rsplit(":", 1)
             try:
                 with ProxyThread((host, int(port)), rtt=rtt, rate=rate) as proxy:
-                    ctx = Ctx(image, link, proxy, raw_url_via(proxy.url), short, a.timeout)
-                    base: float | None = None
+                    ctx = Ctx(image, link, proxy, raw_url_via(proxy.url), short, a.timeout, data, url, a.changed)
+                    todo: list[Scenario] = []
                     for sc in SCENARIOS:
                         if sc.key in skip:
                             continue
@@ -432,35 +516,26 @@ def main() -> None:
                             print(f"  {link:8} {sc.label:36} skipped: {msg}")
                             rows.append(row(link, sc, [], None, msg))
                             continue
-                        samples, failures = run_scenario(sc, ctx, a.repeat, a.retries)
-                        if sc.key == "a" and samples:
-                            base = statistics.median(s.seconds for s in samples)
-                        note = f"{len(failures)} failed run(s): {failures[0][:120]}" if failures else ""
-                        rows.append(row(link, sc, samples, base, note))
-                        raw[f"{link}/{sc.key}"] = [s.__dict__ for s in samples]
+                        todo.append(sc)
+                    # One scenario's samples back to back, or (--interleave) one sample of each per
+                    # round: on a shared host a load swing then hits every scenario alike.
+                    got: dict[str, tuple[list[Sample], list[str]]] = {sc.key: ([], []) for sc in todo}
+                    for rnd in range(a.repeat if a.interleave else 1):
+                        for sc in todo:
+                            samples, failures = got[sc.key]
+                            run_scenario(sc, ctx, rnd + 1 if a.interleave else a.repeat, a.retries, samples,
+                                         failures)
+                            raw[f"{link}/{sc.key}"] = [s.__dict__ for s in samples]
+                        done = rows + link_rows(link, todo, got)
+                        save(a, image, done, raw, load_start)
+                    rows += link_rows(link, todo, got)
             finally:
                 server.stop()
                 shutil.rmtree(data, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(short, ignore_errors=True)
-    meta: dict[str, Any] = {
-        "image": f"{a.size} ext4, {image.info['files']} files ({int(image.info['file_bytes']) / 1e6:.0f} MB) "
-                 f"from /usr; plain boot reads {image.info['boot_full_files']} files whole and the first 16 KiB "
-                 f"of {image.info['boot_head_files']}",
-        "links": f"loopback (counting proxy, no delay), LAN ({a.lan_rtt} RTT, {a.lan_rate}) and WAN ({a.rtt} RTT, "
-                 f"{a.rate}) via bench/wanproxy.py",
-        "qemu": "qemu-system-x86_64 -machine accel=tcg -m 512 -nographic -no-reboot, direct kernel boot, "
-                "root on virtio-blk",
-        "repeats": a.repeat, "cpus": os.cpu_count(),
-        "command": f"python bench/bench_boot.py --size {a.size} --repeat {a.repeat}"
-                   + (f" --skip {a.skip}" if a.skip else ""),
-    }
-    g = goals(rows)
-    write_results("boot", rows, meta | {"goals": "; ".join(g)})
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "boot.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": g, "samples": raw}, indent=2,
-                                              default=str))
+    g = save(a, image, rows, raw, load_start)
     print("\n".join(g))
     plot(rows, RESULTS / "boot.png", f"Linux boot under TCG, {a.size} image: qemu start → boot marker "
                                      f"(median of {a.repeat})")

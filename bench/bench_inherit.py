@@ -2,9 +2,8 @@
 
 The boot test image (tools/bootimage.py) is imported as ``os:v1`` into an embedded repository and
 given its boot profile by ``blockprov profile record`` (one headless boot, no client). ``os:v2`` is
-made the way an administrator makes one: an instance of v1 boots in ``admin`` mode (the guest writes
-a sanctioned change to /etc and its golden list), random data lands in free space until about
-``--changed`` of the chunks differ, and ``blockprov snapshot`` commits it. Then, each on a fresh cache
+made the way an administrator makes one (bench/versions.py: an ``admin`` boot of a v1 instance,
+random data in about ``--changed`` of the chunks, ``blockprov snapshot``). Then, each on a fresh cache
 and medians of ``--repeat`` boots (qemu TCG, time from qemu's start to the guest's done marker):
 
 - (a) the raw file on the local disk (the floor);
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import statistics
 import subprocess
@@ -36,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import VENV_BIN, WORK, drop_caches, write_results
 from tests import bootvm
 from tests.procs import start_agent
-
-from blockprov.repo.local import LocalRepository
+from versions import make_v2
 
 BP = str(VENV_BIN / "blockprov")
 
@@ -72,40 +69,6 @@ def attach_boot(data: Path, ref: str, tmp: Path, img: bootvm.bootimage.Built, *e
             "fetched_bytes": st.get("totals", {}).get("bytes_fetched", 0)}
 
 
-def make_v2(data: Path, tmp: Path, img: bootvm.bootimage.Built, changed: float) -> dict[str, Any]:
-    """os:v2 from an instance of v1: the guest's admin change, then random chunks in free space."""
-    repo = LocalRepository(data)
-    try:
-        v1 = repo.resolve("os:v1")
-    finally:
-        repo.close()
-    free = [i for i in range(v1.count) if v1.is_zero(i)]
-    rng = random.Random(15)
-    rng.shuffle(free)
-    cache = tmp / "cache-v2"
-    sock = tmp / "v2.sock"
-    agent, _ = start_agent(cache, "os:v1", sock, "--no-profile", data=data)
-    try:
-        r = bootvm.boot(img.kernel, img.initrd, f"nbd+unix:///?socket={sock}", mode="admin", timeout=600)
-        if not r.ok:
-            raise RuntimeError(f"admin boot failed:\n{r.tail()}")
-        cmds: list[str] = []
-        for i in free[:max(1, int(v1.count * changed))]:
-            cmds += ["-c", f"write -P {rng.randrange(1, 255)} {i * v1.chunk_size} {v1.chunk_size}"]
-        subprocess.run(["qemu-io", "-f", "raw", *cmds, f"nbd+unix:///?socket={sock}"], check=True,
-                       capture_output=True, timeout=300)
-        bp(data, "snapshot", "--cache", str(cache), "--to", "os:v2")
-    finally:
-        agent.stop()
-    shutil.rmtree(cache, ignore_errors=True)
-    repo = LocalRepository(data)
-    try:
-        diff = repo.diff("os:v1", "os:v2")
-    finally:
-        repo.close()
-    return {"chunks": v1.count, "changed_chunks": len(diff), "changed_percent": round(100 * len(diff) / v1.count, 2)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1G")
@@ -122,7 +85,7 @@ def main() -> None:
         bp(data, "boot-files", "set", "os:v1", "--kernel", str(img.kernel), "--initrd", str(img.initrd),
            "--cmdline", "quiet panic=-1 bp.mode=plain")
         rec = json.loads(bp(data, "profile", "record", "os:v1", "--json"))
-        v2 = make_v2(data, tmp, img, args.changed)
+        v2 = make_v2(data, "os:v1", "os:v2", tmp, img, args.changed)
         inherited = json.loads(bp(data, "profile", "show", "os:v2", "--json"))
         assert inherited["inherited"], inherited
         rows: dict[str, list[dict[str, Any]]] = {"a": [], "f": [], "i": [], "d": []}

@@ -280,6 +280,15 @@ def test_neighbourhood_span_is_what_the_link_carries_in_a_round_trip(rtt: float,
     assert fetcher_module.neighbourhood_span(rtt, bandwidth, wire, max_chunks=32) == expect
 
 
+def test_default_cap_lets_a_far_fast_link_fetch_4_mib_regions() -> None:
+    """Over 20 ms at 1 Gbit/s a round trip carries ~110 chunks of a boot image (22 KB compressed):
+    the default cap leaves the span at 64 chunks (4 MiB), the 2 MiB cap made it 32."""
+    cap = fetcher_module.NEIGHBOURHOOD_MAX // (64 << 10)
+    assert fetcher_module.neighbourhood_span(0.020, 125e6, 22_000, cap) == 64
+    assert fetcher_module.neighbourhood_span(0.0010, 125e6, 22_000, cap) == 4  # a LAN: unchanged
+    assert fetcher_module.neighbourhood_span(1.0, 1.25e9, 22_000, cap) == cap  # still capped
+
+
 def test_neighbourhood_span_edges() -> None:
     span = fetcher_module.neighbourhood_span
     assert span(0.0, 125e6, 20_000, 32) == 1  # not measured yet
