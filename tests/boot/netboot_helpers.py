@@ -61,11 +61,12 @@ def chunks_served(url: str) -> int:
 
 def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC,
             until: str | None = None, action: Callable[[], object] | None = None, memory: str = "1024",
-            watch: Callable[[str], object] | None = None, query: str = "") -> NetBoot:
+            watch: Callable[[str], object] | None = None, query: str = "", count: bool = True) -> NetBoot:
     """One network boot of the PC; bounded (qemu is killed at ``timeout``). With ``until``: once
     the console shows that text, ``action()`` runs while the machine is up, then qemu is killed.
     ``disk`` None: a diskless PC. ``watch(console_text)`` is called at every poll (a test reacts
     to the console, e.g. starts the repository late). ``query``: appended to the boot URL (``?retry=5``).
+    ``count`` False: the repository's /metrics is not read (it needs a token where tokens are enforced).
 
     The firmware's own messages (SeaBIOS, iPXE) reach the serial console too: SeaBIOS mirrors its
     text console to the port named by the fw_cfg file ``etc/sercon-port`` (0x3f8, ttyS0)."""
@@ -94,7 +95,7 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
                     seen[m] = time.monotonic() - t0
             if watch is not None:
                 watch(text)
-            if at_init is None and "BLOCKPROV-INIT" in text:
+            if count and at_init is None and "BLOCKPROV-INIT" in text:
                 at_init = chunks_served(url)
             if until is not None and until in text:
                 if action is not None:

@@ -25,11 +25,11 @@ kills it. It:
    Diskless (``blockprov.disk=none``, item 6): no disk is touched; the cache's data is a sparse
    file on a tmpfs of its own, bounded by ``blockprov.ram`` (default: half the machine's memory),
    its metadata in the initramfs's /run. Nothing is copied ahead unless ``blockprov.hydrate``
-   says so and the image fits. When the tmpfs is full, a read of data not yet in RAM and a write
-   to a new area fail (ENOSPC in the agent, which the kernel's NBD client turns into EIO for the
-   machine), the console says why once, and data already in RAM keeps working: the bound is
-   what keeps the cache from taking the memory the machine (and the agent, which is OOM-exempt
-   and locked) needs;
+   says so and the image fits. When the tmpfs is full the console says why once; a write to an
+   area not yet in RAM fails (ENOSPC in the agent, which the kernel's NBD client turns into EIO
+   for the machine), a read of data not yet in RAM is still answered (fetched, served, not kept:
+   fetched again at every read), and what is in RAM keeps working. The bound is what keeps the
+   cache from taking the memory the machine (and the agent, locked and OOM-exempt) needs;
 5. connects the kernel's NBD client to that socket (netboot/kernelnbd.py) and reports READY to
    PID 1 on a pipe, which mounts /dev/nbd0 and switches root.
 
@@ -160,6 +160,26 @@ def prepare_ram(params: dict[str, str], manifest: Manifest, say: Any) -> tuple[P
     return RUN / "cache", str(RAM_MOUNT / "data")
 
 
+class FewNoSpace(logging.Filter):
+    """Lets only the first few "no space left" records reach the console: with a full RAM cache
+    every miss logs one, and a console scrolling them hides everything else (watch_ram has said
+    once, clearly, what is going on)."""
+
+    KEEP = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "no space left" not in record.getMessage().lower():
+            return True
+        self.seen += 1
+        if self.seen == self.KEEP + 1:
+            record.msg, record.args = "(further \"no space left\" messages are not shown)", ()
+        return self.seen <= self.KEEP + 1
+
+
 async def watch_ram(budget: int, chunk: int, say: Any) -> None:
     """Say once on the console when the diskless cache is full (the fills that fail then are
     the machine's EIO: see the module's docstring)."""
@@ -169,9 +189,9 @@ async def watch_ram(budget: int, chunk: int, say: Any) -> None:
         st = os.statvfs(RAM_MOUNT)
         free = st.f_bavail * st.f_frsize
         if free < chunk and not warned:
-            say(f"error: the RAM cache is full ({budget >> 20} MiB, blockprov.ram): reads of data not yet in RAM "
-                "and writes to new areas fail with I/O errors; give the machine more memory, a larger "
-                "blockprov.ram, or a disk")
+            say(f"error: the RAM cache is full ({budget >> 20} MiB, blockprov.ram): writes to areas not yet in "
+                "RAM now fail (the machine sees I/O errors) and data not yet in RAM is fetched again at every "
+                "read; give the machine more memory, a larger blockprov.ram, or a disk")
             warned = True
         elif free >= 4 * chunk:
             warned = False
@@ -296,6 +316,8 @@ def main(argv: list[str]) -> int:
     params: dict[str, str] = json.loads(argv[0])
     ready = int(argv[1])
     logging.basicConfig(level=logging.INFO, format="blockprov-agent: %(message)s", stream=sys.stderr)
+    for h in logging.getLogger().handlers:
+        h.addFilter(FewNoSpace())
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -307,7 +329,9 @@ def main(argv: list[str]) -> int:
     try:
         check_params(params)
         RUN.mkdir(parents=True, exist_ok=True)
-        repo = RemoteRepository(params["repo"], timeout=30.0)
+        # blockprov.token: the host's token, carried in its boot script (docs/operations.md, "Tokens",
+        # says what that exposes); none: a repository without enforced tokens
+        repo = RemoteRepository(params["repo"], timeout=30.0, token=params.get("token") or None)
         manifest = resolve(repo, params["image"], say)
         if diskless(params):
             cache_dir, data_path = prepare_ram(params, manifest, say)

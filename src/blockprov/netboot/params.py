@@ -6,7 +6,10 @@ foreign file system; ``none``: diskless, the cache in RAM), ``blockprov.ram`` (d
 RAM the cache may take, e.g. ``512M``; default half the machine's memory), ``blockprov.policy``
 (``restore``: reboot-to-restore, ``keep``: the disk keeps its changes), ``blockprov.hydrate``
 (``background``, ``before-boot``, ``off``; diskless: ``off`` unless said), ``blockprov.readahead``
-(the agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads).
+(the agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads),
+``blockprov.token`` (the token the agent sends, for a repository that enforces tokens: an
+``agent`` scope one, set with ``host assign --args``; it is readable by whoever can fetch the
+host's boot script or read /proc/cmdline in the machine).
 """
 
 from __future__ import annotations
