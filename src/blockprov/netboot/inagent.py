@@ -60,7 +60,7 @@ from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD
 from blockprov.cache.journal import META_NAME, load
-from blockprov.errors import BlockprovError, CacheMismatch, NetbootError
+from blockprov.errors import BlockprovError, CacheMismatch, NetbootError, Unauthorized
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd
@@ -340,9 +340,13 @@ def main(argv: list[str]) -> int:
             cache_dir, data_path = META_MOUNT / "cache", d.data
         asyncio.run(serve(params, repo, manifest, cache_dir, data_path, ready, say))
     except BlockprovError as e:
+        why = str(e)
+        if isinstance(e, Unauthorized):  # the CLI's hint (--token) means nothing on a PC's console
+            why = (f"the repository needs a token: give this host an agent-scope one with "
+                   f"host assign {params.get('host') or 'MAC'} … --args blockprov.token=TOKEN ({why})")
         with contextlib.suppress(OSError):
-            os.write(ready, f"ERROR {e}\n".encode())
-        say(f"error: {e}")
+            os.write(ready, f"ERROR {why}\n".encode())
+        say(f"error: {why}")
         return e.exit_code
     return 0
 
