@@ -340,6 +340,11 @@ def goals(rows: list[dict[str, Any]], boot_file_mib: float, changed: dict[str, i
     return out
 
 
+SHORT = {label: short for (_k, label, _f), short in zip(SCENARIOS, ("bp first", "bp before-boot", "FOG (peer copy)",
+                                                                     "bp restore", "bp update"), strict=True)}
+SHORT[FOG_FAIR] = "FOG + its netboot"
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import textwrap
 
@@ -366,7 +371,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                     ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
                                 fontsize=7)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([textwrap.fill(f"{g[1]} [{g[0]}]", 18) for g in groups], fontsize=7)
+        ax.set_xticklabels([textwrap.fill(f"{SHORT.get(g[1], g[1])} {g[0]}", 12) for g in groups], fontsize=7)
         ax.set_ylabel(ylabel)
         if col != "seconds":
             ax.set_yscale("log")
@@ -394,7 +399,13 @@ def main() -> None:
     ap.add_argument("--rate", default="1gbit", help="bandwidth of the link (default 1gbit)")
     ap.add_argument("--timeout", type=float, default=900, help="longest a boot or a copy may take (s)")
     ap.add_argument("--retries", type=int, default=1, help="extra rounds when runs failed")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from bench/out/netboot.json")
     a = ap.parse_args()
+    if a.plot_only:
+        saved = json.loads((OUT / "netboot.json").read_text())
+        plot(saved["rows"], RESULTS / "netboot.png", f"PC network boot under TCG ({a.size} image, median of "
+                                                     f"{saved['meta']['repeats']}): time to usable and bytes sent")
+        return
     skip = set(filter(None, a.skip.split(",")))
     keys = [k for k, _l, _f in SCENARIOS if k not in skip]
     load_start = uptime()
