@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from blockprov import codec
+from blockprov import manifest as mf
 from blockprov.errors import NetbootError
-from blockprov.netboot.inagent import mem_total, ram_budget
+from blockprov.netboot.inagent import mem_total, ram_budget, ram_hydrate
 from blockprov.netboot.params import check_params, diskless
 
 BASE = {"repo": "http://r:1", "image": "lab@0123456789abcdef"}
@@ -35,3 +37,14 @@ def test_ram_budget_defaults_to_half_the_memory(tmp_path: Path) -> None:
     info.write_text("nothing\n")
     with pytest.raises(NetbootError, match="MemTotal"):
         mem_total(info)
+
+
+def test_ram_hydrate_only_when_the_image_data_fits() -> None:
+    """Zero chunks take no RAM: a 1 GiB image with 2 non-zero 64 KiB chunks fits 1 MiB."""
+    cs = 64 << 10
+    ids = [b"\x01" * 32, b"\x02" * 32] + [codec.ZERO_DIGEST] * ((1 << 30) // cs - 2)
+    m = mf.build("lab", 1 << 30, cs, ids)
+    assert m.stored_bytes_logical() == 2 * cs
+    assert ram_hydrate("background", m, 1 << 20) == "background"
+    assert ram_hydrate("before-boot", m, cs) == "off"
+    assert ram_hydrate("off", m, 1 << 30) == "off"

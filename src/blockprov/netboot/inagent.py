@@ -154,10 +154,14 @@ def prepare_ram(params: dict[str, str], manifest: Manifest, say: Any) -> tuple[P
         raise NetbootError(f"cannot mount the RAM cache: {p.stderr.decode(errors='replace').strip()}")
     say(f"diskless (blockprov.disk=none): the cache is in RAM, at most {budget >> 20} MiB of the machine's "
         f"{total >> 20} MiB (blockprov.ram=SIZE)")
-    hydrate = params.get("hydrate", "off")
-    if hydrate != "off" and manifest.size > budget:
-        say(f"hydrate={hydrate} ignored: the image ({manifest.size >> 20} MiB) does not fit in the RAM cache")
     return RUN / "cache", str(RAM_MOUNT / "data")
+
+
+def ram_hydrate(hydrate: str, manifest: Manifest, budget: int) -> str:
+    """Diskless: the hydration asked for, or ``off`` when the image's data (its non-zero chunks:
+    zero ones take no RAM) does not fit in the budget — copying ahead would only fill the RAM and
+    turn the machine's own writes into errors. Pure."""
+    return hydrate if manifest.stored_bytes_logical() <= budget else "off"
 
 
 class FewNoSpace(logging.Filter):
@@ -251,7 +255,9 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     if diskless(params):
         st = os.statvfs(RAM_MOUNT)
         budget = st.f_blocks * st.f_frsize
-        if manifest.size > budget:
+        if ram_hydrate(hydrate, manifest, budget) != hydrate:
+            say(f"hydrate={hydrate} ignored: the image's data ({manifest.stored_bytes_logical() >> 20} MiB) does "
+                f"not fit in the RAM cache")
             hydrate = "off"
     config = AgentConfig(cache_dir=cache_dir, socket=SOCKET, data_path=data_path,
                          readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
