@@ -26,7 +26,8 @@ from tests.boot.conftest import NetRepo
 from tests.boot.netboot_helpers import MAC, admin_version, assign, blank_disk, cache_of, chunks_served, netboot
 from tests.conftest import require_tool, run_cli
 
-pytestmark = pytest.mark.interop
+# four to five boots per test under TCG on a shared 2-core machine: 300 s (the default) is not enough
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(1800)]
 
 def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image: bootvm.bootimage.Built,
                                                                      netrepo: NetRepo, tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ from tests import bootvm
 from tests.boot.conftest import NetRepo
 from tests.boot.netboot_helpers import assign, netboot
 
-pytestmark = pytest.mark.interop
+# a boot under TCG takes 1–3 min on a loaded 2-core machine: the default 300 s is too tight for a test of two boots
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(1500)]
 
 MAC = "52:54:00:12:34:7a"
 

@@ -19,7 +19,8 @@ from tests.boot.netboot_helpers import blank_disk, netboot
 from tests.conftest import run_cli
 from tests.procs import start_server
 
-pytestmark = pytest.mark.interop
+# a boot under TCG takes 1–3 min on a loaded 2-core machine: the default 300 s is too tight for a test of two boots
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(1500)]
 
 MAC = "52:54:00:12:34:8a"
 
