@@ -164,6 +164,28 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
     )
 
 
+RETRY_SECONDS = 30  # how long a machine waits before asking again for its boot script
+
+
+def retry_script(reason: str, url: str, seconds: int = RETRY_SECONDS) -> str:
+    """The iPXE script a machine gets when it cannot be booted yet (an unknown host, a version
+    without boot files, a tag that is gone): it prints ``reason`` on the machine's console, waits
+    ``seconds`` and fetches ``url`` (its own boot script) again, replacing itself — so a host
+    assigned while the machine waits boots without a power cycle, and the loop never nests.
+
+    Why a 200 script and not the 404 itself: iPXE shows only "No such file or directory" for an
+    HTTP error (never the body), then gives up to the next boot device; a script is the only way
+    to say why on the machine's screen and keep asking. Pure."""
+    text = " ".join(reason.replace("$", "").split())  # iPXE expands ${…}: keep the text literal
+    return (
+        "#!ipxe\n"
+        f"echo blockprov: {text}\n"
+        f"echo blockprov: asking the repository again in {seconds} s\n"
+        f"sleep {seconds}\n"
+        f"chain --replace --autofree {url}\n"
+    )
+
+
 def parse_script(text: str) -> dict[str, Any]:
     """What a boot script asks for: kernel URL, kernel arguments (as a list and as key=value),
     initrd URL. For tests and ``blockprov host script --json``; raises UsageError if malformed."""

@@ -8,17 +8,21 @@ build), so every boot test of every run shares one image under ``.cache/bootimag
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests import bootvm
+from tests.boot.netboot_helpers import IPXE_ROM
 from tests.conftest import run_cli
-from tests.procs import Proc, start_agent
+from tests.procs import Proc, start_agent, start_server
 
 IMAGE_REF = "bootlab:v1"
 
@@ -54,3 +58,33 @@ def sockdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="bpboot", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class NetRepo:
+    url: str
+    initrd: Path
+    built: dict[str, Any]
+    nonzero: int  # non-zero chunks of the image
+    unique: int  # distinct ones: what a full copy of the image sends at least
+
+
+@pytest.fixture(scope="module")
+def netrepo(boot_image: bootvm.bootimage.Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetRepo]:
+    """``blockprov serve`` holding the test image as bootlab:v1 with the blockprov initramfs."""
+    assert Path(IPXE_ROM).exists(), f"{IPXE_ROM} missing: install ipxe-qemu (scripts/setup.sh)"
+    tmp = tmp_path_factory.mktemp("netboot")
+    server, url = start_server(tmp / "repo")
+    try:
+        run_cli("--repo", url, "import", str(boot_image.disk), "bootlab:v1")
+        initrd = tmp / "initrd.img"
+        built = json.loads(run_cli("--repo", url, "boot-files", "build", "bootlab:v1", "--output", str(initrd),
+                                   "--json").stdout)
+        m = json.loads(run_cli("--repo", url, "show", "bootlab:v1", "--json").stdout)
+        nonzero = m["chunks"] - m["zero_chunks"]
+        print(f"initramfs {built['build']['initrd_bytes']} bytes ({built['build']['unpacked_bytes']} unpacked, "
+              f"{built['build']['files']} files); image: {nonzero} non-zero chunks")
+        assert built["build"]["initrd_bytes"] < 40 << 20
+        yield NetRepo(url, initrd, built, nonzero, m["unique_chunks"])
+    finally:
+        server.stop()

@@ -12,166 +12,25 @@ What the repository sent is read from its own counter ``blockprov_chunks_served_
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import re
 import subprocess
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import bootvm
+from tests.boot.conftest import NetRepo
+from tests.boot.netboot_helpers import MAC, admin_version, assign, blank_disk, cache_of, chunks_served, netboot
 from tests.conftest import require_tool, run_cli
-from tests.procs import start_server
 
-pytestmark = pytest.mark.interop
-
-MAC = "52:54:00:12:34:5a"
-IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian ipxe-qemu: qemu loads it for virtio-net-pci
-BOOT_TIMEOUT = 300.0
-
-
-@dataclass
-class NetBoot:
-    console: str
-    seconds: float
-    done: dict[str, str]
-    sent_at_init: int | None  # chunks the repository had sent when the image's own init started
-
-    @property
-    def check(self) -> str | None:
-        m = re.search(r"BP-CHECK (\w+)", self.console)
-        return m.group(1) if m else None
-
-    def number(self, pattern: str) -> int:
-        m = re.search(pattern, self.console)
-        assert m, f"no {pattern!r} on the console:\n{self.tail()}"
-        return int(m.group(1))
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join([ln for ln in self.console.splitlines() if not ln.startswith("[")][-n:])
-
-
-def chunks_served(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    m = re.search(r"^blockprov_chunks_served_total (\S+)$", text, re.M)
-    return int(float(m.group(1))) if m else 0
-
-
-def netboot(disk: Path, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC,
-            until: str | None = None, action: Callable[[], object] | None = None) -> NetBoot:
-    """One network boot of the PC; bounded (qemu is killed at ``timeout``). With ``until``: once
-    the console shows that text, ``action()`` runs while the machine is up, then qemu is killed."""
-    port = url.rsplit(":", 1)[1]
-    console.unlink(missing_ok=True)
-    cmd = [require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", "-m", "1024", "-display", "none",
-           "-monitor", "none", "-serial", f"file:{console}", "-no-reboot",
-           "-netdev", f"user,id=n,bootfile=http://10.0.2.2:{port}/v1/boot/{mac}",
-           # bootindex makes SeaBIOS run the NIC's iPXE ROM first (tests/interop/test_remote_boot.py)
-           "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex=1",
-           "-drive", f"file={disk},format=raw,if=virtio,cache=writeback"]
-    t0 = time.monotonic()
-    qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    text = ""
-    at_init = None
-    try:
-        while time.monotonic() - t0 < timeout and qemu.poll() is None:
-            text = console.read_text(errors="replace") if console.exists() else ""
-            if at_init is None and "BLOCKPROV-INIT" in text:
-                at_init = chunks_served(url)
-            if until is not None and until in text:
-                if action is not None:
-                    action()
-                break
-            if bootvm.MARKER in text or bootvm.FAIL_MARKER in text or "BLOCKPROV-NETBOOT-FAIL" in text:
-                break
-            time.sleep(0.5)
-        seconds = time.monotonic() - t0
-        if bootvm.MARKER in text:  # the guest powers off right after the marker
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                qemu.wait(timeout=30)
-    finally:
-        if qemu.poll() is None:
-            qemu.kill()
-        qemu.wait(timeout=30)
-    text = console.read_text(errors="replace") if console.exists() else ""
-    m = re.search(re.escape(bootvm.MARKER) + r"(.*)$", text, re.M)
-    done = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv) if m else {}
-    return NetBoot(console=text, seconds=seconds, done=done, sent_at_init=at_init)
-
-
-def admin_version(image: Path, tmp_path: Path) -> Path:
-    """v2 of the test image: the administrator's sanctioned change (bootimage's ``admin`` mode),
-    made offline with debugfs — a new file, and the golden list that knows it."""
-    v2 = tmp_path / "v2.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(v2)], check=True, timeout=120)
-    debugfs = require_tool("debugfs")
-    golden = subprocess.run([debugfs, "-R", "cat /etc/bp-golden.sha256", str(v2)], capture_output=True,
-                            check=True, timeout=60).stdout.decode()
-    content = bootvm.bootimage.ADMIN_CHANGE_CONTENT.encode()
-    lines = [ln for ln in golden.splitlines() if ln.strip()]
-    lines.append(f"{hashlib.sha256(content).hexdigest()}  .{bootvm.bootimage.ADMIN_CHANGE_PATH}")
-    (tmp_path / "admin").write_bytes(content)
-    (tmp_path / "golden").write_text("".join(ln + "\n" for ln in sorted(lines, key=lambda ln: ln.split()[1])))
-    (tmp_path / "cmds").write_text(f"write {tmp_path / 'admin'} {bootvm.bootimage.ADMIN_CHANGE_PATH}\n"
-                                   "rm /etc/bp-golden.sha256\n"
-                                   f"write {tmp_path / 'golden'} /etc/bp-golden.sha256\n")
-    subprocess.run([debugfs, "-w", "-f", str(tmp_path / "cmds"), str(v2)], capture_output=True, check=True,
-                   timeout=60)
-    return v2
-
-
-def assign(url: str, mode: str, policy: str, ref: str = "bootlab:v1", hydrate: str = "off", mac: str = MAC) -> None:
-    # readahead 0: the agent fetches exactly what the guest reads, so the counts below are exact
-    run_cli("--repo", url, "host", "assign", mac, ref, "--policy", policy, "--hydrate", hydrate,
-            "--args", f"quiet panic=-1 blockprov.readahead=0 bp.mode={mode}")
-
-
-@dataclass
-class Repo:
-    url: str
-    initrd: Path
-    built: dict[str, Any]
-    nonzero: int  # non-zero chunks of the image
-    unique: int  # distinct ones: what a full copy of the image sends at least
-
-
-@pytest.fixture(scope="module")
-def netrepo(boot_image: bootvm.bootimage.Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Repo]:
-    """``blockprov serve`` holding the test image as bootlab:v1 with the blockprov initramfs."""
-    assert Path(IPXE_ROM).exists(), f"{IPXE_ROM} missing: install ipxe-qemu (scripts/setup.sh)"
-    tmp = tmp_path_factory.mktemp("netboot")
-    server, url = start_server(tmp / "repo")
-    try:
-        run_cli("--repo", url, "import", str(boot_image.disk), "bootlab:v1")
-        initrd = tmp / "initrd.img"
-        built = json.loads(run_cli("--repo", url, "boot-files", "build", "bootlab:v1", "--output", str(initrd),
-                                   "--json").stdout)
-        m = json.loads(run_cli("--repo", url, "show", "bootlab:v1", "--json").stdout)
-        nonzero = m["chunks"] - m["zero_chunks"]
-        print(f"initramfs {built['build']['initrd_bytes']} bytes ({built['build']['unpacked_bytes']} unpacked, "
-              f"{built['build']['files']} files); image: {nonzero} non-zero chunks")
-        assert built["build"]["initrd_bytes"] < 40 << 20
-        yield Repo(url, initrd, built, nonzero, m["unique_chunks"])
-    finally:
-        server.stop()
-
-
-def blank_disk(path: Path) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(2 << 30)  # the PC's blank 2 GiB disk
-    return path
-
+# four to five boots per test under TCG on a shared 2-core machine: 300 s (the default) is not enough
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(1800)]
 
 def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image: bootvm.bootimage.Built,
-                                                                     netrepo: Repo, tmp_path: Path) -> None:
+                                                                     netrepo: NetRepo, tmp_path: Path) -> None:
     url, initrd, built, nonzero = netrepo.url, netrepo.initrd, netrepo.built, netrepo.nonzero
     disk = blank_disk(tmp_path / "pc-disk.raw")
     # 1. first boot onto the blank disk, nothing copied ahead: the guest's check passes while
@@ -236,7 +95,7 @@ def test_pc_boots_from_the_network_onto_its_blank_disk_then_restores(boot_image:
                for a in agents), agents
 
 
-def test_before_boot_hydration_and_memory_pressure(netrepo: Repo, tmp_path: Path) -> None:
+def test_before_boot_hydration_and_memory_pressure(netrepo: NetRepo, tmp_path: Path) -> None:
     """``--hydrate before-boot`` (the FOG model: everything on the disk first), then the guest fills
     its memory (a tmpfs of all but 48 MiB) while it writes to and reads back from its root: the
     agent serving that root (memory locked, PR_SET_IO_FLUSHER) keeps it working."""
@@ -254,7 +113,7 @@ def test_before_boot_hydration_and_memory_pressure(netrepo: Repo, tmp_path: Path
           f"{re.search(r'BP-HOG OK.*', hog.console).group(0)}; BOOT-DONE after {hog.seconds:.1f} s")
 
 
-def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(netrepo: Repo, tmp_path: Path) -> None:
+def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(netrepo: NetRepo, tmp_path: Path) -> None:
     """``--policy keep``: an administrator's change survives the reboot, and while the PC runs the
     repository asks its agent for a snapshot (``snapshot --instance``), which becomes a version
     holding the change."""
@@ -284,29 +143,8 @@ def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(netrepo
     print(f"keep + snapshot --instance: {len(changed['changed'])} chunks differ from v1; answer {answers[0]}")
 
 
-def cache_of(disk: Path, tmp_path: Path) -> tuple[Any, int]:
-    """The chunk map the PC's disk holds (its metadata partition's cache directory, replayed as an
-    agent would, nothing written) and the byte offset of its data partition."""
-    from blockprov.cache.journal import load
-    from blockprov.netboot import disk as layout
-
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    meta = tmp_path / "meta.img"
-    with open(disk, "rb") as src, open(meta, "wb") as dst:
-        src.seek(layout.START)
-        dst.write(src.read(layout.META_BYTES))
-    # replay the file system's journal as the kernel's mount would (debugfs reads without it)
-    fsck = subprocess.run([require_tool("e2fsck"), "-fy", str(meta)], capture_output=True, timeout=120)
-    assert fsck.returncode in (0, 1), fsck.stdout
-    out = tmp_path / "meta"
-    out.mkdir()
-    subprocess.run([require_tool("debugfs"), "-R", f"rdump /cache {out}", str(meta)], capture_output=True,
-                   check=True, timeout=60)
-    return load(out / "cache"), layout.START + layout.META_BYTES
-
-
 def test_power_cut_during_hydration_resumes_and_serves_nothing_wrong(boot_image: bootvm.bootimage.Built,
-                                                                     netrepo: Repo, tmp_path: Path) -> None:
+                                                                     netrepo: NetRepo, tmp_path: Path) -> None:
     """kill -9 of the whole VM (a power cut) while the image is copied in the background: the disk
     holds the image's content wherever its map says present, and the next boot resumes."""
     from blockprov.cache.maps import MODIFIED, PRESENT

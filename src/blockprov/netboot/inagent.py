@@ -22,6 +22,14 @@ kills it. It:
    lifecycle.py ``update``: only the chunks that differ are dropped, and those the disk held are
    fetched again) before the kernel sees a byte — a tag moved while a machine runs reaches it at
    its next boot, never under the running system;
+   Diskless (``blockprov.disk=none``, item 6): no disk is touched; the cache's data is a sparse
+   file on a tmpfs of its own, bounded by ``blockprov.ram`` (default: half the machine's memory),
+   its metadata in the initramfs's /run. Nothing is copied ahead unless ``blockprov.hydrate``
+   says so and the image fits. When the tmpfs is full the console says why once; a write to an
+   area not yet in RAM fails (ENOSPC in the agent, which the kernel's NBD client turns into EIO
+   for the machine), a read of data not yet in RAM is still answered (fetched, served, not kept:
+   fetched again at every read), and what is in RAM keeps working. The bound is what keeps the
+   cache from taking the memory the machine (and the agent, locked and OOM-exempt) needs;
 5. connects the kernel's NBD client to that socket (netboot/kernelnbd.py) and reports READY to
    PID 1 on a pipe, which mounts /dev/nbd0 and switches root.
 
@@ -52,17 +60,19 @@ from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD
 from blockprov.cache.journal import META_NAME, load
-from blockprov.errors import BlockprovError, CacheMismatch, NetbootError
+from blockprov.errors import BlockprovError, CacheMismatch, NetbootError, Unauthorized
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd
-from blockprov.netboot.params import check_params
+from blockprov.netboot.params import check_params, diskless
 from blockprov.repo.remote import RemoteRepository
 
 log = logging.getLogger("blockprov.netboot")
 
 RUN = Path("/run/blockprov")
 META_MOUNT = RUN / "meta"
+RAM_MOUNT = RUN / "ram"  # diskless: the tmpfs holding the cache's data
+RAM_CHECK = 1.0  # seconds between looks at how full the diskless cache's tmpfs is
 SOCKET = RUN / "nbd.sock"
 NBD_DEVICE = "nbd0"
 MKFS = ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-L", "bp-meta"]
@@ -120,6 +130,77 @@ def prepare_disk(params: dict[str, str], manifest: Manifest, say: Any) -> disk.D
     return d
 
 
+def mem_total(meminfo: Path = Path("/proc/meminfo")) -> int:
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise NetbootError("cannot read MemTotal from /proc/meminfo")
+
+
+def ram_budget(params: dict[str, str], total: int) -> int:
+    """Bytes the diskless cache may hold: ``blockprov.ram`` or half the machine's memory (the
+    other half for the system the machine runs, the initramfs and the agent). Pure."""
+    return parse_size(params["ram"]) if "ram" in params else total // 2
+
+
+def prepare_ram(params: dict[str, str], manifest: Manifest, say: Any) -> tuple[Path, str]:
+    """Diskless: mount the bounded tmpfs; returns (cache directory, data file)."""
+    total = mem_total()
+    budget = ram_budget(params, total)
+    RAM_MOUNT.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={budget},mode=0700", "bp-ram", str(RAM_MOUNT)],
+                       capture_output=True, timeout=60)
+    if p.returncode:
+        raise NetbootError(f"cannot mount the RAM cache: {p.stderr.decode(errors='replace').strip()}")
+    say(f"diskless (blockprov.disk=none): the cache is in RAM, at most {budget >> 20} MiB of the machine's "
+        f"{total >> 20} MiB (blockprov.ram=SIZE)")
+    return RUN / "cache", str(RAM_MOUNT / "data")
+
+
+def ram_hydrate(hydrate: str, manifest: Manifest, budget: int) -> str:
+    """Diskless: the hydration asked for, or ``off`` when the image's data (its non-zero chunks:
+    zero ones take no RAM) does not fit in the budget — copying ahead would only fill the RAM and
+    turn the machine's own writes into errors. Pure."""
+    return hydrate if manifest.stored_bytes_logical() <= budget else "off"
+
+
+class FewNoSpace(logging.Filter):
+    """Lets only the first few "no space left" records reach the console: with a full RAM cache
+    every miss logs one, and a console scrolling them hides everything else (watch_ram has said
+    once, clearly, what is going on)."""
+
+    KEEP = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "no space left" not in record.getMessage().lower():
+            return True
+        self.seen += 1
+        if self.seen == self.KEEP + 1:
+            record.msg, record.args = "(further \"no space left\" messages are not shown)", ()
+        return self.seen <= self.KEEP + 1
+
+
+async def watch_ram(budget: int, chunk: int, say: Any) -> None:
+    """Say once on the console when the diskless cache is full (the fills that fail then are
+    the machine's EIO: see the module's docstring)."""
+    warned = False
+    while True:
+        await asyncio.sleep(RAM_CHECK)
+        st = os.statvfs(RAM_MOUNT)
+        free = st.f_bavail * st.f_frsize
+        if free < chunk and not warned:
+            say(f"error: the RAM cache is full ({budget >> 20} MiB, blockprov.ram): writes to areas not yet in "
+                "RAM now fail (the machine sees I/O errors) and data not yet in RAM is fetched again at every "
+                "read; give the machine more memory, a larger blockprov.ram, or a disk")
+            warned = True
+        elif free >= 4 * chunk:
+            warned = False
+
+
 def connect_kernel(ready: int, say: Any) -> None:
     """Thread: the kernel's NBD client on our socket; tells PID 1 'READY' once /dev/nbd0 runs."""
     try:
@@ -164,10 +245,21 @@ def instance_name(host: str | None) -> str | None:
     return "pc-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in host)[:120]
 
 
-async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manifest, d: disk.Disk,
-                ready: int, say: Any) -> None:
-    policy, hydrate = params.get("policy", "keep"), params.get("hydrate", "background")
-    config = AgentConfig(cache_dir=META_MOUNT / "cache", socket=SOCKET, data_path=d.data,
+async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manifest, cache_dir: Path,
+                data_path: str, ready: int, say: Any) -> None:
+    """Serve ``manifest`` from ``cache_dir`` (metadata) and ``data_path`` (the disk's data
+    partition, or diskless the file on the RAM tmpfs) until the machine stops."""
+    policy = params.get("policy", "keep")
+    hydrate = params.get("hydrate", "off" if diskless(params) else "background")
+    budget = 0
+    if diskless(params):
+        st = os.statvfs(RAM_MOUNT)
+        budget = st.f_blocks * st.f_frsize
+        if ram_hydrate(hydrate, manifest, budget) != hydrate:
+            say(f"hydrate={hydrate} ignored: the image's data ({manifest.stored_bytes_logical() >> 20} MiB) does "
+                f"not fit in the RAM cache")
+            hydrate = "off"
+    config = AgentConfig(cache_dir=cache_dir, socket=SOCKET, data_path=data_path,
                          readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
                          reset_on_start=policy == "restore", hydrate=hydrate != "off",
                          instance=instance_name(params.get("host")),
@@ -202,11 +294,14 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         counts = dev.chunk_map.counts()
         say(f"hydrated before the boot: {counts['total'] - counts['missing']}/{counts['total']} chunks local")
     threading.Thread(target=connect_kernel, args=(ready, say), daemon=True, name="nbd-kernel").start()
-    syncer = asyncio.ensure_future(sync_fills(dev))
+    tasks = [asyncio.ensure_future(sync_fills(dev))]
+    if budget:
+        tasks.append(asyncio.ensure_future(watch_ram(budget, manifest.chunk_size, say)))
     try:
         await agent.run()
     finally:
-        syncer.cancel()
+        for t in tasks:
+            t.cancel()
 
 
 async def sync_fills(dev: CacheDevice) -> None:
@@ -227,6 +322,8 @@ def main(argv: list[str]) -> int:
     params: dict[str, str] = json.loads(argv[0])
     ready = int(argv[1])
     logging.basicConfig(level=logging.INFO, format="blockprov-agent: %(message)s", stream=sys.stderr)
+    for h in logging.getLogger().handlers:
+        h.addFilter(FewNoSpace())
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -238,14 +335,24 @@ def main(argv: list[str]) -> int:
     try:
         check_params(params)
         RUN.mkdir(parents=True, exist_ok=True)
-        repo = RemoteRepository(params["repo"], timeout=30.0)
+        # blockprov.token: the host's token, carried in its boot script (docs/operations.md, "Tokens",
+        # says what that exposes); none: a repository without enforced tokens
+        repo = RemoteRepository(params["repo"], timeout=30.0, token=params.get("token") or None)
         manifest = resolve(repo, params["image"], say)
-        d = prepare_disk(params, manifest, say)
-        asyncio.run(serve(params, repo, manifest, d, ready, say))
+        if diskless(params):
+            cache_dir, data_path = prepare_ram(params, manifest, say)
+        else:
+            d = prepare_disk(params, manifest, say)
+            cache_dir, data_path = META_MOUNT / "cache", d.data
+        asyncio.run(serve(params, repo, manifest, cache_dir, data_path, ready, say))
     except BlockprovError as e:
+        why = str(e)
+        if isinstance(e, Unauthorized):  # the CLI's hint (--token) means nothing on a PC's console
+            why = (f"the repository needs a token: give this host an agent-scope one with "
+                   f"host assign {params.get('host') or 'MAC'} … --args blockprov.token=TOKEN ({why})")
         with contextlib.suppress(OSError):
-            os.write(ready, f"ERROR {e}\n".encode())
-        say(f"error: {e}")
+            os.write(ready, f"ERROR {why}\n".encode())
+        say(f"error: {why}")
         return e.exit_code
     return 0
 

@@ -2,9 +2,14 @@
 
 ``blockprov.repo`` (repository URL, as the machine reaches it), ``blockprov.image`` (``NAME@ID``),
 ``blockprov.host``, ``blockprov.disk`` (a disk name, e.g. ``vda``; it may name a disk holding a
-foreign file system), ``blockprov.policy`` (``restore``: reboot-to-restore, ``keep``: the disk keeps
-its changes) and ``blockprov.hydrate`` (``background``, ``before-boot``, ``off``), ``blockprov.readahead`` (the
-agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads).
+foreign file system; ``none``: diskless, the cache in RAM), ``blockprov.ram`` (diskless: the most
+RAM the cache may take, e.g. ``512M``; default half the machine's memory), ``blockprov.policy``
+(``restore``: reboot-to-restore, ``keep``: the disk keeps its changes), ``blockprov.hydrate``
+(``background``, ``before-boot``, ``off``; diskless: ``off`` unless said), ``blockprov.readahead``
+(the agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads),
+``blockprov.token`` (the token the agent sends, for a repository that enforces tokens: an
+``agent`` scope one, set with ``host assign --args``; it is readable by whoever can fetch the
+host's boot script or read /proc/cmdline in the machine).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from blockprov.errors import NetbootError
 from blockprov.humanize import parse_size
 
 POLICIES = ("restore", "keep")
+DISKLESS = "none"
 HYDRATE = ("background", "before-boot", "off")
 
 
@@ -34,8 +40,20 @@ def check_params(params: dict[str, str]) -> None:
         raise NetbootError(f"blockprov.policy={params['policy']}: expected one of {', '.join(POLICIES)}")
     if params.get("hydrate", "background") not in HYDRATE:
         raise NetbootError(f"blockprov.hydrate={params['hydrate']}: expected one of {', '.join(HYDRATE)}")
+    if "ram" in params:
+        try:
+            if parse_size(params["ram"]) < 16 << 20:
+                raise NetbootError(f"blockprov.ram={params['ram']}: at least 16M")
+        except ValueError:
+            raise NetbootError(f"blockprov.ram={params['ram']}: expected a size such as 512M") from None
+        if params.get("disk") != DISKLESS:
+            raise NetbootError("blockprov.ram= is for a diskless machine (blockprov.disk=none)")
     if "readahead" in params:
         try:
             parse_size(params["readahead"])
         except ValueError:
             raise NetbootError(f"blockprov.readahead={params['readahead']}: expected a size such as 4M or 0") from None
+
+
+def diskless(params: dict[str, str]) -> bool:
+    return params.get("disk") == DISKLESS

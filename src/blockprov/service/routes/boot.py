@@ -3,8 +3,12 @@
 * ``GET /v1/boot/{host}`` is what iPXE fetches (``chain http://repo/v1/boot/${net0/mac}``): a
   ``text/plain`` ``#!ipxe`` script. URLs in it are built from the address the host used to reach
   us (the request's Host), unless ``?base=`` says otherwise, so NAT or a proxy in between is
-  handled by the client's own view. Errors there are one ``text/plain`` line (curl and iPXE
-  consoles show it) unless the client asks for JSON (``RemoteRepository`` does).
+  handled by the client's own view. Errors there are one ``text/plain`` line (curl shows it)
+  unless the client asks for JSON (``RemoteRepository`` does). iPXE itself (its User-Agent) gets,
+  for a host that cannot boot *yet* (404 unknown host, 409 no boot files or tag gone), a 200
+  script that prints the reason on the machine's console and asks again after ``?retry=`` seconds
+  (boot.retry_script): iPXE never shows an error's body, and a machine left at "No bootable
+  device" needs a human to power-cycle it.
 * Boot files are served with ``Content-Length``, a strong ETag (the content id), single ranges
   and HEAD: iPXE, curl and resumable downloads all work. Every piece is verified before a byte of
   it is sent; the first is rendered before the status line, so a bad piece is a clean 422.
@@ -107,9 +111,11 @@ async def get_boot_file(name: str, vid: str, which: str, request: Request) -> Re
 
 # -- hosts ----------------------------------------------------------------------------------------
 @router.get("/v1/boot/{host}", tags=["boot"], response_class=PlainTextResponse)
-async def boot_script(host: str, request: Request, base: str | None = None, record: bool = True) -> Response:
+async def boot_script(host: str, request: Request, base: str | None = None, record: bool = True,
+                      retry: int = boot.RETRY_SECONDS) -> Response:
     """The iPXE script of a host (MAC with ':' or '-', or host id). 404: unknown host;
-    409: its version has no boot files or its tag is gone; 400: a malformed host.
+    409: its version has no boot files or its tag is gone; 400: a malformed host. To iPXE, a 404
+    or 409 is a 200 script that says why and asks again ``retry`` seconds later.
     Answering it records the host's last boot (time and version), unless ``record=false``
     (``blockprov host script`` shows an operator the script without it counting as a boot)."""
     svc = Service.of(request)
@@ -119,6 +125,11 @@ async def boot_script(host: str, request: Request, base: str | None = None, reco
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
+        if e.http_status in (404, 409) and request.headers.get("user-agent", "").startswith("iPXE/"):
+            if not 1 <= retry <= 3600:
+                raise UsageError(f"retry={retry}: expected 1 to 3600 seconds") from None
+            return PlainTextResponse(boot.retry_script(f"{e} [{e.http_status}]", str(request.url), retry),
+                                     headers={"cache-control": "no-store", "x-blockprov-error": type(e).__name__})
         return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
     return PlainTextResponse(text, headers={"cache-control": "no-store"})
 

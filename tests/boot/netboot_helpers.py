@@ -1,0 +1,178 @@
+"""Helpers of the network-boot tests and of bench/bench_netboot.py: one network boot of a PC (qemu
+TCG with a virtio disk and the NIC's own iPXE ROM, bounded), what the repository sent, host
+assignment, v2 of the test image, and the chunk map a PC's disk holds.
+
+Why a module and not conftest: bench/bench_netboot.py boots the PC exactly as the tests do and
+imports these functions (the benchmark is no pytest run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests import bootvm
+from tests.conftest import require_tool, run_cli
+
+MAC = "52:54:00:12:34:5a"
+IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian ipxe-qemu: qemu loads it for virtio-net-pci
+BOOT_TIMEOUT = 300.0
+# console lines whose arrival netboot() times: the firmware's fetch of the boot files is done when
+# the initramfs starts; the agent serves the root; the image's own init runs
+MILESTONES = ("blockprov: initramfs started", "blockprov: /dev/nbd0 serving", "BLOCKPROV-INIT")
+
+
+@dataclass
+class NetBoot:
+    console: str
+    seconds: float
+    done: dict[str, str]
+    sent_at_init: int | None  # chunks the repository had sent when the image's own init started
+    seen: dict[str, float] = field(default_factory=dict)  # MILESTONES: seconds from qemu's start (±0.5 s)
+
+    @property
+    def check(self) -> str | None:
+        m = re.search(r"BP-CHECK (\w+)", self.console)
+        return m.group(1) if m else None
+
+    def number(self, pattern: str) -> int:
+        m = re.search(pattern, self.console)
+        assert m, f"no {pattern!r} on the console:\n{self.tail()}"
+        return int(m.group(1))
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join([ln for ln in self.console.splitlines() if not ln.startswith("[")][-n:])
+
+
+def chunks_served(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(r"^blockprov_chunks_served_total (\S+)$", text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
+def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC,
+            until: str | None = None, action: Callable[[], object] | None = None, memory: str = "1024",
+            watch: Callable[[str], object] | None = None, query: str = "", count: bool = True) -> NetBoot:
+    """One network boot of the PC; bounded (qemu is killed at ``timeout``). With ``until``: once
+    the console shows that text, ``action()`` runs while the machine is up, then qemu is killed.
+    ``disk`` None: a diskless PC. ``watch(console_text)`` is called at every poll (a test reacts
+    to the console, e.g. starts the repository late). ``query``: appended to the boot URL (``?retry=5``).
+    ``count`` False: the repository's /metrics is not read (it needs a token where tokens are enforced).
+
+    The firmware's own messages (SeaBIOS, iPXE) reach the serial console too: SeaBIOS mirrors its
+    text console to the port named by the fw_cfg file ``etc/sercon-port`` (0x3f8, ttyS0)."""
+    port = url.rsplit(":", 1)[1]
+    console.unlink(missing_ok=True)
+    sercon = console.with_name("sercon-port")
+    sercon.write_bytes((0x3F8).to_bytes(2, "little"))
+    cmd = [require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", "-m", memory, "-display", "none",
+           "-monitor", "none", "-serial", f"file:{console}", "-no-reboot", "-vga", "none",
+           "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
+           "-netdev", f"user,id=n,bootfile=http://10.0.2.2:{port}/v1/boot/{mac}{query}",
+           # bootindex makes SeaBIOS run the NIC's iPXE ROM first (tests/interop/test_remote_boot.py)
+           "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex=1"]
+    if disk is not None:
+        cmd += ["-drive", f"file={disk},format=raw,if=virtio,cache=writeback"]
+    t0 = time.monotonic()
+    qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    text = ""
+    at_init = None
+    seen: dict[str, float] = {}
+    try:
+        while time.monotonic() - t0 < timeout and qemu.poll() is None:
+            text = console.read_text(errors="replace") if console.exists() else ""
+            for m in MILESTONES:
+                if m not in seen and m in text:
+                    seen[m] = time.monotonic() - t0
+            if watch is not None:
+                watch(text)
+            if count and at_init is None and "BLOCKPROV-INIT" in text:
+                at_init = chunks_served(url)
+            if until is not None and until in text:
+                if action is not None:
+                    action()
+                break
+            if bootvm.MARKER in text or bootvm.FAIL_MARKER in text or "BLOCKPROV-NETBOOT-FAIL" in text:
+                break
+            time.sleep(0.5)
+        seconds = time.monotonic() - t0
+        if bootvm.MARKER in text:  # the guest powers off right after the marker
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                qemu.wait(timeout=30)
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+        qemu.wait(timeout=30)
+    text = console.read_text(errors="replace") if console.exists() else ""
+    m = re.search(re.escape(bootvm.MARKER) + r"(.*)$", text, re.M)
+    done = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv) if m else {}
+    return NetBoot(console=text, seconds=seconds, done=done, sent_at_init=at_init, seen=seen)
+
+
+def admin_version(image: Path, tmp_path: Path) -> Path:
+    """v2 of the test image: the administrator's sanctioned change (bootimage's ``admin`` mode),
+    made offline with debugfs — a new file, and the golden list that knows it."""
+    v2 = tmp_path / "v2.raw"
+    subprocess.run(["cp", "--sparse=always", str(image), str(v2)], check=True, timeout=120)
+    debugfs = require_tool("debugfs")
+    golden = subprocess.run([debugfs, "-R", "cat /etc/bp-golden.sha256", str(v2)], capture_output=True,
+                            check=True, timeout=60).stdout.decode()
+    content = bootvm.bootimage.ADMIN_CHANGE_CONTENT.encode()
+    lines = [ln for ln in golden.splitlines() if ln.strip()]
+    lines.append(f"{hashlib.sha256(content).hexdigest()}  .{bootvm.bootimage.ADMIN_CHANGE_PATH}")
+    (tmp_path / "admin").write_bytes(content)
+    (tmp_path / "golden").write_text("".join(ln + "\n" for ln in sorted(lines, key=lambda ln: ln.split()[1])))
+    (tmp_path / "cmds").write_text(f"write {tmp_path / 'admin'} {bootvm.bootimage.ADMIN_CHANGE_PATH}\n"
+                                   "rm /etc/bp-golden.sha256\n"
+                                   f"write {tmp_path / 'golden'} /etc/bp-golden.sha256\n")
+    subprocess.run([debugfs, "-w", "-f", str(tmp_path / "cmds"), str(v2)], capture_output=True, check=True,
+                   timeout=60)
+    return v2
+
+
+def assign(url: str, mode: str, policy: str, ref: str = "bootlab:v1", hydrate: str = "off", mac: str = MAC,
+           readahead: str | None = "0", extra: str = "") -> None:
+    """``host assign`` with the test image's ``bp.mode``. ``readahead`` 0 (the tests' default): the
+    agent fetches exactly what the guest reads, so the tests' counts are exact; None: the agent's
+    default (the benchmark). ``extra``: more kernel arguments."""
+    args = ["quiet", "panic=-1", *([f"blockprov.readahead={readahead}"] if readahead is not None else []),
+            f"bp.mode={mode}", *extra.split()]
+    run_cli("--repo", url, "host", "assign", mac, ref, "--policy", policy, "--hydrate", hydrate,
+            "--args", " ".join(args))
+
+
+def blank_disk(path: Path, size: int = 2 << 30) -> Path:
+    """A blank (sparse) disk for the PC: by default the tests' 2 GiB."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def cache_of(disk: Path, tmp_path: Path) -> tuple[Any, int]:
+    """The chunk map the PC's disk holds (its metadata partition's cache directory, replayed as an
+    agent would, nothing written) and the byte offset of its data partition."""
+    from blockprov.cache.journal import load
+    from blockprov.netboot import disk as layout
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    meta = tmp_path / "meta.img"
+    with open(disk, "rb") as src, open(meta, "wb") as dst:
+        src.seek(layout.START)
+        dst.write(src.read(layout.META_BYTES))
+    # replay the file system's journal as the kernel's mount would (debugfs reads without it)
+    fsck = subprocess.run([require_tool("e2fsck"), "-fy", str(meta)], capture_output=True, timeout=120)
+    assert fsck.returncode in (0, 1), fsck.stdout
+    out = tmp_path / "meta"
+    out.mkdir()
+    subprocess.run([require_tool("debugfs"), "-R", f"rdump /cache {out}", str(meta)], capture_output=True,
+                   check=True, timeout=60)
+    return load(out / "cache"), layout.START + layout.META_BYTES
