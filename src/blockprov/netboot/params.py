@@ -4,7 +4,11 @@
 ``blockprov.host``, ``blockprov.disk`` (a disk name, e.g. ``vda``; it may name a disk holding a
 foreign file system), ``blockprov.policy`` (``restore``: reboot-to-restore, ``keep``: the disk keeps
 its changes) and ``blockprov.hydrate`` (``background``, ``before-boot``, ``off``), ``blockprov.readahead`` (the
-agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads).
+agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads),
+``blockprov.reserve`` (the golden reserve's size, e.g. ``256M``, used when the disk is initialized:
+netboot/disk.py), ``blockprov.offline_after`` (seconds the agent waits for an unreachable
+repository before it boots from what the disk holds; 0: at once) and ``blockprov.from=disk``
+(added by the disk's own boot loader, netboot/loader.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,17 @@ def check_params(params: dict[str, str]) -> None:
         raise NetbootError(f"blockprov.policy={params['policy']}: expected one of {', '.join(POLICIES)}")
     if params.get("hydrate", "background") not in HYDRATE:
         raise NetbootError(f"blockprov.hydrate={params['hydrate']}: expected one of {', '.join(HYDRATE)}")
+    if "reserve" in params:
+        try:
+            parse_size(params["reserve"])
+        except ValueError:
+            raise NetbootError(f"blockprov.reserve={params['reserve']}: expected a size such as 256M") from None
+    if "offline_after" in params:
+        try:
+            if float(params["offline_after"]) < 0:
+                raise ValueError
+        except ValueError:
+            raise NetbootError(f"blockprov.offline_after={params['offline_after']}: expected seconds (>= 0)") from None
     if "readahead" in params:
         try:
             parse_size(params["readahead"])
