@@ -29,7 +29,9 @@ Offline (issue 13 item 4). The disk carries a golden reserve (cache/reserve.py: 
 of each chunk, kept before its first overwrite) and its own boot loader, kernel and initramfs
 (netboot/loader.py: written after the first provisioning and whenever the version's boot files
 or the command line change — before the boot under ``hydrate=before-boot``, in the background
-otherwise). When the repository does not answer, and the disk holds blockprov's cache, the
+otherwise; ``blockprov.loader=off`` leaves it as it is for one boot — a one-off session, say an
+administrator's, whose command line must not become what the PC boots offline). When the
+repository does not answer, and the disk holds blockprov's cache, the
 agent waits ``blockprov.offline_after`` seconds (OFFLINE_AFTER by default) and then boots from
 what the disk holds — the version, manifest and policy of the last boot (the manifest is in the
 cache directory; the policy is on the command line, which the disk's loader carries) — saying
@@ -264,7 +266,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
             await asyncio.sleep(0.5)
         counts = dev.chunk_map.counts()
         say(f"hydrated before the boot: {counts['total'] - counts['missing']}/{counts['total']} chunks local")
-    if not offline:
+    if not offline and params.get("loader") != "off":
         job = threading.Thread(target=write_loader, args=(params, m, d, say), daemon=True, name="loader")
         job.start()
         if hydrate == "before-boot":  # the FOG model: everything on the disk before the boot, the loader too
@@ -301,8 +303,9 @@ async def restore_from_reserve(dev: CacheDevice, reserve: Reserve, session: list
     if todo:
         await dev.fetch_chunks(todo)
     left = [c for c in session if not fl[c] & (PRESENT | ZERO)]
-    restored = len(todo) - sum(1 for c in todo if not fl[c] & (PRESENT | ZERO))
-    say(f"restored {restored} of {len(session)} changed chunk(s) from the disk's golden reserve; "
+    kept = len(todo) - sum(1 for c in todo if not fl[c] & (PRESENT | ZERO))
+    say(f"restored {len(session) - len(left)} of {len(session)} changed chunk(s): {kept} from the disk's "
+        f"golden reserve, {len(session) - len(left) - kept} all-zero in the image; "
         f"{len(left)} left for the repository")
     if offline and left:
         spans = ", ".join(f"{x}" if y == x + 1 else f"{x}-{y - 1}" for x, y in runs(left))

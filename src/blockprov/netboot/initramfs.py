@@ -19,8 +19,9 @@ What goes in, and why each piece:
 * ``mke2fs`` (e2fsprogs, with its libraries and ``/etc/mke2fs.conf``): the disk's metadata file
   system is a journaled ext4 (netboot/disk.py says why);
 * the disk's own boot loader (netboot/loader.py): ``mkfs.fat`` (dosfstools), ``syslinux`` and
-  ``mtools`` (as ``mcopy`` and ``mattrib``, which ``syslinux --install`` runs) and syslinux's
-  ``mbr.bin`` (syslinux-common), so a machine can write the loader that boots it offline;
+  ``mtools`` (as ``mcopy`` and ``mattrib``, which ``syslinux --install`` runs; with glibc's iconv
+  module for codepage 850, which mtools needs for short names) and syslinux's ``mbr.bin``
+  (syslinux-common), so a machine can write the loader that boots it offline;
 * ``/init``: a few lines of busybox sh that mount /proc, /sys, /dev and exec python3 on
   netboot/machine.py, which does the rest.
 
@@ -54,6 +55,9 @@ LOADER_TOOLS = ((("/usr/sbin/mkfs.fat", "/sbin/mkfs.fat"), "usr/sbin/mkfs.fat", 
                 (("/usr/bin/mtools",), "usr/bin/mtools", "mtools"),
                 (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"))
 MTOOLS_LINKS = ("mcopy", "mattrib")
+# mtools converts short names through iconv's codepage 850: glibc's converter and its module lists
+GCONV = Path("/usr/lib/x86_64-linux-gnu/gconv")
+GCONV_FILES = ("IBM850.so", "gconv-modules", "gconv-modules.cache")
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "nvme", "e1000", "e1000e",
            "nbd", "crc32c_generic", "ext4")  # plus their dependencies; missing ones are skipped (built in)
 NEEDED_MODULES = ("nbd", "ext4")  # the build fails without these
@@ -378,6 +382,9 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
             loader_bins.append(str(tool))
     for link in MTOOLS_LINKS:
         a.symlink(f"usr/bin/{link}", "mtools")
+    for conv in [*(GCONV / n for n in GCONV_FILES), *sorted((GCONV / "gconv-modules.d").glob("*.conf"))]:
+        if conv.exists():
+            a.file(in_usr(str(conv)), _read(conv, "glibc's iconv module"), 0o644, "boot loader")
     mods = module_order(modules_dir)
     for m in mods:
         a.file(f"{MOD_DIR}/{m.name}", _read(m, "kernel module"), 0o644, "kernel modules")

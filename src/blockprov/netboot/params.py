@@ -7,8 +7,9 @@ its changes) and ``blockprov.hydrate`` (``background``, ``before-boot``, ``off``
 agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads),
 ``blockprov.reserve`` (the golden reserve's size, e.g. ``256M``, used when the disk is initialized:
 netboot/disk.py), ``blockprov.offline_after`` (seconds the agent waits for an unreachable
-repository before it boots from what the disk holds; 0: at once) and ``blockprov.from=disk``
-(added by the disk's own boot loader, netboot/loader.py).
+repository before it boots from what the disk holds; 0: at once) ``blockprov.loader=off``
+(this boot leaves the disk's boot loader as it is) and ``blockprov.from=disk`` (added by the
+disk's own boot loader, netboot/loader.py).
 """
 
 from __future__ import annotations
