@@ -29,7 +29,8 @@ Offline (issue 13 item 4). The disk carries a golden reserve (cache/reserve.py: 
 of each chunk, kept before its first overwrite) and its own boot loader, kernel and initramfs
 (netboot/loader.py: written after the first provisioning and whenever the version's boot files
 or the command line change — before the boot under ``hydrate=before-boot``, in the background
-otherwise; ``blockprov.loader=off`` leaves it as it is for one boot — a one-off session, say an
+otherwise, once the background copy is complete, at the lowest CPU priority;
+``blockprov.loader=off`` leaves it as it is for one boot — a one-off session, say an
 administrator's, whose command line must not become what the PC boots offline). When the
 repository does not answer, and the disk holds blockprov's cache, the
 agent waits ``blockprov.offline_after`` seconds (OFFLINE_AFTER by default) and then boots from
@@ -216,7 +217,8 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     version the disk holds — until the agent is stopped."""
     offline = manifest is None
     policy, hydrate = params.get("policy", "keep"), params.get("hydrate", "background")
-    reserve = open_reserve(d, say)
+    # the golden reserve serves ``restore``: a ``keep`` disk never goes back to the base (and saves the copies)
+    reserve = open_reserve(d, say) if policy == "restore" else None
     config = AgentConfig(cache_dir=META_MOUNT / "cache", socket=SOCKET, data_path=d.data,
                          readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
                          reset_on_start=policy == "restore", hydrate=hydrate != "off" and not offline,
@@ -267,7 +269,9 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         counts = dev.chunk_map.counts()
         say(f"hydrated before the boot: {counts['total'] - counts['missing']}/{counts['total']} chunks local")
     if not offline and params.get("loader") != "off":
-        job = threading.Thread(target=write_loader, args=(params, m, d, say), daemon=True, name="loader")
+        hydrator = agent.ops.hydrator
+        job = threading.Thread(target=write_loader, args=(params, m, d, say, lambda: hydrator is not None and
+                                                          hydrator.running), daemon=True, name="loader")
         job.start()
         if hydrate == "before-boot":  # the FOG model: everything on the disk before the boot, the loader too
             await asyncio.get_running_loop().run_in_executor(None, job.join)
@@ -314,9 +318,16 @@ async def restore_from_reserve(dev: CacheDevice, reserve: Reserve, session: list
             "— their reads fail with EIO until the repository is back")
 
 
-def write_loader(params: dict[str, str], m: Manifest, d: disk.Disk, say: Any) -> None:
+def write_loader(params: dict[str, str], m: Manifest, d: disk.Disk, say: Any, hydrating: Any) -> None:
     """Thread: the disk's own boot loader, kernel and initramfs, when missing or out of date
-    (netboot/loader.py); a failure is a warning (the machine still boots from the network)."""
+    (netboot/loader.py); a failure is a warning (the machine still boots from the network).
+    It runs at the lowest CPU priority (its tools inherit it), and after the background copy of
+    the image is complete (``hydrating()`` false): until then the disk could not run offline
+    anyway, and the user's first minutes and the copy go first."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    while hydrating():
+        time.sleep(2.0)
     repo = RemoteRepository(params["repo"], timeout=60.0)
     ref = f"{m.image}@{m.id}"
     try:
