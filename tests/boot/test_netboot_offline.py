@@ -11,12 +11,17 @@ SeaBIOS falls through to the disk, syslinux starts the blockprov initramfs, the 
 ``blockprov.offline_after`` seconds for the repository, boots OFFLINE from what the disk holds,
 restores the session's chunks from the golden reserve, and the guest's check passes.
 
-Wall time: three TCG boots (the first copies the 1 GiB test image and writes ~45 MB of boot files).
+A second, fast test holds SeaBIOS to the loader's crash rule: a disk whose loader is not complete
+(never written, or being rewritten) is passed over.
+
+Wall time: three TCG boots (the first copies the 1 GiB test image and writes ~23 MB of boot files),
+then two firmware-only boots of a few seconds.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +29,7 @@ import pytest
 
 from tests import bootvm
 from tests.boot.test_netboot import IPXE_ROM, MAC, blank_disk, cache_of, netboot
-from tests.conftest import run_cli
+from tests.conftest import require_tool, run_cli
 from tests.procs import Proc, start_server
 
 pytestmark = pytest.mark.interop
@@ -81,3 +86,28 @@ def test_hydrated_pc_boots_offline_from_its_disk_pristine(offrepo: tuple[Proc, s
     assert f"restored {changed} of {changed} changed chunk(s): " in offline.console, offline.tail()
     assert "; 0 left for the repository" in offline.console, offline.tail()
     assert offline.check == "OK", offline.tail()  # the dirty change is gone
+
+
+@pytest.mark.parametrize("state", ["no loader yet", "loader being rewritten"])
+def test_the_firmware_passes_over_a_disk_whose_loader_is_not_complete(state: str, tmp_path: Path) -> None:
+    """netboot/loader.py's crash rule, against SeaBIOS itself: a disk made by ``initialize`` (boot
+    code ``int 0x18``) or whose boot partition is being rewritten (syslinux's mbr.bin, partition 1
+    not active) is passed over — the firmware goes on to its next boot device (here none, so it
+    says so and reboots, which ends qemu) instead of running a half-written loader."""
+    from blockprov.netboot import disk as layout
+    from blockprov.netboot import loader
+
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(512 << 20)
+        code = layout.NO_LOADER if state == "no loader yet" else loader.MBR_BIN.read_bytes()[:440]
+        f.write(layout.mbr(2 << 30, 1 << 20, code=code, active=False))
+    log = tmp_path / "seabios.log"
+    subprocess.run([require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", "-m", "128", "-display", "none",
+                    "-monitor", "none", "-no-reboot", "-nic", "none", "-boot", "reboot-timeout=1000",
+                    "-drive", f"file={image},format=raw,if=virtio", "-debugcon", f"file:{log}",
+                    "-global", "isa-debugcon.iobase=0x402"], timeout=120, check=False, capture_output=True)
+    text = log.read_text(errors="replace")
+    assert "Booting from Hard Disk..." in text, text[-2000:]
+    after = text.split("Booting from Hard Disk...", 1)[1]
+    assert "No bootable device." in after, text[-2000:]  # it went on past the disk

@@ -29,8 +29,10 @@ def test_cmdline_words() -> None:
     assert p == {"repo": "http://10.0.2.2:8420", "image": "lab@abc", "host": "52:54:00:12:34:56",
                  "policy": "restore"}
     check_params(p)
+    check_params(p | {"reserve": "256M", "offline_after": "4", "loader": "off", "from": "disk"})
     for bad, why in (({"image": "a@b"}, "blockprov.repo"), (p | {"policy": "wipe"}, "expected one of"),
-                     (p | {"hydrate": "soon"}, "before-boot"), (p | {"readahead": "lots"}, "4M")):
+                     (p | {"hydrate": "soon"}, "before-boot"), (p | {"readahead": "lots"}, "4M"),
+                     (p | {"reserve": "big"}, "256M"), (p | {"offline_after": "-1"}, "seconds")):
         with pytest.raises(NetbootError, match=why):
             check_params(bad)
     assert instance_name("52:54:00:12:34:56") == "pc-52-54-00-12-34-56"
