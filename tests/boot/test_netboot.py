@@ -30,7 +30,7 @@ from tests import bootvm
 from tests.conftest import require_tool, run_cli
 from tests.procs import start_server
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]  # several TCG boots, on a shared, loaded machine
 
 MAC = "52:54:00:12:34:5a"
 IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian ipxe-qemu: qemu loads it for virtio-net-pci

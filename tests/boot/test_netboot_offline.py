@@ -32,7 +32,7 @@ from tests.boot.test_netboot import IPXE_ROM, MAC, blank_disk, cache_of, netboot
 from tests.conftest import require_tool, run_cli
 from tests.procs import Proc, start_server
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]  # several TCG boots, on a shared, loaded machine
 
 OFFLINE_AFTER = 4  # seconds the agent waits for the repository before it boots from the disk
 

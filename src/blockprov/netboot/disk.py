@@ -94,13 +94,17 @@ SIGNATURES: tuple[tuple[str, int, bytes], ...] = (
 class Disk:
     name: str  # vda, sda, nvme0n1
     size: int
+    dev_dir: str = "/dev"  # another directory of device nodes (the agent's own after the root switch)
 
     @property
     def path(self) -> str:
-        return f"/dev/{self.name}"
+        return f"{self.dev_dir}/{self.name}"
+
+    def part_name(self, n: int) -> str:
+        return f"{self.name}{'p' if self.name[-1].isdigit() else ''}{n}"
 
     def part(self, n: int) -> str:
-        return f"/dev/{self.name}{'p' if self.name[-1].isdigit() else ''}{n}"
+        return f"{self.dev_dir}/{self.part_name(n)}"
 
     @property
     def boot(self) -> str:

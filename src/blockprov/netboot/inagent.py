@@ -28,8 +28,8 @@ kills it. It:
 Offline (issue 13 item 4). The disk carries a golden reserve (cache/reserve.py: the base content
 of each chunk, kept before its first overwrite) and its own boot loader, kernel and initramfs
 (netboot/loader.py: written after the first provisioning and whenever the version's boot files
-or the command line change — before the boot under ``hydrate=before-boot``, in the background
-otherwise, once the background copy is complete, at the lowest CPU priority;
+or the command line change, once the disk holds the whole image — before the boot under
+``hydrate=before-boot``, in the background once the background copy is complete otherwise;
 ``blockprov.loader=off`` leaves it as it is for one boot — a one-off session, say an
 administrator's, whose command line must not become what the PC boots offline). When the
 repository does not answer, and the disk holds blockprov's cache, the
@@ -270,8 +270,10 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         say(f"hydrated before the boot: {counts['total'] - counts['missing']}/{counts['total']} chunks local")
     if not offline and params.get("loader") != "off":
         hydrator = agent.ops.hydrator
-        job = threading.Thread(target=write_loader, args=(params, m, d, say, lambda: hydrator is not None and
-                                                          hydrator.running), daemon=True, name="loader")
+        cmdline = Path("/proc/cmdline").read_text()  # /proc, /sys and /dev move into the new root
+        job = threading.Thread(target=write_loader, daemon=True, name="loader", args=(
+            params, cmdline, m, d, loader.node_numbers(d), say,
+            lambda: hydrator is not None and hydrator.running, lambda: dev.chunk_map.counts()["missing"]))
         job.start()
         if hydrate == "before-boot":  # the FOG model: everything on the disk before the boot, the loader too
             await asyncio.get_running_loop().run_in_executor(None, job.join)
@@ -318,16 +320,30 @@ async def restore_from_reserve(dev: CacheDevice, reserve: Reserve, session: list
             "— their reads fail with EIO until the repository is back")
 
 
-def write_loader(params: dict[str, str], m: Manifest, d: disk.Disk, say: Any, hydrating: Any) -> None:
+def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk,
+                 nodes: dict[str, tuple[int, int]], say: Any, hydrating: Any, missing: Any) -> None:
     """Thread: the disk's own boot loader, kernel and initramfs, when missing or out of date
     (netboot/loader.py); a failure is a warning (the machine still boots from the network).
-    It runs at the lowest CPU priority (its tools inherit it), and after the background copy of
-    the image is complete (``hydrating()`` false): until then the disk could not run offline
-    anyway, and the user's first minutes and the copy go first."""
+
+    Only a disk that holds the whole image gets one (a disk that cannot run offline should not
+    pretend to): it waits for the background copy (``hydrating()``), then checks ``missing()``
+    — under ``hydrate=off`` there is usually no loader. It runs at the lowest CPU priority (its
+    tools inherit it), through device nodes of its own (after the root switch the agent's root,
+    the initramfs, has no /dev)."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     while hydrating():
         time.sleep(2.0)
+    left = missing()
+    if left:
+        say(f"the disk lacks {left} chunk(s) of the image: no boot loader written (the disk cannot boot "
+            "offline; blockprov.hydrate=background or before-boot copies the whole image)")
+        return
+    try:
+        d = loader.private_disk(d, nodes, RUN / "dev")
+    except OSError as e:
+        say(f"warning: the disk's boot loader was not written: device nodes: {e}")
+        return
     repo = RemoteRepository(params["repo"], timeout=60.0)
     ref = f"{m.image}@{m.id}"
     try:
@@ -335,7 +351,7 @@ def write_loader(params: dict[str, str], m: Manifest, d: disk.Disk, say: Any, hy
         if info is None:
             say(f"warning: {ref} has no boot files: the disk gets no boot loader (no offline boot)")
             return
-        want = loader.wanted(info.kernel.id, info.initrd.id, Path("/proc/cmdline").read_text())
+        want = loader.wanted(info.kernel.id, info.initrd.id, cmdline)
         if loader.installed(d, META_MOUNT) == want:
             return
         kernel, initrd = repo.boot_file(ref, "kernel"), repo.boot_file(ref, "initrd")

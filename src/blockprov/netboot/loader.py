@@ -1,8 +1,8 @@
 """The disk's own boot loader: a PC whose network boot fails boots from its disk (offline).
 
-At first provisioning, and again whenever the version's kernel or initramfs or the machine's
-command line change, the in-machine agent (netboot/inagent.py) writes onto partition 1 of its
-disk (netboot/disk.py's layout):
+Once the disk holds the whole image (at first provisioning), and again whenever the version's
+kernel or initramfs or the machine's command line change, the in-machine agent
+(netboot/inagent.py) writes onto partition 1 of its disk (netboot/disk.py's layout):
 
 * a FAT16 file system (``mkfs.fat``) with SYSLINUX installed in it (``syslinux --install``, which
   writes ``ldlinux.sys`` and ``ldlinux.c32`` through mtools: no mount, no vfat module needed);
@@ -51,6 +51,28 @@ MCOPY = "mcopy"
 RECORD = "loader.json"
 FROM_DISK = "blockprov.from=disk"
 DROP = ("initrd=", "BOOT_IMAGE=", "blockprov.from=")  # words the loader gives or the network boot had
+
+
+def node_numbers(d: disk.Disk, sys_block: Path = Path("/sys/class/block")) -> dict[str, tuple[int, int]]:
+    """(major, minor) of the disk and its boot partition, read while /sys is there (before PID 1
+    moves it into the new root: the agent, whose root stays the initramfs, then has no /sys nor /dev)."""
+    out = {}
+    for name in (d.name, d.part_name(1)):
+        major, minor = (sys_block / name / "dev").read_text().strip().split(":")
+        out[name] = (int(major), int(minor))
+    return out
+
+
+def private_disk(d: disk.Disk, numbers: dict[str, tuple[int, int]], where: Path) -> disk.Disk:
+    """``d`` seen through device nodes of its own in ``where`` (made here: the agent is root)."""
+    import stat
+
+    where.mkdir(parents=True, exist_ok=True)
+    for name, (major, minor) in numbers.items():
+        node = where / name
+        if not node.exists():
+            os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(major, minor))
+    return disk.Disk(d.name, d.size, str(where))
 
 
 def offline_cmdline(cmdline: str) -> str:
