@@ -356,8 +356,8 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
             return
         kernel, initrd = repo.boot_file(ref, "kernel"), repo.boot_file(ref, "initrd")
         loader.install(d, META_MOUNT, kernel, initrd, want, RUN / "loader")
-        say(f"boot loader written to {d.boot}: kernel {len(kernel) >> 10} KiB, initramfs {len(initrd) >> 10} KiB "
-            "(the disk boots by itself when the network boot fails)")
+        say(f"boot loader written to {d.part_name(1)}: kernel {len(kernel) >> 10} KiB, "
+            f"initramfs {len(initrd) >> 10} KiB (the disk boots by itself when the network boot fails)")
     except (BlockprovError, OSError) as e:
         say(f"warning: the disk's boot loader was not written: {e}")
     finally:
