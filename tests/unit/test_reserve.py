@@ -91,6 +91,7 @@ def test_a_full_reserve_falls_back_to_the_repository_and_offline_fails_with_eio(
         for c in (3, 4, 5, 6):
             await dev.write(c * CS, b"user data")
         assert reserve.kept == 2 and reserve.full == 2
+        assert dev.status()["reserve_full"] == 2 and dev.status()["reserve_slots"] == 2
         await dev.reset()
         await dev.settle()  # the reset's hole punching done: what is read back is kept again
         repo.unreachable = True

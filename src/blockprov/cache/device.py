@@ -750,6 +750,7 @@ class CacheDevice:
             "verified_chunks": self.verified_chunks,
             "dropped_chunks": self.dropped_chunks,
             **self._counters().to_dict(),
+            **(self.reserve.status() if self.reserve is not None else {}),
         }
 
     # -- fills (called by the chunk source) ---------------------------------------------------
