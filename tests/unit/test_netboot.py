@@ -29,8 +29,10 @@ def test_cmdline_words() -> None:
     assert p == {"repo": "http://10.0.2.2:8420", "image": "lab@abc", "host": "52:54:00:12:34:56",
                  "policy": "restore"}
     check_params(p)
+    check_params(p | {"reserve": "256M", "offline_after": "4", "loader": "off", "from": "disk"})
     for bad, why in (({"image": "a@b"}, "blockprov.repo"), (p | {"policy": "wipe"}, "expected one of"),
-                     (p | {"hydrate": "soon"}, "before-boot"), (p | {"readahead": "lots"}, "4M")):
+                     (p | {"hydrate": "soon"}, "before-boot"), (p | {"readahead": "lots"}, "4M"),
+                     (p | {"reserve": "big"}, "256M"), (p | {"offline_after": "-1"}, "seconds")):
         with pytest.raises(NetbootError, match=why):
             check_params(bad)
     assert instance_name("52:54:00:12:34:56") == "pc-52-54-00-12-34-56"
@@ -48,30 +50,42 @@ def test_identify_disks() -> None:
     assert disk.identify(_head((1080, b"\x53\xef"))) == "ext2/3/4"
     assert disk.identify(_head((512, b"EFI PART"), (510, b"\x55\xaa"))) == "gpt"
     assert disk.identify(_head((4086, b"SWAPSPACE2"))) == "swap"
-    ours = _head((0, disk.mbr(2 << 30)), (512, disk.label({"image": "lab"})))
+    ours = _head((0, disk.mbr(2 << 30, MiB)), (512, disk.label({"image": "lab"})))
     assert disk.identify(ours) == "blockprov" and disk.read_label(ours) == {"image": "lab"}
+    # the first layout (label version 1): recognised, to be re-initialized knowingly
+    old = _head((0, disk.mbr(2 << 30, MiB)), (512, disk.LABEL_MAGIC + struct.pack("<I", 1) + b"{}"))
+    assert disk.identify(old) == "blockprov-old"
     # our partition table alone (a setup cut short before the label): not trusted, set up again
-    assert disk.identify(_head((0, disk.mbr(2 << 30)))) == "blank"
+    assert disk.identify(_head((0, disk.mbr(2 << 30, MiB)))) == "blank"
     assert disk.identify(_head((510, b"\x55\xaa"))) == "mbr"
 
 
 def test_mbr_layout() -> None:
     size = 2 << 30
-    m = disk.mbr(size)
+    reserve = disk.reserve_bytes(size, 1 << 30, None)
+    assert reserve == 128 * MiB  # 1/8 of the image
+    assert disk.reserve_bytes(size, 1 << 30, 4 << 30) == size - disk.FIXED - (1 << 30)  # what the disk has
+    assert disk.reserve_bytes(size, size - disk.FIXED - MiB, None) == MiB  # never less than 1 MiB
+    m = disk.mbr(size, reserve)
     assert len(m) == 512 and m[510:] == b"\x55\xaa" and m[440:444] == disk.DISK_SIGNATURE
-    p1 = struct.unpack_from("<B3sB3sII", m, 446)
-    p2 = struct.unpack_from("<B3sB3sII", m, 462)
-    assert (p1[2], p1[4] * 512, p1[5] * 512) == (disk.TYPE_META, disk.START, disk.META_BYTES)
-    assert (p2[2], p2[4] * 512) == (disk.TYPE_DATA, disk.START + disk.META_BYTES)
-    assert (p2[4] + p2[5]) * 512 == size
+    assert m.startswith(disk.NO_LOADER)  # no loader yet: the firmware is sent on (int 0x18)
+    parts = disk.partitions(m)
+    assert parts == [(disk.TYPE_BOOT, disk.START, disk.BOOT_BYTES, False),
+                     (disk.TYPE_META, disk.START + disk.BOOT_BYTES, disk.META_BYTES, False),
+                     (disk.TYPE_RESERVE, disk.FIXED, reserve, False),
+                     (disk.TYPE_DATA, disk.FIXED + reserve, size - disk.FIXED - reserve, False)]
+    booting = disk.with_boot(m, code=b"\xfa" * 440, active=True)
+    assert disk.partitions(booting)[0][3] and booting[:440] == b"\xfa" * 440
+    assert booting[440:446] == m[440:446] and booting[447:] == m[447:]  # only the code and the flag change
     d = disk.Disk("vda", size)
-    assert (d.meta, d.data, d.data_bytes) == ("/dev/vda1", "/dev/vda2", p2[5] * 512)
-    assert disk.Disk("nvme0n1", size).data == "/dev/nvme0n1p2"
+    assert (d.boot, d.meta, d.reserve, d.data) == ("/dev/vda1", "/dev/vda2", "/dev/vda3", "/dev/vda4")
+    assert d.data_bytes == size - disk.FIXED - MiB
+    assert disk.Disk("nvme0n1", size).data == "/dev/nvme0n1p4"
 
 
 def test_choose_disk() -> None:
     heads = {"/dev/vda": _head((1080, b"\x53\xef")), "/dev/vdb": _head(), "/dev/vdc": _head(),
-             "/dev/vdd": _head((512, disk.LABEL_MAGIC))}
+             "/dev/vdd": _head((512, disk.label({})))}
     small, foreign, blank, ours = (disk.Disk("vdc", 100 * MiB), disk.Disk("vda", 4 << 30),
                                    disk.Disk("vdb", 4 << 30), disk.Disk("vdd", 4 << 30))
     assert disk.choose([foreign, blank, small], 1 << 30, None, heads.__getitem__) == (blank, "blank")
@@ -165,3 +179,47 @@ def test_module_order_and_archive(tmp_path: Path) -> None:
     assert initramfs.archive_name("/v/lib/python3.11/site-packages/httpx/_api.py",
                                   ["/v/lib/python3.11/site-packages", "/src"]) == "usr/lib/blockprov/httpx/_api.py"
     assert gzip.decompress(gzip.compress(data)) == data
+
+
+def test_loader_command_line_and_config() -> None:
+    from blockprov.netboot import loader
+
+    net = "console=ttyS0 quiet initrd=initrd.img blockprov.repo=http://r blockprov.policy=restore BOOT_IMAGE=x"
+    off = loader.offline_cmdline(net)
+    assert off == "console=ttyS0 quiet blockprov.repo=http://r blockprov.policy=restore blockprov.from=disk"
+    assert loader.offline_cmdline(off) == off  # booted from the disk: the same line, so no rewrite
+    assert loader.wanted("k", "i", net) == loader.wanted("k", "i", off)
+    cfg = loader.syslinux_cfg(off)
+    assert "KERNEL vmlinuz" in cfg and "INITRD initrd.img" in cfg and f"APPEND {off}\n" in cfg
+
+
+def test_loader_install_sets_the_active_flag_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """netboot/loader.py on files standing in for the disk and its boot partition: a complete
+    install leaves partition 1 active with syslinux's MBR code and the record written; one that
+    fails half-way leaves the flag off (the firmware passes the disk over) and no record."""
+    from blockprov.netboot import loader
+    from tests.conftest import require_tool
+
+    for tool in ("mkfs.fat", "syslinux", "mcopy"):
+        require_tool(tool)
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    d = disk.Disk("vda", 2 << 30, str(dev))
+    with open(d.path, "wb") as f:
+        f.write(disk.mbr(d.size, MiB))
+    with open(d.boot, "wb") as f:
+        f.truncate(disk.BOOT_BYTES)
+    record = loader.wanted("k1", "i1", "console=ttyS0 blockprov.policy=restore")
+    assert loader.installed(d, meta) is None
+    loader.install(d, meta, b"K" * 4096, b"I" * 8192, record, tmp_path / "work")
+    assert loader.installed(d, meta) == record
+    head = loader.sector0(d)
+    assert head[:440] == loader.MBR_BIN.read_bytes()[:440] and disk.partitions(head)[0][3]
+    assert disk.partitions(head)[1:] == disk.partitions(disk.mbr(d.size, MiB))[1:]
+    # a rewrite that fails after the flag went off (here: the copy of the files) leaves it off
+    monkeypatch.setattr(loader, "MCOPY", "false")
+    with pytest.raises(NetbootError, match="false"):
+        loader.install(d, meta, b"K2", b"I2", loader.wanted("k2", "i2", ""), tmp_path / "work")
+    assert not disk.partitions(loader.sector0(d))[0][3] and loader.installed(d, meta) is None

@@ -44,6 +44,7 @@ from blockprov.agent.report import RepositoryLink
 from blockprov.cache.device import CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from blockprov.cache.journal import META_NAME, load
+from blockprov.cache.reserve import Reserve
 from blockprov.cache.status import cache_status
 from blockprov.durable import atomic_write
 from blockprov.errors import AgentNotRunning, CacheError, UsageError
@@ -77,6 +78,7 @@ class AgentConfig:
     register: bool = True
     metrics: tuple[str, int] | None = None  # Prometheus listener (attach --metrics HOST:PORT)
     activated: list[Socket] = field(default_factory=list)  # listening sockets passed by socket activation
+    reserve: Reserve | None = None  # golden reserve of the cache (cache/reserve.py): the in-machine agent's
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,7 +107,7 @@ class Agent:
         catch_stop_signals(self._stop)  # a SIGTERM from now on is a clean stop (run() sees it at once)
         self.device = await CacheDevice.open(cfg.cache_dir, self.repo, self.manifest, data_path=cfg.data_path,
                                              readahead=cfg.readahead, fetch_timeout=cfg.fetch_timeout,
-                                             read_only=cfg.read_only)
+                                             read_only=cfg.read_only, reserve=cfg.reserve)
         try:
             dev = self.device
             if self.manifest is None:  # re-attach: refuse a repository without the cache's version

@@ -71,6 +71,7 @@ from blockprov.cache.maps import BASE_ZERO, HELD, MODIFIED, PRESENT, ZERO, Chunk
 from blockprov.cache.opening import MANIFEST_NAME, Opened, manifest_digest, next_manifest_name, open_sync
 from blockprov.cache.overlay import base_source
 from blockprov.cache.profile import ReadOrder
+from blockprov.cache.reserve import Reserve
 from blockprov.cache.source import ChunkSource, SourceFactory
 from blockprov.cache.status import TOTALS, cache_status, layers_below, needs_repository
 from blockprov.codec import ZERO_DIGEST, digest, is_zero
@@ -92,7 +93,8 @@ class CacheDevice:
 
     def __init__(self, cache_dir: Path, repo: Repository, opened: Opened, lock_fd: int,
                  pool: ThreadPoolExecutor, *, source: SourceFactory, read_only: bool, checkpoint_records: int,
-                 checkpoint_fill_bytes: int, base: CacheDevice | None = None) -> None:
+                 checkpoint_fill_bytes: int, base: CacheDevice | None = None,
+                 reserve: Reserve | None = None) -> None:
         self.cache_dir = cache_dir
         self.repo = repo
         self.manifest = opened.manifest
@@ -137,6 +139,7 @@ class CacheDevice:
         self._base = base
         self._source: ChunkSource = source(self.manifest, self._store_fetched, self._needs_fetch)
         self._no_fetches = FetchStats()
+        self.reserve = reserve  # golden copies kept before first overwrites (cache/reserve.py)
 
     # -- opening and closing -----------------------------------------------------------------
     @classmethod
@@ -147,7 +150,7 @@ class CacheDevice:
                    verify_unclean: bool = True, checkpoint_records: int = CHECKPOINT_RECORDS,
                    checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES, base: CacheDevice | None = None,
                    base_cache: str | os.PathLike[str] | None = None,
-                   source: SourceFactory | None = None) -> CacheDevice:
+                   source: SourceFactory | None = None, reserve: Reserve | None = None) -> CacheDevice:
         """Open (or create) the cache in ``cache_dir`` for ``manifest``.
 
         ``manifest=None`` re-opens whatever the cache holds (its stored manifest, else the
@@ -158,6 +161,9 @@ class CacheDevice:
         The layer below, where missing chunks come from (cache/source.py), is ``source`` when
         given; else, for an overlay, its ``base``, and for any other cache the repository, fetched
         from with ``readahead``, ``fetch_timeout``, ``batch_bytes`` and ``max_inflight``.
+
+        ``reserve`` (not for an overlay): a golden reserve (cache/reserve.py) that keeps the base
+        content of each chunk before its first overwrite and serves it back after a reset.
         """
         d = Path(cache_dir)
         if create:
@@ -182,8 +188,13 @@ class CacheDevice:
                 source = base_source(base, str(d)) if held_base is not None else repository_source(
                     repo, readahead=readahead, timeout=fetch_timeout, batch_bytes=batch_bytes,
                     max_inflight=max_inflight)
+            if held_base is not None:
+                reserve = None
+            if reserve is not None:
+                source = reserve.source(source)
             dev = cls(d, repo, opened, lock_fd, pool, source=source, base=base, read_only=read_only,
-                      checkpoint_records=checkpoint_records, checkpoint_fill_bytes=checkpoint_fill_bytes)
+                      checkpoint_records=checkpoint_records, checkpoint_fill_bytes=checkpoint_fill_bytes,
+                      reserve=reserve)
             dev._read_order.load(d)
             loaded = opened.loaded
             if loaded is not None and not loaded.meta.clean and verify_unclean and loaded.present_runs:
@@ -373,7 +384,9 @@ class CacheDevice:
                     self._claims.release(claimed)
                     continue
             break
+        kept: list[int] = []
         try:
+            kept = await self._keep_golden(chunks)
             # The journal: modified marks (durable before any data changes), then present marks
             # for whole chunks written into missing ones.
             # A chunk a snapshot target may hold gets ``dirty`` first (maps.HELD).
@@ -422,6 +435,8 @@ class CacheDevice:
         finally:
             if claimed:
                 self._claims.release(claimed)
+            if kept and self.reserve is not None:
+                self.reserve.unpin(kept)
         self._maybe_checkpoint()
 
     @gated
@@ -454,8 +469,10 @@ class CacheDevice:
     async def _zero_chunks(self, chunks: list[int]) -> None:
         fl = self._flags
         await self._claims.claim(chunks)
+        kept: list[int] = []
         try:
             todo = [c for c in chunks if not fl[c] & ZERO]
+            kept = await self._keep_golden(todo)
             if self._capture is not None:
                 self._capture.save_old(todo)
             seq = 0
@@ -468,7 +485,31 @@ class CacheDevice:
                 await self._run(self._punch_runs, spans)
         finally:
             self._claims.release(chunks)
+            if kept and self.reserve is not None:
+                self.reserve.unpin(kept)
         self._maybe_checkpoint()
+
+    async def _keep_golden(self, chunks: Sequence[int]) -> list[int]:
+        """Before the first change of clean present chunks: their base content into the golden
+        reserve, durably (cache/reserve.py's crash rules). Returns the chunks it pinned there
+        (unpinned by the caller once their ``modified``/``zero`` records are applied). A reserve
+        that fails is logged and skipped: the chunk's reset then needs the repository."""
+        r = self.reserve
+        fl = self._flags
+        first = [c for c in chunks if fl[c] & (PRESENT | MODIFIED | ZERO) == PRESENT] if r is not None else []
+        if r is None or not first:
+            return []
+
+        def at_home(c: int) -> bool:
+            return fl[c] & (PRESENT | MODIFIED | ZERO) == PRESENT
+
+        try:
+            await self._run(r.keep, self.manifest, first, self._read_chunk, at_home)
+        except OSError as e:
+            r.unpin(first)
+            log.warning("golden reserve %s: %s; chunks %d.. not kept", r.path, e, first[0])
+            return []
+        return first
 
     def _punch_runs(self, spans: list[tuple[int, int]]) -> None:
         cs = self._cs
@@ -709,6 +750,7 @@ class CacheDevice:
             "verified_chunks": self.verified_chunks,
             "dropped_chunks": self.dropped_chunks,
             **self._counters().to_dict(),
+            **(self.reserve.status() if self.reserve is not None else {}),
         }
 
     # -- fills (called by the chunk source) ---------------------------------------------------

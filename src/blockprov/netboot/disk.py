@@ -1,12 +1,16 @@
 """The machine's own disk as the agent's cache: which disk, and how it is laid out.
 
-Layout (an MBR partition table blockprov writes, so the kernel itself finds the two parts)::
+Layout (an MBR partition table blockprov writes, so the kernel itself finds the parts)::
 
-    sector 0        MBR: disk signature "BPRV", partition 1 (type 0x83) and partition 2 (type 0xDA)
-    sector 1        blockprov label: LABEL_MAGIC, format version, then JSON (written last at setup)
-    1 MiB           partition 1: META_BYTES, an ext4 file system holding the cache directory
-                    (meta, journal, manifest.json, profile: cache/opening.py)
-    1 MiB + META    partition 2, to the end of the disk: the cache's data, chunk i at byte
+    sector 0        MBR: syslinux's boot code (netboot/loader.py), disk signature "BPRV", four entries
+    sector 1        blockprov label: LABEL_MAGIC, LABEL_VERSION, then JSON (written last at setup)
+    1 MiB           partition 1, BOOT_BYTES (type 0x0E, FAT16): the disk's own boot loader, kernel and
+                    blockprov initramfs (netboot/loader.py); *active* only while it is complete
+    + BOOT          partition 2, META_BYTES (0x83): an ext4 file system holding the cache directory
+                    (meta, journal, manifest.json, profile: cache/opening.py) and loader.json
+    + META          partition 3, the golden reserve (0xDA, size chosen at setup: ``blockprov.reserve``,
+                    default RESERVE_SHARE of the image, less if the disk is short): cache/reserve.py
+    + RESERVE       partition 4, to the end of the disk: the cache's data, chunk i at byte
                     i × chunk_size (the cache opens a block device as its data file: cache/files.py)
 
 Why a partition for the metadata and the raw rest for the data, rather than one file system
@@ -16,11 +20,22 @@ fill), while the metadata needs exactly what a journaled file system gives — a
 fsync'd appends that survive a power cut, the crash rules the cache already states for a
 directory (cache/journal.py). So the metadata keeps the cache's proven on-disk format unchanged,
 on an ext4 of its own (made with the initramfs's mke2fs), and a power cut is survived exactly as
-kill -9 is on a host agent. MBR limits the disk to 2 TiB (GPT: later).
+kill -9 is on a host agent. The reserve and the data are raw for the same reason as the data.
+MBR limits the disk to 2 TiB (GPT: later; a larger disk is used up to 2 TiB).
 
-Crash rules: ``initialize`` first erases the label sector, then writes the partition table and
-makes the file system, and writes the label last (fsync'd): a disk whose label is absent is not
-trusted and is initialized again at the next boot (it held nothing anyone relied on).
+Crash rules: ``initialize`` first erases the label sector, then writes the partition table
+(boot partition *not* active) and makes the file system, and writes the label last (fsync'd): a
+disk whose label is absent is not trusted and is initialized again at the next boot (it held
+nothing anyone relied on). The boot partition's own rules (the active flag is set only after
+the loader is complete, cleared before it is rewritten) are in netboot/loader.py; the reserve's
+in cache/reserve.py. Sector 0 is rewritten whole each time (one sector: written atomically by
+the disk), its partition entries unchanged.
+
+Older layouts: a disk labelled with LABEL_VERSION 1 (two partitions, no boot partition, no
+reserve: the first network-boot layout) is recognised as ``blockprov-old`` and re-initialized,
+knowingly and saying so on the console — its cache is fetched again (the layout cannot grow a
+boot partition in front of its metadata without moving it, and such disks only ever held a copy
+of an image the repository has).
 
 Recognition (``examine``): a disk is ours when its label sector says so; blank when its first
 and last MiB hold no known signature; otherwise foreign, and then refused unless the operator
@@ -42,11 +57,19 @@ from blockprov.errors import DiskRefused, NetbootError
 
 SECTOR = 512
 START = 1 << 20  # first partition at 1 MiB (2048 sectors)
+BOOT_BYTES = 128 << 20  # a kernel (~10 MB) and the blockprov initramfs (< 40 MB), with room to grow
 META_BYTES = 64 << 20
+RESERVE_SHARE = 8  # default golden reserve: 1/8 of the image
+MIB = 1 << 20
 DISK_SIGNATURE = b"BPRV"
 LABEL_MAGIC = b"BLOCKPROV-NETBOOT-DISK\n"
-LABEL_VERSION = 1
-TYPE_META, TYPE_DATA = 0x83, 0xDA
+LABEL_VERSION = 2
+TYPE_BOOT, TYPE_META, TYPE_RESERVE, TYPE_DATA = 0x0E, 0x83, 0xDA, 0xDA
+ACTIVE = 0x80
+FIXED = START + BOOT_BYTES + META_BYTES  # where the reserve starts
+# Boot code of a disk without its loader: ``int 0x18`` (the BIOS's "boot failed: try the next
+# device") then a halt loop, so the firmware moves on (to the network) rather than run zeros.
+NO_LOADER = b"\xcd\x18\xeb\xfe"
 BLKRRPART = 0x125F
 MBR_LIMIT = 0xFFFFFFFF * SECTOR
 
@@ -71,32 +94,55 @@ SIGNATURES: tuple[tuple[str, int, bytes], ...] = (
 class Disk:
     name: str  # vda, sda, nvme0n1
     size: int
+    dev_dir: str = "/dev"  # another directory of device nodes (the agent's own after the root switch)
 
     @property
     def path(self) -> str:
-        return f"/dev/{self.name}"
+        return f"{self.dev_dir}/{self.name}"
+
+    def part_name(self, n: int) -> str:
+        return f"{self.name}{'p' if self.name[-1].isdigit() else ''}{n}"
 
     def part(self, n: int) -> str:
-        return f"/dev/{self.name}{'p' if self.name[-1].isdigit() else ''}{n}"
+        return f"{self.dev_dir}/{self.part_name(n)}"
 
     @property
-    def meta(self) -> str:
+    def boot(self) -> str:
         return self.part(1)
 
     @property
-    def data(self) -> str:
+    def meta(self) -> str:
         return self.part(2)
 
     @property
+    def reserve(self) -> str:
+        return self.part(3)
+
+    @property
+    def data(self) -> str:
+        return self.part(4)
+
+    @property
     def data_bytes(self) -> int:
-        return min(self.size, MBR_LIMIT) - START - META_BYTES
+        """Room for the image when the reserve is left out (the reserve takes what is left over)."""
+        return min(self.size, MBR_LIMIT) - FIXED - MIB
+
+
+def reserve_bytes(disk_size: int, image: int, wanted: int | None) -> int:
+    """The golden reserve for an image of ``image`` bytes on a disk of ``disk_size``: ``wanted``
+    (default: 1/RESERVE_SHARE of the image), less when the disk has no room for it; whole MiB. Pure."""
+    want = image // RESERVE_SHARE if wanted is None else wanted
+    room = min(disk_size, MBR_LIMIT) - FIXED - image
+    return max(MIB, min(want, room) // MIB * MIB)  # at least 1 MiB: partition 3 always exists
 
 
 def identify(head: bytes) -> str:
-    """'blockprov', 'blank' (also: blockprov's own partition table without its label) or the name
-    of the first foreign signature found in ``head`` (the disk's first bytes, at least 68 KiB). Pure."""
+    """'blockprov', 'blockprov-old' (an older layout: re-initialized), 'blank' (also: blockprov's
+    own partition table without its label) or the name of the first foreign signature found in
+    ``head`` (the disk's first bytes, at least 68 KiB). Pure."""
     if head[SECTOR:SECTOR + len(LABEL_MAGIC)] == LABEL_MAGIC:
-        return "blockprov"
+        (version,) = struct.unpack_from("<I", head, SECTOR + len(LABEL_MAGIC))
+        return "blockprov" if version == LABEL_VERSION else "blockprov-old"
     if head[440:444] == DISK_SIGNATURE and head[510:512] == b"\x55\xaa":
         return "blank"  # our own setup, cut short before its label: nothing anyone relies on
     for name, off, magic in SIGNATURES:
@@ -105,16 +151,40 @@ def identify(head: bytes) -> str:
     return "blank"
 
 
-def mbr(size: int) -> bytes:
-    """The partition table sector for a disk of ``size`` bytes. Pure."""
+def mbr(size: int, reserve: int, *, code: bytes = NO_LOADER, active: bool = False) -> bytes:
+    """Sector 0 for a disk of ``size`` bytes with a reserve of ``reserve``: boot ``code`` (at most
+    440 bytes: syslinux's mbr.bin, which boots the active partition and, when none is, hands back
+    to the firmware), the signature, and the four partitions, the boot one ``active`` or not. Pure."""
+    if len(code) > 440:
+        raise NetbootError("MBR boot code longer than 440 bytes")
     total = min(size, MBR_LIMIT) // SECTOR
-    first, meta = START // SECTOR, META_BYTES // SECTOR
+    parts = [(TYPE_BOOT, START, BOOT_BYTES), (TYPE_META, START + BOOT_BYTES, META_BYTES),
+             (TYPE_RESERVE, FIXED, reserve), (TYPE_DATA, FIXED + reserve, total * SECTOR - FIXED - reserve)]
+    table = b""
+    for n, (ptype, at, length) in enumerate(parts):
+        flag = ACTIVE if n == 0 and active else 0
+        table += struct.pack("<B3sB3sII", flag, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", at // SECTOR,
+                             length // SECTOR)
+    return code.ljust(440, b"\0") + DISK_SIGNATURE + bytes(2) + table + b"\x55\xaa"
 
-    def entry(ptype: int, lba: int, count: int) -> bytes:
-        return struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", lba, count)
 
-    table = entry(TYPE_META, first, meta) + entry(TYPE_DATA, first + meta, total - first - meta) + bytes(32)
-    return bytes(440) + DISK_SIGNATURE + bytes(2) + table + b"\x55\xaa"
+def partitions(sector0: bytes) -> list[tuple[int, int, int, bool]]:
+    """(type, byte offset, bytes, active) of the four entries of an MBR. Pure."""
+    out = []
+    for n in range(4):
+        flag, _c, ptype, _c2, lba, count = struct.unpack_from("<B3sB3sII", sector0, 446 + 16 * n)
+        out.append((ptype, lba * SECTOR, count * SECTOR, flag == ACTIVE))
+    return out
+
+
+def with_boot(sector0: bytes, *, code: bytes, active: bool) -> bytes:
+    """``sector0`` with new boot code and the boot partition's active flag, entries unchanged. Pure."""
+    if len(code) > 440:
+        raise NetbootError("MBR boot code longer than 440 bytes")
+    s = bytearray(sector0[:SECTOR])
+    s[:440] = code.ljust(440, b"\0")
+    s[446] = ACTIVE if active else 0
+    return bytes(s)
 
 
 def label(info: dict[str, object]) -> bytes:
@@ -170,41 +240,43 @@ def choose(found: list[Disk], need: int, named: str | None,
             raise DiskRefused(f"blockprov.disk={named}: no such disk (found: {names})")
         d = match[0]
         if d.data_bytes < need:
-            raise DiskRefused(f"disk {d.name} has {d.size} bytes; the image needs {need + START + META_BYTES}")
+            raise DiskRefused(f"disk {d.name} has {d.size} bytes; the image needs {need + FIXED + MIB}")
         kind = identify(head_of(d.path))
-        return d, "blockprov" if kind == "blockprov" else "blank"
+        return d, kind if kind in ("blockprov", "blockprov-old") else "blank"
     candidates = []
     for d in found:
         kind = identify(head_of(d.path))
         if d.data_bytes < need:
-            reasons.append(f"{d.name}: too small ({d.size} bytes; the image needs {need + START + META_BYTES})")
-        elif kind not in ("blockprov", "blank"):
+            reasons.append(f"{d.name}: too small ({d.size} bytes; the image needs {need + FIXED + MIB})")
+        elif kind not in ("blockprov", "blockprov-old", "blank"):
             reasons.append(f"{d.name}: holds {kind} data blockprov did not write (name it with blockprov.disk=)")
         else:
-            candidates.append((kind != "blockprov", d, kind))
+            candidates.append((("blockprov", "blockprov-old", "blank").index(kind), d, kind))
     if not candidates:
         raise DiskRefused("no usable disk: " + ("; ".join(reasons) or "the machine has none"))
     _, d, kind = min(candidates, key=lambda c: c[0])
     return d, kind
 
 
-def initialize(d: Disk, info: dict[str, object], mkfs: list[str]) -> None:
-    """Write blockprov's layout on ``d`` (see the crash rules above); ``mkfs`` is the command
-    that makes the metadata file system, the partition's path appended."""
+def initialize(d: Disk, info: dict[str, object], mkfs: list[str], reserve: int) -> None:
+    """Write blockprov's layout on ``d`` with a golden reserve of ``reserve`` bytes (see the crash
+    rules above); ``mkfs`` is the command that makes the metadata file system, the partition's
+    path appended. The boot partition is left inactive (netboot/loader.py fills it)."""
     import subprocess
 
     fd = os.open(d.path, os.O_RDWR | os.O_CLOEXEC)
     try:
         os.pwrite(fd, bytes(SECTOR), SECTOR)  # the label first: a half-made disk is not trusted
-        os.pwrite(fd, bytes(64 << 10), START)  # the old metadata file system's superblock
+        for at in (START, START + BOOT_BYTES, FIXED):  # old file systems' and the reserve's headers
+            os.pwrite(fd, bytes(64 << 10), at)
         os.fsync(fd)
-        os.pwrite(fd, mbr(d.size), 0)
+        os.pwrite(fd, mbr(d.size, reserve), 0)  # no loader, no active partition: the firmware moves on
         os.fsync(fd)
         reread(fd)
     finally:
         os.close(fd)
-    wait_for(d.meta)
-    wait_for(d.data)
+    for part in (d.boot, d.meta, d.reserve, d.data):
+        wait_for(part)
     p = subprocess.run([*mkfs, d.meta], capture_output=True, timeout=120)
     if p.returncode:
         raise NetbootError(f"cannot make the metadata file system on {d.meta}: "

@@ -33,6 +33,24 @@ kills it. It:
 5. connects the kernel's NBD client to that socket (netboot/kernelnbd.py) and reports READY to
    PID 1 on a pipe, which mounts /dev/nbd0 and switches root.
 
+Offline (issue 13 item 4). The disk carries a golden reserve (cache/reserve.py: the base content
+of each chunk, kept before its first overwrite) and its own boot loader, kernel and initramfs
+(netboot/loader.py: written after the first provisioning and whenever the version's boot files
+or the command line change, once the disk holds the whole image — before the boot under
+``hydrate=before-boot``, in the background once the background copy is complete otherwise;
+``blockprov.loader=off`` leaves it as it is for one boot — a one-off session, say an
+administrator's, whose command line must not become what the PC boots offline). When the
+repository does not answer, and the disk holds blockprov's cache, the
+agent waits ``blockprov.offline_after`` seconds (OFFLINE_AFTER by default) and then boots from
+what the disk holds — the version, manifest and policy of the last boot (the manifest is in the
+cache directory; the policy is on the command line, which the disk's loader carries) — saying
+``OFFLINE`` on the console: present chunks are served, a missing one fails with EIO after
+OFFLINE_FETCH_TIMEOUT, no hydration, no registration. Under ``restore`` every chunk the last
+session changed is restored from the reserve before the kernel sees a byte (online too: the
+repository is asked only for those the reserve lacks); offline, the ones it lacks are listed on
+the console and stay missing — their reads fail with EIO, never serving the session's data as
+pristine.
+
 Every module it will ever need is imported before it reports READY: the initramfs build ships
 exactly the modules this import graph pulls in (netboot/initramfs.py's probe), and PID 1 keeps
 the initramfs files (it moves the root without deleting them), so the agent's root stays intact.
@@ -57,13 +75,16 @@ from typing import Any
 
 from blockprov.agent import lifecycle
 from blockprov.agent.agent import Agent, AgentConfig
+from blockprov.align import runs
 from blockprov.cache.device import CacheDevice
-from blockprov.cache.fetcher import DEFAULT_READAHEAD
+from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from blockprov.cache.journal import META_NAME, load
+from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache.reserve import Reserve
 from blockprov.errors import BlockprovError, CacheMismatch, NetbootError, Unauthorized
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
-from blockprov.netboot import disk, kernelnbd
+from blockprov.netboot import disk, kernelnbd, loader
 from blockprov.netboot.params import check_params, diskless
 from blockprov.repo.remote import RemoteRepository
 
@@ -80,6 +101,8 @@ PR_SET_IO_FLUSHER = 57
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 RETRY_MAX = 30.0
 SYNC_FILLS = 0.2  # seconds between fsyncs of the journal's fill records (sync_fills)
+OFFLINE_AFTER = 20.0  # seconds an unreachable repository is retried before a disk that can boots offline
+OFFLINE_FETCH_TIMEOUT = 5.0  # offline, a missing chunk's read fails (EIO) after this
 
 
 def harden() -> list[str]:
@@ -98,36 +121,60 @@ def harden() -> list[str]:
     return problems
 
 
-def resolve(repo: RemoteRepository, ref: str, say: Any) -> Manifest:
+def resolve(repo: RemoteRepository, ref: str, say: Any, give_up_after: float | None = None) -> Manifest | None:
     """The manifest of ``ref``; a repository that is down is retried with backoff, forever (a PC
-    that cannot reach its repository has nothing better to do, and says so on its console)."""
+    that cannot reach its repository has nothing better to do, and says so on its console) —
+    or, with ``give_up_after`` (the disk can boot offline), for that many seconds, then None."""
     wait = 1.0
+    end = None if give_up_after is None else time.monotonic() + give_up_after
     while True:
         try:
             return repo.resolve(ref)
         except BlockprovError as e:
             if getattr(e, "exit_code", 0) != 7:  # only "unavailable" is worth a retry
                 raise
+            if end is not None and time.monotonic() + wait > end:
+                say(f"repository {repo.url} unreachable ({e})")
+                return None
             say(f"repository {repo.url} unreachable ({e}); retrying in {wait:g} s")
         time.sleep(wait)
         wait = min(RETRY_MAX, wait * 2)
 
 
+def offline_disk(params: dict[str, str]) -> disk.Disk | None:
+    """The disk holding blockprov's current layout, if any: the machine can boot from it offline."""
+    with contextlib.suppress(BlockprovError, OSError):
+        d, kind = disk.choose(disk.disks(), 0, params.get("disk"))
+        if kind == "blockprov":
+            return d
+    return None
+
+
 def prepare_disk(params: dict[str, str], manifest: Manifest, say: Any) -> disk.Disk:
     found = disk.disks()
     d, kind = disk.choose(found, manifest.size, params.get("disk"))
-    if kind == "blank":
-        say(f"initializing disk {d.name} ({d.size >> 20} MiB) for {manifest.image}@{manifest.id[:12]}")
-        disk.initialize(d, {"image": manifest.image, "made": int(time.time())}, MKFS)
+    if kind == "blockprov-old":
+        say(f"disk {d.name} has an older blockprov layout (no boot partition, no golden reserve): "
+            "re-initializing it; its cache is fetched again")
+    if kind in ("blank", "blockprov-old"):
+        wanted = parse_size(params["reserve"]) if "reserve" in params else None
+        reserve = disk.reserve_bytes(d.size, manifest.size, wanted)
+        say(f"initializing disk {d.name} ({d.size >> 20} MiB) for {manifest.image}@{manifest.id[:12]}, "
+            f"golden reserve {reserve >> 20} MiB")
+        disk.initialize(d, {"image": manifest.image, "made": int(time.time())}, MKFS, reserve)
     else:
         say(f"disk {d.name} holds blockprov's cache")
+    mount_meta(d)
+    return d
+
+
+def mount_meta(d: disk.Disk) -> None:
     META_MOUNT.mkdir(parents=True, exist_ok=True)
     p = subprocess.run(["mount", "-t", "ext4", "-o", "rw,noatime", d.meta, str(META_MOUNT)],
                        capture_output=True, timeout=60)
     if p.returncode:
         raise NetbootError(f"cannot mount the metadata file system {d.meta}: "
                            f"{p.stderr.decode(errors='replace').strip()}")
-    return d
 
 
 def mem_total(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -245,63 +292,171 @@ def instance_name(host: str | None) -> str | None:
     return "pc-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in host)[:120]
 
 
-async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manifest, cache_dir: Path,
-                data_path: str, ready: int, say: Any) -> None:
-    """Serve ``manifest`` from ``cache_dir`` (metadata) and ``data_path`` (the disk's data
-    partition, or diskless the file on the RAM tmpfs) until the machine stops."""
+async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manifest | None, d: disk.Disk | None,
+                cache_dir: Path, data_path: str, ready: int, say: Any) -> None:
+    """Serve ``manifest`` from ``cache_dir`` (metadata) and ``data_path`` (the disk ``d``'s data
+    partition, or diskless — ``d`` None — the file on the RAM tmpfs) until the machine stops;
+    offline (``manifest`` None), whatever version the disk holds."""
+    offline = manifest is None
     policy = params.get("policy", "keep")
     hydrate = params.get("hydrate", "off" if diskless(params) else "background")
     budget = 0
-    if diskless(params):
+    if diskless(params) and manifest is not None:
         st = os.statvfs(RAM_MOUNT)
         budget = st.f_blocks * st.f_frsize
         if ram_hydrate(hydrate, manifest, budget) != hydrate:
             say(f"hydrate={hydrate} ignored: the image's data ({manifest.stored_bytes_logical() >> 20} MiB) does "
                 f"not fit in the RAM cache")
             hydrate = "off"
+    # the golden reserve serves ``restore``: a ``keep`` disk never goes back to the base (and saves the copies)
+    reserve = open_reserve(d, say) if policy == "restore" and d is not None else None
     config = AgentConfig(cache_dir=cache_dir, socket=SOCKET, data_path=data_path,
                          readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
-                         reset_on_start=policy == "restore", hydrate=hydrate != "off",
-                         instance=instance_name(params.get("host")),
+                         reset_on_start=policy == "restore", hydrate=hydrate != "off" and not offline,
+                         instance=instance_name(params.get("host")), register=not offline,
+                         use_profile=not offline, reserve=reserve,
+                         fetch_timeout=OFFLINE_FETCH_TIMEOUT if offline else DEFAULT_TIMEOUT,
                          extra={"host": params.get("host"), "netboot": True})
     held = held_version(config.cache_dir)
-    moved = held is not None and held != (manifest.image, manifest.id)
-    if moved and held is not None and held[0] != manifest.image:
+    if offline and held is None:
+        raise NetbootError(f"the repository is unreachable and disk {d.name if d else '(none)'} holds no cache "
+                           "to boot from")
+    moved = manifest is not None and held is not None and held != (manifest.image, manifest.id)
+    if moved and held is not None and manifest is not None and held[0] != manifest.image:
         say(f"the disk held {held[0]}@{held[1][:12]}; starting over for {manifest.image}")
         shutil.rmtree(config.cache_dir)
         moved = False
+        held = None
+    session = modified_chunks(config.cache_dir) if held is not None and policy == "restore" else []
     # The host moved to another version of the image: re-attach the version the disk holds (reset
     # first under restore), then update by diff before the kernel sees a byte.
-    agent = Agent(config, repo, None if moved else manifest)
+    agent = Agent(config, repo, None if moved or offline else manifest)
     try:
         await agent.start()
     except CacheMismatch as e:
         raise NetbootError(f"{e} (erase the disk's first MiB to start over)") from None
     dev = agent.device
     assert dev is not None and agent.ops is not None
-    if moved:
+    if session and reserve is not None:
+        await restore_from_reserve(dev, reserve, session, offline, say)
+    if moved and manifest is not None:
         old = dev.manifest.id
         done = await lifecycle.update(dev, manifest, keep_modified=policy == "keep")
         say(f"updated {old[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
             f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept")
     counts = dev.chunk_map.counts()
-    say(f"serving {manifest.image}@{manifest.id[:12]} policy={policy} hydrate={hydrate} "
-        f"present={counts['total'] - counts['missing']}/{counts['total']} chunks")
+    m = dev.manifest
+    if offline:
+        say(f"OFFLINE: the repository {repo.url} is unreachable; serving {m.image}@{m.id[:12]} from disk "
+            f"{d.name if d else '(none)'} as it was last booted (policy={policy}): "
+            f"{counts['total'] - counts['missing']}/{counts['total']} chunks present; a missing chunk's reads "
+            f"fail with EIO after {OFFLINE_FETCH_TIMEOUT:g} s; no hydration until the next online boot")
+    else:
+        say(f"serving {m.image}@{m.id[:12]} policy={policy} hydrate={hydrate} "
+            f"present={counts['total'] - counts['missing']}/{counts['total']} chunks")
     if hydrate == "before-boot" and agent.ops.hydrator is not None:
         say("hydrating every chunk before the boot (blockprov.hydrate=before-boot)")
         while agent.ops.hydrator.running:
             await asyncio.sleep(0.5)
         counts = dev.chunk_map.counts()
         say(f"hydrated before the boot: {counts['total'] - counts['missing']}/{counts['total']} chunks local")
+    if not offline and d is not None and params.get("loader") != "off":
+        hydrator = agent.ops.hydrator
+        cmdline = Path("/proc/cmdline").read_text()  # /proc, /sys and /dev move into the new root
+        job = threading.Thread(target=write_loader, daemon=True, name="loader", args=(
+            params, cmdline, m, d, loader.node_numbers(d), say,
+            lambda: hydrator is not None and hydrator.running, lambda: dev.chunk_map.counts()["missing"]))
+        job.start()
+        if hydrate == "before-boot":  # the FOG model: everything on the disk before the boot, the loader too
+            await asyncio.get_running_loop().run_in_executor(None, job.join)
     threading.Thread(target=connect_kernel, args=(ready, say), daemon=True, name="nbd-kernel").start()
     tasks = [asyncio.ensure_future(sync_fills(dev))]
     if budget:
-        tasks.append(asyncio.ensure_future(watch_ram(budget, manifest.chunk_size, say)))
+        tasks.append(asyncio.ensure_future(watch_ram(budget, m.chunk_size, say)))
     try:
         await agent.run()
     finally:
         for t in tasks:
             t.cancel()
+
+
+def open_reserve(d: disk.Disk, say: Any) -> Reserve | None:
+    try:
+        return Reserve.open(d.reserve)
+    except OSError as e:
+        say(f"warning: no golden reserve ({d.reserve}: {e.strerror}); a restore needs the repository")
+        return None
+
+
+def modified_chunks(cache_dir: Path) -> list[int]:
+    """The chunks the last session changed (the disk's journal replayed, nothing written)."""
+    flags = load(cache_dir).map.flags
+    return [i for i in range(len(flags)) if flags[i] & MODIFIED]
+
+
+async def restore_from_reserve(dev: CacheDevice, reserve: Reserve, session: list[int], offline: bool,
+                               say: Any) -> None:
+    """After the reset of a ``restore`` boot: the chunks the session changed, back from the golden
+    reserve (verified by digest); the console says how many, and, offline, which could not be."""
+    await dev.settle()  # the reset's hole punching is done: restored chunks are kept
+    fl = dev.chunk_map.flags
+    todo = [c for c in session if not fl[c] & (PRESENT | ZERO) and reserve.holds(dev.manifest, c)]
+    if todo:
+        await dev.fetch_chunks(todo)
+    left = [c for c in session if not fl[c] & (PRESENT | ZERO)]
+    kept = len(todo) - sum(1 for c in todo if not fl[c] & (PRESENT | ZERO))
+    say(f"restored {len(session) - len(left)} of {len(session)} changed chunk(s): {kept} from the disk's "
+        f"golden reserve, {len(session) - len(left) - kept} all-zero in the image; "
+        f"{len(left)} left for the repository")
+    if offline and left:
+        spans = ", ".join(f"{x}" if y == x + 1 else f"{x}-{y - 1}" for x, y in runs(left))
+        say(f"OFFLINE: {len(left)} chunk(s) changed by the last session could not be restored (the golden "
+            f"reserve was full or its copy was bad): chunks {spans}; they are not served as they were left "
+            "— their reads fail with EIO until the repository is back")
+
+
+def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk,
+                 nodes: dict[str, tuple[int, int]], say: Any, hydrating: Any, missing: Any) -> None:
+    """Thread: the disk's own boot loader, kernel and initramfs, when missing or out of date
+    (netboot/loader.py); a failure is a warning (the machine still boots from the network).
+
+    Only a disk that holds the whole image gets one (a disk that cannot run offline should not
+    pretend to): it waits for the background copy (``hydrating()``), then checks ``missing()``
+    — under ``hydrate=off`` there is usually no loader. It runs at the lowest CPU priority (its
+    tools inherit it), through device nodes of its own (after the root switch the agent's root,
+    the initramfs, has no /dev)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    while hydrating():
+        time.sleep(2.0)
+    left = missing()
+    if left:
+        say(f"the disk lacks {left} chunk(s) of the image: no boot loader written (the disk cannot boot "
+            "offline; blockprov.hydrate=background or before-boot copies the whole image)")
+        return
+    try:
+        d = loader.private_disk(d, nodes, RUN / "dev")
+    except OSError as e:
+        say(f"warning: the disk's boot loader was not written: device nodes: {e}")
+        return
+    repo = RemoteRepository(params["repo"], timeout=60.0)
+    ref = f"{m.image}@{m.id}"
+    try:
+        info = repo.get_boot_files(ref)
+        if info is None:
+            say(f"warning: {ref} has no boot files: the disk gets no boot loader (no offline boot)")
+            return
+        want = loader.wanted(info.kernel.id, info.initrd.id, cmdline)
+        if loader.installed(d, META_MOUNT) == want:
+            return
+        kernel, initrd = repo.boot_file(ref, "kernel"), repo.boot_file(ref, "initrd")
+        loader.install(d, META_MOUNT, kernel, initrd, want, RUN / "loader")
+        say(f"boot loader written to {d.part_name(1)}: kernel {len(kernel) >> 10} KiB, "
+            f"initramfs {len(initrd) >> 10} KiB (the disk boots by itself when the network boot fails)")
+    except (BlockprovError, OSError) as e:
+        say(f"warning: the disk's boot loader was not written: {e}")
+    finally:
+        repo.close()
 
 
 async def sync_fills(dev: CacheDevice) -> None:
@@ -338,13 +493,26 @@ def main(argv: list[str]) -> int:
         # blockprov.token: the host's token, carried in its boot script (docs/operations.md, "Tokens",
         # says what that exposes); none: a repository without enforced tokens
         repo = RemoteRepository(params["repo"], timeout=30.0, token=params.get("token") or None)
-        manifest = resolve(repo, params["image"], say)
-        if diskless(params):
+        if params.get("from") == "disk":
+            say("booted from the disk's own boot loader (the network boot failed or was skipped)")
+        ours = None if diskless(params) else offline_disk(params)
+        wait = float(params.get("offline_after", OFFLINE_AFTER)) if ours is not None else None
+        manifest = resolve(repo, params["image"], say, give_up_after=wait)
+        d: disk.Disk | None
+        if manifest is None and ours is not None:
+            say(f"OFFLINE: no repository after {wait:g} s; booting from what disk {ours.name} holds")
+            mount_meta(ours)
+            d = ours
+            cache_dir, data_path = META_MOUNT / "cache", d.data
+        elif diskless(params):
+            assert manifest is not None
+            d = None
             cache_dir, data_path = prepare_ram(params, manifest, say)
         else:
+            assert manifest is not None
             d = prepare_disk(params, manifest, say)
             cache_dir, data_path = META_MOUNT / "cache", d.data
-        asyncio.run(serve(params, repo, manifest, cache_dir, data_path, ready, say))
+        asyncio.run(serve(params, repo, manifest, d, cache_dir, data_path, ready, say))
     except BlockprovError as e:
         why = str(e)
         if isinstance(e, Unauthorized):  # the CLI's hint (--token) means nothing on a PC's console

@@ -18,6 +18,10 @@ What goes in, and why each piece:
   from wheels are stripped (binutils' ``strip``, when installed);
 * ``mke2fs`` (e2fsprogs, with its libraries and ``/etc/mke2fs.conf``): the disk's metadata file
   system is a journaled ext4 (netboot/disk.py says why);
+* the disk's own boot loader (netboot/loader.py): ``mkfs.fat`` (dosfstools), ``syslinux`` and
+  ``mtools`` (as ``mcopy`` and ``mattrib``, which ``syslinux --install`` runs; with glibc's iconv
+  module for codepage 850, which mtools needs for short names) and syslinux's ``mbr.bin``
+  (syslinux-common), so a machine can write the loader that boots it offline;
 * ``/init``: a few lines of busybox sh that mount /proc, /sys, /dev and exec python3 on
   netboot/machine.py, which does the rest.
 
@@ -45,6 +49,15 @@ PYTHON = Path("/usr/bin/python3")
 BUSYBOX = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 MKE2FS = Path("/usr/sbin/mke2fs")
 MKE2FS_CONF = Path("/etc/mke2fs.conf")
+# (the disk's boot loader: the tool, where it goes, its Debian package)
+LOADER_TOOLS = ((("/usr/sbin/mkfs.fat", "/sbin/mkfs.fat"), "usr/sbin/mkfs.fat", "dosfstools"),
+                (("/usr/bin/syslinux",), "usr/bin/syslinux", "syslinux"),
+                (("/usr/bin/mtools",), "usr/bin/mtools", "mtools"),
+                (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"))
+MTOOLS_LINKS = ("mcopy", "mattrib")
+# mtools converts short names through iconv's codepage 850: glibc's converter and its module lists
+GCONV = Path("/usr/lib/x86_64-linux-gnu/gconv")
+GCONV_FILES = ("IBM850.so", "gconv-modules", "gconv-modules.cache")
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "nvme", "e1000", "e1000e",
            "nbd", "crc32c_generic", "ext4")  # plus their dependencies; missing ones are skipped (built in)
 NEEDED_MODULES = ("nbd", "ext4")  # the build fails without these
@@ -358,6 +371,20 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
     a.file("usr/sbin/mke2fs", _read(MKE2FS, "mke2fs"), 0o755, "mke2fs")
     if MKE2FS_CONF.exists():
         a.file("etc/mke2fs.conf", MKE2FS_CONF.read_bytes(), 0o644, "mke2fs")
+    loader_bins = []
+    for candidates, name, package in LOADER_TOOLS:
+        tool = next((Path(c) for c in candidates if Path(c).exists()), None)
+        if tool is None:
+            raise NetbootError(f"no {candidates[0]}: apt-get install {package} (the disk's own boot loader)")
+        binary = not name.endswith(".bin")
+        a.file(name, _read(tool, package), 0o755 if binary else 0o644, "boot loader")
+        if binary:
+            loader_bins.append(str(tool))
+    for link in MTOOLS_LINKS:
+        a.symlink(f"usr/bin/{link}", "mtools")
+    for conv in [*(GCONV / n for n in GCONV_FILES), *sorted((GCONV / "gconv-modules.d").glob("*.conf"))]:
+        if conv.exists():
+            a.file(in_usr(str(conv)), _read(conv, "glibc's iconv module"), 0o644, "boot loader")
     mods = module_order(modules_dir)
     for m in mods:
         a.file(f"{MOD_DIR}/{m.name}", _read(m, "kernel module"), 0o644, "kernel modules")
@@ -382,7 +409,7 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
             if mod["name"] == "certifi.core":  # httpx reads the CA bundle when it makes a client
                 ca = Path(f).parent / "cacert.pem"
                 a.file(os.path.dirname(name) + "/cacert.pem", _read(ca, "CA bundle"), 0o644, part)
-    for lib in shared_libraries([str(python.resolve()), str(MKE2FS), *sos]):
+    for lib in shared_libraries([str(python.resolve()), str(MKE2FS), *loader_bins, *sos]):
         a.file(in_usr(lib), _read(os.path.realpath(lib), "shared library"), 0o755, "shared libraries")
     raw = a.cpio()
     buf = io.BytesIO()

@@ -5,7 +5,8 @@ The initramfs's ``/init`` (a few lines of busybox sh, netboot/initramfs.py) moun
 
 1. loads the kernel modules listed in ``/etc/blockprov/modules`` (in dependency order: the build
    resolved modules.dep), with busybox ``insmod``;
-2. brings up the first network interface with busybox ``udhcpc`` (DHCP, as the firmware did);
+2. brings up the first network interface with busybox ``udhcpc`` (DHCP, as the firmware did; when
+   that fails the agent is started all the same: it boots offline from the disk if it can);
 3. starts the agent (netboot/inagent.py) as ``@blockprov-agent`` and waits for it to say READY on
    a pipe (it then serves the image on /dev/nbd0) or ERROR (shown on the console; the machine
    reboots after ``RETRY_SECONDS`` to try again through the firmware's network boot);
@@ -145,10 +146,10 @@ def main() -> None:
     say(f"initramfs started at uptime {uptime()} s")
     load_modules()
     nic = network()
-    if nic is None:
-        fail("no network (DHCP failed)")
-        return
-    say(f"network up on {nic} at uptime {uptime()} s")
+    if nic is None:  # the agent boots from the disk if it holds blockprov's cache (offline), else says why not
+        say("no network (DHCP failed): starting the agent anyway, to boot offline from the disk")
+    else:
+        say(f"network up on {nic} at uptime {uptime()} s")
     proc, r = start_agent(params)
     line = wait_ready(proc, r)
     if not line.startswith("READY"):

@@ -9,7 +9,12 @@ RAM the cache may take, e.g. ``512M``; default half the machine's memory), ``blo
 (the agent's largest read-ahead window, e.g. ``4M``; ``0`` fetches only what the machine reads),
 ``blockprov.token`` (the token the agent sends, for a repository that enforces tokens: an
 ``agent`` scope one, set with ``host assign --args``; it is readable by whoever can fetch the
-host's boot script or read /proc/cmdline in the machine).
+host's boot script or read /proc/cmdline in the machine), ``blockprov.reserve`` (the golden
+reserve's size, e.g. ``256M``, used when the disk is initialized: netboot/disk.py),
+``blockprov.offline_after`` (seconds the agent waits for an unreachable repository before it boots
+from what the disk holds; 0: at once), ``blockprov.loader=off`` (this boot leaves the disk's boot
+loader as it is) and ``blockprov.from=disk`` (added by the disk's own boot loader,
+netboot/loader.py).
 """
 
 from __future__ import annotations
@@ -48,6 +53,17 @@ def check_params(params: dict[str, str]) -> None:
             raise NetbootError(f"blockprov.ram={params['ram']}: expected a size such as 512M") from None
         if params.get("disk") != DISKLESS:
             raise NetbootError("blockprov.ram= is for a diskless machine (blockprov.disk=none)")
+    if "reserve" in params:
+        try:
+            parse_size(params["reserve"])
+        except ValueError:
+            raise NetbootError(f"blockprov.reserve={params['reserve']}: expected a size such as 256M") from None
+    if "offline_after" in params:
+        try:
+            if float(params["offline_after"]) < 0:
+                raise ValueError
+        except ValueError:
+            raise NetbootError(f"blockprov.offline_after={params['offline_after']}: expected seconds (>= 0)") from None
     if "readahead" in params:
         try:
             parse_size(params["readahead"])

@@ -1,0 +1,159 @@
+"""The disk's own boot loader: a PC whose network boot fails boots from its disk (offline).
+
+Once the disk holds the whole image (at first provisioning), and again whenever the version's
+kernel or initramfs or the machine's command line change, the in-machine agent
+(netboot/inagent.py) writes onto partition 1 of its disk (netboot/disk.py's layout):
+
+* a FAT16 file system (``mkfs.fat``) with SYSLINUX installed in it (``syslinux --install``, which
+  writes ``ldlinux.sys`` and ``ldlinux.c32`` through mtools: no mount, no vfat module needed);
+* the kernel and the blockprov initramfs of the version (downloaded from the repository,
+  verified against their descriptors) and ``syslinux.cfg`` whose command line is the network
+  boot's own plus ``blockprov.from=disk``;
+
+and into sector 0 syslinux's ``mbr.bin``, which boots the *active* partition. The firmware tries
+the network first (the PC's boot order: NIC, then disk); when that fails — the repository or
+the network is down — it falls through to the disk, whose loader starts the same initramfs, and
+the agent serves what the disk holds (inagent.py: offline boot). The tools and ``mbr.bin``
+travel in the initramfs (netboot/initramfs.py), so the agent needs nothing else.
+
+Crash rules (a power cut while the boot partition is rewritten must leave a disk that boots or
+one the firmware passes over, never a half-written loader it trusts):
+
+1. sector 0 is rewritten with the boot partition *not active* and fsync'd first. syslinux's
+   ``mbr.bin`` finding no active partition calls ``int 0x18`` — the firmware's "boot failed,
+   try the next device" — so from here until step 3 the disk is passed over (the machine boots
+   from the network, or not at all if that is down too: never from a half-written loader);
+2. the file system is made, the loader installed and the files copied, then the partition is
+   fsync'd (the mtools write through their own descriptors; fsync of the block device flushes
+   its every dirty page);
+3. ``loader.json`` (what was installed) is written atomically in the metadata file system, then
+   sector 0 with the partition active, fsync'd. Only now does the firmware boot the disk.
+
+A cut between 3's two writes leaves a record of a loader whose flag is off: ``installed`` says
+nothing is installed unless the flag is on, so the next network boot writes it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from blockprov.durable import atomic_write
+from blockprov.errors import NetbootError
+from blockprov.netboot import disk
+
+MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+MKFS_FAT = "mkfs.fat"
+SYSLINUX = "syslinux"
+MCOPY = "mcopy"
+RECORD = "loader.json"
+FROM_DISK = "blockprov.from=disk"
+DROP = ("initrd=", "BOOT_IMAGE=", "blockprov.from=")  # words the loader gives or the network boot had
+
+
+def node_numbers(d: disk.Disk, sys_block: Path = Path("/sys/class/block")) -> dict[str, tuple[int, int]]:
+    """(major, minor) of the disk and its boot partition, read while /sys is there (before PID 1
+    moves it into the new root: the agent, whose root stays the initramfs, then has no /sys nor /dev)."""
+    out = {}
+    for name in (d.name, d.part_name(1)):
+        major, minor = (sys_block / name / "dev").read_text().strip().split(":")
+        out[name] = (int(major), int(minor))
+    return out
+
+
+def private_disk(d: disk.Disk, numbers: dict[str, tuple[int, int]], where: Path) -> disk.Disk:
+    """``d`` seen through device nodes of its own in ``where`` (made here: the agent is root)."""
+    import stat
+
+    where.mkdir(parents=True, exist_ok=True)
+    for name, (major, minor) in numbers.items():
+        node = where / name
+        if not node.exists():
+            os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(major, minor))
+    return disk.Disk(d.name, d.size, str(where))
+
+
+def offline_cmdline(cmdline: str) -> str:
+    """The command line the disk's loader boots with: the network boot's, without what a
+    loader adds itself, plus ``blockprov.from=disk``. Pure."""
+    words = [w for w in cmdline.split() if not w.startswith(DROP)]
+    return " ".join([*words, FROM_DISK])
+
+
+def syslinux_cfg(cmdline: str) -> str:
+    """syslinux.cfg: serial console too, no prompt, the one entry. Pure."""
+    return ("SERIAL 0 115200\nDEFAULT blockprov\nPROMPT 0\nTIMEOUT 0\n"
+            f"LABEL blockprov\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND {cmdline}\n")
+
+
+def wanted(kernel_id: str, initrd_id: str, cmdline: str) -> dict[str, str]:
+    return {"kernel": kernel_id, "initrd": initrd_id, "cmdline": offline_cmdline(cmdline)}
+
+
+def sector0(d: disk.Disk) -> bytes:
+    return disk.read_head(d.path, disk.SECTOR)
+
+
+def installed(d: disk.Disk, meta_dir: Path) -> dict[str, str] | None:
+    """What the disk's loader boots, or None when it boots nothing (flag off, or no record)."""
+    if not disk.partitions(sector0(d))[0][3]:
+        return None
+    try:
+        got = json.loads((meta_dir / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return got if isinstance(got, dict) else None
+
+
+def _set_active(d: disk.Disk, code: bytes, active: bool) -> None:
+    fd = os.open(d.path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, disk.with_boot(os.pread(fd, disk.SECTOR, 0), code=code, active=active), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _run(*cmd: str) -> None:
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NetbootError(f"{cmd[0]}: {e}") from None
+    if p.returncode:
+        raise NetbootError(f"{' '.join(cmd[:2])} failed: {p.stderr.decode(errors='replace').strip()[-300:]}")
+
+
+def install(d: disk.Disk, meta_dir: Path, kernel: bytes, initrd: bytes, record: dict[str, str],
+            work: Path) -> None:
+    """Write the loader, the kernel and the initramfs onto ``d``'s boot partition (crash rules above)."""
+    try:
+        code = MBR_BIN.read_bytes()[:440]
+    except OSError as e:
+        raise NetbootError(f"{MBR_BIN}: {e.strerror} (the initramfs lacks syslinux's mbr.bin)") from None
+    need = len(kernel) + len(initrd) + (2 << 20)
+    if need > disk.BOOT_BYTES:
+        raise NetbootError(f"kernel and initramfs ({need >> 20} MiB) do not fit the boot partition "
+                           f"({disk.BOOT_BYTES >> 20} MiB)")
+    _set_active(d, code, False)  # 1. passed over from now on
+    work.mkdir(parents=True, exist_ok=True)
+    files = {"vmlinuz": kernel, "initrd.img": initrd, "syslinux.cfg": syslinux_cfg(record["cmdline"]).encode()}
+    try:
+        for name, data in files.items():
+            (work / name).write_bytes(data)
+        _run(MKFS_FAT, "-F", "16", "-n", "BPBOOT", d.boot)  # 2.
+        _run(SYSLINUX, "--install", d.boot)
+        for name in files:
+            _run(MCOPY, "-o", "-i", d.boot, str(work / name), f"::{name}")
+    finally:
+        for name in files:
+            (work / name).unlink(missing_ok=True)
+    fd = os.open(d.boot, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    atomic_write(meta_dir / RECORD, json.dumps(record, sort_keys=True).encode())  # 3.
+    _set_active(d, code, True)
