@@ -70,7 +70,7 @@ def test_repository_down_at_first_boot_is_retried_until_it_is_back(boot_image: b
             servers[-1].stop()
             events.append("stopped")
         # the agent has said so twice (backoff 1 s, 2 s, …): bring the repository back
-        elif events == ["stopped"] and console.count("unreachable") >= 2:
+        elif events == ["stopped"] and console.count("; retrying in ") >= 2:
             servers.append(start_server(data, port=port)[0])
             events.append("started")
 

@@ -379,24 +379,30 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
         steps[what] = round(time.monotonic() - t0, 3)
     t_dir = template_dir(root, instance_name(name))
     pulled = not (t_dir / tpl.MANIFEST).exists()
-    # The disks agent (a Python process: 0.1-0.2 s) starts at once, while the template is checked
-    # or fetched, and is stopped again if the template is not found or a check refuses the clones
-    # (no VM would use it). A template not made here comes from the repository (vm push), copied
-    # whole and verified, or lazily: then, as soon as the repository has shown the template and the
-    # agent runs, the memory is served and its resume profile prefetched (one worker: in that
-    # order), while the rest of the template is fetched and the clones' qemu start.
+    # The disks agent (a Python process: 0.1-0.2 s) starts at once (a template to fetch: once the
+    # repository has shown it), while the template is checked or fetched, and is stopped again if
+    # a check refuses the clones (no VM would use it). A template not made here comes from the
+    # repository (vm push), copied whole and verified, or lazily: then, as soon as the repository
+    # has shown the template and the agent runs, the memory is served and its resume profile
+    # prefetched (one worker: in that order), while the rest of the template is fetched and the
+    # clones' qemu start.
     with ThreadPoolExecutor(1) as pool:
-        agent: list[Future[Path]] = [pool.submit(ensure_disks_served, root, repo_args)]
+        # a template to fetch: the agent waits until the repository has shown it (a name that is
+        # nowhere must fail without starting anything — the agent registers with the repository)
+        agent: list[Future[Path]] = [] if pulled else [pool.submit(ensure_disks_served, root, repo_args)]
         early: dict[str, Manifest] = {}
         try:
             if pulled:
                 def found(mem: Manifest) -> None:
                     step("template found")
                     early["memory"] = mem
+                    agent.append(pool.submit(ensure_disks_served, root, repo_args))
                     if lazy:
                         agent.append(pool.submit(_early_lazy, root, repo, repo_args, name, mem, step))
                 stored.pull(t_dir, repo, name, lazy=lazy, found=found)
                 step("template fetched")
+                if not agent:
+                    agent.append(pool.submit(ensure_disks_served, root, repo_args))
             t = tpl.load(t_dir)
             tpl.check_machine(t, qemu_version=qemu.qemu_version(), machine_types=qemu.machine_types(),
                               memory=memory, cpus=cpus, extra_args=extra_args)
