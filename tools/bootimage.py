@@ -62,6 +62,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockprov.netboot.initramfs import dependency_order
+
 BUILDER_VERSION = 7  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
@@ -310,37 +312,10 @@ def _is_static_elf(path: Path) -> bool:
 def module_load_order(release: str, names: tuple[str, ...] = MODULES) -> list[Path]:
     """The .ko files for ``names`` and their dependencies, in an order insmod can load them."""
     base = Path("/lib/modules") / release
-    deps: dict[str, list[str]] = {}
-    by_name: dict[str, str] = {}
-    for line in (base / "modules.dep").read_text().splitlines():
-        if ":" not in line:
-            continue
-        mod, rest = line.split(":", 1)
-        deps[mod] = rest.split()
-        by_name[_mod_name(mod)] = mod
-    order: list[str] = []
-
-    def visit(mod: str, depth: int = 0) -> None:
-        if mod in order or depth > 50:
-            return
-        for d in deps.get(mod, []):
-            visit(d, depth + 1)
-        order.append(mod)
-
-    for n in names:
-        mod = by_name.get(n.replace("-", "_"))
-        if mod is None:
-            raise SystemExit(f"bootimage: kernel {release} has no module {n} (is it built in? then drop it)")
-        visit(mod)
+    order, missing = dependency_order((base / "modules.dep").read_text(), names)
+    if missing:
+        raise SystemExit(f"bootimage: kernel {release} has no module {missing[0]} (is it built in? then drop it)")
     return [base / m for m in order]
-
-
-def _mod_name(path: str) -> str:
-    name = os.path.basename(path)
-    for suf in (".ko", ".ko.xz", ".ko.zst", ".ko.gz"):
-        if name.endswith(suf):
-            name = name[: -len(suf)]
-    return name.replace("-", "_")
 
 
 # ---------------------------------------------------------------------------------------------------------------

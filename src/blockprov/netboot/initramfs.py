@@ -40,6 +40,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,17 @@ def module_order(modules_dir: Path, names: tuple[str, ...] = MODULES,
         builtin = {_mod_name(ln) for ln in (modules_dir / "modules.builtin").read_text().split()}
     except OSError:
         builtin = set()
+    order, missing = dependency_order(dep_text, names)
+    for n in missing:
+        if n in needed and n not in builtin:
+            raise NetbootError(f"the kernel's modules in {modules_dir} have no {n}: blockprov needs it")
+    return [modules_dir / m for m in order]
+
+
+def dependency_order(dep_text: str, names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The modules.dep paths of ``names`` and their dependencies, each after what it needs (the order
+    insmod can load them in), and the names modules.dep does not list (built in, or absent). Pure: the
+    initramfs builder and the test image's builder (tools/bootimage.py) both read modules.dep this way."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in dep_text.splitlines():
@@ -197,6 +209,7 @@ def module_order(modules_dir: Path, names: tuple[str, ...] = MODULES,
             deps[mod] = rest.split()
             by_name[_mod_name(mod)] = mod
     order: list[str] = []
+    missing: list[str] = []
 
     def visit(mod: str, depth: int = 0) -> None:
         if mod in order or depth > 50:
@@ -208,11 +221,10 @@ def module_order(modules_dir: Path, names: tuple[str, ...] = MODULES,
     for n in names:
         found = by_name.get(n.replace("-", "_"))
         if found is None:
-            if n in needed and n not in builtin:
-                raise NetbootError(f"the kernel's modules in {modules_dir} have no {n}: blockprov needs it")
-            continue
-        visit(found)
-    return [modules_dir / m for m in order]
+            missing.append(n)
+        else:
+            visit(found)
+    return order, missing
 
 
 def _mod_name(path: str) -> str:
