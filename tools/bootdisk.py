@@ -66,7 +66,7 @@ def make_bootable(disk: Path, kernel: Path, initrd: Path, out: Path, append: str
         for src, name in ((kernel, "vmlinuz"), (initrd, "initrd.img"), (cfg, "syslinux.cfg")):
             _run("mcopy", "-i", str(part), str(src), f"::{name}")
         tmp_out = out.with_name(out.name + ".part")
-        shutil.copyfile(disk, tmp_out)
+        _run("cp", "--sparse=always", str(disk), str(tmp_out))  # keeps the holes: images are mostly empty
         with open(tmp_out, "r+b") as f:
             f.truncate(start + size)
             f.seek(start)

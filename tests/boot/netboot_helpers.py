@@ -62,13 +62,16 @@ def chunks_served(url: str) -> int:
 def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC,
             until: str | None = None, action: Callable[[], object] | None = None, memory: str = "1024",
             watch: Callable[[str], object] | None = None, query: str = "", count: bool = True,
-            disk_second: bool = False) -> NetBoot:
+            disk_second: bool = False, disk_first: bool = False, marks: tuple[str, ...] = (),
+            poll: float = 0.5) -> NetBoot:
     """One network boot of the PC; bounded (qemu is killed at ``timeout``). With ``until``: once
     the console shows that text, ``action()`` runs while the machine is up, then qemu is killed.
     ``disk`` None: a diskless PC. ``watch(console_text)`` is called at every poll (a test reacts
     to the console, e.g. starts the repository late). ``query``: appended to the boot URL (``?retry=5``).
     ``count`` False: the repository's /metrics is not read (it needs a token where tokens are enforced).
-    ``disk_second``: the disk is the firmware's second boot device (the NIC stays first).
+    ``disk_second``: the disk is the firmware's second boot device (the NIC stays first);
+    ``disk_first``: the disk boots first, the NIC second (a PC booting what its disk holds).
+    ``marks``: console texts timed like MILESTONES (in ``seen``), at every ``poll`` seconds.
 
     The firmware's own messages (SeaBIOS, iPXE) reach the serial console too: SeaBIOS mirrors its
     text console to the port named by the fw_cfg file ``etc/sercon-port`` (0x3f8, ttyS0)."""
@@ -81,10 +84,10 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
            "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
            "-netdev", f"user,id=n,bootfile=http://10.0.2.2:{port}/v1/boot/{mac}{query}",
            # bootindex makes SeaBIOS run the NIC's iPXE ROM first (tests/interop/test_remote_boot.py)
-           "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex=1"]
-    if disk is not None and disk_second:
+           "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex={2 if disk_first else 1}"]
+    if disk is not None and (disk_second or disk_first):
         cmd += ["-drive", f"file={disk},format=raw,if=none,id=disk,cache=writeback",
-                "-device", "virtio-blk-pci,drive=disk,bootindex=2"]
+                "-device", f"virtio-blk-pci,drive=disk,bootindex={1 if disk_first else 2}"]
     elif disk is not None:
         cmd += ["-drive", f"file={disk},format=raw,if=virtio,cache=writeback"]
     t0 = time.monotonic()
@@ -95,7 +98,7 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
     try:
         while time.monotonic() - t0 < timeout and qemu.poll() is None:
             text = console.read_text(errors="replace") if console.exists() else ""
-            for m in MILESTONES:
+            for m in (*MILESTONES, *marks):
                 if m not in seen and m in text:
                     seen[m] = time.monotonic() - t0
             if watch is not None:
@@ -109,7 +112,7 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
                 break
             if bootvm.MARKER in text or bootvm.FAIL_MARKER in text or "BLOCKPROV-NETBOOT-FAIL" in text:
                 break
-            time.sleep(0.5)
+            time.sleep(poll)
         seconds = time.monotonic() - t0
         if bootvm.MARKER in text:  # the guest powers off right after the marker
             with contextlib.suppress(subprocess.TimeoutExpired):
