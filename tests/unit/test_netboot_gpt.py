@@ -205,3 +205,21 @@ def test_the_boot_flag_round_trip_and_a_cut_mended(tmp_path: Path, monkeypatch: 
         _verified(d)
         assert "attrs" not in _sfdisk(d)["partitions"][0]  # type: ignore[index]
         _write(d, disk.boot_writes(loader.head(d), code=code, active=True))  # for the next round
+
+
+def test_a_disk_with_4096_byte_logical_sectors_is_refused(tmp_path: Path) -> None:
+    """Both forms address 512-byte sectors; a 4Kn disk would read them eight times too far, so it
+    is refused (named or not), saying why, rather than given a table its kernel misreads."""
+    sys_block = tmp_path / "block"
+    for name, logical in (("sda", 4096), ("sdb", 512)):
+        (sys_block / name / "queue").mkdir(parents=True)
+        (sys_block / name / "size").write_text(f"{SIZE // 512}\n")
+        (sys_block / name / "queue" / "logical_block_size").write_text(f"{logical}\n")
+    found = disk.disks(sys_block)
+    assert [(d.name, d.size, d.logical) for d in found] == [("sda", SIZE, 4096), ("sdb", SIZE, 512)]
+    blank = {f"/dev/{d.name}": bytes(68 << 10) for d in found}
+    assert disk.choose(found, IMAGE, None, blank.__getitem__) == (found[1], "blank")
+    with pytest.raises(DiskRefused, match=r"sda: 4096-byte logical sectors \(4Kn\)"):
+        disk.choose(found[:1], 1 << 30, None, blank.__getitem__)
+    with pytest.raises(DiskRefused, match=r"blockprov.disk=sda: sda: 4096-byte"):
+        disk.choose(found, 1 << 30, "sda", blank.__getitem__)

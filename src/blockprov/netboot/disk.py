@@ -69,7 +69,9 @@ of an image the repository has).
 
 Recognition (``examine``): a disk is ours when its label sector says so; blank when its first
 and last MiB hold no known signature; otherwise foreign, and then refused unless the operator
-named it with ``blockprov.disk=``.
+named it with ``blockprov.disk=``. In the GPT form the label is in sector 34 (sector 1 is the
+header), so a GPT without it is somebody else's ("gpt"). A disk with 4096-byte logical sectors
+(4Kn) is refused either way: both forms are laid out in 512-byte sectors (not built yet).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ class Disk:
     name: str  # vda, sda, nvme0n1
     size: int
     dev_dir: str = "/dev"  # another directory of device nodes (the agent's own after the root switch)
+    logical: int = SECTOR  # the disk's logical sector: both forms are laid out in 512-byte sectors
 
     @property
     def path(self) -> str:
@@ -391,7 +394,8 @@ def read_label(head: bytes) -> dict[str, object]:
 
 
 def disks(sys_block: Path = Path("/sys/block")) -> list[Disk]:
-    """Whole disks the kernel found, in name order (no loop, ram, nbd, device-mapper)."""
+    """Whole disks the kernel found, in name order (no loop, ram, nbd, device-mapper), with their
+    size (/sys counts 512-byte units whatever the disk's sector) and logical sector size."""
     out = []
     for p in sorted(sys_block.iterdir()) if sys_block.exists() else []:
         if p.name.startswith(("loop", "ram", "nbd", "dm-", "sr", "zram", "md")):
@@ -400,8 +404,12 @@ def disks(sys_block: Path = Path("/sys/block")) -> list[Disk]:
             sectors = int((p / "size").read_text())
         except (OSError, ValueError):
             continue
+        try:
+            logical = int((p / "queue" / "logical_block_size").read_text())
+        except (OSError, ValueError):
+            logical = SECTOR
         if sectors:
-            out.append(Disk(p.name, sectors * SECTOR))
+            out.append(Disk(p.name, sectors * SECTOR, logical=logical))
     return out
 
 
@@ -411,6 +419,18 @@ def read_head(path: str, n: int = 68 << 10) -> bytes:
         return os.pread(fd, n, 0)
     finally:
         os.close(fd)
+
+
+def unfit(d: Disk, need: int) -> str | None:
+    """Why ``d`` cannot hold an image of ``need`` bytes, or None. A disk whose logical sectors are
+    not 512 bytes (4Kn) is refused: both forms address 512-byte sectors (sector 1, LBAs), which
+    such a disk would read eight times too far. Pure."""
+    if d.logical != SECTOR:
+        return (f"{d.name}: {d.logical}-byte logical sectors (4Kn): blockprov's disk layout needs 512-byte "
+                "ones (not built yet)")
+    if d.data_bytes < need:
+        return f"{d.name}: too small ({d.size} bytes; the image needs {need + FIXED + MIB})"
+    return None
 
 
 def choose(found: list[Disk], need: int, named: str | None,
@@ -426,15 +446,15 @@ def choose(found: list[Disk], need: int, named: str | None,
             names = ", ".join(d.name for d in found) or "-"
             raise DiskRefused(f"blockprov.disk={named}: no such disk (found: {names})")
         d = match[0]
-        if d.data_bytes < need:
-            raise DiskRefused(f"disk {d.name} has {d.size} bytes; the image needs {need + FIXED + MIB}")
+        if (why := unfit(d, need)) is not None:
+            raise DiskRefused(f"blockprov.disk={named}: {why}")
         kind = identify(head_of(d.path))
         return d, kind if kind in ("blockprov", "blockprov-old") else "blank"
     candidates = []
     for d in found:
         kind = identify(head_of(d.path))
-        if d.data_bytes < need:
-            reasons.append(f"{d.name}: too small ({d.size} bytes; the image needs {need + FIXED + MIB})")
+        if (why := unfit(d, need)) is not None:
+            reasons.append(why)
         elif kind not in ("blockprov", "blockprov-old", "blank"):
             reasons.append(f"{d.name}: holds {kind} data blockprov did not write (name it with blockprov.disk=)")
         else:

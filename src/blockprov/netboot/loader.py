@@ -45,6 +45,7 @@ entry array before it uses the disk, so the flag is what that array says.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -83,7 +84,7 @@ def private_disk(d: disk.Disk, numbers: dict[str, tuple[int, int]], where: Path)
         node = where / name
         if not node.exists():
             os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(major, minor))
-    return disk.Disk(d.name, d.size, str(where))
+    return dataclasses.replace(d, dev_dir=str(where))
 
 
 def offline_cmdline(cmdline: str) -> str:
