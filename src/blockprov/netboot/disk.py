@@ -71,7 +71,8 @@ Recognition (``examine``): a disk is ours when its label sector says so; blank w
 and last MiB hold no known signature; otherwise foreign, and then refused unless the operator
 named it with ``blockprov.disk=``. In the GPT form the label is in sector 34 (sector 1 is the
 header), so a GPT without it is somebody else's ("gpt"). A disk with 4096-byte logical sectors
-(4Kn) is refused either way: both forms are laid out in 512-byte sectors (not built yet).
+(4Kn) is not set up (refused, saying why): both forms are laid out in 512-byte sectors (not
+built yet); one already holding blockprov's layout is used as before.
 """
 
 from __future__ import annotations
@@ -421,11 +422,12 @@ def read_head(path: str, n: int = 68 << 10) -> bytes:
         os.close(fd)
 
 
-def unfit(d: Disk, need: int) -> str | None:
-    """Why ``d`` cannot hold an image of ``need`` bytes, or None. A disk whose logical sectors are
-    not 512 bytes (4Kn) is refused: both forms address 512-byte sectors (sector 1, LBAs), which
-    such a disk would read eight times too far. Pure."""
-    if d.logical != SECTOR:
+def unfit(d: Disk, need: int, kind: str) -> str | None:
+    """Why ``d``, holding ``kind`` (``identify``), cannot hold an image of ``need`` bytes, or None.
+    A disk whose logical sectors are not 512 bytes (4Kn) is not set up: both forms address
+    512-byte sectors (sector 1, LBAs), which such a disk reads eight times too far; one that
+    already holds blockprov's layout is used as before, not refused. Pure."""
+    if d.logical != SECTOR and kind != "blockprov":
         return (f"{d.name}: {d.logical}-byte logical sectors (4Kn): blockprov's disk layout needs 512-byte "
                 "ones (not built yet)")
     if d.data_bytes < need:
@@ -446,14 +448,14 @@ def choose(found: list[Disk], need: int, named: str | None,
             names = ", ".join(d.name for d in found) or "-"
             raise DiskRefused(f"blockprov.disk={named}: no such disk (found: {names})")
         d = match[0]
-        if (why := unfit(d, need)) is not None:
-            raise DiskRefused(f"blockprov.disk={named}: {why}")
         kind = identify(head_of(d.path))
+        if (why := unfit(d, need, kind)) is not None:
+            raise DiskRefused(f"blockprov.disk={named}: {why}")
         return d, kind if kind in ("blockprov", "blockprov-old") else "blank"
     candidates = []
     for d in found:
         kind = identify(head_of(d.path))
-        if (why := unfit(d, need)) is not None:
+        if (why := unfit(d, need, kind)) is not None:
             reasons.append(why)
         elif kind not in ("blockprov", "blockprov-old", "blank"):
             reasons.append(f"{d.name}: holds {kind} data blockprov did not write (name it with blockprov.disk=)")
