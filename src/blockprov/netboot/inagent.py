@@ -142,10 +142,13 @@ def resolve(repo: RemoteRepository, ref: str, say: Any, give_up_after: float | N
 
 
 def offline_disk(params: dict[str, str]) -> disk.Disk | None:
-    """The disk holding blockprov's current layout, if any: the machine can boot from it offline."""
+    """The disk holding blockprov's current layout, if any: the machine can boot from it offline.
+    Run first at every boot with a disk, it also makes a GPT cut short mid-write whole again
+    (``disk.mend``: netboot/disk.py's crash rules) before anything uses the partitions."""
     with contextlib.suppress(BlockprovError, OSError):
         d, kind = disk.choose(disk.disks(), 0, params.get("disk"))
         if kind == "blockprov":
+            disk.mend(d)
             return d
     return None
 
