@@ -73,7 +73,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockprov.agent import lifecycle
+from blockprov.agent import lifecycle, run_async
 from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.align import runs
 from blockprov.cache.device import CacheDevice
@@ -512,7 +512,7 @@ def main(argv: list[str]) -> int:
             assert manifest is not None
             d = prepare_disk(params, manifest, say)
             cache_dir, data_path = META_MOUNT / "cache", d.data
-        asyncio.run(serve(params, repo, manifest, d, cache_dir, data_path, ready, say))
+        run_async(serve(params, repo, manifest, d, cache_dir, data_path, ready, say))
     except BlockprovError as e:
         why = str(e)
         if isinstance(e, Unauthorized):  # the CLI's hint (--token) means nothing on a PC's console
