@@ -111,6 +111,11 @@ import blockprov.netboot.machine, blockprov.netboot.inagent
 from blockprov.repo.remote import RemoteRepository
 RemoteRepository("http://127.0.0.1:9").close()
 asyncio.new_event_loop().close()
+try:
+    import uvloop  # the agent's event loop when installed (blockprov.agent.run_async)
+    uvloop.new_event_loop().close()
+except ImportError:
+    pass
 for pkg in sys.argv[2:]:
     __import__(pkg)
     for root in __import__(pkg).__path__:
