@@ -437,8 +437,8 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
     Only a disk that holds the whole image gets one (a disk that cannot run offline should not
     pretend to): it waits for the background copy (``hydrating()``), then checks ``missing()``
     — under ``hydrate=off`` there is usually no loader. It runs at the lowest CPU priority (its
-    tools inherit it), through device nodes of its own (after the root switch the agent's root,
-    the initramfs, has no /dev)."""
+    tools inherit it), through device nodes and a /proc of its own (after the root switch the agent's root,
+    the initramfs, has neither)."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     while hydrating():
@@ -450,8 +450,9 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
         return
     try:
         d = loader.private_disk(d, nodes, RUN / "dev")
-    except OSError as e:
-        say(f"warning: the disk's boot loader was not written: device nodes: {e}")
+        loader.own_proc()
+    except (NetbootError, OSError) as e:
+        say(f"warning: the disk's boot loader was not written: device nodes or /proc: {e}")
         return
     repo = RemoteRepository(params["repo"], timeout=60.0)
     ref = f"{m.image}@{m.id}"

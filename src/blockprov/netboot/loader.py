@@ -87,6 +87,18 @@ def private_disk(d: disk.Disk, numbers: dict[str, tuple[int, int]], where: Path)
     return dataclasses.replace(d, dev_dir=str(where))
 
 
+def own_proc(where: Path = Path("/proc")) -> None:
+    """A /proc in the agent's root. ``syslinux --install`` (its mtools flavour) opens the partition as
+    /proc/PID/fd/N, and after the root switch the agent's root, the initramfs, has an empty /proc
+    (PID 1 moved it into the new root): without one of its own, a loader written after the switch
+    (background hydration, or a loader out of date) failed with "Can't open /proc/…/fd/3". The mount
+    lives in the initramfs's tree, which the new root's processes cannot reach."""
+    if (where / "self").exists():
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    _run("mount", "-t", "proc", "proc", str(where))
+
+
 def offline_cmdline(cmdline: str) -> str:
     """The command line the disk's loader boots with: the network boot's, without what a
     loader adds itself, plus ``blockprov.from=disk``. Pure."""
