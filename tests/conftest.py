@@ -30,6 +30,7 @@ TOOL_PACKAGES = {
     "chromium": "chromium", "chromedriver": "chromium-driver",  # the console's browser test (selenium)
     "systemd-analyze": "systemd", "systemd-socket-activate": "systemd",  # contrib/systemd, socket activation
     "syslinux": "syslinux", "mcopy": "mtools", "mkfs.fat": "dosfstools",  # tools/bootdisk.py (a disk's own boot loader)
+    "sfdisk": "fdisk", "sgdisk": "gdisk",  # a tool we did not write reads the GPT netboot/disk.py writes
 }
 
 

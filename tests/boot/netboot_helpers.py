@@ -175,7 +175,7 @@ def cache_of(disk: Path, tmp_path: Path) -> tuple[Any, int]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     meta = tmp_path / "meta.img"
     with open(disk, "rb") as src, open(meta, "wb") as dst:
-        parts = layout.partitions(src.read(layout.SECTOR))  # boot, metadata, golden reserve, data
+        parts = layout.partitions(src.read(layout.GPT_HEAD))  # boot, metadata, golden reserve, data (MBR or GPT)
         src.seek(parts[1][1])
         dst.write(src.read(parts[1][2]))
     # replay the file system's journal as the kernel's mount would (debugfs reads without it)

@@ -122,18 +122,26 @@ def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(netrepo
     assign(netrepo.url, "admin", "keep", mac=mac)
     admin = netboot(disk, netrepo.url, tmp_path / "console1.log", mac=mac)
     assert admin.done.get("mode") == "admin", admin.tail()
-    assign(netrepo.url, "counter", "keep", mac=mac)
+    # this session copies the rest of the image in the background while it counts: once the disk holds
+    # all of it, the agent writes the disk's own boot loader -- after the root switch, from the initramfs's
+    # root, which then has neither /dev nor /proc of its own (the path a PC provisioned by default takes)
+    assign(netrepo.url, "counter", "keep", hydrate="background", mac=mac)
     answers: list[dict[str, Any]] = []
+    console2 = tmp_path / "console2.log"
+    loader_line = re.compile(r"boot loader written to vda1|boot loader was not written.*")
 
-    def snapshot() -> None:
+    def snapshot_then_loader() -> None:
         p = run_cli("--repo", netrepo.url, "snapshot", "--instance", "pc-" + mac.replace(":", "-"),
                     "--to", "bootlab:pc3", "--wait", "120", "--json")
         answers.append(json.loads(p.stdout))
+        end = time.monotonic() + 420
+        while time.monotonic() < end and not loader_line.search(console2.read_text(errors="replace")):
+            time.sleep(1.0)
 
-    running = netboot(disk, netrepo.url, tmp_path / "console2.log", mac=mac, until="BP-COUNT n=20 ",
-                      action=snapshot)
+    running = netboot(disk, netrepo.url, console2, mac=mac, until="BP-COUNT n=20 ", action=snapshot_then_loader)
     assert answers, running.tail()
     assert "reset on start" not in running.console
+    assert "boot loader written to vda1" in running.console, running.tail()
     out = tmp_path / "pc3.raw"
     run_cli("--repo", netrepo.url, "export", "bootlab:pc3", str(out))
     got = subprocess.run([require_tool("debugfs"), "-R", f"cat {bootvm.bootimage.ADMIN_CHANGE_PATH}", str(out)],

@@ -11,8 +11,12 @@ SeaBIOS falls through to the disk, syslinux starts the blockprov initramfs, the 
 ``blockprov.offline_after`` seconds for the repository, boots OFFLINE from what the disk holds,
 restores the session's chunks from the golden reserve, and the guest's check passes.
 
+The PC's disk is a sparse 3 TiB file, so it gets the GPT form (netboot/disk.py: over 2 TiB) and
+the offline boot runs syslinux's gptmbr.bin → the FAT partition's SYSLINUX → the initramfs under
+SeaBIOS, end to end; the 2 GiB disks of the other netboot tests keep the MBR form booting.
+
 A second, fast test holds SeaBIOS to the loader's crash rule: a disk whose loader is not complete
-(never written, or being rewritten) is passed over.
+(never written, or being rewritten: MBR and GPT) is passed over.
 
 Wall time: three TCG boots (the first copies the 1 GiB test image and writes ~23 MB of boot files),
 then two firmware-only boots of a few seconds.
@@ -35,6 +39,7 @@ from tests.procs import Proc, start_server
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]  # several TCG boots, on a shared, loaded machine
 
 OFFLINE_AFTER = 4  # seconds the agent waits for the repository before it boots from the disk
+BIG = 3 << 40  # a disk over 2 TiB: the GPT form (sparse, a few hundred MiB on the host)
 
 
 def assign(url: str, mode: str, hydrate: str, *extra: str) -> None:
@@ -60,13 +65,23 @@ def offrepo(boot_image: bootvm.bootimage.Built, tmp_path: Path) -> Iterator[tupl
 
 def test_hydrated_pc_boots_offline_from_its_disk_pristine(offrepo: tuple[Proc, str], tmp_path: Path) -> None:
     server, url = offrepo
-    disk = blank_disk(tmp_path / "pc-disk.raw")
+    from blockprov.netboot import disk as layout
+    from blockprov.netboot import loader
+
+    disk = blank_disk(tmp_path / "pc-disk.raw", BIG)
     # 1. first provisioning: everything copied before the boot, the disk's own loader written
     assign(url, "check", "before-boot")
     first = netboot(disk, url, tmp_path / "console1.log", disk_second=True)
     assert first.check == "OK", first.tail()
     assert "boot loader written to vda1" in first.console, first.tail()
     assert "golden reserve 128 MiB" in first.console, first.tail()
+    # the agent made a GPT (sfdisk, which we did not write, agrees) whose boot partition is bootable
+    head = layout.read_head(str(disk))
+    assert layout.is_gpt(head) and layout.gpt_valid(head) and head[:440] == loader.GPTMBR_BIN.read_bytes()[:440]
+    table = json.loads(subprocess.run([require_tool("sfdisk"), "--json", str(disk)], capture_output=True, text=True,
+                                      check=True, timeout=60).stdout)["partitiontable"]
+    assert table["label"] == "gpt" and table["partitions"][0].get("attrs") == "LegacyBIOSBootable", table
+    assert table["partitions"][3]["size"] * 512 > layout.MBR_LIMIT, table  # the data partition past 2 TiB
     # 2. a dirty session (restore policy: it is what the next boot undoes)
     assign(url, "dirty", "off", "blockprov.loader=off")
     dirty = netboot(disk, url, tmp_path / "console2.log", disk_second=True)
@@ -88,20 +103,31 @@ def test_hydrated_pc_boots_offline_from_its_disk_pristine(offrepo: tuple[Proc, s
     assert offline.check == "OK", offline.tail()  # the dirty change is gone
 
 
-@pytest.mark.parametrize("state", ["no loader yet", "loader being rewritten"])
+@pytest.mark.parametrize("state", ["no loader yet", "loader being rewritten", "GPT loader being rewritten"])
 def test_the_firmware_passes_over_a_disk_whose_loader_is_not_complete(state: str, tmp_path: Path) -> None:
     """netboot/loader.py's crash rule, against SeaBIOS itself: a disk made by ``initialize`` (boot
     code ``int 0x18``) or whose boot partition is being rewritten (syslinux's mbr.bin, partition 1
-    not active) is passed over — the firmware goes on to its next boot device (here none, so it
-    says so and reboots, which ends qemu) instead of running a half-written loader."""
+    not active; on a GPT disk gptmbr.bin, partition 1 not legacy-BIOS-bootable) is passed over —
+    the firmware goes on to its next boot device (here none, so it says so and reboots, which
+    ends qemu) instead of running a half-written loader."""
+    import uuid
+
     from blockprov.netboot import disk as layout
     from blockprov.netboot import loader
 
     image = tmp_path / "disk.raw"
     with open(image, "wb") as f:
-        f.truncate(512 << 20)
-        code = layout.NO_LOADER if state == "no loader yet" else loader.MBR_BIN.read_bytes()[:440]
-        f.write(layout.mbr(2 << 30, 1 << 20, code=code, active=False))
+        if state.startswith("GPT"):
+            f.truncate(BIG)
+            head, tail = layout.gpt(BIG, 1 << 20, uuid.uuid4(), code=loader.GPTMBR_BIN.read_bytes()[:440])
+            f.seek(layout.tail_at(BIG // layout.SECTOR))
+            f.write(tail)
+            f.seek(0)
+            f.write(head)
+        else:
+            f.truncate(512 << 20)
+            code = layout.NO_LOADER if state == "no loader yet" else loader.MBR_BIN.read_bytes()[:440]
+            f.write(layout.mbr(2 << 30, 1 << 20, code=code, active=False))
     log = tmp_path / "seabios.log"
     subprocess.run([require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", "-m", "128", "-display", "none",
                     "-monitor", "none", "-no-reboot", "-nic", "none", "-boot", "reboot-timeout=1000",

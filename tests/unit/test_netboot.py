@@ -193,10 +193,14 @@ def test_loader_command_line_and_config() -> None:
     assert "KERNEL vmlinuz" in cfg and "INITRD initrd.img" in cfg and f"APPEND {off}\n" in cfg
 
 
-def test_loader_install_sets_the_active_flag_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("size", [2 << 30, 3 << 40], ids=["mbr", "gpt"])
+def test_loader_install_sets_the_active_flag_last(size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """netboot/loader.py on files standing in for the disk and its boot partition: a complete
     install leaves partition 1 active with syslinux's MBR code and the record written; one that
-    fails half-way leaves the flag off (the firmware passes the disk over) and no record."""
+    fails half-way leaves the flag off (the firmware passes the disk over) and no record. On a
+    disk over 2 TiB (GPT): gptmbr.bin and the legacy BIOS bootable attribute."""
+    import uuid
+
     from blockprov.netboot import loader
     from tests.conftest import require_tool
 
@@ -206,20 +210,29 @@ def test_loader_install_sets_the_active_flag_last(tmp_path: Path, monkeypatch: p
     dev.mkdir()
     meta = tmp_path / "meta"
     meta.mkdir()
-    d = disk.Disk("vda", 2 << 30, str(dev))
+    d = disk.Disk("vda", size, str(dev))
+    gpt = disk.gpt(size, MiB, uuid.uuid4()) if d.gpt else None
     with open(d.path, "wb") as f:
-        f.write(disk.mbr(d.size, MiB))
+        if gpt:
+            f.truncate(size)
+            f.seek(disk.tail_at(size // disk.SECTOR))
+            f.write(gpt[1])
+            f.seek(0)
+        f.write(gpt[0] if gpt else disk.mbr(d.size, MiB))
+    table = disk.partitions(loader.head(d))
     with open(d.boot, "wb") as f:
         f.truncate(disk.BOOT_BYTES)
     record = loader.wanted("k1", "i1", "console=ttyS0 blockprov.policy=restore")
     assert loader.installed(d, meta) is None
     loader.install(d, meta, b"K" * 4096, b"I" * 8192, record, tmp_path / "work")
     assert loader.installed(d, meta) == record
-    head = loader.sector0(d)
-    assert head[:440] == loader.MBR_BIN.read_bytes()[:440] and disk.partitions(head)[0][3]
-    assert disk.partitions(head)[1:] == disk.partitions(disk.mbr(d.size, MiB))[1:]
+    head = loader.head(d)
+    code = (loader.GPTMBR_BIN if gpt else loader.MBR_BIN).read_bytes()[:440]
+    assert head[:440] == code and disk.partitions(head)[0][3] and not table[0][3]
+    assert disk.partitions(head)[1:] == table[1:] and disk.partitions(head)[0][:3] == table[0][:3]
+    assert not gpt or disk.gpt_valid(head)
     # a rewrite that fails after the flag went off (here: the copy of the files) leaves it off
     monkeypatch.setattr(loader, "MCOPY", "false")
     with pytest.raises(NetbootError, match="false"):
         loader.install(d, meta, b"K2", b"I2", loader.wanted("k2", "i2", ""), tmp_path / "work")
-    assert not disk.partitions(loader.sector0(d))[0][3] and loader.installed(d, meta) is None
+    assert not disk.partitions(loader.head(d))[0][3] and loader.installed(d, meta) is None

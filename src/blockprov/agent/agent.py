@@ -41,7 +41,7 @@ from blockprov.agent.instance import InstanceOps, catch_stop_signals, wait_for_s
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
 from blockprov.agent.offline import adopt_repository
 from blockprov.agent.report import RepositoryLink
-from blockprov.cache.device import CacheDevice
+from blockprov.cache.device import CHECKPOINT_FILL_BYTES, CacheDevice
 from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
 from blockprov.cache.journal import META_NAME, load
 from blockprov.cache.reserve import Reserve
@@ -78,6 +78,8 @@ class AgentConfig:
     register: bool = True
     metrics: tuple[str, int] | None = None  # Prometheus listener (attach --metrics HOST:PORT)
     activated: list[Socket] = field(default_factory=list)  # listening sockets passed by socket activation
+    # fills between checkpoints: bounds what an open after an unclean stop re-verifies (cache/device.py)
+    checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES
     reserve: Reserve | None = None  # golden reserve of the cache (cache/reserve.py): the in-machine agent's
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,7 +109,8 @@ class Agent:
         catch_stop_signals(self._stop)  # a SIGTERM from now on is a clean stop (run() sees it at once)
         self.device = await CacheDevice.open(cfg.cache_dir, self.repo, self.manifest, data_path=cfg.data_path,
                                              readahead=cfg.readahead, fetch_timeout=cfg.fetch_timeout,
-                                             read_only=cfg.read_only, reserve=cfg.reserve)
+                                             read_only=cfg.read_only, reserve=cfg.reserve,
+                                             checkpoint_fill_bytes=cfg.checkpoint_fill_bytes)
         try:
             dev = self.device
             if self.manifest is None:  # re-attach: refuse a repository without the cache's version

@@ -73,7 +73,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockprov.agent import lifecycle
+from blockprov.agent import lifecycle, run_async
 from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.align import runs
 from blockprov.cache.device import CacheDevice
@@ -103,6 +103,11 @@ RETRY_MAX = 30.0
 SYNC_FILLS = 0.2  # seconds between fsyncs of the journal's fill records (sync_fills)
 OFFLINE_AFTER = 20.0  # seconds an unreachable repository is retried before a disk that can boots offline
 OFFLINE_FETCH_TIMEOUT = 5.0  # offline, a missing chunk's read fails (EIO) after this
+# A PC is powered off with its agent running, so every boot opens a cache left unclean and re-hashes
+# what was filled since the last checkpoint before it serves (cache/device.py; up to 1 GiB on a
+# host): under TCG ~350 MiB took 5-6 s (bench/RESULTS.md), so 64 MiB is about a second. A
+# checkpoint is a few small writes on the metadata file system.
+CHECKPOINT_FILL = 64 << 20
 
 
 def harden() -> list[str]:
@@ -142,10 +147,13 @@ def resolve(repo: RemoteRepository, ref: str, say: Any, give_up_after: float | N
 
 
 def offline_disk(params: dict[str, str]) -> disk.Disk | None:
-    """The disk holding blockprov's current layout, if any: the machine can boot from it offline."""
+    """The disk holding blockprov's current layout, if any: the machine can boot from it offline.
+    Run first at every boot with a disk, it also makes a GPT cut short mid-write whole again
+    (``disk.mend``: netboot/disk.py's crash rules) before anything uses the partitions."""
     with contextlib.suppress(BlockprovError, OSError):
         d, kind = disk.choose(disk.disks(), 0, params.get("disk"))
         if kind == "blockprov":
+            disk.mend(d)
             return d
     return None
 
@@ -316,6 +324,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
                          instance=instance_name(params.get("host")), register=not offline,
                          use_profile=not offline, reserve=reserve,
                          fetch_timeout=OFFLINE_FETCH_TIMEOUT if offline else DEFAULT_TIMEOUT,
+                         checkpoint_fill_bytes=CHECKPOINT_FILL,
                          extra={"host": params.get("host"), "netboot": True})
     held = held_version(config.cache_dir)
     if offline and held is None:
@@ -331,12 +340,17 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     # The host moved to another version of the image: re-attach the version the disk holds (reset
     # first under restore), then update by diff before the kernel sees a byte.
     agent = Agent(config, repo, None if moved or offline else manifest)
+    t0 = time.monotonic()
     try:
         await agent.start()
     except CacheMismatch as e:
         raise NetbootError(f"{e} (erase the disk's first MiB to start over)") from None
     dev = agent.device
     assert dev is not None and agent.ops is not None
+    if dev.verified_chunks:
+        say(f"re-verified {dev.verified_chunks} chunk(s) filled since the last checkpoint (the machine was "
+            f"powered off with the agent running), {dev.dropped_chunks} dropped; cache opened in "
+            f"{time.monotonic() - t0:.1f} s")
     if session and reserve is not None:
         await restore_from_reserve(dev, reserve, session, offline, say)
     if moved and manifest is not None:
@@ -423,8 +437,8 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
     Only a disk that holds the whole image gets one (a disk that cannot run offline should not
     pretend to): it waits for the background copy (``hydrating()``), then checks ``missing()``
     — under ``hydrate=off`` there is usually no loader. It runs at the lowest CPU priority (its
-    tools inherit it), through device nodes of its own (after the root switch the agent's root,
-    the initramfs, has no /dev)."""
+    tools inherit it), through device nodes and a /proc of its own (after the root switch the agent's root,
+    the initramfs, has neither)."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     while hydrating():
@@ -436,8 +450,9 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
         return
     try:
         d = loader.private_disk(d, nodes, RUN / "dev")
-    except OSError as e:
-        say(f"warning: the disk's boot loader was not written: device nodes: {e}")
+        loader.own_proc()
+    except (NetbootError, OSError) as e:
+        say(f"warning: the disk's boot loader was not written: device nodes or /proc: {e}")
         return
     repo = RemoteRepository(params["repo"], timeout=60.0)
     ref = f"{m.image}@{m.id}"
@@ -512,7 +527,7 @@ def main(argv: list[str]) -> int:
             assert manifest is not None
             d = prepare_disk(params, manifest, say)
             cache_dir, data_path = META_MOUNT / "cache", d.data
-        asyncio.run(serve(params, repo, manifest, d, cache_dir, data_path, ready, say))
+        run_async(serve(params, repo, manifest, d, cache_dir, data_path, ready, say))
     except BlockprovError as e:
         why = str(e)
         if isinstance(e, Unauthorized):  # the CLI's hint (--token) means nothing on a PC's console

@@ -20,8 +20,9 @@ What goes in, and why each piece:
   system is a journaled ext4 (netboot/disk.py says why);
 * the disk's own boot loader (netboot/loader.py): ``mkfs.fat`` (dosfstools), ``syslinux`` and
   ``mtools`` (as ``mcopy`` and ``mattrib``, which ``syslinux --install`` runs; with glibc's iconv
-  module for codepage 850, which mtools needs for short names) and syslinux's ``mbr.bin``
-  (syslinux-common), so a machine can write the loader that boots it offline;
+  module for codepage 850, which mtools needs for short names) and syslinux's ``mbr.bin`` and
+  ``gptmbr.bin`` (syslinux-common: a disk over 2 TiB is a GPT), so a machine can write the
+  loader that boots it offline;
 * ``/init``: a few lines of busybox sh that mount /proc, /sys, /dev and exec python3 on
   netboot/machine.py, which does the rest.
 
@@ -54,7 +55,8 @@ MKE2FS_CONF = Path("/etc/mke2fs.conf")
 LOADER_TOOLS = ((("/usr/sbin/mkfs.fat", "/sbin/mkfs.fat"), "usr/sbin/mkfs.fat", "dosfstools"),
                 (("/usr/bin/syslinux",), "usr/bin/syslinux", "syslinux"),
                 (("/usr/bin/mtools",), "usr/bin/mtools", "mtools"),
-                (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"))
+                (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"),
+                (("/usr/lib/syslinux/mbr/gptmbr.bin",), "usr/lib/syslinux/mbr/gptmbr.bin", "syslinux-common"))
 MTOOLS_LINKS = ("mcopy", "mattrib")
 # mtools converts short names through iconv's codepage 850: glibc's converter and its module lists
 GCONV = Path("/usr/lib/x86_64-linux-gnu/gconv")
@@ -109,6 +111,11 @@ import blockprov.netboot.machine, blockprov.netboot.inagent
 from blockprov.repo.remote import RemoteRepository
 RemoteRepository("http://127.0.0.1:9").close()
 asyncio.new_event_loop().close()
+try:
+    import uvloop  # the agent's event loop when installed (blockprov.agent.run_async)
+    uvloop.new_event_loop().close()
+except ImportError:
+    pass
 for pkg in sys.argv[2:]:
     __import__(pkg)
     for root in __import__(pkg).__path__:

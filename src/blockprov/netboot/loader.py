@@ -10,31 +10,42 @@ kernel or initramfs or the machine's command line change, the in-machine agent
   verified against their descriptors) and ``syslinux.cfg`` whose command line is the network
   boot's own plus ``blockprov.from=disk``;
 
-and into sector 0 syslinux's ``mbr.bin``, which boots the *active* partition. The firmware tries
+and into sector 0 syslinux's ``mbr.bin``, which boots the *active* partition — on a GPT disk
+(over 2 TiB: disk.py) syslinux's ``gptmbr.bin``, which boots the partition whose "legacy BIOS
+bootable" attribute (bit 2) is set, and hands ldlinux the GPT entry; below, "the active flag" is
+that attribute on a GPT disk. Which code goes in follows what the disk holds, not its size (an
+older disk over 2 TiB keeps its MBR and gets ``mbr.bin``). The firmware tries
 the network first (the PC's boot order: NIC, then disk); when that fails — the repository or
 the network is down — it falls through to the disk, whose loader starts the same initramfs, and
-the agent serves what the disk holds (inagent.py: offline boot). The tools and ``mbr.bin``
-travel in the initramfs (netboot/initramfs.py), so the agent needs nothing else.
+the agent serves what the disk holds (inagent.py: offline boot). The tools, ``mbr.bin`` and
+``gptmbr.bin`` travel in the initramfs (netboot/initramfs.py), so the agent needs nothing else.
 
 Crash rules (a power cut while the boot partition is rewritten must leave a disk that boots or
 one the firmware passes over, never a half-written loader it trusts):
 
-1. sector 0 is rewritten with the boot partition *not active* and fsync'd first. syslinux's
-   ``mbr.bin`` finding no active partition calls ``int 0x18`` — the firmware's "boot failed,
+1. sector 0 is rewritten with the boot partition *not active* and fsync'd first (GPT: the
+   primary entry array's sector holding the attribute is written and fsync'd first, then the
+   headers and the backup: disk.py's ``boot_writes``). syslinux's ``mbr.bin`` (``gptmbr.bin``)
+   finding no active (bootable) partition calls ``int 0x18`` — the firmware's "boot failed,
    try the next device" — so from here until step 3 the disk is passed over (the machine boots
    from the network, or not at all if that is down too: never from a half-written loader);
 2. the file system is made, the loader installed and the files copied, then the partition is
    fsync'd (the mtools write through their own descriptors; fsync of the block device flushes
    its every dirty page);
 3. ``loader.json`` (what was installed) is written atomically in the metadata file system, then
-   sector 0 with the partition active, fsync'd. Only now does the firmware boot the disk.
+   sector 0 with the partition active, fsync'd (GPT: the attribute's sector first, as in 1).
+   Only now does the firmware boot the disk.
 
 A cut between 3's two writes leaves a record of a loader whose flag is off: ``installed`` says
-nothing is installed unless the flag is on, so the next network boot writes it again.
+nothing is installed unless the flag is on, so the next network boot writes it again. A cut
+among a GPT's writes in 1 or 3 leaves the primary header's CRC stale (the kernel would see no
+partitions): the agent's ``disk.mend`` rebuilds the headers and the backup from the primary
+entry array before it uses the disk, so the flag is what that array says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -45,6 +56,7 @@ from blockprov.errors import NetbootError
 from blockprov.netboot import disk
 
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+GPTMBR_BIN = Path("/usr/lib/syslinux/mbr/gptmbr.bin")  # for a GPT disk (disk.py: over 2 TiB)
 MKFS_FAT = "mkfs.fat"
 SYSLINUX = "syslinux"
 MCOPY = "mcopy"
@@ -72,7 +84,19 @@ def private_disk(d: disk.Disk, numbers: dict[str, tuple[int, int]], where: Path)
         node = where / name
         if not node.exists():
             os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(major, minor))
-    return disk.Disk(d.name, d.size, str(where))
+    return dataclasses.replace(d, dev_dir=str(where))
+
+
+def own_proc(where: Path = Path("/proc")) -> None:
+    """A /proc in the agent's root. ``syslinux --install`` (its mtools flavour) opens the partition as
+    /proc/PID/fd/N, and after the root switch the agent's root, the initramfs, has an empty /proc
+    (PID 1 moved it into the new root): without one of its own, a loader written after the switch
+    (background hydration, or a loader out of date) failed with "Can't open /proc/…/fd/3". The mount
+    lives in the initramfs's tree, which the new root's processes cannot reach."""
+    if (where / "self").exists():
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    _run("mount", "-t", "proc", "proc", str(where))
 
 
 def offline_cmdline(cmdline: str) -> str:
@@ -92,13 +116,23 @@ def wanted(kernel_id: str, initrd_id: str, cmdline: str) -> dict[str, str]:
     return {"kernel": kernel_id, "initrd": initrd_id, "cmdline": offline_cmdline(cmdline)}
 
 
-def sector0(d: disk.Disk) -> bytes:
-    return disk.read_head(d.path, disk.SECTOR)
+def head(d: disk.Disk) -> bytes:
+    """The disk's partition table: sector 0, and a GPT's header and entry array when it has one."""
+    return disk.read_head(d.path, disk.GPT_HEAD)
+
+
+def boot_code(head: bytes) -> bytes:
+    """syslinux's boot code for the disk whose first bytes are ``head``: gptmbr.bin for a GPT."""
+    path = GPTMBR_BIN if disk.is_gpt(head) else MBR_BIN
+    try:
+        return path.read_bytes()[:440]
+    except OSError as e:
+        raise NetbootError(f"{path}: {e.strerror} (the initramfs lacks syslinux's {path.name})") from None
 
 
 def installed(d: disk.Disk, meta_dir: Path) -> dict[str, str] | None:
     """What the disk's loader boots, or None when it boots nothing (flag off, or no record)."""
-    if not disk.partitions(sector0(d))[0][3]:
+    if not disk.partitions(head(d))[0][3]:
         return None
     try:
         got = json.loads((meta_dir / RECORD).read_text())
@@ -110,8 +144,9 @@ def installed(d: disk.Disk, meta_dir: Path) -> dict[str, str] | None:
 def _set_active(d: disk.Disk, code: bytes, active: bool) -> None:
     fd = os.open(d.path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        os.pwrite(fd, disk.with_boot(os.pread(fd, disk.SECTOR, 0), code=code, active=active), 0)
-        os.fsync(fd)
+        for at, data in disk.boot_writes(os.pread(fd, disk.GPT_HEAD, 0), code=code, active=active):
+            os.pwrite(fd, data, at)
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -129,10 +164,7 @@ def _run(*cmd: str) -> None:
 def install(d: disk.Disk, meta_dir: Path, kernel: bytes, initrd: bytes, record: dict[str, str],
             work: Path) -> None:
     """Write the loader, the kernel and the initramfs onto ``d``'s boot partition (crash rules above)."""
-    try:
-        code = MBR_BIN.read_bytes()[:440]
-    except OSError as e:
-        raise NetbootError(f"{MBR_BIN}: {e.strerror} (the initramfs lacks syslinux's mbr.bin)") from None
+    code = boot_code(head(d))
     need = len(kernel) + len(initrd) + (2 << 20)
     if need > disk.BOOT_BYTES:
         raise NetbootError(f"kernel and initramfs ({need >> 20} MiB) do not fit the boot partition "
