@@ -489,6 +489,7 @@ def main() -> None:
     ap.add_argument("--fill-mb", type=int, default=300, help="MB of files in the image (default 300)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--big-repeat", type=int, default=None, help="repeats on the larger image (default --repeat)")
+    ap.add_argument("--loopback-repeat", type=int, default=None, help="repeats on loopback (default --repeat)")
     ap.add_argument("--once", default="", help="comma list of scenarios sampled once, whatever --repeat")
     ap.add_argument("--skip", default="", help="comma list of scenarios (" + ",".join(k for k, _l, _f in SCENARIOS)
                                                + ") and/or links (loopback,wan) and/or big")
@@ -507,11 +508,13 @@ def main() -> None:
     keys = [k for k, _l, _f in SCENARIOS if k not in skip]
     big_keys = [k for k in keys if k in a.big_scenarios.split(",")]
     links = {"wan": (parse_duration(a.rtt), parse_rate(a.rate)), "loopback": (0.0, None)}
-    # the goal's link first: a run cut short by its deadline still has the figures that matter
-    plan = [(a.size, link, keys, a.repeat) for link in links if link not in skip]
-    if "big" not in skip and a.big_size != a.size:
-        plan += [(a.big_size, link, big_keys, a.big_repeat or a.repeat) for link in links
-                 if link not in skip and link in a.big_links.split(",")]
+    # the goal's link first, both sizes: a run cut short by its deadline still has the figures that matter
+    plan = []
+    for link in (k for k in links if k not in skip):
+        repeat = a.loopback_repeat or a.repeat if link == "loopback" else a.repeat
+        plan.append((a.size, link, keys, repeat))
+        if "big" not in skip and a.big_size != a.size and link in a.big_links.split(","):
+            plan.append((a.big_size, link, big_keys, a.big_repeat or repeat))
     load_start = uptime()
     print(f"load at start: {load_start}", flush=True)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -529,10 +532,12 @@ def main() -> None:
                 "(-netdev user,bootfile=…/v1/boot/MAC), blank virtio disk; fog-pc: the same PC, its second "
                 "power-on boots the disk first (its MBR and syslinux); the host-native fog reference boots its "
                 "disk by direct kernel boot (-m 512)",
-        "repeats": a.repeat, "big repeats": a.big_repeat or a.repeat, "cpus": os.cpu_count(),
+        "repeats": a.repeat, "big repeats": a.big_repeat or a.repeat,
+        "loopback repeats": a.loopback_repeat or a.repeat, "cpus": os.cpu_count(),
         "load at start": load_start,
         "command": f"python bench/bench_netboot.py --size {a.size} --big-size {a.big_size} --repeat {a.repeat}"
                    + (f" --big-repeat {a.big_repeat}" if a.big_repeat else "")
+                   + (f" --loopback-repeat {a.loopback_repeat}" if a.loopback_repeat else "")
                    + (f" --big-scenarios {a.big_scenarios}" if a.big_scenarios != ap.get_default("big_scenarios")
                       else "")
                    + (f" --big-links {a.big_links}" if a.big_links != ap.get_default("big_links") else "")
