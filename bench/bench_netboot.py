@@ -410,7 +410,7 @@ def goals(rows: list[dict[str, Any]], boot_file_mib: float, changed: dict[str, i
         if a is not None and b is not None and big != size:
             sa, sb = get(link, size, "restore", "step s"), get(link, big, "restore", "step s")
             out.append(f"restore flat in image size ({link}): bytes {size} {a:.1f} MiB, {big} {b:.1f} MiB "
-                       f"({b / a if a else 0:.2f}×); step {sa} s vs {sb} s — "
+                       f"({b / a if a else 0:.2f}×); step {sa or 0:.2f} s vs {sb or 0:.2f} s — "
                        f"{'met' if b <= 1.25 * a + 1 else 'NOT met'} (bytes)")
     for link in ("wan", "loopback"):
         ch = changed.get(link)
@@ -419,10 +419,12 @@ def goals(rows: list[dict[str, Any]], boot_file_mib: float, changed: dict[str, i
         mib = get(link, size, "update", "repo sent MiB")
         if mib is not None and ch:
             loader = get(link, size, "update", "loader MiB") or 0.0
+            # the agent's "boot loader written" line may come after the marker: then not seen, though fetched
+            rewrite = (f", {mib - boot_file_mib - loader:.2f} MiB besides the disk's boot loader's rewrite "
+                       f"({loader:.1f} MiB)") if loader else ""
             out.append(f"update bytes sent ({link}): {mib:.1f} MiB in all, {mib - boot_file_mib:.2f} MiB besides the "
-                       f"kernel and initramfs ({boot_file_mib:.1f} MiB, fetched by the firmware at every boot), "
-                       f"{mib - boot_file_mib - loader:.2f} MiB besides the disk's boot loader's rewrite "
-                       f"({loader:.1f} MiB); changed chunks {ch} × {chunk_mib:g} MiB = {ch * chunk_mib:.2f} MiB")
+                       f"kernel and initramfs ({boot_file_mib:.1f} MiB, fetched by the firmware at every boot)"
+                       f"{rewrite}; changed chunks {ch} × {chunk_mib:g} MiB = {ch * chunk_mib:.2f} MiB")
     return out
 
 
@@ -441,7 +443,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     groups = list(dict.fromkeys((r["image"], r["scenario"]) for r in rows))
     links = list(dict.fromkeys(r["link"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(18, 6))
     width = 0.8 / max(1, len(links))
     for ax, col, ylabel in ((axes[0], "seconds", "seconds from qemu start to the boot marker"),
                             (axes[1], "repo sent MiB", "MiB the repository sent (log)")):
@@ -570,7 +572,8 @@ def main() -> None:
 
 
 def title(repeats: int) -> str:
-    return f"PC network boot under TCG (median of {repeats}): time to usable and bytes sent"
+    return (f"PC network boot under TCG (medians of up to {repeats} samples; the table says how many): "
+            "time to usable and bytes sent")
 
 
 def write_all(rows: list[dict[str, Any]], raw: dict[str, Any], meta: dict[str, Any], boot_file_mib: float,
