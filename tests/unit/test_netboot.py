@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
 import socket
 import struct
+import subprocess
 import threading
 from pathlib import Path
 
@@ -231,6 +233,18 @@ def test_loader_install_sets_the_active_flag_last(size: int, tmp_path: Path, mon
     assert head[:440] == code and disk.partitions(head)[0][3] and not table[0][3]
     assert disk.partitions(head)[1:] == table[1:] and disk.partitions(head)[0][:3] == table[0][:3]
     assert not gpt or disk.gpt_valid(head)
+    # only the command line changed: the files in place are kept, syslinux.cfg rewritten, flag on again
+    newer = loader.wanted("k1", "i1", "console=ttyS0 blockprov.policy=keep")
+    assert loader.same_files(loader.installed(d, meta), newer) and not loader.same_files(record, loader.wanted(
+        "k2", "i1", ""))
+    loader.install(d, meta, None, None, newer, tmp_path / "work")
+    assert loader.installed(d, meta) == newer and disk.partitions(loader.head(d))[0][3]
+    for name, want in (("vmlinuz", b"K" * 4096), ("initrd.img", b"I" * 8192),
+                       ("syslinux.cfg", loader.syslinux_cfg(newer["cmdline"]).encode())):
+        out = tmp_path / f"got-{name}"
+        subprocess.run([require_tool("mcopy"), "-n", "-i", d.boot, f"::{name}", str(out)], check=True, timeout=60,
+                       env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+        assert out.read_bytes() == want, name
     # a rewrite that fails after the flag went off (here: the copy of the files) leaves it off
     monkeypatch.setattr(loader, "MCOPY", "false")
     with pytest.raises(NetbootError, match="false"):

@@ -462,7 +462,12 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
             say(f"warning: {ref} has no boot files: the disk gets no boot loader (no offline boot)")
             return
         want = loader.wanted(info.kernel.id, info.initrd.id, cmdline)
-        if loader.installed(d, META_MOUNT) == want:
+        have = loader.installed(d, META_MOUNT)
+        if have == want:
+            return
+        if loader.same_files(have, want):
+            loader.install(d, META_MOUNT, None, None, want, RUN / "loader")
+            say(f"boot loader on {d.part_name(1)}: command line rewritten (kernel and initramfs kept)")
             return
         kernel, initrd = repo.boot_file(ref, "kernel"), repo.boot_file(ref, "initrd")
         loader.install(d, META_MOUNT, kernel, initrd, want, RUN / "loader")

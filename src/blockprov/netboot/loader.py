@@ -29,7 +29,8 @@ one the firmware passes over, never a half-written loader it trusts):
    finding no active (bootable) partition calls ``int 0x18`` — the firmware's "boot failed,
    try the next device" — so from here until step 3 the disk is passed over (the machine boots
    from the network, or not at all if that is down too: never from a half-written loader);
-2. the file system is made, the loader installed and the files copied, then the partition is
+2. the file system is made, the loader installed and the files copied (when only the command
+   line changed: ``syslinux.cfg`` alone rewritten in place), then the partition is
    fsync'd (the mtools write through their own descriptors; fsync of the block device flushes
    its every dirty page);
 3. ``loader.json`` (what was installed) is written atomically in the metadata file system, then
@@ -161,22 +162,29 @@ def _run(*cmd: str) -> None:
         raise NetbootError(f"{' '.join(cmd[:2])} failed: {p.stderr.decode(errors='replace').strip()[-300:]}")
 
 
-def install(d: disk.Disk, meta_dir: Path, kernel: bytes, initrd: bytes, record: dict[str, str],
+def install(d: disk.Disk, meta_dir: Path, kernel: bytes | None, initrd: bytes | None, record: dict[str, str],
             work: Path) -> None:
-    """Write the loader, the kernel and the initramfs onto ``d``'s boot partition (crash rules above)."""
+    """Write the loader, the kernel and the initramfs onto ``d``'s boot partition (crash rules above).
+    ``kernel`` and ``initrd`` None: only the command line changed (an update by diff to a version
+    with the same boot files, another policy): the loader and files in place are kept and only
+    ``syslinux.cfg`` is rewritten, under the same rules — so such a boot does not fetch the kernel
+    and initramfs again (23 MiB, bench/RESULTS.md)."""
     code = boot_code(head(d))
-    need = len(kernel) + len(initrd) + (2 << 20)
-    if need > disk.BOOT_BYTES:
-        raise NetbootError(f"kernel and initramfs ({need >> 20} MiB) do not fit the boot partition "
-                           f"({disk.BOOT_BYTES >> 20} MiB)")
+    files = {"syslinux.cfg": syslinux_cfg(record["cmdline"]).encode()}
+    if kernel is not None and initrd is not None:
+        need = len(kernel) + len(initrd) + (2 << 20)
+        if need > disk.BOOT_BYTES:
+            raise NetbootError(f"kernel and initramfs ({need >> 20} MiB) do not fit the boot partition "
+                               f"({disk.BOOT_BYTES >> 20} MiB)")
+        files = {"vmlinuz": kernel, "initrd.img": initrd, **files}
     _set_active(d, code, False)  # 1. passed over from now on
     work.mkdir(parents=True, exist_ok=True)
-    files = {"vmlinuz": kernel, "initrd.img": initrd, "syslinux.cfg": syslinux_cfg(record["cmdline"]).encode()}
     try:
         for name, data in files.items():
             (work / name).write_bytes(data)
-        _run(MKFS_FAT, "-F", "16", "-n", "BPBOOT", d.boot)  # 2.
-        _run(SYSLINUX, "--install", d.boot)
+        if "vmlinuz" in files:  # 2.
+            _run(MKFS_FAT, "-F", "16", "-n", "BPBOOT", d.boot)
+            _run(SYSLINUX, "--install", d.boot)
         for name in files:
             _run(MCOPY, "-o", "-i", d.boot, str(work / name), f"::{name}")
     finally:
@@ -189,3 +197,9 @@ def install(d: disk.Disk, meta_dir: Path, kernel: bytes, initrd: bytes, record: 
         os.close(fd)
     atomic_write(meta_dir / RECORD, json.dumps(record, sort_keys=True).encode())  # 3.
     _set_active(d, code, True)
+
+
+def same_files(have: dict[str, str] | None, want: dict[str, str]) -> bool:
+    """Whether the loader in place (``installed``) holds the kernel and initramfs ``want`` names,
+    so only its command line needs rewriting. Pure."""
+    return have is not None and have.get("kernel") == want["kernel"] and have.get("initrd") == want["initrd"]
