@@ -156,6 +156,22 @@ def test_unreachable_repository_fails_within_timeout_then_recovers() -> None:
     asyncio.run(main())
 
 
+def test_a_timeout_says_the_repository_s_last_error() -> None:
+    """The batch's timeout can end the retries while an attempt is under way (a slow, failing
+    repository): the error still says why the attempts failed, not only that time ran out."""
+    repo, m, _content, sink = setup()
+    repo.unreachable = True
+    repo.delay = 0.3  # attempt 1 fails at 0.3 s; attempt 2 (after 0.05 s) is cut by the 0.5 s timeout
+
+    async def main() -> None:
+        f = fetcher(repo, m, sink, timeout=0.5)
+        with pytest.raises(DeviceIOError, match=r"gave no chunks within 0\.5 s .*last error: .*unreachable"):
+            await f.get(3)
+        await f.close()
+
+    asyncio.run(main())
+
+
 def test_retry_succeeds_when_repository_comes_back() -> None:
     repo, m, content, sink = setup()
     repo.unreachable = True

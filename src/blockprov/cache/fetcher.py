@@ -206,6 +206,7 @@ class Fetcher:
         self._ra_min = min(2, self._ra_max)
         self._max_inflight = max(1, max_inflight)
         self.timeout = timeout
+        self._last_failure: BaseException | None = None  # the repository's last failed attempt, if the last failed
         self._policy = RetryPolicy(timeout=timeout, first_delay=retry_first_delay, max_delay=retry_max_delay)
         self._slots = _Slots(self._max_inflight)
         # A repository that can hand out views of its answer saves a copy per blob. (Checked once:
@@ -396,7 +397,8 @@ class Fetcher:
             except TimeoutError:
                 err: BaseException = FetchFailed(
                     msg=f"repository {self.repo.url} gave no chunks within {self.timeout:g} s "
-                        f"(chunks {batch[0]}..{batch[-1]})")
+                        f"(chunks {batch[0]}..{batch[-1]})"
+                        + (f"; last error: {self._last_failure}" if self._last_failure is not None else ""))
                 self._fail(entries, err)
                 return
             except RepositoryUnavailable as e:
@@ -474,7 +476,12 @@ class Fetcher:
             def get_and_decode() -> tuple[Sequence[Data], dict[bytes, Data | ChunkCorrupt]]:
                 # one trip to the pool per batch, not two: near the repository a thread hand-off
                 # is a visible part of a miss (bench/RESULTS.md, "where a miss goes")
-                got = get(ids)
+                try:
+                    got = get(ids)
+                except Exception as e:
+                    self._last_failure = e  # said when the batch's timeout ends the retries first
+                    raise
+                self._last_failure = None
                 if len(got) != len(ids):
                     raise DeviceIOError(msg=f"repository returned {len(got)} blobs for {len(ids)} ids")
                 return got, _decode_all(ids, got)
