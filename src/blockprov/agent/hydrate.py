@@ -36,11 +36,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import PRESENT, ZERO
+from blockprov.cache import CacheDevice
 from blockprov.errors import DeviceError, NoSpace, UsageError
 
 log = logging.getLogger("blockprov.hydrate")
@@ -126,7 +124,7 @@ class Hydrator:
                 if n:
                     # Journal the fills now (they are only buffered otherwise): a crash then
                     # costs no refetch of what hydration already copied.
-                    await self.dev.state.sync()
+                    await self.dev.sync_fills()
             except NoSpace as e:
                 self.fault = e
                 self._pause(f"cache disk full ({e}); hydration paused, retrying in {pause:g} s")
@@ -158,9 +156,7 @@ class Hydrator:
             self.state = "done"
             self.message = "profile prefetched"
         else:
-            meta = self.dev.state.meta
-            self.dev.state.meta = replace(meta, hydrated=time.time())
-            await self.dev.checkpoint()
+            await self.dev.record_hydrated()
             self.state = "done"
             self.message = "every chunk is local"
         self.finished = time.time()
@@ -186,29 +182,28 @@ class Hydrator:
 
     def _next_batch(self) -> list[int]:
         """Up to one batch of missing chunks: profile order first, then from the cursor on."""
-        fl = self.dev.chunk_map.flags
+        chunks = self.dev.chunks
         busy = time.monotonic() - self.dev.last_miss_at < BUSY_SECONDS
         per = self._per_busy_profile if busy else self._per_idle
         out: list[int] = []
         while self._order and len(out) < per:
             i = self._order.popleft()
-            if not fl[i] & (PRESENT | ZERO):
+            if not chunks.local(i):
                 out.append(i)
         self._from_profile = bool(out)
         if out or self.profile_only:
             return out
         per = self._per_busy if busy else self._per_idle
-        cmap = self.dev.chunk_map
         if self.dev.last_miss != self._seen_miss:
             self._seen_miss = self.dev.last_miss
-            if 0 <= self._seen_miss < cmap.count:
+            if 0 <= self._seen_miss < chunks.count:
                 self._cursor = self._seen_miss
-        start = cmap.first_missing(self._cursor)
+        start = chunks.first_missing(self._cursor)
         if start < 0:
-            start = cmap.first_missing(0)
+            start = chunks.first_missing(0)
             if start < 0:
                 return []
-        for a, b in cmap.runs_where(PRESENT | ZERO, 0, start, min(cmap.count, start + 4 * per)):
+        for a, b in chunks.missing_runs(start, min(chunks.count, start + 4 * per)):
             out.extend(range(a, min(b, a + per - len(out))))
             if len(out) >= per:
                 break
@@ -217,7 +212,7 @@ class Hydrator:
 
     # -- status ---------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        counts = self.dev.chunk_map.counts()
+        counts = self.dev.chunks.counts()
         total = counts["total"] or 1
         local = counts["total"] - counts["missing"]
         rate = 0.0

@@ -174,16 +174,16 @@ def _existing(root: Path) -> Path:
 @json_option
 def clones_list_cmd(root: Path, as_json: bool) -> None:
     """Instances, their base version and how much each changed."""
-    from blockprov.cache.journal import load
+    from blockprov.cache import load_state
     from blockprov.clones.clones import list_instances
 
     root = _existing(root)
     rows: list[dict[str, Any]] = []
     for name in list_instances(root):
-        loaded = load(root / "instances" / name)
-        counts = loaded.map.counts()
-        rows.append({"instance": name, "image": loaded.meta.image, "version": loaded.meta.version,
-                     "chunks_modified": counts["modified"], "bytes_held": counts["present"] * loaded.meta.chunk_size})
+        st = load_state(root / "instances" / name)
+        counts = st.chunks.counts()
+        rows.append({"instance": name, "image": st.image, "version": st.version,
+                     "chunks_modified": counts["modified"], "bytes_held": counts["present"] * st.chunk_size})
     if as_json:
         emit(rows)
         return

@@ -224,10 +224,11 @@ async def release(root: Path, repo: Repository, name: str, *, destroy: bool, age
     if agent is not None and name in agent.instances:
         await lifecycle.reset(agent.instances[name].device, punch=agent.server.stats.connections_active == 0)
     else:
-        from blockprov.cache.device import CacheDevice
+        from blockprov.cache import CacheDevice, base_source
         from blockprov.clones.clones import instance_dir
 
-        dev = await CacheDevice.open(instance_dir(root, name), repo, create=False)
+        # an instance not served here: its reset reads nothing, so its base is not opened
+        dev = await CacheDevice.open(instance_dir(root, name), base_source(None), repo=repo, create=False)
         try:
             await lifecycle.reset(dev)
         finally:
