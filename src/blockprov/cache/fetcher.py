@@ -512,7 +512,7 @@ class Fetcher:
             def call() -> Awaitable[tuple[Sequence[Data], dict[bytes, Data | ChunkCorrupt]]]:
                 return loop.run_in_executor(self._pool, get_and_decode)
 
-            blobs, plain = await retry_async(call, self._policy)
+            blobs, plain = await retry_async(call, self._policy, f"fetching chunks from {self.repo.url}")
         took = time.monotonic() - t0
         self.stats.observe(took)
         wire = sum(len(b) for b in blobs)

@@ -225,7 +225,7 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
         while not task.done():
             _progress(h.status(), show)
             await asyncio.wait([task], timeout=0.5)
-            if h.state == "paused" and h.fault is not None:
+            if h.state in ("paused", "failed") and h.fault is not None:
                 # Offline nobody waits for the repository to come back: the fetcher already retried
                 # for the fetch timeout, so stop, as other commands do (exit 7, or 12 for a full disk).
                 await h.stop()

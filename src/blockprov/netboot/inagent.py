@@ -83,6 +83,7 @@ from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd, loader
 from blockprov.netboot.params import check_params, diskless
 from blockprov.repo.remote import RemoteRepository
+from blockprov.retry import RetryPolicy, is_transient, retry_sync
 
 log = logging.getLogger("blockprov.netboot")
 
@@ -123,23 +124,22 @@ def harden() -> list[str]:
 
 
 def resolve(repo: RemoteRepository, ref: str, say: Any, give_up_after: float | None = None) -> Manifest | None:
-    """The manifest of ``ref``; a repository that is down is retried with backoff, forever (a PC
-    that cannot reach its repository has nothing better to do, and says so on its console) —
-    or, with ``give_up_after`` (the disk can boot offline), for that many seconds, then None."""
-    wait = 1.0
-    end = None if give_up_after is None else time.monotonic() + give_up_after
-    while True:
-        try:
-            return repo.resolve(ref)
-        except BlockprovError as e:
-            if getattr(e, "exit_code", 0) != 7:  # only "unavailable" is worth a retry
-                raise
-            if end is not None and time.monotonic() + wait > end:
-                say(f"repository {repo.url} unreachable ({e})")
-                return None
-            say(f"repository {repo.url} unreachable ({e}); retrying in {wait:g} s")
-        time.sleep(wait)
-        wait = min(RETRY_MAX, wait * 2)
+    """The manifest of ``ref``; a repository that is down is retried with backoff (retry.py: only
+    what its error class calls transient — a certificate the PC does not trust ends the boot with
+    its reason at once), for ever (a PC that cannot reach its repository has nothing better to do,
+    and says so on its console) — or, with ``give_up_after`` (the disk can boot offline), for that
+    many seconds, then None."""
+    def unreachable(e: BaseException, attempt: int, delay: float) -> None:
+        say(f"repository {repo.url} unreachable ({e}); retrying in {delay:.0f} s")
+
+    policy = RetryPolicy(timeout=give_up_after, first_delay=1.0, max_delay=RETRY_MAX, jitter=False)
+    try:
+        return retry_sync(lambda: repo.resolve(ref), policy, f"resolving {ref} at {repo.url}", on_retry=unreachable)
+    except BlockprovError as e:
+        if not is_transient(e):
+            raise
+        say(f"repository {repo.url} unreachable ({e})")
+        return None
 
 
 def offline_disk(params: dict[str, str]) -> disk.Disk | None:
