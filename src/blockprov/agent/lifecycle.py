@@ -40,7 +40,7 @@ from blockprov.codec import DIGEST_SIZE, ZERO_DIGEST
 from blockprov.errors import CacheMismatch, NotFound, UsageError
 from blockprov.manifest import Manifest
 from blockprov.manifest import diff as manifest_diff
-from blockprov.names import parse_ref
+from blockprov.names import parse_ref, target_name
 from blockprov.repo.base import Repository
 
 SNAPSHOT_GROUP_BYTES = 16 << 20  # read, hash and upload in groups of this size
@@ -79,8 +79,7 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
     if rebase and dev.overlay:
         raise UsageError("an overlay instance keeps its shared base: snapshot it without --rebase and clone the "
                          "new version")
-    if not target or len(target) > 64 or not target.replace("-", "").replace("_", "").isalnum():
-        raise UsageError(f"a snapshot target is 1-64 letters, digits, '-' or '_', not {target!r}")
+    target_name(target)
     loop = asyncio.get_running_loop()
     async with dev.lifecycle_lock:
         t0 = time.monotonic()

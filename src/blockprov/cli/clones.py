@@ -31,7 +31,7 @@ from blockprov.cli._common import (
 )
 from blockprov.clones.customize import BUILTIN_IDENTITY
 from blockprov.errors import AgentNotRunning, CustomizeFailed, NotFound, PoolExhausted, UsageError
-from blockprov.names import host_port, instance_id, parse_ref
+from blockprov.names import host_port, instance_id, parse_ref, pool_name
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
     from blockprov.clones.clones import ClonesAgent
@@ -211,9 +211,7 @@ def pool_dir(obj: Ctx, name: str, root: Path | None) -> Path:
     command's (issue 17: pools looked in the default data directory whatever was given)."""
     if root is not None:
         return root.resolve()
-    if not name.replace("-", "").isalnum():
-        raise UsageError(f"a pool name is letters, digits and '-', not {name!r}")
-    return check_data_dir(obj.data_dir, create=False) / "pools" / name
+    return check_data_dir(obj.data_dir, create=False) / "pools" / pool_name(name)
 
 
 POOL_DIR_OPTION = click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),

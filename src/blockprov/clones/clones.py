@@ -50,7 +50,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -69,6 +68,7 @@ from blockprov.device.base import result_bytes
 from blockprov.durable import ensure_dir, fsync_dir
 from blockprov.errors import AgentNotRunning, CacheError, NotFound, UsageError
 from blockprov.manifest import Manifest
+from blockprov.names import clone_name
 from blockprov.nbd.activation import uri_template
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
@@ -89,14 +89,9 @@ def instance_dir(root: Path, name: str) -> Path:
     return root / INSTANCES / name
 
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-
-
 def instance_name(text: str) -> str:
-    """Instance names are export names and directory names: lowercase letters, digits and '-'."""
-    if not _NAME.fullmatch(text):
-        raise UsageError(f"an instance name is 1-63 lowercase letters, digits or '-', not {text!r}")
-    return text
+    """Instance names are export names and directory names (names.py, ``clone_name``)."""
+    return clone_name(text)
 
 
 def list_instances(root: Path) -> list[str]:
