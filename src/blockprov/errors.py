@@ -95,6 +95,10 @@ class ProfileNotFound(NotFound):
     """no boot profile is recorded for {ref}"""
 
 
+class SiteNotFound(NotFound):
+    """no site {site} in this repository (add it with: blockprov site add {site})"""
+
+
 class IntegrityError(BlockprovError):
     """{msg}"""
 
