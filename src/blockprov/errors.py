@@ -186,6 +186,13 @@ class RepositoryUnavailable(BlockprovError):
     http_status = 503
 
 
+class PeerBusy(BlockprovError):
+    """peer {instance} is busy serving its site ({why}): ask again later or ask the repository"""
+
+    exit_code = 7
+    http_status = 503
+
+
 class CatalogUnavailable(BlockprovError):
     """catalog {url} is unreachable: {why}"""
 
