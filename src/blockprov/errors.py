@@ -97,6 +97,10 @@ class ProfileNotFound(NotFound):
     """no boot profile is recorded for {ref}"""
 
 
+class SiteNotFound(NotFound):
+    """no site {site} in this repository (add it with: blockprov site add {site})"""
+
+
 class IntegrityError(BlockprovError):
     """{msg}"""
 
@@ -185,11 +189,19 @@ class RepositoryUnavailable(BlockprovError):
     transient = True  # down, restarting, a 5xx: it may answer next time
 
 
-class StaleConnection(RepositoryUnavailable):
-    """repository {url} is unreachable: {why}"""
+class StaleConnection(BlockprovError):
+    """{url} closed an idle connection: {why}"""
 
-    # The server closed an idle keep-alive connection a request was sent on (repo/remote.py): the
-    # request goes once more on a fresh one; if that fails too, the repository is unreachable.
+    # A request was sent on a keep-alive connection the server had closed meanwhile (repo/remote.py):
+    # it goes once more at once. Never leaves repo/remote.py (the socket's own error does).
+    transient = True
+
+
+class PeerBusy(BlockprovError):
+    """peer {instance} is busy serving its site ({why}): ask again later or ask the repository"""
+
+    exit_code = 7
+    http_status = 503
 
 
 class CatalogUnavailable(BlockprovError):

@@ -12,7 +12,10 @@ imported from outside, never its modules (an import-linter contract, ``cache-pub
   overlay's base cache), ``Reserve`` (the golden reserve: ``Reserve.source`` over another layer);
   ``FetchStats`` and ``LATENCY_BUCKETS`` (the repository's counters, for metrics);
 - chunk states, read-only: ``Chunks``; a stopped cache: ``load_state`` → ``StoppedCache``,
-  ``is_cache``.
+  ``is_cache``;
+- chunks shared with the site's peers (issue 26): ``PeerSource`` (a ``BlobSource`` under the
+  fetcher), ``Membership``, ``Peer``, ``Lender`` (what a cache lends), and the peer protocol's
+  ``PEER_PATH``, ``MAX_IDS``, ``Blob``, ``encode_frames`` (agent/peerserve.py answers with them).
 
 Everything is loaded on first use, so a command that only looks at a stopped cache does not
 load asyncio and the device.
@@ -32,7 +35,9 @@ if TYPE_CHECKING:
         FetchStats,
         repository_source,
     )
+    from blockprov.cache.lending import Lender
     from blockprov.cache.overlay import base_source
+    from blockprov.cache.peers import MAX_IDS, PEER_PATH, Blob, Membership, Peer, PeerSource, encode_frames
     from blockprov.cache.reserve import Reserve
     from blockprov.cache.source import CacheSide, ChunkSource, Data, Filter, Release, SourceFactory, read_chunks
     from blockprov.cache.view import Chunks, StoppedCache, is_cache, load_state
@@ -42,6 +47,9 @@ _WHERE = {
     "DEFAULT_READAHEAD": "fetcher", "DEFAULT_TIMEOUT": "fetcher", "LATENCY_BUCKETS": "fetcher",
     "FetchStats": "fetcher", "repository_source": "fetcher",
     "base_source": "overlay",
+    "Lender": "lending",
+    "MAX_IDS": "peers", "PEER_PATH": "peers", "Blob": "peers", "Membership": "peers", "Peer": "peers",
+    "PeerSource": "peers", "encode_frames": "peers",
     "Reserve": "reserve",
     "CacheSide": "source", "ChunkSource": "source", "Data": "source", "Filter": "source", "Release": "source",
     "SourceFactory": "source", "read_chunks": "source",
@@ -53,6 +61,9 @@ __all__ = [
     "DEFAULT_READAHEAD",
     "DEFAULT_TIMEOUT",
     "LATENCY_BUCKETS",
+    "MAX_IDS",
+    "PEER_PATH",
+    "Blob",
     "CacheDevice",
     "CacheSide",
     "ChunkSource",
@@ -60,11 +71,16 @@ __all__ = [
     "Data",
     "FetchStats",
     "Filter",
+    "Lender",
+    "Membership",
+    "Peer",
+    "PeerSource",
     "Release",
     "Reserve",
     "SourceFactory",
     "StoppedCache",
     "base_source",
+    "encode_frames",
     "is_cache",
     "load_state",
     "read_chunks",
