@@ -20,7 +20,7 @@ import pytest
 import blockprov
 
 # Pure code does no I/O (docs/architecture.md): bytes in, values and bytes out.
-PURE = ["blockprov.nbd.protocol", "blockprov.nbd.events", "blockprov.cache.maps", "blockprov.align", "blockprov.codec",
+PURE = ["blockprov.nbd.protocol", "blockprov.nbd.handshake", "blockprov.nbd.events", "blockprov.cache.maps", "blockprov.align", "blockprov.codec",
         "blockprov.manifest"]
 IMPURE = ("asyncio", "socket", "os")
 
