@@ -40,11 +40,11 @@ def counts(console: Path) -> list[int]:
 
 def agent_runs(disks: Path) -> bool:
     from blockprov.agent import control
-    from blockprov.errors import AgentNotRunning
+    from blockprov.errors import BlockprovError
 
     try:
         control.call(disks, "status", timeout=5.0)
-    except (AgentNotRunning, OSError):
+    except (BlockprovError, OSError):
         return False
     return True
 

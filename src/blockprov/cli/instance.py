@@ -23,7 +23,7 @@ from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.agent.offline import on_cache
 from blockprov.cli._common import Ctx, emit, json_option, progress_bar, quiet_library_logs, run_async, size_option
-from blockprov.errors import BlockprovError, UsageError
+from blockprov.errors import AgentDied, AgentNotRunning, BlockprovError, UsageError
 from blockprov.names import parse_ref
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
@@ -242,7 +242,10 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
         while out.get("state") not in ("done", "stopped"):
             _progress(out, show)
             time.sleep(0.5)
-            st = control.call(cache_dir, "status", timeout=10.0)
+            try:
+                st = control.call(cache_dir, "status", timeout=10.0)
+            except (AgentNotRunning, AgentDied):
+                raise AgentDied(path=str(cache_dir), op="hydrate", outcome=_hydration_left(cache_dir)) from None
             out = st.get("hydration") or {}
     if show:
         click.echo("", err=True)
@@ -251,6 +254,19 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
         return
     click.echo(f"hydration {out.get('state')}: {out.get('percent')}% local, fetched "
                f"{hz.size(out.get('bytes_fetched', 0))}" + (f" — {out['message']}" if out.get("message") else ""))
+
+
+def _hydration_left(cache_dir: Path) -> str:
+    """What a hydration whose agent died leaves: the chunks it fetched are kept (each was recorded
+    present only once its data was written)."""
+    from blockprov.agent.agent import status
+
+    try:
+        st = status(cache_dir)
+    except BlockprovError as e:
+        return f"the cache cannot be read now ({e})"
+    return (f"hydration stopped with {st['chunks_missing']} of {st['chunks_total']} chunk(s) still to fetch; what "
+            "it fetched is kept (attach again, then hydrate, to go on)")
 
 
 def _progress(st: dict[str, Any], show: bool) -> None:

@@ -58,7 +58,16 @@ from blockprov.clones.clones import (
     remove,
 )
 from blockprov.durable import atomic_write, ensure_dir
-from blockprov.errors import AgentNotRunning, BlockprovError, NotFound, UsageError, VmFailed, VmNotRunning
+from blockprov.errors import (
+    AgentDied,
+    AgentNotRunning,
+    BlockprovError,
+    CacheError,
+    NotFound,
+    UsageError,
+    VmFailed,
+    VmNotRunning,
+)
 from blockprov.manifest import Manifest
 from blockprov.names import UNIX_PATH_MAX, parse_ref
 from blockprov.repo.base import Repository
@@ -134,7 +143,7 @@ def ensure_disks_served(root: Path, repo_args: list[str], timeout: float = 60.0)
     def ready() -> bool:
         try:
             control.call(disks, "status", timeout=5.0)
-        except (AgentNotRunning, OSError):
+        except (CacheError, AgentDied, OSError):  # not yet listening, or starting
             return False
         return True
     qemu.spawn(cmd, disks / "agent.log", ready, "the disks agent (clones serve)", timeout, poll=0.02)
@@ -149,9 +158,10 @@ def stop_disks_agent_if_idle(root: Path) -> bool:
         lazy.unmount(t)
     try:
         pid = int(control.call(root / DISKS, "status", timeout=10.0)["pid"])
-        control.call(root / DISKS, "stop", timeout=30.0)
-    except (AgentNotRunning, OSError, KeyError, TypeError, ValueError):  # gone, or going already
+    except (CacheError, AgentDied, OSError, KeyError, TypeError, ValueError):  # gone, or going already
         return False
+    with contextlib.suppress(CacheError, AgentDied, OSError):  # one that ends before it answers is going
+        control.call(root / DISKS, "stop", timeout=30.0)
     # Its caches are written as it exits: a caller that then removes the directory must find it done.
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline and qemu.process_lives(pid):
