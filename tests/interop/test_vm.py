@@ -43,7 +43,7 @@ def agent_runs(disks: Path) -> bool:
     from blockprov.errors import BlockprovError
 
     try:
-        control.call(disks, "status", timeout=5.0)
+        control.call(disks, "status", timeout=30.0)
     except (BlockprovError, OSError):
         return False
     return True
