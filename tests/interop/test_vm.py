@@ -95,7 +95,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                "app_console": app_console, "consoles": consoles, "rows": lab.rows()}
     finally:
         for n in lab.rows():
-            lab.cli("vm", "rm", n, check=False)
+            lab.cli("vm", "rm", "--force", n, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -183,7 +183,7 @@ def test_a_vm_directory_with_only_the_repository_clones_too(lab: dict[str, Any])
         assert json.loads((other.root / "templates" / "tpl" / "template.json").read_text())["name"] == "tpl"
     finally:
         for n in other.rows():
-            other.cli("vm", "rm", n, check=False)
+            other.cli("vm", "rm", "--force", n, check=False)
         shutil.rmtree(other.root, ignore_errors=True)
 
 
@@ -223,11 +223,11 @@ def test_a_lazy_clone_maps_the_memory_before_it_is_copied(lab: dict[str, Any]) -
             assert lab["last"] <= counts(console)[0] <= lab["last"] + 2
         finally:
             for n in third.rows():
-                third.cli("vm", "rm", n, check=False)
+                third.cli("vm", "rm", "--force", n, check=False)
             shutil.rmtree(third.root, ignore_errors=True)
     finally:
         for n in other.rows():
-            other.cli("vm", "rm", n, check=False)
+            other.cli("vm", "rm", "--force", n, check=False)
         subprocess.run(["umount", str(tdir / "mnt")], capture_output=True, check=False)
         shutil.rmtree(other.root, ignore_errors=True)
     assert not (tdir / "mnt").is_mount()
@@ -266,7 +266,7 @@ def test_a_clone_that_fails_to_start_is_reported_and_the_others_run(lab: dict[st
     assert rows[ok]["state"] == "running"
     c = lb.root / "vms" / ok / "console.log"
     wait_until(f"{ok} counting", lambda: len(counts(c)) >= 2, 60)
-    lb.cli("vm", "rm", ok)
+    lb.cli("vm", "rm", "--force", ok)
     assert set(lb.rows()) == before
 
 
@@ -364,6 +364,6 @@ def test_a_version_without_boot_files_boots_from_its_own_boot_loader(lab: dict[s
         c = lb.root / "vms" / made["clones"][0] / "console.log"
         wait_until("the boot-loader clone counting on", lambda: len(counts(c)) >= 2, 60)
         assert last <= counts(c)[0] <= last + 2 and "SYSLINUX" not in c.read_text(errors="replace")
-        lb.cli("vm", "rm", made["clones"][0])
+        lb.cli("vm", "rm", "--force", made["clones"][0])
     finally:
-        lb.cli("vm", "rm", "bl", check=False)
+        lb.cli("vm", "rm", "--force", "bl", check=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -213,9 +214,24 @@ def test_a_kernel_is_checked_before_anything_is_built(tmp_path: Path) -> None:
     mods = tmp_path / "mods"
     mods.mkdir()
     (mods / "nbd.ko").write_bytes(b"\x7fELF...vermagic=5.10.0-9-amd64 SMP mod_unload \0rest")
-    with pytest.raises(NetbootError, match="are for 5.10.0-9-amd64, the kernel is 6.1.0-99-amd64"):
+    with pytest.raises(NetbootError, match=re.escape("are for 5.10.0-9-amd64, the kernel is 6.1.0-99-amd64")):
         initramfs.check_modules_match([mods / "nbd.ko"], "6.1.0-99-amd64")
     initramfs.check_modules_match([mods / "nbd.ko"], "5.10.0-9-amd64")
+
+
+def test_blockprov_initramfs_is_recognised() -> None:
+    """`vm run` refuses a version whose initrd is the network-boot initramfs: told from its first entries."""
+    from blockprov.boot import INITRAMFS_MARK, is_blockprov_initramfs
+
+    a = initramfs.Archive()
+    a.file("init", b"#!/bin/sh\n", 0o755)
+    a.file(INITRAMFS_MARK, b"#!/bin/sh\n", 0o755)
+    a.file("usr/lib/big", os.urandom(3 << 20))  # the mark is found without unpacking the rest
+    assert is_blockprov_initramfs(gzip.compress(a.cpio()))
+    other = initramfs.Archive()
+    other.file("init", b"#!/bin/sh\n", 0o755)
+    assert not is_blockprov_initramfs(gzip.compress(other.cpio()))
+    assert not is_blockprov_initramfs(b"\x28\xb5\x2f\xfd not gzip") and not is_blockprov_initramfs(b"")
 
 
 def test_loader_command_line_and_config() -> None:

@@ -22,7 +22,17 @@ import click
 from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.agent.offline import on_cache
-from blockprov.cli._common import Ctx, emit, json_option, progress_bar, quiet_library_logs, run_async, size_option
+from blockprov.cli._common import (
+    MEMORY_HELP,
+    Ctx,
+    emit,
+    json_option,
+    memory_option,
+    progress_bar,
+    quiet_library_logs,
+    run_async,
+    size_option,
+)
 from blockprov.errors import AgentDied, AgentNotRunning, BlockprovError, UsageError
 from blockprov.names import parse_ref
 
@@ -317,11 +327,12 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
               help="Seconds the recording boot may take at most.")
 @click.option("--idle", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
               help="Seconds without a new chunk read that end a boot that does not power off.")
-@click.option("--memory", default="512", show_default=True, help="Guest memory (qemu -m).")
+@click.option("--memory", default="512", show_default=True, callback=memory_option,
+              help=f"Guest memory ({MEMORY_HELP}).")
 @click.option("--append", default="", help="Extra kernel arguments (with the version's boot files).")
 @json_option
 @click.pass_obj
-def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: str, append: str,
+def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: int, append: str,
                        as_json: bool) -> None:
     """Boot the version once, headless, next to the repository (qemu, TCG) through a throwaway
     cache that records the order the boot reads chunks, and save that order as its boot profile:
@@ -333,7 +344,7 @@ def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: 
     quiet_library_logs()
     r = parse_ref(ref)
     m = obj.repo.resolve(r)
-    got = run_async(record(obj.repo, m, timeout=timeout, idle=idle, memory=memory, append=append))
+    got = run_async(record(obj.repo, m, timeout=timeout, idle=idle, memory=f"{memory >> 20}M", append=append))
     out = {**got.to_dict(), "repository": obj.repo.url}
     if as_json:
         emit(out)

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blockprov.boot import INITRAMFS_MARK
 from blockprov.errors import NetbootError, SourceError
 
 PYTHON = Path("/usr/bin/python3")
@@ -434,7 +435,7 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
     a.node("dev/console", stat.S_IFCHR | 0o600, (5, 1))
     a.node("dev/null", stat.S_IFCHR | 0o666, (1, 3))
     a.file("init", INIT.encode(), 0o755, "init")
-    a.file("etc/blockprov/udhcpc.sh", UDHCPC.encode(), 0o755, "init")
+    a.file(INITRAMFS_MARK, UDHCPC.encode(), 0o755, "init")  # also what marks the archive as ours
     a.file("usr/bin/busybox", _read(busybox, "busybox"), 0o755, "busybox")
     a.file("usr/sbin/mke2fs", _read(MKE2FS, "mke2fs"), 0o755, "mke2fs")
     if MKE2FS_CONF.exists():
