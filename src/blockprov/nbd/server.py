@@ -8,24 +8,8 @@ transport in ``finally``.
 Each request runs in its own task, so several are in flight per connection; at most
 ``max_in_flight`` requests and ``max_buffered`` bytes of payload (WRITE data received plus READ
 data requested) are admitted at once, beyond that the server stops reading from the socket.
-Replies never interleave: each is written with one synchronous ``transport.writelines`` call,
-and while a READ reply is being sent with ``loop.sendfile`` the other replies of the connection
-wait in a queue.
-
-READ data: memory parts (``bytes``/``memoryview``) go out with ``writelines`` (scatter/gather, no
-join under uvloop). ``FileSegment`` parts of at least ``SENDFILE_MIN`` bytes go out with
-``os.sendfile`` straight from the data file to the socket (zero copy), under uvloop as under
-asyncio: the connection keeps a duplicate of the socket's descriptor and, once the transport's
-write buffer is empty (nothing of ours is queued in front), calls ``os.sendfile`` on it, waiting
-for writability with ``loop.add_writer`` on the duplicate (the loops refuse watchers on a
-transport's own descriptor, not on another descriptor of the same socket). If the transport
-still holds bytes, the segment goes through ``loop.sendfile`` where the loop has it natively
-(asyncio; it waits for the buffer to drain), else it is ``pread`` (in the default executor when
-large) and written. Smaller segments are always ``pread`` and written (a syscall pair is cheaper).
-Measured with nbdcopy, 1 GiB from a tmpfs file served as FileSegments over a unix socket
-(2 vCPU VM): asyncio+sendfile 0.30 s at 1 MiB requests (1.28 s at 256 KiB), asyncio+pread 1.6 s,
-uvloop+pread 0.65 s (0.87 s at 256 KiB); from a MemoryDevice with uvloop 0.28 s. uvloop is ~2×
-faster for small requests, so with the direct sendfile path uvloop is the better loop for both.
+Replies leave through the connection's ``ReplyWriter`` (nbd/writer.py: the queue, held output,
+sendfile); this module keeps the framing and the dispatch of requests.
 
 Hostile peers (issue 17). What a connection holds follows what its peer really sent (the protocol
 grows a WRITE payload's buffer as bytes arrive), and a peer that stops in the middle of something
@@ -66,8 +50,6 @@ import logging
 import os
 import socket
 import stat
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,14 +77,11 @@ from blockprov.nbd.protocol import (
     Write,
     WriteZeroes,
 )
+from blockprov.nbd.writer import ReplyWriter
 
 CLAIM_PROBE_TIMEOUT = 2.0  # seconds a connect to an existing socket may take before it counts as in use
 log = logging.getLogger("blockprov.nbd")
 
-_IOV_MAX = 512
-SENDFILE_MIN = 128 * 1024  # smaller file segments are pread and written (a syscall pair is cheaper)
-SNDBUF = 4 << 20  # asked for (the kernel caps it) so one sendfile mostly sends a whole reply
-_Buffer = bytes | bytearray | memoryview
 # Generous: real clients send a request in one go; a peer silent this long in the middle of one is
 # gone or hostile. qemu-nbd allows 10 s for the whole handshake.
 FRAME_TIMEOUT = 60.0
@@ -340,31 +319,21 @@ class _Connection(asyncio.BufferedProtocol):
         self.buffered = 0
         self.requests: set[asyncio.Task[None]] = set()
         self.reading_paused = False
-        self.writing_paused = False
         self.stopped = False  # no more requests are read
         self.finished: asyncio.Future[bool] = self.loop.create_future()  # result: abort?
         self.idle: asyncio.Future[None] | None = None
-        self.file_busy = False
-        self.file_lock = asyncio.Lock()
-        self.queued: deque[Sequence[_Buffer]] = deque()
-        self.outq: list[_Buffer] = []
-        self.flush_scheduled = False
-        self.sendfile_ok = True
-        self.out_fd = -2  # duplicate of the socket's descriptor for os.sendfile; -2 not made yet, -1 none
-        self.direct_active = False
-        self.direct_waiter: asyncio.Future[None] | None = None
-        self.lost = False
+        self.out = ReplyWriter(self.loop, self.stats, lambda: self._finish(abort=True))
         self.last_heard = self.loop.time()  # when bytes last arrived (or reading last resumed)
         self.frame_timer: asyncio.TimerHandle | None = None
         self.stream: _WriteStream | None = None  # the streamed WRITE whose pieces are arriving
         self.stream_bytes = 0  # bytes of streamed WRITE pieces received and not yet written
-        self.drain_waiter: asyncio.Future[None] | None = None
 
     # --- asyncio.BufferedProtocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
         self.peer = transport.get_extra_info("peername") or "unix socket"
+        self.out.transport, self.out.peer = self.transport, self.peer
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -390,38 +359,18 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stopped = True
-        self.lost = True
         self._disarm_frame_timer()
-        waiter = self.direct_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)  # a direct sendfile waiting for writability learns it now
-        self._wake_drain()
+        self.out.connection_lost()
         if not self.finished.done():
             self.finished.set_result(False)
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
+        self.out.pause()
         self._pause_reading()
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._wake_drain()
+        self.out.resume()
         self._process()
-
-    def _wake_drain(self) -> None:
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _drain(self) -> None:
-        """Wait until the transport's write buffer is below its low-water mark (a streamed
-        READ reply sends its next piece only then: memory bounded by one piece)."""
-        while self.writing_paused and not self.lost:
-            self.drain_waiter = self.loop.create_future()
-            try:
-                await self.drain_waiter
-            finally:
-                self.drain_waiter = None
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -435,13 +384,12 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             transport = self.transport
             if transport is not None:
-                self._flush()
+                self.out.flush()
                 if abort:
                     transport.abort()
                 else:
                     transport.close()
-            if not self.direct_active:
-                self._close_out_fd()
+            self.out.close()
             self.stats.connections_active -= 1
             if self.device is not None:
                 log.debug("nbd: connection from %s to %r closed", self.peer, self.proto.export_name)
@@ -498,7 +446,7 @@ class _Connection(asyncio.BufferedProtocol):
         server = self.server
         while not self.stopped:
             if (self.in_flight >= server.max_in_flight or self.buffered >= server.max_buffered
-                    or self.writing_paused or self.stream_bytes >= STREAM_WINDOW):
+                    or self.out.paused or self.stream_bytes >= STREAM_WINDOW):
                 self._pause_reading()
                 return
             try:
@@ -536,16 +484,16 @@ class _Connection(asyncio.BufferedProtocol):
                 self.stats.requests += 1
                 self.stats.errors += 1
                 log.info("nbd: bad request from %s: %s", self.peer, event.message)
-                self._send((proto.reply_error(event.handle, event.error, event.message),))
+                self.out.send((proto.reply_error(event.handle, event.error, event.message),))
             elif kind is OptionHandled:
-                self._send((proto.data_to_send(),))
+                self.out.send((proto.data_to_send(),))
             elif kind is TransmissionStarted:
                 assert isinstance(event, TransmissionStarted)
-                self._send((proto.data_to_send(),))
+                self.out.send((proto.data_to_send(),))
                 self.device = server.exports[event.name]
                 log.debug("nbd: %s uses export %r (flags %#x)", self.peer, event.name, event.flags)
             elif kind is Aborted:
-                self._send((proto.data_to_send(),))
+                self.out.send((proto.data_to_send(),))
                 self._finish(abort=False)
             else:  # Disconnect, ConnectionClosed
                 assert isinstance(event, Disconnect | ConnectionClosed)
@@ -571,26 +519,6 @@ class _Connection(asyncio.BufferedProtocol):
 
         return done
 
-    def _send(self, parts: Sequence[_Buffer]) -> None:
-        """Queue one complete reply. Replies produced in the same loop iteration leave in one
-        ``writelines`` (one syscall for many small replies at high queue depth)."""
-        if self.file_busy:
-            self.queued.append(parts)
-            return
-        self.outq.extend(parts)
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self.flush_scheduled = False
-        if not self.outq:
-            return
-        out, self.outq = self.outq, []
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.writelines(out)
-
     def _fail(self, handle: int, exc: BaseException, what: str) -> None:
         error = errno_for(exc)
         self.stats.errors += 1
@@ -598,7 +526,7 @@ class _Connection(asyncio.BufferedProtocol):
             log.info("nbd: %s failed: %s", what, exc)
         else:
             log.error("nbd: %s failed with an unexpected error", what, exc_info=exc)
-        self._send((self.proto.reply_error(handle, error, str(exc) or type(exc).__name__),))
+        self.out.send((self.proto.reply_error(handle, error, str(exc) or type(exc).__name__),))
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -624,61 +552,9 @@ class _Connection(asyncio.BufferedProtocol):
         header = self.proto.reply_read_header(ev.handle, ev.offset, ev.length)
         self.stats.bytes_read += ev.length
         if not has_files:
-            self._send((header, *parts))  # type: ignore[arg-type]
+            self.out.send((header, *parts))  # type: ignore[arg-type]
             return
-        await self._send_with_files(header, parts)
-
-    async def _send_with_files(self, header: bytes, parts: Sequence[Any]) -> None:
-        # Resolve small segments (and, without any sendfile, all of them) to bytes first: once
-        # the header is out, a failure can no longer be reported, only the connection dropped.
-        # Large segments are only sent with sendfile when the file really holds them (a short
-        # file would make sendfile stop early and break the framing).
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        out: list[Any] = [header, *await self._resolve(transport, parts)]
-        if not any(type(p) is FileSegment for p in out):
-            self._send(out)
-            return
-        async with self._output(transport) as ok:
-            if ok:
-                await self._send_now(transport, out)
-
-    @contextlib.asynccontextmanager
-    async def _output(self, transport: asyncio.Transport) -> AsyncIterator[bool]:
-        """Hold the connection's output for one reply sent in several writes (sendfile, a
-        streamed READ): one such reply at a time, in turn; other replies wait in ``queued``
-        meanwhile. Yields False when the transport is closing (send nothing). A failure while
-        sending drops the connection: once part of a reply is out, the framing cannot recover."""
-        async with self.file_lock:
-            if transport.is_closing():
-                yield False
-                return
-            self._flush()
-            self.file_busy = True
-            try:
-                yield True
-            except ConnectionError as e:
-                log.info("nbd: %s went away while a read reply was sent: %s", self.peer, e)
-                self._finish(abort=True)
-            except Exception:
-                log.exception("nbd: sending a read reply to %s failed; closing the connection", self.peer)
-                self._finish(abort=True)
-            finally:
-                self.file_busy = False
-                while self.queued:
-                    self._send(self.queued.popleft())
-
-    async def _send_now(self, transport: asyncio.Transport, out: list[Any]) -> None:
-        """Send one reply (or piece of one) while holding the connection's output: directly on
-        the duplicate descriptor when the transport holds nothing, else through the transport."""
-        fd = self._direct_fd(transport)
-        if fd >= 0 and transport.get_write_buffer_size():
-            await asyncio.sleep(0)  # uvloop sends what it holds at the end of an iteration
-        if fd >= 0 and not transport.get_write_buffer_size() and not self.lost:
-            await self._send_direct(fd, out)
-        else:
-            await self._send_through(transport, out)
+        await self.out.send_with_files(header, parts)
 
     async def _read_streamed(self, ev: Read) -> None:
         """A READ above ``STREAM_ABOVE``: read and sent one chunk-aligned piece at a time (module
@@ -692,15 +568,15 @@ class _Connection(asyncio.BufferedProtocol):
         proto = self.proto
         # Simple replies, and structured ones under NBD_CMD_FLAG_DF, are one header then the data.
         one_header = not proto.structured or ev.df
-        async with self._output(transport) as ok:
+        async with self.out.output() as ok:
             pos, end = ev.offset, ev.offset + ev.length
-            while ok and pos < end and not self.lost:
+            while ok and pos < end and not self.out.lost:
                 n = min(STREAM_PIECE - pos % STREAM_PIECE, end - pos)
                 try:
                     parts = await device.read(pos, n)
                     if sum(p.length if type(p) is FileSegment else len(p) for p in parts) != n:
                         raise BlockprovError(f"device returned the wrong length for a read of {n} bytes")
-                    out = await self._resolve(transport, parts)
+                    out = await self.out.resolve(parts)
                 except Exception as exc:
                     what = f"read of {ev.length} bytes at {ev.offset} (at {pos})"
                     if pos == ev.offset:
@@ -709,7 +585,7 @@ class _Connection(asyncio.BufferedProtocol):
                         self.stats.errors += 1
                         log.info("nbd: %s failed: %s", what, exc)
                         reply = proto.reply_error_offset(ev.handle, errno_for(exc), pos, str(exc))
-                        await self._send_now(transport, [reply])
+                        await self.out.send_now([reply])
                     else:
                         log.warning("nbd: %s failed after the reply header went out; closing the "
                                     "connection (a simple or unfragmented reply cannot report it): %s", what, exc)
@@ -719,159 +595,10 @@ class _Connection(asyncio.BufferedProtocol):
                     header = proto.reply_read_header(ev.handle, ev.offset, ev.length) if pos == ev.offset else b""
                 else:
                     header = proto.reply_read_header(ev.handle, pos, n, first=pos == ev.offset, last=pos + n == end)
-                await self._send_now(transport, [header, *out] if header else out)
+                await self.out.send_now([header, *out] if header else out)
                 self.stats.bytes_read += n
                 pos += n
-                await self._drain()
-
-    async def _resolve(self, transport: asyncio.Transport, parts: Sequence[Any]) -> list[Any]:
-        """The parts of a read reply ready to send: file segments kept for sendfile when it can
-        be used and the file holds them, else read into memory (see _send_with_files)."""
-        can_sendfile = self.sendfile_ok or self._direct_fd(transport) >= 0
-        out: list[Any] = []
-        for part in parts:
-            if type(part) is FileSegment:
-                if can_sendfile and part.length >= SENDFILE_MIN and _file_covers(part):
-                    out.append(part)
-                else:
-                    out.append(await self._pread(part))
-            else:
-                out.append(part)
-        return out
-
-    async def _send_through(self, transport: asyncio.Transport, out: list[Any]) -> None:
-        """Send a reply through the transport: memory parts written, file parts with the loop's
-        sendfile where it has one, else read and written."""
-        pending: list[Any] = []
-        for part in out:
-            if type(part) is not FileSegment:
-                pending.append(part)
-                continue
-            if pending:
-                transport.writelines(pending)
-                pending = []
-            await self._sendfile(transport, part)
-        if pending:
-            transport.writelines(pending)
-
-    async def _send_direct(self, fd: int, out: list[Any]) -> None:
-        """Send a reply on the duplicate socket descriptor while the transport holds nothing:
-        memory parts with ``os.writev``, file parts with ``os.sendfile``."""
-        pending: list[Any] = []
-        for part in out:
-            if type(part) is not FileSegment:
-                pending.append(part)
-                continue
-            if pending:
-                await self._writev_direct(fd, pending)
-                pending = []
-            sent = await self._sendfile_direct(fd, part)
-            self.stats.sendfile_bytes += sent
-            if sent < part.length:  # the file ended early: the rest reads as zeros
-                pending.append(await self._pread(FileSegment(part.fd, part.offset + sent, part.length - sent)))
-        if pending:
-            await self._writev_direct(fd, pending)
-
-    async def _writev_direct(self, fd: int, parts: list[Any]) -> None:
-        bufs = [memoryview(p).cast("B") for p in parts]
-        while bufs:
-            try:
-                n = os.writev(fd, bufs[:_IOV_MAX])
-            except BlockingIOError:
-                await self._wait_writable(fd)
-                continue
-            while bufs and n >= len(bufs[0]):
-                n -= len(bufs[0])
-                bufs.pop(0)
-            if n:
-                bufs[0] = bufs[0][n:]
-
-    async def _sendfile(self, transport: asyncio.Transport, seg: FileSegment) -> None:
-        if self.sendfile_ok:
-            with os.fdopen(seg.fd, "rb", closefd=False) as f:
-                try:
-                    sent = await self.loop.sendfile(transport, f, seg.offset, seg.length, fallback=False)
-                except (asyncio.SendfileNotAvailableError, NotImplementedError):
-                    self.sendfile_ok = False
-                    sent = 0
-            self.stats.sendfile_bytes += sent
-            if sent == seg.length:
-                return
-            seg = FileSegment(seg.fd, seg.offset + sent, seg.length - sent)
-        transport.write(await self._pread(seg))
-
-    def _direct_fd(self, transport: asyncio.Transport) -> int:
-        """The duplicate socket descriptor for direct sendfile (made on first use), or -1."""
-        if self.out_fd == -2:
-            self.out_fd = -1
-            sock = transport.get_extra_info("socket")
-            if sock is not None and hasattr(os, "sendfile"):
-                try:
-                    fd = os.dup(sock.fileno())
-                except OSError:
-                    return -1
-                os.set_blocking(fd, False)  # the same open file as the transport's: already so
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-                self.out_fd = fd
-        return self.out_fd
-
-    def _close_out_fd(self) -> None:
-        if self.out_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.out_fd)
-        self.out_fd = -1
-
-    async def _sendfile_direct(self, out_fd: int, seg: FileSegment) -> int:
-        """``os.sendfile`` the segment, waiting for writability as needed; bytes sent (fewer only
-        when the file ends early). Socket errors propagate (the caller drops the connection)."""
-        offset, left = seg.offset, seg.length
-        self.direct_active = True
-        try:
-            while left:
-                try:
-                    n = os.sendfile(out_fd, seg.fd, offset, left)
-                except BlockingIOError:
-                    await self._wait_writable(out_fd)
-                    continue
-                if n == 0:
-                    break
-                offset += n
-                left -= n
-        finally:
-            self.direct_active = False
-            if self.stopped and self.transport is not None and self.transport.is_closing():
-                self._close_out_fd()
-        return seg.length - left
-
-    async def _wait_writable(self, fd: int) -> None:
-        if self.lost:
-            raise ConnectionResetError("connection lost while sending a reply")
-        loop = self.loop
-        waiter: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        self.direct_waiter = waiter
-        loop.add_writer(fd, ready)
-        try:
-            await waiter
-        finally:
-            self.direct_waiter = None
-            loop.remove_writer(fd)
-        if self.lost:
-            raise ConnectionResetError("connection lost while sending a reply")
-
-    async def _pread(self, seg: FileSegment) -> bytes:
-        if seg.length <= SENDFILE_MIN:
-            data = os.pread(seg.fd, seg.length, seg.offset)
-        else:
-            data = await self.loop.run_in_executor(None, os.pread, seg.fd, seg.length, seg.offset)
-        if len(data) < seg.length:  # past the end of the file: reads as zeros
-            data += bytes(seg.length - len(data))
-        return data
+                await self.out.drain()
 
     async def _write(self, ev: Write) -> None:
         self.stats.requests += 1
@@ -883,7 +610,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(ev.handle, exc, f"write of {len(ev.data)} bytes at {ev.offset}")
             return
         self.stats.bytes_written += len(ev.data)
-        self._send((self.proto.reply_ok(ev.handle),))
+        self.out.send((self.proto.reply_ok(ev.handle),))
 
     def _write_piece(self, ev: Write) -> None:
         """One piece of a streamed WRITE: written after the piece before it (in order, so a
@@ -920,7 +647,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(stream.handle, stream.error,
                        f"streamed write at {stream.offset} (failed at {stream.error_at}; written before it)")
         else:
-            self._send((self.proto.reply_ok(stream.handle),))
+            self.out.send((self.proto.reply_ok(stream.handle),))
 
     async def _other(self, ev: Flush | Trim | WriteZeroes | BlockStatus | Cache) -> None:
         self.stats.requests += 1
@@ -944,13 +671,13 @@ class _Connection(asyncio.BufferedProtocol):
                     reply = proto.reply_block_status(ev.handle, ev.length, extents, req_one=ev.req_one)
                 except Exception as exc:
                     raise BlockprovError(f"device returned unusable extents: {exc}") from exc
-                self._send((reply,))
+                self.out.send((reply,))
                 return
             # Cache: a hint; succeed without doing anything.
         except Exception as exc:
             self._fail(ev.handle, exc, f"{type(ev).__name__}")
             return
-        self._send((proto.reply_ok(ev.handle),))
+        self.out.send((proto.reply_ok(ev.handle),))
 
 
 @dataclass
@@ -963,9 +690,3 @@ class _WriteStream:
     error: BaseException | None = None
     error_at: int = 0
 
-
-def _file_covers(seg: FileSegment) -> bool:
-    try:
-        return os.fstat(seg.fd).st_size >= seg.offset + seg.length
-    except OSError:
-        return False
