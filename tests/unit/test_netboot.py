@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from blockprov.device.memory import MemoryDevice
-from blockprov.errors import DiskRefused, NetbootError, SourceError
+from blockprov.errors import DiskRefused, NetbootError, SourceError, UsageError
 from blockprov.nbd.server import NbdServer
 from blockprov.netboot import disk, initramfs, kernelnbd
 from blockprov.netboot.inagent import instance_name
@@ -214,7 +214,7 @@ def test_a_kernel_is_checked_before_anything_is_built(tmp_path: Path) -> None:
     mods = tmp_path / "mods"
     mods.mkdir()
     (mods / "nbd.ko").write_bytes(b"\x7fELF...vermagic=5.10.0-9-amd64 SMP mod_unload \0rest")
-    with pytest.raises(NetbootError, match=re.escape("are for 5.10.0-9-amd64, the kernel is 6.1.0-99-amd64")):
+    with pytest.raises(UsageError, match=re.escape("are for 5.10.0-9-amd64, the kernel is 6.1.0-99-amd64")):
         initramfs.check_modules_match([mods / "nbd.ko"], "6.1.0-99-amd64")
     initramfs.check_modules_match([mods / "nbd.ko"], "5.10.0-9-amd64")
 

@@ -156,6 +156,9 @@ def vm_stop_cmd(obj: Ctx, names: tuple[str, ...], root: Path | None, as_json: bo
         emit(out)
         return
     click.echo(f"stopped {', '.join(names)}")
+    for o in out:
+        if not o["recorded"]:
+            click.echo(f"  {o['name']}: its record could not say so (no space left in {r}): `vm list` shows it dead")
 
 
 @vm_group.command("rm")

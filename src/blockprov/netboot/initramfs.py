@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockprov.boot import INITRAMFS_MARK
-from blockprov.errors import NetbootError, SourceError
+from blockprov.errors import NetbootError, SourceError, UsageError
 
 PYTHON = Path("/usr/bin/python3")
 BUSYBOX = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
@@ -225,8 +225,8 @@ def check_modules_match(mods: list[Path], release: str) -> None:
             continue
         magic = data[at + 9:data.find(b"\0", at)].decode("ascii", "replace").split()
         if magic and magic[0] != release:
-            raise NetbootError(f"the kernel modules in {m.parent} are for {magic[0]}, the kernel is {release}: "
-                               "give the kernel's own module tree with --modules DIR")
+            raise UsageError(f"the kernel modules in {m.parent} are for {magic[0]}, the kernel is {release}: "
+                             "give the kernel's own module tree with --modules DIR")
 
 
 def module_order(modules_dir: Path, names: tuple[str, ...] = MODULES,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -379,11 +380,17 @@ def stop(root: Path, name: str, *, stop_agent: bool = True) -> dict[str, Any]:
         if not rec.get("template"):  # a clone's RAM is its template's file
             (vm_dir(root, name) / tpl.MEMORY).unlink(missing_ok=True)
         rec["stopped"] = True
-        write_record(root, rec)
+        recorded = True
+        try:
+            write_record(root, rec)
+        except OSError as e:  # still full: the VM is stopped all the same, and `vm list` shows it dead
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            recorded = False
     finally:
         if stop_agent:
             stop_disks_agent_if_idle(root)
-    return {"name": name, "stopped": True, "was_running": was}
+    return {"name": name, "stopped": True, "was_running": was, "recorded": recorded}
 
 
 def refuse_running(root: Path, name: str, force: bool) -> dict[str, Any]:
