@@ -36,11 +36,12 @@ class Leftover:
 
 
 def _blockprov(argv: list[str]) -> bool:
-    """``blockprov …`` (the venv's script) or ``python -c '…blockprov.cli…'`` (the VM disks agent
-    vm/vms.py starts) or ``python -m blockprov.nbd`` (the development NBD server)."""
+    """``blockprov …`` (the venv's script), or python running one of its modules: ``-m
+    blockprov.clones.serve`` (the VM disks agent vm/vms.py starts), ``-m blockprov.nbd`` (the
+    development NBD server), ``-c '…blockprov.cli…'``."""
     if any(Path(a).name == "blockprov" for a in argv[:2]):  # the script, or python running it
         return True
-    return any("blockprov.cli" in a or a == "blockprov.nbd" for a in argv[1:4])
+    return any("blockprov.cli" in a or a.startswith("blockprov.") for a in argv[1:4])  # -m blockprov.clones.serve
 
 
 def _matches(argv: list[str]) -> bool:

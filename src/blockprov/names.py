@@ -135,6 +135,18 @@ def request_id(s: str) -> str:
     return s
 
 
+_SITE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def site_name(s: str) -> str:
+    """A site's name (a café, a classroom: the group of hosts and agents that share chunks)."""
+    if not _SITE.match(s) or ".." in s:
+        raise InvalidName(kind="site name", name=s[:80],
+                          why="use lower-case letters, digits, '.', '_' and '-' (at most 64), "
+                              "starting with a letter or digit")
+    return s
+
+
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
@@ -158,6 +170,34 @@ def unix_socket_path(path: str) -> str:
                           why=f"it is {n} bytes and a unix socket's path holds at most {UNIX_PATH_MAX}: "
                               "choose a shorter one")
     return path
+
+
+# -- names on an agent's host: clones, pools, snapshot targets -------------------------------------
+_CLONE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_POOL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9][A-Za-z0-9-]*")
+_TARGET = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def clone_name(s: str) -> str:
+    """A clone (an instance of a clones directory, a VM): an export name and a directory name."""
+    if not _CLONE.fullmatch(s):
+        raise InvalidName(kind="instance name", name=s[:80],
+                          why="use 1-63 lower-case letters, digits or '-', starting with a letter or digit")
+    return s
+
+
+def pool_name(s: str) -> str:
+    """A pool: the directory DATA/pools/NAME."""
+    if not _POOL.fullmatch(s):
+        raise InvalidName(kind="pool name", name=s[:80], why="use letters, digits and '-'")
+    return s
+
+
+def target_name(s: str) -> str:
+    """A snapshot target: what a snapshot's unsynced bits are kept for (a cache's metadata)."""
+    if not _TARGET.fullmatch(s) or not s.replace("-", "").replace("_", ""):
+        raise InvalidName(kind="snapshot target", name=s[:80], why="use 1-64 letters, digits, '-' or '_'")
+    return s
 
 
 # -- listeners: HOST:PORT ------------------------------------------------------------------------

@@ -43,6 +43,7 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
 import json
 import socket
@@ -60,8 +61,15 @@ from typing import Any
 import httpx
 
 from blockprov import __version__, boot, codec, errors, names
-from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
-from blockprov.errors import BlockprovError, ManifestError, RepositoryUnavailable, UntrustedServer, UsageError
+from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
+from blockprov.errors import (
+    BlockprovError,
+    ManifestError,
+    RepositoryUnavailable,
+    StaleConnection,
+    UntrustedServer,
+    UsageError,
+)
 from blockprov.manifest import Manifest
 from blockprov.names import (
     Ref,
@@ -72,11 +80,15 @@ from blockprov.names import (
     op_name,
     parse_ref,
     request_id,
+    site_name,
     tag_name,
     version_id,
 )
+from blockprov.retry import RetryPolicy, retry_sync
 
 BATCH_BYTES = 16 << 20  # target size of one fetch answer or one upload
+# A POST on an idle keep-alive connection the server closed meanwhile goes once more, at once.
+STALE_RETRY = RetryPolicy(timeout=None, first_delay=0.0, max_delay=0.0, max_attempts=2)
 MISSING_BATCH = 65536  # ids per /v1/chunks/missing question (2 MiB)
 MAX_FETCH_IDS = 4096
 GET_WORKERS = 16  # parallel per-chunk GETs in cacheable mode
@@ -140,14 +152,16 @@ def _rel(r: Ref) -> str:
 _Blob = bytes | memoryview
 
 
-class _RawPost:
-    """Keep-alive ``http.client`` connections for one hot POST (see the module docstring)."""
+class KeepAlivePost:
+    """Keep-alive ``http.client`` connections for one hot POST (see the module docstring); also the
+    peer client's (cache/peers.py), which adds a header per call (its ticket changes)."""
 
     KEEP = 16  # idle connections kept
 
     def __init__(self, url: str, timeout: float, headers: dict[str, str] | None = None,
                  context: ssl.SSLContext | None = None) -> None:
         u = urllib.parse.urlsplit(url)
+        self.url = url
         self.host = u.hostname or "localhost"
         self.port = u.port
         self.https = u.scheme == "https"
@@ -180,36 +194,48 @@ class _RawPost:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def post(self, path: str, body: bytes) -> tuple[int, list[tuple[str, str]], memoryview]:
-        """Status, headers and body (read-only) of one POST. Raises OSError / HTTPException."""
-        for attempt in (0, 1):
+    def post(self, path: str, body: bytes,
+             headers: dict[str, str] | None = None) -> tuple[int, list[tuple[str, str]], memoryview]:
+        """Status, headers and body (read-only) of one POST. Raises OSError / HTTPException. A
+        request sent on an idle keep-alive connection the server had closed goes once more, at
+        once (retry.py, ``StaleConnection``); a second such failure is raised as its own error."""
+        try:
+            return retry_sync(functools.partial(self._post_once, path, body, headers), STALE_RETRY,
+                              f"POST {self.prefix}{path}")
+        except StaleConnection as e:
+            assert isinstance(e.__cause__, OSError | http.client.HTTPException)
+            raise e.__cause__ from None
+
+    def _post_once(self, path: str, body: bytes,
+                   headers: dict[str, str] | None) -> tuple[int, list[tuple[str, str]], memoryview]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        reused = conn is not None
+        if conn is None:
+            conn = self._connect()
+        answered = False
+        try:
+            conn.request("POST", self.prefix + path, body=body,
+                         headers=self.headers if headers is None else {**self.headers, **headers})
+            resp = conn.getresponse()
+            answered = True
+            data = _read_body(resp)
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            if reused and not answered:  # the server closed an idle keep-alive connection
+                raise StaleConnection(url=self.url, why=f"{type(e).__name__}: {e}" if str(e)
+                                      else type(e).__name__) from e
+            raise
+        if resp.will_close:
+            conn.close()
+        else:
             with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            reused = conn is not None
-            if conn is None:
-                conn = self._connect()
-            answered = False
-            try:
-                conn.request("POST", self.prefix + path, body=body, headers=self.headers)
-                resp = conn.getresponse()
-                answered = True
-                data = _read_body(resp)
-            except (OSError, http.client.HTTPException):
+                if len(self._idle) < self.KEEP:
+                    self._idle.append(conn)
+                    conn = None
+            if conn is not None:
                 conn.close()
-                if reused and not answered and attempt == 0:
-                    continue  # the server closed an idle keep-alive connection: once more, fresh
-                raise
-            if resp.will_close:
-                conn.close()
-            else:
-                with self._lock:
-                    if len(self._idle) < self.KEEP:
-                        self._idle.append(conn)
-                        conn = None
-                if conn is not None:
-                    conn.close()
-            return resp.status, resp.getheaders(), data
-        raise AssertionError("unreachable")
+        return resp.status, resp.getheaders(), data
 
     def close(self) -> None:
         with self._lock:
@@ -246,8 +272,8 @@ class RemoteRepository:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             verify=ctx if ctx is not None else True)
         self._avg_blob = 64 << 10  # learned from answers; sizes the next fetch batch
-        self._raw = (_RawPost(self.url, timeout, self._auth, ctx)
-                     if client is None and _RawPost.usable(self.url) else None)
+        self._raw = (KeepAlivePost(self.url, timeout, self._auth, ctx)
+                     if client is None and KeepAlivePost.usable(self.url) else None)
         self.cacheable = cacheable
         self._get_pool = ThreadPoolExecutor(GET_WORKERS, thread_name_prefix="bp-get") if cacheable else None
 
@@ -298,6 +324,10 @@ class RemoteRepository:
             self._raw.close()
         if self._own_client:
             self.client.close()
+
+    def health(self) -> dict[str, Any]:
+        """The server's ``/v1/health``: ``role`` is ``repository`` or ``site-cache``."""
+        return dict(self._request("GET", "/v1/health").json())
 
     # -- reading ----------------------------------------------------------------------------------
     def resolve(self, ref: Ref | str) -> Manifest:
@@ -571,6 +601,24 @@ class RemoteRepository:
             if d["state"] in ("done", "failed") or time.monotonic() >= deadline:
                 return d
 
+
+    # -- sites (catalog/sites.py) -------------------------------------------------------------------
+    def add_site(self, name: str, cache: str | None = None) -> SiteInfo:
+        body = {} if cache is None else {"cache": cache}
+        return SiteInfo(**self._request("PUT", f"/v1/sites/{site_name(name)}", **_json(body, "site")).json())
+
+    def sites(self) -> list[SiteInfo]:
+        return [SiteInfo(**d) for d in self._request("GET", "/v1/sites").json()["sites"]]
+
+    def remove_site(self, name: str) -> None:
+        self._request("DELETE", f"/v1/sites/{site_name(name)}")
+
+    def rotate_site_secret(self) -> None:
+        self._request("POST", "/v1/site-secret/rotate")
+
+    def join_site(self, site: str, instance: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/sites/{site_name(site)}/join",
+                                  **_json({"instance": instance_id(instance)}, "join")).json())
 
 POLL_MAX = 25.0  # seconds per long-poll request (the server allows 30)
 
