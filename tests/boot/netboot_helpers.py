@@ -27,7 +27,7 @@ IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian ipxe-qemu: qemu loads i
 BOOT_TIMEOUT = 300.0
 # console lines whose arrival netboot() times: the firmware's fetch of the boot files is done when
 # the initramfs starts; the agent serves the root; the image's own init runs
-MILESTONES = ("blockprov: initramfs started", "blockprov: /dev/nbd0 serving", "BLOCKPROV-INIT")
+MILESTONES = ("blockprov: initramfs started", "blockprov: root serving", "BLOCKPROV-INIT")
 
 
 @dataclass

@@ -35,7 +35,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from socket import socket as Socket
@@ -102,6 +102,9 @@ class AgentConfig:
     peer_slots: int = DEFAULT_SLOTS  # peer requests served at once
     peer_rate: float | None = None  # bytes per second sent to peers at most (None: no limit)
     extra: dict[str, Any] = field(default_factory=dict)
+    # run on the open cache before anything else sees it (before the reset on start): a PC's agent
+    # turns the kernel's record of the last native session into the modified map (netboot/native.py)
+    prepare: Callable[[CacheDevice], Awaitable[None]] | None = None
 
 
 class Agent:
@@ -155,6 +158,8 @@ class Agent:
             dev.record_repository(self.repo.url)
             if self.instance is None:
                 self.instance = f"i-{dev.uuid[:12]}"
+            if cfg.prepare is not None:
+                await cfg.prepare(dev)
             if cfg.reset_on_start:
                 done = await lifecycle.reset(dev, eager=False, punch=True)
                 log.info("reset on start: %d chunk(s) back to the base", done["chunks_reset"])
