@@ -81,6 +81,8 @@ class AgentConfig:
     # fills between checkpoints: bounds what an open after an unclean stop re-verifies (cache/device.py)
     checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES
     reserve: Reserve | None = None  # golden reserve of the cache (cache/reserve.py): the in-machine agent's
+    # what the embedding process adds: "host" (reported), "report" (a dict merged into the report the
+    # repository shows: the in-machine agent's last move to another version, agent/keep.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -230,7 +232,8 @@ class Agent:
                 "hydration": {"percent": round(100.0 * (st["chunks_present"] + st["chunks_zero"]) / total, 1),
                               "running": bool(hydration.get("running"))},
                 "modified_chunks": st["chunks_modified"], "fetch_latency_ms": latency,
-                "last_error": self.link.last_error if self.link is not None else None}
+                "last_error": self.link.last_error if self.link is not None else None,
+                **(self.config.extra.get("report") or {})}
 
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,9 @@ snapshot again uploads nothing twice (the repository's missing-chunk answer) and
 
 Update moves the base to another version of the image: chunks that differ and were not modified
 are dropped and (eagerly) fetched again, unchanged chunks stay; modified chunks are discarded
-(back to the new base) or kept over it, and the ones that collide with a change are reported.
+(back to the new base), except those ``keep`` chooses. Keeping a modified chunk over another
+version is a merge of two file systems unless the chunk lies in a partition the new version leaves
+unchanged (invariant 8): agent/keep.py makes that choice; this module never keeps one on its own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -191,9 +193,16 @@ async def _rebase(dev: CacheDevice, new: Manifest, modified: Sequence[int], gens
         await dev.switch_base(new, flags)
 
 
-async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False,
+# Given the chunks that differ between the versions and the instance's modified chunks (both
+# sorted), the modified chunks to keep over the new version; it may raise to refuse the update.
+# Called while the device is quiesced, so the modified set cannot grow behind its back.
+Keeper = Callable[[list[int], list[int]], Collection[int]]
+
+
+async def update(dev: CacheDevice, new: Manifest, *, keep: Keeper | None = None,
                  eager: bool = True) -> dict[str, Any]:
-    """Move the instance to ``new`` (another version of its image), fetching only what differs."""
+    """Move the instance to ``new`` (another version of its image), fetching only what differs;
+    the modified chunks go back to ``new`` but for those ``keep`` returns."""
     async with dev.lifecycle_lock:
         t0 = time.monotonic()
         old = dev.manifest
@@ -204,8 +213,7 @@ async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False
                                 wanted=f"a version of {new.image}")
         if new.id == old.id:
             return {"version": new.id, "from": old.id, "chunks_changed": 0, "chunks_refetched": 0,
-                    "bytes_fetched": 0, "modified_kept": 0, "modified_discarded": 0, "conflicts": 0,
-                    "seconds": 0.0}
+                    "bytes_fetched": 0, "modified_kept": 0, "modified_discarded": 0, "seconds": 0.0}
         changed = manifest_diff(old, new)
         cmap = dev.chunk_map
         async with dev.quiesced():
@@ -214,13 +222,14 @@ async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False
             refetch = [i for i in changed if flags[i] & (PRESENT | ZERO) and not flags[i] & MODIFIED
                        and not new.is_zero(i)]
             modified = [i for a, b in cmap.runs_where(MODIFIED) for i in range(a, b)]
-            changed_set = set(changed)
-            conflicts = sum(1 for i in modified if i in changed_set)
+            kept = set(keep(sorted(changed), modified)) if keep is not None and modified else set()
+            if not kept <= set(modified):
+                raise UsageError("an update can keep only modified chunks")
             for i in changed:
                 if not flags[i] & MODIFIED:
                     flags[i] = dev.base_flags(new, i)
             for i in modified:
-                if keep_modified:
+                if i in kept:
                     flags[i] = (flags[i] & ~BASE_ZERO) | (BASE_ZERO if new.is_zero(i) else 0)
                 else:
                     flags[i] = dev.base_flags(new, i)
@@ -231,7 +240,5 @@ async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False
         return {"version": new.id, "from": old.id, "chunks_changed": len(changed),
                 "chunks_refetched": len(refetch) if eager else 0,
                 "bytes_fetched": dev.totals()["bytes_fetched"] - before,
-                "modified_kept": len(modified) if keep_modified else 0,
-                "modified_discarded": 0 if keep_modified else len(modified),
-                "conflicts": conflicts if keep_modified else 0,
+                "modified_kept": len(kept), "modified_discarded": len(modified) - len(kept),
                 "seconds": round(time.monotonic() - t0, 6)}

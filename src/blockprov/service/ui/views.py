@@ -140,6 +140,7 @@ def agent_row(a: dict[str, Any], failed: dict[str, tuple[str, float]]) -> dict[s
             "image": _text(info.get("image")), "version": _text(info.get("version")), "host": _text(info.get("host")),
             "hydration": percent, "modified": _num(info.get("modified_chunks")),
             "latency": _num(info.get("fetch_latency_ms")), "last_error": last_error,
+            "move": _text(move.get("summary")) if isinstance(move := info.get("last_move"), dict) else None,
             "pending": a["pending"], "running": a["running"]}
 
 
