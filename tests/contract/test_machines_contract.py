@@ -112,7 +112,7 @@ def test_hosts_and_boot_script(be: Backend, versions: tuple[str, str]) -> None:
 
     s = boot.parse_script(be.repo.boot_script("52:54:00:12:34:56", BASE))
     files = f"{BASE}/v1/images/lab/versions/{v1}/boot"
-    assert s["kernel"] == f"{files}/kernel" and s["initrd"] == f"{files}/initrd"
+    assert s["kernel"] == f"{files}/kernel" and s["initrd"] == f"{files}/initrd?host={MAC}"
     assert s["args"][:3] == ["console=ttyS0", "ip=dhcp", "rw"]
     assert s["params"] == {"console": "ttyS0", "ip": "dhcp", "blockprov.repo": BASE,
                                 "blockprov.image": f"lab@{v1}", "blockprov.host": MAC, "initrd": "initrd.img"}
@@ -291,8 +291,8 @@ def test_lease_expiry_unregister_and_long_poll(be: Backend) -> None:
 
 
 def test_last_boot_recorded(be: Backend, versions: tuple[str, str]) -> None:
-    """A host's last boot (time and version sent) is kept across re-assignment, shown by every
-    backend, and only an answered boot script records one; an operator's look does not."""
+    """A host's last boot (time and version booted) is kept across re-assignment and shown by every
+    backend; a boot script answered records none (the initrd's download does)."""
     v1, v2 = versions
     be.repo.set_boot_files("lab:v1", b"k1", b"i1")
     h = be.repo.assign_host(MAC, "lab:v1")
@@ -300,7 +300,7 @@ def test_last_boot_recorded(be: Backend, versions: tuple[str, str]) -> None:
     be.repo.boot_script(MAC, BASE)  # `host script`: an operator looking, not a boot
     assert be.repo.hosts()[0].last_boot is None
     before = time.time()
-    be.local.boot_script(MAC, BASE, record=True)  # what GET /v1/boot/HOST does
+    be.local.registry.record_boot(MAC, v1)  # what the whole initrd's download does (service/routes/boot.py)
     (h,) = be.repo.hosts()
     assert h.last_boot is not None and before <= h.last_boot <= time.time() and h.last_boot_version == v1
     assert h.to_dict()["last_boot_version"] == v1

@@ -110,9 +110,13 @@ def test_cli_and_curl_against_server(tmp_path: Path) -> None:
         p = curl(f"{url}/v1/boot/{MAC}", "-w", "\n%{http_code}")
         assert p.stdout.decode().endswith("409") and "has no boot files" in p.stdout.decode()
         run_cli("boot-files", "set", "lab:v2", "--kernel", str(kernel), "--initrd", str(initrd), env=env)
-        assert boot.parse_script(curl("-f", f"{url}/v1/boot/{MAC}").stdout.decode())["params"][
-            "blockprov.image"] == f"lab@{v2}"
-        # that boot is the host's last boot (time, version sent); `host script` above did not count
+        s2 = boot.parse_script(curl("-f", f"{url}/v1/boot/{MAC}").stdout.decode())
+        assert s2["params"]["blockprov.image"] == f"lab@{v2}"
+        # a fetch of the script is no boot (issue 27 item 5), nor are a ranged or resumed initrd
+        # above: the host boots once it has fetched the whole initrd its script names
+        assert json.loads(run_cli("host", "show", MAC, "--json", env=env).stdout)["last_boot"] is None
+        assert s2["initrd"].endswith(f"/initrd?host={MAC}")
+        assert curl("-f", "-o", str(tmp_path / "whole"), s2["initrd"]).returncode == 0
         shown = json.loads(run_cli("host", "show", MAC.replace(":", "-"), "--json", env=env).stdout)
         assert shown["last_boot_version"] == v2 and shown["last_boot"] <= time.time()
         assert shown == json.loads(run_cli("host", "list", "--json", env=env).stdout)[0]

@@ -86,7 +86,9 @@ CREATE TABLE IF NOT EXISTS hosts (
     last_boot REAL,
     last_boot_version TEXT,
     policy  TEXT,
-    hydrate TEXT
+    hydrate TEXT,
+    last_refused REAL,
+    refused_why  TEXT
 );
 CREATE TABLE IF NOT EXISTS profiles (
     image   TEXT NOT NULL,
@@ -131,11 +133,13 @@ MAX_ERROR = 4096
 MAX_PROFILE = 1 << 24  # chunk indices in one profile (a 1 TiB image at 64 KiB chunks)
 U32 = struct.Struct("<I")
 STATES = ("pending", "running", "done", "failed")
-HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_version"
-# Columns added to a table after its first release, in the order they were added (a new one goes
-# last, in SCHEMA too: `catalog copy` copies rows by position). One per host setting (boot.SETTINGS).
+HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_version, last_refused, refused_why"
+# Columns added to a table after its first release (added on open to an older catalog, where they
+# sit last; `catalog copy` copies by column name). One per host setting (boot.SETTINGS).
 ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"),
-                 ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"))
+                 ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"),
+                 ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"))
+MAX_REFUSED_WHY = 500  # characters of a refused boot request's reason kept on the host
 
 
 def _json_object(d: object, what: str, limit: int) -> str:
@@ -258,14 +262,15 @@ class Registry:
         return self.host(host)
 
     def _host_info(self, row: tuple[Any, ...]) -> HostInfo:
-        host, image, tag, version, args, updated, last_boot, last_boot_version = row[:8]
+        host, image, tag, version, args, updated, last_boot, last_boot_version, last_refused, refused_why = row[:10]
         ref = Ref(image, tag=tag, version=version)
         try:
             vid: str | None = self._version_of(ref)
         except ImageNotFound:
             vid = None
         return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=updated, last_boot=last_boot,
-                        last_boot_version=last_boot_version, **dict(zip(SETTINGS, row[8:], strict=True)))
+                        last_boot_version=last_boot_version, last_refused=last_refused, refused_why=refused_why,
+                        **dict(zip(SETTINGS, row[10:], strict=True)))
 
     def host(self, host: str) -> HostInfo:
         host = host_id(host)
@@ -279,10 +284,16 @@ class Registry:
                 self.db.all(f"SELECT {HOST_COLUMNS}, {', '.join(SETTINGS)} FROM hosts ORDER BY host")]
 
     def record_boot(self, host: str, version: str) -> None:
-        """The repository answered ``host``'s boot script naming ``version`` (one write, no check
-        first: a host whose assignment was removed meanwhile simply records nothing)."""
+        """``host`` booted ``version``: the repository sent it the whole initrd its boot script
+        names (service/routes/boot.py). One write, no check first: a host whose assignment was
+        removed meanwhile simply records nothing."""
         self.db.write("UPDATE hosts SET last_boot=?, last_boot_version=? WHERE host=?",
                       (time.time(), version_id(version), host_id(host)))
+
+    def record_refused(self, host: str, why: str) -> None:
+        """The repository refused ``host``'s boot request (its access rules): when, and why."""
+        self.db.write("UPDATE hosts SET last_refused=?, refused_why=? WHERE host=?",
+                      (time.time(), str(why)[:MAX_REFUSED_WHY], host_id(host)))
 
     def remove_host(self, host: str) -> None:
         host = host_id(host)

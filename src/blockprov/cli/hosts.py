@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from blockprov import humanize as hz
-from blockprov.boot import HYDRATE, POLICIES, parse_script
+from blockprov.boot import HYDRATE, POLICIES, parse_script, stranded
 from blockprov.catalog.records import HostInfo
 from blockprov.cli._common import Ctx, emit, json_option, run_async
 from blockprov.errors import HostNotFound, UsageError
@@ -148,6 +148,8 @@ def host_assign(obj: Ctx, host_name: str, ref: str, args: str | None, policy: st
         return
     click.echo(f"{h.host} → {h.ref} (now {parse_ref(h.ref).name}@{h.version}), {_settings(h)}"
                + (f", args {h.args}" if h.args else ", no extra args"))
+    if h.version and obj.repo.get_boot_files(f"{parse_ref(h.ref).name}@{h.version}") is None:
+        click.echo(f"warning: {stranded(h.ref, h.version, [h.host])}", err=True)
 
 
 def _settings(h: HostInfo) -> str:
@@ -176,6 +178,8 @@ def host_list(obj: Ctx, as_json: bool) -> None:
 
 
 def _last_boot(h: HostInfo) -> str:
+    if h.last_refused is not None and (h.last_boot is None or h.last_refused > h.last_boot):
+        return f"REFUSED {_when(h.last_refused)} (host show)"
     if h.last_boot is None:
         return "never booted"
     return f"booted {_when(h.last_boot)} {str(h.last_boot_version or '?')[:12]}"
@@ -201,9 +205,11 @@ def host_show(obj: Ctx, host_name: str, as_json: bool) -> None:
     click.echo(f"hydrate   {h.hydrate or 'background (the default: not set)'}")
     click.echo(f"args      {h.args or '-'}")
     if h.last_boot is None:
-        click.echo("last boot never (the repository has not answered its boot script)")
+        click.echo("last boot never (it has not fetched the whole initrd of its boot script)")
     else:
         click.echo(f"last boot {_when(h.last_boot)} ({_ago(time.time() - h.last_boot)}), version {h.last_boot_version}")
+    if h.last_refused is not None:
+        click.echo(f"refused   {_when(h.last_refused)} ({_ago(time.time() - h.last_refused)}): {h.refused_why}")
 
 
 @host.command("rm")

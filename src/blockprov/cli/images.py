@@ -9,6 +9,7 @@ import click
 
 from blockprov import humanize as hz
 from blockprov.align import runs
+from blockprov.boot import stranded
 from blockprov.cli._common import (
     Ctx,
     emit,
@@ -164,6 +165,9 @@ def tag_cmd(obj: Ctx, src: str, dst: str) -> None:
     assert d.tag is not None
     obj.repo.set_tag(d.name, d.tag, m.id)
     click.echo(f"{d} → {m.image}@{m.id}")
+    following = [h.host for h in obj.repo.hosts() if h.ref == str(d)]
+    if following and obj.repo.get_boot_files(f"{m.image}@{m.id}") is None:
+        click.echo(f"warning: {stranded(str(d), m.id, following)}", err=True)
 
 
 @click.command("rm")
@@ -184,7 +188,8 @@ def gc_cmd(obj: Ctx, as_json: bool) -> None:
     if as_json:
         emit(st.to_dict())
     else:
-        click.echo(f"removed {st.chunks_removed} chunks ({hz.size(st.bytes_removed)}), kept {st.chunks_kept}")
+        click.echo(f"removed {st.chunks_removed} chunks ({hz.size(st.bytes_removed)}), kept {st.chunks_kept}"
+                   + (f"; compacted {hz.size(st.space_freed)} of pack space" if st.space_freed else ""))
 
 
 def register(cli: click.Group) -> None:
