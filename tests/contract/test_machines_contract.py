@@ -491,3 +491,23 @@ def test_settings_in_old_arguments_move_into_the_record(tmp_path: Path) -> None:
             assert (bad.policy, bad.args) == (None, "blockprov.policy=wipe")  # left for the operator to see
         finally:
             r.close()
+
+
+def test_agents_say_online_and_stale_ones_leave(be: Backend, versions: tuple[str, str]) -> None:
+    """Issue 27 item 5: `agents` showed no online/offline and a stopped agent stayed for ever. An
+    agent seen within 30 s is online; one not seen for 7 days is forgotten, its open requests
+    failed with why."""
+    from blockprov.catalog.machines import FORGET_AGENT, ONLINE_SECONDS
+
+    be.repo.register_agent("pc1", {"image": "lab"})
+    be.repo.register_agent("pc2", {"image": "lab"})
+    rid = be.repo.post_request("pc2", "snapshot", {"to": "lab:s"})
+    assert [(a["instance"], a["online"]) for a in be.repo.agents()] == [("pc1", True), ("pc2", True)]
+    db = be.local.catalog.db
+    db.write("UPDATE agents SET last_seen=? WHERE instance='pc1'", (time.time() - ONLINE_SECONDS - 1,))
+    db.write("UPDATE agents SET last_seen=? WHERE instance='pc2'", (time.time() - FORGET_AGENT - 1,))
+    assert [(a["instance"], a["online"]) for a in be.repo.agents()] == [("pc1", False)]
+    gone = be.repo.get_request("pc2", rid)
+    assert gone["state"] == "failed" and "not seen for 7 days" in gone["error"]
+    be.repo.register_agent("pc2", {"image": "lab"})  # it starts again: it is back
+    assert [a["instance"] for a in be.repo.agents()] == ["pc1", "pc2"]

@@ -732,3 +732,21 @@ def test_import_into_a_full_data_directory_leaves_nothing_unseen(tmp_path: Path)
     os.utime(dead, (old, old))
     assert "compacted 3.0 MiB of pack space" in run_cli("gc", data=data).stdout and not dead.exists()
     assert json.loads(run_cli("check", "--json", data=data).stdout)["unindexed_bytes"] == 0
+
+
+def test_rm_of_a_version_a_vm_template_uses_warns(tmp_path: Path) -> None:
+    """Issue 27 item 5: `rm` of a template's disk version said nothing; `vm clone` failed later with
+    "no such image or version". A template pushed to the repository names its disk in a label."""
+    data = tmp_path / "data"
+    img = make_image(tmp_path / "d.img", 1 << 20, seed=83)
+    vid = json.loads(run_cli("import", str(img), "d:v1", "--json", data=data).stdout)["id"]
+    label = json.dumps({"image": "d", "version": vid})
+    run_cli("import", str(img), "vmtpl-t1:memory", "--format", "raw", "--label", f"blockprov.vm-template={label}",
+            data=data)
+    p = run_cli("rm", "d:v1", data=data)  # a tag: the version stays, nothing to say
+    assert "warning" not in p.stderr
+    p = run_cli("rm", f"d@{vid}", data=data)
+    assert f"removed d@{vid}" in p.stdout
+    assert p.stderr.strip() == (f"warning: VM template t1 (pushed: vmtpl-t1) uses d@{vid} as its disk: it cannot be "
+                                "cloned any more (vm clone says so); make the template again from a VM of a version "
+                                "that exists")

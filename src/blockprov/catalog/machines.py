@@ -37,6 +37,7 @@ is handed out again (at-least-once: operations must be safe to repeat, as a snap
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import struct
@@ -125,6 +126,8 @@ CREATE INDEX IF NOT EXISTS agent_requests_state ON agent_requests (state, lease_
 
 LEASE_SECONDS = 600.0  # a running request not completed within this goes back to pending
 SEEN_EVERY = 5.0  # seconds: how often an idle poll records the agent's last_seen
+ONLINE_SECONDS = 6 * SEEN_EVERY  # an agent seen within this is online (its long poll refreshes last_seen)
+FORGET_AGENT = 7 * 86400.0  # an agent not seen for this long leaves the list (it registers again when it starts)
 KEEP_FINISHED = 7 * 86400.0  # finished requests are kept this long for get_request
 MAX_PENDING = 1000  # per instance: a queue that long means the agent is not polling
 MAX_INFO = 64 << 10  # bytes of JSON in an agent's info, a request's args
@@ -381,7 +384,15 @@ class Registry:
             return True
 
     def agents(self) -> list[dict[str, Any]]:
+        """Registered agents with ``online`` (seen within ONLINE_SECONDS) and their queues. One not
+        seen for FORGET_AGENT is forgotten here (its open requests fail, saying why): a stopped
+        agent keeps its last report, shown offline, but not for ever."""
         now = time.time()
+        stale = [r[0] for r in self.db.all("SELECT instance FROM agents WHERE last_seen < ?", (now - FORGET_AGENT,))]
+        for inst in stale:
+            with contextlib.suppress(AgentNotFound):
+                self.unregister_agent(inst, why=f"agent instance {inst} was not seen for {FORGET_AGENT / 86400:g} days "
+                                                 "and was forgotten")
         counts: dict[tuple[str, str], int] = {}
         for inst, state, n in self.db.all("SELECT instance, state, COUNT(*) FROM agent_requests "
                                           "WHERE state IN ('pending','running') GROUP BY instance, state"):
@@ -389,19 +400,19 @@ class Registry:
         out = []
         for inst, info, registered, last_seen in self.db.all("SELECT * FROM agents ORDER BY instance"):
             out.append({"instance": inst, "info": json.loads(info), "registered": registered, "last_seen": last_seen,
-                        "seen_ago": round(max(0.0, now - last_seen), 3),
+                        "seen_ago": round(max(0.0, now - last_seen), 3), "online": now - last_seen < ONLINE_SECONDS,
                         "pending": counts.get((inst, "pending"), 0), "running": counts.get((inst, "running"), 0)})
         return out
 
-    def unregister_agent(self, instance: str) -> None:
+    def unregister_agent(self, instance: str, why: str | None = None) -> None:
         instance = instance_id(instance)
         now = time.time()
+        why = why or f"agent instance {instance} unregistered before completing the request"
         with self.db.tx() as db:
             if db.execute("DELETE FROM agents WHERE instance=?", (instance,)).rowcount == 0:
                 raise AgentNotFound(instance=instance)
             db.execute("UPDATE agent_requests SET state='failed', finished=?, lease_until=NULL, error=? "
-                       "WHERE instance=? AND state IN ('pending','running')",
-                       (now, f"agent instance {instance} unregistered before completing the request", instance))
+                       "WHERE instance=? AND state IN ('pending','running')", (now, why, instance))
 
     def post_request(self, instance: str, op: str, args: dict[str, Any] | None) -> str:
         instance, op = instance_id(instance), op_name(op)

@@ -246,7 +246,9 @@ def host_script(obj: Ctx, host_name: str, base_url: str | None, as_json: bool) -
 def agents(obj: Ctx, as_json: bool) -> None:
     """Agents registered with the repository, and their queued requests.
 
-    Host agents (`attach`) show the version they serve; `clones serve` and `pool serve` agents their
+    Each is online (seen within 30 s) or OFFLINE (its last report); one not seen for 7 days is
+    forgotten (it registers again when it starts). Host agents (`attach`) show the version they
+    serve (a PC its last move to another version); `clones serve` and `pool serve` agents their
     clones and pools (ready, in use, target size, last refill error)."""
     rows = obj.repo.agents()
     if as_json:
@@ -262,8 +264,12 @@ def agents(obj: Ctx, as_json: bool) -> None:
         else:
             what = f"{info.get('image', '?')}@{info.get('version', '?')}"
         where = info.get("host") or "-"
-        click.echo(f"{a['instance']:24} {what:34} host {where:16} pid {info.get('pid', '-'):>7}  "
+        state = "online " if a.get("online") else "OFFLINE"
+        click.echo(f"{a['instance']:24} {state} {what:34} host {where:16} pid {info.get('pid', '-'):>7}  "
                    f"seen {_ago(float(a['seen_ago']))}  requests {a['pending']} pending, {a['running']} running")
+        move = info.get("last_move")
+        if isinstance(move, dict) and move.get("summary"):
+            click.echo(f"  last move: {move['summary']}")
         for p in info.get("pools") or []:
             err = f", last refill error: {p['error']}" if p.get("error") else ""
             click.echo(f"  pool {p.get('name', '?')} of {p.get('base', '?')}: {p.get('ready', '?')} ready, "
