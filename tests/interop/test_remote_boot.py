@@ -223,10 +223,12 @@ def test_qemu_ipxe_boots_from_the_repository(tmp_path: Path) -> None:
         booted = "Linux version" in text and "Command line:" in text
         assert log.requested(f"/v1/boot/{MAC}"), "".join(log.lines)[-3000:]
         assert log.requested(f"{files}/kernel"), "".join(log.lines)[-3000:]
-        assert log.requested(f"{files}/initrd"), "".join(log.lines)[-3000:]
+        assert log.requested(f"{files}/initrd?host={MAC}"), "".join(log.lines)[-3000:]  # its last boot: issue 27
         assert booted, f"the kernel did not start; console:\n{text[-3000:]}"
         assert f"blockprov.image=lab@{vid}" in text and f"blockprov.repo=http://10.0.2.2:{port}" in text
         assert "console=ttyS0 panic=-1 loglevel=7" in text
+        shown = json.loads(run_cli("--repo", url, "host", "show", MAC, "--json").stdout)
+        assert shown["last_boot_version"] == vid, shown  # real iPXE fetched the whole initrd: a boot
     finally:
         if qemu is not None:
             qemu.kill()
