@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 
 from blockprov.agent import keep
-from blockprov.cache.device import CacheDevice
 from blockprov.clones.customize import export_as_file
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
+from tests.caches import open_cache
 from tests.conftest import require_tool, run_cli
 from tests.procs import start_agent
 
@@ -197,7 +197,7 @@ def test_a_keep_pc_keeps_its_session_as_a_version_then_moves_clean(images: tuple
     async def main() -> None:
         m1, _ = await asyncio.to_thread(import_image, repo, v1, "two:v1")
         m2id, _ = await asyncio.to_thread(import_image, repo, v2, "two:v2")
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("two:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("two:v1"))
         try:
             session = bytearray(SESSION[:64 << 10])
             await dev.write(SYSTEM_AT * MiB + 8 * MiB, bytes(session))  # raw writes into both partitions
@@ -242,7 +242,7 @@ def test_what_the_update_did_before_corrupts_the_system_partition(images: tuple[
     async def main() -> None:
         await asyncio.to_thread(import_image, repo, v1, "two:v1")
         await asyncio.to_thread(import_image, repo, v2, "two:v2")
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("two:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("two:v1"))
         try:
             raw, old = session.read_bytes(), v1.read_bytes()
             cs = dev.manifest.chunk_size

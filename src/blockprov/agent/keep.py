@@ -32,8 +32,7 @@ from typing import Any
 
 from blockprov import codec
 from blockprov.agent import lifecycle
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import MODIFIED
+from blockprov.cache import CacheDevice
 from blockprov.device.base import FileSegment
 from blockprov.errors import BlockprovError, KeepWouldMerge
 from blockprov.manifest import Manifest
@@ -156,8 +155,7 @@ async def move(dev: CacheDevice, repo: Repository, new: Manifest, *, host: str |
     result with ``keep`` (the plan) and ``snapshot`` (the version the session was kept as, if
     one was needed), or None when the PC stays on its version (said on the console)."""
     found = await tables(dev, repo, new)
-    cmap = dev.chunk_map
-    modified = [i for a, b in cmap.runs_where(MODIFIED) for i in range(a, b)]
+    modified = dev.chunks.modified_chunks()
     preview = plan_keep(*found, new.chunk_size, new.size, manifest_diff(dev.manifest, new), modified)
     snap: dict[str, Any] | None = None
     if preview.drop and on_move == "snapshot":
