@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from blockprov.agent import control, lifecycle
+from blockprov.agent import control, keep, lifecycle
 from blockprov.agent.hydrate import Hydrator
 from blockprov.cache import CacheDevice
 from blockprov.errors import BlockprovError, UsageError
@@ -202,8 +202,8 @@ class InstanceOps:
 
     async def _op_update(self, req: dict[str, Any]) -> dict[str, Any]:
         new = await self._run(self.repo.resolve, str(req.get("to", "")))
-        return await lifecycle.update(self.device, new, keep_modified=bool(req.get("keep_modified")),
-                                      eager=not req.get("lazy"))
+        return await keep.update(self.device, self.repo, new, keep_modified=bool(req.get("keep_modified")),
+                                 force=bool(req.get("force")), eager=not req.get("lazy"))
 
     async def _op_hydrate(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.device.overlay:
