@@ -4,12 +4,15 @@ Why here and only here: every route raises ``blockprov.errors`` classes and neve
 answer itself, so a ``BlockprovError`` becomes its ``http_status`` with
 ``{"error": ClassName, "message": …, "details": {…}, "exit_code": …}`` in one place, and ``repo/remote.py`` can
 raise the very same class on the other side. Anything unexpected is logged and answered 500; the
-server keeps serving everyone else (docs/architecture.md, invariant 7).
+server keeps serving everyone else (docs/architecture.md, invariant 7). A 500's body never carries
+the exception's text (a path, a query, a peer's address: what a client has no business reading,
+issue 27): it names a reference that the server's log line carries with the traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from blockprov.errors import BlockprovError, TooLarge, UsageError, error_to_dict
+from blockprov.errors import BlockprovError, InternalError, TooLarge, UsageError, error_to_dict
 
 log = logging.getLogger("blockprov.service")
 
@@ -33,9 +36,21 @@ def error_response(exc: BlockprovError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.http_status)
 
 
+def internal_error_response(method: object, path: object, exc: BaseException) -> JSONResponse:
+    """The 500 for a bug: logged here with its traceback under a reference, answered with only the
+    reference."""
+    ref = secrets.token_hex(4)
+    log.error("internal error %s serving %s %s", ref, method, path, exc_info=exc)
+    body = {"error": "InternalError", "message": f"internal error (the server's log has it as {ref})",
+            "details": {"ref": ref}, "exit_code": InternalError.exit_code}
+    return JSONResponse(body, status_code=500)
+
+
 async def on_blockprov_error(request: Request, exc: BlockprovError) -> Response:
     request.scope["blockprov.error"] = type(exc).__name__
-    if exc.http_status >= 500:
+    if exc.http_status == 500:  # no condition a client can act on: a bug
+        return internal_error_response(request.method, request.url.path, exc)
+    if exc.http_status > 500:
         log.error("%s %s: %s", request.method, request.url.path, exc)
     elif exc.http_status == 422:  # integrity problems are worth an operator's attention
         log.warning("%s %s: %s", request.method, request.url.path, exc)
@@ -136,10 +151,8 @@ class Guard:
         except Exception as e:
             if started:
                 raise  # mid-body: the server must cut the connection; nothing else is honest
-            log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
             scope["blockprov.error"] = "InternalError"
-            body = {"error": "InternalError", "message": f"internal error: {type(e).__name__}: {e}", "details": {}}
-            await JSONResponse(body, status_code=500)(scope, receive, tracking_send)
+            await internal_error_response(scope.get("method"), scope.get("path"), e)(scope, receive, tracking_send)
 
 
 def _with_close(msg: Message) -> Message:

@@ -40,7 +40,8 @@ async def register_agent(instance: str, request: Request) -> JSONResponse:
     """Register or refresh (heartbeat) an agent: ``{image, version, host, pid, addresses, …}``.
     201 when it is new."""
     svc = Service.of(request)
-    new = await svc.run(svc.repo.registry.register_agent, instance_id(instance), await json_of(request))
+    instance = instance_id(instance)
+    new = await svc.run(svc.repo.registry.register_agent, instance, await json_of(request))
     return JSONResponse({"instance": instance, "new": new}, status_code=201 if new else 200)
 
 
@@ -56,10 +57,11 @@ async def unregister_agent(instance: str, request: Request) -> dict[str, Any]:
 async def post_request(instance: str, request: Request) -> JSONResponse:
     """Ask an agent to do something: ``{"op": "snapshot", "args": {…}}`` → 201 ``{"id"}``."""
     svc = Service.of(request)
+    instance = instance_id(instance)
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("op"), str):
         raise UsageError('expected {"op": "…", "args": {…}}')
-    rid = await svc.run(svc.repo.post_request, instance_id(instance), d["op"], d.get("args"))
+    rid = await svc.run(svc.repo.post_request, instance, d["op"], d.get("args"))
     svc.wakeup.notify()
     return JSONResponse({"id": rid}, status_code=201)
 
@@ -103,10 +105,11 @@ async def get_request(instance: str, rid: str, request: Request, wait: float = 0
 async def complete_request(instance: str, rid: str, request: Request) -> dict[str, Any]:
     """``{"ok": true, "result": {…}}`` or ``{"ok": false, "error": "…"}``; 409 if already completed."""
     svc = Service.of(request)
+    instance, rid = instance_id(instance), request_id(rid)
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("ok"), bool):
         raise UsageError('expected {"ok": true|false, "result": {…}, "error": "…"}')
-    out: dict[str, Any] = await svc.run(svc.repo.complete_request, instance_id(instance), request_id(rid),
-                                        d["ok"], d.get("result"), d.get("error"))
+    out: dict[str, Any] = await svc.run(svc.repo.complete_request, instance, rid, d["ok"], d.get("result"),
+                                        d.get("error"))
     svc.wakeup.notify()
     return out

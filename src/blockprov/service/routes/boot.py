@@ -150,10 +150,11 @@ async def get_host(host: str, request: Request) -> dict[str, Any]:
 async def assign_host(host: str, request: Request) -> dict[str, Any]:
     """Body ``{"ref": "NAME:TAG" | "NAME@ID", "args": "extra kernel arguments"}``."""
     svc = Service.of(request)
+    host = host_id(host)  # before the body is read: a bad name costs no body
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not isinstance(d.get("args", ""), str):
         raise UsageError('expected {"ref": "NAME:TAG", "args": "…"}')
-    return dict((await svc.run(svc.repo.assign_host, host_id(host), parse_ref(d["ref"]), d.get("args", ""))).to_dict())
+    return dict((await svc.run(svc.repo.assign_host, host, parse_ref(d["ref"]), d.get("args", ""))).to_dict())
 
 
 @router.delete("/v1/hosts/{host}", tags=["hosts"])

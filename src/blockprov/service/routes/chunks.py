@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import struct
@@ -27,11 +26,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from blockprov import codec
+from blockprov import codec, jsonvalue
 from blockprov.errors import BlockprovError, ChunkMissing, TooLarge, UsageError
-from blockprov.service.edge import error_body
+from blockprov.service.edge import error_body, internal_error_response
 from blockprov.service.rawview import IMMUTABLE, etag_matches
-from blockprov.service.routes.common import OCTETS, OCTETS_BODY, body_of, decoded
+from blockprov.service.routes.common import OCTETS, OCTETS_BODY, body_of
 from blockprov.service.state import Service
 
 MAX_FETCH_IDS = 16384  # per POST /v1/chunks/fetch; the client sends far fewer (≈16 MiB of blobs)
@@ -169,13 +168,13 @@ async def missing_chunks(request: Request) -> Response:
     svc = Service.of(request)
     body = await body_of(request)
     if request.headers.get("content-type", "").startswith("application/json"):
-        try:
-            hexes = decoded(body, json.loads)["ids"]
-            if not isinstance(hexes, list):
-                raise TypeError("ids must be a list")
-        except (ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"expected {{\"ids\": [hex, …]}}: {e}") from None
-        ids = [codec.parse_hexid(str(h)) for h in hexes]
+        d = jsonvalue.loads(body)
+        hexes = d.get("ids") if isinstance(d, dict) else None
+        if not isinstance(hexes, list) or not all(isinstance(h, str) for h in hexes):
+            raise UsageError('expected {"ids": [hex, …]}')
+        if len(hexes) > MAX_FETCH_IDS:
+            raise TooLarge(f"{len(hexes)} ids in one question; at most {MAX_FETCH_IDS}")
+        ids = [codec.parse_hexid(h) for h in hexes]
         svc.metrics.missing_asked += len(ids)
         return JSONResponse({"missing": [c.hex() for c in await svc.run(svc.repo.missing, ids)]})
     ids = split_ids(body)
@@ -251,7 +250,10 @@ class LeanChunkPath:
             await handler(scope, receive, send, rest)
         except BlockprovError as exc:
             scope["blockprov.error"] = type(exc).__name__
-            if exc.http_status >= 500:
+            if exc.http_status == 500:
+                await internal_error_response(method, path, exc)(scope, receive, send)
+                return
+            if exc.http_status > 500:
                 log.error("%s %s: %s", method, path, exc)
             elif exc.http_status == 422:
                 log.warning("%s %s: %s", method, path, exc)
