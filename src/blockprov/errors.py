@@ -214,6 +214,22 @@ class TooLarge(BlockprovError):
     http_status = 413
 
 
+class RequestTimeout(BlockprovError):
+    """{msg}"""
+
+    # A client too slow to send its request (service/bounds.py): the connection, not the request.
+    exit_code = 7
+    http_status = 408
+
+
+class Busy(BlockprovError):
+    """{msg}"""
+
+    # The server holds as many request bodies as it may (service/bounds.py): try again shortly.
+    exit_code = 7
+    http_status = 503
+
+
 class AccessDenied(BlockprovError):
     """{msg}"""
 

@@ -25,23 +25,6 @@ from blockprov.errors import UsageError
 
 MAX_DEPTH = 32  # levels of arrays/objects: agent info and request args use three or four
 INT_LIMIT = 1 << 63  # |n| < 2^63: a SQLite / PostgreSQL BIGINT
-_INT_DIGITS = len(str(INT_LIMIT))  # an integer literal longer than this is refused before int() runs
-
-
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > _INT_DIGITS:
-        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits is out of range")
-    n = int(text)
-    if not -INT_LIMIT < n < INT_LIMIT:
-        raise ValueError(f"the integer {n} is out of range (at most 2^63 - 1)")
-    return n
-
-
-def _parse_float(text: str) -> float:
-    x = float(text)
-    if not math.isfinite(x):
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return x
 
 
 def _parse_constant(name: str) -> Any:
@@ -53,7 +36,8 @@ def loads(raw: bytes | bytearray | memoryview | str, what: str = "the body") -> 
     if isinstance(raw, memoryview):
         raw = bytes(raw)
     try:
-        value = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        # Integers past 4,300 digits are refused by int() itself (ValueError); the rest by ``check``.
+        value = json.loads(raw, parse_constant=_parse_constant)
     except RecursionError:  # the decoder recurses: "[[[[…" a thousand deep
         raise UsageError(f"{what} is nested too deeply") from None
     except UnicodeDecodeError:
@@ -81,33 +65,44 @@ def check(value: Any, what: str = "the value") -> None:
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         v, depth = stack.pop()
-        if v is None or isinstance(v, bool):
-            continue
-        if isinstance(v, str):
-            why = text_problem(v)
-            if why is not None:
-                raise UsageError(f"{what}: a string {why}")
-        elif isinstance(v, int):
-            if not -INT_LIMIT < v < INT_LIMIT:
-                raise UsageError(f"{what}: an integer is out of range (at most 2^63 - 1)")
-        elif isinstance(v, float):
-            if not math.isfinite(v):
-                raise UsageError(f"{what}: a number is not finite")
-        elif isinstance(v, list | tuple | dict):
+        t = type(v)
+        if t is list or t is tuple:
             if depth >= MAX_DEPTH:
                 raise UsageError(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)")
-            if isinstance(v, dict):
-                for k, item in v.items():
-                    if not isinstance(k, str):
-                        raise UsageError(f"{what}: an object key is not a string")
-                    why = text_problem(k)
-                    if why is not None:
-                        raise UsageError(f"{what}: an object key {why}")
-                    stack.append((item, depth + 1))
-            else:
-                stack.extend((item, depth + 1) for item in v)
+            if v and all(type(x) is int for x in v):  # a long list of numbers (a profile): one pass
+                if min(v) <= -INT_LIMIT or max(v) >= INT_LIMIT:
+                    raise UsageError(f"{what}: an integer is out of range (at most 2^63 - 1)")
+                continue
+            stack.extend((item, depth + 1) for item in v)
+        elif t is dict:
+            if depth >= MAX_DEPTH:
+                raise UsageError(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)")
+            for k, item in v.items():
+                if type(k) is not str:
+                    raise UsageError(f"{what}: an object key is not a string")
+                why = text_problem(k)
+                if why is not None:
+                    raise UsageError(f"{what}: an object key {why}")
+                stack.append((item, depth + 1))
         else:
-            raise UsageError(f"{what}: a {type(v).__name__} is not a JSON value")
+            _check_scalar(v, what)
+
+
+def _check_scalar(v: Any, what: str) -> None:
+    if v is None or isinstance(v, bool):
+        return
+    if isinstance(v, str):
+        why = text_problem(v)
+        if why is not None:
+            raise UsageError(f"{what}: a string {why}")
+    elif isinstance(v, int):
+        if not -INT_LIMIT < v < INT_LIMIT:
+            raise UsageError(f"{what}: an integer is out of range (at most 2^63 - 1)")
+    elif isinstance(v, float):
+        if not math.isfinite(v):
+            raise UsageError(f"{what}: a number is out of range")
+    else:
+        raise UsageError(f"{what}: a {type(v).__name__} is not a JSON value")
 
 
 def dumps(value: Any, what: str = "the value") -> str:

@@ -15,11 +15,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from blockprov.catalog.machines import SEEN_EVERY
+from blockprov.catalog.machines import MAX_INFO, MAX_RESULT, SEEN_EVERY
 from blockprov.errors import UsageError
 from blockprov.names import instance_id, request_id
 from blockprov.service.longpoll import POLL, wait_param
-from blockprov.service.routes.common import JSON_BODY, json_of
+from blockprov.service.routes.common import json_body, json_of
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -35,7 +35,7 @@ async def list_agents(request: Request) -> dict[str, Any]:
     return {"agents": await svc.run(svc.repo.agents)}
 
 
-@router.put("/v1/agents/{instance}", tags=["agents"], openapi_extra=JSON_BODY)
+@router.put("/v1/agents/{instance}", tags=["agents"], openapi_extra=json_body(2 * MAX_INFO))
 async def register_agent(instance: str, request: Request) -> JSONResponse:
     """Register or refresh (heartbeat) an agent: ``{image, version, host, pid, addresses, …}``.
     201 when it is new."""
@@ -53,7 +53,8 @@ async def unregister_agent(instance: str, request: Request) -> dict[str, Any]:
     return {"removed": instance}
 
 
-@router.post("/v1/agents/{instance}/requests", tags=["agents"], status_code=201, openapi_extra=JSON_BODY)
+@router.post("/v1/agents/{instance}/requests", tags=["agents"], status_code=201,
+             openapi_extra=json_body(2 * MAX_INFO))
 async def post_request(instance: str, request: Request) -> JSONResponse:
     """Ask an agent to do something: ``{"op": "snapshot", "args": {…}}`` → 201 ``{"id"}``."""
     svc = Service.of(request)
@@ -101,7 +102,8 @@ async def get_request(instance: str, rid: str, request: Request, wait: float = 0
         await svc.wakeup.wait(min(POLL, left))
 
 
-@router.post("/v1/agents/{instance}/requests/{rid}/result", tags=["agents"], openapi_extra=JSON_BODY)
+@router.post("/v1/agents/{instance}/requests/{rid}/result", tags=["agents"],
+             openapi_extra=json_body(2 * MAX_RESULT))
 async def complete_request(instance: str, rid: str, request: Request) -> dict[str, Any]:
     """``{"ok": true, "result": {…}}`` or ``{"ok": false, "error": "…"}``; 409 if already completed."""
     svc = Service.of(request)

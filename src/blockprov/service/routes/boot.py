@@ -27,7 +27,7 @@ from blockprov import boot, names
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
-from blockprov.service.routes.common import JSON_BODY, OCTETS, json_of, version_ref
+from blockprov.service.routes.common import JSON_BODY, OCTETS, json_body, json_of, version_ref
 from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
@@ -44,7 +44,7 @@ async def get_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     return {"boot": None if info is None else info.to_dict()}
 
 
-@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=JSON_BODY)
+@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=json_body(1 << 20))
 async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any]:
     """Record ``{"kernel": {size, pieces}, "initrd": {…}, "cmdline": "…"}`` whose pieces were
     uploaded as chunks first (409 ``MissingChunks`` lists those still absent)."""

@@ -1,8 +1,10 @@
 """Small pieces several route modules use: request bodies, references, OpenAPI body schemas.
 
 The write routes read their bodies themselves (not through a Pydantic model) so that a binary or
-loosely shaped body costs no validation layer; ``JSON_BODY``/``OCTETS_BODY`` still describe the
-body in the OpenAPI document.
+loosely shaped body costs no validation layer. ``json_body``/``octets_body`` describe the body in
+the OpenAPI document and declare the most the route reads (bounds.py enforces it; ``JSON_BODY`` is
+a JSON body of at most ``bounds.DEFAULT_BODY``). A JSON body is read with ``json_of``, which checks
+its values (jsonvalue.py): a new route that reads JSON with these two is bounded and checked.
 """
 
 from __future__ import annotations
@@ -13,14 +15,23 @@ from starlette.requests import Request
 
 from blockprov import jsonvalue
 from blockprov.names import Ref, image_name, parse_ref, tag_name, version_id
+from blockprov.service.bounds import DEFAULT_BODY, body_spec
 from blockprov.service.state import Service
 
 OCTETS = "application/octet-stream"
-OCTETS_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    OCTETS: {"schema": {"type": "string", "format": "binary"}}}}}
 
-JSON_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object"}}}}}
+
+def json_body(limit: int = DEFAULT_BODY, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``openapi_extra`` of a route reading a JSON body of at most ``limit`` bytes."""
+    return body_spec(limit, "application/json", schema)
+
+
+def octets_body(limit: int) -> dict[str, Any]:
+    """``openapi_extra`` of a route reading a binary body of at most ``limit`` bytes."""
+    return body_spec(limit, OCTETS, {"type": "string", "format": "binary"})
+
+
+JSON_BODY = json_body()
 
 
 async def body_of(request: Request) -> bytes:

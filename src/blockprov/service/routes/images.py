@@ -17,12 +17,10 @@ from blockprov.errors import UsageError
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, tag_name, version_id
 from blockprov.service.rawview import IMMUTABLE, etag_matches
-from blockprov.service.routes.common import JSON_BODY, body_of, json_of, ref_in
+from blockprov.service.routes.common import body_of, json_body, json_of, ref_in
 from blockprov.service.state import Service
 
 router = APIRouter()
-TAG_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}}}}}}
 
 
 @router.get("/v1/images", tags=["catalog"])
@@ -52,7 +50,8 @@ async def get_manifest(name: str, request: Request, ref: str = "latest") -> Resp
     return Response(raw_json, headers=headers, media_type="application/json")
 
 
-@router.post("/v1/images/{name}/versions", tags=["catalog"], status_code=201, openapi_extra=JSON_BODY)
+@router.post("/v1/images/{name}/versions", tags=["catalog"], status_code=201,
+             openapi_extra=json_body(mf.MAX_MANIFEST_BYTES))
 async def commit(name: str, request: Request, tag: str | None = None) -> JSONResponse:
     """Record a version whose chunks are all present; the ``201`` is the acknowledgement.
     409 with ``missing`` lists the chunks still to upload."""
@@ -67,7 +66,8 @@ async def commit(name: str, request: Request, tag: str | None = None) -> JSONRes
     return JSONResponse({"id": vid, "image": name, "tag": tag}, status_code=201)
 
 
-@router.put("/v1/images/{name}/tags/{tag}", tags=["catalog"], openapi_extra=TAG_BODY)
+@router.put("/v1/images/{name}/tags/{tag}", tags=["catalog"], openapi_extra=json_body(schema={
+    "type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}}))
 async def set_tag(name: str, tag: str, request: Request) -> dict[str, Any]:
     """Body ``{"version": ID}``: the tag names that version from now on."""
     svc = Service.of(request)
