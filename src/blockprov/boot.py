@@ -143,16 +143,69 @@ def assemble(f: BootFile, blobs: Sequence[bytes], first: int = 0) -> list[bytes]
     return out
 
 
-def script(*, host: str, assigned: str, image: str, version: str, base: str, cmdline: str, args: str) -> str:
+# -- a host's settings ------------------------------------------------------------------------------
+# Fields of the host record beside its assignment (catalog/machines.py keeps each in a column of
+# ``hosts``, changed only when named). Those listed in KERNEL_WORDS reach the machine as a kernel
+# argument of its boot script; the blockprov initramfs reads them (netboot/params.py). A field
+# added later (a firmware, a site) is one more entry in SETTINGS, and in KERNEL_WORDS only if the
+# machine reads it from its command line.
+POLICIES = ("restore", "keep")  # restore: reboot-to-restore; keep: the disk keeps its changes
+HYDRATE = ("background", "before-boot", "off")
+SETTINGS: dict[str, tuple[str, ...]] = {"policy": POLICIES, "hydrate": HYDRATE}
+KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate"}
+
+
+def host_setting(name: str, value: object) -> str | None:
+    """A host setting checked: one of its values, or None for "" (cleared: the machine's default). Pure."""
+    if name not in SETTINGS:
+        raise UsageError(f"a host has no setting {name!r} (settings: {', '.join(SETTINGS)})")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or value not in SETTINGS[name]:
+        raise UsageError(f"a host's {name} is one of {', '.join(SETTINGS[name])}, not {value!r}")
+    return value
+
+
+def split_settings(args: str) -> tuple[str, dict[str, str]]:
+    """Kernel arguments with the words that are host settings (``blockprov.policy=restore``) taken
+    out, and those settings. The settings are fields of the host record, not words of its
+    arguments: replacing the arguments must never drop them (issue 27 item 1). A setting given
+    twice with two values is refused. Pure."""
+    words: list[str] = []
+    found: dict[str, str] = {}
+    by_word = {w: k for k, w in KERNEL_WORDS.items()}
+    for w in kernel_args(args).split():
+        key, eq, value = w.partition("=")
+        name = by_word.get(key)
+        if name is None or not eq:
+            words.append(w)
+            continue
+        checked = host_setting(name, value)
+        if checked is None:
+            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name])})")
+        if found.get(name, checked) != checked:
+            raise UsageError(f"the host's {name} is given twice: {found[name]} and {checked}")
+        found[name] = checked
+    return " ".join(words), found
+
+
+def setting_words(settings: dict[str, str | None]) -> list[str]:
+    """The kernel arguments a host's settings become in its boot script. Pure."""
+    return [f"{KERNEL_WORDS[k]}={v}" for k, v in settings.items() if v and k in KERNEL_WORDS]
+
+
+def script(*, host: str, assigned: str, image: str, version: str, base: str, cmdline: str, args: str,
+           settings: dict[str, str | None] | None = None) -> str:
     """The iPXE script that boots ``image@version`` on ``host``.
 
-    The kernel gets the version's command line, the host's extra arguments, and what an in-guest
-    agent needs to attach: ``blockprov.repo`` (where the repository is, as the host reaches it),
-    ``blockprov.image`` (the immutable ``NAME@ID``: a tag moved during the boot must not change
-    what the kernel and the agent see) and ``blockprov.host``. URLs name the version by id for the
-    same reason. ``initrd=initrd.img`` plus ``--name`` lets an EFI-stub kernel find the initrd."""
+    The kernel gets the version's command line, the host's extra arguments and settings (policy,
+    hydration: ``blockprov.*`` words), and what an in-guest agent needs to attach:
+    ``blockprov.repo`` (where the repository is, as the host reaches it), ``blockprov.image`` (the
+    immutable ``NAME@ID``: a tag moved during the boot must not change what the kernel and the
+    agent see) and ``blockprov.host``. URLs name the version by id for the same reason.
+    ``initrd=initrd.img`` plus ``--name`` lets an EFI-stub kernel find the initrd."""
     files = f"{base}/v1/images/{image}/versions/{version}/boot"
-    words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w]
+    words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w] + setting_words(settings or {})
     words += [f"blockprov.repo={base}", f"blockprov.image={image}@{version}", f"blockprov.host={host}",
               "initrd=initrd.img"]
     return (

@@ -26,7 +26,8 @@ from tests.contract.test_repository_contract import Backend
 for _module in (base, machines):
     globals().update({k: v for k, v in vars(_module).items()
                       if k not in ("be", "test_schema_migrates_an_existing_catalog",
-                                 "test_old_hosts_table_gains_last_boot")
+                                 "test_old_hosts_table_gains_last_boot",
+                                 "test_settings_in_old_arguments_move_into_the_record")
                       and (k.startswith("test_") or type(v).__name__ == "FixtureFunctionDefinition")})
 
 
@@ -79,6 +80,23 @@ def test_old_hosts_table_gains_last_boot_in_postgres(pg_url: str, tmp_path: Path
         assert (h.host, h.last_boot, h.last_boot_version) == ("pc9", None, None)
         regs[0].record_boot("pc9", "a" * 16)
         assert regs[1].hosts()[0].last_boot_version == "a" * 16
+    finally:
+        for r in regs:
+            r.catalog.close()
+
+
+def test_settings_in_old_arguments_move_into_the_record_in_postgres(pg_url: str, tmp_path: Path) -> None:
+    """A PostgreSQL catalog whose hosts kept their policy in their arguments: the words move into
+    the host record's columns on open (two servers opening it: moved once)."""
+    db = open_database(pg_url, tmp_path)
+    db.script(machines.OLD_HOSTS.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+    db.write("INSERT INTO hosts VALUES ('pc9', 'old', 'v1', NULL, 'blockprov.hydrate=off blockprov.policy=restore "
+             "rw', 1.0)")
+    regs = [Registry(Catalog(db)), Registry(Catalog(open_database(pg_url, tmp_path)))]
+    try:
+        for reg in regs:
+            (h,) = reg.hosts()
+            assert (h.host, h.policy, h.hydrate, h.args) == ("pc9", "restore", "off", "rw")
     finally:
         for r in regs:
             r.catalog.close()

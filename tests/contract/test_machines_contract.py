@@ -422,3 +422,72 @@ def test_profiles_are_inherited_by_versions_made_from_others(be: Backend, tmp_pa
     assert be.repo.get_profile("lab", v2) == [2]
     assert be.repo.get_profile("lab", v3) == [2]  # the nearest donor with a profile of its own
     assert n == be.repo.resolve("lab:v3").count
+
+
+def test_reassigning_keeps_what_is_not_named(be: Backend, versions: tuple[str, str]) -> None:
+    """Issue 27 item 1: the policy and hydration are fields of the host record. Re-assigning with
+    new arguments keeps the policy (the PC must stay ``restore``); arguments not given stay; ``""``
+    clears them on purpose; setting words typed into the arguments become the fields."""
+    _v1, v2 = versions
+    be.repo.set_boot_files("lab:v1", b"k1", b"i1")
+    be.repo.set_boot_files("lab:v2", b"k2", b"i2")
+    h = be.repo.assign_host(MAC, "lab:v1", "A=1", {"policy": "restore", "hydrate": "before-boot"})
+    assert (h.policy, h.hydrate, h.args) == ("restore", "before-boot", "A=1")
+    h = be.repo.assign_host(MAC, "lab:v1", "B=2")  # the issue's case: new args, no policy named
+    assert (h.policy, h.hydrate, h.args) == ("restore", "before-boot", "B=2")
+    params = boot.parse_script(be.repo.boot_script(MAC, BASE))["params"]
+    assert params["blockprov.policy"] == "restore" and params["blockprov.hydrate"] == "before-boot"
+    assert params["B"] == "2" and "A" not in params
+    h = be.repo.assign_host(MAC, f"lab@{v2}")  # nothing but the version named: everything stays
+    assert (h.ref, h.policy, h.hydrate, h.args) == (f"lab@{v2}", "restore", "before-boot", "B=2")
+    h = be.repo.assign_host(MAC, "lab:v1", "", {"hydrate": ""})  # cleared on purpose
+    assert (h.policy, h.hydrate, h.args) == ("restore", None, "")
+    params = boot.parse_script(be.repo.boot_script(MAC, BASE))["params"]
+    assert params["blockprov.policy"] == "restore" and "blockprov.hydrate" not in params
+    # words in the arguments are the fields (as `--args "blockprov.policy=keep"` always meant)
+    h = be.repo.assign_host(MAC, "lab:v1", "quiet blockprov.policy=keep")
+    assert (h.policy, h.args) == ("keep", "quiet")
+    assert be.repo.hosts()[0].to_dict()["policy"] == "keep"
+    with pytest.raises(UsageError, match="given twice"):
+        be.repo.assign_host(MAC, "lab:v1", "blockprov.policy=keep", {"policy": "restore"})
+    with pytest.raises(UsageError, match="given twice"):
+        be.repo.assign_host(MAC, "lab:v1", "blockprov.policy=keep blockprov.policy=restore")
+    for bad in ({"policy": "wipe"}, {"hydrate": "later"}, {"colour": "red"}, {"policy": 3}):
+        with pytest.raises(UsageError):
+            be.repo.assign_host(MAC, "lab:v1", None, bad)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        be.repo.assign_host(MAC, "lab:v1", "blockprov.policy=")
+    h = be.repo.hosts()[0]  # nothing refused changed anything
+    assert (h.policy, h.hydrate, h.args) == ("keep", None, "quiet")
+
+
+def test_settings_in_old_arguments_move_into_the_record(tmp_path: Path) -> None:
+    """An older catalog kept the policy and hydration as words of the host's arguments; opening
+    it moves them into their columns (once: opening again changes nothing), so a later
+    ``--args`` can no longer drop them."""
+    import sqlite3
+
+    from blockprov.catalog.images import SCHEMA
+    from blockprov.repo.local import LocalRepository
+
+    data = tmp_path / "old"
+    data.mkdir()
+    src = make_image(tmp_path / "x.img", SIZE, seed=9)
+    r = LocalRepository(tmp_path / "scratch")
+    import_image(r, src, "old:v1")
+    r.close()
+    db = sqlite3.connect(data / "catalog.sqlite")
+    db.executescript(SCHEMA + ";" + OLD_HOSTS)
+    db.execute("INSERT INTO hosts VALUES ('pc9', 'old', 'v1', NULL, 'quiet blockprov.policy=restore "
+               "blockprov.hydrate=off x=1', 1.0)")
+    db.execute("INSERT INTO hosts VALUES ('pc8', 'old', 'v1', NULL, 'blockprov.policy=wipe', 1.0)")
+    db.commit()
+    db.close()
+    for _ in range(2):
+        r = LocalRepository(data)
+        try:
+            bad, h = r.hosts()
+            assert (h.host, h.policy, h.hydrate, h.args) == ("pc9", "restore", "off", "quiet x=1")
+            assert (bad.policy, bad.args) == (None, "blockprov.policy=wipe")  # left for the operator to see
+        finally:
+            r.close()

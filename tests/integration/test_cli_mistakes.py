@@ -642,3 +642,51 @@ def test_agent_stopped_on_a_full_cache_disk(tmp_path: Path) -> None:
         err = agent.proc.stderr.read() if agent.proc.stderr else ""
         assert "Traceback" not in err and "internal error" not in err, err
         assert code in (0, 12), (code, err)
+
+
+# -- issue 27: what a new operator believed that was not true ---------------------------------------
+# Each case is a list of steps run in order on a fresh copy of the world: the command line
+# ({data}, {cache}, {w} are filled in), the exit code it must end with, and a pattern its stdout
+# and stderr together must match. A failing step prints one line (one_line) as every mistake must.
+Step = tuple[tuple[str, ...], int, str]
+MAC = "52:54:00:12:34:56"
+ISSUE_27: dict[str, list[Step]] = {
+    # item 1: re-assigning a PC dropped its policy (it became `keep`, the infected session survived)
+    "reassign-keeps-policy": [
+        (("host", "assign", MAC, "img:v1", "--policy", "restore", "--hydrate", "off", "--args", "A=1"), 0,
+         r"policy restore, hydrate off, args A=1"),
+        (("host", "assign", MAC, "img:v1", "--args", "B=2"), 0, r"policy restore, hydrate off, args B=2"),
+        (("host", "assign", MAC, "img:v2"), 0, r"policy restore, hydrate off, args B=2"),
+        (("host", "show", MAC, "--json"), 0, r'"policy": "restore"'),
+        (("host", "list"), 0,
+         r"(?m)^HOST +ASSIGNED +BOOTS +POLICY +HYDRATE +LAST BOOT +ARGS\n52:54:00:12:34:56 .* restore +off "),
+    ],
+    "args-cleared-on-purpose": [
+        (("host", "assign", MAC, "img:v1", "--args", "quiet", "--policy", "keep"), 0, r"args quiet"),
+        (("host", "assign", MAC, "img:v1", "--args", ""), 0, r"policy keep, .*no extra args"),
+        (("host", "show", MAC), 0, r"args +-"),
+    ],
+    "setting-words-in-args-become-fields": [
+        (("host", "assign", MAC, "img:v1", "--args", "quiet blockprov.policy=restore"), 0,
+         r"policy restore, .*args quiet$"),
+        (("host", "assign", MAC, "img:v1", "--args", "blockprov.policy=keep", "--policy", "restore"), 2,
+         r"policy is given twice"),
+        (("host", "assign", MAC, "img:v1", "--args", "blockprov.hydrate=later"), 2, r"hydrate is one of"),
+        (("host", "assign", MAC, "img:v1", "--args", "blockprov.policy="), 2, r"give the host's policy a value"),
+        (("host", "show", MAC, "--json"), 0, r'"policy": "restore"'),  # nothing refused changed anything
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ISSUE_27))
+def test_issue_27(world: Callable[[str], World], case: str) -> None:
+    w = world(case)
+    fill = {"data": str(w.data), "cache": str(w.w / "cache"), "w": str(w.w)}
+    for args, code, pattern in ISSUE_27[case]:
+        argv_ = [a.format(**fill) for a in args]
+        p = run_cli("--data", str(w.data), *argv_, check=False)
+        out = (p.stdout + p.stderr).strip()
+        assert p.returncode == code, (argv_, p.returncode, out)
+        if code:
+            one_line(p)
+        assert re.search(pattern, out), (argv_, out)

@@ -116,7 +116,7 @@ def lab(tmp_path: Path) -> Iterator[dict[str, Any]]:
     repo.set_tag("lab", "prod", v1)
     repo.set_boot_files("lab:v1", b"kernel", b"initrd", "console=ttyS0")
     repo.set_boot_files("lab:v2", b"kernel", b"initrd", "console=ttyS0")
-    repo.assign_host("52:54:00:12:34:56", "lab:prod")
+    repo.assign_host("52:54:00:12:34:56", "lab:prod", "quiet")
     repo.assign_host("pc-07", "lab:v2")
     tokens = TokenStore(repo.catalog.db)
     write, _ = tokens.create("write", "admin")
@@ -215,10 +215,13 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     assert d.execute_script("return window.notReloaded === true")
     assert d.find_element(By.CSS_SELECTOR, pick).is_selected()
     Select(d.find_element(By.ID, "assign-ref")).select_by_value("lab:v1")
+    Select(d.find_element(By.ID, "assign-policy")).select_by_value("restore")  # the arguments field left empty
     d.find_element(By.ID, "assign-go").click()
     until(d, "the assignment",
           lambda d: any("Assigned lab:v1 to 52:54:00:12:34:56" in x for x in texts(d, "#flash")))
     shows(d, "#hosts tr[data-host='52:54:00:12:34:56']", "lab:v1")
+    shows(d, "#hosts tr[data-host='52:54:00:12:34:56'] .policy", "restore")
+    shows(d, "#hosts tr[data-host='52:54:00:12:34:56'] .args", "quiet")  # kept, not wiped
     shows(d, "#hosts tr[data-host='52:54:00:12:34:56'] .last-boot", "sent " + v2[:12])  # what it booted
     assert "never booted" in text_of(d, "#hosts tr[data-host='pc-07'] .last-boot")
     shows(d, "#agents tr[data-agent='pc-08']", EVIL_HOST)  # a host name as text

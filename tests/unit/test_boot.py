@@ -57,3 +57,25 @@ def test_script_and_parse() -> None:
                          "blockprov.host=pc1", "initrd=initrd.img"]
     with pytest.raises(UsageError):
         boot.parse_script("#!ipxe\nboot\n")
+
+
+def test_host_settings_are_fields_not_words() -> None:
+    """Issue 27 item 1: setting words typed into the arguments are taken out as the host's
+    settings; a boot script carries the settings after the arguments."""
+    assert boot.split_settings("quiet blockprov.policy=restore rw blockprov.hydrate=off") == (
+        "quiet rw", {"policy": "restore", "hydrate": "off"})
+    assert boot.split_settings("blockprov.policy=keep blockprov.policy=keep") == ("", {"policy": "keep"})
+    assert boot.split_settings("blockprov.policyx=1 blockprov.policy") == ("blockprov.policyx=1 blockprov.policy", {})
+    for bad, why in (("blockprov.policy=keep blockprov.policy=restore", "given twice"),
+                     ("blockprov.policy=wipe", "one of"), ("blockprov.hydrate=", "a value")):
+        with pytest.raises(UsageError, match=why):
+            boot.split_settings(bad)
+    with pytest.raises(InvalidName):
+        boot.split_settings("blockprov.policy=keep\nshell")
+    assert boot.host_setting("policy", "") is None and boot.host_setting("hydrate", None) is None
+    with pytest.raises(UsageError, match="no setting"):
+        boot.host_setting("colour", "red")
+    text = boot.script(host="pc1", assigned="lab:v1", image="lab", version="0" * 16, base="http://r", cmdline="c=1",
+                       args="a=1", settings={"policy": "restore", "hydrate": None})
+    s = boot.parse_script(text)
+    assert s["args"][:3] == ["c=1", "a=1", "blockprov.policy=restore"] and "blockprov.hydrate" not in s["params"]

@@ -165,6 +165,32 @@ def test_machines_assign_and_ask_an_agent(env: Env) -> None:
     assert "Not asked: nobody" in c.get(r.headers["location"]).text
 
 
+def test_assign_form_keeps_what_it_leaves_unchanged(env: Env) -> None:
+    """Issue 27 item 1: the Assign form shows and sets the policy; an empty arguments field keeps
+    each host's arguments (the "clear arguments" box clears them); "unchanged" keeps a setting."""
+    mac = "52:54:00:00:00:01"
+    env.repo.assign_host(mac, "lab:v1", "quiet A=1", {"policy": "restore"})
+    c = env.client(env.write)
+    page = c.get("/ui/machines").text
+    assert 'id="assign-policy"' in page and 'id="assign-clear-args"' in page
+    row = page[page.index(f'<tr data-host="{mac}"'):]
+    row = row[:row.index("</tr>")]
+    assert '<td class="policy">restore</td>' in row and "quiet A=1" in row
+    r = post(c, "/ui/hosts", {"host": [mac], "ref": "lab:v2", "args": "", "policy": "unchanged",
+                              "hydrate": "unchanged"})
+    assert r.status_code == 303
+    h = env.repo.hosts()[0]
+    assert (h.version, h.policy, h.hydrate, h.args) == (env.v2, "restore", None, "quiet A=1")
+    post(c, "/ui/hosts", {"host": [mac], "ref": "lab:v2", "args": "B=2", "hydrate": "off"})
+    h = env.repo.hosts()[0]
+    assert (h.policy, h.hydrate, h.args) == ("restore", "off", "B=2")
+    post(c, "/ui/hosts", {"host": [mac], "ref": "lab:v2", "clear_args": "1", "policy": "keep"})
+    h = env.repo.hosts()[0]
+    assert (h.policy, h.hydrate, h.args) == ("keep", "off", "")
+    r = post(c, "/ui/hosts", {"host": [mac], "ref": "lab:v2", "policy": "wipe"})
+    assert "Not assigned" in c.get(r.headers["location"]).text and env.repo.hosts()[0].policy == "keep"
+
+
 def test_pools_and_clones_reports(env: Env) -> None:
     """What pool and clones agents report is on the Pools page (escaped; malformed fields shown as
     missing, never a 500) and not among the machines; a host's last boot is on Machines."""

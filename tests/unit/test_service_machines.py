@@ -112,6 +112,45 @@ def test_hosts_routes(env: Env) -> None:
     assert env.c.get("/v1/hosts/pc1").status_code == 404
 
 
+# Issue 27's mistakes on the machine routes: (name, method, path, JSON body, status, what the
+# answer or the host record must then show). Run in order on one repository: each row starts
+# from what the rows before it left.
+HTTP_27: list[tuple[str, str, str, Any, int, dict[str, Any]]] = [
+    # item 1: the policy and hydration are fields of the host record; what a request leaves out stays
+    ("assign with settings", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "args": "A=1", "policy": "restore",
+                                                       "hydrate": "off"}, 200,
+     {"policy": "restore", "hydrate": "off", "args": "A=1"}),
+    ("new args keep the policy", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "args": "B=2"}, 200,
+     {"policy": "restore", "hydrate": "off", "args": "B=2"}),
+    ("no args keep the args", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1"}, 200, {"args": "B=2", "policy": "restore"}),
+    ("a setting cleared", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "hydrate": None}, 200,
+     {"hydrate": None, "policy": "restore"}),
+    ("args cleared", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "args": ""}, 200, {"args": "", "policy": "restore"}),
+    ("a word in args is the field", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "args": "blockprov.policy=keep rw"},
+     200, {"args": "rw", "policy": "keep"}),
+    ("a bad policy", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "policy": "wipe"}, 400, {"policy": "keep"}),
+    ("a policy of another type", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "policy": ["keep"]}, 400,
+     {"policy": "keep"}),
+    ("an unknown field", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "colour": "red"}, 400, {"args": "rw"}),
+    ("args of another type", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "args": None}, 400, {"args": "rw"}),
+    ("a setting given twice", "PUT", "/v1/hosts/pc1", {"ref": "lab:v1", "args": "blockprov.policy=keep",
+                                                        "policy": "restore"}, 400, {"policy": "keep"}),
+]
+
+
+def test_http_mistakes_27(env: Env) -> None:
+    for name, method, path, body, status, then in HTTP_27:
+        r = env.c.request(method, path, json=body)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        if status >= 400:
+            assert set(r.json()) >= {"error", "message"} and "Traceback" not in r.text, name
+        host = env.c.get(path).json()
+        assert {k: host.get(k) for k in then} == then, (name, host)
+    env.repo.set_boot_files("lab:v1", KERNEL, INITRD)
+    s = boot.parse_script(env.repo.boot_script("pc1", "http://10.0.2.2:8420"))
+    assert s["params"]["blockprov.policy"] == "keep" and "blockprov.hydrate" not in s["params"]
+
+
 def test_boot_file_download(env: Env) -> None:
     r = env.c.get(f"{env.files}/kernel")
     assert r.status_code == 409 and err(r) == "BootFilesMissing"

@@ -3,9 +3,11 @@
 Tables (in the catalog's database, next to images, versions and tags):
 
 * ``boot_files``: per version, the kernel and initrd descriptors (boot.py) and the command line.
-* ``hosts``: host (MAC or host id) → ``NAME:TAG`` (follows the tag) or ``NAME@ID``, plus extra
-  kernel arguments, and the host's last boot: when the repository last answered its boot script
-  (``GET /v1/boot/HOST``) and the version that script named.
+* ``hosts``: the host record. Host (MAC or host id) → ``NAME:TAG`` (follows the tag) or
+  ``NAME@ID``, plus extra kernel arguments, the host's settings (one column each, boot.SETTINGS:
+  ``policy``, ``hydrate``; NULL = the machine's default), and the host's last boot: when the
+  repository last answered its boot script (``GET /v1/boot/HOST``) and the version that script
+  named. An assignment changes only what it names: replacing the arguments keeps the policy.
 * ``profiles``: per version, the order in which a boot first read chunks, as zstd(u32 LE array).
   A version without a row inherits its donor's, translated (catalog/inherit.py), computed when
   asked for; nothing is stored until it records its own (then merged with the inherited one).
@@ -19,7 +21,10 @@ must be shared state, not memory. A server's long polls share one ``ready_instan
 
 Migration: every table is ``CREATE TABLE IF NOT EXISTS``, run on open, so a ``catalog.sqlite``
 made before these tables existed simply gains them; a column added later (``hosts.last_boot``,
-``hosts.last_boot_version``) is added on open to a table that lacks it (``SQLDatabase.add_column``).
+``hosts.last_boot_version``, the settings) is added on open to a table that lacks it
+(``SQLDatabase.add_column``). Settings that an older catalog kept as words of a host's arguments
+(``blockprov.policy=restore``) move into their columns on open (``_move_settings``: one
+transaction, safe to repeat, a no-op once done).
 ``boot_files`` and ``profiles`` rows go with their version (``ON DELETE CASCADE``); a host whose
 tag or version was removed keeps its row and its boot script says so (Conflict) until it is
 re-assigned.
@@ -36,17 +41,26 @@ import json
 import secrets
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import zstandard
 
 from blockprov import jsonvalue
-from blockprov.boot import BootFile
+from blockprov.boot import SETTINGS, BootFile, host_setting, split_settings
 from blockprov.catalog import inherit
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
-from blockprov.errors import AgentNotFound, Conflict, HostNotFound, ImageNotFound, RequestNotFound, TooLarge, UsageError
+from blockprov.errors import (
+    AgentNotFound,
+    BlockprovError,
+    Conflict,
+    HostNotFound,
+    ImageNotFound,
+    RequestNotFound,
+    TooLarge,
+    UsageError,
+)
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, host_id, image_name, instance_id, kernel_args, op_name, request_id, version_id
 
@@ -71,7 +85,9 @@ CREATE TABLE IF NOT EXISTS hosts (
     args    TEXT NOT NULL,
     updated REAL NOT NULL,
     last_boot REAL,
-    last_boot_version TEXT
+    last_boot_version TEXT,
+    policy  TEXT,
+    hydrate TEXT
 );
 CREATE TABLE IF NOT EXISTS profiles (
     image   TEXT NOT NULL,
@@ -117,7 +133,10 @@ MAX_PROFILE = 1 << 24  # chunk indices in one profile (a 1 TiB image at 64 KiB c
 U32 = struct.Struct("<I")
 STATES = ("pending", "running", "done", "failed")
 HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_version"
-ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"))
+# Columns added to a table after its first release, in the order they were added (a new one goes
+# last, in SCHEMA too: `catalog copy` copies rows by position). One per host setting (boot.SETTINGS).
+ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"),
+                 ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"))
 
 
 def _json_object(d: object, what: str, limit: int) -> str:
@@ -145,7 +164,27 @@ class Registry:
         self.db.script(SCHEMA)
         for table, column, decl in ADDED_COLUMNS:
             self.db.add_column(table, column, decl)
+        self._move_settings()
         self.lease = LEASE_SECONDS
+
+    def _move_settings(self) -> None:
+        """Hosts whose arguments still carry settings as words (an older catalog): the words move
+        into their columns, unless the column already holds a value (then the word is dropped)."""
+        likes = " OR ".join("args LIKE ?" for _ in SETTINGS)
+        pattern = [f"%blockprov.{k}=%" for k in SETTINGS]
+        if not self.db.one(f"SELECT 1 FROM hosts WHERE {likes} LIMIT 1", tuple(pattern)):
+            return
+        cols = ", ".join(SETTINGS)
+        with self.db.tx() as db:
+            for row in db.execute(f"SELECT host, args, {cols} FROM hosts WHERE {likes}", tuple(pattern)).fetchall():
+                try:
+                    rest, found = split_settings(row[1])
+                except BlockprovError:  # a malformed word stays where it is, for the operator to see
+                    continue
+                have = dict(zip(SETTINGS, row[2:], strict=True))
+                merged = {k: have[k] if have[k] is not None else found.get(k) for k in SETTINGS}
+                db.execute(f"UPDATE hosts SET args=?, {', '.join(f'{k}=?' for k in SETTINGS)} WHERE host=?",
+                           (rest, *merged.values(), row[0]))
 
     def _version_of(self, ref: Ref) -> str:
         return self.catalog.resolve_id(ref)
@@ -185,38 +224,57 @@ class Registry:
         return out
 
     # -- hosts ----------------------------------------------------------------------------------
-    def assign_host(self, host: str, ref: Ref, args: str) -> HostInfo:
-        host, args = host_id(host), kernel_args(args)
+    def assign_host(self, host: str, ref: Ref, args: str | None = None,
+                    settings: Mapping[str, str | None] | None = None) -> HostInfo:
+        """Boot ``host`` from ``ref``, changing only what is named: ``args`` None keeps the host's
+        arguments ("" clears them), a setting left out of ``settings`` keeps its value ("" or None
+        in it clears it to the machine's default). Setting words in ``args``
+        (``blockprov.policy=restore``) are taken as those settings."""
+        host = host_id(host)
+        named: dict[str, str | None] = {}
+        for k, v in (settings or {}).items():
+            named[k] = host_setting(k, v)
+        if args is not None:
+            args, in_args = split_settings(args)
+            for k, v in in_args.items():
+                if named.get(k, v) != v:
+                    raise UsageError(f"the host's {k} is given twice: {named[k]} and, in its arguments, {v}")
+                named[k] = v
         now = time.time()
         with self.db.tx() as db:
-            vid = self.catalog.resolve_id(ref, db)  # the reference must name something now
-            db.execute("INSERT INTO hosts (host, image, tag, version, args, updated) VALUES (?,?,?,?,?,?) "
-                       "ON CONFLICT (host) DO UPDATE SET image=excluded.image, tag=excluded.tag, "
-                       "version=excluded.version, args=excluded.args, updated=excluded.updated",
-                       (host, ref.name, ref.tag, ref.version, args, now))
-            last = db.execute("SELECT last_boot, last_boot_version FROM hosts WHERE host=?", (host,)).fetchone()
-        return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=now, last_boot=last[0],
-                        last_boot_version=last[1])
+            self.catalog.resolve_id(ref, db)  # the reference must name something now
+            if db.execute("SELECT 1 FROM hosts WHERE host=?", (host,)).fetchone() is None:
+                db.execute("INSERT INTO hosts (host, image, tag, version, args, updated) VALUES (?,?,?,?,?,?)",
+                           (host, ref.name, ref.tag, ref.version, args or "", now))
+            else:
+                db.execute("UPDATE hosts SET image=?, tag=?, version=?, updated=? WHERE host=?",
+                           (ref.name, ref.tag, ref.version, now, host))
+                if args is not None:
+                    db.execute("UPDATE hosts SET args=? WHERE host=?", (args, host))
+            for k, v in named.items():  # k is a key of SETTINGS (host_setting checked it): a column name
+                db.execute(f"UPDATE hosts SET {k}=? WHERE host=?", (v, host))
+        return self.host(host)
 
     def _host_info(self, row: tuple[Any, ...]) -> HostInfo:
-        host, image, tag, version, args, updated, last_boot, last_boot_version = row
+        host, image, tag, version, args, updated, last_boot, last_boot_version = row[:8]
         ref = Ref(image, tag=tag, version=version)
         try:
             vid: str | None = self._version_of(ref)
         except ImageNotFound:
             vid = None
         return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=updated, last_boot=last_boot,
-                        last_boot_version=last_boot_version)
+                        last_boot_version=last_boot_version, **dict(zip(SETTINGS, row[8:], strict=True)))
 
     def host(self, host: str) -> HostInfo:
         host = host_id(host)
-        row = self.db.one(f"SELECT {HOST_COLUMNS} FROM hosts WHERE host=?", (host,))
+        row = self.db.one(f"SELECT {HOST_COLUMNS}, {', '.join(SETTINGS)} FROM hosts WHERE host=?", (host,))
         if row is None:
             raise HostNotFound(host=host)
         return self._host_info(tuple(row))
 
     def hosts(self) -> list[HostInfo]:
-        return [self._host_info(tuple(r)) for r in self.db.all(f"SELECT {HOST_COLUMNS} FROM hosts ORDER BY host")]
+        return [self._host_info(tuple(r)) for r in
+                self.db.all(f"SELECT {HOST_COLUMNS}, {', '.join(SETTINGS)} FROM hosts ORDER BY host")]
 
     def record_boot(self, host: str, version: str) -> None:
         """The repository answered ``host``'s boot script naming ``version`` (one write, no check

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from blockprov.boot import BootFile
+from blockprov.boot import SETTINGS, BootFile
 
 
 @dataclass
@@ -53,7 +53,10 @@ class HostInfo:
     """A host's boot assignment. ``ref`` is what was assigned (``NAME:TAG`` follows the tag);
     ``version`` is the id it names now, None when that tag or version no longer exists.
     ``last_boot``: when the repository last answered the host's boot script (``GET /v1/boot/HOST``),
-    and ``last_boot_version`` the version that script named; None until it first boots."""
+    and ``last_boot_version`` the version that script named; None until it first boots.
+    The settings (boot.SETTINGS; None: the machine's default) follow: ``policy`` (``restore`` or
+    ``keep``), ``hydrate`` (``background``, ``before-boot``, ``off``). A setting added later is a
+    field here with a None default, so a record from an older server still reads."""
 
     host: str
     ref: str
@@ -62,6 +65,11 @@ class HostInfo:
     updated: float
     last_boot: float | None = None
     last_boot_version: str | None = None
+    policy: str | None = None
+    hydrate: str | None = None
+
+    def settings(self) -> dict[str, str | None]:
+        return {k: getattr(self, k) for k in SETTINGS}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from blockprov import humanize as hz
-from blockprov.boot import parse_script
+from blockprov.boot import HYDRATE, POLICIES, parse_script
 from blockprov.catalog.records import HostInfo
 from blockprov.cli._common import Ctx, emit, json_option, run_async
 from blockprov.errors import HostNotFound, UsageError
@@ -122,29 +122,38 @@ def host() -> None:
 @host.command("assign")
 @click.argument("host_name", metavar="HOST")
 @click.argument("ref", metavar="NAME:TAG|NAME@ID")
-@click.option("--args", "args", default="", help="Extra kernel arguments for this host.")
-@click.option("--policy", type=click.Choice(["restore", "keep"]),
+@click.option("--args", "args", default=None,
+              help="Extra kernel arguments for this host, replacing its earlier ones (default: kept as they "
+                   "are; --args '' clears them).")
+@click.option("--policy", type=click.Choice(POLICIES),
               help="For a machine booting blockprov's initramfs (boot-files build): restore = reboot-to-restore "
-                   "(the last session's changes are undone at boot), keep = the disk keeps them. Carried in the "
-                   "boot script as the kernel argument blockprov.policy.")
-@click.option("--hydrate", type=click.Choice(["background", "before-boot", "off"]),
+                   "(the last session's changes are undone at boot), keep = the disk keeps them (its default). "
+                   "Kept until changed; carried in the boot script as blockprov.policy.")
+@click.option("--hydrate", type=click.Choice(HYDRATE),
               help="For blockprov's initramfs: copy the rest of the image to the disk in the background "
-                   "(its default), all of it before the boot, or never ahead. Kernel argument blockprov.hydrate.")
+                   "(its default), all of it before the boot, or never ahead. Kept until changed; kernel "
+                   "argument blockprov.hydrate.")
 @json_option
 @click.pass_obj
-def host_assign(obj: Ctx, host_name: str, ref: str, args: str, policy: str | None, hydrate: str | None,
+def host_assign(obj: Ctx, host_name: str, ref: str, args: str | None, policy: str | None, hydrate: str | None,
                 as_json: bool) -> None:
-    """Boot HOST from REF: NAME:TAG follows the tag when it moves, NAME@ID stays."""
-    words = [w for w in args.split() if not w.startswith(("blockprov.policy=", "blockprov.hydrate="))
-             or (policy is None and w.startswith("blockprov.policy="))
-             or (hydrate is None and w.startswith("blockprov.hydrate="))]
-    words += [f"blockprov.{k}={v}" for k, v in (("policy", policy), ("hydrate", hydrate)) if v is not None]
-    h = obj.repo.assign_host(host_name, parse_ref(ref), " ".join(words))
+    """Boot HOST from REF: NAME:TAG follows the tag when it moves, NAME@ID stays.
+
+    Re-assigning changes only what is named: the host's arguments, policy and hydration stay as
+    they were unless given."""
+    settings = {k: v for k, v in (("policy", policy), ("hydrate", hydrate)) if v is not None}
+    h = obj.repo.assign_host(host_name, parse_ref(ref), args, settings)
     if as_json:
         emit(h.to_dict())
-    else:
-        click.echo(f"{h.host} → {h.ref} (now {parse_ref(h.ref).name}@{h.version})" + (f", args {h.args}" if h.args
-                                                                                       else ""))
+        return
+    click.echo(f"{h.host} → {h.ref} (now {parse_ref(h.ref).name}@{h.version}), {_settings(h)}"
+               + (f", args {h.args}" if h.args else ", no extra args"))
+
+
+def _settings(h: HostInfo) -> str:
+    """The host's settings as people read them; an unset one shows the machine's default."""
+    return (f"policy {h.policy or 'keep (default)'}, "
+            f"hydrate {h.hydrate or 'background (default)'}")
 
 
 @host.command("list")
@@ -158,9 +167,12 @@ def host_list(obj: Ctx, as_json: bool) -> None:
         return
     if not hs:
         click.echo("no hosts (assign one with: blockprov host assign MAC NAME:TAG)")
+        return
+    click.echo(f"{'HOST':20} {'ASSIGNED':32} {'BOOTS':18} {'POLICY':8} {'HYDRATE':12} {'LAST BOOT':34} ARGS")
     for h in hs:
         now = h.version or "GONE: re-assign"
-        click.echo(f"{h.host:20} {h.ref:32} {now:18} {_last_boot(h):34} {h.args}".rstrip())
+        click.echo(f"{h.host:20} {h.ref:32} {now:18} {h.policy or '-':8} {h.hydrate or '-':12} "
+                   f"{_last_boot(h):34} {h.args}".rstrip())
 
 
 def _last_boot(h: HostInfo) -> str:
@@ -185,6 +197,8 @@ def host_show(obj: Ctx, host_name: str, as_json: bool) -> None:
     click.echo(f"host      {h.host}")
     click.echo(f"assigned  {h.ref}  (at {_when(h.updated)})")
     click.echo(f"boots     {h.version or 'GONE: ' + h.ref + ' no longer exists, re-assign it'}")
+    click.echo(f"policy    {h.policy or 'keep (the default: not set)'}")
+    click.echo(f"hydrate   {h.hydrate or 'background (the default: not set)'}")
     click.echo(f"args      {h.args or '-'}")
     if h.last_boot is None:
         click.echo("last boot never (the repository has not answered its boot script)")

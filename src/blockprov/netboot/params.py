@@ -19,12 +19,11 @@ netboot/loader.py).
 
 from __future__ import annotations
 
+from blockprov.boot import HYDRATE, POLICIES
 from blockprov.errors import NetbootError
 from blockprov.humanize import parse_size
 
-POLICIES = ("restore", "keep")
 DISKLESS = "none"
-HYDRATE = ("background", "before-boot", "off")
 
 
 def parse_cmdline(text: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ keeps working.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from blockprov.boot import Source
@@ -109,9 +109,12 @@ class Machines(Protocol):
         """The content of ``"kernel"`` or ``"initrd"``, verified; BootFilesMissing when none."""
         ...
 
-    def assign_host(self, host: str, ref: Ref | str, args: str = "") -> HostInfo:
+    def assign_host(self, host: str, ref: Ref | str, args: str | None = None,
+                    settings: Mapping[str, str | None] | None = None) -> HostInfo:
         """Boot ``host`` (a MAC or host id) from ``ref``: ``NAME:TAG`` follows the tag, ``NAME@ID``
-        stays. ``args`` are extra kernel arguments for that host. Replaces an earlier assignment."""
+        stays. ``args`` are extra kernel arguments for that host, ``settings`` its settings
+        (boot.SETTINGS: policy, hydrate). Only what is named changes: ``args`` None and a setting
+        left out keep their values; ``""`` clears."""
         ...
 
     def hosts(self) -> list[HostInfo]: ...

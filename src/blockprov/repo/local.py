@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +171,9 @@ class LocalRepository:
         info = self._boot_files(ref)
         return info.kernel if which == "kernel" else info.initrd
 
-    def assign_host(self, host: str, ref: Ref | str, args: str = "") -> HostInfo:
-        return self.registry.assign_host(host, as_ref(ref), args)
+    def assign_host(self, host: str, ref: Ref | str, args: str | None = None,
+                    settings: Mapping[str, str | None] | None = None) -> HostInfo:
+        return self.registry.assign_host(host, as_ref(ref), args, settings)
 
     def hosts(self) -> list[HostInfo]:
         return self.registry.hosts()
@@ -200,7 +201,7 @@ class LocalRepository:
                 log.warning("host %s booted %s@%s, but its last boot could not be recorded: %s",
                             h.host, ref.name, h.version, e)
         return boot.script(host=h.host, assigned=h.ref, image=ref.name, version=h.version, base=base,
-                           cmdline=info.cmdline, args=h.args)
+                           cmdline=info.cmdline, args=h.args, settings=h.settings())
 
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
         self.registry.put_profile(image, version, list(order))

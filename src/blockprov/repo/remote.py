@@ -42,6 +42,7 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import socket
@@ -51,7 +52,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -122,6 +123,13 @@ def _cert_failure(e: BaseException) -> ssl.SSLCertVerificationError | None:
 
 def _as_ref(ref: Ref | str) -> Ref:
     return ref if isinstance(ref, Ref) else parse_ref(ref)
+
+
+def _host_info(d: dict[str, Any]) -> HostInfo:
+    """A host record as the server sent it; fields this client does not know (a newer server's
+    settings) are left out rather than refused."""
+    known = {f.name for f in dataclasses.fields(HostInfo)}
+    return HostInfo(**{k: v for k, v in d.items() if k in known})
 
 
 def _rel(r: Ref) -> str:
@@ -485,13 +493,15 @@ class RemoteRepository:
                                         f"({got.size} bytes, id {got.id}; expected {f.size} bytes, id {f.id})")
         return data
 
-    def assign_host(self, host: str, ref: Ref | str, args: str = "") -> HostInfo:
-        d = self._request("PUT", f"/v1/hosts/{host_id(host)}",
-                          json={"ref": str(_as_ref(ref)), "args": kernel_args(args)}).json()
-        return HostInfo(**d)
+    def assign_host(self, host: str, ref: Ref | str, args: str | None = None,
+                    settings: Mapping[str, str | None] | None = None) -> HostInfo:
+        body: dict[str, Any] = {"ref": str(_as_ref(ref)), **(settings or {})}
+        if args is not None:
+            body["args"] = kernel_args(args)
+        return _host_info(self._request("PUT", f"/v1/hosts/{host_id(host)}", json=body).json())
 
     def hosts(self) -> list[HostInfo]:
-        return [HostInfo(**h) for h in self._request("GET", "/v1/hosts").json()["hosts"]]
+        return [_host_info(h) for h in self._request("GET", "/v1/hosts").json()["hosts"]]
 
     def remove_host(self, host: str) -> None:
         self._request("DELETE", f"/v1/hosts/{host_id(host)}")

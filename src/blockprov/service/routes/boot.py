@@ -148,13 +148,21 @@ async def get_host(host: str, request: Request) -> dict[str, Any]:
 
 @router.put("/v1/hosts/{host}", tags=["hosts"], openapi_extra=JSON_BODY)
 async def assign_host(host: str, request: Request) -> dict[str, Any]:
-    """Body ``{"ref": "NAME:TAG" | "NAME@ID", "args": "extra kernel arguments"}``."""
+    """Body ``{"ref": "NAME:TAG" | "NAME@ID", "args": "extra kernel arguments", "policy": "restore"
+    | "keep", "hydrate": "background" | "before-boot" | "off"}``. Only ``ref`` is required; a field
+    left out keeps the host's value (``"args": ""`` clears the arguments, ``"policy": null`` or
+    ``""`` a setting)."""
     svc = Service.of(request)
     host = host_id(host)  # before the body is read: a bad name costs no body
     d = await json_of(request)
-    if not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not isinstance(d.get("args", ""), str):
-        raise UsageError('expected {"ref": "NAME:TAG", "args": "…"}')
-    return dict((await svc.run(svc.repo.assign_host, host, parse_ref(d["ref"]), d.get("args", ""))).to_dict())
+    fields = {"ref", "args", *boot.SETTINGS}
+    if (not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not isinstance(d.get("args", ""), str)
+            or not set(d) <= fields):
+        raise UsageError('expected {"ref": "NAME:TAG", "args": "…"} and optionally the host\'s settings '
+                         f"({', '.join(boot.SETTINGS)}); only ref is required")
+    settings = {k: d[k] for k in boot.SETTINGS if k in d}
+    info = await svc.run(svc.repo.assign_host, host, parse_ref(d["ref"]), d.get("args"), settings)
+    return dict(info.to_dict())
 
 
 @router.delete("/v1/hosts/{host}", tags=["hosts"])

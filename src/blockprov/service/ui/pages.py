@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, quote, unquote
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
+from blockprov.boot import SETTINGS
 from blockprov.catalog.tokens import TokenStore
 from blockprov.errors import BlockprovError, CatalogMisconfigured, CatalogUnavailable, TooLarge, UsageError
 from blockprov.names import Ref, host_id, image_name, instance_id, parse_ref, tag_name, version_id
@@ -31,6 +32,7 @@ log = logging.getLogger("blockprov.console")
 router = APIRouter(include_in_schema=False)  # the API's OpenAPI document describes the API, not pages
 
 FLASH = "blockprov_flash"
+UNCHANGED = "unchanged"  # a setting's choice in the Assign form that keeps each host's value
 MAX_FORM = 64 << 10  # bytes of a console form (the largest is a list of hosts)
 STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8",
           "favicon.svg": "image/svg+xml"}
@@ -217,13 +219,17 @@ async def machines_page(request: Request) -> Response:
 @router.post("/ui/hosts")
 async def assign_hosts(request: Request) -> Response:
     """Assign one version (``NAME:TAG`` follows the tag, ``NAME@ID`` pins) to the hosts ticked and
-    the one typed; each host is assigned on its own, and every failure is reported."""
+    the one typed; each host is assigned on its own, and every failure is reported. What the form
+    leaves as it is stays: an empty arguments field keeps each host's arguments (the "clear" box
+    clears them), a setting left at "unchanged" keeps its value."""
     f = await form_of(request)
     svc = Service.of(request)
     hosts = [h.strip() for h in f.get("host", []) if h.strip()]
     if one(f, "new_host"):
         hosts.append(one(f, "new_host"))
-    ref_text, args = one(f, "ref"), one(f, "args")
+    ref_text = one(f, "ref")
+    args: str | None = "" if one(f, "clear_args") else (one(f, "args") or None)
+    settings = {k: one(f, k) for k in SETTINGS if one(f, k) not in ("", UNCHANGED)}
     if not hosts:
         return back("/ui/machines", "error", "No host assigned: tick hosts or type a MAC address or host id.")
     try:
@@ -233,7 +239,7 @@ async def assign_hosts(request: Request) -> Response:
     done, failed = [], []
     for h in hosts:
         try:
-            await svc.run(svc.repo.assign_host, host_id(h), ref, args)
+            await svc.run(svc.repo.assign_host, host_id(h), ref, args, settings)
             done.append(host_id(h))
         except BlockprovError as e:
             failed.append(f"{h}: {e.message}")
