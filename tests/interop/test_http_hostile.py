@@ -25,11 +25,13 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
+from blockprov.catalog.tokens import TokenStore
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
@@ -375,3 +377,27 @@ def test_large_bodies_are_bounded_per_route_and_in_all(server: procs.Proc) -> No
     assert declared.grown < 32 * MiB and chunked.grown < 64 * MiB
     assert uploads.grown < 2 * 100 * MiB + 64 * MiB  # two bodies held (each once more when joined), not six
     _served(server.url)
+
+
+# -- item 10: the console shows where things are only to write scope -------------------------------
+def test_console_shows_paths_only_to_write_scope(tmp_path: Path) -> None:
+    """A read token sees whether the catalog and store are healthy, not the data directory's path
+    (health), nor a clones agent's directory (pools); a write token sees both."""
+    data = tmp_path / "secret-place"
+    repo = LocalRepository(data)
+    tokens = TokenStore(repo.catalog.db)
+    write, _ = tokens.create("write", "admin")
+    read, _ = tokens.create("read", "viewer")
+    repo.register_agent("c-1", {"kind": "clones", "dir": str(tmp_path / "clones-dir"), "clones": []})
+    c = TestClient(create_app(repo))
+    try:
+        seen = {}
+        for scope, token in (("read", read), ("write", write)):
+            headers = {"authorization": f"Bearer {token}"}
+            health, pools = c.get("/ui/health", headers=headers), c.get("/ui/pools", headers=headers)
+            assert health.status_code == 200 and pools.status_code == 200
+            seen[scope] = ("secret-place" in health.text, "clones-dir" in pools.text)
+        assert seen == {"read": (False, False), "write": (True, True)}
+    finally:
+        c.close()
+        repo.close()
