@@ -95,6 +95,10 @@ class ProfileNotFound(NotFound):
     """no boot profile is recorded for {ref}"""
 
 
+class SiteNotFound(NotFound):
+    """no site {site} in this repository (add it with: blockprov site add {site})"""
+
+
 class IntegrityError(BlockprovError):
     """{msg}"""
 
@@ -177,6 +181,13 @@ class CannotWrite(BlockprovError):
 
 class RepositoryUnavailable(BlockprovError):
     """repository {url} is unreachable: {why}"""
+
+    exit_code = 7
+    http_status = 503
+
+
+class PeerBusy(BlockprovError):
+    """peer {instance} is busy serving its site ({why}): ask again later or ask the repository"""
 
     exit_code = 7
     http_status = 503

@@ -137,6 +137,18 @@ def request_id(s: str) -> str:
     return s
 
 
+_SITE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def site_name(s: str) -> str:
+    """A site's name (a café, a classroom: the group of hosts and agents that share chunks)."""
+    if not _SITE.fullmatch(s) or ".." in s:
+        raise InvalidName(kind="site name", name=s[:80],
+                          why="use lower-case letters, digits, '.', '_' and '-' (at most 64), "
+                              "starting with a letter or digit")
+    return s
+
+
 _TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 

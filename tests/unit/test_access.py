@@ -28,7 +28,7 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 # Where the rule is independent of the middleware's tables: what a read token may do besides GET/HEAD.
-READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing")}
+READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing"), ("POST", "/v1/sites/{site}/join")}
 LEASING_GETS = {("GET", "/v1/agents/{instance}/requests/next")}  # a GET that changes state
 OPEN = {("GET", "/v1/health"), ("GET", "/openapi.json"), ("GET", "/docs")}
 BOOT = {("GET", "/v1/boot/{host}"), ("GET", "/v1/images/{name}/versions/{vid}/boot/{which}"),
@@ -68,7 +68,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
 def operations(c: TestClient, vid: str) -> list[tuple[str, str, str]]:
     """(method, template, concrete path) for every operation the OpenAPI document lists."""
     values = {"name": "lab", "vid": vid, "tag": "t1", "cid": "00" * 32, "host": "pc-1", "instance": "i-1",
-              "rid": "0123456789abcdef", "which": "kernel", "ref": "v1"}
+              "rid": "0123456789abcdef", "which": "kernel", "ref": "v1", "site": "s1"}
     out = []
     for template, ops in c.get("/openapi.json").json()["paths"].items():
         path = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], template)

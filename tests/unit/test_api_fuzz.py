@@ -128,7 +128,7 @@ def test_hostile_shapes(tmp_path: Path) -> None:
     m = repo.resolve("lab:v1")
     stored = next(m.digest_at(i) for i in range(m.count) if not m.is_zero(i))
     names = {"name": "lab", "ref": "v1", "vid": vid, "tag": "v1", "cid": stored.hex(), "instance": "i-fuzz",
-             "rid": "1", "host": "h1", "which": "kernel"}
+             "rid": "1", "host": "h1", "which": "kernel", "site": "s1"}
     app = create_app(repo, access=AccessPolicy(mode="off"))
     failures: list[str] = []
 

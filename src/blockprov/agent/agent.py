@@ -16,6 +16,11 @@ live state (hydration %, modified chunks, fetch latency, last error, host), so t
 console shows it live.
 ``--metrics HOST:PORT`` adds a Prometheus listener (agent/metrics.py).
 
+Chunks come through a ``PeerSource`` (cache/peers.py) under the fetcher, always: it counts what
+came from where (repository, site cache, peers) per version, which the registration reports. With
+``--site`` the agent also takes part in its site's peer sharing: it joins the site (agent/site.py)
+and, with ``--peer-listen``, serves its chunks to the site's other agents (agent/peerserve.py).
+
 Crash rules: everything durable belongs to the cache (cache/device.py). ``agent.json`` is only a
 hint for humans and ``status``; a stale one left by a killed agent is recognised because the
 cache lock is free (``running`` is decided by the control socket answering, never by the file).
@@ -40,10 +45,14 @@ from blockprov.agent import control, lifecycle
 from blockprov.agent.instance import InstanceOps, catch_stop_signals, wait_for_stop
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
 from blockprov.agent.offline import adopt_repository
+from blockprov.agent.peerserve import DEFAULT_SLOTS, PeerServer
 from blockprov.agent.report import RepositoryLink
+from blockprov.agent.site import SiteLink, advertised_url
 from blockprov.cache.device import CHECKPOINT_FILL_BYTES, CacheDevice
-from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
+from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT, repository_source
 from blockprov.cache.journal import META_NAME, load
+from blockprov.cache.lending import Lender
+from blockprov.cache.peers import PeerSource
 from blockprov.cache.reserve import Reserve
 from blockprov.cache.status import cache_status
 from blockprov.durable import atomic_write
@@ -82,6 +91,11 @@ class AgentConfig:
     # fills between checkpoints: bounds what an open after an unclean stop re-verifies (cache/device.py)
     checkpoint_fill_bytes: int = CHECKPOINT_FILL_BYTES
     reserve: Reserve | None = None  # golden reserve of the cache (cache/reserve.py): the in-machine agent's
+    site: str | None = None  # take part in this site's peer sharing (attach --site; agent/site.py)
+    peer_listen: tuple[str, int] | None = None  # serve chunks to the site's peers here (agent/peerserve.py)
+    peer_url: str | None = None  # how peers reach that listener (default: from its address)
+    peer_slots: int = DEFAULT_SLOTS  # peer requests served at once
+    peer_rate: float | None = None  # bytes per second sent to peers at most (None: no limit)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,15 +117,25 @@ class Agent:
         self._stop = asyncio.Event()
         self.metrics: MetricsListener | None = None
         self.metrics_url: str | None = None
+        self.peers: PeerSource | None = None  # what the fetcher reads through (cache/peers.py)
+        self.peer_server: PeerServer | None = None
+        self.peer_url: str | None = None
+        self.site: SiteLink | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> list[str]:
         cfg = self.config
         catch_stop_signals(self._stop)  # a SIGTERM from now on is a clean stop (run() sees it at once)
-        self.device = await CacheDevice.open(cfg.cache_dir, self.repo, self.manifest, data_path=cfg.data_path,
-                                             readahead=cfg.readahead, fetch_timeout=cfg.fetch_timeout,
-                                             read_only=cfg.read_only, reserve=cfg.reserve,
-                                             checkpoint_fill_bytes=cfg.checkpoint_fill_bytes)
+        peers = self.peers = PeerSource(self.repo, upstream_kind=await self._upstream_kind())
+        try:
+            self.device = await CacheDevice.open(
+                cfg.cache_dir, self.repo, self.manifest, data_path=cfg.data_path, read_only=cfg.read_only,
+                reserve=cfg.reserve, checkpoint_fill_bytes=cfg.checkpoint_fill_bytes,
+                source=repository_source(peers, readahead=cfg.readahead, timeout=cfg.fetch_timeout))
+        except BaseException:
+            peers.close()
+            raise
+        peers.version_of = lambda: self.device.manifest.id if self.device is not None else ""
         try:
             dev = self.device
             if self.manifest is None:  # re-attach: refuse a repository without the cache's version
@@ -147,9 +171,18 @@ class Agent:
                 await self._start_metrics(*cfg.metrics)
             atomic_write(cfg.cache_dir / AGENT_FILE, json.dumps(self._describe(), indent=2).encode())
             await self.ops.start()
+            if cfg.site is not None and cfg.peer_listen is not None:
+                self.peer_server = PeerServer(Lender(dev), peers, self._who, slots=cfg.peer_slots, rate=cfg.peer_rate)
+                host, port = await self.peer_server.start(*cfg.peer_listen)
+                self.peer_url = cfg.peer_url or advertised_url(host, port, self.repo.url)
+            if cfg.site is not None:
+                self.site = SiteLink(self.repo, cfg.site, self.instance, peers)
+                await self.site.start()
             if cfg.register:
                 self.link = RepositoryLink(self.repo, self.instance, self._registration, self.control.handlers,
                                            REMOTE_OPS)
+                if self.site is not None:
+                    await self.link.register_now()  # listed among the site's peers at once
                 self.link.start()
         except BaseException:
             await self._shutdown()
@@ -183,7 +216,30 @@ class Agent:
         except OSError as e:
             raise UsageError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
 
+    async def _upstream_kind(self) -> str:
+        """``site_cache`` when the repository this agent was given is a site cache (its health says so)."""
+        health = getattr(self.repo, "health", None)
+        if not callable(health):
+            return "repository"
+        try:
+            got = await asyncio.wait_for(self._run(health), 10.0)
+        except Exception:  # an older server, or none yet: the first fetches will say more
+            return "repository"
+        return "site_cache" if isinstance(got, dict) and got.get("role") == "site-cache" else "repository"
+
+    def _who(self) -> dict[str, Any]:
+        m = self.device.manifest if self.device is not None else None
+        return {"site": self.config.site, "instance": self.instance,
+                "version": f"{m.image}@{m.id}" if m is not None else None}
+
     async def _shutdown(self) -> None:
+        if self.site is not None:
+            await self.site.stop()
+            if self.link is not None and self.peer_url is not None:
+                self.peer_url = None  # said to the repository now: the site's peers stop asking at once
+                await self.link.register_now()
+        if self.peer_server is not None:
+            await self.peer_server.close()
         if self.link is not None:
             await self.link.stop()
         if self.ops is not None:
@@ -196,12 +252,15 @@ class Agent:
             await self.server.close()
         if self.device is not None:
             await self.device.close()
+        if self.peers is not None:
+            self.peers.close()
         (self.config.cache_dir / AGENT_FILE).unlink(missing_ok=True)
 
     # -- control ops ----------------------------------------------------------------------------
     def _describe(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "started": self.started, "addresses": self.addresses,
-                "repository": self.repo.url, "instance": self.instance, "metrics": self.metrics_url}
+                "repository": self.repo.url, "instance": self.instance, "metrics": self.metrics_url,
+                "site": self.config.site, "peer_url": self.peer_url}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -212,6 +271,9 @@ class Agent:
         st = self.ops.status()
         st["agent"] = self._describe() | {"running": True, "uptime": time.time() - self.started}
         st["nbd"] = vars(self.server.stats).copy()
+        st["sources"] = self.peers.stats.to_dict() if self.peers is not None else None
+        if self.site is not None:
+            st["site"] = self.site.status() | {"serving": self.peer_server.status() if self.peer_server else None}
         return st
 
     async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +294,13 @@ class Agent:
                 "hydration": {"percent": round(100.0 * (st["chunks_present"] + st["chunks_zero"]) / total, 1),
                               "running": bool(hydration.get("running"))},
                 "modified_chunks": st["chunks_modified"], "fetch_latency_ms": latency,
-                "last_error": self.link.last_error if self.link is not None else None}
+                "last_error": self.link.last_error if self.link is not None else None,
+                # an agent is its site's peer once it joined (its token may): the tracker lists it then
+                "site": self.config.site if self.site is not None and self.site.joined else None,
+                "site_error": self.site.last_error if self.site is not None else None,
+                "peer_url": self.peer_url if self.site is not None and self.site.joined else None,
+                "sources": self.peers.stats.to_dict()["by_version"] if self.peers is not None else {},
+                "peer_served": (self.peer_server.stats.bytes_sent if self.peer_server is not None else 0)}
 
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:

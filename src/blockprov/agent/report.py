@@ -79,6 +79,11 @@ class RepositoryLink:
         """The state changed now (an instance handed out): report it without waiting for the next check."""
         self._poke.set()
 
+    async def register_now(self) -> None:
+        """Register before the first poll would (a site's agents must find each other at once)."""
+        with contextlib.suppress(BlockprovError, OSError):
+            await self._register()
+
     async def _register(self) -> None:
         info = self.registration()
         await in_daemon_thread(self.repo.register_agent, self.instance, info)

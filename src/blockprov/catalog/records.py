@@ -95,3 +95,16 @@ class BootFilesInfo:
         return cls(image=str(d["image"]), version=str(d["version"]), cmdline=str(d["cmdline"]),
                    updated=float(d["updated"]), kernel=BootFile.from_dict(d["kernel"]),
                    initrd=BootFile.from_dict(d["initrd"]))
+
+
+@dataclass
+class SiteInfo:
+    """A site (catalog/sites.py): ``cache`` is its site cache's URL as its machines reach it."""
+
+    name: str
+    cache: str | None
+    created: float
+    updated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -22,6 +22,9 @@ Why it looks like this:
   on using the answers it last had, for at most ``STALE_SECONDS``, for tokens and for "is any token
   set"; only a token it has never seen gets 503. A revocation cannot reach a server that cannot read
   the catalog anyway, and chunks are what keeps machines running.
+* **A token may be bound to a site** (``token create --site S``, column ``site``): it then gets
+  tickets for that site's peers only (tickets.py); a PC's token that leaks opens no other site's
+  LAN. A token without a site (an operator's) may join any site.
 * **Revoked tokens keep their row** (with the time of revocation): the server's ``--auth auto`` turns
   enforcement on once any token was ever created, and revoking the last one must not reopen it.
 """
@@ -31,12 +34,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from blockprov.catalog.db import SQLDatabase
 from blockprov.errors import CatalogUnavailable, NotFound, UsageError
-from blockprov.names import token_name
+from blockprov.names import site_name, token_name
 
 SCOPES = ("read", "agent", "write")
 LEVEL = {s: i for i, s in enumerate(SCOPES)}
@@ -78,6 +81,7 @@ class TokenInfo:
     scope: str
     created: float
     revoked: float | None = None
+    site: str | None = None  # bound to this site's peers (tickets), or None: any site
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,37 +93,40 @@ class TokenStore:
     def __init__(self, db: SQLDatabase) -> None:
         self.db = db
         self.db.script(SCHEMA)
+        self.db.add_column("tokens", "site", "TEXT")
         self._cache: dict[str, tuple[float, TokenInfo | None]] = {}
         self._any: tuple[float, bool] = (-float("inf"), False)  # (when learned, any token exists)
 
-    def create(self, scope: str, name: str | None = None) -> tuple[str, TokenInfo]:
+    def create(self, scope: str, name: str | None = None, site: str | None = None) -> tuple[str, TokenInfo]:
         """A new token (returned once, in clear) and what the catalog records about it."""
         scope_name(scope)
         if name is not None:
             token_name(name)
+        if site is not None:
+            site_name(site)
         token = PREFIX + secrets.token_urlsafe(32)
-        info = TokenInfo(secrets.token_hex(6), name, scope, time.time())
+        info = TokenInfo(secrets.token_hex(6), name, scope, time.time(), site=site)
         with self.db.tx() as db:  # writers are serialized: checking first is enough
             if name is not None and db.execute("SELECT 1 FROM tokens WHERE name=?", (name,)).fetchone():
                 raise UsageError(f"a token named {name!r} exists already (revoked tokens keep their names)")
-            db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,NULL)",
-                       (info.id, token_hash(token), name, scope, info.created))
+            db.execute("INSERT INTO tokens (id, hash, name, scope, created, revoked, site) VALUES (?,?,?,?,?,NULL,?)",
+                       (info.id, token_hash(token), name, scope, info.created, site))
         return token, info
 
     def tokens(self) -> list[TokenInfo]:
-        rows = self.db.all("SELECT id, name, scope, created, revoked FROM tokens ORDER BY created")
+        rows = self.db.all("SELECT id, name, scope, created, revoked, site FROM tokens ORDER BY created")
         return [TokenInfo(*r) for r in rows]
 
     def revoke(self, key: str) -> TokenInfo:
         """Revoke a token by id or name; revoking a revoked token is no error (it stays revoked)."""
         with self.db.tx() as db:
-            row = db.execute("SELECT id, name, scope, created, revoked FROM tokens WHERE id=? OR name=?",
+            row = db.execute("SELECT id, name, scope, created, revoked, site FROM tokens WHERE id=? OR name=?",
                              (key, key)).fetchone()
             if row is None:
                 raise NotFound(f"no token with id or name {key!r}")
             info = TokenInfo(*row)
             if info.revoked is None:
-                info = TokenInfo(info.id, info.name, info.scope, info.created, time.time())
+                info = replace(info, revoked=time.time())
                 db.execute("UPDATE tokens SET revoked=? WHERE id=?", (info.revoked, info.id))
         self._cache.clear()
         return info
@@ -133,8 +140,8 @@ class TokenStore:
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]
         try:
-            row = self.db.one("SELECT id, name, scope, created, revoked FROM tokens WHERE hash=? AND revoked IS NULL",
-                              (h,))
+            row = self.db.one("SELECT id, name, scope, created, revoked, site FROM tokens "
+                              "WHERE hash=? AND revoked IS NULL", (h,))
         except CatalogUnavailable:
             if hit is not None and now - hit[0] < STALE_SECONDS:
                 return hit[1]

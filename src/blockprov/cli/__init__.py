@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from blockprov import __version__
-from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, tokens, vm
+from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, sites, tokens, vm
 from blockprov.cli._common import JSON_META, Ctx
 from blockprov.cli._globals import GLOBAL_NAMES, adopt, format_sections, global_options
 from blockprov.errors import BlockprovError, CannotWrite, InternalError, NoSpace, UsageError, error_to_dict
@@ -172,7 +172,7 @@ def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | Non
     ctx.call_on_close(ctx.obj.close)
 
 
-for _module in (images, serve, attach, instance, clones, hosts, tokens, admin, vm):
+for _module in (images, serve, attach, instance, clones, hosts, sites, tokens, admin, vm):
     _module.register(cli)
 
 

@@ -23,7 +23,7 @@ from blockprov.cli._common import (
     size_option,
 )
 from blockprov.errors import BlockprovError, NoSpace, UsageError
-from blockprov.names import host_port, parse_ref
+from blockprov.names import base_url, host_port, parse_ref, site_name
 
 
 @click.command("attach")
@@ -58,12 +58,25 @@ from blockprov.names import host_port, parse_ref
 @click.option("--no-register", is_flag=True, help="Do not register with the repository nor take its requests.")
 @click.option("--metrics", "metrics_at", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9420; port 0 picks one).")
+@click.option("--site", default=None, envvar="BLOCKPROV_SITE",
+              help="Take part in this site's peer sharing: fetch chunks from its other agents, serve them ours.")
+@click.option("--peer-listen", default="0.0.0.0:0", show_default=True, metavar="HOST:PORT|none",
+              help="With --site: serve chunks to the site's peers here (port 0 picks one; none: only fetch).")
+@click.option("--peer-url", default=None, metavar="URL",
+              help="With --site: how peers reach --peer-listen (default: its address, or this host's address "
+                   "toward the repository).")
+@click.option("--peer-slots", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="With --site: peer requests served at once (more wait; beyond 64 waiting a peer is turned away).")
+@click.option("--peer-rate", default=None, metavar="BYTES/S",
+              callback=lambda c, p, v: None if v is None else size_option(c, p, v),
+              help="With --site: most bytes per second sent to peers, e.g. 50M (default: no limit).")
 @json_option
 @click.pass_obj
 def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, listen: str | None,
                data_file: str | None, readahead: int, fetch_timeout: float, nbd_timeout: float, read_only: bool,
                cacheable_fetch: bool, reset_on_start: bool, hydrate: bool, hydrate_rate: int | None,
                no_profile: bool, instance: str | None, no_register: bool, metrics_at: str | None,
+               site: str | None, peer_listen: str, peer_url: str | None, peer_slots: int, peer_rate: int | None,
                as_json: bool) -> None:
     """Serve a version as an NBD export backed by a lazy local cache, until SIGINT/SIGTERM.
 
@@ -96,7 +109,11 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
                       reset_on_start=reset_on_start, hydrate=hydrate,
                       hydrate_rate=float(hydrate_rate) if hydrate_rate else None, use_profile=not no_profile,
                       instance=instance, register=not no_register,
-                      metrics=host_port(metrics_at, "--metrics") if metrics_at else None, activated=activated)
+                      metrics=host_port(metrics_at, "--metrics") if metrics_at else None, activated=activated,
+                      site=site_name(site) if site else None,
+                      peer_listen=host_port(peer_listen, "--peer-listen") if site and peer_listen != "none" else None,
+                      peer_url=base_url(peer_url) if peer_url else None, peer_slots=peer_slots,
+                      peer_rate=float(peer_rate) if peer_rate else None)
 
     async def main() -> None:
         agent = Agent(cfg, repo, manifest)
@@ -106,7 +123,8 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
         m = agent.device.manifest
         if as_json:
             click.echo(json.dumps({"image": m.image, "version": m.id, "addresses": addresses, "pid": os.getpid(),
-                                   "instance": agent.instance, "metrics": agent.metrics_url}), err=err)
+                                   "instance": agent.instance, "metrics": agent.metrics_url, "site": site,
+                                   "peer_url": agent.peer_url}), err=err)
         else:
             st = agent.device.status()
             click.echo(f"serving {m.image}@{m.id} ({hz.size(m.size)}, {st['chunks_present']}/{st['chunks_total']} "
@@ -115,6 +133,11 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
                 click.echo(f"  {a}", err=err)
             if agent.metrics_url:
                 click.echo(f"  metrics {agent.metrics_url}", err=err)
+            if agent.site is not None:
+                m_ = agent.peers.membership if agent.peers is not None else None
+                click.echo(f"  site {site}: {len(m_.peers) if m_ else 0} peer(s) online"
+                           + (f", serving them at {agent.peer_url}" if agent.peer_url else "")
+                           + (f" ({agent.site.last_error})" if agent.site.last_error else ""), err=err)
             click.echo("stop with Ctrl-C or SIGTERM", err=err)
         sys.stdout.flush()
         try:

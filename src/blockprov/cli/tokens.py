@@ -52,20 +52,26 @@ def token() -> None:
 @click.option("--scope", required=True, type=click.Choice(SCOPES),
               help="read: read everything; agent: read, register, take and answer requests; write: everything.")
 @click.option("--name", default=None, help="Who or what holds it (shown by `token list`, usable by `token revoke`).")
+@click.option("--site", default=None, help="Bind it to this site: it joins only this site's peers (a PC's token).")
 @json_option
 @click.pass_obj
-def token_create(obj: Ctx, scope: str, name: str | None, as_json: bool) -> None:
+def token_create(obj: Ctx, scope: str, name: str | None, site: str | None, as_json: bool) -> None:
     """Create a token and print it. Only its hash is kept: store it now."""
     catalog, store = _store(obj, create=True)
     try:
-        value, info = store.create(scope, name)
+        if site is not None:
+            from blockprov.catalog.sites import Sites
+
+            Sites(catalog.db).get(site)  # SiteNotFound: a typo would bind the token to no site at all
+        value, info = store.create(scope, name, site)
     finally:
         catalog.close()
     if as_json:
         emit(info.to_dict() | {"token": value})
         return
     click.echo(value)
-    click.echo(f"token {info.id}{f' ({name})' if name else ''} with {scope} scope: shown only now; "
+    click.echo(f"token {info.id}{f' ({name})' if name else ''} with {scope} scope"
+               f"{f', bound to site {site}' if site else ''}: shown only now; "
                f"clients pass it with --token or BLOCKPROV_TOKEN", err=True)
 
 
@@ -87,7 +93,8 @@ def token_list(obj: Ctx, as_json: bool) -> None:
                    "blockprov token create --scope write)")
     for i in infos:
         state = f"revoked {_when(i.revoked)}" if i.revoked is not None else "active"
-        click.echo(f"{i.id}  {i.scope:5}  {i.name or '-':24}  created {_when(i.created)}  {state}")
+        click.echo(f"{i.id}  {i.scope:5}  {i.name or '-':24}  created {_when(i.created)}  {state}"
+                   + (f"  site {i.site}" if i.site else ""))
 
 
 @token.command("revoke")

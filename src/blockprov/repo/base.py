@@ -10,7 +10,8 @@ what the code touches and lets a test hand it a small fake. ``BlobSource`` is wh
 needs (cache/fetcher.py), ``BlobViews`` an optional capability of a source that the fetcher checks
 for, ``BlobSink`` what an upload needs, ``Images`` the catalog of images, versions and tags,
 ``Machines`` boot files, hosts and boot profiles, ``AgentQueue`` agents and the requests queued for
-them. ``Repository`` composes every role but the optional ``BlobViews``, so a hint of ``Repository``
+them, ``Sites`` the groups of hosts and agents that share chunks (and the tickets their peers
+check). ``Repository`` composes every role but the optional ``BlobViews``, so a hint of ``Repository``
 keeps working.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from blockprov.boot import Source
-from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
+from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
 from blockprov.manifest import Manifest
 from blockprov.names import Ref
 
@@ -174,7 +175,33 @@ class AgentQueue(Protocol):
         ...
 
 
-class Repository(BlobSource, BlobSink, Images, Machines, AgentQueue, Protocol):
+class Sites(Protocol):
+    """Sites (catalog/sites.py): named groups of hosts and agents that share chunks on their LAN."""
+
+    def add_site(self, name: str, cache: str | None = None) -> SiteInfo:
+        """Add a site or change its site cache URL (``""`` removes it, None keeps it)."""
+        ...
+
+    def sites(self) -> list[SiteInfo]: ...
+
+    def remove_site(self, name: str) -> None:
+        """SiteNotFound if there is none."""
+        ...
+
+    def rotate_site_secret(self) -> None:
+        """Every ticket and site key handed out so far stops working (tickets.py)."""
+        ...
+
+    def join_site(self, site: str, instance: str) -> dict[str, Any]:
+        """What an agent of ``site`` needs to take part: ``ticket`` (shown to peers), ``keys``
+        (epoch → hex, to check the peers' tickets), ``peers`` (the site's online agents that serve
+        chunks: instance, url, image, version), ``cache`` (the site cache's URL or None),
+        ``expires`` and ``refresh`` (seconds until it should join again). SiteNotFound; Forbidden
+        for a token bound to another site."""
+        ...
+
+
+class Repository(BlobSource, BlobSink, Images, Machines, AgentQueue, Sites, Protocol):
     """A whole repository: every role, and what spans them."""
 
     def gc(self) -> GcStats:

@@ -23,17 +23,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from blockprov import boot, codec, names
+from blockprov import boot, codec, names, tickets
 from blockprov import manifest as mf
 from blockprov.catalog.db import SQLDatabase
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.machines import Registry
-from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
+from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
+from blockprov.catalog.sites import Sites, online
 from blockprov.codec import ZERO_DIGEST
 from blockprov.durable import ensure_dir
-from blockprov.errors import BlockprovError, BootFilesMissing, Conflict, MissingChunks, UsageError
+from blockprov.errors import BlockprovError, BootFilesMissing, Conflict, Forbidden, MissingChunks, UsageError
 from blockprov.manifest import Manifest
-from blockprov.names import Ref, image_name, kernel_args, parse_ref, version_id
+from blockprov.names import Ref, image_name, instance_id, kernel_args, parse_ref, site_name, version_id
 from blockprov.store.base import ChunkStore
 from blockprov.store.pack import PackChunkStore
 
@@ -54,6 +55,7 @@ class LocalRepository:
         self.store = store if store is not None else PackChunkStore(self.data_dir / "chunks")
         self.catalog = Catalog(catalog if catalog is not None else self.data_dir / "catalog.sqlite")
         self.registry = Registry(self.catalog)  # boot files, hosts, profiles, agents (catalog/machines.py)
+        self.site_table = Sites(self.catalog.db)  # sites and their ticket secret (catalog/sites.py)
         self.tmp_dir = ensure_dir(self.data_dir / "tmp")
 
     # -- reading --------------------------------------------------------------------------------
@@ -243,7 +245,34 @@ class LocalRepository:
                 return req
             time.sleep(min(POLL_SECONDS, left))
 
+    # -- sites (catalog/sites.py, tickets.py) --------------------------------------------------
+    def add_site(self, name: str, cache: str | None = None) -> SiteInfo:
+        return self.site_table.add(name, cache)
 
+    def sites(self) -> list[SiteInfo]:
+        return self.site_table.all()
+
+    def remove_site(self, name: str) -> None:
+        self.site_table.remove(name)
+
+    def rotate_site_secret(self) -> None:
+        self.site_table.rotate_secret()
+
+    def join_site(self, site: str, instance: str, *, token_site: str | None = None) -> dict[str, Any]:
+        """``token_site``: the site the caller's token is bound to (the service passes it), if any."""
+        site, instance = site_name(site), instance_id(instance)
+        info = self.site_table.get(site)  # SiteNotFound
+        if token_site is not None and token_site != site:
+            raise Forbidden(scope=f"site {token_site!r}", action=f"join site {site!r}", needed=f"site {site!r}")
+        secret = self.site_table.secret()
+        now = time.time()
+        return {"site": site, "instance": instance, "cache": info.cache,
+                "ticket": tickets.issue(secret, site, instance, now), "expires": now + tickets.TICKET_SECONDS,
+                "keys": {str(e): k.hex() for e, k in tickets.site_keys(secret, site, now).items()},
+                "peers": online(self.registry.agents(), site, exclude=instance), "refresh": JOIN_REFRESH}
+
+
+JOIN_REFRESH = 30.0  # seconds between an agent's joins: new peers, a fresh ticket long before it expires
 POLL_SECONDS = 0.15  # how often a waiting caller re-reads the shared catalog
 MAX_WAIT = 3600.0
 

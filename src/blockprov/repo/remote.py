@@ -60,7 +60,7 @@ from typing import Any
 import httpx
 
 from blockprov import __version__, boot, codec, errors, names
-from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, VersionInfo
+from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
 from blockprov.errors import BlockprovError, ManifestError, RepositoryUnavailable, UntrustedServer, UsageError
 from blockprov.manifest import Manifest
 from blockprov.names import (
@@ -72,6 +72,7 @@ from blockprov.names import (
     op_name,
     parse_ref,
     request_id,
+    site_name,
     tag_name,
     version_id,
 )
@@ -140,8 +141,9 @@ def _rel(r: Ref) -> str:
 _Blob = bytes | memoryview
 
 
-class _RawPost:
-    """Keep-alive ``http.client`` connections for one hot POST (see the module docstring)."""
+class KeepAlivePost:
+    """Keep-alive ``http.client`` connections for one hot POST (see the module docstring); also the
+    peer client's (cache/peers.py), which adds a header per call (its ticket changes)."""
 
     KEEP = 16  # idle connections kept
 
@@ -180,7 +182,8 @@ class _RawPost:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def post(self, path: str, body: bytes) -> tuple[int, list[tuple[str, str]], memoryview]:
+    def post(self, path: str, body: bytes,
+             headers: dict[str, str] | None = None) -> tuple[int, list[tuple[str, str]], memoryview]:
         """Status, headers and body (read-only) of one POST. Raises OSError / HTTPException."""
         for attempt in (0, 1):
             with self._lock:
@@ -190,7 +193,8 @@ class _RawPost:
                 conn = self._connect()
             answered = False
             try:
-                conn.request("POST", self.prefix + path, body=body, headers=self.headers)
+                conn.request("POST", self.prefix + path, body=body,
+                             headers=self.headers if headers is None else {**self.headers, **headers})
                 resp = conn.getresponse()
                 answered = True
                 data = _read_body(resp)
@@ -246,8 +250,8 @@ class RemoteRepository:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             verify=ctx if ctx is not None else True)
         self._avg_blob = 64 << 10  # learned from answers; sizes the next fetch batch
-        self._raw = (_RawPost(self.url, timeout, self._auth, ctx)
-                     if client is None and _RawPost.usable(self.url) else None)
+        self._raw = (KeepAlivePost(self.url, timeout, self._auth, ctx)
+                     if client is None and KeepAlivePost.usable(self.url) else None)
         self.cacheable = cacheable
         self._get_pool = ThreadPoolExecutor(GET_WORKERS, thread_name_prefix="bp-get") if cacheable else None
 
@@ -298,6 +302,10 @@ class RemoteRepository:
             self._raw.close()
         if self._own_client:
             self.client.close()
+
+    def health(self) -> dict[str, Any]:
+        """The server's ``/v1/health``: ``role`` is ``repository`` or ``site-cache``."""
+        return dict(self._request("GET", "/v1/health").json())
 
     # -- reading ----------------------------------------------------------------------------------
     def resolve(self, ref: Ref | str) -> Manifest:
@@ -571,6 +579,24 @@ class RemoteRepository:
             if d["state"] in ("done", "failed") or time.monotonic() >= deadline:
                 return d
 
+
+    # -- sites (catalog/sites.py) -------------------------------------------------------------------
+    def add_site(self, name: str, cache: str | None = None) -> SiteInfo:
+        body = {} if cache is None else {"cache": cache}
+        return SiteInfo(**self._request("PUT", f"/v1/sites/{site_name(name)}", **_json(body, "site")).json())
+
+    def sites(self) -> list[SiteInfo]:
+        return [SiteInfo(**d) for d in self._request("GET", "/v1/sites").json()["sites"]]
+
+    def remove_site(self, name: str) -> None:
+        self._request("DELETE", f"/v1/sites/{site_name(name)}")
+
+    def rotate_site_secret(self) -> None:
+        self._request("POST", "/v1/site-secret/rotate")
+
+    def join_site(self, site: str, instance: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/sites/{site_name(site)}/join",
+                                  **_json({"instance": instance_id(instance)}, "join")).json())
 
 POLL_MAX = 25.0  # seconds per long-poll request (the server allows 30)
 

@@ -3,8 +3,9 @@
 Why it is shaped like this:
 
 * **One rule, few exceptions.** ``GET``/``HEAD`` need ``read``; every other method needs
-  ``write``; the exceptions are listed here and nowhere else: two read-only POSTs (a batch chunk
-  fetch and a missing-chunks question are reads sent as POST bodies), the routes an agent uses for
+  ``write``; the exceptions are listed here and nowhere else: three read-only POSTs (a batch chunk
+  fetch and a missing-chunks question are reads sent as POST bodies; joining a site asks for a
+  ticket to read from its peers), the routes an agent uses for
   itself (``agent``), and the open ones (health for load balancers, the OpenAPI document and its
   browser page, which describe the API and hold no data). A route added later is ``write`` unless
   it is a GET: forgetting to list it errs on the closed side. ``GET …/requests/next`` is a GET but
@@ -50,7 +51,7 @@ MODES = ("auto", "on", "off")
 OPEN_ROUTES = {("GET", "/v1/health"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"),
                ("GET", "/docs/oauth2-redirect"),
                ("GET", "/ui/login"), ("POST", "/ui/login"), ("POST", "/ui/logout"), ("GET", "/ui/static/{name}")}
-READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing")}
+READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing"), ("POST", "/v1/sites/{site}/join")}
 AGENT_ROUTES = {("PUT", "/v1/agents/{instance}"), ("DELETE", "/v1/agents/{instance}"),
                 ("GET", "/v1/agents/{instance}/requests/next"),
                 ("POST", "/v1/agents/{instance}/requests/{rid}/result")}

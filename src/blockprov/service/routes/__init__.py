@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from blockprov.service.routes import agents, boot, chunks, images, ops, profiles
+from blockprov.service.routes import agents, boot, chunks, images, ops, profiles, sites
 
 ROUTERS: tuple[APIRouter, ...] = (ops.router, images.router, chunks.router, boot.router, profiles.router,
-                                  agents.router)
+                                  agents.router, sites.router)

@@ -23,8 +23,9 @@ MAX_GRACE = 10 * 365 * 86400.0
 
 @router.get("/v1/health", tags=["service"])
 async def health() -> dict[str, str]:
-    """Liveness for load balancers and for ``blockprov serve`` readiness checks."""
-    return {"status": "ok", "version": __version__}
+    """Liveness for load balancers and for ``blockprov serve`` readiness checks. ``role`` tells an
+    agent what it talks to (a site cache answers ``site-cache``; service/sitecache.py)."""
+    return {"status": "ok", "version": __version__, "role": "repository"}
 
 
 @router.get("/metrics", tags=["service"], response_class=Response)

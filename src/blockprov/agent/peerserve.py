@@ -1,0 +1,256 @@
+"""The agent's side of peer sharing: it serves the chunks its cache holds to the agents of its site.
+
+``POST /peer/v1/chunks[?fetch=1]`` with the chunk ids (32 bytes each) as the body and
+``Authorization: Ticket …`` (tickets.py); the answer is one frame per id (cache/peers.py,
+``encode_frames``): the chunk as a blob, or ``ABSENT``. A present, unmodified chunk is lent from
+the data file after its bytes were hashed against its id (cache/lending.py), as an uncompressed
+blob (no CPU spent compressing for the LAN). With ``fetch=1`` a chunk of this agent's version that
+it does not hold is fetched from the repository first, once however many peers ask
+(``PeerSource.fetch_for_peers``): the caller computed that this agent owns it. ``GET
+/peer/v1/health`` (open) says who serves here.
+
+Who may ask: the holder of a ticket of this site that has not expired, checked with the site's
+keys from this agent's last join (no repository round trip, so peers keep serving each other
+while the repository is out of reach). Another site's ticket is 403, none or a bad one 401, and
+before this agent has joined its site every request is 503.
+
+Bounded so that the PC's own user does not wait behind its peers: ``slots`` requests are served at
+once and ``queue`` more wait; beyond that a caller gets 503 (``PeerBusy``) and asks the repository.
+``rate`` bytes per second are sent at most (a fluid bucket over every connection, paced in
+``PACE`` pieces). Requests are small (at most ``MAX_IDS`` ids and ``MAX_ANSWER`` bytes of chunks,
+8 KiB of head) and a connection idle for ``IDLE`` seconds is closed.
+
+A tiny HTTP/1.1 server on the agent's event loop (as agent/metrics.py): the agent needs no web
+framework (docs/architecture.md, import rules), and the work per request is a few lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from blockprov import tickets
+from blockprov.cache.lending import Lender
+from blockprov.cache.peers import MAX_IDS, PEER_PATH, Blob, PeerSource, encode_frames
+from blockprov.codec import DIGEST_SIZE, plain_header
+from blockprov.errors import (
+    BlockprovError,
+    PeerBusy,
+    RepositoryUnavailable,
+    TooLarge,
+    Unauthorized,
+    UsageError,
+    error_to_dict,
+)
+
+log = logging.getLogger("blockprov.peers")
+
+HEAD_LIMIT = 8192
+IDLE = 60.0  # seconds a keep-alive connection may wait for its next request
+SEND_TIMEOUT = 30.0
+PACE = 64 << 10  # bytes written between two waits of the rate limit
+MAX_ANSWER = 32 << 20  # bytes of chunks one request may ask for (the fetcher's batches are 8 MiB)
+DEFAULT_SLOTS = 8
+DEFAULT_QUEUE = 64
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+           405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable"}
+
+
+@dataclass
+class ServeStats:
+    requests: int = 0
+    chunks_lent: int = 0
+    chunks_fetched: int = 0  # fetched from the repository for a peer (this agent owned them)
+    chunks_absent: int = 0
+    bytes_sent: int = 0
+    refused: int = 0  # bad, missing or foreign tickets
+    busy: int = 0
+
+
+class RateLimit:
+    """At most ``rate`` bytes per second over all connections (a fluid bucket, no burst)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate if rate and rate > 0 else None
+        self._free_at = 0.0
+
+    async def take(self, n: int) -> None:
+        if self.rate is None:
+            return
+        now = time.monotonic()
+        self._free_at = max(now, self._free_at) + n / self.rate
+        if self._free_at - now > 0.001:
+            await asyncio.sleep(self._free_at - now)
+
+
+class _Reply(Exception):
+    def __init__(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.status, self.body, self.ctype = status, body, ctype
+
+
+def _error(e: BlockprovError) -> _Reply:
+    return _Reply(e.http_status, json.dumps(error_to_dict(e)).encode())
+
+
+class PeerServer:
+    def __init__(self, lender: Lender, source: PeerSource, who: Callable[[], dict[str, Any]], *,
+                 slots: int = DEFAULT_SLOTS, queue: int = DEFAULT_QUEUE, rate: float | None = None) -> None:
+        self.lender = lender
+        self.source = source
+        self.who = who  # site, instance, version: for /peer/v1/health and messages
+        self.stats = ServeStats()
+        self.rate = RateLimit(rate)
+        self._slots = asyncio.Semaphore(max(1, slots))
+        self._queue = max(0, queue)
+        self._waiting = 0
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="bp-peer-serve")
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+        self.address: tuple[str, int] = ("", 0)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=HEAD_LIMIT)
+        h, p = self._server.sockets[0].getsockname()[:2]
+        self.address = (str(h), int(p))
+        return self.address
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._conns):
+            t.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.lender.close()
+
+    def status(self) -> dict[str, Any]:
+        return asdict(self.stats) | {"address": f"{self.address[0]}:{self.address[1]}",
+                                     "rate": self.rate.rate, "waiting": self._waiting}
+
+    # -- HTTP -------------------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE)
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _version = [*lines[0].split(" "), "", ""][:3]
+                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+                length = int(headers.get("content-length") or 0)
+                if not 0 <= length <= MAX_IDS * DIGEST_SIZE:
+                    await self._send(writer, _error(UsageError(f"at most {MAX_IDS} chunk ids per request")),
+                                     close=True)
+                    return
+                body = await asyncio.wait_for(reader.readexactly(length), SEND_TIMEOUT) if length else b""
+                try:
+                    reply = await self._handle(method, target, headers, body)
+                except _Reply as r:
+                    reply = r
+                await self._send(writer, reply, close=headers.get("connection", "").lower() == "close")
+                if headers.get("connection", "").lower() == "close":
+                    return
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+            pass  # a client that goes away, stalls or sends nonsense loses its connection, nobody else
+        except Exception:
+            log.exception("peer request failed")
+        finally:
+            self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _send(self, writer: asyncio.StreamWriter, r: _Reply, *, close: bool) -> None:
+        """The reply; a body of chunks goes out in ``PACE`` pieces, each paced by the rate limit
+        (a slow rate must not leave the caller waiting silently for the whole answer)."""
+        head = (f"HTTP/1.1 {r.status} {REASONS.get(r.status, 'Error')}\r\nContent-Type: {r.ctype}\r\n"
+                f"Content-Length: {len(r.body)}\r\n{'Connection: close' if close else 'Connection: keep-alive'}"
+                "\r\n\r\n").encode()
+        writer.write(head)
+        body = memoryview(r.body)
+        if r.status != 200 or self.rate.rate is None:
+            writer.write(body)
+            await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)
+            return
+        for k in range(0, len(body), PACE):
+            await self.rate.take(len(body[k:k + PACE]))
+            writer.write(body[k:k + PACE])
+            await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)
+
+    async def _handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Reply:
+        path, _, query = target.partition("?")
+        if path == "/peer/v1/health":
+            return _Reply(200, json.dumps(self.who() | {"status": "ok"}).encode())
+        if path != PEER_PATH:
+            raise _Reply(404, b'{"error": "NotFound", "message": "not a peer route"}')
+        if method != "POST":
+            raise _Reply(405, b'{"error": "UsageError", "message": "POST the chunk ids"}')
+        self.stats.requests += 1
+        self._check_ticket(headers.get("authorization", ""))
+        if len(body) % DIGEST_SIZE:
+            raise _error(UsageError("the body is a whole number of 32-byte chunk ids"))
+        ids = [body[k:k + DIGEST_SIZE] for k in range(0, len(body), DIGEST_SIZE)]
+        if len(ids) * self.lender.dev.manifest.chunk_size > MAX_ANSWER:
+            raise _error(TooLarge(f"at most {MAX_ANSWER >> 20} MiB of chunks per request"))
+        fetch = urllib.parse.parse_qs(query).get("fetch") == ["1"]
+        if self._waiting >= self._queue and self._slots.locked():
+            self.stats.busy += 1
+            raise _error(PeerBusy(instance=self.who().get("instance"), why=f"{self._waiting} requests waiting"))
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            frames = await self._answer(ids, fetch)
+        finally:
+            self._slots.release()
+        data = b"".join(frames)
+        self.stats.bytes_sent += len(data)
+        return _Reply(200, data, "application/octet-stream")
+
+    def _check_ticket(self, auth: str) -> None:
+        m = self.source.membership
+        if m is None:
+            raise _error(PeerBusy(instance=self.who().get("instance"), why="it has not joined its site yet"))
+        scheme, _, value = auth.partition(" ")
+        try:
+            if scheme != tickets.SCHEME:
+                raise Unauthorized(why="a peer of the site needs a ticket (Authorization: Ticket …)")
+            tickets.check(value.strip(), m.site, m.keys, time.time())
+        except BlockprovError as e:
+            self.stats.refused += 1
+            raise _error(e) from None
+
+    async def _answer(self, ids: list[bytes], fetch: bool) -> list[Blob]:
+        loop = asyncio.get_running_loop()
+        lent = await loop.run_in_executor(self._pool, self.lender.lend, ids)
+        items: list[Blob | None] = [None if d is None else plain_header(len(d)) + d for d in lent]
+        self.stats.chunks_lent += sum(d is not None for d in lent)
+        want = [c for c, d in zip(ids, lent, strict=True) if d is None] if fetch else []
+        want = [c for c in want if self.lender.index_of(c) is not None]  # only what this version has
+        if want:
+            try:
+                got = await loop.run_in_executor(self._pool, self.source.fetch_for_peers, want)
+            except (RepositoryUnavailable, BlockprovError) as e:
+                log.info("could not fetch %d chunk(s) for a peer: %s", len(want), e)
+                got = {}
+            self.stats.chunks_fetched += len(got)
+            items = [got.get(c, x) if x is None else x for c, x in zip(ids, items, strict=True)]
+        self.stats.chunks_absent += sum(x is None for x in items)
+        return encode_frames(items)

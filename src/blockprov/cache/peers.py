@@ -1,0 +1,412 @@
+"""Chunks from the other agents of a site (issue 26): a layer under the fetcher, over the repository.
+
+Where it sits, and why there: the stack is ``CacheDevice`` → ``Fetcher`` (coalescing, batches,
+read-ahead, the random miss's neighbourhood, the boot profile's prefetch, verification) →
+``PeerSource`` (this, a ``BlobSource``) → the repository or the site cache. Every fetch the cache
+makes therefore passes through it, read-ahead and profile prefetch included, so all of them come
+from the LAN when they can. It is a ``BlobSource``, not a ``ChunkSource`` above the fetcher,
+because above the fetcher it would see only demand misses and leave the read-ahead to the
+repository. The fetcher still verifies every blob it is handed (invariant 6); this layer verifies
+a peer's blobs too, before accepting them, because a bad one must be replaced from the repository
+rather than fail the read.
+
+Who fetches a chunk from the repository: one agent per chunk, its *owner*. When thirty PCs start
+the same version at once, nobody holds anything yet, and "ask the peers that hold it, else the
+repository" sends the repository the same working set thirty times. So the agents of a site that
+serve the same version agree, by rendezvous hashing of the chunk id over their instance names, on
+one owner per chunk. An agent asks the owner for each chunk it misses (``fetch=1``); the owner
+serves it if it holds it, else fetches it from the repository once for everyone (single flight:
+``from_upstream`` joins a fetch already under way, its own client's included). Whatever came
+from the repository is also kept in a bounded memory (``RECENT_BYTES``, least recently used out),
+so that a peer asking a moment later, before the owner's cache stored the chunk, and the owner's
+own boot reading a chunk it fetched for its peers, are answered without a second fetch; every use
+of it is verified like any blob. The owner does not store a chunk it fetched for a peer in its
+cache then and there: that would need its fetcher's repository slots, which may all be waiting on
+other owners that wait on it. The repository then sends each chunk about once per site, and each
+agent takes (N-1)/N of its misses from its LAN. An owner never
+forwards a request to another peer, so views of the site that differ for a moment (an agent that
+joined a second ago) cost at worst a fetch from the repository, never a loop.
+
+Failures (nothing here fails a read that the repository could answer):
+
+* a peer that refuses our ticket, cannot be reached, times out or vanishes mid-answer is skipped
+  for a back-off (``DOWN_FIRST`` doubling to ``DOWN_MAX`` seconds); the chunks it did not give go
+  at once to their next owner (rendezvous hashing without that peer), and what that one does not
+  give to the repository, all in the same call;
+* a peer that does not hold a chunk and could not fetch it (``ABSENT``), or is busy (503): those
+  chunks come from the repository in the same call;
+* a peer whose blob does not match its digest (a lying or broken peer): the chunk comes from the
+  repository, nothing of it is kept or served, and the peer is avoided for ``LIAR_SECONDS``
+  (logged once, counted in ``stats``).
+
+Who may ask whom: every request carries the caller's ticket (tickets.py), which the serving agent
+checks with its site's keys (agent/peerserve.py). Membership (peers, ticket, keys) is kept fresh by
+the agent's site link (agent/site.py), which joins the site through the repository, the tracker:
+it already knows every agent, its address, its version and when it was last seen, and it checks
+tokens and scopes. LAN announcements (multicast) would find peers without it but cannot check
+scopes, do not cross subnets of a school's VLANs, and the repository is needed to boot anyway.
+
+Threads: ``get_blob_views`` runs in the fetcher's worker threads (blocking, as every ``BlobSource``);
+peers are asked in parallel from a small pool of this layer's own. ``membership`` is replaced whole
+by the event loop and read without a lock. Counters (``stats``) are per version and source.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from blake3 import blake3
+
+from blockprov import tickets
+from blockprov.codec import decode_view
+from blockprov.errors import ChunkCorrupt
+from blockprov.repo.base import BlobSource, BlobViews
+from blockprov.repo.remote import LEN, KeepAlivePost
+
+log = logging.getLogger("blockprov.peers")
+
+Blob = bytes | memoryview
+PEER_PATH = "/peer/v1/chunks"
+ABSENT = 0xFFFFFFFF  # a frame's length when the peer does not hold (and did not fetch) the chunk
+MAX_IDS = 4096  # ids in one peer request (128 KiB of body)
+ASK_TIMEOUT = 10.0  # a peer may be fetching the chunk from the repository for us
+DOWN_FIRST = 2.0
+DOWN_MAX = 60.0
+LIAR_SECONDS = 3600.0
+RECENT_BYTES = 64 << 20  # blobs from the repository kept for a peer asking late and the owner's own reads
+SOURCES = ("peers", "site_cache", "repository")
+_M64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Peer:
+    instance: str
+    url: str
+    version: str | None
+
+
+@dataclass(frozen=True)
+class Membership:
+    """What the last join of the site said (agent/site.py); replaced whole on each join."""
+
+    site: str
+    instance: str
+    ticket: str
+    keys: dict[int, bytes]
+    peers: tuple[Peer, ...]
+
+
+@dataclass
+class _Health:
+    down_until: float = 0.0
+    failures: int = 0
+    liar_until: float = 0.0
+
+
+@dataclass
+class SourceStats:
+    """Chunks and bytes (as they crossed the network) by version and by source, and peer faults."""
+
+    by_version: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    peer_bad_chunks: int = 0
+    peer_failures: int = 0
+    liars: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, version: str, source: str, chunks: int, nbytes: int) -> None:
+        with self._lock:
+            row = self.by_version.setdefault(version or "-", {s: [0, 0] for s in SOURCES})
+            row[source][0] += chunks
+            row[source][1] += nbytes
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            versions = {v: {s: {"chunks": c, "bytes": b} for s, (c, b) in row.items()}
+                        for v, row in self.by_version.items()}
+        return {"by_version": versions, "peer_bad_chunks": self.peer_bad_chunks,
+                "peer_failures": self.peer_failures, "liars": sorted(self.liars)}
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a 64-bit score per (chunk, agent) for rendezvous hashing."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _key(instance: str) -> int:
+    return int.from_bytes(blake3(instance.encode()).digest(8), "little")
+
+
+def owner(cid: bytes, members: Sequence[tuple[str, int]]) -> str:
+    """The instance (of ``(instance, _key(instance))`` pairs) that owns chunk ``cid``: the highest
+    score wins, so an agent leaving moves only the chunks it owned. Pure."""
+    h = int.from_bytes(cid[:8], "little")
+    return max(members, key=lambda m: _mix(h ^ m[1]))[0]
+
+
+def encode_frames(items: Sequence[Blob | None]) -> list[Blob]:
+    """A peer's answer: per asked id, its length (u32 LE; ``ABSENT`` for none) and its blob."""
+    out: list[Blob] = []
+    for b in items:
+        if b is None:
+            out.append(LEN.pack(ABSENT))
+        else:
+            out += (LEN.pack(len(b)), b)
+    return out
+
+
+def decode_frames(data: memoryview, count: int) -> list[memoryview | None]:
+    """The inverse of ``encode_frames``; ValueError for a torn or overlong answer. Pure."""
+    out: list[memoryview | None] = []
+    pos, end = 0, len(data)
+    for _ in range(count):
+        if end - pos < LEN.size:
+            raise ValueError("torn answer")
+        (n,) = LEN.unpack_from(data, pos)
+        pos += LEN.size
+        if n == ABSENT:
+            out.append(None)
+            continue
+        if end - pos < n:
+            raise ValueError("torn answer")
+        out.append(data[pos:pos + n])
+        pos += n
+    if pos != end:
+        raise ValueError(f"{end - pos} unexpected bytes after the last frame")
+    return out
+
+
+class PeerSource:
+    """The ``BlobSource`` an agent's fetcher reads through (module docstring). ``upstream_kind``:
+    how ``stats`` names what is below (``repository``, or ``site_cache`` when it is one)."""
+
+    def __init__(self, upstream: BlobSource, *, upstream_kind: str = "repository", timeout: float = ASK_TIMEOUT,
+                 workers: int = 8) -> None:
+        self.upstream = upstream
+        self.url = upstream.url
+        self.upstream_kind = upstream_kind
+        self.timeout = timeout
+        self.membership: Membership | None = None
+        # the cache's version now (an update changes it): a chunk's owner is among the peers serving the same
+        self.version_of: Callable[[], str] = lambda: ""
+        self.stats = SourceStats()
+        self._get: Callable[[Sequence[bytes]], Sequence[Blob]] = (
+            upstream.get_blob_views if isinstance(upstream, BlobViews) else upstream.get_blobs)
+        self._lock = threading.Lock()
+        self._flights: dict[bytes, Future[Blob]] = {}
+        self._health: dict[str, _Health] = defaultdict(_Health)
+        self._clients: dict[str, tuple[str, KeepAlivePost]] = {}
+        self._recent: OrderedDict[bytes, Blob] = OrderedDict()  # from the repository, least recent first
+        self._recent_bytes = 0
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bp-peers")
+
+    @property
+    def version(self) -> str:
+        return self.version_of()
+
+    # -- BlobSource -------------------------------------------------------------------------------
+    def get_blobs(self, ids: Sequence[bytes]) -> list[bytes]:
+        return [b if type(b) is bytes else bytes(b) for b in self.get_blob_views(ids)]
+
+    def get_blob_views(self, ids: Sequence[bytes]) -> list[Blob]:
+        uniq = list(dict.fromkeys(ids))
+        got: dict[bytes, Blob] = {}
+        rest: list[bytes] = []  # to fetch from the layer below
+        todo = uniq
+        for _round in range(2):  # a second round gives the chunks of an owner that failed to the next owner
+            m = self.membership
+            plan = self._plan(todo, m) if m is not None else {}
+            asked = [self._pool.submit(self._ask, m, peer, cids) for peer, cids in plan.items()] if m else []
+            planned = {c for cids in plan.values() for c in cids}
+            mine = [c for c in todo if c not in planned]
+            got.update(self._recent_of(mine))
+            failed: BaseException | None = None
+            try:
+                got.update(self.from_upstream([c for c in mine if c not in got]))
+            except BaseException as e:  # the peers' answers are still wanted (and their threads awaited)
+                failed = e
+            todo = []
+            for f in asked:
+                good, left, broken = f.result()
+                got.update(good)
+                (todo if broken else rest).extend(left)
+            if failed is not None:
+                raise failed
+            if not todo:
+                break
+        rest += todo
+        if rest:
+            got.update(self.from_upstream(rest))
+        return [got[c] for c in ids]
+
+    def from_upstream(self, cids: Sequence[bytes]) -> dict[bytes, Blob]:
+        """Unverified blobs of ``cids`` from the layer below, each fetched once however many ask at
+        once (this agent's fetches and its peers' requests alike)."""
+        if not cids:
+            return {}
+        futs: dict[bytes, Future[Blob]] = {}
+        mine: list[bytes] = []
+        with self._lock:
+            for c in cids:
+                f = self._flights.get(c)
+                if f is None:
+                    f = self._flights[c] = Future()
+                    mine.append(c)
+                futs[c] = f
+        if mine:
+            try:
+                blobs = self._get(mine)
+                if len(blobs) != len(mine):
+                    raise ValueError(f"{self.url} returned {len(blobs)} blobs for {len(mine)} ids")
+            except BaseException as e:
+                for c in mine:
+                    futs[c].set_exception(e)
+                raise
+            finally:
+                with self._lock:
+                    for c in mine:
+                        self._flights.pop(c, None)
+            for c, b in zip(mine, blobs, strict=True):
+                futs[c].set_result(b)
+            self._remember(list(zip(mine, blobs, strict=True)))
+            self.stats.add(self.version, self.upstream_kind, len(mine), sum(len(b) for b in blobs))
+        return {c: f.result() for c, f in futs.items()}
+
+    def fetch_for_peers(self, cids: Sequence[bytes]) -> dict[bytes, Blob]:
+        """Verified blobs of the chunks a peer asked this agent, as their owner, to fetch (those
+        that fail verification are left out, and logged)."""
+        got = self._recent_of(cids)
+        got.update(self.from_upstream([c for c in cids if c not in got]))
+        out: dict[bytes, Blob] = {}
+        for c, b in got.items():
+            try:
+                decode_view(b, c)
+            except ChunkCorrupt as e:
+                log.error("chunk %s from %s failed verification, not served to a peer: %s", c.hex()[:16], self.url, e)
+                with self._lock:
+                    if self._recent.get(c) is b:
+                        self._recent_bytes -= len(self._recent.pop(c))
+                continue
+            out[c] = b
+        return out
+
+    def _recent_of(self, cids: Sequence[bytes]) -> dict[bytes, Blob]:
+        out: dict[bytes, Blob] = {}
+        if not self._recent:
+            return out
+        with self._lock:
+            for c in cids:
+                b = self._recent.get(c)
+                if b is not None:
+                    self._recent.move_to_end(c)
+                    out[c] = b
+        return out
+
+    def _remember(self, items: Sequence[tuple[bytes, Blob]]) -> None:
+        with self._lock:
+            for c, b in items:
+                if c not in self._recent:  # a copy: a view would keep its whole batch's buffer alive
+                    self._recent[c] = b if type(b) is bytes else bytes(b)
+                    self._recent_bytes += len(b)
+            while self._recent_bytes > RECENT_BYTES and self._recent:
+                self._recent_bytes -= len(self._recent.popitem(last=False)[1])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for _url, c in clients:
+            c.close()
+
+    # -- peers ------------------------------------------------------------------------------------
+    def usable(self, instance: str, now: float | None = None) -> bool:
+        h = self._health.get(instance)
+        now = time.monotonic() if now is None else now
+        return h is None or (h.down_until <= now and h.liar_until <= now)
+
+    def _plan(self, cids: list[bytes], m: Membership) -> dict[Peer, list[bytes]]:
+        """Which peer owns which chunk (those this agent owns are not in the plan)."""
+        now = time.monotonic()
+        peers = {p.instance: p for p in m.peers if p.version == self.version and self.usable(p.instance, now)}
+        if not peers:
+            return {}
+        members = [(m.instance, _key(m.instance))] + [(i, _key(i)) for i in peers]
+        plan: dict[Peer, list[bytes]] = defaultdict(list)
+        for c in cids:
+            o = owner(c, members)
+            if o != m.instance:
+                plan[peers[o]].append(c)
+        return plan
+
+    def _client(self, peer: Peer) -> KeepAlivePost:
+        with self._lock:
+            have = self._clients.get(peer.instance)
+            if have is not None and have[0] == peer.url:
+                return have[1]
+            client = KeepAlivePost(peer.url, self.timeout)
+            self._clients[peer.instance] = (peer.url, client)
+        if have is not None:
+            have[1].close()
+        return client
+
+    def _down(self, peer: Peer, why: str) -> None:
+        self.stats.peer_failures += 1
+        h = self._health[peer.instance]
+        h.failures += 1
+        pause = min(DOWN_MAX, DOWN_FIRST * 2 ** (h.failures - 1))
+        h.down_until = time.monotonic() + pause
+        log.info("peer %s (%s): %s; its chunks go to the next owner for %.0f s", peer.instance, peer.url, why, pause)
+
+    def _ask(self, m: Membership, peer: Peer, cids: list[bytes]) -> tuple[dict[bytes, Blob], list[bytes], bool]:
+        """(verified blobs the peer gave, ids still to fetch elsewhere, whether the peer failed and
+        is now skipped): never raises."""
+        good: dict[bytes, Blob] = {}
+        broken = False
+        try:
+            client = self._client(peer)
+            for k in range(0, len(cids), MAX_IDS):
+                part = cids[k:k + MAX_IDS]
+                status, _headers, data = client.post(f"{PEER_PATH}?fetch=1", b"".join(part),
+                                                     {"authorization": f"{tickets.SCHEME} {m.ticket}"})
+                if status == 503:  # busy (upload slots full): no fault, just not now
+                    break
+                if status != 200:
+                    self._down(peer, f"HTTP {status}: {bytes(data[:200]).decode('utf-8', 'replace')}")
+                    broken = True
+                    break
+                for cid, blob in zip(part, decode_frames(data, len(part)), strict=True):
+                    if blob is not None and self._verified(peer, m, cid, blob):
+                        good[cid] = blob
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            self._down(peer, f"{type(e).__name__}: {e}")
+            broken = True
+        if good:
+            self.stats.add(self.version, "peers", len(good), sum(len(b) for b in good.values()))
+            h = self._health.get(peer.instance)
+            if h is not None:
+                h.failures = 0
+        return good, [c for c in cids if c not in good], broken
+
+    def _verified(self, peer: Peer, m: Membership, cid: bytes, blob: Blob) -> bool:
+        try:
+            decode_view(blob, cid)
+            return True
+        except ChunkCorrupt as e:
+            self.stats.peer_bad_chunks += 1
+            h = self._health[peer.instance]
+            if h.liar_until <= time.monotonic():
+                log.warning("peer %s (%s) of site %s sent chunk %s that does not match its digest (%s): not used, "
+                            "fetched from the repository; this peer is avoided for %.0f min",
+                            peer.instance, peer.url, m.site, cid.hex()[:16], e, LIAR_SECONDS / 60)
+            h.liar_until = time.monotonic() + LIAR_SECONDS
+            self.stats.liars.add(peer.instance)
+            return False

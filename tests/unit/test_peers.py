@@ -1,0 +1,93 @@
+"""The peer layer's pure parts and its single flight: owners, frames, fetches from the layer below."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from blockprov import codec
+from blockprov.cache.peers import ABSENT, PeerSource, _key, decode_frames, encode_frames, owner
+
+
+def test_owners_spread_and_move_only_a_leavers_chunks() -> None:
+    members = [(f"pc-{i}", _key(f"pc-{i}")) for i in range(30)]
+    cids = [os.urandom(32) for _ in range(6000)]
+    owners = [owner(c, members) for c in cids]
+    counts = {m: owners.count(m) for m, _ in members}
+    assert min(counts.values()) > 100 and max(counts.values()) < 320, counts  # about 200 each
+    fewer = [m for m in members if m[0] != "pc-7"]
+    for c, o in zip(cids, owners, strict=True):
+        if o != "pc-7":
+            assert owner(c, fewer) == o  # rendezvous: nobody else's chunks move
+    # every agent computes the same owner from the same members, in any order
+    assert [owner(c, list(reversed(members))) for c in cids[:200]] == owners[:200]
+
+
+def test_frames_round_trip_and_torn_answers() -> None:
+    blobs = [b"a" * 10, None, b"", b"xyz"]
+    data = memoryview(b"".join(encode_frames(blobs)))
+    got = decode_frames(data, 4)
+    assert [None if g is None else bytes(g) for g in got] == blobs
+    with pytest.raises(ValueError):
+        decode_frames(data[:-1], 4)
+    with pytest.raises(ValueError):
+        decode_frames(memoryview(bytes(data) + b"!"), 4)
+    with pytest.raises(ValueError):
+        decode_frames(memoryview(ABSENT.to_bytes(4, "little")[:3]), 1)
+
+
+class SlowBelow:
+    """A layer below that takes a while and counts what it was asked."""
+
+    url = "mem://below"
+
+    def __init__(self, blobs: dict[bytes, bytes]) -> None:
+        self.blobs = blobs
+        self.asked: list[bytes] = []
+        self.lock = threading.Lock()
+
+    def get_blobs(self, ids: Sequence[bytes]) -> list[bytes]:
+        with self.lock:
+            self.asked += ids
+        time.sleep(0.2)
+        return [self.blobs[c] for c in ids]
+
+
+def test_single_flight_below_and_recent_memory() -> None:
+    data = [os.urandom(4096) for _ in range(8)]
+    blobs = {codec.digest(d): codec.encode(d) for d in data}
+    cids = list(blobs)
+    below = SlowBelow(blobs)
+    src = PeerSource(below)  # no site: everything from below, counted
+    try:
+        out: list[list[bytes]] = []
+        threads = [threading.Thread(target=lambda: out.append(src.get_blobs(cids))) for _ in range(4)]
+        threads += [threading.Thread(target=lambda: out.append(list(src.fetch_for_peers(cids).values())))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(below.asked) == sorted(cids)  # five callers at once, each chunk asked for once
+        assert all(sorted(o) == sorted(blobs.values()) for o in out)
+        # asked again a moment later (before a cache stored them): answered from memory
+        assert src.get_blobs(cids) == [blobs[c] for c in cids]
+        assert len(below.asked) == len(cids)
+        st = src.stats.to_dict()["by_version"]["-"]
+        assert st["repository"]["chunks"] == len(cids) and st["peers"]["chunks"] == 0
+    finally:
+        src.close()
+
+
+def test_a_bad_blob_below_is_not_served_to_peers() -> None:
+    good = os.urandom(4096)
+    cid = codec.digest(good)
+    below = SlowBelow({cid: codec.encode(os.urandom(4096))})  # the repository (or a disk) is wrong
+    src = PeerSource(below)
+    try:
+        assert src.fetch_for_peers([cid]) == {}
+    finally:
+        src.close()
