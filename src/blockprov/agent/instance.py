@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from blockprov.agent import control, lifecycle
 from blockprov.agent.hydrate import MAX_HOLD_REST, MIN_RATE, Hydrator
-from blockprov.cache.device import CacheDevice
+from blockprov.cache import CacheDevice
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.repo.base import Repository
 
@@ -107,7 +107,7 @@ class InstanceOps:
         (merged with the inherited one by the repository)."""
         if self.device.overlay:
             return  # an overlay reads through its shared base: there is nothing to copy into it
-        cold = self.device.chunk_map.counts()["present"] == 0 and not self.device.profile()
+        cold = self.device.chunks.counts()["present"] == 0 and not self.device.profile()
         order = await self._start_hydration(self._hydrate_rate, full=self._hydrate)
         own = bool(order) and await self._has_own_profile()
         self.prefetch = {"chunks": len(order), "inherited": bool(order) and not own, "first": order[:PROFILE_SHOWN]}
@@ -216,7 +216,7 @@ class InstanceOps:
         rate = a.number("rate", MIN_RATE, 1e15)
         parallel = a.integer("profile_parallel", 1, 1, 64)
         hold_rest = a.number("hold_rest", 0.0, MAX_HOLD_REST) or 0.0
-        if h is None or h.profile_only or (not h.running and self.device.chunk_map.first_missing() >= 0):
+        if h is None or h.profile_only or (not h.running and self.device.chunks.first_missing() >= 0):
             await self._start_hydration(rate or self._hydrate_rate, full=True, profile_parallel=parallel,
                                         hold_rest=hold_rest)
         assert self.hydrator is not None
