@@ -51,11 +51,11 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _handshake(path: str) -> socket.socket:
-    """A connection in the transmission phase (NBD_OPT_GO on the default export)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _handshake(address: str | tuple[str, int]) -> socket.socket:
+    """A connection in the transmission phase (NBD_OPT_GO on the default export), unix or TCP."""
+    sock = socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(10)
-    sock.connect(path)
+    sock.connect(address)
     assert _recv_exactly(sock, 18)[:16] == b"NBDMAGICIHAVEOPT"
     sock.sendall(client_flags() + option(c.Option.GO, go_data("")))
     while True:
@@ -173,22 +173,6 @@ SMALL = 120 * 1024  # under the 128 KiB from which a reply is sent with sendfile
 NBD_TIMEOUT = 4.0  # the agent's --nbd-timeout in this test
 
 
-def _connect(address: str | tuple[str, int]) -> socket.socket:
-    """A connection in the transmission phase (NBD_OPT_GO on the default export), unix or TCP."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(address)
-    assert _recv_exactly(sock, 18)[:16] == b"NBDMAGICIHAVEOPT"
-    sock.sendall(client_flags() + option(c.Option.GO, go_data("")))
-    while True:
-        _, _, rtype, length = struct.unpack(">QIII", _recv_exactly(sock, 20))
-        _recv_exactly(sock, length)
-        assert rtype < 1 << 31, hex(rtype)
-        if rtype == c.Reply.ACK:
-            return sock
-
-
 def _flood(sock: socket.socket, size: int, rng: random.Random) -> int:
     """READ 0+32 MiB, then up to FLOOD_REQUESTS READs of 120 KiB, never reading a reply; stops
     when the server has taken no request bytes for a second. The request bytes it took."""
@@ -237,7 +221,7 @@ def test_a_client_that_never_reads_its_replies_is_bounded_and_dropped(tmp_path: 
         nbd_status = lambda: json.loads(run_cli("status", "--cache", str(tmp_path / "cache"), "--json").stdout)["nbd"]  # noqa: E731
         requests_before = nbd_status()["requests"]
         before = proc.memory_info().rss
-        floods = [_connect(str(sock)), _connect((host, int(port)))]
+        floods = [_handshake(str(sock)), _handshake((host, int(port)))]
         taken = [_flood(f, size, rng) for f in floods]
         time.sleep(0.5)
         grown = proc.memory_info().rss - before
