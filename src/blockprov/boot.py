@@ -35,6 +35,10 @@ from blockprov import codec
 from blockprov.errors import IntegrityError, SourceError, UsageError
 from blockprov.names import kernel_args
 
+# What marks blockprov's network-boot initramfs (netboot/initramfs.py writes it among the archive's
+# first entries: the in-machine agent's DHCP hook), so `vm run` can tell a PC's boot files from a VM's.
+INITRAMFS_MARK = "etc/blockprov/udhcpc.sh"
+
 PIECE = 1 << 20  # bytes per stored piece of a boot file
 MAX_BOOT_FILE = 1 << 30  # a kernel or initrd larger than this is a mistake, not a boot file
 BATCH = 16  # pieces handed to the sink at once (16 MiB)
@@ -251,3 +255,15 @@ def parse_script(text: str) -> dict[str, Any]:
         raise UsageError("a boot script needs kernel, initrd and boot lines")
     params = dict(w.split("=", 1) for w in kernel[2:] if "=" in w)
     return {"kernel": kernel[1], "args": kernel[2:], "params": params, "initrd": initrd[-1]}
+
+
+def is_blockprov_initramfs(initrd: bytes) -> bool:
+    """True for blockprov's network-boot initramfs (a gzip'd newc cpio holding INITRAMFS_MARK near
+    its start): only the first MiB is unpacked, whatever the archive's size."""
+    import zlib
+
+    try:
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(initrd[:PIECE], PIECE)
+    except zlib.error:
+        return False
+    return INITRAMFS_MARK.encode() in head

@@ -309,6 +309,20 @@ class AgentNotRunning(CacheError):
     """no agent is running on {path}"""
 
 
+class AgentNotAnswering(CacheError):
+    """the agent serving {path} did not answer {op} within {seconds} s"""
+
+
+class AgentDied(BlockprovError):
+    """the agent serving {path} died during {op}: {outcome} (see: blockprov status --cache {path})"""
+
+    # Its own code (issue 27): the operation may or may not have taken effect, which a script must
+    # tell from a refusal (8) and from a bug (70). ``outcome`` says what is known of it: the CLI
+    # looks at the cache (and the repository, for a snapshot) after the agent is gone.
+    exit_code = 14
+    http_status = 502
+
+
 class ControlFailed(BlockprovError):
     """{msg}"""
 

@@ -7,6 +7,7 @@ exit codes by the group's edge in cli/__init__.py, like every other command's.
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import click
 from blockprov import humanize as hz
 from blockprov.boot import HYDRATE, POLICIES, parse_script
 from blockprov.catalog.records import HostInfo
-from blockprov.cli._common import Ctx, emit, json_option, run_async
+from blockprov.cli._common import Ctx, check_creatable, emit, json_option, run_async
 from blockprov.errors import HostNotFound, UsageError
 from blockprov.names import host_id, parse_ref
 
@@ -81,11 +82,23 @@ def boot_files_build(obj: Ctx, ref: str, kernel: Path | None, modules_dir: Path 
     disk) for a kernel, and store kernel and initramfs as REF's boot files."""
     from blockprov.netboot import initramfs
 
-    built = initramfs.build(kernel, modules_dir)
+    # What fails fast fails first: the repository and the version (a build takes 10-30 s), the output
+    # path; the kernel's format and its modules are checked by build() before its long part.
+    m = obj.repo.resolve(parse_ref(ref))
+    if output is not None:
+        check_creatable(output, "file")
+    show = not as_json and sys.stderr.isatty()
+
+    def step(what: str) -> None:
+        if show:
+            click.echo(f"\rboot-files build: {what}…"[:100].ljust(100), err=True, nl=False)
+    built = initramfs.build(kernel, modules_dir, progress=step)
+    if show:
+        click.echo("\r" + " " * 100 + "\r", err=True, nl=False)
     if output is not None:
         output.write_bytes(built.data)
     cmd = initramfs.DEFAULT_CMDLINE if cmdline is None else cmdline
-    info = obj.repo.set_boot_files(parse_ref(ref), built.kernel, built.data, cmd)
+    info = obj.repo.set_boot_files(parse_ref(f"{m.image}@{m.id}"), built.kernel, built.data, cmd)
     if as_json:
         emit(info.to_dict() | {"build": built.summary()})
         return

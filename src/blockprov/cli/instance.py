@@ -22,8 +22,18 @@ import click
 from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.agent.offline import on_cache
-from blockprov.cli._common import Ctx, emit, json_option, progress_bar, quiet_library_logs, run_async, size_option
-from blockprov.errors import BlockprovError, UsageError
+from blockprov.cli._common import (
+    MEMORY_HELP,
+    Ctx,
+    emit,
+    json_option,
+    memory_option,
+    progress_bar,
+    quiet_library_logs,
+    run_async,
+    size_option,
+)
+from blockprov.errors import AgentDied, AgentNotRunning, BlockprovError, UsageError
 from blockprov.names import parse_ref
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
@@ -242,7 +252,10 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
         while out.get("state") not in ("done", "stopped"):
             _progress(out, show)
             time.sleep(0.5)
-            st = control.call(cache_dir, "status", timeout=10.0)
+            try:
+                st = control.call(cache_dir, "status", timeout=10.0)
+            except (AgentNotRunning, AgentDied):
+                raise AgentDied(path=str(cache_dir), op="hydrate", outcome=_hydration_left(cache_dir)) from None
             out = st.get("hydration") or {}
     if show:
         click.echo("", err=True)
@@ -251,6 +264,19 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
         return
     click.echo(f"hydration {out.get('state')}: {out.get('percent')}% local, fetched "
                f"{hz.size(out.get('bytes_fetched', 0))}" + (f" — {out['message']}" if out.get("message") else ""))
+
+
+def _hydration_left(cache_dir: Path) -> str:
+    """What a hydration whose agent died leaves: the chunks it fetched are kept (each was recorded
+    present only once its data was written)."""
+    from blockprov.agent.agent import status
+
+    try:
+        st = status(cache_dir)
+    except BlockprovError as e:
+        return f"the cache cannot be read now ({e})"
+    return (f"hydration stopped with {st['chunks_missing']} of {st['chunks_total']} chunk(s) still to fetch; what "
+            "it fetched is kept (attach again, then hydrate, to go on)")
 
 
 def _progress(st: dict[str, Any], show: bool) -> None:
@@ -301,11 +327,12 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
               help="Seconds the recording boot may take at most.")
 @click.option("--idle", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
               help="Seconds without a new chunk read that end a boot that does not power off.")
-@click.option("--memory", default="512", show_default=True, help="Guest memory (qemu -m).")
+@click.option("--memory", default="512", show_default=True, callback=memory_option,
+              help=f"Guest memory ({MEMORY_HELP}).")
 @click.option("--append", default="", help="Extra kernel arguments (with the version's boot files).")
 @json_option
 @click.pass_obj
-def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: str, append: str,
+def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: int, append: str,
                        as_json: bool) -> None:
     """Boot the version once, headless, next to the repository (qemu, TCG) through a throwaway
     cache that records the order the boot reads chunks, and save that order as its boot profile:
@@ -317,7 +344,7 @@ def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: 
     quiet_library_logs()
     r = parse_ref(ref)
     m = obj.repo.resolve(r)
-    got = run_async(record(obj.repo, m, timeout=timeout, idle=idle, memory=memory, append=append))
+    got = run_async(record(obj.repo, m, timeout=timeout, idle=idle, memory=f"{memory >> 20}M", append=append))
     out = {**got.to_dict(), "repository": obj.repo.url}
     if as_json:
         emit(out)
