@@ -206,7 +206,8 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
     hydration: ``blockprov.*`` words), and what an in-guest agent needs to attach:
     ``blockprov.repo`` (where the repository is, as the host reaches it), ``blockprov.image`` (the
     immutable ``NAME@ID``: a tag moved during the boot must not change what the kernel and the
-    agent see) and ``blockprov.host``. URLs name the version by id for the same reason.
+    agent see) and ``blockprov.host``. URLs name the version by id for the same reason; the
+    initrd's names the host, whose last boot the repository records once it has sent all of it.
     ``initrd=initrd.img`` plus ``--name`` lets an EFI-stub kernel find the initrd."""
     files = f"{base}/v1/images/{image}/versions/{version}/boot"
     words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w] + setting_words(settings or {})
@@ -216,9 +217,18 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
         "#!ipxe\n"
         f"# blockprov: host {host} is assigned {assigned} = {image}@{version}\n"
         f"kernel {files}/kernel {' '.join(words)}\n"
-        f"initrd --name initrd.img {files}/initrd\n"
+        f"initrd --name initrd.img {files}/initrd?host={host}\n"
         "boot\n"
     )
+
+
+def stranded(ref: str, version: str, hosts: Sequence[str]) -> str:
+    """What a tag move (or an assignment) to a version without boot files does to the hosts that
+    follow the tag: said at once, not found out at their next boot. Pure."""
+    shown = ", ".join(hosts[:5]) + (f" and {len(hosts) - 5} more" if len(hosts) > 5 else "")
+    return (f"{len(hosts)} host(s) follow {ref} ({shown}) and {ref.split(':')[0]}@{version[:12]} has no boot files: "
+            f"they cannot boot until it has (a PC that boots onto its own disk: blockprov boot-files build {ref}; "
+            f"another kernel and initrd: blockprov boot-files set {ref} --kernel FILE --initrd FILE)")
 
 
 RETRY_SECONDS = 30  # how long a machine waits before asking again for its boot script

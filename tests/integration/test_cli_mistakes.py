@@ -706,12 +706,29 @@ ISSUE_27: dict[str, list[Step]] = {
     ],
     "setting-words-in-args-become-fields": [
         (("host", "assign", MAC, "img:v1", "--args", "quiet blockprov.policy=restore"), 0,
-         r"policy restore, .*args quiet$"),
+         r"(?m)policy restore, .*args quiet$"),
         (("host", "assign", MAC, "img:v1", "--args", "blockprov.policy=keep", "--policy", "restore"), 2,
          r"policy is given twice"),
         (("host", "assign", MAC, "img:v1", "--args", "blockprov.hydrate=later"), 2, r"hydrate is one of"),
         (("host", "assign", MAC, "img:v1", "--args", "blockprov.policy="), 2, r"give the host's policy a value"),
         (("host", "show", MAC, "--json"), 0, r'"policy": "restore"'),  # nothing refused changed anything
+    ],
+    # item 5: a tag that hosts follow moved to a version without boot files, without a word
+    "tag-move-strands-hosts": [
+        (("tag", "img:v1", "img:prod"), 0, r"^img:prod → "),
+        (("host", "assign", MAC, "img:prod"), 0, r"warning: 1 host\(s\) follow img:prod .* has no boot files.*"
+         r"boot-files build img:prod"),
+        (("boot-files", "set", "img:v2", "--kernel", "{w}/kernel", "--initrd", "{w}/kernel"), 0, r""),
+        (("tag", "img:v2", "img:prod"), 0, r"^(?![\s\S]*warning)"),  # v2 has boot files: nothing to say
+        (("tag", "img:v1", "img:prod"), 0, r"warning: 1 host\(s\) follow img:prod \(52:54:00:12:34:56\)"),
+    ],
+    # item 2: the first token silently stopped every PC from network-booting
+    "first-token-warns": [
+        (("host", "assign", MAC, "img:v1"), 0, r""),
+        (("token", "create", "--scope", "agent", "--name", "pcs"), 0,
+         r"warning: this is the repository's first token.*1 host\(s\) assigned here will be refused.*"
+         r"--anonymous-boot"),
+        (("token", "create", "--scope", "read", "--json"), 0, r'^(?![\s\S]*first token)'),  # only the first
     ],
 }
 
@@ -905,3 +922,46 @@ def test_issue_27(world: Callable[[str], World], case: str) -> None:
             dirs = [Path(values[k]) for k in ("vmdir", "small", "full") if k in values]
             left = remove_vms(w.root, *dirs)
         assert not left, f"left running: {left}"
+
+
+def test_import_into_a_full_data_directory_leaves_nothing_unseen(tmp_path: Path) -> None:
+    """Issue 27 item 5: an import that runs out of space left a partial pack that neither gc
+    ("removed 0") nor check ("all intact") saw. Now its space is given back at once, check names
+    pack space no chunk uses, and gc removes such a pack once it is an hour old."""
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(6 << 20))  # does not compress: twice the tmpfs
+    with full_disk(tmp_path / "full", None) as full:
+        (full / "filler").unlink()
+        p = run_cli("import", str(img), "d:v1", data=full / "repo", check=False)
+        assert p.returncode == 12 and "no space left" in one_line(p)
+        packs = full / "repo" / "chunks" / "packs"
+        assert sum(f.stat().st_size for f in packs.glob("*.pack")) == 0, list(packs.iterdir())
+    data = tmp_path / "data"
+    run_cli("import", str(make_image(tmp_path / "e.img", 1 << 20, seed=82)), "e:v1", data=data)
+    dead = data / "chunks" / "packs" / "00000099.pack"  # what a process killed mid-import leaves
+    dead.write_bytes(bytes(3 << 20))
+    out = run_cli("check", data=data).stdout
+    assert "all intact" in out and "3.0 MiB in 1 pack file(s) hold no indexed chunk" in out, out
+    assert "compacted" not in run_cli("gc", data=data).stdout and dead.exists()  # another process may write it
+    old = time.time() - 7200
+    os.utime(dead, (old, old))
+    assert "compacted 3.0 MiB of pack space" in run_cli("gc", data=data).stdout and not dead.exists()
+    assert json.loads(run_cli("check", "--json", data=data).stdout)["unindexed_bytes"] == 0
+
+
+def test_rm_of_a_version_a_vm_template_uses_warns(tmp_path: Path) -> None:
+    """Issue 27 item 5: `rm` of a template's disk version said nothing; `vm clone` failed later with
+    "no such image or version". A template pushed to the repository names its disk in a label."""
+    data = tmp_path / "data"
+    img = make_image(tmp_path / "d.img", 1 << 20, seed=83)
+    vid = json.loads(run_cli("import", str(img), "d:v1", "--json", data=data).stdout)["id"]
+    label = json.dumps({"image": "d", "version": vid})
+    run_cli("import", str(img), "vmtpl-t1:memory", "--format", "raw", "--label", f"blockprov.vm-template={label}",
+            data=data)
+    p = run_cli("rm", "d:v1", data=data)  # a tag: the version stays, nothing to say
+    assert "warning" not in p.stderr
+    p = run_cli("rm", f"d@{vid}", data=data)
+    assert f"removed d@{vid}" in p.stdout
+    assert p.stderr.strip() == (f"warning: VM template t1 (pushed: vmtpl-t1) uses d@{vid} as its disk: it cannot be "
+                                "cloned any more (vm clone says so); make the template again from a VM of a version "
+                                "that exists")

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from blockprov.agent import control, lifecycle
+from blockprov.agent import control, keep, lifecycle
 from blockprov.agent.hydrate import MAX_HOLD_REST, MIN_RATE, Hydrator
 from blockprov.cache import CacheDevice
 from blockprov.errors import BlockprovError, UsageError
@@ -204,9 +204,10 @@ class InstanceOps:
 
     async def _op_update(self, req: dict[str, Any]) -> dict[str, Any]:
         a = control.Args(req)
-        keep, lazy = a.flag("keep_modified"), a.flag("lazy")
+        keep_modified, force, lazy = a.flag("keep_modified"), a.flag("force"), a.flag("lazy")
         new = await self._run(self.repo.resolve, a.text("to"))
-        return await lifecycle.update(self.device, new, keep_modified=keep, eager=not lazy)
+        return await keep.update(self.device, self.repo, new, keep_modified=keep_modified, force=force,
+                                 eager=not lazy)
 
     async def _op_hydrate(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.device.overlay:

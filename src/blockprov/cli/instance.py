@@ -175,23 +175,35 @@ def _remote_snapshot(repo: Repository, instance: str, args: dict[str, Any], wait
 @CACHE_OPTION
 @click.option("--to", "to", required=True, metavar="NAME:TAG|NAME@ID", help="The version to move to.")
 @click.option("--keep-modified", is_flag=True,
-              help="Keep the user's modified chunks over the new version (default: discard them).")
+              help="Keep the user's modified chunks of the partitions the new version leaves unchanged (a "
+                   "user-data partition); refused (exit 5) when other chunks are modified, unless --force "
+                   "(default: discard every modified chunk).")
+@click.option("--force", is_flag=True,
+              help="With --keep-modified: reset the modified chunks that cannot be kept instead of refusing "
+                   "(snapshot the instance first to keep them as a version).")
 @click.option("--lazy", is_flag=True, help="Do not fetch the changed chunks now; fetch them on first read.")
 @FETCH_TIMEOUT_OPTION
 @json_option
 @click.pass_obj
-def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bool, fetch_timeout: float,
-               as_json: bool) -> None:
-    """Move the instance to another version of its image, transferring only the chunks that differ."""
-    from blockprov.agent import lifecycle
+def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, force: bool, lazy: bool,
+               fetch_timeout: float, as_json: bool) -> None:
+    """Move the instance to another version of its image, transferring only the chunks that differ.
 
-    args = {"to": to, "keep_modified": keep_modified, "lazy": lazy}
+    Modified chunks are never laid over another version's file systems: --keep-modified keeps only
+    those of partitions the new version leaves exactly as they were (same place, size, type and
+    content); a whole-disk file system can only be reset."""
+    from blockprov.agent import keep
+
+    if force and not keep_modified:
+        raise UsageError("--force goes with --keep-modified (without it every modified chunk is discarded)")
+    args = {"to": to, "keep_modified": keep_modified, "force": force, "lazy": lazy}
 
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         import asyncio
 
         new = await asyncio.get_running_loop().run_in_executor(None, repo.resolve, to)
-        work = lifecycle.update(dev, new, keep_modified=keep_modified, eager=not lazy)
+        work = keep.update(dev, repo, new, keep_modified=keep_modified, force=force, eager=not lazy,
+                           where=str(cache_dir))
         return await _watching(dev, work, None, f"update to {to}", not as_json and not lazy)
 
     quiet_library_logs()
@@ -202,9 +214,13 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bo
         return
     click.echo(f"updated {out['from']} → {out['version']}: {out['chunks_changed']} chunk(s) differ, "
                f"fetched {out['chunks_refetched']} ({hz.size(out['bytes_fetched'])}) in {out['seconds']:.2f} s")
-    if keep_modified:
-        click.echo(f"  kept {out['modified_kept']} modified chunk(s); {out['conflicts']} of them "
-                   "overlap chunks the new version changed")
+    plan = out.get("keep")
+    if plan is not None:
+        click.echo(f"  kept {out['modified_kept']} modified chunk(s), reset {out['modified_discarded']}"
+                   + (f" (no partition table: {plan['why']})" if plan["table"] == "none" else ""))
+        for p in plan["partitions"]:
+            click.echo(f"  partition {p['number']} ({hz.size(p['size'])} at {hz.size(p['start'])}): "
+                       f"{p['modified_chunks']} modified chunk(s), {'kept' if p['kept'] else 'reset'} — {p['why']}")
     elif out["modified_discarded"]:
         click.echo(f"  discarded {out['modified_discarded']} modified chunk(s)")
 
