@@ -522,7 +522,7 @@ def test_closed_pipe(world: Callable[[str], World]) -> None:
     assert ended["status"] == 141 and ended["clones list"] == 141, ended
 
 
-SIZE_PARAMS = {"chunk_size", "readahead", "rate", "hydrate_rate", "max_body", "chunk_cache"}
+SIZE_PARAMS = {"chunk_size", "readahead", "rate", "hydrate_rate", "max_body", "chunk_cache", "max_in_flight"}
 
 
 def test_bad_sizes(world: Callable[[str], World]) -> None:

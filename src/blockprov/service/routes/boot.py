@@ -29,7 +29,7 @@ from blockprov import boot, names
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
-from blockprov.service.routes.common import JSON_BODY, OCTETS, json_of, version_ref
+from blockprov.service.routes.common import JSON_BODY, OCTETS, json_body, json_of, version_ref
 from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
@@ -47,7 +47,7 @@ async def get_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     return {"boot": None if info is None else info.to_dict()}
 
 
-@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=JSON_BODY)
+@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=json_body(1 << 20))
 async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any]:
     """Record ``{"kernel": {size, pieces}, "initrd": {…}, "cmdline": "…"}`` whose pieces were
     uploaded as chunks first (409 ``MissingChunks`` lists those still absent)."""
@@ -196,7 +196,7 @@ async def assign_host(host: str, request: Request) -> dict[str, Any]:
     left out keeps the host's value (``"args": ""`` clears the arguments, ``"policy": null`` or
     ``""`` a setting)."""
     svc = Service.of(request)
-    host = host_id(host)
+    host = host_id(host)  # before the body is read: a bad name costs no body
     d = await json_of(request)
     fields = {"ref", "args", *boot.SETTINGS}
     if (not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not isinstance(d.get("args", ""), str)
