@@ -65,7 +65,7 @@ from blockprov.durable import atomic_write
 from blockprov.errors import AgentNotRunning, CacheError, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.activation import uri_template
-from blockprov.nbd.server import NbdServer
+from blockprov.nbd.server import FRAME_TIMEOUT, NbdServer
 from blockprov.repo.base import Repository
 
 log = logging.getLogger("blockprov.agent")
@@ -83,6 +83,7 @@ class AgentConfig:
     data_path: str | None = None
     readahead: int = DEFAULT_READAHEAD
     fetch_timeout: float = DEFAULT_TIMEOUT
+    nbd_timeout: float = FRAME_TIMEOUT  # an NBD peer stalled mid-request or not taking its replies: dropped
     read_only: bool = False
     reset_on_start: bool = False
     hydrate: bool = False
@@ -163,7 +164,8 @@ class Agent:
             await dev.checkpoint()
             m = self.device.manifest
             server = self.server = NbdServer({"": dev, m.image: dev, f"{m.image}@{m.id}": dev},
-                                             description=f"blockprov {m.image}@{m.id}")
+                                             description=f"blockprov {m.image}@{m.id}",
+                                             frame_timeout=cfg.nbd_timeout, write_timeout=cfg.nbd_timeout)
             self.ops = InstanceOps(dev, self.repo, connections=lambda: server.stats.connections_active,
                                    hydrate=cfg.hydrate, hydrate_rate=cfg.hydrate_rate, use_profile=cfg.use_profile,
                                    auto_profile=cfg.use_profile and cfg.auto_profile)

@@ -47,6 +47,7 @@ from typing import Any
 
 import zstandard
 
+from blockprov import jsonvalue
 from blockprov.boot import SETTINGS, BootFile, host_setting, split_settings
 from blockprov.catalog import inherit
 from blockprov.catalog.images import Catalog
@@ -148,10 +149,7 @@ MAX_REFUSED_WHY = 500  # characters of a refused boot request's reason kept on t
 def _json_object(d: object, what: str, limit: int) -> str:
     if not isinstance(d, dict):
         raise UsageError(f"{what} must be a JSON object")
-    try:
-        text = json.dumps(d, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{what} is not JSON: {e}") from None
+    text = jsonvalue.dumps(d, what)  # what is stored must read back (issue 27): no NaN, no lone surrogate
     if len(text) > limit:
         raise TooLarge(f"{what} is {len(text)} bytes of JSON; at most {limit}")
     return text
@@ -471,8 +469,8 @@ class Registry:
                          error: str | None) -> dict[str, Any]:
         instance, rid = instance_id(instance), request_id(rid)
         res = None if result is None else _json_object(result, "request result", MAX_RESULT)
-        if error is not None and (not isinstance(error, str) or "\x00" in error):
-            raise UsageError("a request's error must be a string without NUL characters")
+        if error is not None and (not isinstance(error, str) or "\x00" in error or jsonvalue.text_problem(error)):
+            raise UsageError("a request's error must be text without NUL characters")
         err = None if error is None else error[:MAX_ERROR]
         if not ok and not err:
             err = "the agent reported a failure without a message"

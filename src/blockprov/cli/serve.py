@@ -20,7 +20,15 @@ from blockprov.names import host_port
 @click.option("--listen", default="127.0.0.1:8420", show_default=True, metavar="HOST:PORT",
               help="Address to listen on; port 0 picks a free port.")
 @click.option("--max-body", default="256M", callback=size_option, show_default=True,
-              help="Largest request body accepted (larger ones get 413).")
+              help="Largest request body accepted (larger ones get 413); each route also has its own, smaller "
+                   "limit (x-blockprov-max-body in /openapi.json).")
+@click.option("--max-in-flight", default="512M", callback=size_option, show_default=True, metavar="SIZE",
+              help="Bytes of request bodies the whole server holds at once; a request that would pass it "
+                   "waits, then gets 503.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1, max=3600), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="Time a request's headers may take, and the grace before its body must keep coming at "
+                   "4 KiB/s or faster; a slower client gets 408 and is disconnected.")
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
 @click.option("--chunk-cache", default="256M", callback=size_option, show_default=True, metavar="SIZE",
               help="Memory for chunks read from an object store (--store s3://…), so that many agents reading "
@@ -37,8 +45,9 @@ from blockprov.names import host_port
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
               help="The certificate's PEM private key (default: in the --tls-cert file).")
 @click.pass_obj
-def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cache: int, auth_mode: str,
-              anonymous_read: bool, anonymous_boot: bool, tls_cert: str | None, tls_key: str | None) -> None:
+def serve_cmd(obj: Ctx, listen: str, max_body: int, max_in_flight: int, request_timeout: float, access_log: bool,
+              chunk_cache: int, auth_mode: str, anonymous_read: bool, anonymous_boot: bool, tls_cert: str | None,
+              tls_key: str | None) -> None:
     """Serve the embedded repository over HTTP to remote agents and tools.
 
     The first line printed is "serving URL" (with the real port when --listen asks for port 0).
@@ -66,7 +75,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
 
             bind(host, port).close()
         run_server(data, host, port, max_body=max_body, store=store, catalog=catalog,
-                   chunk_cache=chunk_cache,
+                   chunk_cache=chunk_cache, in_flight=max_in_flight, request_timeout=request_timeout,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
                    access=AccessPolicy(auth_mode, anonymous_read, anonymous_boot), tls_cert=tls_cert,
                    tls_key=tls_key)

@@ -178,7 +178,7 @@ class Access:
         if self.policy.mode == "off" and not (console and method not in SAFE_METHODS):
             await self.app(scope, receive, send)
             return
-        route = self.find(method, scope["path"])
+        route = scope.get("blockprov.route") or self.find(method, scope["path"])  # bounds.Guard may know it
         scope["blockprov.route"] = route
         need = required_scope(method, route) if route != UNKNOWN else "read"
         token = bearer(scope)

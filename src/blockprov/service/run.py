@@ -32,6 +32,7 @@ from blockprov.errors import UsageError
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
 from blockprov.service.app import MAX_BODY, create_app
+from blockprov.service.bounds import IN_FLIGHT, REQUEST_TIMEOUT, bounded_http
 from blockprov.store.base import ChunkStore
 from blockprov.store.cached import CachedChunkStore
 
@@ -138,13 +139,14 @@ def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: 
                on_ready: OnReady | None = None, max_body: int = MAX_BODY, access_log: bool = False,
                log_level: str = "info", store: ChunkStore | None = None, access: AccessPolicy | None = None,
                tls_cert: str | None = None, tls_key: str | None = None, catalog: SQLDatabase | None = None,
-               chunk_cache: int = 0) -> None:
+               chunk_cache: int = 0, in_flight: int = IN_FLIGHT, request_timeout: float = REQUEST_TIMEOUT) -> None:
     """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening.
     ``store``: the chunk store to use instead of ``data_dir``'s pack store (e.g. S3); ``catalog``: the
     catalog's database instead of ``data_dir``'s SQLite (e.g. PostgreSQL). The server closes both.
     ``chunk_cache``: bytes of memory for blobs read from ``store`` (store/cached.py; 0: none).
     ``access``: who may call what (service/access.py);
-    ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file)."""
+    ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file);
+    ``in_flight``, ``request_timeout``: the bounds across requests (service/bounds.py)."""
     if tls_cert is not None:
         check_tls(tls_cert, tls_key)
     elif tls_key is not None:
@@ -159,9 +161,10 @@ def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: 
         # (scripts read it and may not drain the rest), so logs of every kind go to stderr.
         log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-        config = uvicorn.Config(create_app(repo, max_body=max_body, access=access), access_log=access_log,
-                                log_level=log_level, timeout_keep_alive=75, lifespan="on", log_config=log_config,
-                                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+        app = create_app(repo, max_body=max_body, access=access, in_flight=in_flight, timeout=request_timeout)
+        config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=75,
+                                lifespan="on", log_config=log_config, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                                http=bounded_http(request_timeout))
         _Server(config, url_of(sock, "https" if tls_cert else "http"), on_ready).run(sockets=[sock])
     finally:
         sock.close()

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 
 from blockprov.catalog.tokens import TokenInfo
 from blockprov.errors import UsageError
+from blockprov.names import site_name
 from blockprov.service.routes.common import JSON_BODY, json_of
 from blockprov.service.state import Service
 
@@ -32,6 +33,7 @@ async def add_site(site: str, request: Request) -> dict[str, Any]:
     """Body ``{"cache": "http://…"}`` (the site cache as the site's machines reach it; ``""`` removes
     it; absent keeps it), or ``{}``."""
     svc = Service.of(request)
+    site = site_name(site)  # before the body is read: a bad name costs no body
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("cache", ""), str | None):
         raise UsageError('expected {"cache": "http://HOST:PORT"} or {}')
@@ -57,6 +59,7 @@ async def rotate_site_secret(request: Request) -> dict[str, Any]:
 async def join_site(site: str, request: Request) -> dict[str, Any]:
     """Body ``{"instance": "ID"}``: a ticket for that agent, the site's keys and its online peers."""
     svc = Service.of(request)
+    site = site_name(site)
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("instance"), str):
         raise UsageError('expected {"instance": "ID"}')
