@@ -464,7 +464,7 @@ class RemoteRepository:
         return {"timeout": httpx.Timeout(self.timeout + wait)} if self._own_client else {}
 
     def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source,
-                       cmdline: str = "") -> BootFilesInfo:
+                       cmdline: str = "", *, prepare: bool = True) -> BootFilesInfo:
         """Upload the pieces the repository lacks (chunk protocol), then record the descriptors."""
         r = _as_ref(ref)
         cmdline = kernel_args(cmdline)
@@ -476,9 +476,14 @@ class RemoteRepository:
 
         k = boot.split(kernel, "kernel", sink)
         i = boot.split(initrd, "initrd", sink)
-        d = self._request("PUT", f"/v1/images/{r.name}/versions/{vid}/boot",
+        d = self._request("PUT", f"/v1/images/{r.name}/versions/{vid}/boot", params={} if prepare else {"prepare": 0},
                           json={"kernel": k.to_dict(), "initrd": i.to_dict(), "cmdline": cmdline}).json()
         return BootFilesInfo.from_dict(d)
+
+    def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
+        r = _as_ref(ref)
+        d = self._request("GET", f"/v1/images/{r.name}/versions/{self._version_of(r)}/preparation").json()
+        return None if d.get("state") is None else dict(d)
 
     def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:
         r = _as_ref(ref)
@@ -597,6 +602,15 @@ class RemoteRepository:
     def join_site(self, site: str, instance: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/sites/{site_name(site)}/join",
                                   **_json({"instance": instance_id(instance)}, "join")).json())
+
+    # -- a site cache's own API (service/sitecache.py, service/prewarm.py) --------------------------
+    def prewarm(self, ref: Ref | str, at: float | None = None, everything: bool = False) -> dict[str, Any]:
+        """Ask a site cache to pull a version's boot working set at ``at`` (unix time; None: now)."""
+        body = {"ref": str(_as_ref(ref)), "at": at, "all": everything}
+        return dict(self._request("POST", "/v1/sitecache/prewarm", **_json(body, "pre-warm")).json())
+
+    def prewarm_jobs(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/sitecache/prewarm").json()["jobs"])
 
 POLL_MAX = 25.0  # seconds per long-poll request (the server allows 30)
 

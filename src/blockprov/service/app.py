@@ -53,9 +53,9 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
     app = FastAPI(title="blockprov repository", version=__version__, lifespan=lifespan,
                   description="Images, versions, tags and content-addressed chunks of a blockprov repository.")
     svc = app.state.service = Service(repo, workers)
+    svc.tokens, svc.access = TokenStore(repo.catalog.db), access or AccessPolicy()
     app.add_middleware(LeanChunkPath, service=svc)  # innermost: after Measure, Guard and Access
-    app.add_middleware(Access, routes=app.router.routes, tokens=TokenStore(repo.catalog.db),
-                       policy=access or AccessPolicy())
+    app.add_middleware(Access, routes=app.router.routes, tokens=svc.tokens, policy=svc.access)
     app.add_middleware(Guard, max_body=max_body)
     app.add_middleware(Measure, metrics=svc.metrics)
     add_error_handlers(app)

@@ -14,6 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from blockprov import __version__
+from blockprov.errors import Unauthorized
+from blockprov.service.access import bearer
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -24,6 +26,23 @@ async def health() -> dict[str, str]:
     """Liveness for load balancers and for ``blockprov serve`` readiness checks. ``role`` tells an
     agent what it talks to (a site cache answers ``site-cache``; service/sitecache.py)."""
     return {"status": "ok", "version": __version__, "role": "repository"}
+
+
+@router.get("/v1/whoami", tags=["service"])
+async def whoami(request: Request) -> dict[str, Any]:
+    """What this server lets the caller do: whether tokens are enforced, what anonymous callers may,
+    and the caller's token (id, name, scope, site; 401 for a token that is not valid). Open to anyone:
+    a site cache asks it with its clients' tokens to decide alone while this server is unreachable."""
+    svc = Service.of(request)
+    policy, tokens = svc.access, svc.tokens
+    enforced = policy.mode == "on" or (policy.mode == "auto" and tokens is not None
+                                       and await svc.run(tokens.any_created))
+    token = bearer(request.scope)
+    info = await svc.run(tokens.lookup, token) if token and tokens is not None else None
+    if enforced and token is not None and info is None:
+        raise Unauthorized(why="the token given is not valid (unknown, revoked or malformed)")
+    return {"enforced": enforced, "anonymous_read": policy.anonymous_read, "anonymous_boot": policy.anonymous_boot,
+            "token": None if info is None else {k: v for k, v in info.to_dict().items() if k != "revoked"}}
 
 
 @router.get("/metrics", tags=["service"], response_class=Response)
