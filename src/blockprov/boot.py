@@ -33,7 +33,7 @@ import blake3
 
 from blockprov import codec
 from blockprov.errors import IntegrityError, SourceError, UsageError
-from blockprov.names import kernel_args
+from blockprov.names import kernel_args, site_name
 
 PIECE = 1 << 20  # bytes per stored piece of a boot file
 MAX_BOOT_FILE = 1 << 30  # a kernel or initrd larger than this is a mistake, not a boot file
@@ -151,8 +151,10 @@ def assemble(f: BootFile, blobs: Sequence[bytes], first: int = 0) -> list[bytes]
 # machine reads it from its command line.
 POLICIES = ("restore", "keep")  # restore: reboot-to-restore; keep: the disk keeps its changes
 HYDRATE = ("background", "before-boot", "off")
-SETTINGS: dict[str, tuple[str, ...]] = {"policy": POLICIES, "hydrate": HYDRATE}
-KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate"}
+# A setting with no fixed values (None) names something: ``site``, the host's site (catalog/sites.py),
+# checked by its name's rules here and by the catalog for existence.
+SETTINGS: dict[str, tuple[str, ...] | None] = {"policy": POLICIES, "hydrate": HYDRATE, "site": None}
+KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate", "site": "blockprov.site"}
 
 
 def host_setting(name: str, value: object) -> str | None:
@@ -161,8 +163,13 @@ def host_setting(name: str, value: object) -> str | None:
         raise UsageError(f"a host has no setting {name!r} (settings: {', '.join(SETTINGS)})")
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or value not in SETTINGS[name]:
-        raise UsageError(f"a host's {name} is one of {', '.join(SETTINGS[name])}, not {value!r}")
+    allowed = SETTINGS[name]
+    if allowed is None:
+        if not isinstance(value, str):
+            raise UsageError(f"a host's {name} is a name, not {value!r}")
+        return site_name(value)
+    if not isinstance(value, str) or value not in allowed:
+        raise UsageError(f"a host's {name} is one of {', '.join(allowed)}, not {value!r}")
     return value
 
 
@@ -182,7 +189,7 @@ def split_settings(args: str) -> tuple[str, dict[str, str]]:
             continue
         checked = host_setting(name, value)
         if checked is None:
-            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name])})")
+            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name] or ('a name',))})")
         if found.get(name, checked) != checked:
             raise UsageError(f"the host's {name} is given twice: {found[name]} and {checked}")
         found[name] = checked

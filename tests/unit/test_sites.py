@@ -158,3 +158,36 @@ def test_join_lists_online_peers(env: Env) -> None:
     assert [(p["instance"], p["url"]) for p in got["peers"]] == [("pc-2", "http://127.0.0.1:7002")]
     env.repo.catalog.db.write("UPDATE agents SET last_seen=? WHERE instance='pc-2'", (time.time() - 120,))
     assert agent.join_site("cafe", "pc-1")["peers"] == []  # stale agents are no peers
+
+
+def test_a_hosts_site_is_a_field_and_its_cache_serves_the_boot(tmp_path: Path) -> None:
+    from blockprov import boot
+    from blockprov.imaging.importer import import_image
+    from blockprov.names import parse_ref
+    from tests.conftest import make_image
+
+    repo = LocalRepository(tmp_path / "repo")
+    try:
+        import_image(repo, make_image(tmp_path / "a.raw", 1 << 20, seed=4), "lab:v1")
+        (tmp_path / "k").write_bytes(b"k" * 1000)
+        (tmp_path / "i").write_bytes(b"i" * 1000)
+        repo.set_boot_files("lab:v1", tmp_path / "k", tmp_path / "i")
+        with pytest.raises(errors.SiteNotFound):
+            repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), None, {"site": "cafe"})
+        with pytest.raises(errors.InvalidName):
+            repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), None, {"site": "Not A Site"})
+        repo.add_site("cafe")
+        h = repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), "quiet", {"policy": "restore", "site": "cafe"})
+        assert (h.site, h.policy) == ("cafe", "restore")
+        h = repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), "")  # only the args change
+        assert (h.site, h.policy, h.args) == ("cafe", "restore", "")
+        got = boot.parse_script(repo.boot_script("52:54:00:00:00:01", "http://10.0.0.1:8420"))
+        assert got["params"]["blockprov.site"] == "cafe" and got["params"]["blockprov.repo"] == "http://10.0.0.1:8420"
+        repo.add_site("cafe", "http://10.9.0.5:8420")  # the site got a site cache: its hosts boot from it
+        got = boot.parse_script(repo.boot_script("52:54:00:00:00:01", "http://10.0.0.1:8420"))
+        assert got["params"]["blockprov.repo"] == "http://10.9.0.5:8420"
+        assert got["kernel"].startswith("http://10.9.0.5:8420/v1/images/lab/versions/")
+        h = repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), None, {"site": ""})
+        assert h.site is None
+    finally:
+        repo.close()

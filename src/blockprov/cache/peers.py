@@ -196,6 +196,7 @@ class PeerSource:
         self.upstream_kind = upstream_kind
         self.timeout = timeout
         self.membership: Membership | None = None
+        self.own_url: str | None = None  # where this agent serves its peers: a peer listed there is itself
         # the cache's version now (an update changes it): a chunk's owner is among the peers serving the same
         self.version_of: Callable[[], str] = lambda: ""
         self.stats = SourceStats()
@@ -336,7 +337,9 @@ class PeerSource:
     def _plan(self, cids: list[bytes], m: Membership) -> dict[Peer, list[bytes]]:
         """Which peer owns which chunk (those this agent owns are not in the plan)."""
         now = time.monotonic()
-        peers = {p.instance: p for p in m.peers if p.version == self.version and self.usable(p.instance, now)}
+        # a peer at this agent's own address is this agent (PCs behind NATs that all look alike)
+        peers = {p.instance: p for p in m.peers
+                 if p.version == self.version and p.url != self.own_url and self.usable(p.instance, now)}
         if not peers:
             return {}
         members = [(m.instance, _key(m.instance))] + [(i, _key(i)) for i in peers]

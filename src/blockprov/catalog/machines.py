@@ -47,7 +47,7 @@ from typing import Any
 import zstandard
 
 from blockprov.boot import SETTINGS, BootFile, host_setting, split_settings
-from blockprov.catalog import inherit
+from blockprov.catalog import inherit, sites
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
 from blockprov.errors import (
@@ -57,6 +57,7 @@ from blockprov.errors import (
     HostNotFound,
     ImageNotFound,
     RequestNotFound,
+    SiteNotFound,
     TooLarge,
     UsageError,
 )
@@ -86,7 +87,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     last_boot REAL,
     last_boot_version TEXT,
     policy  TEXT,
-    hydrate TEXT
+    hydrate TEXT,
+    site    TEXT
 );
 CREATE TABLE IF NOT EXISTS profiles (
     image   TEXT NOT NULL,
@@ -135,7 +137,7 @@ HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_v
 # Columns added to a table after its first release, in the order they were added (a new one goes
 # last, in SCHEMA too: `catalog copy` copies rows by position). One per host setting (boot.SETTINGS).
 ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"),
-                 ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"))
+                 ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"), ("hosts", "site", "TEXT"))
 
 
 def _json_object(d: object, what: str, limit: int) -> str:
@@ -164,6 +166,7 @@ class Registry:
         self.catalog = catalog
         self.db = catalog.db
         self.db.script(SCHEMA)
+        self.db.script(sites.SCHEMA)  # a host's site must name one (assign_host)
         for table, column, decl in ADDED_COLUMNS:
             self.db.add_column(table, column, decl)
         self._move_settings()
@@ -245,6 +248,8 @@ class Registry:
         now = time.time()
         with self.db.tx() as db:
             self.catalog.resolve_id(ref, db)  # the reference must name something now
+            if named.get("site") and not db.execute("SELECT 1 FROM sites WHERE name=?", (named["site"],)).fetchone():
+                raise SiteNotFound(site=named["site"])
             if db.execute("SELECT 1 FROM hosts WHERE host=?", (host,)).fetchone() is None:
                 db.execute("INSERT INTO hosts (host, image, tag, version, args, updated) VALUES (?,?,?,?,?,?)",
                            (host, ref.name, ref.tag, ref.version, args or "", now))

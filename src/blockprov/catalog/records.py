@@ -55,8 +55,9 @@ class HostInfo:
     ``last_boot``: when the repository last answered the host's boot script (``GET /v1/boot/HOST``),
     and ``last_boot_version`` the version that script named; None until it first boots.
     The settings (boot.SETTINGS; None: the machine's default) follow: ``policy`` (``restore`` or
-    ``keep``), ``hydrate`` (``background``, ``before-boot``, ``off``). A setting added later is a
-    field here with a None default, so a record from an older server still reads."""
+    ``keep``), ``hydrate`` (``background``, ``before-boot``, ``off``), ``site`` (a site's name). A
+    setting added later is a field here with a None default, so a record from an older server still
+    reads."""
 
     host: str
     ref: str
@@ -67,6 +68,7 @@ class HostInfo:
     last_boot_version: str | None = None
     policy: str | None = None
     hydrate: str | None = None
+    site: str | None = None  # the site it belongs to (catalog/sites.py): its peers and its site cache
 
     def settings(self) -> dict[str, str | None]:
         return {k: getattr(self, k) for k in SETTINGS}
