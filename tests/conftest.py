@@ -16,6 +16,9 @@ from tests.pgfixture import pg_url, postgres  # noqa: F401  (fixtures: a real Po
 from tests.s3fixture import s3_env, seaweed  # noqa: F401  (fixtures: a real S3 server)
 
 VENV_BIN = Path(sys.executable).parent
+# No test prepares boot profiles in the background (a headless qemu boot per version that gets boot
+# files: vm/prepare.py) unless it says so for its own processes (BLOCKPROV_PREPARE=1).
+os.environ["BLOCKPROV_PREPARE"] = "0"
 
 # The programs the tests run, and the Debian package (Debian 12) that installs each; scripts/setup.sh
 # installs them all (tests/unit/test_setup.py checks that it names every package here).

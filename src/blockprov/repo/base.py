@@ -97,9 +97,17 @@ class Machines(Protocol):
     """What machines boot from: a version's boot files (boot.py), hosts assigned to versions, and
     the boot profiles (read orders) agents record and prefetch by."""
 
-    def set_boot_files(self, ref: Ref | str, kernel: Source, initrd: Source, cmdline: str = "") -> BootFilesInfo:
+    def set_boot_files(self, ref: Ref | str, kernel: Source, initrd: Source, cmdline: str = "", *,
+                       prepare: bool = True) -> BootFilesInfo:
         """Store a kernel and an initrd (bytes or file paths) for the version ``ref`` names now,
-        replacing any it had. InvalidName for a bad ``cmdline``; ImageNotFound for the version."""
+        replacing any it had. InvalidName for a bad ``cmdline``; ImageNotFound for the version.
+        ``prepare``: a server that prepares boot profiles (vm/prepare.py) starts one for the
+        version if it has none (the embedded repository leaves that to its caller)."""
+        ...
+
+    def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
+        """Where the preparation of the version's boot profile stands (catalog/preparation.py:
+        ``state``, ``detail``, ``updated``), or None when none was started."""
         ...
 
     def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:
