@@ -1,7 +1,8 @@
 """The one error tree of blockprov.
 
 Each class's docstring is its message template; ``exit_code`` is what the CLI exits with and
-``http_status`` what the HTTP service answers. Errors are raised deep inside and mapped to an
+``http_status`` what the HTTP service answers; ``transient`` says whether the same request may
+succeed if asked again later (retry.py retries only those). Errors are raised deep inside and mapped to an
 exit code, an HTTP status or an NBD errno only at the edges (cli/__init__.py, service/, nbd/server.py).
 
 An error that crosses a process boundary travels as JSON naming its class, message and template
@@ -23,6 +24,7 @@ class BlockprovError(Exception):
 
     exit_code = 1
     http_status = 500
+    transient = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.kwargs = kwargs
@@ -184,6 +186,15 @@ class RepositoryUnavailable(BlockprovError):
 
     exit_code = 7
     http_status = 503
+    transient = True  # down, restarting, a 5xx: it may answer next time
+
+
+class StaleConnection(BlockprovError):
+    """{url} closed an idle connection: {why}"""
+
+    # A request was sent on a keep-alive connection the server had closed meanwhile (repo/remote.py):
+    # it goes once more at once. Never leaves repo/remote.py (the socket's own error does).
+    transient = True
 
 
 class PeerBusy(BlockprovError):
@@ -198,6 +209,7 @@ class CatalogUnavailable(BlockprovError):
 
     exit_code = 7
     http_status = 503
+    transient = True  # PostgreSQL down or failing over; a commit's outcome unknown: every write may be repeated
 
 
 class CatalogMisconfigured(BlockprovError):
@@ -244,6 +256,12 @@ class Forbidden(AccessDenied):
 
     exit_code = 11
     http_status = 403
+
+
+class CrossSite(Forbidden):
+    """refused: this form was not sent from the console's own page (Origin {origin})"""
+
+    # The console's CSRF check (service/ui/auth.py): a write form posted from another site.
 
 
 class UntrustedServer(BlockprovError):
@@ -315,6 +333,7 @@ class FetchFailed(DeviceIOError):
     # A read of a missing chunk gave up on an unreachable repository: EIO to an NBD client, and to
     # a command (reset --eager, hydrate, update) the unreachable repository's exit code, 7 (issue 17).
     exit_code = 7
+    transient = True  # the repository may be back for the next read
 
 
 class NoSpace(DeviceError):
@@ -324,6 +343,7 @@ class NoSpace(DeviceError):
     # one failure an operator fixes by freeing space, and scripts tell it from the rest.
     errno_name = "ENOSPC"
     exit_code = 12
+    transient = True  # space can be freed (a trim, a removed clone): background work waits for it
 
 
 class ReadOnlyDevice(DeviceError):
@@ -349,6 +369,12 @@ class NetbootError(BlockprovError):
     """{msg}"""
 
     exit_code = 1
+
+
+class HandshakeError(NetbootError):
+    """{msg}"""
+
+    # The kernel's NBD client side of a PC could not agree with the agent (netboot/kernelnbd.py).
 
 
 class DiskRefused(UsageError):

@@ -172,6 +172,34 @@ def unix_socket_path(path: str) -> str:
     return path
 
 
+# -- names on an agent's host: clones, pools, snapshot targets -------------------------------------
+_CLONE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_POOL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9][A-Za-z0-9-]*")
+_TARGET = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def clone_name(s: str) -> str:
+    """A clone (an instance of a clones directory, a VM): an export name and a directory name."""
+    if not _CLONE.fullmatch(s):
+        raise InvalidName(kind="instance name", name=s[:80],
+                          why="use 1-63 lower-case letters, digits or '-', starting with a letter or digit")
+    return s
+
+
+def pool_name(s: str) -> str:
+    """A pool: the directory DATA/pools/NAME."""
+    if not _POOL.fullmatch(s):
+        raise InvalidName(kind="pool name", name=s[:80], why="use letters, digits and '-'")
+    return s
+
+
+def target_name(s: str) -> str:
+    """A snapshot target: what a snapshot's unsynced bits are kept for (a cache's metadata)."""
+    if not _TARGET.fullmatch(s) or not s.replace("-", "").replace("_", ""):
+        raise InvalidName(kind="snapshot target", name=s[:80], why="use 1-64 letters, digits, '-' or '_'")
+    return s
+
+
 # -- listeners: HOST:PORT ------------------------------------------------------------------------
 # One parser for every listener option (serve --listen, attach --listen / --metrics, clones serve and
 # pool serve --listen), so each accepts the same forms and refuses the same mistakes with the same

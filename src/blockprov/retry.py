@@ -1,78 +1,154 @@
-"""The one retry helper: exponential backoff with full jitter, bounded by attempts and by time.
+"""The one retry helper: what is worth another attempt, how long to wait, and what to say meanwhile.
 
-Whether an error is worth retrying is the caller's decision (``is_temporary``); by default only
-``RepositoryUnavailable`` is.
+What to retry is decided by the error's class, never by the loop: a class of errors.py whose
+``transient`` attribute is true (``RepositoryUnavailable``, ``CatalogUnavailable``, ``FetchFailed``,
+``NoSpace``) may succeed if asked again later; anything else is raised at once, ``UntrustedServer``
+included (a certificate does not become trusted by asking again) and every exception that is
+not a ``BlockprovError`` (a bug is not retried).
+
+How long: exponential backoff with jitter (each delay uniform in [cap/2, cap], the cap doubling
+from ``first_delay`` to ``max_delay``; ``jitter=False``: the cap itself), bounded by ``timeout``
+seconds in all (``None``: for ever) and by ``max_attempts``. A delay that would end past the
+deadline is not slept: the last error is raised instead.
+
+What to say: every failed attempt is logged, as S3QL's ``@retry`` does: at debug level for the
+first ``QUIET`` attempts (a blip nobody needs to hear of), at info for the next ones, and as a
+warning from ``LOUD`` attempts on (something is really wrong), each line with the attempt's
+number, the time spent so far and the next delay. ``on_retry`` lets a loop say more (a PC's
+console, an agent's ``last_error``).
+
+One definition, two drivers: the rules above are ``Attempts.failed`` (called with each failure, it
+returns the delay before the next attempt or raises the error); ``retry_sync``, ``retry_async``
+and the ``retrying`` decorator (a plain or an ``async`` function) only call and sleep.
+
+Which loops retry for ever, and why (``timeout=None``):
+
+- a PC waiting for its repository at boot (netboot/inagent.py ``resolve``): it has nothing better
+  to do and says so on its console; a disk that can boot offline gives up after
+  ``blockprov.offline_after`` seconds instead;
+- an agent's request poller (agent/report.py): an agent outlives any outage of its repository,
+  and the operator's console must see it again when the repository is back;
+- hydration (agent/hydrate.py): background work that pauses while the repository is away or the
+  disk is full, and goes on when they are back.
+
+Everything else retries for a bounded time (a fetch: the agent's fetch timeout; an S3 request;
+a pool's refill) and then fails with the last error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
-
-from blockprov.errors import RepositoryUnavailable
+from typing import Any, ParamSpec, TypeVar, cast
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+log = logging.getLogger("blockprov.retry")
+
+QUIET = 2  # failed attempts logged at debug level
+LOUD = 5  # from this failed attempt on, a warning
 
 
-def default_is_temporary(exc: BaseException) -> bool:
-    return isinstance(exc, RepositoryUnavailable)
+def is_transient(exc: BaseException) -> bool:
+    """Worth another attempt later: the error's class says so (errors.py, ``transient``)."""
+    return getattr(exc, "transient", False) is True
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    timeout: float = 30.0  # give up after this many seconds in total
+    timeout: float | None = 30.0  # give up after this many seconds in all (None: never)
     first_delay: float = 0.05
     max_delay: float = 2.0
-    max_attempts: int = 1_000_000
+    max_attempts: int | None = None  # None: as many as the timeout allows
+    jitter: bool = True  # False: exactly the cap (a schedule a person reads on a console)
 
     def delays(self) -> list[float]:
         """The nominal (un-jittered) delay schedule, for documentation and tests."""
         out: list[float] = []
         d = self.first_delay
-        while len(out) < min(self.max_attempts - 1, 64):
+        limit = 64 if self.max_attempts is None else min(self.max_attempts - 1, 64)
+        while len(out) < limit:
             out.append(d)
             d = min(d * 2, self.max_delay)
         return out
 
 
-def _next_delay(policy: RetryPolicy, attempt: int) -> float:
-    cap = min(policy.max_delay, policy.first_delay * (2 ** attempt))
-    return random.uniform(cap / 2, cap)
+OnRetry = Callable[[BaseException, int, float], None]  # (error, failed attempts so far, next delay)
 
 
-def retry_sync(fn: Callable[[], T], policy: RetryPolicy,
-               is_temporary: Callable[[BaseException], bool] = default_is_temporary) -> T:
-    deadline = time.monotonic() + policy.timeout
-    attempt = 0
+class Attempts:
+    """The retry rules of one call: ``failed(error)`` is the delay before the next attempt, or raises."""
+
+    def __init__(self, policy: RetryPolicy, what: str, *, on_retry: OnRetry | None = None,
+                 logger: logging.Logger = log) -> None:
+        self.policy = policy
+        self.what = what
+        self.on_retry = on_retry
+        self.log = logger
+        self.started = time.monotonic()
+        self.count = 0  # failed attempts so far
+
+    def failed(self, exc: BaseException) -> float:
+        """Called in an ``except`` block: re-raises ``exc`` unless another attempt is due."""
+        self.count += 1
+        p = self.policy
+        if not is_transient(exc) or (p.max_attempts is not None and self.count >= p.max_attempts):
+            raise exc
+        cap = min(p.max_delay, p.first_delay * 2 ** (self.count - 1))
+        delay = random.uniform(cap / 2, cap) if p.jitter else cap
+        spent = time.monotonic() - self.started
+        if p.timeout is not None and spent + delay > p.timeout:
+            raise exc
+        level = logging.DEBUG if self.count <= QUIET else logging.INFO if self.count < LOUD else logging.WARNING
+        self.log.log(level, "%s failed (attempt %d, %.1f s so far): %s; retrying in %.2f s",
+                     self.what, self.count, spent, exc, delay)
+        if self.on_retry is not None:
+            self.on_retry(exc, self.count, delay)
+        return delay
+
+
+def retry_sync(fn: Callable[[], T], policy: RetryPolicy, what: str = "a request", *,
+               on_retry: OnRetry | None = None) -> T:
+    attempts = Attempts(policy, what, on_retry=on_retry)
     while True:
         try:
             return fn()
         except Exception as e:
-            attempt += 1
-            if not is_temporary(e) or attempt >= policy.max_attempts:
-                raise
-            delay = _next_delay(policy, attempt)
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
+            delay = attempts.failed(e)
+        time.sleep(delay)
 
 
-async def retry_async(fn: Callable[[], Awaitable[T]], policy: RetryPolicy,
-                      is_temporary: Callable[[BaseException], bool] = default_is_temporary) -> T:
-    deadline = time.monotonic() + policy.timeout
-    attempt = 0
+async def retry_async(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str = "a request", *,
+                      on_retry: OnRetry | None = None) -> T:
+    attempts = Attempts(policy, what, on_retry=on_retry)
     while True:
         try:
             return await fn()
         except Exception as e:
-            attempt += 1
-            if not is_temporary(e) or attempt >= policy.max_attempts:
-                raise
-            delay = _next_delay(policy, attempt)
-            if time.monotonic() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)
+            delay = attempts.failed(e)
+        await asyncio.sleep(delay)
+
+
+def retrying(policy: RetryPolicy, what: str | None = None) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """The same as a decorator, for a plain or an ``async`` function (called again with the same
+    arguments; ``what`` defaults to the function's name)."""
+
+    def wrap(fn: Callable[P, T]) -> Callable[P, T]:
+        name = what or fn.__qualname__
+        if inspect.iscoroutinefunction(fn):
+            async def run_async(*args: P.args, **kw: P.kwargs) -> Any:
+                return await retry_async(lambda: cast(Awaitable[Any], fn(*args, **kw)), policy, name)
+            return cast(Callable[P, T], functools.wraps(fn)(run_async))
+
+        def run(*args: P.args, **kw: P.kwargs) -> T:
+            return retry_sync(lambda: fn(*args, **kw), policy, name)
+        return functools.wraps(fn)(run)
+
+    return wrap

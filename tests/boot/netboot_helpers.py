@@ -167,9 +167,9 @@ def blank_disk(path: Path, size: int = 2 << 30) -> Path:
 
 
 def cache_of(disk: Path, tmp_path: Path) -> tuple[Any, int]:
-    """The chunk map the PC's disk holds (its metadata partition's cache directory, replayed as an
-    agent would, nothing written) and the byte offset of its data partition."""
-    from blockprov.cache.journal import load
+    """The cache the PC's disk holds (its metadata partition's cache directory, replayed as an
+    agent would, nothing written: a ``StoppedCache``) and the byte offset of its data partition."""
+    from blockprov.cache import load_state
     from blockprov.netboot import disk as layout
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -185,4 +185,4 @@ def cache_of(disk: Path, tmp_path: Path) -> tuple[Any, int]:
     out.mkdir()
     subprocess.run([require_tool("debugfs"), "-R", f"rdump /cache {out}", str(meta)], capture_output=True,
                    check=True, timeout=60)
-    return load(out / "cache"), parts[3][1]
+    return load_state(out / "cache"), parts[3][1]

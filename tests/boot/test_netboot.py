@@ -155,8 +155,6 @@ def test_power_cut_during_hydration_resumes_and_serves_nothing_wrong(boot_image:
                                                                      netrepo: NetRepo, tmp_path: Path) -> None:
     """kill -9 of the whole VM (a power cut) while the image is copied in the background: the disk
     holds the image's content wherever its map says present, and the next boot resumes."""
-    from blockprov.cache.maps import MODIFIED, PRESENT
-
     mac = "52:54:00:12:34:5d"
     disk = blank_disk(tmp_path / "pc4-disk.raw")
     assign(netrepo.url, "counter", "keep", hydrate="background", mac=mac)
@@ -171,9 +169,9 @@ def test_power_cut_during_hydration_resumes_and_serves_nothing_wrong(boot_image:
                   action=hydrating)
     assert "blockprov-agent: serving" in cut.console, cut.tail()
     loaded, data_at = cache_of(disk, tmp_path / "cut")
-    flags = loaded.map.flags
-    present = [i for i in range(len(flags)) if flags[i] & PRESENT and not flags[i] & MODIFIED]
-    cs = loaded.meta.chunk_size
+    ch = loaded.chunks
+    present = [i for i in range(ch.count) if ch.present(i) and not ch.modified(i)]
+    cs = loaded.chunk_size
     assert netrepo.unique // 10 < len(present) < netrepo.nonzero - 100, f"{len(present)} present: not mid-copy"
     with open(disk, "rb") as d, open(boot_image.disk, "rb") as img:
         for i in present:

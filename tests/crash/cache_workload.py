@@ -29,7 +29,7 @@ import struct
 import sys
 from pathlib import Path
 
-from blockprov.cache.device import CacheDevice
+from blockprov.cache import CacheDevice, repository_source
 from blockprov.device.base import result_bytes
 from blockprov.repo.local import LocalRepository
 
@@ -113,7 +113,8 @@ async def reader(dev: CacheDevice, lo: int, hi: int, model: list[int], log: Log,
 async def main(cache_dir: str, repo_dir: str, log_path: str, baseline_path: str, gen_base: int,
                seed: int, rw_sectors: int) -> None:
     repo = LocalRepository(repo_dir)
-    dev = await CacheDevice.open(cache_dir, repo, readahead=16 * 4096, checkpoint_records=40)
+    dev = await CacheDevice.open(cache_dir, repository_source(repo, readahead=16 * 4096), repo=repo,
+                                 checkpoint_records=40)
     model: list[int] = json.loads(Path(baseline_path).read_text())
     sectors = rw_sectors
     log = Log(log_path)

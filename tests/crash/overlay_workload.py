@@ -18,7 +18,7 @@ import random
 import sys
 from pathlib import Path
 
-from blockprov.cache.device import CacheDevice
+from blockprov.cache import CacheDevice, base_source, repository_source
 from blockprov.repo.local import LocalRepository
 from tests.crash.cache_workload import Log, reader, worker
 
@@ -28,8 +28,10 @@ WORKERS_PER_OVERLAY = 2
 async def main(base_dir: str, repo_dir: str, gen_base: int, seed: int, rw_sectors: int,
                overlays: list[tuple[str, str, str]]) -> None:
     repo = LocalRepository(repo_dir)
-    base = await CacheDevice.open(base_dir, repo, create=False, read_only=True, readahead=16 * 4096)
-    devs = [await CacheDevice.open(d, repo, create=False, base=base, checkpoint_records=40) for d, _, _ in overlays]
+    base = await CacheDevice.open(base_dir, repository_source(repo, readahead=16 * 4096), repo=repo, create=False,
+                                  read_only=True)
+    devs = [await CacheDevice.open(d, base_source(base), repo=repo, create=False, checkpoint_records=40)
+            for d, _, _ in overlays]
     rnd = random.Random(seed)
     counter = [0, gen_base]  # shared: op ids and generations are unique across overlays
     jobs = []

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from blockprov import codec
-from blockprov.cache.journal import load
-from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache import load_state
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image
@@ -34,13 +33,13 @@ SIZE = 32 << 20  # 512 slots of 64 KiB; 10 runs × 40 writes use 400
 
 def check_present_chunks(cache: Path, repo: LocalRepository) -> int:
     """Invariant 1, read straight from the crashed cache's files (nothing repaired first)."""
-    st = load(cache)
-    m = repo.resolve(f"{st.meta.image}@{st.meta.version}")
+    st = load_state(cache)
+    m = repo.resolve(f"{st.image}@{st.version}")
     data = (cache / "data").read_bytes()
     checked = 0
+    ch = st.chunks
     for i in range(m.count):
-        f = st.map.flags[i]
-        if f & PRESENT and not f & (MODIFIED | ZERO) and not m.is_zero(i):
+        if ch.present(i) and not (ch.modified(i) or ch.zero(i)) and not m.is_zero(i):
             piece = data[i * m.chunk_size:(i + 1) * m.chunk_size]
             assert codec.digest(piece) == m.digest_at(i), f"chunk {i} present but not the manifest's data"
             checked += 1

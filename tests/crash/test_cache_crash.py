@@ -27,12 +27,11 @@ from pathlib import Path
 import pytest
 
 from blockprov import codec
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.journal import load
-from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache import load_state
 from blockprov.device.base import result_bytes
 from blockprov.manifest import Manifest, build
 from blockprov.repo.local import LocalRepository
+from tests.caches import open_cache
 from tests.crash.cache_workload import SECTOR, decode_sector, sector_bytes
 
 pytestmark = pytest.mark.crash
@@ -114,12 +113,11 @@ def candidates(baseline: list[int], ops: dict[int, tuple[str, int, int, int]], d
 
 def check_invariant_1(cache: Path, m: Manifest) -> int:
     """On the raw crashed state: present and not modified ⇒ the manifest's bytes. Returns count."""
-    lo = load(cache)
-    fl = lo.map.flags
+    ch = load_state(cache).chunks
     checked = 0
     with open(cache / "data", "rb") as f:
         for i in range(m.count):
-            if fl[i] & (PRESENT | MODIFIED | ZERO) == PRESENT:
+            if ch.present(i) and not ch.modified(i) and not ch.zero(i):
                 f.seek(i * CS)
                 data = f.read(m.chunk_length(i))
                 want = m.digest_at(i)
@@ -165,7 +163,7 @@ def sector_values(data: bytes, allowed: list[set[int]], what: str) -> list[int]:
 
 async def recover_and_read(cache: Path, repo: LocalRepository) -> bytes:
     """Reopen (recovery), read the written part, check invariant 1 again, close."""
-    dev = await CacheDevice.open(cache, repo, readahead=0)
+    dev = await open_cache(cache, repo, readahead=0)
     try:
         data = result_bytes(await dev.read(0, RW_SECTORS * SECTOR))
         await dev.settle()
@@ -180,7 +178,7 @@ def test_kill9_during_mixed_workload(tmp_path: Path) -> None:
     m, base = make_base(repo)
 
     async def create(cache: Path) -> None:
-        dev = await CacheDevice.open(cache, repo, m)
+        dev = await open_cache(cache, repo, m)
         await dev.close()
 
     rnd = random.Random(20240607)

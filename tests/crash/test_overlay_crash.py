@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.cache.device import CacheDevice
+from blockprov.cache import CacheDevice
 from blockprov.device.base import result_bytes
 from blockprov.manifest import Manifest
 from blockprov.repo.local import LocalRepository
+from tests.caches import open_cache
 from tests.crash.cache_workload import SECTOR
 from tests.crash.test_cache_crash import (
     RW_SECTORS,
@@ -50,20 +51,20 @@ WORKLOAD = Path(__file__).with_name("overlay_workload.py")
 
 
 async def create(root: Path, repo: LocalRepository, m: Manifest) -> None:
-    dev = await CacheDevice.open(root / "base", repo, m, read_only=True)
+    dev = await open_cache(root / "base", repo, m, read_only=True)
     await dev.close()
     for k in range(CLONES):
-        dev = await CacheDevice.open(root / f"o{k}", repo, m, base_cache=root / "base")
+        dev = await open_cache(root / f"o{k}", repo, m, base_cache=root / "base")
         await dev.close()
 
 
 async def recover_and_read(root: Path, repo: LocalRepository) -> tuple[bytes, list[bytes]]:
     """Reopen base and overlays (recovery), read the written part of each, close."""
-    base = await CacheDevice.open(root / "base", repo, create=False, read_only=True, readahead=0)
+    base = await open_cache(root / "base", repo, create=False, read_only=True, readahead=0)
     overlays: list[CacheDevice] = []
     try:
         for k in range(CLONES):
-            overlays.append(await CacheDevice.open(root / f"o{k}", repo, create=False, base=base))
+            overlays.append(await open_cache(root / f"o{k}", repo, create=False, base=base))
         got = [result_bytes(await dev.read(0, RW_SECTORS * SECTOR)) for dev in overlays]
         base_got = result_bytes(await base.read(0, RW_SECTORS * SECTOR))
         await base.settle()
@@ -76,7 +77,7 @@ async def recover_and_read(root: Path, repo: LocalRepository) -> tuple[bytes, li
 
 async def read_base_image(cache: Path, repo: LocalRepository, m: Manifest) -> bytes:
     """The written part of the image as a plain cache of it reads (what every base must read as)."""
-    dev = await CacheDevice.open(cache, repo, m, readahead=0)
+    dev = await open_cache(cache, repo, m, readahead=0)
     try:
         return result_bytes(await dev.read(0, RW_SECTORS * SECTOR))
     finally:

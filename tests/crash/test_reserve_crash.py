@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 
 from blockprov import codec
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import MODIFIED
-from blockprov.cache.reserve import Reserve
+from blockprov.cache import Reserve
 from blockprov.device.base import result_bytes
 from blockprov.errors import RepositoryUnavailable
 from blockprov.manifest import build
 from blockprov.repo.local import LocalRepository
+from tests.caches import open_cache
 from tests.crash.test_cache_crash import run_and_kill
 from tests.unit.test_reserve import region
 
@@ -37,8 +36,7 @@ KILLS = 6
 
 WORKLOAD = r"""
 import asyncio, random, sys
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.reserve import Reserve
+from blockprov.cache import CacheDevice, Reserve, repository_source
 from blockprov.repo.local import LocalRepository
 cache, repo_dir, reserve_path, seed = sys.argv[1:5]
 CS = 4096
@@ -46,7 +44,7 @@ CS = 4096
 async def main():
     repo = LocalRepository(repo_dir)
     reserve = Reserve.open(reserve_path)
-    dev = await CacheDevice.open(cache, repo, readahead=0, reserve=reserve)
+    dev = await CacheDevice.open(cache, reserve.source(repository_source(repo, readahead=0)), repo=repo)
     n = dev.manifest.count
     rnd = random.Random(int(seed))
     print("ready", flush=True)
@@ -93,16 +91,16 @@ def test_kill9_during_first_writes_then_an_offline_restore_is_pristine(tmp_path:
 
     async def hydrate(cache: Path, reserve: Path) -> None:
         r = Reserve.open(reserve)
-        dev = await CacheDevice.open(cache, repo, m, reserve=r)
+        dev = await open_cache(cache, repo, m, reserve=r)
         assert result_bytes(await dev.read(0, m.size)) == content
         await dev.close()
         r.close()
 
     async def restore_offline(cache: Path, reserve: Path) -> int:
         r = Reserve.open(reserve)
-        dev = await CacheDevice.open(cache, offline, readahead=0, fetch_timeout=0.2, reserve=r)
-        modified = sum(1 for f in dev.chunk_map.flags if f & MODIFIED)
-        await dev.reset()
+        dev = await open_cache(cache, offline, readahead=0, fetch_timeout=0.2, reserve=r)
+        modified = len(dev.modified_chunks())
+        await dev.reset_chunks()
         await dev.settle()
         got = result_bytes(await dev.read(0, m.size))
         assert got == content, "an offline restore after kill -9 is not the base image"

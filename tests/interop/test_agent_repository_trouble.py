@@ -88,7 +88,6 @@ def test_corrupt_chunk_in_repository_is_never_served(tmp_path: Path) -> None:
         assert agent.proc.poll() is None
     finally:
         agent.stop()
-    from blockprov.cache.journal import load
-    from blockprov.cache.maps import PRESENT
+    from blockprov.cache import load_state
 
-    assert not load(tmp_path / "cache").map.flags[bad] & PRESENT  # never stored either
+    assert not load_state(tmp_path / "cache").chunks.present(bad)  # never stored either

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from blockprov import codec
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache import CacheDevice
 from blockprov.device.base import result_bytes
+from tests.caches import open_cache
 from tests.unit.test_cache_support import DictRepo, make_image
 
 CS = 4096
@@ -45,7 +45,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.dev = self._open(manifest=True)
 
     def _open(self, manifest: bool = False) -> CacheDevice:
-        return self.loop.run_until_complete(CacheDevice.open(
+        return self.loop.run_until_complete(open_cache(
             self.dir, self.repo, self.manifest if manifest else None, readahead=4 * CS))
 
     def run(self, coro: Any) -> Any:
@@ -114,11 +114,7 @@ class CacheMachine(RuleBasedStateMachine):
         """Flush, then stop without close (no checkpoint, no clean mark): replay must restore."""
         self.run(self.dev.flush())
         dev = self.dev
-        self.run(dev._source.close())
-        dev._state.close()
-        os.close(dev._fd)
-        os.close(dev._lock_fd)
-        dev._pool.shutdown(wait=True)
+        self.run(dev.abandon())
         self.dev = self._open()
 
     @precondition(lambda self: self.dev is not None)
@@ -133,13 +129,17 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def present_chunks_hold_manifest_data_or_are_modified(self) -> None:
         self.run(self.dev.settle())
-        fl = self.dev.chunk_map.flags
+        ch = self.dev.chunks
         m = self.manifest
-        for i in range(m.count):
-            if fl[i] & (PRESENT | MODIFIED | ZERO) == PRESENT:
-                data = os.pread(self.dev._fd, m.chunk_length(i), i * CS)
-                want = m.digest_at(i)
-                assert (codec.is_zero(data) if want == codec.ZERO_DIGEST else codec.digest(data) == want), i
+        fd = os.open(self.dev.data_path, os.O_RDONLY)
+        try:
+            for i in range(m.count):
+                if ch.present(i) and not ch.modified(i) and not ch.zero(i):
+                    data = os.pread(fd, m.chunk_length(i), i * CS)
+                    want = m.digest_at(i)
+                    assert (codec.is_zero(data) if want == codec.ZERO_DIGEST else codec.digest(data) == want), i
+        finally:
+            os.close(fd)
 
     def teardown(self) -> None:
         try:
@@ -150,7 +150,7 @@ class CacheMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     async def _reopen_and_read(self) -> bytes:
-        dev = await CacheDevice.open(self.dir, self.repo)
+        dev = await open_cache(self.dir, self.repo)
         try:
             return result_bytes(await dev.read(0, SIZE))
         finally:

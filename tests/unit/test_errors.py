@@ -126,3 +126,23 @@ def test_a_stale_socket_file_is_agent_not_running(tmp_path: Path) -> None:
     s.close()  # bound, never listening: connecting is refused
     with pytest.raises(AgentNotRunning):
         control.call(tmp_path, "status", timeout=1.0)
+
+
+def test_every_error_class_lives_in_errors_py() -> None:
+    """One error tree: a class defined elsewhere would be invisible to ``error_from_dict`` (it
+    would come back from an agent or a server as its base class)."""
+    import importlib
+    import pkgutil
+
+    import blockprov
+
+    for mod in pkgutil.walk_packages(blockprov.__path__, "blockprov."):
+        if not mod.name.endswith("__main__"):
+            importlib.import_module(mod.name)
+
+    def tree(cls: type[BlockprovError]) -> list[type[BlockprovError]]:
+        return [cls, *(c for sub in cls.__subclasses__() for c in tree(sub))]
+
+    outside = sorted(f"{c.__module__}.{c.__qualname__}" for c in tree(BlockprovError)
+                     if c.__module__.startswith("blockprov.") and c.__module__ != errors.__name__)
+    assert outside == []

@@ -15,13 +15,12 @@ import pytest
 
 from blockprov.agent import lifecycle
 from blockprov.agent.hydrate import Hydrator
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.journal import load
-from blockprov.cache.maps import HELD, MODIFIED, PRESENT
+from blockprov.cache import CacheDevice, load_state
 from blockprov.device.base import result_bytes
 from blockprov.errors import CacheMismatch, RepositoryUnavailable, UsageError
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
+from tests.caches import open_cache
 from tests.conftest import make_image
 
 CS = 64 << 10
@@ -54,7 +53,7 @@ def test_reset_lazy_and_eager_restore_the_base(golden: tuple[LocalRepository, Pa
     base = src.read_bytes()
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("lab:v1"))
         await dev.write(3 * CS + 100, b"user data")
         await dev.write(10 * CS, chunk_pattern(10, 0xAA))
         await dev.write_zeroes(20 * CS, 2 * CS)
@@ -71,10 +70,10 @@ def test_reset_lazy_and_eager_restore_the_base(golden: tuple[LocalRepository, Pa
         await dev.write(5 * CS, chunk_pattern(5, 0xBB))
         out = await lifecycle.reset(dev, eager=True)
         assert out["chunks_reset"] == 1 and out["chunks_refetched"] == 1
-        assert dev.chunk_map.flags[5] & PRESENT
+        assert dev.chunks.present(5)
         await dev.close()
         # The reset survives a restart (journal + checkpoint), and nothing is left modified.
-        dev = await CacheDevice.open(tmp_path / "c", repo)
+        dev = await open_cache(tmp_path / "c", repo)
         assert dev.status()["chunks_modified"] == 0
         assert await read_all(dev) == base
         await dev.close()
@@ -86,7 +85,7 @@ def test_reset_waits_for_writes_in_flight(golden: tuple[LocalRepository, Path], 
     repo, src = golden
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("lab:v1"))
         # Many concurrent whole-chunk and partial writes racing with a reset: afterwards the disk is
         # the base plus only writes that completed after the reset (none were issued after it).
         writes = [asyncio.ensure_future(dev.write(i * CS + (i % 3) * 512, chunk_pattern(i, 0xC0)[:CS - 1024]))
@@ -108,7 +107,7 @@ def test_snapshot_sends_modified_chunks_once_and_tracks_targets(golden: tuple[Lo
     repo, _ = golden
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("lab:v1"))
         for i in (1, 2, 7):
             await dev.write(i * CS, chunk_pattern(i, 0x11))
         await dev.write_zeroes(9 * CS, CS)
@@ -134,7 +133,7 @@ def test_snapshot_sends_modified_chunks_once_and_tracks_targets(golden: tuple[Lo
         assert st["offsite"]["last_snapshot"] == other["version"]
         await dev.close()
         # Targets and their state survive a restart.
-        dev = await CacheDevice.open(tmp_path / "c", repo)
+        dev = await open_cache(tmp_path / "c", repo)
         st = dev.status()["targets"]
         assert st["default"]["unsynced_chunks"] == 1 and st["offsite"]["unsynced_chunks"] == 0
         await dev.close()
@@ -172,7 +171,7 @@ def test_write_during_upload_stays_unsynced_and_the_version_is_point_in_time(
     gated = GatedRepo(repo)
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", gated, repo.resolve("lab:v1"))  # type: ignore[arg-type]
+        dev = await open_cache(tmp_path / "c", gated, repo.resolve("lab:v1"))  # type: ignore[arg-type]
         for i in range(6):
             await dev.write(i * CS, chunk_pattern(i, 0x33))
         await dev.write(50 * CS, chunk_pattern(50, 0x33))
@@ -195,10 +194,9 @@ def test_write_during_upload_stays_unsynced_and_the_version_is_point_in_time(
         content = b"".join(repo.store.get(d) if d != bytes(32) else bytes(CS) for d in new.digests())
         assert content == at_start
         # The written chunks stay unsynced (invariant 4); the others are synced.
-        t = dev.chunk_map.targets.index("default")
-        assert {i for i in range(64) if dev.chunk_map.is_unsynced(t, i)} == {2, 5, 40, 50}
-        crashed = load(tmp_path / "c")  # and so after a crash right now (the writes were flushed)
-        assert {i for i in range(64) if crashed.map.is_unsynced(t, i)} == {2, 5, 40, 50}
+        assert set(dev.chunks.unsynced_chunks("default")) == {2, 5, 40, 50}
+        crashed = load_state(tmp_path / "c")  # and so after a crash right now (the writes were flushed)
+        assert set(crashed.chunks.unsynced_chunks("default")) == {2, 5, 40, 50}
         nxt = await lifecycle.snapshot(dev, gated, "lab:s2")  # type: ignore[arg-type]
         assert nxt["chunks_unsynced_before"] == 4
         await dev.close()
@@ -212,14 +210,13 @@ def test_a_write_after_a_snapshot_is_journaled_dirty_before_its_data(golden: tup
     repo, _ = golden
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("lab:v1"))
         await dev.write(3 * CS, chunk_pattern(3, 0x55))
         await lifecycle.snapshot(dev, repo, "lab:s1")
-        assert dev.chunk_map.flags[3] & (HELD | MODIFIED) == HELD | MODIFIED
+        assert dev.chunks.held(3) and dev.chunks.modified(3)
         await dev.write(3 * CS + 7, b"again")  # not flushed: the dirty record alone must be durable
-        crashed = load(tmp_path / "c")  # what a crash now would find
-        t = crashed.map.targets.index("default")
-        assert crashed.map.is_unsynced(t, 3)
+        crashed = load_state(tmp_path / "c")  # what a crash now would find
+        assert 3 in crashed.chunks.unsynced_chunks("default")
         await dev.close()
 
     run(main())
@@ -233,7 +230,7 @@ def test_failed_commit_changes_nothing_and_can_be_retried(golden: tuple[LocalRep
     gated.fail_commit = True
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", gated, repo.resolve("lab:v1"))  # type: ignore[arg-type]
+        dev = await open_cache(tmp_path / "c", gated, repo.resolve("lab:v1"))  # type: ignore[arg-type]
         await dev.write(3 * CS, chunk_pattern(3, 0x66))
         with pytest.raises(RepositoryUnavailable):
             await lifecycle.snapshot(dev, gated, "lab:s1")  # type: ignore[arg-type]
@@ -254,7 +251,7 @@ def test_snapshot_rebase_makes_the_new_version_the_reset_base(golden: tuple[Loca
     repo, _ = golden
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("lab:v1"))
         await dev.write(3 * CS, chunk_pattern(3, 0x77))
         admin = await read_all(dev)
         out = await lifecycle.snapshot(dev, repo, "lab:admin", rebase=True)
@@ -263,7 +260,7 @@ def test_snapshot_rebase_makes_the_new_version_the_reset_base(golden: tuple[Loca
         await lifecycle.reset(dev)
         assert await read_all(dev) == admin
         await dev.close()
-        dev = await CacheDevice.open(tmp_path / "c", repo)
+        dev = await open_cache(tmp_path / "c", repo)
         assert dev.manifest.id == out["version"] and await read_all(dev) == admin
         await dev.close()
 
@@ -280,7 +277,7 @@ def test_update_fetches_only_changed_chunks_and_applies_the_policy(golden: tuple
     import_image(repo, tmp_path / "v2.img", "lab:v2")
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("lab:v1"))
         await read_all(dev)
         await dev.settle()
         await dev.write(12 * CS, b"mine")  # collides with a change
@@ -314,12 +311,12 @@ def test_hydration_follows_the_profile_then_the_disk_and_records_completion(
 
     async def main() -> None:
         m = repo.resolve("lab:v1")
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        dev = await open_cache(tmp_path / "c", repo, m, readahead=0)
         # Profile-only prefetch: exactly the profile's chunks become local.
         profile = [40, 41, 7, 3]
         h = Hydrator(dev, order=profile, profile_only=True)
         await h.start()
-        local = {i for i in range(m.count) if dev.chunk_map.flags[i] & PRESENT}
+        local = {i for i in range(m.count) if dev.chunks.present(i)}
         assert local == {i for i in profile if not m.is_zero(i)}
         assert h.status()["state"] == "done"
         h = Hydrator(dev, batch_bytes=4 * CS)
@@ -329,7 +326,7 @@ def test_hydration_follows_the_profile_then_the_disk_and_records_completion(
         assert st["hydrated"] is not None
         assert await read_all(dev) == src.read_bytes()
         await dev.close()
-        assert load(tmp_path / "c").meta.hydrated is not None
+        assert load_state(tmp_path / "c").hydrated is not None
 
     run(main())
 
@@ -357,7 +354,7 @@ def test_hydration_takes_small_slices_and_rests_while_clients_miss(
 
     async def main(busy: bool) -> list[int]:
         m = repo.resolve("lab:v1")
-        dev = await CacheDevice.open(tmp_path / f"c{busy}", repo, m, readahead=0)
+        dev = await open_cache(tmp_path / f"c{busy}", repo, m, readahead=0)
         sizes: list[int] = []
         fetch = dev.fetch_chunks
 
@@ -394,7 +391,7 @@ def test_profile_prefetch_races_ahead_as_client_fetches_do(
 
     async def main() -> list[bool]:
         m = repo.resolve("lab:v1")
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        dev = await open_cache(tmp_path / "c", repo, m, readahead=0)
         kinds: list[bool] = []
         fetch = dev.fetch_chunks
 
@@ -420,7 +417,7 @@ def test_a_profile_may_be_fetched_several_batches_at_a_time(golden: tuple[LocalR
 
     async def main() -> None:
         m = repo.resolve("lab:v1")
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        dev = await open_cache(tmp_path / "c", repo, m, readahead=0)
         profile = [40, 41, 7, 3, 12, 13, 14, 50, 51]
         inflight = peak = 0
         fetch = dev.fetch_chunks
@@ -451,7 +448,7 @@ def test_the_rest_waits_while_clients_miss_after_the_profile(golden: tuple[Local
 
     async def main() -> None:
         m = repo.resolve("lab:v1")
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        dev = await open_cache(tmp_path / "c", repo, m, readahead=0)
         profile = [i for i in (40, 41, 7, 3) if not m.is_zero(i)]
         missing = True
 
@@ -463,11 +460,11 @@ def test_the_rest_waits_while_clients_miss_after_the_profile(golden: tuple[Local
         h = Hydrator(dev, order=profile, hold_rest=60.0)
         task = h.start()
         for _ in range(400):  # bounded: the profile arrives while the client misses
-            if all(dev.chunk_map.flags[i] & PRESENT for i in profile):
+            if all(dev.chunks.present(i) for i in profile):
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
-        present = {i for i in range(m.count) if dev.chunk_map.flags[i] & PRESENT}
+        present = {i for i in range(m.count) if dev.chunks.present(i)}
         assert present == set(profile)  # and nothing else while the client misses
         missing = False
         await bump
@@ -485,16 +482,16 @@ def test_the_rest_waits_for_the_clients_to_begin(golden: tuple[LocalRepository, 
 
     async def main() -> None:
         m = repo.resolve("lab:v1")
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, readahead=0)
+        dev = await open_cache(tmp_path / "c", repo, m, readahead=0)
         profile = [i for i in (40, 41, 7, 3) if not m.is_zero(i)]
         h = Hydrator(dev, order=profile, hold_rest=60.0)
         task = h.start()
         for _ in range(400):  # bounded
-            if all(dev.chunk_map.flags[i] & PRESENT for i in profile):
+            if all(dev.chunks.present(i) for i in profile):
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.5)  # longer than the quiet second: no client has begun, so the rest waits
-        present = {i for i in range(m.count) if dev.chunk_map.flags[i] & PRESENT}
+        present = {i for i in range(m.count) if dev.chunks.present(i)}
         assert present == set(profile)
         dev.last_miss_at = time.monotonic()  # the guest resumed and missed once, then went quiet
         await asyncio.wait_for(task, 60)
@@ -508,13 +505,13 @@ def test_first_read_order_is_recorded_and_kept(golden: tuple[LocalRepository, Pa
     repo, _ = golden
 
     async def main() -> None:
-        dev = await CacheDevice.open(tmp_path / "c", repo, repo.resolve("lab:v1"))
+        dev = await open_cache(tmp_path / "c", repo, repo.resolve("lab:v1"))
         for i in (9, 2, 9, 30, 2, 31):
             await dev.read(i * CS, 512)
         await dev.read(5 * CS, 2 * CS)
         assert dev.profile() == [9, 2, 30, 31, 5, 6]
         await dev.close()
-        dev = await CacheDevice.open(tmp_path / "c", repo)
+        dev = await open_cache(tmp_path / "c", repo)
         assert dev.profile() == [9, 2, 30, 31, 5, 6]
         await dev.close()
 

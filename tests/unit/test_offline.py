@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,12 @@ import pytest
 
 from blockprov.agent import lifecycle
 from blockprov.agent.offline import on_cache, repository_of
-from blockprov.cache.device import CacheDevice
+from blockprov.cache import CacheDevice
 from blockprov.errors import CacheError
 from blockprov.imaging.importer import import_image
 from blockprov.repo.base import Repository
 from blockprov.repo.local import LocalRepository
+from tests.caches import open_cache
 from tests.conftest import make_image
 
 CS = 64 << 10
@@ -31,8 +31,9 @@ def repo(tmp_path: Path) -> Any:
 
 def make_cache(cache: Path, repo: LocalRepository, recorded: str | None) -> None:
     async def main() -> None:
-        dev = await CacheDevice.open(cache, repo, repo.resolve("lab:v1"))
-        dev.state.meta = replace(dev.state.meta, repository=recorded)  # as an agent records its repository
+        dev = await open_cache(cache, repo, repo.resolve("lab:v1"))
+        if recorded is not None:
+            dev.record_repository(recorded)  # as an agent records its repository
         await dev.write(0, b"x" * CS)
         await dev.close()
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
+from blockprov.cache import CacheDevice
 from blockprov.device.base import result_bytes
 from blockprov.errors import DeviceIOError, ReadOnlyDevice
 from blockprov.manifest import Manifest
+from tests.caches import open_cache
 from tests.unit.test_cache_support import DictRepo, make_image
 
 CS = 4096
@@ -42,18 +42,18 @@ class Clones:
         return self.root / f"o{k}"
 
     async def create(self) -> None:
-        base = await CacheDevice.open(self.root / "base", self.repo, self.m, read_only=True)
+        base = await open_cache(self.root / "base", self.repo, self.m, read_only=True)
         await base.close()
         for k in range(CLONES):
-            dev = await CacheDevice.open(self.dir(k), self.repo, self.m, base_cache=self.root / "base")
+            dev = await open_cache(self.dir(k), self.repo, self.m, base_cache=self.root / "base")
             await dev.close()
 
     async def open(self) -> None:
-        self.base = await CacheDevice.open(self.root / "base", self.repo, create=False, read_only=True)
+        self.base = await open_cache(self.root / "base", self.repo, create=False, read_only=True)
         self.overlays = [await self.open_overlay(k) for k in range(CLONES)]
 
     async def open_overlay(self, k: int) -> CacheDevice:
-        return await CacheDevice.open(self.dir(k), self.repo, create=False, base=self.base)
+        return await open_cache(self.dir(k), self.repo, create=False, base=self.base)
 
     async def close(self) -> None:
         for dev in self.overlays:
@@ -97,10 +97,10 @@ def test_writes_land_only_in_their_own_overlay(tmp_path: Path) -> None:
         assert await read_all(b) == want_b
         assert await read_all(other) == content
         assert await read_all(c.base) == content
-        assert [i for i in range(c.m.count) if a.chunk_map.flags[i] & MODIFIED] == [1, 5, 6]
-        assert [i for i in range(c.m.count) if b.chunk_map.flags[i] & MODIFIED] == [1]
-        assert not any(other.chunk_map.flags[i] & (PRESENT | MODIFIED) for i in range(c.m.count))
-        assert not any(c.base.chunk_map.flags[i] & MODIFIED for i in range(c.m.count))
+        assert [i for i in range(c.m.count) if a.chunks.modified(i)] == [1, 5, 6]
+        assert [i for i in range(c.m.count) if b.chunks.modified(i)] == [1]
+        assert not any((other.chunks.present(i) or other.chunks.modified(i)) for i in range(c.m.count))
+        assert not any(c.base.chunks.modified(i) for i in range(c.m.count))
 
     clones_test(tmp_path, body)
 
@@ -116,13 +116,12 @@ def test_untouched_chunks_are_read_from_the_base_fetched_once_and_not_copied(tmp
         assert await read_all(b) == content  # the base holds every chunk now: no fetch
         assert c.repo.chunks_requested() == fetched
         for dev in c.overlays:
-            assert not any(dev.chunk_map.flags[i] & PRESENT for i in range(c.m.count))
+            assert not any(dev.chunks.present(i) for i in range(c.m.count))
             st = dev.status()
             assert st["chunks_present"] == 0 and st["bytes_fetched"] == 0
             assert st["base_cache"] == str((c.root / "base").resolve())
             assert dev.fetch_stats is None  # an overlay fetches nothing from the repository
-        fl = c.base.chunk_map.flags
-        assert all(fl[i] & (PRESENT | ZERO) for i in range(c.m.count))
+        assert all(c.base.chunks.local(i) for i in range(c.m.count))
         assert c.base.fetch_stats is not None and c.base.fetch_stats.chunks_fetched > 0
 
     clones_test(tmp_path, body, tail=1536)
@@ -133,8 +132,7 @@ def test_partial_write_copies_the_chunk_from_the_base_first(tmp_path: Path) -> N
         a = c.overlays[0]
         assert c.base is not None
         await a.write(2 * CS + 100, b"p" * 50)
-        fl = a.chunk_map.flags
-        assert fl[2] & (PRESENT | MODIFIED) == PRESENT | MODIFIED
+        assert a.chunks.present(2) and a.chunks.modified(2)
         with open(c.dir(0) / "data", "rb") as f:  # the overlay's own copy: old bytes around the new
             f.seek(2 * CS)
             own = f.read(CS)
@@ -160,7 +158,7 @@ def test_whole_chunk_writes_do_not_touch_the_base_or_the_repository(tmp_path: Pa
         await a.write(4 * CS, b"w" * (3 * CS))
         assert await read_all(a, 4 * CS, 3 * CS) == b"w" * (3 * CS)
         assert c.repo.call_count == 0
-        assert not any(c.base.chunk_map.flags[i] & PRESENT for i in range(c.m.count))
+        assert not any(c.base.chunks.present(i) for i in range(c.m.count))
 
     clones_test(tmp_path, body)
 
@@ -174,12 +172,12 @@ def test_reset_of_one_overlay_leaves_the_others_untouched(tmp_path: Path) -> Non
         wants = [await read_all(dev) for dev in c.overlays]
         assert all(w != content for w in wants)
         calls = c.repo.call_count
-        out = await b.reset(eager=True)  # eager: an overlay has nothing to fetch back
+        out = await b.reset_chunks(eager=True)  # eager: an overlay has nothing to fetch back
         assert out["chunks_reset"] > 0 and out["chunks_refetched"] == 0
         assert c.repo.call_count == calls
         await b.settle()
         assert await read_all(b) == content
-        assert not any(b.chunk_map.flags[i] & MODIFIED for i in range(c.m.count))
+        assert not any(b.chunks.modified(i) for i in range(c.m.count))
         assert await read_all(a) == wants[0]
         assert await read_all(other) == wants[2]
         # the reset survives a reopen, and so do the others' writes
@@ -219,7 +217,7 @@ def test_the_base_is_read_only_and_an_overlay_without_it_fails_base_reads(tmp_pa
         await a.flush()
         await a.close()
         # reset and snapshot of a stopped instance open the overlay without its base
-        alone = await CacheDevice.open(c.dir(0), c.repo, create=False)
+        alone = await open_cache(c.dir(0), c.repo, create=False)
         c.overlays[0] = alone
         assert await read_all(alone, 0, CS) == b"o" * CS  # its own chunk
         with pytest.raises(DeviceIOError):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import MODIFIED
-from blockprov.cache.reserve import BLOCK, ENTRY, Reserve, parse_record, record, slots_for
+from blockprov.cache import CacheDevice, Reserve
+from blockprov.cache.reserve import BLOCK, ENTRY, parse_record, record, slots_for  # the region's format
 from blockprov.device.base import result_bytes
 from blockprov.errors import DeviceIOError
+from tests.caches import open_cache
 from tests.unit.test_cache_support import DictRepo, make_image
 
 CS = 4096
@@ -48,7 +48,7 @@ def test_restore_needs_no_repository_when_the_reserve_kept_every_chunk(tmp_path:
 
     async def main() -> None:
         reserve = Reserve.open(region(tmp_path / "reserve", 16))
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, fetch_timeout=0.3, readahead=0, reserve=reserve)
+        dev = await open_cache(tmp_path / "c", repo, m, fetch_timeout=0.3, readahead=0, reserve=reserve)
         assert await read(dev, 0, m.size) == content  # hydrated
         # a session: partial and whole-chunk writes, a trim, a write into a zero chunk
         await dev.write(1 * CS + 10, b"x" * 100)
@@ -60,7 +60,7 @@ def test_restore_needs_no_repository_when_the_reserve_kept_every_chunk(tmp_path:
         assert reserve.kept == 5 and reserve.full == 0  # chunks 1, 2, 5, 6, 8
         repo.unreachable = True
         calls = repo.call_count
-        done = await dev.reset()
+        done = await dev.reset_chunks()
         assert done["chunks_reset"] >= 5
         assert await read(dev, 0, m.size) == content  # pristine, offline
         assert repo.call_count == calls
@@ -69,10 +69,10 @@ def test_restore_needs_no_repository_when_the_reserve_kept_every_chunk(tmp_path:
         # to the same chunks find their copies there and copy nothing
         reserve.close()
         reserve = Reserve.open(tmp_path / "reserve")
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, fetch_timeout=0.3, readahead=0, reserve=reserve)
+        dev = await open_cache(tmp_path / "c", repo, m, fetch_timeout=0.3, readahead=0, reserve=reserve)
         await dev.write(1 * CS + 10, b"x" * 100)
         assert reserve.kept == 0
-        await dev.reset()
+        await dev.reset_chunks()
         assert await read(dev, CS, CS) == content[CS:2 * CS]
         await dev.close()
         reserve.close()
@@ -86,13 +86,13 @@ def test_a_full_reserve_falls_back_to_the_repository_and_offline_fails_with_eio(
 
     async def main() -> None:
         reserve = Reserve.open(region(tmp_path / "reserve", 2))
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, fetch_timeout=0.3, readahead=0, reserve=reserve)
+        dev = await open_cache(tmp_path / "c", repo, m, fetch_timeout=0.3, readahead=0, reserve=reserve)
         assert await read(dev, 0, m.size) == content
         for c in (3, 4, 5, 6):
             await dev.write(c * CS, b"user data")
         assert reserve.kept == 2 and reserve.full == 2
         assert dev.status()["reserve_full"] == 2 and dev.status()["reserve_slots"] == 2
-        await dev.reset()
+        await dev.reset_chunks()
         await dev.settle()  # the reset's hole punching done: what is read back is kept again
         repo.unreachable = True
         # offline: the kept chunks come back pristine; the others are never served as they were
@@ -121,11 +121,11 @@ def test_a_reset_chunk_keeps_its_copy_until_restored_and_a_bad_copy_is_not_serve
     async def main() -> None:
         path = region(tmp_path / "reserve", 2)
         reserve = Reserve.open(path)
-        dev = await CacheDevice.open(tmp_path / "c", repo, m, fetch_timeout=0.3, readahead=0, reserve=reserve)
+        dev = await open_cache(tmp_path / "c", repo, m, fetch_timeout=0.3, readahead=0, reserve=reserve)
         assert await read(dev, 0, m.size) == content
         await dev.write(1 * CS, b"a")
         await dev.write(2 * CS, b"b")
-        await dev.reset()  # 1 and 2 are missing now: their copies are the only local ones
+        await dev.reset_chunks()  # 1 and 2 are missing now: their copies are the only local ones
         await dev.write(7 * CS, b"c")  # no slot may be taken from them
         assert reserve.full == 1
         # a copy damaged on the disk (a torn slot) is caught by its digest and not served
@@ -140,7 +140,7 @@ def test_a_reset_chunk_keeps_its_copy_until_restored_and_a_bad_copy_is_not_serve
             await dev.read(2 * CS, CS)
         repo.unreachable = False
         assert await read(dev, 2 * CS, CS) == content[2 * CS:3 * CS]
-        assert dev.chunk_map.flags[7] & MODIFIED
+        assert dev.chunks.modified(7)
         await dev.close()
         reserve.close()
 

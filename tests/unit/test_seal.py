@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import MODIFIED
 from blockprov.clones.clones import PRISTINE, seal_instance
 from blockprov.errors import CacheError
+from tests.caches import open_cache
 from tests.unit.test_cache_support import DictRepo, make_image
 from tests.unit.test_overlay import CS, read_all
 
@@ -26,11 +25,11 @@ def test_a_sealed_customization_survives_writes_and_reset(tmp_path: Path) -> Non
     base_dir, inst = tmp_path / "base", tmp_path / "inst"
 
     async def main() -> None:
-        await (await CacheDevice.open(base_dir, repo, m, read_only=True)).close()
-        await (await CacheDevice.open(inst, repo, m, base_cache=base_dir)).close()
-        base = await CacheDevice.open(base_dir, repo, create=False, read_only=True)
+        await (await open_cache(base_dir, repo, m, read_only=True)).close()
+        await (await open_cache(inst, repo, m, base_cache=base_dir)).close()
+        base = await open_cache(base_dir, repo, create=False, read_only=True)
         try:
-            dev = await CacheDevice.open(inst, repo, create=False, base=base)
+            dev = await open_cache(inst, repo, create=False, base=base)
             await dev.write(CS + 100, b"C" * 300)  # partial: copied from the base first
             await dev.write(3 * CS, b"D" * CS)  # whole, into a chunk that is zero in the golden version
             await dev.write_zeroes(5 * CS, CS)
@@ -39,16 +38,16 @@ def test_a_sealed_customization_survives_writes_and_reset(tmp_path: Path) -> Non
             (inst / PRISTINE).mkdir()  # a seal that crashed half-way left a layer behind: it is rebuilt
             (inst / PRISTINE / "meta").write_bytes(b"torn")
             assert await seal_instance(inst, repo, base) == 3
-            layer = await CacheDevice.open(inst / PRISTINE, repo, create=False, read_only=True, base=base)
+            layer = await open_cache(inst / PRISTINE, repo, create=False, read_only=True, base=base)
             try:
                 with pytest.raises(CacheError, match="sealed already"):
                     await seal_instance(inst, repo, layer)
-                dev = await CacheDevice.open(inst, repo, create=False, base=layer)
+                dev = await open_cache(inst, repo, create=False, base=layer)
                 try:
                     assert await read_all(dev) == custom
-                    assert not any(f & MODIFIED for f in dev.chunk_map.flags)  # pristine, not a change
+                    assert not dev.modified_chunks()  # pristine, not a change
                     await dev.write(0, b"U" * (8 * CS))  # the user overwrites it all
-                    await dev.reset()
+                    await dev.reset_chunks()
                     assert await read_all(dev) == custom
                 finally:
                     await dev.close()

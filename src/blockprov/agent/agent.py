@@ -36,7 +36,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from socket import socket as Socket
 from typing import Any, TypeVar
@@ -48,13 +48,19 @@ from blockprov.agent.offline import adopt_repository
 from blockprov.agent.peerserve import DEFAULT_SLOTS, PeerServer
 from blockprov.agent.report import RepositoryLink
 from blockprov.agent.site import SiteLink, advertised_url
-from blockprov.cache.device import CHECKPOINT_FILL_BYTES, CacheDevice
-from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT, repository_source
-from blockprov.cache.journal import META_NAME, load
-from blockprov.cache.lending import Lender
-from blockprov.cache.peers import PeerSource
-from blockprov.cache.reserve import Reserve
-from blockprov.cache.status import cache_status
+from blockprov.cache import (
+    CHECKPOINT_FILL_BYTES,
+    DEFAULT_READAHEAD,
+    DEFAULT_TIMEOUT,
+    CacheDevice,
+    Lender,
+    PeerSource,
+    Reserve,
+    SourceFactory,
+    is_cache,
+    load_state,
+    repository_source,
+)
 from blockprov.durable import atomic_write
 from blockprov.errors import AgentNotRunning, CacheError, UsageError
 from blockprov.manifest import Manifest
@@ -121,16 +127,23 @@ class Agent:
         self.peer_url: str | None = None
         self.site: SiteLink | None = None
 
+    def layers(self, peers: PeerSource) -> SourceFactory:
+        """The stack below the cache (cache/source.py): the repository's fetcher, reading through
+        the site's peers (``peers``, a BlobSource: cache/peers.py), under the golden reserve when
+        the cache has one (a PC's disk)."""
+        cfg = self.config
+        source = repository_source(peers, readahead=cfg.readahead, timeout=cfg.fetch_timeout)
+        return cfg.reserve.source(source) if cfg.reserve is not None else source
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> list[str]:
         cfg = self.config
         catch_stop_signals(self._stop)  # a SIGTERM from now on is a clean stop (run() sees it at once)
         peers = self.peers = PeerSource(self.repo, upstream_kind=await self._upstream_kind())
         try:
-            self.device = await CacheDevice.open(
-                cfg.cache_dir, self.repo, self.manifest, data_path=cfg.data_path, read_only=cfg.read_only,
-                reserve=cfg.reserve, checkpoint_fill_bytes=cfg.checkpoint_fill_bytes,
-                source=repository_source(peers, readahead=cfg.readahead, timeout=cfg.fetch_timeout))
+            self.device = await CacheDevice.open(cfg.cache_dir, self.layers(peers), self.manifest, repo=self.repo,
+                                                 data_path=cfg.data_path, read_only=cfg.read_only,
+                                                 checkpoint_fill_bytes=cfg.checkpoint_fill_bytes)
         except BaseException:
             peers.close()
             raise
@@ -139,9 +152,9 @@ class Agent:
             dev = self.device
             if self.manifest is None:  # re-attach: refuse a repository without the cache's version
                 await adopt_repository(dev, self.repo)
-            dev.state.meta = replace(dev.state.meta, repository=self.repo.url)
+            dev.record_repository(self.repo.url)
             if self.instance is None:
-                self.instance = f"i-{dev.state.meta.uuid[:12]}"
+                self.instance = f"i-{dev.uuid[:12]}"
             if cfg.reset_on_start:
                 done = await lifecycle.reset(dev, eager=False, punch=True)
                 log.info("reset on start: %d chunk(s) back to the base", done["chunks_reset"])
@@ -303,11 +316,9 @@ class Agent:
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:
     """Status of a cache no agent is serving, from its metadata and journal (nothing written)."""
-    if not (cache_dir / META_NAME).exists():
+    if not is_cache(cache_dir):
         raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
-    loaded = load(cache_dir)
-    return {**cache_status(cache_dir, loaded.meta, loaded.map, loaded.seq, loaded.meta.totals),
-            "clean_shutdown": loaded.meta.clean, "agent": {"running": False}}
+    return {**load_state(cache_dir).status(), "agent": {"running": False}}
 
 
 def status(cache_dir: Path) -> dict[str, Any]:

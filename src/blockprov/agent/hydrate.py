@@ -23,8 +23,10 @@ by itself, then stops needing the repository at all. Rules, and why:
   a chunk since hydration began and then not for a second (at most ``hold_rest`` seconds): the
   resumed guests' own faults go first, even when the profile was in before the guests started.
 - Optional rate limit in bytes per second, so a lab of 30 machines does not saturate its uplink.
-- Faults pause it instead of ending it: a full cache disk (``NoSpace``) or an unreachable
-  repository are retried after a pause, with the reason in ``status``; serving is unaffected.
+- Faults whose class is transient (errors.py: a full cache disk, ``NoSpace``, or an unreachable
+  repository, ``FetchFailed``) pause it instead of ending it: the batch is tried again after a
+  pause growing from 5 s to 30 s (retry.py, for ever), with the reason in ``status``; any other
+  fault ends it (``failed``, with the reason). Serving is unaffected either way.
 - Completion is recorded in the cache's metadata (``hydrated``) by a checkpoint. A crash loses
   nothing: fills are journaled as they land, so a new run continues with what is still missing.
 """
@@ -32,16 +34,16 @@ by itself, then stops needing the repository at all. Rules, and why:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import PRESENT, ZERO
+from blockprov.cache import CacheDevice
 from blockprov.errors import DeviceError, NoSpace, UsageError
+from blockprov.retry import RetryPolicy, retry_async
 
 log = logging.getLogger("blockprov.hydrate")
 
@@ -51,6 +53,7 @@ PROFILE_BUSY_BATCH_BYTES = 1 << 20  # profile prefetch while clients miss: the g
 BUSY_SECONDS = 1.0
 BUSY_PAUSE_MAX = 0.05  # the longest rest after a batch while clients miss
 PAUSE_SECONDS = 5.0
+PAUSE_MAX = 30.0  # the longest pause while a fault lasts
 
 
 class Hydrator:
@@ -80,7 +83,12 @@ class Hydrator:
         self.started = time.time()
         self._begun = time.monotonic()  # client misses from then on count for hold_rest
         self.finished: float | None = None
-        self.fault: DeviceError | None = None  # what paused it last (a one-shot run gives up on it: cli hydrate)
+        # what paused or stopped it last (a one-shot run gives up on it: cli hydrate)
+        self.fault: DeviceError | None = None
+        # Faults the error's class calls transient (the repository away, a full disk) pause it,
+        # for ever: the pause grows from ``pause_seconds`` to PAUSE_MAX (retry.py).
+        self._retry = RetryPolicy(timeout=None, first_delay=pause_seconds, max_delay=max(pause_seconds, PAUSE_MAX),
+                                  jitter=False)
         self._window: deque[tuple[float, int]] = deque(maxlen=64)
         self._task: asyncio.Task[None] | None = None
 
@@ -103,7 +111,6 @@ class Hydrator:
     # -- the loop -------------------------------------------------------------------------------
     async def run(self) -> None:
         self.state = "running"
-        pause = self.pause_seconds
         while True:
             if self.hold_rest and not self._order and not self.profile_only:
                 await self._hold_rest()
@@ -115,31 +122,17 @@ class Hydrator:
                 break
             t0 = time.monotonic()
             try:
-                # The profile's chunks are what the booting guest reads next: they race ahead of it
-                # as client fetches do; the rest is background work that yields to clients.
-                bg = not self._from_profile
-                if len(batches) == 1:
-                    n = await self.dev.fetch_chunks(batch, background=bg)
-                else:
-                    n = sum(await asyncio.gather(
-                        *(self.dev.fetch_chunks(b, background=bg) for b in batches if b)))
-                if n:
-                    # Journal the fills now (they are only buffered otherwise): a crash then
-                    # costs no refetch of what hydration already copied.
-                    await self.dev.state.sync()
-            except NoSpace as e:
-                self.fault = e
-                self._pause(f"cache disk full ({e}); hydration paused, retrying in {pause:g} s")
-                await asyncio.sleep(pause)
-                continue
+                n = await retry_async(functools.partial(self._fetch, batch, batches), self._retry,
+                                      f"hydration of {self.dev.cache_dir}", on_retry=self._paused)
             except DeviceError as e:
+                self.fault = e
                 if self.dev.closed:
                     self.state = "stopped"
                     return
-                self.fault = e
-                self._pause(f"{e}; hydration paused, retrying in {pause:g} s")
-                await asyncio.sleep(pause)
-                continue
+                # not transient (errors.py): no pause can fix it, so hydration ends, saying why
+                self.state, self.message = "failed", f"{e}; hydration stopped"
+                log.error("cache %s: %s", self.dev.cache_dir, self.message)
+                return
             if self.state != "running":
                 log.info("hydration of %s resumed", self.dev.cache_dir)
                 self.state, self.message = "running", ""
@@ -158,13 +151,31 @@ class Hydrator:
             self.state = "done"
             self.message = "profile prefetched"
         else:
-            meta = self.dev.state.meta
-            self.dev.state.meta = replace(meta, hydrated=time.time())
-            await self.dev.checkpoint()
+            await self.dev.record_hydrated()
             self.state = "done"
             self.message = "every chunk is local"
         self.finished = time.time()
         log.info("hydration of %s done: %d chunks, %d bytes", self.dev.cache_dir, self.chunks, self.bytes)
+
+    async def _fetch(self, batch: list[int], batches: list[list[int]]) -> int:
+        # The profile's chunks are what the booting guest reads next: they race ahead of it as
+        # client fetches do; the rest is background work that yields to clients.
+        bg = not self._from_profile
+        if len(batches) == 1:
+            n = await self.dev.fetch_chunks(batch, background=bg)
+        else:
+            n = sum(await asyncio.gather(*(self.dev.fetch_chunks(b, background=bg) for b in batches if b)))
+        if n:
+            # Journal the fills now (they are only buffered otherwise): a crash then costs no
+            # refetch of what hydration already copied.
+            await self.dev.sync_fills()
+        return n
+
+    def _paused(self, e: BaseException, attempt: int, delay: float) -> None:
+        """A transient fault (retry.py): the batch is tried again after ``delay``."""
+        self.fault = e if isinstance(e, DeviceError) else None
+        why = f"cache disk full ({e})" if isinstance(e, NoSpace) else str(e)
+        self._pause(f"{why}; hydration paused, retrying in {delay:g} s")
 
     async def _hold_rest(self) -> None:
         """After the profile: wait (once, at most ``hold_rest`` s) until the clients have missed a
@@ -186,29 +197,28 @@ class Hydrator:
 
     def _next_batch(self) -> list[int]:
         """Up to one batch of missing chunks: profile order first, then from the cursor on."""
-        fl = self.dev.chunk_map.flags
+        chunks = self.dev.chunks
         busy = time.monotonic() - self.dev.last_miss_at < BUSY_SECONDS
         per = self._per_busy_profile if busy else self._per_idle
         out: list[int] = []
         while self._order and len(out) < per:
             i = self._order.popleft()
-            if not fl[i] & (PRESENT | ZERO):
+            if not chunks.local(i):
                 out.append(i)
         self._from_profile = bool(out)
         if out or self.profile_only:
             return out
         per = self._per_busy if busy else self._per_idle
-        cmap = self.dev.chunk_map
         if self.dev.last_miss != self._seen_miss:
             self._seen_miss = self.dev.last_miss
-            if 0 <= self._seen_miss < cmap.count:
+            if 0 <= self._seen_miss < chunks.count:
                 self._cursor = self._seen_miss
-        start = cmap.first_missing(self._cursor)
+        start = chunks.first_missing(self._cursor)
         if start < 0:
-            start = cmap.first_missing(0)
+            start = chunks.first_missing(0)
             if start < 0:
                 return []
-        for a, b in cmap.runs_where(PRESENT | ZERO, 0, start, min(cmap.count, start + 4 * per)):
+        for a, b in chunks.missing_runs(start, min(chunks.count, start + 4 * per)):
             out.extend(range(a, min(b, a + per - len(out))))
             if len(out) >= per:
                 break
@@ -217,7 +227,7 @@ class Hydrator:
 
     # -- status ---------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        counts = self.dev.chunk_map.counts()
+        counts = self.dev.chunks.counts()
         total = counts["total"] or 1
         local = counts["total"] - counts["missing"]
         rate = 0.0

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from blockprov.agent import control, lifecycle
 from blockprov.agent.hydrate import Hydrator
-from blockprov.cache.device import CacheDevice
+from blockprov.cache import CacheDevice
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.repo.base import Repository
 
@@ -107,7 +107,7 @@ class InstanceOps:
         (merged with the inherited one by the repository)."""
         if self.device.overlay:
             return  # an overlay reads through its shared base: there is nothing to copy into it
-        cold = self.device.chunk_map.counts()["present"] == 0 and not self.device.profile()
+        cold = self.device.chunks.counts()["present"] == 0 and not self.device.profile()
         order = await self._start_hydration(self._hydrate_rate, full=self._hydrate)
         own = bool(order) and await self._has_own_profile()
         self.prefetch = {"chunks": len(order), "inherited": bool(order) and not own, "first": order[:PROFILE_SHOWN]}
@@ -209,7 +209,7 @@ class InstanceOps:
         if self.device.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         h = self.hydrator
-        if h is None or h.profile_only or (not h.running and self.device.chunk_map.first_missing() >= 0):
+        if h is None or h.profile_only or (not h.running and self.device.chunks.first_missing() >= 0):
             rate = req.get("rate")
             await self._start_hydration(float(rate) if rate else self._hydrate_rate, full=True,
                                         profile_parallel=int(req.get("profile_parallel") or 1),

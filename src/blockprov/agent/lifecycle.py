@@ -31,18 +31,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 from blockprov import codec
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.maps import BASE_ZERO, MODIFIED, PRESENT, ZERO, Kind
+from blockprov.cache import CacheDevice
 from blockprov.codec import DIGEST_SIZE, ZERO_DIGEST
 from blockprov.errors import CacheMismatch, NotFound, UsageError
 from blockprov.manifest import Manifest
 from blockprov.manifest import diff as manifest_diff
-from blockprov.names import parse_ref
+from blockprov.names import parse_ref, target_name
 from blockprov.repo.base import Repository
 
 SNAPSHOT_GROUP_BYTES = 16 << 20  # read, hash and upload in groups of this size
@@ -52,7 +50,7 @@ Progress = Callable[[int], None]
 async def reset(dev: CacheDevice, *, eager: bool = False, punch: bool = True) -> dict[str, Any]:
     async with dev.lifecycle_lock:
         t0 = time.monotonic()
-        out: dict[str, Any] = await dev.reset(eager=eager, punch=punch)
+        out: dict[str, Any] = await dev.reset_chunks(eager=eager, punch=punch)
         out["seconds"] = round(time.monotonic() - t0, 6)
         out["version"] = dev.manifest.id
         return out
@@ -81,27 +79,16 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
     if rebase and dev.overlay:
         raise UsageError("an overlay instance keeps its shared base: snapshot it without --rebase and clone the "
                          "new version")
-    if not target or len(target) > 64 or not target.replace("-", "").replace("_", "").isalnum():
-        raise UsageError(f"a snapshot target is 1-64 letters, digits, '-' or '_', not {target!r}")
+    target_name(target)
     loop = asyncio.get_running_loop()
     async with dev.lifecycle_lock:
         t0 = time.monotonic()
         base = dev.manifest
-        cmap = dev.chunk_map
-        async with dev.quiesced():
-            t = cmap.add_target(target)
-            fl = cmap.flags
-            modified = [i for a, b in cmap.runs_where(MODIFIED) for i in range(a, b)]
-            assert cmap.gens is not None
-            gens = {i: cmap.gens[i] for i in modified}
-            unsynced = sum(1 for i in modified if cmap.is_unsynced(t, i))
-            data_chunks = [i for i in modified if fl[i] & (PRESENT | ZERO) == PRESENT]
-            zeroed = [i for i in modified if fl[i] & ZERO]
-            cap = dev.begin_capture(data_chunks, hold=modified)
-            await dev.checkpoint()
+        pending = await dev.begin_snapshot(target)
+        data_chunks = pending.data_chunks
         try:
             ids = bytearray(base.chunks)
-            for i in zeroed:
+            for i in pending.zeroed:
                 ids[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = ZERO_DIGEST
             per = max(1, SNAPSHOT_GROUP_BYTES // base.chunk_size)
             sent_bytes = sent_chunks = 0
@@ -109,7 +96,7 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
                 group = data_chunks[k:k + per]
                 datas: list[bytes] = []
                 for j in range(0, len(group), 16):  # 1 MiB at a time on the event loop, then let others run
-                    datas += dev.read_captured(cap, group[j:j + 16])
+                    datas += dev.read_snapshot(pending, group[j:j + 16])
                     await asyncio.sleep(0)
                 coded = await loop.run_in_executor(None, _encode_group, datas)
                 blobs: dict[bytes, bytes] = {}
@@ -130,26 +117,18 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
             new = Manifest(image=ref.name, size=base.size, chunk_size=base.chunk_size, chunks=bytes(ids),
                            parent=base.id if same_image else None,
                            labels={"snapshot-of": f"{base.image}@{base.id}", "snapshot-target": target})
-            equal = await _equal_version(repo, base, new, dev.state.meta.snapshots.get(target))
+            equal = await _equal_version(repo, base, new, pending.last_snapshot)
             if equal is None:
                 vid = await loop.run_in_executor(None, repo.commit, new, ref.tag)  # the acknowledgement
             else:  # the repository holds this content already: name it, commit nothing
                 new, vid = equal, equal.id
                 await loop.run_in_executor(None, repo.set_tag, ref.name, ref.tag, vid)
         finally:
-            dev.end_capture()
+            dev.end_snapshot(pending)
         # Acknowledged: clear what the target now holds (a generation that moved stays unsynced).
-        for i in modified:
-            dev.state.apply(Kind.SYNCED, i, 0, gens[i], target=t)
-        still = sum(1 for i in modified if cmap.is_unsynced(t, i))
-        meta = dev.state.meta
-        dev.state.meta = replace(meta, snapshots={**meta.snapshots, target: vid})
-        if rebase:
-            await _rebase(dev, new, modified, gens)
-        else:
-            await dev.checkpoint()
+        still = await dev.acknowledge(pending, vid, rebase=new if rebase else None)
         return {"version": vid, "image": ref.name, "tag": ref.tag, "target": target, "unchanged": equal is not None,
-                "chunks_modified": len(modified), "chunks_unsynced_before": unsynced,
+                "chunks_modified": len(pending.modified), "chunks_unsynced_before": pending.unsynced_before,
                 "chunks_sent": sent_chunks, "bytes_sent": sent_bytes,
                 "bytes_modified": sum(base.chunk_length(i) for i in data_chunks),
                 "chunks_written_during": still, "rebased": rebase,
@@ -173,24 +152,6 @@ async def _equal_version(repo: Repository, base: Manifest, new: Manifest, last: 
     return prev if same else None
 
 
-async def _rebase(dev: CacheDevice, new: Manifest, modified: Sequence[int], gens: dict[int, int]) -> None:
-    """The snapshot's version becomes the base: its chunks are no longer modified, except those
-    written after the snapshot began (they differ from it)."""
-    cmap = dev.chunk_map
-    async with dev.quiesced():
-        assert cmap.gens is not None
-        flags = bytearray(cmap.flags)
-        for i in modified:
-            f = flags[i]
-            if cmap.gens[i] != gens[i]:
-                flags[i] = (f & ~BASE_ZERO) | (BASE_ZERO if new.is_zero(i) else 0)
-            elif f & ZERO:
-                flags[i] = ZERO | BASE_ZERO
-            else:
-                flags[i] = f & PRESENT
-        await dev.switch_base(new, flags)
-
-
 async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False,
                  eager: bool = True) -> dict[str, Any]:
     """Move the instance to ``new`` (another version of its image), fetching only what differs."""
@@ -207,24 +168,11 @@ async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False
                     "bytes_fetched": 0, "modified_kept": 0, "modified_discarded": 0, "conflicts": 0,
                     "seconds": 0.0}
         changed = manifest_diff(old, new)
-        cmap = dev.chunk_map
-        async with dev.quiesced():
-            flags = bytearray(cmap.flags)
-            # The instance stays as local as it was: changed chunks it held (data or zeros) come again.
-            refetch = [i for i in changed if flags[i] & (PRESENT | ZERO) and not flags[i] & MODIFIED
-                       and not new.is_zero(i)]
-            modified = [i for a, b in cmap.runs_where(MODIFIED) for i in range(a, b)]
-            changed_set = set(changed)
-            conflicts = sum(1 for i in modified if i in changed_set)
-            for i in changed:
-                if not flags[i] & MODIFIED:
-                    flags[i] = dev.base_flags(new, i)
-            for i in modified:
-                if keep_modified:
-                    flags[i] = (flags[i] & ~BASE_ZERO) | (BASE_ZERO if new.is_zero(i) else 0)
-                else:
-                    flags[i] = dev.base_flags(new, i)
-            await dev.switch_base(new, flags)
+        # The instance stays as local as it was: changed chunks it held (data or zeros) come again.
+        switched = await dev.switch_base(new, changed, keep_modified=keep_modified)
+        refetch, modified = switched.refetch, switched.modified
+        changed_set = set(changed)
+        conflicts = sum(1 for i in modified if i in changed_set)
         before = dev.totals()["bytes_fetched"]
         if eager and refetch:
             await dev.fetch_chunks(refetch)

@@ -29,8 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.fetcher import LATENCY_BUCKETS
+from blockprov.cache import LATENCY_BUCKETS, CacheDevice
 from blockprov.nbd.server import ServerStats
 
 log = logging.getLogger("blockprov.agent")
@@ -56,7 +55,7 @@ class AgentCollector(Collector):
         info = self.labels()
         if info:
             yield _info(info)
-        counts = dev.chunk_map.counts()
+        counts = dev.chunks.counts()
         chunks = GaugeMetricFamily("blockprov_agent_chunks", "Chunks of the instance by state", labels=["state"])
         for state in ("present", "zero", "modified", "missing"):
             chunks.add_metric([state], counts[state])

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from blockprov.agent import control, run_async
 from blockprov.errors import AgentNotRunning, CacheError
 
-if TYPE_CHECKING:  # the device stack loads asyncio and more: only an offline operation imports it
-    from blockprov.cache.device import CacheDevice
+if TYPE_CHECKING:  # the device stack loads asyncio and more: only an offline operation loads it
+    from blockprov.cache import CacheDevice, SourceFactory
     from blockprov.repo.base import Repository
 
 OP_TIMEOUT = 24 * 3600.0  # a snapshot of a big disk over a slow link may take long; the agent answers at the end
@@ -36,10 +36,10 @@ def repository_of(cache_dir: Path, repo_url: str | None, data_dir: str | None) -
     attached with (an embedded repository only when they name no data directory), else theirs."""
     if repo_url:
         return repo_url, data_dir
-    from blockprov.cache.journal import load
+    from blockprov.cache import load_state
 
     try:
-        recorded = load(cache_dir).meta.repository
+        recorded = load_state(cache_dir).repository
     except CacheError:
         recorded = None
     if recorded and recorded.startswith(("http://", "https://")):
@@ -57,11 +57,10 @@ async def adopt_repository(dev: CacheDevice, repo: Repository) -> None:
     base made before bases recorded theirs) adopts ``repo`` unchecked: there is nothing it would
     replace, and a repository that is down must not keep its local chunks from being served."""
     import asyncio
-    from dataclasses import replace
 
     from blockprov.errors import NotFound
 
-    recorded = dev.state.meta.repository
+    recorded = dev.repository
     if recorded is not None and recorded != repo.url:
         m = dev.manifest
         try:
@@ -70,7 +69,7 @@ async def adopt_repository(dev: CacheDevice, repo: Repository) -> None:
             raise CacheError(f"{repo.url} does not hold {m.image}@{m.id}, the version cache {dev.cache_dir} "
                              f"holds; it was attached with {recorded} — name no --repo/--data to use that one, "
                              "or name a repository that holds the version") from None
-    dev.state.meta = replace(dev.state.meta, repository=repo.url)
+    dev.record_repository(repo.url)
 
 
 def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
@@ -89,17 +88,15 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
     else:
         result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
         return result
-    from blockprov.cache.journal import META_NAME
+    from blockprov.cache import CacheDevice, is_cache
 
-    if not (cache_dir / META_NAME).exists():
+    if not is_cache(cache_dir):
         raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
     repo = repository(cache_dir)
-
-    from blockprov.cache.device import CacheDevice
+    source = stopped_layers(cache_dir, repo, fetch_timeout)
 
     async def main() -> dict[str, Any]:
-        dev = await (CacheDevice.open(cache_dir, repo, create=False) if fetch_timeout is None else
-                     CacheDevice.open(cache_dir, repo, create=False, fetch_timeout=fetch_timeout))
+        dev = await CacheDevice.open(cache_dir, source, repo=repo, create=False)
         try:
             return await offline(dev, repo)
         finally:
@@ -107,3 +104,14 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
 
     out: dict[str, Any] = run_async(main())
     return out
+
+
+def stopped_layers(cache_dir: Path, repo: Repository, fetch_timeout: float | None) -> SourceFactory:
+    """The stack below a cache opened here while no agent serves it: the repository, or for an
+    overlay its base, which is not opened (its reads fail with EIO: a reset or snapshot of an
+    instance reads only what the instance wrote)."""
+    from blockprov.cache import DEFAULT_TIMEOUT, base_source, load_state, repository_source
+
+    if load_state(cache_dir).base_cache is not None:
+        return base_source(None)
+    return repository_source(repo, timeout=DEFAULT_TIMEOUT if fetch_timeout is None else fetch_timeout)

@@ -38,8 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from blockprov import tickets
-from blockprov.cache.lending import Lender
-from blockprov.cache.peers import MAX_IDS, PEER_PATH, Blob, PeerSource, encode_frames
+from blockprov.cache import MAX_IDS, PEER_PATH, Blob, Lender, PeerSource, encode_frames
 from blockprov.codec import DIGEST_SIZE, plain_header
 from blockprov.errors import (
     BlockprovError,

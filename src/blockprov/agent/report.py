@@ -12,9 +12,9 @@ it changed, every ``REPORT_EVERY`` seconds or at once after ``poke()``, so the o
 Which repository takes the reports: the one the agent was given. A remote one (``blockprov serve``)
 keeps them in its catalog, where the console shows them; the embedded one keeps them in the local
 catalog (seen by a ``blockprov serve`` of the same data directory, and by ``blockprov agents``
-there). A token that may not register (a read token: 403) is said once in the log and the agent
-goes on serving without reports; an unreachable repository, or an older one without the agents
-API, is retried with backoff, and the error is part of the next report.
+there). A token that may not register (a read token: 403), or an older repository without the
+agents API, is said once in the log and the agent goes on serving without reports; an unreachable
+repository is retried with backoff for ever (retry.py), and the error is part of the next report.
 
 Crash rules: nothing here is durable on the agent's side; the repository's catalog keeps the last
 report and when it came (``last_seen``), so an agent that died shows as offline.
@@ -34,11 +34,13 @@ from blockprov.agent import control
 from blockprov.agent.instance import in_daemon_thread
 from blockprov.errors import AccessDenied, BlockprovError, UsageError
 from blockprov.repo.base import Repository
+from blockprov.retry import RetryPolicy, is_transient, retry_async
 
 log = logging.getLogger("blockprov.agent")
 
 POLL_WAIT = 20.0  # seconds a request poll waits at the repository
 REPORT_EVERY = 5.0  # seconds between checks whether the reported state changed (console, `agents`)
+POLL_RETRY = RetryPolicy(timeout=None, first_delay=1.0, max_delay=60.0)  # for ever: see retry.py
 
 
 def host_instance(prefix: str, name: str = "") -> str:
@@ -102,27 +104,37 @@ class RepositoryLink:
                     await self._register()
 
     async def _poll_requests(self) -> None:
-        """Register with the repository and carry out what it asks, until stopped. Failures
-        (repository down, an older server without the API) are logged and retried."""
-        delay = 1.0
+        """Register with the repository and carry out what it asks, until stopped. A repository
+        that is away is retried for ever (retry.py: an agent outlives its repository's outages);
+        an error no retry can fix (a token that may not register, a server without the agents
+        API) is said once, and the agent goes on serving without reports."""
+        def away(e: BaseException, attempt: int, delay: float) -> None:
+            self.last_error = f"repository requests: {e}"
+
         while True:
             try:
-                await self._register()
-                req = await in_daemon_thread(self.repo.next_request, self.instance, POLL_WAIT)
-                delay = 1.0
-                if req is None:
-                    continue
-                await self._serve_request(req)
+                req = await retry_async(self._poll_once, POLL_RETRY, f"repository requests from {self.repo.url}",
+                                        on_retry=away)
+                if req is not None:
+                    await self._serve_request(req)
             except asyncio.CancelledError:
                 raise
-            except AccessDenied as e:  # no retry can fix the token: say it once, keep serving
+            except AccessDenied as e:
                 log.warning("not registered with %s, no repository requests will be taken: %s", self.repo.url, e)
                 return
             except Exception as e:
                 self.last_error = f"repository requests: {e}"
-                log.warning("repository requests from %s: %s (retrying in %.0f s)", self.repo.url, e, delay)
-                await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
+                if is_transient(e):  # the repository went away before it took the answer: polled again
+                    log.warning("repository requests from %s: %s", self.repo.url, e)
+                    continue
+                log.error("repository requests from %s: %s; no more repository requests will be taken",
+                          self.repo.url, e)
+                return
+
+    async def _poll_once(self) -> dict[str, Any] | None:
+        await self._register()
+        req: dict[str, Any] | None = await in_daemon_thread(self.repo.next_request, self.instance, POLL_WAIT)
+        return req
 
     async def _serve_request(self, req: dict[str, Any]) -> None:
         op, args, rid = req.get("op"), req.get("args") or {}, str(req.get("id"))

@@ -24,7 +24,7 @@ import urllib.parse
 from typing import Any
 
 from blockprov.agent.instance import in_daemon_thread
-from blockprov.cache.peers import Membership, Peer, PeerSource
+from blockprov.cache import Membership, Peer, PeerSource
 from blockprov.errors import AccessDenied, BlockprovError, NotFound
 from blockprov.repo.base import Sites
 

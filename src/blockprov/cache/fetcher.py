@@ -40,14 +40,25 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockprov.cache.source import Data, NeededFn, SourceFactory, StoreFn
+from blockprov.cache.source import CacheSide, Data, NeededFn, Ranges, Release, SourceFactory, StoreFn, read_chunks
 from blockprov.codec import ZERO_DIGEST, decode_view
-from blockprov.errors import BlockprovError, ChunkCorrupt, DeviceIOError, FetchFailed, RepositoryUnavailable
+from blockprov.device.base import ReadResult
+from blockprov.errors import (
+    BlockprovError,
+    CacheError,
+    ChunkCorrupt,
+    DeviceIOError,
+    FetchFailed,
+    RepositoryUnavailable,
+)
 from blockprov.manifest import Manifest
 from blockprov.repo.base import BlobSource, BlobViews
 from blockprov.retry import RetryPolicy, retry_async
+
+if TYPE_CHECKING:
+    from blockprov.cache.maps import ChunkMap
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +260,18 @@ class Fetcher:
 
     async def get(self, index: int) -> Data:
         return (await self.get_many([index]))[index]
+
+    async def read(self, ranges: Ranges) -> list[ReadResult]:
+        return await read_chunks(self, ranges)
+
+    async def before_overwrite(self, chunks: Sequence[int]) -> Release | None:
+        return None  # the repository keeps every version: nothing to save
+
+    def maps_below(self) -> list[ChunkMap]:
+        return []
+
+    def status(self) -> dict[str, Any]:
+        return {}  # its counters are ``stats``, which the device shows for every stack
 
     async def materialize(self, indices: Sequence[int], *, background: bool = False) -> None:
         """Return when these chunks were fetched and handed to ``store`` (which may have skipped
@@ -489,7 +512,7 @@ class Fetcher:
             def call() -> Awaitable[tuple[Sequence[Data], dict[bytes, Data | ChunkCorrupt]]]:
                 return loop.run_in_executor(self._pool, get_and_decode)
 
-            blobs, plain = await retry_async(call, self._policy)
+            blobs, plain = await retry_async(call, self._policy, f"fetching chunks from {self.repo.url}")
         took = time.monotonic() - t0
         self.stats.observe(took)
         wire = sum(len(b) for b in blobs)
@@ -523,10 +546,14 @@ class Fetcher:
 def repository_source(repo: BlobSource, *, readahead: int = DEFAULT_READAHEAD, timeout: float = DEFAULT_TIMEOUT,
                       batch_bytes: int = DEFAULT_BATCH_BYTES,
                       max_inflight: int = DEFAULT_MAX_INFLIGHT) -> SourceFactory:
-    """The layer below a cache of a version: ``Fetcher``s over ``repo`` with these settings."""
+    """The bottom layer of a cache of a version: a ``Fetcher`` over ``repo`` with these settings.
+    An overlay is refused: it reads its base, and filling it from the repository would copy into
+    every instance what the base holds once."""
 
-    def make(manifest: Manifest, store: StoreFn, needed: NeededFn) -> Fetcher:
-        return Fetcher(manifest, repo, store, needed, readahead=readahead, batch_bytes=batch_bytes,
+    def make(manifest: Manifest, side: CacheSide) -> Fetcher:
+        if side.base_cache is not None:
+            raise CacheError(f"{side.where} is an overlay of {side.base_cache}: open it over its base cache")
+        return Fetcher(manifest, repo, side.store, side.needed, readahead=readahead, batch_bytes=batch_bytes,
                        max_inflight=max_inflight, timeout=timeout)
 
     return make

@@ -50,7 +50,7 @@ class Opened:
         self.state, self.loaded, self.manifest, self.fd, self.data_path = state, loaded, manifest, fd, data_path
 
 
-def open_sync(d: Path, repo: Repository, manifest: Manifest | None, data_path: str | None,
+def open_sync(d: Path, repo: Repository | None, manifest: Manifest | None, data_path: str | None,
                create: bool, pool: ThreadPoolExecutor, base_cache: str | None = None) -> Opened:
     """Blocking part of ``CacheDevice.open`` (runs in a worker thread)."""
     want_data = str(Path(data_path).resolve()) if data_path is not None else None
@@ -116,7 +116,7 @@ def next_manifest_name(version: str) -> str:
     return f"manifest-{version}.json"
 
 
-def load_manifest(d: Path, meta: CacheMeta, repo: Repository) -> Manifest:
+def load_manifest(d: Path, meta: CacheMeta, repo: Repository | None) -> Manifest:
     # manifest-<id>.json: a base switch (update, rebase) that crashed after its checkpoint and
     # before renaming the new manifest into place.
     for name in (MANIFEST_NAME, next_manifest_name(meta.version)):
@@ -129,6 +129,8 @@ def load_manifest(d: Path, meta: CacheMeta, repo: Repository) -> Manifest:
             continue
         except (OSError, BlockprovError) as e:
             log.warning("cache %s: stored manifest %s unusable (%s)", d, name, e)
+    if repo is None:
+        raise CacheError(f"cache {d} has no stored manifest of {meta.describe()} and no repository was given")
     log.warning("cache %s: no stored manifest of %s; asking the repository", d, meta.describe())
     m = repo.resolve(meta.describe())
     atomic_write(d / MANIFEST_NAME, m.to_json())

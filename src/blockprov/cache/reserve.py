@@ -18,7 +18,8 @@ Crash rules (the order that makes a golden copy trustworthy):
 
 1. ``keep`` writes the chunk's content into a free slot, then the slot's table record, then
    fdatasyncs the region — and only then returns, so the cache journals ``modified`` and lets
-   the overwrite reach its data area (cache/device.py calls it before both). The golden copy is
+   the overwrite reach its data area (``ReserveSource.before_overwrite``, which the device calls
+   before both, cache/writes.py; the slots stay pinned until then). The golden copy is
    durable before the data it preserves is changed.
 2. A power cut before the fdatasync leaves the data area unchanged (the overwrite waits), so
    losing the slot costs nothing; a record that did reach the disk with a torn slot is caught
@@ -45,14 +46,12 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
+from blockprov.cache.source import CacheSide, ChunkSource, Data, Filter, Ranges, Release, SourceFactory, read_chunks
 from blockprov.codec import ZERO_DIGEST, digest
+from blockprov.device.base import ReadResult
 from blockprov.manifest import Manifest
-
-if TYPE_CHECKING:
-    from blockprov.cache.fetcher import FetchStats
-    from blockprov.cache.source import ChunkSource, Data, NeededFn, SourceFactory, StoreFn
 
 log = logging.getLogger(__name__)
 
@@ -257,35 +256,25 @@ class Reserve:
                 "reserve_full": self.full}
 
     def source(self, below: SourceFactory) -> SourceFactory:
-        """A source factory that serves chunks from this reserve and asks ``below`` for the rest."""
-        def make(m: Manifest, store: StoreFn, needed: NeededFn) -> ChunkSource:
-            return ReserveSource(below(m, store, needed), self, store)
+        """The reserve as a layer over ``below`` (usually the repository): see ``ReserveSource``."""
+        def make(m: Manifest, side: CacheSide) -> ChunkSource:
+            return ReserveSource(below(m, side), self, side)
         return make
 
 
-class ReserveSource:
-    """ChunkSource: the reserve's verified copies first, the layer below (the repository) for the rest."""
+class ReserveSource(Filter):
+    """The golden reserve as a layer: before a chunk's first overwrite its base content is copied
+    here (``before_overwrite``: kept durably, its slot pinned until the overwrite is journaled);
+    after a reset the chunk is served from its verified copy before the layer below is asked."""
 
-    def __init__(self, below: ChunkSource, reserve: Reserve, store: StoreFn) -> None:
-        self._below = below
+    def __init__(self, below: ChunkSource, reserve: Reserve, side: CacheSide) -> None:
+        super().__init__(below)
         self._reserve = reserve
-        self._store = store
+        self._side = side
         self.from_reserve = 0  # chunks served from the reserve
 
-    @property
-    def manifest(self) -> Manifest:
-        return self._below.manifest
-
-    @manifest.setter
-    def manifest(self, m: Manifest) -> None:
-        self._below.manifest = m
-
-    @property
-    def stats(self) -> FetchStats | None:
-        return self._below.stats
-
     async def _local(self, indices: Sequence[int]) -> dict[int, Data]:
-        m = self._below.manifest
+        m = self.below.manifest
         hits = [i for i in indices if self._reserve.holds(m, i)]
         if not hits:
             return {}
@@ -301,25 +290,44 @@ class ReserveSource:
     async def get_many(self, indices: Sequence[int]) -> dict[int, Data]:
         found = await self._local(indices)
         if found:
-            await self._store(list(found.items()))  # kept, as the repository source keeps what it fetched
+            await self._side.store(list(found.items()))  # kept, as the repository source keeps what it fetched
         rest = [i for i in indices if i not in found]
         if rest:
-            found.update(await self._below.get_many(rest))
+            found.update(await self.below.get_many(rest))
         return found
 
-    async def get(self, index: int) -> Data:
-        return (await self.get_many([index]))[index]
+    async def read(self, ranges: Ranges) -> list[ReadResult]:
+        return await read_chunks(self, ranges)
 
     async def materialize(self, indices: Sequence[int], *, background: bool = False) -> None:
         found = await self._local(indices)
         if found:
-            await self._store(list(found.items()))
+            await self._side.store(list(found.items()))
         rest = [i for i in indices if i not in found]
         if rest:
-            await self._below.materialize(rest, background=background)
+            await self.below.materialize(rest, background=background)
 
-    async def idle(self) -> None:
-        await self._below.idle()
+    async def before_overwrite(self, chunks: Sequence[int]) -> Release | None:
+        """Their base content into the reserve, durably (the crash rules above), before the cache
+        journals their change; pinned until the release. A reserve that fails is logged and
+        skipped: the chunks' reset then needs the repository."""
+        r = self._reserve
+        below = await self.below.before_overwrite(chunks)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, r.keep, self.below.manifest, chunks, self._side.read_local, self._side.at_home)
+        except OSError as e:
+            r.unpin(chunks)
+            log.warning("golden reserve %s: %s; chunks %d.. not kept", r.path, e, chunks[0])
+            return below
+        pinned = list(chunks)
 
-    async def close(self) -> None:
-        await self._below.close()
+        def release() -> None:
+            r.unpin(pinned)
+            if below is not None:
+                below()
+
+        return release
+
+    def status(self) -> dict[str, Any]:
+        return {**self.below.status(), **self._reserve.status()}

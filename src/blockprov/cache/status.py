@@ -31,13 +31,13 @@ def instance_status(meta: CacheMeta, cmap: ChunkMap) -> dict[str, Any]:
     return {"targets": targets, "hydrated": meta.hydrated, "repository": meta.repository}
 
 
-def layers_below(meta: CacheMeta) -> list[ChunkMap]:
-    """The chunk maps of an overlay's base caches as their files hold them (its base, that one's
-    base, …; nothing written), for a cache opened without them. A base that is gone or unreadable
+def maps_of(base_cache: str | None) -> list[ChunkMap]:
+    """The chunk maps of the base cache ``base_cache`` and the ones under it as their files hold
+    them (nothing written), for an overlay opened without them. A base that is gone or unreadable
     ends the list: what it held is then counted as needing the repository."""
     out: list[ChunkMap] = []
     seen: set[str] = set()
-    below = meta.base_cache
+    below = base_cache
     while below is not None and below not in seen:
         seen.add(below)
         try:
@@ -66,7 +66,7 @@ def cache_status(cache_dir: Path, meta: CacheMeta, cmap: ChunkMap, seq: int,
     fetch totals over every agent run, lifecycle state, and how many chunks still need the
     repository (``below``: the maps of the base caches under an overlay; None reads them from disk)."""
     counts = cmap.counts()
-    layers = layers_below(meta) if below is None else below
+    layers = maps_of(meta.base_cache) if below is None else below
     return {
         "image": meta.image,
         "version": meta.version,

@@ -84,16 +84,16 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     --listen, and prints its banner on stderr.
     """
     from blockprov.agent.agent import Agent, AgentConfig
-    from blockprov.cache.journal import META_NAME
+    from blockprov.cache import is_cache
 
     cache_dir = cache_dir.resolve()
     activated = activated_sockets(sock, listen)
     err = bool(activated)  # an activated server's stdout is its starter's (nbdinfo prints there)
     if sock is not None:
         check_creatable(sock, "socket")
-    check_creatable(cache_dir / META_NAME, "cache")
+    check_creatable(cache_dir / "meta", "cache")
     obj.cacheable = cacheable_fetch
-    exists = (cache_dir / META_NAME).exists()
+    exists = is_cache(cache_dir)
     # A cache keeps using the repository it was attached with (every endpoint of a failover list)
     # unless --repo / --data name another; the agent refuses one that lacks the cache's version.
     repo = obj.repository_for(cache_dir) if exists else obj.repo

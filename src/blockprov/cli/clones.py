@@ -31,7 +31,7 @@ from blockprov.cli._common import (
 )
 from blockprov.clones.customize import BUILTIN_IDENTITY
 from blockprov.errors import AgentNotRunning, CustomizeFailed, NotFound, PoolExhausted, UsageError
-from blockprov.names import host_port, instance_id, parse_ref
+from blockprov.names import host_port, instance_id, parse_ref, pool_name
 
 if TYPE_CHECKING:  # the agent's modules load asyncio and the device stack: only commands that run them import them
     from blockprov.clones.clones import ClonesAgent
@@ -174,16 +174,16 @@ def _existing(root: Path) -> Path:
 @json_option
 def clones_list_cmd(root: Path, as_json: bool) -> None:
     """Instances, their base version and how much each changed."""
-    from blockprov.cache.journal import load
+    from blockprov.cache import load_state
     from blockprov.clones.clones import list_instances
 
     root = _existing(root)
     rows: list[dict[str, Any]] = []
     for name in list_instances(root):
-        loaded = load(root / "instances" / name)
-        counts = loaded.map.counts()
-        rows.append({"instance": name, "image": loaded.meta.image, "version": loaded.meta.version,
-                     "chunks_modified": counts["modified"], "bytes_held": counts["present"] * loaded.meta.chunk_size})
+        st = load_state(root / "instances" / name)
+        counts = st.chunks.counts()
+        rows.append({"instance": name, "image": st.image, "version": st.version,
+                     "chunks_modified": counts["modified"], "bytes_held": counts["present"] * st.chunk_size})
     if as_json:
         emit(rows)
         return
@@ -211,9 +211,7 @@ def pool_dir(obj: Ctx, name: str, root: Path | None) -> Path:
     command's (issue 17: pools looked in the default data directory whatever was given)."""
     if root is not None:
         return root.resolve()
-    if not name.replace("-", "").isalnum():
-        raise UsageError(f"a pool name is letters, digits and '-', not {name!r}")
-    return check_data_dir(obj.data_dir, create=False) / "pools" / name
+    return check_data_dir(obj.data_dir, create=False) / "pools" / pool_name(name)
 
 
 POOL_DIR_OPTION = click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),

@@ -27,7 +27,7 @@ from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import parse_ref
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
-    from blockprov.cache.device import CacheDevice
+    from blockprov.cache import CacheDevice
     from blockprov.repo.base import Repository
 
 CACHE_OPTION = click.option("--cache", "cache_dir", required=True,
@@ -73,7 +73,7 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, fetch_timeout: float, as_j
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         if not eager:
             return await lifecycle.reset(dev, eager=False)
-        total = dev.chunk_map.counts()["modified"] * dev.manifest.chunk_size
+        total = dev.chunks.counts()["modified"] * dev.manifest.chunk_size
         return await _watching(dev, lifecycle.reset(dev, eager=True), total, "reset: fetch", not as_json)
 
     quiet_library_logs()
@@ -121,7 +121,7 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
         assert cache_dir is not None
 
         async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
-            total = dev.chunk_map.counts()["modified"] * dev.manifest.chunk_size
+            total = dev.chunks.counts()["modified"] * dev.manifest.chunk_size
             with progress_bar(total, f"snapshot {to}", not as_json) as bar:
                 return await lifecycle.snapshot(dev, repo, to, target=target, rebase=rebase, progress=bar)
 
@@ -225,7 +225,7 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
         while not task.done():
             _progress(h.status(), show)
             await asyncio.wait([task], timeout=0.5)
-            if h.state == "paused" and h.fault is not None:
+            if h.state in ("paused", "failed") and h.fault is not None:
                 # Offline nobody waits for the repository to come back: the fetcher already retried
                 # for the fetch timeout, so stop, as other commands do (exit 7, or 12 for a full disk).
                 await h.stop()

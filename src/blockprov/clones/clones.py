@@ -50,12 +50,10 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from pathlib import Path
 from socket import gethostname
 from socket import socket as Socket
@@ -65,13 +63,12 @@ from blockprov.agent import control
 from blockprov.agent.instance import InstanceOps, catch_stop_signals, wait_for_stop
 from blockprov.agent.offline import adopt_repository
 from blockprov.agent.report import RepositoryLink, host_instance
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.journal import META_NAME, load
-from blockprov.cache.maps import BASE_ZERO, MODIFIED, ZERO
+from blockprov.cache import CacheDevice, base_source, is_cache, load_state, repository_source
 from blockprov.device.base import result_bytes
 from blockprov.durable import ensure_dir, fsync_dir
 from blockprov.errors import AgentNotRunning, CacheError, NotFound, UsageError
 from blockprov.manifest import Manifest
+from blockprov.names import clone_name
 from blockprov.nbd.activation import uri_template
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
@@ -92,21 +89,16 @@ def instance_dir(root: Path, name: str) -> Path:
     return root / INSTANCES / name
 
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-
-
 def instance_name(text: str) -> str:
-    """Instance names are export names and directory names: lowercase letters, digits and '-'."""
-    if not _NAME.fullmatch(text):
-        raise UsageError(f"an instance name is 1-63 lowercase letters, digits or '-', not {text!r}")
-    return text
+    """Instance names are export names and directory names (names.py, ``clone_name``)."""
+    return clone_name(text)
 
 
 def list_instances(root: Path) -> list[str]:
     d = root / INSTANCES
     if not d.is_dir():
         return []
-    return sorted(p.name for p in d.iterdir() if (p / META_NAME).exists())
+    return sorted(p.name for p in d.iterdir() if is_cache(p))
 
 
 def next_names(root: Path, prefix: str, count: int, also_taken: Iterable[str] = ()) -> list[str]:
@@ -127,9 +119,9 @@ def next_names(root: Path, prefix: str, count: int, also_taken: Iterable[str] = 
 async def ensure_base(root: Path, repo: Repository, m: Manifest) -> Path:
     """The base cache of ``m`` under ``root`` (created empty when missing: it fills lazily)."""
     b = base_dir(root, m)
-    if not (b / META_NAME).exists():
-        dev = await CacheDevice.open(b, repo, m, read_only=True)
-        dev.state.meta = replace(dev.state.meta, repository=repo.url)  # where its version lives
+    if not is_cache(b):
+        dev = await CacheDevice.open(b, repository_source(repo), m, repo=repo, read_only=True)
+        dev.record_repository(repo.url)  # where its version lives
         await dev.close()
     return b
 
@@ -138,7 +130,7 @@ def recorded_repository(root: Path) -> Path | None:
     """A base cache of ``root`` whose record says which repository the directory's versions come
     from (``clones serve`` uses it when no repository is named, as ``attach`` does), or None."""
     bases = root / BASES
-    found = sorted(p for p in bases.iterdir() if (p / META_NAME).exists()) if bases.is_dir() else []
+    found = sorted(p for p in bases.iterdir() if is_cache(p)) if bases.is_dir() else []
     return found[0] if found else None
 
 
@@ -149,9 +141,9 @@ async def create_instances(root: Path, repo: Repository, m: Manifest, names: lis
     made: list[Path] = []
     for name in names:
         d = instance_dir(root, instance_name(name))
-        if (d / META_NAME).exists():
+        if is_cache(d):
             raise UsageError(f"instance {name} already exists in {root}")
-        dev = await CacheDevice.open(d, repo, m, base_cache=base)
+        dev = await CacheDevice.open(d, base_source(None), m, repo=repo, base_cache=base)
         await dev.close()
         made.append(d)
     return made
@@ -162,34 +154,28 @@ async def seal_instance(d: Path, repo: Repository, base: CacheDevice) -> int:
     pristine state, in a layer between it and ``base`` (see the module doc); returns how many chunks
     the layer holds. Called right after customizing, while nobody else uses the instance."""
     layer = d / PRISTINE
-    dev = await CacheDevice.open(d, repo, create=False, base=base)
+    dev = await CacheDevice.open(d, base_source(base), repo=repo, create=False)
     try:
-        if dev.state.meta.base_cache == str(layer.resolve()):  # its layer is in use: never rebuild it
+        if dev.base_cache == str(layer.resolve()):  # its layer is in use: never rebuild it
             raise CacheError(f"instance {d} is sealed already: its customization is its pristine state")
-        cmap, m = dev.chunk_map, dev.manifest
-        modified = [i for a, b in cmap.runs_where(MODIFIED) for i in range(a, b)]
+        m = dev.manifest
+        modified = dev.modified_chunks()
         if not modified:
             return 0
         if layer.exists():  # a seal that crashed before its checkpoint: start that layer over
             shutil.rmtree(layer)
-        top = await CacheDevice.open(layer, repo, m, base_cache=base.cache_dir, base=base)
-        zeroed: set[int] = set()
+        top = await CacheDevice.open(layer, base_source(base), m, repo=repo, base_cache=base.cache_dir)
         try:
             for i in modified:
                 off, n = i * m.chunk_size, m.chunk_length(i)
-                if cmap.flags[i] & ZERO:
-                    zeroed.add(i)
+                if dev.chunks.zero(i):
                     await top.write_zeroes(off, n)
                 else:
                     await top.write(off, result_bytes(await dev.read(off, n)))
             await top.flush()
         finally:
             await top.close()
-        async with dev.quiesced():
-            flags = bytearray(cmap.flags)
-            for i in modified:  # as a fresh overlay of the layer: zeros are local, data reads through
-                flags[i] = ZERO | BASE_ZERO if i in zeroed else 0
-            await dev.switch_overlay_base(layer, flags)
+        await dev.switch_base_cache(layer, modified)
         return len(modified)
     finally:
         await dev.close()
@@ -331,11 +317,11 @@ class ClonesAgent:
 
     async def _open_instance(self, name: str) -> None:
         d = instance_dir(self.root, name)
-        meta = load(d).meta
-        if meta.base_cache is None:
+        below = load_state(d).base_cache
+        if below is None:
             raise CacheError(f"{d} is not an overlay (no base cache)")
-        base = await self._base(Path(meta.base_cache))
-        dev = await CacheDevice.open(d, self.repo, create=False, base=base.device)
+        base = await self._base(Path(below))
+        dev = await CacheDevice.open(d, base_source(base.device), repo=self.repo, create=False)
         ops = InstanceOps(dev, self.repo, connections=lambda: self.server.stats.connections_active)
         ctl = control.ControlServer({"status": self._status_of(ops), **ops.handlers()})
         if self._control_socket:
@@ -349,11 +335,12 @@ class ClonesAgent:
         key = str(path)
         served = self.bases.get(key)
         if served is None:
-            if not (path / META_NAME).exists():
+            if not is_cache(path):
                 raise CacheError(f"the base cache {path} is gone")
-            below = load(path).meta.base_cache
+            below = load_state(path).base_cache
             under = (await self._base(Path(below))).device if below is not None else None
-            dev = await CacheDevice.open(path, self.repo, create=False, read_only=True, base=under)
+            layers = base_source(under) if under is not None else repository_source(self.repo)
+            dev = await CacheDevice.open(path, layers, repo=self.repo, create=False, read_only=True)
             if under is None:  # a shared base fetches from the repository: one without its version is refused
                 try:
                     await adopt_repository(dev, self.repo)
@@ -454,7 +441,7 @@ class ClonesAgent:
             await self._close(served)
             try:
                 d = instance_dir(self.root, name)
-                below = load(d).meta.base_cache
+                below = load_state(d).base_cache
                 if below is None:
                     raise CacheError(f"{d} is not an overlay (no base cache)")
                 return await seal_instance(d, self.repo, (await self._base(Path(below))).device)
@@ -482,7 +469,7 @@ def default_instance(root: Path) -> str:
 
 
 def _brief(dev: CacheDevice) -> dict[str, Any]:
-    counts = dev.chunk_map.counts()
+    counts = dev.chunks.counts()
     m = dev.manifest
     return {"image": m.image, "version": m.id, "chunks_total": counts["total"], "chunks_present": counts["present"],
             "chunks_modified": counts["modified"], "chunks_missing": counts["missing"]}

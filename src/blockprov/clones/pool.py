@@ -41,6 +41,7 @@ from blockprov.agent import control
 from blockprov.clones.customize import customize
 from blockprov.durable import atomic_write, ensure_dir
 from blockprov.errors import BlockprovError, NotFound, PoolExhausted, UsageError
+from blockprov.retry import RetryPolicy, retry_async
 
 if TYPE_CHECKING:  # acquire / status / release through the server stay cheap to import (CLI start-up)
     from blockprov.clones.clones import ClonesAgent
@@ -50,6 +51,8 @@ if TYPE_CHECKING:  # acquire / status / release through the server stay cheap to
 log = logging.getLogger("blockprov.pool")
 
 STATE = "pool.json"
+REFILL_EVERY = 30.0  # seconds between refills when nothing wakes the refiller earlier
+REFILL_RETRY = RetryPolicy(timeout=REFILL_EVERY, first_delay=1.0, max_delay=10.0)
 LOCK = "pool.lock"
 SOCKET = "nbd.sock"
 
@@ -224,10 +227,11 @@ async def release(root: Path, repo: Repository, name: str, *, destroy: bool, age
     if agent is not None and name in agent.instances:
         await lifecycle.reset(agent.instances[name].device, punch=agent.server.stats.connections_active == 0)
     else:
-        from blockprov.cache.device import CacheDevice
+        from blockprov.cache import CacheDevice, base_source
         from blockprov.clones.clones import instance_dir
 
-        dev = await CacheDevice.open(instance_dir(root, name), repo, create=False)
+        # an instance not served here: its reset reads nothing, so its base is not opened
+        dev = await CacheDevice.open(instance_dir(root, name), base_source(None), repo=repo, create=False)
         try:
             await lifecycle.reset(dev)
         finally:
@@ -295,10 +299,13 @@ class PoolServer:
     async def _refill_loop(self) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 30.0)
+                await asyncio.wait_for(self._wake.wait(), REFILL_EVERY)
             self._wake.clear()
             try:
-                made = await refill(self.root, self.repo, self.agent)
+                # a repository away or a full disk (transient, errors.py) is retried with backoff
+                # within the period; anything else waits for the next one (a failing customizer)
+                made = await retry_async(lambda: refill(self.root, self.repo, self.agent), REFILL_RETRY,
+                                         f"refilling the pool in {self.root}")
                 self.last_error = ""
                 if self.agent.link is not None:
                     self.agent.link.poke()
@@ -306,9 +313,9 @@ class PoolServer:
                     log.info("pool refilled: %s", ", ".join(made))
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # disk full, repository down, a failing customizer: retry later
+            except Exception as e:
                 self.last_error = str(e)
-                log.error("pool refill failed: %s (retrying in 30 s)", e)
+                log.error("pool refill failed: %s (tried again in %.0f s)", e, REFILL_EVERY)
                 if self.agent.link is not None:
                     self.agent.link.poke()
 

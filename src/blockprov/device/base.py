@@ -7,8 +7,9 @@ The NBD server serves one ``BlockDevice`` per export. What stands behind it:
   ``ChunkSource`` (cache/source.py): repository → cache → NBD server;
 - a clones agent: per instance an *overlay*, which is a ``CacheDevice`` too, over a read-only base
   ``CacheDevice`` shared by the version's instances: repository → base cache → overlay → NBD
-  server. The overlay is not a separate layer class: it is a cache whose chunk source is the
-  base (cache/overlay.py) and that reads untouched chunks through from it instead of filling;
+  server. The overlay is not a separate device class: it is a cache whose layer below is the
+  base (cache/overlay.py), which answers its reads of untouched chunks with pieces of the base's
+  data file instead of filling it;
 - tests and the development NBD server (nbd/__main__.py): a ``MemoryDevice`` (device/memory.py), the
   reference device.
 

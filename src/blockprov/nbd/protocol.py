@@ -9,9 +9,10 @@ No asyncio, no socket, no os (the h11 / wsproto shape). The caller
    :meth:`data_to_send` after handshake events, and answering each transmission request with
    the ``reply_*`` methods (in any order, each reply being one unbroken frame).
 
-Handshake (fixed newstyle, option haggling) is answered here, from an :class:`ExportInfo`
-table, because every answer is a function of that table and of what was negotiated. The caller
-only learns which export was chosen (:class:`TransmissionStarted`).
+Handshake (fixed newstyle, option haggling) is answered by a :class:`~blockprov.nbd.handshake.Handshake`
+(nbd/handshake.py) from an :class:`ExportInfo` table, because every answer is a function of that
+table and of what was negotiated; this class frames its bytes and takes over when it ends. The
+caller only learns which export was chosen (:class:`TransmissionStarted`).
 
 Transmission requests are validated here, before any device sees them (like nbdkit's
 ``validate_request``): a request that parses but is invalid becomes :class:`BadRequest` (the
@@ -58,31 +59,23 @@ import struct
 from collections.abc import Iterable, Mapping
 
 from blockprov.nbd.constants import (
-    BASE_ALLOCATION,
     BASE_ALLOCATION_ID,
     IHAVEOPT,
     MAX_OPTION_LENGTH,
-    MAX_PAYLOAD,
-    MAX_STRING,
     NBDMAGIC,
-    OPTION_REPLY_MAGIC,
     REPLY_FLAG_DONE,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STREAM_ABOVE,
     STREAM_PIECE,
     STRUCTURED_REPLY_MAGIC,
-    ZERO_PADDING,
-    ClientFlag,
     Command,
     CommandFlag,
     HandshakeFlag,
-    Info,
     NbdError,
     Option,
     Reply,
     ReplyType,
-    TransmissionFlag,
 )
 from blockprov.nbd.events import (
     NEED_DATA,
@@ -107,6 +100,7 @@ from blockprov.nbd.events import (
     Write,
     WriteZeroes,
 )
+from blockprov.nbd.handshake import Handshake, OptionError, encode_message
 
 __all__ = [
     "NEED_DATA",
@@ -138,21 +132,16 @@ __all__ = [
 
 # --- wire formats ---------------------------------------------------------------------------
 
-_U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
-_OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 _CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
 _CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + 64-bit offset (OFFSET_DATA)
-_EXPORT_INFO = struct.Struct(">HQH")  # NBD_INFO_EXPORT: type, size, transmission flags
-_BLOCK_INFO = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE: type, min, preferred, max
 _EXTENT = struct.Struct(">II")
 
 _GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
-_KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 
 # Plain ints on the per-request path (IntFlag arithmetic runs Python code).
 _FUA = int(CommandFlag.FUA)
@@ -190,46 +179,15 @@ PAYLOAD_PIECE = 256 * 1024
 PAYLOAD_GROWTH = 4  # a growing payload buffer holds at most this many times what was received
 
 
-def transmission_flags(export: ExportInfo, *, structured: bool) -> int:
-    flags = (
-        TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
-        | TransmissionFlag.SEND_CACHE
-    )
-    if export.read_only:
-        flags |= TransmissionFlag.READ_ONLY
-    else:
-        flags |= TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
-    if structured:
-        flags |= TransmissionFlag.SEND_DF
-    if export.can_multi_conn:
-        flags |= TransmissionFlag.CAN_MULTI_CONN
-    return int(flags)
-
-
-def _encode_message(message: str, limit: int = MAX_STRING) -> bytes:
-    raw = message.encode("utf-8", "replace")
-    if len(raw) > limit:
-        raw = raw[:limit].decode("utf-8", "ignore").encode()
-    return raw
-
-
-class _OptionError(Exception):
-    def __init__(self, reply: Reply, message: str) -> None:
-        super().__init__(message)
-        self.reply = reply
-        self.message = message
-
-
 class ServerConnection:
     """One NBD connection, server side: handshake, then transmission."""
 
     def __init__(self, exports: Mapping[str, ExportInfo], *, default: str | None = None) -> None:
         """``exports`` maps names to exports; the empty name means ``exports[""]`` if present,
         else ``exports[default]`` if ``default`` is given."""
-        self._exports = exports
-        self._default = default
         self.state = State.CLIENT_FLAGS
         self._out = bytearray(_GREETING)
+        self._handshake = Handshake(exports, default, self._out)  # option haggling (nbd/handshake.py)
         self._buf = bytearray(_RECV_BUFFER)
         self._rpos = 0
         self._wpos = 0
@@ -244,11 +202,8 @@ class ServerConnection:
         self._write_fua = False
         self._write_left = 0  # bytes of a streamed WRITE not yet handed out (pieces to come)
         self._write_first = True
-        # Negotiated.
-        self.no_zeroes = False
+        # Negotiated (the handshake's outcome, taken when transmission starts).
         self.structured = False
-        self._meta_export: str | None = None  # export named by the last SET_META_CONTEXT
-        self._meta_selected = False
         self.export_name: str | None = None
         self.export: ExportInfo | None = None
         self._size = 0
@@ -364,10 +319,7 @@ class ServerConnection:
             return self._need_data()
         (flags,) = _U32.unpack_from(self._buf, self._rpos)
         self._rpos += 4
-        if flags & ~_KNOWN_CLIENT_FLAGS:
-            raise RemoteProtocolError(f"unknown client flags {flags:#x}")
-        # Fixed newstyle is honoured even if the client did not set C_FIXED_NEWSTYLE (allowed).
-        self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+        self._handshake.client_flags(flags)
         self.state = State.OPTIONS
         return self._next_option()
 
@@ -384,7 +336,8 @@ class ServerConnection:
             self._rpos += _OPTION_HEADER.size
             self._skip = length
             self._consume_skip()
-            return self._option_error(option, Reply.ERR_TOO_BIG, f"option payload of {length} bytes is too large")
+            return self._handshake.option_error(option, Reply.ERR_TOO_BIG,
+                                                f"option payload of {length} bytes is too large")
         if avail < _OPTION_HEADER.size + length:
             return self._need_data()
         start = self._rpos + _OPTION_HEADER.size
@@ -392,173 +345,27 @@ class ServerConnection:
         self._rpos = start + length
         if self._rpos == self._wpos:
             self._rpos = self._wpos = 0
+        hs = self._handshake
         try:
-            return self._handle_option(option, data)
-        except _OptionError as e:
-            return self._option_error(option, e.reply, e.message)
-
-    def _option_reply(self, option: int, reply: int, payload: bytes = b"") -> None:
-        self._out += _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
-        self._out += payload
-
-    def _option_error(self, option: int, reply: Reply, message: str) -> OptionHandled:
-        self._option_reply(option, reply, _encode_message(message))
-        return OptionHandled(option, reply)
-
-    def _lookup(self, name: str) -> tuple[str, ExportInfo] | None:
-        export = self._exports.get(name)
-        if export is not None:
-            return name, export
-        if name == "" and self._default is not None and self._default in self._exports:
-            return self._default, self._exports[self._default]
-        return None
-
-    def _handle_option(self, option: int, data: bytes) -> Event | NeedData:
-        if option == Option.GO or option == Option.INFO:
-            return self._opt_info(option, data)
-        if option == Option.EXPORT_NAME:
-            return self._opt_export_name(data)
-        if option == Option.STRUCTURED_REPLY:
-            if data:
-                raise _OptionError(Reply.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
-            self.structured = True
-            self._option_reply(option, Reply.ACK)
-            return OptionHandled(option, Reply.ACK)
-        if option == Option.LIST_META_CONTEXT or option == Option.SET_META_CONTEXT:
-            return self._opt_meta_context(option, data)
-        if option == Option.ABORT:
-            self._option_reply(option, Reply.ACK)
+            event = hs.option(option, data)
+        except OptionError as e:
+            return hs.option_error(option, e.reply, e.message)
+        self.structured = hs.structured
+        if isinstance(event, TransmissionStarted):
+            self._enter_transmission(event, hs.align)
+        elif isinstance(event, Aborted):
             self.state = State.CLOSED
-            return Aborted()
-        if option == Option.LIST:
-            if data:
-                raise _OptionError(Reply.ERR_INVALID, "NBD_OPT_LIST takes no data")
-            for name in self._exports:
-                raw = name.encode()
-                self._option_reply(option, Reply.SERVER, _U32.pack(len(raw)) + raw)
-            self._option_reply(option, Reply.ACK)
-            return OptionHandled(option, Reply.ACK)
-        if option == Option.STARTTLS:
-            if data:
-                raise _OptionError(Reply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-            raise _OptionError(Reply.ERR_POLICY, "TLS is not offered by this server")
-        raise _OptionError(Reply.ERR_UNSUP, f"option {option} is not supported")
-
-    @staticmethod
-    def _string(data: bytes, pos: int, length: int, what: str) -> str:
-        if length > MAX_STRING:
-            raise _OptionError(Reply.ERR_INVALID, f"{what} longer than {MAX_STRING} bytes")
-        try:
-            text = data[pos:pos + length].decode("utf-8")
-        except UnicodeDecodeError:
-            raise _OptionError(Reply.ERR_INVALID, f"{what} is not UTF-8") from None
-        if "\0" in text:
-            raise _OptionError(Reply.ERR_INVALID, f"{what} contains NUL")
-        return text
-
-    def _opt_export_name(self, data: bytes) -> Event:
-        try:
-            name = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RemoteProtocolError("export name is not UTF-8") from None
-        found = self._lookup(name)
-        if found is None:
-            # NBD_OPT_EXPORT_NAME cannot be refused with a reply: the session must end.
-            raise RemoteProtocolError(f"unknown export {name!r}")
-        key, export = found
-        self._meta_selected = False  # there was no way to say which export contexts were for
-        event = self._enter_transmission(key, export, align=1)
-        self._out += _U64.pack(export.size) + _U16.pack(event.flags)
-        if not self.no_zeroes:
-            self._out += ZERO_PADDING
         return event
 
-    def _opt_info(self, option: int, data: bytes) -> Event:
-        if len(data) < 6:
-            raise _OptionError(Reply.ERR_INVALID, "option data too short")
-        (namelen,) = _U32.unpack_from(data, 0)
-        if 4 + namelen + 2 > len(data):
-            raise _OptionError(Reply.ERR_INVALID, "export name length exceeds option data")
-        name = self._string(data, 4, namelen, "export name")
-        (count,) = _U16.unpack_from(data, 4 + namelen)
-        if 4 + namelen + 2 + 2 * count != len(data):
-            raise _OptionError(Reply.ERR_INVALID, "number of information requests does not match the length")
-        requests = {_U16.unpack_from(data, 6 + namelen + 2 * i)[0] for i in range(count)}
-        found = self._lookup(name)
-        if found is None:
-            raise _OptionError(Reply.ERR_UNKNOWN, f"unknown export {name!r}")
-        key, export = found
-        # Like qemu: always send NBD_INFO_BLOCK_SIZE; the real minimum (and its enforcement)
-        # only if the client promised to honour it, else 1 (so unaligned requests must work).
-        honours = option == Option.INFO or Info.BLOCK_SIZE in requests
-        minimum = export.min_block if honours else 1
-        flags = transmission_flags(export, structured=self.structured)
-        self._option_reply(option, Reply.INFO, _EXPORT_INFO.pack(Info.EXPORT, export.size, flags))
-        if Info.NAME in requests:
-            self._option_reply(option, Reply.INFO, _U16.pack(Info.NAME) + key.encode())
-        if Info.DESCRIPTION in requests and export.description:
-            self._option_reply(
-                option, Reply.INFO, _U16.pack(Info.DESCRIPTION) + _encode_message(export.description)
-            )
-        preferred = max(export.preferred_block, export.min_block)
-        self._option_reply(option, Reply.INFO, _BLOCK_INFO.pack(Info.BLOCK_SIZE, minimum, preferred, MAX_PAYLOAD))
-        self._option_reply(option, Reply.ACK)
-        if option == Option.INFO:
-            return OptionHandled(option, Reply.ACK)
-        if self._meta_export is not None and self._lookup(self._meta_export) != found:
-            self._meta_selected = False  # contexts were negotiated for another export
-        return self._enter_transmission(key, export, align=minimum)
-
-    def _enter_transmission(self, key: str, export: ExportInfo, *, align: int) -> TransmissionStarted:
+    def _enter_transmission(self, started: TransmissionStarted, align: int) -> None:
         self.state = State.TRANSMISSION
-        self.export_name = key
-        self.export = export
-        self._size = export.size
-        self._read_only = export.read_only
-        self._align = max(align, 1)
-        self._block_status = self.structured and self._meta_selected
+        self.export_name = started.name
+        self.export = started.export
+        self._size = started.export.size
+        self._read_only = started.export.read_only
+        self._align = align
+        self._block_status = started.block_status
         self._replies_allowed = True
-        flags = transmission_flags(export, structured=self.structured)
-        return TransmissionStarted(key, export, flags, self.structured, self._block_status)
-
-    def _opt_meta_context(self, option: int, data: bytes) -> Event:
-        if option == Option.SET_META_CONTEXT and not self.structured:
-            raise _OptionError(Reply.ERR_INVALID, "structured replies must be negotiated first")
-        if len(data) < 8:
-            raise _OptionError(Reply.ERR_INVALID, "option data too short")
-        (namelen,) = _U32.unpack_from(data, 0)
-        if 4 + namelen + 4 > len(data):
-            raise _OptionError(Reply.ERR_INVALID, "export name length exceeds option data")
-        name = self._string(data, 4, namelen, "export name")
-        pos = 4 + namelen
-        (count,) = _U32.unpack_from(data, pos)
-        pos += 4
-        queries: list[str] = []
-        for _ in range(count):
-            if pos + 4 > len(data):
-                raise _OptionError(Reply.ERR_INVALID, "query count exceeds option data")
-            (qlen,) = _U32.unpack_from(data, pos)
-            if pos + 4 + qlen > len(data):
-                raise _OptionError(Reply.ERR_INVALID, "query length exceeds option data")
-            queries.append(self._string(data, pos + 4, qlen, "query"))
-            pos += 4 + qlen
-        if pos != len(data):
-            raise _OptionError(Reply.ERR_INVALID, "trailing bytes after the queries")
-        if self._lookup(name) is None:
-            raise _OptionError(Reply.ERR_UNKNOWN, f"unknown export {name!r}")
-        listing = option == Option.LIST_META_CONTEXT
-        if listing and not queries:
-            matched = True
-        else:
-            matched = any(q == BASE_ALLOCATION or (listing and q == "base:") for q in queries)
-        if matched:
-            context_id = 0 if listing else BASE_ALLOCATION_ID
-            self._option_reply(option, Reply.META_CONTEXT, _U32.pack(context_id) + BASE_ALLOCATION.encode())
-        if not listing:
-            self._meta_export = name
-            self._meta_selected = matched
-        self._option_reply(option, Reply.ACK)
-        return OptionHandled(option, Reply.ACK)
 
     # --- transmission -------------------------------------------------------------------------
 
@@ -729,7 +536,7 @@ class ServerConnection:
             raise LocalProtocolError("an error reply needs a nonzero error")
         if not self.structured:
             return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
-        msg = _encode_message(message)
+        msg = encode_message(message)
         return (
             _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR, handle, 6 + len(msg))
             + struct.pack(">IH", error, len(msg)) + msg
@@ -743,7 +550,7 @@ class ServerConnection:
             raise LocalProtocolError("error offsets need structured replies")
         if not error:
             raise LocalProtocolError("an error reply needs a nonzero error")
-        msg = _encode_message(message)
+        msg = encode_message(message)
         return (
             _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, ReplyType.ERROR_OFFSET, handle,
                         14 + len(msg))

@@ -76,17 +76,14 @@ from typing import Any
 from blockprov.agent import lifecycle, run_async
 from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.align import runs
-from blockprov.cache.device import CacheDevice
-from blockprov.cache.fetcher import DEFAULT_READAHEAD, DEFAULT_TIMEOUT
-from blockprov.cache.journal import META_NAME, load
-from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
-from blockprov.cache.reserve import Reserve
+from blockprov.cache import DEFAULT_READAHEAD, DEFAULT_TIMEOUT, CacheDevice, Reserve, is_cache, load_state
 from blockprov.errors import BlockprovError, CacheMismatch, NetbootError, Unauthorized
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd, loader
 from blockprov.netboot.params import check_params, diskless, peer_port
 from blockprov.repo.remote import RemoteRepository
+from blockprov.retry import RetryPolicy, is_transient, retry_sync
 
 log = logging.getLogger("blockprov.netboot")
 
@@ -127,23 +124,22 @@ def harden() -> list[str]:
 
 
 def resolve(repo: RemoteRepository, ref: str, say: Any, give_up_after: float | None = None) -> Manifest | None:
-    """The manifest of ``ref``; a repository that is down is retried with backoff, forever (a PC
-    that cannot reach its repository has nothing better to do, and says so on its console) —
-    or, with ``give_up_after`` (the disk can boot offline), for that many seconds, then None."""
-    wait = 1.0
-    end = None if give_up_after is None else time.monotonic() + give_up_after
-    while True:
-        try:
-            return repo.resolve(ref)
-        except BlockprovError as e:
-            if getattr(e, "exit_code", 0) != 7:  # only "unavailable" is worth a retry
-                raise
-            if end is not None and time.monotonic() + wait > end:
-                say(f"repository {repo.url} unreachable ({e})")
-                return None
-            say(f"repository {repo.url} unreachable ({e}); retrying in {wait:g} s")
-        time.sleep(wait)
-        wait = min(RETRY_MAX, wait * 2)
+    """The manifest of ``ref``; a repository that is down is retried with backoff (retry.py: only
+    what its error class calls transient — a certificate the PC does not trust ends the boot with
+    its reason at once), for ever (a PC that cannot reach its repository has nothing better to do,
+    and says so on its console) — or, with ``give_up_after`` (the disk can boot offline), for that
+    many seconds, then None."""
+    def unreachable(e: BaseException, attempt: int, delay: float) -> None:
+        say(f"repository {repo.url} unreachable ({e}); retrying in {delay:.0f} s")
+
+    policy = RetryPolicy(timeout=give_up_after, first_delay=1.0, max_delay=RETRY_MAX, jitter=False)
+    try:
+        return retry_sync(lambda: repo.resolve(ref), policy, f"resolving {ref} at {repo.url}", on_retry=unreachable)
+    except BlockprovError as e:
+        if not is_transient(e):
+            raise
+        say(f"repository {repo.url} unreachable ({e})")
+        return None
 
 
 def offline_disk(params: dict[str, str]) -> disk.Disk | None:
@@ -284,13 +280,13 @@ def connect_kernel(ready: int, say: Any) -> None:
 
 def held_version(cache_dir: Path) -> tuple[str, str] | None:
     """(image, version) of the cache the disk holds, if any."""
-    if not (cache_dir / META_NAME).exists():
+    if not is_cache(cache_dir):
         return None
     try:
-        meta = load(cache_dir).meta
+        st = load_state(cache_dir)
     except BlockprovError as e:
         raise NetbootError(f"the disk's cache metadata is unreadable: {e}") from None
-    return meta.image, meta.version
+    return st.image, st.version
 
 
 def instance_name(host: str | None) -> str | None:
@@ -360,7 +356,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         done = await lifecycle.update(dev, manifest, keep_modified=policy == "keep")
         say(f"updated {old[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
             f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept")
-    counts = dev.chunk_map.counts()
+    counts = dev.chunks.counts()
     m = dev.manifest
     if offline:
         say(f"OFFLINE: the repository {repo.url} is unreachable; serving {m.image}@{m.id[:12]} from disk "
@@ -381,14 +377,14 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         say("hydrating every chunk before the boot (blockprov.hydrate=before-boot)")
         while agent.ops.hydrator.running:
             await asyncio.sleep(0.5)
-        counts = dev.chunk_map.counts()
+        counts = dev.chunks.counts()
         say(f"hydrated before the boot: {counts['total'] - counts['missing']}/{counts['total']} chunks local")
     if not offline and d is not None and params.get("loader") != "off":
         hydrator = agent.ops.hydrator
         cmdline = Path("/proc/cmdline").read_text()  # /proc, /sys and /dev move into the new root
         job = threading.Thread(target=write_loader, daemon=True, name="loader", args=(
             params, cmdline, m, d, loader.node_numbers(d), say,
-            lambda: hydrator is not None and hydrator.running, lambda: dev.chunk_map.counts()["missing"]))
+            lambda: hydrator is not None and hydrator.running, lambda: dev.chunks.counts()["missing"]))
         job.start()
         if hydrate == "before-boot":  # the FOG model: everything on the disk before the boot, the loader too
             await asyncio.get_running_loop().run_in_executor(None, job.join)
@@ -413,8 +409,7 @@ def open_reserve(d: disk.Disk, say: Any) -> Reserve | None:
 
 def modified_chunks(cache_dir: Path) -> list[int]:
     """The chunks the last session changed (the disk's journal replayed, nothing written)."""
-    flags = load(cache_dir).map.flags
-    return [i for i in range(len(flags)) if flags[i] & MODIFIED]
+    return load_state(cache_dir).chunks.modified_chunks()
 
 
 async def restore_from_reserve(dev: CacheDevice, reserve: Reserve, session: list[int], offline: bool,
@@ -422,12 +417,12 @@ async def restore_from_reserve(dev: CacheDevice, reserve: Reserve, session: list
     """After the reset of a ``restore`` boot: the chunks the session changed, back from the golden
     reserve (verified by digest); the console says how many, and, offline, which could not be."""
     await dev.settle()  # the reset's hole punching is done: restored chunks are kept
-    fl = dev.chunk_map.flags
-    todo = [c for c in session if not fl[c] & (PRESENT | ZERO) and reserve.holds(dev.manifest, c)]
+    chunks = dev.chunks
+    todo = [c for c in chunks.missing(session) if reserve.holds(dev.manifest, c)]
     if todo:
         await dev.fetch_chunks(todo)
-    left = [c for c in session if not fl[c] & (PRESENT | ZERO)]
-    kept = len(todo) - sum(1 for c in todo if not fl[c] & (PRESENT | ZERO))
+    left = chunks.missing(session)
+    kept = len(todo) - len(chunks.missing(todo))
     say(f"restored {len(session) - len(left)} of {len(session)} changed chunk(s): {kept} from the disk's "
         f"golden reserve, {len(session) - len(left) - kept} all-zero in the image; "
         f"{len(left)} left for the repository")
@@ -498,7 +493,7 @@ async def sync_fills(dev: CacheDevice) -> None:
     while True:
         await asyncio.sleep(SYNC_FILLS)
         with contextlib.suppress(BlockprovError):
-            await dev.state.sync()
+            await dev.sync_fills()
 
 
 def main(argv: list[str]) -> int:

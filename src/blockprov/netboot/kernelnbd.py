@@ -20,7 +20,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from blockprov.errors import NetbootError
+from blockprov.errors import HandshakeError
 from blockprov.nbd.constants import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ClientFlag, HandshakeFlag, Info, Option
 
 NBD_SET_SOCK = 0xAB00
@@ -36,10 +36,6 @@ REP_ACK = 1
 REP_INFO = 3
 REP_ERR = 1 << 31
 BLOCK = 4096
-
-
-class HandshakeError(NetbootError):
-    """{msg}"""
 
 
 @dataclass(frozen=True)

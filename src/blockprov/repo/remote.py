@@ -43,6 +43,7 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
 import json
 import socket
@@ -61,7 +62,14 @@ import httpx
 
 from blockprov import __version__, boot, codec, errors, names
 from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
-from blockprov.errors import BlockprovError, ManifestError, RepositoryUnavailable, UntrustedServer, UsageError
+from blockprov.errors import (
+    BlockprovError,
+    ManifestError,
+    RepositoryUnavailable,
+    StaleConnection,
+    UntrustedServer,
+    UsageError,
+)
 from blockprov.manifest import Manifest
 from blockprov.names import (
     Ref,
@@ -76,8 +84,11 @@ from blockprov.names import (
     tag_name,
     version_id,
 )
+from blockprov.retry import RetryPolicy, retry_sync
 
 BATCH_BYTES = 16 << 20  # target size of one fetch answer or one upload
+# A POST on an idle keep-alive connection the server closed meanwhile goes once more, at once.
+STALE_RETRY = RetryPolicy(timeout=None, first_delay=0.0, max_delay=0.0, max_attempts=2)
 MISSING_BATCH = 65536  # ids per /v1/chunks/missing question (2 MiB)
 MAX_FETCH_IDS = 4096
 GET_WORKERS = 16  # parallel per-chunk GETs in cacheable mode
@@ -150,6 +161,7 @@ class KeepAlivePost:
     def __init__(self, url: str, timeout: float, headers: dict[str, str] | None = None,
                  context: ssl.SSLContext | None = None) -> None:
         u = urllib.parse.urlsplit(url)
+        self.url = url
         self.host = u.hostname or "localhost"
         self.port = u.port
         self.https = u.scheme == "https"
@@ -184,36 +196,46 @@ class KeepAlivePost:
 
     def post(self, path: str, body: bytes,
              headers: dict[str, str] | None = None) -> tuple[int, list[tuple[str, str]], memoryview]:
-        """Status, headers and body (read-only) of one POST. Raises OSError / HTTPException."""
-        for attempt in (0, 1):
+        """Status, headers and body (read-only) of one POST. Raises OSError / HTTPException. A
+        request sent on an idle keep-alive connection the server had closed goes once more, at
+        once (retry.py, ``StaleConnection``); a second such failure is raised as its own error."""
+        try:
+            return retry_sync(functools.partial(self._post_once, path, body, headers), STALE_RETRY,
+                              f"POST {self.prefix}{path}")
+        except StaleConnection as e:
+            assert isinstance(e.__cause__, OSError | http.client.HTTPException)
+            raise e.__cause__ from None
+
+    def _post_once(self, path: str, body: bytes,
+                   headers: dict[str, str] | None) -> tuple[int, list[tuple[str, str]], memoryview]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        reused = conn is not None
+        if conn is None:
+            conn = self._connect()
+        answered = False
+        try:
+            conn.request("POST", self.prefix + path, body=body,
+                         headers=self.headers if headers is None else {**self.headers, **headers})
+            resp = conn.getresponse()
+            answered = True
+            data = _read_body(resp)
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            if reused and not answered:  # the server closed an idle keep-alive connection
+                raise StaleConnection(url=self.url, why=f"{type(e).__name__}: {e}" if str(e)
+                                      else type(e).__name__) from e
+            raise
+        if resp.will_close:
+            conn.close()
+        else:
             with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            reused = conn is not None
-            if conn is None:
-                conn = self._connect()
-            answered = False
-            try:
-                conn.request("POST", self.prefix + path, body=body,
-                             headers=self.headers if headers is None else {**self.headers, **headers})
-                resp = conn.getresponse()
-                answered = True
-                data = _read_body(resp)
-            except (OSError, http.client.HTTPException):
+                if len(self._idle) < self.KEEP:
+                    self._idle.append(conn)
+                    conn = None
+            if conn is not None:
                 conn.close()
-                if reused and not answered and attempt == 0:
-                    continue  # the server closed an idle keep-alive connection: once more, fresh
-                raise
-            if resp.will_close:
-                conn.close()
-            else:
-                with self._lock:
-                    if len(self._idle) < self.KEEP:
-                        self._idle.append(conn)
-                        conn = None
-                if conn is not None:
-                    conn.close()
-            return resp.status, resp.getheaders(), data
-        raise AssertionError("unreachable")
+        return resp.status, resp.getheaders(), data
 
     def close(self) -> None:
         with self._lock:

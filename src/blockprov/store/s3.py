@@ -219,7 +219,7 @@ class S3ChunkStore(ChunkStore):
                 raise mapped from None
 
         try:
-            out = retry_sync(attempt, self._once if self._down else self._policy)
+            out = retry_sync(attempt, self._once if self._down else self._policy, f"S3 request to {self.url}")
         except RepositoryUnavailable:
             self._down = True
             raise

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockprov.cache.device import CacheDevice
+from blockprov.cache import CacheDevice, repository_source
 from blockprov.errors import VmFailed
 from blockprov.manifest import Manifest
 from blockprov.nbd.server import NbdServer
@@ -114,7 +114,7 @@ async def record(repo: Repository, manifest: Manifest, *, timeout: float = TIMEO
             kernel.write_bytes(await loop.run_in_executor(None, repo.boot_file, ref, "kernel"))
             initrd.write_bytes(await loop.run_in_executor(None, repo.boot_file, ref, "initrd"))
             cmdline = " ".join(p for p in (files.cmdline, "console=ttyS0", append) if p)
-        dev = await CacheDevice.open(tmp / "cache", repo, manifest)
+        dev = await CacheDevice.open(tmp / "cache", repository_source(repo), manifest, repo=repo)
         server = NbdServer({"": dev})
         try:
             sock = Path(await server.start_unix(tmp / "nbd.sock"))

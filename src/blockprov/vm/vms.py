@@ -128,8 +128,8 @@ def ensure_disks_served(root: Path, repo_args: list[str], timeout: float = 60.0)
         return sock
     except AgentNotRunning:
         pass
-    cmd = [sys.executable, "-c", "import sys; from blockprov.cli import main; sys.exit(main())", *repo_args,
-           "clones", "serve", "--dir", str(disks), "--socket", str(sock)]
+    # the clones layer's own entry point (clones/serve.py): the CLI is not started from below it
+    cmd = [sys.executable, "-m", "blockprov.clones.serve", "--dir", str(disks), "--socket", str(sock), *repo_args]
 
     def ready() -> bool:
         try:

@@ -27,7 +27,7 @@ from starlette.requests import cookie_parser
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import Scope
 
-from blockprov.errors import BlockprovError, Forbidden, Unauthorized
+from blockprov.errors import BlockprovError, CrossSite, Forbidden, Unauthorized
 from blockprov.service.ui.render import page
 
 PREFIX = "/ui"
@@ -65,10 +65,6 @@ def same_origin(scope: Scope) -> bool:
         return urlsplit(source).netloc.lower() == host.lower()
     except ValueError:
         return False
-
-
-class CrossSite(Forbidden):
-    """refused: this form was not sent from the console's own page (Origin {origin})"""
 
 
 def cross_site(scope: Scope) -> CrossSite:
