@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from blockprov.boot import Source
 from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
+from blockprov.errors import BlockprovError
 from blockprov.manifest import Manifest
 from blockprov.names import Ref
 
@@ -43,8 +44,11 @@ class BlobViews(Protocol):
     one buffer, saving a copy per blob (RemoteRepository reads a whole fetch answer into one).
     Check with ``isinstance(source, BlobViews)``; a source without it is read with ``get_blobs``."""
 
-    def get_blob_views(self, ids: Sequence[bytes]) -> Sequence[bytes | memoryview]:
-        """Like ``get_blobs``; a view stays valid as long as the caller holds it."""
+    def get_blob_views(self, ids: Sequence[bytes]) -> Sequence[bytes | memoryview | BlockprovError]:
+        """Like ``get_blobs``; a view stays valid as long as the caller holds it. A partial answer is
+        allowed here: in place of a blob, the error that kept that one chunk away while the others
+        came (a site cache that lacks it while its upstream is down); the caller fails that chunk
+        alone. A source that got none raises, as ``get_blobs``."""
         ...
 
 

@@ -67,7 +67,7 @@ from blockprov.errors import (
     UsageError,
     error_to_dict,
 )
-from blockprov.repo.remote import LEN, RemoteRepository
+from blockprov.repo.remote import ABSENT, LEN, RemoteRepository
 from blockprov.store.bounded import BoundedStore
 
 log = logging.getLogger("blockprov.sitecache")
@@ -77,6 +77,7 @@ ID = codec.DIGEST_SIZE
 MAX_FETCH_IDS = 16384
 DECISION_FRESH = 60.0  # seconds a token's answer from the upstream is used before asking again
 DECISION_STALE = 86400.0  # and how long it still serves while the upstream cannot be reached
+DECISIONS = "decisions.json"
 MAX_KEPT_BODY = 128 << 20  # the largest GET answer kept (an initramfs is ~25 MiB)
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length"}
@@ -97,7 +98,13 @@ class SiteCache:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, read=None), follow_redirects=False)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="bp-sitecache")
         self._flights: dict[bytes, asyncio.Future[bytes]] = {}
-        self._decisions: dict[str, tuple[float, dict[str, Any] | BlockprovError]] = {}
+        # the upstream's answers about callers' tokens, by SHA-256 of the Authorization value (never the
+        # token): (when, the /v1/whoami answer or {"refused": why}); kept on disk, so a café whose site
+        # cache restarts while its uplink is down still lets its PCs in
+        self._decisions: dict[str, tuple[float, dict[str, Any]]] = {}
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self._decisions = {k: (float(t), dict(a)) for k, (t, a) in
+                               json.loads((data_dir / DECISIONS).read_text()).items()}
         self.counters = {"chunks_hit": 0, "bytes_hit": 0, "chunks_upstream": 0, "bytes_upstream": 0,
                          "chunks_failed": 0, "corrupt_dropped": 0, "passed": 0, "stale_answers": 0}
         self.last_upstream_ok: float | None = None
@@ -180,8 +187,9 @@ class SiteCache:
     # -- who may read what it holds ---------------------------------------------------------------
     async def decision(self, auth: str) -> dict[str, Any]:
         """The upstream's ``/v1/whoami`` for this Authorization value (module docstring)."""
-        now = time.monotonic()
-        held = self._decisions.get(auth)
+        now = time.time()
+        key = hashlib.sha256(auth.encode("latin-1", "replace")).hexdigest()
+        held = self._decisions.get(key)
         if held is not None and now - held[0] < DECISION_FRESH:
             answer = held[1]
         else:
@@ -189,7 +197,7 @@ class SiteCache:
                 r = await self.http.get(f"{self.upstream_url}/v1/whoami",
                                         headers={"authorization": auth} if auth else {})
                 if r.status_code in (401, 403):
-                    answer = Unauthorized(why=str(r.json().get("message", "the token is not valid")))
+                    answer = {"refused": str(r.json().get("message", "the token is not valid"))}
                 elif r.status_code == 200:
                     answer = dict(r.json())
                 else:
@@ -204,9 +212,12 @@ class SiteCache:
             else:
                 if len(self._decisions) > 10000:
                     self._decisions.clear()
-                self._decisions[auth] = (now, answer)
-        if isinstance(answer, BlockprovError):
-            raise answer
+                changed = held is None or held[1] != answer
+                self._decisions[key] = (now, answer)
+                if changed:
+                    await self.run(atomic_write, self.data_dir / DECISIONS, json.dumps(self._decisions).encode())
+        if "refused" in answer:
+            raise Unauthorized(why=str(answer["refused"]))
         return answer
 
     async def check(self, request: Request, need: str = "read", *, boot: bool = False) -> None:
@@ -309,11 +320,18 @@ async def fetch(request: Request) -> Response:
     except ChunkMissing as e:
         return JSONResponse(error_to_dict(e), status_code=404)
     except RepositoryUnavailable as e:
-        raise RepositoryUnavailable(url=sc.upstream_url, why=f"{len(uniq)} chunk(s) asked, some not held by this site "
-                                                             f"cache, and the upstream is unreachable: {e}") from None
+        # What it holds it still gives, to a client that takes a partial answer (repo/remote.py,
+        # PARTIAL): a read of a held chunk must not fail because a read-ahead asked for more.
+        held = await sc.run(sc._read_verified, uniq) if request.headers.get("x-blockprov-partial") == "1" else {}
+        if not held:
+            raise RepositoryUnavailable(url=sc.upstream_url, why=f"{len(uniq)} chunk(s) asked, not held by this "
+                                                                 f"site cache, and the upstream is unreachable: {e}"
+                                        ) from None
+        got = held
     parts: list[bytes] = []
     for c in uniq:
-        parts += (LEN.pack(len(got[c])), got[c])
+        b = got.get(c)
+        parts += (LEN.pack(len(b)), b) if b is not None else (LEN.pack(ABSENT),)
     return Response(b"".join(parts), media_type="application/octet-stream")
 
 
