@@ -127,14 +127,14 @@ def corrupt_chunk(repo: LocalRepository, cid: bytes) -> None:
 
 
 def run_cli(*args: str, data: Path | None = None, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+            check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)
     e.pop("BLOCKPROV_REPO", None)
     if data is not None:
         e["BLOCKPROV_DATA"] = str(data)
     if env:
         e.update(env)
-    p = subprocess.run([str(VENV_BIN / "blockprov"), *args], capture_output=True, text=True, env=e, timeout=300)
+    p = subprocess.run([str(VENV_BIN / "blockprov"), *args], capture_output=True, text=True, env=e, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"blockprov {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

@@ -28,6 +28,26 @@ def _sitecache(url: str, name: str) -> int:
     return int(float(m.group(1))) if m else 0
 
 
+def test_the_netboot_initramfs_profile_is_prepared_by_a_network_boot(netrepo: NetRepo) -> None:
+    """A version whose boot files are blockprov's initramfs gets its profile from a boot made as a
+    PC makes it (issue 26 item 0): diskless, through qemu's user network, the fetches recorded."""
+    assert netrepo.data is not None
+    show = json.loads(run_cli("--repo", netrepo.url, "show", "bootlab:v1", "--json").stdout)
+    assert not show["profile"]["ready"], show["profile"]  # nothing booted it yet
+    # one TCG network boot (the preparation's own bound is 600 s, plus the initramfs's start)
+    got = json.loads(run_cli("--data", str(netrepo.data), "profile", "prepare", "bootlab:v1", "--json",
+                             timeout=1200).stdout)
+    assert got["state"] == "done" and got["network_boot"] and got["chunks"] > 100, got
+    show = json.loads(run_cli("--repo", netrepo.url, "show", "bootlab:v1", "--json").stdout)["profile"]
+    assert show["ready"] and show["own"] and show["chunks"] >= got["chunks"], show
+    assert show["preparation"]["state"] == "done", show
+    agents = [a["instance"] for a in json.loads(run_cli("--repo", netrepo.url, "agents", "--json").stdout)]
+    assert not any(a.startswith("pc-prepare-") for a in agents), agents  # the preparing boot's agent is gone
+    # again: nothing to do, it has one
+    again = json.loads(run_cli("--data", str(netrepo.data), "profile", "prepare", "bootlab:v1", "--json").stdout)
+    assert again["state"] == "skipped" and "has a boot profile" in again["detail"], again
+
+
 def test_two_pcs_of_a_site_boot_through_its_cache(netrepo: NetRepo, tmp_path: Path) -> None:
     cache, cache_url = start_server(tmp_path / "sc", "--upstream", netrepo.url)
     try:

@@ -121,7 +121,8 @@ def test_shell_completion() -> None:
 NOT_READS = {"attach", "boot-files build", "boot-files set", "catalog copy", "clone", "clones serve", "export", "gc",
              "host assign", "host prewarm", "hydrate", "import", "pool acquire", "pool create", "pool release",
              "pool serve",
-             "profile record", "profile save", "reset", "site add", "snapshot", "store copy", "store reindex",
+             "profile prepare", "profile record", "profile save", "reset", "site add", "snapshot", "store copy",
+             "store reindex",
              "token create", "token revoke", "update", "vm clone", "vm push", "vm rm", "vm run",
              "vm stop", "vm template"}
 

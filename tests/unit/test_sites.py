@@ -191,3 +191,32 @@ def test_a_hosts_site_is_a_field_and_its_cache_serves_the_boot(tmp_path: Path) -
         assert h.site is None
     finally:
         repo.close()
+
+
+def test_bytes_by_source_per_site_and_version_on_the_console_and_metrics(tmp_path: Path) -> None:
+    repo = LocalRepository(tmp_path / "repo")
+    client = TestClient(create_app(repo, access=AccessPolicy(mode="off")))
+    try:
+        vid = "0123456789abcdef"
+        for i, (site, peers, cache, origin) in enumerate([("cafe", 900, 0, 100), ("cafe", 800, 0, 200),
+                                                          ("school", 0, 700, 0), (None, 0, 0, 500)]):
+            repo.register_agent(f"pc-{i}", {"site": site, "image": "lab", "version": vid, "sources": {
+                vid: {"peers": {"chunks": 1, "bytes": peers}, "site_cache": {"chunks": 1, "bytes": cache},
+                      "repository": {"chunks": 1, "bytes": origin}}}})
+        repo.register_agent("pc-bad", {"site": "cafe", "sources": {"x": {"peers": {"bytes": "lots"}}}})  # ignored
+        from blockprov.catalog.sites import traffic
+
+        rows = {(r["site"], r["version"]): r for r in traffic(repo.agents())}
+        assert rows[("cafe", vid)] | {} == {"site": "cafe", "image": "lab", "version": vid, "agents": 2,
+                                            "peers": 1700, "site_cache": 0, "repository": 300}
+        assert rows[("school", vid)]["site_cache"] == 700 and rows[(None, vid)]["repository"] == 500
+        metrics = client.get("/metrics").text
+        assert (f'blockprov_site_fetched_bytes{{image="lab",site="cafe",source="peers",version="{vid}"}} 1700.0'
+                in metrics), metrics
+        health = client.get("/ui/health").text
+        assert 'data-site="cafe"' in health and "85 %" in health, health  # 1700 of 2000 bytes not from here
+        machines = client.get("/ui/machines").text
+        assert "site <b>cafe</b>" in machines and "peers 900 B" in machines, machines
+    finally:
+        client.close()
+        repo.close()

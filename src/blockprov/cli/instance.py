@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -347,8 +348,14 @@ def profile_prepare_cmd(obj: Ctx, ref: str, timeout: float, idle: float, as_json
     if not isinstance(repo, LocalRepository):
         raise UsageError("profile prepare runs on the repository's host, on its data directory: use --data DIR "
                          "(a server prepares the versions it records boot files for by itself)")
+    def serve(mode: str, on_fetch: Callable[[list[bytes]], None]) -> AbstractContextManager[str]:
+        from blockprov.service.access import AccessPolicy
+        from blockprov.service.run import ServerThread
+
+        return ServerThread(repo, AccessPolicy(mode), on_fetch=on_fetch)
+
     quiet_library_logs()
-    got = run_async(prepare(repo, ref, timeout=timeout, idle=idle))
+    got = run_async(prepare(repo, ref, serve, timeout=timeout, idle=idle))
     if as_json:
         emit(got)
         return

@@ -209,9 +209,9 @@ class ServerThread:
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                         name="bp-serve")
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> str:
         self._thread.start()
-        return self
+        return self.url
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 from starlette.applications import Starlette
 from starlette.requests import Request
 
+from blockprov.catalog.sites import traffic
 from blockprov.catalog.tokens import TokenStore
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
@@ -44,6 +45,7 @@ class Service:
         self.metrics = ServiceMetrics()
         manifests = self.manifests
         self.metrics.manifest_cache = lambda: (manifests.hits, manifests.misses)
+        self.metrics.site_traffic = lambda: traffic(repo.agents())
         if isinstance(self.store, CachedChunkStore):
             cache = self.store
             self.metrics.chunk_cache = lambda: (cache.hits, cache.misses, cache.joined, cache.cached_bytes())

@@ -16,12 +16,13 @@ files (the embedded repository) or by the server that recorded them (``blockprov
   (vm/record.py), the disk an NBD export of a throwaway cache. blockprov's own network-boot
   initramfs (``boot-files build``): booted with no network that initramfs has no repository to
   read from and records nothing useful, so it is booted the way a PC boots it: qemu's user network,
-  the repository served on 127.0.0.1 by this process (``ServerThread``, reached by the guest as
-  10.0.2.2), the in-machine agent diskless (the cache in RAM), with no read-ahead, no hydration and
-  no boot loader written. With no read-ahead the agent fetches exactly what the guest reads, in the
-  order it reads it, so the order of the chunk fetches the server sees is the boot's read order;
-  the server records it (``on_fetch``) and nothing in the guest has to cooperate (the test image
-  powers off at the end of its boot; a desktop idles at its login screen).
+  the repository served on 127.0.0.1 by this process (``Serve``: service/run.py's ``ServerThread``,
+  given by the CLI; reached by the guest as 10.0.2.2), the in-machine agent diskless (the cache in
+  RAM), with no read-ahead, no hydration and no boot loader written. With no read-ahead the agent
+  fetches exactly what the guest reads, in the order it reads it, so the order of the chunk
+  fetches the server sees is the boot's read order; the server records it (``on_fetch``) and
+  nothing in the guest has to cooperate (the test image powers off at the end of its boot; a
+  desktop idles at its login screen).
 * Where tokens are enforced the guest gets a temporary ``agent`` token (revoked at the end);
   where none exist yet none is created (creating the first token closes an open repository).
 
@@ -42,7 +43,8 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,6 @@ from blockprov.catalog.tokens import TokenStore
 from blockprov.errors import BlockprovError, VmFailed
 from blockprov.manifest import Manifest
 from blockprov.repo.local import LocalRepository
-from blockprov.service.access import AccessPolicy
-from blockprov.service.run import ServerThread
 from blockprov.vm.qemu import QEMU
 from blockprov.vm.record import IDLE, TIMEOUT, boot_until_idle, record
 
@@ -61,6 +61,9 @@ LOCK = "prepare.lock"
 MARKER = b"blockprov.netboot.machine"  # the initramfs's /init runs it: blockprov's own initramfs
 SCAN_LIMIT = 256 << 20  # unpacked initrd bytes searched for the marker
 NETBOOT_MEMORY = "1536"  # MiB: the guest's RAM holds the cache of what it reads
+# Serves the repository on 127.0.0.1 while a network boot records (the CLI gives it: the service is
+# the CLI's to load): (access mode "on" or "off", a callback seeing every chunk fetch's ids) → its URL.
+Serve = Callable[[str, Callable[[list[bytes]], None]], AbstractContextManager[str]]
 
 
 def qemu_missing() -> str | None:
@@ -135,7 +138,8 @@ def one_at_a_time(data_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-async def prepare(repo: LocalRepository, ref: str, *, timeout: float = TIMEOUT, idle: float = IDLE) -> dict[str, Any]:
+async def prepare(repo: LocalRepository, ref: str, serve: Serve, *, timeout: float = TIMEOUT,
+                  idle: float = IDLE) -> dict[str, Any]:
     """Prepare the boot profile of the version ``ref`` names (module docstring); the result as a dict."""
     m = repo.resolve(ref)
     repo.preparations.set(m.image, m.id, "queued", "waiting for the one preparation at a time")
@@ -149,7 +153,7 @@ async def prepare(repo: LocalRepository, ref: str, *, timeout: float = TIMEOUT, 
         try:
             initrd = repo.boot_file(f"{m.image}@{m.id}", "initrd")
             if is_blockprov_initramfs(initrd):
-                got = await record_netboot(repo, m, timeout=timeout, idle=idle)
+                got = await record_netboot(repo, m, serve, timeout=timeout, idle=idle)
             else:
                 got = (await record(repo, m, timeout=timeout, idle=idle)).to_dict()
         except (BlockprovError, OSError) as e:
@@ -160,7 +164,8 @@ async def prepare(repo: LocalRepository, ref: str, *, timeout: float = TIMEOUT, 
         return got | {"state": "done", "detail": detail}
 
 
-async def record_netboot(repo: LocalRepository, m: Manifest, *, timeout: float, idle: float) -> dict[str, Any]:
+async def record_netboot(repo: LocalRepository, m: Manifest, serve: Serve, *, timeout: float,
+                         idle: float) -> dict[str, Any]:
     """Boot blockprov's initramfs of ``m`` the way a PC boots it, recording the order of the chunk
     fetches the repository answers (module docstring); save it as the version's profile."""
     ref = f"{m.image}@{m.id}"
@@ -195,8 +200,8 @@ async def record_netboot(repo: LocalRepository, m: Manifest, *, timeout: float, 
         kernel, initrd = tmp / "kernel", tmp / "initrd"
         kernel.write_bytes(repo.boot_file(ref, "kernel"))
         initrd.write_bytes(repo.boot_file(ref, "initrd"))
-        with ServerThread(repo, AccessPolicy("on" if token else "off"), on_fetch=fetched) as server:
-            port = server.url.rsplit(":", 1)[1]
+        with serve("on" if token else "off", fetched) as url:
+            port = url.rsplit(":", 1)[1]
             words = [files.cmdline, "console=ttyS0", f"blockprov.repo=http://10.0.2.2:{port}", f"blockprov.image={ref}",
                      f"blockprov.host={host}", "blockprov.disk=none", "blockprov.hydrate=off", "blockprov.readahead=0",
                      "blockprov.loader=off", *([f"blockprov.token={token}"] if token else [])]

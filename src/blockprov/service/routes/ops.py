@@ -49,7 +49,10 @@ async def whoami(request: Request) -> dict[str, Any]:
 async def prometheus_metrics(request: Request) -> Response:
     """Prometheus text format: requests by route and status, bytes in and out, chunk traffic,
     errors by class, the process's CPU and memory."""
-    return Response(generate_latest(Service.of(request).registry), media_type=CONTENT_TYPE_LATEST)
+    svc = Service.of(request)
+    # on the pool: the sites' traffic is read from the catalog (the counters are plain ints and dicts,
+    # copied before they are read)
+    return Response(await svc.run(generate_latest, svc.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/v1/gc", tags=["service"])

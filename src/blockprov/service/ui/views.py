@@ -23,6 +23,7 @@ from typing import Any
 from blockprov import manifest as mf
 from blockprov.catalog.machines import SEEN_EVERY
 from blockprov.catalog.records import VersionInfo
+from blockprov.catalog.sites import SOURCES, traffic
 from blockprov.errors import BlockprovError
 from blockprov.names import Ref, image_name
 from blockprov.service.state import Service
@@ -140,7 +141,16 @@ def agent_row(a: dict[str, Any], failed: dict[str, tuple[str, float]]) -> dict[s
             "image": _text(info.get("image")), "version": _text(info.get("version")), "host": _text(info.get("host")),
             "hydration": percent, "modified": _num(info.get("modified_chunks")),
             "latency": _num(info.get("fetch_latency_ms")), "last_error": last_error,
-            "pending": a["pending"], "running": a["running"]}
+            "pending": a["pending"], "running": a["running"], "site": _text(info.get("site")),
+            "sources": _sources(info.get("sources"))}
+
+
+def _sources(by: object) -> dict[str, int] | None:
+    """An agent's bytes by source, over its versions (from its report's ``sources``)."""
+    rows = traffic([{"info": {"sources": by}}]) if isinstance(by, dict) and by else []
+    if not rows:
+        return None
+    return {s: sum(int(r[s]) for r in rows) for s in SOURCES}
 
 
 def _info(a: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +248,7 @@ def health(svc: Service, state: ConsoleState) -> dict[str, Any]:
     out["requests"] = {"total": total, "per_second": rate, "server_errors": errors, "in_flight": m.in_flight,
                        "chunks_served": m.chunks_served, "chunks_received": m.chunks_received,
                        "uptime": time.time() - m.started}
+    out["sites"] = traffic(svc.repo.agents())
     out["chunk_cache"] = _hit_rate(m.chunk_cache() if m.chunk_cache else None)
     out["manifest_cache"] = _hit_rate(m.manifest_cache() if m.manifest_cache else None)
     return out
