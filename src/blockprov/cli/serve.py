@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 @click.option("--listen", default="127.0.0.1:8420", show_default=True, metavar="HOST:PORT",
               help="Address to listen on; port 0 picks a free port.")
 @click.option("--max-body", default="256M", callback=size_option, show_default=True,
-              help="Largest request body accepted (larger ones get 413).")
+              help="Largest request body accepted (larger ones get 413); each route also has its own, smaller "
+                   "limit (x-blockprov-max-body in /openapi.json).")
+@click.option("--max-in-flight", default="512M", callback=size_option, show_default=True, metavar="SIZE",
+              help="Bytes of request bodies the whole server holds at once; a request that would pass it "
+                   "waits, then gets 503.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1, max=3600), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="Time a request's headers may take, and the grace before its body must keep coming at "
+                   "4 KiB/s or faster; a slower client gets 408 and is disconnected.")
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
 @click.option("--chunk-cache", default="256M", callback=size_option, show_default=True, metavar="SIZE",
               help="Memory for chunks read from an object store (--store s3://…), so that many agents reading "
@@ -53,9 +61,10 @@ if TYPE_CHECKING:
               help="With --upstream: the read token the site cache fetches chunks with (a site's machines' "
                    "own tokens are passed on for everything else).")
 @click.pass_obj
-def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cache: int, auth_mode: str,
-              anonymous_read: bool, anonymous_boot: bool, tls_cert: str | None, tls_key: str | None,
-              prepare: bool, upstream: str | None, cache_size: int, upstream_token: str | None) -> None:
+def serve_cmd(obj: Ctx, listen: str, max_body: int, max_in_flight: int, request_timeout: float, access_log: bool,
+              chunk_cache: int, auth_mode: str, anonymous_read: bool, anonymous_boot: bool, tls_cert: str | None,
+              tls_key: str | None, prepare: bool, upstream: str | None, cache_size: int,
+              upstream_token: str | None) -> None:
     """Serve the embedded repository over HTTP to remote agents and tools (or, with --upstream, be a
     site cache of another repository).
 
@@ -107,7 +116,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
                 return schedule(repo, image, vid, cli_prefix(data, obj.store, obj.catalog), data / "prepare")
 
         run_server(data, host, port, max_body=max_body, store=store, catalog=catalog,
-                   chunk_cache=chunk_cache, prepare=hook,
+                   chunk_cache=chunk_cache, in_flight=max_in_flight, request_timeout=request_timeout, prepare=hook,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
                    access=AccessPolicy(auth_mode, anonymous_read, anonymous_boot), tls_cert=tls_cert,
                    tls_key=tls_key)

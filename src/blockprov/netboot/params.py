@@ -16,7 +16,9 @@ from what the disk holds; 0: at once), ``blockprov.site`` (the host's site, from
 fetches chunks from the site's other PCs and serves them its own), ``blockprov.peers`` (with a
 site: ``on``, the default, serves peers on port 7624; a port number; ``off`` only fetches from
 them), ``blockprov.loader=off`` (this boot leaves the disk's boot
-loader as it is) and ``blockprov.from=disk`` (added by the disk's own boot loader,
+loader as it is), ``blockprov.on_move`` (a ``keep`` machine moved to another version: ``snapshot``,
+the default, keeps the session's changes the new version cannot keep as a version first;
+``discard`` resets them: agent/keep.py) and ``blockprov.from=disk`` (added by the disk's own boot loader,
 netboot/loader.py).
 """
 
@@ -28,6 +30,7 @@ from blockprov.humanize import parse_size
 from blockprov.names import site_name
 
 DISKLESS = "none"
+ON_MOVE = ("snapshot", "discard")
 
 
 def parse_cmdline(text: str) -> dict[str, str]:
@@ -48,6 +51,8 @@ def check_params(params: dict[str, str]) -> None:
         raise NetbootError(f"blockprov.policy={params['policy']}: expected one of {', '.join(POLICIES)}")
     if params.get("hydrate", "background") not in HYDRATE:
         raise NetbootError(f"blockprov.hydrate={params['hydrate']}: expected one of {', '.join(HYDRATE)}")
+    if params.get("on_move", "snapshot") not in ON_MOVE:
+        raise NetbootError(f"blockprov.on_move={params['on_move']}: expected one of {', '.join(ON_MOVE)}")
     if "ram" in params:
         try:
             if parse_size(params["ram"]) < 16 << 20:

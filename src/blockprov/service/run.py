@@ -34,6 +34,7 @@ from blockprov.errors import UsageError
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
 from blockprov.service.app import MAX_BODY, create_app
+from blockprov.service.bounds import IN_FLIGHT, REQUEST_TIMEOUT, bounded_http
 from blockprov.store.base import ChunkStore
 from blockprov.store.cached import CachedChunkStore
 
@@ -86,9 +87,16 @@ def warn_open(repo: LocalRepository, policy: AccessPolicy, host: str, *, tls: bo
     if not tokens:
         why = "--auth off" if policy.mode == "off" else "no access token exists yet"
         log.warning("access control is off (%s): anyone who can reach this server may read and change the "
-                    "repository; create a token with: blockprov token create --scope write", why)
-    elif not tls and not _loopback(host):
-        log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
+                    "repository; create a token with: blockprov token create --scope write (with --auth auto, "
+                    "the first token closes it at once: start with --anonymous-boot if PCs network-boot from it)",
+                    why)
+    else:
+        if not policy.anonymous_boot:
+            log.warning("tokens are required and --anonymous-boot is off: PCs that network-boot (iPXE sends no "
+                        "token) are refused their boot scripts and shown why; start with --anonymous-boot to let "
+                        "them boot (it opens only boot scripts and kernel/initrd downloads)")
+        if not tls and not _loopback(host):
+            log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
 
 
 class _Server(uvicorn.Server):
@@ -133,13 +141,15 @@ def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: 
                on_ready: OnReady | None = None, max_body: int = MAX_BODY, access_log: bool = False,
                log_level: str = "info", store: ChunkStore | None = None, access: AccessPolicy | None = None,
                tls_cert: str | None = None, tls_key: str | None = None, catalog: SQLDatabase | None = None,
-               chunk_cache: int = 0, prepare: Callable[[LocalRepository, str, str], object] | None = None) -> None:
+               chunk_cache: int = 0, in_flight: int = IN_FLIGHT, request_timeout: float = REQUEST_TIMEOUT,
+               prepare: Callable[[LocalRepository, str, str], object] | None = None) -> None:
     """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening.
     ``store``: the chunk store to use instead of ``data_dir``'s pack store (e.g. S3); ``catalog``: the
     catalog's database instead of ``data_dir``'s SQLite (e.g. PostgreSQL). The server closes both.
     ``chunk_cache``: bytes of memory for blobs read from ``store`` (store/cached.py; 0: none).
     ``access``: who may call what (service/access.py);
-    ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file).
+    ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file);
+    ``in_flight``, ``request_timeout``: the bounds across requests (service/bounds.py).
     ``prepare(repo, image, vid)``: called when a version gets boot files (cli/serve.py starts the
     preparation of its boot profile, vm/prepare.py); None: no preparation."""
     if tls_cert is not None:
@@ -151,20 +161,21 @@ def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: 
     repo = LocalRepository(data_dir, store=store, catalog=catalog)
     warn_open(repo, access or AccessPolicy(), host, tls=tls_cert is not None)
     try:
-        app = create_app(repo, max_body=max_body, access=access)
+        app = create_app(repo, max_body=max_body, access=access, in_flight=in_flight, timeout=request_timeout)
         if prepare is not None:
             def started(image: str, vid: str) -> None:
                 log.info("%s@%s got boot files: %s", image, vid, prepare(repo, image, vid))
 
             app.state.service.prepare = started
         run_app(app, host, port, on_ready=on_ready, access_log=access_log, log_level=log_level, tls_cert=tls_cert,
-                tls_key=tls_key)
+                tls_key=tls_key, request_timeout=request_timeout)
     finally:
         repo.close()
 
 
 def run_app(app: Any, host: str, port: int, *, on_ready: OnReady | None = None, access_log: bool = False,
-            log_level: str = "info", tls_cert: str | None = None, tls_key: str | None = None) -> None:
+            log_level: str = "info", tls_cert: str | None = None, tls_key: str | None = None,
+            request_timeout: float = REQUEST_TIMEOUT) -> None:
     """uvicorn serving ``app`` on a socket bound here, until SIGINT/SIGTERM (the repository's app or a
     site cache's, service/sitecache.py)."""
     if tls_cert is not None:
@@ -175,8 +186,9 @@ def run_app(app: Any, host: str, port: int, *, on_ready: OnReady | None = None, 
         # (scripts read it and may not drain the rest), so logs of every kind go to stderr.
         log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-        config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=75, lifespan="on",
-                                log_config=log_config, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+        config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=75,
+                                lifespan="on", log_config=log_config, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                                http=bounded_http(request_timeout))
         _Server(config, url_of(sock, "https" if tls_cert else "http"), on_ready).run(sockets=[sock])
     finally:
         sock.close()

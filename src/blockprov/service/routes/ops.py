@@ -14,11 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from blockprov import __version__
-from blockprov.errors import Unauthorized
+from blockprov.errors import Unauthorized, UsageError
 from blockprov.service.access import bearer
 from blockprov.service.state import Service
 
 router = APIRouter()
+MAX_GRACE = 10 * 365 * 86400.0
 
 
 @router.get("/v1/health", tags=["service"])
@@ -60,5 +61,8 @@ async def gc(request: Request, grace: float | None = None) -> dict[str, Any]:
     """Delete chunks no version references and older than ``grace`` seconds (default 1 hour,
     which protects uploads still in progress)."""
     svc = Service.of(request)
+    if grace is not None and not 0 <= grace <= MAX_GRACE:  # NaN, a negative or endless grace (issue 27):
+        # NaN compares false with every upload time, so it would delete uploads still in progress
+        raise UsageError(f"grace must be 0 to {MAX_GRACE:g} seconds, not {grace}")
     stats = await svc.run(svc.repo.gc) if grace is None else await svc.run(svc.repo.gc, grace)
     return stats.to_dict()
