@@ -163,6 +163,30 @@ def host_assign(obj: Ctx, host_name: str, ref: str, args: str | None, policy: st
                + (f", args {h.args}" if h.args else ", no extra args"))
     if h.version and obj.repo.get_boot_files(f"{parse_ref(h.ref).name}@{h.version}") is None:
         click.echo(f"warning: {stranded(h.ref, h.version, [h.host])}", err=True)
+    small = _keep_token_too_small(obj, h)
+    if small:
+        click.echo(f"warning: {small}", err=True)
+
+
+def _keep_token_too_small(obj: Ctx, h: HostInfo) -> str | None:
+    """A keep PC keeps its session as a version before it moves to another one (agent/keep.py),
+    which needs a write token; with a smaller one it stays on its version. Checked where the
+    tokens are (the embedded repository's catalog); a server's tokens are not visible here."""
+    words = dict(w.split("=", 1) for w in h.args.split() if "=" in w)
+    token = words.get("blockprov.token")
+    if (h.policy or "keep") != "keep" or not token or words.get("blockprov.on_move") == "discard" or obj.repo_url:
+        return None
+    from blockprov.catalog.tokens import TokenStore, allows
+
+    info = TokenStore(obj.repo.catalog.db).lookup(token)  # type: ignore[attr-defined]
+    if info is None:
+        return f"the token in {h.host}'s arguments is not a valid token of this repository"
+    if allows(info.scope, "write"):
+        return None
+    return (f"{h.host} keeps its changes (policy keep) and its token has the {info.scope} scope: when its version "
+            "moves it must keep its session as a version first, which needs a write token, so it will stay on "
+            "the version it has (its screen says so); give it a write token, or --args blockprov.on_move=discard "
+            "to reset those changes instead")
 
 
 def _settings(h: HostInfo) -> str:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -133,12 +134,14 @@ async def refused_boot(request: Request, err: BlockprovError) -> Response | None
     recorded on the host (``host show``, the console); iPXE gets a 200 script that prints why on
     the machine's screen and asks again (a 401 would leave it at "Permission denied" and fall
     through to the disk, booting offline on its old version). None: the usual 401/403."""
-    raw = request.path_params.get("host") or request.url.path.rsplit("/", 1)[-1]
+    raw = request.path_params.get("host") or unquote(request.url.path.rsplit("/", 1)[-1])
     if err.http_status == 401 and "authorization" not in request.headers:
         why = ("this repository requires access tokens and iPXE cannot send one: start `blockprov serve` with "
                "--anonymous-boot (it opens only boot scripts and kernel/initrd downloads)")
-    else:
+    elif err.http_status in (401, 403):
         why = f"the repository refused the token sent: {err.message}"
+    else:  # the catalog out of reach, say: nothing to record, but the PC still says why and asks again
+        why = f"the repository cannot check access now: {err.message}"
     log.warning("boot request of host %s from %s refused: %s", raw[:64],
                 request.client.host if request.client else "?", why)
     svc = Service.of(request)
