@@ -189,7 +189,7 @@ class Agent:
             if cfg.site is not None and cfg.peer_listen is not None:
                 self.peer_server = PeerServer(Lender(dev), peers, self._who, slots=cfg.peer_slots, rate=cfg.peer_rate)
                 host, port = await self.peer_server.start(*cfg.peer_listen)
-                self.peer_url = cfg.peer_url or advertised_url(host, port, self.repo.url)
+                self.peer_url = peers.own_url = cfg.peer_url or advertised_url(host, port, self.repo.url)
             if cfg.site is not None:
                 self.site = SiteLink(self.repo, cfg.site, self.instance, peers)
                 await self.site.start()

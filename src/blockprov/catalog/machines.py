@@ -49,7 +49,7 @@ import zstandard
 
 from blockprov import jsonvalue
 from blockprov.boot import SETTINGS, BootFile, host_setting, split_settings
-from blockprov.catalog import inherit
+from blockprov.catalog import inherit, sites
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
 from blockprov.errors import (
@@ -59,6 +59,7 @@ from blockprov.errors import (
     HostNotFound,
     ImageNotFound,
     RequestNotFound,
+    SiteNotFound,
     TooLarge,
     UsageError,
 )
@@ -90,7 +91,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     policy  TEXT,
     hydrate TEXT,
     last_refused REAL,
-    refused_why  TEXT
+    refused_why  TEXT,
+    site    TEXT
 );
 CREATE TABLE IF NOT EXISTS profiles (
     image   TEXT NOT NULL,
@@ -142,7 +144,7 @@ HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_v
 # sit last; `catalog copy` copies by column name). One per host setting (boot.SETTINGS).
 ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"),
                  ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"),
-                 ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"))
+                 ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"), ("hosts", "site", "TEXT"))
 MAX_REFUSED_WHY = 500  # characters of a refused boot request's reason kept on the host
 
 
@@ -169,6 +171,7 @@ class Registry:
         self.catalog = catalog
         self.db = catalog.db
         self.db.script(SCHEMA)
+        self.db.script(sites.SCHEMA)  # a host's site must name one (assign_host)
         for table, column, decl in ADDED_COLUMNS:
             self.db.add_column(table, column, decl)
         self._move_settings()
@@ -250,6 +253,8 @@ class Registry:
         now = time.time()
         with self.db.tx() as db:
             self.catalog.resolve_id(ref, db)  # the reference must name something now
+            if named.get("site") and not db.execute("SELECT 1 FROM sites WHERE name=?", (named["site"],)).fetchone():
+                raise SiteNotFound(site=named["site"])
             if db.execute("SELECT 1 FROM hosts WHERE host=?", (host,)).fetchone() is None:
                 db.execute("INSERT INTO hosts (host, image, tag, version, args, updated) VALUES (?,?,?,?,?,?)",
                            (host, ref.name, ref.tag, ref.version, args or "", now))

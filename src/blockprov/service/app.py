@@ -60,9 +60,10 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
     app = FastAPI(title="blockprov repository", version=__version__, lifespan=lifespan,
                   description="Images, versions, tags and content-addressed chunks of a blockprov repository.")
     svc = app.state.service = Service(repo, workers)
+    svc.tokens, svc.access = TokenStore(repo.catalog.db), access or AccessPolicy()
     app.add_middleware(LeanChunkPath, service=svc)  # innermost: after Measure, Guard and Access
-    app.add_middleware(Access, routes=app.router.routes, tokens=TokenStore(repo.catalog.db),
-                       policy=access or AccessPolicy(), refused_boot=refused_boot)
+    app.add_middleware(Access, routes=app.router.routes, tokens=svc.tokens, policy=svc.access,
+                       refused_boot=refused_boot)
     app.add_middleware(Guard, max_body=max_body, routes=app.router.routes, in_flight=in_flight, timeout=timeout)
     app.add_middleware(Measure, metrics=svc.metrics)
     add_error_handlers(app)

@@ -61,7 +61,18 @@ async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     if not isinstance(cmdline, str):
         raise UsageError("cmdline must be a string")
     info = await svc.run(svc.repo.record_boot_files, r.name, str(r.version), kernel, initrd, cmdline)
+    if svc.prepare is not None and request.query_params.get("prepare", "1") != "0":
+        await svc.run(svc.prepare, r.name, str(r.version))  # a profile prepared in the background (vm/prepare.py)
     return dict(info.to_dict())
+
+
+@router.get("/v1/images/{name}/versions/{vid}/preparation", tags=["boot"])
+async def get_preparation(name: str, vid: str, request: Request) -> dict[str, Any]:
+    """Where the preparation of the version's boot profile stands: ``state`` (queued, running, done,
+    skipped, failed, or null when none was started), ``detail``, ``updated``."""
+    svc = Service.of(request)
+    got = await svc.run(svc.repo.preparation, version_ref(name, vid))
+    return got or {"state": None}
 
 
 @router.get("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)

@@ -123,6 +123,8 @@ async def fetch_parts(svc: Service, body: bytes) -> list[bytes]:
         raise ChunkMissing(digest=missing[0], missing=missing)
     svc.metrics.chunk_fetches += 1
     svc.metrics.chunks_served += len(ids)
+    if svc.on_fetch is not None:
+        svc.on_fetch(ids)
     return [p for p, _ in done]
 
 

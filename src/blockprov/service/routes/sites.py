@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from blockprov.catalog.tokens import TokenInfo
 from blockprov.errors import UsageError
 from blockprov.names import site_name
-from blockprov.service.routes.common import JSON_BODY, json_of
+from blockprov.service.routes.common import json_body, json_of
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -28,7 +28,7 @@ async def list_sites(request: Request) -> dict[str, Any]:
     return {"sites": [s.to_dict() for s in await svc.run(svc.repo.sites)]}
 
 
-@router.put("/v1/sites/{site}", tags=["sites"], openapi_extra=JSON_BODY)
+@router.put("/v1/sites/{site}", tags=["sites"], openapi_extra=json_body(4096))
 async def add_site(site: str, request: Request) -> dict[str, Any]:
     """Body ``{"cache": "http://…"}`` (the site cache as the site's machines reach it; ``""`` removes
     it; absent keeps it), or ``{}``."""
@@ -55,7 +55,7 @@ async def rotate_site_secret(request: Request) -> dict[str, Any]:
     return {"rotated": True}
 
 
-@router.post("/v1/sites/{site}/join", tags=["sites"], openapi_extra=JSON_BODY)
+@router.post("/v1/sites/{site}/join", tags=["sites"], openapi_extra=json_body(4096))
 async def join_site(site: str, request: Request) -> dict[str, Any]:
     """Body ``{"instance": "ID"}``: a ticket for that agent, the site's keys and its online peers."""
     svc = Service.of(request)

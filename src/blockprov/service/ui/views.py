@@ -22,6 +22,7 @@ from typing import Any
 
 from blockprov import manifest as mf
 from blockprov.catalog.records import VersionInfo
+from blockprov.catalog.sites import SOURCES, traffic
 from blockprov.errors import BlockprovError
 from blockprov.names import Ref, image_name
 from blockprov.service.state import Service
@@ -139,7 +140,16 @@ def agent_row(a: dict[str, Any], failed: dict[str, tuple[str, float]]) -> dict[s
             "hydration": percent, "modified": _num(info.get("modified_chunks")),
             "latency": _num(info.get("fetch_latency_ms")), "last_error": last_error,
             "move": _text(move.get("summary")) if isinstance(move := info.get("last_move"), dict) else None,
-            "pending": a["pending"], "running": a["running"]}
+            "pending": a["pending"], "running": a["running"], "site": _text(info.get("site")),
+            "sources": _sources(info.get("sources"))}
+
+
+def _sources(by: object) -> dict[str, int] | None:
+    """An agent's bytes by source, over its versions (from its report's ``sources``)."""
+    rows = traffic([{"info": {"sources": by}}]) if isinstance(by, dict) and by else []
+    if not rows:
+        return None
+    return {s: sum(int(r[s]) for r in rows) for s in SOURCES}
 
 
 def _info(a: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +259,7 @@ def health(svc: Service, state: ConsoleState, viewer: Viewer) -> dict[str, Any]:
     out["requests"] = {"total": total, "per_second": rate, "server_errors": errors, "in_flight": m.in_flight,
                        "chunks_served": m.chunks_served, "chunks_received": m.chunks_received,
                        "uptime": time.time() - m.started}
+    out["sites"] = traffic(svc.repo.agents())
     out["chunk_cache"] = _hit_rate(m.chunk_cache() if m.chunk_cache else None)
     out["manifest_cache"] = _hit_rate(m.manifest_cache() if m.manifest_cache else None)
     return out
