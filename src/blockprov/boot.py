@@ -33,7 +33,7 @@ import blake3
 
 from blockprov import codec
 from blockprov.errors import IntegrityError, SourceError, UsageError
-from blockprov.names import kernel_args
+from blockprov.names import kernel_args, site_name
 
 # What marks blockprov's network-boot initramfs (netboot/initramfs.py writes it among the archive's
 # first entries: the in-machine agent's DHCP hook), so `vm run` can tell a PC's boot files from a VM's.
@@ -155,8 +155,10 @@ def assemble(f: BootFile, blobs: Sequence[bytes], first: int = 0) -> list[bytes]
 # machine reads it from its command line.
 POLICIES = ("restore", "keep")  # restore: reboot-to-restore; keep: the disk keeps its changes
 HYDRATE = ("background", "before-boot", "off")
-SETTINGS: dict[str, tuple[str, ...]] = {"policy": POLICIES, "hydrate": HYDRATE}
-KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate"}
+# A setting with no fixed values (None) names something: ``site``, the host's site (catalog/sites.py),
+# checked by its name's rules here and by the catalog for existence.
+SETTINGS: dict[str, tuple[str, ...] | None] = {"policy": POLICIES, "hydrate": HYDRATE, "site": None}
+KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate", "site": "blockprov.site"}
 
 
 def host_setting(name: str, value: object) -> str | None:
@@ -165,8 +167,13 @@ def host_setting(name: str, value: object) -> str | None:
         raise UsageError(f"a host has no setting {name!r} (settings: {', '.join(SETTINGS)})")
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or value not in SETTINGS[name]:
-        raise UsageError(f"a host's {name} is one of {', '.join(SETTINGS[name])}, not {value!r}")
+    allowed = SETTINGS[name]
+    if allowed is None:
+        if not isinstance(value, str):
+            raise UsageError(f"a host's {name} is a name, not {value!r}")
+        return site_name(value)
+    if not isinstance(value, str) or value not in allowed:
+        raise UsageError(f"a host's {name} is one of {', '.join(allowed)}, not {value!r}")
     return value
 
 
@@ -186,7 +193,7 @@ def split_settings(args: str) -> tuple[str, dict[str, str]]:
             continue
         checked = host_setting(name, value)
         if checked is None:
-            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name])})")
+            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name] or ('a name',))})")
         if found.get(name, checked) != checked:
             raise UsageError(f"the host's {name} is given twice: {found[name]} and {checked}")
         found[name] = checked
@@ -206,7 +213,8 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
     hydration: ``blockprov.*`` words), and what an in-guest agent needs to attach:
     ``blockprov.repo`` (where the repository is, as the host reaches it), ``blockprov.image`` (the
     immutable ``NAME@ID``: a tag moved during the boot must not change what the kernel and the
-    agent see) and ``blockprov.host``. URLs name the version by id for the same reason.
+    agent see) and ``blockprov.host``. URLs name the version by id for the same reason; the
+    initrd's names the host, whose last boot the repository records once it has sent all of it.
     ``initrd=initrd.img`` plus ``--name`` lets an EFI-stub kernel find the initrd."""
     files = f"{base}/v1/images/{image}/versions/{version}/boot"
     words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w] + setting_words(settings or {})
@@ -216,9 +224,18 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
         "#!ipxe\n"
         f"# blockprov: host {host} is assigned {assigned} = {image}@{version}\n"
         f"kernel {files}/kernel {' '.join(words)}\n"
-        f"initrd --name initrd.img {files}/initrd\n"
+        f"initrd --name initrd.img {files}/initrd?host={host}\n"
         "boot\n"
     )
+
+
+def stranded(ref: str, version: str, hosts: Sequence[str]) -> str:
+    """What a tag move (or an assignment) to a version without boot files does to the hosts that
+    follow the tag: said at once, not found out at their next boot. Pure."""
+    shown = ", ".join(hosts[:5]) + (f" and {len(hosts) - 5} more" if len(hosts) > 5 else "")
+    return (f"{len(hosts)} host(s) follow {ref} ({shown}) and {ref.split(':')[0]}@{version[:12]} has no boot files: "
+            f"they cannot boot until it has (a PC that boots onto its own disk: blockprov boot-files build {ref}; "
+            f"another kernel and initrd: blockprov boot-files set {ref} --kernel FILE --initrd FILE)")
 
 
 RETRY_SECONDS = 30  # how long a machine waits before asking again for its boot script

@@ -522,7 +522,73 @@ def test_closed_pipe(world: Callable[[str], World]) -> None:
     assert ended["status"] == 141 and ended["clones list"] == 141, ended
 
 
-SIZE_PARAMS = {"chunk_size", "readahead", "rate", "hydrate_rate", "max_body", "chunk_cache"}
+CTRL_C_AFTER = (0.5, 1.5)  # seconds: while the command starts (its imports), and once it is at work
+# CPython prints a KeyboardInterrupt raised inside importlib's module-lock callback and goes on
+# (a Ctrl-C landing in a lazy import of a command at work): its interpreter's words, not ours.
+IGNORED_IN_IMPORTLIB = re.compile(r"Exception ignored in: <function _get_module_lock\.<locals>\.cb at 0x[0-9a-f]+>\n"
+                                  r"Traceback \(most recent call last\):\n(?:  .*\n)*KeyboardInterrupt: ?\n?")
+
+
+def before_main(err: str) -> bool:
+    """A Ctrl-C that reached the interpreter before blockprov's entry point ran (under load its start
+    takes over half a second): nothing at all, or a traceback whose every frame is the interpreter's
+    own start (``<frozen site>``, importlib) or the lines that import the entry point."""
+    frames = re.findall(r'^  File "([^"]+)"', err, re.MULTILINE)
+    ours_before_main = ("/bin/blockprov", "/blockprov/__init__.py", "/blockprov/__main__.py")
+    return not err.strip() or (err.rstrip().endswith("KeyboardInterrupt") and bool(frames) and all(
+        f.startswith("<frozen ") or f.endswith(ours_before_main) for f in frames))
+
+
+def interrupted(w: World, args: list[str], after: float) -> Run:
+    """``args`` run as `run` does, sent SIGINT (Ctrl-C) ``after`` seconds later unless it ended."""
+    env = dict(os.environ)
+    env.pop("BLOCKPROV_REPO", None)
+    env.update({"BLOCKPROV_DATA": str(w.data), "XDG_DATA_HOME": str(w.root / "xdg"), "HOME": str(w.root / "home")})
+    p = subprocess.Popen([BLOCKPROV, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=w.root)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(after)
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    try:
+        _out, err = p.communicate(timeout=RUN_TIMEOUT)
+        code = p.returncode
+    except subprocess.TimeoutExpired:
+        p.kill()
+        code, err = -1, f"hung for {RUN_TIMEOUT:g} s after Ctrl-C: {p.communicate()[1]!r}"
+    if code in (1, -signal.SIGINT) and before_main(err):
+        code = 130  # the interpreter's own start, before any code of ours: taken as an interrupted start
+        err = json.dumps({"error": "Interrupted", "message": "interrupted", "exit_code": 130}) if "--json" in args \
+            else "blockprov: interrupted"
+    err = IGNORED_IN_IMPORTLIB.sub("", err)
+    died = code == -signal.SIGINT  # the Ctrl-C came as it was exiting: Python then dies of the signal,
+    if died:                       # which a shell reports as 130 too; what it printed is judged as usual
+        code = 130
+        with contextlib.suppress(ValueError, IndexError, AttributeError):
+            code = int(json.loads(err.strip().splitlines()[0])["exit_code"])  # the error it had printed
+    out = Run(args, code, err, json="--json" in args)
+    judge(out, None, w, None)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if code == 130 and not out.problems and not died:
+        said = json.loads(lines[0])["message"] if out.json else lines[0].removeprefix("blockprov: ")
+        if not said.startswith("interrupted"):
+            out.problems.append(f"a Ctrl-C should say so: {lines[0]}")
+    return out
+
+
+def test_ctrl_c(world: Callable[[str], World]) -> None:
+    """Ctrl-C at two moments of every command: it ends as it would have, or with one line saying it
+    was interrupted (a JSON object under --json) and exit 130, never a traceback; and it leaves no
+    process running (the world's teardown checks)."""
+    def job(path: tuple[str, ...], after: float) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(f"{' '.join(path)} {after}")
+            return interrupted(w, argv(w, path) + (["--json"] if has_json(path) else []), after)
+        return go
+    report(parallel([job(p, after) for p in ALL for after in CTRL_C_AFTER]))
+
+
+SIZE_PARAMS = {"chunk_size", "readahead", "rate", "hydrate_rate", "max_body", "chunk_cache", "max_in_flight"}
 
 
 def test_bad_sizes(world: Callable[[str], World]) -> None:
@@ -706,12 +772,29 @@ ISSUE_27: dict[str, list[Step]] = {
     ],
     "setting-words-in-args-become-fields": [
         (("host", "assign", MAC, "img:v1", "--args", "quiet blockprov.policy=restore"), 0,
-         r"policy restore, .*args quiet$"),
+         r"(?m)policy restore, .*args quiet$"),
         (("host", "assign", MAC, "img:v1", "--args", "blockprov.policy=keep", "--policy", "restore"), 2,
          r"policy is given twice"),
         (("host", "assign", MAC, "img:v1", "--args", "blockprov.hydrate=later"), 2, r"hydrate is one of"),
         (("host", "assign", MAC, "img:v1", "--args", "blockprov.policy="), 2, r"give the host's policy a value"),
         (("host", "show", MAC, "--json"), 0, r'"policy": "restore"'),  # nothing refused changed anything
+    ],
+    # item 5: a tag that hosts follow moved to a version without boot files, without a word
+    "tag-move-strands-hosts": [
+        (("tag", "img:v1", "img:prod"), 0, r"^img:prod → "),
+        (("host", "assign", MAC, "img:prod"), 0, r"warning: 1 host\(s\) follow img:prod .* has no boot files.*"
+         r"boot-files build img:prod"),
+        (("boot-files", "set", "img:v2", "--kernel", "{w}/kernel", "--initrd", "{w}/kernel"), 0, r""),
+        (("tag", "img:v2", "img:prod"), 0, r"^(?![\s\S]*warning)"),  # v2 has boot files: nothing to say
+        (("tag", "img:v1", "img:prod"), 0, r"warning: 1 host\(s\) follow img:prod \(52:54:00:12:34:56\)"),
+    ],
+    # item 2: the first token silently stopped every PC from network-booting
+    "first-token-warns": [
+        (("host", "assign", MAC, "img:v1"), 0, r""),
+        (("token", "create", "--scope", "agent", "--name", "pcs"), 0,
+         r"warning: this is the repository's first token.*1 host\(s\) assigned here will be refused.*"
+         r"--anonymous-boot"),
+        (("token", "create", "--scope", "read", "--json"), 0, r'^(?![\s\S]*first token)'),  # only the first
     ],
 }
 
@@ -905,3 +988,63 @@ def test_issue_27(world: Callable[[str], World], case: str) -> None:
             dirs = [Path(values[k]) for k in ("vmdir", "small", "full") if k in values]
             left = remove_vms(w.root, *dirs)
         assert not left, f"left running: {left}"
+
+
+def test_import_into_a_full_data_directory_leaves_nothing_unseen(tmp_path: Path) -> None:
+    """Issue 27 item 5: an import that runs out of space left a partial pack that neither gc
+    ("removed 0") nor check ("all intact") saw. Now its space is given back at once, check names
+    pack space no chunk uses, and gc removes such a pack once it is an hour old."""
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(6 << 20))  # does not compress: twice the tmpfs
+    with full_disk(tmp_path / "full", None) as full:
+        (full / "filler").unlink()
+        p = run_cli("import", str(img), "d:v1", data=full / "repo", check=False)
+        assert p.returncode == 12 and "no space left" in one_line(p)
+        packs = full / "repo" / "chunks" / "packs"
+        assert sum(f.stat().st_size for f in packs.glob("*.pack")) == 0, list(packs.iterdir())
+    data = tmp_path / "data"
+    run_cli("import", str(make_image(tmp_path / "e.img", 1 << 20, seed=82)), "e:v1", data=data)
+    dead = data / "chunks" / "packs" / "00000099.pack"  # what a process killed mid-import leaves
+    dead.write_bytes(bytes(3 << 20))
+    out = run_cli("check", data=data).stdout
+    assert "all intact" in out and "3.0 MiB in 1 pack file(s) hold no indexed chunk" in out, out
+    assert "compacted" not in run_cli("gc", data=data).stdout and dead.exists()  # another process may write it
+    old = time.time() - 7200
+    os.utime(dead, (old, old))
+    assert "compacted 3.0 MiB of pack space" in run_cli("gc", data=data).stdout and not dead.exists()
+    assert json.loads(run_cli("check", "--json", data=data).stdout)["unindexed_bytes"] == 0
+
+
+def test_rm_of_a_version_a_vm_template_uses_warns(tmp_path: Path) -> None:
+    """Issue 27 item 5: `rm` of a template's disk version said nothing; `vm clone` failed later with
+    "no such image or version". A template pushed to the repository names its disk in a label."""
+    data = tmp_path / "data"
+    img = make_image(tmp_path / "d.img", 1 << 20, seed=83)
+    vid = json.loads(run_cli("import", str(img), "d:v1", "--json", data=data).stdout)["id"]
+    label = json.dumps({"image": "d", "version": vid})
+    run_cli("import", str(img), "vmtpl-t1:memory", "--format", "raw", "--label", f"blockprov.vm-template={label}",
+            data=data)
+    p = run_cli("rm", "d:v1", data=data)  # a tag: the version stays, nothing to say
+    assert "warning" not in p.stderr
+    p = run_cli("rm", f"d@{vid}", data=data)
+    assert f"removed d@{vid}" in p.stdout
+    assert p.stderr.strip() == (f"warning: VM template t1 (pushed: vmtpl-t1) uses d@{vid} as its disk: it cannot be "
+                                "cloned any more (vm clone says so); make the template again from a VM of a version "
+                                "that exists")
+
+
+def test_a_keep_pc_with_a_token_too_small_to_keep_its_session_is_warned(tmp_path: Path) -> None:
+    """Issue 27 item 0: a keep PC keeps its session as a version before it moves (a write); with an
+    agent token it would stay on its old version: `host assign` says so at once."""
+    data = tmp_path / "data"
+    run_cli("import", str(make_image(tmp_path / "d.img", 1 << 20, seed=84)), "d:v1", data=data)
+    agent = json.loads(run_cli("token", "create", "--scope", "agent", "--json", data=data).stdout)["token"]
+    write = json.loads(run_cli("token", "create", "--scope", "write", "--json", data=data).stdout)["token"]
+    mac = "52:54:00:12:34:57"
+    p = run_cli("host", "assign", mac, "d:v1", "--policy", "keep", "--args", f"blockprov.token={agent}", data=data)
+    assert "its token has the agent scope" in p.stderr and "blockprov.on_move=discard" in p.stderr, p.stderr
+    for args in (f"blockprov.token={write}", f"blockprov.token={agent} blockprov.on_move=discard"):
+        p = run_cli("host", "assign", mac, "d:v1", "--args", args, data=data)
+        assert "scope" not in p.stderr, (args, p.stderr)
+    p = run_cli("host", "assign", mac, "d:v1", "--policy", "restore", "--args", f"blockprov.token={agent}", data=data)
+    assert "scope" not in p.stderr  # a restore PC keeps nothing

@@ -549,7 +549,12 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
             if not t.extra.get("lazy"):
                 tpl.check_memory_access(t_dir / tpl.MEMORY)
             tpl.check_host_memory(t, count, qemu.mem_available())
-            m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
+            try:
+                m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
+            except NotFound:
+                raise NotFound(msg=f"template {name}'s disk, {t.image}@{t.version}, is no longer in the repository "
+                                   "(removed with blockprov rm): the template cannot be cloned; make it again from "
+                                   "a VM of a version that exists (blockprov vm template)") from None
             step("checked")
             for a in agent:  # before the clones' disks are made: a starting agent must not see them half made
                 a.result()
