@@ -33,7 +33,15 @@ from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInf
 from blockprov.catalog.sites import Sites, online
 from blockprov.codec import ZERO_DIGEST
 from blockprov.durable import ensure_dir
-from blockprov.errors import BootFilesMissing, Conflict, Forbidden, MissingChunks, SiteNotFound, UsageError
+from blockprov.errors import (
+    BlockprovError,
+    BootFilesMissing,
+    Conflict,
+    Forbidden,
+    MissingChunks,
+    SiteNotFound,
+    UsageError,
+)
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, instance_id, kernel_args, parse_ref, site_name, version_id
 from blockprov.store.base import ChunkStore
@@ -186,11 +194,26 @@ class LocalRepository:
     def remove_host(self, host: str) -> None:
         self.registry.remove_host(host)
 
-    def boot_script(self, host: str, base_url: str | None = None) -> str:
-        """The host's iPXE script. Answering it records nothing: a host has booted once it has
-        fetched the whole initrd the script names (service/routes/boot.py records that), so
-        neither an operator looking (``host script``, curl) nor a boot that fails before then
-        counts as its last boot."""
+    def boot_script(self, host: str, base_url: str | None = None, *, booting: bool = False) -> str:
+        """The host's iPXE script: ``exit`` when its disk is complete and current (boot.py's
+        ``disk_verdict``: the PC boots its own disk's loader), else the network boot. Answering
+        it records nothing but, with ``booting`` (iPXE asks, not an operator), that the PC was told
+        to boot its disk: a host has booted once it has fetched the whole initrd the script
+        names (service/routes/boot.py records that), or once its disk's initramfs asked
+        (``check_disk``), so neither an operator looking (``host script``, curl) nor a boot that
+        fails before then counts as its last boot."""
+        h, text, fingerprint = self._boot_plan(host, base_url)
+        version = f"{parse_ref(h.ref).name}@{h.version}"
+        if boot.disk_verdict(self.registry.disk_state(h.host), version=version, fingerprint=fingerprint,
+                             now=time.time(), from_disk=False) is None:
+            if booting:
+                self.registry.record_told(h.host)
+            return boot.disk_script(h.host, version)
+        return text
+
+    def _boot_plan(self, host: str, base_url: str | None) -> tuple[HostInfo, str, str]:
+        """The host, its network boot's script, and the fingerprint of what its disk's loader
+        would boot (boot.disk_fingerprint)."""
         if base_url is None:
             raise UsageError("a boot script needs the repository's HTTP URL as hosts reach it (--base-url): "
                              "the embedded repository has none until `blockprov serve` exposes it")
@@ -203,8 +226,37 @@ class LocalRepository:
         if h.version is None:
             raise Conflict(f"host {h.host} is assigned {h.ref}, which no longer exists: re-assign it")
         info = self._boot_files(Ref(ref.name, version=h.version))
-        return boot.script(host=h.host, assigned=h.ref, image=ref.name, version=h.version, base=base,
-                           cmdline=info.cmdline, args=h.args, settings=h.settings())
+        kw: dict[str, Any] = {"host": h.host, "image": ref.name, "version": h.version, "base": base,
+                              "cmdline": info.cmdline, "args": h.args, "settings": h.settings(),
+                              "reprovision": self.registry.reprovision_token(h.host)}
+        words = boot.script_words(**kw)
+        fingerprint = boot.disk_fingerprint(info.kernel.id, info.initrd.id, boot.disk_cmdline(" ".join(words)))
+        return h, boot.script(assigned=h.ref, **kw), fingerprint
+
+    def check_disk(self, host: str, base_url: str | None, version: str, fingerprint: str) -> str | None:
+        """The disk's own initramfs asks (netboot/everyday.py): it holds ``version`` whole and its
+        loader boots ``fingerprint``. Recorded (the disk came up), then the verdict: None, the
+        disk is current (and this is the host's last boot), else why the PC must boot from the
+        network."""
+        self.registry.record_disk(host, version, fingerprint, seen=True)
+        try:
+            h, _script, want = self._boot_plan(host, base_url)
+        except (Conflict, BootFilesMissing) as e:  # the assignment cannot boot from the network either
+            return str(e)
+        wanted = f"{parse_ref(h.ref).name}@{h.version}"
+        why = boot.disk_verdict(self.registry.disk_state(h.host), version=wanted, fingerprint=want,
+                                now=time.time(), from_disk=True)
+        if why is None:
+            with contextlib.suppress(BlockprovError):
+                self.registry.record_boot(h.host, str(h.version))
+        return why
+
+    def record_disk(self, host: str, version: str, fingerprint: str) -> None:
+        """The PC's agent says its disk holds ``version`` whole and its loader boots ``fingerprint``."""
+        self.registry.record_disk(host, version, fingerprint)
+
+    def reprovision_host(self, host: str) -> str:
+        return self.registry.reprovision(host)
 
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
         self.registry.put_profile(image, version, list(order))

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -175,7 +176,7 @@ async def boot_script(host: str, request: Request, base: str | None = None,
     svc = Service.of(request)
     try:
         url = names.base_url(base if base is not None else str(request.base_url))
-        text = await svc.run(svc.repo.boot_script, host, url)
+        text = await svc.run(functools.partial(svc.repo.boot_script, host, url, booting=is_ipxe(request)))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
@@ -186,6 +187,52 @@ async def boot_script(host: str, request: Request, base: str | None = None,
                                      headers={"cache-control": "no-store", "x-blockprov-error": type(e).__name__})
         return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
     return PlainTextResponse(text, headers={"cache-control": "no-store"})
+
+
+def disk_claim(d: object) -> tuple[str, str]:
+    """(version, fingerprint) of a PC's word about its disk: ``{"version": "NAME@ID", "fingerprint":
+    "32 hex digits"}`` (checked: a version reference and a fingerprint's form)."""
+    if not isinstance(d, dict) or not isinstance(d.get("version"), str) or not isinstance(d.get("fingerprint"), str):
+        raise UsageError('expected {"version": "NAME@ID", "fingerprint": "…"}')
+    ref = names.parse_ref(d["version"])
+    if ref.version is None:
+        raise UsageError(f"a disk holds a version NAME@ID, not {d['version'][:80]!r}")
+    return f"{ref.name}@{ref.version}", d["fingerprint"]
+
+
+@router.post("/v1/boot/{host}/disk", tags=["boot"], response_class=PlainTextResponse, openapi_extra=JSON_BODY)
+async def check_disk(host: str, request: Request, base: str | None = None) -> Response:
+    """The every-day boot's one small question (netboot/everyday.py): the PC's disk, come up, holds
+    ``version`` whole and its loader boots ``fingerprint``. Recorded; the answer is one
+    ``text/plain`` line: ``disk`` (current: boot it), or ``network: WHY`` (its initramfs boots
+    the slow path: the update, re-provision or change reaches it). The same rule as the iPXE
+    script's ``exit`` (boot.py's ``disk_verdict``)."""
+    svc = Service.of(request)
+    host = host_id(host)
+    version, fingerprint = disk_claim(await json_of(request))
+    url = names.base_url(base if base is not None else str(request.base_url))
+    why = await svc.run(svc.repo.check_disk, host, url, version, fingerprint)
+    return PlainTextResponse("disk\n" if why is None else f"network: {why}\n", headers={"cache-control": "no-store"})
+
+
+@router.put("/v1/boot/{host}/disk", tags=["boot"], openapi_extra=JSON_BODY)
+async def record_disk(host: str, request: Request) -> dict[str, Any]:
+    """The PC's agent says its disk holds ``version`` whole and its loader boots ``fingerprint``
+    (netboot/inagent.py, once the loader is current): from then on iPXE is told to boot the disk
+    while the host's assignment leaves both as they are."""
+    svc = Service.of(request)
+    host = host_id(host)
+    version, fingerprint = disk_claim(await json_of(request))
+    await svc.run(svc.repo.record_disk, host, version, fingerprint)
+    return {"host": host, "version": version, "fingerprint": fingerprint}
+
+
+@router.post("/v1/hosts/{host}/reprovision", tags=["hosts"])
+async def reprovision_host(host: str, request: Request) -> dict[str, Any]:
+    """The host's PC sets its disk up from scratch at its next boot (a network boot)."""
+    svc = Service.of(request)
+    host = host_id(host)
+    return {"host": host, "reprovision": await svc.run(svc.repo.reprovision_host, host)}
 
 
 @router.get("/v1/hosts", tags=["hosts"])
