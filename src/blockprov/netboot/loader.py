@@ -7,8 +7,10 @@ kernel or initramfs or the machine's command line change, the in-machine agent
 * a FAT16 file system (``mkfs.fat``) with SYSLINUX installed in it (``syslinux --install``, which
   writes ``ldlinux.sys`` and ``ldlinux.c32`` through mtools: no mount, no vfat module needed);
 * the kernel and the blockprov initramfs of the version (downloaded from the repository,
-  verified against their descriptors) and ``syslinux.cfg`` whose command line is the network
-  boot's own plus ``blockprov.from=disk``;
+  verified against their descriptors) — kept as its two parts (netboot/initramfs.py): the fast
+  part ``fast.img``, which the loader boots (netboot/everyday.py's every-day boot), and the rest
+  ``rest.img``, which that boot unpacks when it needs python — and ``syslinux.cfg`` whose command
+  line is the network boot's own plus ``blockprov.from=disk`` (boot.py's ``disk_cmdline``);
 
 and into sector 0 syslinux's ``mbr.bin``, which boots the *active* partition — on a GPT disk
 (over 2 TiB: disk.py) syslinux's ``gptmbr.bin``, which boots the partition whose "legacy BIOS
@@ -50,8 +52,10 @@ import dataclasses
 import json
 import os
 import subprocess
+import zlib
 from pathlib import Path
 
+from blockprov import boot
 from blockprov.durable import atomic_write
 from blockprov.errors import NetbootError
 from blockprov.netboot import disk
@@ -62,8 +66,8 @@ MKFS_FAT = "mkfs.fat"
 SYSLINUX = "syslinux"
 MCOPY = "mcopy"
 RECORD = "loader.json"
-FROM_DISK = "blockprov.from=disk"
-DROP = ("initrd=", "BOOT_IMAGE=", "blockprov.from=")  # words the loader gives or the network boot had
+FAST, REST = "fast.img", "rest.img"  # the initramfs's two parts on the boot partition
+FROM_DISK = boot.FROM_DISK
 
 
 def node_numbers(d: disk.Disk, sys_block: Path = Path("/sys/class/block")) -> dict[str, tuple[int, int]]:
@@ -103,18 +107,38 @@ def own_proc(where: Path = Path("/proc")) -> None:
 def offline_cmdline(cmdline: str) -> str:
     """The command line the disk's loader boots with: the network boot's, without what a
     loader adds itself, plus ``blockprov.from=disk``. Pure."""
-    words = [w for w in cmdline.split() if not w.startswith(DROP)]
-    return " ".join([*words, FROM_DISK])
+    return boot.disk_cmdline(cmdline)
 
 
 def syslinux_cfg(cmdline: str) -> str:
-    """syslinux.cfg: serial console too, no prompt, the one entry. Pure."""
+    """syslinux.cfg: serial console too, no prompt, the one entry: the kernel and the
+    initramfs's fast part. Pure."""
     return ("SERIAL 0 115200\nDEFAULT blockprov\nPROMPT 0\nTIMEOUT 0\n"
-            f"LABEL blockprov\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND {cmdline}\n")
+            f"LABEL blockprov\n  KERNEL vmlinuz\n  INITRD {FAST}\n  APPEND {cmdline}\n")
 
 
 def wanted(kernel_id: str, initrd_id: str, cmdline: str) -> dict[str, str]:
-    return {"kernel": kernel_id, "initrd": initrd_id, "cmdline": offline_cmdline(cmdline)}
+    """The loader's record: what it boots, and its fingerprint (boot.py: what the repository
+    compares to decide the every-day boot)."""
+    line = offline_cmdline(cmdline)
+    return {"kernel": kernel_id, "initrd": initrd_id, "cmdline": line,
+            "fingerprint": boot.disk_fingerprint(kernel_id, initrd_id, line)}
+
+
+def split_initramfs(initrd: bytes) -> tuple[bytes, bytes]:
+    """The initramfs's fast part (its first gzip member) and the rest (the bytes after it, padding
+    dropped). An initramfs of one member is all fast part. Pure."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        d.decompress(initrd, 1 << 20)  # bounded: the output is thrown away, only where it ends matters
+        while not d.eof and d.unconsumed_tail:
+            d.decompress(d.unconsumed_tail, 1 << 20)
+    except zlib.error as e:
+        raise NetbootError(f"the initramfs is not gzip'd: {e}") from None
+    if not d.eof:
+        raise NetbootError("the initramfs's first gzip member is cut short")
+    rest = d.unused_data.lstrip(b"\0")
+    return initrd[:len(initrd) - len(d.unused_data)], rest
 
 
 def head(d: disk.Disk) -> bytes:
@@ -176,7 +200,8 @@ def install(d: disk.Disk, meta_dir: Path, kernel: bytes | None, initrd: bytes | 
         if need > disk.BOOT_BYTES:
             raise NetbootError(f"kernel and initramfs ({need >> 20} MiB) do not fit the boot partition "
                                f"({disk.BOOT_BYTES >> 20} MiB)")
-        files = {"vmlinuz": kernel, "initrd.img": initrd, **files}
+        fast, rest = split_initramfs(initrd)
+        files = {"vmlinuz": kernel, FAST: fast, REST: rest, **files}
     _set_active(d, code, False)  # 1. passed over from now on
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -202,4 +227,5 @@ def install(d: disk.Disk, meta_dir: Path, kernel: bytes | None, initrd: bytes | 
 def same_files(have: dict[str, str] | None, want: dict[str, str]) -> bool:
     """Whether the loader in place (``installed``) holds the kernel and initramfs ``want`` names,
     so only its command line needs rewriting. Pure."""
-    return have is not None and have.get("kernel") == want["kernel"] and have.get("initrd") == want["initrd"]
+    return (have is not None and have.get("kernel") == want["kernel"] and have.get("initrd") == want["initrd"]
+            and "fingerprint" in have)  # a loader written before the initramfs's two parts has no fast.img
