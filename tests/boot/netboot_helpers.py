@@ -63,7 +63,7 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
             until: str | None = None, action: Callable[[], object] | None = None, memory: str = "1024",
             watch: Callable[[str], object] | None = None, query: str = "", count: bool = True,
             disk_second: bool = False, disk_first: bool = False, marks: tuple[str, ...] = (),
-            poll: float = 0.5) -> NetBoot:
+            poll: float = 0.5, bootfile: bool = True) -> NetBoot:
     """One network boot of the PC; bounded (qemu is killed at ``timeout``). With ``until``: once
     the console shows that text, ``action()`` runs while the machine is up, then qemu is killed.
     ``disk`` None: a diskless PC. ``watch(console_text)`` is called at every poll (a test reacts
@@ -72,6 +72,8 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
     ``disk_second``: the disk is the firmware's second boot device (the NIC stays first);
     ``disk_first``: the disk boots first, the NIC second (a PC booting what its disk holds).
     ``marks``: console texts timed like MILESTONES (in ``seen``), at every ``poll`` seconds.
+    ``bootfile`` False: the network's DHCP names no boot file (a PC on a network without blockprov:
+    its NIC's iPXE finds nothing to boot and the firmware goes on to the disk).
 
     The firmware's own messages (SeaBIOS, iPXE) reach the serial console too: SeaBIOS mirrors its
     text console to the port named by the fw_cfg file ``etc/sercon-port`` (0x3f8, ttyS0)."""
@@ -82,7 +84,7 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
     cmd = [require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", "-m", memory, "-display", "none",
            "-monitor", "none", "-serial", f"file:{console}", "-no-reboot", "-vga", "none",
            "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
-           "-netdev", f"user,id=n,bootfile=http://10.0.2.2:{port}/v1/boot/{mac}{query}",
+           "-netdev", f"user,id=n,bootfile=http://10.0.2.2:{port}/v1/boot/{mac}{query}" if bootfile else "user,id=n",
            # bootindex makes SeaBIOS run the NIC's iPXE ROM first (tests/interop/test_remote_boot.py)
            "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex={2 if disk_first else 1}"]
     if disk is not None and (disk_second or disk_first):
