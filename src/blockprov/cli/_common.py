@@ -48,6 +48,27 @@ def check_creatable(path: Path, what: str) -> Path:
     return path
 
 
+RETRY_LOGGER = "blockprov.retry"
+
+
+def quiet_retry_logs() -> None:
+    """A one-shot command says its own outcome in one line: the retry helper's "failed (attempt N…);
+    retrying" lines (retry.py: warnings from the fifth attempt) would come before it on stderr, one
+    per attempt of every request (issue 27: an import whose S3 server died printed 63 lines). The
+    group does this for every command; servers (``server_logs``) keep them."""
+    import logging
+
+    logging.getLogger(RETRY_LOGGER).setLevel(logging.ERROR)
+
+
+def server_logs() -> None:
+    """A server (serve, attach, clones serve, pool serve) logs what it retries: its log is where an
+    operator looks for an outage it rides out."""
+    import logging
+
+    logging.getLogger(RETRY_LOGGER).setLevel(logging.NOTSET)
+
+
 def quiet_library_logs() -> None:
     """A command that opens a cache here reports its own outcome: the cache's and fetcher's log
     lines (meant for an agent's log: "fetching chunks … failed", "hydration paused") would repeat
