@@ -864,6 +864,13 @@ ISSUE_27.update({
         (("vm", "rm", "--force", "p", *VM), 0, r"removed p"),
         (("!nothing-left", "{vmdir}"), 0, ""),
     ],
+    # variants: a command writing into a full directory names the file it could not write
+    "writes-into-a-full-dir-say-where": [
+        (("clone", "img:v1", "--dir", "{full}/cl"), 12, r"no space left: .*/cl/bases/img@\w+/lock"),
+        (("pool", "create", "p2", "--from", "img:v1", "--size", "1", "--dir", "{full}/pool"), 12,
+         r"no space left: .*/pool/pool\.json"),
+        (("catalog", "copy", "--to", "{full}/copy.sqlite"), 12, r"no space left: .*copy\.sqlite"),
+    ],
     # item 4: boot-files build checked the ref after 10-30 s of building, and never the kernel
     "boot-files-build-checks-first": [
         (("boot-files", "build", "img:nosuch"), 3, r"no such image or version: img:nosuch"),
