@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -871,6 +872,15 @@ ISSUE_27.update({
          r"no space left: .*/pool/pool\.json"),
         (("catalog", "copy", "--to", "{full}/copy.sqlite"), 12, r"no space left: .*copy\.sqlite"),
     ],
+    # variant: `export IMG /dev/full` failed (ftruncate: EINVAL, exit 70), then removed /dev/full as a partial
+    # output; a character device or a FIFO is refused before a byte is written, and stays
+    "export-to-a-device-or-fifo": [
+        (("export", "img:v1", "{chardev}"), 13, r"cannot write .*: it is neither a regular file nor a block device"),
+        (("export", "img:v1", "{chardev}", "--format", "qcow2"), 13, r"neither a regular file nor a block device"),
+        (("export", "img:v1", "{fifo}"), 13, r"neither a regular file nor a block device"),
+        (("!kind", "{chardev}", "char"), 0, ""),
+        (("!kind", "{fifo}", "fifo"), 0, ""),
+    ],
     # item 4: boot-files build checked the ref after 10-30 s of building, and never the kernel
     "boot-files-build-checks-first": [
         (("boot-files", "build", "img:nosuch"), 3, r"no such image or version: img:nosuch"),
@@ -922,6 +932,12 @@ class Values(dict[str, str]):
             a.file(INITRAMFS_MARK, b"#!/usr/bin/busybox sh\n", 0o755)
             made = w.w / "netboot.initrd"
             made.write_bytes(gzip.compress(a.cpio()))
+        elif key == "chardev":  # the null device's numbers, under a name of the test's own
+            made = w.w / "chardev"
+            os.mknod(made, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        elif key == "fifo":
+            made = w.w / "fifo"
+            os.mkfifo(made)
         elif key == "oldmods":
             made = w.w / "oldmods"
             (made / "kernel").mkdir(parents=True)
@@ -950,6 +966,10 @@ def run_step(w: World, values: Values, args: tuple[str, ...], code: int, pattern
         rec = json.loads((Path(argv_[2]) / "vms" / argv_[1] / "vm.json").read_text())
         os.kill(rec["pid"], signal.SIGKILL)
         assert wait_for_exit(int(rec["pid"]))
+        return
+    if argv_[0] == "!kind":
+        mode = os.lstat(argv_[1]).st_mode
+        assert {"char": stat.S_ISCHR, "fifo": stat.S_ISFIFO}[argv_[2]](mode), (argv_, oct(mode))
         return
     if argv_[0] == "!nothing-left":
         d = Path(argv_[1])
