@@ -881,6 +881,16 @@ ISSUE_27.update({
         (("!kind", "{chardev}", "char"), 0, ""),
         (("!kind", "{fifo}", "fifo"), 0, ""),
     ],
+    # variant: `import /dev/null` or an empty file made an empty disk without a word
+    "import-of-nothing": [
+        (("import", "/dev/null", "img:null"), 6, r"cannot read /dev/null: is neither a regular file nor a block"),
+        (("import", "{fifo}", "img:fifo"), 6, r"is neither a regular file nor a block device"),
+        (("import", "{w}/emptydir/../kernel", "img:k"), 0, r"imported"),  # a real file still imports (4 KiB)
+        (("!empty", "{w}/empty.img"), 0, ""),
+        (("import", "{w}/empty.img", "img:empty"), 6, r"cannot read .*empty\.img: is empty \(0 bytes\)"),
+        (("import", "{w}/empty.img", "img:empty", "--format", "raw"), 6, r"is empty"),
+        (("images", "--json"), 0, r"^(?!.*\b(null|fifo|empty)\b)"),
+    ],
     # item 4: boot-files build checked the ref after 10-30 s of building, and never the kernel
     "boot-files-build-checks-first": [
         (("boot-files", "build", "img:nosuch"), 3, r"no such image or version: img:nosuch"),
@@ -966,6 +976,9 @@ def run_step(w: World, values: Values, args: tuple[str, ...], code: int, pattern
         rec = json.loads((Path(argv_[2]) / "vms" / argv_[1] / "vm.json").read_text())
         os.kill(rec["pid"], signal.SIGKILL)
         assert wait_for_exit(int(rec["pid"]))
+        return
+    if argv_[0] == "!empty":
+        Path(argv_[1]).write_bytes(b"")
         return
     if argv_[0] == "!kind":
         mode = os.lstat(argv_[1]).st_mode
