@@ -156,6 +156,29 @@ class Ctx:
             self._repo.close()
 
 
+def refuse_closed_output() -> None:
+    """For a command whose result exists only in what it prints (a token's secret, a VM started in
+    the background, an instance handed to a host): when stdout is a pipe or socket whose reader is
+    already gone, end as a closed output ends (exit 141, quietly) before anything is made — `token
+    create | …` whose reader had gone turned access control on with a token nobody could read, and
+    `vm run` left a VM and its disks agent (issue 27). A reader that goes away later is the usual
+    closed pipe: what was made stays, as `vm list` shows."""
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not (stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode)):
+            return
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return
+    if gone:
+        raise BrokenPipeError(errno.EPIPE, "the reader of stdout is gone")
+
+
 def emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
