@@ -158,7 +158,7 @@ class Ctx:
 
 def refuse_closed_output() -> None:
     """For a command whose result exists only in what it prints (a token's secret, a VM started in
-    the background, an instance handed to a host): when stdout is a pipe or socket whose reader is
+    the background): when stdout is a pipe or socket whose reader is
     already gone, end as a closed output ends (exit 141, quietly) before anything is made — `token
     create | …` whose reader had gone turned access control on with a token nobody could read, and
     `vm run` left a VM and its disks agent (issue 27). A reader that goes away later is the usual
