@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from blockprov.agent import control, run_async
 from blockprov.errors import AgentNotRunning, CacheError
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the device stack loads asyncio and more: only an offline op
     from blockprov.repo.base import Repository
 
 OP_TIMEOUT = 24 * 3600.0  # a snapshot of a big disk over a slow link may take long; the agent answers at the end
-Offline = Callable[["CacheDevice", "Repository"], Awaitable[dict[str, Any]]]
+R = TypeVar("R")
 
 
 def repository_of(cache_dir: Path, repo_url: str | None, data_dir: str | None) -> tuple[str | None, str | None]:
@@ -72,11 +72,13 @@ async def adopt_repository(dev: CacheDevice, repo: Repository) -> None:
     dev.record_repository(repo.url)
 
 
-def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
-             repository: Callable[[Path], Repository], *, fetch_timeout: float | None = None) -> dict[str, Any]:
-    """``op`` run by the agent serving ``cache_dir``, else ``offline`` on the cache opened here with
-    ``repository(cache_dir)`` (opened only then: see ``repository_of``). ``fetch_timeout``: how long
-    the offline cache's reads retry an unreachable repository before they fail (the agent has its own)."""
+def on_cache(cache_dir: Path, op: str, args: dict[str, Any],
+             offline: Callable[[CacheDevice, Repository], Awaitable[R]], repository: Callable[[Path], Repository],
+             result: type[R], *, fetch_timeout: float | None = None) -> R:
+    """``op`` run by the agent serving ``cache_dir`` (its answer rebuilt as ``result``, results.py),
+    else ``offline`` on the cache opened here with ``repository(cache_dir)`` (opened only then: see
+    ``repository_of``). ``fetch_timeout``: how long the offline cache's reads retry an unreachable
+    repository before they fail (the agent has its own)."""
     cache_dir = cache_dir.resolve()
     try:
         control.call(cache_dir, "status", timeout=10.0)  # answers quickly, or the agent is stuck
@@ -86,8 +88,9 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
         raise CacheError(f"an agent holds {cache_dir} but does not answer ({e or type(e).__name__}); "
                          "nothing was changed — stop it (kill its pid, see the cache's lock file) and retry") from None
     else:
-        result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
-        return result
+        from blockprov.results import from_dict
+
+        return from_dict(result, control.call(cache_dir, op, timeout=OP_TIMEOUT, **args))
     from blockprov.cache import CacheDevice, is_cache
 
     if not is_cache(cache_dir):
@@ -95,14 +98,14 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
     repo = repository(cache_dir)
     source = stopped_layers(cache_dir, repo, fetch_timeout)
 
-    async def main() -> dict[str, Any]:
+    async def main() -> R:
         dev = await CacheDevice.open(cache_dir, source, repo=repo, create=False)
         try:
             return await offline(dev, repo)
         finally:
             await dev.close()
 
-    out: dict[str, Any] = run_async(main())
+    out: R = run_async(main())
     return out
 
 

@@ -352,8 +352,8 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     if moved and manifest is not None:
         old = dev.manifest.id
         done = await lifecycle.update(dev, manifest, keep_modified=policy == "keep")
-        say(f"updated {old[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
-            f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept")
+        say(f"updated {old[:12]} → {manifest.id[:12]} by diff: {done.chunks_changed} chunk(s) differ, "
+            f"{done.chunks_refetched} fetched again, {done.modified_kept} modified kept")
     counts = dev.chunks.counts()
     m = dev.manifest
     if offline:

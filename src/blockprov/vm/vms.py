@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from blockprov.agent import control
+from blockprov.agent.instance import ReadOrder, StatusReport
 from blockprov.clones.clones import (
     base_dir,
     create_instances,
@@ -62,6 +63,7 @@ from blockprov.errors import AgentNotRunning, BlockprovError, NotFound, UsageErr
 from blockprov.manifest import Manifest
 from blockprov.names import UNIX_PATH_MAX, parse_ref
 from blockprov.repo.base import Repository
+from blockprov.results import from_dict
 from blockprov.vm import lazy, qemu, stored
 from blockprov.vm import template as tpl
 
@@ -487,12 +489,13 @@ def _fetched(root: Path, mm: Manifest) -> dict[str, Any]:
     repository requests in all, and the chunks its prefetch (hydration) fetched, the rest being
     page faults; {} when the agent does not say."""
     try:
-        st = control.call(base_dir(root / DISKS, mm), "status", timeout=10.0)
+        st = from_dict(StatusReport, control.call(base_dir(root / DISKS, mm), "status", timeout=10.0))
     except (BlockprovError, OSError):
         return {}
-    h = st.get("hydration") or {}
-    return {"chunks": st.get("chunks_fetched"), "bytes": st.get("bytes_fetched"), "requests": st.get("batches"),
-            "prefetched_chunks": h.get("chunks_fetched"), "prefetch": h.get("state")}
+    f, h = st.device.fetch, st.hydration
+    return {"chunks": f.chunks_fetched if f else None, "bytes": f.bytes_fetched if f else None,
+            "requests": f.batches if f else None, "prefetched_chunks": h.chunks_fetched if h else None,
+            "prefetch": h.state if h else None}
 
 
 def _prefetch_memory(root: Path, mm: Manifest) -> None:
@@ -529,7 +532,7 @@ def _record_resume_profile(root: Path, repo: Repository, mm: Manifest, *, settle
         quiet_since = time.monotonic()
         while time.monotonic() < deadline and time.monotonic() - quiet_since < settle:
             time.sleep(0.1)
-            now = control.call(base, "profile", timeout=10.0)["order"]
+            now = from_dict(ReadOrder, control.call(base, "profile", timeout=10.0)).order
             if len(now) != len(order):
                 order, quiet_since = now, time.monotonic()
         if not order:

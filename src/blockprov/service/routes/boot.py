@@ -26,6 +26,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from blockprov import boot, names
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
+from blockprov.results import to_dict
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
 from blockprov.service.routes.common import JSON_BODY, OCTETS, json_of, version_ref
 from blockprov.service.state import Service
@@ -41,7 +42,7 @@ async def get_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     """The version's boot file descriptors and command line; ``{"boot": null}`` when it has none."""
     svc = Service.of(request)
     info = await svc.run(svc.repo.get_boot_files, version_ref(name, vid))
-    return {"boot": None if info is None else info.to_dict()}
+    return {"boot": None if info is None else to_dict(info)}
 
 
 @router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=JSON_BODY)
@@ -58,7 +59,7 @@ async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     if not isinstance(cmdline, str):
         raise UsageError("cmdline must be a string")
     info = await svc.run(svc.repo.record_boot_files, r.name, str(r.version), kernel, initrd, cmdline)
-    return dict(info.to_dict())
+    return to_dict(info)
 
 
 @router.get("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
@@ -137,13 +138,13 @@ async def boot_script(host: str, request: Request, base: str | None = None, reco
 @router.get("/v1/hosts", tags=["hosts"])
 async def list_hosts(request: Request) -> dict[str, Any]:
     svc = Service.of(request)
-    return {"hosts": [h.to_dict() for h in await svc.run(svc.repo.hosts)]}
+    return {"hosts": [to_dict(h) for h in await svc.run(svc.repo.hosts)]}
 
 
 @router.get("/v1/hosts/{host}", tags=["hosts"])
 async def get_host(host: str, request: Request) -> dict[str, Any]:
     svc = Service.of(request)
-    return dict((await svc.run(svc.repo.registry.host, host)).to_dict())
+    return to_dict(await svc.run(svc.repo.registry.host, host))
 
 
 @router.put("/v1/hosts/{host}", tags=["hosts"], openapi_extra=JSON_BODY)
@@ -162,7 +163,7 @@ async def assign_host(host: str, request: Request) -> dict[str, Any]:
                          f"({', '.join(boot.SETTINGS)}); only ref is required")
     settings = {k: d[k] for k in boot.SETTINGS if k in d}
     info = await svc.run(svc.repo.assign_host, host, parse_ref(d["ref"]), d.get("args"), settings)
-    return dict(info.to_dict())
+    return to_dict(info)
 
 
 @router.delete("/v1/hosts/{host}", tags=["hosts"])

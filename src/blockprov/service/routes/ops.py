@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from blockprov import __version__
+from blockprov.results import to_dict
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -39,4 +40,4 @@ async def gc(request: Request, grace: float | None = None) -> dict[str, Any]:
     which protects uploads still in progress)."""
     svc = Service.of(request)
     stats = await svc.run(svc.repo.gc) if grace is None else await svc.run(svc.repo.gc, grace)
-    return stats.to_dict()
+    return to_dict(stats)
