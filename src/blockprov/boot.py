@@ -35,6 +35,10 @@ from blockprov import codec
 from blockprov.errors import IntegrityError, SourceError, UsageError
 from blockprov.names import kernel_args
 
+# What marks blockprov's network-boot initramfs (netboot/initramfs.py writes it among the archive's
+# first entries: the in-machine agent's DHCP hook), so `vm run` can tell a PC's boot files from a VM's.
+INITRAMFS_MARK = "etc/blockprov/udhcpc.sh"
+
 PIECE = 1 << 20  # bytes per stored piece of a boot file
 MAX_BOOT_FILE = 1 << 30  # a kernel or initrd larger than this is a mistake, not a boot file
 BATCH = 16  # pieces handed to the sink at once (16 MiB)
@@ -202,7 +206,8 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
     hydration: ``blockprov.*`` words), and what an in-guest agent needs to attach:
     ``blockprov.repo`` (where the repository is, as the host reaches it), ``blockprov.image`` (the
     immutable ``NAME@ID``: a tag moved during the boot must not change what the kernel and the
-    agent see) and ``blockprov.host``. URLs name the version by id for the same reason.
+    agent see) and ``blockprov.host``. URLs name the version by id for the same reason; the
+    initrd's names the host, whose last boot the repository records once it has sent all of it.
     ``initrd=initrd.img`` plus ``--name`` lets an EFI-stub kernel find the initrd."""
     files = f"{base}/v1/images/{image}/versions/{version}/boot"
     words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w] + setting_words(settings or {})
@@ -212,9 +217,18 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
         "#!ipxe\n"
         f"# blockprov: host {host} is assigned {assigned} = {image}@{version}\n"
         f"kernel {files}/kernel {' '.join(words)}\n"
-        f"initrd --name initrd.img {files}/initrd\n"
+        f"initrd --name initrd.img {files}/initrd?host={host}\n"
         "boot\n"
     )
+
+
+def stranded(ref: str, version: str, hosts: Sequence[str]) -> str:
+    """What a tag move (or an assignment) to a version without boot files does to the hosts that
+    follow the tag: said at once, not found out at their next boot. Pure."""
+    shown = ", ".join(hosts[:5]) + (f" and {len(hosts) - 5} more" if len(hosts) > 5 else "")
+    return (f"{len(hosts)} host(s) follow {ref} ({shown}) and {ref.split(':')[0]}@{version[:12]} has no boot files: "
+            f"they cannot boot until it has (a PC that boots onto its own disk: blockprov boot-files build {ref}; "
+            f"another kernel and initrd: blockprov boot-files set {ref} --kernel FILE --initrd FILE)")
 
 
 RETRY_SECONDS = 30  # how long a machine waits before asking again for its boot script
@@ -251,3 +265,15 @@ def parse_script(text: str) -> dict[str, Any]:
         raise UsageError("a boot script needs kernel, initrd and boot lines")
     params = dict(w.split("=", 1) for w in kernel[2:] if "=" in w)
     return {"kernel": kernel[1], "args": kernel[2:], "params": params, "initrd": initrd[-1]}
+
+
+def is_blockprov_initramfs(initrd: bytes) -> bool:
+    """True for blockprov's network-boot initramfs (a gzip'd newc cpio holding INITRAMFS_MARK near
+    its start): only the first MiB is unpacked, whatever the archive's size."""
+    import zlib
+
+    try:
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(initrd[:PIECE], PIECE)
+    except zlib.error:
+        return False
+    return INITRAMFS_MARK.encode() in head

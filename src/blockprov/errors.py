@@ -31,7 +31,8 @@ class BlockprovError(Exception):
         if args and not kwargs:
             kwargs = {"msg": " ".join(str(a) for a in args)}
         try:
-            message = (self.__doc__ or "{msg}").strip().format(**kwargs)
+            # a template may run over several lines of its docstring: they are one line of message
+            message = " ".join(ln.strip() for ln in (self.__doc__ or "{msg}").strip().splitlines()).format(**kwargs)
         except (KeyError, IndexError):
             message = " ".join(str(a) for a in args) or type(self).__name__
         super().__init__(message)
@@ -138,8 +139,14 @@ class PoolExhausted(Conflict):
     """{msg}"""
 
 
+class KeepWouldMerge(Conflict):
+    """{msg}"""
+
+
 class BootFilesMissing(Conflict):
-    """{ref} has no boot files (set them with: blockprov boot-files set {ref} --kernel FILE --initrd FILE)"""
+    """{ref} has no boot files (a PC that boots onto its own disk needs blockprov's initramfs:
+    blockprov boot-files build {ref}; any other kernel and initrd: blockprov boot-files set {ref}
+    --kernel FILE --initrd FILE)"""
 
 
 class VmNotRunning(Conflict):
@@ -289,6 +296,20 @@ class CacheMismatch(CacheError):
 
 class AgentNotRunning(CacheError):
     """no agent is running on {path}"""
+
+
+class AgentNotAnswering(CacheError):
+    """the agent serving {path} did not answer {op} within {seconds} s"""
+
+
+class AgentDied(BlockprovError):
+    """the agent serving {path} died during {op}: {outcome} (see: blockprov status --cache {path})"""
+
+    # Its own code (issue 27): the operation may or may not have taken effect, which a script must
+    # tell from a refusal (8) and from a bug (70). ``outcome`` says what is known of it: the CLI
+    # looks at the cache (and the repository, for a snapshot) after the agent is gone.
+    exit_code = 14
+    http_status = 502
 
 
 class ControlFailed(BlockprovError):

@@ -30,3 +30,19 @@ def parse_size(text: str) -> int:
         raise InvalidSize(name=text, why="expected a number of bytes, optionally with a binary unit K, M, G or T "
                                          "(64K, 1.5M, 2GiB)")
     return int(Fraction(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_memory(text: str) -> int:
+    """A VM's RAM as qemu's ``-m`` reads it: a plain number is MiB (``512`` is 512 MiB, never 512
+    bytes), a unit is binary (``256M``, ``1.5G``, ``2GiB``); bytes, a whole number of MiB above 0.
+    Every ``--memory`` of the CLI reads it this way (issue 27: ``vm run --memory 512`` was 512 bytes
+    while ``profile record --memory 512`` was MiB)."""
+    t = text.strip()
+    why = "guest memory is a whole number of MiB above 0 (a plain number is MiB, as qemu's -m: 512, 512M, 2G)"
+    try:
+        got = parse_size(t + "M" if re.fullmatch(r"\d+", t) else t)
+    except InvalidSize:
+        raise InvalidSize(name=text, why=why) from None
+    if got <= 0 or got % (1 << 20):
+        raise InvalidSize(name=text, why=why)
+    return got

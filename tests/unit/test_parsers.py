@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from blockprov.errors import InvalidSize, UsageError
-from blockprov.humanize import parse_size
+from blockprov.humanize import parse_memory, parse_size
 from blockprov.names import host_port
 
 
@@ -33,6 +33,22 @@ def test_a_bad_size_is_a_bad_argument_to_argparse() -> None:
     assert p.parse_args(["--memory", "1.5M"]).memory == 3 << 19
     with pytest.raises(argparse.ArgumentError):
         p.parse_args(["--memory", "lots"])
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("512", 512 << 20), (" 512 ", 512 << 20), ("512M", 512 << 20), ("512MiB", 512 << 20), ("1G", 1 << 30),
+    ("1.5G", 3 << 29), ("1024K", 1 << 20), ("1T", 1 << 40),
+])
+def test_guest_memory_is_mib_by_default_as_qemu(text: str, size: int) -> None:
+    """Every --memory (vm run, vm clone, profile record) reads a plain number as MiB, as qemu's -m."""
+    assert parse_memory(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "0M", "512B", "512K", "1.5M", "-1", "lots", ""])
+def test_guest_memory_that_qemu_cannot_take(text: str) -> None:
+    with pytest.raises(InvalidSize) as got:
+        parse_memory(text)
+    assert got.value.exit_code == 2 and repr(text) in str(got.value)
 
 
 @pytest.mark.parametrize(("text", "address"), [

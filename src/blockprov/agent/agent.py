@@ -103,6 +103,8 @@ class AgentConfig:
     peer_url: str | None = None  # how peers reach that listener (default: from its address)
     peer_slots: int = DEFAULT_SLOTS  # peer requests served at once
     peer_rate: float | None = None  # bytes per second sent to peers at most (None: no limit)
+    # what the embedding process adds: "host" (reported), "report" (a dict merged into the report the
+    # repository shows: the in-machine agent's last move to another version, agent/keep.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -314,7 +316,8 @@ class Agent:
                 "site_error": self.site.last_error if self.site is not None else None,
                 "peer_url": self.peer_url if self.site is not None and self.site.joined else None,
                 "sources": self.peers.stats.to_dict()["by_version"] if self.peers is not None else {},
-                "peer_served": (self.peer_server.stats.bytes_sent if self.peer_server is not None else 0)}
+                "peer_served": (self.peer_server.stats.bytes_sent if self.peer_server is not None else 0),
+                **(self.config.extra.get("report") or {})}
 
 
 def offline_status(cache_dir: Path) -> StatusReport:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockprov.errors import (
+    AgentDied,
+    AgentNotAnswering,
     AgentNotRunning,
     BlockprovError,
     ControlFailed,
@@ -111,11 +113,14 @@ class ControlServer:
 
 
 def call(cache_dir: str | os.PathLike[str], op: str, timeout: float = 30.0, **args: Any) -> Any:
-    """Ask the agent running on ``cache_dir``: its result, or the error it raised, rebuilt here;
-    AgentNotRunning if there is none."""
+    """Ask the agent running on ``cache_dir``: its result, or the error it raised, rebuilt here.
+    AgentNotRunning if there is none; AgentNotAnswering if it says nothing for ``timeout`` seconds;
+    AgentDied if the connection ends before its answer (the agent was killed or crashed while it
+    worked: whether the request took effect is not known here — agent/offline.py finds out)."""
     path = socket_path(cache_dir)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    buf = b""
     try:
         try:
             with reachable(path) as name:
@@ -123,14 +128,19 @@ def call(cache_dir: str | os.PathLike[str], op: str, timeout: float = 30.0, **ar
         except (FileNotFoundError, ConnectionRefusedError):
             raise AgentNotRunning(path=str(cache_dir)) from None
         s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        buf = b""
         while not buf.endswith(b"\n"):
             part = s.recv(65536)
             if not part:
                 break
             buf += part
+    except TimeoutError:
+        raise AgentNotAnswering(path=str(cache_dir), op=op, seconds=f"{timeout:g}") from None
+    except (ConnectionResetError, BrokenPipeError):
+        buf = b""  # the agent went away mid-request: below
     finally:
         s.close()
+    if not buf.endswith(b"\n"):
+        raise AgentDied(path=str(cache_dir), op=op, outcome="whether it took effect is not known")
     reply = json.loads(buf)
     if not reply.get("ok"):
         raise error_from_dict(reply, lambda message: ControlFailed(message or "control request failed",

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from blockprov.agent import control, lifecycle
+from blockprov.agent import control, keep, lifecycle
 from blockprov.agent.hydrate import HydrationStatus, Hydrator
 from blockprov.cache import CacheDevice, DeviceStatus
 from blockprov.errors import BlockprovError, UsageError
@@ -199,10 +199,10 @@ class InstanceOps:
         return await lifecycle.snapshot(self.device, self.repo, str(req.get("to", "")),
                                         target=str(req.get("target") or "default"), rebase=bool(req.get("rebase")))
 
-    async def _op_update(self, req: dict[str, Any]) -> lifecycle.UpdateResult:
+    async def _op_update(self, req: dict[str, Any]) -> keep.KeptUpdate:
         new = await self._run(self.repo.resolve, str(req.get("to", "")))
-        return await lifecycle.update(self.device, new, keep_modified=bool(req.get("keep_modified")),
-                                      eager=not req.get("lazy"))
+        return await keep.update(self.device, self.repo, new, keep_modified=bool(req.get("keep_modified")),
+                                 force=bool(req.get("force")), eager=not req.get("lazy"))
 
     async def _op_hydrate(self, req: dict[str, Any]) -> HydrationStatus:
         if self.device.overlay:

@@ -7,15 +7,16 @@ exit codes by the group's edge in cli/__init__.py, like every other command's.
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from pathlib import Path
 
 import click
 
 from blockprov import humanize as hz
-from blockprov.boot import HYDRATE, POLICIES, parse_script
+from blockprov.boot import HYDRATE, POLICIES, parse_script, stranded
 from blockprov.catalog.records import HostInfo
-from blockprov.cli._common import Ctx, emit, json_option, run_async
+from blockprov.cli._common import Ctx, check_creatable, emit, json_option, run_async
 from blockprov.errors import HostNotFound, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.results import to_dict
@@ -82,11 +83,23 @@ def boot_files_build(obj: Ctx, ref: str, kernel: Path | None, modules_dir: Path 
     disk) for a kernel, and store kernel and initramfs as REF's boot files."""
     from blockprov.netboot import initramfs
 
-    built = initramfs.build(kernel, modules_dir)
+    # What fails fast fails first: the repository and the version (a build takes 10-30 s), the output
+    # path; the kernel's format and its modules are checked by build() before its long part.
+    m = obj.repo.resolve(parse_ref(ref))
+    if output is not None:
+        check_creatable(output, "file")
+    show = not as_json and sys.stderr.isatty()
+
+    def step(what: str) -> None:
+        if show:
+            click.echo(f"\rboot-files build: {what}…"[:100].ljust(100), err=True, nl=False)
+    built = initramfs.build(kernel, modules_dir, progress=step)
+    if show:
+        click.echo("\r" + " " * 100 + "\r", err=True, nl=False)
     if output is not None:
         output.write_bytes(built.data)
     cmd = initramfs.DEFAULT_CMDLINE if cmdline is None else cmdline
-    info = obj.repo.set_boot_files(parse_ref(ref), built.kernel, built.data, cmd)
+    info = obj.repo.set_boot_files(parse_ref(f"{m.image}@{m.id}"), built.kernel, built.data, cmd)
     if as_json:
         emit(to_dict(info) | {"build": built.summary()})
         return
@@ -149,6 +162,8 @@ def host_assign(obj: Ctx, host_name: str, ref: str, args: str | None, policy: st
         return
     click.echo(f"{h.host} → {h.ref} (now {parse_ref(h.ref).name}@{h.version}), {_settings(h)}"
                + (f", args {h.args}" if h.args else ", no extra args"))
+    if h.version and obj.repo.get_boot_files(f"{parse_ref(h.ref).name}@{h.version}") is None:
+        click.echo(f"warning: {stranded(h.ref, h.version, [h.host])}", err=True)
 
 
 def _settings(h: HostInfo) -> str:
@@ -177,6 +192,8 @@ def host_list(obj: Ctx, as_json: bool) -> None:
 
 
 def _last_boot(h: HostInfo) -> str:
+    if h.last_refused is not None and (h.last_boot is None or h.last_refused > h.last_boot):
+        return f"REFUSED {_when(h.last_refused)} (host show)"
     if h.last_boot is None:
         return "never booted"
     return f"booted {_when(h.last_boot)} {str(h.last_boot_version or '?')[:12]}"
@@ -202,9 +219,11 @@ def host_show(obj: Ctx, host_name: str, as_json: bool) -> None:
     click.echo(f"hydrate   {h.hydrate or 'background (the default: not set)'}")
     click.echo(f"args      {h.args or '-'}")
     if h.last_boot is None:
-        click.echo("last boot never (the repository has not answered its boot script)")
+        click.echo("last boot never (it has not fetched the whole initrd of its boot script)")
     else:
         click.echo(f"last boot {_when(h.last_boot)} ({_ago(time.time() - h.last_boot)}), version {h.last_boot_version}")
+    if h.last_refused is not None:
+        click.echo(f"refused   {_when(h.last_refused)} ({_ago(time.time() - h.last_refused)}): {h.refused_why}")
 
 
 @host.command("rm")
@@ -241,7 +260,9 @@ def host_script(obj: Ctx, host_name: str, base_url: str | None, as_json: bool) -
 def agents(obj: Ctx, as_json: bool) -> None:
     """Agents registered with the repository, and their queued requests.
 
-    Host agents (`attach`) show the version they serve; `clones serve` and `pool serve` agents their
+    Each is online (seen within 30 s) or OFFLINE (its last report); one not seen for 7 days is
+    forgotten (it registers again when it starts). Host agents (`attach`) show the version they
+    serve (a PC its last move to another version); `clones serve` and `pool serve` agents their
     clones and pools (ready, in use, target size, last refill error)."""
     rows = obj.repo.agents()
     if as_json:
@@ -257,8 +278,12 @@ def agents(obj: Ctx, as_json: bool) -> None:
         else:
             what = f"{info.get('image', '?')}@{info.get('version', '?')}"
         where = info.get("host") or "-"
-        click.echo(f"{a['instance']:24} {what:34} host {where:16} pid {info.get('pid', '-'):>7}  "
+        state = "online " if a.get("online") else "OFFLINE"
+        click.echo(f"{a['instance']:24} {state} {what:34} host {where:16} pid {info.get('pid', '-'):>7}  "
                    f"seen {_ago(float(a['seen_ago']))}  requests {a['pending']} pending, {a['running']} running")
+        move = info.get("last_move")
+        if isinstance(move, dict) and move.get("summary"):
+            click.echo(f"  last move: {move['summary']}")
         for p in info.get("pools") or []:
             err = f", last refill error: {p['error']}" if p.get("error") else ""
             click.echo(f"  pool {p.get('name', '?')} of {p.get('base', '?')}: {p.get('ready', '?')} ready, "

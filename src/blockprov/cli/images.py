@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import click
 
 from blockprov import humanize as hz
 from blockprov.align import runs
+from blockprov.boot import stranded
 from blockprov.cli._common import (
     Ctx,
+    default_data_dir,
     emit,
     json_option,
     labels_option,
@@ -165,6 +168,9 @@ def tag_cmd(obj: Ctx, src: str, dst: str) -> None:
     assert d.tag is not None
     obj.repo.set_tag(d.name, d.tag, m.id)
     click.echo(f"{d} → {m.image}@{m.id}")
+    following = [h.host for h in obj.repo.hosts() if h.ref == str(d)]
+    if following and obj.repo.get_boot_files(f"{m.image}@{m.id}") is None:
+        click.echo(f"warning: {stranded(str(d), m.id, following)}", err=True)
 
 
 @click.command("rm")
@@ -172,8 +178,39 @@ def tag_cmd(obj: Ctx, src: str, dst: str) -> None:
 @click.pass_obj
 def rm_cmd(obj: Ctx, ref: str) -> None:
     """Remove a tag, or a version with its tags. Chunks go at the next gc."""
-    for gone in obj.repo.remove(parse_ref(ref)):
+    r = parse_ref(ref)
+    users = _templates_using(obj, r.name, obj.repo.resolve(r).id) if r.version else []
+    for gone in obj.repo.remove(r):
         click.echo(f"removed {gone}")
+    for t in users:
+        click.echo(f"warning: VM template {t} uses {r} as its disk: it cannot be cloned any more (vm clone says "
+                   "so); make the template again from a VM of a version that exists", err=True)
+
+
+def _templates_using(obj: Ctx, image: str, vid: str) -> list[str]:
+    """VM templates whose disk is ``image@vid``: those of this data directory's VM directory and
+    those pushed to the repository (issue 27 item 5: an rm left them to fail at `vm clone`)."""
+    import json
+
+    from blockprov.vm import stored
+    from blockprov.vm.vms import list_templates
+
+    disk = f"{image}@{vid}"
+    found: set[str] = set()
+    vms = (Path(obj.data_dir) if obj.data_dir else default_data_dir()) / "vms"
+    if not obj.repo_url and vms.is_dir():
+        found |= {f"{t['template']} ({vms})" for t in list_templates(vms) if t["disk"] == disk}
+    for i in obj.repo.images():
+        if not i.name.startswith(stored.image_of("")):
+            continue
+        for v in obj.repo.versions(i.name):
+            try:
+                t = json.loads(v.labels.get(stored.LABEL) or "{}")
+            except ValueError:
+                continue
+            if isinstance(t, dict) and f"{t.get('image')}@{t.get('version')}" == disk:
+                found.add(f"{i.name.removeprefix(stored.image_of(''))} (pushed: {i.name})")
+    return sorted(found)
 
 
 @click.command("gc")
@@ -185,7 +222,8 @@ def gc_cmd(obj: Ctx, as_json: bool) -> None:
     if as_json:
         emit(st)
     else:
-        click.echo(f"removed {st.chunks_removed} chunks ({hz.size(st.bytes_removed)}), kept {st.chunks_kept}")
+        click.echo(f"removed {st.chunks_removed} chunks ({hz.size(st.bytes_removed)}), kept {st.chunks_kept}"
+                   + (f"; compacted {hz.size(st.space_freed)} of pack space" if st.space_freed else ""))
 
 
 def register(cli: click.Group) -> None:

@@ -73,7 +73,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockprov.agent import lifecycle, run_async
+from blockprov.agent import keep, lifecycle, run_async
 from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.align import runs
 from blockprov.cache import DEFAULT_READAHEAD, DEFAULT_TIMEOUT, CacheDevice, Reserve, is_cache, load_state
@@ -83,6 +83,7 @@ from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd, loader
 from blockprov.netboot.params import check_params, diskless
 from blockprov.repo.remote import RemoteRepository
+from blockprov.results import to_dict
 from blockprov.retry import RetryPolicy, is_transient, retry_sync
 
 log = logging.getLogger("blockprov.netboot")
@@ -350,10 +351,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     if session and reserve is not None:
         await restore_from_reserve(dev, reserve, session, offline, say)
     if moved and manifest is not None:
-        old = dev.manifest.id
-        done = await lifecycle.update(dev, manifest, keep_modified=policy == "keep")
-        say(f"updated {old[:12]} → {manifest.id[:12]} by diff: {done.chunks_changed} chunk(s) differ, "
-            f"{done.chunks_refetched} fetched again, {done.modified_kept} modified kept")
+        await move_to(agent, dev, repo, manifest, params, say)
     counts = dev.chunks.counts()
     m = dev.manifest
     if offline:
@@ -388,6 +386,44 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def move_to(agent: Agent, dev: CacheDevice, repo: RemoteRepository, manifest: Manifest,
+                  params: dict[str, str], say: Any) -> None:
+    """The host was assigned another version of the image: update the disk by diff before the
+    kernel sees a byte. ``restore``: the session was reset already. ``keep``: agent/keep.py's
+    ``move`` (the chunks of partitions the new version leaves unchanged are kept, the session is
+    first kept as a version when anything else changed, never merged); when that snapshot cannot
+    be made the PC stays on its version. The console and the agent's report say which."""
+    old = dev.manifest
+    report: dict[str, Any] = {"from": f"{old.image}@{old.id}", "to": f"{manifest.image}@{manifest.id}",
+                              "at": time.time()}
+    done: keep.KeptUpdate | None
+    if params.get("policy", "keep") == "keep":
+        done = await keep.move(dev, repo, manifest, host=params.get("host"),
+                               on_move=params.get("on_move", "snapshot"), say=say)
+    else:
+        done = keep.KeptUpdate(update=await lifecycle.update(dev, manifest))
+    if done is None:
+        report["summary"] = (f"NOT moved to {manifest.image}@{manifest.id[:12]}: the session could not be kept as a "
+                             "version (see the PC's console); serving the version it had")
+        report["moved"] = False
+    else:
+        u = done.update
+        say(f"updated {old.id[:12]} → {manifest.id[:12]} by diff: {u.chunks_changed} chunk(s) differ, "
+            f"{u.chunks_refetched} fetched again, {u.modified_kept} modified kept, "
+            f"{u.modified_discarded} reset")
+        kept = [str(p.number) for p in (done.keep.partitions if done.keep else []) if p.kept]
+        report.update(moved=True, kept_chunks=u.modified_kept, reset_chunks=u.modified_discarded,
+                      kept_partitions=kept, snapshot=to_dict(done.snapshot),
+                      summary=f"moved {old.id[:12]} → {manifest.id[:12]}: kept {u.modified_kept} modified "
+                              f"chunk(s)" + (f" of partition {', '.join(kept)}" if kept else "")
+                              + f", reset {u.modified_discarded}"
+                              + (f"; session kept as {done.snapshot.image}:{done.snapshot.tag}"
+                                 if done.snapshot else ""))
+    agent.config.extra.setdefault("report", {})["last_move"] = report
+    if agent.link is not None:
+        agent.link.poke()  # the repository shows it at once (blockprov agents, the console)
 
 
 def open_reserve(d: disk.Disk, say: Any) -> Reserve | None:

@@ -13,7 +13,9 @@ host's boot script or read /proc/cmdline in the machine), ``blockprov.reserve`` 
 reserve's size, e.g. ``256M``, used when the disk is initialized: netboot/disk.py),
 ``blockprov.offline_after`` (seconds the agent waits for an unreachable repository before it boots
 from what the disk holds; 0: at once), ``blockprov.loader=off`` (this boot leaves the disk's boot
-loader as it is) and ``blockprov.from=disk`` (added by the disk's own boot loader,
+loader as it is), ``blockprov.on_move`` (a ``keep`` machine moved to another version: ``snapshot``,
+the default, keeps the session's changes the new version cannot keep as a version first;
+``discard`` resets them: agent/keep.py) and ``blockprov.from=disk`` (added by the disk's own boot loader,
 netboot/loader.py).
 """
 
@@ -24,6 +26,7 @@ from blockprov.errors import NetbootError
 from blockprov.humanize import parse_size
 
 DISKLESS = "none"
+ON_MOVE = ("snapshot", "discard")
 
 
 def parse_cmdline(text: str) -> dict[str, str]:
@@ -44,6 +47,8 @@ def check_params(params: dict[str, str]) -> None:
         raise NetbootError(f"blockprov.policy={params['policy']}: expected one of {', '.join(POLICIES)}")
     if params.get("hydrate", "background") not in HYDRATE:
         raise NetbootError(f"blockprov.hydrate={params['hydrate']}: expected one of {', '.join(HYDRATE)}")
+    if params.get("on_move", "snapshot") not in ON_MOVE:
+        raise NetbootError(f"blockprov.on_move={params['on_move']}: expected one of {', '.join(ON_MOVE)}")
     if "ram" in params:
         try:
             if parse_size(params["ram"]) < 16 << 20:

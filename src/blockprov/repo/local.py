@@ -16,7 +16,6 @@ upload in progress (not yet committed) survive a concurrent gc.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -32,13 +31,11 @@ from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInf
 from blockprov.catalog.sites import Sites, online
 from blockprov.codec import ZERO_DIGEST
 from blockprov.durable import ensure_dir
-from blockprov.errors import BlockprovError, BootFilesMissing, Conflict, Forbidden, MissingChunks, UsageError
+from blockprov.errors import BootFilesMissing, Conflict, Forbidden, MissingChunks, UsageError
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, instance_id, kernel_args, parse_ref, site_name, version_id
 from blockprov.store.base import ChunkStore
 from blockprov.store.pack import PackChunkStore
-
-log = logging.getLogger("blockprov.repo")
 
 GC_GRACE_SECONDS = 3600.0
 
@@ -115,9 +112,8 @@ class LocalRepository:
                 doomed.append(cid)
         freed = self.store.delete_many(doomed)
         removed = len(doomed)
-        if removed:
-            self.store.compact()
-        return GcStats(chunks_removed=removed, bytes_removed=freed, chunks_kept=kept)
+        space = self.store.compact(spare=grace)  # the pack store's also removes packs nothing indexes
+        return GcStats(chunks_removed=removed, bytes_removed=freed, chunks_kept=kept, space_freed=space)
 
     def close(self) -> None:
         self.store.close()
@@ -183,10 +179,11 @@ class LocalRepository:
     def remove_host(self, host: str) -> None:
         self.registry.remove_host(host)
 
-    def boot_script(self, host: str, base_url: str | None = None, *, record: bool = False) -> str:
-        """``record``: this script is a host booting (``GET /v1/boot/HOST``), not an operator
-        looking (``host script``): its time and version become the host's last boot. A boot the
-        catalog cannot record (a write refused) still gets its script: booting matters more."""
+    def boot_script(self, host: str, base_url: str | None = None) -> str:
+        """The host's iPXE script. Answering it records nothing: a host has booted once it has
+        fetched the whole initrd the script names (service/routes/boot.py records that), so
+        neither an operator looking (``host script``, curl) nor a boot that fails before then
+        counts as its last boot."""
         if base_url is None:
             raise UsageError("a boot script needs the repository's HTTP URL as hosts reach it (--base-url): "
                              "the embedded repository has none until `blockprov serve` exposes it")
@@ -196,12 +193,6 @@ class LocalRepository:
         if h.version is None:
             raise Conflict(f"host {h.host} is assigned {h.ref}, which no longer exists: re-assign it")
         info = self._boot_files(Ref(ref.name, version=h.version))
-        if record:
-            try:
-                self.registry.record_boot(h.host, h.version)
-            except BlockprovError as e:
-                log.warning("host %s booted %s@%s, but its last boot could not be recorded: %s",
-                            h.host, ref.name, h.version, e)
         return boot.script(host=h.host, assigned=h.ref, image=ref.name, version=h.version, base=base,
                            cmdline=info.cmdline, args=h.args, settings=h.settings())
 

@@ -537,7 +537,7 @@ class RemoteRepository:
         self._request("DELETE", f"/v1/hosts/{host_id(host)}")
 
     def boot_script(self, host: str, base_url: str | None = None) -> str:
-        params = {"record": "false"}  # an operator looking is not the host booting (its last boot)
+        params = {}
         if base_url is not None:
             params["base"] = names.base_url(base_url)
         return self._request("GET", f"/v1/boot/{host_id(host)}", params=params,

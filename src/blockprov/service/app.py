@@ -32,6 +32,7 @@ from blockprov.service.access import Access, AccessPolicy, annotate_openapi
 from blockprov.service.edge import Guard, add_error_handlers
 from blockprov.service.metrics import Measure
 from blockprov.service.routes import ROUTERS
+from blockprov.service.routes.boot import refused_boot
 from blockprov.service.routes.chunks import LeanChunkPath
 from blockprov.service.state import Service
 from blockprov.service.ui.pages import router as console_router
@@ -55,7 +56,7 @@ def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int 
     svc = app.state.service = Service(repo, workers)
     app.add_middleware(LeanChunkPath, service=svc)  # innermost: after Measure, Guard and Access
     app.add_middleware(Access, routes=app.router.routes, tokens=TokenStore(repo.catalog.db),
-                       policy=access or AccessPolicy())
+                       policy=access or AccessPolicy(), refused_boot=refused_boot)
     app.add_middleware(Guard, max_body=max_body)
     app.add_middleware(Measure, metrics=svc.metrics)
     add_error_handlers(app)

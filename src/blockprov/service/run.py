@@ -84,9 +84,16 @@ def warn_open(repo: LocalRepository, policy: AccessPolicy, host: str, *, tls: bo
     if not tokens:
         why = "--auth off" if policy.mode == "off" else "no access token exists yet"
         log.warning("access control is off (%s): anyone who can reach this server may read and change the "
-                    "repository; create a token with: blockprov token create --scope write", why)
-    elif not tls and not _loopback(host):
-        log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
+                    "repository; create a token with: blockprov token create --scope write (with --auth auto, "
+                    "the first token closes it at once: start with --anonymous-boot if PCs network-boot from it)",
+                    why)
+    else:
+        if not policy.anonymous_boot:
+            log.warning("tokens are required and --anonymous-boot is off: PCs that network-boot (iPXE sends no "
+                        "token) are refused their boot scripts and shown why; start with --anonymous-boot to let "
+                        "them boot (it opens only boot scripts and kernel/initrd downloads)")
+        if not tls and not _loopback(host):
+            log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
 
 
 class _Server(uvicorn.Server):

@@ -16,7 +16,8 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
 
+log = logging.getLogger("blockprov.service")
 router = APIRouter()
 
 
@@ -64,9 +66,12 @@ async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
 
 @router.get("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
 @router.head("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
-async def get_boot_file(name: str, vid: str, which: str, request: Request) -> Response:
-    """The kernel or initrd: Content-Length, ETag, single ``Range``, HEAD; verified as it is sent."""
+async def get_boot_file(name: str, vid: str, which: str, request: Request, host: str | None = None) -> Response:
+    """The kernel or initrd: Content-Length, ETag, single ``Range``, HEAD; verified as it is sent.
+    ``?host=`` (the boot script puts it on the initrd's URL): once the whole initrd was sent, the
+    host's last boot is recorded — not for a curl of the script, nor for a boot that stops before."""
     svc = Service.of(request)
+    booting = None if host is None else host_id(host)
     f: boot.BootFile = await svc.run(svc.repo.boot_file_info, version_ref(name, vid), which)
     etag = f'"{f.id}"'
     headers = {"etag": etag, "accept-ranges": "bytes", "cache-control": "no-cache"}
@@ -106,27 +111,62 @@ async def get_boot_file(name: str, vid: str, which: str, request: Request) -> Re
         yield head
         for job in jobs[1:]:
             yield await svc.run(render, *job)
+        if booting is not None and which == "initrd" and rng is None:
+            await record_boot(svc, booting, name, vid)
 
     return StreamingResponse(body(), status_code=status, headers=headers, media_type=OCTETS)
 
 
+async def record_boot(svc: Service, host: str, name: str, vid: str) -> None:
+    """A boot the catalog cannot record (a write refused) has still booted: logged, not raised."""
+    try:
+        await svc.run(svc.repo.registry.record_boot, host, version_ref(name, vid).version or vid)
+    except BlockprovError as e:
+        log.warning("host %s booted %s@%s, but its last boot could not be recorded: %s", host, name, vid, e)
+
+
+def is_ipxe(request: Request) -> bool:
+    return request.headers.get("user-agent", "").startswith("iPXE/")
+
+
+async def refused_boot(request: Request, err: BlockprovError) -> Response | None:
+    """What a boot request the access rules refused gets (service/access.py asks): logged, and
+    recorded on the host (``host show``, the console); iPXE gets a 200 script that prints why on
+    the machine's screen and asks again (a 401 would leave it at "Permission denied" and fall
+    through to the disk, booting offline on its old version). None: the usual 401/403."""
+    raw = request.path_params.get("host") or request.url.path.rsplit("/", 1)[-1]
+    if err.http_status == 401 and "authorization" not in request.headers:
+        why = ("this repository requires access tokens and iPXE cannot send one: start `blockprov serve` with "
+               "--anonymous-boot (it opens only boot scripts and kernel/initrd downloads)")
+    else:
+        why = f"the repository refused the token sent: {err.message}"
+    log.warning("boot request of host %s from %s refused: %s", raw[:64],
+                request.client.host if request.client else "?", why)
+    svc = Service.of(request)
+    with contextlib.suppress(BlockprovError):  # an invalid host, or the catalog unreachable: the log has it
+        await svc.run(svc.repo.registry.record_refused, host_id(raw), why)
+    if not is_ipxe(request):
+        return None
+    return PlainTextResponse(boot.retry_script(f"{why} [{err.http_status}]", str(request.url), boot.RETRY_SECONDS),
+                             headers={"cache-control": "no-store", "x-blockprov-error": type(err).__name__})
+
+
 # -- hosts ----------------------------------------------------------------------------------------
 @router.get("/v1/boot/{host}", tags=["boot"], response_class=PlainTextResponse)
-async def boot_script(host: str, request: Request, base: str | None = None, record: bool = True,
+async def boot_script(host: str, request: Request, base: str | None = None,
                       retry: int = boot.RETRY_SECONDS) -> Response:
     """The iPXE script of a host (MAC with ':' or '-', or host id). 404: unknown host;
     409: its version has no boot files or its tag is gone; 400: a malformed host. To iPXE, a 404
-    or 409 is a 200 script that says why and asks again ``retry`` seconds later.
-    Answering it records the host's last boot (time and version), unless ``record=false``
-    (``blockprov host script`` shows an operator the script without it counting as a boot)."""
+    or 409 is a 200 script that says why and asks again ``retry`` seconds later. Answering it
+    records nothing: the host's last boot is recorded once it has fetched the whole initrd."""
     svc = Service.of(request)
     try:
         url = names.base_url(base if base is not None else str(request.base_url))
-        text = await svc.run(functools.partial(svc.repo.boot_script, host, url, record=record))
+        text = await svc.run(svc.repo.boot_script, host, url)
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
-        if e.http_status in (404, 409) and request.headers.get("user-agent", "").startswith("iPXE/"):
+        if e.http_status in (404, 409) and is_ipxe(request):
             if not 1 <= retry <= 3600:
                 raise UsageError(f"retry={retry}: expected 1 to 3600 seconds") from None
             return PlainTextResponse(boot.retry_script(f"{e} [{e.http_status}]", str(request.url), retry),

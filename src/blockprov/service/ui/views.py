@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockprov import manifest as mf
-from blockprov.catalog.machines import SEEN_EVERY
 from blockprov.catalog.records import VersionInfo
 from blockprov.errors import BlockprovError
 from blockprov.names import Ref, image_name
 from blockprov.service.state import Service
 
-ONLINE_SECONDS = 6 * SEEN_EVERY  # an agent's long poll refreshes last_seen every SEEN_EVERY s
 STORE_STATS_SECONDS = 300.0  # bytes stored: a walk of the store's index (a listing, on S3), so counted rarely
 RECENT_REQUESTS = 15
 DIFF_RANGES_SHOWN = 50
@@ -136,10 +134,11 @@ def agent_row(a: dict[str, Any], failed: dict[str, tuple[str, float]]) -> dict[s
     last_error = info.get("last_error") if isinstance(info.get("last_error"), str) else None
     if not last_error and a["instance"] in failed:
         last_error = failed[a["instance"]][0]
-    return {"instance": a["instance"], "online": a["seen_ago"] < ONLINE_SECONDS, "seen_ago": a["seen_ago"],
+    return {"instance": a["instance"], "online": bool(a.get("online")), "seen_ago": a["seen_ago"],
             "image": _text(info.get("image")), "version": _text(info.get("version")), "host": _text(info.get("host")),
             "hydration": percent, "modified": _num(info.get("modified_chunks")),
             "latency": _num(info.get("fetch_latency_ms")), "last_error": last_error,
+            "move": _text(move.get("summary")) if isinstance(move := info.get("last_move"), dict) else None,
             "pending": a["pending"], "running": a["running"]}
 
 
@@ -180,7 +179,7 @@ def pools(svc: Service) -> dict[str, Any]:
         info = _info(a)
         if not is_clones_agent(a) and not isinstance(info.get("pools"), list):
             continue
-        online = a["seen_ago"] < ONLINE_SECONDS
+        online = bool(a.get("online"))
         for p in _list(info.get("pools")):
             if isinstance(p, dict):
                 out.append({"instance": a["instance"], "online": online, "name": str(p.get("name", "")),
