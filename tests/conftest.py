@@ -18,6 +18,9 @@ from tests.pgfixture import pg_url, postgres  # noqa: F401  (fixtures: a real Po
 from tests.s3fixture import s3_env, seaweed  # noqa: F401  (fixtures: a real S3 server)
 
 VENV_BIN = Path(sys.executable).parent
+# No test prepares boot profiles in the background (a headless qemu boot per version that gets boot
+# files: vm/prepare.py) unless it says so for its own processes (BLOCKPROV_PREPARE=1).
+os.environ["BLOCKPROV_PREPARE"] = "0"
 
 # The programs the tests run, and the Debian package (Debian 12) that installs each; scripts/setup.sh
 # installs them all (tests/unit/test_setup.py checks that it names every package here).
@@ -146,14 +149,14 @@ def corrupt_chunk(repo: LocalRepository, cid: bytes) -> None:
 
 
 def run_cli(*args: str, data: Path | None = None, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+            check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)
     e.pop("BLOCKPROV_REPO", None)
     if data is not None:
         e["BLOCKPROV_DATA"] = str(data)
     if env:
         e.update(env)
-    p = subprocess.run([str(VENV_BIN / "blockprov"), *args], capture_output=True, text=True, env=e, timeout=300)
+    p = subprocess.run([str(VENV_BIN / "blockprov"), *args], capture_output=True, text=True, env=e, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"blockprov {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

@@ -33,7 +33,7 @@ import blake3
 
 from blockprov import codec
 from blockprov.errors import IntegrityError, SourceError, UsageError
-from blockprov.names import kernel_args
+from blockprov.names import kernel_args, site_name
 
 # What marks blockprov's network-boot initramfs (netboot/initramfs.py writes it among the archive's
 # first entries: the in-machine agent's DHCP hook), so `vm run` can tell a PC's boot files from a VM's.
@@ -155,8 +155,10 @@ def assemble(f: BootFile, blobs: Sequence[bytes], first: int = 0) -> list[bytes]
 # machine reads it from its command line.
 POLICIES = ("restore", "keep")  # restore: reboot-to-restore; keep: the disk keeps its changes
 HYDRATE = ("background", "before-boot", "off")
-SETTINGS: dict[str, tuple[str, ...]] = {"policy": POLICIES, "hydrate": HYDRATE}
-KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate"}
+# A setting with no fixed values (None) names something: ``site``, the host's site (catalog/sites.py),
+# checked by its name's rules here and by the catalog for existence.
+SETTINGS: dict[str, tuple[str, ...] | None] = {"policy": POLICIES, "hydrate": HYDRATE, "site": None}
+KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate", "site": "blockprov.site"}
 
 
 def host_setting(name: str, value: object) -> str | None:
@@ -165,8 +167,13 @@ def host_setting(name: str, value: object) -> str | None:
         raise UsageError(f"a host has no setting {name!r} (settings: {', '.join(SETTINGS)})")
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or value not in SETTINGS[name]:
-        raise UsageError(f"a host's {name} is one of {', '.join(SETTINGS[name])}, not {value!r}")
+    allowed = SETTINGS[name]
+    if allowed is None:
+        if not isinstance(value, str):
+            raise UsageError(f"a host's {name} is a name, not {value!r}")
+        return site_name(value)
+    if not isinstance(value, str) or value not in allowed:
+        raise UsageError(f"a host's {name} is one of {', '.join(allowed)}, not {value!r}")
     return value
 
 
@@ -186,7 +193,7 @@ def split_settings(args: str) -> tuple[str, dict[str, str]]:
             continue
         checked = host_setting(name, value)
         if checked is None:
-            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name])})")
+            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name] or ('a name',))})")
         if found.get(name, checked) != checked:
             raise UsageError(f"the host's {name} is given twice: {found[name]} and {checked}")
         found[name] = checked

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from blockprov.errors import InvalidSize
+from blockprov.errors import InvalidSize, UsageError
 
 
 def size(n: float) -> str:
@@ -46,3 +46,33 @@ def parse_memory(text: str) -> int:
     if got <= 0 or got % (1 << 20):
         raise InvalidSize(name=text, why=why)
     return got
+
+
+_IN = re.compile(r"\+(\d+(?:\.\d*)?)\s*([smhd])")
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2})")
+
+
+def parse_when(text: str, now: float) -> float:
+    """When something should happen, as a unix time: ``now``, ``+30m`` / ``+2h`` / ``+90s`` / ``+1d``,
+    ``08:30`` (the next time the local clock shows it: today, or tomorrow when it has passed) or a
+    local date and time ``2026-12-08T08:30`` (ISO 8601). UsageError for anything else. ``now`` is given."""
+    import datetime
+
+    t = text.strip()
+    if t == "now":
+        return now
+    if (m := _IN.fullmatch(t)) is not None:
+        return now + float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if (m := _CLOCK.fullmatch(t)) is not None:
+        hour, minute = int(m.group(1)), int(m.group(2))
+        if hour > 23 or minute > 59:
+            raise UsageError(f"--at {text}: no such time of day")
+        today = datetime.datetime.fromtimestamp(now)
+        at = today.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if at.timestamp() <= now:
+            at += datetime.timedelta(days=1)
+        return at.timestamp()
+    try:
+        return datetime.datetime.fromisoformat(t).timestamp()
+    except ValueError:
+        raise UsageError(f"--at {text}: expected now, +30m, 08:30 or 2026-12-08T08:30") from None

@@ -522,7 +522,7 @@ def test_closed_pipe(world: Callable[[str], World]) -> None:
     assert ended["status"] == 141 and ended["clones list"] == 141, ended
 
 
-SIZE_PARAMS = {"chunk_size", "readahead", "rate", "hydrate_rate", "max_body", "chunk_cache"}
+SIZE_PARAMS = {"chunk_size", "readahead", "rate", "hydrate_rate", "max_body", "chunk_cache", "max_in_flight"}
 
 
 def test_bad_sizes(world: Callable[[str], World]) -> None:
@@ -965,3 +965,20 @@ def test_rm_of_a_version_a_vm_template_uses_warns(tmp_path: Path) -> None:
     assert p.stderr.strip() == (f"warning: VM template t1 (pushed: vmtpl-t1) uses d@{vid} as its disk: it cannot be "
                                 "cloned any more (vm clone says so); make the template again from a VM of a version "
                                 "that exists")
+
+
+def test_a_keep_pc_with_a_token_too_small_to_keep_its_session_is_warned(tmp_path: Path) -> None:
+    """Issue 27 item 0: a keep PC keeps its session as a version before it moves (a write); with an
+    agent token it would stay on its old version: `host assign` says so at once."""
+    data = tmp_path / "data"
+    run_cli("import", str(make_image(tmp_path / "d.img", 1 << 20, seed=84)), "d:v1", data=data)
+    agent = json.loads(run_cli("token", "create", "--scope", "agent", "--json", data=data).stdout)["token"]
+    write = json.loads(run_cli("token", "create", "--scope", "write", "--json", data=data).stdout)["token"]
+    mac = "52:54:00:12:34:57"
+    p = run_cli("host", "assign", mac, "d:v1", "--policy", "keep", "--args", f"blockprov.token={agent}", data=data)
+    assert "its token has the agent scope" in p.stderr and "blockprov.on_move=discard" in p.stderr, p.stderr
+    for args in (f"blockprov.token={write}", f"blockprov.token={agent} blockprov.on_move=discard"):
+        p = run_cli("host", "assign", mac, "d:v1", "--args", args, data=data)
+        assert "scope" not in p.stderr, (args, p.stderr)
+    p = run_cli("host", "assign", mac, "d:v1", "--policy", "restore", "--args", f"blockprov.token={agent}", data=data)
+    assert "scope" not in p.stderr  # a restore PC keeps nothing

@@ -87,6 +87,8 @@ def test_the_first_token_does_not_silently_stop_pcs(client: tuple[TestClient, Lo
     assert any("boot request of host" in m and "--anonymous-boot" in m for m in caplog.messages)
     h = c.get(f"/v1/hosts/{MAC}", headers=auth).json()
     assert h["last_refused"] is not None and "--anonymous-boot" in h["refused_why"] and h["last_boot"] is None
+    r = c.get(f"/v1/boot/{MAC.replace(':', '%3A')}", headers=IPXE)  # as real iPXE sends it: recorded again
+    assert r.status_code == 200 and c.get(f"/v1/hosts/{MAC}", headers=auth).json()["last_refused"] > h["last_refused"]
     r = c.get(f"/v1/boot/{MAC}")  # curl, the CLI: the 401 as before (and recorded too)
     assert r.status_code == 401 and r.json()["error"] == "Unauthorized"
     r = c.get("/v1/boot/not_a_host", headers=IPXE)  # refused before its host is even checked: no record, no 500

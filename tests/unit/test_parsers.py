@@ -1,12 +1,15 @@
-"""The one size parser (humanize.parse_size) and the one HOST:PORT parser (names.host_port)."""
+"""The one size parser (humanize.parse_size), the one HOST:PORT parser (names.host_port), and the
+name checks of names.py."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import pytest
 
-from blockprov.errors import InvalidSize, UsageError
+from blockprov import names
+from blockprov.errors import InvalidName, InvalidSize, UsageError
 from blockprov.humanize import parse_memory, parse_size
 from blockprov.names import host_port
 
@@ -79,3 +82,18 @@ def test_bad_port(port: str) -> None:
 def test_ipv6_without_brackets_says_how() -> None:
     with pytest.raises(UsageError, match=r"put an IPv6 address in brackets, \[::1\]:80"):
         host_port("::1:80")
+
+
+# -- names.py: a whole match, never a match up to a trailing newline (issue 27 item 8) ----------
+NAME_CHECKS = [(names.image_name, "lab"), (names.tag_name, "v1"), (names.version_id, "0123456789abcdef"),
+               (names.host_id, "pc1"), (names.host_id, "52:54:00:12:34:56"), (names.instance_id, "i-abc"),
+               (names.op_name, "snapshot"), (names.request_id, "0123456789abcdef"), (names.token_name, "ops"),
+               (names.kernel_args, "console=ttyS0 quiet"), (names.base_url, "http://10.0.2.2:8420")]
+
+
+@pytest.mark.parametrize(("check", "good"), NAME_CHECKS, ids=[f"{c.__name__}-{g}" for c, g in NAME_CHECKS])
+@pytest.mark.parametrize("tail", ["\n", "\r\n", "\nshell", "\x00"])
+def test_a_name_followed_by_a_newline_is_refused(check: Callable[[str], str], good: str, tail: str) -> None:
+    assert check(good)
+    with pytest.raises(InvalidName):
+        check(good + tail)

@@ -66,7 +66,7 @@ from blockprov.durable import atomic_write
 from blockprov.errors import AgentNotRunning, CacheError, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.activation import uri_template
-from blockprov.nbd.server import NbdServer
+from blockprov.nbd.server import FRAME_TIMEOUT, NbdServer
 from blockprov.repo.base import Repository
 from blockprov.results import from_dict
 
@@ -85,6 +85,7 @@ class AgentConfig:
     data_path: str | None = None
     readahead: int = DEFAULT_READAHEAD
     fetch_timeout: float = DEFAULT_TIMEOUT
+    nbd_timeout: float = FRAME_TIMEOUT  # an NBD peer stalled mid-request or not taking its replies: dropped
     read_only: bool = False
     reset_on_start: bool = False
     hydrate: bool = False
@@ -165,7 +166,8 @@ class Agent:
             await dev.checkpoint()
             m = self.device.manifest
             server = self.server = NbdServer({"": dev, m.image: dev, f"{m.image}@{m.id}": dev},
-                                             description=f"blockprov {m.image}@{m.id}")
+                                             description=f"blockprov {m.image}@{m.id}",
+                                             frame_timeout=cfg.nbd_timeout, write_timeout=cfg.nbd_timeout)
             self.ops = InstanceOps(dev, self.repo, connections=lambda: server.stats.connections_active,
                                    hydrate=cfg.hydrate, hydrate_rate=cfg.hydrate_rate, use_profile=cfg.use_profile,
                                    auto_profile=cfg.use_profile and cfg.auto_profile)
@@ -189,7 +191,7 @@ class Agent:
             if cfg.site is not None and cfg.peer_listen is not None:
                 self.peer_server = PeerServer(Lender(dev), peers, self._who, slots=cfg.peer_slots, rate=cfg.peer_rate)
                 host, port = await self.peer_server.start(*cfg.peer_listen)
-                self.peer_url = cfg.peer_url or advertised_url(host, port, self.repo.url)
+                self.peer_url = peers.own_url = cfg.peer_url or advertised_url(host, port, self.repo.url)
             if cfg.site is not None:
                 self.site = SiteLink(self.repo, cfg.site, self.instance, peers)
                 await self.site.start()

@@ -47,8 +47,9 @@ from typing import Any
 
 import zstandard
 
+from blockprov import jsonvalue
 from blockprov.boot import SETTINGS, BootFile, host_setting, split_settings
-from blockprov.catalog import inherit
+from blockprov.catalog import inherit, sites
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
 from blockprov.errors import (
@@ -58,6 +59,7 @@ from blockprov.errors import (
     HostNotFound,
     ImageNotFound,
     RequestNotFound,
+    SiteNotFound,
     TooLarge,
     UsageError,
 )
@@ -89,7 +91,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     policy  TEXT,
     hydrate TEXT,
     last_refused REAL,
-    refused_why  TEXT
+    refused_why  TEXT,
+    site    TEXT
 );
 CREATE TABLE IF NOT EXISTS profiles (
     image   TEXT NOT NULL,
@@ -141,17 +144,14 @@ HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_v
 # sit last; `catalog copy` copies by column name). One per host setting (boot.SETTINGS).
 ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"),
                  ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"),
-                 ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"))
+                 ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"), ("hosts", "site", "TEXT"))
 MAX_REFUSED_WHY = 500  # characters of a refused boot request's reason kept on the host
 
 
 def _json_object(d: object, what: str, limit: int) -> str:
     if not isinstance(d, dict):
         raise UsageError(f"{what} must be a JSON object")
-    try:
-        text = json.dumps(d, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{what} is not JSON: {e}") from None
+    text = jsonvalue.dumps(d, what)  # what is stored must read back (issue 27): no NaN, no lone surrogate
     if len(text) > limit:
         raise TooLarge(f"{what} is {len(text)} bytes of JSON; at most {limit}")
     return text
@@ -171,6 +171,7 @@ class Registry:
         self.catalog = catalog
         self.db = catalog.db
         self.db.script(SCHEMA)
+        self.db.script(sites.SCHEMA)  # a host's site must name one (assign_host)
         for table, column, decl in ADDED_COLUMNS:
             self.db.add_column(table, column, decl)
         self._move_settings()
@@ -252,6 +253,8 @@ class Registry:
         now = time.time()
         with self.db.tx() as db:
             self.catalog.resolve_id(ref, db)  # the reference must name something now
+            if named.get("site") and not db.execute("SELECT 1 FROM sites WHERE name=?", (named["site"],)).fetchone():
+                raise SiteNotFound(site=named["site"])
             if db.execute("SELECT 1 FROM hosts WHERE host=?", (host,)).fetchone() is None:
                 db.execute("INSERT INTO hosts (host, image, tag, version, args, updated) VALUES (?,?,?,?,?,?)",
                            (host, ref.name, ref.tag, ref.version, args or "", now))
@@ -471,8 +474,8 @@ class Registry:
                          error: str | None) -> dict[str, Any]:
         instance, rid = instance_id(instance), request_id(rid)
         res = None if result is None else _json_object(result, "request result", MAX_RESULT)
-        if error is not None and (not isinstance(error, str) or "\x00" in error):
-            raise UsageError("a request's error must be a string without NUL characters")
+        if error is not None and (not isinstance(error, str) or "\x00" in error or jsonvalue.text_problem(error)):
+            raise UsageError("a request's error must be text without NUL characters")
         err = None if error is None else error[:MAX_ERROR]
         if not ok and not err:
             err = "the agent reported a failure without a message"

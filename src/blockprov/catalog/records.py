@@ -49,8 +49,9 @@ class HostInfo:
     ``last_refused``, ``refused_why``: the last boot request the repository's access rules
     refused, and why.
     The settings (boot.SETTINGS; None: the machine's default) follow: ``policy`` (``restore`` or
-    ``keep``), ``hydrate`` (``background``, ``before-boot``, ``off``). A setting added later is a
-    field here with a None default, so a record from an older server still reads."""
+    ``keep``), ``hydrate`` (``background``, ``before-boot``, ``off``), ``site`` (a site's name). A
+    setting added later is a field here with a None default, so a record from an older server still
+    reads."""
 
     host: str
     ref: str
@@ -63,6 +64,7 @@ class HostInfo:
     refused_why: str | None = None  # and why (e.g. tokens required, no --anonymous-boot)
     policy: str | None = None
     hydrate: str | None = None
+    site: str | None = None  # the site it belongs to (catalog/sites.py): its peers and its site cache
 
     def settings(self) -> dict[str, str | None]:
         return {k: getattr(self, k) for k in SETTINGS}

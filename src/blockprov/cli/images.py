@@ -120,7 +120,8 @@ def versions_cmd(obj: Ctx, name: str, as_json: bool) -> None:
 def show_cmd(obj: Ctx, ref: str, as_json: bool) -> None:
     """Show one version: size, chunks, zero chunks, parent, labels."""
     m = obj.repo.resolve(ref)
-    d = m.summary() | {"raw_url": obj.repo.raw_url(parse_ref(ref)), "repository": obj.repo.url}
+    d = m.summary() | {"raw_url": obj.repo.raw_url(parse_ref(ref)), "repository": obj.repo.url,
+                       "profile": _profile_state(obj, m.image, m.id)}
     if as_json:
         emit(d)
         return
@@ -134,6 +135,23 @@ def show_cmd(obj: Ctx, ref: str, as_json: bool) -> None:
         click.echo("  labels      " + ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items())))
     if d["raw_url"]:
         click.echo(f"  raw view    {d['raw_url']}")
+    p = d["profile"]
+    prep = p["preparation"] or {}
+    if p["ready"]:
+        whose = "its own" if p["own"] else "inherited"
+        click.echo(f"  profile     ready: {p['chunks']} chunks in boot order ({whose})")
+    else:
+        click.echo(f"  profile     not ready: {prep.get('state') or 'none recorded'}"
+                   + (f" ({prep['detail']})" if prep.get("detail") else "")
+                   + ("" if prep.get("state") in ("queued", "running") else "; the first boot records one"))
+
+
+def _profile_state(obj: Ctx, image: str, vid: str) -> dict[str, object]:
+    """Whether a version's boot profile is ready (its own or inherited), and how its preparation went."""
+    own = obj.repo.get_profile(image, vid, inherit=False)
+    order = own or obj.repo.get_profile(image, vid)
+    return {"ready": bool(order), "own": bool(own), "chunks": len(order or ()),
+            "preparation": obj.repo.preparation(f"{image}@{vid}")}
 
 
 @click.command("diff")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -379,6 +380,40 @@ def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: 
     how = "its boot files" if got.direct_kernel else "its own boot loader"
     click.echo(f"recorded a boot profile of {got.chunks} chunk(s) for {got.image}@{got.version} in "
                f"{got.seconds:.0f} s (booted with {how}; ended: {got.ended}); saved in {obj.repo.url}")
+
+
+@profile_group.command("prepare")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.option("--timeout", type=click.FloatRange(1, 86400), default=600.0, show_default=True,
+              help="Seconds the preparing boot may take at most.")
+@click.option("--idle", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
+              help="Seconds without a new chunk read that end a boot that does not power off.")
+@json_option
+@click.pass_obj
+def profile_prepare_cmd(obj: Ctx, ref: str, timeout: float, idle: float, as_json: bool) -> None:
+    """Prepare the version's boot profile on the repository's host, one preparation at a time
+    (what `boot-files set`/`build` and `serve` start in the background): skipped when it has or
+    inherits one; blockprov's network-boot initramfs is booted as a PC boots it. Needs the
+    repository's data directory (--data), not --repo."""
+    from blockprov.repo.local import LocalRepository
+    from blockprov.vm.prepare import prepare
+
+    repo = obj.repo
+    if not isinstance(repo, LocalRepository):
+        raise UsageError("profile prepare runs on the repository's host, on its data directory: use --data DIR "
+                         "(a server prepares the versions it records boot files for by itself)")
+    def serve(mode: str, on_fetch: Callable[[list[bytes]], None]) -> AbstractContextManager[str]:
+        from blockprov.service.access import AccessPolicy
+        from blockprov.service.run import ServerThread
+
+        return ServerThread(repo, AccessPolicy(mode), on_fetch=on_fetch)
+
+    quiet_library_logs()
+    got = run_async(prepare(repo, ref, serve, timeout=timeout, idle=idle))
+    if as_json:
+        emit(got)
+        return
+    click.echo(f"{got['image']}@{got['version']}: {got['state']}: {got['detail']}")
 
 
 @profile_group.command("show")

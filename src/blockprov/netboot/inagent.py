@@ -81,7 +81,7 @@ from blockprov.errors import BlockprovError, CacheMismatch, NetbootError, Unauth
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd, loader
-from blockprov.netboot.params import check_params, diskless
+from blockprov.netboot.params import check_params, diskless, peer_port
 from blockprov.repo.remote import RemoteRepository
 from blockprov.results import to_dict
 from blockprov.retry import RetryPolicy, is_transient, retry_sync
@@ -322,6 +322,8 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
                          use_profile=not offline, reserve=reserve,
                          fetch_timeout=OFFLINE_FETCH_TIMEOUT if offline else DEFAULT_TIMEOUT,
                          checkpoint_fill_bytes=CHECKPOINT_FILL,
+                         site=None if offline else params.get("site") or None,
+                         peer_listen=None if offline or (port := peer_port(params)) is None else ("0.0.0.0", port),
                          extra={"host": params.get("host"), "netboot": True})
     held = held_version(config.cache_dir)
     if offline and held is None:
@@ -362,6 +364,13 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     else:
         say(f"serving {m.image}@{m.id[:12]} policy={policy} hydrate={hydrate} "
             f"present={counts['total'] - counts['missing']}/{counts['total']} chunks")
+        if agent.site is not None:
+            known = agent.peers.membership if agent.peers is not None else None
+            say(f"site {agent.site.site}: {len(known.peers) if known else 0} peer(s) online"
+                + (f", serving them at {agent.peer_url}" if agent.peer_url else "")
+                + (f"; {agent.site.last_error}" if agent.site.last_error else "")
+                + (f"; chunks through the site cache {repo.url}" if agent.peers is not None
+                   and agent.peers.upstream_kind == "site_cache" else ""))
     if hydrate == "before-boot" and agent.ops.hydrator is not None:
         say("hydrating every chunk before the boot (blockprov.hydrate=before-boot)")
         while agent.ops.hydrator.running:

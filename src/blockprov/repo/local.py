@@ -16,6 +16,7 @@ upload in progress (not yet committed) survive a concurrent gc.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -27,11 +28,12 @@ from blockprov import manifest as mf
 from blockprov.catalog.db import SQLDatabase
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.machines import Registry
+from blockprov.catalog.preparation import Preparations
 from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
 from blockprov.catalog.sites import Sites, online
 from blockprov.codec import ZERO_DIGEST
 from blockprov.durable import ensure_dir
-from blockprov.errors import BootFilesMissing, Conflict, Forbidden, MissingChunks, UsageError
+from blockprov.errors import BootFilesMissing, Conflict, Forbidden, MissingChunks, SiteNotFound, UsageError
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, instance_id, kernel_args, parse_ref, site_name, version_id
 from blockprov.store.base import ChunkStore
@@ -53,6 +55,7 @@ class LocalRepository:
         self.catalog = Catalog(catalog if catalog is not None else self.data_dir / "catalog.sqlite")
         self.registry = Registry(self.catalog)  # boot files, hosts, profiles, agents (catalog/machines.py)
         self.site_table = Sites(self.catalog.db)  # sites and their ticket secret (catalog/sites.py)
+        self.preparations = Preparations(self.catalog.db)  # boot profiles being prepared (vm/prepare.py)
         self.tmp_dir = ensure_dir(self.data_dir / "tmp")
 
     # -- reading --------------------------------------------------------------------------------
@@ -121,7 +124,7 @@ class LocalRepository:
 
     # -- remote boot, profiles, agents (catalog/machines.py; the HTTP service calls these too) -
     def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source,
-                       cmdline: str = "") -> BootFilesInfo:
+                       cmdline: str = "", *, prepare: bool = True) -> BootFilesInfo:
         r = as_ref(ref)
         cmdline = kernel_args(cmdline)
         vid = self.catalog.resolve_id(r)
@@ -148,6 +151,10 @@ class LocalRepository:
                                      f"{f.piece_length(n)} its descriptor implies")
         self.store.sync()
         return self.registry.set_boot_files(image_name(image), version_id(vid), kernel, initrd, cmdline)
+
+    def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
+        r = as_ref(ref)
+        return self.preparations.get(r.name, self.catalog.resolve_id(r))
 
     def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:
         r = as_ref(ref)
@@ -189,6 +196,9 @@ class LocalRepository:
                              "the embedded repository has none until `blockprov serve` exposes it")
         base = names.base_url(base_url)
         h = self.registry.host(host)
+        if h.site is not None:  # a host of a site with a site cache boots from it: kernel, initramfs, chunks
+            with contextlib.suppress(SiteNotFound):
+                base = self.site_table.get(h.site).cache or base
         ref = parse_ref(h.ref)
         if h.version is None:
             raise Conflict(f"host {h.host} is assigned {h.ref}, which no longer exists: re-assign it")

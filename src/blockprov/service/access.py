@@ -55,8 +55,8 @@ from blockprov.service.ui.auth import cookie_token, cross_site, denied, is_conso
 log = logging.getLogger("blockprov.service")
 
 MODES = ("auto", "on", "off")
-OPEN_ROUTES = {("GET", "/v1/health"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"),
-               ("GET", "/docs/oauth2-redirect"),
+OPEN_ROUTES = {("GET", "/v1/health"), ("GET", "/v1/whoami"), ("GET", "/openapi.json"), ("GET", "/docs"),
+               ("GET", "/redoc"), ("GET", "/docs/oauth2-redirect"),
                ("GET", "/ui/login"), ("POST", "/ui/login"), ("POST", "/ui/logout"), ("GET", "/ui/static/{name}")}
 READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing"), ("POST", "/v1/sites/{site}/join")}
 AGENT_ROUTES = {("PUT", "/v1/agents/{instance}"), ("DELETE", "/v1/agents/{instance}"),
@@ -178,7 +178,7 @@ class Access:
         if self.policy.mode == "off" and not (console and method not in SAFE_METHODS):
             await self.app(scope, receive, send)
             return
-        route = self.find(method, scope["path"])
+        route = scope.get("blockprov.route") or self.find(method, scope["path"])  # bounds.Guard may know it
         scope["blockprov.route"] = route
         need = required_scope(method, route) if route != UNKNOWN else "read"
         token = bearer(scope)

@@ -20,6 +20,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -29,7 +30,7 @@ from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.results import to_dict
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
-from blockprov.service.routes.common import JSON_BODY, OCTETS, json_of, version_ref
+from blockprov.service.routes.common import JSON_BODY, OCTETS, json_body, json_of, version_ref
 from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
@@ -47,7 +48,7 @@ async def get_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     return {"boot": None if info is None else to_dict(info)}
 
 
-@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=JSON_BODY)
+@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=json_body(1 << 20))
 async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any]:
     """Record ``{"kernel": {size, pieces}, "initrd": {…}, "cmdline": "…"}`` whose pieces were
     uploaded as chunks first (409 ``MissingChunks`` lists those still absent)."""
@@ -61,7 +62,18 @@ async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     if not isinstance(cmdline, str):
         raise UsageError("cmdline must be a string")
     info = await svc.run(svc.repo.record_boot_files, r.name, str(r.version), kernel, initrd, cmdline)
+    if svc.prepare is not None and request.query_params.get("prepare", "1") != "0":
+        await svc.run(svc.prepare, r.name, str(r.version))  # a profile prepared in the background (vm/prepare.py)
     return to_dict(info)
+
+
+@router.get("/v1/images/{name}/versions/{vid}/preparation", tags=["boot"])
+async def get_preparation(name: str, vid: str, request: Request) -> dict[str, Any]:
+    """Where the preparation of the version's boot profile stands: ``state`` (queued, running, done,
+    skipped, failed, or null when none was started), ``detail``, ``updated``."""
+    svc = Service.of(request)
+    got = await svc.run(svc.repo.preparation, version_ref(name, vid))
+    return got or {"state": None}
 
 
 @router.get("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
@@ -134,12 +146,14 @@ async def refused_boot(request: Request, err: BlockprovError) -> Response | None
     recorded on the host (``host show``, the console); iPXE gets a 200 script that prints why on
     the machine's screen and asks again (a 401 would leave it at "Permission denied" and fall
     through to the disk, booting offline on its old version). None: the usual 401/403."""
-    raw = request.path_params.get("host") or request.url.path.rsplit("/", 1)[-1]
+    raw = request.path_params.get("host") or unquote(request.url.path.rsplit("/", 1)[-1])
     if err.http_status == 401 and "authorization" not in request.headers:
         why = ("this repository requires access tokens and iPXE cannot send one: start `blockprov serve` with "
                "--anonymous-boot (it opens only boot scripts and kernel/initrd downloads)")
-    else:
+    elif err.http_status in (401, 403):
         why = f"the repository refused the token sent: {err.message}"
+    else:  # the catalog out of reach, say: nothing to record, but the PC still says why and asks again
+        why = f"the repository cannot check access now: {err.message}"
     log.warning("boot request of host %s from %s refused: %s", raw[:64],
                 request.client.host if request.client else "?", why)
     svc = Service.of(request)
@@ -194,7 +208,7 @@ async def assign_host(host: str, request: Request) -> dict[str, Any]:
     left out keeps the host's value (``"args": ""`` clears the arguments, ``"policy": null`` or
     ``""`` a setting)."""
     svc = Service.of(request)
-    host = host_id(host)
+    host = host_id(host)  # before the body is read: a bad name costs no body
     d = await json_of(request)
     fields = {"ref", "args", *boot.SETTINGS}
     if (not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not isinstance(d.get("args", ""), str)

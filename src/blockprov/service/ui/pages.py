@@ -291,12 +291,13 @@ async def ask_agents(request: Request) -> Response:
 # -- pools, health --------------------------------------------------------------------------------
 @router.get("/ui/pools")
 async def pools_page(request: Request) -> Response:
-    return await show(request, "pools.html", "pools", views.pools, Service.of(request))
+    return await show(request, "pools.html", "pools", views.pools, Service.of(request), viewer(request))
 
 
 @router.get("/ui/health")
 async def health_page(request: Request) -> Response:
-    return await show(request, "health.html", "health", views.health, Service.of(request), console_state(request))
+    return await show(request, "health.html", "health", views.health, Service.of(request), console_state(request),
+                      viewer(request))
 
 
 __all__ = ["COOKIE", "HEADERS", "router"]
