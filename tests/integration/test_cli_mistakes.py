@@ -522,6 +522,72 @@ def test_closed_pipe(world: Callable[[str], World]) -> None:
     assert ended["status"] == 141 and ended["clones list"] == 141, ended
 
 
+CTRL_C_AFTER = (0.5, 1.5)  # seconds: while the command starts (its imports), and once it is at work
+# CPython prints a KeyboardInterrupt raised inside importlib's module-lock callback and goes on
+# (a Ctrl-C landing in a lazy import of a command at work): its interpreter's words, not ours.
+IGNORED_IN_IMPORTLIB = re.compile(r"Exception ignored in: <function _get_module_lock\.<locals>\.cb at 0x[0-9a-f]+>\n"
+                                  r"Traceback \(most recent call last\):\n(?:  .*\n)*KeyboardInterrupt: ?\n?")
+
+
+def before_main(err: str) -> bool:
+    """A Ctrl-C that reached the interpreter before blockprov's entry point ran (under load its start
+    takes over half a second): nothing at all, or a traceback whose every frame is the interpreter's
+    own start (``<frozen site>``, importlib) or the lines that import the entry point."""
+    frames = re.findall(r'^  File "([^"]+)"', err, re.MULTILINE)
+    ours_before_main = ("/bin/blockprov", "/blockprov/__init__.py", "/blockprov/__main__.py")
+    return not err.strip() or (err.rstrip().endswith("KeyboardInterrupt") and bool(frames) and all(
+        f.startswith("<frozen ") or f.endswith(ours_before_main) for f in frames))
+
+
+def interrupted(w: World, args: list[str], after: float) -> Run:
+    """``args`` run as `run` does, sent SIGINT (Ctrl-C) ``after`` seconds later unless it ended."""
+    env = dict(os.environ)
+    env.pop("BLOCKPROV_REPO", None)
+    env.update({"BLOCKPROV_DATA": str(w.data), "XDG_DATA_HOME": str(w.root / "xdg"), "HOME": str(w.root / "home")})
+    p = subprocess.Popen([BLOCKPROV, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=w.root)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(after)
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    try:
+        _out, err = p.communicate(timeout=RUN_TIMEOUT)
+        code = p.returncode
+    except subprocess.TimeoutExpired:
+        p.kill()
+        code, err = -1, f"hung for {RUN_TIMEOUT:g} s after Ctrl-C: {p.communicate()[1]!r}"
+    if code in (1, -signal.SIGINT) and before_main(err):
+        code = 130  # the interpreter's own start, before any code of ours: taken as an interrupted start
+        err = json.dumps({"error": "Interrupted", "message": "interrupted", "exit_code": 130}) if "--json" in args \
+            else "blockprov: interrupted"
+    err = IGNORED_IN_IMPORTLIB.sub("", err)
+    died = code == -signal.SIGINT  # the Ctrl-C came as it was exiting: Python then dies of the signal,
+    if died:                       # which a shell reports as 130 too; what it printed is judged as usual
+        code = 130
+        with contextlib.suppress(ValueError, IndexError, AttributeError):
+            code = int(json.loads(err.strip().splitlines()[0])["exit_code"])  # the error it had printed
+    out = Run(args, code, err, json="--json" in args)
+    judge(out, None, w, None)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if code == 130 and not out.problems and not died:
+        said = json.loads(lines[0])["message"] if out.json else lines[0].removeprefix("blockprov: ")
+        if not said.startswith("interrupted"):
+            out.problems.append(f"a Ctrl-C should say so: {lines[0]}")
+    return out
+
+
+def test_ctrl_c(world: Callable[[str], World]) -> None:
+    """Ctrl-C at two moments of every command: it ends as it would have, or with one line saying it
+    was interrupted (a JSON object under --json) and exit 130, never a traceback; and it leaves no
+    process running (the world's teardown checks)."""
+    def job(path: tuple[str, ...], after: float) -> Callable[[], Run]:
+        def go() -> Run:
+            w = world(f"{' '.join(path)} {after}")
+            return interrupted(w, argv(w, path) + (["--json"] if has_json(path) else []), after)
+        return go
+    report(parallel([job(p, after) for p in ALL for after in CTRL_C_AFTER]))
+
+
 SIZE_PARAMS = {"chunk_size", "readahead", "rate", "hydrate_rate", "max_body", "chunk_cache", "max_in_flight"}
 
 

@@ -102,6 +102,9 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any],
             raise AgentDied(path=str(cache_dir), op=op,
                             outcome=outcome(cache_dir, op, args, from_dict(StatusReport, before), tag_before,
                                             repository)) from None
+        except KeyboardInterrupt:  # the agent does not stop because its caller did: say so
+            raise KeyboardInterrupt(f"the agent serving {cache_dir} goes on with the {op} (see: blockprov status "
+                                    f"--cache {cache_dir})") from None
     from blockprov.cache import CacheDevice, is_cache
 
     if not is_cache(cache_dir):

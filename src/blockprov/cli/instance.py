@@ -162,6 +162,14 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
 
 def _remote_snapshot(repo: Repository, instance: str, args: dict[str, Any], wait_s: float) -> SnapshotResult:
     rid = repo.post_request(instance, "snapshot", args)
+    try:
+        return _wait_request(repo, instance, rid, wait_s)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"request {rid} stays queued: agent {instance} takes it when it next asks (see: "
+                                "blockprov agents)") from None
+
+
+def _wait_request(repo: Repository, instance: str, rid: str, wait_s: float) -> SnapshotResult:
     deadline = time.monotonic() + wait_s
     while True:
         left = deadline - time.monotonic()
@@ -275,14 +283,18 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
     out = on_cache(cache_dir, "hydrate", args, offline, obj.repository_for, HydrationStatus,
                    fetch_timeout=fetch_timeout)
     if out.state != "done" and not background:
-        while out.state not in ("done", "stopped", "failed"):
-            _progress(out, show)
-            time.sleep(0.5)
-            try:
-                st = from_dict(StatusReport, control.call(cache_dir, "status", timeout=10.0))
-            except (AgentNotRunning, AgentDied):
-                raise AgentDied(path=str(cache_dir), op="hydrate", outcome=_hydration_left(cache_dir)) from None
-            out = st.hydration or HydrationStatus(state="stopped")
+        try:
+            while out.state not in ("done", "stopped", "failed"):
+                _progress(out, show)
+                time.sleep(0.5)
+                try:
+                    st = from_dict(StatusReport, control.call(cache_dir, "status", timeout=10.0))
+                except (AgentNotRunning, AgentDied):
+                    raise AgentDied(path=str(cache_dir), op="hydrate", outcome=_hydration_left(cache_dir)) from None
+                out = st.hydration or HydrationStatus(state="stopped")
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"the agent serving {cache_dir} goes on hydrating in the background (see: "
+                                    f"blockprov status --cache {cache_dir})") from None
     if show:
         click.echo("", err=True)
     if as_json:
