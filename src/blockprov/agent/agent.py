@@ -35,7 +35,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from socket import socket as Socket
@@ -107,6 +107,9 @@ class AgentConfig:
     # what the embedding process adds: "host" (reported), "report" (a dict merged into the report the
     # repository shows: the in-machine agent's last move to another version, agent/keep.py)
     extra: dict[str, Any] = field(default_factory=dict)
+    # run on the open cache before anything else sees it (before the reset on start): a PC's agent
+    # turns the kernel's record of the last native session into the modified map (netboot/native.py)
+    prepare: Callable[[CacheDevice], Awaitable[None]] | None = None
 
 
 class Agent:
@@ -160,6 +163,8 @@ class Agent:
             dev.record_repository(self.repo.url)
             if self.instance is None:
                 self.instance = f"i-{dev.uuid[:12]}"
+            if cfg.prepare is not None:
+                await cfg.prepare(dev)
             if cfg.reset_on_start:
                 done = await lifecycle.reset(dev, eager=False, punch=True)
                 log.info("reset on start: %d chunk(s) back to the base", done.chunks_reset)

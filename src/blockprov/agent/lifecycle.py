@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from blockprov import codec
@@ -48,6 +48,7 @@ from blockprov.results import keyed, omit_none
 
 SNAPSHOT_GROUP_BYTES = 16 << 20  # read, hash and upload in groups of this size
 Progress = Callable[[int], None]
+Reader = Callable[[list[int]], Awaitable[list[bytes]]]  # chunks' content at a snapshot's point in time
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,15 @@ def _encode_group(datas: list[bytes]) -> list[tuple[bytes, bytes | None]]:
 
 
 async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str = "default",
-                   rebase: bool = False, progress: Progress | None = None) -> SnapshotResult:
-    """Send the instance's modified chunks and commit them as version ``to`` (``NAME:TAG``)."""
+                   rebase: bool = False, progress: Progress | None = None, read: Reader | None = None,
+                   before_acknowledge: Callable[[], Awaitable[None]] | None = None) -> SnapshotResult:
+    """Send the instance's modified chunks and commit them as version ``to`` (``NAME:TAG``).
+
+    ``read`` and ``before_acknowledge`` are for writes made past the cache (a PC's native data
+    path, netboot/native.py): ``read(chunks)`` returns their content at the snapshot's point in
+    time from elsewhere than the cache's capture (a device-mapper snapshot), and
+    ``before_acknowledge()`` runs once the repository committed, before the target's chunks are
+    marked synced, to mark those written since the point in time (``mark_rewritten``)."""
     ref = parse_ref(to)
     if ref.tag is None:
         raise UsageError(f"snapshot needs NAME:TAG to name the new version, not {to!r}")
@@ -141,6 +149,9 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
                 group = data_chunks[k:k + per]
                 datas: list[bytes] = []
                 for j in range(0, len(group), 16):  # 1 MiB at a time on the event loop, then let others run
+                    if read is not None:
+                        datas += await read(group[j:j + 16])
+                        continue
                     datas += dev.read_snapshot(pending, group[j:j + 16])
                     await asyncio.sleep(0)
                 coded = await loop.run_in_executor(None, _encode_group, datas)
@@ -171,6 +182,8 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
         finally:
             dev.end_snapshot(pending)
         # Acknowledged: clear what the target now holds (a generation that moved stays unsynced).
+        if before_acknowledge is not None:
+            await before_acknowledge()
         still = await dev.acknowledge(pending, vid, rebase=new if rebase else None)
         return SnapshotResult(version=vid, image=ref.name, tag=ref.tag, target=target, unchanged=equal is not None,
                               chunks_modified=len(pending.modified), chunks_unsynced_before=pending.unsynced_before,

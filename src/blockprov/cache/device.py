@@ -416,6 +416,15 @@ class CacheDevice:
         """Put this overlay over another base cache holding its ``sealed`` chunks (``Steps``)."""
         await self._steps.switch_base_cache(base_cache, sealed)
 
+    async def mark_written(self, chunks: Sequence[int], *, compare: bool = True) -> list[int]:
+        """Chunks written past the cache (a PC's native data path) become modified, present,
+        unsynced (``Steps.mark_written``); returns those marked."""
+        return await self._steps.mark_written(chunks, compare=compare)
+
+    async def mark_rewritten(self, chunks: Sequence[int]) -> None:
+        """Modified chunks written again past the cache: unsynced again (``Steps.mark_rewritten``)."""
+        await self._steps.mark_rewritten(chunks)
+
     async def sync_fills(self) -> None:
         """Make the journal's fill records durable now (a crash then refetches none of them)."""
         await self._steps.sync_fills()
