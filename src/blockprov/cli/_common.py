@@ -30,6 +30,7 @@ from blockprov.repo.base import Repository
 from blockprov.repo.opening import check_data_dir as check_data_dir
 from blockprov.repo.opening import default_data_dir as default_data_dir
 from blockprov.repo.opening import open_repository as open_repository
+from blockprov.results import to_dict
 from blockprov.store.factory import StoreOptions
 
 
@@ -180,7 +181,8 @@ def refuse_closed_output() -> None:
 
 
 def emit(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    """``--json``: a command's result (a typed one made a dict here, at the edge: results.py)."""
+    click.echo(json.dumps(to_dict(data), indent=2, sort_keys=True, default=str))
 
 
 class Bar:
