@@ -22,6 +22,7 @@ APT_PKGS=(
     linux-image-amd64 busybox-static   # the bootable test image (tools/bootimage.py)
     syslinux syslinux-common mtools dosfstools  # the test image booting from its own boot loader (tools/bootdisk.py)
     fdisk gdisk                        # sfdisk, sgdisk: check the GPT a PC's disk over 2 TiB gets (netboot/disk.py)
+    dmsetup thin-provisioning-tools    # a PC's native data path: dmsetup, era_invalidate in the initramfs (netboot/native.py)
     postgresql                         # initdb, postgres: the shared catalog's tests
     chromium chromium-driver           # a real browser for the console's test (selenium uses this chromedriver)
     systemd                            # systemd-analyze verify (contrib/systemd's units), systemd-socket-activate

@@ -36,6 +36,7 @@ TOOL_PACKAGES = {
     "systemd-analyze": "systemd", "systemd-socket-activate": "systemd",  # contrib/systemd, socket activation
     "syslinux": "syslinux", "mcopy": "mtools", "mkfs.fat": "dosfstools",  # tools/bootdisk.py (a disk's own boot loader)
     "sfdisk": "fdisk", "sgdisk": "gdisk",  # a tool we did not write reads the GPT netboot/disk.py writes
+    "dmsetup": "dmsetup", "era_invalidate": "thin-provisioning-tools",  # the initramfs's native data path
 }
 
 
