@@ -156,6 +156,7 @@ class Agent:
             peers.close()
             raise
         peers.version_of = lambda: self.device.manifest.id if self.device is not None else ""
+        peers.image_of = lambda: self.device.manifest.image if self.device is not None else ""
         try:
             dev = self.device
             if self.manifest is None:  # re-attach: refuse a repository without the cache's version
