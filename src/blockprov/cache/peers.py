@@ -195,8 +195,12 @@ class PeerSource:
     how ``stats`` names what is below (``repository``, or ``site_cache`` when it is one)."""
 
     def __init__(self, upstream: BlobSource, *, upstream_kind: str = "repository", timeout: float = ASK_TIMEOUT,
-                 workers: int = 8) -> None:
+                 workers: int = 8, shared: bool = True) -> None:
         self.upstream = upstream
+        # ``shared``: the agent is in a site, so what came from the repository is remembered for its
+        # peers. A lone agent remembers nothing: its cache stores every chunk, a copy in memory would
+        # only cost it, and a chunk it reset would be served from memory, not from the repository.
+        self.shared = shared
         self.url = upstream.url
         self.upstream_kind = upstream_kind
         self.timeout = timeout
@@ -324,6 +328,8 @@ class PeerSource:
         return out
 
     def _remember(self, items: Sequence[tuple[bytes, Blob]]) -> None:
+        if not self.shared:
+            return
         with self._lock:
             for c, b in items:
                 if c not in self._recent:  # a copy: a view would keep its whole batch's buffer alive
