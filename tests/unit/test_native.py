@@ -24,6 +24,7 @@ from blockprov.imaging.importer import import_image
 from blockprov.netboot import cowstore, dm, nbdlink
 from blockprov.netboot.native import ERA_BLOCK, Geometry, Part, era_meta_bytes
 from blockprov.repo.local import LocalRepository
+from blockprov.results import to_dict
 from tests.caches import open_cache
 from tests.conftest import make_image
 
@@ -207,7 +208,7 @@ def test_a_snapshot_of_writes_past_the_cache_is_point_in_time(golden: Any, tmp_p
             write_past(c, 9, b"\xee" * CS)
             await dev.mark_rewritten([9, 30])  # 30 is not modified: nothing to do for it
 
-        out = await lifecycle.snapshot(dev, repo, "lab:s1", read=read, before_acknowledge=later)
+        out = to_dict(await lifecycle.snapshot(dev, repo, "lab:s1", read=read, before_acknowledge=later))
         assert out["chunks_modified"] == 2 and out["chunks_written_during"] == 1
         assert dev.chunks.unsynced_chunks("default") == [9] and not dev.chunks.modified(30)
         new = repo.resolve("lab:s1")

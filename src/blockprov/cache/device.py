@@ -53,8 +53,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from blockprov.align import split
 from blockprov.cache.concurrency import gated
@@ -65,8 +65,8 @@ from blockprov.cache.maps import HELD, MODIFIED, PRESENT, ZERO, ChunkMap
 from blockprov.cache.opening import Opened, open_sync
 from blockprov.cache.recovery import verify
 from blockprov.cache.source import SourceFactory
-from blockprov.cache.status import cache_status
-from blockprov.cache.steps import Pending, Steps, Switched
+from blockprov.cache.status import DeviceStatus, cache_status
+from blockprov.cache.steps import Pending, Reset, Steps, Switched
 from blockprov.cache.view import Chunks
 from blockprov.cache.writes import Writes
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
@@ -380,7 +380,7 @@ class CacheDevice:
         """Wait until fetches and fills in flight (read-ahead included) and hole punching are done."""
         await self._steps.settle()
 
-    async def reset_chunks(self, *, eager: bool = False, punch: bool = True) -> dict[str, int]:
+    async def reset_chunks(self, *, eager: bool = False, punch: bool = True) -> Reset:
         """Every modified chunk back to the base (invariant 5): ``Steps.reset``."""
         return await self._steps.reset(eager=eager, punch=punch, overlay=self.overlay)
 
@@ -455,17 +455,14 @@ class CacheDevice:
         return self._core.state.meta.base_cache
 
     # -- status -----------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DeviceStatus:
         """What the cache holds (cache/status.py) and this run's figures (the layers' below too)."""
         c = self._core
-        return {
-            **cache_status(self.cache_dir, c.state.meta, self._map, c.state.last_seq, self.totals(),
-                           self.layers_below()),
-            "verified_chunks": self.verified_chunks,
-            "dropped_chunks": self.dropped_chunks,
-            **c.counters().to_dict(),
-            **c.source.status(),
-        }
+        st = DeviceStatus(cache=cache_status(self.cache_dir, c.state.meta, self._map, c.state.last_seq, self.totals(),
+                                             self.layers_below()),
+                          verified_chunks=self.verified_chunks, dropped_chunks=self.dropped_chunks,
+                          fetch=c.counters().figures())
+        return replace(st, **c.source.status())
 
     def profile(self) -> list[int]:
         """Chunks in the order they were first read over this cache's life (the first boot's order)."""

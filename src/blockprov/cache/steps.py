@@ -81,7 +81,7 @@ class Steps:
         return self._c.source.maps_below()
 
     # -- reset -------------------------------------------------------------------------------------
-    async def reset(self, *, eager: bool, punch: bool, overlay: bool) -> dict[str, int]:
+    async def reset(self, *, eager: bool, punch: bool, overlay: bool) -> Reset:
         """Every modified chunk back to the base (invariant 5); cost ∝ modified chunks.
 
         Order: journal ``reset`` of the modified runs → fsync; that is the reset. Holes are
@@ -115,8 +115,8 @@ class Steps:
         # (and how many chunks in all), so a reset before going offline is not a silent trap.
         below = self.layers_below()
         again = sum(needs_repository(c.map, below, x, y) for x, y in spans)
-        return {"chunks_reset": n, "chunks_refetched": len(refetch), "reset_from_repository": again,
-                "chunks_from_repository": needs_repository(c.map, below)}
+        return Reset(chunks_reset=n, chunks_refetched=len(refetch), reset_from_repository=again,
+                     chunks_from_repository=needs_repository(c.map, below))
 
     async def _punch_reset(self, spans: list[tuple[int, int]]) -> None:
         """Free the blocks of reset chunks, a group at a time under the chunks' claims, so a fill
@@ -370,6 +370,16 @@ class Pending:
     zeroed: list[int]  # S's chunks that read as zeros
     capture: Capture
     last_snapshot: str | None  # the version the target's last acknowledged snapshot made
+
+
+@dataclass(frozen=True)
+class Reset:
+    """What ``reset`` did."""
+
+    chunks_reset: int  # the modified chunks, back to the base
+    chunks_refetched: int  # of them fetched again at once (eager)
+    reset_from_repository: int  # of them, how many now need the repository to be read
+    chunks_from_repository: int  # chunks in all that need the repository to be read
 
 
 @dataclass(frozen=True)

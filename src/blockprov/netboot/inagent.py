@@ -85,6 +85,7 @@ from blockprov.netboot.native import Native, geometry
 from blockprov.netboot.params import check_params, diskless, parse_cmdline, peer_port
 from blockprov.netboot.resident import Resident
 from blockprov.repo.remote import RemoteRepository
+from blockprov.results import to_dict
 from blockprov.retry import RetryPolicy, is_transient, retry_sync
 
 log = logging.getLogger("blockprov.netboot")
@@ -454,28 +455,29 @@ async def move_to(agent: Agent, dev: CacheDevice, repo: RemoteRepository, manife
     old = dev.manifest
     report: dict[str, Any] = {"from": f"{old.image}@{old.id}", "to": f"{manifest.image}@{manifest.id}",
                               "at": time.time()}
+    done: keep.KeptUpdate | None
     if params.get("policy", "keep") == "keep":
         done = await keep.move(dev, repo, manifest, host=params.get("host"),
                                on_move=params.get("on_move", "snapshot"), say=say)
     else:
-        done = await lifecycle.update(dev, manifest)
+        done = keep.KeptUpdate(update=await lifecycle.update(dev, manifest))
     if done is None:
         report["summary"] = (f"NOT moved to {manifest.image}@{manifest.id[:12]}: the session could not be kept as a "
                              "version (see the PC's console); serving the version it had")
         report["moved"] = False
     else:
-        say(f"updated {old.id[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
-            f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept, "
-            f"{done['modified_discarded']} reset")
-        snap = done.get("snapshot")
-        plan = done.get("keep")
-        kept = [str(p["number"]) for p in (plan or {}).get("partitions", []) if p["kept"]]
-        report.update(moved=True, kept_chunks=done["modified_kept"], reset_chunks=done["modified_discarded"],
-                      kept_partitions=kept, snapshot=snap,
-                      summary=f"moved {old.id[:12]} → {manifest.id[:12]}: kept {done['modified_kept']} modified "
+        u = done.update
+        say(f"updated {old.id[:12]} → {manifest.id[:12]} by diff: {u.chunks_changed} chunk(s) differ, "
+            f"{u.chunks_refetched} fetched again, {u.modified_kept} modified kept, "
+            f"{u.modified_discarded} reset")
+        kept = [str(p.number) for p in (done.keep.partitions if done.keep else []) if p.kept]
+        report.update(moved=True, kept_chunks=u.modified_kept, reset_chunks=u.modified_discarded,
+                      kept_partitions=kept, snapshot=to_dict(done.snapshot),
+                      summary=f"moved {old.id[:12]} → {manifest.id[:12]}: kept {u.modified_kept} modified "
                               f"chunk(s)" + (f" of partition {', '.join(kept)}" if kept else "")
-                              + f", reset {done['modified_discarded']}"
-                              + (f"; session kept as {snap['image']}:{snap['tag']}" if snap else ""))
+                              + f", reset {u.modified_discarded}"
+                              + (f"; session kept as {done.snapshot.image}:{done.snapshot.tag}"
+                                 if done.snapshot else ""))
     agent.config.extra.setdefault("report", {})["last_move"] = report
     if agent.link is not None:
         agent.link.poke()  # the repository shows it at once (blockprov agents, the console)

@@ -62,7 +62,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from blockprov.align import runs
 from blockprov.cache import CacheDevice
@@ -71,6 +71,7 @@ from blockprov.errors import DeviceMapperError, NetbootError, UsageError
 from blockprov.netboot import cowstore, dm, everyday
 from blockprov.netboot.disk import Disk
 
+R = TypeVar("R")
 log = logging.getLogger("blockprov.netboot.native")
 
 ROOT, COW, DATA, PIT = "bp-root", "bp-cow", "bp-data", "bp-pit"
@@ -462,7 +463,7 @@ class Native:
         self._loop = None
 
     # -- a running keep PC's snapshot ----------------------------------------------------------------
-    async def snapshot(self, dev: CacheDevice, take: Callable[..., Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async def snapshot(self, dev: CacheDevice, take: Callable[..., Awaitable[R]]) -> R:
         """A point-in-time snapshot of the running keep PC: ``take(read=…, before_acknowledge=…)``
         is agent/lifecycle.py's snapshot with this path's reader and its marking of chunks written
         since the point in time."""

@@ -33,6 +33,7 @@ from typing import Any
 
 from blockprov.agent import lifecycle
 from blockprov.agent.control import Handler
+from blockprov.agent.hydrate import HydrationStatus
 from blockprov.cache import CacheDevice
 from blockprov.errors import BlockprovError, DeviceMapperError, UsageError
 from blockprov.netboot.loader import own_proc
@@ -116,7 +117,7 @@ class Resident:
                          f"({used >> 20} of {size >> 20} MiB); when it is full the running system gets I/O errors")
                 told += 1
 
-    async def _op_snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _op_snapshot(self, req: dict[str, Any]) -> lifecycle.SnapshotResult:
         proc()
         take = functools.partial(lifecycle.snapshot, self.dev, self.repo, str(req.get("to", "")),
                                  target=str(req.get("target") or "default"), rebase=bool(req.get("rebase")))
@@ -126,5 +127,5 @@ class Resident:
         raise UsageError("this PC's root is native (served by the kernel from its disk): reset and update "
                          "run at its next boot")
 
-    async def _op_hydrate(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"running": False, "complete": True, "chunks_missing": 0}
+    async def _op_hydrate(self, req: dict[str, Any]) -> HydrationStatus:
+        return HydrationStatus(state="done", percent=100.0, message="the disk holds the whole image (native path)")
