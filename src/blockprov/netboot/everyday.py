@@ -103,7 +103,8 @@ say() { echo "blockprov: $*"; }
 machine() { exec /usr/bin/python3 -S -B -m blockprov.netboot.machine; say "cannot start python3"; sleep 30; reboot -f; }
 [ -x /usr/bin/python3 ] && machine
 
-say "initramfs started at uptime $(up) s (the disk's own loader: every-day boot)"
+say "initramfs started at uptime $(up) s (the disk's own loader: every-day boot;" \
+    "kernel and initramfs from the disk, none downloaded)"
 for w in $(cat /proc/cmdline); do
     case "$w" in
     blockprov.repo=*) REPO=${w#*=} ;; blockprov.host=*) HOST=${w#*=} ;; blockprov.image=*) IMAGE=${w#*=} ;;
@@ -255,7 +256,8 @@ everyday || slow "$WHY"
 # before the switch moves /dev away.
 mount -t devtmpfs bp-dev "$DEVS" 2>/dev/null
 mount -t vfat -o ro "/dev/$(part 1)" "$BOOT" 2>/dev/null
-BOOT="$BOOT" sh -c 'renice -n 19 -p $$ >/dev/null 2>&1; ionice -c 3 -p $$ >/dev/null 2>&1; sleep @DELAY@
+BOOT="$BOOT" DEVS="$DEVS" sh -c 'renice -n 19 -p $$ >/dev/null 2>&1; ionice -c 3 -p $$ >/dev/null 2>&1; sleep @DELAY@
+    mount --bind "$DEVS" /dev  # /dev of this root went with the switch: python reads /dev/urandom as it starts
     cd / && gunzip -c "$BOOT/rest.img" | cpio -idmu 2>/dev/null; umount "$BOOT"
     exec -a @blockprov-supervisor /usr/bin/python3 -S -B -m blockprov.netboot.supervisor --resident' \
     </dev/null >/dev/console 2>&1 &

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -613,8 +612,9 @@ async def serve_resident(say: Any, ready: int = -1) -> None:
     check_params(params)
     plan = everyday.parse_plan((META_MOUNT / everyday.PLAN).read_text())
     own_dev()
-    found = [dataclasses.replace(x, dev_dir=str(DEV)) for x in disk.disks()]
-    d = next((x for x in found if x.name == plan["BP_DISK"]), None)
+    # /dev as the cache records its data partition: this root's own (everyday.py binds it; the
+    # supervisor mounts one after a restart)
+    d = next((x for x in disk.disks() if x.name == plan["BP_DISK"]), None)
     if d is None:
         raise NetbootError(f"disk {plan['BP_DISK']} of the every-day boot's plan is gone")
     repo = RemoteRepository(params["repo"], timeout=30.0, token=params.get("token") or None)
@@ -656,9 +656,8 @@ async def serve_resume(params: dict[str, str], ready: int, say: Any) -> None:
         data = str(RAM_MOUNT / "data")
         d = None
     else:
-        own_dev()
-        found = [dataclasses.replace(x, dev_dir=str(DEV)) for x in disk.disks()]
-        d = next((x for x in found if disk.identify(disk.read_head(x.path)) == "blockprov"), None)
+        own_dev()  # /dev as the cache records its data partition: the supervisor mounted this root's own
+        d = next((x for x in disk.disks() if disk.identify(disk.read_head(x.path)) == "blockprov"), None)
         if d is None:
             raise NetbootError("the disk the agent served is gone")
         data = d.data

@@ -57,8 +57,17 @@ def say(msg: str) -> None:
     print(f"blockprov-supervisor: {msg}", file=sys.stderr, flush=True)
 
 
+def own_dev() -> None:
+    """Device nodes in this root once PID 1 moved /dev into the machine's root (a restart after
+    the switch): python reads /dev/urandom as it starts. Out of the machine's sight."""
+    if not os.path.exists("/dev/null"):
+        os.makedirs("/dev", exist_ok=True)
+        subprocess.run(["mount", "-t", "devtmpfs", "bp-dev", "/dev"], capture_output=True, timeout=60)
+
+
 def start_agent(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     """The agent (``@blockprov-agent ARGS… READY_FD``), and the read end of its READY pipe."""
+    own_dev()
     r, w = os.pipe()
     proc = subprocess.Popen(["@blockprov-agent", "-S", "-B", "-m", "blockprov.netboot.inagent", *args, str(w)],
                             executable=sys.executable or "/usr/bin/python3", pass_fds=(w,))
