@@ -32,12 +32,21 @@ import pytest
 
 from tests import bootvm
 from tests.boot.conftest import NetRepo
-from tests.boot.netboot_helpers import admin_version, assign, blank_disk, cache_of, chunks_served, netboot
+from tests.boot.netboot_helpers import (
+    admin_version,
+    assign,
+    blank_disk,
+    boot_files_served,
+    cache_of,
+    chunks_served,
+    netboot,
+)
 from tests.conftest import require_tool, run_cli
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(2400)]  # several TCG boots each, on a loaded machine
 
-EVERYDAY = "(the disk's own loader: every-day boot)"
+EVERYDAY = "(the disk's own loader: every-day boot; kernel and initramfs from the disk, none downloaded)"
+OFFLINE = "OFFLINE: the repository"
 DISK_EXIT = "blockprov: booting this PC's own disk (complete and current)"
 
 
@@ -51,33 +60,39 @@ def test_everyday_boots_under_restore_then_a_new_version_and_a_reprovision_reach
     url, mac = netrepo.url, "52:54:00:12:34:61"
     disk = blank_disk(tmp_path / "pc.raw")
     assign(url, "session", "restore", hydrate="before-boot", mac=mac)
+    files_before = boot_files_served(url)
     first = boot(disk, url, tmp_path / "c1.log", mac=mac)
     assert first.check == "OK" and "native data path" in first.console, first.tail()
-    for n in (2, 3):  # every day: the disk's own loader, its session dropped, pristine again
-        before = chunks_served(url)
-        day = boot(disk, url, tmp_path / f"c{n}.log", mac=mac)
-        print(f"every-day restore boot {n}: {day.seconds:.1f} s; {day.tail(12)}")
-        assert DISK_EXIT in day.console and EVERYDAY in day.console, day.tail()
+    assert boot_files_served(url) >= files_before + 2  # the network boot: kernel and initramfs (the counter counts)
+    for n in (2, 3, 4):  # every day: the disk's own loader, its session dropped, pristine again
+        before, files = chunks_served(url), boot_files_served(url)
+        unreachable = n == 4  # the repository out of reach: the disk boots what it holds, restored all the same
+        day = boot(disk, url, tmp_path / f"c{n}.log", mac=mac, unreachable=unreachable)
+        print(f"every-day restore boot {n}{' (repository unreachable)' if unreachable else ''}: "
+              f"{day.seconds:.1f} s; {day.tail(12)}")
+        assert EVERYDAY in day.console, day.tail()
+        assert (OFFLINE in day.console) == unreachable and (DISK_EXIT in day.console) != unreachable, day.tail()
         assert "dropped with it (restore), nothing copied" in day.console, day.tail()
         assert "native data path: the root is disk vda itself" in day.console, day.tail()
         assert day.check == "OK" and day.done.get("check") == "OK", day.tail()  # the last session is gone
         assert day.number(r"chunks: (\d+) dropped with it") > 0, day.tail()
         assert chunks_served(url) == before  # nothing of the image came from the repository
+        assert boot_files_served(url) == files  # nor a kernel or an initramfs
     # a new version reaches the PC: its iPXE is told to boot from the network, the disk is updated by diff
     v2 = admin_version(boot_image.disk, tmp_path)
     run_cli("--repo", url, "import", str(v2), "bootlab:v2n")
     run_cli("--repo", url, "boot-files", "set", "bootlab:v2n", "--kernel", netrepo.built["build"]["kernel"],
             "--initrd", str(netrepo.initrd), "--cmdline", netrepo.built["cmdline"])
     assign(url, "session", "restore", ref="bootlab:v2n", hydrate="before-boot", mac=mac)
-    moved = boot(disk, url, tmp_path / "c4.log", mac=mac)
+    moved = boot(disk, url, tmp_path / "c5.log", mac=mac)
     assert DISK_EXIT not in moved.console and "by diff" in moved.console, moved.tail()
     assert moved.check == "OK" and "native data path" in moved.console, moved.tail()
     assert moved.number(r"BP-CHECK OK files=(\d+)") == first.number(r"BP-CHECK OK files=(\d+)") + 1
-    day = boot(disk, url, tmp_path / "c5.log", mac=mac)
+    day = boot(disk, url, tmp_path / "c6.log", mac=mac)
     assert EVERYDAY in day.console and day.check == "OK", day.tail()
     # the operator's forced re-provision: a network boot that sets the disk up from scratch
     token = json.loads(run_cli("--repo", url, "host", "reprovision", mac, "--json").stdout)["reprovision"]
-    again = boot(disk, url, tmp_path / "c6.log", mac=mac)
+    again = boot(disk, url, tmp_path / "c7.log", mac=mac)
     assert DISK_EXIT not in again.console and f"set up again from scratch (request {token})" in again.console, \
         again.tail()
     assert "initializing disk vda" in again.console and again.check == "OK", again.tail()
@@ -90,9 +105,12 @@ def test_everyday_boots_under_keep_a_power_cut_and_a_snapshot_of_the_running_pc(
     assign(url, "persist", "keep", hydrate="before-boot", mac=mac)
     first = boot(disk, url, tmp_path / "c1.log", mac=mac)
     assert first.done.get("persisted") == "0" and "native data path" in first.console, first.tail()
+    before, files = chunks_served(url), boot_files_served(url)
     day = boot(disk, url, tmp_path / "c2.log", mac=mac)
-    assert EVERYDAY in day.console and "policy keep" in day.console, day.tail()
+    print(f"every-day keep boot: {day.seconds:.1f} s; {day.tail(12)}")
+    assert DISK_EXIT in day.console and EVERYDAY in day.console and "policy keep" in day.console, day.tail()
     assert day.done.get("persisted") == "1", day.tail()  # the last session's file is there: kept
+    assert chunks_served(url) == before and boot_files_served(url) == files
     # a power cut during a write-heavy session
     assign(url, "writer", "keep", hydrate="before-boot", mac=mac)
     cut = boot(disk, url, tmp_path / "c3.log", mac=mac, until="BP-WROTE n=40", poll=0.2)
