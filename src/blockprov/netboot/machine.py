@@ -26,12 +26,12 @@ world whole; the agent's root directory remains the initramfs, out of the new ro
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from blockprov.netboot.daemon import ready_line
 from blockprov.netboot.params import parse_cmdline
 
 MODULES_LIST = Path("/etc/blockprov/modules")
@@ -107,21 +107,9 @@ def start_agent(params: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def wait_ready(proc: subprocess.Popen[bytes], r: int) -> str:
-    """The agent's first line: 'READY nbd|native DEVICE' (the root's device: the kernel's NBD client,
-    or the native data path's device-mapper root) or 'ERROR why' (also when it died without a word)."""
-    buf = b""
-    end = time.monotonic() + READY_TIMEOUT
-    while b"\n" not in buf and time.monotonic() < end:
-        ready, _, _ = select.select([r], [], [], 1.0)
-        if ready:
-            got = os.read(r, 4096)
-            if not got:
-                break
-            buf += got
-        elif proc.poll() is not None:
-            break
-    line = buf.split(b"\n", 1)[0].decode(errors="replace")
-    return line or f"ERROR the agent ended (exit status {proc.poll()}) without starting the device"
+    """The supervisor's first line: 'READY nbd|native DEVICE' (the root's device: the kernel's NBD
+    client, or the native data path's device-mapper root) or 'ERROR why'."""
+    return ready_line(proc, r, READY_TIMEOUT)
 
 
 def switch_root(cmdline: str, device: str) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from blockprov.errors import BlockprovError
 from blockprov.netboot import kernelnbd, nbdlink
-from blockprov.netboot.daemon import harden
+from blockprov.netboot.daemon import harden, ready_line
 
 NBD_INDEX = 0
 REQUEST_TIMEOUT = 10  # seconds a request may take before the kernel requeues it (a dead agent's in flight)
@@ -76,21 +76,11 @@ def start_agent(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def wait_ready(proc: subprocess.Popen[bytes], r: int, timeout: float = READY_TIMEOUT) -> str:
-    """The agent's first line: 'READY …' or 'ERROR why' (also when it died without a word)."""
-    buf = b""
-    end = time.monotonic() + timeout
-    while b"\n" not in buf and time.monotonic() < end:
-        ready, _, _ = select.select([r], [], [], 1.0)
-        if ready:
-            got = os.read(r, 4096)
-            if not got:
-                break
-            buf += got
-        elif proc.poll() is not None:
-            break
-    os.close(r)
-    line = buf.split(b"\n", 1)[0].decode(errors="replace")
-    return line or f"ERROR the agent ended (exit status {proc.poll()}) without starting the device"
+    """The agent's first line: 'READY …' or 'ERROR why'; the pipe closed."""
+    try:
+        return ready_line(proc, r, timeout)
+    finally:
+        os.close(r)
 
 
 def dial(path: str, timeout: float = DIAL_TIMEOUT) -> tuple[socket.socket, kernelnbd.Export]:
