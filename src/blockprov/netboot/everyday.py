@@ -257,7 +257,8 @@ everyday || slow "$WHY"
 mount -t devtmpfs bp-dev "$DEVS" 2>/dev/null
 mount -t vfat -o ro "/dev/$(part 1)" "$BOOT" 2>/dev/null
 BOOT="$BOOT" DEVS="$DEVS" sh -c 'renice -n 19 -p $$ >/dev/null 2>&1; ionice -c 3 -p $$ >/dev/null 2>&1; sleep @DELAY@
-    mount --bind "$DEVS" /dev  # /dev of this root went with the switch: python reads /dev/urandom as it starts
+    mount --bind "$DEVS" /dev  # /dev, /proc, /sys of this root went with the switch: python reads /dev/urandom
+    mount -t proc bp-proc /proc; mount -t sysfs bp-sys /sys  # as it starts, harden() /proc/self
     cd / && gunzip -c "$BOOT/rest.img" | cpio -idmu 2>/dev/null; umount "$BOOT"
     exec -a @blockprov-supervisor /usr/bin/python3 -S -B -m blockprov.netboot.supervisor --resident' \
     </dev/null >/dev/console 2>&1 &
