@@ -233,7 +233,7 @@ everyday() {
     elif echo "$ANSWER" | grep -q 'HTTP/'; then  # answered, but not the question (a 401, a 404): the agent says more
         WHY="the repository answered $(echo "$ANSWER" | grep -o 'HTTP/[0-9.]* [0-9].*' | head -n 1)"; return 1
     else
-        say "OFFLINE: the repository $REPO did not answer within @ASK@ s: booting what disk $D holds"
+        say "OFFLINE: the repository $REPO did not answer (waited at most @ASK@ s): booting what disk $D holds"
     fi
     if [ "$BP_POLICY" = restore ]; then  # only now, the repository heard: a policy change would keep the session
         dmsetup remove bp-root 2>/dev/null

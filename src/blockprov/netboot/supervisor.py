@@ -57,17 +57,21 @@ def say(msg: str) -> None:
     print(f"blockprov-supervisor: {msg}", file=sys.stderr, flush=True)
 
 
-def own_dev() -> None:
-    """Device nodes in this root once PID 1 moved /dev into the machine's root (a restart after
-    the switch): python reads /dev/urandom as it starts. Out of the machine's sight."""
-    if not os.path.exists("/dev/null"):
-        os.makedirs("/dev", exist_ok=True)
-        subprocess.run(["mount", "-t", "devtmpfs", "bp-dev", "/dev"], capture_output=True, timeout=60)
+def own_api() -> None:
+    """/dev, /proc and /sys in this root once PID 1 moved them into the machine's root (a restart
+    after the switch): python reads /dev/urandom, the agent finds its disk in /sys and /dev (where
+    its cache records its data partition) and hardens itself through /proc. Out of the
+    machine's sight. The initramfs's own /dev/null and /dev/console stay behind the move: not a
+    sign that /dev is there, its mount is."""
+    for fs, where in (("devtmpfs", "/dev"), ("proc", "/proc"), ("sysfs", "/sys")):
+        if not os.path.ismount(where):
+            os.makedirs(where, exist_ok=True)
+            subprocess.run(["mount", "-t", fs, f"bp-{fs}", where], capture_output=True, timeout=60)
 
 
 def start_agent(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     """The agent (``@blockprov-agent ARGS… READY_FD``), and the read end of its READY pipe."""
-    own_dev()
+    own_api()
     r, w = os.pipe()
     proc = subprocess.Popen(["@blockprov-agent", "-S", "-B", "-m", "blockprov.netboot.inagent", *args, str(w)],
                             executable=sys.executable or "/usr/bin/python3", pass_fds=(w,))
