@@ -898,6 +898,23 @@ ISSUE_27.update({
         (("import", "{w}/empty.img", "img:empty", "--format", "raw"), 6, r"is empty"),
         (("images", "--json"), 0, r"^(?!.*\b(null|fifo|empty)\b)"),
     ],
+    # variants: a global option typed for the other kind of repository was ignored without a word (`--repo
+    # URL --store s3://…` read the server's own store, `--token` went nowhere); typed ones are refused,
+    # one from the environment (it serves many commands) is not
+    "global-options-typed-for-nothing": [
+        (("--repo", "{closed}", "--store", "s3://bucket/p", "images"), 2,
+         r"--store does nothing here: it is the embedded repository's"),
+        (("--repo", "{closed}", "images", "--catalog", "sqlite", "--s3-region", "eu"), 2,
+         r"--catalog, --s3-region do nothing here"),
+        (("--repo", "{closed}", "--ca", "{w}/kernel", "images"), 2, r"--ca does nothing here: .*plain http://"),
+        (("images", "--token", "abc"), 2, r"--token does nothing here: a token and a CA are for a repository server"),
+        (("--s3-create-bucket", "images"), 2, r"--s3-create-bucket does nothing here: .* for an s3:// --store"),
+        (("images",), 0, r"img "),
+        (("--repo", "{closed}", "serve", "--listen", "127.0.0.1:0"), 2, r"--repo does nothing here: serve serves"),
+        (("serve", "--listen", "127.0.0.1:0", "--cache-size", "1G"), 2, r"--cache-size does nothing here"),
+        (("serve", "--listen", "127.0.0.1:0", "--upstream", "{closed}", "--auth", "on", "--chunk-cache", "1M"), 2,
+         r"--chunk-cache, --auth do nothing here: a site cache \(--upstream\) follows the upstream's access rules"),
+    ],
     # item 4: boot-files build checked the ref after 10-30 s of building, and never the kernel
     "boot-files-build-checks-first": [
         (("boot-files", "build", "img:nosuch"), 3, r"no such image or version: img:nosuch"),
