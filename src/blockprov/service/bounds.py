@@ -47,6 +47,7 @@ from blockprov.service.edge import error_response, internal_error_response
 
 log = logging.getLogger("blockprov.service")
 MAX_BODY_KEY = "x-blockprov-max-body"
+MAX_BODY = 256 << 20  # the cap of every route's own limit (serve --max-body)
 DEFAULT_BODY = 64 << 10  # a route that declares nothing: a small JSON document or a form
 REQUEST_TIMEOUT = 30.0  # seconds for a request's headers; the grace before a body's rate counts
 MIN_BODY_RATE = 4 << 10  # bytes a second a body must average once the grace is over
