@@ -38,6 +38,7 @@ import struct
 import time
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -202,6 +203,10 @@ class Guard:
 
         try:
             await self.app(scope, bounded_receive, tracking_send)
+        except ClientDisconnect:  # gone before its body was sent: nobody to answer, and no bug of ours
+            scope["blockprov.error"] = "ClientDisconnect"
+            log.info("%s %s: the client went away before it sent its body (%d bytes came)", scope.get("method"),
+                     scope.get("path"), seen)
         except Exception as e:
             if started:
                 raise  # mid-body: the server must cut the connection; nothing else is honest
