@@ -143,6 +143,22 @@ CASES: list[Case] = [
     ("gc grace negative", "POST", "/v1/gc?grace=-1", None, 400, "UsageError"),
     ("gc grace infinite", "POST", "/v1/gc?grace=inf", None, 400, "UsageError"),
     ("long poll wait NaN", "GET", f"/v1/agents/{AGENT}/requests/next?wait=nan", None, 400, "UsageError"),
+    # variants: a field a route does not know was ignored ({"cahce": URL} made a site without its cache,
+    # a request's "arg" queued a snapshot without its target): refused
+    ("site with a misspelt field", "PUT", "/v1/sites/s9", {"cahce": "http://10.0.0.1:8420"}, 400, "UsageError"),
+    ("request with a misspelt field", "POST", f"/v1/agents/{AGENT}/requests", {"op": "snapshot", "arg": {"to": "x:y"}},
+     400, "UsageError"),
+    ("tag with an unknown field", "PUT", "/v1/images/lab/tags/t2", {"version": "VID", "force": True}, 400,
+     "UsageError"),
+    ("result with a misspelt field", "POST", f"/v1/agents/{AGENT}/requests/RID/result", {"ok": True, "reslt": {}},
+     400, "UsageError"),
+    ("profile with an unknown field", "PUT", "/v1/images/lab/versions/VID/profile", {"chunks": [0], "order": [1]},
+     400, "UsageError"),
+    ("boot files with a misspelt field", "PUT", "/v1/images/lab/versions/VID/boot", {"cmdline": "q", "kernal": {}},
+     400, "UsageError"),
+    ("site join with an unknown field", "POST", "/v1/sites/s9/join", {"instance": AGENT, "site": "s8"}, 400,
+     "UsageError"),
+    ("missing ids with an unknown field", "POST", "/v1/chunks/missing", {"ids": [], "more": 1}, 400, "UsageError"),
 ]
 
 
