@@ -45,7 +45,8 @@ def uri(sock: Path) -> str:
 
 
 @contextmanager
-def qemu_nbd(image: Path, sock: Path, shared: int = 16) -> Iterator[None]:
+def qemu_nbd(image: Path, sock: Path, shared: int = 16) -> Iterator[int]:
+    """qemu-nbd serving ``image`` on ``sock`` while in the block; yields its pid."""
     sock.unlink(missing_ok=True)
     p = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), f"--shared={shared}", "-t", "--cache=writeback",
                           str(image)])
@@ -54,7 +55,7 @@ def qemu_nbd(image: Path, sock: Path, shared: int = 16) -> Iterator[None]:
             break
         time.sleep(0.05)
     try:
-        yield
+        yield p.pid
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(10)

@@ -11,6 +11,10 @@ Two checkouts of blockprov, each with its own ``.venv`` (``--base DIR``: main be
   (the read-through route issue 23 rewrote) — bench_clones.py's overlay reads;
 - qemu-nbd exporting the raw image, the peer, once a round.
 
+Each read also gives the serving process's CPU time per request (per MiB for the sequential read),
+from its /proc stat around the run: unlike throughput, what a request costs the server hardly
+moves when other work shares the machine.
+
 Rounds alternate the order (base, head, then head, base, …); each figure is the median over the
 rounds, and the head/base ratio is what issue 23 bounds (within 5%). The load average is recorded
 before and after: this machine is shared.
@@ -55,10 +59,26 @@ def started(cmd: list[str], what: str) -> tuple[Proc, dict[str, object]]:
         raise SystemExit(f"{what} did not start: {line!r} {proc.communicate()[1]}") from None
 
 
-def reads(u: str, size: int, runtime: int) -> Measure:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (its /proc stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reads(u: str, size: int, runtime: int, pid: int) -> Measure:
+    """Throughput, and the server's CPU per request (µs): what a loaded machine blurs least."""
     gib = size / (1 << 30)
-    return {"seq GiB/s": gib / nbdcopy_seconds(u), "4K QD16 IOPS": fio_iops(u, size, runtime),
-            "4K QD1 IOPS": fio_iops(u, size, runtime, iodepth=1)}
+    c0 = cpu_seconds(pid)
+    secs = nbdcopy_seconds(u)
+    c1 = cpu_seconds(pid)
+    qd16 = fio_iops(u, size, runtime)
+    c2 = cpu_seconds(pid)
+    qd1 = fio_iops(u, size, runtime, iodepth=1)
+    c3 = cpu_seconds(pid)
+    return {"seq GiB/s": gib / secs, "4K QD16 IOPS": qd16, "4K QD1 IOPS": qd1,
+            "seq CPU µs/MiB": (c1 - c0) / (size / (1 << 20)) * 1e6,
+            "4K QD16 CPU µs/req": (c2 - c1) / max(1.0, qd16 * runtime) * 1e6,
+            "4K QD1 CPU µs/req": (c3 - c2) / max(1.0, qd1 * runtime) * 1e6}
 
 
 class Tree:
@@ -101,12 +121,12 @@ class Tree:
     def round(self, size: int, runtime: int) -> tuple[Measure, Measure]:
         a = self.agent()
         try:
-            hot = reads(f"nbd+unix:///?socket={self.work / 'a.sock'}", size, runtime)
+            hot = reads(f"nbd+unix:///?socket={self.work / 'a.sock'}", size, runtime, a.proc.pid)
         finally:
             a.stop()
         c = self.clones()
         try:
-            overlay = reads(f"nbd+unix:///o1?socket={self.work / 'c.sock'}", size, runtime)
+            overlay = reads(f"nbd+unix:///o1?socket={self.work / 'c.sock'}", size, runtime, c.proc.pid)
         finally:
             c.stop()
         return hot, overlay
@@ -145,15 +165,16 @@ def main() -> None:
                 got[f"{t.name} overlay"].append(overlay)
                 print(f"round {r + 1} {t.name}: agent {hot} overlay {overlay} (load {load()})", flush=True)
             qsock = tmp / "q.sock"
-            with qemu_nbd(image, qsock):
-                peer.append(reads(f"nbd+unix:///?socket={qsock}", size, a.runtime))
+            with qemu_nbd(image, qsock) as qpid:
+                peer.append(reads(f"nbd+unix:///?socket={qsock}", size, a.runtime, qpid))
 
         def med(rows: list[Measure], k: str) -> float:
             return statistics.median(row[k] for row in rows)
 
         out: list[dict[str, object]] = []
         for what in ("agent", "overlay"):
-            for k in ("seq GiB/s", "4K QD16 IOPS", "4K QD1 IOPS"):
+            for k in ("seq GiB/s", "4K QD16 IOPS", "4K QD1 IOPS", "seq CPU µs/MiB", "4K QD16 CPU µs/req",
+                      "4K QD1 CPU µs/req"):
                 b, h = med(got[f"base {what}"], k), med(got[f"head {what}"], k)
                 row: dict[str, object] = {"benchmark": f"hot {what} {k}", "base": round(b, 3), "head": round(h, 3),
                                           "head/base": round(h / b, 3),
