@@ -147,7 +147,8 @@ class Agent:
     async def start(self) -> list[str]:
         cfg = self.config
         catch_stop_signals(self._stop)  # a SIGTERM from now on is a clean stop (run() sees it at once)
-        peers = self.peers = PeerSource(self.repo, upstream_kind=await self._upstream_kind())
+        peers = self.peers = PeerSource(self.repo, upstream_kind=await self._upstream_kind(),
+                                         shared=cfg.site is not None)
         try:
             self.device = await CacheDevice.open(cfg.cache_dir, self.layers(peers), self.manifest, repo=self.repo,
                                                  data_path=cfg.data_path, read_only=cfg.read_only,
@@ -156,6 +157,7 @@ class Agent:
             peers.close()
             raise
         peers.version_of = lambda: self.device.manifest.id if self.device is not None else ""
+        peers.image_of = lambda: self.device.manifest.image if self.device is not None else ""
         try:
             dev = self.device
             if self.manifest is None:  # re-attach: refuse a repository without the cache's version

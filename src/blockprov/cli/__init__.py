@@ -17,7 +17,7 @@ import click
 
 from blockprov import __version__
 from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, sites, tokens, vm
-from blockprov.cli._common import JSON_META, Ctx
+from blockprov.cli._common import JSON_META, Ctx, quiet_retry_logs
 from blockprov.cli._globals import GLOBAL_NAMES, adopt, format_sections, global_options
 from blockprov.errors import BlockprovError, CannotWrite, InternalError, NoSpace, UsageError, error_to_dict
 from blockprov.store.factory import StoreOptions
@@ -178,6 +178,7 @@ def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | Non
     The global options may also follow the command (blockprov serve --data DIR); one given in both
     places takes the value given after the command (the later one on the line).
     """
+    quiet_retry_logs()
     ctx.obj = Ctx(repo, data, store, StoreOptions(endpoint=s3_endpoint, region=s3_region,
                                                   create_bucket=s3_create_bucket, timeout=s3_timeout))
     ctx.obj.token, ctx.obj.ca, ctx.obj.catalog = token or None, ca or None, catalog or None

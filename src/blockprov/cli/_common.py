@@ -49,6 +49,27 @@ def check_creatable(path: Path, what: str) -> Path:
     return path
 
 
+RETRY_LOGGER = "blockprov.retry"
+
+
+def quiet_retry_logs() -> None:
+    """A one-shot command says its own outcome in one line: the retry helper's "failed (attempt N…);
+    retrying" lines (retry.py: warnings from the fifth attempt) would come before it on stderr, one
+    per attempt of every request (issue 27: an import whose S3 server died printed 63 lines). The
+    group does this for every command; servers (``server_logs``) keep them."""
+    import logging
+
+    logging.getLogger(RETRY_LOGGER).setLevel(logging.ERROR)
+
+
+def server_logs() -> None:
+    """A server (serve, attach, clones serve, pool serve) logs what it retries: its log is where an
+    operator looks for an outage it rides out."""
+    import logging
+
+    logging.getLogger(RETRY_LOGGER).setLevel(logging.NOTSET)
+
+
 def quiet_library_logs() -> None:
     """A command that opens a cache here reports its own outcome: the cache's and fetcher's log
     lines (meant for an agent's log: "fetching chunks … failed", "hydration paused") would repeat
@@ -134,6 +155,29 @@ class Ctx:
     def close(self) -> None:
         if self._repo is not None:
             self._repo.close()
+
+
+def refuse_closed_output() -> None:
+    """For a command whose result exists only in what it prints (a token's secret, a VM started in
+    the background): when stdout is a pipe or socket whose reader is
+    already gone, end as a closed output ends (exit 141, quietly) before anything is made — `token
+    create | …` whose reader had gone turned access control on with a token nobody could read, and
+    `vm run` left a VM and its disks agent (issue 27). A reader that goes away later is the usual
+    closed pipe: what was made stays, as `vm list` shows."""
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not (stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode)):
+            return
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return
+    if gone:
+        raise BrokenPipeError(errno.EPIPE, "the reader of stdout is gone")
 
 
 def emit(data: Any) -> None:

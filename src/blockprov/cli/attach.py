@@ -20,6 +20,7 @@ from blockprov.cli._common import (
     json_option,
     listening,
     run_async,
+    server_logs,
     size_option,
 )
 from blockprov.errors import BlockprovError, NoSpace, UsageError
@@ -86,6 +87,7 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     nbdinfo -- [ blockprov attach ... ]) it serves the sockets it was given, without --socket or
     --listen, and prints its banner on stderr.
     """
+    server_logs()
     from blockprov.agent.agent import Agent, AgentConfig
     from blockprov.cache import is_cache
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 from blockprov.catalog.tokens import SCOPES
-from blockprov.cli._common import Ctx, check_data_dir, emit, json_option
+from blockprov.cli._common import Ctx, check_data_dir, emit, json_option, refuse_closed_output
 from blockprov.errors import UsageError
 from blockprov.results import to_dict
 
@@ -58,6 +58,7 @@ def token() -> None:
 @click.pass_obj
 def token_create(obj: Ctx, scope: str, name: str | None, site: str | None, as_json: bool) -> None:
     """Create a token and print it. Only its hash is kept: store it now."""
+    refuse_closed_output()  # a secret nobody can read would still turn access control on
     catalog, store = _store(obj, create=True)
     try:
         if site is not None:

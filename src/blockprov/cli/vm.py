@@ -21,6 +21,7 @@ from blockprov.cli._common import (
     emit,
     json_option,
     memory_option,
+    refuse_closed_output,
 )
 from blockprov.errors import NotFound, VmFailed
 from blockprov.names import parse_ref
@@ -79,6 +80,7 @@ def vm_run_cmd(obj: Ctx, ref: str, name: str, memory: int, cpus: int, machine: s
     """Start a VM (qemu, TCG) on a new copy-on-write overlay of a version; it keeps running."""
     from blockprov.vm import vms
 
+    refuse_closed_output()  # a VM nobody hears of (`vm list` would show it, but the caller has gone)
     r = _root(obj, root)
     m = obj.repo.resolve(parse_ref(ref))
     rec = vms.run(r, obj.repo, _repo_args(obj), m, name, memory=memory, cpus=cpus, extra_args=tuple(qemu_args),
@@ -261,6 +263,7 @@ def vm_clone_cmd(obj: Ctx, name: str, count: int, memory: int | None, cpus: int 
     template's memory file until it writes, its own disk overlay, MAC and vmgenid."""
     from blockprov.vm import vms
 
+    refuse_closed_output()
     out = vms.clone(_root(obj, root), obj.repo, _repo_args(obj), name, count, memory=memory, cpus=cpus,
                     extra_args=tuple(qemu_args) if qemu_args else None, customize=customize_cmd, lazy=lazy)
     if as_json:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections import deque
@@ -135,6 +137,15 @@ async def record(repo: Repository, manifest: Manifest, *, timeout: float = TIMEO
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_parent() -> None:
+    """In qemu's process, before it runs: killed with this process (a recording or preparation that
+    is killed, e.g. a background ``profile prepare`` stopped by the operator, leaves no qemu behind)."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 async def boot_until_idle(cmd: list[str], progress: Callable[[], int], console: Path, name: str, *,
                           timeout: float, idle: float) -> tuple[str, float, str]:
     """Run qemu until the boot is over (module docstring): (how it ended, seconds, console tail).
@@ -142,7 +153,8 @@ async def boot_until_idle(cmd: list[str], progress: Callable[[], int], console: 
     with open(console, "wb") as out:
         try:
             proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                                                        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                                                        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                                                        preexec_fn=_dies_with_parent)
         except FileNotFoundError:
             raise VmFailed(name=name, why=f"{cmd[0]} is not installed (Debian package qemu-system-x86)") from None
     t0 = last_new = time.monotonic()

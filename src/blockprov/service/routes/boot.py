@@ -120,11 +120,15 @@ async def get_boot_file(name: str, vid: str, which: str, request: Request, host:
     head = await svc.run(render, *jobs[0])
 
     async def body() -> AsyncIterator[bytes]:
-        yield head
+        # The boot is recorded before the last piece goes out, not after: a client holding the
+        # whole initrd may ask about the host at once, before this generator is resumed.
+        pieces = [head]
         for job in jobs[1:]:
-            yield await svc.run(render, *job)
+            pieces.append(await svc.run(render, *job))
+            yield pieces.pop(0)
         if booting is not None and which == "initrd" and rng is None:
             await record_boot(svc, booting, name, vid)
+        yield pieces.pop()
 
     return StreamingResponse(body(), status_code=status, headers=headers, media_type=OCTETS)
 
