@@ -33,8 +33,8 @@ from blockprov.catalog.tokens import TokenStore
 from blockprov.errors import UsageError
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
-from blockprov.service.app import MAX_BODY, create_app
-from blockprov.service.bounds import IN_FLIGHT, REQUEST_TIMEOUT, bounded_http
+from blockprov.service.app import create_app
+from blockprov.service.bounds import IN_FLIGHT, MAX_BODY, REQUEST_TIMEOUT, bounded_http
 from blockprov.store.base import ChunkStore
 from blockprov.store.cached import CachedChunkStore
 
@@ -195,15 +195,19 @@ def run_app(app: Any, host: str, port: int, *, on_ready: OnReady | None = None, 
 
 
 def run_site_cache(data_dir: str | os.PathLike[str], upstream: str, capacity: int, host: str = "127.0.0.1",
-                   port: int = 8420, *, token: str | None = None, **kw: Any) -> None:
-    """Serve a site cache of ``upstream`` (service/sitecache.py) from ``data_dir`` until SIGINT/SIGTERM."""
+                   port: int = 8420, *, token: str | None = None, max_body: int = MAX_BODY, in_flight: int = IN_FLIGHT,
+                   request_timeout: float = REQUEST_TIMEOUT, **kw: Any) -> None:
+    """Serve a site cache of ``upstream`` (service/sitecache.py) from ``data_dir`` until SIGINT/SIGTERM;
+    its requests bounded as the repository's are (``max_body``, ``in_flight``, ``request_timeout``)."""
     from blockprov.service.prewarm import Prewarm
     from blockprov.service.sitecache import SiteCache, create_site_cache_app
 
     root = Path(data_dir) / "sitecache"
     sc = SiteCache(root, upstream, capacity, token=token)
     prewarm = Prewarm(sc)
-    run_app(create_site_cache_app(sc, prewarm.routes(), background=prewarm.run), host, port, **kw)
+    app = create_site_cache_app(sc, prewarm.routes(), background=prewarm.run, max_body=max_body, in_flight=in_flight,
+                                timeout=request_timeout)
+    run_app(app, host, port, request_timeout=request_timeout, **kw)
 
 
 class ServerThread:
