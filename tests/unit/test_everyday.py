@@ -143,7 +143,8 @@ def test_a_forced_reprovision_reaches_the_pc(env: Env) -> None:
 
 def test_bad_words_about_a_disk_are_refused(env: Env) -> None:
     for body in ({}, {"version": "lab@x", "fingerprint": 3}, {"version": "lab:v1", "fingerprint": "f" * 32},
-                 {"version": f"lab@{env.vid}", "fingerprint": "not hex"}):
+                 {"version": f"lab@{env.vid}", "fingerprint": "not hex"},
+                 {"version": f"lab@{env.vid}", "fingerprint": "f" * 32, "fingerprnt": "f" * 32}):
         for method in ("post", "put"):
             r = getattr(env.c, method)(f"/v1/boot/{MAC}/disk", json=body)
             assert r.status_code == 400, (method, body, r.text)

@@ -243,7 +243,7 @@ def test_loader_command_line_and_config() -> None:
     assert loader.offline_cmdline(off) == off  # booted from the disk: the same line, so no rewrite
     assert loader.wanted("k", "i", net) == loader.wanted("k", "i", off)
     cfg = loader.syslinux_cfg(off)
-    assert "KERNEL vmlinuz" in cfg and "INITRD initrd.img" in cfg and f"APPEND {off}\n" in cfg
+    assert "KERNEL vmlinuz" in cfg and "INITRD fast.img" in cfg and f"APPEND {off}\n" in cfg
 
 
 @pytest.mark.parametrize("size", [2 << 30, 3 << 40], ids=["mbr", "gpt"])
@@ -277,7 +277,8 @@ def test_loader_install_sets_the_active_flag_last(size: int, tmp_path: Path, mon
         f.truncate(disk.BOOT_BYTES)
     record = loader.wanted("k1", "i1", "console=ttyS0 blockprov.policy=restore")
     assert loader.installed(d, meta) is None
-    loader.install(d, meta, b"K" * 4096, b"I" * 8192, record, tmp_path / "work")
+    fast, rest = gzip.compress(b"F" * 8192, mtime=0), gzip.compress(b"R" * 8192, mtime=0)  # the initramfs's parts
+    loader.install(d, meta, b"K" * 4096, fast + bytes(-len(fast) % 4) + rest, record, tmp_path / "work")
     assert loader.installed(d, meta) == record
     head = loader.head(d)
     code = (loader.GPTMBR_BIN if gpt else loader.MBR_BIN).read_bytes()[:440]
@@ -290,7 +291,7 @@ def test_loader_install_sets_the_active_flag_last(size: int, tmp_path: Path, mon
         "k2", "i1", ""))
     loader.install(d, meta, None, None, newer, tmp_path / "work")
     assert loader.installed(d, meta) == newer and disk.partitions(loader.head(d))[0][3]
-    for name, want in (("vmlinuz", b"K" * 4096), ("initrd.img", b"I" * 8192),
+    for name, want in (("vmlinuz", b"K" * 4096), (loader.FAST, fast), (loader.REST, rest),
                        ("syslinux.cfg", loader.syslinux_cfg(newer["cmdline"]).encode())):
         out = tmp_path / f"got-{name}"
         subprocess.run([require_tool("mcopy"), "-n", "-i", d.boot, f"::{name}", str(out)], check=True, timeout=60,
@@ -299,5 +300,5 @@ def test_loader_install_sets_the_active_flag_last(size: int, tmp_path: Path, mon
     # a rewrite that fails after the flag went off (here: the copy of the files) leaves it off
     monkeypatch.setattr(loader, "MCOPY", "false")
     with pytest.raises(NetbootError, match="false"):
-        loader.install(d, meta, b"K2", b"I2", loader.wanted("k2", "i2", ""), tmp_path / "work")
+        loader.install(d, meta, b"K2", fast, loader.wanted("k2", "i2", ""), tmp_path / "work")
     assert not disk.partitions(loader.head(d))[0][3] and loader.installed(d, meta) is None

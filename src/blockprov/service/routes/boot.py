@@ -196,8 +196,10 @@ async def boot_script(host: str, request: Request, base: str | None = None,
 def disk_claim(d: object) -> tuple[str, str]:
     """(version, fingerprint) of a PC's word about its disk: ``{"version": "NAME@ID", "fingerprint":
     "32 hex digits"}`` (checked: a version reference and a fingerprint's form)."""
-    if not isinstance(d, dict) or not isinstance(d.get("version"), str) or not isinstance(d.get("fingerprint"), str):
-        raise UsageError('expected {"version": "NAME@ID", "fingerprint": "…"}')
+    expected = 'expected {"version": "NAME@ID", "fingerprint": "…"}'
+    d = fields_of(d, ("version", "fingerprint"), expected)
+    if not isinstance(d.get("version"), str) or not isinstance(d.get("fingerprint"), str):
+        raise UsageError(expected)
     ref = names.parse_ref(d["version"])
     if ref.version is None:
         raise UsageError(f"a disk holds a version NAME@ID, not {d['version'][:80]!r}")
