@@ -917,6 +917,8 @@ ISSUE_27.update({
          r"--peer-slots, --peer-rate do nothing here: the peer options are for an agent of a site"),
         (("attach", "img:v1", "--cache", "{w}/c9", "--socket", "{w}/s9", "--cacheable-fetch"), 2,
          r"--cacheable-fetch does nothing here"),
+        (("snapshot", "--cache", "{cache}", "--to", "img:s9", "--wait", "5"), 2,
+         r"--wait does nothing here: it is how long a registered agent \(--instance\) is waited for"),
         (("token", "create", "--scope", "read", "--name", "t9"), 0, r"token \w+ \(t9\)"),
         (("token", "revoke", "t9"), 0, r"^revoked \w+ \(t9\)$"),
         (("token", "revoke", "t9"), 0, r"^\w+ \(t9\) was already revoked, at \d{4}-"),
