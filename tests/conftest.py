@@ -30,6 +30,7 @@ TOOL_PACKAGES = {
     "chromium": "chromium", "chromedriver": "chromium-driver",  # the console's browser test (selenium)
     "systemd-analyze": "systemd", "systemd-socket-activate": "systemd",  # contrib/systemd, socket activation
     "syslinux": "syslinux", "mcopy": "mtools", "mkfs.fat": "dosfstools",  # tools/bootdisk.py (a disk's own boot loader)
+    "mdir": "mtools", "fsck.fat": "dosfstools",  # read the FAT volumes fat.py lays out
     "sfdisk": "fdisk", "sgdisk": "gdisk",  # a tool we did not write reads the GPT netboot/disk.py writes
 }
 
