@@ -18,11 +18,11 @@ What goes in, and why each piece:
   from wheels are stripped (binutils' ``strip``, when installed);
 * ``mke2fs`` (e2fsprogs, with its libraries and ``/etc/mke2fs.conf``): the disk's metadata file
   system is a journaled ext4 (netboot/disk.py says why);
-* the disk's own boot loader (netboot/loader.py): ``mkfs.fat`` (dosfstools), ``syslinux`` and
-  ``mtools`` (as ``mcopy`` and ``mattrib``, which ``syslinux --install`` runs; with glibc's iconv
-  module for codepage 850, which mtools needs for short names) and syslinux's ``mbr.bin`` and
-  ``gptmbr.bin`` (syslinux-common: a disk over 2 TiB is a GPT), so a machine can write the
-  loader that boots it offline;
+* the disk's own boot loader (netboot/loader.py, which lays out its FAT volume itself: fat.py):
+  ``syslinux`` and ``mtools`` (as ``mcopy`` and ``mattrib``, which ``syslinux --install`` runs;
+  with glibc's iconv module for codepage 850, which mtools needs for short names) and syslinux's
+  ``mbr.bin`` and ``gptmbr.bin`` (syslinux-common: a disk over 2 TiB is a GPT), so a machine can
+  write the loader that boots it offline (the UEFI loader's files come from the repository);
 * ``/init``: a few lines of busybox sh that mount /proc, /sys, /dev and exec python3 on
   netboot/machine.py, which does the rest.
 
@@ -52,8 +52,7 @@ BUSYBOX = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 MKE2FS = Path("/usr/sbin/mke2fs")
 MKE2FS_CONF = Path("/etc/mke2fs.conf")
 # (the disk's boot loader: the tool, where it goes, its Debian package)
-LOADER_TOOLS = ((("/usr/sbin/mkfs.fat", "/sbin/mkfs.fat"), "usr/sbin/mkfs.fat", "dosfstools"),
-                (("/usr/bin/syslinux",), "usr/bin/syslinux", "syslinux"),
+LOADER_TOOLS = ((("/usr/bin/syslinux",), "usr/bin/syslinux", "syslinux"),
                 (("/usr/bin/mtools",), "usr/bin/mtools", "mtools"),
                 (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"),
                 (("/usr/lib/syslinux/mbr/gptmbr.bin",), "usr/lib/syslinux/mbr/gptmbr.bin", "syslinux-common"))
