@@ -88,7 +88,7 @@ def first_clone_lazy_vs_copy(work: Path, tpl: str, remote: list[str], repeat: in
     made = bp("vm", "clone", tpl, "--count", "1", "--dir", str(r2), "--json", "--lazy", repo=remote)
     first_lazy_s = first_count(r2 / "vms" / made["clones"][0] / "console.log", t0)
     profile = made.get("resume_profile", {})
-    bp("vm", "rm", made["clones"][0], "--dir", str(r2), repo=remote)
+    bp("vm", "rm", "--force", made["clones"][0], "--dir", str(r2), repo=remote)
     lazy_s: list[float] = []
     copy_s: list[float] = []
     steps: dict[str, list[dict[str, Any]]] = {"lazy": [], "copy": []}
@@ -100,7 +100,7 @@ def first_clone_lazy_vs_copy(work: Path, tpl: str, remote: list[str], repeat: in
                       *(["--lazy"] if mode == "lazy" else []), repo=remote)
             out.append(first_count(r2 / "vms" / made["clones"][0] / "console.log", t0))
             steps[mode].append({**made.get("steps", {}), "answering (from the command's start)": out[-1]})
-            bp("vm", "rm", made["clones"][0], "--dir", str(r2), repo=remote)
+            bp("vm", "rm", "--force", made["clones"][0], "--dir", str(r2), repo=remote)
     lz, cp = statistics.median(lazy_s), statistics.median(copy_s)
     row = {"what": "", "blockprov": lz, "peer": cp, "peer is": "copy the template first", "ratio": lz / cp,
            "goal": "≤ 0.3×"}
@@ -162,7 +162,7 @@ def main() -> int:
             t0 = time.monotonic()
             bp("vm", "run", "lab:v1", "--name", f"cold{k}", "--memory", a.memory, *d, repo=local)
             boot_s.append(first_count(root / "vms" / f"cold{k}" / "console.log", t0))
-            bp("vm", "rm", made["clones"][0], f"cold{k}", *d, repo=local)
+            bp("vm", "rm", "--force", made["clones"][0], f"cold{k}", *d, repo=local)
         if clone_s:
             c, b = statistics.median(clone_s), statistics.median(boot_s)
             rows.append({"what": "seconds to the application answering", "blockprov": c, "peer": b,
@@ -177,7 +177,7 @@ def main() -> int:
                 first_count(root / "vms" / n / "console.log", t0, timeout=600)
             time.sleep(a.settle)
             clones_pss = pss(root, local, made["clones"])
-            bp("vm", "rm", *made["clones"], *d, repo=local)
+            bp("vm", "rm", "--force", *made["clones"], *d, repo=local)
             booted = [f"boot{k}" for k in range(a.count)]
             for n in booted:
                 t0 = time.monotonic()
@@ -185,7 +185,7 @@ def main() -> int:
                 boot_each.append(first_count(root / "vms" / n / "console.log", t0, timeout=600))
             time.sleep(a.settle)
             booted_pss = pss(root, local, booted)
-            bp("vm", "rm", *booted, *d, repo=local)
+            bp("vm", "rm", "--force", *booted, *d, repo=local)
             rows.append({"what": f"host memory of {a.count} idle VMs (MiB, sum of PSS)",
                          "blockprov": clones_pss / 2**20, "peer": booted_pss / 2**20, "peer is": "booted VMs",
                          "ratio": clones_pss / booted_pss, "goal": "≤ 0.3×"})
@@ -228,7 +228,8 @@ def main() -> int:
         for r in [work / "v", *work.glob("*lazy*"), *work.glob("*copy*")]:
             if (r / "vms").is_dir():
                 for n in os.listdir(r / "vms"):
-                    subprocess.run([BP, *local, "vm", "rm", n, "--dir", str(r)], capture_output=True, check=False)
+                    subprocess.run([BP, *local, "vm", "rm", "--force", n, "--dir", str(r)], capture_output=True,
+                                   check=False)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -6,16 +6,21 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from blockprov.repo.local import LocalRepository
+from tests import leftovers
 from tests.pgfixture import pg_url, postgres  # noqa: F401  (fixtures: a real PostgreSQL server)
 from tests.s3fixture import s3_env, seaweed  # noqa: F401  (fixtures: a real S3 server)
 
 VENV_BIN = Path(sys.executable).parent
+# No test prepares boot profiles in the background (a headless qemu boot per version that gets boot
+# files: vm/prepare.py) unless it says so for its own processes (BLOCKPROV_PREPARE=1).
+os.environ["BLOCKPROV_PREPARE"] = "0"
 
 # The programs the tests run, and the Debian package (Debian 12) that installs each; scripts/setup.sh
 # installs them all (tests/unit/test_setup.py checks that it names every package here).
@@ -61,6 +66,26 @@ def _naming_the_package() -> Generator[None, None, None]:
         if (why := _named_package(e)) is None:
             raise
         pytest.fail(f"{why}\n({e})", pytrace=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Mark every process the session starts (tests/leftovers.py); xdist's workers inherit the mark."""
+    os.environ.setdefault(leftovers.MARK, uuid.uuid4().hex)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session on any agent, server, VM or mount the suite started and left running
+    (issue 27), naming the test that started each; they are killed either way. Checked once, by
+    the process that ends the session (xdist's controller, after every worker has finished)."""
+    if hasattr(session.config, "workerinput") or os.environ.get("BLOCKPROV_LEFTOVERS") == "ignore":
+        return
+    left = leftovers.settle(os.environ[leftovers.MARK])
+    if left:
+        lines = "\n".join(f"  {p}" for p in left)
+        print(f"\n{len(left)} process(es) the tests started were still running at the end (killed now):\n{lines}",
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(wrapper=True)
@@ -125,14 +150,14 @@ def corrupt_chunk(repo: LocalRepository, cid: bytes) -> None:
 
 
 def run_cli(*args: str, data: Path | None = None, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+            check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)
     e.pop("BLOCKPROV_REPO", None)
     if data is not None:
         e["BLOCKPROV_DATA"] = str(data)
     if env:
         e.update(env)
-    p = subprocess.run([str(VENV_BIN / "blockprov"), *args], capture_output=True, text=True, env=e, timeout=300)
+    p = subprocess.run([str(VENV_BIN / "blockprov"), *args], capture_output=True, text=True, env=e, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"blockprov {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

@@ -34,7 +34,11 @@ import blake3
 
 from blockprov import codec, fat
 from blockprov.errors import IntegrityError, SourceError, UsageError
-from blockprov.names import kernel_args
+from blockprov.names import kernel_args, site_name
+
+# What marks blockprov's network-boot initramfs (netboot/initramfs.py writes it among the archive's
+# first entries: the in-machine agent's DHCP hook), so `vm run` can tell a PC's boot files from a VM's.
+INITRAMFS_MARK = "etc/blockprov/udhcpc.sh"
 
 PIECE = 1 << 20  # bytes per stored piece of a boot file
 MAX_BOOT_FILE = 1 << 30  # a kernel or initrd larger than this is a mistake, not a boot file
@@ -153,8 +157,10 @@ def assemble(f: BootFile, blobs: Sequence[bytes], first: int = 0) -> list[bytes]
 # machine reads it from its command line.
 POLICIES = ("restore", "keep")  # restore: reboot-to-restore; keep: the disk keeps its changes
 HYDRATE = ("background", "before-boot", "off")
-SETTINGS: dict[str, tuple[str, ...]] = {"policy": POLICIES, "hydrate": HYDRATE}
-KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate"}
+# A setting with no fixed values (None) names something: ``site``, the host's site (catalog/sites.py),
+# checked by its name's rules here and by the catalog for existence.
+SETTINGS: dict[str, tuple[str, ...] | None] = {"policy": POLICIES, "hydrate": HYDRATE, "site": None}
+KERNEL_WORDS = {"policy": "blockprov.policy", "hydrate": "blockprov.hydrate", "site": "blockprov.site"}
 
 
 def host_setting(name: str, value: object) -> str | None:
@@ -163,8 +169,13 @@ def host_setting(name: str, value: object) -> str | None:
         raise UsageError(f"a host has no setting {name!r} (settings: {', '.join(SETTINGS)})")
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or value not in SETTINGS[name]:
-        raise UsageError(f"a host's {name} is one of {', '.join(SETTINGS[name])}, not {value!r}")
+    allowed = SETTINGS[name]
+    if allowed is None:
+        if not isinstance(value, str):
+            raise UsageError(f"a host's {name} is a name, not {value!r}")
+        return site_name(value)
+    if not isinstance(value, str) or value not in allowed:
+        raise UsageError(f"a host's {name} is one of {', '.join(allowed)}, not {value!r}")
     return value
 
 
@@ -184,7 +195,7 @@ def split_settings(args: str) -> tuple[str, dict[str, str]]:
             continue
         checked = host_setting(name, value)
         if checked is None:
-            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name])})")
+            raise UsageError(f"{w}: give the host's {name} a value ({', '.join(SETTINGS[name] or ('a name',))})")
         if found.get(name, checked) != checked:
             raise UsageError(f"the host's {name} is given twice: {found[name]} and {checked}")
         found[name] = checked
@@ -210,9 +221,11 @@ def boot_words(*, host: str, image: str, version: str, base: str, cmdline: str, 
 
 def script(*, host: str, assigned: str, image: str, version: str, base: str, cmdline: str, args: str,
            settings: dict[str, str | None] | None = None) -> str:
-    """The iPXE script that boots ``image@version`` on ``host`` (``boot_words``). URLs name the
-    version by id, as ``blockprov.image`` does. ``initrd=initrd.img`` plus ``--name`` lets an
-    EFI-stub kernel find the initrd (iPXE's EFI build on a UEFI PC)."""
+    """The iPXE script that boots ``image@version`` on ``host``, with the kernel command line
+    ``boot_words`` makes. URLs name the version by id, as ``blockprov.image`` does; the initrd's
+    names the host, whose last boot the repository records once it has sent all of it, and iPXE's
+    ``${platform}`` (``efi`` or ``pcbios``), kept as the host's firmware. ``initrd=initrd.img``
+    plus ``--name`` lets an EFI-stub kernel find the initrd (iPXE's EFI build on a UEFI PC)."""
     files = f"{base}/v1/images/{image}/versions/{version}/boot"
     words = [*boot_words(host=host, image=image, version=version, base=base, cmdline=cmdline, args=args,
                          settings=settings), "initrd=initrd.img"]
@@ -220,11 +233,18 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
         "#!ipxe\n"
         f"# blockprov: host {host} is assigned {assigned} = {image}@{version}\n"
         f"kernel {files}/kernel {' '.join(words)}\n"
-        f"initrd --name initrd.img {files}/initrd\n"
+        f"initrd --name initrd.img {files}/initrd?host={host}&platform=${{platform}}\n"
         "boot\n"
     )
 
 
+def stranded(ref: str, version: str, hosts: Sequence[str]) -> str:
+    """What a tag move (or an assignment) to a version without boot files does to the hosts that
+    follow the tag: said at once, not found out at their next boot. Pure."""
+    shown = ", ".join(hosts[:5]) + (f" and {len(hosts) - 5} more" if len(hosts) > 5 else "")
+    return (f"{len(hosts)} host(s) follow {ref} ({shown}) and {ref.split(':')[0]}@{version[:12]} has no boot files: "
+            f"they cannot boot until it has (a PC that boots onto its own disk: blockprov boot-files build {ref}; "
+            f"another kernel and initrd: blockprov boot-files set {ref} --kernel FILE --initrd FILE)")
 IPXE_PLATFORMS = {"efi": "uefi", "pcbios": "bios"}  # iPXE's ${platform} → the host's firmware
 
 
@@ -327,15 +347,33 @@ def image_etag(parts: Sequence[tuple[str, str | bytes]]) -> str:
     return h.hexdigest()[:32]
 
 
-def uefi_image(files: Mapping[str, BootFile], words: Sequence[str],
-               note: str) -> tuple[fat.Volume, dict[str, BootFile | bytes], str]:
+@dataclass(frozen=True)
+class UefiImage:
+    """A UEFI HTTP boot image: its FAT volume's layout, what each path holds (a boot file, served
+    from its pieces, or bytes) and its ETag."""
+
+    volume: fat.Volume
+    content: dict[str, BootFile | bytes]
+    etag: str
+
+
+def uefi_image(files: Mapping[str, BootFile], words: Sequence[str], note: str) -> UefiImage:
     """The UEFI HTTP boot image of a host: a FAT16 volume (fat.py) holding ``files`` (the kernel,
     the initramfs and the EFI loader) and a grub.cfg that boots the kernel with ``words``; the
-    firmware downloads it into a RAM disk and boots its \\EFI\\BOOT\\BOOTX64.EFI (shim). Returns the
-    layout, what each path holds (a boot file, served from its pieces, or bytes) and the image's
-    ETag (its content: the same inputs make the same bytes). Pure."""
+    firmware downloads it into a RAM disk and boots its \\EFI\\BOOT\\BOOTX64.EFI (shim). Its ETag is
+    its content's (the same inputs make the same bytes). Pure."""
     content = volume_files(files, grub_cfg(words, note))
     etag = image_etag([(p, x.id if isinstance(x, BootFile) else x) for p, x in content])
     volume = fat.layout([(p, x.size if isinstance(x, BootFile) else len(x)) for p, x in content],
                         cluster=IMAGE_CLUSTER, label="BLOCKPROV", serial=int(etag[:8], 16))
-    return volume, dict(content), etag
+    return UefiImage(volume, dict(content), etag)
+def is_blockprov_initramfs(initrd: bytes) -> bool:
+    """True for blockprov's network-boot initramfs (a gzip'd newc cpio holding INITRAMFS_MARK near
+    its start): only the first MiB is unpacked, whatever the archive's size."""
+    import zlib
+
+    try:
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(initrd[:PIECE], PIECE)
+    except zlib.error:
+        return False
+    return INITRAMFS_MARK.encode() in head

@@ -36,9 +36,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *,
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk says where (the CLI's one line)
+            e.filename = str(path)
         raise
     if sync_dir:
         fsync_dir(path.parent)

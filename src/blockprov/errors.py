@@ -31,7 +31,8 @@ class BlockprovError(Exception):
         if args and not kwargs:
             kwargs = {"msg": " ".join(str(a) for a in args)}
         try:
-            message = (self.__doc__ or "{msg}").strip().format(**kwargs)
+            # a template may run over several lines of its docstring: they are one line of message
+            message = " ".join(ln.strip() for ln in (self.__doc__ or "{msg}").strip().splitlines()).format(**kwargs)
         except (KeyError, IndexError):
             message = " ".join(str(a) for a in args) or type(self).__name__
         super().__init__(message)
@@ -138,8 +139,14 @@ class PoolExhausted(Conflict):
     """{msg}"""
 
 
+class KeepWouldMerge(Conflict):
+    """{msg}"""
+
+
 class BootFilesMissing(Conflict):
-    """{ref} has no boot files (set them with: blockprov boot-files set {ref} --kernel FILE --initrd FILE)"""
+    """{ref} has no boot files (a PC that boots onto its own disk needs blockprov's initramfs:
+    blockprov boot-files build {ref}; any other kernel and initrd: blockprov boot-files set {ref}
+    --kernel FILE --initrd FILE)"""
 
 
 class EfiLoaderMissing(Conflict):
@@ -243,6 +250,24 @@ class TooLarge(BlockprovError):
     http_status = 413
 
 
+class RequestTimeout(BlockprovError):
+    """{msg}"""
+
+    # A client too slow to send its request (service/bounds.py): the connection, not the request.
+    exit_code = 7
+    http_status = 408
+    transient = True  # a slow link or a stalled client: the same request may go through next time
+
+
+class Busy(BlockprovError):
+    """{msg}"""
+
+    # The server holds as many request bodies as it may (service/bounds.py): try again shortly.
+    exit_code = 7
+    http_status = 503
+    transient = True
+
+
 class AccessDenied(BlockprovError):
     """{msg}"""
 
@@ -295,6 +320,20 @@ class CacheMismatch(CacheError):
 
 class AgentNotRunning(CacheError):
     """no agent is running on {path}"""
+
+
+class AgentNotAnswering(CacheError):
+    """the agent serving {path} did not answer {op} within {seconds} s"""
+
+
+class AgentDied(BlockprovError):
+    """the agent serving {path} died during {op}: {outcome} (see: blockprov status --cache {path})"""
+
+    # Its own code (issue 27): the operation may or may not have taken effect, which a script must
+    # tell from a refusal (8) and from a bug (70). ``outcome`` says what is known of it: the CLI
+    # looks at the cache (and the repository, for a snapshot) after the agent is gone.
+    exit_code = 14
+    http_status = 502
 
 
 class ControlFailed(BlockprovError):
@@ -394,12 +433,25 @@ def error_to_dict(exc: BaseException) -> dict[str, Any]:
     very error; an exception outside this tree travels as an ``InternalError`` naming it."""
     if not isinstance(exc, BlockprovError):
         exc = InternalError(msg=f"{type(exc).__name__}: {exc}")
-    details = {k: v for k, v in exc.kwargs.items() if isinstance(v, str | int | float | bool) or v is None}
-    body: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message, "details": details,
+    details = {k: _plain(v) for k, v in exc.kwargs.items() if isinstance(v, str | int | float | bool) or v is None}
+    body: dict[str, Any] = {"error": type(exc).__name__, "message": _plain(exc.message), "details": details,
                             "exit_code": exc.exit_code}
     if isinstance(exc, MissingChunks):
         body["missing"] = exc.missing
     return body
+
+
+def _plain(v: Any) -> Any:
+    """``v`` as any JSON encoder takes it: a message may quote what a client sent (a name with a
+    lone surrogate, a number out of range), and an error that cannot be encoded would itself
+    become a 500 (issue 27)."""
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(v, float) and v - v != 0:  # NaN or infinity
+        return str(v)
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 63:
+        return f"(an integer of {v.bit_length()} bits)"
+    return v
 
 
 def error_from_dict(body: Mapping[str, Any], default: Callable[[str], BlockprovError]) -> BlockprovError:

@@ -31,7 +31,9 @@ differently; the id stays the same).
 from __future__ import annotations
 
 import base64
+import io
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,23 +42,60 @@ from typing import Any
 import blake3
 import zstandard
 
+from blockprov import jsonvalue
 from blockprov.align import is_power_of_two
 from blockprov.codec import DIGEST_SIZE, ZERO_DIGEST
 from blockprov.errors import ManifestError, UsageError
-from blockprov.names import image_name
+from blockprov.names import image_name, version_id
 
 FORMAT = "blockprov-manifest/1"
 MIN_CHUNK = 4096
 MAX_CHUNK = 4 << 20
 DEFAULT_CHUNK = 64 << 10
 MAX_MANIFEST_BYTES = 256 << 20
+# At most 2^26 chunks (2 GiB of ids in memory): a 4 TiB image at 64 KiB chunks, 256 TiB at 4 MiB.
+# A manifest's size decides how much its id list decompresses to, so a bound on it is a bound on
+# what a posted manifest can make the server allocate.
+MAX_CHUNKS = 1 << 26
+LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: what datetime (the console, the CLI) can show
+MAX_LABELS = 256
+MAX_LABEL_TEXT = 4096  # characters of a label's name or value
 
 
 def check_geometry(size: int, chunk_size: int) -> None:
-    if size < 0 or size % 512:
-        raise UsageError(f"virtual size {size} is not a non-negative multiple of 512 bytes")
     if not is_power_of_two(chunk_size) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
         raise UsageError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 4 MiB")
+    if size < 0 or size % 512:
+        raise UsageError(f"virtual size {size} is not a non-negative multiple of 512 bytes")
+    if chunk_count(size, chunk_size) > MAX_CHUNKS:
+        raise UsageError(f"virtual size {size} is more than {MAX_CHUNKS} chunks of {chunk_size} bytes; "
+                         "use a larger chunk size")
+
+
+def check_created(created: float) -> None:
+    if not (math.isfinite(created) and 0 <= created <= LATEST_TIME):
+        raise ManifestError(why=f"created {created!r} is not a time from 1970 to 9999")
+
+
+def check_labels(labels: object) -> None:
+    """Labels map text to text, within bounds: they are shown, stored and compared later."""
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ManifestError(why="labels must map strings to strings")
+    if len(labels) > MAX_LABELS:
+        raise ManifestError(why=f"{len(labels)} labels; at most {MAX_LABELS}")
+    for k, v in labels.items():
+        why = jsonvalue.text_problem(k) or jsonvalue.text_problem(v)
+        if why is None and (len(k) > MAX_LABEL_TEXT or len(v) > MAX_LABEL_TEXT):
+            why = f"a label's name and value are at most {MAX_LABEL_TEXT} characters each"
+        if why is not None:
+            raise ManifestError(why=f"label {k[:40]!r}: {why}")
+
+
+def _integer(d: dict[str, Any], key: str) -> int:
+    v = d.get(key)
+    if type(v) is not int:  # not a bool, not a float (1e400 reads as inf), not a string
+        raise ManifestError(why=f"{key} must be an integer, not {type(v).__name__}")
+    return v
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -76,6 +115,8 @@ class Manifest:
     def __post_init__(self) -> None:
         image_name(self.image)
         check_geometry(self.size, self.chunk_size)
+        check_created(self.created)
+        check_labels(self.labels)
         if len(self.chunks) != DIGEST_SIZE * chunk_count(self.size, self.chunk_size):
             raise ManifestError(why=f"{len(self.chunks) // DIGEST_SIZE} chunk ids for "
                                     f"{chunk_count(self.size, self.chunk_size)} chunks")
@@ -145,23 +186,27 @@ class Manifest:
         if d.get("digest", "blake3") != "blake3":
             raise ManifestError(why=f"unknown digest algorithm {d.get('digest')!r}")
         try:
-            size, chunk_size = int(d["size"]), int(d["chunk_size"])
+            size, chunk_size = _integer(d, "size"), _integer(d, "chunk_size")
             check_geometry(size, chunk_size)
             expected = DIGEST_SIZE * chunk_count(size, chunk_size)
-            chunks = zstandard.ZstdDecompressor().decompress(
-                base64.b64decode(d["chunks"], validate=True), max_output_size=max(expected, 1))
+            if not isinstance(d.get("chunks"), str) or not isinstance(d.get("image"), str):
+                raise ManifestError(why="image and chunks must be strings")
+            chunks = _id_list(base64.b64decode(d["chunks"], validate=True), expected)
             labels = d.get("labels") or {}
-            if not isinstance(labels, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-                raise ManifestError(why="labels must map strings to strings")
+            check_labels(labels)
             parent = d.get("parent")
             if parent is not None and not isinstance(parent, str):
                 raise ManifestError(why="parent must be a version id or null")
-            return cls(image=str(d["image"]), size=size, chunk_size=chunk_size, chunks=chunks,
-                       parent=parent, created=float(d.get("created", 0.0)), labels=labels)
+            if parent is not None:
+                version_id(parent)
+            created = d.get("created", 0.0)
+            if type(created) not in (int, float):
+                raise ManifestError(why=f"created must be a number, not {type(created).__name__}")
+            return cls(image=d["image"], size=size, chunk_size=chunk_size, chunks=chunks,
+                       parent=parent, created=float(created), labels=labels)
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError, zstandard.ZstdError, UsageError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError, zstandard.ZstdError, UsageError) as e:
             raise ManifestError(why=f"{type(e).__name__}: {e}") from None
 
     @classmethod
@@ -169,11 +214,9 @@ class Manifest:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise ManifestError(why="manifest too large")
         try:
-            d = json.loads(raw)
-        except ValueError as e:
-            raise ManifestError(why=f"not JSON: {e}") from None
-        except RecursionError:  # a hostile server's deeply nested JSON
-            raise ManifestError(why="JSON nested too deeply") from None
+            d = jsonvalue.loads(raw, "the manifest")  # NaN, 1e400, lone surrogates, deep nesting: refused
+        except UsageError as e:
+            raise ManifestError(why=str(e)) from None
         return cls.from_dict(d)
 
     def summary(self) -> dict[str, Any]:
@@ -191,6 +234,22 @@ class Manifest:
             "labels": self.labels,
         }
 
+
+
+def _id_list(packed: bytes, expected: int) -> bytes:
+    """The id list of ``expected`` bytes that ``packed`` decompresses to, never more: a zstd frame
+    declares its own content size, and ``decompress`` would allocate whatever it says."""
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(packed)) as reader:
+        while len(out) <= expected:
+            part = reader.read(expected + 1 - len(out))
+            if not part:
+                break
+            out += part
+    if len(out) != expected:
+        raise ManifestError(why=f"the chunk id list holds {len(out)} bytes, not the {expected} of "
+                                f"{expected // DIGEST_SIZE} chunk ids")
+    return bytes(out)
 
 
 def build(image: str, size: int, chunk_size: int, ids: Sequence[bytes], **kw: Any) -> Manifest:

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 from blockprov.errors import InvalidName, UsageError
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VID = re.compile(r"^[0-9a-f]{16}$")
+# Every pattern is applied with ``fullmatch``: ``re.match`` with ``$`` also accepts the name
+# followed by one newline ("pc1\n"), which would reach boot scripts, URLs and the catalog (issue 27).
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VID = re.compile(r"[0-9a-f]{16}")
 DEFAULT_TAG = "latest"
 
 
 def image_name(s: str) -> str:
-    if not _NAME.match(s) or ".." in s:
+    if not _NAME.fullmatch(s) or ".." in s:
         raise InvalidName(kind="image name", name=s,
                           why="use lower-case letters, digits, '.', '_' and '-' (at most 128), "
                               "starting with a letter or digit")
@@ -28,14 +30,14 @@ def image_name(s: str) -> str:
 
 
 def tag_name(s: str) -> str:
-    if not _TAG.match(s) or ".." in s:
+    if not _TAG.fullmatch(s) or ".." in s:
         raise InvalidName(kind="tag", name=s,
                           why="use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
     return s
 
 
 def version_id(s: str) -> str:
-    if not _VID.match(s):
+    if not _VID.fullmatch(s):
         raise InvalidName(kind="version id", name=s, why="must be 16 lower-case hex digits")
     return s
 
@@ -65,14 +67,14 @@ def parse_ref(s: str, *, allow_version: bool = True) -> Ref:
 
 
 # -- machines: hosts, kernel arguments, agent instances, requests ----------------------------------
-_MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
-_HOST = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_OP = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-_RID = re.compile(r"^[0-9a-f]{16}$")
-_ARGS = re.compile(r"^[A-Za-z0-9 ._,:=/+@%~-]*$")
-_BASE_URL = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$|"
-                       r"^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$")
+_MAC = re.compile(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}")
+_HOST = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_OP = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_RID = re.compile(r"[0-9a-f]{16}")
+_ARGS = re.compile(r"[A-Za-z0-9 ._,:=/+@%~-]*")
+_BASE_URL = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?|"
+                       r"https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
 MAX_ARGS = 2048
 
 
@@ -83,9 +85,9 @@ def host_id(s: str) -> str:
     from Windows tools. Both (any case) are the same MAC, so both become the colon form. Anything
     else must be a host id: lower-case letters, digits and '-', like a DNS label (at most 63).
     A dash-separated MAC is read as a MAC, never as a host id."""
-    if _MAC.match(s):
+    if _MAC.fullmatch(s):
         return s.lower().replace("-", ":")
-    if not _HOST.match(s):
+    if not _HOST.fullmatch(s):
         raise InvalidName(kind="host", name=s[:80],
                           why="give a MAC address (aa:bb:cc:dd:ee:ff or aa-bb-cc-dd-ee-ff) or a host id "
                               "of lower-case letters, digits and '-' (at most 63), starting with a letter or digit")
@@ -98,7 +100,7 @@ def kernel_args(s: str) -> str:
     It becomes part of an iPXE script line, so anything iPXE would interpret (newlines, ``$``
     expansions, ``||``/``&&``, quotes, ``#``) is refused rather than escaped: letters, digits, space
     and ``._,:=/+@%~-`` cover real kernel arguments (``console=ttyS0,115200n8 root=/dev/vda1 rw``)."""
-    if len(s) > MAX_ARGS or not _ARGS.match(s):
+    if len(s) > MAX_ARGS or not _ARGS.fullmatch(s):
         raise InvalidName(kind="kernel arguments", name=s[:80],
                           why=f"use letters, digits, spaces and ._,:=/+@%~- only (at most {MAX_ARGS} characters)")
     return " ".join(s.split())
@@ -107,7 +109,7 @@ def kernel_args(s: str) -> str:
 def base_url(s: str) -> str:
     """An http(s) URL without query, credentials or odd characters: it is written into boot scripts."""
     s = s.rstrip("/")
-    if not _BASE_URL.match(s):
+    if not _BASE_URL.fullmatch(s):
         raise InvalidName(kind="base URL", name=s[:80],
                           why="expected http://HOST[:PORT][/PATH] with plain characters only")
     return s
@@ -115,7 +117,7 @@ def base_url(s: str) -> str:
 
 def instance_id(s: str) -> str:
     """An agent instance id: letters, digits, '.', '_' and '-' (at most 128), as agents choose them."""
-    if not _INSTANCE.match(s) or ".." in s:
+    if not _INSTANCE.fullmatch(s) or ".." in s:
         raise InvalidName(kind="agent instance", name=s[:80],
                           why="use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
     return s
@@ -123,36 +125,36 @@ def instance_id(s: str) -> str:
 
 def op_name(s: str) -> str:
     """The operation of a repository-initiated request (``snapshot``, ``status`` …)."""
-    if not _OP.match(s):
+    if not _OP.fullmatch(s):
         raise InvalidName(kind="request operation", name=s[:80],
                           why="use lower-case letters, digits, '.', '_' and '-' (at most 64), starting with a letter")
     return s
 
 
 def request_id(s: str) -> str:
-    if not _RID.match(s):
+    if not _RID.fullmatch(s):
         raise InvalidName(kind="request id", name=s[:80], why="must be 16 lower-case hex digits")
     return s
 
 
-_SITE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_SITE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def site_name(s: str) -> str:
     """A site's name (a café, a classroom: the group of hosts and agents that share chunks)."""
-    if not _SITE.match(s) or ".." in s:
+    if not _SITE.fullmatch(s) or ".." in s:
         raise InvalidName(kind="site name", name=s[:80],
                           why="use lower-case letters, digits, '.', '_' and '-' (at most 64), "
                               "starting with a letter or digit")
     return s
 
 
-_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
 def token_name(s: str) -> str:
     """An access token's name (who or what holds it): it is shown in lists and logs, never a secret."""
-    if not _TOKEN_NAME.match(s):
+    if not _TOKEN_NAME.fullmatch(s):
         raise InvalidName(kind="token name", name=s[:80],
                           why="use letters, digits and '._@-' (at most 64), starting with a letter or digit")
     return s

@@ -67,6 +67,7 @@ class NetRepo:
     built: dict[str, Any]
     nonzero: int  # non-zero chunks of the image
     unique: int  # distinct ones: what a full copy of the image sends at least
+    data: Path | None = None  # the server's data directory (a profile preparation runs on it)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,6 @@ def netrepo(boot_image: bootvm.bootimage.Built, tmp_path_factory: pytest.TempPat
         print(f"initramfs {built['build']['initrd_bytes']} bytes ({built['build']['unpacked_bytes']} unpacked, "
               f"{built['build']['files']} files); image: {nonzero} non-zero chunks")
         assert built["build"]["initrd_bytes"] < 40 << 20
-        yield NetRepo(url, initrd, built, nonzero, m["unique_chunks"])
+        yield NetRepo(url, initrd, built, nonzero, m["unique_chunks"], tmp / "repo")
     finally:
         server.stop()

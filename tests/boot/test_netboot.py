@@ -113,10 +113,13 @@ def test_before_boot_hydration_and_memory_pressure(netrepo: NetRepo, tmp_path: P
           f"{re.search(r'BP-HOG OK.*', hog.console).group(0)}; BOOT-DONE after {hog.seconds:.1f} s")
 
 
-def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(netrepo: NetRepo, tmp_path: Path) -> None:
+def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(boot_image: bootvm.bootimage.Built,
+                                                                        netrepo: NetRepo, tmp_path: Path) -> None:
     """``--policy keep``: an administrator's change survives the reboot, and while the PC runs the
     repository asks its agent for a snapshot (``snapshot --instance``), which becomes a version
-    holding the change."""
+    holding the change. Then the host moves to another version (issue 27 item 0): the image is a
+    whole-disk file system, so nothing of the session can be kept over it — the session is kept as
+    a version first, then the PC boots the new version clean (never a merge of the two)."""
     mac = "52:54:00:12:34:5c"
     disk = blank_disk(tmp_path / "pc3-disk.raw")
     assign(netrepo.url, "admin", "keep", mac=mac)
@@ -149,6 +152,27 @@ def test_keep_survives_reboots_and_the_repository_snapshots_a_running_pc(netrepo
     assert got == bootvm.bootimage.ADMIN_CHANGE_CONTENT, answers
     changed = json.loads(run_cli("--repo", netrepo.url, "diff", "bootlab:v1", "bootlab:pc3", "--json").stdout)
     print(f"keep + snapshot --instance: {len(changed['changed'])} chunks differ from v1; answer {answers[0]}")
+
+    v2 = admin_version(boot_image.disk, tmp_path)
+    run_cli("--repo", netrepo.url, "import", str(v2), "bootlab:keep2")
+    run_cli("--repo", netrepo.url, "boot-files", "set", "bootlab:keep2", "--kernel", netrepo.built["build"]["kernel"],
+            "--initrd", str(netrepo.initrd), "--cmdline", netrepo.built["cmdline"])
+    assign(netrepo.url, "check", "keep", "bootlab:keep2", mac=mac)
+    moved = netboot(disk, netrepo.url, tmp_path / "console3.log", mac=mac)
+    assert moved.check == "OK", moved.tail()  # the new version, pristine: nothing of the session laid over it
+    assert "no partition can be kept" in moved.console and "whole-disk file system" in moved.console, moved.tail()
+    kept = re.search(r"kept the session as bootlab:(kept-52-54-00-12-34-5c-\S+) = ([0-9a-f]{16})", moved.console)
+    assert kept is not None, moved.tail()
+    assert "kept 0 modified chunk(s), reset" in moved.console, moved.tail()
+    out = tmp_path / "kept.raw"
+    run_cli("--repo", netrepo.url, "export", f"bootlab:{kept.group(1)}", str(out))
+    got = subprocess.run([require_tool("debugfs"), "-R", f"cat {bootvm.bootimage.ADMIN_CHANGE_PATH}", str(out)],
+                         capture_output=True, check=True, timeout=60).stdout.decode()
+    assert got == bootvm.bootimage.ADMIN_CHANGE_CONTENT  # the session, kept: nothing lost
+    agents = json.loads(run_cli("--repo", netrepo.url, "agents", "--json").stdout)
+    move = next(a["info"].get("last_move") for a in agents if a["instance"] == "pc-" + mac.replace(":", "-"))
+    assert move and move["moved"] and move["snapshot"]["version"] == kept.group(2), agents
+    assert f"session kept as bootlab:{kept.group(1)}" in move["summary"]
 
 
 def test_power_cut_during_hydration_resumes_and_serves_nothing_wrong(boot_image: bootvm.bootimage.Built,

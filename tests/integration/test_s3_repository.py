@@ -103,7 +103,7 @@ def test_two_servers_over_one_bucket_and_catalog(tmp_path: Path, seaweed: Seawee
         with open(img, "r+b") as f:
             f.write(b"second version")
         run_cli("--repo", url_b, "import", str(img), "lab:v2")
-        assert wait_for(lambda: '"v2"' in run_cli("--repo", url_a, "images", "--json").stdout, timeout=5)
+        assert wait_for(lambda: '"v2"' in run_cli("--repo", url_a, "images", "--json").stdout, timeout=60)
         run_cli("--repo", url_a, "export", "lab:v2", str(out))
         assert sha(out) == sha(img)
         # and the pack store in that directory was never used: chunks live in the bucket only

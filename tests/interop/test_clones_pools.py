@@ -290,5 +290,5 @@ def _no_leftover_fuse() -> Iterator[None]:
     """Mounts made by this test are gone after it (another worker's, made meanwhile, are its own)."""
     before = _fuse_mounts()
     yield
-    left = {m for m in _fuse_mounts() - before if not wait_for(lambda m=m: m not in _fuse_mounts(), 10)}
+    left = {m for m in _fuse_mounts() - before if not wait_for(lambda m=m: m not in _fuse_mounts(), 30)}
     assert not left, f"nbdfuse mounts left behind: {left}"

@@ -30,6 +30,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from blockprov import boot
 from blockprov.catalog.tokens import TokenStore
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
@@ -211,6 +212,8 @@ def test_console_in_a_real_browser(browser: WebDriver, lab: dict[str, Any]) -> N
     d.execute_script("window.notReloaded = true")
     r = lab["api"].get("/v1/boot/52-54-00-12-34-56")  # as iPXE asks: lab:prod names v2 now
     assert r.status_code == 200 and r.text.startswith("#!ipxe"), r.text
+    assert "never booted" in text_of(d, "#hosts tr[data-host='52:54:00:12:34:56'] .last-boot")  # a script is no boot
+    assert lab["api"].get(boot.parse_script(r.text)["initrd"]).status_code == 200  # the whole initrd: booted
     shows(d, "#hosts tr[data-host='52:54:00:12:34:56'] .last-boot", "sent " + v2[:12])  # live, no reload
     assert d.execute_script("return window.notReloaded === true")
     assert d.find_element(By.CSS_SELECTOR, pick).is_selected()

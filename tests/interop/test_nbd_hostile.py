@@ -1,6 +1,7 @@
 """Hostile peers against a real NBD server process (issue 17): many half-sent WRITEs held open must
 not pin memory, and peers silent in the middle of a frame are dropped after the frame timeout
-while real clients keep being served.
+while real clients keep being served. A client that sends requests and never reads its replies
+(issue 27) holds a bounded amount and is dropped after the write-progress timeout.
 
 Raw sockets speak just enough NBD to reach transmission, then stop at a random point of a request
 (seeded: a failure replays). Bounded: ``PEERS`` connections, one round, every wait has a deadline.
@@ -11,7 +12,9 @@ issue measured 73 → 335 MB for 8 such connections) for the memory bound.
 
 from __future__ import annotations
 
+import json
 import random
+import select
 import selectors
 import socket
 import struct
@@ -25,7 +28,7 @@ import pytest
 from blockprov.imaging.importer import import_image
 from blockprov.nbd import constants as c
 from blockprov.repo.local import LocalRepository
-from tests.conftest import make_image
+from tests.conftest import make_image, run_cli
 from tests.interop.conftest import NbdServerProcess, nbd_run
 from tests.procs import nbd_uri, start_agent
 from tests.unit.test_nbd_protocol import client_flags, go_data, option, request
@@ -48,11 +51,11 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _handshake(path: str) -> socket.socket:
-    """A connection in the transmission phase (NBD_OPT_GO on the default export)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _handshake(address: str | tuple[str, int]) -> socket.socket:
+    """A connection in the transmission phase (NBD_OPT_GO on the default export), unix or TCP."""
+    sock = socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(10)
-    sock.connect(path)
+    sock.connect(address)
     assert _recv_exactly(sock, 18)[:16] == b"NBDMAGICIHAVEOPT"
     sock.sendall(client_flags() + option(c.Option.GO, go_data("")))
     while True:
@@ -162,3 +165,80 @@ def test_agent_holds_little_for_half_sent_writes(tmp_path: Path) -> None:
         assert agent.stop() == 0
         for s in socks:
             s.close()
+
+
+# -- issue 27 item 6: a client that never reads its replies --------------------------------------
+FLOOD_REQUESTS = 6000  # READ off+120 KiB after READ 0+32 MiB: 168 KB of requests, 700 MiB of replies
+SMALL = 120 * 1024  # under the 128 KiB from which a reply is sent with sendfile: read into memory
+NBD_TIMEOUT = 4.0  # the agent's --nbd-timeout in this test
+
+
+def _flood(sock: socket.socket, size: int, rng: random.Random) -> int:
+    """READ 0+32 MiB, then up to FLOOD_REQUESTS READs of 120 KiB, never reading a reply; stops
+    when the server has taken no request bytes for a second. The request bytes it took."""
+    wire = request(c.Command.READ, 0, 32 * MiB, handle=0) + b"".join(
+        request(c.Command.READ, rng.randrange(0, (size - SMALL) // 512) * 512, SMALL, handle=i + 1)
+        for i in range(FLOOD_REQUESTS))
+    sock.setblocking(False)
+    sent, idle_since = 0, time.monotonic()
+    while sent < len(wire) and time.monotonic() - idle_since < 1.0:
+        _, writable, _ = select.select([], [sock], [], 0.1)
+        if writable:
+            try:
+                n = sock.send(wire[sent:sent + 65536])
+            except BlockingIOError:
+                continue
+            sent += n
+            idle_since = time.monotonic()
+    return sent
+
+
+def test_a_client_that_never_reads_its_replies_is_bounded_and_dropped(tmp_path: Path) -> None:
+    """The agent, over a cache whose chunks are present (READ replies from the data file), on a unix
+    socket and on TCP: one flooding client on each (READ 0+32 MiB, then thousands of READ off+120 KiB,
+    never reading). The replies waiting for them count against each connection's budget (64
+    requests), so the agent's RSS grows by at most 64 × 120 KiB ≈ 7.5 MiB per connection (the bound
+    asserted: 48 MiB for both, with the allocator's slack; measured 14.5 MiB. Without the budget it
+    grew by 236 MiB for 2,000 requests a connection, and by 1.6 GiB in the issue), a real client
+    (nbdcopy) is served meanwhile, and each flooding client is dropped once it has taken none of
+    its replies for --nbd-timeout."""
+    size = 64 * MiB
+    repo = LocalRepository(tmp_path / "repo")
+    src = make_image(tmp_path / "g.img", size, seed=27, data_fraction=1.0)
+    import_image(repo, src, "lab:v1")
+    repo.close()
+    sock = tmp_path / "nbd.sock"
+    agent, banner = start_agent(tmp_path / "cache", "lab:v1", sock, "--listen", "127.0.0.1:0",
+                                "--nbd-timeout", str(NBD_TIMEOUT), data=tmp_path / "repo")
+    floods: list[socket.socket] = []
+    try:
+        nbd_run("nbdcopy", nbd_uri(sock), str(tmp_path / "copy.img"))  # every chunk present from now on
+        (tmp_path / "copy.img").unlink()
+        tcp = next(a for a in banner["addresses"] if str(a).startswith("nbd://"))  # type: ignore[union-attr]
+        host, port = str(tcp).removeprefix("nbd://").split("/", 1)[0].rsplit(":", 1)
+        proc = psutil.Process(agent.proc.pid)
+        rng = random.Random(27)
+        nbd_status = lambda: json.loads(run_cli("status", "--cache", str(tmp_path / "cache"), "--json").stdout)["nbd"]  # noqa: E731
+        requests_before = nbd_status()["requests"]
+        before = proc.memory_info().rss
+        floods = [_handshake(str(sock)), _handshake((host, int(port)))]
+        taken = [_flood(f, size, rng) for f in floods]
+        time.sleep(0.5)
+        grown = proc.memory_info().rss - before
+        started = nbd_status()["requests"] - requests_before
+        nbd_run("nbdcopy", nbd_uri(sock), str(tmp_path / "again.img"))  # a real client, served meanwhile
+        assert (tmp_path / "again.img").read_bytes() == src.read_bytes()
+        print(f"flood: the kernel took {taken[0]} and {taken[1]} request bytes (unix, TCP) of "
+              f"{28 * (FLOOD_REQUESTS + 1)} each; the agent started {started} of their requests; "
+              f"RSS grew by {grown / MiB:.1f} MiB (bound 48 MiB)")
+        assert grown < 48 * MiB, f"RSS grew by {grown / MiB:.0f} MiB under two floods"
+        assert started < 2 * 200, started  # it stopped reading them: 64 + 1 per connection, with slack
+        deadline = time.monotonic() + NBD_TIMEOUT + 60
+        while (st := nbd_status())["write_timeouts"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert st["write_timeouts"] == 2 and st["connections_active"] == 0, st
+        nbd_run("nbdinfo", "--size", nbd_uri(sock))  # and new clients are accepted
+    finally:
+        for f in floods:
+            f.close()
+        assert agent.stop() == 0

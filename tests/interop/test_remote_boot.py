@@ -110,9 +110,13 @@ def test_cli_and_curl_against_server(tmp_path: Path) -> None:
         p = curl(f"{url}/v1/boot/{MAC}", "-w", "\n%{http_code}")
         assert p.stdout.decode().endswith("409") and "has no boot files" in p.stdout.decode()
         run_cli("boot-files", "set", "lab:v2", "--kernel", str(kernel), "--initrd", str(initrd), env=env)
-        assert boot.parse_script(curl("-f", f"{url}/v1/boot/{MAC}").stdout.decode())["params"][
-            "blockprov.image"] == f"lab@{v2}"
-        # that boot is the host's last boot (time, version sent); `host script` above did not count
+        s2 = boot.parse_script(curl("-f", f"{url}/v1/boot/{MAC}").stdout.decode())
+        assert s2["params"]["blockprov.image"] == f"lab@{v2}"
+        # a fetch of the script is no boot (issue 27 item 5), nor are a ranged or resumed initrd
+        # above: the host boots once it has fetched the whole initrd its script names
+        assert json.loads(run_cli("host", "show", MAC, "--json", env=env).stdout)["last_boot"] is None
+        assert s2["initrd"].endswith(f"/initrd?host={MAC}&platform=${{platform}}")
+        assert curl("-f", "-o", str(tmp_path / "whole"), s2["initrd"]).returncode == 0
         shown = json.loads(run_cli("host", "show", MAC.replace(":", "-"), "--json", env=env).stdout)
         assert shown["last_boot_version"] == v2 and shown["last_boot"] <= time.time()
         assert shown == json.loads(run_cli("host", "list", "--json", env=env).stdout)[0]
@@ -219,10 +223,13 @@ def test_qemu_ipxe_boots_from_the_repository(tmp_path: Path) -> None:
         booted = "Linux version" in text and "Command line:" in text
         assert log.requested(f"/v1/boot/{MAC}"), "".join(log.lines)[-3000:]
         assert log.requested(f"{files}/kernel"), "".join(log.lines)[-3000:]
-        assert log.requested(f"{files}/initrd"), "".join(log.lines)[-3000:]
+        # its last boot (issue 27), and its firmware as iPXE says it (issue 25): SeaBIOS, so pcbios
+        assert log.requested(f"{files}/initrd?host={MAC}&platform=pcbios"), "".join(log.lines)[-3000:]
         assert booted, f"the kernel did not start; console:\n{text[-3000:]}"
         assert f"blockprov.image=lab@{vid}" in text and f"blockprov.repo=http://10.0.2.2:{port}" in text
         assert "console=ttyS0 panic=-1 loglevel=7" in text
+        shown = json.loads(run_cli("--repo", url, "host", "show", MAC, "--json").stdout)
+        assert shown["last_boot_version"] == vid, shown  # real iPXE fetched the whole initrd: a boot
     finally:
         if qemu is not None:
             qemu.kill()

@@ -72,7 +72,7 @@ def test_tls_tokens_cli_curl_agents(tmp_path: Path) -> None:
                 assert out.read_bytes() == src.read_bytes()
                 # an agent token may register: the write token sees it in the agent list
                 assert wait_for(lambda n=n: f"pc-{n}" in run_cli(
-                    "agents", "--json", env=env | {"BLOCKPROV_TOKEN": write}).stdout, timeout=15)
+                    "agents", "--json", env=env | {"BLOCKPROV_TOKEN": write}).stdout, timeout=60)
             finally:
                 assert agent.stop() == 0
             st = json.loads(run_cli("status", "--cache", str(tmp_path / f"cache{n}"), "--json").stdout)

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,11 +41,11 @@ def counts(console: Path) -> list[int]:
 
 def agent_runs(disks: Path) -> bool:
     from blockprov.agent import control
-    from blockprov.errors import AgentNotRunning
+    from blockprov.errors import BlockprovError
 
     try:
-        control.call(disks, "status", timeout=5.0)
-    except (AgentNotRunning, OSError):
+        control.call(disks, "status", timeout=30.0)
+    except (BlockprovError, OSError):
         return False
     return True
 
@@ -81,7 +82,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "--cmdline", "console=ttyS0 quiet panic=-1 bp.mode=counter", data=data)
     lab = Lab(data, root)
     try:
-        lab.cli("vm", "run", "lab:v1", "--name", "app", "--memory", "256M")
+        lab.cli("vm", "run", "lab:v1", "--name", "app", "--memory", "256")  # MiB, as qemu -m (issue 27)
+        started = lab.json("vm", "status", "app")  # `vm run` returned once QMP said the guest runs
         app_console = root / "vms" / "app" / "console.log"
         wait_until("the template VM's counter", lambda: len(counts(app_console)) >= 3, 90)
         before = lab.rows()["app"]
@@ -92,15 +94,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         for n, c in consoles.items():  # each has counted on a little since it resumed
             wait_until(f"{n} counting on", lambda c=c: len([x for x in counts(c) if x > last + 1]) >= 2, 60)
         yield {"lab": lab, "root": root, "template": tpl, "made": made, "last": last, "before": before,
-               "app_console": app_console, "consoles": consoles, "rows": lab.rows()}
+               "started": started, "app_console": app_console, "consoles": consoles, "rows": lab.rows()}
     finally:
         for n in lab.rows():
-            lab.cli("vm", "rm", n, check=False)
+            lab.cli("vm", "rm", "--force", n, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
 def test_template_vm_ran_with_its_ram_in_a_file(lab: dict[str, Any]) -> None:
     before = lab["before"]
+    assert lab["started"]["state"] == "running" and lab["started"]["memory_size"] == 256 << 20
     assert before["state"] == "running" and before["pid"]
     assert before["guest_ram"]["rss"] > 0  # its RAM is the memory file's mapping
     assert before["console"] == str(lab["app_console"])
@@ -183,7 +186,7 @@ def test_a_vm_directory_with_only_the_repository_clones_too(lab: dict[str, Any])
         assert json.loads((other.root / "templates" / "tpl" / "template.json").read_text())["name"] == "tpl"
     finally:
         for n in other.rows():
-            other.cli("vm", "rm", n, check=False)
+            other.cli("vm", "rm", "--force", n, check=False)
         shutil.rmtree(other.root, ignore_errors=True)
 
 
@@ -223,14 +226,46 @@ def test_a_lazy_clone_maps_the_memory_before_it_is_copied(lab: dict[str, Any]) -
             assert lab["last"] <= counts(console)[0] <= lab["last"] + 2
         finally:
             for n in third.rows():
-                third.cli("vm", "rm", n, check=False)
+                third.cli("vm", "rm", "--force", n, check=False)
             shutil.rmtree(third.root, ignore_errors=True)
     finally:
         for n in other.rows():
-            other.cli("vm", "rm", n, check=False)
+            other.cli("vm", "rm", "--force", n, check=False)
         subprocess.run(["umount", str(tdir / "mnt")], capture_output=True, check=False)
         shutil.rmtree(other.root, ignore_errors=True)
     assert not (tdir / "mnt").is_mount()
+
+
+def test_ctrl_c_during_a_lazy_clone_leaves_nothing_behind(lab: dict[str, Any]) -> None:
+    """Issue 27: Ctrl-C during `vm clone --lazy` left a paused qemu, the FUSE mount, the disks agent
+    and an overlay `vm list` never showed. Interrupted once its first clone's qemu runs (paused,
+    waiting for its device state): exit 130, and none of those remain. The template's lazy memory
+    instance (tplmem-NAME) and its base cache stay: they are the template's, reused by the next clone."""
+    lb: Lab = lab["lab"]
+    lb.cli("vm", "push", "tpl")
+    other = Lab(lb.data, Path(tempfile.mkdtemp(prefix="bpvm6", dir="/tmp")))
+    tdir = other.root / "templates" / "tpl"
+    try:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "blockprov"), "--data", str(lb.data), "vm", "clone",
+                                 "tpl", "--count", "2", "--lazy", "--dir", str(other.root)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until("the first lazy clone's qemu", lambda: any(
+            json.loads(r.read_text()).get("pid") for r in (other.root / "vms").glob("*/vm.json")
+            if r.stat().st_size), 120)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and err.strip() == "blockprov: interrupted", (proc.returncode, err)
+        assert other.rows() == {}  # no record: no VM of its own, no half-started clone
+        assert not agent_runs(other.root / "disks")
+        assert not (tdir / "mnt").is_mount()
+        assert {p.name for p in (other.root / "disks" / "instances").iterdir()} <= {"tplmem-tpl"}
+        assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+                    .splitlines() if str(other.root) in line]
+    finally:
+        for n in other.rows():
+            other.cli("vm", "rm", "--force", n, check=False)
+        subprocess.run(["umount", str(tdir / "mnt")], capture_output=True, check=False)
+        shutil.rmtree(other.root, ignore_errors=True)
 
 
 def test_bad_input_is_refused_before_anything_starts(lab: dict[str, Any]) -> None:
@@ -266,7 +301,7 @@ def test_a_clone_that_fails_to_start_is_reported_and_the_others_run(lab: dict[st
     assert rows[ok]["state"] == "running"
     c = lb.root / "vms" / ok / "console.log"
     wait_until(f"{ok} counting", lambda: len(counts(c)) >= 2, 60)
-    lb.cli("vm", "rm", ok)
+    lb.cli("vm", "rm", "--force", ok)
     assert set(lb.rows()) == before
 
 
@@ -364,6 +399,6 @@ def test_a_version_without_boot_files_boots_from_its_own_boot_loader(lab: dict[s
         c = lb.root / "vms" / made["clones"][0] / "console.log"
         wait_until("the boot-loader clone counting on", lambda: len(counts(c)) >= 2, 60)
         assert last <= counts(c)[0] <= last + 2 and "SYSLINUX" not in c.read_text(errors="replace")
-        lb.cli("vm", "rm", made["clones"][0])
+        lb.cli("vm", "rm", "--force", made["clones"][0])
     finally:
-        lb.cli("vm", "rm", "bl", check=False)
+        lb.cli("vm", "rm", "--force", "bl", check=False)

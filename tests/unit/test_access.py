@@ -30,7 +30,7 @@ with warnings.catch_warnings():
 # Where the rule is independent of the middleware's tables: what a read token may do besides GET/HEAD.
 READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing"), ("POST", "/v1/sites/{site}/join")}
 LEASING_GETS = {("GET", "/v1/agents/{instance}/requests/next")}  # a GET that changes state
-OPEN = {("GET", "/v1/health"), ("GET", "/openapi.json"), ("GET", "/docs")}
+OPEN = {("GET", "/v1/health"), ("GET", "/v1/whoami"), ("GET", "/openapi.json"), ("GET", "/docs")}
 BOOT = {("GET", "/v1/boot/{host}"), ("GET", "/v1/images/{name}/versions/{vid}/boot/{which}"),
         ("HEAD", "/v1/images/{name}/versions/{vid}/boot/{which}"), ("GET", "/v1/boot/{host}/boot.img"),
         ("HEAD", "/v1/boot/{host}/boot.img")}
@@ -122,7 +122,8 @@ def test_scopes_are_in_the_openapi_document(env: Env) -> None:
         for method, op in ops.items():
             want = "write" if mutating(method.upper(), template) else "read"
             got = op["x-blockprov-scope"]
-            assert got == want or (got == "agent" and want == "write") or (got == "none" and template == "/v1/health")
+            assert got == want or (got == "agent" and want == "write") or (
+                got == "none" and template in ("/v1/health", "/v1/whoami"))
 
 
 def test_anonymous_read_and_boot(env: Env) -> None:

@@ -63,3 +63,37 @@ def test_ipxe_gets_a_retry_script_for_an_unknown_host_then_its_boot_script(
     # a malformed host is no reason to wait, and a silly delay is refused
     assert c.get("/v1/boot/not_a_host", headers=IPXE).status_code == 400
     assert c.get("/v1/boot/52:54:00:ab:cd:02", params={"retry": 0}, headers=IPXE).status_code == 400
+
+
+def test_the_first_token_does_not_silently_stop_pcs(client: tuple[TestClient, LocalRepository],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 27 item 2: once tokens are required and the server has no --anonymous-boot, iPXE gets
+    a script that says so on the PC's screen (not a 401 it shows as "Permission denied" before
+    booting its disk's old version offline); the refusal is logged and on the host's record."""
+    from blockprov.catalog.tokens import TokenStore
+    from blockprov.service.access import AccessPolicy
+
+    c, repo = client
+    repo.set_boot_files("lab:v1", b"kernel", b"initrd")
+    repo.assign_host(MAC, "lab:v1")
+    token, _ = TokenStore(repo.catalog.db).create("write", "admin")
+    auth = {"authorization": f"Bearer {token}"}
+    with caplog.at_level("WARNING", logger="blockprov.service"):
+        r = c.get(f"/v1/boot/{MAC}", headers=IPXE)
+    assert r.status_code == 200 and r.headers["x-blockprov-error"] == "Unauthorized"
+    lines = r.text.splitlines()
+    assert lines[0] == "#!ipxe" and "--anonymous-boot" in lines[1] and "[401]" in lines[1]
+    assert lines[-1].startswith("chain --replace --autofree http://testserver/v1/boot/")
+    assert any("boot request of host" in m and "--anonymous-boot" in m for m in caplog.messages)
+    h = c.get(f"/v1/hosts/{MAC}", headers=auth).json()
+    assert h["last_refused"] is not None and "--anonymous-boot" in h["refused_why"] and h["last_boot"] is None
+    r = c.get(f"/v1/boot/{MAC.replace(':', '%3A')}", headers=IPXE)  # as real iPXE sends it: recorded again
+    assert r.status_code == 200 and c.get(f"/v1/hosts/{MAC}", headers=auth).json()["last_refused"] > h["last_refused"]
+    r = c.get(f"/v1/boot/{MAC}")  # curl, the CLI: the 401 as before (and recorded too)
+    assert r.status_code == 401 and r.json()["error"] == "Unauthorized"
+    r = c.get("/v1/boot/not_a_host", headers=IPXE)  # refused before its host is even checked: no record, no 500
+    assert r.status_code == 200 and "--anonymous-boot" in r.text
+    with TestClient(create_app(repo, access=AccessPolicy(anonymous_boot=True))) as open_boot:
+        assert open_boot.get(f"/v1/boot/{MAC}", headers=IPXE).text.startswith("#!ipxe\n# blockprov: host")
+        r = open_boot.get(f"/v1/boot/{MAC}", headers=IPXE | {"authorization": "Bearer bpt_wrong"})
+        assert r.status_code == 200 and "refused the token sent" in r.text and "not valid" in r.text

@@ -213,7 +213,7 @@ def test_pools_and_clones_reports(env: Env) -> None:
     assert "pool-p-h1" not in machines and "clones-x-h2" not in machines and "pc-01" in machines
     env.repo.set_boot_files("lab:v1", b"k", b"i")
     assert "never booted" in machines
-    env.repo.boot_script("52:54:00:00:00:01", "http://10.0.2.2:8420", record=True)
+    env.repo.registry.record_boot("52:54:00:00:00:01", env.v1)
     assert f"sent <code>{env.v1[:12]}</code>" in c.get("/ui/machines").text
 
 

@@ -111,7 +111,7 @@ def test_control_socket_raises_the_agents_error_class(tmp_path: Path) -> None:
     assert ok == {"echo": 1}
     assert isinstance(exhausted, PoolExhausted) and "host h1" in str(exhausted) and exhausted.exit_code == 5
     assert isinstance(broken, InternalError) and "KeyError" in str(broken) and broken.exit_code == 70
-    assert isinstance(unknown, UsageError) and "bad control request" in str(unknown) and unknown.exit_code == 2
+    assert isinstance(unknown, UsageError) and "unknown control op" in str(unknown) and unknown.exit_code == 2
 
 
 def test_no_agent_is_agent_not_running(tmp_path: Path) -> None:

@@ -283,14 +283,21 @@ def test_update_fetches_only_changed_chunks_and_applies_the_policy(golden: tuple
         await dev.write(12 * CS, b"mine")  # collides with a change
         await dev.write(30 * CS, b"mine")
         fetched = dev.totals()["chunks_fetched"]
-        out = await lifecycle.update(dev, repo.resolve("lab:v2"), keep_modified=True)
+        asked: list[tuple[list[int], list[int]]] = []
+
+        def keep(changed: list[int], modified: list[int]) -> list[int]:  # what agent/keep.py decides
+            asked.append((changed, modified))
+            return [30]
+
+        out = await lifecycle.update(dev, repo.resolve("lab:v2"), keep=keep)
+        assert asked == [([4, 11, 12], [12, 30])]
         assert out["chunks_changed"] == 3 and out["chunks_refetched"] == 2
-        assert out["modified_kept"] == 2 and out["conflicts"] == 1
+        assert out["modified_kept"] == 1 and out["modified_discarded"] == 1
         assert dev.totals()["chunks_fetched"] == fetched + 2
         disk = await read_all(dev)
-        assert disk[30 * CS:30 * CS + 4] == b"mine" and disk[:12 * CS] == bytes(v2[:12 * CS])
+        assert disk[30 * CS:30 * CS + 4] == b"mine" and disk[:13 * CS] == bytes(v2[:13 * CS])
         out = await lifecycle.update(dev, repo.resolve("lab:v1"))  # back, discarding the user's chunks
-        assert out["modified_discarded"] == 2
+        assert out["modified_discarded"] == 1
         assert await read_all(dev) == src.read_bytes()
         with pytest.raises(CacheMismatch):
             other = await asyncio.get_running_loop().run_in_executor(None, lambda: _other_image(repo, tmp_path))

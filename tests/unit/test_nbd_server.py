@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -302,6 +303,43 @@ def test_peer_gone_during_sendfile(tmp_path: Path, use_uvloop: bool) -> None:
     logging.getLogger("blockprov.nbd").setLevel(logging.CRITICAL)  # the dropped reply is logged
     try:
         serve({"": dev}, test, tmp_path, use_uvloop=use_uvloop)
+    finally:
+        logging.getLogger("blockprov.nbd").setLevel(logging.NOTSET)
+        os.close(dev.fd)
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_replies_never_read_fill_the_budget_and_the_peer_is_dropped(tmp_path: Path, use_uvloop: bool) -> None:
+    """Issue 27 item 6, in-process under both loops: READ 0+32 MiB (sent from the file, holding the
+    output) and then 2,000 READs of 120 KiB (read into memory, queued behind it), never reading a
+    reply. The server stops reading requests once 64 are in flight or waiting (max_in_flight), drops
+    the peer after write_timeout, and serves another client meanwhile."""
+    dev = FileDevice(tmp_path / "data", 64 * MiB)
+    os.ftruncate(dev.fd, 64 * MiB)
+
+    async def test(server: NbdServer, path: str) -> None:
+        flood = await Client.connect(path)
+        flood.send(Command.READ, 0, 32 * MiB, handle=0)
+        for h in range(1, 2001):
+            flood.send(Command.READ, (h % 400) * 131072, 120 * 1024, handle=h)
+        with contextlib.suppress(TimeoutError):  # the server stops reading: our writes stop too
+            await asyncio.wait_for(flood.writer.drain(), 1.0)
+        await asyncio.sleep(0.3)
+        started = server.stats.requests
+        other = await Client.connect(path)
+        assert await other.call(Command.READ, 4096, 4096) == (0, bytes(4096))
+        await other.close()
+        for _ in range(200):  # bounded: write_timeout is 1 s
+            if server.stats.write_timeouts:
+                break
+            await asyncio.sleep(0.05)
+        assert started <= 64 + 1, started
+        assert server.stats.write_timeouts == 1
+        flood.writer.transport.abort()
+
+    logging.getLogger("blockprov.nbd").setLevel(logging.CRITICAL)  # the drop is logged
+    try:
+        serve({"": dev}, test, tmp_path, use_uvloop=use_uvloop, write_timeout=1.0)
     finally:
         logging.getLogger("blockprov.nbd").setLevel(logging.NOTSET)
         os.close(dev.fd)

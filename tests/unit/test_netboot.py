@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
+import re
 import socket
 import struct
 import threading
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from blockprov.device.memory import MemoryDevice
-from blockprov.errors import DiskRefused, NetbootError
+from blockprov.errors import DiskRefused, NetbootError, SourceError, UsageError
 from blockprov.nbd.server import NbdServer
 from blockprov.netboot import disk, initramfs, kernelnbd
 from blockprov.netboot.inagent import instance_name
@@ -184,6 +186,54 @@ def test_module_order_and_archive(tmp_path: Path) -> None:
     assert gzip.decompress(gzip.compress(data)) == data
 
 
+def bzimage_head(release: str, *, version: int = 0x020F, loadflags: int = 1) -> bytes:
+    """The first bytes of a bzImage as the x86 boot protocol lays them out (what find_kernel reads)."""
+    head = bytearray(0x4000)
+    head[0x1FE:0x200] = b"\x55\xaa"
+    head[0x202:0x206] = b"HdrS"
+    head[0x206:0x208] = version.to_bytes(2, "little")
+    head[0x211] = loadflags
+    head[0x20E:0x210] = (0x3000 - 0x200).to_bytes(2, "little")
+    text = f"{release} (builder@host) #1 SMP".encode() + b"\0"
+    head[0x3000:0x3000 + len(text)] = text
+    return bytes(head)
+
+
+def test_a_kernel_is_checked_before_anything_is_built(tmp_path: Path) -> None:
+    """Issue 27: `boot-files build --kernel small.raw` made an initramfs the PC refused with "Exec
+    format error"; now its boot header is read first, and the modules' vermagic must match it."""
+    assert initramfs.bzimage_release(bzimage_head("6.1.0-57-amd64")) == "6.1.0-57-amd64"
+    for bad, why in ((bytes(1 << 20), "not a Linux kernel"), (b"\x7fELF" + bytes(4092), "not a Linux kernel"),
+                     (bzimage_head("x", loadflags=0), "zImage"), (bzimage_head("x", version=0x0104), "zImage"),
+                     (b"", "not a Linux kernel")):
+        with pytest.raises(ValueError, match=why):
+            initramfs.bzimage_release(bad)
+    (tmp_path / "small.raw").write_bytes(bytes(1 << 20))
+    with pytest.raises(SourceError, match="not a Linux kernel"):
+        initramfs.find_kernel(tmp_path / "small.raw")
+    (tmp_path / "vmlinuz-odd-name").write_bytes(bzimage_head("6.1.0-99-amd64"))
+    assert initramfs.find_kernel(tmp_path / "vmlinuz-odd-name")[1] == "6.1.0-99-amd64"  # the header wins
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "nbd.ko").write_bytes(b"\x7fELF...vermagic=5.10.0-9-amd64 SMP mod_unload \0rest")
+    with pytest.raises(UsageError, match=re.escape("are for 5.10.0-9-amd64, the kernel is 6.1.0-99-amd64")):
+        initramfs.check_modules_match([mods / "nbd.ko"], "6.1.0-99-amd64")
+    initramfs.check_modules_match([mods / "nbd.ko"], "5.10.0-9-amd64")
+
+
+def test_blockprov_initramfs_is_recognised() -> None:
+    """`vm run` refuses a version whose initrd is the network-boot initramfs: told from its first entries."""
+    from blockprov.boot import INITRAMFS_MARK, is_blockprov_initramfs
+
+    a = initramfs.Archive()
+    a.file("init", b"#!/bin/sh\n", 0o755)
+    a.file(INITRAMFS_MARK, b"#!/bin/sh\n", 0o755)
+    a.file("usr/lib/big", os.urandom(3 << 20))  # the mark is found without unpacking the rest
+    assert is_blockprov_initramfs(gzip.compress(a.cpio()))
+    other = initramfs.Archive()
+    other.file("init", b"#!/bin/sh\n", 0o755)
+    assert not is_blockprov_initramfs(gzip.compress(other.cpio()))
+    assert not is_blockprov_initramfs(b"\x28\xb5\x2f\xfd not gzip") and not is_blockprov_initramfs(b"")
 
 
 def test_firmware_and_secure_boot(tmp_path: Path) -> None:

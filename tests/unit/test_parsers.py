@@ -1,13 +1,16 @@
-"""The one size parser (humanize.parse_size) and the one HOST:PORT parser (names.host_port)."""
+"""The one size parser (humanize.parse_size), the one HOST:PORT parser (names.host_port), and the
+name checks of names.py."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import pytest
 
-from blockprov.errors import InvalidSize, UsageError
-from blockprov.humanize import parse_size
+from blockprov import names
+from blockprov.errors import InvalidName, InvalidSize, UsageError
+from blockprov.humanize import parse_memory, parse_size
 from blockprov.names import host_port
 
 
@@ -33,6 +36,22 @@ def test_a_bad_size_is_a_bad_argument_to_argparse() -> None:
     assert p.parse_args(["--memory", "1.5M"]).memory == 3 << 19
     with pytest.raises(argparse.ArgumentError):
         p.parse_args(["--memory", "lots"])
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("512", 512 << 20), (" 512 ", 512 << 20), ("512M", 512 << 20), ("512MiB", 512 << 20), ("1G", 1 << 30),
+    ("1.5G", 3 << 29), ("1024K", 1 << 20), ("1T", 1 << 40),
+])
+def test_guest_memory_is_mib_by_default_as_qemu(text: str, size: int) -> None:
+    """Every --memory (vm run, vm clone, profile record) reads a plain number as MiB, as qemu's -m."""
+    assert parse_memory(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "0M", "512B", "512K", "1.5M", "-1", "lots", ""])
+def test_guest_memory_that_qemu_cannot_take(text: str) -> None:
+    with pytest.raises(InvalidSize) as got:
+        parse_memory(text)
+    assert got.value.exit_code == 2 and repr(text) in str(got.value)
 
 
 @pytest.mark.parametrize(("text", "address"), [
@@ -63,3 +82,18 @@ def test_bad_port(port: str) -> None:
 def test_ipv6_without_brackets_says_how() -> None:
     with pytest.raises(UsageError, match=r"put an IPv6 address in brackets, \[::1\]:80"):
         host_port("::1:80")
+
+
+# -- names.py: a whole match, never a match up to a trailing newline (issue 27 item 8) ----------
+NAME_CHECKS = [(names.image_name, "lab"), (names.tag_name, "v1"), (names.version_id, "0123456789abcdef"),
+               (names.host_id, "pc1"), (names.host_id, "52:54:00:12:34:56"), (names.instance_id, "i-abc"),
+               (names.op_name, "snapshot"), (names.request_id, "0123456789abcdef"), (names.token_name, "ops"),
+               (names.kernel_args, "console=ttyS0 quiet"), (names.base_url, "http://10.0.2.2:8420")]
+
+
+@pytest.mark.parametrize(("check", "good"), NAME_CHECKS, ids=[f"{c.__name__}-{g}" for c, g in NAME_CHECKS])
+@pytest.mark.parametrize("tail", ["\n", "\r\n", "\nshell", "\x00"])
+def test_a_name_followed_by_a_newline_is_refused(check: Callable[[str], str], good: str, tail: str) -> None:
+    assert check(good)
+    with pytest.raises(InvalidName):
+        check(good + tail)

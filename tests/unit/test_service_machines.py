@@ -76,21 +76,27 @@ def test_boot_script_statuses(env: Env) -> None:
     assert s["kernel"] == f"http://10.0.2.2:8420{env.files}/kernel"
     assert s["params"]["blockprov.repo"] == "http://10.0.2.2:8420" and s["params"]["blockprov.host"] == MAC
     r = env.c.get(f"/v1/boot/{MAC}", params={"base": "https://repo.example:443/bp"})
-    assert boot.parse_script(r.text)["initrd"] == f"https://repo.example:443/bp{env.files}/initrd"
+    assert boot.parse_script(r.text)["initrd"] == f"https://repo.example:443/bp{env.files}/initrd?host={MAC}&platform=${{platform}}"
     assert env.c.get(f"/v1/boot/{MAC}", params={"base": "http://x/ y"}).status_code == 400
 
 
-def test_boot_script_records_last_boot(env: Env) -> None:
-    """An answered boot script is the host's last boot (time, version sent); a failed one, or one
-    asked with record=false (``host script``), is not."""
+def test_last_boot_is_the_whole_initrd_fetched(env: Env) -> None:
+    """Issue 27 item 5: a host's last boot is recorded once it fetched the whole initrd its boot
+    script names (``?host=``), not for a fetch of the script (curl, ``host script``), a HEAD, a
+    range, nor a boot that fails before."""
     assert env.c.put(f"/v1/hosts/{MAC}", json={"ref": "lab:v1"}).status_code == 200
     assert env.c.get(f"/v1/boot/{MAC}").status_code == 409  # no boot files yet: not a boot
-    assert env.c.get(f"/v1/hosts/{MAC}").json()["last_boot"] is None
     env.repo.set_boot_files("lab:v1", KERNEL, INITRD)
-    assert env.c.get(f"/v1/boot/{MAC}", params={"record": "false"}).status_code == 200
+    s = boot.parse_script(env.c.get(f"/v1/boot/{MAC}", headers={"user-agent": "iPXE/1.21.1"}).text)
+    initrd = s["initrd"].removeprefix("http://testserver")
+    assert initrd == f"{env.files}/initrd?host={MAC}&platform=${{platform}}"
+    assert env.c.get(s["kernel"].removeprefix("http://testserver")).status_code == 200
+    assert env.c.head(initrd).status_code == 200
+    assert env.c.get(initrd, headers={"range": "bytes=0-99"}).status_code == 206
     assert env.c.get(f"/v1/hosts/{MAC}").json()["last_boot"] is None
+    assert env.c.get(f"{env.files}/initrd?host=not_a_host").status_code == 400
     before = time.time()
-    assert env.c.get(f"/v1/boot/{MAC.replace(':', '-')}").status_code == 200
+    assert env.c.get(initrd).content == INITRD
     h = env.c.get(f"/v1/hosts/{MAC}").json()
     assert before <= h["last_boot"] <= time.time() and h["last_boot_version"] == env.vid
     assert env.c.get("/v1/hosts").json()["hosts"][0]["last_boot_version"] == env.vid

@@ -158,3 +158,65 @@ def test_join_lists_online_peers(env: Env) -> None:
     assert [(p["instance"], p["url"]) for p in got["peers"]] == [("pc-2", "http://127.0.0.1:7002")]
     env.repo.catalog.db.write("UPDATE agents SET last_seen=? WHERE instance='pc-2'", (time.time() - 120,))
     assert agent.join_site("cafe", "pc-1")["peers"] == []  # stale agents are no peers
+
+
+def test_a_hosts_site_is_a_field_and_its_cache_serves_the_boot(tmp_path: Path) -> None:
+    from blockprov import boot
+    from blockprov.imaging.importer import import_image
+    from blockprov.names import parse_ref
+    from tests.conftest import make_image
+
+    repo = LocalRepository(tmp_path / "repo")
+    try:
+        import_image(repo, make_image(tmp_path / "a.raw", 1 << 20, seed=4), "lab:v1")
+        (tmp_path / "k").write_bytes(b"k" * 1000)
+        (tmp_path / "i").write_bytes(b"i" * 1000)
+        repo.set_boot_files("lab:v1", tmp_path / "k", tmp_path / "i")
+        with pytest.raises(errors.SiteNotFound):
+            repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), None, {"site": "cafe"})
+        with pytest.raises(errors.InvalidName):
+            repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), None, {"site": "Not A Site"})
+        repo.add_site("cafe")
+        h = repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), "quiet", {"policy": "restore", "site": "cafe"})
+        assert (h.site, h.policy) == ("cafe", "restore")
+        h = repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), "")  # only the args change
+        assert (h.site, h.policy, h.args) == ("cafe", "restore", "")
+        got = boot.parse_script(repo.boot_script("52:54:00:00:00:01", "http://10.0.0.1:8420"))
+        assert got["params"]["blockprov.site"] == "cafe" and got["params"]["blockprov.repo"] == "http://10.0.0.1:8420"
+        repo.add_site("cafe", "http://10.9.0.5:8420")  # the site got a site cache: its hosts boot from it
+        got = boot.parse_script(repo.boot_script("52:54:00:00:00:01", "http://10.0.0.1:8420"))
+        assert got["params"]["blockprov.repo"] == "http://10.9.0.5:8420"
+        assert got["kernel"].startswith("http://10.9.0.5:8420/v1/images/lab/versions/")
+        h = repo.assign_host("52:54:00:00:00:01", parse_ref("lab:v1"), None, {"site": ""})
+        assert h.site is None
+    finally:
+        repo.close()
+
+
+def test_bytes_by_source_per_site_and_version_on_the_console_and_metrics(tmp_path: Path) -> None:
+    repo = LocalRepository(tmp_path / "repo")
+    client = TestClient(create_app(repo, access=AccessPolicy(mode="off")))
+    try:
+        vid = "0123456789abcdef"
+        for i, (site, peers, cache, origin) in enumerate([("cafe", 900, 0, 100), ("cafe", 800, 0, 200),
+                                                          ("school", 0, 700, 0), (None, 0, 0, 500)]):
+            repo.register_agent(f"pc-{i}", {"site": site, "image": "lab", "version": vid, "sources": {
+                vid: {"peers": {"chunks": 1, "bytes": peers}, "site_cache": {"chunks": 1, "bytes": cache},
+                      "repository": {"chunks": 1, "bytes": origin}}}})
+        repo.register_agent("pc-bad", {"site": "cafe", "sources": {"x": {"peers": {"bytes": "lots"}}}})  # ignored
+        from blockprov.catalog.sites import traffic
+
+        rows = {(r["site"], r["version"]): r for r in traffic(repo.agents())}
+        assert rows[("cafe", vid)] | {} == {"site": "cafe", "image": "lab", "version": vid, "agents": 2,
+                                            "peers": 1700, "site_cache": 0, "repository": 300}
+        assert rows[("school", vid)]["site_cache"] == 700 and rows[(None, vid)]["repository"] == 500
+        metrics = client.get("/metrics").text
+        assert (f'blockprov_site_fetched_bytes{{image="lab",site="cafe",source="peers",version="{vid}"}} 1700.0'
+                in metrics), metrics
+        health = client.get("/ui/health").text
+        assert 'data-site="cafe"' in health and "85 %" in health, health  # 1700 of 2000 bytes not from here
+        machines = client.get("/ui/machines").text
+        assert "site <b>cafe</b>" in machines and "peers 900 B" in machines, machines
+    finally:
+        client.close()
+        repo.close()

@@ -131,26 +131,33 @@ def h_etag(env: Env, img: str) -> str:
 def test_a_corrupt_piece_of_the_image_is_never_sent(env: Env) -> None:
     assert env.c.put(f"/v1/hosts/{MAC}", json={"ref": "lab:v1"}).status_code == 200
     info = env.repo.set_boot_files("lab:v1", KERNEL, INITRD, "", EFI)
-    volume, content, _tag = env.repo.uefi_image(MAC, "http://10.0.2.2:8420")
+    image, name, vid = env.repo.uefi_image(MAC, "http://10.0.2.2:8420")
+    assert (name, vid) == ("lab", env.vid)
     corrupt_chunk(env.repo, info.kernel.piece_id(1))
-    at = next(off for off, _n, what in volume.extents() if what == boot.VOLUME_PATHS["kernel"])
+    at = next(off for off, _n, what in image.volume.extents() if what == boot.VOLUME_PATHS["kernel"])
     r = env.c.get(f"/v1/boot/{MAC}/boot.img", headers={"range": f"bytes={at + boot.PIECE}-{at + boot.PIECE + 9}",
                                                         "accept": "application/json"})
     assert r.status_code == 422 and r.json()["error"] == "ChunkCorrupt"
-    assert isinstance(content[boot.VOLUME_PATHS["kernel"]], boot.BootFile) and fat.is_fat16(volume.boot)
+    assert isinstance(image.content[boot.VOLUME_PATHS["kernel"]], boot.BootFile) and fat.is_fat16(image.volume.boot)
 
 
 def test_ipxe_platform_records_the_hosts_firmware(env: Env) -> None:
+    """The boot script's initrd URL carries iPXE's ${platform}: once the whole initrd was sent, the
+    host's firmware is recorded with its boot."""
     env.repo.set_boot_files("lab:v1", KERNEL, INITRD)
     assert env.c.put(f"/v1/hosts/{MAC}", json={"ref": "lab:v1"}).status_code == 200
-    assert env.c.get(f"/v1/boot/{MAC}", params={"platform": "efi", "record": "false"}).status_code == 200
-    assert env.c.get(f"/v1/hosts/{MAC}").json()["firmware"] is None  # an operator looking
-    assert env.c.get(f"/v1/boot/{MAC}", params={"platform": "pcbios"}).status_code == 200
+    r = env.c.get(f"/v1/boot/{MAC}", headers={"host": "10.0.2.2"})  # no port: this server's (8420) is added
+    s = boot.parse_script(r.text)
+    assert s["params"]["blockprov.repo"] == "http://10.0.2.2:8420"
+    assert s["initrd"] == f"http://10.0.2.2:8420{env.files}/initrd?host={MAC}&platform=${{platform}}"
+    assert env.c.get(f"/v1/hosts/{MAC}").json()["firmware"] is None  # the script alone is no boot
+    initrd = f"{env.files}/initrd"
+    assert env.c.get(initrd, params={"host": MAC, "platform": "efi"}, headers={"range": "bytes=0-9"}).status_code == 206
+    assert env.c.get(f"/v1/hosts/{MAC}").json()["firmware"] is None  # a part of it is no boot either
+    assert env.c.get(initrd, params={"host": MAC, "platform": "pcbios"}).content == INITRD
     assert env.c.get(f"/v1/hosts/{MAC}").json()["firmware"] == "bios"
-    assert env.c.get(f"/v1/boot/{MAC}", params={"platform": "efi"}).status_code == 200
+    assert env.c.get(initrd, params={"host": MAC, "platform": "efi"}).status_code == 200
     assert env.c.get(f"/v1/hosts/{MAC}").json()["firmware"] == "uefi"
-    assert env.c.get(f"/v1/boot/{MAC}", params={"platform": "arm64-efi"}).status_code == 200  # not ours to say
-    assert env.c.get("/v1/hosts").json()["hosts"][0]["firmware"] == "uefi"
-    # the boot script's own URLs carry this server's port when the Host header has none
-    r = env.c.get(f"/v1/boot/{MAC}", headers={"host": "10.0.2.2"})
-    assert boot.parse_script(r.text)["params"]["blockprov.repo"] == "http://10.0.2.2:8420"
+    assert env.c.get(initrd, params={"host": MAC, "platform": "arm64-efi"}).status_code == 200  # not ours to say
+    h = env.c.get("/v1/hosts").json()["hosts"][0]
+    assert h["firmware"] == "uefi" and h["last_boot_version"] == env.vid

@@ -65,7 +65,7 @@ from blockprov.durable import atomic_write
 from blockprov.errors import AgentNotRunning, CacheError, UsageError
 from blockprov.manifest import Manifest
 from blockprov.nbd.activation import uri_template
-from blockprov.nbd.server import NbdServer
+from blockprov.nbd.server import FRAME_TIMEOUT, NbdServer
 from blockprov.repo.base import Repository
 
 log = logging.getLogger("blockprov.agent")
@@ -83,6 +83,7 @@ class AgentConfig:
     data_path: str | None = None
     readahead: int = DEFAULT_READAHEAD
     fetch_timeout: float = DEFAULT_TIMEOUT
+    nbd_timeout: float = FRAME_TIMEOUT  # an NBD peer stalled mid-request or not taking its replies: dropped
     read_only: bool = False
     reset_on_start: bool = False
     hydrate: bool = False
@@ -101,6 +102,8 @@ class AgentConfig:
     peer_url: str | None = None  # how peers reach that listener (default: from its address)
     peer_slots: int = DEFAULT_SLOTS  # peer requests served at once
     peer_rate: float | None = None  # bytes per second sent to peers at most (None: no limit)
+    # what the embedding process adds: "host" (reported), "report" (a dict merged into the report the
+    # repository shows: the in-machine agent's last move to another version, agent/keep.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -161,7 +164,8 @@ class Agent:
             await dev.checkpoint()
             m = self.device.manifest
             server = self.server = NbdServer({"": dev, m.image: dev, f"{m.image}@{m.id}": dev},
-                                             description=f"blockprov {m.image}@{m.id}")
+                                             description=f"blockprov {m.image}@{m.id}",
+                                             frame_timeout=cfg.nbd_timeout, write_timeout=cfg.nbd_timeout)
             self.ops = InstanceOps(dev, self.repo, connections=lambda: server.stats.connections_active,
                                    hydrate=cfg.hydrate, hydrate_rate=cfg.hydrate_rate, use_profile=cfg.use_profile,
                                    auto_profile=cfg.use_profile and cfg.auto_profile)
@@ -185,7 +189,7 @@ class Agent:
             if cfg.site is not None and cfg.peer_listen is not None:
                 self.peer_server = PeerServer(Lender(dev), peers, self._who, slots=cfg.peer_slots, rate=cfg.peer_rate)
                 host, port = await self.peer_server.start(*cfg.peer_listen)
-                self.peer_url = cfg.peer_url or advertised_url(host, port, self.repo.url)
+                self.peer_url = peers.own_url = cfg.peer_url or advertised_url(host, port, self.repo.url)
             if cfg.site is not None:
                 self.site = SiteLink(self.repo, cfg.site, self.instance, peers)
                 await self.site.start()
@@ -311,7 +315,8 @@ class Agent:
                 "site_error": self.site.last_error if self.site is not None else None,
                 "peer_url": self.peer_url if self.site is not None and self.site.joined else None,
                 "sources": self.peers.stats.to_dict()["by_version"] if self.peers is not None else {},
-                "peer_served": (self.peer_server.stats.bytes_sent if self.peer_server is not None else 0)}
+                "peer_served": (self.peer_server.stats.bytes_sent if self.peer_server is not None else 0),
+                **(self.config.extra.get("report") or {})}
 
 
 def offline_status(cache_dir: Path) -> dict[str, Any]:

@@ -6,6 +6,12 @@ body the HTTP service answers, so ``call`` raises the very class the agent raise
 stays a PoolExhausted) and the CLI exits with its code. Later commands (reset, snapshot, hydrate)
 register more ops. The socket lives in the cache directory (``DIR/control.sock``) and is only
 reachable by local users allowed into that directory.
+
+A request is bounded in size (``MAX_REQUEST``) and in time (``REQUEST_TIMEOUT`` to arrive, as long
+again for its answer to be taken), so half-sent requests hold no descriptor for long. Its JSON is
+checked by ``jsonvalue`` (deep nesting, NaN, lone surrogates), and a handler reads its arguments
+through ``Args``: a wrong type or value is a ``UsageError`` (exit 2), never an internal error.
+The same handlers answer the requests the repository queues for the agent (agent/report.py).
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blockprov import jsonvalue
 from blockprov.errors import (
+    AgentDied,
+    AgentNotAnswering,
     AgentNotRunning,
     BlockprovError,
     ControlFailed,
@@ -36,7 +45,56 @@ log = logging.getLogger("blockprov.agent.control")
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 1 << 20
+REQUEST_TIMEOUT = 10.0  # seconds for a request to arrive (the CLI sends it in one write), and for its answer to go
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class Args:
+    """A request's arguments, each read with its type and range: a wrong one is a ``UsageError``
+    naming it (``{"op": "hydrate", "rate": "abc"}`` used to end in ``float()``'s ValueError, an
+    internal error, and ``"eager": "false"`` in an eager reset)."""
+
+    def __init__(self, req: dict[str, Any]) -> None:
+        self.req = req
+        self.op = req.get("op")
+
+    def _bad(self, name: str, want: str) -> UsageError:
+        return UsageError(f"{self.op}: {name} must be {want}, not {self.req.get(name)!r:.60}")
+
+    def text(self, name: str, default: str | None = "") -> str:
+        v = self.req.get(name)
+        if v is None:
+            if default is None:
+                raise UsageError(f"{self.op}: {name} is required")
+            return default
+        if not isinstance(v, str):
+            raise self._bad(name, "a string")
+        return v
+
+    def flag(self, name: str) -> bool:
+        v = self.req.get(name, False)
+        if v is None:
+            return False
+        if not isinstance(v, bool):
+            raise self._bad(name, "true or false")
+        return v
+
+    def number(self, name: str, low: float, high: float) -> float | None:
+        """A number from ``low`` to ``high``, or None when absent (null, 0 and "" mean absent too)."""
+        v = self.req.get(name)
+        if v is None or v == 0 or v == "":
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | float) or not low <= v <= high:
+            raise self._bad(name, f"a number from {low:g} to {high:g}")
+        return float(v)
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        v = self.req.get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise self._bad(name, f"an integer from {low} to {high}")
+        return v
 
 
 def socket_path(cache_dir: str | os.PathLike[str]) -> Path:
@@ -84,35 +142,52 @@ class ControlServer:
         import asyncio
 
         try:
-            line = await reader.readline()
             try:
-                req = json.loads(line)
-                op = req["op"]
-                handler = self.handlers[op]
-            except (ValueError, KeyError, TypeError):
-                reply: dict[str, Any] = {"ok": False,
-                                         **error_to_dict(UsageError(f"bad control request {line[:100]!r}"))}
+                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+                req, handler = self._parse(line)
+            except TimeoutError:
+                reply: dict[str, Any] = {"ok": False, **error_to_dict(UsageError(
+                    f"the control request did not arrive within {REQUEST_TIMEOUT:g} s"))}
+            except UsageError as e:
+                reply = {"ok": False, **error_to_dict(e)}
+            except (asyncio.LimitOverrunError, ValueError):  # readline: a line over the limit
+                reply = {"ok": False, **error_to_dict(UsageError(f"a control request is at most {MAX_REQUEST} bytes"))}
             else:
                 try:
                     reply = {"ok": True, "result": await handler(req)}
                 except Exception as e:  # the agent keeps serving whatever a command does
                     if not isinstance(e, BlockprovError):
-                        log.exception("control op %s failed", op)
+                        log.exception("control op %s failed", req["op"])
                     reply = {"ok": False, **error_to_dict(e)}
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away, or does not take its answer
+        except Exception:  # never an unanswered crash of the handler (issue 27): logged, connection closed
+            log.exception("control request failed")
         finally:
             writer.close()
 
+    def _parse(self, line: bytes) -> tuple[dict[str, Any], Handler]:
+        req = jsonvalue.loads(line, "the control request")
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            raise UsageError('a control request is {"op": NAME, …}')
+        handler = self.handlers.get(req["op"])
+        if handler is None:
+            raise UsageError(f"unknown control op {req['op'][:40]!r}; this agent answers "
+                             f"{', '.join(sorted(self.handlers))}")
+        return req, handler
+
 
 def call(cache_dir: str | os.PathLike[str], op: str, timeout: float = 30.0, **args: Any) -> Any:
-    """Ask the agent running on ``cache_dir``: its result, or the error it raised, rebuilt here;
-    AgentNotRunning if there is none."""
+    """Ask the agent running on ``cache_dir``: its result, or the error it raised, rebuilt here.
+    AgentNotRunning if there is none; AgentNotAnswering if it says nothing for ``timeout`` seconds;
+    AgentDied if the connection ends before its answer (the agent was killed or crashed while it
+    worked: whether the request took effect is not known here — agent/offline.py finds out)."""
     path = socket_path(cache_dir)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    buf = b""
     try:
         try:
             with reachable(path) as name:
@@ -120,14 +195,19 @@ def call(cache_dir: str | os.PathLike[str], op: str, timeout: float = 30.0, **ar
         except (FileNotFoundError, ConnectionRefusedError):
             raise AgentNotRunning(path=str(cache_dir)) from None
         s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        buf = b""
         while not buf.endswith(b"\n"):
             part = s.recv(65536)
             if not part:
                 break
             buf += part
+    except TimeoutError:
+        raise AgentNotAnswering(path=str(cache_dir), op=op, seconds=f"{timeout:g}") from None
+    except (ConnectionResetError, BrokenPipeError):
+        buf = b""  # the agent went away mid-request: below
     finally:
         s.close()
+    if not buf.endswith(b"\n"):
+        raise AgentDied(path=str(cache_dir), op=op, outcome="whether it took effect is not known")
     reply = json.loads(buf)
     if not reply.get("ok"):
         raise error_from_dict(reply, lambda message: ControlFailed(message or "control request failed",

@@ -54,6 +54,8 @@ BUSY_SECONDS = 1.0
 BUSY_PAUSE_MAX = 0.05  # the longest rest after a batch while clients miss
 PAUSE_SECONDS = 5.0
 PAUSE_MAX = 30.0  # the longest pause while a fault lasts
+MIN_RATE = 4096.0  # bytes a second: a rate limit below one small chunk a second never finishes (issue 27)
+MAX_HOLD_REST = 3600.0
 
 
 class Hydrator:
@@ -62,6 +64,10 @@ class Hydrator:
                  pause_seconds: float = PAUSE_SECONDS, profile_parallel: int = 1, hold_rest: float = 0.0) -> None:
         if dev.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
+        if rate is not None and not (rate == 0 or rate >= MIN_RATE):  # also refuses NaN and negative rates
+            raise UsageError(f"a hydration rate is at least {MIN_RATE:g} bytes a second (or none), not {rate}")
+        if not 0 <= hold_rest <= MAX_HOLD_REST:
+            raise UsageError(f"hold_rest is 0 to {MAX_HOLD_REST:g} seconds, not {hold_rest}")
         self.dev = dev
         self.rate = rate if rate and rate > 0 else None
         self.profile_only = profile_only

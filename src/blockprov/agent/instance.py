@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from blockprov.agent import control, lifecycle
-from blockprov.agent.hydrate import Hydrator
+from blockprov.agent import control, keep, lifecycle
+from blockprov.agent.hydrate import MAX_HOLD_REST, MIN_RATE, Hydrator
 from blockprov.cache import CacheDevice
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.repo.base import Repository
@@ -194,26 +194,32 @@ class InstanceOps:
     async def _op_reset(self, req: dict[str, Any]) -> dict[str, Any]:
         # A client may still be sending data-file pieces it was handed: punch holes only when
         # nobody is connected (the space of reset chunks is reused when they are fetched again).
-        return await lifecycle.reset(self.device, eager=bool(req.get("eager")), punch=self._connections() == 0)
+        eager = control.Args(req).flag("eager")
+        return await lifecycle.reset(self.device, eager=eager, punch=self._connections() == 0)
 
     async def _op_snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await lifecycle.snapshot(self.device, self.repo, str(req.get("to", "")),
-                                        target=str(req.get("target") or "default"), rebase=bool(req.get("rebase")))
+        a = control.Args(req)
+        return await lifecycle.snapshot(self.device, self.repo, a.text("to"), target=a.text("target") or "default",
+                                        rebase=a.flag("rebase"))
 
     async def _op_update(self, req: dict[str, Any]) -> dict[str, Any]:
-        new = await self._run(self.repo.resolve, str(req.get("to", "")))
-        return await lifecycle.update(self.device, new, keep_modified=bool(req.get("keep_modified")),
-                                      eager=not req.get("lazy"))
+        a = control.Args(req)
+        keep_modified, force, lazy = a.flag("keep_modified"), a.flag("force"), a.flag("lazy")
+        new = await self._run(self.repo.resolve, a.text("to"))
+        return await keep.update(self.device, self.repo, new, keep_modified=keep_modified, force=force,
+                                 eager=not lazy)
 
     async def _op_hydrate(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.device.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         h = self.hydrator
+        a = control.Args(req)
+        rate = a.number("rate", MIN_RATE, 1e15)
+        parallel = a.integer("profile_parallel", 1, 1, 64)
+        hold_rest = a.number("hold_rest", 0.0, MAX_HOLD_REST) or 0.0
         if h is None or h.profile_only or (not h.running and self.device.chunks.first_missing() >= 0):
-            rate = req.get("rate")
-            await self._start_hydration(float(rate) if rate else self._hydrate_rate, full=True,
-                                        profile_parallel=int(req.get("profile_parallel") or 1),
-                                        hold_rest=float(req.get("hold_rest") or 0.0))
+            await self._start_hydration(rate or self._hydrate_rate, full=True, profile_parallel=parallel,
+                                        hold_rest=hold_rest)
         assert self.hydrator is not None
         return self.hydrator.status()
 

@@ -23,7 +23,9 @@ snapshot again uploads nothing twice (the repository's missing-chunk answer) and
 
 Update moves the base to another version of the image: chunks that differ and were not modified
 are dropped and (eagerly) fetched again, unchanged chunks stay; modified chunks are discarded
-(back to the new base) or kept over it, and the ones that collide with a change are reported.
+(back to the new base), except those ``keep`` chooses. Keeping a modified chunk over another
+version is a merge of two file systems unless the chunk lies in a partition the new version leaves
+unchanged (invariant 8): agent/keep.py makes that choice; this module never keeps one on its own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from blockprov import codec
@@ -152,9 +154,17 @@ async def _equal_version(repo: Repository, base: Manifest, new: Manifest, last: 
     return prev if same else None
 
 
-async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False,
+# Given the chunks that differ between the versions and the instance's modified chunks (both
+# sorted), the modified chunks to keep over the new version; it may raise to refuse the update.
+# Called while the device is quiesced (inside ``switch_base``), so the modified set cannot grow
+# behind its back; not called when nothing is modified.
+Keeper = Callable[[list[int], list[int]], Collection[int]]
+
+
+async def update(dev: CacheDevice, new: Manifest, *, keep: Keeper | None = None,
                  eager: bool = True) -> dict[str, Any]:
-    """Move the instance to ``new`` (another version of its image), fetching only what differs."""
+    """Move the instance to ``new`` (another version of its image), fetching only what differs;
+    the modified chunks go back to ``new`` but for those ``keep`` returns."""
     async with dev.lifecycle_lock:
         t0 = time.monotonic()
         old = dev.manifest
@@ -165,21 +175,28 @@ async def update(dev: CacheDevice, new: Manifest, *, keep_modified: bool = False
                                 wanted=f"a version of {new.image}")
         if new.id == old.id:
             return {"version": new.id, "from": old.id, "chunks_changed": 0, "chunks_refetched": 0,
-                    "bytes_fetched": 0, "modified_kept": 0, "modified_discarded": 0, "conflicts": 0,
-                    "seconds": 0.0}
+                    "bytes_fetched": 0, "modified_kept": 0, "modified_discarded": 0, "seconds": 0.0}
         changed = manifest_diff(old, new)
+        chosen: list[set[int]] = []
+
+        def kept(i: int) -> bool:  # switch_base asks per modified chunk, quiesced: decide once, on the first
+            if not chosen:
+                assert keep is not None
+                modified = dev.chunks.modified_chunks()
+                choice = set(keep(sorted(changed), modified))
+                if not choice <= set(modified):
+                    raise UsageError("an update can keep only modified chunks")
+                chosen.append(choice)
+            return i in chosen[0]
+
         # The instance stays as local as it was: changed chunks it held (data or zeros) come again.
-        switched = await dev.switch_base(new, changed, keep_modified=keep_modified)
+        switched = await dev.switch_base(new, changed, keep_modified=kept if keep is not None else False)
         refetch, modified = switched.refetch, switched.modified
-        changed_set = set(changed)
-        conflicts = sum(1 for i in modified if i in changed_set)
         before = dev.totals()["bytes_fetched"]
         if eager and refetch:
             await dev.fetch_chunks(refetch)
         return {"version": new.id, "from": old.id, "chunks_changed": len(changed),
                 "chunks_refetched": len(refetch) if eager else 0,
                 "bytes_fetched": dev.totals()["bytes_fetched"] - before,
-                "modified_kept": len(modified) if keep_modified else 0,
-                "modified_discarded": 0 if keep_modified else len(modified),
-                "conflicts": conflicts if keep_modified else 0,
+                "modified_kept": len(switched.kept), "modified_discarded": len(modified) - len(switched.kept),
                 "seconds": round(time.monotonic() - t0, 6)}

@@ -95,6 +95,10 @@ class AgentCollector(Collector):
                     ("blockprov_agent_nbd_errors", "NBD error replies", nbd.errors),
                     ("blockprov_agent_nbd_protocol_errors", "NBD connections ended by a malformed frame",
                      nbd.protocol_errors),
+                    ("blockprov_agent_nbd_timeouts", "NBD connections dropped for stalling mid-request",
+                     nbd.timeouts),
+                    ("blockprov_agent_nbd_write_timeouts", "NBD connections dropped for taking none of their "
+                     "replies", nbd.write_timeouts),
                     ("blockprov_agent_nbd_read_bytes", "Bytes read by NBD clients", nbd.bytes_read),
                     ("blockprov_agent_nbd_written_bytes", "Bytes written by NBD clients", nbd.bytes_written)):
                 yield CounterMetricFamily(name, doc, value=v)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockprov.agent import control, run_async
-from blockprov.errors import AgentNotRunning, CacheError
+from blockprov.errors import AgentDied, AgentNotAnswering, AgentNotRunning, BlockprovError, CacheError, NotFound
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only an offline operation loads it
     from blockprov.cache import CacheDevice, SourceFactory
@@ -76,18 +76,26 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
              repository: Callable[[Path], Repository], *, fetch_timeout: float | None = None) -> dict[str, Any]:
     """``op`` run by the agent serving ``cache_dir``, else ``offline`` on the cache opened here with
     ``repository(cache_dir)`` (opened only then: see ``repository_of``). ``fetch_timeout``: how long
-    the offline cache's reads retry an unreachable repository before they fail (the agent has its own)."""
+    the offline cache's reads retry an unreachable repository before they fail (the agent has its own).
+    An agent that dies before it answers ends in AgentDied, saying what became of the operation."""
     cache_dir = cache_dir.resolve()
     try:
-        control.call(cache_dir, "status", timeout=10.0)  # answers quickly, or the agent is stuck
-    except AgentNotRunning:
-        pass
-    except (TimeoutError, OSError, ValueError) as e:
+        before: dict[str, Any] = control.call(cache_dir, "status", timeout=10.0)  # quick, or the agent is stuck
+    except (AgentNotRunning, AgentDied):
+        pass  # none, or it just died (nothing was asked of it yet): the operation runs here
+    except (AgentNotAnswering, OSError, ValueError) as e:
         raise CacheError(f"an agent holds {cache_dir} but does not answer ({e or type(e).__name__}); "
                          "nothing was changed — stop it (kill its pid, see the cache's lock file) and retry") from None
     else:
-        result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
-        return result
+        tag_before = _tag(repository, cache_dir, args["to"]) if op == "snapshot" else None
+        try:
+            result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
+            return result
+        except AgentNotRunning:
+            pass  # it stopped before it took the request: the operation runs here, as with no agent
+        except AgentDied:
+            raise AgentDied(path=str(cache_dir), op=op,
+                            outcome=outcome(cache_dir, op, args, before, tag_before, repository)) from None
     from blockprov.cache import CacheDevice, is_cache
 
     if not is_cache(cache_dir):
@@ -115,3 +123,62 @@ def stopped_layers(cache_dir: Path, repo: Repository, fetch_timeout: float | Non
     if load_state(cache_dir).base_cache is not None:
         return base_source(None)
     return repository_source(repo, timeout=DEFAULT_TIMEOUT if fetch_timeout is None else fetch_timeout)
+
+
+# -- an agent that died during an operation -----------------------------------------------------
+UNKNOWN = "?"  # _tag's answer when the repository could not tell
+
+
+def _tag(repository: Callable[[Path], Repository], cache_dir: Path, ref: str) -> str | None:
+    """The version ``ref`` (a snapshot's NAME:TAG) names now: None if none, UNKNOWN if the
+    repository cannot tell."""
+    try:
+        return repository(cache_dir).resolve(ref).id
+    except NotFound:
+        return None
+    except BlockprovError:
+        return UNKNOWN
+
+
+def outcome(cache_dir: Path, op: str, args: dict[str, Any], before: dict[str, Any], tag_before: str | None,
+            repository: Callable[[Path], Repository]) -> str:
+    """What is known of ``op``'s effect once the agent serving ``cache_dir`` died before answering,
+    from the cache as it is now (its metadata and journal, or the agent a service manager started
+    again) against ``before`` (its status when the operation was asked), and for a snapshot from
+    the repository (the commit is the acknowledgement: the tag moved, or it did not)."""
+    from blockprov.agent.agent import status
+
+    try:
+        after = status(cache_dir)
+    except BlockprovError as e:
+        return f"the cache cannot be read now ({e})"
+    restarted = " (an agent serves it again)" if after.get("agent", {}).get("running") else ""
+    held = f"{after.get('image')}@{after.get('version')}"
+    if op == "reset":
+        n0, n1 = int(before.get("chunks_modified") or 0), int(after.get("chunks_modified") or 0)
+        if n0 == 0 and n1 == 0:
+            return f"there was nothing to reset (no modified chunk){restarted}"
+        if n1 == 0:
+            return f"the reset took effect: the cache has no modified chunk now (it had {n0}){restarted}"
+        return f"the reset did not take effect: the cache has {n1} modified chunk(s) (it had {n0}){restarted}"
+    if op == "update":
+        try:
+            wanted = repository(cache_dir).resolve(str(args["to"])).id
+        except BlockprovError as e:
+            return f"the cache holds {held} now; {args['to']} cannot be resolved to compare ({e}){restarted}"
+        if after.get("version") == wanted:
+            return f"the update took effect: the cache holds {held} now{restarted}"
+        return f"the update did not take effect: the cache holds {held}, not {args['to']} ({wanted}){restarted}"
+    if op == "snapshot":
+        to = str(args["to"])
+        now = _tag(repository, cache_dir, to)
+        if now == UNKNOWN or tag_before == UNKNOWN:
+            return f"whether the snapshot was committed is not known: the repository cannot tell what {to} " \
+                   f"names (look with: blockprov show {to}){restarted}"
+        if now is not None and now != tag_before:
+            return f"the snapshot was committed: {to} names {now} now{restarted}"
+        return f"the snapshot was not committed: {to} " + \
+            (f"still names {now}" if now is not None else "does not exist") + restarted
+    if op in ("status", "profile"):
+        return "it changes nothing"
+    return f"whether it took effect is not known; the cache holds {held}{restarted}"

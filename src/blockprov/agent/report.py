@@ -40,6 +40,7 @@ log = logging.getLogger("blockprov.agent")
 
 POLL_WAIT = 20.0  # seconds a request poll waits at the repository
 REPORT_EVERY = 5.0  # seconds between checks whether the reported state changed (console, `agents`)
+FINAL_REPORT = 5.0  # seconds a stopping agent gives its last report
 POLL_RETRY = RetryPolicy(timeout=None, first_delay=1.0, max_delay=60.0)  # for ever: see retry.py
 
 
@@ -72,6 +73,13 @@ class RepositoryLink:
         self._tasks = [asyncio.ensure_future(self._poll_requests()), asyncio.ensure_future(self._report_changes())]
 
     async def stop(self) -> None:
+        """Stop polling; first send the state at this moment if it changed since the last report
+        (bounded: FINAL_REPORT s), so what the repository keeps of a stopped agent is its last
+        state — a clone removed just before the stop is not shown for ever (issue 27 item 5)."""
+        if self._reported is not None and self._tasks:
+            with contextlib.suppress(BlockprovError, OSError, TimeoutError):
+                if self.registration() != self._reported:
+                    await asyncio.wait_for(self._register(), FINAL_REPORT)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

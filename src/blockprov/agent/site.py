@@ -30,7 +30,7 @@ from blockprov.repo.base import Sites
 
 log = logging.getLogger("blockprov.peers")
 
-EAGER_SECONDS = 60.0
+EAGER_SECONDS = 20.0
 EAGER_EVERY = 2.0
 SLOW_EVERY = 30.0
 RETRY_MAX = 30.0

@@ -222,7 +222,7 @@ class Fetcher:
         self._slots = _Slots(self._max_inflight)
         # A repository that can hand out views of its answer saves a copy per blob. (Checked once:
         # a runtime Protocol check costs more than the rest of a miss's planning.)
-        self._get: Callable[[Sequence[bytes]], Sequence[Data]] = (
+        self._get: Callable[[Sequence[bytes]], Sequence[Data | BlockprovError]] = (
             repo.get_blob_views if isinstance(repo, BlobViews) else repo.get_blobs)
         self._pool = ThreadPoolExecutor(max_workers=2 * self._max_inflight, thread_name_prefix="blockprov-fetch")
         self._inflight: dict[int, _Entry] = {}
@@ -491,12 +491,12 @@ class Fetcher:
         m = self.manifest
         digests = [m.digest_at(i) for i in batch]
         ids = list(dict.fromkeys(d for d in digests if d != ZERO_DIGEST))
-        blobs: Sequence[Data] = []
-        plain: dict[bytes, Data | ChunkCorrupt] = {}
+        blobs: Sequence[Data | BlockprovError] = []
+        plain: dict[bytes, Data | BlockprovError] = {}
         if ids:
             get = self._get
 
-            def get_and_decode() -> tuple[Sequence[Data], dict[bytes, Data | ChunkCorrupt]]:
+            def get_and_decode() -> tuple[Sequence[Data | BlockprovError], dict[bytes, Data | BlockprovError]]:
                 # one trip to the pool per batch, not two: near the repository a thread hand-off
                 # is a visible part of a miss (bench/RESULTS.md, "where a miss goes")
                 try:
@@ -509,13 +509,13 @@ class Fetcher:
                     raise DeviceIOError(msg=f"repository returned {len(got)} blobs for {len(ids)} ids")
                 return got, _decode_all(ids, got)
 
-            def call() -> Awaitable[tuple[Sequence[Data], dict[bytes, Data | ChunkCorrupt]]]:
+            def call() -> Awaitable[tuple[Sequence[Data | BlockprovError], dict[bytes, Data | BlockprovError]]]:
                 return loop.run_in_executor(self._pool, get_and_decode)
 
             blobs, plain = await retry_async(call, self._policy, f"fetching chunks from {self.repo.url}")
         took = time.monotonic() - t0
         self.stats.observe(took)
-        wire = sum(len(b) for b in blobs)
+        wire = sum(len(b) for b in blobs if not isinstance(b, BlockprovError))
         if len(batch) <= 4:  # a small batch's time is mostly the round trip: what the link costs
             self._rtts.append(took)
         elif wire >= BANDWIDTH_SAMPLE_BYTES and self._rtts:
@@ -535,6 +535,8 @@ class Fetcher:
                 log.error("chunk %d of %s@%s failed verification, not served: %s",
                           i, m.image, m.id, value)
                 out[i] = DeviceIOError(msg=f"chunk {i} from {self.repo.url} failed verification: {value}")
+            elif isinstance(value, BlockprovError):  # a partial answer: this chunk alone did not come
+                out[i] = DeviceIOError(msg=f"chunk {i}: {value}")
             else:
                 self.stats.chunks_fetched += 1
                 self.stats.bytes_fetched += len(value)
@@ -559,11 +561,15 @@ def repository_source(repo: BlobSource, *, readahead: int = DEFAULT_READAHEAD, t
     return make
 
 
-def _decode_all(ids: list[bytes], blobs: Sequence[Data]) -> dict[bytes, Data | ChunkCorrupt]:
+def _decode_all(ids: list[bytes], blobs: Sequence[Data | BlockprovError]) -> dict[bytes, Data | BlockprovError]:
     """Decode and verify (runs in a worker thread; zstd and BLAKE3 release the GIL). Uncompressed
-    blobs are not copied: their content is a read-only view of the blob, verified as it is."""
-    out: dict[bytes, Data | ChunkCorrupt] = {}
+    blobs are not copied: their content is a read-only view of the blob, verified as it is. The
+    error a partial answer gave in place of a blob stays that chunk's."""
+    out: dict[bytes, Data | BlockprovError] = {}
     for cid, blob in zip(ids, blobs, strict=True):
+        if isinstance(blob, BlockprovError):
+            out[cid] = blob
+            continue
         try:
             out[cid] = decode_view(blob, cid)
         except ChunkCorrupt as e:

@@ -67,13 +67,14 @@ from blake3 import blake3
 
 from blockprov import tickets
 from blockprov.codec import decode_view
-from blockprov.errors import ChunkCorrupt
+from blockprov.errors import BlockprovError, ChunkCorrupt
 from blockprov.repo.base import BlobSource, BlobViews
-from blockprov.repo.remote import LEN, KeepAlivePost
+from blockprov.repo.remote import LEN, KeepAlivePost, whole
 
 log = logging.getLogger("blockprov.peers")
 
 Blob = bytes | memoryview
+Got = Blob | BlockprovError  # a blob, or the error that kept that one chunk away (a partial answer)
 PEER_PATH = "/peer/v1/chunks"
 ABSENT = 0xFFFFFFFF  # a frame's length when the peer does not hold (and did not fetch) the chunk
 MAX_IDS = 4096  # ids in one peer request (128 KiB of body)
@@ -196,13 +197,14 @@ class PeerSource:
         self.upstream_kind = upstream_kind
         self.timeout = timeout
         self.membership: Membership | None = None
+        self.own_url: str | None = None  # where this agent serves its peers: a peer listed there is itself
         # the cache's version now (an update changes it): a chunk's owner is among the peers serving the same
         self.version_of: Callable[[], str] = lambda: ""
         self.stats = SourceStats()
-        self._get: Callable[[Sequence[bytes]], Sequence[Blob]] = (
+        self._get: Callable[[Sequence[bytes]], Sequence[Got]] = (
             upstream.get_blob_views if isinstance(upstream, BlobViews) else upstream.get_blobs)
         self._lock = threading.Lock()
-        self._flights: dict[bytes, Future[Blob]] = {}
+        self._flights: dict[bytes, Future[Got]] = {}
         self._health: dict[str, _Health] = defaultdict(_Health)
         self._clients: dict[str, tuple[str, KeepAlivePost]] = {}
         self._recent: OrderedDict[bytes, Blob] = OrderedDict()  # from the repository, least recent first
@@ -215,11 +217,11 @@ class PeerSource:
 
     # -- BlobSource -------------------------------------------------------------------------------
     def get_blobs(self, ids: Sequence[bytes]) -> list[bytes]:
-        return [b if type(b) is bytes else bytes(b) for b in self.get_blob_views(ids)]
+        return [whole(b) for b in self.get_blob_views(ids)]
 
-    def get_blob_views(self, ids: Sequence[bytes]) -> list[Blob]:
+    def get_blob_views(self, ids: Sequence[bytes]) -> list[Got]:
         uniq = list(dict.fromkeys(ids))
-        got: dict[bytes, Blob] = {}
+        got: dict[bytes, Got] = {}
         rest: list[bytes] = []  # to fetch from the layer below
         todo = uniq
         for _round in range(2):  # a second round gives the chunks of an owner that failed to the next owner
@@ -248,12 +250,13 @@ class PeerSource:
             got.update(self.from_upstream(rest))
         return [got[c] for c in ids]
 
-    def from_upstream(self, cids: Sequence[bytes]) -> dict[bytes, Blob]:
-        """Unverified blobs of ``cids`` from the layer below, each fetched once however many ask at
-        once (this agent's fetches and its peers' requests alike)."""
+    def from_upstream(self, cids: Sequence[bytes]) -> dict[bytes, Got]:
+        """Unverified blobs of ``cids`` from the layer below (or, in a partial answer, the error that
+        kept one away), each fetched once however many ask at once (this agent's fetches and its
+        peers' requests alike)."""
         if not cids:
             return {}
-        futs: dict[bytes, Future[Blob]] = {}
+        futs: dict[bytes, Future[Got]] = {}
         mine: list[bytes] = []
         with self._lock:
             for c in cids:
@@ -277,17 +280,20 @@ class PeerSource:
                         self._flights.pop(c, None)
             for c, b in zip(mine, blobs, strict=True):
                 futs[c].set_result(b)
-            self._remember(list(zip(mine, blobs, strict=True)))
-            self.stats.add(self.version, self.upstream_kind, len(mine), sum(len(b) for b in blobs))
+            came = [(c, b) for c, b in zip(mine, blobs, strict=True) if not isinstance(b, BlockprovError)]
+            self._remember(came)
+            self.stats.add(self.version, self.upstream_kind, len(came), sum(len(b) for _c, b in came))
         return {c: f.result() for c, f in futs.items()}
 
     def fetch_for_peers(self, cids: Sequence[bytes]) -> dict[bytes, Blob]:
         """Verified blobs of the chunks a peer asked this agent, as their owner, to fetch (those
         that fail verification are left out, and logged)."""
-        got = self._recent_of(cids)
+        got: dict[bytes, Got] = dict(self._recent_of(cids))
         got.update(self.from_upstream([c for c in cids if c not in got]))
         out: dict[bytes, Blob] = {}
         for c, b in got.items():
+            if isinstance(b, BlockprovError):
+                continue
             try:
                 decode_view(b, c)
             except ChunkCorrupt as e:
@@ -336,7 +342,9 @@ class PeerSource:
     def _plan(self, cids: list[bytes], m: Membership) -> dict[Peer, list[bytes]]:
         """Which peer owns which chunk (those this agent owns are not in the plan)."""
         now = time.monotonic()
-        peers = {p.instance: p for p in m.peers if p.version == self.version and self.usable(p.instance, now)}
+        # a peer at this agent's own address is this agent (PCs behind NATs that all look alike)
+        peers = {p.instance: p for p in m.peers
+                 if p.version == self.version and p.url != self.own_url and self.usable(p.instance, now)}
         if not peers:
             return {}
         members = [(m.instance, _key(m.instance))] + [(i, _key(i)) for i in peers]

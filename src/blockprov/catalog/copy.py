@@ -48,10 +48,13 @@ def copy_catalog(src: SQLDatabase, dst: SQLDatabase) -> CopyStats:
             what = ", ".join(f"{n} {t}" for t, n in held.items() if n)
             raise UsageError(f"the target catalog {dst.url} is not empty ({what}); copy only into an empty one")
         for t in TABLES:
-            rows = src.all(f"SELECT * FROM {t}")
+            with src.tx() as stx:  # by column name: a column added on open sits last, wherever SCHEMA has it
+                cur = stx.execute(f"SELECT * FROM {t}")
+                cols = [d[0] for d in cur.description]
+                rows = cur.fetchall()
             if rows:
-                marks = ",".join("?" * len(rows[0]))
+                insert = f"INSERT INTO {t} ({', '.join(cols)}) VALUES ({','.join('?' * len(cols))})"
                 for r in rows:
-                    tx.execute(f"INSERT INTO {t} VALUES ({marks})", tuple(r))
+                    tx.execute(insert, tuple(r))
             stats.rows[t] = len(rows)
     return stats

@@ -26,6 +26,9 @@ class Cursor(Protocol):
     @property
     def rowcount(self) -> int: ...
 
+    @property
+    def description(self) -> Any: ...  # DB-API: a sequence of (name, …) per column of the last SELECT
+
     def fetchone(self) -> Any: ...
 
     def fetchall(self) -> list[Any]: ...

@@ -39,6 +39,7 @@ is handed out again (at-least-once: operations must be safe to repeat, as a snap
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import struct
@@ -48,8 +49,9 @@ from typing import Any
 
 import zstandard
 
+from blockprov import jsonvalue
 from blockprov.boot import EFI_FILES, SETTINGS, BootFile, host_setting, split_settings
-from blockprov.catalog import inherit
+from blockprov.catalog import inherit, sites
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
 from blockprov.errors import (
@@ -59,6 +61,7 @@ from blockprov.errors import (
     HostNotFound,
     ImageNotFound,
     RequestNotFound,
+    SiteNotFound,
     TooLarge,
     UsageError,
 )
@@ -90,6 +93,9 @@ CREATE TABLE IF NOT EXISTS hosts (
     last_boot_version TEXT,
     policy  TEXT,
     hydrate TEXT,
+    last_refused REAL,
+    refused_why  TEXT,
+    site    TEXT,
     firmware TEXT
 );
 CREATE TABLE IF NOT EXISTS profiles (
@@ -127,6 +133,8 @@ CREATE INDEX IF NOT EXISTS agent_requests_state ON agent_requests (state, lease_
 
 LEASE_SECONDS = 600.0  # a running request not completed within this goes back to pending
 SEEN_EVERY = 5.0  # seconds: how often an idle poll records the agent's last_seen
+ONLINE_SECONDS = 6 * SEEN_EVERY  # an agent seen within this is online (its long poll refreshes last_seen)
+FORGET_AGENT = 7 * 86400.0  # an agent not seen for this long leaves the list (it registers again when it starts)
 KEEP_FINISHED = 7 * 86400.0  # finished requests are kept this long for get_request
 MAX_PENDING = 1000  # per instance: a queue that long means the agent is not polling
 MAX_INFO = 64 << 10  # bytes of JSON in an agent's info, a request's args
@@ -135,22 +143,21 @@ MAX_ERROR = 4096
 MAX_PROFILE = 1 << 24  # chunk indices in one profile (a 1 TiB image at 64 KiB chunks)
 U32 = struct.Struct("<I")
 STATES = ("pending", "running", "done", "failed")
-HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_version"
-# Columns added to a table after its first release, in the order they were added (a new one goes
-# last, in SCHEMA too: `catalog copy` copies rows by position). One per host setting (boot.SETTINGS).
+HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_version, last_refused, refused_why"
+# Columns added to a table after its first release (added on open to an older catalog, where they
+# sit last; `catalog copy` copies by column name). One per host setting (boot.SETTINGS).
 ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"),
-                 ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"), ("boot_files", "efi", "TEXT"),
-                 ("hosts", "firmware", "TEXT"))
+                 ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"),
+                 ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"), ("hosts", "site", "TEXT"),
+                 ("boot_files", "efi", "TEXT"), ("hosts", "firmware", "TEXT"))
+MAX_REFUSED_WHY = 500  # characters of a refused boot request's reason kept on the host
 FIRMWARE = ("bios", "uefi")  # what a host's boot requests say it booted with (hosts.firmware)
 
 
 def _json_object(d: object, what: str, limit: int) -> str:
     if not isinstance(d, dict):
         raise UsageError(f"{what} must be a JSON object")
-    try:
-        text = json.dumps(d, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{what} is not JSON: {e}") from None
+    text = jsonvalue.dumps(d, what)  # what is stored must read back (issue 27): no NaN, no lone surrogate
     if len(text) > limit:
         raise TooLarge(f"{what} is {len(text)} bytes of JSON; at most {limit}")
     return text
@@ -174,6 +181,7 @@ class Registry:
         self.catalog = catalog
         self.db = catalog.db
         self.db.script(SCHEMA)
+        self.db.script(sites.SCHEMA)  # a host's site must name one (assign_host)
         for table, column, decl in ADDED_COLUMNS:
             self.db.add_column(table, column, decl)
         self._move_settings()
@@ -265,6 +273,8 @@ class Registry:
         now = time.time()
         with self.db.tx() as db:
             self.catalog.resolve_id(ref, db)  # the reference must name something now
+            if named.get("site") and not db.execute("SELECT 1 FROM sites WHERE name=?", (named["site"],)).fetchone():
+                raise SiteNotFound(site=named["site"])
             if db.execute("SELECT 1 FROM hosts WHERE host=?", (host,)).fetchone() is None:
                 db.execute("INSERT INTO hosts (host, image, tag, version, args, updated) VALUES (?,?,?,?,?,?)",
                            (host, ref.name, ref.tag, ref.version, args or "", now))
@@ -278,15 +288,16 @@ class Registry:
         return self.host(host)
 
     def _host_info(self, row: tuple[Any, ...]) -> HostInfo:
-        host, image, tag, version, args, updated, last_boot, last_boot_version = row[:8]
+        host, image, tag, version, args, updated, last_boot, last_boot_version, last_refused, refused_why = row[:10]
         ref = Ref(image, tag=tag, version=version)
         try:
             vid: str | None = self._version_of(ref)
         except ImageNotFound:
             vid = None
-        settings = dict(zip(SETTINGS, row[8:8 + len(SETTINGS)], strict=True))
+        settings = dict(zip(SETTINGS, row[10:10 + len(SETTINGS)], strict=True))
         return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=updated, last_boot=last_boot,
-                        last_boot_version=last_boot_version, firmware=row[8 + len(SETTINGS)], **settings)
+                        last_boot_version=last_boot_version, last_refused=last_refused, refused_why=refused_why,
+                        firmware=row[10 + len(SETTINGS)], **settings)
 
     def host(self, host: str) -> HostInfo:
         host = host_id(host)
@@ -300,8 +311,9 @@ class Registry:
                 self.db.all(f"SELECT {HOST_COLUMNS}, {', '.join(SETTINGS)}, firmware FROM hosts ORDER BY host")]
 
     def record_boot(self, host: str, version: str) -> None:
-        """The repository answered ``host``'s boot script naming ``version`` (one write, no check
-        first: a host whose assignment was removed meanwhile simply records nothing)."""
+        """``host`` booted ``version``: the repository sent it the whole initrd its boot script
+        names (service/routes/boot.py). One write, no check first: a host whose assignment was
+        removed meanwhile simply records nothing."""
         self.db.write("UPDATE hosts SET last_boot=?, last_boot_version=? WHERE host=?",
                       (time.time(), version_id(version), host_id(host)))
 
@@ -312,6 +324,10 @@ class Registry:
             raise UsageError(f"a host's firmware is {' or '.join(FIRMWARE)}, not {firmware!r}")
         self.db.write("UPDATE hosts SET firmware=? WHERE host=? AND (firmware IS NULL OR firmware <> ?)",
                       (firmware, host_id(host), firmware))
+    def record_refused(self, host: str, why: str) -> None:
+        """The repository refused ``host``'s boot request (its access rules): when, and why."""
+        self.db.write("UPDATE hosts SET last_refused=?, refused_why=? WHERE host=?",
+                      (time.time(), str(why)[:MAX_REFUSED_WHY], host_id(host)))
 
     def remove_host(self, host: str) -> None:
         host = host_id(host)
@@ -399,7 +415,15 @@ class Registry:
             return True
 
     def agents(self) -> list[dict[str, Any]]:
+        """Registered agents with ``online`` (seen within ONLINE_SECONDS) and their queues. One not
+        seen for FORGET_AGENT is forgotten here (its open requests fail, saying why): a stopped
+        agent keeps its last report, shown offline, but not for ever."""
         now = time.time()
+        stale = [r[0] for r in self.db.all("SELECT instance FROM agents WHERE last_seen < ?", (now - FORGET_AGENT,))]
+        for inst in stale:
+            with contextlib.suppress(AgentNotFound):
+                self.unregister_agent(inst, why=f"agent instance {inst} was not seen for {FORGET_AGENT / 86400:g} days "
+                                                 "and was forgotten")
         counts: dict[tuple[str, str], int] = {}
         for inst, state, n in self.db.all("SELECT instance, state, COUNT(*) FROM agent_requests "
                                           "WHERE state IN ('pending','running') GROUP BY instance, state"):
@@ -407,19 +431,19 @@ class Registry:
         out = []
         for inst, info, registered, last_seen in self.db.all("SELECT * FROM agents ORDER BY instance"):
             out.append({"instance": inst, "info": json.loads(info), "registered": registered, "last_seen": last_seen,
-                        "seen_ago": round(max(0.0, now - last_seen), 3),
+                        "seen_ago": round(max(0.0, now - last_seen), 3), "online": now - last_seen < ONLINE_SECONDS,
                         "pending": counts.get((inst, "pending"), 0), "running": counts.get((inst, "running"), 0)})
         return out
 
-    def unregister_agent(self, instance: str) -> None:
+    def unregister_agent(self, instance: str, why: str | None = None) -> None:
         instance = instance_id(instance)
         now = time.time()
+        why = why or f"agent instance {instance} unregistered before completing the request"
         with self.db.tx() as db:
             if db.execute("DELETE FROM agents WHERE instance=?", (instance,)).rowcount == 0:
                 raise AgentNotFound(instance=instance)
             db.execute("UPDATE agent_requests SET state='failed', finished=?, lease_until=NULL, error=? "
-                       "WHERE instance=? AND state IN ('pending','running')",
-                       (now, f"agent instance {instance} unregistered before completing the request", instance))
+                       "WHERE instance=? AND state IN ('pending','running')", (now, why, instance))
 
     def post_request(self, instance: str, op: str, args: dict[str, Any] | None) -> str:
         instance, op = instance_id(instance), op_name(op)
@@ -478,8 +502,8 @@ class Registry:
                          error: str | None) -> dict[str, Any]:
         instance, rid = instance_id(instance), request_id(rid)
         res = None if result is None else _json_object(result, "request result", MAX_RESULT)
-        if error is not None and (not isinstance(error, str) or "\x00" in error):
-            raise UsageError("a request's error must be a string without NUL characters")
+        if error is not None and (not isinstance(error, str) or "\x00" in error or jsonvalue.text_problem(error)):
+            raise UsageError("a request's error must be text without NUL characters")
         err = None if error is None else error[:MAX_ERROR]
         if not ok and not err:
             err = "the agent reported a failure without a message"

@@ -44,6 +44,7 @@ class GcStats:
     chunks_removed: int
     bytes_removed: int
     chunks_kept: int
+    space_freed: int = 0  # bytes of pack space compacted away (removed chunks, blobs never indexed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,12 +54,14 @@ class GcStats:
 class HostInfo:
     """A host's boot assignment. ``ref`` is what was assigned (``NAME:TAG`` follows the tag);
     ``version`` is the id it names now, None when that tag or version no longer exists.
-    ``last_boot``: when the repository last answered the host's boot script (``GET /v1/boot/HOST``),
-    and ``last_boot_version`` the version that script named; None until it first boots.
+    ``last_boot``: when the host last booted — the repository sent it the whole initrd of its
+    boot script — and ``last_boot_version`` the version it booted; None until it first boots.
+    ``last_refused``, ``refused_why``: the last boot request the repository's access rules
+    refused, and why.
     The settings (boot.SETTINGS; None: the machine's default) follow: ``policy`` (``restore`` or
-    ``keep``), ``hydrate`` (``background``, ``before-boot``, ``off``). A setting added later is a
-    field here with a None default, so a record from an older server still reads.
-    ``firmware``: what the host booted with last, ``bios`` or ``uefi``, as its requests told
+    ``keep``), ``hydrate`` (``background``, ``before-boot``, ``off``), ``site`` (a site's name). A
+    setting added later is a field here with a None default, so a record from an older server still
+    reads. ``firmware``: what the host booted with last, ``bios`` or ``uefi``, as its requests told
     (service/routes/boot.py); None until a boot says."""
 
     host: str
@@ -68,9 +71,12 @@ class HostInfo:
     updated: float
     last_boot: float | None = None
     last_boot_version: str | None = None
+    last_refused: float | None = None  # when the repository last refused the host's boot request
+    refused_why: str | None = None  # and why (e.g. tokens required, no --anonymous-boot)
     policy: str | None = None
     hydrate: str | None = None
     firmware: str | None = None
+    site: str | None = None  # the site it belongs to (catalog/sites.py): its peers and its site cache
 
     def settings(self) -> dict[str, str | None]:
         return {k: getattr(self, k) for k in SETTINGS}

@@ -119,3 +119,33 @@ def online(agents: list[dict[str, Any]], site: str, *, exclude: str | None = Non
         out.append({"instance": a["instance"], "url": url, "image": info.get("image"),
                     "version": info.get("version"), "seen_ago": a.get("seen_ago")})
     return out
+
+
+SOURCES = ("peers", "site_cache", "repository")
+
+
+def traffic(agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bytes the agents took from their peers, their site cache and the repository, per site and
+    version, summed over the agents' last reports (``info.sources``: version id → source →
+    ``{chunks, bytes}``, counted since each agent started; agent/agent.py). Agents of no site are
+    summed under site ``None``. Pure: the console's health and hosts pages and ``/metrics`` read it."""
+    rows: dict[tuple[str | None, str], dict[str, Any]] = {}
+    for a in agents:
+        got = a.get("info")
+        info: dict[str, Any] = got if isinstance(got, dict) else {}
+        sources = info.get("sources")
+        if not isinstance(sources, dict):
+            continue
+        site = info.get("site") if isinstance(info.get("site"), str) else None
+        image = info.get("image") if isinstance(info.get("image"), str) else None
+        for vid, by in sources.items():
+            if not isinstance(by, dict):
+                continue
+            row = rows.setdefault((site, str(vid)), {"site": site, "image": image, "version": str(vid), "agents": 0,
+                                                     **{s: 0 for s in SOURCES}})
+            row["agents"] += 1
+            for s in SOURCES:
+                n = (by.get(s) or {}).get("bytes") if isinstance(by.get(s), dict) else None
+                if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                    row[s] += n
+    return sorted(rows.values(), key=lambda r: (r["site"] or "", r["image"] or "", r["version"]))

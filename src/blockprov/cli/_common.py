@@ -238,6 +238,19 @@ def size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(f"not a size: {value!r}") from None
 
 
+def memory_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Every ``--memory`` (guest RAM): a plain number is MiB, as qemu's ``-m`` (humanize.parse_memory)."""
+    if value is None:
+        return None
+    try:
+        return hz.parse_memory(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+MEMORY_HELP = "a plain number is MiB, as qemu's -m; or with a unit: 512M, 2G"
+
+
 def labels_option(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for item in value:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from blockprov import humanize as hz
 from blockprov.cli._common import Ctx, check_data_dir, default_data_dir, emit, json_option, progress_bar
 from blockprov.errors import ChunkCorrupt, IntegrityError, UsageError
 
@@ -159,6 +160,10 @@ def check(obj: Ctx, drop_damaged: bool, as_json: bool) -> None:
                    + ("all intact" if rep.ok else f"{len(rep.missing)} missing, {len(rep.damaged)} damaged"))
         for v in rep.affected:
             click.echo(f"  damaged: {v}")
+        if rep.unindexed_bytes:
+            click.echo(f"  {hz.size(rep.unindexed_bytes)} in {rep.unindexed_packs} pack file(s) hold no indexed chunk "
+                       "(chunks gc removed, or an import or upload that failed): gc gives it back once it is an hour "
+                       "old")
     if not rep.ok:
         what = ("dropped from the store: import an image that holds them, or a verified upload, repairs them"
                 if rep.dropped else "check --drop-damaged, then an import of an image that holds them, repairs them")

@@ -39,6 +39,9 @@ from blockprov.names import base_url, host_port, parse_ref, site_name
               help="Largest read-ahead window on sequential reads (0 disables).")
 @click.option("--fetch-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help="Seconds a read of a missing chunk retries an unreachable repository before EIO.")
+@click.option("--nbd-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1, 86400),
+              help="Seconds an NBD client may stay silent in the middle of a request, or take none of the "
+                   "replies waiting for it, before it is dropped.")
 @click.option("--read-only", is_flag=True, help="Refuse writes.")
 @click.option("--cacheable-fetch", is_flag=True, envvar="BLOCKPROV_CACHEABLE_FETCH",
               help="Fetch chunks with one GET each (cacheable by an HTTP cache in front of the repository) "
@@ -70,7 +73,7 @@ from blockprov.names import base_url, host_port, parse_ref, site_name
 @json_option
 @click.pass_obj
 def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, listen: str | None,
-               data_file: str | None, readahead: int, fetch_timeout: float, read_only: bool,
+               data_file: str | None, readahead: int, fetch_timeout: float, nbd_timeout: float, read_only: bool,
                cacheable_fetch: bool, reset_on_start: bool, hydrate: bool, hydrate_rate: int | None,
                no_profile: bool, instance: str | None, no_register: bool, metrics_at: str | None,
                site: str | None, peer_listen: str, peer_url: str | None, peer_slots: int, peer_rate: int | None,
@@ -102,6 +105,7 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
         raise UsageError(f"{cache_dir} holds no cache yet: name the version to attach (NAME:TAG)")
     cfg = AgentConfig(cache_dir=cache_dir, socket=sock, listen=host_port(listen) if listen else None,
                       data_path=data_file, readahead=readahead, fetch_timeout=fetch_timeout, read_only=read_only,
+                      nbd_timeout=nbd_timeout,
                       reset_on_start=reset_on_start, hydrate=hydrate,
                       hydrate_rate=float(hydrate_rate) if hydrate_rate else None, use_profile=not no_profile,
                       instance=instance, register=not no_register,

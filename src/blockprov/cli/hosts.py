@@ -7,16 +7,27 @@ exit codes by the group's edge in cli/__init__.py, like every other command's.
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from blockprov import humanize as hz
-from blockprov.boot import DEBIAN_EFI, DEBIAN_EFI_PACKAGES, EFI_FILES, HYDRATE, POLICIES, efi_missing, parse_script
+from blockprov.boot import (
+    DEBIAN_EFI,
+    DEBIAN_EFI_PACKAGES,
+    EFI_FILES,
+    HYDRATE,
+    POLICIES,
+    efi_missing,
+    parse_script,
+    stranded,
+)
 from blockprov.catalog.records import BootFilesInfo, HostInfo
-from blockprov.cli._common import Ctx, emit, json_option, run_async
-from blockprov.errors import HostNotFound, UsageError
+from blockprov.cli._common import Ctx, check_creatable, emit, json_option, run_async
+from blockprov.errors import BlockprovError, HostNotFound, SiteNotFound, UsageError
 from blockprov.names import host_id, parse_ref
 
 
@@ -55,6 +66,31 @@ def efi_sources(spec: str) -> tuple[dict[str, Path], str | None]:
     return found, None
 
 
+prepare_option = click.option(
+    "--prepare/--no-prepare", default=True, show_default=True, envvar="BLOCKPROV_PREPARE",
+    help="Prepare the version's boot profile in the background on the repository's host (one headless "
+         "boot) unless it has or inherits one, so its first machine boots warm.")
+
+
+def _prepared(obj: Ctx, image: str, vid: str, prepare: bool) -> str | None:
+    """Start (embedded repository) or report (a server started it) the preparation of a version's
+    boot profile (vm/prepare.py); what to tell the operator."""
+    if not prepare:
+        return None
+    from blockprov.repo.local import LocalRepository
+
+    repo = obj.repo
+    if isinstance(repo, LocalRepository):
+        from blockprov.vm.prepare import cli_prefix, schedule
+
+        data = Path(repo.data_dir)
+        return schedule(repo, image, vid, cli_prefix(data, obj.store, obj.catalog), data / "prepare")
+    st = repo.preparation(f"{image}@{vid}")
+    if st is None:
+        return "this server does not prepare boot profiles (serve --no-prepare); the first boot records one"
+    return f"{st['state']}" + (f": {st['detail']}" if st.get("detail") else "")
+
+
 @click.group("boot-files")
 def boot_files() -> None:
     """Kernel, initrd and UEFI loader a host boots a version with (served by `blockprov serve`)."""
@@ -68,13 +104,18 @@ def boot_files() -> None:
 @click.option("--efi", "efi_spec", default="debian", metavar="debian|none|DIR", help=EFI_HELP)
 @click.option("--record-profile", is_flag=True,
               help="Then boot the version once headless to record its boot profile (as `profile record`).")
+@prepare_option
 @json_option
 @click.pass_obj
 def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str, efi_spec: str, record_profile: bool,
-                   as_json: bool) -> None:
-    """Store a kernel, an initrd and a UEFI loader for the version REF names (replacing any it had)."""
+                   prepare: bool, as_json: bool) -> None:
+    """Store a kernel, an initrd and a UEFI loader for the version REF names (replacing any it had);
+    its boot profile is then prepared in the background on the repository's host, unless it has
+    one (--no-prepare)."""
     efi, note = efi_sources(efi_spec)
-    info = obj.repo.set_boot_files(parse_ref(ref), kernel, initrd, cmdline, efi)
+    info = obj.repo.set_boot_files(parse_ref(ref), kernel, initrd, cmdline, efi,
+                                   prepare=prepare and not record_profile)
+    said = None if record_profile else _prepared(obj, info.image, info.version, prepare)
     recorded = None
     if record_profile:
         from blockprov.vm.record import record  # qemu and the cache load only when asked
@@ -82,12 +123,14 @@ def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str,
         m = obj.repo.resolve(f"{info.image}@{info.version}")
         recorded = run_async(record(obj.repo, m)).to_dict()
     if as_json:
-        emit({**info.to_dict(), **({"profile": recorded} if recorded else {})})
+        emit({**info.to_dict(), **({"profile": recorded} if recorded else {}), "preparation": said})
         return
     click.echo(f"{info.image}@{info.version}: kernel {hz.size(info.kernel.size)}, initrd {hz.size(info.initrd.size)}"
                f", {_efi_line(info)}, cmdline {info.cmdline or '-'}")
     if note:
         click.echo(f"note: {note}", err=True)
+    if said:
+        click.echo(f"boot profile: {said}")
     if recorded:
         click.echo(f"recorded a boot profile of {recorded['chunks']} chunk(s) in {recorded['seconds']:.0f} s "
                    f"(ended: {recorded['ended']})")
@@ -104,29 +147,46 @@ def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str,
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the initramfs to this file.")
 @click.option("--efi", "efi_spec", default="debian", metavar="debian|none|DIR", help=EFI_HELP)
+@prepare_option
 @json_option
 @click.pass_obj
 def boot_files_build(obj: Ctx, ref: str, kernel: Path | None, modules_dir: Path | None, cmdline: str | None,
-                     output: Path | None, efi_spec: str, as_json: bool) -> None:
+                     output: Path | None, efi_spec: str, prepare: bool, as_json: bool) -> None:
     """Build the blockprov initramfs (the in-machine agent: a PC boots REF from the network onto its own
     disk) for a kernel, and store kernel, initramfs and UEFI loader as REF's boot files."""
     from blockprov.netboot import initramfs
 
+    # What fails fast fails first: the repository and the version (a build takes 10-30 s), the output
+    # path; the kernel's format and its modules are checked by build() before its long part.
+    m = obj.repo.resolve(parse_ref(ref))
     efi, note = efi_sources(efi_spec)
-    built = initramfs.build(kernel, modules_dir)
+    if output is not None:
+        check_creatable(output, "file")
+    show = not as_json and sys.stderr.isatty()
+
+    def step(what: str) -> None:
+        if show:
+            click.echo(f"\rboot-files build: {what}…"[:100].ljust(100), err=True, nl=False)
+    built = initramfs.build(kernel, modules_dir, progress=step)
+    if show:
+        click.echo("\r" + " " * 100 + "\r", err=True, nl=False)
     if output is not None:
         output.write_bytes(built.data)
     cmd = initramfs.DEFAULT_CMDLINE if cmdline is None else cmdline
-    info = obj.repo.set_boot_files(parse_ref(ref), built.kernel, built.data, cmd, efi)
+    info = obj.repo.set_boot_files(parse_ref(f"{m.image}@{m.id}"), built.kernel, built.data, cmd, efi,
+                                   prepare=prepare)
     if note:
         click.echo(f"note: {note}", err=True)
+    said = _prepared(obj, info.image, info.version, prepare)
     if as_json:
-        emit(info.to_dict() | {"build": built.summary()})
+        emit(info.to_dict() | {"build": built.summary(), "preparation": said})
         return
     click.echo(f"{info.image}@{info.version}: kernel {built.release} {hz.size(info.kernel.size)}, blockprov "
                f"initramfs {hz.size(len(built.data))} ({hz.size(built.unpacked)} unpacked, {built.files} files, "
                f"{built.python_modules} python modules, {len(built.modules)} kernel modules), {_efi_line(info)}, "
                f"cmdline {cmd or '-'}")
+    if said:
+        click.echo(f"boot profile: {said}")
 
 
 @boot_files.command("show")
@@ -176,27 +236,56 @@ def host() -> None:
               help="For blockprov's initramfs: copy the rest of the image to the disk in the background "
                    "(its default), all of it before the boot, or never ahead. Kept until changed; kernel "
                    "argument blockprov.hydrate.")
+@click.option("--site", default=None, metavar="NAME",
+              help="The host's site (blockprov site add): its PC shares chunks with the site's other PCs and boots "
+                   "from the site's cache when it has one. Kept until changed; --site '' takes it out.")
 @json_option
 @click.pass_obj
 def host_assign(obj: Ctx, host_name: str, ref: str, args: str | None, policy: str | None, hydrate: str | None,
-                as_json: bool) -> None:
+                site: str | None, as_json: bool) -> None:
     """Boot HOST from REF: NAME:TAG follows the tag when it moves, NAME@ID stays.
 
     Re-assigning changes only what is named: the host's arguments, policy and hydration stay as
     they were unless given."""
-    settings = {k: v for k, v in (("policy", policy), ("hydrate", hydrate)) if v is not None}
+    settings = {k: v for k, v in (("policy", policy), ("hydrate", hydrate), ("site", site)) if v is not None}
     h = obj.repo.assign_host(host_name, parse_ref(ref), args, settings)
     if as_json:
         emit(h.to_dict())
         return
     click.echo(f"{h.host} → {h.ref} (now {parse_ref(h.ref).name}@{h.version}), {_settings(h)}"
                + (f", args {h.args}" if h.args else ", no extra args"))
+    if h.version and obj.repo.get_boot_files(f"{parse_ref(h.ref).name}@{h.version}") is None:
+        click.echo(f"warning: {stranded(h.ref, h.version, [h.host])}", err=True)
+    small = _keep_token_too_small(obj, h)
+    if small:
+        click.echo(f"warning: {small}", err=True)
+
+
+def _keep_token_too_small(obj: Ctx, h: HostInfo) -> str | None:
+    """A keep PC keeps its session as a version before it moves to another one (agent/keep.py),
+    which needs a write token; with a smaller one it stays on its version. Checked where the
+    tokens are (the embedded repository's catalog); a server's tokens are not visible here."""
+    words = dict(w.split("=", 1) for w in h.args.split() if "=" in w)
+    token = words.get("blockprov.token")
+    if (h.policy or "keep") != "keep" or not token or words.get("blockprov.on_move") == "discard" or obj.repo_url:
+        return None
+    from blockprov.catalog.tokens import TokenStore, allows
+
+    info = TokenStore(obj.repo.catalog.db).lookup(token)  # type: ignore[attr-defined]
+    if info is None:
+        return f"the token in {h.host}'s arguments is not a valid token of this repository"
+    if allows(info.scope, "write"):
+        return None
+    return (f"{h.host} keeps its changes (policy keep) and its token has the {info.scope} scope: when its version "
+            "moves it must keep its session as a version first, which needs a write token, so it will stay on "
+            "the version it has (its screen says so); give it a write token, or --args blockprov.on_move=discard "
+            "to reset those changes instead")
 
 
 def _settings(h: HostInfo) -> str:
     """The host's settings as people read them; an unset one shows the machine's default."""
     return (f"policy {h.policy or 'keep (default)'}, "
-            f"hydrate {h.hydrate or 'background (default)'}")
+            f"hydrate {h.hydrate or 'background (default)'}, site {h.site or '-'}")
 
 
 @host.command("list")
@@ -211,15 +300,18 @@ def host_list(obj: Ctx, as_json: bool) -> None:
     if not hs:
         click.echo("no hosts (assign one with: blockprov host assign MAC NAME:TAG)")
         return
-    click.echo(f"{'HOST':20} {'ASSIGNED':32} {'BOOTS':18} {'POLICY':8} {'HYDRATE':12} {'FIRMWARE':8} "
+    click.echo(f"{'HOST':20} {'ASSIGNED':32} {'BOOTS':18} {'POLICY':8} {'HYDRATE':12} {'SITE':12} {'FIRMWARE':8} "
                f"{'LAST BOOT':34} ARGS")
     for h in hs:
         now = h.version or "GONE: re-assign"
-        click.echo(f"{h.host:20} {h.ref:32} {now:18} {h.policy or '-':8} {h.hydrate or '-':12} {h.firmware or '-':8} "
+        click.echo(f"{h.host:20} {h.ref:32} {now:18} {h.policy or '-':8} {h.hydrate or '-':12} {h.site or '-':12} "
+                   f"{h.firmware or '-':8} "
                    f"{_last_boot(h):34} {h.args}".rstrip())
 
 
 def _last_boot(h: HostInfo) -> str:
+    if h.last_refused is not None and (h.last_boot is None or h.last_refused > h.last_boot):
+        return f"REFUSED {_when(h.last_refused)} (host show)"
     if h.last_boot is None:
         return "never booted"
     return f"booted {_when(h.last_boot)} {str(h.last_boot_version or '?')[:12]}"
@@ -246,9 +338,75 @@ def host_show(obj: Ctx, host_name: str, as_json: bool) -> None:
     click.echo(f"args      {h.args or '-'}")
     click.echo(f"firmware  {h.firmware or 'not known yet (its boot requests tell: bios or uefi)'}")
     if h.last_boot is None:
-        click.echo("last boot never (the repository has not answered its boot script)")
+        click.echo("last boot never (it has not fetched the whole initrd of its boot script)")
     else:
         click.echo(f"last boot {_when(h.last_boot)} ({_ago(time.time() - h.last_boot)}), version {h.last_boot_version}")
+    if h.last_refused is not None:
+        click.echo(f"refused   {_when(h.last_refused)} ({_ago(time.time() - h.last_refused)}): {h.refused_why}")
+
+
+@host.command("prewarm")
+@click.argument("target", metavar="SITE|URL")
+@click.argument("ref", required=False, metavar="[NAME:TAG]")
+@click.option("--at", "when", default="now", show_default=True, metavar="TIME",
+              help="When: now, +30m, 08:30 (the next time the clock shows it) or 2026-12-08T08:30.")
+@click.option("--all", "everything", is_flag=True, help="After the boot profile's chunks, every other chunk too.")
+@click.option("--wait", is_flag=True, help="Wait until the pre-warm is done, showing its progress.")
+@json_option
+@click.pass_obj
+def host_prewarm(obj: Ctx, target: str, ref: str | None, when: str, everything: bool, wait: bool,
+                 as_json: bool) -> None:
+    """Pull a version's boot working set (its boot profile's chunks first) into a site's cache before
+    opening time, so the site's PCs find it on their LAN. TARGET is a site with a site cache (site
+    add SITE --cache URL) or the site cache's URL. Without NAME:TAG, list the site cache's pre-warms."""
+    from blockprov.humanize import parse_when
+    from blockprov.repo.remote import RemoteRepository
+
+    url = target if target.startswith(("http://", "https://")) else _site_cache_of(obj, target)
+    cache = RemoteRepository(url, token=obj.token, ca=obj.ca)
+    try:
+        if ref is None:
+            jobs = cache.prewarm_jobs()
+            if as_json:
+                emit(jobs)
+                return
+            for j in jobs or []:
+                click.echo(_prewarm_line(j))
+            if not jobs:
+                click.echo(f"no pre-warms at {url}")
+            return
+        job = cache.prewarm(parse_ref(ref), parse_when(when, time.time()), everything)
+        while wait and job["state"] in ("scheduled", "running"):  # bounded by the job, which ends
+            time.sleep(2.0)
+            job = next((j for j in cache.prewarm_jobs() if j["id"] == job["id"]), job)
+            if not as_json:
+                click.echo(_prewarm_line(job), err=True)
+        if as_json:
+            emit(job)
+        else:
+            click.echo(_prewarm_line(job))
+        if job["state"] == "failed":
+            raise BlockprovError(f"pre-warm of {ref} at {url} failed: {job['error']}")
+    finally:
+        cache.close()
+
+
+def _site_cache_of(obj: Ctx, site: str) -> str:
+    for s in obj.repo.sites():
+        if s.name == site:
+            if not s.cache:
+                raise UsageError(f"site {site} has no site cache to pre-warm: give it one with "
+                                 f"blockprov site add {site} --cache URL (blockprov serve --upstream …)")
+            return s.cache
+    raise SiteNotFound(site=site)
+
+
+def _prewarm_line(j: dict[str, Any]) -> str:
+    at = datetime.datetime.fromtimestamp(j["at"]).isoformat(timespec="minutes")
+    progress = f"{j.get('done', 0)}/{j['total']} chunks" if j.get("total") is not None else "-"
+    return (f"{j['id']}  {j['ref']:24} at {at}  {j['state']:9} {progress}"
+            + (f" ({j['profile_chunks']} from its boot profile)" if j.get("profile_chunks") is not None else "")
+            + (f"  {j['error']}" if j.get("error") else ""))
 
 
 @host.command("rm")
@@ -285,7 +443,9 @@ def host_script(obj: Ctx, host_name: str, base_url: str | None, as_json: bool) -
 def agents(obj: Ctx, as_json: bool) -> None:
     """Agents registered with the repository, and their queued requests.
 
-    Host agents (`attach`) show the version they serve; `clones serve` and `pool serve` agents their
+    Each is online (seen within 30 s) or OFFLINE (its last report); one not seen for 7 days is
+    forgotten (it registers again when it starts). Host agents (`attach`) show the version they
+    serve (a PC its last move to another version); `clones serve` and `pool serve` agents their
     clones and pools (ready, in use, target size, last refill error)."""
     rows = obj.repo.agents()
     if as_json:
@@ -301,8 +461,12 @@ def agents(obj: Ctx, as_json: bool) -> None:
         else:
             what = f"{info.get('image', '?')}@{info.get('version', '?')}"
         where = info.get("host") or "-"
-        click.echo(f"{a['instance']:24} {what:34} host {where:16} pid {info.get('pid', '-'):>7}  "
+        state = "online " if a.get("online") else "OFFLINE"
+        click.echo(f"{a['instance']:24} {state} {what:34} host {where:16} pid {info.get('pid', '-'):>7}  "
                    f"seen {_ago(float(a['seen_ago']))}  requests {a['pending']} pending, {a['running']} running")
+        move = info.get("last_move")
+        if isinstance(move, dict) and move.get("summary"):
+            click.echo(f"  last move: {move['summary']}")
         for p in info.get("pools") or []:
             err = f", last refill error: {p['error']}" if p.get("error") else ""
             click.echo(f"  pool {p.get('name', '?')} of {p.get('base', '?')}: {p.get('ready', '?')} ready, "

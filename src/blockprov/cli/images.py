@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import click
 
 from blockprov import humanize as hz
 from blockprov.align import runs
+from blockprov.boot import stranded
 from blockprov.cli._common import (
     Ctx,
+    default_data_dir,
     emit,
     json_option,
     labels_option,
@@ -116,7 +119,8 @@ def versions_cmd(obj: Ctx, name: str, as_json: bool) -> None:
 def show_cmd(obj: Ctx, ref: str, as_json: bool) -> None:
     """Show one version: size, chunks, zero chunks, parent, labels."""
     m = obj.repo.resolve(ref)
-    d = m.summary() | {"raw_url": obj.repo.raw_url(parse_ref(ref)), "repository": obj.repo.url}
+    d = m.summary() | {"raw_url": obj.repo.raw_url(parse_ref(ref)), "repository": obj.repo.url,
+                       "profile": _profile_state(obj, m.image, m.id)}
     if as_json:
         emit(d)
         return
@@ -130,6 +134,23 @@ def show_cmd(obj: Ctx, ref: str, as_json: bool) -> None:
         click.echo("  labels      " + ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items())))
     if d["raw_url"]:
         click.echo(f"  raw view    {d['raw_url']}")
+    p = d["profile"]
+    prep = p["preparation"] or {}
+    if p["ready"]:
+        whose = "its own" if p["own"] else "inherited"
+        click.echo(f"  profile     ready: {p['chunks']} chunks in boot order ({whose})")
+    else:
+        click.echo(f"  profile     not ready: {prep.get('state') or 'none recorded'}"
+                   + (f" ({prep['detail']})" if prep.get("detail") else "")
+                   + ("" if prep.get("state") in ("queued", "running") else "; the first boot records one"))
+
+
+def _profile_state(obj: Ctx, image: str, vid: str) -> dict[str, object]:
+    """Whether a version's boot profile is ready (its own or inherited), and how its preparation went."""
+    own = obj.repo.get_profile(image, vid, inherit=False)
+    order = own or obj.repo.get_profile(image, vid)
+    return {"ready": bool(order), "own": bool(own), "chunks": len(order or ()),
+            "preparation": obj.repo.preparation(f"{image}@{vid}")}
 
 
 @click.command("diff")
@@ -164,6 +185,9 @@ def tag_cmd(obj: Ctx, src: str, dst: str) -> None:
     assert d.tag is not None
     obj.repo.set_tag(d.name, d.tag, m.id)
     click.echo(f"{d} → {m.image}@{m.id}")
+    following = [h.host for h in obj.repo.hosts() if h.ref == str(d)]
+    if following and obj.repo.get_boot_files(f"{m.image}@{m.id}") is None:
+        click.echo(f"warning: {stranded(str(d), m.id, following)}", err=True)
 
 
 @click.command("rm")
@@ -171,8 +195,39 @@ def tag_cmd(obj: Ctx, src: str, dst: str) -> None:
 @click.pass_obj
 def rm_cmd(obj: Ctx, ref: str) -> None:
     """Remove a tag, or a version with its tags. Chunks go at the next gc."""
-    for gone in obj.repo.remove(parse_ref(ref)):
+    r = parse_ref(ref)
+    users = _templates_using(obj, r.name, obj.repo.resolve(r).id) if r.version else []
+    for gone in obj.repo.remove(r):
         click.echo(f"removed {gone}")
+    for t in users:
+        click.echo(f"warning: VM template {t} uses {r} as its disk: it cannot be cloned any more (vm clone says "
+                   "so); make the template again from a VM of a version that exists", err=True)
+
+
+def _templates_using(obj: Ctx, image: str, vid: str) -> list[str]:
+    """VM templates whose disk is ``image@vid``: those of this data directory's VM directory and
+    those pushed to the repository (issue 27 item 5: an rm left them to fail at `vm clone`)."""
+    import json
+
+    from blockprov.vm import stored
+    from blockprov.vm.vms import list_templates
+
+    disk = f"{image}@{vid}"
+    found: set[str] = set()
+    vms = (Path(obj.data_dir) if obj.data_dir else default_data_dir()) / "vms"
+    if not obj.repo_url and vms.is_dir():
+        found |= {f"{t['template']} ({vms})" for t in list_templates(vms) if t["disk"] == disk}
+    for i in obj.repo.images():
+        if not i.name.startswith(stored.image_of("")):
+            continue
+        for v in obj.repo.versions(i.name):
+            try:
+                t = json.loads(v.labels.get(stored.LABEL) or "{}")
+            except ValueError:
+                continue
+            if isinstance(t, dict) and f"{t.get('image')}@{t.get('version')}" == disk:
+                found.add(f"{i.name.removeprefix(stored.image_of(''))} (pushed: {i.name})")
+    return sorted(found)
 
 
 @click.command("gc")
@@ -184,7 +239,8 @@ def gc_cmd(obj: Ctx, as_json: bool) -> None:
     if as_json:
         emit(st.to_dict())
     else:
-        click.echo(f"removed {st.chunks_removed} chunks ({hz.size(st.bytes_removed)}), kept {st.chunks_kept}")
+        click.echo(f"removed {st.chunks_removed} chunks ({hz.size(st.bytes_removed)}), kept {st.chunks_kept}"
+                   + (f"; compacted {hz.size(st.space_freed)} of pack space" if st.space_freed else ""))
 
 
 def register(cli: click.Group) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,18 @@ import click
 from blockprov import humanize as hz
 from blockprov.agent import control
 from blockprov.agent.offline import on_cache
-from blockprov.cli._common import Ctx, emit, json_option, progress_bar, quiet_library_logs, run_async, size_option
-from blockprov.errors import BlockprovError, UsageError
+from blockprov.cli._common import (
+    MEMORY_HELP,
+    Ctx,
+    emit,
+    json_option,
+    memory_option,
+    progress_bar,
+    quiet_library_logs,
+    run_async,
+    size_option,
+)
+from blockprov.errors import AgentDied, AgentNotRunning, BlockprovError, UsageError
 from blockprov.names import parse_ref
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
@@ -165,23 +176,35 @@ def _remote_snapshot(repo: Repository, instance: str, args: dict[str, Any], wait
 @CACHE_OPTION
 @click.option("--to", "to", required=True, metavar="NAME:TAG|NAME@ID", help="The version to move to.")
 @click.option("--keep-modified", is_flag=True,
-              help="Keep the user's modified chunks over the new version (default: discard them).")
+              help="Keep the user's modified chunks of the partitions the new version leaves unchanged (a "
+                   "user-data partition); refused (exit 5) when other chunks are modified, unless --force "
+                   "(default: discard every modified chunk).")
+@click.option("--force", is_flag=True,
+              help="With --keep-modified: reset the modified chunks that cannot be kept instead of refusing "
+                   "(snapshot the instance first to keep them as a version).")
 @click.option("--lazy", is_flag=True, help="Do not fetch the changed chunks now; fetch them on first read.")
 @FETCH_TIMEOUT_OPTION
 @json_option
 @click.pass_obj
-def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bool, fetch_timeout: float,
-               as_json: bool) -> None:
-    """Move the instance to another version of its image, transferring only the chunks that differ."""
-    from blockprov.agent import lifecycle
+def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, force: bool, lazy: bool,
+               fetch_timeout: float, as_json: bool) -> None:
+    """Move the instance to another version of its image, transferring only the chunks that differ.
 
-    args = {"to": to, "keep_modified": keep_modified, "lazy": lazy}
+    Modified chunks are never laid over another version's file systems: --keep-modified keeps only
+    those of partitions the new version leaves exactly as they were (same place, size, type and
+    content); a whole-disk file system can only be reset."""
+    from blockprov.agent import keep
+
+    if force and not keep_modified:
+        raise UsageError("--force goes with --keep-modified (without it every modified chunk is discarded)")
+    args = {"to": to, "keep_modified": keep_modified, "force": force, "lazy": lazy}
 
     async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
         import asyncio
 
         new = await asyncio.get_running_loop().run_in_executor(None, repo.resolve, to)
-        work = lifecycle.update(dev, new, keep_modified=keep_modified, eager=not lazy)
+        work = keep.update(dev, repo, new, keep_modified=keep_modified, force=force, eager=not lazy,
+                           where=str(cache_dir))
         return await _watching(dev, work, None, f"update to {to}", not as_json and not lazy)
 
     quiet_library_logs()
@@ -192,9 +215,13 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, lazy: bo
         return
     click.echo(f"updated {out['from']} → {out['version']}: {out['chunks_changed']} chunk(s) differ, "
                f"fetched {out['chunks_refetched']} ({hz.size(out['bytes_fetched'])}) in {out['seconds']:.2f} s")
-    if keep_modified:
-        click.echo(f"  kept {out['modified_kept']} modified chunk(s); {out['conflicts']} of them "
-                   "overlap chunks the new version changed")
+    plan = out.get("keep")
+    if plan is not None:
+        click.echo(f"  kept {out['modified_kept']} modified chunk(s), reset {out['modified_discarded']}"
+                   + (f" (no partition table: {plan['why']})" if plan["table"] == "none" else ""))
+        for p in plan["partitions"]:
+            click.echo(f"  partition {p['number']} ({hz.size(p['size'])} at {hz.size(p['start'])}): "
+                       f"{p['modified_chunks']} modified chunk(s), {'kept' if p['kept'] else 'reset'} — {p['why']}")
     elif out["modified_discarded"]:
         click.echo(f"  discarded {out['modified_discarded']} modified chunk(s)")
 
@@ -242,7 +269,10 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
         while out.get("state") not in ("done", "stopped"):
             _progress(out, show)
             time.sleep(0.5)
-            st = control.call(cache_dir, "status", timeout=10.0)
+            try:
+                st = control.call(cache_dir, "status", timeout=10.0)
+            except (AgentNotRunning, AgentDied):
+                raise AgentDied(path=str(cache_dir), op="hydrate", outcome=_hydration_left(cache_dir)) from None
             out = st.get("hydration") or {}
     if show:
         click.echo("", err=True)
@@ -251,6 +281,19 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
         return
     click.echo(f"hydration {out.get('state')}: {out.get('percent')}% local, fetched "
                f"{hz.size(out.get('bytes_fetched', 0))}" + (f" — {out['message']}" if out.get("message") else ""))
+
+
+def _hydration_left(cache_dir: Path) -> str:
+    """What a hydration whose agent died leaves: the chunks it fetched are kept (each was recorded
+    present only once its data was written)."""
+    from blockprov.agent.agent import status
+
+    try:
+        st = status(cache_dir)
+    except BlockprovError as e:
+        return f"the cache cannot be read now ({e})"
+    return (f"hydration stopped with {st['chunks_missing']} of {st['chunks_total']} chunk(s) still to fetch; what "
+            "it fetched is kept (attach again, then hydrate, to go on)")
 
 
 def _progress(st: dict[str, Any], show: bool) -> None:
@@ -301,11 +344,12 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
               help="Seconds the recording boot may take at most.")
 @click.option("--idle", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
               help="Seconds without a new chunk read that end a boot that does not power off.")
-@click.option("--memory", default="512", show_default=True, help="Guest memory (qemu -m).")
+@click.option("--memory", default="512", show_default=True, callback=memory_option,
+              help=f"Guest memory ({MEMORY_HELP}).")
 @click.option("--append", default="", help="Extra kernel arguments (with the version's boot files).")
 @json_option
 @click.pass_obj
-def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: str, append: str,
+def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: int, append: str,
                        as_json: bool) -> None:
     """Boot the version once, headless, next to the repository (qemu, TCG) through a throwaway
     cache that records the order the boot reads chunks, and save that order as its boot profile:
@@ -317,7 +361,7 @@ def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: 
     quiet_library_logs()
     r = parse_ref(ref)
     m = obj.repo.resolve(r)
-    got = run_async(record(obj.repo, m, timeout=timeout, idle=idle, memory=memory, append=append))
+    got = run_async(record(obj.repo, m, timeout=timeout, idle=idle, memory=f"{memory >> 20}M", append=append))
     out = {**got.to_dict(), "repository": obj.repo.url}
     if as_json:
         emit(out)
@@ -325,6 +369,40 @@ def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: 
     how = "its boot files" if got.direct_kernel else "its own boot loader"
     click.echo(f"recorded a boot profile of {got.chunks} chunk(s) for {got.image}@{got.version} in "
                f"{got.seconds:.0f} s (booted with {how}; ended: {got.ended}); saved in {obj.repo.url}")
+
+
+@profile_group.command("prepare")
+@click.argument("ref", metavar="NAME:TAG|NAME@ID")
+@click.option("--timeout", type=click.FloatRange(1, 86400), default=600.0, show_default=True,
+              help="Seconds the preparing boot may take at most.")
+@click.option("--idle", type=click.FloatRange(1, 3600), default=20.0, show_default=True,
+              help="Seconds without a new chunk read that end a boot that does not power off.")
+@json_option
+@click.pass_obj
+def profile_prepare_cmd(obj: Ctx, ref: str, timeout: float, idle: float, as_json: bool) -> None:
+    """Prepare the version's boot profile on the repository's host, one preparation at a time
+    (what `boot-files set`/`build` and `serve` start in the background): skipped when it has or
+    inherits one; blockprov's network-boot initramfs is booted as a PC boots it. Needs the
+    repository's data directory (--data), not --repo."""
+    from blockprov.repo.local import LocalRepository
+    from blockprov.vm.prepare import prepare
+
+    repo = obj.repo
+    if not isinstance(repo, LocalRepository):
+        raise UsageError("profile prepare runs on the repository's host, on its data directory: use --data DIR "
+                         "(a server prepares the versions it records boot files for by itself)")
+    def serve(mode: str, on_fetch: Callable[[list[bytes]], None]) -> AbstractContextManager[str]:
+        from blockprov.service.access import AccessPolicy
+        from blockprov.service.run import ServerThread
+
+        return ServerThread(repo, AccessPolicy(mode), on_fetch=on_fetch)
+
+    quiet_library_logs()
+    got = run_async(prepare(repo, ref, serve, timeout=timeout, idle=idle))
+    if as_json:
+        emit(got)
+        return
+    click.echo(f"{got['image']}@{got['version']}: {got['state']}: {got['detail']}")
 
 
 @profile_group.command("show")

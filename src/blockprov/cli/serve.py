@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,12 +16,23 @@ from blockprov.cli._common import (
 from blockprov.errors import UsageError
 from blockprov.names import host_port
 
+if TYPE_CHECKING:
+    from blockprov.repo.local import LocalRepository
+
 
 @click.command("serve")
 @click.option("--listen", default="127.0.0.1:8420", show_default=True, metavar="HOST:PORT",
               help="Address to listen on; port 0 picks a free port.")
 @click.option("--max-body", default="256M", callback=size_option, show_default=True,
-              help="Largest request body accepted (larger ones get 413).")
+              help="Largest request body accepted (larger ones get 413); each route also has its own, smaller "
+                   "limit (x-blockprov-max-body in /openapi.json).")
+@click.option("--max-in-flight", default="512M", callback=size_option, show_default=True, metavar="SIZE",
+              help="Bytes of request bodies the whole server holds at once; a request that would pass it "
+                   "waits, then gets 503.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1, max=3600), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="Time a request's headers may take, and the grace before its body must keep coming at "
+                   "4 KiB/s or faster; a slower client gets 408 and is disconnected.")
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
 @click.option("--chunk-cache", default="256M", callback=size_option, show_default=True, metavar="SIZE",
               help="Memory for chunks read from an object store (--store s3://…), so that many agents reading "
@@ -36,10 +48,25 @@ from blockprov.names import host_port
               help="Serve HTTPS with this PEM certificate (chain).")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
               help="The certificate's PEM private key (default: in the --tls-cert file).")
+@click.option("--prepare/--no-prepare", default=True, show_default=True, envvar="BLOCKPROV_PREPARE",
+              help="When a version gets boot files, prepare its boot profile in the background on this host "
+                   "(one headless boot at a time) unless it has or inherits one.")
+@click.option("--upstream", default=None, metavar="URL",
+              help="Be a site cache of the repository at URL: keep what this site's machines ask for (within "
+                   "--cache-size), serve it to all of them, pass everything else on (docs/operations.md, "
+                   "'Many PCs, many sites').")
+@click.option("--cache-size", default="20G", callback=size_option, show_default=True, metavar="SIZE",
+              help="With --upstream: disk space for chunks (least recently used out).")
+@click.option("--upstream-token", default=None, envvar="BLOCKPROV_UPSTREAM_TOKEN", metavar="TOKEN",
+              help="With --upstream: the read token the site cache fetches chunks with (a site's machines' "
+                   "own tokens are passed on for everything else).")
 @click.pass_obj
-def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cache: int, auth_mode: str,
-              anonymous_read: bool, anonymous_boot: bool, tls_cert: str | None, tls_key: str | None) -> None:
-    """Serve the embedded repository over HTTP to remote agents and tools.
+def serve_cmd(obj: Ctx, listen: str, max_body: int, max_in_flight: int, request_timeout: float, access_log: bool,
+              chunk_cache: int, auth_mode: str, anonymous_read: bool, anonymous_boot: bool, tls_cert: str | None,
+              tls_key: str | None, prepare: bool, upstream: str | None, cache_size: int,
+              upstream_token: str | None) -> None:
+    """Serve the embedded repository over HTTP to remote agents and tools (or, with --upstream, be a
+    site cache of another repository).
 
     The first line printed is "serving URL" (with the real port when --listen asks for port 0).
     """
@@ -52,6 +79,22 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = check_data_dir(obj.data_dir, create=True)  # serve may start an empty repository
+    if upstream is not None:
+        from blockprov.names import base_url
+        from blockprov.service.run import bind, run_site_cache
+
+        url = base_url(upstream)
+        if obj.store or obj.catalog:
+            raise UsageError("a site cache (--upstream) keeps its own chunks: --store and --catalog are the upstream's")
+        try:
+            if port:
+                bind(host, port).close()
+            run_site_cache(data, url, cache_size, host, port, token=upstream_token, access_log=access_log,
+                           on_ready=lambda u: click.echo(f"serving {u} (site cache of {url})"),
+                           tls_cert=tls_cert, tls_key=tls_key)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
+        return
     from blockprov.catalog.db import open_database
 
     catalog = open_database(obj.catalog, data)
@@ -65,8 +108,15 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, access_log: bool, chunk_cach
             from blockprov.service.run import bind
 
             bind(host, port).close()
+        hook = None
+        if prepare:
+            from blockprov.vm.prepare import cli_prefix, schedule
+
+            def hook(repo: LocalRepository, image: str, vid: str) -> str:
+                return schedule(repo, image, vid, cli_prefix(data, obj.store, obj.catalog), data / "prepare")
+
         run_server(data, host, port, max_body=max_body, store=store, catalog=catalog,
-                   chunk_cache=chunk_cache,
+                   chunk_cache=chunk_cache, in_flight=max_in_flight, request_timeout=request_timeout, prepare=hook,
                    access_log=access_log, on_ready=lambda url: click.echo(f"serving {url}"),
                    access=AccessPolicy(auth_mode, anonymous_read, anonymous_boot), tls_cert=tls_cert,
                    tls_key=tls_key)

@@ -63,16 +63,35 @@ def token_create(obj: Ctx, scope: str, name: str | None, site: str | None, as_js
             from blockprov.catalog.sites import Sites
 
             Sites(catalog.db).get(site)  # SiteNotFound: a typo would bind the token to no site at all
+        first = not store.any_created()
         value, info = store.create(scope, name, site)
+        warning = _first_token_warning(catalog) if first else None
     finally:
         catalog.close()
     if as_json:
-        emit(info.to_dict() | {"token": value})
+        emit(info.to_dict() | {"token": value} | ({"warning": warning} if warning else {}))
         return
     click.echo(value)
     click.echo(f"token {info.id}{f' ({name})' if name else ''} with {scope} scope"
                f"{f', bound to site {site}' if site else ''}: shown only now; "
                f"clients pass it with --token or BLOCKPROV_TOKEN", err=True)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _first_token_warning(catalog: Catalog) -> str:
+    """What the first token changes for everyone else (issue 27 item 2: it silently stopped every
+    PC from network-booting): a server with ``--auth auto`` (the default) now wants a token from
+    every client, and iPXE cannot send one."""
+    from blockprov.catalog.machines import Registry
+
+    hosts = len(Registry(catalog).hosts())
+    pcs = (f"{hosts} host(s) assigned here will be refused their boot scripts" if hosts
+           else "PCs that network-boot will be refused their boot scripts")
+    return ("this is the repository's first token: a server on this catalog with --auth auto (the default) "
+            f"requires a token from every client from now on (within 5 s, no restart). {pcs} (their screens say "
+            "why) unless the server runs with --anonymous-boot: restart it as `blockprov serve --anonymous-boot …`; "
+            "give agents a token (--token, BLOCKPROV_TOKEN; a PC's: host assign … --args blockprov.token=TOKEN)")
 
 
 @token.command("list")

@@ -14,7 +14,15 @@ from typing import Any
 import click
 
 from blockprov import humanize as hz
-from blockprov.cli._common import Ctx, check_data_dir, default_data_dir, emit, json_option, size_option
+from blockprov.cli._common import (
+    MEMORY_HELP,
+    Ctx,
+    check_data_dir,
+    default_data_dir,
+    emit,
+    json_option,
+    memory_option,
+)
 from blockprov.errors import NotFound, VmFailed
 from blockprov.names import parse_ref
 
@@ -59,7 +67,8 @@ def vm_group() -> None:
 @vm_group.command("run", context_settings={"ignore_unknown_options": True})
 @click.argument("ref", metavar="NAME:TAG|NAME@ID")
 @click.option("--name", "name", required=True, help="The VM's name (lowercase letters, digits, '-').")
-@click.option("--memory", default="512M", show_default=True, callback=size_option, help="Guest RAM.")
+@click.option("--memory", default="512M", show_default=True, callback=memory_option,
+              help=f"Guest RAM ({MEMORY_HELP}).")
 @click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option("--machine", default="pc", show_default=True, help="qemu machine type (recorded resolved).")
 @click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- QEMU-ARGS…]")
@@ -139,27 +148,39 @@ def vm_stop_cmd(obj: Ctx, names: tuple[str, ...], root: Path | None, as_json: bo
     """Quit VMs (their disks stay; `vm rm` removes them)."""
     from blockprov.vm import vms
 
-    out = [vms.stop(_root(obj, root), n) for n in names]
+    r = _root(obj, root)
+    for n in names:  # every name checked before anything is stopped
+        vms.read_record(r, n)
+    out = [vms.stop(r, n) for n in names]
     if as_json:
         emit(out)
         return
     click.echo(f"stopped {', '.join(names)}")
+    for o in out:
+        if not o["recorded"]:
+            click.echo(f"  {o['name']}: its record could not say so (no space left in {r}): `vm list` shows it dead")
 
 
 @vm_group.command("rm")
 @click.argument("names", nargs=-1, required=True)
+@click.option("--force", "-f", is_flag=True, help="Stop a running VM first (without it, a running VM is refused).")
 @DIR_OPTION
 @json_option
 @click.pass_obj
-def vm_rm_cmd(obj: Ctx, names: tuple[str, ...], root: Path | None, as_json: bool) -> None:
-    """Stop VMs and remove them with their disk overlays."""
+def vm_rm_cmd(obj: Ctx, names: tuple[str, ...], force: bool, root: Path | None, as_json: bool) -> None:
+    """Remove VMs with their disk overlays (their writes are lost). A running one is refused unless
+    --force, which stops it first."""
     from blockprov.vm import vms
 
-    out = [vms.rm(_root(obj, root), n) for n in names]
+    r = _root(obj, root)
+    for n in names:  # every name checked before anything is removed
+        vms.refuse_running(r, n, force)
+    out = [vms.rm(r, n, force=force) for n in names]
     if as_json:
         emit(out)
         return
-    click.echo(f"removed {', '.join(names)}")
+    stopped = [o["name"] for o in out if o["was_running"]]
+    click.echo(f"removed {', '.join(names)}" + (f" (stopped first: {', '.join(stopped)})" if stopped else ""))
 
 
 @vm_group.command("template")
@@ -221,8 +242,8 @@ def vm_templates_cmd(obj: Ctx, root: Path | None, as_json: bool) -> None:
 @vm_group.command("clone", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.option("--count", default=1, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--memory", default=None, callback=lambda c, p, v: None if v is None else size_option(c, p, v),
-              help="Must be the template's (checked; default: the template's).")
+@click.option("--memory", default=None, callback=memory_option,
+              help=f"Must be the template's (checked; default: the template's; {MEMORY_HELP}).")
 @click.option("--cpus", default=None, type=click.IntRange(1, 64), help="Must be the template's (checked).")
 @click.option("--customize", "customize_cmd", metavar="CMD",
               help="Run after each clone resumes (env BLOCKPROV_VM, BLOCKPROV_INDEX, BLOCKPROV_QMP, "

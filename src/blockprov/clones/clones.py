@@ -449,12 +449,13 @@ class ClonesAgent:
                 await self._open_instance(name)
 
     async def _op_seal(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = instance_name(str(req.get("name", "")))
+        name = instance_name(control.Args(req).text("name"))
         return {"instance": name, "sealed": await self.seal(name)}
 
     async def _op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
-        await self.remove(instance_name(str(req.get("name", ""))))
-        return {"removed": req["name"]}
+        name = instance_name(control.Args(req).text("name"))
+        await self.remove(name)
+        return {"removed": name}
 
     async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         self._stop.set()

@@ -320,13 +320,14 @@ class PoolServer:
                     self.agent.link.poke()
 
     async def _op_acquire(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = acquire(self.root, str(req.get("host") or ""))
+        name = acquire(self.root, control.Args(req).text("host"))
         self._changed()
         return {"instance": name, "uri": self.agent.uri(name)}
 
     async def _op_release(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = str(req["instance"])
-        state = await release(self.root, self.repo, name, destroy=bool(req.get("destroy")), agent=self.agent)
+        a = control.Args(req)
+        name, destroy = a.text("instance", None), a.flag("destroy")  # no instance: a usage error, not a KeyError
+        state = await release(self.root, self.repo, name, destroy=destroy, agent=self.agent)
         self._changed()
         return {"instance": name, "state": state}
 

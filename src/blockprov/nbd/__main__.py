@@ -20,7 +20,7 @@ from blockprov.device.base import BlockDevice
 from blockprov.errors import UsageError
 from blockprov.humanize import parse_size
 from blockprov.names import host_port
-from blockprov.nbd.server import FRAME_TIMEOUT, NbdServer
+from blockprov.nbd.server import FRAME_TIMEOUT, WRITE_TIMEOUT, NbdServer
 
 
 def _size(text: str) -> int:
@@ -57,6 +57,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--frame-timeout", type=float, default=FRAME_TIMEOUT, metavar="SECONDS",
                    help="drop a client silent this long in the middle of the handshake or a request "
                         f"(default {FRAME_TIMEOUT:g}; 0: never)")
+    p.add_argument("--write-timeout", type=float, default=WRITE_TIMEOUT, metavar="SECONDS",
+                   help="drop a client that takes none of its replies this long while they wait for it "
+                        f"(default {WRITE_TIMEOUT:g}; 0: never)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", metavar="PATH", help="listen on a unix socket")
     where.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP (port 0: any free port)")
@@ -84,7 +87,8 @@ async def _serve(args: argparse.Namespace) -> None:
         exports[args.name] = device(args.memory, args.read_only)
     for name, size, ro in args.export:
         exports[name] = device(size, ro)
-    server = NbdServer(exports, description=args.description, frame_timeout=args.frame_timeout or None)
+    server = NbdServer(exports, description=args.description, frame_timeout=args.frame_timeout or None,
+                       write_timeout=args.write_timeout or None)
     if args.socket:
         address = "unix:" + await server.start_unix(args.socket)
     else:

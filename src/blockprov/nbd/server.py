@@ -8,6 +8,9 @@ transport in ``finally``.
 Each request runs in its own task, so several are in flight per connection; at most
 ``max_in_flight`` requests and ``max_buffered`` bytes of payload (WRITE data received plus READ
 data requested) are admitted at once, beyond that the server stops reading from the socket.
+Replies that wait to be sent behind a held output count against the same budget (issue 27: a
+peer that sends requests and never reads its replies held 1.6 GiB of them), and a peer that takes
+none of its replies for ``write_timeout`` seconds is dropped (nbd/writer.py).
 Replies leave through the connection's ``ReplyWriter`` (nbd/writer.py: the queue, held output,
 sendfile); this module keeps the framing and the dispatch of requests.
 
@@ -85,6 +88,8 @@ log = logging.getLogger("blockprov.nbd")
 # Generous: real clients send a request in one go; a peer silent this long in the middle of one is
 # gone or hostile. qemu-nbd allows 10 s for the whole handshake.
 FRAME_TIMEOUT = 60.0
+# A peer that takes none of its replies this long while they wait for it is gone or hostile: dropped.
+WRITE_TIMEOUT = 60.0
 # Bytes of a streamed WRITE received but not yet written that make the connection stop reading
 # (one piece being written, one waiting): with the piece being received, what a request of any
 # size holds is at most three pieces.
@@ -101,6 +106,7 @@ class ServerStats:
     errors: int = 0  # error replies sent
     protocol_errors: int = 0  # connections ended because a frame could not be parsed
     timeouts: int = 0  # connections dropped for staying silent in the middle of a frame
+    write_timeouts: int = 0  # connections dropped for taking none of their replies
     bytes_read: int = 0
     bytes_written: int = 0
     sendfile_bytes: int = 0
@@ -185,12 +191,14 @@ def bind_listening_unix(path: str) -> socket.socket:
 class NbdServer:
     def __init__(self, exports: dict[str, BlockDevice], *, description: str = "",
                  default_export: str | None = None, max_in_flight: int = 64,
-                 max_buffered: int = 128 * 1024 * 1024, frame_timeout: float | None = FRAME_TIMEOUT) -> None:
+                 max_buffered: int = 128 * 1024 * 1024, frame_timeout: float | None = FRAME_TIMEOUT,
+                 write_timeout: float | None = WRITE_TIMEOUT) -> None:
         """``exports`` maps export names to devices. The empty name is ``exports[""]`` if present,
         else ``exports[default_export]``, else the first export. Exports added to the dict later
         are offered to connections made after that (a host's clones come and go).
         ``frame_timeout``: seconds a peer may stay silent in the middle of the handshake or of a
-        request before it is dropped (None: never)."""
+        request before it is dropped (None: never); ``write_timeout``: seconds a peer may take none
+        of the replies waiting for it before it is dropped (None: never)."""
         self.exports = exports
         self.description = description
         if default_export is None and "" not in exports and exports:
@@ -199,6 +207,7 @@ class NbdServer:
         self.max_in_flight = max_in_flight
         self.max_buffered = max_buffered
         self.frame_timeout = frame_timeout
+        self.write_timeout = write_timeout
         self.stats = ServerStats()
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_Connection] = set()
@@ -322,7 +331,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.stopped = False  # no more requests are read
         self.finished: asyncio.Future[bool] = self.loop.create_future()  # result: abort?
         self.idle: asyncio.Future[None] | None = None
-        self.out = ReplyWriter(self.loop, self.stats, lambda: self._finish(abort=True))
+        self.out = ReplyWriter(self.loop, self.stats, lambda: self._finish(abort=True), on_room=self._room,
+                               on_stalled=self._stalled, write_timeout=server.write_timeout)
         self.last_heard = self.loop.time()  # when bytes last arrived (or reading last resumed)
         self.frame_timer: asyncio.TimerHandle | None = None
         self.stream: _WriteStream | None = None  # the streamed WRITE whose pieces are arriving
@@ -420,6 +430,20 @@ class _Connection(asyncio.BufferedProtocol):
             self.frame_timer.cancel()
             self.frame_timer = None
 
+    def _room(self) -> None:
+        """Replies that waited left: read requests again if they were what stopped us."""
+        if self.reading_paused and not self.stopped:
+            self._process()
+
+    def _stalled(self) -> None:
+        """The peer took none of its replies for the write timeout: drop it now (the request whose
+        reply waits for it cannot finish, so nothing is waited for)."""
+        self.stats.write_timeouts += 1
+        log.warning("nbd: dropping %s: it took none of its replies for %.0f s", self.peer, self.server.write_timeout)
+        self._finish(abort=True)
+        if self.transport is not None:
+            self.transport.abort()
+
     def _frame_timer_fired(self) -> None:
         """Drop the peer if it owes us the rest of a frame and has sent nothing for the timeout
         while we were reading; else look again when it could next have timed out. One timer per
@@ -445,8 +469,10 @@ class _Connection(asyncio.BufferedProtocol):
         proto = self.proto
         server = self.server
         while not self.stopped:
-            if (self.in_flight >= server.max_in_flight or self.buffered >= server.max_buffered
-                    or self.out.paused or self.stream_bytes >= STREAM_WINDOW):
+            out = self.out
+            if (self.in_flight + out.waiting >= server.max_in_flight
+                    or self.buffered + out.waiting_bytes >= server.max_buffered
+                    or out.paused or self.stream_bytes >= STREAM_WINDOW):
                 self._pause_reading()
                 return
             try:

@@ -23,6 +23,15 @@ requests, so with the direct sendfile path uvloop is the better loop for both.
 
 A failure while a reply is partly out drops the connection (``on_broken``): once part of a reply
 is out, the framing cannot recover.
+
+A peer that does not read its replies (issue 27). Replies waiting behind a held output count
+against the connection's budget (``waiting``, ``waiting_bytes``: the connection stops reading
+requests when they fill it, and reads again once they left, ``on_room``); a reply never waits for
+the transport through the loop's own ``sendfile`` (whose progress cannot be seen) but for the
+transport's buffer to empty (``_wait_empty``), then goes out on the duplicate descriptor. While
+output waits on the peer (the transport's buffer above its high-water mark, or a direct send
+waiting for writability), a watchdog checks that the peer takes some of it; one that takes
+nothing for ``write_timeout`` seconds is dropped (``on_stalled``).
 """
 
 from __future__ import annotations
@@ -53,17 +62,24 @@ class ReplyWriter:
     """The output side of one connection: its queue of replies, the held output of a reply sent
     in several writes, and the direct sendfile path on a duplicate of the socket's descriptor."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stats: ServerStats,
-                 on_broken: Callable[[], None]) -> None:
-        """``on_broken`` drops the connection (a reply failed after part of it went out)."""
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: ServerStats, on_broken: Callable[[], None], *,
+                 on_room: Callable[[], None] = lambda: None, on_stalled: Callable[[], None] = lambda: None,
+                 write_timeout: float | None = None) -> None:
+        """``on_broken`` drops the connection (a reply failed after part of it went out);
+        ``on_room``: replies that waited left, the connection may read requests again;
+        ``on_stalled``: the peer took nothing for ``write_timeout`` s (None: never checked)."""
         self.loop = loop
         self.stats = stats
         self.on_broken = on_broken
+        self.on_room = on_room
+        self.on_stalled = on_stalled
+        self.write_timeout = write_timeout
         self.transport: asyncio.Transport | None = None  # set when the connection is made
         self.peer: object = None
         self.busy = False  # a reply holds the output: others wait in ``queued``
         self.lock = asyncio.Lock()
         self.queued: deque[Sequence[Buffer]] = deque()
+        self.waiting_bytes = 0  # bytes of the replies in ``queued``
         self.outq: list[Buffer] = []
         self.flush_scheduled = False
         self.sendfile_ok = True
@@ -74,11 +90,21 @@ class ReplyWriter:
         self.lost = False
         self.paused = False  # the transport's buffer is above its high-water mark
         self.drain_waiter: asyncio.Future[None] | None = None
+        self.sent_direct = 0  # bytes the duplicate descriptor took (sendfile, writev)
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.progress_mark: tuple[int, int] = (0, 0)  # (sent_direct, transport buffer) when last looked
+        self.progress_at = 0.0  # when the peer was last seen taking bytes
+
+    @property
+    def waiting(self) -> int:
+        """Replies waiting behind a held output (they count against the connection's budget)."""
+        return len(self.queued)
 
     # --- the connection's events ------------------------------------------------------------
 
     def pause(self) -> None:
         self.paused = True
+        self._watch()
 
     def resume(self) -> None:
         self.paused = False
@@ -95,8 +121,46 @@ class ReplyWriter:
         """The connection is closed: the duplicate descriptor goes now, or when the direct send
         using it ends."""
         self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if not self.direct_active:
             self._close_out_fd()
+
+    # --- the write-progress watchdog ---------------------------------------------------------
+
+    def _stalled_on_peer(self) -> bool:
+        """Output waits for the peer to take bytes (not for a device read, not for nothing)."""
+        t = self.transport
+        return not self.lost and ((t is not None and t.get_write_buffer_size() > 0) or self.direct_waiter is not None)
+
+    def _mark(self) -> tuple[int, int]:
+        t = self.transport
+        return self.sent_direct, (t.get_write_buffer_size() if t is not None else 0)
+
+    def _watch(self) -> None:
+        """Start the watchdog when output begins to wait on the peer (one timer per connection)."""
+        if self.write_timeout is None or self.watchdog is not None or self.closed:
+            return
+        self.progress_mark, self.progress_at = self._mark(), self.loop.time()
+        self.watchdog = self.loop.call_later(self.write_timeout, self._check_progress)
+
+    def _check_progress(self) -> None:
+        """Progress is a direct send that took bytes, or a transport buffer that shrank (while
+        output waits on the peer no new request is read, so it only grows by replies already owed)."""
+        self.watchdog = None
+        timeout = self.write_timeout
+        if timeout is None or self.closed or not self._stalled_on_peer():
+            return  # nothing waits on the peer: looked at again when something does
+        now = self.loop.time()
+        mark = self._mark()
+        if mark[0] > self.progress_mark[0] or mark[1] < self.progress_mark[1]:
+            self.progress_at = now
+        self.progress_mark = mark
+        if now - self.progress_at >= timeout:
+            self.on_stalled()
+            return
+        self.watchdog = self.loop.call_at(self.progress_at + timeout, self._check_progress)
 
     def _wake_drain(self) -> None:
         waiter = self.drain_waiter
@@ -120,6 +184,7 @@ class ReplyWriter:
         ``writelines``."""
         if self.busy:
             self.queued.append(parts)
+            self.waiting_bytes += sum(len(p) for p in parts)
             return
         self.outq.extend(parts)
         if not self.flush_scheduled:
@@ -176,8 +241,12 @@ class ReplyWriter:
                 self.on_broken()
             finally:
                 self.busy = False
+                released = bool(self.queued)
                 while self.queued:
                     self.send(self.queued.popleft())
+                self.waiting_bytes = 0
+                if released:
+                    self.on_room()
 
     async def send_now(self, out: list[Any]) -> None:
         """Send one reply (or piece of one) while holding the connection's output: directly on
@@ -185,12 +254,27 @@ class ReplyWriter:
         transport = self.transport
         assert transport is not None
         fd = self._direct_fd()
-        if fd >= 0 and transport.get_write_buffer_size():
-            await asyncio.sleep(0)  # uvloop sends what it holds at the end of an iteration
-        if fd >= 0 and not transport.get_write_buffer_size() and not self.lost:
-            await self._send_direct(fd, out)
-        else:
+        if fd < 0:
             await self._send_through(transport, out)
+            return
+        if transport.get_write_buffer_size():
+            await asyncio.sleep(0)  # uvloop sends what it holds at the end of an iteration
+            await self._wait_empty(transport)
+        if self.lost:
+            raise ConnectionResetError("connection lost while sending a reply")
+        await self._send_direct(fd, out)
+
+    async def _wait_empty(self, transport: asyncio.Transport) -> None:
+        """Wait until the transport holds nothing of ours (then the duplicate descriptor may
+        write): with a high-water mark of 0 the transport pauses us now and resumes us at empty."""
+        if not transport.get_write_buffer_size():
+            return
+        transport.set_write_buffer_limits(high=0)
+        try:
+            await self.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits()
 
     async def resolve(self, parts: Sequence[Any]) -> list[Any]:
         """The parts of a read reply ready to send: file segments kept for sendfile when it can
@@ -219,8 +303,9 @@ class ReplyWriter:
     # --- through the transport --------------------------------------------------------------
 
     async def _send_through(self, transport: asyncio.Transport, out: list[Any]) -> None:
-        """Send a reply through the transport: memory parts written, file parts with the loop's
-        sendfile where it has one, else read and written."""
+        """Send a reply through the transport (only when there is no duplicate descriptor):
+        memory parts written, file parts with the loop's sendfile where it has one, else read and
+        written."""
         pending: list[Any] = []
         for part in out:
             if type(part) is not FileSegment:
@@ -275,6 +360,7 @@ class ReplyWriter:
             except BlockingIOError:
                 await self._wait_writable(fd)
                 continue
+            self.sent_direct += n
             while bufs and n >= len(bufs[0]):
                 n -= len(bufs[0])
                 bufs.pop(0)
@@ -320,6 +406,7 @@ class ReplyWriter:
                     break
                 offset += n
                 left -= n
+                self.sent_direct += n
         finally:
             self.direct_active = False
             if self.closed:
@@ -337,6 +424,7 @@ class ReplyWriter:
                 waiter.set_result(None)
 
         self.direct_waiter = waiter
+        self._watch()
         loop.add_writer(fd, ready)
         try:
             await waiter

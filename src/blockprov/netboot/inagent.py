@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from blockprov import boot
-from blockprov.agent import lifecycle, run_async
+from blockprov.agent import keep, lifecycle, run_async
 from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.align import runs
 from blockprov.cache import DEFAULT_READAHEAD, DEFAULT_TIMEOUT, CacheDevice, Reserve, is_cache, load_state
@@ -82,7 +82,7 @@ from blockprov.errors import BlockprovError, CacheMismatch, NetbootError, Unauth
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd, loader
-from blockprov.netboot.params import check_params, diskless
+from blockprov.netboot.params import check_params, diskless, peer_port
 from blockprov.repo.remote import RemoteRepository
 from blockprov.retry import RetryPolicy, is_transient, retry_sync
 
@@ -323,6 +323,8 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
                          use_profile=not offline, reserve=reserve,
                          fetch_timeout=OFFLINE_FETCH_TIMEOUT if offline else DEFAULT_TIMEOUT,
                          checkpoint_fill_bytes=CHECKPOINT_FILL,
+                         site=None if offline else params.get("site") or None,
+                         peer_listen=None if offline or (port := peer_port(params)) is None else ("0.0.0.0", port),
                          extra={"host": params.get("host"), "netboot": True})
     held = held_version(config.cache_dir)
     if offline and held is None:
@@ -352,10 +354,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     if session and reserve is not None:
         await restore_from_reserve(dev, reserve, session, offline, say)
     if moved and manifest is not None:
-        old = dev.manifest.id
-        done = await lifecycle.update(dev, manifest, keep_modified=policy == "keep")
-        say(f"updated {old[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
-            f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept")
+        await move_to(agent, dev, repo, manifest, params, say)
     counts = dev.chunks.counts()
     m = dev.manifest
     if offline:
@@ -366,6 +365,13 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     else:
         say(f"serving {m.image}@{m.id[:12]} policy={policy} hydrate={hydrate} "
             f"present={counts['total'] - counts['missing']}/{counts['total']} chunks")
+        if agent.site is not None:
+            known = agent.peers.membership if agent.peers is not None else None
+            say(f"site {agent.site.site}: {len(known.peers) if known else 0} peer(s) online"
+                + (f", serving them at {agent.peer_url}" if agent.peer_url else "")
+                + (f"; {agent.site.last_error}" if agent.site.last_error else "")
+                + (f"; chunks through the site cache {repo.url}" if agent.peers is not None
+                   and agent.peers.upstream_kind == "site_cache" else ""))
     if hydrate == "before-boot" and agent.ops.hydrator is not None:
         say("hydrating every chunk before the boot (blockprov.hydrate=before-boot)")
         while agent.ops.hydrator.running:
@@ -390,6 +396,43 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def move_to(agent: Agent, dev: CacheDevice, repo: RemoteRepository, manifest: Manifest,
+                  params: dict[str, str], say: Any) -> None:
+    """The host was assigned another version of the image: update the disk by diff before the
+    kernel sees a byte. ``restore``: the session was reset already. ``keep``: agent/keep.py's
+    ``move`` (the chunks of partitions the new version leaves unchanged are kept, the session is
+    first kept as a version when anything else changed, never merged); when that snapshot cannot
+    be made the PC stays on its version. The console and the agent's report say which."""
+    old = dev.manifest
+    report: dict[str, Any] = {"from": f"{old.image}@{old.id}", "to": f"{manifest.image}@{manifest.id}",
+                              "at": time.time()}
+    if params.get("policy", "keep") == "keep":
+        done = await keep.move(dev, repo, manifest, host=params.get("host"),
+                               on_move=params.get("on_move", "snapshot"), say=say)
+    else:
+        done = await lifecycle.update(dev, manifest)
+    if done is None:
+        report["summary"] = (f"NOT moved to {manifest.image}@{manifest.id[:12]}: the session could not be kept as a "
+                             "version (see the PC's console); serving the version it had")
+        report["moved"] = False
+    else:
+        say(f"updated {old.id[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
+            f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept, "
+            f"{done['modified_discarded']} reset")
+        snap = done.get("snapshot")
+        plan = done.get("keep")
+        kept = [str(p["number"]) for p in (plan or {}).get("partitions", []) if p["kept"]]
+        report.update(moved=True, kept_chunks=done["modified_kept"], reset_chunks=done["modified_discarded"],
+                      kept_partitions=kept, snapshot=snap,
+                      summary=f"moved {old.id[:12]} → {manifest.id[:12]}: kept {done['modified_kept']} modified "
+                              f"chunk(s)" + (f" of partition {', '.join(kept)}" if kept else "")
+                              + f", reset {done['modified_discarded']}"
+                              + (f"; session kept as {snap['image']}:{snap['tag']}" if snap else ""))
+    agent.config.extra.setdefault("report", {})["last_move"] = report
+    if agent.link is not None:
+        agent.link.poke()  # the repository shows it at once (blockprov agents, the console)
 
 
 def open_reserve(d: disk.Disk, say: Any) -> Reserve | None:

@@ -41,11 +41,12 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockprov.errors import NetbootError, SourceError
+from blockprov.boot import INITRAMFS_MARK
+from blockprov.errors import NetbootError, SourceError, UsageError
 
 PYTHON = Path("/usr/bin/python3")
 BUSYBOX = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
@@ -163,14 +164,42 @@ class Built:
 
 
 # -- the kernel and its modules ----------------------------------------------------------------------
+HEADER_BYTES = 0x10200  # the boot header and the release string it points to (an offset below 64 KiB + 0x200)
+
+
+def bzimage_release(head: bytes) -> str:
+    """The release of a Linux kernel from its first HEADER_BYTES (the x86 boot protocol's setup
+    header: boot flag 0xAA55 at 0x1FE, "HdrS" at 0x202, protocol version at 0x206, loadflags at 0x211,
+    the offset of the version string at 0x20E); ValueError saying why ``head`` is no bzImage that
+    iPXE can boot. Pure: no I/O."""
+    if len(head) < 0x214 or head[0x1FE:0x200] != b"\x55\xaa" or head[0x202:0x206] != b"HdrS":
+        raise ValueError("not a Linux kernel (no x86 boot header: 0xAA55 at 0x1FE and 'HdrS' at 0x202)")
+    version = int.from_bytes(head[0x206:0x208], "little")
+    if version < 0x0200 or not head[0x211] & 0x01:
+        raise ValueError(f"an old zImage (boot protocol {version >> 8}.{version & 0xFF:02d}, not loaded high): "
+                         "iPXE boots a bzImage")
+    at = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    text = head[at:at + 256].split(b"\0", 1)[0].decode("ascii", "replace").split()
+    return text[0] if at > 0x200 and text else ""
+
+
 def find_kernel(kernel: Path | None = None) -> tuple[Path, str]:
-    """The kernel to boot and its release: ``kernel`` (its release from its name vmlinuz-RELEASE),
-    else the newest /boot/vmlinuz-* whose modules are installed (Debian's linux-image-amd64)."""
+    """The kernel to boot and its release: ``kernel`` (its release from its boot header, else from
+    its name vmlinuz-RELEASE), checked to be a bzImage before anything is built (a disk image given
+    by mistake made an initramfs the PC then refused with "Exec format error"); else the newest
+    /boot/vmlinuz-* whose modules are installed (Debian's linux-image-amd64)."""
     if kernel is not None:
-        if not kernel.is_file():
-            raise SourceError(path=str(kernel), why="no such kernel file")
+        try:
+            with open(kernel, "rb") as f:
+                head = f.read(HEADER_BYTES)
+        except OSError as e:
+            raise SourceError(path=str(kernel), why=e.strerror or str(e)) from None
+        try:
+            release = bzimage_release(head)
+        except ValueError as e:
+            raise SourceError(path=str(kernel), why=str(e)) from None
         m = re.match(r"vmlinuz-(.+)$", kernel.name)
-        return kernel, m.group(1) if m else ""
+        return kernel, release or (m.group(1) if m else "")
     found = []
     for p in Path("/boot").glob("vmlinuz-*"):
         release = p.name[len("vmlinuz-"):]
@@ -181,6 +210,22 @@ def find_kernel(kernel: Path | None = None) -> tuple[Path, str]:
                            "or give --kernel FILE --modules DIR")
     _k, path, release = max(found)
     return path, release
+
+
+def check_modules_match(mods: list[Path], release: str) -> None:
+    """The modules were built for ``release`` (their vermagic): the kernel refuses others at insmod,
+    at the PC's boot, so say so now. Compressed modules (.ko.xz, .ko.zst) are not looked into."""
+    for m in mods:
+        if m.suffix != ".ko":
+            continue
+        data = _read(m, "kernel module")
+        at = data.find(b"vermagic=")
+        if at < 0 or not release:
+            continue
+        magic = data[at + 9:data.find(b"\0", at)].decode("ascii", "replace").split()
+        if magic and magic[0] != release:
+            raise UsageError(f"the kernel modules in {m.parent} are for {magic[0]}, the kernel is {release}: "
+                             "give the kernel's own module tree with --modules DIR")
 
 
 def module_order(modules_dir: Path, names: tuple[str, ...] = MODULES,
@@ -364,13 +409,18 @@ def _read(path: Path | str, what: str) -> bytes:
         raise SourceError(path=str(path), why=f"{e.strerror or e} ({what})") from None
 
 
-def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python: Path = PYTHON) -> Built:
-    """The initramfs for ``kernel`` (default: the newest installed Debian kernel)."""
+def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python: Path = PYTHON,
+          progress: Callable[[str], None] = lambda step: None) -> Built:
+    """The initramfs for ``kernel`` (default: the newest installed Debian kernel). Everything that
+    can be checked cheaply (the kernel's format, its modules, the tools) is checked before the long
+    part (the python probe, the libraries, compression), which tells ``progress`` each step."""
     kpath, release = find_kernel(kernel)
     if modules_dir is None:
         if not release:
             raise NetbootError(f"cannot tell the release of {kpath} from its name: give --modules DIR")
         modules_dir = Path("/lib/modules") / release
+    mods = module_order(modules_dir)
+    check_modules_match(mods, release)
     busybox = next((b for b in BUSYBOX if b.exists()), None)
     if busybox is None:
         raise NetbootError("no busybox: apt-get install busybox-static")
@@ -384,7 +434,7 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
     a.node("dev/console", stat.S_IFCHR | 0o600, (5, 1))
     a.node("dev/null", stat.S_IFCHR | 0o666, (1, 3))
     a.file("init", INIT.encode(), 0o755, "init")
-    a.file("etc/blockprov/udhcpc.sh", UDHCPC.encode(), 0o755, "init")
+    a.file(INITRAMFS_MARK, UDHCPC.encode(), 0o755, "init")  # also what marks the archive as ours
     a.file("usr/bin/busybox", _read(busybox, "busybox"), 0o755, "busybox")
     a.file("usr/sbin/mke2fs", _read(MKE2FS, "mke2fs"), 0o755, "mke2fs")
     if MKE2FS_CONF.exists():
@@ -403,12 +453,13 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
     for conv in [*(GCONV / n for n in GCONV_FILES), *sorted((GCONV / "gconv-modules.d").glob("*.conf"))]:
         if conv.exists():
             a.file(in_usr(str(conv)), _read(conv, "glibc's iconv module"), 0o644, "boot loader")
-    mods = module_order(modules_dir)
+    progress(f"kernel modules ({len(mods)})")
     for m in mods:
         a.file(f"{MOD_DIR}/{m.name}", _read(m, "kernel module"), 0o644, "kernel modules")
     a.file("etc/blockprov/modules", "".join(f"/{MOD_DIR}/{m.name}\n" for m in mods).encode(), 0o644, "init")
     a.file("usr/bin/python3", _read(python.resolve(), "the python interpreter"), 0o755, "python")
     with tempfile.TemporaryDirectory(prefix="bp-initramfs-") as tmp:
+        progress("python modules (the probe imports the in-machine agent)")
         found = probe(python, Path(tmp))
         search = [str(p) for p in found["path"]]  # type: ignore[attr-defined]
         sos = []
@@ -427,8 +478,10 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
             if mod["name"] == "certifi.core":  # httpx reads the CA bundle when it makes a client
                 ca = Path(f).parent / "cacert.pem"
                 a.file(os.path.dirname(name) + "/cacert.pem", _read(ca, "CA bundle"), 0o644, part)
+    progress("shared libraries")
     for lib in shared_libraries([str(python.resolve()), str(MKE2FS), *loader_bins, *sos]):
         a.file(in_usr(lib), _read(os.path.realpath(lib), "shared library"), 0o755, "shared libraries")
+    progress("archive and compression")
     raw = a.cpio()
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as g:

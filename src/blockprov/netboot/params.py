@@ -12,18 +12,25 @@ RAM the cache may take, e.g. ``512M``; default half the machine's memory), ``blo
 host's boot script or read /proc/cmdline in the machine), ``blockprov.reserve`` (the golden
 reserve's size, e.g. ``256M``, used when the disk is initialized: netboot/disk.py),
 ``blockprov.offline_after`` (seconds the agent waits for an unreachable repository before it boots
-from what the disk holds; 0: at once), ``blockprov.loader=off`` (this boot leaves the disk's boot
-loader as it is) and ``blockprov.from=disk`` (added by the disk's own boot loader,
+from what the disk holds; 0: at once), ``blockprov.site`` (the host's site, from its record: the PC
+fetches chunks from the site's other PCs and serves them its own), ``blockprov.peers`` (with a
+site: ``on``, the default, serves peers on port 7624; a port number; ``off`` only fetches from
+them), ``blockprov.loader=off`` (this boot leaves the disk's boot
+loader as it is), ``blockprov.on_move`` (a ``keep`` machine moved to another version: ``snapshot``,
+the default, keeps the session's changes the new version cannot keep as a version first;
+``discard`` resets them: agent/keep.py) and ``blockprov.from=disk`` (added by the disk's own boot loader,
 netboot/loader.py).
 """
 
 from __future__ import annotations
 
 from blockprov.boot import HYDRATE, POLICIES
-from blockprov.errors import NetbootError
+from blockprov.errors import InvalidName, NetbootError
 from blockprov.humanize import parse_size
+from blockprov.names import site_name
 
 DISKLESS = "none"
+ON_MOVE = ("snapshot", "discard")
 
 
 def parse_cmdline(text: str) -> dict[str, str]:
@@ -44,6 +51,8 @@ def check_params(params: dict[str, str]) -> None:
         raise NetbootError(f"blockprov.policy={params['policy']}: expected one of {', '.join(POLICIES)}")
     if params.get("hydrate", "background") not in HYDRATE:
         raise NetbootError(f"blockprov.hydrate={params['hydrate']}: expected one of {', '.join(HYDRATE)}")
+    if params.get("on_move", "snapshot") not in ON_MOVE:
+        raise NetbootError(f"blockprov.on_move={params['on_move']}: expected one of {', '.join(ON_MOVE)}")
     if "ram" in params:
         try:
             if parse_size(params["ram"]) < 16 << 20:
@@ -63,11 +72,32 @@ def check_params(params: dict[str, str]) -> None:
                 raise ValueError
         except ValueError:
             raise NetbootError(f"blockprov.offline_after={params['offline_after']}: expected seconds (>= 0)") from None
+    if "site" in params:
+        try:
+            site_name(params["site"])
+        except InvalidName as e:
+            raise NetbootError(f"blockprov.site={params['site']}: {e}") from None
+    if "peers" in params and params["peers"] not in ("on", "off") and not (
+            params["peers"].isdigit() and 0 < int(params["peers"]) < 65536):
+        raise NetbootError(f"blockprov.peers={params['peers']}: expected on, off or a port number")
     if "readahead" in params:
         try:
             parse_size(params["readahead"])
         except ValueError:
             raise NetbootError(f"blockprov.readahead={params['readahead']}: expected a size such as 4M or 0") from None
+
+
+PEER_PORT = 7624  # where a PC of a site serves its peers (blockprov.peers=on)
+
+
+def peer_port(params: dict[str, str]) -> int | None:
+    """The port a PC serves its site's peers on, or None (no site, or ``blockprov.peers=off``)."""
+    if not params.get("site"):
+        return None
+    value = params.get("peers", "on")
+    if value == "off":
+        return None
+    return PEER_PORT if value == "on" else int(value)
 
 
 def diskless(params: dict[str, str]) -> bool:

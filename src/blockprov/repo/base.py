@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from blockprov.boot import Source
 from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
+from blockprov.errors import BlockprovError
 from blockprov.manifest import Manifest
 from blockprov.names import Ref
 
@@ -43,8 +44,11 @@ class BlobViews(Protocol):
     one buffer, saving a copy per blob (RemoteRepository reads a whole fetch answer into one).
     Check with ``isinstance(source, BlobViews)``; a source without it is read with ``get_blobs``."""
 
-    def get_blob_views(self, ids: Sequence[bytes]) -> Sequence[bytes | memoryview]:
-        """Like ``get_blobs``; a view stays valid as long as the caller holds it."""
+    def get_blob_views(self, ids: Sequence[bytes]) -> Sequence[bytes | memoryview | BlockprovError]:
+        """Like ``get_blobs``; a view stays valid as long as the caller holds it. A partial answer is
+        allowed here: in place of a blob, the error that kept that one chunk away while the others
+        came (a site cache that lacks it while its upstream is down); the caller fails that chunk
+        alone. A source that got none raises, as ``get_blobs``."""
         ...
 
 
@@ -98,10 +102,17 @@ class Machines(Protocol):
     the boot profiles (read orders) agents record and prefetch by."""
 
     def set_boot_files(self, ref: Ref | str, kernel: Source, initrd: Source, cmdline: str = "",
-                       efi: Mapping[str, Source] | None = None) -> BootFilesInfo:
+                       efi: Mapping[str, Source] | None = None, *, prepare: bool = True) -> BootFilesInfo:
         """Store a kernel and an initrd (bytes or file paths) for the version ``ref`` names now,
         and its UEFI loader (``efi``: boot.EFI_FILES by name, shim and GRUB both or none),
-        replacing any it had. InvalidName for a bad ``cmdline``; ImageNotFound for the version."""
+        replacing any it had. InvalidName for a bad ``cmdline``; ImageNotFound for the version.
+        ``prepare``: a server that prepares boot profiles (vm/prepare.py) starts one for the
+        version if it has none (the embedded repository leaves that to its caller)."""
+        ...
+
+    def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
+        """Where the preparation of the version's boot profile stands (catalog/preparation.py:
+        ``state``, ``detail``, ``updated``), or None when none was started."""
         ...
 
     def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:

@@ -38,6 +38,8 @@ class CheckReport:
     damaged: list[str] = field(default_factory=list)
     affected: list[str] = field(default_factory=list)  # NAME@ID of versions that name a bad chunk, "boot files"
     dropped: int = 0
+    unindexed_bytes: int = 0  # pack space holding no indexed chunk (removed chunks, a failed import): gc's
+    unindexed_packs: int = 0
 
     @property
     def ok(self) -> bool:
@@ -102,4 +104,7 @@ def check_repository(repo: LocalRepository, *, drop_damaged: bool = False, worke
         repo.store.delete_many(sorted(damaged))
         repo.store.sync()
         rep.dropped = len(damaged)
+    unindexed = getattr(repo.store, "unindexed_bytes", None)  # the pack store's dead space; S3 has none
+    if unindexed is not None:
+        rep.unindexed_bytes, rep.unindexed_packs = unindexed()
     return rep

@@ -16,37 +16,36 @@ upload in progress (not yet committed) survive a concurrent gc.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from blockprov import boot, codec, fat, names, tickets
+from blockprov import boot, codec, names, tickets
 from blockprov import manifest as mf
 from blockprov.catalog.db import SQLDatabase
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.machines import Registry
+from blockprov.catalog.preparation import Preparations
 from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInfo, SiteInfo, VersionInfo
 from blockprov.catalog.sites import Sites, online
 from blockprov.codec import ZERO_DIGEST
 from blockprov.durable import ensure_dir
 from blockprov.errors import (
-    BlockprovError,
     BootFilesMissing,
     Conflict,
     EfiLoaderMissing,
     Forbidden,
     MissingChunks,
+    SiteNotFound,
     UsageError,
 )
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, instance_id, kernel_args, parse_ref, site_name, version_id
 from blockprov.store.base import ChunkStore
 from blockprov.store.pack import PackChunkStore
-
-log = logging.getLogger("blockprov.repo")
 
 GC_GRACE_SECONDS = 3600.0
 
@@ -64,6 +63,7 @@ class LocalRepository:
         self.catalog = Catalog(catalog if catalog is not None else self.data_dir / "catalog.sqlite")
         self.registry = Registry(self.catalog)  # boot files, hosts, profiles, agents (catalog/machines.py)
         self.site_table = Sites(self.catalog.db)  # sites and their ticket secret (catalog/sites.py)
+        self.preparations = Preparations(self.catalog.db)  # boot profiles being prepared (vm/prepare.py)
         self.tmp_dir = ensure_dir(self.data_dir / "tmp")
 
     # -- reading --------------------------------------------------------------------------------
@@ -123,9 +123,8 @@ class LocalRepository:
                 doomed.append(cid)
         freed = self.store.delete_many(doomed)
         removed = len(doomed)
-        if removed:
-            self.store.compact()
-        return GcStats(chunks_removed=removed, bytes_removed=freed, chunks_kept=kept)
+        space = self.store.compact(spare=grace)  # the pack store's also removes packs nothing indexes
+        return GcStats(chunks_removed=removed, bytes_removed=freed, chunks_kept=kept, space_freed=space)
 
     def close(self) -> None:
         self.store.close()
@@ -133,7 +132,7 @@ class LocalRepository:
 
     # -- remote boot, profiles, agents (catalog/machines.py; the HTTP service calls these too) -
     def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source, cmdline: str = "",
-                       efi: Mapping[str, boot.Source] | None = None) -> BootFilesInfo:
+                       efi: Mapping[str, boot.Source] | None = None, *, prepare: bool = True) -> BootFilesInfo:
         r = as_ref(ref)
         cmdline = kernel_args(cmdline)
         vid = self.catalog.resolve_id(r)
@@ -168,6 +167,10 @@ class LocalRepository:
         self.store.sync()
         return self.registry.set_boot_files(image_name(image), version_id(vid), kernel, initrd, cmdline, efi)
 
+    def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
+        r = as_ref(ref)
+        return self.preparations.get(r.name, self.catalog.resolve_id(r))
+
     def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:
         r = as_ref(ref)
         return self.registry.boot_files(r.name, self.catalog.resolve_id(r))
@@ -201,68 +204,44 @@ class LocalRepository:
     def remove_host(self, host: str) -> None:
         self.registry.remove_host(host)
 
-    def _boot_plan(self, host: str, base_url: str | None, record: bool) -> tuple[HostInfo, str, BootFilesInfo, str]:
-        """(host record, image, its version's boot files, base URL) of ``host`` booting now.
-        ``record``: a host booting, not an operator looking: its time and version become the
-        host's last boot. A boot the catalog cannot record (a write refused) still goes on:
-        booting matters more."""
+    def _boot_plan(self, host: str, base_url: str | None) -> tuple[HostInfo, str, BootFilesInfo, str]:
+        """(host record, image, its version's boot files, base URL) of ``host`` booting now."""
         if base_url is None:
             raise UsageError("a boot script needs the repository's HTTP URL as hosts reach it (--base-url): "
                              "the embedded repository has none until `blockprov serve` exposes it")
         base = names.base_url(base_url)
         h = self.registry.host(host)
+        if h.site is not None:  # a host of a site with a site cache boots from it: kernel, initramfs, chunks
+            with contextlib.suppress(SiteNotFound):
+                base = self.site_table.get(h.site).cache or base
         ref = parse_ref(h.ref)
         if h.version is None:
             raise Conflict(f"host {h.host} is assigned {h.ref}, which no longer exists: re-assign it")
         info = self._boot_files(Ref(ref.name, version=h.version))
-        if record:
-            self._record_boot(h.host, ref.name, h.version)
         return h, ref.name, info, base
 
-    def _record_boot(self, host: str, image: str, version: str) -> None:
-        try:
-            self.registry.record_boot(host, version)
-        except BlockprovError as e:
-            log.warning("host %s booted %s@%s, but its last boot could not be recorded: %s", host, image, version, e)
-
-    def boot_script(self, host: str, base_url: str | None = None, *, record: bool = False) -> str:
-        """``record``: this script is a host booting (``GET /v1/boot/HOST``), not an operator
-        looking (``host script``): see ``_boot_plan``."""
-        h, image, info, base = self._boot_plan(host, base_url, record)
+    def boot_script(self, host: str, base_url: str | None = None) -> str:
+        """The host's iPXE script. Answering it records nothing: a host has booted once it has
+        fetched the whole initrd the script names (service/routes/boot.py records that), so
+        neither an operator looking (``host script``, curl) nor a boot that fails before then
+        counts as its last boot."""
+        h, image, info, base = self._boot_plan(host, base_url)
         assert h.version is not None
         return boot.script(host=h.host, assigned=h.ref, image=image, version=h.version, base=base,
                            cmdline=info.cmdline, args=h.args, settings=h.settings())
 
-    def uefi_image(self, host: str, base_url: str | None = None) -> tuple[fat.Volume, dict[str, boot.BootFile | bytes],
-                                                                            str]:
-        """The UEFI HTTP boot image of ``host`` (boot.uefi_image: the volume's layout, what each
-        path holds, the ETag): its version's kernel, initramfs and UEFI loader, and a grub.cfg
-        booting them with the command line its iPXE script would give. EfiLoaderMissing when the
-        version has no UEFI loader."""
-        h, image, info, base = self._boot_plan(host, base_url, False)
+    def uefi_image(self, host: str, base_url: str | None = None) -> tuple[boot.UefiImage, str, str]:
+        """The UEFI HTTP boot image of ``host`` (boot.uefi_image), its image and version: the
+        version's kernel, initramfs and UEFI loader, and a grub.cfg booting them with the command
+        line its iPXE script would give. EfiLoaderMissing when the version has no UEFI loader."""
+        h, image, info, base = self._boot_plan(host, base_url)
         assert h.version is not None
         if missing := boot.efi_missing(info.efi):
             raise EfiLoaderMissing(ref=f"{image}@{h.version}", missing=", ".join(missing))
         words = boot.boot_words(host=h.host, image=image, version=h.version, base=base, cmdline=info.cmdline,
                                 args=h.args, settings=h.settings())
         return boot.uefi_image({"kernel": info.kernel, "initrd": info.initrd, **info.efi}, words,
-                               f"host {h.host} is assigned {h.ref} = {image}@{h.version}")
-
-    def record_uefi_boot(self, host: str) -> None:
-        """``host`` was sent its whole UEFI boot image: its last boot (the version it is assigned
-        now), and its firmware is UEFI."""
-        h = self.registry.host(host)
-        if h.version is not None:
-            self._record_boot(h.host, parse_ref(h.ref).name, h.version)
-        self.record_firmware(h.host, "uefi")
-
-    def record_firmware(self, host: str, firmware: str) -> None:
-        """What a host's boot request said about its firmware (``bios``/``uefi``), kept on the
-        host; a write refused is logged, not raised (the boot goes on)."""
-        try:
-            self.registry.record_firmware(host, firmware)
-        except BlockprovError as e:
-            log.warning("host %s booted with %s firmware, which could not be recorded: %s", host, firmware, e)
+                               f"host {h.host} is assigned {h.ref} = {image}@{h.version}"), image, h.version
 
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
         self.registry.put_profile(image, version, list(order))

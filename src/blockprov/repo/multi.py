@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from blockprov.catalog.records import GcStats, ImageInfo, VersionInfo
-from blockprov.errors import RepositoryUnavailable
+from blockprov.errors import BlockprovError, RepositoryUnavailable
 from blockprov.manifest import Manifest
 from blockprov.names import Ref
 from blockprov.repo.remote import RemoteRepository
@@ -124,7 +124,7 @@ class FailoverRepository:
     def get_blobs(self, ids: Sequence[bytes]) -> list[bytes]:
         return self._read(lambda r: r.get_blobs(ids))
 
-    def get_blob_views(self, ids: Sequence[bytes]) -> list[_Blob]:
+    def get_blob_views(self, ids: Sequence[bytes]) -> list[_Blob | BlockprovError]:
         return self._read(lambda r: r.get_blob_views(ids))
 
     def missing(self, ids: Sequence[bytes]) -> list[bytes]:

@@ -93,6 +93,8 @@ MISSING_BATCH = 65536  # ids per /v1/chunks/missing question (2 MiB)
 MAX_FETCH_IDS = 4096
 GET_WORKERS = 16  # parallel per-chunk GETs in cacheable mode
 LEN = struct.Struct("<I")
+ABSENT = 0xFFFFFFFF  # a frame's length for a chunk the server does not give (a site cache's partial answer)
+PARTIAL = {"x-blockprov-partial": "1"}  # this client takes partial fetch answers (service/sitecache.py)
 ID = codec.DIGEST_SIZE
 OCTETS = {"content-type": "application/octet-stream"}
 
@@ -244,6 +246,13 @@ class KeepAlivePost:
             c.close()
 
 
+def whole(b: bytes | memoryview | BlockprovError) -> bytes:
+    """A blob as bytes; the error a partial answer put in its place is raised."""
+    if isinstance(b, BlockprovError):
+        raise b
+    return b if type(b) is bytes else bytes(b)
+
+
 def _read_body(resp: http.client.HTTPResponse) -> memoryview:
     n = resp.length
     if n is None:  # not framed by Content-Length (chunked, or until close)
@@ -272,7 +281,7 @@ class RemoteRepository:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             verify=ctx if ctx is not None else True)
         self._avg_blob = 64 << 10  # learned from answers; sizes the next fetch batch
-        self._raw = (KeepAlivePost(self.url, timeout, self._auth, ctx)
+        self._raw = (KeepAlivePost(self.url, timeout, self._auth | PARTIAL, ctx)
                      if client is None and KeepAlivePost.usable(self.url) else None)
         self.cacheable = cacheable
         self._get_pool = ThreadPoolExecutor(GET_WORKERS, thread_name_prefix="bp-get") if cacheable else None
@@ -350,13 +359,14 @@ class RemoteRepository:
         return [VersionInfo(**v) for v in d["versions"]]
 
     def get_blobs(self, ids: Sequence[bytes]) -> list[bytes]:
-        return [b if type(b) is bytes else bytes(b) for b in self.get_blob_views(ids)]
+        return [whole(b) for b in self.get_blob_views(ids)]
 
-    def get_blob_views(self, ids: Sequence[bytes]) -> list[_Blob]:
-        """Like ``get_blobs``, but blobs may be read-only memoryviews of the answer (no copies)."""
+    def get_blob_views(self, ids: Sequence[bytes]) -> list[_Blob | BlockprovError]:
+        """Like ``get_blobs``, but blobs may be read-only memoryviews of the answer (no copies), and a
+        site cache may answer in part (repo/base.py, ``BlobViews``)."""
         if self._get_pool is not None:
-            return self._get_each(ids)
-        out: list[_Blob] = []
+            return list(self._get_each(ids))
+        out: list[_Blob | BlockprovError] = []
         i = 0
         while i < len(ids):
             n = max(16, min(MAX_FETCH_IDS, BATCH_BYTES // max(1, self._avg_blob)))
@@ -374,7 +384,7 @@ class RemoteRepository:
 
     def _post_fetch(self, body: bytes) -> bytes | memoryview:
         if self._raw is None:
-            return self._request("POST", "/v1/chunks/fetch", content=body, headers=OCTETS).content
+            return self._request("POST", "/v1/chunks/fetch", content=body, headers=OCTETS | PARTIAL).content
         try:
             status, headers, data = self._raw.post("/v1/chunks/fetch", body)
         except ssl.SSLCertVerificationError as e:
@@ -386,17 +396,21 @@ class RemoteRepository:
             raise self._error(httpx.Response(status, headers=headers, content=bytes(data)))
         return data
 
-    def _fetch(self, batch: Sequence[bytes]) -> list[_Blob]:
+    def _fetch(self, batch: Sequence[bytes]) -> list[_Blob | BlockprovError]:
         uniq = list(dict.fromkeys(batch))
         data = self._post_fetch(b"".join(uniq))
         view = memoryview(data)
-        got: dict[bytes, _Blob] = {}
+        got: dict[bytes, _Blob | BlockprovError] = {}
         pos, end = 0, len(view)
         for cid in uniq:
             if end - pos < LEN.size:
                 raise RepositoryUnavailable(url=self.url, why="truncated chunk batch")
             (n,) = LEN.unpack_from(view, pos)
             pos += LEN.size
+            if n == ABSENT:  # a site cache's partial answer: this one it lacks, its upstream is down
+                got[cid] = RepositoryUnavailable(url=self.url, why=f"chunk {cid.hex()} is not held by this site "
+                                                                   "cache and its upstream is unreachable")
+                continue
             if end - pos < n:
                 raise RepositoryUnavailable(url=self.url, why="truncated chunk batch")
             got[cid] = view[pos:pos + n]
@@ -405,6 +419,8 @@ class RemoteRepository:
             raise RepositoryUnavailable(url=self.url, why=f"{end - pos} unexpected bytes after a chunk batch")
         if uniq:
             self._avg_blob = max(1, end // len(uniq))
+        if all(isinstance(b, BlockprovError) for b in got.values()):  # nothing came: the whole call failed
+            raise next(iter(got.values()))  # type: ignore[misc]
         return [got[c] for c in batch]
 
     def missing(self, ids: Sequence[bytes]) -> list[bytes]:
@@ -486,7 +502,7 @@ class RemoteRepository:
         return {"timeout": httpx.Timeout(self.timeout + wait)} if self._own_client else {}
 
     def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source, cmdline: str = "",
-                       efi: Mapping[str, boot.Source] | None = None) -> BootFilesInfo:
+                       efi: Mapping[str, boot.Source] | None = None, *, prepare: bool = True) -> BootFilesInfo:
         """Upload the pieces the repository lacks (chunk protocol), then record the descriptors."""
         r = _as_ref(ref)
         cmdline = kernel_args(cmdline)
@@ -499,10 +515,15 @@ class RemoteRepository:
         k = boot.split(kernel, "kernel", sink)
         i = boot.split(initrd, "initrd", sink)
         loader = {name: boot.split(src, name, sink).to_dict() for name, src in (efi or {}).items()}
-        d = self._request("PUT", f"/v1/images/{r.name}/versions/{vid}/boot",
+        d = self._request("PUT", f"/v1/images/{r.name}/versions/{vid}/boot", params={} if prepare else {"prepare": 0},
                           json={"kernel": k.to_dict(), "initrd": i.to_dict(), "cmdline": cmdline,
                                 **({"efi": loader} if loader else {})}).json()
         return BootFilesInfo.from_dict(d)
+
+    def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
+        r = _as_ref(ref)
+        d = self._request("GET", f"/v1/images/{r.name}/versions/{self._version_of(r)}/preparation").json()
+        return None if d.get("state") is None else dict(d)
 
     def get_boot_files(self, ref: Ref | str) -> BootFilesInfo | None:
         r = _as_ref(ref)
@@ -541,7 +562,7 @@ class RemoteRepository:
         self._request("DELETE", f"/v1/hosts/{host_id(host)}")
 
     def boot_script(self, host: str, base_url: str | None = None) -> str:
-        params = {"record": "false"}  # an operator looking is not the host booting (its last boot)
+        params = {}
         if base_url is not None:
             params["base"] = names.base_url(base_url)
         return self._request("GET", f"/v1/boot/{host_id(host)}", params=params,
@@ -623,6 +644,15 @@ class RemoteRepository:
     def join_site(self, site: str, instance: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/sites/{site_name(site)}/join",
                                   **_json({"instance": instance_id(instance)}, "join")).json())
+
+    # -- a site cache's own API (service/sitecache.py, service/prewarm.py) --------------------------
+    def prewarm(self, ref: Ref | str, at: float | None = None, everything: bool = False) -> dict[str, Any]:
+        """Ask a site cache to pull a version's boot working set at ``at`` (unix time; None: now)."""
+        body = {"ref": str(_as_ref(ref)), "at": at, "all": everything}
+        return dict(self._request("POST", "/v1/sitecache/prewarm", **_json(body, "pre-warm")).json())
+
+    def prewarm_jobs(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/sitecache/prewarm").json()["jobs"])
 
 POLL_MAX = 25.0  # seconds per long-poll request (the server allows 30)
 

@@ -21,6 +21,11 @@ Why it is shaped like this:
   easily send an ``Authorization`` header and a token in a URL leaks into logs, proxies and the
   boot script itself. A request that does carry a token is always checked, also on open routes, so
   a mistyped token is reported instead of silently ignored.
+* **A refused boot request is said on the PC's screen.** ``GET /v1/boot/HOST`` refused (tokens
+  enforced, no ``--anonymous-boot``) is logged, recorded on the host, and answered to iPXE with a
+  script that prints why and asks again (``refused_boot``, from service/routes/boot.py): iPXE
+  shows a 401 as "Permission denied" and falls through to the disk, which boots its old version
+  offline — the first ``token create`` silently stopped every PC from following its assignment.
 * **When it is enforced** (``mode``): ``on`` always; ``off`` never; ``auto`` (the default) once any
   token was ever created in the catalog. ``auto`` keeps a repository without tokens working as before
   (loopback, tests, a trusted lab network, with a warning at start) and closes it the moment the
@@ -36,10 +41,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from blockprov.catalog.tokens import TokenInfo, TokenStore, allows
@@ -49,8 +56,8 @@ from blockprov.service.ui.auth import cookie_token, cross_site, denied, is_conso
 log = logging.getLogger("blockprov.service")
 
 MODES = ("auto", "on", "off")
-OPEN_ROUTES = {("GET", "/v1/health"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"),
-               ("GET", "/docs/oauth2-redirect"),
+OPEN_ROUTES = {("GET", "/v1/health"), ("GET", "/v1/whoami"), ("GET", "/openapi.json"), ("GET", "/docs"),
+               ("GET", "/redoc"), ("GET", "/docs/oauth2-redirect"),
                ("GET", "/ui/login"), ("POST", "/ui/login"), ("POST", "/ui/logout"), ("GET", "/ui/static/{name}")}
 READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing"), ("POST", "/v1/sites/{site}/join")}
 AGENT_ROUTES = {("PUT", "/v1/agents/{instance}"), ("DELETE", "/v1/agents/{instance}"),
@@ -60,6 +67,9 @@ BOOT_ROUTES = {("GET", "/v1/boot/{host}"), ("HEAD", "/v1/boot/{host}"),
                ("GET", "/v1/boot/{host}/boot.img"), ("HEAD", "/v1/boot/{host}/boot.img"),
                ("GET", "/v1/images/{name}/versions/{vid}/boot/{which}"),
                ("HEAD", "/v1/images/{name}/versions/{vid}/boot/{which}")}
+BOOT_SCRIPT = "/v1/boot/{host}"
+# What a refused boot request gets instead of the 401/403 (service/routes/boot.py), or None
+RefusedBoot = Callable[[Request, BlockprovError], Awaitable[Response | None]]
 UNKNOWN = "(unmatched)"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -139,8 +149,10 @@ class RouteFinder:
 class Access:
     """ASGI middleware enforcing ``policy`` with the tokens of ``tokens``."""
 
-    def __init__(self, app: ASGIApp, routes: list[Any], tokens: TokenStore, policy: AccessPolicy) -> None:
+    def __init__(self, app: ASGIApp, routes: list[Any], tokens: TokenStore, policy: AccessPolicy,
+                 refused_boot: RefusedBoot | None = None) -> None:
         self.app = app
+        self.refused_boot = refused_boot
         self.find = RouteFinder(routes)
         self.tokens = tokens
         self.policy = policy
@@ -168,7 +180,7 @@ class Access:
         if self.policy.mode == "off" and not (console and method not in SAFE_METHODS):
             await self.app(scope, receive, send)
             return
-        route = self.find(method, scope["path"])
+        route = scope.get("blockprov.route") or self.find(method, scope["path"])  # bounds.Guard may know it
         scope["blockprov.route"] = route
         need = required_scope(method, route) if route != UNKNOWN else "read"
         token = bearer(scope)
@@ -198,6 +210,11 @@ class Access:
             err = e
         if err is not None:
             scope["blockprov.error"] = type(err).__name__
+            if route == BOOT_SCRIPT and self.refused_boot is not None and method in ("GET", "HEAD"):
+                answer = await self.refused_boot(Request(scope, receive), err)  # says why on the PC's screen
+                if answer is not None:
+                    await answer(scope, receive, send)
+                    return
             if console:
                 await denied(scope, err)(scope, receive, send)
                 return

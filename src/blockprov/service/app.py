@@ -10,7 +10,9 @@ Where things are, and why they are there:
 * **Errors are mapped once** (edge.py): a ``BlockprovError`` becomes its ``http_status`` with
   ``{"error": ClassName, "message": …, "details": {…}}`` so ``repo/remote.py`` can raise the very
   same class on the other side.
-* **Bodies are bounded** (edge.py ``Guard``): 413 before a byte over ``max_body`` is read.
+* **Requests are bounded** (bounds.py: ``Guard`` and the headers' protocol): each route's body by
+  what the route declares (413 before a byte over it is read), every body in time (408) and all of
+  them together in bytes held (503).
 * Blocking work (SQLite, file reads, hashing, zstd) runs on one thread pool, never on the loop.
 * **Access control and metrics are middlewares** (access.py, metrics.py), outside the routes:
   outermost ``Measure`` counts every answer (a 401, a 413 and a 500 too), then ``Guard``, then
@@ -29,9 +31,11 @@ from blockprov import __version__
 from blockprov.catalog.tokens import TokenStore
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import Access, AccessPolicy, annotate_openapi
-from blockprov.service.edge import Guard, add_error_handlers
+from blockprov.service.bounds import IN_FLIGHT, REQUEST_TIMEOUT, Guard
+from blockprov.service.edge import add_error_handlers
 from blockprov.service.metrics import Measure
 from blockprov.service.routes import ROUTERS
+from blockprov.service.routes.boot import refused_boot
 from blockprov.service.routes.chunks import LeanChunkPath
 from blockprov.service.state import Service
 from blockprov.service.ui.pages import router as console_router
@@ -47,16 +51,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(repo: LocalRepository, *, max_body: int = MAX_BODY, workers: int = POOL_WORKERS,
-               access: AccessPolicy | None = None) -> FastAPI:
+               access: AccessPolicy | None = None, in_flight: int = IN_FLIGHT,
+               timeout: float = REQUEST_TIMEOUT) -> FastAPI:
     """The ASGI app serving ``repo``; run it with ``service.run.run_server`` or any ASGI server.
-    ``access``: who may call what (access.py); default ``auto``, enforced once a token exists."""
+    ``access``: who may call what (access.py); default ``auto``, enforced once a token exists.
+    ``max_body`` caps every route's own limit, ``in_flight`` bounds the bytes of request bodies held
+    at once, ``timeout`` is the grace a body has before its rate counts (bounds.py)."""
     app = FastAPI(title="blockprov repository", version=__version__, lifespan=lifespan,
                   description="Images, versions, tags and content-addressed chunks of a blockprov repository.")
     svc = app.state.service = Service(repo, workers)
+    svc.tokens, svc.access = TokenStore(repo.catalog.db), access or AccessPolicy()
     app.add_middleware(LeanChunkPath, service=svc)  # innermost: after Measure, Guard and Access
-    app.add_middleware(Access, routes=app.router.routes, tokens=TokenStore(repo.catalog.db),
-                       policy=access or AccessPolicy())
-    app.add_middleware(Guard, max_body=max_body)
+    app.add_middleware(Access, routes=app.router.routes, tokens=svc.tokens, policy=svc.access,
+                       refused_boot=refused_boot)
+    app.add_middleware(Guard, max_body=max_body, routes=app.router.routes, in_flight=in_flight, timeout=timeout)
     app.add_middleware(Measure, metrics=svc.metrics)
     add_error_handlers(app)
     for router in (*ROUTERS, console_router):  # the console (service/ui/): /ui/, same access rules

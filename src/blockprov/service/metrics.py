@@ -15,6 +15,7 @@ import bisect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -22,6 +23,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from blockprov.catalog.sites import SOURCES
 from blockprov.service.access import UNKNOWN
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -51,6 +53,9 @@ class ServiceMetrics(Collector):
         self.manifest_cache: Callable[[], tuple[int, int]] | None = None  # (hits, misses), set by the app
         # (hits, misses, joined, bytes) of the chunk cache in front of an object store, set by the app
         self.chunk_cache: Callable[[], tuple[int, int, int, int]] | None = None
+        # per site and version, the bytes agents took from peers, their site cache and this repository
+        # (catalog/sites.py ``traffic``: read from the agents' last reports at scrape time), set by the app
+        self.site_traffic: Callable[[], list[dict[str, Any]]] | None = None
         self.started = time.time()
 
     def registry(self) -> CollectorRegistry:
@@ -111,6 +116,15 @@ class ServiceMetrics(Collector):
             yield CounterMetricFamily("blockprov_chunk_cache_joined",
                                       "Chunks another request was already reading from the object store", value=joined)
             yield GaugeMetricFamily("blockprov_chunk_cache_bytes", "Bytes of chunks held in memory", value=size)
+        if self.site_traffic is not None:
+            fam = GaugeMetricFamily("blockprov_site_fetched_bytes",
+                                    "Bytes the agents of a site (\"\" for none) took, per version, from their peers, "
+                                    "their site cache and this repository, as they last reported them (counted "
+                                    "since each agent started)", labels=["site", "image", "version", "source"])
+            for row in self.site_traffic():
+                for source in SOURCES:
+                    fam.add_metric([row["site"] or "", row["image"] or "", row["version"], source], row[source])
+            yield fam
         yield GaugeMetricFamily("blockprov_start_time_seconds", "When the server started (Unix time)",
                                 value=self.started)
 

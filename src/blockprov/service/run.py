@@ -23,6 +23,8 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -32,6 +34,7 @@ from blockprov.errors import UsageError
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
 from blockprov.service.app import MAX_BODY, create_app
+from blockprov.service.bounds import IN_FLIGHT, REQUEST_TIMEOUT, bounded_http
 from blockprov.store.base import ChunkStore
 from blockprov.store.cached import CachedChunkStore
 
@@ -84,9 +87,16 @@ def warn_open(repo: LocalRepository, policy: AccessPolicy, host: str, *, tls: bo
     if not tokens:
         why = "--auth off" if policy.mode == "off" else "no access token exists yet"
         log.warning("access control is off (%s): anyone who can reach this server may read and change the "
-                    "repository; create a token with: blockprov token create --scope write", why)
-    elif not tls and not _loopback(host):
-        log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
+                    "repository; create a token with: blockprov token create --scope write (with --auth auto, "
+                    "the first token closes it at once: start with --anonymous-boot if PCs network-boot from it)",
+                    why)
+    else:
+        if not policy.anonymous_boot:
+            log.warning("tokens are required and --anonymous-boot is off: PCs that network-boot (iPXE sends no "
+                        "token) are refused their boot scripts and shown why; start with --anonymous-boot to let "
+                        "them boot (it opens only boot scripts and kernel/initrd downloads)")
+        if not tls and not _loopback(host):
+            log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
 
 
 class _Server(uvicorn.Server):
@@ -131,13 +141,17 @@ def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: 
                on_ready: OnReady | None = None, max_body: int = MAX_BODY, access_log: bool = False,
                log_level: str = "info", store: ChunkStore | None = None, access: AccessPolicy | None = None,
                tls_cert: str | None = None, tls_key: str | None = None, catalog: SQLDatabase | None = None,
-               chunk_cache: int = 0) -> None:
+               chunk_cache: int = 0, in_flight: int = IN_FLIGHT, request_timeout: float = REQUEST_TIMEOUT,
+               prepare: Callable[[LocalRepository, str, str], object] | None = None) -> None:
     """Serve the repository in ``data_dir`` until SIGINT/SIGTERM; ``on_ready(url)`` once listening.
     ``store``: the chunk store to use instead of ``data_dir``'s pack store (e.g. S3); ``catalog``: the
     catalog's database instead of ``data_dir``'s SQLite (e.g. PostgreSQL). The server closes both.
     ``chunk_cache``: bytes of memory for blobs read from ``store`` (store/cached.py; 0: none).
     ``access``: who may call what (service/access.py);
-    ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file)."""
+    ``tls_cert``/``tls_key``: serve HTTPS with these PEM files (the key may be in the cert file);
+    ``in_flight``, ``request_timeout``: the bounds across requests (service/bounds.py).
+    ``prepare(repo, image, vid)``: called when a version gets boot files (cli/serve.py starts the
+    preparation of its boot profile, vm/prepare.py); None: no preparation."""
     if tls_cert is not None:
         check_tls(tls_cert, tls_key)
     elif tls_key is not None:
@@ -146,16 +160,72 @@ def run_server(data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: 
         store = CachedChunkStore(store, chunk_cache)
     repo = LocalRepository(data_dir, store=store, catalog=catalog)
     warn_open(repo, access or AccessPolicy(), host, tls=tls_cert is not None)
+    try:
+        app = create_app(repo, max_body=max_body, access=access, in_flight=in_flight, timeout=request_timeout)
+        if prepare is not None:
+            def started(image: str, vid: str) -> None:
+                log.info("%s@%s got boot files: %s", image, vid, prepare(repo, image, vid))
+
+            app.state.service.prepare = started
+        run_app(app, host, port, on_ready=on_ready, access_log=access_log, log_level=log_level, tls_cert=tls_cert,
+                tls_key=tls_key, request_timeout=request_timeout)
+    finally:
+        repo.close()
+
+
+def run_app(app: Any, host: str, port: int, *, on_ready: OnReady | None = None, access_log: bool = False,
+            log_level: str = "info", tls_cert: str | None = None, tls_key: str | None = None,
+            request_timeout: float = REQUEST_TIMEOUT) -> None:
+    """uvicorn serving ``app`` on a socket bound here, until SIGINT/SIGTERM (the repository's app or a
+    site cache's, service/sitecache.py)."""
+    if tls_cert is not None:
+        check_tls(tls_cert, tls_key)
     sock = bind(host, port)
     try:
         # uvicorn writes access lines to stdout by default; stdout is for the "serving URL" line
         # (scripts read it and may not drain the rest), so logs of every kind go to stderr.
         log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-        config = uvicorn.Config(create_app(repo, max_body=max_body, access=access), access_log=access_log,
-                                log_level=log_level, timeout_keep_alive=75, lifespan="on", log_config=log_config,
-                                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+        config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=75,
+                                lifespan="on", log_config=log_config, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                                http=bounded_http(request_timeout))
         _Server(config, url_of(sock, "https" if tls_cert else "http"), on_ready).run(sockets=[sock])
     finally:
         sock.close()
-        repo.close()
+
+
+def run_site_cache(data_dir: str | os.PathLike[str], upstream: str, capacity: int, host: str = "127.0.0.1",
+                   port: int = 8420, *, token: str | None = None, **kw: Any) -> None:
+    """Serve a site cache of ``upstream`` (service/sitecache.py) from ``data_dir`` until SIGINT/SIGTERM."""
+    from blockprov.service.prewarm import Prewarm
+    from blockprov.service.sitecache import SiteCache, create_site_cache_app
+
+    root = Path(data_dir) / "sitecache"
+    sc = SiteCache(root, upstream, capacity, token=token)
+    prewarm = Prewarm(sc)
+    run_app(create_site_cache_app(sc, prewarm.routes(), background=prewarm.run), host, port, **kw)
+
+
+class ServerThread:
+    """The repository's app on 127.0.0.1 in a thread of this process, for as long as a caller needs
+    it (a profile preparation boots a network-booting guest against it: vm/prepare.py)."""
+
+    def __init__(self, repo: LocalRepository, access: AccessPolicy,
+                 on_fetch: Callable[[list[bytes]], None] | None = None, host: str = "127.0.0.1") -> None:
+        self.app = create_app(repo, access=access)
+        self.app.state.service.on_fetch = on_fetch
+        self.sock = bind(host, 0)
+        self.url = url_of(self.sock)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_keep_alive=75)
+        self.server = _Server(config, self.url, None)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                        name="bp-serve")
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+        self.sock.close()

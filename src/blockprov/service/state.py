@@ -16,7 +16,10 @@ from typing import Any, TypeVar, cast
 from starlette.applications import Starlette
 from starlette.requests import Request
 
+from blockprov.catalog.sites import traffic
+from blockprov.catalog.tokens import TokenStore
 from blockprov.repo.local import LocalRepository
+from blockprov.service.access import AccessPolicy
 from blockprov.service.longpoll import ReadySet, Wakeup
 from blockprov.service.metrics import ServiceMetrics
 from blockprov.service.rawview import ManifestCache, RawView
@@ -42,10 +45,17 @@ class Service:
         self.metrics = ServiceMetrics()
         manifests = self.manifests
         self.metrics.manifest_cache = lambda: (manifests.hits, manifests.misses)
+        self.metrics.site_traffic = lambda: traffic(repo.agents())
         if isinstance(self.store, CachedChunkStore):
             cache = self.store
             self.metrics.chunk_cache = lambda: (cache.hits, cache.misses, cache.joined, cache.cached_bytes())
         self.registry = self.metrics.registry()
+        self.tokens: TokenStore | None = None  # set by create_app: what the access middleware checks
+        # starts the preparation of a version's boot profile (vm/prepare.py, given by cli/serve.py); None: off
+        self.prepare: Callable[[str, str], None] | None = None
+        # sees the ids of every chunk fetch (a profile preparation records the order a boot read them)
+        self.on_fetch: Callable[[list[bytes]], None] | None = None
+        self.access = AccessPolicy()
 
     @staticmethod
     def of(request: Request) -> Service:

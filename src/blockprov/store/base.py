@@ -92,8 +92,9 @@ class ChunkStore(ABC):
         """Remove many chunks (gc); returns the bytes freed. Backends with a batch request override it."""
         return sum(self.delete(c) for c in cids)
 
-    def compact(self) -> int:
-        """Reclaim the space of deleted chunks where the backend needs a pass for it; bytes freed."""
+    def compact(self, *, spare: float = 0.0) -> int:
+        """Reclaim the space of deleted chunks where the backend needs a pass for it; bytes freed.
+        ``spare``: leave alone what was written within that many seconds (uploads in progress)."""
         return 0
 
     def close(self) -> None:

@@ -150,8 +150,8 @@ class CachedChunkStore(ChunkStore):
     def touch(self, cid: bytes) -> None:
         self.inner.touch(cid)
 
-    def compact(self) -> int:
-        return self.inner.compact()
+    def compact(self, *, spare: float = 0.0) -> int:
+        return self.inner.compact(spare=spare)
 
     def close(self) -> None:
         self.inner.close()

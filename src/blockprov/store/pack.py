@@ -30,6 +30,7 @@ Crash rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -346,19 +347,27 @@ class PackChunkStore(ChunkStore):
             yield bytes(cid), int(length), float(stamp)
 
     # -- maintenance --------------------------------------------------------------------------------
-    def compact(self, below: float = COMPACT_BELOW) -> int:
-        """Rewrite packs whose live bytes fell under ``below`` of their size; returns bytes freed."""
+    def compact(self, below: float = COMPACT_BELOW, *, spare: float = 0.0) -> int:
+        """Rewrite packs whose live bytes fell under ``below`` of their size; returns bytes freed.
+        A pack written to within ``spare`` seconds is left alone: another process may be
+        appending to it (its blobs are indexed only at that process's next sync), and a pack
+        holding no indexed record at all — an import that failed, say on a full disk — is simply
+        removed once it is older than that."""
         self.sync()
         with self._lock:
             current = self._writer.pack if self._writer else None
         db = self.index.conn()
         live = dict(db.execute("SELECT pack, SUM(length + ?) FROM chunks GROUP BY pack", (RECORD_HEAD.size,)))
         freed = 0
+        now = time.time()
         for path in sorted(self.packs_dir.glob("*.pack")):
             pack = int(path.stem)
             if pack == current:
                 continue
-            size = path.stat().st_size
+            st = path.stat()
+            if st.st_mtime > now - spare:
+                continue
+            size = st.st_size
             if size and live.get(pack, 0) >= below * size:
                 continue
             rows = db.execute("SELECT id, offset, length FROM chunks WHERE pack=?", (pack,)).fetchall()
@@ -405,12 +414,47 @@ class PackChunkStore(ChunkStore):
             found += len(rows)
         return found, damaged
 
+    def unindexed_bytes(self) -> tuple[int, int]:
+        """(bytes of pack files that hold no indexed record, packs they are in): chunks gc removed
+        and not yet compacted away, or blobs an interrupted upload or import never indexed."""
+        live = dict(self.index.conn().execute("SELECT pack, SUM(length + ?) FROM chunks GROUP BY pack",
+                                              (RECORD_HEAD.size,)))
+        dead = packs = 0
+        for path in self.packs_dir.glob("*.pack"):
+            extra = path.stat().st_size - live.get(int(path.stem), 0)
+            if extra > 0:
+                dead, packs = dead + extra, packs + 1
+        return dead, packs
+
+    def _drop_unindexed_tails(self) -> None:
+        """At close, after the last sync: each of this process's packs is cut back to its last
+        indexed record, and one holding none is removed. What lies past it is a write that failed
+        part-way (a full disk: the pack keeps what was written before ENOSPC) or, when that sync
+        failed too, blobs never indexed: dead space nobody would see (nothing committed names
+        them: a commit syncs first)."""
+        db = self.index.conn()
+        for w in self._writers:
+            if w.inflight:
+                continue
+            (end,) = db.execute("SELECT MAX(offset + length) FROM chunks WHERE pack=?", (w.pack,)).fetchone()
+            try:
+                if end:
+                    os.ftruncate(w.fd, int(end))
+                else:
+                    os.unlink(w.path)
+            except OSError as e:
+                log.warning("chunk store %s: could not cut back pack %s: %s", self.root, w.path, e)
+        with contextlib.suppress(OSError):
+            fsync_dir(self.packs_dir)
+
     def close(self) -> None:
         try:
             self.sync()  # index what was uploaded but not committed yet (a later commit may want it)
         except Exception as e:  # e.g. a full disk: those blobs stay unindexed, which loses nothing committed
-            log.warning("chunk store %s: pending chunks not indexed at close: %s", self.root, e)
+            log.info("chunk store %s: pending chunks not indexed at close (their space is given back): %s",
+                     self.root, e)
         with self._lock:
+            self._drop_unindexed_tails()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()

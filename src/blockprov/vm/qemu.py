@@ -217,10 +217,10 @@ def kill(pid: int, d: Path, grace: float = 5.0) -> None:
 
 # -- QMP --------------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
-async def qmp(d: Path, timeout: float = 10.0) -> AsyncIterator[Any]:
+async def qmp(d: Path, timeout: float = 10.0, pid: int | None = None) -> AsyncIterator[Any]:
     """A connected ``qemu.qmp.QMPClient`` of the VM in ``d``. A refused connection is tried again
     until ``timeout``: qemu binds its socket (the file appears, which is what ``start`` waits for)
-    a moment before it listens."""
+    a moment before it listens — unless qemu (``pid``) has exited, which is said at once."""
     from qemu.qmp import QMPClient, QMPError
 
     deadline = time.monotonic() + timeout
@@ -232,6 +232,8 @@ async def qmp(d: Path, timeout: float = 10.0) -> AsyncIterator[Any]:
         except (TimeoutError, QMPError, OSError) as e:
             with contextlib.suppress(Exception):
                 await client.disconnect()
+            if pid is not None and not process_lives(pid):
+                raise VmFailed(name=d.name, why=f"qemu exited: {_tail(d / 'qemu.log') or 'no message'}") from None
             if time.monotonic() >= deadline or not _refused(e):
                 raise VmFailed(name=d.name, why=f"QMP does not answer: {e or type(e).__name__}") from None
             await asyncio.sleep(0.01)
@@ -240,6 +242,34 @@ async def qmp(d: Path, timeout: float = 10.0) -> AsyncIterator[Any]:
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
+
+
+# query-status answers the guest cannot come back from by itself
+ENDED = ("shutdown", "guest-panicked", "internal-error", "io-error")
+
+
+def wait_running(d: Path, pid: int, timeout: float = 60.0, poll: float = 0.05) -> None:
+    """Return once QMP's ``query-status`` says the guest runs. qemu that exits first (a memory size
+    it cannot map, a bad argument after the socket appeared), a guest stopped on an error, or one
+    not running within ``timeout`` seconds: VmFailed with qemu's last words (its log)."""
+    async def ask() -> None:
+        deadline = time.monotonic() + timeout
+        async with qmp(d, timeout=timeout, pid=pid) as c:
+            while True:
+                st = str((await execute(c, "query-status", timeout=timeout)).get("status", "unknown"))
+                if st == "running":
+                    return
+                if st in ENDED or time.monotonic() > deadline:
+                    tail = _tail(d / "qemu.log")
+                    raise VmFailed(name=d.name, why=f"the guest is {st}, not running" + (f": {tail}" if tail else ""))
+                await asyncio.sleep(poll)
+    try:
+        asyncio.run(ask())
+    except VmFailed:
+        if not process_lives(pid):
+            time.sleep(0.1)  # its last words reach the log as it exits
+            raise VmFailed(name=d.name, why=f"qemu exited: {_tail(d / 'qemu.log') or 'no message'}") from None
+        raise
 
 
 def _refused(e: BaseException) -> bool:

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ async def record(repo: Repository, manifest: Manifest, *, timeout: float = TIMEO
             sock = Path(await server.start_unix(tmp / "nbd.sock"))
             cmd = qemu_command(sock, memory=memory, kernel=kernel, initrd=initrd, append=cmdline)
             log.info("recording the boot profile of %s: %s", ref, " ".join(cmd))
-            ended, seconds, console = await _boot(cmd, dev, tmp / "console.log", name, timeout=timeout, idle=idle)
+            ended, seconds, console = await boot_until_idle(cmd, lambda: len(dev.profile()), tmp / "console.log", name,
+                                                            timeout=timeout, idle=idle)
             order = dev.profile()
         finally:
             await server.close()
@@ -136,9 +138,10 @@ async def record(repo: Repository, manifest: Manifest, *, timeout: float = TIMEO
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _boot(cmd: list[str], dev: CacheDevice, console: Path, name: str, *, timeout: float,
-                idle: float) -> tuple[str, float, str]:
-    """Run qemu until the boot is over (module docstring): (how it ended, seconds, console tail)."""
+async def boot_until_idle(cmd: list[str], progress: Callable[[], int], console: Path, name: str, *,
+                          timeout: float, idle: float) -> tuple[str, float, str]:
+    """Run qemu until the boot is over (module docstring): (how it ended, seconds, console tail).
+    ``progress()``: how many chunks the boot has read so far (it idles once that stops growing)."""
     with open(console, "wb") as out:
         try:
             proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out,
@@ -163,7 +166,7 @@ async def _boot(cmd: list[str], dev: CacheDevice, console: Path, name: str, *, t
             cpu.append((now, _cpu_seconds(proc.pid)))
             while len(cpu) > 1 and cpu[1][0] <= now - idle:
                 cpu.popleft()
-            n = len(dev.profile())
+            n = progress()
             if n != seen:
                 seen, last_new = n, now
             if seen and now - last_new >= idle and now - cpu[0][0] >= idle:

@@ -50,7 +50,8 @@ def push(d: Path, repo: Repository, name: str) -> dict[str, Any]:
     mem_id, mem_stats = import_image(repo, d / tpl.MEMORY, f"{img}:{tpl.MEMORY}", fmt="raw", labels=labels)
     state_id, _ = import_image(repo, d / tpl.STATE, f"{img}:{tpl.STATE}", fmt="raw", labels=labels)
     if t.machine.kernel:
-        repo.set_boot_files(f"{img}@{mem_id}", d / "vmlinuz", d / "initrd", t.machine.append)
+        repo.set_boot_files(f"{img}@{mem_id}", d / "vmlinuz", d / "initrd", t.machine.append,
+                            prepare=False)  # a template's memory is no disk to record a boot of
     return {"template": name, "memory": f"{img}@{mem_id}", "state": f"{img}@{state_id}",
             "stats": {k: v for k, v in vars(mem_stats).items() if isinstance(v, int | float)}}
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -47,7 +48,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from blockprov import humanize as hz
 from blockprov.agent import control
+from blockprov.boot import is_blockprov_initramfs
 from blockprov.clones.clones import (
     base_dir,
     create_instances,
@@ -58,7 +61,19 @@ from blockprov.clones.clones import (
     remove,
 )
 from blockprov.durable import atomic_write, ensure_dir
-from blockprov.errors import AgentNotRunning, BlockprovError, NotFound, UsageError, VmFailed, VmNotRunning
+from blockprov.errors import (
+    AgentDied,
+    AgentNotRunning,
+    BlockprovError,
+    CacheError,
+    Conflict,
+    NoSpace,
+    NotEnoughMemory,
+    NotFound,
+    UsageError,
+    VmFailed,
+    VmNotRunning,
+)
 from blockprov.manifest import Manifest
 from blockprov.names import UNIX_PATH_MAX, parse_ref
 from blockprov.repo.base import Repository
@@ -134,7 +149,7 @@ def ensure_disks_served(root: Path, repo_args: list[str], timeout: float = 60.0)
     def ready() -> bool:
         try:
             control.call(disks, "status", timeout=5.0)
-        except (AgentNotRunning, OSError):
+        except (CacheError, AgentDied, OSError):  # not yet listening, or starting
             return False
         return True
     qemu.spawn(cmd, disks / "agent.log", ready, "the disks agent (clones serve)", timeout, poll=0.02)
@@ -149,9 +164,10 @@ def stop_disks_agent_if_idle(root: Path) -> bool:
         lazy.unmount(t)
     try:
         pid = int(control.call(root / DISKS, "status", timeout=10.0)["pid"])
-        control.call(root / DISKS, "stop", timeout=30.0)
-    except (AgentNotRunning, OSError, KeyError, TypeError, ValueError):  # gone, or going already
+    except (CacheError, AgentDied, OSError, KeyError, TypeError, ValueError):  # gone, or going already
         return False
+    with contextlib.suppress(CacheError, AgentDied, OSError):  # one that ends before it answers is going
+        control.call(root / DISKS, "stop", timeout=30.0)
     # Its caches are written as it exits: a caller that then removes the directory must find it done.
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline and qemu.process_lives(pid):
@@ -167,7 +183,12 @@ def _disk_uri(sock: Path, name: str) -> str:
 def _new_vm_dir(root: Path, name: str, *, disk_made: bool = False) -> Path:
     d = vm_dir(root, instance_name(name))
     if (d / RECORD).exists():
-        raise UsageError(f"VM {name} already exists in {root} (vm rm {name} first)")
+        st = status(root, name)
+        why = f" ({st['why']})" if st.get("why") else ""
+        how = f"vm rm {name}" if st["state"] in ("dead", "stopped") or st["state"].startswith("templated") \
+            else f"vm rm --force {name}"
+        raise Conflict(f"VM {name} already exists in {root}, {st['state']}{why}: `{how}` removes it and its "
+                       "disk, then the name is free")
     if not disk_made and name in list_instances(root / DISKS):
         raise UsageError(f"a disk named {name} already exists in {root / DISKS} (clones rm it first)")
     if d.exists():  # a run that crashed before its record: nothing in it is worth keeping
@@ -181,32 +202,96 @@ def _taken_macs(root: Path) -> set[str]:
     return {str(read_record(root, n).get("mac")) for n in names(root)}
 
 
+def check_room(root: Path, what: str, needed: int, memory: int) -> None:
+    """The VM directory's file system can hold ``needed`` bytes (a VM's RAM is a file there, which
+    a guest fills as it touches its memory: short of room, qemu dies of SIGBUS later, and the VM
+    looked started), and the host has ``memory`` bytes of RAM available for it."""
+    available = qemu.mem_available()
+    if memory > available:
+        raise NotEnoughMemory(what=what, needed=hz.size(memory), available=hz.size(available))
+    where = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise NoSpace(msg=f"{where} has {hz.size(free)} free, and {what} needs {hz.size(needed)} there "
+                          "(its RAM is a file in the VM directory): free space or use another --dir")
+
+
+def refuse_netboot_files(ref: str, initrd: bytes) -> None:
+    """blockprov's network-boot initramfs (``boot-files build``) boots a PC onto its own disk; as a
+    VM on an overlay it finds no disk to own and reboots every 30 s while the VM looks running."""
+    if is_blockprov_initramfs(initrd):
+        raise Conflict(f"{ref}'s boot files are blockprov's network-boot initramfs (boot-files build): it boots "
+                       "a PC from the network onto its own disk, not a VM, and would reboot every 30 s here; try it "
+                       "as a PC (docs/operations.md shows a qemu command line), or `vm run` a version whose boot "
+                       "files are a plain kernel and initrd (boot-files set), or that has none (its own loader)")
+
+
 def run(root: Path, repo: Repository, repo_args: list[str], m: Manifest, name: str, *, memory: int, cpus: int,
-        extra_args: tuple[str, ...], machine: str = "pc") -> dict[str, Any]:
+        extra_args: tuple[str, ...], machine: str = "pc", timeout: float = 60.0) -> dict[str, Any]:
     """Start a VM on a new overlay of version ``m``: direct kernel boot with the version's boot files
-    when it has them, else from the disk's own boot loader."""
-    d = _new_vm_dir(root, name)
-    boot = repo.get_boot_files(f"{m.image}@{m.id}")
-    kernel = initrd = None
+    when it has them, else from the disk's own boot loader. Returns once QMP says the guest runs;
+    anything that fails on the way (or Ctrl-C) removes what was made, so the name stays free."""
+    ref = f"{m.image}@{m.id}"
+    instance_name(name)
+    if (vm_dir(root, name) / RECORD).exists():
+        _new_vm_dir(root, name)  # says why the name is taken
+    boot = repo.get_boot_files(ref)
+    files: dict[str, bytes] = {}
     if boot is not None:
-        kernel, initrd = d / "vmlinuz", d / "initrd"
-        atomic_write(kernel, repo.boot_file(f"{m.image}@{m.id}", "kernel"))
-        atomic_write(initrd, repo.boot_file(f"{m.image}@{m.id}", "initrd"))
+        files = {"vmlinuz": repo.boot_file(ref, "kernel"), "initrd": repo.boot_file(ref, "initrd")}
+        refuse_netboot_files(f"{m.image}:{m.id}", files["initrd"])
     mach = qemu.Machine(qemu_version=qemu.qemu_version(), machine=qemu.resolve_machine(machine), memory=memory,
                         cpus=cpus, extra_args=extra_args, kernel=boot is not None,
                         append=boot.cmdline if boot is not None else "")
-    asyncio.run(create_instances(root / DISKS, repo, m, [name]))
-    sock = ensure_disks_served(root, repo_args)
-    rec: dict[str, Any] = {"name": name, "image": m.image, "version": m.id, "disk": name, "machine": asdict(mach),
-           "mac": qemu.new_mac(_taken_macs(root)), "pid": None, "template": None, "created": time.time(),
-           "stopped": False, "console": str(d / "console.log")}
-    rec["machine"]["extra_args"] = list(extra_args)
-    write_record(root, rec)
-    wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, name), mac=rec["mac"], memory_path=d / tpl.MEMORY,
-                         share=True, incoming=False, kernel=kernel, initrd=initrd)
-    rec["pid"] = qemu.start(qemu.command(mach, wiring), d)
-    write_record(root, rec)
+    check_room(root, f"VM {name}", memory + sum(len(b) for b in files.values()) + ROOM_SLACK, memory)
+    d = _new_vm_dir(root, name)
+    rec: dict[str, Any] = {}
+    try:
+        for f, data in files.items():
+            atomic_write(d / f, data)
+        asyncio.run(create_instances(root / DISKS, repo, m, [name]))
+        sock = ensure_disks_served(root, repo_args)
+        rec = {"name": name, "image": m.image, "version": m.id, "disk": name, "machine": asdict(mach),
+               "mac": qemu.new_mac(_taken_macs(root)), "pid": None, "template": None, "created": time.time(),
+               "stopped": False, "console": str(d / "console.log")}
+        rec["machine"]["extra_args"] = list(extra_args)
+        write_record(root, rec)
+        wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, name), mac=rec["mac"], memory_path=d / tpl.MEMORY,
+                             share=True, incoming=False, kernel=d / "vmlinuz" if files else None,
+                             initrd=d / "initrd" if files else None)
+        rec["pid"] = qemu.start(qemu.command(mach, wiring), d)
+        write_record(root, rec)
+        qemu.wait_running(d, rec["pid"], timeout)
+    except BaseException:
+        _undo(root, name, rec.get("pid"))
+        raise
     return rec
+
+
+ROOM_SLACK = 16 << 20  # the disk overlay's metadata, the logs
+
+
+def _discard(root: Path, name: str, pid: int | None = None) -> None:
+    """Remove what a failed or interrupted start made — its qemu (``pid``, else the record's), its
+    disk, its directory — best effort and writing nothing: nothing of a VM that never ran stays,
+    and its name is free again. The disks agent is the caller's to stop."""
+    d = vm_dir(root, name)
+    with contextlib.suppress(BlockprovError, OSError, ValueError, KeyError):
+        pid = pid or read_record(root, name).get("pid")
+    with contextlib.suppress(BlockprovError, OSError):
+        if pid:
+            qemu.kill(int(pid), d, grace=2.0)
+    with contextlib.suppress(BlockprovError, OSError):
+        if name in list_instances(root / DISKS):
+            remove(root / DISKS, name)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _undo(root: Path, name: str, pid: int | None) -> None:
+    """A ``vm run`` that failed or was interrupted: its VM goes, and the disks agent if no VM runs."""
+    _discard(root, name, pid)
+    with contextlib.suppress(BlockprovError, OSError):
+        stop_disks_agent_if_idle(root)
 
 
 # -- list / stop / rm ---------------------------------------------------------------------------------
@@ -231,8 +316,17 @@ def status(root: Path, name: str) -> dict[str, Any]:
         row["state"] = rec.get("end") or ("stopped" if rec.get("stopped") else "dead")
         row["pid"] = None if rec.get("stopped") else rec.get("pid")
         if row["state"] == "dead":
-            row["why"] = "qemu exited without `vm stop`: " + (_last_log_line(d) or "no message")
+            row["why"] = "qemu exited without `vm stop`: " + (_last_log_line(d) or _full(d) or "no message")
     return row
+
+
+def _full(d: Path) -> str:
+    """Why a VM with no last words may have died: its RAM file's file system is full (the guest's
+    next touch of a new page is a SIGBUS)."""
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(d).free < ROOM_SLACK:
+            return f"no message; {d}'s file system is full (its RAM file could not grow)"
+    return ""
 
 
 def _last_log_line(d: Path) -> str:
@@ -275,28 +369,57 @@ def _quit(root: Path, rec: dict[str, Any], timeout: float = 10.0) -> None:
 
 def stop(root: Path, name: str, *, stop_agent: bool = True) -> dict[str, Any]:
     """Quit a VM's qemu (its disk overlay stays; ``vm rm`` removes it), and the disks agent when no
-    VM runs any more (``stop_agent``)."""
+    VM runs any more (``stop_agent``). The stopped VM's RAM file goes (nothing restarts a stopped VM
+    from it; a template is made from a running one), which also frees what a full disk needs for
+    the record saying "stopped"."""
     rec = read_record(root, name)
     was = is_alive(root, rec)
-    if was:
-        _quit(root, rec)
-    rec["stopped"] = True
-    write_record(root, rec)
-    if stop_agent:
+    try:
+        if was:
+            _quit(root, rec)
+        if not rec.get("template"):  # a clone's RAM is its template's file
+            (vm_dir(root, name) / tpl.MEMORY).unlink(missing_ok=True)
+        rec["stopped"] = True
+        recorded = True
+        try:
+            write_record(root, rec)
+        except OSError as e:  # still full: the VM is stopped all the same, and `vm list` shows it dead
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            recorded = False
+    finally:
+        if stop_agent:
+            stop_disks_agent_if_idle(root)
+    return {"name": name, "stopped": True, "was_running": was, "recorded": recorded}
+
+
+def refuse_running(root: Path, name: str, force: bool) -> dict[str, Any]:
+    """VM ``name``'s record; a running VM is refused unless ``force`` (``vm rm`` used to kill it
+    without a word)."""
+    rec = read_record(root, name)
+    if not force and is_alive(root, rec):
+        raise Conflict(f"VM {name} is running (pid {rec.get('pid')}): `vm stop {name}` first, or `vm rm --force "
+                       f"{name}` to stop and remove it")
+    return rec
+
+
+def rm(root: Path, name: str, *, force: bool = False) -> dict[str, Any]:
+    """Remove a VM with its disk overlay (through the disks agent, which must stop serving it first)
+    and its directory; then the disks agent if no VM runs any more. A running VM is refused unless
+    ``force`` (then it is stopped first: ``was_running`` says so). Writes nothing before removing,
+    so it works on a full disk."""
+    rec = refuse_running(root, name, force)
+    was = is_alive(root, rec)
+    try:
+        if was:
+            _quit(root, rec)
+        disks = root / DISKS
+        if name in list_instances(disks):
+            remove(disks, name)
+        shutil.rmtree(vm_dir(root, name), ignore_errors=True)
+    finally:
         stop_disks_agent_if_idle(root)
-    return {"name": name, "stopped": True, "was_running": was}
-
-
-def rm(root: Path, name: str) -> dict[str, Any]:
-    """Stop a VM if it runs, remove its disk overlay (through the disks agent, which must stop
-    serving it first) and its directory; then the disks agent if no VM runs any more."""
-    out = stop(root, name, stop_agent=False)
-    disks = root / DISKS
-    if name in list_instances(disks):
-        remove(disks, name)
-    shutil.rmtree(vm_dir(root, name), ignore_errors=True)
-    stop_disks_agent_if_idle(root)
-    return {**out, "removed": True}
+    return {"name": name, "stopped": was, "was_running": was, "removed": True}
 
 
 # -- template -------------------------------------------------------------------------------------------
@@ -324,9 +447,14 @@ def make_template(root: Path, repo: Repository, name: str, source: str, timeout:
             await qemu.set_ignore_shared(c)
             await qemu.execute(c, "migrate", {"uri": f"exec:cat > {shlex.quote(str(state_tmp))}"})
             await qemu.wait_migration(c, timeout)
-    asyncio.run(freeze())
-    snap = control.call(instance_dir(root / DISKS, source), "snapshot", timeout=timeout,
-                        to=f"{rec['image']}:vmtpl-{name}")
+    try:
+        asyncio.run(freeze())
+        snap = control.call(instance_dir(root / DISKS, source), "snapshot", timeout=timeout,
+                            to=f"{rec['image']}:vmtpl-{name}")
+    except BaseException:
+        _thaw(d)  # failed or interrupted (Ctrl-C): the VM runs on as it was, no half template stays
+        shutil.rmtree(t, ignore_errors=True)
+        raise
     _quit(root, rec)
     rec["stopped"], rec["end"] = True, f"templated as {name}"
     write_record(root, rec)
@@ -344,6 +472,17 @@ def make_template(root: Path, repo: Repository, name: str, source: str, timeout:
     stop_disks_agent_if_idle(root)
     return {"template": name, "from": source, "disk": f"{made.image}@{made.version}",
             "memory": made.memory_file.size, "state_bytes": made.state_file.size, "dir": str(t)}
+
+
+def _thaw(d: Path) -> None:
+    """Resume a VM whose freezing stopped half way (best effort: a migration in flight is cancelled)."""
+    async def cont() -> None:
+        async with qemu.qmp(d, timeout=5.0) as c:
+            with contextlib.suppress(VmFailed):
+                await qemu.execute(c, "migrate_cancel", timeout=10.0)
+            await qemu.execute(c, "cont", timeout=10.0)
+    with contextlib.suppress(VmFailed, OSError):
+        asyncio.run(cont())
 
 
 def push(root: Path, repo: Repository, name: str) -> dict[str, Any]:
@@ -410,7 +549,12 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
             if not t.extra.get("lazy"):
                 tpl.check_memory_access(t_dir / tpl.MEMORY)
             tpl.check_host_memory(t, count, qemu.mem_available())
-            m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
+            try:
+                m = repo.resolve(parse_ref(f"{t.image}@{t.version}"))
+            except NotFound:
+                raise NotFound(msg=f"template {name}'s disk, {t.image}@{t.version}, is no longer in the repository "
+                                   "(removed with blockprov rm): the template cannot be cloned; make it again from "
+                                   "a VM of a version that exists (blockprov vm template)") from None
             step("checked")
             for a in agent:  # before the clones' disks are made: a starting agent must not see them half made
                 a.result()
@@ -422,30 +566,43 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
                     stop_disks_agent_if_idle(root)  # started for nothing
             raise
     new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
-    asyncio.run(create_instances(root / DISKS, repo, m, new))
-    mm = None
-    if t.extra.get("lazy"):
-        mm = early.get("memory") or _lazy_instance(root, repo, t)
-    sock = ensure_disks_served(root, repo_args)
-    step("disks made")
-    if mm is not None:
-        _mount_lazy(root, sock, t, t_dir, mm)
-        step("memory mounted")
-        steps["memory fetched at mount"] = _fetched(root, mm)
     started: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
-    for index, vm in enumerate(new):
-        try:
-            rec = _start_clone(root, t, t_dir, vm, sock, timeout, step if index == 0 else None)
-            if index == 0 and mm is not None:
-                steps["memory fetched at resume"] = _fetched(root, mm)
-            if customize:
-                rec["customized"] = _customize(root, customize, vm, index, timeout)
-            started.append(rec)
-        except BlockprovError as e:
-            failed[vm] = str(e)
-            with contextlib.suppress(BlockprovError, OSError):  # never kept half made
-                rm(root, vm) if (vm_dir(root, vm) / RECORD).exists() else remove(root / DISKS, vm)
+    try:
+        asyncio.run(create_instances(root / DISKS, repo, m, new))
+        mm = None
+        if t.extra.get("lazy"):
+            mm = early.get("memory") or _lazy_instance(root, repo, t)
+        sock = ensure_disks_served(root, repo_args)
+        step("disks made")
+        if mm is not None:
+            _mount_lazy(root, sock, t, t_dir, mm)
+            step("memory mounted")
+            steps["memory fetched at mount"] = _fetched(root, mm)
+        for index, vm in enumerate(new):
+            try:
+                rec = _start_clone(root, t, t_dir, vm, sock, timeout, step if index == 0 else None)
+                if index == 0 and mm is not None:
+                    steps["memory fetched at resume"] = _fetched(root, mm)
+                if customize:
+                    rec["customized"] = _customize(root, customize, vm, index, timeout)
+                started.append(rec)
+            except BlockprovError as e:
+                failed[vm] = str(e)
+                _discard(root, vm)  # never kept half made
+    except BaseException:
+        # Ctrl-C, or a step before the first clone failed: the clones not fully started go (a paused
+        # qemu, an overlay `vm list` would never show), and the disks agent (with the lazy memory's
+        # mount) if no VM runs. Those that were started run on, as `vm list` shows.
+        done = {r["name"] for r in started}
+        for vm in new:
+            if vm not in done:
+                _discard(root, vm)
+        with contextlib.suppress(BlockprovError, OSError):
+            stop_disks_agent_if_idle(root)
+        raise
+    if not started:
+        stop_disks_agent_if_idle(root)
     step("done")
     out = {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
            "customized": {r["name"]: r.get("customized") for r in started if customize}, "steps": steps}

@@ -15,11 +15,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from blockprov.catalog.machines import SEEN_EVERY
+from blockprov.catalog.machines import MAX_INFO, MAX_RESULT, SEEN_EVERY
 from blockprov.errors import UsageError
 from blockprov.names import instance_id, request_id
 from blockprov.service.longpoll import POLL, wait_param
-from blockprov.service.routes.common import JSON_BODY, json_of
+from blockprov.service.routes.common import json_body, json_of
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -35,12 +35,13 @@ async def list_agents(request: Request) -> dict[str, Any]:
     return {"agents": await svc.run(svc.repo.agents)}
 
 
-@router.put("/v1/agents/{instance}", tags=["agents"], openapi_extra=JSON_BODY)
+@router.put("/v1/agents/{instance}", tags=["agents"], openapi_extra=json_body(2 * MAX_INFO))
 async def register_agent(instance: str, request: Request) -> JSONResponse:
     """Register or refresh (heartbeat) an agent: ``{image, version, host, pid, addresses, …}``.
     201 when it is new."""
     svc = Service.of(request)
-    new = await svc.run(svc.repo.registry.register_agent, instance_id(instance), await json_of(request))
+    instance = instance_id(instance)
+    new = await svc.run(svc.repo.registry.register_agent, instance, await json_of(request))
     return JSONResponse({"instance": instance, "new": new}, status_code=201 if new else 200)
 
 
@@ -52,14 +53,16 @@ async def unregister_agent(instance: str, request: Request) -> dict[str, Any]:
     return {"removed": instance}
 
 
-@router.post("/v1/agents/{instance}/requests", tags=["agents"], status_code=201, openapi_extra=JSON_BODY)
+@router.post("/v1/agents/{instance}/requests", tags=["agents"], status_code=201,
+             openapi_extra=json_body(2 * MAX_INFO))
 async def post_request(instance: str, request: Request) -> JSONResponse:
     """Ask an agent to do something: ``{"op": "snapshot", "args": {…}}`` → 201 ``{"id"}``."""
     svc = Service.of(request)
+    instance = instance_id(instance)
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("op"), str):
         raise UsageError('expected {"op": "…", "args": {…}}')
-    rid = await svc.run(svc.repo.post_request, instance_id(instance), d["op"], d.get("args"))
+    rid = await svc.run(svc.repo.post_request, instance, d["op"], d.get("args"))
     svc.wakeup.notify()
     return JSONResponse({"id": rid}, status_code=201)
 
@@ -99,14 +102,16 @@ async def get_request(instance: str, rid: str, request: Request, wait: float = 0
         await svc.wakeup.wait(min(POLL, left))
 
 
-@router.post("/v1/agents/{instance}/requests/{rid}/result", tags=["agents"], openapi_extra=JSON_BODY)
+@router.post("/v1/agents/{instance}/requests/{rid}/result", tags=["agents"],
+             openapi_extra=json_body(2 * MAX_RESULT))
 async def complete_request(instance: str, rid: str, request: Request) -> dict[str, Any]:
     """``{"ok": true, "result": {…}}`` or ``{"ok": false, "error": "…"}``; 409 if already completed."""
     svc = Service.of(request)
+    instance, rid = instance_id(instance), request_id(rid)
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("ok"), bool):
         raise UsageError('expected {"ok": true|false, "result": {…}, "error": "…"}')
-    out: dict[str, Any] = await svc.run(svc.repo.complete_request, instance_id(instance), request_id(rid),
-                                        d["ok"], d.get("result"), d.get("error"))
+    out: dict[str, Any] = await svc.run(svc.repo.complete_request, instance, rid, d["ok"], d.get("result"),
+                                        d.get("error"))
     svc.wakeup.notify()
     return out

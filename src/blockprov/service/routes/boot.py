@@ -19,9 +19,11 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -30,11 +32,12 @@ from blockprov import boot, names
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
-from blockprov.service.routes.common import JSON_BODY, OCTETS, json_of, version_ref
+from blockprov.service.routes.common import JSON_BODY, OCTETS, json_body, json_of, version_ref
 from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
 
+log = logging.getLogger("blockprov.service")
 router = APIRouter()
 
 
@@ -47,7 +50,7 @@ async def get_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     return {"boot": None if info is None else info.to_dict()}
 
 
-@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=JSON_BODY)
+@router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=json_body(1 << 20))
 async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any]:
     """Record ``{"kernel": {size, pieces}, "initrd": {…}, "cmdline": "…", "efi": {"shimx64.efi": {…},
     "grubx64.efi": {…}, "mmx64.efi": {…}}}`` (``efi``, the UEFI loader, optional) whose pieces were
@@ -66,17 +69,39 @@ async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
         raise UsageError(f"efi is an object whose keys are among {', '.join(boot.EFI_FILES)}")
     loader = {k: boot.BootFile.from_dict(v) for k, v in efi.items()}
     info = await svc.run(svc.repo.record_boot_files, r.name, str(r.version), kernel, initrd, cmdline, loader)
+    if svc.prepare is not None and request.query_params.get("prepare", "1") != "0":
+        await svc.run(svc.prepare, r.name, str(r.version))  # a profile prepared in the background (vm/prepare.py)
     return dict(info.to_dict())
+
+
+@router.get("/v1/images/{name}/versions/{vid}/preparation", tags=["boot"])
+async def get_preparation(name: str, vid: str, request: Request) -> dict[str, Any]:
+    """Where the preparation of the version's boot profile stands: ``state`` (queued, running, done,
+    skipped, failed, or null when none was started), ``detail``, ``updated``."""
+    svc = Service.of(request)
+    got = await svc.run(svc.repo.preparation, version_ref(name, vid))
+    return got or {"state": None}
 
 
 @router.get("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
 @router.head("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
-async def get_boot_file(name: str, vid: str, which: str, request: Request) -> Response:
+async def get_boot_file(name: str, vid: str, which: str, request: Request, host: str | None = None,
+                        platform: str | None = None) -> Response:
     """The kernel, the initrd or a file of the UEFI loader (boot.EFI_FILES): Content-Length, ETag,
-    single ``Range``, HEAD; verified as it is sent."""
+    single ``Range``, HEAD; verified as it is sent. ``?host=`` (the boot script puts it on the
+    initrd's URL): once the whole initrd was sent, the host's last boot is recorded — not for a
+    curl of the script, nor for a boot that stops before — and with ``?platform=`` (iPXE's
+    ``${platform}``: ``efi`` or ``pcbios``) its firmware."""
     svc = Service.of(request)
+    booting = None if host is None else host_id(host)
     f: boot.BootFile = await svc.run(svc.repo.boot_file_info, version_ref(name, vid), which)
-    return await _ranged(request, f.size, f.id, [(0, f.size, f)], OCTETS)
+
+    async def booted() -> None:
+        assert booting is not None
+        await record_boot(svc, booting, name, vid, boot.IPXE_PLATFORMS.get(platform or ""))
+
+    return await _ranged(request, f.size, f.id, [(0, f.size, f)], OCTETS,
+                         booted if booting is not None and which == "initrd" else None)
 
 
 Part = tuple[int, int, "boot.BootFile | bytes"]  # (offset, length, a boot file's bytes from its start, or bytes)
@@ -149,6 +174,45 @@ async def _ranged(request: Request, size: int, tag: str, parts: list[Part], medi
     return StreamingResponse(body(), status_code=status, headers=headers, media_type=media)
 
 
+async def record_boot(svc: Service, host: str, name: str, vid: str, firmware: str | None = None) -> None:
+    """``host`` booted ``name@vid`` (with ``firmware``, when known: boot.IPXE_PLATFORMS). A boot
+    the catalog cannot record (a write refused) has still booted: logged, not raised."""
+    try:
+        await svc.run(svc.repo.registry.record_boot, host, version_ref(name, vid).version or vid)
+        if firmware is not None:
+            await svc.run(svc.repo.registry.record_firmware, host, firmware)
+    except BlockprovError as e:
+        log.warning("host %s booted %s@%s, but its last boot could not be recorded: %s", host, name, vid, e)
+
+
+def is_ipxe(request: Request) -> bool:
+    return request.headers.get("user-agent", "").startswith("iPXE/")
+
+
+async def refused_boot(request: Request, err: BlockprovError) -> Response | None:
+    """What a boot request the access rules refused gets (service/access.py asks): logged, and
+    recorded on the host (``host show``, the console); iPXE gets a 200 script that prints why on
+    the machine's screen and asks again (a 401 would leave it at "Permission denied" and fall
+    through to the disk, booting offline on its old version). None: the usual 401/403."""
+    raw = request.path_params.get("host") or unquote(request.url.path.rsplit("/", 1)[-1])
+    if err.http_status == 401 and "authorization" not in request.headers:
+        why = ("this repository requires access tokens and iPXE cannot send one: start `blockprov serve` with "
+               "--anonymous-boot (it opens only boot scripts and kernel/initrd downloads)")
+    elif err.http_status in (401, 403):
+        why = f"the repository refused the token sent: {err.message}"
+    else:  # the catalog out of reach, say: nothing to record, but the PC still says why and asks again
+        why = f"the repository cannot check access now: {err.message}"
+    log.warning("boot request of host %s from %s refused: %s", raw[:64],
+                request.client.host if request.client else "?", why)
+    svc = Service.of(request)
+    with contextlib.suppress(BlockprovError):  # an invalid host, or the catalog unreachable: the log has it
+        await svc.run(svc.repo.registry.record_refused, host_id(raw), why)
+    if not is_ipxe(request):
+        return None
+    return PlainTextResponse(boot.retry_script(f"{why} [{err.http_status}]", str(request.url), boot.RETRY_SECONDS),
+                             headers={"cache-control": "no-store", "x-blockprov-error": type(err).__name__})
+
+
 # -- hosts ----------------------------------------------------------------------------------------
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -170,30 +234,24 @@ def _base(request: Request, base: str | None) -> str:
 
 
 @router.get("/v1/boot/{host}", tags=["boot"], response_class=PlainTextResponse)
-async def boot_script(host: str, request: Request, base: str | None = None, record: bool = True,
-                      retry: int = boot.RETRY_SECONDS, platform: str | None = None) -> Response:
+async def boot_script(host: str, request: Request, base: str | None = None,
+                      retry: int = boot.RETRY_SECONDS) -> Response:
     """The iPXE script of a host (MAC with ':' or '-', or host id). 404: unknown host;
     409: its version has no boot files or its tag is gone; 400: a malformed host. To iPXE, a 404
-    or 409 is a 200 script that says why and asks again ``retry`` seconds later.
-    Answering it records the host's last boot (time and version), unless ``record=false``
-    (``blockprov host script`` shows an operator the script without it counting as a boot).
-    ``platform``: iPXE's ``${platform}`` (``efi`` or ``pcbios``; a DHCP boot file name
-    ``http://REPO/v1/boot/${net0/mac}?platform=${platform}`` sends it), kept as the host's firmware."""
+    or 409 is a 200 script that says why and asks again ``retry`` seconds later. Answering it
+    records nothing: the host's last boot is recorded once it has fetched the whole initrd."""
     svc = Service.of(request)
-    ipxe = request.headers.get("user-agent", "").startswith("iPXE/")
     try:
-        text = await svc.run(functools.partial(svc.repo.boot_script, host, _base(request, base), record=record))
+        text = await svc.run(svc.repo.boot_script, host, _base(request, base))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
-        if e.http_status in (404, 409) and ipxe:
+        if e.http_status in (404, 409) and is_ipxe(request):
             if not 1 <= retry <= 3600:
                 raise UsageError(f"retry={retry}: expected 1 to 3600 seconds") from None
             return PlainTextResponse(boot.retry_script(f"{e} [{e.http_status}]", str(request.url), retry),
                                      headers={"cache-control": "no-store", "x-blockprov-error": type(e).__name__})
         return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
-    if record and platform in boot.IPXE_PLATFORMS:
-        await svc.run(svc.repo.record_firmware, host, boot.IPXE_PLATFORMS[platform])
     return PlainTextResponse(text, headers={"cache-control": "no-store"})
 
 
@@ -211,18 +269,19 @@ async def uefi_boot_image(host: str, request: Request, base: str | None = None, 
     UEFI loader, or a tag that is gone."""
     svc = Service.of(request)
     try:
-        volume, content, tag = await svc.run(functools.partial(svc.repo.uefi_image, host, _base(request, base)))
+        image, name, vid = await svc.run(svc.repo.uefi_image, host, _base(request, base))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
         return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
-    parts: list[Part] = [(at, n, what if isinstance(what, bytes) else content[what]) for at, n, what in
-                         volume.extents()]
+    parts: list[Part] = [(at, n, what if isinstance(what, bytes) else image.content[what]) for at, n, what in
+                         image.volume.extents()]
 
     async def booted() -> None:
-        await svc.run(svc.repo.record_uefi_boot, host)
+        await record_boot(svc, host_id(host), name, vid, "uefi")
 
-    return await _ranged(request, volume.size, tag, parts, boot.EFI_IMAGE_TYPE, booted if record else None)
+    return await _ranged(request, image.volume.size, image.etag, parts, boot.EFI_IMAGE_TYPE,
+                         booted if record else None)
 
 
 @router.get("/v1/hosts", tags=["hosts"])
@@ -244,7 +303,7 @@ async def assign_host(host: str, request: Request) -> dict[str, Any]:
     left out keeps the host's value (``"args": ""`` clears the arguments, ``"policy": null`` or
     ``""`` a setting)."""
     svc = Service.of(request)
-    host = host_id(host)
+    host = host_id(host)  # before the body is read: a bad name costs no body
     d = await json_of(request)
     fields = {"ref", "args", *boot.SETTINGS}
     if (not isinstance(d, dict) or not isinstance(d.get("ref"), str) or not isinstance(d.get("args", ""), str)

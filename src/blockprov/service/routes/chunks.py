@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import struct
@@ -27,14 +26,19 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from blockprov import codec
+from blockprov import codec, jsonvalue
 from blockprov.errors import BlockprovError, ChunkMissing, TooLarge, UsageError
-from blockprov.service.edge import error_body
+from blockprov.manifest import MAX_CHUNK
+from blockprov.service.edge import error_body, internal_error_response
 from blockprov.service.rawview import IMMUTABLE, etag_matches
-from blockprov.service.routes.common import OCTETS, OCTETS_BODY, body_of, decoded
+from blockprov.service.routes.common import OCTETS, body_of, octets_body
 from blockprov.service.state import Service
 
 MAX_FETCH_IDS = 16384  # per POST /v1/chunks/fetch; the client sends far fewer (≈16 MiB of blobs)
+MAX_MISSING_IDS = 65536  # per POST /v1/chunks/missing (repo/remote.py asks 65,536 at a time)
+MAX_BLOB = MAX_CHUNK + 4096  # a stored blob: a chunk (stored raw when zstd saves too little) and its header
+MAX_UPLOAD = 64 << 20  # one batch upload (repo/remote.py sends ≈16 MiB)
+MAX_UPLOAD_FRAMES = 16384  # blobs in one batch upload (≈16 MiB of 1 KiB blobs): no million empty frames
 LEN = struct.Struct("<I")
 ID = codec.DIGEST_SIZE
 T = TypeVar("T")
@@ -70,6 +74,8 @@ def parse_frames(body: bytes) -> list[tuple[bytes, bytes]]:
     out: list[tuple[bytes, bytes]] = []
     pos, n = 0, len(body)
     while pos < n:
+        if len(out) == MAX_UPLOAD_FRAMES:
+            raise TooLarge(f"more than {MAX_UPLOAD_FRAMES} blobs in one upload")
         if n - pos < ID + LEN.size:
             raise UsageError(f"truncated frame header at byte {pos} (frame {len(out)})")
         cid = body[pos:pos + ID]
@@ -117,6 +123,8 @@ async def fetch_parts(svc: Service, body: bytes) -> list[bytes]:
         raise ChunkMissing(digest=missing[0], missing=missing)
     svc.metrics.chunk_fetches += 1
     svc.metrics.chunks_served += len(ids)
+    if svc.on_fetch is not None:
+        svc.on_fetch(ids)
     return [p for p, _ in done]
 
 
@@ -143,7 +151,8 @@ async def chunk_blob(svc: Service, cid: str, head: bool,
     return 200, blob, headers
 
 
-@router.post("/v1/chunks/fetch", tags=["chunks"], response_class=Response, openapi_extra=OCTETS_BODY)
+@router.post("/v1/chunks/fetch", tags=["chunks"], response_class=Response,
+             openapi_extra=octets_body(MAX_FETCH_IDS * ID))
 async def fetch_chunks(request: Request) -> Response:
     """Body: concatenated 32-byte ids. Answer: for each, ``[4-byte LE length][blob]``.
     Blobs are not verified here (the caller must verify); 404 lists every missing id.
@@ -162,23 +171,26 @@ def missing_body(exc: ChunkMissing) -> dict[str, object]:
     return error_body(exc) | {"missing": list(exc.kwargs.get("missing") or [exc.kwargs.get("digest")])}
 
 
-@router.post("/v1/chunks/missing", tags=["chunks"], response_class=Response, openapi_extra=OCTETS_BODY)
+@router.post("/v1/chunks/missing", tags=["chunks"], response_class=Response,
+             openapi_extra=octets_body(MAX_MISSING_IDS * 72))  # as JSON: 64 hex digits, quotes, comma
 async def missing_chunks(request: Request) -> Response:
     """Which of these ids the repository lacks. Binary in → binary out (32-byte ids);
     ``application/json`` ``{"ids": [hex…]}`` in → ``{"missing": [hex…]}`` out."""
     svc = Service.of(request)
     body = await body_of(request)
     if request.headers.get("content-type", "").startswith("application/json"):
-        try:
-            hexes = decoded(body, json.loads)["ids"]
-            if not isinstance(hexes, list):
-                raise TypeError("ids must be a list")
-        except (ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"expected {{\"ids\": [hex, …]}}: {e}") from None
-        ids = [codec.parse_hexid(str(h)) for h in hexes]
+        d = jsonvalue.loads(body)
+        hexes = d.get("ids") if isinstance(d, dict) else None
+        if not isinstance(hexes, list) or not all(isinstance(h, str) for h in hexes):
+            raise UsageError('expected {"ids": [hex, …]}')
+        if len(hexes) > MAX_MISSING_IDS:
+            raise TooLarge(f"{len(hexes)} ids in one question; at most {MAX_MISSING_IDS}")
+        ids = [codec.parse_hexid(h) for h in hexes]
         svc.metrics.missing_asked += len(ids)
         return JSONResponse({"missing": [c.hex() for c in await svc.run(svc.repo.missing, ids)]})
     ids = split_ids(body)
+    if len(ids) > MAX_MISSING_IDS:
+        raise TooLarge(f"{len(ids)} ids in one question; at most {MAX_MISSING_IDS}")
     svc.metrics.missing_asked += len(ids)
     return Response(b"".join(await svc.run(svc.repo.missing, ids)), media_type=OCTETS)
 
@@ -193,7 +205,7 @@ async def get_chunk(cid: str, request: Request) -> Response:
     return Response(body, status_code=status, headers=headers, media_type=None if status == 304 else OCTETS)
 
 
-@router.put("/v1/chunks/{cid}", tags=["chunks"], openapi_extra=OCTETS_BODY)
+@router.put("/v1/chunks/{cid}", tags=["chunks"], openapi_extra=octets_body(MAX_BLOB))
 async def put_chunk(cid: str, request: Request) -> JSONResponse:
     """Upload one blob; 422 if it does not decode to its id (nothing is stored then)."""
     svc = Service.of(request)
@@ -204,7 +216,7 @@ async def put_chunk(cid: str, request: Request) -> JSONResponse:
     return JSONResponse({"new": bool(new)}, status_code=201 if new else 200)
 
 
-@router.post("/v1/chunks", tags=["chunks"], openapi_extra=OCTETS_BODY)
+@router.post("/v1/chunks", tags=["chunks"], openapi_extra=octets_body(MAX_UPLOAD))
 async def put_chunks(request: Request) -> dict[str, int]:
     """Batch upload, framed ``[32-byte id][4-byte LE length][blob]…``; every blob is verified."""
     svc = Service.of(request)
@@ -251,7 +263,10 @@ class LeanChunkPath:
             await handler(scope, receive, send, rest)
         except BlockprovError as exc:
             scope["blockprov.error"] = type(exc).__name__
-            if exc.http_status >= 500:
+            if exc.http_status == 500:
+                await internal_error_response(method, path, exc)(scope, receive, send)
+                return
+            if exc.http_status > 500:
                 log.error("%s %s: %s", method, path, exc)
             elif exc.http_status == 422:
                 log.warning("%s %s: %s", method, path, exc)

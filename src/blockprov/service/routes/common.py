@@ -1,28 +1,37 @@
 """Small pieces several route modules use: request bodies, references, OpenAPI body schemas.
 
 The write routes read their bodies themselves (not through a Pydantic model) so that a binary or
-loosely shaped body costs no validation layer; ``JSON_BODY``/``OCTETS_BODY`` still describe the
-body in the OpenAPI document.
+loosely shaped body costs no validation layer. ``json_body``/``octets_body`` describe the body in
+the OpenAPI document and declare the most the route reads (bounds.py enforces it; ``JSON_BODY`` is
+a JSON body of at most ``bounds.DEFAULT_BODY``). A JSON body is read with ``json_of``, which checks
+its values (jsonvalue.py): a new route that reads JSON with these two is bounded and checked.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.requests import Request
 
-from blockprov.errors import UsageError
+from blockprov import jsonvalue
 from blockprov.names import Ref, image_name, parse_ref, tag_name, version_id
+from blockprov.service.bounds import DEFAULT_BODY, body_spec
+from blockprov.service.state import Service
 
 OCTETS = "application/octet-stream"
-OCTETS_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    OCTETS: {"schema": {"type": "string", "format": "binary"}}}}}
-T = TypeVar("T")
 
-JSON_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object"}}}}}
+
+def json_body(limit: int = DEFAULT_BODY, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``openapi_extra`` of a route reading a JSON body of at most ``limit`` bytes."""
+    return body_spec(limit, "application/json", schema)
+
+
+def octets_body(limit: int) -> dict[str, Any]:
+    """``openapi_extra`` of a route reading a binary body of at most ``limit`` bytes."""
+    return body_spec(limit, OCTETS, {"type": "string", "format": "binary"})
+
+
+JSON_BODY = json_body()
 
 
 async def body_of(request: Request) -> bytes:
@@ -31,23 +40,17 @@ async def body_of(request: Request) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def decoded(raw: bytes, decode: Callable[[bytes], T]) -> T:
-    """``decode(raw)``, with a body nested too deeply refused as a ``UsageError`` (400).
-
-    Why: Python's JSON decoder recurses, so ``[[[[…`` a thousand deep raises ``RecursionError``,
-    which is no ``ValueError`` and would escape every route's "not JSON" handler as a 500 (issue 17).
-    Every JSON body the service decodes goes through here."""
-    try:
-        return decode(raw)
-    except RecursionError:
-        raise UsageError("the body is nested too deeply") from None
+JSON_ON_LOOP = 64 << 10  # a JSON body larger than this is decoded and checked on the thread pool
 
 
 async def json_of(request: Request) -> Any:
-    try:
-        return decoded(await body_of(request), json.loads)
-    except ValueError as e:
-        raise UsageError(f"the body is not JSON: {e}") from None
+    """The request's JSON body, decoded and checked by ``jsonvalue.loads`` (the one check of JSON
+    from outside: finite numbers within 64 bits, Unicode text without NUL, bounded nesting), so
+    nothing a route stores can break a later read. Every JSON body the service reads comes here."""
+    raw = await body_of(request)
+    if len(raw) <= JSON_ON_LOOP:
+        return jsonvalue.loads(raw)
+    return await Service.of(request).run(jsonvalue.loads, raw)
 
 
 def ref_in(name: str, s: str, *, allow_other: bool = False) -> Ref:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
 from blockprov import manifest as mf
@@ -18,14 +17,10 @@ from blockprov.errors import UsageError
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, tag_name, version_id
 from blockprov.service.rawview import IMMUTABLE, etag_matches
-from blockprov.service.routes.common import JSON_BODY, body_of, decoded, ref_in
+from blockprov.service.routes.common import body_of, json_body, json_of, ref_in
 from blockprov.service.state import Service
 
 router = APIRouter()
-
-
-class TagBody(BaseModel):
-    version: str
 
 
 @router.get("/v1/images", tags=["catalog"])
@@ -55,7 +50,8 @@ async def get_manifest(name: str, request: Request, ref: str = "latest") -> Resp
     return Response(raw_json, headers=headers, media_type="application/json")
 
 
-@router.post("/v1/images/{name}/versions", tags=["catalog"], status_code=201, openapi_extra=JSON_BODY)
+@router.post("/v1/images/{name}/versions", tags=["catalog"], status_code=201,
+             openapi_extra=json_body(mf.MAX_MANIFEST_BYTES))
 async def commit(name: str, request: Request, tag: str | None = None) -> JSONResponse:
     """Record a version whose chunks are all present; the ``201`` is the acknowledgement.
     409 with ``missing`` lists the chunks still to upload."""
@@ -63,18 +59,25 @@ async def commit(name: str, request: Request, tag: str | None = None) -> JSONRes
     image_name(name)
     if tag is not None:
         tag_name(tag)
-    m = await svc.run(decoded, await body_of(request), Manifest.from_json)
+    m = await svc.run(Manifest.from_json, await body_of(request))
     if m.image != name:
         raise UsageError(f"manifest is for image {m.image!r}, posted to {name!r}")
     vid = await svc.run(svc.repo.commit, m, tag)
     return JSONResponse({"id": vid, "image": name, "tag": tag}, status_code=201)
 
 
-@router.put("/v1/images/{name}/tags/{tag}", tags=["catalog"])
-async def set_tag(name: str, tag: str, body: TagBody, request: Request) -> dict[str, Any]:
+@router.put("/v1/images/{name}/tags/{tag}", tags=["catalog"], openapi_extra=json_body(schema={
+    "type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}}))
+async def set_tag(name: str, tag: str, request: Request) -> dict[str, Any]:
+    """Body ``{"version": ID}``: the tag names that version from now on."""
     svc = Service.of(request)
-    await svc.run(svc.repo.set_tag, image_name(name), tag_name(tag), version_id(body.version))
-    return {"image": name, "tag": tag, "version": body.version}
+    name, tag = image_name(name), tag_name(tag)
+    d = await json_of(request)
+    if not isinstance(d, dict) or not isinstance(d.get("version"), str):
+        raise UsageError('expected {"version": "<16 hex digits>"}')
+    vid = version_id(d["version"])
+    await svc.run(svc.repo.set_tag, name, tag, vid)
+    return {"image": name, "tag": tag, "version": vid}
 
 
 @router.delete("/v1/images/{name}/tags/{tag}", tags=["catalog"])

@@ -12,8 +12,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from blockprov.catalog.machines import MAX_PROFILE
 from blockprov.errors import ProfileNotFound, UsageError
-from blockprov.service.routes.common import JSON_BODY, OCTETS, body_of, json_of, version_ref
+from blockprov.service.routes.common import OCTETS, body_of, json_body, json_of, version_ref
 from blockprov.service.state import Service
 
 U32 = struct.Struct("<I")
@@ -21,7 +22,8 @@ U32 = struct.Struct("<I")
 router = APIRouter()
 
 
-@router.put("/v1/images/{name}/versions/{vid}/profile", tags=["profiles"], openapi_extra=JSON_BODY)
+@router.put("/v1/images/{name}/versions/{vid}/profile", tags=["profiles"],
+            openapi_extra=json_body(4 * MAX_PROFILE + (64 << 10)))  # u32 LE indices; JSON for fewer
 async def put_profile(name: str, vid: str, request: Request) -> dict[str, Any]:
     """Body ``{"chunks": [i, …]}`` or, as ``application/octet-stream``, u32 LE indices."""
     svc = Service.of(request)

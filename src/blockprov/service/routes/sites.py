@@ -15,7 +15,8 @@ from fastapi import APIRouter, Request
 
 from blockprov.catalog.tokens import TokenInfo
 from blockprov.errors import UsageError
-from blockprov.service.routes.common import JSON_BODY, json_of
+from blockprov.names import site_name
+from blockprov.service.routes.common import json_body, json_of
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -27,11 +28,12 @@ async def list_sites(request: Request) -> dict[str, Any]:
     return {"sites": [s.to_dict() for s in await svc.run(svc.repo.sites)]}
 
 
-@router.put("/v1/sites/{site}", tags=["sites"], openapi_extra=JSON_BODY)
+@router.put("/v1/sites/{site}", tags=["sites"], openapi_extra=json_body(4096))
 async def add_site(site: str, request: Request) -> dict[str, Any]:
     """Body ``{"cache": "http://…"}`` (the site cache as the site's machines reach it; ``""`` removes
     it; absent keeps it), or ``{}``."""
     svc = Service.of(request)
+    site = site_name(site)  # before the body is read: a bad name costs no body
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("cache", ""), str | None):
         raise UsageError('expected {"cache": "http://HOST:PORT"} or {}')
@@ -53,10 +55,11 @@ async def rotate_site_secret(request: Request) -> dict[str, Any]:
     return {"rotated": True}
 
 
-@router.post("/v1/sites/{site}/join", tags=["sites"], openapi_extra=JSON_BODY)
+@router.post("/v1/sites/{site}/join", tags=["sites"], openapi_extra=json_body(4096))
 async def join_site(site: str, request: Request) -> dict[str, Any]:
     """Body ``{"instance": "ID"}``: a ticket for that agent, the site's keys and its online peers."""
     svc = Service.of(request)
+    site = site_name(site)
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("instance"), str):
         raise UsageError('expected {"instance": "ID"}')

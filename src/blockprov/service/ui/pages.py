@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, quote, unquote
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
-from blockprov.boot import SETTINGS
+from blockprov.boot import SETTINGS, stranded
 from blockprov.catalog.tokens import TokenStore
 from blockprov.errors import BlockprovError, CatalogMisconfigured, CatalogUnavailable, TooLarge, UsageError
 from blockprov.names import Ref, host_id, image_name, instance_id, parse_ref, tag_name, version_id
@@ -196,9 +196,13 @@ async def move_tag(name: str, request: Request) -> Response:
         before = (await svc.run(svc.repo.images))
         old = next((i.tags.get(tag) for i in before if i.name == image), None)
         await svc.run(svc.repo.catalog.set_tag, image, tag, vid, viewer(request).who)
+        following = [h.host for h in await svc.run(svc.repo.hosts) if h.ref == f"{image}:{tag}"]
+        bare = following and await svc.run(svc.repo.get_boot_files, f"{image}@{vid}") is None
     except BlockprovError as e:
         return back(here, "error", f"Tag not moved: {e.message}")
     what = f"{image}:{tag} → {vid[:12]}" + (f" (was {old[:12]})" if old and old != vid else "")
+    if bare:
+        return back(here, "error", f"Moved {what}, but {stranded(f'{image}:{tag}', vid, following)}")
     return back(here, "ok", f"Moved {what}")
 
 
@@ -287,12 +291,13 @@ async def ask_agents(request: Request) -> Response:
 # -- pools, health --------------------------------------------------------------------------------
 @router.get("/ui/pools")
 async def pools_page(request: Request) -> Response:
-    return await show(request, "pools.html", "pools", views.pools, Service.of(request))
+    return await show(request, "pools.html", "pools", views.pools, Service.of(request), viewer(request))
 
 
 @router.get("/ui/health")
 async def health_page(request: Request) -> Response:
-    return await show(request, "health.html", "health", views.health, Service.of(request), console_state(request))
+    return await show(request, "health.html", "health", views.health, Service.of(request), console_state(request),
+                      viewer(request))
 
 
 __all__ = ["COOKIE", "HEADERS", "router"]

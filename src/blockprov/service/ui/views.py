@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockprov import manifest as mf
-from blockprov.catalog.machines import SEEN_EVERY
 from blockprov.catalog.records import VersionInfo
+from blockprov.catalog.sites import SOURCES, traffic
 from blockprov.errors import BlockprovError
 from blockprov.names import Ref, image_name
 from blockprov.service.state import Service
 
-ONLINE_SECONDS = 6 * SEEN_EVERY  # an agent's long poll refreshes last_seen every SEEN_EVERY s
 STORE_STATS_SECONDS = 300.0  # bytes stored: a walk of the store's index (a listing, on S3), so counted rarely
 RECENT_REQUESTS = 15
 DIFF_RANGES_SHOWN = 50
@@ -136,11 +135,21 @@ def agent_row(a: dict[str, Any], failed: dict[str, tuple[str, float]]) -> dict[s
     last_error = info.get("last_error") if isinstance(info.get("last_error"), str) else None
     if not last_error and a["instance"] in failed:
         last_error = failed[a["instance"]][0]
-    return {"instance": a["instance"], "online": a["seen_ago"] < ONLINE_SECONDS, "seen_ago": a["seen_ago"],
+    return {"instance": a["instance"], "online": bool(a.get("online")), "seen_ago": a["seen_ago"],
             "image": _text(info.get("image")), "version": _text(info.get("version")), "host": _text(info.get("host")),
             "hydration": percent, "modified": _num(info.get("modified_chunks")),
             "latency": _num(info.get("fetch_latency_ms")), "last_error": last_error,
-            "pending": a["pending"], "running": a["running"]}
+            "move": _text(move.get("summary")) if isinstance(move := info.get("last_move"), dict) else None,
+            "pending": a["pending"], "running": a["running"], "site": _text(info.get("site")),
+            "sources": _sources(info.get("sources"))}
+
+
+def _sources(by: object) -> dict[str, int] | None:
+    """An agent's bytes by source, over its versions (from its report's ``sources``)."""
+    rows = traffic([{"info": {"sources": by}}]) if isinstance(by, dict) and by else []
+    if not rows:
+        return None
+    return {s: sum(int(r[s]) for r in rows) for s in SOURCES}
 
 
 def _info(a: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +180,7 @@ def _clone_row(c: object) -> dict[str, Any] | None:
             "modified": _num(c.get("modified_chunks")), "state": _text(c.get("state")), "host": _text(c.get("host"))}
 
 
-def pools(svc: Service) -> dict[str, Any]:
+def pools(svc: Service, viewer: Viewer) -> dict[str, Any]:
     """Pools and clones agents as they reported themselves (agent/report.py), online or not."""
     out = []
     groups = []
@@ -180,7 +189,7 @@ def pools(svc: Service) -> dict[str, Any]:
         info = _info(a)
         if not is_clones_agent(a) and not isinstance(info.get("pools"), list):
             continue
-        online = a["seen_ago"] < ONLINE_SECONDS
+        online = bool(a.get("online"))
         for p in _list(info.get("pools")):
             if isinstance(p, dict):
                 out.append({"instance": a["instance"], "online": online, "name": str(p.get("name", "")),
@@ -190,27 +199,39 @@ def pools(svc: Service) -> dict[str, Any]:
         clones = [r for r in map(_clone_row, _list(info.get("clones"))) if r is not None]
         total = _num(info.get("clones_total"))
         groups.append({"instance": a["instance"], "kind": _text(info.get("kind")) or "pool", "online": online,
-                       "seen_ago": a["seen_ago"], "host": _text(info.get("host")), "dir": _text(info.get("dir")),
+                       "seen_ago": a["seen_ago"], "host": _text(info.get("host")),
+                       "dir": _text(info.get("dir")) if viewer.can_write else None,
                        "clones": clones, "more": max(0, int(total) - len(clones)) if total is not None else 0,
                        "last_error": _text(info.get("last_error"))})
     return {"pools": out, "groups": groups, "agents": len(every)}
 
 
-def health(svc: Service, state: ConsoleState) -> dict[str, Any]:
-    """Reachability, space and traffic, from the counters ``/metrics`` exposes (service/metrics.py)."""
+HIDDEN = "shown to write tokens"
+
+
+def health(svc: Service, state: ConsoleState, viewer: Viewer) -> dict[str, Any]:
+    """Reachability, space and traffic, from the counters ``/metrics`` exposes (service/metrics.py).
+
+    Where the catalog is (a data directory's path, a database's host) and why it or the store
+    failed (messages name paths and hosts) are shown only to write scope (issue 27): a read token
+    learns whether the repository is healthy, not how the server's machine is laid out."""
     out: dict[str, Any] = {}
+    paths = viewer.can_write
     t0 = time.monotonic()
     try:
         svc.repo.catalog.db.one("SELECT 1")
-        out["catalog"] = {"ok": True, "where": svc.repo.catalog.db.url, "ms": 1000 * (time.monotonic() - t0)}
+        out["catalog"] = {"ok": True, "where": svc.repo.catalog.db.url if paths else HIDDEN,
+                          "ms": 1000 * (time.monotonic() - t0)}
     except Exception as e:  # any failure is the answer to "is it reachable"
-        out["catalog"] = {"ok": False, "where": _safe_url(svc), "why": str(e) or type(e).__name__}
+        out["catalog"] = {"ok": False, "where": _safe_url(svc) if paths else HIDDEN,
+                          "why": (str(e) or type(e).__name__) if paths else "the server's log says why"}
     t0 = time.monotonic()
     try:
         svc.store.missing([bytes(32)])
         out["store"] = {"ok": True, "where": type(svc.store).__name__, "ms": 1000 * (time.monotonic() - t0)}
     except Exception as e:  # any failure is the answer to "is it reachable"
-        out["store"] = {"ok": False, "where": type(svc.store).__name__, "why": str(e) or type(e).__name__}
+        out["store"] = {"ok": False, "where": type(svc.store).__name__,
+                        "why": (str(e) or type(e).__name__) if paths else "the server's log says why"}
     now = time.monotonic()
     with state.lock:
         stats = state.store_stats
@@ -238,6 +259,7 @@ def health(svc: Service, state: ConsoleState) -> dict[str, Any]:
     out["requests"] = {"total": total, "per_second": rate, "server_errors": errors, "in_flight": m.in_flight,
                        "chunks_served": m.chunks_served, "chunks_received": m.chunks_received,
                        "uptime": time.time() - m.started}
+    out["sites"] = traffic(svc.repo.agents())
     out["chunk_cache"] = _hit_rate(m.chunk_cache() if m.chunk_cache else None)
     out["manifest_cache"] = _hit_rate(m.manifest_cache() if m.manifest_cache else None)
     return out

@@ -1,0 +1,544 @@
+"""Thirty PCs at nine o'clock (issue 26): N agents start the same version at once, each replaying a
+real boot's read trace through its NBD export, the repository behind one shared slow link.
+
+What runs, and why:
+
+- **The trace** (``capture``, cached): the project's test image (tools/bootimage.py) boots once under
+  qemu from ``nbdkit --filter=log file`` (a server we did not write, which logs every request with
+  its submit and completion time); every read — offset, length, when it was submitted, when it
+  completed — goes into the trace. A boot profile has no timing; a trace does.
+- **The replay** (bench/storm_replay.py, under Debian's python3 with libnbd): one thread per agent,
+  all starting at the same instant; each read waits for the read the boot had waited for, plus the
+  guest's think time (so a slow miss delays what depends on it), reads that were in flight together
+  are in flight together, and every byte read is compared with the image.
+- **The link**: the repository (``blockprov serve``) sits behind bench/wanproxy.py with one cap for
+  all connections (default 100 Mbit/s, 2 ms): a site's uplink. Agents, the site cache and nginx
+  reach each other over loopback: the site's LAN.
+- **The set-ups**, each with N = 1, 10, 30 agents (``blockprov attach … --no-profile``: nothing is
+  fetched before the replay starts; every fetch follows the replayed reads):
+  ``alone`` (today: each agent fetches from the repository itself), ``nginx`` (today's site cache:
+  ``attach --cacheable-fetch`` through nginx's proxy_cache, proxy_cache_lock on), ``sitecache``
+  (``blockprov serve --upstream``), ``peers`` (``attach --site``: chunks from the site's agents,
+  one owner per chunk fetching it from the repository; with ``--liar`` one lying peer is in the site).
+- **Time-to-ready** of an agent: from the common start to its last read's completion. **Repository
+  egress**: the bytes the link carried from the repository during the run (chunks, registrations,
+  joins: everything).
+- **The v2 rollout** (``--rollout``): after each set-up's N = 30 run, its 30 agents (now holding
+  v1's working set) are moved to a v2 at once (``blockprov update``: by diff, the changed chunks they
+  held fetched again at once); the repository's egress is compared with the wire bytes of the
+  changed chunks the agents held (each once).
+
+Run: ``.venv/bin/python bench/bench_storm.py [--counts 1,10,30] [--setups alone,nginx,sitecache,peers]
+[--rollout] [--liar]``. Results: bench/out/storm.{json,md}, bench/results/storm.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import OUT, ROOT, VENV_BIN, WORK, write_results
+from tests import bootvm
+from tests.procs import Proc, first_line, free_port, start_server
+from wanproxy import ProxyThread, parse_duration, parse_rate
+
+from blockprov.agent import control
+from blockprov.repo.remote import RemoteRepository
+
+BP = str(VENV_BIN / "blockprov")
+RESULTS = ROOT / "bench" / "results"
+MIB = 1 << 20
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with the libnbd bindings
+NGINX = "/usr/sbin/nginx"
+SITE = "storm"
+REF = "lab:v1"
+
+
+# -- the trace ---------------------------------------------------------------------------------------------------
+LOG_LINE = re.compile(r"^(\S+ \S+) connection=\d+ (\.\.\.)?Read id=(\d+)(?: offset=0x([0-9a-f]+) count=0x([0-9a-f]+))?")
+
+
+def parse_nbdkit_log(text: str) -> list[list[float]]:
+    """nbdkit's log filter → reads as [submit, complete, offset, length], times from the first submit."""
+    import datetime
+
+    started: dict[str, tuple[float, int, int]] = {}
+    reads: list[list[float]] = []
+    for line in text.splitlines():
+        m = LOG_LINE.match(line)
+        if m is None:
+            continue
+        t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+        if m.group(2) is None:
+            started[m.group(3)] = (t, int(m.group(4), 16), int(m.group(5), 16))
+        elif m.group(3) in started:
+            s, off, n = started.pop(m.group(3))
+            reads.append([s, t, off, n])
+    reads.sort()
+    t0 = reads[0][0]
+    return [[round(s - t0, 6), round(c - t0, 6), off, n] for s, c, off, n in reads]
+
+
+def capture(image: bootvm.bootimage.Built, path: Path, timeout: float) -> dict[str, Any]:
+    """Boot the test image once from nbdkit's log filter and keep its reads (module docstring)."""
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    tmp = Path(tempfile.mkdtemp(prefix="bpcap", dir="/tmp"))
+    sock, log = tmp / "nbd.sock", tmp / "nbdkit.log"
+    nbdkit = subprocess.Popen(["nbdkit", "-r", "-f", "-U", str(sock), "--filter=log", "file", str(image.disk),
+                               f"logfile={log}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        r = bootvm.boot(image.kernel, image.initrd, f"nbd+unix:///?socket={sock}", mode="plain", readonly=True,
+                        timeout=timeout)
+        if not r.ok:
+            raise RuntimeError(f"the capture boot failed:\n{r.tail(25)}")
+    finally:
+        nbdkit.send_signal(signal.SIGTERM)
+        nbdkit.wait(10)
+    reads = parse_nbdkit_log(log.read_text())
+    shutil.rmtree(tmp, ignore_errors=True)
+    trace = {"image": str(image.disk), "boot_seconds": r.seconds, "reads": reads,
+             "bytes": sum(n for *_x, n in reads), "span": max(c for _s, c, _o, _n in reads),
+             "most_in_flight": _most_in_flight(reads)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(trace))
+    return trace
+
+
+def _most_in_flight(reads: list[list[float]]) -> int:
+    events = sorted([(s, 1) for s, _c, _o, _n in reads] + [(c, -1) for _s, c, _o, _n in reads])
+    depth = most = 0
+    for _t, d in events:
+        depth += d
+        most = max(most, depth)
+    return most
+
+
+# -- the site: repository, link, caches, agents -----------------------------------------------------------------------
+@dataclass
+class Site:
+    data: Path
+    direct: str  # the repository without the link (setup, not measured)
+    link: ProxyThread
+    tmp: Path
+    short: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.link.url
+
+
+def nginx_conf(prefix: Path, port: int, upstream: str) -> Path:
+    for d in ("cache", "tmp"):
+        (prefix / d).mkdir(parents=True, exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""{user}worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    proxy_cache_path {prefix}/cache levels=1:2 keys_zone=chunks:16m max_size=8g inactive=1d use_temp_path=off;
+    upstream repo {{ server {upstream.removeprefix("http://")}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 256m;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        location /v1/chunks/ {{ proxy_pass http://repo; proxy_cache chunks; proxy_cache_lock on;
+                               proxy_cache_lock_timeout 60s; }}
+        location / {{ proxy_pass http://repo; proxy_read_timeout 120s; }}
+    }}
+}}
+""")
+    return conf
+
+
+@contextmanager
+def front(setup: str, site: Site) -> Iterator[tuple[str, list[str]]]:
+    """What the agents of a set-up talk to, and their extra attach options."""
+    if setup in ("alone", "peers"):
+        extra = ["--site", SITE, "--peer-listen", "127.0.0.1:0"] if setup == "peers" else []
+        yield site.url, extra
+        return
+    if setup == "sitecache":
+        proc, url = start_server(site.tmp / "sitecache", "--upstream", site.url, "--cache-size", "8G")
+        try:
+            yield url, []
+        finally:
+            proc.stop()
+            shutil.rmtree(site.tmp / "sitecache", ignore_errors=True)
+        return
+    if setup == "nginx":
+        port = free_port()
+        prefix = site.tmp / "nginx"
+        conf = nginx_conf(prefix, port, site.url)
+        proc = subprocess.Popen([NGINX, "-e", str(prefix / "error.log"), "-c", str(conf), "-p", str(prefix),
+                                 "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            time.sleep(1.0)
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx did not start: {proc.stderr.read() if proc.stderr else ''}")
+            yield f"http://127.0.0.1:{port}", ["--cacheable-fetch"]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            shutil.rmtree(prefix, ignore_errors=True)
+        return
+    raise ValueError(setup)
+
+
+def start_agents(site: Site, n: int, url: str, extra: list[str]) -> list[tuple[Proc, Path, Path]]:
+    """``attach`` N agents at once (nothing fetched: --no-profile, no read yet)."""
+    procs = []
+    env = {k: v for k, v in os.environ.items() if k not in ("BLOCKPROV_REPO", "BLOCKPROV_TOKEN")}
+    for k in range(n):
+        cache, sock = site.tmp / f"agent{k}", site.short / f"a{k}"
+        p = subprocess.Popen([BP, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
+                              "--no-profile", "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+        procs.append((p, cache, sock))
+    out = []
+    for p, cache, sock in procs:
+        line = first_line(p, 300)
+        if not line.startswith("{"):
+            p.kill()
+            raise RuntimeError(f"agent did not start: {line!r} {p.communicate()[1][-2000:]}")
+        out.append((Proc(p, line), cache, sock))
+    return out
+
+
+def status(cache: Path) -> dict[str, Any]:
+    return dict(control.call(cache, "status", timeout=60.0))
+
+
+def wait_peers(agents: list[tuple[Proc, Path, Path]], want: int) -> float:
+    t = time.monotonic()
+    for _ in range(600):
+        if all((status(c).get("site") or {}).get("peers", 0) >= want for _p, c, _s in agents):
+            return time.monotonic() - t
+        time.sleep(0.5)
+    raise RuntimeError(f"the agents did not find {want} peers")
+
+
+def stop_agents(agents: list[tuple[Proc, Path, Path]]) -> None:
+    for p, _c, _s in agents:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    for p, cache, _s in agents:
+        try:
+            p.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait()
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def replay(trace_path: Path, image: Path, socks: list[Path], delay: float = 2.0) -> list[dict[str, Any]]:
+    start = time.time() + delay
+    uris = [f"nbd+unix:///lab?socket={s}" for s in socks]
+    r = subprocess.run([SYSTEM_PYTHON, str(ROOT / "bench" / "storm_replay.py"), "--trace", str(trace_path),
+                        "--start", str(start), "--image", str(image), *uris], capture_output=True, text=True,
+                       timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"replay failed: {r.stderr[-3000:]}")
+    return list(json.loads(r.stdout)["results"])
+
+
+# -- one run ----------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    setup: str
+    n: int
+    ready: list[float]
+    egress: int
+    mismatches: int
+    failures: list[str]
+    sources: dict[str, int]
+    peer_bad: int
+    load: tuple[float, float, float]
+    joined_in: float | None = None
+    rollout: dict[str, Any] | None = None
+
+    def row(self, lone_ready: float | None, lone_egress: int | None) -> dict[str, Any]:
+        r = sorted(self.ready)
+        p95 = r[min(len(r) - 1, max(0, round(0.95 * len(r)) - 1))] if r else float("nan")
+        return {"setup": self.setup, "N": self.n, "ready p50 s": statistics.median(r) if r else "-",
+                "ready p95 s": p95, "ready max s": r[-1] if r else "-",
+                "p95 / lone": p95 / lone_ready if lone_ready else "-",
+                "repo egress MiB": self.egress / MIB,
+                "egress / lone": self.egress / lone_egress if lone_egress else "-",
+                "from peers MiB": self.sources.get("peers", 0) / MIB,
+                "from site cache MiB": self.sources.get("site_cache", 0) / MIB,
+                "wrong bytes": self.mismatches, "peer chunks refused": self.peer_bad,
+                "note": "; ".join(self.failures)[:300] + (f" load {self.load[0]:.1f}" if self.load else "")}
+
+
+def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, liar: bool,
+            rollout: dict[str, Any] | None) -> Run:
+    vid = RemoteRepository(site.direct).resolve(REF).id
+    liar_peer = None
+    with front(setup, site) as (url, extra):
+        agents = start_agents(site, n, url, extra)
+        try:
+            joined = None
+            if setup == "peers":
+                if liar and n > 1:
+                    from tests.interop.test_site_peers import LyingPeer
+
+                    liar_peer = LyingPeer(site.direct, "pc-liar", vid)
+                joined = wait_peers(agents, n - 1 + (1 if liar_peer else 0))
+            site.link.reset()
+            load = os.getloadavg()
+            results = replay(trace_path, image, [s for _p, _c, s in agents])
+            egress = site.link.stats()["down_bytes"]
+            sts = [status(c) for _p, c, _s in agents]
+            sources = {"peers": 0, "site_cache": 0, "repository": 0}
+            bad = 0
+            for st in sts:
+                src = st.get("sources") or {}
+                bad += int(src.get("peer_bad_chunks", 0))
+                for by in (src.get("by_version") or {}).values():
+                    for k in sources:
+                        sources[k] += int(by.get(k, {}).get("bytes", 0))
+            run = Run(setup, n, [float(r["ready"]) for r in results if "ready" in r],
+                      egress, sum(int(r.get("mismatches", 0)) for r in results),
+                      [str(r["failed"]) for r in results if "failed" in r], sources, bad, load, joined)
+            if rollout is not None:
+                run.rollout = do_rollout(site, agents, rollout)
+            return run
+        finally:
+            if liar_peer is not None:
+                liar_peer.close()
+            stop_agents(agents)
+
+
+def do_rollout(site: Site, agents: list[tuple[Proc, Path, Path]], v2: dict[str, Any]) -> dict[str, Any]:
+    """Move every agent to v2 at once (update by diff: the changed chunks they held fetched again)."""
+    site.link.reset()
+    t = time.monotonic()
+    procs = [subprocess.Popen([BP, "update", "--cache", str(c), v2["ref"], "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _p, c, _s in agents]
+    outs = []
+    for p in procs:
+        o, e = p.communicate(timeout=1800)
+        if p.returncode != 0:
+            raise RuntimeError(f"update failed: {e[-1000:]}")
+        outs.append(json.loads(o))
+    seconds = time.monotonic() - t
+    egress = site.link.stats()["down_bytes"]
+    refetched = [int(o.get("chunks_refetched", 0)) for o in outs]
+    return {"seconds": seconds, "egress": egress, "changed_wire": v2["changed_wire"],
+            "ratio": egress / v2["changed_wire"] if v2["changed_wire"] else None,
+            "refetched_per_agent": statistics.median(refetched) if refetched else 0}
+
+
+def make_v2(site: Site, image: Path, trace: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """v2: ``fraction`` of the chunks the boot reads get new bytes (imported next to the repository)."""
+    m = RemoteRepository(site.direct).resolve(REF)
+    cs = m.chunk_size
+    touched = sorted({o // cs + k for _s, _c, o, n in trace["reads"] for k in range((o % cs + n + cs - 1) // cs)})
+    touched = [i for i in touched if i < m.count and not m.is_zero(i)]
+    rnd = random.Random(26)
+    changed = sorted(rnd.sample(touched, max(1, int(fraction * len(touched)))))
+    v2 = site.tmp / "v2.raw"
+    shutil.copyfile(image, v2)
+    with open(v2, "r+b") as f:
+        for i in changed:
+            f.seek(i * cs + 512)
+            f.write(rnd.randbytes(4096))  # part of the chunk: new content, as a changed file would give
+    subprocess.run([BP, "--repo", site.direct, "import", str(v2), "lab:v2"], check=True, stdout=subprocess.DEVNULL)
+    v2.unlink()
+    m2 = RemoteRepository(site.direct).resolve("lab:v2")
+    ids = list({m2.digest_at(i) for i in changed})
+    blobs = RemoteRepository(site.direct).get_blobs(ids)
+    return {"ref": "lab:v2", "changed_chunks": len(changed), "touched_chunks": len(touched),
+            "changed_wire": sum(len(b) for b in blobs)}
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+def goals(runs: list[Run]) -> list[str]:
+    by = {(r.setup, r.n): r for r in runs}
+    lone = by.get(("alone", 1))
+    out = []
+    if lone is None or not lone.ready:
+        return ["no lone agent measured: no ratios"]
+    lone_ready, lone_egress = max(lone.ready), lone.egress
+
+    def p95(r: Run) -> float:
+        s = sorted(r.ready)
+        return s[min(len(s) - 1, max(0, round(0.95 * len(s)) - 1))]
+
+    for setup in ("alone", "nginx", "sitecache", "peers"):
+        r = by.get((setup, 30)) or by.get((setup, max((k[1] for k in by if k[0] == setup), default=0)))
+        if r is None or not r.ready:
+            continue
+        e = r.egress / lone_egress if lone_egress else float("nan")
+        t = p95(r) / lone_ready
+        out.append(f"{setup} N={r.n}: repository egress {e:.2f}x one lone agent's (goal 1.3x: "
+                   f"{'met' if e <= 1.3 else 'NOT met'}); p95 time-to-ready {t:.2f}x (goal 1.5x: "
+                   f"{'met' if t <= 1.5 else 'NOT met'})")
+        if r.rollout and r.rollout.get("ratio") is not None:
+            ro = r.rollout["ratio"]
+            out.append(f"{setup} v2 rollout to {r.n}: repository sent {ro:.2f}x the changed chunks' bytes "
+                       f"(goal 1.3x: {'met' if ro <= 1.3 else 'NOT met'})")
+    peer1 = by.get(("peers", 1))
+    if peer1 is not None and peer1.ready:
+        out.append(f"a lone agent with a site and no peers: {max(peer1.ready) / lone_ready:.2f}x today's lone agent")
+    wrong = sum(r.mismatches for r in runs)
+    out.append(f"wrong bytes read by any agent in any run: {wrong}; peer chunks refused as wrong: "
+               f"{sum(r.peer_bad for r in runs)} ({'met' if wrong == 0 else 'NOT met'})")
+    return out
+
+
+def plot(runs: list[Run], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for setup in dict.fromkeys(r.setup for r in runs):
+        rs = sorted((r for r in runs if r.setup == setup and r.ready), key=lambda r: r.n)
+        if not rs:
+            continue
+        ns = [r.n for r in rs]
+        ax1.plot(ns, [sorted(r.ready)[min(len(r.ready) - 1, max(0, round(0.95 * len(r.ready)) - 1))] for r in rs],
+                 marker="o", label=setup)
+        ax2.plot(ns, [r.egress / MIB for r in rs], marker="o", label=setup)
+    ax1.set_xlabel("agents starting at once")
+    ax1.set_ylabel("p95 time-to-ready (s)")
+    ax2.set_xlabel("agents starting at once")
+    ax2.set_ylabel("repository egress (MiB)")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def save(a: argparse.Namespace, runs: list[Run], meta: dict[str, Any]) -> list[str]:
+    by = {(r.setup, r.n): r for r in runs}
+    lone = by.get(("alone", 1))
+    rows = [r.row(max(lone.ready) if lone and lone.ready else None, lone.egress if lone else None) for r in runs]
+    for r in runs:
+        if r.rollout:
+            rows.append({"setup": f"{r.setup} v2 rollout", "N": r.n, "ready p50 s": r.rollout["seconds"],
+                         "ready p95 s": "-", "ready max s": "-", "p95 / lone": "-",
+                         "repo egress MiB": r.rollout["egress"] / MIB,
+                         "egress / lone": f"{r.rollout['ratio']:.2f}x changed" if r.rollout["ratio"] else "-",
+                         "from peers MiB": "-", "from site cache MiB": "-", "wrong bytes": "-",
+                         "peer chunks refused": "-",
+                         "note": f"changed chunks' wire bytes {r.rollout['changed_wire'] / MIB:.1f} MiB; "
+                                 f"{r.rollout['refetched_per_agent']} chunks refetched per agent (median)"})
+    g = goals(runs)
+    write_results("storm", rows, meta | {"goals": "; ".join(g)})
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "storm.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": g,
+                                                "runs": [r.__dict__ for r in runs]}, indent=2, default=str))
+    return g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="4G", help="the test image's virtual size (default 4G)")
+    ap.add_argument("--fill-mb", type=int, default=300, help="MB of files in it (default 300)")
+    ap.add_argument("--counts", default="1,10,30")
+    ap.add_argument("--setups", default="alone,nginx,sitecache,peers")
+    ap.add_argument("--rate", default="100mbit", help="the shared link's bandwidth (default 100mbit)")
+    ap.add_argument("--rtt", default="2ms", help="the shared link's round trip (default 2ms)")
+    ap.add_argument("--rollout", action="store_true", help="after each set-up's largest run, move it to a v2")
+    ap.add_argument("--changed", type=float, default=0.02, help="share of the boot's chunks a v2 changes")
+    ap.add_argument("--liar", action="store_true", help="one lying peer in the peers runs")
+    ap.add_argument("--timeout", type=float, default=600)
+    a = ap.parse_args()
+    counts = [int(x) for x in a.counts.split(",")]
+    setups = [s for s in a.setups.split(",") if s]
+    load_start = os.getloadavg()
+    WORK.mkdir(parents=True, exist_ok=True)
+    image = bootvm.bootimage.build(WORK / f"bootimage-{a.size}-{a.fill_mb}", size=a.size, fill_mb=a.fill_mb)
+    trace_path = WORK / f"storm-trace-{a.size}-{a.fill_mb}.json"
+    trace = capture(image, trace_path, a.timeout)
+    print(f"trace: {len(trace['reads'])} reads, {trace['bytes'] / MIB:.1f} MiB, {trace['span']:.1f} s, at most "
+          f"{trace['most_in_flight']} in flight (the boot took {trace['boot_seconds']:.1f} s)", flush=True)
+    tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="storm-"))
+    short = Path(tempfile.mkdtemp(prefix="bps", dir="/tmp"))
+    data = tmp / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(image.disk), REF], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([BP, "--data", str(data), "site", "add", SITE], check=True, stdout=subprocess.DEVNULL)
+    server, direct = start_server(data, env={"BLOCKPROV_PREPARE": "0"})
+    host, port = direct.split("//", 1)[1].rsplit(":", 1)
+    runs: list[Run] = []
+    meta: dict[str, Any] = {
+        "trace": f"{len(trace['reads'])} reads, {trace['bytes'] / MIB:.1f} MiB read over {trace['span']:.1f} s, "
+                 f"at most {trace['most_in_flight']} in flight: one boot of the {a.size} test image "
+                 f"({a.fill_mb} MB of files) under qemu TCG from nbdkit's log filter",
+        "link": f"bench/wanproxy.py, one {a.rate} / {a.rtt} link shared by every connection to the repository",
+        "agents": "blockprov attach --no-profile (default read-ahead); replay: bench/storm_replay.py (libnbd)",
+        "cpus": os.cpu_count(), "command": "python bench/bench_storm.py " + " ".join(sys.argv[1:]),
+    }
+    try:
+        with ProxyThread((host, int(port)), rtt=parse_duration(a.rtt), rate=parse_rate(a.rate)) as link:
+            site = Site(data, direct, link, tmp, short)
+            v2 = make_v2(site, image.disk, trace, a.changed) if a.rollout else None
+            if v2:
+                meta["v2"] = (f"{v2['changed_chunks']} of the {v2['touched_chunks']} non-zero chunks the boot reads "
+                              f"changed ({v2['changed_wire'] / MIB:.1f} MiB on the wire)")
+            for setup in setups:
+                for n in counts:
+                    print(f"{setup} N={n} …", flush=True)
+                    try:
+                        r = one_run(site, setup, n, trace_path, image.disk, liar=a.liar,
+                                    rollout=v2 if v2 and n == max(counts) and setup != "nginx" else None)
+                    except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+                        print(f"  FAILED: {e}", flush=True)
+                        r = Run(setup, n, [], 0, 0, [str(e)[:300]], {}, 0, os.getloadavg())
+                    runs.append(r)
+                    print(f"  ready p50 {statistics.median(r.ready) if r.ready else float('nan'):.1f} s, max "
+                          f"{max(r.ready) if r.ready else float('nan'):.1f} s; egress {r.egress / MIB:.1f} MiB; "
+                          f"peers {r.sources.get('peers', 0) / MIB:.1f} MiB, site cache "
+                          f"{r.sources.get('site_cache', 0) / MIB:.1f} MiB; wrong bytes {r.mismatches}"
+                          + (f"; rollout {r.rollout}" if r.rollout else ""), flush=True)
+                    meta["load average (1, 5, 15 min) at start / end"] = f"{load_start} / {os.getloadavg()}"
+                    save(a, runs, meta)
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(short, ignore_errors=True)
+    g = save(a, runs, meta)
+    print("\n".join(g))
+    plot(runs, RESULTS / "storm.png", f"{a.size} test image boot trace replayed by N agents at once; repository "
+                                      f"behind one {a.rate} / {a.rtt} link")
+    print(f"wrote {OUT / 'storm.json'}, {OUT / 'storm.md'}, {RESULTS / 'storm.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""The site cache: ``blockprov serve --upstream URL`` in a café, a classroom or a school (issue 26).
+
+A site's machines use it as their repository (``--repo``, ``blockprov.repo=``). It holds a bounded
+store of chunks (store/bounded.py, ``--cache-size``), fetches from the central repository what the
+site's machines ask for, once however many ask at once, verifies it, and serves it to all of them.
+So thirty PCs booting at nine cost the site's uplink one working set, not thirty.
+
+What it answers itself, and what it passes on:
+
+* **Chunks** (``POST /v1/chunks/fetch``, ``GET``/``HEAD /v1/chunks/{id}``): from its store, verified
+  on every read (a damaged file is dropped and fetched again); what it lacks it pulls from the
+  upstream in one batch per request, joining fetches already under way (single flight), verifies and
+  keeps. Reads of chunks it holds never wait for the upstream, and go on while the upstream is down;
+  a chunk it does not hold then fails clearly: 503 naming the upstream and why it is unreachable.
+* **Boot scripts, boot files, manifests and boot profiles** (GETs): passed to the upstream, each
+  answer kept on disk (``meta/``); a kept answer with an ETag is revalidated (``If-None-Match``), so
+  a 23 MiB initramfs crosses the uplink once, and while the upstream is down the kept answer is
+  served, marked ``x-blockprov-stale``. A boot script asked of the site cache names the site cache
+  as the machine's repository (``base=``), so the PC's kernel, initramfs and chunks all come from it.
+* **Everything else** (catalog writes, host assignments, uploads, agents' registrations and long
+  polls, joins of a site): passed through to the upstream as it is, the caller's token included, so
+  the upstream decides and records as if it were asked directly.
+* ``/v1/health`` (``role: site-cache``, so agents count its bytes as the site cache's) and
+  ``/metrics`` are its own; so is pre-warm (service/prewarm.py).
+
+Who may read what it holds: the upstream's tokens and scopes. The site cache asks the upstream's
+``GET /v1/whoami`` with each caller's token (a minute's answer kept), and, while the upstream cannot
+be reached, keeps using the last answer for up to ``DECISION_STALE`` (a café whose uplink is down
+keeps booting; a token revoked meanwhile cannot be known anyway).
+
+Crash rules: the chunk store's are in store/bounded.py; kept answers are written with
+``durable.atomic_write`` (a torn one is never read); nothing here is the only copy of anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from blockprov import __version__, codec
+from blockprov.catalog.tokens import allows
+from blockprov.durable import atomic_write
+from blockprov.errors import (
+    AccessDenied,
+    BlockprovError,
+    ChunkCorrupt,
+    ChunkMissing,
+    Forbidden,
+    RepositoryUnavailable,
+    TooLarge,
+    Unauthorized,
+    UsageError,
+    error_to_dict,
+)
+from blockprov.repo.remote import ABSENT, LEN, RemoteRepository
+from blockprov.store.bounded import BoundedStore
+
+log = logging.getLogger("blockprov.sitecache")
+T = TypeVar("T")
+
+ID = codec.DIGEST_SIZE
+MAX_FETCH_IDS = 16384
+DECISION_FRESH = 60.0  # seconds a token's answer from the upstream is used before asking again
+DECISION_STALE = 86400.0  # and how long it still serves while the upstream cannot be reached
+DECISIONS = "decisions.json"
+MAX_KEPT_BODY = 128 << 20  # the largest GET answer kept (an initramfs is ~25 MiB)
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "transfer-encoding", "upgrade", "host", "content-length"}
+KEPT_HEADERS = ("content-type", "etag", "cache-control", "x-blockprov-version", "last-modified")
+
+
+class SiteCache:
+    """What the site cache's routes share (one per app)."""
+
+    def __init__(self, data_dir: Path, upstream: str, capacity: int, *, token: str | None = None,
+                 timeout: float = 30.0, workers: int = 8) -> None:
+        self.upstream_url = upstream.rstrip("/")
+        self.store = BoundedStore(data_dir / "chunks", capacity)
+        self.meta = data_dir / "meta"
+        self.meta.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
+        self.upstream = RemoteRepository(self.upstream_url, timeout=timeout, token=token)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, read=None), follow_redirects=False)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="bp-sitecache")
+        self._flights: dict[bytes, asyncio.Future[bytes]] = {}
+        # the upstream's answers about callers' tokens, by SHA-256 of the Authorization value (never the
+        # token): (when, the /v1/whoami answer or {"refused": why}); kept on disk, so a café whose site
+        # cache restarts while its uplink is down still lets its PCs in
+        self._decisions: dict[str, tuple[float, dict[str, Any]]] = {}
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self._decisions = {k: (float(t), dict(a)) for k, (t, a) in
+                               json.loads((data_dir / DECISIONS).read_text()).items()}
+        self.counters = {"chunks_hit": 0, "bytes_hit": 0, "chunks_upstream": 0, "bytes_upstream": 0,
+                         "chunks_failed": 0, "corrupt_dropped": 0, "passed": 0, "stale_answers": 0}
+        self.last_upstream_ok: float | None = None
+        self.last_upstream_error: str | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        self.upstream.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _upstream_failed(self, e: BaseException) -> None:
+        self.last_upstream_error = f"{type(e).__name__}: {e}"
+
+    # -- chunks -----------------------------------------------------------------------------------
+    def _read_verified(self, cids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """Blobs held here, each verified (a damaged one is dropped: fetched again)."""
+        out: dict[bytes, bytes] = {}
+        for c in cids:
+            blob = self.store.get(c)
+            if blob is None:
+                continue
+            try:
+                codec.decode_view(blob, c)
+            except ChunkCorrupt as e:
+                log.warning("site cache: chunk %s on disk is damaged (%s): dropped, fetched again", c.hex()[:16], e)
+                self.store.drop(c)
+                self.counters["corrupt_dropped"] += 1
+                continue
+            out[c] = blob
+        return out
+
+    def _pull(self, cids: list[bytes]) -> dict[bytes, bytes]:
+        """Fetch from the upstream, verify, keep (blocking)."""
+        blobs = self.upstream.get_blobs(cids)
+        out: dict[bytes, bytes] = {}
+        for c, b in zip(cids, blobs, strict=True):
+            codec.decode_view(b, c)  # ChunkCorrupt: the upstream sent a bad blob; nothing is kept
+            self.store.put(c, b)
+            out[c] = b
+        return out
+
+    async def blobs(self, cids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """Verified blobs of ``cids`` (distinct): held ones at once, the others pulled once."""
+        got = await self.run(self._read_verified, cids)
+        self.counters["chunks_hit"] += len(got)
+        self.counters["bytes_hit"] += sum(map(len, got.values()))
+        lacking = [c for c in cids if c not in got]
+        if not lacking:
+            return got
+        loop = asyncio.get_running_loop()
+        mine = [c for c in lacking if c not in self._flights]
+        for c in mine:
+            self._flights[c] = loop.create_future()
+        waits = {c: self._flights[c] for c in lacking}
+        if mine:
+            try:
+                pulled = await self.run(self._pull, mine)
+            except BaseException as e:
+                if isinstance(e, RepositoryUnavailable):
+                    self._upstream_failed(e)
+                self.counters["chunks_failed"] += len(mine)
+                for c in mine:
+                    f = self._flights.pop(c)
+                    if not f.done():
+                        f.set_exception(e)
+                        f.exception()  # retrieved: nobody else may be waiting
+                raise
+            self.last_upstream_ok = time.time()
+            self.counters["chunks_upstream"] += len(pulled)
+            self.counters["bytes_upstream"] += sum(map(len, pulled.values()))
+            for c in mine:
+                self._flights.pop(c).set_result(pulled[c])
+        for c, f in waits.items():
+            got[c] = await asyncio.shield(f)
+        return got
+
+    # -- who may read what it holds ---------------------------------------------------------------
+    async def decision(self, auth: str) -> dict[str, Any]:
+        """The upstream's ``/v1/whoami`` for this Authorization value (module docstring)."""
+        now = time.time()
+        key = hashlib.sha256(auth.encode("latin-1", "replace")).hexdigest()
+        held = self._decisions.get(key)
+        if held is not None and now - held[0] < DECISION_FRESH:
+            answer = held[1]
+        else:
+            try:
+                r = await self.http.get(f"{self.upstream_url}/v1/whoami",
+                                        headers={"authorization": auth} if auth else {})
+                if r.status_code in (401, 403):
+                    answer = {"refused": str(r.json().get("message", "the token is not valid"))}
+                elif r.status_code == 200:
+                    answer = dict(r.json())
+                else:
+                    raise RepositoryUnavailable(url=self.upstream_url, why=f"HTTP {r.status_code} from /v1/whoami")
+            except (httpx.TransportError, RepositoryUnavailable, ValueError) as e:
+                self._upstream_failed(e)
+                if held is not None and now - held[0] < DECISION_STALE:
+                    answer = held[1]
+                else:
+                    raise RepositoryUnavailable(url=self.upstream_url, why=f"the site cache cannot check the token "
+                                                                           f"there ({type(e).__name__}: {e})") from None
+            else:
+                if len(self._decisions) > 10000:
+                    self._decisions.clear()
+                changed = held is None or held[1] != answer
+                self._decisions[key] = (now, answer)
+                if changed:
+                    await self.run(atomic_write, self.data_dir / DECISIONS, json.dumps(self._decisions).encode())
+        if "refused" in answer:
+            raise Unauthorized(why=str(answer["refused"]))
+        return answer
+
+    async def check(self, request: Request, need: str = "read", *, boot: bool = False) -> None:
+        d = await self.decision(request.headers.get("authorization", ""))
+        if not d.get("enforced"):
+            return
+        tok = d.get("token")
+        if tok is None:
+            if need == "read" and (d.get("anonymous_read") or (boot and d.get("anonymous_boot"))):
+                return
+            raise Unauthorized(why="this repository needs a token")
+        if not allows(str(tok.get("scope")), need):
+            raise Forbidden(scope=tok.get("scope"), action=f"{request.method} {request.url.path}", needed=need)
+
+    # -- kept GET answers -------------------------------------------------------------------------
+    def _kept(self, key: str) -> tuple[dict[str, Any], bytes] | None:
+        head, body = self.meta / f"{key}.json", self.meta / f"{key}.body"
+        try:
+            return json.loads(head.read_text()), body.read_bytes()
+        except (OSError, ValueError):
+            return None
+
+    def _keep(self, key: str, headers: dict[str, str], body: bytes) -> None:
+        atomic_write(self.meta / f"{key}.body", body)
+        atomic_write(self.meta / f"{key}.json", json.dumps({"headers": headers, "kept": time.time()}).encode())
+
+    async def keep(self, target: str, headers: dict[str, str]
+                   ) -> tuple[httpx.Response | None, tuple[dict[str, Any], bytes] | None]:
+        """GET ``target`` (path and query) from the upstream, revalidating a kept answer by its ETag
+        and keeping a new one: (the upstream's answer or None when it cannot be reached, the kept
+        answer or None). Answers are kept by path, query and whether octets were asked for."""
+        octets = "application/octet-stream" in headers.get("accept", "")
+        key = hashlib.sha256(f"{target}\0{'octets' if octets else ''}".encode()).hexdigest()
+        kept = await self.run(self._kept, key)
+        revalidate = kept is not None and "etag" in kept[0]["headers"] and "if-none-match" not in headers
+        if revalidate and kept is not None:
+            headers = headers | {"if-none-match": kept[0]["headers"]["etag"]}
+        try:
+            r = await self.http.get(f"{self.upstream_url}{target}", headers=headers)
+        except httpx.TransportError as e:
+            self._upstream_failed(e)
+            return None, kept
+        if r.status_code < 500:
+            self.last_upstream_ok = time.time()
+        if r.status_code == 200 and len(r.content) <= MAX_KEPT_BODY:
+            keep = {k: r.headers[k] for k in KEPT_HEADERS if k in r.headers}
+            await self.run(self._keep, key, keep, r.content)
+            kept = ({"headers": keep}, r.content)
+        return r, kept
+
+    def usage(self) -> dict[str, Any]:
+        blobs, nbytes = self.store.usage()
+        return {"chunks": blobs, "bytes": nbytes, "capacity": self.store.capacity, "evicted": self.store.evicted}
+
+
+# -- the routes -----------------------------------------------------------------------------------------------
+def _sc(request: Request) -> SiteCache:
+    sc: SiteCache = request.app.state.sitecache
+    return sc
+
+
+def _error(e: BlockprovError) -> JSONResponse:
+    return JSONResponse(error_to_dict(e), status_code=e.http_status,
+                        headers={"www-authenticate": 'Bearer realm="blockprov"'} if e.http_status == 401 else None)
+
+
+def answers_errors(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    @functools.wraps(fn)
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except BlockprovError as e:
+            if e.http_status >= 500 and not isinstance(e, RepositoryUnavailable):
+                log.error("%s %s: %s", request.method, request.url.path, e)
+            return _error(e)
+    return wrapper
+
+
+@answers_errors
+async def health(request: Request) -> Response:
+    sc = _sc(request)
+    return JSONResponse({"status": "ok", "version": __version__, "role": "site-cache", "upstream": sc.upstream_url,
+                         "upstream_ok": sc.last_upstream_ok, "upstream_error": sc.last_upstream_error,
+                         **sc.usage()})
+
+
+@answers_errors
+async def fetch(request: Request) -> Response:
+    sc = _sc(request)
+    await sc.check(request)
+    body = await request.body()
+    if len(body) % ID:
+        raise UsageError(f"body of {len(body)} bytes is not a whole number of {ID}-byte chunk ids")
+    ids = [body[i:i + ID] for i in range(0, len(body), ID)]
+    if len(ids) > MAX_FETCH_IDS:
+        raise TooLarge(f"{len(ids)} ids in one fetch; at most {MAX_FETCH_IDS}")
+    uniq = list(dict.fromkeys(ids))
+    try:
+        got = await sc.blobs(uniq)
+    except ChunkMissing as e:
+        return JSONResponse(error_to_dict(e), status_code=404)
+    except RepositoryUnavailable as e:
+        # What it holds it still gives, to a client that takes a partial answer (repo/remote.py,
+        # PARTIAL): a read of a held chunk must not fail because a read-ahead asked for more.
+        held = await sc.run(sc._read_verified, uniq) if request.headers.get("x-blockprov-partial") == "1" else {}
+        if not held:
+            raise RepositoryUnavailable(url=sc.upstream_url, why=f"{len(uniq)} chunk(s) asked, not held by this "
+                                                                 f"site cache, and the upstream is unreachable: {e}"
+                                        ) from None
+        got = held
+    parts: list[bytes] = []
+    for c in uniq:
+        b = got.get(c)
+        parts += (LEN.pack(len(b)), b) if b is not None else (LEN.pack(ABSENT),)
+    return Response(b"".join(parts), media_type="application/octet-stream")
+
+
+@answers_errors
+async def one_chunk(request: Request) -> Response:
+    sc = _sc(request)
+    await sc.check(request)
+    cid = codec.parse_hexid(request.path_params["cid"])
+    try:
+        blob = (await sc.blobs([cid]))[cid]
+    except RepositoryUnavailable as e:
+        raise RepositoryUnavailable(url=sc.upstream_url, why=f"chunk {cid.hex()} is not held by this site cache and "
+                                                             f"the upstream is unreachable: {e}") from None
+    headers = {"etag": f'"{cid.hex()}"', "cache-control": "public, max-age=31536000, immutable"}
+    if request.method == "HEAD":
+        return Response(None, headers=headers | {"content-length": str(len(blob))})
+    return Response(blob, headers=headers, media_type="application/octet-stream")
+
+
+def _forward_headers(request: Request) -> dict[str, str]:
+    return {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+def _answer(r: httpx.Response) -> Response:
+    headers = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"}
+    return Response(r.content, status_code=r.status_code, headers=headers)
+
+
+async def passthrough(request: Request) -> Response:
+    """Anything the site cache does not answer itself: to the upstream, as it came (body bounded)."""
+    sc = _sc(request)
+    url = f"{sc.upstream_url}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
+    body = await request.body()
+    try:
+        r = await sc.http.request(request.method, url, headers=_forward_headers(request), content=body)
+    except httpx.TransportError as e:
+        sc._upstream_failed(e)
+        return _error(RepositoryUnavailable(url=sc.upstream_url, why=f"{type(e).__name__}: {e} (the site cache "
+                                                                     f"passes {request.method} {request.url.path} on)"))
+    sc.counters["passed"] += 1
+    if r.status_code < 500:
+        sc.last_upstream_ok = time.time()
+    return _answer(r)
+
+
+async def kept_get(request: Request, *, boot: bool = False, query: str | None = None) -> Response:
+    """A GET passed to the upstream whose answer is kept (module docstring)."""
+    sc = _sc(request)
+    q = query if query is not None else request.url.query
+    target = f"{request.url.path}?{q}" if q else request.url.path
+    r, kept = await sc.keep(target, _forward_headers(request))
+    if r is not None and r.status_code < 500:
+        if r.status_code == 304 and kept is not None and "if-none-match" not in request.headers:
+            return Response(kept[1], headers=kept[0]["headers"])
+        return _answer(r)
+    if kept is None:
+        why = sc.last_upstream_error if r is None else f"HTTP {r.status_code}"
+        return _error(RepositoryUnavailable(url=sc.upstream_url, why=f"{why}; this site cache holds no copy of "
+                                                                     f"{request.url.path}"))
+    try:
+        await sc.check(request, boot=boot)
+    except (AccessDenied, RepositoryUnavailable) as e:
+        return _error(e)
+    sc.counters["stale_answers"] += 1
+    return Response(kept[1], headers=kept[0]["headers"] | {"x-blockprov-stale": "upstream unreachable"})
+
+
+async def boot_script(request: Request) -> Response:
+    """The host's iPXE script, naming this site cache as where its files and chunks come from."""
+    q = request.url.query
+    if "base=" not in q:
+        base = str(request.base_url).rstrip("/")
+        q = f"{q}&base={base}" if q else f"base={base}"
+    return await kept_get(request, boot=True, query=q)
+
+
+async def boot_file(request: Request) -> Response:
+    return await kept_get(request, boot=True)
+
+
+@answers_errors
+async def metrics(request: Request) -> Response:
+    sc = _sc(request)
+    await sc.check(request)
+    lines = []
+    for name, value in sc.counters.items():
+        lines += [f"# TYPE blockprov_sitecache_{name}_total counter", f"blockprov_sitecache_{name}_total {value}"]
+    for name, value in sc.usage().items():
+        lines += [f"# TYPE blockprov_sitecache_{name} gauge", f"blockprov_sitecache_{name} {value}"]
+    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def create_site_cache_app(sc: SiteCache, extra_routes: Sequence[Route] = (),
+                          background: Callable[[], Awaitable[None]] | None = None) -> Starlette:
+    """The site cache's app; ``background``: a task run while it serves (pre-warm's scheduler)."""
+    routes = [
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/chunks/fetch", fetch, methods=["POST"]),
+        Route("/v1/chunks/{cid}", one_chunk, methods=["GET", "HEAD"]),
+        Route("/v1/boot/{host}", boot_script, methods=["GET"]),
+        Route("/v1/images/{name}/versions/{vid}/boot/{which}", boot_file, methods=["GET"]),
+        Route("/v1/images/{name}/manifest", kept_get, methods=["GET"]),
+        Route("/v1/images/{name}/versions/{vid}/profile", kept_get, methods=["GET"]),
+        *extra_routes,
+        Route("/{path:path}", passthrough, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(background()) if background is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await sc.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.sitecache = sc
+    return app

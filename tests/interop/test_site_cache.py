@@ -1,0 +1,196 @@
+"""A site cache (``blockprov serve --upstream``) in front of a repository, with real processes and
+clients we did not write (qemu-io, nbdcopy, curl): it fetches once, serves many, keeps serving what it
+holds while the upstream is stopped, fails clearly for what it lacks, and passes writes on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blockprov.agent import control
+from blockprov.repo.remote import RemoteRepository
+from tests.conftest import require_tool
+from tests.interop.test_site_peers import random_image
+from tests.procs import VENV_BIN, Proc, start_agent, start_server
+
+pytestmark = pytest.mark.interop
+BP = str(VENV_BIN / "blockprov")
+MIB = 1 << 20
+
+
+@pytest.fixture
+def short() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="bpsc", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _curl(url: str, *args: str) -> tuple[int, bytes]:
+    r = subprocess.run([require_tool("curl"), "-s", "-o", "-", "-w", "\n%{http_code}", *args, url],
+                       capture_output=True, timeout=60, check=True)
+    body, _, code = r.stdout.rpartition(b"\n")
+    return int(code), body
+
+
+def _qemu_io_read(sock: Path, offset: int, length: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_tool("qemu-io"), "-f", "raw", "-r", f"nbd+unix:///lab?socket={sock}",
+                           "-c", f"read {offset} {length}"], capture_output=True, text=True, timeout=300)
+
+
+def test_site_cache_serves_many_and_survives_its_upstream(tmp_path: Path, short: Path) -> None:
+    image = random_image(tmp_path / "img.raw", 8 * MIB, seed=7)
+    data = tmp_path / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
+    upstream, up_url = start_server(data)
+    cache: Proc | None = None
+    agents: list[Proc] = []
+    try:
+        cache, url = start_server(tmp_path / "sc", "--upstream", up_url, "--cache-size", "6M")
+        health = json.loads(_curl(f"{url}/v1/health")[1])
+        assert health["role"] == "site-cache" and health["upstream"] == up_url
+        # two agents read the first 4 MiB through the site cache: the upstream sends it once
+        for k in range(2):
+            a, _banner = start_agent(tmp_path / f"c{k}", "lab:v1", short / f"a{k}", "--no-profile", repo_url=url)
+            agents.append(a)
+            r = _qemu_io_read(short / f"a{k}", 0, 4 * MIB)
+            assert r.returncode == 0 and "read 4194304/4194304" in r.stdout, r.stdout + r.stderr
+        metrics = _curl(f"{url}/metrics")[1].decode()
+        assert "blockprov_sitecache_chunks_upstream_total 64" in metrics, metrics
+        assert "blockprov_sitecache_chunks_hit_total 64" in metrics, metrics
+        st = control.call(tmp_path / "c1", "status", timeout=30.0)
+        by = next(iter(st["sources"]["by_version"].values()))
+        assert by["site_cache"]["chunks"] == 64 and by["repository"]["chunks"] == 0, by  # counted as the site cache's
+        # writes pass through: a tag and a host assignment made through the site cache land upstream
+        subprocess.run([BP, "--repo", url, "tag", "lab:v1", "lab:prod"], check=True, stdout=subprocess.DEVNULL)
+        assert "prod" in {t for i in RemoteRepository(up_url).images() for t in i.tags}
+        m = RemoteRepository(up_url).resolve("lab:v1")
+        held, lacking = m.digest_at(0), m.digest_at(100)
+
+        upstream.stop()  # the site's uplink is down
+        code, body = _curl(f"{url}/v1/chunks/{held.hex()}")
+        assert code == 200 and len(body) > 60000  # what it holds, it serves
+        code, body = _curl(f"{url}/v1/chunks/{lacking.hex()}")
+        err = json.loads(body)
+        assert code == 503 and err["error"] == "RepositoryUnavailable", body
+        assert "not held by this site cache" in err["message"] and up_url in err["message"], err
+        # a new PC of the site attaches by tag (the kept manifest answers) and reads what the cache holds
+        a, _banner = start_agent(tmp_path / "c2", "lab:v1", short / "a2", "--no-profile", "--fetch-timeout", "3",
+                                 repo_url=url)
+        agents.append(a)
+        r = _qemu_io_read(short / "a2", 0, 4 * MIB)
+        assert r.returncode == 0 and "read 4194304/4194304" in r.stdout, r.stdout + r.stderr
+        r = _qemu_io_read(short / "a2", 6 * MIB, 64 << 10)
+        assert r.returncode != 0 and "Input/output error" in (r.stdout + r.stderr), r.stdout + r.stderr
+        # the cache stays within its budget
+        health = json.loads(_curl(f"{url}/v1/health")[1])
+        assert health["bytes"] <= 6 * MIB and health["upstream_error"], health
+    finally:
+        for a in agents:
+            a.stop()
+        if cache is not None:
+            cache.stop()
+        upstream.stop()
+
+
+def test_site_cache_checks_tokens_and_keeps_boot_files(tmp_path: Path, short: Path) -> None:
+    """Tokens enforced upstream: the site cache lets in what the upstream would, also once the
+    upstream is down; boot files cross the uplink once (revalidated by ETag)."""
+    image = random_image(tmp_path / "img.raw", 2 * MIB, seed=8)
+    data = tmp_path / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
+    kernel, initrd = tmp_path / "kernel", tmp_path / "initrd"
+    kernel.write_bytes(b"K" * 300_000)
+    initrd.write_bytes(b"I" * 700_000)
+    subprocess.run([BP, "--data", str(data), "boot-files", "set", "lab:v1", "--kernel", str(kernel), "--initrd",
+                    str(initrd)], check=True, stdout=subprocess.DEVNULL)
+
+    def token(scope: str) -> str:
+        return subprocess.run([BP, "--data", str(data), "token", "create", "--scope", scope], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    reader, writer = token("read"), token("write")
+    upstream, up_url = start_server(data)
+    cache: Proc | None = None
+    try:
+        cache, url = start_server(tmp_path / "sc", "--upstream", up_url, "--upstream-token", reader)
+        cid = RemoteRepository(up_url, token=reader).resolve("lab:v1").digest_at(0).hex()
+        assert _curl(f"{url}/v1/chunks/{cid}")[0] == 401
+        assert _curl(f"{url}/v1/chunks/{cid}", "-H", "authorization: Bearer bpt_wrong")[0] == 401
+        assert _curl(f"{url}/v1/chunks/{cid}", "-H", f"authorization: Bearer {reader}")[0] == 200
+        vid = RemoteRepository(up_url, token=reader).resolve("lab:v1").id
+        path = f"/v1/images/lab/versions/{vid}/boot/initrd"
+        for _ in range(3):
+            code, body = _curl(f"{url}{path}", "-H", f"authorization: Bearer {reader}")
+            assert code == 200 and body == initrd.read_bytes()
+        # a read token may not write, through the site cache as directly
+        code, _b = _curl(f"{url}/v1/images/lab/tags/x", "-X", "PUT", "-H", f"authorization: Bearer {reader}",
+                         "-H", "content-type: application/json", "--data", json.dumps({"version": vid}))
+        assert code == 403
+        upstream.stop()
+        # upstream down: the last answers about these tokens still hold; the kept initrd is served
+        assert _curl(f"{url}/v1/chunks/{cid}", "-H", f"authorization: Bearer {reader}")[0] == 200
+        assert _curl(f"{url}/v1/chunks/{cid}")[0] == 401
+        code, body = _curl(f"{url}{path}", "-H", f"authorization: Bearer {reader}", "-D", "/dev/stderr")
+        assert code == 200 and body == initrd.read_bytes()
+        # a token it never saw cannot be checked: refused as unavailable, not let in
+        code, body = _curl(f"{url}/v1/chunks/{cid}", "-H", f"authorization: Bearer {writer}")
+        assert code == 503 and b"cannot check the token" in body
+    finally:
+        if cache is not None:
+            cache.stop()
+        upstream.stop()
+
+
+def test_prewarm_fills_the_site_cache_before_opening_time(tmp_path: Path, short: Path) -> None:
+    """``host prewarm SITE NAME:TAG``: the boot profile's chunks, in profile order, reach the site
+    cache; later, with the uplink down, a PC reads them; a job for later survives a restart."""
+    image = random_image(tmp_path / "img.raw", 4 * MIB, seed=9)
+    data = tmp_path / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
+    upstream, up_url = start_server(data)
+    cache: Proc | None = None
+    agent: Proc | None = None
+    try:
+        up = RemoteRepository(up_url)
+        m = up.resolve("lab:v1")
+        profile = [5, 1, 2, 40, 41, 42, 7]
+        up.put_profile("lab", m.id, profile)
+        cache, url = start_server(tmp_path / "sc", "--upstream", up_url)
+        subprocess.run([BP, "--repo", up_url, "site", "add", "cafe", "--cache", url], check=True,
+                       stdout=subprocess.DEVNULL)
+        later = subprocess.run([BP, "--repo", up_url, "host", "prewarm", "cafe", "lab:v1", "--at", "+2h", "--json"],
+                               check=True, capture_output=True, text=True)
+        assert json.loads(later.stdout)["state"] == "scheduled"
+        done = json.loads(subprocess.run([BP, "--repo", up_url, "host", "prewarm", "cafe", "lab:v1", "--wait",
+                                          "--json"], check=True, capture_output=True, text=True, timeout=300).stdout)
+        assert done["state"] == "done" and done["total"] == len(profile) == done["profile_chunks"], done
+        metrics = _curl(f"{url}/metrics")[1].decode()
+        assert f"blockprov_sitecache_chunks_upstream_total {len(profile)}" in metrics, metrics
+        bad = subprocess.run([BP, "--repo", up_url, "host", "prewarm", "nowhere", "lab:v1"], capture_output=True,
+                             text=True)
+        assert bad.returncode == 3 and "no site nowhere" in bad.stderr, bad.stderr
+        upstream.stop()
+        agent, _b = start_agent(tmp_path / "pc", "lab:v1", short / "pc", "--no-profile", "--fetch-timeout", "3",
+                                repo_url=url)
+        for i in profile:  # pre-warmed: readable with the uplink down
+            r = _qemu_io_read(short / "pc", i * (64 << 10), 64 << 10)
+            assert r.returncode == 0, r.stdout + r.stderr
+        agent.stop()
+        agent = None
+        cache.stop()
+        cache, url = start_server(tmp_path / "sc", "--upstream", up_url)  # the job for later is still there
+        jobs = json.loads(subprocess.run([BP, "host", "prewarm", url, "--json"], check=True, capture_output=True,
+                                         text=True).stdout)
+        assert [j["state"] for j in jobs] == ["scheduled", "done"], jobs
+    finally:
+        if agent is not None:
+            agent.stop()
+        if cache is not None:
+            cache.stop()
+        upstream.stop()
