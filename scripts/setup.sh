@@ -22,6 +22,8 @@ APT_PKGS=(
     linux-image-amd64 busybox-static   # the bootable test image (tools/bootimage.py)
     syslinux syslinux-common mtools dosfstools  # the test image booting from its own boot loader (tools/bootdisk.py)
     fdisk gdisk                        # sfdisk, sgdisk: check the GPT a PC's disk over 2 TiB gets (netboot/disk.py)
+    ovmf                               # UEFI firmware for qemu (with Secure Boot and Microsoft's keys): tests/boot/test_uefi.py
+    shim-signed grub-efi-amd64-signed  # Debian's signed UEFI loader (shim, GRUB, MOK manager): boot-files build --efi debian
     postgresql                         # initdb, postgres: the shared catalog's tests
     chromium chromium-driver           # a real browser for the console's test (selenium uses this chromedriver)
     systemd                            # systemd-analyze verify (contrib/systemd's units), systemd-socket-activate
