@@ -220,7 +220,7 @@ def s_update(r: Repo, i: int) -> Sample:
 def milestones(b: Any) -> dict[str, Any]:
     """When the firmware had fetched the boot files (the initramfs starts), the agent served the
     root and the image's own init ran: seconds from qemu's start."""
-    names = {"blockprov: initramfs started": "t_initramfs", "blockprov: /dev/nbd0 serving": "t_serving",
+    names = {"blockprov: initramfs started": "t_initramfs", "blockprov: root serving": "t_serving",
              "BLOCKPROV-INIT": "t_init"}
     out: dict[str, Any] = {names[k]: round(v, 1) for k, v in b.seen.items() if k in names}
     # The agent (re)wrote the disk's own boot loader before the marker: what it fetched for it (files

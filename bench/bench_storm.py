@@ -96,10 +96,12 @@ def parse_nbdkit_log(text: str) -> list[list[float]]:
     return [[round(s - t0, 6), round(c - t0, 6), off, n] for s, c, off, n in reads]
 
 
-def capture(image: bootvm.bootimage.Built, path: Path, timeout: float) -> dict[str, Any]:
-    """Boot the test image once from nbdkit's log filter and keep its reads (module docstring)."""
-    if path.exists():
+def capture(image: bootvm.bootimage.Built, path: Path, timeout: float, again: bool = False) -> dict[str, Any]:
+    """Boot the test image once from nbdkit's log filter and keep its reads (module docstring). The
+    guest's think times are the capture's: capture on a quiet machine (``--recapture``)."""
+    if path.exists() and not again:
         return dict(json.loads(path.read_text()))
+    load = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bpcap", dir="/tmp"))
     sock, log = tmp / "nbd.sock", tmp / "nbdkit.log"
     nbdkit = subprocess.Popen(["nbdkit", "-r", "-f", "-U", str(sock), "--filter=log", "file", str(image.disk),
@@ -118,7 +120,7 @@ def capture(image: bootvm.bootimage.Built, path: Path, timeout: float) -> dict[s
         nbdkit.wait(10)
     reads = parse_nbdkit_log(log.read_text())
     shutil.rmtree(tmp, ignore_errors=True)
-    trace = {"image": str(image.disk), "boot_seconds": r.seconds, "reads": reads,
+    trace = {"image": str(image.disk), "boot_seconds": r.seconds, "reads": reads, "load": load,
              "bytes": sum(n for *_x, n in reads), "span": max(c for _s, c, _o, _n in reads),
              "most_in_flight": _most_in_flight(reads)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +313,7 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
                 if liar and n > 1:
                     from tests.interop.test_site_peers import LyingPeer
 
-                    liar_peer = LyingPeer(site.direct, "pc-liar", vid)
+                    liar_peer = LyingPeer(site.direct, "pc-liar", vid, SITE)
                 joined = wait_peers(agents, n - 1 + (1 if liar_peer else 0))
             site.link.reset()
             load = os.getloadavg()
@@ -330,7 +332,10 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
                       egress, sum(int(r.get("mismatches", 0)) for r in results),
                       [str(r["failed"]) for r in results if "failed" in r], sources, bad, load, joined)
             if rollout is not None:
-                run.rollout = do_rollout(site, agents, rollout)
+                try:
+                    run.rollout = do_rollout(site, agents, rollout)
+                except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as e:
+                    run.failures.append(f"rollout: {e}")
             return run
         finally:
             if liar_peer is not None:
@@ -342,7 +347,7 @@ def do_rollout(site: Site, agents: list[tuple[Proc, Path, Path]], v2: dict[str, 
     """Move every agent to v2 at once (update by diff: the changed chunks they held fetched again)."""
     site.link.reset()
     t = time.monotonic()
-    procs = [subprocess.Popen([BP, "update", "--cache", str(c), v2["ref"], "--json"], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([BP, "update", "--cache", str(c), "--to", v2["ref"], "--json"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _p, c, _s in agents]
     outs = []
     for p in procs:
@@ -479,6 +484,7 @@ def main() -> None:
     ap.add_argument("--changed", type=float, default=0.02, help="share of the boot's chunks a v2 changes")
     ap.add_argument("--liar", action="store_true", help="one lying peer in the peers runs")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--recapture", action="store_true", help="capture the trace again (else the cached one)")
     a = ap.parse_args()
     counts = [int(x) for x in a.counts.split(",")]
     setups = [s for s in a.setups.split(",") if s]
@@ -486,7 +492,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     image = bootvm.bootimage.build(WORK / f"bootimage-{a.size}-{a.fill_mb}", size=a.size, fill_mb=a.fill_mb)
     trace_path = WORK / f"storm-trace-{a.size}-{a.fill_mb}.json"
-    trace = capture(image, trace_path, a.timeout)
+    trace = capture(image, trace_path, a.timeout, a.recapture)
     print(f"trace: {len(trace['reads'])} reads, {trace['bytes'] / MIB:.1f} MiB, {trace['span']:.1f} s, at most "
           f"{trace['most_in_flight']} in flight (the boot took {trace['boot_seconds']:.1f} s)", flush=True)
     tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="storm-"))
@@ -500,7 +506,8 @@ def main() -> None:
     meta: dict[str, Any] = {
         "trace": f"{len(trace['reads'])} reads, {trace['bytes'] / MIB:.1f} MiB read over {trace['span']:.1f} s, "
                  f"at most {trace['most_in_flight']} in flight: one boot of the {a.size} test image "
-                 f"({a.fill_mb} MB of files) under qemu TCG from nbdkit's log filter",
+                 f"({a.fill_mb} MB of files) under qemu TCG from nbdkit's log filter (captured at load "
+                 f"{trace.get('load', ['?'])[0]})",
         "link": f"bench/wanproxy.py, one {a.rate} / {a.rtt} link shared by every connection to the repository",
         "agents": "blockprov attach --no-profile (default read-ahead); replay: bench/storm_replay.py (libnbd)",
         "cpus": os.cpu_count(), "command": "python bench/bench_storm.py " + " ".join(sys.argv[1:]),

@@ -14,7 +14,7 @@ Scenarios (``--scenario``):
   (``hydrate=off``, ``loader=off``): every byte is local, only the per-request path is measured.
 
 Printed per boot: seconds from qemu's start to the marker, the guest's phases (agent: network up →
-/dev/nbd0 serving; read: the image's read phase, ``readdone - mounted``), chunks the repository
+root serving; read: the image's read phase, ``readdone - mounted``), chunks the repository
 sent and the load average. ``--warmup`` first boots once untimed, so every measured first boot
 finds the version's boot profile (the first cold session records it).
 """
@@ -58,7 +58,7 @@ def phases(console: str) -> dict[str, Any]:
         m = re.search(p, console)
         return float(m.group(1)) if m else None
 
-    up, serving = num(r"network up on \w+ at uptime ([\d.]+)"), num(r"nbd0 serving at uptime ([\d.]+)")
+    up, serving = num(r"network up on \w+ at uptime ([\d.]+)"), num(r"root serving from \S+ at uptime ([\d.]+)")
     mounted, done = num(r"mounted=([\d.]+)"), num(r"readdone=([\d.]+)")
     verify = re.search(r"re-verified (\d+) chunk.*opened in ([\d.]+) s", console)
     return {"agent": round(serving - up, 1) if up and serving else None,

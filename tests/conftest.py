@@ -37,6 +37,7 @@ TOOL_PACKAGES = {
     "syslinux": "syslinux", "mcopy": "mtools", "mkfs.fat": "dosfstools",  # tools/bootdisk.py (a disk's own boot loader)
     "mdir": "mtools", "fsck.fat": "dosfstools",  # read the FAT volumes fat.py lays out
     "sfdisk": "fdisk", "sgdisk": "gdisk",  # a tool we did not write reads the GPT netboot/disk.py writes
+    "dmsetup": "dmsetup", "era_invalidate": "thin-provisioning-tools",  # the initramfs's native data path
 }
 
 

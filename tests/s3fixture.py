@@ -8,6 +8,10 @@ Why it is started like this:
   but its gRPC sockets (``/tmp/seaweedfs-*-grpc-PORT.sock``, fixed paths), which we remove after a stop.
 * Every component gets a free port; gRPC ports are the HTTP port + 10000 (SeaweedFS derives some of
   them that way whatever the flags say), so we pick HTTP ports whose +10000 twin is free too.
+* ``-volume.max=400 -master.volumeSizeLimitMB=64``: each bucket is a collection with a volume of its
+  own, and by default the count of volumes is the free disk space over 1 GiB: on a disk with 19 GiB free
+  the eighteenth bucket's first PUT failed with InternalError (CI saw three S3 tests fail at once).
+  Test objects are small, so small volumes and many of them.
 * ``-s3.autoCreateBucket=false``: otherwise a PUT into a missing bucket silently creates it, and the
   store's "no such bucket" error would never be seen in tests.
 * Credentials come from an ``-s3.config`` identities file (one admin identity); clients get them
@@ -91,7 +95,8 @@ class SeaweedFS:
 
     def start(self, timeout: float = 60.0) -> None:
         args = [str(WEED), f"-logdir={self.logs}", "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false", f"-dir={self.data}",
+                "-master.telemetry=false", f"-dir={self.data}", "-volume.max=400",
+                "-master.volumeSizeLimitMB=64",
                 f"-master.port={self.master}", f"-master.port.grpc={self.master + 10000}",
                 f"-volume.port={self.volume}", f"-volume.port.grpc={self.volume + 10000}",
                 f"-filer.port={self.filer}", f"-filer.port.grpc={self.filer + 10000}",

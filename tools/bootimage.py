@@ -64,7 +64,7 @@ from pathlib import Path
 
 from blockprov.netboot.initramfs import dependency_order
 
-BUILDER_VERSION = 7  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 8  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -232,7 +232,7 @@ _AS_ROOT = {
                f"/{ROOT_BUSYBOX} --install -s /tmp/bin\nexport PATH=/tmp/bin",
     "@MOUNT@": 'mount -o "remount,$OPTS" / || fail remount-failed\n'
                "ROOTDEV=$(awk '$2 == \"/\" && $1 ~ /^\\/dev\\// {d=$1} END {print d}' /proc/mounts)\n"
-               "ROOTDEV=${ROOTDEV#/dev/}\ncd / || fail no-root",
+               'ROOTDEV=$(readlink -f "$ROOTDEV")\nROOTDEV=${ROOTDEV#/dev/}\ncd / || fail no-root',  # dm-N for a mapped root
     "@FINISH@": "cd /\nsync\nmount -o remount,ro / || fail remount-ro-failed\n"
                 'STAT=$(cat "/sys/block/${ROOTDEV:-vda}/stat")',
 }

@@ -422,6 +422,19 @@ class HandshakeError(NetbootError):
     # The kernel's NBD client side of a PC could not agree with the agent (netboot/kernelnbd.py).
 
 
+class NetlinkError(NetbootError):
+    """{msg}"""
+
+    # The kernel refused a request to its NBD driver's netlink family (netboot/nbdlink.py).
+
+
+class DeviceMapperError(NetbootError):
+    """{msg}"""
+
+    # dmsetup or a thin-provisioning tool refused or failed while the native data path was set
+    # up or read (netboot/dm.py).
+
+
 class DiskRefused(UsageError):
     """{msg}"""
 

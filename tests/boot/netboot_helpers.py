@@ -29,7 +29,7 @@ OVMF = "/usr/share/OVMF"  # Debian ovmf: UEFI firmware for qemu, 4 MiB flash ima
 BOOT_TIMEOUT = 300.0
 # console lines whose arrival netboot() times: the firmware's fetch of the boot files is done when
 # the initramfs starts; the agent serves the root; the image's own init runs
-MILESTONES = ("blockprov: initramfs started", "blockprov: /dev/nbd0 serving", "BLOCKPROV-INIT")
+MILESTONES = ("blockprov: initramfs started", "blockprov: root serving", "BLOCKPROV-INIT")
 
 
 @dataclass(frozen=True)
@@ -235,3 +235,33 @@ def cache_of(disk: Path, tmp_path: Path) -> tuple[Any, int]:
     subprocess.run([require_tool("debugfs"), "-R", f"rdump /cache {out}", str(meta)], capture_output=True,
                    check=True, timeout=60)
     return load_state(out / "cache"), parts[3][1]
+
+
+def session_store(disk: Path, image_size: int, chunk: int) -> Any:
+    """The restore session's copy-on-write store as the PC's disk file holds it (netboot/native.py:
+    the golden reserve partition, then the data partition past the image), read with
+    netboot/cowstore.py: which chunks the native session wrote (a ``cowstore.Store``)."""
+    from blockprov.netboot import cowstore
+    from blockprov.netboot import disk as layout
+    from blockprov.netboot.native import Geometry, Part
+
+    with open(disk, "rb") as f:
+        parts = layout.partitions(f.read(layout.GPT_HEAD))
+        start = {"reserve": parts[2][1], "data": parts[3][1]}
+        geo = Geometry(Part("data", "", parts[3][2] // 512), Part("reserve", "", parts[2][2] // 512),
+                       image_size // 512, chunk)
+        pieces = [(start[p.name] + off * 512, n * 512) for p, off, n in geo.cow_pieces()]
+
+        def read(offset: int, length: int) -> bytes:
+            out, at = b"", 0
+            for base, size in pieces:
+                if offset < at + size and len(out) < length:
+                    f.seek(base + max(0, offset - at))
+                    out += f.read(min(size - max(0, offset - at), length - len(out)))
+                at += size
+            return out
+
+        head = read(0, 512)
+        probe = cowstore.read_store(head, lambda n: b"")
+        cb = probe.chunk_bytes
+        return cowstore.read_store(head, lambda n: read(n * cb, cb)) if probe.formatted else probe

@@ -9,7 +9,9 @@ session's command line must not become what the PC boots offline — the test im
 ``bp.mode=``); then the repository is stopped. At the next power-on iPXE cannot fetch its script,
 SeaBIOS falls through to the disk, syslinux starts the blockprov initramfs, the agent waits
 ``blockprov.offline_after`` seconds for the repository, boots OFFLINE from what the disk holds,
-restores the session's chunks from the golden reserve, and the guest's check passes.
+restores the disk, and the guest's check passes. The disk holds the whole image from the first
+boot, so the sessions run on the native data path (netboot/native.py): the dirty session's writes
+are in the copy-on-write store over the golden copy, and the offline restore drops the store.
 
 The PC's disk is a sparse 3 TiB file, so it gets the GPT form (netboot/disk.py: over 2 TiB) and
 the offline boot runs syslinux's gptmbr.bin → the FAT partition's SYSLINUX → the initramfs under
@@ -31,8 +33,9 @@ from pathlib import Path
 
 import pytest
 
+from blockprov.netboot import cowstore
 from tests import bootvm
-from tests.boot.netboot_helpers import IPXE_ROM, MAC, blank_disk, cache_of, netboot
+from tests.boot.netboot_helpers import IPXE_ROM, MAC, blank_disk, cache_of, netboot, session_store
 from tests.conftest import require_tool, run_cli
 from tests.procs import Proc, start_server
 
@@ -40,6 +43,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]  # several TCG boot
 
 OFFLINE_AFTER = 4  # seconds the agent waits for the repository before it boots from the disk
 BIG = 3 << 40  # a disk over 2 TiB: the GPT form (sparse, a few hundred MiB on the host)
+IMAGE_BYTES = 1 << 30  # the test image (tests/boot/conftest.py)
 
 
 def assign(url: str, mode: str, hydrate: str, *extra: str) -> None:
@@ -87,9 +91,14 @@ def test_hydrated_pc_boots_offline_from_its_disk_pristine(offrepo: tuple[Proc, s
     dirty = netboot(disk, url, tmp_path / "console2.log", disk_second=True)
     assert dirty.done.get("mode") == "dirty", dirty.tail()
     assert "boot loader written" not in dirty.console
+    # the disk held the whole image: the session ran on the native data path, its writes in the
+    # copy-on-write store (the golden copy, the data partition, untouched; the cache's map too)
+    assert "native data path" in dirty.console, dirty.tail()
     loaded, _ = cache_of(disk, tmp_path / "after-dirty")
-    changed = len(loaded.chunks.modified_chunks())
-    assert changed > 0
+    assert not loaded.chunks.modified_chunks()
+    store = session_store(disk, IMAGE_BYTES, loaded.chunk_size)
+    changed = len(cowstore.cache_chunks(store, loaded.chunk_size, loaded.chunks.count))
+    assert store.valid and changed > 0
     # 3. the repository is gone: the firmware falls through to the disk, the machine boots offline
     server.stop()
     offline = netboot(disk, url, tmp_path / "console3.log", disk_second=True)
@@ -98,8 +107,9 @@ def test_hydrated_pc_boots_offline_from_its_disk_pristine(offrepo: tuple[Proc, s
     assert "booted from the disk's own boot loader" in offline.console, offline.tail()
     assert "OFFLINE: no repository" in offline.console and "OFFLINE: the repository" in offline.console, \
         offline.tail()
-    assert f"restored {changed} of {changed} changed chunk(s): " in offline.console, offline.tail()
-    assert "; 0 left for the repository" in offline.console, offline.tail()
+    # offline, the restore is the store dropped: nothing to copy, nothing the repository must send
+    assert f"{changed} dropped with it (restore)" in offline.console, offline.tail()
+    assert "native data path" in offline.console, offline.tail()
     assert offline.check == "OK", offline.tail()  # the dirty change is gone
 
 

@@ -24,6 +24,7 @@ from blockprov.errors import (
     UsageError,
 )
 from blockprov.imaging.importer import import_image
+from blockprov.results import to_dict
 from tests.conftest import make_image
 from tests.contract.test_repository_contract import Backend
 
@@ -303,7 +304,7 @@ def test_last_boot_recorded(be: Backend, versions: tuple[str, str]) -> None:
     be.local.registry.record_boot(MAC, v1)  # what the whole initrd's download does (service/routes/boot.py)
     (h,) = be.repo.hosts()
     assert h.last_boot is not None and before <= h.last_boot <= time.time() and h.last_boot_version == v1
-    assert h.to_dict()["last_boot_version"] == v1
+    assert to_dict(h)["last_boot_version"] == v1
     h2 = be.repo.assign_host(MAC, f"lab@{v2}")  # re-assigning keeps the record of the last boot
     assert (h2.last_boot, h2.last_boot_version) == (h.last_boot, v1) and h2.version == v2
     be.local.registry.record_boot("pc-unknown", v1)  # a host removed meanwhile: nothing recorded, no error
@@ -447,7 +448,7 @@ def test_reassigning_keeps_what_is_not_named(be: Backend, versions: tuple[str, s
     # words in the arguments are the fields (as `--args "blockprov.policy=keep"` always meant)
     h = be.repo.assign_host(MAC, "lab:v1", "quiet blockprov.policy=keep")
     assert (h.policy, h.args) == ("keep", "quiet")
-    assert be.repo.hosts()[0].to_dict()["policy"] == "keep"
+    assert to_dict(be.repo.hosts()[0])["policy"] == "keep"
     with pytest.raises(UsageError, match="given twice"):
         be.repo.assign_host(MAC, "lab:v1", "blockprov.policy=keep", {"policy": "restore"})
     with pytest.raises(UsageError, match="given twice"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -238,6 +239,17 @@ def test_each_outcome_reported_when_the_agent_dies_while_held(bench: Bench) -> N
         assert said.startswith(want), (op, hold, said)
         seen.append(said)
     assert len(seen) == len(PINNED)
+    # Ctrl-C of the command (not the agent) while the agent works: the agent goes on, and the line says so
+    b.start_agent()
+    b.dirty()
+    b.gate.arm(b"POST /v1/images/lab/versions", "request")
+    p = b.command("snapshot", "--to", "lab:p3")
+    assert b.gate.held.wait(120)
+    p.send_signal(signal.SIGINT)
+    code, line = p.wait(120), (p.stderr.read() if p.stderr else "").strip()
+    assert code == 130 and line == f"blockprov: interrupted: the agent serving {b.cache} goes on with the snapshot " \
+        f"(see: blockprov status --cache {b.cache})", (code, line)
+    b.kill_agent()
 
 
 def test_random_kills_end_cleanly_and_truthfully(bench: Bench) -> None:

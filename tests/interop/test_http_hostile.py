@@ -15,6 +15,7 @@ that breaks a later read, time and memory bounded across requests.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import select
@@ -36,6 +37,7 @@ from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
 from blockprov.service.app import create_app
+from blockprov.service.bounds import WRITE_TIMEOUTS
 from tests import procs
 from tests.conftest import make_image, require_tool
 
@@ -48,6 +50,7 @@ pytestmark = pytest.mark.interop
 LONE = "\ud800"  # a lone surrogate: valid JSON (as an escape), not Unicode text
 BIG = "1" + "0" * 400  # a 401-digit integer literal
 AGENT = "i-hostile"
+ORIGIN = "http://testserver"  # the console's forms are refused from any other origin
 
 
 @dataclass
@@ -184,6 +187,93 @@ def test_hostile_request_is_refused_and_stores_nothing(env: Env, what: str, meth
     assert not (broken := reads_still_work(env)), f"after {what}:\n" + "\n".join(broken)
 
 
+# -- every field of every JSON body, with every poison -------------------------------------------
+# A valid body per JSON route; each leaf is replaced in turn by each poison below. Whatever the
+# answer (a 4xx, or a 2xx for a value that is harmless), it is never a 5xx, and the reads still work.
+VALID_BODIES: list[tuple[str, str, Any]] = [
+    ("PUT", "/v1/images/lab/tags/poison", {"version": "VID"}),
+    ("PUT", "/v1/hosts/pc5", {"ref": "lab:v1", "args": "quiet", "policy": "restore", "hydrate": "off"}),
+    ("PUT", f"/v1/agents/{AGENT}", {"image": "lab", "version": "VID", "host": "pc5", "modified_chunks": 1,
+                                   "fetch_latency_ms": 0.5, "hydration": {"percent": 5.0}, "last_error": "x",
+                                   "kind": "pool", "dir": "/d", "pools": [{"name": "p", "ready": 1, "size": 2}],
+                                   "clones": [{"name": "c", "modified_chunks": 2, "state": "in-use"}],
+                                   "clones_total": 1}),
+    ("POST", f"/v1/agents/{AGENT}/requests", {"op": "status", "args": {"a": 1}}),
+    ("POST", f"/v1/agents/{AGENT}/requests/RID/result", {"ok": True, "result": {"x": 1}}),
+    ("POST", f"/v1/agents/{AGENT}/requests/RID/result", {"ok": False, "error": "it failed"}),
+    ("PUT", "/v1/images/lab/versions/VID/profile", {"chunks": [0, 1, 2]}),
+    ("POST", "/v1/chunks/missing", {"ids": ["00" * 32]}),
+    ("PUT", "/v1/images/lab/versions/VID/boot", {"cmdline": "quiet", "kernel": {"size": 8, "pieces": ["00" * 32]},
+                                                 "initrd": {"size": 9, "pieces": ["00" * 32]}}),
+    ("PUT", "/v1/sites/s1", {"cache": "http://10.0.0.1:8420"}),
+    ("POST", "/v1/sites/s1/join", {"instance": AGENT}),
+]
+POISONS: list[Any] = [LONE, "@NaN", "@Infinity", "@1e400", f"@{BIG}", f"@-{BIG}", "@1e300", "\x00", "a\nb",
+                      True, None, [], {}, [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+                      "x" * 70000, -1, 2**62, 0.5]
+
+
+def _leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, (*path, i))
+    yield path
+
+
+def _with(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    out = copy.deepcopy(value)
+    target = out
+    for k in path[:-1]:
+        target = target[k]
+    target[path[-1]] = new
+    return out
+
+
+@pytest.mark.parametrize(("method", "path", "body"), VALID_BODIES, ids=[f"{m} {p}" for m, p, _ in VALID_BODIES])
+def test_every_field_with_every_poison(env: Env, method: str, path: str, body: Any) -> None:
+    failures = []
+    for leaf in list(_leaves(body)):
+        for poison in POISONS:
+            url, content = _resolve(env, path, _with(body, leaf, poison))
+            r = env.c.request(method, url, content=content,
+                              headers={"content-type": "application/json", "accept": "application/json"})
+            if r.status_code >= 500:
+                failures.append(f"{method} {path} {leaf}={str(poison)[:30]!r} → {r.status_code} {r.text[:150]}")
+        if broken := reads_still_work(env):  # after each field's poisons (one read pass: the suite is shared)
+            failures.append(f"{method} {path} {leaf}: stored poison: {broken}")
+        if len(failures) > 5:
+            break
+    assert not failures, "\n".join(failures)
+
+
+# The console's forms (urlencoded, from the console's own origin) with the same kind of poison.
+FORMS = [("/ui/hosts", {"host": "pc6", "new_host": "pc7", "ref": "lab:v1", "args": "quiet", "policy": "restore"}),
+         ("/ui/images/lab/tags", {"tag": "t9", "version": "VID"}),
+         ("/ui/requests", {"op": "snapshot", "instance": AGENT, "to": "lab:snap"})]
+FORM_POISONS = ["%00", "%0A", "x%0Ashell", "%ED%A0%80", "%FF", "x" * 70000, "%25", "&", "="]
+
+
+@pytest.mark.parametrize(("path", "form"), FORMS, ids=[f[0] for f in FORMS])
+def test_every_console_form_field_with_every_poison(env: Env, path: str, form: dict[str, str]) -> None:
+    failures = []
+    for field in form:
+        for poison in FORM_POISONS:
+            fields = {**form, field: poison}
+            body = "&".join(f"{k}={v.replace('VID', env.vid) if k != field else v}" for k, v in fields.items())
+            r = env.c.post(path, content=body.encode(), follow_redirects=False,
+                           headers={"content-type": "application/x-www-form-urlencoded", "origin": ORIGIN})
+            if r.status_code >= 500:
+                failures.append(f"POST {path} {field}={poison[:20]!r} → {r.status_code} {r.text[:150]}")
+        if broken := reads_still_work(env):
+            failures.append(f"POST {path} {field}: stored poison: {broken}")
+    assert not failures, "\n".join(failures)
+
+
 # -- item 9: time and memory bounds across requests, against `blockprov serve` --------------------
 TIMEOUT = 2.0  # the server's --request-timeout in these tests
 GIVE_UP = TIMEOUT + 30  # a cut-off that has not come by then never comes
@@ -226,6 +316,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.Proc]:
     tmp = tmp_path_factory.mktemp("http-bounds")
     repo = LocalRepository(tmp / "repo")
     import_image(repo, make_image(tmp / "a.raw", 1 << 20, seed=4), "lab:v1")
+    import_image(repo, make_image(tmp / "big.raw", 64 << 20, seed=5, data_fraction=1.0), "big:v1")
     repo.close()
     s, _ = procs.start_server(tmp / "repo", "--request-timeout", str(TIMEOUT), "--max-in-flight", "100M")
     yield s
@@ -273,6 +364,29 @@ def test_headers_larger_than_the_bound_get_431(server: procs.Proc) -> None:
         answer = sk.recv(65536)
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     _served(server.url)
+
+
+def test_a_client_that_reads_nothing_of_its_answer_is_cut_off(server: procs.Proc) -> None:
+    """GET of a 64 MiB raw view, never read: the server's buffers fill, and once the client has taken
+    none of it for WRITE_TIMEOUTS × --request-timeout the connection is aborted (it used to be held
+    for ever, with the server's buffer full). The figure: MiB received when the close came."""
+    with socket.create_connection(_address(server.url), timeout=5) as sk:
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        start = time.monotonic()
+        sk.sendall(b"GET /v1/images/big/raw/v1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(WRITE_TIMEOUTS * TIMEOUT + 3)  # read nothing meanwhile
+        _served(server.url)
+        got, closed = 0, False
+        sk.settimeout(30)
+        while not closed and time.monotonic() - start < WRITE_TIMEOUTS * TIMEOUT + 60:
+            try:
+                part = sk.recv(1 << 20)
+            except (ConnectionResetError, TimeoutError):
+                part = b""
+            got += len(part)
+            closed = not part
+        print(f"an unread answer was cut off after {got >> 20} MiB of 64 and {time.monotonic() - start:.0f} s")
+    assert closed and got < 64 << 20, got
 
 
 @pytest.mark.parametrize(("length", "status"), [(60000, 400), (10 << 20, 413)])

@@ -34,6 +34,7 @@ from blockprov.agent import keep
 from blockprov.clones.customize import export_as_file
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
+from blockprov.results import to_dict
 from tests.caches import open_cache
 from tests.conftest import require_tool, run_cli
 from tests.procs import start_agent
@@ -202,9 +203,10 @@ def test_a_keep_pc_keeps_its_session_as_a_version_then_moves_clean(images: tuple
             session = bytearray(SESSION[:64 << 10])
             await dev.write(SYSTEM_AT * MiB + 8 * MiB, bytes(session))  # raw writes into both partitions
             await dev.write(DATA_AT * MiB + 8 * MiB, bytes(session))
-            out = await keep.move(dev, repo, repo.resolve("two:v2"), host="52:54:00:aa:bb:cc", on_move="snapshot",
-                                  say=said.append)
-            assert out is not None and dev.manifest.id == m2id
+            moved = await keep.move(dev, repo, repo.resolve("two:v2"), host="52:54:00:aa:bb:cc", on_move="snapshot",
+                                    say=said.append)
+            assert moved is not None and dev.manifest.id == m2id
+            out = to_dict(moved)
             snap = out["snapshot"]
             assert snap["tag"].startswith("kept-52-54-00-aa-bb-cc-") and out["modified_kept"] == 1
             assert [q["kept"] for q in out["keep"]["partitions"]] == [False, True]

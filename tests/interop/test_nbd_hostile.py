@@ -18,12 +18,17 @@ import select
 import selectors
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blockprov.imaging.importer import import_image
 from blockprov.nbd import constants as c
@@ -242,3 +247,71 @@ def test_a_client_that_never_reads_its_replies_is_bounded_and_dropped(tmp_path: 
         for f in floods:
             f.close()
         assert agent.stop() == 0
+
+
+# -- fuzzed requests against the development server -------------------------------------------------
+FUZZ_SIZE = 16 * MiB
+OFFSETS = st.sampled_from([0, 512, 4095, FUZZ_SIZE - 4096, FUZZ_SIZE - 1, FUZZ_SIZE, FUZZ_SIZE + 512, 1 << 62,
+                           (1 << 64) - 1]) | st.integers(0, FUZZ_SIZE)
+LENGTHS = st.sampled_from([0, 1, 511, 512, 4096, 65536, 1 << 20, 1 << 31, (1 << 32) - 1]) | st.integers(0, 1 << 16)
+REQUESTS = st.lists(st.tuples(st.sampled_from([0, 1, 3, 4, 5, 6, 7, 8, 255, 65535]), st.integers(0, 0xFFFF),
+                              OFFSETS, LENGTHS), min_size=1, max_size=12)
+
+
+def _exchange(address: str, reqs: list[tuple[int, int, int, int]]) -> str | None:
+    """Send the requests (a WRITE's payload only when it is small: what a header announces is owed),
+    then read every reply: None when each was answered once with its handle (or the server closed
+    the connection after a request it could not frame), else what went wrong."""
+    sock = _handshake(address)
+    sock.settimeout(30)
+    expected: dict[int, int] = {}
+    try:
+        wire = b""
+        for handle, (cmd, flags, offset, length) in enumerate(reqs):
+            if cmd == c.Command.WRITE and length > 1 << 16:
+                length = 1 << 16  # never announce a payload we do not send: that is another test
+            wire += request(cmd, offset, length, handle=handle, flags=flags,
+                            data=bytes(length) if cmd == c.Command.WRITE else b"")
+            expected[handle] = length if cmd == c.Command.READ else 0
+        sock.sendall(wire)
+        while expected:
+            head = sock.recv(16, socket.MSG_WAITALL)
+            if len(head) < 16:
+                return None  # closed: a frame it could not accept (a bad command or flags end the connection)
+            magic, error, handle = struct.unpack(">IIQ", head)
+            if magic != c.SIMPLE_REPLY_MAGIC or handle not in expected:
+                return f"unexpected reply {head.hex()} to {reqs}"
+            length = expected.pop(handle)
+            if error == 0 and length:
+                _recv_exactly(sock, length)
+        return None
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+    finally:
+        sock.close()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(reqs=REQUESTS)
+def test_fuzzed_requests_are_answered_and_never_an_internal_error(fuzz_server: NbdServerProcess,
+                                                                  reqs: list[tuple[int, int, int, int]]) -> None:
+    assert (problem := _exchange(fuzz_server.socket, reqs)) is None, problem
+
+
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[NbdServerProcess]:
+    """The development server for the fuzz; afterwards its log must hold no traceback and a real
+    client must still be served."""
+    tmp = tempfile.mkdtemp(prefix="nbdfuzz")
+    proc = subprocess.Popen([sys.executable, "-m", "blockprov.nbd", "--memory", str(FUZZ_SIZE), "--socket",
+                             f"{tmp}/s"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("nbd: listening on "), line
+    srv = NbdServerProcess(proc, line.split("listening on ", 1)[1].strip())
+    yield srv
+    nbd_run("nbdinfo", "--size", srv.uri())
+    proc.terminate()
+    _out, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err and "unexpected" not in err, err[-3000:]

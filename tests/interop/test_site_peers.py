@@ -168,7 +168,7 @@ def test_ten_agents_over_a_slow_link_take_chunks_from_each_other(site: Site) -> 
 class LyingPeer:
     """A hostile agent of the site: registers like one, then answers every chunk with wrong bytes."""
 
-    def __init__(self, repo_url: str, instance: str, version: str) -> None:
+    def __init__(self, repo_url: str, instance: str, version: str, site: str = "cafe") -> None:
         self.asked = 0
         outer = self
 
@@ -195,10 +195,20 @@ class LyingPeer:
         self.thread.start()
         port = self.httpd.server_address[1]
         self.repo = RemoteRepository(repo_url)
-        self.repo.register_agent(instance, {"site": "cafe", "peer_url": f"http://127.0.0.1:{port}",
-                                            "image": "lab", "version": version})
+        info = {"site": site, "peer_url": f"http://127.0.0.1:{port}", "image": "lab", "version": version}
+        self.repo.register_agent(instance, info)
+        self._stop = threading.Event()
+
+        def beat() -> None:  # seen like a live agent for as long as it runs (the tracker drops the silent)
+            while not self._stop.wait(10.0):
+                self.repo.register_agent(instance, info)
+
+        self.beat = threading.Thread(target=beat, daemon=True)
+        self.beat.start()
 
     def close(self) -> None:
+        self._stop.set()
+        self.beat.join(15)
         self.httpd.shutdown()
         self.httpd.server_close()
         self.repo.close()

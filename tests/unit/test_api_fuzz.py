@@ -8,7 +8,8 @@ lazy-fixture support does not work with the pytest this project uses.
 
 Shapes a generator from the schema does not reach (issue 17) are sent to every operation of the
 same document by ``test_hostile_shapes``, through the raw ASGI interface so header bytes arrive
-exactly as a socket would deliver them: JSON nested deeper than Python's recursion limit, Range
+exactly as a socket would deliver them: JSON nested deeper than Python's recursion limit, JSON
+values no later reader bears (lone surrogates, NaN, 1e400, 400-digit integers, not UTF-8), Range
 headers with non-ASCII digits or numbers past ``int``'s 4,300-digit limit, a Content-Length of
 5,000 digits."""
 
@@ -86,7 +87,10 @@ def test_no_server_errors(catalog: str, tmp_path: Path, request: pytest.FixtureR
 
 DEEP = 1000  # JSON nesting past Python's recursion limit: the decoder raises RecursionError
 HOSTILE_BODIES = [b"[" * DEEP + b"]" * DEEP, b'{"a":' * DEEP + b"1" + b"}" * DEEP,
-                  b'{"ids": ' + b"[" * DEEP + b"]" * DEEP + b"}", b'{"chunks": ' + b"[" * DEEP + b"]" * DEEP + b"}"]
+                  b'{"ids": ' + b"[" * DEEP + b"]" * DEEP + b"}", b'{"chunks": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+                  # issue 27: values a later reader cannot bear, in a field of any name
+                  b'{"x": "\\ud800", "ref": "\\ud800", "version": "\\ud800"}', b'{"x": NaN}', b'{"x": 1e400}',
+                  b'{"x": ' + b"9" * 400 + b"}", b"\xff\xfe"]
 HOSTILE_RANGES = [b"bytes=\xb2-", b"bytes=0-\xb2", b"bytes=-\xb9", b"bytes=\xb9\xb2-\xb3",
                   b"bytes=" + b"9" * 5000 + b"-", b"bytes=0-" + b"9" * 5000, b"bytes=-" + b"9" * 5000]
 

@@ -17,6 +17,7 @@ from blockprov.device.base import STATE_HOLE, STATE_ZERO, BlockDevice, FileSegme
 from blockprov.errors import CacheError, CacheLocked, CacheMismatch, DeviceIOError, NotSupported, ReadOnlyDevice
 from blockprov.manifest import Manifest, build
 from blockprov.repo.local import LocalRepository
+from blockprov.results import to_dict
 from tests.caches import open_cache
 from tests.unit.test_cache_support import DictRepo, make_image
 
@@ -53,7 +54,7 @@ def test_reads_fetch_once_and_survive_reopen_without_refetch(tmp_path: Path) -> 
         assert await read_all(dev) == content
         await dev.settle()
         calls = repo.call_count
-        st = dev.status()
+        st = to_dict(dev.status())
         assert st["chunks_present"] + st["chunks_zero"] == st["chunks_total"] == 33
         assert st["bytes_fetched"] > 0 and st["fetch_latency_ms"]["p50"] is not None
         await dev.close()
@@ -110,7 +111,7 @@ def test_writes_trim_zero_read_back_and_persist(tmp_path: Path) -> None:
         await dev.close()
         dev = await open_cache(tmp_path, repo)
         assert await read_all(dev) == bytes(model)
-        st = dev.status()
+        st = to_dict(dev.status())
         assert st["chunks_modified"] >= 6
         await dev.close()
 
@@ -522,7 +523,7 @@ def test_the_layer_below_is_passed_in(tmp_path: Path) -> None:
         want = bytearray(content)
         want[CS + 10:CS + 20] = b"x" * 10
         assert await read_all(dev) == want
-        st = dev.status()
+        st = to_dict(dev.status())
         assert st["chunks_modified"] == 1 and st["bytes_fetched"] == 0 and dev.fetch_stats is None
         await dev.close()
 
@@ -543,12 +544,12 @@ def test_offline_status_is_the_live_status_of_a_stopped_cache(tmp_path: Path) ->
         await dev.write(9 * CS + 1, b"w" * 100)
         await dev.trim(12 * CS, CS)
         await dev.settle()
-        live = dev.status()
+        live = to_dict(dev.status())
         await dev.close()
         return live
 
     live = asyncio.run(main())
-    offline = offline_status(tmp_path)
+    offline = to_dict(offline_status(tmp_path))
     assert offline.pop("agent") == {"running": False} and offline.pop("clean_shutdown") is True
     assert offline == {k: live[k] for k in offline}
     assert offline["chunks_modified"] == 2 and offline["totals"]["chunks_fetched"] > 0  # type: ignore[index]

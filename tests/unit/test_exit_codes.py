@@ -77,3 +77,10 @@ def test_no_exit_code_outside_the_edge() -> None:
                     and node.args and isinstance(node.args[0], ast.Constant)):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, f"sys.exit with a literal code: {found}"
+
+
+def test_the_entry_point_ends_an_interrupted_start_as_the_edge_does() -> None:
+    """blockprov/__main__.py guards the CLI's import against Ctrl-C with the edge's own code."""
+    from blockprov import __main__ as entry
+
+    assert entry.EXIT_INTERRUPTED == cli.EXIT_INTERRUPTED

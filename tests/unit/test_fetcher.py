@@ -246,9 +246,9 @@ def test_several_batches_in_flight_and_stats() -> None:
         got = await f.get_many(list(range(16)))  # 4 batches of 4 chunks, in parallel
         assert time.monotonic() - t0 < 0.3
         assert len(got) == 16
-        st = f.stats.to_dict()
-        assert st["chunks_fetched"] == 16 and st["bytes_fetched"] == 16 * CS and st["batches"] == 4
-        assert st["fetch_latency_ms"]["p50"] >= 100
+        st = f.stats.figures()
+        assert st.chunks_fetched == 16 and st.bytes_fetched == 16 * CS and st.batches == 4
+        assert st.fetch_latency_ms.p50 is not None and st.fetch_latency_ms.p50 >= 100
         await f.close()
 
     asyncio.run(main())

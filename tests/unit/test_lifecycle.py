@@ -20,6 +20,7 @@ from blockprov.device.base import result_bytes
 from blockprov.errors import CacheMismatch, RepositoryUnavailable, UsageError
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
+from blockprov.results import to_dict
 from tests.caches import open_cache
 from tests.conftest import make_image
 
@@ -59,22 +60,22 @@ def test_reset_lazy_and_eager_restore_the_base(golden: tuple[LocalRepository, Pa
         await dev.write_zeroes(20 * CS, 2 * CS)
         await dev.trim(30 * CS, CS)
         await dev.flush()
-        modified = dev.status()["chunks_modified"]  # zeroing a chunk that is zero changes nothing
+        modified = to_dict(dev.status())["chunks_modified"]  # zeroing a chunk that is zero changes nothing
         assert modified >= 2
-        out = await lifecycle.reset(dev)
+        out = to_dict(await lifecycle.reset(dev))
         assert out["chunks_reset"] == modified and out["chunks_refetched"] == 0
-        assert dev.status()["chunks_modified"] == 0
+        assert to_dict(dev.status())["chunks_modified"] == 0
         await dev.settle()  # the reset chunks' blocks are freed in the background
         assert os.stat(dev.data_path).st_blocks == 0
         assert await read_all(dev) == base
         await dev.write(5 * CS, chunk_pattern(5, 0xBB))
-        out = await lifecycle.reset(dev, eager=True)
+        out = to_dict(await lifecycle.reset(dev, eager=True))
         assert out["chunks_reset"] == 1 and out["chunks_refetched"] == 1
         assert dev.chunks.present(5)
         await dev.close()
         # The reset survives a restart (journal + checkpoint), and nothing is left modified.
         dev = await open_cache(tmp_path / "c", repo)
-        assert dev.status()["chunks_modified"] == 0
+        assert to_dict(dev.status())["chunks_modified"] == 0
         assert await read_all(dev) == base
         await dev.close()
 
@@ -95,7 +96,7 @@ def test_reset_waits_for_writes_in_flight(golden: tuple[LocalRepository, Path], 
         await asyncio.gather(*writes)
         await reset
         # Every write finished before the reset took the map: nothing is modified any more.
-        assert dev.status()["chunks_modified"] == 0
+        assert to_dict(dev.status())["chunks_modified"] == 0
         assert await read_all(dev) == src.read_bytes()
         await dev.close()
 
@@ -112,7 +113,7 @@ def test_snapshot_sends_modified_chunks_once_and_tracks_targets(golden: tuple[Lo
             await dev.write(i * CS, chunk_pattern(i, 0x11))
         await dev.write_zeroes(9 * CS, CS)
         before = sum(1 for _ in repo.store.iter_ids())
-        out = await lifecycle.snapshot(dev, repo, "lab:s1")
+        out = to_dict(await lifecycle.snapshot(dev, repo, "lab:s1"))
         assert out["chunks_modified"] == 4 and out["chunks_sent"] == 3
         assert out["bytes_modified"] == 3 * CS
         assert sum(1 for _ in repo.store.iter_ids()) == before + 3  # the repository's own count
@@ -120,21 +121,21 @@ def test_snapshot_sends_modified_chunks_once_and_tracks_targets(golden: tuple[Lo
         new = repo.resolve("lab:s1")
         assert new.id == out["version"] and new.parent == repo.resolve("lab:v1").id
         assert b"".join(repo.store.get(d) if d != bytes(32) else bytes(CS) for d in new.digests()) == disk
-        again = await lifecycle.snapshot(dev, repo, "lab:s2")
+        again = to_dict(await lifecycle.snapshot(dev, repo, "lab:s2"))
         assert again["chunks_sent"] == 0 and again["chunks_unsynced_before"] == 0
         # A second target has its own record: everything modified is new to it.
         await dev.write(4 * CS, chunk_pattern(4, 0x22))
-        st = dev.status()["targets"]
+        st = to_dict(dev.status())["targets"]
         assert st["default"]["unsynced_chunks"] == 1
-        other = await lifecycle.snapshot(dev, repo, "lab:o1", target="offsite")
+        other = to_dict(await lifecycle.snapshot(dev, repo, "lab:o1", target="offsite"))
         assert other["chunks_unsynced_before"] == 5 and other["chunks_sent"] == 1
-        st = dev.status()["targets"]
+        st = to_dict(dev.status())["targets"]
         assert st["default"]["unsynced_chunks"] == 1 and st["offsite"]["unsynced_chunks"] == 0
         assert st["offsite"]["last_snapshot"] == other["version"]
         await dev.close()
         # Targets and their state survive a restart.
         dev = await open_cache(tmp_path / "c", repo)
-        st = dev.status()["targets"]
+        st = to_dict(dev.status())["targets"]
         assert st["default"]["unsynced_chunks"] == 1 and st["offsite"]["unsynced_chunks"] == 0
         await dev.close()
 
@@ -187,7 +188,7 @@ def test_write_during_upload_stays_unsynced_and_the_version_is_point_in_time(
         await dev.write(50 * CS + 100, b"into the zeroed chunk")
         await dev.flush()
         gated.release.set()
-        out = await snap
+        out = to_dict(await snap)
         assert out["chunks_written_during"] == 3
         # The version is the disk as it was when the snapshot began (the writes were captured).
         new = repo.resolve("lab:s1")
@@ -197,7 +198,7 @@ def test_write_during_upload_stays_unsynced_and_the_version_is_point_in_time(
         assert set(dev.chunks.unsynced_chunks("default")) == {2, 5, 40, 50}
         crashed = load_state(tmp_path / "c")  # and so after a crash right now (the writes were flushed)
         assert set(crashed.chunks.unsynced_chunks("default")) == {2, 5, 40, 50}
-        nxt = await lifecycle.snapshot(dev, gated, "lab:s2")  # type: ignore[arg-type]
+        nxt = to_dict(await lifecycle.snapshot(dev, gated, "lab:s2"))  # type: ignore[arg-type]
         assert nxt["chunks_unsynced_before"] == 4
         await dev.close()
 
@@ -234,11 +235,11 @@ def test_failed_commit_changes_nothing_and_can_be_retried(golden: tuple[LocalRep
         await dev.write(3 * CS, chunk_pattern(3, 0x66))
         with pytest.raises(RepositoryUnavailable):
             await lifecycle.snapshot(dev, gated, "lab:s1")  # type: ignore[arg-type]
-        assert dev.status()["targets"]["default"]["unsynced_chunks"] == 1
+        assert to_dict(dev.status())["targets"]["default"]["unsynced_chunks"] == 1
         gated.fail_commit = False
-        out = await lifecycle.snapshot(dev, gated, "lab:s1")  # type: ignore[arg-type]
+        out = to_dict(await lifecycle.snapshot(dev, gated, "lab:s1"))  # type: ignore[arg-type]
         assert out["chunks_sent"] == 0  # uploaded by the failed attempt already
-        assert dev.status()["targets"]["default"]["unsynced_chunks"] == 0
+        assert to_dict(dev.status())["targets"]["default"]["unsynced_chunks"] == 0
         with pytest.raises(UsageError):
             await lifecycle.snapshot(dev, gated, "lab:s2", target="../x")  # type: ignore[arg-type]
         await dev.close()
@@ -254,8 +255,8 @@ def test_snapshot_rebase_makes_the_new_version_the_reset_base(golden: tuple[Loca
         dev = await open_cache(tmp_path / "c", repo, repo.resolve("lab:v1"))
         await dev.write(3 * CS, chunk_pattern(3, 0x77))
         admin = await read_all(dev)
-        out = await lifecycle.snapshot(dev, repo, "lab:admin", rebase=True)
-        assert dev.manifest.id == out["version"] and dev.status()["chunks_modified"] == 0
+        out = to_dict(await lifecycle.snapshot(dev, repo, "lab:admin", rebase=True))
+        assert dev.manifest.id == out["version"] and to_dict(dev.status())["chunks_modified"] == 0
         await dev.write(8 * CS, chunk_pattern(8, 0x78))
         await lifecycle.reset(dev)
         assert await read_all(dev) == admin
@@ -289,14 +290,14 @@ def test_update_fetches_only_changed_chunks_and_applies_the_policy(golden: tuple
             asked.append((changed, modified))
             return [30]
 
-        out = await lifecycle.update(dev, repo.resolve("lab:v2"), keep=keep)
+        out = to_dict(await lifecycle.update(dev, repo.resolve("lab:v2"), keep=keep))
         assert asked == [([4, 11, 12], [12, 30])]
         assert out["chunks_changed"] == 3 and out["chunks_refetched"] == 2
         assert out["modified_kept"] == 1 and out["modified_discarded"] == 1
         assert dev.totals()["chunks_fetched"] == fetched + 2
         disk = await read_all(dev)
         assert disk[30 * CS:30 * CS + 4] == b"mine" and disk[:13 * CS] == bytes(v2[:13 * CS])
-        out = await lifecycle.update(dev, repo.resolve("lab:v1"))  # back, discarding the user's chunks
+        out = to_dict(await lifecycle.update(dev, repo.resolve("lab:v1")))  # back, discarding the user's chunks
         assert out["modified_discarded"] == 1
         assert await read_all(dev) == src.read_bytes()
         with pytest.raises(CacheMismatch):
@@ -325,11 +326,11 @@ def test_hydration_follows_the_profile_then_the_disk_and_records_completion(
         await h.start()
         local = {i for i in range(m.count) if dev.chunks.present(i)}
         assert local == {i for i in profile if not m.is_zero(i)}
-        assert h.status()["state"] == "done"
+        assert to_dict(h.status())["state"] == "done"
         h = Hydrator(dev, batch_bytes=4 * CS)
         await h.start()
-        st = dev.status()
-        assert st["chunks_missing"] == 0 and h.status()["percent"] == 100.0
+        st = to_dict(dev.status())
+        assert st["chunks_missing"] == 0 and to_dict(h.status())["percent"] == 100.0
         assert st["hydrated"] is not None
         assert await read_all(dev) == src.read_bytes()
         await dev.close()
@@ -441,7 +442,7 @@ def test_a_profile_may_be_fetched_several_batches_at_a_time(golden: tuple[LocalR
         h = Hydrator(dev, order=profile, batch_bytes=2 * CS, profile_parallel=3)
         await h.start()
         assert peak == 3  # three profile batches at once; the rest one at a time
-        assert dev.status()["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
+        assert to_dict(dev.status())["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
         assert h.chunks == sum(1 for i in range(m.count) if not m.is_zero(i))
         await dev.close()
 
@@ -476,7 +477,7 @@ def test_the_rest_waits_while_clients_miss_after_the_profile(golden: tuple[Local
         missing = False
         await bump
         await asyncio.wait_for(task, 60)
-        assert dev.status()["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
+        assert to_dict(dev.status())["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
         await dev.close()
 
     run(main())
@@ -502,7 +503,7 @@ def test_the_rest_waits_for_the_clients_to_begin(golden: tuple[LocalRepository, 
         assert present == set(profile)
         dev.last_miss_at = time.monotonic()  # the guest resumed and missed once, then went quiet
         await asyncio.wait_for(task, 60)
-        assert dev.status()["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
+        assert to_dict(dev.status())["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
         await dev.close()
 
     run(main())

@@ -63,12 +63,12 @@ def test_on_a_stopped_cache_the_operation_runs_here(repo: LocalRepository, tmp_p
         asked.append(d)
         return repo
 
-    async def reset(dev: CacheDevice, r: Repository) -> dict[str, Any]:
+    async def reset(dev: CacheDevice, r: Repository) -> lifecycle.ResetResult:
         assert r is repo
         return await lifecycle.reset(dev)
 
-    out = on_cache(cache, "reset", {}, reset, repository)
-    assert out["chunks_reset"] == 1 and asked == [cache.resolve()]
+    out = on_cache(cache, "reset", {}, reset, repository, lifecycle.ResetResult)
+    assert out.chunks_reset == 1 and asked == [cache.resolve()]
 
 
 def test_a_directory_that_is_no_cache_is_refused_untouched(tmp_path: Path) -> None:
@@ -79,5 +79,5 @@ def test_a_directory_that_is_no_cache_is_refused_untouched(tmp_path: Path) -> No
         raise AssertionError("not run")
 
     with pytest.raises(CacheError, match="is not a blockprov cache"):
-        on_cache(tmp_path, "reset", {}, never, repository)
+        on_cache(tmp_path, "reset", {}, never, repository, dict)
     assert list(tmp_path.iterdir()) == []

@@ -19,6 +19,7 @@ from blockprov.cache import CacheDevice
 from blockprov.device.base import result_bytes
 from blockprov.errors import DeviceIOError, ReadOnlyDevice
 from blockprov.manifest import Manifest
+from blockprov.results import to_dict
 from tests.caches import open_cache
 from tests.unit.test_cache_support import DictRepo, make_image
 
@@ -117,7 +118,7 @@ def test_untouched_chunks_are_read_from_the_base_fetched_once_and_not_copied(tmp
         assert c.repo.chunks_requested() == fetched
         for dev in c.overlays:
             assert not any(dev.chunks.present(i) for i in range(c.m.count))
-            st = dev.status()
+            st = to_dict(dev.status())
             assert st["chunks_present"] == 0 and st["bytes_fetched"] == 0
             assert st["base_cache"] == str((c.root / "base").resolve())
             assert dev.fetch_stats is None  # an overlay fetches nothing from the repository
@@ -172,7 +173,7 @@ def test_reset_of_one_overlay_leaves_the_others_untouched(tmp_path: Path) -> Non
         wants = [await read_all(dev) for dev in c.overlays]
         assert all(w != content for w in wants)
         calls = c.repo.call_count
-        out = await b.reset_chunks(eager=True)  # eager: an overlay has nothing to fetch back
+        out = to_dict(await b.reset_chunks(eager=True))  # eager: an overlay has nothing to fetch back
         assert out["chunks_reset"] > 0 and out["chunks_refetched"] == 0
         assert c.repo.call_count == calls
         await b.settle()
@@ -224,6 +225,6 @@ def test_the_base_is_read_only_and_an_overlay_without_it_fails_base_reads(tmp_pa
             await read_all(alone, CS, CS)  # the base's
         with pytest.raises(DeviceIOError):
             await alone.write(CS + 1, b"x")  # a partial write would need the base's copy
-        assert alone.status()["chunks_modified"] == 1
+        assert to_dict(alone.status())["chunks_modified"] == 1
 
     clones_test(tmp_path, body)

@@ -13,6 +13,7 @@ from blockprov.cache import CacheDevice, Reserve
 from blockprov.cache.reserve import BLOCK, ENTRY, parse_record, record, slots_for  # the region's format
 from blockprov.device.base import result_bytes
 from blockprov.errors import DeviceIOError
+from blockprov.results import to_dict
 from tests.caches import open_cache
 from tests.unit.test_cache_support import DictRepo, make_image
 
@@ -60,7 +61,7 @@ def test_restore_needs_no_repository_when_the_reserve_kept_every_chunk(tmp_path:
         assert reserve.kept == 5 and reserve.full == 0  # chunks 1, 2, 5, 6, 8
         repo.unreachable = True
         calls = repo.call_count
-        done = await dev.reset_chunks()
+        done = to_dict(await dev.reset_chunks())
         assert done["chunks_reset"] >= 5
         assert await read(dev, 0, m.size) == content  # pristine, offline
         assert repo.call_count == calls
@@ -91,7 +92,7 @@ def test_a_full_reserve_falls_back_to_the_repository_and_offline_fails_with_eio(
         for c in (3, 4, 5, 6):
             await dev.write(c * CS, b"user data")
         assert reserve.kept == 2 and reserve.full == 2
-        assert dev.status()["reserve_full"] == 2 and dev.status()["reserve_slots"] == 2
+        assert to_dict(dev.status())["reserve_full"] == 2 and to_dict(dev.status())["reserve_slots"] == 2
         await dev.reset_chunks()
         await dev.settle()  # the reset's hole punching done: what is read back is kept again
         repo.unreachable = True

@@ -35,14 +35,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from socket import socket as Socket
 from typing import Any, TypeVar
 
 from blockprov.agent import control, lifecycle
-from blockprov.agent.instance import InstanceOps, catch_stop_signals, wait_for_stop
+from blockprov.agent.hydrate import HydrationStatus
+from blockprov.agent.instance import AgentInfo, InstanceOps, StatusReport, catch_stop_signals, wait_for_stop
 from blockprov.agent.metrics import AgentCollector, MetricsListener, registry_for
 from blockprov.agent.offline import adopt_repository
 from blockprov.agent.peerserve import DEFAULT_SLOTS, PeerServer
@@ -67,6 +68,7 @@ from blockprov.manifest import Manifest
 from blockprov.nbd.activation import uri_template
 from blockprov.nbd.server import FRAME_TIMEOUT, NbdServer
 from blockprov.repo.base import Repository
+from blockprov.results import from_dict
 
 log = logging.getLogger("blockprov.agent")
 
@@ -105,6 +107,9 @@ class AgentConfig:
     # what the embedding process adds: "host" (reported), "report" (a dict merged into the report the
     # repository shows: the in-machine agent's last move to another version, agent/keep.py)
     extra: dict[str, Any] = field(default_factory=dict)
+    # run on the open cache before anything else sees it (before the reset on start): a PC's agent
+    # turns the kernel's record of the last native session into the modified map (netboot/native.py)
+    prepare: Callable[[CacheDevice], Awaitable[None]] | None = None
 
 
 class Agent:
@@ -142,7 +147,8 @@ class Agent:
     async def start(self) -> list[str]:
         cfg = self.config
         catch_stop_signals(self._stop)  # a SIGTERM from now on is a clean stop (run() sees it at once)
-        peers = self.peers = PeerSource(self.repo, upstream_kind=await self._upstream_kind())
+        peers = self.peers = PeerSource(self.repo, upstream_kind=await self._upstream_kind(),
+                                         shared=cfg.site is not None)
         try:
             self.device = await CacheDevice.open(cfg.cache_dir, self.layers(peers), self.manifest, repo=self.repo,
                                                  data_path=cfg.data_path, read_only=cfg.read_only,
@@ -151,6 +157,7 @@ class Agent:
             peers.close()
             raise
         peers.version_of = lambda: self.device.manifest.id if self.device is not None else ""
+        peers.image_of = lambda: self.device.manifest.image if self.device is not None else ""
         try:
             dev = self.device
             if self.manifest is None:  # re-attach: refuse a repository without the cache's version
@@ -158,9 +165,11 @@ class Agent:
             dev.record_repository(self.repo.url)
             if self.instance is None:
                 self.instance = f"i-{dev.uuid[:12]}"
+            if cfg.prepare is not None:
+                await cfg.prepare(dev)
             if cfg.reset_on_start:
                 done = await lifecycle.reset(dev, eager=False, punch=True)
-                log.info("reset on start: %d chunk(s) back to the base", done["chunks_reset"])
+                log.info("reset on start: %d chunk(s) back to the base", done.chunks_reset)
             await dev.checkpoint()
             m = self.device.manifest
             server = self.server = NbdServer({"": dev, m.image: dev, f"{m.image}@{m.id}": dev},
@@ -215,7 +224,7 @@ class Agent:
         self._stop.set()
 
     async def _start_metrics(self, host: str, port: int) -> None:
-        def hydration() -> dict[str, Any] | None:
+        def hydration() -> HydrationStatus | None:
             h = self.ops.hydrator if self.ops is not None else None
             return h.status() if h is not None else None
 
@@ -281,15 +290,15 @@ class Agent:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     # -- control ops ------------------------------------------------------------------------------
-    async def _op_status(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _op_status(self, req: dict[str, Any]) -> StatusReport:
         assert self.ops is not None and self.server is not None
-        st = self.ops.status()
-        st["agent"] = self._describe() | {"running": True, "uptime": time.time() - self.started}
-        st["nbd"] = vars(self.server.stats).copy()
-        st["sources"] = self.peers.stats.to_dict() if self.peers is not None else None
+        site = None
         if self.site is not None:
-            st["site"] = self.site.status() | {"serving": self.peer_server.status() if self.peer_server else None}
-        return st
+            site = self.site.status() | {"serving": self.peer_server.status() if self.peer_server else None}
+        return replace(self.ops.status(), agent=AgentInfo(running=True, uptime=time.time() - self.started,
+                                                          **self._describe()),
+                       nbd=vars(self.server.stats).copy(),
+                       sources=self.peers.stats.to_dict() if self.peers is not None else None, site=site)
 
     async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         self._stop.set()
@@ -301,14 +310,15 @@ class Agent:
         assert self.device is not None and self.ops is not None
         m = self.device.manifest
         st = self.ops.status()
-        total = st["chunks_total"] or 1
-        hydration = st.get("hydration") or {}
-        latency = (st.get("fetch_latency_ms") or {}).get("p50")
+        cs = st.device.cache
+        total = cs.chunks_total or 1
+        fetch = st.device.fetch
         return {"image": m.image, "version": m.id, "pid": os.getpid(), "addresses": self.addresses,
                 "cache": str(self.config.cache_dir), "host": self.config.extra.get("host") or socket.gethostname(),
-                "hydration": {"percent": round(100.0 * (st["chunks_present"] + st["chunks_zero"]) / total, 1),
-                              "running": bool(hydration.get("running"))},
-                "modified_chunks": st["chunks_modified"], "fetch_latency_ms": latency,
+                "hydration": {"percent": round(100.0 * (cs.chunks_present + cs.chunks_zero) / total, 1),
+                              "running": st.hydration is not None and st.hydration.state == "running"},
+                "modified_chunks": cs.chunks_modified,
+                "fetch_latency_ms": fetch.fetch_latency_ms.p50 if fetch is not None else None,
                 "last_error": self.link.last_error if self.link is not None else None,
                 # an agent is its site's peer once it joined (its token may): the tracker lists it then
                 "site": self.config.site if self.site is not None and self.site.joined else None,
@@ -319,17 +329,16 @@ class Agent:
                 **(self.config.extra.get("report") or {})}
 
 
-def offline_status(cache_dir: Path) -> dict[str, Any]:
+def offline_status(cache_dir: Path) -> StatusReport:
     """Status of a cache no agent is serving, from its metadata and journal (nothing written)."""
     if not is_cache(cache_dir):
         raise CacheError(f"{cache_dir} is not a blockprov cache (no metadata)")
-    return {**load_state(cache_dir).status(), "agent": {"running": False}}
+    return StatusReport(device=load_state(cache_dir).status(), agent=AgentInfo(running=False))
 
 
-def status(cache_dir: Path) -> dict[str, Any]:
+def status(cache_dir: Path) -> StatusReport:
     """Live status from the running agent if there is one, else what the cache holds on disk."""
     try:
-        result: dict[str, Any] = control.call(cache_dir, "status", timeout=10.0)
-        return result
+        return from_dict(StatusReport, control.call(cache_dir, "status", timeout=10.0))
     except AgentNotRunning:
         return offline_status(cache_dir)

@@ -3,7 +3,9 @@
 One request per connection, JSON in one line, JSON back in one line: ``{"op": "status"}`` →
 ``{"ok": true, "result": {...}}`` or ``{"ok": false, **errors.error_to_dict(e)}`` — the same error
 body the HTTP service answers, so ``call`` raises the very class the agent raised (a PoolExhausted
-stays a PoolExhausted) and the CLI exits with its code. Later commands (reset, snapshot, hydrate)
+stays a PoolExhausted) and the CLI exits with its code. A handler returns its typed result (a frozen
+dataclass, results.py); it becomes JSON here, at the edge, and the caller rebuilds the class it
+expects (``results.from_dict``). Later commands (reset, snapshot, hydrate)
 register more ops. The socket lives in the cache directory (``DIR/control.sock``) and is only
 reachable by local users allowed into that directory.
 
@@ -37,6 +39,7 @@ from blockprov.errors import (
     error_to_dict,
 )
 from blockprov.names import UNIX_PATH_MAX
+from blockprov.results import to_dict
 
 if TYPE_CHECKING:  # the client side (``call``) must stay cheap to import: CLI start-up time
     import asyncio
@@ -154,7 +157,7 @@ class ControlServer:
                 reply = {"ok": False, **error_to_dict(UsageError(f"a control request is at most {MAX_REQUEST} bytes"))}
             else:
                 try:
-                    reply = {"ok": True, "result": await handler(req)}
+                    reply = {"ok": True, "result": to_dict(await handler(req))}
                 except Exception as e:  # the agent keeps serving whatever a command does
                     if not isinstance(e, BlockprovError):
                         log.exception("control op %s failed", req["op"])

@@ -39,7 +39,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 from blockprov.cache import CacheDevice
 from blockprov.errors import DeviceError, NoSpace, UsageError
@@ -232,7 +232,7 @@ class Hydrator:
         return out
 
     # -- status ---------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> HydrationStatus:
         counts = self.dev.chunks.counts()
         total = counts["total"] or 1
         local = counts["total"] - counts["missing"]
@@ -243,8 +243,25 @@ class Hydrator:
                 rate = (b1 - b0) / (t1 - t0)
         missing_bytes = counts["missing"] * self.dev.manifest.chunk_size
         eta = missing_bytes / rate if rate > 0 and self.state == "running" else None
-        return {"state": self.state, "message": self.message, "profile_only": self.profile_only,
-                "percent": round(100.0 * local / total, 2), "chunks_fetched": self.chunks,
-                "bytes_fetched": self.bytes, "rate_bytes_per_s": round(rate, 1),
-                "eta_seconds": None if eta is None else round(eta, 1), "rate_limit": self.rate,
-                "started": self.started, "finished": self.finished}
+        return HydrationStatus(state=self.state, message=self.message, profile_only=self.profile_only,
+                               percent=round(100.0 * local / total, 2), chunks_fetched=self.chunks,
+                               bytes_fetched=self.bytes, rate_bytes_per_s=round(rate, 1),
+                               eta_seconds=None if eta is None else round(eta, 1), rate_limit=self.rate,
+                               started=self.started, finished=self.finished)
+
+
+@dataclass(frozen=True)
+class HydrationStatus:
+    """Where a hydration is (``status``'s ``hydration``, ``blockprov hydrate``)."""
+
+    state: str = "starting"  # starting, running, paused, failed, stopped, done
+    message: str = ""
+    profile_only: bool = False
+    percent: float = 0.0  # of the chunks local
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    rate_bytes_per_s: float = 0.0
+    eta_seconds: float | None = None
+    rate_limit: float | None = None
+    started: float | None = None
+    finished: float | None = None

@@ -12,13 +12,15 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from blockprov.agent import control, keep, lifecycle
-from blockprov.agent.hydrate import MAX_HOLD_REST, MIN_RATE, Hydrator
-from blockprov.cache import CacheDevice
+from blockprov.agent.hydrate import MAX_HOLD_REST, MIN_RATE, HydrationStatus, Hydrator
+from blockprov.cache import CacheDevice, DeviceStatus
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.repo.base import Repository
+from blockprov.results import inline, omit_none
 
 log = logging.getLogger("blockprov.agent")
 T = TypeVar("T")
@@ -94,7 +96,7 @@ class InstanceOps:
         self.hydrator: Hydrator | None = None
         # The boot profile prefetched at start: its length, whether it was inherited from the
         # version this one was made from (catalog/inherit.py), its first indices (for status).
-        self.prefetch: dict[str, Any] = {}
+        self.prefetch: PrefetchInfo | None = None
 
     def handlers(self) -> dict[str, control.Handler]:
         return {"reset": self._op_reset, "snapshot": self._op_snapshot, "update": self._op_update,
@@ -110,7 +112,7 @@ class InstanceOps:
         cold = self.device.chunks.counts()["present"] == 0 and not self.device.profile()
         order = await self._start_hydration(self._hydrate_rate, full=self._hydrate)
         own = bool(order) and await self._has_own_profile()
-        self.prefetch = {"chunks": len(order), "inherited": bool(order) and not own, "first": order[:PROFILE_SHOWN]}
+        self.prefetch = PrefetchInfo(chunks=len(order), inherited=bool(order) and not own, first=order[:PROFILE_SHOWN])
         if self._auto_profile and cold and not own:
             self._profile_task = asyncio.ensure_future(self._save_profile_later())
 
@@ -153,13 +155,10 @@ class InstanceOps:
         except BlockprovError as e:  # e.g. a read-only token: the agent serves on regardless
             log.warning("could not save the boot profile of %s@%s: %s", m.image, m.id, e)
 
-    def status(self) -> dict[str, Any]:
-        st = self.device.status()
-        if self.hydrator is not None:
-            st["hydration"] = self.hydrator.status()
-        if self.prefetch.get("chunks"):
-            st["profile"] = self.prefetch
-        return st
+    def status(self) -> StatusReport:
+        return StatusReport(device=self.device.status(),
+                            hydration=self.hydrator.status() if self.hydrator is not None else None,
+                            profile=self.prefetch if self.prefetch is not None and self.prefetch.chunks else None)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -191,25 +190,25 @@ class InstanceOps:
         return order
 
     # -- ops ----------------------------------------------------------------------------------
-    async def _op_reset(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _op_reset(self, req: dict[str, Any]) -> lifecycle.ResetResult:
         # A client may still be sending data-file pieces it was handed: punch holes only when
         # nobody is connected (the space of reset chunks is reused when they are fetched again).
         eager = control.Args(req).flag("eager")
         return await lifecycle.reset(self.device, eager=eager, punch=self._connections() == 0)
 
-    async def _op_snapshot(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _op_snapshot(self, req: dict[str, Any]) -> lifecycle.SnapshotResult:
         a = control.Args(req)
         return await lifecycle.snapshot(self.device, self.repo, a.text("to"), target=a.text("target") or "default",
                                         rebase=a.flag("rebase"))
 
-    async def _op_update(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _op_update(self, req: dict[str, Any]) -> keep.KeptUpdate:
         a = control.Args(req)
         keep_modified, force, lazy = a.flag("keep_modified"), a.flag("force"), a.flag("lazy")
         new = await self._run(self.repo.resolve, a.text("to"))
         return await keep.update(self.device, self.repo, new, keep_modified=keep_modified, force=force,
                                  eager=not lazy)
 
-    async def _op_hydrate(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _op_hydrate(self, req: dict[str, Any]) -> HydrationStatus:
         if self.device.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         h = self.hydrator
@@ -223,6 +222,55 @@ class InstanceOps:
         assert self.hydrator is not None
         return self.hydrator.status()
 
-    async def _op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _op_profile(self, req: dict[str, Any]) -> ReadOrder:
         m = self.device.manifest
-        return {"image": m.image, "version": m.id, "order": self.device.profile()}
+        return ReadOrder(image=m.image, version=m.id, order=self.device.profile())
+
+
+@dataclass(frozen=True)
+class ReadOrder:
+    """A cache's first-read order (``profile save``, vm/lazy.py's resume profile)."""
+
+    image: str
+    version: str
+    order: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PrefetchInfo:
+    """The boot profile prefetched at start (``status``'s ``profile``)."""
+
+    chunks: int = 0
+    inherited: bool = False  # from the version this one was made from (catalog/inherit.py)
+    first: list[int] = field(default_factory=list)  # its first indices
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """The process serving a cache (``status``'s ``agent``); ``running`` false: none does."""
+
+    running: bool = False
+    pid: int | None = omit_none()
+    started: float | None = omit_none()
+    uptime: float | None = omit_none()
+    addresses: list[str] | None = omit_none()
+    repository: str | None = omit_none()
+    instance: str | None = omit_none()
+    metrics: str | None = omit_none()
+    site: str | None = omit_none()
+    peer_url: str | None = omit_none()
+    clones: str | None = omit_none()  # a clones agent: its directory
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """``blockprov status`` of a cache: the cache's own part (cache/status.py) and the serving
+    agent's (hydration, prefetch, the process, its NBD server, the site's peers)."""
+
+    device: DeviceStatus = inline()
+    hydration: HydrationStatus | None = omit_none()
+    profile: PrefetchInfo | None = omit_none()
+    agent: AgentInfo | None = omit_none()
+    nbd: dict[str, Any] | None = omit_none()  # the NBD server's counters (nbd/server.py ServerStats)
+    sources: dict[str, Any] | None = omit_none()  # bytes by source: peers, site cache, repository
+    site: dict[str, Any] | None = omit_none()  # the site link and the peer server (agent/site.py)

@@ -28,7 +28,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from dataclasses import dataclass, field
 
 from blockprov import codec
 from blockprov.agent import lifecycle
@@ -39,6 +39,7 @@ from blockprov.manifest import Manifest
 from blockprov.manifest import diff as manifest_diff
 from blockprov.partitions import KeepPlan, Parser, Table, parse_table, plan_keep
 from blockprov.repo.base import Repository
+from blockprov.results import inline, omit_none
 
 SNAPSHOT_TARGET = "kept"  # the snapshot target a moving PC's session goes to
 
@@ -99,11 +100,51 @@ async def tables(dev: CacheDevice, repo: Repository, new: Manifest) -> tuple[Tab
     return await version_table(repo, dev.manifest), await version_table(repo, new), await device_table(dev)
 
 
-def plan_dict(plan: KeepPlan) -> dict[str, Any]:
-    return {"table": plan.kind, "why": plan.why, "kept_chunks": len(plan.keep), "reset_chunks": len(plan.drop),
-            "partitions": [{"number": p.partition.number, "start": p.partition.start, "size": p.partition.size,
-                            "type": p.partition.type, "modified_chunks": p.modified, "kept": p.kept, "why": p.why}
-                           for p in plan.partitions]}
+@dataclass(frozen=True)
+class PartitionKept:
+    number: int
+    start: int  # bytes
+    size: int  # bytes
+    type: str
+    modified_chunks: int
+    kept: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class KeepReport:
+    """What an update kept of the modified chunks, partition by partition (``plan_keep``)."""
+
+    table: str  # the partition table found ("none": a whole-disk file system)
+    why: str
+    kept_chunks: int
+    reset_chunks: int
+    partitions: list[PartitionKept] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    image: str
+    tag: str
+    version: str
+
+
+@dataclass(frozen=True)
+class KeptUpdate:
+    """An update's result (lifecycle.py), with what it kept and, for a moving PC, the version its
+    session was kept as first."""
+
+    update: lifecycle.UpdateResult = inline()
+    keep: KeepReport | None = omit_none()
+    snapshot: VersionRef | None = omit_none()
+
+
+def report_of(plan: KeepPlan) -> KeepReport:
+    return KeepReport(table=plan.kind, why=plan.why, kept_chunks=len(plan.keep), reset_chunks=len(plan.drop),
+                      partitions=[PartitionKept(number=p.partition.number, start=p.partition.start,
+                                                size=p.partition.size, type=p.partition.type,
+                                                modified_chunks=p.modified, kept=p.kept, why=p.why)
+                                  for p in plan.partitions])
 
 
 def keeper(found: tuple[Table, Table, Table], new: Manifest, *, force: bool, plans: list[KeepPlan],
@@ -121,10 +162,10 @@ def keeper(found: tuple[Table, Table, Table], new: Manifest, *, force: bool, pla
 
 
 async def update(dev: CacheDevice, repo: Repository, new: Manifest, *, keep_modified: bool, force: bool = False,
-                 eager: bool = True, where: str = "the instance") -> dict[str, Any]:
+                 eager: bool = True, where: str = "the instance") -> KeptUpdate:
     """``update``, keeping modified chunks only where that is sound (see the module's docstring)."""
     if not keep_modified:
-        return await lifecycle.update(dev, new, eager=eager)
+        return KeptUpdate(update=await lifecycle.update(dev, new, eager=eager))
     found = await tables(dev, repo, new)
     plans: list[KeepPlan] = []
     old = dev.manifest
@@ -138,9 +179,7 @@ async def update(dev: CacheDevice, repo: Repository, new: Manifest, *, keep_modi
                 + (f" (kept: {', '.join(kept)})" if kept else "") + ", or update without --keep-modified")
     out = await lifecycle.update(dev, new, eager=eager, keep=keeper(found, new, force=force, plans=plans,
                                                                      refusal=refusal))
-    if plans:
-        out["keep"] = plan_dict(plans[-1])
-    return out
+    return KeptUpdate(update=out, keep=report_of(plans[-1]) if plans else None)
 
 
 def kept_tag(host: str | None, now: float | None = None) -> str:
@@ -150,14 +189,14 @@ def kept_tag(host: str | None, now: float | None = None) -> str:
 
 
 async def move(dev: CacheDevice, repo: Repository, new: Manifest, *, host: str | None, on_move: str,
-               say: Callable[[str], None]) -> dict[str, Any] | None:
+               say: Callable[[str], None]) -> KeptUpdate | None:
     """A ``keep`` PC moved to ``new`` at boot (see the module's docstring). Returns the update's
     result with ``keep`` (the plan) and ``snapshot`` (the version the session was kept as, if
     one was needed), or None when the PC stays on its version (said on the console)."""
     found = await tables(dev, repo, new)
     modified = dev.chunks.modified_chunks()
     preview = plan_keep(*found, new.chunk_size, new.size, manifest_diff(dev.manifest, new), modified)
-    snap: dict[str, Any] | None = None
+    snap: lifecycle.SnapshotResult | None = None
     if preview.drop and on_move == "snapshot":
         tag = kept_tag(host)
         say(f"the session changed {len(preview.drop)} chunk(s) that {new.image}@{new.id[:12]} cannot keep "
@@ -170,7 +209,7 @@ async def move(dev: CacheDevice, repo: Repository, new: Manifest, *, host: str |
                 "needs a token of the write scope to keep its session when it moves (host assign … --args "
                 "blockprov.token=TOKEN), or blockprov.on_move=discard to reset those changes instead")
             return None
-        say(f"kept the session as {snap['image']}:{snap['tag']} = {snap['version']} ({snap['chunks_sent']} chunk(s) "
+        say(f"kept the session as {snap.image}:{snap.tag} = {snap.version} ({snap.chunks_sent} chunk(s) "
             "sent); moving clean")
     elif preview.drop:
         say(f"blockprov.on_move=discard: the session's {len(preview.drop)} chunk(s) outside the partitions "
@@ -178,7 +217,6 @@ async def move(dev: CacheDevice, repo: Repository, new: Manifest, *, host: str |
     plans: list[KeepPlan] = []
     out = await lifecycle.update(dev, new, keep=keeper(found, new, force=True, plans=plans, refusal=str))
     plan = plans[-1] if plans else preview
-    out["keep"] = plan_dict(plan)
-    out["snapshot"] = None if snap is None else {k: snap[k] for k in ("image", "tag", "version")}
-    say(f"kept {out['modified_kept']} modified chunk(s), reset {out['modified_discarded']}: {plan.summary()}")
-    return out
+    say(f"kept {out.modified_kept} modified chunk(s), reset {out.modified_discarded}: {plan.summary()}")
+    kept_as = None if snap is None else VersionRef(image=snap.image, tag=snap.tag, version=snap.version)
+    return KeptUpdate(update=out, keep=report_of(plan), snapshot=kept_as)

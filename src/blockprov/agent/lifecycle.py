@@ -33,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 
 from blockprov import codec
 from blockprov.cache import CacheDevice
@@ -44,18 +44,62 @@ from blockprov.manifest import Manifest
 from blockprov.manifest import diff as manifest_diff
 from blockprov.names import parse_ref, target_name
 from blockprov.repo.base import Repository
+from blockprov.results import keyed, omit_none
 
 SNAPSHOT_GROUP_BYTES = 16 << 20  # read, hash and upload in groups of this size
 Progress = Callable[[int], None]
+Reader = Callable[[list[int]], Awaitable[list[bytes]]]  # chunks' content at a snapshot's point in time
 
 
-async def reset(dev: CacheDevice, *, eager: bool = False, punch: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResetResult:
+    version: str  # the base version the instance is back to
+    chunks_reset: int
+    chunks_refetched: int
+    seconds: float
+    # How many of the reset chunks, and how many in all, only the repository can give now (agents
+    # of older versions do not say).
+    reset_from_repository: int | None = omit_none()
+    chunks_from_repository: int | None = omit_none()
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    version: str  # the acknowledged version (the one the instance equals, when unchanged)
+    image: str
+    tag: str
+    target: str
+    unchanged: bool  # the repository held this content already: nothing committed
+    chunks_modified: int
+    chunks_unsynced_before: int
+    chunks_sent: int
+    bytes_sent: int
+    bytes_modified: int
+    chunks_written_during: int  # written while it ran: they stay unsynced for the next one
+    rebased: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    version: str
+    from_version: str = keyed("from")
+    chunks_changed: int = 0
+    chunks_refetched: int = 0
+    bytes_fetched: int = 0
+    modified_kept: int = 0
+    modified_discarded: int = 0
+    seconds: float = 0.0
+
+
+async def reset(dev: CacheDevice, *, eager: bool = False, punch: bool = True) -> ResetResult:
     async with dev.lifecycle_lock:
         t0 = time.monotonic()
-        out: dict[str, Any] = await dev.reset_chunks(eager=eager, punch=punch)
-        out["seconds"] = round(time.monotonic() - t0, 6)
-        out["version"] = dev.manifest.id
-        return out
+        done = await dev.reset_chunks(eager=eager, punch=punch)
+        return ResetResult(version=dev.manifest.id, chunks_reset=done.chunks_reset,
+                           chunks_refetched=done.chunks_refetched, seconds=round(time.monotonic() - t0, 6),
+                           reset_from_repository=done.reset_from_repository,
+                           chunks_from_repository=done.chunks_from_repository)
 
 
 def _encode_group(datas: list[bytes]) -> list[tuple[bytes, bytes | None]]:
@@ -70,8 +114,15 @@ def _encode_group(datas: list[bytes]) -> list[tuple[bytes, bytes | None]]:
 
 
 async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str = "default",
-                   rebase: bool = False, progress: Progress | None = None) -> dict[str, Any]:
-    """Send the instance's modified chunks and commit them as version ``to`` (``NAME:TAG``)."""
+                   rebase: bool = False, progress: Progress | None = None, read: Reader | None = None,
+                   before_acknowledge: Callable[[], Awaitable[None]] | None = None) -> SnapshotResult:
+    """Send the instance's modified chunks and commit them as version ``to`` (``NAME:TAG``).
+
+    ``read`` and ``before_acknowledge`` are for writes made past the cache (a PC's native data
+    path, netboot/native.py): ``read(chunks)`` returns their content at the snapshot's point in
+    time from elsewhere than the cache's capture (a device-mapper snapshot), and
+    ``before_acknowledge()`` runs once the repository committed, before the target's chunks are
+    marked synced, to mark those written since the point in time (``mark_rewritten``)."""
     ref = parse_ref(to)
     if ref.tag is None:
         raise UsageError(f"snapshot needs NAME:TAG to name the new version, not {to!r}")
@@ -98,6 +149,9 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
                 group = data_chunks[k:k + per]
                 datas: list[bytes] = []
                 for j in range(0, len(group), 16):  # 1 MiB at a time on the event loop, then let others run
+                    if read is not None:
+                        datas += await read(group[j:j + 16])
+                        continue
                     datas += dev.read_snapshot(pending, group[j:j + 16])
                     await asyncio.sleep(0)
                 coded = await loop.run_in_executor(None, _encode_group, datas)
@@ -128,13 +182,14 @@ async def snapshot(dev: CacheDevice, repo: Repository, to: str, *, target: str =
         finally:
             dev.end_snapshot(pending)
         # Acknowledged: clear what the target now holds (a generation that moved stays unsynced).
+        if before_acknowledge is not None:
+            await before_acknowledge()
         still = await dev.acknowledge(pending, vid, rebase=new if rebase else None)
-        return {"version": vid, "image": ref.name, "tag": ref.tag, "target": target, "unchanged": equal is not None,
-                "chunks_modified": len(pending.modified), "chunks_unsynced_before": pending.unsynced_before,
-                "chunks_sent": sent_chunks, "bytes_sent": sent_bytes,
-                "bytes_modified": sum(base.chunk_length(i) for i in data_chunks),
-                "chunks_written_during": still, "rebased": rebase,
-                "seconds": round(time.monotonic() - t0, 6)}
+        return SnapshotResult(version=vid, image=ref.name, tag=ref.tag, target=target, unchanged=equal is not None,
+                              chunks_modified=len(pending.modified), chunks_unsynced_before=pending.unsynced_before,
+                              chunks_sent=sent_chunks, bytes_sent=sent_bytes,
+                              bytes_modified=sum(base.chunk_length(i) for i in data_chunks),
+                              chunks_written_during=still, rebased=rebase, seconds=round(time.monotonic() - t0, 6))
 
 
 async def _equal_version(repo: Repository, base: Manifest, new: Manifest, last: str | None) -> Manifest | None:
@@ -162,7 +217,7 @@ Keeper = Callable[[list[int], list[int]], Collection[int]]
 
 
 async def update(dev: CacheDevice, new: Manifest, *, keep: Keeper | None = None,
-                 eager: bool = True) -> dict[str, Any]:
+                 eager: bool = True) -> UpdateResult:
     """Move the instance to ``new`` (another version of its image), fetching only what differs;
     the modified chunks go back to ``new`` but for those ``keep`` returns."""
     async with dev.lifecycle_lock:
@@ -174,8 +229,7 @@ async def update(dev: CacheDevice, new: Manifest, *, keep: Keeper | None = None,
             raise CacheMismatch(path=str(dev.cache_dir), held=f"{old.image}@{old.id}",
                                 wanted=f"a version of {new.image}")
         if new.id == old.id:
-            return {"version": new.id, "from": old.id, "chunks_changed": 0, "chunks_refetched": 0,
-                    "bytes_fetched": 0, "modified_kept": 0, "modified_discarded": 0, "seconds": 0.0}
+            return UpdateResult(version=new.id, from_version=old.id)
         changed = manifest_diff(old, new)
         chosen: list[set[int]] = []
 
@@ -195,8 +249,8 @@ async def update(dev: CacheDevice, new: Manifest, *, keep: Keeper | None = None,
         before = dev.totals()["bytes_fetched"]
         if eager and refetch:
             await dev.fetch_chunks(refetch)
-        return {"version": new.id, "from": old.id, "chunks_changed": len(changed),
-                "chunks_refetched": len(refetch) if eager else 0,
-                "bytes_fetched": dev.totals()["bytes_fetched"] - before,
-                "modified_kept": len(switched.kept), "modified_discarded": len(modified) - len(switched.kept),
-                "seconds": round(time.monotonic() - t0, 6)}
+        return UpdateResult(version=new.id, from_version=old.id, chunks_changed=len(changed),
+                            chunks_refetched=len(refetch) if eager else 0,
+                            bytes_fetched=dev.totals()["bytes_fetched"] - before,
+                            modified_kept=len(switched.kept), modified_discarded=len(modified) - len(switched.kept),
+                            seconds=round(time.monotonic() - t0, 6))

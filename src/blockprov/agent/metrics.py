@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -29,6 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from blockprov.agent.hydrate import HydrationStatus
 from blockprov.cache import LATENCY_BUCKETS, CacheDevice
 from blockprov.nbd.server import ServerStats
 
@@ -42,7 +42,7 @@ class AgentCollector(Collector):
     """Reads one instance's live counters at scrape time."""
 
     def __init__(self, device: Callable[[], CacheDevice | None], nbd: Callable[[], ServerStats | None],
-                 hydration: Callable[[], dict[str, Any] | None], labels: Callable[[], dict[str, str]]) -> None:
+                 hydration: Callable[[], HydrationStatus | None], labels: Callable[[], dict[str, str]]) -> None:
         self.device = device
         self.nbd = nbd
         self.hydration = hydration
@@ -105,11 +105,11 @@ class AgentCollector(Collector):
         h = self.hydration()
         if h is not None:
             yield GaugeMetricFamily("blockprov_agent_hydration_running", "1 while hydration copies chunks",
-                                    value=1.0 if h.get("state") == "running" else 0.0)
+                                    value=1.0 if h.state == "running" else 0.0)
             yield GaugeMetricFamily("blockprov_agent_hydration_rate_bytes_per_second",
-                                    "Hydration's recent transfer rate", value=float(h.get("rate_bytes_per_s") or 0))
+                                    "Hydration's recent transfer rate", value=float(h.rate_bytes_per_s))
             yield CounterMetricFamily("blockprov_agent_hydration_bytes", "Bytes copied by hydration",
-                                      value=int(h.get("bytes_fetched") or 0))
+                                      value=int(h.bytes_fetched))
 
 
 def _info(labels: dict[str, str]) -> Metric:

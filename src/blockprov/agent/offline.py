@@ -17,17 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from blockprov.agent import control, run_async
 from blockprov.errors import AgentDied, AgentNotAnswering, AgentNotRunning, BlockprovError, CacheError, NotFound
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only an offline operation loads it
+    from blockprov.agent.instance import StatusReport
     from blockprov.cache import CacheDevice, SourceFactory
     from blockprov.repo.base import Repository
 
 OP_TIMEOUT = 24 * 3600.0  # a snapshot of a big disk over a slow link may take long; the agent answers at the end
-Offline = Callable[["CacheDevice", "Repository"], Awaitable[dict[str, Any]]]
+R = TypeVar("R")
 
 
 def repository_of(cache_dir: Path, repo_url: str | None, data_dir: str | None) -> tuple[str | None, str | None]:
@@ -72,12 +73,14 @@ async def adopt_repository(dev: CacheDevice, repo: Repository) -> None:
     dev.record_repository(repo.url)
 
 
-def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
-             repository: Callable[[Path], Repository], *, fetch_timeout: float | None = None) -> dict[str, Any]:
-    """``op`` run by the agent serving ``cache_dir``, else ``offline`` on the cache opened here with
-    ``repository(cache_dir)`` (opened only then: see ``repository_of``). ``fetch_timeout``: how long
-    the offline cache's reads retry an unreachable repository before they fail (the agent has its own).
-    An agent that dies before it answers ends in AgentDied, saying what became of the operation."""
+def on_cache(cache_dir: Path, op: str, args: dict[str, Any],
+             offline: Callable[[CacheDevice, Repository], Awaitable[R]], repository: Callable[[Path], Repository],
+             result: type[R], *, fetch_timeout: float | None = None) -> R:
+    """``op`` run by the agent serving ``cache_dir`` (its answer rebuilt as ``result``, results.py),
+    else ``offline`` on the cache opened here with ``repository(cache_dir)`` (opened only then: see
+    ``repository_of``). ``fetch_timeout``: how long the offline cache's reads retry an unreachable
+    repository before they fail (the agent has its own). An agent that dies before it answers ends
+    in AgentDied, saying what became of the operation."""
     cache_dir = cache_dir.resolve()
     try:
         before: dict[str, Any] = control.call(cache_dir, "status", timeout=10.0)  # quick, or the agent is stuck
@@ -87,15 +90,21 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
         raise CacheError(f"an agent holds {cache_dir} but does not answer ({e or type(e).__name__}); "
                          "nothing was changed — stop it (kill its pid, see the cache's lock file) and retry") from None
     else:
+        from blockprov.agent.instance import StatusReport
+        from blockprov.results import from_dict
+
         tag_before = _tag(repository, cache_dir, args["to"]) if op == "snapshot" else None
         try:
-            result: dict[str, Any] = control.call(cache_dir, op, timeout=OP_TIMEOUT, **args)
-            return result
+            return from_dict(result, control.call(cache_dir, op, timeout=OP_TIMEOUT, **args))
         except AgentNotRunning:
             pass  # it stopped before it took the request: the operation runs here, as with no agent
         except AgentDied:
             raise AgentDied(path=str(cache_dir), op=op,
-                            outcome=outcome(cache_dir, op, args, before, tag_before, repository)) from None
+                            outcome=outcome(cache_dir, op, args, from_dict(StatusReport, before), tag_before,
+                                            repository)) from None
+        except KeyboardInterrupt:  # the agent does not stop because its caller did: say so
+            raise KeyboardInterrupt(f"the agent serving {cache_dir} goes on with the {op} (see: blockprov status "
+                                    f"--cache {cache_dir})") from None
     from blockprov.cache import CacheDevice, is_cache
 
     if not is_cache(cache_dir):
@@ -103,14 +112,14 @@ def on_cache(cache_dir: Path, op: str, args: dict[str, Any], offline: Offline,
     repo = repository(cache_dir)
     source = stopped_layers(cache_dir, repo, fetch_timeout)
 
-    async def main() -> dict[str, Any]:
+    async def main() -> R:
         dev = await CacheDevice.open(cache_dir, source, repo=repo, create=False)
         try:
             return await offline(dev, repo)
         finally:
             await dev.close()
 
-    out: dict[str, Any] = run_async(main())
+    out: R = run_async(main())
     return out
 
 
@@ -140,7 +149,7 @@ def _tag(repository: Callable[[Path], Repository], cache_dir: Path, ref: str) ->
         return UNKNOWN
 
 
-def outcome(cache_dir: Path, op: str, args: dict[str, Any], before: dict[str, Any], tag_before: str | None,
+def outcome(cache_dir: Path, op: str, args: dict[str, Any], before: StatusReport, tag_before: str | None,
             repository: Callable[[Path], Repository]) -> str:
     """What is known of ``op``'s effect once the agent serving ``cache_dir`` died before answering,
     from the cache as it is now (its metadata and journal, or the agent a service manager started
@@ -152,10 +161,11 @@ def outcome(cache_dir: Path, op: str, args: dict[str, Any], before: dict[str, An
         after = status(cache_dir)
     except BlockprovError as e:
         return f"the cache cannot be read now ({e})"
-    restarted = " (an agent serves it again)" if after.get("agent", {}).get("running") else ""
-    held = f"{after.get('image')}@{after.get('version')}"
+    restarted = " (an agent serves it again)" if after.agent is not None and after.agent.running else ""
+    held_now = after.device.cache
+    held = f"{held_now.image}@{held_now.version}"
     if op == "reset":
-        n0, n1 = int(before.get("chunks_modified") or 0), int(after.get("chunks_modified") or 0)
+        n0, n1 = before.device.cache.chunks_modified, held_now.chunks_modified
         if n0 == 0 and n1 == 0:
             return f"there was nothing to reset (no modified chunk){restarted}"
         if n1 == 0:
@@ -166,7 +176,7 @@ def outcome(cache_dir: Path, op: str, args: dict[str, Any], before: dict[str, An
             wanted = repository(cache_dir).resolve(str(args["to"])).id
         except BlockprovError as e:
             return f"the cache holds {held} now; {args['to']} cannot be resolved to compare ({e}){restarted}"
-        if after.get("version") == wanted:
+        if held_now.version == wanted:
             return f"the update took effect: the cache holds {held} now{restarted}"
         return f"the update did not take effect: the cache holds {held}, not {args['to']} ({wanted}){restarted}"
     if op == "snapshot":

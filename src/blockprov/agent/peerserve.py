@@ -4,10 +4,11 @@
 ``Authorization: Ticket …`` (tickets.py); the answer is one frame per id (cache/peers.py,
 ``encode_frames``): the chunk as a blob, or ``ABSENT``. A present, unmodified chunk is lent from
 the data file after its bytes were hashed against its id (cache/lending.py), as an uncompressed
-blob (no CPU spent compressing for the LAN). With ``fetch=1`` a chunk of this agent's version that
-it does not hold is fetched from the repository first, once however many peers ask
-(``PeerSource.fetch_for_peers``): the caller computed that this agent owns it. ``GET
-/peer/v1/health`` (open) says who serves here.
+blob (no CPU spent compressing for the LAN). With ``fetch=1`` a chunk it does not hold is fetched
+from the repository first, once however many peers ask, verified, and kept in memory for a while
+(``PeerSource.fetch_for_peers``): the caller computed that this agent owns it (a chunk of another
+version of the image too: the site moving to a v2). ``GET /peer/v1/health`` (open) says who serves
+here.
 
 Who may ask: the holder of a ticket of this site that has not expired, checked with the site's
 keys from this agent's last join (no repository round trip, so peers keep serving each other
@@ -242,7 +243,6 @@ class PeerServer:
         items: list[Blob | None] = [None if d is None else plain_header(len(d)) + d for d in lent]
         self.stats.chunks_lent += sum(d is not None for d in lent)
         want = [c for c, d in zip(ids, lent, strict=True) if d is None] if fetch else []
-        want = [c for c in want if self.lender.index_of(c) is not None]  # only what this version has
         if want:
             try:
                 got = await loop.run_in_executor(self._pool, self.source.fetch_for_peers, want)

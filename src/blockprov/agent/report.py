@@ -34,6 +34,7 @@ from blockprov.agent import control
 from blockprov.agent.instance import in_daemon_thread
 from blockprov.errors import AccessDenied, BlockprovError, UsageError
 from blockprov.repo.base import Repository
+from blockprov.results import to_dict
 from blockprov.retry import RetryPolicy, is_transient, retry_async
 
 log = logging.getLogger("blockprov.agent")
@@ -151,7 +152,7 @@ class RepositoryLink:
             if op not in self.ops:
                 raise UsageError(f"the repository may ask this agent for {', '.join(self.ops)}, not {op!r}")
             handler = self.handlers[str(op)]
-            result = await handler({"op": op, **args})
+            result = to_dict(await handler({"op": op, **args}))  # the repository queue is an edge
             ok = True
         except BlockprovError as e:
             error = str(e)

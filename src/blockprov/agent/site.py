@@ -83,7 +83,8 @@ class SiteLink:
         self.last_error = None
         self.joined_at = time.time()
         self.cache = got.get("cache")
-        peers = tuple(Peer(str(p["instance"]), str(p["url"]), p.get("version")) for p in got.get("peers") or ())
+        peers = tuple(Peer(str(p["instance"]), str(p["url"]), p.get("version"), p.get("image"))
+                      for p in got.get("peers") or ())
         self.source.membership = Membership(self.site, self.instance, str(got["ticket"]),
                                             {int(e): bytes.fromhex(k) for e, k in got["keys"].items()}, peers)
         if time.monotonic() - self.started < EAGER_SECONDS:

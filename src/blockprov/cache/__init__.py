@@ -11,6 +11,8 @@ imported from outside, never its modules (an import-linter contract, ``cache-pub
   ``repository_source`` (``DEFAULT_READAHEAD``, ``DEFAULT_TIMEOUT``), ``base_source`` (an
   overlay's base cache), ``Reserve`` (the golden reserve: ``Reserve.source`` over another layer);
   ``FetchStats`` and ``LATENCY_BUCKETS`` (the repository's counters, for metrics);
+- status: ``DeviceStatus`` (``CacheStatus`` with ``Totals`` and ``TargetState``, and a served
+  cache's figures);
 - chunk states, read-only: ``Chunks``; a stopped cache: ``load_state`` → ``StoppedCache``,
   ``is_cache``;
 - chunks shared with the site's peers (issue 26): ``PeerSource`` (a ``BlobSource`` under the
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from blockprov.cache.peers import MAX_IDS, PEER_PATH, Blob, Membership, Peer, PeerSource, encode_frames
     from blockprov.cache.reserve import Reserve
     from blockprov.cache.source import CacheSide, ChunkSource, Data, Filter, Release, SourceFactory, read_chunks
+    from blockprov.cache.status import CacheStatus, DeviceStatus, TargetState, Totals
     from blockprov.cache.view import Chunks, StoppedCache, is_cache, load_state
 
 _WHERE = {
@@ -53,6 +56,7 @@ _WHERE = {
     "Reserve": "reserve",
     "CacheSide": "source", "ChunkSource": "source", "Data": "source", "Filter": "source", "Release": "source",
     "SourceFactory": "source", "read_chunks": "source",
+    "CacheStatus": "status", "DeviceStatus": "status", "TargetState": "status", "Totals": "status",
     "Chunks": "view", "StoppedCache": "view", "is_cache": "view", "load_state": "view",
 }
 
@@ -66,9 +70,11 @@ __all__ = [
     "Blob",
     "CacheDevice",
     "CacheSide",
+    "CacheStatus",
     "ChunkSource",
     "Chunks",
     "Data",
+    "DeviceStatus",
     "FetchStats",
     "Filter",
     "Lender",
@@ -79,6 +85,8 @@ __all__ = [
     "Reserve",
     "SourceFactory",
     "StoppedCache",
+    "TargetState",
+    "Totals",
     "base_source",
     "encode_frames",
     "is_cache",

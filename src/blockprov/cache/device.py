@@ -53,8 +53,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from blockprov.align import split
 from blockprov.cache.concurrency import gated
@@ -65,8 +65,8 @@ from blockprov.cache.maps import HELD, MODIFIED, PRESENT, ZERO, ChunkMap
 from blockprov.cache.opening import Opened, open_sync
 from blockprov.cache.recovery import verify
 from blockprov.cache.source import SourceFactory
-from blockprov.cache.status import cache_status
-from blockprov.cache.steps import Pending, Steps, Switched
+from blockprov.cache.status import DeviceStatus, cache_status
+from blockprov.cache.steps import Pending, Reset, Steps, Switched
 from blockprov.cache.view import Chunks
 from blockprov.cache.writes import Writes
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
@@ -380,7 +380,7 @@ class CacheDevice:
         """Wait until fetches and fills in flight (read-ahead included) and hole punching are done."""
         await self._steps.settle()
 
-    async def reset_chunks(self, *, eager: bool = False, punch: bool = True) -> dict[str, int]:
+    async def reset_chunks(self, *, eager: bool = False, punch: bool = True) -> Reset:
         """Every modified chunk back to the base (invariant 5): ``Steps.reset``."""
         return await self._steps.reset(eager=eager, punch=punch, overlay=self.overlay)
 
@@ -416,6 +416,15 @@ class CacheDevice:
         """Put this overlay over another base cache holding its ``sealed`` chunks (``Steps``)."""
         await self._steps.switch_base_cache(base_cache, sealed)
 
+    async def mark_written(self, chunks: Sequence[int], *, compare: bool = True) -> list[int]:
+        """Chunks written past the cache (a PC's native data path) become modified, present,
+        unsynced (``Steps.mark_written``); returns those marked."""
+        return await self._steps.mark_written(chunks, compare=compare)
+
+    async def mark_rewritten(self, chunks: Sequence[int]) -> None:
+        """Modified chunks written again past the cache: unsynced again (``Steps.mark_rewritten``)."""
+        await self._steps.mark_rewritten(chunks)
+
     async def sync_fills(self) -> None:
         """Make the journal's fill records durable now (a crash then refetches none of them)."""
         await self._steps.sync_fills()
@@ -446,17 +455,14 @@ class CacheDevice:
         return self._core.state.meta.base_cache
 
     # -- status -----------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DeviceStatus:
         """What the cache holds (cache/status.py) and this run's figures (the layers' below too)."""
         c = self._core
-        return {
-            **cache_status(self.cache_dir, c.state.meta, self._map, c.state.last_seq, self.totals(),
-                           self.layers_below()),
-            "verified_chunks": self.verified_chunks,
-            "dropped_chunks": self.dropped_chunks,
-            **c.counters().to_dict(),
-            **c.source.status(),
-        }
+        st = DeviceStatus(cache=cache_status(self.cache_dir, c.state.meta, self._map, c.state.last_seq, self.totals(),
+                                             self.layers_below()),
+                          verified_chunks=self.verified_chunks, dropped_chunks=self.dropped_chunks,
+                          fetch=c.counters().figures())
+        return replace(st, **c.source.status())
 
     def profile(self) -> list[int]:
         """Chunks in the order they were first read over this cache's life (the first boot's order)."""

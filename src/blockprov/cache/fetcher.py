@@ -151,28 +151,44 @@ class FetchStats:
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def percentiles(self) -> dict[str, float | None]:
+    def percentiles(self) -> FetchLatency:
         """Batch latency (repository round trip + decode) in milliseconds."""
         s = sorted(self.latencies)
         if not s:
-            return {"p50": None, "p90": None, "p99": None}
+            return FetchLatency()
 
         def pick(q: float) -> float:
             return round(s[min(len(s) - 1, int(q * len(s)))] * 1000.0, 3)
 
-        return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99)}
+        return FetchLatency(p50=pick(0.50), p90=pick(0.90), p99=pick(0.99))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "bytes_fetched": self.bytes_fetched,
-            "wire_bytes": self.wire_bytes,
-            "chunks_fetched": self.chunks_fetched,
-            "batches": self.batches,
-            "failed_batches": self.failed_batches,
-            "corrupt_chunks": self.corrupt_chunks,
-            "readahead_chunks": self.readahead_chunks,
-            "fetch_latency_ms": self.percentiles(),
-        }
+    def figures(self) -> FetchFigures:
+        """This run's counters, as ``status`` shows them."""
+        return FetchFigures(bytes_fetched=self.bytes_fetched, wire_bytes=self.wire_bytes,
+                            chunks_fetched=self.chunks_fetched, batches=self.batches,
+                            failed_batches=self.failed_batches, corrupt_chunks=self.corrupt_chunks,
+                            readahead_chunks=self.readahead_chunks, fetch_latency_ms=self.percentiles())
+
+
+@dataclass(frozen=True)
+class FetchLatency:
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+
+
+@dataclass(frozen=True)
+class FetchFigures:
+    """A run's repository counters (``FetchStats``) as ``status`` shows them."""
+
+    bytes_fetched: int = 0
+    wire_bytes: int = 0
+    chunks_fetched: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    corrupt_chunks: int = 0
+    readahead_chunks: int = 0
+    fetch_latency_ms: FetchLatency = field(default_factory=FetchLatency)
 
 
 def neighbourhood_span(rtt: float, bandwidth: float, wire_per_chunk: float, max_chunks: int,

@@ -101,8 +101,12 @@ def take_lock(d: Path) -> int:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise CacheLocked(path=str(d), pid=holder) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # a full disk: say where (the CLI's one line names the file)
+        os.close(fd)
+        raise OSError(e.errno, e.strerror, str(d / LOCK_NAME)) from None
     return fd
 
 

@@ -13,8 +13,11 @@ rather than fail the read.
 Who fetches a chunk from the repository: one agent per chunk, its *owner*. When thirty PCs start
 the same version at once, nobody holds anything yet, and "ask the peers that hold it, else the
 repository" sends the repository the same working set thirty times. So the agents of a site that
-serve the same version agree, by rendezvous hashing of the chunk id over their instance names, on
-one owner per chunk. An agent asks the owner for each chunk it misses (``fetch=1``); the owner
+serve the same image agree, by rendezvous hashing of the chunk id over their instance names, on
+one owner per chunk (the same image, not only the same version: when thirty PCs move to a v2 at
+once, each fetches v2's changed chunks the moment it moves, before the others' new version has
+reached it through the tracker; an owner still on v1 fetches a v2 chunk as well, for the others,
+into its memory). An agent asks the owner for each chunk it misses (``fetch=1``); the owner
 serves it if it holds it, else fetches it from the repository once for everyone (single flight:
 ``from_upstream`` joins a fetch already under way, its own client's included). Whatever came
 from the repository is also kept in a bounded memory (``RECENT_BYTES``, least recently used out),
@@ -92,6 +95,7 @@ class Peer:
     instance: str
     url: str
     version: str | None
+    image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,15 +195,21 @@ class PeerSource:
     how ``stats`` names what is below (``repository``, or ``site_cache`` when it is one)."""
 
     def __init__(self, upstream: BlobSource, *, upstream_kind: str = "repository", timeout: float = ASK_TIMEOUT,
-                 workers: int = 8) -> None:
+                 workers: int = 8, shared: bool = True) -> None:
         self.upstream = upstream
+        # ``shared``: the agent is in a site, so what came from the repository is remembered for its
+        # peers. A lone agent remembers nothing: its cache stores every chunk, a copy in memory would
+        # only cost it, and a chunk it reset would be served from memory, not from the repository.
+        self.shared = shared
         self.url = upstream.url
         self.upstream_kind = upstream_kind
         self.timeout = timeout
         self.membership: Membership | None = None
         self.own_url: str | None = None  # where this agent serves its peers: a peer listed there is itself
-        # the cache's version now (an update changes it): a chunk's owner is among the peers serving the same
+        # the cache's image and version now (an update changes the version): a chunk's owner is among the
+        # peers serving the same image; counters are by version
         self.version_of: Callable[[], str] = lambda: ""
+        self.image_of: Callable[[], str] = lambda: ""
         self.stats = SourceStats()
         self._get: Callable[[Sequence[bytes]], Sequence[Got]] = (
             upstream.get_blob_views if isinstance(upstream, BlobViews) else upstream.get_blobs)
@@ -318,6 +328,8 @@ class PeerSource:
         return out
 
     def _remember(self, items: Sequence[tuple[bytes, Blob]]) -> None:
+        if not self.shared:
+            return
         with self._lock:
             for c, b in items:
                 if c not in self._recent:  # a copy: a view would keep its whole batch's buffer alive
@@ -343,8 +355,9 @@ class PeerSource:
         """Which peer owns which chunk (those this agent owns are not in the plan)."""
         now = time.monotonic()
         # a peer at this agent's own address is this agent (PCs behind NATs that all look alike)
+        image = self.image_of()
         peers = {p.instance: p for p in m.peers
-                 if p.version == self.version and p.url != self.own_url and self.usable(p.instance, now)}
+                 if p.image == image and p.url != self.own_url and self.usable(p.instance, now)}
         if not peers:
             return {}
         members = [(m.instance, _key(m.instance))] + [(i, _key(i)) for i in peers]

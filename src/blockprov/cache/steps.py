@@ -12,6 +12,9 @@ below go idle), and its crash rules are stated where it is written:
   ``dirty`` durably before its data changes and first saves the old content (cache/capture.py).
 - Base switch (update, rebase): the new manifest is written as manifest-<id>.json, one
   checkpoint switches version, digest and flags atomically, then the file is renamed into place.
+- Writes made past the cache (a PC's native data path, netboot/native.py): ``mark_written``
+  journals ``modified`` and ``unzero`` for the chunks the kernel recorded and syncs before it
+  returns, so the caller may forget the kernel's record only afterwards.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from blockprov import codec
 from blockprov.align import runs
 from blockprov.cache.capture import Capture
 from blockprov.cache.concurrency import gated
@@ -77,7 +81,7 @@ class Steps:
         return self._c.source.maps_below()
 
     # -- reset -------------------------------------------------------------------------------------
-    async def reset(self, *, eager: bool, punch: bool, overlay: bool) -> dict[str, int]:
+    async def reset(self, *, eager: bool, punch: bool, overlay: bool) -> Reset:
         """Every modified chunk back to the base (invariant 5); cost ∝ modified chunks.
 
         Order: journal ``reset`` of the modified runs → fsync; that is the reset. Holes are
@@ -111,8 +115,8 @@ class Steps:
         # (and how many chunks in all), so a reset before going offline is not a silent trap.
         below = self.layers_below()
         again = sum(needs_repository(c.map, below, x, y) for x, y in spans)
-        return {"chunks_reset": n, "chunks_refetched": len(refetch), "reset_from_repository": again,
-                "chunks_from_repository": needs_repository(c.map, below)}
+        return Reset(chunks_reset=n, chunks_refetched=len(refetch), reset_from_repository=again,
+                     chunks_from_repository=needs_repository(c.map, below))
 
     async def _punch_reset(self, spans: list[tuple[int, int]]) -> None:
         """Free the blocks of reset chunks, a group at a time under the chunks' claims, so a fill
@@ -275,6 +279,60 @@ class Steps:
             c.state.meta = replace(c.state.meta, base_cache=str(Path(base_cache).resolve()))
             await c.checkpoint(clean=False)
 
+    # -- writes made past the cache ----------------------------------------------------------------
+    async def mark_written(self, chunks: Sequence[int], *, compare: bool = True) -> list[int]:
+        """Chunks the machine wrote straight to the data file, past the cache (a PC's native data
+        path: netboot/native.py turns the kernel's write record into this call), become what a
+        write through the cache makes them: modified, holding their data (present, no longer
+        zero), unsynced for every snapshot target, their write generations moved — so a snapshot
+        sends them, a reset brings them back, an update by diff sees them, and a snapshot being
+        acknowledged keeps them unsynced. ``compare``: a chunk not modified so far that still
+        holds its base content (the kernel records blocks larger than a chunk, or the machine
+        wrote back what was there) is left as it is (invariant 1 holds for it as it is). Journaled
+        and synced before it returns. Returns the chunks marked."""
+        c = self._c
+        m = c.manifest
+        todo = sorted({i for i in chunks if 0 <= i < m.count})
+        async with self.quiesced():
+            if compare:
+                fl = c.flags
+
+                def differing() -> list[int]:
+                    out = []
+                    for i in todo:
+                        if fl[i] & MODIFIED:
+                            out.append(i)
+                            continue
+                        data = c.read_chunk(i)
+                        same = codec.is_zero(data) if m.is_zero(i) else codec.digest(data) == m.digest_at(i)
+                        if not same:
+                            out.append(i)
+                    return out
+
+                try:
+                    todo = await c.run(differing)
+                except OSError as e:
+                    raise io_error(e, f"reading {c.data_path}") from e
+            for x, y in runs(todo):
+                c.state.apply(Kind.MODIFIED, x, y)
+                c.state.apply(Kind.UNZERO, x, y)
+            if todo:
+                await c.state.sync()
+        c.maybe_checkpoint()
+        return todo
+
+    async def mark_rewritten(self, chunks: Sequence[int]) -> None:
+        """Modified chunks written again past the cache (after a native snapshot's point in time,
+        netboot/native.py): their write generations move and they are unsynced for every target
+        again (journal ``dirty``), so the snapshot being acknowledged does not mark them synced."""
+        c = self._c
+        todo = sorted({i for i in chunks if 0 <= i < c.manifest.count and c.flags[i] & MODIFIED})
+        async with self.quiesced():
+            for x, y in runs(todo):
+                c.state.apply(Kind.DIRTY, x, y)
+            if todo:
+                await c.state.sync()
+
     # -- what lifecycle records --------------------------------------------------------------------
     async def sync_fills(self) -> None:
         """Make the journal's records durable now (fills are journaled without a sync)."""
@@ -312,6 +370,16 @@ class Pending:
     zeroed: list[int]  # S's chunks that read as zeros
     capture: Capture
     last_snapshot: str | None  # the version the target's last acknowledged snapshot made
+
+
+@dataclass(frozen=True)
+class Reset:
+    """What ``reset`` did."""
+
+    chunks_reset: int  # the modified chunks, back to the base
+    chunks_refetched: int  # of them fetched again at once (eager)
+    reset_from_repository: int  # of them, how many now need the repository to be read
+    chunks_from_repository: int  # chunks in all that need the repository to be read
 
 
 @dataclass(frozen=True)

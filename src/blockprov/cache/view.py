@@ -12,11 +12,10 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from blockprov.cache.journal import META_NAME, Loaded, load
 from blockprov.cache.maps import HELD, MODIFIED, PRESENT, ZERO, ChunkMap
-from blockprov.cache.status import cache_status
+from blockprov.cache.status import DeviceStatus, cache_status
 
 
 class Chunks:
@@ -129,10 +128,11 @@ class StoppedCache:
     def chunks(self) -> Chunks:
         return Chunks(self.loaded.map)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DeviceStatus:
         """``status`` of a cache no agent serves (cache/status.py)."""
         m = self.loaded.meta
-        return {**cache_status(self.path, m, self.loaded.map, self.loaded.seq, m.totals), "clean_shutdown": m.clean}
+        return DeviceStatus(cache=cache_status(self.path, m, self.loaded.map, self.loaded.seq, m.totals),
+                            clean_shutdown=m.clean)
 
 
 def load_state(cache_dir: str | os.PathLike[str]) -> StoppedCache:

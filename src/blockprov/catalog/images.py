@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from blockprov.catalog.db import SQLDatabase, Tx
 from blockprov.catalog.records import ImageInfo, VersionInfo
@@ -77,9 +76,6 @@ class TagChange:
     previous: str | None
     who: str | None
     at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _record_tag(db: Tx, image: str, tag: str, vid: str | None, who: str | None) -> None:

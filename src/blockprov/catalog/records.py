@@ -6,7 +6,7 @@ interfaces (repo/base.py), the service and the CLI import them from here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from blockprov.boot import EFI_FILES, SETTINGS, BootFile
@@ -24,9 +24,6 @@ class VersionInfo:
     labels: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class ImageInfo:
@@ -35,9 +32,6 @@ class ImageInfo:
     tags: dict[str, str]  # tag -> version id
     latest: str | None  # newest version id
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class GcStats:
@@ -45,9 +39,6 @@ class GcStats:
     bytes_removed: int
     chunks_kept: int
     space_freed: int = 0  # bytes of pack space compacted away (removed chunks, blobs never indexed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -80,9 +71,6 @@ class HostInfo:
 
     def settings(self) -> dict[str, str | None]:
         return {k: getattr(self, k) for k in SETTINGS}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -127,6 +115,3 @@ class SiteInfo:
     cache: str | None
     created: float
     updated: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

@@ -34,8 +34,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 from blockprov.catalog.db import SQLDatabase
 from blockprov.errors import CatalogUnavailable, NotFound, UsageError
@@ -82,9 +81,6 @@ class TokenInfo:
     created: float
     revoked: float | None = None
     site: str | None = None  # bound to this site's peers (tickets), or None: any site
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class TokenStore:

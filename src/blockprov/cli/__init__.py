@@ -17,7 +17,7 @@ import click
 
 from blockprov import __version__
 from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, sites, tokens, vm
-from blockprov.cli._common import JSON_META, Ctx
+from blockprov.cli._common import JSON_META, Ctx, quiet_retry_logs
 from blockprov.cli._globals import GLOBAL_NAMES, adopt, format_sections, global_options
 from blockprov.errors import BlockprovError, CannotWrite, InternalError, NoSpace, UsageError, error_to_dict
 from blockprov.store.factory import StoreOptions
@@ -111,9 +111,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except BlockprovError as e:
             fail(e)
-        except KeyboardInterrupt:
-            click.echo("blockprov: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as e:
+            _interrupted(str(e))
         except BrokenPipeError:
             _output_closed()
         except click.ClickException as e:
@@ -127,6 +126,19 @@ class Group(click.Group):
             fail(known)
         except Exception as e:
             _internal(e)
+
+
+def _interrupted(note: str) -> NoReturn:
+    """Ctrl-C: one line, a JSON object under --json like every other ending. ``note``: what the
+    interrupted command leaves going on (a command that waits on an agent raises KeyboardInterrupt
+    with it: the agent finishes the operation all the same)."""
+    message = "interrupted" + (f": {note}" if note else "")
+    if _json_wanted():
+        click.echo(json.dumps({"error": "Interrupted", "message": message, "details": {},
+                               "exit_code": EXIT_INTERRUPTED}, sort_keys=True), err=True)
+    else:
+        click.echo(f"blockprov: {message}", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _bad_command_line(e: click.ClickException) -> NoReturn:
@@ -166,6 +178,7 @@ def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | Non
     The global options may also follow the command (blockprov serve --data DIR); one given in both
     places takes the value given after the command (the later one on the line).
     """
+    quiet_retry_logs()
     ctx.obj = Ctx(repo, data, store, StoreOptions(endpoint=s3_endpoint, region=s3_region,
                                                   create_bucket=s3_create_bucket, timeout=s3_timeout))
     ctx.obj.token, ctx.obj.ca, ctx.obj.catalog = token or None, ca or None, catalog or None
@@ -177,7 +190,16 @@ for _module in (images, serve, attach, instance, clones, hosts, sites, tokens, a
 
 
 def main() -> None:
-    cli(prog_name="blockprov")
+    """The command line, with click's own Ctrl-C ending ("Aborted!", exit 1, plain text under --json)
+    replaced by the edge's: a Ctrl-C while the command line is read or as the command's context
+    closes ends like one during the command."""
+    try:
+        rv = cli.main(prog_name="blockprov", standalone_mode=False)
+    except (click.Abort, KeyboardInterrupt):
+        _interrupted("")
+    except click.ClickException as e:
+        _bad_command_line(e)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

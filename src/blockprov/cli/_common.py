@@ -30,6 +30,7 @@ from blockprov.repo.base import Repository
 from blockprov.repo.opening import check_data_dir as check_data_dir
 from blockprov.repo.opening import default_data_dir as default_data_dir
 from blockprov.repo.opening import open_repository as open_repository
+from blockprov.results import to_dict
 from blockprov.store.factory import StoreOptions
 
 
@@ -46,6 +47,27 @@ def check_creatable(path: Path, what: str) -> Path:
                 raise CannotWrite(path=str(path), why=f"{parent} is not writable (read-only file system?)")
             break
     return path
+
+
+RETRY_LOGGER = "blockprov.retry"
+
+
+def quiet_retry_logs() -> None:
+    """A one-shot command says its own outcome in one line: the retry helper's "failed (attempt N…);
+    retrying" lines (retry.py: warnings from the fifth attempt) would come before it on stderr, one
+    per attempt of every request (issue 27: an import whose S3 server died printed 63 lines). The
+    group does this for every command; servers (``server_logs``) keep them."""
+    import logging
+
+    logging.getLogger(RETRY_LOGGER).setLevel(logging.ERROR)
+
+
+def server_logs() -> None:
+    """A server (serve, attach, clones serve, pool serve) logs what it retries: its log is where an
+    operator looks for an outage it rides out."""
+    import logging
+
+    logging.getLogger(RETRY_LOGGER).setLevel(logging.NOTSET)
 
 
 def quiet_library_logs() -> None:
@@ -135,8 +157,32 @@ class Ctx:
             self._repo.close()
 
 
+def refuse_closed_output() -> None:
+    """For a command whose result exists only in what it prints (a token's secret, a VM started in
+    the background): when stdout is a pipe or socket whose reader is
+    already gone, end as a closed output ends (exit 141, quietly) before anything is made — `token
+    create | …` whose reader had gone turned access control on with a token nobody could read, and
+    `vm run` left a VM and its disks agent (issue 27). A reader that goes away later is the usual
+    closed pipe: what was made stays, as `vm list` shows."""
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not (stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode)):
+            return
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return
+    if gone:
+        raise BrokenPipeError(errno.EPIPE, "the reader of stdout is gone")
+
+
 def emit(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    """``--json``: a command's result (a typed one made a dict here, at the edge: results.py)."""
+    click.echo(json.dumps(to_dict(data), indent=2, sort_keys=True, default=str))
 
 
 class Bar:

@@ -20,6 +20,7 @@ from blockprov.cli._common import (
     json_option,
     listening,
     run_async,
+    server_logs,
     size_option,
 )
 from blockprov.errors import BlockprovError, NoSpace, UsageError
@@ -86,6 +87,7 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     nbdinfo -- [ blockprov attach ... ]) it serves the sockets it was given, without --socket or
     --listen, and prints its banner on stderr.
     """
+    server_logs()
     from blockprov.agent.agent import Agent, AgentConfig
     from blockprov.cache import is_cache
 
@@ -126,8 +128,8 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
                                    "instance": agent.instance, "metrics": agent.metrics_url, "site": site,
                                    "peer_url": agent.peer_url}), err=err)
         else:
-            st = agent.device.status()
-            click.echo(f"serving {m.image}@{m.id} ({hz.size(m.size)}, {st['chunks_present']}/{st['chunks_total']} "
+            counts = agent.device.chunks.counts()
+            click.echo(f"serving {m.image}@{m.id} ({hz.size(m.size)}, {counts['present']}/{counts['total']} "
                        f"chunks local) from cache {cache_dir}", err=err)
             for a in addresses:
                 click.echo(f"  {a}", err=err)
@@ -159,54 +161,54 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
 def status_cmd(cache_dir: Path, as_json: bool) -> None:
     """Show a cache: version, chunks present / modified, fetch figures, whether an agent serves it."""
     from blockprov.agent.agent import status
+    from blockprov.agent.instance import AgentInfo
 
     cache_dir = cache_dir.resolve()
-    st = status(cache_dir)
+    report = status(cache_dir)
     if as_json:
-        emit(st)
+        emit(report)
         return
-    total = st["chunks_total"] or 1
-    local = st["chunks_present"] + st["chunks_zero"]
-    click.echo(f"{st['image']}@{st['version']}  {hz.size(st['size'])} in chunks of {hz.size(st['chunk_size'])}")
-    click.echo(f"  local     {local}/{st['chunks_total']} chunks ({100.0 * local / total:.1f}%): "
-               f"{st['chunks_present']} with data, {st['chunks_zero']} zero; {st['chunks_missing']} to fetch")
-    click.echo(f"  modified  {st['chunks_modified']} chunks since the base version")
-    if "chunks_from_repository" in st:  # an agent of an older version does not say
-        click.echo(f"  depends   {st['chunks_from_repository']} chunks can only be read from the repository")
-    click.echo(f"  repo      {st.get('repository') or '-'}"
-               + (f" (agent: {agent_repo})" if (agent_repo := st.get("agent", {}).get("repository"))
-                  and agent_repo != st.get("repository") else ""))
-    hyd = st.get("hydration")
-    if hyd:
-        eta = hyd.get("eta_seconds")
-        click.echo(f"  hydrate   {hyd.get('state')}: {hyd.get('percent')}% local, fetched "
-                   f"{hz.size(hyd.get('bytes_fetched', 0))} at {hz.size(hyd.get('rate_bytes_per_s', 0))}/s"
-                   + (f", ETA {eta:.0f} s" if eta is not None else "")
-                   + (f" — {hyd['message']}" if hyd.get("message") else ""))
-    elif st.get("hydrated"):
-        click.echo(f"  hydrated  every chunk local since {_when(st['hydrated'])}")
-    prof = st.get("profile")
-    if prof:
-        click.echo(f"  profile   {prof['chunks']} chunk(s) prefetched in boot order"
-                   + (" (inherited from the version this one was made from)" if prof.get("inherited") else ""))
-    for name, t in sorted((st.get("targets") or {}).items()):
-        last = t.get("last_snapshot")
-        shown = f"last snapshot {last}" if last else "never snapshotted"
-        click.echo(f"  target    {name}: {t.get('unsynced_chunks', 0)} chunk(s) not sent yet; {shown}")
-    tot = st.get("totals", {})
-    click.echo(f"  fetched   {hz.size(tot.get('bytes_fetched', 0))} in {tot.get('chunks_fetched', 0)} chunks "
-               f"({hz.size(tot.get('wire_bytes', 0))} on the wire) over all agent runs")
-    agent = st.get("agent", {})
-    if agent.get("running"):
-        lat = st.get("fetch_latency_ms", {})
-        if lat.get("p50") is not None:
-            click.echo(f"  latency   fetch p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms "
+    st = report.device.cache
+    total = st.chunks_total or 1
+    local = st.chunks_present + st.chunks_zero
+    click.echo(f"{st.image}@{st.version}  {hz.size(st.size)} in chunks of {hz.size(st.chunk_size)}")
+    click.echo(f"  local     {local}/{st.chunks_total} chunks ({100.0 * local / total:.1f}%): "
+               f"{st.chunks_present} with data, {st.chunks_zero} zero; {st.chunks_missing} to fetch")
+    click.echo(f"  modified  {st.chunks_modified} chunks since the base version")
+    if st.chunks_from_repository is not None:  # an agent of an older version does not say
+        click.echo(f"  depends   {st.chunks_from_repository} chunks can only be read from the repository")
+    agent = report.agent or AgentInfo()
+    click.echo(f"  repo      {st.repository or '-'}"
+               + (f" (agent: {agent.repository})" if agent.repository and agent.repository != st.repository
+                  else ""))
+    hyd = report.hydration
+    if hyd is not None:
+        click.echo(f"  hydrate   {hyd.state}: {hyd.percent}% local, fetched "
+                   f"{hz.size(hyd.bytes_fetched)} at {hz.size(hyd.rate_bytes_per_s)}/s"
+                   + (f", ETA {hyd.eta_seconds:.0f} s" if hyd.eta_seconds is not None else "")
+                   + (f" — {hyd.message}" if hyd.message else ""))
+    elif st.hydrated:
+        click.echo(f"  hydrated  every chunk local since {_when(st.hydrated)}")
+    prof = report.profile
+    if prof is not None:
+        click.echo(f"  profile   {prof.chunks} chunk(s) prefetched in boot order"
+                   + (" (inherited from the version this one was made from)" if prof.inherited else ""))
+    for name, t in sorted(st.targets.items()):
+        shown = f"last snapshot {t.last_snapshot}" if t.last_snapshot else "never snapshotted"
+        click.echo(f"  target    {name}: {t.unsynced_chunks} chunk(s) not sent yet; {shown}")
+    tot = st.totals
+    click.echo(f"  fetched   {hz.size(tot.bytes_fetched)} in {tot.chunks_fetched} chunks "
+               f"({hz.size(tot.wire_bytes)} on the wire) over all agent runs")
+    if agent.running:
+        lat = report.device.fetch.fetch_latency_ms if report.device.fetch is not None else None
+        if lat is not None and lat.p50 is not None:
+            click.echo(f"  latency   fetch p50 {lat.p50} ms, p90 {lat.p90} ms, p99 {lat.p99} ms "
                        f"(since the agent started)")
-        click.echo(f"  agent     running, pid {agent['pid']}, up {agent.get('uptime', 0):.0f} s")
-        for a in agent.get("addresses", []):
+        click.echo(f"  agent     running, pid {agent.pid}, up {agent.uptime or 0:.0f} s")
+        for a in agent.addresses or []:
             click.echo(f"            {a}")
     else:
-        click.echo("  agent     not running" + ("" if st.get("clean_shutdown", True) else
+        click.echo("  agent     not running" + ("" if report.device.clean_shutdown in (True, None) else
                                                " (last stop was unclean: the next attach recovers it)"))
 
 

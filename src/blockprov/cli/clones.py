@@ -28,6 +28,7 @@ from blockprov.cli._common import (
     listening,
     progress_bar,
     run_async,
+    server_logs,
 )
 from blockprov.clones.customize import BUILTIN_IDENTITY
 from blockprov.errors import AgentNotRunning, CustomizeFailed, NotFound, PoolExhausted, UsageError
@@ -127,6 +128,7 @@ def clones_serve_cmd(obj: Ctx, root: Path, sock: Path | None, listen: str | None
     Pools page, `blockprov agents`), unless --no-register. Started by systemd socket activation
     (LISTEN_FDS) it serves the sockets it was given instead of --socket/--listen, and prints its
     banner on stderr."""
+    server_logs()
     from blockprov.clones.clones import ClonesAgent, recorded_repository
 
     root = root.resolve()
@@ -267,6 +269,7 @@ def pool_serve_cmd(obj: Ctx, name: str, root: Path | None, sock: Path | None, li
 
     Started by systemd socket activation (LISTEN_FDS) it serves the sockets it was given instead
     of DIR/nbd.sock or --socket/--listen, and prints its banner on stderr."""
+    server_logs()
     from blockprov.agent.report import host_instance
     from blockprov.clones import pool
     from blockprov.clones.clones import ClonesAgent

@@ -29,6 +29,7 @@ from blockprov.catalog.records import BootFilesInfo, HostInfo
 from blockprov.cli._common import Ctx, check_creatable, emit, json_option, run_async
 from blockprov.errors import BlockprovError, HostNotFound, SiteNotFound, UsageError
 from blockprov.names import host_id, parse_ref
+from blockprov.results import to_dict
 
 
 def _when(t: float) -> str:
@@ -121,9 +122,9 @@ def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str,
         from blockprov.vm.record import record  # qemu and the cache load only when asked
 
         m = obj.repo.resolve(f"{info.image}@{info.version}")
-        recorded = run_async(record(obj.repo, m)).to_dict()
+        recorded = to_dict(run_async(record(obj.repo, m)))
     if as_json:
-        emit({**info.to_dict(), **({"profile": recorded} if recorded else {}), "preparation": said})
+        emit({**to_dict(info), **({"profile": recorded} if recorded else {}), "preparation": said})
         return
     click.echo(f"{info.image}@{info.version}: kernel {hz.size(info.kernel.size)}, initrd {hz.size(info.initrd.size)}"
                f", {_efi_line(info)}, cmdline {info.cmdline or '-'}")
@@ -179,7 +180,7 @@ def boot_files_build(obj: Ctx, ref: str, kernel: Path | None, modules_dir: Path 
         click.echo(f"note: {note}", err=True)
     said = _prepared(obj, info.image, info.version, prepare)
     if as_json:
-        emit(info.to_dict() | {"build": built.summary(), "preparation": said})
+        emit(to_dict(info) | {"build": built.summary(), "preparation": said})
         return
     click.echo(f"{info.image}@{info.version}: kernel {built.release} {hz.size(info.kernel.size)}, blockprov "
                f"initramfs {hz.size(len(built.data))} ({hz.size(built.unpacked)} unpacked, {built.files} files, "
@@ -197,7 +198,7 @@ def boot_files_show(obj: Ctx, ref: str, as_json: bool) -> None:
     """Show a version's boot files."""
     info = obj.repo.get_boot_files(parse_ref(ref))
     if as_json:
-        emit(None if info is None else info.to_dict())
+        emit(info)
         return
     if info is None:
         click.echo(f"{ref} has no boot files (set them with: blockprov boot-files set {ref} --kernel F --initrd F)")
@@ -250,7 +251,7 @@ def host_assign(obj: Ctx, host_name: str, ref: str, args: str | None, policy: st
     settings = {k: v for k, v in (("policy", policy), ("hydrate", hydrate), ("site", site)) if v is not None}
     h = obj.repo.assign_host(host_name, parse_ref(ref), args, settings)
     if as_json:
-        emit(h.to_dict())
+        emit(h)
         return
     click.echo(f"{h.host} → {h.ref} (now {parse_ref(h.ref).name}@{h.version}), {_settings(h)}"
                + (f", args {h.args}" if h.args else ", no extra args"))
@@ -295,7 +296,7 @@ def host_list(obj: Ctx, as_json: bool) -> None:
     """List host assignments."""
     hs = obj.repo.hosts()
     if as_json:
-        emit([h.to_dict() for h in hs])
+        emit(hs)
         return
     if not hs:
         click.echo("no hosts (assign one with: blockprov host assign MAC NAME:TAG)")
@@ -328,7 +329,7 @@ def host_show(obj: Ctx, host_name: str, as_json: bool) -> None:
     if h is None:
         raise HostNotFound(host=wanted)
     if as_json:
-        emit(h.to_dict())
+        emit(h)
         return
     click.echo(f"host      {h.host}")
     click.echo(f"assigned  {h.ref}  (at {_when(h.updated)})")

@@ -23,6 +23,7 @@ from blockprov.cli._common import (
 from blockprov.errors import UsageError
 from blockprov.manifest import DEFAULT_CHUNK
 from blockprov.names import parse_ref
+from blockprov.results import to_dict
 
 
 @click.command("import")
@@ -44,7 +45,7 @@ def import_cmd(obj: Ctx, source: str, ref: str, chunk_size: int, fmt: str | None
     with progress_bar(None, f"import {target}", not as_json) as bar:
         vid, stats = import_image(obj.repo, source, target, chunk_size=chunk_size, fmt=fmt, labels=labels,
                                   progress=bar, on_size=bar.set_total)
-    d = stats.to_dict() | {"image": target.name, "tag": target.tag, "id": vid}
+    d = to_dict(stats) | {"image": target.name, "tag": target.tag, "id": vid}
     if as_json:
         emit(d)
         return
@@ -87,7 +88,7 @@ def images_cmd(obj: Ctx, as_json: bool) -> None:
     """List images, their tags and number of versions."""
     imgs = obj.repo.images()
     if as_json:
-        emit([i.to_dict() for i in imgs])
+        emit(imgs)
         return
     if not imgs:
         click.echo("no images (import one with: blockprov import DISK NAME:TAG)")
@@ -104,7 +105,7 @@ def versions_cmd(obj: Ctx, name: str, as_json: bool) -> None:
     """List the versions of an image, oldest first."""
     vs = obj.repo.versions(name)
     if as_json:
-        emit([v.to_dict() for v in vs])
+        emit(vs)
         return
     for v in vs:
         when = datetime.datetime.fromtimestamp(v.created).isoformat(timespec="seconds")
@@ -237,7 +238,7 @@ def gc_cmd(obj: Ctx, as_json: bool) -> None:
     """Delete chunks no version references (chunks younger than an hour are kept for uploads in progress)."""
     st = obj.repo.gc()
     if as_json:
-        emit(st.to_dict())
+        emit(st)
     else:
         click.echo(f"removed {st.chunks_removed} chunks ({hz.size(st.bytes_removed)}), kept {st.chunks_kept}"
                    + (f"; compacted {hz.size(st.space_freed)} of pack space" if st.space_freed else ""))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -36,10 +36,16 @@ from blockprov.cli._common import (
 )
 from blockprov.errors import AgentDied, AgentNotRunning, BlockprovError, UsageError
 from blockprov.names import parse_ref
+from blockprov.results import from_dict, to_dict
 
 if TYPE_CHECKING:  # the device stack loads asyncio and more: only commands that open a cache import it
+    from blockprov.agent import keep, lifecycle
+    from blockprov.agent.hydrate import HydrationStatus
+    from blockprov.agent.lifecycle import SnapshotResult
     from blockprov.cache import CacheDevice
     from blockprov.repo.base import Repository
+
+R = TypeVar("R")
 
 CACHE_OPTION = click.option("--cache", "cache_dir", required=True,
                             type=click.Path(file_okay=False, path_type=Path), help="The instance's cache directory.")
@@ -49,8 +55,7 @@ FETCH_TIMEOUT_OPTION = click.option(
          "fails (exit 7).")
 
 
-async def _watching(dev: CacheDevice, work: Awaitable[dict[str, Any]], total: int | None, desc: str,
-                    enabled: bool) -> dict[str, Any]:
+async def _watching(dev: CacheDevice, work: Awaitable[R], total: int | None, desc: str, enabled: bool) -> R:
     """Run ``work`` on an offline cache with a bar of the bytes it fetches (the device's own
     counter, polled: the lifecycle steps need no progress hook for it)."""
     import asyncio
@@ -81,7 +86,7 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, fetch_timeout: float, as_j
     """
     from blockprov.agent import lifecycle
 
-    async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+    async def offline(dev: CacheDevice, repo: Repository) -> lifecycle.ResetResult:
         if not eager:
             return await lifecycle.reset(dev, eager=False)
         total = dev.chunks.counts()["modified"] * dev.manifest.chunk_size
@@ -89,19 +94,19 @@ def reset_cmd(obj: Ctx, cache_dir: Path, eager: bool, fetch_timeout: float, as_j
 
     quiet_library_logs()
 
-    out = on_cache(cache_dir, "reset", {"eager": eager}, offline, obj.repository_for, fetch_timeout=fetch_timeout)
+    out = on_cache(cache_dir, "reset", {"eager": eager}, offline, obj.repository_for, lifecycle.ResetResult,
+                   fetch_timeout=fetch_timeout)
     if as_json:
         emit(out)
         return
-    click.echo(f"reset {out['chunks_reset']} modified chunk(s) to the base version {out['version']} "
-               f"in {out['seconds'] * 1000:.1f} ms" + (f"; fetched {out['chunks_refetched']} again"
-                                                       if eager else ""))
-    if "chunks_from_repository" not in out:  # an agent of an older version does not say
+    click.echo(f"reset {out.chunks_reset} modified chunk(s) to the base version {out.version} "
+               f"in {out.seconds * 1000:.1f} ms" + (f"; fetched {out.chunks_refetched} again" if eager else ""))
+    if out.chunks_from_repository is None:  # an agent of an older version does not say
         return
-    if not out["chunks_from_repository"]:
+    if not out.chunks_from_repository:
         click.echo("  every chunk is local: none depends on the repository")
     else:
-        click.echo(f"  {out['reset_from_repository']} of them and {out['chunks_from_repository']} chunk(s) in all "
+        click.echo(f"  {out.reset_from_repository} of them and {out.chunks_from_repository} chunk(s) in all "
                    "now depend on the repository: reads of them fail while it is unreachable")
 
 
@@ -131,40 +136,48 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
 
         assert cache_dir is not None
 
-        async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+        async def offline(dev: CacheDevice, repo: Repository) -> lifecycle.SnapshotResult:
             total = dev.chunks.counts()["modified"] * dev.manifest.chunk_size
             with progress_bar(total, f"snapshot {to}", not as_json) as bar:
                 return await lifecycle.snapshot(dev, repo, to, target=target, rebase=rebase, progress=bar)
 
         quiet_library_logs()
 
-        out = on_cache(cache_dir, "snapshot", args, offline, obj.repository_for)
+        out = on_cache(cache_dir, "snapshot", args, offline, obj.repository_for, lifecycle.SnapshotResult)
     if as_json:
         emit(out)
         return
-    if out.get("unchanged"):
-        click.echo(f"unchanged: the instance equals {out['image']}@{out['version']}, which {out['image']}:{out['tag']} "
-                   f"now names; no new version was committed"
-                   + ("; it is now the reset base" if out.get("rebased") else ""))
+    if out.unchanged:
+        click.echo(f"unchanged: the instance equals {out.image}@{out.version}, which {out.image}:{out.tag} "
+                   f"now names; no new version was committed" + ("; it is now the reset base" if out.rebased else ""))
     else:
-        click.echo(f"snapshot {out['image']}@{out['version']} ({out['image']}:{out['tag']}): "
-                   f"{out['chunks_modified']} modified chunk(s), sent {out['chunks_sent']} "
-                   f"({hz.size(out['bytes_sent'])}) to target {out['target']} in {out['seconds']:.2f} s"
-                   + ("; it is now the reset base" if out.get("rebased") else ""))
-    if out.get("chunks_written_during"):
-        click.echo(f"  {out['chunks_written_during']} chunk(s) were written during the snapshot: "
+        click.echo(f"snapshot {out.image}@{out.version} ({out.image}:{out.tag}): "
+                   f"{out.chunks_modified} modified chunk(s), sent {out.chunks_sent} "
+                   f"({hz.size(out.bytes_sent)}) to target {out.target} in {out.seconds:.2f} s"
+                   + ("; it is now the reset base" if out.rebased else ""))
+    if out.chunks_written_during:
+        click.echo(f"  {out.chunks_written_during} chunk(s) were written during the snapshot: "
                    "they stay unsynced for the next one")
 
 
-def _remote_snapshot(repo: Repository, instance: str, args: dict[str, Any], wait_s: float) -> dict[str, Any]:
+def _remote_snapshot(repo: Repository, instance: str, args: dict[str, Any], wait_s: float) -> SnapshotResult:
     rid = repo.post_request(instance, "snapshot", args)
+    try:
+        return _wait_request(repo, instance, rid, wait_s)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"request {rid} stays queued: agent {instance} takes it when it next asks (see: "
+                                "blockprov agents)") from None
+
+
+def _wait_request(repo: Repository, instance: str, rid: str, wait_s: float) -> SnapshotResult:
     deadline = time.monotonic() + wait_s
     while True:
         left = deadline - time.monotonic()
         st = repo.get_request(instance, rid, wait=max(0.0, min(25.0, left)))
         if st["state"] == "done":
-            result: dict[str, Any] = st["result"]
-            return result
+            from blockprov.agent.lifecycle import SnapshotResult
+
+            return from_dict(SnapshotResult, st["result"])
         if st["state"] == "failed":
             raise BlockprovError(msg=f"agent {instance} could not snapshot: {st.get('error')}")
         if left <= 0:
@@ -199,7 +212,7 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, force: b
         raise UsageError("--force goes with --keep-modified (without it every modified chunk is discarded)")
     args = {"to": to, "keep_modified": keep_modified, "force": force, "lazy": lazy}
 
-    async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+    async def offline(dev: CacheDevice, repo: Repository) -> keep.KeptUpdate:
         import asyncio
 
         new = await asyncio.get_running_loop().run_in_executor(None, repo.resolve, to)
@@ -209,21 +222,23 @@ def update_cmd(obj: Ctx, cache_dir: Path, to: str, keep_modified: bool, force: b
 
     quiet_library_logs()
 
-    out = on_cache(cache_dir, "update", args, offline, obj.repository_for, fetch_timeout=fetch_timeout)
+    out = on_cache(cache_dir, "update", args, offline, obj.repository_for, keep.KeptUpdate,
+                   fetch_timeout=fetch_timeout)
     if as_json:
         emit(out)
         return
-    click.echo(f"updated {out['from']} → {out['version']}: {out['chunks_changed']} chunk(s) differ, "
-               f"fetched {out['chunks_refetched']} ({hz.size(out['bytes_fetched'])}) in {out['seconds']:.2f} s")
-    plan = out.get("keep")
+    u = out.update
+    click.echo(f"updated {u.from_version} → {u.version}: {u.chunks_changed} chunk(s) differ, "
+               f"fetched {u.chunks_refetched} ({hz.size(u.bytes_fetched)}) in {u.seconds:.2f} s")
+    plan = out.keep
     if plan is not None:
-        click.echo(f"  kept {out['modified_kept']} modified chunk(s), reset {out['modified_discarded']}"
-                   + (f" (no partition table: {plan['why']})" if plan["table"] == "none" else ""))
-        for p in plan["partitions"]:
-            click.echo(f"  partition {p['number']} ({hz.size(p['size'])} at {hz.size(p['start'])}): "
-                       f"{p['modified_chunks']} modified chunk(s), {'kept' if p['kept'] else 'reset'} — {p['why']}")
-    elif out["modified_discarded"]:
-        click.echo(f"  discarded {out['modified_discarded']} modified chunk(s)")
+        click.echo(f"  kept {u.modified_kept} modified chunk(s), reset {u.modified_discarded}"
+                   + (f" (no partition table: {plan.why})" if plan.table == "none" else ""))
+        for p in plan.partitions:
+            click.echo(f"  partition {p.number} ({hz.size(p.size)} at {hz.size(p.start)}): "
+                       f"{p.modified_chunks} modified chunk(s), {'kept' if p.kept else 'reset'} — {p.why}")
+    elif u.modified_discarded:
+        click.echo(f"  discarded {u.modified_discarded} modified chunk(s)")
 
 
 @click.command("hydrate")
@@ -239,13 +254,14 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
     """Copy every missing chunk into the cache (client reads keep priority); stops by itself: when
     every chunk is local, or (without a running agent) when the repository stays unreachable for
     --fetch-timeout (exit 7) or the cache disk is full (exit 12)."""
-    from blockprov.agent.hydrate import Hydrator
+    from blockprov.agent.hydrate import HydrationStatus, Hydrator
+    from blockprov.agent.instance import StatusReport
 
     cache_dir = cache_dir.resolve()
     args = {"rate": rate}
     show = not as_json and sys.stderr.isatty()
 
-    async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+    async def offline(dev: CacheDevice, repo: Repository) -> HydrationStatus:
         import asyncio
         h = Hydrator(dev, rate=rate)
         task = h.start()
@@ -264,23 +280,28 @@ def hydrate_cmd(obj: Ctx, cache_dir: Path, rate: int | None, background: bool, f
 
     quiet_library_logs()
 
-    out = on_cache(cache_dir, "hydrate", args, offline, obj.repository_for, fetch_timeout=fetch_timeout)
-    if out.get("state") != "done" and not background:
-        while out.get("state") not in ("done", "stopped"):
-            _progress(out, show)
-            time.sleep(0.5)
-            try:
-                st = control.call(cache_dir, "status", timeout=10.0)
-            except (AgentNotRunning, AgentDied):
-                raise AgentDied(path=str(cache_dir), op="hydrate", outcome=_hydration_left(cache_dir)) from None
-            out = st.get("hydration") or {}
+    out = on_cache(cache_dir, "hydrate", args, offline, obj.repository_for, HydrationStatus,
+                   fetch_timeout=fetch_timeout)
+    if out.state != "done" and not background:
+        try:
+            while out.state not in ("done", "stopped", "failed"):
+                _progress(out, show)
+                time.sleep(0.5)
+                try:
+                    st = from_dict(StatusReport, control.call(cache_dir, "status", timeout=10.0))
+                except (AgentNotRunning, AgentDied):
+                    raise AgentDied(path=str(cache_dir), op="hydrate", outcome=_hydration_left(cache_dir)) from None
+                out = st.hydration or HydrationStatus(state="stopped")
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"the agent serving {cache_dir} goes on hydrating in the background (see: "
+                                    f"blockprov status --cache {cache_dir})") from None
     if show:
         click.echo("", err=True)
     if as_json:
         emit(out)
         return
-    click.echo(f"hydration {out.get('state')}: {out.get('percent')}% local, fetched "
-               f"{hz.size(out.get('bytes_fetched', 0))}" + (f" — {out['message']}" if out.get("message") else ""))
+    click.echo(f"hydration {out.state}: {out.percent}% local, fetched "
+               f"{hz.size(out.bytes_fetched)}" + (f" — {out.message}" if out.message else ""))
 
 
 def _hydration_left(cache_dir: Path) -> str:
@@ -289,19 +310,19 @@ def _hydration_left(cache_dir: Path) -> str:
     from blockprov.agent.agent import status
 
     try:
-        st = status(cache_dir)
+        st = status(cache_dir).device.cache
     except BlockprovError as e:
         return f"the cache cannot be read now ({e})"
-    return (f"hydration stopped with {st['chunks_missing']} of {st['chunks_total']} chunk(s) still to fetch; what "
+    return (f"hydration stopped with {st.chunks_missing} of {st.chunks_total} chunk(s) still to fetch; what "
             "it fetched is kept (attach again, then hydrate, to go on)")
 
 
-def _progress(st: dict[str, Any], show: bool) -> None:
+def _progress(st: HydrationStatus, show: bool) -> None:
     if not show:
         return
-    eta = st.get("eta_seconds")
-    line = (f"\rhydrating: {st.get('percent', 0):5.1f}%  {hz.size(st.get('rate_bytes_per_s', 0))}/s"
-            + (f"  ETA {eta:.0f} s" if eta is not None else "") + (f"  {st['message']}" if st.get("message") else ""))
+    line = (f"\rhydrating: {st.percent:5.1f}%  {hz.size(st.rate_bytes_per_s)}/s"
+            + (f"  ETA {st.eta_seconds:.0f} s" if st.eta_seconds is not None else "")
+            + (f"  {st.message}" if st.message else ""))
     click.echo(line.ljust(80), err=True, nl=False)
 
 
@@ -319,23 +340,25 @@ def profile_save_cmd(obj: Ctx, cache_dir: Path, as_json: bool) -> None:
     the version prefetch (and hydrate) in that order first."""
     cache_dir = cache_dir.resolve()
 
-    async def offline(dev: CacheDevice, repo: Repository) -> dict[str, Any]:
+    from blockprov.agent.instance import ReadOrder
+
+    async def offline(dev: CacheDevice, repo: Repository) -> ReadOrder:
         m = dev.manifest
-        return {"image": m.image, "version": m.id, "order": dev.profile()}
+        return ReadOrder(image=m.image, version=m.id, order=dev.profile())
 
     quiet_library_logs()
 
-    got = on_cache(cache_dir, "profile", {}, offline, obj.repository_for)
-    order = [int(i) for i in got["order"]]
+    got = on_cache(cache_dir, "profile", {}, offline, obj.repository_for, ReadOrder)
+    order = [int(i) for i in got.order]
     if not order:
         raise UsageError(f"{cache_dir} has recorded no reads yet: boot from it first")
     repo = obj.repository_for(cache_dir)
-    repo.put_profile(got["image"], got["version"], order)
-    out = {"image": got["image"], "version": got["version"], "chunks": len(order), "repository": repo.url}
+    repo.put_profile(got.image, got.version, order)
+    out = {"image": got.image, "version": got.version, "chunks": len(order), "repository": repo.url}
     if as_json:
         click.echo(json.dumps(out))
         return
-    click.echo(f"saved a boot profile of {len(order)} chunk(s) for {got['image']}@{got['version']} in {repo.url}")
+    click.echo(f"saved a boot profile of {len(order)} chunk(s) for {got.image}@{got.version} in {repo.url}")
 
 
 @profile_group.command("record")
@@ -362,7 +385,7 @@ def profile_record_cmd(obj: Ctx, ref: str, timeout: float, idle: float, memory: 
     r = parse_ref(ref)
     m = obj.repo.resolve(r)
     got = run_async(record(obj.repo, m, timeout=timeout, idle=idle, memory=f"{memory >> 20}M", append=append))
-    out = {**got.to_dict(), "repository": obj.repo.url}
+    out = {**to_dict(got), "repository": obj.repo.url}
     if as_json:
         emit(out)
         return

@@ -11,6 +11,7 @@ import click
 from blockprov.cli._common import (
     Ctx,
     check_data_dir,
+    server_logs,
     size_option,
 )
 from blockprov.errors import UsageError
@@ -75,6 +76,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, max_in_flight: int, request_
     from blockprov.service.access import AccessPolicy
     from blockprov.service.run import run_server
 
+    server_logs()
     host, port = host_port(listen)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

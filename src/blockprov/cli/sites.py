@@ -12,6 +12,7 @@ import click
 
 from blockprov.catalog.sites import ONLINE_SECONDS
 from blockprov.cli._common import Ctx, emit, json_option
+from blockprov.results import to_dict
 
 
 @click.group("site")
@@ -29,7 +30,7 @@ def site_add(obj: Ctx, name: str, cache: str | None, as_json: bool) -> None:
     """Add a site, or change its site cache."""
     info = obj.repo.add_site(name, cache)
     if as_json:
-        emit(info.to_dict())
+        emit(info)
         return
     click.echo(f"site {info.name}: site cache {info.cache or '-'}")
 
@@ -45,7 +46,7 @@ def site_list(obj: Ctx, as_json: bool) -> None:
     for s in sites:
         members = [a for a in agents if (a.get("info") or {}).get("site") == s.name]
         up = [a for a in members if a.get("seen_ago", ONLINE_SECONDS) < ONLINE_SECONDS]
-        rows.append(s.to_dict() | {"agents": len(members), "agents_online": len(up)})
+        rows.append(to_dict(s) | {"agents": len(members), "agents_online": len(up)})
     if as_json:
         emit(rows)
         return

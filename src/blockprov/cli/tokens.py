@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import click
 
 from blockprov.catalog.tokens import SCOPES
-from blockprov.cli._common import Ctx, check_data_dir, emit, json_option
+from blockprov.cli._common import Ctx, check_data_dir, emit, json_option, refuse_closed_output
 from blockprov.errors import UsageError
+from blockprov.results import to_dict
 
 if TYPE_CHECKING:  # SQLite and the catalog load only when a token command runs (CLI start-up time)
     from blockprov.catalog.images import Catalog
@@ -57,6 +58,7 @@ def token() -> None:
 @click.pass_obj
 def token_create(obj: Ctx, scope: str, name: str | None, site: str | None, as_json: bool) -> None:
     """Create a token and print it. Only its hash is kept: store it now."""
+    refuse_closed_output()  # a secret nobody can read would still turn access control on
     catalog, store = _store(obj, create=True)
     try:
         if site is not None:
@@ -69,7 +71,7 @@ def token_create(obj: Ctx, scope: str, name: str | None, site: str | None, as_js
     finally:
         catalog.close()
     if as_json:
-        emit(info.to_dict() | {"token": value} | ({"warning": warning} if warning else {}))
+        emit(to_dict(info) | {"token": value} | ({"warning": warning} if warning else {}))
         return
     click.echo(value)
     click.echo(f"token {info.id}{f' ({name})' if name else ''} with {scope} scope"
@@ -105,7 +107,7 @@ def token_list(obj: Ctx, as_json: bool) -> None:
     finally:
         catalog.close()
     if as_json:
-        emit([i.to_dict() for i in infos])
+        emit(infos)
         return
     if not infos:
         click.echo("no tokens (the server runs open until one exists; create one with: "
@@ -128,7 +130,7 @@ def token_revoke(obj: Ctx, key: str, as_json: bool) -> None:
     finally:
         catalog.close()
     if as_json:
-        emit(info.to_dict())
+        emit(info)
     else:
         click.echo(f"revoked {info.id}{f' ({info.name})' if info.name else ''}")
 

@@ -9,7 +9,6 @@ VM directory (``--dir``, default the data directory's ``vms/``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -22,6 +21,7 @@ from blockprov.cli._common import (
     emit,
     json_option,
     memory_option,
+    refuse_closed_output,
 )
 from blockprov.errors import NotFound, VmFailed
 from blockprov.names import parse_ref
@@ -80,6 +80,7 @@ def vm_run_cmd(obj: Ctx, ref: str, name: str, memory: int, cpus: int, machine: s
     """Start a VM (qemu, TCG) on a new copy-on-write overlay of a version; it keeps running."""
     from blockprov.vm import vms
 
+    refuse_closed_output()  # a VM nobody hears of (`vm list` would show it, but the caller has gone)
     r = _root(obj, root)
     m = obj.repo.resolve(parse_ref(ref))
     rec = vms.run(r, obj.repo, _repo_args(obj), m, name, memory=memory, cpus=cpus, extra_args=tuple(qemu_args),
@@ -87,11 +88,10 @@ def vm_run_cmd(obj: Ctx, ref: str, name: str, memory: int, cpus: int, machine: s
     if as_json:
         emit(rec)
         return
-    click.echo(f"VM {name}: {m.image}@{m.id}, pid {rec['pid']}, console {rec['console']}")
+    click.echo(f"VM {name}: {m.image}@{m.id}, pid {rec.pid}, console {rec.console}")
 
 
-def _mem(row: dict[str, Any], key: str = "memory") -> str:
-    mem = row.get(key) or {}
+def _mem(mem: dict[str, int]) -> str:
     if not mem:
         return "-"
     return f"rss {hz.size(mem['rss'])} pss {hz.size(mem['pss'])} shared {hz.size(mem['shared'])} " \
@@ -111,11 +111,10 @@ def vm_list_cmd(obj: Ctx, root: Path | None, as_json: bool) -> None:
         emit(rows)
         return
     for r in rows:
-        click.echo(f"{r['name']:20} {r['state']:10} pid {r['pid'] or '-':>7}  "
-                   f"{'clone of ' + r['template'] if r['template'] else r['image'] + '@' + r['version'][:12]}  "
-                   f"{_mem(r)}  {r['console']}")
-        if r.get("why"):
-            click.echo(f"  {r['why']}")
+        what = f"clone of {r.template}" if r.template else f"{r.image}@{(r.version or '')[:12]}"
+        click.echo(f"{r.name:20} {r.state:10} pid {r.pid or '-':>7}  {what}  {_mem(r.memory)}  {r.console}")
+        if r.why:
+            click.echo(f"  {r.why}")
 
 
 @vm_group.command("status")
@@ -131,12 +130,13 @@ def vm_status_cmd(obj: Ctx, name: str, root: Path | None, as_json: bool) -> None
     if as_json:
         emit(r)
         return
-    for k in ("name", "state", "pid", "template", "mac", "console"):
-        click.echo(f"{k:9} {r.get(k) or '-'}")
-    click.echo(f"memory    {_mem(r)}")
-    click.echo(f"guest RAM {_mem(r, 'guest_ram')}")
-    if r.get("why"):
-        click.echo(f"why       {r['why']}")
+    for k, v in (("name", r.name), ("state", r.state), ("pid", r.pid), ("template", r.template), ("mac", r.mac),
+                 ("console", r.console)):
+        click.echo(f"{k:9} {v or '-'}")
+    click.echo(f"memory    {_mem(r.memory)}")
+    click.echo(f"guest RAM {_mem(r.guest_ram)}")
+    if r.why:
+        click.echo(f"why       {r.why}")
 
 
 @vm_group.command("stop")
@@ -263,6 +263,7 @@ def vm_clone_cmd(obj: Ctx, name: str, count: int, memory: int | None, cpus: int 
     template's memory file until it writes, its own disk overlay, MAC and vmgenid."""
     from blockprov.vm import vms
 
+    refuse_closed_output()
     out = vms.clone(_root(obj, root), obj.repo, _repo_args(obj), name, count, memory=memory, cpus=cpus,
                     extra_args=tuple(qemu_args) if qemu_args else None, customize=customize_cmd, lazy=lazy)
     if as_json:

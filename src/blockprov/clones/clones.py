@@ -54,13 +54,14 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from socket import gethostname
 from socket import socket as Socket
 from typing import Any
 
 from blockprov.agent import control
-from blockprov.agent.instance import InstanceOps, catch_stop_signals, wait_for_stop
+from blockprov.agent.instance import AgentInfo, InstanceOps, StatusReport, catch_stop_signals, wait_for_stop
 from blockprov.agent.offline import adopt_repository
 from blockprov.agent.report import RepositoryLink, host_instance
 from blockprov.cache import CacheDevice, base_source, is_cache, load_state, repository_source
@@ -72,6 +73,7 @@ from blockprov.names import clone_name
 from blockprov.nbd.activation import uri_template
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
+from blockprov.results import omit_none
 
 log = logging.getLogger("blockprov.clones")
 
@@ -356,12 +358,10 @@ class ClonesAgent:
         return served
 
     def _status_of(self, ops: InstanceOps) -> control.Handler:
-        async def status(req: dict[str, Any]) -> dict[str, Any]:
-            st = ops.status()
-            st["agent"] = {"running": True, "pid": os.getpid(), "started": self.started,
-                           "uptime": time.time() - self.started, "addresses": self.addresses,
-                           "repository": self.repo.url, "clones": str(self.root)}
-            return st
+        async def status(req: dict[str, Any]) -> StatusReport:
+            return replace(ops.status(), agent=AgentInfo(
+                running=True, pid=os.getpid(), started=self.started, uptime=time.time() - self.started,
+                addresses=self.addresses, repository=self.repo.url, clones=str(self.root)))
         return status
 
     async def _close(self, served: _Served) -> None:
@@ -399,8 +399,7 @@ class ClonesAgent:
         clones = []
         for name, served in sorted(self.instances.items())[:REPORTED_CLONES]:
             b = _brief(served.device)
-            clones.append({"name": name, "image": b["image"], "version": b["version"],
-                           "modified_chunks": b["chunks_modified"]})
+            clones.append({"name": name, "image": b.image, "version": b.version, "modified_chunks": b.chunks_modified})
         info: dict[str, Any] = {
             "kind": "clones", "host": gethostname(), "pid": os.getpid(), "dir": str(self.root),
             "addresses": self.addresses, "clones": clones, "clones_total": len(self.instances),
@@ -410,11 +409,12 @@ class ClonesAgent:
         return info
 
     # -- control ops ------------------------------------------------------------------------------
-    async def _op_status(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"root": str(self.root), "pid": os.getpid(), "addresses": self.addresses,
-                "instances": {n: {"uri": self.uri(n), **_brief(s.device)} for n, s in self.instances.items()},
-                "bases": {k: _brief(s.device) for k, s in self.bases.items()},
-                "nbd": vars(self.server.stats).copy()}
+    async def _op_status(self, req: dict[str, Any]) -> ClonesStatus:
+        return ClonesStatus(root=str(self.root), pid=os.getpid(), addresses=self.addresses,
+                            instances={n: replace(_brief(s.device), uri=self.uri(n))
+                                       for n, s in self.instances.items()},
+                            bases={k: _brief(s.device) for k, s in self.bases.items()},
+                            nbd=vars(self.server.stats).copy())
 
     async def _op_rescan(self, req: dict[str, Any]) -> dict[str, Any]:
         out = await self.rescan()
@@ -469,8 +469,33 @@ def default_instance(root: Path) -> str:
     return host_instance("clones", f"{root.name}-{digest}")
 
 
-def _brief(dev: CacheDevice) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Brief:
+    """One cache a clones agent serves, briefly (an instance has its ``uri``, a base none)."""
+
+    image: str
+    version: str
+    chunks_total: int
+    chunks_present: int
+    chunks_modified: int
+    chunks_missing: int
+    uri: str | None = omit_none()
+
+
+@dataclass(frozen=True)
+class ClonesStatus:
+    """``status`` of a clones agent (its directory's control socket)."""
+
+    root: str
+    pid: int
+    addresses: list[str] = field(default_factory=list)
+    instances: dict[str, Brief] = field(default_factory=dict)
+    bases: dict[str, Brief] = field(default_factory=dict)
+    nbd: dict[str, Any] = field(default_factory=dict)  # the NBD server's counters
+
+
+def _brief(dev: CacheDevice) -> Brief:
     counts = dev.chunks.counts()
     m = dev.manifest
-    return {"image": m.image, "version": m.id, "chunks_total": counts["total"], "chunks_present": counts["present"],
-            "chunks_modified": counts["modified"], "chunks_missing": counts["missing"]}
+    return Brief(image=m.image, version=m.id, chunks_total=counts["total"], chunks_present=counts["present"],
+                 chunks_modified=counts["modified"], chunks_missing=counts["missing"])

@@ -164,7 +164,7 @@ async def _configure(root: Path, repo: Repository, name: str, source: Manifest, 
             out = await lifecycle.snapshot(a.instances[scratch].device, repo, f"{source.image}:pool-{name}")
     finally:
         remove_instance(root, scratch)
-    return await asyncio.get_running_loop().run_in_executor(None, repo.resolve, f"{source.image}@{out['version']}")
+    return await asyncio.get_running_loop().run_in_executor(None, repo.resolve, f"{source.image}@{out.version}")
 
 
 async def refill(root: Path, repo: Repository, agent: ClonesAgent | None) -> list[str]:

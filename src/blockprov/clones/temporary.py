@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockprov.agent import control
-from blockprov.clones.clones import ClonesAgent, remove
+from blockprov.clones.clones import ClonesAgent, ClonesStatus, remove
 from blockprov.clones.customize import customize
 from blockprov.errors import BlockprovError
+from blockprov.results import from_dict
 
 if TYPE_CHECKING:
     from blockprov.repo.base import Repository
@@ -69,8 +70,8 @@ async def customize_new(root: Path, repo: Repository, names: list[str], cmd: str
     agent: ClonesAgent | None = None
     async with contextlib.AsyncExitStack() as stack:
         if served:
-            st = control.call(root, "status", timeout=30.0)
-            uris = {n: str(st["instances"][n]["uri"]) for n in names if n in st["instances"]}
+            st = from_dict(ClonesStatus, control.call(root, "status", timeout=30.0))
+            uris = {n: str(st.instances[n].uri) for n in names if n in st.instances}
         else:
             agent = await stack.enter_async_context(temporary_agent(root, repo))
             uris = {n: agent.uri(n) for n in names}

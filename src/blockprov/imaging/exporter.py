@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from blockprov import codec
-from blockprov.errors import CannotWrite, NoSpace, UsageError
+from blockprov.errors import CannotWrite, NoSpace, SourceError, UsageError
 from blockprov.imaging import qemu
 from blockprov.manifest import Manifest
 from blockprov.names import Ref
@@ -44,11 +45,19 @@ def export_image(repo: Repository, ref: Ref | str, dest: str | os.PathLike[str],
     if fmt not in ("raw", "qcow2"):
         raise UsageError(f"unknown export format {fmt!r} (use raw or qcow2)")
     dest = Path(dest)
+    is_block = _destination(dest)
     if fmt == "qcow2":
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.raw")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.raw") if not is_block else \
+            Path(tempfile.gettempdir()) / f".blockprov-export.{os.getpid()}.raw"
         try:
             _export_raw(repo, m, tmp, progress)
-            qemu.convert(tmp, dest, src_format="raw", dst_format="qcow2")
+            try:
+                qemu.convert(tmp, dest, src_format="raw", dst_format="qcow2")
+            except SourceError as e:  # qemu-img read our own file: what failed is the write
+                why = str(e.kwargs.get("why", e))
+                if "No space left" in why:
+                    raise NoSpace(msg=str(dest)) from None
+                raise CannotWrite(path=str(dest), why=why) from None
         finally:
             tmp.unlink(missing_ok=True)
         return m
@@ -56,8 +65,24 @@ def export_image(repo: Repository, ref: Ref | str, dest: str | os.PathLike[str],
     return m
 
 
+def _destination(dest: Path) -> bool:
+    """Whether ``dest`` is a block device (else a regular file, or nothing yet). Anything else —
+    a character device, a FIFO, a socket — is refused before a byte is written: a failed export
+    removes what it wrote, and ``export lab:v1 /dev/full`` once removed /dev/full (issue 27)."""
+    try:
+        mode = dest.stat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise CannotWrite(path=str(dest), why=e.strerror or str(e)) from None
+    if not stat.S_ISBLK(mode) and not stat.S_ISREG(mode):
+        raise CannotWrite(path=str(dest), why="it is neither a regular file nor a block device (an export is a disk "
+                                              "image written at offsets: a file, or a whole block device)")
+    return stat.S_ISBLK(mode)
+
+
 def _export_raw(repo: Repository, m: Manifest, dest: Path, progress: Callable[[int], None] | None) -> None:
-    is_block = dest.exists() and stat.S_ISBLK(dest.stat().st_mode)
+    is_block = _destination(dest)
     try:
         fd = os.open(dest, os.O_WRONLY | (0 if is_block else os.O_CREAT | os.O_TRUNC), 0o644)
     except OSError as e:  # the write side failed: not a SourceError ("cannot read"), issue 17

@@ -165,6 +165,11 @@ def import_image(repo: Repository, source: str | os.PathLike[str], ref: Ref | st
         raise SourceError(path=str(src), why="permission denied")
     if src.is_dir():
         raise SourceError(path=str(src), why="is a directory")
+    mode = src.stat().st_mode
+    if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):  # /dev/null was imported as an empty disk (issue 27)
+        raise SourceError(path=str(src), why="is neither a regular file nor a block device, so not a disk image")
+    if stat.S_ISREG(mode) and src.stat().st_size == 0:
+        raise SourceError(path=str(src), why="is empty (0 bytes), so not a disk image")
     detected = fmt or _detect_format(src)
     if fmt is None and detected == "raw" and src.is_file() and src.stat().st_size % 512:
         # A disk is whole 512-byte sectors; anything else (a text file, a truncated download) would

@@ -53,6 +53,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -442,6 +443,9 @@ class _Connection(asyncio.BufferedProtocol):
         log.warning("nbd: dropping %s: it took none of its replies for %.0f s", self.peer, self.server.write_timeout)
         self._finish(abort=True)
         if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            with contextlib.suppress(Exception):  # a reset: the kernel drops what it still holds for the peer
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
 
     def _frame_timer_fired(self) -> None:

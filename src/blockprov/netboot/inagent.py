@@ -82,8 +82,11 @@ from blockprov.errors import BlockprovError, CacheMismatch, NetbootError, Unauth
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
 from blockprov.netboot import disk, kernelnbd, loader
+from blockprov.netboot.native import Native, geometry
 from blockprov.netboot.params import check_params, diskless, peer_port
+from blockprov.netboot.resident import Resident
 from blockprov.repo.remote import RemoteRepository
+from blockprov.results import to_dict
 from blockprov.retry import RetryPolicy, is_transient, retry_sync
 
 log = logging.getLogger("blockprov.netboot")
@@ -93,6 +96,7 @@ META_MOUNT = RUN / "meta"
 RAM_MOUNT = RUN / "ram"  # diskless: the tmpfs holding the cache's data
 RAM_CHECK = 1.0  # seconds between looks at how full the diskless cache's tmpfs is
 SOCKET = RUN / "nbd.sock"
+DEV = RUN / "dev"  # the agent's own devtmpfs: after the root switch its root (the initramfs) has no /dev
 NBD_DEVICE = "nbd0"
 MKFS = ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-L", "bp-meta"]
 PR_SET_IO_FLUSHER = 57
@@ -107,6 +111,7 @@ OFFLINE_FETCH_TIMEOUT = 5.0  # offline, a missing chunk's read fails (EIO) after
 # checkpoint is a few small writes on the metadata file system.
 CHECKPOINT_FILL = 64 << 20
 SECURE_BOOT_AT = 0x1EC  # struct boot_params.secure_boot (the x86 boot protocol)
+NATIVE_FETCH = 256  # chunks a boot fetches before the root rather than stay on NBD (and 5 % of the image)
 
 
 def harden() -> list[str]:
@@ -268,7 +273,7 @@ def connect_kernel(ready: int, say: Any) -> None:
     def announce() -> None:
         for _ in range(600):
             if os.path.exists(f"/sys/block/{NBD_DEVICE}/pid"):
-                os.write(ready, f"READY {export.size}\n".encode())
+                os.write(ready, f"READY nbd /dev/{NBD_DEVICE}\n".encode())
                 return
             time.sleep(0.05)
         os.write(ready, b"ERROR the kernel NBD client did not start\n")
@@ -291,6 +296,16 @@ def held_version(cache_dir: Path) -> tuple[str, str] | None:
     return st.image, st.version
 
 
+def own_dev() -> bool:
+    """A devtmpfs of the agent's own at DEV (mounted once): the device nodes the native path and
+    the disk's loader use after PID 1 moved /dev into the new root. False when it cannot be made."""
+    if (DEV / "null").exists():
+        return True
+    DEV.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "devtmpfs", "bp-dev", str(DEV)], capture_output=True,
+                          timeout=60).returncode == 0
+
+
 def instance_name(host: str | None) -> str | None:
     """The name the machine registers with: ``pc-`` and its host id (a MAC's ':' are not allowed)."""
     if not host:
@@ -302,7 +317,8 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
                 cache_dir: Path, data_path: str, ready: int, say: Any) -> None:
     """Serve ``manifest`` from ``cache_dir`` (metadata) and ``data_path`` (the disk ``d``'s data
     partition, or diskless — ``d`` None — the file on the RAM tmpfs) until the machine stops;
-    offline (``manifest`` None), whatever version the disk holds."""
+    offline (``manifest`` None), whatever version the disk holds. Once the disk holds the whole
+    image the root is native (netboot/native.py) and the agent stays resident out of its path."""
     offline = manifest is None
     policy = params.get("policy", "keep")
     hydrate = params.get("hydrate", "off" if diskless(params) else "background")
@@ -316,6 +332,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
             hydrate = "off"
     # the golden reserve serves ``restore``: a ``keep`` disk never goes back to the base (and saves the copies)
     reserve = open_reserve(d, say) if policy == "restore" and d is not None else None
+    taken = TakeIn(d, policy, say) if d is not None and params.get("native", "on") != "off" else None
     config = AgentConfig(cache_dir=cache_dir, socket=SOCKET, data_path=data_path,
                          readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
                          reset_on_start=policy == "restore", hydrate=hydrate != "off" and not offline,
@@ -325,7 +342,8 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
                          checkpoint_fill_bytes=CHECKPOINT_FILL,
                          site=None if offline else params.get("site") or None,
                          peer_listen=None if offline or (port := peer_port(params)) is None else ("0.0.0.0", port),
-                         extra={"host": params.get("host"), "netboot": True})
+                         extra={"host": params.get("host"), "netboot": True},
+                         prepare=taken.prepare if taken is not None else None)
     held = held_version(config.cache_dir)
     if offline and held is None:
         raise NetbootError(f"the repository is unreachable and disk {d.name if d else '(none)'} holds no cache "
@@ -351,6 +369,8 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         say(f"re-verified {dev.verified_chunks} chunk(s) filled since the last checkpoint (the machine was "
             f"powered off with the agent running), {dev.dropped_chunks} dropped; cache opened in "
             f"{time.monotonic() - t0:.1f} s")
+    if taken is not None:
+        session = sorted(set(session) | set(taken.session))
     if session and reserve is not None:
         await restore_from_reserve(dev, reserve, session, offline, say)
     if moved and manifest is not None:
@@ -387,7 +407,23 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         job.start()
         if hydrate == "before-boot":  # the FOG model: everything on the disk before the boot, the loader too
             await asyncio.get_running_loop().run_in_executor(None, job.join)
-    threading.Thread(target=connect_kernel, args=(ready, say), daemon=True, name="nbd-kernel").start()
+    resident = None
+    if taken is not None and taken.native is not None and await complete_for_native(dev, offline, say):
+        root = await taken.native.enter(dev, policy)
+        say(f"native data path: the root is disk {d.name if d else ''} itself, through the kernel ({root}: "
+            + ("a copy-on-write snapshot of the image, dropped at the next boot" if policy == "restore" else
+               "the image in place, its writes recorded by dm-era") + "); the agent stays out of its path")
+        resident = Resident(taken.native, dev, repo, say)
+        agent.control.handlers.update(resident.handlers())
+        config.extra["data_path"] = "native"
+        resident.start()
+        os.write(ready, f"READY native {root}\n".encode())
+    else:
+        if taken is not None and taken.native is not None:
+            await asyncio.get_running_loop().run_in_executor(None, taken.native.teardown)
+        say("NBD data path: the agent serves the root" + (" until the disk holds the whole image" if d else ""))
+        config.extra["data_path"] = "nbd"
+        threading.Thread(target=connect_kernel, args=(ready, say), daemon=True, name="nbd-kernel").start()
     tasks = [asyncio.ensure_future(sync_fills(dev))]
     if budget:
         tasks.append(asyncio.ensure_future(watch_ram(budget, m.chunk_size, say)))
@@ -396,6 +432,54 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     finally:
         for t in tasks:
             t.cancel()
+        if resident is not None:
+            await resident.stop()
+
+
+class TakeIn:
+    """The agent's ``prepare`` on a PC's disk: the kernel's record of the last native session
+    into the cache's map (netboot/native.py), before the reset on start, the update or anything
+    else sees the cache. ``session``: the chunks the map then holds as modified (a restore
+    brings them back from the golden reserve)."""
+
+    def __init__(self, d: disk.Disk, policy: str, say: Any) -> None:
+        self.disk = d
+        self.policy = policy
+        self.say = say
+        self.native: Native | None = None
+        self.session: list[int] = []
+
+    async def prepare(self, dev: CacheDevice) -> None:
+        m = dev.manifest
+        try:
+            nat = Native(geometry(self.disk, m.size, m.chunk_size), META_MOUNT, m.count, self.say,
+                         dev_dir=str(DEV) if own_dev() else "/dev")
+            got = await asyncio.get_running_loop().run_in_executor(None, nat.absorb)
+            took = await nat.take_in(dev, got, self.policy)
+        except (BlockprovError, OSError) as e:
+            self.say(f"warning: the native data path is off for this boot: {e}")
+            return
+        self.native = nat
+        if any(took.values()):
+            self.say(f"native: the last session's kernel record: {took['era_chunks']} chunk(s) written in place "
+                     f"(keep), {took['merged']} merged from its copy-on-write store, {took['dropped']} dropped with "
+                     "it (restore)")
+        if self.policy == "restore":
+            self.session = dev.modified_chunks()
+
+
+async def complete_for_native(dev: CacheDevice, offline: bool, say: Any) -> bool:
+    """Whether the disk holds the whole image now — after fetching, when the repository is
+    reachable, the few chunks this boot's restore left missing (NATIVE_FETCH at most): a disk
+    that was complete stays so, and boots native."""
+    counts = dev.chunks.counts()
+    missing = counts["missing"]
+    if missing and not offline and missing <= max(NATIVE_FETCH, counts["total"] // 20):
+        todo = dev.chunks.missing(range(counts["total"]))
+        say(f"fetching {len(todo)} missing chunk(s) before the boot, so the root can be native")
+        await dev.fetch_chunks(todo)
+        missing = dev.chunks.counts()["missing"]
+    return missing == 0
 
 
 async def move_to(agent: Agent, dev: CacheDevice, repo: RemoteRepository, manifest: Manifest,
@@ -408,28 +492,29 @@ async def move_to(agent: Agent, dev: CacheDevice, repo: RemoteRepository, manife
     old = dev.manifest
     report: dict[str, Any] = {"from": f"{old.image}@{old.id}", "to": f"{manifest.image}@{manifest.id}",
                               "at": time.time()}
+    done: keep.KeptUpdate | None
     if params.get("policy", "keep") == "keep":
         done = await keep.move(dev, repo, manifest, host=params.get("host"),
                                on_move=params.get("on_move", "snapshot"), say=say)
     else:
-        done = await lifecycle.update(dev, manifest)
+        done = keep.KeptUpdate(update=await lifecycle.update(dev, manifest))
     if done is None:
         report["summary"] = (f"NOT moved to {manifest.image}@{manifest.id[:12]}: the session could not be kept as a "
                              "version (see the PC's console); serving the version it had")
         report["moved"] = False
     else:
-        say(f"updated {old.id[:12]} → {manifest.id[:12]} by diff: {done['chunks_changed']} chunk(s) differ, "
-            f"{done['chunks_refetched']} fetched again, {done['modified_kept']} modified kept, "
-            f"{done['modified_discarded']} reset")
-        snap = done.get("snapshot")
-        plan = done.get("keep")
-        kept = [str(p["number"]) for p in (plan or {}).get("partitions", []) if p["kept"]]
-        report.update(moved=True, kept_chunks=done["modified_kept"], reset_chunks=done["modified_discarded"],
-                      kept_partitions=kept, snapshot=snap,
-                      summary=f"moved {old.id[:12]} → {manifest.id[:12]}: kept {done['modified_kept']} modified "
+        u = done.update
+        say(f"updated {old.id[:12]} → {manifest.id[:12]} by diff: {u.chunks_changed} chunk(s) differ, "
+            f"{u.chunks_refetched} fetched again, {u.modified_kept} modified kept, "
+            f"{u.modified_discarded} reset")
+        kept = [str(p.number) for p in (done.keep.partitions if done.keep else []) if p.kept]
+        report.update(moved=True, kept_chunks=u.modified_kept, reset_chunks=u.modified_discarded,
+                      kept_partitions=kept, snapshot=to_dict(done.snapshot),
+                      summary=f"moved {old.id[:12]} → {manifest.id[:12]}: kept {u.modified_kept} modified "
                               f"chunk(s)" + (f" of partition {', '.join(kept)}" if kept else "")
-                              + f", reset {done['modified_discarded']}"
-                              + (f"; session kept as {snap['image']}:{snap['tag']}" if snap else ""))
+                              + f", reset {u.modified_discarded}"
+                              + (f"; session kept as {done.snapshot.image}:{done.snapshot.tag}"
+                                 if done.snapshot else ""))
     agent.config.extra.setdefault("report", {})["last_move"] = report
     if agent.link is not None:
         agent.link.poke()  # the repository shows it at once (blockprov agents, the console)

@@ -23,6 +23,9 @@ What goes in, and why each piece:
   with glibc's iconv module for codepage 850, which mtools needs for short names) and syslinux's
   ``mbr.bin`` and ``gptmbr.bin`` (syslinux-common: a disk over 2 TiB is a GPT), so a machine can
   write the loader that boots it offline (the UEFI loader's files come from the repository);
+* the native data path (netboot/native.py): the device-mapper modules (``dm_mod``,
+  ``dm_snapshot``, ``dm_era``) and ``loop``, ``dmsetup`` and thin-provisioning-tools' ``pdata_tools``
+  as ``era_invalidate`` (with the libraries ``ldd`` lists: libdevmapper, libstdc++, libaio, …);
 * ``/init``: a few lines of busybox sh that mount /proc, /sys, /dev and exec python3 on
   netboot/machine.py, which does the rest.
 
@@ -52,18 +55,27 @@ PYTHON = Path("/usr/bin/python3")
 BUSYBOX = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 MKE2FS = Path("/usr/sbin/mke2fs")
 MKE2FS_CONF = Path("/etc/mke2fs.conf")
-# (the disk's boot loader: the tool, where it goes, its Debian package)
-LOADER_TOOLS = ((("/usr/bin/syslinux",), "usr/bin/syslinux", "syslinux"),
-                (("/usr/bin/mtools",), "usr/bin/mtools", "mtools"),
-                (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"),
-                (("/usr/lib/syslinux/mbr/gptmbr.bin",), "usr/lib/syslinux/mbr/gptmbr.bin", "syslinux-common"))
+Tool = tuple[tuple[str, ...], str, str]  # (where the tool may be, where it goes, its Debian package)
+# the disk's boot loader
+LOADER_TOOLS: tuple[Tool, ...] = (
+    (("/usr/bin/syslinux",), "usr/bin/syslinux", "syslinux"),
+    (("/usr/bin/mtools",), "usr/bin/mtools", "mtools"),
+    (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"),
+    (("/usr/lib/syslinux/mbr/gptmbr.bin",), "usr/lib/syslinux/mbr/gptmbr.bin", "syslinux-common"))
 MTOOLS_LINKS = ("mcopy", "mattrib")
 # mtools converts short names through iconv's codepage 850: glibc's converter and its module lists
 GCONV = Path("/usr/lib/x86_64-linux-gnu/gconv")
 GCONV_FILES = ("IBM850.so", "gconv-modules", "gconv-modules.cache")
+# (the native data path, netboot/native.py: the tool, where it goes, its Debian package); pdata_tools
+# is thin-provisioning-tools' one binary, which runs as the tool its name says (NATIVE_LINKS)
+NATIVE_TOOLS: tuple[Tool, ...] = (
+    (("/usr/sbin/dmsetup", "/sbin/dmsetup"), "usr/sbin/dmsetup", "dmsetup"),
+    (("/usr/sbin/pdata_tools",), "usr/sbin/pdata_tools", "thin-provisioning-tools"))
+NATIVE_LINKS = ("era_invalidate",)
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "nvme", "e1000", "e1000e",
-           "nbd", "crc32c_generic", "ext4")  # plus their dependencies; missing ones are skipped (built in)
-NEEDED_MODULES = ("nbd", "ext4")  # the build fails without these
+           "nbd", "crc32c_generic", "ext4",
+           "dm_mod", "dm_snapshot", "dm_era", "loop")  # plus their dependencies; missing ones are skipped (built in)
+NEEDED_MODULES = ("nbd", "ext4", "dm_mod", "dm_snapshot", "dm_era")  # the build fails without these
 LIB_DIR = "usr/lib/blockprov"  # blockprov and its dependencies
 MOD_DIR = "usr/lib/blockprov-modules"
 FIXED_TIME = 1_700_000_000
@@ -450,6 +462,14 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
             loader_bins.append(str(tool))
     for link in MTOOLS_LINKS:
         a.symlink(f"usr/bin/{link}", "mtools")
+    for candidates, name, package in NATIVE_TOOLS:
+        tool = next((Path(c) for c in candidates if Path(c).exists()), None)
+        if tool is None:
+            raise NetbootError(f"no {candidates[0]}: apt-get install {package} (the native data path)")
+        a.file(name, _read(tool, package), 0o755, "native data path")
+        loader_bins.append(str(tool))
+    for link in NATIVE_LINKS:
+        a.symlink(f"usr/sbin/{link}", "pdata_tools")
     for conv in [*(GCONV / n for n in GCONV_FILES), *sorted((GCONV / "gconv-modules.d").glob("*.conf"))]:
         if conv.exists():
             a.file(in_usr(str(conv)), _read(conv, "glibc's iconv module"), 0o644, "boot loader")

@@ -95,7 +95,8 @@ def start_agent(params: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def wait_ready(proc: subprocess.Popen[bytes], r: int) -> str:
-    """The agent's first line: 'READY size' or 'ERROR why' (also when it died without a word)."""
+    """The agent's first line: 'READY nbd|native DEVICE' (the root's device: the kernel's NBD client,
+    or the native data path's device-mapper root) or 'ERROR why' (also when it died without a word)."""
     buf = b""
     end = time.monotonic() + READY_TIMEOUT
     while b"\n" not in buf and time.monotonic() < end:
@@ -111,15 +112,15 @@ def wait_ready(proc: subprocess.Popen[bytes], r: int) -> str:
     return line or f"ERROR the agent ended (exit status {proc.poll()}) without starting the device"
 
 
-def switch_root(cmdline: str) -> None:
-    """Mount /dev/nbd0 and make it the root; never returns (execs the real init)."""
+def switch_root(cmdline: str, device: str) -> None:
+    """Mount ``device`` and make it the root; never returns (execs the real init)."""
     words = cmdline.split()
     opts = "rw" if "rw" in words else "ro"
     fstype = next((w.split("=", 1)[1] for w in words if w.startswith("rootfstype=")), "ext4")
     init = next((w.split("=", 1)[1] for w in words if w.startswith("init=")), "/sbin/init")
     os.makedirs(NEWROOT, exist_ok=True)
-    if run("mount", "-t", fstype, "-o", opts, "/dev/nbd0", NEWROOT) != 0:
-        raise OSError("cannot mount /dev/nbd0 as the root")
+    if run("mount", "-t", fstype, "-o", opts, device, NEWROOT) != 0:
+        raise OSError(f"cannot mount {device} as the root")
     for d in ("dev", "proc", "sys"):
         if os.path.isdir(f"{NEWROOT}/{d}"):
             run("mount", "--move", f"/{d}", f"{NEWROOT}/{d}")
@@ -155,9 +156,11 @@ def main() -> None:
     if not line.startswith("READY"):
         fail(line.removeprefix("ERROR ").strip())
         return
-    say(f"/dev/nbd0 serving at uptime {uptime()} s")
+    words = line.split()
+    device = words[2] if len(words) > 2 else "/dev/nbd0"
+    say(f"root serving from {device} at uptime {uptime()} s")
     try:
-        switch_root(cmdline)
+        switch_root(cmdline, device)
     except OSError as e:
         fail(str(e))
 

@@ -16,6 +16,11 @@ The one place that bounds requests; a route only declares the largest body it re
 * **Bodies, together**: the bytes of all request bodies being received or held by their routes are
   bounded by ``in_flight``. A route that starts reading a body that would pass it waits (at most
   ``timeout``) for others to finish, then gets 503 (``Busy``).
+* **Answers** (``bounded_http``): while the server waits for a client to take its answer (the
+  transport's buffer above its high-water mark), a watchdog checks that the buffer shrinks; a
+  client that takes none of it for ``WRITE_TIMEOUTS × timeout`` seconds (60 s by default) is
+  disconnected (the connection aborted: closing it would wait for the client to read). A slow
+  reader that takes something is never cut off.
 
 An answer that starts before its request's body was read to its end (a 413, a 408, a 401 from
 ``Access``, any early error) carries ``Connection: close``, so the server closes the connection
@@ -27,6 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
+import struct
 import time
 from typing import Any
 
@@ -37,12 +45,14 @@ from blockprov.errors import Busy, RequestTimeout, TooLarge, UsageError
 from blockprov.service.access import UNKNOWN, RouteFinder
 from blockprov.service.edge import error_response, internal_error_response
 
+log = logging.getLogger("blockprov.service")
 MAX_BODY_KEY = "x-blockprov-max-body"
 DEFAULT_BODY = 64 << 10  # a route that declares nothing: a small JSON document or a form
 REQUEST_TIMEOUT = 30.0  # seconds for a request's headers; the grace before a body's rate counts
 MIN_BODY_RATE = 4 << 10  # bytes a second a body must average once the grace is over
 IN_FLIGHT = 512 << 20  # bytes of request bodies held at once, the whole server
 MAX_HEADER = 64 << 10  # bytes of request line and headers
+WRITE_TIMEOUTS = 2  # a client may take none of its answer for this many request timeouts (60 s)
 _CLOSE = (b"connection", b"close")
 
 
@@ -224,10 +234,15 @@ def _closing(send: Send) -> Send:
 def bounded_http(timeout: float = REQUEST_TIMEOUT, max_header: int = MAX_HEADER) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with a deadline and a size bound for each request's headers."""
 
+    write_timeout = WRITE_TIMEOUTS * timeout
+
     class BoundedHttp(HttpToolsProtocol):
         _timer: asyncio.TimerHandle | None = None
         _header_bytes = 0
         _too_large = False
+        _watchdog: asyncio.TimerHandle | None = None
+        _mark = 0  # the transport's buffer when last looked
+        _progress_at = 0.0  # when the client was last seen taking bytes
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -235,7 +250,33 @@ def bounded_http(timeout: float = REQUEST_TIMEOUT, max_header: int = MAX_HEADER)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._watchdog is None:
+                self._mark, self._progress_at = self.transport.get_write_buffer_size(), self.loop.time()
+                self._watchdog = self.loop.call_later(write_timeout, self._check_progress)
+
+        def _check_progress(self) -> None:
+            self._watchdog = None
+            if not self.flow.write_paused or self.transport.is_closing():
+                return  # the client took enough: looked at again when writing pauses next
+            now, size = self.loop.time(), self.transport.get_write_buffer_size()
+            if size < self._mark:
+                self._progress_at = now
+            self._mark = size
+            if now - self._progress_at >= write_timeout:
+                log.warning("a client took none of its answer for %.0f s; disconnecting it", write_timeout)
+                sock = self.transport.get_extra_info("socket")
+                with contextlib.suppress(Exception):  # a reset: the kernel drops what it still holds for it
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.transport.abort()
+                return
+            self._watchdog = self.loop.call_at(self._progress_at + write_timeout, self._check_progress)
 
         def on_message_begin(self) -> None:
             self._header_bytes = 0

@@ -98,6 +98,7 @@ class SiteCache:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, read=None), follow_redirects=False)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="bp-sitecache")
         self._flights: dict[bytes, asyncio.Future[bytes]] = {}
+        self._pulls: set[asyncio.Task[None]] = set()
         # the upstream's answers about callers' tokens, by SHA-256 of the Authorization value (never the
         # token): (when, the /v1/whoami answer or {"refused": why}); kept on disk, so a café whose site
         # cache restarts while its uplink is down still lets its PCs in
@@ -114,6 +115,9 @@ class SiteCache:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def close(self) -> None:
+        for t in list(self._pulls):
+            t.cancel()
+        await asyncio.gather(*self._pulls, return_exceptions=True)
         await self.http.aclose()
         self.upstream.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -160,29 +164,38 @@ class SiteCache:
         loop = asyncio.get_running_loop()
         mine = [c for c in lacking if c not in self._flights]
         for c in mine:
-            self._flights[c] = loop.create_future()
+            f = self._flights[c] = loop.create_future()
+            f.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, waited for or not
         waits = {c: self._flights[c] for c in lacking}
-        if mine:
-            try:
-                pulled = await self.run(self._pull, mine)
-            except BaseException as e:
-                if isinstance(e, RepositoryUnavailable):
-                    self._upstream_failed(e)
-                self.counters["chunks_failed"] += len(mine)
-                for c in mine:
-                    f = self._flights.pop(c)
-                    if not f.done():
-                        f.set_exception(e)
-                        f.exception()  # retrieved: nobody else may be waiting
-                raise
-            self.last_upstream_ok = time.time()
-            self.counters["chunks_upstream"] += len(pulled)
-            self.counters["bytes_upstream"] += sum(map(len, pulled.values()))
-            for c in mine:
-                self._flights.pop(c).set_result(pulled[c])
+        if mine:  # a task of its own: a caller that goes away does not take the others' fetch with it
+            self._pulls.add(task := asyncio.ensure_future(self._pull_into(mine)))
+            task.add_done_callback(self._pulls.discard)
         for c, f in waits.items():
             got[c] = await asyncio.shield(f)
         return got
+
+    async def _pull_into(self, mine: list[bytes]) -> None:
+        try:
+            pulled = await self.run(self._pull, mine)
+        except BaseException as e:  # every waiter gets the failure (cancelled: the site cache is closing)
+            if isinstance(e, RepositoryUnavailable):
+                self._upstream_failed(e)
+            self.counters["chunks_failed"] += len(mine)
+            for c in mine:
+                f = self._flights.pop(c)
+                if not f.done():
+                    if isinstance(e, asyncio.CancelledError):
+                        f.cancel()
+                    else:
+                        f.set_exception(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        self.last_upstream_ok = time.time()
+        self.counters["chunks_upstream"] += len(pulled)
+        self.counters["bytes_upstream"] += sum(map(len, pulled.values()))
+        for c in mine:
+            self._flights.pop(c).set_result(pulled[c])
 
     # -- who may read what it holds ---------------------------------------------------------------
     async def decision(self, auth: str) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from blockprov.catalog.tokens import TokenStore
 from blockprov.errors import BlockprovError, VmFailed
 from blockprov.manifest import Manifest
 from blockprov.repo.local import LocalRepository
+from blockprov.results import to_dict
 from blockprov.vm.qemu import QEMU
 from blockprov.vm.record import IDLE, TIMEOUT, boot_until_idle, record
 
@@ -155,7 +156,7 @@ async def prepare(repo: LocalRepository, ref: str, serve: Serve, *, timeout: flo
             if is_blockprov_initramfs(initrd):
                 got = await record_netboot(repo, m, serve, timeout=timeout, idle=idle)
             else:
-                got = (await record(repo, m, timeout=timeout, idle=idle)).to_dict()
+                got = to_dict(await record(repo, m, timeout=timeout, idle=idle))
         except (BlockprovError, OSError) as e:
             repo.preparations.set(m.image, m.id, "failed", str(e))
             raise

@@ -148,21 +148,25 @@ def spawn(cmd: list[str], log: Path, ready: Callable[[], bool], name: str, timeo
     """Start ``cmd`` detached from us (its own session: it outlives the command that started it),
     its output appended to ``log``, and wait until ``ready()`` (asked every ``poll`` seconds);
     returns its pid. One that exits or is not ready in time is killed and reported with the end of
-    its log."""
+    its log. So is one whose wait is interrupted (Ctrl-C): the caller never learnt its pid, and a
+    detached process nobody knows of would outlive the command."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise VmFailed(name=name, why=f"{cmd[0]} exited with status {proc.returncode}: {_tail(log)}")
-        if ready():
-            return proc.pid
-        time.sleep(poll)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    raise VmFailed(name=name, why=f"not ready after {timeout:g} s: {_tail(log)}")
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise VmFailed(name=name, why=f"{cmd[0]} exited with status {proc.returncode}: {_tail(log)}")
+            if ready():
+                return proc.pid
+            time.sleep(poll)
+        raise VmFailed(name=name, why=f"not ready after {timeout:g} s: {_tail(log)}")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
 
 
 def start(cmd: list[str], d: Path, timeout: float = 30.0) -> int:

@@ -27,22 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from blockprov.cache import CacheDevice, repository_source
 from blockprov.errors import VmFailed
 from blockprov.manifest import Manifest
 from blockprov.nbd.server import NbdServer
 from blockprov.repo.base import Repository
+from blockprov.results import skip
 from blockprov.vm.qemu import QEMU
 
 log = logging.getLogger("blockprov.vm")
@@ -64,11 +66,7 @@ class Recorded:
     ended: str  # "poweroff", "idle", "timeout" or "no boot device"
     seconds: float
     direct_kernel: bool
-    console: str  # the end of the guest's serial console
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"image": self.image, "version": self.version, "chunks": self.chunks, "saved": self.saved,
-                "ended": self.ended, "seconds": round(self.seconds, 1), "direct_kernel": self.direct_kernel}
+    console: str = skip()  # the end of the guest's serial console (not in --json)
 
 
 def _tail_bytes(path: Path, n: int = CONSOLE_TAIL) -> bytes:
@@ -133,9 +131,19 @@ async def record(repo: Repository, manifest: Manifest, *, timeout: float = TIMEO
             raise VmFailed(name=name, why=f"the boot read nothing from its disk ({ended}); console: {console[-800:]}")
         if save:
             await loop.run_in_executor(None, repo.put_profile, manifest.image, manifest.id, order)
-        return Recorded(manifest.image, manifest.id, len(order), save, ended, seconds, files is not None, console)
+        return Recorded(manifest.image, manifest.id, len(order), save, ended, round(seconds, 1), files is not None,
+                        console)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_parent() -> None:
+    """In qemu's process, before it runs: killed with this process (a recording or preparation that
+    is killed, e.g. a background ``profile prepare`` stopped by the operator, leaves no qemu behind)."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 async def boot_until_idle(cmd: list[str], progress: Callable[[], int], console: Path, name: str, *,
@@ -145,7 +153,8 @@ async def boot_until_idle(cmd: list[str], progress: Callable[[], int], console: 
     with open(console, "wb") as out:
         try:
             proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                                                        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                                                        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                                                        preexec_fn=_dies_with_parent)
         except FileNotFoundError:
             raise VmFailed(name=name, why=f"{cmd[0]} is not installed (Debian package qemu-system-x86)") from None
     t0 = last_new = time.monotonic()

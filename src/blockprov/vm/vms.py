@@ -44,12 +44,13 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from blockprov import humanize as hz
 from blockprov.agent import control
+from blockprov.agent.instance import ReadOrder, StatusReport
 from blockprov.boot import is_blockprov_initramfs
 from blockprov.clones.clones import (
     base_dir,
@@ -77,6 +78,7 @@ from blockprov.errors import (
 from blockprov.manifest import Manifest
 from blockprov.names import UNIX_PATH_MAX, parse_ref
 from blockprov.repo.base import Repository
+from blockprov.results import from_dict, omit_none, to_dict
 from blockprov.vm import lazy, qemu, stored
 from blockprov.vm import template as tpl
 
@@ -100,18 +102,57 @@ def template_dir(root: Path, name: str) -> Path:
     return root / TEMPLATES / name
 
 
-def read_record(root: Path, name: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class VmRecord:
+    """A VM's record, ``vm.json`` in its directory (written with ``atomic_write``; a record that
+    says ``stopped`` is one ``vm stop`` ended; ``end`` says how it ended when not by ``vm stop``)."""
+
+    name: str
+    image: str
+    version: str
+    disk: str  # its overlay in ROOT/disks
+    machine: qemu.Machine
+    mac: str
+    pid: int | None = None
+    template: str | None = None  # a clone: its template
+    created: float = 0.0
+    stopped: bool = False
+    console: str = ""
+    end: str | None = omit_none()  # e.g. "templated as NAME"
+    customized: dict[str, Any] | None = omit_none()  # a clone's customization (``_customize``)
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """One VM as ``vm list`` / ``vm status`` show it."""
+
+    name: str
+    state: str  # qemu's (running, paused, …), or stopped, dead, or how it ended
+    pid: int | None
+    console: str | None
+    template: str | None
+    image: str | None
+    version: str | None
+    mac: str | None
+    memory_size: int
+    memory: dict[str, int] = field(default_factory=dict)  # smaps_rollup of its qemu
+    guest_ram: dict[str, int] = field(default_factory=dict)  # its RAM mapping's figures
+    why: str | None = omit_none()  # a dead VM: its last words
+
+
+def read_record(root: Path, name: str) -> VmRecord:
     try:
-        rec: dict[str, Any] = json.loads((vm_dir(root, name) / RECORD).read_text())
+        data = json.loads((vm_dir(root, name) / RECORD).read_text())
+        return from_dict(VmRecord, data)
     except FileNotFoundError:
         raise NotFound(msg=f"no VM {name} in {root}") from None
-    except ValueError as e:
+    except (ValueError, TypeError, AttributeError) as e:
         raise VmFailed(name=name, why=f"its record is unreadable: {e}") from None
-    return rec
 
 
-def write_record(root: Path, rec: dict[str, Any]) -> None:
-    atomic_write(vm_dir(root, rec["name"]) / RECORD, json.dumps(rec, indent=2, sort_keys=True).encode() + b"\n")
+def write_record(root: Path, rec: VmRecord) -> None:
+    atomic_write(vm_dir(root, rec.name) / RECORD,
+                 json.dumps(to_dict(rec), indent=2, sort_keys=True).encode() + b"\n")
 
 
 def names(root: Path) -> list[str]:
@@ -119,15 +160,8 @@ def names(root: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if (p / RECORD).exists()) if d.is_dir() else []
 
 
-def machine_of(rec: dict[str, Any]) -> qemu.Machine:
-    m = rec["machine"]
-    return qemu.Machine(qemu_version=m["qemu_version"], machine=m["machine"], memory=int(m["memory"]),
-                        cpus=int(m["cpus"]), extra_args=tuple(m["extra_args"]), kernel=bool(m["kernel"]),
-                        append=str(m["append"]))
-
-
-def is_alive(root: Path, rec: dict[str, Any]) -> bool:
-    return qemu.alive(rec.get("pid"), vm_dir(root, rec["name"]))
+def is_alive(root: Path, rec: VmRecord) -> bool:
+    return qemu.alive(rec.pid, vm_dir(root, rec.name))
 
 
 # -- the disks agent --------------------------------------------------------------------------------
@@ -184,10 +218,10 @@ def _new_vm_dir(root: Path, name: str, *, disk_made: bool = False) -> Path:
     d = vm_dir(root, instance_name(name))
     if (d / RECORD).exists():
         st = status(root, name)
-        why = f" ({st['why']})" if st.get("why") else ""
-        how = f"vm rm {name}" if st["state"] in ("dead", "stopped") or st["state"].startswith("templated") \
+        why = f" ({st.why})" if st.why else ""
+        how = f"vm rm {name}" if st.state in ("dead", "stopped") or st.state.startswith("templated") \
             else f"vm rm --force {name}"
-        raise Conflict(f"VM {name} already exists in {root}, {st['state']}{why}: `{how}` removes it and its "
+        raise Conflict(f"VM {name} already exists in {root}, {st.state}{why}: `{how}` removes it and its "
                        "disk, then the name is free")
     if not disk_made and name in list_instances(root / DISKS):
         raise UsageError(f"a disk named {name} already exists in {root / DISKS} (clones rm it first)")
@@ -199,7 +233,7 @@ def _new_vm_dir(root: Path, name: str, *, disk_made: bool = False) -> Path:
 
 
 def _taken_macs(root: Path) -> set[str]:
-    return {str(read_record(root, n).get("mac")) for n in names(root)}
+    return {read_record(root, n).mac for n in names(root)}
 
 
 def check_room(root: Path, what: str, needed: int, memory: int) -> None:
@@ -227,7 +261,7 @@ def refuse_netboot_files(ref: str, initrd: bytes) -> None:
 
 
 def run(root: Path, repo: Repository, repo_args: list[str], m: Manifest, name: str, *, memory: int, cpus: int,
-        extra_args: tuple[str, ...], machine: str = "pc", timeout: float = 60.0) -> dict[str, Any]:
+        extra_args: tuple[str, ...], machine: str = "pc", timeout: float = 60.0) -> VmRecord:
     """Start a VM on a new overlay of version ``m``: direct kernel boot with the version's boot files
     when it has them, else from the disk's own boot loader. Returns once QMP says the guest runs;
     anything that fails on the way (or Ctrl-C) removes what was made, so the name stays free."""
@@ -245,25 +279,24 @@ def run(root: Path, repo: Repository, repo_args: list[str], m: Manifest, name: s
                         append=boot.cmdline if boot is not None else "")
     check_room(root, f"VM {name}", memory + sum(len(b) for b in files.values()) + ROOM_SLACK, memory)
     d = _new_vm_dir(root, name)
-    rec: dict[str, Any] = {}
+    pid: int | None = None
     try:
         for f, data in files.items():
             atomic_write(d / f, data)
         asyncio.run(create_instances(root / DISKS, repo, m, [name]))
         sock = ensure_disks_served(root, repo_args)
-        rec = {"name": name, "image": m.image, "version": m.id, "disk": name, "machine": asdict(mach),
-               "mac": qemu.new_mac(_taken_macs(root)), "pid": None, "template": None, "created": time.time(),
-               "stopped": False, "console": str(d / "console.log")}
-        rec["machine"]["extra_args"] = list(extra_args)
+        rec = VmRecord(name=name, image=m.image, version=m.id, disk=name, machine=mach,
+                       mac=qemu.new_mac(_taken_macs(root)), created=time.time(), console=str(d / "console.log"))
         write_record(root, rec)
-        wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, name), mac=rec["mac"], memory_path=d / tpl.MEMORY,
+        wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, name), mac=rec.mac, memory_path=d / tpl.MEMORY,
                              share=True, incoming=False, kernel=d / "vmlinuz" if files else None,
                              initrd=d / "initrd" if files else None)
-        rec["pid"] = qemu.start(qemu.command(mach, wiring), d)
+        pid = qemu.start(qemu.command(mach, wiring), d)
+        rec = replace(rec, pid=pid)
         write_record(root, rec)
-        qemu.wait_running(d, rec["pid"], timeout)
+        qemu.wait_running(d, pid, timeout)
     except BaseException:
-        _undo(root, name, rec.get("pid"))
+        _undo(root, name, pid)
         raise
     return rec
 
@@ -277,7 +310,7 @@ def _discard(root: Path, name: str, pid: int | None = None) -> None:
     and its name is free again. The disks agent is the caller's to stop."""
     d = vm_dir(root, name)
     with contextlib.suppress(BlockprovError, OSError, ValueError, KeyError):
-        pid = pid or read_record(root, name).get("pid")
+        pid = pid or read_record(root, name).pid
     with contextlib.suppress(BlockprovError, OSError):
         if pid:
             qemu.kill(int(pid), d, grace=2.0)
@@ -295,29 +328,25 @@ def _undo(root: Path, name: str, pid: int | None) -> None:
 
 
 # -- list / stop / rm ---------------------------------------------------------------------------------
-def status(root: Path, name: str) -> dict[str, Any]:
+def status(root: Path, name: str) -> VmStatus:
     """One VM as ``vm list`` shows it: state (running, paused, …, stopped, dead), pid, console log,
     template, and its memory on the host (shared and private, from smaps_rollup)."""
     rec = read_record(root, name)
     d = vm_dir(root, name)
-    row: dict[str, Any] = {"name": name, "pid": rec.get("pid"), "console": rec.get("console"),
-                           "template": rec.get("template"), "image": rec.get("image"), "version": rec.get("version"),
-                           "mac": rec.get("mac"), "memory_size": rec["machine"]["memory"], "memory": {},
-                           "guest_ram": {}}
+    row = VmStatus(name=name, state="", pid=rec.pid, console=rec.console, template=rec.template, image=rec.image,
+                   version=rec.version, mac=rec.mac, memory_size=rec.machine.memory)
     if is_alive(root, rec):
-        row["state"] = _qemu_state(d)
-        row["memory"] = qemu.smaps_rollup(int(rec["pid"]))
+        assert rec.pid is not None
         ram = d / tpl.MEMORY
-        if rec.get("template"):
-            td = template_dir(root, rec["template"])
+        if rec.template:
+            td = template_dir(root, rec.template)
             ram = tpl.memory_path(tpl.load(td), td)
-        row["guest_ram"] = qemu.mapping_figures(int(rec["pid"]), ram)
-    else:
-        row["state"] = rec.get("end") or ("stopped" if rec.get("stopped") else "dead")
-        row["pid"] = None if rec.get("stopped") else rec.get("pid")
-        if row["state"] == "dead":
-            row["why"] = "qemu exited without `vm stop`: " + (_last_log_line(d) or _full(d) or "no message")
-    return row
+        return replace(row, state=_qemu_state(d), memory=qemu.smaps_rollup(rec.pid),
+                       guest_ram=qemu.mapping_figures(rec.pid, ram))
+    state = rec.end or ("stopped" if rec.stopped else "dead")
+    why = "qemu exited without `vm stop`: " + (_last_log_line(d) or _full(d) or "no message") if state == "dead" \
+        else None
+    return replace(row, state=state, pid=None if rec.stopped else rec.pid, why=why)
 
 
 def _full(d: Path) -> str:
@@ -348,12 +377,12 @@ def _qemu_state(d: Path) -> str:
         return "unresponsive"
 
 
-def list_all(root: Path) -> list[dict[str, Any]]:
+def list_all(root: Path) -> list[VmStatus]:
     return [status(root, n) for n in names(root)]
 
 
-def _quit(root: Path, rec: dict[str, Any], timeout: float = 10.0) -> None:
-    d = vm_dir(root, rec["name"])
+def _quit(root: Path, rec: VmRecord, timeout: float = 10.0) -> None:
+    d = vm_dir(root, rec.name)
 
     async def ask() -> None:
         async with qemu.qmp(d, timeout=3.0) as c:
@@ -363,8 +392,8 @@ def _quit(root: Path, rec: dict[str, Any], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and is_alive(root, rec):
         time.sleep(0.05)
-    if rec.get("pid"):
-        qemu.kill(int(rec["pid"]), d)
+    if rec.pid:
+        qemu.kill(rec.pid, d)
 
 
 def stop(root: Path, name: str, *, stop_agent: bool = True) -> dict[str, Any]:
@@ -377,12 +406,11 @@ def stop(root: Path, name: str, *, stop_agent: bool = True) -> dict[str, Any]:
     try:
         if was:
             _quit(root, rec)
-        if not rec.get("template"):  # a clone's RAM is its template's file
+        if not rec.template:  # a clone's RAM is its template's file
             (vm_dir(root, name) / tpl.MEMORY).unlink(missing_ok=True)
-        rec["stopped"] = True
         recorded = True
         try:
-            write_record(root, rec)
+            write_record(root, replace(rec, stopped=True))
         except OSError as e:  # still full: the VM is stopped all the same, and `vm list` shows it dead
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -393,12 +421,12 @@ def stop(root: Path, name: str, *, stop_agent: bool = True) -> dict[str, Any]:
     return {"name": name, "stopped": True, "was_running": was, "recorded": recorded}
 
 
-def refuse_running(root: Path, name: str, force: bool) -> dict[str, Any]:
+def refuse_running(root: Path, name: str, force: bool) -> VmRecord:
     """VM ``name``'s record; a running VM is refused unless ``force`` (``vm rm`` used to kill it
     without a word)."""
     rec = read_record(root, name)
     if not force and is_alive(root, rec):
-        raise Conflict(f"VM {name} is running (pid {rec.get('pid')}): `vm stop {name}` first, or `vm rm --force "
+        raise Conflict(f"VM {name} is running (pid {rec.pid}): `vm stop {name}` first, or `vm rm --force "
                        f"{name}` to stop and remove it")
     return rec
 
@@ -428,11 +456,11 @@ def make_template(root: Path, repo: Repository, name: str, source: str, timeout:
     and its disk (committed as ``IMAGE:vmtpl-NAME``); then stop the VM. See template.py."""
     instance_name(name)
     rec = read_record(root, source)
-    if rec.get("template"):
-        raise UsageError(f"VM {source} is a clone (of {rec['template']}): its RAM is a private mapping, not a file")
+    if rec.template:
+        raise UsageError(f"VM {source} is a clone (of {rec.template}): its RAM is a private mapping, not a file")
     d = vm_dir(root, source)
     if not is_alive(root, rec):
-        raise VmNotRunning(name=source, state=status(root, source)["state"])
+        raise VmNotRunning(name=source, state=status(root, source).state)
     t = template_dir(root, name)
     if (t / tpl.MANIFEST).exists():
         raise UsageError(f"template {name} already exists in {root}")
@@ -450,17 +478,16 @@ def make_template(root: Path, repo: Repository, name: str, source: str, timeout:
     try:
         asyncio.run(freeze())
         snap = control.call(instance_dir(root / DISKS, source), "snapshot", timeout=timeout,
-                            to=f"{rec['image']}:vmtpl-{name}")
+                            to=f"{rec.image}:vmtpl-{name}")
     except BaseException:
         _thaw(d)  # failed or interrupted (Ctrl-C): the VM runs on as it was, no half template stays
         shutil.rmtree(t, ignore_errors=True)
         raise
     _quit(root, rec)
-    rec["stopped"], rec["end"] = True, f"templated as {name}"
-    write_record(root, rec)
+    write_record(root, replace(rec, stopped=True, end=f"templated as {name}"))
     os.replace(d / tpl.MEMORY, t / tpl.MEMORY)
     os.replace(state_tmp, t / tpl.STATE)
-    mach = machine_of(rec)
+    mach = rec.machine
     if mach.kernel:
         for f in ("vmlinuz", "initrd"):
             shutil.copyfile(d / f, t / f)
@@ -498,7 +525,7 @@ def list_templates(root: Path) -> list[dict[str, Any]]:
             t = tpl.load(p)
             out.append({"template": t.name, "from": t.from_vm, "disk": f"{t.image}@{t.version}",
                         "memory_size": t.machine.memory, "machine": t.machine.machine,
-                        "clones": [n for n in names(root) if read_record(root, n).get("template") == t.name]})
+                        "clones": [n for n in names(root) if read_record(root, n).template == t.name]})
     return out
 
 
@@ -566,7 +593,7 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
                     stop_disks_agent_if_idle(root)  # started for nothing
             raise
     new = next_names(root / DISKS, f"{name}-", count, also_taken=names(root))
-    started: list[dict[str, Any]] = []
+    started: list[VmRecord] = []
     failed: dict[str, str] = {}
     try:
         asyncio.run(create_instances(root / DISKS, repo, m, new))
@@ -585,7 +612,7 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
                 if index == 0 and mm is not None:
                     steps["memory fetched at resume"] = _fetched(root, mm)
                 if customize:
-                    rec["customized"] = _customize(root, customize, vm, index, timeout)
+                    rec = replace(rec, customized=_customize(root, customize, vm, index, timeout))
                 started.append(rec)
             except BlockprovError as e:
                 failed[vm] = str(e)
@@ -594,7 +621,7 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
         # Ctrl-C, or a step before the first clone failed: the clones not fully started go (a paused
         # qemu, an overlay `vm list` would never show), and the disks agent (with the lazy memory's
         # mount) if no VM runs. Those that were started run on, as `vm list` shows.
-        done = {r["name"] for r in started}
+        done = {r.name for r in started}
         for vm in new:
             if vm not in done:
                 _discard(root, vm)
@@ -604,8 +631,8 @@ def clone(root: Path, repo: Repository, repo_args: list[str], name: str, count: 
     if not started:
         stop_disks_agent_if_idle(root)
     step("done")
-    out = {"template": name, "clones": [r["name"] for r in started], "failed": failed, "pulled": pulled,
-           "customized": {r["name"]: r.get("customized") for r in started if customize}, "steps": steps}
+    out = {"template": name, "clones": [r.name for r in started], "failed": failed, "pulled": pulled,
+           "customized": {r.name: r.customized for r in started if customize}, "steps": steps}
     if mm is not None and started:
         out["resume_profile"] = _record_resume_profile(root, repo, mm)
     return out
@@ -644,12 +671,13 @@ def _fetched(root: Path, mm: Manifest) -> dict[str, Any]:
     repository requests in all, and the chunks its prefetch (hydration) fetched, the rest being
     page faults; {} when the agent does not say."""
     try:
-        st = control.call(base_dir(root / DISKS, mm), "status", timeout=10.0)
+        st = from_dict(StatusReport, control.call(base_dir(root / DISKS, mm), "status", timeout=10.0))
     except (BlockprovError, OSError):
         return {}
-    h = st.get("hydration") or {}
-    return {"chunks": st.get("chunks_fetched"), "bytes": st.get("bytes_fetched"), "requests": st.get("batches"),
-            "prefetched_chunks": h.get("chunks_fetched"), "prefetch": h.get("state")}
+    f, h = st.device.fetch, st.hydration
+    return {"chunks": f.chunks_fetched if f else None, "bytes": f.bytes_fetched if f else None,
+            "requests": f.batches if f else None, "prefetched_chunks": h.chunks_fetched if h else None,
+            "prefetch": h.state if h else None}
 
 
 def _prefetch_memory(root: Path, mm: Manifest) -> None:
@@ -686,7 +714,7 @@ def _record_resume_profile(root: Path, repo: Repository, mm: Manifest, *, settle
         quiet_since = time.monotonic()
         while time.monotonic() < deadline and time.monotonic() - quiet_since < settle:
             time.sleep(0.1)
-            now = control.call(base, "profile", timeout=10.0)["order"]
+            now = from_dict(ReadOrder, control.call(base, "profile", timeout=10.0)).order
             if len(now) != len(order):
                 order, quiet_since = now, time.monotonic()
         if not order:
@@ -698,23 +726,21 @@ def _record_resume_profile(root: Path, repo: Repository, mm: Manifest, *, settle
 
 
 def _start_clone(root: Path, t: tpl.Template, t_dir: Path, vm: str, sock: Path, timeout: float,
-                 step: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 step: Callable[[str], None] | None = None) -> VmRecord:
     """Start one clone: qemu waiting for its device state, the state loaded, ``cont``; ``step``
     (the first clone's) is told when each of the three is done."""
     def done(what: str) -> None:
         if step is not None:
             step(what)
     d = _new_vm_dir(root, vm, disk_made=True)
-    rec: dict[str, Any] = {"name": vm, "image": t.image, "version": t.version, "disk": vm,
-                           "machine": asdict(t.machine), "mac": qemu.new_mac(_taken_macs(root)), "pid": None,
-                           "template": t.name, "created": time.time(), "stopped": False,
-                           "console": str(d / "console.log")}
-    rec["machine"]["extra_args"] = list(t.machine.extra_args)
+    rec = VmRecord(name=vm, image=t.image, version=t.version, disk=vm, machine=t.machine,
+                   mac=qemu.new_mac(_taken_macs(root)), template=t.name, created=time.time(),
+                   console=str(d / "console.log"))
     write_record(root, rec)
-    wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, vm), mac=rec["mac"], memory_path=tpl.memory_path(t, t_dir),
+    wiring = qemu.Wiring(dir=d, disk_uri=_disk_uri(sock, vm), mac=rec.mac, memory_path=tpl.memory_path(t, t_dir),
                          share=False, incoming=True, kernel=t_dir / "vmlinuz" if t.machine.kernel else None,
                          initrd=t_dir / "initrd" if t.machine.kernel else None)
-    rec["pid"] = qemu.start(qemu.command(t.machine, wiring), d)
+    rec = replace(rec, pid=qemu.start(qemu.command(t.machine, wiring), d))
     write_record(root, rec)
     done("qemu started")
 

@@ -31,6 +31,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from blockprov import boot, names
 from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
+from blockprov.results import to_dict
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
 from blockprov.service.routes.common import JSON_BODY, OCTETS, json_body, json_of, version_ref
 from blockprov.service.state import Service
@@ -47,7 +48,7 @@ async def get_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     """The version's boot file descriptors and command line; ``{"boot": null}`` when it has none."""
     svc = Service.of(request)
     info = await svc.run(svc.repo.get_boot_files, version_ref(name, vid))
-    return {"boot": None if info is None else info.to_dict()}
+    return {"boot": None if info is None else to_dict(info)}
 
 
 @router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=json_body(1 << 20))
@@ -71,7 +72,7 @@ async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     info = await svc.run(svc.repo.record_boot_files, r.name, str(r.version), kernel, initrd, cmdline, loader)
     if svc.prepare is not None and request.query_params.get("prepare", "1") != "0":
         await svc.run(svc.prepare, r.name, str(r.version))  # a profile prepared in the background (vm/prepare.py)
-    return dict(info.to_dict())
+    return to_dict(info)
 
 
 @router.get("/v1/images/{name}/versions/{vid}/preparation", tags=["boot"])
@@ -112,7 +113,8 @@ async def _ranged(request: Request, size: int, tag: str, parts: list[Part], medi
     """A body of ``size`` bytes made of ``parts`` (zeros between them) served with a strong ETag
     ``tag``, single ranges and HEAD. A boot file's pieces are verified before a byte of them is
     sent; the first job is rendered before the status line, so a bad first piece is a clean 422.
-    ``on_sent``: called once the whole body from its first byte has gone out (a host booted)."""
+    ``on_sent``: called when the whole body from its first byte is being sent (a host booted), before
+    its last piece goes out: a client holding the whole initrd may ask about the host at once."""
     svc = Service.of(request)
     etag = f'"{tag}"'
     headers = {"etag": etag, "accept-ranges": "bytes", "cache-control": "no-cache"}
@@ -165,11 +167,15 @@ async def _ranged(request: Request, size: int, tag: str, parts: list[Part], medi
     head = await get(jobs[0]) if jobs else b""
 
     async def body() -> AsyncIterator[bytes]:
-        yield head
+        # The boot is recorded before the last piece goes out, not after: a client holding the
+        # whole initrd may ask about the host at once, before this generator is resumed.
+        pieces = [head]
         for job in jobs[1:]:
-            yield await get(job)
+            pieces.append(await get(job))
+            yield pieces.pop(0)
         if on_sent is not None and lo == 0 and hi == size:
             await on_sent()
+        yield pieces.pop()
 
     return StreamingResponse(body(), status_code=status, headers=headers, media_type=media)
 
@@ -287,13 +293,13 @@ async def uefi_boot_image(host: str, request: Request, base: str | None = None, 
 @router.get("/v1/hosts", tags=["hosts"])
 async def list_hosts(request: Request) -> dict[str, Any]:
     svc = Service.of(request)
-    return {"hosts": [h.to_dict() for h in await svc.run(svc.repo.hosts)]}
+    return {"hosts": [to_dict(h) for h in await svc.run(svc.repo.hosts)]}
 
 
 @router.get("/v1/hosts/{host}", tags=["hosts"])
 async def get_host(host: str, request: Request) -> dict[str, Any]:
     svc = Service.of(request)
-    return dict((await svc.run(svc.repo.registry.host, host)).to_dict())
+    return to_dict(await svc.run(svc.repo.registry.host, host))
 
 
 @router.put("/v1/hosts/{host}", tags=["hosts"], openapi_extra=JSON_BODY)
@@ -312,7 +318,7 @@ async def assign_host(host: str, request: Request) -> dict[str, Any]:
                          f"({', '.join(boot.SETTINGS)}); only ref is required")
     settings = {k: d[k] for k in boot.SETTINGS if k in d}
     info = await svc.run(svc.repo.assign_host, host, parse_ref(d["ref"]), d.get("args"), settings)
-    return dict(info.to_dict())
+    return to_dict(info)
 
 
 @router.delete("/v1/hosts/{host}", tags=["hosts"])

@@ -16,6 +16,7 @@ from blockprov import manifest as mf
 from blockprov.errors import UsageError
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, tag_name, version_id
+from blockprov.results import to_dict
 from blockprov.service.rawview import IMMUTABLE, etag_matches
 from blockprov.service.routes.common import body_of, json_body, json_of, ref_in
 from blockprov.service.state import Service
@@ -26,13 +27,13 @@ router = APIRouter()
 @router.get("/v1/images", tags=["catalog"])
 async def list_images(request: Request) -> dict[str, Any]:
     svc = Service.of(request)
-    return {"images": [i.to_dict() for i in await svc.run(svc.repo.images)]}
+    return {"images": [to_dict(i) for i in await svc.run(svc.repo.images)]}
 
 
 @router.get("/v1/images/{name}/versions", tags=["catalog"])
 async def list_versions(name: str, request: Request) -> dict[str, Any]:
     svc = Service.of(request)
-    return {"versions": [v.to_dict() for v in await svc.run(svc.repo.versions, image_name(name))]}
+    return {"versions": [to_dict(v) for v in await svc.run(svc.repo.versions, image_name(name))]}
 
 
 @router.get("/v1/images/{name}/manifest", tags=["catalog"], response_class=Response)

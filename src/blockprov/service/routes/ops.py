@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from blockprov import __version__
 from blockprov.errors import Unauthorized, UsageError
+from blockprov.results import to_dict
 from blockprov.service.access import bearer
 from blockprov.service.state import Service
 
@@ -43,7 +44,7 @@ async def whoami(request: Request) -> dict[str, Any]:
     if enforced and token is not None and info is None:
         raise Unauthorized(why="the token given is not valid (unknown, revoked or malformed)")
     return {"enforced": enforced, "anonymous_read": policy.anonymous_read, "anonymous_boot": policy.anonymous_boot,
-            "token": None if info is None else {k: v for k, v in info.to_dict().items() if k != "revoked"}}
+            "token": None if info is None else {k: v for k, v in to_dict(info).items() if k != "revoked"}}
 
 
 @router.get("/metrics", tags=["service"], response_class=Response)
@@ -65,4 +66,4 @@ async def gc(request: Request, grace: float | None = None) -> dict[str, Any]:
         # NaN compares false with every upload time, so it would delete uploads still in progress
         raise UsageError(f"grace must be 0 to {MAX_GRACE:g} seconds, not {grace}")
     stats = await svc.run(svc.repo.gc) if grace is None else await svc.run(svc.repo.gc, grace)
-    return stats.to_dict()
+    return to_dict(stats)

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from blockprov.catalog.tokens import TokenInfo
 from blockprov.errors import UsageError
 from blockprov.names import site_name
+from blockprov.results import to_dict
 from blockprov.service.routes.common import json_body, json_of
 from blockprov.service.state import Service
 
@@ -25,7 +26,7 @@ router = APIRouter()
 @router.get("/v1/sites", tags=["sites"])
 async def list_sites(request: Request) -> dict[str, Any]:
     svc = Service.of(request)
-    return {"sites": [s.to_dict() for s in await svc.run(svc.repo.sites)]}
+    return {"sites": [to_dict(s) for s in await svc.run(svc.repo.sites)]}
 
 
 @router.put("/v1/sites/{site}", tags=["sites"], openapi_extra=json_body(4096))
@@ -37,7 +38,7 @@ async def add_site(site: str, request: Request) -> dict[str, Any]:
     d = await json_of(request)
     if not isinstance(d, dict) or not isinstance(d.get("cache", ""), str | None):
         raise UsageError('expected {"cache": "http://HOST:PORT"} or {}')
-    return dict((await svc.run(svc.repo.add_site, site, d.get("cache"))).to_dict())
+    return to_dict(await svc.run(svc.repo.add_site, site, d.get("cache")))
 
 
 @router.delete("/v1/sites/{site}", tags=["sites"])
