@@ -11,7 +11,8 @@ APT_PKGS=(
     python3-venv                       # `python3 -m venv` below, with Debian's python3
     qemu-utils                         # qemu-img, qemu-io, qemu-nbd
     qemu-block-extra                   # qemu's curl driver (http:// drives: the raw view, remote boot)
-    qemu-system-x86                    # qemu-system-x86_64 (and its ipxe-qemu ROMs): tests/boot, remote boot
+    qemu-system-x86                    # qemu-system-x86_64: tests/boot, remote boot
+    ipxe-qemu                          # the NICs' iPXE ROMs, BIOS and EFI (efi-virtio.rom: tests/boot/test_uefi.py)
     libnbd-bin                         # nbdinfo, nbdcopy, nbdfuse (clone --customize builtin:identity)
     python3-libnbd                     # nbdsh and `import nbd` for /usr/bin/python3 (NBD clients in tests)
     nbdkit                             # a second NBD server to compare with
