@@ -27,7 +27,9 @@ import pytest
 from tests import bootvm
 from tests.conftest import require_tool, run_cli
 
-pytestmark = pytest.mark.interop  # a missing qemu-system-x86_64 fails naming its package (tests/conftest.py)
+# a missing qemu-system-x86_64 fails naming its package (tests/conftest.py); the module's first test sets up one
+# boot, a template and three clones: bounded for a shared, loaded machine
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(1200)]
 COUNT = re.compile(r"BP-COUNT n=(\d+) host=")  # whole lines only: a paused guest may stop mid-line
 CLONES = 3
 
