@@ -245,6 +245,8 @@ def stranded(ref: str, version: str, hosts: Sequence[str]) -> str:
     return (f"{len(hosts)} host(s) follow {ref} ({shown}) and {ref.split(':')[0]}@{version[:12]} has no boot files: "
             f"they cannot boot until it has (a PC that boots onto its own disk: blockprov boot-files build {ref}; "
             f"another kernel and initrd: blockprov boot-files set {ref} --kernel FILE --initrd FILE)")
+
+
 IPXE_PLATFORMS = {"efi": "uefi", "pcbios": "bios"}  # iPXE's ${platform} → the host's firmware
 
 
@@ -367,6 +369,8 @@ def uefi_image(files: Mapping[str, BootFile], words: Sequence[str], note: str) -
     volume = fat.layout([(p, x.size if isinstance(x, BootFile) else len(x)) for p, x in content],
                         cluster=IMAGE_CLUSTER, label="BLOCKPROV", serial=int(etag[:8], 16))
     return UefiImage(volume, dict(content), etag)
+
+
 def is_blockprov_initramfs(initrd: bytes) -> bool:
     """True for blockprov's network-boot initramfs (a gzip'd newc cpio holding INITRAMFS_MARK near
     its start): only the first MiB is unpacked, whatever the archive's size."""
