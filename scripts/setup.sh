@@ -25,6 +25,7 @@ APT_PKGS=(
     fdisk gdisk                        # sfdisk, sgdisk: check the GPT a PC's disk over 2 TiB gets (netboot/disk.py)
     ovmf                               # UEFI firmware for qemu (with Secure Boot and Microsoft's keys): tests/boot/test_uefi.py
     shim-signed grub-efi-amd64-signed  # Debian's signed UEFI loader (shim, GRUB, MOK manager): boot-files build --efi debian
+    iproute2 dnsmasq-base kea-dhcp4-server  # docs/operations.md's DHCP examples for PXE and UEFI HTTP boot, run as written
     dmsetup thin-provisioning-tools    # a PC's native data path: dmsetup, era_invalidate in the initramfs (netboot/native.py)
     postgresql                         # initdb, postgres: the shared catalog's tests
     chromium chromium-driver           # a real browser for the console's test (selenium uses this chromedriver)

@@ -38,6 +38,8 @@ TOOL_PACKAGES = {
     "mdir": "mtools", "fsck.fat": "dosfstools",  # read the FAT volumes fat.py lays out
     "sfdisk": "fdisk", "sgdisk": "gdisk",  # a tool we did not write reads the GPT netboot/disk.py writes
     "dmsetup": "dmsetup", "era_invalidate": "thin-provisioning-tools",  # the initramfs's native data path
+    # the DHCP examples of docs/operations.md, run as written in network namespaces (test_dhcp_examples.py)
+    "ip": "iproute2", "dnsmasq": "dnsmasq-base", "kea-dhcp4": "kea-dhcp4-server",
 }
 
 
