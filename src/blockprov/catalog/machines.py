@@ -324,6 +324,7 @@ class Registry:
             raise UsageError(f"a host's firmware is {' or '.join(FIRMWARE)}, not {firmware!r}")
         self.db.write("UPDATE hosts SET firmware=? WHERE host=? AND (firmware IS NULL OR firmware <> ?)",
                       (firmware, host_id(host), firmware))
+
     def record_refused(self, host: str, why: str) -> None:
         """The repository refused ``host``'s boot request (its access rules): when, and why."""
         self.db.write("UPDATE hosts SET last_refused=?, refused_why=? WHERE host=?",
