@@ -39,11 +39,15 @@ class Firmware:
     (SMM on, the variable store's flash secure). ``nvram``: the PC's own copy of OVMF's variable
     store, made at its first boot and kept across its boots (a PC keeps its NVRAM). ``ipxe``: the
     NIC's iPXE ROM boots first (BIOS: qemu's default ROM; UEFI: efi-virtio.rom); False: no ROM,
-    the firmware's own network boot (UEFI: PXE, then HTTP boot)."""
+    the firmware's own network boot (UEFI: PXE, then HTTP boot, over IPv4 then IPv6).
+    ``http_only``: OVMF set to HTTP boot over IPv4 only (its fw_cfg knobs: the PXE boot options
+    and the IPv6 stack off), as a PC whose operator chose HTTP boot, so it does not first wait out
+    PXE over IPv4 and IPv6 (minutes under TCG)."""
 
     kind: str = "bios"
     nvram: Path | None = None
     ipxe: bool = True
+    http_only: bool = False
 
     def args(self) -> list[str]:
         if self.kind == "bios":
@@ -59,6 +63,9 @@ class Firmware:
         out = ["-machine", "q35,smm=on" if secure else "q35",
                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                "-drive", f"if=pflash,format=raw,unit=1,file={self.nvram}"]
+        if self.http_only:
+            out += [*(a for knob in ("IPv4PXESupport", "IPv6PXESupport", "IPv6Support")
+                      for a in ("-fw_cfg", f"name=opt/org.tianocore/{knob},string=no"))]
         return [*out, "-global", "driver=cfi.pflash01,property=secure,value=on"] if secure else out
 
     def rom(self) -> str:

@@ -6,7 +6,8 @@ initramfs (``boot-files build``, which stores Debian's signed shim, GRUB and MOK
 qemu (TCG) on a q35 machine with OVMF (Debian ``ovmf``): its plain build, and its Secure Boot
 build with Microsoft's keys enrolled (``OVMF_CODE_4M.secboot.fd``, a per-PC copy of
 ``OVMF_VARS_4M.ms.fd``, SMM on, the variable flash secure), the NIC's EFI iPXE ROM
-(``efi-virtio.rom``) or none (the firmware's own PXE and HTTP boot). Each PC keeps its NVRAM file
+(``efi-virtio.rom``) or none (the firmware's own HTTP boot, set to HTTP boot over IPv4 only, as
+an operator would: its PXE and IPv6 off). Each PC keeps its NVRAM file
 across its boots. The firmware's console (OVMF, iPXE, GRUB) is on the serial port with the
 kernel's, so each test reads which path the machine took.
 
@@ -165,7 +166,7 @@ def test_firmware_http_boot_with_no_ipxe(uefirepo: tuple[Proc, str, int], tmp_pa
     GRUB, the kernel and the initramfs in it); the same agent runs; the host is recorded UEFI."""
     _server, url, _nonzero = uefirepo
     mac = "52:54:00:12:34:6b"
-    pc = Firmware("uefi", tmp_path / "nvram.fd", ipxe=False)
+    pc = Firmware("uefi", tmp_path / "nvram.fd", ipxe=False, http_only=True)
     assign(url, "check", "keep", mac=mac)
     b = netboot(blank_disk(tmp_path / "pc-disk.raw"), url, tmp_path / "console.log", mac=mac, firmware=pc,
                 bootfile=image_url(url, mac), timeout=TIMEOUT)
@@ -187,7 +188,7 @@ def test_secure_boot_pc_boots_the_signed_chain_from_the_network_and_its_disk(
     refused by that chain (what Secure Boot verifies: the kernel yes, the initramfs no)."""
     server, url, _nonzero = uefirepo
     mac = "52:54:00:12:34:6c"
-    pc = Firmware("secure", tmp_path / "nvram.fd", ipxe=False)
+    pc = Firmware("secure", tmp_path / "nvram.fd", ipxe=False, http_only=True)
     disk = blank_disk(tmp_path / "pc-disk.raw")
     # a version whose kernel was changed by one byte: its signature no longer matches
     tampered = tmp_path / "vmlinuz-tampered"
