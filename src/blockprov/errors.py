@@ -303,6 +303,16 @@ class UntrustedServer(BlockprovError):
     http_status = 502
 
 
+class UpstreamCutBody(BlockprovError):
+    """{url} closed the connection before it took the whole body of {what}: {why}"""
+
+    # A site cache passing a body on (service/sitecache.py): the upstream answers a body over its
+    # limit for the route with a 413 and closes, and the answer is lost with the connection. Not
+    # "unreachable" (issue 27: a hostile client's big body made the site cache say so).
+    exit_code = 7
+    http_status = 502
+
+
 class CacheError(BlockprovError):
     """{msg}"""
 

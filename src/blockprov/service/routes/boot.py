@@ -33,7 +33,7 @@ from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.results import to_dict
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
-from blockprov.service.routes.common import JSON_BODY, OCTETS, json_body, json_of, version_ref
+from blockprov.service.routes.common import JSON_BODY, OCTETS, fields_of, json_body, json_of, version_ref
 from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
@@ -58,9 +58,8 @@ async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     uploaded as chunks first (409 ``MissingChunks`` lists those still absent)."""
     svc = Service.of(request)
     r = version_ref(name, vid)
-    d = await json_of(request)
-    if not isinstance(d, dict):
-        raise UsageError('expected {"kernel": …, "initrd": …, "cmdline": "…"}')
+    d = fields_of(await json_of(request), ("kernel", "initrd", "cmdline"),
+                  'expected {"kernel": …, "initrd": …, "cmdline": "…"}')
     kernel, initrd = boot.BootFile.from_dict(d.get("kernel")), boot.BootFile.from_dict(d.get("initrd"))
     cmdline = d.get("cmdline", "")
     if not isinstance(cmdline, str):
