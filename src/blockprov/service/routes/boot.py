@@ -58,8 +58,8 @@ async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
     uploaded as chunks first (409 ``MissingChunks`` lists those still absent)."""
     svc = Service.of(request)
     r = version_ref(name, vid)
-    d = fields_of(await json_of(request), ("kernel", "initrd", "cmdline"),
-                  'expected {"kernel": …, "initrd": …, "cmdline": "…"}')
+    d = fields_of(await json_of(request), ("kernel", "initrd", "cmdline", "efi"),
+                  'expected {"kernel": …, "initrd": …, "cmdline": "…", "efi": {…}}')
     kernel, initrd = boot.BootFile.from_dict(d.get("kernel")), boot.BootFile.from_dict(d.get("initrd"))
     cmdline = d.get("cmdline", "")
     if not isinstance(cmdline, str):
