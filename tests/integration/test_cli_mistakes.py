@@ -909,6 +909,20 @@ ISSUE_27.update({
         (("clones", "rm", "--dir", "{w}/cl2", "img-1", "img-1"), 0, r"^removed img-1$"),
         (("clones", "list", "--dir", "{w}/cl2"), 0, r"^img-2 "),
     ],
+    # variants: an option typed where it does nothing was accepted and ignored (`attach --peer-rate` without
+    # --site, `--cacheable-fetch` on the embedded repository); a token revoked again was "revoked" again
+    "options-typed-for-nothing": [
+        (("attach", "img:v1", "--cache", "{w}/c9", "--socket", "{w}/s9", "--peer-rate", "1M", "--peer-slots", "2"),
+         2,
+         r"--peer-slots, --peer-rate do nothing here: the peer options are for an agent of a site"),
+        (("attach", "img:v1", "--cache", "{w}/c9", "--socket", "{w}/s9", "--cacheable-fetch"), 2,
+         r"--cacheable-fetch does nothing here"),
+        (("snapshot", "--cache", "{cache}", "--to", "img:s9", "--wait", "5"), 2,
+         r"--wait does nothing here: it is how long a registered agent \(--instance\) is waited for"),
+        (("token", "create", "--scope", "read", "--name", "t9"), 0, r"token \w+ \(t9\)"),
+        (("token", "revoke", "t9"), 0, r"^revoked \w+ \(t9\)$"),
+        (("token", "revoke", "t9"), 0, r"^\w+ \(t9\) was already revoked, at \d{4}-"),
+    ],
     # variants: a global option typed for the other kind of repository was ignored without a word (`--repo
     # URL --store s3://…` read the server's own store, `--token` went nowhere); typed ones are refused,
     # one from the environment (it serves many commands) is not

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from blockprov import humanize as hz
 from blockprov.agent import run_async as run_async  # the commands' event loop is the agent's
@@ -113,6 +114,20 @@ S3_ONLY = ("s3_endpoint", "s3_region", "s3_create_bucket", "s3_timeout")
 SERVER_ONLY = ("token", "ca")
 
 
+def nothing_here(given: list[str], why: str) -> None:
+    """The one refusal of options typed where they would do nothing (issue 27: accepted, then ignored)."""
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing here: {why}")
+
+
+def refuse_own_options(names: tuple[str, ...], why: str) -> None:
+    """Those of the running command's own options ``names`` (parameter names) typed on its command
+    line do nothing in the form it was given: refused, naming them as typed."""
+    ctx = click.get_current_context()
+    nothing_here([p.opts[0] for p in ctx.command.params
+                  if p.name in names and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE], why)
+
+
 class Ctx:
     def __init__(self, repo_url: str | None, data_dir: str | None, store: str | None = None,
                  store_options: StoreOptions | None = None) -> None:
@@ -146,9 +161,7 @@ class Ctx:
     def refuse_typed(self, names: tuple[str, ...], why: str) -> None:
         """UsageError naming those of ``names`` typed on the command line, and why they do nothing
         here. Only typed ones: an environment variable serves many commands and may not concern this one."""
-        given = ["--" + n.replace("_", "-") for n in names if n in self.typed]
-        if given:
-            raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing here: {why}")
+        nothing_here(["--" + n.replace("_", "-") for n in names if n in self.typed], why)
 
     def check_globals(self) -> None:
         """A global option typed for a repository of the other kind is refused, not ignored (issue 27:

@@ -7,12 +7,12 @@ import sys
 from typing import TYPE_CHECKING
 
 import click
-from click.core import ParameterSource
 
 from blockprov.cli._common import (
     S3_ONLY,
     Ctx,
     check_data_dir,
+    refuse_own_options,
     server_logs,
     size_option,
 )
@@ -142,14 +142,11 @@ def refuse_ignored(obj: Ctx, site_cache: bool) -> None:
                                               "repository with --upstream URL and its token with --upstream-token)")
     if not (obj.store or "").startswith("s3://"):
         obj.refuse_typed(S3_ONLY, "the S3 options are for an s3:// --store")
-    ctx = click.get_current_context()
-    names = REPOSITORY_ONLY if site_cache else SITE_CACHE_ONLY
-    typed = [p.opts[0] for p in ctx.command.params
-             if p.name in names and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
-    if typed:
-        why = ("a site cache (--upstream) follows the upstream's access rules and keeps chunks on disk (--cache-size); "
-               "the upstream prepares boot profiles" if site_cache else "a site cache's option (serve --upstream URL)")
-        raise UsageError(f"{', '.join(typed)} {'does' if len(typed) == 1 else 'do'} nothing here: {why}")
+    if site_cache:
+        refuse_own_options(REPOSITORY_ONLY, "a site cache (--upstream) follows the upstream's access rules and keeps "
+                                            "chunks on disk (--cache-size); the upstream prepares boot profiles")
+    else:
+        refuse_own_options(SITE_CACHE_ONLY, "a site cache's option (serve --upstream URL)")
 
 
 def register(cli: click.Group) -> None:

@@ -37,6 +37,7 @@ from blockprov.errors import (
     BlockprovError,
     BootFilesMissing,
     Conflict,
+    EfiLoaderMissing,
     Forbidden,
     MissingChunks,
     SiteNotFound,
@@ -131,8 +132,8 @@ class LocalRepository:
         self.catalog.close()
 
     # -- remote boot, profiles, agents (catalog/machines.py; the HTTP service calls these too) -
-    def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source,
-                       cmdline: str = "", *, prepare: bool = True) -> BootFilesInfo:
+    def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source, cmdline: str = "",
+                       efi: Mapping[str, boot.Source] | None = None, *, prepare: bool = True) -> BootFilesInfo:
         r = as_ref(ref)
         cmdline = kernel_args(cmdline)
         vid = self.catalog.resolve_id(r)
@@ -142,23 +143,30 @@ class LocalRepository:
 
         k = boot.split(kernel, "kernel", sink)
         i = boot.split(initrd, "initrd", sink)
-        return self.record_boot_files(r.name, vid, k, i, cmdline)
+        loader = {name: boot.split(src, name, sink) for name, src in (efi or {}).items()}
+        return self.record_boot_files(r.name, vid, k, i, cmdline, loader)
 
     def record_boot_files(self, image: str, vid: str, kernel: boot.BootFile, initrd: boot.BootFile,
-                          cmdline: str) -> BootFilesInfo:
+                          cmdline: str, efi: Mapping[str, boot.BootFile] | None = None) -> BootFilesInfo:
         """Record descriptors whose pieces were uploaded already: every piece must be present and
-        decode to the length the descriptor implies; pieces are made durable before the row."""
-        missing = self.store.missing(kernel.piece_ids() + initrd.piece_ids())
+        decode to the length the descriptor implies; pieces are made durable before the row.
+        ``efi``: the version's UEFI loader (boot.EFI_FILES), shim and GRUB both or neither."""
+        efi = dict(efi or {})
+        if efi and boot.efi_missing(efi):
+            raise UsageError(f"a UEFI loader needs {' and '.join(boot.EFI_NEEDED)}; "
+                             f"{', '.join(boot.efi_missing(efi))} missing")
+        files = [kernel, initrd, *efi.values()]
+        missing = self.store.missing([p for f in files for p in f.piece_ids()])
         if missing:
             raise MissingChunks([c.hex() for c in missing])
-        for f in (kernel, initrd):
+        for f in files:
             for n in range(f.count):  # header only: the length a piece decodes to
                 blob = self.store.get_blob(f.piece_id(n))
                 if len(blob) < codec.HEADER_SIZE or codec.HEADER.unpack_from(blob)[4] != f.piece_length(n):
                     raise UsageError(f"boot file piece {n} ({f.piece_id(n).hex()}) does not have the length "
                                      f"{f.piece_length(n)} its descriptor implies")
         self.store.sync()
-        return self.registry.set_boot_files(image_name(image), version_id(vid), kernel, initrd, cmdline)
+        return self.registry.set_boot_files(image_name(image), version_id(vid), kernel, initrd, cmdline, efi)
 
     def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
         r = as_ref(ref)
@@ -179,10 +187,13 @@ class LocalRepository:
         return b"".join(boot.assemble(f, self.store.get_blobs(f.piece_ids())))
 
     def boot_file_info(self, ref: Ref, which: str) -> boot.BootFile:
-        if which not in ("kernel", "initrd"):
-            raise UsageError(f"a boot file is 'kernel' or 'initrd', not {which!r}")
+        if which not in boot.BOOT_FILES:
+            raise UsageError(f"a boot file is one of {', '.join(boot.BOOT_FILES)}, not {which!r}")
         info = self._boot_files(ref)
-        return info.kernel if which == "kernel" else info.initrd
+        f = info.file(which)
+        if f is None:
+            raise EfiLoaderMissing(ref=f"{info.image}@{info.version}", missing=which)
+        return f
 
     def assign_host(self, host: str, ref: Ref | str, args: str | None = None,
                     settings: Mapping[str, str | None] | None = None) -> HostInfo:
@@ -194,26 +205,8 @@ class LocalRepository:
     def remove_host(self, host: str) -> None:
         self.registry.remove_host(host)
 
-    def boot_script(self, host: str, base_url: str | None = None, *, booting: bool = False) -> str:
-        """The host's iPXE script: ``exit`` when its disk is complete and current (boot.py's
-        ``disk_verdict``: the PC boots its own disk's loader), else the network boot. Answering
-        it records nothing but, with ``booting`` (iPXE asks, not an operator), that the PC was told
-        to boot its disk: a host has booted once it has fetched the whole initrd the script
-        names (service/routes/boot.py records that), or once its disk's initramfs asked
-        (``check_disk``), so neither an operator looking (``host script``, curl) nor a boot that
-        fails before then counts as its last boot."""
-        h, text, fingerprint = self._boot_plan(host, base_url)
-        version = f"{parse_ref(h.ref).name}@{h.version}"
-        if boot.disk_verdict(self.registry.disk_state(h.host), version=version, fingerprint=fingerprint,
-                             now=time.time(), from_disk=False) is None:
-            if booting:
-                self.registry.record_told(h.host)
-            return boot.disk_script(h.host, version)
-        return text
-
-    def _boot_plan(self, host: str, base_url: str | None) -> tuple[HostInfo, str, str]:
-        """The host, its network boot's script, and the fingerprint of what its disk's loader
-        would boot (boot.disk_fingerprint)."""
+    def _boot_plan(self, host: str, base_url: str | None) -> tuple[HostInfo, str, BootFilesInfo, str]:
+        """(host record, image, its version's boot files, base URL) of ``host`` booting now."""
         if base_url is None:
             raise UsageError("a boot script needs the repository's HTTP URL as hosts reach it (--base-url): "
                              "the embedded repository has none until `blockprov serve` exposes it")
@@ -226,12 +219,44 @@ class LocalRepository:
         if h.version is None:
             raise Conflict(f"host {h.host} is assigned {h.ref}, which no longer exists: re-assign it")
         info = self._boot_files(Ref(ref.name, version=h.version))
-        kw: dict[str, Any] = {"host": h.host, "image": ref.name, "version": h.version, "base": base,
-                              "cmdline": info.cmdline, "args": h.args, "settings": h.settings(),
-                              "reprovision": self.registry.reprovision_token(h.host)}
-        words = boot.script_words(**kw)
-        fingerprint = boot.disk_fingerprint(info.kernel.id, info.initrd.id, boot.disk_cmdline(" ".join(words)))
-        return h, boot.script(assigned=h.ref, **kw), fingerprint
+        return h, ref.name, info, base
+
+    def _words(self, h: HostInfo, image: str, info: BootFilesInfo, base: str) -> list[str]:
+        """The kernel command line of ``h``'s network boot (boot.boot_words), with the operator's
+        last re-provision request."""
+        assert h.version is not None
+        return boot.boot_words(host=h.host, image=image, version=h.version, base=base, cmdline=info.cmdline,
+                               args=h.args, settings=h.settings(), reprovision=self.registry.reprovision_token(h.host))
+
+    def _disk_verdict(self, host: str, base_url: str | None, *, from_disk: bool) -> tuple[HostInfo, str, str | None]:
+        """(host record, NAME@ID it is assigned, boot.disk_verdict on its disk): the fingerprint
+        of what its disk's loader boots after this network boot is the version's kernel and
+        initramfs and this command line as the loader keeps it (boot.disk_cmdline)."""
+        h, image, info, base = self._boot_plan(host, base_url)
+        version = f"{image}@{h.version}"
+        fingerprint = boot.disk_fingerprint(info.kernel.id, info.initrd.id,
+                                            boot.disk_cmdline(" ".join(self._words(h, image, info, base))))
+        return h, version, boot.disk_verdict(self.registry.disk_state(h.host), version=version,
+                                             fingerprint=fingerprint, now=time.time(), from_disk=from_disk)
+
+    def boot_script(self, host: str, base_url: str | None = None, *, booting: bool = False) -> str:
+        """The host's iPXE script: ``exit`` when its disk is complete and current (boot.py's
+        ``disk_verdict``: the PC boots its own disk's loader), else the network boot. Answering
+        it records nothing but, with ``booting`` (iPXE asks, not an operator), that the PC was told
+        to boot its disk: a host has booted once it has fetched the whole initrd the script
+        names (service/routes/boot.py records that), or once its disk's initramfs asked
+        (``check_disk``), so neither an operator looking (``host script``, curl) nor a boot that
+        fails before then counts as its last boot."""
+        h, version, why = self._disk_verdict(host, base_url, from_disk=False)
+        if why is None:
+            if booting:
+                self.registry.record_told(h.host)
+            return boot.disk_script(h.host, version)
+        h, image, info, base = self._boot_plan(host, base_url)
+        assert h.version is not None
+        return boot.script(host=h.host, assigned=h.ref, image=image, version=h.version, base=base,
+                           cmdline=info.cmdline, args=h.args, settings=h.settings(),
+                           reprovision=self.registry.reprovision_token(h.host))
 
     def check_disk(self, host: str, base_url: str | None, version: str, fingerprint: str) -> str | None:
         """The disk's own initramfs asks (netboot/everyday.py): it holds ``version`` whole and its
@@ -240,12 +265,9 @@ class LocalRepository:
         network."""
         self.registry.record_disk(host, version, fingerprint, seen=True)
         try:
-            h, _script, want = self._boot_plan(host, base_url)
+            h, _version, why = self._disk_verdict(host, base_url, from_disk=True)
         except (Conflict, BootFilesMissing) as e:  # the assignment cannot boot from the network either
             return str(e)
-        wanted = f"{parse_ref(h.ref).name}@{h.version}"
-        why = boot.disk_verdict(self.registry.disk_state(h.host), version=wanted, fingerprint=want,
-                                now=time.time(), from_disk=True)
         if why is None:
             with contextlib.suppress(BlockprovError):
                 self.registry.record_boot(h.host, str(h.version))
@@ -257,6 +279,18 @@ class LocalRepository:
 
     def reprovision_host(self, host: str) -> str:
         return self.registry.reprovision(host)
+
+    def uefi_image(self, host: str, base_url: str | None = None) -> tuple[boot.UefiImage, str, str]:
+        """The UEFI HTTP boot image of ``host`` (boot.uefi_image), its image and version: the
+        version's kernel, initramfs and UEFI loader, and a grub.cfg booting them with the command
+        line its iPXE script would give. EfiLoaderMissing when the version has no UEFI loader."""
+        h, image, info, base = self._boot_plan(host, base_url)
+        assert h.version is not None
+        if missing := boot.efi_missing(info.efi):
+            raise EfiLoaderMissing(ref=f"{image}@{h.version}", missing=", ".join(missing))
+        words = self._words(h, image, info, base)
+        return boot.uefi_image({"kernel": info.kernel, "initrd": info.initrd, **info.efi}, words,
+                               f"host {h.host} is assigned {h.ref} = {image}@{h.version}"), image, h.version
 
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
         self.registry.put_profile(image, version, list(order))

@@ -4,7 +4,10 @@ Binding first (instead of letting uvicorn bind) is what makes ``--listen 127.0.0
 kernel picks a free port, we read it back and report the real URL through ``on_ready`` once the
 server accepts connections — tests and ``blockprov serve`` rely on that line. SIGINT and SIGTERM
 make uvicorn finish in-flight requests and return normally (exit status 0), instead of re-raising
-the signal after shutdown as uvicorn does by default.
+the signal after shutdown as uvicorn does by default. Finishing is bounded (``SHUTDOWN_GRACE``): a
+client that holds its connection open mid-request (a proxy that never reads, a stalled peer) would
+otherwise keep a stopped server alive for ever; what a cancelled request was doing in a worker
+thread still ends before the process exits (the interpreter joins those threads).
 
 TLS (``--tls-cert``/``--tls-key``) is uvicorn's own: it wraps the socket we bound. The certificate
 and key are loaded once before the socket is bound, so a wrong path, a key that does not match
@@ -99,6 +102,9 @@ def warn_open(repo: LocalRepository, policy: AccessPolicy, host: str, *, tls: bo
             log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
 
 
+SHUTDOWN_GRACE = 10  # seconds in-flight requests get to finish after SIGTERM/SIGINT
+
+
 class _Server(uvicorn.Server):
     """uvicorn with a readiness callback and signal handling that ends in a normal return."""
 
@@ -188,7 +194,7 @@ def run_app(app: Any, host: str, port: int, *, on_ready: OnReady | None = None, 
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
         config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=75,
                                 lifespan="on", log_config=log_config, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                                http=bounded_http(request_timeout))
+                                http=bounded_http(request_timeout), timeout_graceful_shutdown=SHUTDOWN_GRACE)
         _Server(config, url_of(sock, "https" if tls_cert else "http"), on_ready).run(sockets=[sock])
     finally:
         sock.close()
@@ -220,7 +226,8 @@ class ServerThread:
         self.app.state.service.on_fetch = on_fetch
         self.sock = bind(host, 0)
         self.url = url_of(self.sock)
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_keep_alive=75)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_keep_alive=75,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE)
         self.server = _Server(config, self.url, None)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                         name="bp-serve")
