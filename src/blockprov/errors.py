@@ -149,6 +149,12 @@ class BootFilesMissing(Conflict):
     --kernel FILE --initrd FILE)"""
 
 
+class EfiLoaderMissing(Conflict):
+    """{ref} has no UEFI loader ({missing} missing): a UEFI PC boots it through iPXE only and its disk gets no \
+UEFI loader (store Debian's with: blockprov boot-files build {ref}, or boot-files set {ref} … --efi DIR, on a \
+machine with shim-signed and grub-efi-amd64-signed)"""
+
+
 class VmNotRunning(Conflict):
     """VM {name} is not running ({state})"""
 
