@@ -39,10 +39,12 @@ class _TwiceNamed(ValueError):
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     d = dict(pairs)
-    if len(d) != len(pairs):
+    if len(d) != len(pairs):  # the usual case costs one dict and a comparison
         seen: set[str] = set()
-        twice = next(k for k, _v in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _TwiceNamed(twice)
+        for k, _v in pairs:
+            if k in seen:
+                raise _TwiceNamed(k)
+            seen.add(k)
     return d
 
 
