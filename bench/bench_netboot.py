@@ -136,7 +136,10 @@ class Repo:
              firmware: Firmware = BIOS, http: bool = False) -> Any:
         """One boot of the PC; ``http``: the firmware's own HTTP boot of the host's boot image."""
         assign(self.server_url, mode, policy, ref=ref, hydrate=hydrate, readahead=None, extra=extra)
-        bootfile = f"http://10.0.2.2:{self.url.rsplit(':', 1)[1]}/v1/boot/{MAC}/boot.img" if http else None
+        # ?base=: the agent's repository URL through the link too (edk2 sends no port in its Host
+        # header, so the repository would name its own port, past the counting proxy)
+        port = self.url.rsplit(":", 1)[1]
+        bootfile = f"http://10.0.2.2:{port}/v1/boot/{MAC}/boot.img?base=http://10.0.2.2:{port}" if http else None
         b = netboot(disk, self.url, self.tmp / f"{name}.log", timeout=self.timeout, marks=(RESTORE_FROM, RESTORE_TO),
                     poll=POLL, firmware=firmware, bootfile=bootfile)
         if not b.done or b.done.get("mode") != mode:

@@ -919,6 +919,8 @@ ISSUE_27.update({
          r"--cacheable-fetch does nothing here"),
         (("snapshot", "--cache", "{cache}", "--to", "img:s9", "--wait", "5"), 2,
          r"--wait does nothing here: it is how long a registered agent \(--instance\) is waited for"),
+        (("import", "{w}/disk.img", "img:l1", "--label", "a=1", "--label", "a=2"), 2,
+         r"label 'a' is given twice, as '1' and '2'"),  # the first was dropped without a word
         (("token", "create", "--scope", "read", "--name", "t9"), 0, r"token \w+ \(t9\)"),
         (("token", "revoke", "t9"), 0, r"^revoked \w+ \(t9\)$"),
         (("token", "revoke", "t9"), 0, r"^\w+ \(t9\) was already revoked, at \d{4}-"),

@@ -110,6 +110,7 @@ CASES = [
      "update: unknown argument 'keep'; it takes to, keep_modified"),
     ("reset with an argument it does not take", b'{"op":"reset","eagre":true}', "reset: unknown argument 'eagre'"),
     ("snapshot with a misspelt target", b'{"op":"snapshot","to":"lab:x","targte":"t"}', "unknown argument 'targte'"),
+    ("an argument named twice", b'{"op":"hydrate","rate":5000000,"rate":1}', "names 'rate' twice in one object"),
     ("not an object", b"[1, 2]", "a control request is"),
     ("op not a string", b'{"op": 5}', "a control request is"),
     ("unknown op", b'{"op": "format-disk"}', "unknown control op"),

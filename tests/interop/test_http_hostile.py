@@ -159,6 +159,11 @@ CASES: list[Case] = [
     ("site join with an unknown field", "POST", "/v1/sites/s9/join", {"instance": AGENT, "site": "s8"}, 400,
      "UsageError"),
     ("missing ids with an unknown field", "POST", "/v1/chunks/missing", {"ids": [], "more": 1}, 400, "UsageError"),
+    # variant: a key named twice in one object: the last won without a word (another reader may take the first)
+    ("a host's policy named twice", "PUT", "/v1/hosts/pc2", b'{"ref": "lab:v1", "policy": "restore", "policy": "keep"}',
+     400, "UsageError"),
+    ("a key named twice, nested", "PUT", f"/v1/agents/{AGENT}", b'{"image": "lab", "hydration": {"a": 1, "a": 2}}',
+     400, "UsageError"),
 ]
 
 
@@ -168,8 +173,8 @@ def _resolve(env: Env, path: str, body: Any) -> tuple[str, bytes | None]:
         r = env.c.post(f"/v1/agents/{AGENT}/requests", json={"op": "status"})
         assert r.status_code == 201, r.text
         path = path.replace("RID", r.json()["id"])
-    if body is None:
-        return path, None
+    if body is None or isinstance(body, bytes):  # bytes: the JSON text as it is sent
+        return path, body
     if isinstance(body, str) and body.startswith("manifest:"):
         key, _, value = body[len("manifest:"):].partition("=")
         if "." in key:

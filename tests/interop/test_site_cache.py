@@ -235,11 +235,16 @@ def test_site_cache_bounds_what_it_passes_on(tmp_path: Path) -> None:
         assert grown < 64 * MIB, f"the site cache's peak grew by {grown >> 20} MiB"
         code, body = _curl(f"{url}/v1/chunks/fetch", "-X", "POST", "--data-binary", f"@{image}")  # 1 MiB of ids
         assert code == 413 and b"exceeds the limit of 524288 bytes" in body, body
-        # within --max-body, over the upstream's own limit for the route (64 KiB): the upstream's 413, or,
-        # when the upstream closed before it took the body, that, never "unreachable"
+        # within --max-body, over the upstream's own limit for the route (64 KiB, read from its /openapi.json):
+        # the upstream's 413, said by the site cache before a byte is passed on
         over = tmp_path / "over.bin"
         over.write_bytes(b" " * (200 << 10))
         code, body = _curl(host, *json_put, "--data-binary", f"@{over}")
+        assert code == 413 and b"exceeds the limit of 65536 bytes for PUT /v1/hosts/{host} (the upstream's)" in body, \
+            body
+        # chunked (no length to check first): the upstream's 413 passed on, or, when it closed before it took
+        # the body, that, never "unreachable"
+        code, body = _curl(host, *json_put, "-H", "transfer-encoding: chunked", "--data-binary", f"@{over}")
         assert (code, b"exceeds the limit of 65536 bytes" in body) == (413, True) or \
             (code, b"UpstreamCutBody" in body and b"over its limit for the route" in body) == (502, True), body
         # a body that does not come: 408 after --request-timeout, the connection closed

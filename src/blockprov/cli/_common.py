@@ -344,10 +344,16 @@ MEMORY_HELP = "a plain number is MiB, as qemu's -m; or with a unit: 512M, 2G"
 
 
 def labels_option(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
-    out = {}
+    """``--label KEY=VALUE``, repeatable. A key given twice with two values is refused (issue 27:
+    the first was dropped without a word), and so is an empty key."""
+    out: dict[str, str] = {}
     for item in value:
         if "=" not in item:
             raise click.BadParameter(f"labels are KEY=VALUE, not {item!r}")
         k, v = item.split("=", 1)
+        if not k:
+            raise click.BadParameter(f"a label needs a key: {item!r}")
+        if out.get(k, v) != v:
+            raise click.BadParameter(f"label {k!r} is given twice, as {out[k]!r} and {v!r}: which one?")
         out[k] = v
     return out

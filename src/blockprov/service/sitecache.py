@@ -46,6 +46,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, compile_path
 
 from blockprov import __version__, codec
 from blockprov.catalog.tokens import allows
@@ -118,6 +119,7 @@ class SiteCache:
                          "chunks_failed": 0, "corrupt_dropped": 0, "passed": 0, "stale_answers": 0}
         self.last_upstream_ok: float | None = None
         self.last_upstream_error: str | None = None
+        self._body_limits: list[tuple[str, re.Pattern[str], str, int]] | None = None  # the upstream's, per route
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -289,6 +291,25 @@ class SiteCache:
             kept = ({"headers": keep}, r.content)
         return r, kept
 
+    async def body_limit(self, method: str, path: str) -> tuple[str, int] | None:
+        """The upstream's own limit of a request body for ``method path`` (its route and
+        ``x-blockprov-max-body``, from its ``/openapi.json``, read once), or None when it is not
+        known (the upstream unreachable, or silent about this route): the upstream then decides."""
+        if self._body_limits is None:
+            try:
+                r = await self.http.get(f"{self.upstream_url}/openapi.json", timeout=30.0)
+                paths = r.json().get("paths", {}) if r.status_code == 200 else None
+                limits = [(m.upper(), compile_path(p)[0], p, int(op[MAX_BODY_KEY]))
+                          for p, ops in paths.items() for m, op in ops.items()
+                          if isinstance(op, dict) and MAX_BODY_KEY in op] if isinstance(paths, dict) else None
+            except (httpx.TransportError, ValueError, TypeError, AttributeError):
+                limits = None
+            if limits is None:
+                return None  # asked again next time
+            self._body_limits = limits
+        return next(((route, limit) for m, rx, route, limit in self._body_limits if m == method and rx.match(path)),
+                    None)
+
     def usage(self) -> dict[str, Any]:
         blobs, nbytes = self.store.usage()
         return {"chunks": blobs, "bytes": nbytes, "capacity": self.store.capacity, "evicted": self.store.evicted}
@@ -394,8 +415,15 @@ async def passthrough(request: Request) -> Response:
     sc = _sc(request)
     url = f"{sc.upstream_url}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
     headers = _forward_headers(request)
-    if "content-length" in request.headers:
-        headers["content-length"] = request.headers["content-length"]
+    size = request.headers.get("content-length")
+    if size is not None:
+        headers["content-length"] = size
+        # over the upstream's limit for the route: its 413, said here (the upstream would answer it
+        # and close before taking the body, and its answer would be lost with the connection)
+        known = await sc.body_limit(request.method, request.url.path) if size.isdigit() else None
+        if known is not None and int(size) > known[1]:
+            raise TooLarge(f"request body of {size} bytes exceeds the limit of {known[1]} bytes for "
+                           f"{request.method} {known[0]} (the upstream's)")
     has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
     try:
         r = await sc.http.request(request.method, url, headers=headers,
