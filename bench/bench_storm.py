@@ -19,7 +19,9 @@ What runs, and why:
   ``alone`` (today: each agent fetches from the repository itself), ``nginx`` (today's site cache:
   ``attach --cacheable-fetch`` through nginx's proxy_cache, proxy_cache_lock on), ``sitecache``
   (``blockprov serve --upstream``), ``peers`` (``attach --site``: chunks from the site's agents,
-  one owner per chunk fetching it from the repository; with ``--liar`` one lying peer is in the site).
+  one owner per chunk fetching it from the repository; with ``--liar`` one lying peer is in the site);
+  ``before`` (``--before`` another tree's blockprov, e.g. the commit before peers landed: its agents
+  alone, for an A/B of a lone agent with ``alone``).
 - **Time-to-ready** of an agent: from the common start to its last read's completion. **Repository
   egress**: the bytes the link carried from the repository during the run (chunks, registrations,
   joins: everything).
@@ -188,7 +190,7 @@ http {{
 def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]:
     """What the agents of a set-up talk to, their extra attach options, and the pid of the site
     cache or nginx between them and the link (None: none)."""
-    if setup in ("alone", "peers"):
+    if setup in ("alone", "peers", "before"):
         extra = ["--site", SITE, "--peer-listen", "127.0.0.1:0"] if setup == "peers" else []
         yield site.url, extra, None
         return
@@ -219,13 +221,14 @@ def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]
     raise ValueError(setup)
 
 
-def start_agents(site: Site, n: int, url: str, extra: list[str]) -> list[tuple[Proc, Path, Path]]:
-    """``attach`` N agents at once (nothing fetched: --no-profile, no read yet)."""
+def start_agents(site: Site, n: int, url: str, extra: list[str], bp: str = BP) -> list[tuple[Proc, Path, Path]]:
+    """``attach`` N agents at once (nothing fetched: --no-profile, no read yet); ``bp``: whose
+    ``blockprov`` (the ``before`` set-up: another tree's)."""
     procs = []
     env = {k: v for k, v in os.environ.items() if k not in ("BLOCKPROV_REPO", "BLOCKPROV_TOKEN")}
     for k in range(n):
         cache, sock = site.tmp / f"agent{k}", site.short / f"a{k}"
-        p = subprocess.Popen([BP, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
+        p = subprocess.Popen([bp, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
                               "--no-profile", "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
         procs.append((p, cache, sock))
@@ -328,11 +331,11 @@ class Run:
 
 
 def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, liar: bool,
-            rollout: dict[str, Any] | None) -> Run:
+            rollout: dict[str, Any] | None, before_bin: str = BP) -> Run:
     vid = RemoteRepository(site.direct).resolve(REF).id
     liar_peer = None
     with front(setup, site) as (url, extra, front_pid):
-        agents = start_agents(site, n, url, extra)
+        agents = start_agents(site, n, url, extra, before_bin if setup == "before" else BP)
         try:
             joined = None
             if setup == "peers":
@@ -541,6 +544,9 @@ def main() -> None:
     ap.add_argument("--liar", action="store_true", help="one lying peer in the peers runs")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--recapture", action="store_true", help="capture the trace again (else the cached one)")
+    ap.add_argument("--before", default="",
+                    help="the blockprov of another tree (its .venv/bin/blockprov): set-up 'before' runs its agents "
+                         "alone against this tree's repository (an A/B of a lone agent across commits)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of each set-up at N = 1, interleaved (the lone figures are their medians)")
     a = ap.parse_args()
@@ -582,8 +588,8 @@ def main() -> None:
             for setup, n in plan:
                 print(f"{setup} N={n} …", flush=True)
                 try:
-                    r = one_run(site, setup, n, trace_path, image.disk, liar=a.liar,
-                                rollout=v2 if v2 and n == max(counts) and setup != "nginx" else None)
+                    r = one_run(site, setup, n, trace_path, image.disk, liar=a.liar, before_bin=a.before or BP,
+                                rollout=v2 if v2 and n == max(counts) and setup not in ("nginx", "before") else None)
                 except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                     print(f"  FAILED: {e}", flush=True)
                     r = Run(setup, n, [], 0, 0, [str(e)[:300]], {}, 0, os.getloadavg())
