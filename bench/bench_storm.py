@@ -405,7 +405,12 @@ def do_rollout(site: Site, agents: list[tuple[Proc, Path, Path]], v2: dict[str, 
     seconds = time.monotonic() - t
     egress = site.link.stats()["down_bytes"]
     refetched = [int(o.get("chunks_refetched", 0)) for o in outs]
-    return {"seconds": seconds, "egress": egress, "changed_wire": v2["changed_wire"],
+    # the chunks' part of the egress: what the agents fetched from the repository itself for v2 (an
+    # owner's fetches for its peers included); the rest is manifests, joins and requests
+    vid = RemoteRepository(site.direct).resolve(v2["ref"]).id
+    chunks = sum(int(((status(c).get("sources") or {}).get("by_version") or {}).get(vid, {})
+                     .get("repository", {}).get("bytes", 0)) for _p, c, _s in agents)
+    return {"seconds": seconds, "egress": egress, "changed_wire": v2["changed_wire"], "chunk_bytes": chunks,
             "ratio": egress / v2["changed_wire"] if v2["changed_wire"] else None,
             "refetched_per_agent": statistics.median(refetched) if refetched else 0}
 
@@ -476,6 +481,10 @@ def goals(runs: list[Run]) -> list[str]:
         each = ", ".join(f"{p95(b) / p95(a):.2f}" for a, b in pairs)
         out.append(f"a lone agent with a site and no peers (median): {peer1[0] / lone_ready:.2f}x today's lone agent "
                    f"(interleaved pairs: {each})")
+    before = medians(runs, "before", 1)
+    if before is not None:
+        out.append(f"today's lone agent vs the one before peers landed (--before), medians: "
+                   f"{lone_ready:.1f} s vs {before[0]:.1f} s ({lone_ready / before[0]:.2f}x)")
     wrong = sum(r.mismatches for r in runs)
     out.append(f"wrong bytes read by any agent in any run: {wrong}; peer chunks refused as wrong: "
                f"{sum(r.peer_bad for r in runs)} ({'met' if wrong == 0 else 'NOT met'})")
@@ -522,7 +531,11 @@ def save(a: argparse.Namespace, runs: list[Run], meta: dict[str, Any]) -> list[s
                          "from peers MiB": "-", "from site cache MiB": "-", "wrong bytes": "-",
                          "peer chunks refused": "-",
                          "note": f"changed chunks' wire bytes {r.rollout['changed_wire'] / MIB:.1f} MiB; "
+                                 f"chunks from the repository to the agents {r.rollout.get('chunk_bytes', 0) / MIB:.2f}"
+                                 " MiB (the rest: manifests, joins, requests); "
                                  f"{r.rollout['refetched_per_agent']} chunks refetched per agent (median)"})
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k, "-") for k in cols} for r in rows]  # a rollout's row has no CPU columns
     g = goals(runs)
     write_results("storm", rows, meta | {"goals": "; ".join(g)})
     OUT.mkdir(parents=True, exist_ok=True)
@@ -584,7 +597,8 @@ def main() -> None:
                 meta["v2"] = (f"{v2['changed_chunks']} of the {v2['touched_chunks']} non-zero chunks the boot reads "
                               f"changed ({v2['changed_wire'] / MIB:.1f} MiB on the wire)")
             # by N, the set-ups interleaved (each N's set-ups see the same load); N = 1 repeated
-            plan = [(setup, n) for n in counts for _rep in range(a.repeats if n == 1 else 1) for setup in setups]
+            plan = [(setup, n) for n in counts for _rep in range(a.repeats if n == 1 else 1) for setup in setups
+                    if n == 1 or setup != "before"]  # the older agents: the lone A/B only
             for setup, n in plan:
                 print(f"{setup} N={n} …", flush=True)
                 try:
