@@ -196,6 +196,7 @@ def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]
         return
     if setup == "sitecache":
         proc, url = start_server(site.tmp / "sitecache", "--upstream", site.url, "--cache-size", "8G")
+        drain(proc.proc, site.tmp / "sitecache.err")
         try:
             yield url, [], proc.proc.pid
         finally:
@@ -228,22 +229,36 @@ def start_agents(site: Site, n: int, url: str, extra: list[str], bp: str = BP) -
     env = {k: v for k, v in os.environ.items() if k not in ("BLOCKPROV_REPO", "BLOCKPROV_TOKEN")}
     for k in range(n):
         cache, sock = site.tmp / f"agent{k}", site.short / f"a{k}"
-        p = subprocess.Popen([bp, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
-                              "--no-profile", "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
+        with open(site.tmp / f"agent{k}.err", "w") as err:  # a file: a pipe nobody reads stops the agent
+            p = subprocess.Popen([bp, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
+                                  "--no-profile", "--json", *extra], stdout=subprocess.PIPE, stderr=err,
+                                 text=True, env=env)
         procs.append((p, cache, sock))
     out = []
     for p, cache, sock in procs:
         line = first_line(p, 300)
         if not line.startswith("{"):
             p.kill()
-            raise RuntimeError(f"agent did not start: {line!r} {p.communicate()[1][-2000:]}")
+            raise RuntimeError(f"agent did not start: {line!r} {(site.tmp / 'agent0.err').read_text()[-2000:]}")
         out.append((Proc(p, line), cache, sock))
     return out
 
 
 def status(cache: Path) -> dict[str, Any]:
     return dict(control.call(cache, "status", timeout=60.0))
+
+
+def drain(proc: subprocess.Popen[str], path: Path) -> None:
+    """Copy a server's stderr to a file as it comes: a pipe nobody reads fills at 64 KiB and stops
+    the process at its next log line (a site cache of thirty PCs stalled so for minutes)."""
+    import threading
+
+    def copy() -> None:
+        with open(path, "a") as f:
+            for line in proc.stderr or ():
+                f.write(line)
+
+    threading.Thread(target=copy, daemon=True).start()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -302,7 +317,7 @@ class Run:
     n: int
     ready: list[float]
     egress: int
-    mismatches: int
+    mismatches: int  # reads that completed with bytes other than the image's
     failures: list[str]
     sources: dict[str, int]
     peer_bad: int
@@ -313,6 +328,7 @@ class Run:
     # replay's own (bench/storm_replay.py), and the replay's wall time: on a shared 2-core machine
     # these say whether N agents were waiting for the link or for a core
     cpu: dict[str, Any] = field(default_factory=dict)
+    read_errors: int = 0  # reads that failed (EIO), apart from wrong bytes
 
     def row(self, lone_ready: float | None, lone_egress: int | None) -> dict[str, Any]:
         r = sorted(self.ready)
@@ -324,7 +340,7 @@ class Run:
                 "egress / lone": self.egress / lone_egress if lone_egress else "-",
                 "from peers MiB": self.sources.get("peers", 0) / MIB,
                 "from site cache MiB": self.sources.get("site_cache", 0) / MIB,
-                "wrong bytes": self.mismatches, "peer chunks refused": self.peer_bad,
+                "wrong bytes": self.mismatches, "failed reads": self.read_errors, "peer chunks refused": self.peer_bad,
                 "agent CPU s (median)": self.cpu.get("agent_median", "-"),
                 "CPU s / wall s (all)": self.cpu.get("busy_cores", "-"),
                 "note": "; ".join(self.failures)[:300] + (f" load {self.load[0]:.1f}" if self.load else "")}
@@ -367,6 +383,7 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
             run = Run(setup, n, [float(r["ready"]) for r in results if "ready" in r],
                       egress, sum(int(r.get("mismatches", 0)) for r in results),
                       [str(r["failed"]) for r in results if "failed" in r], sources, bad, load, joined)
+            run.read_errors = sum(int(r.get("errors", 0)) for r in results)
             total = sum(sum(v) for v in used.values()) + replay_cpu
             run.cpu = {"agent_median": statistics.median(used["agents"]), "agents_total": sum(used["agents"]),
                        "repository": sum(used["repository"]), "front": sum(used["front"]), "replay": replay_cpu,
@@ -487,7 +504,8 @@ def goals(runs: list[Run]) -> list[str]:
                    f"{lone_ready:.1f} s vs {before[0]:.1f} s ({lone_ready / before[0]:.2f}x)")
     wrong = sum(r.mismatches for r in runs)
     out.append(f"wrong bytes read by any agent in any run: {wrong}; peer chunks refused as wrong: "
-               f"{sum(r.peer_bad for r in runs)} ({'met' if wrong == 0 else 'NOT met'})")
+               f"{sum(r.peer_bad for r in runs)} ({'met' if wrong == 0 else 'NOT met'}); failed reads (EIO): "
+               f"{sum(r.read_errors for r in runs)}")
     return out
 
 
@@ -560,6 +578,8 @@ def main() -> None:
     ap.add_argument("--before", default="",
                     help="the blockprov of another tree (its .venv/bin/blockprov): set-up 'before' runs its agents "
                          "alone against this tree's repository (an A/B of a lone agent across commits)")
+    ap.add_argument("--lone-only", default="before",
+                    help="set-ups run at N = 1 only (default: before)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of each set-up at N = 1, interleaved (the lone figures are their medians)")
     a = ap.parse_args()
@@ -578,6 +598,7 @@ def main() -> None:
     subprocess.run([BP, "--data", str(data), "import", str(image.disk), REF], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([BP, "--data", str(data), "site", "add", SITE], check=True, stdout=subprocess.DEVNULL)
     server, direct = start_server(data, env={"BLOCKPROV_PREPARE": "0"})
+    drain(server.proc, tmp / "repository.err")
     host, port = direct.split("//", 1)[1].rsplit(":", 1)
     runs: list[Run] = []
     meta: dict[str, Any] = {
@@ -598,7 +619,7 @@ def main() -> None:
                               f"changed ({v2['changed_wire'] / MIB:.1f} MiB on the wire)")
             # by N, the set-ups interleaved (each N's set-ups see the same load); N = 1 repeated
             plan = [(setup, n) for n in counts for _rep in range(a.repeats if n == 1 else 1) for setup in setups
-                    if n == 1 or setup != "before"]  # the older agents: the lone A/B only
+                    if n == 1 or setup not in a.lone_only.split(",")]  # e.g. the older agents: the lone A/B
             for setup, n in plan:
                 print(f"{setup} N={n} …", flush=True)
                 try:

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -323,6 +323,8 @@ def answers_errors(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Re
     async def wrapper(request: Request) -> Response:
         try:
             return await fn(request)
+        except ClientDisconnect:  # the caller went away (a timeout of its own) before its body came
+            return Response(status_code=400)
         except BlockprovError as e:
             if e.http_status >= 500 and not isinstance(e, RepositoryUnavailable):
                 log.error("%s %s: %s", request.method, request.url.path, e)
