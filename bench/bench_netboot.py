@@ -24,6 +24,15 @@ Scenarios, each on a fresh blank disk per repeat:
 - ``bp-update``: the host moved to v2 (the administrator's change, tests/boot/netboot_helpers.py
   ``admin_version``): the next boot updates the disk by diff.
 
+UEFI (issue 25), the same PC on q35 with OVMF (Debian ``ovmf``), each beside its BIOS row above:
+
+- ``uefi-first``: as ``bp-first``, the NIC's EFI iPXE ROM (efi-virtio.rom) instead of SeaBIOS's iPXE;
+- ``uefi-http-first``: as ``bp-first``, no iPXE: the firmware's own HTTP boot of the host's boot
+  image (``GET /v1/boot/MAC/boot.img``: shim, GRUB, kernel and initramfs in one FAT image), its
+  PXE boot options and IPv6 off (OVMF's fw_cfg knobs), as on a PC set to HTTP boot over IPv4;
+- ``uefi-before``: as ``bp-before-boot`` through EFI iPXE (provisions the machine of the next row);
+- ``uefi-restore``: the every-day boot, as ``bp-restore`` on that UEFI machine.
+
 "Re-imaging" is the ``fog-pc`` row. The restore step (the agent's reset and restore of the
 session's chunks: from its "holds blockprov's cache" line to its "restored N of M" line, timed
 by the host at 0.2 s) is set against ``fog-pc``'s copy step. What the repository sent is
@@ -34,7 +43,8 @@ before, restore) on a larger image, on ``--big-links`` (wan), for the trend of t
 ratio with the image's size and the "flat in image size" goal.
 
 Run: ``.venv/bin/python bench/bench_netboot.py [--size 2G] [--big-size 8G] [--repeat 2] [--skip loopback,fog]``.
-Results: bench/out/netboot.{json,md}, bench/results/netboot.png.
+Results: bench/out/NAME.{json,md}, bench/results/NAME.png (``--name``, default netboot: a run of a few
+scenarios, e.g. the UEFI rows beside their BIOS ones, gets a name of its own).
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import OUT, ROOT, VENV_BIN, WORK, drop_caches, write_results
 from fogpc import COPY_DONE, COPY_START, FAIL, FOG_REF, START, FogVersion, add_version
 from tests import bootvm
-from tests.boot.netboot_helpers import admin_version, assign, blank_disk, chunks_served, netboot
+from tests.boot.netboot_helpers import BIOS, MAC, Firmware, admin_version, assign, blank_disk, chunks_served, netboot
 from tests.procs import start_server
 from wanproxy import ProxyThread, parse_duration, parse_rate
 
@@ -107,10 +117,13 @@ class Repo:
         r = fn()
         return r, self.proxy.stats()["down_bytes"], chunks_served(self.server_url) - c0
 
-    def boot(self, disk: Path, name: str, mode: str, policy: str, hydrate: str, ref: str = V1, extra: str = "") -> Any:
+    def boot(self, disk: Path, name: str, mode: str, policy: str, hydrate: str, ref: str = V1, extra: str = "",
+             firmware: Firmware = BIOS, http: bool = False) -> Any:
+        """One boot of the PC; ``http``: the firmware's own HTTP boot of the host's boot image."""
         assign(self.server_url, mode, policy, ref=ref, hydrate=hydrate, readahead=None, extra=extra)
+        bootfile = f"http://10.0.2.2:{self.url.rsplit(':', 1)[1]}/v1/boot/{MAC}/boot.img" if http else None
         b = netboot(disk, self.url, self.tmp / f"{name}.log", timeout=self.timeout, marks=(RESTORE_FROM, RESTORE_TO),
-                    poll=POLL)
+                    poll=POLL, firmware=firmware, bootfile=bootfile)
         if not b.done or b.done.get("mode") != mode:
             raise RuntimeError(f"{name}: no boot marker\n{b.tail(30)}")
         return b
@@ -130,6 +143,40 @@ def s_before_boot(r: Repo, i: int) -> Sample:
     disk = blank_disk(r.tmp / f"machine-{i}.raw", disk_size(r.image))
     b, down, chunks = r.measure(lambda: r.boot(disk, "before", "plain", "keep", "before-boot"))
     return Sample(b.seconds, down_bytes=down, chunks=chunks, extra=milestones(b))
+
+
+def uefi(r: Repo, name: str, *, ipxe: bool = True) -> Firmware:
+    """OVMF with the PC's NVRAM ``name`` (kept across the boots of one machine)."""
+    return Firmware("uefi", r.tmp / f"{name}.nvram", ipxe=ipxe, http_only=not ipxe)
+
+
+def s_uefi_first(r: Repo, i: int, http: bool = False) -> Sample:
+    disk = blank_disk(r.tmp / f"uefi-first-{i}.raw", disk_size(r.image))
+    pc = uefi(r, f"uefi-first-{i}", ipxe=not http)
+    try:
+        b, down, chunks = r.measure(lambda: r.boot(disk, "uefi-first", "plain", "restore", "background", firmware=pc,
+                                                   http=http))
+        return Sample(b.seconds, down_bytes=down, chunks=chunks, extra=milestones(b))
+    finally:
+        disk.unlink(missing_ok=True)
+        if pc.nvram is not None:
+            pc.nvram.unlink(missing_ok=True)
+
+
+def s_uefi_http_first(r: Repo, i: int) -> Sample:
+    return s_uefi_first(r, i, http=True)
+
+
+def s_uefi_before(r: Repo, i: int) -> Sample:
+    """Provisions ``machine-uefi-i.raw`` (kept for uefi-restore)."""
+    disk = blank_disk(r.tmp / f"machine-uefi-{i}.raw", disk_size(r.image))
+    b, down, chunks = r.measure(lambda: r.boot(disk, "uefi-before", "plain", "keep", "before-boot",
+                                               firmware=uefi(r, f"machine-uefi-{i}")))
+    return Sample(b.seconds, down_bytes=down, chunks=chunks, extra=milestones(b))
+
+
+def s_uefi_restore(r: Repo, i: int) -> Sample:
+    return s_restore(r, i, uefi(r, f"machine-uefi-{i}"), f"machine-uefi-{i}.raw")
 
 
 def s_fog(r: Repo, i: int) -> Sample:
@@ -192,14 +239,14 @@ def guest_span(console: str, a: str, b: str) -> float | None:
     return tb - ta if ta is not None and tb is not None else None
 
 
-def s_restore(r: Repo, i: int) -> Sample:
-    disk = r.tmp / f"machine-{i}.raw"
-    r.boot(disk, "session", "hog", "keep", "background")  # the session: 32 MiB written to the root
+def s_restore(r: Repo, i: int, firmware: Firmware = BIOS, machine: str = "") -> Sample:
+    disk = r.tmp / (machine or f"machine-{i}.raw")
+    r.boot(disk, "session", "hog", "keep", "background", firmware=firmware)  # the session: 32 MiB written to the root
     # blockprov.loader=off: a restore-policy PC boots with the same arguments every time, so its disk's
     # boot loader is current and the agent leaves it alone; the bench changed them (keep → restore,
     # hog → plain), which would make the agent write the loader again (kernel + initramfs fetched)
     b, down, chunks = r.measure(lambda: r.boot(disk, "restore", "plain", "restore", "background",
-                                               extra="blockprov.loader=off"))
+                                               extra="blockprov.loader=off", firmware=firmware))
     step = (b.seen[RESTORE_TO] - b.seen[RESTORE_FROM]) if RESTORE_TO in b.seen and RESTORE_FROM in b.seen else None
     return Sample(b.seconds, prep_seconds=step or 0.0, down_bytes=down, chunks=chunks,
                   extra=milestones(b) | {"reset": b.number(r"reset on start: (\d+) chunk"),
@@ -223,11 +270,11 @@ def milestones(b: Any) -> dict[str, Any]:
     names = {"blockprov: initramfs started": "t_initramfs", "blockprov: root serving": "t_serving",
              "BLOCKPROV-INIT": "t_init"}
     out: dict[str, Any] = {names[k]: round(v, 1) for k, v in b.seen.items() if k in names}
-    # The agent (re)wrote the disk's own boot loader before the marker: it fetched the kernel and the
-    # initramfs again (its record holds the command line, which the bench's scenarios change).
-    m = re.search(r"boot loader written to \S+: kernel (\d+) KiB, initramfs (\d+) KiB", b.console)
+    # The agent (re)wrote the disk's own boot loader before the marker: what it fetched for it (files
+    # the disk held already are read back; its record holds the command line, which scenarios change).
+    m = re.search(r"boot loader written to \S+ \([A-Z ]+\): .*; fetched (\d+) KiB", b.console)
     if m:
-        out["loader_mib"] = round((int(m.group(1)) + int(m.group(2))) / 1024, 1)
+        out["loader_mib"] = round(int(m.group(1)) / 1024, 1)
     return out
 
 
@@ -238,7 +285,12 @@ SCENARIOS: list[tuple[str, str, Callable[[Repo, int], Sample]]] = [
     ("fog", "reference, favours the peer: host-native qemu-img convert, then direct kernel boot", s_fog),
     ("restore", "blockprov restore reboot after a 32 MiB session", s_restore),
     ("update", "blockprov update v1→v2 at boot", s_update),
+    ("uefi-first", "UEFI (OVMF, EFI iPXE): blockprov first boot, blank disk (background hydration)", s_uefi_first),
+    ("uefi-http-first", "UEFI firmware HTTP boot, no iPXE: blockprov first boot, blank disk", s_uefi_http_first),
+    ("uefi-before", "UEFI (OVMF, EFI iPXE): blockprov hydrate=before-boot, blank disk", s_uefi_before),
+    ("uefi-restore", "UEFI (OVMF, EFI iPXE): blockprov restore reboot after a 32 MiB session", s_uefi_restore),
 ]
+RESTORE_KEYS = {"restore": "machine-{i}.raw", "update": "machine-{i}.raw", "uefi-restore": "machine-uefi-{i}.raw"}
 
 
 def disk_size(image: bootvm.bootimage.Built) -> int:
@@ -301,8 +353,8 @@ def run_link(link: str, rtt: float, rate: float | None, image: bootvm.bootimage.
                 for key, label, fn in SCENARIOS:
                     if key not in keys or len(samples[key]) >= want[key]:
                         continue
-                    if key in ("restore", "update") and not (tmp / f"machine-{i}.raw").exists():
-                        continue  # needs the machine ``before`` provisioned in this round
+                    if key in RESTORE_KEYS and not (tmp / RESTORE_KEYS[key].format(i=i)).exists():
+                        continue  # needs the machine ``before`` (``uefi-before``) provisioned in this round
                     drop_caches()
                     try:
                         s = fn(r, i)
@@ -313,8 +365,8 @@ def run_link(link: str, rtt: float, rate: float | None, image: bootvm.bootimage.
                     samples[key].append(s)
                     print(f"  {link:8} {size:4} {label:58} {s.seconds:7.1f} s, sent {s.down_bytes / MIB:8.1f} MiB, "
                           f"{s.chunks} chunks {s.extra or ''}", flush=True)
-                for f in tmp.glob(f"machine-{i}.raw"):
-                    f.unlink()
+                for f in (tmp / f"machine-{i}.raw", tmp / f"machine-uefi-{i}.raw", tmp / f"machine-uefi-{i}.nvram"):
+                    f.unlink(missing_ok=True)
             for key, label, _fn in SCENARIOS:
                 if key in keys:
                     rows.append(row(link, size, key, label, samples[key], failures[key]))
@@ -327,7 +379,7 @@ def run_link(link: str, rtt: float, rate: float | None, image: bootvm.bootimage.
     return rows, raw, initrd
 
 
-STEP = {"fog": "copy", "fog-pc": "copy", "restore": "restore step"}
+STEP = {"fog": "copy", "fog-pc": "copy", "restore": "restore step", "uefi-restore": "restore step"}
 
 
 def row(link: str, size: str, key: str, label: str, samples: list[Sample], failures: list[str]) -> dict[str, Any]:
@@ -425,11 +477,22 @@ def goals(rows: list[dict[str, Any]], boot_file_mib: float, changed: dict[str, i
             out.append(f"update bytes sent ({link}): {mib:.1f} MiB in all, {mib - boot_file_mib:.2f} MiB besides the "
                        f"kernel and initramfs ({boot_file_mib:.1f} MiB, fetched by the firmware at every boot)"
                        f"{rewrite}; changed chunks {ch} × {chunk_mib:g} MiB = {ch * chunk_mib:.2f} MiB")
+    for link in ("wan", "loopback"):  # UEFI beside BIOS, the same run (not goals: what the firmware costs)
+        for uefi_key, bios_key, what in (("uefi-first", "first", "first boot, EFI iPXE"),
+                                         ("uefi-http-first", "first", "first boot, firmware HTTP boot"),
+                                         ("uefi-before", "before", "before-boot provisioning"),
+                                         ("uefi-restore", "restore", "every-day (restore) boot")):
+            a, b = get(link, size, uefi_key, "seconds"), get(link, size, bios_key, "seconds")
+            if a is not None and b:
+                out.append(f"UEFI vs BIOS, {what} ({link}, {size}): {a:.4g} s / {b:.4g} s = {a / b:.2f}×; sent "
+                           f"{get(link, size, uefi_key, 'repo sent MiB') or 0:.1f} vs "
+                           f"{get(link, size, bios_key, 'repo sent MiB') or 0:.1f} MiB")
     return out
 
 
 SHORT = dict(zip((label for _k, label, _f in SCENARIOS),
-                 ("bp first", "FOG in the PC", "bp before-boot", "FOG host-native (ref.)", "bp restore", "bp update"),
+                 ("bp first", "FOG in the PC", "bp before-boot", "FOG host-native (ref.)", "bp restore", "bp update",
+                  "UEFI first", "UEFI HTTP first", "UEFI before-boot", "UEFI restore"),
                  strict=True))
 
 
@@ -499,11 +562,12 @@ def main() -> None:
     ap.add_argument("--rate", default="1gbit", help="bandwidth of the link (default 1gbit)")
     ap.add_argument("--timeout", type=float, default=900, help="longest one boot (or the imaging run) may take (s)")
     ap.add_argument("--retries", type=int, default=1, help="extra rounds when runs failed")
-    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from bench/out/netboot.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from bench/out/NAME.json")
+    ap.add_argument("--name", default="netboot", help="the results' name (bench/out/NAME.*, bench/results/NAME.png)")
     a = ap.parse_args()
     if a.plot_only:
-        saved = json.loads((OUT / "netboot.json").read_text())
-        plot(saved["rows"], RESULTS / "netboot.png", title(saved["meta"]["repeats"]))
+        saved = json.loads((OUT / f"{a.name}.json").read_text())
+        plot(saved["rows"], RESULTS / f"{a.name}.png", title(saved["meta"]["repeats"]))
         return
     skip = set(filter(None, a.skip.split(",")))
     once = set(filter(None, a.once.split(",")))
@@ -533,7 +597,9 @@ def main() -> None:
         "qemu": "qemu-system-x86_64 -machine accel=tcg -m 1024, 1 vCPU, virtio-net with its iPXE ROM "
                 "(-netdev user,bootfile=…/v1/boot/MAC), blank virtio disk; fog-pc: the same PC, its second "
                 "power-on boots the disk first (its MBR and syslinux); the host-native fog reference boots its "
-                "disk by direct kernel boot (-m 512)",
+                "disk by direct kernel boot (-m 512); UEFI rows: q35 with OVMF (Debian ovmf, OVMF_CODE_4M.fd, a per-PC "
+                "NVRAM copy), the NIC's EFI iPXE ROM (efi-virtio.rom) or none (the firmware's HTTP boot of "
+                "/v1/boot/MAC/boot.img, PXE and IPv6 off)",
         "repeats": a.repeat, "big repeats": a.big_repeat or a.repeat,
         "loopback repeats": a.loopback_repeat or a.repeat, "cpus": os.cpu_count(),
         "load at start": load_start,
@@ -543,7 +609,8 @@ def main() -> None:
                    + (f" --big-scenarios {a.big_scenarios}" if a.big_scenarios != ap.get_default("big_scenarios")
                       else "")
                    + (f" --big-links {a.big_links}" if a.big_links != ap.get_default("big_links") else "")
-                   + (f" --once {a.once}" if a.once else "") + (f" --skip {a.skip}" if a.skip else ""),
+                   + (f" --once {a.once}" if a.once else "") + (f" --skip {a.skip}" if a.skip else "")
+                   + (f" --name {a.name}" if a.name != "netboot" else ""),
     }
     try:
         for size, link, ks, repeat in plan:
@@ -564,11 +631,11 @@ def main() -> None:
             boot_file_mib = (Path(built["build"]["kernel"]).stat().st_size + initrd.stat().st_size) / MIB
             # after every link and size: a run stopped later still leaves its figures
             files = f"{boot_file_mib:.1f} MiB (kernel + initramfs)"
-            write_all(rows, raw, meta | {"load at end": uptime(), "boot files per network boot": files},
+            write_all(a.name, rows, raw, meta | {"load at end": uptime(), "boot files per network boot": files},
                       boot_file_mib, a.size, a.big_size, a.repeat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {OUT / 'netboot.json'}, {OUT / 'netboot.md'}, {RESULTS / 'netboot.png'}")
+    print(f"wrote {OUT / (a.name + '.json')}, {OUT / (a.name + '.md')}, {RESULTS / (a.name + '.png')}")
 
 
 def title(repeats: int) -> str:
@@ -576,17 +643,17 @@ def title(repeats: int) -> str:
             "time to usable and bytes sent")
 
 
-def write_all(rows: list[dict[str, Any]], raw: dict[str, Any], meta: dict[str, Any], boot_file_mib: float,
+def write_all(name: str, rows: list[dict[str, Any]], raw: dict[str, Any], meta: dict[str, Any], boot_file_mib: float,
               size: str, big: str, repeat: int) -> None:
     changed = {k.split("/")[0]: int(v["changed_v1_v2"]) for k, v in raw.items()
                if k.endswith("/image") and f"/{size}/" in k}
     chunk_mib = next((int(v["chunk_size"]) / MIB for k, v in raw.items() if k.endswith("/image")), 1.0)
     g = goals(rows, boot_file_mib, changed, chunk_mib, size, big)
-    write_results("netboot", rows, meta | {"goals": "; ".join(g)})
-    (OUT / "netboot.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": g, "samples": raw},
+    write_results(name, rows, meta | {"goals": "; ".join(g)})
+    (OUT / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": g, "samples": raw},
                                                  indent=2, default=str))
     print("\n".join(g), flush=True)
-    plot(rows, RESULTS / "netboot.png", title(repeat))
+    plot(rows, RESULTS / f"{name}.png", title(repeat))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ APT_PKGS=(
     python3-venv                       # `python3 -m venv` below, with Debian's python3
     qemu-utils                         # qemu-img, qemu-io, qemu-nbd
     qemu-block-extra                   # qemu's curl driver (http:// drives: the raw view, remote boot)
-    qemu-system-x86                    # qemu-system-x86_64 (and its ipxe-qemu ROMs): tests/boot, remote boot
+    qemu-system-x86                    # qemu-system-x86_64: tests/boot, remote boot
+    ipxe-qemu                          # the NICs' iPXE ROMs, BIOS and EFI (efi-virtio.rom: tests/boot/test_uefi.py)
     libnbd-bin                         # nbdinfo, nbdcopy, nbdfuse (clone --customize builtin:identity)
     python3-libnbd                     # nbdsh and `import nbd` for /usr/bin/python3 (NBD clients in tests)
     nbdkit                             # a second NBD server to compare with
@@ -22,6 +23,9 @@ APT_PKGS=(
     linux-image-amd64 busybox-static   # the bootable test image (tools/bootimage.py)
     syslinux syslinux-common mtools dosfstools  # the test image booting from its own boot loader (tools/bootdisk.py)
     fdisk gdisk                        # sfdisk, sgdisk: check the GPT a PC's disk over 2 TiB gets (netboot/disk.py)
+    ovmf                               # UEFI firmware for qemu (with Secure Boot and Microsoft's keys): tests/boot/test_uefi.py
+    shim-signed grub-efi-amd64-signed  # Debian's signed UEFI loader (shim, GRUB, MOK manager): boot-files build --efi debian
+    iproute2 dnsmasq-base kea-dhcp4-server  # docs/operations.md's DHCP examples for PXE and UEFI HTTP boot, run as written
     dmsetup thin-provisioning-tools    # a PC's native data path: dmsetup, era_invalidate in the initramfs (netboot/native.py)
     postgresql                         # initdb, postgres: the shared catalog's tests
     chromium chromium-driver           # a real browser for the console's test (selenium uses this chromedriver)

@@ -35,13 +35,35 @@ TOOL_PACKAGES = {
     "chromium": "chromium", "chromedriver": "chromium-driver",  # the console's browser test (selenium)
     "systemd-analyze": "systemd", "systemd-socket-activate": "systemd",  # contrib/systemd, socket activation
     "syslinux": "syslinux", "mcopy": "mtools", "mkfs.fat": "dosfstools",  # tools/bootdisk.py (a disk's own boot loader)
+    "mdir": "mtools", "fsck.fat": "dosfstools",  # read the FAT volumes fat.py lays out
     "sfdisk": "fdisk", "sgdisk": "gdisk",  # a tool we did not write reads the GPT netboot/disk.py writes
     "dmsetup": "dmsetup", "era_invalidate": "thin-provisioning-tools",  # the initramfs's native data path
+    # the DHCP examples of docs/operations.md, run as written in network namespaces (test_dhcp_examples.py)
+    "ip": "iproute2", "dnsmasq": "dnsmasq-base", "kea-dhcp4": "kea-dhcp4-server",
+}
+
+
+# Files (not programs) the tests use, and their Debian packages: the UEFI firmware and Debian's signed
+# UEFI loader (tests/boot/test_uefi.py, `boot-files build`'s default --efi debian).
+FILE_PACKAGES = {
+    "/usr/share/OVMF/OVMF_CODE_4M.fd": "ovmf", "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
+    "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd": "ovmf", "/usr/share/OVMF/OVMF_VARS_4M.ms.fd": "ovmf",
+    "/usr/lib/shim/shimx64.efi.signed": "shim-signed", "/usr/lib/shim/mmx64.efi.signed": "shim-helpers-amd64-signed",
+    "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed": "grub-efi-amd64-signed",
+    "/usr/lib/ipxe/qemu/efi-virtio.rom": "ipxe-qemu",
 }
 
 
 def missing_tool(tool: str) -> str:
     return f"{tool} is not installed: install the Debian package {TOOL_PACKAGES[tool]} (scripts/setup.sh does)"
+
+
+def require_file(path: str) -> str:
+    """``path`` (one of FILE_PACKAGES); when it is missing the test fails (it never skips) naming the package."""
+    if not Path(path).is_file():
+        pytest.fail(f"{path} is missing: install the Debian package {FILE_PACKAGES[path]} (scripts/setup.sh does)",
+                    pytrace=False)
+    return path
 
 
 def require_tool(tool: str) -> str:

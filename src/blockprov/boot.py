@@ -1,4 +1,5 @@
-"""Boot files (kernel, initrd) and iPXE boot scripts. Pure apart from reading the caller's file.
+"""Boot files (kernel, initrd, the UEFI loader), iPXE scripts and what a UEFI boot volume holds. Pure apart
+from reading the caller's file.
 
 Why boot files are stored as chunks of the chunk store, not as files next to the catalog:
 
@@ -24,14 +25,14 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 
-from blockprov import codec
+from blockprov import codec, fat
 from blockprov.errors import IntegrityError, SourceError, UsageError
 from blockprov.names import kernel_args, site_name
 
@@ -46,6 +47,7 @@ ID = codec.DIGEST_SIZE
 
 Source = bytes | bytearray | memoryview | str | os.PathLike[str]
 Sink = Callable[[list[tuple[bytes, bytes]]], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -205,26 +207,33 @@ def setting_words(settings: dict[str, str | None]) -> list[str]:
     return [f"{KERNEL_WORDS[k]}={v}" for k, v in settings.items() if v and k in KERNEL_WORDS]
 
 
+def boot_words(*, host: str, image: str, version: str, base: str, cmdline: str, args: str,
+               settings: dict[str, str | None] | None = None) -> list[str]:
+    """The kernel command line of ``host`` booting ``image@version`` over the network, whatever
+    loads the kernel (iPXE's script, GRUB in the UEFI boot image): the version's command line, the
+    host's extra arguments and settings (policy, hydration: ``blockprov.*`` words), and what an
+    in-guest agent needs to attach: ``blockprov.repo`` (where the repository is, as the host
+    reaches it), ``blockprov.image`` (the immutable ``NAME@ID``: a tag moved during the boot must
+    not change what the kernel and the agent see) and ``blockprov.host``. Pure."""
+    words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w] + setting_words(settings or {})
+    return [*words, f"blockprov.repo={base}", f"blockprov.image={image}@{version}", f"blockprov.host={host}"]
+
+
 def script(*, host: str, assigned: str, image: str, version: str, base: str, cmdline: str, args: str,
            settings: dict[str, str | None] | None = None) -> str:
-    """The iPXE script that boots ``image@version`` on ``host``.
-
-    The kernel gets the version's command line, the host's extra arguments and settings (policy,
-    hydration: ``blockprov.*`` words), and what an in-guest agent needs to attach:
-    ``blockprov.repo`` (where the repository is, as the host reaches it), ``blockprov.image`` (the
-    immutable ``NAME@ID``: a tag moved during the boot must not change what the kernel and the
-    agent see) and ``blockprov.host``. URLs name the version by id for the same reason; the
-    initrd's names the host, whose last boot the repository records once it has sent all of it.
-    ``initrd=initrd.img`` plus ``--name`` lets an EFI-stub kernel find the initrd."""
+    """The iPXE script that boots ``image@version`` on ``host``, with the kernel command line
+    ``boot_words`` makes. URLs name the version by id, as ``blockprov.image`` does; the initrd's
+    names the host, whose last boot the repository records once it has sent all of it, and iPXE's
+    ``${platform}`` (``efi`` or ``pcbios``), kept as the host's firmware. ``initrd=initrd.img``
+    plus ``--name`` lets an EFI-stub kernel find the initrd (iPXE's EFI build on a UEFI PC)."""
     files = f"{base}/v1/images/{image}/versions/{version}/boot"
-    words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w] + setting_words(settings or {})
-    words += [f"blockprov.repo={base}", f"blockprov.image={image}@{version}", f"blockprov.host={host}",
-              "initrd=initrd.img"]
+    words = [*boot_words(host=host, image=image, version=version, base=base, cmdline=cmdline, args=args,
+                         settings=settings), "initrd=initrd.img"]
     return (
         "#!ipxe\n"
         f"# blockprov: host {host} is assigned {assigned} = {image}@{version}\n"
         f"kernel {files}/kernel {' '.join(words)}\n"
-        f"initrd --name initrd.img {files}/initrd?host={host}\n"
+        f"initrd --name initrd.img {files}/initrd?host={host}&platform=${{platform}}\n"
         "boot\n"
     )
 
@@ -236,6 +245,9 @@ def stranded(ref: str, version: str, hosts: Sequence[str]) -> str:
     return (f"{len(hosts)} host(s) follow {ref} ({shown}) and {ref.split(':')[0]}@{version[:12]} has no boot files: "
             f"they cannot boot until it has (a PC that boots onto its own disk: blockprov boot-files build {ref}; "
             f"another kernel and initrd: blockprov boot-files set {ref} --kernel FILE --initrd FILE)")
+
+
+IPXE_PLATFORMS = {"efi": "uefi", "pcbios": "bios"}  # iPXE's ${platform} → the host's firmware
 
 
 RETRY_SECONDS = 30  # how long a machine waits before asking again for its boot script
@@ -272,6 +284,91 @@ def parse_script(text: str) -> dict[str, Any]:
         raise UsageError("a boot script needs kernel, initrd and boot lines")
     params = dict(w.split("=", 1) for w in kernel[2:] if "=" in w)
     return {"kernel": kernel[1], "args": kernel[2:], "params": params, "initrd": initrd[-1]}
+
+
+# -- UEFI: the boot volume (the disk's EFI System Partition, the UEFI HTTP boot image) -----------
+# The chain a UEFI PC boots, with or without Secure Boot: the firmware runs shim (signed by
+# Microsoft's UEFI CA, which every PC's firmware trusts), shim runs GRUB (signed by the
+# distribution, whose key shim carries), GRUB reads its grub.cfg and loads the kernel (checked by
+# shim's verifier when Secure Boot is on) and the initramfs (not checked: docs/operations.md).
+SHIM, GRUB, MOK_MANAGER = "shimx64.efi", "grubx64.efi", "mmx64.efi"
+EFI_FILES = (SHIM, GRUB, MOK_MANAGER)
+EFI_NEEDED = (SHIM, GRUB)  # the MOK manager only runs when an operator enrolls a key (mokutil)
+BOOT_FILES = ("kernel", "initrd", *EFI_FILES)
+# Debian's signed builds (shim-signed, shim-helpers-amd64-signed, grub-efi-amd64-signed): shim signed
+# by Microsoft's UEFI CA and carrying Debian's key; GRUB and the MOK manager signed with that key.
+# grubx64.efi is the one for disks: it has no HTTP, and its grubnetx64 sibling can fetch only over
+# TFTP and finds no configuration when the firmware loads it over HTTP (docs/operations.md).
+DEBIAN_EFI = {SHIM: "/usr/lib/shim/shimx64.efi.signed", GRUB: "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+              MOK_MANAGER: "/usr/lib/shim/mmx64.efi.signed"}
+DEBIAN_EFI_PACKAGES = "shim-signed grub-efi-amd64-signed"
+# Where each file goes on the volume (fat.py short names). shim is the removable-media path
+# \EFI\BOOT\BOOTX64.EFI, which firmware boots without an NVRAM entry; shim loads grubx64.efi and
+# mmx64.efi from its own directory; Debian's signed GRUB reads $prefix/grub.cfg, its prefix being
+# /EFI/debian on the volume it was loaded from. No fbx64.efi: shim would run it, and it rewrites
+# the firmware's boot entries and order.
+VOLUME_PATHS = {"kernel": "vmlinuz", "initrd": "initrd.img", SHIM: "EFI/BOOT/BOOTX64.EFI",
+                GRUB: "EFI/BOOT/grubx64.efi", MOK_MANAGER: "EFI/BOOT/mmx64.efi"}
+GRUB_CFG = "EFI/debian/grub.cfg"
+EFI_IMAGE_TYPE = "application/vnd.efi-img"  # UEFI HTTP boot: a disk image to boot from a RAM disk
+IMAGE_CLUSTER = 4096  # the HTTP boot image's clusters: FAT16 needs 4085 of them, so larger ones pad the image
+
+
+def efi_missing(efi: Mapping[str, object]) -> list[str]:
+    """The EFI loader files a UEFI boot needs and ``efi`` lacks. Pure."""
+    return [n for n in EFI_NEEDED if n not in efi]
+
+
+def grub_cfg(words: Sequence[str], note: str) -> bytes:
+    """GRUB's configuration on a boot volume: no menu, the kernel with ``words`` as its command
+    line, the initramfs, boot. ``note`` is printed first (the kernel arguments are plain words:
+    names.kernel_args). Pure."""
+    text = " ".join(note.replace("'", "").split())
+    return (f"# blockprov: {text}\nset timeout=0\necho 'blockprov: {text}'\n"
+            f"linux /{VOLUME_PATHS['kernel']} {' '.join(words)}\n"
+            f"initrd /{VOLUME_PATHS['initrd']}\nboot\n").encode()
+
+
+def volume_files(files: Mapping[str, T], grub: bytes, extra: Sequence[tuple[str, bytes]] = ()) -> list[
+        tuple[str, T | bytes]]:
+    """What a UEFI boot volume holds, in the order it is laid out: the kernel and the initramfs
+    first (their place then depends on nothing else: the disk's loader reads them back), the EFI
+    loader, GRUB's configuration, then ``extra`` (SYSLINUX's on the disk). ``files``: ``kernel``,
+    ``initrd`` and the EFI_FILES present. Pure."""
+    out: list[tuple[str, T | bytes]] = [(VOLUME_PATHS[k], files[k]) for k in ("kernel", "initrd", *EFI_FILES)
+                                        if k in files]
+    return [*out, (GRUB_CFG, grub), *extra]
+
+
+def image_etag(parts: Sequence[tuple[str, str | bytes]]) -> str:
+    """A strong ETag for a boot image made of ``parts`` (path, a boot file's id or literal bytes). Pure."""
+    h = blake3.blake3(b"blockprov-uefi-image/1")
+    for path, what in parts:
+        data = what if isinstance(what, bytes) else what.encode()
+        h.update(struct.pack("<HQ", len(path), len(data)) + path.encode() + data)
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class UefiImage:
+    """A UEFI HTTP boot image: its FAT volume's layout, what each path holds (a boot file, served
+    from its pieces, or bytes) and its ETag."""
+
+    volume: fat.Volume
+    content: dict[str, BootFile | bytes]
+    etag: str
+
+
+def uefi_image(files: Mapping[str, BootFile], words: Sequence[str], note: str) -> UefiImage:
+    """The UEFI HTTP boot image of a host: a FAT16 volume (fat.py) holding ``files`` (the kernel,
+    the initramfs and the EFI loader) and a grub.cfg that boots the kernel with ``words``; the
+    firmware downloads it into a RAM disk and boots its \\EFI\\BOOT\\BOOTX64.EFI (shim). Its ETag is
+    its content's (the same inputs make the same bytes). Pure."""
+    content = volume_files(files, grub_cfg(words, note))
+    etag = image_etag([(p, x.id if isinstance(x, BootFile) else x) for p, x in content])
+    volume = fat.layout([(p, x.size if isinstance(x, BootFile) else len(x)) for p, x in content],
+                        cluster=IMAGE_CLUSTER, label="BLOCKPROV", serial=int(etag[:8], 16))
+    return UefiImage(volume, dict(content), etag)
 
 
 def is_blockprov_initramfs(initrd: bytes) -> bool:

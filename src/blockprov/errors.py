@@ -149,6 +149,12 @@ class BootFilesMissing(Conflict):
     --kernel FILE --initrd FILE)"""
 
 
+class EfiLoaderMissing(Conflict):
+    """{ref} has no UEFI loader ({missing} missing): a UEFI PC boots it through iPXE only and its disk gets no \
+UEFI loader (store Debian's with: blockprov boot-files build {ref}, or boot-files set {ref} … --efi DIR, on a \
+machine with shim-signed and grub-efi-amd64-signed)"""
+
+
 class VmNotRunning(Conflict):
     """VM {name} is not running ({state})"""
 
@@ -293,6 +299,16 @@ class UntrustedServer(BlockprovError):
     """repository {url} presented an untrusted TLS certificate: {why} (give its CA with --ca FILE)"""
 
     # Not temporary: retrying or failing over cannot help, so it is not a RepositoryUnavailable.
+    exit_code = 7
+    http_status = 502
+
+
+class UpstreamCutBody(BlockprovError):
+    """{url} closed the connection before it took the whole body of {what}: {why}"""
+
+    # A site cache passing a body on (service/sitecache.py): the upstream answers a body over its
+    # limit for the route with a 413 and closes, and the answer is lost with the connection. Not
+    # "unreachable" (issue 27: a hostile client's big body made the site cache say so).
     exit_code = 7
     http_status = 502
 

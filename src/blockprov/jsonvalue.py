@@ -5,7 +5,9 @@ and ``Infinity`` (a later ``json.dumps(allow_nan=False)`` or a browser refuses t
 (read as ``inf``), integers of thousands of digits (SQLite, PostgreSQL and a console's arithmetic
 refuse them; beyond 4,300 digits ``str()`` itself raises), lone surrogates (``"\\ud800"``: a valid
 JSON escape that no UTF-8 encoder takes, so every answer that carries the value again fails) and
-nesting deep enough to exhaust the recursion limit of whoever walks the value next. A value is
+nesting deep enough to exhaust the recursion limit of whoever walks the value next, and an object
+naming one key twice (the last one won without a word: ``{"policy": "restore", "policy": "keep"}``,
+where another reader of the same text might take the first). A value is
 checked here once, where it enters — an HTTP body (service/routes/common.py ``json_of``), a
 manifest (manifest.py), the agent's control socket (agent/control.py) — and every reader after
 that can trust its shape.
@@ -31,15 +33,32 @@ def _parse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+class _TwiceNamed(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):  # the usual case costs one dict and a comparison
+        seen: set[str] = set()
+        for k, _v in pairs:
+            if k in seen:
+                raise _TwiceNamed(k)
+            seen.add(k)
+    return d
+
+
 def loads(raw: bytes | bytearray | memoryview | str, what: str = "the body") -> Any:
     """The value of the JSON text ``raw``, or a ``UsageError`` naming ``what``."""
     if isinstance(raw, memoryview):
         raw = bytes(raw)
     try:
         # Integers past 4,300 digits are refused by int() itself (ValueError); the rest by ``check``.
-        value = json.loads(raw, parse_constant=_parse_constant)
+        value = json.loads(raw, parse_constant=_parse_constant, object_pairs_hook=_unique_keys)
     except RecursionError:  # the decoder recurses: "[[[[…" a thousand deep
         raise UsageError(f"{what} is nested too deeply") from None
+    except _TwiceNamed as e:
+        raise UsageError(f"{what} names {str(e)[:40]!r} twice in one object") from None
     except UnicodeDecodeError:
         raise UsageError(f"{what} is not UTF-8 text") from None
     except ValueError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -24,10 +25,57 @@ from tests.conftest import require_tool, run_cli
 
 MAC = "52:54:00:12:34:5a"
 IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian ipxe-qemu: qemu loads it for virtio-net-pci
+OVMF = "/usr/share/OVMF"  # Debian ovmf: UEFI firmware for qemu, 4 MiB flash images
 BOOT_TIMEOUT = 300.0
 # console lines whose arrival netboot() times: the firmware's fetch of the boot files is done when
 # the initramfs starts; the agent serves the root; the image's own init runs
 MILESTONES = ("blockprov: initramfs started", "blockprov: root serving", "BLOCKPROV-INIT")
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """The PC's firmware. ``bios``: SeaBIOS, qemu's default. ``uefi``: OVMF on a q35 machine.
+    ``secure``: OVMF's Secure Boot build with Microsoft's keys enrolled, as shipped PCs have them
+    (SMM on, the variable store's flash secure). ``nvram``: the PC's own copy of OVMF's variable
+    store, made at its first boot and kept across its boots (a PC keeps its NVRAM). ``ipxe``: the
+    NIC's iPXE ROM boots first (BIOS: qemu's default ROM; UEFI: efi-virtio.rom); False: no ROM,
+    the firmware's own network boot (UEFI: PXE, then HTTP boot, over IPv4 then IPv6).
+    ``http_only``: OVMF set to HTTP boot over IPv4 only (its fw_cfg knobs: the PXE boot options
+    and the IPv6 stack off), as a PC whose operator chose HTTP boot, so it does not first wait out
+    PXE over IPv4 and IPv6 (minutes under TCG)."""
+
+    kind: str = "bios"
+    nvram: Path | None = None
+    ipxe: bool = True
+    http_only: bool = False
+
+    def args(self) -> list[str]:
+        if self.kind == "bios":
+            return []
+        from tests.conftest import require_file
+
+        secure = self.kind == "secure"
+        code = require_file(f"{OVMF}/OVMF_CODE_4M.secboot.fd" if secure else f"{OVMF}/OVMF_CODE_4M.fd")
+        template = require_file(f"{OVMF}/OVMF_VARS_4M.ms.fd" if secure else f"{OVMF}/OVMF_VARS_4M.fd")
+        assert self.nvram is not None, "a UEFI PC needs its own NVRAM file"
+        if not self.nvram.exists():
+            shutil.copyfile(template, self.nvram)
+        out = ["-machine", "q35,smm=on" if secure else "q35",
+               "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+               "-drive", f"if=pflash,format=raw,unit=1,file={self.nvram}"]
+        if self.http_only:
+            out += [*(a for knob in ("IPv4PXESupport", "IPv6PXESupport", "IPv6Support")
+                      for a in ("-fw_cfg", f"name=opt/org.tianocore/{knob},string=no"))]
+        return [*out, "-global", "driver=cfi.pflash01,property=secure,value=on"] if secure else out
+
+    def rom(self) -> str:
+        """The NIC's ``romfile=`` option ("": qemu's default)."""
+        if not self.ipxe:
+            return ",romfile="
+        return "" if self.kind == "bios" else f",romfile={IPXE_ROM}"
+
+
+BIOS = Firmware()
 
 
 @dataclass
@@ -63,7 +111,8 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
             until: str | None = None, action: Callable[[], object] | None = None, memory: str = "1024",
             watch: Callable[[str], object] | None = None, query: str = "", count: bool = True,
             disk_second: bool = False, disk_first: bool = False, marks: tuple[str, ...] = (),
-            poll: float = 0.5) -> NetBoot:
+            poll: float = 0.5, firmware: Firmware = BIOS, bootfile: str | None = None,
+            cut_when: Callable[[], bool] | None = None) -> NetBoot:
     """One network boot of the PC; bounded (qemu is killed at ``timeout``). With ``until``: once
     the console shows that text, ``action()`` runs while the machine is up, then qemu is killed.
     ``disk`` None: a diskless PC. ``watch(console_text)`` is called at every poll (a test reacts
@@ -72,19 +121,24 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
     ``disk_second``: the disk is the firmware's second boot device (the NIC stays first);
     ``disk_first``: the disk boots first, the NIC second (a PC booting what its disk holds).
     ``marks``: console texts timed like MILESTONES (in ``seen``), at every ``poll`` seconds.
+    ``firmware``: SeaBIOS (the default), OVMF, OVMF with Secure Boot (Firmware). ``bootfile``: the
+    DHCP boot file, instead of the boot script's URL (the UEFI HTTP boot image's, say).
+    ``cut_when()``, checked at every poll: once true, qemu is killed at once (SIGKILL: a power cut).
 
-    The firmware's own messages (SeaBIOS, iPXE) reach the serial console too: SeaBIOS mirrors its
-    text console to the port named by the fw_cfg file ``etc/sercon-port`` (0x3f8, ttyS0)."""
+    The firmware's own messages (SeaBIOS, iPXE, OVMF) reach the serial console too: SeaBIOS mirrors
+    its text console to the port named by the fw_cfg file ``etc/sercon-port`` (0x3f8, ttyS0); OVMF
+    writes its console to the serial port itself."""
     port = url.rsplit(":", 1)[1]
     console.unlink(missing_ok=True)
     sercon = console.with_name("sercon-port")
     sercon.write_bytes((0x3F8).to_bytes(2, "little"))
-    cmd = [require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", "-m", memory, "-display", "none",
-           "-monitor", "none", "-serial", f"file:{console}", "-no-reboot", "-vga", "none",
+    bootfile = bootfile or f"http://10.0.2.2:{port}/v1/boot/{mac}{query}"
+    cmd = [require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", *firmware.args(), "-m", memory,
+           "-display", "none", "-monitor", "none", "-serial", f"file:{console}", "-no-reboot", "-vga", "none",
            "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
-           "-netdev", f"user,id=n,bootfile=http://10.0.2.2:{port}/v1/boot/{mac}{query}",
-           # bootindex makes SeaBIOS run the NIC's iPXE ROM first (tests/interop/test_remote_boot.py)
-           "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex={2 if disk_first else 1}"]
+           "-netdev", f"user,id=n,bootfile={bootfile}",
+           # bootindex makes the firmware run the NIC first (tests/interop/test_remote_boot.py)
+           "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex={2 if disk_first else 1}{firmware.rom()}"]
     if disk is not None and (disk_second or disk_first):
         cmd += ["-drive", f"file={disk},format=raw,if=none,id=disk,cache=writeback",
                 "-device", f"virtio-blk-pci,drive=disk,bootindex={1 if disk_first else 2}"]
@@ -103,6 +157,8 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
                     seen[m] = time.monotonic() - t0
             if watch is not None:
                 watch(text)
+            if cut_when is not None and cut_when():
+                break
             if count and at_init is None and "BLOCKPROV-INIT" in text:
                 with contextlib.suppress(OSError):  # a repository the test stopped has no counter
                     at_init = chunks_served(url)

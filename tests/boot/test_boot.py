@@ -19,7 +19,7 @@ from tests import bootvm
 from tests.boot.conftest import attached
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]  # TCG boots, on a shared, loaded machine
 Built = bootvm.bootimage.Built
 
 

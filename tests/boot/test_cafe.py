@@ -21,7 +21,7 @@ from tests import bootvm
 from tests.boot.conftest import IMAGE_REF, attached
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(1800)]  # six TCG boots in one test, on a shared, loaded machine
 Built = bootvm.bootimage.Built
 
 

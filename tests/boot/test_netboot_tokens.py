@@ -1,5 +1,8 @@
 """A PC boots from a repository that enforces tokens (issue 13, tokens inside the machine).
 
+Without ``serve --anonymous-boot`` the repository refuses the firmware's boot request (iPXE sends no
+token): the PC's screen says why (issue 27 item 2: iPXE used to show "Permission denied" and fall
+through to its disk), the server log names the refused request, and ``host show`` records it.
 The firmware fetches its boot script and boot files anonymously (``serve --anonymous-boot``: iPXE
 sends no Authorization header); the in-machine agent sends the host's token, carried in its boot
 script as ``blockprov.token=`` (set with ``host assign --args``; docs/operations.md "Tokens" says
@@ -34,8 +37,31 @@ def test_pc_agent_authenticates_with_the_token_of_its_boot_script(netrepo: NetRe
     admin = json.loads(run_cli("--data", str(data), "token", "create", "--scope", "write", "--json").stdout)["token"]
     pc = json.loads(run_cli("--data", str(data), "token", "create", "--scope", "agent", "--name", "lab-pcs",
                             "--json").stdout)["token"]
-    server, url = start_server(data, "--anonymous-boot")
     env = {"BLOCKPROV_TOKEN": admin}
+    # tokens on and no --anonymous-boot: the firmware's request is refused, and said so everywhere
+    server, url = start_server(data)
+    try:
+        run_cli("--repo", url, "host", "assign", MAC, "bootlab:v1", "--policy", "keep", env=env)
+        screen = netboot(blank_disk(tmp_path / "disk0.raw"), url, tmp_path / "console0.log", mac=MAC, timeout=600,
+                         count=False, until="asking the repository again in")
+        shown = " ".join(screen.console.split())  # the screen wraps long lines at 80 columns
+        assert "requires access tokens and iPXE cannot send one" in shown, screen.tail()
+        assert "--anonymous-boot" in shown and "[401]" in shown, screen.tail()
+        assert "Permission denied" not in screen.console, screen.tail()
+        host = json.loads(run_cli("--repo", url, "host", "show", MAC, "--json", env=env).stdout)
+        assert host["last_refused"] is not None and "--anonymous-boot" in host["refused_why"], host
+        assert host["last_boot"] is None, host  # a refused boot is no boot
+        text = run_cli("--repo", url, "host", "show", MAC, env=env).stdout
+        assert "refused" in text and "iPXE cannot send one" in text, text
+        listed = run_cli("--repo", url, "host", "list", env=env).stdout
+        assert "REFUSED" in listed, listed
+    finally:
+        server.stop()
+    log = server.proc.stderr.read() if server.proc.stderr else ""
+    assert f"boot request of host {MAC}" in log and "refused" in log, log[-2000:]
+    assert "--anonymous-boot" in log, log[-2000:]  # the start-up warning and the refusal name it
+
+    server, url = start_server(data, "--anonymous-boot")
     try:
         def assign(extra: str) -> None:
             run_cli("--repo", url, "host", "assign", MAC, "bootlab:v1", "--policy", "keep", "--hydrate", "off",

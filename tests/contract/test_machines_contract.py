@@ -113,7 +113,7 @@ def test_hosts_and_boot_script(be: Backend, versions: tuple[str, str]) -> None:
 
     s = boot.parse_script(be.repo.boot_script("52:54:00:12:34:56", BASE))
     files = f"{BASE}/v1/images/lab/versions/{v1}/boot"
-    assert s["kernel"] == f"{files}/kernel" and s["initrd"] == f"{files}/initrd?host={MAC}"
+    assert s["kernel"] == f"{files}/kernel" and s["initrd"] == f"{files}/initrd?host={MAC}&platform=${{platform}}"
     assert s["args"][:3] == ["console=ttyS0", "ip=dhcp", "rw"]
     assert s["params"] == {"console": "ttyS0", "ip": "dhcp", "blockprov.repo": BASE,
                                 "blockprov.image": f"lab@{v1}", "blockprov.host": MAC, "initrd": "initrd.img"}

@@ -865,7 +865,7 @@ ISSUE_27.update({
         (("!closed-stdout", "vm", "clone", "nosuch", *VM), 141, r"^$"),
         (("!nothing-left", "{vmdir}"), 0, ""),
         (("vm", "run", "img:v1", "--name", "p", "--memory", "32", *VM), 0, r"VM p: "),  # the name is free
-        (("vm", "rm", "--force", "p", *VM), 0, r"removed p"),
+        (("vm", "rm", "--force", "p", "p", *VM), 0, r"^removed p \(stopped first: p\)$"),  # once: no exit 3 after
     ],
     # variant: `token create | …` whose reader had gone turned access control on with a secret nobody saw
     "token-create-with-stdout-closed": [
@@ -897,6 +897,50 @@ ISSUE_27.update({
         (("import", "{w}/empty.img", "img:empty"), 6, r"cannot read .*empty\.img: is empty \(0 bytes\)"),
         (("import", "{w}/empty.img", "img:empty", "--format", "raw"), 6, r"is empty"),
         (("images", "--json"), 0, r"^(?!.*\b(null|fifo|empty)\b)"),
+    ],
+    # variant: `clones rm A TYPO` removed A, then failed on TYPO saying only that; `clones rm A A` removed A and
+    # exited 3. Every name is checked first (and must be a name: `../bases` is no instance)
+    "clones-rm-checks-every-name-first": [
+        (("clone", "img:v1", "--count", "2", "--dir", "{w}/cl2"), 0, r"made 2 instance"),
+        (("clones", "rm", "--dir", "{w}/cl2", "img-1", "nosuch"), 3,
+         r"no instance nosuch in .*cl2 \(nothing removed\)"),
+        (("clones", "rm", "--dir", "{w}/cl2", "../bases"), 2, r"invalid instance name '\.\./bases'"),
+        (("clones", "list", "--dir", "{w}/cl2"), 0, r"(?s)img-1 .*img-2 "),
+        (("clones", "rm", "--dir", "{w}/cl2", "img-1", "img-1"), 0, r"^removed img-1$"),
+        (("clones", "list", "--dir", "{w}/cl2"), 0, r"^img-2 "),
+    ],
+    # variants: an option typed where it does nothing was accepted and ignored (`attach --peer-rate` without
+    # --site, `--cacheable-fetch` on the embedded repository); a token revoked again was "revoked" again
+    "options-typed-for-nothing": [
+        (("attach", "img:v1", "--cache", "{w}/c9", "--socket", "{w}/s9", "--peer-rate", "1M", "--peer-slots", "2"),
+         2,
+         r"--peer-slots, --peer-rate do nothing here: the peer options are for an agent of a site"),
+        (("attach", "img:v1", "--cache", "{w}/c9", "--socket", "{w}/s9", "--cacheable-fetch"), 2,
+         r"--cacheable-fetch does nothing here"),
+        (("snapshot", "--cache", "{cache}", "--to", "img:s9", "--wait", "5"), 2,
+         r"--wait does nothing here: it is how long a registered agent \(--instance\) is waited for"),
+        (("import", "{w}/disk.img", "img:l1", "--label", "a=1", "--label", "a=2"), 2,
+         r"label 'a' is given twice, as '1' and '2'"),  # the first was dropped without a word
+        (("token", "create", "--scope", "read", "--name", "t9"), 0, r"token \w+ \(t9\)"),
+        (("token", "revoke", "t9"), 0, r"^revoked \w+ \(t9\)$"),
+        (("token", "revoke", "t9"), 0, r"^\w+ \(t9\) was already revoked, at \d{4}-"),
+    ],
+    # variants: a global option typed for the other kind of repository was ignored without a word (`--repo
+    # URL --store s3://…` read the server's own store, `--token` went nowhere); typed ones are refused,
+    # one from the environment (it serves many commands) is not
+    "global-options-typed-for-nothing": [
+        (("--repo", "{closed}", "--store", "s3://bucket/p", "images"), 2,
+         r"--store does nothing here: it is the embedded repository's"),
+        (("--repo", "{closed}", "images", "--catalog", "sqlite", "--s3-region", "eu"), 2,
+         r"--catalog, --s3-region do nothing here"),
+        (("--repo", "{closed}", "--ca", "{w}/kernel", "images"), 2, r"--ca does nothing here: .*plain http://"),
+        (("images", "--token", "abc"), 2, r"--token does nothing here: a token and a CA are for a repository server"),
+        (("--s3-create-bucket", "images"), 2, r"--s3-create-bucket does nothing here: .* for an s3:// --store"),
+        (("images",), 0, r"img "),
+        (("--repo", "{closed}", "serve", "--listen", "127.0.0.1:0"), 2, r"--repo does nothing here: serve serves"),
+        (("serve", "--listen", "127.0.0.1:0", "--cache-size", "1G"), 2, r"--cache-size does nothing here"),
+        (("serve", "--listen", "127.0.0.1:0", "--upstream", "{closed}", "--auth", "on", "--chunk-cache", "1M"), 2,
+         r"--chunk-cache, --auth do nothing here: a site cache \(--upstream\) follows the upstream's access rules"),
     ],
     # item 4: boot-files build checked the ref after 10-30 s of building, and never the kernel
     "boot-files-build-checks-first": [

@@ -102,6 +102,15 @@ CASES = [
     ("snapshot to an object", b'{"op":"snapshot","to":{"a":1}}', "to must be a string"),
     ("update to a list", b'{"op":"update","to":["lab:v1"]}', "to must be a string"),
     ("update keep_modified a number", b'{"op":"update","to":"lab:v1","keep_modified":1}', "keep_modified must be"),
+    # variants: an argument the op does not take was ignored (a misspelt rate hydrated at full speed, a
+    # misspelt keep_modified dropped the session's changes): refused before the op starts
+    ("hydrate with a misspelt rate", b'{"op":"hydrate","rte":5000000}',
+     "hydrate: unknown argument 'rte'; it takes rate"),
+    ("update with a misspelt keep_modified", b'{"op":"update","to":"lab:v1","keep":true}',
+     "update: unknown argument 'keep'; it takes to, keep_modified"),
+    ("reset with an argument it does not take", b'{"op":"reset","eagre":true}', "reset: unknown argument 'eagre'"),
+    ("snapshot with a misspelt target", b'{"op":"snapshot","to":"lab:x","targte":"t"}', "unknown argument 'targte'"),
+    ("an argument named twice", b'{"op":"hydrate","rate":5000000,"rate":1}', "names 'rate' twice in one object"),
     ("not an object", b"[1, 2]", "a control request is"),
     ("op not a string", b'{"op": 5}', "a control request is"),
     ("unknown op", b'{"op": "format-disk"}', "unknown control op"),

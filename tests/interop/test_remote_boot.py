@@ -115,7 +115,7 @@ def test_cli_and_curl_against_server(tmp_path: Path) -> None:
         # a fetch of the script is no boot (issue 27 item 5), nor are a ranged or resumed initrd
         # above: the host boots once it has fetched the whole initrd its script names
         assert json.loads(run_cli("host", "show", MAC, "--json", env=env).stdout)["last_boot"] is None
-        assert s2["initrd"].endswith(f"/initrd?host={MAC}")
+        assert s2["initrd"].endswith(f"/initrd?host={MAC}&platform=${{platform}}")
         assert curl("-f", "-o", str(tmp_path / "whole"), s2["initrd"]).returncode == 0
         shown = json.loads(run_cli("host", "show", MAC.replace(":", "-"), "--json", env=env).stdout)
         assert shown["last_boot_version"] == v2 and shown["last_boot"] <= time.time()
@@ -223,7 +223,8 @@ def test_qemu_ipxe_boots_from_the_repository(tmp_path: Path) -> None:
         booted = "Linux version" in text and "Command line:" in text
         assert log.requested(f"/v1/boot/{MAC}"), "".join(log.lines)[-3000:]
         assert log.requested(f"{files}/kernel"), "".join(log.lines)[-3000:]
-        assert log.requested(f"{files}/initrd?host={MAC}"), "".join(log.lines)[-3000:]  # its last boot: issue 27
+        # its last boot (issue 27), and its firmware as iPXE says it (issue 25): SeaBIOS, so pcbios
+        assert log.requested(f"{files}/initrd?host={MAC}&platform=pcbios"), "".join(log.lines)[-3000:]
         assert booted, f"the kernel did not start; console:\n{text[-3000:]}"
         assert f"blockprov.image=lab@{vid}" in text and f"blockprov.repo=http://10.0.2.2:{port}" in text
         assert "console=ttyS0 panic=-1 loglevel=7" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -32,9 +33,9 @@ def short() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _curl(url: str, *args: str) -> tuple[int, bytes]:
+def _curl(url: str, *args: str, check: bool = True) -> tuple[int, bytes]:
     r = subprocess.run([require_tool("curl"), "-s", "-o", "-", "-w", "\n%{http_code}", *args, url],
-                       capture_output=True, timeout=60, check=True)
+                       capture_output=True, timeout=60, check=check)
     body, _, code = r.stdout.rpartition(b"\n")
     return int(code), body
 
@@ -243,3 +244,72 @@ def test_prewarm_fills_the_site_cache_before_opening_time(tmp_path: Path, short:
         if cache is not None:
             cache.stop()
         upstream.stop()
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def test_site_cache_bounds_what_it_passes_on(tmp_path: Path) -> None:
+    """Issue 27 item 9, in the site cache: a body passed on was read whole into memory (one 300 MiB
+    PUT raised its peak by 1.1 GiB), with no body limit, no body timeout, and an upstream's refusal
+    of a big body said "unreachable". Now ``--max-body``, ``--max-in-flight`` and
+    ``--request-timeout`` bound it as they bound the repository, the body streams through, and a
+    body the upstream cuts off is named as such. Bound stated: the peak grows by less than 64 MiB
+    while 300 MiB are offered (declared and chunked)."""
+    image = random_image(tmp_path / "img.raw", 1 * MIB, seed=9)
+    data = tmp_path / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
+    upstream, up_url = start_server(data)
+    cache: Proc | None = None
+    try:
+        cache, url = start_server(tmp_path / "sc", "--upstream", up_url, "--max-body", "8M", "--request-timeout", "2")
+        host = f"{url}/v1/hosts/52:54:00:12:34:01"
+        big = tmp_path / "big.bin"
+        with open(big, "wb") as f:
+            f.truncate(300 * MIB)
+        before = _peak_rss(cache.proc.pid)
+        json_put = ("-X", "PUT", "-H", "content-type: application/json")
+        code, body = _curl(host, *json_put, "--data-binary", f"@{big}")  # declared: refused before it is read
+        assert code == 413 and b"exceeds the limit of 8388608 bytes" in body, body
+        # chunked, to a route the upstream takes 256 MiB on: cut off past 8 MiB (curl may see the reset first)
+        code, body = _curl(f"{url}/v1/images/lab/versions", "-X", "POST", "-H", "content-type: application/json",
+                           "-H", "transfer-encoding: chunked", "--data-binary", f"@{big}", check=False)
+        assert (code, b"exceeds the limit of 8388608 bytes" in body) in ((413, True), (0, False)), body
+        grown = _peak_rss(cache.proc.pid) - before
+        assert grown < 64 * MIB, f"the site cache's peak grew by {grown >> 20} MiB"
+        code, body = _curl(f"{url}/v1/chunks/fetch", "-X", "POST", "--data-binary", f"@{image}")  # 1 MiB of ids
+        assert code == 413 and b"exceeds the limit of 524288 bytes" in body, body
+        # within --max-body, over the upstream's own limit for the route (64 KiB, read from its /openapi.json):
+        # the upstream's 413, said by the site cache before a byte is passed on
+        over = tmp_path / "over.bin"
+        over.write_bytes(b" " * (200 << 10))
+        code, body = _curl(host, *json_put, "--data-binary", f"@{over}")
+        assert code == 413 and b"exceeds the limit of 65536 bytes for PUT /v1/hosts/{host} (the upstream's)" in body, \
+            body
+        # chunked (no length to check first): the upstream's 413 passed on, or, when it closed before it took
+        # the body, that, never "unreachable"
+        code, body = _curl(host, *json_put, "-H", "transfer-encoding: chunked", "--data-binary", f"@{over}")
+        assert (code, b"exceeds the limit of 65536 bytes" in body) == (413, True) or \
+            (code, b"UpstreamCutBody" in body and b"over its limit for the route" in body) == (502, True), body
+        # a body that does not come: 408 after --request-timeout, the connection closed
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60) as s:
+            s.sendall(b"PUT /v1/hosts/52:54:00:12:34:01 HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: 100\r\n\r\n{")
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"too slowly" in answer, answer
+        # and what is within every limit passes on and lands upstream
+        code, body = _curl(host, *json_put, "-d", '{"ref": "lab:v1"}')
+        assert code == 200, body
+        assert json.loads(_curl(f"{up_url}/v1/hosts/52:54:00:12:34:01")[1])["ref"] == "lab:v1"
+        print(f"site cache bounds: peak memory +{grown / MIB:.1f} MiB while 2 x 300 MiB bodies were offered")
+    finally:
+        if cache is not None:
+            cache.stop()
+        upstream.stop()
+    err = cache.proc.stderr.read() if cache is not None and cache.proc.stderr else ""
+    assert "internal error" not in err and "Traceback" not in err, err[-3000:]

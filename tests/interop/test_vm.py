@@ -27,7 +27,9 @@ import pytest
 from tests import bootvm
 from tests.conftest import require_tool, run_cli
 
-pytestmark = pytest.mark.interop  # a missing qemu-system-x86_64 fails naming its package (tests/conftest.py)
+# a missing qemu-system-x86_64 fails naming its package (tests/conftest.py); the module's first test sets up one
+# boot, a template and three clones: bounded for a shared, loaded machine
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(1200)]
 COUNT = re.compile(r"BP-COUNT n=(\d+) host=")  # whole lines only: a paused guest may stop mid-line
 CLONES = 3
 
@@ -335,6 +337,35 @@ def test_a_damaged_or_missing_memory_file_starts_no_clone(lab: dict[str, Any]) -
     assert r.returncode == 4 and "missing" in r.stderr, r.stderr
     assert set(lb.rows()) == before
     shutil.rmtree(broken)
+
+
+def test_a_template_whose_disk_was_removed_says_so_and_starts_nothing(lab: dict[str, Any]) -> None:
+    """``rm NAME@ID`` of the version a template's disk is: ``vm clone`` names the template, the
+    missing version and what to do, exits 3 (NotFound, docs/operations.md), and leaves no clone, disk
+    or directory behind."""
+    lb: Lab = lab["lab"]
+    img = bootvm.build_image(size="256M", fill_mb=40)  # the lab's image (cached): its chunks are stored already
+    run_cli("import", str(img.disk), "gonelab:v1", data=lb.data)
+    vid = json.loads(run_cli("show", "gonelab:v1", "--json", data=lb.data).stdout)["id"]
+    src = Path(lab["template"]["dir"])
+    gone = src.parent / "gone"  # a copy of the lab's template, its disk the version about to be removed
+    shutil.copytree(src, gone)
+    manifest = gone / "template.json"
+    manifest.chmod(0o644)
+    t = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**t, "name": "gone", "image": "gonelab", "version": vid}))
+    before = set(lb.rows()), set(os.listdir(lb.root / "disks" / "instances")), set(os.listdir(lb.root / "vms"))
+    try:
+        assert f"removed gonelab@{vid}" in run_cli("rm", f"gonelab@{vid}", data=lb.data).stdout
+        r = lb.cli("vm", "clone", "gone", "--count", "2", check=False)
+        assert r.returncode == 3, (r.returncode, r.stderr)
+        assert f"template gone's disk, gonelab@{vid}, is no longer in the repository" in r.stderr, r.stderr
+        assert "blockprov vm template" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.stdout == ""
+        after = set(lb.rows()), set(os.listdir(lb.root / "disks" / "instances")), set(os.listdir(lb.root / "vms"))
+        assert after == before
+    finally:
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 def test_an_unprivileged_owner_maps_its_template_memory() -> None:

@@ -32,7 +32,8 @@ READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing"), ("PO
 LEASING_GETS = {("GET", "/v1/agents/{instance}/requests/next")}  # a GET that changes state
 OPEN = {("GET", "/v1/health"), ("GET", "/v1/whoami"), ("GET", "/openapi.json"), ("GET", "/docs")}
 BOOT = {("GET", "/v1/boot/{host}"), ("GET", "/v1/images/{name}/versions/{vid}/boot/{which}"),
-        ("HEAD", "/v1/images/{name}/versions/{vid}/boot/{which}")}
+        ("HEAD", "/v1/images/{name}/versions/{vid}/boot/{which}"), ("GET", "/v1/boot/{host}/boot.img"),
+        ("HEAD", "/v1/boot/{host}/boot.img")}
 
 
 class Env:

@@ -26,6 +26,8 @@ class DictRepo:
         self.calls: list[list[bytes]] = []
         self.unreachable = False
         self.delay = 0.0
+        self.at_once = 0  # calls under way now, and the most there ever were (batches in parallel)
+        self.most_at_once = 0
         self._lock = threading.Lock()
 
     def add(self, data: bytes) -> bytes:
@@ -51,8 +53,14 @@ class DictRepo:
         with self._lock:
             self.calls.append(list(ids))
             unreachable, delay = self.unreachable, self.delay
-        if delay:
-            time.sleep(delay)
+            self.at_once += 1
+            self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            if delay:
+                time.sleep(delay)
+        finally:
+            with self._lock:
+                self.at_once -= 1
         if unreachable:
             raise RepositoryUnavailable(url=self.url, why="switched off by the test")
         out = []

@@ -66,7 +66,8 @@ def test_hits_single_flight_budget_and_eviction(tmp_path: Path) -> None:
     for t in threads:
         t.join(30)
     assert all(r == [b for _, b in items[4:]] for r in results) and len(results) == 12
-    assert inner.asked == 8 and store.joined == 11 * 4
+    # each of the other eleven joined the read under way or, started after it ended (a loaded machine), hit
+    assert inner.asked == 8 and store.joined + (store.hits - 4) == 11 * 4, (store.joined, store.hits)
     inner.delay = 0.0
 
     # an upload (perhaps the repair of a damaged copy) and a delete evict

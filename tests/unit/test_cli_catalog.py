@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import run_cli
 from tests.pgfixture import Postgres
 
@@ -38,17 +36,19 @@ def test_sqlite_spelled_out_is_the_default(tmp_path: Path) -> None:
     assert (data / "catalog.sqlite").exists()
 
 
-@pytest.mark.timeout(20)  # "at once": connection refused must not be retried for half a minute
 def test_unreachable_postgres_fails_at_once(tmp_path: Path) -> None:
+    """"At once": the refused connection itself is the answer (PostgreSQL's own reason), not a
+    connection pool that waited for one and gave up. Told by the message, not by a clock: the
+    machine may be loaded (issue 27: no test expects a command to end within a few seconds)."""
     url = "postgresql://postgres@127.0.0.1:1/x"
     p = run_cli("--catalog", url, "images", data=tmp_path / "data", check=False)
     assert p.returncode == 7, (p.stdout, p.stderr)
     line = one_error_line(p.stderr)
     assert "catalog" in line and "unreachable" in line and "127.0.0.1:1" in line, line
+    assert "Connection refused" in line and "couldn't get a connection" not in line, line
     assert "Traceback" not in p.stderr
 
 
-@pytest.mark.timeout(60)
 def test_missing_database_is_a_clear_error(tmp_path: Path, postgres: Postgres) -> None:
     url = postgres.url("bp_no_such_database")
     p = run_cli("--catalog", url, "images", data=tmp_path / "data", check=False)

@@ -88,6 +88,21 @@ def test_after_the_command_errors(data: Path) -> None:
     assert p.returncode == 2 and "requires an argument" in p.stderr, p.stderr
 
 
+def test_a_global_option_typed_for_the_other_kind_of_repository_is_refused(data: Path) -> None:
+    """Issue 27: ``--token`` on the embedded repository and ``--store`` with ``--repo`` were ignored.
+    Typed, before or after the command, they are refused (exit 2, naming them); from the environment,
+    which serves every command, they are not."""
+    env = {"BLOCKPROV_TOKEN": "t", "BLOCKPROV_CA": "/nowhere.pem", "BLOCKPROV_S3_REGION": "eu"}
+    assert names(images("images", "--json", "--data", str(data), env=env)) == ["img"]
+    for args, said in ((("--token", "t", "images", "--data", str(data)), "--token does nothing here"),
+                       (("images", "--data", str(data), "--s3-region", "eu"), "--s3-region does nothing here"),
+                       (("--store", "local", "images", "--repo", "http://127.0.0.1:1"), "--store does nothing here")):
+        p = images(*args)
+        assert p.returncode == 2 and said in p.stderr and len(p.stderr.splitlines()) == 1, (args, p.stderr)
+    p = images("images", "--repo", "http://127.0.0.1:1", env={"BLOCKPROV_STORE": "s3://b/p"})
+    assert p.returncode == 7 and "127.0.0.1:1" in p.stderr, p.stderr  # unreachable: the store was not refused
+
+
 def test_serve_data_after_the_command(data: Path) -> None:
     """The repository issue's ``blockprov serve --data DIR``: a busy port is reached only once the
     data directory was taken from after the command (a missing one would be created; see above)."""

@@ -189,6 +189,10 @@ def test_assign_form_keeps_what_it_leaves_unchanged(env: Env) -> None:
     assert (h.policy, h.hydrate, h.args) == ("keep", "off", "")
     r = post(c, "/ui/hosts", {"host": [mac], "ref": "lab:v2", "policy": "wipe"})
     assert "Not assigned" in c.get(r.headers["location"]).text and env.repo.hosts()[0].policy == "keep"
+    # arguments typed and "clear" ticked: which one? (the typed ones were dropped without a word)
+    r = post(c, "/ui/hosts", {"host": [mac], "ref": "lab:v1", "args": "C=3", "clear_args": "1"})
+    assert "which one?" in c.get(r.headers["location"]).text
+    assert (env.repo.hosts()[0].version, env.repo.hosts()[0].args) == (env.v2, "")
 
 
 def test_pools_and_clones_reports(env: Env) -> None:

@@ -238,17 +238,16 @@ def test_zero_chunks_need_no_repository() -> None:
 
 def test_several_batches_in_flight_and_stats() -> None:
     repo, m, _content, sink = setup()
-    repo.delay = 0.1
+    repo.delay = 0.3  # long enough that the four batches' calls overlap however loaded the machine
 
     async def main() -> None:
         f = fetcher(repo, m, sink, batch_bytes=4 * CS, max_inflight=4)
-        t0 = time.monotonic()
         got = await f.get_many(list(range(16)))  # 4 batches of 4 chunks, in parallel
-        assert time.monotonic() - t0 < 0.3
+        assert repo.most_at_once == 4  # not a wall-time bound: it failed under load (0.51 s at load 36)
         assert len(got) == 16
         st = f.stats.figures()
         assert st.chunks_fetched == 16 and st.bytes_fetched == 16 * CS and st.batches == 4
-        assert st.fetch_latency_ms.p50 is not None and st.fetch_latency_ms.p50 >= 100
+        assert st.fetch_latency_ms.p50 is not None and st.fetch_latency_ms.p50 >= 300
         await f.close()
 
     asyncio.run(main())

@@ -10,7 +10,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
 import threading
 from pathlib import Path
 
@@ -80,6 +79,9 @@ def test_mbr_layout() -> None:
     booting = disk.with_boot(m, code=b"\xfa" * 440, active=True)
     assert disk.partitions(booting)[0][3] and booting[:440] == b"\xfa" * 440
     assert booting[440:446] == m[440:446] and booting[447:] == m[447:]  # only the code and the flag change
+    old = bytearray(m)
+    old[446 + 4] = disk.OLD_TYPE_BOOT  # a disk made before the UEFI loader: its boot partition becomes an ESP
+    assert disk.partitions(disk.with_boot(bytes(old), code=b"", active=False))[0][0] == disk.TYPE_BOOT == 0xEF
     d = disk.Disk("vda", size)
     assert (d.boot, d.meta, d.reserve, d.data) == ("/dev/vda1", "/dev/vda2", "/dev/vda3", "/dev/vda4")
     assert d.data_bytes == size - disk.FIXED - MiB
@@ -234,70 +236,16 @@ def test_blockprov_initramfs_is_recognised() -> None:
     assert not is_blockprov_initramfs(b"\x28\xb5\x2f\xfd not gzip") and not is_blockprov_initramfs(b"")
 
 
-def test_loader_command_line_and_config() -> None:
-    from blockprov.netboot import loader
+def test_firmware_and_secure_boot(tmp_path: Path) -> None:
+    """What the agent says of the machine's firmware: /sys/firmware/efi, and the Secure Boot state the
+    EFI stub left in the boot parameters (byte 0x1ec: 3 enabled, 2 disabled)."""
+    from blockprov.netboot.inagent import SECURE_BOOT_AT, firmware
 
-    net = "console=ttyS0 quiet initrd=initrd.img blockprov.repo=http://r blockprov.policy=restore BOOT_IMAGE=x"
-    off = loader.offline_cmdline(net)
-    assert off == "console=ttyS0 quiet blockprov.repo=http://r blockprov.policy=restore blockprov.from=disk"
-    assert loader.offline_cmdline(off) == off  # booted from the disk: the same line, so no rewrite
-    assert loader.wanted("k", "i", net) == loader.wanted("k", "i", off)
-    cfg = loader.syslinux_cfg(off)
-    assert "KERNEL vmlinuz" in cfg and "INITRD initrd.img" in cfg and f"APPEND {off}\n" in cfg
-
-
-@pytest.mark.parametrize("size", [2 << 30, 3 << 40], ids=["mbr", "gpt"])
-def test_loader_install_sets_the_active_flag_last(size: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """netboot/loader.py on files standing in for the disk and its boot partition: a complete
-    install leaves partition 1 active with syslinux's MBR code and the record written; one that
-    fails half-way leaves the flag off (the firmware passes the disk over) and no record. On a
-    disk over 2 TiB (GPT): gptmbr.bin and the legacy BIOS bootable attribute."""
-    import uuid
-
-    from blockprov.netboot import loader
-    from tests.conftest import require_tool
-
-    for tool in ("mkfs.fat", "syslinux", "mcopy"):
-        require_tool(tool)
-    dev = tmp_path / "dev"
-    dev.mkdir()
-    meta = tmp_path / "meta"
-    meta.mkdir()
-    d = disk.Disk("vda", size, str(dev))
-    gpt = disk.gpt(size, MiB, uuid.uuid4()) if d.gpt else None
-    with open(d.path, "wb") as f:
-        if gpt:
-            f.truncate(size)
-            f.seek(disk.tail_at(size // disk.SECTOR))
-            f.write(gpt[1])
-            f.seek(0)
-        f.write(gpt[0] if gpt else disk.mbr(d.size, MiB))
-    table = disk.partitions(loader.head(d))
-    with open(d.boot, "wb") as f:
-        f.truncate(disk.BOOT_BYTES)
-    record = loader.wanted("k1", "i1", "console=ttyS0 blockprov.policy=restore")
-    assert loader.installed(d, meta) is None
-    loader.install(d, meta, b"K" * 4096, b"I" * 8192, record, tmp_path / "work")
-    assert loader.installed(d, meta) == record
-    head = loader.head(d)
-    code = (loader.GPTMBR_BIN if gpt else loader.MBR_BIN).read_bytes()[:440]
-    assert head[:440] == code and disk.partitions(head)[0][3] and not table[0][3]
-    assert disk.partitions(head)[1:] == table[1:] and disk.partitions(head)[0][:3] == table[0][:3]
-    assert not gpt or disk.gpt_valid(head)
-    # only the command line changed: the files in place are kept, syslinux.cfg rewritten, flag on again
-    newer = loader.wanted("k1", "i1", "console=ttyS0 blockprov.policy=keep")
-    assert loader.same_files(loader.installed(d, meta), newer) and not loader.same_files(record, loader.wanted(
-        "k2", "i1", ""))
-    loader.install(d, meta, None, None, newer, tmp_path / "work")
-    assert loader.installed(d, meta) == newer and disk.partitions(loader.head(d))[0][3]
-    for name, want in (("vmlinuz", b"K" * 4096), ("initrd.img", b"I" * 8192),
-                       ("syslinux.cfg", loader.syslinux_cfg(newer["cmdline"]).encode())):
-        out = tmp_path / f"got-{name}"
-        subprocess.run([require_tool("mcopy"), "-n", "-i", d.boot, f"::{name}", str(out)], check=True, timeout=60,
-                       env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
-        assert out.read_bytes() == want, name
-    # a rewrite that fails after the flag went off (here: the copy of the files) leaves it off
-    monkeypatch.setattr(loader, "MCOPY", "false")
-    with pytest.raises(NetbootError, match="false"):
-        loader.install(d, meta, b"K2", b"I2", loader.wanted("k2", "i2", ""), tmp_path / "work")
-    assert not disk.partitions(loader.head(d))[0][3] and loader.installed(d, meta) is None
+    assert firmware(tmp_path) == ("bios", None)
+    (tmp_path / "firmware" / "efi").mkdir(parents=True)
+    assert firmware(tmp_path) == ("uefi", None)  # no boot parameters: not known
+    params = tmp_path / "kernel" / "boot_params" / "data"
+    params.parent.mkdir(parents=True)
+    for mode, said in ((3, "on"), (2, "off"), (1, None)):
+        params.write_bytes(bytes(SECURE_BOOT_AT) + bytes([mode]) + bytes(100))
+        assert firmware(tmp_path) == ("uefi", said)

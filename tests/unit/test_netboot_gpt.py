@@ -119,9 +119,13 @@ def test_gpt_crcs_protective_mbr_and_backup(tmp_path: Path) -> None:
 
 def test_a_disk_of_2_tib_or_less_keeps_its_mbr_to_the_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The MBR form is what it was before the GPT form existed (the digest was taken from the code
-    before the change), so no disk already provisioned is set up again."""
-    assert hashlib.sha256(disk.mbr(disk.MBR_LIMIT, 128 * MiB)).hexdigest() == \
-        "50aacdbbbc0539f18fe16c99a348098a7c2f7412b66765324c8c1a1d80579a0a"
+    before the change), so no disk already provisioned is set up again — but for the boot
+    partition's type, an EFI System Partition since the UEFI loader (issue 25), which older disks'
+    partitions take at their next loader write (disk.with_boot)."""
+    m = bytearray(disk.mbr(disk.MBR_LIMIT, 128 * MiB))
+    assert m[446 + 4] == disk.TYPE_BOOT == 0xEF
+    m[446 + 4] = disk.OLD_TYPE_BOOT
+    assert hashlib.sha256(m).hexdigest() == "50aacdbbbc0539f18fe16c99a348098a7c2f7412b66765324c8c1a1d80579a0a"
     largest = disk.Disk("vda", disk.MBR_LIMIT)
     assert not largest.gpt and disk.Disk("vda", disk.MBR_LIMIT + disk.SECTOR).gpt
     assert largest.data_bytes == disk.MBR_LIMIT - disk.FIXED - MiB  # as before: min(size, MBR_LIMIT) - FIXED - 1 MiB

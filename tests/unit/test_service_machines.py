@@ -76,7 +76,7 @@ def test_boot_script_statuses(env: Env) -> None:
     assert s["kernel"] == f"http://10.0.2.2:8420{env.files}/kernel"
     assert s["params"]["blockprov.repo"] == "http://10.0.2.2:8420" and s["params"]["blockprov.host"] == MAC
     r = env.c.get(f"/v1/boot/{MAC}", params={"base": "https://repo.example:443/bp"})
-    assert boot.parse_script(r.text)["initrd"] == f"https://repo.example:443/bp{env.files}/initrd?host={MAC}"
+    assert boot.parse_script(r.text)["initrd"] == f"https://repo.example:443/bp{env.files}/initrd?host={MAC}&platform=${{platform}}"
     assert env.c.get(f"/v1/boot/{MAC}", params={"base": "http://x/ y"}).status_code == 400
 
 
@@ -89,7 +89,7 @@ def test_last_boot_is_the_whole_initrd_fetched(env: Env) -> None:
     env.repo.set_boot_files("lab:v1", KERNEL, INITRD)
     s = boot.parse_script(env.c.get(f"/v1/boot/{MAC}", headers={"user-agent": "iPXE/1.21.1"}).text)
     initrd = s["initrd"].removeprefix("http://testserver")
-    assert initrd == f"{env.files}/initrd?host={MAC}"
+    assert initrd == f"{env.files}/initrd?host={MAC}&platform=${{platform}}"
     assert env.c.get(s["kernel"].removeprefix("http://testserver")).status_code == 200
     assert env.c.head(initrd).status_code == 200
     assert env.c.get(initrd, headers={"range": "bytes=0-99"}).status_code == 206

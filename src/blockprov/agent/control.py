@@ -55,11 +55,18 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 class Args:
     """A request's arguments, each read with its type and range: a wrong one is a ``UsageError``
     naming it (``{"op": "hydrate", "rate": "abc"}`` used to end in ``float()``'s ValueError, an
-    internal error, and ``"eager": "false"`` in an eager reset)."""
+    internal error, and ``"eager": "false"`` in an eager reset). ``known``: the arguments the op
+    takes; any other is refused before the op starts (``{"op": "hydrate", "rte": 5}`` hydrated at
+    full speed, ``{"op": "update", "keep": true}`` dropped the session's changes)."""
 
-    def __init__(self, req: dict[str, Any]) -> None:
+    def __init__(self, req: dict[str, Any], *known: str) -> None:
         self.req = req
         self.op = req.get("op")
+        unknown = sorted(set(req) - {"op", *known})
+        if unknown:
+            takes = f"it takes {', '.join(known)}" if known else "it takes none"
+            raise UsageError(f"{str(self.op)[:40]}: unknown argument {', '.join(repr(k[:40]) for k in unknown[:5])}; "
+                             + takes)
 
     def _bad(self, name: str, want: str) -> UsageError:
         return UsageError(f"{self.op}: {name} must be {want}, not {self.req.get(name)!r:.60}")

@@ -193,16 +193,16 @@ class InstanceOps:
     async def _op_reset(self, req: dict[str, Any]) -> lifecycle.ResetResult:
         # A client may still be sending data-file pieces it was handed: punch holes only when
         # nobody is connected (the space of reset chunks is reused when they are fetched again).
-        eager = control.Args(req).flag("eager")
+        eager = control.Args(req, "eager").flag("eager")
         return await lifecycle.reset(self.device, eager=eager, punch=self._connections() == 0)
 
     async def _op_snapshot(self, req: dict[str, Any]) -> lifecycle.SnapshotResult:
-        a = control.Args(req)
+        a = control.Args(req, "to", "target", "rebase")
         return await lifecycle.snapshot(self.device, self.repo, a.text("to"), target=a.text("target") or "default",
                                         rebase=a.flag("rebase"))
 
     async def _op_update(self, req: dict[str, Any]) -> keep.KeptUpdate:
-        a = control.Args(req)
+        a = control.Args(req, "to", "keep_modified", "force", "lazy")
         keep_modified, force, lazy = a.flag("keep_modified"), a.flag("force"), a.flag("lazy")
         new = await self._run(self.repo.resolve, a.text("to"))
         return await keep.update(self.device, self.repo, new, keep_modified=keep_modified, force=force,
@@ -212,7 +212,7 @@ class InstanceOps:
         if self.device.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         h = self.hydrator
-        a = control.Args(req)
+        a = control.Args(req, "rate", "profile_parallel", "hold_rest")
         rate = a.number("rate", MIN_RATE, 1e15)
         parallel = a.integer("profile_parallel", 1, 1, 64)
         hold_rest = a.number("hold_rest", 0.0, MAX_HOLD_REST) or 0.0

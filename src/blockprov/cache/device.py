@@ -70,7 +70,7 @@ from blockprov.cache.steps import Pending, Reset, Steps, Switched
 from blockprov.cache.view import Chunks
 from blockprov.cache.writes import Writes
 from blockprov.device.base import STATE_HOLE, STATE_ZERO, Extent, FileSegment, ReadResult
-from blockprov.errors import CacheError
+from blockprov.errors import CacheError, DeviceIOError
 from blockprov.manifest import Manifest
 from blockprov.repo.base import Repository
 
@@ -89,6 +89,8 @@ class CacheDevice:
         self._seen = core.read_order.seen
         self._shift = core.shift
         self._zeros = core.zeros
+        self._fd = core.fd  # -1 once closed (``close``, ``abandon``)
+        self._source = core.source
         self._gate = core.gate  # entry points that may fetch or change chunks pass it (``gated``)
         self._writes = Writes(core)
         self._steps = Steps(core)
@@ -170,7 +172,7 @@ class CacheDevice:
         finally:
             c.state.close()
             os.close(c.fd)
-            c.fd = -1
+            c.fd = self._fd = -1
             os.close(c.lock_fd)  # releases the flock
             c.pool.shutdown(wait=True)
 
@@ -182,7 +184,7 @@ class CacheDevice:
         await c.source.close()
         c.state.close()
         os.close(c.fd)
-        c.fd = -1
+        c.fd = self._fd = -1
         os.close(c.lock_fd)
         c.pool.shutdown(wait=True)
 
@@ -238,24 +240,29 @@ class CacheDevice:
             self._core.read_order.record(a, b + 1)
         if a == b:
             f = self._flags[a]
-            if f & PRESENT and (fd := self._core.fd) >= 0:
-                return [FileSegment(fd, offset, length)]
+            if f & PRESENT and self._fd >= 0:
+                return [FileSegment(self._fd, offset, length)]
             if f & ZERO:
                 return [self._zeros[:length]]
-        elif self._map.all_match(PRESENT, PRESENT, a, b + 1) and (fd := self._core.fd) >= 0:
-            return [FileSegment(fd, offset, length)]
-        if self._map.all_match(PRESENT | ZERO, 0, a, b + 1):
-            return await self._read_below(offset, length)
-        return await self._read_slow(offset, length)
-
-    @gated
-    async def _read_below(self, offset: int, length: int) -> ReadResult:
-        """A range the cache holds none of: the layers below answer it as a whole."""
-        c = self._core
-        c.check_open()
-        self.last_miss = ((offset + length - 1) >> self._shift) + 1  # hydration moves to where clients read
-        self.last_miss_at = time.monotonic()
-        return (await c.source.read([(offset, length)]))[0]
+        elif self._map.all_match(PRESENT, PRESENT, a, b + 1) and self._fd >= 0:
+            return [FileSegment(self._fd, offset, length)]
+        if not self._map.all_match(PRESENT | ZERO, 0, a, b + 1):
+            return await self._read_slow(offset, length)
+        # A range the cache holds none of: the layers below answer it as a whole (an overlay's every
+        # read of what it did not write). It may fetch, so it passes the gate: ``gated`` written out
+        # here, in the read itself, as a coroutine less per call.
+        gate = self._gate
+        while (closing := gate.closing) is not None:
+            await asyncio.shield(closing)
+        gate.active += 1
+        try:
+            if self._core.closed:
+                raise DeviceIOError(msg="cache is closed")
+            self.last_miss = b + 1  # hydration moves to where clients read
+            self.last_miss_at = time.monotonic()
+            return (await self._source.read(((offset, length),)))[0]
+        finally:
+            gate.leave()
 
     @gated
     async def _read_slow(self, offset: int, length: int) -> ReadResult:

@@ -72,8 +72,16 @@ class BaseSource:
 
     async def read(self, ranges: Ranges) -> list[ReadResult]:
         """The base's replies as they are (zero copy: pieces of its data file)."""
-        base = self._open_base()
-        return [await base.read(off, n) for off, n in ranges]
+        base = self.base
+        if base is None:
+            raise DeviceIOError(msg=f"overlay {self._where} is open without its base cache")
+        if len(ranges) == 1:  # an overlay's every read of what it did not write: no loop
+            off, n = ranges[0]
+            return [await base.read(off, n)]
+        out = []
+        for off, n in ranges:
+            out.append(await base.read(off, n))
+        return out
 
     async def materialize(self, indices: Sequence[int], *, background: bool = False) -> None:
         """Copy these chunks from the base into the overlay (before a partial write of them)."""

@@ -2,12 +2,14 @@
 
 Tables (in the catalog's database, next to images, versions and tags):
 
-* ``boot_files``: per version, the kernel and initrd descriptors (boot.py) and the command line.
+* ``boot_files``: per version, the kernel and initrd descriptors (boot.py), the command line, and
+  the UEFI loader's descriptors (``efi``: JSON, boot.EFI_FILES; NULL: none).
 * ``hosts``: the host record. Host (MAC or host id) → ``NAME:TAG`` (follows the tag) or
   ``NAME@ID``, plus extra kernel arguments, the host's settings (one column each, boot.SETTINGS:
   ``policy``, ``hydrate``; NULL = the machine's default), and the host's last boot: when the
   repository last answered its boot script (``GET /v1/boot/HOST``) and the version that script
-  named. An assignment changes only what it names: replacing the arguments keeps the policy.
+  named, and the firmware it booted with (``firmware``: bios or uefi, when its request told).
+  An assignment changes only what it names: replacing the arguments keeps the policy.
 * ``profiles``: per version, the order in which a boot first read chunks, as zstd(u32 LE array).
   A version without a row inherits its donor's, translated (catalog/inherit.py), computed when
   asked for; nothing is stored until it records its own (then merged with the inherited one).
@@ -48,7 +50,7 @@ from typing import Any
 import zstandard
 
 from blockprov import jsonvalue
-from blockprov.boot import SETTINGS, BootFile, host_setting, split_settings
+from blockprov.boot import EFI_FILES, SETTINGS, BootFile, host_setting, split_settings
 from blockprov.catalog import inherit, sites
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
@@ -76,6 +78,7 @@ CREATE TABLE IF NOT EXISTS boot_files (
     initrd_pieces BLOB NOT NULL,
     cmdline TEXT NOT NULL,
     updated REAL NOT NULL,
+    efi     TEXT,
     PRIMARY KEY (image, version),
     FOREIGN KEY (image, version) REFERENCES versions(image, id) ON DELETE CASCADE
 );
@@ -92,7 +95,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     hydrate TEXT,
     last_refused REAL,
     refused_why  TEXT,
-    site    TEXT
+    site    TEXT,
+    firmware TEXT
 );
 CREATE TABLE IF NOT EXISTS profiles (
     image   TEXT NOT NULL,
@@ -144,8 +148,10 @@ HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_v
 # sit last; `catalog copy` copies by column name). One per host setting (boot.SETTINGS).
 ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"),
                  ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"),
-                 ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"), ("hosts", "site", "TEXT"))
+                 ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"), ("hosts", "site", "TEXT"),
+                 ("boot_files", "efi", "TEXT"), ("hosts", "firmware", "TEXT"))
 MAX_REFUSED_WHY = 500  # characters of a refused boot request's reason kept on the host
+FIRMWARE = ("bios", "uefi")  # what a host's boot requests say it booted with (hosts.firmware)
 
 
 def _json_object(d: object, what: str, limit: int) -> str:
@@ -155,6 +161,10 @@ def _json_object(d: object, what: str, limit: int) -> str:
     if len(text) > limit:
         raise TooLarge(f"{what} is {len(text)} bytes of JSON; at most {limit}")
     return text
+
+
+def _efi_files(text: str | None) -> dict[str, BootFile]:
+    return {k: BootFile.from_dict(v) for k, v in json.loads(text).items()} if text else {}
 
 
 def pack_profile(order: Sequence[int]) -> bytes:
@@ -200,36 +210,46 @@ class Registry:
         return self.catalog.resolve_id(ref)
 
     # -- boot files -----------------------------------------------------------------------------
-    def set_boot_files(self, image: str, vid: str, kernel: BootFile, initrd: BootFile, cmdline: str) -> BootFilesInfo:
-        """Record (replace) a version's boot files; the caller made their pieces durable first."""
+    def set_boot_files(self, image: str, vid: str, kernel: BootFile, initrd: BootFile, cmdline: str,
+                       efi: Mapping[str, BootFile] | None = None) -> BootFilesInfo:
+        """Record (replace) a version's boot files (``efi``: its UEFI loader, boot.EFI_FILES, kept
+        as JSON descriptors in one column); the caller made their pieces durable first."""
         cmdline = kernel_args(cmdline)
+        efi = dict(efi or {})
+        if not set(efi) <= set(EFI_FILES):
+            raise UsageError(f"the EFI loader files are {', '.join(EFI_FILES)}, not {', '.join(sorted(efi))}")
+        efi_json = json.dumps({k: f.to_dict() for k, f in sorted(efi.items())}) if efi else None
         now = time.time()
         with self.db.tx() as db:
             if not db.execute("SELECT 1 FROM versions WHERE image=? AND id=?", (image, vid)).fetchone():
                 raise ImageNotFound(ref=f"{image}@{vid}")
-            db.execute("INSERT INTO boot_files VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (image, version) DO UPDATE SET "
+            db.execute("INSERT INTO boot_files (image, version, kernel_size, kernel_pieces, initrd_size, "
+                       "initrd_pieces, cmdline, updated, efi) VALUES (?,?,?,?,?,?,?,?,?) "
+                       "ON CONFLICT (image, version) DO UPDATE SET "
                        "kernel_size=excluded.kernel_size, kernel_pieces=excluded.kernel_pieces, "
                        "initrd_size=excluded.initrd_size, initrd_pieces=excluded.initrd_pieces, "
-                       "cmdline=excluded.cmdline, updated=excluded.updated",
-                       (image, vid, kernel.size, kernel.pieces, initrd.size, initrd.pieces, cmdline, now))
-        return BootFilesInfo(image=image, version=vid, kernel=kernel, initrd=initrd, cmdline=cmdline, updated=now)
+                       "cmdline=excluded.cmdline, updated=excluded.updated, efi=excluded.efi",
+                       (image, vid, kernel.size, kernel.pieces, initrd.size, initrd.pieces, cmdline, now, efi_json))
+        return BootFilesInfo(image=image, version=vid, kernel=kernel, initrd=initrd, cmdline=cmdline, updated=now,
+                             efi=efi)
 
     def boot_files(self, image: str, vid: str) -> BootFilesInfo | None:
         row = self.db.one(
-            "SELECT kernel_size, kernel_pieces, initrd_size, initrd_pieces, cmdline, updated FROM boot_files "
+            "SELECT kernel_size, kernel_pieces, initrd_size, initrd_pieces, cmdline, updated, efi FROM boot_files "
             "WHERE image=? AND version=?", (image, vid))
         if row is None:
             if not self.catalog.version_exists(image, vid):
                 raise ImageNotFound(ref=f"{image}@{vid}")
             return None
         return BootFilesInfo(image=image, version=vid, kernel=BootFile(row[0], bytes(row[1])),
-                             initrd=BootFile(row[2], bytes(row[3])), cmdline=row[4], updated=row[5])
+                             initrd=BootFile(row[2], bytes(row[3])), cmdline=row[4], updated=row[5],
+                             efi=_efi_files(row[6]))
 
     def boot_piece_ids(self) -> set[bytes]:
-        """Every chunk id a boot file names (gc keeps them)."""
+        """Every chunk id a boot file names, the EFI loader's too (gc keeps them)."""
         out: set[bytes] = set()
-        for kp, ip in self.db.all("SELECT kernel_pieces, initrd_pieces FROM boot_files"):
-            for blob in (bytes(kp), bytes(ip)):
+        for kp, ip, efi in self.db.all("SELECT kernel_pieces, initrd_pieces, efi FROM boot_files"):
+            for blob in (bytes(kp), bytes(ip), *(f.pieces for f in _efi_files(efi).values())):
                 out.update(blob[i:i + 32] for i in range(0, len(blob), 32))
         return out
 
@@ -274,20 +294,21 @@ class Registry:
             vid: str | None = self._version_of(ref)
         except ImageNotFound:
             vid = None
+        settings = dict(zip(SETTINGS, row[10:10 + len(SETTINGS)], strict=True))
         return HostInfo(host=host, ref=str(ref), args=args, version=vid, updated=updated, last_boot=last_boot,
                         last_boot_version=last_boot_version, last_refused=last_refused, refused_why=refused_why,
-                        **dict(zip(SETTINGS, row[10:], strict=True)))
+                        firmware=row[10 + len(SETTINGS)], **settings)
 
     def host(self, host: str) -> HostInfo:
         host = host_id(host)
-        row = self.db.one(f"SELECT {HOST_COLUMNS}, {', '.join(SETTINGS)} FROM hosts WHERE host=?", (host,))
+        row = self.db.one(f"SELECT {HOST_COLUMNS}, {', '.join(SETTINGS)}, firmware FROM hosts WHERE host=?", (host,))
         if row is None:
             raise HostNotFound(host=host)
         return self._host_info(tuple(row))
 
     def hosts(self) -> list[HostInfo]:
         return [self._host_info(tuple(r)) for r in
-                self.db.all(f"SELECT {HOST_COLUMNS}, {', '.join(SETTINGS)} FROM hosts ORDER BY host")]
+                self.db.all(f"SELECT {HOST_COLUMNS}, {', '.join(SETTINGS)}, firmware FROM hosts ORDER BY host")]
 
     def record_boot(self, host: str, version: str) -> None:
         """``host`` booted ``version``: the repository sent it the whole initrd its boot script
@@ -295,6 +316,14 @@ class Registry:
         removed meanwhile simply records nothing."""
         self.db.write("UPDATE hosts SET last_boot=?, last_boot_version=? WHERE host=?",
                       (time.time(), version_id(version), host_id(host)))
+
+    def record_firmware(self, host: str, firmware: str) -> None:
+        """``host``'s boot request said which firmware it runs (FIRMWARE): kept as the host's.
+        Written only when it changed (a boot request is not worth a write otherwise)."""
+        if firmware not in FIRMWARE:
+            raise UsageError(f"a host's firmware is {' or '.join(FIRMWARE)}, not {firmware!r}")
+        self.db.write("UPDATE hosts SET firmware=? WHERE host=? AND (firmware IS NULL OR firmware <> ?)",
+                      (firmware, host_id(host), firmware))
 
     def record_refused(self, host: str, why: str) -> None:
         """The repository refused ``host``'s boot request (its access rules): when, and why."""

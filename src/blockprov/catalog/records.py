@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockprov.boot import SETTINGS, BootFile
+from blockprov.boot import EFI_FILES, SETTINGS, BootFile
+from blockprov.errors import UsageError
 
 
 @dataclass
@@ -51,7 +52,8 @@ class HostInfo:
     The settings (boot.SETTINGS; None: the machine's default) follow: ``policy`` (``restore`` or
     ``keep``), ``hydrate`` (``background``, ``before-boot``, ``off``), ``site`` (a site's name). A
     setting added later is a field here with a None default, so a record from an older server still
-    reads."""
+    reads. ``firmware``: what the host booted with last, ``bios`` or ``uefi``, as its requests told
+    (service/routes/boot.py); None until a boot says."""
 
     host: str
     ref: str
@@ -64,6 +66,7 @@ class HostInfo:
     refused_why: str | None = None  # and why (e.g. tokens required, no --anonymous-boot)
     policy: str | None = None
     hydrate: str | None = None
+    firmware: str | None = None
     site: str | None = None  # the site it belongs to (catalog/sites.py): its peers and its site cache
 
     def settings(self) -> dict[str, str | None]:
@@ -72,7 +75,10 @@ class HostInfo:
 
 @dataclass
 class BootFilesInfo:
-    """The boot files of one version (see boot.py for how they are stored)."""
+    """The boot files of one version (see boot.py for how they are stored). ``efi``: the UEFI
+    loader that boots this kernel (boot.EFI_FILES: shim, GRUB, MOK manager), by file name; empty
+    when the version has none (a UEFI PC then boots it through iPXE only, and its disk gets no
+    UEFI loader)."""
 
     image: str
     version: str
@@ -80,16 +86,25 @@ class BootFilesInfo:
     initrd: BootFile
     cmdline: str
     updated: float
+    efi: dict[str, BootFile] = field(default_factory=dict)
+
+    def file(self, which: str) -> BootFile | None:
+        """The boot file named ``which`` (``kernel``, ``initrd`` or an EFI_FILES name), if the version has it."""
+        return {"kernel": self.kernel, "initrd": self.initrd}.get(which) or self.efi.get(which)
 
     def to_dict(self) -> dict[str, Any]:
         return {"image": self.image, "version": self.version, "cmdline": self.cmdline, "updated": self.updated,
-                "kernel": self.kernel.to_dict(), "initrd": self.initrd.to_dict()}
+                "kernel": self.kernel.to_dict(), "initrd": self.initrd.to_dict(),
+                "efi": {k: f.to_dict() for k, f in sorted(self.efi.items())}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BootFilesInfo:
+        efi = d.get("efi") or {}
+        if not isinstance(efi, dict) or not set(efi) <= set(EFI_FILES):
+            raise UsageError(f"efi is an object whose keys are among {', '.join(EFI_FILES)}")
         return cls(image=str(d["image"]), version=str(d["version"]), cmdline=str(d["cmdline"]),
                    updated=float(d["updated"]), kernel=BootFile.from_dict(d["kernel"]),
-                   initrd=BootFile.from_dict(d["initrd"]))
+                   initrd=BootFile.from_dict(d["initrd"]), efi={k: BootFile.from_dict(v) for k, v in efi.items()})
 
 
 @dataclass

@@ -14,6 +14,7 @@ import sys
 from typing import Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from blockprov import __version__
 from blockprov.cli import admin, attach, clones, hosts, images, instance, serve, sites, tokens, vm
@@ -182,6 +183,7 @@ def cli(ctx: click.Context, repo: str | None, data: str | None, store: str | Non
     ctx.obj = Ctx(repo, data, store, StoreOptions(endpoint=s3_endpoint, region=s3_region,
                                                   create_bucket=s3_create_bucket, timeout=s3_timeout))
     ctx.obj.token, ctx.obj.ca, ctx.obj.catalog = token or None, ca or None, catalog or None
+    ctx.obj.typed = {n for n in GLOBAL_NAMES if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE}
     ctx.call_on_close(ctx.obj.close)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from blockprov import humanize as hz
 from blockprov.agent import run_async as run_async  # the commands' event loop is the agent's
@@ -107,6 +108,26 @@ def activated_sockets(*given: object) -> list[socket.socket]:
     return activated
 
 
+# Global options a repository uses only in one of its forms (the rules of ``Ctx.check_globals``)
+EMBEDDED_ONLY = ("store", "catalog", "s3_endpoint", "s3_region", "s3_create_bucket", "s3_timeout")
+S3_ONLY = ("s3_endpoint", "s3_region", "s3_create_bucket", "s3_timeout")
+SERVER_ONLY = ("token", "ca")
+
+
+def nothing_here(given: list[str], why: str) -> None:
+    """The one refusal of options typed where they would do nothing (issue 27: accepted, then ignored)."""
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing here: {why}")
+
+
+def refuse_own_options(names: tuple[str, ...], why: str) -> None:
+    """Those of the running command's own options ``names`` (parameter names) typed on its command
+    line do nothing in the form it was given: refused, naming them as typed."""
+    ctx = click.get_current_context()
+    nothing_here([p.opts[0] for p in ctx.command.params
+                  if p.name in names and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE], why)
+
+
 class Ctx:
     def __init__(self, repo_url: str | None, data_dir: str | None, store: str | None = None,
                  store_options: StoreOptions | None = None) -> None:
@@ -119,12 +140,14 @@ class Ctx:
         self.ca: str | None = None  # --ca / BLOCKPROV_CA
         self.catalog: str | None = None  # --catalog / BLOCKPROV_CATALOG
         self.create = False  # set by commands that may make the embedded repository (import)
+        self.typed: set[str] = set()  # global options typed on the command line (not from the environment)
         self._repo: Repository | None = None
 
     def set_global(self, name: str, value: Any) -> None:
         """A global option typed after the command (cli/_globals.py): it replaces the group's value.
         Applied while the command line is parsed, before the repository is opened."""
         assert self._repo is None, "a global option after the repository was opened"
+        self.typed.add(name)
         if name.startswith("s3_"):
             field = {"s3_endpoint": "endpoint", "s3_region": "region", "s3_create_bucket": "create_bucket",
                      "s3_timeout": "timeout"}[name]
@@ -135,9 +158,32 @@ class Ctx:
             raise AttributeError(f"no global option {name!r}")
         setattr(self, attr, value or None)
 
+    def refuse_typed(self, names: tuple[str, ...], why: str) -> None:
+        """UsageError naming those of ``names`` typed on the command line, and why they do nothing
+        here. Only typed ones: an environment variable serves many commands and may not concern this one."""
+        nothing_here(["--" + n.replace("_", "-") for n in names if n in self.typed], why)
+
+    def check_globals(self) -> None:
+        """A global option typed for a repository of the other kind is refused, not ignored (issue 27:
+        ``--repo URL --store s3://…`` read the server's own store and said nothing, ``--token`` on the
+        embedded repository was dropped)."""
+        if self.repo_url:
+            self.refuse_typed(EMBEDDED_ONLY, f"it is the embedded repository's (--data); --repo {self.repo_url} "
+                                             "keeps its chunks and catalog where its server was told to")
+            if not any(u.strip().startswith("https://") for u in self.repo_url.split(",")):
+                self.refuse_typed(("ca",), f"a CA is trusted for https:// repositories; --repo {self.repo_url} "
+                                           "is plain http://")
+        else:
+            self.refuse_typed(SERVER_ONLY, "a token and a CA are for a repository server (--repo URL); the "
+                                           "embedded repository (--data) takes neither")
+            if not (self.store or "").startswith("s3://"):
+                self.refuse_typed(S3_ONLY, "the S3 options are for an s3:// --store; this repository keeps its "
+                                           "chunks in the data directory")
+
     @property
     def repo(self) -> Repository:
         if self._repo is None:
+            self.check_globals()
             self._repo = open_repository(self.repo_url, self.data_dir, self.store, self.store_options,
                                          cacheable=self.cacheable, token=self.token, ca=self.ca,
                                          catalog=self.catalog, create=self.create)
@@ -298,10 +344,16 @@ MEMORY_HELP = "a plain number is MiB, as qemu's -m; or with a unit: 512M, 2G"
 
 
 def labels_option(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
-    out = {}
+    """``--label KEY=VALUE``, repeatable. A key given twice with two values is refused (issue 27:
+    the first was dropped without a word), and so is an empty key."""
+    out: dict[str, str] = {}
     for item in value:
         if "=" not in item:
             raise click.BadParameter(f"labels are KEY=VALUE, not {item!r}")
         k, v = item.split("=", 1)
+        if not k:
+            raise click.BadParameter(f"a label needs a key: {item!r}")
+        if out.get(k, v) != v:
+            raise click.BadParameter(f"label {k!r} is given twice, as {out[k]!r} and {v!r}: which one?")
         out[k] = v
     return out

@@ -19,6 +19,7 @@ from blockprov.cli._common import (
     emit,
     json_option,
     listening,
+    refuse_own_options,
     run_async,
     server_logs,
     size_option,
@@ -87,6 +88,12 @@ def attach_cmd(obj: Ctx, ref: str | None, cache_dir: Path, sock: Path | None, li
     nbdinfo -- [ blockprov attach ... ]) it serves the sockets it was given, without --socket or
     --listen, and prints its banner on stderr.
     """
+    if site is None:
+        refuse_own_options(("peer_listen", "peer_url", "peer_slots", "peer_rate"), "the peer options are for an "
+                                                                                 "agent of a site (--site SITE)")
+    if not obj.repo_url:
+        refuse_own_options(("cacheable_fetch",), "it fetches from a repository server (--repo URL) through an HTTP "
+                                                 "cache; the embedded repository is read from its files")
     server_logs()
     from blockprov.agent.agent import Agent, AgentConfig
     from blockprov.cache import is_cache

@@ -198,13 +198,23 @@ def clones_list_cmd(root: Path, as_json: bool) -> None:
 @click.argument("names", nargs=-1, required=True)
 @DIR_OPTION
 def clones_rm_cmd(names: tuple[str, ...], root: Path) -> None:
-    """Remove instances (their overlays; the shared base stays)."""
-    from blockprov.clones.clones import remove
+    """Remove instances (their overlays; the shared base stays). Every name is checked before any
+    is removed."""
+    from blockprov.clones.clones import instance_dir, instance_name, remove
 
     root = _existing(root)
-    for n in names:
-        remove(root, n)
-    click.echo(f"removed {', '.join(names)}")
+    wanted = list(dict.fromkeys(instance_name(n) for n in names))  # a name given twice is removed once
+    missing = [n for n in wanted if not instance_dir(root, n).exists()]
+    if missing:  # issue 27: `clones rm A TYPO` removed A, then failed on TYPO, and said only that
+        raise NotFound(msg=f"no instance {', '.join(missing)} in {root} (nothing removed)")
+    done: list[str] = []
+    try:
+        for n in wanted:
+            remove(root, n)
+            done.append(n)
+    finally:
+        if done:
+            click.echo(f"removed {', '.join(done)}")
 
 
 # -- pools -------------------------------------------------------------------------------------

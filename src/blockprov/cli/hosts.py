@@ -15,8 +15,17 @@ from typing import Any
 import click
 
 from blockprov import humanize as hz
-from blockprov.boot import HYDRATE, POLICIES, parse_script, stranded
-from blockprov.catalog.records import HostInfo
+from blockprov.boot import (
+    DEBIAN_EFI,
+    DEBIAN_EFI_PACKAGES,
+    EFI_FILES,
+    HYDRATE,
+    POLICIES,
+    efi_missing,
+    parse_script,
+    stranded,
+)
+from blockprov.catalog.records import BootFilesInfo, HostInfo
 from blockprov.cli._common import Ctx, check_creatable, emit, json_option, run_async
 from blockprov.errors import BlockprovError, HostNotFound, SiteNotFound, UsageError
 from blockprov.names import host_id, parse_ref
@@ -32,6 +41,32 @@ def _ago(s: float) -> str:
 
 
 # -- boot files -------------------------------------------------------------------------------------
+EFI_HELP = ("The UEFI loader stored with the boot files (a UEFI PC's HTTP boot and its disk's own loader, "
+            "Secure Boot included): 'debian' (the default) takes Debian's signed shim, GRUB and MOK manager "
+            f"from this machine ({DEBIAN_EFI_PACKAGES}; left out, saying so, when they are not installed); "
+            f"'none' stores none; a directory gives {', '.join(EFI_FILES)} (the last optional), e.g. signed "
+            "with your own key.")
+
+
+def efi_sources(spec: str) -> tuple[dict[str, Path], str | None]:
+    """The EFI loader files ``--efi`` names, and a note when the default finds none."""
+    if spec == "none":
+        return {}, None
+    if spec == "debian":
+        found = {name: Path(p) for name, p in DEBIAN_EFI.items() if Path(p).is_file()}
+        if efi_missing(found):
+            return {}, (f"no UEFI loader stored: {', '.join(DEBIAN_EFI[n] for n in efi_missing(found))} missing "
+                        f"(apt-get install {DEBIAN_EFI_PACKAGES}); UEFI PCs boot this version through iPXE only")
+        return found, None
+    where = Path(spec)
+    if not where.is_dir():
+        raise UsageError(f"--efi {spec}: expected debian, none or a directory holding {', '.join(EFI_FILES)}")
+    found = {name: where / name for name in EFI_FILES if (where / name).is_file()}
+    if missing := efi_missing(found):
+        raise UsageError(f"--efi {spec}: {', '.join(missing)} missing there")
+    return found, None
+
+
 prepare_option = click.option(
     "--prepare/--no-prepare", default=True, show_default=True, envvar="BLOCKPROV_PREPARE",
     help="Prepare the version's boot profile in the background on the repository's host (one headless "
@@ -59,7 +94,7 @@ def _prepared(obj: Ctx, image: str, vid: str, prepare: bool) -> str | None:
 
 @click.group("boot-files")
 def boot_files() -> None:
-    """Kernel and initrd a host boots a version with (served to iPXE by `blockprov serve`)."""
+    """Kernel, initrd and UEFI loader a host boots a version with (served by `blockprov serve`)."""
 
 
 @boot_files.command("set")
@@ -67,16 +102,20 @@ def boot_files() -> None:
 @click.option("--kernel", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--initrd", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--cmdline", default="", help="Kernel command line for every host booting this version.")
+@click.option("--efi", "efi_spec", default="debian", metavar="debian|none|DIR", help=EFI_HELP)
 @click.option("--record-profile", is_flag=True,
               help="Then boot the version once headless to record its boot profile (as `profile record`).")
 @prepare_option
 @json_option
 @click.pass_obj
-def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str, record_profile: bool,
+def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str, efi_spec: str, record_profile: bool,
                    prepare: bool, as_json: bool) -> None:
-    """Store a kernel and an initrd for the version REF names (replacing any it had); its boot profile
-    is then prepared in the background on the repository's host, unless it has one (--no-prepare)."""
-    info = obj.repo.set_boot_files(parse_ref(ref), kernel, initrd, cmdline, prepare=prepare and not record_profile)
+    """Store a kernel, an initrd and a UEFI loader for the version REF names (replacing any it had);
+    its boot profile is then prepared in the background on the repository's host, unless it has
+    one (--no-prepare)."""
+    efi, note = efi_sources(efi_spec)
+    info = obj.repo.set_boot_files(parse_ref(ref), kernel, initrd, cmdline, efi,
+                                   prepare=prepare and not record_profile)
     said = None if record_profile else _prepared(obj, info.image, info.version, prepare)
     recorded = None
     if record_profile:
@@ -88,7 +127,9 @@ def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str,
         emit({**to_dict(info), **({"profile": recorded} if recorded else {}), "preparation": said})
         return
     click.echo(f"{info.image}@{info.version}: kernel {hz.size(info.kernel.size)}, initrd {hz.size(info.initrd.size)}"
-               f", cmdline {info.cmdline or '-'}")
+               f", {_efi_line(info)}, cmdline {info.cmdline or '-'}")
+    if note:
+        click.echo(f"note: {note}", err=True)
     if said:
         click.echo(f"boot profile: {said}")
     if recorded:
@@ -106,18 +147,20 @@ def boot_files_set(obj: Ctx, ref: str, kernel: Path, initrd: Path, cmdline: str,
               help="Kernel command line for every host booting this version (default: consoles tty0 and ttyS0).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the initramfs to this file.")
+@click.option("--efi", "efi_spec", default="debian", metavar="debian|none|DIR", help=EFI_HELP)
 @prepare_option
 @json_option
 @click.pass_obj
 def boot_files_build(obj: Ctx, ref: str, kernel: Path | None, modules_dir: Path | None, cmdline: str | None,
-                     output: Path | None, prepare: bool, as_json: bool) -> None:
+                     output: Path | None, efi_spec: str, prepare: bool, as_json: bool) -> None:
     """Build the blockprov initramfs (the in-machine agent: a PC boots REF from the network onto its own
-    disk) for a kernel, and store kernel and initramfs as REF's boot files."""
+    disk) for a kernel, and store kernel, initramfs and UEFI loader as REF's boot files."""
     from blockprov.netboot import initramfs
 
     # What fails fast fails first: the repository and the version (a build takes 10-30 s), the output
     # path; the kernel's format and its modules are checked by build() before its long part.
     m = obj.repo.resolve(parse_ref(ref))
+    efi, note = efi_sources(efi_spec)
     if output is not None:
         check_creatable(output, "file")
     show = not as_json and sys.stderr.isatty()
@@ -131,14 +174,18 @@ def boot_files_build(obj: Ctx, ref: str, kernel: Path | None, modules_dir: Path 
     if output is not None:
         output.write_bytes(built.data)
     cmd = initramfs.DEFAULT_CMDLINE if cmdline is None else cmdline
-    info = obj.repo.set_boot_files(parse_ref(f"{m.image}@{m.id}"), built.kernel, built.data, cmd, prepare=prepare)
+    info = obj.repo.set_boot_files(parse_ref(f"{m.image}@{m.id}"), built.kernel, built.data, cmd, efi,
+                                   prepare=prepare)
+    if note:
+        click.echo(f"note: {note}", err=True)
     said = _prepared(obj, info.image, info.version, prepare)
     if as_json:
         emit(to_dict(info) | {"build": built.summary(), "preparation": said})
         return
     click.echo(f"{info.image}@{info.version}: kernel {built.release} {hz.size(info.kernel.size)}, blockprov "
                f"initramfs {hz.size(len(built.data))} ({hz.size(built.unpacked)} unpacked, {built.files} files, "
-               f"{built.python_modules} python modules, {len(built.modules)} kernel modules), cmdline {cmd or '-'}")
+               f"{built.python_modules} python modules, {len(built.modules)} kernel modules), {_efi_line(info)}, "
+               f"cmdline {cmd or '-'}")
     if said:
         click.echo(f"boot profile: {said}")
 
@@ -157,9 +204,17 @@ def boot_files_show(obj: Ctx, ref: str, as_json: bool) -> None:
         click.echo(f"{ref} has no boot files (set them with: blockprov boot-files set {ref} --kernel F --initrd F)")
         return
     click.echo(f"{info.image}@{info.version}  (set {_when(info.updated)})")
-    for name, f in (("kernel", info.kernel), ("initrd", info.initrd)):
-        click.echo(f"  {name:8} {hz.size(f.size):>10}  {f.size} bytes, id {f.id}")
-    click.echo(f"  cmdline  {info.cmdline or '-'}")
+    for name, f in (("kernel", info.kernel), ("initrd", info.initrd), *sorted(info.efi.items())):
+        click.echo(f"  {name:11} {hz.size(f.size):>10}  {f.size} bytes, id {f.id}")
+    if not info.efi:
+        click.echo("  (no UEFI loader: UEFI PCs boot this version through iPXE only)")
+    click.echo(f"  cmdline     {info.cmdline or '-'}")
+
+
+def _efi_line(info: BootFilesInfo) -> str:
+    if not info.efi:
+        return "no UEFI loader"
+    return "UEFI loader " + " + ".join(f"{n} {hz.size(f.size)}" for n, f in sorted(info.efi.items()))
 
 
 # -- hosts ------------------------------------------------------------------------------------------
@@ -246,11 +301,12 @@ def host_list(obj: Ctx, as_json: bool) -> None:
     if not hs:
         click.echo("no hosts (assign one with: blockprov host assign MAC NAME:TAG)")
         return
-    click.echo(f"{'HOST':20} {'ASSIGNED':32} {'BOOTS':18} {'POLICY':8} {'HYDRATE':12} {'SITE':12} {'LAST BOOT':34} "
-               "ARGS")
+    click.echo(f"{'HOST':20} {'ASSIGNED':32} {'BOOTS':18} {'POLICY':8} {'HYDRATE':12} {'SITE':12} {'FIRMWARE':8} "
+               f"{'LAST BOOT':34} ARGS")
     for h in hs:
         now = h.version or "GONE: re-assign"
         click.echo(f"{h.host:20} {h.ref:32} {now:18} {h.policy or '-':8} {h.hydrate or '-':12} {h.site or '-':12} "
+                   f"{h.firmware or '-':8} "
                    f"{_last_boot(h):34} {h.args}".rstrip())
 
 
@@ -281,6 +337,7 @@ def host_show(obj: Ctx, host_name: str, as_json: bool) -> None:
     click.echo(f"policy    {h.policy or 'keep (the default: not set)'}")
     click.echo(f"hydrate   {h.hydrate or 'background (the default: not set)'}")
     click.echo(f"args      {h.args or '-'}")
+    click.echo(f"firmware  {h.firmware or 'not known yet (its boot requests tell: bios or uefi)'}")
     if h.last_boot is None:
         click.echo("last boot never (it has not fetched the whole initrd of its boot script)")
     else:

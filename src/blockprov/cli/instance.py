@@ -31,6 +31,7 @@ from blockprov.cli._common import (
     memory_option,
     progress_bar,
     quiet_library_logs,
+    refuse_own_options,
     run_async,
     size_option,
 )
@@ -128,6 +129,9 @@ def snapshot_cmd(obj: Ctx, cache_dir: Path | None, instance: str | None, to: str
     as a new version; the repository's answer is the acknowledgement."""
     if (cache_dir is None) == (instance is None):
         raise UsageError("give --cache DIR (a local instance) or --instance ID (a registered agent)")
+    if instance is None:
+        refuse_own_options(("wait_s",), "it is how long a registered agent (--instance) is waited for; a "
+                                        "snapshot of a local instance (--cache) runs to its end")
     args = {"to": to, "target": target, "rebase": rebase}
     if instance is not None:
         out = _remote_snapshot(obj.repo, instance, args, wait_s)

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 import click
 
 from blockprov.cli._common import (
+    S3_ONLY,
     Ctx,
     check_data_dir,
+    refuse_own_options,
     server_logs,
     size_option,
 )
@@ -76,6 +78,7 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, max_in_flight: int, request_
     from blockprov.service.access import AccessPolicy
     from blockprov.service.run import run_server
 
+    refuse_ignored(obj, upstream is not None)
     server_logs()
     host, port = host_port(listen)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -93,7 +96,8 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, max_in_flight: int, request_
                 bind(host, port).close()
             run_site_cache(data, url, cache_size, host, port, token=upstream_token, access_log=access_log,
                            on_ready=lambda u: click.echo(f"serving {u} (site cache of {url})"),
-                           tls_cert=tls_cert, tls_key=tls_key)
+                           tls_cert=tls_cert, tls_key=tls_key, max_body=max_body, in_flight=max_in_flight,
+                           request_timeout=request_timeout)
         except OSError as e:
             raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
         return
@@ -124,6 +128,25 @@ def serve_cmd(obj: Ctx, listen: str, max_body: int, max_in_flight: int, request_
                    tls_key=tls_key)
     except OSError as e:  # bind failures: port in use, bad address
         raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
+
+
+# serve's own options that only one of its two forms uses: the repository's, the site cache's (--upstream)
+REPOSITORY_ONLY = ("auth_mode", "anonymous_read", "anonymous_boot", "chunk_cache", "prepare")
+SITE_CACHE_ONLY = ("cache_size", "upstream_token")
+
+
+def refuse_ignored(obj: Ctx, site_cache: bool) -> None:
+    """An option typed that this form of serve would not use is refused, not ignored (issue 27: ``serve
+    --repo URL`` served --data, ``--cache-size`` without --upstream and ``--auth on`` with it did nothing)."""
+    obj.refuse_typed(("repo", "token", "ca"), "serve serves the repository in --data (a site cache names its "
+                                              "repository with --upstream URL and its token with --upstream-token)")
+    if not (obj.store or "").startswith("s3://"):
+        obj.refuse_typed(S3_ONLY, "the S3 options are for an s3:// --store")
+    if site_cache:
+        refuse_own_options(REPOSITORY_ONLY, "a site cache (--upstream) follows the upstream's access rules and keeps "
+                                            "chunks on disk (--cache-size); the upstream prepares boot profiles")
+    else:
+        refuse_own_options(SITE_CACHE_ONLY, "a site cache's option (serve --upstream URL)")
 
 
 def register(cli: click.Group) -> None:

@@ -11,6 +11,7 @@ repository anyway. ``catalog/tokens.py`` says why tokens look the way they do.
 from __future__ import annotations
 
 import datetime
+import time
 from typing import TYPE_CHECKING
 
 import click
@@ -125,14 +126,19 @@ def token_list(obj: Ctx, as_json: bool) -> None:
 def token_revoke(obj: Ctx, key: str, as_json: bool) -> None:
     """Revoke a token; servers refuse it within a few seconds."""
     catalog, store = _store(obj)
+    asked = time.time()
     try:
         info = store.revoke(key)
     finally:
         catalog.close()
     if as_json:
         emit(info)
+        return
+    what = f"{info.id}{f' ({info.name})' if info.name else ''}"
+    if info.revoked is not None and info.revoked < asked:  # issue 27: it said "revoked" again
+        click.echo(f"{what} was already revoked, at {_when(info.revoked)}")
     else:
-        click.echo(f"revoked {info.id}{f' ({info.name})' if info.name else ''}")
+        click.echo(f"revoked {what}")
 
 
 def register(cli: click.Group) -> None:

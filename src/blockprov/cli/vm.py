@@ -149,6 +149,7 @@ def vm_stop_cmd(obj: Ctx, names: tuple[str, ...], root: Path | None, as_json: bo
     from blockprov.vm import vms
 
     r = _root(obj, root)
+    names = tuple(dict.fromkeys(names))  # a name given twice is stopped once
     for n in names:  # every name checked before anything is stopped
         vms.read_record(r, n)
     out = [vms.stop(r, n) for n in names]
@@ -173,6 +174,7 @@ def vm_rm_cmd(obj: Ctx, names: tuple[str, ...], force: bool, root: Path | None, 
     from blockprov.vm import vms
 
     r = _root(obj, root)
+    names = tuple(dict.fromkeys(names))  # a name given twice is removed once (the second failed after the first)
     for n in names:  # every name checked before anything is removed
         vms.refuse_running(r, n, force)
     out = [vms.rm(r, n, force=force) for n in names]

@@ -449,11 +449,11 @@ class ClonesAgent:
                 await self._open_instance(name)
 
     async def _op_seal(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = instance_name(control.Args(req).text("name"))
+        name = instance_name(control.Args(req, "name").text("name"))
         return {"instance": name, "sealed": await self.seal(name)}
 
     async def _op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = instance_name(control.Args(req).text("name"))
+        name = instance_name(control.Args(req, "name").text("name"))
         await self.remove(name)
         return {"removed": name}
 

@@ -320,12 +320,12 @@ class PoolServer:
                     self.agent.link.poke()
 
     async def _op_acquire(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = acquire(self.root, control.Args(req).text("host"))
+        name = acquire(self.root, control.Args(req, "host").text("host"))
         self._changed()
         return {"instance": name, "uri": self.agent.uri(name)}
 
     async def _op_release(self, req: dict[str, Any]) -> dict[str, Any]:
-        a = control.Args(req)
+        a = control.Args(req, "instance", "destroy")
         name, destroy = a.text("instance", None), a.flag("destroy")  # no instance: a usage error, not a KeyError
         state = await release(self.root, self.repo, name, destroy=destroy, agent=self.agent)
         self._changed()

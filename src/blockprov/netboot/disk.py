@@ -5,8 +5,9 @@ to 2 TiB (MBR_LIMIT) gets an MBR::
 
     sector 0        MBR: syslinux's boot code (netboot/loader.py), disk signature "BPRV", four entries
     sector 1        blockprov label: LABEL_MAGIC, LABEL_VERSION, then JSON (written last at setup)
-    1 MiB           partition 1, BOOT_BYTES (type 0x0E, FAT16): the disk's own boot loader, kernel and
-                    blockprov initramfs (netboot/loader.py); *active* only while it is complete
+    1 MiB           partition 1, BOOT_BYTES (type 0xEF, an EFI System Partition, FAT16): the disk's own
+                    boot loaders — SYSLINUX for a BIOS, shim and GRUB for UEFI — with the kernel and
+                    the blockprov initramfs (netboot/loader.py); *active* only while it is complete
     + BOOT          partition 2, META_BYTES (0x83): an ext4 file system holding the cache directory
                     (meta, journal, manifest.json, profile: cache/opening.py) and loader.json
     + META          partition 3, the golden reserve (0xDA, size chosen at setup: ``blockprov.reserve``,
@@ -27,9 +28,9 @@ the same roles, partition 4 ending where the backup table begins::
     … end           partition 4 ends on the last MiB boundary before the backup GPT: the disk's
                     last 33 sectors, the backup entry array then the backup header
 
-Type GUIDs: the standard ones where the role is standard — "Microsoft basic data" for the FAT
-boot partition and "Linux filesystem data" for the ext4 metadata, what 0x0E and 0x83 say in the
-MBR form — and blockprov's own (GPT_RESERVE, GPT_DATA) for the raw reserve and data, which hold
+Type GUIDs: the standard ones where the role is standard — "EFI System" for the FAT boot
+partition and "Linux filesystem data" for the ext4 metadata, what 0xEF and 0x83 say in the MBR
+form — and blockprov's own (GPT_RESERVE, GPT_DATA) for the raw reserve and data, which hold
 no file system: 0xDA ("non-FS data") has no standard GPT counterpart, and a type of our own tells
 every partitioning tool "raw, somebody's" rather than a file system to probe or free space. Each
 partition is named (blockprov-boot, -meta, -reserve, -data: lsblk's PARTLABEL). The disk GUID is
@@ -53,13 +54,15 @@ a disk whose label is absent is not trusted and is initialized again at the next
 nothing anyone relied on). The boot partition's own rules (the active flag is set only after
 the loader is complete, cleared before it is rewritten) are in netboot/loader.py; the reserve's
 in cache/reserve.py. MBR: sector 0 is rewritten whole each time (one sector: written atomically
-by the disk), its partition entries unchanged. GPT (``boot_writes``): the flag lives in the
-primary entry array's first sector (LBA 2), written first and fsync'd — from then on gptmbr.bin
-sees the new state — then sector 0 and the primary header, then the backup's copies, each
-fsync'd. A cut between those leaves a primary header whose entry CRC does not match, or a stale
-backup; the kernel ignores a GPT whose primary header fails its CRC, so ``mend`` (run by the
-agent on a disk of ours before it uses the partitions) rebuilds both headers and the backup
-from the primary entry array — the one truth — and has the kernel re-read the table.
+by the disk), its partition entries unchanged but for the boot partition's type (an EFI System
+Partition, which an older disk's boot partition becomes at its next loader write). GPT
+(``boot_writes``): the flag lives in the primary entry array's first sector (LBA 2), written
+first and fsync'd — from then on gptmbr.bin sees the new state — then sector 0 and the primary
+header, then the backup's copies, each fsync'd. A cut between those leaves a primary header
+whose entry CRC does not match, or a stale backup; the kernel ignores a GPT whose primary
+header fails its CRC, so ``mend`` (run by the agent on a disk of ours before it uses the
+partitions) rebuilds both headers and the backup from the primary entry array — the one truth —
+and has the kernel re-read the table.
 
 Older layouts: a disk labelled with LABEL_VERSION 1 (two partitions, no boot partition, no
 reserve: the first network-boot layout) is recognised as ``blockprov-old`` and re-initialized,
@@ -99,7 +102,10 @@ MIB = 1 << 20
 DISK_SIGNATURE = b"BPRV"
 LABEL_MAGIC = b"BLOCKPROV-NETBOOT-DISK\n"
 LABEL_VERSION = 2
-TYPE_BOOT, TYPE_META, TYPE_RESERVE, TYPE_DATA = 0x0E, 0x83, 0xDA, 0xDA
+TYPE_BOOT, TYPE_META, TYPE_RESERVE, TYPE_DATA = 0xEF, 0x83, 0xDA, 0xDA
+# Disks made before the UEFI loader (issue 25) typed their boot partition "FAT16, LBA"; the loader's
+# next write types it an EFI System Partition (``boot_writes``), which the firmware looks into.
+OLD_TYPE_BOOT = 0x0E
 ACTIVE = 0x80
 FIXED = START + BOOT_BYTES + META_BYTES  # where the reserve starts
 # Boot code of a disk without its loader: ``int 0x18`` (the BIOS's "boot failed: try the next
@@ -119,7 +125,8 @@ GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")  # 92 bytes, through the entry 
 GPT_PART = struct.Struct("<16s16sQQQ72s")
 PROTECTIVE = 0xEE
 LEGACY_BOOTABLE = 1 << 2  # the entry attribute syslinux's gptmbr.bin boots (the GPT's "active flag")
-GPT_BOOT = uuid.UUID("ebd0a0a2-b9e5-4433-87c0-68b6b72699c7")  # Microsoft basic data: a FAT file system
+GPT_BOOT = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")  # EFI System: the firmware's FAT partition
+OLD_GPT_BOOT = uuid.UUID("ebd0a0a2-b9e5-4433-87c0-68b6b72699c7")  # Microsoft basic data: older disks (as 0x0E)
 GPT_META = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")  # Linux filesystem data
 GPT_RESERVE = uuid.UUID("63fe88bb-25eb-402f-a9a7-825635efd510")  # blockprov's own: the raw golden reserve
 GPT_DATA = uuid.UUID("253c0599-6e4f-4794-9530-5ad6b613e59d")  # blockprov's own: the raw cache data
@@ -332,11 +339,14 @@ def _check_code(code: bytes) -> None:
 
 
 def with_boot(sector0: bytes, *, code: bytes, active: bool) -> bytes:
-    """``sector0`` with new boot code and the boot partition's active flag, entries unchanged. Pure."""
+    """``sector0`` with new boot code and the boot partition's active flag, the boot partition
+    typed an EFI System Partition (an older disk's 0x0E becomes 0xEF), entries otherwise
+    unchanged. Pure."""
     _check_code(code)
     s = bytearray(sector0[:SECTOR])
     s[:440] = code.ljust(440, b"\0")
     s[446] = ACTIVE if active else 0
+    s[446 + 4] = TYPE_BOOT
     return bytes(s)
 
 
@@ -345,12 +355,14 @@ def boot_writes(head: bytes, *, code: bytes, active: bool) -> list[tuple[int, by
     the disk whose first bytes are ``head`` (at least GPT_HEAD) new boot code and the boot
     partition's flag: sector 0 alone for an MBR; for a GPT the primary entry array's first
     sector (the attribute) first, then sector 0 with the primary header, then the backup's
-    entries and header. Partitions otherwise unchanged. Pure."""
+    entries and header. The boot partition is typed an EFI System Partition (``with_boot``);
+    partitions otherwise unchanged. Pure."""
     if not is_gpt(head):
         return [(0, with_boot(head, code=code, active=active))]
     _check_code(code)
     total, disk_guid = _gpt_geometry(head)
     entries = bytearray(head[2 * SECTOR:GPT_HEAD])
+    entries[:16] = GPT_BOOT.bytes_le
     (attrs,) = struct.unpack_from("<Q", entries, 48)
     struct.pack_into("<Q", entries, 48, attrs | LEGACY_BOOTABLE if active else attrs & ~LEGACY_BOOTABLE)
     new, tail = _gpt_sectors(total, disk_guid, code.ljust(440, b"\0") + head[440:SECTOR], bytes(entries))

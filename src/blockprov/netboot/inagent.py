@@ -73,6 +73,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blockprov import boot
 from blockprov.agent import keep, lifecycle, run_async
 from blockprov.agent.agent import Agent, AgentConfig
 from blockprov.align import runs
@@ -109,6 +110,7 @@ OFFLINE_FETCH_TIMEOUT = 5.0  # offline, a missing chunk's read fails (EIO) after
 # host): under TCG ~350 MiB took 5-6 s (bench/RESULTS.md), so 64 MiB is about a second. A
 # checkpoint is a few small writes on the metadata file system.
 CHECKPOINT_FILL = 64 << 20
+SECURE_BOOT_AT = 0x1EC  # struct boot_params.secure_boot (the x86 boot protocol)
 NATIVE_FETCH = 256  # chunks a boot fetches before the root rather than stay on NBD (and 5 % of the image)
 
 
@@ -401,7 +403,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
         cmdline = Path("/proc/cmdline").read_text()  # /proc, /sys and /dev move into the new root
         job = threading.Thread(target=write_loader, daemon=True, name="loader", args=(
             params, cmdline, m, d, loader.node_numbers(d), say,
-            lambda: hydrator is not None and hydrator.running, lambda: dev.chunks.counts()["missing"]))
+            lambda: hydrator is not None and hydrator.running, lambda: dev.chunks.counts()["missing"], firmware()[0]))
         job.start()
         if hydrate == "before-boot":  # the FOG model: everything on the disk before the boot, the loader too
             await asyncio.get_running_loop().run_in_executor(None, job.join)
@@ -552,10 +554,27 @@ async def restore_from_reserve(dev: CacheDevice, reserve: Reserve, session: list
             "— their reads fail with EIO until the repository is back")
 
 
+def firmware(sys_dir: Path = Path("/sys")) -> tuple[str, str | None]:
+    """The machine's firmware, ``uefi`` or ``bios``, and whether Secure Boot is ``on``/``off``
+    (None: a BIOS, or not known): the EFI stub records it in the boot parameters the kernel
+    exports (``secure_boot``, byte 0x1ec: 3 enabled, 2 disabled)."""
+    if not (sys_dir / "firmware" / "efi").is_dir():
+        return "bios", None
+    try:
+        mode = (sys_dir / "kernel" / "boot_params" / "data").read_bytes()[SECURE_BOOT_AT]
+    except (OSError, IndexError):
+        return "uefi", None
+    return "uefi", {3: "on", 2: "off"}.get(mode)
+
+
 def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk,
-                 nodes: dict[str, tuple[int, int]], say: Any, hydrating: Any, missing: Any) -> None:
-    """Thread: the disk's own boot loader, kernel and initramfs, when missing or out of date
-    (netboot/loader.py); a failure is a warning (the machine still boots from the network).
+                 nodes: dict[str, tuple[int, int]], say: Any, hydrating: Any, missing: Any,
+                 machine_firmware: str = "bios") -> None:
+    """Thread: the disk's own boot loaders (SYSLINUX, and shim and GRUB when the version has a
+    UEFI loader), kernel and initramfs, when missing or out of date (netboot/loader.py); files the
+    disk holds already are read back from it, not fetched. A failure is a warning (the machine
+    still boots from the network); on a UEFI PC (``machine_firmware``) so is a version without a
+    UEFI loader (the disk gets only the BIOS one, which this PC cannot boot).
 
     Only a disk that holds the whole image gets one (a disk that cannot run offline should not
     pretend to): it waits for the background copy (``hydrating()``), then checks ``missing()``
@@ -584,18 +603,29 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
         if info is None:
             say(f"warning: {ref} has no boot files: the disk gets no boot loader (no offline boot)")
             return
-        want = loader.wanted(info.kernel.id, info.initrd.id, cmdline)
+        if missing := boot.efi_missing(info.efi):
+            if machine_firmware == "uefi":
+                say(f"warning: {ref} has no UEFI loader ({', '.join(missing)}): this UEFI PC's disk gets no loader "
+                    f"it can boot (boot-files build on a machine with {boot.DEBIAN_EFI_PACKAGES})")
+            efi = {}
+        else:
+            efi = dict(info.efi)
+        want = loader.wanted(info.kernel.id, info.initrd.id, cmdline, {n: f.id for n, f in efi.items()})
         have = loader.installed(d, META_MOUNT)
-        if have == want:
+        if loader.comparable(have) == want:
             return
-        if loader.same_files(have, want):
-            loader.install(d, META_MOUNT, None, None, want, RUN / "loader")
-            say(f"boot loader on {d.part_name(1)}: command line rewritten (kernel and initramfs kept)")
-            return
-        kernel, initrd = repo.boot_file(ref, "kernel"), repo.boot_file(ref, "initrd")
-        loader.install(d, META_MOUNT, kernel, initrd, want, RUN / "loader")
-        say(f"boot loader written to {d.part_name(1)}: kernel {len(kernel) >> 10} KiB, "
-            f"initramfs {len(initrd) >> 10} KiB (the disk boots by itself when the network boot fails)")
+        descriptors = {"kernel": info.kernel, "initrd": info.initrd, **efi}
+        files = loader.read_back(d, have, descriptors)
+        kept = sum(len(x) for x in files.values())
+        for name in descriptors:
+            if name not in files:
+                files[name] = repo.boot_file(ref, name)
+        loader.install(d, META_MOUNT, files, want)
+        forms = " and ".join(f.upper() for f in want["forms"])  # type: ignore[attr-defined]
+        say(f"boot loader written to {d.part_name(1)} ({forms}): kernel {len(files['kernel']) >> 10} KiB, "
+            f"initramfs {len(files['initrd']) >> 10} KiB, UEFI loader {sum(len(files[n]) for n in efi) >> 10} KiB; "
+            f"fetched {(sum(len(x) for x in files.values()) - kept) >> 10} KiB, {kept >> 10} KiB read back from the "
+            "disk (the disk boots by itself when the network boot fails)")
     except (BlockprovError, OSError) as e:
         say(f"warning: the disk's boot loader was not written: {e}")
     finally:
@@ -638,6 +668,8 @@ def main(argv: list[str]) -> int:
         repo = RemoteRepository(params["repo"], timeout=30.0, token=params.get("token") or None)
         if params.get("from") == "disk":
             say("booted from the disk's own boot loader (the network boot failed or was skipped)")
+        kind, secure = firmware()
+        say(f"firmware: {kind.upper()}" + (f", Secure Boot {secure}" if secure else ""))
         ours = None if diskless(params) else offline_disk(params)
         wait = float(params.get("offline_after", OFFLINE_AFTER)) if ours is not None else None
         manifest = resolve(repo, params["image"], say, give_up_after=wait)

@@ -18,11 +18,11 @@ What goes in, and why each piece:
   from wheels are stripped (binutils' ``strip``, when installed);
 * ``mke2fs`` (e2fsprogs, with its libraries and ``/etc/mke2fs.conf``): the disk's metadata file
   system is a journaled ext4 (netboot/disk.py says why);
-* the disk's own boot loader (netboot/loader.py): ``mkfs.fat`` (dosfstools), ``syslinux`` and
-  ``mtools`` (as ``mcopy`` and ``mattrib``, which ``syslinux --install`` runs; with glibc's iconv
-  module for codepage 850, which mtools needs for short names) and syslinux's ``mbr.bin`` and
-  ``gptmbr.bin`` (syslinux-common: a disk over 2 TiB is a GPT), so a machine can write the
-  loader that boots it offline;
+* the disk's own boot loader (netboot/loader.py, which lays out its FAT volume itself: fat.py):
+  ``syslinux`` and ``mtools`` (as ``mcopy`` and ``mattrib``, which ``syslinux --install`` runs;
+  with glibc's iconv module for codepage 850, which mtools needs for short names) and syslinux's
+  ``mbr.bin`` and ``gptmbr.bin`` (syslinux-common: a disk over 2 TiB is a GPT), so a machine can
+  write the loader that boots it offline (the UEFI loader's files come from the repository);
 * the native data path (netboot/native.py): the device-mapper modules (``dm_mod``,
   ``dm_snapshot``, ``dm_era``) and ``loop``, ``dmsetup`` and thin-provisioning-tools' ``pdata_tools``
   as ``era_invalidate`` (with the libraries ``ldd`` lists: libdevmapper, libstdc++, libaio, …);
@@ -55,20 +55,22 @@ PYTHON = Path("/usr/bin/python3")
 BUSYBOX = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 MKE2FS = Path("/usr/sbin/mke2fs")
 MKE2FS_CONF = Path("/etc/mke2fs.conf")
-# (the disk's boot loader: the tool, where it goes, its Debian package)
-LOADER_TOOLS = ((("/usr/sbin/mkfs.fat", "/sbin/mkfs.fat"), "usr/sbin/mkfs.fat", "dosfstools"),
-                (("/usr/bin/syslinux",), "usr/bin/syslinux", "syslinux"),
-                (("/usr/bin/mtools",), "usr/bin/mtools", "mtools"),
-                (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"),
-                (("/usr/lib/syslinux/mbr/gptmbr.bin",), "usr/lib/syslinux/mbr/gptmbr.bin", "syslinux-common"))
+Tool = tuple[tuple[str, ...], str, str]  # (where the tool may be, where it goes, its Debian package)
+# the disk's boot loader
+LOADER_TOOLS: tuple[Tool, ...] = (
+    (("/usr/bin/syslinux",), "usr/bin/syslinux", "syslinux"),
+    (("/usr/bin/mtools",), "usr/bin/mtools", "mtools"),
+    (("/usr/lib/syslinux/mbr/mbr.bin",), "usr/lib/syslinux/mbr/mbr.bin", "syslinux-common"),
+    (("/usr/lib/syslinux/mbr/gptmbr.bin",), "usr/lib/syslinux/mbr/gptmbr.bin", "syslinux-common"))
 MTOOLS_LINKS = ("mcopy", "mattrib")
 # mtools converts short names through iconv's codepage 850: glibc's converter and its module lists
 GCONV = Path("/usr/lib/x86_64-linux-gnu/gconv")
 GCONV_FILES = ("IBM850.so", "gconv-modules", "gconv-modules.cache")
 # (the native data path, netboot/native.py: the tool, where it goes, its Debian package); pdata_tools
 # is thin-provisioning-tools' one binary, which runs as the tool its name says (NATIVE_LINKS)
-NATIVE_TOOLS = ((("/usr/sbin/dmsetup", "/sbin/dmsetup"), "usr/sbin/dmsetup", "dmsetup"),
-                (("/usr/sbin/pdata_tools",), "usr/sbin/pdata_tools", "thin-provisioning-tools"))
+NATIVE_TOOLS: tuple[Tool, ...] = (
+    (("/usr/sbin/dmsetup", "/sbin/dmsetup"), "usr/sbin/dmsetup", "dmsetup"),
+    (("/usr/sbin/pdata_tools",), "usr/sbin/pdata_tools", "thin-provisioning-tools"))
 NATIVE_LINKS = ("era_invalidate",)
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "nvme", "e1000", "e1000e",
            "nbd", "crc32c_generic", "ext4",

@@ -101,9 +101,10 @@ class Machines(Protocol):
     """What machines boot from: a version's boot files (boot.py), hosts assigned to versions, and
     the boot profiles (read orders) agents record and prefetch by."""
 
-    def set_boot_files(self, ref: Ref | str, kernel: Source, initrd: Source, cmdline: str = "", *,
-                       prepare: bool = True) -> BootFilesInfo:
+    def set_boot_files(self, ref: Ref | str, kernel: Source, initrd: Source, cmdline: str = "",
+                       efi: Mapping[str, Source] | None = None, *, prepare: bool = True) -> BootFilesInfo:
         """Store a kernel and an initrd (bytes or file paths) for the version ``ref`` names now,
+        and its UEFI loader (``efi``: boot.EFI_FILES by name, shim and GRUB both or none),
         replacing any it had. InvalidName for a bad ``cmdline``; ImageNotFound for the version.
         ``prepare``: a server that prepares boot profiles (vm/prepare.py) starts one for the
         version if it has none (the embedded repository leaves that to its caller)."""
@@ -119,7 +120,9 @@ class Machines(Protocol):
         ...
 
     def boot_file(self, ref: Ref | str, which: str) -> bytes:
-        """The content of ``"kernel"`` or ``"initrd"``, verified; BootFilesMissing when none."""
+        """The content of ``"kernel"``, ``"initrd"`` or an EFI loader file (boot.BOOT_FILES),
+        verified; BootFilesMissing when the version has no boot files, EfiLoaderMissing when it
+        lacks that EFI file."""
         ...
 
     def assign_host(self, host: str, ref: Ref | str, args: str | None = None,

@@ -33,7 +33,15 @@ from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInf
 from blockprov.catalog.sites import Sites, online
 from blockprov.codec import ZERO_DIGEST
 from blockprov.durable import ensure_dir
-from blockprov.errors import BootFilesMissing, Conflict, Forbidden, MissingChunks, SiteNotFound, UsageError
+from blockprov.errors import (
+    BootFilesMissing,
+    Conflict,
+    EfiLoaderMissing,
+    Forbidden,
+    MissingChunks,
+    SiteNotFound,
+    UsageError,
+)
 from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, instance_id, kernel_args, parse_ref, site_name, version_id
 from blockprov.store.base import ChunkStore
@@ -123,8 +131,8 @@ class LocalRepository:
         self.catalog.close()
 
     # -- remote boot, profiles, agents (catalog/machines.py; the HTTP service calls these too) -
-    def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source,
-                       cmdline: str = "", *, prepare: bool = True) -> BootFilesInfo:
+    def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source, cmdline: str = "",
+                       efi: Mapping[str, boot.Source] | None = None, *, prepare: bool = True) -> BootFilesInfo:
         r = as_ref(ref)
         cmdline = kernel_args(cmdline)
         vid = self.catalog.resolve_id(r)
@@ -134,23 +142,30 @@ class LocalRepository:
 
         k = boot.split(kernel, "kernel", sink)
         i = boot.split(initrd, "initrd", sink)
-        return self.record_boot_files(r.name, vid, k, i, cmdline)
+        loader = {name: boot.split(src, name, sink) for name, src in (efi or {}).items()}
+        return self.record_boot_files(r.name, vid, k, i, cmdline, loader)
 
     def record_boot_files(self, image: str, vid: str, kernel: boot.BootFile, initrd: boot.BootFile,
-                          cmdline: str) -> BootFilesInfo:
+                          cmdline: str, efi: Mapping[str, boot.BootFile] | None = None) -> BootFilesInfo:
         """Record descriptors whose pieces were uploaded already: every piece must be present and
-        decode to the length the descriptor implies; pieces are made durable before the row."""
-        missing = self.store.missing(kernel.piece_ids() + initrd.piece_ids())
+        decode to the length the descriptor implies; pieces are made durable before the row.
+        ``efi``: the version's UEFI loader (boot.EFI_FILES), shim and GRUB both or neither."""
+        efi = dict(efi or {})
+        if efi and boot.efi_missing(efi):
+            raise UsageError(f"a UEFI loader needs {' and '.join(boot.EFI_NEEDED)}; "
+                             f"{', '.join(boot.efi_missing(efi))} missing")
+        files = [kernel, initrd, *efi.values()]
+        missing = self.store.missing([p for f in files for p in f.piece_ids()])
         if missing:
             raise MissingChunks([c.hex() for c in missing])
-        for f in (kernel, initrd):
+        for f in files:
             for n in range(f.count):  # header only: the length a piece decodes to
                 blob = self.store.get_blob(f.piece_id(n))
                 if len(blob) < codec.HEADER_SIZE or codec.HEADER.unpack_from(blob)[4] != f.piece_length(n):
                     raise UsageError(f"boot file piece {n} ({f.piece_id(n).hex()}) does not have the length "
                                      f"{f.piece_length(n)} its descriptor implies")
         self.store.sync()
-        return self.registry.set_boot_files(image_name(image), version_id(vid), kernel, initrd, cmdline)
+        return self.registry.set_boot_files(image_name(image), version_id(vid), kernel, initrd, cmdline, efi)
 
     def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
         r = as_ref(ref)
@@ -171,10 +186,13 @@ class LocalRepository:
         return b"".join(boot.assemble(f, self.store.get_blobs(f.piece_ids())))
 
     def boot_file_info(self, ref: Ref, which: str) -> boot.BootFile:
-        if which not in ("kernel", "initrd"):
-            raise UsageError(f"a boot file is 'kernel' or 'initrd', not {which!r}")
+        if which not in boot.BOOT_FILES:
+            raise UsageError(f"a boot file is one of {', '.join(boot.BOOT_FILES)}, not {which!r}")
         info = self._boot_files(ref)
-        return info.kernel if which == "kernel" else info.initrd
+        f = info.file(which)
+        if f is None:
+            raise EfiLoaderMissing(ref=f"{info.image}@{info.version}", missing=which)
+        return f
 
     def assign_host(self, host: str, ref: Ref | str, args: str | None = None,
                     settings: Mapping[str, str | None] | None = None) -> HostInfo:
@@ -186,11 +204,8 @@ class LocalRepository:
     def remove_host(self, host: str) -> None:
         self.registry.remove_host(host)
 
-    def boot_script(self, host: str, base_url: str | None = None) -> str:
-        """The host's iPXE script. Answering it records nothing: a host has booted once it has
-        fetched the whole initrd the script names (service/routes/boot.py records that), so
-        neither an operator looking (``host script``, curl) nor a boot that fails before then
-        counts as its last boot."""
+    def _boot_plan(self, host: str, base_url: str | None) -> tuple[HostInfo, str, BootFilesInfo, str]:
+        """(host record, image, its version's boot files, base URL) of ``host`` booting now."""
         if base_url is None:
             raise UsageError("a boot script needs the repository's HTTP URL as hosts reach it (--base-url): "
                              "the embedded repository has none until `blockprov serve` exposes it")
@@ -203,8 +218,30 @@ class LocalRepository:
         if h.version is None:
             raise Conflict(f"host {h.host} is assigned {h.ref}, which no longer exists: re-assign it")
         info = self._boot_files(Ref(ref.name, version=h.version))
-        return boot.script(host=h.host, assigned=h.ref, image=ref.name, version=h.version, base=base,
+        return h, ref.name, info, base
+
+    def boot_script(self, host: str, base_url: str | None = None) -> str:
+        """The host's iPXE script. Answering it records nothing: a host has booted once it has
+        fetched the whole initrd the script names (service/routes/boot.py records that), so
+        neither an operator looking (``host script``, curl) nor a boot that fails before then
+        counts as its last boot."""
+        h, image, info, base = self._boot_plan(host, base_url)
+        assert h.version is not None
+        return boot.script(host=h.host, assigned=h.ref, image=image, version=h.version, base=base,
                            cmdline=info.cmdline, args=h.args, settings=h.settings())
+
+    def uefi_image(self, host: str, base_url: str | None = None) -> tuple[boot.UefiImage, str, str]:
+        """The UEFI HTTP boot image of ``host`` (boot.uefi_image), its image and version: the
+        version's kernel, initramfs and UEFI loader, and a grub.cfg booting them with the command
+        line its iPXE script would give. EfiLoaderMissing when the version has no UEFI loader."""
+        h, image, info, base = self._boot_plan(host, base_url)
+        assert h.version is not None
+        if missing := boot.efi_missing(info.efi):
+            raise EfiLoaderMissing(ref=f"{image}@{h.version}", missing=", ".join(missing))
+        words = boot.boot_words(host=h.host, image=image, version=h.version, base=base, cmdline=info.cmdline,
+                                args=h.args, settings=h.settings())
+        return boot.uefi_image({"kernel": info.kernel, "initrd": info.initrd, **info.efi}, words,
+                               f"host {h.host} is assigned {h.ref} = {image}@{h.version}"), image, h.version
 
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
         self.registry.put_profile(image, version, list(order))

@@ -501,8 +501,8 @@ class RemoteRepository:
         """Request options for a long poll of ``wait`` seconds: a read timeout that outlasts it."""
         return {"timeout": httpx.Timeout(self.timeout + wait)} if self._own_client else {}
 
-    def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source,
-                       cmdline: str = "", *, prepare: bool = True) -> BootFilesInfo:
+    def set_boot_files(self, ref: Ref | str, kernel: boot.Source, initrd: boot.Source, cmdline: str = "",
+                       efi: Mapping[str, boot.Source] | None = None, *, prepare: bool = True) -> BootFilesInfo:
         """Upload the pieces the repository lacks (chunk protocol), then record the descriptors."""
         r = _as_ref(ref)
         cmdline = kernel_args(cmdline)
@@ -514,8 +514,10 @@ class RemoteRepository:
 
         k = boot.split(kernel, "kernel", sink)
         i = boot.split(initrd, "initrd", sink)
+        loader = {name: boot.split(src, name, sink).to_dict() for name, src in (efi or {}).items()}
         d = self._request("PUT", f"/v1/images/{r.name}/versions/{vid}/boot", params={} if prepare else {"prepare": 0},
-                          json={"kernel": k.to_dict(), "initrd": i.to_dict(), "cmdline": cmdline}).json()
+                          json={"kernel": k.to_dict(), "initrd": i.to_dict(), "cmdline": cmdline,
+                                **({"efi": loader} if loader else {})}).json()
         return BootFilesInfo.from_dict(d)
 
     def preparation(self, ref: Ref | str) -> dict[str, Any] | None:
@@ -530,13 +532,15 @@ class RemoteRepository:
 
     def boot_file(self, ref: Ref | str, which: str) -> bytes:
         """Downloaded, then checked piece by piece against the descriptor (docs/architecture.md, invariant 6)."""
-        if which not in ("kernel", "initrd"):
-            raise errors.UsageError(f"a boot file is 'kernel' or 'initrd', not {which!r}")
+        if which not in boot.BOOT_FILES:
+            raise errors.UsageError(f"a boot file is one of {', '.join(boot.BOOT_FILES)}, not {which!r}")
         r = _as_ref(ref)
         info = self.get_boot_files(r)
         if info is None:
             raise errors.BootFilesMissing(ref=str(r))
-        f = info.kernel if which == "kernel" else info.initrd
+        f = info.file(which)
+        if f is None:
+            raise errors.EfiLoaderMissing(ref=f"{info.image}@{info.version}", missing=which)
         data = self._request("GET", f"/v1/images/{r.name}/versions/{info.version}/boot/{which}", slow=True).content
         got = boot.split(data, which, lambda _items: None)
         if got != f:

@@ -16,7 +16,8 @@ Why it is shaped like this:
   The route is found by matching the path against the app's routes (cached per path).
 * **Anonymous access is opt-in per kind**: ``anonymous_read`` opens every ``read`` route, the two
   read-only POSTs included (an agent without a token must be able to fetch chunks);
-  ``anonymous_boot`` opens only the boot script and the kernel/initrd downloads, because iPXE cannot
+  ``anonymous_boot`` opens only the boot script, the UEFI boot image and the boot file downloads
+  (kernel, initrd, the UEFI loader's files), because a firmware sends no token and iPXE cannot
   easily send an ``Authorization`` header and a token in a URL leaks into logs, proxies and the
   boot script itself. A request that does carry a token is always checked, also on open routes, so
   a mistyped token is reported instead of silently ignored.
@@ -63,6 +64,7 @@ AGENT_ROUTES = {("PUT", "/v1/agents/{instance}"), ("DELETE", "/v1/agents/{instan
                 ("GET", "/v1/agents/{instance}/requests/next"),
                 ("POST", "/v1/agents/{instance}/requests/{rid}/result")}
 BOOT_ROUTES = {("GET", "/v1/boot/{host}"), ("HEAD", "/v1/boot/{host}"),
+               ("GET", "/v1/boot/{host}/boot.img"), ("HEAD", "/v1/boot/{host}/boot.img"),
                ("GET", "/v1/images/{name}/versions/{vid}/boot/{which}"),
                ("HEAD", "/v1/images/{name}/versions/{vid}/boot/{which}")}
 BOOT_SCRIPT = "/v1/boot/{host}"

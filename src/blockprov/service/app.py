@@ -31,7 +31,7 @@ from blockprov import __version__
 from blockprov.catalog.tokens import TokenStore
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import Access, AccessPolicy, annotate_openapi
-from blockprov.service.bounds import IN_FLIGHT, REQUEST_TIMEOUT, Guard
+from blockprov.service.bounds import IN_FLIGHT, MAX_BODY, REQUEST_TIMEOUT, Guard
 from blockprov.service.edge import add_error_handlers
 from blockprov.service.metrics import Measure
 from blockprov.service.routes import ROUTERS
@@ -40,7 +40,6 @@ from blockprov.service.routes.chunks import LeanChunkPath
 from blockprov.service.state import Service
 from blockprov.service.ui.pages import router as console_router
 
-MAX_BODY = 256 << 20
 POOL_WORKERS = 16
 
 

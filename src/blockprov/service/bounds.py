@@ -38,6 +38,7 @@ import struct
 import time
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -47,6 +48,7 @@ from blockprov.service.edge import error_response, internal_error_response
 
 log = logging.getLogger("blockprov.service")
 MAX_BODY_KEY = "x-blockprov-max-body"
+MAX_BODY = 256 << 20  # the cap of every route's own limit (serve --max-body)
 DEFAULT_BODY = 64 << 10  # a route that declares nothing: a small JSON document or a form
 REQUEST_TIMEOUT = 30.0  # seconds for a request's headers; the grace before a body's rate counts
 MIN_BODY_RATE = 4 << 10  # bytes a second a body must average once the grace is over
@@ -201,6 +203,10 @@ class Guard:
 
         try:
             await self.app(scope, bounded_receive, tracking_send)
+        except ClientDisconnect:  # gone before its body was sent: nobody to answer, and no bug of ours
+            scope["blockprov.error"] = "ClientDisconnect"
+            log.info("%s %s: the client went away before it sent its body (%d bytes came)", scope.get("method"),
+                     scope.get("path"), seen)
         except Exception as e:
             if started:
                 raise  # mid-body: the server must cut the connection; nothing else is honest

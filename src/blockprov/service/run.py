@@ -4,7 +4,10 @@ Binding first (instead of letting uvicorn bind) is what makes ``--listen 127.0.0
 kernel picks a free port, we read it back and report the real URL through ``on_ready`` once the
 server accepts connections — tests and ``blockprov serve`` rely on that line. SIGINT and SIGTERM
 make uvicorn finish in-flight requests and return normally (exit status 0), instead of re-raising
-the signal after shutdown as uvicorn does by default.
+the signal after shutdown as uvicorn does by default. Finishing is bounded (``SHUTDOWN_GRACE``): a
+client that holds its connection open mid-request (a proxy that never reads, a stalled peer) would
+otherwise keep a stopped server alive for ever; what a cancelled request was doing in a worker
+thread still ends before the process exits (the interpreter joins those threads).
 
 TLS (``--tls-cert``/``--tls-key``) is uvicorn's own: it wraps the socket we bound. The certificate
 and key are loaded once before the socket is bound, so a wrong path, a key that does not match
@@ -33,8 +36,8 @@ from blockprov.catalog.tokens import TokenStore
 from blockprov.errors import UsageError
 from blockprov.repo.local import LocalRepository
 from blockprov.service.access import AccessPolicy
-from blockprov.service.app import MAX_BODY, create_app
-from blockprov.service.bounds import IN_FLIGHT, REQUEST_TIMEOUT, bounded_http
+from blockprov.service.app import create_app
+from blockprov.service.bounds import IN_FLIGHT, MAX_BODY, REQUEST_TIMEOUT, bounded_http
 from blockprov.store.base import ChunkStore
 from blockprov.store.cached import CachedChunkStore
 
@@ -97,6 +100,9 @@ def warn_open(repo: LocalRepository, policy: AccessPolicy, host: str, *, tls: bo
                         "them boot (it opens only boot scripts and kernel/initrd downloads)")
         if not tls and not _loopback(host):
             log.warning("tokens are required but sent in clear over plain HTTP; serve with --tls-cert/--tls-key")
+
+
+SHUTDOWN_GRACE = 10  # seconds in-flight requests get to finish after SIGTERM/SIGINT
 
 
 class _Server(uvicorn.Server):
@@ -188,15 +194,17 @@ def run_app(app: Any, host: str, port: int, *, on_ready: OnReady | None = None, 
         log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
         config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=75,
                                 lifespan="on", log_config=log_config, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                                http=bounded_http(request_timeout))
+                                http=bounded_http(request_timeout), timeout_graceful_shutdown=SHUTDOWN_GRACE)
         _Server(config, url_of(sock, "https" if tls_cert else "http"), on_ready).run(sockets=[sock])
     finally:
         sock.close()
 
 
 def run_site_cache(data_dir: str | os.PathLike[str], upstream: str, capacity: int, host: str = "127.0.0.1",
-                   port: int = 8420, *, token: str | None = None, **kw: Any) -> None:
-    """Serve a site cache of ``upstream`` (service/sitecache.py) from ``data_dir`` until SIGINT/SIGTERM."""
+                   port: int = 8420, *, token: str | None = None, max_body: int = MAX_BODY, in_flight: int = IN_FLIGHT,
+                   request_timeout: float = REQUEST_TIMEOUT, **kw: Any) -> None:
+    """Serve a site cache of ``upstream`` (service/sitecache.py) from ``data_dir`` until SIGINT/SIGTERM;
+    its requests bounded as the repository's are (``max_body``, ``in_flight``, ``request_timeout``)."""
     from blockprov.service.prewarm import Prewarm
     from blockprov.service.sitecache import SiteCache, create_site_cache_app
 
@@ -207,7 +215,9 @@ def run_site_cache(data_dir: str | os.PathLike[str], upstream: str, capacity: in
     root = Path(data_dir) / "sitecache"
     sc = SiteCache(root, upstream, capacity, token=token)
     prewarm = Prewarm(sc)
-    run_app(create_site_cache_app(sc, prewarm.routes(), background=prewarm.run), host, port, **kw)
+    app = create_site_cache_app(sc, prewarm.routes(), background=prewarm.run, max_body=max_body, in_flight=in_flight,
+                                timeout=request_timeout)
+    run_app(app, host, port, request_timeout=request_timeout, **kw)
 
 
 class ServerThread:
@@ -220,7 +230,8 @@ class ServerThread:
         self.app.state.service.on_fetch = on_fetch
         self.sock = bind(host, 0)
         self.url = url_of(self.sock)
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_keep_alive=75)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_keep_alive=75,
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE)
         self.server = _Server(config, self.url, None)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                         name="bp-serve")

@@ -23,6 +23,12 @@ What it answers itself, and what it passes on:
 * ``/v1/health`` (``role: site-cache``, so agents count its bytes as the site cache's) and
   ``/metrics`` are its own; so is pre-warm (service/prewarm.py).
 
+Its requests are bounded as the repository's are (service/bounds.py ``Guard``: header and body
+timeouts, a body limit per route, bytes of bodies in flight for the whole server; ``serve``'s
+``--max-body``, ``--max-in-flight`` and ``--request-timeout``). A body passed through is streamed
+to the upstream as it comes, never held whole: one 300 MiB PUT used to raise the site cache's
+memory by 1.1 GiB (issue 27), and the upstream applies its own, smaller limit of each route.
+
 Who may read what it holds: the upstream's tokens and scopes. The site cache asks the upstream's
 ``GET /v1/whoami`` with each caller's token (a minute's answer kept), and, while the upstream cannot
 be reached, keeps using the last answer for up to ``DECISION_STALE`` (a café whose uplink is down
@@ -40,6 +46,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +57,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, compile_path
 
 from blockprov import __version__, codec
 from blockprov.catalog.tokens import allows
@@ -64,10 +71,12 @@ from blockprov.errors import (
     RepositoryUnavailable,
     TooLarge,
     Unauthorized,
+    UpstreamCutBody,
     UsageError,
     error_to_dict,
 )
 from blockprov.repo.remote import ABSENT, LEN, RemoteRepository
+from blockprov.service.bounds import IN_FLIGHT, MAX_BODY, MAX_BODY_KEY, REQUEST_TIMEOUT, Guard
 from blockprov.store.bounded import BoundedStore
 
 log = logging.getLogger("blockprov.sitecache")
@@ -113,6 +122,7 @@ class SiteCache:
                          "kept_upstream": 0, "kept_joined": 0}
         self.last_upstream_ok: float | None = None
         self.last_upstream_error: str | None = None
+        self._body_limits: list[tuple[str, re.Pattern[str], str, int]] | None = None  # the upstream's, per route
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -302,6 +312,25 @@ class SiteCache:
             kept = ({"headers": keep}, r.content)
         return r, kept
 
+    async def body_limit(self, method: str, path: str) -> tuple[str, int] | None:
+        """The upstream's own limit of a request body for ``method path`` (its route and
+        ``x-blockprov-max-body``, from its ``/openapi.json``, read once), or None when it is not
+        known (the upstream unreachable, or silent about this route): the upstream then decides."""
+        if self._body_limits is None:
+            try:
+                r = await self.http.get(f"{self.upstream_url}/openapi.json", timeout=30.0)
+                paths = r.json().get("paths", {}) if r.status_code == 200 else None
+                limits = [(m.upper(), compile_path(p)[0], p, int(op[MAX_BODY_KEY]))
+                          for p, ops in paths.items() for m, op in ops.items()
+                          if isinstance(op, dict) and MAX_BODY_KEY in op] if isinstance(paths, dict) else None
+            except (httpx.TransportError, ValueError, TypeError, AttributeError):
+                limits = None
+            if limits is None:
+                return None  # asked again next time
+            self._body_limits = limits
+        return next(((route, limit) for m, rx, route, limit in self._body_limits if m == method and rx.match(path)),
+                    None)
+
     def usage(self) -> dict[str, Any]:
         blobs, nbytes = self.store.usage()
         return {"chunks": blobs, "bytes": nbytes, "capacity": self.store.capacity, "evicted": self.store.evicted}
@@ -396,17 +425,43 @@ def _answer(r: httpx.Response) -> Response:
     return Response(r.content, status_code=r.status_code, headers=headers)
 
 
+def _unreachable(sc: SiteCache, e: httpx.TransportError, request: Request) -> RepositoryUnavailable:
+    sc._upstream_failed(e)
+    return RepositoryUnavailable(url=sc.upstream_url, why=f"{type(e).__name__}: {e} (the site cache passes "
+                                                          f"{request.method} {request.url.path} on)")
+
+
+@answers_errors
 async def passthrough(request: Request) -> Response:
-    """Anything the site cache does not answer itself: to the upstream, as it came (body bounded)."""
+    """Anything the site cache does not answer itself: to the upstream, as it came. The body is
+    streamed (bounded by ``Guard``), with its declared length when it had one."""
     sc = _sc(request)
     url = f"{sc.upstream_url}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
-    body = await request.body()
+    headers = _forward_headers(request)
+    size = request.headers.get("content-length")
+    if size is not None:
+        headers["content-length"] = size
+        # over the upstream's limit for the route: its 413, said here (the upstream would answer it
+        # and close before taking the body, and its answer would be lost with the connection)
+        known = await sc.body_limit(request.method, request.url.path) if size.isdigit() else None
+        if known is not None and int(size) > known[1]:
+            raise TooLarge(f"request body of {size} bytes exceeds the limit of {known[1]} bytes for "
+                           f"{request.method} {known[0]} (the upstream's)")
+    has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
     try:
-        r = await sc.http.request(request.method, url, headers=_forward_headers(request), content=body)
+        r = await sc.http.request(request.method, url, headers=headers,
+                                  content=request.stream() if has_body else None)
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
+        if not has_body:
+            raise _unreachable(sc, e, request) from None
+        size = request.headers.get("content-length")
+        raise UpstreamCutBody(url=sc.upstream_url, what=f"{request.method} {request.url.path}"
+                              + (f" ({size} bytes)" if size else ""),
+                              why=f"it does so for a body over its limit for the route (a 413; each route's "
+                                  f"limit is x-blockprov-max-body in {sc.upstream_url}/openapi.json), or it "
+                                  f"failed mid-request ({type(e).__name__})") from None
     except httpx.TransportError as e:
-        sc._upstream_failed(e)
-        return _error(RepositoryUnavailable(url=sc.upstream_url, why=f"{type(e).__name__}: {e} (the site cache "
-                                                                     f"passes {request.method} {request.url.path} on)"))
+        raise _unreachable(sc, e, request) from None
     sc.counters["passed"] += 1
     if r.status_code < 500:
         sc.last_upstream_ok = time.time()
@@ -460,20 +515,31 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
+def _body_limit(route: Route, limit: int) -> Route:
+    """The most ``Guard`` lets a route read (it reads a route's declaration from ``openapi_extra``,
+    as FastAPI's routes carry it)."""
+    route.openapi_extra = {MAX_BODY_KEY: limit}  # type: ignore[attr-defined]
+    return route
+
+
 def create_site_cache_app(sc: SiteCache, extra_routes: Sequence[Route] = (),
-                          background: Callable[[], Awaitable[None]] | None = None) -> Starlette:
-    """The site cache's app; ``background``: a task run while it serves (pre-warm's scheduler)."""
+                          background: Callable[[], Awaitable[None]] | None = None, *, max_body: int = MAX_BODY,
+                          in_flight: int = IN_FLIGHT, timeout: float = REQUEST_TIMEOUT) -> Starlette:
+    """The site cache's app; ``background``: a task run while it serves (pre-warm's scheduler).
+    ``max_body``: the most a body passed through may be (the upstream's own limit per route
+    applies as well); ``in_flight``, ``timeout``: service/bounds.py."""
     routes = [
         Route("/v1/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/chunks/fetch", fetch, methods=["POST"]),
+        _body_limit(Route("/v1/chunks/fetch", fetch, methods=["POST"]), MAX_FETCH_IDS * ID),
         Route("/v1/chunks/{cid}", one_chunk, methods=["GET", "HEAD"]),
         Route("/v1/boot/{host}", boot_script, methods=["GET"]),
         Route("/v1/images/{name}/versions/{vid}/boot/{which}", boot_file, methods=["GET"]),
         Route("/v1/images/{name}/manifest", kept_get, methods=["GET"]),
         Route("/v1/images/{name}/versions/{vid}/profile", kept_get, methods=["GET"]),
         *extra_routes,
-        Route("/{path:path}", passthrough, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]),
+        _body_limit(Route("/{path:path}", passthrough, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]),
+                    max_body),
     ]
 
     @contextlib.asynccontextmanager
@@ -488,5 +554,6 @@ def create_site_cache_app(sc: SiteCache, extra_routes: Sequence[Route] = (),
             await sc.close()
 
     app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(Guard, max_body=max_body, routes=routes, in_flight=in_flight, timeout=timeout)
     app.state.sitecache = sc
     return app

@@ -19,7 +19,7 @@ from blockprov.catalog.machines import MAX_INFO, MAX_RESULT, SEEN_EVERY
 from blockprov.errors import UsageError
 from blockprov.names import instance_id, request_id
 from blockprov.service.longpoll import POLL, wait_param
-from blockprov.service.routes.common import json_body, json_of
+from blockprov.service.routes.common import fields_of, json_body, json_of
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -59,8 +59,8 @@ async def post_request(instance: str, request: Request) -> JSONResponse:
     """Ask an agent to do something: ``{"op": "snapshot", "args": {…}}`` → 201 ``{"id"}``."""
     svc = Service.of(request)
     instance = instance_id(instance)
-    d = await json_of(request)
-    if not isinstance(d, dict) or not isinstance(d.get("op"), str):
+    d = fields_of(await json_of(request), ("op", "args"), 'expected {"op": "…", "args": {…}}')
+    if not isinstance(d.get("op"), str):
         raise UsageError('expected {"op": "…", "args": {…}}')
     rid = await svc.run(svc.repo.post_request, instance, d["op"], d.get("args"))
     svc.wakeup.notify()
@@ -108,9 +108,10 @@ async def complete_request(instance: str, rid: str, request: Request) -> dict[st
     """``{"ok": true, "result": {…}}`` or ``{"ok": false, "error": "…"}``; 409 if already completed."""
     svc = Service.of(request)
     instance, rid = instance_id(instance), request_id(rid)
-    d = await json_of(request)
-    if not isinstance(d, dict) or not isinstance(d.get("ok"), bool):
-        raise UsageError('expected {"ok": true|false, "result": {…}, "error": "…"}')
+    expected = 'expected {"ok": true|false, "result": {…}, "error": "…"}'
+    d = fields_of(await json_of(request), ("ok", "result", "error"), expected)
+    if not isinstance(d.get("ok"), bool):
+        raise UsageError(expected)
     out: dict[str, Any] = await svc.run(svc.repo.complete_request, instance, rid, d["ok"], d.get("result"),
                                         d.get("error"))
     svc.wakeup.notify()

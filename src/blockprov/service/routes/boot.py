@@ -1,5 +1,8 @@
 """Routes for network boot: a version's boot files (kernel, initrd) and the hosts booting from them.
 
+* ``GET /v1/boot/{host}/boot.img`` is what a UEFI PC's own HTTP boot fetches, with no iPXE: a FAT
+  image of shim, GRUB, a grub.cfg, the kernel and the initramfs (boot.uefi_image), served from the
+  chunk store as it is sent, with Range and ETag. It boots under Secure Boot too.
 * ``GET /v1/boot/{host}`` is what iPXE fetches (``chain http://repo/v1/boot/${net0/mac}``): a
   ``text/plain`` ``#!ipxe`` script. URLs in it are built from the address the host used to reach
   us (the request's Host), unless ``?base=`` says otherwise, so NAT or a proxy in between is
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -30,7 +33,7 @@ from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.results import to_dict
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
-from blockprov.service.routes.common import JSON_BODY, OCTETS, json_body, json_of, version_ref
+from blockprov.service.routes.common import JSON_BODY, OCTETS, fields_of, json_body, json_of, version_ref
 from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
@@ -50,18 +53,22 @@ async def get_boot_files(name: str, vid: str, request: Request) -> dict[str, Any
 
 @router.put("/v1/images/{name}/versions/{vid}/boot", tags=["boot"], openapi_extra=json_body(1 << 20))
 async def put_boot_files(name: str, vid: str, request: Request) -> dict[str, Any]:
-    """Record ``{"kernel": {size, pieces}, "initrd": {…}, "cmdline": "…"}`` whose pieces were
+    """Record ``{"kernel": {size, pieces}, "initrd": {…}, "cmdline": "…", "efi": {"shimx64.efi": {…},
+    "grubx64.efi": {…}, "mmx64.efi": {…}}}`` (``efi``, the UEFI loader, optional) whose pieces were
     uploaded as chunks first (409 ``MissingChunks`` lists those still absent)."""
     svc = Service.of(request)
     r = version_ref(name, vid)
-    d = await json_of(request)
-    if not isinstance(d, dict):
-        raise UsageError('expected {"kernel": …, "initrd": …, "cmdline": "…"}')
+    d = fields_of(await json_of(request), ("kernel", "initrd", "cmdline", "efi"),
+                  'expected {"kernel": …, "initrd": …, "cmdline": "…", "efi": {…}}')
     kernel, initrd = boot.BootFile.from_dict(d.get("kernel")), boot.BootFile.from_dict(d.get("initrd"))
     cmdline = d.get("cmdline", "")
     if not isinstance(cmdline, str):
         raise UsageError("cmdline must be a string")
-    info = await svc.run(svc.repo.record_boot_files, r.name, str(r.version), kernel, initrd, cmdline)
+    efi = d.get("efi") or {}
+    if not isinstance(efi, dict) or not set(efi) <= set(boot.EFI_FILES):
+        raise UsageError(f"efi is an object whose keys are among {', '.join(boot.EFI_FILES)}")
+    loader = {k: boot.BootFile.from_dict(v) for k, v in efi.items()}
+    info = await svc.run(svc.repo.record_boot_files, r.name, str(r.version), kernel, initrd, cmdline, loader)
     if svc.prepare is not None and request.query_params.get("prepare", "1") != "0":
         await svc.run(svc.prepare, r.name, str(r.version))  # a profile prepared in the background (vm/prepare.py)
     return to_dict(info)
@@ -78,14 +85,37 @@ async def get_preparation(name: str, vid: str, request: Request) -> dict[str, An
 
 @router.get("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
 @router.head("/v1/images/{name}/versions/{vid}/boot/{which}", tags=["boot"], response_class=Response)
-async def get_boot_file(name: str, vid: str, which: str, request: Request, host: str | None = None) -> Response:
-    """The kernel or initrd: Content-Length, ETag, single ``Range``, HEAD; verified as it is sent.
-    ``?host=`` (the boot script puts it on the initrd's URL): once the whole initrd was sent, the
-    host's last boot is recorded — not for a curl of the script, nor for a boot that stops before."""
+async def get_boot_file(name: str, vid: str, which: str, request: Request, host: str | None = None,
+                        platform: str | None = None) -> Response:
+    """The kernel, the initrd or a file of the UEFI loader (boot.EFI_FILES): Content-Length, ETag,
+    single ``Range``, HEAD; verified as it is sent. ``?host=`` (the boot script puts it on the
+    initrd's URL): once the whole initrd was sent, the host's last boot is recorded — not for a
+    curl of the script, nor for a boot that stops before — and with ``?platform=`` (iPXE's
+    ``${platform}``: ``efi`` or ``pcbios``) its firmware."""
     svc = Service.of(request)
     booting = None if host is None else host_id(host)
     f: boot.BootFile = await svc.run(svc.repo.boot_file_info, version_ref(name, vid), which)
-    etag = f'"{f.id}"'
+
+    async def booted() -> None:
+        assert booting is not None
+        await record_boot(svc, booting, name, vid, boot.IPXE_PLATFORMS.get(platform or ""))
+
+    return await _ranged(request, f.size, f.id, [(0, f.size, f)], OCTETS,
+                         booted if booting is not None and which == "initrd" else None)
+
+
+Part = tuple[int, int, "boot.BootFile | bytes"]  # (offset, length, a boot file's bytes from its start, or bytes)
+
+
+async def _ranged(request: Request, size: int, tag: str, parts: list[Part], media: str,
+                  on_sent: Callable[[], Awaitable[None]] | None = None) -> Response:
+    """A body of ``size`` bytes made of ``parts`` (zeros between them) served with a strong ETag
+    ``tag``, single ranges and HEAD. A boot file's pieces are verified before a byte of them is
+    sent; the first job is rendered before the status line, so a bad first piece is a clean 422.
+    ``on_sent``: called when the whole body from its first byte is being sent (a host booted), before
+    its last piece goes out: a client holding the whole initrd may ask about the host at once."""
+    svc = Service.of(request)
+    etag = f'"{tag}"'
     headers = {"etag": etag, "accept-ranges": "bytes", "cache-control": "no-cache"}
     h = request.headers
     inm = h.get("if-none-match")
@@ -93,50 +123,69 @@ async def get_boot_file(name: str, vid: str, which: str, request: Request, host:
         return Response(status_code=304, headers=headers)
     try:
         if_range = h.get("if-range")
-        rng = parse_range(h.get("range"), f.size) if if_range is None or if_range.strip() == etag else None
+        rng = parse_range(h.get("range"), size) if if_range is None or if_range.strip() == etag else None
     except RangeNotSatisfiable:
-        return Response(status_code=416, headers=headers | {"content-range": f"bytes */{f.size}"})
-    lo, hi = rng if rng is not None else (0, f.size)
+        return Response(status_code=416, headers=headers | {"content-range": f"bytes */{size}"})
+    lo, hi = rng if rng is not None else (0, size)
     if rng is not None:
-        headers["content-range"] = f"bytes {lo}-{hi - 1}/{f.size}"
+        headers["content-range"] = f"bytes {lo}-{hi - 1}/{size}"
     headers["content-length"] = str(hi - lo)
     status = 206 if rng is not None else 200
     if request.method == "HEAD":
-        return Response(status_code=status, headers=headers, media_type=OCTETS)
+        return Response(status_code=status, headers=headers, media_type=media)
     store = svc.store
 
-    def render(first: int, stop: int) -> bytes:
-        blobs = store.get_blobs([f.piece_id(i) for i in range(first, stop)])
-        data = b"".join(boot.assemble(f, blobs, first))
-        base = first * boot.PIECE
-        return data[max(lo, base) - base:min(hi, stop * boot.PIECE) - base]
+    def render(f: boot.BootFile, first: int, stop: int, a: int, b: int) -> bytes:
+        """Bytes ``a``..``b`` of ``f`` (within its pieces ``first``..``stop``), verified."""
+        data = b"".join(boot.assemble(f, store.get_blobs([f.piece_id(i) for i in range(first, stop)]), first))
+        return data[a - first * boot.PIECE:b - first * boot.PIECE]
 
-    jobs = []
-    p = lo // boot.PIECE
-    last = (hi - 1) // boot.PIECE
-    while p <= last:
-        jobs.append((p, min(p + PIECES_PER_JOB, last + 1)))
-        p = jobs[-1][1]
-    head = await svc.run(render, *jobs[0])
+    jobs: list[bytes | tuple[boot.BootFile, int, int, int, int]] = []
+    at = lo
+    for off, length, what in sorted(parts, key=lambda x: x[0]):
+        a, b = max(lo, off), min(hi, off + length)
+        if a >= b:
+            continue
+        if a > at:
+            jobs.append(bytes(a - at))
+        if isinstance(what, bytes):
+            jobs.append(what[a - off:b - off])
+        else:
+            p = (a - off) // boot.PIECE
+            while p * boot.PIECE < b - off:
+                stop = min(p + PIECES_PER_JOB, what.count)
+                jobs.append((what, p, stop, max(a - off, p * boot.PIECE), min(b - off, stop * boot.PIECE)))
+                p = stop
+        at = b
+    if at < hi:
+        jobs.append(bytes(hi - at))
+
+    async def get(job: bytes | tuple[boot.BootFile, int, int, int, int]) -> bytes:
+        return job if isinstance(job, bytes) else await svc.run(render, *job)
+
+    head = await get(jobs[0]) if jobs else b""
 
     async def body() -> AsyncIterator[bytes]:
         # The boot is recorded before the last piece goes out, not after: a client holding the
         # whole initrd may ask about the host at once, before this generator is resumed.
         pieces = [head]
         for job in jobs[1:]:
-            pieces.append(await svc.run(render, *job))
+            pieces.append(await get(job))
             yield pieces.pop(0)
-        if booting is not None and which == "initrd" and rng is None:
-            await record_boot(svc, booting, name, vid)
+        if on_sent is not None and lo == 0 and hi == size:
+            await on_sent()
         yield pieces.pop()
 
-    return StreamingResponse(body(), status_code=status, headers=headers, media_type=OCTETS)
+    return StreamingResponse(body(), status_code=status, headers=headers, media_type=media)
 
 
-async def record_boot(svc: Service, host: str, name: str, vid: str) -> None:
-    """A boot the catalog cannot record (a write refused) has still booted: logged, not raised."""
+async def record_boot(svc: Service, host: str, name: str, vid: str, firmware: str | None = None) -> None:
+    """``host`` booted ``name@vid`` (with ``firmware``, when known: boot.IPXE_PLATFORMS). A boot
+    the catalog cannot record (a write refused) has still booted: logged, not raised."""
     try:
         await svc.run(svc.repo.registry.record_boot, host, version_ref(name, vid).version or vid)
+        if firmware is not None:
+            await svc.run(svc.repo.registry.record_firmware, host, firmware)
     except BlockprovError as e:
         log.warning("host %s booted %s@%s, but its last boot could not be recorded: %s", host, name, vid, e)
 
@@ -170,6 +219,25 @@ async def refused_boot(request: Request, err: BlockprovError) -> Response | None
 
 
 # -- hosts ----------------------------------------------------------------------------------------
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _base(request: Request, base: str | None) -> str:
+    """The repository's URL as the host reached it: ``base`` when given, else the request's own,
+    from its Host header — with this server's port when that header has none and the port is not
+    the scheme's default. edk2's HTTP boot (OVMF, and the firmware of many PCs) sends ``Host:
+    ADDRESS`` without the port of the URL it fetches; the kernel command line built from it would
+    name port 80."""
+    if base is not None:
+        return names.base_url(base)
+    url = request.base_url
+    server = request.scope.get("server")
+    host = request.headers.get("host", "")
+    if server and ":" not in host.rpartition("]")[2] and server[1] != DEFAULT_PORTS.get(url.scheme):
+        url = url.replace(port=server[1])
+    return names.base_url(str(url))
+
+
 @router.get("/v1/boot/{host}", tags=["boot"], response_class=PlainTextResponse)
 async def boot_script(host: str, request: Request, base: str | None = None,
                       retry: int = boot.RETRY_SECONDS) -> Response:
@@ -179,8 +247,7 @@ async def boot_script(host: str, request: Request, base: str | None = None,
     records nothing: the host's last boot is recorded once it has fetched the whole initrd."""
     svc = Service.of(request)
     try:
-        url = names.base_url(base if base is not None else str(request.base_url))
-        text = await svc.run(svc.repo.boot_script, host, url)
+        text = await svc.run(svc.repo.boot_script, host, _base(request, base))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
@@ -191,6 +258,35 @@ async def boot_script(host: str, request: Request, base: str | None = None,
                                      headers={"cache-control": "no-store", "x-blockprov-error": type(e).__name__})
         return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
     return PlainTextResponse(text, headers={"cache-control": "no-store"})
+
+
+@router.get("/v1/boot/{host}/boot.img", tags=["boot"], response_class=Response)
+@router.head("/v1/boot/{host}/boot.img", tags=["boot"], response_class=Response)
+async def uefi_boot_image(host: str, request: Request, base: str | None = None, record: bool = True) -> Response:
+    """The host's UEFI HTTP boot image (boot.uefi_image): a FAT volume holding shim, GRUB, a
+    grub.cfg with the host's command line, the kernel and the initramfs, which the firmware
+    downloads into a RAM disk and boots, with or without Secure Boot, with no iPXE. The DHCP boot
+    file names it (docs/operations.md, "UEFI and Secure Boot"). Served as the boot files are
+    (ETag, single ranges, HEAD: the firmware asks the size first), as ``application/vnd.efi-img``
+    (UEFI 2.6's type for a disk image). Sending all of it records the host's last boot, its
+    firmware UEFI (unless ``record=false``). Errors are a status and one text line (the firmware
+    shows the status, then tries its next boot option): 404 unknown host, 409 no boot files, no
+    UEFI loader, or a tag that is gone."""
+    svc = Service.of(request)
+    try:
+        image, name, vid = await svc.run(svc.repo.uefi_image, host, _base(request, base))
+    except BlockprovError as e:
+        if "application/json" in request.headers.get("accept", ""):
+            raise
+        return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
+    parts: list[Part] = [(at, n, what if isinstance(what, bytes) else image.content[what]) for at, n, what in
+                         image.volume.extents()]
+
+    async def booted() -> None:
+        await record_boot(svc, host_id(host), name, vid, "uefi")
+
+    return await _ranged(request, image.volume.size, image.etag, parts, boot.EFI_IMAGE_TYPE,
+                         booted if record else None)
 
 
 @router.get("/v1/hosts", tags=["hosts"])

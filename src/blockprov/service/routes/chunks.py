@@ -31,7 +31,7 @@ from blockprov.errors import BlockprovError, ChunkMissing, TooLarge, UsageError
 from blockprov.manifest import MAX_CHUNK
 from blockprov.service.edge import error_body, internal_error_response
 from blockprov.service.rawview import IMMUTABLE, etag_matches
-from blockprov.service.routes.common import OCTETS, body_of, octets_body
+from blockprov.service.routes.common import OCTETS, body_of, fields_of, octets_body
 from blockprov.service.state import Service
 
 MAX_FETCH_IDS = 16384  # per POST /v1/chunks/fetch; the client sends far fewer (≈16 MiB of blobs)
@@ -179,8 +179,8 @@ async def missing_chunks(request: Request) -> Response:
     svc = Service.of(request)
     body = await body_of(request)
     if request.headers.get("content-type", "").startswith("application/json"):
-        d = jsonvalue.loads(body)
-        hexes = d.get("ids") if isinstance(d, dict) else None
+        d = fields_of(jsonvalue.loads(body), ("ids",), 'expected {"ids": [hex, …]}')
+        hexes = d.get("ids")
         if not isinstance(hexes, list) or not all(isinstance(h, str) for h in hexes):
             raise UsageError('expected {"ids": [hex, …]}')
         if len(hexes) > MAX_MISSING_IDS:

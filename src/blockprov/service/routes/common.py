@@ -9,11 +9,13 @@ its values (jsonvalue.py): a new route that reads JSON with these two is bounded
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from starlette.requests import Request
 
 from blockprov import jsonvalue
+from blockprov.errors import UsageError
 from blockprov.names import Ref, image_name, parse_ref, tag_name, version_id
 from blockprov.service.bounds import DEFAULT_BODY, body_spec
 from blockprov.service.state import Service
@@ -51,6 +53,18 @@ async def json_of(request: Request) -> Any:
     if len(raw) <= JSON_ON_LOOP:
         return jsonvalue.loads(raw)
     return await Service.of(request).run(jsonvalue.loads, raw)
+
+
+def fields_of(d: Any, allowed: Collection[str], expected: str) -> dict[str, Any]:
+    """``d``, a JSON object holding only fields the route reads: one it does not know (a misspelt
+    one) is refused, not ignored (issue 27: ``PUT /v1/sites/S {"cahce": URL}`` made a site without
+    its cache, and a request's ``"arg"`` queued a snapshot without its target)."""
+    if not isinstance(d, dict):
+        raise UsageError(expected)
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise UsageError(f"unknown field {', '.join(repr(k[:40]) for k in unknown[:5])}: {expected}")
+    return d
 
 
 def ref_in(name: str, s: str, *, allow_other: bool = False) -> Ref:

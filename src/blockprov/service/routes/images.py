@@ -18,7 +18,7 @@ from blockprov.manifest import Manifest
 from blockprov.names import Ref, image_name, tag_name, version_id
 from blockprov.results import to_dict
 from blockprov.service.rawview import IMMUTABLE, etag_matches
-from blockprov.service.routes.common import body_of, json_body, json_of, ref_in
+from blockprov.service.routes.common import body_of, fields_of, json_body, json_of, ref_in
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -73,8 +73,8 @@ async def set_tag(name: str, tag: str, request: Request) -> dict[str, Any]:
     """Body ``{"version": ID}``: the tag names that version from now on."""
     svc = Service.of(request)
     name, tag = image_name(name), tag_name(tag)
-    d = await json_of(request)
-    if not isinstance(d, dict) or not isinstance(d.get("version"), str):
+    d = fields_of(await json_of(request), ("version",), 'expected {"version": "<16 hex digits>"}')
+    if not isinstance(d.get("version"), str):
         raise UsageError('expected {"version": "<16 hex digits>"}')
     vid = version_id(d["version"])
     await svc.run(svc.repo.set_tag, name, tag, vid)

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from blockprov.catalog.machines import MAX_PROFILE
 from blockprov.errors import ProfileNotFound, UsageError
-from blockprov.service.routes.common import OCTETS, body_of, json_body, json_of, version_ref
+from blockprov.service.routes.common import OCTETS, body_of, fields_of, json_body, json_of, version_ref
 from blockprov.service.state import Service
 
 U32 = struct.Struct("<I")
@@ -34,8 +34,8 @@ async def put_profile(name: str, vid: str, request: Request) -> dict[str, Any]:
             raise UsageError("a binary profile is a whole number of 4-byte indices")
         order = [v for (v,) in U32.iter_unpack(raw)]
     else:
-        d = await json_of(request)
-        if not isinstance(d, dict) or not isinstance(d.get("chunks"), list):
+        d = fields_of(await json_of(request), ("chunks",), 'expected {"chunks": [index, …]}')
+        if not isinstance(d.get("chunks"), list):
             raise UsageError('expected {"chunks": [index, …]}')
         order = d["chunks"]
     await svc.run(svc.repo.put_profile, r.name, str(r.version), order)

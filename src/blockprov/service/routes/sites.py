@@ -17,7 +17,7 @@ from blockprov.catalog.tokens import TokenInfo
 from blockprov.errors import UsageError
 from blockprov.names import site_name
 from blockprov.results import to_dict
-from blockprov.service.routes.common import json_body, json_of
+from blockprov.service.routes.common import fields_of, json_body, json_of
 from blockprov.service.state import Service
 
 router = APIRouter()
@@ -35,8 +35,8 @@ async def add_site(site: str, request: Request) -> dict[str, Any]:
     it; absent keeps it), or ``{}``."""
     svc = Service.of(request)
     site = site_name(site)  # before the body is read: a bad name costs no body
-    d = await json_of(request)
-    if not isinstance(d, dict) or not isinstance(d.get("cache", ""), str | None):
+    d = fields_of(await json_of(request), ("cache",), 'expected {"cache": "http://HOST:PORT"} or {}')
+    if not isinstance(d.get("cache", ""), str | None):
         raise UsageError('expected {"cache": "http://HOST:PORT"} or {}')
     return to_dict(await svc.run(svc.repo.add_site, site, d.get("cache")))
 
@@ -61,8 +61,8 @@ async def join_site(site: str, request: Request) -> dict[str, Any]:
     """Body ``{"instance": "ID"}``: a ticket for that agent, the site's keys and its online peers."""
     svc = Service.of(request)
     site = site_name(site)
-    d = await json_of(request)
-    if not isinstance(d, dict) or not isinstance(d.get("instance"), str):
+    d = fields_of(await json_of(request), ("instance",), 'expected {"instance": "ID"}')
+    if not isinstance(d.get("instance"), str):
         raise UsageError('expected {"instance": "ID"}')
     info = request.scope.get("blockprov.token_info")
     bound = info.site if isinstance(info, TokenInfo) else None

@@ -236,6 +236,9 @@ async def assign_hosts(request: Request) -> Response:
     settings = {k: one(f, k) for k in SETTINGS if one(f, k) not in ("", UNCHANGED)}
     if not hosts:
         return back("/ui/machines", "error", "No host assigned: tick hosts or type a MAC address or host id.")
+    if one(f, "clear_args") and one(f, "args"):  # issue 27: the typed arguments were dropped without a word
+        return back("/ui/machines", "error", "No host assigned: arguments typed and \"clear arguments\" ticked: "
+                                             "which one?")
     try:
         ref = parse_ref(ref_text)
     except BlockprovError as e:

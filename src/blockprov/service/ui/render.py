@@ -13,6 +13,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from starlette.responses import HTMLResponse
 
 from blockprov import humanize
+from blockprov.errors import UsageError
 
 # No inline script or style anywhere, so the policy can forbid them: an injected tag would not run.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -44,12 +45,18 @@ ENV = Environment(loader=PackageLoader("blockprov.service.ui", "templates"),
 ENV.filters.update(when=when, short=short, size=size)
 
 
+LAYOUT_BLOCKS = {"title", "content"}  # a page's frame, never served alone (``?fragment=`` serves the others)
+
+
 def page(name: str, ctx: dict[str, Any], *, status: int = 200, fragment: str | None = None,
          headers: dict[str, str] | None = None) -> HTMLResponse:
     """Render template ``name``; with ``fragment``, only that block of it (the live updates)."""
     tpl = ENV.get_template(name)
     ctx = DEFAULTS | ctx
-    if fragment is not None and fragment in tpl.blocks:
+    if fragment is not None:
+        live = sorted(set(tpl.blocks) - LAYOUT_BLOCKS)
+        if fragment not in live:  # issue 27: `?fragment=x` rendered the page without its whole context (a 500)
+            raise UsageError(f"?fragment={fragment[:40]!r}: this page's live parts are {', '.join(live)}")
         text = "".join(tpl.blocks[fragment](tpl.new_context(ctx)))
     else:
         text = tpl.render(ctx)
