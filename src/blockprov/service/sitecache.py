@@ -285,7 +285,8 @@ class SiteCache:
         task = self._gets.get(flight)
         if task is None:
             task = self._gets[flight] = asyncio.ensure_future(self._keep_once(target, headers))
-            task.add_done_callback(lambda _t: self._gets.pop(flight, None))
+            # gone from the table when done; its failure retrieved even if every caller went away
+            task.add_done_callback(lambda t: (self._gets.pop(flight, None), t.cancelled() or t.exception()))
             self.counters["kept_upstream"] += 1
         else:
             self.counters["kept_joined"] += 1
