@@ -71,9 +71,12 @@ class BootResult:
         return int(self.fields.get("rd_kb", 0)) * 1024
 
 
-def build_image(out: Path | None = None, *, size: str = "1G", fill_mb: int = 300) -> bootimage.Built:
-    """Build (or reuse) the boot image; safe from parallel test workers (the builder locks)."""
-    return bootimage.build(out or IMAGE_DIR / f"{size}-{fill_mb}", size=size, fill_mb=fill_mb)
+def build_image(out: Path | None = None, *, size: str = "1G", fill_mb: int = 300,
+                fio: bool = False) -> bootimage.Built:
+    """Build (or reuse) the boot image; safe from parallel test workers (the builder locks).
+    ``fio``: with fio and its libraries in it (the bench's I/O in the running system)."""
+    return bootimage.build(out or IMAGE_DIR / f"{size}-{fill_mb}{'-fio' if fio else ''}", size=size,
+                           fill_mb=fill_mb, fio=fio)
 
 
 def bootable_disk(img: bootimage.Built, out: Path, append: str) -> Path:

@@ -22,6 +22,15 @@ system), then acts on ``bp.mode=`` of the kernel command line:
   ``/usr/bin/bp-virus``; sync;
 * ``check``: verifies every file of the golden list and reports files of the watched directories the
   list does not have: ``BP-CHECK OK files=N`` or ``BP-CHECK FAIL changed=… extra=…``;
+* ``session``: ``check``, then ``dirty`` — an every-day boot of a reboot-to-restore PC whose command
+  line stays the same: each boot finds the disk pristine and leaves it dirty;
+* ``persist``: a PC that keeps its changes: counts its sessions in ``/home/user/bp-sessions``
+  (``BP-PERSIST sessions_before=N``) and writes 256 KiB more each time;
+* ``killagent``: kills the in-machine agent serving the root (SIGKILL), then ``check`` and a
+  write read back (``BP-KILLED pid=…``): the supervisor brings the agent back;
+* ``writer``: writes without end (``BP-WRITING``, ``BP-WROTE n=…``): a power cut's victim;
+* ``fio``: fio on a 256 MiB file of the root (``BP-FIO job=… iops=… kbs=…``; an image built with
+  ``fio=True``, which holds fio and its libraries);
 * ``counter``: never ends: counts in memory, printing ``BP-COUNT n=…`` ten times a second, and takes a
   hostname and a machine-id from the host on the virtio-serial port ``org.blockprov.identity`` (a
   line ``NAME MACHINE-ID``; ``BP-IDENTITY name=… machine-id=…``; the name also written to
@@ -64,7 +73,7 @@ from pathlib import Path
 
 from blockprov.netboot.initramfs import dependency_order
 
-BUILDER_VERSION = 8  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 9  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -95,9 +104,36 @@ up() { cut -d' ' -f1 /proc/uptime; }
 echo "BLOCKPROV-INIT mode=$MODE uptime=$(up)"
 case "$MODE" in
     plain|check) OPTS=ro ;;
-    dirty|admin|counter|hog) OPTS=rw ;;
+    dirty|admin|counter|hog|session|persist|killagent|writer|fio) OPTS=rw ;;
     *) fail "unknown-mode" ;;
 esac
+dirty() {  # a user session: files in /home, a "virus" overwriting part of a system file and adding its own
+    mkdir -p home/user/Documents home/user/Downloads
+    echo "user session notes: shopping list, passwords123, homework" >home/user/Documents/notes.txt
+    dd if=/dev/urandom of=home/user/Downloads/download.bin bs=65536 count=16 2>/dev/null
+    victim=$(cat etc/bp-victim)
+    dd if=/dev/urandom of="$victim" bs=4096 count=1 conv=notrunc 2>/dev/null || fail virus-write
+    printf '#!/bin/sh\necho you have been pwned\n' >usr/bin/bp-virus
+    chmod 755 usr/bin/bp-virus
+    sync
+    DIRTIED="victim=$victim"
+}
+check() {  # every file of the golden list as it was, and none the list does not know
+    sha256sum -c etc/bp-golden.sha256 2>/dev/null | grep -v ': OK$' | sed 's/: .*$//' >/tmp/bad
+    awk '{print $2}' etc/bp-golden.sha256 | sort >/tmp/known
+    find ./etc ./usr/bin ./usr/sbin ./home -xdev -type f | grep -v '^\./etc/bp-golden\.sha256$' | sort >/tmp/have
+    cat /tmp/known /tmp/known /tmp/have | sort | uniq -u >/tmp/extra
+    NKNOWN=$(wc -l </tmp/known)
+    if [ -s /tmp/bad ] || [ -s /tmp/extra ]; then
+        CH=$(head -n 20 /tmp/bad | tr '\n' ',' | sed 's/,$//')
+        EX=$(head -n 20 /tmp/extra | tr '\n' ',' | sed 's/,$//')
+        echo "BP-CHECK FAIL changed=$CH extra=$EX nchanged=$(wc -l </tmp/bad) nextra=$(wc -l </tmp/extra)"
+        CHECKED="check=FAIL"
+    else
+        echo "BP-CHECK OK files=$NKNOWN"
+        CHECKED="check=OK"
+    fi
+}
 @MOUNT@
 MOUNTED=$(up)
 # Boot-like reads: directory walk with stats, many small files read whole, heads of larger ones.
@@ -109,15 +145,24 @@ READDONE=$(up)
 EXTRA=""
 case "$MODE" in
 dirty)
-    mkdir -p home/user/Documents home/user/Downloads
-    echo "user session notes: shopping list, passwords123, homework" >home/user/Documents/notes.txt
-    dd if=/dev/urandom of=home/user/Downloads/download.bin bs=65536 count=16 2>/dev/null
-    victim=$(cat etc/bp-victim)
-    dd if=/dev/urandom of="$victim" bs=4096 count=1 conv=notrunc 2>/dev/null || fail virus-write
-    printf '#!/bin/sh\necho you have been pwned\n' >usr/bin/bp-virus
-    chmod 755 usr/bin/bp-virus
+    dirty
+    EXTRA="$DIRTIED"
+    ;;
+session)
+    # an every-day session of a reboot-to-restore PC with the same command line each boot: the
+    # disk is pristine (what the last session did is gone), then this session dirties it
+    check
+    dirty
+    EXTRA="$CHECKED $DIRTIED"
+    ;;
+persist)
+    # an every-day session of a PC that keeps its changes: the count the last session left, plus one
+    N=$(cat home/user/bp-sessions 2>/dev/null || echo 0)
+    echo $((N + 1)) >home/user/bp-sessions
+    dd if=/dev/urandom of=home/user/Downloads/session-$N.bin bs=65536 count=4 2>/dev/null
     sync
-    EXTRA="victim=$victim"
+    echo "BP-PERSIST sessions_before=$N"
+    EXTRA="persisted=$N"
     ;;
 admin)
     printf '%s\n' "sanctioned change by the administrator: motd for version 2" >etc/bp-admin-change
@@ -128,20 +173,8 @@ admin)
     sync
     ;;
 check)
-    sha256sum -c etc/bp-golden.sha256 2>/dev/null | grep -v ': OK$' | sed 's/: .*$//' >/tmp/bad
-    awk '{print $2}' etc/bp-golden.sha256 | sort >/tmp/known
-    find ./etc ./usr/bin ./usr/sbin ./home -xdev -type f | grep -v '^\./etc/bp-golden\.sha256$' | sort >/tmp/have
-    cat /tmp/known /tmp/known /tmp/have | sort | uniq -u >/tmp/extra
-    NKNOWN=$(wc -l </tmp/known)
-    if [ -s /tmp/bad ] || [ -s /tmp/extra ]; then
-        CH=$(head -n 20 /tmp/bad | tr '\n' ',' | sed 's/,$//')
-        EX=$(head -n 20 /tmp/extra | tr '\n' ',' | sed 's/,$//')
-        echo "BP-CHECK FAIL changed=$CH extra=$EX nchanged=$(wc -l </tmp/bad) nextra=$(wc -l </tmp/extra)"
-        EXTRA="check=FAIL"
-    else
-        echo "BP-CHECK OK files=$NKNOWN"
-        EXTRA="check=OK"
-    fi
+    check
+    EXTRA="$CHECKED"
     ;;
 hog)
     # Memory pressure while the root is written: a tmpfs takes all but 48 MiB of the available
@@ -163,6 +196,55 @@ hog)
     sync
     echo "BP-HOG OK filled_mb=$N available_mb_left=$LEFT"
     EXTRA="hog=OK"
+    ;;
+killagent)
+    # the in-machine agent serving this root over NBD is killed (SIGKILL, as the OOM killer would):
+    # its supervisor starts it again and reconnects the kernel's NBD device; the files the check
+    # reads that the disk does not hold yet are fetched by the new agent, and a write goes through
+    for p in /proc/[0-9]*; do
+        case "$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" in
+        @blockprov-agent*) kill -9 "${p#/proc/}" && echo "BP-KILLED pid=${p#/proc/}" ;;
+        esac
+    done
+    check
+    dd if=/dev/urandom of=home/user/after-kill.bin bs=1M count=8 2>/dev/null || fail write-after-kill
+    S1=$(md5sum home/user/after-kill.bin | cut -d' ' -f1)
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    S2=$(md5sum home/user/after-kill.bin | cut -d' ' -f1)
+    [ "$S1" = "$S2" ] || fail readback-after-kill
+    EXTRA="$CHECKED killed=yes"
+    ;;
+writer)
+    # writes without end (a power cut is expected: the test kills qemu): files of random data, synced
+    # now and then, and some overwritten, so the disk changes everywhere the session touches
+    mkdir -p home/user/w
+    echo "BP-WRITING"
+    i=0
+    while true; do
+        dd if=/dev/urandom of=home/user/w/f$((i % 40)).bin bs=65536 count=$((i % 7 + 1)) 2>/dev/null
+        i=$((i + 1))
+        [ $((i % 5)) = 0 ] && sync && echo "BP-WROTE n=$i"
+    done
+    ;;
+fio)
+    # the bench's I/O in the running system (bench/bench_netboot.py): fio on a 256 MiB file of the
+    # root file system, direct I/O, each job a few seconds (fio and its libraries: built with --fio)
+    FIO=/usr/lib/bptest/fio/run
+    [ -x "$FIO" ] || fail no-fio-in-this-image
+    "$FIO" --name=layout --filename=/fio.dat --size=256M --rw=write --bs=1M --direct=1 --ioengine=libaio \
+        --iodepth=4 --minimal >/dev/null 2>&1 || fail fio-layout
+    sync
+    for job in "rr1 randread 4k 1" "rr16 randread 4k 16" "sr read 1M 4" "sw write 1M 4"; do
+        set -- $job
+        for k in 1 2 3; do
+            R=$("$FIO" --name=$1 --filename=/fio.dat --size=256M --rw=$2 --bs=$3 --iodepth=$4 --direct=1 \
+                --ioengine=libaio --runtime=${FIORUN:-4} --time_based --ramp_time=1 --minimal 2>/dev/null)
+            echo "$R" | awk -F';' -v J="$1" -v K="$k" \
+                '{printf "BP-FIO job=%s run=%s iops=%d kbs=%d\n", J, K, $8+$49, $7+$48}'
+        done
+    done
+    EXTRA="fio=done"
     ;;
 counter)
     # A running application for VM clones (blockprov vm): its state (n) lives only in memory, it
@@ -231,10 +313,10 @@ _AS_ROOT = {
     "@SETUP@": f"/{ROOT_BUSYBOX} mount -t tmpfs tmp /tmp\n/{ROOT_BUSYBOX} mkdir -p /tmp/bin\n"
                f"/{ROOT_BUSYBOX} --install -s /tmp/bin\nexport PATH=/tmp/bin",
     "@MOUNT@": 'mount -o "remount,$OPTS" / || fail remount-failed\n'
-               "ROOTDEV=$(awk '$2 == \"/\" && $1 ~ /^\\/dev\\// {d=$1} END {print d}' /proc/mounts)\n"
-               'ROOTDEV=$(readlink -f "$ROOTDEV")\nROOTDEV=${ROOTDEV#/dev/}\ncd / || fail no-root',  # dm-N for a mapped root
+               # the root's device by number (/proc/self/mountinfo): a mapped root's node may be anywhere
+               "ROOTDEV=$(awk '$5 == \"/\" {d=$3} END {print d}' /proc/self/mountinfo)\ncd / || fail no-root",
     "@FINISH@": "cd /\nsync\nmount -o remount,ro / || fail remount-ro-failed\n"
-                'STAT=$(cat "/sys/block/${ROOTDEV:-vda}/stat")',
+                'STAT=$(cat "/sys/dev/block/$ROOTDEV/stat")',
 }
 
 
@@ -500,10 +582,38 @@ def make_disk(path: Path, root: Path, size: int) -> None:
 # Build with cache
 
 
-def _params(size: int, fill_mb: int) -> dict[str, object]:
+FIO = Path("/usr/bin/fio")
+FIO_DIR = "usr/lib/bptest/fio"
+
+
+def add_fio(root: Path) -> None:
+    """fio and every library it links (ldd) under FIO_DIR, run through the dynamic loader with that
+    directory as its library path (``FIO_DIR/run``): the bench's I/O inside the running system.
+    About 84 MB of libraries (fio links the ceph, gluster and rdma engines), so only in images
+    built with ``fio=True``."""
+    if not FIO.exists():
+        raise SystemExit("bootimage: no /usr/bin/fio: apt-get install fio (scripts/setup.sh does)")
+    d = root / FIO_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(FIO, d / "fio")
+    os.chmod(d / "fio", 0o755)
+    out = subprocess.run(["ldd", str(FIO)], capture_output=True, text=True, check=True, timeout=60).stdout
+    loader = ""
+    for line in out.splitlines():
+        m = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if m:
+            shutil.copyfile(os.path.realpath(m.group(1)), d / Path(m.group(1)).name)
+            if "ld-linux" in m.group(1):
+                loader = Path(m.group(1)).name
+    (d / "run").write_text(f"#!/{ROOT_BUSYBOX} sh\nexec /{FIO_DIR}/{loader} --library-path /{FIO_DIR} "
+                           f"/{FIO_DIR}/fio \"$@\"\n")
+    os.chmod(d / "run", 0o755)
+
+
+def _params(size: int, fill_mb: int, fio: bool = False) -> dict[str, object]:
     kernel, release = find_kernel()
     bb = find_busybox()
-    return {"builder": BUILDER_VERSION, "size": size, "fill_mb": fill_mb, "kernel_release": release,
+    return {"builder": BUILDER_VERSION, "size": size, "fill_mb": fill_mb, "fio": fio, "kernel_release": release,
             "kernel_bytes": kernel.stat().st_size,
             "busybox_sha256": hashlib.sha256(bb.read_bytes()).hexdigest(),
             "init_sha256": hashlib.sha256((INIT + ROOT_INIT).encode()).hexdigest()}
@@ -536,13 +646,14 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build(out: Path | str, *, size: int | str = "1G", fill_mb: int = 300, quiet: bool = True) -> Built:
+def build(out: Path | str, *, size: int | str = "1G", fill_mb: int = 300, quiet: bool = True,
+          fio: bool = False) -> Built:
     """Build (or reuse) the image in ``out``; returns its paths. Safe to call from parallel processes."""
     out = Path(out).resolve()
     size_b = parse_size(size) if isinstance(size, str) else int(size)
     if fill_mb * (1 << 20) > size_b * 0.8:
         raise SystemExit(f"bootimage: --fill-mb {fill_mb} does not fit a {size_b >> 20} MiB disk")
-    params = _params(size_b, fill_mb)
+    params = _params(size_b, fill_mb, fio)
     with _locked(out):
         done = _cached(out, params)
         if done is not None:
@@ -560,6 +671,8 @@ def build(out: Path | str, *, size: int | str = "1G", fill_mb: int = 300, quiet:
             root = stage / "root"
             root.mkdir()
             figures = populate(root, fill_mb << 20)
+            if fio:
+                add_fio(root)
             make_disk(stage / "disk.raw", root, size_b)
             shutil.rmtree(root)
             for name in ("disk.raw", "vmlinuz", "initrd.img"):

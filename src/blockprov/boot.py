@@ -23,6 +23,7 @@ are reclaimed by ``gc`` after its grace period.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -208,19 +209,23 @@ def setting_words(settings: dict[str, str | None]) -> list[str]:
 
 
 def boot_words(*, host: str, image: str, version: str, base: str, cmdline: str, args: str,
-               settings: dict[str, str | None] | None = None) -> list[str]:
+               settings: dict[str, str | None] | None = None, reprovision: str | None = None) -> list[str]:
     """The kernel command line of ``host`` booting ``image@version`` over the network, whatever
     loads the kernel (iPXE's script, GRUB in the UEFI boot image): the version's command line, the
     host's extra arguments and settings (policy, hydration: ``blockprov.*`` words), and what an
     in-guest agent needs to attach: ``blockprov.repo`` (where the repository is, as the host
     reaches it), ``blockprov.image`` (the immutable ``NAME@ID``: a tag moved during the boot must
-    not change what the kernel and the agent see) and ``blockprov.host``. Pure."""
+    not change what the kernel and the agent see) and ``blockprov.host``. ``reprovision``: the
+    operator's last re-provision request for the host (``host reprovision``), which the PC's agent
+    compares with the one its disk was set up under. Pure."""
     words = [w for w in (kernel_args(cmdline), kernel_args(args)) if w] + setting_words(settings or {})
+    if reprovision:
+        words.append(f"blockprov.reprovision={reprovision}")
     return [*words, f"blockprov.repo={base}", f"blockprov.image={image}@{version}", f"blockprov.host={host}"]
 
 
 def script(*, host: str, assigned: str, image: str, version: str, base: str, cmdline: str, args: str,
-           settings: dict[str, str | None] | None = None) -> str:
+           settings: dict[str, str | None] | None = None, reprovision: str | None = None) -> str:
     """The iPXE script that boots ``image@version`` on ``host``, with the kernel command line
     ``boot_words`` makes. URLs name the version by id, as ``blockprov.image`` does; the initrd's
     names the host, whose last boot the repository records once it has sent all of it, and iPXE's
@@ -228,13 +233,98 @@ def script(*, host: str, assigned: str, image: str, version: str, base: str, cmd
     plus ``--name`` lets an EFI-stub kernel find the initrd (iPXE's EFI build on a UEFI PC)."""
     files = f"{base}/v1/images/{image}/versions/{version}/boot"
     words = [*boot_words(host=host, image=image, version=version, base=base, cmdline=cmdline, args=args,
-                         settings=settings), "initrd=initrd.img"]
+                         settings=settings, reprovision=reprovision), "initrd=initrd.img"]
     return (
         "#!ipxe\n"
         f"# blockprov: host {host} is assigned {assigned} = {image}@{version}\n"
         f"kernel {files}/kernel {' '.join(words)}\n"
         f"initrd --name initrd.img {files}/initrd?host={host}&platform=${{platform}}\n"
         "boot\n"
+    )
+
+
+# -- the every-day boot: a PC whose disk is complete and current boots it (issue 24 item 4) ---------
+# The one place that decides it: the iPXE script's ``exit`` (routes/boot.py, through the
+# repository's boot_script) and the disk's own initramfs's question (netboot/everyday.py) both
+# ask ``disk_verdict``. What a disk boots by itself is its loader's kernel, initramfs and command
+# line (netboot/loader.py records them): the command line of the network boot that wrote it,
+# without what a loader adds itself, plus FROM_DISK.
+FROM_DISK = "blockprov.from=disk"
+LOADER_DROPS = ("initrd=", "BOOT_IMAGE=", "blockprov.from=")  # words a loader gives, or the network boot had
+IPXE_EFI_NAME = "kernel"  # iPXE's EFI build puts the image's name first on the command line
+DISK_GRACE = 600.0  # seconds: a PC told to boot its disk that asks again within this, unheard from, did not
+
+
+def disk_cmdline(cmdline: str) -> str:
+    """The command line a PC's disk boots with, from its network boot's: without what a loader
+    adds itself (iPXE's EFI build: the image's name, first), plus FROM_DISK. Pure."""
+    words = cmdline.split()
+    words = [w for w in words[1 if words[:1] == [IPXE_EFI_NAME] else 0:] if not w.startswith(LOADER_DROPS)]
+    return " ".join([*words, FROM_DISK])
+
+
+def disk_fingerprint(kernel: str, initrd: str, cmdline: str) -> str:
+    """What a disk's own loader boots (boot file ids, ``disk_cmdline``), in 32 hex digits. Pure."""
+    text = json.dumps({"kernel": kernel, "initrd": initrd, "cmdline": cmdline}, sort_keys=True)
+    return blake3.blake3(b"blockprov-disk/1" + text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """What the repository knows of a PC's disk (catalog/machines.py keeps it on the host): the
+    version it holds whole and its loader's fingerprint, as the PC last said (``said``); when the
+    repository last told the PC's iPXE to boot the disk (``told``), and when the disk's own
+    initramfs last asked (``seen``: the disk came up)."""
+
+    version: str  # NAME@ID
+    fingerprint: str
+    said: float = 0.0
+    told: float = 0.0
+    seen: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "fingerprint": self.fingerprint, "said": self.said, "told": self.told,
+                "seen": self.seen}
+
+    @classmethod
+    def from_dict(cls, d: object) -> DiskState | None:
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("version", "fingerprint")):
+            return None
+        times = []
+        for k in ("said", "told", "seen"):
+            v = d.get(k) or 0.0
+            times.append(float(v) if isinstance(v, int | float) else 0.0)
+        return cls(d["version"], d["fingerprint"], *times)
+
+
+def disk_verdict(state: DiskState | None, *, version: str, fingerprint: str, now: float,
+                 from_disk: bool) -> str | None:
+    """None when the PC's disk is complete and current — it holds ``version`` (``NAME@ID``, what
+    the host is assigned now) and its loader boots what a network boot would (``fingerprint``:
+    the same kernel, initramfs and command line; a changed setting, argument or a re-provision
+    changes it) — so the PC boots its own disk; else why it must boot from the network.
+    ``from_disk``: the disk's initramfs asks (it came up); else iPXE asks, and a PC told to boot
+    its disk that asks again within DISK_GRACE without its disk having asked meanwhile did not
+    come up from it (a disk replaced, a loader broken): it boots from the network. Pure."""
+    if state is None:
+        return "the repository has not heard that this disk holds its whole version"
+    if state.version != version:
+        return f"the host is assigned {version}; the disk holds {state.version}"
+    if state.fingerprint != fingerprint:
+        return "the disk's kernel, initramfs or command line is not the one the host boots now"
+    if not from_disk and state.told > state.seen and now - state.told < DISK_GRACE:
+        return "the disk did not come up after the last answer to boot it"
+    return None
+
+
+def disk_script(host: str, version: str) -> str:
+    """The iPXE script of a PC whose disk is complete and current: ``exit``, so the firmware goes
+    on to its next boot device, the disk and its own loader. Pure."""
+    return (
+        "#!ipxe\n"
+        f"# blockprov: host {host}: its disk holds {version}, complete and current: it boots its own loader\n"
+        "echo blockprov: booting this PC's own disk (complete and current)\n"
+        "exit\n"
     )
 
 
@@ -274,10 +364,13 @@ def retry_script(reason: str, url: str, seconds: int = RETRY_SECONDS) -> str:
 
 def parse_script(text: str) -> dict[str, Any]:
     """What a boot script asks for: kernel URL, kernel arguments (as a list and as key=value),
-    initrd URL. For tests and ``blockprov host script --json``; raises UsageError if malformed."""
+    initrd URL; or, for ``disk_script``, ``{"disk": True}`` (the PC boots its own disk). For tests
+    and ``blockprov host script --json``; raises UsageError if malformed."""
     lines = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if not text.startswith("#!ipxe\n"):
         raise UsageError("not an iPXE script")
+    if lines and lines[-1] == ["exit"]:  # disk_script: the PC boots its own disk
+        return {"disk": True}
     kernel = next((ln for ln in lines if ln[0] == "kernel"), None)
     initrd = next((ln for ln in lines if ln[0] == "initrd"), None)
     if kernel is None or initrd is None or len(kernel) < 2 or lines[-1] != ["boot"]:

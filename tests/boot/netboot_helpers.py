@@ -107,12 +107,24 @@ def chunks_served(url: str) -> int:
     return int(float(m.group(1))) if m else 0
 
 
+BOOT_FILE_REQUESTS = (r'^blockprov_http_requests_total\{[^}]*route="/v1/images/\{name\}/versions/\{vid\}/boot/'
+                      r'\{which\}"[^}]*\} (\S+)$')
+
+
+def boot_files_served(url: str) -> int:
+    """Requests for a version's boot files (kernel, initramfs) the repository answered: what a
+    network boot downloads, and an every-day boot does not."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(int(float(m.group(1))) for m in re.finditer(BOOT_FILE_REQUESTS, text, re.M))
+
+
 def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC,
             until: str | None = None, action: Callable[[], object] | None = None, memory: str = "1024",
             watch: Callable[[str], object] | None = None, query: str = "", count: bool = True,
             disk_second: bool = False, disk_first: bool = False, marks: tuple[str, ...] = (),
             poll: float = 0.5, firmware: Firmware = BIOS, bootfile: str | None = None,
-            cut_when: Callable[[], bool] | None = None) -> NetBoot:
+            cut_when: Callable[[], bool] | None = None, unreachable: bool = False) -> NetBoot:
     """One network boot of the PC; bounded (qemu is killed at ``timeout``). With ``until``: once
     the console shows that text, ``action()`` runs while the machine is up, then qemu is killed.
     ``disk`` None: a diskless PC. ``watch(console_text)`` is called at every poll (a test reacts
@@ -124,6 +136,9 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
     ``firmware``: SeaBIOS (the default), OVMF, OVMF with Secure Boot (Firmware). ``bootfile``: the
     DHCP boot file, instead of the boot script's URL (the UEFI HTTP boot image's, say).
     ``cut_when()``, checked at every poll: once true, qemu is killed at once (SIGKILL: a power cut).
+    ``unreachable``: the repository is out of the PC's reach (qemu's ``restrict=on``: DHCP still
+    answers, naming no boot file, but no packet reaches the host): the NIC's iPXE finds nothing to
+    boot and the firmware goes on to the disk.
 
     The firmware's own messages (SeaBIOS, iPXE, OVMF) reach the serial console too: SeaBIOS mirrors
     its text console to the port named by the fw_cfg file ``etc/sercon-port`` (0x3f8, ttyS0); OVMF
@@ -136,7 +151,7 @@ def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TI
     cmd = [require_tool("qemu-system-x86_64"), "-machine", "accel=tcg", *firmware.args(), "-m", memory,
            "-display", "none", "-monitor", "none", "-serial", f"file:{console}", "-no-reboot", "-vga", "none",
            "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
-           "-netdev", f"user,id=n,bootfile={bootfile}",
+           "-netdev", "user,id=n,restrict=on" if unreachable else f"user,id=n,bootfile={bootfile}",
            # bootindex makes the firmware run the NIC first (tests/interop/test_remote_boot.py)
            "-device", f"virtio-net-pci,netdev=n,mac={mac},bootindex={2 if disk_first else 1}{firmware.rom()}"]
     if disk is not None and (disk_second or disk_first):
@@ -208,8 +223,10 @@ def assign(url: str, mode: str, policy: str, ref: str = "bootlab:v1", hydrate: s
            readahead: str | None = "0", extra: str = "") -> None:
     """``host assign`` with the test image's ``bp.mode``. ``readahead`` 0 (the tests' default): the
     agent fetches exactly what the guest reads, so the tests' counts are exact; None: the agent's
-    default (the benchmark). ``extra``: more kernel arguments."""
-    args = ["quiet", "panic=-1", *([f"blockprov.readahead={readahead}"] if readahead is not None else []),
+    default (the benchmark). ``extra``: more kernel arguments. ``no_timer_check``: under TCG on a
+    loaded host the kernel's IO-APIC timer check fails and it panics at 0.03 s (bench/RESULTS.md)."""
+    args = ["quiet", "panic=-1", "no_timer_check",
+            *([f"blockprov.readahead={readahead}"] if readahead is not None else []),
             f"bp.mode={mode}", *extra.split()]
     run_cli("--repo", url, "host", "assign", mac, ref, "--policy", policy, "--hydrate", hydrate,
             "--args", " ".join(args))

@@ -104,9 +104,9 @@ def test_hydrated_pc_boots_offline_from_its_disk_pristine(offrepo: tuple[Proc, s
     offline = netboot(disk, url, tmp_path / "console3.log", disk_second=True)
     print(f"first boot {first.seconds:.1f} s, dirty session {dirty.seconds:.1f} s ({changed} chunks changed), "
           f"offline boot {offline.seconds:.1f} s")
-    assert "booted from the disk's own boot loader" in offline.console, offline.tail()
-    assert "OFFLINE: no repository" in offline.console and "OFFLINE: the repository" in offline.console, \
-        offline.tail()
+    # the disk's loader boots the every-day initramfs (netboot/everyday.py): its one question unanswered
+    assert "(the disk's own loader: every-day boot" in offline.console, offline.tail()
+    assert "OFFLINE: the repository" in offline.console, offline.tail()
     # offline, the restore is the store dropped: nothing to copy, nothing the repository must send
     assert f"{changed} dropped with it (restore)" in offline.console, offline.tail()
     assert "native data path" in offline.console, offline.tail()

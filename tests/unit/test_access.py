@@ -33,7 +33,8 @@ LEASING_GETS = {("GET", "/v1/agents/{instance}/requests/next")}  # a GET that ch
 OPEN = {("GET", "/v1/health"), ("GET", "/v1/whoami"), ("GET", "/openapi.json"), ("GET", "/docs")}
 BOOT = {("GET", "/v1/boot/{host}"), ("GET", "/v1/images/{name}/versions/{vid}/boot/{which}"),
         ("HEAD", "/v1/images/{name}/versions/{vid}/boot/{which}"), ("GET", "/v1/boot/{host}/boot.img"),
-        ("HEAD", "/v1/boot/{host}/boot.img")}
+        ("HEAD", "/v1/boot/{host}/boot.img"),
+        ("POST", "/v1/boot/{host}/disk")}  # the every-day boot's question: the disk's initramfs, as iPXE
 
 
 class Env:

@@ -134,8 +134,8 @@ def test_shell_completion() -> None:
 # Commands whose --json reports what they did or where they serve (docs/operations.md says so in one
 # sentence); every other command with --json is a read command and has a row in the table there.
 NOT_READS = {"attach", "boot-files build", "boot-files set", "catalog copy", "clone", "clones serve", "export", "gc",
-             "host assign", "host prewarm", "hydrate", "import", "pool acquire", "pool create", "pool release",
-             "pool serve",
+             "host assign", "host prewarm", "host reprovision", "hydrate", "import", "pool acquire", "pool create",
+             "pool release", "pool serve",
              "profile prepare", "profile record", "profile save", "reset", "site add", "snapshot", "store copy",
              "store reindex",
              "token create", "token revoke", "update", "vm clone", "vm push", "vm rm", "vm run",

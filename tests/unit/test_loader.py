@@ -8,6 +8,7 @@ passing over a cut disk is tests/boot/test_uefi.py's (OVMF) and test_netboot_off
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -26,7 +27,9 @@ from tests.conftest import require_tool
 
 MiB = 1 << 20
 ENV = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-FILES = {"kernel": os.urandom(3 * MiB + 5), "initrd": os.urandom(2 * MiB + 9), boot.SHIM: b"MZshim" * 1000,
+FAST = gzip.compress(os.urandom(MiB // 2 + 7), compresslevel=1, mtime=0)  # the initramfs's two parts
+REST = gzip.compress(os.urandom(3 * MiB // 2 + 2), compresslevel=1, mtime=0)
+FILES = {"kernel": os.urandom(3 * MiB + 5), "initrd": FAST + bytes(-len(FAST) % 4) + REST, boot.SHIM: b"MZshim" * 1000,
          boot.GRUB: os.urandom(MiB + 3), boot.MOK_MANAGER: b"MZmm" * 500}
 CMDLINE = "console=ttyS0 blockprov.policy=restore blockprov.repo=http://r:1 initrd=initrd.img"
 
@@ -78,12 +81,13 @@ def test_config_and_record() -> None:
     assert loader.offline_cmdline(off) == off  # booted from the disk: the same line, so no rewrite
     assert loader.offline_cmdline("kernel " + CMDLINE) == off  # iPXE's EFI build names the image first
     assert loader.wanted("k", "i", CMDLINE) == loader.wanted("k", "i", off) == {
-        "kernel": "k", "initrd": "i", "cmdline": off, "forms": ["bios"]}
+        "kernel": "k", "initrd": "i", "cmdline": off, "forms": ["bios"],
+        "fingerprint": boot.disk_fingerprint("k", "i", off)}  # what the repository compares (every-day boot)
     both = loader.wanted("k", "i", CMDLINE, {boot.SHIM: "s", boot.GRUB: "g"})
     assert both["forms"] == ["bios", "uefi"] and both["efi"] == {boot.GRUB: "g", boot.SHIM: "s"}
     assert loader.comparable({**both, "at": {}}) == both
     cfg = loader.syslinux_cfg(off)
-    assert "KERNEL /vmlinuz" in cfg and "INITRD /initrd.img" in cfg and f"APPEND {off}\n" in cfg
+    assert "KERNEL /vmlinuz" in cfg and "INITRD /fast.img" in cfg and f"APPEND {off}\n" in cfg
     # a record from before the forms is the BIOS form; a form shows only while the disk shows it
     valid = fat.layout([("A", 1)]).boot
     assert loader.present_forms(True, bytes(512), {"kernel": "k"}) == ["bios"]
@@ -113,6 +117,7 @@ def test_both_loaders_on_one_efi_system_partition(size: int, tmp_path: Path) -> 
     assert mcopy(d.boot, "EFI/BOOT/BOOTX64.EFI") == FILES[boot.SHIM]
     assert mcopy(d.boot, "EFI/BOOT/grubx64.efi") == FILES[boot.GRUB]
     assert mcopy(d.boot, "vmlinuz") == FILES["kernel"] and mcopy(d.boot, "initrd.img") == FILES["initrd"]
+    assert mcopy(d.boot, loader.FAST) == FAST and mcopy(d.boot, loader.REST) == REST  # SYSLINUX's every-day boot
     grub = mcopy(d.boot, boot.GRUB_CFG).decode()
     assert f"linux /vmlinuz {want['cmdline']}\n" in grub and "blockprov.from=disk" in grub
     assert mcopy(d.boot, "syslinux.cfg").decode() == loader.syslinux_cfg(str(want["cmdline"]))

@@ -40,6 +40,7 @@ is handed out again (at-least-once: operations must be safe to repeat, as a snap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import secrets
 import struct
@@ -50,7 +51,7 @@ from typing import Any
 import zstandard
 
 from blockprov import jsonvalue
-from blockprov.boot import EFI_FILES, SETTINGS, BootFile, host_setting, split_settings
+from blockprov.boot import EFI_FILES, SETTINGS, BootFile, DiskState, host_setting, split_settings
 from blockprov.catalog import inherit, sites
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
@@ -149,7 +150,9 @@ HOST_COLUMNS = "host, image, tag, version, args, updated, last_boot, last_boot_v
 ADDED_COLUMNS = (("hosts", "last_boot", "REAL"), ("hosts", "last_boot_version", "TEXT"),
                  ("hosts", "policy", "TEXT"), ("hosts", "hydrate", "TEXT"),
                  ("hosts", "last_refused", "REAL"), ("hosts", "refused_why", "TEXT"), ("hosts", "site", "TEXT"),
-                 ("boot_files", "efi", "TEXT"), ("hosts", "firmware", "TEXT"))
+                 ("boot_files", "efi", "TEXT"), ("hosts", "firmware", "TEXT"),
+                 ("hosts", "disk", "TEXT"),  # the PC's disk as it last said (boot.DiskState, JSON)
+                 ("hosts", "reprovision", "TEXT"))  # the operator's last re-provision request (a token)
 MAX_REFUSED_WHY = 500  # characters of a refused boot request's reason kept on the host
 FIRMWARE = ("bios", "uefi")  # what a host's boot requests say it booted with (hosts.firmware)
 
@@ -329,6 +332,61 @@ class Registry:
         """The repository refused ``host``'s boot request (its access rules): when, and why."""
         self.db.write("UPDATE hosts SET last_refused=?, refused_why=? WHERE host=?",
                       (time.time(), str(why)[:MAX_REFUSED_WHY], host_id(host)))
+
+    # -- the every-day boot (boot.disk_verdict) -------------------------------------------------
+    def disk_state(self, host: str) -> DiskState | None:
+        """What the host's PC last said of its disk (None: nothing, or an unknown host)."""
+        row = self.db.one("SELECT disk FROM hosts WHERE host=?", (host_id(host),))
+        if row is None or row[0] is None:
+            return None
+        try:
+            return DiskState.from_dict(json.loads(row[0]))
+        except ValueError:
+            return None
+
+    def record_disk(self, host: str, version: str, fingerprint: str, *, seen: bool = False) -> None:
+        """The host's PC says its disk holds ``version`` whole and its loader boots ``fingerprint``
+        (``seen``: said by the disk's own initramfs, which came up); when it was told to boot it
+        is kept. One transaction: a concurrent ``record_told`` is not lost."""
+        version_ref = f"{image_name(version.split('@')[0])}@{version_id(version.split('@', 1)[-1])}"
+        if len(fingerprint) != 32 or not all(c in "0123456789abcdef" for c in fingerprint):
+            raise UsageError(f"a disk's fingerprint is 32 hex digits, not {fingerprint[:40]!r}")
+        host = host_id(host)
+        with self.db.tx() as db:
+            row = db.execute("SELECT disk FROM hosts WHERE host=?", (host,)).fetchone()
+            if row is None:
+                raise HostNotFound(host=host)
+            old = DiskState.from_dict(json.loads(row[0])) if row[0] else None
+            now = time.time()
+            state = DiskState(version_ref, fingerprint, said=now, told=old.told if old else 0.0,
+                              seen=now if seen else (old.seen if old else 0.0))
+            db.execute("UPDATE hosts SET disk=? WHERE host=?", (json.dumps(state.to_dict()), host))
+
+    def record_told(self, host: str) -> None:
+        """The repository told the host's iPXE to boot its disk (now)."""
+        host = host_id(host)
+        with self.db.tx() as db:
+            row = db.execute("SELECT disk FROM hosts WHERE host=?", (host,)).fetchone()
+            old = DiskState.from_dict(json.loads(row[0])) if row is not None and row[0] else None
+            if old is not None:
+                db.execute("UPDATE hosts SET disk=? WHERE host=?",
+                           (json.dumps(dataclasses.replace(old, told=time.time()).to_dict()), host))
+
+    def reprovision(self, host: str) -> str:
+        """The operator asks the host's PC to set its disk up again from scratch at its next boot:
+        a new token, which its boot script carries (``blockprov.reprovision=``; the agent
+        initializes a disk whose label has another: netboot/inagent.py), and nothing known of its
+        disk any more (so the every-day boot is not taken). Returns the token."""
+        token = secrets.token_hex(4)
+        host = host_id(host)
+        with self.db.tx() as db:
+            if db.execute("UPDATE hosts SET reprovision=?, disk=NULL WHERE host=?", (token, host)).rowcount == 0:
+                raise HostNotFound(host=host)
+        return token
+
+    def reprovision_token(self, host: str) -> str | None:
+        row = self.db.one("SELECT reprovision FROM hosts WHERE host=?", (host_id(host),))
+        return None if row is None else row[0]
 
     def remove_host(self, host: str) -> None:
         host = host_id(host)

@@ -419,6 +419,20 @@ def host_rm(obj: Ctx, host_name: str) -> None:
     click.echo(f"removed {host_name}")
 
 
+@host.command("reprovision")
+@click.argument("host_name", metavar="HOST")
+@json_option
+@click.pass_obj
+def host_reprovision(obj: Ctx, host_name: str, as_json: bool) -> None:
+    """Set HOST's disk up again from scratch at its next boot (a network boot, whatever its disk
+    holds: the every-day boot from the disk is not taken until then)."""
+    token = obj.repo.reprovision_host(host_name)
+    if as_json:
+        emit({"host": host_name, "reprovision": token})
+    else:
+        click.echo(f"{host_name}: its disk is set up again at its next boot (request {token})")
+
+
 @host.command("script")
 @click.argument("host_name", metavar="HOST")
 @click.option("--base-url", metavar="URL",

@@ -60,12 +60,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -81,9 +79,10 @@ from blockprov.cache import DEFAULT_READAHEAD, DEFAULT_TIMEOUT, CacheDevice, Res
 from blockprov.errors import BlockprovError, CacheMismatch, NetbootError, Unauthorized
 from blockprov.humanize import parse_size
 from blockprov.manifest import Manifest
-from blockprov.netboot import disk, kernelnbd, loader
+from blockprov.netboot import disk, everyday, loader
+from blockprov.netboot.daemon import harden
 from blockprov.netboot.native import Native, geometry
-from blockprov.netboot.params import check_params, diskless, peer_port
+from blockprov.netboot.params import check_params, diskless, parse_cmdline, peer_port
 from blockprov.netboot.resident import Resident
 from blockprov.repo.remote import RemoteRepository
 from blockprov.results import to_dict
@@ -97,10 +96,7 @@ RAM_MOUNT = RUN / "ram"  # diskless: the tmpfs holding the cache's data
 RAM_CHECK = 1.0  # seconds between looks at how full the diskless cache's tmpfs is
 SOCKET = RUN / "nbd.sock"
 DEV = RUN / "dev"  # the agent's own devtmpfs: after the root switch its root (the initramfs) has no /dev
-NBD_DEVICE = "nbd0"
 MKFS = ["/usr/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-L", "bp-meta"]
-PR_SET_IO_FLUSHER = 57
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 RETRY_MAX = 30.0
 SYNC_FILLS = 0.2  # seconds between fsyncs of the journal's fill records (sync_fills)
 OFFLINE_AFTER = 20.0  # seconds an unreachable repository is retried before a disk that can boots offline
@@ -112,22 +108,6 @@ OFFLINE_FETCH_TIMEOUT = 5.0  # offline, a missing chunk's read fails (EIO) after
 CHECKPOINT_FILL = 64 << 20
 SECURE_BOOT_AT = 0x1EC  # struct boot_params.secure_boot (the x86 boot protocol)
 NATIVE_FETCH = 256  # chunks a boot fetches before the root rather than stay on NBD (and 5 % of the image)
-
-
-def harden() -> list[str]:
-    """Lock memory, become an I/O flusher, refuse the OOM killer; returns what failed (logged)."""
-    problems = []
-    threading.stack_size(512 << 10)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        problems.append(f"mlockall: {os.strerror(ctypes.get_errno())}")
-    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        problems.append(f"PR_SET_IO_FLUSHER: {os.strerror(ctypes.get_errno())}")
-    try:
-        Path("/proc/self/oom_score_adj").write_text("-1000\n")
-    except OSError as e:
-        problems.append(f"oom_score_adj: {e.strerror}")
-    return problems
 
 
 def resolve(repo: RemoteRepository, ref: str, say: Any, give_up_after: float | None = None) -> Manifest | None:
@@ -164,6 +144,10 @@ def offline_disk(params: dict[str, str]) -> disk.Disk | None:
 def prepare_disk(params: dict[str, str], manifest: Manifest, say: Any) -> disk.Disk:
     found = disk.disks()
     d, kind = disk.choose(found, manifest.size, params.get("disk"))
+    asked = params.get("reprovision")
+    if kind == "blockprov" and asked and disk.read_label(disk.read_head(d.path)).get("reprovision") != asked:
+        say(f"disk {d.name}: the repository asks for it to be set up again from scratch (request {asked})")
+        kind = "blank"
     if kind == "blockprov-old":
         say(f"disk {d.name} has an older blockprov layout (no boot partition, no golden reserve): "
             "re-initializing it; its cache is fetched again")
@@ -172,7 +156,8 @@ def prepare_disk(params: dict[str, str], manifest: Manifest, say: Any) -> disk.D
         reserve = disk.reserve_bytes(d.size, manifest.size, wanted)
         say(f"initializing disk {d.name} ({d.size >> 20} MiB) for {manifest.image}@{manifest.id[:12]}, "
             f"golden reserve {reserve >> 20} MiB")
-        disk.initialize(d, {"image": manifest.image, "made": int(time.time())}, MKFS, reserve)
+        disk.initialize(d, {"image": manifest.image, "made": int(time.time()),
+                            "reprovision": params.get("reprovision")}, MKFS, reserve)
     else:
         say(f"disk {d.name} holds blockprov's cache")
     mount_meta(d)
@@ -259,32 +244,6 @@ async def watch_ram(budget: int, chunk: int, say: Any) -> None:
             warned = False
 
 
-def connect_kernel(ready: int, say: Any) -> None:
-    """Thread: the kernel's NBD client on our socket; tells PID 1 'READY' once /dev/nbd0 runs."""
-    try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(SOCKET))
-        export = kernelnbd.handshake(sock)
-        fd = kernelnbd.attach(f"/dev/{NBD_DEVICE}", sock, export)
-    except (OSError, BlockprovError) as e:
-        os.write(ready, f"ERROR cannot start /dev/{NBD_DEVICE}: {e}\n".encode())
-        return
-
-    def announce() -> None:
-        for _ in range(600):
-            if os.path.exists(f"/sys/block/{NBD_DEVICE}/pid"):
-                os.write(ready, f"READY nbd /dev/{NBD_DEVICE}\n".encode())
-                return
-            time.sleep(0.05)
-        os.write(ready, b"ERROR the kernel NBD client did not start\n")
-
-    threading.Thread(target=announce, daemon=True).start()
-    try:
-        kernelnbd.serve(fd)
-    except OSError as e:
-        say(f"/dev/{NBD_DEVICE} stopped: {e}")
-
-
 def held_version(cache_dir: Path) -> tuple[str, str] | None:
     """(image, version) of the cache the disk holds, if any."""
     if not is_cache(cache_dir):
@@ -332,7 +291,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
             hydrate = "off"
     # the golden reserve serves ``restore``: a ``keep`` disk never goes back to the base (and saves the copies)
     reserve = open_reserve(d, say) if policy == "restore" and d is not None else None
-    taken = TakeIn(d, policy, say) if d is not None and params.get("native", "on") != "off" else None
+    taken = TakeIn(d, policy, say) if d is not None else None  # the last native session's records, always
     config = AgentConfig(cache_dir=cache_dir, socket=SOCKET, data_path=data_path,
                          readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
                          reset_on_start=policy == "restore", hydrate=hydrate != "off" and not offline,
@@ -405,11 +364,15 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
             params, cmdline, m, d, loader.node_numbers(d), say,
             lambda: hydrator is not None and hydrator.running, lambda: dev.chunks.counts()["missing"], firmware()[0]))
         job.start()
-        if hydrate == "before-boot":  # the FOG model: everything on the disk before the boot, the loader too
+        # the FOG model (before-boot: everything on the disk first, the loader too), and a complete disk:
+        # its loader current before the boot, so that its next boot is the every-day boot (everyday.py)
+        if hydrate == "before-boot" or not dev.chunks.counts()["missing"]:
             await asyncio.get_running_loop().run_in_executor(None, job.join)
     resident = None
-    if taken is not None and taken.native is not None and await complete_for_native(dev, offline, say):
+    native_on = params.get("native", "on") != "off"
+    if taken is not None and taken.native is not None and native_on and await complete_for_native(dev, offline, say):
         root = await taken.native.enter(dev, policy)
+        taken.native.write_plan(f"{m.image}@{m.id}", policy, taken.disk)
         say(f"native data path: the root is disk {d.name if d else ''} itself, through the kernel ({root}: "
             + ("a copy-on-write snapshot of the image, dropped at the next boot" if policy == "restore" else
                "the image in place, its writes recorded by dm-era") + "); the agent stays out of its path")
@@ -423,7 +386,7 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
             await asyncio.get_running_loop().run_in_executor(None, taken.native.teardown)
         say("NBD data path: the agent serves the root" + (" until the disk holds the whole image" if d else ""))
         config.extra["data_path"] = "nbd"
-        threading.Thread(target=connect_kernel, args=(ready, say), daemon=True, name="nbd-kernel").start()
+        os.write(ready, f"READY nbd {SOCKET}\n".encode())  # the supervisor connects the kernel's NBD client
     tasks = [asyncio.ensure_future(sync_fills(dev))]
     if budget:
         tasks.append(asyncio.ensure_future(watch_ram(budget, m.chunk_size, say)))
@@ -454,6 +417,7 @@ class TakeIn:
         try:
             nat = Native(geometry(self.disk, m.size, m.chunk_size), META_MOUNT, m.count, self.say,
                          dev_dir=str(DEV) if own_dev() else "/dev")
+            nat.remove_plan()  # before anything here changes the disk (native.py's crash rules)
             got = await asyncio.get_running_loop().run_in_executor(None, nat.absorb)
             took = await nat.take_in(dev, got, self.policy)
         except (BlockprovError, OSError) as e:
@@ -596,7 +560,7 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
     except (NetbootError, OSError) as e:
         say(f"warning: the disk's boot loader was not written: device nodes or /proc: {e}")
         return
-    repo = RemoteRepository(params["repo"], timeout=60.0)
+    repo = RemoteRepository(params["repo"], timeout=60.0, token=params.get("token") or None)
     ref = f"{m.image}@{m.id}"
     try:
         info = repo.get_boot_files(ref)
@@ -612,22 +576,39 @@ def write_loader(params: dict[str, str], cmdline: str, m: Manifest, d: disk.Disk
             efi = dict(info.efi)
         want = loader.wanted(info.kernel.id, info.initrd.id, cmdline, {n: f.id for n, f in efi.items()})
         have = loader.installed(d, META_MOUNT)
-        if loader.comparable(have) == want:
-            return
-        descriptors = {"kernel": info.kernel, "initrd": info.initrd, **efi}
-        files = loader.read_back(d, have, descriptors)
-        kept = sum(len(x) for x in files.values())
-        for name in descriptors:
-            if name not in files:
-                files[name] = repo.boot_file(ref, name)
-        loader.install(d, META_MOUNT, files, want)
-        forms = " and ".join(f.upper() for f in want["forms"])  # type: ignore[attr-defined]
-        say(f"boot loader written to {d.part_name(1)} ({forms}): kernel {len(files['kernel']) >> 10} KiB, "
-            f"initramfs {len(files['initrd']) >> 10} KiB, UEFI loader {sum(len(files[n]) for n in efi) >> 10} KiB; "
-            f"fetched {(sum(len(x) for x in files.values()) - kept) >> 10} KiB, {kept >> 10} KiB read back from the "
-            "disk (the disk boots by itself when the network boot fails)")
+        if loader.comparable(have) != want:
+            descriptors = {"kernel": info.kernel, "initrd": info.initrd, **efi}
+            files = loader.read_back(d, have, descriptors)
+            kept = sum(len(x) for x in files.values())
+            for name in descriptors:
+                if name not in files:
+                    files[name] = repo.boot_file(ref, name)
+            loader.install(d, META_MOUNT, files, want)
+            forms = " and ".join(f.upper() for f in want["forms"])  # type: ignore[attr-defined]
+            say(f"boot loader written to {d.part_name(1)} ({forms}): kernel {len(files['kernel']) >> 10} KiB, "
+                f"initramfs {len(files['initrd']) >> 10} KiB, UEFI loader {sum(len(files[n]) for n in efi) >> 10} "
+                f"KiB; fetched {(sum(len(x) for x in files.values()) - kept) >> 10} KiB, {kept >> 10} KiB read back "
+                "from the disk (the disk boots by itself when the network boot fails)")
     except (BlockprovError, OSError) as e:
         say(f"warning: the disk's boot loader was not written: {e}")
+        return
+    finally:
+        repo.close()
+    if machine_firmware in want["forms"]:  # type: ignore[operator]  # a loader this PC can boot
+        report_disk(params, ref, str(want["fingerprint"]), say)
+
+
+def report_disk(params: dict[str, str], version: str, fingerprint: str, say: Any) -> None:
+    """The disk holds ``version`` whole and its loader is current: the repository's iPXE script
+    may tell this PC to boot its disk from now on (boot.py's ``disk_verdict``)."""
+    host = params.get("host")
+    if not host:
+        return
+    repo = RemoteRepository(params["repo"], timeout=30.0, token=params.get("token") or None)
+    try:
+        repo.record_disk(host, version, fingerprint)
+    except BlockprovError as e:  # the next boot is a network boot, no worse
+        say(f"warning: the repository was not told that the disk holds {version} whole: {e}")
     finally:
         repo.close()
 
@@ -645,10 +626,99 @@ async def sync_fills(dev: CacheDevice) -> None:
             await dev.sync_fills()
 
 
+def own_api() -> None:
+    """/proc and /sys in the agent's root when PID 1 moved them into the new root (the resident
+    agent of the every-day boot starts after the switch); out of the new root's sight."""
+    for fs, where in (("proc", Path("/proc")), ("sysfs", Path("/sys"))):
+        if not any(where.iterdir()) if where.is_dir() else True:
+            where.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", fs, f"bp-{fs}", str(where)], capture_output=True, timeout=60)
+
+
+async def serve_resident(say: Any, ready: int = -1) -> None:
+    """The agent the every-day boot starts once the root is native (netboot/everyday.py): the
+    devices are made, the root mounted; it opens the cache as the disk holds it, takes the native
+    path's devices over (netboot/native.py), registers and stays resident (netboot/resident.py).
+    Nothing of the disk's content changes here: what the boot would have done is done."""
+    params = parse_cmdline(Path("/proc/cmdline").read_text())
+    check_params(params)
+    plan = everyday.parse_plan((META_MOUNT / everyday.PLAN).read_text())
+    own_dev()
+    # /dev as the cache records its data partition: this root's own (everyday.py binds it; the
+    # supervisor mounts one after a restart)
+    d = next((x for x in disk.disks() if x.name == plan["BP_DISK"]), None)
+    if d is None:
+        raise NetbootError(f"disk {plan['BP_DISK']} of the every-day boot's plan is gone")
+    repo = RemoteRepository(params["repo"], timeout=30.0, token=params.get("token") or None)
+    policy = plan["BP_POLICY"]
+    native: list[Native] = []
+
+    async def adopt(dev: CacheDevice) -> None:
+        m = dev.manifest
+        nat = Native(geometry(d, m.size, m.chunk_size), META_MOUNT, m.count, say, dev_dir=str(DEV))
+        nat.adopt(policy)
+        native.append(nat)
+
+    config = AgentConfig(cache_dir=META_MOUNT / "cache", socket=SOCKET, data_path=d.data, hydrate=False,
+                         instance=instance_name(params.get("host")), checkpoint_fill_bytes=CHECKPOINT_FILL,
+                         extra={"host": params.get("host"), "netboot": True, "data_path": "native"}, prepare=adopt)
+    held = Manifest.from_json((META_MOUNT / "cache" / "manifest.json").read_bytes())
+    agent = Agent(config, repo, held)
+    await agent.start()
+    assert agent.device is not None and native
+    resident = Resident(native[0], agent.device, repo, say)
+    agent.control.handlers.update(resident.handlers())
+    resident.start()
+    say(f"resident: {held.image}@{held.id[:12]} policy={policy}, out of the root's I/O path")
+    if ready >= 0:
+        os.write(ready, f"READY native {native[0].dm.node('bp-root')}\n".encode())
+    try:
+        await agent.run()
+    finally:
+        await resident.stop()
+
+
+async def serve_resume(params: dict[str, str], ready: int, say: Any) -> None:
+    """The agent started again by its supervisor (netboot/supervisor.py) after it died on the NBD
+    path: the cache reopened as the disk holds it (an unclean stop: what was filled since the
+    last checkpoint is verified again), served on the same socket — no reset, no update, no
+    loader: the boot's steps were done — and the background copy resumed."""
+    policy = params.get("policy", "keep")
+    if diskless(params):
+        data = str(RAM_MOUNT / "data")
+        d = None
+    else:
+        own_dev()  # /dev as the cache records its data partition: the supervisor mounted this root's own
+        d = next((x for x in disk.disks() if disk.identify(disk.read_head(x.path)) == "blockprov"), None)
+        if d is None:
+            raise NetbootError("the disk the agent served is gone")
+        data = d.data
+    cache_dir = (RUN / "cache") if d is None else (META_MOUNT / "cache")
+    reserve = open_reserve(d, say) if policy == "restore" and d is not None else None
+    hydrate = params.get("hydrate", "off" if diskless(params) else "background")
+    repo = RemoteRepository(params["repo"], timeout=30.0, token=params.get("token") or None)
+    config = AgentConfig(cache_dir=cache_dir, socket=SOCKET, data_path=data, reserve=reserve,
+                         readahead=parse_size(params["readahead"]) if "readahead" in params else DEFAULT_READAHEAD,
+                         hydrate=hydrate != "off", instance=instance_name(params.get("host")),
+                         checkpoint_fill_bytes=CHECKPOINT_FILL,
+                         extra={"host": params.get("host"), "netboot": True, "data_path": "nbd"})
+    agent = Agent(config, repo, Manifest.from_json((cache_dir / "manifest.json").read_bytes()))
+    await agent.start()
+    assert agent.device is not None
+    say(f"started again: serving {agent.device.manifest.image}@{agent.device.manifest.id[:12]} on {SOCKET}")
+    os.write(ready, f"READY nbd {SOCKET}\n".encode())
+    task = asyncio.ensure_future(sync_fills(agent.device))
+    try:
+        await agent.run()
+    finally:
+        task.cancel()
+
+
 def main(argv: list[str]) -> int:
-    """``@blockprov-agent PARAMS_JSON READY_FD``."""
-    params: dict[str, str] = json.loads(argv[0])
-    ready = int(argv[1])
+    """``@blockprov-agent PARAMS_JSON READY_FD`` (the boot's agent: netboot/supervisor.py starts
+    it), ``@blockprov-agent --resume PARAMS_JSON READY_FD`` (started again after it died on the NBD
+    path), or ``@blockprov-agent --resident [PARAMS_JSON READY_FD]`` (once the root is native:
+    started by the every-day boot, or again by the supervisor)."""
     logging.basicConfig(level=logging.INFO, format="blockprov-agent: %(message)s", stream=sys.stderr)
     for h in logging.getLogger().handlers:
         h.addFilter(FewNoSpace())
@@ -660,6 +730,24 @@ def main(argv: list[str]) -> int:
 
     for problem in harden():
         say(f"warning: {problem}")
+    if argv[:1] in (["--resident"], ["--resume"]):
+        ready = int(argv[2]) if len(argv) > 2 else -1
+        try:
+            own_api()
+            if argv[0] == "--resident":
+                with contextlib.suppress(OSError, AttributeError):  # the machine's own boot goes first
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                run_async(serve_resident(say, ready))
+            else:
+                run_async(serve_resume(json.loads(argv[1]), ready, say))
+        except (BlockprovError, OSError, KeyError, ValueError) as e:
+            say(f"error: the {argv[0][2:]} agent stopped: {e}")
+            with contextlib.suppress(OSError):
+                os.write(ready, f"ERROR {e}\n".encode())
+            return getattr(e, "exit_code", 1)
+        return 0
+    params: dict[str, str] = json.loads(argv[0])
+    ready = int(argv[1])
     try:
         check_params(params)
         RUN.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,14 @@ What goes in, and why each piece:
 * the native data path (netboot/native.py): the device-mapper modules (``dm_mod``,
   ``dm_snapshot``, ``dm_era``) and ``loop``, ``dmsetup`` and thin-provisioning-tools' ``pdata_tools``
   as ``era_invalidate`` (with the libraries ``ldd`` lists: libdevmapper, libstdc++, libaio, …);
-* ``/init``: a few lines of busybox sh that mount /proc, /sys, /dev and exec python3 on
-  netboot/machine.py, which does the rest.
+* ``/init`` (netboot/everyday.py): busybox sh that mounts /proc, /sys, /dev and execs python3 on
+  netboot/machine.py, which does the rest — or, booted by the disk's own loader with only the
+  first part, tries the every-day boot.
+
+The archive is two gzip members: the **fast part** (busybox, the kernel modules, dmsetup with its
+libraries, ``/init`` and the DHCP hook: a few MiB) and the **rest** (everything else). The kernel
+unpacks both from a network boot's one file; the disk's own loader (netboot/loader.py) keeps them
+apart and boots the fast part alone every day (netboot/everyday.py).
 
 The archive is a newc cpio (written here, with fixed owners and times, so the build needs no root
 and is reproducible for the same inputs), gzip'd: the Debian kernel unpacks gzip natively.
@@ -50,6 +56,7 @@ from pathlib import Path
 
 from blockprov.boot import INITRAMFS_MARK
 from blockprov.errors import NetbootError, SourceError, UsageError
+from blockprov.netboot import everyday
 
 PYTHON = Path("/usr/bin/python3")
 BUSYBOX = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
@@ -74,26 +81,14 @@ NATIVE_TOOLS: tuple[Tool, ...] = (
 NATIVE_LINKS = ("era_invalidate",)
 MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod", "ahci", "nvme", "e1000", "e1000e",
            "nbd", "crc32c_generic", "ext4",
-           "dm_mod", "dm_snapshot", "dm_era", "loop")  # plus their dependencies; missing ones are skipped (built in)
+           "dm_mod", "dm_snapshot", "dm_era", "loop",
+           "vfat", "nls_cp437", "nls_ascii", "nls_utf8")  # plus their dependencies; missing ones are skipped (built in)
 NEEDED_MODULES = ("nbd", "ext4", "dm_mod", "dm_snapshot", "dm_era")  # the build fails without these
 LIB_DIR = "usr/lib/blockprov"  # blockprov and its dependencies
 MOD_DIR = "usr/lib/blockprov-modules"
 FIXED_TIME = 1_700_000_000
 DEFAULT_CMDLINE = "console=tty0 console=ttyS0"
 EXTRA_STDLIB = ("encodings",)  # whole packages shipped besides the probe's modules (codecs are looked up by name)
-
-INIT = """#!/usr/bin/busybox sh
-# blockprov initramfs: mount the API file systems, then python (blockprov.netboot.machine) is PID 1.
-/usr/bin/busybox --install -s
-export PATH=/usr/sbin:/usr/bin LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu PYTHONHOME=/usr
-export PYTHONPATH=/usr/lib/blockprov PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-mkdir -p /proc /sys /dev /run /tmp
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev 2>/dev/null
-exec /usr/bin/python3 -S -B -m blockprov.netboot.machine
-echo "blockprov: cannot start python3"; sleep 30; reboot -f
-"""
 
 UDHCPC = """#!/usr/bin/busybox sh
 # udhcpc's hook: configure the address, the default route and DNS it got.
@@ -119,7 +114,7 @@ import importlib.util, json, os, py_compile, sys
 out = sys.argv[1]
 import runpy, asyncio, concurrent.futures.thread, encodings.idna, encodings.ascii, encodings.latin_1
 import importlib.readers, importlib.resources.readers, importlib.metadata, traceback, linecache
-import blockprov.netboot.machine, blockprov.netboot.inagent
+import blockprov.netboot.machine, blockprov.netboot.inagent, blockprov.netboot.supervisor
 from blockprov.repo.remote import RemoteRepository
 RemoteRepository("http://127.0.0.1:9").close()
 asyncio.new_event_loop().close()
@@ -168,11 +163,12 @@ class Built:
     modules: list[str] = field(default_factory=list)
     python_modules: int = 0
     parts: dict[str, int] = field(default_factory=dict)  # unpacked bytes per part
+    fast_bytes: int = 0  # the first gzip member: what the disk's own loader boots every day
 
     def summary(self) -> dict[str, object]:
         return {"kernel": str(self.kernel), "release": self.release, "initrd_bytes": len(self.data),
-                "unpacked_bytes": self.unpacked, "files": self.files, "kernel_modules": self.modules,
-                "python_modules": self.python_modules, "parts": self.parts}
+                "fast_bytes": self.fast_bytes, "unpacked_bytes": self.unpacked, "files": self.files,
+                "kernel_modules": self.modules, "python_modules": self.python_modules, "parts": self.parts}
 
 
 # -- the kernel and its modules ----------------------------------------------------------------------
@@ -438,46 +434,50 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
         raise NetbootError("no busybox: apt-get install busybox-static")
     if not MKE2FS.exists():
         raise NetbootError(f"no {MKE2FS}: apt-get install e2fsprogs")
-    a = Archive()
+    # Two archives, one gzip member each (netboot/everyday.py): ``a``, the fast part the disk's own
+    # loader boots every day (busybox, modules, dmsetup and its libraries, /init); ``r``, the rest
+    # (python and blockprov, the provisioning tools). A network boot loads both.
+    a, r = Archive(), Archive()
     for top in ("bin", "sbin", "lib", "lib64"):
         a.symlink(top, f"usr/{top}")
     for d in ("dev", "proc", "sys", "run", "tmp", "newroot", "etc/blockprov", "usr/lib64"):
         a.dir(d)
     a.node("dev/console", stat.S_IFCHR | 0o600, (5, 1))
     a.node("dev/null", stat.S_IFCHR | 0o666, (1, 3))
-    a.file("init", INIT.encode(), 0o755, "init")
+    a.file("init", everyday.INIT.encode(), 0o755, "init")
     a.file(INITRAMFS_MARK, UDHCPC.encode(), 0o755, "init")  # also what marks the archive as ours
     a.file("usr/bin/busybox", _read(busybox, "busybox"), 0o755, "busybox")
-    a.file("usr/sbin/mke2fs", _read(MKE2FS, "mke2fs"), 0o755, "mke2fs")
+    r.file("usr/sbin/mke2fs", _read(MKE2FS, "mke2fs"), 0o755, "mke2fs")
     if MKE2FS_CONF.exists():
-        a.file("etc/mke2fs.conf", MKE2FS_CONF.read_bytes(), 0o644, "mke2fs")
-    loader_bins = []
+        r.file("etc/mke2fs.conf", MKE2FS_CONF.read_bytes(), 0o644, "mke2fs")
+    rest_bins = []
     for candidates, name, package in LOADER_TOOLS:
         tool = next((Path(c) for c in candidates if Path(c).exists()), None)
         if tool is None:
             raise NetbootError(f"no {candidates[0]}: apt-get install {package} (the disk's own boot loader)")
         binary = not name.endswith(".bin")
-        a.file(name, _read(tool, package), 0o755 if binary else 0o644, "boot loader")
+        r.file(name, _read(tool, package), 0o755 if binary else 0o644, "boot loader")
         if binary:
-            loader_bins.append(str(tool))
+            rest_bins.append(str(tool))
     for link in MTOOLS_LINKS:
-        a.symlink(f"usr/bin/{link}", "mtools")
-    for candidates, name, package in NATIVE_TOOLS:
-        tool = next((Path(c) for c in candidates if Path(c).exists()), None)
+        r.symlink(f"usr/bin/{link}", "mtools")
+    fast_bins: list[str] = []
+    for k, (tools, name, package) in enumerate(NATIVE_TOOLS):  # dmsetup (the first) boots every day
+        tool = next((Path(c) for c in tools if Path(c).exists()), None)
         if tool is None:
-            raise NetbootError(f"no {candidates[0]}: apt-get install {package} (the native data path)")
-        a.file(name, _read(tool, package), 0o755, "native data path")
-        loader_bins.append(str(tool))
+            raise NetbootError(f"no {tools[0]}: apt-get install {package} (the native data path)")
+        (a if k == 0 else r).file(name, _read(tool, package), 0o755, "native data path")
+        (fast_bins if k == 0 else rest_bins).append(str(tool))
     for link in NATIVE_LINKS:
-        a.symlink(f"usr/sbin/{link}", "pdata_tools")
+        r.symlink(f"usr/sbin/{link}", "pdata_tools")
     for conv in [*(GCONV / n for n in GCONV_FILES), *sorted((GCONV / "gconv-modules.d").glob("*.conf"))]:
         if conv.exists():
-            a.file(in_usr(str(conv)), _read(conv, "glibc's iconv module"), 0o644, "boot loader")
+            r.file(in_usr(str(conv)), _read(conv, "glibc's iconv module"), 0o644, "boot loader")
     progress(f"kernel modules ({len(mods)})")
     for m in mods:
         a.file(f"{MOD_DIR}/{m.name}", _read(m, "kernel module"), 0o644, "kernel modules")
     a.file("etc/blockprov/modules", "".join(f"/{MOD_DIR}/{m.name}\n" for m in mods).encode(), 0o644, "init")
-    a.file("usr/bin/python3", _read(python.resolve(), "the python interpreter"), 0o755, "python")
+    r.file("usr/bin/python3", _read(python.resolve(), "the python interpreter"), 0o755, "python")
     with tempfile.TemporaryDirectory(prefix="bp-initramfs-") as tmp:
         progress("python modules (the probe imports the in-machine agent)")
         found = probe(python, Path(tmp))
@@ -489,23 +489,28 @@ def build(kernel: Path | None = None, modules_dir: Path | None = None, *, python
             name = archive_name(f, search)
             part = "blockprov+deps" if name.startswith(LIB_DIR) else "python stdlib"
             if pyc:
-                a.file(name[:-3] + ".pyc", _read(pyc, "compiled module"), 0o644, part)
+                r.file(name[:-3] + ".pyc", _read(pyc, "compiled module"), 0o644, part)
             else:
-                a.file(name, stripped(f, Path(tmp)) if f.endswith(".so") else _read(f, "module"), 0o755, part)
+                r.file(name, stripped(f, Path(tmp)) if f.endswith(".so") else _read(f, "module"), 0o755, part)
                 if f.endswith(".so"):
                     sos.append(f)
             n_py += 1
             if mod["name"] == "certifi.core":  # httpx reads the CA bundle when it makes a client
                 ca = Path(f).parent / "cacert.pem"
-                a.file(os.path.dirname(name) + "/cacert.pem", _read(ca, "CA bundle"), 0o644, part)
+                r.file(os.path.dirname(name) + "/cacert.pem", _read(ca, "CA bundle"), 0o644, part)
     progress("shared libraries")
-    for lib in shared_libraries([str(python.resolve()), str(MKE2FS), *loader_bins, *sos]):
+    fast_libs = shared_libraries(fast_bins)
+    for lib in fast_libs:
         a.file(in_usr(lib), _read(os.path.realpath(lib), "shared library"), 0o755, "shared libraries")
+    for lib in shared_libraries([str(python.resolve()), str(MKE2FS), *rest_bins, *sos]):
+        if lib not in fast_libs:
+            r.file(in_usr(lib), _read(os.path.realpath(lib), "shared library"), 0o755, "shared libraries")
     progress("archive and compression")
-    raw = a.cpio()
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as g:
-        g.write(raw)
-    files = sum(1 for e in a.entries.values() if stat.S_ISREG(e[0]))
-    return Built(data=buf.getvalue(), kernel=kpath, release=release, files=files, unpacked=len(raw),
-                 modules=[m.name for m in mods], python_modules=n_py, parts=dict(sorted(a.by_part.items())))
+    fast, rest = a.cpio(), r.cpio()
+    raw_len = len(fast) + len(rest)
+    first = gzip.compress(fast, compresslevel=9, mtime=0)
+    data = first + bytes(-len(first) % 4) + gzip.compress(rest, compresslevel=9, mtime=0)
+    files = sum(1 for arc in (a, r) for e in arc.entries.values() if stat.S_ISREG(e[0]))
+    parts = {k: a.by_part.get(k, 0) + r.by_part.get(k, 0) for k in sorted({*a.by_part, *r.by_part})}
+    return Built(data=data, kernel=kpath, release=release, files=files, unpacked=raw_len,
+                 modules=[m.name for m in mods], python_modules=n_py, parts=parts, fast_bytes=len(first))

@@ -1,21 +1,16 @@
-"""The client half of an NBD connection, handed to the Linux kernel's NBD driver (``/dev/nbdN``).
-
-Why the ioctls and not netlink: the ioctl interface needs nothing but ``fcntl.ioctl`` (netlink's
-generic family would need a netlink library in the initramfs), and ``NBD_DO_IT`` ties the device's
-life to the thread that runs it, inside the agent's own process — no separate ``nbd-client`` whose
-death would leave the root device without a server.
+"""The client half of an NBD connection, for the Linux kernel's NBD driver (``/dev/nbdN``).
 
 The kernel speaks only the transmission phase, so the handshake (fixed newstyle, ``NBD_OPT_GO``)
-is done here in Python first, on the same socket; then ``NBD_SET_SOCK`` gives the socket to the
-kernel. The server end is blockprov's own NBD server (a unix socket it listens on, connected to by
-this process). Blocking I/O on a plain socket; run it in a thread (``NBD_DO_IT`` blocks until the
-device is disconnected).
+is done here in Python first, on the socket the kernel then takes over: netboot/supervisor.py
+connects to the agent's unix socket, calls ``handshake`` and hands the socket to the kernel
+through its netlink family (netboot/nbdlink.py). Netlink, not the ``NBD_SET_SOCK``/``NBD_DO_IT``
+ioctls: with those the device lived only as long as a thread of the agent blocked in
+``NBD_DO_IT``, so the agent's death took the machine's root with it (issue 24 item 5). Blocking
+I/O on a plain socket.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -23,15 +18,6 @@ from dataclasses import dataclass
 from blockprov.errors import HandshakeError
 from blockprov.nbd.constants import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, ClientFlag, HandshakeFlag, Info, Option
 
-NBD_SET_SOCK = 0xAB00
-NBD_SET_BLKSIZE = 0xAB01
-NBD_DO_IT = 0xAB03
-NBD_CLEAR_SOCK = 0xAB04
-NBD_CLEAR_QUE = 0xAB05
-NBD_SET_SIZE_BLOCKS = 0xAB07
-NBD_DISCONNECT = 0xAB08
-NBD_SET_TIMEOUT = 0xAB09
-NBD_SET_FLAGS = 0xAB0A
 REP_ACK = 1
 REP_INFO = 3
 REP_ERR = 1 << 31
@@ -79,32 +65,3 @@ def handshake(sock: socket.socket, name: str = "") -> Export:
                 raise HandshakeError("the NBD server sent no export size")
             return Export(size=size, flags=flags)
     raise HandshakeError("the NBD server never finished NBD_OPT_GO")
-
-
-def attach(device: str, sock: socket.socket, export: Export, *, timeout: int = 0) -> int:
-    """Give the connected, handshaken socket to ``device`` (e.g. /dev/nbd0); returns the device fd.
-    Then call ``serve(fd)`` (blocks)."""
-    if export.size % BLOCK:
-        raise HandshakeError(f"export size {export.size} is not a multiple of {BLOCK}")
-    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, NBD_CLEAR_SOCK)
-        fcntl.ioctl(fd, NBD_SET_BLKSIZE, BLOCK)
-        fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, export.size // BLOCK)
-        fcntl.ioctl(fd, NBD_SET_FLAGS, export.flags)
-        if timeout:
-            fcntl.ioctl(fd, NBD_SET_TIMEOUT, timeout)
-        fcntl.ioctl(fd, NBD_SET_SOCK, sock.fileno())
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def serve(fd: int) -> None:
-    """``NBD_DO_IT``: the kernel runs the device until it is disconnected (blocks; the GIL is released)."""
-    try:
-        fcntl.ioctl(fd, NBD_DO_IT)
-    finally:
-        fcntl.ioctl(fd, NBD_CLEAR_QUE)
-        fcntl.ioctl(fd, NBD_CLEAR_SOCK)

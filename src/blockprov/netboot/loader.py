@@ -20,7 +20,11 @@ loaders side by side over the same kernel and initramfs:
   sector, keeping its parameters), ``syslinux.cfg``, and syslinux's ``mbr.bin`` in the disk's
   sector 0, which boots the *active* partition — on a GPT disk (over 2 TiB: disk.py) syslinux's
   ``gptmbr.bin``, which boots the partition whose "legacy BIOS bootable" attribute (bit 2) is
-  set; below, "the active flag" is that attribute on a GPT disk.
+  set; below, "the active flag" is that attribute on a GPT disk. SYSLINUX boots the kernel and
+  only the initramfs's fast part, ``fast.img`` (netboot/initramfs.py's first gzip member:
+  netboot/everyday.py's every-day boot); ``rest.img``, the rest, is what that boot unpacks when it
+  needs python. Both are cut from ``initrd.img`` as it is written (``split_initramfs``), never
+  fetched or read back.
 
 So one disk boots on either firmware: a disk provisioned on a BIOS PC moved into a UEFI one (or
 back) boots offline there too. A disk whose loader was written before the UEFI form (SYSLINUX
@@ -91,9 +95,8 @@ MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
 GPTMBR_BIN = Path("/usr/lib/syslinux/mbr/gptmbr.bin")  # for a GPT disk (disk.py: over 2 TiB)
 SYSLINUX = "syslinux"
 RECORD = "loader.json"
-FROM_DISK = "blockprov.from=disk"
-DROP = ("initrd=", "BOOT_IMAGE=", "blockprov.from=")  # words the loader gives or the network boot had
-IPXE_EFI_NAME = "kernel"  # iPXE's EFI build puts the image's name first on the command line
+FROM_DISK = boot.FROM_DISK
+FAST, REST = "fast.img", "rest.img"  # the initramfs's two parts, for SYSLINUX's every-day boot
 FORMS = ("bios", "uefi")
 SYSLINUX_CFG = "syslinux.cfg"
 LABEL = "BPBOOT"
@@ -136,24 +139,26 @@ def own_proc(where: Path = Path("/proc")) -> None:
 
 def offline_cmdline(cmdline: str) -> str:
     """The command line the disk's loader boots with: the network boot's, without what a
-    loader adds itself (iPXE's EFI build: the image's name, first), plus ``blockprov.from=disk``. Pure."""
-    words = cmdline.split()
-    words = [w for w in words[1 if words[:1] == [IPXE_EFI_NAME] else 0:] if not w.startswith(DROP)]
-    return " ".join([*words, FROM_DISK])
+    loader adds itself, plus ``blockprov.from=disk`` (boot.py's ``disk_cmdline``: the repository
+    makes the same line to compare fingerprints). Pure."""
+    return boot.disk_cmdline(cmdline)
 
 
 def syslinux_cfg(cmdline: str) -> str:
-    """syslinux.cfg: serial console too, no prompt, the one entry. Pure."""
+    """syslinux.cfg: serial console too, no prompt, the one entry: the kernel and the initramfs's
+    fast part. Pure."""
     return ("SERIAL 0 115200\nDEFAULT blockprov\nPROMPT 0\nTIMEOUT 0\n"
-            f"LABEL blockprov\n  KERNEL /{boot.VOLUME_PATHS['kernel']}\n  INITRD /{boot.VOLUME_PATHS['initrd']}\n"
-            f"  APPEND {cmdline}\n")
+            f"LABEL blockprov\n  KERNEL /{boot.VOLUME_PATHS['kernel']}\n  INITRD /{FAST}\n  APPEND {cmdline}\n")
 
 
 def wanted(kernel_id: str, initrd_id: str, cmdline: str, efi: Mapping[str, str] | None = None) -> dict[str, object]:
     """The record of the loader a disk should hold: the files' ids (``efi``: the UEFI loader's, by
-    name; none: no UEFI form), the command line, the forms. Pure."""
-    out: dict[str, object] = {"kernel": kernel_id, "initrd": initrd_id, "cmdline": offline_cmdline(cmdline),
-                              "forms": ["bios", "uefi"] if efi else ["bios"]}
+    name; none: no UEFI form), the command line, the forms, and the fingerprint of what it boots
+    (boot.disk_fingerprint: what the repository compares to decide the every-day boot). Pure."""
+    line = offline_cmdline(cmdline)
+    out: dict[str, object] = {"kernel": kernel_id, "initrd": initrd_id, "cmdline": line,
+                              "forms": ["bios", "uefi"] if efi else ["bios"],
+                              "fingerprint": boot.disk_fingerprint(kernel_id, initrd_id, line)}
     if efi:
         out["efi"] = dict(sorted(efi.items()))
     return out
@@ -162,6 +167,22 @@ def wanted(kernel_id: str, initrd_id: str, cmdline: str, efi: Mapping[str, str] 
 def comparable(record: Mapping[str, object] | None) -> dict[str, object] | None:
     """A record without where its files lie (``at``): what ``wanted`` makes, to compare. Pure."""
     return None if record is None else {k: v for k, v in record.items() if k != "at"}
+
+
+def split_initramfs(initrd: bytes) -> tuple[bytes, bytes]:
+    """The initramfs's fast part (its first gzip member) and the rest (the bytes after it, padding
+    dropped). An initramfs of one member is all fast part. Pure."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        d.decompress(initrd, 1 << 20)  # bounded: the output is thrown away, only where it ends matters
+        while not d.eof and d.unconsumed_tail:
+            d.decompress(d.unconsumed_tail, 1 << 20)
+    except zlib.error as e:
+        raise NetbootError(f"the initramfs is not gzip'd: {e}") from None
+    if not d.eof:
+        raise NetbootError("the initramfs's first gzip member is cut short")
+    rest = d.unused_data.lstrip(b"\0")
+    return initrd[:len(initrd) - len(d.unused_data)], rest
 
 
 def head(d: disk.Disk) -> bytes:
@@ -225,7 +246,9 @@ def volume(files: Mapping[str, bytes], record: Mapping[str, object]) -> tuple[fa
     by boot.BOOT_FILES name) and ``record`` (its command line): the layout and each path's bytes. Pure."""
     cmdline = str(record["cmdline"])
     grub = boot.grub_cfg(cmdline.split(), "booting from this disk (the network boot failed or was skipped)")
-    content = boot.volume_files(files, grub, [(SYSLINUX_CFG, syslinux_cfg(cmdline).encode())])
+    fast, rest = split_initramfs(files["initrd"])
+    content = boot.volume_files(files, grub, [(SYSLINUX_CFG, syslinux_cfg(cmdline).encode()), (FAST, fast),
+                                              (REST, rest)])
     serial = zlib.crc32(json.dumps(comparable(record), sort_keys=True).encode())
     vol = fat.layout([(p, len(x)) for p, x in content], size=disk.BOOT_BYTES, hidden=disk.START // disk.SECTOR,
                      label=LABEL, serial=serial)
@@ -236,7 +259,7 @@ def install(d: disk.Disk, meta_dir: Path, files: Mapping[str, bytes], record: Ma
     """Write the loaders, the kernel and the initramfs onto ``d``'s boot partition under the crash
     rules above. ``files``: ``kernel``, ``initrd`` and, for the UEFI form, the UEFI loader's
     (boot.EFI_FILES); ``record``: what ``wanted`` made for them."""
-    need = sum(len(x) for x in files.values()) + (2 << 20)
+    need = sum(len(x) for x in files.values()) + len(files["initrd"]) + (2 << 20)  # the initramfs twice: whole, parts
     if need > disk.BOOT_BYTES:
         raise NetbootError(f"the boot files ({need >> 20} MiB) do not fit the boot partition "
                            f"({disk.BOOT_BYTES >> 20} MiB)")

@@ -7,10 +7,12 @@ The initramfs's ``/init`` (a few lines of busybox sh, netboot/initramfs.py) moun
    resolved modules.dep), with busybox ``insmod``;
 2. brings up the first network interface with busybox ``udhcpc`` (DHCP, as the firmware did; when
    that fails the agent is started all the same: it boots offline from the disk if it can);
-3. starts the agent (netboot/inagent.py) as ``@blockprov-agent`` and waits for it to say READY on
-   a pipe (it then serves the image on /dev/nbd0) or ERROR (shown on the console; the machine
-   reboots after ``RETRY_SECONDS`` to try again through the firmware's network boot);
-4. mounts /dev/nbd0 (``ro`` unless the command line says ``rw``, as the kernel does for its own
+3. starts the agent (netboot/inagent.py) through its supervisor (``@blockprov-supervisor``,
+   netboot/supervisor.py, which connects the kernel's NBD client to the agent and restarts the
+   agent if it dies) and waits for a READY line naming the root's device (/dev/nbd0, or the
+   native data path's device-mapper root: netboot/native.py) or ERROR (shown on the console; the
+   machine reboots after ``RETRY_SECONDS`` to try again through the firmware's network boot);
+4. mounts that device (``ro`` unless the command line says ``rw``, as the kernel does for its own
    root) on /newroot, moves /dev, /proc and /sys into it, moves it onto / and chroots into it,
    then execs the real ``init`` (``init=`` of the command line, else /sbin/init).
 
@@ -24,15 +26,18 @@ world whole; the agent's root directory remains the initramfs, out of the new ro
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from blockprov.netboot.daemon import ready_line
 from blockprov.netboot.params import parse_cmdline
 
 MODULES_LIST = Path("/etc/blockprov/modules")
+# one NBD device (the supervisor's /dev/nbd0: its default 16 take 0.7 s to make under TCG), two loop
+# devices (era's record: netboot/native.py)
+MODULE_ARGS = {"nbd": ("nbds_max=1",), "loop": ("max_loop=2",)}
 UDHCPC_SCRIPT = "/etc/blockprov/udhcpc.sh"
 NEWROOT = "/newroot"
 READY_TIMEOUT = 3600.0  # before-boot hydration of a large image over a slow link takes a while
@@ -59,9 +64,13 @@ def run(*cmd: str, timeout: float = 60) -> int:
 
 
 def load_modules() -> None:
+    """insmod each module of the list not loaded yet (the every-day boot's /init may have loaded
+    them before it handed over: netboot/everyday.py)."""
     for line in MODULES_LIST.read_text().splitlines() if MODULES_LIST.exists() else []:
-        if line.strip() and run("insmod", line.strip()) != 0:
-            say(f"insmod {line.strip()} failed")
+        path = line.strip()
+        name = Path(path).name.split(".ko")[0].replace("-", "_")
+        if path and not Path(f"/sys/module/{name}").exists() and run("insmod", path, *MODULE_ARGS.get(name, ())) != 0:
+            say(f"insmod {path} failed")
 
 
 def network() -> str | None:
@@ -85,31 +94,22 @@ def network() -> str | None:
 
 
 def start_agent(params: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    """The agent's supervisor (netboot/supervisor.py), which starts the agent and connects the
+    kernel's NBD client to it, and restarts it if it dies; it says READY or ERROR on the pipe."""
     import json
 
     r, w = os.pipe()
-    proc = subprocess.Popen(["@blockprov-agent", "-S", "-B", "-m", "blockprov.netboot.inagent", json.dumps(params),
-                             str(w)], executable=sys.executable or "/usr/bin/python3", pass_fds=(w,))
+    proc = subprocess.Popen(["@blockprov-supervisor", "-S", "-B", "-m", "blockprov.netboot.supervisor",
+                             json.dumps(params), str(w)], executable=sys.executable or "/usr/bin/python3",
+                            pass_fds=(w,))
     os.close(w)
     return proc, r
 
 
 def wait_ready(proc: subprocess.Popen[bytes], r: int) -> str:
-    """The agent's first line: 'READY nbd|native DEVICE' (the root's device: the kernel's NBD client,
-    or the native data path's device-mapper root) or 'ERROR why' (also when it died without a word)."""
-    buf = b""
-    end = time.monotonic() + READY_TIMEOUT
-    while b"\n" not in buf and time.monotonic() < end:
-        ready, _, _ = select.select([r], [], [], 1.0)
-        if ready:
-            got = os.read(r, 4096)
-            if not got:
-                break
-            buf += got
-        elif proc.poll() is not None:
-            break
-    line = buf.split(b"\n", 1)[0].decode(errors="replace")
-    return line or f"ERROR the agent ended (exit status {proc.poll()}) without starting the device"
+    """The supervisor's first line: 'READY nbd|native DEVICE' (the root's device: the kernel's NBD
+    client, or the native data path's device-mapper root) or 'ERROR why'."""
+    return ready_line(proc, r, READY_TIMEOUT)
 
 
 def switch_root(cmdline: str, device: str) -> None:

@@ -29,7 +29,9 @@ State on the metadata file system (the cache directory's, mounted by the agent):
 
 * ``native.json``: ``era_from``, the first era not yet turned into the modified map (atomic_write);
 * ``era.meta``: era's metadata (keep);
-* ``native.env``: the every-day boot's plan (netboot/everyday.py writes and reads it).
+* ``native.env``: the every-day boot's plan (netboot/everyday.py): written once this path is set
+  up, removed before the agent path changes the disk (``remove_plan``: a power cut in between
+  leaves no plan, and the next boot takes the slow path).
 
 Crash rules:
 
@@ -66,7 +68,7 @@ from blockprov.align import runs
 from blockprov.cache import CacheDevice
 from blockprov.durable import atomic_write
 from blockprov.errors import DeviceMapperError, NetbootError, UsageError
-from blockprov.netboot import cowstore, dm
+from blockprov.netboot import cowstore, dm, everyday
 from blockprov.netboot.disk import Disk
 
 R = TypeVar("R")
@@ -261,6 +263,14 @@ class Native:
         self.lock = asyncio.Lock()  # one conversion or snapshot at a time
         self._loop: str | None = None  # era's metadata's loop device (loopN)
 
+    def adopt(self, policy: str) -> None:
+        """Take over the devices the every-day boot made for ``policy`` (netboot/everyday.py)."""
+        if not self.dm.exists(ROOT):
+            raise DeviceMapperError(msg=f"the every-day boot made no {ROOT}")
+        if policy == KEEP:
+            self.era_loop()  # found attached, remembered
+        self.policy = policy
+
     def path(self, p: Part) -> str:
         return f"{self.dev_dir}/{p.name}"
 
@@ -406,6 +416,19 @@ class Native:
             self.state.era_from = nxt
             await loop.run_in_executor(None, self.state.save, self.meta_dir)
         return len(marked)
+
+    # -- the every-day boot's plan (netboot/everyday.py) ----------------------------------------------
+    def write_plan(self, image: str, policy: str, d: Disk) -> None:
+        """The plan the disk's own initramfs sets this path up from at the next boot, without python."""
+        text = everyday.plan_text(
+            image=image, policy=policy, disk=d.name, parts=[d.part_name(n) for n in (1, 2, 3, 4)],
+            sectors=self.geo.image, chunk_sectors=self.geo.chunk_sectors,
+            cow=[(p.name, off, n) for p, off, n in self.geo.cow_pieces()], era_block=ERA_BLOCK // SECTOR,
+            era_file=ERA_FILE)
+        everyday.write_plan(self.meta_dir, text)
+
+    def remove_plan(self) -> None:
+        everyday.remove_plan(self.meta_dir)
 
     # -- entering and leaving ------------------------------------------------------------------------
     async def enter(self, dev: CacheDevice, policy: str) -> str:

@@ -18,8 +18,9 @@ site: ``on``, the default, serves peers on port 7624; a port number; ``off`` onl
 them), ``blockprov.loader=off`` (this boot leaves the disk's boot
 loader as it is), ``blockprov.on_move`` (a ``keep`` machine moved to another version: ``snapshot``,
 the default, keeps the session's changes the new version cannot keep as a version first;
-``discard`` resets them: agent/keep.py) and ``blockprov.from=disk`` (added by the disk's own boot loader,
-netboot/loader.py).
+``discard`` resets them: agent/keep.py), ``blockprov.native=off`` (the agent serves the root over
+NBD even when the disk holds the whole image, and the every-day boot is not taken: netboot/native.py,
+netboot/everyday.py) and ``blockprov.from=disk`` (added by the disk's own boot loader, netboot/loader.py).
 """
 
 from __future__ import annotations

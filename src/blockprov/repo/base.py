@@ -139,10 +139,28 @@ class Machines(Protocol):
         """Forget a host's assignment; HostNotFound if it had none."""
         ...
 
-    def boot_script(self, host: str, base_url: str | None = None) -> str:
-        """The iPXE script for ``host``. ``base_url``: the repository's URL as the host reaches it
-        (a remote repository defaults to the URL the server was reached at). HostNotFound,
+    def boot_script(self, host: str, base_url: str | None = None, *, booting: bool = False) -> str:
+        """The iPXE script for ``host``: ``exit`` when its disk is complete and current (boot.py's
+        ``disk_verdict``), else its network boot. ``base_url``: the repository's URL as the host
+        reaches it (a remote repository defaults to the URL the server was reached at);
+        ``booting``: the PC's iPXE asks (recorded), not an operator. HostNotFound,
         BootFilesMissing, or Conflict when the assigned tag or version is gone."""
+        ...
+
+    def check_disk(self, host: str, base_url: str | None, version: str, fingerprint: str) -> str | None:
+        """The every-day boot's question (netboot/everyday.py): the PC's disk, come up, holds
+        ``version`` (``NAME@ID``) whole and its loader boots ``fingerprint``
+        (boot.disk_fingerprint). Recorded; None when it is current, else why it must boot from
+        the network."""
+        ...
+
+    def record_disk(self, host: str, version: str, fingerprint: str) -> None:
+        """The PC's agent says its disk holds ``version`` whole and its loader boots ``fingerprint``."""
+        ...
+
+    def reprovision_host(self, host: str) -> str:
+        """Ask the host's PC to set its disk up from scratch at its next boot; returns the
+        request's token (boot.py: ``blockprov.reprovision=``)."""
         ...
 
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:

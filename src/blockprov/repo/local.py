@@ -34,6 +34,7 @@ from blockprov.catalog.sites import Sites, online
 from blockprov.codec import ZERO_DIGEST
 from blockprov.durable import ensure_dir
 from blockprov.errors import (
+    BlockprovError,
     BootFilesMissing,
     Conflict,
     EfiLoaderMissing,
@@ -220,15 +221,64 @@ class LocalRepository:
         info = self._boot_files(Ref(ref.name, version=h.version))
         return h, ref.name, info, base
 
-    def boot_script(self, host: str, base_url: str | None = None) -> str:
-        """The host's iPXE script. Answering it records nothing: a host has booted once it has
-        fetched the whole initrd the script names (service/routes/boot.py records that), so
-        neither an operator looking (``host script``, curl) nor a boot that fails before then
-        counts as its last boot."""
+    def _words(self, h: HostInfo, image: str, info: BootFilesInfo, base: str) -> list[str]:
+        """The kernel command line of ``h``'s network boot (boot.boot_words), with the operator's
+        last re-provision request."""
+        assert h.version is not None
+        return boot.boot_words(host=h.host, image=image, version=h.version, base=base, cmdline=info.cmdline,
+                               args=h.args, settings=h.settings(), reprovision=self.registry.reprovision_token(h.host))
+
+    def _disk_verdict(self, host: str, base_url: str | None, *, from_disk: bool) -> tuple[HostInfo, str, str | None]:
+        """(host record, NAME@ID it is assigned, boot.disk_verdict on its disk): the fingerprint
+        of what its disk's loader boots after this network boot is the version's kernel and
+        initramfs and this command line as the loader keeps it (boot.disk_cmdline)."""
+        h, image, info, base = self._boot_plan(host, base_url)
+        version = f"{image}@{h.version}"
+        fingerprint = boot.disk_fingerprint(info.kernel.id, info.initrd.id,
+                                            boot.disk_cmdline(" ".join(self._words(h, image, info, base))))
+        return h, version, boot.disk_verdict(self.registry.disk_state(h.host), version=version,
+                                             fingerprint=fingerprint, now=time.time(), from_disk=from_disk)
+
+    def boot_script(self, host: str, base_url: str | None = None, *, booting: bool = False) -> str:
+        """The host's iPXE script: ``exit`` when its disk is complete and current (boot.py's
+        ``disk_verdict``: the PC boots its own disk's loader), else the network boot. Answering
+        it records nothing but, with ``booting`` (iPXE asks, not an operator), that the PC was told
+        to boot its disk: a host has booted once it has fetched the whole initrd the script
+        names (service/routes/boot.py records that), or once its disk's initramfs asked
+        (``check_disk``), so neither an operator looking (``host script``, curl) nor a boot that
+        fails before then counts as its last boot."""
+        h, version, why = self._disk_verdict(host, base_url, from_disk=False)
+        if why is None:
+            if booting:
+                self.registry.record_told(h.host)
+            return boot.disk_script(h.host, version)
         h, image, info, base = self._boot_plan(host, base_url)
         assert h.version is not None
         return boot.script(host=h.host, assigned=h.ref, image=image, version=h.version, base=base,
-                           cmdline=info.cmdline, args=h.args, settings=h.settings())
+                           cmdline=info.cmdline, args=h.args, settings=h.settings(),
+                           reprovision=self.registry.reprovision_token(h.host))
+
+    def check_disk(self, host: str, base_url: str | None, version: str, fingerprint: str) -> str | None:
+        """The disk's own initramfs asks (netboot/everyday.py): it holds ``version`` whole and its
+        loader boots ``fingerprint``. Recorded (the disk came up), then the verdict: None, the
+        disk is current (and this is the host's last boot), else why the PC must boot from the
+        network."""
+        self.registry.record_disk(host, version, fingerprint, seen=True)
+        try:
+            h, _version, why = self._disk_verdict(host, base_url, from_disk=True)
+        except (Conflict, BootFilesMissing) as e:  # the assignment cannot boot from the network either
+            return str(e)
+        if why is None:
+            with contextlib.suppress(BlockprovError):
+                self.registry.record_boot(h.host, str(h.version))
+        return why
+
+    def record_disk(self, host: str, version: str, fingerprint: str) -> None:
+        """The PC's agent says its disk holds ``version`` whole and its loader boots ``fingerprint``."""
+        self.registry.record_disk(host, version, fingerprint)
+
+    def reprovision_host(self, host: str) -> str:
+        return self.registry.reprovision(host)
 
     def uefi_image(self, host: str, base_url: str | None = None) -> tuple[boot.UefiImage, str, str]:
         """The UEFI HTTP boot image of ``host`` (boot.uefi_image), its image and version: the
@@ -238,8 +288,7 @@ class LocalRepository:
         assert h.version is not None
         if missing := boot.efi_missing(info.efi):
             raise EfiLoaderMissing(ref=f"{image}@{h.version}", missing=", ".join(missing))
-        words = boot.boot_words(host=h.host, image=image, version=h.version, base=base, cmdline=info.cmdline,
-                                args=h.args, settings=h.settings())
+        words = self._words(h, image, info, base)
         return boot.uefi_image({"kernel": info.kernel, "initrd": info.initrd, **info.efi}, words,
                                f"host {h.host} is assigned {h.ref} = {image}@{h.version}"), image, h.version
 

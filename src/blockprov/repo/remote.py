@@ -561,12 +561,25 @@ class RemoteRepository:
     def remove_host(self, host: str) -> None:
         self._request("DELETE", f"/v1/hosts/{host_id(host)}")
 
-    def boot_script(self, host: str, base_url: str | None = None) -> str:
+    def boot_script(self, host: str, base_url: str | None = None, *, booting: bool = False) -> str:
+        """(``booting``: the server decides by its caller — only iPXE's request is a PC booting.)"""
         params = {}
         if base_url is not None:
             params["base"] = names.base_url(base_url)
         return self._request("GET", f"/v1/boot/{host_id(host)}", params=params,
                              headers={"accept": "application/json, text/plain"}).text
+
+    def check_disk(self, host: str, base_url: str | None, version: str, fingerprint: str) -> str | None:
+        params = {} if base_url is None else {"base": names.base_url(base_url)}
+        text = self._request("POST", f"/v1/boot/{host_id(host)}/disk", params=params,
+                             json={"version": version, "fingerprint": fingerprint}).text.strip()
+        return None if text == "disk" else text.removeprefix("network:").strip()
+
+    def record_disk(self, host: str, version: str, fingerprint: str) -> None:
+        self._request("PUT", f"/v1/boot/{host_id(host)}/disk", json={"version": version, "fingerprint": fingerprint})
+
+    def reprovision_host(self, host: str) -> str:
+        return str(self._request("POST", f"/v1/hosts/{host_id(host)}/reprovision").json()["reprovision"])
 
     def put_profile(self, image: str, version: str, order: Sequence[int]) -> None:
         body = b"".join(struct.pack("<I", i) if type(i) is int and 0 <= i < 1 << 32 else b"" for i in order)

@@ -62,8 +62,9 @@ OPEN_ROUTES = {("GET", "/v1/health"), ("GET", "/v1/whoami"), ("GET", "/openapi.j
 READ_POSTS = {("POST", "/v1/chunks/fetch"), ("POST", "/v1/chunks/missing"), ("POST", "/v1/sites/{site}/join")}
 AGENT_ROUTES = {("PUT", "/v1/agents/{instance}"), ("DELETE", "/v1/agents/{instance}"),
                 ("GET", "/v1/agents/{instance}/requests/next"),
-                ("POST", "/v1/agents/{instance}/requests/{rid}/result")}
-BOOT_ROUTES = {("GET", "/v1/boot/{host}"), ("HEAD", "/v1/boot/{host}"),
+                ("POST", "/v1/agents/{instance}/requests/{rid}/result"),
+                ("PUT", "/v1/boot/{host}/disk"), ("POST", "/v1/boot/{host}/disk")}
+BOOT_ROUTES = {("GET", "/v1/boot/{host}"), ("HEAD", "/v1/boot/{host}"), ("POST", "/v1/boot/{host}/disk"),
                ("GET", "/v1/boot/{host}/boot.img"), ("HEAD", "/v1/boot/{host}/boot.img"),
                ("GET", "/v1/images/{name}/versions/{vid}/boot/{which}"),
                ("HEAD", "/v1/images/{name}/versions/{vid}/boot/{which}")}

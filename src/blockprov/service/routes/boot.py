@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -247,7 +248,8 @@ async def boot_script(host: str, request: Request, base: str | None = None,
     records nothing: the host's last boot is recorded once it has fetched the whole initrd."""
     svc = Service.of(request)
     try:
-        text = await svc.run(svc.repo.boot_script, host, _base(request, base))
+        text = await svc.run(functools.partial(svc.repo.boot_script, host, _base(request, base),
+                                               booting=is_ipxe(request)))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
@@ -287,6 +289,53 @@ async def uefi_boot_image(host: str, request: Request, base: str | None = None, 
 
     return await _ranged(request, image.volume.size, image.etag, parts, boot.EFI_IMAGE_TYPE,
                          booted if record else None)
+
+
+def disk_claim(d: object) -> tuple[str, str]:
+    """(version, fingerprint) of a PC's word about its disk: ``{"version": "NAME@ID", "fingerprint":
+    "32 hex digits"}`` (checked: a version reference and a fingerprint's form)."""
+    expected = 'expected {"version": "NAME@ID", "fingerprint": "…"}'
+    d = fields_of(d, ("version", "fingerprint"), expected)
+    if not isinstance(d.get("version"), str) or not isinstance(d.get("fingerprint"), str):
+        raise UsageError(expected)
+    ref = names.parse_ref(d["version"])
+    if ref.version is None:
+        raise UsageError(f"a disk holds a version NAME@ID, not {d['version'][:80]!r}")
+    return f"{ref.name}@{ref.version}", d["fingerprint"]
+
+
+@router.post("/v1/boot/{host}/disk", tags=["boot"], response_class=PlainTextResponse, openapi_extra=JSON_BODY)
+async def check_disk(host: str, request: Request, base: str | None = None) -> Response:
+    """The every-day boot's one small question (netboot/everyday.py): the PC's disk, come up, holds
+    ``version`` whole and its loader boots ``fingerprint``. Recorded; the answer is one
+    ``text/plain`` line: ``disk`` (current: boot it), or ``network: WHY`` (its initramfs boots
+    the slow path: the update, re-provision or change reaches it). The same rule as the iPXE
+    script's ``exit`` (boot.py's ``disk_verdict``)."""
+    svc = Service.of(request)
+    host = host_id(host)
+    version, fingerprint = disk_claim(await json_of(request))
+    why = await svc.run(svc.repo.check_disk, host, _base(request, base), version, fingerprint)
+    return PlainTextResponse("disk\n" if why is None else f"network: {why}\n", headers={"cache-control": "no-store"})
+
+
+@router.put("/v1/boot/{host}/disk", tags=["boot"], openapi_extra=JSON_BODY)
+async def record_disk(host: str, request: Request) -> dict[str, Any]:
+    """The PC's agent says its disk holds ``version`` whole and its loader boots ``fingerprint``
+    (netboot/inagent.py, once the loader is current): from then on iPXE is told to boot the disk
+    while the host's assignment leaves both as they are."""
+    svc = Service.of(request)
+    host = host_id(host)
+    version, fingerprint = disk_claim(await json_of(request))
+    await svc.run(svc.repo.record_disk, host, version, fingerprint)
+    return {"host": host, "version": version, "fingerprint": fingerprint}
+
+
+@router.post("/v1/hosts/{host}/reprovision", tags=["hosts"])
+async def reprovision_host(host: str, request: Request) -> dict[str, Any]:
+    """The host's PC sets its disk up from scratch at its next boot (a network boot)."""
+    svc = Service.of(request)
+    host = host_id(host)
+    return {"host": host, "reprovision": await svc.run(svc.repo.reprovision_host, host)}
 
 
 @router.get("/v1/hosts", tags=["hosts"])
