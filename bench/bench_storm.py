@@ -19,7 +19,9 @@ What runs, and why:
   ``alone`` (today: each agent fetches from the repository itself), ``nginx`` (today's site cache:
   ``attach --cacheable-fetch`` through nginx's proxy_cache, proxy_cache_lock on), ``sitecache``
   (``blockprov serve --upstream``), ``peers`` (``attach --site``: chunks from the site's agents,
-  one owner per chunk fetching it from the repository; with ``--liar`` one lying peer is in the site).
+  one owner per chunk fetching it from the repository; with ``--liar`` one lying peer is in the site);
+  ``before`` (``--before`` another tree's blockprov, e.g. the commit before peers landed: its agents
+  alone, for an A/B of a lone agent with ``alone``).
 - **Time-to-ready** of an agent: from the common start to its last read's completion. **Repository
   egress**: the bytes the link carried from the repository during the run (chunks, registrations,
   joins: everything).
@@ -51,6 +53,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -145,6 +149,7 @@ class Site:
     link: ProxyThread
     tmp: Path
     short: Path
+    server_pid: int = 0
     procs: list[Proc] = field(default_factory=list)
 
     @property
@@ -182,16 +187,18 @@ http {{
 
 
 @contextmanager
-def front(setup: str, site: Site) -> Iterator[tuple[str, list[str]]]:
-    """What the agents of a set-up talk to, and their extra attach options."""
-    if setup in ("alone", "peers"):
+def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]:
+    """What the agents of a set-up talk to, their extra attach options, and the pid of the site
+    cache or nginx between them and the link (None: none)."""
+    if setup in ("alone", "peers", "before"):
         extra = ["--site", SITE, "--peer-listen", "127.0.0.1:0"] if setup == "peers" else []
-        yield site.url, extra
+        yield site.url, extra, None
         return
     if setup == "sitecache":
         proc, url = start_server(site.tmp / "sitecache", "--upstream", site.url, "--cache-size", "8G")
+        drain(proc.proc, site.tmp / "sitecache.err")
         try:
-            yield url, []
+            yield url, [], proc.proc.pid
         finally:
             proc.stop()
             shutil.rmtree(site.tmp / "sitecache", ignore_errors=True)
@@ -200,43 +207,74 @@ def front(setup: str, site: Site) -> Iterator[tuple[str, list[str]]]:
         port = free_port()
         prefix = site.tmp / "nginx"
         conf = nginx_conf(prefix, port, site.url)
-        proc = subprocess.Popen([NGINX, "-e", str(prefix / "error.log"), "-c", str(conf), "-p", str(prefix),
+        ngx = subprocess.Popen([NGINX, "-e", str(prefix / "error.log"), "-c", str(conf), "-p", str(prefix),
                                  "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             time.sleep(1.0)
-            if proc.poll() is not None:
-                raise RuntimeError(f"nginx did not start: {proc.stderr.read() if proc.stderr else ''}")
-            yield f"http://127.0.0.1:{port}", ["--cacheable-fetch"]
+            if ngx.poll() is not None:
+                raise RuntimeError(f"nginx did not start: {ngx.stderr.read() if ngx.stderr else ''}")
+            yield f"http://127.0.0.1:{port}", ["--cacheable-fetch"], ngx.pid
         finally:
-            proc.terminate()
-            proc.wait(10)
+            ngx.terminate()
+            ngx.wait(10)
             shutil.rmtree(prefix, ignore_errors=True)
         return
     raise ValueError(setup)
 
 
-def start_agents(site: Site, n: int, url: str, extra: list[str]) -> list[tuple[Proc, Path, Path]]:
-    """``attach`` N agents at once (nothing fetched: --no-profile, no read yet)."""
+def start_agents(site: Site, n: int, url: str, extra: list[str], bp: str = BP) -> list[tuple[Proc, Path, Path]]:
+    """``attach`` N agents at once (nothing fetched: --no-profile, no read yet); ``bp``: whose
+    ``blockprov`` (the ``before`` set-up: another tree's)."""
     procs = []
     env = {k: v for k, v in os.environ.items() if k not in ("BLOCKPROV_REPO", "BLOCKPROV_TOKEN")}
     for k in range(n):
         cache, sock = site.tmp / f"agent{k}", site.short / f"a{k}"
-        p = subprocess.Popen([BP, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
-                              "--no-profile", "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
+        with open(site.tmp / f"agent{k}.err", "w") as err:  # a file: a pipe nobody reads stops the agent
+            p = subprocess.Popen([bp, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
+                                  "--no-profile", "--json", *extra], stdout=subprocess.PIPE, stderr=err,
+                                 text=True, env=env)
         procs.append((p, cache, sock))
     out = []
     for p, cache, sock in procs:
         line = first_line(p, 300)
         if not line.startswith("{"):
             p.kill()
-            raise RuntimeError(f"agent did not start: {line!r} {p.communicate()[1][-2000:]}")
+            raise RuntimeError(f"agent did not start: {line!r} {(site.tmp / 'agent0.err').read_text()[-2000:]}")
         out.append((Proc(p, line), cache, sock))
     return out
 
 
 def status(cache: Path) -> dict[str, Any]:
     return dict(control.call(cache, "status", timeout=60.0))
+
+
+def drain(proc: subprocess.Popen[str], path: Path) -> None:
+    """Copy a server's stderr to a file as it comes: a pipe nobody reads fills at 64 KiB and stops
+    the process at its next log line (a site cache of thirty PCs stalled so for minutes)."""
+    import threading
+
+    def copy() -> None:
+        with open(path, "a") as f:
+            for line in proc.stderr or ():
+                f.write(line)
+
+    threading.Thread(target=copy, daemon=True).start()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants so far (0 once it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def wait_peers(agents: list[tuple[Proc, Path, Path]], want: int) -> float:
@@ -279,13 +317,18 @@ class Run:
     n: int
     ready: list[float]
     egress: int
-    mismatches: int
+    mismatches: int  # reads that completed with bytes other than the image's
     failures: list[str]
     sources: dict[str, int]
     peer_bad: int
     load: tuple[float, float, float]
     joined_in: float | None = None
     rollout: dict[str, Any] | None = None
+    # CPU seconds during the replay: each agent's, the repository's, the site cache's or nginx's, the
+    # replay's own (bench/storm_replay.py), and the replay's wall time: on a shared 2-core machine
+    # these say whether N agents were waiting for the link or for a core
+    cpu: dict[str, Any] = field(default_factory=dict)
+    read_errors: int = 0  # reads that failed (EIO), apart from wrong bytes
 
     def row(self, lone_ready: float | None, lone_egress: int | None) -> dict[str, Any]:
         r = sorted(self.ready)
@@ -297,16 +340,18 @@ class Run:
                 "egress / lone": self.egress / lone_egress if lone_egress else "-",
                 "from peers MiB": self.sources.get("peers", 0) / MIB,
                 "from site cache MiB": self.sources.get("site_cache", 0) / MIB,
-                "wrong bytes": self.mismatches, "peer chunks refused": self.peer_bad,
+                "wrong bytes": self.mismatches, "failed reads": self.read_errors, "peer chunks refused": self.peer_bad,
+                "agent CPU s (median)": self.cpu.get("agent_median", "-"),
+                "CPU s / wall s (all)": self.cpu.get("busy_cores", "-"),
                 "note": "; ".join(self.failures)[:300] + (f" load {self.load[0]:.1f}" if self.load else "")}
 
 
 def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, liar: bool,
-            rollout: dict[str, Any] | None) -> Run:
+            rollout: dict[str, Any] | None, before_bin: str = BP) -> Run:
     vid = RemoteRepository(site.direct).resolve(REF).id
     liar_peer = None
-    with front(setup, site) as (url, extra):
-        agents = start_agents(site, n, url, extra)
+    with front(setup, site) as (url, extra, front_pid):
+        agents = start_agents(site, n, url, extra, before_bin if setup == "before" else BP)
         try:
             joined = None
             if setup == "peers":
@@ -317,7 +362,14 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
                 joined = wait_peers(agents, n - 1 + (1 if liar_peer else 0))
             site.link.reset()
             load = os.getloadavg()
+            pids = {"agents": [p.proc.pid for p, _c, _s in agents], "repository": [site.server_pid],
+                    "front": [front_pid] if front_pid else []}
+            before = {k: [cpu_seconds(x) for x in v] for k, v in pids.items()}
+            t0, children0 = time.monotonic(), _children_cpu()
             results = replay(trace_path, image, [s for _p, _c, s in agents])
+            wall, replay_cpu = time.monotonic() - t0, _children_cpu() - children0
+            after = {k: [cpu_seconds(x) for x in v] for k, v in pids.items()}
+            used = {k: [b - a for a, b in zip(before[k], after[k], strict=True)] for k in pids}
             egress = site.link.stats()["down_bytes"]
             sts = [status(c) for _p, c, _s in agents]
             sources = {"peers": 0, "site_cache": 0, "repository": 0}
@@ -331,6 +383,11 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
             run = Run(setup, n, [float(r["ready"]) for r in results if "ready" in r],
                       egress, sum(int(r.get("mismatches", 0)) for r in results),
                       [str(r["failed"]) for r in results if "failed" in r], sources, bad, load, joined)
+            run.read_errors = sum(int(r.get("errors", 0)) for r in results)
+            total = sum(sum(v) for v in used.values()) + replay_cpu
+            run.cpu = {"agent_median": statistics.median(used["agents"]), "agents_total": sum(used["agents"]),
+                       "repository": sum(used["repository"]), "front": sum(used["front"]), "replay": replay_cpu,
+                       "wall": wall, "busy_cores": total / wall if wall else None}
             if rollout is not None:
                 try:
                     run.rollout = do_rollout(site, agents, rollout)
@@ -341,6 +398,13 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
             if liar_peer is not None:
                 liar_peer.close()
             stop_agents(agents)
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def do_rollout(site: Site, agents: list[tuple[Proc, Path, Path]], v2: dict[str, Any]) -> dict[str, Any]:
@@ -358,7 +422,12 @@ def do_rollout(site: Site, agents: list[tuple[Proc, Path, Path]], v2: dict[str, 
     seconds = time.monotonic() - t
     egress = site.link.stats()["down_bytes"]
     refetched = [int(o.get("chunks_refetched", 0)) for o in outs]
-    return {"seconds": seconds, "egress": egress, "changed_wire": v2["changed_wire"],
+    # the chunks' part of the egress: what the agents fetched from the repository itself for v2 (an
+    # owner's fetches for its peers included); the rest is manifests, joins and requests
+    vid = RemoteRepository(site.direct).resolve(v2["ref"]).id
+    chunks = sum(int(((status(c).get("sources") or {}).get("by_version") or {}).get(vid, {})
+                     .get("repository", {}).get("bytes", 0)) for _p, c, _s in agents)
+    return {"seconds": seconds, "egress": egress, "changed_wire": v2["changed_wire"], "chunk_bytes": chunks,
             "ratio": egress / v2["changed_wire"] if v2["changed_wire"] else None,
             "refetched_per_agent": statistics.median(refetched) if refetched else 0}
 
@@ -387,18 +456,28 @@ def make_v2(site: Site, image: Path, trace: dict[str, Any], fraction: float) -> 
 
 
 # -- report -------------------------------------------------------------------------------------------------------
+def p95(r: Run) -> float:
+    s = sorted(r.ready)
+    return s[min(len(s) - 1, max(0, round(0.95 * len(s)) - 1))]
+
+
+def medians(runs: list[Run], setup: str, n: int) -> tuple[float, float] | None:
+    """The median p95 time-to-ready and repository egress of a set-up's repeats at N (None: no run)."""
+    rs = [r for r in runs if r.setup == setup and r.n == n and r.ready]
+    if not rs:
+        return None
+    return statistics.median(p95(r) for r in rs), statistics.median(r.egress for r in rs)
+
+
 def goals(runs: list[Run]) -> list[str]:
-    by = {(r.setup, r.n): r for r in runs}
-    lone = by.get(("alone", 1))
+    by = {(r.setup, r.n): r for r in runs}  # the last repeat of each (the largest N runs once)
+    lone = medians(runs, "alone", 1)
     out = []
-    if lone is None or not lone.ready:
+    if lone is None:
         return ["no lone agent measured: no ratios"]
-    lone_ready, lone_egress = max(lone.ready), lone.egress
-
-    def p95(r: Run) -> float:
-        s = sorted(r.ready)
-        return s[min(len(s) - 1, max(0, round(0.95 * len(s)) - 1))]
-
+    lone_ready, lone_egress = lone
+    out.append(f"one lone agent (median of {sum(1 for r in runs if r.setup == 'alone' and r.n == 1 and r.ready)}): "
+               f"ready in {lone_ready:.1f} s, repository egress {lone_egress / MIB:.1f} MiB")
     for setup in ("alone", "nginx", "sitecache", "peers"):
         r = by.get((setup, 30)) or by.get((setup, max((k[1] for k in by if k[0] == setup), default=0)))
         if r is None or not r.ready:
@@ -412,12 +491,21 @@ def goals(runs: list[Run]) -> list[str]:
             ro = r.rollout["ratio"]
             out.append(f"{setup} v2 rollout to {r.n}: repository sent {ro:.2f}x the changed chunks' bytes "
                        f"(goal 1.3x: {'met' if ro <= 1.3 else 'NOT met'})")
-    peer1 = by.get(("peers", 1))
-    if peer1 is not None and peer1.ready:
-        out.append(f"a lone agent with a site and no peers: {max(peer1.ready) / lone_ready:.2f}x today's lone agent")
+    peer1 = medians(runs, "peers", 1)
+    if peer1 is not None:
+        pairs = [(a, b) for a, b in zip([r for r in runs if r.setup == "alone" and r.n == 1 and r.ready],
+                                        [r for r in runs if r.setup == "peers" and r.n == 1 and r.ready], strict=False)]
+        each = ", ".join(f"{p95(b) / p95(a):.2f}" for a, b in pairs)
+        out.append(f"a lone agent with a site and no peers (median): {peer1[0] / lone_ready:.2f}x today's lone agent "
+                   f"(interleaved pairs: {each})")
+    before = medians(runs, "before", 1)
+    if before is not None:
+        out.append(f"today's lone agent vs the one before peers landed (--before), medians: "
+                   f"{lone_ready:.1f} s vs {before[0]:.1f} s ({lone_ready / before[0]:.2f}x)")
     wrong = sum(r.mismatches for r in runs)
     out.append(f"wrong bytes read by any agent in any run: {wrong}; peer chunks refused as wrong: "
-               f"{sum(r.peer_bad for r in runs)} ({'met' if wrong == 0 else 'NOT met'})")
+               f"{sum(r.peer_bad for r in runs)} ({'met' if wrong == 0 else 'NOT met'}); failed reads (EIO): "
+               f"{sum(r.read_errors for r in runs)}")
     return out
 
 
@@ -429,13 +517,12 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for setup in dict.fromkeys(r.setup for r in runs):
-        rs = sorted((r for r in runs if r.setup == setup and r.ready), key=lambda r: r.n)
-        if not rs:
+        ns = sorted({r.n for r in runs if r.setup == setup and r.ready})
+        if not ns:
             continue
-        ns = [r.n for r in rs]
-        ax1.plot(ns, [sorted(r.ready)[min(len(r.ready) - 1, max(0, round(0.95 * len(r.ready)) - 1))] for r in rs],
-                 marker="o", label=setup)
-        ax2.plot(ns, [r.egress / MIB for r in rs], marker="o", label=setup)
+        ms = [m for n in ns if (m := medians(runs, setup, n)) is not None]
+        ax1.plot(ns, [m[0] for m in ms], marker="o", label=setup)
+        ax2.plot(ns, [m[1] / MIB for m in ms], marker="o", label=setup)
     ax1.set_xlabel("agents starting at once")
     ax1.set_ylabel("p95 time-to-ready (s)")
     ax2.set_xlabel("agents starting at once")
@@ -451,9 +538,8 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
 
 
 def save(a: argparse.Namespace, runs: list[Run], meta: dict[str, Any]) -> list[str]:
-    by = {(r.setup, r.n): r for r in runs}
-    lone = by.get(("alone", 1))
-    rows = [r.row(max(lone.ready) if lone and lone.ready else None, lone.egress if lone else None) for r in runs]
+    lone = medians(runs, "alone", 1)
+    rows = [r.row(lone[0] if lone else None, int(lone[1]) if lone else None) for r in runs]
     for r in runs:
         if r.rollout:
             rows.append({"setup": f"{r.setup} v2 rollout", "N": r.n, "ready p50 s": r.rollout["seconds"],
@@ -463,7 +549,11 @@ def save(a: argparse.Namespace, runs: list[Run], meta: dict[str, Any]) -> list[s
                          "from peers MiB": "-", "from site cache MiB": "-", "wrong bytes": "-",
                          "peer chunks refused": "-",
                          "note": f"changed chunks' wire bytes {r.rollout['changed_wire'] / MIB:.1f} MiB; "
+                                 f"chunks from the repository to the agents {r.rollout.get('chunk_bytes', 0) / MIB:.2f}"
+                                 " MiB (the rest: manifests, joins, requests); "
                                  f"{r.rollout['refetched_per_agent']} chunks refetched per agent (median)"})
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k, "-") for k in cols} for r in rows]  # a rollout's row has no CPU columns
     g = goals(runs)
     write_results("storm", rows, meta | {"goals": "; ".join(g)})
     OUT.mkdir(parents=True, exist_ok=True)
@@ -485,6 +575,13 @@ def main() -> None:
     ap.add_argument("--liar", action="store_true", help="one lying peer in the peers runs")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--recapture", action="store_true", help="capture the trace again (else the cached one)")
+    ap.add_argument("--before", default="",
+                    help="the blockprov of another tree (its .venv/bin/blockprov): set-up 'before' runs its agents "
+                         "alone against this tree's repository (an A/B of a lone agent across commits)")
+    ap.add_argument("--lone-only", default="before",
+                    help="set-ups run at N = 1 only (default: before)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each set-up at N = 1, interleaved (the lone figures are their medians)")
     a = ap.parse_args()
     counts = [int(x) for x in a.counts.split(",")]
     setups = [s for s in a.setups.split(",") if s]
@@ -501,6 +598,7 @@ def main() -> None:
     subprocess.run([BP, "--data", str(data), "import", str(image.disk), REF], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([BP, "--data", str(data), "site", "add", SITE], check=True, stdout=subprocess.DEVNULL)
     server, direct = start_server(data, env={"BLOCKPROV_PREPARE": "0"})
+    drain(server.proc, tmp / "repository.err")
     host, port = direct.split("//", 1)[1].rsplit(":", 1)
     runs: list[Run] = []
     meta: dict[str, Any] = {
@@ -514,28 +612,31 @@ def main() -> None:
     }
     try:
         with ProxyThread((host, int(port)), rtt=parse_duration(a.rtt), rate=parse_rate(a.rate)) as link:
-            site = Site(data, direct, link, tmp, short)
+            site = Site(data, direct, link, tmp, short, server.proc.pid)
             v2 = make_v2(site, image.disk, trace, a.changed) if a.rollout else None
             if v2:
                 meta["v2"] = (f"{v2['changed_chunks']} of the {v2['touched_chunks']} non-zero chunks the boot reads "
                               f"changed ({v2['changed_wire'] / MIB:.1f} MiB on the wire)")
-            for setup in setups:
-                for n in counts:
-                    print(f"{setup} N={n} …", flush=True)
-                    try:
-                        r = one_run(site, setup, n, trace_path, image.disk, liar=a.liar,
-                                    rollout=v2 if v2 and n == max(counts) and setup != "nginx" else None)
-                    except (RuntimeError, subprocess.SubprocessError, OSError) as e:
-                        print(f"  FAILED: {e}", flush=True)
-                        r = Run(setup, n, [], 0, 0, [str(e)[:300]], {}, 0, os.getloadavg())
-                    runs.append(r)
-                    print(f"  ready p50 {statistics.median(r.ready) if r.ready else float('nan'):.1f} s, max "
-                          f"{max(r.ready) if r.ready else float('nan'):.1f} s; egress {r.egress / MIB:.1f} MiB; "
-                          f"peers {r.sources.get('peers', 0) / MIB:.1f} MiB, site cache "
-                          f"{r.sources.get('site_cache', 0) / MIB:.1f} MiB; wrong bytes {r.mismatches}"
-                          + (f"; rollout {r.rollout}" if r.rollout else ""), flush=True)
-                    meta["load average (1, 5, 15 min) at start / end"] = f"{load_start} / {os.getloadavg()}"
-                    save(a, runs, meta)
+            # by N, the set-ups interleaved (each N's set-ups see the same load); N = 1 repeated
+            plan = [(setup, n) for n in counts for _rep in range(a.repeats if n == 1 else 1) for setup in setups
+                    if n == 1 or setup not in a.lone_only.split(",")]  # e.g. the older agents: the lone A/B
+            for setup, n in plan:
+                print(f"{setup} N={n} …", flush=True)
+                try:
+                    r = one_run(site, setup, n, trace_path, image.disk, liar=a.liar, before_bin=a.before or BP,
+                                rollout=v2 if v2 and n == max(counts) and setup not in ("nginx", "before") else None)
+                except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+                    print(f"  FAILED: {e}", flush=True)
+                    r = Run(setup, n, [], 0, 0, [str(e)[:300]], {}, 0, os.getloadavg())
+                runs.append(r)
+                print(f"  ready p50 {statistics.median(r.ready) if r.ready else float('nan'):.1f} s, max "
+                      f"{max(r.ready) if r.ready else float('nan'):.1f} s; egress {r.egress / MIB:.1f} MiB; "
+                      f"peers {r.sources.get('peers', 0) / MIB:.1f} MiB, site cache "
+                      f"{r.sources.get('site_cache', 0) / MIB:.1f} MiB; wrong bytes {r.mismatches}"
+                      + (f"; CPU {r.cpu}" if r.cpu else "") + (f"; rollout {r.rollout}" if r.rollout else ""),
+                      flush=True)
+                meta["load average (1, 5, 15 min) at start / end"] = f"{load_start} / {os.getloadavg()}"
+                save(a, runs, meta)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)

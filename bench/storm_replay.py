@@ -9,7 +9,8 @@ submitting it (its CPU work); a read that had no completion before it is issued 
 from the start. So a slow read delays what depended on it, as in a real boot, and reads that were
 in flight together are in flight together.
 
-Every read's bytes are compared with the image's (``--image``): a single wrong byte is counted.
+Every read's bytes are compared with the image's (``--image``): a single wrong byte is counted
+(``mismatches``); a read that failed (EIO) is counted apart (``errors``), its buffer not compared.
 
 Prints one JSON object: per export, ``ready`` (seconds from the start to the last completion),
 ``reads``, ``bytes``, ``mismatches``, ``errors``.
@@ -80,15 +81,18 @@ def replay(uri: str, trace: list[list[float]], deps: list[int], waits: list[floa
             if cookie == 0:
                 break
             i, buf = inflight.pop(cookie)
+            failed = False
             try:
                 h.aio_command_completed(cookie)
             except nbd.Error:
                 errors += 1
+                failed = True
             finished[i] = time.time()
             completed += 1
             _s, _c, off, length = trace[i]
             total += int(length)
-            if image is not None and buf.to_bytearray() != image[int(off):int(off) + int(length)]:
+            # a failed read (EIO) is an error, not wrong bytes: its buffer holds nothing it was given
+            if not failed and image is not None and buf.to_bytearray() != image[int(off):int(off) + int(length)]:
                 mismatches += 1
     h.shutdown()
     out.update(ready=max(f for f in finished if f is not None) - start, reads=n, bytes=total,

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +92,13 @@ def test_site_cache_serves_many_and_survives_its_upstream(tmp_path: Path, short:
         # the cache stays within its budget
         health = json.loads(_curl(f"{url}/v1/health")[1])
         assert health["bytes"] <= 6 * MIB and health["upstream_error"], health
+        for a in agents:
+            a.stop()
+        cache.stop()
+        # the agents' registrations and heartbeats it passed on are not each a log line (httpx's own
+        # INFO lines filled a stderr nobody drained and stopped it, in bench_storm)
+        err = cache.proc.stderr.read() if cache.proc.stderr else ""
+        assert "HTTP Request:" not in err, err[-2000:]
     finally:
         for a in agents:
             a.stop()
@@ -146,6 +154,47 @@ def test_site_cache_checks_tokens_and_keeps_boot_files(tmp_path: Path, short: Pa
         if cache is not None:
             cache.stop()
         upstream.stop()
+
+
+def test_site_cache_shares_one_upstream_get_among_identical_requests(tmp_path: Path) -> None:
+    """Ten PCs asking a new version's manifest at the same moment cost the uplink one GET; a caller
+    with another token gets its own (never an answer given on somebody else's authority)."""
+    import asyncio
+
+    from blockprov.manifest import Manifest
+    from blockprov.service.sitecache import SiteCache
+
+    image = random_image(tmp_path / "img.raw", 4 * MIB, seed=9)
+    data = tmp_path / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
+    one, other = (subprocess.run([BP, "--data", str(data), "token", "create", "--scope", "read"], check=True,
+                                 capture_output=True, text=True).stdout.strip() for _ in range(2))
+    upstream, up_url = start_server(data)
+    target = "/v1/images/lab/manifest?ref=v1"
+
+    async def ask() -> tuple[list[Any], Any, Any, dict[str, int]]:
+        sc = SiteCache(tmp_path / "sc", up_url, 64 * MIB)
+        try:
+            same = await asyncio.gather(*(sc.keep(target, {"authorization": f"Bearer {one}"}) for _ in range(10)))
+            theirs = await sc.keep(target, {"authorization": f"Bearer {other}"})
+            nobody = await sc.keep(target, {})
+            return same, theirs, nobody, dict(sc.counters)
+        finally:
+            await sc.close()
+
+    try:
+        same, theirs, nobody, counters = asyncio.run(ask())
+        vid = RemoteRepository(up_url, token=one).resolve("lab:v1").id
+    finally:
+        upstream.stop()
+    for r, kept in same:
+        assert r is not None and r.status_code == 200 and kept is not None
+        assert Manifest.from_json(r.content).id == vid
+    assert counters["kept_upstream"] == 3 and counters["kept_joined"] == 9, counters
+    # the other token's own GET, revalidating the kept answer
+    assert theirs[0] is not None and theirs[0].status_code == 304
+    assert theirs[1] is not None and same[0][1] is not None and theirs[1][1] == same[0][1][1]
+    assert nobody[0] is not None and nobody[0].status_code == 401  # the upstream refused the anonymous GET
 
 
 def test_prewarm_fills_the_site_cache_before_opening_time(tmp_path: Path, short: Path) -> None:

@@ -33,6 +33,23 @@ def test_json_roundtrip_and_stable_id(chunks: list[bytes], labels: dict[str, str
     assert len(m.id) == 16
 
 
+def test_identity_is_the_documented_digest_and_kept() -> None:
+    """The version id is the BLAKE3 of the identity document (module docstring), the same value as
+    before it was kept per manifest; the manifest computes it once."""
+    import json
+
+    import blake3
+
+    m = mf.build("img", 3 * 4096, 4096, [codec.digest(b"x"), codec.ZERO_DIGEST, codec.digest(b"y")],
+                 parent="0123456789abcdef", created=1763765700.5, labels={"os": "debian"})
+    d = m.to_dict()
+    d["chunks"] = blake3.blake3(m.chunks).hexdigest()
+    assert m.identity == blake3.blake3(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert m.identity == "6b0dd4c5e265a0186940d81527fd7b223d3ca7293672fbf06161989ceaa13793"  # before: the same
+    assert m.id == m.identity[:16] and "identity" in vars(m)  # kept on the instance
+    assert mf.Manifest.from_json(m.to_json()).identity == m.identity
+
+
 def test_short_last_chunk() -> None:
     m = mf.build("img", 4096 + 512, 4096, [codec.digest(b"x"), codec.digest(b"y")])
     assert m.count == 2 and m.chunk_length(1) == 512

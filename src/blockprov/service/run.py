@@ -208,6 +208,10 @@ def run_site_cache(data_dir: str | os.PathLike[str], upstream: str, capacity: in
     from blockprov.service.prewarm import Prewarm
     from blockprov.service.sitecache import SiteCache, create_site_cache_app
 
+    # httpx logs every request it makes at INFO: here, every heartbeat and long poll of every PC of
+    # the site, passed through (a thousand lines a run of thirty PCs, bench_storm; a stderr nobody
+    # drained stopped the site cache). Its failures are still logged, by the site cache's own words.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     root = Path(data_dir) / "sitecache"
     sc = SiteCache(root, upstream, capacity, token=token)
     prewarm = Prewarm(sc)

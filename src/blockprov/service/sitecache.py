@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, compile_path
 
@@ -108,6 +108,8 @@ class SiteCache:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="bp-sitecache")
         self._flights: dict[bytes, asyncio.Future[bytes]] = {}
         self._pulls: set[asyncio.Task[None]] = set()
+        # kept GETs under way, by target and headers (``keep``)
+        self._gets: dict[str, asyncio.Future[tuple[httpx.Response | None, tuple[dict[str, Any], bytes] | None]]] = {}
         # the upstream's answers about callers' tokens, by SHA-256 of the Authorization value (never the
         # token): (when, the /v1/whoami answer or {"refused": why}); kept on disk, so a café whose site
         # cache restarts while its uplink is down still lets its PCs in
@@ -116,7 +118,8 @@ class SiteCache:
             self._decisions = {k: (float(t), dict(a)) for k, (t, a) in
                                json.loads((data_dir / DECISIONS).read_text()).items()}
         self.counters = {"chunks_hit": 0, "bytes_hit": 0, "chunks_upstream": 0, "bytes_upstream": 0,
-                         "chunks_failed": 0, "corrupt_dropped": 0, "passed": 0, "stale_answers": 0}
+                         "chunks_failed": 0, "corrupt_dropped": 0, "passed": 0, "stale_answers": 0,
+                         "kept_upstream": 0, "kept_joined": 0}
         self.last_upstream_ok: float | None = None
         self.last_upstream_error: str | None = None
         self._body_limits: list[tuple[str, re.Pattern[str], str, int]] | None = None  # the upstream's, per route
@@ -125,9 +128,10 @@ class SiteCache:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def close(self) -> None:
-        for t in list(self._pulls):
+        running: list[asyncio.Future[Any]] = [*self._pulls, *self._gets.values()]
+        for t in running:
             t.cancel()
-        await asyncio.gather(*self._pulls, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
         await self.http.aclose()
         self.upstream.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -271,7 +275,25 @@ class SiteCache:
                    ) -> tuple[httpx.Response | None, tuple[dict[str, Any], bytes] | None]:
         """GET ``target`` (path and query) from the upstream, revalidating a kept answer by its ETag
         and keeping a new one: (the upstream's answer or None when it cannot be reached, the kept
-        answer or None). Answers are kept by path, query and whether octets were asked for."""
+        answer or None). Answers are kept by path, query and whether octets were asked for.
+
+        Identical requests at the same moment (the same target and headers, the caller's token
+        included, so nobody is answered on another's authority) share one upstream GET: thirty PCs
+        moving to a v2 at once ask for its manifest together, and each would otherwise pull it
+        through the uplink before the first answer was kept (bench_storm's rollout)."""
+        flight = hashlib.sha256(json.dumps([target, sorted(headers.items())]).encode()).hexdigest()
+        task = self._gets.get(flight)
+        if task is None:
+            task = self._gets[flight] = asyncio.ensure_future(self._keep_once(target, headers))
+            # gone from the table when done; its failure retrieved even if every caller went away
+            task.add_done_callback(lambda t: (self._gets.pop(flight, None), t.cancelled() or t.exception()))
+            self.counters["kept_upstream"] += 1
+        else:
+            self.counters["kept_joined"] += 1
+        return await asyncio.shield(task)  # a caller that goes away leaves the others' GET running
+
+    async def _keep_once(self, target: str, headers: dict[str, str]
+                         ) -> tuple[httpx.Response | None, tuple[dict[str, Any], bytes] | None]:
         octets = "application/octet-stream" in headers.get("accept", "")
         key = hashlib.sha256(f"{target}\0{'octets' if octets else ''}".encode()).hexdigest()
         kept = await self.run(self._kept, key)
@@ -331,6 +353,8 @@ def answers_errors(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Re
     async def wrapper(request: Request) -> Response:
         try:
             return await fn(request)
+        except ClientDisconnect:  # the caller went away (a timeout of its own) before its body came
+            return Response(status_code=400)
         except BlockprovError as e:
             if e.http_status >= 500 and not isinstance(e, RepositoryUnavailable):
                 log.error("%s %s: %s", request.method, request.url.path, e)
