@@ -309,7 +309,7 @@ def phases(b: Any) -> dict[str, float]:
         return {k: round(v, 2) for k, v in out.items()}
     found, answer = guest_at(b.console, "its plan read"), guest_at(b.console, "the repository: the disk is current")
     mounted = guest_at(b.console, "root serving")
-    out["loader+kernel"] = b.seen["blockprov: initramfs started"] - b.seen[TO_DISK] + start
+    out["loader+kernel"] = b.seen["blockprov: initramfs started"] - b.seen[TO_DISK]
     if found is not None and answer is not None and mounted is not None:
         out["initramfs: modules, disk"] = found - start
         out["initramfs: question"] = max(0.0, answer - found)  # what the boot waited for the answer
@@ -333,7 +333,7 @@ def s_everyday(r: Repo, policy: str) -> Sample:
     disk = r.tmp / f"everyday-{policy}.raw"
     if not disk.exists():  # provisioned once, then a session: every sample is the next day's boot
         blank_disk(disk, disk_size(r.image))
-        assign(r.server_url, DAY_MODE, policy, hydrate="before-boot", readahead=None, mac=mac)
+        assign(r.server_url, DAY_MODE, policy, ref=V1, hydrate="before-boot", readahead=None, mac=mac)
         for n in (1, 2):
             b = netboot(disk, r.url, r.tmp / f"everyday-{policy}-{n}.log", timeout=r.timeout, count=False,
                         disk_second=True, mac=mac)
