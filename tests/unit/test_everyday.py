@@ -84,6 +84,11 @@ class Env:
         assert info is not None
         return str(loader.wanted(info.kernel.id, info.initrd.id, " ".join(s["args"]))["fingerprint"])
 
+    def say(self, fingerprint: str) -> None:
+        """The PC's agent says its disk holds the version whole and its loader boots ``fingerprint``."""
+        r = self.c.put(f"/v1/boot/{MAC}/disk", json={"version": f"lab@{self.vid}", "fingerprint": fingerprint})
+        assert r.status_code == 200
+
     def ask(self, fingerprint: str, version: str | None = None) -> str:
         r = self.c.post(f"/v1/boot/{MAC}/disk", headers={"host": "10.0.2.2:8420"},
                         json={"version": version or f"lab@{self.vid}", "fingerprint": fingerprint})
@@ -102,8 +107,12 @@ def env(tmp_path: Path) -> Iterator[Env]:
 def test_ipxe_is_told_to_boot_the_disk_only_while_it_is_current(env: Env) -> None:
     assert "kernel" in boot.parse_script(env.script())  # nothing heard of the disk: a network boot
     fp = env.fingerprint()
-    r = env.c.put(f"/v1/boot/{MAC}/disk", json={"version": f"lab@{env.vid}", "fingerprint": fp})
-    assert r.status_code == 200
+    # the disk's question writes nothing (anyone may send it under --anonymous-boot): only the
+    # PC's agent says what its disk holds
+    assert env.ask(fp).startswith("network: the disk's word differs")
+    assert "kernel" in boot.parse_script(env.script())
+    env.say(fp)
+    assert env.ask(fp, version="lab@" + "0" * 16).startswith("network: the disk's word differs")
     # an operator looking is shown what the PC would get, and it records nothing
     for _ in range(2):
         look = env.c.get(f"/v1/boot/{MAC}", headers={"host": "10.0.2.2:8420"}).text
@@ -120,6 +129,7 @@ def test_ipxe_is_told_to_boot_the_disk_only_while_it_is_current(env: Env) -> Non
     assert "kernel" in boot.parse_script(env.script())
     assert env.ask(fp).startswith("network: the disk's kernel, initramfs or command line")
     fp2 = env.fingerprint()
+    env.say(fp2)  # the network boot's agent rewrote the loader, and says so
     assert env.ask(fp2) == "disk\n"
     # a new version
     src = make_image(env.tmp / "v2.img", 1 << 20, seed=6)
@@ -131,6 +141,7 @@ def test_ipxe_is_told_to_boot_the_disk_only_while_it_is_current(env: Env) -> Non
 
 def test_a_forced_reprovision_reaches_the_pc(env: Env) -> None:
     fp = env.fingerprint()
+    env.say(fp)
     assert env.ask(fp) == "disk\n"
     r = env.c.post(f"/v1/hosts/{MAC}/reprovision")
     assert r.status_code == 200
@@ -138,7 +149,9 @@ def test_a_forced_reprovision_reaches_the_pc(env: Env) -> None:
     s = boot.parse_script(env.script())
     assert s["params"]["blockprov.reprovision"] == token  # the agent compares it with its disk's label
     assert env.ask(fp).startswith("network:")
-    assert env.ask(env.fingerprint()) == "disk\n"  # once its loader boots that command line
+    fp3 = env.fingerprint()
+    env.say(fp3)  # the re-provisioned disk's agent
+    assert env.ask(fp3) == "disk\n"  # once its loader boots that command line
 
 
 def test_bad_words_about_a_disk_are_refused(env: Env) -> None:

@@ -344,13 +344,11 @@ class Registry:
         except ValueError:
             return None
 
-    def record_disk(self, host: str, version: str, fingerprint: str, *, seen: bool = False) -> None:
-        """The host's PC says its disk holds ``version`` whole and its loader boots ``fingerprint``
-        (``seen``: said by the disk's own initramfs, which came up); when it was told to boot it
-        is kept. One transaction: a concurrent ``record_told`` is not lost."""
-        version_ref = f"{image_name(version.split('@')[0])}@{version_id(version.split('@', 1)[-1])}"
-        if len(fingerprint) != 32 or not all(c in "0123456789abcdef" for c in fingerprint):
-            raise UsageError(f"a disk's fingerprint is 32 hex digits, not {fingerprint[:40]!r}")
+    def record_disk(self, host: str, version: str, fingerprint: str) -> None:
+        """The host's PC (its agent) says its disk holds ``version`` whole and its loader boots
+        ``fingerprint``; when it was told to boot it and when the disk last came up are kept. One
+        transaction: a concurrent ``record_told`` is not lost."""
+        version_ref = _disk_claim(version, fingerprint)
         host = host_id(host)
         with self.db.tx() as db:
             row = db.execute("SELECT disk FROM hosts WHERE host=?", (host,)).fetchone()
@@ -359,8 +357,26 @@ class Registry:
             old = DiskState.from_dict(json.loads(row[0])) if row[0] else None
             now = time.time()
             state = DiskState(version_ref, fingerprint, said=now, told=old.told if old else 0.0,
-                              seen=now if seen else (old.seen if old else 0.0))
+                              seen=old.seen if old else 0.0)
             db.execute("UPDATE hosts SET disk=? WHERE host=?", (json.dumps(state.to_dict()), host))
+
+    def record_seen(self, host: str, version: str, fingerprint: str) -> bool:
+        """The disk's own initramfs came up and says it holds ``version`` with ``fingerprint``:
+        True, and ``seen`` set, when that is what the PC's agent last said (``record_disk``).
+        Nothing else is written: a request anyone may send under ``--anonymous-boot`` never
+        changes what the repository knows a disk holds."""
+        version = _disk_claim(version, fingerprint)
+        host = host_id(host)
+        with self.db.tx() as db:
+            row = db.execute("SELECT disk FROM hosts WHERE host=?", (host,)).fetchone()
+            if row is None:
+                raise HostNotFound(host=host)
+            old = DiskState.from_dict(json.loads(row[0])) if row[0] else None
+            if old is None or (old.version, old.fingerprint) != (version, fingerprint):
+                return False
+            new = dataclasses.replace(old, seen=time.time())
+            db.execute("UPDATE hosts SET disk=? WHERE host=?", (json.dumps(new.to_dict()), host))
+            return True
 
     def record_told(self, host: str) -> None:
         """The repository told the host's iPXE to boot its disk (now)."""
@@ -607,3 +623,10 @@ class Registry:
         return {"id": rid, "instance": inst, "op": op, "args": json.loads(args), "state": state, "created": created,
                 "started": started, "finished": finished, "lease_until": lease_until, "attempts": attempts,
                 "result": None if result is None else json.loads(result), "error": error}
+
+
+def _disk_claim(version: str, fingerprint: str) -> str:
+    """``version`` as the catalog keeps it (``NAME@ID``, checked), once ``fingerprint`` is 32 hex digits."""
+    if len(fingerprint) != 32 or not all(c in "0123456789abcdef" for c in fingerprint):
+        raise UsageError(f"a disk's fingerprint is 32 hex digits, not {fingerprint[:40]!r}")
+    return f"{image_name(version.split('@')[0])}@{version_id(version.split('@', 1)[-1])}"

@@ -147,6 +147,7 @@ undo() {  # what the every-day boot made, before the slow path takes over
 }
 slow() {
     say "every-day boot not taken: $1; the full initramfs from the disk's boot partition at uptime $(up) s"
+    : >/tmp/meta.done  # the background question waits no longer for the metadata partition
     [ -f /tmp/ask.started ] && answer >/dev/null  # the background network job ends first (its udhcpc)
     undo
     if [ -n "$D" ] && mount -t vfat -o ro "/dev/$(part 1)" "$BOOT" && [ -f "$BOOT/rest.img" ]; then
@@ -169,14 +170,16 @@ ask() {
     ip link set "$NIC" up
     udhcpc -i "$NIC" -f -q -n -t 3 -T 1 -s /etc/blockprov/udhcpc.sh >/dev/null 2>&1 || return 0
     echo "blockprov: network up on $NIC at uptime $(up) s" >&2
+    i=0  # the loader's record is on the metadata partition, which the main shell mounts meanwhile
+    while [ ! -f /tmp/meta.done ] && [ $i -lt @META_WAIT@ ]; do usleep 100000; i=$((i + 1)); done
     FP=$(sed -n 's/.*"fingerprint": *"\([0-9a-f]*\)".*/\1/p' "$META/loader.json" 2>/dev/null)
     BODY="{\"version\": \"$IMAGE\", \"fingerprint\": \"$FP\"}"
     if [ -n "$TOKEN" ]; then
         timeout @ASK@ wget -S -q -O - --header "Authorization: Bearer $TOKEN" \
-            --header "Content-Type: application/json" --post-data "$BODY" "$REPO/v1/boot/$HOST/disk" 2>&1
+            --header "Content-Type: application/json" --post-data "$BODY" "$REPO/v1/boot/$HOST/disk?base=$REPO" 2>&1
     else
         timeout @ASK@ wget -S -q -O - --header "Content-Type: application/json" --post-data "$BODY" \
-            "$REPO/v1/boot/$HOST/disk" 2>&1
+            "$REPO/v1/boot/$HOST/disk?base=$REPO" 2>&1
     fi
 }
 answer() {  # the background job's answer, waited for (bounded): the repository's verdict
@@ -185,7 +188,6 @@ answer() {  # the background job's answer, waited for (bounded): the repository'
     cat /tmp/answer 2>/dev/null
 }
 everyday() {
-    [ "$NATIVE" = off ] && { WHY="blockprov.native=off"; return 1; }
     # modules, then the network and the repository's verdict, in the background: the disk and
     # its devices are made meanwhile (the modules of the disk and of device-mapper first)
     : >/tmp/ask.started
@@ -198,6 +200,9 @@ everyday() {
     i=0; while [ ! -f /tmp/modules.done ] && [ $i -lt 600 ]; do usleep 50000; i=$((i + 1)); done
     find_disk || { WHY="no disk with blockprov's label"; return 1; }
     mount -t ext4 -o rw,noatime "/dev/$(part 2)" "$META" || { WHY="cannot mount /dev/$(part 2)"; return 1; }
+    : >/tmp/meta.done
+    # native=off after the disk is found: the slow path unpacks the rest from its boot partition
+    [ "$NATIVE" = off ] && { WHY="blockprov.native=off"; return 1; }
     [ -f "$META/native.env" ] || { WHY="the disk has no native plan (the agent path last, or not complete)"; return 1; }
     . "$META/native.env"
     [ "$BP_IMAGE" = "$IMAGE" ] || { WHY="the plan is for $BP_IMAGE, the command line names $IMAGE"; return 1; }
@@ -266,5 +271,6 @@ for d in dev proc sys; do mount --move "/$d" "/newroot/$d"; done
 cd /newroot && mount --move . / || { echo "blockprov: cannot move the new root"; sleep 30; reboot -f; }
 say "root mounted ($OPTS) at uptime $(cut -d' ' -f1 proc/uptime) s; starting $INITPROG"
 exec chroot . "$INITPROG"
-""".replace("@ASK@", str(ASK_TIMEOUT)).replace("@DELAY@", str(RESIDENT_DELAY)).replace(
+""".replace("@ASK@", str(ASK_TIMEOUT)).replace("@META_WAIT@", str((FAST_MODULE_TIMEOUT + 5) * 10)).replace(
+    "@DELAY@", str(RESIDENT_DELAY)).replace(
     "$((FAST_MODULE_TIMEOUT * 10))", str(FAST_MODULE_TIMEOUT * 10))

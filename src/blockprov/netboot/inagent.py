@@ -372,7 +372,13 @@ async def serve(params: dict[str, str], repo: RemoteRepository, manifest: Manife
     native_on = params.get("native", "on") != "off"
     if taken is not None and taken.native is not None and native_on and await complete_for_native(dev, offline, say):
         root = await taken.native.enter(dev, policy)
-        taken.native.write_plan(f"{m.image}@{m.id}", policy, taken.disk)
+        try:
+            taken.native.write_plan(f"{m.image}@{m.id}", policy, taken.disk)
+        except OSError as e:  # a full or failing metadata file system: this boot goes on, the next takes the slow path
+            with contextlib.suppress(OSError):
+                taken.native.remove_plan()  # never an older plan in its place
+            say(f"warning: the every-day boot's plan could not be written ({e.strerror or e}): "
+                "the next boot takes the slow path")
         say(f"native data path: the root is disk {d.name if d else ''} itself, through the kernel ({root}: "
             + ("a copy-on-write snapshot of the image, dropped at the next boot" if policy == "restore" else
                "the image in place, its writes recorded by dm-era") + "); the agent stays out of its path")
@@ -689,7 +695,9 @@ async def serve_resume(params: dict[str, str], ready: int, say: Any) -> None:
         d = None
     else:
         own_dev()  # /dev as the cache records its data partition: the supervisor mounted this root's own
-        d = next((x for x in disk.disks() if disk.identify(disk.read_head(x.path)) == "blockprov"), None)
+        named = (params.get("disk") or "").removeprefix("/dev/")  # the disk the boot chose (blockprov.disk=)
+        d = next((x for x in disk.disks()
+                  if (x.name == named if named else disk.identify(disk.read_head(x.path)) == "blockprov")), None)
         if d is None:
             raise NetbootError("the disk the agent served is gone")
         data = d.data

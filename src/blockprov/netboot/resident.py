@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockprov.agent import lifecycle
-from blockprov.agent.control import Handler
+from blockprov.agent.control import Args, Handler
 from blockprov.agent.hydrate import HydrationStatus
 from blockprov.cache import CacheDevice
 from blockprov.errors import BlockprovError, DeviceMapperError, UsageError
@@ -119,8 +119,9 @@ class Resident:
 
     async def _op_snapshot(self, req: dict[str, Any]) -> lifecycle.SnapshotResult:
         proc()
-        take = functools.partial(lifecycle.snapshot, self.dev, self.repo, str(req.get("to", "")),
-                                 target=str(req.get("target") or "default"), rebase=bool(req.get("rebase")))
+        a = Args(req, "to", "target", "rebase")  # as the agent's own snapshot op reads them
+        take = functools.partial(lifecycle.snapshot, self.dev, self.repo, a.text("to"),
+                                 target=a.text("target") or "default", rebase=a.flag("rebase"))
         return await self.native.snapshot(self.dev, take)
 
     async def _op_refused(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -112,6 +112,7 @@ class Supervisor:
         self.socket = ""
         self.started = 0.0
         self.pause = RESTART_PAUSE[0]
+        self.stale = False  # /dev/nbd has no live connection to the agent: reconnect every second until it has
         self.link: nbdlink.Link | None = None
         self.events: nbdlink.Link | None = None
 
@@ -172,8 +173,10 @@ class Supervisor:
             try:
                 self.reconnect()
             except (OSError, BlockprovError) as e:
-                say(f"cannot give /dev/nbd{NBD_INDEX} the new agent's socket: {e}")
+                say(f"cannot give /dev/nbd{NBD_INDEX} the new agent's socket: {e} (tried again every second)")
+                self.stale = True
                 return
+            self.stale = False
         say(f"the agent is back after {time.monotonic() - t0:.1f} s" + (
             f"; /dev/nbd{NBD_INDEX} reconnected" if self.kind == "nbd" else ""))
 
@@ -187,15 +190,20 @@ class Supervisor:
             dead = bool(got) and self.events is not None and NBD_INDEX in self.events.dead_links()
             if self.agent is not None and self.agent.poll() is not None:
                 self.restart()
-            elif dead and self.link is not None:
+            elif (dead or self.stale) and self.link is not None:
                 time.sleep(0.2)  # the agent may be dying: its death is seen first
                 if self.agent is not None and self.agent.poll() is not None:
                     continue
                 try:
                     self.reconnect()
-                    say(f"/dev/nbd{NBD_INDEX}'s connection timed out: a new one to the running agent")
+                    say(f"/dev/nbd{NBD_INDEX}: a new connection to the running agent")
+                    self.stale = False
                 except (OSError, BlockprovError) as e:
-                    say(f"cannot renew /dev/nbd{NBD_INDEX}'s connection: {e}")
+                    # the kernel's event was taken: without this flag nothing would try again, and
+                    # the root would get I/O errors once the device's dead-connection timeout ends
+                    if not self.stale:
+                        say(f"cannot renew /dev/nbd{NBD_INDEX}'s connection: {e} (tried again every second)")
+                    self.stale = True
 
 
 def main(argv: list[str]) -> int:

@@ -260,10 +260,11 @@ class LocalRepository:
 
     def check_disk(self, host: str, base_url: str | None, version: str, fingerprint: str) -> str | None:
         """The disk's own initramfs asks (netboot/everyday.py): it holds ``version`` whole and its
-        loader boots ``fingerprint``. Recorded (the disk came up), then the verdict: None, the
-        disk is current (and this is the host's last boot), else why the PC must boot from the
-        network."""
-        self.registry.record_disk(host, version, fingerprint, seen=True)
+        loader boots ``fingerprint``. When that is what its agent last said, the disk's coming up
+        is recorded and the verdict follows: None, the disk is current (and this is the host's
+        last boot), else why the PC must boot from the network."""
+        if not self.registry.record_seen(host, version, fingerprint):
+            return "the disk's word differs from what the PC's agent last said of it (or it said nothing)"
         try:
             h, _version, why = self._disk_verdict(host, base_url, from_disk=True)
         except (Conflict, BootFilesMissing) as e:  # the assignment cannot boot from the network either

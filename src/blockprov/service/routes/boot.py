@@ -223,18 +223,20 @@ async def refused_boot(request: Request, err: BlockprovError) -> Response | None
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _base(request: Request, base: str | None) -> str:
+def _base(request: Request, base: str | None, *, firmware: bool = False) -> str:
     """The repository's URL as the host reached it: ``base`` when given, else the request's own,
-    from its Host header — with this server's port when that header has none and the port is not
-    the scheme's default. edk2's HTTP boot (OVMF, and the firmware of many PCs) sends ``Host:
-    ADDRESS`` without the port of the URL it fetches; the kernel command line built from it would
-    name port 80."""
+    from its Host header. ``firmware`` (the UEFI HTTP boot image): with this server's port when
+    that header has none and the port is not the scheme's default. edk2's HTTP boot (OVMF, and
+    the firmware of many PCs) sends ``Host: ADDRESS`` without the port of the URL it fetches; the
+    kernel command line built from it would name port 80. Only there: behind a reverse proxy
+    (``proxy_set_header Host $host``) a header without a port means the proxy's default port,
+    and iPXE's scripts must name the proxy, not this server's port."""
     if base is not None:
         return names.base_url(base)
     url = request.base_url
     server = request.scope.get("server")
     host = request.headers.get("host", "")
-    if server and ":" not in host.rpartition("]")[2] and server[1] != DEFAULT_PORTS.get(url.scheme):
+    if firmware and server and ":" not in host.rpartition("]")[2] and server[1] != DEFAULT_PORTS.get(url.scheme):
         url = url.replace(port=server[1])
     return names.base_url(str(url))
 
@@ -276,7 +278,7 @@ async def uefi_boot_image(host: str, request: Request, base: str | None = None, 
     UEFI loader, or a tag that is gone."""
     svc = Service.of(request)
     try:
-        image, name, vid = await svc.run(svc.repo.uefi_image, host, _base(request, base))
+        image, name, vid = await svc.run(svc.repo.uefi_image, host, _base(request, base, firmware=True))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
