@@ -53,6 +53,7 @@ import zstandard
 from blockprov import jsonvalue
 from blockprov.boot import EFI_FILES, SETTINGS, BootFile, DiskState, host_setting, split_settings
 from blockprov.catalog import inherit, sites
+from blockprov.catalog.db import Tx
 from blockprov.catalog.images import Catalog
 from blockprov.catalog.records import BootFilesInfo, HostInfo
 from blockprov.errors import (
@@ -351,10 +352,7 @@ class Registry:
         version_ref = _disk_claim(version, fingerprint)
         host = host_id(host)
         with self.db.tx() as db:
-            row = db.execute("SELECT disk FROM hosts WHERE host=?", (host,)).fetchone()
-            if row is None:
-                raise HostNotFound(host=host)
-            old = DiskState.from_dict(json.loads(row[0])) if row[0] else None
+            old = _disk_in(db, host)
             now = time.time()
             state = DiskState(version_ref, fingerprint, said=now, told=old.told if old else 0.0,
                               seen=old.seen if old else 0.0)
@@ -368,10 +366,7 @@ class Registry:
         version = _disk_claim(version, fingerprint)
         host = host_id(host)
         with self.db.tx() as db:
-            row = db.execute("SELECT disk FROM hosts WHERE host=?", (host,)).fetchone()
-            if row is None:
-                raise HostNotFound(host=host)
-            old = DiskState.from_dict(json.loads(row[0])) if row[0] else None
+            old = _disk_in(db, host)
             if old is None or (old.version, old.fingerprint) != (version, fingerprint):
                 return False
             new = dataclasses.replace(old, seen=time.time())
@@ -630,3 +625,12 @@ def _disk_claim(version: str, fingerprint: str) -> str:
     if len(fingerprint) != 32 or not all(c in "0123456789abcdef" for c in fingerprint):
         raise UsageError(f"a disk's fingerprint is 32 hex digits, not {fingerprint[:40]!r}")
     return f"{image_name(version.split('@')[0])}@{version_id(version.split('@', 1)[-1])}"
+
+
+def _disk_in(db: Tx, host: str) -> DiskState | None:
+    """What the catalog knows of ``host``'s disk, read inside the caller's transaction (None:
+    nothing yet). HostNotFound for an unknown host."""
+    row = db.execute("SELECT disk FROM hosts WHERE host=?", (host,)).fetchone()
+    if row is None:
+        raise HostNotFound(host=host)
+    return DiskState.from_dict(json.loads(row[0])) if row[0] else None
