@@ -764,7 +764,8 @@ ISSUE_27: dict[str, list[Step]] = {
         (("host", "assign", MAC, "img:v2"), 0, r"policy restore, hydrate off, site -, args B=2"),
         (("host", "show", MAC, "--json"), 0, r'"policy": "restore"'),
         (("host", "list"), 0,
-         r"(?m)^HOST +ASSIGNED +BOOTS +POLICY +HYDRATE +SITE +LAST BOOT +ARGS\n52:54:00:12:34:56 .* restore +off "),
+         r"(?m)^HOST +ASSIGNED +BOOTS +POLICY +HYDRATE +SITE +FIRMWARE +LAST BOOT +ARGS\n"
+         r"52:54:00:12:34:56 .* restore +off "),
     ],
     "args-cleared-on-purpose": [
         (("host", "assign", MAC, "img:v1", "--args", "quiet", "--policy", "keep"), 0, r"args quiet"),
