@@ -73,7 +73,7 @@ from pathlib import Path
 
 from blockprov.netboot.initramfs import dependency_order
 
-BUILDER_VERSION = 9  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 10  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -605,6 +605,7 @@ def add_fio(root: Path) -> None:
             shutil.copyfile(os.path.realpath(m.group(1)), d / Path(m.group(1)).name)
             if "ld-linux" in m.group(1):
                 loader = Path(m.group(1)).name
+                os.chmod(d / loader, 0o755)  # run executes it: copyfile leaves it without the x bit
     (d / "run").write_text(f"#!/{ROOT_BUSYBOX} sh\nexec /{FIO_DIR}/{loader} --library-path /{FIO_DIR} "
                            f"/{FIO_DIR}/fio \"$@\"\n")
     os.chmod(d / "run", 0o755)
