@@ -105,7 +105,7 @@ class Bench:
         if b.done.get("mode") != MODE or b.done.get("fio") != "done":
             raise RuntimeError(f"{which}: no fio marker\n{b.tail(20)}")
         shutil.copyfile(log, OUT / f"{self.name}-{which}-{i}.log")  # the consoles, for a look afterwards
-        return {"seconds": round(b.seconds, 1), "jobs": figures(b)}
+        return {"round": i, "seconds": round(b.seconds, 1), "jobs": figures(b)}
 
 
 def rows_of(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -122,10 +122,19 @@ def rows_of(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row[f"{w} IOPS"] = iops[w]
             row[f"{w} MiB/s"] = mibs[w]
             row[f"{w} / plain"] = round(iops[w] / iops["plain"], 3) if iops["plain"] else "-"
-        row["samples (IOPS) plain / restore / keep"] = " ; ".join(
+        row["samples (IOPS) plain ; restore ; keep"] = " ; ".join(
             "/".join(f"{x['iops']:.0f}" for x in got[w]) for w in DISKS)
+        row["round by round restore ; keep / plain"] = " ; ".join(
+            "/".join(f"{q:.2f}" for q in paired(samples, w, job)) for w in ("restore", "keep"))
         rows.append(row)
     return rows
+
+
+def paired(samples: dict[str, list[dict[str, Any]]], which: str, job: str) -> list[float]:
+    """``which`` / plain, IOPS, in each round that has both (neighbours in time: the host's load
+    drifts less between them than across the run)."""
+    plain = {s["round"]: s["jobs"][job]["iops"] for s in samples["plain"]}
+    return [s["jobs"][job]["iops"] / plain[s["round"]] for s in samples[which] if plain.get(s["round"])]
 
 
 def goals(rows: list[dict[str, Any]]) -> list[str]:
@@ -158,7 +167,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["job"] for r in rows], fontsize=8)
     ax.set_ylabel("IOPS relative to the plain disk")
-    ax.set_ylim(0, 1.3)
+    ax.set_ylim(0, max(1.3, 1.15 * max(float(r[f"{w} / plain"]) for r in rows for w in ("restore", "keep"))))
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
