@@ -19,6 +19,7 @@ from blockprov.agent import control, keep, lifecycle
 from blockprov.agent.hydrate import MAX_HOLD_REST, MIN_RATE, HydrationStatus, Hydrator
 from blockprov.cache import CacheDevice, DeviceStatus
 from blockprov.errors import BlockprovError, UsageError
+from blockprov.manifest import Manifest
 from blockprov.repo.base import Repository
 from blockprov.results import inline, omit_none
 
@@ -82,9 +83,12 @@ async def wait_for_stop(stop: asyncio.Event) -> None:
 class InstanceOps:
     def __init__(self, device: CacheDevice, repo: Repository, *, connections: Callable[[], int],
                  hydrate: bool = False, hydrate_rate: float | None = None, use_profile: bool = True,
-                 auto_profile: bool = False, profile_after: float = AUTO_PROFILE_AFTER) -> None:
+                 auto_profile: bool = False, profile_after: float = AUTO_PROFILE_AFTER,
+                 resolve: Callable[[str], Manifest] | None = None) -> None:
         self.device = device
         self.repo = repo
+        # where a version to move to is looked up (the agent's: through its site's peers when it has some)
+        self._resolve = resolve or repo.resolve
         self._connections = connections
         self._hydrate = hydrate
         self._hydrate_rate = hydrate_rate
@@ -204,7 +208,7 @@ class InstanceOps:
     async def _op_update(self, req: dict[str, Any]) -> keep.KeptUpdate:
         a = control.Args(req, "to", "keep_modified", "force", "lazy")
         keep_modified, force, lazy = a.flag("keep_modified"), a.flag("force"), a.flag("lazy")
-        new = await self._run(self.repo.resolve, a.text("to"))
+        new = await self._run(self._resolve, a.text("to"))
         return await keep.update(self.device, self.repo, new, keep_modified=keep_modified, force=force,
                                  eager=not lazy)
 
