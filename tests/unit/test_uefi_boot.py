@@ -64,6 +64,8 @@ def test_the_uefi_loader_is_stored_served_and_kept_by_gc(env: Env) -> None:
     r = env.c.get(url, headers={"range": f"bytes={boot.PIECE - 3}-{boot.PIECE + 3}"})
     assert r.status_code == 206 and r.content == EFI[boot.GRUB][boot.PIECE - 3:boot.PIECE + 4]
     assert r.headers["etag"] == f'"{info.efi[boot.GRUB].id}"'
+    r = env.c.get(url, headers={"range": "bytes=0-9,100-199"})  # several ranges: the whole body, as RFC 9110
+    assert r.status_code == 200 and r.content == EFI[boot.GRUB] and "content-range" not in r.headers  # allows
     h = env.c.head(f"{env.files}/{boot.SHIM}")
     assert h.status_code == 200 and h.headers["content-length"] == str(len(EFI[boot.SHIM]))
     env.repo.gc(grace=0)  # the loader's pieces are referenced: nothing of it goes

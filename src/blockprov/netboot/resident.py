@@ -129,4 +129,5 @@ class Resident:
                          "run at its next boot")
 
     async def _op_hydrate(self, req: dict[str, Any]) -> HydrationStatus:
+        Args(req, "rate", "profile_parallel", "hold_rest")  # as the agent's own hydrate op reads them
         return HydrationStatus(state="done", percent=100.0, message="the disk holds the whole image (native path)")

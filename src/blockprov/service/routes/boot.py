@@ -35,7 +35,7 @@ from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.results import to_dict
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
-from blockprov.service.routes.common import JSON_BODY, OCTETS, fields_of, json_body, json_of, version_ref
+from blockprov.service.routes.common import JSON_BODY, OCTETS, fields_of, json_body, json_of, own_url, version_ref
 from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
@@ -221,25 +221,10 @@ async def refused_boot(request: Request, err: BlockprovError) -> Response | None
 
 
 # -- hosts ----------------------------------------------------------------------------------------
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
 def _base(request: Request, base: str | None, *, firmware: bool = False) -> str:
-    """The repository's URL as the host reached it: ``base`` when given, else the request's own,
-    from its Host header. ``firmware`` (the UEFI HTTP boot image): with this server's port when
-    that header has none and the port is not the scheme's default. edk2's HTTP boot (OVMF, and
-    the firmware of many PCs) sends ``Host: ADDRESS`` without the port of the URL it fetches; the
-    kernel command line built from it would name port 80. Only there: behind a reverse proxy
-    (``proxy_set_header Host $host``) a header without a port means the proxy's default port,
-    and iPXE's scripts must name the proxy, not this server's port."""
-    if base is not None:
-        return names.base_url(base)
-    url = request.base_url
-    server = request.scope.get("server")
-    host = request.headers.get("host", "")
-    if firmware and server and ":" not in host.rpartition("]")[2] and server[1] != DEFAULT_PORTS.get(url.scheme):
-        url = url.replace(port=server[1])
-    return names.base_url(str(url))
+    """The repository's URL as the host reached it: ``base`` when given, else the request's own
+    (routes/common.py ``own_url``; ``firmware``: the UEFI HTTP boot image's port rule)."""
+    return names.base_url(base) if base is not None else own_url(request, firmware=firmware)
 
 
 @router.get("/v1/boot/{host}", tags=["boot"], response_class=PlainTextResponse)
