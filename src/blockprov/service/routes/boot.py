@@ -271,9 +271,9 @@ async def uefi_boot_image(host: str, request: Request, base: str | None = None, 
     told to boot its disk (not with ``record=false``), so a PC whose disk does not come up is
     sent the image at its next boot (``DISK_GRACE``)."""
     svc = Service.of(request)
-    at, booting = _base(request, base, firmware=True), record and request.method == "GET"
+    url, booting = _base(request, base, firmware=True), record and request.method == "GET"
     try:
-        image, name, vid = await svc.run(functools.partial(svc.repo.uefi_image, host, at, booting=booting))
+        image, name, vid = await svc.run(functools.partial(svc.repo.uefi_image, host, url, booting=booting))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
