@@ -717,6 +717,22 @@ def test_export_failures_leave_no_file(tmp_path: Path) -> None:
         assert p.returncode == 12 and "no space left" in one_line(p)
 
 
+def test_export_force_through_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    """--force on a symlink replaces the file it names (written beside that file, renamed over it),
+    and the link stays, as writing through the link did before exports were atomic."""
+    data = tmp_path / "data"
+    img = make_image(tmp_path / "d.img", 1 << 20, seed=77, data_fraction=1.0)
+    run_cli("import", str(img), "d:v1", data=data)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "disk.img").write_bytes(b"old")
+    (tmp_path / "link.img").symlink_to(tmp_path / "real" / "disk.img")
+    p = run_cli("export", "d:v1", str(tmp_path / "link.img"), data=data, check=False)
+    assert p.returncode == 13 and "give --force" in one_line(p)
+    run_cli("export", "d:v1", str(tmp_path / "link.img"), "--force", data=data)
+    assert (tmp_path / "link.img").is_symlink() and (tmp_path / "real" / "disk.img").read_bytes() == img.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["disk.img"]
+
+
 def test_lifecycle_with_the_repository_down(tmp_path: Path) -> None:
     """reset --eager exits 7 (not 1) and offline hydrate exits 7 after --fetch-timeout (it never ended)."""
     data = tmp_path / "data"

@@ -50,7 +50,7 @@ def export_image(repo: Repository, ref: Ref | str, dest: str | os.PathLike[str],
     m = repo.resolve(ref)
     if fmt not in ("raw", "qcow2"):
         raise UsageError(f"unknown export format {fmt!r} (use raw or qcow2)")
-    dest = Path(dest)
+    dest = Path(os.path.realpath(dest))  # a symlink's target is what is written (replaced beside it, not the link)
     is_block = _destination(dest, force)
     try:
         if is_block:
