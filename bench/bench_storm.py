@@ -27,8 +27,10 @@ What runs, and why:
   joins: everything).
 - **The v2 rollout** (``--rollout``): after each set-up's N = 30 run, its 30 agents (now holding
   v1's working set) are moved to a v2 at once (``blockprov update``: by diff, the changed chunks they
-  held fetched again at once); the repository's egress is compared with the wire bytes of the
-  changed chunks the agents held (each once).
+  held fetched again at once); the repository's egress (everything: chunks, v2's manifest, tag
+  lookups, joins) is compared with the wire bytes of the changed chunks the agents held (each once).
+  With peers, v2's manifest comes from the repository once, to its owner, and from that peer to the
+  others (the agents' status counts where each manifest came from).
 
 Run: ``.venv/bin/python bench/bench_storm.py [--counts 1,10,30] [--setups alone,nginx,sitecache,peers]
 [--rollout] [--liar]``. Results: bench/out/storm.{json,md}, bench/results/storm.png.
@@ -425,9 +427,13 @@ def do_rollout(site: Site, agents: list[tuple[Proc, Path, Path]], v2: dict[str, 
     # the chunks' part of the egress: what the agents fetched from the repository itself for v2 (an
     # owner's fetches for its peers included); the rest is manifests, joins and requests
     vid = RemoteRepository(site.direct).resolve(v2["ref"]).id
-    chunks = sum(int(((status(c).get("sources") or {}).get("by_version") or {}).get(vid, {})
-                     .get("repository", {}).get("bytes", 0)) for _p, c, _s in agents)
+    sts = [status(c).get("sources") or {} for _p, c, _s in agents]
+    chunks = sum(int((st.get("by_version") or {}).get(vid, {}).get("repository", {}).get("bytes", 0)) for st in sts)
+    # v2's manifest: how many came from the repository (or the site cache) and how many from peers
+    manifests = {k: sum(int((st.get("manifests") or {}).get(k, {}).get("count", 0)) for st in sts)
+                 for k in ("repository", "site_cache", "peers")}
     return {"seconds": seconds, "egress": egress, "changed_wire": v2["changed_wire"], "chunk_bytes": chunks,
+            "manifests": manifests,
             "ratio": egress / v2["changed_wire"] if v2["changed_wire"] else None,
             "refetched_per_agent": statistics.median(refetched) if refetched else 0}
 
@@ -551,6 +557,7 @@ def save(a: argparse.Namespace, runs: list[Run], meta: dict[str, Any]) -> list[s
                          "note": f"changed chunks' wire bytes {r.rollout['changed_wire'] / MIB:.1f} MiB; "
                                  f"chunks from the repository to the agents {r.rollout.get('chunk_bytes', 0) / MIB:.2f}"
                                  " MiB (the rest: manifests, joins, requests); "
+                                 f"v2's manifest from (agents' count) {r.rollout.get('manifests', {})}; "
                                  f"{r.rollout['refetched_per_agent']} chunks refetched per agent (median)"})
     cols = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "-") for k in cols} for r in rows]  # a rollout's row has no CPU columns

@@ -33,6 +33,11 @@ Which loops retry for ever, and why (``timeout=None``):
 
 Everything else retries for a bounded time (a fetch: the agent's fetch timeout; an S3 request;
 a pool's refill) and then fails with the last error.
+
+Something many callers need of one peer that is down (a site cache's upstream: what it says of a
+token, its body limits, a kept answer's freshness) is not retried by each of them: ``Backoff``
+lets one attempt through per interval, the interval doubling to the policy's ``max_delay``, while
+the others make do with what is known (service/sitecache.py).
 """
 
 from __future__ import annotations
@@ -112,6 +117,53 @@ class Attempts:
         if self.on_retry is not None:
             self.on_retry(exc, self.count, delay)
         return delay
+
+
+class Backoff:
+    """One attempt per interval at a peer that failed, for all of its callers together.
+
+    While nothing failed (or since the last success) every caller may ask: ``due()`` is true.
+    After a failure (``failed``), ``due()`` is true for one caller once the interval has passed,
+    and that caller takes the turn (the others at the same moment wait for the next interval), so
+    a peer that is down costs one attempt per interval however many callers there are. The
+    interval starts at the policy's ``first_delay`` and doubles to its ``max_delay``; ``ok()``
+    (any success with that peer) ends it."""
+
+    def __init__(self, policy: RetryPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.delay = 0.0  # the current interval; 0: the peer is not known to be down
+        self.next_at = 0.0
+        self.failures = 0
+
+    @property
+    def down(self) -> bool:
+        return self.delay > 0
+
+    def due(self) -> bool:
+        """May this caller ask now (and if so, the turn is taken)?"""
+        if not self.down:
+            return True
+        now = self.clock()
+        if now < self.next_at:
+            return False
+        self.next_at = now + self.delay  # the callers meanwhile wait for this attempt's interval
+        return True
+
+    def failed(self) -> float:
+        """An attempt failed: the interval before the next one (doubled, at most ``max_delay``)."""
+        self.failures += 1
+        p = self.policy
+        self.delay = min(p.max_delay, self.delay * 2) if self.delay else p.first_delay
+        self.next_at = self.clock() + self.delay
+        return self.delay
+
+    def ok(self) -> None:
+        self.delay, self.next_at, self.failures = 0.0, 0.0, 0
+
+    def wait(self) -> float:
+        """Seconds until the next attempt may be made (0 when one is due)."""
+        return max(0.0, self.next_at - self.clock()) if self.down else 0.0
 
 
 def retry_sync(fn: Callable[[], T], policy: RetryPolicy, what: str = "a request", *,

@@ -313,3 +313,60 @@ def test_site_cache_bounds_what_it_passes_on(tmp_path: Path) -> None:
         upstream.stop()
     err = cache.proc.stderr.read() if cache is not None and cache.proc.stderr else ""
     assert "internal error" not in err and "Traceback" not in err, err[-3000:]
+
+
+def test_the_uefi_boot_image_through_the_site_cache(tmp_path: Path) -> None:
+    """A UEFI PC's own HTTP boot through a site cache: ``GET /v1/boot/MAC/boot.img`` used to be passed
+    upstream as it came, so the image's grub.cfg named the upstream as the PC's repository (the PC
+    bypassed the site cache), and the site cache read the whole image into memory before it sent a
+    byte. Now the image names the site cache, with its port though the firmware's Host header has
+    none (edk2's), and streams through with its length, Range, ETag and HEAD. Bound stated: the
+    site cache's peak memory grows by less than half the image's size while it passes."""
+    from blockprov import boot
+    from blockprov.repo.local import LocalRepository
+
+    data = tmp_path / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(random_image(tmp_path / "img.raw", 1 * MIB, seed=10)),
+                    "lab:v1"], check=True, stdout=subprocess.DEVNULL)
+    mac = "52:54:00:ab:cd:26"
+    repo = LocalRepository(data)
+    try:
+        efi = {boot.SHIM: b"MZ shim " * 5000, boot.GRUB: b"MZ grub " * 9000, boot.MOK_MANAGER: b"MZ mm " * 300}
+        initrd = random_image(tmp_path / "initrd", 96 * MIB, seed=11).read_bytes()
+        repo.set_boot_files("lab:v1", b"MZ kernel " * 100_000, initrd, "console=ttyS0", efi, prepare=False)
+        repo.assign_host(mac, "lab:v1")
+    finally:
+        repo.close()
+    upstream, up_url = start_server(data)
+    cache: Proc | None = None
+    try:
+        cache, url = start_server(tmp_path / "sc", "--upstream", up_url)
+        img, port = f"{url}/v1/boot/{mac}/boot.img", url.rsplit(":", 1)[1]
+        edk2 = ("-H", "host: 127.0.0.1")  # the firmware's Host header, without the port
+        head = subprocess.run([require_tool("curl"), "-sI", *edk2, img], capture_output=True, text=True, timeout=60,
+                              check=True).stdout.lower()
+        assert head.startswith("http/1.1 200") and "content-type: application/vnd.efi-img" in head, head
+        size = int(head.split("content-length: ", 1)[1].split()[0])
+        etag = head.split("etag: ", 1)[1].splitlines()[0].strip()
+        code, part = _curl(img, *edk2, "-r", "0-699")
+        assert code == 206 and len(part) == 700, code
+        before = _peak_rss(cache.proc.pid)
+        code, content = _curl(img, *edk2)
+        grown = _peak_rss(cache.proc.pid) - before
+        assert code == 200 and len(content) == size > len(initrd)
+        assert f"blockprov.repo=http://127.0.0.1:{port} ".encode() in content  # the site cache, its port kept
+        assert up_url.encode() not in content
+        assert content[:700] == part
+        code, mid = _curl(img, *edk2, "-r", f"{size // 2}-{size // 2 + 99999}")
+        assert code == 206 and mid == content[size // 2:size // 2 + 100000]
+        code, body = _curl(img, *edk2, "-H", f"if-none-match: {etag}")
+        assert code == 304, (etag, body[:300])
+        # the upstream built it for the site cache, and recorded the PC's boot (the whole image was sent)
+        host = json.loads(_curl(f"{up_url}/v1/hosts/{mac}")[1])
+        assert host["firmware"] == "uefi" and host["last_boot"], host
+        assert grown < size // 2, f"the site cache's peak grew by {grown >> 20} MiB for a {size >> 20} MiB image"
+        print(f"boot.img through the site cache: {size >> 20} MiB, peak memory +{grown / MIB:.1f} MiB")
+    finally:
+        if cache is not None:
+            cache.stop()
+        upstream.stop()

@@ -168,14 +168,25 @@ def test_ten_agents_over_a_slow_link_take_chunks_from_each_other(site: Site) -> 
 class LyingPeer:
     """A hostile agent of the site: registers like one, then answers every chunk with wrong bytes."""
 
-    def __init__(self, repo_url: str, instance: str, version: str, site: str = "cafe") -> None:
+    def __init__(self, repo_url: str, instance: str, version: str, site: str = "cafe",
+                 manifest: bytes = b"") -> None:
+        """``manifest``: what it answers when asked for any manifest (a real one of another version
+        is the subtle lie)."""
         self.asked = 0
+        self.manifests_asked = 0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 n = int(self.headers.get("content-length") or 0)
                 ids = self.rfile.read(n)
+                if self.path.startswith("/peer/v1/manifest"):
+                    outer.manifests_asked += 1
+                    self.send_response(200)
+                    self.send_header("content-length", str(len(manifest)))
+                    self.end_headers()
+                    self.wfile.write(manifest)
+                    return
                 outer.asked += 1
                 frames = b""
                 for _ in range(len(ids) // 32):  # a well-formed blob of the right size, of the wrong content
@@ -265,6 +276,70 @@ def test_a_peer_vanishing_mid_transfer_costs_no_read(site: Site) -> None:
     assert st["peer_failures"] >= 1 and st["liars"] == [], st
 
 
+def make_v2(site: Site, changed: list[int]) -> tuple[str, bytes]:
+    """Import a v2 whose chunks ``changed`` (of 64 KiB) have new bytes; its id and its image."""
+    img = bytearray(site.image.read_bytes())
+    for i in changed:
+        img[i * 65536:i * 65536 + 4096] = os.urandom(4096)
+    v2 = site.tmp / "v2.raw"
+    v2.write_bytes(bytes(img))
+    subprocess.run([BP, "--repo", site.direct, "import", str(v2), "lab:v2"], check=True, stdout=subprocess.DEVNULL)
+    return RemoteRepository(site.direct).resolve("lab:v2").id, bytes(img)
+
+
+def update_all(site: Site, indices: list[int], to: str) -> None:
+    procs = [subprocess.Popen([BP, "update", "--cache", str(site.agents[k][1]), "--to", to, "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in indices]
+    for p in procs:
+        _o, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+
+
+def test_a_v2_rollout_takes_its_manifest_from_the_site_once(site: Site) -> None:
+    """Four agents move to a v2 at once: the repository resolves the tag for each (an id, no
+    manifest) and sends v2's manifest once, to its owner; the others take it from that peer, check
+    it against the id, and read v2's bytes exactly."""
+    agents = site.start_agents(4)
+    site.wait_peers(agents, 3)
+    site.read_all(agents)
+    _vid, v2 = make_v2(site, [3, 40, 77])
+    site.link.reset()
+    update_all(site, agents, "lab:v2")
+    got = [site.status(k)["sources"]["manifests"] for k in agents]
+    assert sum(g["repository"]["count"] for g in got) == 1, got
+    assert sum(g["peers"]["count"] for g in got) == 3, got
+    size = max(g["repository"]["bytes"] for g in got)
+    # the link carried one manifest (and the three changed chunks, tag lookups, joins), not four
+    assert site.link.stats()["down_bytes"] < 2 * size + 3 * 70_000 + 200_000, (site.link.stats(), size)
+    site.image.write_bytes(v2)
+    site.read_all(agents)
+
+
+def test_a_peer_lying_about_a_manifest_is_caught(site: Site) -> None:
+    """The owner of v2's manifest answers with v1's (a real manifest, of another version): the agent
+    refuses it, marks the peer a liar, and moves to v2 with the repository's."""
+    from blockprov.cache.peers import _key, owner
+
+    [a] = site.start_agents(1)
+    site.read_all([a])
+    vid, v2 = make_v2(site, [5])
+    me = site.status(a)["agent"]["instance"]
+    name = next(n for n in (f"pc-liar-{i}" for i in range(64))
+                if owner(bytes.fromhex(vid), [(me, _key(me)), (n, _key(n))]) == n)
+    v1 = RemoteRepository(site.direct).resolve("lab:v1")
+    liar = LyingPeer(site.direct, name, v1.id, manifest=v1.to_json())
+    try:
+        site.wait_peers([a], 1)
+        update_all(site, [a], "lab:v2")
+        st = site.status(a)
+        assert liar.manifests_asked == 1 and st["sources"]["liars"] == [name], st["sources"]
+        assert st["sources"]["manifests"]["repository"]["count"] == 1
+        site.image.write_bytes(v2)
+        site.read_all([a])
+    finally:
+        liar.close()
+
+
 def _curl_chunks(url: str, ids: bytes, auth: str | None) -> tuple[int, bytes]:
     curl = require_tool("curl")
     cmd = [curl, "-s", "-o", "-", "-w", "\n%{http_code}", "-X", "POST", "--data-binary", "@-",
@@ -297,6 +372,10 @@ def test_tokens_decide_who_gets_chunks_from_a_peer(tmp_path: Path, short: Path) 
         assert _curl_chunks(url, ids, None)[0] == 401
         assert _curl_chunks(url, ids, "Ticket nonsense")[0] == 401
         assert _curl_chunks(url, ids, f"Bearer {cafe_pc}")[0] == 401  # a token is no ticket
+        curl = require_tool("curl")
+        r = subprocess.run([curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", f"lab@{m.id}",
+                            f"{url}/peer/v1/manifest"], capture_output=True, text=True, timeout=60, check=True)
+        assert r.stdout == "401"  # manifests are lent under the same rule
         school = RemoteRepository(s.direct, token=school_pc).join_site("school", "pc-s")
         code, body = _curl_chunks(url, ids, f"Ticket {school['ticket']}")
         assert code == 403 and b"school" in body

@@ -194,6 +194,9 @@ def test_the_loader_keeps_the_initramfs_in_its_two_parts() -> None:
     with pytest.raises(Exception, match="not gzip"):
         loader.split_initramfs(b"not an initramfs")
     assert "INITRD /fast.img" in loader.syslinux_cfg("x")
+    # GRUB on the disk's EFI System Partition boots the fast part too; the whole initramfs stays beside it
+    _vol, content = loader.volume({"kernel": b"k", "initrd": fast + rest}, loader.wanted("k", "i", "x"))
+    assert b"\ninitrd /fast.img\n" in content[boot.GRUB_CFG] and content["initrd.img"] == fast + rest
     # a loader written before the two parts (its record without the fingerprint) is out of date
     want = loader.wanted("k", "i", "x")
     assert loader.comparable({k: v for k, v in want.items() if k != "fingerprint"}) != want

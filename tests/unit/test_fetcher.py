@@ -8,6 +8,7 @@ import time
 import pytest
 
 from blockprov.cache import fetcher as fetcher_module
+from blockprov.cache import link as link_module
 from blockprov.cache.fetcher import Fetcher
 from blockprov.errors import DeviceIOError
 from blockprov.manifest import Manifest
@@ -258,7 +259,7 @@ def test_far_repository_random_miss_fetches_its_region_near_one_does_not(monkeyp
     what was asked for moves. The link's assumed bandwidth is set to 20 chunks a second here, so a
     0.4 s round trip carries 8 chunks while the in-memory repository (well under 0.1 s a miss even on
     a loaded machine) carries less than 2: the region is then the miss alone."""
-    monkeypatch.setattr(fetcher_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
+    monkeypatch.setattr(link_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
     async def run(repo: DictRepo, m: Manifest, sink: Sink) -> None:
         f = fetcher(repo, m, sink, readahead=16 * CS)
         await f.get(3)  # the first miss measures the link
@@ -425,7 +426,7 @@ def test_slow_misses_on_a_busy_machine_do_not_make_a_near_repository_look_far(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The link's round trip is the least recent one: once a miss came back fast, later slow ones
     (a loaded machine, not a far link) fetch no region; the same slow misses from the start do."""
-    monkeypatch.setattr(fetcher_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
+    monkeypatch.setattr(link_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
 
     async def run(first_delay: float) -> set[int]:
         repo, m, _content, sink = setup()
@@ -441,3 +442,60 @@ def test_slow_misses_on_a_busy_machine_do_not_make_a_near_repository_look_far(
 
     assert asyncio.run(run(0.0)) == set()
     assert asyncio.run(run(0.4))
+
+
+class PeeredRepo(DictRepo):
+    """A source reached through a site's peers: it knows the site's uplink (cache/link.py)."""
+
+    def __init__(self, up: link_module.LinkEstimate | None) -> None:
+        super().__init__()
+        self.up = up
+
+    def uplink(self) -> link_module.LinkEstimate | None:
+        return self.up
+
+
+def test_through_peers_speculation_is_also_sized_by_the_uplink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow answer from the peers (a loaded machine) would fetch a region, as a far link does; when
+    the uplink the site shares is near (its round trip short), the region is the miss alone, since
+    every agent's speculation crosses the uplink once for the site. No uplink (a lone agent): the
+    region as before; an uplink not yet measured: as before too."""
+    monkeypatch.setattr(link_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
+
+    def near() -> link_module.LinkEstimate:
+        up = link_module.LinkEstimate()
+        up.observe(0.001, 1, 0)
+        return up
+
+    async def run(up: link_module.LinkEstimate | None) -> set[int]:
+        repo = PeeredRepo(up)
+        m, _content = make_image(repo, chunks=64, zero_every=0, dup_every=0)
+        sink = Sink()
+        repo.delay = 0.4
+        f = fetcher(repo, m, sink, readahead=16 * CS)
+        await f.get(3)
+        await f.get(37)
+        await f.idle()
+        await f.close()
+        return {i for i in sink.stored if i not in (3, 37)}
+
+    assert asyncio.run(run(near())) == set()
+    assert asyncio.run(run(None))
+    assert asyncio.run(run(link_module.LinkEstimate()))
+
+
+def test_link_estimate_round_trip_is_the_least_and_bandwidth_from_large_fetches() -> None:
+    est = link_module.LinkEstimate(window=4, believe_first=True)
+    assert est.rtt == 0.0
+    for t in (0.05, 0.002, 0.03):
+        est.observe(t, 1, 20_000)
+    assert est.rtt == 0.002
+    est.observe(0.102, 64, 1_000_000)  # 1 MB in 0.1 s beyond the round trip
+    assert est.bandwidth_measured and est.bandwidth == pytest.approx(10e6)
+    for t in (0.04, 0.04, 0.04, 0.04):  # the fast sample left the window: queueing is all that is left
+        est.observe(t, 2, 40_000)
+    assert est.rtt == 0.04
+    smooth = link_module.LinkEstimate()  # the fetcher's own: smoothed in from the assumed 1 Gbit/s
+    smooth.observe(0.002, 1, 0)
+    smooth.observe(0.102, 64, 1_000_000)
+    assert smooth.bandwidth == pytest.approx(0.7 * link_module.DEFAULT_BANDWIDTH + 0.3 * 10e6)

@@ -91,3 +91,51 @@ def test_a_bad_blob_below_is_not_served_to_peers() -> None:
         assert src.fetch_for_peers([cid]) == {}
     finally:
         src.close()
+
+
+def test_the_uplink_is_offered_only_while_there_are_peers_of_the_image() -> None:
+    """A lone agent's fetcher must speculate as it always has: no uplink without a peer of its image;
+    with one, the estimate of the fetches below (their least time)."""
+    from blockprov.cache.peers import Membership, Peer
+
+    data = [os.urandom(4096) for _ in range(3)]
+    blobs = {codec.digest(d): codec.encode(d) for d in data}
+    below = SlowBelow(blobs)
+    src = PeerSource(below, shared=True)
+    try:
+        src.image_of = lambda: "lab"
+        assert src.uplink() is None  # not in a site
+        src.membership = Membership("s", "me", "t", {}, (Peer("other", "http://127.0.0.1:1", "v", "other-image"),))
+        assert src.uplink() is None  # the only peer serves another image
+        src.membership = Membership("s", "me", "t", {}, (Peer("pc-2", "http://127.0.0.1:1", "v", "lab"),))
+        up = src.uplink()
+        assert up is not None and up.rtt == 0.0
+        src.from_upstream(list(blobs)[:1])
+        assert 0.2 <= up.rtt < 5  # SlowBelow takes 0.2 s a call
+    finally:
+        src.close()
+
+
+def test_peers_are_lent_the_kept_compressed_blob_and_never_a_bad_one() -> None:
+    """What an owner fetched is lent as the repository sent it (compressed: fewer LAN bytes), after
+    its digest is checked; a blob that does not match is dropped, not lent."""
+    data = [bytes([i]) * 3000 + os.urandom(1096) for i in range(3)]  # compressible
+    blobs = {codec.digest(d): codec.encode(d) for d in data}
+    good, bad, never = list(blobs)
+    blobs[bad] = codec.encode(os.urandom(4096))  # the repository's copy is broken
+    src = PeerSource(SlowBelow(blobs), shared=True)
+    try:
+        assert src.kept_for_peers([good, bad]) == {}  # nothing kept yet
+        src.from_upstream([good, bad])
+        lent = src.kept_for_peers([good, bad, never])
+        assert list(lent) == [good] and bytes(lent[good]) == blobs[good]
+        assert len(lent[good]) < len(data[0]) // 2 and codec.decode(bytes(lent[good]), good) == data[0]
+        assert src.kept_for_peers([bad]) == {}  # dropped from memory once found bad
+    finally:
+        src.close()
+    lone = PeerSource(SlowBelow(blobs), shared=False)  # a lone agent keeps nothing to lend
+    try:
+        lone.from_upstream([good])
+        assert lone.kept_for_peers([good]) == {}
+    finally:
+        lone.close()

@@ -15,7 +15,7 @@ from blockprov.errors import (
     StaleConnection,
     UntrustedServer,
 )
-from blockprov.retry import LOUD, QUIET, RetryPolicy, is_transient, retry_async, retry_sync, retrying
+from blockprov.retry import LOUD, QUIET, Backoff, RetryPolicy, is_transient, retry_async, retry_sync, retrying
 
 FAST = RetryPolicy(timeout=5.0, first_delay=0.001, max_delay=0.002)
 
@@ -113,3 +113,22 @@ def test_one_decorator_for_plain_and_async_functions() -> None:
     assert plain(1) == 43 and f.calls == 3
     assert asyncio.run(coro(2)) == 44 and g.calls == 3
     assert plain.__name__ == "plain" and coro.__name__ == "coro"
+
+
+def test_backoff_lets_one_attempt_through_per_interval() -> None:
+    """``Backoff``: while nothing failed everyone may ask; after a failure one caller per interval,
+    the interval doubling to the cap; a success ends it."""
+    now = [100.0]
+    b = Backoff(RetryPolicy(first_delay=2.0, max_delay=8.0, jitter=False), clock=lambda: now[0])
+    assert all(b.due() for _ in range(5)) and not b.down
+    assert b.failed() == 2.0 and b.down
+    assert not any(b.due() for _ in range(5)) and b.wait() == 2.0
+    now[0] += 2.0
+    assert [b.due() for _ in range(3)] == [True, False, False]  # the first caller takes the turn
+    assert [b.failed(), b.failed(), b.failed()] == [4.0, 8.0, 8.0]  # doubled, capped
+    now[0] += 7.9
+    assert not b.due()
+    now[0] += 0.1
+    assert b.due()
+    b.ok()
+    assert not b.down and all(b.due() for _ in range(3)) and b.wait() == 0.0

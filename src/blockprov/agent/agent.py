@@ -65,9 +65,11 @@ from blockprov.cache import (
 from blockprov.durable import atomic_write
 from blockprov.errors import AgentNotRunning, CacheError, UsageError
 from blockprov.manifest import Manifest
+from blockprov.names import parse_ref
 from blockprov.nbd.activation import uri_template
 from blockprov.nbd.server import FRAME_TIMEOUT, NbdServer
 from blockprov.repo.base import Repository
+from blockprov.repo.remote import RemoteRepository
 from blockprov.results import from_dict
 
 log = logging.getLogger("blockprov.agent")
@@ -143,6 +145,20 @@ class Agent:
         source = repository_source(peers, readahead=cfg.readahead, timeout=cfg.fetch_timeout)
         return cfg.reserve.source(source) if cfg.reserve is not None else source
 
+    def _resolve(self, ref: str) -> Manifest:
+        """The version ``ref`` names, to move to: the repository resolves the tag (an id, without the
+        manifest), and the manifest comes through the site's peers when the agent has some of the
+        image (cache/peers.py, ``PeerSource.manifest``, checked against the id); else, as always,
+        the whole answer from the repository."""
+        r = parse_ref(ref)
+        peers = self.peers
+        if peers is not None and peers.has_peers(r.name) and isinstance(self.repo, RemoteRepository):
+            vid = self.repo.version_of(r)
+            got = peers.manifest(r.name, vid) if vid is not None else None
+            if got is not None:
+                return got
+        return self.repo.resolve(r)
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> list[str]:
         cfg = self.config
@@ -158,6 +174,8 @@ class Agent:
             raise
         peers.version_of = lambda: self.device.manifest.id if self.device is not None else ""
         peers.image_of = lambda: self.device.manifest.image if self.device is not None else ""
+        peers.own_manifest = lambda: self.device.manifest if self.device is not None else None
+        peers.manifest_below = self.repo.resolve
         try:
             dev = self.device
             if self.manifest is None:  # re-attach: refuse a repository without the cache's version
@@ -177,7 +195,7 @@ class Agent:
                                              frame_timeout=cfg.nbd_timeout, write_timeout=cfg.nbd_timeout)
             self.ops = InstanceOps(dev, self.repo, connections=lambda: server.stats.connections_active,
                                    hydrate=cfg.hydrate, hydrate_rate=cfg.hydrate_rate, use_profile=cfg.use_profile,
-                                   auto_profile=cfg.use_profile and cfg.auto_profile)
+                                   auto_profile=cfg.use_profile and cfg.auto_profile, resolve=self._resolve)
             self.control.handlers.update(self.ops.handlers())
             if cfg.socket is not None:
                 cfg.socket.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +309,7 @@ class Agent:
 
     # -- control ops ------------------------------------------------------------------------------
     async def _op_status(self, req: dict[str, Any]) -> StatusReport:
+        control.Args(req)  # takes none: any argument is refused (a misspelt one is not ignored)
         assert self.ops is not None and self.server is not None
         site = None
         if self.site is not None:
@@ -301,6 +320,7 @@ class Agent:
                        sources=self.peers.stats.to_dict() if self.peers is not None else None, site=site)
 
     async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        control.Args(req)
         self._stop.set()
         return {"stopping": True}
 

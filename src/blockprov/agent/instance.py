@@ -19,6 +19,7 @@ from blockprov.agent import control, keep, lifecycle
 from blockprov.agent.hydrate import MAX_HOLD_REST, MIN_RATE, HydrationStatus, Hydrator
 from blockprov.cache import CacheDevice, DeviceStatus
 from blockprov.errors import BlockprovError, UsageError
+from blockprov.manifest import Manifest
 from blockprov.repo.base import Repository
 from blockprov.results import inline, omit_none
 
@@ -82,9 +83,12 @@ async def wait_for_stop(stop: asyncio.Event) -> None:
 class InstanceOps:
     def __init__(self, device: CacheDevice, repo: Repository, *, connections: Callable[[], int],
                  hydrate: bool = False, hydrate_rate: float | None = None, use_profile: bool = True,
-                 auto_profile: bool = False, profile_after: float = AUTO_PROFILE_AFTER) -> None:
+                 auto_profile: bool = False, profile_after: float = AUTO_PROFILE_AFTER,
+                 resolve: Callable[[str], Manifest] | None = None) -> None:
         self.device = device
         self.repo = repo
+        # where a version to move to is looked up (the agent's: through its site's peers when it has some)
+        self._resolve = resolve or repo.resolve
         self._connections = connections
         self._hydrate = hydrate
         self._hydrate_rate = hydrate_rate
@@ -204,15 +208,15 @@ class InstanceOps:
     async def _op_update(self, req: dict[str, Any]) -> keep.KeptUpdate:
         a = control.Args(req, "to", "keep_modified", "force", "lazy")
         keep_modified, force, lazy = a.flag("keep_modified"), a.flag("force"), a.flag("lazy")
-        new = await self._run(self.repo.resolve, a.text("to"))
+        new = await self._run(self._resolve, a.text("to"))
         return await keep.update(self.device, self.repo, new, keep_modified=keep_modified, force=force,
                                  eager=not lazy)
 
     async def _op_hydrate(self, req: dict[str, Any]) -> HydrationStatus:
+        a = control.Args(req, "rate", "profile_parallel", "hold_rest")
         if self.device.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         h = self.hydrator
-        a = control.Args(req, "rate", "profile_parallel", "hold_rest")
         rate = a.number("rate", MIN_RATE, 1e15)
         parallel = a.integer("profile_parallel", 1, 1, 64)
         hold_rest = a.number("hold_rest", 0.0, MAX_HOLD_REST) or 0.0
@@ -223,6 +227,7 @@ class InstanceOps:
         return self.hydrator.status()
 
     async def _op_profile(self, req: dict[str, Any]) -> ReadOrder:
+        control.Args(req)
         m = self.device.manifest
         return ReadOrder(image=m.image, version=m.id, order=self.device.profile())
 

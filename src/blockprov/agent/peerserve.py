@@ -4,11 +4,15 @@
 ``Authorization: Ticket …`` (tickets.py); the answer is one frame per id (cache/peers.py,
 ``encode_frames``): the chunk as a blob, or ``ABSENT``. A present, unmodified chunk is lent from
 the data file after its bytes were hashed against its id (cache/lending.py), as an uncompressed
-blob (no CPU spent compressing for the LAN). With ``fetch=1`` a chunk it does not hold is fetched
+blob (no CPU spent compressing for the LAN), unless the agent still keeps the compressed blob the
+repository sent for it (it fetched the chunk as its owner): that blob goes, verified, at a third of
+the bytes on the test image (``PeerSource.kept_for_peers``). With ``fetch=1`` a chunk it does not hold is fetched
 from the repository first, once however many peers ask, verified, and kept in memory for a while
 (``PeerSource.fetch_for_peers``): the caller computed that this agent owns it (a chunk of another
-version of the image too: the site moving to a v2). ``GET /peer/v1/health`` (open) says who serves
-here.
+version of the image too: the site moving to a v2). ``POST /peer/v1/manifest[?fetch=1]`` with
+``IMAGE@ID`` as the body answers that version's manifest (JSON) in the same way, or 404: the site's
+agents moving to a v2 at once take it from its owner, not each from the repository
+(``PeerSource.manifest``). ``GET /peer/v1/health`` (open) says who serves here.
 
 Who may ask: the holder of a ticket of this site that has not expired, checked with the site's
 keys from this agent's last join (no repository round trip, so peers keep serving each other
@@ -39,7 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from blockprov import tickets
-from blockprov.cache import MAX_IDS, PEER_PATH, Blob, Lender, PeerSource, encode_frames
+from blockprov.cache import MAX_IDS, PEER_MANIFEST_PATH, PEER_PATH, Blob, Lender, PeerSource, encode_frames
 from blockprov.codec import DIGEST_SIZE, plain_header
 from blockprov.errors import (
     BlockprovError,
@@ -50,6 +54,7 @@ from blockprov.errors import (
     UsageError,
     error_to_dict,
 )
+from blockprov.names import parse_ref
 
 log = logging.getLogger("blockprov.peers")
 
@@ -74,6 +79,7 @@ class ServeStats:
     bytes_sent: int = 0
     refused: int = 0  # bad, missing or foreign tickets
     busy: int = 0
+    manifests_sent: int = 0
 
 
 class RateLimit:
@@ -196,18 +202,30 @@ class PeerServer:
         path, _, query = target.partition("?")
         if path == "/peer/v1/health":
             return _Reply(200, json.dumps(self.who() | {"status": "ok"}).encode())
-        if path != PEER_PATH:
+        if path not in (PEER_PATH, PEER_MANIFEST_PATH):
             raise _Reply(404, b'{"error": "NotFound", "message": "not a peer route"}')
         if method != "POST":
-            raise _Reply(405, b'{"error": "UsageError", "message": "POST the chunk ids"}')
+            raise _Reply(405, b'{"error": "UsageError", "message": "POST the chunk ids (or IMAGE@ID for a manifest)"}')
         self.stats.requests += 1
         self._check_ticket(headers.get("authorization", ""))
+        fetch = urllib.parse.parse_qs(query).get("fetch") == ["1"]
+        if path == PEER_MANIFEST_PATH:
+            return await self._manifest(body, fetch)
         if len(body) % DIGEST_SIZE:
             raise _error(UsageError("the body is a whole number of 32-byte chunk ids"))
         ids = [body[k:k + DIGEST_SIZE] for k in range(0, len(body), DIGEST_SIZE)]
         if len(ids) * self.lender.dev.manifest.chunk_size > MAX_ANSWER:
             raise _error(TooLarge(f"at most {MAX_ANSWER >> 20} MiB of chunks per request"))
-        fetch = urllib.parse.parse_qs(query).get("fetch") == ["1"]
+        await self._take_slot()
+        try:
+            frames = await self._answer(ids, fetch)
+        finally:
+            self._slots.release()
+        data = b"".join(frames)
+        self.stats.bytes_sent += len(data)
+        return _Reply(200, data, "application/octet-stream")
+
+    async def _take_slot(self) -> None:
         if self._waiting >= self._queue and self._slots.locked():
             self.stats.busy += 1
             raise _error(PeerBusy(instance=self.who().get("instance"), why=f"{self._waiting} requests waiting"))
@@ -216,13 +234,31 @@ class PeerServer:
             await self._slots.acquire()
         finally:
             self._waiting -= 1
+
+    async def _manifest(self, body: bytes, fetch: bool) -> _Reply:
+        """A version's manifest by ``IMAGE@ID``: the cache's own, one kept, or (``fetch``) fetched
+        from the repository once for the site (``PeerSource.manifest_for_peers``); 404 if none. The
+        caller checks that it hashes to the id."""
         try:
-            frames = await self._answer(ids, fetch)
+            ref = parse_ref(body.decode("ascii").strip())
+        except (UnicodeDecodeError, BlockprovError):
+            raise _error(UsageError("the body is IMAGE@ID")) from None
+        if ref.version is None:
+            raise _error(UsageError("a manifest is asked for by IMAGE@ID, not by tag"))
+        await self._take_slot()
+        try:
+            raw = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.source.manifest_for_peers, ref.name, ref.version, fetch)
+        except BlockprovError as e:
+            log.info("could not fetch manifest %s for a peer: %s", ref, e)
+            raw = None
         finally:
             self._slots.release()
-        data = b"".join(frames)
-        self.stats.bytes_sent += len(data)
-        return _Reply(200, data, "application/octet-stream")
+        if raw is None:
+            raise _Reply(404, b'{"error": "NotFound", "message": "this peer does not hold that manifest"}')
+        self.stats.manifests_sent += 1
+        self.stats.bytes_sent += len(raw)
+        return _Reply(200, raw)
 
     def _check_ticket(self, auth: str) -> None:
         m = self.source.membership
@@ -239,10 +275,9 @@ class PeerServer:
 
     async def _answer(self, ids: list[bytes], fetch: bool) -> list[Blob]:
         loop = asyncio.get_running_loop()
-        lent = await loop.run_in_executor(self._pool, self.lender.lend, ids)
-        items: list[Blob | None] = [None if d is None else plain_header(len(d)) + d for d in lent]
-        self.stats.chunks_lent += sum(d is not None for d in lent)
-        want = [c for c, d in zip(ids, lent, strict=True) if d is None] if fetch else []
+        items = await loop.run_in_executor(self._pool, self._local, ids)
+        self.stats.chunks_lent += sum(x is not None for x in items)
+        want = [c for c, x in zip(ids, items, strict=True) if x is None] if fetch else []
         if want:
             try:
                 got = await loop.run_in_executor(self._pool, self.source.fetch_for_peers, want)
@@ -253,3 +288,18 @@ class PeerServer:
             items = [got.get(c, x) if x is None else x for c, x in zip(ids, items, strict=True)]
         self.stats.chunks_absent += sum(x is None for x in items)
         return encode_frames(items)
+
+    def _local(self, ids: list[bytes]) -> list[Blob | None]:
+        """What this agent holds of ``ids`` (a worker thread: it hashes and decompresses): the
+        compressed blob it keeps from the repository, else the data file's plain chunk, else None."""
+        kept = self.source.kept_for_peers(ids) if self.source.shared else {}
+        rest = [c for c in ids if c not in kept]
+        plain = dict(zip(rest, self.lender.lend(rest), strict=True)) if rest else {}
+        out: list[Blob | None] = []
+        for c in ids:
+            if c in kept:
+                out.append(kept[c])
+            else:
+                d = plain[c]
+                out.append(None if d is None else plain_header(len(d)) + d)
+        return out

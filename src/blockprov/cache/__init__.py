@@ -17,7 +17,8 @@ imported from outside, never its modules (an import-linter contract, ``cache-pub
   ``is_cache``;
 - chunks shared with the site's peers (issue 26): ``PeerSource`` (a ``BlobSource`` under the
   fetcher), ``Membership``, ``Peer``, ``Lender`` (what a cache lends), and the peer protocol's
-  ``PEER_PATH``, ``MAX_IDS``, ``Blob``, ``encode_frames`` (agent/peerserve.py answers with them).
+  ``PEER_PATH``, ``PEER_MANIFEST_PATH``, ``MAX_IDS``, ``Blob``, ``encode_frames`` (agent/peerserve.py
+  answers with them).
 
 Everything is loaded on first use, so a command that only looks at a stopped cache does not
 load asyncio and the device.
@@ -39,7 +40,16 @@ if TYPE_CHECKING:
     )
     from blockprov.cache.lending import Lender
     from blockprov.cache.overlay import base_source
-    from blockprov.cache.peers import MAX_IDS, PEER_PATH, Blob, Membership, Peer, PeerSource, encode_frames
+    from blockprov.cache.peers import (
+        MAX_IDS,
+        PEER_MANIFEST_PATH,
+        PEER_PATH,
+        Blob,
+        Membership,
+        Peer,
+        PeerSource,
+        encode_frames,
+    )
     from blockprov.cache.reserve import Reserve
     from blockprov.cache.source import CacheSide, ChunkSource, Data, Filter, Release, SourceFactory, read_chunks
     from blockprov.cache.status import CacheStatus, DeviceStatus, TargetState, Totals
@@ -51,7 +61,8 @@ _WHERE = {
     "FetchStats": "fetcher", "repository_source": "fetcher",
     "base_source": "overlay",
     "Lender": "lending",
-    "MAX_IDS": "peers", "PEER_PATH": "peers", "Blob": "peers", "Membership": "peers", "Peer": "peers",
+    "MAX_IDS": "peers", "PEER_PATH": "peers", "PEER_MANIFEST_PATH": "peers", "Blob": "peers",
+    "Membership": "peers", "Peer": "peers",
     "PeerSource": "peers", "encode_frames": "peers",
     "Reserve": "reserve",
     "CacheSide": "source", "ChunkSource": "source", "Data": "source", "Filter": "source", "Release": "source",
@@ -66,6 +77,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "LATENCY_BUCKETS",
     "MAX_IDS",
+    "PEER_MANIFEST_PATH",
     "PEER_PATH",
     "Blob",
     "CacheDevice",

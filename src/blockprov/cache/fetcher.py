@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from blockprov.cache.link import LinkEstimate, SharedUplink
 from blockprov.cache.source import CacheSide, Data, NeededFn, Ranges, Release, SourceFactory, StoreFn, read_chunks
 from blockprov.codec import ZERO_DIGEST, decode_view
 from blockprov.device.base import ReadResult
@@ -73,10 +74,6 @@ NEIGHBOURHOOD_BUDGET = 1.0
 # (a power of two); the first boot of the test image then waits on ~95 regions instead of ~177
 # (2 MiB) for 9% more bytes (bench/RESULTS.md, issue 15 "the frontier"). The cap bounds a fast far link.
 NEIGHBOURHOOD_MAX = 8 << 20
-DEFAULT_BANDWIDTH = 125e6  # bytes/s assumed until a large batch measured the link (1 Gbit/s)
-MAX_BANDWIDTH = 1.25e9  # the most a measurement is believed (a batch that took about a round trip)
-BANDWIDTH_SAMPLE_BYTES = 256 << 10  # a batch this large (on the wire) measures the bandwidth
-RTT_WINDOW = 64  # small batches whose least time is the link's round trip
 LATENCY_SAMPLES = 4096
 # Upper bounds (seconds) of the fetch latency histogram exported as Prometheus metrics (agent/metrics.py).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -249,9 +246,9 @@ class Fetcher:
         self._ra_end = 0  # end (exclusive) of the read-ahead issued so far
         self._window = 0  # read-ahead window in chunks
         self._streak = 0  # consecutive misses that continued a stream
-        # Round trips of recent small batches; the link's is their minimum (see ``rtt``).
-        self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
-        self._bandwidth = DEFAULT_BANDWIDTH  # bytes/s on the wire, measured by large batches
+        self.link = LinkEstimate()  # the link to ``repo``: round trip and bandwidth (cache/link.py)
+        # a source reached through the site's peers also knows the site's uplink (cache/peers.py)
+        self._uplink = repo.uplink if isinstance(repo, SharedUplink) else None
         self._closed = False
         self.stats = FetchStats()
 
@@ -259,10 +256,10 @@ class Fetcher:
     @property
     def rtt(self) -> float:
         """The link's round trip (seconds; 0 until measured): the least of the recent small
-        batches' times, as TCP's BBR takes its minimum RTT. A mean would count the time a busy
-        machine kept the agent or the server from running, and on a loaded loopback make a random
-        miss look as far as a WAN's and fetch a region; the minimum is the link's own cost."""
-        return min(self._rtts) if self._rtts else 0.0
+        batches' times (cache/link.py). A mean would count the time a busy machine kept the agent
+        or the server from running, and on a loaded loopback make a random miss look as far as a
+        WAN's and fetch a region; the minimum is the link's own cost."""
+        return self.link.rtt
 
     async def get_many(self, indices: Sequence[int]) -> dict[int, Data]:
         """Verified content of these chunks (fetched, or shared with a fetch in flight)."""
@@ -410,8 +407,16 @@ class Fetcher:
             return  # the link is not measured yet, or no slot to spare beside the demand fetches
         st = self.stats
         per_chunk = st.wire_bytes / st.chunks_fetched if st.chunks_fetched and st.wire_bytes else self._cs / 2
-        span = neighbourhood_span(rtt, self._bandwidth, per_chunk, NEIGHBOURHOOD_MAX // self._cs,
-                                  budget=NEIGHBOURHOOD_BUDGET)
+        cap = NEIGHBOURHOOD_MAX // self._cs
+        span = neighbourhood_span(rtt, self.link.bandwidth, per_chunk, cap, budget=NEIGHBOURHOOD_BUDGET)
+        up = self._uplink() if self._uplink is not None and span >= 2 else None
+        if up is not None and up.rtt:
+            # Through the site's peers: what nobody reads still crosses the uplink once for the site,
+            # and the site pulls the union of its agents' speculation, so the region must also be
+            # cheap there (cache/link.py). Until an owner's fetch measured the uplink, its bandwidth
+            # is taken as no more than this link's.
+            bw = up.bandwidth if up.bandwidth_measured else min(up.bandwidth, self.link.bandwidth)
+            span = min(span, neighbourhood_span(up.rtt, bw, per_chunk, cap, budget=NEIGHBOURHOOD_BUDGET))
         if span < 2:
             return
         a = first - first % span
@@ -532,12 +537,7 @@ class Fetcher:
         took = time.monotonic() - t0
         self.stats.observe(took)
         wire = sum(len(b) for b in blobs if not isinstance(b, BlockprovError))
-        if len(batch) <= 4:  # a small batch's time is mostly the round trip: what the link costs
-            self._rtts.append(took)
-        elif wire >= BANDWIDTH_SAMPLE_BYTES and self._rtts:
-            # a large batch's time beyond a round trip is its bytes crossing the link
-            bw = wire / max(took - self.rtt, took / 8)
-            self._bandwidth = min(MAX_BANDWIDTH, 0.7 * self._bandwidth + 0.3 * bw)
+        self.link.observe(took, len(batch), wire)
         self.stats.batches += 1
         self.stats.wire_bytes += wire
         out: dict[int, Data | BaseException] = {}

@@ -69,8 +69,10 @@ from typing import Any
 from blake3 import blake3
 
 from blockprov import tickets
+from blockprov.cache.link import LinkEstimate
 from blockprov.codec import decode_view
-from blockprov.errors import BlockprovError, ChunkCorrupt
+from blockprov.errors import BlockprovError, ChunkCorrupt, ManifestError
+from blockprov.manifest import Manifest
 from blockprov.repo.base import BlobSource, BlobViews
 from blockprov.repo.remote import LEN, KeepAlivePost, whole
 
@@ -79,6 +81,8 @@ log = logging.getLogger("blockprov.peers")
 Blob = bytes | memoryview
 Got = Blob | BlockprovError  # a blob, or the error that kept that one chunk away (a partial answer)
 PEER_PATH = "/peer/v1/chunks"
+PEER_MANIFEST_PATH = "/peer/v1/manifest"  # body ``IMAGE@ID``: that version's manifest (see ``manifest``)
+MANIFESTS_KEPT = 4  # manifests from the repository or lent, kept for peers asking (a v2 rolling out)
 ABSENT = 0xFFFFFFFF  # a frame's length when the peer does not hold (and did not fetch) the chunk
 MAX_IDS = 4096  # ids in one peer request (128 KiB of body)
 ASK_TIMEOUT = 10.0  # a peer may be fetching the chunk from the repository for us
@@ -87,6 +91,9 @@ DOWN_MAX = 60.0
 LIAR_SECONDS = 3600.0
 RECENT_BYTES = 64 << 20  # blobs from the repository kept for a peer asking late and the owner's own reads
 SOURCES = ("peers", "site_cache", "repository")
+# small fetches from the layer below whose least time is the uplink's round trip: more than the
+# fetcher keeps for its own link, since on a loaded machine few samples escape the CPU queueing
+UPLINK_WINDOW = 256
 _M64 = (1 << 64) - 1
 
 
@@ -124,6 +131,8 @@ class SourceStats:
     peer_bad_chunks: int = 0
     peer_failures: int = 0
     liars: set[str] = field(default_factory=set)
+    # manifests (count, bytes) by where they came from, apart from chunks: a site moving to a v2
+    manifests: dict[str, list[int]] = field(default_factory=lambda: {s: [0, 0] for s in SOURCES})
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, version: str, source: str, chunks: int, nbytes: int) -> None:
@@ -136,8 +145,14 @@ class SourceStats:
         with self._lock:
             versions = {v: {s: {"chunks": c, "bytes": b} for s, (c, b) in row.items()}
                         for v, row in self.by_version.items()}
-        return {"by_version": versions, "peer_bad_chunks": self.peer_bad_chunks,
+            manifests = {s: {"count": c, "bytes": b} for s, (c, b) in self.manifests.items()}
+        return {"by_version": versions, "manifests": manifests, "peer_bad_chunks": self.peer_bad_chunks,
                 "peer_failures": self.peer_failures, "liars": sorted(self.liars)}
+
+    def add_manifest(self, source: str, nbytes: int) -> None:
+        with self._lock:
+            self.manifests[source][0] += 1
+            self.manifests[source][1] += nbytes
 
 
 def _mix(x: int) -> int:
@@ -210,6 +225,10 @@ class PeerSource:
         # peers serving the same image; counters are by version
         self.version_of: Callable[[], str] = lambda: ""
         self.image_of: Callable[[], str] = lambda: ""
+        # manifests (``manifest``): the cache's own, and how to fetch one from the layer below by id
+        # (set by the agent; None: manifests are not shared)
+        self.own_manifest: Callable[[], Manifest | None] = lambda: None
+        self.manifest_below: Callable[[str], Manifest] | None = None
         self.stats = SourceStats()
         self._get: Callable[[Sequence[bytes]], Sequence[Got]] = (
             upstream.get_blob_views if isinstance(upstream, BlobViews) else upstream.get_blobs)
@@ -219,11 +238,26 @@ class PeerSource:
         self._clients: dict[str, tuple[str, KeepAlivePost]] = {}
         self._recent: OrderedDict[bytes, Blob] = OrderedDict()  # from the repository, least recent first
         self._recent_bytes = 0
+        self._manifests: OrderedDict[str, bytes] = OrderedDict()  # version id → its JSON, least recent first
+        self._manifest_flights: dict[str, Future[tuple[Manifest, bytes]]] = {}
+        # the uplink (to the repository or the site cache), as this agent's own fetches below found it
+        self._up = LinkEstimate(UPLINK_WINDOW, believe_first=True)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bp-peers")
 
     @property
     def version(self) -> str:
         return self.version_of()
+
+    def uplink(self) -> LinkEstimate | None:
+        """The link below, while this agent has peers of its image to share it with (cache/link.py:
+        the fetcher then sizes its speculation by it too); None without peers, so that a lone agent
+        speculates exactly as it always has."""
+        return self._up if self.has_peers(self.image_of()) else None
+
+    def has_peers(self, image: str) -> bool:
+        """Whether the site has another agent serving ``image`` (as the last join said)."""
+        m = self.membership
+        return m is not None and self.shared and any(p.image == image and p.url != self.own_url for p in m.peers)
 
     # -- BlobSource -------------------------------------------------------------------------------
     def get_blobs(self, ids: Sequence[bytes]) -> list[bytes]:
@@ -277,7 +311,9 @@ class PeerSource:
                 futs[c] = f
         if mine:
             try:
+                t0 = time.monotonic()
                 blobs = self._get(mine)
+                took = time.monotonic() - t0
                 if len(blobs) != len(mine):
                     raise ValueError(f"{self.url} returned {len(blobs)} blobs for {len(mine)} ids")
             except BaseException as e:
@@ -291,15 +327,26 @@ class PeerSource:
             for c, b in zip(mine, blobs, strict=True):
                 futs[c].set_result(b)
             came = [(c, b) for c, b in zip(mine, blobs, strict=True) if not isinstance(b, BlockprovError)]
+            with self._lock:
+                self._up.observe(took, len(mine), sum(len(b) for _c, b in came))
             self._remember(came)
             self.stats.add(self.version, self.upstream_kind, len(came), sum(len(b) for _c, b in came))
         return {c: f.result() for c, f in futs.items()}
+
+    def kept_for_peers(self, cids: Sequence[bytes]) -> dict[bytes, Blob]:
+        """Verified blobs of those of ``cids`` this agent keeps in memory as the repository sent
+        them: compressed, so a peer is lent these rather than the data file's plain bytes (on the
+        test image a third of the LAN's bytes, and of the CPU that moves them)."""
+        return self._verified_for_peers(dict(self._recent_of(cids)))
 
     def fetch_for_peers(self, cids: Sequence[bytes]) -> dict[bytes, Blob]:
         """Verified blobs of the chunks a peer asked this agent, as their owner, to fetch (those
         that fail verification are left out, and logged)."""
         got: dict[bytes, Got] = dict(self._recent_of(cids))
         got.update(self.from_upstream([c for c in cids if c not in got]))
+        return self._verified_for_peers(got)
+
+    def _verified_for_peers(self, got: dict[bytes, Got]) -> dict[bytes, Blob]:
         out: dict[bytes, Blob] = {}
         for c, b in got.items():
             if isinstance(b, BlockprovError):
@@ -337,6 +384,117 @@ class PeerSource:
                     self._recent_bytes += len(b)
             while self._recent_bytes > RECENT_BYTES and self._recent:
                 self._recent_bytes -= len(self._recent.popitem(last=False)[1])
+
+    # -- manifests --------------------------------------------------------------------------------
+    def manifest(self, image: str, vid: str) -> Manifest | None:
+        """Version ``vid`` of ``image``'s manifest through the site, or None when it is not shared
+        here (no peer of that image, or no way below): the caller asks the repository.
+
+        When thirty PCs move to a v2 at once, each needs v2's manifest (237 KiB for a 1 GiB image),
+        and the repository sent it thirty times: more than the changed chunks themselves
+        (bench/RESULTS.md, "Boot storm"). A manifest is named by its id, the digest of its identity
+        document, so it is checked like a chunk: whatever a peer sends must parse, hash to ``vid`` and
+        name ``image``, as ``RemoteRepository.resolve`` checks the repository's. As with chunks, one
+        agent of the image owns it (rendezvous hashing on the id) and fetches it from below once for
+        everyone; the others ask that owner. A peer that fails is skipped for a while, one that sends
+        another manifest is avoided as a liar; either way the manifest then comes from below."""
+        m = self.membership
+        if m is None or self.manifest_below is None or not self.shared:
+            return None
+        now = time.monotonic()
+        peers = {p.instance: p for p in m.peers
+                 if p.image == image and p.url != self.own_url and self.usable(p.instance, now)}
+        if not peers:
+            return None
+        members = [(m.instance, _key(m.instance))] + [(i, _key(i)) for i in peers]
+        o = owner(bytes.fromhex(vid), members)
+        if o != m.instance:
+            got = self._ask_manifest(m, peers[o], image, vid)
+            if got is not None:
+                return got
+        return self._manifest_from_below(image, vid)[0]
+
+    def manifest_for_peers(self, image: str, vid: str, fetch: bool) -> bytes | None:
+        """The JSON of a manifest a peer asked for: one kept, the cache's own, or (``fetch``: this
+        agent owns it) fetched from below; None when none of these has it."""
+        with self._lock:
+            have = self._manifests.get(vid)
+            if have is not None:
+                self._manifests.move_to_end(vid)
+                return have
+        own = self.own_manifest()
+        if own is not None and own.id == vid and own.image == image:
+            raw = own.to_json()
+            self._remember_manifest(vid, raw)
+            return raw
+        if not fetch or self.manifest_below is None:
+            return None
+        return self._manifest_from_below(image, vid)[1]
+
+    def _manifest_from_below(self, image: str, vid: str) -> tuple[Manifest, bytes]:
+        """From the layer below (which checks it), once however many ask at once; kept for peers."""
+        below = self.manifest_below
+        assert below is not None
+        with self._lock:
+            kept = self._manifests.get(vid)
+            f = self._manifest_flights.get(vid)
+            mine = f is None and kept is None
+            if mine:
+                f = self._manifest_flights[vid] = Future()
+        if kept is not None:  # the agent's own update after it fetched the manifest for its peers
+            return Manifest.from_json(kept), kept
+        assert f is not None
+        if not mine:
+            return f.result()
+        try:
+            got = below(f"{image}@{vid}")
+            raw = got.to_json()
+            self.stats.add_manifest(self.upstream_kind, len(raw))
+            self._remember_manifest(vid, raw)  # before the flight ends: a peer asking then finds it kept
+            f.set_result((got, raw))
+            return got, raw
+        except BaseException as e:
+            f.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._manifest_flights.pop(vid, None)
+
+    def _remember_manifest(self, vid: str, raw: bytes) -> None:
+        if not self.shared:
+            return
+        with self._lock:
+            self._manifests[vid] = raw
+            self._manifests.move_to_end(vid)
+            while len(self._manifests) > MANIFESTS_KEPT:
+                self._manifests.popitem(last=False)
+
+    def _ask_manifest(self, m: Membership, peer: Peer, image: str, vid: str) -> Manifest | None:
+        """The manifest from ``peer`` (its owner), checked; None if it did not give a good one."""
+        try:
+            status, _headers, data = self._client(peer).post(
+                f"{PEER_MANIFEST_PATH}?fetch=1", f"{image}@{vid}".encode(),
+                {"authorization": f"{tickets.SCHEME} {m.ticket}"})
+        except (OSError, http.client.HTTPException) as e:
+            self._down(peer, f"{type(e).__name__}: {e}")
+            return None
+        if status in (404, 503):  # it does not hold it and could not fetch it, or it is busy: no fault
+            return None
+        if status != 200:
+            self._down(peer, f"HTTP {status}: {bytes(data[:200]).decode('utf-8', 'replace')}")
+            return None
+        raw = bytes(data)
+        try:
+            got = Manifest.from_json(raw)
+            if got.id != vid or got.image != image:
+                raise ManifestError(why=f"it is {got.image}@{got.id}")
+        except ManifestError as e:
+            self.stats.peer_bad_chunks += 1
+            self._liar(peer, m, f"manifest {image}@{vid}", str(e))
+            return None
+        self.stats.add_manifest("peers", len(raw))
+        self._remember_manifest(vid, raw)
+        return got
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -423,11 +581,14 @@ class PeerSource:
             return True
         except ChunkCorrupt as e:
             self.stats.peer_bad_chunks += 1
-            h = self._health[peer.instance]
-            if h.liar_until <= time.monotonic():
-                log.warning("peer %s (%s) of site %s sent chunk %s that does not match its digest (%s): not used, "
-                            "fetched from the repository; this peer is avoided for %.0f min",
-                            peer.instance, peer.url, m.site, cid.hex()[:16], e, LIAR_SECONDS / 60)
-            h.liar_until = time.monotonic() + LIAR_SECONDS
-            self.stats.liars.add(peer.instance)
+            self._liar(peer, m, f"chunk {cid.hex()[:16]}", str(e))
             return False
+
+    def _liar(self, peer: Peer, m: Membership, what: str, why: str) -> None:
+        h = self._health[peer.instance]
+        if h.liar_until <= time.monotonic():
+            log.warning("peer %s (%s) of site %s sent %s that does not match its digest (%s): not used, "
+                        "fetched from the repository; this peer is avoided for %.0f min",
+                        peer.instance, peer.url, m.site, what, why, LIAR_SECONDS / 60)
+        h.liar_until = time.monotonic() + LIAR_SECONDS
+        self.stats.liars.add(peer.instance)

@@ -45,6 +45,7 @@ from blockprov.durable import atomic_write, fsync_dir
 PLAN = "native.env"
 ASK_TIMEOUT = 3  # seconds the every-day boot waits for the repository's answer
 FAST_MODULE_TIMEOUT = 10  # seconds the disk may take to appear once its driver is loaded
+SECURE_BOOT_AT = 0x1EC  # struct boot_params.secure_boot (the x86 boot protocol): 3 on, 2 off, as the EFI stub saw it
 RESIDENT_DELAY = 20  # seconds the resident agent waits before it starts: the machine's own boot first
 
 
@@ -107,6 +108,12 @@ machine() { exec /usr/bin/python3 -S -B -m blockprov.netboot.machine; say "canno
 
 say "initramfs started at uptime $(up) s (the disk's own loader: every-day boot;" \
     "kernel and initramfs from the disk, none downloaded)"
+# the firmware, as netboot/inagent.py's firmware() reads it: the EFI stub's secure_boot byte (3 on, 2 off)
+FW=BIOS; [ -d /sys/firmware/efi ] && FW=UEFI
+case "$FW$(od -A n -t u1 -j @SB_AT@ -N 1 /sys/kernel/boot_params/data 2>/dev/null | tr -d ' ')" in
+UEFI3) FW="UEFI, Secure Boot on" ;; UEFI2) FW="UEFI, Secure Boot off" ;;
+esac
+say "firmware: $FW"
 for w in $(cat /proc/cmdline); do
     case "$w" in
     blockprov.repo=*) REPO=${w#*=} ;; blockprov.host=*) HOST=${w#*=} ;; blockprov.image=*) IMAGE=${w#*=} ;;
@@ -273,6 +280,7 @@ for d in dev proc sys; do mount --move "/$d" "/newroot/$d"; done
 cd /newroot && mount --move . / || { echo "blockprov: cannot move the new root"; sleep 30; reboot -f; }
 say "root mounted ($OPTS) at uptime $(cut -d' ' -f1 proc/uptime) s; starting $INITPROG"
 exec chroot . "$INITPROG"
-""".replace("@ASK@", str(ASK_TIMEOUT)).replace("@META_WAIT@", str((FAST_MODULE_TIMEOUT + 5) * 10)).replace(
+""".replace("@ASK@", str(ASK_TIMEOUT)).replace("@SB_AT@", str(SECURE_BOOT_AT)).replace(
+    "@META_WAIT@", str((FAST_MODULE_TIMEOUT + 5) * 10)).replace(
     "@DELAY@", str(RESIDENT_DELAY)).replace(
     "$((FAST_MODULE_TIMEOUT * 10))", str(FAST_MODULE_TIMEOUT * 10))

@@ -351,6 +351,19 @@ class RemoteRepository:
             raise ManifestError(why=f"manifest served for {r} describes image {m.image!r}")
         return m
 
+    def version_of(self, ref: Ref | str) -> str | None:
+        """The version a reference names now, without its manifest: a conditional GET that matches
+        any version (``If-None-Match: *``) answers 304 with the id alone. None when the server sent
+        no id (the caller then resolves as usual). An agent moving to a v2 with its site's peers
+        fetches the manifest itself from them (cache/peers.py, ``PeerSource.manifest``)."""
+        r = _as_ref(ref)
+        if r.version:
+            return r.version
+        resp = self._request("GET", f"/v1/images/{r.name}/manifest", params={"ref": _rel(r)},
+                             headers={"if-none-match": "*"})
+        vid = resp.headers.get("x-blockprov-version")
+        return version_id(vid) if vid else None
+
     def images(self) -> list[ImageInfo]:
         return [ImageInfo(**d) for d in self._request("GET", "/v1/images").json()["images"]]
 

@@ -17,9 +17,14 @@ What it answers itself, and what it passes on:
   a 23 MiB initramfs crosses the uplink once, and while the upstream is down the kept answer is
   served, marked ``x-blockprov-stale``. A boot script asked of the site cache names the site cache
   as the machine's repository (``base=``), so the PC's kernel, initramfs and chunks all come from it.
+* **The UEFI HTTP boot image** (``GET``/``HEAD /v1/boot/{host}/boot.img``): built by the upstream
+  for this site cache (``base=``, as for the boot script: its grub.cfg names the site cache as the
+  PC's repository) and streamed through as it comes, with its Range, ETag and length; never kept
+  (one per host, and its bulk is the kernel and initramfs), so it needs the upstream.
 * **Everything else** (catalog writes, host assignments, uploads, agents' registrations and long
   polls, joins of a site): passed through to the upstream as it is, the caller's token included, so
   the upstream decides and records as if it were asked directly.
+  Answers are streamed back as they come, never held whole.
 * ``/v1/health`` (``role: site-cache``, so agents count its bytes as the site cache's) and
   ``/metrics`` are its own; so is pre-warm (service/prewarm.py).
 
@@ -33,6 +38,15 @@ Who may read what it holds: the upstream's tokens and scopes. The site cache ask
 ``GET /v1/whoami`` with each caller's token (a minute's answer kept), and, while the upstream cannot
 be reached, keeps using the last answer for up to ``DECISION_STALE`` (a café whose uplink is down
 keeps booting; a token revoked meanwhile cannot be known anyway).
+
+A down upstream is asked once per interval, not once per request (``retry.Backoff``,
+``UPSTREAM_RETRY``: 2 s after the failure, doubling to a minute; any answer from it ends the
+interval). Meanwhile what the site cache can answer without it is answered at once: held chunks,
+kept answers (``x-blockprov-stale``), tokens it has an answer about (refreshed in the background,
+one attempt per interval), and the upstream's body limits are taken as unknown (``body_limit``,
+gated on its own: an upstream without ``/openapi.json`` is not asked on every body either). What
+it cannot answer otherwise (a chunk it does not hold, a kept answer it never had) is still asked
+of the upstream each time: the caller's own retry decides.
 
 Crash rules: the chunk store's are in store/bounded.py; kept answers are written with
 ``durable.atomic_write`` (a torn one is never read); nothing here is the only copy of anything.
@@ -52,11 +66,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, compile_path
 
 from blockprov import __version__, codec
@@ -76,7 +91,9 @@ from blockprov.errors import (
     error_to_dict,
 )
 from blockprov.repo.remote import ABSENT, LEN, RemoteRepository
+from blockprov.retry import Backoff, RetryPolicy
 from blockprov.service.bounds import IN_FLIGHT, MAX_BODY, MAX_BODY_KEY, REQUEST_TIMEOUT, Guard
+from blockprov.service.routes.common import own_url
 from blockprov.store.bounded import BoundedStore
 
 log = logging.getLogger("blockprov.sitecache")
@@ -87,6 +104,8 @@ MAX_FETCH_IDS = 16384
 DECISION_FRESH = 60.0  # seconds a token's answer from the upstream is used before asking again
 DECISION_STALE = 86400.0  # and how long it still serves while the upstream cannot be reached
 DECISIONS = "decisions.json"
+# a down upstream is asked again 2 s after a failure, the interval doubling to a minute (module docstring)
+UPSTREAM_RETRY = RetryPolicy(timeout=None, first_delay=2.0, max_delay=60.0, jitter=False)
 MAX_KEPT_BODY = 128 << 20  # the largest GET answer kept (an initramfs is ~25 MiB)
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length"}
@@ -122,13 +141,16 @@ class SiteCache:
                          "kept_upstream": 0, "kept_joined": 0}
         self.last_upstream_ok: float | None = None
         self.last_upstream_error: str | None = None
+        self.reach = Backoff(UPSTREAM_RETRY)  # the upstream down: one attempt per interval (module docstring)
+        self._refreshes: set[asyncio.Task[None]] = set()  # tokens' answers asked again in the background
         self._body_limits: list[tuple[str, re.Pattern[str], str, int]] | None = None  # the upstream's, per route
+        self._limits_gate = Backoff(UPSTREAM_RETRY)  # its /openapi.json not had: asked again once per interval
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def close(self) -> None:
-        running: list[asyncio.Future[Any]] = [*self._pulls, *self._gets.values()]
+        running: list[asyncio.Future[Any]] = [*self._pulls, *self._gets.values(), *self._refreshes]
         for t in running:
             t.cancel()
         await asyncio.gather(*running, return_exceptions=True)
@@ -138,6 +160,17 @@ class SiteCache:
 
     def _upstream_failed(self, e: BaseException) -> None:
         self.last_upstream_error = f"{type(e).__name__}: {e}"
+        was_down = self.reach.down
+        delay = self.reach.failed()
+        log.log(logging.DEBUG if was_down else logging.WARNING,
+                "site cache: the upstream %s cannot be reached (%s): what is held here is served; it is asked "
+                "again in %.0f s", self.upstream_url, self.last_upstream_error, delay)
+
+    def _upstream_ok(self) -> None:
+        self.last_upstream_ok = time.time()
+        if self.reach.down:
+            log.warning("site cache: the upstream %s answers again", self.upstream_url)
+            self.reach.ok()
 
     # -- chunks -----------------------------------------------------------------------------------
     def _read_verified(self, cids: Sequence[bytes]) -> dict[bytes, bytes]:
@@ -205,7 +238,7 @@ class SiteCache:
             if isinstance(e, asyncio.CancelledError):
                 raise
             return
-        self.last_upstream_ok = time.time()
+        self._upstream_ok()
         self.counters["chunks_upstream"] += len(pulled)
         self.counters["bytes_upstream"] += sum(map(len, pulled.values()))
         for c in mine:
@@ -217,35 +250,55 @@ class SiteCache:
         now = time.time()
         key = hashlib.sha256(auth.encode("latin-1", "replace")).hexdigest()
         held = self._decisions.get(key)
+        usable = held is not None and now - held[0] < DECISION_STALE
         if held is not None and now - held[0] < DECISION_FRESH:
             answer = held[1]
+        elif held is not None and usable and self.reach.down:
+            # the upstream is down: the last answer holds now, and is asked again in the background
+            # once per interval (a held chunk is served without waiting for a down upstream)
+            if self.reach.due():
+                self._refreshes.add(task := asyncio.ensure_future(self._refresh(key, auth)))
+                task.add_done_callback(self._refreshes.discard)
+            answer = held[1]
+        elif not self.reach.due():
+            raise RepositoryUnavailable(url=self.upstream_url, why=f"the site cache cannot check the token there "
+                                        f"({self.last_upstream_error}; asked again in {self.reach.wait():.0f} s)")
         else:
             try:
-                r = await self.http.get(f"{self.upstream_url}/v1/whoami",
-                                        headers={"authorization": auth} if auth else {})
-                if r.status_code in (401, 403):
-                    answer = {"refused": str(r.json().get("message", "the token is not valid"))}
-                elif r.status_code == 200:
-                    answer = dict(r.json())
-                else:
-                    raise RepositoryUnavailable(url=self.upstream_url, why=f"HTTP {r.status_code} from /v1/whoami")
+                answer = await self._whoami(key, auth, held)
             except (httpx.TransportError, RepositoryUnavailable, ValueError) as e:
                 self._upstream_failed(e)
-                if held is not None and now - held[0] < DECISION_STALE:
-                    answer = held[1]
-                else:
+                if held is None or not usable:
                     raise RepositoryUnavailable(url=self.upstream_url, why=f"the site cache cannot check the token "
-                                                                           f"there ({type(e).__name__}: {e})") from None
-            else:
-                if len(self._decisions) > 10000:
-                    self._decisions.clear()
-                changed = held is None or held[1] != answer
-                self._decisions[key] = (now, answer)
-                if changed:
-                    await self.run(atomic_write, self.data_dir / DECISIONS, json.dumps(self._decisions).encode())
+                                                f"there ({type(e).__name__}: {e})") from None
+                answer = held[1]
         if "refused" in answer:
             raise Unauthorized(why=str(answer["refused"]))
         return answer
+
+    async def _whoami(self, key: str, auth: str, held: tuple[float, dict[str, Any]] | None) -> dict[str, Any]:
+        """Ask the upstream about a token, and keep its answer."""
+        r = await self.http.get(f"{self.upstream_url}/v1/whoami", headers={"authorization": auth} if auth else {})
+        if r.status_code in (401, 403):
+            answer = {"refused": str(r.json().get("message", "the token is not valid"))}
+        elif r.status_code == 200:
+            answer = dict(r.json())
+        else:
+            raise RepositoryUnavailable(url=self.upstream_url, why=f"HTTP {r.status_code} from /v1/whoami")
+        self._upstream_ok()
+        if len(self._decisions) > 10000:
+            self._decisions.clear()
+        changed = held is None or held[1] != answer
+        self._decisions[key] = (time.time(), answer)
+        if changed:
+            await self.run(atomic_write, self.data_dir / DECISIONS, json.dumps(self._decisions).encode())
+        return answer
+
+    async def _refresh(self, key: str, auth: str) -> None:
+        try:
+            await self._whoami(key, auth, self._decisions.get(key))
+        except (httpx.TransportError, RepositoryUnavailable, ValueError) as e:
+            self._upstream_failed(e)
 
     async def check(self, request: Request, need: str = "read", *, boot: bool = False) -> None:
         d = await self.decision(request.headers.get("authorization", ""))
@@ -297,6 +350,8 @@ class SiteCache:
         octets = "application/octet-stream" in headers.get("accept", "")
         key = hashlib.sha256(f"{target}\0{'octets' if octets else ''}".encode()).hexdigest()
         kept = await self.run(self._kept, key)
+        if kept is not None and not self.reach.due():
+            return None, kept  # the upstream is down and not due to be asked: the kept answer, at once
         revalidate = kept is not None and "etag" in kept[0]["headers"] and "if-none-match" not in headers
         if revalidate and kept is not None:
             headers = headers | {"if-none-match": kept[0]["headers"]["etag"]}
@@ -306,7 +361,7 @@ class SiteCache:
             self._upstream_failed(e)
             return None, kept
         if r.status_code < 500:
-            self.last_upstream_ok = time.time()
+            self._upstream_ok()
         if r.status_code == 200 and len(r.content) <= MAX_KEPT_BODY:
             keep = {k: r.headers[k] for k in KEPT_HEADERS if k in r.headers}
             await self.run(self._keep, key, keep, r.content)
@@ -316,18 +371,28 @@ class SiteCache:
     async def body_limit(self, method: str, path: str) -> tuple[str, int] | None:
         """The upstream's own limit of a request body for ``method path`` (its route and
         ``x-blockprov-max-body``, from its ``/openapi.json``, read once), or None when it is not
-        known (the upstream unreachable, or silent about this route): the upstream then decides."""
+        known (the upstream unreachable, or silent about this route): the upstream then decides.
+        Not had yet: asked again once per interval (``_limits_gate``), not on every body."""
         if self._body_limits is None:
+            if not self._limits_gate.due():
+                return None
             try:
                 r = await self.http.get(f"{self.upstream_url}/openapi.json", timeout=30.0)
                 paths = r.json().get("paths", {}) if r.status_code == 200 else None
                 limits = [(m.upper(), compile_path(p)[0], p, int(op[MAX_BODY_KEY]))
                           for p, ops in paths.items() for m, op in ops.items()
                           if isinstance(op, dict) and MAX_BODY_KEY in op] if isinstance(paths, dict) else None
-            except (httpx.TransportError, ValueError, TypeError, AttributeError):
+            except httpx.TransportError as e:
+                self._upstream_failed(e)
+                limits = None
+            except (ValueError, TypeError, AttributeError):
                 limits = None
             if limits is None:
-                return None  # asked again next time
+                delay = self._limits_gate.failed()
+                log.info("site cache: the upstream's body limits are not known (asked again in %.0f s): the "
+                         "upstream decides", delay)
+                return None
+            self._limits_gate.ok()
             self._body_limits = limits
         return next(((route, limit) for m, rx, route, limit in self._body_limits if m == method and rx.match(path)),
                     None)
@@ -426,6 +491,27 @@ def _answer(r: httpx.Response) -> Response:
     return Response(r.content, status_code=r.status_code, headers=headers)
 
 
+def _streamed(sc: SiteCache, r: httpx.Response, what: str) -> Response:
+    """The upstream's answer ``r`` (opened with ``stream=True``) sent on as it comes: its bytes as
+    they are (content-encoding and length kept), never the whole body in memory (a 30 MiB UEFI
+    boot image used to be read whole before a byte went out)."""
+    headers = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP}
+    if "content-length" in r.headers:
+        headers["content-length"] = r.headers["content-length"]
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for part in r.aiter_raw():
+                yield part
+        except httpx.TransportError as e:  # the client sees a short body (its length was said)
+            sc._upstream_failed(e)
+            log.warning("site cache: the upstream's answer to %s was cut: %s", what, sc.last_upstream_error)
+        finally:
+            await r.aclose()
+
+    return StreamingResponse(body(), status_code=r.status_code, headers=headers)
+
+
 def _unreachable(sc: SiteCache, e: httpx.TransportError, request: Request) -> RepositoryUnavailable:
     sc._upstream_failed(e)
     return RepositoryUnavailable(url=sc.upstream_url, why=f"{type(e).__name__}: {e} (the site cache passes "
@@ -434,10 +520,15 @@ def _unreachable(sc: SiteCache, e: httpx.TransportError, request: Request) -> Re
 
 @answers_errors
 async def passthrough(request: Request) -> Response:
-    """Anything the site cache does not answer itself: to the upstream, as it came. The body is
-    streamed (bounded by ``Guard``), with its declared length when it had one."""
+    """Anything the site cache does not answer itself: to the upstream, as it came."""
+    return await pass_on(request, request.url.query)
+
+
+async def pass_on(request: Request, query: str) -> Response:
+    """``request`` to the upstream with ``query``. The body is streamed (bounded by ``Guard``), with
+    its declared length when it had one; so is the answer (``_streamed``)."""
     sc = _sc(request)
-    url = f"{sc.upstream_url}{request.url.path}" + (f"?{request.url.query}" if request.url.query else "")
+    url = f"{sc.upstream_url}{request.url.path}" + (f"?{query}" if query else "")
     headers = _forward_headers(request)
     size = request.headers.get("content-length")
     if size is not None:
@@ -450,8 +541,8 @@ async def passthrough(request: Request) -> Response:
                            f"{request.method} {known[0]} (the upstream's)")
     has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
     try:
-        r = await sc.http.request(request.method, url, headers=headers,
-                                  content=request.stream() if has_body else None)
+        r = await sc.http.send(sc.http.build_request(request.method, url, headers=headers,
+                                                     content=request.stream() if has_body else None), stream=True)
     except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
         if not has_body:
             raise _unreachable(sc, e, request) from None
@@ -465,8 +556,8 @@ async def passthrough(request: Request) -> Response:
         raise _unreachable(sc, e, request) from None
     sc.counters["passed"] += 1
     if r.status_code < 500:
-        sc.last_upstream_ok = time.time()
-    return _answer(r)
+        sc._upstream_ok()
+    return _streamed(sc, r, f"{request.method} {request.url.path}")
 
 
 async def kept_get(request: Request, *, boot: bool = False, query: str | None = None) -> Response:
@@ -491,13 +582,28 @@ async def kept_get(request: Request, *, boot: bool = False, query: str | None = 
     return Response(kept[1], headers=kept[0]["headers"] | {"x-blockprov-stale": "upstream unreachable"})
 
 
+def _naming_me(request: Request, *, firmware: bool = False) -> str:
+    """The request's query with ``base=`` this site cache's URL as the client reached it (unless
+    it names one): the answer built upstream names the site cache as the PC's repository."""
+    q = request.url.query
+    if "base" not in request.query_params:
+        base = urlencode({"base": own_url(request, firmware=firmware)})
+        q = f"{q}&{base}" if q else base
+    return q
+
+
+@answers_errors
 async def boot_script(request: Request) -> Response:
     """The host's iPXE script, naming this site cache as where its files and chunks come from."""
-    q = request.url.query
-    if "base=" not in q:
-        base = str(request.base_url).rstrip("/")
-        q = f"{q}&base={base}" if q else f"base={base}"
-    return await kept_get(request, boot=True, query=q)
+    return await kept_get(request, boot=True, query=_naming_me(request))
+
+
+@answers_errors
+async def boot_image(request: Request) -> Response:
+    """The host's UEFI HTTP boot image, built by the upstream naming this site cache (its grub.cfg's
+    ``blockprov.repo=``), streamed through (module docstring). As the repository does for this
+    image, the URL keeps this server's port when the firmware's Host header drops it (edk2)."""
+    return await pass_on(request, _naming_me(request, firmware=True))
 
 
 async def boot_file(request: Request) -> Response:
@@ -535,6 +641,7 @@ def create_site_cache_app(sc: SiteCache, extra_routes: Sequence[Route] = (),
         _body_limit(Route("/v1/chunks/fetch", fetch, methods=["POST"]), MAX_FETCH_IDS * ID),
         Route("/v1/chunks/{cid}", one_chunk, methods=["GET", "HEAD"]),
         Route("/v1/boot/{host}", boot_script, methods=["GET"]),
+        Route("/v1/boot/{host}/boot.img", boot_image, methods=["GET", "HEAD"]),
         Route("/v1/images/{name}/versions/{vid}/boot/{which}", boot_file, methods=["GET"]),
         Route("/v1/images/{name}/manifest", kept_get, methods=["GET"]),
         Route("/v1/images/{name}/versions/{vid}/profile", kept_get, methods=["GET"]),

@@ -2,7 +2,8 @@
 
 * ``GET /v1/boot/{host}/boot.img`` is what a UEFI PC's own HTTP boot fetches, with no iPXE: a FAT
   image of shim, GRUB, a grub.cfg, the kernel and the initramfs (boot.uefi_image), served from the
-  chunk store as it is sent, with Range and ETag. It boots under Secure Boot too.
+  chunk store as it is sent, with Range and ETag. It boots under Secure Boot too. A PC whose disk
+  is complete and current gets a 404 instead: its firmware boots its disk's own loader.
 * ``GET /v1/boot/{host}`` is what iPXE fetches (``chain http://repo/v1/boot/${net0/mac}``): a
   ``text/plain`` ``#!ipxe`` script. URLs in it are built from the address the host used to reach
   us (the request's Host), unless ``?base=`` says otherwise, so NAT or a proxy in between is
@@ -34,7 +35,7 @@ from blockprov.errors import BlockprovError, UsageError
 from blockprov.names import host_id, parse_ref
 from blockprov.results import to_dict
 from blockprov.service.rawview import RangeNotSatisfiable, etag_matches, parse_range
-from blockprov.service.routes.common import JSON_BODY, OCTETS, fields_of, json_body, json_of, version_ref
+from blockprov.service.routes.common import JSON_BODY, OCTETS, fields_of, json_body, json_of, own_url, version_ref
 from blockprov.service.state import Service
 
 PIECES_PER_JOB = 4  # boot file pieces decoded per thread-pool job (4 MiB)
@@ -220,25 +221,10 @@ async def refused_boot(request: Request, err: BlockprovError) -> Response | None
 
 
 # -- hosts ----------------------------------------------------------------------------------------
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
 def _base(request: Request, base: str | None, *, firmware: bool = False) -> str:
-    """The repository's URL as the host reached it: ``base`` when given, else the request's own,
-    from its Host header. ``firmware`` (the UEFI HTTP boot image): with this server's port when
-    that header has none and the port is not the scheme's default. edk2's HTTP boot (OVMF, and
-    the firmware of many PCs) sends ``Host: ADDRESS`` without the port of the URL it fetches; the
-    kernel command line built from it would name port 80. Only there: behind a reverse proxy
-    (``proxy_set_header Host $host``) a header without a port means the proxy's default port,
-    and iPXE's scripts must name the proxy, not this server's port."""
-    if base is not None:
-        return names.base_url(base)
-    url = request.base_url
-    server = request.scope.get("server")
-    host = request.headers.get("host", "")
-    if firmware and server and ":" not in host.rpartition("]")[2] and server[1] != DEFAULT_PORTS.get(url.scheme):
-        url = url.replace(port=server[1])
-    return names.base_url(str(url))
+    """The repository's URL as the host reached it: ``base`` when given, else the request's own
+    (routes/common.py ``own_url``; ``firmware``: the UEFI HTTP boot image's port rule)."""
+    return names.base_url(base) if base is not None else own_url(request, firmware=firmware)
 
 
 @router.get("/v1/boot/{host}", tags=["boot"], response_class=PlainTextResponse)
@@ -275,14 +261,26 @@ async def uefi_boot_image(host: str, request: Request, base: str | None = None, 
     (UEFI 2.6's type for a disk image). Sending all of it records the host's last boot, its
     firmware UEFI (unless ``record=false``). Errors are a status and one text line (the firmware
     shows the status, then tries its next boot option): 404 unknown host, 409 no boot files, no
-    UEFI loader, or a tag that is gone."""
+    UEFI loader, or a tag that is gone.
+
+    The short every-day boot: when the host's disk is complete and current (boot.py's
+    ``disk_verdict``, the iPXE script's ``exit``), a 404 saying so (``x-blockprov-disk:
+    current``): edk2 shows "Client Error: 404 Not Found" and boots its next option, the disk's
+    EFI System Partition, at once (4xx and 5xx alike; a 2xx it downloads and fails to boot).
+    edk2 asks the size (HEAD), then, refused, the image (GET); the GET records that the PC was
+    told to boot its disk (not with ``record=false``), so a PC whose disk does not come up is
+    sent the image at its next boot (``DISK_GRACE``)."""
     svc = Service.of(request)
+    url, booting = _base(request, base, firmware=True), record and request.method == "GET"
     try:
-        image, name, vid = await svc.run(svc.repo.uefi_image, host, _base(request, base, firmware=True))
+        image, name, vid = await svc.run(functools.partial(svc.repo.uefi_image, host, url, booting=booting))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
         return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
+    if isinstance(image, str):
+        return PlainTextResponse(f"{image}\n", status_code=404,
+                                 headers={"cache-control": "no-store", "x-blockprov-disk": "current"})
     parts: list[Part] = [(at, n, what if isinstance(what, bytes) else image.content[what]) for at, n, what in
                          image.volume.extents()]
 

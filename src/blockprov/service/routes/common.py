@@ -16,11 +16,12 @@ from starlette.requests import Request
 
 from blockprov import jsonvalue
 from blockprov.errors import UsageError
-from blockprov.names import Ref, image_name, parse_ref, tag_name, version_id
+from blockprov.names import Ref, base_url, image_name, parse_ref, tag_name, version_id
 from blockprov.service.bounds import DEFAULT_BODY, body_spec
 from blockprov.service.state import Service
 
 OCTETS = "application/octet-stream"
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def json_body(limit: int = DEFAULT_BODY, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -80,3 +81,20 @@ def ref_in(name: str, s: str, *, allow_other: bool = False) -> Ref:
 
 def version_ref(name: str, vid: str) -> Ref:
     return Ref(image_name(name), version=version_id(vid))
+
+
+def own_url(request: Request, *, firmware: bool = False) -> str:
+    """This server's URL as the client reached it, from its Host header (so NAT or a proxy in
+    between is handled by the client's own view). ``firmware`` (a UEFI HTTP boot image, here or
+    through a site cache): with this server's port when that header has none and the port is not
+    the scheme's default. edk2's HTTP boot (OVMF, and the firmware of many PCs) sends ``Host:
+    ADDRESS`` without the port of the URL it fetches; the kernel command line built from it would
+    name port 80. Only there: behind a reverse proxy (``proxy_set_header Host $host``) a header
+    without a port means the proxy's default port, and iPXE's scripts must name the proxy, not
+    this server's port."""
+    url = request.base_url
+    server = request.scope.get("server")
+    host = request.headers.get("host", "")
+    if firmware and server and ":" not in host.rpartition("]")[2] and server[1] != DEFAULT_PORTS.get(url.scheme):
+        url = url.replace(port=server[1])
+    return base_url(str(url))
