@@ -50,13 +50,15 @@ RESIDENT_DELAY = 20  # seconds the resident agent waits before it starts: the ma
 
 
 def plan_text(*, image: str, policy: str, disk: str, parts: Sequence[str], sectors: int, chunk_sectors: int,
-              cow: Sequence[tuple[str, int, int]], era_block: int, era_file: str) -> str:
+              cow: Sequence[tuple[str, int, int]], era_block: int, era_file: str, per_chunk: int = 1) -> str:
     """The plan (see the module docstring): ``parts`` the boot, metadata, reserve and data
-    partitions' names, ``cow`` the restore store's pieces (partition, offset, sectors). Pure."""
+    partitions' names, ``cow`` the restore store's pieces (partition, offset, sectors),
+    ``chunk_sectors`` the store's chunk, ``per_chunk`` the cache's chunks in one (the console
+    counts those). Pure."""
     values = {
         "BP_PLAN": "1", "BP_IMAGE": image, "BP_POLICY": policy, "BP_DISK": disk,
         "BP_BOOT": parts[0], "BP_META": parts[1], "BP_RESERVE": parts[2], "BP_DATA": parts[3],
-        "BP_SECTORS": str(sectors), "BP_CHUNK": str(chunk_sectors),
+        "BP_SECTORS": str(sectors), "BP_CHUNK": str(chunk_sectors), "BP_PER_CHUNK": str(per_chunk),
         "BP_COW": " ".join(f"{p}:{off}:{n}" for p, off, n in cow),
         "BP_ERA_BLOCK": str(era_block), "BP_ERA_FILE": era_file,
     }
@@ -226,7 +228,7 @@ everyday() {
         if mk bp-root "$ROOT"; then  # the last session's store, as the kernel reads it: its size
             set -- $(dmsetup status bp-root)
             case "$4" in
-            */*) N=$(( (${4%%/*} - ${5:-0}) / BP_CHUNK )) ;;
+            */*) N=$(( (${4%%/*} - ${5:-0}) / BP_CHUNK * ${BP_PER_CHUNK:-1} )) ;;  # in the cache's chunks
             *) N="all"; say "warning: the last session's copy-on-write store was dropped by the kernel ($4)" ;;
             esac
         fi
