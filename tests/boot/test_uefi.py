@@ -218,7 +218,7 @@ def test_firmware_http_boot_every_day_from_the_esp_then_a_new_version_by_diff(
     first = power_on(1)
     assert first.check == "OK" and "boot loader written to vda1 (BIOS and UEFI)" in first.console, first.tail()
     assert "native data path" in first.console and "Start HTTP Boot over IPv4" in first.console, first.tail()
-    before, sent, files = chunks_served(url), boot_bytes_sent(url), boot_files_served(url)
+    before, sent, files, booted = chunks_served(url), boot_bytes_sent(url), boot_files_served(url), host(url, mac)
     day = power_on(2)
     text = day.console
     print(f"UEFI HTTP boot: provisioned in {first.seconds:.0f} s, every-day boot {day.seconds:.0f} s; {day.tail(12)}")
@@ -231,7 +231,7 @@ def test_firmware_http_boot_every_day_from_the_esp_then_a_new_version_by_diff(
     # the 404's line was all the repository sent of boot files: no image, kernel or initramfs; no chunk
     assert boot_bytes_sent(url) - sent < 1024 and boot_files_served(url) == files, (sent, boot_bytes_sent(url))
     assert chunks_served(url) == before
-    assert host(url, mac)["last_boot_version"]  # the disk's question recorded the boot
+    assert host(url, mac)["last_boot"] > booted["last_boot"]  # the disk's question recorded the boot
     # a new version: the firmware gets the image again, the agent updates the disk by diff
     v2 = admin_version(boot_image.disk, tmp_path)
     run_cli("--repo", url, "import", str(v2), "bootlab:v2u")
