@@ -31,6 +31,7 @@ BOOT_TIMEOUT = 300.0
 # question unanswered
 EVERYDAY = "(the disk's own loader: every-day boot; kernel and initramfs from the disk, none downloaded)"
 OFFLINE = "OFFLINE: the repository"
+DISK_EXIT = "blockprov: booting this PC's own disk (complete and current)"  # iPXE's script says it, then `exit`
 # console lines whose arrival netboot() times: the firmware's fetch of the boot files is done when
 # the initramfs starts; the agent serves the root; the image's own init runs
 MILESTONES = ("blockprov: initramfs started", "blockprov: root serving", "BLOCKPROV-INIT")

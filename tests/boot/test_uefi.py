@@ -34,6 +34,7 @@ from blockprov.netboot import disk as layout
 from tests import bootvm
 from tests.boot.netboot_helpers import (
     BIOS,
+    DISK_EXIT,
     EVERYDAY,
     MAC,
     OFFLINE,
@@ -123,7 +124,8 @@ def test_uefi_pc_boots_through_ipxe_lazily_is_restored_and_boots_offline_pristin
         uefirepo: tuple[Proc, str, int], tmp_path: Path) -> None:
     """Issue 25's first two tests: a UEFI PC with a blank disk network-boots through iPXE's EFI build,
     runs lazily, is restored at its next boot (which also copies the rest of the image and writes
-    the disk's own loaders); then, the repository stopped, the firmware falls through to the disk's
+    the disk's own loaders); the next boot is the every-day boot (iPXE told `exit`, the ESP's GRUB,
+    nothing downloaded); a dirty session; then, the repository stopped, the firmware falls through to the disk's
     EFI System Partition (shim, GRUB, the initramfs's fast part: the every-day boot, its question
     unanswered), and the PC comes up pristine (the disk holds the whole image: the native data
     path, whose restore drops the session's copy-on-write store)."""
@@ -146,6 +148,12 @@ def test_uefi_pc_boots_through_ipxe_lazily_is_restored_and_boots_offline_pristin
     reset = restored.number(r"reset on start: (\d+) chunk")
     assert reset > 0 and "boot loader written to vda1 (BIOS and UEFI)" in restored.console, restored.tail()
     esp(disk, tmp_path)
+    # 2b. the disk complete and current: iPXE's script is `exit`, the firmware boots the ESP (the every-day boot)
+    files = boot_files_served(url)
+    day = netboot(disk, url, tmp_path / "console2b.log", firmware=pc, disk_second=True, timeout=TIMEOUT)
+    for line in (DISK_EXIT, GRUB_STARTED, EVERYDAY, "the repository: the disk is current", "native data path"):
+        assert line in day.console, (line, day.tail())
+    assert day.check == "OK" and boot_files_served(url) == files, day.tail()
     # 3. a dirty session whose command line the disk does not take (loader=off); the disk holds the
     # whole image, so it runs on the native data path: its writes in the copy-on-write store
     assign(url, "dirty", "restore", extra=f"{OFFLINE_AFTER} blockprov.loader=off")
@@ -210,7 +218,7 @@ def test_firmware_http_boot_every_day_from_the_esp_then_a_new_version_by_diff(
     first = power_on(1)
     assert first.check == "OK" and "boot loader written to vda1 (BIOS and UEFI)" in first.console, first.tail()
     assert "native data path" in first.console and "Start HTTP Boot over IPv4" in first.console, first.tail()
-    before, sent, files = chunks_served(url), boot_bytes_sent(url), boot_files_served(url)
+    before, sent, files, booted = chunks_served(url), boot_bytes_sent(url), boot_files_served(url), host(url, mac)
     day = power_on(2)
     text = day.console
     print(f"UEFI HTTP boot: provisioned in {first.seconds:.0f} s, every-day boot {day.seconds:.0f} s; {day.tail(12)}")
@@ -223,7 +231,7 @@ def test_firmware_http_boot_every_day_from_the_esp_then_a_new_version_by_diff(
     # the 404's line was all the repository sent of boot files: no image, kernel or initramfs; no chunk
     assert boot_bytes_sent(url) - sent < 1024 and boot_files_served(url) == files, (sent, boot_bytes_sent(url))
     assert chunks_served(url) == before
-    assert host(url, mac)["last_boot_version"]  # the disk's question recorded the boot
+    assert host(url, mac)["last_boot"] > booted["last_boot"]  # the disk's question recorded the boot
     # a new version: the firmware gets the image again, the agent updates the disk by diff
     v2 = admin_version(boot_image.disk, tmp_path)
     run_cli("--repo", url, "import", str(v2), "bootlab:v2u")
