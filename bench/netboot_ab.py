@@ -92,8 +92,13 @@ def main() -> None:
                 built[name] = built[same]
                 continue
             out = tmp / f"initrd-{name}.img"
-            built[name] = json.loads(cli("--data", str(data), "boot-files", "build", REF, "--output", str(out),
+            # built in a repository of the variant's own making: an older tree may not read the
+            # catalog a newer one wrote (its schema moved on); the file is then set in the head's
+            own = tmp / f"repo-{name}"
+            cli("--data", str(own), "import", str(image.disk), REF, src=src)
+            built[name] = json.loads(cli("--data", str(own), "boot-files", "build", REF, "--output", str(out),
                                          "--json", src=src)) | {"file": str(out)}
+            shutil.rmtree(own, ignore_errors=True)
             print(f"{name}: initramfs {built[name]['build']['initrd_bytes']} bytes", flush=True)
         server, url = start_server(data)
         results: dict[str, dict[str, list[float]]] = {n: {} for n in srcs}

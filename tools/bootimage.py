@@ -73,7 +73,7 @@ from pathlib import Path
 
 from blockprov.netboot.initramfs import dependency_order
 
-BUILDER_VERSION = 9  # bump when the image layout changes: cached builds are then rebuilt
+BUILDER_VERSION = 10  # bump when the image layout changes: cached builds are then rebuilt
 MARKER = "BLOCKPROV-BOOT-DONE"
 FAIL_MARKER = "BLOCKPROV-BOOT-FAIL"
 CHECK_MARKER = "BP-CHECK"
@@ -228,17 +228,18 @@ writer)
     done
     ;;
 fio)
-    # the bench's I/O in the running system (bench/bench_netboot.py): fio on a 256 MiB file of the
-    # root file system, direct I/O, each job a few seconds (fio and its libraries: built with --fio)
-    FIO=/usr/lib/bptest/fio/run
-    [ -x "$FIO" ] || fail no-fio-in-this-image
-    "$FIO" --name=layout --filename=/fio.dat --size=256M --rw=write --bs=1M --direct=1 --ioengine=libaio \
+    # the bench's I/O in the running system (bench/bench_fio.py): fio on a 256 MiB file of the
+    # root file system, direct I/O, each job a few seconds (fio and its libraries: built with --fio).
+    # chroot into the root (the working directory): as the initramfs's init the root is at /root
+    FIO="chroot . /usr/lib/bptest/fio/run"
+    [ -x usr/lib/bptest/fio/run ] || fail no-fio-in-this-image
+    $FIO --name=layout --filename=/fio.dat --size=256M --rw=write --bs=1M --direct=1 --ioengine=libaio \
         --iodepth=4 --minimal >/dev/null 2>&1 || fail fio-layout
     sync
     for job in "rr1 randread 4k 1" "rr16 randread 4k 16" "sr read 1M 4" "sw write 1M 4"; do
         set -- $job
         for k in 1 2 3; do
-            R=$("$FIO" --name=$1 --filename=/fio.dat --size=256M --rw=$2 --bs=$3 --iodepth=$4 --direct=1 \
+            R=$($FIO --name=$1 --filename=/fio.dat --size=256M --rw=$2 --bs=$3 --iodepth=$4 --direct=1 \
                 --ioengine=libaio --runtime=${FIORUN:-4} --time_based --ramp_time=1 --minimal 2>/dev/null)
             echo "$R" | awk -F';' -v J="$1" -v K="$k" \
                 '{printf "BP-FIO job=%s run=%s iops=%d kbs=%d\n", J, K, $8+$49, $7+$48}'
@@ -605,6 +606,7 @@ def add_fio(root: Path) -> None:
             shutil.copyfile(os.path.realpath(m.group(1)), d / Path(m.group(1)).name)
             if "ld-linux" in m.group(1):
                 loader = Path(m.group(1)).name
+                os.chmod(d / loader, 0o755)  # run executes it: copyfile leaves it without the x bit
     (d / "run").write_text(f"#!/{ROOT_BUSYBOX} sh\nexec /{FIO_DIR}/{loader} --library-path /{FIO_DIR} "
                            f"/{FIO_DIR}/fio \"$@\"\n")
     os.chmod(d / "run", 0o755)

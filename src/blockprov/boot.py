@@ -317,12 +317,17 @@ def disk_verdict(state: DiskState | None, *, version: str, fingerprint: str, now
     return None
 
 
+def disk_note(host: str, version: str) -> str:
+    """Why a PC is sent to its own disk (the iPXE script's comment, the firmware's 404). Pure."""
+    return f"blockprov: host {host}: its disk holds {version}, complete and current: it boots its own loader"
+
+
 def disk_script(host: str, version: str) -> str:
     """The iPXE script of a PC whose disk is complete and current: ``exit``, so the firmware goes
     on to its next boot device, the disk and its own loader. Pure."""
     return (
         "#!ipxe\n"
-        f"# blockprov: host {host}: its disk holds {version}, complete and current: it boots its own loader\n"
+        f"# {disk_note(host, version)}\n"
         "echo blockprov: booting this PC's own disk (complete and current)\n"
         "exit\n"
     )
@@ -412,14 +417,15 @@ def efi_missing(efi: Mapping[str, object]) -> list[str]:
     return [n for n in EFI_NEEDED if n not in efi]
 
 
-def grub_cfg(words: Sequence[str], note: str) -> bytes:
+def grub_cfg(words: Sequence[str], note: str, initrd: str = VOLUME_PATHS["initrd"]) -> bytes:
     """GRUB's configuration on a boot volume: no menu, the kernel with ``words`` as its command
-    line, the initramfs, boot. ``note`` is printed first (the kernel arguments are plain words:
-    names.kernel_args). Pure."""
+    line, the initramfs (``initrd``, its path on the volume: the disk's loader boots its fast part
+    alone, netboot/loader.py), boot. ``note`` is printed first (the kernel arguments are plain
+    words: names.kernel_args). Pure."""
     text = " ".join(note.replace("'", "").split())
     return (f"# blockprov: {text}\nset timeout=0\necho 'blockprov: {text}'\n"
             f"linux /{VOLUME_PATHS['kernel']} {' '.join(words)}\n"
-            f"initrd /{VOLUME_PATHS['initrd']}\nboot\n").encode()
+            f"initrd /{initrd}\nboot\n").encode()
 
 
 def volume_files(files: Mapping[str, T], grub: bytes, extra: Sequence[tuple[str, bytes]] = ()) -> list[

@@ -1,16 +1,17 @@
 """The one durability helper: every persistent file write in blockprov goes through here.
 
-Crash rule: ``atomic_write`` leaves either the old file or the complete new one, never a mix;
-after it returns the new content and its name are on stable storage (temp → fsync → rename →
-fsync directory).
+Crash rule: ``atomic_write`` (bytes) and ``replacing`` (a file written by any means, an export)
+leave either the old file or the complete new one, never a mix; after they return the new content
+and its name are on stable storage (temp → fsync → rename → fsync directory). A crash meanwhile
+can leave a ``.NAME.XXXXXXXX.tmp`` beside it, never read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -24,17 +25,35 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes], *, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
+    with replacing(path, sync_dir=sync_dir) as tmp, open(tmp, "wb") as f:
+        if isinstance(data, bytes | bytearray | memoryview):
+            f.write(data)
+        else:
+            for part in data:
+                f.write(part)
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str], *, mode: int = 0o600, sync_dir: bool = True) -> Iterator[Path]:
+    """A new, empty file beside ``path`` (created with ``mode``, less the umask) for the caller to
+    write whole, by any means (``pwrite`` at offsets, another program): when the block ends it is
+    fsynced and renamed over ``path``, and the directory fsynced; when it raises, it is removed
+    and ``path`` is as it was (an export that fails leaves the file it would have replaced)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:  # a name nobody else has (O_EXCL), as mkstemp's, but with the caller's mode
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
+            break
+        except FileExistsError:
+            continue
     try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes | bytearray | memoryview):
-                f.write(data)
-            else:
-                for part in data:
-                    f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):

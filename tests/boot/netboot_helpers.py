@@ -27,6 +27,11 @@ MAC = "52:54:00:12:34:5a"
 IPXE_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian ipxe-qemu: qemu loads it for virtio-net-pci
 OVMF = "/usr/share/OVMF"  # Debian ovmf: UEFI firmware for qemu, 4 MiB flash images
 BOOT_TIMEOUT = 300.0
+# what the disk's own loader's initramfs says (netboot/everyday.py): the every-day boot, and its
+# question unanswered
+EVERYDAY = "(the disk's own loader: every-day boot; kernel and initramfs from the disk, none downloaded)"
+OFFLINE = "OFFLINE: the repository"
+DISK_EXIT = "blockprov: booting this PC's own disk (complete and current)"  # iPXE's script says it, then `exit`
 # console lines whose arrival netboot() times: the firmware's fetch of the boot files is done when
 # the initramfs starts; the agent serves the root; the image's own init runs
 MILESTONES = ("blockprov: initramfs started", "blockprov: root serving", "BLOCKPROV-INIT")
@@ -100,23 +105,33 @@ class NetBoot:
         return "\n".join([ln for ln in self.console.splitlines() if not ln.startswith("[")][-n:])
 
 
-def chunks_served(url: str) -> int:
+def metrics(url: str) -> str:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    m = re.search(r"^blockprov_chunks_served_total (\S+)$", text, re.M)
+        return str(r.read().decode())
+
+
+def chunks_served(url: str) -> int:
+    m = re.search(r"^blockprov_chunks_served_total (\S+)$", metrics(url), re.M)
     return int(float(m.group(1))) if m else 0
 
 
 BOOT_FILE_REQUESTS = (r'^blockprov_http_requests_total\{[^}]*route="/v1/images/\{name\}/versions/\{vid\}/boot/'
                       r'\{which\}"[^}]*\} (\S+)$')
+# a version's boot files one by one (iPXE), and the UEFI HTTP boot image that holds them
+BOOT_ROUTES = ("/v1/images/{name}/versions/{vid}/boot/{which}", "/v1/boot/{host}/boot.img")
 
 
 def boot_files_served(url: str) -> int:
     """Requests for a version's boot files (kernel, initramfs) the repository answered: what a
     network boot downloads, and an every-day boot does not."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(int(float(m.group(1))) for m in re.finditer(BOOT_FILE_REQUESTS, text, re.M))
+    return sum(int(float(m.group(1))) for m in re.finditer(BOOT_FILE_REQUESTS, metrics(url), re.M))
+
+
+def boot_bytes_sent(url: str) -> int:
+    """Bytes the repository sent of boot files (BOOT_ROUTES): megabytes when a PC downloads a kernel
+    and an initramfs, a line when the firmware is told to boot its disk."""
+    sent = re.finditer(r'^blockprov_http_sent_bytes_total\{route="([^"]*)"\} (\S+)$', metrics(url), re.M)
+    return sum(int(float(m.group(2))) for m in sent if m.group(1) in BOOT_ROUTES)
 
 
 def netboot(disk: Path | None, url: str, console: Path, timeout: float = BOOT_TIMEOUT, mac: str = MAC,

@@ -33,6 +33,9 @@ import pytest
 from tests import bootvm
 from tests.boot.conftest import NetRepo
 from tests.boot.netboot_helpers import (
+    DISK_EXIT,
+    EVERYDAY,
+    OFFLINE,
     admin_version,
     assign,
     blank_disk,
@@ -45,9 +48,6 @@ from tests.conftest import require_tool, run_cli
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(2400)]  # several TCG boots each, on a loaded machine
 
-EVERYDAY = "(the disk's own loader: every-day boot; kernel and initramfs from the disk, none downloaded)"
-OFFLINE = "OFFLINE: the repository"
-DISK_EXIT = "blockprov: booting this PC's own disk (complete and current)"
 
 
 def boot(disk: Path, url: str, log: Path, **kw: Any) -> Any:

@@ -57,7 +57,7 @@ def assert_consistent(url: str, sources: dict[str, Path], scratch: Path) -> dict
             assert tags, f"lab@{vid} has no tag: every import commits with its tag"
             srcs = {sources[t] for t in tags}
             assert len(srcs) == 1, (vid, tags)
-            export_image(repo, f"lab@{vid}", scratch)
+            export_image(repo, f"lab@{vid}", scratch, force=True)
             assert scratch.read_bytes() == srcs.pop().read_bytes(), f"lab@{vid} ({tags}) differs from its source"
         for tag, vid in image.tags.items():
             assert vid in listed and tag in listed[vid]
@@ -119,7 +119,7 @@ def test_server_killed_during_imports(tmp_path: Path, seaweed: SeaweedFS, s3_env
                 run_cli("--repo", url, "import", str(sources[last]), f"lab:{last}")
                 succeeded.add(last)
                 out = tmp_path / "again.raw"
-                run_cli("--repo", url, "export", f"lab:{last}", str(out))
+                run_cli("--repo", url, "export", f"lab:{last}", str(out), "--force")
                 assert out.read_bytes() == sources[last].read_bytes()
         assert_consistent(url, sources, tmp_path / "out.raw")
     finally:

@@ -57,7 +57,7 @@ def test_kill9_during_snapshot_then_snapshot_again(tmp_path: Path) -> None:
             try:
                 out = json.loads(run_cli("--repo", url, "snapshot", "--cache", str(cache), "--to", f"lab:s{n}",
                                          "--json").stdout)
-                run_cli("--repo", url, "export", f"lab:s{n}", str(tmp_path / "s.raw"))
+                run_cli("--repo", url, "export", f"lab:s{n}", str(tmp_path / "s.raw"), "--force")
                 subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(tmp_path / "s.raw"),
                                 nbd_uri(sock)], check=True, capture_output=True, timeout=60)
                 targets = status(cache)["targets"]

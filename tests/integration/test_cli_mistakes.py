@@ -688,13 +688,14 @@ def test_small_chunks_import(tmp_path: Path) -> None:
     for cs in ("4K", "8K"):
         data = tmp_path / f"data{cs}"
         run_cli("import", str(img), "d:v1", "--chunk-size", cs, data=data)
-        run_cli("export", "d:v1", str(tmp_path / "o.img"), data=data)
+        run_cli("export", "d:v1", str(tmp_path / "o.img"), "--force", data=data)
         assert (tmp_path / "o.img").read_bytes() == img.read_bytes()
 
 
 def test_export_failures_leave_no_file(tmp_path: Path) -> None:
     """Export to a missing directory is a write failure (13, not 6 "cannot read"); onto a full disk
-    it is 12 and the partial output is removed, as qcow2 export does."""
+    it is 12 and the partial output is removed, as qcow2 export does; a file it was to replace
+    (--force) is left as it was."""
     data = tmp_path / "data"
     img = make_image(tmp_path / "d.img", 4 << 20, seed=76, data_fraction=1.0)
     run_cli("import", str(img), "d:v1", data=data)
@@ -706,8 +707,30 @@ def test_export_failures_leave_no_file(tmp_path: Path) -> None:
         p = run_cli("export", "d:v1", str(full / "o.img"), data=data, check=False)
         assert p.returncode == 12 and "no space left" in one_line(p)
         assert not (full / "o.img").exists()
+        (full / "old.img").write_bytes(b"old")
+        for fmt in ("raw", "qcow2"):
+            p = run_cli("export", "d:v1", str(full / "old.img"), "--force", "--format", fmt, data=data, check=False)
+            assert p.returncode == 12 and "no space left" in one_line(p), p.stderr
+            assert (full / "old.img").read_bytes() == b"old" and sorted(full.iterdir()) == [full / "ballast",
+                                                                                          full / "old.img"]
         p = run_cli("import", str(img), "e:v1", data=full / "repo", check=False)
         assert p.returncode == 12 and "no space left" in one_line(p)
+
+
+def test_export_force_through_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    """--force on a symlink replaces the file it names (written beside that file, renamed over it),
+    and the link stays, as writing through the link did before exports were atomic."""
+    data = tmp_path / "data"
+    img = make_image(tmp_path / "d.img", 1 << 20, seed=77, data_fraction=1.0)
+    run_cli("import", str(img), "d:v1", data=data)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "disk.img").write_bytes(b"old")
+    (tmp_path / "link.img").symlink_to(tmp_path / "real" / "disk.img")
+    p = run_cli("export", "d:v1", str(tmp_path / "link.img"), data=data, check=False)
+    assert p.returncode == 13 and "give --force" in one_line(p)
+    run_cli("export", "d:v1", str(tmp_path / "link.img"), "--force", data=data)
+    assert (tmp_path / "link.img").is_symlink() and (tmp_path / "real" / "disk.img").read_bytes() == img.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["disk.img"]
 
 
 def test_lifecycle_with_the_repository_down(tmp_path: Path) -> None:
@@ -889,6 +912,17 @@ ISSUE_27.update({
         (("!kind", "{chardev}", "char"), 0, ""),
         (("!kind", "{fifo}", "fifo"), 0, ""),
     ],
+    # `export` replaced an existing file without a word: refused unless --force, and then replaced
+    # whole once complete (written beside it, renamed over it)
+    "export-onto-an-existing-file": [
+        (("!empty", "{w}/old.img"), 0, ""),
+        (("export", "img:v1", "{w}/old.img"), 13, r"cannot write .*old\.img: it exists; give --force to replace it"),
+        (("export", "img:v1", "{w}/old.img", "--format", "qcow2"), 13, r"it exists; give --force"),
+        (("!size", "{w}/old.img", "0"), 0, ""),
+        (("export", "img:v1", "{w}/old.img", "--force"), 0, r"^exported img@\w+ .* to .*old\.img as raw$"),
+        (("export", "img:v1", "{w}/old.img", "-f", "--format", "qcow2"), 0, r"as qcow2$"),
+        (("!no-tmp", "{w}"), 0, ""),
+    ],
     # variant: `import /dev/null` or an empty file made an empty disk without a word
     "import-of-nothing": [
         (("import", "/dev/null", "img:null"), 6, r"cannot read /dev/null: is neither a regular file nor a block"),
@@ -1033,6 +1067,12 @@ def run_step(w: World, values: Values, args: tuple[str, ...], code: int, pattern
         return
     if argv_[0] == "!empty":
         Path(argv_[1]).write_bytes(b"")
+        return
+    if argv_[0] == "!size":
+        assert Path(argv_[1]).stat().st_size == int(argv_[2]), argv_
+        return
+    if argv_[0] == "!no-tmp":
+        assert not list(Path(argv_[1]).glob(".*.tmp*")), list(Path(argv_[1]).iterdir())
         return
     if argv_[0] == "!kind":
         mode = os.lstat(argv_[1]).st_mode

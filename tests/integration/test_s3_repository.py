@@ -75,7 +75,7 @@ def test_s3_server_killed_mid_import(tmp_path: Path, monkeypatch: pytest.MonkeyP
             assert st.chunks_removed > 100
         finally:
             repo.close()
-        run_cli("export", "lab:v1", str(out1), data=data, env=env)
+        run_cli("export", "lab:v1", str(out1), "--force", data=data, env=env)
         assert sha(out1) == sha(v1_img)
         run_cli("import", str(big), "lab:v2", data=data, env=env)  # simply run again
         out2 = tmp_path / "v2.out"

@@ -89,7 +89,7 @@ def test_two_hosts_share_images_tags_and_removals(tmp_path: Path, hosts: Hosts) 
     for target in (v2, v1, v2):
         run_cli("--repo", hosts.b, "tag", f"lab@{target}", "lab:prod")
         assert show_id(hosts.a, "lab:prod") == target
-    run_cli("--repo", hosts.a, "export", "lab:prod", str(out))
+    run_cli("--repo", hosts.a, "export", "lab:prod", str(out), "--force")
     assert out.read_bytes() == img2.read_bytes()
 
     # A version removed through A (with its tags v2 and prod) is not found through B.
@@ -102,7 +102,7 @@ def test_two_hosts_share_images_tags_and_removals(tmp_path: Path, hosts: Hosts) 
     assert r.status_code == 404 and r.json()["error"] == "ImageNotFound", r.text
     assert [v["id"] for v in versions(hosts.b, "lab")] == [v1]
     assert json.loads(run_cli("--repo", hosts.b, "images", "--json").stdout)[0]["tags"] == {"v1": v1}
-    run_cli("--repo", hosts.b, "export", "lab:v1", str(out))
+    run_cli("--repo", hosts.b, "export", "lab:v1", str(out), "--force")
     assert out.read_bytes() == img1.read_bytes()
     assert not any((tmp_path / h / "catalog.sqlite").exists() for h in ("host-a", "host-b"))  # all in PostgreSQL
 

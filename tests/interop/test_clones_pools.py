@@ -18,6 +18,7 @@ import pytest
 from blockprov.imaging.importer import import_image
 from blockprov.repo.local import LocalRepository
 from tests.conftest import make_image, run_cli
+from tests.interop.test_control_hostile import every_op_refuses_an_unknown_argument
 from tests.procs import Proc, start_server, start_serving, wait_for
 
 pytestmark = pytest.mark.interop
@@ -122,6 +123,9 @@ def test_snapshot_of_one_clone_sends_its_overlay(golden: tuple[Path, Path], tmp_
         assert out["chunks_modified"] == 2 and out["chunks_sent"] == 1  # two equal chunks: stored once
         run_cli("export", "lab:c2", str(tmp_path / "c2.raw"), data=data)
         sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(tmp_path / "c2.raw"), uri(sock, "lab-2"))
+        # the clones server's control socket and an instance's: every op refuses an argument it does not take
+        assert {"status", "rescan", "remove", "seal", "stop"} <= set(every_op_refuses_an_unknown_argument(root))
+        every_op_refuses_an_unknown_argument(root / "instances" / "lab-1")
     finally:
         proc.stop()
 
@@ -223,6 +227,8 @@ def test_an_exhausted_pool_says_so(golden: tuple[Path, Path], tmp_path: Path) ->
         got = json.loads(run_cli("pool", "acquire", "p", "--host", "b", "--wait", "60", "--dir", str(root),
                                  "--json").stdout)
         sh("qemu-img", "info", got["uri"])
+        ops = every_op_refuses_an_unknown_argument(root)
+        assert {"pool-status", "pool-acquire", "pool-release"} <= set(ops), ops
     finally:
         proc.stop()
 

@@ -58,11 +58,12 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     assert proc.stop() == 0
 
 
-def ask(agent: Agent, raw: bytes, timeout: float = 30) -> dict[str, Any]:
-    """Send ``raw`` (a line is added) on the control socket; the answer, decoded."""
+def ask(agent: Agent | Path, raw: bytes, timeout: float = 30) -> dict[str, Any]:
+    """Send ``raw`` (a line is added) on the control socket of ``agent`` (or of a directory that
+    has one: a clones directory, a pool); the answer, decoded."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
-        s.connect(str(control.socket_path(agent.cache)))
+        s.connect(str(control.socket_path(agent.cache if isinstance(agent, Agent) else agent)))
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before all of it was
             s.sendall(raw + b"\n")  # sent (a line over the limit): the answer is there
         buf = b""
@@ -126,6 +127,26 @@ def test_a_bad_request_is_a_usage_error(agent: Agent, what: str, raw: bytes, wor
     reply = ask(agent, raw)
     assert reply["ok"] is False and reply["exit_code"] == 2 and reply["error"] == "UsageError", f"{what}: {reply}"
     assert words in reply["message"], f"{what}: {reply['message']}"
+
+
+def every_op_refuses_an_unknown_argument(where: Agent | Path) -> list[str]:
+    """Each op the control socket answers (it lists them when asked an unknown one), sent with an
+    argument no op takes: a usage error naming it, before the op starts (``stop`` with one did
+    stop the agent; ``status``, ``rescan``, ``profile`` ignored theirs). Returns the ops."""
+    listing = ask(where, b'{"op": "no-such-op"}')["message"]
+    ops = listing.split("answers ", 1)[1].split(", ")
+    assert "status" in ops, listing
+    for op in ops:
+        reply = ask(where, json.dumps({"op": op, "zzz": 1}).encode())
+        assert reply["ok"] is False and reply["exit_code"] == 2, f"{op}: {reply}"
+        assert f"{op}: unknown argument 'zzz'" in reply["message"], f"{op}: {reply['message']}"
+    assert ask(where, b'{"op": "status"}')["ok"] is True  # and still there
+    return ops
+
+
+def test_every_op_refuses_an_unknown_argument(agent: Agent) -> None:
+    ops = every_op_refuses_an_unknown_argument(agent)
+    assert {"status", "stop", "profile", "hydrate", "reset", "snapshot", "update"} <= set(ops), ops
 
 
 def test_the_agent_still_answers_after_the_table(agent: Agent) -> None:

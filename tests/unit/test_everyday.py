@@ -169,8 +169,9 @@ def test_the_plan_round_trips_and_the_init_parses(tmp_path: Path) -> None:
     text = everyday.plan_text(image="lab@aa", policy="restore", disk="nvme0n1",
                               parts=["nvme0n1p1", "nvme0n1p2", "nvme0n1p3", "nvme0n1p4"], sectors=2097152,
                               chunk_sectors=128, cow=[("nvme0n1p3", 0, 2048), ("nvme0n1p4", 2097152, 4096)],
-                              era_block=2048, era_file="era.meta")
+                              era_block=2048, era_file="era.meta", per_chunk=16)
     plan = everyday.parse_plan(text)
+    assert plan["BP_CHUNK"] == "128" and plan["BP_PER_CHUNK"] == "16"
     assert plan["BP_COW"] == "nvme0n1p3:0:2048 nvme0n1p4:2097152:4096" and plan["BP_DATA"] == "nvme0n1p4"
     everyday.write_plan(tmp_path, text)
     assert (tmp_path / everyday.PLAN).read_text() == text
@@ -193,6 +194,9 @@ def test_the_loader_keeps_the_initramfs_in_its_two_parts() -> None:
     with pytest.raises(Exception, match="not gzip"):
         loader.split_initramfs(b"not an initramfs")
     assert "INITRD /fast.img" in loader.syslinux_cfg("x")
+    # GRUB on the disk's EFI System Partition boots the fast part too; the whole initramfs stays beside it
+    _vol, content = loader.volume({"kernel": b"k", "initrd": fast + rest}, loader.wanted("k", "i", "x"))
+    assert b"\ninitrd /fast.img\n" in content[boot.GRUB_CFG] and content["initrd.img"] == fast + rest
     # a loader written before the two parts (its record without the fingerprint) is out of date
     want = loader.wanted("k", "i", "x")
     assert loader.comparable({k: v for k, v in want.items() if k != "fingerprint"}) != want

@@ -167,7 +167,10 @@ def test_a_timeout_says_the_repository_s_last_error() -> None:
 
     async def main() -> None:
         f = fetcher(repo, m, sink, timeout=0.5)
-        with pytest.raises(DeviceIOError, match=r"gave no chunks within 0\.5 s .*last error: .*unreachable"):
+        # which of the two ends it depends on the machine's load: the timeout cuts attempt 2, or the
+        # retries see no time left for it and give up; either way the message names both
+        with pytest.raises(DeviceIOError, match=r"gave no chunks within 0\.5 s .*last error: .*unreachable"
+                                                r"|unreachable.*gave up after 0\.5 s"):
             await f.get(3)
         await f.close()
 

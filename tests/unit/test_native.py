@@ -22,7 +22,7 @@ from blockprov.device.base import result_bytes
 from blockprov.errors import DeviceMapperError, NetlinkError
 from blockprov.imaging.importer import import_image
 from blockprov.netboot import cowstore, dm, nbdlink
-from blockprov.netboot.native import ERA_BLOCK, Geometry, Part, era_meta_bytes
+from blockprov.netboot.native import ERA_BLOCK, STORE_CHUNK, Geometry, Part, era_meta_bytes
 from blockprov.repo.local import LocalRepository
 from blockprov.results import to_dict
 from tests.caches import open_cache
@@ -110,7 +110,12 @@ def test_the_restore_store_is_the_reserve_then_the_room_past_the_image() -> None
     assert g.cow_table() == "0 262144 linear 254:3 0\n262144 2902016 linear 254:4 2097152"
     tight = Geometry(Part("vda4", "254:4", 2_097_200), Part("vda3", "254:3", 2048), image=2_097_152, chunk=CS)
     assert tight.cow_table() == "0 2048 linear 254:3 0"  # no whole MiB past the image
-    assert g.restore_table("253:0") == "0 2097152 snapshot 254:4 253:0 P 128"
+    # the store's chunk is 1 MiB (STORE_CHUNK): a 1 MiB request stays one through the snapshot
+    assert g.store_sectors == STORE_CHUNK // 512 == 2048
+    assert g.restore_table("253:0") == "0 2097152 snapshot 254:4 253:0 P 2048"
+    assert g.merge_table("253:0") == "0 2097152 snapshot-merge 254:4 253:0 P 2048"
+    big = Geometry(Part("vda4", "254:4", 5_000_000), Part("vda3", "254:3", 262144), image=2_097_152, chunk=4 << 20)
+    assert big.store_sectors == 8192  # never smaller than the cache's chunk
     assert era_meta_bytes(1 << 30) == 8 << 20 and era_meta_bytes(2 << 40) > 32 << 20
 
 

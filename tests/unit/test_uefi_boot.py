@@ -16,6 +16,7 @@ import pytest
 from blockprov import boot, fat
 from blockprov.errors import EfiLoaderMissing
 from blockprov.imaging.importer import import_image
+from blockprov.netboot import loader
 from blockprov.repo.local import LocalRepository
 from blockprov.service.app import create_app
 from tests.conftest import corrupt_chunk, make_image, require_tool
@@ -63,6 +64,8 @@ def test_the_uefi_loader_is_stored_served_and_kept_by_gc(env: Env) -> None:
     r = env.c.get(url, headers={"range": f"bytes={boot.PIECE - 3}-{boot.PIECE + 3}"})
     assert r.status_code == 206 and r.content == EFI[boot.GRUB][boot.PIECE - 3:boot.PIECE + 4]
     assert r.headers["etag"] == f'"{info.efi[boot.GRUB].id}"'
+    r = env.c.get(url, headers={"range": "bytes=0-9,100-199"})  # several ranges: the whole body, as RFC 9110
+    assert r.status_code == 200 and r.content == EFI[boot.GRUB] and "content-range" not in r.headers  # allows
     h = env.c.head(f"{env.files}/{boot.SHIM}")
     assert h.status_code == 200 and h.headers["content-length"] == str(len(EFI[boot.SHIM]))
     env.repo.gc(grace=0)  # the loader's pieces are referenced: nothing of it goes
@@ -165,3 +168,46 @@ def test_ipxe_platform_records_the_hosts_firmware(env: Env) -> None:
     assert env.c.get(initrd, params={"host": MAC, "platform": "arm64-efi"}).status_code == 200  # not ours to say
     h = env.c.get("/v1/hosts").json()["hosts"][0]
     assert h["firmware"] == "uefi" and h["last_boot_version"] == env.vid
+
+
+def test_a_pc_whose_disk_is_current_is_sent_to_it(env: Env) -> None:
+    """The short every-day boot through the firmware's HTTP boot: once the PC's agent said its disk
+    holds the version whole with a loader booting this command line, the firmware is answered a
+    404 (it boots its next option, the disk: tests/boot/test_uefi.py); its GET records that it was
+    told, and a disk that then does not come up gets the image again; a re-provision too."""
+    env.repo.set_boot_files("lab:v1", KERNEL, INITRD, "console=ttyS0", EFI)
+    assert env.c.put(f"/v1/hosts/{MAC}", json={"ref": "lab:v1", "policy": "restore"}).status_code == 200
+    img, fw = f"/v1/boot/{MAC}/boot.img", {"host": "10.0.2.2", "user-agent": "UefiHttpBoot/1.0"}
+    r = env.c.get(img, headers=fw)
+    assert r.status_code == 200
+    (env.tmp / "boot.img").write_bytes(r.content)
+    line = mcopy(env.tmp / "boot.img", boot.GRUB_CFG).decode().split("linux /vmlinuz ", 1)[1].splitlines()[0]
+    info = env.repo.get_boot_files("lab:v1")
+    assert info is not None
+    fingerprint = loader.wanted(info.kernel.id, info.initrd.id, line)["fingerprint"]
+    disk = {"version": f"lab@{env.vid}", "fingerprint": fingerprint}
+    assert env.c.put(f"/v1/boot/{MAC}/disk", json=disk).status_code == 200  # the PC's agent
+
+    def told() -> float:
+        state = env.repo.registry.disk_state(MAC)
+        assert state is not None
+        return state.told
+
+    h = env.c.head(img, headers=fw)
+    assert h.status_code == 404 and h.headers["x-blockprov-disk"] == "current" and told() == 0  # the size: no boot
+    r = env.c.get(img, headers=fw)
+    assert r.status_code == 404 and r.headers["cache-control"] == "no-store"
+    assert r.text == f"{boot.disk_note(MAC, disk['version'])}\n" and told() > 0
+    # told, and the disk's initramfs never asked: it did not come up, and the next boot gets the image
+    assert env.c.head(img, headers=fw).status_code == 200 and env.c.get(img, headers=fw).status_code == 200
+    ask = env.c.post(f"/v1/boot/{MAC}/disk", params={"base": "http://10.0.2.2:8420"}, json=disk)
+    assert ask.text == "disk\n"  # the disk came up: current, the same fingerprint as the image's line
+    # iPXE's script follows the same rule (an operator looking: nothing recorded)
+    assert env.c.get(f"/v1/boot/{MAC}", headers={"host": "10.0.2.2:8420"}).text.endswith("exit\n")
+    when = told()
+    assert env.c.get(img, headers=fw, params={"record": "false"}).status_code == 404 and told() == when
+    assert env.c.get(img, headers=fw).status_code == 404 and told() > when
+    # the operator forces a re-provision: the image, whatever the disk said
+    assert env.c.post(f"/v1/hosts/{MAC}/reprovision").status_code == 200
+    r = env.c.get(img, headers=fw)
+    assert r.status_code == 200 and r.headers["content-type"] == boot.EFI_IMAGE_TYPE

@@ -309,6 +309,7 @@ class Agent:
 
     # -- control ops ------------------------------------------------------------------------------
     async def _op_status(self, req: dict[str, Any]) -> StatusReport:
+        control.Args(req)  # takes none: any argument is refused (a misspelt one is not ignored)
         assert self.ops is not None and self.server is not None
         site = None
         if self.site is not None:
@@ -319,6 +320,7 @@ class Agent:
                        sources=self.peers.stats.to_dict() if self.peers is not None else None, site=site)
 
     async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        control.Args(req)
         self._stop.set()
         return {"stopping": True}
 

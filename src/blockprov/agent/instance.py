@@ -213,10 +213,10 @@ class InstanceOps:
                                  eager=not lazy)
 
     async def _op_hydrate(self, req: dict[str, Any]) -> HydrationStatus:
+        a = control.Args(req, "rate", "profile_parallel", "hold_rest")
         if self.device.overlay:
             raise UsageError("an overlay instance reads through its shared base: hydrate the base cache instead")
         h = self.hydrator
-        a = control.Args(req, "rate", "profile_parallel", "hold_rest")
         rate = a.number("rate", MIN_RATE, 1e15)
         parallel = a.integer("profile_parallel", 1, 1, 64)
         hold_rest = a.number("hold_rest", 0.0, MAX_HOLD_REST) or 0.0
@@ -227,6 +227,7 @@ class InstanceOps:
         return self.hydrator.status()
 
     async def _op_profile(self, req: dict[str, Any]) -> ReadOrder:
+        control.Args(req)
         m = self.device.manifest
         return ReadOrder(image=m.image, version=m.id, order=self.device.profile())
 

@@ -66,15 +66,17 @@ def import_cmd(obj: Ctx, source: str, ref: str, chunk_size: int, fmt: str | None
 @click.argument("ref", metavar="NAME:TAG|NAME@ID")
 @click.argument("dest", type=click.Path(path_type=str))
 @click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
+@click.option("--force", "-f", is_flag=True, help="Replace DEST if it is an existing file (without it, refused).")
 @json_option
 @click.pass_obj
-def export_cmd(obj: Ctx, ref: str, dest: str, fmt: str, as_json: bool) -> None:
-    """Write a version to a file or block device."""
+def export_cmd(obj: Ctx, ref: str, dest: str, fmt: str, force: bool, as_json: bool) -> None:
+    """Write a version to a new file, or to a block device. An existing file is refused unless
+    --force; it is then replaced whole once the export is complete (a failed export leaves it)."""
     from blockprov.imaging.exporter import export_image
 
     m = obj.repo.resolve(ref)
     with progress_bar(m.stored_bytes_logical(), f"export {ref}", not as_json) as bar:
-        export_image(obj.repo, parse_ref(ref), dest, fmt=fmt, progress=bar)
+        export_image(obj.repo, parse_ref(ref), dest, fmt=fmt, progress=bar, force=force)
     if as_json:
         emit({"ref": ref, "id": m.id, "dest": dest, "format": fmt, "size": m.size})
     else:

@@ -359,6 +359,7 @@ class ClonesAgent:
 
     def _status_of(self, ops: InstanceOps) -> control.Handler:
         async def status(req: dict[str, Any]) -> StatusReport:
+            control.Args(req)
             return replace(ops.status(), agent=AgentInfo(
                 running=True, pid=os.getpid(), started=self.started, uptime=time.time() - self.started,
                 addresses=self.addresses, repository=self.repo.url, clones=str(self.root)))
@@ -410,6 +411,7 @@ class ClonesAgent:
 
     # -- control ops ------------------------------------------------------------------------------
     async def _op_status(self, req: dict[str, Any]) -> ClonesStatus:
+        control.Args(req)  # takes none: any argument is refused (a misspelt one is not ignored)
         return ClonesStatus(root=str(self.root), pid=os.getpid(), addresses=self.addresses,
                             instances={n: replace(_brief(s.device), uri=self.uri(n))
                                        for n, s in self.instances.items()},
@@ -417,6 +419,7 @@ class ClonesAgent:
                             nbd=vars(self.server.stats).copy())
 
     async def _op_rescan(self, req: dict[str, Any]) -> dict[str, Any]:
+        control.Args(req)
         out = await self.rescan()
         return {**out, "uris": {n: self.uri(n) for n in out["added"]}}
 
@@ -458,6 +461,7 @@ class ClonesAgent:
         return {"removed": name}
 
     async def _op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        control.Args(req)
         self._stop.set()
         return {"stopping": True}
 

@@ -332,6 +332,7 @@ class PoolServer:
         return {"instance": name, "state": state}
 
     async def _op_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        control.Args(req)  # takes none: any argument is refused (a misspelt one is not ignored)
         st = read_state(self.root)
         st["server"] = {"running": True, "pid": os.getpid(), "last_error": self.last_error,
                         "uris": {n: self.agent.uri(n) for n in st["instances"]}}

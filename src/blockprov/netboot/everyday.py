@@ -45,17 +45,20 @@ from blockprov.durable import atomic_write, fsync_dir
 PLAN = "native.env"
 ASK_TIMEOUT = 3  # seconds the every-day boot waits for the repository's answer
 FAST_MODULE_TIMEOUT = 10  # seconds the disk may take to appear once its driver is loaded
+SECURE_BOOT_AT = 0x1EC  # struct boot_params.secure_boot (the x86 boot protocol): 3 on, 2 off, as the EFI stub saw it
 RESIDENT_DELAY = 20  # seconds the resident agent waits before it starts: the machine's own boot first
 
 
 def plan_text(*, image: str, policy: str, disk: str, parts: Sequence[str], sectors: int, chunk_sectors: int,
-              cow: Sequence[tuple[str, int, int]], era_block: int, era_file: str) -> str:
+              cow: Sequence[tuple[str, int, int]], era_block: int, era_file: str, per_chunk: int = 1) -> str:
     """The plan (see the module docstring): ``parts`` the boot, metadata, reserve and data
-    partitions' names, ``cow`` the restore store's pieces (partition, offset, sectors). Pure."""
+    partitions' names, ``cow`` the restore store's pieces (partition, offset, sectors),
+    ``chunk_sectors`` the store's chunk, ``per_chunk`` the cache's chunks in one (the console
+    counts those). Pure."""
     values = {
         "BP_PLAN": "1", "BP_IMAGE": image, "BP_POLICY": policy, "BP_DISK": disk,
         "BP_BOOT": parts[0], "BP_META": parts[1], "BP_RESERVE": parts[2], "BP_DATA": parts[3],
-        "BP_SECTORS": str(sectors), "BP_CHUNK": str(chunk_sectors),
+        "BP_SECTORS": str(sectors), "BP_CHUNK": str(chunk_sectors), "BP_PER_CHUNK": str(per_chunk),
         "BP_COW": " ".join(f"{p}:{off}:{n}" for p, off, n in cow),
         "BP_ERA_BLOCK": str(era_block), "BP_ERA_FILE": era_file,
     }
@@ -105,6 +108,12 @@ machine() { exec /usr/bin/python3 -S -B -m blockprov.netboot.machine; say "canno
 
 say "initramfs started at uptime $(up) s (the disk's own loader: every-day boot;" \
     "kernel and initramfs from the disk, none downloaded)"
+# the firmware, as netboot/inagent.py's firmware() reads it: the EFI stub's secure_boot byte (3 on, 2 off)
+FW=BIOS; [ -d /sys/firmware/efi ] && FW=UEFI
+case "$FW$(od -A n -t u1 -j @SB_AT@ -N 1 /sys/kernel/boot_params/data 2>/dev/null | tr -d ' ')" in
+UEFI3) FW="UEFI, Secure Boot on" ;; UEFI2) FW="UEFI, Secure Boot off" ;;
+esac
+say "firmware: $FW"
 for w in $(cat /proc/cmdline); do
     case "$w" in
     blockprov.repo=*) REPO=${w#*=} ;; blockprov.host=*) HOST=${w#*=} ;; blockprov.image=*) IMAGE=${w#*=} ;;
@@ -219,7 +228,7 @@ everyday() {
         if mk bp-root "$ROOT"; then  # the last session's store, as the kernel reads it: its size
             set -- $(dmsetup status bp-root)
             case "$4" in
-            */*) N=$(( (${4%%/*} - ${5:-0}) / BP_CHUNK )) ;;
+            */*) N=$(( (${4%%/*} - ${5:-0}) / BP_CHUNK * ${BP_PER_CHUNK:-1} )) ;;  # in the cache's chunks
             *) N="all"; say "warning: the last session's copy-on-write store was dropped by the kernel ($4)" ;;
             esac
         fi
@@ -271,6 +280,7 @@ for d in dev proc sys; do mount --move "/$d" "/newroot/$d"; done
 cd /newroot && mount --move . / || { echo "blockprov: cannot move the new root"; sleep 30; reboot -f; }
 say "root mounted ($OPTS) at uptime $(cut -d' ' -f1 proc/uptime) s; starting $INITPROG"
 exec chroot . "$INITPROG"
-""".replace("@ASK@", str(ASK_TIMEOUT)).replace("@META_WAIT@", str((FAST_MODULE_TIMEOUT + 5) * 10)).replace(
+""".replace("@ASK@", str(ASK_TIMEOUT)).replace("@SB_AT@", str(SECURE_BOOT_AT)).replace(
+    "@META_WAIT@", str((FAST_MODULE_TIMEOUT + 5) * 10)).replace(
     "@DELAY@", str(RESIDENT_DELAY)).replace(
     "$((FAST_MODULE_TIMEOUT * 10))", str(FAST_MODULE_TIMEOUT * 10))

@@ -106,7 +106,7 @@ OFFLINE_FETCH_TIMEOUT = 5.0  # offline, a missing chunk's read fails (EIO) after
 # host): under TCG ~350 MiB took 5-6 s (bench/RESULTS.md), so 64 MiB is about a second. A
 # checkpoint is a few small writes on the metadata file system.
 CHECKPOINT_FILL = 64 << 20
-SECURE_BOOT_AT = 0x1EC  # struct boot_params.secure_boot (the x86 boot protocol)
+SECURE_BOOT_AT = everyday.SECURE_BOOT_AT  # the every-day boot's shell reads the same byte
 NATIVE_FETCH = 256  # chunks a boot fetches before the root rather than stay on NBD (and 5 % of the image)
 
 

@@ -9,7 +9,7 @@ loaders side by side over the same kernel and initramfs:
 
 * for UEFI (when the version has a UEFI loader, boot.EFI_FILES): ``\\EFI\\BOOT\\BOOTX64.EFI`` —
   the removable-media path every UEFI firmware boots without an NVRAM entry — is shim, beside it
-  GRUB and the MOK manager, and ``\\EFI\\debian\\grub.cfg`` boots ``vmlinuz`` and ``initrd.img``.
+  GRUB and the MOK manager, and ``\\EFI\\debian\\grub.cfg`` boots ``vmlinuz`` and ``fast.img``.
   Under Secure Boot the firmware checks shim (Microsoft's key), shim checks GRUB, GRUB has shim
   check the kernel; the initramfs is not checked (docs/operations.md says what that means). No
   NVRAM entry is written and no fbx64.efi shipped (shim would run it, and it rewrites the
@@ -20,11 +20,15 @@ loaders side by side over the same kernel and initramfs:
   sector, keeping its parameters), ``syslinux.cfg``, and syslinux's ``mbr.bin`` in the disk's
   sector 0, which boots the *active* partition — on a GPT disk (over 2 TiB: disk.py) syslinux's
   ``gptmbr.bin``, which boots the partition whose "legacy BIOS bootable" attribute (bit 2) is
-  set; below, "the active flag" is that attribute on a GPT disk. SYSLINUX boots the kernel and
-  only the initramfs's fast part, ``fast.img`` (netboot/initramfs.py's first gzip member:
-  netboot/everyday.py's every-day boot); ``rest.img``, the rest, is what that boot unpacks when it
-  needs python. Both are cut from ``initrd.img`` as it is written (``split_initramfs``), never
-  fetched or read back.
+  set; below, "the active flag" is that attribute on a GPT disk.
+
+Both loaders boot the kernel and only the initramfs's fast part, ``fast.img`` (netboot/initramfs.py's
+first gzip member: netboot/everyday.py's every-day boot, on either firmware); ``rest.img``, the
+rest, is what that boot unpacks when it needs python. Both are cut from ``initrd.img`` as it is
+written (``split_initramfs``), never fetched or read back; ``initrd.img`` stays whole beside them
+(the next loader rewrite reads it back instead of fetching it). A disk whose GRUB was written to
+boot the whole ``initrd.img`` (before its UEFI form booted the fast part) still boots, on the slow
+path, until its next loader rewrite.
 
 So one disk boots on either firmware: a disk provisioned on a BIOS PC moved into a UEFI one (or
 back) boots offline there too. A disk whose loader was written before the UEFI form (SYSLINUX
@@ -245,7 +249,7 @@ def volume(files: Mapping[str, bytes], record: Mapping[str, object]) -> tuple[fa
     """The boot partition's volume for ``files`` (``kernel``, ``initrd`` and the UEFI loader's,
     by boot.BOOT_FILES name) and ``record`` (its command line): the layout and each path's bytes. Pure."""
     cmdline = str(record["cmdline"])
-    grub = boot.grub_cfg(cmdline.split(), "booting from this disk (the network boot failed or was skipped)")
+    grub = boot.grub_cfg(cmdline.split(), "booting from this disk (the network boot failed or was skipped)", FAST)
     fast, rest = split_initramfs(files["initrd"])
     content = boot.volume_files(files, grub, [(SYSLINUX_CFG, syslinux_cfg(cmdline).encode()), (FAST, fast),
                                               (REST, rest)])

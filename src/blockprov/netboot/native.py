@@ -12,9 +12,13 @@ docs/architecture.md, "The native data path"):
   partition's room past the image. The machine's writes land in the store; the data partition,
   the golden copy, is never written. Restore is dropping the store (zeroing its header): no
   chunk is copied, offline too, and a session's data can never be served as pristine. The
-  store's table is the kernel's record of the session (netboot/cowstore.py reads it). Its limit:
-  a session that writes more than the store holds makes the kernel drop the snapshot, and the
-  running system gets I/O errors (the agent warns on the console as it fills).
+  store's table is the kernel's record of the session (netboot/cowstore.py reads it). Its chunk
+  is STORE_CHUNK (1 MiB), not the cache's: the target splits every request at its chunk, and at
+  64 KiB a 1 MiB read was 16 requests through it (bench/bench_fio.py); the price is a coarser
+  record (a 4 KiB write to a chunk not yet in the store copies its 1 MiB there first, and the
+  console counts the cache's chunks those 1 MiB cover). Its limit: a session that writes more
+  than the store holds makes the kernel drop the snapshot, and the running system gets I/O
+  errors (the agent warns on the console as it fills).
 * ``keep`` — ``bp-root`` is dm-era over ``bp-data`` (a linear map of the image's range): writes
   go to the data partition in place, and era records which blocks (ERA_BLOCK) each write
   touched, committing the record before the write goes down, in ``era.meta`` on the metadata
@@ -79,6 +83,9 @@ RESTORE, KEEP = "restore", "keep"
 SECTOR = 512
 MIB_SECTORS = 2048
 ERA_BLOCK = 1 << 20  # bytes per era block: a 1 MiB request is one bio through era (smaller blocks split it)
+# bytes per chunk of the restore store (dm-snapshot splits every request at its chunk as era does
+# at its block): with the cache's 64 KiB chunks a 1 MiB read was 16 requests (bench/bench_fio.py)
+STORE_CHUNK = 1 << 20
 ERA_FILE = "era.meta"
 STATE_FILE = "native.json"
 BLKZEROOUT = 0x127F
@@ -127,12 +134,17 @@ class Geometry:
         return dm.concat([(p.devno, off, n) for p, off, n in self.cow_pieces()])
 
     @property
+    def store_sectors(self) -> int:
+        """The restore store's chunk: STORE_CHUNK, or the cache's chunk if larger (a multiple of it)."""
+        return max(self.chunk, STORE_CHUNK) // SECTOR
+
+    @property
     def per_era_block(self) -> int:
         """Cache chunks in one era block."""
         return max(1, ERA_BLOCK // self.chunk)
 
     def restore_table(self, cow: str) -> str:
-        return dm.snapshot(self.image, self.data.devno, cow, self.chunk_sectors)
+        return dm.snapshot(self.image, self.data.devno, cow, self.store_sectors)
 
     def data_table(self) -> str:
         return dm.linear(0, self.image, self.data.devno, 0)
@@ -147,7 +159,7 @@ class Geometry:
         return dm.snapshot_origin(self.image, self.data.devno)
 
     def merge_table(self, cow: str) -> str:
-        return dm.snapshot_merge(self.image, self.data.devno, cow, self.chunk_sectors)
+        return dm.snapshot_merge(self.image, self.data.devno, cow, self.store_sectors)
 
 
 def geometry(d: Disk, image_bytes: int, chunk: int, sys_block: Path = Path("/sys/class/block")) -> Geometry:
@@ -422,7 +434,8 @@ class Native:
         """The plan the disk's own initramfs sets this path up from at the next boot, without python."""
         text = everyday.plan_text(
             image=image, policy=policy, disk=d.name, parts=[d.part_name(n) for n in (1, 2, 3, 4)],
-            sectors=self.geo.image, chunk_sectors=self.geo.chunk_sectors,
+            sectors=self.geo.image, chunk_sectors=self.geo.store_sectors,
+            per_chunk=self.geo.store_sectors // self.geo.chunk_sectors,
             cow=[(p.name, off, n) for p, off, n in self.geo.cow_pieces()], era_block=ERA_BLOCK // SECTOR,
             era_file=ERA_FILE)
         everyday.write_plan(self.meta_dir, text)

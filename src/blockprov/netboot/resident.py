@@ -17,6 +17,10 @@ The kernel serves the machine's root; the agent keeps the cache open for what on
 Reset and update change the disk under the running system: on the native path they run at the
 next boot, and asked of a running PC they are refused saying so.
 
+A resident that does not start, or dies, is started again by the supervisor
+(netboot/supervisor.py, ``RESIDENT_PAUSE``): a pause doubling to half an hour, for as long as the
+machine runs, each failure said on the console with its reason; nothing waits on it meanwhile.
+
 After the root switch the agent's root (the initramfs) has no /proc, which dmsetup needs (it
 checks its control device against /proc/misc): each step mounts one of its own first
 (``loader.own_proc``, out of the new root's sight).
@@ -129,4 +133,5 @@ class Resident:
                          "run at its next boot")
 
     async def _op_hydrate(self, req: dict[str, Any]) -> HydrationStatus:
+        Args(req, "rate", "profile_parallel", "hold_rest")  # as the agent's own hydrate op reads them
         return HydrationStatus(state="done", percent=100.0, message="the disk holds the whole image (native path)")

@@ -19,6 +19,15 @@ systemd's shutdown — and it starts the agent:
   A native agent that dies is started again as the resident agent (``--resident``): nothing
   waits on it.
 
+The resident agent (the root native: netboot/resident.py) is out of the machine's I/O path, so a
+resident that does not start, or keeps dying, is not urgent: it is started again after
+``RESIDENT_PAUSE`` (10 s, doubling to 30 min), for as long as the machine runs — it keeps trying,
+never gives up, since what stops it may pass (a repository or network that comes back, a disk
+busy at boot) and an attempt every half hour costs the machine nothing (idle priority). Each
+failure is one console line saying why (the agent's own error), what the PC lacks meanwhile
+(registration, its state on the console, repository-initiated snapshots) and when the next try is.
+It used to be started again every 30 s for ever, with no word of why.
+
 A write the dead agent acknowledged is in the page cache of the data partition (the kernel's, not
 the agent's) and its ``modified`` record was synced before the write (cache/device.py's order), so
 the new agent's first FLUSH makes it durable: invariant 3 holds across the restart.
@@ -49,6 +58,7 @@ REQUEST_TIMEOUT = 10  # seconds a request may take before the kernel requeues it
 DEAD_CONN_TIMEOUT = 600  # seconds the kernel holds requests for a new connection before they fail
 READY_TIMEOUT = 3600.0  # before-boot hydration of a large image over a slow link takes a while
 RESTART_PAUSE = (0.5, 30.0)  # seconds between restarts: first, and at most (doubled each quick death)
+RESIDENT_PAUSE = (10.0, 1800.0)  # the same for the resident agent (module docstring): nothing waits on it
 QUICK_DEATH = 60.0  # an agent that dies sooner than this after its start backs the next restart off
 DIAL_TIMEOUT = 60.0
 
@@ -109,6 +119,7 @@ class Supervisor:
         self.params = params
         self.agent: subprocess.Popen[bytes] | None = None
         self.kind = ""  # "nbd" or "native", as the agent said
+        self.why = ""  # the agent's last ERROR line (it did not start), said with the next restart
         self.socket = ""
         self.started = 0.0
         self.pause = RESTART_PAUSE[0]
@@ -154,31 +165,51 @@ class Supervisor:
         finally:
             sock.close()
 
+    def start_resident(self) -> str:
+        """Start the resident agent (the root is native); its READY or ERROR line."""
+        self.kind = "native"
+        proc, r = start_agent(["--resident", "{}"])
+        self.agent, self.started = proc, time.monotonic()
+        line = wait_ready(proc, r)
+        self.why = "" if line.startswith("READY") else line.removeprefix("ERROR").strip()
+        return line
+
     def restart(self) -> None:
         """The agent died: start it again (resume mode for NBD, the resident for native), reconnect."""
         code = self.agent.returncode if self.agent is not None else None
         lived = time.monotonic() - self.started
+        if self.kind == "native":
+            first, most = RESIDENT_PAUSE
+            # back to the first pause only after a resident that ran a while; one that never started backs off
+            self.pause = first if lived > QUICK_DEATH and not self.why else min(most, max(first, self.pause * 2))
+            what = f"did not start: {self.why}" if self.why else f"died (exit status {code}) after {lived:.0f} s"
+            say(f"the resident agent {what}. The PC runs on (its root is native: nothing waits on the agent), "
+                f"but until it starts the PC is not registered, shows no state on the console and takes no "
+                f"snapshot. Starting it again in {self.pause:g} s (the interval doubles to {most:g} s; it keeps "
+                "trying as long as the PC runs)")
+            time.sleep(self.pause)
+            line = self.start_resident()
+            if line.startswith("READY"):
+                say("the resident agent is running")
+            return
         self.pause = RESTART_PAUSE[0] if lived > QUICK_DEATH else min(RESTART_PAUSE[1], self.pause * 2)
         say(f"the agent died (exit status {code}) after {lived:.0f} s: starting it again in {self.pause:g} s")
         time.sleep(self.pause)
         t0 = time.monotonic()
-        args = ["--resume", json.dumps(self.params)] if self.kind == "nbd" else ["--resident", "{}"]
-        proc, r = start_agent(args)
+        proc, r = start_agent(["--resume", json.dumps(self.params)])
         self.agent, self.started = proc, time.monotonic()
         line = wait_ready(proc, r)
         if not line.startswith("READY"):
             say(f"the agent did not come back: {line}")
             return
-        if self.kind == "nbd":
-            try:
-                self.reconnect()
-            except (OSError, BlockprovError) as e:
-                say(f"cannot give /dev/nbd{NBD_INDEX} the new agent's socket: {e} (tried again every second)")
-                self.stale = True
-                return
-            self.stale = False
-        say(f"the agent is back after {time.monotonic() - t0:.1f} s" + (
-            f"; /dev/nbd{NBD_INDEX} reconnected" if self.kind == "nbd" else ""))
+        try:
+            self.reconnect()
+        except (OSError, BlockprovError) as e:
+            say(f"cannot give /dev/nbd{NBD_INDEX} the new agent's socket: {e} (tried again every second)")
+            self.stale = True
+            return
+        self.stale = False
+        say(f"the agent is back after {time.monotonic() - t0:.1f} s; /dev/nbd{NBD_INDEX} reconnected")
 
     def watch(self) -> None:
         """Forever: restart the agent when it dies, renew a connection the kernel gave up."""
@@ -214,12 +245,7 @@ def main(argv: list[str]) -> int:
         say(f"warning: {problem}")
     if argv[:1] == ["--resident"]:
         sup = Supervisor({})
-        sup.kind = "native"
-        proc, r = start_agent(["--resident", "{}"])
-        sup.agent, sup.started = proc, time.monotonic()
-        line = wait_ready(proc, r)
-        if not line.startswith("READY"):
-            say(f"the resident agent did not start: {line}")
+        sup.start_resident()  # when it did not start, watch() says why, and when it is tried again
         sup.watch()
         return 0
     params: dict[str, str] = json.loads(argv[0])

@@ -247,16 +247,25 @@ class LocalRepository:
         names (service/routes/boot.py records that), or once its disk's initramfs asked
         (``check_disk``), so neither an operator looking (``host script``, curl) nor a boot that
         fails before then counts as its last boot."""
-        h, version, why = self._disk_verdict(host, base_url, from_disk=False)
-        if why is None:
-            if booting:
-                self.registry.record_told(h.host)
-            return boot.disk_script(h.host, version)
+        disk = self._boots_disk(host, base_url, booting=booting)
+        if disk is not None:
+            return boot.disk_script(*disk)
         h, image, info, base = self._boot_plan(host, base_url)
         assert h.version is not None
         return boot.script(host=h.host, assigned=h.ref, image=image, version=h.version, base=base,
                            cmdline=info.cmdline, args=h.args, settings=h.settings(),
                            reprovision=self.registry.reprovision_token(h.host))
+
+    def _boots_disk(self, host: str, base_url: str | None, *, booting: bool) -> tuple[str, str] | None:
+        """(host, NAME@ID its disk holds) when the host's PC boots its own disk now (boot.py's
+        ``disk_verdict``, asked as the network boot would be), else None. ``booting``: the PC's
+        firmware or iPXE asks, not an operator: that it was told so is recorded (``told``)."""
+        h, version, why = self._disk_verdict(host, base_url, from_disk=False)
+        if why is not None:
+            return None
+        if booting:
+            self.registry.record_told(h.host)
+        return h.host, version
 
     def check_disk(self, host: str, base_url: str | None, version: str, fingerprint: str) -> str | None:
         """The disk's own initramfs asks (netboot/everyday.py): it holds ``version`` whole and its
@@ -281,12 +290,19 @@ class LocalRepository:
     def reprovision_host(self, host: str) -> str:
         return self.registry.reprovision(host)
 
-    def uefi_image(self, host: str, base_url: str | None = None) -> tuple[boot.UefiImage, str, str]:
+    def uefi_image(self, host: str, base_url: str | None = None, *,
+                   booting: bool = False) -> tuple[boot.UefiImage | str, str, str]:
         """The UEFI HTTP boot image of ``host`` (boot.uefi_image), its image and version: the
         version's kernel, initramfs and UEFI loader, and a grub.cfg booting them with the command
-        line its iPXE script would give. EfiLoaderMissing when the version has no UEFI loader."""
+        line its iPXE script would give. EfiLoaderMissing when the version has no UEFI loader.
+        Instead of the image, why the PC boots its own disk (boot.disk_note) when the disk is
+        complete and current, the rule of the iPXE script's ``exit``; ``booting``: the firmware
+        asks for the image itself, not its size nor an operator: that it was told so is recorded."""
+        disk = self._boots_disk(host, base_url, booting=booting)
         h, image, info, base = self._boot_plan(host, base_url)
         assert h.version is not None
+        if disk is not None:
+            return boot.disk_note(*disk), image, h.version
         if missing := boot.efi_missing(info.efi):
             raise EfiLoaderMissing(ref=f"{image}@{h.version}", missing=", ".join(missing))
         words = self._words(h, image, info, base)

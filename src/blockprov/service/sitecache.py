@@ -592,6 +592,7 @@ def _naming_me(request: Request, *, firmware: bool = False) -> str:
     return q
 
 
+@answers_errors
 async def boot_script(request: Request) -> Response:
     """The host's iPXE script, naming this site cache as where its files and chunks come from."""
     return await kept_get(request, boot=True, query=_naming_me(request))

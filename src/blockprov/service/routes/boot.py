@@ -2,7 +2,8 @@
 
 * ``GET /v1/boot/{host}/boot.img`` is what a UEFI PC's own HTTP boot fetches, with no iPXE: a FAT
   image of shim, GRUB, a grub.cfg, the kernel and the initramfs (boot.uefi_image), served from the
-  chunk store as it is sent, with Range and ETag. It boots under Secure Boot too.
+  chunk store as it is sent, with Range and ETag. It boots under Secure Boot too. A PC whose disk
+  is complete and current gets a 404 instead: its firmware boots its disk's own loader.
 * ``GET /v1/boot/{host}`` is what iPXE fetches (``chain http://repo/v1/boot/${net0/mac}``): a
   ``text/plain`` ``#!ipxe`` script. URLs in it are built from the address the host used to reach
   us (the request's Host), unless ``?base=`` says otherwise, so NAT or a proxy in between is
@@ -260,14 +261,26 @@ async def uefi_boot_image(host: str, request: Request, base: str | None = None, 
     (UEFI 2.6's type for a disk image). Sending all of it records the host's last boot, its
     firmware UEFI (unless ``record=false``). Errors are a status and one text line (the firmware
     shows the status, then tries its next boot option): 404 unknown host, 409 no boot files, no
-    UEFI loader, or a tag that is gone."""
+    UEFI loader, or a tag that is gone.
+
+    The short every-day boot: when the host's disk is complete and current (boot.py's
+    ``disk_verdict``, the iPXE script's ``exit``), a 404 saying so (``x-blockprov-disk:
+    current``): edk2 shows "Client Error: 404 Not Found" and boots its next option, the disk's
+    EFI System Partition, at once (4xx and 5xx alike; a 2xx it downloads and fails to boot).
+    edk2 asks the size (HEAD), then, refused, the image (GET); the GET records that the PC was
+    told to boot its disk (not with ``record=false``), so a PC whose disk does not come up is
+    sent the image at its next boot (``DISK_GRACE``)."""
     svc = Service.of(request)
+    url, booting = _base(request, base, firmware=True), record and request.method == "GET"
     try:
-        image, name, vid = await svc.run(svc.repo.uefi_image, host, _base(request, base, firmware=True))
+        image, name, vid = await svc.run(functools.partial(svc.repo.uefi_image, host, url, booting=booting))
     except BlockprovError as e:
         if "application/json" in request.headers.get("accept", ""):
             raise
         return PlainTextResponse(f"blockprov: {e}\n", status_code=e.http_status)
+    if isinstance(image, str):
+        return PlainTextResponse(f"{image}\n", status_code=404,
+                                 headers={"cache-control": "no-store", "x-blockprov-disk": "current"})
     parts: list[Part] = [(at, n, what if isinstance(what, bytes) else image.content[what]) for at, n, what in
                          image.volume.extents()]
 
