@@ -331,6 +331,7 @@ class Run:
     # these say whether N agents were waiting for the link or for a core
     cpu: dict[str, Any] = field(default_factory=dict)
     read_errors: int = 0  # reads that failed (EIO), apart from wrong bytes
+    diag: dict[str, Any] = field(default_factory=dict)  # where the bytes went (``diagnose``)
 
     def row(self, lone_ready: float | None, lone_egress: int | None) -> dict[str, Any]:
         r = sorted(self.ready)
@@ -386,6 +387,7 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
                       egress, sum(int(r.get("mismatches", 0)) for r in results),
                       [str(r["failed"]) for r in results if "failed" in r], sources, bad, load, joined)
             run.read_errors = sum(int(r.get("errors", 0)) for r in results)
+            run.diag = diagnose(sts)
             total = sum(sum(v) for v in used.values()) + replay_cpu
             run.cpu = {"agent_median": statistics.median(used["agents"]), "agents_total": sum(used["agents"]),
                        "repository": sum(used["repository"]), "front": sum(used["front"]), "replay": replay_cpu,
@@ -400,6 +402,27 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
             if liar_peer is not None:
                 liar_peer.close()
             stop_agents(agents)
+
+
+def diagnose(sts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a run's fetches went, summed over its agents: chunks each fetcher got (demand and
+    speculative: read-ahead and neighbourhoods), and with peers what their servers did (requests
+    turned away busy, chunks fetched from the repository as owners, failures seen)."""
+    def total(path: tuple[str, ...]) -> int:
+        n = 0
+        for st in sts:
+            v: Any = st
+            for k in path:
+                v = v.get(k) if isinstance(v, dict) else None
+            n += int(v or 0)
+        return n
+
+    return {"chunks_fetched": total(("chunks_fetched",)), "speculative": total(("readahead_chunks",)),
+            "batches": total(("batches",)), "peer_busy": total(("site", "serving", "busy")),
+            "owner_fetched": total(("site", "serving", "chunks_fetched")),
+            "peer_failures": total(("sources", "peer_failures")),
+            "repository_chunks": sum(int(by.get("repository", {}).get("chunks", 0)) for st in sts
+                                     for by in ((st.get("sources") or {}).get("by_version") or {}).values())}
 
 
 def _children_cpu() -> float:
@@ -640,7 +663,8 @@ def main() -> None:
                       f"{max(r.ready) if r.ready else float('nan'):.1f} s; egress {r.egress / MIB:.1f} MiB; "
                       f"peers {r.sources.get('peers', 0) / MIB:.1f} MiB, site cache "
                       f"{r.sources.get('site_cache', 0) / MIB:.1f} MiB; wrong bytes {r.mismatches}"
-                      + (f"; CPU {r.cpu}" if r.cpu else "") + (f"; rollout {r.rollout}" if r.rollout else ""),
+                      + (f"; CPU {r.cpu}" if r.cpu else "") + (f"; {r.diag}" if r.diag else "")
+                      + (f"; rollout {r.rollout}" if r.rollout else ""),
                       flush=True)
                 meta["load average (1, 5, 15 min) at start / end"] = f"{load_start} / {os.getloadavg()}"
                 save(a, runs, meta)

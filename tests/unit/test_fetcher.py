@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -502,3 +503,51 @@ def test_link_estimate_round_trip_is_the_least_and_bandwidth_from_large_fetches(
     smooth.observe(0.002, 1, 0)
     smooth.observe(0.102, 64, 1_000_000)
     assert smooth.bandwidth == pytest.approx(0.7 * link_module.DEFAULT_BANDWIDTH + 0.3 * 10e6)
+
+
+class HeldRepo(PeeredRepo):
+    """Peers that hold some chunks (``held``): speculation is asked of them alone (``get_held``)."""
+
+    def __init__(self, up: link_module.LinkEstimate, held_delay: float) -> None:
+        super().__init__(up)
+        self.held: set[bytes] = set()
+        self.held_calls: list[list[bytes]] = []
+        self.held_delay = held_delay
+
+    def get_held(self, ids: Sequence[bytes]) -> list[bytes | None]:
+        self.held_calls.append(list(ids))
+        time.sleep(self.held_delay)
+        return [self.blobs[c] if c in self.held else None for c in ids]
+
+
+def test_with_peers_speculation_takes_only_what_the_site_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random miss's neighbourhood is asked of the peers only: what they hold comes (and is stored),
+    what they lack is not fetched from the repository on a guess, unless a reader joined it meanwhile:
+    that chunk is then fetched for real and the read gets the right bytes."""
+    monkeypatch.setattr(link_module, "DEFAULT_BANDWIDTH", 20.0 * CS)
+    up = link_module.LinkEstimate()
+    up.observe(0.4, 1, 0)  # a far uplink: its span is no smaller than this link's
+    repo = HeldRepo(up, held_delay=1.0)
+    m, content = make_image(repo, chunks=64, zero_every=0, dup_every=0)
+    repo.held = {m.digest_at(i) for i in range(32, 37)}  # not 38, 39
+    sink = Sink()
+    repo.delay = 0.4
+
+    async def main() -> None:
+        f = fetcher(repo, m, sink, readahead=16 * CS)
+        await f.get(3)
+        await f.get(37)  # its region around 37 goes to the peers (in flight for 1 s)
+        assert repo.held_calls and 38 not in sink.stored
+        assert await f.get(38) == chunk(content, m, 38)  # joined the speculative entry: fetched for real
+        await f.idle()
+        await f.close()
+
+    asyncio.run(main())
+    asked = {c for call in repo.calls for c in call}
+    region = {m.digest_at(i) for i in range(32, 40)}
+    assert asked & region == {m.digest_at(37), m.digest_at(38)}, "nothing else of the region from the repository"
+    [speculated] = repo.held_calls  # the region around 37 (its size: the links'), 38 and 39 in it
+    idx = {m.digest_at(i): i for i in range(64)}
+    got = sorted(idx[c] for c in speculated if c in repo.held)
+    assert got and all(sink.stored[i] == chunk(content, m, i) for i in got)
+    assert 39 not in sink.stored  # the peers lacked it and nobody asked

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from blockprov.cache.link import LinkEstimate, SharedUplink
+from blockprov.cache.link import LinkEstimate, PeerHeld, SharedUplink
 from blockprov.cache.source import CacheSide, Data, NeededFn, Ranges, Release, SourceFactory, StoreFn, read_chunks
 from blockprov.codec import ZERO_DIGEST, decode_view
 from blockprov.device.base import ReadResult
@@ -80,11 +80,21 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 
+class _NotHeldMarker:
+    """A speculative chunk the site's peers did not hold (``Fetcher._neighbourhood``)."""
+
+
+_NOT_HELD = _NotHeldMarker()
+_Result = dict[int, "Data | BaseException | _NotHeldMarker"]
+
+
 @dataclass
 class _Entry:
     data: asyncio.Future[Data]
     stored: asyncio.Future[None]
     background: bool = False  # fetched for hydration: a client that needs it fetches it itself
+    speculative: bool = False  # a neighbourhood asked of the site's peers only (``_neighbourhood``)
+    wanted: bool = False  # a reader or a hydration joined it: fetched for real if the peers lack it
 
 
 class _Slots:
@@ -249,6 +259,7 @@ class Fetcher:
         self.link = LinkEstimate()  # the link to ``repo``: round trip and bandwidth (cache/link.py)
         # a source reached through the site's peers also knows the site's uplink (cache/peers.py)
         self._uplink = repo.uplink if isinstance(repo, SharedUplink) else None
+        self._held = repo.get_held if isinstance(repo, PeerHeld) else None
         self._closed = False
         self.stats = FetchStats()
 
@@ -325,6 +336,8 @@ class Fetcher:
                 e = self._new_entry(i)
                 e.background = background
                 new.append(i)
+            elif e.speculative:
+                e.wanted = True  # if the peers lack it, it is fetched for real (``_run_batch``)
             elif demand and e.background:
                 # A client needs a chunk a hydration batch is fetching: it waits for its own
                 # round trip, not for the rest of that batch (the chunk may arrive twice).
@@ -347,13 +360,13 @@ class Fetcher:
         self._inflight[i] = e
         return e
 
-    def _start(self, indices: list[int], *, background: bool = False) -> None:
+    def _start(self, indices: list[int], *, background: bool = False, speculative: bool = False) -> None:
         """Cut into batches of at most ``batch_bytes`` and start one task per batch."""
         step = self._batch_chunks
         for k in range(0, len(indices), step):
             batch = indices[k:k + step]
             self._active += 1
-            task = asyncio.ensure_future(self._run_batch(batch, background))
+            task = asyncio.ensure_future(self._run_batch(batch, background, speculative))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -401,6 +414,12 @@ class Fetcher:
         (``neighbourhood_span``, from the measured round trip and bandwidth): nothing on a link
         whose round trip is only CPU, a few chunks on a LAN, ``NEIGHBOURHOOD_MAX`` far away. A
         read-ahead of 0 (``attach --readahead 0``) turns this speculation off too.
+
+        Through the site's peers (the source offers an uplink: ``SharedUplink``), the region is no
+        larger than the uplink carries either, and it is asked of the peers alone (``PeerHeld``):
+        a guess that no agent of the site has read yet is not pulled over the uplink, since thirty
+        agents' guesses made the site pull their union (bench/RESULTS.md, "Boot storm"). A reader
+        that joins such a chunk meanwhile (``wanted``) has it fetched for real if the peers lack it.
         """
         rtt = self.rtt
         if not self._ra_max or not rtt or self._max_inflight - self._active <= 1:
@@ -423,19 +442,23 @@ class Fetcher:
         near = [k for k in range(a, min(self.manifest.count, a + span))
                 if k != first and k not in self._inflight and self._needed(k)]
         if near:
+            # with peers (an uplink to share), only what the site already holds: see ``get_held``
+            speculative = up is not None and self._held is not None
             for k in near:
-                self._new_entry(k)
+                self._new_entry(k).speculative = speculative
             self.stats.readahead_chunks += len(near)
-            self._start(near)
+            self._start(near, speculative=speculative)
 
     # -- one batch ------------------------------------------------------------------------------
-    async def _run_batch(self, batch: list[int], background: bool = False) -> None:
+    async def _run_batch(self, batch: list[int], background: bool = False, speculative: bool = False) -> None:
         entries = [self._inflight[i] for i in batch]
         active = True
+        handed: set[int] = set()  # speculative chunks the peers lacked that someone waits for: fetched again
+        dropped: set[int] = set()  # speculative chunks the peers lacked that nobody waits for
         try:
             try:
                 async with asyncio.timeout(self.timeout):  # no extra task per batch, as wait_for makes
-                    result = await self._fetch(batch, background)
+                    result = await (self._guess(batch) if speculative else self._fetch(batch, background))
                 self._active -= 1  # the repository slot is free; storing does not hold it
                 active = False
             except TimeoutError:
@@ -462,12 +485,26 @@ class Fetcher:
             good: list[tuple[int, Data]] = []
             for i, en in zip(batch, entries, strict=True):
                 value = result[i]
+                if isinstance(value, _NotHeldMarker):
+                    # decided now, before any await: a reader joining later must find the entry
+                    # either gone (it starts its own fetch) or handed over, never one about to fail
+                    if en.wanted:
+                        en.speculative = False
+                        handed.add(i)
+                    else:
+                        dropped.add(i)
+                        if self._inflight.get(i) is en:
+                            del self._inflight[i]
+                        self._fail([en], DeviceIOError(msg="not held by the site's peers"))
+                    continue
                 if isinstance(value, BaseException):
                     self._fail([en], value)
                 else:
                     if not en.data.done():  # a promoted chunk may have come with the other batch
                         en.data.set_result(value)
                     good.append((i, value))
+            if handed and not self._closed:
+                self._start(sorted(handed))  # the same entries, fetched for real now
             if good:
                 store = asyncio.ensure_future(self._store(good))
                 self._stores.add(store)
@@ -478,19 +515,20 @@ class Fetcher:
                     raise
                 except BaseException as se:
                     log.error("storing fetched chunks %d..%d failed: %s", good[0][0], good[-1][0], se)
-                    self._fail(entries, se)
+                    self._fail([en for i, en in zip(batch, entries, strict=True) if i not in handed], se)
                     return
-                for en in entries:
-                    if not en.stored.done():
+                for i, en in zip(batch, entries, strict=True):
+                    if i not in handed and not en.stored.done():
                         en.stored.set_result(None)
         finally:
             if active:
                 self._active -= 1
             for i, en in zip(batch, entries, strict=True):
-                if self._inflight.get(i) is en:
+                if i not in handed and self._inflight.get(i) is en:
                     del self._inflight[i]
-            if not all(en.data.done() and en.stored.done() for en in entries):
-                self._fail(entries, DeviceIOError(msg="cache is closing"))
+            rest = [en for i, en in zip(batch, entries, strict=True) if i not in handed and i not in dropped]
+            if not all(en.data.done() and en.stored.done() for en in rest):
+                self._fail(rest, DeviceIOError(msg="cache is closing"))
 
     @staticmethod
     def _fail(entries: list[_Entry], err: BaseException) -> None:
@@ -499,14 +537,22 @@ class Fetcher:
                 if not f.done():
                     f.set_exception(err)
 
-    async def _fetch(self, batch: list[int], background: bool = False) -> dict[int, Data | BaseException]:
+    async def _fetch(self, batch: list[int], background: bool = False, speculative: bool = False) -> _Result:
         await self._slots.acquire(background)
         try:
-            return await self._fetch_in_slot(batch)
+            return await self._fetch_in_slot(batch, speculative)
         finally:
             self._slots.release()
 
-    async def _fetch_in_slot(self, batch: list[int]) -> dict[int, Data | BaseException]:
+    async def _guess(self, batch: list[int]) -> _Result:
+        """A speculative batch from the peers: a failure is no fault, its chunks count as not held."""
+        try:
+            return await self._fetch(batch, speculative=True)
+        except BlockprovError as e:
+            log.info("speculative chunks %d..%d from the peers failed: %s", batch[0], batch[-1], e)
+            return dict.fromkeys(batch, _NOT_HELD)
+
+    async def _fetch_in_slot(self, batch: list[int], speculative: bool = False) -> _Result:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         m = self.manifest
@@ -516,6 +562,9 @@ class Fetcher:
         plain: dict[bytes, Data | BlockprovError] = {}
         if ids:
             get = self._get
+            if speculative:
+                assert self._held is not None
+                get = _held_or_marker(self._held)
 
             def get_and_decode() -> tuple[Sequence[Data | BlockprovError], dict[bytes, Data | BlockprovError]]:
                 # one trip to the pool per batch, not two: near the repository a thread hand-off
@@ -540,13 +589,15 @@ class Fetcher:
         self.link.observe(took, len(batch), wire)
         self.stats.batches += 1
         self.stats.wire_bytes += wire
-        out: dict[int, Data | BaseException] = {}
+        out: _Result = {}
         for i, d in zip(batch, digests, strict=True):
             if d == ZERO_DIGEST:
                 out[i] = bytes(m.chunk_length(i))
                 continue
             value = plain[d]
-            if isinstance(value, ChunkCorrupt):
+            if speculative and isinstance(value, BlockprovError):
+                out[i] = _NOT_HELD  # not held by the peers (or a bad blob): fetched for real if wanted
+            elif isinstance(value, ChunkCorrupt):
                 self.stats.corrupt_chunks += 1
                 log.error("chunk %d of %s@%s failed verification, not served: %s",
                           i, m.image, m.id, value)
@@ -575,6 +626,20 @@ def repository_source(repo: BlobSource, *, readahead: int = DEFAULT_READAHEAD, t
                        max_inflight=max_inflight, timeout=timeout)
 
     return make
+
+
+
+
+class NotHeld(BlockprovError):
+    """not held by the site's peers"""
+
+
+def _held_or_marker(held: Callable[[Sequence[bytes]], Sequence[bytes | memoryview | None]]
+                    ) -> Callable[[Sequence[bytes]], Sequence[Data | BlockprovError]]:
+    """``get_held`` in the shape of ``get_blob_views``: a chunk not held is a partial answer's error."""
+    def get(ids: Sequence[bytes]) -> list[Data | BlockprovError]:
+        return [NotHeld() if b is None else b for b in held(ids)]
+    return get
 
 
 def _decode_all(ids: list[bytes], blobs: Sequence[Data | BlockprovError]) -> dict[bytes, Data | BlockprovError]:

@@ -18,6 +18,7 @@ is its bytes crossing the link, smoothed.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 DEFAULT_BANDWIDTH = 125e6  # bytes/s assumed until a large fetch measured the link (1 Gbit/s)
@@ -61,4 +62,14 @@ class SharedUplink(Protocol):
     site's uplink, while chunks come through peers that share it (None: they do not, or no peer)."""
 
     def uplink(self) -> LinkEstimate | None:
+        ...
+
+
+@runtime_checkable
+class PeerHeld(Protocol):
+    """An optional capability of the ``BlobSource`` under a fetcher (cache/peers.py): blobs of only
+    what the site's peers already hold (None for the rest), nothing fetched from the repository.
+    While there is an uplink (``SharedUplink``), the fetcher's speculative neighbourhoods go here."""
+
+    def get_held(self, ids: Sequence[bytes]) -> Sequence[bytes | memoryview | None]:
         ...

@@ -294,6 +294,23 @@ class PeerSource:
             got.update(self.from_upstream(rest))
         return [got[c] for c in ids]
 
+    def get_held(self, ids: Sequence[bytes]) -> list[Blob | None]:
+        """Verified blobs of those of ``ids`` the site already holds (the owners' data files and
+        memories, this agent's memory), None for the others: nothing is fetched from below. The
+        fetcher's speculation goes here while the agent has peers (cache/link.py, ``PeerHeld``):
+        what no agent of the site has read yet is not pulled over the uplink on a guess, so the
+        site's egress is what its agents read, not the union of thirty agents' guesses."""
+        uniq = list(dict.fromkeys(ids))
+        got: dict[bytes, Blob] = {}
+        m = self.membership
+        plan = self._plan(uniq, m) if m is not None else {}
+        asked = [self._pool.submit(self._ask, m, peer, cids, False) for peer, cids in plan.items()] if m else []
+        planned = {c for cids in plan.values() for c in cids}
+        got.update(self._recent_of([c for c in uniq if c not in planned]))
+        for f in asked:
+            got.update(f.result()[0])
+        return [got.get(c) for c in ids]
+
     def from_upstream(self, cids: Sequence[bytes]) -> dict[bytes, Got]:
         """Unverified blobs of ``cids`` from the layer below (or, in a partial answer, the error that
         kept one away), each fetched once however many ask at once (this agent's fetches and its
@@ -545,16 +562,17 @@ class PeerSource:
         h.down_until = time.monotonic() + pause
         log.info("peer %s (%s): %s; its chunks go to the next owner for %.0f s", peer.instance, peer.url, why, pause)
 
-    def _ask(self, m: Membership, peer: Peer, cids: list[bytes]) -> tuple[dict[bytes, Blob], list[bytes], bool]:
+    def _ask(self, m: Membership, peer: Peer, cids: list[bytes],
+             fetch: bool = True) -> tuple[dict[bytes, Blob], list[bytes], bool]:
         """(verified blobs the peer gave, ids still to fetch elsewhere, whether the peer failed and
-        is now skipped): never raises."""
+        is now skipped): never raises. ``fetch``: the peer, as their owner, fetches those it lacks."""
         good: dict[bytes, Blob] = {}
         broken = False
         try:
             client = self._client(peer)
             for k in range(0, len(cids), MAX_IDS):
                 part = cids[k:k + MAX_IDS]
-                status, _headers, data = client.post(f"{PEER_PATH}?fetch=1", b"".join(part),
+                status, _headers, data = client.post(PEER_PATH + ("?fetch=1" if fetch else ""), b"".join(part),
                                                      {"authorization": f"{tickets.SCHEME} {m.ticket}"})
                 if status == 503:  # busy (upload slots full): no fault, just not now
                     break
