@@ -276,6 +276,22 @@ def cache_of(disk: Path, tmp_path: Path) -> tuple[Any, int]:
     return load_state(out / "cache"), parts[3][1]
 
 
+def differ_unmarked(disk: Path, image: Path, tmp_path: Path) -> tuple[list[int], list[int]]:
+    """The chunks whose bytes on the PC's disk differ from the image's, and those of them the
+    modified map of the cache the disk holds (``cache_of``) does not mark: what a keep PC wrote in place must
+    all be in the map once the kernel's record was turned into it (netboot/native.py)."""
+    loaded, data_at = cache_of(disk, tmp_path)
+    cs = loaded.chunk_size
+    differ = []
+    with open(disk, "rb") as d, open(image, "rb") as img:
+        for i in range(loaded.chunks.count):
+            d.seek(data_at + i * cs)
+            img.seek(i * cs)
+            if d.read(cs) != img.read(cs):
+                differ.append(i)
+    return differ, [i for i in differ if not loaded.chunks.modified(i)]
+
+
 def session_store(disk: Path, image_size: int, chunk: int) -> Any:
     """The restore session's copy-on-write store as the PC's disk file holds it (netboot/native.py:
     the golden reserve partition, then the data partition past the image), read with

@@ -40,8 +40,8 @@ from tests.boot.netboot_helpers import (
     assign,
     blank_disk,
     boot_files_served,
-    cache_of,
     chunks_served,
+    differ_unmarked,
     netboot,
 )
 from tests.conftest import require_tool, run_cli
@@ -120,16 +120,7 @@ def test_everyday_boots_under_keep_a_power_cut_and_a_snapshot_of_the_running_pc(
     after = boot(disk, url, tmp_path / "c4.log", mac=mac)
     assert after.done.get("mode") == "plain", after.tail()
     written = after.number(r"record: (\d+) chunk\(s\) written in place")
-    loaded, data_at = cache_of(disk, tmp_path / "after")
-    cs = loaded.chunk_size
-    differ = []
-    with open(disk, "rb") as d, open(boot_image.disk, "rb") as img:
-        for i in range(loaded.chunks.count):
-            d.seek(data_at + i * cs)
-            img.seek(i * cs)
-            if d.read(cs) != img.read(cs):
-                differ.append(i)
-    unmarked = [i for i in differ if not loaded.chunks.modified(i)]
+    differ, unmarked = differ_unmarked(disk, boot_image.disk, tmp_path / "after")
     print(f"power cut: {written} chunks turned modified at the next boot; {len(differ)} differ from the image, "
           f"{len(unmarked)} of them not marked")
     assert differ and not unmarked, unmarked[:20]

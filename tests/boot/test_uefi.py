@@ -11,7 +11,7 @@ an operator would: its PXE and IPv6 off). Each PC keeps its NVRAM file
 across its boots. The firmware's console (OVMF, iPXE, GRUB) is on the serial port with the
 kernel's, so each test reads which path the machine took.
 
-Wall time: OVMF under TCG on a shared machine takes 1.5-3 minutes a boot; the tests make 18 of
+Wall time: OVMF under TCG on a shared machine takes 1.5-3 minutes a boot; the tests make 21 of
 them, one at a time, plus four firmware-only boots of under a minute.
 """
 
@@ -23,8 +23,9 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,7 @@ from tests.boot.netboot_helpers import (
     boot_files_served,
     cache_of,
     chunks_served,
+    differ_unmarked,
     netboot,
     session_store,
 )
@@ -198,6 +200,42 @@ def test_firmware_http_boot_with_no_ipxe(uefirepo: tuple[Proc, str, int], tmp_pa
     print(f"UEFI HTTP boot: BOOT-DONE after {b.seconds:.0f} s; the initramfs started after {started or 0:.0f} s")
 
 
+def http_boot_pc(url: str, tmp_path: Path, mac: str) -> tuple[Path, Callable[[int], NetBoot]]:
+    """A UEFI PC set to the firmware's own HTTP boot over IPv4 (no iPXE), a blank disk its second
+    boot option: the disk, and its ``power_on(n)`` (console n)."""
+    pc = Firmware("uefi", tmp_path / "nvram.fd", ipxe=False, http_only=True)
+    disk = blank_disk(tmp_path / "pc-disk.raw")
+
+    def power_on(n: int) -> NetBoot:
+        return netboot(disk, url, tmp_path / f"console{n}.log", mac=mac, firmware=pc, bootfile=image_url(url, mac),
+                       disk_second=True, timeout=TIMEOUT)
+
+    return disk, power_on
+
+
+def sent_so_far(url: str, mac: str) -> tuple[int, int, int, Any]:
+    """What the repository has sent (chunks, bytes of boot files, boot-file requests) and the host's last boot."""
+    return chunks_served(url), boot_bytes_sent(url), boot_files_served(url), host(url, mac)["last_boot"]
+
+
+def assert_everyday_from_the_esp(day: NetBoot, url: str, mac: str, before: tuple[int, int, int, Any],
+                                 policy: str) -> None:
+    """The every-day boot through the firmware's HTTP boot: a 404 for the boot image (the disk complete
+    and current), then the ESP's GRUB, the initramfs's one question, the native data path under
+    ``policy``; since ``before`` (sent_so_far) the 404's line was all the repository sent of boot
+    files (no image, kernel or initramfs), no chunk; the disk's question recorded the boot."""
+    text = day.console
+    assert "Client Error: 404 Not Found" in text and GRUB_STARTED in text, day.tail()
+    assert text.index("Client Error: 404") < text.index(GRUB_STARTED), day.tail()  # the network passed, then the disk
+    for line in (EVERYDAY, "firmware: UEFI", "the repository: the disk is current",
+                 "native data path: the root is disk vda itself", f"(every-day boot, policy {policy})"):
+        assert line in text, (line, day.tail())
+    chunks, sent, files, last_boot = before
+    assert boot_bytes_sent(url) - sent < 1024 and boot_files_served(url) == files, (sent, boot_bytes_sent(url))
+    assert chunks_served(url) == chunks
+    assert host(url, mac)["last_boot"] > last_boot  # the disk's question recorded the boot
+
+
 def test_firmware_http_boot_every_day_from_the_esp_then_a_new_version_by_diff(
         uefirepo: tuple[Proc, str, int], boot_image: bootvm.bootimage.Built, tmp_path: Path) -> None:
     """Issue 25's short every-day boot on UEFI, through the firmware's own HTTP boot (no iPXE): a PC
@@ -209,31 +247,17 @@ def test_firmware_http_boot_every_day_from_the_esp_then_a_new_version_by_diff(
     is updated by diff, only the chunks that differ fetched."""
     _server, url, _nonzero = uefirepo
     mac = "52:54:00:12:34:6f"
-    pc = Firmware("uefi", tmp_path / "nvram.fd", ipxe=False, http_only=True)
-    disk = blank_disk(tmp_path / "pc-disk.raw")
-
-    def power_on(n: int) -> NetBoot:
-        return netboot(disk, url, tmp_path / f"console{n}.log", mac=mac, firmware=pc, bootfile=image_url(url, mac),
-                       disk_second=True, timeout=TIMEOUT)
-
+    _disk, power_on = http_boot_pc(url, tmp_path, mac)
     assign(url, "session", "restore", hydrate="before-boot", mac=mac)
     first = power_on(1)
     assert first.check == "OK" and "boot loader written to vda1 (BIOS and UEFI)" in first.console, first.tail()
     assert "native data path" in first.console and "Start HTTP Boot over IPv4" in first.console, first.tail()
-    before, sent, files, booted = chunks_served(url), boot_bytes_sent(url), boot_files_served(url), host(url, mac)
+    before = sent_so_far(url, mac)
     day = power_on(2)
-    text = day.console
     print(f"UEFI HTTP boot: provisioned in {first.seconds:.0f} s, every-day boot {day.seconds:.0f} s; {day.tail(12)}")
-    assert "Client Error: 404 Not Found" in text and GRUB_STARTED in text, day.tail()
-    assert text.index("Client Error: 404") < text.index(GRUB_STARTED), day.tail()  # the network passed, then the disk
-    for line in (EVERYDAY, "firmware: UEFI", "the repository: the disk is current",
-                 "dropped with it (restore), nothing copied", "native data path: the root is disk vda itself"):
-        assert line in text, (line, day.tail())
+    assert_everyday_from_the_esp(day, url, mac, before, "restore")
+    assert "dropped with it (restore), nothing copied" in day.console, day.tail()
     assert day.check == "OK" and day.number(r"chunks: (\d+) dropped with it") > 0, day.tail()
-    # the 404's line was all the repository sent of boot files: no image, kernel or initramfs; no chunk
-    assert boot_bytes_sent(url) - sent < 1024 and boot_files_served(url) == files, (sent, boot_bytes_sent(url))
-    assert chunks_served(url) == before
-    assert host(url, mac)["last_boot"] > booted["last_boot"]  # the disk's question recorded the boot
     # a new version: the firmware gets the image again, the agent updates the disk by diff
     v2 = admin_version(boot_image.disk, tmp_path)
     run_cli("--repo", url, "import", str(v2), "bootlab:v2u")
@@ -249,6 +273,36 @@ def test_firmware_http_boot_every_day_from_the_esp_then_a_new_version_by_diff(
     assert moved.check == "OK" and "native data path" in moved.console, moved.tail()
     assert moved.number(r"BP-CHECK OK files=(\d+)") == first.number(r"BP-CHECK OK files=(\d+)") + 1
     assert 0 < fetched <= changed + 16, moved.tail()  # the slack: fills lost to the last power-off (test_netboot)
+
+
+def test_firmware_http_boot_every_day_under_keep_keeps_the_session_and_its_record(
+        uefirepo: tuple[Proc, str, int], boot_image: bootvm.bootimage.Built, tmp_path: Path) -> None:
+    """The native data path under ``keep`` on UEFI, as tests/boot/test_netboot_native.py checks it on
+    BIOS: a PC provisioned over the firmware's HTTP boot (its session writes a file in place, dm-era
+    recording); its every-day boot from the ESP (a 404, no boot file, no chunk) finds that file
+    (kept) and writes more; the next boot the repository serves (another command line) turns the
+    kernel's record of both sessions into the cache's modified map before anything else: every
+    chunk of the disk that differs from the image is marked."""
+    _server, url, _nonzero = uefirepo
+    mac = "52:54:00:12:34:70"
+    disk, power_on = http_boot_pc(url, tmp_path, mac)
+    assign(url, "persist", "keep", hydrate="before-boot", mac=mac)
+    first = power_on(1)
+    assert first.done.get("persisted") == "0" and "native data path" in first.console, first.tail()
+    assert "boot loader written to vda1 (BIOS and UEFI)" in first.console, first.tail()
+    before = sent_so_far(url, mac)
+    day = power_on(2)
+    assert_everyday_from_the_esp(day, url, mac, before, "keep")
+    assert day.done.get("persisted") == "1", day.tail()  # the last session's file is there: kept
+    assign(url, "plain", "keep", hydrate="before-boot", mac=mac)
+    after = power_on(3)
+    assert "Client Error" not in after.console and after.done.get("mode") == "plain", after.tail()
+    written = after.number(r"record: (\d+) chunk\(s\) written in place")
+    differ, unmarked = differ_unmarked(disk, boot_image.disk, tmp_path / "after")
+    print(f"UEFI keep: provisioned in {first.seconds:.0f} s, every-day boot {day.seconds:.0f} s, the next "
+          f"{after.seconds:.0f} s: {written} chunks turned modified, {len(differ)} differ from the image, "
+          f"{len(unmarked)} of them not marked")
+    assert written > 0 and differ and not unmarked, unmarked[:20]
 
 
 def test_secure_boot_pc_boots_the_signed_chain_from_the_network_and_its_disk(
