@@ -243,7 +243,10 @@ def s_prepared(ctx: Ctx) -> Sample:
     for _ in range(int(ctx.timeout)):  # bounded: the preparation's own bound is 600 s
         got = json.loads(subprocess.run([BP, "--data", str(data), "show", "prep:v1", "--json"], check=True,
                                         capture_output=True, text=True, timeout=60).stdout)["profile"]
-        if got["ready"] or (got["preparation"] or {}).get("state") in ("failed", "skipped"):
+        # ready: the profile is stored; done: the preparation has also cleaned up after its boot and
+        # ends (a PC does not boot in the second it finishes: its exit is not part of the boot)
+        state = (got["preparation"] or {}).get("state")
+        if (got["ready"] and state == "done") or state in ("failed", "skipped"):
             break
         time.sleep(1)
     if not got.get("ready"):
