@@ -391,6 +391,13 @@ class FetchFailed(DeviceIOError):
     transient = True  # the repository may be back for the next read
 
 
+class NotHeld(BlockprovError):
+    """not held by the site's peers"""
+
+    # A speculative chunk asked of the site's peers only (cache/fetcher.py): it is then fetched for
+    # real if a reader wants it, or dropped; never an error a client or a command sees.
+
+
 class NoSpace(DeviceError):
     """no space left: {msg}"""
 

@@ -104,7 +104,7 @@ def test_two_servers_over_one_bucket_and_catalog(tmp_path: Path, seaweed: Seawee
             f.write(b"second version")
         run_cli("--repo", url_b, "import", str(img), "lab:v2")
         assert wait_for(lambda: '"v2"' in run_cli("--repo", url_a, "images", "--json").stdout, timeout=60)
-        run_cli("--repo", url_a, "export", "lab:v2", str(out))
+        run_cli("--repo", url_a, "export", "lab:v2", str(out), "--force")
         assert sha(out) == sha(img)
         # and the pack store in that directory was never used: chunks live in the bucket only
         assert not any((data / "chunks").glob("packs/*.pack")) if (data / "chunks").exists() else True

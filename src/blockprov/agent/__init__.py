@@ -11,11 +11,21 @@ from typing import Any
 
 
 def run_async(coro: Any) -> Any:
-    """Run the agent's event loop: uvloop when installed (faster transports), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        import asyncio
+    """Run the agent's event loop: uvloop when installed (faster transports), else asyncio's.
 
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    A Ctrl-C before the loop ran ``coro`` (during uvloop's import, say) closes it: otherwise Python
+    warns at exit that it was "never awaited", a second line after the command's one-line error."""
+    import inspect
+
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            import asyncio
+
+            return asyncio.run(coro)
+        return uvloop.run(coro)
+    except BaseException:
+        if inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+            coro.close()
+        raise

@@ -52,6 +52,7 @@ from blockprov.errors import (
     ChunkCorrupt,
     DeviceIOError,
     FetchFailed,
+    NotHeld,
     RepositoryUnavailable,
 )
 from blockprov.manifest import Manifest
@@ -626,12 +627,6 @@ def repository_source(repo: BlobSource, *, readahead: int = DEFAULT_READAHEAD, t
                        max_inflight=max_inflight, timeout=timeout)
 
     return make
-
-
-
-
-class NotHeld(BlockprovError):
-    """not held by the site's peers"""
 
 
 def _held_or_marker(held: Callable[[Sequence[bytes]], Sequence[bytes | memoryview | None]]
