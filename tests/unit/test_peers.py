@@ -11,6 +11,7 @@ import pytest
 
 from blockprov import codec
 from blockprov.cache.peers import ABSENT, PeerSource, _key, decode_frames, encode_frames, owner
+from blockprov.errors import NotHeld
 
 
 def test_owners_spread_and_move_only_a_leavers_chunks() -> None:
@@ -139,3 +140,42 @@ def test_peers_are_lent_the_kept_compressed_blob_and_never_a_bad_one() -> None:
         assert lone.kept_for_peers([good]) == {}
     finally:
         lone.close()
+
+
+class SiteCacheBelow(SlowBelow):
+    """A site cache below (``get_held_views``): it holds ``held``; a held-only ask pulls nothing."""
+
+    def __init__(self, blobs: dict[bytes, bytes], held: set[bytes]) -> None:
+        super().__init__(blobs)
+        self.held = held
+        self.held_asked: list[bytes] = []
+
+    def get_held_views(self, ids: Sequence[bytes]) -> list[bytes | NotHeld]:
+        self.held_asked += ids
+        return [self.blobs[c] if c in self.held else NotHeld() for c in ids]
+
+
+def test_behind_a_site_cache_speculation_asks_only_what_it_holds() -> None:
+    """Issue 26: an agent behind a site cache speculates only on what the site cache holds (no
+    peers needed): ``get_held`` asks it held-only, verifies what came (a bad blob is dropped), and
+    never calls the fetch that would make the site cache pull from its upstream. Behind a
+    repository, with no peers, speculation stays the fetcher's own (``speculate_held`` False)."""
+    data = [os.urandom(4096) for _ in range(4)]
+    ids = [codec.digest(d) for d in data]
+    blobs = {c: codec.encode(d) for c, d in zip(ids, data, strict=True)}
+    blobs[ids[3]] = codec.encode(os.urandom(4096))  # the site cache's copy of chunk 3 is damaged
+    below = SiteCacheBelow(blobs, held={ids[0], ids[3]})
+    plain = PeerSource(below, shared=False)
+    src = PeerSource(below, upstream_kind="site_cache", shared=False)
+    try:
+        assert not plain.speculate_held() and src.speculate_held()
+        got = src.get_held(ids)
+        assert got[0] is not None and bytes(got[0]) == blobs[ids[0]]
+        assert got[1] is None and got[2] is None and got[3] is None  # not held, or held but bad
+        assert below.held_asked == ids and below.asked == []  # nothing fetched for real
+        by = next(iter(src.stats.to_dict()["by_version"].values()))
+        assert by["site_cache"]["chunks"] == 2  # what came (the damaged one too: it crossed the LAN)
+        assert src.get_blobs(ids[1:2]) == [blobs[ids[1]]] and below.asked == ids[1:2]  # a demand fetch: for real
+    finally:
+        plain.close()
+        src.close()

@@ -232,6 +232,10 @@ class PeerSource:
         self.stats = SourceStats()
         self._get: Callable[[Sequence[bytes]], Sequence[Got]] = (
             upstream.get_blob_views if isinstance(upstream, BlobViews) else upstream.get_blobs)
+        # a site cache below answers speculation from what it holds (repo/remote.py, ``get_held_views``)
+        held_views = getattr(upstream, "get_held_views", None)
+        self._held_below: Callable[[Sequence[bytes]], Sequence[Got]] | None = (
+            held_views if upstream_kind == "site_cache" and callable(held_views) else None)
         self._lock = threading.Lock()
         self._flights: dict[bytes, Future[Got]] = {}
         self._health: dict[str, _Health] = defaultdict(_Health)
@@ -294,12 +298,18 @@ class PeerSource:
             got.update(self.from_upstream(rest))
         return [got[c] for c in ids]
 
+    def speculate_held(self) -> bool:
+        """Whether the fetcher's speculation goes to ``get_held`` now (cache/link.py, ``PeerHeld``):
+        while the agent has peers of its image, or while the layer below is a site cache, whose
+        uplink the site's agents share the same way."""
+        return self._held_below is not None or self.has_peers(self.image_of())
+
     def get_held(self, ids: Sequence[bytes]) -> list[Blob | None]:
         """Verified blobs of those of ``ids`` the site already holds (the owners' data files and
-        memories, this agent's memory), None for the others: nothing is fetched from below. The
-        fetcher's speculation goes here while the agent has peers (cache/link.py, ``PeerHeld``):
-        what no agent of the site has read yet is not pulled over the uplink on a guess, so the
-        site's egress is what its agents read, not the union of thirty agents' guesses."""
+        memories, this agent's memory, the site cache's store), None for the others: nothing is
+        fetched over the uplink. The fetcher's speculation goes here (``speculate_held``): what no
+        agent of the site has read yet is not pulled over the uplink on a guess, so the site's
+        egress is what its agents read, not the union of thirty agents' guesses."""
         uniq = list(dict.fromkeys(ids))
         got: dict[bytes, Blob] = {}
         m = self.membership
@@ -309,6 +319,24 @@ class PeerSource:
         got.update(self._recent_of([c for c in uniq if c not in planned]))
         for f in asked:
             got.update(f.result()[0])
+        below = self._held_below
+        rest = [c for c in uniq if c not in got] if below is not None else []
+        if below is not None and rest:
+            try:
+                came = below(rest)
+            except BlockprovError as e:  # a guess that failed is no fault: those are not held
+                log.debug("speculative chunks from %s failed: %s", self.url, e)
+                came = []
+            good = [(c, b) for c, b in zip(rest, came, strict=False) if not isinstance(b, BlockprovError)]
+            for c, b in good:
+                try:
+                    decode_view(b, c)  # a bad blob from the site cache is dropped here, as a peer's
+                except ChunkCorrupt as e:
+                    log.error("chunk %s from %s failed verification, not used: %s", c.hex()[:16], self.url, e)
+                    continue
+                got[c] = b
+            if good:
+                self.stats.add(self.version, self.upstream_kind, len(good), sum(len(b) for _c, b in good))
         return [got.get(c) for c in ids]
 
     def from_upstream(self, cids: Sequence[bytes]) -> dict[bytes, Got]:
