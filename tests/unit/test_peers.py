@@ -10,7 +10,15 @@ from collections.abc import Sequence
 import pytest
 
 from blockprov import codec
-from blockprov.cache.peers import ABSENT, PeerSource, _key, decode_frames, encode_frames, owner
+from blockprov.cache.haves import decode_have, encode_have
+from blockprov.cache.peers import (
+    ABSENT,
+    PeerSource,
+    _key,
+    decode_frames,
+    encode_frames,
+    owner,
+)
 from blockprov.errors import NotHeld
 
 
@@ -178,4 +186,43 @@ def test_behind_a_site_cache_speculation_asks_only_what_it_holds() -> None:
         assert src.get_blobs(ids[1:2]) == [blobs[ids[1]]] and below.asked == ids[1:2]  # a demand fetch: for real
     finally:
         plain.close()
+        src.close()
+
+
+def test_have_vectors_round_trip_and_refuse_bombs_and_garbage() -> None:
+    vec = bytes([0, 1, 1, 0] * 4096)
+    vid, back = decode_have(encode_have("abc", vec), len(vec))
+    assert vid == "abc" and back == vec
+    with pytest.raises(ValueError):
+        decode_have(encode_have("abc", bytes(1 << 20)), len(vec))  # longer than the image: cut, refused
+    for bad in ("abc", "abc !!!not-base64", "abc " + "QUJD", " " + encode_have("x", vec).split(" ")[1]):
+        with pytest.raises(ValueError):
+            decode_have(bad, len(vec))
+
+
+def test_speculation_asks_only_peers_whose_have_vector_holds_the_guess() -> None:
+    """What a peer's have-vector says it lacks is not asked of it (no request at all when it lacks
+    every guess); a peer with no vector yet, or one of another version, is asked as before (here:
+    a peer at a closed port, so the ask fails and counts as a peer failure)."""
+    from blockprov.cache.peers import Membership, Peer
+    from blockprov.manifest import Manifest
+
+    data = [os.urandom(4096) for _ in range(8)]
+    ids = [codec.digest(d) for d in data]
+    m = Manifest(image="lab", size=8 * 4096, chunk_size=4096, chunks=b"".join(ids))
+    src = PeerSource(SlowBelow({}), shared=True)
+    try:
+        src.image_of = lambda: "lab"
+        src.own_manifest = lambda: m
+        src.membership = Membership("s", "me", "t", {}, (Peer("pc-2", "http://127.0.0.1:1", m.id, "lab"),))
+        src.haves.set("pc-2", m.id, bytes(8))  # it holds nothing
+        assert src.get_held(ids) == [None] * 8
+        assert src.stats.peer_requests == 0 and src.stats.peer_failures == 0
+        planned = src.stats.held_skipped
+        assert planned > 0 and src.stats.held_asked == 0  # the chunks pc-2 owns (the rest are this agent's)
+        src.haves.set("pc-2", "another-version", bytes(8))
+        src.get_held(ids)
+        assert src.stats.peer_requests == 1 and src.stats.peer_failures == 1  # asked as before: it failed
+        assert src.stats.held_asked == planned
+    finally:
         src.close()
