@@ -107,6 +107,14 @@ def test_site_cache_serves_many_and_survives_its_upstream(tmp_path: Path, short:
         upstream.stop()
 
 
+def _upstream(tmp_path: Path, size: int, seed: int) -> tuple[Proc, str]:
+    """A repository holding a random image as lab:v1, served on 127.0.0.1: (its process, its URL)."""
+    image = random_image(tmp_path / "img.raw", size, seed=seed)
+    data = tmp_path / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
+    return start_server(data)
+
+
 def test_a_held_only_fetch_never_pulls_from_the_upstream(tmp_path: Path) -> None:
     """An agent's speculation behind a site cache (``x-blockprov-held-only: 1``, issue 26): a chunk the
     site cache lacks is answered absent and not fetched from the upstream; a demand fetch of the same
@@ -114,10 +122,7 @@ def test_a_held_only_fetch_never_pulls_from_the_upstream(tmp_path: Path) -> None
     and with the agent's client (``get_held_views``)."""
     from blockprov.errors import NotHeld
 
-    image = random_image(tmp_path / "img.raw", 4 * MIB, seed=11)
-    data = tmp_path / "repo"
-    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
-    upstream, up_url = start_server(data)
+    upstream, up_url = _upstream(tmp_path, 4 * MIB, seed=11)
     cache: Proc | None = None
     try:
         cache, url = start_server(tmp_path / "sc", "--upstream", up_url, "--cache-size", "16M")
@@ -309,10 +314,8 @@ def test_site_cache_bounds_what_it_passes_on(tmp_path: Path) -> None:
     ``--request-timeout`` bound it as they bound the repository, the body streams through, and a
     body the upstream cuts off is named as such. Bound stated: the peak grows by less than 64 MiB
     while 300 MiB are offered (declared and chunked)."""
-    image = random_image(tmp_path / "img.raw", 1 * MIB, seed=9)
-    data = tmp_path / "repo"
-    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
-    upstream, up_url = start_server(data)
+    upstream, up_url = _upstream(tmp_path, 1 * MIB, seed=9)
+    image = tmp_path / "img.raw"
     cache: Proc | None = None
     try:
         cache, url = start_server(tmp_path / "sc", "--upstream", up_url, "--max-body", "8M", "--request-timeout", "2")
