@@ -200,3 +200,32 @@ def test_the_loader_keeps_the_initramfs_in_its_two_parts() -> None:
     # a loader written before the two parts (its record without the fingerprint) is out of date
     want = loader.wanted("k", "i", "x")
     assert loader.comparable({k: v for k, v in want.items() if k != "fingerprint"}) != want
+
+
+def quiet_wait(tmp_path: Path, busy_jiffies: int, busy_ms: int, most: int) -> tuple[int, str]:
+    """The every-day boot's quiet rule (``everyday.QUIET_WAIT``) under busybox, over /proc/stat and
+    a disk's stat written here: each ``sleep`` of the window moves the machine on by 500 jiffies
+    (5 s), ``busy_jiffies`` of them busy, and the disk by ``busy_ms`` of I/O."""
+    stat, dstat = tmp_path / "stat", tmp_path / "dstat"
+    stat.write_text("cpu  100 0 50 1000 20 0 0 0 0 0\ncpu0 100 0 50 1000 20 0 0 0 0 0\n")
+    dstat.write_text("1 0 2 3 4 0 5 6 0 700 800 0 0 0 0\n")
+    script = everyday.QUIET_WAIT + f"""
+    sleep() {{  # the window passes: the machine's counters move on
+        read -r c u n s i rest <"$BP_STAT"
+        echo "cpu $((u + {busy_jiffies})) $n $s $((i + 500 - {busy_jiffies})) $rest" >"$BP_STAT"
+        set -- $(cat "$BP_DSTAT"); echo "$1 $2 $3 $4 $5 $6 $7 $8 $9 $((${{10}} + {busy_ms})) ${{11}}" >"$BP_DSTAT"
+    }}
+    quiet_wait vda {everyday.QUIET_CPU} {everyday.QUIET_DISK} 5 {most}; echo "$? $WHY"
+    """
+    out = subprocess.run([require_tool("busybox"), "sh", "-c", script], capture_output=True, text=True, check=True,
+                         env={"BP_STAT": str(stat), "BP_DSTAT": str(dstat), "PATH": os.environ["PATH"]}).stdout
+    code, why = out.strip().split(" ", 1)
+    return int(code), why
+
+
+def test_the_resident_agent_starts_once_the_machine_is_quiet_or_after_waiting_its_most(tmp_path: Path) -> None:
+    # quiet: 10 % CPU, 2 % disk over the window
+    assert quiet_wait(tmp_path, 50, 100, 300) == (0, "quiet (CPU 9 %, disk 2 % busy over 5 s) after 5 s")
+    # the CPU busy (fio's start under emulation), then the disk (fio's I/O): never quiet, bounded
+    assert quiet_wait(tmp_path, 400, 100, 20) == (1, "busy for 20 s: starting anyway at idle priority")
+    assert quiet_wait(tmp_path, 20, 4000, 20) == (1, "busy for 20 s: starting anyway at idle priority")

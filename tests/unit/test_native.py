@@ -21,7 +21,7 @@ from blockprov.agent import lifecycle
 from blockprov.device.base import result_bytes
 from blockprov.errors import DeviceMapperError, NetlinkError
 from blockprov.imaging.importer import import_image
-from blockprov.netboot import cowstore, dm, nbdlink
+from blockprov.netboot import cowstore, dm, nbdlink, resident
 from blockprov.netboot.native import ERA_BLOCK, STORE_CHUNK, Geometry, Part, era_meta_bytes
 from blockprov.repo.local import LocalRepository
 from blockprov.results import to_dict
@@ -221,3 +221,16 @@ def test_a_snapshot_of_writes_past_the_cache_is_point_in_time(golden: Any, tmp_p
         await dev.close()
 
     asyncio.run(main())
+
+
+def test_the_resident_agent_converts_only_while_the_machine_is_quiet(tmp_path: Path) -> None:
+    stat, dstat = tmp_path / "stat", tmp_path / "dstat"
+    stat.write_text("cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 100 5 50 1000 20 1 2 3 0 0\nintr 1\n")
+    dstat.write_text("1 0 2 3 4 0 5 6 0 700 800 0 0 0 0\n")
+    before = resident.load_now(dstat, stat)
+    assert before == (100 + 5 + 50 + 1 + 2 + 3, 1181, 700)
+    busy_cpu = (before[0] + 200, before[1] + 500, before[2])  # 40 % of 5 s
+    busy_disk = (before[0] + 10, before[1] + 500, before[2] + 1000)  # 20 % of 5 s
+    quiet = (before[0] + 50, before[1] + 500, before[2] + 200)  # 10 %, 4 %
+    assert not resident.is_quiet(before, busy_cpu, 5.0) and not resident.is_quiet(before, busy_disk, 5.0)
+    assert resident.is_quiet(before, quiet, 5.0)

@@ -7,9 +7,14 @@ The kernel serves the machine's root; the agent keeps the cache open for what on
   snapshot takes its point in time from a device-mapper snapshot and sends the chunks the
   kernel's record says were written (``Native.snapshot``); a restore PC refuses (its session is
   dropped at its next boot);
-* turning the keep session's kernel record into the modified map every ``CONVERT_EVERY``
-  seconds, so the console's modified count follows the machine (and a snapshot starts from a
-  short record);
+* turning the keep session's kernel record into the modified map, so the console's modified
+  count follows the machine (and a snapshot starts from a short record): at most every
+  ``CONVERT_EVERY`` seconds and only while the machine is quiet (``quiet``, the every-day boot's
+  rule: netboot/everyday.py). A conversion reads and compares every chunk of each MiB written
+  since the last one (``CacheDevice.mark_written``): a 256 MiB file written is 256 MiB read and
+  hashed, which under emulation took a quarter of the machine's own I/O figures while it ran
+  (bench/RESULTS.md). Nothing needs it sooner: a snapshot of the running PC converts first
+  anyway, and the next boot converts what is left (netboot/native.py, ``absorb``);
 * on a restore PC, watching the copy-on-write store: the console is told when it passes
   ``WARN_AT`` of its size, and if the kernel dropped it (the session wrote more than the store
   holds: the machine then gets I/O errors).
@@ -33,6 +38,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from blockprov.agent import lifecycle
@@ -40,16 +46,33 @@ from blockprov.agent.control import Args, Handler
 from blockprov.agent.hydrate import HydrationStatus
 from blockprov.cache import CacheDevice
 from blockprov.errors import BlockprovError, DeviceMapperError, UsageError
+from blockprov.netboot import everyday
 from blockprov.netboot.loader import own_proc
 from blockprov.netboot.native import KEEP, Native
 from blockprov.repo.base import Repository
 
 log = logging.getLogger("blockprov.netboot")
 
-CONVERT_EVERY = 120.0  # seconds between conversions of a keep session's kernel record
-CONVERT_FIRST = 20.0  # the first one: once the machine's own boot is well under way
+CONVERT_EVERY = 120.0  # seconds at least between conversions of a keep session's kernel record
+CONVERT_FIRST = 20.0  # before the first one looks for a quiet machine
 WATCH_EVERY = 5.0  # seconds between looks at a restore session's store
 WARN_AT = (0.75, 0.9)  # shares of the store at which the console is told
+
+
+def load_now(disk_stat: Path, stat: Path = Path("/proc/stat")) -> tuple[int, int, int]:
+    """(CPU jiffies busy, CPU jiffies in all, ms the disk was busy) since the machine started:
+    busy is all but idle and iowait; the disk's ``io_ticks`` (its stat's tenth field)."""
+    u, n, s, i, w, q, sq, st = (int(x) for x in stat.read_text().split("\n", 1)[0].split()[1:9])
+    return u + n + s + q + sq + st, u + n + s + i + w + q + sq + st, int(disk_stat.read_text().split()[9])
+
+
+def is_quiet(before: tuple[int, int, int], after: tuple[int, int, int], seconds: float) -> bool:
+    """The machine was quiet between two ``load_now`` samples ``seconds`` apart: the CPU busy less
+    than everyday.QUIET_CPU % and the disk less than QUIET_DISK % of the time (the rule the
+    every-day boot starts this agent by). Pure."""
+    cpu = 100 * (after[0] - before[0]) / max(1, after[1] - before[1])
+    disk = (after[2] - before[2]) / (10 * seconds)
+    return cpu < everyday.QUIET_CPU and disk < everyday.QUIET_DISK
 
 
 def proc() -> None:
@@ -89,9 +112,23 @@ class Resident:
                 out["store_used"], out["store_size"] = use
         return out
 
+    async def quiet(self) -> bool:
+        """Whether the machine is quiet over the next QUIET_WINDOW seconds (``is_quiet``); True
+        when its load cannot be read (no worse than before this rule)."""
+        window = float(everyday.QUIET_WINDOW)
+        disk_stat = Path("/sys/class/block") / self.native.geo.data.name / "stat"
+        try:
+            before = load_now(disk_stat)
+            await asyncio.sleep(window)
+            return is_quiet(before, load_now(disk_stat), window)
+        except (OSError, ValueError, IndexError):
+            return True
+
     async def _convert_loop(self) -> None:
         await asyncio.sleep(CONVERT_FIRST)
         while True:
+            if not await self.quiet():
+                continue  # the machine's work first: look again over the next window
             try:
                 proc()
                 self.converted += await self.native.convert(self.dev)

@@ -40,6 +40,7 @@ and its start costs the boot nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -241,6 +242,11 @@ def main(argv: list[str]) -> int:
     """``@blockprov-supervisor PARAMS_JSON READY_FD`` (PID 1 reads one line on READY_FD), or
     ``@blockprov-supervisor --resident`` (the every-day boot's: the root is native already, the
     agent is started resident and kept so)."""
+    if argv[:1] == ["--resident"]:
+        # idle CPU class for it and the agent it starts (inherited: the agent's python start and
+        # imports too): out of the I/O path, it takes only what the machine leaves
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     for problem in harden():
         say(f"warning: {problem}")
     if argv[:1] == ["--resident"]:
