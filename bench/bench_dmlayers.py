@@ -73,6 +73,9 @@ dn() { cat "/sys/block/$1/dev"; }
 dmn() { dmsetup info -c --noheadings -o major,minor --separator : "$1"; }
 mk() { printf "$2" | dmsetup create "$1" && dmsetup mknodes "$1"; }
 zero() { dd if=/dev/zero of="$1" bs=4096 count=1 conv=fsync 2>/dev/null; }
+flush() {  # each disk's cache flushed (qemu: its file written back on the host)
+    for d in vda vdb vdc; do dd if=/dev/zero of=/dev/$d bs=4096 count=0 conv=notrunc,fsync 2>/dev/null; done
+}
 COW="0 1048576 linear $(dn vdb) 0\n1048576 1572864 linear $(dn vdb) 1048576\n"
 up() {
     case "$1" in
@@ -94,12 +97,13 @@ run() {  # stack round
     up "$1" || { echo "BP-DM-FAIL stack=$1"; down; return; }
     $FIO --name=layout --filename=$DEV --size=256M --rw=write --bs=1M --direct=1 --ioengine=libaio --iodepth=4 \
         --minimal 2>/dev/null | out "$1" "$2" layout
-    sync
+    flush
     for job in "rr1 randread 4k 1" "rr16 randread 4k 16" "sr read 1M 4" "sw write 1M 4"; do
         set -- "$1" "$2" $job
         $FIO --name=$3 --filename=$DEV --size=256M --rw=$4 --bs=$5 --iodepth=$6 --direct=1 --ioengine=libaio \
             --runtime=4 --time_based --ramp_time=1 --minimal 2>/dev/null | out "$1" "$2" "$3"
     done
+    flush  # the next stack does not pay for this one's writes on the host
     down
 }
 STACKS="@STACKS@"; N=$(echo $STACKS | wc -w)
