@@ -115,7 +115,7 @@ class Ctx:
         assert r.seconds is not None
         return Sample(seconds=prep + r.seconds, boot_seconds=r.seconds, prep_seconds=prep,
                       down_bytes=st["down_bytes"], up_bytes=st["up_bytes"], guest_read_bytes=r.guest_read_bytes,
-                      extra=extra)
+                      extra=_phases(r) | extra)
 
 
 # -- scenarios ---------------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def s_prepared(ctx: Ctx) -> Sample:
         shutil.rmtree(data, ignore_errors=True)
     assert r.seconds is not None
     return Sample(seconds=r.seconds, boot_seconds=r.seconds, down_bytes=sent["down_bytes"], up_bytes=sent["up_bytes"],
-                  guest_read_bytes=r.guest_read_bytes, extra=_fetch_figures(st) | {
+                  guest_read_bytes=r.guest_read_bytes, extra=_phases(r) | _fetch_figures(st) | {
                       "prepared_in": round(prep, 1), "profile_chunks": got["chunks"]})
 
 
@@ -329,6 +329,24 @@ def _unix_uri(banner: dict[str, object]) -> str:
 def _status(cache: Path) -> dict[str, Any]:
     return dict(json.loads(subprocess.run([BP, "status", "--cache", str(cache), "--json"], check=True,
                                           capture_output=True, text=True, timeout=60).stdout))
+
+
+def _phases(r: bootvm.BootResult) -> dict[str, Any]:
+    """Where a boot's time went, to compare two scenarios sample by sample: before the guest's
+    kernel ran (qemu's start, firmware, loading the kernel: wall time less the guest's uptime at the
+    marker), the guest's root mounted and its files read (guest uptime), and the time the guest's
+    reads waited in all (qemu's ``rd_total_time_ns``: the disk path's share, apart from the CPU)."""
+    out: dict[str, Any] = {}
+    try:
+        up = float(r.fields["uptime"])
+        out |= {"pre_kernel_s": round((r.seconds or 0.0) - up, 2), "mounted_s": float(r.fields["mounted"]),
+                "read_done_s": float(r.fields["readdone"])}
+    except (KeyError, ValueError):
+        pass
+    if "rd_total_time_ns" in r.blockstats:
+        out |= {"read_wait_s": round(int(r.blockstats["rd_total_time_ns"]) / 1e9, 3),
+                "read_ops": r.blockstats.get("rd_operations")}
+    return out
 
 
 def _fetch_figures(st: dict[str, Any]) -> dict[str, Any]:
@@ -417,6 +435,8 @@ def row(link: str, sc: Scenario, samples: list[Sample], base: float | None, note
                      + "/".join(str(s.extra["profile_chunks"]) for s in samples) + " chunks), not counted")
     if any("changed_percent" in s.extra for s in samples):
         notes.append("v2s changed " + "/".join(f"{s.extra['changed_percent']}%" for s in samples) + " of the chunks")
+    if all("read_wait_s" in s.extra for s in samples):
+        notes.append(f"guest reads waited {med(s.extra['read_wait_s'] for s in samples):.2f} s in all")
     if len(samples) > 1:
         notes.append("samples " + "/".join(f"{s.seconds:.1f}" for s in samples))
     return {"link": link, "scenario": sc.label, "seconds": secs, "vs (a)": secs / base if base else "-",

@@ -407,7 +407,8 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
 def diagnose(sts: list[dict[str, Any]]) -> dict[str, Any]:
     """Where a run's fetches went, summed over its agents: chunks each fetcher got (demand and
     speculative: read-ahead and neighbourhoods), and with peers what their servers did (requests
-    turned away busy, chunks fetched from the repository as owners, failures seen)."""
+    turned away busy, chunks fetched from the repository as owners, failures seen; requests sent to
+    peers, and speculative chunks asked of them or left unasked by their have-vectors)."""
     def total(path: tuple[str, ...]) -> int:
         n = 0
         for st in sts:
@@ -421,6 +422,8 @@ def diagnose(sts: list[dict[str, Any]]) -> dict[str, Any]:
             "batches": total(("batches",)), "peer_busy": total(("site", "serving", "busy")),
             "owner_fetched": total(("site", "serving", "chunks_fetched")),
             "peer_failures": total(("sources", "peer_failures")),
+            "peer_requests": total(("sources", "peer_requests")),
+            "held_asked": total(("sources", "held_asked")), "held_skipped": total(("sources", "held_skipped")),
             "repository_chunks": sum(int(by.get("repository", {}).get("chunks", 0)) for st in sts
                                      for by in ((st.get("sources") or {}).get("by_version") or {}).values())}
 

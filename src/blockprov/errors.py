@@ -392,10 +392,11 @@ class FetchFailed(DeviceIOError):
 
 
 class NotHeld(BlockprovError):
-    """not held by the site's peers"""
+    """not held by the site (its peers or its site cache)"""
 
-    # A speculative chunk asked of the site's peers only (cache/fetcher.py): it is then fetched for
-    # real if a reader wants it, or dropped; never an error a client or a command sees.
+    # A speculative chunk asked of what the site holds only (cache/fetcher.py, cache/peers.py
+    # ``get_held``): it is then fetched for real if a reader wants it, or dropped; never an error a
+    # client or a command sees.
 
 
 class NoSpace(DeviceError):

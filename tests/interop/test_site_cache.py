@@ -107,6 +107,59 @@ def test_site_cache_serves_many_and_survives_its_upstream(tmp_path: Path, short:
         upstream.stop()
 
 
+def _upstream(tmp_path: Path, size: int, seed: int) -> tuple[Proc, str]:
+    """A repository holding a random image as lab:v1, served on 127.0.0.1: (its process, its URL)."""
+    image = random_image(tmp_path / "img.raw", size, seed=seed)
+    data = tmp_path / "repo"
+    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
+    return start_server(data)
+
+
+def test_a_held_only_fetch_never_pulls_from_the_upstream(tmp_path: Path) -> None:
+    """An agent's speculation behind a site cache (``x-blockprov-held-only: 1``, issue 26): a chunk the
+    site cache lacks is answered absent and not fetched from the upstream; a demand fetch of the same
+    chunk is pulled once; after it, the held-only fetch gets it. Asked with curl (the wire protocol)
+    and with the agent's client (``get_held_views``)."""
+    from blockprov.errors import NotHeld
+
+    upstream, up_url = _upstream(tmp_path, 4 * MIB, seed=11)
+    cache: Proc | None = None
+    try:
+        cache, url = start_server(tmp_path / "sc", "--upstream", up_url, "--cache-size", "16M")
+        m = RemoteRepository(up_url).resolve("lab:v1")
+        a, b = m.digest_at(1), m.digest_at(2)
+        body = tmp_path / "ids"
+        body.write_bytes(a + b)
+        held_only = ("-X", "POST", "--data-binary", f"@{body}", "-H", "x-blockprov-held-only: 1",
+                     "-H", "content-type: application/octet-stream")
+        code, got = _curl(f"{url}/v1/chunks/fetch", *held_only)
+        assert code == 200 and got == b"\xff\xff\xff\xff" * 2, got[:100]  # both absent
+        client = RemoteRepository(url)
+        views = client.get_held_views([a, b])
+        assert all(isinstance(v, NotHeld) for v in views), views
+
+        def upstream_chunks() -> int:
+            metrics = _curl(f"{url}/metrics")[1].decode()
+            line = next(ln for ln in metrics.splitlines() if ln.startswith("blockprov_sitecache_chunks_upstream_total"))
+            return int(line.split()[1])
+
+        assert upstream_chunks() == 0, "a held-only fetch pulled from the upstream"
+        assert client.get_blobs([a]) == RemoteRepository(up_url).get_blobs([a])  # a demand fetch: pulled
+        assert upstream_chunks() == 1
+        views = client.get_held_views([a, b])
+        assert bytes(views[0]) == RemoteRepository(up_url).get_blobs([a])[0] and isinstance(views[1], NotHeld)
+        code, got = _curl(f"{url}/v1/chunks/fetch", *held_only)
+        assert code == 200 and got.endswith(b"\xff\xff\xff\xff") and len(got) > 8
+        assert upstream_chunks() == 1  # still only the demand fetch's chunk
+        # a repository (no site cache) holds everything and ignores the header
+        assert bytes(RemoteRepository(up_url).get_held_views([b])[0]) == RemoteRepository(up_url).get_blobs([b])[0]
+        client.close()
+    finally:
+        if cache is not None:
+            cache.stop()
+        upstream.stop()
+
+
 def test_site_cache_checks_tokens_and_keeps_boot_files(tmp_path: Path, short: Path) -> None:
     """Tokens enforced upstream: the site cache lets in what the upstream would, also once the
     upstream is down; boot files cross the uplink once (revalidated by ETag)."""
@@ -261,13 +314,12 @@ def test_site_cache_bounds_what_it_passes_on(tmp_path: Path) -> None:
     ``--request-timeout`` bound it as they bound the repository, the body streams through, and a
     body the upstream cuts off is named as such. Bound stated: the peak grows by less than 64 MiB
     while 300 MiB are offered (declared and chunked)."""
-    image = random_image(tmp_path / "img.raw", 1 * MIB, seed=9)
-    data = tmp_path / "repo"
-    subprocess.run([BP, "--data", str(data), "import", str(image), "lab:v1"], check=True, stdout=subprocess.DEVNULL)
-    upstream, up_url = start_server(data)
+    upstream, up_url = _upstream(tmp_path, 1 * MIB, seed=9)
+    image = tmp_path / "img.raw"
     cache: Proc | None = None
     try:
-        cache, url = start_server(tmp_path / "sc", "--upstream", up_url, "--max-body", "8M", "--request-timeout", "2")
+        cache, url = start_server(tmp_path / "sc", "--upstream", up_url, "--max-body", "8M",
+                                  "--request-timeout", "10")  # not 2: a body sent on a loaded machine is no slow body
         host = f"{url}/v1/hosts/52:54:00:12:34:01"
         big = tmp_path / "big.bin"
         with open(big, "wb") as f:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from blockprov.agent import control
+from blockprov.cache.haves import HAVE_HEADER, decode_have
 from blockprov.repo.remote import RemoteRepository
 from tests.conftest import require_tool
 from tests.procs import VENV_BIN, Proc, first_line, start_server
@@ -384,6 +385,13 @@ def test_tokens_decide_who_gets_chunks_from_a_peer(tmp_path: Path, short: Path) 
         good = RemoteRepository(s.direct, token=cafe_pc).join_site("cafe", "pc-c")
         code, body = _curl_chunks(url, ids, f"Ticket {good['ticket']}")
         assert code == 200 and len(body) > 4 * 65536
+        # with have=1 the answer carries what A holds (every chunk): its have-vector
+        r = subprocess.run([curl, "-s", "-D", "-", "-o", "/dev/null", "-X", "POST", "--data-binary", "@-",
+                            "-H", f"authorization: Ticket {good['ticket']}", f"{url}/peer/v1/chunks?have=1"],
+                           input=ids, capture_output=True, timeout=60, check=True)
+        head = dict(ln.split(": ", 1) for ln in r.stdout.decode().splitlines()[1:] if ": " in ln)
+        vid, vector = decode_have(head[HAVE_HEADER], m.count)
+        assert vid == m.id and vector == b"\x01" * m.count, (vid, vector[:64])
         # an agent of another site, attached to the same repository: its token may not join cafe, so
         # it has no ticket, finds no peers, and reads everything from the repository
         [c] = s.start_agents(1, token=school_pc)

@@ -514,6 +514,9 @@ class HeldRepo(PeeredRepo):
         self.held_calls: list[list[bytes]] = []
         self.held_delay = held_delay
 
+    def speculate_held(self) -> bool:
+        return self.up is not None  # as PeerSource: while there are peers (or a site cache below)
+
     def get_held(self, ids: Sequence[bytes]) -> list[bytes | None]:
         self.held_calls.append(list(ids))
         time.sleep(self.held_delay)

@@ -19,6 +19,11 @@ keys from this agent's last join (no repository round trip, so peers keep servin
 while the repository is out of reach). Another site's ticket is 403, none or a bad one 401, and
 before this agent has joined its site every request is 503.
 
+``have=1`` on a chunk request asks for this agent's *have-vector* with the answer (header
+``x-blockprov-have``: the version's id and, per chunk index, whether it can be lent or is kept in
+memory, zlib and base64; about 1 KiB for a 1 GiB image): the caller's speculation then asks only
+peers that hold a guess (cache/peers.py). Built at most every ``HAVE_EVERY`` seconds.
+
 Bounded so that the PC's own user does not wait behind its peers: ``slots`` requests are served at
 once and ``queue`` more wait; beyond that a caller gets 503 (``PeerBusy``) and asks the repository.
 ``rate`` bytes per second are sent at most (a fluid bucket over every connection, paced in
@@ -43,7 +48,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from blockprov import tickets
-from blockprov.cache import MAX_IDS, PEER_MANIFEST_PATH, PEER_PATH, Blob, Lender, PeerSource, encode_frames
+from blockprov.cache import (
+    HAVE_HEADER,
+    MAX_IDS,
+    PEER_MANIFEST_PATH,
+    PEER_PATH,
+    Blob,
+    Lender,
+    PeerSource,
+    encode_frames,
+    encode_have,
+)
 from blockprov.codec import DIGEST_SIZE, plain_header
 from blockprov.errors import (
     BlockprovError,
@@ -65,6 +80,8 @@ PACE = 64 << 10  # bytes written between two waits of the rate limit
 MAX_ANSWER = 32 << 20  # bytes of chunks one request may ask for (the fetcher's batches are 8 MiB)
 DEFAULT_SLOTS = 8
 DEFAULT_QUEUE = 64
+TICKETS_KEPT = 1024  # good tickets remembered (a site's agents each send one)
+HAVE_EVERY = 0.5  # seconds a have-vector is reused for every peer asking (``_have``)
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
            503: "Service Unavailable"}
@@ -99,8 +116,9 @@ class RateLimit:
 
 
 class _Reply(Exception):
-    def __init__(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.status, self.body, self.ctype = status, body, ctype
+    def __init__(self, status: int, body: bytes, ctype: str = "application/json",
+                 headers: dict[str, str] | None = None) -> None:
+        self.status, self.body, self.ctype, self.headers = status, body, ctype, headers or {}
 
 
 def _error(e: BlockprovError) -> _Reply:
@@ -119,6 +137,9 @@ class PeerServer:
         self._queue = max(0, queue)
         self._waiting = 0
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="bp-peer-serve")
+        self._have_value: tuple[float, str] | None = None  # (when built, the header's value)
+        # tickets found good: ticket → (expires, site, epoch, the key that checked it) (``_check_ticket``)
+        self._tickets: dict[str, tuple[float, str, int, bytes]] = {}
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self.address: tuple[str, int] = ("", 0)
@@ -184,7 +205,8 @@ class PeerServer:
     async def _send(self, writer: asyncio.StreamWriter, r: _Reply, *, close: bool) -> None:
         """The reply; a body of chunks goes out in ``PACE`` pieces, each paced by the rate limit
         (a slow rate must not leave the caller waiting silently for the whole answer)."""
-        head = (f"HTTP/1.1 {r.status} {REASONS.get(r.status, 'Error')}\r\nContent-Type: {r.ctype}\r\n"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in r.headers.items())
+        head = (f"HTTP/1.1 {r.status} {REASONS.get(r.status, 'Error')}\r\nContent-Type: {r.ctype}\r\n{extra}"
                 f"Content-Length: {len(r.body)}\r\n{'Connection: close' if close else 'Connection: keep-alive'}"
                 "\r\n\r\n").encode()
         writer.write(head)
@@ -208,7 +230,8 @@ class PeerServer:
             raise _Reply(405, b'{"error": "UsageError", "message": "POST the chunk ids (or IMAGE@ID for a manifest)"}')
         self.stats.requests += 1
         self._check_ticket(headers.get("authorization", ""))
-        fetch = urllib.parse.parse_qs(query).get("fetch") == ["1"]
+        asked = urllib.parse.parse_qs(query)
+        fetch = asked.get("fetch") == ["1"]
         if path == PEER_MANIFEST_PATH:
             return await self._manifest(body, fetch)
         if len(body) % DIGEST_SIZE:
@@ -223,7 +246,18 @@ class PeerServer:
             self._slots.release()
         data = b"".join(frames)
         self.stats.bytes_sent += len(data)
-        return _Reply(200, data, "application/octet-stream")
+        extra = {HAVE_HEADER: await self._have()} if asked.get("have") == ["1"] else None
+        return _Reply(200, data, "application/octet-stream", extra)
+
+    async def _have(self) -> str:
+        """This agent's have-vector (cache/peers.py, ``HAVE_HEADER``), built at most every
+        ``HAVE_EVERY`` seconds however many peers ask (a peer asks each agent about once a second)."""
+        now = time.monotonic()
+        if self._have_value is None or now - self._have_value[0] >= HAVE_EVERY:
+            vid, vector = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.lender.have_vector, self.source.held_ids() if self.source.shared else [])
+            self._have_value = (now, encode_have(vid, vector))
+        return self._have_value[1]
 
     async def _take_slot(self) -> None:
         if self._waiting >= self._queue and self._slots.locked():
@@ -261,17 +295,30 @@ class PeerServer:
         return _Reply(200, raw)
 
     def _check_ticket(self, auth: str) -> None:
+        """A good ticket of this site, or the reply that refuses the caller. A ticket found good is
+        remembered until it expires, with the site and the key that checked it: a peer sends the
+        same ticket with every request (ten minutes of them), and parsing and MACing it each time
+        was a visible part of serving thirty peers on two cores. A join that changes the site's
+        keys (``site rotate-secret``) or the site makes it checked in full again."""
         m = self.source.membership
         if m is None:
             raise _error(PeerBusy(instance=self.who().get("instance"), why="it has not joined its site yet"))
         scheme, _, value = auth.partition(" ")
+        value = value.strip()
+        now = time.time()
+        hit = self._tickets.get(value) if scheme == tickets.SCHEME else None
+        if hit is not None and hit[0] > now and hit[1] == m.site and m.keys.get(hit[2]) == hit[3]:
+            return
         try:
             if scheme != tickets.SCHEME:
                 raise Unauthorized(why="a peer of the site needs a ticket (Authorization: Ticket …)")
-            tickets.check(value.strip(), m.site, m.keys, time.time())
+            claims = tickets.check(value, m.site, m.keys, now)
         except BlockprovError as e:
             self.stats.refused += 1
             raise _error(e) from None
+        if len(self._tickets) >= TICKETS_KEPT:
+            self._tickets.clear()
+        self._tickets[value] = (claims.expires, m.site, claims.epoch, m.keys[claims.epoch])
 
     async def _answer(self, ids: list[bytes], fetch: bool) -> list[Blob]:
         loop = asyncio.get_running_loop()

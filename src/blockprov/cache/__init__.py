@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         FetchStats,
         repository_source,
     )
+    from blockprov.cache.haves import HAVE_HEADER, encode_have
     from blockprov.cache.lending import Lender
     from blockprov.cache.overlay import base_source
     from blockprov.cache.peers import (
@@ -63,7 +64,7 @@ _WHERE = {
     "Lender": "lending",
     "MAX_IDS": "peers", "PEER_PATH": "peers", "PEER_MANIFEST_PATH": "peers", "Blob": "peers",
     "Membership": "peers", "Peer": "peers",
-    "PeerSource": "peers", "encode_frames": "peers",
+    "PeerSource": "peers", "encode_frames": "peers", "HAVE_HEADER": "haves", "encode_have": "haves",
     "Reserve": "reserve",
     "CacheSide": "source", "ChunkSource": "source", "Data": "source", "Filter": "source", "Release": "source",
     "SourceFactory": "source", "read_chunks": "source",
@@ -75,6 +76,7 @@ __all__ = [
     "CHECKPOINT_FILL_BYTES",
     "DEFAULT_READAHEAD",
     "DEFAULT_TIMEOUT",
+    "HAVE_HEADER",
     "LATENCY_BUCKETS",
     "MAX_IDS",
     "PEER_MANIFEST_PATH",
@@ -101,6 +103,7 @@ __all__ = [
     "Totals",
     "base_source",
     "encode_frames",
+    "encode_have",
     "is_cache",
     "load_state",
     "read_chunks",

@@ -261,6 +261,7 @@ class Fetcher:
         # a source reached through the site's peers also knows the site's uplink (cache/peers.py)
         self._uplink = repo.uplink if isinstance(repo, SharedUplink) else None
         self._held = repo.get_held if isinstance(repo, PeerHeld) else None
+        self._speculate_held = repo.speculate_held if isinstance(repo, PeerHeld) else None
         self._closed = False
         self.stats = FetchStats()
 
@@ -417,10 +418,11 @@ class Fetcher:
         read-ahead of 0 (``attach --readahead 0``) turns this speculation off too.
 
         Through the site's peers (the source offers an uplink: ``SharedUplink``), the region is no
-        larger than the uplink carries either, and it is asked of the peers alone (``PeerHeld``):
-        a guess that no agent of the site has read yet is not pulled over the uplink, since thirty
-        agents' guesses made the site pull their union (bench/RESULTS.md, "Boot storm"). A reader
-        that joins such a chunk meanwhile (``wanted``) has it fetched for real if the peers lack it.
+        larger than the uplink carries either. With peers or behind a site cache (``PeerHeld``,
+        ``speculate_held``) it is asked only of what the site holds (peers, site cache): a guess
+        that no agent of the site has read yet is not pulled over the uplink, since thirty agents'
+        guesses made the site pull their union (bench/RESULTS.md, "Boot storm"). A reader that
+        joins such a chunk meanwhile (``wanted``) has it fetched for real if the site lacks it.
         """
         rtt = self.rtt
         if not self._ra_max or not rtt or self._max_inflight - self._active <= 1:
@@ -443,8 +445,8 @@ class Fetcher:
         near = [k for k in range(a, min(self.manifest.count, a + span))
                 if k != first and k not in self._inflight and self._needed(k)]
         if near:
-            # with peers (an uplink to share), only what the site already holds: see ``get_held``
-            speculative = up is not None and self._held is not None
+            # with peers or a site cache (an uplink to share), only what the site already holds
+            speculative = self._held is not None and self._speculate_held is not None and self._speculate_held()
             for k in near:
                 self._new_entry(k).speculative = speculative
             self.stats.readahead_chunks += len(near)
@@ -496,7 +498,7 @@ class Fetcher:
                         dropped.add(i)
                         if self._inflight.get(i) is en:
                             del self._inflight[i]
-                        self._fail([en], DeviceIOError(msg="not held by the site's peers"))
+                        self._fail([en], DeviceIOError(msg="not held by the site"))
                     continue
                 if isinstance(value, BaseException):
                     self._fail([en], value)

@@ -20,6 +20,9 @@ from blockprov.cache.device import CacheDevice
 from blockprov.cache.maps import MODIFIED, PRESENT, ZERO
 from blockprov.codec import ZERO_DIGEST, digest
 
+# a chunk state byte → 1 if the chunk can be lent (present, not modified, not zero), else 0
+_LENDABLE = bytes(int(f & (PRESENT | MODIFIED | ZERO) == PRESENT) for f in range(256))
+
 
 class Lender:
     def __init__(self, dev: CacheDevice) -> None:
@@ -54,6 +57,20 @@ class Lender:
             data = os.pread(self._data_fd(), m.chunk_length(i), i * m.chunk_size)
             out.append(data if digest(data) == cid else None)
         return out
+
+    def have_vector(self, also: list[bytes]) -> tuple[str, bytes]:
+        """The cache's version and, per chunk index, 1 where that chunk can be lent (present,
+        neither modified nor zero), else 0; ``also``: ids held elsewhere (the owner's memory of
+        what it fetched for the site), marked at their first index. What a peer's speculation
+        consults before asking (cache/peers.py, ``HAVE_HEADER``); a chunk marked may still fail
+        its hash when lent, and is then simply not lent."""
+        m = self.dev.manifest
+        vector = self.dev.chunk_map.flags[:m.count].translate(_LENDABLE)
+        for cid in also:
+            i = self.index_of(cid)
+            if i is not None:
+                vector[i] = 1
+        return m.id, bytes(vector)
 
     def present(self, cid: bytes) -> bool:
         i = self.index_of(cid)

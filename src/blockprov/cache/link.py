@@ -68,8 +68,12 @@ class SharedUplink(Protocol):
 @runtime_checkable
 class PeerHeld(Protocol):
     """An optional capability of the ``BlobSource`` under a fetcher (cache/peers.py): blobs of only
-    what the site's peers already hold (None for the rest), nothing fetched from the repository.
-    While there is an uplink (``SharedUplink``), the fetcher's speculative neighbourhoods go here."""
+    what the site already holds (its peers, its site cache; None for the rest), nothing fetched
+    over the uplink. While ``speculate_held`` says so (the agent has peers, or its repository is a
+    site cache), the fetcher's speculative neighbourhoods go here."""
+
+    def speculate_held(self) -> bool:
+        ...
 
     def get_held(self, ids: Sequence[bytes]) -> Sequence[bytes | memoryview | None]:
         ...

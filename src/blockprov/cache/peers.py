@@ -30,6 +30,8 @@ agent takes (N-1)/N of its misses from its LAN. An owner never
 forwards a request to another peer, so views of the site that differ for a moment (an agent that
 joined a second ago) cost at worst a fetch from the repository, never a loop.
 
+A speculative ask goes only to an owner whose have-vector shows the chunk (cache/haves.py says why).
+
 Failures (nothing here fails a read that the repository could answer):
 
 * a peer that refuses our ticket, cannot be reached, times out or vanishes mid-answer is skipped
@@ -56,12 +58,13 @@ by the event loop and read without a lock. Counters (``stats``) are per version 
 
 from __future__ import annotations
 
+import functools
 import http.client
 import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +72,7 @@ from typing import Any
 from blake3 import blake3
 
 from blockprov import tickets
+from blockprov.cache.haves import Haves
 from blockprov.cache.link import LinkEstimate
 from blockprov.codec import decode_view
 from blockprov.errors import BlockprovError, ChunkCorrupt, ManifestError
@@ -131,6 +135,11 @@ class SourceStats:
     peer_bad_chunks: int = 0
     peer_failures: int = 0
     liars: set[str] = field(default_factory=set)
+    # speculative chunks (``get_held``): asked of peers, and left unasked because the owner's
+    # have-vector said it lacks them; requests sent to peers (demand and speculative)
+    held_asked: int = 0
+    held_skipped: int = 0
+    peer_requests: int = 0
     # manifests (count, bytes) by where they came from, apart from chunks: a site moving to a v2
     manifests: dict[str, list[int]] = field(default_factory=lambda: {s: [0, 0] for s in SOURCES})
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -147,7 +156,8 @@ class SourceStats:
                         for v, row in self.by_version.items()}
             manifests = {s: {"count": c, "bytes": b} for s, (c, b) in self.manifests.items()}
         return {"by_version": versions, "manifests": manifests, "peer_bad_chunks": self.peer_bad_chunks,
-                "peer_failures": self.peer_failures, "liars": sorted(self.liars)}
+                "peer_failures": self.peer_failures, "liars": sorted(self.liars), "held_asked": self.held_asked,
+                "held_skipped": self.held_skipped, "peer_requests": self.peer_requests}
 
     def add_manifest(self, source: str, nbytes: int) -> None:
         with self._lock:
@@ -162,6 +172,7 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=4096)
 def _key(instance: str) -> int:
     return int.from_bytes(blake3(instance.encode()).digest(8), "little")
 
@@ -232,6 +243,10 @@ class PeerSource:
         self.stats = SourceStats()
         self._get: Callable[[Sequence[bytes]], Sequence[Got]] = (
             upstream.get_blob_views if isinstance(upstream, BlobViews) else upstream.get_blobs)
+        # a site cache below answers speculation from what it holds (repo/remote.py, ``get_held_views``)
+        held_views = getattr(upstream, "get_held_views", None)
+        self._held_below: Callable[[Sequence[bytes]], Sequence[Got]] | None = (
+            held_views if upstream_kind == "site_cache" and callable(held_views) else None)
         self._lock = threading.Lock()
         self._flights: dict[bytes, Future[Got]] = {}
         self._health: dict[str, _Health] = defaultdict(_Health)
@@ -240,6 +255,7 @@ class PeerSource:
         self._recent_bytes = 0
         self._manifests: OrderedDict[str, bytes] = OrderedDict()  # version id → its JSON, least recent first
         self._manifest_flights: dict[str, Future[tuple[Manifest, bytes]]] = {}
+        self.haves = Haves()  # what each peer holds, as its last have-vector said (cache/haves.py)
         # the uplink (to the repository or the site cache), as this agent's own fetches below found it
         self._up = LinkEstimate(UPLINK_WINDOW, believe_first=True)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bp-peers")
@@ -294,22 +310,52 @@ class PeerSource:
             got.update(self.from_upstream(rest))
         return [got[c] for c in ids]
 
+    def speculate_held(self) -> bool:
+        """Whether the fetcher's speculation goes to ``get_held`` now (cache/link.py, ``PeerHeld``):
+        while the agent has peers of its image, or while the layer below is a site cache, whose
+        uplink the site's agents share the same way."""
+        return self._held_below is not None or self.has_peers(self.image_of())
+
     def get_held(self, ids: Sequence[bytes]) -> list[Blob | None]:
         """Verified blobs of those of ``ids`` the site already holds (the owners' data files and
-        memories, this agent's memory), None for the others: nothing is fetched from below. The
-        fetcher's speculation goes here while the agent has peers (cache/link.py, ``PeerHeld``):
-        what no agent of the site has read yet is not pulled over the uplink on a guess, so the
-        site's egress is what its agents read, not the union of thirty agents' guesses."""
+        memories, this agent's memory, the site cache's store), None for the others: nothing is
+        fetched over the uplink. The fetcher's speculation goes here (``speculate_held``): what no
+        agent of the site has read yet is not pulled over the uplink on a guess, so the site's
+        egress is what its agents read, not the union of thirty agents' guesses."""
         uniq = list(dict.fromkeys(ids))
         got: dict[bytes, Blob] = {}
         m = self.membership
         plan = self._plan(uniq, m) if m is not None else {}
-        asked = [self._pool.submit(self._ask, m, peer, cids, False) for peer, cids in plan.items()] if m else []
         planned = {c for cids in plan.values() for c in cids}
+        own = self.own_manifest()
+        worth = {peer: self.haves.likely_held(peer.instance, cids, own) for peer, cids in plan.items()}
+        asked = [self._pool.submit(self._ask, m, peer, cids, False)
+                 for peer, cids in worth.items() if cids] if m else []
+        with self._lock:
+            self.stats.held_asked += sum(map(len, worth.values()))
+            self.stats.held_skipped += len(planned) - sum(map(len, worth.values()))
         got.update(self._recent_of([c for c in uniq if c not in planned]))
         for f in asked:
             got.update(f.result()[0])
+        below = self._held_below
+        rest = [c for c in uniq if c not in got] if below is not None else []
+        if below is not None and rest:
+            try:
+                came = dict(zip(rest, below(rest), strict=True))
+            except BlockprovError as e:  # a guess that failed is no fault: those are not held
+                log.debug("speculative chunks from %s failed: %s", self.url, e)
+                came = {}
+            good = {c: b for c, b in came.items() if not isinstance(b, BlockprovError)}
+            if good:
+                self.stats.add(self.version, self.upstream_kind, len(good), sum(map(len, good.values())))
+            got.update(self._verified_for_peers(good))  # a bad blob is dropped here, as a peer's
         return [got.get(c) for c in ids]
+
+    def held_ids(self) -> list[bytes]:
+        """The ids this agent keeps in memory from the layer below (lent to peers: part of what it
+        holds, in its have-vector)."""
+        with self._lock:
+            return list(self._recent)
 
     def from_upstream(self, cids: Sequence[bytes]) -> dict[bytes, Got]:
         """Unverified blobs of ``cids`` from the layer below (or, in a partial answer, the error that
@@ -363,7 +409,7 @@ class PeerSource:
         got.update(self.from_upstream([c for c in cids if c not in got]))
         return self._verified_for_peers(got)
 
-    def _verified_for_peers(self, got: dict[bytes, Got]) -> dict[bytes, Blob]:
+    def _verified_for_peers(self, got: Mapping[bytes, Got]) -> dict[bytes, Blob]:
         out: dict[bytes, Blob] = {}
         for c, b in got.items():
             if isinstance(b, BlockprovError):
@@ -371,7 +417,7 @@ class PeerSource:
             try:
                 decode_view(b, c)
             except ChunkCorrupt as e:
-                log.error("chunk %s from %s failed verification, not served to a peer: %s", c.hex()[:16], self.url, e)
+                log.error("chunk %s from %s failed verification, not used: %s", c.hex()[:16], self.url, e)
                 with self._lock:
                     if self._recent.get(c) is b:
                         self._recent_bytes -= len(self._recent.pop(c))
@@ -572,14 +618,20 @@ class PeerSource:
             client = self._client(peer)
             for k in range(0, len(cids), MAX_IDS):
                 part = cids[k:k + MAX_IDS]
-                status, _headers, data = client.post(PEER_PATH + ("?fetch=1" if fetch else ""), b"".join(part),
-                                                     {"authorization": f"{tickets.SCHEME} {m.ticket}"})
+                want_have = self.haves.stale(peer.instance)
+                query = "&".join(q for q, on in (("fetch=1", fetch), ("have=1", want_have)) if on)
+                with self._lock:
+                    self.stats.peer_requests += 1
+                status, headers, data = client.post(PEER_PATH + (f"?{query}" if query else ""), b"".join(part),
+                                                    {"authorization": f"{tickets.SCHEME} {m.ticket}"})
                 if status == 503:  # busy (upload slots full): no fault, just not now
                     break
                 if status != 200:
                     self._down(peer, f"HTTP {status}: {bytes(data[:200]).decode('utf-8', 'replace')}")
                     broken = True
                     break
+                if want_have:
+                    self.haves.note(peer.instance, headers, self.own_manifest())
                 for cid, blob in zip(part, decode_frames(data, len(part)), strict=True):
                     if blob is not None and self._verified(peer, m, cid, blob):
                         good[cid] = blob

@@ -65,6 +65,7 @@ from blockprov.catalog.records import BootFilesInfo, GcStats, HostInfo, ImageInf
 from blockprov.errors import (
     BlockprovError,
     ManifestError,
+    NotHeld,
     RepositoryUnavailable,
     StaleConnection,
     UntrustedServer,
@@ -95,6 +96,8 @@ GET_WORKERS = 16  # parallel per-chunk GETs in cacheable mode
 LEN = struct.Struct("<I")
 ABSENT = 0xFFFFFFFF  # a frame's length for a chunk the server does not give (a site cache's partial answer)
 PARTIAL = {"x-blockprov-partial": "1"}  # this client takes partial fetch answers (service/sitecache.py)
+# only what the site cache holds, nothing pulled from its upstream: a speculative fetch (``get_held_views``)
+HELD_ONLY = {"x-blockprov-held-only": "1"}
 ID = codec.DIGEST_SIZE
 OCTETS = {"content-type": "application/octet-stream"}
 
@@ -395,11 +398,29 @@ class RemoteRepository:
         got: dict[bytes, _Blob] = dict(zip(uniq, blobs, strict=True))
         return [got[c] for c in ids]
 
-    def _post_fetch(self, body: bytes) -> bytes | memoryview:
+    def get_held_views(self, ids: Sequence[bytes]) -> list[_Blob | NotHeld]:
+        """Like ``get_blob_views``, but a site cache answers only with what it holds and pulls nothing
+        from its upstream (``HELD_ONLY``; the others come back ``NotHeld``): an agent's speculation
+        behind a site cache (cache/peers.py, ``PeerSource.get_held``), so that thirty agents' guesses
+        do not make the site cache pull their union over the uplink. A repository holds everything
+        and ignores the header. Not in cacheable mode (an HTTP cache cannot tell): everything NotHeld."""
+        if self._get_pool is not None:
+            return [NotHeld() for _ in ids]
+        out: list[_Blob | NotHeld] = []
+        i = 0
+        while i < len(ids):
+            n = max(16, min(MAX_FETCH_IDS, BATCH_BYTES // max(1, self._avg_blob)))
+            for b in self._fetch(ids[i:i + n], held_only=True):
+                out.append(b if not isinstance(b, BlockprovError) else NotHeld())
+            i += n
+        return out
+
+    def _post_fetch(self, body: bytes, held_only: bool = False) -> bytes | memoryview:
         if self._raw is None:
-            return self._request("POST", "/v1/chunks/fetch", content=body, headers=OCTETS | PARTIAL).content
+            return self._request("POST", "/v1/chunks/fetch", content=body,
+                                 headers=OCTETS | PARTIAL | (HELD_ONLY if held_only else {})).content
         try:
-            status, headers, data = self._raw.post("/v1/chunks/fetch", body)
+            status, headers, data = self._raw.post("/v1/chunks/fetch", body, HELD_ONLY if held_only else None)
         except ssl.SSLCertVerificationError as e:
             raise UntrustedServer(url=self.url, why=e.verify_message or str(e)) from None
         except (OSError, http.client.HTTPException) as e:
@@ -409,9 +430,9 @@ class RemoteRepository:
             raise self._error(httpx.Response(status, headers=headers, content=bytes(data)))
         return data
 
-    def _fetch(self, batch: Sequence[bytes]) -> list[_Blob | BlockprovError]:
+    def _fetch(self, batch: Sequence[bytes], held_only: bool = False) -> list[_Blob | BlockprovError]:
         uniq = list(dict.fromkeys(batch))
-        data = self._post_fetch(b"".join(uniq))
+        data = self._post_fetch(b"".join(uniq), held_only)
         view = memoryview(data)
         got: dict[bytes, _Blob | BlockprovError] = {}
         pos, end = 0, len(view)
@@ -420,6 +441,9 @@ class RemoteRepository:
                 raise RepositoryUnavailable(url=self.url, why="truncated chunk batch")
             (n,) = LEN.unpack_from(view, pos)
             pos += LEN.size
+            if n == ABSENT and held_only:  # a held-only answer: the site cache lacks this one
+                got[cid] = NotHeld()
+                continue
             if n == ABSENT:  # a site cache's partial answer: this one it lacks, its upstream is down
                 got[cid] = RepositoryUnavailable(url=self.url, why=f"chunk {cid.hex()} is not held by this site "
                                                                    "cache and its upstream is unreachable")
@@ -432,7 +456,7 @@ class RemoteRepository:
             raise RepositoryUnavailable(url=self.url, why=f"{end - pos} unexpected bytes after a chunk batch")
         if uniq:
             self._avg_blob = max(1, end // len(uniq))
-        if all(isinstance(b, BlockprovError) for b in got.values()):  # nothing came: the whole call failed
+        if not held_only and all(isinstance(b, BlockprovError) for b in got.values()):  # nothing came: failed
             raise next(iter(got.values()))  # type: ignore[misc]
         return [got[c] for c in batch]
 

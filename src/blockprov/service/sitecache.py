@@ -12,6 +12,11 @@ What it answers itself, and what it passes on:
   upstream in one batch per request, joining fetches already under way (single flight), verifies and
   keeps. Reads of chunks it holds never wait for the upstream, and go on while the upstream is down;
   a chunk it does not hold then fails clearly: 503 naming the upstream and why it is unreachable.
+  A fetch marked ``x-blockprov-held-only: 1`` (an agent's speculative neighbourhood: cache/peers.py,
+  ``PeerSource.get_held``) is answered from the store alone, what it lacks marked absent and never
+  pulled: thirty agents that each guess large neighbourhoods over their loopback-fast link made the
+  site cache pull the union of their guesses, 1.83× what one lone agent pulls (bench/RESULTS.md,
+  "Boot storm"); a guess now crosses the uplink only once some agent actually reads it.
 * **Boot scripts, boot files, manifests and boot profiles** (GETs): passed to the upstream, each
   answer kept on disk (``meta/``); a kept answer with an ETag is revalidated (``If-None-Match``), so
   a 23 MiB initramfs crosses the uplink once, and while the upstream is down the kept answer is
@@ -90,7 +95,7 @@ from blockprov.errors import (
     UsageError,
     error_to_dict,
 )
-from blockprov.repo.remote import ABSENT, LEN, RemoteRepository
+from blockprov.repo.remote import ABSENT, HELD_ONLY, LEN, RemoteRepository
 from blockprov.retry import Backoff, RetryPolicy
 from blockprov.service.bounds import IN_FLIGHT, MAX_BODY, MAX_BODY_KEY, REQUEST_TIMEOUT, Guard
 from blockprov.service.routes.common import own_url
@@ -100,6 +105,7 @@ log = logging.getLogger("blockprov.sitecache")
 T = TypeVar("T")
 
 ID = codec.DIGEST_SIZE
+HELD_ONLY_HEADER = next(iter(HELD_ONLY))  # a fetch answered only from what is held (module docstring)
 MAX_FETCH_IDS = 16384
 DECISION_FRESH = 60.0  # seconds a token's answer from the upstream is used before asking again
 DECISION_STALE = 86400.0  # and how long it still serves while the upstream cannot be reached
@@ -138,7 +144,7 @@ class SiteCache:
                                json.loads((data_dir / DECISIONS).read_text()).items()}
         self.counters = {"chunks_hit": 0, "bytes_hit": 0, "chunks_upstream": 0, "bytes_upstream": 0,
                          "chunks_failed": 0, "corrupt_dropped": 0, "passed": 0, "stale_answers": 0,
-                         "kept_upstream": 0, "kept_joined": 0}
+                         "kept_upstream": 0, "kept_joined": 0, "held_only_asked": 0, "held_only_absent": 0}
         self.last_upstream_ok: float | None = None
         self.last_upstream_error: str | None = None
         self.reach = Backoff(UPSTREAM_RETRY)  # the upstream down: one attempt per interval (module docstring)
@@ -219,6 +225,17 @@ class SiteCache:
             task.add_done_callback(self._pulls.discard)
         for c, f in waits.items():
             got[c] = await asyncio.shield(f)
+        return got
+
+    async def held(self, cids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """Verified blobs of those of ``cids`` held here, nothing pulled from the upstream: an
+        agent's speculative neighbourhood (``HELD_ONLY_HEADER``). A guess is served when another
+        agent's read (or pre-warm) brought it here, and costs the uplink nothing otherwise."""
+        got = await self.run(self._read_verified, cids)
+        self.counters["chunks_hit"] += len(got)
+        self.counters["bytes_hit"] += sum(map(len, got.values()))
+        self.counters["held_only_asked"] += len(cids)
+        self.counters["held_only_absent"] += len(cids) - len(got)
         return got
 
     async def _pull_into(self, mine: list[bytes]) -> None:
@@ -446,6 +463,11 @@ async def fetch(request: Request) -> Response:
     if len(ids) > MAX_FETCH_IDS:
         raise TooLarge(f"{len(ids)} ids in one fetch; at most {MAX_FETCH_IDS}")
     uniq = list(dict.fromkeys(ids))
+    if request.headers.get(HELD_ONLY_HEADER) == "1":
+        # an agent's speculation (repo/remote.py, ``get_held_views``): what is held, the rest marked
+        # absent, nothing pulled from the upstream (module docstring)
+        got = await sc.held(uniq)
+        return Response(b"".join(_frames(uniq, got)), media_type="application/octet-stream")
     try:
         got = await sc.blobs(uniq)
     except ChunkMissing as e:
@@ -459,11 +481,16 @@ async def fetch(request: Request) -> Response:
                                                                  f"site cache, and the upstream is unreachable: {e}"
                                         ) from None
         got = held
+    return Response(b"".join(_frames(uniq, got)), media_type="application/octet-stream")
+
+
+def _frames(uniq: Sequence[bytes], got: dict[bytes, bytes]) -> list[bytes]:
+    """A fetch's answer: per id, its length and blob, or ``ABSENT`` for one not given."""
     parts: list[bytes] = []
     for c in uniq:
         b = got.get(c)
         parts += (LEN.pack(len(b)), b) if b is not None else (LEN.pack(ABSENT),)
-    return Response(b"".join(parts), media_type="application/octet-stream")
+    return parts
 
 
 @answers_errors
