@@ -22,8 +22,10 @@ bench_fio's image, on a block device directly (no file system, ``--direct=1``), 
 Each stack is made afresh (a store or era record emptied), then a 256 MiB layout with 1 MiB writes
 as bench_fio's image does (its rate is the ``layout`` row: the first writes, which under restore
 copy into the store and under keep commit era's record), then the four jobs once each. Rounds
-interleave the stacks (their order turns each round). A row's figure is the median over rounds; the
-ratio to ``raw`` is the median of the rounds' ratios (neighbours in time).
+interleave the stacks, each round's order drawn afresh (seeded, so runs compare), and every disk
+is flushed after a stack's layout and after its jobs: no stack always follows the same neighbour
+or pays for another's writes on the host. A row's figure is the median over rounds; the ratio to
+``raw`` is the median of the rounds' ratios (neighbours in time).
 
 Run: ``nice -n 5 .venv/bin/python bench/bench_dmlayers.py [--rounds 3]``.
 Results: bench/out/dmlayers.{json,md}, bench/results/dmlayers.md.
@@ -35,6 +37,7 @@ import argparse
 import gzip
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -73,6 +76,9 @@ dn() { cat "/sys/block/$1/dev"; }
 dmn() { dmsetup info -c --noheadings -o major,minor --separator : "$1"; }
 mk() { printf "$2" | dmsetup create "$1" && dmsetup mknodes "$1"; }
 zero() { dd if=/dev/zero of="$1" bs=4096 count=1 conv=fsync 2>/dev/null; }
+flush() {  # each disk's cache flushed (qemu: its file written back on the host)
+    for d in vda vdb vdc; do dd if=/dev/zero of=/dev/$d bs=4096 count=0 conv=notrunc,fsync 2>/dev/null; done
+}
 COW="0 1048576 linear $(dn vdb) 0\n1048576 1572864 linear $(dn vdb) 1048576\n"
 up() {
     case "$1" in
@@ -94,19 +100,20 @@ run() {  # stack round
     up "$1" || { echo "BP-DM-FAIL stack=$1"; down; return; }
     $FIO --name=layout --filename=$DEV --size=256M --rw=write --bs=1M --direct=1 --ioengine=libaio --iodepth=4 \
         --minimal 2>/dev/null | out "$1" "$2" layout
-    sync
+    flush
     for job in "rr1 randread 4k 1" "rr16 randread 4k 16" "sr read 1M 4" "sw write 1M 4"; do
         set -- "$1" "$2" $job
         $FIO --name=$3 --filename=$DEV --size=256M --rw=$4 --bs=$5 --iodepth=$6 --direct=1 --ioengine=libaio \
             --runtime=4 --time_based --ramp_time=1 --minimal 2>/dev/null | out "$1" "$2" "$3"
     done
+    flush  # the next stack does not pay for this one's writes on the host
     down
 }
-STACKS="@STACKS@"; N=$(echo $STACKS | wc -w)
 r=0
-while [ $r -lt @ROUNDS@ ]; do
-    set -- $STACKS; k=0; while [ $k -lt $((r % N)) ]; do s=$1; shift; set -- "$@" "$s"; k=$((k + 1)); done
-    for s in "$@"; do echo "BP-DM-START stack=$s round=$r uptime=$(cut -d' ' -f1 /proc/uptime)"; run "$s" "$r"; done
+for order in @ORDERS@; do  # each round's order of the stacks, comma-separated (drawn by the host)
+    for s in $(echo "$order" | tr , ' '); do
+        echo "BP-DM-START stack=$s round=$r uptime=$(cut -d' ' -f1 /proc/uptime)"; run "$s" "$r"
+    done
     r=$((r + 1))
 done
 echo "BP-DM-DONE"
@@ -140,7 +147,8 @@ def build_initramfs(tmp: Path, rounds: int) -> tuple[Path, Path]:
     for m in mods:
         shutil.copyfile(m, root / "mods" / m.name)
     (root / "mods" / "order").write_text("\n".join(m.name for m in mods) + "\n")
-    (root / "init").write_text(INIT.replace("@STACKS@", " ".join(STACKS)).replace("@ROUNDS@", str(rounds)))
+    orders = [",".join(random.Random(1000 + r).sample(STACKS, len(STACKS))) for r in range(rounds)]
+    (root / "init").write_text(INIT.replace("@ORDERS@", " ".join(orders)))
     os.chmod(root / "init", 0o755)
     listing = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
     cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=listing, capture_output=True,

@@ -16,6 +16,10 @@ Three disks, the same image:
   golden reserve, the last session's store dropped at boot, so the file is laid out afresh in the
   store; keep: dm-era over the image in place).
 
+The blockprov PC's resident agent starts only once the machine is quiet (netboot/everyday.py): each
+sample records the uptime it started at (``resident_at``, None if not before the power-off) beside
+fio's end (``done_at``), so the figures say whether it ran during fio.
+
 Rounds interleave the three (their order turns each round), so the host's load hits them alike.
 A boot's figure per job is the median of its three runs; a row's figure is the median over the
 rounds. ``uptime`` is read at the start, between rounds and at the end.
@@ -55,6 +59,7 @@ JOBS = {"rr1": "4 KiB random read, QD1", "rr16": "4 KiB random read, QD16", "sr"
         "sw": "1 MiB sequential write, QD4"}
 GOAL = 0.95
 FIO_LINE = re.compile(r"BP-FIO job=(\w+) run=(\d+) iops=(\d+) kbs=(\d+)")
+RESIDENT_LINE = re.compile(r"the resident agent starts at uptime ([\d.]+) s")
 
 
 def cli(data: Path, *args: str) -> str:
@@ -105,7 +110,10 @@ class Bench:
         if b.done.get("mode") != MODE or b.done.get("fio") != "done":
             raise RuntimeError(f"{which}: no fio marker\n{b.tail(20)}")
         shutil.copyfile(log, OUT / f"{self.name}-{which}-{i}.log")  # the consoles, for a look afterwards
-        return {"round": i, "seconds": round(b.seconds, 1), "jobs": figures(b)}
+        # when the resident agent started (it waits for a quiet machine: netboot/everyday.py), if before the end
+        m = RESIDENT_LINE.search(b.console)
+        return {"round": i, "seconds": round(b.seconds, 1), "jobs": figures(b),
+                "resident_at": float(m.group(1)) if m else None, "done_at": b.done.get("uptime")}
 
 
 def rows_of(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -222,7 +230,9 @@ def main() -> None:
                     continue
                 samples[w].append(s)
                 each = (f"{j} {x['iops']:.0f} IOPS {x['kbs'] / 1024:.1f} MiB/s" for j, x in s["jobs"].items())
-                print(f"  round {i} {w:8} {s['seconds']:6.1f} s  " + "  ".join(each), flush=True)
+                print(f"  round {i} {w:8} {s['seconds']:6.1f} s  " + "  ".join(each)
+                      + f"  (resident agent started at uptime {s['resident_at']}, fio done at {s['done_at']})",
+                      flush=True)
             load[f"after round {i}"] = uptime()
             print(f"  load: {load[f'after round {i}']}", flush=True)
     finally:

@@ -226,3 +226,33 @@ def test_speculation_asks_only_peers_whose_have_vector_holds_the_guess() -> None
         assert src.stats.held_asked == planned
     finally:
         src.close()
+
+
+def test_a_good_ticket_is_remembered_until_the_sites_keys_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer server checks a ticket in full once, then remembers it (a peer sends the same ticket
+    with every request); a rotated secret (new keys at the next join) has it checked again, and
+    refused: the cache never lets in what a full check would refuse."""
+    from blockprov import tickets
+    from blockprov.agent.peerserve import PeerServer, _Reply
+    from blockprov.cache.peers import Membership
+
+    now = time.time()
+    old, new = b"o" * 32, b"n" * 32
+    src = PeerSource(SlowBelow({}), shared=True)
+    src.membership = Membership("cafe", "me", "t", tickets.site_keys(old, "cafe", now), ())
+    server = PeerServer(None, src, lambda: {"instance": "me"})  # type: ignore[arg-type]
+    calls = []
+    real = tickets.check
+    monkeypatch.setattr(tickets, "check", lambda *a: calls.append(1) or real(*a))
+    try:
+        t = f"{tickets.SCHEME} {tickets.issue(old, 'cafe', 'pc-2', now)}"
+        server._check_ticket(t)
+        server._check_ticket(t)
+        assert len(calls) == 1  # the second from memory
+        src.membership = Membership("cafe", "me", "t", tickets.site_keys(new, "cafe", now), ())  # rotate-secret
+        with pytest.raises(_Reply) as refused:
+            server._check_ticket(t)
+        assert refused.value.status == 401 and len(calls) == 2 and server.stats.refused == 1
+    finally:
+        server._pool.shutdown()
+        src.close()

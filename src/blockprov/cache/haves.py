@@ -2,9 +2,10 @@
 
 BitTorrent's have message and bitfield, pulled rather than pushed. A speculative neighbourhood
 (cache/peers.py, ``PeerSource.get_held``) is asked of each chunk's owner only if the owner holds
-it. Asked blindly, at thirty agents on two cores most of 210,642 speculative chunks were "not
-held", each peer request costing both ends a few hundred microseconds of Python, and an agent
-burnt 9.65 CPU s against 3.5 s alone (bench/RESULTS.md, "Boot storm").
+it. Asked blindly, at thirty agents most of 210,642 speculative chunks were answered "not held",
+each a request both ends paid for. With the vectors 93% are never asked (bench/RESULTS.md, "Boot
+storm", run 2); the agents' CPU did not fall with them (9.2 s an agent at N = 30): it goes to
+serving and asking for demand misses, which this does not change.
 
 So a peer request may carry ``have=1``, and the answer then carries the peer's *have-vector*
 (``HAVE_HEADER``: the version's id and one byte per chunk index, 1 where it can lend that chunk or
