@@ -78,7 +78,8 @@ from blockprov.codec import decode_view
 from blockprov.errors import BlockprovError, ChunkCorrupt, ManifestError
 from blockprov.manifest import Manifest
 from blockprov.repo.base import BlobSource, BlobViews
-from blockprov.repo.remote import LEN, KeepAlivePost, whole
+from blockprov.repo.keepalive import KeepAlivePost
+from blockprov.repo.remote import LEN, whole
 
 log = logging.getLogger("blockprov.peers")
 
