@@ -7,9 +7,9 @@ share one ``Core``: the replayed chunk state and journal (cache/journal.py), the
 per-chunk claims and the quiesce gate (cache/concurrency.py), the chunk source built from the
 caller's layers (cache/source.py), and the rules every part follows:
 
-- Fill (``store``, called by the layers below): write data → fdatasync data file → journal
-  ``present`` (not synced: losing the record costs a refetch). Fills skip chunks that are local
-  or claimed by a write meanwhile.
+- Fill (``store``, called by the layers below): write data → fdatasync data file (both in one
+  worker call) → journal ``present`` (not synced: losing the record costs a refetch). Fills skip
+  chunks that are local or claimed by a write meanwhile.
 - FLUSH: fdatasync data file, then fsync journal (each shared by concurrent callers).
 - Checkpoint: fold the journal into meta every ``checkpoint_records`` records or
   ``checkpoint_fill_bytes`` of fills (which bounds the re-verification after an unclean stop).
@@ -112,8 +112,7 @@ class Core:
         self.claims.take(idx)
         try:
             cs = self.cs
-            await self.pwrite_many([(i * cs, d) for i, d in take], inline=False)
-            await self.data_sync.sync()
+            await self.write_durable([(i * cs, d) for i, d in take])
             for x, y in runs(idx):
                 self.state.apply(Kind.PRESENT, x, y)
             self.filled_since_checkpoint += sum(len(d) for _, d in take)
@@ -122,23 +121,48 @@ class Core:
         self.maybe_checkpoint()
 
     # -- the data file --------------------------------------------------------------------------
-    async def pwrite_many(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]], *,
-                          inline: bool = True) -> None:
+    async def pwrite_many(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Write pieces at their offsets; contiguous pieces go out as one pwritev."""
         if self.fd < 0:
             raise DeviceIOError(msg="cache is closed")
         total = sum(len(d) for _, d in writes)
         try:
-            if inline and total <= INLINE_WRITE:
+            if total <= INLINE_WRITE:
                 write_groups(self.fd, writes)
             else:
                 await self.run(write_groups, self.fd, writes)
         except OSError as e:
             raise io_error(e, f"writing {self.data_path}") from e
 
-    async def fdatasync(self) -> None:
+    async def write_durable(self, writes: Sequence[tuple[int, Data]]) -> None:
+        """Write pieces at their offsets and fdatasync the data file, in one trip to the pool: a
+        fill's pwrite and its sync were two hand-offs a fetched batch, a visible part of an agent's
+        CPU with thirty agents on two cores (bench/RESULTS.md, "Boot storm"). Its own sync, not the
+        shared one (``data_sync``): a fill does not wait for another's, nor another for it."""
+        if self.fd < 0:
+            raise DeviceIOError(msg="cache is closed")
+        self.check_data()
+        fd = self.fd
+
+        def work() -> None:
+            try:
+                write_groups(fd, writes)
+            except OSError as e:
+                raise io_error(e, f"writing {self.data_path}") from e
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                self.data_failed = e  # dirty pages may be gone: later syncs must not pretend success
+                raise io_error(e, f"fdatasync {self.data_path}") from e
+
+        await self.run(work)
+
+    def check_data(self) -> None:
         if self.data_failed is not None:
             raise DeviceIOError(msg=f"cache data file is unusable after an earlier error: {self.data_failed}")
+
+    async def fdatasync(self) -> None:
+        self.check_data()
         try:
             await self.run(os.fdatasync, self.fd)
         except OSError as e:
