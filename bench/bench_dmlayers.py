@@ -15,9 +15,13 @@ bench_fio's image, on a block device directly (no file system, ``--direct=1``), 
   the image);
 - ``restore-1cow``: the same snapshot over a store that is one device (no linear below it);
 - ``restore-N``: as shipped but non-persistent (``N``: the exception table in memory only);
-- ``keep``: as shipped, dm-era (1 MiB blocks) over a dm-linear of the disk, its metadata on a
-  third disk (blockprov keeps it in a file through a loop device);
-- ``keep-direct``: dm-era over the disk itself.
+- ``restore-nostats``: as shipped, with the kernel's I/O accounting off on its dm devices
+  (``/sys/block/dm-N/queue/iostats`` 0);
+- ``keep``: as shipped, dm-era (1 MiB blocks) over the disk itself, its metadata on a third disk
+  (blockprov keeps it in a file through a loop device);
+- ``keep-linear``: dm-era over a dm-linear of the disk (keep as shipped before era went straight
+  over the partition: its ``bp-data``);
+- ``keep-nostats``: as shipped, with the I/O accounting off on era's device.
 
 Each stack is made afresh (a store or era record emptied), then a 256 MiB layout with 1 MiB writes
 as bench_fio's image does (its rate is the ``layout`` row: the first writes, which under restore
@@ -27,7 +31,7 @@ is flushed after a stack's layout and after its jobs: no stack always follows th
 or pays for another's writes on the host. A row's figure is the median over rounds; the ratio to
 ``raw`` is the median of the rounds' ratios (neighbours in time).
 
-Run: ``nice -n 5 .venv/bin/python bench/bench_dmlayers.py [--rounds 3]``.
+Run: ``nice -n 5 .venv/bin/python bench/bench_dmlayers.py [--rounds 3] [--stacks raw,keep,…]``.
 Results: bench/out/dmlayers.{json,md}, bench/results/dmlayers.md.
 """
 
@@ -57,7 +61,8 @@ from tests import bootvm
 
 from blockprov.netboot import initramfs
 
-STACKS = ("raw", "linear", "restore", "restore-1cow", "restore-N", "keep", "keep-direct")
+STACKS = ("raw", "linear", "restore", "restore-1cow", "restore-N", "restore-nostats", "keep", "keep-linear",
+          "keep-nostats")
 JOBS = {"layout": "256 MiB layout, 1 MiB writes, QD4 (first writes)", "rr1": "4 KiB random read, QD1",
         "rr16": "4 KiB random read, QD16", "sr": "1 MiB sequential read, QD4", "sw": "1 MiB sequential write, QD4"}
 MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "dm_mod", "dm_snapshot", "dm_era")
@@ -87,11 +92,19 @@ up() {
     restore) zero /dev/vdb; mk bp-cow "$COW" && mk bp-root "0 $G snapshot $(dn vda) $(dmn bp-cow) P 2048\n" ;;
     restore-1cow) zero /dev/vdb; mk bp-root "0 $G snapshot $(dn vda) $(dn vdb) P 2048\n" ;;
     restore-N) zero /dev/vdb; mk bp-cow "$COW" && mk bp-root "0 $G snapshot $(dn vda) $(dmn bp-cow) N 2048\n" ;;
-    keep) zero /dev/vdc; mk bp-data "0 $G linear $(dn vda) 0\n" \
+    restore-nostats) up restore && nostats ;;
+    keep) zero /dev/vdc; mk bp-root "0 $G era $(dn vdc) $(dn vda) 2048\n" ;;
+    keep-linear) zero /dev/vdc; mk bp-data "0 $G linear $(dn vda) 0\n" \
         && mk bp-root "0 $G era $(dn vdc) $(dmn bp-data) 2048\n" ;;
-    keep-direct) zero /dev/vdc; mk bp-root "0 $G era $(dn vdc) $(dn vda) 2048\n" ;;
+    keep-nostats) up keep && nostats ;;
     esac || return 1
     [ -n "$DEV" ] || DEV=/dev/mapper/bp-root
+}
+nostats() {  # the kernel's per-request I/O accounting off on every dm device of the stack
+    for q in /sys/block/dm-*/queue/iostats; do
+        [ -f "$q" ] || { echo "BP-DM-NOTE no $q"; return 1; }
+        echo 0 >"$q" && echo "BP-DM-NOTE $q=$(cat "$q")"
+    done
 }
 down() { for n in bp-root bp-cow bp-data; do dmsetup remove "$n" 2>/dev/null; done; DEV=""; }
 out() { awk -F';' -v S="$1" -v R="$2" -v J="$3" \
@@ -131,7 +144,7 @@ def copy_with_libs(root: Path, binary: str) -> None:
         os.chmod(dest, 0o755)
 
 
-def build_initramfs(tmp: Path, rounds: int) -> tuple[Path, Path]:
+def build_initramfs(tmp: Path, rounds: int, stacks: tuple[str, ...] = STACKS) -> tuple[Path, Path]:
     """The guest's kernel and its initramfs (busybox, dmsetup, fio, the dm modules, INIT)."""
     kernel, release = initramfs.find_kernel()
     root = tmp / "root"
@@ -147,7 +160,7 @@ def build_initramfs(tmp: Path, rounds: int) -> tuple[Path, Path]:
     for m in mods:
         shutil.copyfile(m, root / "mods" / m.name)
     (root / "mods" / "order").write_text("\n".join(m.name for m in mods) + "\n")
-    orders = [",".join(random.Random(1000 + r).sample(STACKS, len(STACKS))) for r in range(rounds)]
+    orders = [",".join(random.Random(1000 + r).sample(stacks, len(stacks))) for r in range(rounds)]
     (root / "init").write_text(INIT.replace("@ORDERS@", " ".join(orders)))
     os.chmod(root / "init", 0o755)
     listing = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
@@ -210,14 +223,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--timeout", type=float, default=3600, help="longest the guest may take (s)")
     ap.add_argument("--name", default="dmlayers", help="the results' name (default dmlayers)")
+    ap.add_argument("--stacks", default=",".join(STACKS), help="the stacks measured, comma-separated (default all)")
     a = ap.parse_args()
+    stacks = tuple(a.stacks.split(","))
+    if "raw" not in stacks or not set(stacks) <= set(STACKS):
+        ap.error(f"--stacks: raw and any of {', '.join(STACKS)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load = {"start": uptime()}
     print(f"load at start: {load['start']}", flush=True)
     WORK.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=WORK, prefix="dmlayers-"))
     try:
-        kernel, initrd = build_initramfs(tmp, a.rounds)
+        kernel, initrd = build_initramfs(tmp, a.rounds, stacks)
         t0 = time.monotonic()
         console = boot(kernel, initrd, tmp, a.timeout)
         seconds = time.monotonic() - t0
@@ -241,7 +258,8 @@ def main() -> None:
             "fio": "on the block device, 256 MiB, --direct=1 --ioengine=libaio --ramp_time=1 --runtime=4 "
                    "--time_based; each job once per stack and round",
             "rounds": a.rounds, "seconds": round(seconds), "load": load, "failed": failed,
-            "command": f"nice -n 5 .venv/bin/python bench/bench_dmlayers.py --rounds {a.rounds}"}
+            "notes": sorted({n.strip() for n in re.findall(r"BP-DM-NOTE (.*)", console)}),
+            "command": f"nice -n 5 .venv/bin/python bench/bench_dmlayers.py --rounds {a.rounds} --stacks {a.stacks}"}
     md = write_results(a.name, rows, meta)
     (OUT / f"{a.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     RESULTS.mkdir(parents=True, exist_ok=True)

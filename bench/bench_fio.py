@@ -14,7 +14,7 @@ Three disks, the same image:
   every day from its own disk: the repository answers ``exit``, the disk's loader boots the fast
   initramfs, the root is the native data path (restore: a dm-snapshot of the image over the
   golden reserve, the last session's store dropped at boot, so the file is laid out afresh in the
-  store; keep: dm-era over the image in place).
+  store; keep: dm-era straight over the image in place).
 
 The blockprov PC's resident agent starts only once the machine is quiet (netboot/everyday.py): each
 sample records the uptime it started at (``resident_at``, None if not before the power-off) beside

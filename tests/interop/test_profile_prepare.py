@@ -28,9 +28,11 @@ def _profile(ref: str, **kw: Any) -> dict[str, Any]:
 
 
 def _wait_ready(ref: str, **kw: Any) -> dict[str, Any]:
+    """Until the preparation has ended: the profile is saved a moment before its state says ``done``."""
     for _ in range(900):  # bounded: a TCG boot on a loaded host (the preparation's own limit is 600 s)
         p = _profile(ref, **kw)
-        if p["ready"] or (p["preparation"] or {}).get("state") in ("failed", "skipped"):
+        state = (p["preparation"] or {}).get("state")
+        if state in ("done", "failed", "skipped") or (p["ready"] and state is None):
             return p
         time.sleep(1)
     raise AssertionError(f"the profile of {ref} was not prepared: {p}")

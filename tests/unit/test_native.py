@@ -119,6 +119,71 @@ def test_the_restore_store_is_the_reserve_then_the_room_past_the_image() -> None
     assert era_meta_bytes(1 << 30) == 8 << 20 and era_meta_bytes(2 << 40) > 32 << 20
 
 
+def test_a_running_keep_root_moves_onto_a_snapshot_origin_and_back_with_its_record() -> None:
+    """keep's root is era straight over the partition; a point in time moves it onto bp-data
+    (a snapshot-origin) for the snapshot only: same metadata device, length and block."""
+    g = Geometry(Part("vda4", "254:4", 5_000_000), Part("vda3", "254:3", 262144), image=2_097_152, chunk=CS)
+    assert g.era_table("7:0") == "0 2097152 era 7:0 254:4 2048"
+    live = "0 2097152 era 7:0 254:4 2048"
+    assert dm.parse_era_table(live) == dm.EraTable(2_097_152, "7:0", "254:4", 2048)
+    S = dm.Step
+    on = g.pit_on_steps(live)
+    assert on == [S("suspend", "bp-root"), S("create", "bp-pit", "0 2097152 snapshot 254:4 254:3 N 128"),
+                  S("create", "bp-data", "0 2097152 snapshot-origin 254:4"),
+                  S("reload", "bp-root", "0 2097152 era 7:0 <bp-data> 2048"), S("resume", "bp-root")]
+    assert dm.resolve(on[3].table, {"bp-data": "253:2"}) == "0 2097152 era 7:0 253:2 2048"
+    # the snapshot's pit made before its origin (the origin finds its snapshots as it resumes),
+    # both while the root is suspended: no write reaches the partition between them
+    off = g.pit_off_steps("0 2097152 era 7:0 253:2 2048")
+    assert off == [S("suspend", "bp-root"), S("reload", "bp-root", live), S("resume", "bp-root"),
+                   S("remove", "bp-data"), S("remove", "bp-pit")]
+    for bad in ("0 100 linear 254:4 0", "0 100 era 7:0 254:4", "8 100 era 7:0 254:4 2048"):
+        with pytest.raises(DeviceMapperError):
+            dm.parse_era_table(bad)
+
+
+FAKE_DMSETUP = """#!/bin/sh
+# records each call; "info" answers a number; the call matching $FAKE_FAIL fails
+echo "$*" >>"$FAKE_LOG"
+case "$1" in create|reload) cat >/dev/null ;; esac
+if [ -n "$FAKE_FAIL" ] && [ "$*" = "$FAKE_FAIL" ]; then
+    echo "device-mapper: $1 ioctl failed: Invalid argument" >&2; exit 1
+fi
+[ "$1" = info ] && echo "253:9"
+exit 0
+"""
+
+
+@pytest.mark.parametrize("fail", [None, "create bp-data", "reload bp-root", "resume bp-root"])
+def test_a_failed_swap_never_leaves_the_root_suspended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       fail: str | None) -> None:
+    """``Mapper.apply`` (through a stand-in ``dmsetup`` that records its calls): whatever step
+    fails, the root is resumed (its file system is not left frozen), a table loaded but not live
+    is cleared first, and the devices the steps made are removed."""
+    fake = tmp_path / "dmsetup"
+    fake.write_text(FAKE_DMSETUP)
+    fake.chmod(0o755)
+    log = tmp_path / "log"
+    monkeypatch.setattr(dm, "DMSETUP", str(fake))
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("FAKE_FAIL", fail or "")
+    g = Geometry(Part("vda4", "254:4", 5_000_000), Part("vda3", "254:3", 262144), image=2_097_152, chunk=CS)
+    m = dm.Mapper(str(tmp_path))
+    if fail is None:
+        m.apply(g.pit_on_steps("0 2097152 era 7:0 254:4 2048"))
+    else:
+        with pytest.raises(DeviceMapperError, match="Invalid argument"):
+            m.apply(g.pit_on_steps("0 2097152 era 7:0 254:4 2048"))
+    calls = [c for c in log.read_text().splitlines() if not c.startswith(("info", "mknodes"))]
+    head = ["suspend bp-root", "create bp-pit", "create bp-data", "reload bp-root", "resume bp-root"]
+    after = {None: [],
+             "create bp-data": ["resume bp-root", "remove bp-pit"],  # bp-data was never made
+             "reload bp-root": ["resume bp-root", "remove bp-data", "remove bp-pit"],
+             "resume bp-root": ["clear bp-root", "resume bp-root", "remove bp-data", "remove bp-pit"]}[fail]
+    upto = head.index(fail) + 1 if fail else len(head)
+    assert calls == head[:upto] + after
+
+
 # -- netlink -------------------------------------------------------------------------------------------
 def test_netlink_requests_and_replies_round_trip() -> None:
     req = nbdlink.encode(0x1A, nbdlink.CMD_CONNECT, nbdlink.u32(nbdlink.ATTR_INDEX, 0) + nbdlink.sockets([5, 6]), 3)

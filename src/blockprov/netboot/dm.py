@@ -22,14 +22,24 @@ The targets used (netboot/native.py says why each):
   was last written in; the first write of a block in an era commits the record (META) before the
   write goes down. The current era's record becomes readable by the tools only once the target
   has archived it: ``take_metadata_snap`` (a rollover and a commit) while it runs.
+
+Moving a live era device onto another origin (``era_onto``) loads a second era target over the
+same metadata device while the first is suspended. That keeps the record whole (Linux 6.1's
+dm-era-target.c): the old target's postsuspend archives the current era and commits with its
+worker stopped, leaving no dirty metadata block; the new target's constructor only reads the
+committed superblock; its preresume (a resize to the same size, then a new era) commits before
+the resume destroys the old target, whose destructor writes nothing. It is what every boot does
+when it makes era afresh over the record the last boot left. While suspended, era answers no
+``status`` or ``message`` (they wait for its stopped worker): none is sent in between.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from blockprov.errors import DeviceMapperError
@@ -69,6 +79,54 @@ def snapshot_merge(length: int, origin: str, cow: str, chunk: int) -> str:
 
 def era(length: int, meta: str, origin: str, block: int) -> str:
     return f"0 {length} era {meta} {origin} {block}"
+
+
+@dataclass(frozen=True)
+class EraTable:
+    length: int
+    meta: str
+    origin: str
+    block: int
+
+
+def parse_era_table(line: str) -> EraTable:
+    """``0 LEN era META ORIGIN BLOCK`` (as ``dmsetup table`` prints it). Pure."""
+    words = line.split()
+    if len(words) != 6 or words[0] != "0" or words[2] != "era":
+        raise DeviceMapperError(msg=f"not an era target's table: {line!r}")
+    return EraTable(int(words[1]), words[3], words[4], int(words[5]))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``dmsetup`` step: ``create`` (NAME with TABLE), ``suspend``, ``reload`` (TABLE as
+    NAME's next), ``resume`` or ``remove``. A table may name a device made by an earlier step
+    of the same sequence as ``ref(NAME)``: ``Mapper.apply`` puts its number there."""
+
+    op: str
+    name: str
+    table: str = ""
+
+
+def ref(name: str) -> str:
+    return f"<{name}>"
+
+
+def resolve(table: str, devnos: Mapping[str, str]) -> str:
+    """``table`` with each ``ref(NAME)`` replaced by NAME's ``MAJOR:MINOR``. Pure."""
+    return re.sub(r"<([\w.-]+)>", lambda m: devnos[m.group(1)], table)
+
+
+def era_onto(root: str, line: str, origin: str, make: Sequence[tuple[str, str]] = ()) -> list[Step]:
+    """The steps that move live era device ``root`` (its table ``line``) onto ``origin`` (a
+    device number, or the ``ref`` of a device in ``make``): with ``root`` suspended (its file
+    system frozen, nothing in flight, its record committed), the ``make`` devices are created
+    in order, era's table is loaded with the same metadata device, length and block over the
+    new origin, and ``root`` resumes in a new era (the module docstring says why the record
+    stays whole). Pure."""
+    t = parse_era_table(line)
+    return [Step("suspend", root), *(Step("create", n, tb) for n, tb in make),
+            Step("reload", root, era(t.length, t.meta, origin, t.block)), Step("resume", root)]
 
 
 def table_length(table: str) -> int:
@@ -178,6 +236,47 @@ class Mapper:
 
     def status(self, name: str) -> str:
         return self.run("status", name).strip()
+
+    def table(self, name: str) -> str:
+        return self.run("table", name).strip()
+
+    def apply(self, steps: Sequence[Step]) -> None:
+        """Run ``steps`` in order. If one fails: a table loaded but not yet live is cleared, every
+        device these steps suspended is resumed (no file system stays frozen), the devices they
+        created are removed (those still in use stay), and the error is raised."""
+        made: dict[str, str] = {}
+        suspended: list[str] = []
+        loaded: set[str] = set()
+        try:
+            for s in steps:
+                table = resolve(s.table, made)
+                if s.op == "create":
+                    self.create(s.name, table)
+                    made[s.name] = self.devno(s.name)
+                elif s.op == "suspend":
+                    self.suspend(s.name)
+                    suspended.append(s.name)
+                elif s.op == "reload":
+                    self.reload(s.name, table)
+                    loaded.add(s.name)
+                elif s.op == "resume":
+                    self.resume(s.name)
+                    loaded.discard(s.name)
+                    suspended.remove(s.name)
+                elif s.op == "remove":
+                    self.remove(s.name)
+                else:
+                    raise DeviceMapperError(msg=f"no such step: {s.op!r}")
+        except DeviceMapperError:
+            for name in reversed(suspended):
+                with contextlib.suppress(DeviceMapperError):
+                    if name in loaded:
+                        self.run("clear", name)
+                    self.resume(name)
+            for name in reversed(made):
+                with contextlib.suppress(DeviceMapperError):
+                    self.remove(name)
+            raise
 
     def exists(self, name: str) -> bool:
         try:

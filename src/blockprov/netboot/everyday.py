@@ -176,7 +176,7 @@ find_disk() {
     return 1
 }
 undo() {  # what the every-day boot made, before the slow path takes over
-    for n in bp-root bp-cow bp-data; do dmsetup remove "$n" 2>/dev/null; done
+    for n in bp-root bp-cow; do dmsetup remove "$n" 2>/dev/null; done
     [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
     umount "$META" 2>/dev/null
 }
@@ -260,8 +260,7 @@ everyday() {
         fi
     else
         LOOP=$(losetup -f) && losetup "$LOOP" "$META/$BP_ERA_FILE" || { WHY="cannot attach era's record"; return 1; }
-        mk bp-data "0 $BP_SECTORS linear $(devno $BP_DATA) 0\n" || { WHY="cannot make bp-data"; return 1; }
-        mk bp-root "0 $BP_SECTORS era $(devno ${LOOP#/dev/}) $(dmno bp-data) $BP_ERA_BLOCK\n" \
+        mk bp-root "0 $BP_SECTORS era $(devno ${LOOP#/dev/}) $(devno $BP_DATA) $BP_ERA_BLOCK\n" \
             || { WHY="cannot make bp-root (era)"; return 1; }
     fi
     ANSWER=$(answer)  # wget -S: the status lines, then the answer's one line

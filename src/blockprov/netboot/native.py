@@ -19,15 +19,18 @@ docs/architecture.md, "The native data path"):
   console counts the cache's chunks those 1 MiB cover). Its limit: a session that writes more
   than the store holds makes the kernel drop the snapshot, and the running system gets I/O
   errors (the agent warns on the console as it fills).
-* ``keep`` — ``bp-root`` is dm-era over ``bp-data`` (a linear map of the image's range): writes
-  go to the data partition in place, and era records which blocks (ERA_BLOCK) each write
+* ``keep`` — ``bp-root`` is dm-era straight over the data partition (its first ``image``
+  sectors; no layer under it: a linear one cost 5–17 % under emulation, bench/RESULTS.md):
+  writes go to the data partition in place, and era records which blocks (ERA_BLOCK) each write
   touched, committing the record before the write goes down, in ``era.meta`` on the metadata
   file system (a loop device). ``convert`` turns that record into the cache's modified map
   (``CacheDevice.mark_written``, which compares each chunk of a recorded block with its base so
   the map stays as fine as a chunk); the record of the current era becomes readable only
   through a metadata snapshot of the running target (``take_metadata_snap``). A snapshot of the
-  running PC (``snapshot``) takes its point in time by turning ``bp-data`` into a
-  ``snapshot-origin`` with a temporary ``bp-pit`` snapshot over the reserve partition.
+  running PC (``snapshot``) takes its point in time by moving era, for the snapshot's length
+  only, onto ``bp-data``, a ``snapshot-origin`` of the partition, with a temporary ``bp-pit``
+  snapshot over the reserve partition; then back onto the partition (``dm.era_onto``: a table
+  swap under a suspended era, whose record stays whole: dm.py says why).
 
 State on the metadata file system (the cache directory's, mounted by the agent):
 
@@ -44,7 +47,10 @@ Crash rules:
   empty whatever the cut;
 * keep: era's mark is durable before the write reaches the disk; ``convert`` journals the
   chunks as modified and syncs (``mark_written``) before it advances ``era_from``: a cut between
-  converts the same blocks again (marking is idempotent);
+  converts the same blocks again (marking is idempotent). A cut during a snapshot of the running
+  PC, or during a swap of era's origin, finds a record committed at the swap's suspend and every
+  write since marked before it went down; the next boot makes era over the partition again (the
+  temporary devices were only in the kernel) and reads the whole record;
 * zero chunks: the cache never reads the data partition for a chunk it holds as zero (all zeros
   in the image, trimmed, or reset to such a base), so the partition may hold anything there —
   old bytes of a reused disk, a chunk reset after a session. A native read would see them:
@@ -146,17 +152,24 @@ class Geometry:
     def restore_table(self, cow: str) -> str:
         return dm.snapshot(self.image, self.data.devno, cow, self.store_sectors)
 
-    def data_table(self) -> str:
-        return dm.linear(0, self.image, self.data.devno, 0)
-
-    def era_table(self, meta: str, data: str) -> str:
-        return dm.era(self.image, meta, data, ERA_BLOCK // SECTOR)
+    def era_table(self, meta: str) -> str:
+        """keep's root: era straight over the image's range of the data partition."""
+        return dm.era(self.image, meta, self.data.devno, ERA_BLOCK // SECTOR)
 
     def pit_table(self) -> str:
         return dm.snapshot(self.image, self.data.devno, self.reserve.devno, self.chunk_sectors, persistent=False)
 
     def origin_table(self) -> str:
         return dm.snapshot_origin(self.image, self.data.devno)
+
+    def pit_on_steps(self, root_line: str) -> list[dm.Step]:
+        """A point in time of the running keep root (its era table ``root_line``): ``bp-pit``
+        snapshots the partition over the reserve, ``bp-data`` is its origin, era moves onto it."""
+        return dm.era_onto(ROOT, root_line, dm.ref(DATA), make=[(PIT, self.pit_table()), (DATA, self.origin_table())])
+
+    def pit_off_steps(self, root_line: str) -> list[dm.Step]:
+        """Era back straight over the partition, then the point in time's devices removed."""
+        return [*dm.era_onto(ROOT, root_line, self.data.devno), dm.Step("remove", DATA), dm.Step("remove", PIT)]
 
     def merge_table(self, cow: str) -> str:
         return dm.snapshot_merge(self.image, self.data.devno, cow, self.store_sectors)
@@ -378,7 +391,7 @@ class Native:
         return f"{self.dev_dir}/{self._loop}"
 
     def era_stack(self) -> str:
-        """``bp-data`` and ``bp-root`` (era) made, or found made; returns bp-root's node."""
+        """``bp-root`` (era over the partition) made, or found made; returns its node."""
         path = self.era_file()
         if not path.exists():
             size = era_meta_bytes(self.geo.image * SECTOR)
@@ -392,11 +405,9 @@ class Native:
             self.state.save(self.meta_dir)
         loop = self.era_loop()
         m = self.dm
-        if not m.exists(DATA):
-            m.create(DATA, self.geo.data_table())
         if not m.exists(ROOT):
             meta = Path(f"/sys/class/block/{Path(loop).name}/dev").read_text().strip()
-            m.create(ROOT, self.geo.era_table(meta, m.devno(DATA)))
+            m.create(ROOT, self.geo.era_table(meta))
         return m.node(ROOT)
 
     def _era_record(self, since: int) -> tuple[list[int], int]:
@@ -507,29 +518,22 @@ class Native:
 
     def _pit_on(self) -> int:
         """The point in time: with the root suspended (its file system frozen, nothing in
-        flight), ``bp-pit`` snapshots the data partition over the reserve and ``bp-data`` becomes
-        its origin; the root resumes in a new era. Returns that era (writes from then on are in
-        it or later)."""
-        m = self.dm
-        m.suspend(ROOT)
-        try:
-            m.create(PIT, self.geo.pit_table())
-            m.reload(DATA, self.geo.origin_table())
-            m.resume(DATA)
-        finally:
-            m.resume(ROOT)
+        flight, era's record committed), ``bp-pit`` snapshots the data partition over the
+        reserve and era moves onto ``bp-data``, its origin; the root resumes in a new era.
+        Returns that era (writes from then on are in it or later)."""
+        if self.dm.exists(DATA) or self.dm.exists(PIT):  # an agent stopped mid-snapshot left them
+            self._pit_off()
+        self.dm.apply(self.geo.pit_on_steps(self.dm.table(ROOT)))
         return self.era_now()
 
     def _pit_off(self) -> None:
         m = self.dm
-        m.suspend(ROOT)
-        try:
-            m.reload(DATA, self.geo.data_table())
-            m.resume(DATA)
-            if m.exists(PIT):
-                m.remove(PIT)
-        finally:
-            m.resume(ROOT)
+        line = m.table(ROOT)
+        if dm.parse_era_table(line).origin != self.geo.data.devno:
+            m.apply(self.geo.pit_off_steps(line))
+        for name in (DATA, PIT):  # what is left (an earlier pit_off stopped after its swap)
+            if m.exists(name):
+                m.remove(name)
 
     # -- what the console shows ----------------------------------------------------------------------
     def store_use(self) -> tuple[int, int] | None:
