@@ -9,10 +9,17 @@
   reading the raw view (``qemu-img convert -m 1``), from our server and from nginx serving the
   raw file (goal ≥ 0.7×), with bytes on the wire;
 - chunk-size sweep (16 KiB – 1 MiB) of the cold case;
-- agent RSS with a 100 GiB sparse image attached (goal ≤ 150 MB).
+- agent RSS with a 100 GiB sparse image attached (goal ≤ 150 MB);
+- ``latency``: a cache hit's price at queue depth 1, the pattern of a boot's reads (issue 26: 8,645
+  reads, three in four of 4 KiB, one at a time): ``fio --ioengine=nbd`` random reads of 4–128 KiB,
+  the mean completion latency and the server's CPU time per read (its ``/proc`` utime + stime
+  over the run), blockprov against ``qemu-nbd`` on the same raw file, interleaved round by round.
+  ``--baseline-src DIR`` adds a second agent running another tree's ``src`` (an A/B of a change in
+  the same run).
 
-Run: ``.venv/bin/python bench/bench_agent.py [--size 1G] [--repeat 3] [--skip sweep,rss]``.
-Results: bench/out/agent*.{json,md}, bench/out/agent-chunk-sweep.png.
+Run: ``.venv/bin/python bench/bench_agent.py [--size 1G] [--repeat 3] [--skip sweep,rss]``;
+the latency section alone: ``--skip hot,iops,cold,sweep,rss``.
+Results: bench/out/agent*.{json,md}, bench/out/agent-chunk-sweep.png, bench/out/agent-latency.*.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,6 +83,67 @@ def fio_iops(u: str, size: int, runtime: int = 8, iodepth: int = 16) -> float:
                         f"--iodepth={iodepth}", f"--size={size}", f"--runtime={runtime}", "--time_based",
                         "--output-format=json", f"--output={out.name}"], check=True, capture_output=True)
         return float(json.loads(Path(out.name).read_text())["jobs"][0]["read"]["iops"])
+
+
+def fio_qd1(u: str, size: int, bs: str, runtime: int, pid: int) -> tuple[float, float]:
+    """Random reads of ``bs`` one at a time for ``runtime`` s: (mean completion latency in µs, the
+    server's CPU µs per read: its utime + stime over the run divided by the reads)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cpu = cpu_seconds(pid)
+        subprocess.run(["fio", "--name=qd1", "--ioengine=nbd", f"--uri={u}", "--rw=randread", f"--bs={bs}",
+                        "--iodepth=1", f"--size={size}", f"--runtime={runtime}", "--time_based",
+                        "--output-format=json", f"--output={out.name}"], check=True, capture_output=True)
+        cpu = cpu_seconds(pid) - cpu
+        read = json.loads(Path(out.name).read_text())["jobs"][0]["read"]
+    return float(read["clat_ns"]["mean"]) / 1000, cpu * 1e6 / max(1, int(read["total_ios"]))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+LATENCY_SIZES = ("4k", "16k", "64k", "128k")
+
+
+def latency(image: Path, data: Path, tmp: Path, size: int, repeat: int, runtime: int,
+            baseline_src: str | None) -> list[dict[str, object]]:
+    """The latency section (module docstring): every server serves throughout, each round runs
+    every size against each of them in turn; medians over the rounds."""
+    servers: dict[str, tuple[str, int]] = {}
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with ExitStack() as stack:
+        for name, env in [("blockprov", None)] + ([("before", {"PYTHONPATH": baseline_src})] if baseline_src else []):
+            sock = tmp / f"lat-{name}.sock"
+            agent, _ = start_agent(tmp / f"lat-{name}-cache", "bench:v1", sock, data=data, env=env)
+            stack.callback(agent.stop)
+            subprocess.run(["nbdcopy", uri(sock), "null:"], check=True)  # every chunk present: reads are hits
+            servers[name] = (uri(sock), agent.proc.pid)
+        qsock = tmp / "lat-qemu.sock"
+        servers["qemu-nbd"] = (uri(qsock), stack.enter_context(qemu_nbd(image, qsock, shared=1)))
+        for u, pid in servers.values():  # a round not counted: the files' pages, the processes' first runs
+            fio_qd1(u, size, "4k", 2, pid)
+        for _ in range(repeat):
+            for bs in LATENCY_SIZES:
+                for name, (u, pid) in servers.items():
+                    samples.setdefault((name, bs), []).append(fio_qd1(u, size, bs, runtime, pid))
+    med = {k: (statistics.median(x for x, _ in v), statistics.median(c for _, c in v)) for k, v in samples.items()}
+    rows: list[dict[str, object]] = []
+    for bs in LATENCY_SIZES:
+        ours, peer_ = med[("blockprov", bs)], med[("qemu-nbd", bs)]
+        row: dict[str, object] = {"QD1 random read": bs, "blockprov latency µs": ours[0]}
+        if baseline_src:
+            row["before µs"] = med[("before", bs)][0]
+        row |= {"qemu-nbd latency µs": peer_[0], "latency ratio": ours[0] / peer_[0],
+                "blockprov CPU µs/read": ours[1]}
+        if baseline_src:
+            row["before CPU µs/read"] = med[("before", bs)][1]
+        row |= {"qemu-nbd CPU µs/read": peer_[1],
+                f"samples µs ({' / '.join(servers)})": " / ".join(
+                    ", ".join(f"{x:.0f}" for x, _ in samples[(n, bs)]) for n in servers)}
+        rows.append(row)
+    return rows
 
 
 @contextmanager
@@ -142,7 +211,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1G")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of: hot,iops,cold,sweep,rss")
+    ap.add_argument("--skip", default="", help="comma list of: hot,iops,cold,sweep,rss,latency")
+    ap.add_argument("--latency-runtime", type=int, default=5, help="seconds of each fio run of the latency section")
+    ap.add_argument("--baseline-src", help="the latency section adds an agent running this src directory")
     ap.add_argument("--sweep-readahead", default="32M",
                     help="attach --readahead for the chunk-size sweep (default: the CLI's default)")
     a = ap.parse_args()
@@ -157,7 +228,7 @@ def main() -> None:
     rows = []
     meta: dict[str, object] = {"image": f"{a.size} ext4, ~60% full of files from /usr", "repeats": a.repeat,
                                "cpus": os.cpu_count(),
-                               "command": f"python bench/bench_agent.py --size {a.size} --repeat {a.repeat}"}
+                               "command": " ".join(["python bench/bench_agent.py", *sys.argv[1:]])}
     try:
         # -- hot: fully cached agent vs qemu-nbd over the same raw data -----------------------------------
         if not {"hot", "iops"} <= skip:
@@ -217,6 +288,12 @@ def main() -> None:
                          "ratio": wire / size, "goal": "< 1"})
         if rows:
             write_results("agent", rows, meta)
+        if "latency" not in skip:
+            lat = latency(image, data, tmp, size, a.repeat, a.latency_runtime, a.baseline_src)
+            write_results("agent-latency", lat, meta | {
+                "fio": f"--ioengine=nbd --rw=randread --iodepth=1 --runtime={a.latency_runtime}, one job",
+                "peer": "qemu-nbd -f raw --shared=1 -t --cache=writeback, same raw file",
+                "before": a.baseline_src or "-"})
         # -- chunk size sweep ------------------------------------------------------------------------
         if "sweep" not in skip:
             sweep = []

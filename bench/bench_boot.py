@@ -228,8 +228,9 @@ def s_v2(ctx: Ctx) -> Sample:
     return s
 
 
-def s_prepared(ctx: Ctx) -> Sample:
-    """(h) The first boot of a version whose profile was prepared after a plain import (module docstring)."""
+def s_prepared(ctx: Ctx, agent_env: dict[str, str] | None = None) -> Sample:
+    """(h) The first boot of a version whose profile was prepared after a plain import (module docstring).
+    ``agent_env``: the measured agent's environment (h0: another tree's ``src``)."""
     data = ctx.tmp / "repo-prep"
     shutil.rmtree(data, ignore_errors=True)
     subprocess.run([BP, "--data", str(data), "import", str(ctx.image.disk), "prep:v1"], check=True,
@@ -259,7 +260,7 @@ def s_prepared(ctx: Ctx) -> Sample:
     try:
         with ProxyThread((host, int(port)), rtt=ctx.proxy.proxy.rtt, rate=ctx.proxy.proxy.down.rate) as proxy:
             drop_caches()
-            agent, banner = start_agent(cache, "prep:v1", ctx.tmp / "bp.sock", repo_url=proxy.url)
+            agent, banner = start_agent(cache, "prep:v1", ctx.tmp / "bp.sock", repo_url=proxy.url, env=agent_env)
             try:
                 r = ctx.boot(_unix_uri(banner))
                 st = _status(cache)
@@ -274,6 +275,16 @@ def s_prepared(ctx: Ctx) -> Sample:
     return Sample(seconds=r.seconds, boot_seconds=r.seconds, down_bytes=sent["down_bytes"], up_bytes=sent["up_bytes"],
                   guest_read_bytes=r.guest_read_bytes, extra=_phases(r) | _fetch_figures(st) | {
                       "prepared_in": round(prep, 1), "profile_chunks": got["chunks"]})
+
+
+BASELINE_SRC: str | None = None  # --baseline-src: (h0) is (h) with the measured agent running this src
+
+
+def s_prepared_baseline(ctx: Ctx) -> Sample:
+    """(h0) (h) with the measured agent from another tree's ``src`` (the rest, the preparation
+    included, from this one): an A/B of an agent change in the same run, interleaved."""
+    assert BASELINE_SRC is not None
+    return s_prepared(ctx, agent_env={"PYTHONPATH": BASELINE_SRC})
 
 
 def _has_profile(ctx: Ctx, ref: str) -> bool:
@@ -316,6 +327,7 @@ SCENARIOS = [
     Scenario("f", "(f) blockprov cold + boot profile", s_bp_profile, needs="profile"),
     Scenario("g", "(g) v2 (1% changed) first boot, inherited profile", s_v2, needs="profile"),
     Scenario("h", "(h) first boot after a plain import (profile prepared)", s_prepared, needs="profile"),
+    Scenario("h0", "(h) with the agent of --baseline-src", s_prepared_baseline, needs="profile"),
 ]
 
 
@@ -530,7 +542,8 @@ def save(a: argparse.Namespace, image: bootvm.bootimage.Built, rows: list[dict[s
         "load average (1, 5, 15 min) at start / end": f"{load_start} / {os.getloadavg()}",
         "command": f"python bench/bench_boot.py --size {a.size} --repeat {a.repeat}"
                    + (f" --skip {a.skip}" if a.skip else "") + (f" --retries {a.retries}" if a.retries != 2 else "")
-                   + (" --interleave" if a.interleave else ""),
+                   + (" --interleave" if a.interleave else "")
+                   + (f" --baseline-src {a.baseline_src}" if a.baseline_src else ""),
     }
     g = goals(rows)
     write_results("boot", rows, meta | {"goals": "; ".join(g)})
@@ -557,8 +570,13 @@ def main() -> None:
     ap.add_argument("--interleave", action="store_true",
                     help="take one sample of every scenario per round (a, d, f, a, d, f, …) instead of each "
                          "scenario's samples back to back")
+    ap.add_argument("--baseline-src", help="adds (h0): (h) with the measured agent running this src directory")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+    global BASELINE_SRC
+    BASELINE_SRC = a.baseline_src
+    if not a.baseline_src:
+        skip.add("h0")
     load_start = os.getloadavg()
     WORK.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()

@@ -19,6 +19,7 @@ from blockprov.errors import IntegrityError, InvalidRequest, NoSpace
 from blockprov.nbd import constants as c
 from blockprov.nbd.constants import Command, CommandFlag, Info, NbdError, Option
 from blockprov.nbd.server import NbdServer, errno_for
+from blockprov.nbd.writer import BATCH_BYTES
 from tests.unit.test_nbd_protocol import client_flags, go_data, meta_data, option, request
 
 MiB = 1 << 20
@@ -123,18 +124,26 @@ def serve(exports: dict[str, Any], test: Callable[[NbdServer, str], Awaitable[No
 
 
 class FaultyDevice(MemoryDevice):
-    """Raises what a test asks for at chosen offsets."""
+    """Raises what a test asks for at chosen offsets. ``at_hand``: its reads are answered by the
+    server's fast path (``read_now``), else every one goes through ``read`` (the slow path)."""
 
     faults: dict[int, BaseException]
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, at_hand: bool = True) -> None:
         super().__init__(size)
         self.faults = {}
+        self.at_hand = at_hand
+
+    def read_now(self, offset: int, length: int) -> ReadResult | None:  # type: ignore[override]
+        return self._read(offset, length) if self.at_hand else None
 
     async def read(self, offset: int, length: int) -> ReadResult:
+        return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> ReadResult:
         if offset in self.faults:
             raise self.faults[offset]
-        return await super().read(offset, length)
+        return MemoryDevice.read_now(self, offset, length)
 
     async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
         if offset in self.faults:
@@ -142,10 +151,11 @@ class FaultyDevice(MemoryDevice):
         await super().write(offset, data, fua=fua)
 
 
+@pytest.mark.parametrize("at_hand", [True, False])
 @pytest.mark.parametrize("structured", [True, False])
-def test_device_errors_are_mapped_and_the_connection_lives(tmp_path: Path, structured: bool,
+def test_device_errors_are_mapped_and_the_connection_lives(tmp_path: Path, structured: bool, at_hand: bool,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    dev = FaultyDevice(4 * MiB)
+    dev = FaultyDevice(4 * MiB, at_hand=at_hand)
     dev.faults = {
         4096: NoSpace("full"),
         8192: InvalidRequest("nope"),
@@ -235,14 +245,22 @@ def test_write_zeroes_fast_zero_and_flush(tmp_path: Path) -> None:
 
 
 class FileDevice(MemoryDevice):
-    """Reads come back as FileSegments of a data file (as the cache will return them)."""
+    """Reads come back as FileSegments of a data file (as the cache returns them). ``at_hand``:
+    answered by the server's fast path (``read_now``), else through ``read``."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, *, at_hand: bool = True) -> None:
         super().__init__(size)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self.fd, size // 2)  # the second half is past the end of the file: zeros
+        self.at_hand = at_hand
+
+    def read_now(self, offset: int, length: int) -> ReadResult | None:  # type: ignore[override]
+        return self._segments(offset, length) if self.at_hand else None
 
     async def read(self, offset: int, length: int) -> ReadResult:
+        return self._segments(offset, length)
+
+    def _segments(self, offset: int, length: int) -> ReadResult:
         half = length // 2
         return [FileSegment(self.fd, offset, half), b"-" * 0, FileSegment(self.fd, offset + half, length - half)]
 
@@ -250,9 +268,9 @@ class FileDevice(MemoryDevice):
         os.pwrite(self.fd, data, offset)
 
 
-@pytest.mark.parametrize("use_uvloop", [False, True])
-def test_file_segments_are_sent(tmp_path: Path, use_uvloop: bool) -> None:
-    dev = FileDevice(tmp_path / "data", 8 * MiB)
+@pytest.mark.parametrize(("use_uvloop", "at_hand"), [(False, True), (True, True), (True, False)])
+def test_file_segments_are_sent(tmp_path: Path, use_uvloop: bool, at_hand: bool) -> None:
+    dev = FileDevice(tmp_path / "data", 8 * MiB, at_hand=at_hand)
     blob = os.urandom(2 * MiB)
 
     async def test(server: NbdServer, path: str) -> None:
@@ -272,6 +290,31 @@ def test_file_segments_are_sent(tmp_path: Path, use_uvloop: bool) -> None:
     server = serve({"": dev}, test, tmp_path, use_uvloop=use_uvloop)
     os.close(dev.fd)
     assert server.stats.sendfile_bytes >= 3 * 2 * MiB  # zero copy under both loops
+
+
+@pytest.mark.parametrize("at_hand", [True, False])
+def test_a_data_file_that_fails_is_eio_and_the_connection_lives(tmp_path: Path, at_hand: bool) -> None:
+    """A read of the data file that fails (here: EISDIR, the device's descriptor swapped for a
+    directory's) is an EIO reply, small reads (pread in the loop) and large ones (sendfile) alike,
+    on the fast path and the slow one; the connection goes on being served."""
+    dev = FileDevice(tmp_path / "data", 8 * MiB, at_hand=at_hand)
+
+    async def test(server: NbdServer, path: str) -> None:
+        client = await Client.connect(path, structured=True)
+        assert await client.call(Command.READ, 0, 4096) == (0, bytes(4096))
+        good, dev.fd = dev.fd, os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for length in (4096, MiB):
+                assert await client.call(Command.READ, 0, length) == (NbdError.EIO, b"")
+        finally:
+            os.close(dev.fd)
+            dev.fd = good
+        assert await client.call(Command.READ, 0, 4096) == (0, bytes(4096))
+        await client.close()
+
+    server = serve({"": dev}, test, tmp_path, use_uvloop=True)
+    os.close(dev.fd)
+    assert server.stats.errors == 2 and server.stats.requests == 4
 
 
 @pytest.mark.parametrize("use_uvloop", [False, True])
@@ -312,7 +355,8 @@ def test_peer_gone_during_sendfile(tmp_path: Path, use_uvloop: bool) -> None:
 def test_replies_never_read_fill_the_budget_and_the_peer_is_dropped(tmp_path: Path, use_uvloop: bool) -> None:
     """Issue 27 item 6, in-process under both loops: READ 0+32 MiB (sent from the file, holding the
     output) and then 2,000 READs of 120 KiB (read into memory, queued behind it), never reading a
-    reply. The server stops reading requests once 64 are in flight or waiting (max_in_flight), drops
+    reply. The server stops reading requests once 64 are in flight or waiting (max_in_flight) or the
+    transport holds more than its high-water mark, drops
     the peer after write_timeout, and serves another client meanwhile."""
     dev = FileDevice(tmp_path / "data", 64 * MiB)
     os.ftruncate(dev.fd, 64 * MiB)
@@ -333,7 +377,9 @@ def test_replies_never_read_fill_the_budget_and_the_peer_is_dropped(tmp_path: Pa
             if server.stats.write_timeouts:
                 break
             await asyncio.sleep(0.05)
-        assert started <= 64 + 1, started
+        # the budget, the big READ, and the replies answered at once (the fast path) that went to
+        # the transport before the big one held the output: at most one batch's worth
+        assert started <= 64 + 1 + BATCH_BYTES // (120 * 1024) + 1, started
         assert server.stats.write_timeouts == 1
         flood.writer.transport.abort()
 

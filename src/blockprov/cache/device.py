@@ -233,7 +233,11 @@ class CacheDevice:
         return self._core.source.stats
 
     # -- reads -------------------------------------------------------------------------------
-    async def read(self, offset: int, length: int) -> ReadResult:
+    def read_now(self, offset: int, length: int) -> ReadResult | None:
+        """A read of chunks the cache holds (present, or zero within one chunk): a piece of the data
+        file, or zeros; None for anything else, which ``read`` answers. The NBD server calls this
+        in the callback that parsed the request (device/base.py ``ImmediateReads``), so it does no
+        I/O and never waits: the first-read order is recorded here, for every read."""
         a = offset >> self._shift
         b = (offset + length - 1) >> self._shift
         if not self._seen[a] or not self._seen[b]:
@@ -246,6 +250,14 @@ class CacheDevice:
                 return [self._zeros[:length]]
         elif self._map.all_match(PRESENT, PRESENT, a, b + 1) and self._fd >= 0:
             return [FileSegment(self._fd, offset, length)]
+        return None
+
+    async def read(self, offset: int, length: int) -> ReadResult:
+        held = self.read_now(offset, length)
+        if held is not None:
+            return held
+        a = offset >> self._shift
+        b = (offset + length - 1) >> self._shift
         if not self._map.all_match(PRESENT | ZERO, 0, a, b + 1):
             return await self._read_slow(offset, length)
         # A range the cache holds none of: the layers below answer it as a whole (an overlay's every

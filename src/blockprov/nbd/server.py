@@ -5,7 +5,11 @@ payloads are received straight into their own buffer) and one supervisor task pe
 its lifetime: it ends when the peer disconnects, waits for the requests in flight, and closes the
 transport in ``finally``.
 
-Each request runs in its own task, so several are in flight per connection; at most
+A READ the device has at hand (device/base.py ``ImmediateReads``: a cache hit) is answered in the
+callback that parsed it: ``read_now``, a ``pread`` of small file segments, and the reply joins the
+batch that leaves in one ``writelines`` when the callback ends (issue 26: a boot's thousands of
+4 KiB reads, one at a time, each paid a task and its hops through the loop). Every other request
+runs in its own task, so several are in flight per connection; at most
 ``max_in_flight`` requests and ``max_buffered`` bytes of payload (WRITE data received plus READ
 data requested) are admitted at once, beyond that the server stops reading from the socket.
 Replies that wait to be sent behind a held output count against the same budget (issue 27: a
@@ -54,11 +58,12 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from blockprov.device.base import BlockDevice, FileSegment
-from blockprov.errors import BlockprovError, DeviceError, UsageError
+from blockprov.device.base import BlockDevice, FileSegment, ImmediateReads, ReadResult
+from blockprov.errors import BlockprovError, DeviceError, DeviceIOError, UsageError
 from blockprov.names import UNIX_PATH_MAX, unix_socket_path
 from blockprov.nbd.activation import address_of
 from blockprov.nbd.constants import STREAM_ABOVE, STREAM_PIECE, NbdError, error_from_name
@@ -81,7 +86,7 @@ from blockprov.nbd.protocol import (
     Write,
     WriteZeroes,
 )
-from blockprov.nbd.writer import ReplyWriter
+from blockprov.nbd.writer import SENDFILE_MIN, ReplyWriter, read_segment
 
 CLAIM_PROBE_TIMEOUT = 2.0  # seconds a connect to an existing socket may take before it counts as in use
 log = logging.getLogger("blockprov.nbd")
@@ -323,6 +328,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.proto = ServerConnection(server.export_infos(), default=server.default_export)
         self.transport: asyncio.Transport | None = None
         self.device: BlockDevice | None = None
+        self.read_now: Callable[[int, int], ReadResult | None] | None = None  # the device's fast path, if any
         self.loop = asyncio.get_running_loop()
         self.peer: object = None
         self.in_flight = 0
@@ -470,6 +476,15 @@ class _Connection(asyncio.BufferedProtocol):
     # --- events -----------------------------------------------------------------------------
 
     def _process(self) -> None:
+        """Parse and dispatch what arrived; the replies answered meanwhile (the fast path's) leave
+        together at the end, in one ``writelines``."""
+        try:
+            self._dispatch()
+        finally:
+            if self.out.outq:
+                self.out.flush()
+
+    def _dispatch(self) -> None:
         proto = self.proto
         server = self.server
         while not self.stopped:
@@ -499,7 +514,7 @@ class _Connection(asyncio.BufferedProtocol):
                 assert isinstance(event, Read)
                 if event.length > STREAM_ABOVE:
                     self._spawn(self._read_streamed(event), STREAM_PIECE)
-                else:
+                elif self.read_now is None or not self._read_at_hand(event, self.read_now):
                     self._spawn(self._read(event), event.length)
             elif kind is Write:
                 assert isinstance(event, Write)
@@ -521,6 +536,7 @@ class _Connection(asyncio.BufferedProtocol):
                 assert isinstance(event, TransmissionStarted)
                 self.out.send((proto.data_to_send(),))
                 self.device = server.exports[event.name]
+                self.read_now = self.device.read_now if isinstance(self.device, ImmediateReads) else None
                 log.debug("nbd: %s uses export %r (flags %#x)", self.peer, event.name, event.flags)
             elif kind is Aborted:
                 self.out.send((proto.data_to_send(),))
@@ -560,31 +576,83 @@ class _Connection(asyncio.BufferedProtocol):
 
     # --- requests ---------------------------------------------------------------------------
 
+    def _read_at_hand(self, ev: Read, read_now: Callable[[int, int], ReadResult | None]) -> bool:
+        """The fast path: answer a READ the device has at hand (a cache hit) here, in the callback
+        that parsed it, with no task and no await; False when the device does not have it (the
+        caller spawns ``_read``). A boot's reads are mostly 4 KiB, one at a time (issue 26):
+        each one's Python cost is latency the guest waits for."""
+        try:
+            parts = read_now(ev.offset, ev.length)
+        except Exception as exc:
+            self.stats.requests += 1
+            self._fail(ev.handle, exc, f"read of {ev.length} bytes at {ev.offset}")
+            return True
+        if parts is None:
+            return False
+        self.stats.requests += 1
+        reply = self._read_reply(ev, parts)
+        if reply is None:  # large file segments: sendfile, which may have to wait for the socket
+            self._spawn(self._send_files(ev, parts), ev.length)
+        elif reply:
+            self.out.put(reply, ev.length)
+        return True
+
     async def _read(self, ev: Read) -> None:
         self.stats.requests += 1
         device = self.device
         assert device is not None
         try:
             parts = await device.read(ev.offset, ev.length)
-            total = 0
-            has_files = False
-            for part in parts:
-                if type(part) is FileSegment:
-                    has_files = True
-                    total += part.length
-                else:
-                    total += len(part)
-            if total != ev.length:
-                raise BlockprovError(f"device returned {total} bytes for a read of {ev.length}")
         except Exception as exc:
             self._fail(ev.handle, exc, f"read of {ev.length} bytes at {ev.offset}")
             return
-        header = self.proto.reply_read_header(ev.handle, ev.offset, ev.length)
+        reply = self._read_reply(ev, parts)
+        if reply is None:
+            await self._send_files(ev, parts)
+        elif reply:
+            self.out.send(reply)
+
+    def _read_reply(self, ev: Read, parts: ReadResult) -> list[Any] | None:
+        """A READ's whole reply, its small file segments read (``pread`` of the page cache, in
+        this thread); None when a segment is large enough for sendfile (``_send_files``). A
+        failure is answered here as an error reply (an empty list is returned then)."""
+        out: list[Any] = [b""]
+        total = 0
+        try:
+            for part in parts:
+                if type(part) is FileSegment:
+                    if part.length >= SENDFILE_MIN:
+                        return None
+                    total += part.length
+                    out.append(read_segment(part))
+                else:
+                    total += len(part)
+                    out.append(part)
+            if total != ev.length:
+                raise BlockprovError(f"device returned {total} bytes for a read of {ev.length}")
+        except Exception as exc:
+            if isinstance(exc, OSError):
+                exc = DeviceIOError(msg=f"reading the data file: {exc.strerror or exc}")
+            self._fail(ev.handle, exc, f"read of {ev.length} bytes at {ev.offset}")
+            return []
+        out[0] = self.proto.reply_read_header(ev.handle, ev.offset, ev.length)
         self.stats.bytes_read += ev.length
-        if not has_files:
-            self.out.send((header, *parts))  # type: ignore[arg-type]
+        return out
+
+    async def _send_files(self, ev: Read, parts: ReadResult) -> None:
+        """A READ reply with file segments for sendfile (nbd/writer.py ``send_with_files``)."""
+        if sum(p.length if type(p) is FileSegment else len(p) for p in parts) != ev.length:
+            self._fail(ev.handle, BlockprovError(f"device returned the wrong length for a read of {ev.length}"),
+                       f"read of {ev.length} bytes at {ev.offset}")
             return
-        await self.out.send_with_files(header, parts)
+        header = self.proto.reply_read_header(ev.handle, ev.offset, ev.length)
+        try:
+            await self.out.send_with_files(header, parts)
+        except OSError as exc:  # reading a segment before anything was sent: nothing is out yet
+            self._fail(ev.handle, DeviceIOError(msg=f"reading the data file: {exc.strerror or exc}"),
+                       f"read of {ev.length} bytes at {ev.offset}")
+            return
+        self.stats.bytes_read += ev.length
 
     async def _read_streamed(self, ev: Read) -> None:
         """A READ above ``STREAM_ABOVE``: read and sent one chunk-aligned piece at a time (module

@@ -54,6 +54,7 @@ log = logging.getLogger("blockprov.nbd")
 
 _IOV_MAX = 512
 SENDFILE_MIN = 128 * 1024  # smaller file segments are pread and written (a syscall pair is cheaper)
+BATCH_BYTES = 256 * 1024  # replies ``put`` holds before they leave without waiting for the batch's end
 SNDBUF = 4 << 20  # asked for (the kernel caps it) so one sendfile mostly sends a whole reply
 Buffer = bytes | bytearray | memoryview
 
@@ -81,6 +82,7 @@ class ReplyWriter:
         self.queued: deque[Sequence[Buffer]] = deque()
         self.waiting_bytes = 0  # bytes of the replies in ``queued``
         self.outq: list[Buffer] = []
+        self.outq_bytes = 0  # what ``put`` added to ``outq`` since the last flush
         self.flush_scheduled = False
         self.sendfile_ok = True
         self.out_fd = -2  # duplicate of the socket's descriptor for os.sendfile; -2 not made yet, -1 none
@@ -191,11 +193,27 @@ class ReplyWriter:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
+    def put(self, parts: Sequence[Buffer], nbytes: int) -> None:
+        """Queue one complete reply of ``nbytes`` bytes that the caller flushes: the server's fast
+        path, which answers a batch of requests in the callback that parsed them and flushes at
+        its end (one ``writelines`` for the batch, no loop callback). The batch leaves at once
+        when it holds ``BATCH_BYTES``, so what waits here stays bounded (the transport's
+        high-water mark takes over from there)."""
+        if self.busy:
+            self.queued.append(parts)
+            self.waiting_bytes += nbytes
+            return
+        self.outq.extend(parts)
+        self.outq_bytes += nbytes
+        if self.outq_bytes >= BATCH_BYTES:
+            self.flush()
+
     def flush(self) -> None:
         self.flush_scheduled = False
         if not self.outq:
             return
         out, self.outq = self.outq, []
+        self.outq_bytes = 0
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.writelines(out)
@@ -293,9 +311,8 @@ class ReplyWriter:
 
     async def pread(self, seg: FileSegment) -> bytes:
         if seg.length <= SENDFILE_MIN:
-            data = os.pread(seg.fd, seg.length, seg.offset)
-        else:
-            data = await self.loop.run_in_executor(None, os.pread, seg.fd, seg.length, seg.offset)
+            return read_segment(seg)
+        data = await self.loop.run_in_executor(None, os.pread, seg.fd, seg.length, seg.offset)
         if len(data) < seg.length:  # past the end of the file: reads as zeros
             data += bytes(seg.length - len(data))
         return data
@@ -433,6 +450,15 @@ class ReplyWriter:
             loop.remove_writer(fd)
         if self.lost:
             raise ConnectionResetError("connection lost while sending a reply")
+
+
+def read_segment(seg: FileSegment) -> bytes:
+    """A small file segment's bytes, read in the loop's thread (one ``pread`` of the page cache
+    costs less than a hand-off to a thread); past the end of the file reads as zeros."""
+    data = os.pread(seg.fd, seg.length, seg.offset)
+    if len(data) < seg.length:
+        data += bytes(seg.length - len(data))
+    return data
 
 
 def _file_covers(seg: FileSegment) -> bool:
