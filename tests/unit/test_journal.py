@@ -282,3 +282,38 @@ def test_recover_then_checkpoint_discards_torn_tail_before_appending(tmp_path: P
     asyncio.run(second())
     lo = load(tmp_path)
     assert lo.tail_problem is None and lo.map.count_where(PRESENT) == 4
+
+
+def test_before_durable_runs_after_the_records_are_taken_and_before_they_are_written(tmp_path: Path) -> None:
+    """The cache's data sync (``before_durable``) starts after every record it covers was appended
+    and ends before any reaches the disk; a record appended while it runs waits for the next sync;
+    when it fails nothing is written and the records stay buffered for the next sync (a fill's
+    ``present`` record is never durable before its data: cache/core.py)."""
+    async def main() -> None:
+        st = new_state(tmp_path)
+        seen: list[tuple[int, int]] = []  # (records appended, journal bytes) at each call
+        fail = [True]
+
+        async def data_sync() -> None:
+            seen.append((st.last_seq, len(journal_bytes(tmp_path))))
+            st.apply(Kind.PRESENT, 40, 41)  # a fill that lands while the data sync runs
+            await asyncio.sleep(0)
+            if fail[0]:
+                fail[0] = False
+                raise DeviceIOError(msg="fdatasync: EIO")
+
+        st.before_durable = data_sync
+        st.apply(Kind.PRESENT, 0, 4)
+        with pytest.raises(DeviceIOError):
+            await st.sync()
+        assert len(journal_bytes(tmp_path)) == JOURNAL_HEADER_SIZE and st.durable_seq == 0
+        await st.sync()  # the first record and the one appended meanwhile are still there
+        assert seen[1] == (2, JOURNAL_HEADER_SIZE)
+        assert st.durable_seq == 2 and st.last_seq == 3  # the third came during the second data sync
+        await st.checkpoint()
+        assert seen[2][0] == 3 and st.last_seq == 4
+        st.close()
+
+    asyncio.run(main())
+    lo = load(tmp_path)
+    assert lo.seq == 3 and lo.map.flags[0] & PRESENT and lo.map.flags[40] & PRESENT

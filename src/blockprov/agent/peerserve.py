@@ -175,7 +175,8 @@ class PeerServer:
         self._conns.add(task)
         try:
             while True:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE)
+                async with asyncio.timeout(IDLE):  # not wait_for: it makes a task per call
+                    head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, _version = [*lines[0].split(" "), "", ""][:3]
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
@@ -184,7 +185,10 @@ class PeerServer:
                     await self._send(writer, _error(UsageError(f"at most {MAX_IDS} chunk ids per request")),
                                      close=True)
                     return
-                body = await asyncio.wait_for(reader.readexactly(length), SEND_TIMEOUT) if length else b""
+                body = b""
+                if length:
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        body = await reader.readexactly(length)
                 try:
                     reply = await self._handle(method, target, headers, body)
                 except _Reply as r:
@@ -213,12 +217,14 @@ class PeerServer:
         body = memoryview(r.body)
         if r.status != 200 or self.rate.rate is None:
             writer.write(body)
-            await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await writer.drain()
             return
         for k in range(0, len(body), PACE):
             await self.rate.take(len(body[k:k + PACE]))
             writer.write(body[k:k + PACE])
-            await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await writer.drain()
 
     async def _handle(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Reply:
         path, _, query = target.partition("?")

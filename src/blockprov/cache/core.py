@@ -7,9 +7,12 @@ share one ``Core``: the replayed chunk state and journal (cache/journal.py), the
 per-chunk claims and the quiesce gate (cache/concurrency.py), the chunk source built from the
 caller's layers (cache/source.py), and the rules every part follows:
 
-- Fill (``store``, called by the layers below): write data → fdatasync data file → journal
-  ``present`` (not synced: losing the record costs a refetch). Fills skip chunks that are local
-  or claimed by a write meanwhile.
+- Fill (``store``, called by the layers below): write data → journal ``present`` (not synced:
+  losing the record costs a refetch); the data file is synced before that record can reach the
+  disk, by the journal sync or checkpoint that writes it (``sync_fills``), not by each fill. Fills
+  skip chunks that are local or claimed by a write meanwhile. (A sync per fill was one more trip
+  to the pool and an fdatasync per fetched batch: with the pwrite, ~250 µs of an agent's CPU a
+  batch, ~1,900 batches on the storm's boot trace: bench/RESULTS.md, "Boot storm".)
 - FLUSH: fdatasync data file, then fsync journal (each shared by concurrent callers).
 - Checkpoint: fold the journal into meta every ``checkpoint_records`` records or
   ``checkpoint_fill_bytes`` of fills (which bounds the re-verification after an unclean stop).
@@ -68,6 +71,8 @@ class Core:
         self.claims = Claims()  # per-chunk transition claims (cache/concurrency.py)
         self.pending_mod: dict[int, int] = {}  # chunk → seq of its not-yet-durable modified record
         self.data_sync = GroupSync(self.fdatasync)
+        self.fills_unsynced = False  # fills written since the data file's last sync began (``sync_fills``)
+        self.state.before_durable = self.sync_fills
         self.data_failed: BaseException | None = None
         self.can_punch = True
         self.closed = False
@@ -112,8 +117,9 @@ class Core:
         self.claims.take(idx)
         try:
             cs = self.cs
-            await self.pwrite_many([(i * cs, d) for i, d in take], inline=False)
-            await self.data_sync.sync()
+            self.check_data()
+            await self.pwrite_many([(i * cs, d) for i, d in take])
+            self.fills_unsynced = True  # before the records: a sync that takes them syncs the data first
             for x, y in runs(idx):
                 self.state.apply(Kind.PRESENT, x, y)
             self.filled_since_checkpoint += sum(len(d) for _, d in take)
@@ -122,23 +128,37 @@ class Core:
         self.maybe_checkpoint()
 
     # -- the data file --------------------------------------------------------------------------
-    async def pwrite_many(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]], *,
-                          inline: bool = True) -> None:
+    async def pwrite_many(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Write pieces at their offsets; contiguous pieces go out as one pwritev."""
         if self.fd < 0:
             raise DeviceIOError(msg="cache is closed")
         total = sum(len(d) for _, d in writes)
         try:
-            if inline and total <= INLINE_WRITE:
+            if total <= INLINE_WRITE:
                 write_groups(self.fd, writes)
             else:
                 await self.run(write_groups, self.fd, writes)
         except OSError as e:
             raise io_error(e, f"writing {self.data_path}") from e
 
-    async def fdatasync(self) -> None:
+    async def sync_fills(self) -> None:
+        """The data file's sync that a journal sync or checkpoint awaits before its records reach
+        the disk (cache/journal.py, ``before_durable``), when fills were written since the last."""
+        if not self.fills_unsynced:
+            return
+        self.fills_unsynced = False
+        try:
+            await self.data_sync.sync()
+        except BaseException:
+            self.fills_unsynced = True
+            raise
+
+    def check_data(self) -> None:
         if self.data_failed is not None:
             raise DeviceIOError(msg=f"cache data file is unusable after an earlier error: {self.data_failed}")
+
+    async def fdatasync(self) -> None:
+        self.check_data()
         try:
             await self.run(os.fdatasync, self.fd)
         except OSError as e:

@@ -31,6 +31,11 @@ Crash rules:
   on the event loop); callers that wait at the same moment share one fsync (group commit). A
   record that was never synced may be lost; only ``present`` records are appended without a
   sync by their writer, and losing one costs a refetch.
+- ``before_durable`` (the cache's data-file sync, cache/core.py): awaited by every sync and
+  checkpoint after it took the records it will write and before they reach the disk. A fill
+  appends its ``present`` record once its data is written but not yet synced, so this is what
+  keeps "a durable ``present`` record's data is durable": the data sync starts after every
+  write whose record it is about to make durable.
 - Replay applies records with seq > meta.seq in order and stops at the first record that is torn
   (short), fails its checksum, or does not carry the next sequence number: that record and
   everything after it are dropped. Records with seq <= meta.seq are already in meta and skipped.
@@ -336,6 +341,7 @@ class CacheState:
         self._io_lock = asyncio.Lock()
         self._sync_task: asyncio.Future[None] | None = None
         self._failed: BaseException | None = None
+        self.before_durable: Callable[[], Awaitable[None]] | None = None  # see the module doc
 
     # -- construction (blocking; call from a thread) ---------------------------------------
     @classmethod
@@ -387,9 +393,12 @@ class CacheState:
     async def _sync_once(self) -> None:
         try:
             async with self._io_lock:
+                n = len(self._buf)
                 data = b"".join(self._buf)
-                self._buf.clear()
                 end = self.last_seq
+                if self.before_durable is not None:
+                    await self.before_durable()  # if it fails, the records stay buffered
+                del self._buf[:n]  # what was appended meanwhile waits for the next sync
                 try:
                     await self._run(self._write_fsync, data)
                 except OSError as e:
@@ -414,11 +423,18 @@ class CacheState:
             raise DeviceIOError(msg=f"cache journal is unusable after an earlier error: {self._failed}")
         async with self._io_lock:
             seq = self.last_seq
+            before = self.meta
             self.meta = replace(self.meta, seq=seq, clean=clean, targets=list(self.map.targets))
             parts = encode_meta(self.meta, self.map)
-            self._buf.clear()  # every buffered record has seq <= S: folded into meta
-            folded = self.records_since_checkpoint
-            self.records_since_checkpoint = 0
+            n, folded = len(self._buf), self.records_since_checkpoint
+            if self.before_durable is not None:
+                try:
+                    await self.before_durable()
+                except BaseException:
+                    self.meta = before  # nothing written: the journal goes on as it was
+                    raise
+            del self._buf[:n]  # every record buffered by S is folded into meta; later ones stay
+            self.records_since_checkpoint -= folded
             try:
                 await self._run(self._write_checkpoint, parts)
             except OSError as e:

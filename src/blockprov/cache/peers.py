@@ -78,12 +78,15 @@ from blockprov.codec import decode_view
 from blockprov.errors import BlockprovError, ChunkCorrupt, ManifestError
 from blockprov.manifest import Manifest
 from blockprov.repo.base import BlobSource, BlobViews
-from blockprov.repo.remote import LEN, KeepAlivePost, whole
+from blockprov.repo.keepalive import KeepAlivePost
+from blockprov.repo.remote import LEN, whole
 
 log = logging.getLogger("blockprov.peers")
 
 Blob = bytes | memoryview
 Got = Blob | BlockprovError  # a blob, or the error that kept that one chunk away (a partial answer)
+# a peer's answer (``PeerSource._ask``): verified blobs, ids still to fetch elsewhere, whether it failed
+_Asked = tuple[dict[bytes, Blob], list[bytes], bool]
 PEER_PATH = "/peer/v1/chunks"
 PEER_MANIFEST_PATH = "/peer/v1/manifest"  # body ``IMAGE@ID``: that version's manifest (see ``manifest``)
 MANIFESTS_KEPT = 4  # manifests from the repository or lent, kept for peers asking (a v2 rolling out)
@@ -287,18 +290,19 @@ class PeerSource:
         for _round in range(2):  # a second round gives the chunks of an owner that failed to the next owner
             m = self.membership
             plan = self._plan(todo, m) if m is not None else {}
-            asked = [self._pool.submit(self._ask, m, peer, cids) for peer, cids in plan.items()] if m else []
             planned = {c for cids in plan.values() for c in cids}
             mine = [c for c in todo if c not in planned]
             got.update(self._recent_of(mine))
+            up = [c for c in mine if c not in got]
+            asked = self._ask_all(m, plan, True, inline=not up)
             failed: BaseException | None = None
             try:
-                got.update(self.from_upstream([c for c in mine if c not in got]))
+                got.update(self.from_upstream(up))
             except BaseException as e:  # the peers' answers are still wanted (and their threads awaited)
                 failed = e
             todo = []
             for f in asked:
-                good, left, broken = f.result()
+                good, left, broken = f()
                 got.update(good)
                 (todo if broken else rest).extend(left)
             if failed is not None:
@@ -329,14 +333,13 @@ class PeerSource:
         planned = {c for cids in plan.values() for c in cids}
         own = self.own_manifest()
         worth = {peer: self.haves.likely_held(peer.instance, cids, own) for peer, cids in plan.items()}
-        asked = [self._pool.submit(self._ask, m, peer, cids, False)
-                 for peer, cids in worth.items() if cids] if m else []
+        asked = self._ask_all(m, {peer: cids for peer, cids in worth.items() if cids}, False, inline=True)
         with self._lock:
             self.stats.held_asked += sum(map(len, worth.values()))
             self.stats.held_skipped += len(planned) - sum(map(len, worth.values()))
         got.update(self._recent_of([c for c in uniq if c not in planned]))
         for f in asked:
-            got.update(f.result()[0])
+            got.update(f()[0])
         below = self._held_below
         rest = [c for c in uniq if c not in got] if below is not None else []
         if below is not None and rest:
@@ -608,8 +611,26 @@ class PeerSource:
         h.down_until = time.monotonic() + pause
         log.info("peer %s (%s): %s; its chunks go to the next owner for %.0f s", peer.instance, peer.url, why, pause)
 
+    def _ask_all(self, m: Membership | None, plan: Mapping[Peer, list[bytes]], fetch: bool, *, inline: bool
+                 ) -> list[Callable[[], _Asked]]:
+        """Ask each peer of ``plan`` its chunks (``_ask``), in parallel; each returned callable gives
+        one peer's answer. With ``inline`` (the calling thread has nothing else to do meanwhile) the
+        last peer is asked in the calling thread when the others have been handed to the pool: a
+        batch's chunks usually have one owner, and a hand-off to the pool and back was a visible
+        part of an agent's CPU with thirty peers on two cores (bench/RESULTS.md, "Boot storm")."""
+        if m is None or not plan:
+            return []
+        items = list(plan.items())
+        last = items.pop() if inline else None
+        out: list[Callable[[], _Asked]] = [self._pool.submit(self._ask, m, peer, cids, fetch).result
+                                           for peer, cids in items]
+        if last is not None:
+            answer = self._ask(m, last[0], last[1], fetch)
+            out.append(lambda: answer)
+        return out
+
     def _ask(self, m: Membership, peer: Peer, cids: list[bytes],
-             fetch: bool = True) -> tuple[dict[bytes, Blob], list[bytes], bool]:
+             fetch: bool = True) -> _Asked:
         """(verified blobs the peer gave, ids still to fetch elsewhere, whether the peer failed and
         is now skipped): never raises. ``fetch``: the peer, as their owner, fetches those it lacks."""
         good: dict[bytes, Blob] = {}

@@ -63,12 +63,15 @@ class Steps:
 
     @gated
     async def fetch_chunks(self, indices: Sequence[int], *, background: bool = False) -> int:
-        """Make these chunks local (missing ones fetched and stored); returns how many were missing.
-        ``background`` (hydration): client reads go first (``ChunkSource.materialize``)."""
+        """Make these chunks local (missing ones fetched and stored, their data synced: a caller
+        may hand the data area to a reader past this agent's page cache, as the PC's native data
+        path does); returns how many were missing. ``background`` (hydration): client reads go
+        first (``ChunkSource.materialize``)."""
         fl = self._c.flags
         need = [i for i in indices if not fl[i] & (PRESENT | ZERO)]
         if need:
             await self._c.source.materialize(need, background=background)
+            await self._c.sync_fills()
         return len(need)
 
     async def settle(self) -> None:
