@@ -20,7 +20,8 @@ docs/architecture.md, "The native data path"):
   than the store holds makes the kernel drop the snapshot, and the running system gets I/O
   errors (the agent warns on the console as it fills).
 * ``keep`` — ``bp-root`` is dm-era straight over the data partition (its first ``image``
-  sectors; no layer under it: a linear one cost 5–17 % under emulation, bench/RESULTS.md):
+  sectors; no layer under it: a linear one was a bio clone and remap per request for nothing
+  outside a snapshot, bench/RESULTS.md):
   writes go to the data partition in place, and era records which blocks (ERA_BLOCK) each write
   touched, committing the record before the write goes down, in ``era.meta`` on the metadata
   file system (a loop device). ``convert`` turns that record into the cache's modified map
@@ -168,8 +169,9 @@ class Geometry:
         return dm.era_onto(ROOT, root_line, dm.ref(DATA), make=[(PIT, self.pit_table()), (DATA, self.origin_table())])
 
     def pit_off_steps(self, root_line: str) -> list[dm.Step]:
-        """Era back straight over the partition, then the point in time's devices removed."""
-        return [*dm.era_onto(ROOT, root_line, self.data.devno), dm.Step("remove", DATA), dm.Step("remove", PIT)]
+        """Era back straight over the partition (``Native._pit_off`` then removes the point in
+        time's devices, whichever are left)."""
+        return dm.era_onto(ROOT, root_line, self.data.devno)
 
     def merge_table(self, cow: str) -> str:
         return dm.snapshot_merge(self.image, self.data.devno, cow, self.store_sectors)
@@ -531,7 +533,7 @@ class Native:
         line = m.table(ROOT)
         if dm.parse_era_table(line).origin != self.geo.data.devno:
             m.apply(self.geo.pit_off_steps(line))
-        for name in (DATA, PIT):  # what is left (an earlier pit_off stopped after its swap)
+        for name in (DATA, PIT):  # unused now (either may be gone already: an agent stopped mid-way)
             if m.exists(name):
                 m.remove(name)
 
