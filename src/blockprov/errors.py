@@ -205,8 +205,8 @@ class RepositoryUnavailable(BlockprovError):
 class StaleConnection(BlockprovError):
     """{url} closed an idle connection: {why}"""
 
-    # A request was sent on a keep-alive connection the server had closed meanwhile (repo/keepalive.py):
-    # it goes once more at once, on a new connection. Never leaves repo/keepalive.py.
+    # A request was sent on a keep-alive connection the server had closed meanwhile (repo/remote.py):
+    # it goes once more at once. Never leaves repo/remote.py (the socket's own error does).
     transient = True
 
 

@@ -1,5 +1,5 @@
 """TLS and tokens with real processes: `blockprov serve --tls-cert/--tls-key`, curl, the CLI and
-agents (both fetch paths: the batched POST (repo/keepalive.py) and the cacheable per-chunk GET)."""
+agents (both fetch paths: the batched http.client POST and the cacheable per-chunk GET)."""
 
 from __future__ import annotations
 

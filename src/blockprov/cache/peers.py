@@ -78,8 +78,7 @@ from blockprov.codec import decode_view
 from blockprov.errors import BlockprovError, ChunkCorrupt, ManifestError
 from blockprov.manifest import Manifest
 from blockprov.repo.base import BlobSource, BlobViews
-from blockprov.repo.keepalive import KeepAlivePost
-from blockprov.repo.remote import LEN, whole
+from blockprov.repo.remote import LEN, KeepAlivePost, whole
 
 log = logging.getLogger("blockprov.peers")
 

@@ -16,13 +16,13 @@ Why it is shaped like this:
   ``put_blobs`` frames uploads into ≤ 16 MiB POSTs. Repeated ids are asked for once.
 * **The agent's cold read skips httpx.** ``POST /v1/chunks/fetch`` is the one request whose cost
   matters (it carries every byte an agent fetches): httpx spent more CPU per byte on it than the
-  decompression and the hashing together (~300 MB/s in one thread), and ``http.client`` ~90 µs a
-  request. ``get_blob_views`` sends it on a pool of keep-alive connections that speak just the
-  HTTP it needs (repo/keepalive.py, ~20 µs a request) and read the body into one preallocated
-  buffer; the blobs are read-only ``memoryview`` slices of it (no copy per blob). Any failure of
-  the request is ``RepositoryUnavailable``. Used for ``http(s)://`` URLs without a proxy and
-  without a caller-supplied client; otherwise (tests, proxies) the request goes through httpx
-  like every other.
+  decompression and the hashing together (~300 MB/s in one thread). ``get_blob_views`` sends it
+  on a pool of keep-alive ``http.client`` connections and reads the body with ``readinto`` into
+  one preallocated buffer; the blobs are read-only ``memoryview`` slices of it (no copy per blob).
+  A request that fails on a reused connection before any answer arrived (the server closed it
+  while idle) is sent once more on a fresh one; any other failure is ``RepositoryUnavailable``.
+  Used for ``http(s)://`` URLs without a proxy and without a caller-supplied client; otherwise
+  (tests, proxies) the request goes through httpx like every other.
 * **Thread-safe.** One ``httpx.Client`` (a keep-alive connection pool with its own locking) is
   shared by the importer's and exporter's worker threads; the object holds no other mutable state
   but a size estimate.
@@ -34,7 +34,7 @@ Why it is shaped like this:
 * **Tokens and TLS** (``token=``, ``ca=``; ``--token``/``--ca``): the token goes as
   ``Authorization: Bearer …`` on every request, the fast fetch path and cacheable GETs included;
   one ``ssl.SSLContext`` (the system's trust store, or only ``ca`` when given) serves both httpx and
-  the fetch path (repo/keepalive.py), so both paths trust exactly the same servers. A certificate that fails
+  ``http.client``, so both paths trust exactly the same servers. A certificate that fails
   verification is ``UntrustedServer``, not ``RepositoryUnavailable``: retrying or failing over cannot
   fix a configuration problem, and the message names ``--ca``.
 * Tests pass a ``starlette.testclient.TestClient`` as ``client`` to run against the app in-process.
@@ -43,11 +43,16 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
 import json
+import socket
 import ssl
 import struct
+import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -62,6 +67,7 @@ from blockprov.errors import (
     ManifestError,
     NotHeld,
     RepositoryUnavailable,
+    StaleConnection,
     UntrustedServer,
     UsageError,
 )
@@ -79,9 +85,11 @@ from blockprov.names import (
     tag_name,
     version_id,
 )
-from blockprov.repo.keepalive import KeepAlivePost
+from blockprov.retry import RetryPolicy, retry_sync
 
 BATCH_BYTES = 16 << 20  # target size of one fetch answer or one upload
+# A POST on an idle keep-alive connection the server closed meanwhile goes once more, at once.
+STALE_RETRY = RetryPolicy(timeout=None, first_delay=0.0, max_delay=0.0, max_attempts=2)
 MISSING_BATCH = 65536  # ids per /v1/chunks/missing question (2 MiB)
 MAX_FETCH_IDS = 4096
 GET_WORKERS = 16  # parallel per-chunk GETs in cacheable mode
@@ -149,11 +157,118 @@ def _rel(r: Ref) -> str:
 _Blob = bytes | memoryview
 
 
+class KeepAlivePost:
+    """Keep-alive ``http.client`` connections for one hot POST (see the module docstring); also the
+    peer client's (cache/peers.py), which adds a header per call (its ticket changes)."""
+
+    KEEP = 16  # idle connections kept
+
+    def __init__(self, url: str, timeout: float, headers: dict[str, str] | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
+        u = urllib.parse.urlsplit(url)
+        self.url = url
+        self.host = u.hostname or "localhost"
+        self.port = u.port
+        self.https = u.scheme == "https"
+        self.prefix = u.path.rstrip("/")
+        self.timeout = timeout
+        self.headers = {"user-agent": f"blockprov/{__version__}", "content-type": OCTETS["content-type"],
+                        "accept-encoding": "identity", **(headers or {})}
+        self.context = context
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def usable(url: str) -> bool:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname or u.username or u.query:
+            return False
+        proxies = urllib.request.getproxies()
+        if u.scheme in proxies or "all" in proxies:
+            return bool(urllib.request.proxy_bypass(u.hostname))
+        return True
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection
+        if self.https:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def post(self, path: str, body: bytes,
+             headers: dict[str, str] | None = None) -> tuple[int, list[tuple[str, str]], memoryview]:
+        """Status, headers and body (read-only) of one POST. Raises OSError / HTTPException. A
+        request sent on an idle keep-alive connection the server had closed goes once more, at
+        once (retry.py, ``StaleConnection``); a second such failure is raised as its own error."""
+        try:
+            return retry_sync(functools.partial(self._post_once, path, body, headers), STALE_RETRY,
+                              f"POST {self.prefix}{path}")
+        except StaleConnection as e:
+            assert isinstance(e.__cause__, OSError | http.client.HTTPException)
+            raise e.__cause__ from None
+
+    def _post_once(self, path: str, body: bytes,
+                   headers: dict[str, str] | None) -> tuple[int, list[tuple[str, str]], memoryview]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        reused = conn is not None
+        if conn is None:
+            conn = self._connect()
+        answered = False
+        try:
+            conn.request("POST", self.prefix + path, body=body,
+                         headers=self.headers if headers is None else {**self.headers, **headers})
+            resp = conn.getresponse()
+            answered = True
+            data = _read_body(resp)
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            if reused and not answered:  # the server closed an idle keep-alive connection
+                raise StaleConnection(url=self.url, why=f"{type(e).__name__}: {e}" if str(e)
+                                      else type(e).__name__) from e
+            raise
+        if resp.will_close:
+            conn.close()
+        else:
+            with self._lock:
+                if len(self._idle) < self.KEEP:
+                    self._idle.append(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
+        return resp.status, resp.getheaders(), data
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+
 def whole(b: bytes | memoryview | BlockprovError) -> bytes:
     """A blob as bytes; the error a partial answer put in its place is raised."""
     if isinstance(b, BlockprovError):
         raise b
     return b if type(b) is bytes else bytes(b)
+
+
+def _read_body(resp: http.client.HTTPResponse) -> memoryview:
+    n = resp.length
+    if n is None:  # not framed by Content-Length (chunked, or until close)
+        return memoryview(resp.read()).toreadonly()
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = resp.readinto(view[got:])
+        if not k:
+            raise http.client.IncompleteRead(b"", n - got)
+        got += k
+    return view.toreadonly()
 
 
 class RemoteRepository:
