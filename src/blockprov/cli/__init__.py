@@ -7,9 +7,11 @@ Read commands take ``--json`` for scripts; humans get progress bars on a termina
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -59,8 +61,17 @@ def _json_wanted() -> bool:
     return bool(ctx is not None and ctx.meta.get(JSON_META)) or "--json" in sys.argv[1:]
 
 
+def _decided() -> None:
+    """The command's ending is decided: a Ctrl-C from here on would add a second ending (an error's
+    line, then "interrupted" from the exit's unwinding), so SIGINT is ignored for what is left: the
+    message, the exit and the context's bounded close."""
+    with contextlib.suppress(ValueError):  # not the main thread (the edge called in-process): no guard
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def fail(err: BlockprovError) -> NoReturn:
     """One line on stderr (a JSON object under --json: ``errors.error_to_dict``), then the error's code."""
+    _decided()
     if _json_wanted():
         click.echo(json.dumps(error_to_dict(err), sort_keys=True), err=True)
         sys.exit(err.exit_code)
@@ -77,6 +88,7 @@ def fail(err: BlockprovError) -> NoReturn:
 def _output_closed() -> NoReturn:
     """The reader of stdout went away (`| head`): stop quietly, as `ls` does. stdout is pointed at
     /dev/null first, so the interpreter's final flush does not complain about the pipe again."""
+    _decided()
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -133,6 +145,7 @@ def _interrupted(note: str) -> NoReturn:
     """Ctrl-C: one line, a JSON object under --json like every other ending. ``note``: what the
     interrupted command leaves going on (a command that waits on an agent raises KeyboardInterrupt
     with it: the agent finishes the operation all the same)."""
+    _decided()
     message = "interrupted" + (f": {note}" if note else "")
     if _json_wanted():
         click.echo(json.dumps({"error": "Interrupted", "message": message, "details": {},
@@ -146,6 +159,7 @@ def _bad_command_line(e: click.ClickException) -> NoReturn:
     """click's own errors (a missing argument, a bad value) as one line too, naming the help to read;
     under --json a JSON object like every other error. A group run without its command shows its
     help, as click does."""
+    _decided()
     if isinstance(e, NO_ARGS_IS_HELP):
         e.show()
         sys.exit(e.exit_code)
