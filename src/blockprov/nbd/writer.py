@@ -312,10 +312,7 @@ class ReplyWriter:
     async def pread(self, seg: FileSegment) -> bytes:
         if seg.length <= SENDFILE_MIN:
             return read_segment(seg)
-        data = await self.loop.run_in_executor(None, os.pread, seg.fd, seg.length, seg.offset)
-        if len(data) < seg.length:  # past the end of the file: reads as zeros
-            data += bytes(seg.length - len(data))
-        return data
+        return await self.loop.run_in_executor(None, read_segment, seg)
 
     # --- through the transport --------------------------------------------------------------
 
@@ -453,8 +450,8 @@ class ReplyWriter:
 
 
 def read_segment(seg: FileSegment) -> bytes:
-    """A small file segment's bytes, read in the loop's thread (one ``pread`` of the page cache
-    costs less than a hand-off to a thread); past the end of the file reads as zeros."""
+    """A file segment's bytes; past the end of the file reads as zeros. Small segments are read in
+    the loop's thread (one ``pread`` of the page cache costs less than a hand-off to a thread)."""
     data = os.pread(seg.fd, seg.length, seg.offset)
     if len(data) < seg.length:
         data += bytes(seg.length - len(data))
