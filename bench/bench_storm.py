@@ -21,7 +21,8 @@ What runs, and why:
   (``blockprov serve --upstream``), ``peers`` (``attach --site``: chunks from the site's agents,
   one owner per chunk fetching it from the repository; with ``--liar`` one lying peer is in the site);
   ``before`` (``--before`` another tree's blockprov, e.g. the commit before peers landed: its agents
-  alone, for an A/B of a lone agent with ``alone``).
+  alone, for an A/B of a lone agent with ``alone``); ``sitecache-before`` (that tree's agents behind
+  this tree's site cache: an A/B of the agents in a storm, in one run).
 - **Time-to-ready** of an agent: from the common start to its last read's completion. **Repository
   egress**: the bytes the link carried from the repository during the run (chunks, registrations,
   joins: everything).
@@ -192,6 +193,8 @@ http {{
 def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]:
     """What the agents of a set-up talk to, their extra attach options, and the pid of the site
     cache or nginx between them and the link (None: none)."""
+    if setup == "sitecache-before":
+        setup = "sitecache"
     if setup in ("alone", "peers", "before"):
         extra = ["--site", SITE, "--peer-listen", "127.0.0.1:0"] if setup == "peers" else []
         yield site.url, extra, None
@@ -224,6 +227,9 @@ def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]
     raise ValueError(setup)
 
 
+ATTACH_ARGS: list[str] = []  # --attach-args: given to every agent
+
+
 def start_agents(site: Site, n: int, url: str, extra: list[str], bp: str = BP) -> list[tuple[Proc, Path, Path]]:
     """``attach`` N agents at once (nothing fetched: --no-profile, no read yet); ``bp``: whose
     ``blockprov`` (the ``before`` set-up: another tree's)."""
@@ -233,7 +239,7 @@ def start_agents(site: Site, n: int, url: str, extra: list[str], bp: str = BP) -
         cache, sock = site.tmp / f"agent{k}", site.short / f"a{k}"
         with open(site.tmp / f"agent{k}.err", "w") as err:  # a file: a pipe nobody reads stops the agent
             p = subprocess.Popen([bp, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
-                                  "--no-profile", "--json", *extra], stdout=subprocess.PIPE, stderr=err,
+                                  "--no-profile", "--json", *ATTACH_ARGS, *extra], stdout=subprocess.PIPE, stderr=err,
                                  text=True, env=env)
         procs.append((p, cache, sock))
     out = []
@@ -354,7 +360,7 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
     vid = RemoteRepository(site.direct).resolve(REF).id
     liar_peer = None
     with front(setup, site) as (url, extra, front_pid):
-        agents = start_agents(site, n, url, extra, before_bin if setup == "before" else BP)
+        agents = start_agents(site, n, url, extra, before_bin if setup in ("before", "sitecache-before") else BP)
         try:
             joined = None
             if setup == "peers":
@@ -510,7 +516,7 @@ def goals(runs: list[Run]) -> list[str]:
     lone_ready, lone_egress = lone
     out.append(f"one lone agent (median of {sum(1 for r in runs if r.setup == 'alone' and r.n == 1 and r.ready)}): "
                f"ready in {lone_ready:.1f} s, repository egress {lone_egress / MIB:.1f} MiB")
-    for setup in ("alone", "nginx", "sitecache", "peers"):
+    for setup in ("alone", "nginx", "sitecache", "sitecache-before", "peers"):
         r = by.get((setup, 30)) or by.get((setup, max((k[1] for k in by if k[0] == setup), default=0)))
         if r is None or not r.ready:
             continue
@@ -613,9 +619,12 @@ def main() -> None:
                          "alone against this tree's repository (an A/B of a lone agent across commits)")
     ap.add_argument("--lone-only", default="before",
                     help="set-ups run at N = 1 only (default: before)")
+    ap.add_argument("--attach-args", default="",
+                    help="extra options for every agent's attach, e.g. '--readahead 4M' (an A/B of a setting)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of each set-up at N = 1, interleaved (the lone figures are their medians)")
     a = ap.parse_args()
+    ATTACH_ARGS[:] = a.attach_args.split()
     counts = [int(x) for x in a.counts.split(",")]
     setups = [s for s in a.setups.split(",") if s]
     load_start = os.getloadavg()
@@ -657,7 +666,7 @@ def main() -> None:
                 print(f"{setup} N={n} …", flush=True)
                 try:
                     r = one_run(site, setup, n, trace_path, image.disk, liar=a.liar, before_bin=a.before or BP,
-                                rollout=v2 if v2 and n == max(counts) and setup not in ("nginx", "before") else None)
+                                rollout=v2 if v2 and n == max(counts) and setup not in ("nginx", "before", "sitecache-before") else None)
                 except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                     print(f"  FAILED: {e}", flush=True)
                     r = Run(setup, n, [], 0, 0, [str(e)[:300]], {}, 0, os.getloadavg())
