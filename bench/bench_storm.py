@@ -228,6 +228,7 @@ def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]
 
 
 ATTACH_ARGS: list[str] = []  # --attach-args: given to every agent
+NO_ROLLOUT = ("nginx", "before", "sitecache-before")  # set-ups whose largest run is not moved to a v2
 
 
 def start_agents(site: Site, n: int, url: str, extra: list[str], bp: str = BP) -> list[tuple[Proc, Path, Path]]:
@@ -666,7 +667,7 @@ def main() -> None:
                 print(f"{setup} N={n} …", flush=True)
                 try:
                     r = one_run(site, setup, n, trace_path, image.disk, liar=a.liar, before_bin=a.before or BP,
-                                rollout=v2 if v2 and n == max(counts) and setup not in ("nginx", "before", "sitecache-before") else None)
+                                rollout=v2 if v2 and n == max(counts) and setup not in NO_ROLLOUT else None)
                 except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                     print(f"  FAILED: {e}", flush=True)
                     r = Run(setup, n, [], 0, 0, [str(e)[:300]], {}, 0, os.getloadavg())
