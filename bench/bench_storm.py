@@ -309,10 +309,11 @@ def stop_agents(agents: list[tuple[Proc, Path, Path]]) -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-# Exports per replay process (bench/storm_replay.py): its threads share one GIL, so thirty in one
-# process queue ~1 CPU s each of libnbd calls behind one lock, a floor of ~30 s on the storm's p95
-# whatever the agents do. Several processes (four at N = 30) keep every replay's offsets, lengths,
-# timing and concurrency, and a lone agent is replayed by the same client (one process).
+# Exports per replay process (bench/storm_replay.py): its threads share one GIL, and thirty replays
+# cost ~21 CPU s (RESULTS.md, "Boot storm"), so in one process they would hold one core for most of
+# the 30 s the goal allows, their reads queued behind each other's Python whatever the agents do.
+# Several processes (four at N = 30) keep every replay's offsets, lengths, timing and concurrency,
+# and a lone agent is replayed by the same client (one process).
 REPLAY_PER_PROCESS = 8
 
 
