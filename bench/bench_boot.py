@@ -362,9 +362,17 @@ def _phases(r: bootvm.BootResult) -> dict[str, Any]:
 
 
 def _fetch_figures(st: dict[str, Any]) -> dict[str, Any]:
+    """The agent's fetch counters, and how long its profile's prefetch took from the agent's start
+    (to compare with ``pre_kernel_s``: a prefetch still running when the kernel reads is waited for)."""
     tot = st.get("totals", {})
-    return {"chunks_fetched": tot.get("chunks_fetched"), "fetched_MiB": round(tot.get("bytes_fetched", 0) / MIB, 1),
-            "agent_wire_MiB": round(tot.get("wire_bytes", 0) / MIB, 1)}
+    out = {"chunks_fetched": tot.get("chunks_fetched"), "fetched_MiB": round(tot.get("bytes_fetched", 0) / MIB, 1),
+           "agent_wire_MiB": round(tot.get("wire_bytes", 0) / MIB, 1)}
+    hyd = st.get("hydration") or {}
+    if hyd.get("finished") and hyd.get("started"):
+        out["prefetch_s"] = round(hyd["finished"] - hyd["started"], 2)
+    if "batches" in st:  # this run's: the prefetch's and the guest's misses (with their read-ahead)
+        out |= {"fetch_batches": st["batches"], "readahead_chunks": st.get("readahead_chunks")}
+    return out
 
 
 def _stop(p: subprocess.Popen[Any]) -> None:
