@@ -14,6 +14,10 @@ bench_fio's image, on a block device directly (no file system, ``--direct=1``), 
   dm-linear concatenation of two ranges of a second disk (the golden reserve, then the room past
   the image);
 - ``restore-1cow``: the same snapshot over a store that is one device (no linear below it);
+- ``restore-origin``: restore in place, the other way round (not shipped): the root a
+  ``snapshot-origin`` of the disk, whose first write of a chunk copies the old content into a
+  persistent snapshot on the second disk (restore would merge it back at the next boot): reads and
+  rewrites go through one layer to the disk itself;
 - ``restore-N``: as shipped but non-persistent (``N``: the exception table in memory only);
 - ``restore-nostats``: as shipped, with the kernel's I/O accounting off on its dm devices
   (``/sys/block/dm-N/queue/iostats`` 0);
@@ -61,8 +65,8 @@ from tests import bootvm
 
 from blockprov.netboot import initramfs
 
-STACKS = ("raw", "linear", "restore", "restore-1cow", "restore-N", "restore-nostats", "keep", "keep-linear",
-          "keep-nostats")
+STACKS = ("raw", "linear", "restore", "restore-1cow", "restore-origin", "restore-N", "restore-nostats", "keep",
+          "keep-linear", "keep-nostats")
 JOBS = {"layout": "256 MiB layout, 1 MiB writes, QD4 (first writes)", "rr1": "4 KiB random read, QD1",
         "rr16": "4 KiB random read, QD16", "sr": "1 MiB sequential read, QD4", "sw": "1 MiB sequential write, QD4"}
 MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "dm_mod", "dm_snapshot", "dm_era")
@@ -91,6 +95,8 @@ up() {
     linear) mk bp-data "0 $G linear $(dn vda) 0\n" && DEV=/dev/mapper/bp-data ;;
     restore) zero /dev/vdb; mk bp-cow "$COW" && mk bp-root "0 $G snapshot $(dn vda) $(dmn bp-cow) P 2048\n" ;;
     restore-1cow) zero /dev/vdb; mk bp-root "0 $G snapshot $(dn vda) $(dn vdb) P 2048\n" ;;
+    restore-origin) zero /dev/vdb; mk bp-pit "0 $G snapshot $(dn vda) $(dn vdb) P 2048\n" \
+        && mk bp-root "0 $G snapshot-origin $(dn vda)\n" ;;
     restore-N) zero /dev/vdb; mk bp-cow "$COW" && mk bp-root "0 $G snapshot $(dn vda) $(dmn bp-cow) N 2048\n" ;;
     restore-nostats) up restore && nostats ;;
     keep) zero /dev/vdc; mk bp-root "0 $G era $(dn vdc) $(dn vda) 2048\n" ;;
@@ -106,7 +112,7 @@ nostats() {  # the kernel's per-request I/O accounting off on every dm device of
         echo 0 >"$q" && echo "BP-DM-NOTE $q=$(cat "$q")"
     done
 }
-down() { for n in bp-root bp-cow bp-data; do dmsetup remove "$n" 2>/dev/null; done; DEV=""; }
+down() { for n in bp-root bp-pit bp-cow bp-data; do dmsetup remove "$n" 2>/dev/null; done; DEV=""; }
 out() { awk -F';' -v S="$1" -v R="$2" -v J="$3" \
     '{printf "BP-DM stack=%s round=%s job=%s iops=%d kbs=%d\n", S, R, J, $8+$49, $7+$48}'; }
 run() {  # stack round

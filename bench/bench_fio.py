@@ -113,6 +113,13 @@ class Bench:
         """One boot of ``which`` and its fio figures. ``warmup``: the boot after provisioning need
         not be an every-day boot yet (its figures are not counted)."""
         log = self.tmp / f"{which}-{i}.log"
+        try:
+            return self._sample(which, i, warmup, log)
+        finally:  # every console, a failed boot's too, for a look afterwards
+            if log.exists():
+                shutil.copyfile(log, OUT / f"{self.name}-{which}-{'w' if warmup else ''}{i}.log")
+
+    def _sample(self, which: str, i: int, warmup: bool, log: Path) -> dict[str, Any]:
         if which == "plain":
             b = netboot(self.disk(which), self.url, log, timeout=self.timeout, count=False, disk_second=True,
                         unreachable=True)
@@ -122,9 +129,7 @@ class Bench:
             if not warmup and (EVERYDAY not in b.console or "native data path" not in b.console):
                 raise RuntimeError(f"{which}: not an every-day boot on the native path\n{b.tail(20)}")
         if b.done.get("mode") != MODE or b.done.get("fio") != "done":
-            raise RuntimeError(f"{which}: no fio marker\n{b.tail(20)}")
-        # the consoles, for a look afterwards
-        shutil.copyfile(log, OUT / f"{self.name}-{which}-{'w' if warmup else ''}{i}.log")
+            raise RuntimeError(f"{which}: no fio marker (the boot ended after {b.seconds:.0f} s)\n{b.tail(20)}")
         # when the resident agent started (it waits for a quiet machine: netboot/everyday.py), if before the end
         m = RESIDENT_LINE.search(b.console)
         return {"round": i, "seconds": round(b.seconds, 1), "jobs": figures(b),

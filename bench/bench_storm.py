@@ -8,7 +8,8 @@ What runs, and why:
   its submit and completion time); every read — offset, length, when it was submitted, when it
   completed — goes into the trace. A boot profile has no timing; a trace does.
 - **The replay** (bench/storm_replay.py, under Debian's python3 with libnbd): one thread per agent,
-  all starting at the same instant; each read waits for the read the boot had waited for, plus the
+  up to ``REPLAY_PER_PROCESS`` agents a process (their GIL is not the storm's bottleneck), all
+  starting at the same instant; each read waits for the read the boot had waited for, plus the
   guest's think time (so a slow miss delays what depends on it), reads that were in flight together
   are in flight together, and every byte read is compared with the image.
 - **The link**: the repository (``blockprov serve``) sits behind bench/wanproxy.py with one cap for
@@ -21,7 +22,8 @@ What runs, and why:
   (``blockprov serve --upstream``), ``peers`` (``attach --site``: chunks from the site's agents,
   one owner per chunk fetching it from the repository; with ``--liar`` one lying peer is in the site);
   ``before`` (``--before`` another tree's blockprov, e.g. the commit before peers landed: its agents
-  alone, for an A/B of a lone agent with ``alone``).
+  alone, for an A/B of a lone agent with ``alone``); ``sitecache-before`` (that tree's agents behind
+  this tree's site cache: an A/B of the agents in a storm, in one run).
 - **Time-to-ready** of an agent: from the common start to its last read's completion. **Repository
   egress**: the bytes the link carried from the repository during the run (chunks, registrations,
   joins: everything).
@@ -192,6 +194,8 @@ http {{
 def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]:
     """What the agents of a set-up talk to, their extra attach options, and the pid of the site
     cache or nginx between them and the link (None: none)."""
+    if setup == "sitecache-before":
+        setup = "sitecache"
     if setup in ("alone", "peers", "before"):
         extra = ["--site", SITE, "--peer-listen", "127.0.0.1:0"] if setup == "peers" else []
         yield site.url, extra, None
@@ -224,6 +228,10 @@ def front(setup: str, site: Site) -> Iterator[tuple[str, list[str], int | None]]
     raise ValueError(setup)
 
 
+ATTACH_ARGS: list[str] = []  # --attach-args: given to every agent
+NO_ROLLOUT = ("nginx", "before", "sitecache-before")  # set-ups whose largest run is not moved to a v2
+
+
 def start_agents(site: Site, n: int, url: str, extra: list[str], bp: str = BP) -> list[tuple[Proc, Path, Path]]:
     """``attach`` N agents at once (nothing fetched: --no-profile, no read yet); ``bp``: whose
     ``blockprov`` (the ``before`` set-up: another tree's)."""
@@ -233,7 +241,7 @@ def start_agents(site: Site, n: int, url: str, extra: list[str], bp: str = BP) -
         cache, sock = site.tmp / f"agent{k}", site.short / f"a{k}"
         with open(site.tmp / f"agent{k}.err", "w") as err:  # a file: a pipe nobody reads stops the agent
             p = subprocess.Popen([bp, "--repo", url, "attach", REF, "--cache", str(cache), "--socket", str(sock),
-                                  "--no-profile", "--json", *extra], stdout=subprocess.PIPE, stderr=err,
+                                  "--no-profile", "--json", *ATTACH_ARGS, *extra], stdout=subprocess.PIPE, stderr=err,
                                  text=True, env=env)
         procs.append((p, cache, sock))
     out = []
@@ -301,15 +309,36 @@ def stop_agents(agents: list[tuple[Proc, Path, Path]]) -> None:
         shutil.rmtree(cache, ignore_errors=True)
 
 
+# Exports per replay process (bench/storm_replay.py): its threads share one GIL, and thirty replays
+# cost ~21 CPU s (RESULTS.md, "Boot storm"), so in one process they would hold one core for most of
+# the 30 s the goal allows, their reads queued behind each other's Python whatever the agents do.
+# Several processes (four at N = 30) keep every replay's offsets, lengths, timing and concurrency,
+# and a lone agent is replayed by the same client (one process).
+REPLAY_PER_PROCESS = 8
+
+
 def replay(trace_path: Path, image: Path, socks: list[Path], delay: float = 2.0) -> list[dict[str, Any]]:
     start = time.time() + delay
     uris = [f"nbd+unix:///lab?socket={s}" for s in socks]
-    r = subprocess.run([SYSTEM_PYTHON, str(ROOT / "bench" / "storm_replay.py"), "--trace", str(trace_path),
-                        "--start", str(start), "--image", str(image), *uris], capture_output=True, text=True,
-                       timeout=3600)
-    if r.returncode != 0:
-        raise RuntimeError(f"replay failed: {r.stderr[-3000:]}")
-    return list(json.loads(r.stdout)["results"])
+    groups = [uris[k:k + REPLAY_PER_PROCESS] for k in range(0, len(uris), REPLAY_PER_PROCESS)]
+    procs = [subprocess.Popen([SYSTEM_PYTHON, str(ROOT / "bench" / "storm_replay.py"), "--trace", str(trace_path),
+                               "--start", str(start), "--image", str(image), *g], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for g in groups]
+    out: list[dict[str, Any]] = []
+    failed = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=3600)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = p.communicate()
+        if p.returncode != 0:
+            failed.append(stderr[-3000:])
+        else:
+            out += json.loads(stdout)["results"]
+    if failed:
+        raise RuntimeError(f"replay failed: {failed[0]}")
+    return out
 
 
 # -- one run ----------------------------------------------------------------------------------------------------
@@ -354,7 +383,7 @@ def one_run(site: Site, setup: str, n: int, trace_path: Path, image: Path, *, li
     vid = RemoteRepository(site.direct).resolve(REF).id
     liar_peer = None
     with front(setup, site) as (url, extra, front_pid):
-        agents = start_agents(site, n, url, extra, before_bin if setup == "before" else BP)
+        agents = start_agents(site, n, url, extra, before_bin if setup in ("before", "sitecache-before") else BP)
         try:
             joined = None
             if setup == "peers":
@@ -510,7 +539,7 @@ def goals(runs: list[Run]) -> list[str]:
     lone_ready, lone_egress = lone
     out.append(f"one lone agent (median of {sum(1 for r in runs if r.setup == 'alone' and r.n == 1 and r.ready)}): "
                f"ready in {lone_ready:.1f} s, repository egress {lone_egress / MIB:.1f} MiB")
-    for setup in ("alone", "nginx", "sitecache", "peers"):
+    for setup in ("alone", "nginx", "sitecache", "sitecache-before", "peers"):
         r = by.get((setup, 30)) or by.get((setup, max((k[1] for k in by if k[0] == setup), default=0)))
         if r is None or not r.ready:
             continue
@@ -613,9 +642,12 @@ def main() -> None:
                          "alone against this tree's repository (an A/B of a lone agent across commits)")
     ap.add_argument("--lone-only", default="before",
                     help="set-ups run at N = 1 only (default: before)")
+    ap.add_argument("--attach-args", default="",
+                    help="extra options for every agent's attach, e.g. '--readahead 4M' (an A/B of a setting)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs of each set-up at N = 1, interleaved (the lone figures are their medians)")
     a = ap.parse_args()
+    ATTACH_ARGS[:] = a.attach_args.split()
     counts = [int(x) for x in a.counts.split(",")]
     setups = [s for s in a.setups.split(",") if s]
     load_start = os.getloadavg()
@@ -657,7 +689,7 @@ def main() -> None:
                 print(f"{setup} N={n} …", flush=True)
                 try:
                     r = one_run(site, setup, n, trace_path, image.disk, liar=a.liar, before_bin=a.before or BP,
-                                rollout=v2 if v2 and n == max(counts) and setup not in ("nginx", "before") else None)
+                                rollout=v2 if v2 and n == max(counts) and setup not in NO_ROLLOUT else None)
                 except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                     print(f"  FAILED: {e}", flush=True)
                     r = Run(setup, n, [], 0, 0, [str(e)[:300]], {}, 0, os.getloadavg())

@@ -554,3 +554,43 @@ def test_with_peers_speculation_takes_only_what_the_site_holds(monkeypatch: pyte
     got = sorted(idx[c] for c in speculated if c in repo.held)
     assert got and all(sink.stored[i] == chunk(content, m, i) for i in got)
     assert 39 not in sink.stored  # the peers lacked it and nobody asked
+
+
+class NearRepo(DictRepo):
+    """A source whose site cache is near (cache/link.py, ``NearRegions``), or not."""
+
+    def __init__(self, near: bool) -> None:
+        super().__init__()
+        self.near = near
+
+    def near_regions(self) -> bool:
+        return self.near
+
+
+def test_near_site_cache_demand_miss_asks_its_aligned_region_in_one_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind a near site cache a demand miss brings its aligned region in the same request (one
+    fetch, not one per later miss); the chunks come verified and stored. Not for a far source, not
+    for hydration or a writer's ``materialize``, not with read-ahead off."""
+    monkeypatch.setattr(fetcher_module, "NEAR_REGION", 8 * CS)
+
+    async def run(near: bool, readahead: int, materialize: bool = False) -> tuple[NearRepo, Sink, bytes, Manifest]:
+        repo = NearRepo(near)
+        m, content = make_image(repo, chunks=64, zero_every=0, dup_every=0)
+        sink = Sink()
+        f = fetcher(repo, m, sink, readahead=readahead)
+        if materialize:
+            await f.materialize([37])
+        else:
+            assert await f.get(37) == chunk(content, m, 37)
+        await f.idle()
+        await f.close()
+        return repo, sink, content, m
+
+    repo, sink, content, m = asyncio.run(run(True, 16 * CS))
+    idx = {m.digest_at(i): i for i in range(m.count)}
+    assert [[idx[c] for c in call] for call in repo.calls] == [list(range(32, 40))], "the region in the miss's request"
+    assert {i: sink.stored[i] for i in range(32, 40)} == {i: chunk(content, m, i) for i in range(32, 40)}
+    for near, readahead, mat in ((False, 16 * CS, False), (True, 0, False), (True, 16 * CS, True)):
+        repo, sink, _c, m = asyncio.run(run(near, readahead, mat))
+        assert [m.digest_at(37)] in repo.calls, (near, readahead, mat)
+        assert 36 not in sink.stored and 39 not in sink.stored, (near, readahead, mat)

@@ -77,3 +77,14 @@ class PeerHeld(Protocol):
 
     def get_held(self, ids: Sequence[bytes]) -> Sequence[bytes | memoryview | None]:
         ...
+
+
+@runtime_checkable
+class NearRegions(Protocol):
+    """An optional capability of the ``BlobSource`` under a fetcher (cache/peers.py): while
+    ``near_regions`` says so (a site cache below, no peers), a demand miss asks its whole aligned
+    region in its own request (cache/fetcher.py, ``NEAR_REGION``)."""
+
+    def near_regions(self) -> bool:
+        ...
+

@@ -319,6 +319,13 @@ class PeerSource:
         uplink the site's agents share the same way."""
         return self._held_below is not None or self.has_peers(self.image_of())
 
+    def near_regions(self) -> bool:
+        """Whether a demand miss asks its whole aligned region at once (cache/link.py,
+        ``NearRegions``; cache/fetcher.py, ``NEAR_REGION``): behind a site cache while the agent has
+        no peers. With peers the region stays a held-only guess: its chunks' owners differ, so it
+        would not be one request, and an owner would pull what nobody read."""
+        return self._held_below is not None and not self.has_peers(self.image_of())
+
     def get_held(self, ids: Sequence[bytes]) -> list[Blob | None]:
         """Verified blobs of those of ``ids`` the site already holds (the owners' data files and
         memories, this agent's memory, the site cache's store), None for the others: nothing is
