@@ -417,28 +417,6 @@ def test_profile_prefetch_races_ahead_as_client_fetches_do(
     assert run(main()) == [False]  # six chunks, one batch, a client's
 
 
-def _count_parallel_fetches(dev: CacheDevice, *, round_trip: float = 0.0, guest_misses: bool = False) -> list[int]:
-    """Wrap ``dev.fetch_chunks``: the returned ``[in flight, peak]`` counts its calls at once
-    (``round_trip``: a wait before each fetch, so the batches of one step overlap in it;
-    ``guest_misses``: each fetch also marks a client miss, as a booting guest's would)."""
-    counts = [0, 0]
-    fetch = dev.fetch_chunks
-
-    async def counting(batch: list[int], *, background: bool = False) -> int:
-        counts[0] += 1
-        counts[1] = max(counts[1], counts[0])
-        if guest_misses:
-            dev.last_miss_at = time.monotonic()
-        try:
-            if round_trip:
-                await asyncio.sleep(round_trip)
-            return await fetch(batch, background=background)
-        finally:
-            counts[0] -= 1
-    dev.fetch_chunks = counting  # type: ignore[method-assign]
-    return counts
-
-
 def test_a_profile_may_be_fetched_several_batches_at_a_time(golden: tuple[LocalRepository, Path],
                                                             tmp_path: Path) -> None:
     """``profile_parallel`` (a resumed VM's memory: vm/vms.py): the profile's batches go out together,
@@ -449,43 +427,23 @@ def test_a_profile_may_be_fetched_several_batches_at_a_time(golden: tuple[LocalR
         m = repo.resolve("lab:v1")
         dev = await open_cache(tmp_path / "c", repo, m, readahead=0)
         profile = [40, 41, 7, 3, 12, 13, 14, 50, 51]
-        peak = _count_parallel_fetches(dev)
+        inflight = peak = 0
+        fetch = dev.fetch_chunks
+
+        async def counting(batch: list[int], *, background: bool = False) -> int:
+            nonlocal inflight, peak
+            inflight += 1
+            peak = max(peak, inflight)
+            try:
+                return await fetch(batch, background=background)
+            finally:
+                inflight -= 1
+        dev.fetch_chunks = counting  # type: ignore[method-assign]
         h = Hydrator(dev, order=profile, batch_bytes=2 * CS, profile_parallel=3)
         await h.start()
-        assert peak[1] == 3  # three profile batches at once; the rest one at a time
+        assert peak == 3  # three profile batches at once; the rest one at a time
         assert to_dict(dev.status())["chunks_missing"] == 0 and await read_all(dev) == src.read_bytes()
         assert h.chunks == sum(1 for i in range(m.count) if not m.is_zero(i))
-        await dev.close()
-
-    run(main())
-
-
-def test_an_agent_prefetches_its_boot_profile_two_batches_at_a_time(
-        golden: tuple[LocalRepository, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At an agent's start (``InstanceOps.start``) the version's boot profile is fetched
-    ``PREFETCH_PARALLEL`` batches at once (a high-latency link's round trips overlap), only the
-    profile (no hydration asked), each chunk once."""
-    from blockprov.agent import hydrate
-    from blockprov.agent.instance import PREFETCH_PARALLEL, InstanceOps
-
-    repo, _ = golden
-    monkeypatch.setattr(hydrate, "PROFILE_BUSY_BATCH_BYTES", 2 * CS)  # while the guest misses: 2 chunks a batch
-
-    async def main() -> None:
-        m = repo.resolve("lab:v1")
-        profile = [i for i in range(m.count) if not m.is_zero(i)][:8]
-        repo.put_profile(m.image, m.id, profile)
-        dev = await open_cache(tmp_path / "c", repo, m, readahead=0)
-        peak = _count_parallel_fetches(dev, round_trip=0.01, guest_misses=True)
-        dev.last_miss_at = time.monotonic()
-        ops = InstanceOps(dev, repo, connections=lambda: 0)
-        await ops.start()
-        h = ops.hydrator
-        assert h is not None and h.profile_only and h.profile_parallel == PREFETCH_PARALLEL == 2
-        await h.start()  # the task started by ``ops.start``
-        assert peak[1] == PREFETCH_PARALLEL and h.chunks == len(profile)
-        assert all(dev.chunks.local(i) for i in profile)
-        assert to_dict(dev.status())["chunks_missing"] > 0  # the rest is not hydrated
         await dev.close()
 
     run(main())

@@ -16,8 +16,7 @@ by itself, then stops needing the repository at all. Rules, and why:
   client reads next is most likely near what it just read.
 - A boot profile (the order a first boot read its chunks) is followed first, then the rest in
   disk order; with ``profile_only`` only the profile is fetched (prefetch for a boot).
-- ``profile_parallel``: the profile's batches may be fetched that many at a time (default one; an
-  agent's boot prefetch at start takes two, agent/instance.py ``PREFETCH_PARALLEL``). A
+- ``profile_parallel``: the profile's batches may be fetched that many at a time (default one). A
   resumed VM's memory (vm/vms.py) reads its resume profile's chunks next, in that order, so for it
   the profile *is* the client's demand, fetched ahead of the page faults; the rest stays one batch
   at a time. With ``hold_rest`` the rest waits, after the profile, until the clients have missed

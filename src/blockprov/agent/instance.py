@@ -27,11 +27,6 @@ log = logging.getLogger("blockprov.agent")
 T = TypeVar("T")
 AUTO_PROFILE_AFTER = 120.0  # seconds of a first session whose reads become the version's boot profile
 PROFILE_SHOWN = 16  # first indices of the prefetched profile shown in status
-# The boot profile's batches fetched at once at start: over a 20 ms link one batch at a time
-# spends each round trip idle, and once the guest misses too a batch is 1 MiB (agent/hydrate.py),
-# so one at a time carries 50 MiB/s there. Two leave the fetcher's other slots (4) to the guest's
-# own misses (issue 26 item 0; bench/RESULTS.md).
-PREFETCH_PARALLEL = 2
 
 
 async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -119,8 +114,7 @@ class InstanceOps:
         if self.device.overlay:
             return  # an overlay reads through its shared base: there is nothing to copy into it
         cold = self.device.chunks.counts()["present"] == 0 and not self.device.profile()
-        order = await self._start_hydration(self._hydrate_rate, full=self._hydrate,
-                                            profile_parallel=PREFETCH_PARALLEL)
+        order = await self._start_hydration(self._hydrate_rate, full=self._hydrate)
         own = bool(order) and await self._has_own_profile()
         self.prefetch = PrefetchInfo(chunks=len(order), inherited=bool(order) and not own, first=order[:PROFILE_SHOWN])
         if self._auto_profile and cold and not own:
