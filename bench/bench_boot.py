@@ -362,7 +362,7 @@ def _phases(r: bootvm.BootResult) -> dict[str, Any]:
 
 
 def _fetch_figures(st: dict[str, Any]) -> dict[str, Any]:
-    """The agent's fetch counters, and how long its profile's prefetch took from the agent's start
+    """The agent's fetch counters, and how long its profile's prefetch took from its own start
     (to compare with ``pre_kernel_s``: a prefetch still running when the kernel reads is waited for)."""
     tot = st.get("totals", {})
     out = {"chunks_fetched": tot.get("chunks_fetched"), "fetched_MiB": round(tot.get("bytes_fetched", 0) / MIB, 1),
