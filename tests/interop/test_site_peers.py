@@ -325,7 +325,10 @@ def test_a_peer_lying_about_a_manifest_is_caught(site: Site) -> None:
     site.read_all([a])
     vid, v2 = make_v2(site, [5])
     me = site.status(a)["agent"]["instance"]
-    name = next(n for n in (f"pc-liar-{i}" for i in range(64))
+    # A name that outranks this agent for v2's manifest. The agent's own score is random (its
+    # instance id is), and with k names tried none wins with probability 1/(k+1): 64 failed one CI
+    # run in ~65; the search stops at the first winner, so a large bound costs nothing on average.
+    name = next(n for n in (f"pc-liar-{i}" for i in range(1_000_000))
                 if owner(bytes.fromhex(vid), [(me, _key(me)), (n, _key(n))]) == n)
     v1 = RemoteRepository(site.direct).resolve("lab:v1")
     liar = LyingPeer(site.direct, name, v1.id, manifest=v1.to_json())
